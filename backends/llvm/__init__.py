@@ -1,0 +1,1 @@
+"""The CPU backend: kernels as LLVM IR through llvmlite."""

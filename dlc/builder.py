@@ -1,0 +1,228 @@
+"""GraphBuilder: typed node construction with implicit broadcasting made explicit.
+
+Composites (layers, losses, optimizers) and gradient rules are written against this
+API with ordinary operators on `Value`s: `g * (1.0 - y * y)`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+
+from . import ops
+from .diagnostics import ShapeMismatch, Span
+from .graph import Graph, Node
+from .types import DType, ShapeError, TensorType, broadcast_shapes, normalize_axis
+
+Scalar = (int, float, bool, np.number)
+
+
+class Value:
+    """A handle on one graph node, with arithmetic that emits nodes."""
+
+    __slots__ = ("b", "id")
+
+    def __init__(self, builder: "GraphBuilder", nid: int):
+        self.b = builder
+        self.id = nid
+
+    @property
+    def node(self) -> Node:
+        return self.b.graph.node(self.id)
+
+    @property
+    def type(self) -> TensorType:
+        return self.node.type
+
+    @property
+    def shape(self) -> tuple:
+        return self.type.shape
+
+    @property
+    def dtype(self) -> DType:
+        return self.type.dtype
+
+    @property
+    def rank(self) -> int:
+        return self.type.rank
+
+    def __repr__(self) -> str:
+        return f"Value(%{self.id}: {self.type})"
+
+    def __add__(self, o): return self.b.binary(ops.ADD, self, o)
+    def __radd__(self, o): return self.b.binary(ops.ADD, o, self)
+    def __sub__(self, o): return self.b.binary(ops.SUB, self, o)
+    def __rsub__(self, o): return self.b.binary(ops.SUB, o, self)
+    def __mul__(self, o): return self.b.binary(ops.MUL, self, o)
+    def __rmul__(self, o): return self.b.binary(ops.MUL, o, self)
+    def __truediv__(self, o): return self.b.binary(ops.DIV, self, o)
+    def __rtruediv__(self, o): return self.b.binary(ops.DIV, o, self)
+    def __pow__(self, o): return self.b.binary(ops.POW, self, o)
+    def __neg__(self): return self.b.emit(ops.NEG, (self,))
+    def __matmul__(self, o): return self.b.matmul(self, o)
+
+
+class GraphBuilder:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.span: Span | None = None
+
+    @contextlib.contextmanager
+    def at(self, span: Span | None):
+        """Nodes emitted inside carry this source span."""
+        saved, self.span = self.span, span if span is not None else self.span
+        try:
+            yield
+        finally:
+            self.span = saved
+
+    def value(self, nid: int) -> Value:
+        return Value(self, nid)
+
+    def emit(self, op: ops.OpDef, operands: Sequence[Value] = (), **attrs) -> Value:
+        try:
+            t = op.infer(*(v.type for v in operands), **attrs)
+        except ShapeError as e:
+            raise ShapeMismatch(str(e), self.span) from None
+        return Value(self, self.graph.add(Node(op, tuple(v.id for v in operands), attrs, t, self.span)))
+
+    # --- sources ---------------------------------------------------------------------------
+    def input(self, name: str, type: TensorType, role: str) -> Value:
+        return self.emit(ops.INPUT, name=name, role=role, type=type)
+
+    def const(self, value, dtype: DType = DType.f32) -> Value:
+        return self.emit(ops.CONST, value=np.asarray(value, dtype=dtype.np), dtype=dtype)
+
+    def full(self, value, shape, dtype: DType = DType.f32) -> Value:
+        return self.broadcast(self.const(value, dtype), tuple(shape))
+
+    def zeros_like(self, x: Value) -> Value:
+        return self.full(0, x.shape, x.dtype)
+
+    def iota(self, shape, axis: int, dtype: DType = DType.i32) -> Value:
+        return self.emit(ops.IOTA, shape=tuple(shape), axis=axis, dtype=dtype)
+
+    def size(self, x: Value, axes: Sequence[int]) -> Value:
+        return self.emit(ops.SIZE, (x,), axes=tuple(axes))
+
+    # --- elementwise -----------------------------------------------------------------------
+    def lift(self, x, dtype: DType) -> Value:
+        return x if isinstance(x, Value) else self.const(x, dtype)
+
+    def binary(self, op: ops.OpDef, x, y) -> Value:
+        if not isinstance(x, Value) and not isinstance(y, Value):
+            raise TypeError("binary op needs at least one tensor")
+        dtype = (x if isinstance(x, Value) else y).dtype
+        x, y = self.lift(x, dtype), self.lift(y, dtype)
+        try:
+            shape = broadcast_shapes(x.shape, y.shape)
+        except ShapeError as e:
+            raise ShapeMismatch(f"cannot {op.name} {x.type} and {y.type}: {e}", self.span) from None
+        return self.emit(op, (self.broadcast(x, shape), self.broadcast(y, shape)))
+
+    def unary(self, op: ops.OpDef, x: Value) -> Value:
+        return self.emit(op, (x,))
+
+    def exp(self, x): return self.unary(ops.EXP, x)
+    def log(self, x): return self.unary(ops.LOG, x)
+    def sqrt(self, x): return self.unary(ops.SQRT, x)
+    def tanh(self, x): return self.unary(ops.TANH, x)
+    def sigmoid(self, x): return self.unary(ops.SIGMOID, x)
+    def abs(self, x): return self.unary(ops.ABS, x)
+    def sign(self, x): return self.unary(ops.SIGN, x)
+    def stop_gradient(self, x): return self.unary(ops.STOP_GRADIENT, x)
+    def maximum(self, x, y): return self.binary(ops.MAX, x, y)
+    def minimum(self, x, y): return self.binary(ops.MIN, x, y)
+    def lt(self, x, y): return self.binary(ops.LT, x, y)
+    def le(self, x, y): return self.binary(ops.LE, x, y)
+    def gt(self, x, y): return self.binary(ops.GT, x, y)
+    def ge(self, x, y): return self.binary(ops.GE, x, y)
+    def eq(self, x, y): return self.binary(ops.EQ, x, y)
+    def ne(self, x, y): return self.binary(ops.NE, x, y)
+
+    def where(self, cond: Value, x, y) -> Value:
+        dtype = (x if isinstance(x, Value) else y).dtype
+        x, y = self.lift(x, dtype), self.lift(y, dtype)
+        shape = broadcast_shapes(broadcast_shapes(cond.shape, x.shape), y.shape)
+        return self.emit(ops.WHERE, (self.broadcast(cond, shape), self.broadcast(x, shape),
+                                     self.broadcast(y, shape)))
+
+    def cast(self, x: Value, dtype: DType) -> Value:
+        return x if x.dtype == dtype else self.emit(ops.CAST, (x,), dtype=dtype)
+
+    # --- reductions ------------------------------------------------------------------------
+    def _axes(self, x: Value, axes) -> tuple[int, ...]:
+        if axes is None:
+            return tuple(range(x.rank))
+        if isinstance(axes, int):
+            axes = (axes,)
+        try:
+            return tuple(sorted({normalize_axis(a, x.rank) for a in axes}))
+        except ShapeError as e:
+            raise ShapeMismatch(f"{e} ({x.type})", self.span) from None
+
+    def _keep(self, x: Value, out: Value, axes, keepdims: bool) -> Value:
+        if not keepdims:
+            return out
+        return self.reshape(out, tuple(1 if i in axes else d for i, d in enumerate(x.shape)))
+
+    def sum(self, x: Value, axes=None, keepdims: bool = False) -> Value:
+        axes = self._axes(x, axes)
+        out = self.emit(ops.REDUCE_SUM, (x,), axes=axes) if axes else x
+        return self._keep(x, out, axes, keepdims)
+
+    def max(self, x: Value, axes=None, keepdims: bool = False) -> Value:
+        axes = self._axes(x, axes)
+        out = self.emit(ops.REDUCE_MAX, (x,), axes=axes) if axes else x
+        return self._keep(x, out, axes, keepdims)
+
+    def mean(self, x: Value, axes=None, keepdims: bool = False) -> Value:
+        axes = self._axes(x, axes)
+        return self.sum(x, axes, keepdims) / self.size(x, axes)
+
+    def argmax(self, x: Value, axis: int = -1) -> Value:
+        return self.emit(ops.ARGMAX, (x,), axis=self._axes(x, axis)[0])
+
+    # --- movement --------------------------------------------------------------------------
+    def broadcast(self, x: Value, shape: tuple, axes: tuple[int, ...] | None = None) -> Value:
+        shape = tuple(shape)
+        if axes is None:  # numpy: right-aligned
+            axes = tuple(range(len(shape) - x.rank, len(shape)))
+        if x.shape == shape and tuple(axes) == tuple(range(len(shape))):
+            return x
+        return self.emit(ops.BROADCAST, (x,), shape=shape, axes=tuple(axes))
+
+    def reshape(self, x: Value, shape: tuple) -> Value:
+        shape = tuple(shape)
+        return x if x.shape == shape else self.emit(ops.RESHAPE, (x,), shape=shape)
+
+    def permute(self, x: Value, perm: Sequence[int]) -> Value:
+        perm = tuple(perm)
+        return x if perm == tuple(range(x.rank)) else self.emit(ops.PERMUTE, (x,), perm=perm)
+
+    def slice(self, x: Value, starts, stops, steps=None) -> Value:
+        steps = tuple(steps) if steps is not None else (1,) * x.rank
+        if tuple(starts) == (0,) * x.rank and tuple(stops) == tuple(x.shape) and steps == (1,) * x.rank:
+            return x
+        return self.emit(ops.SLICE, (x,), starts=tuple(starts), stops=tuple(stops), steps=steps)
+
+    def pad(self, x: Value, lo, hi, interior=None, value: float = 0.0) -> Value:
+        interior = tuple(interior) if interior is not None else (0,) * x.rank
+        if not any(lo) and not any(hi) and not any(interior):
+            return x
+        return self.emit(ops.PAD, (x,), lo=tuple(lo), hi=tuple(hi), interior=interior, value=value)
+
+    def concat(self, xs: Sequence[Value], axis: int) -> Value:
+        return xs[0] if len(xs) == 1 else self.emit(ops.CONCAT, tuple(xs), axis=axis)
+
+    def take_axis(self, x: Value, axis: int, index: int) -> Value:
+        """x[..., index, ...] with that axis dropped."""
+        starts = tuple(index if i == axis else 0 for i in range(x.rank))
+        stops = tuple(index + 1 if i == axis else d for i, d in enumerate(x.shape))
+        part = self.slice(x, starts, stops)
+        return self.reshape(part, tuple(d for i, d in enumerate(x.shape) if i != axis))
+
+    # --- contractions ----------------------------------------------------------------------
+    def matmul(self, a: Value, b: Value, ta: bool = False, tb: bool = False) -> Value:
+        return self.emit(ops.MATMUL, (a, b), ta=ta, tb=tb)

@@ -1,0 +1,118 @@
+"""Source spans and user-facing errors: `file:line:col`, the source line, a caret, a hint."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+
+@dataclass(frozen=True, eq=False)
+class Source:
+    """A .dln text and the name it is reported under (a path, or `<string>`)."""
+
+    name: str
+    text: str
+
+    def line(self, n: int) -> str:
+        lines = self.text.splitlines()
+        return lines[n - 1] if 1 <= n <= len(lines) else ""
+
+
+@dataclass(frozen=True)
+class Span:
+    source: Source = field(compare=False)
+    line: int
+    col: int
+    end_line: int
+    end_col: int  # exclusive
+
+    def __str__(self) -> str:
+        return f"{self.source.name}:{self.line}:{self.col}"
+
+    @property
+    def short(self) -> str:
+        """`file.dln:3:14` with the directory dropped: stable in IR dumps."""
+        name = self.source.name.replace("\\", "/").rsplit("/", 1)[-1]
+        return f"{name}:{self.line}:{self.col}"
+
+
+class DlcError(Exception):
+    """Every error a user can cause. The CLI prints `render()` and exits 1."""
+
+    kind = "error"
+
+    def __init__(self, message: str, span: Span | None = None, hint: str | None = None,
+                 notes: Iterable[str] = ()):
+        super().__init__(message)
+        self.message = message
+        self.span = span
+        self.hint = hint
+        self.notes = list(notes)
+
+    def with_span(self, span: Span | None) -> "DlcError":
+        if self.span is None and span is not None:
+            self.span = span
+        return self
+
+    def render(self) -> str:
+        where = f"{self.span}: " if self.span else ""
+        out = [f"{where}{self.kind}: {self.message}"]
+        if self.span is not None:
+            text = self.span.source.line(self.span.line)
+            if text:
+                gutter = f"{self.span.line:>4} | "
+                out.append(gutter + text)
+                width = (self.span.end_col - self.span.col
+                         if self.span.end_line == self.span.line else len(text) - self.span.col + 1)
+                out.append(" " * (len(gutter) - 2) + "| " + " " * (self.span.col - 1) + "^" * max(1, width))
+        for note in self.notes:
+            out.append(f"note: {note}")
+        if self.hint:
+            out.append(f"hint: {self.hint}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class ParseError(DlcError):
+    kind = "syntax error"
+
+
+class NameError_(DlcError):
+    kind = "error"
+
+
+class TypeError_(DlcError):
+    kind = "type error"
+
+
+class ShapeMismatch(DlcError):
+    kind = "shape error"
+
+
+class ArgumentError(DlcError):
+    kind = "error"
+
+
+class DataError(DlcError):
+    kind = "data error"
+
+
+class CheckpointError(DlcError):
+    kind = "checkpoint error"
+
+
+class NumericsError(DlcError):
+    kind = "numerics error"
+
+
+class UsageError(DlcError):
+    """Bad command-line use: the CLI exits 2."""
+
+    kind = "usage error"
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else None

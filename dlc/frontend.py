@@ -1,0 +1,856 @@
+"""AST -> Graph: scopes, blocks, parameter naming, argument and shape checking with spans.
+
+`build(program, model, mode)` gives the model's graph in "train" mode (dropout on,
+batch statistics) or "eval" mode, plus the loss and metrics when a train block exists.
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from . import nn
+from .builder import GraphBuilder, Value
+from .diagnostics import (ArgumentError, DlcError, NameError_, ShapeMismatch, Span, TypeError_,
+                          did_you_mean)
+from .graph import Graph
+from .initializers import ARITY as INIT_ARITY, Init, fans
+from .recipe import NORMALIZE, OPTIONS, RECIPE, Spec, TrainConfig
+from .syntax import ast
+from .types import DType, Sym, TensorType, dim_mul, sym, unify
+
+RESERVED = {"true", "false", "output", "label", "params", "weights"}
+
+
+@dataclass
+class ParamSpec:
+    name: str
+    type: TensorType
+    init: Init
+    fan_in: int
+    fan_out: int
+    role: str  # "param" | "state"
+    span: Span | None
+
+
+@dataclass
+class SummaryRow:
+    name: str
+    what: str
+    type: TensorType
+    params: int
+    span: Span
+
+
+@dataclass
+class Built:
+    graph: Graph
+    params: dict[str, ParamSpec]
+    summary: list[SummaryRow]
+    model: ast.Def
+    train: TrainConfig | None
+    inputs: list[tuple[str, TensorType]]
+
+
+@dataclass(frozen=True)
+class FunctionRef:
+    """A bare function name used as a value (`metrics = [accuracy]`, `init=he_normal`)."""
+
+    name: str
+    span: Span
+
+
+# --- program-level checks ----------------------------------------------------------------------
+
+def check_program(program: ast.Program) -> None:
+    seen: dict[str, ast.Def] = {}
+    for d in program.defs:
+        if d.name in seen:
+            raise NameError_(f"{d.kind} `{d.name}` is defined twice", d.name_span,
+                             notes=[f"first defined at {seen[d.name].name_span}"])
+        if d.name in nn.BUILTINS or d.name in RECIPE:
+            raise NameError_(f"{d.kind} `{d.name}` has the name of a built-in function", d.name_span,
+                             hint="choose another name")
+        seen[d.name] = d
+        _check_params(d)
+    trained: dict[str, ast.Train] = {}
+    for t in program.trains:
+        target = seen.get(t.model)
+        if target is None or target.kind != "model":
+            models = [d.name for d in program.defs if d.kind == "model"]
+            raise NameError_(f"train block names unknown model `{t.model}`", t.name_span,
+                             hint=did_you_mean(t.model, models) or (
+                                 f"models in this file: {', '.join(models)}" if models else
+                                 "define a `model` first"))
+        if t.model in trained:
+            raise NameError_(f"model `{t.model}` has two train blocks", t.name_span,
+                             notes=[f"the first is at {trained[t.model].name_span}"])
+        trained[t.model] = t
+    _check_recursion(program, seen)
+
+
+def _check_params(d: ast.Def) -> None:
+    names = set()
+    for p in d.params:
+        if p.name in names:
+            raise NameError_(f"parameter `{p.name}` appears twice in {d.kind} `{d.name}`", p.span)
+        if p.name in RESERVED:
+            raise NameError_(f"`{p.name}` is reserved and cannot name a parameter", p.span)
+        names.add(p.name)
+    if not any(p.type is not None for p in d.params):
+        raise ArgumentError(f"{d.kind} `{d.name}` needs at least one tensor input, like `x: f32[B, 4]`",
+                            d.name_span)
+    if not any(isinstance(s, ast.Return) for s in d.body):
+        raise ArgumentError(f"{d.kind} `{d.name}` has no `return`", d.name_span,
+                            hint="end the body with `return <expression>`")
+
+
+def _calls(node) -> list[ast.Call]:
+    """Every call inside an expression or statement, in evaluation order (arguments first)."""
+    out: list[ast.Call] = []
+    if isinstance(node, (list, tuple)):
+        for x in node:
+            out.extend(_calls(x))
+    elif hasattr(node, "__dataclass_fields__") and not isinstance(node, Span):
+        for f in node.__dataclass_fields__:
+            if f not in ("span", "name_span", "func"):
+                out.extend(_calls(getattr(node, f)))
+        if isinstance(node, ast.Call):
+            out.append(node)
+    return out
+
+
+def _check_recursion(program: ast.Program, defs: dict[str, ast.Def]) -> None:
+    def visit(name, stack):
+        for call in _calls(defs[name].body):
+            callee = call.func.text
+            if callee in defs:
+                if callee in stack:
+                    raise NameError_(f"{defs[callee].kind} `{callee}` calls itself "
+                                     f"({' -> '.join(stack + [callee])})", call.func.span,
+                                     hint="blocks cannot be recursive; unroll the repetition")
+                visit(callee, stack + [callee])
+    for name in defs:
+        visit(name, [name])
+
+
+def choose_model(program: ast.Program, name: str | None) -> ast.Def:
+    models = [d for d in program.defs if d.kind == "model"]
+    if name is not None:
+        for d in models:
+            if d.name == name:
+                return d
+        raise NameError_(f"no model named `{name}`", None,
+                         hint=did_you_mean(name, [d.name for d in models]) or
+                         f"models: {', '.join(d.name for d in models) or 'none'}")
+    if not models:
+        raise NameError_("this file defines no `model`", None,
+                         hint="add `model name(x: f32[B, n]) -> f32[B, k] { ... }`")
+    if len(models) == 1:
+        return models[0]
+    trained = [t.model for t in program.trains]
+    if len(trained) == 1:
+        return next(d for d in models if d.name == trained[0])
+    raise NameError_(f"this file defines {len(models)} models ({', '.join(d.name for d in models)}); "
+                     "say which one", None, hint="pass --model NAME")
+
+
+# --- building -------------------------------------------------------------------------------------
+
+@dataclass
+class _Scope:
+    vars: dict[str, Any]
+    dims: dict[str, Any]  # symbol -> int | Sym
+    prefix: str           # "" for the model, "r1." inside the block instance bound to r1
+    context: str          # "model" | "loss" | "option"
+
+
+class _Ctx(nn.LayerContext):
+    def __init__(self, fe: "Frontend", prefix: str, span: Span):
+        self.fe, self.b, self.prefix, self.span = fe, fe.b, prefix, span
+        self.training = fe.mode == "train"
+
+    def param(self, name, shape, init, fan_in=0, fan_out=0):
+        return self.fe.new_input(f"{self.prefix}.{name}", TensorType(DType.f32, tuple(shape)), init,
+                                 "param", self.span, fan_in, fan_out)
+
+    def state(self, name, shape, init, dtype=DType.f32):
+        return self.fe.new_input(f"{self.prefix}.{name}", TensorType(dtype, tuple(shape)), init,
+                                 "state", self.span)
+
+    def update(self, state, new):
+        self.fe.graph.updates[state.node.attrs["name"]] = new.id
+
+    def rng(self):
+        return self.fe.rng_inputs() + (nn.stream_id(f"{self.prefix}#{self.fe.next_stream()}"),)
+
+
+class Frontend:
+    def __init__(self, program: ast.Program, mode: str = "eval"):
+        self.program = program
+        self.defs = {d.name: d for d in program.defs}
+        self.mode = mode
+        self.params: dict[str, ParamSpec] = {}
+        self.used_prefixes: set[str] = set()
+        self._streams = 0
+        self._rng: tuple[Value, Value] | None = None
+
+    # inputs owned by layers --------------------------------------------------------------------
+    def new_input(self, name, type, init, role, span, fan_in=0, fan_out=0) -> Value:
+        if name in self.params:
+            raise NameError_(f"parameter name `{name}` is already used", span,
+                             notes=[f"first created at {self.params[name].span}"],
+                             hint="give the layer a different `name=`")
+        if not fan_in:
+            fan_in, fan_out = fans(tuple(type.shape))
+        self.params[name] = ParamSpec(name, type, init, fan_in, fan_out, role, span)
+        with self.b.at(span):
+            return self.b.input(name, type, role)
+
+    def rng_inputs(self) -> tuple[Value, Value]:
+        if self._rng is None:
+            scalar = TensorType(DType.i32, ())
+            with self.b.at(None):
+                self._rng = (self.new_input("seed", scalar, Init("zeros"), "state", None),
+                             self.new_input("step", scalar, Init("zeros"), "state", None))
+        return self._rng
+
+    def next_stream(self) -> int:
+        self._streams += 1
+        return self._streams
+
+    # the model ----------------------------------------------------------------------------------
+    def build(self, model: ast.Def, train: ast.Train | None) -> Built:
+        self.graph = Graph(model.name)
+        self.b = GraphBuilder(self.graph)
+        self.summary: list[SummaryRow] = []
+        dims: dict[str, Any] = {}
+        args, inputs = [], []
+        for p in model.params:
+            if p.type is None:
+                continue
+            t = self.resolve_type(p.type, dims, bind_new=True)
+            with self.b.at(p.span):
+                args.append(self.b.input(p.name, t, "data"))
+            inputs.append((p.name, t))
+        out = self.call_def(model, args, {}, "", model.span, top=True, dims=dims)
+        self.graph.outputs["output"] = out.id
+        config = self.build_train(train, out) if train is not None else None
+        return Built(self.graph, self.params, self.summary, model, config, inputs)
+
+    def resolve_type(self, t: ast.TypeExpr, dims: dict, bind_new: bool) -> TensorType:
+        try:
+            dtype = DType(t.dtype)
+        except ValueError:
+            raise TypeError_(f"unknown dtype `{t.dtype}`", t.span,
+                             hint=did_you_mean(t.dtype, [d.value for d in DType]) or
+                             "dtypes are f32, f64, i32, bool") from None
+        shape = []
+        for d in t.dims:
+            if isinstance(d, int):
+                if d < 1:
+                    raise TypeError_(f"dimension {d} must be positive", t.span)
+                shape.append(d)
+            elif d in dims:
+                shape.append(dims[d])
+            elif bind_new:
+                dims[d] = sym(d)
+                shape.append(dims[d])
+            else:
+                raise NameError_(f"dimension `{d}` is not bound here", t.span,
+                                 hint="symbolic dimensions come from the input types")
+        return TensorType(dtype, tuple(shape))
+
+    def call_def(self, d: ast.Def, args: list, kwargs: dict, prefix: str, span: Span,
+                 top: bool = False, dims: dict | None = None) -> Value:
+        """Run a model or block body with the given tensor arguments."""
+        dims = {} if dims is None else dims
+        scope = _Scope({}, dims, prefix, "model")
+        tensor_params = [p for p in d.params if p.type is not None]
+        value_params = {p.name: p for p in d.params if p.type is None}
+        if not top:
+            if len(args) != len(tensor_params):
+                raise ArgumentError(f"block `{d.name}` takes {len(tensor_params)} tensor argument(s), "
+                                    f"got {len(args)}", span)
+            for p, a in zip(tensor_params, args):
+                if not isinstance(a, Value):
+                    raise ArgumentError(f"block `{d.name}`: `{p.name}` must be a tensor", span)
+                self._unify_arg(d, p, a, dims, span)
+                scope.vars[p.name] = a
+            for k in kwargs:
+                if k not in value_params:
+                    raise ArgumentError(f"block `{d.name}` has no parameter `{k}`", span,
+                                        hint=did_you_mean(k, value_params))
+        else:
+            for p, a in zip(tensor_params, args):
+                scope.vars[p.name] = a
+        for name, p in value_params.items():
+            scope.vars[name] = kwargs[name] if name in kwargs else self.eval(p.default, scope)
+        for stmt in d.body:
+            if isinstance(stmt, ast.Return):
+                with self.b.at(stmt.span):
+                    out = self.eval_tensor(stmt.value, scope, self._namer(stmt, "out", scope), "the result")
+                self._check_result(d, out, dims, stmt)
+                if top:
+                    self._row(stmt, "out", out)
+                return out
+            self.statement(stmt, scope, top)
+        raise AssertionError("unreachable: check_program requires a return")
+
+    def _unify_arg(self, d, p, a: Value, dims, span):
+        declared = self.resolve_type(p.type, {k: v for k, v in dims.items()}, bind_new=True)
+        pattern = tuple(sym(x) if isinstance(x, str) else x for x in p.type.dims)
+        if a.dtype != declared.dtype:
+            raise ShapeMismatch(f"block `{d.name}` expects `{p.name}` as {p.type.dtype}, got {a.type}", span)
+        err = unify(pattern, a.shape, dims)
+        if err:
+            raise ShapeMismatch(f"block `{d.name}`: argument `{p.name}`: {err}", span,
+                                notes=[f"`{p.name}` is declared at {p.span}"])
+
+    def _check_result(self, d: ast.Def, out: Value, dims, stmt):
+        pattern = tuple(sym(x) if isinstance(x, str) else x for x in d.result.dims)
+        bound = dict(dims)
+        err = unify(pattern, out.shape, bound)
+        if err or out.dtype.value != d.result.dtype:
+            declared = f"{d.result.dtype}[{', '.join(str(x) for x in d.result.dims)}]"
+            raise ShapeMismatch(f"{d.kind} `{d.name}` returns {out.type} but declares {declared}",
+                                stmt.span, notes=[err] if err else [],
+                                hint="fix the declared result type after `->` or the last layer")
+
+    def statement(self, stmt, scope: _Scope, top: bool) -> None:
+        if isinstance(stmt, ast.Assign):
+            if stmt.target in RESERVED:
+                raise NameError_(f"`{stmt.target}` is reserved and cannot be assigned", stmt.span)
+            with self.b.at(stmt.span):
+                value = self.eval(stmt.value, scope, self._namer(stmt, stmt.target, scope))
+            scope.vars[stmt.target] = value
+            if top and isinstance(value, Value):
+                self._row(stmt, stmt.target, value)
+        elif isinstance(stmt, ast.ParamDecl):
+            name = scope.prefix + stmt.name
+            if stmt.name in scope.vars:
+                raise NameError_(f"`{stmt.name}` is already defined", stmt.span)
+            t = self.resolve_type(stmt.type, scope.dims, bind_new=False)
+            if not all(isinstance(d, int) for d in t.shape):
+                raise TypeError_(f"parameter `{stmt.name}` needs a shape of known numbers, got {t}",
+                                 stmt.type.span, hint="parameters cannot have a batch dimension")
+            init = self.eval(stmt.init, scope)
+            init = self._as_init(init, stmt.init.span)
+            if t.dtype != DType.f32:
+                raise TypeError_(f"parameter `{stmt.name}` must be f32, got {t.dtype}", stmt.type.span)
+            self.used_prefixes.add(name)
+            scope.vars[stmt.name] = self.new_input(name, t, init, "param", stmt.span)
+            if top:
+                self._row(stmt, stmt.name, scope.vars[stmt.name])
+
+    def _row(self, stmt, name: str, value: Value):
+        before = sum(r.params for r in self.summary)
+        total = sum(_count(p.type) for p in self.params.values() if p.role == "param")
+        what = " → ".join(dict.fromkeys(c.func.text for c in _calls(stmt))) or (
+            "param" if isinstance(stmt, ast.ParamDecl) else "expression")
+        self.summary.append(SummaryRow(name, what, value.type, total - before, stmt.span))
+
+    def _namer(self, stmt, binding: str, scope: _Scope):
+        """Parameter-prefix policy for the calls in one statement: the binding name when the
+        statement has one layer, `binding.layer` when it has several, `_2`... when taken."""
+        owners = [c for c in _calls(stmt) if self._owns_params(c.func.text)]
+        return {"binding": scope.prefix + binding, "several": len(owners) > 1}
+
+    def _owns_params(self, fname: str) -> bool:
+        return fname in self.defs or (fname in nn.BUILTINS and nn.BUILTINS[fname].owns_params)
+
+    def _prefix(self, namer, fname: str, explicit: str | None, scope: _Scope, span: Span) -> str:
+        if explicit is not None:
+            full = scope.prefix + explicit
+            if full in self.used_prefixes:
+                raise NameError_(f"layer name `{explicit}` is already used", span)
+            self.used_prefixes.add(full)
+            return full
+        base = f"{namer['binding']}.{fname}" if namer and namer["several"] else (
+            namer["binding"] if namer else scope.prefix + fname)
+        name, k = base, 2
+        while name in self.used_prefixes:
+            name, k = f"{base}_{k}", k + 1
+        self.used_prefixes.add(name)
+        return name
+
+    # expressions ---------------------------------------------------------------------------------
+    def eval_tensor(self, e, scope: _Scope, namer=None, what="this") -> Value:
+        v = self.eval(e, scope, namer)
+        if not isinstance(v, Value):
+            raise TypeError_(f"{what} must be a tensor, got {_describe(v)}", e.span)
+        return v
+
+    def eval(self, e, scope: _Scope, namer=None):
+        with self.b.at(e.span):
+            if isinstance(e, ast.Num):
+                return e.value
+            if isinstance(e, ast.Str):
+                return e.value
+            if isinstance(e, ast.ListLit):
+                return [self.eval(i, scope, namer) for i in e.items]
+            if isinstance(e, ast.Name):
+                return self.lookup(e, scope)
+            if isinstance(e, ast.Neg):
+                v = self.eval(e.operand, scope, namer)
+                if isinstance(v, (Value, int, float)) and not isinstance(v, bool):
+                    return -v
+                raise TypeError_(f"cannot negate {_describe(v)}", e.span)
+            if isinstance(e, ast.BinOp):
+                return self.binop(e, scope, namer)
+            if isinstance(e, ast.Call):
+                return self.call(e, scope, namer)
+            if isinstance(e, ast.Index):
+                return self.index(e, scope, namer)
+        raise AssertionError(f"unknown expression {e!r}")
+
+    def lookup(self, e: ast.Name, scope: _Scope):
+        name = e.text
+        if name in scope.vars:
+            return scope.vars[name]
+        if name in scope.dims:
+            return scope.dims[name]
+        if name in ("true", "false"):
+            return name == "true"
+        if scope.context == "loss" and name in ("params", "weights"):
+            specs = [p for p in self.params.values() if p.role == "param" and
+                     (name == "params" or p.type.rank >= 2)]
+            return nn.ParamList(self.b.value(self.graph.input_named(p.name)) for p in specs)
+        if scope.context == "loss" and name in self.params and self.params[name].role == "param":
+            return self.b.value(self.graph.input_named(name))
+        if name in nn.BUILTINS or name in self.defs or name in RECIPE or name in INIT_ARITY:
+            return FunctionRef(name, e.span)
+        known = list(scope.vars) + list(scope.dims) + list(nn.BUILTINS) + list(self.defs)
+        if scope.context == "loss":
+            known += ["params", "weights"] + list(self.params)
+        hint = did_you_mean(name, known)
+        if name in ("output", "label") and scope.context != "loss":
+            hint = f"`{name}` exists only in a train block's loss"
+        raise NameError_(f"unknown name `{name}`", e.span, hint=hint)
+
+    def binop(self, e: ast.BinOp, scope, namer):
+        a = self.eval(e.lhs, scope, namer)
+        c = self.eval(e.rhs, scope, namer)
+        sym_op = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@", "pow": "**"}[e.op]
+        numbers = (int, float)
+        if isinstance(a, bool) or isinstance(c, bool) or not isinstance(a, (Value, int, float, Sym)) \
+                or not isinstance(c, (Value, int, float, Sym)):
+            raise TypeError_(f"cannot apply `{sym_op}` to {_describe(a)} and {_describe(c)}", e.span)
+        if isinstance(a, Sym) or isinstance(c, Sym):
+            if e.op == "mul" and not isinstance(a, Value) and not isinstance(c, Value):
+                return dim_mul(a if isinstance(a, (int, Sym)) else 0, c if isinstance(c, (int, Sym)) else 0)
+            raise TypeError_(f"the symbolic dimension {a if isinstance(a, Sym) else c} is not a "
+                             "known number here", e.span)
+        if isinstance(a, numbers) and isinstance(c, numbers):
+            if e.op == "matmul":
+                raise TypeError_("`@` needs tensors", e.span)
+            if e.op == "div" and c == 0:
+                raise ArgumentError("division by zero", e.span)
+            return {"add": a + c, "sub": a - c, "mul": a * c,
+                    "div": a / c if (isinstance(a, float) or isinstance(c, float) or a % c) else a // c,
+                    "pow": a ** c}[e.op]
+        if e.op == "matmul":
+            if not (isinstance(a, Value) and isinstance(c, Value)):
+                raise TypeError_("`@` needs two tensors", e.span)
+            if c.rank != 2 or a.rank < 2:
+                raise ShapeMismatch(f"`@` needs a matrix on the right and rank >= 2 on the left, "
+                                    f"got {a.type} @ {c.type}", e.span)
+            if a.shape[-1] != c.shape[0]:
+                raise ShapeMismatch(f"cannot multiply {a.type} by {c.type}: inner dimensions "
+                                    f"{a.shape[-1]} and {c.shape[0]} differ", e.span)
+            return nn._matmul_last(self.b, a, c)
+        if isinstance(a, Value) and isinstance(c, Value) and a.dtype != c.dtype:
+            raise TypeError_(f"cannot apply `{sym_op}` to {a.type} and {c.type}: dtypes differ", e.span)
+        t = a if isinstance(a, Value) else c
+        if not t.dtype.is_float and e.op == "pow":
+            raise TypeError_(f"`**` needs a float tensor, got {t.type}", e.span)
+        return {"add": lambda: a + c, "sub": lambda: a - c, "mul": lambda: a * c,
+                "div": lambda: a / c, "pow": lambda: a ** c}[e.op]()
+
+    def index(self, e: ast.Index, scope, namer):
+        x = self.eval_tensor(e.value, scope, namer, "an indexed value")
+        if len(e.subscripts) > x.rank:
+            raise ShapeMismatch(f"too many indices ({len(e.subscripts)}) for {x.type}", e.span)
+        starts, stops, steps, drop = [], [], [], []
+        for axis, d in enumerate(x.shape):
+            sub = e.subscripts[axis] if axis < len(e.subscripts) else None
+            if sub is None or (isinstance(sub, ast.Slice) and not (sub.start or sub.stop or sub.step)):
+                starts.append(0), stops.append(d), steps.append(1)
+                continue
+            if not isinstance(d, int):
+                raise ShapeMismatch(f"axis {axis} of {x.type} is symbolic ({d}); it can only be taken "
+                                    "whole with `:`", sub.span)
+            if isinstance(sub, ast.Slice):
+                lo, hi, st = (self._int_or(s, scope, dflt) for s, dflt in
+                              ((sub.start, 0), (sub.stop, d), (sub.step, 1)))
+                if st < 1:
+                    raise ArgumentError(f"slice step must be positive, got {st}", sub.span)
+                lo, hi = (v + d if v < 0 else v for v in (lo, hi))
+                lo, hi = max(0, min(lo, d)), max(0, min(hi, d))
+                if hi <= lo:
+                    raise ShapeMismatch(f"slice selects nothing from axis {axis} (size {d})", sub.span)
+                starts.append(lo), stops.append(hi), steps.append(st)
+            else:
+                i = self._int_or(sub, scope, None)
+                if not -d <= i < d:
+                    raise ShapeMismatch(f"index {i} is out of range for axis {axis} (size {d})", sub.span)
+                i %= d
+                starts.append(i), stops.append(i + 1), steps.append(1)
+                drop.append(axis)
+        out = self.b.slice(x, starts, stops, steps)
+        if drop:
+            out = self.b.reshape(out, tuple(s for i, s in enumerate(out.shape) if i not in drop))
+        return out
+
+    def _int_or(self, e, scope, default):
+        if e is None:
+            return default
+        v = self.eval(e, scope)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError_(f"an index must be an integer, got {_describe(v)}", e.span)
+        return v
+
+    # calls ------------------------------------------------------------------------------------
+    def call(self, e: ast.Call, scope: _Scope, namer):
+        fname = e.func.text
+        if fname in scope.vars:
+            raise TypeError_(f"`{fname}` is {_describe(scope.vars[fname])}, not a function", e.func.span)
+        args = [self.eval(a, scope, namer) for a in e.args]
+        kwargs, kwspans = {}, {}
+        for k in e.kwargs:
+            if k.name in kwargs:
+                raise ArgumentError(f"argument `{k.name}` is given twice", k.span)
+            kwargs[k.name] = self.eval(k.value, scope, namer)
+            kwspans[k.name] = k.span
+        if fname in self.defs and self.defs[fname].kind == "block":
+            d = self.defs[fname]
+            explicit = kwargs.pop("name", None)
+            prefix = self._prefix(namer, fname, explicit, scope, e.span)
+            with self.b.at(e.span):
+                return self.call_def(d, args, kwargs, prefix + ".", e.span)
+        if fname in self.defs:
+            raise TypeError_(f"`{fname}` is a model; only blocks can be called", e.func.span,
+                             hint=f"declare it as `block {fname}(...)`")
+        if fname in INIT_ARITY:
+            return self._make_init(fname, args, kwargs, e)
+        entry = nn.BUILTINS.get(fname)
+        if entry is None:
+            if fname in RECIPE:
+                raise TypeError_(f"`{fname}` can only be used in a train block option", e.func.span)
+            candidates = list(nn.BUILTINS) + [d for d in self.defs if self.defs[d].kind == "block"]
+            raise NameError_(f"unknown function `{fname}`", e.func.span, hint=did_you_mean(fname, candidates))
+        if entry.kind == "layer" and scope.context != "model":
+            raise TypeError_(f"layer `{fname}` cannot be used in a loss; layers belong in the model",
+                             e.func.span)
+        if entry.kind in ("loss", "regularizer") and scope.context != "loss":
+            raise TypeError_(f"`{fname}` is a {entry.kind} and belongs in the train block's `loss`",
+                             e.func.span)
+        explicit = kwargs.pop("name", None) if entry.kind == "layer" else None
+        if explicit is not None and not isinstance(explicit, str):
+            raise ArgumentError("`name=` must be a string", kwspans["name"])
+        prefix = self._prefix(namer, fname, explicit, scope, e.span) if entry.owns_params else (
+            namer["binding"] if namer else scope.prefix + fname)
+        bound = bind_arguments(entry, args, kwargs, e, kwspans, skip_ctx=True)
+        ctx = _Ctx(self, prefix, e.span)
+        try:
+            with self.b.at(e.span):
+                return entry.fn(ctx, **bound)
+        except DlcError as err:
+            raise err.with_span(e.span)
+
+    def _make_init(self, fname, args, kwargs, e):
+        lo, hi = INIT_ARITY[fname]
+        if kwargs or not lo <= len(args) <= hi or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            want = "no arguments" if hi == 0 else f"{lo} to {hi} numbers" if lo != hi else f"{lo} number(s)"
+            raise ArgumentError(f"initializer `{fname}` takes {want}", e.span)
+        return Init(fname, tuple(float(a) for a in args))
+
+    def _as_init(self, v, span) -> Init:
+        if isinstance(v, FunctionRef) and v.name in INIT_ARITY:
+            if INIT_ARITY[v.name][0] > 0:
+                raise ArgumentError(f"initializer `{v.name}` needs arguments", span)
+            return Init(v.name)
+        if isinstance(v, Init):
+            return v
+        raise TypeError_(f"expected an initializer (zeros, ones, normal(m, s), uniform(a, b), "
+                         f"glorot_uniform, he_normal, ...), got {_describe(v)}", span)
+
+    # the train block ------------------------------------------------------------------------------
+    def build_train(self, train: ast.Train, output: Value) -> TrainConfig:
+        opts: dict[str, ast.Option] = {}
+        for o in train.options:
+            if o.name not in OPTIONS:
+                raise NameError_(f"unknown train option `{o.name}`", o.span,
+                                 hint=did_you_mean(o.name, OPTIONS) or f"options: {', '.join(OPTIONS)}")
+            if o.name in opts:
+                raise NameError_(f"train option `{o.name}` is set twice", o.span,
+                                 notes=[f"first set at {opts[o.name].span}"])
+            opts[o.name] = o
+        for name, (_, required) in OPTIONS.items():
+            if required and name not in opts:
+                raise ArgumentError(f"train block for `{train.model}` has no `{name}`", train.name_span,
+                                    hint={"data": "for example `data = digits(test=0.2)`",
+                                          "loss": "for example `loss = cross_entropy(output, label)`"}[name])
+        values: dict[str, Any] = {}
+        scope = _Scope({}, {}, "", "option")
+        for name, o in opts.items():
+            if name != "loss":
+                values[name] = self.option_value(name, o, scope)
+        loss_ast = opts["loss"].value
+        label = self._label_input(loss_ast, output)
+        loss_scope = _Scope({"output": output, "label": label}, {}, "", "loss")
+        with self.b.at(opts["loss"].span):
+            loss = self.eval(loss_ast, loss_scope)
+        if not isinstance(loss, Value) or loss.rank != 0 or not loss.dtype.is_float:
+            raise TypeError_(f"the loss must be a scalar, got {_describe(loss)}", loss_ast.span,
+                             hint="losses like cross_entropy(...) and mean(...) give scalars")
+        self.graph.outputs["loss"] = loss.id
+        loss_fn = next((c.func.text for c in _calls(loss_ast) if c.func.text in ("cross_entropy", "bce")), None)
+        metrics = values.get("metrics")
+        if metrics is None:
+            metrics = ("accuracy",) if loss_fn else ()
+        for m in metrics:
+            if m == "accuracy":
+                if loss_fn is None:
+                    raise ArgumentError("accuracy needs a classification loss (cross_entropy or bce)",
+                                        opts["metrics"].span)
+                with self.b.at(opts["loss"].span):
+                    self.graph.outputs["accuracy"] = nn.accuracy(self.b, output, label, loss_fn).id
+        spans = {name: o.span for name, o in opts.items()}
+        return TrainConfig(model=train.model, data=values["data"], loss=loss_ast,
+                           optimizer=values.get("optimizer") or RECIPE["sgd"].fn(),
+                           batch=values.get("batch", 32), epochs=values.get("epochs", 10),
+                           seed=values.get("seed", 0), metrics=tuple(metrics),
+                           schedule=values.get("schedule") or RECIPE["constant"].fn(),
+                           clip=values.get("clip"), checkpoint=values.get("checkpoint"),
+                           normalize=values.get("normalize"), shuffle=values.get("shuffle", True),
+                           spans=spans)
+
+    def _label_input(self, loss_ast, output: Value) -> Value:
+        """Labels are integers for cross_entropy(..., label), else shaped like the output."""
+        t = output.type
+        for c in _calls(loss_ast):
+            if c.func.text == "cross_entropy" and len(c.args) > 1 and isinstance(c.args[1], ast.Name) \
+                    and c.args[1].text == "label":
+                t = TensorType(DType.i32, output.shape[:1])
+        with self.b.at(None):
+            return self.b.input("label", t, "label")
+
+    def option_value(self, name: str, o: ast.Option, scope: _Scope):
+        kind = OPTIONS[name][0]
+        e = o.value
+        if kind in ("data", "optimizer", "schedule"):
+            spec = self.recipe_call(e, kind, scope)
+            return spec
+        if kind == "metrics":
+            items = e.items if isinstance(e, ast.ListLit) else (e,)
+            out = []
+            for it in items:
+                spec = self.recipe_call(it, "metric", scope)
+                out.append(spec.name)
+            return tuple(out)
+        v = self.eval(e, scope)
+        if kind == "int":
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "seed" else 1):
+                raise ArgumentError(f"`{name}` must be a {'non-negative' if name == 'seed' else 'positive'} "
+                                    f"integer, got {_describe(v)}", e.span)
+            return v
+        if kind == "float":
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise ArgumentError(f"`{name}` must be a positive number, got {_describe(v)}", e.span)
+            return float(v)
+        if kind == "bool":
+            if not isinstance(v, bool):
+                raise ArgumentError(f"`{name}` must be true or false, got {_describe(v)}", e.span)
+            return v
+        if kind == "str":
+            if not isinstance(v, str):
+                raise ArgumentError(f"`{name}` must be a string, got {_describe(v)}", e.span)
+            return v
+        if kind == "normalize":
+            if isinstance(v, FunctionRef):
+                v = v.name
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                return float(v)
+            if v in NORMALIZE:
+                return v
+            raise ArgumentError(f"`normalize` must be one of {', '.join(NORMALIZE)} or a positive "
+                                f"scale, got {_describe(v)}", e.span)
+        raise AssertionError(kind)
+
+    def recipe_call(self, e, kind: str, scope: _Scope) -> Spec:
+        """`adam(lr=1e-3)` or a bare `adam` -> Spec, checked against the entry's signature."""
+        if isinstance(e, ast.Name):
+            call = ast.Call(e, (), (), e.span)
+        elif isinstance(e, ast.Call):
+            call = e
+        else:
+            raise TypeError_(f"expected a {kind} like `{_example(kind)}`", e.span)
+        fname = call.func.text
+        entry = RECIPE.get(fname)
+        if entry is None or entry.kind != kind:
+            choices = [n for n, r in RECIPE.items() if r.kind == kind]
+            raise NameError_(f"unknown {kind} `{fname}`", call.func.span,
+                             hint=did_you_mean(fname, choices) or f"choose one of: {', '.join(choices)}")
+        args = [self.eval(a, scope) for a in call.args]
+        kwargs, kwspans = {}, {}
+        for k in call.kwargs:
+            if k.name in kwargs:
+                raise ArgumentError(f"argument `{k.name}` is given twice", k.span)
+            kwargs[k.name], kwspans[k.name] = self.eval(k.value, scope), k.span
+        bound = bind_arguments(entry, args, kwargs, call, kwspans, skip_ctx=False)
+        try:
+            return entry.fn(**bound)
+        except DlcError as err:
+            raise err.with_span(call.span)
+
+
+def _example(kind):
+    return {"data": "digits(test=0.2)", "optimizer": "adam(lr=1e-3)", "schedule": "cosine()",
+            "metric": "accuracy"}.get(kind, kind)
+
+
+# --- argument binding ---------------------------------------------------------------------------
+
+def bind_arguments(entry: nn.Builtin, args: list, kwargs: dict, call: ast.Call, kwspans: dict,
+                   skip_ctx: bool) -> dict:
+    """Bind call arguments to the entry's Python signature and check them against its annotations."""
+    sig = inspect.signature(entry.fn)
+    params = list(sig.parameters.values())[1 if skip_ctx else 0:]
+    hints = typing.get_type_hints(entry.fn)
+    names = [p.name for p in params]
+    bound: dict[str, Any] = {}
+    spans: dict[str, Span] = {}
+    if len(args) > len(params):
+        raise ArgumentError(f"`{entry.name}` takes at most {len(params)} argument(s), got {len(args)}",
+                            call.span, hint=f"usage: {usage(entry)}")
+    for p, a, ae in zip(params, args, call.args):
+        bound[p.name], spans[p.name] = a, ae.span
+    for k, v in kwargs.items():
+        if k not in names:
+            raise ArgumentError(f"`{entry.name}` has no argument `{k}`", kwspans[k],
+                                hint=did_you_mean(k, names) or f"usage: {usage(entry)}")
+        if k in bound:
+            raise ArgumentError(f"argument `{k}` of `{entry.name}` is given twice", kwspans[k])
+        bound[k], spans[k] = v, kwspans[k]
+    for p in params:
+        if p.name not in bound:
+            if p.default is inspect.Parameter.empty:
+                piped = " (the piped value counts as the first)" if call.piped else ""
+                raise ArgumentError(f"`{entry.name}` is missing argument `{p.name}`{piped}", call.span,
+                                    hint=f"usage: {usage(entry)}")
+            continue
+        bound[p.name] = _convert(entry.name, p.name, bound[p.name], hints.get(p.name), spans[p.name])
+    return bound
+
+
+def usage(entry: nn.Builtin) -> str:
+    sig = inspect.signature(entry.fn)
+    params = list(sig.parameters.values())
+    if params and params[0].name == "ctx":
+        params = params[1:]
+    parts = [p.name if p.default is inspect.Parameter.empty else f"{p.name}={_show_default(p.default)}"
+             for p in params]
+    return f"{entry.name}({', '.join(parts)})"
+
+
+def _show_default(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "none"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return str(v)
+
+
+def _convert(fname: str, pname: str, v, hint, span: Span):
+    """Check one argument against its annotation; return it in the form the function wants."""
+    options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+    for want in options:
+        ok, out = _accepts(want, v)
+        if ok:
+            return out
+    names = " or ".join(_type_name(t) for t in options if t is not type(None))
+    raise ArgumentError(f"`{fname}`: argument `{pname}` must be {names}, got {_describe(v)}", span)
+
+
+def _accepts(want, v):
+    if want is type(None):
+        return v is None, v
+    if want is nn.Tensor:
+        return isinstance(v, Value), v
+    if want is bool:
+        return isinstance(v, bool), v
+    if want is int:
+        return isinstance(v, int) and not isinstance(v, bool), v
+    if want is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool), float(v) if isinstance(v, (int, float)) else v
+    if want is str:
+        if isinstance(v, FunctionRef):
+            return True, v.name
+        return isinstance(v, str), v
+    if want is nn.Pair:
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return True, v
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                        and x >= 0 for x in v):
+            return True, tuple(v)
+        return False, v
+    if want is Init:
+        if isinstance(v, FunctionRef) and v.name in INIT_ARITY and INIT_ARITY[v.name][0] == 0:
+            return True, Init(v.name)
+        return isinstance(v, Init), v
+    if want is nn.ParamList:
+        if isinstance(v, Value) and v.node.attrs.get("role") == "param":
+            return True, nn.ParamList([v])
+        return isinstance(v, nn.ParamList), v
+    if want is list:
+        return isinstance(v, list), v
+    return False, v
+
+
+def _type_name(t) -> str:
+    return {nn.Tensor: "a tensor", bool: "true or false", int: "an integer", float: "a number",
+            str: "a string", nn.Pair: "a positive integer or [h, w]", Init: "an initializer",
+            nn.ParamList: "parameters (`params`, `weights` or a parameter name)", list: "a list"}.get(t, str(t))
+
+
+def _describe(v) -> str:
+    if isinstance(v, Value):
+        return f"a tensor {v.type}"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int):
+        return f"the integer {v}"
+    if isinstance(v, float):
+        return f"the number {v}"
+    if isinstance(v, str):
+        return f'the string "{v}"'
+    if isinstance(v, Sym):
+        return f"the symbolic dimension {v}"
+    if isinstance(v, FunctionRef):
+        return f"the function `{v.name}`"
+    if isinstance(v, Init):
+        return f"the initializer {v}"
+    if isinstance(v, list):
+        return "a list"
+    return type(v).__name__
+
+
+def _count(t: TensorType) -> int:
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n
+
+
+def build(program: ast.Program, model: str | None = None, mode: str = "eval",
+          with_train: bool = True) -> Built:
+    """Check the program and build one model's graph (with its train block when present)."""
+    check_program(program)
+    d = choose_model(program, model)
+    train = next((t for t in program.trains if t.model == d.name), None) if with_train else None
+    return Frontend(program, mode).build(d, train)

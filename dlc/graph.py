@@ -1,0 +1,174 @@
+"""The graph IR: typed nodes with ordered operands and source spans, indexed by networkx.
+
+The operand tuple on each node is the truth (`x*x` is `(x, x)`); the networkx
+MultiDiGraph, one edge per operand slot, is an index for users and orderings.
+Passes use this class's methods, never networkx directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+import networkx as nx
+
+from .diagnostics import Span
+from .ops import INPUT, OpDef
+from .types import ShapeError, TensorType
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    op: OpDef
+    operands: tuple[int, ...]
+    attrs: dict[str, Any]  # never mutated: passes build a new Node
+    type: TensorType
+    span: Span | None = None
+
+    def attr(self, name: str, default=None):
+        return self.attrs.get(name, default)
+
+
+class VerifyError(Exception):
+    """A pass produced an ill-formed graph: a compiler bug, not a user error."""
+
+
+@dataclass
+class Graph:
+    name: str
+    outputs: dict[str, int] = field(default_factory=dict)  # named results: output, loss, ...
+    updates: dict[str, int] = field(default_factory=dict)  # param/state name -> its new value
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._nodes: dict[int, Node] = {}
+        self._index = nx.MultiDiGraph()
+        self._next = 0
+
+    # --- reading -----------------------------------------------------------------------
+    def node(self, nid: int) -> Node:
+        return self._nodes[nid]
+
+    def __contains__(self, nid: int) -> bool:
+        return nid in self._nodes
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def operands(self, nid: int) -> tuple[int, ...]:
+        return self._nodes[nid].operands
+
+    def users(self, nid: int) -> list[int]:
+        """Distinct users, in id order."""
+        return sorted(set(self._index.successors(nid)))
+
+    def use_count(self, nid: int) -> int:
+        """Operand slots plus graph results that read nid."""
+        return (self._index.out_degree(nid) + sum(1 for v in self.outputs.values() if v == nid)
+                + sum(1 for v in self.updates.values() if v == nid))
+
+    def roots(self) -> list[int]:
+        return list(dict.fromkeys(list(self.outputs.values()) + list(self.updates.values())))
+
+    def inputs(self, role: str | None = None) -> list[int]:
+        return [i for i, n in self._nodes.items()
+                if n.op is INPUT and (role is None or n.attrs["role"] == role)]
+
+    def input_named(self, name: str) -> int:
+        for i in self.inputs():
+            if self._nodes[i].attrs["name"] == name:
+                return i
+        raise KeyError(name)
+
+    def toposort(self) -> list[int]:
+        """Deterministic: among ready nodes the oldest (smallest id) comes first."""
+        return list(nx.lexicographical_topological_sort(self._index))
+
+    # --- writing -----------------------------------------------------------------------
+    def add(self, node: Node) -> int:
+        nid = self._next
+        self._next += 1
+        self._nodes[nid] = node
+        self._index.add_node(nid)
+        for slot, src in enumerate(node.operands):
+            self._index.add_edge(src, nid, key=slot)
+        return nid
+
+    def set_node(self, nid: int, node: Node) -> None:
+        """Replace the node at nid (same id, possibly new operands)."""
+        old = self._nodes[nid]
+        for slot, src in enumerate(old.operands):
+            self._index.remove_edge(src, nid, key=slot)
+        self._nodes[nid] = node
+        for slot, src in enumerate(node.operands):
+            self._index.add_edge(src, nid, key=slot)
+
+    def replace_all_uses(self, old: int, new: int) -> None:
+        if old == new:
+            return
+        for user in self.users(old):
+            n = self._nodes[user]
+            self.set_node(user, replace(n, operands=tuple(new if o == old else o for o in n.operands)))
+        for table in (self.outputs, self.updates):
+            for k, v in table.items():
+                if v == old:
+                    table[k] = new
+
+    def remove(self, nid: int) -> None:
+        if self.users(nid):
+            raise VerifyError(f"node {nid} still has users")
+        self._index.remove_node(nid)
+        del self._nodes[nid]
+
+    def remove_unused(self, keep_inputs: bool = True) -> int:
+        """Drop nodes no result depends on (inputs too, unless keep_inputs). Returns the count."""
+        live = set()
+        stack = self.roots()
+        while stack:
+            n = stack.pop()
+            if n not in live:
+                live.add(n)
+                stack.extend(self._nodes[n].operands)
+        dead = [i for i in self._nodes if i not in live and not (keep_inputs and self._nodes[i].op is INPUT)]
+        self._index.remove_nodes_from(dead)
+        for i in dead:
+            del self._nodes[i]
+        return len(dead)
+
+    def copy(self) -> "Graph":
+        g = Graph(self.name, dict(self.outputs), dict(self.updates), dict(self.meta))
+        g._nodes = dict(self._nodes)
+        g._index = self._index.copy()
+        g._next = self._next
+        return g
+
+    # --- checking ----------------------------------------------------------------------
+    def verify(self) -> None:
+        """Re-run every shape rule and check the structure; raise VerifyError on a defect."""
+        if not nx.is_directed_acyclic_graph(self._index):
+            raise VerifyError(f"graph {self.name} has a cycle")
+        for nid, n in self._nodes.items():
+            if any(o not in self._nodes for o in n.operands):
+                raise VerifyError(f"node %{nid} ({n.op.name}) reads a missing node")
+            if n.op.arity is not None and len(n.operands) != n.op.arity:
+                raise VerifyError(f"node %{nid} ({n.op.name}) has {len(n.operands)} operands")
+            try:
+                t = n.op.infer(*(self._nodes[o].type for o in n.operands), **n.attrs)
+            except ShapeError as e:
+                raise VerifyError(f"node %{nid} ({n.op.name}): {e}") from None
+            if t != n.type:
+                raise VerifyError(f"node %{nid} ({n.op.name}) is typed {n.type} but its rule gives {t}")
+        for name, nid in list(self.outputs.items()) + list(self.updates.items()):
+            if nid not in self._nodes:
+                raise VerifyError(f"result {name} refers to a missing node")
+        for name, nid in self.updates.items():
+            target = self._nodes[self.input_named(name)]
+            if target.attrs["role"] not in ("param", "state") or target.type != self._nodes[nid].type:
+                raise VerifyError(f"update of {name} does not match its input")
+
+
+def topo_nodes(graph: Graph) -> Iterable[tuple[int, Node]]:
+    for nid in graph.toposort():
+        yield nid, graph.node(nid)

@@ -1,0 +1,522 @@
+"""Composites: layers, activations, math functions, losses and regularizers.
+
+Each is a plain function over the GraphBuilder. Its Python signature is the .dln
+signature: the frontend binds call arguments to it and checks them against the
+annotations (Tensor, int, float, bool, str, Pair, Init). Layers take a LayerContext
+first, which creates their parameters and state under stable names.
+"""
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+from . import ops
+from .builder import GraphBuilder, Value
+from .diagnostics import ArgumentError
+from .initializers import GLOROT_UNIFORM, HE_NORMAL, ONES, ZEROS, Init
+from .types import DType, Sym, dim_div, dim_mul, numel
+
+
+class Tensor:
+    """Annotation: a tensor argument."""
+
+
+class Pair:
+    """Annotation: an int, or [int, int] for (height, width)."""
+
+
+class ParamList(list):
+    """Annotation and value: a list of parameter tensors (`params`, `weights`)."""
+
+
+class LayerContext:
+    """What a layer may do besides emitting nodes: own parameters and state, draw randomness."""
+
+    b: GraphBuilder
+    prefix: str
+    training: bool
+
+    def param(self, name: str, shape, init: Init, fan_in: int = 0, fan_out: int = 0) -> Value: ...
+    def state(self, name: str, shape, init: Init, dtype: DType = DType.f32) -> Value: ...
+    def update(self, state: Value, new: Value) -> None: ...
+    def rng(self) -> tuple[Value, Value, int]: ...
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    fn: Callable
+    kind: str  # layer | activation | function | loss | regularizer
+    doc: str
+
+    @property
+    def owns_params(self) -> bool:
+        return self.kind == "layer"
+
+
+BUILTINS: dict[str, Builtin] = {}
+
+
+def builtin(kind: str, name: Optional[str] = None):
+    def register(fn):
+        key = name or fn.__name__
+        BUILTINS[key] = Builtin(key, fn, kind, (fn.__doc__ or "").strip())
+        return fn
+    return register
+
+
+def pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _matmul_last(b: GraphBuilder, x: Value, w: Value) -> Value:
+    """x[..., k] @ w[k, n] for any rank of x (leading axes are flattened into rows)."""
+    if x.rank == 2:
+        return b.matmul(x, w)
+    lead = x.shape[:-1]
+    rows = numel(lead)
+    out = b.matmul(b.reshape(x, (rows, x.shape[-1])), w)
+    return b.reshape(out, tuple(lead) + (w.shape[1],))
+
+
+def _features(x: Value, layer: str) -> int:
+    d = x.shape[-1] if x.rank else None
+    if not isinstance(d, int):
+        raise ArgumentError(f"{layer} needs a known number of input features, but the last "
+                            f"dimension of {x.type} is {d}")
+    return d
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+@builtin("layer")
+def dense(ctx: LayerContext, x: Tensor, units: int, bias: bool = True, init: Init = GLOROT_UNIFORM) -> Value:
+    """Fully connected layer: x @ w + b over the last axis; w is [in, units]."""
+    _positive(units, "units")
+    n_in = _features(x, "dense")
+    w = ctx.param("w", (n_in, units), init, n_in, units)
+    y = _matmul_last(ctx.b, x, w)
+    return y + ctx.param("b", (units,), ZEROS) if bias else y
+
+
+@builtin("layer")
+def conv2d(ctx: LayerContext, x: Tensor, channels: int, kernel: Pair, stride: Pair = 1,
+           pad: Union[Pair, str] = 0, bias: bool = True, init: Init = HE_NORMAL) -> Value:
+    """2-D convolution over NCHW input; pad is a number, [h, w] or "same" (odd kernels, stride 1)."""
+    _positive(channels, "channels")
+    if x.rank != 4:
+        raise ArgumentError(f"conv2d needs an NCHW input of rank 4, got {x.type}")
+    k, s = pair(kernel), pair(stride)
+    if pad == "same":
+        if s != (1, 1) or k[0] % 2 == 0 or k[1] % 2 == 0:
+            raise ArgumentError('pad="same" needs stride 1 and an odd kernel')
+        p = (k[0] // 2, k[1] // 2)
+    elif isinstance(pad, str):
+        raise ArgumentError(f'conv2d: pad must be a number, [h, w] or "same", got "{pad}"')
+    else:
+        p = pair(pad)
+    c_in = x.shape[1]
+    if not isinstance(c_in, int):
+        raise ArgumentError(f"conv2d needs a known number of input channels, got {x.type}")
+    fan_in, fan_out = c_in * k[0] * k[1], channels * k[0] * k[1]
+    w = ctx.param("w", (channels, c_in) + k, init, fan_in, fan_out)
+    y = ctx.b.emit(ops.CONV2D, (x, w), stride=s, pad=p)
+    if bias:
+        bvec = ctx.param("b", (channels,), ZEROS)
+        y = y + ctx.b.broadcast(bvec, y.shape, (1,))
+    return y
+
+
+def _pool(ctx, x, mode, kernel, stride, pad):
+    if x.rank != 4:
+        raise ArgumentError(f"{mode}pool needs an NCHW input of rank 4, got {x.type}")
+    k = pair(kernel)
+    return ctx.b.emit(ops.POOL2D, (x,), mode=mode, kernel=k,
+                      stride=pair(stride) if stride is not None else k, pad=pair(pad))
+
+
+@builtin("function")
+def maxpool(ctx: LayerContext, x: Tensor, kernel: Pair = 2, stride: Optional[Pair] = None, pad: Pair = 0) -> Value:
+    """Max pooling over NCHW windows (stride defaults to the kernel size)."""
+    return _pool(ctx, x, "max", kernel, stride, pad)
+
+
+@builtin("function")
+def avgpool(ctx: LayerContext, x: Tensor, kernel: Pair = 2, stride: Optional[Pair] = None, pad: Pair = 0) -> Value:
+    """Average pooling over NCHW windows (stride defaults to the kernel size)."""
+    return _pool(ctx, x, "avg", kernel, stride, pad)
+
+
+@builtin("function")
+def global_avgpool(ctx: LayerContext, x: Tensor) -> Value:
+    """Mean over the spatial axes: [N, C, H, W] -> [N, C]."""
+    if x.rank != 4:
+        raise ArgumentError(f"global_avgpool needs an NCHW input of rank 4, got {x.type}")
+    return ctx.b.mean(x, (2, 3))
+
+
+@builtin("function")
+def flatten(ctx: LayerContext, x: Tensor) -> Value:
+    """[N, d1, d2, ...] -> [N, d1*d2*...]."""
+    if x.rank < 2:
+        raise ArgumentError(f"flatten needs a batch axis and at least one more, got {x.type}")
+    return ctx.b.reshape(x, (x.shape[0], numel(x.shape[1:])))
+
+
+@builtin("layer")
+def dropout(ctx: LayerContext, x: Tensor, p: float = 0.5) -> Value:
+    """Zeroes each element with probability p while training (scaling the rest by 1/(1-p));
+    the identity in evaluation."""
+    if not 0.0 <= p < 1.0:
+        raise ArgumentError(f"dropout rate must be in [0, 1), got {p}")
+    if not ctx.training or p == 0.0:
+        return x
+    b = ctx.b
+    seed, step, stream = ctx.rng()
+    keep = b.ge(b.emit(ops.RANDOM, (seed, step), shape=tuple(x.shape), stream=stream), p)
+    return b.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+
+
+@builtin("layer")
+def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 1e-5) -> Value:
+    """Batch normalization over axis 1 ([N, C] or [N, C, H, W]); batch statistics while
+    training (updating running statistics), running statistics in evaluation."""
+    if x.rank not in (2, 4):
+        raise ArgumentError(f"batchnorm needs [N, C] or [N, C, H, W], got {x.type}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ArgumentError(f"batchnorm momentum must be in [0, 1], got {momentum}")
+    b = ctx.b
+    c = x.shape[1]
+    if not isinstance(c, int):
+        raise ArgumentError(f"batchnorm needs a known number of channels, got {x.type}")
+    gamma = ctx.param("gamma", (c,), ONES)
+    beta = ctx.param("beta", (c,), ZEROS)
+    run_mean = ctx.state("running_mean", (c,), ZEROS)
+    run_var = ctx.state("running_var", (c,), ONES)
+    axes = (0,) if x.rank == 2 else (0, 2, 3)
+
+    def per_channel(v):
+        return b.broadcast(v, x.shape, (1,))
+
+    if ctx.training:
+        mean = b.mean(x, axes)
+        centered = x - per_channel(mean)
+        var = b.mean(centered * centered, axes)
+        n = b.size(x, axes)
+        unbiased = var * n / b.maximum(n - 1.0, 1.0)
+        ctx.update(run_mean, run_mean * (1.0 - momentum) + mean * momentum)
+        ctx.update(run_var, run_var * (1.0 - momentum) + unbiased * momentum)
+    else:
+        centered, var = x - per_channel(run_mean), run_var
+    scale = gamma / b.sqrt(var + eps)
+    return centered * per_channel(scale) + per_channel(beta)
+
+
+@builtin("layer")
+def embedding(ctx: LayerContext, x: Tensor, vocab: int, dim: int, init: Init = Init("normal", (0.0, 1.0))) -> Value:
+    """Rows of a [vocab, dim] table picked by integer indices: i32[...] -> f32[..., dim]."""
+    _positive(vocab, "vocab")
+    _positive(dim, "dim")
+    if x.dtype != DType.i32:
+        raise ArgumentError(f"embedding needs integer indices (i32), got {x.type}")
+    table = ctx.param("table", (vocab, dim), init, vocab, dim)
+    return ctx.b.emit(ops.TAKE, (table, x))
+
+
+def _sequence(x: Value, layer: str) -> int:
+    if x.rank != 3 or not isinstance(x.shape[1], int):
+        raise ArgumentError(f"{layer} needs a [batch, time, features] input with a known number of "
+                            f"time steps, got {x.type}")
+    return x.shape[1]
+
+
+def _stack_or_last(b: GraphBuilder, hs: list, return_sequences: bool) -> Value:
+    if not return_sequences:
+        return hs[-1]
+    h = hs[0].shape[1]
+    return b.concat([b.reshape(v, (v.shape[0], 1, h)) for v in hs], axis=1)
+
+
+@builtin("layer")
+def rnn(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False,
+        init: Init = GLOROT_UNIFORM) -> Value:
+    """Elman RNN: h_t = tanh(x_t @ wx + h_{t-1} @ wh + b), h_0 = 0. Returns the last
+    state [B, hidden], or all of them [B, T, hidden] with return_sequences=true."""
+    _positive(hidden, "hidden")
+    steps, n_in, b = _sequence(x, "rnn"), _features(x, "rnn"), ctx.b
+    wx = ctx.param("wx", (n_in, hidden), init, n_in, hidden)
+    wh = ctx.param("wh", (hidden, hidden), init, hidden, hidden)
+    bias = ctx.param("b", (hidden,), ZEROS)
+    xw = _matmul_last(b, x, wx) + bias  # every time step's input projection in one matmul
+    hs, h = [], None
+    for t in range(steps):
+        z = b.take_axis(xw, 1, t)
+        h = b.tanh(z if h is None else z + b.matmul(h, wh))
+        hs.append(h)
+    return _stack_or_last(b, hs, return_sequences)
+
+
+@builtin("layer")
+def lstm(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False,
+         init: Init = GLOROT_UNIFORM) -> Value:
+    """LSTM with gates (i, f, g, o) packed along the last axis of w [in, 4h] and u [h, 4h].
+    Returns the last hidden state [B, hidden], or all of them with return_sequences=true."""
+    _positive(hidden, "hidden")
+    steps, n_in, b = _sequence(x, "lstm"), _features(x, "lstm"), ctx.b
+    w = ctx.param("w", (n_in, 4 * hidden), init, n_in, 4 * hidden)
+    u = ctx.param("u", (hidden, 4 * hidden), init, hidden, 4 * hidden)
+    bias = ctx.param("b", (4 * hidden,), ZEROS)
+    xw = _matmul_last(b, x, w) + bias
+    hs, h, c = [], None, None
+    for t in range(steps):
+        z = b.take_axis(xw, 1, t)
+        if h is not None:
+            z = z + b.matmul(h, u)
+        rows = z.shape[0]
+
+        def gate(k):
+            return b.slice(z, (0, k * hidden), (rows, (k + 1) * hidden))
+
+        i, f, g, o = b.sigmoid(gate(0)), b.sigmoid(gate(1)), b.tanh(gate(2)), b.sigmoid(gate(3))
+        c = i * g if c is None else f * c + i * g
+        h = o * b.tanh(c)
+        hs.append(h)
+    return _stack_or_last(b, hs, return_sequences)
+
+
+# --- activations ----------------------------------------------------------------------------
+
+@builtin("activation")
+def relu(ctx: LayerContext, x: Tensor) -> Value:
+    """max(x, 0)"""
+    return ctx.b.maximum(x, 0.0)
+
+
+@builtin("activation")
+def leaky_relu(ctx: LayerContext, x: Tensor, alpha: float = 0.01) -> Value:
+    """x where x > 0, else alpha * x"""
+    b = ctx.b
+    return b.where(b.gt(x, 0.0), x, x * alpha)
+
+
+@builtin("activation")
+def sigmoid(ctx: LayerContext, x: Tensor) -> Value:
+    """1 / (1 + exp(-x))"""
+    return ctx.b.sigmoid(x)
+
+
+@builtin("activation")
+def tanh(ctx: LayerContext, x: Tensor) -> Value:
+    """hyperbolic tangent"""
+    return ctx.b.tanh(x)
+
+
+def _log_softmax(b: GraphBuilder, x: Value, axis: int) -> Value:
+    # Subtracting the (gradient-free) max keeps exp in range; it cancels mathematically.
+    shifted = x - b.stop_gradient(b.max(x, axis, keepdims=True))
+    return shifted - b.log(b.sum(b.exp(shifted), axis, keepdims=True))
+
+
+@builtin("activation")
+def log_softmax(ctx: LayerContext, x: Tensor, axis: int = -1) -> Value:
+    """x - log(sum(exp(x))) along axis, computed stably"""
+    return _log_softmax(ctx.b, x, axis)
+
+
+@builtin("activation")
+def softmax(ctx: LayerContext, x: Tensor, axis: int = -1) -> Value:
+    """exp(x) / sum(exp(x)) along axis, computed stably"""
+    b = ctx.b
+    e = b.exp(x - b.stop_gradient(b.max(x, axis, keepdims=True)))
+    return e / b.sum(e, axis, keepdims=True)
+
+
+@builtin("activation")
+def gelu(ctx: LayerContext, x: Tensor) -> Value:
+    """Gaussian error linear unit (tanh approximation)"""
+    inner = (x + x * x * x * 0.044715) * math.sqrt(2.0 / math.pi)
+    return x * 0.5 * (ctx.b.tanh(inner) + 1.0)
+
+
+# --- math functions -------------------------------------------------------------------------
+
+def _unary(name, doc, method):
+    def fn(ctx: LayerContext, x: Tensor) -> Value:
+        return getattr(ctx.b, method)(x)
+    fn.__name__, fn.__doc__ = name, doc
+    return builtin("function")(fn)
+
+
+_unary("exp", "e to the x, elementwise", "exp")
+_unary("log", "natural logarithm, elementwise", "log")
+_unary("sqrt", "square root, elementwise", "sqrt")
+_unary("abs", "absolute value, elementwise", "abs")
+
+
+def _axes(axis):
+    return None if axis is None else (axis if isinstance(axis, int) else tuple(axis))
+
+
+@builtin("function", name="sum")
+def sum_(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, keepdims: bool = False) -> Value:
+    """Sum over axis (all axes when omitted)."""
+    return ctx.b.sum(x, _axes(axis), keepdims)
+
+
+@builtin("function")
+def mean(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, keepdims: bool = False) -> Value:
+    """Mean over axis (all axes when omitted)."""
+    return ctx.b.mean(x, _axes(axis), keepdims)
+
+
+@builtin("function", name="max")
+def max_(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, keepdims: bool = False) -> Value:
+    """Maximum over axis (all axes when omitted)."""
+    return ctx.b.max(x, _axes(axis), keepdims)
+
+
+@builtin("function")
+def maximum(ctx: LayerContext, x: Tensor, y: Union[Tensor, float]) -> Value:
+    """Elementwise maximum of two tensors (or a tensor and a number)."""
+    return ctx.b.maximum(x, y)
+
+
+@builtin("function")
+def minimum(ctx: LayerContext, x: Tensor, y: Union[Tensor, float]) -> Value:
+    """Elementwise minimum of two tensors (or a tensor and a number)."""
+    return ctx.b.minimum(x, y)
+
+
+@builtin("function")
+def clip(ctx: LayerContext, x: Tensor, lo: float, hi: float) -> Value:
+    """Limits every element to [lo, hi]."""
+    return ctx.b.minimum(ctx.b.maximum(x, lo), hi)
+
+
+@builtin("function")
+def reshape(ctx: LayerContext, x: Tensor, shape: list) -> Value:
+    """Reshape to `shape` (one entry may be -1; the batch keeps its symbol)."""
+    return ctx.b.reshape(x, _reshape_target(x, shape))
+
+
+@builtin("function")
+def transpose(ctx: LayerContext, x: Tensor, perm: Optional[list] = None) -> Value:
+    """Permute axes (reverses them when perm is omitted)."""
+    perm = list(range(x.rank))[::-1] if perm is None else perm
+    if sorted(perm) != list(range(x.rank)):
+        raise ArgumentError(f"transpose: {perm} is not a permutation of the axes of {x.type}")
+    return ctx.b.permute(x, perm)
+
+
+@builtin("function")
+def concat(ctx: LayerContext, xs: list, axis: int = -1) -> Value:
+    """Joins a list of tensors along axis."""
+    if not xs or not all(isinstance(v, Value) for v in xs):
+        raise ArgumentError("concat needs a non-empty list of tensors")
+    return ctx.b.concat(xs, axis % xs[0].rank)
+
+
+def _reshape_target(x: Value, shape: list) -> tuple:
+    if shape.count(-1) > 1:
+        raise ArgumentError("reshape: only one dimension can be -1")
+    known = 1
+    for d in shape:
+        if d != -1:
+            if not isinstance(d, (int, Sym)) or (isinstance(d, int) and d < 1):
+                raise ArgumentError(f"reshape: bad dimension {d}")
+            known = dim_mul(known, d)
+    total = numel(x.shape)
+    if -1 in shape:
+        rest = dim_div(total, known)
+        if rest is None:
+            raise ArgumentError(f"reshape: cannot reshape {x.type} into {shape}")
+        shape = [rest if d == -1 else d for d in shape]
+    return tuple(shape)
+
+
+# --- losses and regularizers ----------------------------------------------------------------
+
+def _same_shape(name, output: Value, target: Value):
+    if output.shape != target.shape:
+        raise ArgumentError(f"{name}: output {output.type} and target {target.type} have different shapes")
+
+
+@builtin("loss")
+def mse(ctx: LayerContext, output: Tensor, target: Tensor) -> Value:
+    """Mean squared error over all elements."""
+    _same_shape("mse", output, target)
+    d = output - target
+    return ctx.b.mean(d * d)
+
+
+@builtin("loss")
+def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor) -> Value:
+    """Softmax cross-entropy from logits [B, K] and integer labels [B] (or target
+    probabilities [B, K]), averaged over the batch; log-softmax is built in."""
+    b = ctx.b
+    if logits.rank != 2:
+        raise ArgumentError(f"cross_entropy needs logits [B, classes], got {logits.type}")
+    logp = _log_softmax(b, logits, -1)
+    if labels.dtype == DType.i32:
+        if labels.shape != logits.shape[:1]:
+            raise ArgumentError(f"cross_entropy: labels {labels.type} do not match logits {logits.type}")
+        onehot = b.eq(b.broadcast(labels, logits.shape, (0,)), b.iota(logits.shape, 1))
+        picked = b.where(onehot, logp, 0.0)
+    else:
+        _same_shape("cross_entropy", logits, labels)
+        picked = logp * labels
+    return -b.mean(b.sum(picked, 1))
+
+
+@builtin("loss")
+def bce(ctx: LayerContext, output: Tensor, target: Tensor, from_logits: bool = False) -> Value:
+    """Binary cross-entropy of probabilities (or logits with from_logits=true) against 0/1 targets."""
+    b = ctx.b
+    _same_shape("bce", output, target)
+    if from_logits:  # max(z, 0) - z*y + log(1 + exp(-|z|)), stable for any z
+        z = output
+        return b.mean(b.maximum(z, 0.0) - z * target + b.log(b.exp(-b.abs(z)) + 1.0))
+    p = b.minimum(b.maximum(output, 1e-7), 1.0 - 1e-7)
+    return -b.mean(target * b.log(p) + (1.0 - target) * b.log(1.0 - p))
+
+
+@builtin("regularizer")
+def l1(ctx: LayerContext, ps: ParamList) -> Value:
+    """Sum of absolute values of the given parameters."""
+    return _total(ctx.b, [ctx.b.sum(ctx.b.abs(p)) for p in ps])
+
+
+@builtin("regularizer")
+def l2(ctx: LayerContext, ps: ParamList) -> Value:
+    """Sum of squares of the given parameters."""
+    return _total(ctx.b, [ctx.b.sum(p * p) for p in ps])
+
+
+def _total(b: GraphBuilder, terms: list) -> Value:
+    if not terms:
+        return b.const(0.0)
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str) -> Value:
+    """Fraction of correct predictions: argmax for cross_entropy, a 0.5 threshold for bce."""
+    if loss_fn == "cross_entropy" and label.dtype == DType.i32:
+        hit = b.eq(b.argmax(output, -1), label)
+    elif loss_fn == "cross_entropy":
+        hit = b.eq(b.argmax(output, -1), b.argmax(label, -1))
+    else:
+        hit = b.eq(b.gt(output, 0.5), b.gt(label, 0.5))
+    return b.mean(b.cast(hit, DType.f32))
+
+
+def _positive(v: int, name: str) -> None:
+    if v < 1:
+        raise ArgumentError(f"{name} must be a positive number, got {v}")
+
+
+def stream_id(name: str) -> int:
+    """A stable random-stream number for a layer name."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF

@@ -1,0 +1,88 @@
+"""Stable text form of a Graph. Names are given at print time, so dumps diff cleanly.
+
+    graph mlp(%x: f32[B,64] data, %h.w: f32[64,128] param, ...) {
+      %0 = matmul(%x, %h.w, ta=false, tb=false)   : f32[B,128]   # mlp.dln:3:14
+      ...
+      output = %9
+      update %h.w = %14
+    }
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+from .graph import Graph, Node
+from .types import DType, TensorType
+
+
+def format_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (DType, TensorType)):
+        return str(v)
+    if isinstance(v, tuple):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    if isinstance(v, np.ndarray):
+        if v.ndim == 0:
+            return format_scalar(v)
+        if v.size <= 8:
+            return "[" + ",".join(format_scalar(x) for x in v.reshape(-1)) + "]"
+        return f"<{v.size} values, sum {float(np.sum(v, dtype=np.float64)):.6g}>"
+    return str(v)
+
+
+def format_scalar(x) -> str:
+    x = np.asarray(x)
+    if x.dtype == np.bool_:
+        return "true" if x else "false"
+    if x.dtype.kind in "iu":
+        return str(int(x))
+    text = str(x.astype(np.float32)) if x.dtype == np.float32 else repr(float(x))
+    return text if any(c in text for c in ".ein") else text + ".0"
+
+
+def _is_scalar_const(node: Node) -> bool:
+    return node.op is ops.CONST and node.type.rank == 0
+
+
+def print_graph(graph: Graph, kernels: dict[int, int] | None = None) -> str:
+    """The graph as text; `kernels` (node -> kernel number) annotates fusion groups."""
+    order = graph.toposort()
+    names: dict[int, str] = {}
+    for nid in graph.inputs():
+        names[nid] = "%" + graph.node(nid).attrs["name"]
+    counter = 0
+    body = []
+    for nid in order:
+        n = graph.node(nid)
+        if n.op is ops.INPUT:
+            continue
+        if _is_scalar_const(n):
+            names[nid] = format_scalar(n.attrs["value"])
+            continue
+        names[nid] = f"%{counter}"
+        counter += 1
+        args = [names[o] for o in n.operands]
+        args += [f"{k}={format_value(n.attrs[k])}" for k in n.op.attrs
+                 if n.attrs.get(k) is not None and n.attrs.get(k) is not False]
+        text = f"{names[nid]} = {n.op.name}({', '.join(args)})"
+        suffix = f": {n.type}"
+        if kernels is not None and nid in kernels:
+            suffix += f"  k{kernels[nid]}"
+        loc = f"   # {n.span.short}" if n.span else ""
+        body.append((text, suffix, loc))
+    width = min(max((len(t) for t, _, _ in body), default=0), 72)
+    width2 = max((len(s) for _, s, _ in body), default=0)
+    lines = [f"  {t:<{width}}  {s:<{width2}}{loc}".rstrip() for t, s, loc in body]
+
+    params = []
+    for nid in graph.inputs():
+        a = graph.node(nid).attrs
+        params.append(f"%{a['name']}: {a['type']} {a['role']}")
+    head = f"graph {graph.name}(" + ", ".join(params) + ") {"
+    tail = [f"  {k} = {names[v]}" for k, v in graph.outputs.items()]
+    tail += [f"  update %{k} = {names[v]}" for k, v in graph.updates.items()]
+    return "\n".join([head] + lines + tail + ["}"]) + "\n"

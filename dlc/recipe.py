@@ -1,0 +1,203 @@
+"""The `train` block's vocabulary: data sources, optimizers, schedules and options.
+
+Each source/optimizer/schedule is a function whose Python signature is its .dln
+signature (the frontend binds and checks arguments against it) and which returns a
+plain spec. The runtime and the optimizer pass give the specs their meaning.
+"""
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from .diagnostics import ArgumentError, Span
+from .nn import Builtin
+
+RECIPE: dict[str, Builtin] = {}
+
+
+def entry(kind: str):
+    def register(fn):
+        RECIPE[fn.__name__] = Builtin(fn.__name__, fn, kind, (fn.__doc__ or "").strip())
+        return fn
+    return register
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A call in a train block: `adam(lr=1e-3)` is Spec("optimizer", "adam", {...})."""
+
+    kind: str
+    name: str
+    args: dict = field(hash=False)
+
+    def __str__(self) -> str:
+        return f"{self.name}(" + ", ".join(f"{k}={v!r}" for k, v in self.args.items()) + ")"
+
+
+def _fraction(v: float, name: str, lo_open=True) -> float:
+    if not (0.0 <= v < 1.0):
+        raise ArgumentError(f"{name} must be in [0, 1), got {v}")
+    return v
+
+
+def _positive(v, name: str):
+    if v <= 0:
+        raise ArgumentError(f"{name} must be positive, got {v}")
+    return v
+
+
+# --- data sources --------------------------------------------------------------------------
+
+@entry("data")
+def digits(test: float = 0.2) -> Spec:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped with dlc;
+    pixels 0..16 scaled to 0..1. x: f32[N, 64] (or [N, 1, 8, 8] / [N, 8, 8] by the model)."""
+    return Spec("data", "digits", {"test": _fraction(test, "test")})
+
+
+@entry("data")
+def iris(test: float = 0.2) -> Spec:
+    """Fisher's iris flowers (150 samples, 4 features, 3 classes), shipped with dlc."""
+    return Spec("data", "iris", {"test": _fraction(test, "test")})
+
+
+@entry("data")
+def npz(path: str, x: str = "x", y: str = "y", test: float = 0.2) -> Spec:
+    """Arrays from a NumPy .npz file: inputs under key `x`, labels under key `y`."""
+    return Spec("data", "npz", {"path": path, "x": x, "y": y, "test": _fraction(test, "test")})
+
+
+@entry("data")
+def csv(path: str, label: Union[str, int] = -1, test: float = 0.2, header: bool = True) -> Spec:
+    """A CSV file of numbers; `label` names (or numbers) the label column."""
+    return Spec("data", "csv", {"path": path, "label": label, "test": _fraction(test, "test"),
+                                "header": header})
+
+
+@entry("data")
+def mnist(dir: str, test: float = 0.0) -> Spec:
+    """MNIST in its IDX files (train-images-idx3-ubyte[.gz] etc.) in `dir`; its own test set
+    is used unless test > 0 takes a share of the training images instead."""
+    return Spec("data", "mnist", {"dir": dir, "test": _fraction(test, "test")})
+
+
+@entry("data")
+def arrays() -> Spec:
+    """Arrays passed from Python (`model.fit(x, y)`)."""
+    return Spec("data", "arrays", {})
+
+
+# --- optimizers ------------------------------------------------------------------------------
+
+@entry("optimizer")
+def sgd(lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> Spec:
+    """Stochastic gradient descent, with optional (Nesterov) momentum and L2 weight decay."""
+    _positive(lr, "lr")
+    if nesterov and momentum <= 0:
+        raise ArgumentError("nesterov=true needs momentum > 0")
+    return Spec("optimizer", "sgd", {"lr": lr, "momentum": momentum, "nesterov": nesterov,
+                                     "weight_decay": weight_decay})
+
+
+@entry("optimizer")
+def adagrad(lr: float = 0.01, eps: float = 1e-10, weight_decay: float = 0.0) -> Spec:
+    """Adagrad: per-parameter steps scaled by the root of the summed squared gradients."""
+    return Spec("optimizer", "adagrad", {"lr": _positive(lr, "lr"), "eps": eps, "weight_decay": weight_decay})
+
+
+@entry("optimizer")
+def adadelta(lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0) -> Spec:
+    """Adadelta: steps scaled by running averages of squared gradients and squared updates."""
+    return Spec("optimizer", "adadelta", {"lr": _positive(lr, "lr"), "rho": rho, "eps": eps,
+                                          "weight_decay": weight_decay})
+
+
+@entry("optimizer")
+def rmsprop(lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0,
+            weight_decay: float = 0.0) -> Spec:
+    """RMSprop: steps scaled by a running average of squared gradients."""
+    return Spec("optimizer", "rmsprop", {"lr": _positive(lr, "lr"), "alpha": alpha, "eps": eps,
+                                         "momentum": momentum, "weight_decay": weight_decay})
+
+
+@entry("optimizer")
+def adam(lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+         weight_decay: float = 0.0) -> Spec:
+    """Adam with bias correction; weight_decay adds an L2 term to the gradient."""
+    return Spec("optimizer", "adam", {"lr": _positive(lr, "lr"), "beta1": _fraction(beta1, "beta1"),
+                                      "beta2": _fraction(beta2, "beta2"), "eps": eps,
+                                      "weight_decay": weight_decay})
+
+
+@entry("optimizer")
+def adamw(lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.01) -> Spec:
+    """Adam with decoupled weight decay."""
+    return Spec("optimizer", "adamw", {"lr": _positive(lr, "lr"), "beta1": _fraction(beta1, "beta1"),
+                                       "beta2": _fraction(beta2, "beta2"), "eps": eps,
+                                       "weight_decay": weight_decay})
+
+
+# --- learning-rate schedules (per epoch) ------------------------------------------------------
+
+@entry("schedule")
+def constant() -> Spec:
+    """The learning rate stays as given."""
+    return Spec("schedule", "constant", {})
+
+
+@entry("schedule")
+def step(every: int, gamma: float = 0.1) -> Spec:
+    """Multiply the learning rate by gamma every `every` epochs."""
+    return Spec("schedule", "step", {"every": _positive(every, "every"), "gamma": gamma})
+
+
+@entry("schedule")
+def exponential(gamma: float) -> Spec:
+    """Multiply the learning rate by gamma after every epoch."""
+    return Spec("schedule", "exponential", {"gamma": _positive(gamma, "gamma")})
+
+
+@entry("schedule")
+def cosine(min_lr: float = 0.0) -> Spec:
+    """Cosine decay from the initial rate to min_lr over the run's epochs."""
+    return Spec("schedule", "cosine", {"min_lr": min_lr})
+
+
+@entry("metric")
+def accuracy() -> Spec:
+    """Fraction of correct predictions (classification losses only)."""
+    return Spec("metric", "accuracy", {})
+
+
+# --- the options of a train block ------------------------------------------------------------
+
+NORMALIZE = ("none", "standard", "minmax")
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: Spec
+    loss: object  # the AST of the loss expression; the frontend builds it into the graph
+    optimizer: Spec
+    batch: int = 32
+    epochs: int = 10
+    seed: int = 0
+    metrics: tuple[str, ...] = ()
+    schedule: Spec = field(default_factory=constant)
+    clip: Optional[float] = None
+    checkpoint: Optional[str] = None
+    normalize: Union[str, float, None] = None  # None: the data source's default
+    shuffle: bool = True
+    spans: dict = field(default_factory=dict)  # option -> Span, for runtime errors
+
+    def span(self, option: str) -> Optional[Span]:
+        return self.spans.get(option)
+
+
+# option -> (kind of value, required)
+OPTIONS = {
+    "data": ("data", True), "loss": ("loss", True), "optimizer": ("optimizer", False),
+    "batch": ("int", False), "epochs": ("int", False), "seed": ("int", False),
+    "metrics": ("metrics", False), "schedule": ("schedule", False), "clip": ("float", False),
+    "checkpoint": ("str", False), "normalize": ("normalize", False), "shuffle": ("bool", False),
+}

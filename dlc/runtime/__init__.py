@@ -1,0 +1,1 @@
+"""Training runtime: data, the epoch loop, checkpoints."""

@@ -1,0 +1,160 @@
+"""The surface language as frozen dataclasses; every node carries the span it was parsed from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from ..diagnostics import Span
+
+
+@dataclass(frozen=True)
+class Num:
+    value: int | float
+    span: Span
+
+
+@dataclass(frozen=True)
+class Str:
+    value: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Name:
+    parts: tuple[str, ...]  # `a.b.c` -> ("a", "b", "c")
+    span: Span
+
+    @property
+    def text(self) -> str:
+        return ".".join(self.parts)
+
+
+@dataclass(frozen=True)
+class ListLit:
+    items: tuple["Expr", ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str  # add sub mul div matmul pow
+    lhs: "Expr"
+    rhs: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
+class Kwarg:
+    name: str
+    value: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
+class Call:
+    """`f(a, k=v)`; a pipe `a |> f(b)` is a Call with `piped=True` and `a` first."""
+
+    func: Name
+    args: tuple["Expr", ...]
+    kwargs: tuple[Kwarg, ...]
+    span: Span
+    piped: bool = False
+
+
+@dataclass(frozen=True)
+class Slice:
+    start: "Expr | None"
+    stop: "Expr | None"
+    step: "Expr | None"
+    span: Span
+
+
+@dataclass(frozen=True)
+class Index:
+    value: "Expr"
+    subscripts: tuple["Expr | Slice", ...]
+    span: Span
+
+
+Expr = Union[Num, Str, Name, ListLit, BinOp, Neg, Call, Index]
+
+
+@dataclass(frozen=True)
+class TypeExpr:
+    dtype: str
+    dims: tuple[int | str, ...]  # symbolic dims are names
+    span: Span
+
+
+@dataclass(frozen=True)
+class Param:
+    """A block or model parameter: a tensor (`x: f32[B, 3]`) or a value with a default (`k=3`)."""
+
+    name: str
+    type: TypeExpr | None
+    default: Expr | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class Assign:
+    target: str
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    name: str
+    type: TypeExpr
+    init: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Return:
+    value: Expr
+    span: Span
+
+
+Stmt = Union[Assign, ParamDecl, Return]
+
+
+@dataclass(frozen=True)
+class Def:
+    """A `model` (an entry point) or a `block` (a reusable layer)."""
+
+    kind: str  # "model" | "block"
+    name: str
+    params: tuple[Param, ...]
+    result: TypeExpr
+    body: tuple[Stmt, ...]
+    span: Span
+    name_span: Span
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Train:
+    model: str
+    options: tuple[Option, ...]
+    span: Span
+    name_span: Span
+
+
+@dataclass(frozen=True)
+class Program:
+    defs: tuple[Def, ...]
+    trains: tuple[Train, ...]

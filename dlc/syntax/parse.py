@@ -1,0 +1,241 @@
+"""Parse .dln text with Lark (LALR, with positions) and turn the tree into the AST."""
+from __future__ import annotations
+
+import functools
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from ..diagnostics import ParseError, Source, Span
+from . import ast
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark.open_from_package("dlc.grammar", "dln.lark", parser="lalr",
+                                  propagate_positions=True, maybe_placeholders=True)
+
+
+def parse(text: str, name: str = "<string>") -> ast.Program:
+    source = Source(name, text)
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as e:
+        raise _syntax_error(e, source) from None
+    return _ToAst(source).transform(tree)
+
+
+# --- error messages ------------------------------------------------------------------
+
+_TOKEN_WORDS = {"NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string",
+                "$END": "end of file"}
+_FOUND_WORDS = {"NAME": "name", "INT": "number", "FLOAT": "number", "STRING": "string"}
+
+
+@functools.lru_cache(maxsize=None)
+def _terminal_text() -> dict[str, str]:
+    out = {}
+    for t in _parser().terminals:
+        if t.name in _TOKEN_WORDS:
+            out[t.name] = _TOKEN_WORDS[t.name]
+        elif t.pattern.type == "str":
+            out[t.name] = f"`{t.pattern.value}`"
+    out["$END"] = "end of file"
+    return out
+
+
+def _describe(names) -> str:
+    words = sorted({_terminal_text().get(n, n) for n in names})
+    if len(words) > 6:
+        words = words[:6] + ["…"]
+    return ", ".join(words)
+
+
+def _syntax_error(e: UnexpectedInput, source: Source) -> ParseError:
+    line = getattr(e, "line", -1)
+    col = getattr(e, "column", -1)
+    if line is None or line < 1:  # end of input: point just past the last character
+        lines = source.text.splitlines() or [""]
+        line, col = len(lines), len(lines[-1]) + 1
+    width = 1
+    hint = None
+    if isinstance(e, UnexpectedCharacters):
+        ch = source.text[e.pos_in_stream] if e.pos_in_stream < len(source.text) else "?"
+        message = f"unexpected character `{ch}`"
+        if ch == "\t":
+            message = "unexpected tab character"
+        hint = _char_hint(ch)
+    elif isinstance(e, UnexpectedToken) and e.token.type != "$END":
+        tok = e.token
+        width = max(1, len(str(tok)))
+        message = (f"unexpected {_FOUND_WORDS[tok.type]} `{tok}`" if tok.type in _FOUND_WORDS
+                   else f"unexpected {_terminal_text().get(tok.type, tok.type)}")
+        message += f"; expected {_describe(e.expected)}"
+        hint = _token_hint(tok, set(e.expected))
+    else:
+        expected = getattr(e, "expected", None) or ()
+        message = "unexpected end of file" + (f"; expected {_describe(expected)}" if expected else "")
+        if "RBRACE" in expected:
+            hint = "a `}` is missing"
+        elif "RPAR" in expected:
+            hint = "a `)` is missing"
+    span = Span(source, line, col, line, col + width)
+    return ParseError(message, span, hint)
+
+
+def _char_hint(ch: str) -> str | None:
+    if ch == ";":
+        return "statements end at the end of the line; no `;` is needed"
+    if ch == "=":
+        return None
+    if ch in "{}":
+        return "braces open and close `model`, `block` and `train` bodies only"
+    return None
+
+
+def _token_hint(tok: Token, expected: set[str]) -> str | None:
+    if tok.type == "EQUAL":
+        return "`=` assigns only at the start of a statement (`name = expr`) or names an argument"
+    if "COMMA" in expected and "RPAR" in expected:
+        return "separate arguments with `,`"
+    if tok.type == "NAME" and "RPAR" not in expected and "RBRACE" in expected:
+        return "each statement is `name = expr`, `param name: type = init` or `return expr`"
+    if tok.type in ("INT", "FLOAT") and expected <= {"NAME"}:
+        return "a name must start with a letter or `_`"
+    return None
+
+
+# --- tree -> AST ------------------------------------------------------------------------
+
+@v_args(meta=True, inline=True)
+class _ToAst(Transformer):
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
+
+    def _span(self, meta) -> Span:
+        return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok_span(self, tok: Token) -> Span:
+        return Span(self.source, tok.line, tok.column, tok.end_line, tok.end_column)
+
+    # definitions
+    def start(self, meta, *defs):
+        return ast.Program(tuple(d for d in defs if isinstance(d, ast.Def)),
+                           tuple(d for d in defs if isinstance(d, ast.Train)))
+
+    def _def(self, kind, meta, name, params, result, body):
+        return ast.Def(kind, str(name), tuple(params or ()), result, tuple(body), self._span(meta),
+                       self._tok_span(name))
+
+    def model(self, meta, name, params, result, body):
+        return self._def("model", meta, name, params, result, body)
+
+    def block(self, meta, name, params, result, body):
+        return self._def("block", meta, name, params, result, body)
+
+    def train(self, meta, name, *options):
+        return ast.Train(str(name), tuple(options), self._span(meta), self._tok_span(name))
+
+    def params(self, meta, *ps):
+        return list(ps)
+
+    def tensor_param(self, meta, name, type_):
+        return ast.Param(str(name), type_, None, self._span(meta))
+
+    def default_param(self, meta, name, value):
+        return ast.Param(str(name), None, value, self._span(meta))
+
+    def body(self, meta, *stmts):
+        return list(stmts)
+
+    def option(self, meta, name, value):
+        return ast.Option(str(name), value, self._span(meta))
+
+    # statements
+    def assign(self, meta, name, value):
+        return ast.Assign(str(name), value, self._span(meta))
+
+    def param_decl(self, meta, name, type_, init):
+        return ast.ParamDecl(str(name), type_, init, self._span(meta))
+
+    def return_stmt(self, meta, value):
+        return ast.Return(value, self._span(meta))
+
+    # types
+    def type(self, meta, dtype, shape):
+        return ast.TypeExpr(str(dtype), tuple(shape) if shape is not None else (), self._span(meta))
+
+    def shape(self, meta, *dims):
+        return [d for d in dims if d is not None]
+
+    def int_dim(self, meta, tok):
+        return int(tok)
+
+    def sym_dim(self, meta, tok):
+        return str(tok)
+
+    # expressions
+    def _binop(op):  # noqa: N805 - a factory used only in the class body
+        def rule(self, meta, lhs, rhs):
+            return ast.BinOp(op, lhs, rhs, self._span(meta))
+        return rule
+
+    add = _binop("add")
+    sub = _binop("sub")
+    mul = _binop("mul")
+    div = _binop("div")
+    matmul = _binop("matmul")
+    pow = _binop("pow")
+
+    def neg(self, meta, x):
+        return ast.Neg(x, self._span(meta))
+
+    def int_lit(self, meta, tok):
+        return ast.Num(int(tok), self._tok_span(tok))
+
+    def float_lit(self, meta, tok):
+        return ast.Num(float(tok), self._tok_span(tok))
+
+    def string_lit(self, meta, tok):
+        return ast.Str(str(tok)[1:-1], self._tok_span(tok))
+
+    def list_lit(self, meta, *items):
+        return ast.ListLit(tuple(i for i in items if i is not None), self._span(meta))
+
+    def dotted(self, meta, *parts):
+        return ast.Name(tuple(str(p) for p in parts), self._span(meta))
+
+    def args(self, meta, *items):
+        return list(items)
+
+    def kwarg(self, meta, name, value):
+        return ast.Kwarg(str(name), value, self._span(meta))
+
+    def _split(self, items):
+        items = items or []
+        pos = tuple(a for a in items if not isinstance(a, ast.Kwarg))
+        kws = tuple(a for a in items if isinstance(a, ast.Kwarg))
+        return pos, kws
+
+    def call(self, meta, func, args):
+        pos, kws = self._split(args)
+        return ast.Call(func, pos, kws, self._span(meta))
+
+    def pipe_bare(self, meta, lhs, func):
+        return ast.Call(func, (lhs,), (), func.span, piped=True)
+
+    def pipe_call(self, meta, lhs, func, args):
+        pos, kws = self._split(args)
+        # the span of a piped call is the target `f(args)`, not the whole chain
+        span = Span(self.source, func.span.line, func.span.col, meta.end_line, meta.end_column)
+        return ast.Call(func, (lhs,) + pos, kws, span, piped=True)
+
+    def index(self, meta, value, subs):
+        return ast.Index(value, tuple(subs), self._span(meta))
+
+    def subscripts(self, meta, *subs):
+        return list(subs)
+
+    def slice(self, meta, start, stop, step):
+        return ast.Slice(start, stop, step, self._span(meta))

@@ -1,0 +1,51 @@
+"""specialize: bind the symbolic dimensions (the batch `B`, ...) to numbers everywhere.
+
+Backends compile for concrete shapes; the reference interpreter specializes per batch
+size. `bind_symbols` reads the bindings off the shapes of the actual inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Mapping
+
+from dlc.graph import Graph
+from dlc.types import Sym, TensorType, substitute, unify
+
+
+def bind_symbols(graph: Graph, shapes: Mapping[str, tuple]) -> dict[str, int]:
+    """Symbol values implied by the shapes of the given inputs (name -> shape)."""
+    bindings: dict = {}
+    for nid in graph.inputs():
+        a = graph.node(nid).attrs
+        if a["name"] in shapes:
+            err = unify(a["type"].shape, tuple(shapes[a["name"]]), bindings)
+            if err:
+                raise ValueError(f"input {a['name']}: {err}")
+    return {k: v for k, v in bindings.items() if isinstance(v, int)}
+
+
+def _subst(v, bindings):
+    if isinstance(v, Sym):
+        return substitute(v, bindings)
+    if isinstance(v, TensorType):
+        return v.specialize(bindings)
+    if isinstance(v, tuple):
+        return tuple(_subst(x, bindings) for x in v)
+    return v
+
+
+def specialize(graph: Graph, bindings: Mapping[str, int]) -> Graph:
+    """A copy of the graph with every symbol in types and attributes replaced."""
+    g = graph.copy()
+    for nid in g.ids():
+        n = g.node(nid)
+        attrs = {k: _subst(v, bindings) for k, v in n.attrs.items()}
+        g.set_node(nid, replace(n, attrs=attrs, type=n.type.specialize(bindings)))
+    g.meta = dict(g.meta, bindings=dict(bindings))
+    return g
+
+
+def is_symbolic(graph: Graph) -> bool:
+    return any(not isinstance(d, int) for nid in graph.ids() for d in graph.node(nid).type.shape) or any(
+        not isinstance(d, int) for nid in graph.inputs() for d in graph.node(nid).attrs["type"].shape)
+
