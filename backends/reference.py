@@ -73,3 +73,19 @@ def run_graph(graph: Graph, inputs: Mapping[str, np.ndarray], float_dtype=np.flo
               keep_all: bool = False) -> dict:
     """One-off evaluation (see Interpreter.run)."""
     return Interpreter(graph, float_dtype).run(inputs, keep_all)
+
+
+class ReferenceProgram:
+    """A compiled step on the reference backend: reads params/state from `state` and
+    writes their new values back into those same arrays (in place, as native code does)."""
+
+    def __init__(self, graph: Graph, state: dict[str, np.ndarray], float_dtype=np.float32):
+        self.graph = graph
+        self.state = state
+        self.interpreter = Interpreter(graph, float_dtype)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.interpreter.run({**self.state, **feeds})
+        for name in self.graph.updates:
+            self.state[name][...] = result[f"update:{name}"]
+        return {k: result[k] for k in self.graph.outputs}

@@ -1,15 +1,16 @@
-"""The public Python API: `dlc.load(path_or_source)` gives a Model."""
+"""The public Python API: `dlc.load(path_or_source)` gives a Model to inspect and train."""
 from __future__ import annotations
 
+import dataclasses
 import os
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from . import frontend
-from .diagnostics import DataError, DlcError, UsageError
+from .diagnostics import ArgumentError, DataError, DlcError, UsageError
 from .frontend import Built
+from .graph import Graph
 from .initializers import param_rng
 from .printer import print_graph
 from .summary import format_summary
@@ -34,26 +35,28 @@ def read_source(path_or_source) -> tuple[str, str]:
 def load(path_or_source, model: str | None = None) -> "Model":
     """Parse and check a .dln program (a path or the text) and return its model."""
     text, name = read_source(path_or_source)
-    return Model(parse(text, name), model, name)
+    base = Path(name).parent if name != "<string>" else Path.cwd()
+    return Model(parse(text, name), model, name, base)
 
 
 class Model:
-    """A checked .dln model: its summary, its IR, its parameters, and a forward pass."""
+    """A checked .dln model: summary, IR stages, parameters, training and inference."""
 
-    def __init__(self, program, model: str | None, source_name: str = "<string>"):
+    def __init__(self, program, model: str | None = None, source_name: str = "<string>",
+                 base_dir: Path | None = None):
         self.program = program
         self.source_name = source_name
+        self.base_dir = base_dir or Path.cwd()
         self._eval = frontend.build(program, model, mode="eval")
         self.name = self._eval.model.name
+        self._train = frontend.build(program, self.name, mode="train")
         self.train_config = self._eval.train
         seed = self.train_config.seed if self.train_config else 0
-        self.state: dict[str, np.ndarray] = init_state(self._eval, seed)
+        self.state: dict[str, np.ndarray] = init_state(self._train, seed)
+        self.normalizer = None
+        self._sessions: dict = {}
 
     # --- inspection -----------------------------------------------------------------------------
-    @cached_property
-    def _train(self) -> Built:
-        return frontend.build(self.program, self.name, mode="train")
-
     def built(self, mode: str = "eval") -> Built:
         return self._train if mode == "train" else self._eval
 
@@ -61,21 +64,51 @@ class Model:
         return format_summary(self._eval, self.source_name)
 
     def ir(self, stage: str = "graph") -> str:
-        """The text of one IR stage: `ast` or `graph` (the training-mode model graph)."""
+        """The text of one IR stage (see `dlc compile --list-stages`)."""
+        from .pipeline import STAGES, Compilation
         if stage == "ast":
             return format_ast(self.program)
         if stage == "graph":
             return print_graph(self._train.graph)
-        raise UsageError(f"unknown IR stage {stage!r}; stages: ast, graph")
+        if stage not in STAGES:
+            raise UsageError(f"unknown IR stage {stage!r}; stages: {', '.join(STAGES)}")
+        log = Compilation()
+        self.compile_graph("train", self._require_config(), dump={stage}, log=log)
+        return next(r.text for r in log.records if r.name == stage)
+
+    def compile_graph(self, mode: str, config=None, dump=frozenset(), log=None) -> Graph:
+        """The training step ("train") or the evaluation graph ("eval") after the passes."""
+        from .pipeline import TRAIN_PASSES, PassContext, run_passes
+        if mode == "eval":
+            return self._eval.graph
+        if config is None or "loss" not in self._train.graph.outputs:
+            raise ArgumentError(f"model {self.name} has no train block, so nothing to train",
+                                hint="add `train <model> { data = ..., loss = ... }`")
+        return run_passes(self._train.graph, TRAIN_PASSES, PassContext(config), dump, log=log)
+
+    def _require_config(self):
+        if self.train_config is None:
+            raise ArgumentError(f"model {self.name} has no train block",
+                                hint="add `train <model> { data = ..., loss = ... }`")
+        return self.train_config
 
     @property
     def params(self) -> dict[str, np.ndarray]:
         """Trainable parameters by name (numpy arrays, shared with the model)."""
-        return {k: v for k, v in self.state.items() if self._eval.params[k].role == "param"}
+        return {k: v for k, v in self.state.items() if k in self._eval.params
+                and self._eval.params[k].role == "param"}
 
     @property
     def input_types(self):
         return self._eval.inputs
+
+    def ensure_state(self, graph: Graph) -> None:
+        """Zero-initialize state inputs the passes added (optimizer moments, step counter)."""
+        for nid in graph.inputs("state") + graph.inputs("param"):
+            a = graph.node(nid).attrs
+            if a["name"] not in self.state:
+                t = a["type"]
+                self.state[a["name"]] = np.zeros(tuple(int(d) for d in t.shape), dtype=t.dtype.np)
 
     # --- running --------------------------------------------------------------------------------
     def forward(self, *xs: np.ndarray, float_dtype=np.float32) -> np.ndarray:
@@ -96,6 +129,106 @@ class Model:
         for (name, t), x in zip(self.input_types, xs):
             feeds[name] = check_input(name, t, x)
         return feeds
+
+    def session(self, config=None, target: str = "reference"):
+        from .runtime.trainer import Session
+        config = config or self._require_config()
+        key = (target, str(config.optimizer), config.clip)
+        if key not in self._sessions:
+            self._sessions[key] = Session(self, config, target)
+        return self._sessions[key]
+
+    def fit(self, x=None, y=None, *, epochs: int | None = None, batch: int | None = None,
+            lr: float | None = None, seed: int | None = None, optimizer=None, target: str = "reference",
+            test: float | None = None, quiet: bool = True, log=None, save=None, resume=None,
+            on_epoch=None):
+        """Train with the train block's recipe; any value can be overridden. Given x and y,
+        trains on those arrays (a `test` share is held out) instead of the block's data.
+        Returns a History (one record of metrics per epoch)."""
+        from .runtime.prepare import prepare
+        from .runtime.trainer import FitOptions, fit, restore
+        config = self._require_config()
+        if optimizer is not None:
+            config = dataclasses.replace(config, optimizer=optimizer if not isinstance(optimizer, str)
+                                         else _optimizer_spec(optimizer))
+        if x is not None:
+            from .recipe import Spec
+            share = config.data.args.get("test", 0.2) if test is None else test
+            config = dataclasses.replace(config, data=Spec("data", "arrays", {"test": share}))
+        session = self.session(config, target)
+        meta, normalizer = None, self.normalizer
+        if resume is not None:
+            meta, normalizer = restore(self, Path(resume), self.state)
+            session.global_step = int(self.state["step"]) if "step" in self.state else 0
+        if seed is not None and seed != config.seed and resume is None:
+            for k, v in init_state(self._train, seed).items():  # a fresh start with that seed
+                self.state[k][...] = v
+        seed = config.seed if seed is None else seed
+        label_type = session._label_type()
+        data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
+                                   arrays=(x, y) if x is not None else None, normalizer=normalizer)
+        self.normalizer = normalizer
+        opts = FitOptions(epochs=epochs or config.epochs, batch=batch or config.batch,
+                          lr=lr if lr is not None else config.optimizer.args["lr"], seed=seed,
+                          shuffle=config.shuffle, quiet=quiet,
+                          log_path=Path(log) if log else None, save_path=Path(save) if save else None,
+                          resume=meta, on_epoch=on_epoch)
+        return fit(session, data, opts, normalizer)
+
+    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = "reference") -> dict:
+        """Loss and metrics on the given arrays (or the train block's held-out split)."""
+        from .runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
+        from .runtime.trainer import Normalizer
+        config = self._require_config()
+        session = self.session(config, target)
+        norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
+        if x is None:
+            data, _ = prepare(self, config, session._label_type(), self.base_dir, config.seed,
+                              normalizer=self.normalizer)
+            x, y = data.x_test, data.y_test
+        else:
+            x = shape_inputs(self, x, norm)
+            label_type = session._label_type()
+            y = shape_labels(label_type, y, classes=classes_of(self, label_type))
+        return session.evaluate(x, y, batch or config.batch)
+
+    def predict(self, x, *, batch: int | None = None, target: str = "reference") -> np.ndarray:
+        """The model's outputs for every sample of x (inputs normalized as in training)."""
+        from .runtime.prepare import shape_inputs
+        from .runtime.trainer import Normalizer
+        norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
+        x = shape_inputs(self, x, norm)
+        if self.train_config is None:
+            return self.forward(x)
+        return self.session(self.train_config, target).predict(x, batch or self.train_config.batch)
+
+    def save(self, path) -> None:
+        """Write parameters, state and normalization to a checkpoint (.npz, no pickle)."""
+        from .runtime.checkpoint import save_checkpoint
+        from .runtime.trainer import Normalizer
+        from . import __version__
+        norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
+        arrays = dict(self.state, **{"data:shift": norm.shift, "data:scale": norm.scale})
+        step = int(self.state.get("step", 0))
+        save_checkpoint(Path(path), arrays, {"dlc": __version__,
+                                             "model": self.name, "epoch": 0, "batch": 0, "step": step})
+
+    def load_weights(self, path) -> dict:
+        """Load a checkpoint written by `save` or `dlc run --save`; returns its metadata."""
+        from .runtime.trainer import restore
+        meta, self.normalizer = restore(self, Path(path), self.state)
+        return meta
+
+    load = load_weights
+
+
+def _optimizer_spec(name: str):
+    from .recipe import RECIPE
+    entry = RECIPE.get(name)
+    if entry is None or entry.kind != "optimizer":
+        names = [k for k, v in RECIPE.items() if v.kind == "optimizer"]
+        raise UsageError(f"unknown optimizer `{name}`; optimizers: {', '.join(names)}")
+    return entry.fn()
 
 
 def check_input(name: str, t, x) -> np.ndarray:

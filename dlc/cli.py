@@ -47,7 +47,73 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated stages to print, or `all` (see --list-stages)")
     p.add_argument("--dump-dir", metavar="DIR", help="write each dumped stage to DIR/NN_stage.txt")
     p.add_argument("--list-stages", action="store_true", help="list the IR stages and exit")
+
+    p = sub.add_parser("run", help="train a model with its train block",
+                       description="Train a model with the recipe of its train block. Every value of "
+                                   "the block can be overridden here; --data and --optimizer take "
+                                   ".dln expressions such as 'digits(test=0.1)' or 'sgd(lr=0.1, momentum=0.9)'.")
+    _add_model_args(p)
+    p.add_argument("--epochs", type=_positive_int, help="number of epochs")
+    p.add_argument("--batch", type=_positive_int, help="mini-batch size (1 = stochastic, the data "
+                   "set size = full batch)")
+    p.add_argument("--lr", type=_positive_float, help="initial learning rate")
+    p.add_argument("--seed", type=_non_negative_int, help="random seed (initialization, shuffling, dropout)")
+    p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
+    p.add_argument("--optimizer", metavar="EXPR", help="optimizer, e.g. 'adam(lr=1e-3)'")
+    _add_target(p)
+    p.add_argument("--save", metavar="FILE", help="write a checkpoint after every epoch (and on Ctrl-C)")
+    p.add_argument("--resume", metavar="FILE", help="continue from a checkpoint written by --save")
+    p.add_argument("--log", metavar="FILE", help="write per-epoch metrics as JSON lines (see `dlc plot`)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the final result")
+
+    p = sub.add_parser("eval", help="evaluate saved weights on the held-out data",
+                       description="Load weights saved by `dlc run --save` and report loss and metrics "
+                                   "on the train block's held-out split (or --data).")
+    _add_model_args(p)
+    p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
+    p.add_argument("--data", metavar="EXPR", help="data source to evaluate on instead")
+    p.add_argument("--batch", type=_positive_int, help="batch size for evaluation")
+    _add_target(p)
+
+    p = sub.add_parser("predict", help="run a trained model on new inputs",
+                       description="Load weights and print (or save) the model's outputs for the "
+                                   "inputs in an .npz file.")
+    _add_model_args(p)
+    p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
+    p.add_argument("--input", metavar="FILE", required=True, help=".npz file holding the inputs")
+    p.add_argument("--key", default=None, help="array name in the .npz (default: `x`, or its only array)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write outputs (and predicted classes) to an .npz")
+    _add_target(p)
+
+    p = sub.add_parser("plot", help="draw loss and accuracy curves from a metrics log",
+                       description="Draw per-epoch loss and accuracy from a `dlc run --log` file "
+                                   "(needs matplotlib: pip install 'dlc[plot]').")
+    p.add_argument("log", help="a JSON-lines metrics log")
+    p.add_argument("-o", "--output", metavar="FILE", default="curves.png", help="image to write (.png, .svg, .pdf)")
     return parser
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    from .backends import TARGETS
+    p.add_argument("--target", choices=TARGETS, default=TARGETS[0],
+                   help=f"where the compiled step runs (default {TARGETS[0]})")
+
+
+def _number(kind, check, what):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not check(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
+
+
+_positive_int = _number(int, lambda v: v > 0, "a positive integer")
+_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
 def cmd_check(args) -> int:
@@ -82,7 +148,88 @@ def cmd_compile(args) -> int:
     return 0
 
 
-COMMANDS = {"check": cmd_check, "compile": cmd_compile}
+def _load_with_overrides(args):
+    from .api import load
+    from .overrides import override_config
+    model = load(args.file, args.model)
+    if model.train_config is None:
+        raise UsageError(f"{args.file}: model {model.name} has no train block",
+                         hint="add `train <model> { data = ..., loss = ... }`")
+    model.train_config = override_config(model.train_config, data=getattr(args, "data", None),
+                                         optimizer=getattr(args, "optimizer", None))
+    return model
+
+
+def cmd_run(args) -> int:
+    from .runtime.trainer import Interrupted
+    model = _load_with_overrides(args)
+    cfg = model.train_config
+    save = args.save or cfg.checkpoint
+    quiet = args.quiet
+    if not quiet:
+        print(f"training {model.name} on {cfg.data} with {cfg.optimizer} "
+              f"(batch {args.batch or cfg.batch}, {args.epochs or cfg.epochs} epochs, target {args.target})",
+              file=sys.stderr)
+    try:
+        history = model.fit(epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
+                            target=args.target, quiet=quiet, log=args.log, save=save, resume=args.resume)
+    except Interrupted as e:
+        print(f"dlc: {e}", file=sys.stderr)
+        return 130
+    last = history.epochs[-1] if history.epochs else {}
+    print(_final_line(model.name, last, sum(e["seconds"] for e in history.epochs)))
+    if save:
+        print(f"saved {save}")
+    return 0
+
+
+def _final_line(name: str, rec: dict, seconds: float) -> str:
+    parts = [f"{name}:"]
+    for split in ("train", "test"):
+        vals = [f"{k[len(split) + 1:]} {rec[k]:.4f}" for k in rec if k.startswith(split + "_")]
+        if vals:
+            parts.append(f"{split} " + ", ".join(vals))
+    parts.append(f"after {rec.get('epoch', 0)} epochs ({seconds:.1f} s)")
+    return " ".join(parts[:1]) + " " + "; ".join(parts[1:])
+
+
+def cmd_eval(args) -> int:
+    model = _load_with_overrides(args)
+    model.load_weights(args.weights)
+    metrics = model.evaluate(batch=args.batch, target=args.target)
+    print(f"{model.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+    from .api import load
+    from .runtime.inputs import read_input_array
+    model = load(args.file, args.model)
+    model.load_weights(args.weights)
+    x = read_input_array(Path(args.input), args.key)
+    out = model.predict(x, target=args.target)
+    classes = out.argmax(axis=-1) if out.ndim == 2 and out.shape[1] > 1 else None
+    if args.output:
+        arrays = {"output": out} if classes is None else {"output": out, "classes": classes}
+        np.savez(args.output, **arrays)
+        print(f"wrote {len(out)} predictions to {args.output}")
+    else:
+        for i, row in enumerate(out):
+            label = f"class {classes[i]}  " if classes is not None else ""
+            print(f"{i}: {label}" + " ".join(f"{v:.4f}" for v in np.ravel(row)))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .runtime.plot import plot_log
+    plot_log(args.log, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
+            "predict": cmd_predict, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,8 @@ def _positive(v, name: str):
 @entry("data")
 def digits(test: float = 0.2) -> Spec:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped with dlc;
-    pixels 0..16 scaled to 0..1. x: f32[N, 64] (or [N, 1, 8, 8] / [N, 8, 8] by the model)."""
+    pixels 0..16, divided by 16 unless the train block says `normalize`. Samples fit
+    the model's input: [N, 64], [N, 1, 8, 8] or [N, 8, 8]."""
     return Spec("data", "digits", {"test": _fraction(test, "test")})
 
 

@@ -1,1 +1,6 @@
-"""Bundled data sets and loaders."""
+"""Bundled data sets and loaders: a train block's `data = ...` becomes numpy arrays."""
+from .sources import (Dataset, batches, fit_inputs, fit_labels, load_dataset, normalization,
+                      normalize)
+
+__all__ = ["Dataset", "batches", "fit_inputs", "fit_labels", "load_dataset", "normalization",
+           "normalize"]

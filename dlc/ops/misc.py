@@ -8,8 +8,9 @@ from .base import Kind, OpDef, register
 
 # input: a value supplied to the graph each run. role is one of
 #   data (the batch), label, param (trained), state (running statistics, optimizer
-#   moments, the step counter): the step writes new values for params and state.
-ROLES = ("data", "label", "param", "state")
+#   moments, the step counter), hyper (the learning rate): the step writes new values
+#   for params and state.
+ROLES = ("data", "label", "param", "state", "hyper")
 
 
 def _input_infer(name: str, role: str, type: TensorType) -> TensorType:

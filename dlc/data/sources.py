@@ -1,0 +1,399 @@
+"""Data sources for a train block: a `data = ...` Spec becomes numpy train/test arrays.
+
+Everything here is numpy and the standard library only. Every problem a user can cause
+(a missing file, a corrupt IDX header, a non-numeric CSV cell, a shape that cannot fit the
+model) raises `DataError` carrying the span of the train block's `data` option.
+"""
+from __future__ import annotations
+
+import csv as csv_module
+import gzip
+import math
+import zipfile
+import zlib
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, Union
+
+import numpy as np
+from numpy.lib.npyio import NpzFile
+
+from ..diagnostics import DataError, Span, did_you_mean
+from ..recipe import Spec
+from ..types import DType
+
+Normalize = Union[str, float]
+
+
+@dataclass
+class Dataset:
+    """Train and test arrays in their stored dtypes (test arrays may be empty)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    name: str
+    default_normalize: Normalize  # used when the train block gives no `normalize`
+
+
+# --- the entry point --------------------------------------------------------------------------
+
+def load_dataset(spec: Spec, base_dir: Path, seed: int, arrays: tuple | None = None,
+                 span: Span | None = None) -> Dataset:
+    """Load the data set a `data = ...` Spec names; relative paths are from `base_dir`."""
+    try:
+        loader = _LOADERS.get(spec.name)
+        if loader is None:
+            raise DataError(f"unknown data source `{spec.name}`",
+                            hint=did_you_mean(spec.name, _LOADERS))
+        return loader(spec.args, Path(base_dir), seed, arrays)
+    except DataError as e:
+        raise e.with_span(span) from None
+
+
+def _bundled(name: str, args: dict, seed: int, default_normalize: Normalize) -> Dataset:
+    # importlib.resources finds the shipped arrays wherever dlc is installed (even zipped).
+    with files("dlc.data").joinpath(f"{name}.npz").open("rb") as f, np.load(f) as z:
+        x, y = z["x"], z["y"]
+    return _split(x, y, args["test"], seed, name, default_normalize)
+
+
+def _load_digits(args: dict, base_dir: Path, seed: int, arrays) -> Dataset:
+    # Pixels are 0..16, so dividing by 16 maps them onto 0..1.
+    return _bundled("digits", args, seed, 16.0)
+
+
+def _load_iris(args: dict, base_dir: Path, seed: int, arrays) -> Dataset:
+    # Features are centimetres of different ranges: standardize them.
+    return _bundled("iris", args, seed, "standard")
+
+
+def _load_arrays(args: dict, base_dir: Path, seed: int, arrays) -> Dataset:
+    if arrays is None:
+        raise DataError("data = arrays() takes its data from Python, but none was given",
+                        hint="call model.fit(x, y) from Python, or name a file source here")
+    x, y = (np.asarray(a) for a in arrays)
+    return _split(x, y, args.get("test", 0.0), seed, "arrays", "none")
+
+
+def _load_npz(args: dict, base_dir: Path, seed: int, arrays) -> Dataset:
+    path = _resolve(base_dir, args["path"])
+    x, y = read_npz(path, args["x"], args["y"], shown=args["path"])
+    return _split(x, y, args["test"], seed, "npz", "none")
+
+
+def _load_csv(args: dict, base_dir: Path, seed: int, arrays) -> Dataset:
+    path = _resolve(base_dir, args["path"])
+    x, y = read_csv(path, args["label"], args["header"], shown=args["path"])
+    return _split(x, y, args["test"], seed, "csv", "none")
+
+
+def _load_mnist(args: dict, base_dir: Path, seed: int, arrays) -> Dataset:
+    folder = _resolve(base_dir, args["dir"])
+    if not folder.is_dir():
+        raise DataError(f"no such folder: {args['dir']} (looked in {folder})")
+    data = _split(*_idx_pair(folder, "train"), args["test"], seed, "mnist", 255.0)
+    if args["test"] > 0:
+        # A share of the training images is held out; the t10k files are not needed.
+        return data
+    data.x_test, data.y_test = _idx_pair(folder, "t10k")
+    if data.x_test.shape[1:] != data.x_train.shape[1:]:
+        raise DataError(f"t10k images are {_dims(data.x_test.shape[1:])} but training images "
+                        f"are {_dims(data.x_train.shape[1:])}")
+    return data
+
+
+_LOADERS: dict[str, Callable[..., Dataset]] = {
+    "digits": _load_digits, "iris": _load_iris, "arrays": _load_arrays,
+    "npz": _load_npz, "csv": _load_csv, "mnist": _load_mnist,
+}
+
+
+# --- splitting and checks ---------------------------------------------------------------------
+
+def _split(x: np.ndarray, y: np.ndarray, test: float, seed: int, name: str,
+           default_normalize: Normalize) -> Dataset:
+    """Check x and y, then hold out a `test` share after a shuffle seeded by `seed`."""
+    _check_arrays(x, y)
+    n = len(x)
+    n_test = int(round(n * test))
+    if n_test >= n:
+        raise DataError(f"test={test} of {n} sample(s) leaves none to train on",
+                        hint="use a smaller test fraction or more data")
+    if n_test == 0:
+        # Nothing held out: keep the arrays as given (no shuffle, no copy).
+        return Dataset(x, y, x[:0], y[:0], name, default_normalize)
+    order = np.random.default_rng(seed).permutation(n)
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    return Dataset(x[train_idx], y[train_idx], x[test_idx], y[test_idx], name, default_normalize)
+
+
+def _check_arrays(x: np.ndarray, y: np.ndarray) -> None:
+    """Inputs and labels must be non-empty, numeric, finite and equally long."""
+    for what, a in (("inputs", x), ("labels", y)):
+        if a.ndim == 0 or len(a) == 0:
+            raise DataError(f"the {what} are empty (shape {list(a.shape)})")
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"the {what} are not numbers (dtype {a.dtype})")
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            first = int(np.argmin(np.isfinite(a).reshape(len(a), -1).all(axis=1)))
+            raise DataError(f"the {what} hold NaN or infinite values (first in sample {first})")
+    if len(x) != len(y):
+        raise DataError(f"{len(x)} input sample(s) but {len(y)} label(s)")
+
+
+def _resolve(base_dir: Path, path: str) -> Path:
+    """A path from the .dln file: `~` expands, relative paths start at the file's folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def _require_file(path: Path, shown: str) -> None:
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        raise DataError(f"cannot read {shown}: {what} (looked in {path})")
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+# --- .npz archives ----------------------------------------------------------------------------
+
+def read_npz(path: Path, x_key: str, y_key: str,
+             shown: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays under `x_key` and `y_key` in an .npz archive, never unpickling anything."""
+    shown = shown or str(path)
+    _require_file(path, shown)
+    try:
+        # allow_pickle=False: a data file must never be able to run code.
+        with _open_npz(path, shown) as z:
+            missing = [k for k in (x_key, y_key) if k not in z.files]
+            if missing:
+                raise DataError(f"{shown} has no array `{missing[0]}`; it holds: "
+                                f"{', '.join(z.files) or 'nothing'}",
+                                hint=did_you_mean(missing[0], z.files))
+            return z[x_key], z[y_key]
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise DataError(f"{shown} holds Python objects (pickled), which dlc does not load",
+                            hint="store plain numeric arrays") from None
+        raise DataError(f"cannot read {shown}: {e}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"cannot read {shown} as an .npz archive: {e}") from None
+
+
+def _open_npz(path: Path, shown: str) -> NpzFile:
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, NpzFile):
+        # A .npy file loads as one bare array, without the names x and y.
+        raise DataError(f"{shown} is a single .npy array, not an .npz archive",
+                        hint="save both arrays with np.savez(path, x=x, y=y)")
+    return z
+
+
+# --- CSV --------------------------------------------------------------------------------------
+
+def read_csv(path: Path, label: str | int, header: bool,
+             shown: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A CSV of numbers -> (x float64 [N, F], y float64 [N]); `label` picks the label column."""
+    shown = shown or str(path)
+    _require_file(path, shown)
+    try:
+        # utf-8-sig drops the byte-order mark that spreadsheet programs write.
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = _csv_rows(f)
+    except (OSError, UnicodeDecodeError, csv_module.Error) as e:
+        raise DataError(f"cannot read {shown}: {e}") from None
+    names = [c.strip() for c in rows.pop(0)[1]] if header and rows else None
+    if not rows:
+        raise DataError(f"{shown} holds no data rows")
+    width = len(rows[0][1])
+    col = _label_column(label, names, width, shown)
+    values = np.empty((len(rows), width), dtype=np.float64)
+    for i, (line, row) in enumerate(rows):
+        if len(row) != width:
+            raise DataError(f"{shown}:{line}: {len(row)} column(s), but the first row has {width}")
+        for j, cell in enumerate(row):
+            values[i, j] = _number(cell, shown, line, j, names)
+    return np.delete(values, col, axis=1), values[:, col]
+
+
+def _csv_rows(f) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of each non-blank row; the number is where the row ends."""
+    reader = csv_module.reader(f)
+    return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+
+
+def _label_column(label: str | int, names: list[str] | None, width: int, shown: str) -> int:
+    """The index of the label column, from a header name or a (possibly negative) index."""
+    if isinstance(label, str):
+        if names is None:
+            raise DataError(f"label=\"{label}\" names a column, but {shown} is read without a "
+                            "header", hint="use header=true, or give the column's index")
+        if label not in names:
+            raise DataError(f"{shown} has no column `{label}`; its columns: {', '.join(names)}",
+                            hint=did_you_mean(label, names))
+        return names.index(label)
+    if not -width <= label < width:
+        raise DataError(f"label={label} is out of range for {shown}, which has {width} column(s)")
+    if width < 2:
+        raise DataError(f"{shown} has a single column: no inputs are left beside the label")
+    return label % width
+
+
+def _number(cell: str, shown: str, line: int, j: int, names: list[str] | None) -> float:
+    """One CSV cell as a finite float, or an error naming file, line and column."""
+    try:
+        v = float(cell)
+    except ValueError:
+        v = None
+    if v is None or not math.isfinite(v):
+        column = f"column {j + 1}" + (f" (`{names[j]}`)" if names and j < len(names) else "")
+        raise DataError(f"{shown}:{line}: {column} holds {cell.strip()!r}, which is not a "
+                        "finite number", hint="CSV data must be numbers only")
+    return v
+
+
+# --- MNIST's IDX files ------------------------------------------------------------------------
+
+# IDX element types by their type byte (http://yann.lecun.com/exdb/mnist/).
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _idx_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """`train` or `t10k` images [N, H, W] and labels [N] from a folder of IDX files."""
+    images = read_idx(_idx_file(folder, f"{prefix}-images-idx3-ubyte"), ndim=3)
+    labels = read_idx(_idx_file(folder, f"{prefix}-labels-idx1-ubyte"), ndim=1)
+    if len(images) != len(labels):
+        raise DataError(f"{prefix} has {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    """The plain file if present, else its gzipped `.gz` twin."""
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder} has no {stem} (nor {stem}.gz)",
+                    hint="the folder needs MNIST's four IDX files: train-images-idx3-ubyte, "
+                         "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+                         "(each may be gzipped)")
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """One IDX file (plain or `.gz`) holding an array of `ndim` dimensions, validated."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read {path.name}: {e}") from None
+    return _parse_idx(raw, path.name, ndim)
+
+
+def _parse_idx(raw: bytes, name: str, ndim: int) -> np.ndarray:
+    """Header: two zero bytes, a type byte, the rank byte, then one big-endian u32 per dim."""
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{name} is not an IDX file (bad magic number {raw[:4].hex() or 'none'})",
+                        hint="is it an MNIST file, and complete?")
+    if raw[3] != ndim:
+        raise DataError(f"{name} holds a {raw[3]}-dimensional array; expected {ndim} dimensions")
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise DataError(f"{name} is truncated: its header is incomplete")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    want = math.prod(dims) * dtype.itemsize
+    got = len(raw) - head
+    if got < want:
+        raise DataError(f"{name} is truncated: its header promises {_dims(dims)} values "
+                        f"({want} bytes), but only {got} bytes follow")
+    if got > want:
+        raise DataError(f"{name} has {got - want} bytes after the {_dims(dims)} values its "
+                        "header declares")
+    # Native byte order so later arithmetic needs no conversion.
+    return np.frombuffer(raw, dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+# --- making arrays fit the model --------------------------------------------------------------
+
+def normalize(x_train: np.ndarray, x_test: np.ndarray, mode: Normalize,
+              span: Span | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scale inputs by `mode` with statistics from the training split only; float32 out."""
+    # float32 throughout keeps MNIST-sized data small; only the statistics use float64.
+    train = np.asarray(x_train, dtype=np.float32)
+    test = np.asarray(x_test, dtype=np.float32)
+    shift, scale = normalization(train, mode, span)
+    return (train - shift) / scale, (test - shift) / scale
+
+
+def normalization(x_train: np.ndarray, mode: Normalize,
+                  span: Span | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) per feature for `(x - shift) / scale`, float32, from training data."""
+    if mode == "none":
+        shift, scale = 0.0, 1.0
+    elif mode == "standard":
+        shift = x_train.mean(axis=0, dtype=np.float64)
+        scale = x_train.std(axis=0, dtype=np.float64)
+    elif mode == "minmax":
+        shift, scale = x_train.min(axis=0), np.ptp(x_train, axis=0).astype(np.float64)
+    elif isinstance(mode, (int, float)) and not isinstance(mode, bool) and mode > 0:
+        shift, scale = 0.0, mode
+    else:
+        raise DataError(f"unknown normalization {mode!r}", span,
+                        hint="use none, standard, minmax or a positive number to divide by")
+    # A constant feature maps to 0 instead of dividing by zero.
+    scale = np.where(np.asarray(scale) == 0, 1.0, scale)
+    return np.asarray(shift, dtype=np.float32), scale.astype(np.float32)
+
+
+def fit_inputs(x: np.ndarray, shape_without_batch: Sequence[int],
+               span: Span | None = None) -> np.ndarray:
+    """Reshape samples to the model's input shape when each holds the same number of values."""
+    shape = tuple(shape_without_batch)
+    if x.shape[1:] == shape:
+        return x
+    if math.prod(x.shape[1:]) == math.prod(shape):
+        return x.reshape((len(x),) + shape)
+    raise DataError(f"the data's samples have shape [{_dims(x.shape[1:])}] "
+                    f"({math.prod(x.shape[1:])} values), which does not fit the model's input "
+                    f"[B, {_dims(shape)}] ({math.prod(shape)} values)", span,
+                    hint="change the model's input shape to match the data")
+
+
+def fit_labels(y: np.ndarray, dtype: Union[str, DType], shape_without_batch: Sequence[int],
+               span: Span | None = None, classes: int | None = None) -> np.ndarray:
+    """Labels in the dtype and per-sample shape the model's `label` input declares.
+
+    Integer labels are class indices; given `classes`, each must lie in [0, classes).
+    """
+    dt = DType(str(dtype))
+    shape = tuple(shape_without_batch)
+    y = np.asarray(y)
+    if y.shape[1:] != shape:
+        if math.prod(y.shape[1:]) != math.prod(shape):
+            hint = ("cross_entropy takes class indices; turn one-hot labels into indices "
+                    "with y.argmax(axis=1)" if not shape and y.ndim == 2 else None)
+            raise DataError(f"the labels have shape [{_dims(y.shape[1:])}] per sample, but the "
+                            f"loss needs [{_dims(shape)}]", span, hint=hint)
+        y = y.reshape((len(y),) + shape)
+    if dt.is_float:
+        return y.astype(dt.np)
+    if y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0):
+        raise DataError("the labels must be whole numbers (class indices), but some are "
+                        "fractional", span, hint="a regression target needs a loss like mse")
+    # An out-of-range index would make the compiled loss read outside its row.
+    if y.size and y.min() < 0:
+        raise DataError(f"class labels must not be negative, but one is {y.min():g}", span)
+    if y.size and classes is not None and y.max() >= classes:
+        raise DataError(f"class labels must lie in 0..{classes - 1} for {classes} classes, "
+                        f"but one is {y.max():g}", span)
+    return y.astype(dt.np)
+
+
+def batches(n: int, batch: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+    """Index arrays covering all n samples (shuffled given rng), the last partial batch too."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, batch):
+        yield order[start:start + batch]

@@ -1,0 +1,40 @@
+"""Command-line overrides of train-block options (`--data 'npz("d.npz")'`, `--optimizer adam`).
+
+The text is a .dln expression, parsed with the same grammar (from its `expr` rule) and
+checked by the same frontend code as the train block, so errors read the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from lark import Lark
+from lark.exceptions import UnexpectedInput
+
+from .diagnostics import Source
+from .recipe import TrainConfig
+from .syntax.parse import _syntax_error, _ToAst
+
+
+@functools.lru_cache(maxsize=1)
+def _expr_parser() -> Lark:
+    return Lark.open_from_package("dlc.grammar", "dln.lark", parser="lalr", start="expr",
+                                  propagate_positions=True, maybe_placeholders=True)
+
+
+def parse_expression(text: str, name: str):
+    source = Source(name, text)
+    try:
+        tree = _expr_parser().parse(text)
+    except UnexpectedInput as e:
+        raise _syntax_error(e, source) from None
+    return _ToAst(source).transform(tree)
+
+
+def override_config(config: TrainConfig, data: str | None = None, optimizer: str | None = None) -> TrainConfig:
+    changes = {}
+    for option, text in (("data", data), ("optimizer", optimizer)):
+        if text is not None:
+            from .frontend import eval_recipe
+            changes[option] = eval_recipe(parse_expression(text, f"--{option}"), option)
+    return dataclasses.replace(config, **changes) if changes else config

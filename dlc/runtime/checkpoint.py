@@ -1,0 +1,251 @@
+"""Checkpoints: arrays and JSON metadata in one `.npz`, written atomically, read without pickle."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .. import __version__
+from ..diagnostics import CheckpointError
+from ..types import DType, shape_str
+
+FORMAT_VERSION = 1
+META_KEY = "__meta__"
+
+# What reading a damaged archive can raise: zipfile and zlib errors, short reads, headers
+# that do not parse, sizes that do not fit in memory, unknown compression or encryption
+# flags (a flipped bit in a zip header reads as "encrypted": RuntimeError).
+_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError,
+           struct.error, NotImplementedError, RuntimeError, MemoryError)
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a first member, or an empty archive
+_DLC_DTYPES = {d.np: d.value for d in DType}
+
+ExpectedTensors = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
+                    meta: Mapping[str, Any]) -> None:
+    """Write `arrays` and `meta` to `path` so that it holds either the old or the new checkpoint."""
+    path = Path(path)
+    arrays = {name: np.asarray(a) for name, a in arrays.items()}
+    if META_KEY in arrays:
+        raise CheckpointError(f"`{META_KEY}` is reserved for checkpoint metadata, "
+                              "not a tensor name")
+    members = {**arrays, META_KEY: _encode_meta(arrays, meta)}
+    try:
+        _write_atomically(path, members)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint `{path}`: {e.strerror or e}",
+                              hint="check that the folder is writable and the disk has room; "
+                                   "the previous checkpoint, if any, is untouched") from None
+
+
+def load_checkpoint(path: str | os.PathLike, expect: ExpectedTensors | None = None,
+                    model: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a checkpoint, check it against `model` and `expect` {name: (shape, dtype)}.
+
+    Every way the file can be missing, damaged, foreign or for another model is a
+    CheckpointError. Pickled data is never loaded: it could run arbitrary code.
+    """
+    path = Path(path)
+    arrays = _read_npz(path)
+    meta = _decode_meta(path, arrays.pop(META_KEY, None))
+    _check_meta(path, meta, model)
+    _check_signature(path, arrays, meta.get("signature"))
+    if expect is not None:
+        _check_expected(path, arrays, expect, model)
+    return arrays, meta
+
+
+def signature(arrays: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """{name: {"shape": [4, 3], "dtype": "<f4"}}: what a checkpoint records about its tensors."""
+    return {name: {"shape": list(a.shape), "dtype": a.dtype.str}
+            for name, a in sorted(arrays.items())}
+
+
+# ---- writing ----
+
+def _encode_meta(arrays: dict[str, np.ndarray], meta: Mapping[str, Any]) -> np.ndarray:
+    full = {"dlc": __version__, **meta, "format": FORMAT_VERSION, "signature": signature(arrays)}
+    try:
+        text = json.dumps(full, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from None
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def _write_atomically(path: Path, members: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _write_npz(fh, members)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: never leave a half-written temporary behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_npz(fh, arrays: dict[str, np.ndarray]) -> None:
+    # What np.savez does, without its keyword-argument interface: a tensor may be called
+    # `file` or `arr_0`, and object arrays are refused here rather than pickled.
+    with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                try:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+                except ValueError as e:
+                    raise CheckpointError(f"cannot save tensor `{name}`: {e}") from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable. Not possible everywhere (Windows): then the
+    # file's own fsync is the best we can do.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---- reading ----
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    _check_is_zip(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: _read_member(path, npz, name) for name in npz.files}
+            # np.load stops at an array's last byte, so a member whose header was damaged
+            # into a smaller shape would never reach the CRC check; testzip reads them all.
+            damaged = npz.zip.testzip()
+    except _DAMAGE as e:
+        raise _damaged(path, e) from None
+    if damaged is not None:
+        raise _damaged(path, f"bad CRC in `{damaged}`")
+    return arrays
+
+
+def _check_is_zip(path: Path) -> None:
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint `{path}` does not exist",
+                              hint="check the path, or train without --resume to start "
+                                   "fresh") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint `{path}`: {e.strerror}") from None
+    if not magic:
+        raise _damaged(path, "the file is empty")
+    if magic not in _ZIP_MAGIC:
+        raise CheckpointError(f"`{path}` is not a dlc checkpoint: it is not an .npz archive",
+                              hint="dlc checkpoints are .npz files written by `dlc run` or "
+                                   "dlc.runtime.checkpoint.save_checkpoint")
+
+
+def _read_member(path: Path, npz, name: str) -> np.ndarray:
+    try:
+        array = npz[name]
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise CheckpointError(
+                f"checkpoint `{path}` holds a pickled Python object in `{name}`",
+                hint="dlc never unpickles checkpoint data, because unpickling can run "
+                     "arbitrary code; re-save the tensors as plain numeric arrays") from None
+        raise
+    if not isinstance(array, np.ndarray):  # np.load hands back members not named *.npy as bytes
+        raise CheckpointError(f"`{path}` is not a dlc checkpoint: member `{name}` is not an array")
+    return array
+
+
+def _damaged(path: Path, reason: object) -> CheckpointError:
+    detail = str(reason) or "unexpected end of data"  # zipfile raises a bare EOFError
+    return CheckpointError(f"checkpoint `{path}` is damaged (truncated or corrupted): {detail}",
+                           hint="it was probably cut short by a crash, a full disk or an "
+                                "interrupted copy; use an older checkpoint or train from scratch")
+
+
+def _decode_meta(path: Path, raw: np.ndarray | None) -> dict:
+    not_ours = f"`{path}` is not a dlc checkpoint"
+    if raw is None:
+        raise CheckpointError(f"{not_ours}: it has no `{META_KEY}` entry",
+                              hint="it looks like a plain numpy .npz; dlc checkpoints are written "
+                                   "by `dlc run` or save_checkpoint")
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise CheckpointError(f"{not_ours}: `{META_KEY}` is a {raw.dtype}{shape_str(raw.shape)} "
+                              "array, not UTF-8 JSON bytes")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{not_ours}: its `{META_KEY}` entry is not valid "
+                              f"JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+        raise CheckpointError(f"{not_ours}: its `{META_KEY}` entry has no format version")
+    return meta
+
+
+def _check_meta(path: Path, meta: dict, model: str | None) -> None:
+    if meta["format"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint `{path}` has format version {meta['format']}, written by dlc "
+            f"{meta.get('dlc', '?')}; this dlc {__version__} reads versions up to {FORMAT_VERSION}",
+            hint="upgrade dlc to load it")
+    if model is not None and meta.get("model") != model:
+        saved = f"model `{meta['model']}`" if "model" in meta else "no model name"
+        raise CheckpointError(f"checkpoint `{path}` is for {saved}, not model `{model}`",
+                              hint="pass a checkpoint saved while training this model")
+
+
+def _check_signature(path: Path, arrays: dict[str, np.ndarray], recorded: object) -> None:
+    # The tensors must be exactly the ones the writer recorded: catches members that were
+    # added, dropped or rewritten by anything but save_checkpoint.
+    if signature(arrays) != recorded:
+        raise _damaged(path, "its tensors do not match the signature recorded when it was saved")
+
+
+def _check_expected(path: Path, arrays: dict[str, np.ndarray], expect: ExpectedTensors,
+                    model: str | None) -> None:
+    problems = [f"missing tensor `{name}` ({_describe(shape, dtype)})"
+                for name, (shape, dtype) in expect.items() if name not in arrays]
+    problems += [f"unexpected tensor `{name}` ({_describe(a.shape, a.dtype)})"
+                 for name, a in arrays.items() if name not in expect]
+    for name, (shape, dtype) in expect.items():
+        a = arrays.get(name)
+        if a is not None and (a.shape != tuple(shape) or a.dtype != _np_dtype(dtype)):
+            problems.append(f"tensor `{name}`: checkpoint has {_describe(a.shape, a.dtype)}, "
+                            f"model expects {_describe(shape, dtype)}")
+    if problems:
+        what = f"model `{model}`" if model else "the model"
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise CheckpointError(f"checkpoint `{path}` does not fit {what} ({count}): {problems[0]}",
+                              notes=problems[1:],
+                              hint="the model changed since the checkpoint was saved; train "
+                                   "from scratch or restore the matching .dln file")
+
+
+def _np_dtype(dtype: str | np.dtype) -> np.dtype:
+    """A dtype from either dlc's spelling (`f32`) or numpy's (`float32`, `<f4`)."""
+    try:
+        return DType(dtype).np
+    except ValueError:
+        return np.dtype(dtype)
+
+
+def _describe(shape, dtype) -> str:
+    dt = _np_dtype(dtype)
+    return f"{_DLC_DTYPES.get(dt, dt.name)}{shape_str(tuple(shape))}"

@@ -1,0 +1,95 @@
+"""`dlc plot`: a metrics log's loss and accuracy curves, per epoch, drawn into an image file."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from ..diagnostics import DataError, UsageError
+from .metrics_log import read_log
+
+FORMATS = (".png", ".svg", ".pdf")
+_METRICS = ("loss", "accuracy")
+_SPLITS = ("train", "val", "test")
+
+Curves = dict[str, dict[str, list[tuple[int, float]]]]  # metric -> split -> [(epoch, value)]
+
+
+def plot_log(log_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
+    """Draw the curves of `log_path` into `out_path`; the suffix picks PNG, SVG or PDF."""
+    out_path = Path(out_path)
+    if out_path.suffix.lower() not in FORMATS:
+        raise UsageError(f"cannot draw a plot into `{out_path}`: unknown image format",
+                         hint=f"name the output file with one of {', '.join(FORMATS)}")
+    curves = read_curves(log_path)
+    figure = _draw(_figure_class(), curves, title=Path(log_path).name)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out_path)
+    except OSError as e:
+        raise DataError(f"cannot write plot `{out_path}`: {e.strerror or e}") from None
+
+
+def read_curves(log_path: str | os.PathLike) -> Curves:
+    """The loss and accuracy series of a log, e.g. {"loss": {"train": [(1, 0.9), ...]}}."""
+    records = read_log(log_path)
+    # A resumed run logs some epochs again: the latest record of an epoch wins.
+    by_epoch = {r["epoch"]: r for r in records}
+    curves: Curves = {}
+    for metric in _METRICS:
+        for split in _SPLITS:
+            points = _series(log_path, by_epoch, f"{split}_{metric}")
+            if points:
+                curves.setdefault(metric, {})[split] = points
+    if not curves:
+        what = "no epoch records yet" if not records else "no loss or accuracy values"
+        raise DataError(f"metrics log `{log_path}` has {what}",
+                        hint="a log gets one line per finished epoch of `dlc run`")
+    return curves
+
+
+def _series(log_path, by_epoch: dict[int, dict], key: str) -> list[tuple[int, float]]:
+    points = []
+    for epoch in sorted(by_epoch):
+        value = by_epoch[epoch].get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"metrics log `{log_path}`: `{key}` of epoch {epoch} is {value!r}, "
+                            "not a number")
+        points.append((epoch, float(value)))
+    return points
+
+
+def _figure_class():
+    # matplotlib is an optional extra, imported only here. A bare Figure renders through
+    # Agg (or the SVG/PDF writers) without pyplot: no display needed, and no global
+    # backend switch behind the back of a notebook that called us.
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("dlc plot needs matplotlib", hint="pip install 'dlc[plot]'") from None
+    return Figure
+
+
+def _draw(figure_class, curves: Curves, title: str):
+    figure = figure_class(figsize=(5.5 * len(curves), 4.0), layout="constrained")
+    axes = figure.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (metric, series) in zip(axes, curves.items()):
+        for split, points in series.items():
+            epochs, values = zip(*points)
+            ax.plot(epochs, values, marker="o" if len(epochs) <= 30 else None, label=split)
+        if metric == "loss" and _spans_decades(series):
+            ax.set_yscale("log")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
+        ax.set(title=metric, xlabel="epoch", ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.suptitle(title)
+    return figure
+
+
+def _spans_decades(series: dict[str, list[tuple[int, float]]]) -> bool:
+    # A loss falling by orders of magnitude is flat on a linear axis after epoch 2.
+    values = [v for points in series.values() for _, v in points if math.isfinite(v)]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 100

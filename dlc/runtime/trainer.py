@@ -1,0 +1,273 @@
+"""The training loop: epochs over shuffled mini-batches, evaluation on the held-out split,
+learning-rate schedules, the numerics guard, checkpoints and resume."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..diagnostics import CheckpointError, DataError, NumericsError
+from ..recipe import Spec
+
+
+def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int) -> float:
+    """The rate for a (0-based) epoch."""
+    a = schedule.args
+    if schedule.name == "step":
+        return lr0 * a["gamma"] ** (epoch // a["every"])
+    if schedule.name == "exponential":
+        return lr0 * a["gamma"] ** epoch
+    if schedule.name == "cosine":
+        return a["min_lr"] + (lr0 - a["min_lr"]) * 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+    return lr0
+
+
+@dataclass
+class Normalizer:
+    """x' = (x - shift) / scale per feature, fitted on the training split only."""
+
+    shift: np.ndarray
+    scale: np.ndarray
+
+    @staticmethod
+    def fit(x: np.ndarray, mode) -> "Normalizer":
+        from ..data.sources import normalization
+        shift, scale = normalization(x, "none" if mode is None else mode)
+        return Normalizer(np.atleast_1d(shift), np.atleast_1d(scale))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype.kind not in "fiu":
+            raise DataError(f"inputs must be numbers, got {x.dtype}")
+        if x.dtype.kind in "iu" and not self.active:
+            return x
+        return ((x.astype(np.float32) - self.shift) / self.scale).astype(np.float32)
+
+    @property
+    def active(self) -> bool:
+        return bool(np.any(self.shift != 0) or np.any(self.scale != 1))
+
+
+@dataclass
+class History:
+    epochs: list[dict] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> list:
+        return [e.get(key) for e in self.epochs]
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+
+class Session:
+    """One model's compiled training and evaluation steps over one shared state."""
+
+    def __init__(self, model, config, target: str = "reference"):
+        from ..backends import compile_program
+        self.model = model
+        self.config = config
+        self.target = target
+        self.input_name = model.input_types[0][0]
+        self.train_graph = model.compile_graph("train", config)
+        self.eval_graph = model.compile_graph("eval", config)
+        model.ensure_state(self.train_graph)
+        self.state = model.state
+        self.train_program = compile_program(self.train_graph, self.state, target)
+        self.eval_program = compile_program(self.eval_graph, self.state, target)
+        self.metrics = [k for k in self.eval_graph.outputs if k not in ("output", "loss")]
+        self.global_step = int(self.state["step"]) if "step" in self.state else 0
+
+    # --- one step ---------------------------------------------------------------------------------
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
+        feeds = {self.input_name: x, "label": y, "lr": np.array(lr, np.float32)}
+        out = self.train_program.run(feeds)
+        loss = float(out["loss"])
+        if not math.isfinite(loss):
+            raise self._numerics_error(feeds, loss)
+        self.global_step += 1
+        return {k: float(v) for k, v in out.items()}
+
+    def _numerics_error(self, feeds, loss: float) -> NumericsError:
+        """Re-run the failed step on the reference interpreter to find the first bad op.
+        (The step left the state untouched: the optimizer pass guards every update.)"""
+        from ..backends.reference import Interpreter
+        from .. import ops
+        values = Interpreter(self.train_graph).run({**self.state, **feeds}, keep_all=True)
+        for nid in self.train_graph.toposort():
+            node = self.train_graph.node(nid)
+            v = values[nid]
+            if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+                what = (f"parameter or state `{node.attrs['name']}` holds non-finite values"
+                        if node.op is ops.INPUT else f"`{node.op.name}` produced {_nonfinite(v)}")
+                return NumericsError(f"the loss became {loss} at step {self.global_step + 1}; {what}",
+                                     node.span, hint="lower the learning rate, normalize the inputs, "
+                                     "or clip gradients (`clip = 1.0` in the train block)")
+        return NumericsError(f"the loss became {loss} at step {self.global_step + 1}", None)
+
+    # --- whole data sets ----------------------------------------------------------------------
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, float]:
+        """Loss and metrics over every sample (the last partial batch included)."""
+        totals: dict[str, float] = {}
+        n = len(x)
+        for start in range(0, n, batch):
+            xb, yb = x[start:start + batch], y[start:start + batch]
+            out = self.eval_program.run({self.input_name: xb, "label": yb})
+            for k in ["loss"] + self.metrics:
+                totals[k] = totals.get(k, 0.0) + float(out[k]) * len(xb)
+        return {k: v / n for k, v in totals.items()} if n else {}
+
+    def predict(self, x: np.ndarray, batch: int) -> np.ndarray:
+        outs = []
+        for start in range(0, len(x), batch):
+            xb = x[start:start + batch]
+            label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype())
+            outs.append(self.eval_program.run({self.input_name: xb, "label": label})["output"])
+        return np.concatenate(outs) if outs else np.zeros((0,))
+
+    def _label_type(self):
+        node = self.eval_graph.node(self.eval_graph.input_named("label"))
+        return node.attrs["type"]
+
+    def _label_shape(self) -> tuple:
+        return tuple(int(d) for d in self._label_type().shape[1:])
+
+    def _label_dtype(self):
+        return self._label_type().dtype.np
+
+
+def _nonfinite(v: np.ndarray) -> str:
+    kinds = []
+    if np.any(np.isnan(v)):
+        kinds.append("NaN")
+    if np.any(np.isinf(v)):
+        kinds.append("Inf")
+    return " and ".join(kinds)
+
+
+@dataclass
+class FitOptions:
+    epochs: int
+    batch: int
+    lr: float
+    seed: int
+    shuffle: bool = True
+    quiet: bool = True
+    log_path: Path | None = None
+    save_path: Path | None = None
+    resume: dict | None = None  # meta of a loaded checkpoint
+    on_epoch: Callable[[dict], None] | None = None
+
+
+def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> History:
+    """Train for opts.epochs, evaluating on data.x_test after each epoch."""
+    from .progress import Progress
+    from .metrics_log import MetricsLog
+    from ..data.sources import batches
+    cfg = session.config
+    x, y = data.x_train, data.y_train
+    n = len(x)
+    if n == 0:
+        raise DataError("the training split is empty", cfg.span("data"))
+    steps_per_epoch = -(-n // opts.batch)
+    start_epoch, skip = 0, 0
+    if opts.resume:
+        start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
+    history = History()
+    progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet)
+    header = {"event": "start", "model": session.model.name, "dlc": __version__, "target": session.target,
+              "epochs": opts.epochs, "batch": opts.batch, "seed": opts.seed}
+    log = MetricsLog(opts.log_path, header, append=bool(opts.resume)) if opts.log_path else None
+    epoch, done_in_epoch = start_epoch, skip
+    try:
+        for epoch in range(start_epoch, opts.epochs):
+            lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs)
+            progress.start_epoch(epoch + 1)
+            started = time.perf_counter()
+            sums: dict[str, float] = {}
+            seen = 0
+            rng = np.random.default_rng([opts.seed, epoch]) if opts.shuffle else None
+            for i, idx in enumerate(batches(n, opts.batch, rng)):
+                done_in_epoch = i
+                if epoch == start_epoch and i < skip:
+                    continue
+                out = session.train_step(x[idx], y[idx], lr)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(idx)
+                seen += len(idx)
+                progress.step(out["loss"])
+            done_in_epoch = 0
+            record = {"epoch": epoch + 1, "step": session.global_step, "lr": lr}
+            record.update({f"train_{k}": v / seen for k, v in sums.items()} if seen else {})
+            if len(data.x_test):
+                record.update({f"test_{k}": v for k, v in
+                               session.evaluate(data.x_test, data.y_test, opts.batch).items()})
+            record["seconds"] = time.perf_counter() - started
+            history.epochs.append(record)
+            metrics = {k: v for k, v in record.items() if k.startswith(("train_", "test_"))}
+            progress.end_epoch(epoch + 1, metrics, record["seconds"])
+            if log:
+                log.write(record["epoch"], record["step"], metrics, lr, record["seconds"])
+            if opts.save_path:
+                save(session, opts.save_path, epoch + 1, 0, normalizer)
+            if opts.on_epoch:
+                opts.on_epoch(record)
+    except KeyboardInterrupt:
+        progress.close()
+        if opts.save_path:
+            save(session, opts.save_path, epoch, done_in_epoch, normalizer)
+            raise Interrupted(f"interrupted in epoch {epoch + 1}; saved {opts.save_path} "
+                              f"(resume with --resume {opts.save_path})") from None
+        raise Interrupted(f"interrupted in epoch {epoch + 1} (nothing saved: use --save FILE)") from None
+    finally:
+        progress.close()
+        if log:
+            log.close()
+    return history
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training, after the checkpoint (if any) was written."""
+
+
+def checkpoint_arrays(session: Session, normalizer: Normalizer) -> dict[str, np.ndarray]:
+    arrays = dict(session.state)
+    arrays["data:shift"], arrays["data:scale"] = normalizer.shift, normalizer.scale
+    return arrays
+
+
+def save(session: Session, path: Path, epoch: int, batch: int, normalizer: Normalizer) -> None:
+    from .checkpoint import save_checkpoint
+    meta = {"dlc": __version__, "model": session.model.name, "epoch": epoch, "batch": batch,
+            "step": session.global_step}
+    save_checkpoint(path, checkpoint_arrays(session, normalizer), meta)
+
+
+def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Normalizer]:
+    """Load a checkpoint into `state` (in place); returns its meta and normalizer."""
+    from .checkpoint import load_checkpoint
+    expect = {k: (tuple(v.shape), str(v.dtype)) for k, v in state.items()}
+    arrays, meta = load_checkpoint(path, None, model=model.name)
+    norm = Normalizer(arrays.pop("data:shift", np.zeros(1, np.float32)),
+                      arrays.pop("data:scale", np.ones(1, np.float32)))
+    missing = sorted(set(expect) - set(arrays))
+    # optimizer state is absent from weights saved before training with another optimizer
+    required = [k for k in missing if ":" not in k]
+    if required:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(required[:5])}"
+                              + (" ..." if len(required) > 5 else ""),
+                              hint="was it saved from a different model?")
+    for k, v in arrays.items():
+        if k not in state:
+            if ":" in k or k in ("step", "seed"):
+                continue  # optimizer state this run does not use
+            raise CheckpointError(f"{path}: checkpoint has `{k}`, which model {model.name} does not")
+        want = expect[k]
+        if tuple(v.shape) != want[0] or str(v.dtype) != want[1]:
+            raise CheckpointError(f"{path}: `{k}` is {v.dtype}{list(v.shape)} in the checkpoint but "
+                                  f"{want[1]}{list(want[0])} in model {model.name}")
+        state[k][...] = v
+    return meta, norm
