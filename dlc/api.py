@@ -63,28 +63,49 @@ class Model:
     def summary(self) -> str:
         return format_summary(self._eval, self.source_name)
 
-    def ir(self, stage: str = "graph") -> str:
-        """The text of one IR stage (see `dlc compile --list-stages`)."""
-        from .pipeline import STAGES, Compilation
-        if stage == "ast":
-            return format_ast(self.program)
-        if stage == "graph":
-            return print_graph(self._train.graph)
-        if stage not in STAGES:
-            raise UsageError(f"unknown IR stage {stage!r}; stages: {', '.join(STAGES)}")
-        log = Compilation()
-        self.compile_graph("train", self._require_config(), dump={stage}, log=log)
-        return next(r.text for r in log.records if r.name == stage)
+    def ir(self, stage: str = "graph", batch: int | None = None, mode: str = "train") -> str:
+        """The text of one IR stage (see `dlc compile --list-stages`); passes that run
+        twice print once per run."""
+        return "".join(text for _, text in self.stages([stage], batch=batch, mode=mode))
 
-    def compile_graph(self, mode: str, config=None, dump=frozenset(), log=None) -> Graph:
-        """The training step ("train") or the evaluation graph ("eval") after the passes."""
-        from .pipeline import TRAIN_PASSES, PassContext, run_passes
-        if mode == "eval":
-            return self._eval.graph
-        if config is None or "loss" not in self._train.graph.outputs:
-            raise ArgumentError(f"model {self.name} has no train block, so nothing to train",
-                                hint="add `train <model> { data = ..., loss = ... }`")
-        return run_passes(self._train.graph, TRAIN_PASSES, PassContext(config), dump, log=log)
+    def stages(self, names, batch: int | None = None, mode: str = "train", disabled=(),
+               log=None) -> list[tuple[str, str]]:
+        """[(stage, text)] for the requested stages, in pipeline order."""
+        from .pipeline import Compilation
+        out = []
+        if "ast" in names:
+            out.append(("ast", format_ast(self.program)))
+        if "graph" in names:
+            out.append(("graph", print_graph(self.built(mode).graph)))
+        wanted = [n for n in names if n not in ("ast", "graph")]
+        if wanted or log is not None:
+            log = log if log is not None else Compilation()
+            self.lower(mode, batch, disabled=disabled, log=log)
+            out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in wanted]
+        return out
+
+    def compile_graph(self, mode: str, config=None, log=None, disabled=()) -> Graph:
+        """The training step ("train", after autodiff and the optimizer) or the evaluation
+        graph ("eval"), after the graph passes; shapes are still symbolic."""
+        from .pipeline import GRAPH_PASSES, PassContext, run_passes
+        if mode == "train":
+            config = config or self._require_config()
+            if "loss" not in self._train.graph.outputs:
+                raise ArgumentError(f"model {self.name} has no loss to train")
+        else:
+            config = None
+        ctx = PassContext(config, disabled=frozenset(disabled))
+        return run_passes(self.built(mode).graph, GRAPH_PASSES, ctx, log)
+
+    def lower(self, mode: str, batch: int | None = None, config=None, log=None, disabled=()) -> Graph:
+        """The graph for one batch size after every pass: fused and memory-planned."""
+        from .pipeline import LOWER_PASSES, PassContext, run_passes
+        if mode == "train":
+            config = config or self._require_config()
+        batch = batch or (config.batch if config else self.train_config.batch if self.train_config else 1)
+        graph = self.compile_graph(mode, config, log, disabled)
+        ctx = PassContext(config if mode == "train" else None, batch, frozenset(disabled))
+        return run_passes(graph, LOWER_PASSES, ctx, log)
 
     def _require_config(self):
         if self.train_config is None:

@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated stages to print, or `all` (see --list-stages)")
     p.add_argument("--dump-dir", metavar="DIR", help="write each dumped stage to DIR/NN_stage.txt")
     p.add_argument("--list-stages", action="store_true", help="list the IR stages and exit")
+    p.add_argument("--stats", action="store_true",
+                   help="print node count, kernel count and planned memory after each stage")
+    p.add_argument("--time-passes", action="store_true", help="print how long each pass took")
+    p.add_argument("--explain-fusion", action="store_true",
+                   help="say, for each producer/consumer pair in different kernels, which rule kept them apart")
+    p.add_argument("--disable-pass", metavar="NAME", action="append", default=[],
+                   help="skip an optional pass (repeatable), for debugging")
+    p.add_argument("--batch", type=_positive_int, help="batch size to compile for (default: the train block's)")
+    p.add_argument("--eval", action="store_true", help="compile the evaluation graph instead of the training step")
 
     p = sub.add_parser("run", help="train a model with its train block",
                        description="Train a model with the recipe of its train block. Every value of "
@@ -125,27 +134,63 @@ def cmd_check(args) -> int:
 
 def cmd_compile(args) -> int:
     from .api import load
-    from .pipeline import STAGES, select_stages
+    from .pipeline import STAGES, Compilation, check_disabled, select_stages
     if args.list_stages:
         for name, doc in STAGES.items():
-            print(f"{name:<12} {doc}")
+            print(f"{name:<15} {doc}")
         return 0
     model = load(args.file, args.model)
-    stages = select_stages(args.dump_ir or ("all" if args.dump_dir else ""))
+    disabled = check_disabled(args.disable_pass)
+    names = select_stages(args.dump_ir or ("all" if args.dump_dir else ""))
+    mode = "eval" if args.eval or model.train_config is None else "train"
+    log = Compilation()
+    dumps = model.stages(names, batch=args.batch, mode=mode, disabled=disabled, log=log)
     if args.dump_dir:
         out = Path(args.dump_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for i, stage in enumerate(stages):
-            (out / f"{i:02d}_{stage}.txt").write_text(model.ir(stage))
-        print(f"wrote {len(stages)} stage(s) to {out}/")
+        for old in out.glob("[0-9][0-9]_*.txt"):
+            old.unlink()  # a stale stage from an earlier run would mislead
+        for i, (stage, text) in enumerate(dumps):
+            (out / f"{i:02d}_{stage}.txt").write_text(text)
+        print(f"wrote {len(dumps)} stage(s) to {out}/")
     else:
-        for stage in stages:
-            if len(stages) > 1:
+        for stage, text in dumps:
+            if len(dumps) > 1:
                 print(f";; ---- {stage} ----")
-            print(model.ir(stage), end="")
-    if not stages:
-        print(f"{args.file}: ok (model {model.name})")
+            print(text, end="")
+    if args.time_passes:
+        total = sum(r.seconds for r in log.records)
+        print(f"{'pass':<16}{'ms':>9}{'nodes':>8}")
+        for r in log.records:
+            print(f"{r.name:<16}{r.seconds * 1e3:>9.2f}{r.nodes:>8}")
+        print(f"{'total':<16}{total * 1e3:>9.2f}")
+    if args.stats:
+        print(_stats_table(log))
+    if args.explain_fusion:
+        fused = log.last("fuse")
+        print(fused.graph.meta["fusion"].explain(fused.graph), end="")
+    if not (dumps or args.time_passes or args.stats or args.explain_fusion):
+        final = log.last("memory")
+        plan, mem = final.graph.meta["fusion"], final.graph.meta["memory"]
+        print(f"{args.file}: {model.name} compiles to {len(plan.kernels)} kernels in {plan.phases} phases; "
+              f"working memory {mem.arena_bytes:,} bytes")
     return 0
+
+
+def _stats_table(log) -> str:
+    rows = [("stage", "nodes", "kernels", "peak memory")]
+    for r in log.records:
+        rows.append((r.name, str(r.nodes), "-" if r.kernels is None else str(r.kernels),
+                     "-" if r.arena_bytes is None else f"{r.arena_bytes:,} B"))
+    mem = log.last("memory")
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    if mem is not None:
+        m = mem.graph.meta["memory"]
+        lines.append(f"planned peak working memory {m.arena_bytes:,} B vs {m.naive_bytes:,} B with one "
+                     f"buffer per node ({m.saving:.0%} less)")
+    return "\n".join(lines)
 
 
 def _load_with_overrides(args):

@@ -1,8 +1,10 @@
 """The compiler driver: the ordered passes from a model to a training step, run with
 instruments that verify, time and dump the graph after each.
 
-Passes are plain functions `(Graph, PassContext) -> Graph` listed once, in order, in
-TRAIN_PASSES / EVAL_PASSES. The driver never lets a pass print or time itself.
+Passes are plain functions `(Graph, PassContext) -> Graph` listed once, in order:
+  GRAPH_PASSES  on the symbolic graph (the batch is still `B`), once per model;
+  LOWER_PASSES  per batch size: bind B, fold what became constant, fuse, plan memory.
+The driver never lets a pass print or time itself.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class PassContext:
     """Options every pass may read (TVM's PassContext): explicit, never global."""
 
     config: TrainConfig | None = None
+    batch: int | None = None
     disabled: frozenset[str] = frozenset()
 
 
@@ -29,51 +32,113 @@ class Pass:
     fn: Callable[[Graph, PassContext], Graph]
     doc: str
     train_only: bool = False
+    required: bool = False  # cannot be disabled: later stages depend on its result
 
 
-def _autodiff(g: Graph, ctx: PassContext) -> Graph:
+def _autodiff(g, ctx):
     from .passes.autodiff import autodiff
     return autodiff(g)
 
 
-def _optimizer(g: Graph, ctx: PassContext) -> Graph:
+def _optimizer(g, ctx):
     from .passes.optimizer import optimizer
     c = ctx.config
     return optimizer(g, c.optimizer, c.clip, c.span("optimizer"))
 
 
-TRAIN_PASSES: tuple[Pass, ...] = (
-    Pass("autodiff", _autodiff, "reverse-mode gradients of the loss for every parameter", True),
-    Pass("optimizer", _optimizer, "parameter and optimizer-state updates: one training step", True),
+def _simplify(g, ctx):
+    from .passes.simplify import simplify
+    return simplify(g)
+
+
+def _fold(g, ctx):
+    from .passes.fold_constants import fold_constants
+    return fold_constants(g)
+
+
+def _cse(g, ctx):
+    from .passes.cse import cse
+    return cse(g)
+
+
+def _dce(g, ctx):
+    from .passes.dce import dce
+    return dce(g)
+
+
+def _specialize(g, ctx):
+    from .passes.specialize import specialize
+    return specialize(g, {"B": ctx.batch})
+
+
+def _fuse(g, ctx):
+    from .passes.fuse import fuse
+    return fuse(g)
+
+
+def _memory(g, ctx):
+    from .passes.memory import plan_memory
+    return plan_memory(g)
+
+
+GRAPH_PASSES: tuple[Pass, ...] = (
+    Pass("autodiff", _autodiff, "reverse-mode gradients of the loss for every parameter", True, True),
+    Pass("optimizer", _optimizer, "parameter and optimizer-state updates: one training step", True, True),
+    Pass("simplify", _simplify, "algebraic identities (x*1, neg(neg x), reshape of reshape, ...)"),
+    Pass("fold_constants", _fold, "evaluate constant subgraphs"),
+    Pass("cse", _cse, "common-subexpression elimination"),
+    Pass("dce", _dce, "dead-code elimination"),
+)
+LOWER_PASSES: tuple[Pass, ...] = (
+    Pass("specialize", _specialize, "bind the batch dimension B to the batch size", required=True),
+    Pass("fold_constants", _fold, "fold what became constant (sizes, means over the batch)"),
+    Pass("simplify", _simplify, "algebraic identities again, on static shapes"),
+    Pass("dce", _dce, "dead-code elimination"),
+    Pass("fuse", _fuse, "group nodes into kernels", required=True),
+    Pass("memory", _memory, "buffer lifetimes, in-place updates, arena offsets", required=True),
 )
 
-STAGES = {
-    "ast": "the parsed program (frozen dataclasses with locations)",
-    "graph": "the model and loss as a typed graph of primitives, training mode",
-    **{p.name: p.doc for p in TRAIN_PASSES},
-}
+STAGES: dict[str, str] = {"ast": "the parsed program (frozen dataclasses with locations)",
+                          "graph": "the model and loss as a typed graph of primitives"}
+for _p in GRAPH_PASSES + LOWER_PASSES:
+    STAGES.setdefault(_p.name, _p.doc)
+PASS_NAMES = tuple(dict.fromkeys(p.name for p in GRAPH_PASSES + LOWER_PASSES))
 
 
 @dataclass
-class PassRecord:
+class Record:
+    """What one pass did: for --time-passes, --stats and --dump-ir."""
+
     name: str
     seconds: float
     nodes: int
-    text: str | None = None
+    graph: Graph
+
+    @property
+    def kernels(self) -> int | None:
+        plan = self.graph.meta.get("fusion")
+        return len(plan.kernels) if plan else None
+
+    @property
+    def arena_bytes(self) -> int | None:
+        mem = self.graph.meta.get("memory")
+        return mem.arena_bytes if mem else None
 
 
 @dataclass
 class Compilation:
-    """The graph after every pass, with timings (what --dump-ir and --time-passes show)."""
+    records: list[Record] = field(default_factory=list)
 
-    records: list[PassRecord] = field(default_factory=list)
+    def last(self, name: str) -> Record | None:
+        return next((r for r in reversed(self.records) if r.name == name), None)
 
 
-def run_passes(graph: Graph, passes, ctx: PassContext, dump: set[str] = frozenset(),
-               verify: bool = True, log: Compilation | None = None) -> Graph:
-    from .printer import print_graph
+def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None = None,
+               verify: bool = True) -> Graph:
     for p in passes:
-        if p.name in ctx.disabled:
+        if p.train_only and ctx.config is None:
+            continue
+        if p.name in ctx.disabled and not p.required:
             continue
         start = time.perf_counter()
         graph = p.fn(graph, ctx)
@@ -81,19 +146,30 @@ def run_passes(graph: Graph, passes, ctx: PassContext, dump: set[str] = frozense
         if verify:
             graph.verify()
         if log is not None:
-            log.records.append(PassRecord(p.name, elapsed, len(graph),
-                                          print_graph(graph) if p.name in dump else None))
+            log.records.append(Record(p.name, elapsed, len(graph), graph))
     return graph
 
 
-def select_stages(spec: str) -> list[str]:
+def check_disabled(names) -> frozenset[str]:
+    names = frozenset(names or ())
+    required = {p.name for p in GRAPH_PASSES + LOWER_PASSES if p.required}
+    for n in names:
+        if n not in PASS_NAMES:
+            raise UsageError(f"unknown pass `{n}`; passes: {', '.join(PASS_NAMES)}")
+        if n in required:
+            raise UsageError(f"pass `{n}` cannot be disabled: later stages need its result")
+    return names
+
+
+def select_stages(spec: str, available=None) -> list[str]:
     """`ast,graph` or `all` -> stage names in pipeline order."""
+    stages = list(available or STAGES)
     if not spec:
         return []
     if spec == "all":
-        return list(STAGES)
+        return stages
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     for s in wanted:
-        if s not in STAGES:
-            raise UsageError(f"unknown IR stage `{s}`; stages: {', '.join(STAGES)}, all")
-    return [s for s in STAGES if s in wanted]
+        if s not in stages:
+            raise UsageError(f"unknown IR stage `{s}`; stages: {', '.join(stages)}, all")
+    return [s for s in stages if s in wanted]

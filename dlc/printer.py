@@ -48,23 +48,34 @@ def _is_scalar_const(node: Node) -> bool:
     return node.op is ops.CONST and node.type.rank == 0
 
 
-def print_graph(graph: Graph, kernels: dict[int, int] | None = None) -> str:
-    """The graph as text; `kernels` (node -> kernel number) annotates fusion groups."""
-    order = graph.toposort()
+def node_names(graph: Graph) -> dict[int, str]:
+    """Print-time names: `%name` for inputs, literals for scalar constants, `%0`, `%1`, ...
+    for the rest in deterministic topological order."""
     names: dict[int, str] = {}
-    for nid in graph.inputs():
-        names[nid] = "%" + graph.node(nid).attrs["name"]
     counter = 0
-    body = []
-    for nid in order:
+    for nid in graph.toposort():
         n = graph.node(nid)
         if n.op is ops.INPUT:
-            continue
-        if _is_scalar_const(n):
+            names[nid] = "%" + n.attrs["name"]
+        elif _is_scalar_const(n):
             names[nid] = format_scalar(n.attrs["value"])
+        else:
+            names[nid] = f"%{counter}"
+            counter += 1
+    return names
+
+
+def print_graph(graph: Graph) -> str:
+    """The graph as text. A fusion plan in graph.meta annotates each node with its kernel
+    (`k3`); plans in graph.meta that can describe themselves are appended."""
+    plan = graph.meta.get("fusion")
+    kernels = plan.group_of if plan is not None else None
+    names = node_names(graph)
+    body = []
+    for nid in graph.toposort():
+        n = graph.node(nid)
+        if n.op is ops.INPUT or _is_scalar_const(n):
             continue
-        names[nid] = f"%{counter}"
-        counter += 1
         args = [names[o] for o in n.operands]
         args += [f"{k}={format_value(n.attrs[k])}" for k in n.op.attrs
                  if n.attrs.get(k) is not None and n.attrs.get(k) is not False]
@@ -85,4 +96,5 @@ def print_graph(graph: Graph, kernels: dict[int, int] | None = None) -> str:
     head = f"graph {graph.name}(" + ", ".join(params) + ") {"
     tail = [f"  {k} = {names[v]}" for k, v in graph.outputs.items()]
     tail += [f"  update %{k} = {names[v]}" for k, v in graph.updates.items()]
-    return "\n".join([head] + lines + tail + ["}"]) + "\n"
+    extra = [v.describe(graph) for v in graph.meta.values() if hasattr(v, "describe")]
+    return "\n".join([head] + lines + tail + ["}"] + extra) + "\n"

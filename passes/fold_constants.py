@@ -1,0 +1,47 @@
+"""fold_constants: evaluate nodes whose operands are all constants, with the ops' numpy rules.
+
+Broadcasts and iotas are not folded (they would turn a scalar into a full-size array
+that every kernel then reads from memory), nor are results larger than FOLD_LIMIT
+elements. `size` folds as soon as the shape it counts is static.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dlc import ops
+from dlc.builder import GraphBuilder
+from dlc.graph import Graph
+from dlc.types import is_static
+
+FOLD_LIMIT = 64
+_KEEP = {ops.BROADCAST, ops.IOTA, ops.INPUT, ops.CONST, ops.RANDOM}
+
+
+def _foldable(g: Graph, nid: int) -> bool:
+    n = g.node(nid)
+    if n.op in _KEEP or not is_static(n.type.shape) or int(np.prod(n.type.shape)) > FOLD_LIMIT:
+        return False
+    if n.op is ops.SIZE:
+        return is_static(g.node(n.operands[0]).type.shape)
+    return all(g.node(o).op is ops.CONST for o in n.operands)
+
+
+def fold_constants(graph: Graph, ctx=None) -> Graph:
+    g = graph.copy()
+    b = GraphBuilder(g)
+    for nid in g.toposort():
+        if not _foldable(g, nid):
+            continue
+        n = g.node(nid)
+        if n.op is ops.SIZE:
+            shape = g.node(n.operands[0]).type.shape
+            value = np.prod([shape[a] for a in n.attrs["axes"]])
+        else:
+            args = [g.node(o).attrs["value"] for o in n.operands]
+            with np.errstate(all="ignore"):
+                value = n.op.ref(*args, **n.attrs)
+        with b.at(n.span):
+            const = b.const(np.asarray(value, dtype=n.type.dtype.np), n.type.dtype)
+        g.replace_all_uses(nid, const.id)
+    g.remove_unused()
+    return g

@@ -1,0 +1,451 @@
+"""fuse: group the nodes of a static-shape graph into kernels.
+
+Kinds of kernel:
+  elementwise  one loop nest over a domain; producers are computed inline
+  reduce       a row kernel over a domain D with kept axes K: for each index of K,
+               the reductions over the other axes (with their elementwise prologue),
+               row-level values, then elementwise stores over all of D (the
+               epilogue) -- softmax, log-softmax + cross-entropy and its gradient,
+               batchnorm statistics, loss means, bias gradients
+  matmul, conv, pool, gather
+               the contraction, plus an elementwise epilogue over its output (bias,
+               activation, the activation-derivative masks of the backward pass,
+               even the optimizer update of the weight whose gradient it computes)
+
+Rules, applied greedily from the results backwards (consumers before producers):
+  F1 constants, broadcast constants, iota, counter-based random numbers, scalar
+     arithmetic and cheap ops over those and over inputs are recomputed where used;
+  F2 a node whose users are all in one kernel is computed inline there, if it fits the
+     kernel's loop (as many elements as the domain, or as a row of it) -- otherwise it
+     would be recomputed per element, so it is stored instead;
+  F3 when the users are in several kernels over the same domain that do not depend on
+     each other, those kernels merge (siblings);
+  F4 a reduction joins its users' kernel when it reduces that kernel's domain (or
+     produces it), keeping the same axes as the kernel's other reductions;
+  F5 matmul/conv/pool/gather read operands from memory, and results of the step are
+     stored;
+  F6 a matmul/conv/pool result read by exactly one elementwise kernel over the same shape
+     takes that kernel as its epilogue;
+  F7 kernels are ordered in phases (a barrier between phases); in each phase,
+     independent kernels over the same domain merge, and the remaining elementwise
+     kernels merge into one multi-tensor kernel.
+Every producer/consumer pair left in different kernels records the rule that kept
+them apart (`dlc compile --explain-fusion`). The plan is an annotation: the graph's
+nodes are not changed. Code generation derives exact index maps, so these grouping
+decisions affect speed, never results.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dlc import ops
+from dlc.graph import Graph
+
+ANCHORS = {
+    ops.MATMUL: "matmul", ops.CONV2D: "conv", ops.CONV2D_BWD_DATA: "conv",
+    ops.CONV2D_BWD_FILTER: "conv", ops.POOL2D: "pool", ops.POOL2D_BWD: "pool",
+    ops.TAKE: "gather", ops.SCATTER_ADD: "gather",
+}
+REDUCTIONS = {ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX}
+# cheap enough to recompute per element rather than store and reload
+CHEAP = {ops.ADD, ops.SUB, ops.MUL, ops.NEG, ops.MAX, ops.MIN, ops.ABS, ops.SIGN, ops.LT, ops.LE,
+         ops.GT, ops.GE, ops.EQ, ops.NE, ops.AND, ops.WHERE, ops.CAST, ops.BROADCAST, ops.RESHAPE,
+         ops.PERMUTE, ops.SLICE}
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def reduced_axes(node) -> tuple[int, ...]:
+    return tuple(node.attrs["axes"]) if "axes" in node.attrs else (node.attrs["axis"],)
+
+
+def kept_axes(node) -> tuple[int, ...]:
+    rank = len(node.type.shape) + len(reduced_axes(node))
+    return tuple(i for i in range(rank) if i not in reduced_axes(node))
+
+
+class Free:
+    """F1: which nodes are recomputed in every kernel that uses them (never stored)."""
+
+    def __init__(self, g: Graph):
+        self.g = g
+        self.results = set(g.roots())
+        self._memo: dict[int, bool] = {}
+
+    def __call__(self, nid: int) -> bool:
+        if nid not in self._memo:
+            self._memo[nid] = self._free(nid)
+        return self._memo[nid]
+
+    def _free(self, nid: int) -> bool:
+        n = self.g.node(nid)
+        if n.op is ops.INPUT or nid in self.results:
+            return False
+        if n.op in (ops.CONST, ops.IOTA, ops.RANDOM):
+            return True
+        if n.op.kind is ops.Kind.ELEMENTWISE and n.type.rank == 0:
+            return True  # scalar math: code generation hoists it out of loops
+        return n.op in CHEAP and all(self.g.node(o).op is ops.INPUT or self(o) for o in n.operands)
+
+    def users(self, nid: int) -> list[int]:
+        """Users of nid, looking through free nodes (they are recomputed in their users)."""
+        out, stack, seen = set(), list(self.g.users(nid)), set()
+        while stack:
+            u = stack.pop()
+            if u not in seen:
+                seen.add(u)
+                if self(u):
+                    stack.extend(self.g.users(u))
+                else:
+                    out.add(u)
+        return sorted(out)
+
+
+@dataclass
+class Kernel:
+    id: int
+    kind: str                      # elementwise | reduce | matmul | conv | pool | gather
+    nodes: list[int] = field(default_factory=list)
+    anchor: int | None = None      # the matmul/conv/pool/gather node
+    domain: tuple = ()             # the loop domain (reduce: the shape the reductions read)
+    keep: tuple | None = None      # reduce kernels: the kept (outer, parallel) axes of domain
+    outputs: list[int] = field(default_factory=list)  # nodes stored to memory
+    phase: int = 0
+    parts: list["Kernel"] = field(default_factory=list)  # a multi-tensor kernel's loop nests
+
+    @property
+    def row_shape(self) -> tuple:
+        keep = range(len(self.domain)) if self.keep is None else self.keep
+        return tuple(self.domain[i] for i in keep)
+
+
+@dataclass
+class FusionPlan:
+    kernels: list[Kernel]
+    group_of: dict[int, int]        # node -> kernel id (free nodes and inputs absent)
+    materialized: set[int]          # nodes whose values live in memory
+    reasons: dict[tuple[int, int], str]
+
+    @property
+    def phases(self) -> int:
+        return 1 + max((k.phase for k in self.kernels), default=-1)
+
+    def describe(self, g: Graph) -> str:
+        """Each kernel with its nodes' ops, what it stores and the .dln lines it came from."""
+        lines = [f"fusion: {len(self.kernels)} kernels in {self.phases} phases"]
+        for k in self.kernels:
+            where = sorted({(g.node(n).span.short.rsplit(":", 1)[0]) for n in k.nodes if g.node(n).span},
+                           key=lambda s: (s.split(":")[0], int(s.split(":")[1])))
+            shape = "x".join(map(str, k.domain)) if k.domain else "scalar"
+            rows = f", rows over axes {list(k.keep)}" if k.keep is not None else ""
+            head = f"  k{k.id} {k.kind} phase {k.phase}"
+            if not k.parts:
+                head += f" over {shape}{rows}"
+            else:
+                head += f" ({len(k.parts)} loops)"
+            lines.append(head + f": {len(k.nodes)} nodes, stores {len(k.outputs)}")
+            ops_used = ", ".join(dict.fromkeys(g.node(n).op.name for n in k.nodes))
+            lines.append(f"      ops: {ops_used}")
+            lines.append(f"      from: {', '.join(where) or '(generated)'}")
+        return "\n".join(lines)
+
+    def explain(self, g: Graph) -> str:
+        """For each producer/consumer pair in different kernels, the rule that kept them apart."""
+        from dlc.printer import node_names
+        names = node_names(g)
+        out = []
+        for (p, c), why in sorted(self.reasons.items()):
+            if p in g and c in g and self.group_of.get(p) != self.group_of.get(c):
+                kp, kc = self.group_of.get(p, "-"), self.group_of.get(c, "-")
+                loc = f" ({g.node(c).span.short})" if g.node(c).span else ""
+                out.append(f"{names[p]} {g.node(p).op.name} [k{kp}] -> {names[c]} {g.node(c).op.name} "
+                           f"[k{kc}]{loc}: {why}")
+        return "\n".join(out) + ("\n" if out else "")
+
+
+class _Fuser:
+    def __init__(self, g: Graph):
+        self.g = g
+        self.free = Free(g)
+        self.group: dict[int, int] = {}
+        self.kernels: dict[int, Kernel] = {}
+        self.deps: dict[int, set[int]] = {}
+        self.reasons: dict[tuple[int, int], str] = {}
+        self._next = 0
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def new_kernel(self, nid: int) -> Kernel:
+        n = self.g.node(nid)
+        k = Kernel(self._next, ANCHORS.get(n.op, "elementwise"), domain=tuple(n.type.shape))
+        if n.op in ANCHORS:
+            k.anchor = nid
+        if n.op in REDUCTIONS:
+            self.make_row(k, nid)
+        self._next += 1
+        self.kernels[k.id] = k
+        self.deps[k.id] = set()
+        self.add(k, nid)
+        return k
+
+    def make_row(self, k: Kernel, reduction: int) -> None:
+        r = self.g.node(reduction)
+        k.kind, k.domain, k.keep = "reduce", tuple(self.g.node(r.operands[0]).type.shape), kept_axes(r)
+
+    def add(self, k: Kernel, nid: int) -> None:
+        self.group[nid] = k.id
+        k.nodes.append(nid)
+        for u in self.free.users(nid):  # placed users now read from k
+            gu = self.group.get(u)
+            if gu is not None and gu != k.id:
+                self.deps[gu].add(k.id)
+
+    def merge(self, keep: Kernel, other: Kernel) -> None:
+        for n in other.nodes:
+            self.group[n] = keep.id
+        keep.nodes.extend(other.nodes)
+        if keep.kind == "elementwise" and other.kind == "reduce":
+            keep.kind, keep.domain, keep.keep = "reduce", other.domain, other.keep
+        self.deps[keep.id] |= self.deps.pop(other.id)
+        del self.kernels[other.id]
+        for d in self.deps.values():
+            if other.id in d:
+                d.discard(other.id)
+                d.add(keep.id)
+        self.deps[keep.id].discard(keep.id)
+
+    def reaches_indirectly(self, a: int, b: int) -> bool:
+        """Does kernel a read from b through some other kernel? (Merging a and b would then
+        make a cycle; a direct read is fine: inside a kernel values are recomputed.)"""
+        return any(self.reaches(d, b) for d in self.deps[a] if d != b)
+
+    def reaches(self, a: int, b: int) -> bool:
+        """Does kernel a (transitively) read from kernel b?"""
+        stack, seen = [a], set()
+        while stack:
+            k = stack.pop()
+            if k == b:
+                return True
+            if k not in seen:
+                seen.add(k)
+                stack.extend(self.deps.get(k, ()))
+        return False
+
+    # --- rules ---------------------------------------------------------------------------------
+    def fits(self, k: Kernel, nid: int) -> str | None:
+        """None if node nid can be computed inside kernel k (F2, F4, F5), else why not."""
+        n = self.g.node(nid)
+        if k.kind in ANCHORS.values():
+            return f"F5: a {k.kind} kernel reads its operands from memory"
+        if n.op in REDUCTIONS:
+            shape_in = tuple(self.g.node(n.operands[0]).type.shape)
+            if k.kind == "reduce":
+                if (k.domain, k.keep) != (shape_in, kept_axes(n)):
+                    return "F4: the kernel already reduces other axes"
+                return None
+            if numel(k.domain) not in (numel(shape_in), numel(n.type.shape)):
+                return "F4: its users loop over a shape that is neither its input nor its output"
+            return None
+        size = numel(n.type.shape)
+        if size == numel(k.domain) or size == numel(k.row_shape) or n.op in CHEAP:
+            return None
+        if numel(k.domain) % size == 0 and self.from_reduction(nid):
+            return None  # a row value: the reduction it comes from will join and make rows
+        return "F2: it has fewer elements than the kernel's loop, so it would be recomputed per element"
+
+    def from_reduction(self, nid: int, depth: int = 6) -> bool:
+        """Is nid computed (within a few steps) from a reduction?"""
+        n = self.g.node(nid)
+        if n.op in REDUCTIONS:
+            return True
+        if depth == 0 or not (n.op.kind is ops.Kind.ELEMENTWISE or n.op in (ops.RESHAPE, ops.BROADCAST)):
+            return False
+        return any(self.from_reduction(o, depth - 1) for o in n.operands)
+
+    def compatible(self, a: Kernel, b: Kernel) -> bool:
+        """Can a and b share one loop nest?"""
+        if a.kind not in ("elementwise", "reduce") or b.kind not in ("elementwise", "reduce"):
+            return False
+        if a.kind == b.kind == "reduce":
+            return (a.domain, a.keep) == (b.domain, b.keep)
+        if a.kind == b.kind == "elementwise":
+            return a.domain == b.domain
+        row = a if a.kind == "reduce" else b
+        other = b if row is a else a
+        return numel(other.domain) in (numel(row.domain), numel(row.row_shape))
+
+    # --- the greedy pass -----------------------------------------------------------------------
+    def run(self) -> None:
+        g = self.g
+        for nid in reversed(g.toposort()):
+            if g.node(nid).op is ops.INPUT or self.free(nid):
+                continue
+            if g.node(nid).op in ANCHORS:
+                self.new_kernel(nid)
+            else:
+                self.place(nid)
+        self.place_epilogues()
+
+    def place(self, nid: int) -> None:
+        g = self.g
+        users = [u for u in self.free.users(nid) if u in self.group]
+        homes = sorted({self.group[u] for u in users})
+        if nid in self.free.results:
+            why = "F5: it is a result of the step"
+        elif not homes:
+            why = "it has no users"
+        elif any(g.node(u).op in ANCHORS for u in users):
+            why = f"F5: `{next(g.node(u).op.name for u in users if g.node(u).op in ANCHORS)}` reads " \
+                  "its operands from memory"
+        elif len(homes) > 1:
+            why = self.merge_siblings([self.kernels[h] for h in homes])
+        else:
+            why = None
+        if why is None:
+            k = self.kernels[self.group[users[0]]]
+            why = self.fits(k, nid)
+            if why is None:
+                if g.node(nid).op in REDUCTIONS and k.kind == "elementwise":
+                    self.make_row(k, nid)
+                self.add(k, nid)
+                return
+        self.new_kernel(nid)
+        for u in users:
+            self.reasons[(nid, u)] = why
+
+    def merge_siblings(self, ks: list[Kernel]) -> str | None:
+        """F3: merge the kernels of a node's users if they are alike and independent."""
+        for k in ks[1:]:
+            if not self.compatible(ks[0], k):
+                return "F3: its users are in kernels over different loops (it would be recomputed)"
+        for a in ks:
+            for b in ks:
+                if a is not b and self.reaches_indirectly(a.id, b.id):
+                    return "F3: its users are in kernels that depend on each other through a third"
+        host = next((k for k in ks if k.kind == "reduce"), ks[0])
+        for k in ks:
+            if k is not host:
+                self.merge(host, k)
+        return None
+
+    def place_epilogues(self) -> None:
+        """F6: an elementwise kernel over a matmul/conv/pool's output shape that reads the
+        anchor kernel becomes its epilogue (repeatedly: bias, then activation, ...)."""
+        changed = True
+        while changed:
+            changed = False
+            for k in list(self.kernels.values()):
+                if k.id in self.kernels and k.anchor is not None and k.kind != "gather":
+                    changed |= self.take_epilogue(k)
+
+    def take_epilogue(self, k: Kernel) -> bool:
+        g = self.g
+        shape = tuple(g.node(k.anchor).type.shape)
+        for e in list(self.kernels.values()):
+            if e.kind != "elementwise" or k.id not in self.deps[e.id]:
+                continue
+            reads = [(n, u) for n in k.nodes for u in self.free.users(n) if self.group.get(u) == e.id]
+            if e.domain != shape or any(g.node(n).type.shape != shape for n, _ in reads):
+                why = "F6: the consumer is not an elementwise loop over the same shape"
+            elif self.reaches_indirectly(e.id, k.id):
+                why = "F6: the consumer also reads a kernel that depends on this one"
+            else:
+                for pair in reads:
+                    self.reasons.pop(pair, None)
+                self.merge(k, e)
+                return True
+            for pair in reads:
+                self.reasons.setdefault(pair, why)
+        return False
+
+
+def _war_deps(f: _Fuser) -> dict[int, set[int]]:
+    """Dependencies plus write-after-read edges: the kernel writing a parameter's or state's
+    new value runs after every other kernel that reads the old value, so the update can be
+    done in place."""
+    g = f.g
+    deps = {k: set(d) for k, d in f.deps.items()}
+    for name, new in g.updates.items():
+        writer = f.group.get(new)
+        if writer is None:
+            continue
+        for reader_node in f.free.users(g.input_named(name)):
+            reader = f.group.get(reader_node)
+            if reader is not None and reader != writer and not f.reaches(reader, writer):
+                deps[writer].add(reader)
+    return deps
+
+
+def _phases(kernels: dict[int, Kernel], deps: dict[int, set[int]]) -> None:
+    done: dict[int, int] = {}
+
+    def phase(kid: int) -> int:
+        if kid not in done:
+            done[kid] = 1 + max((phase(d) for d in deps[kid]), default=-1)
+        return done[kid]
+
+    for kid, k in kernels.items():
+        k.phase = phase(kid)
+
+
+def _merge_phases(f: _Fuser) -> list[Kernel]:
+    """F7: one loop for independent alike kernels of a phase; one multi-tensor kernel for
+    the other elementwise kernels of the phase."""
+    by_phase: dict[int, list[Kernel]] = {}
+    for k in sorted(f.kernels.values(), key=lambda k: (k.phase, k.id)):
+        by_phase.setdefault(k.phase, []).append(k)
+    out: list[Kernel] = []
+    for phase, ks in sorted(by_phase.items()):
+        loops: list[Kernel] = []
+        for k in ks:
+            host = next((h for h in loops if f.compatible(h, k) and h.kind == k.kind), None)
+            if host is not None and k.kind in ("elementwise", "reduce"):
+                host.nodes.extend(k.nodes)
+            else:
+                loops.append(k)
+        multi = [k for k in loops if k.kind == "elementwise"]
+        scalars = [k for k in multi if k.domain == ()]
+        if len(multi) == len(scalars) and scalars and len(loops) > len(scalars):
+            host = next(k for k in loops if k not in scalars)  # scalar work rides along
+            host.parts = (host.parts or [Kernel(host.id, host.kind, list(host.nodes), host.anchor,
+                                                host.domain, host.keep)]) + scalars
+            host.nodes = host.nodes + [n for k in scalars for n in k.nodes]
+            loops = [k for k in loops if k not in scalars]
+            multi = []
+        if len(multi) > 1:
+            host = Kernel(multi[0].id, "elementwise", domain=(), phase=phase, parts=multi)
+            host.nodes = [n for k in multi for n in k.nodes]
+            loops = [k for k in loops if k.kind != "elementwise"] + [host]
+        out.extend(loops)
+    return out
+
+
+def fuse(graph: Graph, ctx=None) -> Graph:
+    """Annotate a copy of the graph with its FusionPlan in graph.meta["fusion"]."""
+    g = graph.copy()
+    f = _Fuser(g)
+    f.run()
+    _phases(f.kernels, _war_deps(f))
+    kernels = _merge_phases(f)
+    order = {n: i for i, n in enumerate(g.toposort())}
+    group_of = {}
+    for new_id, k in enumerate(kernels):
+        k.id = new_id
+        for part in [k] + k.parts:
+            part.nodes.sort(key=order.__getitem__)
+        for n in k.nodes:
+            group_of[n] = new_id
+    materialized = set(g.roots())
+    for n, kid in group_of.items():
+        if any(group_of.get(u) != kid or g.node(u).op in ANCHORS for u in f.free.users(n)):
+            materialized.add(n)
+    for k in kernels:
+        k.outputs = [n for n in k.nodes if n in materialized]
+        for part in k.parts:
+            part.outputs = [n for n in part.nodes if n in materialized]
+    g.meta["fusion"] = FusionPlan(kernels, group_of, materialized, f.reasons)
+    return g

@@ -1,0 +1,152 @@
+"""plan_memory: where every stored value lives during a step.
+
+Inputs, parameters and state keep their own arrays. A new value of a parameter or
+state is written over the old one (in place) when the kernel that computes it is the
+last reader of the old value and reads it element for element (fuse orders kernels so
+that other readers run in earlier phases). Every other stored value gets an offset in
+one working arena: values whose lifetimes (first to last phase using them) overlap get
+disjoint bytes, and the rest share -- placed largest first at the lowest free offset.
+The plan reports the arena's size against one buffer per node, the naive layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dlc import ops
+from dlc.graph import Graph
+
+ALIGN = 64
+
+
+def nbytes(t) -> int:
+    n = t.dtype.np.itemsize
+    for d in t.shape:
+        n *= d
+    return n
+
+
+@dataclass
+class Buffer:
+    node: int
+    size: int
+    start: int           # first phase that writes it
+    end: int             # last phase that reads it
+    offset: int = -1     # in the arena; -1 for in-place updates
+    inplace: str | None = None  # the parameter/state whose array it overwrites
+
+
+@dataclass
+class MemoryPlan:
+    buffers: dict[int, Buffer] = field(default_factory=dict)
+    arena_bytes: int = 0
+    naive_bytes: int = 0      # one buffer per node, no reuse
+    inplace: dict[str, int] = field(default_factory=dict)  # state name -> node
+
+    @property
+    def saving(self) -> float:
+        return 1.0 - self.arena_bytes / self.naive_bytes if self.naive_bytes else 0.0
+
+    def describe(self, g: Graph) -> str:
+        from dlc.printer import node_names
+        names = node_names(g)
+        lines = [f"memory: working arena {self.arena_bytes:,} bytes (one buffer per node: "
+                 f"{self.naive_bytes:,} bytes, {self.saving:.0%} less); "
+                 f"{len(self.inplace)} values updated in place"]
+        for b in sorted(self.buffers.values(), key=lambda b: (b.inplace is not None, b.offset, b.node)):
+            where = f"in place of %{b.inplace}" if b.inplace else f"offset {b.offset:>9,}"
+            lines.append(f"  {names[b.node]:>6} {b.size:>10,} bytes  {where}  phases {b.start}-{b.end}")
+        return "\n".join(lines)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _inplace_ok(g: Graph, plan, name: str, node: int, phase_of: dict[int, int]) -> bool:
+    """Every other kernel reading the old value runs in an earlier phase, and the writing
+    kernel reads it only element for element (through elementwise ops of its shape)."""
+    old = g.input_named(name)
+    kernel = plan.group_of.get(node)
+    if kernel is None or g.node(node).type != g.node(old).type:
+        return False
+    shape = g.node(old).type.shape
+    stack = [(u, True) for u in g.users(old)]
+    seen = set()
+    while stack:
+        u, aligned = stack.pop()
+        if (u, aligned) in seen:
+            continue
+        seen.add((u, aligned))
+        n = g.node(u)
+        aligned = aligned and n.op.kind is ops.Kind.ELEMENTWISE and n.type.shape == shape
+        home = plan.group_of.get(u)
+        if home is None:  # recomputed where it is used: follow it
+            stack.extend((w, aligned) for w in g.users(u))
+        elif home == kernel:
+            if not aligned:
+                return False
+        elif phase_of[home] >= phase_of[kernel]:
+            return False
+    return True
+
+
+def plan_memory(graph: Graph, ctx=None) -> Graph:
+    g = graph.copy()
+    plan = g.meta["fusion"]
+    phase_of = {k.id: k.phase for k in plan.kernels}
+    last = plan.phases
+    mem = MemoryPlan()
+    results = set(g.outputs.values())
+    updates = {v: k for k, v in g.updates.items()}
+    for nid in plan.materialized:
+        n = g.node(nid)
+        if n.op is ops.INPUT:
+            continue
+        start = phase_of[plan.group_of[nid]]
+        readers = [plan.group_of[u] for u in _readers(g, plan, nid)]
+        end = max([phase_of[k] for k in readers] + [start])
+        if nid in results:
+            end = last  # read by the caller after the step
+        buf = Buffer(nid, nbytes(n.type), start, end)
+        name = updates.get(nid)
+        if name is not None and nid not in results and _inplace_ok(g, plan, name, nid, phase_of):
+            buf.inplace = name
+            mem.inplace[name] = nid
+        elif name is not None:
+            buf.end = last  # copied into the state array after the step
+        mem.buffers[nid] = buf
+    _assign_offsets([b for b in mem.buffers.values() if b.inplace is None], mem)
+    mem.naive_bytes = sum(_align(nbytes(g.node(n).type)) for n in g.ids() if g.node(n).op is not ops.INPUT)
+    g.meta["memory"] = mem
+    return g
+
+
+def _readers(g: Graph, plan, nid: int) -> list[int]:
+    """Nodes in other kernels that load nid (looking through recomputed nodes)."""
+    out, stack, seen = [], list(g.users(nid)), set()
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if u in plan.group_of:
+            out.append(u)
+        else:
+            stack.extend(g.users(u))
+    return out
+
+
+def _assign_offsets(buffers: list[Buffer], mem: MemoryPlan) -> None:
+    """Largest first, each at the lowest offset clear of every placed buffer it overlaps
+    in time (the greedy used by TFLite's and XLA's arena planners)."""
+    placed: list[Buffer] = []
+    for b in sorted(buffers, key=lambda b: (-b.size, b.start, b.node)):
+        live = sorted((p for p in placed if p.start <= b.end and b.start <= p.end), key=lambda p: p.offset)
+        offset = 0
+        for p in live:
+            if offset + _align(b.size) <= p.offset:
+                break
+            offset = max(offset, p.offset + _align(p.size))
+        b.offset = offset
+        placed.append(b)
+        mem.arena_bytes = max(mem.arena_bytes, offset + _align(b.size))
