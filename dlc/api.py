@@ -33,10 +33,33 @@ def read_source(path_or_source) -> tuple[str, str]:
 
 
 def load(path_or_source, model: str | None = None) -> "Model":
-    """Parse and check a .dln program (a path or the text) and return its model."""
+    """Parse and check a .dln program (a path or the text), or open a compiled artifact
+    (`dlc compile -o`), and return its model."""
+    if _is_artifact(path_or_source):
+        return _load_artifact(path_or_source)
     text, name = read_source(path_or_source)
     base = Path(name).parent if name != "<string>" else Path.cwd()
-    return Model(parse(text, name), model, name, base)
+    m = Model(parse(text, name), model, name, base)
+    m.source_text = text
+    return m
+
+
+def _is_artifact(path) -> bool:
+    if not isinstance(path, (str, os.PathLike)) or "\n" in str(path) or not Path(path).is_file():
+        return False
+    from .backends.llvm.artifact import is_artifact
+    return is_artifact(path)
+
+
+def _load_artifact(path) -> "Model":
+    from .backends.llvm.artifact import read
+    manifest, steps = read(path)
+    source = manifest["source_name"]
+    base = Path(source).parent if Path(source).parent.is_dir() else Path(path).parent
+    m = Model(parse(manifest["source"], source), manifest["model"], source, base)
+    m.source_text = manifest["source"]
+    m.preloaded = steps
+    return m
 
 
 class Model:
@@ -55,6 +78,7 @@ class Model:
         self.state: dict[str, np.ndarray] = init_state(self._train, seed)
         self.normalizer = None
         self._sessions: dict = {}
+        self.preloaded: dict = {}  # (mode, batch) -> (object code, layout) from an artifact
 
     # --- inspection -----------------------------------------------------------------------------
     def built(self, mode: str = "eval") -> Built:
@@ -77,11 +101,16 @@ class Model:
             out.append(("ast", format_ast(self.program)))
         if "graph" in names:
             out.append(("graph", print_graph(self.built(mode).graph)))
-        wanted = [n for n in names if n not in ("ast", "graph")]
-        if wanted or log is not None:
+        from .pipeline import CODEGEN_STAGES
+        wanted = [n for n in names if n not in ("ast", "graph") and n not in CODEGEN_STAGES]
+        codegen = [n for n in names if n in CODEGEN_STAGES]
+        if wanted or codegen or log is not None:
             log = log if log is not None else Compilation()
-            self.lower(mode, batch, disabled=disabled, log=log)
+            lowered = self.lower(mode, batch, disabled=disabled, log=log)
             out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in wanted]
+            if codegen:
+                from .backends.llvm.build import codegen_stages
+                out += codegen_stages(lowered, codegen)
         return out
 
     def compile_graph(self, mode: str, config=None, log=None, disabled=()) -> Graph:
@@ -106,6 +135,45 @@ class Model:
         graph = self.compile_graph(mode, config, log, disabled)
         ctx = PassContext(config if mode == "train" else None, batch, frozenset(disabled))
         return run_passes(graph, LOWER_PASSES, ctx, log)
+
+    def source_key(self, mode: str, config) -> str:
+        """Identifies a compiled graph without building it (compile-cache keys)."""
+        text = getattr(self, "source_text", None) or repr(self.program)
+        recipe = f"{config.optimizer}|clip={config.clip}" if mode == "train" and config else ""
+        return "\0".join([text, self.name, mode, recipe])
+
+    def compile_artifact(self, path, batches=None, verbose=None, **options) -> list[tuple[str, int]]:
+        """Compile the training and evaluation steps (for the train block's batch size,
+        and the smaller last batches of its data set when it can be read) into one file
+        that `dlc run` / `dlc eval` load without compiling."""
+        from .backends.llvm import artifact
+        from .backends.llvm.build import build_step
+        from .backends.llvm.cache import Cache
+        from .backends.llvm.target import Target
+        config = self._require_config()
+        target = Target.host(options.get("threads"))
+        cache = None if options.get("no_cache") else Cache(options.get("cache_dir"))
+        sizes = {("train", config.batch), ("eval", config.batch)} | set(batches or self._last_batches(config))
+        steps = {}
+        for mode, batch in sorted(sizes):
+            graph = lambda mode=mode: self.compile_graph(mode, config)  # noqa: E731
+            steps[(mode, batch)] = build_step(graph, batch, target, cache, verbose,
+                                              source_key=self.source_key(mode, config))
+        artifact.write(path, str(Path(self.source_name).resolve()), self.source_text, self.name, target, steps)
+        return sorted(steps)
+
+    def _last_batches(self, config) -> set:
+        """The sizes of the last, partial batches of the train and test splits."""
+        from .data.sources import load_dataset
+        try:
+            data = load_dataset(config.data, self.base_dir, config.seed)
+        except DlcError:
+            return set()  # unknown until run time: compiled then, through the cache
+        out = set()
+        for mode, n in (("train", len(data.x_train)), ("eval", len(data.x_test))):
+            if n % config.batch:
+                out.add((mode, n % config.batch))
+        return out
 
     def _require_config(self):
         if self.train_config is None:
@@ -151,18 +219,20 @@ class Model:
             feeds[name] = check_input(name, t, x)
         return feeds
 
-    def session(self, config=None, target: str = "reference"):
+    def session(self, config=None, target: str = "cpu", **options):
+        """Compiled training and evaluation steps for a recipe (cached per target/recipe).
+        options: threads, verbose (a print function), no_cache, cache_dir, profile."""
         from .runtime.trainer import Session
         config = config or self._require_config()
-        key = (target, str(config.optimizer), config.clip)
+        key = (target, str(config.optimizer), config.clip, tuple(sorted(options.items(), key=str)))
         if key not in self._sessions:
-            self._sessions[key] = Session(self, config, target)
+            self._sessions[key] = Session(self, config, target, options)
         return self._sessions[key]
 
     def fit(self, x=None, y=None, *, epochs: int | None = None, batch: int | None = None,
-            lr: float | None = None, seed: int | None = None, optimizer=None, target: str = "reference",
+            lr: float | None = None, seed: int | None = None, optimizer=None, target: str = "cpu",
             test: float | None = None, quiet: bool = True, log=None, save=None, resume=None,
-            on_epoch=None):
+            on_epoch=None, **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
         trains on those arrays (a `test` share is held out) instead of the block's data.
         Returns a History (one record of metrics per epoch)."""
@@ -176,7 +246,7 @@ class Model:
             from .recipe import Spec
             share = config.data.args.get("test", 0.2) if test is None else test
             config = dataclasses.replace(config, data=Spec("data", "arrays", {"test": share}))
-        session = self.session(config, target)
+        session = self.session(config, target, **options)
         meta, normalizer = None, self.normalizer
         if resume is not None:
             meta, normalizer = restore(self, Path(resume), self.state)
@@ -196,12 +266,12 @@ class Model:
                           resume=meta, on_epoch=on_epoch)
         return fit(session, data, opts, normalizer)
 
-    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = "reference") -> dict:
+    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = "cpu", **options) -> dict:
         """Loss and metrics on the given arrays (or the train block's held-out split)."""
         from .runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
         from .runtime.trainer import Normalizer
         config = self._require_config()
-        session = self.session(config, target)
+        session = self.session(config, target, **options)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         if x is None:
             data, _ = prepare(self, config, session._label_type(), self.base_dir, config.seed,
@@ -213,7 +283,7 @@ class Model:
             y = shape_labels(label_type, y, classes=classes_of(self, label_type))
         return session.evaluate(x, y, batch or config.batch)
 
-    def predict(self, x, *, batch: int | None = None, target: str = "reference") -> np.ndarray:
+    def predict(self, x, *, batch: int | None = None, target: str = "cpu", **options) -> np.ndarray:
         """The model's outputs for every sample of x (inputs normalized as in training)."""
         from .runtime.prepare import shape_inputs
         from .runtime.trainer import Normalizer
@@ -221,7 +291,7 @@ class Model:
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
             return self.forward(x)
-        return self.session(self.train_config, target).predict(x, batch or self.train_config.batch)
+        return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch)
 
     def save(self, path) -> None:
         """Write parameters, state and normalization to a checkpoint (.npz, no pickle)."""

@@ -56,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip an optional pass (repeatable), for debugging")
     p.add_argument("--batch", type=_positive_int, help="batch size to compile for (default: the train block's)")
     p.add_argument("--eval", action="store_true", help="compile the evaluation graph instead of the training step")
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="write the compiled training and evaluation steps to OUT (e.g. model.dlcx), "
+                        "which `dlc run OUT` and `dlc eval OUT` load without compiling")
+    p.add_argument("--verbose", "-v", action="store_true", help="print compile-cache hits and compile times")
 
-    p = sub.add_parser("run", help="train a model with its train block",
+    p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
                        description="Train a model with the recipe of its train block. Every value of "
                                    "the block can be overridden here; --data and --optimizer take "
                                    ".dln expressions such as 'digits(test=0.1)' or 'sgd(lr=0.1, momentum=0.9)'.")
@@ -105,7 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_target(p: argparse.ArgumentParser) -> None:
     from .backends import TARGETS
     p.add_argument("--target", choices=TARGETS, default=TARGETS[0],
-                   help=f"where the compiled step runs (default {TARGETS[0]})")
+                   help=f"where the compiled step runs: cpu (native code, the default) or "
+                        f"reference (the numpy interpreter, for debugging)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring the compile cache")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print the target CPU, compile-cache hits and compile time per phase")
+
+
+def _backend_options(args) -> dict:
+    options = {}
+    if getattr(args, "threads", None):
+        options["threads"] = args.threads
+    if getattr(args, "no_cache", False):
+        options["no_cache"] = True
+    if getattr(args, "verbose", False):
+        from .backends.llvm.target import Target
+        if args.target == "cpu":
+            print(f"dlc: target {Target.host(args.threads).describe()}", file=sys.stderr)
+        options["verbose"] = lambda msg: print(f"dlc: {msg}", file=sys.stderr)
+    if getattr(args, "profile", False):
+        options["profile"] = True
+    return options
 
 
 def _number(kind, check, what):
@@ -169,6 +194,11 @@ def cmd_compile(args) -> int:
     if args.explain_fusion:
         fused = log.last("fuse")
         print(fused.graph.meta["fusion"].explain(fused.graph), end="")
+    if args.output:
+        verbose = (lambda msg: print(f"dlc: {msg}", file=sys.stderr)) if args.verbose else None
+        steps = model.compile_artifact(args.output, verbose=verbose)
+        print(f"wrote {args.output}: {model.name}, steps " + ", ".join(f"{m} batch {b}" for m, b in steps))
+        return 0
     if not (dumps or args.time_passes or args.stats or args.explain_fusion):
         final = log.last("memory")
         plan, mem = final.graph.meta["fusion"], final.graph.meta["memory"]
@@ -217,7 +247,8 @@ def cmd_run(args) -> int:
               file=sys.stderr)
     try:
         history = model.fit(epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
-                            target=args.target, quiet=quiet, log=args.log, save=save, resume=args.resume)
+                            target=args.target, quiet=quiet, log=args.log, save=save, resume=args.resume,
+                            **_backend_options(args))
     except Interrupted as e:
         print(f"dlc: {e}", file=sys.stderr)
         return 130
@@ -241,7 +272,7 @@ def _final_line(name: str, rec: dict, seconds: float) -> str:
 def cmd_eval(args) -> int:
     model = _load_with_overrides(args)
     model.load_weights(args.weights)
-    metrics = model.evaluate(batch=args.batch, target=args.target)
+    metrics = model.evaluate(batch=args.batch, target=args.target, **_backend_options(args))
     print(f"{model.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
 
@@ -253,7 +284,7 @@ def cmd_predict(args) -> int:
     model = load(args.file, args.model)
     model.load_weights(args.weights)
     x = read_input_array(Path(args.input), args.key)
-    out = model.predict(x, target=args.target)
+    out = model.predict(x, target=args.target, **_backend_options(args))
     classes = out.argmax(axis=-1) if out.ndim == 2 and out.shape[1] > 1 else None
     if args.output:
         arrays = {"output": out} if classes is None else {"output": out, "classes": classes}

@@ -14,8 +14,16 @@ class Source:
     text: str
 
     def line(self, n: int) -> str:
-        lines = self.text.splitlines()
-        return lines[n - 1] if 1 <= n <= len(lines) else ""
+        # lines end at "\n" only, as the parser counts them (not at form feeds, U+2028, ...)
+        lines = self.text.split("\n")
+        return lines[n - 1].rstrip("\r") if 1 <= n <= len(lines) else ""
+
+    def end(self) -> "Span":
+        """Just past the last non-blank character: where `unexpected end of file` points."""
+        text = self.text.rstrip()
+        line = text.count("\n") + 1
+        col = len(text) - (text.rfind("\n") + 1) + 1
+        return Span(self, line, col, line, col + 1)
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,9 @@ class DlcError(Exception):
         out = [f"{where}{self.kind}: {self.message}"]
         if self.span is not None:
             text = self.span.source.line(self.span.line)
-            if text:
+            if text or self.span.line >= 1:  # an empty line (or file) still gets its caret
+                # one column per character: tabs and control characters print as a space
+                text = "".join(c if c.isprintable() else " " for c in text)
                 gutter = f"{self.span.line:>4} | "
                 out.append(gutter + text)
                 width = (self.span.end_col - self.span.col

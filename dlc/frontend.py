@@ -122,17 +122,35 @@ def _calls(node) -> list[ast.Call]:
 
 
 def _check_recursion(program: ast.Program, defs: dict[str, ast.Def]) -> None:
+    done: set[str] = set()  # definitions whose whole call tree is known to be fine
+
     def visit(name, stack):
-        for call in _calls(defs[name].body):
-            callee = call.func.text
-            if callee in defs:
-                if callee in stack:
-                    raise NameError_(f"{defs[callee].kind} `{callee}` calls itself "
-                                     f"({' -> '.join(stack + [callee])})", call.func.span,
-                                     hint="blocks cannot be recursive; unroll the repetition")
-                visit(callee, stack + [callee])
+        for stmt in defs[name].body:
+            try:
+                calls = _calls(stmt)
+            except RecursionError:
+                raise _too_deep(stmt.span) from None
+            for call in calls:
+                callee = call.func.text
+                if callee in defs and defs[callee].kind == "model":
+                    raise TypeError_(f"`{callee}` is a model; only blocks can be called", call.func.span,
+                                     hint=f"declare it as `block {callee}(...)`")
+                if callee in defs:
+                    if callee in stack:
+                        raise NameError_(f"{defs[callee].kind} `{callee}` calls itself "
+                                         f"({' -> '.join(stack + [callee])})", call.func.span,
+                                         hint="blocks cannot be recursive; unroll the repetition")
+                    if callee not in done:
+                        visit(callee, stack + [callee])
+        done.add(name)
     for name in defs:
-        visit(name, [name])
+        if name not in done:
+            visit(name, [name])
+
+
+def _too_deep(span: Span) -> DlcError:
+    return TypeError_("this expression is nested too deeply", span,
+                      hint="split it into several statements")
 
 
 def choose_model(program: ast.Program, name: str | None) -> ast.Def:
@@ -145,15 +163,18 @@ def choose_model(program: ast.Program, name: str | None) -> ast.Def:
                          hint=did_you_mean(name, [d.name for d in models]) or
                          f"models: {', '.join(d.name for d in models) or 'none'}")
     if not models:
-        raise NameError_("this file defines no `model`", None,
-                         hint="add `model name(x: f32[B, n]) -> f32[B, k] { ... }`")
+        first = program.defs[0] if program.defs else None
+        raise NameError_("this file defines no `model`", first.name_span if first else None,
+                         hint=f"declare the entry point with `model {first.name}(...)` instead of `block`"
+                         if first else "add `model name(x: f32[B, n]) -> f32[B, k] { ... }`")
     if len(models) == 1:
         return models[0]
     trained = [t.model for t in program.trains]
     if len(trained) == 1:
         return next(d for d in models if d.name == trained[0])
     raise NameError_(f"this file defines {len(models)} models ({', '.join(d.name for d in models)}); "
-                     "say which one", None, hint="pass --model NAME")
+                     "say which one", models[1].name_span,
+                     hint="pass --model NAME (or `model=` to dlc.load), or give one model a train block")
 
 
 # --- building -------------------------------------------------------------------------------------
@@ -202,6 +223,10 @@ class Frontend:
             raise NameError_(f"parameter name `{name}` is already used", span,
                              notes=[f"first created at {self.params[name].span}"],
                              hint="give the layer a different `name=`")
+        size = _count(type)
+        if size >= 2 ** 31:
+            raise ArgumentError(f"parameter `{name}` would have {size:,} elements ({type}); "
+                                "at most 2,147,483,647 are supported", span)
         if not fan_in:
             fan_in, fan_out = fans(tuple(type.shape))
         self.params[name] = ParamSpec(name, type, init, fan_in, fan_out, role, span)
@@ -236,7 +261,10 @@ class Frontend:
             inputs.append((p.name, t))
         out = self.call_def(model, args, {}, "", model.span, top=True, dims=dims)
         self.graph.outputs["output"] = out.id
-        config = self.build_train(train, out) if train is not None else None
+        try:
+            config = self.build_train(train, out) if train is not None else None
+        except RecursionError:
+            raise _too_deep(train.name_span) from None
         return Built(self.graph, self.params, self.summary, model, config, inputs)
 
     def resolve_type(self, t: ast.TypeExpr, dims: dict, bind_new: bool) -> TensorType:
@@ -289,13 +317,19 @@ class Frontend:
             scope.vars[name] = kwargs[name] if name in kwargs else self.eval(p.default, scope)
         for stmt in d.body:
             if isinstance(stmt, ast.Return):
-                with self.b.at(stmt.span):
-                    out = self.eval_tensor(stmt.value, scope, self._namer(stmt, "out", scope), "the result")
+                try:
+                    with self.b.at(stmt.span):
+                        out = self.eval_tensor(stmt.value, scope, self._namer(stmt, "out", scope), "the result")
+                except RecursionError:
+                    raise _too_deep(stmt.span) from None
                 self._check_result(d, out, dims, stmt)
                 if top:
                     self._row(stmt, "out", out)
                 return out
-            self.statement(stmt, scope, top)
+            try:
+                self.statement(stmt, scope, top)
+            except RecursionError:
+                raise _too_deep(stmt.span) from None
         raise AssertionError("unreachable: check_program requires a return")
 
     def _unify_arg(self, d, p, a: Value, dims, span):
@@ -313,7 +347,8 @@ class Frontend:
         bound = dict(dims)
         err = unify(pattern, out.shape, bound)
         if err or out.dtype.value != d.result.dtype:
-            declared = f"{d.result.dtype}[{', '.join(str(x) for x in d.result.dims)}]"
+            declared = f"{d.result.dtype}[{','.join(str(x) for x in d.result.dims)}]" if d.result.dims \
+                else d.result.dtype
             raise ShapeMismatch(f"{d.kind} `{d.name}` returns {out.type} but declares {declared}",
                                 stmt.span, notes=[err] if err else [],
                                 hint="fix the declared result type after `->` or the last layer")
@@ -425,7 +460,7 @@ class Frontend:
         if scope.context == "loss":
             known += ["params", "weights"] + list(self.params)
         hint = did_you_mean(name, known)
-        if name in ("output", "label") and scope.context != "loss":
+        if name in ("output", "label", "params", "weights") and scope.context != "loss":
             hint = f"`{name}` exists only in a train block's loss"
         raise NameError_(f"unknown name `{name}`", e.span, hint=hint)
 
@@ -443,13 +478,7 @@ class Frontend:
             raise TypeError_(f"the symbolic dimension {a if isinstance(a, Sym) else c} is not a "
                              "known number here", e.span)
         if isinstance(a, numbers) and isinstance(c, numbers):
-            if e.op == "matmul":
-                raise TypeError_("`@` needs tensors", e.span)
-            if e.op == "div" and c == 0:
-                raise ArgumentError("division by zero", e.span)
-            return {"add": a + c, "sub": a - c, "mul": a * c,
-                    "div": a / c if (isinstance(a, float) or isinstance(c, float) or a % c) else a // c,
-                    "pow": a ** c}[e.op]
+            return self._arith(e, sym_op, a, c)
         if e.op == "matmul":
             if not (isinstance(a, Value) and isinstance(c, Value)):
                 raise TypeError_("`@` needs two tensors", e.span)
@@ -465,8 +494,49 @@ class Frontend:
         t = a if isinstance(a, Value) else c
         if not t.dtype.is_float and e.op == "pow":
             raise TypeError_(f"`**` needs a float tensor, got {t.type}", e.span)
+        if t.dtype == DType.bool:
+            raise TypeError_(f"cannot apply `{sym_op}` to {t.type}: arithmetic needs numbers", e.span)
+        if e.op == "div" and not isinstance(c, Value) and c == 0:
+            raise ArgumentError("division by zero", e.span)
+        for v in (a, c):
+            if not isinstance(v, Value):
+                self._check_scalar(v, t.type, e.span)
         return {"add": lambda: a + c, "sub": lambda: a - c, "mul": lambda: a * c,
                 "div": lambda: a / c, "pow": lambda: a ** c}[e.op]()
+
+    def _arith(self, e: ast.BinOp, sym_op: str, a, c):
+        """Arithmetic on two plain numbers (sizes, rates): Python's, with its failures reported."""
+        if e.op == "matmul":
+            raise TypeError_("`@` needs tensors", e.span)
+        if e.op == "div" and c == 0:
+            raise ArgumentError("division by zero", e.span)
+        if e.op == "pow" and a == 0 and c < 0:
+            raise ArgumentError("0 cannot be raised to a negative power", e.span)
+        if e.op == "pow" and isinstance(a, int) and isinstance(c, int) and abs(a) > 1 and c > 1024:
+            raise ArgumentError(f"`{sym_op}` gives a number too large to use", e.span)
+        try:
+            out = {"add": lambda: a + c, "sub": lambda: a - c, "mul": lambda: a * c,
+                   "div": lambda: a / c if (isinstance(a, float) or isinstance(c, float) or a % c) else a // c,
+                   "pow": lambda: a ** c}[e.op]()
+        except OverflowError:
+            raise ArgumentError(f"`{sym_op}` gives a number too large to use", e.span) from None
+        if isinstance(out, complex):
+            raise ArgumentError(f"`{sym_op}` gives a complex number ({a} ** {c})", e.span)
+        if isinstance(out, int) and out.bit_length() > 1024:  # beyond any float
+            raise ArgumentError(f"`{sym_op}` gives a number too large to use", e.span)
+        return out
+
+    @staticmethod
+    def _check_scalar(v, t: TensorType, span: Span) -> None:
+        """A number combined with a tensor must fit the tensor's dtype."""
+        if t.dtype == DType.i32 and isinstance(v, float) and not v.is_integer():
+            raise TypeError_(f"cannot combine {t} with the fraction {v}; the tensor holds integers", span,
+                             hint="use an f32 tensor")
+        if t.dtype == DType.i32 and not -2 ** 31 <= v < 2 ** 31:
+            raise TypeError_(f"the number {v} does not fit in {t.dtype}", span)
+        if isinstance(v, int) and v.bit_length() > 1000:
+            raise TypeError_(f"the number {str(v)[:8]}... ({len(str(abs(v)))} digits) does not fit in "
+                             f"{t.dtype}", span)
 
     def index(self, e: ast.Index, scope, namer):
         x = self.eval_tensor(e.value, scope, namer, "an indexed value")
@@ -526,6 +596,8 @@ class Frontend:
         if fname in self.defs and self.defs[fname].kind == "block":
             d = self.defs[fname]
             explicit = kwargs.pop("name", None)
+            if explicit is not None and (not isinstance(explicit, str) or not explicit):
+                raise ArgumentError("`name=` must be a non-empty string", kwspans["name"])
             prefix = self._prefix(namer, fname, explicit, scope, e.span)
             with self.b.at(e.span):
                 return self.call_def(d, args, kwargs, prefix + ".", e.span)
@@ -541,23 +613,27 @@ class Frontend:
             candidates = list(nn.BUILTINS) + [d for d in self.defs if self.defs[d].kind == "block"]
             raise NameError_(f"unknown function `{fname}`", e.func.span, hint=did_you_mean(fname, candidates))
         if entry.kind == "layer" and scope.context != "model":
-            raise TypeError_(f"layer `{fname}` cannot be used in a loss; layers belong in the model",
+            where = "a loss" if scope.context == "loss" else "a train block option"
+            raise TypeError_(f"layer `{fname}` cannot be used in {where}; layers belong in the model",
                              e.func.span)
         if entry.kind in ("loss", "regularizer") and scope.context != "loss":
             raise TypeError_(f"`{fname}` is a {entry.kind} and belongs in the train block's `loss`",
                              e.func.span)
         explicit = kwargs.pop("name", None) if entry.kind == "layer" else None
-        if explicit is not None and not isinstance(explicit, str):
-            raise ArgumentError("`name=` must be a string", kwspans["name"])
+        if explicit is not None and (not isinstance(explicit, str) or not explicit):
+            raise ArgumentError("`name=` must be a non-empty string", kwspans["name"])
         prefix = self._prefix(namer, fname, explicit, scope, e.span) if entry.owns_params else (
             namer["binding"] if namer else scope.prefix + fname)
-        bound = bind_arguments(entry, args, kwargs, e, kwspans, skip_ctx=True)
+        argspans: dict[str, Span] = {}
+        bound = bind_arguments(entry, args, kwargs, e, kwspans, skip_ctx=True, spans_out=argspans)
+        if e.piped:  # a complaint about the piped value points at the call, not upstream
+            argspans = {k: v for k, v in argspans.items() if v is not e.args[0].span}
         ctx = _Ctx(self, prefix, e.span)
         try:
             with self.b.at(e.span):
                 return entry.fn(ctx, **bound)
-        except DlcError as err:
-            raise err.with_span(e.span)
+        except DlcError as err:  # point at the argument the layer complains about, if it says which
+            raise err.with_span(argspans.get(getattr(err, "arg", None)) or e.span)
 
     def _make_init(self, fname, args, kwargs, e):
         lo, hi = INIT_ARITY[fname]
@@ -614,8 +690,9 @@ class Frontend:
         for m in metrics:
             if m == "accuracy":
                 if loss_fn is None:
-                    raise ArgumentError("accuracy needs a classification loss (cross_entropy or bce)",
-                                        opts["metrics"].span)
+                    raise ArgumentError("`accuracy` needs a classification loss (`cross_entropy` or `bce`)",
+                                        opts["metrics"].value.span,
+                                        hint="drop `metrics`, or train with a classification loss")
                 with self.b.at(opts["loss"].span):
                     self.graph.outputs["accuracy"] = nn.accuracy(self.b, output, label, loss_fn).id
         spans = {name: o.span for name, o in opts.items()}
@@ -687,13 +764,20 @@ class Frontend:
         elif isinstance(e, ast.Call):
             call = e
         else:
-            raise TypeError_(f"expected a {kind} like `{_example(kind)}`", e.span)
+            raise TypeError_(f"expected {_KIND_WORDS.get(kind, kind)} like `{_example(kind)}`, got "
+                             f"{_describe(self.eval(e, scope))}", e.span)
         fname = call.func.text
         entry = RECIPE.get(fname)
         if entry is None or entry.kind != kind:
             choices = [n for n, r in RECIPE.items() if r.kind == kind]
-            raise NameError_(f"unknown {kind} `{fname}`", call.func.span,
-                             hint=did_you_mean(fname, choices) or f"choose one of: {', '.join(choices)}")
+            hint = did_you_mean(fname, choices) or f"choose one of: {', '.join(choices)}"
+            other = entry.kind if entry is not None else (
+                nn.BUILTINS[fname].kind if fname in nn.BUILTINS else None)
+            if other is not None:
+                raise TypeError_(f"`{fname}` is {_KIND_WORDS.get(other, other)}, not {_KIND_WORDS.get(kind, kind)}",
+                                 call.func.span, hint=hint)
+            noun = {"data": "data source", "schedule": "learning-rate schedule"}.get(kind, kind)
+            raise NameError_(f"unknown {noun} `{fname}`", call.func.span, hint=hint)
         args = [self.eval(a, scope) for a in call.args]
         kwargs, kwspans = {}, {}
         for k in call.kwargs:
@@ -707,6 +791,11 @@ class Frontend:
             raise err.with_span(call.span)
 
 
+_KIND_WORDS = {"data": "a data source", "optimizer": "an optimizer", "schedule": "a learning-rate schedule",
+               "metric": "a metric", "layer": "a layer", "activation": "an activation",
+               "function": "a function", "loss": "a loss", "regularizer": "a regularizer"}
+
+
 def _example(kind):
     return {"data": "digits(test=0.2)", "optimizer": "adam(lr=1e-3)", "schedule": "cosine()",
             "metric": "accuracy"}.get(kind, kind)
@@ -715,7 +804,7 @@ def _example(kind):
 # --- argument binding ---------------------------------------------------------------------------
 
 def bind_arguments(entry: nn.Builtin, args: list, kwargs: dict, call: ast.Call, kwspans: dict,
-                   skip_ctx: bool) -> dict:
+                   skip_ctx: bool, spans_out: dict | None = None) -> dict:
     """Bind call arguments to the entry's Python signature and check them against its annotations."""
     sig = inspect.signature(entry.fn)
     params = list(sig.parameters.values())[1 if skip_ctx else 0:]
@@ -743,6 +832,8 @@ def bind_arguments(entry: nn.Builtin, args: list, kwargs: dict, call: ast.Call, 
                                     hint=f"usage: {usage(entry)}")
             continue
         bound[p.name] = _convert(entry.name, p.name, bound[p.name], hints.get(p.name), spans[p.name])
+    if spans_out is not None:
+        spans_out.update(spans)
     return bound
 
 
@@ -792,8 +883,8 @@ def _accepts(want, v):
         if isinstance(v, FunctionRef):
             return True, v.name
         return isinstance(v, str), v
-    if want is nn.Pair:
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+    if want is nn.Pair:  # layers check that kernels and strides are positive; padding may be 0
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
             return True, v
         if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                         and x >= 0 for x in v):
@@ -814,7 +905,7 @@ def _accepts(want, v):
 
 def _type_name(t) -> str:
     return {nn.Tensor: "a tensor", bool: "true or false", int: "an integer", float: "a number",
-            str: "a string", nn.Pair: "a positive integer or [h, w]", Init: "an initializer",
+            str: "a string", nn.Pair: "an integer or [h, w]", Init: "an initializer",
             nn.ParamList: "parameters (`params`, `weights` or a parameter name)", list: "a list"}.get(t, str(t))
 
 

@@ -69,6 +69,30 @@ def pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def arg_error(message: str, arg: str | None = None) -> ArgumentError:
+    """An ArgumentError about one argument: the frontend points the caret at that argument."""
+    err = ArgumentError(message)
+    err.arg = arg
+    return err
+
+
+def _float(x: Value, layer: str, f32: bool = False) -> None:
+    """Layers with (f32) parameters need f32 input; other functions any float."""
+    if f32 and x.dtype != DType.f32:
+        raise arg_error(f"`{layer}` needs an f32 input, got {x.type}", "x")
+    if not x.dtype.is_float:
+        raise arg_error(f"`{layer}` needs a floating-point input, got {x.type}", "x")
+
+
+def _window(layer: str, kernel, stride) -> tuple[tuple[int, int], tuple[int, int]]:
+    k, s = pair(kernel), pair(stride)
+    for what, v in (("kernel", k), ("stride", s)):
+        if min(v) < 1:
+            raise arg_error(f"`{layer}`: argument `{what}` must be positive, got "
+                            f"{list(v) if v[0] != v[1] else v[0]}", what)
+    return k, s
+
+
 def _matmul_last(b: GraphBuilder, x: Value, w: Value) -> Value:
     """x[..., k] @ w[k, n] for any rank of x (leading axes are flattened into rows)."""
     if x.rank == 2:
@@ -80,10 +104,12 @@ def _matmul_last(b: GraphBuilder, x: Value, w: Value) -> Value:
 
 
 def _features(x: Value, layer: str) -> int:
-    d = x.shape[-1] if x.rank else None
+    if not x.rank:
+        raise arg_error(f"`{layer}` needs a tensor with a feature axis, got the scalar {x.type}", "x")
+    d = x.shape[-1]
     if not isinstance(d, int):
-        raise ArgumentError(f"{layer} needs a known number of input features, but the last "
-                            f"dimension of {x.type} is {d}")
+        raise arg_error(f"`{layer}` needs a known number of input features, but the last "
+                        f"dimension of {x.type} is {d}", "x")
     return d
 
 
@@ -92,7 +118,8 @@ def _features(x: Value, layer: str) -> int:
 @builtin("layer")
 def dense(ctx: LayerContext, x: Tensor, units: int, bias: bool = True, init: Init = GLOROT_UNIFORM) -> Value:
     """Fully connected layer: x @ w + b over the last axis; w is [in, units]."""
-    _positive(units, "units")
+    _positive(units, "units", "dense")
+    _float(x, "dense", f32=True)
     n_in = _features(x, "dense")
     w = ctx.param("w", (n_in, units), init, n_in, units)
     y = _matmul_last(ctx.b, x, w)
@@ -103,21 +130,22 @@ def dense(ctx: LayerContext, x: Tensor, units: int, bias: bool = True, init: Ini
 def conv2d(ctx: LayerContext, x: Tensor, channels: int, kernel: Pair, stride: Pair = 1,
            pad: Union[Pair, str] = 0, bias: bool = True, init: Init = HE_NORMAL) -> Value:
     """2-D convolution over NCHW input; pad is a number, [h, w] or "same" (odd kernels, stride 1)."""
-    _positive(channels, "channels")
+    _positive(channels, "channels", "conv2d")
     if x.rank != 4:
-        raise ArgumentError(f"conv2d needs an NCHW input of rank 4, got {x.type}")
-    k, s = pair(kernel), pair(stride)
+        raise arg_error(f"`conv2d` needs an NCHW input of rank 4, got {x.type}", "x")
+    _float(x, "conv2d", f32=True)
+    k, s = _window("conv2d", kernel, stride)
     if pad == "same":
         if s != (1, 1) or k[0] % 2 == 0 or k[1] % 2 == 0:
-            raise ArgumentError('pad="same" needs stride 1 and an odd kernel')
+            raise arg_error('`conv2d`: pad="same" needs stride 1 and an odd kernel', "pad")
         p = (k[0] // 2, k[1] // 2)
     elif isinstance(pad, str):
-        raise ArgumentError(f'conv2d: pad must be a number, [h, w] or "same", got "{pad}"')
+        raise arg_error(f'`conv2d`: argument `pad` must be a number, [h, w] or "same", got "{pad}"', "pad")
     else:
         p = pair(pad)
     c_in = x.shape[1]
     if not isinstance(c_in, int):
-        raise ArgumentError(f"conv2d needs a known number of input channels, got {x.type}")
+        raise arg_error(f"`conv2d` needs a known number of input channels, got {x.type}", "x")
     fan_in, fan_out = c_in * k[0] * k[1], channels * k[0] * k[1]
     w = ctx.param("w", (channels, c_in) + k, init, fan_in, fan_out)
     y = ctx.b.emit(ops.CONV2D, (x, w), stride=s, pad=p)
@@ -129,10 +157,14 @@ def conv2d(ctx: LayerContext, x: Tensor, channels: int, kernel: Pair, stride: Pa
 
 def _pool(ctx, x, mode, kernel, stride, pad):
     if x.rank != 4:
-        raise ArgumentError(f"{mode}pool needs an NCHW input of rank 4, got {x.type}")
-    k = pair(kernel)
-    return ctx.b.emit(ops.POOL2D, (x,), mode=mode, kernel=k,
-                      stride=pair(stride) if stride is not None else k, pad=pair(pad))
+        raise arg_error(f"`{mode}pool` needs an NCHW input of rank 4, got {x.type}", "x")
+    _float(x, f"{mode}pool")
+    k, s = _window(f"{mode}pool", kernel, stride if stride is not None else kernel)
+    p = pair(pad)
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise arg_error(f"`{mode}pool`: argument `pad` can be at most half the window ({k[0]}x{k[1]}), got "
+                        f"{list(p) if p[0] != p[1] else p[0]}", "pad")
+    return ctx.b.emit(ops.POOL2D, (x,), mode=mode, kernel=k, stride=s, pad=p)
 
 
 @builtin("function")
@@ -151,7 +183,8 @@ def avgpool(ctx: LayerContext, x: Tensor, kernel: Pair = 2, stride: Optional[Pai
 def global_avgpool(ctx: LayerContext, x: Tensor) -> Value:
     """Mean over the spatial axes: [N, C, H, W] -> [N, C]."""
     if x.rank != 4:
-        raise ArgumentError(f"global_avgpool needs an NCHW input of rank 4, got {x.type}")
+        raise arg_error(f"`global_avgpool` needs an NCHW input of rank 4, got {x.type}", "x")
+    _float(x, "global_avgpool")
     return ctx.b.mean(x, (2, 3))
 
 
@@ -159,7 +192,7 @@ def global_avgpool(ctx: LayerContext, x: Tensor) -> Value:
 def flatten(ctx: LayerContext, x: Tensor) -> Value:
     """[N, d1, d2, ...] -> [N, d1*d2*...]."""
     if x.rank < 2:
-        raise ArgumentError(f"flatten needs a batch axis and at least one more, got {x.type}")
+        raise arg_error(f"`flatten` needs a batch axis and at least one more, got {x.type}", "x")
     return ctx.b.reshape(x, (x.shape[0], numel(x.shape[1:])))
 
 
@@ -168,7 +201,7 @@ def dropout(ctx: LayerContext, x: Tensor, p: float = 0.5) -> Value:
     """Zeroes each element with probability p while training (scaling the rest by 1/(1-p));
     the identity in evaluation."""
     if not 0.0 <= p < 1.0:
-        raise ArgumentError(f"dropout rate must be in [0, 1), got {p}")
+        raise arg_error(f"`dropout`: the rate `p` must be in [0, 1), got {p}", "p")
     if not ctx.training or p == 0.0:
         return x
     b = ctx.b
@@ -182,13 +215,16 @@ def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 
     """Batch normalization over axis 1 ([N, C] or [N, C, H, W]); batch statistics while
     training (updating running statistics), running statistics in evaluation."""
     if x.rank not in (2, 4):
-        raise ArgumentError(f"batchnorm needs [N, C] or [N, C, H, W], got {x.type}")
+        raise arg_error(f"`batchnorm` needs [N, C] or [N, C, H, W], got {x.type}", "x")
+    _float(x, "batchnorm", f32=True)
     if not 0.0 <= momentum <= 1.0:
-        raise ArgumentError(f"batchnorm momentum must be in [0, 1], got {momentum}")
+        raise arg_error(f"`batchnorm`: argument `momentum` must be in [0, 1], got {momentum}", "momentum")
+    if not eps > 0.0:
+        raise arg_error(f"`batchnorm`: argument `eps` must be positive, got {eps}", "eps")
     b = ctx.b
     c = x.shape[1]
     if not isinstance(c, int):
-        raise ArgumentError(f"batchnorm needs a known number of channels, got {x.type}")
+        raise arg_error(f"`batchnorm` needs a known number of channels, got {x.type}", "x")
     gamma = ctx.param("gamma", (c,), ONES)
     beta = ctx.param("beta", (c,), ZEROS)
     run_mean = ctx.state("running_mean", (c,), ZEROS)
@@ -215,18 +251,19 @@ def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 
 @builtin("layer")
 def embedding(ctx: LayerContext, x: Tensor, vocab: int, dim: int, init: Init = Init("normal", (0.0, 1.0))) -> Value:
     """Rows of a [vocab, dim] table picked by integer indices: i32[...] -> f32[..., dim]."""
-    _positive(vocab, "vocab")
-    _positive(dim, "dim")
+    _positive(vocab, "vocab", "embedding")
+    _positive(dim, "dim", "embedding")
     if x.dtype != DType.i32:
-        raise ArgumentError(f"embedding needs integer indices (i32), got {x.type}")
+        raise arg_error(f"`embedding` needs integer indices (i32), got {x.type}", "x")
     table = ctx.param("table", (vocab, dim), init, vocab, dim)
     return ctx.b.emit(ops.TAKE, (table, x))
 
 
 def _sequence(x: Value, layer: str) -> int:
+    _float(x, layer, f32=True)
     if x.rank != 3 or not isinstance(x.shape[1], int):
-        raise ArgumentError(f"{layer} needs a [batch, time, features] input with a known number of "
-                            f"time steps, got {x.type}")
+        raise arg_error(f"`{layer}` needs a [batch, time, features] input with a known number of "
+                        f"time steps, got {x.type}", "x")
     return x.shape[1]
 
 
@@ -242,7 +279,7 @@ def rnn(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = Fals
         init: Init = GLOROT_UNIFORM) -> Value:
     """Elman RNN: h_t = tanh(x_t @ wx + h_{t-1} @ wh + b), h_0 = 0. Returns the last
     state [B, hidden], or all of them [B, T, hidden] with return_sequences=true."""
-    _positive(hidden, "hidden")
+    _positive(hidden, "hidden", "rnn")
     steps, n_in, b = _sequence(x, "rnn"), _features(x, "rnn"), ctx.b
     wx = ctx.param("wx", (n_in, hidden), init, n_in, hidden)
     wh = ctx.param("wh", (hidden, hidden), init, hidden, hidden)
@@ -261,7 +298,7 @@ def lstm(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = Fal
          init: Init = GLOROT_UNIFORM) -> Value:
     """LSTM with gates (i, f, g, o) packed along the last axis of w [in, 4h] and u [h, 4h].
     Returns the last hidden state [B, hidden], or all of them with return_sequences=true."""
-    _positive(hidden, "hidden")
+    _positive(hidden, "hidden", "lstm")
     steps, n_in, b = _sequence(x, "lstm"), _features(x, "lstm"), ctx.b
     w = ctx.param("w", (n_in, 4 * hidden), init, n_in, 4 * hidden)
     u = ctx.param("u", (hidden, 4 * hidden), init, hidden, 4 * hidden)
@@ -320,12 +357,14 @@ def _log_softmax(b: GraphBuilder, x: Value, axis: int) -> Value:
 @builtin("activation")
 def log_softmax(ctx: LayerContext, x: Tensor, axis: int = -1) -> Value:
     """x - log(sum(exp(x))) along axis, computed stably"""
+    _float(x, "log_softmax")
     return _log_softmax(ctx.b, x, axis)
 
 
 @builtin("activation")
 def softmax(ctx: LayerContext, x: Tensor, axis: int = -1) -> Value:
     """exp(x) / sum(exp(x)) along axis, computed stably"""
+    _float(x, "softmax")
     b = ctx.b
     e = b.exp(x - b.stop_gradient(b.max(x, axis, keepdims=True)))
     return e / b.sum(e, axis, keepdims=True)
@@ -334,6 +373,7 @@ def softmax(ctx: LayerContext, x: Tensor, axis: int = -1) -> Value:
 @builtin("activation")
 def gelu(ctx: LayerContext, x: Tensor) -> Value:
     """Gaussian error linear unit (tanh approximation)"""
+    _float(x, "gelu")
     inner = (x + x * x * x * 0.044715) * math.sqrt(2.0 / math.pi)
     return x * 0.5 * (ctx.b.tanh(inner) + 1.0)
 
@@ -354,7 +394,11 @@ _unary("abs", "absolute value, elementwise", "abs")
 
 
 def _axes(axis):
-    return None if axis is None else (axis if isinstance(axis, int) else tuple(axis))
+    if axis is None:
+        return None
+    if isinstance(axis, list) and not all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
+        raise arg_error(f"`axis` must be an integer or a list of integers, got {_show(axis)}", "axis")
+    return axis if isinstance(axis, int) else tuple(axis)
 
 
 @builtin("function", name="sum")
@@ -366,6 +410,7 @@ def sum_(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, 
 @builtin("function")
 def mean(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, keepdims: bool = False) -> Value:
     """Mean over axis (all axes when omitted)."""
+    _float(x, "mean")
     return ctx.b.mean(x, _axes(axis), keepdims)
 
 
@@ -403,8 +448,9 @@ def reshape(ctx: LayerContext, x: Tensor, shape: list) -> Value:
 def transpose(ctx: LayerContext, x: Tensor, perm: Optional[list] = None) -> Value:
     """Permute axes (reverses them when perm is omitted)."""
     perm = list(range(x.rank))[::-1] if perm is None else perm
-    if sorted(perm) != list(range(x.rank)):
-        raise ArgumentError(f"transpose: {perm} is not a permutation of the axes of {x.type}")
+    if not all(isinstance(a, int) and not isinstance(a, bool) for a in perm) or \
+            sorted(perm) != list(range(x.rank)):
+        raise arg_error(f"`transpose`: {_show(perm)} is not a permutation of the axes of {x.type}", "perm")
     return ctx.b.permute(x, perm)
 
 
@@ -412,38 +458,56 @@ def transpose(ctx: LayerContext, x: Tensor, perm: Optional[list] = None) -> Valu
 def concat(ctx: LayerContext, xs: list, axis: int = -1) -> Value:
     """Joins a list of tensors along axis."""
     if not xs or not all(isinstance(v, Value) for v in xs):
-        raise ArgumentError("concat needs a non-empty list of tensors")
+        raise arg_error("`concat` needs a non-empty list of tensors", "xs")
+    if not -xs[0].rank <= axis < xs[0].rank:
+        raise arg_error(f"`concat`: axis {axis} is out of range for {xs[0].type}", "axis")
     return ctx.b.concat(xs, axis % xs[0].rank)
 
 
 def _reshape_target(x: Value, shape: list) -> tuple:
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, (int, Sym)) or (isinstance(d, int) and d < 1 and d != -1):
+            raise arg_error(f"`reshape`: a dimension must be a positive integer, a symbol or -1, "
+                            f"got {_show(d)}", "shape")
     if shape.count(-1) > 1:
-        raise ArgumentError("reshape: only one dimension can be -1")
+        raise arg_error("`reshape`: only one dimension can be -1", "shape")
     known = 1
     for d in shape:
         if d != -1:
-            if not isinstance(d, (int, Sym)) or (isinstance(d, int) and d < 1):
-                raise ArgumentError(f"reshape: bad dimension {d}")
             known = dim_mul(known, d)
     total = numel(x.shape)
     if -1 in shape:
         rest = dim_div(total, known)
         if rest is None:
-            raise ArgumentError(f"reshape: cannot reshape {x.type} into {shape}")
+            raise arg_error(f"`reshape`: cannot reshape {x.type} into {_show(shape)}", "shape")
         shape = [rest if d == -1 else d for d in shape]
     return tuple(shape)
 
 
 # --- losses and regularizers ----------------------------------------------------------------
 
+def _show(v) -> str:
+    """A .dln-looking rendering of an argument value: `[B, 5, -1]`, `"a"`."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_show(d) for d in v) + "]"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, Value):
+        return f"a tensor {v.type}"
+    return str(v)
+
+
 def _same_shape(name, output: Value, target: Value):
     if output.shape != target.shape:
-        raise ArgumentError(f"{name}: output {output.type} and target {target.type} have different shapes")
+        raise ArgumentError(f"`{name}`: output {output.type} and target {target.type} have different shapes")
 
 
 @builtin("loss")
 def mse(ctx: LayerContext, output: Tensor, target: Tensor) -> Value:
     """Mean squared error over all elements."""
+    _float(output, "mse")
     _same_shape("mse", output, target)
     d = output - target
     return ctx.b.mean(d * d)
@@ -454,12 +518,14 @@ def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor) -> Value:
     """Softmax cross-entropy from logits [B, K] and integer labels [B] (or target
     probabilities [B, K]), averaged over the batch; log-softmax is built in."""
     b = ctx.b
+    if not logits.dtype.is_float:
+        raise arg_error(f"`cross_entropy` needs floating-point logits, got {logits.type}", "logits")
     if logits.rank != 2:
-        raise ArgumentError(f"cross_entropy needs logits [B, classes], got {logits.type}")
+        raise ArgumentError(f"`cross_entropy` needs logits [B, classes], got {logits.type}")
     logp = _log_softmax(b, logits, -1)
     if labels.dtype == DType.i32:
         if labels.shape != logits.shape[:1]:
-            raise ArgumentError(f"cross_entropy: labels {labels.type} do not match logits {logits.type}")
+            raise ArgumentError(f"`cross_entropy`: labels {labels.type} do not match logits {logits.type}")
         onehot = b.eq(b.broadcast(labels, logits.shape, (0,)), b.iota(logits.shape, 1))
         picked = b.where(onehot, logp, 0.0)
     else:
@@ -472,6 +538,7 @@ def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor) -> Value:
 def bce(ctx: LayerContext, output: Tensor, target: Tensor, from_logits: bool = False) -> Value:
     """Binary cross-entropy of probabilities (or logits with from_logits=true) against 0/1 targets."""
     b = ctx.b
+    _float(output, "bce")
     _same_shape("bce", output, target)
     if from_logits:  # max(z, 0) - z*y + log(1 + exp(-|z|)), stable for any z
         z = output
@@ -512,9 +579,9 @@ def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str) -> Valu
     return b.mean(b.cast(hit, DType.f32))
 
 
-def _positive(v: int, name: str) -> None:
+def _positive(v: int, name: str, layer: str) -> None:
     if v < 1:
-        raise ArgumentError(f"{name} must be a positive number, got {v}")
+        raise arg_error(f"`{layer}`: argument `{name}` must be a positive integer, got {v}", name)
 
 
 def stream_id(name: str) -> int:

@@ -102,6 +102,12 @@ STAGES: dict[str, str] = {"ast": "the parsed program (frozen dataclasses with lo
                           "graph": "the model and loss as a typed graph of primitives"}
 for _p in GRAPH_PASSES + LOWER_PASSES:
     STAGES.setdefault(_p.name, _p.doc)
+# code generation stages (cpu target)
+CODEGEN_STAGES = {"kernel": "loop nests over buffers: the kernel IR every code generator renders",
+                  "llvm": "LLVM IR of the whole step (before LLVM's optimizer)",
+                  "llvm-opt": "LLVM IR after LLVM's optimizer",
+                  "asm": "the host machine code"}
+STAGES.update(CODEGEN_STAGES)
 PASS_NAMES = tuple(dict.fromkeys(p.name for p in GRAPH_PASSES + LOWER_PASSES))
 
 

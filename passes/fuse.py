@@ -86,6 +86,9 @@ class Free:
         n = self.g.node(nid)
         if n.op is ops.INPUT or nid in self.results:
             return False
+        if any(self.g.node(u).op in ANCHORS for u in self.g.users(nid)):
+            # contractions read real buffers; a reshape of one is the same memory
+            return n.op is ops.RESHAPE and self.g.node(n.operands[0]).op is ops.INPUT
         if n.op in (ops.CONST, ops.IOTA, ops.RANDOM):
             return True
         if n.op.kind is ops.Kind.ELEMENTWISE and n.type.rank == 0:
@@ -439,7 +442,7 @@ def fuse(graph: Graph, ctx=None) -> Graph:
             part.nodes.sort(key=order.__getitem__)
         for n in k.nodes:
             group_of[n] = new_id
-    materialized = set(g.roots())
+    materialized = set(g.roots()) | {n for n in group_of if g.node(n).op in ANCHORS}
     for n, kid in group_of.items():
         if any(group_of.get(u) != kid or g.node(u).op in ANCHORS for u in f.free.users(n)):
             materialized.add(n)

@@ -64,22 +64,38 @@ class History:
 
 
 class Session:
-    """One model's compiled training and evaluation steps over one shared state."""
+    """One model's compiled training and evaluation steps over one shared state.
 
-    def __init__(self, model, config, target: str = "reference"):
+    Graphs are built lazily: a native step found in the compile cache needs none."""
+
+    def __init__(self, model, config, target: str = "cpu", options: dict | None = None):
         from ..backends import compile_program
         self.model = model
         self.config = config
         self.target = target
+        options = dict(options or {})
         self.input_name = model.input_types[0][0]
-        self.train_graph = model.compile_graph("train", config)
-        self.eval_graph = model.compile_graph("eval", config)
-        model.ensure_state(self.train_graph)
         self.state = model.state
-        self.train_program = compile_program(self.train_graph, self.state, target)
-        self.eval_program = compile_program(self.eval_graph, self.state, target)
-        self.metrics = [k for k in self.eval_graph.outputs if k not in ("output", "loss")]
+        self._graphs: dict[str, object] = {}
+        if target == "reference":  # the interpreter needs the optimizer state up front
+            model.ensure_state(self.graph("train"))
+        self.train_program, self.eval_program = (
+            compile_program(lambda mode=mode: self.graph(mode), self.state, target,
+                            key=model.source_key(mode, config), data_name=self.input_name,
+                            preloaded={b: s for (m, b), s in model.preloaded.items() if m == mode},
+                            **options)
+            for mode in ("train", "eval"))
+        self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
         self.global_step = int(self.state["step"]) if "step" in self.state else 0
+
+    def graph(self, mode: str):
+        if mode not in self._graphs:
+            self._graphs[mode] = self.model.compile_graph(mode, self.config)
+        return self._graphs[mode]
+
+    @property
+    def train_graph(self):
+        return self.graph("train")
 
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
@@ -89,7 +105,7 @@ class Session:
         if not math.isfinite(loss):
             raise self._numerics_error(feeds, loss)
         self.global_step += 1
-        return {k: float(v) for k, v in out.items()}
+        return {k: float(out[k]) for k in ["loss"] + self.metrics}
 
     def _numerics_error(self, feeds, loss: float) -> NumericsError:
         """Re-run the failed step on the reference interpreter to find the first bad op.
@@ -129,8 +145,8 @@ class Session:
         return np.concatenate(outs) if outs else np.zeros((0,))
 
     def _label_type(self):
-        node = self.eval_graph.node(self.eval_graph.input_named("label"))
-        return node.attrs["type"]
+        g = self.model.built("eval").graph
+        return g.node(g.input_named("label")).attrs["type"]
 
     def _label_shape(self) -> tuple:
         return tuple(int(d) for d in self._label_type().shape[1:])

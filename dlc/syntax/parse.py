@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import functools
 
-from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark import Lark, Token, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.visitors import Transformer_NonRecursive
 
-from ..diagnostics import ParseError, Source, Span
+from ..diagnostics import DlcError, ParseError, Source, Span
 from . import ast
 
 
@@ -22,7 +23,19 @@ def parse(text: str, name: str = "<string>") -> ast.Program:
         tree = _parser().parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, source) from None
-    return _ToAst(source).transform(tree)
+    except RecursionError:  # only pathological nesting gets here; point at the end of the text
+        raise ParseError("the program is nested too deeply to parse", source.end()) from None
+    try:
+        # non-recursive: a long `a + b + c + ...` chain must not exhaust Python's stack
+        program = _ToAst(source).transform(tree)
+    except VisitError as e:  # a rule raised (e.g. an oversized literal): report that error
+        if isinstance(e.orig_exc, DlcError):
+            raise e.orig_exc from None
+        raise
+    if not program.defs and not program.trains:  # empty, or only comments: point at the end
+        raise DlcError("this file defines no `model`", source.end(),
+                         hint="add `model name(x: f32[B, n]) -> f32[B, k] { ... }`")
+    return program
 
 
 # --- error messages ------------------------------------------------------------------
@@ -55,8 +68,8 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> ParseError:
     line = getattr(e, "line", -1)
     col = getattr(e, "column", -1)
     if line is None or line < 1:  # end of input: point just past the last character
-        lines = source.text.splitlines() or [""]
-        line, col = len(lines), len(lines[-1]) + 1
+        end = source.end()
+        line, col = end.line, end.col
     width = 1
     hint = None
     if isinstance(e, UnexpectedCharacters):
@@ -64,7 +77,13 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> ParseError:
         message = f"unexpected character `{ch}`"
         if ch == "\t":
             message = "unexpected tab character"
-        hint = _char_hint(ch)
+        elif ch in "\"'":
+            rest = source.text[e.pos_in_stream + 1:].split("\n", 1)[0]
+            if ch not in rest:
+                message = "unterminated string"
+                width = len(rest) + 1
+                hint = f"close the string with `{ch}` on the same line"
+        hint = hint or _char_hint(ch)
     elif isinstance(e, UnexpectedToken) and e.token.type != "$END":
         tok = e.token
         width = max(1, len(str(tok)))
@@ -72,15 +91,53 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> ParseError:
                    else f"unexpected {_terminal_text().get(tok.type, tok.type)}")
         message += f"; expected {_describe(e.expected)}"
         hint = _token_hint(tok, set(e.expected))
+        # a `(` or `[` left open on an earlier line (an open `{` is just the body we are in)
+        opener = _unclosed(source.text, tok.start_pos)
+        closer = {"(": "RPAR", "[": "RSQB", "{": None}
+        if opener and closer[opener[0]] in e.expected and opener[1] < tok.line \
+                and tok.type not in ("COMMA", "RPAR", "RSQB", "RBRACE"):
+            hint = f"the `{opener[0]}` at {opener[1]}:{opener[2]} is not closed"
     else:
         expected = getattr(e, "expected", None) or ()
         message = "unexpected end of file" + (f"; expected {_describe(expected)}" if expected else "")
-        if "RBRACE" in expected:
+        opener = _unclosed(source.text, len(source.text))
+        if opener:
+            hint = f"the `{opener[0]}` at {opener[1]}:{opener[2]} is not closed"
+        elif "RBRACE" in expected:
             hint = "a `}` is missing"
         elif "RPAR" in expected:
             hint = "a `)` is missing"
     span = Span(source, line, col, line, col + width)
     return ParseError(message, span, hint)
+
+
+def _unclosed(text: str, end: int) -> tuple[str, int, int] | None:
+    """The innermost bracket opened before `end` and not closed by then: (char, line, col)."""
+    stack: list[tuple[str, int, int]] = []
+    pairs = {")": "(", "]": "[", "}": "{"}
+    line, col, i = 1, 1, 0
+    quote = None
+    while i < end:
+        ch = text[i]
+        if quote:
+            if ch == quote or ch == "\n":
+                quote = None
+        elif ch == "#":
+            while i < end and text[i] != "\n":
+                i += 1
+            continue
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([{":
+            stack.append((ch, line, col))
+        elif ch in pairs and stack and stack[-1][0] == pairs[ch]:
+            stack.pop()
+        if ch == "\n":
+            line, col = line + 1, 1
+        else:
+            col += 1
+        i += 1
+    return stack[-1] if stack else None
 
 
 def _char_hint(ch: str) -> str | None:
@@ -108,7 +165,7 @@ def _token_hint(tok: Token, expected: set[str]) -> str | None:
 # --- tree -> AST ------------------------------------------------------------------------
 
 @v_args(meta=True, inline=True)
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):
     def __init__(self, source: Source):
         super().__init__()
         self.source = source
@@ -192,6 +249,8 @@ class _ToAst(Transformer):
         return ast.Neg(x, self._span(meta))
 
     def int_lit(self, meta, tok):
+        if len(tok) > 300:  # past any float; Python also refuses to convert > 4300 digits
+            raise ParseError("integer literal is too large", self._tok_span(tok))
         return ast.Num(int(tok), self._tok_span(tok))
 
     def float_lit(self, meta, tok):

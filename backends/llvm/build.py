@@ -1,0 +1,99 @@
+"""From a symbolic graph to loadable object code for one batch size: the lowering passes,
+the kernel IR, LLVM IR, LLVM's optimizer -- through the on-disk cache."""
+from __future__ import annotations
+
+import hashlib
+import time
+
+from dlc import __version__
+from dlc.graph import Graph
+from dlc.pipeline import LOWER_PASSES, Compilation, PassContext, run_passes
+from dlc.printer import print_graph
+
+from .cache import Cache
+from .runtime import StepLayout
+from .target import Target
+
+# bump when generated code changes for the same graph (invalidates cached object code)
+CODEGEN_VERSION = 1
+
+
+def cache_key(what: str, batch: int, target: Target, profile: bool) -> str:
+    """`what` identifies the graph: its text, or the source and recipe it is built from."""
+    h = hashlib.sha256()
+    for part in (what, str(batch), target.key(), __version__, str(CODEGEN_VERSION), str(profile)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def lower(graph: Graph, batch: int, log: Compilation | None = None) -> Graph:
+    return run_passes(graph, LOWER_PASSES, PassContext(batch=batch), log)
+
+
+def generate(graph: Graph, batch: int, target: Target, profile: bool = False, lowered: bool = False):
+    """(lowered graph, kernel program, module builder with its LLVM module)."""
+    from dlc.passes.schedule import schedule
+    from .codegen import ModuleBuilder
+    lowered = graph if lowered else lower(graph, batch)
+    program = schedule(lowered)
+    mb = ModuleBuilder(program, target, name=graph.name, profile=profile)
+    mb.build()
+    return lowered, program, mb
+
+
+def codegen_stages(lowered: Graph, names, target: Target | None = None) -> list[tuple[str, str]]:
+    """Text of the kernel / llvm / llvm-opt / asm stages for an already lowered graph."""
+    from dlc.kernel import format_program
+    from .jit import assembly, optimized_ir
+    target = target or Target.host()
+    _, program, mb = generate(lowered, 0, target, lowered=True)
+    texts = {"kernel": lambda: format_program(program), "llvm": lambda: str(mb.module),
+             "llvm-opt": lambda: optimized_ir(mb.module, target), "asm": lambda: assembly(mb.module, target)}
+    return [(n, texts[n]()) for n in names]
+
+
+def layout_of(program, mb, batch: int, target: Target) -> StepLayout:
+    slots = []
+    for name in mb.layout.slots:
+        buf = program.inputs.get(name) or program.state[name]
+        slots.append([name, buf.kind, buf.dtype.value, list(buf.shape)])
+    outputs = {}
+    for name, buf in program.outputs.items():
+        if buf.kind != "arena":
+            raise AssertionError(f"result {name} is not in the arena")
+        outputs[name] = [buf.offset, buf.dtype.value, list(buf.shape)]
+    kernels = [[kname, phase, list(next(k.lines for k in program.kernels if k.name == kname))]
+               for phase, kname, _, _ in mb.parts]
+    return StepLayout(batch, program.arena_bytes, mb.layout.scratch_bytes, slots, outputs, kernels,
+                      target.threads)
+
+
+def build_step(graph, batch: int, target: Target, cache: Cache | None = None, verbose=None,
+               profile: bool = False, source_key: str | None = None) -> tuple[bytes, StepLayout]:
+    """Object code and layout for one batch size. `graph` may be a function that builds
+    the graph: with a `source_key`, a cache hit never builds it."""
+    from .jit import compile_module
+    start = time.perf_counter()
+    get_graph = graph if callable(graph) else (lambda: graph)
+    key = cache_key(source_key or print_graph(get_graph()), batch, target, profile) if cache else None
+    hit = cache.get(key) if cache else None
+    if hit is not None:
+        obj, layout_json = hit
+        if verbose:
+            verbose(f"compile cache hit {key[:12]} (batch {batch}): {(time.perf_counter() - start) * 1e3:.0f} ms")
+        return obj, StepLayout.from_json(layout_json)
+    graph = get_graph()
+    t0 = time.perf_counter()
+    lowered, program, mb = generate(graph, batch, target, profile)
+    t1 = time.perf_counter()
+    compiled = compile_module(mb.module, target)
+    layout = layout_of(program, mb, batch, target)
+    if cache:
+        cache.put(key, compiled.object_code, layout.to_json())
+    if verbose:
+        verbose(f"compile cache {'miss ' + key[:12] if key else 'off'} ({graph.name}, batch {batch}): "
+                f"passes+codegen {(t1 - t0) * 1e3:.0f} ms, "
+                f"LLVM optimize {compiled.seconds_optimize * 1e3:.0f} ms, "
+                f"machine code {compiled.seconds_codegen * 1e3:.0f} ms")
+    return compiled.object_code, layout

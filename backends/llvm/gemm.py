@@ -1,0 +1,691 @@
+"""Single-precision GEMM as LLVM IR: packed panels, an FMA register-tile microkernel, threads.
+
+`emit_gemm` writes one externally visible function into an existing llvmlite module:
+
+    void name(ptr A, ptr B, ptr C, ptr bias, ptr workspace, i32 tid, i32 nthreads)
+
+It computes C = op(A) @ op(B) (or C += ... with `accumulate`), then adds `bias[n]` per
+column and applies ReLU when the spec asks for them. Thread `tid` of `nthreads` computes a
+static share of C (whole register tiles along N, or along M when N is too narrow to split),
+so calling it from `nthreads` threads at once, one call per tid, computes all of C.
+
+Calling convention
+------------------
+* All matrices are float32, row-major, with leading dimensions from the spec.
+* `bias` may be null unless `spec.bias`.
+* `workspace` is the scratch area of *this* thread: `GemmInfo.workspace_bytes` bytes,
+  64-byte aligned, used by no other thread during the call. The caller allocates one per
+  thread and passes thread tid's own pointer (e.g. `base + tid * workspace_bytes`;
+  `workspace_bytes` is a multiple of 64). It may be null when `workspace_bytes == 0`.
+* The function does not allocate, lock or call anything: it is safe to run concurrently
+  for different tids of the same call, as long as C does not overlap A, B or bias.
+
+Algorithm (Goto / BLIS)
+-----------------------
+    for jc in this thread's columns, step NC:
+      for pc in 0..k, step KC:                    K blocks (even sizes)
+        pack B[pc:pc+kc, jc:jc+nc] into NR-wide panels     (skipped for small m)
+        for ic in this thread's rows, step MC:
+          pack A[ic:ic+mc, pc:pc+kc] into MR-tall panels   (skipped for small m)
+          for jr in 0..nc, step NR:  for ir in 0..mc, step MR:
+            microkernel: MR x NR tile of C += A panel @ B panel over kc
+The microkernel keeps MR x NR/W accumulators (`<W x float>`) in registers, loads NR/W
+vectors of B and broadcasts MR elements of A per k, and fuses the epilogue (add old C,
+bias, ReLU) into the stores of the last K block. Tiles that cross the M or N edge use a
+second kernel with masked loads and stores; packed panels are zero padded, unpacked
+operands are read with masks (N) or clamped rows (M), so nothing reads out of bounds.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+
+F32 = ir.FloatType()
+I1 = ir.IntType(1)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+PTR = ir.PointerType()
+VOID = ir.VoidType()
+
+# Kernel `mode` bits, decided per K block by the driver.
+_ADD_C = 1      # add the tile already in C (later K blocks, or spec.accumulate)
+_EPILOGUE = 2   # last K block: apply bias and ReLU
+
+# Accumulator registers the microkernel may use (the rest hold B vectors and a broadcast).
+_MAX_ACCUMULATORS = {4: 12, 8: 12, 16: 28}
+
+
+# --------------------------------------------------------------------------- target
+
+
+@dataclass(frozen=True)
+class CpuTarget:
+    """The CPU the code is generated for; by default the host, as llvmlite reports it."""
+    name: str
+    features: str          # LLVM feature string: "+avx2,+fma,-avx512f,..."
+
+    @staticmethod
+    def host() -> "CpuTarget":
+        return CpuTarget(llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
+
+    def has(self, feature: str) -> bool:
+        return f"+{feature}" in self.features.split(",")
+
+    def vector_width(self) -> int:
+        """float32 lanes per vector: 16 with AVX-512F, 8 with AVX2+FMA, else 4."""
+        if self.has("avx512f"):
+            return 16
+        if self.has("avx2") and self.has("fma"):
+            return 8
+        return 4
+
+    def without_avx512(self) -> "CpuTarget":
+        """The same CPU with every AVX-512 feature turned off (to exercise the AVX2 path)."""
+        flags = [("-" + f[1:]) if f.startswith("+avx512") else f
+                 for f in self.features.split(",")]
+        return CpuTarget(self.name, ",".join(flags))
+
+
+def host_vector_width() -> int:
+    return CpuTarget.host().vector_width()
+
+
+def _set_target_attributes(fn: ir.Function, target: CpuTarget, vector_width: int) -> None:
+    # llvmlite's FunctionAttributes only knows enum attributes and rejects "key"="value"
+    # pairs (numba/llvmlite#1348); the set prints its items verbatim, so add them directly.
+    for key, value in (("target-cpu", target.name),
+                       ("target-features", target.features),
+                       ("prefer-vector-width", str(32 * vector_width))):
+        set.add(fn.attributes, f'"{key}"="{value}"')
+    fn.attributes.add("nounwind")
+
+
+# --------------------------------------------------------------------------- spec, plan, info
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    """C[m,n] (+)= op(A) @ op(B) (+ bias[n]) (relu), float32.
+
+    A is [m,k] row-major, or [k,m] when `ta`; B is [k,n], or [n,k] when `tb`. The leading
+    dimensions (row strides, in elements) default to the contiguous ones.
+    """
+    m: int
+    n: int
+    k: int
+    ta: bool = False
+    tb: bool = False
+    accumulate: bool = False
+    bias: bool = False
+    relu: bool = False
+    lda: int | None = None
+    ldb: int | None = None
+    ldc: int | None = None
+
+    def __post_init__(self):
+        if min(self.m, self.n) < 1 or self.k < 0:
+            raise ValueError(f"bad GEMM shape m={self.m} n={self.n} k={self.k}")
+        for name, need in (("lda", self.m if self.ta else self.k),
+                           ("ldb", self.k if self.tb else self.n), ("ldc", self.n)):
+            ld = getattr(self, name)
+            if ld is not None and ld < need:
+                raise ValueError(f"{name}={ld} is smaller than the row length {need}")
+
+    @property
+    def a_ld(self) -> int:
+        return self.lda if self.lda is not None else (self.m if self.ta else self.k)
+
+    @property
+    def b_ld(self) -> int:
+        return self.ldb if self.ldb is not None else (self.k if self.tb else self.n)
+
+    @property
+    def c_ld(self) -> int:
+        return self.ldc if self.ldc is not None else self.n
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.n * self.k
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """Blocking and code-shape choices; `plan_gemm` picks them, a tuner may override them."""
+    mr: int                 # register tile rows (A broadcasts)
+    nv: int                 # register tile columns, in vectors: NR = nv * W
+    kc: int                 # K block (A and B panels hold kc rows of k)
+    mc: int                 # M block (packed A block: mc x kc, sized for L2)
+    nc: int                 # N block (packed B block: kc x nc)
+    pack_a: bool
+    pack_b: bool
+    split: str              # "n" or "m": the dimension shared out between threads
+    unroll: int = 4         # k steps per microkernel loop iteration
+    jr_outer: bool = True   # loop order inside a block: for jr: for ir (B panel stays in L1)
+    prefetch_c: bool = True  # prefetch the C tile while the kernel runs its K loop
+    prefetch_b: int = 0     # prefetch the B panel this many k steps ahead (0: off)
+    prefetch_a: int = 0     # prefetch the A panel this many k steps ahead (0: off)
+
+
+@dataclass(frozen=True)
+class GemmInfo:
+    """What the caller needs to run an emitted GEMM."""
+    name: str
+    spec: GemmSpec
+    vector_width: int
+    plan: GemmPlan
+    workspace_bytes: int    # per thread; a multiple of 64 (0 when nothing is packed)
+    parallel_units: int     # tiles shared out between threads; more threads than this idle
+
+    @property
+    def mr(self) -> int:
+        return self.plan.mr
+
+    @property
+    def nr(self) -> int:
+        return self.plan.nv * self.vector_width
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+# Register tile (mr rows, nv vectors) per vector width, and the widest tile for short C.
+_TILE = {4: (6, 2), 8: (6, 2), 16: (8, 2)}
+_MAX_NV = 4
+_A_BLOCK_BYTES = 256 * 1024    # packed A block (mc x kc floats), half of a small L2
+
+
+def plan_gemm(spec: GemmSpec, vector_width: int, nthreads: int = 2) -> GemmPlan:
+    """Default blocking for `spec`, for `nthreads` threads sharing the work.
+
+    Measured on Zen 4 (AVX-512, 32 KiB L1d, 1 MiB L2 per core): the B micro-panel
+    (kc x NR) is re-read from L1/L2 for every A micro-panel of an mc x kc A block held in
+    L2, and the kc x nc B block sits in L2/L3.
+    """
+    w = vector_width
+    m, n, k = spec.m, spec.n, spec.k
+    mr, nv = _TILE[w]
+    nv = min(nv, _cdiv(n, w))               # narrow C: no all-padding vectors
+    if m <= mr:                             # short C: one tile row, as wide as fits
+        mr = m
+        nv = max(1, min(_MAX_ACCUMULATORS[w] // mr, _MAX_NV, _cdiv(n, w)))
+    nr = nv * w
+    m_tiles, n_tiles = _cdiv(m, mr), _cdiv(n, nr)
+    # Share out N tiles (each thread packs only its own B) unless N has too few of them.
+    split = "n" if n_tiles >= 2 * nthreads or n_tiles >= m_tiles else "m"
+    my_n_tiles = _cdiv(n_tiles, nthreads) if split == "n" else n_tiles
+    # Packing a panel pays when the panel is reused: B's by every tile row, A's by every
+    # tile column. A transposed B is always packed (the kernel reads B rows as vectors).
+    pack_b = spec.tb or m_tiles > 2
+    pack_a = my_n_tiles > 2 and m_tiles > 1
+    kc = 384 if w == 16 else 256
+    nkb = max(1, _cdiv(k, kc))
+    kc = _round_up(_cdiv(max(k, 1), nkb), 4)    # equal K blocks
+    mc = _round_up(min(m, max(mr, _A_BLOCK_BYTES // (4 * kc) // mr * mr)), mr)
+    nc = _round_up(min(n, 4096), nr)
+    return GemmPlan(mr=mr, nv=nv, kc=kc, mc=mc, nc=nc, pack_a=pack_a, pack_b=pack_b,
+                    split=split)
+
+
+# --------------------------------------------------------------------------- IR helpers
+
+
+def _i64(v) -> ir.Value:
+    return ir.Constant(I64, v) if isinstance(v, int) else v
+
+
+@contextmanager
+def _for_range(b: ir.IRBuilder, start, stop, step=1, name="i"):
+    """for (i = start; i < stop; i += step): yields i (i64) with the builder in the body."""
+    start, stop = _i64(start), _i64(stop)
+    pre = b.block
+    head = b.append_basic_block(f"{name}.head")
+    body = b.append_basic_block(f"{name}.body")
+    end = b.append_basic_block(f"{name}.end")
+    b.branch(head)
+    b.position_at_end(head)
+    idx = b.phi(I64, name)
+    idx.add_incoming(start, pre)
+    b.cbranch(b.icmp_signed("<", idx, stop), body, end)
+    b.position_at_end(body)
+    yield idx
+    idx.add_incoming(b.add(idx, _i64(step), name=f"{name}.next"), b.block)
+    b.branch(head)
+    b.position_at_end(end)
+
+
+def _smin(b: ir.IRBuilder, x, y) -> ir.Value:
+    x, y = _i64(x), _i64(y)
+    return b.select(b.icmp_signed("<", x, y), x, y)
+
+
+class _Vec:
+    """Vector helpers bound to one builder and width (intrinsics declared on first use)."""
+
+    def __init__(self, b: ir.IRBuilder, w: int):
+        self.b, self.w = b, w
+        self.ty = ir.VectorType(F32, w)
+        self.mty = ir.VectorType(I1, w)
+        self.zero = ir.Constant(self.ty, [0.0] * w)
+        self.lanes = ir.Constant(ir.VectorType(I64, w), list(range(w)))
+        self.module = b.module
+
+    def _intrinsic(self, name: str, ret, args) -> ir.Function:
+        fn = self.module.globals.get(name)
+        if fn is None:
+            fn = ir.Function(self.module, ir.FunctionType(ret, args), name=name)
+        return fn
+
+    def at(self, ptr, offset) -> ir.Value:
+        """ptr + offset floats."""
+        if isinstance(offset, int) and offset == 0:
+            return ptr
+        return self.b.gep(ptr, [_i64(offset)], source_etype=F32)
+
+    def load(self, ptr, mask=None) -> ir.Value:
+        if mask is None:
+            return self.b.load(ptr, typ=self.ty, align=4)
+        fn = self._intrinsic(f"llvm.masked.load.v{self.w}f32.p0", self.ty,
+                             [PTR, self.mty, self.ty])
+        return self.b.call(fn, [ptr, mask, self.zero])
+
+    def store(self, value, ptr, mask=None) -> None:
+        if mask is None:
+            self.b.store(value, ptr, align=4)
+            return
+        fn = self._intrinsic(f"llvm.masked.store.v{self.w}f32.p0", VOID,
+                             [self.ty, PTR, self.mty])
+        self.b.call(fn, [value, ptr, mask])
+
+    def mask(self, first_lane, limit) -> ir.Value:
+        """Lanes first_lane + l < limit."""
+        b = self.b
+        base = b.insert_element(ir.Constant(ir.VectorType(I64, self.w), None),
+                                _i64(first_lane), ir.Constant(I32, 0))
+        base = b.shuffle_vector(base, base, ir.Constant(ir.VectorType(I32, self.w), [0] * self.w))
+        lim = b.insert_element(ir.Constant(ir.VectorType(I64, self.w), None), _i64(limit),
+                               ir.Constant(I32, 0))
+        lim = b.shuffle_vector(lim, lim, ir.Constant(ir.VectorType(I32, self.w), [0] * self.w))
+        return b.icmp_signed("<", b.add(base, self.lanes), lim)
+
+    def splat(self, scalar) -> ir.Value:
+        b = self.b
+        v = b.insert_element(ir.Constant(self.ty, None), scalar, ir.Constant(I32, 0))
+        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, self.w), [0] * self.w))
+
+    def transpose(self, rows: list) -> list:
+        """W vectors of W (a W x W block, row-major) -> its W columns, by log2(W) rounds
+        of interleaving vector i with vector i + W/2."""
+        w, b = self.w, self.b
+        lo = ir.Constant(ir.VectorType(I32, w), [x for i in range(w // 2) for x in (i, w + i)])
+        hi = ir.Constant(ir.VectorType(I32, w),
+                         [x for i in range(w // 2, w) for x in (i, w + i)])
+        for _ in range(w.bit_length() - 1):
+            pairs = [(rows[i], rows[i + w // 2]) for i in range(w // 2)]
+            rows = [b.shuffle_vector(x, y, mask) for x, y in pairs for mask in (lo, hi)]
+        return rows
+
+    def fma(self, x, y, z) -> ir.Value:
+        fn = self._intrinsic(f"llvm.fma.v{self.w}f32", self.ty, [self.ty] * 3)
+        return self.b.call(fn, [x, y, z])
+
+    def relu(self, x) -> ir.Value:
+        # olt is false for NaN, so NaN propagates like numpy.maximum(x, 0).
+        return self.b.select(self.b.fcmp_ordered("<", x, self.zero), self.zero, x)
+
+    def prefetch(self, ptr, write: bool, locality: int = 3) -> None:
+        fn = self._intrinsic("llvm.prefetch.p0", VOID, [PTR, I32, I32, I32])
+        self.b.call(fn, [ptr, ir.Constant(I32, int(write)), ir.Constant(I32, locality),
+                         ir.Constant(I32, 1)])
+
+
+def _new_function(module, name, args, target, w, linkage=None) -> ir.Function:
+    fn = ir.Function(module, ir.FunctionType(VOID, [t for t, _ in args]), name=name)
+    for arg, (_, arg_name) in zip(fn.args, args):
+        arg.name = arg_name
+    if linkage:
+        fn.linkage = linkage
+    _set_target_attributes(fn, target, w)
+    return fn
+
+
+# --------------------------------------------------------------------------- microkernel
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the microkernel finds its operands (strides in elements, compile time)."""
+    a_rs: int          # A element (i, p) at a + i*a_rs + p*a_cs
+    a_cs: int
+    b_rs: int          # B element (p, j) at b + p*b_rs + j
+    ldc: int
+    a_packed: bool
+    b_packed: bool
+
+
+def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: int,
+                 target: CpuTarget, edge: bool) -> ir.Function:
+    """void kernel(a, b, c, bias, i64 kc, i32 mode, i64 m_valid, i64 n_valid).
+
+    The full kernel ignores m_valid/n_valid; the edge kernel stores only rows < m_valid
+    and columns < n_valid, and reads unpacked operands only inside those bounds.
+    """
+    fn = _new_function(module, name, [(PTR, "a"), (PTR, "b"), (PTR, "c"), (PTR, "bias"),
+                                      (I64, "kc"), (I32, "mode"), (I64, "m_valid"),
+                                      (I64, "n_valid")], target, w, linkage="internal")
+    for i in range(4):
+        fn.args[i].add_attribute("noalias")
+    a, bp, c, bias, kc, mode, m_valid, n_valid = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    v = _Vec(b, w)
+    mr, nv = plan.mr, plan.nv
+
+    # Row offsets into A; the edge kernel clamps rows past m_valid onto the last valid one
+    # (their results are never stored) so unpacked A is never read out of bounds.
+    row_off = []
+    for i in range(mr):
+        if edge and not lay.a_packed and i > 0:
+            row = _smin(b, i, b.sub(m_valid, _i64(1)))
+            row_off.append(b.mul(row, _i64(lay.a_rs)))
+        else:
+            row_off.append(_i64(i * lay.a_rs))
+    col_mask = [v.mask(j * w, n_valid) if edge else None for j in range(nv)]
+    b_mask = col_mask if not lay.b_packed else [None] * nv
+
+    if plan.prefetch_c:
+        for i in range(mr):
+            for j in range(nv):
+                v.prefetch(v.at(c, i * lay.ldc + j * w), write=True)
+
+    acc = [[b.alloca(v.ty, name=f"acc{i}_{j}") for j in range(nv)] for i in range(mr)]
+    for row in acc:
+        for slot in row:
+            b.store(v.zero, slot)
+
+    def k_step(p):
+        bvec = [v.load(v.at(bp, b.add(b.mul(p, _i64(lay.b_rs)), _i64(j * w))), b_mask[j])
+                for j in range(nv)]
+        if plan.prefetch_b:
+            v.prefetch(v.at(bp, b.add(b.mul(p, _i64(lay.b_rs)),
+                                      _i64(plan.prefetch_b * lay.b_rs))), write=False)
+        if plan.prefetch_a and lay.a_packed:
+            v.prefetch(v.at(a, b.add(b.mul(p, _i64(lay.a_cs)),
+                                     _i64(plan.prefetch_a * lay.a_cs))), write=False)
+        pa = b.mul(p, _i64(lay.a_cs))
+        for i in range(mr):
+            s = b.load(v.at(a, b.add(pa, row_off[i])), typ=F32, align=4)
+            s = v.splat(s)
+            for j in range(nv):
+                b.store(v.fma(s, bvec[j], b.load(acc[i][j], typ=v.ty)), acc[i][j])
+
+    u = plan.unroll
+    main = b.mul(b.udiv(kc, _i64(u)), _i64(u))
+    with _for_range(b, 0, main, u, name="k") as p:
+        for t in range(u):
+            k_step(b.add(p, _i64(t)) if t else p)
+    with _for_range(b, main, kc, 1, name="ktail") as p:
+        k_step(p)
+
+    # Epilogue: select rather than branch on mode, so the stores stay straight-line code.
+    add_c = b.icmp_unsigned("!=", b.and_(mode, ir.Constant(I32, _ADD_C)), ir.Constant(I32, 0))
+    epi = b.icmp_unsigned("!=", b.and_(mode, ir.Constant(I32, _EPILOGUE)), ir.Constant(I32, 0))
+    bias_vec = [v.load(v.at(bias, j * w), col_mask[j]) if spec.bias else None
+                for j in range(nv)]
+    for i in range(mr):
+        if edge and i > 0:
+            then = b.append_basic_block(f"row{i}")
+            done = b.append_basic_block(f"row{i}.done")
+            b.cbranch(b.icmp_signed("<", _i64(i), m_valid), then, done)
+            b.position_at_end(then)
+        for j in range(nv):
+            ptr = v.at(c, i * lay.ldc + j * w)
+            x = b.load(acc[i][j], typ=v.ty)
+            x = b.select(add_c, b.fadd(x, v.load(ptr, col_mask[j])), x)
+            if spec.bias or spec.relu:
+                y = b.fadd(x, bias_vec[j]) if spec.bias else x
+                y = v.relu(y) if spec.relu else y
+                x = b.select(epi, y, x)
+            v.store(x, ptr, col_mask[j])
+        if edge and i > 0:
+            b.branch(done)
+            b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _emit_pack_a(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
+                 target: CpuTarget) -> ir.Function:
+    """void pack_a(A, Ap, i64 ic, i64 mc, i64 pc, i64 kc): MR-row panels, k-major, zero padded.
+
+    Panel r holds rows ic+r .. ic+r+MR-1 as Ap[r*kc + p*MR + i]."""
+    fn = _new_function(module, name, [(PTR, "A"), (PTR, "Ap"), (I64, "ic"), (I64, "mc"),
+                                      (I64, "pc"), (I64, "kc")], target, w, "internal")
+    src, dst, ic, mc, pc, kc = fn.args
+    src.add_attribute("noalias")
+    dst.add_attribute("noalias")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    v = _Vec(b, w)
+    mr = plan.mr
+    a_rs, a_cs = (1, spec.a_ld) if spec.ta else (spec.a_ld, 1)
+    with _for_range(b, 0, mc, mr, name="r") as r:
+        panel = v.at(dst, b.mul(r, kc))
+        base = v.at(src, b.add(b.mul(b.add(ic, r), _i64(a_rs)), b.mul(pc, _i64(a_cs))))
+        rows = b.sub(mc, r)
+        full = b.icmp_signed(">=", rows, _i64(mr))
+        with b.if_else(full) as (then, otherwise):
+            with then:
+                with _for_range(b, 0, kc, name="p") as p:
+                    col = v.at(base, b.mul(p, _i64(a_cs)))
+                    out = v.at(panel, b.mul(p, _i64(mr)))
+                    for i in range(mr):
+                        x = b.load(v.at(col, i * a_rs), typ=F32, align=4)
+                        b.store(x, v.at(out, i), align=4)
+            with otherwise:
+                # Rows past the edge: read the last valid row (in bounds) and store zero.
+                last = b.sub(rows, _i64(1))
+                offs = [b.mul(_smin(b, i, last), _i64(a_rs)) for i in range(mr)]
+                keep = [b.icmp_signed("<", _i64(i), rows) for i in range(mr)]
+                with _for_range(b, 0, kc, name="pe") as p:
+                    col = v.at(base, b.mul(p, _i64(a_cs)))
+                    out = v.at(panel, b.mul(p, _i64(mr)))
+                    for i in range(mr):
+                        x = b.load(v.at(col, offs[i]), typ=F32, align=4)
+                        b.store(b.select(keep[i], x, ir.Constant(F32, 0.0)), v.at(out, i),
+                                align=4)
+    b.ret_void()
+    return fn
+
+
+def _emit_pack_b(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
+                 target: CpuTarget) -> ir.Function:
+    """void pack_b(B, Bp, i64 pc, i64 kc, i64 jc, i64 nc): NR-column panels, zero padded.
+
+    Panel q holds columns jc+q .. jc+q+NR-1 as Bp[q*kc + p*NR + j]."""
+    fn = _new_function(module, name, [(PTR, "B"), (PTR, "Bp"), (I64, "pc"), (I64, "kc"),
+                                      (I64, "jc"), (I64, "nc")], target, w, "internal")
+    src, dst, pc, kc, jc, nc = fn.args
+    src.add_attribute("noalias")
+    dst.add_attribute("noalias")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    v = _Vec(b, w)
+    nv, nr, ldb = plan.nv, plan.nv * w, spec.b_ld
+    with _for_range(b, 0, nc, nr, name="q") as q:
+        panel = v.at(dst, b.mul(q, kc))
+        cols = b.sub(nc, q)
+        if not spec.tb:
+            # B[p, j] at B[p*ldb + j]: NR contiguous floats per k, copied as vectors.
+            base = v.at(src, b.add(b.mul(pc, _i64(ldb)), b.add(jc, q)))
+            full = b.icmp_signed(">=", cols, _i64(nr))
+            with b.if_else(full) as (then, otherwise):
+                for masked, branch in ((False, then), (True, otherwise)):
+                    with branch:
+                        masks = [v.mask(j * w, cols) if masked else None for j in range(nv)]
+                        with _for_range(b, 0, kc, name="p") as p:
+                            row = v.at(base, b.mul(p, _i64(ldb)))
+                            out = v.at(panel, b.mul(p, _i64(nr)))
+                            for j in range(nv):
+                                v.store(v.load(v.at(row, j * w), masks[j]), v.at(out, j * w))
+        else:
+            # B[p, j] at B[j*ldb + p]: each column's k run is contiguous, so load W x W
+            # blocks (W columns, W values of p) and transpose them in registers. Columns
+            # past the edge read the last valid column and are replaced by zeros.
+            last = b.sub(cols, _i64(1))
+            col_off = [b.mul(b.add(jc, b.add(q, _smin(b, j, last))), _i64(ldb))
+                       for j in range(nr)]
+            col_ok = [b.icmp_signed("<", _i64(j), cols) for j in range(nr)]
+            kv = b.mul(b.udiv(kc, _i64(w)), _i64(w))
+            with _for_range(b, 0, kv, w, name="p") as p:
+                src_p = v.at(src, b.add(pc, p))
+                out = v.at(panel, b.mul(p, _i64(nr)))
+                for g in range(nv):
+                    rows = [b.select(col_ok[j], v.load(v.at(src_p, col_off[j])), v.zero)
+                            for j in range(g * w, (g + 1) * w)]
+                    for t, vec in enumerate(v.transpose(rows)):
+                        v.store(vec, v.at(out, t * nr + g * w))
+            with _for_range(b, kv, kc, name="pt") as p:
+                src_p = v.at(src, b.add(pc, p))
+                out = v.at(panel, b.mul(p, _i64(nr)))
+                for j in range(nr):
+                    x = b.load(v.at(src_p, col_off[j]), typ=F32, align=4)
+                    b.store(b.select(col_ok[j], x, ir.Constant(F32, 0.0)), v.at(out, j),
+                            align=4)
+    b.ret_void()
+    return fn
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _workspace_layout(spec: GemmSpec, plan: GemmPlan, w: int) -> tuple[int, int]:
+    """(bytes for the packed A block, bytes for the packed B block), each a multiple of 64."""
+    nr = plan.nv * w
+    a = _round_up(min(plan.mc, spec.m), plan.mr) * plan.kc * 4 if plan.pack_a else 0
+    b = plan.kc * _round_up(min(plan.nc, spec.n), nr) * 4 if plan.pack_b else 0
+    return _round_up(a, 64), _round_up(b, 64)
+
+
+def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
+              plan: GemmPlan | None = None, target: CpuTarget | None = None) -> GemmInfo:
+    """Emit `void name(A, B, C, bias, workspace, i32 tid, i32 nthreads)` into `module`.
+
+    vector_width: float lanes per vector (16 for AVX-512F, 8 for AVX2; see CpuTarget).
+    plan: blocking; `plan_gemm(spec, vector_width)` when None.
+    target: CPU for the function attributes; the host when None.
+    """
+    w = vector_width
+    if w not in _MAX_ACCUMULATORS:
+        raise ValueError(f"vector_width must be 4, 8 or 16, not {w}")
+    target = target or CpuTarget.host()
+    plan = plan or plan_gemm(spec, w)
+    if plan.mr * plan.nv > _MAX_ACCUMULATORS[w]:
+        raise ValueError(f"{plan.mr}x{plan.nv} tile needs more than {_MAX_ACCUMULATORS[w]} "
+                         f"accumulator registers at width {w}")
+    m, n, k = spec.m, spec.n, spec.k
+    mr, nr = plan.mr, plan.nv * w
+    kc = plan.kc
+    nkb = max(1, _cdiv(k, kc))
+    a_bytes, b_bytes = _workspace_layout(spec, plan, w)
+
+    # Operand layouts seen by the microkernel.
+    a_rs, a_cs = (1, spec.a_ld) if spec.ta else (spec.a_ld, 1)
+    if not plan.pack_b and spec.tb:
+        raise ValueError("a transposed B must be packed")
+    lay = _Layout(a_rs=1 if plan.pack_a else a_rs, a_cs=mr if plan.pack_a else a_cs,
+                  b_rs=nr if plan.pack_b else spec.b_ld, ldc=spec.c_ld,
+                  a_packed=plan.pack_a, b_packed=plan.pack_b)
+    kern = _emit_kernel(module, f"{name}.kernel", plan, lay, spec, w, target, edge=False)
+    kern_edge = _emit_kernel(module, f"{name}.kernel_edge", plan, lay, spec, w, target,
+                             edge=True)
+    kern.attributes.add("noinline")
+    pack_a = _emit_pack_a(module, f"{name}.pack_a", plan, spec, w, target) \
+        if plan.pack_a else None
+    pack_b = _emit_pack_b(module, f"{name}.pack_b", plan, spec, w, target) \
+        if plan.pack_b else None
+
+    fn = _new_function(module, name, [(PTR, "A"), (PTR, "B"), (PTR, "C"), (PTR, "bias"),
+                                      (PTR, "workspace"), (I32, "tid"), (I32, "nthreads")],
+                       target, w)
+    A, B, C, bias, ws, tid, nthreads = fn.args
+    for arg in (A, B, C, bias, ws):
+        arg.add_attribute("noalias")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    v = _Vec(b, w)
+
+    # Static partition: thread t gets tiles [t*U/T, (t+1)*U/T) of the split dimension.
+    units = _cdiv(n, nr) if plan.split == "n" else _cdiv(m, mr)
+    t, nt = b.sext(tid, I64), b.sext(nthreads, I64)
+    u0 = b.sdiv(b.mul(t, _i64(units)), nt)
+    u1 = b.sdiv(b.mul(b.add(t, _i64(1)), _i64(units)), nt)
+    if plan.split == "n":
+        i0, i1 = _i64(0), _i64(m)
+        j0, j1 = b.mul(u0, _i64(nr)), _smin(b, b.mul(u1, _i64(nr)), n)
+    else:
+        i0, i1 = b.mul(u0, _i64(mr)), _smin(b, b.mul(u1, _i64(mr)), m)
+        j0, j1 = _i64(0), _i64(n)
+    empty = b.or_(b.icmp_signed(">=", i0, i1), b.icmp_signed(">=", j0, j1))
+    with b.if_then(empty, likely=False):
+        b.ret_void()
+
+    a_pack_buf = ws
+    b_pack_buf = v.at(ws, a_bytes // 4)
+    with _for_range(b, j0, j1, plan.nc, name="jc") as jc:
+        nc = _smin(b, b.sub(j1, jc), plan.nc)
+        with _for_range(b, 0, nkb, name="kb") as kb:
+            pc = b.mul(kb, _i64(kc))
+            kcur = _smin(b, b.sub(_i64(k), pc), kc)
+            first = b.icmp_signed("==", kb, _i64(0))
+            last = b.icmp_signed("==", kb, _i64(nkb - 1))
+            add_c = ir.Constant(I1, 1) if spec.accumulate else b.not_(first)
+            mode = b.or_(b.select(add_c, ir.Constant(I32, _ADD_C), ir.Constant(I32, 0)),
+                         b.select(last, ir.Constant(I32, _EPILOGUE), ir.Constant(I32, 0)))
+            if pack_b is not None:
+                b.call(pack_b, [B, b_pack_buf, pc, kcur, jc, nc])
+            with _for_range(b, i0, i1, plan.mc, name="ic") as ic:
+                mc = _smin(b, b.sub(i1, ic), plan.mc)
+                if pack_a is not None:
+                    b.call(pack_a, [A, a_pack_buf, ic, mc, pc, kcur])
+
+                def tile(ir_, jr):
+                    if plan.pack_a:
+                        ap = v.at(a_pack_buf, b.mul(ir_, kcur))
+                    else:
+                        ap = v.at(A, b.add(b.mul(b.add(ic, ir_), _i64(a_rs)),
+                                           b.mul(pc, _i64(a_cs))))
+                    if plan.pack_b:
+                        bp = v.at(b_pack_buf, b.mul(jr, kcur))
+                    else:
+                        bp = v.at(B, b.add(b.mul(pc, _i64(spec.b_ld)), b.add(jc, jr)))
+                    col = b.add(jc, jr)
+                    cp = v.at(C, b.add(b.mul(b.add(ic, ir_), _i64(spec.c_ld)), col))
+                    biasp = v.at(bias, col) if spec.bias else bias
+                    rows, cols = b.sub(mc, ir_), b.sub(nc, jr)
+                    full = b.and_(b.icmp_signed(">=", rows, _i64(mr)),
+                                  b.icmp_signed(">=", cols, _i64(nr)))
+                    with b.if_else(full, likely=True) as (then, otherwise):
+                        with then:
+                            b.call(kern, [ap, bp, cp, biasp, kcur, mode, _i64(mr), _i64(nr)])
+                        with otherwise:
+                            b.call(kern_edge, [ap, bp, cp, biasp, kcur, mode,
+                                               _smin(b, rows, mr), _smin(b, cols, nr)])
+
+                if plan.jr_outer:
+                    with _for_range(b, 0, nc, nr, name="jr") as jr:
+                        with _for_range(b, 0, mc, mr, name="ir") as ir_:
+                            tile(ir_, jr)
+                else:
+                    with _for_range(b, 0, mc, mr, name="ir") as ir_:
+                        with _for_range(b, 0, nc, nr, name="jr") as jr:
+                            tile(ir_, jr)
+    b.ret_void()
+    return GemmInfo(name=name, spec=spec, vector_width=w, plan=plan,
+                    workspace_bytes=a_bytes + b_bytes, parallel_units=units)

@@ -1,0 +1,159 @@
+"""Running compiled steps: the working arena, the pointer table, native worker threads,
+and one specialization per batch size, compiled on first use (through the disk cache).
+
+A step is called once per batch through ctypes (which releases the GIL); inside it the
+threads run every kernel with barriers between phases: no Python runs between kernels.
+Parameters and state stay in the model's numpy arrays, which the step updates in place.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from dlc.types import DType
+
+from .jit import Engine
+from .pool import Pool
+from .target import Target
+
+BARRIER_BYTES = 128
+
+
+@dataclass
+class StepLayout:
+    """Everything needed to run a step's object code (stored beside it in the cache and
+    in artifacts): buffer slots and arena offsets, results, and the kernels for profiles."""
+
+    batch: int
+    arena_bytes: int
+    scratch_bytes: int
+    slots: list                      # [name, kind, dtype, shape] per table slot after the fixed ones
+    outputs: dict                    # result name -> [offset, dtype, shape]
+    kernels: list                    # [name, phase, lines] per kernel part, in call order
+    threads: int
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "StepLayout":
+        return StepLayout(**json.loads(text))
+
+
+class NativeStep:
+    """One loaded specialization: object code, arena, table, threads."""
+
+    def __init__(self, object_code: bytes, layout: StepLayout, target: Target):
+        self.layout = layout
+        self.engine = Engine(object_code, target)
+        self.threads = layout.threads
+        self.arena = np.zeros(max(layout.arena_bytes, 64) // 4 + 16, dtype=np.float32)
+        self.barrier = np.zeros(BARRIER_BYTES // 8, dtype=np.int64)
+        self.scratch = np.zeros(max(layout.scratch_bytes * self.threads, 64) // 4 + 16, dtype=np.float32)
+        self.profile = np.zeros(max(len(layout.kernels), 1), dtype=np.int64)
+        self.table = (ctypes.c_void_p * (4 + len(layout.slots)))()
+        self.table[0] = _aligned(self.arena)
+        self.table[1] = self.barrier.ctypes.data
+        self.table[2] = _aligned(self.scratch)
+        self.table[3] = self.profile.ctypes.data
+        self._slot = {s[0]: 4 + i for i, s in enumerate(layout.slots)}
+        self._step_addr = self.engine.address("dlc_step")
+        self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
+        self.pool = Pool.get(self.threads) if self.threads > 1 else None
+        self._lock = threading.Lock()
+        self._outputs = {name: self._view(*spec) for name, spec in layout.outputs.items()}
+
+    def _view(self, offset, dtype, shape):
+        base = _aligned(self.arena) - self.arena.ctypes.data
+        nbytes = int(np.prod(shape)) * np.dtype(_np(dtype)).itemsize
+        raw = self.arena.view(np.uint8)[base + offset: base + offset + nbytes]
+        return raw.view(_np(dtype)).reshape(shape)
+
+    def run(self, arrays: dict) -> dict:
+        """arrays: every slot's array (state and feeds). Returns copies of the results."""
+        keep = []
+        for name, kind, dtype, shape in self.layout.slots:
+            a = np.asarray(arrays[name])
+            want = _np(dtype)
+            if a.dtype != want or not a.flags.c_contiguous:
+                if kind == "state":
+                    raise TypeError(f"state array {name} must be C-contiguous {want}")
+                a = np.ascontiguousarray(a, dtype=want)
+            if tuple(a.shape) != tuple(shape):
+                raise ValueError(f"{name} has shape {a.shape}, the step expects {tuple(shape)}")
+            keep.append(a)
+            self.table[self._slot[name]] = a.ctypes.data
+        with self._lock:
+            if self.pool is not None:
+                self.pool.run(self._step_addr, ctypes.addressof(self.table), self.threads)
+            else:
+                self._step(ctypes.addressof(self.table), 0, 1)
+            return {k: v.copy() for k, v in self._outputs.items()}
+
+
+
+def _aligned(a: np.ndarray, align: int = 64) -> int:
+    addr = a.ctypes.data
+    return addr + (-addr) % align
+
+
+def _np(dtype: str) -> np.dtype:
+    return DType(dtype).np
+
+
+class CpuProgram:
+    """The `compile_program` interface for the cpu target: run(feeds) on any batch size."""
+
+    def __init__(self, graph, state: dict, target: Target, cache=None, verbose=None,
+                 profile: bool = False, key: str | None = None, data_name: str | None = None,
+                 preloaded: dict | None = None):
+        self._graph = graph                 # symbolic, after the graph passes (or a function)
+        self.key = key                      # identifies the graph without building it
+        self.state = state
+        self.target = target
+        self.cache = cache
+        self.verbose = verbose
+        self.profile = profile
+        self.steps: dict[int, NativeStep] = {}
+        self.preloaded = dict(preloaded or {})  # batch -> (object code, layout) from an artifact
+        self.data_name = data_name or self.graph.node(self.graph.inputs("data")[0]).attrs["name"]
+        self.compile_seconds = 0.0
+
+    @property
+    def graph(self):
+        if callable(self._graph):
+            self._graph = self._graph()
+        return self._graph
+
+    def step_for(self, batch: int) -> NativeStep:
+        step = self.steps.get(batch)
+        if step is None and batch in self.preloaded:
+            obj, layout = self.preloaded.pop(batch)
+            layout.threads = self.target.threads
+            step = self.steps[batch] = NativeStep(obj, layout, self.target)
+        if step is None:
+            from .build import build_step
+            start = time.perf_counter()
+            obj, layout = build_step(lambda: self.graph, batch, self.target, self.cache, self.verbose,
+                                     self.profile, self.key)
+            step = self.steps[batch] = NativeStep(obj, layout, self.target)
+            self.compile_seconds += time.perf_counter() - start
+        return step
+
+    def run(self, feeds: dict) -> dict:
+        batch = int(np.shape(feeds[self.data_name])[0])
+        step = self.step_for(batch)
+        for name, kind, dtype, shape in step.layout.slots:
+            if kind == "state" and name not in self.state:  # optimizer state starts at zero
+                self.state[name] = np.zeros(shape, dtype=_np(dtype))
+        arrays = dict(self.state)
+        arrays.update(feeds)
+        return step.run(arrays)
+

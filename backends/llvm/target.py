@@ -1,0 +1,64 @@
+"""The CPU target: host CPU name and features from LLVM, vector width, thread count.
+
+Part of every cache key and artifact; printed by `dlc run --verbose`. Overridable with
+DLC_CPU / DLC_CPU_FEATURES / DLC_THREADS (read once, in Target.host()) or arguments.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+
+import llvmlite.binding as llvm
+
+
+@functools.lru_cache(maxsize=1)
+def _init_llvm() -> None:
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+
+
+@dataclass(frozen=True)
+class Target:
+    cpu: str
+    features: str          # LLVM feature string, e.g. "+avx2,+fma,..."
+    threads: int
+    triple: str
+
+    @staticmethod
+    def host(threads: int | None = None) -> "Target":
+        _init_llvm()
+        cpu = os.environ.get("DLC_CPU") or llvm.get_host_cpu_name()
+        features = os.environ.get("DLC_CPU_FEATURES") or llvm.get_host_cpu_features().flatten()
+        if threads is None:
+            threads = int(os.environ.get("DLC_THREADS", "0")) or min(os.cpu_count() or 1, 8)
+        return Target(cpu, features, max(1, threads), llvm.get_process_triple())
+
+    def has(self, feature: str) -> bool:
+        return f"+{feature}" in self.features.split(",")
+
+    @property
+    def vector_width(self) -> int:
+        """float32 lanes of the widest vector unit the code uses."""
+        if self.has("avx512f"):
+            return 16
+        if self.has("avx2") or self.has("avx"):
+            return 8
+        return 4
+
+    def with_threads(self, threads: int) -> "Target":
+        return replace(self, threads=max(1, threads))
+
+    def key(self) -> str:
+        """What code generated for this target depends on (cache keys, artifacts)."""
+        return f"{self.triple}|{self.cpu}|{self.features}|{self.threads}"
+
+    def describe(self) -> str:
+        isa = "AVX-512" if self.vector_width == 16 else "AVX2" if self.vector_width == 8 else "SSE"
+        return f"{self.cpu} ({isa}, {self.vector_width} float lanes), {self.threads} thread(s)"
+
+    def machine(self):
+        _init_llvm()
+        t = llvm.Target.from_triple(self.triple)
+        return t.create_target_machine(cpu=self.cpu, features=self.features, opt=3,
+                                       reloc="pic", codemodel="jitdefault")

@@ -1,0 +1,388 @@
+"""Code templates for the kernel IR's Template parts: matmul (through gemm.py), direct
+2-D convolution and its two gradients, pooling and its gradient, gather and scatter.
+
+Each template shares its work between threads by the leading axes of its output, and
+its epilogue (elementwise ops fused after it) runs over exactly the same share, so no
+barrier separates them. Inner loops run along the contiguous last axis so that LLVM
+vectorizes them; window bounds are resolved outside the inner loops.
+"""
+from __future__ import annotations
+
+import math
+
+from llvmlite import ir
+
+from dlc.kernel import Template
+
+from .gemm import CpuTarget, GemmSpec, emit_gemm
+from .irutil import F32, FAST, I64, REDUCE, for_range, gep, i64, loop, smax, smin, split
+
+
+def emit_template(mb, em, t: Template, tid, nthreads) -> None:
+    EMITTERS[t.op](mb, em, t, tid, nthreads)
+
+
+def _ptr(em, buf):
+    return em.pointers[buf.name]
+
+
+def _load(b, ptr, index):
+    return b.load(gep(b, ptr, index, F32), typ=F32, align=4)
+
+
+def _store(b, value, ptr, index):
+    b.store(value, gep(b, ptr, index, F32), align=4)
+
+
+def _flat(b, *terms):
+    """sum of index * stride terms (i64 values or ints)."""
+    out = i64(0)
+    for v, stride in terms:
+        v = i64(v) if isinstance(v, int) else v
+        out = b.add(out, b.mul(v, i64(stride)) if stride != 1 else v)
+    return out
+
+
+def _epilogue(em, t: Template, bounds_by_axis: list) -> None:
+    """The fused elementwise ops over this thread's share of the output."""
+    if t.epilogue is None:
+        return
+    from .codegen import emit_nest
+    vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
+    bounds = {v.args[0]: r for v, r in zip(vars_, bounds_by_axis) if r is not None}
+    emit_nest(em, t.epilogue, None, None, bounds=bounds)
+
+
+def _share(b, t: Template, lead: int, tid, nthreads):
+    """Split the first `lead` output axes (flattened) between threads; returns the flat
+    range and the per-axis epilogue bounds when they are expressible as ranges."""
+    shape = t.output.shape
+    total = math.prod(shape[:lead])
+    lo, hi = split(b, total, tid, nthreads)
+    return lo, hi, total
+
+
+def _each_unit(b, lo, hi, shape_lead, body):
+    """for f in [lo, hi): body(*unravelled indices)"""
+    def step(f, _):
+        idx, rest = [], f
+        for d in reversed(shape_lead):
+            idx.append(b.urem(rest, i64(d)))
+            rest = b.udiv(rest, i64(d))
+        body(*reversed(idx))
+        return []
+    loop(b, lo, hi, (), step, name="unit")
+
+
+def _epilogue_units(em, t, lo, hi, lead):
+    """Epilogue over the same units: loop over units, then the remaining axes whole."""
+    if t.epilogue is None:
+        return
+    from .codegen import _bounded
+    b = em.b
+    shape = t.output.shape
+    vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
+
+    def body(*idx):
+        bounds = {v.args[0]: (i, b.add(i, i64(1))) for v, i in zip(vars_[:lead], idx)}
+        em.push()
+        _bounded(em, t.epilogue, bounds)
+        em.pop()
+    _each_unit(b, lo, hi, shape[:lead], body)
+
+
+# --- matmul --------------------------------------------------------------------------------------
+
+def matmul(mb, em, t: Template, tid, nthreads) -> None:
+    b = em.b
+    a_buf, b_buf = t.inputs
+    m, n = t.output.shape
+    ta, tb = t.attrs.get("ta", False), t.attrs.get("tb", False)
+    k = a_buf.shape[0] if ta else a_buf.shape[1]
+    spec = GemmSpec(m, n, k, ta=ta, tb=tb)
+    w = mb.target.vector_width
+    name = f"gemm.{len(mb.module.functions)}"
+    info = emit_gemm(mb.module, name, spec, w, target=CpuTarget(mb.target.cpu, mb.target.features))
+    mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, info.workspace_bytes)
+    fn = mb.module.globals[name]
+    null = ir.Constant(ir.PointerType(), None)
+    b.call(fn, [_ptr(em, a_buf), _ptr(em, b_buf), _ptr(em, t.output), null,
+                em.pointers["__scratch__"], tid, nthreads])
+    if t.epilogue is None:
+        return
+    # the epilogue covers exactly the tiles this thread computed (gemm.py's static split)
+    plan = info.plan
+    tile = info.nr if plan.split == "n" else info.mr
+    units = -(-(n if plan.split == "n" else m) // tile)
+    u0, u1 = split(b, units, tid, nthreads)
+    r0, r1 = b.mul(u0, i64(tile)), smin(b, b.mul(u1, i64(tile)), i64(n if plan.split == "n" else m))
+    if plan.split == "n":
+        _epilogue(em, t, [(i64(0), i64(m)), (r0, r1)])
+    else:
+        _epilogue(em, t, [(r0, r1), (i64(0), i64(n))])
+
+
+# --- convolution ---------------------------------------------------------------------------------
+
+def _valid_range(b, count: int, stride: int, offset, limit: int):
+    """[lo, hi) of j in [0, count) with 0 <= j*stride + offset < limit (offset: i64 value)."""
+    # j >= ceil(-offset / stride), j <= floor((limit - 1 - offset) / stride)
+    neg = b.sub(i64(0), offset)
+    lo = smax(b, b.sdiv(b.add(neg, i64(stride - 1)), i64(stride)), i64(0))
+    top = b.sub(i64(limit - 1), offset)
+    hi_raw = b.add(b.sdiv(b.add(top, i64(stride * 4096)), i64(stride)), i64(1 - 4096))  # floor for top >= -4096*s
+    hi = smin(b, hi_raw, i64(count))
+    return lo, smax(b, hi, lo)
+
+
+def conv2d(mb, em, t: Template, tid, nthreads) -> None:
+    """out[n,o,y,x] = sum_{c,i,j} in[n,c,y*s+i-p,x*s+j-p] * w[o,c,i,j]; a row of out is
+    accumulated in place, one (c, i, j) at a time, so the x loop vectorizes."""
+    b = em.b
+    xb, wb = t.inputs
+    N, C, H, W = xb.shape
+    _, O, OH, OW = t.output.shape
+    _, _, KH, KW = wb.shape
+    (sh, sw), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    X, Wt, Y = _ptr(em, xb), _ptr(em, wb), _ptr(em, t.output)
+    lo, hi, _ = _share(b, t, 2, tid, nthreads)
+
+    def unit(n, o):
+        with for_range(b, 0, OH, "oy") as oy:
+            yrow = _flat(b, (n, O * OH * OW), (o, OH * OW), (oy, OW))
+            with for_range(b, 0, OW, "ox") as ox:
+                _store(b, ir.Constant(F32, 0.0), Y, b.add(yrow, ox))
+            with for_range(b, 0, C, "c") as c:
+                with for_range(b, 0, KH, "ki") as ki:
+                    iy = b.sub(b.add(b.mul(oy, i64(sh)), ki), i64(ph))
+                    ok = b.and_(b.icmp_signed(">=", iy, i64(0)), b.icmp_signed("<", iy, i64(H)))
+                    with b.if_then(ok):
+                        xrow = _flat(b, (n, C * H * W), (c, H * W), (iy, W))
+                        with for_range(b, 0, KW, "kj") as kj:
+                            wv = _load(b, Wt, _flat(b, (o, C * KH * KW), (c, KH * KW), (ki, KW), (kj, 1)))
+                            off = b.sub(kj, i64(pw))
+                            x0, x1 = _valid_range(b, OW, sw, off, W)
+                            with for_range(b, x0, x1, "ox") as ox:
+                                ix = b.add(b.mul(ox, i64(sw)), off)
+                                acc = b.fadd(_load(b, Y, b.add(yrow, ox)),
+                                             b.fmul(_load(b, X, b.add(xrow, ix)), wv, flags=FAST), flags=FAST)
+                                _store(b, acc, Y, b.add(yrow, ox))
+    _each_unit(b, lo, hi, (N, O), unit)
+    _epilogue_units(em, t, lo, hi, 2)
+
+
+def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
+    """dx[n,c,:,:] = sum over o, i, j of g[n,o] placed at (y*s+i-p, x*s+j-p) times w[o,c,i,j]."""
+    b = em.b
+    gb, wb = t.inputs
+    N, C, H, W = t.output.shape
+    _, O, OH, OW = gb.shape
+    _, _, KH, KW = wb.shape
+    (sh, sw), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    G, Wt, DX = _ptr(em, gb), _ptr(em, wb), _ptr(em, t.output)
+    lo, hi, _ = _share(b, t, 2, tid, nthreads)
+
+    def unit(n, c):
+        plane = _flat(b, (n, C * H * W), (c, H * W))
+        with for_range(b, 0, H * W, "z") as z:
+            _store(b, ir.Constant(F32, 0.0), DX, b.add(plane, z))
+        with for_range(b, 0, O, "o") as o:
+            with for_range(b, 0, KH, "ki") as ki:
+                with for_range(b, 0, KW, "kj") as kj:
+                    wv = _load(b, Wt, _flat(b, (o, C * KH * KW), (c, KH * KW), (ki, KW), (kj, 1)))
+                    off = b.sub(kj, i64(pw))
+                    x0, x1 = _valid_range(b, OW, sw, off, W)
+                    with for_range(b, 0, OH, "oy") as oy:
+                        iy = b.sub(b.add(b.mul(oy, i64(sh)), ki), i64(ph))
+                        ok = b.and_(b.icmp_signed(">=", iy, i64(0)), b.icmp_signed("<", iy, i64(H)))
+                        with b.if_then(ok):
+                            grow = _flat(b, (n, O * OH * OW), (o, OH * OW), (oy, OW))
+                            drow = b.add(plane, b.mul(iy, i64(W)))
+                            with for_range(b, x0, x1, "ox") as ox:
+                                ix = b.add(b.mul(ox, i64(sw)), off)
+                                acc = b.fadd(_load(b, DX, b.add(drow, ix)),
+                                             b.fmul(_load(b, G, b.add(grow, ox)), wv, flags=FAST), flags=FAST)
+                                _store(b, acc, DX, b.add(drow, ix))
+    _each_unit(b, lo, hi, (N, C), unit)
+    _epilogue_units(em, t, lo, hi, 2)
+
+
+def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
+    """dw[o,c,i,j] = sum_{n,y,x} g[n,o,y,x] * in[n,c,y*s+i-p,x*s+j-p] (a vectorized dot)."""
+    b = em.b
+    xb, gb = t.inputs
+    N, C, H, W = xb.shape
+    _, O, OH, OW = gb.shape
+    O, C, KH, KW = t.output.shape
+    (sh, sw), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    X, G, DW = _ptr(em, xb), _ptr(em, gb), _ptr(em, t.output)
+    lo, hi, _ = _share(b, t, 2, tid, nthreads)
+
+    def unit(o, c):
+        with for_range(b, 0, KH, "ki") as ki:
+            with for_range(b, 0, KW, "kj") as kj:
+                off = b.sub(kj, i64(pw))
+                x0, x1 = _valid_range(b, OW, sw, off, W)
+
+                def over_n(n, acc):
+                    def over_y(oy, acc):
+                        iy = b.sub(b.add(b.mul(oy, i64(sh)), ki), i64(ph))
+                        ok = b.and_(b.icmp_signed(">=", iy, i64(0)), b.icmp_signed("<", iy, i64(H)))
+                        iy = smin(b, smax(b, iy, i64(0)), i64(H - 1))
+                        grow = _flat(b, (n, O * OH * OW), (o, OH * OW), (oy, OW))
+                        xrow = _flat(b, (n, C * H * W), (c, H * W), (iy, W))
+
+                        def over_x(ox, acc):
+                            ix = b.add(b.mul(ox, i64(sw)), off)
+                            prod = b.fmul(_load(b, G, b.add(grow, ox)), _load(b, X, b.add(xrow, ix)), flags=REDUCE)
+                            return [b.fadd(acc[0], prod, flags=REDUCE)]
+                        row = loop(b, x0, x1, [ir.Constant(F32, 0.0)], over_x, name="ox")[0]
+                        return [b.fadd(acc[0], b.select(ok, row, ir.Constant(F32, 0.0)), flags=REDUCE)]
+                    return loop(b, 0, OH, acc, over_y, name="oy")
+                total = loop(b, 0, N, [ir.Constant(F32, 0.0)], over_n, name="n")[0]
+                _store(b, total, DW, _flat(b, (o, C * KH * KW), (c, KH * KW), (ki, KW), (kj, 1)))
+    _each_unit(b, lo, hi, (O, C), unit)
+    _epilogue_units(em, t, lo, hi, 2)
+
+
+# --- pooling --------------------------------------------------------------------------------------
+
+def pool2d(mb, em, t: Template, tid, nthreads) -> None:
+    b = em.b
+    (xb,) = t.inputs
+    N, C, H, W = xb.shape
+    _, _, OH, OW = t.output.shape
+    (kh, kw), (sh, sw), (ph, pw) = t.attrs["kernel"], t.attrs["stride"], t.attrs["pad"]
+    is_max = t.attrs["mode"] == "max"
+    X, Y = _ptr(em, xb), _ptr(em, t.output)
+    lo, hi, _ = _share(b, t, 2, tid, nthreads)
+    from .mathlib import maximum
+
+    def unit(n, c):
+        plane = _flat(b, (n, C * H * W), (c, H * W))
+        oplane = _flat(b, (n, C * OH * OW), (c, OH * OW))
+        with for_range(b, 0, OH, "oy") as oy:
+            with for_range(b, 0, OW, "ox") as ox:
+                acc = ir.Constant(F32, -math.inf if is_max else 0.0)
+                for i in range(kh):
+                    for j in range(kw):
+                        iy = b.sub(b.add(b.mul(oy, i64(sh)), i64(i)), i64(ph))
+                        ix = b.sub(b.add(b.mul(ox, i64(sw)), i64(j)), i64(pw))
+                        ok = b.and_(b.and_(b.icmp_signed(">=", iy, i64(0)), b.icmp_signed("<", iy, i64(H))),
+                                    b.and_(b.icmp_signed(">=", ix, i64(0)), b.icmp_signed("<", ix, i64(W))))
+                        at = b.add(plane, b.add(b.mul(smin(b, smax(b, iy, i64(0)), i64(H - 1)), i64(W)),
+                                                smin(b, smax(b, ix, i64(0)), i64(W - 1))))
+                        v = _load(b, X, at)
+                        if is_max:
+                            acc = b.select(ok, maximum(b, acc, v), acc)
+                        else:
+                            acc = b.fadd(acc, b.select(ok, v, ir.Constant(F32, 0.0)))
+                if not is_max:
+                    acc = b.fmul(acc, ir.Constant(F32, 1.0 / (kh * kw)))
+                _store(b, acc, Y, b.add(oplane, b.add(b.mul(oy, i64(OW)), ox)))
+    _each_unit(b, lo, hi, (N, C), unit)
+    _epilogue_units(em, t, lo, hi, 2)
+
+
+def pool2d_bwd(mb, em, t: Template, tid, nthreads) -> None:
+    """Max: the gradient goes to the first maximum of each window (row-major), as the
+    reference does; avg: spread evenly over the window."""
+    b = em.b
+    xb, gb = t.inputs
+    N, C, H, W = xb.shape
+    _, _, OH, OW = gb.shape
+    (kh, kw), (sh, sw), (ph, pw) = t.attrs["kernel"], t.attrs["stride"], t.attrs["pad"]
+    is_max = t.attrs["mode"] == "max"
+    X, G, DX = _ptr(em, xb), _ptr(em, gb), _ptr(em, t.output)
+    lo, hi, _ = _share(b, t, 2, tid, nthreads)
+
+    def unit(n, c):
+        plane = _flat(b, (n, C * H * W), (c, H * W))
+        gplane = _flat(b, (n, C * OH * OW), (c, OH * OW))
+        with for_range(b, 0, H * W, "z") as z:
+            _store(b, ir.Constant(F32, 0.0), DX, b.add(plane, z))
+        with for_range(b, 0, OH, "oy") as oy:
+            with for_range(b, 0, OW, "ox") as ox:
+                g = _load(b, G, b.add(gplane, b.add(b.mul(oy, i64(OW)), ox)))
+                best, best_at = ir.Constant(F32, -math.inf), i64(-1)
+                cells = []
+                for i in range(kh):
+                    for j in range(kw):
+                        iy = b.sub(b.add(b.mul(oy, i64(sh)), i64(i)), i64(ph))
+                        ix = b.sub(b.add(b.mul(ox, i64(sw)), i64(j)), i64(pw))
+                        ok = b.and_(b.and_(b.icmp_signed(">=", iy, i64(0)), b.icmp_signed("<", iy, i64(H))),
+                                    b.and_(b.icmp_signed(">=", ix, i64(0)), b.icmp_signed("<", ix, i64(W))))
+                        at = b.add(plane, b.add(b.mul(iy, i64(W)), ix))
+                        cells.append((ok, at))
+                        if is_max:
+                            safe = b.select(ok, at, plane)
+                            v = _load(b, X, safe)
+                            take = b.and_(ok, b.or_(b.fcmp_ordered(">", v, best),
+                                                     b.icmp_signed("<", best_at, i64(0))))
+                            best = b.select(take, v, best)
+                            best_at = b.select(take, at, best_at)
+                if is_max:
+                    with b.if_then(b.icmp_signed(">=", best_at, i64(0))):
+                        _store(b, b.fadd(_load(b, DX, best_at), g), DX, best_at)
+                else:
+                    share = b.fmul(g, ir.Constant(F32, 1.0 / (kh * kw)))
+                    for ok, at in cells:
+                        with b.if_then(ok):
+                            _store(b, b.fadd(_load(b, DX, at), share), DX, at)
+    _each_unit(b, lo, hi, (N, C), unit)
+    _epilogue_units(em, t, lo, hi, 2)
+
+
+# --- gather / scatter -------------------------------------------------------------------------------
+
+def take(mb, em, t: Template, tid, nthreads) -> None:
+    b = em.b
+    table, idx = t.inputs
+    rows = table.shape[0]
+    width = math.prod(table.shape[1:])
+    count = math.prod(idx.shape)
+    T, I, Y = _ptr(em, table), _ptr(em, idx), _ptr(em, t.output)
+    lo, hi = split(b, count, tid, nthreads)
+
+    def row(i, _):
+        r = b.sext(b.load(gep(b, I, i, ir.IntType(32)), typ=ir.IntType(32)), I64)
+        r = smin(b, smax(b, r, i64(0)), i64(rows - 1))
+        with for_range(b, 0, width, "j") as j:
+            _store(b, _load(b, T, b.add(b.mul(r, i64(width)), j)), Y, b.add(b.mul(i, i64(width)), j))
+        return []
+    loop(b, lo, hi, (), row, name="row")
+    _epilogue_units(em, t, lo, hi, len(idx.shape)) if len(idx.shape) == 1 else _epilogue_serial(em, t, tid)
+
+
+def scatter_add(mb, em, t: Template, tid, nthreads) -> None:
+    """Rows may repeat, so one thread does it all."""
+    b = em.b
+    g, idx = t.inputs
+    rows = t.output.shape[0]
+    width = math.prod(t.output.shape[1:])
+    count = math.prod(idx.shape)
+    Gp, I, Y = _ptr(em, g), _ptr(em, idx), _ptr(em, t.output)
+    with b.if_then(b.icmp_signed("==", tid, ir.Constant(ir.IntType(32), 0))):
+        with for_range(b, 0, rows * width, "z") as z:
+            _store(b, ir.Constant(F32, 0.0), Y, z)
+        with for_range(b, 0, count, "i") as i:
+            r = b.sext(b.load(gep(b, I, i, ir.IntType(32)), typ=ir.IntType(32)), I64)
+            r = smin(b, smax(b, r, i64(0)), i64(rows - 1))
+            with for_range(b, 0, width, "j") as j:
+                at = b.add(b.mul(r, i64(width)), j)
+                _store(b, b.fadd(_load(b, Y, at), _load(b, Gp, b.add(b.mul(i, i64(width)), j))), Y, at)
+    _epilogue_serial(em, t, tid)
+
+
+def _epilogue_serial(em, t: Template, tid) -> None:
+    if t.epilogue is None:
+        return
+    b = em.b
+    from .codegen import _bounded
+    with b.if_then(b.icmp_signed("==", tid, ir.Constant(ir.IntType(32), 0))):
+        _bounded(em, t.epilogue, {})
+
+
+EMITTERS = {"matmul": matmul, "conv2d": conv2d, "conv2d_bwd_data": conv2d_bwd_data,
+            "conv2d_bwd_filter": conv2d_bwd_filter, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
+            "take": take, "scatter_add": scatter_add}

@@ -1,0 +1,264 @@
+"""schedule: lower a fused, memory-planned graph to the kernel IR (dlc/kernel.py).
+
+Every node inside a kernel becomes a scalar expression evaluated at an index of the
+kernel's loop domain; movement ops (broadcast, reshape, permute, slice, pad, concat)
+only transform the index, and reductions become loops inside the expression. Values
+stored by other kernels (and inputs, parameters, state) are loads from their buffers.
+Row kernels loop over their kept axes outside (shared between threads) and the other
+axes inside; values depending only on the kept axes are computed once per row.
+"""
+from __future__ import annotations
+
+from dlc import ops
+from dlc.graph import Graph
+from dlc.kernel import (Buffer, Exprs, Kernel, KernelProgram, LoopNest, Store, Template)
+from dlc.types import DType
+
+# parts with fewer elements than this run on one thread: splitting would cost more
+SERIAL_BELOW = 2048
+
+# graph op -> scalar op of the kernel IR (elementwise ops map one to one)
+SCALAR = {
+    ops.NEG: "neg", ops.EXP: "exp", ops.LOG: "log", ops.SQRT: "sqrt", ops.TANH: "tanh",
+    ops.SIGMOID: "sigmoid", ops.ABS: "abs", ops.SIGN: "sign", ops.STOP_GRADIENT: "copy",
+    ops.ADD: "add", ops.SUB: "sub", ops.MUL: "mul", ops.DIV: "div", ops.POW: "pow",
+    ops.MAX: "max", ops.MIN: "min", ops.LT: "lt", ops.LE: "le", ops.GT: "gt", ops.GE: "ge",
+    ops.EQ: "eq", ops.NE: "ne", ops.AND: "and", ops.WHERE: "select", ops.CAST: "cast",
+}
+TEMPLATES = {ops.MATMUL: "matmul", ops.CONV2D: "conv2d", ops.CONV2D_BWD_DATA: "conv2d_bwd_data",
+             ops.CONV2D_BWD_FILTER: "conv2d_bwd_filter", ops.POOL2D: "pool2d",
+             ops.POOL2D_BWD: "pool2d_bwd", ops.TAKE: "take", ops.SCATTER_ADD: "scatter_add"}
+
+
+class ScheduleError(Exception):
+    """The graph contains something the kernel IR cannot express (a compiler bug)."""
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _Lowering:
+    def __init__(self, g: Graph):
+        self.g = g
+        self.plan = g.meta["fusion"]
+        self.mem = g.meta["memory"]
+        self.x = Exprs()
+        self.buffers: dict[int, Buffer] = {}
+        self.by_name: dict[str, Buffer] = {}
+        self._uid = 0
+        self._memo: dict = {}
+        self._make_buffers()
+
+    # --- buffers ----------------------------------------------------------------------------
+    def _register(self, nid: int, buf: Buffer) -> None:
+        self.buffers[nid] = buf
+        self.by_name.setdefault(buf.name, buf)
+
+    def _make_buffers(self) -> None:
+        g = self.g
+        for nid in g.inputs():
+            a = g.node(nid).attrs
+            kind = "state" if a["role"] in ("param", "state") else "input"
+            self._register(nid, Buffer(a["name"], a["type"].dtype, tuple(a["type"].shape), kind))
+        for nid, b in self.mem.buffers.items():
+            t = g.node(nid).type
+            if b.inplace is not None:
+                self._register(nid, self.by_name[b.inplace])
+            else:
+                self._register(nid, Buffer(f"t{nid}", t.dtype, tuple(t.shape), "arena", b.offset))
+
+    def buffer_of(self, nid: int) -> Buffer:
+        """The memory holding nid's value; reshapes of stored values share their memory."""
+        n = self.g.node(nid)
+        if nid in self.buffers:
+            return self.buffers[nid]
+        if n.op is ops.RESHAPE:
+            base = self.buffer_of(n.operands[0])
+            return Buffer(base.name, base.dtype, tuple(n.type.shape), base.kind, base.offset)
+        raise ScheduleError(f"node {nid} ({n.op.name}) has no buffer")
+
+    # --- expressions --------------------------------------------------------------------------
+    def fresh(self, extent: int) -> object:
+        self._uid += 1
+        return self.x.var(f"r{self._uid}", extent)
+
+    def expr(self, nid: int, index: tuple, kernel: int):
+        key = (nid, tuple(id(i) for i in index), kernel)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = self._expr(nid, index, kernel)
+        return hit
+
+    def _loads_from_memory(self, nid: int, kernel: int) -> bool:
+        n = self.g.node(nid)
+        if n.op is ops.INPUT:
+            return True
+        home = self.plan.group_of.get(nid)
+        if n.op in TEMPLATES:
+            return True  # computed by the template, read by the epilogue
+        return nid in self.plan.materialized and home != kernel
+
+    def _expr(self, nid: int, index: tuple, kernel: int):
+        g, x = self.g, self.x
+        n = g.node(nid)
+        t = n.type
+        if self._loads_from_memory(nid, kernel):
+            return x.load(self.buffer_of(nid), x.ravel(index, t.shape))
+        a = n.attrs
+        if n.op is ops.CONST:
+            value = a["value"]
+            if value.ndim == 0:
+                return x.lit(value.item(), t.dtype)
+            raise ScheduleError("array constants must be folded into kernels' inputs")
+        if n.op is ops.IOTA:
+            return x.index(index[a["axis"]], t.dtype)
+        if n.op in SCALAR:
+            args = [self.expr(o, index, kernel) for o in n.operands]
+            if n.op is ops.CAST:
+                return x.op("cast", args, a["dtype"])
+            return x.op(SCALAR[n.op], args, t.dtype)
+        src = n.operands[0] if n.operands else None
+        src_t = g.node(src).type if src is not None else None
+        if n.op is ops.BROADCAST:
+            inner = tuple(x.const(0) if d == 1 else index[ax] for d, ax in zip(src_t.shape, a["axes"]))
+            return self.expr(src, inner, kernel)
+        if n.op is ops.RESHAPE:
+            return self.expr(src, x.unravel(x.ravel(index, t.shape), src_t.shape), kernel)
+        if n.op is ops.PERMUTE:
+            inner = [None] * len(index)
+            for i, p in enumerate(a["perm"]):
+                inner[p] = index[i]
+            return self.expr(src, tuple(inner), kernel)
+        if n.op is ops.SLICE:
+            inner = tuple(x.add(x.const(s), x.mul(i, st)) for i, s, st in zip(index, a["starts"], a["steps"]))
+            return self.expr(src, inner, kernel)
+        if n.op is ops.PAD:
+            return self._pad(n, index, kernel)
+        if n.op is ops.CONCAT:
+            return self._concat(n, index, kernel)
+        if n.op is ops.RANDOM:
+            seed, step = (self.expr(o, (), kernel) for o in n.operands)
+            return x.rand(seed, step, a["stream"], x.ravel(index, t.shape))
+        if n.op in (ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX):
+            axes = a["axes"] if "axes" in a else (a["axis"],)
+            vars_ = {ax: self.fresh(src_t.shape[ax]) for ax in axes}
+            kept = iter(index)
+            inner = tuple(vars_[i] if i in vars_ else next(kept) for i in range(src_t.rank))
+            body = self.expr(src, inner, kernel)
+            op = {ops.REDUCE_SUM: "sum", ops.REDUCE_MAX: "max", ops.ARGMAX: "argmax"}[n.op]
+            return x.reduce(op, tuple(vars_[ax] for ax in axes), body, t.dtype)
+        raise ScheduleError(f"cannot lower `{n.op.name}` inside a loop kernel")
+
+    def _pad(self, n, index, kernel):
+        x = self.x
+        src = n.operands[0]
+        shape = self.g.node(src).type.shape
+        inner, conds = [], []
+        for i, d, lo, hi, it in zip(index, shape, n.attrs["lo"], n.attrs["hi"], n.attrs["interior"]):
+            inner.append(x.shift(i, lo, it + 1, d))
+            if lo or hi or it:
+                iv = x.index(i, DType.i32)
+                conds.append(x.op("ge", [iv, x.lit(lo, DType.i32)], DType.bool))
+                conds.append(x.op("lt", [iv, x.lit(lo + (d - 1) * (it + 1) + 1, DType.i32)], DType.bool))
+                if it:
+                    ok = x.mod(x.add(i, x.const((it + 1) * (lo // (it + 1) + 1) - lo)), it + 1)
+                    conds.append(x.op("eq", [x.index(ok, DType.i32), x.lit(0, DType.i32)], DType.bool))
+        value = self.expr(src, tuple(inner), kernel)
+        for c in conds:
+            value = x.op("select", [c, value, x.lit(n.attrs.get("value", 0.0), n.type.dtype)], n.type.dtype)
+        return value
+
+    def _concat(self, n, index, kernel):
+        x = self.x
+        axis = n.attrs["axis"]
+        pieces, offset = [], 0
+        for o in n.operands:
+            size = self.g.node(o).type.shape[axis]
+            inner = tuple(x.shift(i, offset, 1, size) if ax == axis else i for ax, i in enumerate(index))
+            pieces.append((offset + size, self.expr(o, inner, kernel)))
+            offset += size
+        value = pieces[-1][1]
+        iv = x.index(index[axis], DType.i32)
+        for end, piece in reversed(pieces[:-1]):
+            value = x.op("select", [x.op("lt", [iv, x.lit(end, DType.i32)], DType.bool), piece, value],
+                         n.type.dtype)
+        return value
+
+    # --- kernels ------------------------------------------------------------------------------
+    def loop_nest(self, kernel_id: int, domain: tuple, keep, outputs: list[int]) -> list[LoopNest]:
+        """One LoopNest over `domain` (rows over `keep`) storing `outputs`."""
+        x = self.x
+        rank = len(domain)
+        if keep is None:  # elementwise: the last axis inside, the rest outside
+            keep = tuple(range(rank - 1)) if rank > 1 else ()
+        vars_ = [self.fresh(d) for d in domain]
+        outer = tuple(vars_[i] for i in keep)
+        inner = tuple(v for i, v in enumerate(vars_) if i not in keep)
+        row_shape = tuple(domain[i] for i in keep)
+        full_flat = x.ravel(vars_, domain)
+        row_flat = x.ravel(outer, row_shape)
+        nest = LoopNest(outer, inner)
+        extra = []
+        for nid in outputs:
+            t = self.g.node(nid).type
+            size = _numel(t.shape)
+            if size == _numel(domain):
+                index = x.unravel(full_flat, t.shape)
+                nest.stores.append(Store(self.buffer_of(nid), x.ravel(index, t.shape),
+                                         self.expr(nid, index, kernel_id)))
+            elif size == _numel(row_shape):
+                index = x.unravel(row_flat, t.shape)
+                nest.row_stores.append(Store(self.buffer_of(nid), x.ravel(index, t.shape),
+                                             self.expr(nid, index, kernel_id)))
+            else:  # a stored value of another size: a loop of its own
+                extra += self.loop_nest(kernel_id, tuple(t.shape), None, [nid])
+        nest.serial = _numel(domain) < SERIAL_BELOW
+        if not nest.stores and not nest.row_stores:
+            return extra
+        return [nest] + extra
+
+    def template(self, kid: int, k) -> Template:
+        g = self.g
+        a = k.anchor
+        n = g.node(a)
+        inputs = tuple(self.buffer_of(o) for o in n.operands)
+        attrs = dict(n.attrs)
+        others = [o for o in k.outputs if o != a]
+        epilogue = None
+        if others:
+            nests = self.loop_nest(kid, tuple(n.type.shape), None, others)
+            if len(nests) != 1 or nests[0].row_stores:
+                raise ScheduleError("an epilogue must be one loop over the template's output")
+            epilogue = nests[0]
+        return Template(TEMPLATES[n.op], inputs, self.buffer_of(a), attrs, epilogue)
+
+    def kernel(self, k) -> Kernel:
+        g = self.g
+        parts: list = []
+        for part in (k.parts or [k]):
+            if part.kind in ("elementwise", "reduce"):
+                parts += self.loop_nest(k.id, tuple(part.domain), part.keep, part.outputs)
+            else:
+                parts.append(self.template(k.id, part))
+        lines = tuple(sorted({g.node(n).span.short.rsplit(":", 1)[0] for n in k.nodes if g.node(n).span}))
+        return Kernel(f"k{k.id}_{k.kind}", k.phase, parts, lines)
+
+
+def schedule(graph: Graph) -> KernelProgram:
+    low = _Lowering(graph)
+    g = graph
+    kernels = [low.kernel(k) for k in low.plan.kernels]
+    outputs = {name: low.buffer_of(nid) for name, nid in g.outputs.items()}
+    copies = []
+    for name, nid in g.updates.items():
+        dst = low.by_name[name]
+        src = low.buffer_of(nid)
+        if src is not dst:
+            copies.append((src, dst))
+    inputs = {b.name: b for nid, b in low.buffers.items() if g.node(nid).op is ops.INPUT and b.kind == "input"}
+    state = {b.name: b for nid, b in low.buffers.items() if g.node(nid).op is ops.INPUT and b.kind == "state"}
+    return KernelProgram(kernels, dict(low.by_name), low.mem.arena_bytes, outputs, copies, inputs, state)

@@ -1,0 +1,696 @@
+"""The op table: one row per primitive mode and per composite, each with an independent numpy
+reference (in the spirit of PyTorch's OpInfo). `tests/test_ops.py` runs the generic checks.
+
+Every reference below is written directly in numpy, from the op's documented meaning. None of
+them calls `OpDef.ref` or any other dlc code: a wrong formula in dlc must not agree with itself.
+Input domains are chosen per row, away from kinks and poles; shapes are awkward on purpose
+(1, 3, 7, 33: not multiples of any vector width; rank 0 where it means something).
+
+A row is `OpCase`:
+    op        name in dlc.ops.OPS (primitive rows) or dlc.nn.BUILTINS (composite rows)
+    shapes    one shape per tensor operand
+    ref       the numpy reference. Primitives: ref(*arrays, **attrs). Composites:
+              ref(*arrays, **layer_params_and_state) -> array, or a dict {"out": ...,
+              "update:<state>": ...} when the layer updates state
+    attrs     primitive attributes / builtin keyword arguments
+    inputs    per operand: a (lo, hi) float range (f32 unless `dtypes` says otherwise), or a
+              callable (rng, shape) -> array for indices, booleans, integers and ties
+    avoid     points float inputs keep away from (kinks): e.g. 0 for abs and relu
+    grad      "fd"     gradient checked against central finite differences
+              "zero"   autodiff must give an all-zero gradient (stop_gradient)
+              "raises" autodiff must raise a clear dlc.DlcError
+              "none"   no float input to differentiate
+    tol32     (rtol, atol) of the float32 forward comparison
+    xfail     {aspect: reason} for known bugs, aspect in "infer", "forward", "forward-f32",
+              "forward-f64", "grad", "symbolic"
+    symbolic  composites: also build with axis 0 of every operand declared as the symbol B
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from dlc import nn
+from dlc.nn import ParamList
+from dlc.types import DType, TensorType
+
+F32, F64, I32, BOOL = DType.f32, DType.f64, DType.i32, DType.bool
+
+
+@dataclass(frozen=True)
+class OpCase:
+    op: str
+    shapes: tuple
+    ref: Callable
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    inputs: tuple = ()            # per operand: (lo, hi) or callable(rng, shape); default DOMAIN
+    dtypes: tuple = ()            # per operand dtype for range inputs; default f32
+    avoid: tuple = ()
+    grad: str = "fd"
+    tol32: tuple = (1e-5, 1e-6)
+    xfail: Mapping[str, str] = field(default_factory=dict)
+    id: str = ""
+    # composites only
+    composite: bool = False
+    call: Callable | None = None  # call(ctx, *values) -> Value; default BUILTINS[op].fn(ctx, *v, **attrs)
+    params: Mapping[str, tuple] = field(default_factory=dict)  # layer param/state name -> (lo, hi)
+    training: bool = True
+    symbolic: bool = True         # also check with the leading (batch) axis declared as a symbol B
+
+    @property
+    def name(self) -> str:
+        prefix = "nn." if self.composite else ""
+        return prefix + self.op + (f"[{self.id}]" if self.id else "")
+
+
+DOMAIN = (-2.0, 2.0)
+PARAM_DOMAIN = (-1.0, 1.0)
+MATMUL_TOL = (1e-5, 1e-5)  # float32 sums of up to ~100 products of O(1) terms
+
+# Known bug: GraphBuilder.const stores scalars as float32 arrays (np.asarray(value, float32)), so
+# a float64 run of an f32 graph computes with 0.1 = 0.10000000149: composites whose constants are
+# not float32-exact are off by ~3e-8 relative in float64. (Gradient checks are unaffected: autodiff
+# and finite differences see the same rounded constants.)
+CONST_F32 = {"forward-f64": "builder constants are rounded to float32, so the float64 interpreter "
+                            "computes with e.g. 0.1 = 0.10000000149 (off by ~3e-8 relative)"}
+
+
+def P(op, shapes, ref, **kw) -> OpCase:
+    return OpCase(op, tuple(tuple(s) for s in shapes), ref, **kw)
+
+
+def C(op, shapes, ref, **kw) -> OpCase:
+    return OpCase(op, tuple(tuple(s) for s in shapes), ref, composite=True, **kw)
+
+
+# --- input makers ---------------------------------------------------------------------------------
+
+def ints(lo, hi):
+    """i32 values in [lo, hi)."""
+    def make(rng, shape):
+        return rng.integers(lo, hi, size=shape).astype(np.int32)
+    make.__name__ = f"ints({lo},{hi})"
+    return make
+
+
+def bools(rng, shape):
+    return rng.random(size=shape) < 0.5
+
+
+def small_ints_f32(rng, shape):
+    """Float values that are small integers, so comparisons hit ties often."""
+    return rng.integers(-2, 3, size=shape).astype(np.float32)
+
+
+def scalar_i32(value):
+    def make(rng, shape):
+        return np.asarray(value, dtype=np.int32)
+    return make
+
+
+def probabilities(rng, shape):
+    """Rows that are probability distributions (soft cross-entropy targets)."""
+    p = rng.uniform(0.1, 1.0, size=shape)
+    return (p / p.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def zeros_ones_f32(rng, shape):
+    return (rng.random(size=shape) < 0.5).astype(np.float32)
+
+
+# --- numpy references ---------------------------------------------------------------------------
+
+def np_sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_broadcast(x, shape, axes):
+    """x's dim i goes to output axis axes[i] (size 1 stretches); the other axes are new."""
+    new = tuple(i for i in range(len(shape)) if i not in axes)
+    return np.broadcast_to(np.expand_dims(x, new), shape)
+
+
+def np_pad(x, lo, hi, interior, value=0.0):
+    shape = tuple(l + h + d + max(d - 1, 0) * i for d, l, h, i in zip(x.shape, lo, hi, interior))
+    out = np.full(shape, value, dtype=x.dtype)
+    where = [l + np.arange(d) * (i + 1) for d, l, i in zip(x.shape, lo, interior)]
+    out[np.ix_(*where)] = x
+    return out
+
+
+def np_slice(x, starts, stops, steps):
+    idx = [np.arange(s, e, st) for s, e, st in zip(starts, stops, steps)]
+    return x[np.ix_(*idx)]
+
+
+def np_matmul(a, b, ta=False, tb=False):
+    a = np.swapaxes(a, 0, 1) if ta else a
+    b = np.swapaxes(b, 0, 1) if tb else b
+    return np.einsum("ik,kj->ij", a, b)
+
+
+def _out(n, k, s, p):
+    return (n + 2 * p - k) // s + 1
+
+
+def _pad_hw(x, pad, fill=0.0):
+    return np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])), constant_values=fill)
+
+
+def np_conv2d(x, w, stride=(1, 1), pad=(0, 0)):
+    """Direct convolution (cross-correlation), one output position at a time."""
+    n, _, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    (sh, sw), xp = stride, _pad_hw(x, pad)
+    oh, ow = _out(h, kh, sh, pad[0]), _out(wd, kw, sw, pad[1])
+    out = np.zeros((n, o, oh, ow), dtype=x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            out[:, :, i, j] = np.einsum("ncij,ocij->no", xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw], w)
+    return out
+
+
+def np_conv2d_bwd_data(g, w, in_hw, stride, pad):
+    """d<conv2d(x, w), g>/dx: each output position scatters g * w into its window."""
+    n, _, oh, ow = g.shape
+    _, c, kh, kw = w.shape
+    (sh, sw), (ph, pw) = stride, pad
+    dxp = np.zeros((n, c, in_hw[0] + 2 * ph, in_hw[1] + 2 * pw), dtype=g.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            dxp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw] += np.einsum("no,ocij->ncij", g[:, :, i, j], w)
+    return dxp[:, :, ph:ph + in_hw[0], pw:pw + in_hw[1]]
+
+
+def np_conv2d_bwd_filter(x, g, kernel, stride, pad):
+    """d<conv2d(x, w), g>/dw."""
+    (kh, kw), (sh, sw), xp = kernel, stride, _pad_hw(x, pad)
+    dw = np.zeros((g.shape[1], x.shape[1], kh, kw), dtype=x.dtype)
+    for i in range(g.shape[2]):
+        for j in range(g.shape[3]):
+            dw += np.einsum("no,ncij->ocij", g[:, :, i, j], xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw])
+    return dw
+
+
+def np_pool(x, mode, kernel, stride, pad):
+    """max: padding never wins; avg: divides by the whole window (padding counts)."""
+    (kh, kw), (sh, sw) = kernel, stride
+    xp = _pad_hw(x, pad, -np.inf if mode == "max" else 0.0)
+    oh, ow = _out(x.shape[2], kh, sh, pad[0]), _out(x.shape[3], kw, sw, pad[1])
+    out = np.zeros(x.shape[:2] + (oh, ow), dtype=x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            win = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
+            out[:, :, i, j] = win.max(axis=(2, 3)) if mode == "max" else win.sum(axis=(2, 3)) / (kh * kw)
+    return out
+
+
+def np_pool_bwd(x, g, mode, kernel, stride, pad):
+    """max: each window's g goes to its first maximum (row-major); avg: spread evenly."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    n, c, h, wd = x.shape
+    xp = _pad_hw(x, pad, -np.inf)
+    dxp = np.zeros_like(xp)
+    for i in range(g.shape[2]):
+        for j in range(g.shape[3]):
+            rows, cols = slice(i * sh, i * sh + kh), slice(j * sw, j * sw + kw)
+            gij = g[:, :, i, j][:, :, None, None]
+            if mode == "avg":
+                dxp[:, :, rows, cols] += gij / (kh * kw)
+            else:
+                first = xp[:, :, rows, cols].reshape(n, c, -1).argmax(axis=-1)
+                hit = (np.arange(kh * kw) == first[..., None]).reshape(n, c, kh, kw)
+                dxp[:, :, rows, cols] += hit * gij
+    return dxp[:, :, ph:ph + h, pw:pw + wd]
+
+
+def np_take(table, idx):
+    return np.take(table, idx, axis=0)
+
+
+def np_scatter_add(g, idx, rows):
+    out = np.zeros((rows,) + g.shape[idx.ndim:], dtype=g.dtype)
+    flat_g = g.reshape((-1,) + g.shape[idx.ndim:])
+    for k, r in enumerate(idx.reshape(-1)):
+        out[r] += flat_g[k]
+    return out
+
+
+# random: documented as uniform [0, 1) from murmur3's fmix32 finalizer over
+#   key = fmix32(seed ^ fmix32(stream ^ fmix32(step))),  bits_i = fmix32((i * 0x9E3779B1) ^ key),
+#   value_i = (bits_i >> 8) * 2^-24.
+# Written again here with 64-bit integers and explicit masks.
+_MASK = 0xFFFFFFFF
+
+
+def _fmix32(h):
+    h = np.asarray(h, dtype=np.uint64) & _MASK
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK
+    h ^= h >> 16
+    return h
+
+
+def np_random(seed, step, shape, stream):
+    key = _fmix32(int(seed) & _MASK ^ int(_fmix32(int(stream) ^ int(_fmix32(int(step) & _MASK)))))
+    n = int(np.prod(shape))
+    bits = _fmix32(((np.arange(n, dtype=np.uint64) * 0x9E3779B1) & _MASK) ^ key)
+    return ((bits >> 8).astype(np.float64) / 2.0 ** 24).astype(np.float32).reshape(shape)
+
+
+def np_log_softmax(x, axis=-1):
+    m = x.max(axis=axis, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+def np_softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_batchnorm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5):
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if not training:
+        y = (x - running_mean.reshape(shape)) / np.sqrt(running_var.reshape(shape) + eps)
+        return y * gamma.reshape(shape) + beta.reshape(shape)
+    mean = x.mean(axis=axes)
+    var = x.var(axis=axes)
+    n = x.size // x.shape[1]
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * gamma.reshape(shape) + beta.reshape(shape)
+    return {"out": y,
+            "update:running_mean": (1 - momentum) * running_mean + momentum * mean,
+            "update:running_var": (1 - momentum) * running_var + momentum * var * n / max(n - 1, 1)}
+
+
+def np_rnn(x, wx, wh, b, return_sequences=False):
+    h = np.zeros((x.shape[0], wh.shape[0]))
+    hs = []
+    for t in range(x.shape[1]):
+        h = np.tanh(x[:, t] @ wx + h @ wh + b)
+        hs.append(h)
+    return np.stack(hs, axis=1) if return_sequences else h
+
+
+def np_lstm(x, w, u, b, return_sequences=False):
+    n_h = u.shape[0]
+    h = np.zeros((x.shape[0], n_h))
+    c = np.zeros_like(h)
+    hs = []
+    for t in range(x.shape[1]):
+        z = x[:, t] @ w + h @ u + b
+        i, f, g, o = (z[:, k * n_h:(k + 1) * n_h] for k in range(4))
+        c = np_sigmoid(f) * c + np_sigmoid(i) * np.tanh(g)
+        h = np_sigmoid(o) * np.tanh(c)
+        hs.append(h)
+    return np.stack(hs, axis=1) if return_sequences else h
+
+
+def np_gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+# --- primitive rows -----------------------------------------------------------------------------
+
+M, N = 3, 7  # awkward sizes used throughout
+
+UNARY = [
+    P("neg", [(M, N)], np.negative),
+    P("neg", [()], np.negative, id="rank0"),
+    P("exp", [(33,)], np.exp),
+    P("exp", [()], np.exp, id="rank0"),
+    P("log", [(M, N)], np.log, inputs=[(0.1, 3.0)]),
+    P("sqrt", [(1, 33)], np.sqrt, inputs=[(0.1, 3.0)]),
+    P("tanh", [(M, N)], np.tanh, inputs=[(-3.0, 3.0)]),
+    P("sigmoid", [(M, N)], np_sigmoid, inputs=[(-6.0, 6.0)]),
+    P("abs", [(33,)], np.abs, avoid=(0.0,)),
+    P("abs", [(M, N)], np.abs, dtypes=[I32], inputs=[ints(-5, 5)], grad="none", id="i32"),
+    P("sign", [(M, N)], np.sign, avoid=(0.0,)),
+    P("stop_gradient", [(M, N)], lambda x: x, grad="zero"),
+]
+
+CASTS = [
+    P("cast", [(M, N)], lambda x, dtype: x.astype(np.float64), attrs={"dtype": F64}, id="f32->f64"),
+    P("cast", [(M, N)], lambda x, dtype: np.trunc(x).astype(np.int32), attrs={"dtype": I32},
+      inputs=[(-4.0, 4.0)], avoid=(-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0), id="f32->i32"),
+    P("cast", [(M, N)], lambda x, dtype: x.astype(np.float32), attrs={"dtype": F32},
+      inputs=[ints(-5, 5)], grad="none", id="i32->f32"),
+    P("cast", [(33,)], lambda x, dtype: x.astype(np.float32), attrs={"dtype": F32},
+      inputs=[bools], grad="none", id="bool->f32"),
+]
+
+BINARY = [
+    P("add", [(M, N), (M, N)], np.add),
+    P("add", [(), ()], np.add, id="rank0"),
+    P("add", [(M, N), (M, N)], np.add, inputs=[ints(-9, 9), ints(-9, 9)], grad="none", id="i32"),
+    P("sub", [(1, 33), (1, 33)], np.subtract),
+    P("mul", [(M, N), (M, N)], np.multiply),
+    P("mul", [(33,), (33,)], np.multiply, inputs=[ints(-9, 9), ints(-9, 9)], grad="none", id="i32"),
+    P("div", [(M, N), (M, N)], np.divide, inputs=[DOMAIN, (0.5, 2.0)]),
+    P("div", [(M, N), (M, N)], np.divide, inputs=[DOMAIN, (-2.0, -0.5)], id="negative-divisor"),
+    # integer division of non-negative numbers (floor and truncation agree there)
+    P("div", [(33,), (33,)], lambda a, b: a // b, inputs=[ints(0, 50), ints(1, 7)], grad="none", id="i32"),
+    P("pow", [(M, N), (M, N)], np.power, inputs=[(0.5, 2.0), (-2.0, 2.0)]),
+    P("max", [(M, N), (M, N)], np.maximum),
+    P("max", [(33,), (33,)], np.maximum, inputs=[ints(-3, 3), ints(-3, 3)], grad="none", id="i32"),
+    P("min", [(M, N), (M, N)], np.minimum),
+]
+
+COMPARE = []
+for _name, _fn in [("lt", np.less), ("le", np.less_equal), ("gt", np.greater),
+                   ("ge", np.greater_equal), ("eq", np.equal), ("ne", np.not_equal)]:
+    # f32 without ties: the gradient through a comparison is zero
+    COMPARE.append(P(_name, [(M, N), (M, N)], _fn))
+    # small integers stored as f32 (ties on purpose: le/ge/eq must be true there); no gradient
+    COMPARE.append(P(_name, [(M, N), (M, N)], _fn, inputs=[small_ints_f32, small_ints_f32],
+                     grad="none", id="ties"))
+    COMPARE.append(P(_name, [(33,), (33,)], _fn, inputs=[ints(-2, 3), ints(-2, 3)], grad="none", id="i32"))
+COMPARE.append(P("and", [(M, N), (M, N)], np.logical_and, inputs=[bools, bools], grad="none"))
+
+WHERE = [
+    P("where", [(M, N), (M, N), (M, N)], np.where, inputs=[bools, DOMAIN, DOMAIN]),
+    P("where", [(), (), ()], np.where, inputs=[bools, DOMAIN, DOMAIN], id="rank0"),
+    P("where", [(33,), (33,), (33,)], np.where, inputs=[bools, ints(-5, 5), ints(-5, 5)], grad="none",
+      id="i32"),
+]
+
+REDUCE = [
+    P("reduce_sum", [(M, 1, N)], lambda x, axes: x.sum(axis=axes), attrs={"axes": (0, 2)}, id="axes02"),
+    P("reduce_sum", [(M, 1, N)], lambda x, axes: x.sum(axis=axes), attrs={"axes": (0, 1, 2)}, id="all"),
+    P("reduce_sum", [(33, 1)], lambda x, axes: x.sum(axis=axes), attrs={"axes": (1,)}, id="size1-axis"),
+    P("reduce_sum", [(M, N)], lambda x, axes: x.sum(axis=axes), attrs={"axes": ()}, id="no-axes"),
+    P("reduce_max", [(M, N)], lambda x, axes: x.max(axis=axes), attrs={"axes": (1,)}, id="axis1"),
+    P("reduce_max", [(M, 1, N)], lambda x, axes: x.max(axis=axes), attrs={"axes": (0, 2)}, id="axes02"),
+    P("reduce_max", [(33,)], lambda x, axes: x.max(axis=axes), attrs={"axes": (0,)}, id="all"),
+    P("reduce_max", [(M, N)], lambda x, axes: x.max(axis=axes), attrs={"axes": ()}, id="no-axes"),
+    P("argmax", [(M, N)], lambda x, axis: x.argmax(axis=axis).astype(np.int32), attrs={"axis": 1}),
+    P("argmax", [(33,)], lambda x, axis: x.argmax(axis=axis).astype(np.int32), attrs={"axis": 0}, id="rank1"),
+    # ties: the first maximum wins
+    P("argmax", [(N, M)], lambda x, axis: x.argmax(axis=axis).astype(np.int32), attrs={"axis": 0},
+      inputs=[ints(0, 3)], grad="none", id="i32-ties"),
+]
+
+MOVEMENT = [
+    P("reshape", [(M, N)], lambda x, shape: x.reshape(shape), attrs={"shape": (N, 1, M)}),
+    P("reshape", [()], lambda x, shape: x.reshape(shape), attrs={"shape": (1, 1)}, id="rank0"),
+    P("reshape", [(1, 1, 1)], lambda x, shape: x.reshape(shape), attrs={"shape": ()}, id="to-rank0"),
+    P("permute", [(M, 1, N)], lambda x, perm: np.transpose(x, perm), attrs={"perm": (2, 0, 1)}),
+    P("permute", [(M, N)], lambda x, perm: np.transpose(x, perm), attrs={"perm": (1, 0)}, id="2d"),
+    P("broadcast", [(M, 1)], np_broadcast, attrs={"shape": (2, M, N), "axes": (1, 2)}, id="new+stretched"),
+    P("broadcast", [()], np_broadcast, attrs={"shape": (M, N), "axes": ()}, id="rank0"),
+    P("broadcast", [(N,)], np_broadcast, attrs={"shape": (N, 33), "axes": (0,)}, id="new-trailing"),
+    P("broadcast", [(1, 1)], np_broadcast, attrs={"shape": (1, 33), "axes": (0, 1)}, id="stretch-only"),
+    P("slice", [(N, 33)], np_slice, attrs={"starts": (1, 0), "stops": (N, 33), "steps": (2, 5)}, id="steps"),
+    P("slice", [(M, N, 1)], np_slice, attrs={"starts": (0, 2, 0), "stops": (M, 5, 1), "steps": (1, 1, 1)},
+      id="window"),
+    P("slice", [(33,)], np_slice, attrs={"starts": (3,), "stops": (32,), "steps": (7,)}, id="step7"),
+    P("pad", [(M, N)], np_pad, attrs={"lo": (1, 0), "hi": (2, 3), "interior": (1, 2), "value": 0.0},
+      id="interior"),
+    P("pad", [(1, 33)], np_pad, attrs={"lo": (0, 2), "hi": (1, 0), "interior": (3, 0), "value": 1.5},
+      id="value"),
+    P("pad", [(N,)], np_pad, attrs={"lo": (0,), "hi": (0,), "interior": (2,), "value": 0.0},
+      id="interior-only"),
+    P("concat", [(M, 1), (M, N), (M, 2)], lambda *xs, axis: np.concatenate(xs, axis=axis),
+      attrs={"axis": 1}, id="3-inputs"),
+    P("concat", [(1, N), (2, N)], lambda *xs, axis: np.concatenate(xs, axis=axis), attrs={"axis": 0},
+      id="axis0"),
+]
+
+MATMUL = [
+    P("matmul", [(M, N), (N, 5)], np_matmul, attrs={"ta": False, "tb": False}, tol32=MATMUL_TOL, id="nn"),
+    P("matmul", [(N, M), (N, 5)], np_matmul, attrs={"ta": True, "tb": False}, tol32=MATMUL_TOL, id="tn"),
+    P("matmul", [(M, 33), (1, 33)], np_matmul, attrs={"ta": False, "tb": True}, tol32=MATMUL_TOL, id="nt"),
+    P("matmul", [(N, 1), (M, N)], np_matmul, attrs={"ta": True, "tb": True}, tol32=MATMUL_TOL, id="tt"),
+    P("matmul", [(1, 33), (33, 1)], np_matmul, attrs={"ta": False, "tb": False}, tol32=MATMUL_TOL,
+      id="dot"),
+]
+
+CONV = [
+    P("conv2d", [(2, 3, 7, 6), (4, 3, 3, 2)], np_conv2d, attrs={"stride": (1, 1), "pad": (0, 0)},
+      tol32=MATMUL_TOL, id="plain"),
+    P("conv2d", [(2, 3, 8, 7), (4, 3, 3, 3)], np_conv2d, attrs={"stride": (2, 2), "pad": (1, 1)},
+      tol32=MATMUL_TOL, id="stride2-pad1"),
+    P("conv2d", [(1, 2, 5, 7), (3, 2, 1, 3)], np_conv2d, attrs={"stride": (1, 3), "pad": (2, 0)},
+      tol32=MATMUL_TOL, id="asymmetric"),
+    P("conv2d_bwd_data", [(2, 4, 4, 5), (4, 3, 3, 2)], np_conv2d_bwd_data,
+      attrs={"in_hw": (8, 6), "stride": (2, 1), "pad": (1, 0)}, tol32=MATMUL_TOL, id="stride2-pad1"),
+    P("conv2d_bwd_data", [(1, 3, 5, 4), (3, 2, 3, 3)], np_conv2d_bwd_data,
+      attrs={"in_hw": (7, 6), "stride": (1, 1), "pad": (0, 0)}, tol32=MATMUL_TOL, id="plain"),
+    P("conv2d_bwd_filter", [(2, 3, 8, 6), (2, 4, 4, 5)], np_conv2d_bwd_filter,
+      attrs={"kernel": (3, 2), "stride": (2, 1), "pad": (1, 0)}, tol32=MATMUL_TOL, id="stride2-pad1"),
+    P("conv2d_bwd_filter", [(1, 2, 7, 6), (1, 3, 5, 4)], np_conv2d_bwd_filter,
+      attrs={"kernel": (3, 3), "stride": (1, 1), "pad": (0, 0)}, tol32=MATMUL_TOL, id="plain"),
+]
+
+_POOL = [("max", (2, 2), (2, 2), (0, 0), (2, 3, 7, 5), "k2"),
+         ("max", (3, 3), (2, 2), (1, 1), (2, 3, 7, 6), "k3-s2-pad1"),
+         ("max", (3, 1), (1, 1), (0, 0), (1, 2, 5, 3), "k31-s1"),
+         ("avg", (2, 2), (2, 2), (0, 0), (2, 3, 7, 5), "k2"),
+         ("avg", (3, 3), (2, 2), (1, 1), (2, 3, 7, 6), "k3-s2-pad1")]
+POOL = []
+for _mode, _k, _s, _p, _shape, _id in _POOL:
+    _attrs = {"mode": _mode, "kernel": _k, "stride": _s, "pad": _p}
+    _gshape = _shape[:2] + (_out(_shape[2], _k[0], _s[0], _p[0]), _out(_shape[3], _k[1], _s[1], _p[1]))
+    POOL.append(P("pool2d", [_shape], np_pool, attrs=_attrs, id=f"{_mode}-{_id}"))
+    # max mode has no second derivative: autodiff must refuse it with a DlcError
+    POOL.append(P("pool2d_bwd", [_shape, _gshape], np_pool_bwd, attrs=_attrs, id=f"{_mode}-{_id}",
+                  grad="raises" if _mode == "max" else "fd"))
+
+GATHER = [
+    P("take", [(N, 4), (2, 5)], np_take, inputs=[DOMAIN, ints(0, N)], id="repeats"),
+    P("take", [(N, 4), ()], np_take, inputs=[DOMAIN, ints(0, N)], id="rank0-index"),
+    P("take", [(33,), (M,)], np_take, inputs=[DOMAIN, ints(0, 33)], id="rank1-table"),
+    P("scatter_add", [(2, 5, 4), (2, 5)], np_scatter_add, attrs={"rows": N}, inputs=[DOMAIN, ints(0, N)],
+      id="repeats"),
+    P("scatter_add", [(4,), ()], np_scatter_add, attrs={"rows": M}, inputs=[DOMAIN, ints(0, M)],
+      id="rank0-index"),
+]
+
+SOURCES = [
+    P("iota", [], lambda shape, axis, dtype: np.indices(shape)[axis].astype(np.int32),
+      attrs={"shape": (M, N), "axis": 1, "dtype": I32}, grad="none", id="i32-axis1"),
+    P("iota", [], lambda shape, axis, dtype: np.indices(shape)[axis].astype(np.float32),
+      attrs={"shape": (33, 1, 2), "axis": 0, "dtype": F32}, grad="none", id="f32-axis0"),
+    P("size", [(M, N, 2)], lambda x, axes: np.float32(np.prod([x.shape[a] for a in axes])),
+      attrs={"axes": (0, 2)},
+      xfail={"infer": "size's ref returns an int64 array while its shape rule says f32"}),
+    P("size", [(M, N)], lambda x, axes: np.float32(1.0), attrs={"axes": ()}, id="no-axes",
+      xfail={"infer": "size's ref returns a float64 array (np.prod of []) while its shape rule says f32"}),
+    P("random", [(), ()], np_random, attrs={"shape": (M, N), "stream": 5},
+      inputs=[scalar_i32(7), scalar_i32(3)], grad="none"),
+    P("random", [(), ()], np_random, attrs={"shape": (33,), "stream": 0},
+      inputs=[scalar_i32(-1), scalar_i32(0)], grad="none", id="negative-seed"),
+]
+
+PRIMITIVES: list[OpCase] = (UNARY + CASTS + BINARY + COMPARE + WHERE + REDUCE + MOVEMENT + MATMUL + CONV
+                            + POOL + GATHER + SOURCES)
+
+
+# --- composite rows ------------------------------------------------------------------------------
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _axes(x, axis):
+    return None if axis is None else (axis if isinstance(axis, int) else tuple(axis))
+
+
+DROPOUT_SEED, DROPOUT_STEP, DROPOUT_STREAM = 11, 4, 77  # what the test LayerContext's rng() gives
+
+
+def _dropout_ref(x, p):
+    keep = np_random(DROPOUT_SEED, DROPOUT_STEP, x.shape, DROPOUT_STREAM) >= p
+    return np.where(keep, x / (1.0 - p), 0.0)
+
+
+COMPOSITES: list[OpCase] = [
+    # layers
+    C("dense", [(M, N)], lambda x, w, b: x @ w + b, attrs={"units": 5}, tol32=MATMUL_TOL),
+    C("dense", [(2, M, N)], lambda x, w: np.einsum("abk,kn->abn", x, w), attrs={"units": 1, "bias": False},
+      tol32=MATMUL_TOL, id="rank3-nobias"),
+    C("conv2d", [(2, 3, 7, 6)], lambda x, w, b: np_conv2d(x, w, (2, 2), (1, 1)) + b[None, :, None, None],
+      attrs={"channels": 4, "kernel": 3, "stride": 2, "pad": 1}, tol32=MATMUL_TOL),
+    C("conv2d", [(1, 2, 5, 5)], lambda x, w, b: np_conv2d(x, w, (1, 1), (1, 2)) + b[None, :, None, None],
+      attrs={"channels": 3, "kernel": (3, 5), "pad": "same"}, tol32=MATMUL_TOL, id="same"),
+    C("maxpool", [(2, 3, 7, 5)], lambda x: np_pool(x, "max", (2, 2), (2, 2), (0, 0))),
+    C("maxpool", [(1, 2, 7, 7)], lambda x: np_pool(x, "max", (3, 3), (2, 2), (1, 1)),
+      attrs={"kernel": 3, "stride": 2, "pad": 1}, id="k3-s2-pad1"),
+    C("avgpool", [(2, 3, 7, 5)], lambda x: np_pool(x, "avg", (2, 2), (2, 2), (0, 0))),
+    C("avgpool", [(1, 2, 7, 7)], lambda x: np_pool(x, "avg", (3, 3), (2, 2), (1, 1)),
+      attrs={"kernel": 3, "stride": 2, "pad": 1}, id="k3-s2-pad1"),
+    C("global_avgpool", [(2, 3, 7, 5)], lambda x: x.mean(axis=(2, 3))),
+    C("flatten", [(2, 3, 1, 7)], lambda x: x.reshape(x.shape[0], -1)),
+    C("dropout", [(M, 33)], lambda x: _dropout_ref(x, 0.25), attrs={"p": 0.25}, id="train", xfail=CONST_F32),
+    C("dropout", [(M, N)], lambda x: x, attrs={"p": 0.5}, training=False, id="eval"),
+    C("batchnorm", [(5, M)], lambda x, **p: np_batchnorm(x, training=True, **p),
+      params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-2d", xfail=CONST_F32),
+    C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=True, **p),
+      params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-4d", xfail=CONST_F32),
+    C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=False, **p),
+      params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, training=False, id="eval-4d"),
+    C("embedding", [(2, 5)], lambda x, table: table[x], attrs={"vocab": N, "dim": 4}, inputs=[ints(0, N)]),
+    C("rnn", [(2, M, 4)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b), attrs={"hidden": 5}, tol32=(1e-5, 1e-5)),
+    C("rnn", [(1, 2, 3)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b, True),
+      attrs={"hidden": 2, "return_sequences": True}, tol32=(1e-5, 1e-5), id="sequences"),
+    C("lstm", [(2, M, 4)], lambda x, w, u, b: np_lstm(x, w, u, b), attrs={"hidden": 3}, tol32=(1e-5, 1e-5)),
+    C("lstm", [(1, 2, 3)], lambda x, w, u, b: np_lstm(x, w, u, b, True),
+      attrs={"hidden": 2, "return_sequences": True}, tol32=(1e-5, 1e-5), id="sequences"),
+    # activations
+    C("relu", [(M, 33)], lambda x: np.maximum(x, 0.0), avoid=(0.0,)),
+    C("leaky_relu", [(M, N)], lambda x: np.where(x > 0, x, 0.2 * x), attrs={"alpha": 0.2}, avoid=(0.0,),
+      xfail=CONST_F32),
+    C("leaky_relu", [(33,)], lambda x: np.where(x > 0, x, 0.01 * x), avoid=(0.0,), id="default-alpha",
+      xfail=CONST_F32),
+    C("sigmoid", [(M, N)], np_sigmoid, inputs=[(-6.0, 6.0)]),
+    C("tanh", [(M, N)], np.tanh),
+    C("softmax", [(M, N)], np_softmax, inputs=[(-4.0, 4.0)]),
+    C("softmax", [(M, N)], lambda x: np_softmax(x, 0), attrs={"axis": 0}, id="axis0"),
+    C("softmax", [(1, 1)], np_softmax, id="one-class"),
+    C("log_softmax", [(M, N)], np_log_softmax, inputs=[(-4.0, 4.0)]),
+    C("log_softmax", [(N, 2, M)], lambda x: np_log_softmax(x, 1), attrs={"axis": 1}, id="axis1"),
+    C("log_softmax", [(M, N)], np_log_softmax, inputs=[(40.0, 60.0)], id="large-logits"),
+    C("gelu", [(M, 33)], np_gelu_tanh, inputs=[(-3.0, 3.0)], xfail=CONST_F32),
+    # math functions
+    C("exp", [(M, N)], np.exp),
+    C("log", [(M, N)], np.log, inputs=[(0.1, 3.0)]),
+    C("sqrt", [(M, N)], np.sqrt, inputs=[(0.1, 3.0)]),
+    C("abs", [(M, N)], np.abs, avoid=(0.0,)),
+    C("sum", [(M, 1, N)], lambda x: x.sum()),
+    C("sum", [(M, 1, N)], lambda x: x.sum(axis=(0, 2), keepdims=True), attrs={"axis": [0, -1], "keepdims": True},
+      id="axes-keepdims"),
+    C("mean", [(M, N)], lambda x: x.mean()),
+    C("mean", [(M, 1, N)], lambda x: x.mean(axis=-1), attrs={"axis": -1}, id="last-axis"),
+    C("mean", [(M, 2, N)], lambda x: x.mean(axis=(0, 1), keepdims=True), attrs={"axis": [0, 1], "keepdims": True},
+      id="axes-keepdims"),
+    C("max", [(M, N)], lambda x: x.max()),
+    C("max", [(M, 2, N)], lambda x: x.max(axis=1, keepdims=True), attrs={"axis": 1, "keepdims": True},
+      id="axis-keepdims"),
+    C("maximum", [(M, N), (M, N)], np.maximum),
+    C("maximum", [(M, N)], lambda x: np.maximum(x, 0.5), attrs={"y": 0.5}, avoid=(0.5,), id="scalar"),
+    C("maximum", [(M, N), (N,)], np.maximum, id="broadcast"),
+    C("minimum", [(M, N), (M, N)], np.minimum),
+    C("minimum", [(1, 33)], lambda x: np.minimum(x, -0.25), attrs={"y": -0.25}, avoid=(-0.25,), id="scalar"),
+    C("clip", [(M, 33)], lambda x: np.clip(x, -0.5, 1.0), attrs={"lo": -0.5, "hi": 1.0}, avoid=(-0.5, 1.0)),
+    C("reshape", [(M, N)], lambda x: x.reshape(N, M), attrs={"shape": [-1, M]}, symbolic=False),
+    C("reshape", [(2, M, N)], lambda x: x.reshape(2, 1, 21), attrs={"shape": [2, 1, 21]}, symbolic=False,
+      id="explicit"),
+    C("transpose", [(M, 1, N)], lambda x: np.transpose(x)),
+    C("transpose", [(M, 1, N)], lambda x: np.transpose(x, (1, 2, 0)), attrs={"perm": [1, 2, 0]}, id="perm"),
+    C("concat", [(M, 1), (M, N), (M, 2)], lambda *xs: np.concatenate(xs, axis=-1),
+      call=lambda ctx, *xs: nn.concat(ctx, list(xs)), id="3-inputs"),
+    C("concat", [(1, N), (2, N)], lambda *xs: np.concatenate(xs, axis=0),
+      call=lambda ctx, *xs: nn.concat(ctx, list(xs), axis=0), id="axis0"),
+    # losses
+    C("mse", [(M, N), (M, N)], lambda o, t: np.mean((o - t) ** 2)),
+    C("cross_entropy", [(5, N), (5,)], lambda z, y: -np.mean(np_log_softmax(z)[np.arange(len(y)), y]),
+      inputs=[(-3.0, 3.0), ints(0, N)], id="int-labels"),
+    C("cross_entropy", [(5, N), (5, N)], lambda z, t: -np.mean(np.sum(t * np_log_softmax(z), axis=1)),
+      inputs=[(-3.0, 3.0), probabilities], id="soft-targets"),
+    C("cross_entropy", [(1, 1), (1,)], lambda z, y: -np.mean(np_log_softmax(z)[np.arange(len(y)), y]),
+      inputs=[DOMAIN, ints(0, 1)], id="one-class"),
+    C("bce", [(M, N), (M, N)], lambda p, t: -np.mean(t * np.log(p) + (1 - t) * np.log(1 - p)),
+      inputs=[(0.05, 0.95), zeros_ones_f32], id="probabilities"),
+    C("bce", [(M, N), (M, N)], lambda z, t: np.mean(np.logaddexp(0.0, z) - z * t),
+      attrs={"from_logits": True}, inputs=[(-4.0, 4.0), zeros_ones_f32], avoid=(0.0,), id="from-logits"),
+    C("bce", [(33,), (33,)], lambda z, t: np.mean(np.logaddexp(0.0, z) - z * t),
+      attrs={"from_logits": True}, inputs=[(-4.0, 4.0), (0.0, 1.0)], avoid=(0.0,), id="from-logits-soft"),
+    # regularizers
+    C("l1", [(M, N), (33,)], lambda a, b: np.abs(a).sum() + np.abs(b).sum(), avoid=(0.0,),
+      call=lambda ctx, a, b: nn.l1(ctx, ParamList([a, b]))),
+    C("l2", [(M, N), (33,)], lambda a, b: (a * a).sum() + (b * b).sum(),
+      call=lambda ctx, a, b: nn.l2(ctx, ParamList([a, b]))),
+    C("l2", [(N,)], lambda a: (a * a).sum(), call=lambda ctx, a: nn.l2(ctx, ParamList([a])), id="one-param"),
+]
+
+ALL = PRIMITIVES + COMPOSITES
+
+
+# --- shape-rule errors: (op, operand types, attrs, id) -------------------------------------------
+
+def T(shape, dtype=F32) -> TensorType:
+    return TensorType(dtype, tuple(shape))
+
+
+BAD_SHAPES = [
+    ("add", [T((3, 7)), T((7, 3))], {}, "add-different-shapes"),
+    ("add", [T((3, 7)), T((3, 7), I32)], {}, "add-different-dtypes"),
+    ("mul", [T((3, 7)), T((3, 1))], {}, "mul-no-implicit-broadcast"),
+    ("exp", [T((3,), I32)], {}, "exp-of-int"),
+    ("pow", [T((3,), I32), T((3,), I32)], {}, "pow-of-int"),
+    ("where", [T((3,), F32), T((3,)), T((3,))], {}, "where-float-condition"),
+    ("where", [T((3,), BOOL), T((3,)), T((4,))], {}, "where-different-shapes"),
+    ("matmul", [T((3, 7)), T((3, 7))], {}, "matmul-inner-mismatch"),
+    ("matmul", [T((3, 7)), T((7, 3))], {"tb": True}, "matmul-inner-mismatch-tb"),
+    ("matmul", [T((2, 3, 7)), T((7, 3))], {}, "matmul-rank3"),
+    ("matmul", [T((3, 7)), T((7, 3), F64)], {}, "matmul-dtypes"),
+    ("conv2d", [T((1, 3, 5, 5)), T((4, 2, 3, 3))], {}, "conv-channel-mismatch"),
+    ("conv2d", [T((1, 3, 2, 2)), T((4, 3, 3, 3))], {}, "conv-window-too-big"),
+    ("conv2d", [T((3, 5, 5)), T((4, 3, 3, 3))], {}, "conv-rank3-input"),
+    ("conv2d", [T((1, 3, 5, 5), I32), T((4, 3, 3, 3), I32)], {}, "conv-int"),
+    ("conv2d_bwd_data", [T((1, 4, 3, 3)), T((4, 3, 3, 3))], {"in_hw": (6, 6), "stride": (1, 1), "pad": (0, 0)},
+     "conv-bwd-data-size"),
+    ("conv2d_bwd_filter", [T((1, 3, 5, 5)), T((2, 4, 3, 3))], {"kernel": (3, 3), "stride": (1, 1), "pad": (0, 0)},
+     "conv-bwd-filter-batch"),
+    ("pool2d", [T((1, 3, 5, 5))], {"mode": "min", "kernel": (2, 2), "stride": (2, 2), "pad": (0, 0)},
+     "pool-unknown-mode"),
+    ("pool2d", [T((1, 3, 1, 5))], {"mode": "max", "kernel": (2, 2), "stride": (2, 2), "pad": (0, 0)},
+     "pool-window-too-big"),
+    ("pool2d_bwd", [T((1, 3, 4, 4)), T((1, 3, 3, 2))],
+     {"mode": "max", "kernel": (2, 2), "stride": (2, 2), "pad": (0, 0)}, "pool-bwd-gradient-shape"),
+    ("reshape", [T((3, 7))], {"shape": (4, 5)}, "reshape-element-count"),
+    ("permute", [T((3, 7, 1))], {"perm": (0, 0, 1)}, "permute-repeated-axis"),
+    ("permute", [T((3, 7))], {"perm": (0, 1, 2)}, "permute-too-many-axes"),
+    ("broadcast", [T((3,))], {"shape": (2, 4), "axes": (1,)}, "broadcast-incompatible"),
+    ("broadcast", [T((3, 1))], {"shape": (3, 4), "axes": (1, 0)}, "broadcast-unsorted-axes"),
+    ("broadcast", [T((3,))], {"shape": (3,), "axes": (1,)}, "broadcast-axis-out-of-range"),
+    ("broadcast", [T((3, 4))], {"shape": (3, 4, 5), "axes": (0,)}, "broadcast-too-few-axes"),
+    ("slice", [T((3, 7))], {"starts": (0, 0), "stops": (3, 8), "steps": (1, 1)}, "slice-stop-out-of-range"),
+    ("slice", [T((3, 7))], {"starts": (0, 5), "stops": (3, 5), "steps": (1, 1)}, "slice-empty"),
+    ("slice", [T((3, 7))], {"starts": (0, 0), "stops": (3, 7), "steps": (1, 0)}, "slice-step-0"),
+    ("slice", [T((3, 7))], {"starts": (0,), "stops": (3,), "steps": (1,)}, "slice-too-few-axes"),
+    ("pad", [T((3, 7))], {"lo": (0, -1), "hi": (0, 0), "interior": (0, 0)}, "pad-negative"),
+    ("pad", [T((3, 7))], {"lo": (0,), "hi": (0,), "interior": (0,)}, "pad-too-few-axes"),
+    ("concat", [T((3, 1)), T((4, 2))], {"axis": 1}, "concat-off-axis-mismatch"),
+    ("concat", [T((3, 1)), T((3, 1))], {"axis": 2}, "concat-axis-out-of-range"),
+    ("concat", [T((3, 1)), T((3, 1, 1))], {"axis": 0}, "concat-ranks"),
+    ("concat", [T((3, 1)), T((3, 1), I32)], {"axis": 0}, "concat-dtypes"),
+    ("reduce_sum", [T((3, 7))], {"axes": (2,)}, "reduce-axis-out-of-range"),
+    ("reduce_max", [T((3, 7))], {"axes": (1, 1)}, "reduce-repeated-axis"),
+    ("argmax", [T((3, 7))], {"axis": -1}, "argmax-negative-axis"),
+    ("take", [T((7, 4)), T((2,))], {}, "take-float-indices"),
+    ("scatter_add", [T((2, 4)), T((3,), I32)], {"rows": 7}, "scatter-index-shape"),
+    ("iota", [], {"shape": (3, 7), "axis": 2, "dtype": I32}, "iota-axis-out-of-range"),
+    ("size", [T((3, 7))], {"axes": (2,)}, "size-axis-out-of-range"),
+    ("random", [T((), F32), T((), I32)], {"shape": (3,), "stream": 0}, "random-float-seed"),
+    ("random", [T((2,), I32), T((), I32)], {"shape": (3,), "stream": 0}, "random-vector-seed"),
+]
+
+# Suspected gaps in shape rules: each entry is a bad call that `infer` accepts today.
+BAD_SHAPES_XFAIL = {
+    "and-of-floats": "and's shape rule accepts f32 operands and says the result is f32, but its "
+                     "ref (np.logical_and) returns bool",
+    "sign-of-bool": "sign's shape rule accepts bool, but np.sign is not defined for bool",
+    "neg-of-bool": "neg's shape rule accepts bool, but np.negative raises TypeError for bool",
+    "size-repeated-axis": "size's shape rule accepts a repeated axis (it counts the axis twice)",
+    "pool-pad-not-smaller-than-kernel": "pool2d accepts pad >= kernel: windows that lie wholly in "
+                                        "the padding give -inf (max) or 0 (avg)",
+    "reshape-negative-dims": "reshape's shape rule checks only the element count, so (-3, -7) "
+                             "passes for 21 elements (numpy then fails)",
+    "concat-no-operands": "concat's shape rule indexes xs[0] and raises IndexError with no operands",
+}
+BAD_SHAPES += [
+    ("and", [T((3,)), T((3,))], {}, "and-of-floats"),
+    ("sign", [T((3,), BOOL)], {}, "sign-of-bool"),
+    ("neg", [T((3,), BOOL)], {}, "neg-of-bool"),
+    ("size", [T((3, 7))], {"axes": (1, 1)}, "size-repeated-axis"),
+    ("pool2d", [T((1, 1, 3, 3))], {"mode": "max", "kernel": (2, 2), "stride": (1, 1), "pad": (2, 2)},
+     "pool-pad-not-smaller-than-kernel"),
+    ("reshape", [T((3, 7))], {"shape": (-3, -7)}, "reshape-negative-dims"),
+    ("concat", [], {"axis": 0}, "concat-no-operands"),
+]
