@@ -59,10 +59,9 @@ def layout_of(program, mb, batch: int, target: Target) -> StepLayout:
         buf = program.inputs.get(name) or program.state[name]
         slots.append([name, buf.kind, buf.dtype.value, list(buf.shape)])
     outputs = {}
-    for name, buf in program.outputs.items():
-        if buf.kind != "arena":
-            raise AssertionError(f"result {name} is not in the arena")
-        outputs[name] = [buf.offset, buf.dtype.value, list(buf.shape)]
+    for name, buf in program.outputs.items():  # a result is in the arena, or is an input/state
+        where = buf.offset if buf.kind == "arena" else buf.name
+        outputs[name] = [where, buf.dtype.value, list(buf.shape)]
     kernels = [[kname, phase, list(next(k.lines for k in program.kernels if k.name == kname))]
                for phase, kname, _, _ in mb.parts]
     return StepLayout(batch, program.arena_bytes, mb.layout.scratch_bytes, slots, outputs, kernels,

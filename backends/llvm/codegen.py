@@ -113,7 +113,7 @@ def _cast(b, args, dtype, in_dtype):
     if in_dtype == DType.bool:
         return b.uitofp(x, to) if dtype.is_float else b.zext(x, to)
     if in_dtype.is_float and dtype.is_float:
-        return b.fptrunc(x, to) if to.width < x.type.width else b.fpext(x, to)  # noqa
+        return b.fptrunc(x, to) if dtype == DType.f32 else b.fpext(x, to)
     if in_dtype.is_float:
         return b.fptosi(x, to)
     return b.sitofp(x, to)
@@ -273,6 +273,8 @@ class Emitter:
     def _reduce(self, e: Ex) -> ir.Value:
         op, vars_, body = e.args
         b = self.b
+        if not vars_:  # a reduction over no axes is the value itself
+            return self.value(body)
         t = value_type(e.dtype)
         body_t = value_type(body.dtype)
         if op == "sum":

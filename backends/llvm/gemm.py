@@ -477,25 +477,44 @@ def _emit_pack_a(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
     v = _Vec(b, w)
     mr = plan.mr
     a_rs, a_cs = (1, spec.a_ld) if spec.ta else (spec.a_ld, 1)
+    # A row-major (not ta) with a small tile: read T values of k from each row as one
+    # vector and transpose T x T blocks in registers (T: the power of two >= MR).
+    t = 1 << (mr - 1).bit_length()
+    by_blocks = not spec.ta and t <= w
+    vt = _Vec(b, t)
     with _for_range(b, 0, mc, mr, name="r") as r:
         panel = v.at(dst, b.mul(r, kc))
         base = v.at(src, b.add(b.mul(b.add(ic, r), _i64(a_rs)), b.mul(pc, _i64(a_cs))))
         rows = b.sub(mc, r)
         full = b.icmp_signed(">=", rows, _i64(mr))
+        # Rows past the edge read the last valid row (in bounds) and store zeros.
+        last = b.sub(rows, _i64(1))
+        offs = [b.mul(_smin(b, i, last), _i64(a_rs)) for i in range(mr)]
+        keep = [b.icmp_signed("<", _i64(i), rows) for i in range(mr)]
+        kt = _i64(0)
+        if by_blocks:
+            kt = b.mul(b.udiv(kc, _i64(t)), _i64(t))
+            first_lanes = ir.Constant(ir.VectorType(I32, mr), list(range(mr)))
+            with _for_range(b, 0, kt, t, name="pb") as p:
+                at_p = v.at(base, p)
+                block = [b.select(keep[i], vt.load(v.at(at_p, offs[i])), vt.zero)
+                         for i in range(mr)]
+                block += [vt.zero] * (t - mr)
+                out = v.at(panel, b.mul(p, _i64(mr)))
+                for j, col in enumerate(vt.transpose(block)):
+                    if mr < t:
+                        col = b.shuffle_vector(col, col, first_lanes)
+                    b.store(col, v.at(out, j * mr), align=4)
         with b.if_else(full) as (then, otherwise):
             with then:
-                with _for_range(b, 0, kc, name="p") as p:
+                with _for_range(b, kt, kc, name="p") as p:
                     col = v.at(base, b.mul(p, _i64(a_cs)))
                     out = v.at(panel, b.mul(p, _i64(mr)))
                     for i in range(mr):
                         x = b.load(v.at(col, i * a_rs), typ=F32, align=4)
                         b.store(x, v.at(out, i), align=4)
             with otherwise:
-                # Rows past the edge: read the last valid row (in bounds) and store zero.
-                last = b.sub(rows, _i64(1))
-                offs = [b.mul(_smin(b, i, last), _i64(a_rs)) for i in range(mr)]
-                keep = [b.icmp_signed("<", _i64(i), rows) for i in range(mr)]
-                with _for_range(b, 0, kc, name="pe") as p:
+                with _for_range(b, kt, kc, name="pe") as p:
                     col = v.at(base, b.mul(p, _i64(a_cs)))
                     out = v.at(panel, b.mul(p, _i64(mr)))
                     for i in range(mr):

@@ -34,7 +34,7 @@ class StepLayout:
     arena_bytes: int
     scratch_bytes: int
     slots: list                      # [name, kind, dtype, shape] per table slot after the fixed ones
-    outputs: dict                    # result name -> [offset, dtype, shape]
+    outputs: dict                    # result name -> [arena offset or slot name, dtype, shape]
     kernels: list                    # [name, phase, lines] per kernel part, in call order
     threads: int
     meta: dict = field(default_factory=dict)
@@ -68,7 +68,10 @@ class NativeStep:
         self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
         self.pool = Pool.get(self.threads) if self.threads > 1 else None
         self._lock = threading.Lock()
-        self._outputs = {name: self._view(*spec) for name, spec in layout.outputs.items()}
+        self._outputs = {name: self._view(*spec) for name, spec in layout.outputs.items()
+                         if isinstance(spec[0], int)}
+        self._slot_outputs = {name: spec[0] for name, spec in layout.outputs.items()
+                              if not isinstance(spec[0], int)}
 
     def _view(self, offset, dtype, shape):
         base = _aligned(self.arena) - self.arena.ctypes.data
@@ -95,7 +98,9 @@ class NativeStep:
                 self.pool.run(self._step_addr, ctypes.addressof(self.table), self.threads)
             else:
                 self._step(ctypes.addressof(self.table), 0, 1)
-            return {k: v.copy() for k, v in self._outputs.items()}
+            out = {k: v.copy() for k, v in self._outputs.items()}
+        out.update({k: np.array(arrays[slot], copy=True) for k, slot in self._slot_outputs.items()})
+        return out
 
 
 

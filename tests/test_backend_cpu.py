@@ -1,0 +1,236 @@
+"""The CPU backend against the reference interpreter: every op-table row (forward and
+gradient) and every example's training step, plus the compile cache, artifacts and threads.
+
+Op-table rows are compiled many to one module (one native step per chunk of rows), so
+the whole table costs a few LLVM compilations rather than hundreds.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dlc
+from dlc import ops
+from dlc.backends import compile_program
+from dlc.backends.llvm import artifact
+from dlc.backends.llvm.build import build_step, generate
+from dlc.backends.llvm.cache import Cache
+from dlc.backends.llvm.runtime import NativeStep
+from dlc.backends.llvm.target import Target
+from dlc.backends.reference import run_graph
+from dlc.graph import Graph, Node
+from dlc.passes.autodiff import autodiff
+
+from op_table import ALL
+from test_ops import Built, _grad_graph, in_precision
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.dln"))
+CHUNK = 24  # op-table rows per compiled module
+
+
+def merge(graphs: list[Graph]) -> Graph:
+    """One graph holding several: inputs and results prefixed `r<i>.`."""
+    out = Graph("merged")
+    for i, g in enumerate(graphs):
+        new: dict[int, int] = {}
+        for nid in g.toposort():
+            n = g.node(nid)
+            attrs = n.attrs
+            if n.op is ops.INPUT:
+                attrs = dict(attrs, name=f"r{i}.{attrs['name']}")
+            new[nid] = out.add(Node(n.op, tuple(new[o] for o in n.operands), attrs, n.type, n.span))
+        out.outputs.update({f"r{i}.{k}": new[v] for k, v in g.outputs.items()})
+        out.updates.update({f"r{i}.{k}": new[v] for k, v in g.updates.items()})
+    return out
+
+
+def run_cpu(graph: Graph, feeds: dict, threads: int = 2) -> dict:
+    """Compile a static-shape graph to one native step and run it once."""
+    target = Target.host(threads)
+    obj, layout = build_step(graph, 1, target, cache=None)
+    step = NativeStep(obj, layout, target)
+    state = {name: np.array(feeds[name], copy=True) for name, kind, _, _ in layout.slots if kind == "state"}
+    arrays = dict(feeds)
+    arrays.update(state)
+    out = step.run(arrays)
+    out.update({f"update:{k}": v for k, v in state.items()})
+    return out
+
+
+def _rows():
+    return [c for c in ALL if not c.xfail]
+
+
+def _chunks():
+    rows = _rows()
+    return [pytest.param(rows[i:i + CHUNK], id=f"rows{i}-{i + len(rows[i:i + CHUNK]) - 1}")
+            for i in range(0, len(rows), CHUNK)]
+
+
+@pytest.mark.parametrize("rows", _chunks())
+def test_op_table_forward_and_gradient_on_cpu(rows):
+    """Each row's output, its state updates and (for differentiable rows) its gradients
+    match the reference interpreter in float32. Shapes are the table's awkward ones."""
+    graphs, feeds, tols = [], {}, {}
+    for case in rows:
+        built = _grad_graph(case) if case.grad == "fd" else Built(case, salt="cpu")
+        g = autodiff(built.graph) if case.grad == "fd" else built.graph
+        i = len(graphs)
+        graphs.append(g)
+        for k, v in built.feeds.items():
+            feeds[f"r{i}.{k}"] = in_precision(v, np.float32)
+        tols[f"r{i}."] = (case.name, case.tol32)
+    merged = merge(graphs)
+    merged.verify()
+    expected = run_graph(merged, feeds)
+    actual = run_cpu(merged, feeds)
+    for key, want in expected.items():
+        prefix = key.split(".", 1)[0].replace("update:", "") + "."
+        name, (rtol, atol) = tols[prefix]
+        got = actual[key]
+        assert got.shape == want.shape, f"{name}: {key} shape"
+        if want.dtype.kind == "f":
+            # gradients sum many terms: allow a little more than the forward tolerance
+            np.testing.assert_allclose(got, want, rtol=max(rtol, 2e-5) * 10, atol=max(atol, 1e-6) * 10,
+                                       err_msg=f"{name}: {key}")
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=f"{name}: {key}")
+
+
+def _example_feeds(m: dlc.Model, batch: int, rng) -> dict:
+    name, t = m.input_types[0]
+    shape = (batch,) + tuple(int(d) for d in t.shape[1:])
+    x = rng.integers(0, 17, shape).astype(np.int32) if t.dtype.value == "i32" else \
+        rng.random(shape, dtype=np.float32)
+    g = m.built("train").graph
+    lt = g.node(g.input_named("label")).attrs["type"]
+    if lt.dtype.value == "i32":
+        classes = m.built("eval").graph.node(m.built("eval").graph.outputs["output"]).type.shape[-1]
+        y = rng.integers(0, classes, (batch,)).astype(np.int32)
+    else:
+        y = rng.random((batch,) + tuple(int(d) for d in lt.shape[1:]), dtype=np.float32)
+    return {name: x, "label": y, "lr": np.float32(0.01)}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[] if p.stem in ("digits_mlp", "lenet5")
+                                               else [pytest.mark.slow]) for p in EXAMPLES])
+def test_example_training_steps_match_reference(path, tmp_path):
+    """The first steps of training on cpu and on the reference agree (batch 13: no vector
+    width divides it)."""
+    m = dlc.load(path)
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    ref_state = {k: v.copy() for k, v in m.state.items()}
+    cpu_state = {k: v.copy() for k, v in m.state.items()}
+    ref = compile_program(graph, ref_state, "reference")
+    cpu = compile_program(graph, cpu_state, "cpu", cache_dir=tmp_path)
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        feeds = _example_feeds(m, 13, rng)
+        a, b = ref.run(feeds), cpu.run(feeds)
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=2e-4, atol=1e-5, err_msg=f"{path.stem} step {step}: {k}")
+    for k in ref_state:
+        np.testing.assert_allclose(cpu_state[k], ref_state[k], rtol=2e-3, atol=1e-4, err_msg=f"{path.stem}: {k}")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_op_of_every_example_lowers_to_llvm(path):
+    """No numpy or Python computes inside a compiled step: every node of the training and
+    evaluation graphs is in a kernel rendered as LLVM IR, and the module verifies."""
+    import llvmlite.binding as llvm
+    from dlc.passes.fuse import Free
+    m = dlc.load(path)
+    for mode in ("train", "eval"):
+        graph = m.compile_graph(mode, m.train_config)
+        lowered, program, mb = generate(graph, 8, Target.host(2))
+        plan = lowered.meta["fusion"]
+        free = Free(lowered)
+        for nid in lowered.ids():
+            n = lowered.node(nid)
+            assert n.op is ops.INPUT or nid in plan.group_of or free(nid), f"{n.op.name} is in no kernel"
+        llvm.parse_assembly(str(mb.module)).verify()
+        assert [f.name for f in mb.module.functions if f.name == "dlc_step"]
+
+
+def test_threads_agree(tmp_path):
+    m = dlc.load(EXAMPLES[0].parent / "digits_mlp.dln")
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    results = []
+    for threads in (1, 2):
+        state = {k: v.copy() for k, v in m.state.items()}
+        p = compile_program(graph, state, "cpu", threads=threads, cache_dir=tmp_path)
+        feeds = _example_feeds(m, 64, np.random.default_rng(1))
+        results.append((p.run(feeds), state))
+    (a, sa), (b, sb) = results
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    for k in sa:
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_cache_hits_and_rebuilds_a_corrupt_entry(tmp_path):
+    m = dlc.load(EXAMPLES[0].parent / "digits_mlp.dln")
+    graph = m.compile_graph("eval", m.train_config)
+    cache = Cache(tmp_path)
+    said = []
+    obj1, layout1 = build_step(graph, 5, Target.host(), cache, verbose=said.append)
+    obj2, layout2 = build_step(graph, 5, Target.host(), cache, verbose=said.append)
+    assert "miss" in said[0] and "hit" in said[1] and obj1 == obj2
+    entry = next(tmp_path.rglob("*.obj"))
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    obj3, _ = build_step(graph, 5, Target.host(), cache, verbose=said.append)
+    assert "miss" in said[2] and obj3 == obj1  # rebuilt, not loaded
+
+
+def _dlc(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "dlc", *args], capture_output=True, text=True, cwd=cwd,
+                          env=dict(os.environ, **(env or {})), timeout=600)
+
+
+def test_artifact_runs_without_compiling_and_refuses_other_cpus(tmp_path):
+    env = {"DLC_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "mlp.dlcx"
+    r = _dlc("compile", str(EXAMPLES[0].parent / "digits_mlp.dln"), "-o", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    r = _dlc("run", str(out), "--epochs", "1", "--quiet", "--verbose", env=dict(env, DLC_CACHE_DIR=str(tmp_path / "empty")))
+    assert r.returncode == 0, r.stderr
+    assert "compile cache" not in r.stderr  # every step came from the artifact
+    assert "accuracy" in r.stdout
+    # another CPU: the manifest says so, and the file is refused with a clear message
+    import json
+    import zipfile
+    tampered = tmp_path / "other.dlcx"
+    with zipfile.ZipFile(out) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for item in src.namelist():
+            data = src.read(item)
+            if item == "manifest.json":
+                manifest = json.loads(data)
+                manifest["target"]["cpu"] = "some-other-cpu"
+                data = json.dumps(manifest).encode()
+            dst.writestr(item, data)
+    r = _dlc("run", str(tampered), "--epochs", "1", env=env)
+    assert r.returncode == 2 and "compiled for a some-other-cpu CPU" in r.stderr and "Traceback" not in r.stderr
+    damaged = tmp_path / "damaged.dlcx"
+    damaged.write_bytes(out.read_bytes()[:200])
+    r = _dlc("run", str(damaged), env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_artifact_reader_checks_versions(tmp_path, monkeypatch):
+    m = dlc.load(EXAMPLES[0].parent / "digits_mlp.dln")
+    path = tmp_path / "a.dlcx"
+    m.compile_artifact(path, cache_dir=tmp_path)
+    manifest, steps = artifact.read(path)
+    assert ("train", m.train_config.batch) in steps
+    monkeypatch.setattr(artifact, "__version__", "99.0")
+    with pytest.raises(dlc.DlcError, match="built by dlc"):
+        artifact.read(path)
