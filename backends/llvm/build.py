@@ -2,8 +2,10 @@
 the kernel IR, LLVM IR, LLVM's optimizer -- through the on-disk cache."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
+from pathlib import Path
 
 from dlc import __version__
 from dlc.graph import Graph
@@ -14,14 +16,24 @@ from .cache import Cache
 from .runtime import StepLayout
 from .target import Target
 
-# bump when generated code changes for the same graph (invalidates cached object code)
-CODEGEN_VERSION = 1
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_fingerprint() -> str:
+    """A hash of the compiler's own source (passes and this backend): cached object code
+    from another version of the code generator is never reused."""
+    h = hashlib.sha256()
+    for folder in (Path(__file__).parent, Path(__file__).parent.parent.parent / "passes"):
+        for f in sorted(folder.glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def cache_key(what: str, batch: int, target: Target, profile: bool) -> str:
     """`what` identifies the graph: its text, or the source and recipe it is built from."""
     h = hashlib.sha256()
-    for part in (what, str(batch), target.key(), __version__, str(CODEGEN_VERSION), str(profile)):
+    for part in (what, str(batch), target.key(), __version__, compiler_fingerprint(), str(profile)):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()

@@ -38,7 +38,7 @@ operands are read with masks (N) or clamped rows (M), so nothing reads out of bo
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import llvmlite.binding as llvm
 from llvmlite import ir
@@ -82,11 +82,15 @@ class CpuTarget:
             return 8
         return 4
 
-    def without_avx512(self) -> "CpuTarget":
-        """The same CPU with every AVX-512 feature turned off (to exercise the AVX2 path)."""
-        flags = [("-" + f[1:]) if f.startswith("+avx512") else f
+    def without(self, *prefixes: str) -> "CpuTarget":
+        """The same CPU with every feature starting with one of `prefixes` turned off,
+        e.g. without("avx512") to generate and run the AVX2 path on an AVX-512 host."""
+        flags = [("-" + f[1:]) if f[1:].startswith(prefixes) else f
                  for f in self.features.split(",")]
         return CpuTarget(self.name, ",".join(flags))
+
+    def without_avx512(self) -> "CpuTarget":
+        return self.without("avx512")
 
 
 def host_vector_width() -> int:
@@ -187,6 +191,28 @@ class GemmInfo:
     def nr(self) -> int:
         return self.plan.nv * self.vector_width
 
+    @property
+    def split(self) -> str:
+        """"n": threads share out column tiles of C; "m": row tiles."""
+        return self.plan.split
+
+    @property
+    def split_tile(self) -> int:
+        """Columns (split "n") or rows (split "m") per parallel unit."""
+        return self.nr if self.plan.split == "n" else self.mr
+
+    def thread_share(self, tid: int, nthreads: int) -> tuple[range, range]:
+        """(rows, columns) of C that thread tid computes: units [tid*U//T, (tid+1)*U//T)
+        of the split dimension (U = parallel_units, T = nthreads), the whole of the other.
+        The emitted code uses exactly this formula, so a caller can run its own epilogue
+        over the same share without a barrier."""
+        u0 = tid * self.parallel_units // nthreads
+        u1 = (tid + 1) * self.parallel_units // nthreads
+        m, n, tile = self.spec.m, self.spec.n, self.split_tile
+        if self.plan.split == "n":
+            return range(m), range(u0 * tile, min(u1 * tile, n))
+        return range(u0 * tile, min(u1 * tile, m)), range(n)
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -198,8 +224,19 @@ def _round_up(a: int, b: int) -> int:
 
 # Register tile (mr rows, nv vectors) per vector width, and the widest tile for short C.
 _TILE = {4: (6, 2), 8: (6, 2), 16: (8, 2)}
-_MAX_NV = 4
+_MAX_NV = 16                    # widest tile (vectors) for short C
 _A_BLOCK_BYTES = 256 * 1024    # packed A block (mc x kc floats), half of a small L2
+_PACK_B_BYTES = 1 << 20         # pack B when a thread's share of it is larger (L2 size)
+_PACK_A_BYTES = 4 << 20         # pack A when it is larger (beyond L2 + a share of L3)
+
+
+def _balanced_nv(n: int, w: int, most: int, nthreads: int) -> int:
+    """Tile width (vectors, at most `most`) that minimizes the busiest thread's work: its
+    vector columns, plus a quarter for each A broadcast shared by fewer FMAs in a narrow
+    tile (a 1-vector tile is load-bound on AVX2 parts)."""
+    def cost(nv):
+        return _cdiv(_cdiv(n, nv * w), nthreads) * nv * (1 + 0.25 / nv)
+    return min(range(1, most + 1), key=lambda nv: (cost(nv), -nv))
 
 
 def plan_gemm(spec: GemmSpec, vector_width: int, nthreads: int = 2) -> GemmPlan:
@@ -212,19 +249,23 @@ def plan_gemm(spec: GemmSpec, vector_width: int, nthreads: int = 2) -> GemmPlan:
     w = vector_width
     m, n, k = spec.m, spec.n, spec.k
     mr, nv = _TILE[w]
-    nv = min(nv, _cdiv(n, w))               # narrow C: no all-padding vectors
-    if m <= mr:                             # short C: one tile row, as wide as fits
-        mr = m
-        nv = max(1, min(_MAX_ACCUMULATORS[w] // mr, _MAX_NV, _cdiv(n, w)))
+    if m <= mr:
+        # Short C: one tile row covering all of m, as wide as the registers allow, so B
+        # streams through once in long contiguous runs (m=1: 16 vectors, 1 KiB per k).
+        mr, nv = m, min(_MAX_ACCUMULATORS[w] // m, _MAX_NV)
+    nv = _balanced_nv(n, w, nv, nthreads)
     nr = nv * w
     m_tiles, n_tiles = _cdiv(m, mr), _cdiv(n, nr)
     # Share out N tiles (each thread packs only its own B) unless N has too few of them.
     split = "n" if n_tiles >= 2 * nthreads or n_tiles >= m_tiles else "m"
     my_n_tiles = _cdiv(n_tiles, nthreads) if split == "n" else n_tiles
-    # Packing a panel pays when the panel is reused: B's by every tile row, A's by every
-    # tile column. A transposed B is always packed (the kernel reads B rows as vectors).
-    pack_b = spec.tb or m_tiles > 2
-    pack_a = my_n_tiles > 2 and m_tiles > 1
+    # Packing costs one pass over the operand; it pays only when the unpacked operand is
+    # large and re-read from far caches with a long stride (measured per-thread share:
+    # 1024^3 and 2048^3 gain ~15% from packing B, the MLP shapes lose 3-8%). A transposed
+    # B is always packed: the kernel reads B rows as vectors.
+    my_n = min(n, my_n_tiles * nr)
+    pack_b = spec.tb or (m_tiles > 2 and 4 * k * my_n > _PACK_B_BYTES)
+    pack_a = my_n_tiles > 4 and 4 * m * k > _PACK_A_BYTES
     kc = 384 if w == 16 else 256
     nkb = max(1, _cdiv(k, kc))
     kc = _round_up(_cdiv(max(k, 1), nkb), 4)    # equal K blocks
@@ -333,7 +374,10 @@ class _Vec:
         return rows
 
     def fma(self, x, y, z) -> ir.Value:
-        fn = self._intrinsic(f"llvm.fma.v{self.w}f32", self.ty, [self.ty] * 3)
+        # Width 4 may mean SSE without FMA, where llvm.fma would become a libm call;
+        # fmuladd fuses only where the target has FMA.
+        op = "llvm.fma" if self.w >= 8 else "llvm.fmuladd"
+        fn = self._intrinsic(f"{op}.v{self.w}f32", self.ty, [self.ty] * 3)
         return self.b.call(fn, [x, y, z])
 
     def relu(self, x) -> ir.Value:
@@ -594,18 +638,22 @@ def _workspace_layout(spec: GemmSpec, plan: GemmPlan, w: int) -> tuple[int, int]
 
 
 def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
-              plan: GemmPlan | None = None, target: CpuTarget | None = None) -> GemmInfo:
-    """Emit `void name(A, B, C, bias, workspace, i32 tid, i32 nthreads)` into `module`.
+              plan: GemmPlan | None = None, target: CpuTarget | None = None,
+              nthreads: int = 2) -> GemmInfo:
+    """Emit `void name(A, B, C, bias, workspace, i32 tid, i32 nthreads)` into `module`
+    (plus internal helpers named `name.*`); see the module docstring for the contract.
 
     vector_width: float lanes per vector (16 for AVX-512F, 8 for AVX2; see CpuTarget).
-    plan: blocking; `plan_gemm(spec, vector_width)` when None.
+    plan: blocking; `plan_gemm(spec, vector_width, nthreads)` when None.
     target: CPU for the function attributes; the host when None.
+    nthreads: the thread count the default plan balances for; the emitted function is
+        correct for any count passed at run time.
     """
     w = vector_width
     if w not in _MAX_ACCUMULATORS:
         raise ValueError(f"vector_width must be 4, 8 or 16, not {w}")
     target = target or CpuTarget.host()
-    plan = plan or plan_gemm(spec, w)
+    plan = plan or plan_gemm(spec, w, nthreads)
     if plan.mr * plan.nv > _MAX_ACCUMULATORS[w]:
         raise ValueError(f"{plan.mr}x{plan.nv} tile needs more than {_MAX_ACCUMULATORS[w]} "
                          f"accumulator registers at width {w}")

@@ -116,6 +116,8 @@ class Session:
         for nid in self.train_graph.toposort():
             node = self.train_graph.node(nid)
             v = values[nid]
+            if node.op is ops.CONST:
+                continue  # an infinite constant is deliberate (the optimizer's finiteness test)
             if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
                 what = (f"parameter or state `{node.attrs['name']}` holds non-finite values"
                         if node.op is ops.INPUT else f"`{node.op.name}` produced {_nonfinite(v)}")
@@ -197,7 +199,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     header = {"event": "start", "model": session.model.name, "dlc": __version__, "target": session.target,
               "epochs": opts.epochs, "batch": opts.batch, "seed": opts.seed}
     log = MetricsLog(opts.log_path, header, append=bool(opts.resume)) if opts.log_path else None
-    epoch, done_in_epoch = start_epoch, skip
+    position = (start_epoch, skip)  # where a resumed run continues: (epoch, batch)
     try:
         for epoch in range(start_epoch, opts.epochs):
             lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs)
@@ -207,15 +209,15 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             seen = 0
             rng = np.random.default_rng([opts.seed, epoch]) if opts.shuffle else None
             for i, idx in enumerate(batches(n, opts.batch, rng)):
-                done_in_epoch = i
                 if epoch == start_epoch and i < skip:
                     continue
                 out = session.train_step(x[idx], y[idx], lr)
+                position = (epoch, i + 1)
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v * len(idx)
                 seen += len(idx)
                 progress.step(out["loss"])
-            done_in_epoch = 0
+            position = (epoch + 1, 0)
             record = {"epoch": epoch + 1, "step": session.global_step, "lr": lr}
             record.update({f"train_{k}": v / seen for k, v in sums.items()} if seen else {})
             if len(data.x_test):
@@ -233,11 +235,13 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
                 opts.on_epoch(record)
     except KeyboardInterrupt:
         progress.close()
+        where = f"after epoch {position[0]}" if position[1] == 0 else \
+            f"in epoch {position[0] + 1}, after batch {position[1]}"
         if opts.save_path:
-            save(session, opts.save_path, epoch, done_in_epoch, normalizer)
-            raise Interrupted(f"interrupted in epoch {epoch + 1}; saved {opts.save_path} "
+            save(session, opts.save_path, position[0], position[1], normalizer)
+            raise Interrupted(f"interrupted {where}; saved {opts.save_path} "
                               f"(resume with --resume {opts.save_path})") from None
-        raise Interrupted(f"interrupted in epoch {epoch + 1} (nothing saved: use --save FILE)") from None
+        raise Interrupted(f"interrupted {where} (nothing saved: use --save FILE)") from None
     finally:
         progress.close()
         if log:
@@ -278,8 +282,9 @@ def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Norm
                               hint="was it saved from a different model?")
     for k, v in arrays.items():
         if k not in state:
-            if ":" in k or k in ("step", "seed"):
-                continue  # optimizer state this run does not use
+            if ":" in k or k in ("step", "seed"):  # optimizer state: created lazily by the step
+                state[k] = np.array(v, copy=True)
+                continue
             raise CheckpointError(f"{path}: checkpoint has `{k}`, which model {model.name} does not")
         want = expect[k]
         if tuple(v.shape) != want[0] or str(v.dtype) != want[1]:

@@ -1,0 +1,141 @@
+"""Training end to end: accuracy targets, every example learns, resume is bit-identical,
+checkpoints are checked, dropout and batchnorm behave in evaluation, Ctrl-C saves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dlc
+from dlc import ops
+from dlc.diagnostics import CheckpointError, NumericsError
+from dlc.runtime.trainer import Interrupted
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_digits_mlp_reaches_95_percent():
+    m = dlc.load(EXAMPLES / "digits_mlp.dln")
+    history = m.fit()
+    assert history.epochs[-1]["test_accuracy"] >= 0.95, history.epochs[-1]
+
+
+def test_lenet_reaches_97_percent():
+    m = dlc.load(EXAMPLES / "lenet5.dln")
+    history = m.fit()
+    assert history.epochs[-1]["test_accuracy"] >= 0.97, history.epochs[-1]
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.dln")), ids=lambda p: p.stem)
+def test_every_example_learns(path):
+    """Two epochs on the reference backend: the training loss falls."""
+    m = dlc.load(path)
+    history = m.fit(epochs=2, target="reference")
+    first, last = history.epochs[0]["train_loss"], history.epochs[-1]["train_loss"]
+    assert last < first, (first, last)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    path = EXAMPLES / "digits_mlp.dln"  # dropout: the random stream must resume too
+    straight = dlc.load(path)
+    straight.fit(epochs=4)
+    first = dlc.load(path)
+    first.fit(epochs=2, save=tmp_path / "half.npz")
+    second = dlc.load(path)
+    history = second.fit(epochs=4, resume=tmp_path / "half.npz")
+    assert [e["epoch"] for e in history.epochs] == [3, 4]
+    for name, value in straight.params.items():
+        np.testing.assert_array_equal(second.params[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "other_model"])
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
+    m = dlc.load(EXAMPLES / "digits_mlp.dln")
+    ck = tmp_path / "ck.npz"
+    m.save(ck)
+    if damage == "truncate":
+        ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
+    elif damage == "flip":
+        data = bytearray(ck.read_bytes())
+        data[len(data) // 2] ^= 0x5A
+        ck.write_bytes(bytes(data))
+    else:
+        dlc.load(EXAMPLES / "lenet5.dln").save(ck)
+    with pytest.raises(CheckpointError):
+        dlc.load(EXAMPLES / "digits_mlp.dln").load_weights(ck)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    m = dlc.load(EXAMPLES / "digits_mlp.dln")
+    m.fit(epochs=1)
+    m.save(tmp_path / "w.npz")
+    n = dlc.load(EXAMPLES / "digits_mlp.dln")
+    n.load_weights(tmp_path / "w.npz")
+    x = np.random.default_rng(0).random((5, 64)) * 16
+    np.testing.assert_array_equal(m.predict(x), n.predict(x))
+
+
+def test_dropout_is_identity_in_evaluation():
+    m = dlc.load(EXAMPLES / "digits_mlp.dln")
+    assert not any(m.built("eval").graph.node(n).op is ops.RANDOM for n in m.built("eval").graph.ids())
+    assert any(m.built("train").graph.node(n).op is ops.RANDOM for n in m.built("train").graph.ids())
+    x = np.random.default_rng(0).random((4, 64)).astype(np.float32)
+    np.testing.assert_array_equal(m.forward(x), m.forward(x))
+
+
+def test_batchnorm_uses_running_statistics_in_evaluation():
+    src = """
+    model bn(x: f32[B, 3]) -> f32[B, 3] {
+        return batchnorm(x, momentum=0.5)
+    }
+    train bn { data = arrays()  loss = mse(output, label)  optimizer = sgd(lr=1e-6)  batch = 8  epochs = 3 }
+    """
+    m = dlc.load(src)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(64, 3)) * [1, 2, 3] + [5, -1, 0]).astype(np.float32)
+    m.fit(x, x, test=0.0)
+    mean, var = m.state["out.running_mean"], m.state["out.running_var"]
+    assert np.all(mean != 0) and np.all(var != 1)  # training moved them
+    probe = rng.normal(size=(5, 3)).astype(np.float32)
+    expected = (probe - mean) / np.sqrt(var + 1e-5) * m.params["out.gamma"] + m.params["out.beta"]
+    np.testing.assert_allclose(m.predict(probe), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path):
+    m = dlc.load(EXAMPLES / "digits_mlp.dln")
+    ck = tmp_path / "ck.npz"
+
+    def stop(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(Interrupted, match="saved"):
+        m.fit(epochs=5, save=ck, on_epoch=stop)
+    resumed = dlc.load(EXAMPLES / "digits_mlp.dln")
+    history = resumed.fit(epochs=5, resume=ck)
+    assert history.epochs[0]["epoch"] == 3
+
+
+def test_nan_loss_on_cpu_names_the_step_and_the_op():
+    src = """
+    model bad(x: f32[B, 2]) -> f32[B, 2] {
+        h = log(x)
+        return h
+    }
+    train bad { data = arrays()  loss = mse(output, label)  optimizer = sgd(lr=0.1)  batch = 4 }
+    """
+    m = dlc.load(src)
+    session = m.session(m.train_config, "cpu")
+    good = np.ones((4, 2), np.float32)
+    session.train_step(good, good, 0.1)
+    before = {k: v.copy() for k, v in m.state.items()}
+    with pytest.raises(NumericsError) as info:
+        session.train_step(-good, good, 0.1)
+    assert "step 2" in info.value.message and info.value.span.line == 3
+    for k, v in before.items():
+        np.testing.assert_array_equal(m.state[k], v)  # the failed step changed nothing
