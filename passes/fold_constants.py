@@ -2,7 +2,7 @@
 
 Broadcasts and iotas are not folded (they would turn a scalar into a full-size array
 that every kernel then reads from memory), nor are results larger than FOLD_LIMIT
-elements. `size` folds as soon as the shape it counts is static.
+elements. `size` folds as soon as the axes it counts are static.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def _foldable(g: Graph, nid: int) -> bool:
     if n.op in _KEEP or not is_static(n.type.shape) or int(np.prod(n.type.shape)) > FOLD_LIMIT:
         return False
     if n.op is ops.SIZE:
-        return is_static(g.node(n.operands[0]).type.shape)
+        shape = g.node(n.operands[0]).type.shape
+        return all(isinstance(shape[a], int) for a in n.attrs["axes"])
     return all(g.node(o).op is ops.CONST for o in n.operands)
 
 

@@ -172,8 +172,9 @@ class FusionPlan:
 
 
 class _Fuser:
-    def __init__(self, g: Graph):
+    def __init__(self, g: Graph, stored: frozenset = frozenset()):
         self.g = g
+        self.stored = stored  # nodes a previous round found recomputed per element
         self.free = Free(g)
         self.group: dict[int, int] = {}
         self.kernels: dict[int, Kernel] = {}
@@ -260,6 +261,18 @@ class _Fuser:
             return None  # a row value: the reduction it comes from will join and make rows
         return "F2: it has fewer elements than the kernel's loop, so it would be recomputed per element"
 
+    def stray_rows(self) -> set[int]:
+        """Row values admitted to elementwise kernels that never became row kernels."""
+        out = set()
+        for k in self.kernels.values():
+            if k.kind != "elementwise":
+                continue
+            for n in k.nodes:
+                node = self.g.node(n)
+                if numel(node.type.shape) != numel(k.domain) and node.op not in CHEAP:
+                    out.add(n)
+        return out
+
     def from_reduction(self, nid: int, depth: int = 6) -> bool:
         """Is nid computed (within a few steps) from a reduction?"""
         n = self.g.node(nid)
@@ -299,6 +312,8 @@ class _Fuser:
         homes = sorted({self.group[u] for u in users})
         if nid in self.free.results:
             why = "F5: it is a result of the step"
+        elif nid in self.stored:
+            why = "F2: no reduction made its kernel a row kernel, so it would be recomputed per element"
         elif not homes:
             why = "it has no users"
         elif any(g.node(u).op in ANCHORS for u in users):
@@ -322,9 +337,10 @@ class _Fuser:
 
     def merge_siblings(self, ks: list[Kernel]) -> str | None:
         """F3: merge the kernels of a node's users if they are alike and independent."""
-        for k in ks[1:]:
-            if not self.compatible(ks[0], k):
-                return "F3: its users are in kernels over different loops (it would be recomputed)"
+        for i, a in enumerate(ks):
+            for k in ks[i + 1:]:
+                if not self.compatible(a, k):
+                    return "F3: its users are in kernels over different loops (it would be recomputed)"
         for a in ks:
             for b in ks:
                 if a is not b and self.reaches_indirectly(a.id, b.id):
@@ -349,7 +365,14 @@ class _Fuser:
         g = self.g
         shape = tuple(g.node(k.anchor).type.shape)
         for e in list(self.kernels.values()):
-            if e.kind != "elementwise" or k.id not in self.deps[e.id]:
+            if k.id not in self.deps[e.id]:
+                continue
+            if e.kind != "elementwise":
+                for n in k.nodes:
+                    for u in self.free.users(n):
+                        if self.group.get(u) == e.id:
+                            self.reasons.setdefault((n, u), f"F6: a {e.kind} kernel reads it: the "
+                                                               f"{k.kind} result is stored for it")
                 continue
             reads = [(n, u) for n in k.nodes for u in self.free.users(n) if self.group.get(u) == e.id]
             if e.domain != shape or any(g.node(n).type.shape != shape for n, _ in reads):
@@ -372,13 +395,27 @@ def _war_deps(f: _Fuser) -> dict[int, set[int]]:
     done in place."""
     g = f.g
     deps = {k: set(d) for k, d in f.deps.items()}
+
+    def reaches(a, b):
+        stack, seen = [a], set()
+        while stack:
+            k = stack.pop()
+            if k == b:
+                return True
+            if k not in seen:
+                seen.add(k)
+                stack.extend(deps.get(k, ()))
+        return False
+
     for name, new in g.updates.items():
         writer = f.group.get(new)
         if writer is None:
             continue
         for reader_node in f.free.users(g.input_named(name)):
             reader = f.group.get(reader_node)
-            if reader is not None and reader != writer and not f.reaches(reader, writer):
+            # an edge that would close a cycle is left out: memory planning then sees the
+            # other reader in the same or a later phase and copies instead of updating in place
+            if reader is not None and reader != writer and not reaches(reader, writer):
                 deps[writer].add(reader)
     return deps
 
@@ -430,8 +467,14 @@ def _merge_phases(f: _Fuser) -> list[Kernel]:
 def fuse(graph: Graph, ctx=None) -> Graph:
     """Annotate a copy of the graph with its FusionPlan in graph.meta["fusion"]."""
     g = graph.copy()
-    f = _Fuser(g)
-    f.run()
+    stored: frozenset = frozenset()
+    while True:  # a second round stores what the first would recompute per element
+        f = _Fuser(g, stored)
+        f.run()
+        stray = f.stray_rows() - stored
+        if not stray:
+            break
+        stored |= stray
     _phases(f.kernels, _war_deps(f))
     kernels = _merge_phases(f)
     order = {n: i for i, n in enumerate(g.toposort())}
