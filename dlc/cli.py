@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="FILE", help="continue from a checkpoint written by --save")
     p.add_argument("--log", metavar="FILE", help="write per-epoch metrics as JSON lines (see `dlc plot`)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the final result")
+    p.add_argument("--profile", action="store_true",
+                   help="after training, print the time spent in each kernel and each .dln line")
 
     p = sub.add_parser("eval", help="evaluate saved weights on the held-out data",
                        description="Load weights saved by `dlc run --save` and report loss and metrics "
@@ -254,6 +256,8 @@ def cmd_run(args) -> int:
         return 130
     last = history.epochs[-1] if history.epochs else {}
     print(_final_line(model.name, last, sum(e["seconds"] for e in history.epochs)))
+    if args.profile:
+        print(model.session(model.train_config, args.target, **_backend_options(args)).profile_report(), end="")
     if save:
         print(f"saved {save}")
     return 0

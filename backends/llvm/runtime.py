@@ -68,6 +68,7 @@ class NativeStep:
         self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
         self.pool = Pool.get(self.threads) if self.threads > 1 else None
         self._lock = threading.Lock()
+        self.seconds, self.calls = 0.0, 0  # time spent in this step (for profiles)
         self._outputs = {name: self._view(*spec) for name, spec in layout.outputs.items()
                          if isinstance(spec[0], int)}
         self._slot_outputs = {name: spec[0] for name, spec in layout.outputs.items()
@@ -93,12 +94,15 @@ class NativeStep:
                 raise ValueError(f"{name} has shape {a.shape}, the step expects {tuple(shape)}")
             keep.append(a)
             self.table[self._slot[name]] = a.ctypes.data
+        start = time.perf_counter()
         with self._lock:
             if self.pool is not None:
                 self.pool.run(self._step_addr, ctypes.addressof(self.table), self.threads)
             else:
                 self._step(ctypes.addressof(self.table), 0, 1)
             out = {k: v.copy() for k, v in self._outputs.items()}
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
         out.update({k: np.array(arrays[slot], copy=True) for k, slot in self._slot_outputs.items()})
         return out
 
@@ -151,6 +155,17 @@ class CpuProgram:
             step = self.steps[batch] = NativeStep(obj, layout, self.target)
             self.compile_seconds += time.perf_counter() - start
         return step
+
+    def profile_rows(self) -> list[tuple[str, tuple, float]]:
+        """(kernel, .dln lines, seconds) over every batch size run so far: the step's own
+        cycle counters share out the measured time of the native calls."""
+        rows: dict[tuple, float] = {}
+        for step in self.steps.values():
+            total = float(step.profile.sum()) or 1.0
+            for (name, phase, lines), cycles in zip(step.layout.kernels, step.profile):
+                key = (name, tuple(lines))
+                rows[key] = rows.get(key, 0.0) + step.seconds * float(cycles) / total
+        return [(name, lines, sec) for (name, lines), sec in rows.items()]
 
     def run(self, feeds: dict) -> dict:
         batch = int(np.shape(feeds[self.data_name])[0])

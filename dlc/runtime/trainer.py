@@ -126,6 +126,25 @@ class Session:
                                      "or clip gradients (`clip = 1.0` in the train block)")
         return NumericsError(f"the loss became {loss} at step {self.global_step + 1}", None)
 
+    def profile_report(self, top: int = 12) -> str:
+        """Where training time went: per kernel and per .dln line (native target only)."""
+        rows = getattr(self.train_program, "profile_rows", lambda: [])()
+        if not rows:
+            return "no profile: it needs the cpu target\n"
+        total = sum(sec for _, _, sec in rows) or 1.0
+        out = [f"profile of {sum(s.calls for s in self.train_program.steps.values())} training steps "
+               f"({total:.3f} s in compiled code)", "  kernel                      time     share  .dln lines"]
+        for name, lines, sec in sorted(rows, key=lambda r: -r[2])[:top]:
+            out.append(f"  {name:<24}{sec * 1e3:>9.1f} ms {sec / total:>7.1%}  {', '.join(lines) or '-'}")
+        by_line: dict[str, float] = {}
+        for name, lines, sec in rows:  # a kernel's time is shared evenly by its lines
+            for line in lines or ("(generated)",):
+                by_line[line] = by_line.get(line, 0.0) + sec / max(len(lines), 1)
+        out.append("  .dln line                   time     share")
+        for line, sec in sorted(by_line.items(), key=lambda r: -r[1])[:top]:
+            out.append(f"  {line:<24}{sec * 1e3:>9.1f} ms {sec / total:>7.1%}")
+        return "\n".join(out) + "\n"
+
     # --- whole data sets ----------------------------------------------------------------------
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, float]:
         """Loss and metrics over every sample (the last partial batch included)."""
