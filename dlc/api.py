@@ -27,8 +27,8 @@ def read_source(path_or_source) -> tuple[str, str]:
             return path.read_text(encoding="utf-8"), str(path_or_source)
         except FileNotFoundError:
             raise UsageError(f"no such file: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read {path}: {e}") from None
+        except (OSError, ValueError) as e:  # ValueError: undecodable text, or a NUL in the name
+            raise UsageError(f"cannot read {path!r}: {e}") from None
     return str(path_or_source), "<string>"
 
 
@@ -45,7 +45,12 @@ def load(path_or_source, model: str | None = None) -> "Model":
 
 
 def _is_artifact(path) -> bool:
-    if not isinstance(path, (str, os.PathLike)) or "\n" in str(path) or not Path(path).is_file():
+    if not isinstance(path, (str, os.PathLike)) or "\n" in str(path) or "\0" in str(path):
+        return False
+    try:
+        if not Path(path).is_file():
+            return False
+    except (OSError, ValueError):  # not a usable file name: read_source reports it
         return False
     from .backends.llvm.artifact import is_artifact
     return is_artifact(path)
@@ -343,7 +348,10 @@ def init_state(built: Built, seed: int) -> dict[str, np.ndarray]:
         if name == "seed":
             out[name] = np.array(seed, dtype=np.int32)
         elif spec.type.dtype.is_float:
-            out[name] = spec.init.sample(param_rng(seed, name), shape, spec.fan_in, spec.fan_out)
+            try:
+                out[name] = spec.init.sample(param_rng(seed, name), shape, spec.fan_in, spec.fan_out)
+            except MemoryError:
+                raise ArgumentError(f"not enough memory for parameter `{name}` ({spec.type})", spec.span) from None
         else:
             out[name] = np.zeros(shape, dtype=spec.type.dtype.np)
     return out

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from . import ops
-from .diagnostics import ShapeMismatch, Span
+from .diagnostics import ShapeMismatch, Span, TypeError_
 from .graph import Graph, Node
 from .types import DType, ShapeError, TensorType, broadcast_shapes, normalize_axis
 
@@ -59,6 +59,7 @@ class Value:
     def __truediv__(self, o): return self.b.binary(ops.DIV, self, o)
     def __rtruediv__(self, o): return self.b.binary(ops.DIV, o, self)
     def __pow__(self, o): return self.b.binary(ops.POW, self, o)
+    def __rpow__(self, o): return self.b.binary(ops.POW, o, self)
     def __neg__(self): return self.b.emit(ops.NEG, (self,))
     def __matmul__(self, o): return self.b.matmul(self, o)
 
@@ -108,7 +109,16 @@ class GraphBuilder:
 
     # --- elementwise -----------------------------------------------------------------------
     def lift(self, x, dtype: DType) -> Value:
-        return x if isinstance(x, Value) else self.const(x, dtype)
+        if isinstance(x, Value):
+            return x
+        if not dtype.is_float and isinstance(x, float) and not x.is_integer():
+            raise TypeError_(f"cannot combine {dtype} values with the fraction {x}", self.span,
+                             hint="integer tensors take whole numbers; use an f32 tensor")
+        try:
+            return self.const(x, dtype)
+        except (OverflowError, ValueError):  # 2**40 into i32, 10**400 into f32, inf into i32
+            shown = repr(x) if len(repr(x)) <= 24 else repr(x)[:12] + "..."
+            raise TypeError_(f"the number {shown} does not fit in {dtype}", self.span) from None
 
     def binary(self, op: ops.OpDef, x, y) -> Value:
         if not isinstance(x, Value) and not isinstance(y, Value):
@@ -144,7 +154,11 @@ class GraphBuilder:
     def where(self, cond: Value, x, y) -> Value:
         dtype = (x if isinstance(x, Value) else y).dtype
         x, y = self.lift(x, dtype), self.lift(y, dtype)
-        shape = broadcast_shapes(broadcast_shapes(cond.shape, x.shape), y.shape)
+        try:
+            shape = broadcast_shapes(broadcast_shapes(cond.shape, x.shape), y.shape)
+        except ShapeError as e:
+            raise ShapeMismatch(f"cannot select between {x.type} and {y.type} by {cond.type}: {e}",
+                                self.span) from None
         return self.emit(ops.WHERE, (self.broadcast(cond, shape), self.broadcast(x, shape),
                                      self.broadcast(y, shape)))
 

@@ -67,7 +67,7 @@ class DlcError(Exception):
         out = [f"{where}{self.kind}: {self.message}"]
         if self.span is not None:
             text = self.span.source.line(self.span.line)
-            if text or self.span.line >= 1:  # an empty line (or file) still gets its caret
+            if self.span.line >= 1:  # an empty line (or file) still gets its caret
                 # one column per character: tabs and control characters print as a space
                 text = "".join(c if c.isprintable() else " " for c in text)
                 gutter = f"{self.span.line:>4} | "

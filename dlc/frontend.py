@@ -13,7 +13,7 @@ from typing import Any
 from . import nn
 from .builder import GraphBuilder, Value
 from .diagnostics import (ArgumentError, DlcError, NameError_, ShapeMismatch, Span, TypeError_,
-                          did_you_mean)
+                          UsageError, did_you_mean)
 from .graph import Graph
 from .initializers import ARITY as INIT_ARITY, Init, fans
 from .recipe import NORMALIZE, OPTIONS, RECIPE, Spec, TrainConfig
@@ -121,6 +121,21 @@ def _calls(node) -> list[ast.Call]:
     return out
 
 
+def _names(node) -> list:
+    """Every ast.Name inside an expression."""
+    out = []
+    if isinstance(node, ast.Name):
+        out.append(node)
+    elif isinstance(node, (list, tuple)):
+        for x in node:
+            out.extend(_names(x))
+    elif hasattr(node, "__dataclass_fields__") and not isinstance(node, Span):
+        for f in node.__dataclass_fields__:
+            if f not in ("span", "name_span"):
+                out.extend(_names(getattr(node, f)))
+    return out
+
+
 def _check_recursion(program: ast.Program, defs: dict[str, ast.Def]) -> None:
     done: set[str] = set()  # definitions whose whole call tree is known to be fine
 
@@ -159,7 +174,7 @@ def choose_model(program: ast.Program, name: str | None) -> ast.Def:
         for d in models:
             if d.name == name:
                 return d
-        raise NameError_(f"no model named `{name}`", None,
+        raise UsageError(f"no model named `{name}`", None,
                          hint=did_you_mean(name, [d.name for d in models]) or
                          f"models: {', '.join(d.name for d in models) or 'none'}")
     if not models:
@@ -223,8 +238,8 @@ class Frontend:
             raise NameError_(f"parameter name `{name}` is already used", span,
                              notes=[f"first created at {self.params[name].span}"],
                              hint="give the layer a different `name=`")
-        size = _count(type)
-        if size >= 2 ** 31:
+        size = _count(type) if all(isinstance(d, int) for d in type.shape) else 0
+        if size >= 2 ** 31:  # beyond 32-bit indexing (and far beyond memory, in practice)
             raise ArgumentError(f"parameter `{name}` would have {size:,} elements ({type}); "
                                 "at most 2,147,483,647 are supported", span)
         if not fan_in:
@@ -261,6 +276,7 @@ class Frontend:
             inputs.append((p.name, t))
         out = self.call_def(model, args, {}, "", model.span, top=True, dims=dims)
         self.graph.outputs["output"] = out.id
+        self.model_inputs = {name: v for (name, _), v in zip(inputs, args)}
         try:
             config = self.build_train(train, out) if train is not None else None
         except RecursionError:
@@ -298,9 +314,16 @@ class Frontend:
         tensor_params = [p for p in d.params if p.type is not None]
         value_params = {p.name: p for p in d.params if p.type is None}
         if not top:
-            if len(args) != len(tensor_params):
-                raise ArgumentError(f"block `{d.name}` takes {len(tensor_params)} tensor argument(s), "
-                                    f"got {len(args)}", span)
+            # positional arguments: the tensors first, then the value parameters in order
+            extra, args = list(args[len(tensor_params):]), list(args[:len(tensor_params)])
+            if len(args) != len(tensor_params) or len(extra) > len(value_params):
+                raise ArgumentError(f"block `{d.name}` takes {len(tensor_params)} tensor argument(s)"
+                                    + (f" and up to {len(value_params)} value(s)" if value_params else "")
+                                    + f", got {len(args) + len(extra)}", span)
+            for name, v in zip(value_params, extra):
+                if name in kwargs:
+                    raise ArgumentError(f"argument `{name}` of block `{d.name}` is given twice", span)
+                kwargs[name] = v
             for p, a in zip(tensor_params, args):
                 if not isinstance(a, Value):
                     raise ArgumentError(f"block `{d.name}`: `{p.name}` must be a tensor", span)
@@ -322,7 +345,7 @@ class Frontend:
                         out = self.eval_tensor(stmt.value, scope, self._namer(stmt, "out", scope), "the result")
                 except RecursionError:
                     raise _too_deep(stmt.span) from None
-                self._check_result(d, out, dims, stmt)
+                self._check_result(d, out, dims, stmt, scope.vars)
                 if top:
                     self._row(stmt, "out", out)
                 return out
@@ -342,8 +365,11 @@ class Frontend:
             raise ShapeMismatch(f"block `{d.name}`: argument `{p.name}`: {err}", span,
                                 notes=[f"`{p.name}` is declared at {p.span}"])
 
-    def _check_result(self, d: ast.Def, out: Value, dims, stmt):
-        pattern = tuple(sym(x) if isinstance(x, str) else x for x in d.result.dims)
+    def _check_result(self, d: ast.Def, out: Value, dims, stmt, values=None):
+        values = values or {}
+        pattern = tuple(values[x] if isinstance(x, str) and isinstance(values.get(x), int) and
+                        not isinstance(values.get(x), bool) else sym(x) if isinstance(x, str) else x
+                        for x in d.result.dims)
         bound = dict(dims)
         err = unify(pattern, out.shape, bound)
         if err or out.dtype.value != d.result.dtype:
@@ -456,7 +482,7 @@ class Frontend:
             return self.b.value(self.graph.input_named(name))
         if name in nn.BUILTINS or name in self.defs or name in RECIPE or name in INIT_ARITY:
             return FunctionRef(name, e.span)
-        known = list(scope.vars) + list(scope.dims) + list(nn.BUILTINS) + list(self.defs)
+        known = list(scope.vars) + list(scope.dims) + list(nn.BUILTINS) + list(self.defs) + list(INIT_ARITY)
         if scope.context == "loss":
             known += ["params", "weights"] + list(self.params)
         hint = did_you_mean(name, known)
@@ -498,9 +524,6 @@ class Frontend:
             raise TypeError_(f"cannot apply `{sym_op}` to {t.type}: arithmetic needs numbers", e.span)
         if e.op == "div" and not isinstance(c, Value) and c == 0:
             raise ArgumentError("division by zero", e.span)
-        for v in (a, c):
-            if not isinstance(v, Value):
-                self._check_scalar(v, t.type, e.span)
         return {"add": lambda: a + c, "sub": lambda: a - c, "mul": lambda: a * c,
                 "div": lambda: a / c, "pow": lambda: a ** c}[e.op]()
 
@@ -525,18 +548,6 @@ class Frontend:
         if isinstance(out, int) and out.bit_length() > 1024:  # beyond any float
             raise ArgumentError(f"`{sym_op}` gives a number too large to use", e.span)
         return out
-
-    @staticmethod
-    def _check_scalar(v, t: TensorType, span: Span) -> None:
-        """A number combined with a tensor must fit the tensor's dtype."""
-        if t.dtype == DType.i32 and isinstance(v, float) and not v.is_integer():
-            raise TypeError_(f"cannot combine {t} with the fraction {v}; the tensor holds integers", span,
-                             hint="use an f32 tensor")
-        if t.dtype == DType.i32 and not -2 ** 31 <= v < 2 ** 31:
-            raise TypeError_(f"the number {v} does not fit in {t.dtype}", span)
-        if isinstance(v, int) and v.bit_length() > 1000:
-            raise TypeError_(f"the number {str(v)[:8]}... ({len(str(abs(v)))} digits) does not fit in "
-                             f"{t.dtype}", span)
 
     def index(self, e: ast.Index, scope, namer):
         x = self.eval_tensor(e.value, scope, namer, "an indexed value")
@@ -584,7 +595,9 @@ class Frontend:
     # calls ------------------------------------------------------------------------------------
     def call(self, e: ast.Call, scope: _Scope, namer):
         fname = e.func.text
-        if fname in scope.vars:
+        if fname in scope.vars and isinstance(scope.vars[fname], FunctionRef):
+            fname = scope.vars[fname].name  # a block parameter holding a function: `act=relu`
+        elif fname in scope.vars:
             raise TypeError_(f"`{fname}` is {_describe(scope.vars[fname])}, not a function", e.func.span)
         args = [self.eval(a, scope, namer) for a in e.args]
         kwargs, kwspans = {}, {}
@@ -676,7 +689,11 @@ class Frontend:
                 values[name] = self.option_value(name, o, scope)
         loss_ast = opts["loss"].value
         label = self._label_input(loss_ast, output)
-        loss_scope = _Scope({"output": output, "label": label}, {}, "", "loss")
+        # the loss sees the model's output, the labels, and the model's inputs by name
+        # (an autoencoder's loss is `mse(output, x)`)
+        loss_scope = _Scope({**self.model_inputs, "output": output}, {}, "", "loss")
+        if label is not None:
+            loss_scope.vars["label"] = label
         with self.b.at(opts["loss"].span):
             loss = self.eval(loss_ast, loss_scope)
         if not isinstance(loss, Value) or loss.rank != 0 or not loss.dtype.is_float:
@@ -693,8 +710,11 @@ class Frontend:
                     raise ArgumentError("`accuracy` needs a classification loss (`cross_entropy` or `bce`)",
                                         opts["metrics"].value.span,
                                         hint="drop `metrics`, or train with a classification loss")
+                logits = any(c.func.text == "bce" and any(k.name == "from_logits" and isinstance(k.value, ast.Name)
+                                                          and k.value.text == "true" for k in c.kwargs)
+                             for c in _calls(loss_ast))
                 with self.b.at(opts["loss"].span):
-                    self.graph.outputs["accuracy"] = nn.accuracy(self.b, output, label, loss_fn).id
+                    self.graph.outputs["accuracy"] = nn.accuracy(self.b, output, label, loss_fn, logits).id
         spans = {name: o.span for name, o in opts.items()}
         return TrainConfig(model=train.model, data=values["data"], loss=loss_ast,
                            optimizer=values.get("optimizer") or RECIPE["sgd"].fn(),
@@ -705,8 +725,11 @@ class Frontend:
                            normalize=values.get("normalize"), shuffle=values.get("shuffle", True),
                            spans=spans)
 
-    def _label_input(self, loss_ast, output: Value) -> Value:
-        """Labels are integers for cross_entropy(..., label), else shaped like the output."""
+    def _label_input(self, loss_ast, output: Value) -> Value | None:
+        """Labels are integers for cross_entropy(..., label), else shaped like the output;
+        a loss that never names `label` (an autoencoder's) has no label input."""
+        if not any(isinstance(n, ast.Name) and n.text == "label" for n in _names(loss_ast)):
+            return None
         t = output.type
         for c in _calls(loss_ast):
             if c.func.text == "cross_entropy" and len(c.args) > 1 and isinstance(c.args[1], ast.Name) \
@@ -718,6 +741,8 @@ class Frontend:
     def option_value(self, name: str, o: ast.Option, scope: _Scope):
         kind = OPTIONS[name][0]
         e = o.value
+        if kind == "normalize" and isinstance(e, ast.Name) and e.text in NORMALIZE:
+            return e.text  # `normalize = standard`
         if kind in ("data", "optimizer", "schedule"):
             spec = self.recipe_call(e, kind, scope)
             return spec
@@ -945,3 +970,12 @@ def build(program: ast.Program, model: str | None = None, mode: str = "eval",
     d = choose_model(program, model)
     train = next((t for t in program.trains if t.model == d.name), None) if with_train else None
     return Frontend(program, mode).build(d, train)
+
+
+def eval_recipe(expr, kind: str):
+    """A train-option value written on the command line (`--optimizer "adam(lr=1e-3)"`),
+    checked exactly as in a train block."""
+    fe = Frontend(ast.Program((), ()))
+    fe.graph = Graph("options")
+    fe.b = GraphBuilder(fe.graph)
+    return fe.recipe_call(expr, kind, _Scope({}, {}, "", "option"))

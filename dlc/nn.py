@@ -76,12 +76,12 @@ def arg_error(message: str, arg: str | None = None) -> ArgumentError:
     return err
 
 
-def _float(x: Value, layer: str, f32: bool = False) -> None:
+def _float(x: Value, layer: str, f32: bool = False, arg: str = "x") -> None:
     """Layers with (f32) parameters need f32 input; other functions any float."""
     if f32 and x.dtype != DType.f32:
-        raise arg_error(f"`{layer}` needs an f32 input, got {x.type}", "x")
+        raise arg_error(f"`{layer}` needs an f32 input, got {x.type}", arg)
     if not x.dtype.is_float:
-        raise arg_error(f"`{layer}` needs a floating-point input, got {x.type}", "x")
+        raise arg_error(f"`{layer}` needs a floating-point input, got {x.type}", arg)
 
 
 def _window(layer: str, kernel, stride) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -403,7 +403,9 @@ def _axes(axis):
 
 @builtin("function", name="sum")
 def sum_(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, keepdims: bool = False) -> Value:
-    """Sum over axis (all axes when omitted)."""
+    """Sum over axis (all axes when omitted); booleans are counted (as i32)."""
+    if x.dtype == DType.bool:
+        x = ctx.b.cast(x, DType.i32)
     return ctx.b.sum(x, _axes(axis), keepdims)
 
 
@@ -507,7 +509,7 @@ def _same_shape(name, output: Value, target: Value):
 @builtin("loss")
 def mse(ctx: LayerContext, output: Tensor, target: Tensor) -> Value:
     """Mean squared error over all elements."""
-    _float(output, "mse")
+    _float(output, "mse", arg="output")
     _same_shape("mse", output, target)
     d = output - target
     return ctx.b.mean(d * d)
@@ -538,7 +540,7 @@ def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor) -> Value:
 def bce(ctx: LayerContext, output: Tensor, target: Tensor, from_logits: bool = False) -> Value:
     """Binary cross-entropy of probabilities (or logits with from_logits=true) against 0/1 targets."""
     b = ctx.b
-    _float(output, "bce")
+    _float(output, "bce", arg="output")
     _same_shape("bce", output, target)
     if from_logits:  # max(z, 0) - z*y + log(1 + exp(-|z|)), stable for any z
         z = output
@@ -568,14 +570,15 @@ def _total(b: GraphBuilder, terms: list) -> Value:
     return out
 
 
-def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str) -> Value:
-    """Fraction of correct predictions: argmax for cross_entropy, a 0.5 threshold for bce."""
+def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str, logits: bool = False) -> Value:
+    """Fraction of correct predictions: argmax for cross_entropy; for bce a 0.5 threshold on
+    probabilities (0 on logits)."""
     if loss_fn == "cross_entropy" and label.dtype == DType.i32:
         hit = b.eq(b.argmax(output, -1), label)
     elif loss_fn == "cross_entropy":
         hit = b.eq(b.argmax(output, -1), b.argmax(label, -1))
     else:
-        hit = b.eq(b.gt(output, 0.5), b.gt(label, 0.5))
+        hit = b.eq(b.gt(output, 0.0 if logits else 0.5), b.gt(label, 0.5))
     return b.mean(b.cast(hit, DType.f32))
 
 

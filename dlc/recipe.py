@@ -32,15 +32,21 @@ class Spec:
         return f"{self.name}(" + ", ".join(f"{k}={v!r}" for k, v in self.args.items()) + ")"
 
 
-def _fraction(v: float, name: str, lo_open=True) -> float:
+def _fraction(v: float, name: str) -> float:
     if not (0.0 <= v < 1.0):
-        raise ArgumentError(f"{name} must be in [0, 1), got {v}")
+        raise ArgumentError(f"`{name}` must be in [0, 1), got {v}")
     return v
 
 
 def _positive(v, name: str):
-    if v <= 0:
-        raise ArgumentError(f"{name} must be positive, got {v}")
+    if not (0 < v < float("inf")):
+        raise ArgumentError(f"`{name}` must be a positive number, got {v}")
+    return v
+
+
+def _non_negative(v, name: str):
+    if not (0 <= v < float("inf")):
+        raise ArgumentError(f"`{name}` must be zero or positive, got {v}")
     return v
 
 
@@ -93,30 +99,33 @@ def sgd(lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_
     """Stochastic gradient descent, with optional (Nesterov) momentum and L2 weight decay."""
     _positive(lr, "lr")
     if nesterov and momentum <= 0:
-        raise ArgumentError("nesterov=true needs momentum > 0")
-    return Spec("optimizer", "sgd", {"lr": lr, "momentum": momentum, "nesterov": nesterov,
-                                     "weight_decay": weight_decay})
+        raise ArgumentError("`nesterov=true` needs `momentum` > 0")
+    return Spec("optimizer", "sgd", {"lr": lr, "momentum": _fraction(momentum, "momentum"),
+                                     "nesterov": nesterov, "weight_decay": _non_negative(weight_decay, "weight_decay")})
 
 
 @entry("optimizer")
 def adagrad(lr: float = 0.01, eps: float = 1e-10, weight_decay: float = 0.0) -> Spec:
     """Adagrad: per-parameter steps scaled by the root of the summed squared gradients."""
-    return Spec("optimizer", "adagrad", {"lr": _positive(lr, "lr"), "eps": eps, "weight_decay": weight_decay})
+    return Spec("optimizer", "adagrad", {"lr": _positive(lr, "lr"), "eps": _positive(eps, "eps"),
+                                         "weight_decay": _non_negative(weight_decay, "weight_decay")})
 
 
 @entry("optimizer")
 def adadelta(lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0) -> Spec:
     """Adadelta: steps scaled by running averages of squared gradients and squared updates."""
-    return Spec("optimizer", "adadelta", {"lr": _positive(lr, "lr"), "rho": rho, "eps": eps,
-                                          "weight_decay": weight_decay})
+    return Spec("optimizer", "adadelta", {"lr": _positive(lr, "lr"), "rho": _fraction(rho, "rho"),
+                                          "eps": _positive(eps, "eps"),
+                                          "weight_decay": _non_negative(weight_decay, "weight_decay")})
 
 
 @entry("optimizer")
 def rmsprop(lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0,
             weight_decay: float = 0.0) -> Spec:
     """RMSprop: steps scaled by a running average of squared gradients."""
-    return Spec("optimizer", "rmsprop", {"lr": _positive(lr, "lr"), "alpha": alpha, "eps": eps,
-                                         "momentum": momentum, "weight_decay": weight_decay})
+    return Spec("optimizer", "rmsprop", {"lr": _positive(lr, "lr"), "alpha": _fraction(alpha, "alpha"),
+                                         "eps": _positive(eps, "eps"), "momentum": _fraction(momentum, "momentum"),
+                                         "weight_decay": _non_negative(weight_decay, "weight_decay")})
 
 
 @entry("optimizer")
@@ -124,8 +133,8 @@ def adam(lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: float
          weight_decay: float = 0.0) -> Spec:
     """Adam with bias correction; weight_decay adds an L2 term to the gradient."""
     return Spec("optimizer", "adam", {"lr": _positive(lr, "lr"), "beta1": _fraction(beta1, "beta1"),
-                                      "beta2": _fraction(beta2, "beta2"), "eps": eps,
-                                      "weight_decay": weight_decay})
+                                      "beta2": _fraction(beta2, "beta2"), "eps": _positive(eps, "eps"),
+                                      "weight_decay": _non_negative(weight_decay, "weight_decay")})
 
 
 @entry("optimizer")
@@ -133,8 +142,8 @@ def adamw(lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: floa
           weight_decay: float = 0.01) -> Spec:
     """Adam with decoupled weight decay."""
     return Spec("optimizer", "adamw", {"lr": _positive(lr, "lr"), "beta1": _fraction(beta1, "beta1"),
-                                       "beta2": _fraction(beta2, "beta2"), "eps": eps,
-                                       "weight_decay": weight_decay})
+                                       "beta2": _fraction(beta2, "beta2"), "eps": _positive(eps, "eps"),
+                                       "weight_decay": _non_negative(weight_decay, "weight_decay")})
 
 
 # --- learning-rate schedules (per epoch) ------------------------------------------------------

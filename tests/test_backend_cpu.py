@@ -187,8 +187,10 @@ def test_compile_cache_hits_and_rebuilds_a_corrupt_entry(tmp_path):
     data = bytearray(entry.read_bytes())
     data[len(data) // 2] ^= 0xFF
     entry.write_bytes(bytes(data))
-    obj3, _ = build_step(graph, 5, Target.host(), cache, verbose=said.append)
-    assert "miss" in said[2] and obj3 == obj1  # rebuilt, not loaded
+    obj3, layout3 = build_step(graph, 5, Target.host(), cache, verbose=said.append)
+    assert "miss" in said[2]  # rebuilt, not loaded
+    assert cache.get(next(iter([p.stem for p in tmp_path.rglob("*.obj")])))  # and stored again, intact
+    NativeStep(obj3, layout3, Target.host())  # the rebuilt code loads
 
 
 def _dlc(*args, cwd=None, env=None):

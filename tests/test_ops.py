@@ -394,15 +394,7 @@ BUILDER_ERRORS = {
 }
 
 
-BUILDER_ERRORS_XFAIL = {
-    "where-incompatible": "GraphBuilder.where calls broadcast_shapes without catching ShapeError, "
-                          "so a raw dlc.types.ShapeError (not a DlcError) escapes",
-}
-
-
-@pytest.mark.parametrize("fn", [
-    pytest.param(f, id=k, marks=[pytest.mark.xfail(strict=True, reason=BUILDER_ERRORS_XFAIL[k])]
-                 if k in BUILDER_ERRORS_XFAIL else []) for k, f in BUILDER_ERRORS.items()])
+@pytest.mark.parametrize("fn", [pytest.param(f, id=k) for k, f in BUILDER_ERRORS.items()])
 def test_builder_error(fn):
     with pytest.raises(DlcError):
         _builder_error(fn)()
@@ -419,11 +411,7 @@ SCALAR_LEFT = {
 }
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(k, marks=[pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-        "Value has no __rpow__: `2.0 ** x` raises a Python TypeError (in .dln too: "
-        "`return 2.0 ** x` crashes `dlc check` with a traceback)"))] if k == "pow" else [])
-    for k in SCALAR_LEFT])
+@pytest.mark.parametrize("name", list(SCALAR_LEFT))
 def test_scalar_on_the_left(name):
     build, ref = SCALAR_LEFT[name]
     g = Graph("t")
@@ -434,8 +422,6 @@ def test_scalar_on_the_left(name):
     np.testing.assert_allclose(run_graph(g, {"x": xs}, float_dtype=np.float64)["out"], ref(2.0, xs), rtol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason="GraphBuilder.lift casts a float scalar to the tensor's dtype: "
-                                       "for an i32 x, `x * 0.5` silently becomes x * 0")
 def test_float_scalar_with_int_tensor_is_not_truncated():
     g = Graph("t")
     b = GraphBuilder(g)

@@ -45,8 +45,9 @@ def write(path, source_name: str, source_text: str, model: str, target: Target,
     try:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             z.writestr("manifest.json", json.dumps(manifest, indent=1))
-            for (mode, batch), (obj, layout) in steps.items():
-                z.writestr(f"steps/{mode}-{batch}.o", obj)
+            for (mode, batch), (objects, layout) in steps.items():
+                for i, obj in enumerate(objects):
+                    z.writestr(f"steps/{mode}-{batch}.{i}.o", obj)
                 z.writestr(f"steps/{mode}-{batch}.json", layout.to_json())
         os.replace(tmp, path)
     finally:
@@ -62,7 +63,9 @@ def read(path) -> tuple[dict, dict[tuple[str, int], tuple[bytes, StepLayout]]]:
             steps = {}
             for s in manifest["steps"]:
                 stem = f"steps/{s['mode']}-{s['batch']}"
-                steps[(s["mode"], s["batch"])] = (z.read(stem + ".o"),
+                objects = [z.read(n) for n in sorted(z.namelist())
+                           if n.startswith(stem + ".") and n.endswith(".o")]
+                steps[(s["mode"], s["batch"])] = (objects,
                                                   StepLayout.from_json(z.read(stem + ".json").decode()))
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as e:
         raise UsageError(f"{path}: not a readable dlc artifact ({e})",

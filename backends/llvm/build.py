@@ -43,13 +43,14 @@ def lower(graph: Graph, batch: int, log: Compilation | None = None) -> Graph:
     return run_passes(graph, LOWER_PASSES, PassContext(batch=batch), log)
 
 
-def generate(graph: Graph, batch: int, target: Target, profile: bool = False, lowered: bool = False):
+def generate(graph: Graph, batch: int, target: Target, profile: bool = False, lowered: bool = False,
+             tag: str | None = None):
     """(lowered graph, kernel program, module builder with its LLVM module)."""
     from dlc.passes.schedule import schedule
     from .codegen import ModuleBuilder
     lowered = graph if lowered else lower(graph, batch)
     program = schedule(lowered)
-    mb = ModuleBuilder(program, target, name=graph.name, profile=profile)
+    mb = ModuleBuilder(program, target, name=graph.name, profile=profile, tag=tag)
     mb.build()
     return lowered, program, mb
 
@@ -59,9 +60,9 @@ def codegen_stages(lowered: Graph, names, target: Target | None = None) -> list[
     from dlc.kernel import format_program
     from .jit import assembly, optimized_ir
     target = target or Target.host()
-    _, program, mb = generate(lowered, 0, target, lowered=True)
-    texts = {"kernel": lambda: format_program(program), "llvm": lambda: str(mb.module),
-             "llvm-opt": lambda: optimized_ir(mb.module, target), "asm": lambda: assembly(mb.module, target)}
+    _, program, mb = generate(lowered, 0, target, lowered=True, tag="dump")  # stable names in dumps
+    texts = {"kernel": lambda: format_program(program), "llvm": mb.text,
+             "llvm-opt": lambda: optimized_ir(mb.modules, target), "asm": lambda: assembly(mb.modules, target)}
     return [(n, texts[n]()) for n in names]
 
 
@@ -81,10 +82,10 @@ def layout_of(program, mb, batch: int, target: Target) -> StepLayout:
 
 
 def build_step(graph, batch: int, target: Target, cache: Cache | None = None, verbose=None,
-               profile: bool = False, source_key: str | None = None) -> tuple[bytes, StepLayout]:
+               profile: bool = False, source_key: str | None = None) -> tuple[list[bytes], StepLayout]:
     """Object code and layout for one batch size. `graph` may be a function that builds
     the graph: with a `source_key`, a cache hit never builds it."""
-    from .jit import compile_module
+    from .jit import compile_modules
     start = time.perf_counter()
     get_graph = graph if callable(graph) else (lambda: graph)
     key = cache_key(source_key or print_graph(get_graph()), batch, target, profile) if cache else None
@@ -98,13 +99,13 @@ def build_step(graph, batch: int, target: Target, cache: Cache | None = None, ve
     t0 = time.perf_counter()
     lowered, program, mb = generate(graph, batch, target, profile)
     t1 = time.perf_counter()
-    compiled = compile_module(mb.module, target)
+    compiled = compile_modules(mb.modules, target)
     layout = layout_of(program, mb, batch, target)
     if cache:
-        cache.put(key, compiled.object_code, layout.to_json())
+        cache.put(key, compiled.objects, layout.to_json())
     if verbose:
         verbose(f"compile cache {'miss ' + key[:12] if key else 'off'} ({graph.name}, batch {batch}): "
                 f"passes+codegen {(t1 - t0) * 1e3:.0f} ms, "
                 f"LLVM optimize {compiled.seconds_optimize * 1e3:.0f} ms, "
                 f"machine code {compiled.seconds_codegen * 1e3:.0f} ms")
-    return compiled.object_code, layout
+    return compiled.objects, layout

@@ -9,7 +9,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-MAGIC = b"DLCOBJ1\0"
+MAGIC = b"DLCOBJ2\0"
 
 
 def default_dir() -> Path:
@@ -28,7 +28,7 @@ class Cache:
         return self.dir / key[:2] / f"{key}.obj"
 
     def get(self, key: str):
-        """(object code, layout json) or None when absent or damaged."""
+        """(object files, layout json) or None when absent or damaged."""
         path = self._path(key)
         try:
             data = path.read_bytes()
@@ -43,7 +43,7 @@ class Cache:
                 pass
             return None
 
-    def put(self, key: str, obj: bytes, layout_json: str) -> None:
+    def put(self, key: str, obj: list[bytes], layout_json: str) -> None:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,19 +55,29 @@ class Cache:
             pass  # a read-only or full cache never stops a run
 
 
-def pack(obj: bytes, layout_json: str) -> bytes:
+def pack(objects: list[bytes], layout_json: str) -> bytes:
+    """magic, sha256 of the body, then the body: counts and sizes, layout, object files."""
     meta = layout_json.encode()
-    body = struct.pack("<QQ", len(meta), len(obj)) + meta + obj
+    head = struct.pack("<QQ", len(meta), len(objects)) + b"".join(struct.pack("<Q", len(o)) for o in objects)
+    body = head + meta + b"".join(objects)
     return MAGIC + hashlib.sha256(body).digest() + body
 
 
-def unpack(data: bytes) -> tuple[bytes, str]:
+def unpack(data: bytes) -> tuple[list[bytes], str]:
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 48:
         raise ValueError("not a dlc object file")
     digest, body = data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
     if hashlib.sha256(body).digest() != digest:
         raise ValueError("checksum mismatch")
     n_meta, n_obj = struct.unpack("<QQ", body[:16])
-    if 16 + n_meta + n_obj != len(body):
+    sizes = struct.unpack(f"<{n_obj}Q", body[16:16 + 8 * n_obj])
+    at = 16 + 8 * n_obj
+    meta = body[at:at + n_meta].decode()
+    at += n_meta
+    objects = []
+    for size in sizes:
+        objects.append(body[at:at + size])
+        at += size
+    if at != len(body):
         raise ValueError("truncated")
-    return body[16 + n_meta:], body[16:16 + n_meta].decode()
+    return objects, meta

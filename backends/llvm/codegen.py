@@ -14,6 +14,7 @@ counters, then one slot per input/state buffer in `Layout.slots` order.
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass, field
 
 from llvmlite import ir
@@ -465,21 +466,32 @@ def buffers_of(part) -> list[Buffer]:
 
 
 class ModuleBuilder:
-    """Builds the LLVM module of one KernelProgram."""
+    """Builds the LLVM modules of one KernelProgram: the kernel parts are spread over
+    `pieces` modules of similar size (LLVM optimizes them in parallel, one per core);
+    module 0 also holds the step function, which calls them."""
 
-    def __init__(self, program: KernelProgram, target, name: str = "dlc", profile: bool = False):
+    def __init__(self, program: KernelProgram, target, name: str = "dlc", profile: bool = False,
+                 pieces: int | None = None, tag: str | None = None):
         self.program = program
         self.target = target
-        self.module = ir.Module(name=name)
-        self.module.triple = target.triple
+        self.modules = []
+        for i in range(max(1, pieces or target.threads)):
+            mod = ir.Module(name=f"{name}.{i}")
+            mod.triple = target.triple
+            self.modules.append(mod)
+        self.module = self.modules[0]  # the module being filled (templates add GEMMs to it)
+        self._load = [0] * len(self.modules)
         self.layout = Layout(slots=list(program.inputs) + list(program.state))
         self.profile = profile
         self.parts: list[tuple[int, str, ir.Function, list[Buffer]]] = []  # (phase, kernel, fn, buffers)
+        self.gemms: dict = {}  # (module index, spec) -> GemmInfo: one function per shape and module
+        # kernels are external symbols (the step calls them across modules): a name unique to
+        # this build keeps two programs in one process from ever binding to each other's
+        self.tag = tag or uuid.uuid4().hex[:10]
 
     def new_function(self, name: str, buffers: list[Buffer]) -> tuple[ir.Function, ir.IRBuilder, dict]:
         ftype = ir.FunctionType(VOID, [PTR] * len(buffers) + [I32, I32])
         fn = ir.Function(self.module, ftype, name=name)
-        fn.linkage = "internal"
         fn.attributes.add("noinline")
         set_target(fn, self.target)
         pointers = {}
@@ -489,12 +501,14 @@ class ModuleBuilder:
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         return fn, b, pointers
 
-    def build(self) -> ir.Module:
+    def build(self) -> list[ir.Module]:
         from .templates import emit_template
         for k in self.program.kernels:
             for j, part in enumerate(k.parts):
+                index = self._load.index(min(self._load))  # the emptiest module so far
+                self.module = self.modules[index]
                 buffers = buffers_of(part)
-                fn, b, pointers = self.new_function(f"{k.name}.{j}", buffers)
+                fn, b, pointers = self.new_function(f"{k.name}.{j}.{self.tag}", buffers)
                 tid, nthreads = fn.args[-2], fn.args[-1]
                 em = Emitter(b, pointers)
                 if isinstance(part, LoopNest):
@@ -502,9 +516,26 @@ class ModuleBuilder:
                 else:
                     emit_template(self, em, part, tid, nthreads)
                 b.ret_void()
+                self._load[index] = sum(len(blk.instructions) for f in self.module.functions for blk in f.blocks)
                 self.parts.append((k.phase, k.name, fn, buffers))
+        self.module = self.modules[0]
         self._step()
-        return self.module
+        return self.modules
+
+    def text(self) -> str:
+        return "\n".join(str(m) for m in self.modules)
+
+    def _callee(self, fn: ir.Function) -> ir.Function:
+        """fn as seen from module 0 (a declaration when it lives in another module)."""
+        if fn.module is self.module:
+            return fn
+        decl = self.module.globals.get(fn.name)
+        if decl is None:
+            decl = ir.Function(self.module, fn.function_type, name=fn.name)
+            for arg, orig in zip(decl.args, fn.args):
+                if "noalias" in orig.attributes:
+                    arg.add_attribute("noalias")
+        return decl
 
     def _step(self) -> None:
         """dlc_step(table, tid, nthreads): every part in phase order, barriers between."""
@@ -530,7 +561,7 @@ class ModuleBuilder:
             last_phase = phase
             t0 = b.call(_cycles(self.module), []) if self.profile else None
             args = [pointers[buf.name] if buf.name in pointers else pointers["__scratch__"] for buf in buffers]
-            b.call(part_fn, args + [tid, nthreads])
+            b.call(self._callee(part_fn), args + [tid, nthreads])
             if self.profile:
                 with b.if_then(is_main):
                     cell = gep(b, counters, i64(index), I64)

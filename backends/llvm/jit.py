@@ -14,15 +14,13 @@ from .target import Target, _init_llvm
 
 @dataclass
 class Compiled:
-    object_code: bytes
-    optimized_ir: str | None
-    seconds_optimize: float
+    objects: list[bytes]
+    seconds_optimize: float   # summed over the modules (they run in parallel)
     seconds_codegen: float
 
 
-def compile_module(module: ir.Module, target: Target, keep_ir: bool = False) -> Compiled:
-    _init_llvm()
-    llmod = llvm.parse_assembly(str(module))
+def _compile_one(text: str, target: Target) -> tuple[bytes, float, float]:
+    llmod = llvm.parse_assembly(text)
     llmod.verify()
     tm = target.machine()
     start = time.perf_counter()
@@ -33,8 +31,21 @@ def compile_module(module: ir.Module, target: Target, keep_ir: bool = False) -> 
     pb.getModulePassManager().run(llmod, pb)
     optimized = time.perf_counter()
     obj = tm.emit_object(llmod)
-    done = time.perf_counter()
-    return Compiled(obj, str(llmod) if keep_ir else None, optimized - start, done - optimized)
+    return obj, optimized - start, time.perf_counter() - optimized
+
+
+def compile_modules(modules: list[ir.Module], target: Target) -> Compiled:
+    """Optimize and emit every module, in parallel threads (llvmlite's calls release the
+    GIL, so each core compiles one module)."""
+    from concurrent.futures import ThreadPoolExecutor
+    _init_llvm()
+    texts = [str(m) for m in modules]
+    if len(texts) == 1:
+        results = [_compile_one(texts[0], target)]
+    else:
+        with ThreadPoolExecutor(max_workers=len(texts)) as pool:
+            results = list(pool.map(lambda t: _compile_one(t, target), texts))
+    return Compiled([r[0] for r in results], sum(r[1] for r in results), sum(r[2] for r in results))
 
 
 def compile_ir_text(text: str, target: Target) -> bytes:
@@ -48,9 +59,11 @@ def compile_ir_text(text: str, target: Target) -> bytes:
     return tm.emit_object(llmod)
 
 
-def _optimized(module: ir.Module, target: Target):
+def _optimized(modules: list[ir.Module], target: Target):
     _init_llvm()
-    llmod = llvm.parse_assembly(str(module))
+    llmod = llvm.parse_assembly(str(modules[0]))
+    for m in modules[1:]:
+        llmod.link_in(llvm.parse_assembly(str(m)))
     tm = target.machine()
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = True
@@ -59,25 +72,29 @@ def _optimized(module: ir.Module, target: Target):
     return llmod, tm
 
 
-def optimized_ir(module: ir.Module, target: Target) -> str:
+def optimized_ir(modules: list[ir.Module], target: Target) -> str:
     """LLVM IR after the optimizer (`--dump-ir=llvm-opt`)."""
-    return str(_optimized(module, target)[0])
+    return str(_optimized(modules, target)[0])
 
 
-def assembly(module: ir.Module, target: Target) -> str:
+def assembly(modules: list[ir.Module], target: Target) -> str:
     """Optimized machine code as text (`--dump-ir=asm`)."""
-    llmod, tm = _optimized(module, target)
+    llmod, tm = _optimized(modules, target)
     return tm.emit_assembly(llmod)
 
 
 class Engine:
     """Object code loaded into an MCJIT engine; function addresses by name."""
 
-    def __init__(self, object_code: bytes, target: Target):
+    def __init__(self, objects, target: Target):
         _init_llvm()
         empty = llvm.parse_assembly(f'target triple = "{target.triple}"\n')
         self._engine = llvm.create_mcjit_compiler(empty, target.machine())
-        self._engine.add_object_file(llvm.ObjectFileRef.from_data(object_code))
+        objects = [objects] if isinstance(objects, bytes) else list(objects)
+        # the step's object (the first) refers to the kernels in the others: load those
+        # first, or MCJIT binds the calls before their definitions are known
+        for obj in reversed(objects):
+            self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         self._engine.finalize_object()
 
     def address(self, name: str) -> int:

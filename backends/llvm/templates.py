@@ -93,18 +93,30 @@ def _epilogue_units(em, t, lo, hi, lead):
 
 # --- matmul --------------------------------------------------------------------------------------
 
+# Below this many multiply-adds a matmul uses a compact loop nest (vectorized by LLVM)
+# instead of the packed register-tiled GEMM: at these sizes the GEMM's packing does not pay,
+# and its large code would dominate compile time.
+SMALL_MATMUL = 1 << 20
+
+
 def matmul(mb, em, t: Template, tid, nthreads) -> None:
     b = em.b
     a_buf, b_buf = t.inputs
     m, n = t.output.shape
     ta, tb = t.attrs.get("ta", False), t.attrs.get("tb", False)
     k = a_buf.shape[0] if ta else a_buf.shape[1]
+    if m * n * k <= SMALL_MATMUL:
+        small_matmul(em, t, m, n, k, ta, tb, tid, nthreads)
+        return
     spec = GemmSpec(m, n, k, ta=ta, tb=tb)
     w = mb.target.vector_width
-    name = f"gemm.{len(mb.module.functions)}"
-    info = emit_gemm(mb.module, name, spec, w, target=CpuTarget(mb.target.cpu, mb.target.features))
+    key = (mb.modules.index(mb.module), spec)  # one function per distinct shape and module
+    if key not in mb.gemms:
+        name = f"gemm.{key[0]}.{len(mb.gemms)}.{mb.tag}"
+        mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=CpuTarget(mb.target.cpu, mb.target.features))
+    info = mb.gemms[key]
     mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, info.workspace_bytes)
-    fn = mb.module.globals[name]
+    fn = mb.module.globals[info.name]
     null = ir.Constant(ir.PointerType(), None)
     b.call(fn, [_ptr(em, a_buf), _ptr(em, b_buf), _ptr(em, t.output), null,
                 em.pointers["__scratch__"], tid, nthreads])
@@ -120,6 +132,38 @@ def matmul(mb, em, t: Template, tid, nthreads) -> None:
         _epilogue(em, t, [(i64(0), i64(m)), (r0, r1)])
     else:
         _epilogue(em, t, [(r0, r1), (i64(0), i64(n))])
+
+
+def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads) -> None:
+    """C = op(A) @ op(B) row by row: axpy rows of B (vectorized along n) or, for a
+    transposed B, contiguous dot products (vectorized along k). Rows are shared out."""
+    b = em.b
+    A, B, C = _ptr(em, t.inputs[0]), _ptr(em, t.inputs[1]), _ptr(em, t.output)
+    zero = ir.Constant(F32, 0.0)
+
+    def a_at(i, kk):
+        return _load(b, A, b.add(b.mul(kk, i64(m)), i) if ta else b.add(b.mul(i, i64(k)), kk))
+
+    lo, hi = split(b, m, tid, nthreads)
+    with for_range(b, lo, hi, "mi") as i:
+        row = b.mul(i, i64(n))
+        if tb:  # C[i, j] = sum_k A[i, k] * B[j, k]
+            with for_range(b, 0, n, "nj") as j:
+                def dot(kk, acc):
+                    prod = b.fmul(a_at(i, kk), _load(b, B, b.add(b.mul(j, i64(k)), kk)), flags=REDUCE)
+                    return [b.fadd(acc[0], prod, flags=REDUCE)]
+                _store(b, loop(b, 0, k, [zero], dot, name="kk")[0], C, b.add(row, j))
+        else:   # C[i, :] = sum_k A[i, k] * B[k, :]
+            with for_range(b, 0, n, "nj") as j:
+                _store(b, zero, C, b.add(row, j))
+            with for_range(b, 0, k, "kk") as kk:
+                a = a_at(i, kk)
+                brow = b.mul(kk, i64(n))
+                with for_range(b, 0, n, "nj") as j:
+                    at = b.add(row, j)
+                    _store(b, b.fadd(_load(b, C, at), b.fmul(a, _load(b, B, b.add(brow, j)), flags=FAST),
+                                     flags=FAST), C, at)
+    _epilogue(em, t, [(lo, hi), (i64(0), i64(n))])
 
 
 # --- convolution ---------------------------------------------------------------------------------

@@ -33,7 +33,10 @@ def shape_inputs(model, x: np.ndarray, normalizer: Normalizer, span=None) -> np.
 
 
 def shape_labels(label_type, y: np.ndarray, span=None, classes: int | None = None) -> np.ndarray:
-    """Labels in the label input's dtype and shape; class ids are checked against `classes`."""
+    """Labels in the label input's dtype and shape; class ids are checked against `classes`.
+    Without a label input (the loss does not use labels) they pass through unused."""
+    if label_type is None:
+        return np.asarray(y)
     try:
         return fit_labels(np.asarray(y), label_type.dtype.value, per_sample(label_type, span),
                           classes=classes)
@@ -43,6 +46,8 @@ def shape_labels(label_type, y: np.ndarray, span=None, classes: int | None = Non
 
 def classes_of(model, label_type) -> int | None:
     """The number of classes integer labels index: the model output's last dimension."""
+    if label_type is None:
+        return None
     out = model.built().graph.node(model.built().graph.outputs["output"]).type
     return out.shape[-1] if label_type.dtype.value == "i32" and isinstance(out.shape[-1], int) else None
 

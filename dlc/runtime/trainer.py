@@ -161,13 +161,16 @@ class Session:
         outs = []
         for start in range(0, len(x), batch):
             xb = x[start:start + batch]
-            label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype())
+            label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype()) \
+                if self._label_type() is not None else None
             outs.append(self.eval_program.run({self.input_name: xb, "label": label})["output"])
         return np.concatenate(outs) if outs else np.zeros((0,))
 
     def _label_type(self):
+        """The label input's type, or None when the loss takes no labels."""
         g = self.model.built("eval").graph
-        return g.node(g.input_named("label")).attrs["type"]
+        ids = g.inputs("label")
+        return g.node(ids[0]).attrs["type"] if ids else None
 
     def _label_shape(self) -> tuple:
         return tuple(int(d) for d in self._label_type().shape[1:])

@@ -34,7 +34,7 @@ def parse(text: str, name: str = "<string>") -> ast.Program:
         raise
     if not program.defs and not program.trains:  # empty, or only comments: point at the end
         raise DlcError("this file defines no `model`", source.end(),
-                         hint="add `model name(x: f32[B, n]) -> f32[B, k] { ... }`")
+                       hint="add `model name(x: f32[B, n]) -> f32[B, k] { ... }`")
     return program
 
 

@@ -1,0 +1,238 @@
+"""dlc beside PyTorch (eager, and torch.compile with --compile) and numpy's BLAS, in one run.
+
+    python benchmarks/run.py [--quick] [--compile] [--threads N] [--out results.json]
+
+Every figure is the median over repeats of the mean time of a block of steps, measured
+in this process on this machine; ratios (dlc / peer) are what to compare, never figures
+from different runs. torch is optional (`pip install torch==2.13.0` gives a CPU build);
+without it only dlc and numpy are timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+import dlc  # noqa: E402
+
+
+def median_time(fn, steps: int, repeats: int) -> float:
+    """Median over `repeats` of the mean seconds per call over `steps` calls."""
+    fn()  # warm up (and compile)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+# --- dlc ---------------------------------------------------------------------------------------
+
+def dlc_train_step(path: Path, batch: int, threads: int | None):
+    m = dlc.load(path)
+    session = m.session(m.train_config, "cpu", threads=threads)
+    name, t = m.input_types[0]
+    rng = np.random.default_rng(0)
+    x = rng.random((batch,) + tuple(int(d) for d in t.shape[1:]), dtype=np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    return lambda: session.train_step(x, y, 0.01)
+
+
+def dlc_forward(path: Path, batch: int, threads: int | None):
+    """The evaluation step alone: model output for a batch (no loss)."""
+    from dlc.backends.llvm.build import build_step
+    from dlc.backends.llvm.cache import Cache
+    from dlc.backends.llvm.runtime import NativeStep
+    from dlc.backends.llvm.target import Target
+    m = dlc.load(path)
+    graph = m.built("eval").graph.copy()
+    graph.outputs = {"output": graph.outputs["output"]}
+    graph.remove_unused(keep_inputs=False)
+    from dlc.pipeline import GRAPH_PASSES, PassContext, run_passes
+    graph = run_passes(graph, GRAPH_PASSES, PassContext())
+    target = Target.host(threads)
+    step = NativeStep(*build_step(graph, batch, target, Cache()), target)
+    name, t = m.input_types[0]
+    x = np.random.default_rng(0).random((batch,) + tuple(int(d) for d in t.shape[1:]), dtype=np.float32)
+    arrays = dict(m.state, **{name: x})
+    return lambda: step.run(arrays)
+
+
+def compile_times(path: Path, threads: int | None) -> tuple[float, float]:
+    """(cold, warm) seconds from loading the .dln to a compiled training step ready to
+    run: cold with an empty compile cache, warm with the cache the cold run filled."""
+    with tempfile.TemporaryDirectory() as cache:
+        results = []
+        for _ in range(2):
+            start = time.perf_counter()
+            m = dlc.load(path)
+            session = m.session(m.train_config, "cpu", threads=threads, cache_dir=cache)
+            session.train_program.step_for(m.train_config.batch)
+            results.append(time.perf_counter() - start)
+        return results[0], results[1]
+
+
+# --- torch -------------------------------------------------------------------------------------
+
+def torch_models():
+    import torch
+    from torch import nn
+
+    def mlp():
+        return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def lenet():
+        return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+    class LSTM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(64, 128, batch_first=True)
+            self.out = nn.Linear(128, 10)
+
+        def forward(self, x):
+            return self.out(self.lstm(x)[0][:, -1])
+
+    return {"mlp": (mlp, (784,), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
+            "lenet": (lenet, (1, 28, 28), lambda p: torch.optim.Adam(p, lr=1e-3)),
+            "lstm": (LSTM, (32, 64), lambda p: torch.optim.Adam(p, lr=1e-3))}
+
+
+def torch_train_step(kind: str, batch: int, compiled: bool = False):
+    import torch
+    make, shape, opt = torch_models()[kind]
+    model = make()
+    if compiled:
+        model = torch.compile(model)
+    optimizer = opt(model.parameters())
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x = torch.rand((batch,) + shape)
+    y = torch.randint(0, 10, (batch,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+    return step
+
+
+def torch_forward(kind: str, batch: int):
+    import torch
+    make, shape, _ = torch_models()[kind]
+    model = make().eval()
+    x = torch.rand((batch,) + shape)
+
+    def step():
+        with torch.no_grad():
+            return model(x)
+    return step
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+TARGETS = {  # workload -> (peer, target ratio dlc/peer, "<=" or ">=" on speedup)
+    "mlp_b128": 0.7, "lenet_b64": 0.7, "lstm_b32": 0.7, "mlp_b8": 1 / 3, "mlp_b1": 1 / 3,
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke test)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    ap.add_argument("--threads", type=int, default=None, help="threads for dlc and torch (default: all cores)")
+    ap.add_argument("--out", default=str(HERE / "results.json"), help="where to write the figures")
+    args = ap.parse_args()
+    threads = args.threads or os.cpu_count()
+    repeats, scale = (3, 0.3) if args.quick else (7, 1.0)
+    try:
+        import torch
+        torch.set_num_threads(threads)
+        have_torch = True
+    except ImportError:
+        print("torch is not installed: timing dlc and numpy only (pip install torch==2.13.0)")
+        have_torch = False
+    from dlc.backends.llvm.target import Target
+    info = {"machine": platform.machine(), "cpu": Target.host(threads).describe(), "python": platform.python_version(),
+            "numpy": np.__version__, "dlc": dlc.__version__, "threads": threads,
+            "torch": torch.__version__ if have_torch else None}
+    print(f"dlc {info['dlc']} on {info['cpu']}; numpy {info['numpy']}; torch {info['torch']}")
+    rows = []
+
+    def record(name, dlc_s, peer_name, peer_s, target=None):
+        ratio = dlc_s / peer_s if peer_s else None
+        rows.append({"workload": name, "dlc_ms": dlc_s * 1e3, "peer": peer_name,
+                     "peer_ms": peer_s * 1e3 if peer_s else None, "ratio": ratio, "target": target,
+                     "met": None if target is None or ratio is None else ratio <= target})
+        shown = f"{ratio:.2f}x" if ratio else "-"
+        print(f"  {name:<22} dlc {dlc_s * 1e3:9.3f} ms   {peer_name:<14} "
+              f"{peer_s * 1e3 if peer_s else float('nan'):9.3f} ms   dlc/peer {shown}")
+
+    # GEMM against numpy's BLAS (forward of a one-matmul model)
+    print("GEMM (float32, N x N @ N x N)")
+    for n in (256, 512, 1024, 2048):
+        src = (HERE / "models" / "gemm.dln").read_text().replace("N]", f"{n}]").replace("[N,", f"[{n},")
+        path = Path(tempfile.mkdtemp()) / f"gemm{n}.dln"
+        path.write_text(src.replace("f32[B, N]", f"f32[B, {n}]"))
+        steps = max(1, int((40 if n <= 512 else 8 if n == 1024 else 2) * scale))
+        d = median_time(dlc_forward(path, n, threads), steps, repeats)
+        a = np.random.rand(n, n).astype(np.float32)
+        b = np.random.rand(n, n).astype(np.float32)
+        p = median_time(lambda: a @ b, steps, repeats)
+        record(f"gemm_{n}", d, "numpy BLAS", p, 1 / 0.9 if n == 1024 else None)
+
+    print("training steps")
+    workloads = [("mlp_b128", "mlp784.dln", "mlp", 128, 50), ("mlp_b8", "mlp784.dln", "mlp", 8, 200),
+                 ("mlp_b1", "mlp784.dln", "mlp", 1, 300), ("lenet_b64", "lenet28.dln", "lenet", 64, 30),
+                 ("lstm_b32", "lstm32.dln", "lstm", 32, 20)]
+    for name, file, kind, batch, steps in workloads:
+        steps = max(2, int(steps * scale))
+        d = median_time(dlc_train_step(HERE / "models" / file, batch, threads), steps, repeats)
+        if have_torch:
+            t = median_time(torch_train_step(kind, batch), steps, repeats)
+            record(name, d, "torch eager", t, TARGETS.get(name))
+            if args.compile:
+                try:
+                    c = median_time(torch_train_step(kind, batch, compiled=True), steps, repeats)
+                    record(name, d, "torch.compile", c)
+                except Exception as e:  # torch.compile needs a C++ compiler and may fail
+                    print(f"  {name}: torch.compile failed: {type(e).__name__}: {str(e)[:80]}")
+        else:
+            record(name, d, "-", None)
+
+    print("inference")
+    steps = max(2, int(300 * scale))
+    d = median_time(dlc_forward(HERE / "models" / "mlp784.dln", 1, threads), steps, repeats)
+    t = median_time(torch_forward("mlp", 1), steps, repeats) if have_torch else None
+    record("mlp_infer_b1", d, "torch eager" if have_torch else "-", t)
+
+    print("compile time (load .dln -> training step ready)")
+    compile_rows = []
+    for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln"):
+        cold, warm = compile_times(HERE / "models" / file, threads)
+        compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
+        print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
+
+    Path(args.out).write_text(json.dumps({"info": info, "rows": rows, "compile": compile_rows}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

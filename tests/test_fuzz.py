@@ -1,0 +1,494 @@
+"""Property-based fuzzing of the parser and the type checker (hypothesis).
+
+(a) Random text and random mutations of valid programs: `dlc.load` either succeeds or
+    raises `DlcError` with a source location; no other exception may escape.
+(b) A generator of well-formed models (layer chains with random sizes and arguments,
+    binary ops between bindings, indexing, parameters) that tracks shapes itself:
+    programs it believes valid must load, and their forward pass on a batch of 3 must
+    have the declared output shape; programs with one injected mistake must fail with a
+    DlcError on the line of the mistake.
+
+Deterministic for CI: derandomized, no example database, bounded example counts (see FUZZ).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import dlc
+from dlc.diagnostics import DlcError
+
+# CI: 200 fixed examples per test. A longer random hunt:
+#   DLC_FUZZ_EXAMPLES=5000 DLC_FUZZ_RANDOM=1 pytest tests/test_fuzz.py
+FUZZ = settings(max_examples=int(os.environ.get("DLC_FUZZ_EXAMPLES", "200")), deadline=None,
+                derandomize=not os.environ.get("DLC_FUZZ_RANDOM"), database=None,
+                suppress_health_check=list(HealthCheck))
+
+# --- seeds: the programs of DESIGN.md and a few more ------------------------------------------
+
+SEEDS = [
+    '''# examples/digits_mlp.dln — a perceptron for scikit-learn's bundled 8x8 digits
+model mlp(x: f32[B, 64]) -> f32[B, 10] {
+    h = x |> dense(128) |> relu
+    h = dropout(h, 0.1)
+    return dense(h, 10)
+}
+
+train mlp {
+    data      = digits(test=0.2)
+    loss      = cross_entropy(output, label)
+    optimizer = adam(lr=1e-3)
+    batch     = 64
+    epochs    = 30
+    seed      = 0
+}
+''',
+    '''# reusable blocks, primitive parameters, residual connections
+block residual(x: f32[B, C, H, W]) -> f32[B, C, H, W] {
+    h = x |> conv2d(C, 3, pad=1) |> batchnorm |> relu
+    h = h |> conv2d(C, 3, pad=1) |> batchnorm
+    return relu(h + x)
+}
+
+model linreg(x: f32[B, 3]) -> f32[B, 1] {
+    param w: f32[3, 1] = normal(0, 0.01)
+    param b: f32[1] = zeros
+    return x @ w + b
+}
+''',
+    '''block residual(x: f32[B, C, H, W]) -> f32[B, C, H, W] {
+    h = x |> conv2d(C, 3, pad=1) |> batchnorm |> relu
+    h = h |> conv2d(C, 3, pad=1) |> batchnorm
+    return relu(h + x)
+}
+
+model resnet(x: f32[B, 1, 8, 8]) -> f32[B, 10] {
+    h = x |> conv2d(8, 3, pad=1) |> relu
+    h = residual(h)
+    h = h |> maxpool(2) |> residual
+    return h |> global_avgpool |> dense(10)
+}
+
+train resnet {
+    data = digits()
+    loss = cross_entropy(output, label) + 1e-4 * l2(weights)
+    optimizer = sgd(lr=0.1, momentum=0.9, nesterov=true)
+    schedule = cosine()
+    metrics = [accuracy]
+}
+''',
+    '''model seq(tokens: i32[B, 12]) -> f32[B, 2] {
+    e = embedding(tokens, 100, 16)
+    h = e |> lstm(32, return_sequences=true)
+    last = h[:, -1]
+    first = rnn(e[:, 0:6], 8)
+    return concat([last, first], axis=-1) |> dense(2) |> log_softmax
+}
+''',
+    '''model reg(x: f32[B, 4], scale = 2.0) -> f32[B, 1] {
+    h = x * scale - 1 |> tanh
+    h = leaky_relu(h, alpha=0.2) ** 2 / 3
+    z = mean(h, axis=1, keepdims=true)
+    return -z + sum(h[:, 1:3], axis=1, keepdims=true)
+}
+
+train reg {
+    data = csv("points.csv", label=-1, header=false)
+    loss = mse(output, label) + 0.01 * l1(params)
+    batch = 16
+    clip = 1.0
+    normalize = standard
+    checkpoint = "reg.ckpt"
+}
+''',
+]
+
+NUMBERS = ["0", "1", "2", "3", "7", "8", "64", "1000", "0.0", "0.5", "1.5", "1e-3", "4096"]
+
+
+_TOKEN = re.compile(r'\s+|#[^\n]*|"[^"\n]*"|\d+\.\d*(?:[eE][-+]?\d+)?|\d+(?:[eE][-+]?\d+)?|'
+                    r'[A-Za-z_]\w*|\|>|->|\*\*|.', re.S)
+
+
+def tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text)
+
+
+VOCAB = sorted({t for s in SEEDS for t in tokens(s) if not t.isspace() and not t.startswith("#")} | {
+    "(", ")", "{", "}", "[", "]", "=", "|>", "->", "@", "**", ":", ",", ".", "-1", "0", "1.5",
+    '"s"', "'", '"', "B", "x", "model", "block", "train", "param", "return", "output", "label",
+    "true", "false", "params", "weights", "$", ";", "\t", "\n", "0" * 400, "1e999"})
+
+
+NAMES = sorted({t for t in VOCAB if re.fullmatch(r"[A-Za-z_]\w*", t)} | {
+    "x", "h", "B", "C", "H", "W", "N", "f64", "i32", "bool", "f32", "softmax", "flatten", "maxpool",
+    "avgpool", "global_avgpool", "rnn", "lstm", "embedding", "sum", "mean", "reshape", "transpose",
+    "concat", "bce", "mse", "l1", "l2", "iris", "npz", "sgd", "adagrad", "step", "cosine", "accuracy",
+    "glorot_uniform", "he_normal", "ones", "name", "stride", "kernel", "units", "axis", "keepdims"})
+
+
+def check_load(text: str):
+    """Load `text`; only a DlcError with a usable location may escape. Returns the model or None."""
+    try:
+        model = dlc.load(text)
+        event("loaded")
+        return model
+    except DlcError as e:
+        event(f"DlcError: {e.kind}")
+        assert e.span is not None, f"error without a location: {e.render()}"
+        assert e.span.line >= 1 and e.span.col >= 1, e.render()
+        out = e.render()
+        assert out.startswith(f"<string>:{e.span.line}:{e.span.col}: "), out
+        assert "Traceback" not in out
+        return None
+
+
+# --- (a) random text and mutations ------------------------------------------------------------
+
+ANY_EDIT = ("delete", "duplicate", "swap", "replace", "insert", "same_kind", "char_delete",
+            "char_duplicate", "char_swap", "char_insert")
+
+
+@st.composite
+def mutated(draw, edits=ANY_EDIT) -> str:
+    toks = tokens(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(edits))
+        if op.startswith("char_"):
+            text = "".join(toks)
+            i = draw(st.integers(0, len(text) - 1))
+            j = draw(st.integers(0, len(text) - 1))
+            if op == "char_delete":
+                text = text[:i] + text[i + 1:]
+            elif op == "char_duplicate":
+                text = text[:i] + text[i] + text[i:]
+            elif op == "char_swap":
+                a, b = sorted((i, j))
+                text = text[:a] + text[b] + text[a + 1:b] + text[a] + text[b + 1:] if a != b else text
+            else:
+                text = text[:i] + draw(st.sampled_from("(){}[]=,:.-+*/@|>#\"'0123456789xB_ \n\t;")) + text[i:]
+            toks = tokens(text)
+            continue
+        i = draw(st.integers(0, len(toks) - 1))
+        if op == "same_kind":  # keeps the syntax: a name for a name, a number for a number
+            words = [k for k, t in enumerate(toks) if re.fullmatch(r"[A-Za-z_]\w*|[0-9][0-9.eE+-]*", t)]
+            k = words[i % len(words)]
+            toks[k] = draw(st.sampled_from(NUMBERS if toks[k][0].isdigit() else NAMES))
+        elif op == "delete":
+            del toks[i]
+        elif op == "duplicate":
+            toks.insert(i, toks[i])
+        elif op == "swap":
+            j = draw(st.integers(0, len(toks) - 1))
+            toks[i], toks[j] = toks[j], toks[i]
+        elif op == "replace":
+            toks[i] = draw(st.sampled_from(VOCAB))
+        else:
+            toks.insert(i, " " + draw(st.sampled_from(VOCAB)) + " ")
+    return "".join(toks) + "\n"  # a newline: dlc.load reads it as source text, not as a path
+
+
+@FUZZ
+@given(mutated())
+def test_mutated_programs_raise_only_dlc_errors(text):
+    check_load(text)
+
+
+@FUZZ
+@given(mutated(edits=("same_kind",)))
+def test_renamed_programs_raise_only_dlc_errors(text):
+    """Names swapped for names and numbers for numbers: still parses, so the checker is fuzzed."""
+    check_load(text)
+
+
+_FRAGMENTS = st.sampled_from(VOCAB + [" ", " ", "\n", "\n    "])
+
+
+@FUZZ
+@given(st.one_of(
+    st.lists(_FRAGMENTS, max_size=60).map(" ".join),
+    st.text(max_size=120),
+    st.text(alphabet=st.sampled_from("model(x:f32[B,4])->{}h=|>dense2relu return\n\t\"'#@*-+/.,;=\x00\x0c\r\u2028é"),
+            max_size=150),
+))
+def test_random_text_raises_only_dlc_errors(text):
+    check_load(text + "\n")
+
+
+# --- (b) structured generation of well-formed models --------------------------------------------
+
+class Gen:
+    """Builds a model statement by statement, tracking every binding's shape itself."""
+
+    def __init__(self, draw):
+        self.draw = draw
+        self.lines: list[str] = []
+        self.env: list[tuple[str, tuple]] = []  # (name, shape); shape[0] is "B"
+        self.bad_line: int | None = None      # the line of the one injected mistake
+        self.n = 0
+
+    def pick(self, values):
+        return self.draw(st.sampled_from(values))
+
+    def num(self, lo, hi):
+        return self.draw(st.integers(lo, hi))
+
+    def fresh(self) -> str:
+        self.n += 1
+        return f"h{self.n}"
+
+    def emit(self, line: str, shape: tuple | None, name: str | None = None):
+        self.lines.append("    " + line)
+        if shape is not None and name is not None:
+            self.env.append((name, shape))
+
+    def line_no(self) -> int:  # the line the next emitted statement will have (the model header is line 1)
+        return len(self.lines) + 2
+
+
+def _prod(xs):
+    return math.prod(xs)
+
+
+def valid_step(g: Gen) -> None:
+    """Emit one statement that must type-check."""
+    src, s = g.pick(g.env)
+    r = len(s)
+    name = g.fresh()
+    ops = ["act", "dropout", "scalar", "unary", "reshape"]
+    if r >= 2:  # the batch is the only symbolic axis: from rank 2 on, the last one is a number
+        ops += ["dense", "param_matmul", "reduce", "flatten", "concat"]
+    if r in (2, 4):
+        ops.append("batchnorm")
+    if r == 4:
+        ops += ["conv", "pool", "global_pool"]
+    if r == 3:
+        ops += ["index", "rnn", "transpose"]
+    if r >= 2 and isinstance(s[-1], int) and s[-1] > 1:
+        ops.append("slice")
+    same = [n for n, t in g.env if t == s and n != src]
+    if same:
+        ops.append("binary")
+    if r in (2, 4):
+        ops.append("block")
+    op = g.pick(ops)
+    if op == "dense":
+        u = g.num(1, 9)
+        form = g.pick([f"{src} |> dense({u})", f"dense({src}, {u})", f"dense({src}, units={u}, bias=false)",
+                       f"{src} |> dense({u}, init=he_normal) |> relu"])
+        g.emit(f"{name} = {form}", s[:-1] + (u,), name)
+    elif op == "act":
+        a = g.pick(["relu", "tanh", "sigmoid", "gelu", "softmax", "log_softmax", "leaky_relu(alpha=0.2)"])
+        g.emit(f"{name} = {src} |> {a}" if g.pick([0, 1]) else
+               f"{name} = {a.split('(')[0]}({src})", s, name)
+    elif op == "dropout":
+        g.emit(f"{name} = dropout({src}, {g.pick(['0.0', '0.1', '0.5', 'p=0.25'])})", s, name)
+    elif op == "batchnorm":
+        g.emit(f"{name} = {src} |> batchnorm" + g.pick(["", "(momentum=0.2)"]), s, name)
+    elif op == "scalar":
+        g.emit(f"{name} = " + g.pick([f"{src} * 0.5", f"{src} + 1", f"2 - {src}", f"{src} / 4",
+                                      f"{src} ** 2", f"-{src}", f"({src} + 1) * (3 - 1)"]), s, name)
+    elif op == "unary":
+        g.emit(f"{name} = " + g.pick([f"abs({src})", f"exp(-{src})", f"sqrt({src} * {src} + 1)",
+                                      f"clip({src}, -1, 1)", f"maximum({src}, 0.5)",
+                                      f"2 ** tanh({src})", f"1 / (1 + {src} * {src})"]), s, name)
+    elif op == "param_matmul":
+        u = g.num(1, 6)
+        p = f"w{g.n}"
+        g.emit(f"param {p}: f32[{s[-1]}, {u}] = " + g.pick(["normal(0, 0.1)", "glorot_uniform", "zeros",
+                                                           "uniform(-1, 1)"]), None)
+        g.emit(f"{name} = {src} @ {p}", s[:-1] + (u,), name)
+    elif op == "reduce":
+        ax = g.num(1, r - 1)
+        f = g.pick(["sum", "mean", "max"])
+        if g.pick([0, 1]):
+            g.emit(f"{name} = {f}({src}, axis={ax}, keepdims=true)", s[:ax] + (1,) + s[ax + 1:], name)
+        else:
+            g.emit(f"{name} = {f}({src}, axis={ax - r if g.pick([0, 1]) else ax})", s[:ax] + s[ax + 1:], name)
+    elif op == "flatten":
+        g.emit(f"{name} = {src} |> flatten", ("B", _prod(s[1:])), name)
+    elif op == "reshape":
+        g.emit(f"{name} = reshape({src}, [B, -1])", ("B", _prod(s[1:])), name)
+    elif op == "conv":
+        _, c, h, w = s
+        k = g.num(1, min(h, w, 4))
+        st_ = g.num(1, 2)
+        pad = g.num(0, k // 2)
+        ch = g.num(1, 6)
+        ho, wo = (h + 2 * pad - k) // st_ + 1, (w + 2 * pad - k) // st_ + 1
+        g.emit(f"{name} = {src} |> conv2d({ch}, {k}, stride={st_}, pad={pad})", ("B", ch, ho, wo), name)
+    elif op == "pool":
+        _, c, h, w = s
+        k = g.num(1, min(h, w, 3))
+        st_ = g.num(1, k)
+        f = g.pick(["maxpool", "avgpool"])
+        g.emit(f"{name} = {f}({src}, {k}, stride={st_})", ("B", c, (h - k) // st_ + 1, (w - k) // st_ + 1), name)
+    elif op == "global_pool":
+        g.emit(f"{name} = global_avgpool({src})", ("B", s[1]), name)
+    elif op == "index":
+        t = g.num(-s[1], s[1] - 1)
+        g.emit(f"{name} = {src}[:, {t}]", ("B", s[2]), name)
+    elif op == "slice":
+        d = s[-1]
+        lo = g.num(0, d - 1)
+        hi = g.num(lo + 1, d)
+        step = g.num(1, 2)
+        lead = ", ".join([":"] * (r - 1))
+        g.emit(f"{name} = {src}[{lead}, {lo}:{hi}:{step}]", s[:-1] + (len(range(lo, hi, step)),), name)
+    elif op == "rnn":
+        hid = g.num(1, 5)
+        seqs = g.pick([True, False])
+        f = g.pick(["rnn", "lstm"])
+        g.emit(f"{name} = {f}({src}, {hid}, return_sequences={'true' if seqs else 'false'})",
+               ("B", s[1], hid) if seqs else ("B", hid), name)
+    elif op == "transpose":
+        g.emit(f"{name} = transpose({src}, [0, 2, 1])", ("B", s[2], s[1]), name)
+    elif op == "binary":
+        other = g.pick(same)
+        g.emit(f"{name} = {src} {g.pick(['+', '-', '*'])} {other}", s, name)
+    elif op == "block":  # the blocks of BLOCKS: shape-preserving, sizes bound from the argument
+        g.emit(f"{name} = " + g.pick([f"{src} |> {'unit' if r == 2 else 'res'}",
+                                      f"{'unit' if r == 2 else 'res'}({src})",
+                                      f"{'unit' if r == 2 else 'res'}({src}, name=\"b{g.n}\")"]), s, name)
+    elif op == "concat":
+        u = g.num(1, 4)
+        g.emit(f"{name} = concat([{src}, dense({src}, {u})], axis=-1)", s[:-1] + (s[-1] + u,), name)
+
+
+def mistake(g: Gen) -> None:
+    """Emit one statement that must be rejected (and remember its line)."""
+    src, s = g.pick(g.env)
+    r = len(s)
+    name = g.fresh()
+    g.bad_line = g.line_no()
+    choices = ["units0", "dropout", "unknown_fn", "unknown_var", "bad_kw", "matmul", "too_many_idx"]
+    if r != 4:
+        choices.append("conv_rank")
+    if r == 4:
+        choices += ["conv_big", "pool_big"]
+    if r == 3:
+        choices.append("index_range")
+    if r >= 2 and isinstance(s[-1], int) and s[-1] > 1:
+        choices.append("add_mismatch")
+    if r >= 2:
+        choices.append("symbolic_slice")
+    m = g.pick(choices)
+    line = {  # (each entry is only meaningful for the shapes that allow its choice above)
+        "units0": f"{name} = dense({src}, 0)",
+        "dropout": f"{name} = dropout({src}, {g.pick(['1.5', '1', '-0.1'])})",
+        "unknown_fn": f"{name} = {src} |> {g.pick(['dens(3)', 'rellu', 'softmaxx', 'conv(3, 3)'])}",
+        "unknown_var": f"{name} = relu({src}_typo)",
+        "bad_kw": f"{name} = dense({src}, 3, bais=false)",
+        "matmul": None,
+        "too_many_idx": f"{name} = {src}[{', '.join([':'] * r)}, 0]",
+        "conv_rank": f"{name} = conv2d({src}, 4, 3)",
+        "conv_big": f"{name} = conv2d({src}, 4, {s[2] + 1 if len(s) == 4 else 9})",
+        "pool_big": f"{name} = maxpool({src}, {max(s[2:]) + 1 if len(s) == 4 else 9})",
+        "index_range": f"{name} = {src}[:, {s[1] if r == 3 else 0}]",
+        "add_mismatch": f"{name} = {src} + dense({src}, {s[-1] + 1 if m == 'add_mismatch' else 2})",
+        "symbolic_slice": f"{name} = {src}[0:2]",
+    }[m]
+    if m == "matmul":  # a parameter whose rows do not match
+        if r < 2:
+            g.emit(f"{name} = dense({src}, 0)", None)
+            return
+        g.emit(f"param w{g.n}: f32[{s[-1] + 1}, 2] = zeros", None)
+        g.bad_line = g.line_no()
+        line = f"{name} = {src} @ w{g.n}"
+    g.emit(line, None)
+
+
+BLOCKS = """block unit(x: f32[B, N], scale = 1.0) -> f32[B, N] {
+    h = x |> dense(N) |> relu
+    return h * scale + x
+}
+
+block res(x: f32[B, C, H, W]) -> f32[B, C, H, W] {
+    h = x |> conv2d(C, 3, pad=1) |> batchnorm |> relu
+    return relu(h + x)
+}
+
+"""
+
+
+def type_text(dtype: str, shape: tuple) -> str:
+    return f"{dtype}[{', '.join(str(d) for d in shape)}]"
+
+
+@st.composite
+def generated(draw):
+    g = Gen(draw)
+    kind = g.pick(["flat", "image", "seq", "tokens"])
+    if kind == "flat":
+        in_shape, dtype = ("B", g.num(1, 12)), "f32"
+    elif kind == "image":
+        in_shape, dtype = ("B", g.num(1, 3), g.num(3, 9), g.num(3, 9)), "f32"
+    elif kind == "seq":
+        in_shape, dtype = ("B", g.num(2, 5), g.num(1, 6)), "f32"
+    else:
+        in_shape, dtype = ("B", g.num(2, 6)), "i32"
+    vocab = g.num(2, 20)
+    if kind == "tokens":
+        d = g.num(1, 6)
+        g.emit(f"e = embedding(x, {vocab}, {d})", ("B", in_shape[1], d), "e")
+    else:
+        g.env.append(("x", in_shape))
+    for _ in range(g.num(1 if kind != "tokens" else 0, 6)):
+        if draw(st.integers(0, 9)) == 0:
+            mistake(g)
+            break
+        valid_step(g)
+    results = [(n, s) for n, s in g.env if n != "x" or kind != "tokens"]
+    ret, out_shape = results[-1]
+    wrong_result = g.bad_line is None and draw(st.integers(0, 14)) == 0
+    declared = out_shape
+    if wrong_result:
+        declared = out_shape[:-1] + (out_shape[-1] + 1,) if len(out_shape) > 1 else out_shape + (2,)
+        g.bad_line = g.line_no()
+    g.emit(f"return {ret}", None)
+    header = f"model net(x: {type_text(dtype, in_shape)}) -> {type_text('f32', declared)} {{"
+    text = BLOCKS + "\n".join([header] + g.lines + ["}"]) + "\n"
+    if g.bad_line is not None:
+        g.bad_line += BLOCKS.count("\n")
+    if g.bad_line is None and draw(st.integers(0, 3)) == 0:  # a train block too
+        if len(out_shape) == 2:
+            loss = g.pick(["cross_entropy(output, label)", "mse(output, label)",
+                           "cross_entropy(output, label) + 0.001 * l2(weights)"])
+        else:
+            loss = g.pick(["mse(output, label)", "mean(output * output) + 0.01 * l1(params)"])
+        opt = g.pick(["sgd(lr=0.1, momentum=0.9)", "adam(lr=1e-3)", "adamw", "rmsprop()", "adagrad(lr=0.5)"])
+        metrics = "\n    metrics = [accuracy]" if loss.startswith("cross") else ""
+        text += (f"\ntrain net {{\n    data = arrays()\n    loss = {loss}\n    optimizer = {opt}\n"
+                 f"    batch = {g.num(1, 64)}\n    epochs = {g.num(1, 5)}{metrics}\n}}\n")
+    return text, dtype, in_shape, declared, vocab, g.bad_line
+
+
+@FUZZ
+@given(generated())
+def test_generated_models_check_and_run(case):
+    text, dtype, in_shape, declared, vocab, bad_line = case
+    if bad_line is not None:
+        with pytest.raises(DlcError) as info:
+            dlc.load(text)
+        e = info.value
+        event("mistake rejected")
+        assert e.span is not None and e.span.line == bad_line, f"{e.render()}\n--- program:\n{text}"
+        return
+    try:
+        model = dlc.load(text)
+    except DlcError as e:
+        pytest.fail(f"a valid program was rejected:\n{e.render()}\n--- program:\n{text}")
+    batch = (3,) + tuple(in_shape[1:])
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, vocab, batch).astype(np.int32) if dtype == "i32" else rng.random(batch, dtype=np.float32)
+    out = model.forward(x)
+    assert out.shape == (3,) + tuple(declared[1:]), f"{out.shape} vs {declared}\n--- program:\n{text}"
+    assert np.all(np.isfinite(out)), text
+    event("valid: ran" + (" with a train block" if "train net" in text else ""))
+    model.built("train")  # the training-mode graph (dropout, batch statistics) builds as well
