@@ -67,8 +67,8 @@ def dlc_forward(path: Path, batch: int, threads: int | None):
     step = NativeStep(*build_step(graph, batch, target, Cache()), target)
     name, t = m.input_types[0]
     x = np.random.default_rng(0).random((batch,) + tuple(int(d) for d in t.shape[1:]), dtype=np.float32)
-    arrays = dict(m.state, **{name: x})
-    return lambda: step.run(arrays)
+    state = dict(m.state)
+    return lambda: step.run(state, {name: x})
 
 
 def compile_times(path: Path, threads: int | None) -> tuple[float, float]:

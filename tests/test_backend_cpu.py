@@ -56,9 +56,7 @@ def run_cpu(graph: Graph, feeds: dict, threads: int = 2) -> dict:
     obj, layout = build_step(graph, 1, target, cache=None)
     step = NativeStep(obj, layout, target)
     state = {name: np.array(feeds[name], copy=True) for name, kind, _, _ in layout.slots if kind == "state"}
-    arrays = dict(feeds)
-    arrays.update(state)
-    out = step.run(arrays)
+    out = step.run(state, feeds)
     out.update({f"update:{k}": v for k, v in state.items()})
     return out
 

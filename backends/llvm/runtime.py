@@ -64,6 +64,14 @@ class NativeStep:
         self.table[2] = _aligned(self.scratch)
         self.table[3] = self.profile.ctypes.data
         self._slot = {s[0]: 4 + i for i, s in enumerate(layout.slots)}
+        self._staging = {}      # input name -> aligned buffer the table points at
+        self._state_slots = []  # (name, slot, dtype, shape)
+        for name, kind, dtype, shape in layout.slots:
+            if kind == "state":
+                self._state_slots.append((name, self._slot[name], _np(dtype), tuple(shape)))
+            else:
+                self._staging[name] = aligned_empty(tuple(shape), _np(dtype))
+                self.table[self._slot[name]] = self._staging[name].ctypes.data
         self._step_addr = self.engine.address("dlc_step")
         self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
         self.pool = Pool.get(self.threads) if self.threads > 1 else None
@@ -80,20 +88,23 @@ class NativeStep:
         raw = self.arena.view(np.uint8)[base + offset: base + offset + nbytes]
         return raw.view(_np(dtype)).reshape(shape)
 
-    def run(self, arrays: dict) -> dict:
-        """arrays: every slot's array (state and feeds). Returns copies of the results."""
-        keep = []
-        for name, kind, dtype, shape in self.layout.slots:
-            a = np.asarray(arrays[name])
-            want = _np(dtype)
-            if a.dtype != want or not a.flags.c_contiguous:
-                if kind == "state":
-                    raise TypeError(f"state array {name} must be C-contiguous {want}")
-                a = np.ascontiguousarray(a, dtype=want)
-            if tuple(a.shape) != tuple(shape):
-                raise ValueError(f"{name} has shape {a.shape}, the step expects {tuple(shape)}")
-            keep.append(a)
-            self.table[self._slot[name]] = a.ctypes.data
+    def run(self, state: dict, feeds: dict) -> dict:
+        """One step. Inputs are copied into aligned staging buffers; parameters and state
+        are used in place (a misaligned or foreign-typed state array is replaced in `state`
+        by an aligned copy, once). Returns copies of the results."""
+        for name, buf in self._staging.items():
+            value = np.asarray(feeds[name])
+            if value.shape != buf.shape:
+                raise ValueError(f"{name} has shape {value.shape}, the step expects {buf.shape}")
+            np.copyto(buf, value, casting="unsafe")
+        for name, slot, want, shape in self._state_slots:
+            a = state[name]
+            if (a.dtype != want or a.shape != shape or not a.flags.c_contiguous
+                    or a.ctypes.data % ALIGN):
+                if a.shape != shape:
+                    raise ValueError(f"state {name} has shape {a.shape}, the step expects {shape}")
+                a = state[name] = aligned_copy(a, want)
+            self.table[slot] = a.ctypes.data
         start = time.perf_counter()
         with self._lock:
             if self.pool is not None:
@@ -103,9 +114,26 @@ class NativeStep:
             out = {k: v.copy() for k, v in self._outputs.items()}
         self.seconds += time.perf_counter() - start
         self.calls += 1
-        out.update({k: np.array(arrays[slot], copy=True) for k, slot in self._slot_outputs.items()})
+        out.update({k: np.array(state[slot] if slot in state else feeds[slot], copy=True)
+                    for k, slot in self._slot_outputs.items()})
         return out
 
+
+ALIGN = 64  # the generated code may use aligned vector loads on any buffer
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(n + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
+def aligned_copy(a: np.ndarray, dtype) -> np.ndarray:
+    out = aligned_empty(a.shape, dtype)
+    np.copyto(out, a, casting="unsafe")
+    return out
 
 
 def _aligned(a: np.ndarray, align: int = 64) -> int:
@@ -173,7 +201,5 @@ class CpuProgram:
         for name, kind, dtype, shape in step.layout.slots:
             if kind == "state" and name not in self.state:  # optimizer state starts at zero
                 self.state[name] = np.zeros(shape, dtype=_np(dtype))
-        arrays = dict(self.state)
-        arrays.update(feeds)
-        return step.run(arrays)
+        return step.run(self.state, feeds)
 

@@ -60,5 +60,8 @@ class Target:
     def machine(self):
         _init_llvm()
         t = llvm.Target.from_triple(self.triple)
+        # the small code model: constant pools are RIP-relative. (MCJIT's large model
+        # addresses them through each object's GOT, which breaks when a step spans several
+        # object files -- the kernels are compiled in parallel, one module per core.)
         return t.create_target_machine(cpu=self.cpu, features=self.features, opt=3,
-                                       reloc="pic", codemodel="jitdefault")
+                                       reloc="pic", codemodel="small")
