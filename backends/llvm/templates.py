@@ -14,7 +14,7 @@ from llvmlite import ir
 
 from dlc.kernel import Template
 
-from .gemm import CpuTarget, GemmSpec, emit_gemm
+from .gemm import CpuTarget, GemmSpec, _Vec, emit_gemm
 from .irutil import F32, FAST, I64, REDUCE, for_range, gep, i64, loop, smax, smin, split
 
 
@@ -179,9 +179,183 @@ def _valid_range(b, count: int, stride: int, offset, limit: int):
     return lo, smax(b, hi, lo)
 
 
+# --- stride-1 convolutions with vectors in registers ---------------------------------------------
+# A row of the output is a few <W x float> accumulators; every kernel tap adds a masked,
+# shifted load of an input row times a broadcast weight. Masks handle both the padding
+# (columns outside the input) and the ragged end of the row, so no lane reads out of bounds.
+
+def _vec(mb, em) -> _Vec:
+    return _Vec(em.b, mb.target.vector_width, fused=mb.target.has("fma"))
+
+
+def _window_mask(v: _Vec, start, width: int, first: int, count: int):
+    """Lanes l with 0 <= start + l < width and first + l < count (start: i64 value)."""
+    b = v.b
+    lanes = b.add(_splat64(v, start), v.lanes)
+    inside = b.and_(b.icmp_signed(">=", lanes, _splat64(v, i64(0))),
+                    b.icmp_signed("<", lanes, _splat64(v, i64(width))))
+    return b.and_(inside, v.mask(first, count))
+
+
+def _splat64(v: _Vec, x):
+    b = v.b
+    t = ir.VectorType(I64, v.w)
+    one = b.insert_element(ir.Constant(t, None), x, ir.Constant(ir.IntType(32), 0))
+    return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), v.w), [0] * v.w))
+
+
+def _clamp_row(b, row, rows: int):
+    """(row clamped into [0, rows), whether it was inside)."""
+    ok = b.and_(b.icmp_signed(">=", row, i64(0)), b.icmp_signed("<", row, i64(rows)))
+    return smin(b, smax(b, row, i64(0)), i64(rows - 1)), ok
+
+
+def _row_conv(mb, em, t, src_buf, w_buf, out_buf, lead, inner, taps_of, tid, nthreads) -> None:
+    """The shared scheme of the forward pass and the input gradient: for each output row,
+    accumulate  sum over (inner, i, j) of weight * (a shifted row of src)  in registers.
+
+    lead: the two output axes shared between threads; inner: how many source planes are
+    summed; taps_of(v, unit, k, i, j) -> (source plane index, source row, column shift,
+    weight index) for tap (i, j) of inner plane k at output row y."""
+    b, v = em.b, _vec(mb, em)
+    N1, N2, OH, OW = out_buf.shape
+    _, _, SH, SW = src_buf.shape
+    KH, KW = w_buf.shape[2], w_buf.shape[3]
+    S, Wt, Y = _ptr(em, src_buf), _ptr(em, w_buf), _ptr(em, out_buf)
+    lo, hi, _ = _share(b, t, 2, tid, nthreads)
+
+    def unit(a, c):
+        for c0 in range(0, OW, v.w):
+            # column masks depend only on the chunk and the tap column: computed once
+            masks = {}
+            for j in range(KW):
+                shift = taps_of.shift(j)
+                masks[j] = _window_mask(v, i64(c0 + shift), SW, c0, OW)
+            with for_range(b, 0, OH, "oy") as oy:
+                def over_k(k, acc):
+                    def over_i(ki, acc):
+                        row, ok = _clamp_row(b, taps_of.row(oy, ki), SH)
+                        base = taps_of.plane(b, a, c, k, SH * SW)
+                        out = acc[0]
+                        for j in range(KW):
+                            at = b.add(b.add(base, b.mul(row, i64(SW))), i64(c0 + taps_of.shift(j)))
+                            sv = v.load(v.at(S, at), masks[j])
+                            wv = _load(b, Wt, taps_of.weight(b, a, c, k, ki, j))
+                            out = v.fma(v.splat(b.select(ok, wv, ir.Constant(F32, 0.0))), sv, out)
+                        return [out]
+                    return loop(b, 0, KH, acc, over_i, name="ki")
+                acc = loop(b, 0, inner, [v.zero], over_k, name="k")[0]
+                yrow = _flat(b, (a, N2 * OH * OW), (c, OH * OW), (oy, OW))
+                v.store(acc, v.at(Y, b.add(yrow, i64(c0))), v.mask(c0, OW))
+    _each_unit(b, lo, hi, (N1, N2), unit)
+    _epilogue_units(em, t, lo, hi, 2)
+
+
+class _ForwardTaps:
+    """out[n,o,y,x] += in[n,c,y+i-p, x+j-p] * w[o,c,i,j]"""
+
+    def __init__(self, C, KH, KW, ph, pw):
+        self.C, self.KH, self.KW, self.ph, self.pw = C, KH, KW, ph, pw
+
+    def shift(self, j):
+        return j - self.pw
+
+    def row(self, oy, ki):
+        return self._b.sub(self._b.add(oy, ki), i64(self.ph))
+
+    def plane(self, b, n, o, c, plane_size):
+        return b.mul(b.add(b.mul(n, i64(self.C)), c), i64(plane_size))
+
+    def weight(self, b, n, o, c, ki, j):
+        return _flat(b, (o, self.C * self.KH * self.KW), (c, self.KH * self.KW), (ki, self.KW), (j, 1))
+
+
+class _BackwardDataTaps(_ForwardTaps):
+    """dx[n,c,y,x] += g[n,o,y-i+p, x-j+p] * w[o,c,i,j]   (k runs over o)"""
+
+    def __init__(self, O, C, KH, KW, ph, pw):
+        super().__init__(C, KH, KW, ph, pw)
+        self.O = O
+
+    def shift(self, j):
+        return self.pw - j
+
+    def row(self, iy, ki):
+        return self._b.add(self._b.sub(iy, ki), i64(self.ph))
+
+    def plane(self, b, n, c, o, plane_size):
+        return b.mul(b.add(b.mul(n, i64(self.O)), o), i64(plane_size))
+
+    def weight(self, b, n, c, o, ki, j):
+        return _flat(b, (o, self.C * self.KH * self.KW), (c, self.KH * self.KW), (ki, self.KW), (j, 1))
+
+
+def conv2d_vec(mb, em, t: Template, tid, nthreads) -> None:
+    """out[n,o,y,x] = sum_{c,i,j} in[n,c,y+i-p,x+j-p] * w[o,c,i,j] (stride 1)."""
+    xb, wb = t.inputs
+    _, O, _, _ = t.output.shape
+    _, C, KH, KW = wb.shape
+    taps = _ForwardTaps(C, KH, KW, *t.attrs["pad"])
+    taps._b = em.b
+    _row_conv(mb, em, t, xb, wb, t.output, 2, C, taps, tid, nthreads)
+
+
+def conv2d_bwd_data_vec(mb, em, t: Template, tid, nthreads) -> None:
+    """dx[n,c,y,x] = sum_{o,i,j} g[n,o,y-i+p,x-j+p] * w[o,c,i,j] (stride 1)."""
+    gb, wb = t.inputs
+    O, C, KH, KW = wb.shape
+    taps = _BackwardDataTaps(O, C, KH, KW, *t.attrs["pad"])
+    taps._b = em.b
+    _row_conv(mb, em, t, gb, wb, t.output, 2, O, taps, tid, nthreads)
+
+
+def conv2d_bwd_filter_vec(mb, em, t: Template, tid, nthreads) -> None:
+    """dw[o,c,i,j] = sum_{n,y,x} g[n,o,y,x] * in[n,c,y+i-p,x+j-p] (stride 1): one vector
+    accumulator per kernel tap, over every row of every image; summed across lanes last."""
+    b, v = em.b, _vec(mb, em)
+    xb, gb = t.inputs
+    N, C, H, W = xb.shape
+    _, O, OH, OW = gb.shape
+    O, C, KH, KW = t.output.shape
+    ph, pw = t.attrs["pad"]
+    X, G, DW = _ptr(em, xb), _ptr(em, gb), _ptr(em, t.output)
+    lo, hi, _ = _share(b, t, 2, tid, nthreads)
+    taps = KH * KW
+    zero = ir.Constant(F32, 0.0)
+
+    def unit(o, c):
+        masks = {(c0, j): _window_mask(v, i64(c0 + j - pw), W, c0, OW)
+                 for c0 in range(0, OW, v.w) for j in range(KW)}
+
+        def over_n(n, acc):
+            def over_y(oy, acc):
+                acc = list(acc)
+                grow = _flat(b, (n, O * OH * OW), (o, OH * OW), (oy, OW))
+                for c0 in range(0, OW, v.w):
+                    gv = v.load(v.at(G, b.add(grow, i64(c0))), v.mask(c0, OW))
+                    for i in range(KH):
+                        iy, ok = _clamp_row(b, b.add(oy, i64(i - ph)), H)
+                        gi = b.select(ok, gv, v.zero)  # a row outside the input adds nothing
+                        xrow = _flat(b, (n, C * H * W), (c, H * W), (iy, W))
+                        for j in range(KW):
+                            xv = v.load(v.at(X, b.add(xrow, i64(c0 + j - pw))), masks[(c0, j)])
+                            acc[i * KW + j] = v.fma(gi, xv, acc[i * KW + j])
+                return acc
+            return loop(b, 0, OH, acc, over_y, name="oy")
+        acc = loop(b, 0, N, [v.zero] * taps, over_n, name="n")
+        reduce = v._intrinsic(f"llvm.vector.reduce.fadd.v{v.w}f32", F32, [F32, v.ty])
+        for k in range(taps):
+            total = b.call(reduce, [zero, acc[k]], fastmath=("reassoc",))
+            _store(b, total, DW, _flat(b, (o, C * taps), (c, taps), (i64(k), 1)))
+    _each_unit(b, lo, hi, (O, C), unit)
+    _epilogue_units(em, t, lo, hi, 2)
+
+
 def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     """out[n,o,y,x] = sum_{c,i,j} in[n,c,y*s+i-p,x*s+j-p] * w[o,c,i,j]; a row of out is
     accumulated in place, one (c, i, j) at a time, so the x loop vectorizes."""
+    if tuple(t.attrs["stride"]) == (1, 1):
+        return conv2d_vec(mb, em, t, tid, nthreads)
     b = em.b
     xb, wb = t.inputs
     N, C, H, W = xb.shape
@@ -217,6 +391,8 @@ def conv2d(mb, em, t: Template, tid, nthreads) -> None:
 
 def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
     """dx[n,c,:,:] = sum over o, i, j of g[n,o] placed at (y*s+i-p, x*s+j-p) times w[o,c,i,j]."""
+    if tuple(t.attrs["stride"]) == (1, 1):
+        return conv2d_bwd_data_vec(mb, em, t, tid, nthreads)
     b = em.b
     gb, wb = t.inputs
     N, C, H, W = t.output.shape
@@ -253,6 +429,8 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
 
 def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     """dw[o,c,i,j] = sum_{n,y,x} g[n,o,y,x] * in[n,c,y*s+i-p,x*s+j-p] (a vectorized dot)."""
+    if tuple(t.attrs["stride"]) == (1, 1) and t.output.shape[2] * t.output.shape[3] <= 25:
+        return conv2d_bwd_filter_vec(mb, em, t, tid, nthreads)
     b = em.b
     xb, gb = t.inputs
     N, C, H, W = xb.shape
