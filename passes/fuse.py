@@ -7,6 +7,7 @@ Kinds of kernel:
                row-level values, then elementwise stores over all of D (the
                epilogue) -- softmax, log-softmax + cross-entropy and its gradient,
                batchnorm statistics, loss means, bias gradients
+  concat       one copy loop per piece into its slice of the output
   matmul, conv, pool, gather
                the contraction, plus an elementwise epilogue over its output (bias,
                activation, the activation-derivative masks of the backward pass,
@@ -45,6 +46,8 @@ ANCHORS = {
     ops.MATMUL: "matmul", ops.CONV2D: "conv", ops.CONV2D_BWD_DATA: "conv",
     ops.CONV2D_BWD_FILTER: "conv", ops.POOL2D: "pool", ops.POOL2D_BWD: "pool",
     ops.TAKE: "gather", ops.SCATTER_ADD: "gather",
+    # a concat is stored piece by piece: inlined, every element would select among all pieces
+    ops.CONCAT: "concat",
 }
 REDUCTIONS = {ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX}
 # cheap enough to recompute per element rather than store and reload
@@ -358,7 +361,7 @@ class _Fuser:
         while changed:
             changed = False
             for k in list(self.kernels.values()):
-                if k.id in self.kernels and k.anchor is not None and k.kind != "gather":
+                if k.id in self.kernels and k.anchor is not None and k.kind not in ("gather", "concat"):
                     changed |= self.take_epilogue(k)
 
     def take_epilogue(self, k: Kernel) -> bool:

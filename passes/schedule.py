@@ -138,7 +138,7 @@ class _Lowering:
             return self.expr(src, inner, kernel)
         if n.op is ops.PAD:
             return self._pad(n, index, kernel)
-        if n.op is ops.CONCAT:
+        if n.op is ops.CONCAT:  # only when a kernel reads it without the concat kernel's help
             return self._concat(n, index, kernel)
         if n.op is ops.RANDOM:
             seed, step = (self.expr(o, (), kernel) for o in n.operands)
@@ -221,6 +221,23 @@ class _Lowering:
             return extra
         return [nest] + extra
 
+    def concat_nests(self, kid: int, nid: int) -> list[LoopNest]:
+        """A concat stored piece by piece: each operand copied into its slice."""
+        x = self.x
+        n = self.g.node(nid)
+        axis, out = n.attrs["axis"], self.buffer_of(nid)
+        nests, offset = [], 0
+        for o in n.operands:
+            shape = tuple(self.g.node(o).type.shape)
+            vars_ = [self.fresh(d) for d in shape]
+            at = tuple(x.add(v, x.const(offset)) if i == axis else v for i, v in enumerate(vars_))
+            nest = LoopNest(tuple(vars_[:-1]), tuple(vars_[-1:]) if shape else ())
+            nest.stores.append(Store(out, x.ravel(at, n.type.shape), self.expr(o, tuple(vars_), kid)))
+            nest.serial = _numel(shape) < SERIAL_BELOW
+            nests.append(nest)
+            offset += shape[axis]
+        return nests
+
     def template(self, kid: int, k) -> Template:
         g = self.g
         a = k.anchor
@@ -242,6 +259,8 @@ class _Lowering:
         for part in (k.parts or [k]):
             if part.kind in ("elementwise", "reduce"):
                 parts += self.loop_nest(k.id, tuple(part.domain), part.keep, part.outputs)
+            elif part.kind == "concat":
+                parts += self.concat_nests(k.id, part.anchor)
             else:
                 parts.append(self.template(k.id, part))
         lines = tuple(sorted({g.node(n).span.short.rsplit(":", 1)[0] for n in k.nodes if g.node(n).span}))

@@ -17,18 +17,23 @@ Calling convention
   64-byte aligned, used by no other thread during the call. The caller allocates one per
   thread and passes thread tid's own pointer (e.g. `base + tid * workspace_bytes`;
   `workspace_bytes` is a multiple of 64). It may be null when `workspace_bytes == 0`.
-* The function does not allocate, lock or call anything: it is safe to run concurrently
-  for different tids of the same call, as long as C does not overlap A, B or bias.
+* The function does not allocate, lock, or call anything outside the module; threads
+  write disjoint parts of C (`GemmInfo.thread_share` gives each one's rows and columns),
+  so different tids of one call may run concurrently. C must not overlap A, B or bias.
 
 Algorithm (Goto / BLIS)
 -----------------------
     for jc in this thread's columns, step NC:
       for pc in 0..k, step KC:                    K blocks (even sizes)
-        pack B[pc:pc+kc, jc:jc+nc] into NR-wide panels     (skipped for small m)
+        pack B[pc:pc+kc, jc:jc+nc] into NR-wide panels     (large B, or tb)
         for ic in this thread's rows, step MC:
-          pack A[ic:ic+mc, pc:pc+kc] into MR-tall panels   (skipped for small m)
+          pack A[ic:ic+mc, pc:pc+kc] into MR-tall panels   (large A)
           for jr in 0..nc, step NR:  for ir in 0..mc, step MR:
             microkernel: MR x NR tile of C += A panel @ B panel over kc
+Unpacked operands are read in place (strides are compile-time constants); `plan_gemm`
+packs only where the copy pays for itself (large operands with long strides), and gives
+short C (m <= MR, e.g. batch 1..8) one tile row up to 16 vectors wide so that B streams
+through once.
 The microkernel keeps MR x NR/W accumulators (`<W x float>`) in registers, loads NR/W
 vectors of B and broadcasts MR elements of A per k, and fuses the epilogue (add old C,
 bias, ReLU) into the stores of the last K block. Tiles that cross the M or N edge use a
@@ -88,13 +93,6 @@ class CpuTarget:
         flags = [("-" + f[1:]) if f[1:].startswith(prefixes) else f
                  for f in self.features.split(",")]
         return CpuTarget(self.name, ",".join(flags))
-
-    def without_avx512(self) -> "CpuTarget":
-        return self.without("avx512")
-
-
-def host_vector_width() -> int:
-    return CpuTarget.host().vector_width()
 
 
 def _set_target_attributes(fn: ir.Function, target: CpuTarget, vector_width: int) -> None:
@@ -253,11 +251,15 @@ def plan_gemm(spec: GemmSpec, vector_width: int, nthreads: int = 2) -> GemmPlan:
         # Short C: one tile row covering all of m, as wide as the registers allow, so B
         # streams through once in long contiguous runs (m=1: 16 vectors, 1 KiB per k).
         mr, nv = m, min(_MAX_ACCUMULATORS[w] // m, _MAX_NV)
-    nv = _balanced_nv(n, w, nv, nthreads)
-    nr = nv * w
-    m_tiles, n_tiles = _cdiv(m, mr), _cdiv(n, nr)
+    widest = nv
+    nv = _balanced_nv(n, w, widest, nthreads)
+    m_tiles, n_tiles = _cdiv(m, mr), _cdiv(n, nv * w)
     # Share out N tiles (each thread packs only its own B) unless N has too few of them.
     split = "n" if n_tiles >= 2 * nthreads or n_tiles >= m_tiles else "m"
+    if split == "m":                        # every thread computes all the columns
+        nv = _balanced_nv(n, w, widest, 1)
+        n_tiles = _cdiv(n, nv * w)
+    nr = nv * w
     my_n_tiles = _cdiv(n_tiles, nthreads) if split == "n" else n_tiles
     # Packing costs one pass over the operand; it pays only when the unpacked operand is
     # large and re-read from far caches with a long stride (measured per-thread share:
@@ -310,8 +312,8 @@ def _smin(b: ir.IRBuilder, x, y) -> ir.Value:
 class _Vec:
     """Vector helpers bound to one builder and width (intrinsics declared on first use)."""
 
-    def __init__(self, b: ir.IRBuilder, w: int):
-        self.b, self.w = b, w
+    def __init__(self, b: ir.IRBuilder, w: int, fused: bool = True):
+        self.b, self.w, self.fused = b, w, fused
         self.ty = ir.VectorType(F32, w)
         self.mty = ir.VectorType(I1, w)
         self.zero = ir.Constant(self.ty, [0.0] * w)
@@ -374,9 +376,9 @@ class _Vec:
         return rows
 
     def fma(self, x, y, z) -> ir.Value:
-        # Width 4 may mean SSE without FMA, where llvm.fma would become a libm call;
-        # fmuladd fuses only where the target has FMA.
-        op = "llvm.fma" if self.w >= 8 else "llvm.fmuladd"
+        # Without FMA hardware (SSE, AVX1) llvm.fma would become a libm call per lane;
+        # fmuladd is a multiply and an add there.
+        op = "llvm.fma" if self.fused else "llvm.fmuladd"
         fn = self._intrinsic(f"{op}.v{self.w}f32", self.ty, [self.ty] * 3)
         return self.b.call(fn, [x, y, z])
 
@@ -428,7 +430,7 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
         fn.args[i].add_attribute("noalias")
     a, bp, c, bias, kc, mode, m_valid, n_valid = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    v = _Vec(b, w)
+    v = _Vec(b, w, fused=target.has("fma"))
     mr, nv = plan.mr, plan.nv
 
     # Row offsets into A; the edge kernel clamps rows past m_valid onto the last valid one
@@ -684,7 +686,8 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
                        target, w)
     A, B, C, bias, ws, tid, nthreads = fn.args
     for arg in (A, B, C, bias, ws):
-        arg.add_attribute("noalias")
+        arg.add_attribute("noalias")        # C, the workspace and the inputs are disjoint
+        arg.add_attribute("captures(none)")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     v = _Vec(b, w)
 
