@@ -93,7 +93,9 @@ class GraphBuilder:
         return self.emit(ops.INPUT, name=name, role=role, type=type)
 
     def const(self, value, dtype: DType = DType.f32) -> Value:
-        return self.emit(ops.CONST, value=np.asarray(value, dtype=dtype.np), dtype=dtype)
+        # floats are stored in float64 (exact in a float64 run; rounded when compiled)
+        store = np.float64 if dtype.is_float else dtype.np
+        return self.emit(ops.CONST, value=np.asarray(value, dtype=store), dtype=dtype)
 
     def full(self, value, shape, dtype: DType = DType.f32) -> Value:
         return self.broadcast(self.const(value, dtype), tuple(shape))

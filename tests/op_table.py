@@ -477,10 +477,8 @@ SOURCES = [
     P("iota", [], lambda shape, axis, dtype: np.indices(shape)[axis].astype(np.float32),
       attrs={"shape": (33, 1, 2), "axis": 0, "dtype": F32}, grad="none", id="f32-axis0"),
     P("size", [(M, N, 2)], lambda x, axes: np.float32(np.prod([x.shape[a] for a in axes])),
-      attrs={"axes": (0, 2)},
-      xfail={"infer": "size's ref returns an int64 array while its shape rule says f32"}),
-    P("size", [(M, N)], lambda x, axes: np.float32(1.0), attrs={"axes": ()}, id="no-axes",
-      xfail={"infer": "size's ref returns a float64 array (np.prod of []) while its shape rule says f32"}),
+      attrs={"axes": (0, 2)}),
+    P("size", [(M, N)], lambda x, axes: np.float32(1.0), attrs={"axes": ()}, id="no-axes"),
     P("random", [(), ()], np_random, attrs={"shape": (M, N), "stream": 5},
       inputs=[scalar_i32(7), scalar_i32(3)], grad="none"),
     P("random", [(), ()], np_random, attrs={"shape": (33,), "stream": 0},
@@ -526,12 +524,12 @@ COMPOSITES: list[OpCase] = [
       attrs={"kernel": 3, "stride": 2, "pad": 1}, id="k3-s2-pad1"),
     C("global_avgpool", [(2, 3, 7, 5)], lambda x: x.mean(axis=(2, 3))),
     C("flatten", [(2, 3, 1, 7)], lambda x: x.reshape(x.shape[0], -1)),
-    C("dropout", [(M, 33)], lambda x: _dropout_ref(x, 0.25), attrs={"p": 0.25}, id="train", xfail=CONST_F32),
+    C("dropout", [(M, 33)], lambda x: _dropout_ref(x, 0.25), attrs={"p": 0.25}, id="train"),
     C("dropout", [(M, N)], lambda x: x, attrs={"p": 0.5}, training=False, id="eval"),
     C("batchnorm", [(5, M)], lambda x, **p: np_batchnorm(x, training=True, **p),
-      params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-2d", xfail=CONST_F32),
+      params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-2d"),
     C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=True, **p),
-      params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-4d", xfail=CONST_F32),
+      params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-4d"),
     C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=False, **p),
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, training=False, id="eval-4d"),
     C("embedding", [(2, 5)], lambda x, table: table[x], attrs={"vocab": N, "dim": 4}, inputs=[ints(0, N)]),
@@ -543,10 +541,8 @@ COMPOSITES: list[OpCase] = [
       attrs={"hidden": 2, "return_sequences": True}, tol32=(1e-5, 1e-5), id="sequences"),
     # activations
     C("relu", [(M, 33)], lambda x: np.maximum(x, 0.0), avoid=(0.0,)),
-    C("leaky_relu", [(M, N)], lambda x: np.where(x > 0, x, 0.2 * x), attrs={"alpha": 0.2}, avoid=(0.0,),
-      xfail=CONST_F32),
-    C("leaky_relu", [(33,)], lambda x: np.where(x > 0, x, 0.01 * x), avoid=(0.0,), id="default-alpha",
-      xfail=CONST_F32),
+    C("leaky_relu", [(M, N)], lambda x: np.where(x > 0, x, 0.2 * x), attrs={"alpha": 0.2}, avoid=(0.0,)),
+    C("leaky_relu", [(33,)], lambda x: np.where(x > 0, x, 0.01 * x), avoid=(0.0,), id="default-alpha"),
     C("sigmoid", [(M, N)], np_sigmoid, inputs=[(-6.0, 6.0)]),
     C("tanh", [(M, N)], np.tanh),
     C("softmax", [(M, N)], np_softmax, inputs=[(-4.0, 4.0)]),
@@ -555,7 +551,7 @@ COMPOSITES: list[OpCase] = [
     C("log_softmax", [(M, N)], np_log_softmax, inputs=[(-4.0, 4.0)]),
     C("log_softmax", [(N, 2, M)], lambda x: np_log_softmax(x, 1), attrs={"axis": 1}, id="axis1"),
     C("log_softmax", [(M, N)], np_log_softmax, inputs=[(40.0, 60.0)], id="large-logits"),
-    C("gelu", [(M, 33)], np_gelu_tanh, inputs=[(-3.0, 3.0)], xfail=CONST_F32),
+    C("gelu", [(M, 33)], np_gelu_tanh, inputs=[(-3.0, 3.0)]),
     # math functions
     C("exp", [(M, N)], np.exp),
     C("log", [(M, N)], np.log, inputs=[(0.1, 3.0)]),
@@ -671,19 +667,8 @@ BAD_SHAPES = [
     ("random", [T((2,), I32), T((), I32)], {"shape": (3,), "stream": 0}, "random-vector-seed"),
 ]
 
-# Suspected gaps in shape rules: each entry is a bad call that `infer` accepts today.
-BAD_SHAPES_XFAIL = {
-    "and-of-floats": "and's shape rule accepts f32 operands and says the result is f32, but its "
-                     "ref (np.logical_and) returns bool",
-    "sign-of-bool": "sign's shape rule accepts bool, but np.sign is not defined for bool",
-    "neg-of-bool": "neg's shape rule accepts bool, but np.negative raises TypeError for bool",
-    "size-repeated-axis": "size's shape rule accepts a repeated axis (it counts the axis twice)",
-    "pool-pad-not-smaller-than-kernel": "pool2d accepts pad >= kernel: windows that lie wholly in "
-                                        "the padding give -inf (max) or 0 (avg)",
-    "reshape-negative-dims": "reshape's shape rule checks only the element count, so (-3, -7) "
-                             "passes for 21 elements (numpy then fails)",
-    "concat-no-operands": "concat's shape rule indexes xs[0] and raises IndexError with no operands",
-}
+# Bad calls that shape rules once accepted (each was a bug, now fixed).
+BAD_SHAPES_XFAIL: dict[str, str] = {}
 BAD_SHAPES += [
     ("and", [T((3,)), T((3,))], {}, "and-of-floats"),
     ("sign", [T((3,), BOOL)], {}, "sign-of-bool"),

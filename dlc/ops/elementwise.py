@@ -8,12 +8,17 @@ from .base import Kind, OpDef, register, require_float, same_dtype, same_shape
 
 
 def elementwise(name: str, arity: int, ref, vjp=None, result: DType | None = None,
-                float_only: bool = False, doc: str = "") -> OpDef:
+                float_only: bool = False, doc: str = "", operands: str = "any") -> OpDef:
+    """operands: "any", "numbers" (not bool) or "bool" (logical ops)."""
     def infer(*types: TensorType) -> TensorType:
         same_shape(name, *types)
         dtype = same_dtype(name, *types)
         if float_only:
             require_float(name, types[0])
+        if operands == "numbers" and dtype == DType.bool:
+            raise ShapeError(f"{name} needs numbers, got {types[0]}")
+        if operands == "bool" and dtype != DType.bool:
+            raise ShapeError(f"{name} needs booleans, got {types[0]}")
         return TensorType(result or dtype, types[0].shape)
 
     return register(OpDef(name, Kind.ELEMENTWISE, infer, ref, vjp, arity, doc))
@@ -24,7 +29,7 @@ def _stable_sigmoid(x):
 
 
 # Unary. Rules that can reuse the output (exp, tanh, sigmoid, sqrt) do, as JAX does.
-NEG = elementwise("neg", 1, np.negative, lambda b, g, y, x: (-g,))
+NEG = elementwise("neg", 1, np.negative, lambda b, g, y, x: (-g,), operands="numbers")
 EXP = elementwise("exp", 1, np.exp, lambda b, g, y, x: (g * y,), float_only=True)
 LOG = elementwise("log", 1, np.log, lambda b, g, y, x: (g / x,), float_only=True)
 SQRT = elementwise("sqrt", 1, np.sqrt, lambda b, g, y, x: (g * 0.5 / y,), float_only=True)
@@ -32,7 +37,7 @@ TANH = elementwise("tanh", 1, np.tanh, lambda b, g, y, x: (g * (1.0 - y * y),), 
 SIGMOID = elementwise("sigmoid", 1, _stable_sigmoid, lambda b, g, y, x: (g * y * (1.0 - y),),
                       float_only=True)
 ABS = elementwise("abs", 1, np.abs, lambda b, g, y, x: (g * b.sign(x),))
-SIGN = elementwise("sign", 1, np.sign, lambda b, g, y, x: (None,))
+SIGN = elementwise("sign", 1, np.sign, lambda b, g, y, x: (None,), operands="numbers")
 # Identity whose gradient is zero: marks values autodiff must not differentiate through
 # (the max subtracted inside log-softmax). Removed by simplify after autodiff.
 STOP_GRADIENT = elementwise("stop_gradient", 1, lambda x: x, lambda b, g, y, x: (None,))
@@ -89,7 +94,7 @@ GT = elementwise("gt", 2, np.greater, _no_grad2, result=DType.bool)
 GE = elementwise("ge", 2, np.greater_equal, _no_grad2, result=DType.bool)
 EQ = elementwise("eq", 2, np.equal, _no_grad2, result=DType.bool)
 NE = elementwise("ne", 2, np.not_equal, _no_grad2, result=DType.bool)
-AND = elementwise("and", 2, np.logical_and, _no_grad2)
+AND = elementwise("and", 2, np.logical_and, _no_grad2, operands="bool")
 
 
 # Ternary

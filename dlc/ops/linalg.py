@@ -154,6 +154,8 @@ def _pool_infer(x: TensorType, mode: str, kernel, stride, pad) -> TensorType:
     hw = _spatial(f"{mode}pool", x)
     if mode not in ("max", "avg"):
         raise ShapeError(f"pool2d: unknown mode {mode!r}")
+    if any(2 * p > k for p, k in zip(pad, kernel)):
+        raise ShapeError(f"`{mode}pool`: padding {list(pad)} is more than half the window {list(kernel)}")
     oh, ow = _out_hw(f"{mode}pool", hw, kernel, stride, pad)
     return x.with_shape((x.shape[0], x.shape[1], oh, ow))
 

@@ -26,10 +26,11 @@ def _no_ref(**attrs):
 INPUT = register(OpDef("input", Kind.SOURCE, _input_infer, _no_ref, None, 0,
                        attrs=("name", "role", "type")))
 
-# const: a literal array (a scalar unless constant folding made it bigger).
+# const: a literal array (a scalar unless constant folding made it bigger). Float values
+# are kept in float64, so a float64 run of an f32 graph computes with the exact constant.
 CONST = register(OpDef("const", Kind.SOURCE,
                        lambda value, dtype: TensorType(dtype, tuple(np.shape(value))),
-                       lambda value, dtype: np.asarray(value, dtype=dtype.np), None, 0,
+                       lambda value, dtype: np.asarray(value), None, 0,
                        attrs=("value", "dtype")))
 
 
@@ -53,13 +54,13 @@ IOTA = register(OpDef("iota", Kind.SOURCE, _iota_infer, _iota_ref, None, 0,
 # size(x, axes): the number of elements of x along `axes`, as an f32 scalar. It reads only
 # the shape, so a mean over a symbolic batch is sum / size; once shapes are known it folds.
 def _size_infer(x: TensorType, axes: tuple[int, ...]) -> TensorType:
-    if any(not 0 <= a < x.rank for a in axes):
+    if any(not 0 <= a < x.rank for a in axes) or len(set(axes)) != len(axes):
         raise ShapeError(f"size: bad axes {list(axes)} for {x}")
     return TensorType(DType.f32, ())
 
 
 SIZE = register(OpDef("size", Kind.SOURCE, _size_infer,
-                      lambda x, axes: np.array(np.prod([x.shape[a] for a in axes])),
+                      lambda x, axes: np.array(np.prod([x.shape[a] for a in axes]), dtype=np.float32),
                       lambda b, g, y, x, axes: (None,), 1, attrs=("axes",)))
 
 

@@ -9,6 +9,8 @@ from .base import Kind, OpDef, register
 
 # reshape ---------------------------------------------------------------------------
 def _reshape_infer(x: TensorType, shape: tuple) -> TensorType:
+    if any(isinstance(d, int) and d < 1 for d in shape):
+        raise ShapeError(f"cannot reshape {x} to {shape_str(shape)}: dimensions must be positive")
     if numel(x.shape) != numel(shape):
         raise ShapeError(f"cannot reshape {x} to {shape_str(shape)}: "
                          f"{numel(x.shape)} elements vs {numel(shape)}")
@@ -141,6 +143,8 @@ PAD = register(OpDef("pad", Kind.MOVEMENT, _pad_infer, _pad_ref, _pad_vjp, 1,
 
 # concat -----------------------------------------------------------------------------
 def _concat_infer(*xs: TensorType, axis: int) -> TensorType:
+    if not xs:
+        raise ShapeError("concat needs at least one operand")
     first = xs[0]
     if not 0 <= axis < first.rank:
         raise ShapeError(f"concat: axis {axis} out of range for {first}")
