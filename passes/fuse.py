@@ -50,6 +50,19 @@ ANCHORS = {
     ops.CONCAT: "concat",
 }
 REDUCTIONS = {ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX}
+# A matmul that sums over at most this many terms may be computed inline, as a reduction
+# inside its consumers' loops, instead of by a template into memory. Off (0): measured on
+# the batch-8 MLP, the inline form vectorized worse than the GEMM + epilogue it replaces.
+INLINE_MATMUL_K = 0
+
+
+def is_anchor(g: Graph, nid: int) -> bool:
+    """Computed by a template into memory (F5), not inline."""
+    n = g.node(nid)
+    if n.op is ops.MATMUL:
+        a = g.node(n.operands[0]).type.shape
+        return (a[0] if n.attrs.get("ta") else a[1]) > INLINE_MATMUL_K
+    return n.op in ANCHORS
 # cheap enough to recompute per element rather than store and reload
 CHEAP = {ops.ADD, ops.SUB, ops.MUL, ops.NEG, ops.MAX, ops.MIN, ops.ABS, ops.SIGN, ops.LT, ops.LE,
          ops.GT, ops.GE, ops.EQ, ops.NE, ops.AND, ops.WHERE, ops.CAST, ops.BROADCAST, ops.RESHAPE,
@@ -89,7 +102,7 @@ class Free:
         n = self.g.node(nid)
         if n.op is ops.INPUT or nid in self.results:
             return False
-        if any(self.g.node(u).op in ANCHORS for u in self.g.users(nid)):
+        if any(is_anchor(self.g, u) for u in self.g.users(nid)):
             # contractions read real buffers; a reshape of one is the same memory
             return n.op is ops.RESHAPE and self.g.node(n.operands[0]).op is ops.INPUT
         if n.op in (ops.CONST, ops.IOTA, ops.RANDOM):
@@ -188,8 +201,9 @@ class _Fuser:
     # --- bookkeeping ---------------------------------------------------------------------------
     def new_kernel(self, nid: int) -> Kernel:
         n = self.g.node(nid)
-        k = Kernel(self._next, ANCHORS.get(n.op, "elementwise"), domain=tuple(n.type.shape))
-        if n.op in ANCHORS:
+        anchor = is_anchor(self.g, nid)
+        k = Kernel(self._next, ANCHORS[n.op] if anchor else "elementwise", domain=tuple(n.type.shape))
+        if anchor:
             k.anchor = nid
         if n.op in REDUCTIONS:
             self.make_row(k, nid)
@@ -303,7 +317,7 @@ class _Fuser:
         for nid in reversed(g.toposort()):
             if g.node(nid).op is ops.INPUT or self.free(nid):
                 continue
-            if g.node(nid).op in ANCHORS:
+            if is_anchor(g, nid):
                 self.new_kernel(nid)
             else:
                 self.place(nid)
@@ -319,8 +333,8 @@ class _Fuser:
             why = "F2: no reduction made its kernel a row kernel, so it would be recomputed per element"
         elif not homes:
             why = "it has no users"
-        elif any(g.node(u).op in ANCHORS for u in users):
-            why = f"F5: `{next(g.node(u).op.name for u in users if g.node(u).op in ANCHORS)}` reads " \
+        elif any(is_anchor(g, u) for u in users):
+            why = f"F5: `{next(g.node(u).op.name for u in users if is_anchor(g, u))}` reads " \
                   "its operands from memory"
         elif len(homes) > 1:
             why = self.merge_siblings([self.kernels[h] for h in homes])
@@ -488,9 +502,9 @@ def fuse(graph: Graph, ctx=None) -> Graph:
             part.nodes.sort(key=order.__getitem__)
         for n in k.nodes:
             group_of[n] = new_id
-    materialized = set(g.roots()) | {n for n in group_of if g.node(n).op in ANCHORS}
+    materialized = set(g.roots()) | {n for n in group_of if is_anchor(g, n)}
     for n, kid in group_of.items():
-        if any(group_of.get(u) != kid or g.node(u).op in ANCHORS for u in f.free.users(n)):
+        if any(group_of.get(u) != kid or is_anchor(g, u) for u in f.free.users(n)):
             materialized.add(n)
     for k in kernels:
         k.outputs = [n for n in k.nodes if n in materialized]

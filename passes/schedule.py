@@ -12,6 +12,7 @@ from __future__ import annotations
 from dlc import ops
 from dlc.graph import Graph
 from dlc.kernel import (Buffer, Exprs, Kernel, KernelProgram, LoopNest, Store, Template)
+from dlc.passes.fuse import is_anchor
 from dlc.types import DType
 
 # parts with fewer elements than this run on one thread: splitting would cost more
@@ -98,7 +99,7 @@ class _Lowering:
         if n.op is ops.INPUT:
             return True
         home = self.plan.group_of.get(nid)
-        if n.op in TEMPLATES:
+        if is_anchor(self.g, nid):
             return True  # computed by the template, read by the epilogue
         return nid in self.plan.materialized and home != kernel
 
@@ -143,6 +144,15 @@ class _Lowering:
         if n.op is ops.RANDOM:
             seed, step = (self.expr(o, (), kernel) for o in n.operands)
             return x.rand(seed, step, a["stream"], x.ravel(index, t.shape))
+        if n.op is ops.MATMUL:  # a short contraction, inline: sum_r op(a)[i, r] * op(b)[r, j]
+            a, c = n.operands
+            ta, tb = n.attrs.get("ta", False), n.attrs.get("tb", False)
+            k = g.node(a).type.shape[0 if ta else 1]
+            r = self.fresh(k)
+            i, j = index
+            prod = x.op("mul", [self.expr(a, (r, i) if ta else (i, r), kernel),
+                                self.expr(c, (j, r) if tb else (r, j), kernel)], t.dtype)
+            return x.reduce("sum", (r,), prod, t.dtype)
         if n.op in (ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX):
             axes = a["axes"] if "axes" in a else (a["axis"],)
             vars_ = {ax: self.fresh(src_t.shape[ax]) for ax in axes}

@@ -191,7 +191,7 @@ class GemmInfo:
 
     @property
     def split(self) -> str:
-        """"n": threads share out column tiles of C; "m": row tiles."""
+        """The dimension threads share out: "n" (column tiles of C) or "m" (row tiles)."""
         return self.plan.split
 
     @property
@@ -224,7 +224,6 @@ def _round_up(a: int, b: int) -> int:
 _TILE = {4: (6, 2), 8: (6, 2), 16: (8, 2)}
 _MAX_NV = 16                    # widest tile (vectors) for short C
 _A_BLOCK_BYTES = 256 * 1024    # packed A block (mc x kc floats), half of a small L2
-_PACK_B_BYTES = 1 << 20         # pack B when a thread's share of it is larger (L2 size)
 _PACK_A_BYTES = 4 << 20         # pack A when it is larger (beyond L2 + a share of L3)
 
 
@@ -261,12 +260,13 @@ def plan_gemm(spec: GemmSpec, vector_width: int, nthreads: int = 2) -> GemmPlan:
         n_tiles = _cdiv(n, nv * w)
     nr = nv * w
     my_n_tiles = _cdiv(n_tiles, nthreads) if split == "n" else n_tiles
-    # Packing costs one pass over the operand; it pays only when the unpacked operand is
-    # large and re-read from far caches with a long stride (measured per-thread share:
-    # 1024^3 and 2048^3 gain ~15% from packing B, the MLP shapes lose 3-8%). A transposed
-    # B is always packed: the kernel reads B rows as vectors.
-    my_n = min(n, my_n_tiles * nr)
-    pack_b = spec.tb or (m_tiles > 2 and 4 * k * my_n > _PACK_B_BYTES)
+    # Packing costs one pass over the operand, so it needs reuse. Packed B (measured on
+    # each thread's share): +15-25% for 1024^3 / 2048^3 and for every 8-wide tile (one
+    # cache line per k row of an unpacked B panel streams poorly), +-3% for the 16-wide
+    # MLP shapes. Packed A: +-3% up to 2048^3 (the kernel's MR row streams do well), so
+    # only for A beyond L2 and a share of L3. A transposed B is always packed: the
+    # kernel reads B rows as vectors.
+    pack_b = spec.tb or m_tiles >= 4
     pack_a = my_n_tiles > 4 and 4 * m * k > _PACK_A_BYTES
     kc = 384 if w == 16 else 256
     nkb = max(1, _cdiv(k, kc))
