@@ -65,6 +65,7 @@ class NativeStep:
         self.table[3] = self.profile.ctypes.data
         self._slot = {s[0]: 4 + i for i, s in enumerate(layout.slots)}
         self._staging = {}      # input name -> aligned buffer the table points at
+        self._checked = {}      # state name -> the array last checked and put in the table
         self._state_slots = []  # (name, slot, dtype, shape)
         for name, kind, dtype, shape in layout.slots:
             if kind == "state":
@@ -99,12 +100,14 @@ class NativeStep:
             np.copyto(buf, value, casting="unsafe")
         for name, slot, want, shape in self._state_slots:
             a = state[name]
-            if (a.dtype != want or a.shape != shape or not a.flags.c_contiguous
-                    or a.ctypes.data % ALIGN):
-                if a.shape != shape:
-                    raise ValueError(f"state {name} has shape {a.shape}, the step expects {shape}")
-                a = state[name] = aligned_copy(a, want)
-            self.table[slot] = a.ctypes.data
+            if self._checked.get(name) is not a:  # a new array object: check it once
+                if (a.dtype != want or a.shape != shape or not a.flags.c_contiguous
+                        or a.ctypes.data % ALIGN):
+                    if a.shape != shape:
+                        raise ValueError(f"state {name} has shape {a.shape}, the step expects {shape}")
+                    a = state[name] = aligned_copy(a, want)
+                self._checked[name] = a
+                self.table[slot] = a.ctypes.data
         start = time.perf_counter()
         with self._lock:
             if self.pool is not None:
@@ -196,10 +199,15 @@ class CpuProgram:
         return [(name, lines, sec) for (name, lines), sec in rows.items()]
 
     def run(self, feeds: dict) -> dict:
-        batch = int(np.shape(feeds[self.data_name])[0])
+        batch = len(feeds[self.data_name])
+        step = self.steps.get(batch) or self._load(batch)
+        return step.run(self.state, feeds)
+
+    def _load(self, batch: int) -> NativeStep:
         step = self.step_for(batch)
         for name, kind, dtype, shape in step.layout.slots:
             if kind == "state" and name not in self.state:  # optimizer state starts at zero
-                self.state[name] = np.zeros(shape, dtype=_np(dtype))
-        return step.run(self.state, feeds)
+                self.state[name] = aligned_empty(tuple(shape), _np(dtype))
+                self.state[name][...] = 0
+        return step
 

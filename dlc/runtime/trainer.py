@@ -86,6 +86,7 @@ class Session:
                             **options)
             for mode in ("train", "eval"))
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
+        self._results = ["loss"] + self.metrics
         self.global_step = int(self.state["step"]) if "step" in self.state else 0
 
     def graph(self, mode: str):
@@ -99,13 +100,13 @@ class Session:
 
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
-        feeds = {self.input_name: x, "label": y, "lr": np.array(lr, np.float32)}
+        feeds = {self.input_name: x, "label": y, "lr": lr}
         out = self.train_program.run(feeds)
         loss = float(out["loss"])
         if not math.isfinite(loss):
             raise self._numerics_error(feeds, loss)
         self.global_step += 1
-        return {k: float(out[k]) for k in ["loss"] + self.metrics}
+        return {k: float(out[k]) for k in self._results}
 
     def _numerics_error(self, feeds, loss: float) -> NumericsError:
         """Re-run the failed step on the reference interpreter to find the first bad op.
