@@ -3,6 +3,7 @@ object code into an MCJIT engine (no recompilation: the disk cache and `dlc comp
 artifacts store object code)."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -35,17 +36,51 @@ def _compile_one(text: str, target: Target) -> tuple[bytes, float, float]:
 
 
 def compile_modules(modules: list[ir.Module], target: Target) -> Compiled:
-    """Optimize and emit every module, in parallel threads (llvmlite's calls release the
-    GIL, so each core compiles one module)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Optimize and emit every module, one per core. llvmlite serializes its calls behind
+    one lock, so threads would not overlap: the other modules go to forked processes."""
     _init_llvm()
     texts = [str(m) for m in modules]
-    if len(texts) == 1:
-        results = [_compile_one(texts[0], target)]
+    if len(texts) == 1 or not _can_fork():
+        results = [_compile_one(t, target) for t in texts]
     else:
-        with ThreadPoolExecutor(max_workers=len(texts)) as pool:
-            results = list(pool.map(lambda t: _compile_one(t, target), texts))
+        results = _compile_forked(texts, target)
     return Compiled([r[0] for r in results], sum(r[1] for r in results), sum(r[2] for r in results))
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _compile_forked(texts: list[str], target: Target) -> list:
+    """Modules 1.. in forked children (which inherit an initialized LLVM and need no
+    imports), module 0 here meanwhile; results come back through pipes."""
+    import pickle
+    children = []
+    for text in texts[1:]:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: compile, send, leave without running any Python cleanup
+            try:
+                os.close(read)
+                payload = pickle.dumps(("ok", _compile_one(text, target)))
+            except BaseException as e:  # noqa: BLE001 - reported by the parent
+                payload = pickle.dumps(("error", repr(e)))
+            with os.fdopen(write, "wb") as f:
+                f.write(payload)
+            os._exit(0)
+        os.close(write)
+        children.append((pid, read))
+    results = [_compile_one(texts[0], target)]
+    for pid, read in children:
+        with os.fdopen(read, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        status, value = pickle.loads(data) if data else ("error", "the compiler process died")
+        if status != "ok":
+            raise RuntimeError(f"compiling a module failed: {value}")
+        results.append(value)
+    return results
 
 
 def compile_ir_text(text: str, target: Target) -> bytes:

@@ -177,13 +177,13 @@ class CpuProgram:
         if step is None and batch in self.preloaded:
             obj, layout = self.preloaded.pop(batch)
             layout.threads = self.target.threads
-            step = self.steps[batch] = NativeStep(obj, layout, self.target)
+            step = self._add(batch, NativeStep(obj, layout, self.target))
         if step is None:
             from .build import build_step
             start = time.perf_counter()
             obj, layout = build_step(lambda: self.graph, batch, self.target, self.cache, self.verbose,
                                      self.profile, self.key)
-            step = self.steps[batch] = NativeStep(obj, layout, self.target)
+            step = self._add(batch, NativeStep(obj, layout, self.target))
             self.compile_seconds += time.perf_counter() - start
         return step
 
@@ -200,14 +200,14 @@ class CpuProgram:
 
     def run(self, feeds: dict) -> dict:
         batch = len(feeds[self.data_name])
-        step = self.steps.get(batch) or self._load(batch)
+        step = self.steps.get(batch) or self.step_for(batch)
         return step.run(self.state, feeds)
 
-    def _load(self, batch: int) -> NativeStep:
-        step = self.step_for(batch)
+    def _add(self, batch: int, step: NativeStep) -> NativeStep:
         for name, kind, dtype, shape in step.layout.slots:
             if kind == "state" and name not in self.state:  # optimizer state starts at zero
                 self.state[name] = aligned_empty(tuple(shape), _np(dtype))
                 self.state[name][...] = 0
+        self.steps[batch] = step
         return step
 

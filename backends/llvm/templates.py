@@ -210,49 +210,68 @@ def _clamp_row(b, row, rows: int):
     return smin(b, smax(b, row, i64(0)), i64(rows - 1)), ok
 
 
+ROW_BLOCK = 4  # output rows computed together: each source row is loaded once for all
+
+
 def _row_conv(mb, em, t, src_buf, w_buf, out_buf, lead, inner, taps_of, tid, nthreads) -> None:
-    """The shared scheme of the forward pass and the input gradient: for each output row,
-    accumulate  sum over (inner, i, j) of weight * (a shifted row of src)  in registers.
+    """The shared scheme of the forward pass and the input gradient: output rows in blocks
+    of R, each row a few <W x float> accumulators; for every source plane, each source row
+    the block touches is loaded once per tap column (a masked, shifted load) and added,
+    times a broadcast weight, to every accumulator row that uses it.
 
     lead: the two output axes shared between threads; inner: how many source planes are
-    summed; taps_of(v, unit, k, i, j) -> (source plane index, source row, column shift,
-    weight index) for tap (i, j) of inner plane k at output row y."""
+    summed; taps_of: where rows, columns, planes and weights of a tap are (see _ForwardTaps)."""
     b, v = em.b, _vec(mb, em)
     N1, N2, OH, OW = out_buf.shape
     _, _, SH, SW = src_buf.shape
     KH, KW = w_buf.shape[2], w_buf.shape[3]
     S, Wt, Y = _ptr(em, src_buf), _ptr(em, w_buf), _ptr(em, out_buf)
     lo, hi, _ = _share(b, t, 2, tid, nthreads)
+    zero = ir.Constant(F32, 0.0)
+
+    def rows(a, c, c0, masks, oy0, R):
+        """Accumulate output rows oy0 .. oy0+R-1 of chunk c0 and store them."""
+        span = R + KH - 1  # source rows the block touches
+
+        def over_k(k, accs):
+            accs = list(accs)
+            base = taps_of.plane(b, a, c, k, SH * SW)
+            weights = [[_load(b, Wt, taps_of.weight(b, a, c, k, i64(ki), j)) for j in range(KW)]
+                       for ki in range(KH)]
+            for d in range(span):
+                row, ok = _clamp_row(b, taps_of.source_row(b, oy0, d), SH)
+                start = b.add(base, b.mul(row, i64(SW)))
+                loaded = []
+                for j in range(KW):
+                    sv = v.load(v.at(S, b.add(start, i64(c0 + taps_of.shift(j)))), masks[j])
+                    loaded.append(b.select(ok, sv, v.zero))  # a row outside the source adds 0
+                for r in range(R):
+                    ki = taps_of.tap(r, d)
+                    if 0 <= ki < KH:
+                        for j in range(KW):
+                            accs[r] = v.fma(v.splat(weights[ki][j]), loaded[j], accs[r])
+            return accs
+        accs = loop(b, 0, inner, [v.zero] * R, over_k, name="k")
+        for r in range(R):
+            yrow = _flat(b, (a, N2 * OH * OW), (c, OH * OW), (b.add(oy0, i64(r)), OW))
+            v.store(accs[r], v.at(Y, b.add(yrow, i64(c0))), v.mask(c0, OW))
 
     def unit(a, c):
         for c0 in range(0, OW, v.w):
             # column masks depend only on the chunk and the tap column: computed once
-            masks = {}
-            for j in range(KW):
-                shift = taps_of.shift(j)
-                masks[j] = _window_mask(v, i64(c0 + shift), SW, c0, OW)
-            with for_range(b, 0, OH, "oy") as oy:
-                def over_k(k, acc):
-                    def over_i(ki, acc):
-                        row, ok = _clamp_row(b, taps_of.row(oy, ki), SH)
-                        base = taps_of.plane(b, a, c, k, SH * SW)
-                        out = acc[0]
-                        for j in range(KW):
-                            at = b.add(b.add(base, b.mul(row, i64(SW))), i64(c0 + taps_of.shift(j)))
-                            sv = v.load(v.at(S, at), masks[j])
-                            wv = _load(b, Wt, taps_of.weight(b, a, c, k, ki, j))
-                            out = v.fma(v.splat(b.select(ok, wv, ir.Constant(F32, 0.0))), sv, out)
-                        return [out]
-                    return loop(b, 0, KH, acc, over_i, name="ki")
-                acc = loop(b, 0, inner, [v.zero], over_k, name="k")[0]
-                yrow = _flat(b, (a, N2 * OH * OW), (c, OH * OW), (oy, OW))
-                v.store(acc, v.at(Y, b.add(yrow, i64(c0))), v.mask(c0, OW))
+            masks = [_window_mask(v, i64(c0 + taps_of.shift(j)), SW, c0, OW) for j in range(KW)]
+            R = min(ROW_BLOCK, OH)
+            with for_range(b, 0, OH // R, "blk") as blk:
+                rows(a, c, c0, masks, b.mul(blk, i64(R)), R)
+            for tail in range(OH - OH % R, OH):  # the last rows, one at a time
+                rows(a, c, c0, masks, i64(tail), 1)
     _each_unit(b, lo, hi, (N1, N2), unit)
     _epilogue_units(em, t, lo, hi, 2)
 
 
 class _ForwardTaps:
-    """out[n,o,y,x] += in[n,c,y+i-p, x+j-p] * w[o,c,i,j]"""
+    """out[n,o,y,x] += in[n,c,y+i-p, x+j-p] * w[o,c,i,j]; an output block starting at row
+    y0 reads source rows y0-p+d, and row y0+r uses source offset d with tap i = d - r."""
 
     def __init__(self, C, KH, KW, ph, pw):
         self.C, self.KH, self.KW, self.ph, self.pw = C, KH, KW, ph, pw
@@ -260,8 +279,11 @@ class _ForwardTaps:
     def shift(self, j):
         return j - self.pw
 
-    def row(self, oy, ki):
-        return self._b.sub(self._b.add(oy, ki), i64(self.ph))
+    def source_row(self, b, y0, d):
+        return b.add(y0, i64(d - self.ph))
+
+    def tap(self, r, d):
+        return d - r
 
     def plane(self, b, n, o, c, plane_size):
         return b.mul(b.add(b.mul(n, i64(self.C)), c), i64(plane_size))
@@ -271,7 +293,8 @@ class _ForwardTaps:
 
 
 class _BackwardDataTaps(_ForwardTaps):
-    """dx[n,c,y,x] += g[n,o,y-i+p, x-j+p] * w[o,c,i,j]   (k runs over o)"""
+    """dx[n,c,y,x] += g[n,o,y-i+p, x-j+p] * w[o,c,i,j] (k runs over o): a block starting at
+    row y0 reads gradient rows y0+p-(KH-1)+d, and row y0+r uses tap i = r - d + KH - 1."""
 
     def __init__(self, O, C, KH, KW, ph, pw):
         super().__init__(C, KH, KW, ph, pw)
@@ -280,8 +303,11 @@ class _BackwardDataTaps(_ForwardTaps):
     def shift(self, j):
         return self.pw - j
 
-    def row(self, iy, ki):
-        return self._b.add(self._b.sub(iy, ki), i64(self.ph))
+    def source_row(self, b, y0, d):
+        return b.add(y0, i64(d + self.ph - (self.KH - 1)))
+
+    def tap(self, r, d):
+        return r - d + self.KH - 1
 
     def plane(self, b, n, c, o, plane_size):
         return b.mul(b.add(b.mul(n, i64(self.O)), o), i64(plane_size))
@@ -296,7 +322,6 @@ def conv2d_vec(mb, em, t: Template, tid, nthreads) -> None:
     _, O, _, _ = t.output.shape
     _, C, KH, KW = wb.shape
     taps = _ForwardTaps(C, KH, KW, *t.attrs["pad"])
-    taps._b = em.b
     _row_conv(mb, em, t, xb, wb, t.output, 2, C, taps, tid, nthreads)
 
 
@@ -305,7 +330,6 @@ def conv2d_bwd_data_vec(mb, em, t: Template, tid, nthreads) -> None:
     gb, wb = t.inputs
     O, C, KH, KW = wb.shape
     taps = _BackwardDataTaps(O, C, KH, KW, *t.attrs["pad"])
-    taps._b = em.b
     _row_conv(mb, em, t, gb, wb, t.output, 2, O, taps, tid, nthreads)
 
 
