@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..types import ShapeError, TensorType, numel, shape_str
+from ..types import ShapeError, Sym, TensorType, numel, shape_str
 from .base import Kind, OpDef, register
 
 
@@ -142,6 +142,15 @@ PAD = register(OpDef("pad", Kind.MOVEMENT, _pad_infer, _pad_ref, _pad_vjp, 1,
 
 
 # concat -----------------------------------------------------------------------------
+def _dim_sum(dims: list) -> object:
+    """Sum of static dims, or of multiples of one symbol product (B + B = 2*B); else None."""
+    if all(isinstance(d, int) for d in dims):
+        return sum(dims)
+    if all(isinstance(d, Sym) for d in dims) and len({d.names for d in dims}) == 1:
+        return Sym(sum(d.coeff for d in dims), dims[0].names)
+    return None
+
+
 def _concat_infer(*xs: TensorType, axis: int) -> TensorType:
     if not xs:
         raise ShapeError("concat needs at least one operand")
@@ -152,9 +161,9 @@ def _concat_infer(*xs: TensorType, axis: int) -> TensorType:
         if t.dtype != first.dtype or t.rank != first.rank or any(
                 a != c for i, (a, c) in enumerate(zip(t.shape, first.shape)) if i != axis):
             raise ShapeError(f"concat: cannot join {first} and {t} along axis {axis}")
-        if not isinstance(t.shape[axis], int):
-            raise ShapeError(f"concat: cannot join along the symbolic dimension {t.shape[axis]}")
-    total = sum(t.shape[axis] for t in xs)
+    total = _dim_sum([t.shape[axis] for t in xs])
+    if total is None:
+        raise ShapeError(f"concat: cannot join {', '.join(str(t.shape[axis]) for t in xs)} along axis {axis}")
     shape = list(first.shape)
     shape[axis] = total
     return first.with_shape(tuple(shape))
