@@ -8,6 +8,8 @@ Kinds of kernel:
                epilogue) -- softmax, log-softmax + cross-entropy and its gradient,
                batchnorm statistics, loss means, bias gradients
   concat       one copy loop per piece into its slice of the output
+  colsum       a sum over leading axes of many rows (bias gradients over a large
+               batch or many time steps), added row by row along the contiguous axis
   matmul, conv, pool, gather
                the contraction, plus an elementwise epilogue over its output (bias,
                activation, the activation-derivative masks of the backward pass,
@@ -23,9 +25,9 @@ Rules, applied greedily from the results backwards (consumers before producers):
      each other, those kernels merge (siblings);
   F4 a reduction joins its users' kernel when it reduces that kernel's domain (or
      produces it), keeping the same axes as the kernel's other reductions;
-  F5 matmul/conv/pool/gather read operands from memory, and results of the step are
-     stored;
-  F6 a matmul/conv/pool result read by exactly one elementwise kernel over the same shape
+  F5 matmul/conv/pool/gather/colsum read operands from memory, and results of the step
+     are stored;
+  F6 a matmul/conv/pool/colsum result read by exactly one elementwise kernel over the same shape
      takes that kernel as its epilogue;
   F7 kernels are ordered in phases (a barrier between phases); in each phase,
      independent kernels over the same domain merge, and the remaining elementwise
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 
 from dlc import ops
 from dlc.graph import Graph
+from dlc.types import DType
 
 ANCHORS = {
     ops.MATMUL: "matmul", ops.CONV2D: "conv", ops.CONV2D_BWD_DATA: "conv",
@@ -50,19 +53,32 @@ ANCHORS = {
     ops.CONCAT: "concat",
 }
 REDUCTIONS = {ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX}
-# A matmul that sums over at most this many terms may be computed inline, as a reduction
-# inside its consumers' loops, instead of by a template into memory. Off (0): measured on
-# the batch-8 MLP, the inline form vectorized worse than the GEMM + epilogue it replaces.
-INLINE_MATMUL_K = 0
+ANCHOR_KINDS = frozenset(ANCHORS.values()) | {"colsum"}
+# A sum over leading axes is a column sum: computed inline, each output element would walk
+# its column with a stride of a whole row. From this many rows on, a template adds whole
+# rows instead (contiguous, vectorized), once its input is in memory.
+COLSUM_ROWS = 64
+
+
+def anchor_kind(g: Graph, nid: int) -> str | None:
+    """The template computing nid into memory (F5), or None when it is computed inline."""
+    n = g.node(nid)
+    if n.op is ops.REDUCE_SUM and _is_column_sum(g, n):
+        return "colsum"
+    return ANCHORS.get(n.op)
 
 
 def is_anchor(g: Graph, nid: int) -> bool:
-    """Computed by a template into memory (F5), not inline."""
-    n = g.node(nid)
-    if n.op is ops.MATMUL:
-        a = g.node(n.operands[0]).type.shape
-        return (a[0] if n.attrs.get("ta") else a[1]) > INLINE_MATMUL_K
-    return n.op in ANCHORS
+    return anchor_kind(g, nid) is not None
+
+
+def _is_column_sum(g: Graph, n) -> bool:
+    src = g.node(n.operands[0]).type
+    axes = reduced_axes(n)
+    return (src.dtype == DType.f32 and n.type.rank > 0 and axes == tuple(range(len(axes)))
+            and numel(src.shape[:len(axes)]) >= COLSUM_ROWS)
+
+
 # cheap enough to recompute per element rather than store and reload
 CHEAP = {ops.ADD, ops.SUB, ops.MUL, ops.NEG, ops.MAX, ops.MIN, ops.ABS, ops.SIGN, ops.LT, ops.LE,
          ops.GT, ops.GE, ops.EQ, ops.NE, ops.AND, ops.WHERE, ops.CAST, ops.BROADCAST, ops.RESHAPE,
@@ -201,11 +217,11 @@ class _Fuser:
     # --- bookkeeping ---------------------------------------------------------------------------
     def new_kernel(self, nid: int) -> Kernel:
         n = self.g.node(nid)
-        anchor = is_anchor(self.g, nid)
-        k = Kernel(self._next, ANCHORS[n.op] if anchor else "elementwise", domain=tuple(n.type.shape))
-        if anchor:
+        kind = anchor_kind(self.g, nid)
+        k = Kernel(self._next, kind or "elementwise", domain=tuple(n.type.shape))
+        if kind:
             k.anchor = nid
-        if n.op in REDUCTIONS:
+        elif n.op in REDUCTIONS:
             self.make_row(k, nid)
         self._next += 1
         self.kernels[k.id] = k
@@ -260,7 +276,7 @@ class _Fuser:
     def fits(self, k: Kernel, nid: int) -> str | None:
         """None if node nid can be computed inside kernel k (F2, F4, F5), else why not."""
         n = self.g.node(nid)
-        if k.kind in ANCHORS.values():
+        if k.kind in ANCHOR_KINDS:
             return f"F5: a {k.kind} kernel reads its operands from memory"
         if n.op in REDUCTIONS:
             shape_in = tuple(self.g.node(n.operands[0]).type.shape)

@@ -28,7 +28,8 @@ SCALAR = {
 }
 TEMPLATES = {ops.MATMUL: "matmul", ops.CONV2D: "conv2d", ops.CONV2D_BWD_DATA: "conv2d_bwd_data",
              ops.CONV2D_BWD_FILTER: "conv2d_bwd_filter", ops.POOL2D: "pool2d",
-             ops.POOL2D_BWD: "pool2d_bwd", ops.TAKE: "take", ops.SCATTER_ADD: "scatter_add"}
+             ops.POOL2D_BWD: "pool2d_bwd", ops.TAKE: "take", ops.SCATTER_ADD: "scatter_add",
+             ops.REDUCE_SUM: "colsum"}
 
 
 class ScheduleError(Exception):
@@ -144,15 +145,6 @@ class _Lowering:
         if n.op is ops.RANDOM:
             seed, step = (self.expr(o, (), kernel) for o in n.operands)
             return x.rand(seed, step, a["stream"], x.ravel(index, t.shape))
-        if n.op is ops.MATMUL:  # a short contraction, inline: sum_r op(a)[i, r] * op(b)[r, j]
-            a, c = n.operands
-            ta, tb = n.attrs.get("ta", False), n.attrs.get("tb", False)
-            k = g.node(a).type.shape[0 if ta else 1]
-            r = self.fresh(k)
-            i, j = index
-            prod = x.op("mul", [self.expr(a, (r, i) if ta else (i, r), kernel),
-                                self.expr(c, (j, r) if tb else (r, j), kernel)], t.dtype)
-            return x.reduce("sum", (r,), prod, t.dtype)
         if n.op in (ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX):
             axes = a["axes"] if "axes" in a else (a["axis"],)
             vars_ = {ax: self.fresh(src_t.shape[ax]) for ax in axes}

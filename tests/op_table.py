@@ -384,6 +384,9 @@ REDUCE = [
     P("reduce_sum", [(M, 1, N)], lambda x, axes: x.sum(axis=axes), attrs={"axes": (0, 1, 2)}, id="all"),
     P("reduce_sum", [(33, 1)], lambda x, axes: x.sum(axis=axes), attrs={"axes": (1,)}, id="size1-axis"),
     P("reduce_sum", [(M, N)], lambda x, axes: x.sum(axis=axes), attrs={"axes": ()}, id="no-axes"),
+    # enough leading rows for the CPU backend's column-sum template (COLSUM_ROWS)
+    P("reduce_sum", [(70, 3, 5)], lambda x, axes: x.sum(axis=axes), attrs={"axes": (0,)}, id="column-sum"),
+    P("reduce_sum", [(9, 8, 7)], lambda x, axes: x.sum(axis=axes), attrs={"axes": (0, 1)}, id="column-sum-2axes"),
     P("reduce_max", [(M, N)], lambda x, axes: x.max(axis=axes), attrs={"axes": (1,)}, id="axis1"),
     P("reduce_max", [(M, 1, N)], lambda x, axes: x.max(axis=axes), attrs={"axes": (0, 2)}, id="axes02"),
     P("reduce_max", [(33,)], lambda x, axes: x.max(axis=axes), attrs={"axes": (0,)}, id="all"),

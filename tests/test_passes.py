@@ -39,7 +39,7 @@ from dlc.passes import fold_constants as fold_module
 from dlc.passes.cse import cse
 from dlc.passes.dce import dce
 from dlc.passes.fold_constants import fold_constants
-from dlc.passes.fuse import ANCHORS, CHEAP, REDUCTIONS, Free, fuse, kept_axes, numel
+from dlc.passes.fuse import CHEAP, REDUCTIONS, Free, fuse, is_anchor, kept_axes, numel
 from dlc.passes.memory import nbytes, plan_memory
 from dlc.passes.simplify import simplify
 from dlc.passes.specialize import bind_symbols, is_symbolic, specialize
@@ -675,9 +675,9 @@ def check_fusion(g: Graph) -> list[str]:
                                     f"({g.node(c).op.name}, k{kc} phase {phase[kc]}): not an earlier phase")
                 if p not in plan.materialized:
                     problems.append(f"{p} is read by another kernel but not stored")
-            elif g.node(c).op in ANCHORS and p not in plan.materialized:
+            elif is_anchor(g, c) and p not in plan.materialized:
                 problems.append(f"{g.node(c).op.name} {c} reads {p}, which is not stored")
-        if g.node(c).op in ANCHORS:
+        if is_anchor(g, c):
             for o in g.operands(c):  # contractions read memory: a stored value or an input's array
                 on = g.node(o)
                 if not (on.op is ops.INPUT or o in plan.materialized
@@ -701,7 +701,7 @@ def check_fusion(g: Graph) -> list[str]:
 def _check_loop(g: Graph, k, part) -> list[str]:
     """Each node fits the loop it is computed in (F2, F4, F5)."""
     problems = []
-    anchors = [n for n in part.nodes if g.node(n).op in ANCHORS]
+    anchors = [n for n in part.nodes if is_anchor(g, n)]
     if part.kind in ("elementwise", "reduce") and anchors:
         problems.append(f"k{k.id}: a {part.kind} loop holds {g.node(anchors[0]).op.name}")
     if part.kind not in ("elementwise", "reduce"):
@@ -712,13 +712,13 @@ def _check_loop(g: Graph, k, part) -> list[str]:
     for n in part.nodes:
         node = g.node(n)
         size = numel(node.type.shape)
+        if is_anchor(g, n) or node.op in CHEAP:
+            continue
         if node.op in REDUCTIONS:
             shape_in = tuple(g.node(node.operands[0]).type.shape)
             if part.kind != "reduce" or (shape_in, kept_axes(node)) != (part.domain, part.keep):
                 problems.append(f"k{k.id} ({part.kind} over {part.domain}, keep {part.keep}): "
                                 f"{node.op.name} {n} reduces {shape_in} keeping {kept_axes(node)}")
-        elif node.op in ANCHORS or node.op in CHEAP:
-            continue
         elif part.kind == "reduce" and size not in (numel(part.domain), numel(part.row_shape)):
             problems.append(f"k{k.id} (rows of {part.domain}): {node.op.name} {n} has {size} elements")
         elif part.kind == "elementwise" and size != numel(part.domain):

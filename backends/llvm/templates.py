@@ -1,5 +1,6 @@
 """Code templates for the kernel IR's Template parts: matmul (through gemm.py), direct
-2-D convolution and its two gradients, pooling and its gradient, gather and scatter.
+2-D convolution and its two gradients, pooling and its gradient, gather and scatter, and
+column sums.
 
 Each template shares its work between threads by the leading axes of its output, and
 its epilogue (elementwise ops fused after it) runs over exactly the same share, so no
@@ -620,6 +621,26 @@ def scatter_add(mb, em, t: Template, tid, nthreads) -> None:
     _epilogue_serial(em, t, tid)
 
 
+def colsum(mb, em, t: Template, tid, nthreads) -> None:
+    """out = the sum of the input's rows (over its leading axes): each thread adds whole rows
+    into its share of out, along the contiguous axis, instead of walking columns."""
+    b = em.b
+    shape = t.output.shape
+    width = math.prod(shape)
+    rows = math.prod(t.inputs[0].shape) // width
+    inner = width // shape[0]
+    X, Y = _ptr(em, t.inputs[0]), _ptr(em, t.output)
+    lo, hi = split(b, shape[0], tid, nthreads)
+    first, last = b.mul(lo, i64(inner)), b.mul(hi, i64(inner))
+    with for_range(b, first, last, "j") as j:
+        _store(b, ir.Constant(F32, 0.0), Y, j)
+    with for_range(b, 0, rows, "r") as r:
+        row = b.mul(r, i64(width))
+        with for_range(b, first, last, "j") as j:
+            _store(b, b.fadd(_load(b, Y, j), _load(b, X, b.add(row, j)), flags=FAST), Y, j)
+    _epilogue(em, t, [(lo, hi)] + [None] * (len(shape) - 1))
+
+
 def _epilogue_serial(em, t: Template, tid) -> None:
     if t.epilogue is None:
         return
@@ -631,4 +652,4 @@ def _epilogue_serial(em, t: Template, tid) -> None:
 
 EMITTERS = {"matmul": matmul, "conv2d": conv2d, "conv2d_bwd_data": conv2d_bwd_data,
             "conv2d_bwd_filter": conv2d_bwd_filter, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
-            "take": take, "scatter_add": scatter_add}
+            "take": take, "scatter_add": scatter_add, "colsum": colsum}
