@@ -262,15 +262,7 @@ class _Fuser:
 
     def reaches(self, a: int, b: int) -> bool:
         """Does kernel a (transitively) read from kernel b?"""
-        stack, seen = [a], set()
-        while stack:
-            k = stack.pop()
-            if k == b:
-                return True
-            if k not in seen:
-                seen.add(k)
-                stack.extend(self.deps.get(k, ()))
-        return False
+        return _reaches(self.deps, a, b)
 
     # --- rules ---------------------------------------------------------------------------------
     def fits(self, k: Kernel, nid: int) -> str | None:
@@ -422,6 +414,19 @@ class _Fuser:
         return False
 
 
+def _reaches(deps: dict[int, set[int]], a: int, b: int) -> bool:
+    """Does kernel a (transitively) depend on kernel b?"""
+    stack, seen = [a], set()
+    while stack:
+        k = stack.pop()
+        if k == b:
+            return True
+        if k not in seen:
+            seen.add(k)
+            stack.extend(deps.get(k, ()))
+    return False
+
+
 def _war_deps(f: _Fuser) -> dict[int, set[int]]:
     """Dependencies plus write-after-read edges: the kernel writing a parameter's or state's
     new value runs after every other kernel that reads the old value, so the update can be
@@ -429,16 +434,6 @@ def _war_deps(f: _Fuser) -> dict[int, set[int]]:
     g = f.g
     deps = {k: set(d) for k, d in f.deps.items()}
 
-    def reaches(a, b):
-        stack, seen = [a], set()
-        while stack:
-            k = stack.pop()
-            if k == b:
-                return True
-            if k not in seen:
-                seen.add(k)
-                stack.extend(deps.get(k, ()))
-        return False
 
     for name, new in g.updates.items():
         writer = f.group.get(new)
@@ -448,7 +443,7 @@ def _war_deps(f: _Fuser) -> dict[int, set[int]]:
             reader = f.group.get(reader_node)
             # an edge that would close a cycle is left out: memory planning then sees the
             # other reader in the same or a later phase and copies instead of updating in place
-            if reader is not None and reader != writer and not reaches(reader, writer):
+            if reader is not None and reader != writer and not _reaches(deps, reader, writer):
                 deps[writer].add(reader)
     return deps
 

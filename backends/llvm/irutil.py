@@ -37,8 +37,8 @@ def i32(v: int) -> ir.Constant:
     return ir.Constant(I32, int(v))
 
 
-def loop(b: ir.IRBuilder, lo, hi, carried=(), body=None, name: str = "i"):
-    """for i in [lo, hi): carried = body(i, carried). Returns the carried values at exit."""
+def _open_loop(b: ir.IRBuilder, lo, hi, carried, name: str):
+    """Blocks and phis of `for i in [lo, hi)`; leaves the builder in the body."""
     lo = i64(lo) if isinstance(lo, int) else lo
     hi = i64(hi) if isinstance(hi, int) else hi
     fn = b.function
@@ -57,37 +57,32 @@ def loop(b: ir.IRBuilder, lo, hi, carried=(), body=None, name: str = "i"):
         phis.append(p)
     b.cbranch(b.icmp_signed("<", i, hi), body_block, done)
     b.position_at_end(body_block)
-    new = body(i, phis) if body is not None else []
+    return i, phis, head, done
+
+
+def _close_loop(b: ir.IRBuilder, i, phis, new, head, done, name: str) -> None:
     latch = b.block
     i.add_incoming(b.add(i, i64(1), name=f"{name}.next"), latch)
     for p, v in zip(phis, new or []):
         p.add_incoming(v, latch)
     b.branch(head)
     b.position_at_end(done)
+
+
+def loop(b: ir.IRBuilder, lo, hi, carried=(), body=None, name: str = "i"):
+    """for i in [lo, hi): carried = body(i, carried). Returns the carried values at exit."""
+    i, phis, head, done = _open_loop(b, lo, hi, carried, name)
+    new = body(i, phis) if body is not None else []
+    _close_loop(b, i, phis, new, head, done, name)
     return phis
 
 
 @contextlib.contextmanager
 def for_range(b: ir.IRBuilder, lo, hi, name: str = "i"):
     """`with for_range(b, lo, hi) as i:` -- the body is the with-block."""
-    lo = i64(lo) if isinstance(lo, int) else lo
-    hi = i64(hi) if isinstance(hi, int) else hi
-    fn = b.function
-    pre = b.block
-    head = fn.append_basic_block(f"{name}.head")
-    body_block = fn.append_basic_block(f"{name}.body")
-    done = fn.append_basic_block(f"{name}.done")
-    b.branch(head)
-    b.position_at_end(head)
-    i = b.phi(I64, name=name)
-    i.add_incoming(lo, pre)
-    b.cbranch(b.icmp_signed("<", i, hi), body_block, done)
-    b.position_at_end(body_block)
+    i, phis, head, done = _open_loop(b, lo, hi, (), name)
     yield i
-    latch = b.block
-    i.add_incoming(b.add(i, i64(1), name=f"{name}.next"), latch)
-    b.branch(head)
-    b.position_at_end(done)
+    _close_loop(b, i, phis, (), head, done, name)
 
 
 def split(b: ir.IRBuilder, total: int, tid, nthreads) -> tuple:
