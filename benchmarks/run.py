@@ -10,6 +10,7 @@ without it only dlc and numpy are timed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -77,6 +78,7 @@ def compile_times(path: Path, threads: int | None) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as cache:
         results = []
         for _ in range(2):
+            gc.collect()  # not to time the collection of the earlier benchmarks' garbage
             start = time.perf_counter()
             m = dlc.load(path)
             session = m.session(m.train_config, "cpu", threads=threads, cache_dir=cache)

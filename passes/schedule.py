@@ -140,8 +140,6 @@ class _Lowering:
             return self.expr(src, inner, kernel)
         if n.op is ops.PAD:
             return self._pad(n, index, kernel)
-        if n.op is ops.CONCAT:  # only when a kernel reads it without the concat kernel's help
-            return self._concat(n, index, kernel)
         if n.op is ops.RANDOM:
             seed, step = (self.expr(o, (), kernel) for o in n.operands)
             return x.rand(seed, step, a["stream"], x.ravel(index, t.shape))
@@ -172,22 +170,6 @@ class _Lowering:
         value = self.expr(src, tuple(inner), kernel)
         for c in conds:
             value = x.op("select", [c, value, x.lit(n.attrs.get("value", 0.0), n.type.dtype)], n.type.dtype)
-        return value
-
-    def _concat(self, n, index, kernel):
-        x = self.x
-        axis = n.attrs["axis"]
-        pieces, offset = [], 0
-        for o in n.operands:
-            size = self.g.node(o).type.shape[axis]
-            inner = tuple(x.shift(i, offset, 1, size) if ax == axis else i for ax, i in enumerate(index))
-            pieces.append((offset + size, self.expr(o, inner, kernel)))
-            offset += size
-        value = pieces[-1][1]
-        iv = x.index(index[axis], DType.i32)
-        for end, piece in reversed(pieces[:-1]):
-            value = x.op("select", [x.op("lt", [iv, x.lit(end, DType.i32)], DType.bool), piece, value],
-                         n.type.dtype)
         return value
 
     # --- kernels ------------------------------------------------------------------------------
