@@ -42,11 +42,12 @@ operands are read with masks (N) or clamped rows (M), so nothing reads out of bo
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import llvmlite.binding as llvm
 from llvmlite import ir
+
+from .irutil import for_range
 
 F32 = ir.FloatType()
 I1 = ir.IntType(1)
@@ -284,24 +285,9 @@ def _i64(v) -> ir.Value:
     return ir.Constant(I64, v) if isinstance(v, int) else v
 
 
-@contextmanager
 def _for_range(b: ir.IRBuilder, start, stop, step=1, name="i"):
     """for (i = start; i < stop; i += step): yields i (i64) with the builder in the body."""
-    start, stop = _i64(start), _i64(stop)
-    pre = b.block
-    head = b.append_basic_block(f"{name}.head")
-    body = b.append_basic_block(f"{name}.body")
-    end = b.append_basic_block(f"{name}.end")
-    b.branch(head)
-    b.position_at_end(head)
-    idx = b.phi(I64, name)
-    idx.add_incoming(start, pre)
-    b.cbranch(b.icmp_signed("<", idx, stop), body, end)
-    b.position_at_end(body)
-    yield idx
-    idx.add_incoming(b.add(idx, _i64(step), name=f"{name}.next"), b.block)
-    b.branch(head)
-    b.position_at_end(end)
+    return for_range(b, start, stop, name, step)
 
 
 def _smin(b: ir.IRBuilder, x, y) -> ir.Value:

@@ -60,9 +60,9 @@ def _open_loop(b: ir.IRBuilder, lo, hi, carried, name: str):
     return i, phis, head, done
 
 
-def _close_loop(b: ir.IRBuilder, i, phis, new, head, done, name: str) -> None:
+def _close_loop(b: ir.IRBuilder, i, phis, new, head, done, name: str, step: int = 1) -> None:
     latch = b.block
-    i.add_incoming(b.add(i, i64(1), name=f"{name}.next"), latch)
+    i.add_incoming(b.add(i, i64(step), name=f"{name}.next"), latch)
     for p, v in zip(phis, new or []):
         p.add_incoming(v, latch)
     b.branch(head)
@@ -78,11 +78,12 @@ def loop(b: ir.IRBuilder, lo, hi, carried=(), body=None, name: str = "i"):
 
 
 @contextlib.contextmanager
-def for_range(b: ir.IRBuilder, lo, hi, name: str = "i"):
-    """`with for_range(b, lo, hi) as i:` -- the body is the with-block."""
+def for_range(b: ir.IRBuilder, lo, hi, name: str = "i", step: int = 1):
+    """`with for_range(b, lo, hi) as i:` (i = lo, lo + step, ... < hi) -- the body is the
+    with-block."""
     i, phis, head, done = _open_loop(b, lo, hi, (), name)
     yield i
-    _close_loop(b, i, phis, (), head, done, name)
+    _close_loop(b, i, phis, (), head, done, name, step)
 
 
 def split(b: ir.IRBuilder, total: int, tid, nthreads) -> tuple:
