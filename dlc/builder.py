@@ -15,7 +15,6 @@ from .diagnostics import ShapeMismatch, Span, TypeError_
 from .graph import Graph, Node
 from .types import DType, ShapeError, TensorType, broadcast_shapes, normalize_axis
 
-Scalar = (int, float, bool, np.number)
 
 
 class Value:

@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_target(p: argparse.ArgumentParser) -> None:
     from .backends import TARGETS
     p.add_argument("--target", choices=TARGETS, default=TARGETS[0],
-                   help=f"where the compiled step runs: cpu (native code, the default) or "
-                        f"reference (the numpy interpreter, for debugging)")
+                   help="where the compiled step runs: cpu (native code, the default) or "
+                        "reference (the numpy interpreter, for debugging)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring the compile cache")
     p.add_argument("--verbose", "-v", action="store_true",

@@ -7,7 +7,7 @@ Passes use this class's methods, never networkx directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any
 
 import networkx as nx
 
@@ -23,9 +23,6 @@ class Node:
     attrs: dict[str, Any]  # never mutated: passes build a new Node
     type: TensorType
     span: Span | None = None
-
-    def attr(self, name: str, default=None):
-        return self.attrs.get(name, default)
 
 
 class VerifyError(Exception):
@@ -64,10 +61,6 @@ class Graph:
         """Distinct users, in id order."""
         return sorted(set(self._index.successors(nid)))
 
-    def use_count(self, nid: int) -> int:
-        """Operand slots plus graph results that read nid."""
-        return (self._index.out_degree(nid) + sum(1 for v in self.outputs.values() if v == nid)
-                + sum(1 for v in self.updates.values() if v == nid))
 
     def roots(self) -> list[int]:
         return list(dict.fromkeys(list(self.outputs.values()) + list(self.updates.values())))
@@ -169,6 +162,3 @@ class Graph:
                 raise VerifyError(f"update of {name} does not match its input")
 
 
-def topo_nodes(graph: Graph) -> Iterable[tuple[int, Node]]:
-    for nid in graph.toposort():
-        yield nid, graph.node(nid)

@@ -21,7 +21,6 @@ from .runtime import StepLayout
 from .target import Target
 
 FORMAT = 1
-SUFFIX = ".dlcx"
 
 
 def is_artifact(path) -> bool:

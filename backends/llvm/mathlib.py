@@ -86,7 +86,6 @@ ROUND_MAGIC = 1.5 * 2.0**23
 ROUND_MAGIC_D = 1.5 * 2.0**52
 SQRT_HALF_BITS = _f32_bits(math.sqrt(0.5))                   # 0x3f3504f3
 FLT_MIN = 2.0**-126
-FLT_MAX = _f32(3.4028234663852886e38)
 
 # e^r = 1 + r + r^2 * P(r) on |r| <= ln2/2, P(r) ~ (e^r - 1 - r)/r^2.
 # _fit_minimax(expm1-based target, degree 4): max relative error of e^r 3.1e-9 (2^-28).

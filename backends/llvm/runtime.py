@@ -164,7 +164,6 @@ class CpuProgram:
         self.steps: dict[int, NativeStep] = {}
         self.preloaded = dict(preloaded or {})  # batch -> (object code, layout) from an artifact
         self.data_name = data_name or self.graph.node(self.graph.inputs("data")[0]).attrs["name"]
-        self.compile_seconds = 0.0
 
     @property
     def graph(self):
@@ -180,11 +179,9 @@ class CpuProgram:
             step = self._add(batch, NativeStep(obj, layout, self.target))
         if step is None:
             from .build import build_step
-            start = time.perf_counter()
             obj, layout = build_step(lambda: self.graph, batch, self.target, self.cache, self.verbose,
                                      self.profile, self.key)
             step = self._add(batch, NativeStep(obj, layout, self.target))
-            self.compile_seconds += time.perf_counter() - start
         return step
 
     def profile_rows(self) -> list[tuple[str, tuple, float]]:

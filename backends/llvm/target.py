@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import llvmlite.binding as llvm
 
@@ -45,9 +45,6 @@ class Target:
         if self.has("avx2") or self.has("avx"):
             return 8
         return 4
-
-    def with_threads(self, threads: int) -> "Target":
-        return replace(self, threads=max(1, threads))
 
     def key(self) -> str:
         """What code generated for this target depends on (cache keys, artifacts)."""

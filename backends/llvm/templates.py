@@ -228,7 +228,6 @@ def _row_conv(mb, em, t, src_buf, w_buf, out_buf, lead, inner, taps_of, tid, nth
     KH, KW = w_buf.shape[2], w_buf.shape[3]
     S, Wt, Y = _ptr(em, src_buf), _ptr(em, w_buf), _ptr(em, out_buf)
     lo, hi, _ = _share(b, t, 2, tid, nthreads)
-    zero = ir.Constant(F32, 0.0)
 
     def rows(a, c, c0, masks, oy0, R):
         """Accumulate output rows oy0 .. oy0+R-1 of chunk c0 and store them."""
