@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dlc.diagnostics import UsageError
+from dlc.core.diagnostics import UsageError
 
 TARGETS = ("cpu", "reference")
 

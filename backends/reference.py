@@ -10,10 +10,10 @@ from typing import Mapping
 
 import numpy as np
 
-from dlc import ops
-from dlc.graph import Graph
+from dlc.core import ops
+from dlc.core.graph import Graph
 from dlc.passes.specialize import bind_symbols, is_symbolic, specialize
-from dlc.types import DType
+from dlc.core.types import DType
 
 
 def np_dtype(dtype: DType, float_dtype=np.float32) -> np.dtype:

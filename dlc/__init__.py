@@ -11,7 +11,7 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "passes")) and _
 
 __version__ = "0.1.0"
 
-from .api import Model, load  # noqa: E402
-from .diagnostics import DlcError  # noqa: E402
+from dlc.api import Model, load  # noqa: E402
+from dlc.core.diagnostics import DlcError  # noqa: E402
 
 __all__ = ["load", "Model", "DlcError", "__version__"]

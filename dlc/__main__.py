@@ -1,4 +1,4 @@
 """`python -m dlc` runs the command-line interface."""
-from .cli import main
+from dlc.cli import main
 
 raise SystemExit(main())

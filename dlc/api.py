@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import frontend
-from .diagnostics import ArgumentError, DataError, DlcError, UsageError
-from .frontend import Built
-from .graph import Graph
-from .initializers import param_rng
-from .printer import print_graph
-from .summary import format_summary
-from .syntax.parse import parse
-from .syntax.printer import format_ast
+from dlc.language import frontend
+from dlc.core.diagnostics import ArgumentError, DataError, DlcError, UsageError
+from dlc.language.frontend import Built
+from dlc.core.graph import Graph
+from dlc.language.initializers import param_rng
+from dlc.core.printer import print_graph
+from dlc.language.summary import format_summary
+from dlc.language.syntax.parse import parse
+from dlc.language.syntax.printer import format_ast
 
 
 def read_source(path_or_source) -> tuple[str, str]:
@@ -52,12 +52,12 @@ def _is_artifact(path) -> bool:
             return False
     except (OSError, ValueError):  # not a usable file name: read_source reports it
         return False
-    from .backends.llvm.artifact import is_artifact
+    from dlc.backends.llvm.artifact import is_artifact
     return is_artifact(path)
 
 
 def _load_artifact(path) -> "Model":
-    from .backends.llvm.artifact import read
+    from dlc.backends.llvm.artifact import read
     manifest, steps = read(path)
     source = manifest["source_name"]
     base = Path(source).parent if Path(source).parent.is_dir() else Path(path).parent
@@ -100,13 +100,13 @@ class Model:
     def stages(self, names, batch: int | None = None, mode: str = "train", disabled=(),
                log=None) -> list[tuple[str, str]]:
         """[(stage, text)] for the requested stages, in pipeline order."""
-        from .pipeline import Compilation
+        from dlc.pipeline import Compilation
         out = []
         if "ast" in names:
             out.append(("ast", format_ast(self.program)))
         if "graph" in names:
             out.append(("graph", print_graph(self.built(mode).graph)))
-        from .pipeline import CODEGEN_STAGES
+        from dlc.pipeline import CODEGEN_STAGES
         wanted = [n for n in names if n not in ("ast", "graph") and n not in CODEGEN_STAGES]
         codegen = [n for n in names if n in CODEGEN_STAGES]
         if wanted or codegen or log is not None:
@@ -114,14 +114,14 @@ class Model:
             lowered = self.lower(mode, batch, disabled=disabled, log=log)
             out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in wanted]
             if codegen:
-                from .backends.llvm.build import codegen_stages
+                from dlc.backends.llvm.build import codegen_stages
                 out += codegen_stages(lowered, codegen)
         return out
 
     def compile_graph(self, mode: str, config=None, log=None, disabled=()) -> Graph:
         """The training step ("train", after autodiff and the optimizer) or the evaluation
         graph ("eval"), after the graph passes; shapes are still symbolic."""
-        from .pipeline import GRAPH_PASSES, PassContext, run_passes
+        from dlc.pipeline import GRAPH_PASSES, PassContext, run_passes
         if mode == "train":
             config = config or self._require_config()
             if "loss" not in self._train.graph.outputs:
@@ -133,7 +133,7 @@ class Model:
 
     def lower(self, mode: str, batch: int | None = None, config=None, log=None, disabled=()) -> Graph:
         """The graph for one batch size after every pass: fused and memory-planned."""
-        from .pipeline import LOWER_PASSES, PassContext, run_passes
+        from dlc.pipeline import LOWER_PASSES, PassContext, run_passes
         if mode == "train":
             config = config or self._require_config()
         batch = batch or (config.batch if config else self.train_config.batch if self.train_config else 1)
@@ -151,10 +151,10 @@ class Model:
         """Compile the training and evaluation steps (for the train block's batch size,
         and the smaller last batches of its data set when it can be read) into one file
         that `dlc run` / `dlc eval` load without compiling."""
-        from .backends.llvm import artifact
-        from .backends.llvm.build import build_step
-        from .backends.llvm.cache import Cache
-        from .backends.llvm.target import Target
+        from dlc.backends.llvm import artifact
+        from dlc.backends.llvm.build import build_step
+        from dlc.backends.llvm.cache import Cache
+        from dlc.backends.llvm.target import Target
         config = self._require_config()
         target = Target.host(options.get("threads"))
         cache = None if options.get("no_cache") else Cache(options.get("cache_dir"))
@@ -169,7 +169,7 @@ class Model:
 
     def _last_batches(self, config) -> set:
         """The sizes of the last, partial batches of the train and test splits."""
-        from .data.sources import load_dataset
+        from dlc.data.sources import load_dataset
         try:
             data = load_dataset(config.data, self.base_dir, config.seed)
         except DlcError:
@@ -207,7 +207,7 @@ class Model:
     # --- running --------------------------------------------------------------------------------
     def forward(self, *xs: np.ndarray, float_dtype=np.float32) -> np.ndarray:
         """The model's output for a batch (evaluation mode), on the reference interpreter."""
-        from .backends.reference import run_graph
+        from dlc.backends.reference import run_graph
         feeds = self._feeds(xs)
         g = self._eval.graph.copy()
         g.outputs = {"output": g.outputs["output"]}
@@ -227,7 +227,7 @@ class Model:
     def session(self, config=None, target: str = "cpu", **options):
         """Compiled training and evaluation steps for a recipe (cached per target/recipe).
         options: threads, verbose (a print function), no_cache, cache_dir, profile."""
-        from .runtime.trainer import Session
+        from dlc.runtime.trainer import Session
         config = config or self._require_config()
         key = (target, str(config.optimizer), config.clip, tuple(sorted(options.items(), key=str)))
         if key not in self._sessions:
@@ -241,14 +241,14 @@ class Model:
         """Train with the train block's recipe; any value can be overridden. Given x and y,
         trains on those arrays (a `test` share is held out) instead of the block's data.
         Returns a History (one record of metrics per epoch)."""
-        from .runtime.prepare import prepare
-        from .runtime.trainer import FitOptions, fit, restore
+        from dlc.runtime.prepare import prepare
+        from dlc.runtime.trainer import FitOptions, fit, restore
         config = self._require_config()
         if optimizer is not None:
             config = dataclasses.replace(config, optimizer=optimizer if not isinstance(optimizer, str)
                                          else _optimizer_spec(optimizer))
         if x is not None:
-            from .recipe import Spec
+            from dlc.language.recipe import Spec
             share = config.data.args.get("test", 0.2) if test is None else test
             config = dataclasses.replace(config, data=Spec("data", "arrays", {"test": share}))
         session = self.session(config, target, **options)
@@ -273,8 +273,8 @@ class Model:
 
     def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = "cpu", **options) -> dict:
         """Loss and metrics on the given arrays (or the train block's held-out split)."""
-        from .runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
-        from .runtime.trainer import Normalizer
+        from dlc.runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
+        from dlc.runtime.trainer import Normalizer
         config = self._require_config()
         session = self.session(config, target, **options)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
@@ -290,8 +290,8 @@ class Model:
 
     def predict(self, x, *, batch: int | None = None, target: str = "cpu", **options) -> np.ndarray:
         """The model's outputs for every sample of x (inputs normalized as in training)."""
-        from .runtime.prepare import shape_inputs
-        from .runtime.trainer import Normalizer
+        from dlc.runtime.prepare import shape_inputs
+        from dlc.runtime.trainer import Normalizer
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
@@ -300,9 +300,9 @@ class Model:
 
     def save(self, path) -> None:
         """Write parameters, state and normalization to a checkpoint (.npz, no pickle)."""
-        from .runtime.checkpoint import save_checkpoint
-        from .runtime.trainer import Normalizer
-        from . import __version__
+        from dlc.runtime.checkpoint import save_checkpoint
+        from dlc.runtime.trainer import Normalizer
+        from dlc import __version__
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         arrays = dict(self.state, **{"data:shift": norm.shift, "data:scale": norm.scale})
         step = int(self.state.get("step", 0))
@@ -311,7 +311,7 @@ class Model:
 
     def load_weights(self, path) -> dict:
         """Load a checkpoint written by `save` or `dlc run --save`; returns its metadata."""
-        from .runtime.trainer import restore
+        from dlc.runtime.trainer import restore
         meta, self.normalizer = restore(self, Path(path), self.state)
         return meta
 
@@ -319,7 +319,7 @@ class Model:
 
 
 def _optimizer_spec(name: str):
-    from .recipe import RECIPE
+    from dlc.language.recipe import RECIPE
     entry = RECIPE.get(name)
     if entry is None or entry.kind != "optimizer":
         names = [k for k, v in RECIPE.items() if v.kind == "optimizer"]

@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
-from .diagnostics import DlcError, UsageError
+from dlc import __version__
+from dlc.core.diagnostics import DlcError, UsageError
 
 DESCRIPTION = """\
 dlc compiles neural networks written in the .dln language into native training steps.
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
-    from .backends import TARGETS
+    from dlc.backends import TARGETS
     p.add_argument("--target", choices=TARGETS, default=TARGETS[0],
                    help="where the compiled step runs: cpu (native code, the default) or "
                         "reference (the numpy interpreter, for debugging)")
@@ -126,7 +126,7 @@ def _backend_options(args) -> dict:
     if getattr(args, "no_cache", False):
         options["no_cache"] = True
     if getattr(args, "verbose", False):
-        from .backends.llvm.target import Target
+        from dlc.backends.llvm.target import Target
         if args.target == "cpu":
             print(f"dlc: target {Target.host(args.threads).describe()}", file=sys.stderr)
         options["verbose"] = lambda msg: print(f"dlc: {msg}", file=sys.stderr)
@@ -153,15 +153,15 @@ _positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
 def cmd_check(args) -> int:
-    from .api import load
+    from dlc.api import load
     model = load(args.file, args.model)
     print(model.summary(), end="")
     return 0
 
 
 def cmd_compile(args) -> int:
-    from .api import load
-    from .pipeline import STAGES, Compilation, check_disabled, select_stages
+    from dlc.api import load
+    from dlc.pipeline import STAGES, Compilation, check_disabled, select_stages
     if args.list_stages:
         for name, doc in STAGES.items():
             print(f"{name:<15} {doc}")
@@ -226,8 +226,8 @@ def _stats_table(log) -> str:
 
 
 def _load_with_overrides(args):
-    from .api import load
-    from .overrides import override_config
+    from dlc.api import load
+    from dlc.language.overrides import override_config
     model = load(args.file, args.model)
     if model.train_config is None:
         raise UsageError(f"{args.file}: model {model.name} has no train block",
@@ -238,7 +238,7 @@ def _load_with_overrides(args):
 
 
 def cmd_run(args) -> int:
-    from .runtime.trainer import Interrupted
+    from dlc.runtime.trainer import Interrupted
     model = _load_with_overrides(args)
     cfg = model.train_config
     save = args.save or cfg.checkpoint
@@ -283,8 +283,8 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     import numpy as np
-    from .api import load
-    from .runtime.inputs import read_input_array
+    from dlc.api import load
+    from dlc.runtime.inputs import read_input_array
     model = load(args.file, args.model)
     model.load_weights(args.weights)
     x = read_input_array(Path(args.input), args.key)
@@ -302,7 +302,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .runtime.plot import plot_log
+    from dlc.runtime.plot import plot_log
     plot_log(args.log, args.output)
     print(f"wrote {args.output}")
     return 0

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .diagnostics import UsageError
-from .graph import Graph
-from .recipe import TrainConfig
+from dlc.core.diagnostics import UsageError
+from dlc.core.graph import Graph
+from dlc.language.recipe import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -36,48 +36,48 @@ class Pass:
 
 
 def _autodiff(g, ctx):
-    from .passes.autodiff import autodiff
+    from dlc.passes.autodiff import autodiff
     return autodiff(g)
 
 
 def _optimizer(g, ctx):
-    from .passes.optimizer import optimizer
+    from dlc.passes.optimizer import optimizer
     c = ctx.config
     return optimizer(g, c.optimizer, c.clip, c.span("optimizer"))
 
 
 def _simplify(g, ctx):
-    from .passes.simplify import simplify
+    from dlc.passes.simplify import simplify
     return simplify(g)
 
 
 def _fold(g, ctx):
-    from .passes.fold_constants import fold_constants
+    from dlc.passes.fold_constants import fold_constants
     return fold_constants(g)
 
 
 def _cse(g, ctx):
-    from .passes.cse import cse
+    from dlc.passes.cse import cse
     return cse(g)
 
 
 def _dce(g, ctx):
-    from .passes.dce import dce
+    from dlc.passes.dce import dce
     return dce(g)
 
 
 def _specialize(g, ctx):
-    from .passes.specialize import specialize
+    from dlc.passes.specialize import specialize
     return specialize(g, {"B": ctx.batch})
 
 
 def _fuse(g, ctx):
-    from .passes.fuse import fuse
+    from dlc.passes.fuse import fuse
     return fuse(g)
 
 
 def _memory(g, ctx):
-    from .passes.memory import plan_memory
+    from dlc.passes.memory import plan_memory
     return plan_memory(g)
 
 

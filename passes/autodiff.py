@@ -8,10 +8,10 @@ so costs and errors map back to the .dln line.
 """
 from __future__ import annotations
 
-from dlc import ops
-from dlc.builder import GraphBuilder, Value
-from dlc.diagnostics import DlcError
-from dlc.graph import Graph, VerifyError
+from dlc.core import ops
+from dlc.core.builder import GraphBuilder, Value
+from dlc.core.diagnostics import DlcError
+from dlc.core.graph import Graph, VerifyError
 
 
 def _reachable(graph: Graph, starts, step) -> set[int]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dlc import ops
-from dlc.graph import Graph
+from dlc.core import ops
+from dlc.core.graph import Graph
 
 
 def _key(value):

@@ -2,7 +2,7 @@
 (inputs stay: they are the program's interface)."""
 from __future__ import annotations
 
-from dlc.graph import Graph
+from dlc.core.graph import Graph
 
 
 def dce(graph: Graph, ctx=None) -> Graph:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from dlc import ops
-from dlc.builder import GraphBuilder
-from dlc.graph import Graph
-from dlc.types import is_static
+from dlc.core import ops
+from dlc.core.builder import GraphBuilder
+from dlc.core.graph import Graph
+from dlc.core.types import is_static
 
 FOLD_LIMIT = 64
 _KEEP = {ops.BROADCAST, ops.IOTA, ops.INPUT, ops.CONST, ops.RANDOM}

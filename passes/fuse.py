@@ -41,9 +41,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlc import ops
-from dlc.graph import Graph
-from dlc.types import DType
+from dlc.core import ops
+from dlc.core.graph import Graph
+from dlc.core.types import DType
 
 ANCHORS = {
     ops.MATMUL: "matmul", ops.CONV2D: "conv", ops.CONV2D_BWD_DATA: "conv",
@@ -191,7 +191,7 @@ class FusionPlan:
 
     def explain(self, g: Graph) -> str:
         """For each producer/consumer pair in different kernels, the rule that kept them apart."""
-        from dlc.printer import node_names
+        from dlc.core.printer import node_names
         names = node_names(g)
         out = []
         for (p, c), why in sorted(self.reasons.items()):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlc import ops
-from dlc.graph import Graph
+from dlc.core import ops
+from dlc.core.graph import Graph
 
 ALIGN = 64
 
@@ -47,7 +47,7 @@ class MemoryPlan:
         return 1.0 - self.arena_bytes / self.naive_bytes if self.naive_bytes else 0.0
 
     def describe(self, g: Graph) -> str:
-        from dlc.printer import node_names
+        from dlc.core.printer import node_names
         names = node_names(g)
         lines = [f"memory: working arena {self.arena_bytes:,} bytes (one buffer per node: "
                  f"{self.naive_bytes:,} bytes, {self.saving:.0%} less); "

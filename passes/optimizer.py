@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 
-from dlc.builder import GraphBuilder, Value
-from dlc.graph import Graph
-from dlc.recipe import Spec
-from dlc.types import DType, TensorType
+from dlc.core.builder import GraphBuilder, Value
+from dlc.core.graph import Graph
+from dlc.core.spec import Spec
+from dlc.core.types import DType, TensorType
 
 SCALAR = TensorType(DType.f32, ())
 

@@ -9,11 +9,11 @@ axes inside; values depending only on the kept axes are computed once per row.
 """
 from __future__ import annotations
 
-from dlc import ops
-from dlc.graph import Graph
-from dlc.kernel import (Buffer, Exprs, Kernel, KernelProgram, LoopNest, Store, Template)
+from dlc.core import ops
+from dlc.core.graph import Graph
+from dlc.core.kernel import (Buffer, Exprs, Kernel, KernelProgram, LoopNest, Store, Template)
 from dlc.passes.fuse import is_anchor
-from dlc.types import DType
+from dlc.core.types import DType
 
 # parts with fewer elements than this run on one thread: splitting would cost more
 SERIAL_BELOW = 2048

@@ -11,9 +11,9 @@ from typing import Callable
 
 import numpy as np
 
-from dlc import ops
-from dlc.builder import GraphBuilder, Value
-from dlc.graph import Graph
+from dlc.core import ops
+from dlc.core.builder import GraphBuilder, Value
+from dlc.core.graph import Graph
 
 
 def scalar_of(g: Graph, nid: int):

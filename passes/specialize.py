@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Mapping
 
-from dlc.graph import Graph
-from dlc.types import Sym, TensorType, substitute, unify
+from dlc.core.graph import Graph
+from dlc.core.types import Sym, TensorType, substitute, unify
 
 
 def bind_symbols(graph: Graph, shapes: Mapping[str, tuple]) -> dict[str, int]:

@@ -33,9 +33,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from dlc import nn
-from dlc.nn import ParamList
-from dlc.types import DType, TensorType
+from dlc.language import nn
+from dlc.language.nn import ParamList
+from dlc.core.types import DType, TensorType
 
 F32, F64, I32, BOOL = DType.f32, DType.f64, DType.i32, DType.bool
 

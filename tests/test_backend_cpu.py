@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import dlc
-from dlc import ops
+from dlc.core import ops
 from dlc.backends import compile_program
 from dlc.backends.llvm import artifact
 from dlc.backends.llvm.build import build_step, generate
@@ -23,7 +23,7 @@ from dlc.backends.llvm.cache import Cache
 from dlc.backends.llvm.runtime import NativeStep
 from dlc.backends.llvm.target import Target
 from dlc.backends.reference import run_graph
-from dlc.graph import Graph, Node
+from dlc.core.graph import Graph, Node
 from dlc.passes.autodiff import autodiff
 
 from op_table import ALL

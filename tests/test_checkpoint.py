@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from dlc.diagnostics import CheckpointError
+from dlc.core.diagnostics import CheckpointError
 from dlc.runtime import checkpoint
 from dlc.runtime.checkpoint import load_checkpoint, save_checkpoint
 

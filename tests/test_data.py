@@ -10,8 +10,8 @@ import pytest
 
 from dlc.data.sources import (Dataset, batches, fit_inputs, fit_labels, load_dataset, normalization,
                               normalize, read_idx)
-from dlc.diagnostics import DataError, Source, Span
-from dlc.recipe import Spec, arrays, csv, digits, iris, mnist, npz
+from dlc.core.diagnostics import DataError, Source, Span
+from dlc.language.recipe import Spec, arrays, csv, digits, iris, mnist, npz
 
 SPAN = Span(Source("model.dln", 'train m {\n    data = npz("d.npz")\n}\n'), 2, 12, 2, 25)
 

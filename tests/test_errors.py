@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import dlc
-from dlc.diagnostics import DlcError
+from dlc.core.diagnostics import DlcError
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = Path(__file__).resolve().parent / "errors"

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import dlc
-from dlc.diagnostics import DlcError
+from dlc.core.diagnostics import DlcError
 
 # CI: 200 fixed examples per test. A longer random hunt:
 #   DLC_FUZZ_EXAMPLES=5000 DLC_FUZZ_RANDOM=1 pytest tests/test_fuzz.py

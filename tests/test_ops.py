@@ -26,13 +26,14 @@ import zlib
 import numpy as np
 import pytest
 
-from dlc import nn, ops
+from dlc.language import nn
+from dlc.core import ops
 from dlc.backends.reference import Interpreter, run_graph
-from dlc.builder import GraphBuilder
-from dlc.diagnostics import DlcError
-from dlc.graph import Graph
+from dlc.core.builder import GraphBuilder
+from dlc.core.diagnostics import DlcError
+from dlc.core.graph import Graph
 from dlc.passes.autodiff import autodiff
-from dlc.types import DType, ShapeError, TensorType, sym
+from dlc.core.types import DType, ShapeError, TensorType, sym
 
 from op_table import (ALL, BAD_SHAPES, BAD_SHAPES_XFAIL, COMPOSITES, DOMAIN, DROPOUT_SEED, DROPOUT_STEP,
                       DROPOUT_STREAM, PARAM_DOMAIN, PRIMITIVES, OpCase, np_random)

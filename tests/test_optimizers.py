@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 import dlc
-from dlc import recipe
+from dlc.language import recipe
 from dlc.backends import compile_program
 from dlc.backends.reference import run_graph
-from dlc.diagnostics import NumericsError
+from dlc.core.diagnostics import NumericsError
 from dlc.passes.autodiff import autodiff
 from dlc.runtime.trainer import learning_rate
 

@@ -31,10 +31,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dlc import ops
+from dlc.core import ops
 from dlc.backends.reference import run_graph
-from dlc.builder import GraphBuilder, Value
-from dlc.graph import Graph
+from dlc.core.builder import GraphBuilder, Value
+from dlc.core.graph import Graph
 from dlc.passes import fold_constants as fold_module
 from dlc.passes.cse import cse
 from dlc.passes.dce import dce
@@ -43,8 +43,8 @@ from dlc.passes.fuse import CHEAP, REDUCTIONS, Free, fuse, is_anchor, kept_axes,
 from dlc.passes.memory import nbytes, plan_memory
 from dlc.passes.simplify import simplify
 from dlc.passes.specialize import bind_symbols, is_symbolic, specialize
-from dlc.printer import print_graph
-from dlc.types import DType, TensorType, dim_mul, sym
+from dlc.core.printer import print_graph
+from dlc.core.types import DType, TensorType, dim_mul, sym
 
 F32, I32, BOOL = DType.f32, DType.i32, DType.bool
 B = sym("B")

@@ -36,7 +36,7 @@ import pytest
 import dlc
 from dlc.backends.reference import run_graph
 from dlc.pipeline import GRAPH_PASSES, LOWER_PASSES, Compilation, PassContext, run_passes
-from dlc.printer import print_graph
+from dlc.core.printer import print_graph
 from dlc.passes.specialize import is_symbolic
 
 from test_passes import check_fusion, check_memory, check_reasons

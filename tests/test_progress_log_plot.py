@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from dlc.diagnostics import DataError, UsageError
+from dlc.core.diagnostics import DataError, UsageError
 from dlc.runtime import progress
 from dlc.runtime.metrics_log import MetricsLog, read_log
 from dlc.runtime.plot import plot_log, read_curves

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import dlc
-from dlc import ops
-from dlc.diagnostics import CheckpointError, NumericsError
+from dlc.core import ops
+from dlc.core.diagnostics import CheckpointError, NumericsError
 from dlc.runtime.trainer import Interrupted
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from dlc import __version__
-from dlc.diagnostics import UsageError
+from dlc.core.diagnostics import UsageError
 
 from .runtime import StepLayout
 from .target import Target

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from dlc import __version__
-from dlc.graph import Graph
+from dlc.core.graph import Graph
 from dlc.pipeline import LOWER_PASSES, Compilation, PassContext, run_passes
-from dlc.printer import print_graph
+from dlc.core.printer import print_graph
 
 from .cache import Cache
 from .runtime import StepLayout
@@ -57,7 +57,7 @@ def generate(graph: Graph, batch: int, target: Target, profile: bool = False, lo
 
 def codegen_stages(lowered: Graph, names, target: Target | None = None) -> list[tuple[str, str]]:
     """Text of the kernel / llvm / llvm-opt / asm stages for an already lowered graph."""
-    from dlc.kernel import format_program
+    from dlc.core.kernel import format_program
     from .jit import assembly, optimized_ir
     target = target or Target.host()
     _, program, mb = generate(lowered, 0, target, lowered=True, tag="dump")  # stable names in dumps

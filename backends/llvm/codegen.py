@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from llvmlite import ir
 
-from dlc.kernel import Buffer, Ex, Ix, KernelProgram, LoopNest, Template, ix_vars
-from dlc.types import DType
+from dlc.core.kernel import Buffer, Ex, Ix, KernelProgram, LoopNest, Template, ix_vars
+from dlc.core.types import DType
 
 from . import mathlib
 from .irutil import (F32, FAST, I1, I8, I32, I64, PTR, REDUCE, VOID, byte_size, gep, i32, i64, loop, memory_type,

@@ -5,7 +5,7 @@ import contextlib
 
 from llvmlite import ir
 
-from dlc.types import DType
+from dlc.core.types import DType
 
 F32, F64 = ir.FloatType(), ir.DoubleType()
 I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)

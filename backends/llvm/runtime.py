@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dlc.types import DType
+from dlc.core.types import DType
 
 from .jit import Engine
 from .pool import Pool

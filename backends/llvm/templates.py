@@ -13,7 +13,7 @@ import math
 
 from llvmlite import ir
 
-from dlc.kernel import Template
+from dlc.core.kernel import Template
 
 from .gemm import CpuTarget, GemmSpec, _Vec, emit_gemm
 from .irutil import F32, FAST, I64, REDUCE, for_range, gep, i64, loop, smax, smin, split

@@ -19,9 +19,9 @@ from typing import Callable, Iterator, Sequence, Union
 import numpy as np
 from numpy.lib.npyio import NpzFile
 
-from ..diagnostics import DataError, Span, did_you_mean
-from ..recipe import Spec
-from ..types import DType
+from dlc.core.diagnostics import DataError, Span, did_you_mean
+from dlc.language.recipe import Spec
+from dlc.core.types import DType
 
 Normalize = Union[str, float]
 

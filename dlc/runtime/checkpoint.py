@@ -13,9 +13,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .. import __version__
-from ..diagnostics import CheckpointError
-from ..types import DType, shape_str
+from dlc import __version__
+from dlc.core.diagnostics import CheckpointError
+from dlc.core.types import DType, shape_str
 
 FORMAT_VERSION = 1
 META_KEY = "__meta__"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..diagnostics import DataError
+from dlc.core.diagnostics import DataError
 
 
 def read_input_array(path: Path, key: str | None = None) -> np.ndarray:

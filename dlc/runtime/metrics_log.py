@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .. import __version__
-from ..diagnostics import DataError, Source, Span
+from dlc import __version__
+from dlc.core.diagnostics import DataError, Source, Span
 
 
 class MetricsLog:

@@ -5,8 +5,8 @@ import math
 import os
 from pathlib import Path
 
-from ..diagnostics import DataError, UsageError
-from .metrics_log import read_log
+from dlc.core.diagnostics import DataError, UsageError
+from dlc.runtime.metrics_log import read_log
 
 FORMATS = (".png", ".svg", ".pdf")
 _METRICS = ("loss", "accuracy")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.sources import Dataset, fit_inputs, fit_labels, load_dataset
-from ..diagnostics import DataError
-from .trainer import Normalizer
+from dlc.data.sources import Dataset, fit_inputs, fit_labels, load_dataset
+from dlc.core.diagnostics import DataError
+from dlc.runtime.trainer import Normalizer
 
 
 def per_sample(t, span=None) -> tuple[int, ...]:

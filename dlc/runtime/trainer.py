@@ -10,9 +10,9 @@ from typing import Callable
 
 import numpy as np
 
-from .. import __version__
-from ..diagnostics import CheckpointError, DataError, NumericsError
-from ..recipe import Spec
+from dlc import __version__
+from dlc.core.diagnostics import CheckpointError, DataError, NumericsError
+from dlc.language.recipe import Spec
 
 
 def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int) -> float:
@@ -36,7 +36,7 @@ class Normalizer:
 
     @staticmethod
     def fit(x: np.ndarray, mode) -> "Normalizer":
-        from ..data.sources import normalization
+        from dlc.data.sources import normalization
         shift, scale = normalization(x, "none" if mode is None else mode)
         return Normalizer(np.atleast_1d(shift), np.atleast_1d(scale))
 
@@ -69,7 +69,7 @@ class Session:
     Graphs are built lazily: a native step found in the compile cache needs none."""
 
     def __init__(self, model, config, target: str = "cpu", options: dict | None = None):
-        from ..backends import compile_program
+        from dlc.backends import compile_program
         self.model = model
         self.config = config
         self.target = target
@@ -111,8 +111,8 @@ class Session:
     def _numerics_error(self, feeds, loss: float) -> NumericsError:
         """Re-run the failed step on the reference interpreter to find the first bad op.
         (The step left the state untouched: the optimizer pass guards every update.)"""
-        from ..backends.reference import Interpreter
-        from .. import ops
+        from dlc.backends.reference import Interpreter
+        from dlc.core import ops
         values = Interpreter(self.train_graph).run({**self.state, **feeds}, keep_all=True)
         for nid in self.train_graph.toposort():
             node = self.train_graph.node(nid)
@@ -205,9 +205,9 @@ class FitOptions:
 
 def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> History:
     """Train for opts.epochs, evaluating on data.x_test after each epoch."""
-    from .progress import Progress
-    from .metrics_log import MetricsLog
-    from ..data.sources import batches
+    from dlc.runtime.progress import Progress
+    from dlc.runtime.metrics_log import MetricsLog
+    from dlc.data.sources import batches
     cfg = session.config
     x, y = data.x_train, data.y_train
     n = len(x)
@@ -283,7 +283,7 @@ def checkpoint_arrays(session: Session, normalizer: Normalizer) -> dict[str, np.
 
 
 def save(session: Session, path: Path, epoch: int, batch: int, normalizer: Normalizer) -> None:
-    from .checkpoint import save_checkpoint
+    from dlc.runtime.checkpoint import save_checkpoint
     meta = {"dlc": __version__, "model": session.model.name, "epoch": epoch, "batch": batch,
             "step": session.global_step}
     save_checkpoint(path, checkpoint_arrays(session, normalizer), meta)
@@ -291,7 +291,7 @@ def save(session: Session, path: Path, epoch: int, batch: int, normalizer: Norma
 
 def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Normalizer]:
     """Load a checkpoint into `state` (in place); returns its meta and normalizer."""
-    from .checkpoint import load_checkpoint
+    from dlc.runtime.checkpoint import load_checkpoint
     expect = {k: (tuple(v.shape), str(v.dtype)) for k, v in state.items()}
     arrays, meta = load_checkpoint(path, None, model=model.name)
     norm = Normalizer(arrays.pop("data:shift", np.zeros(1, np.float32)),

@@ -7,8 +7,8 @@ from lark import Lark, Token, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 from lark.visitors import Transformer_NonRecursive
 
-from ..diagnostics import DlcError, ParseError, Source, Span
-from . import ast
+from dlc.core.diagnostics import DlcError, ParseError, Source, Span
+from dlc.language.syntax import ast
 
 
 @functools.lru_cache(maxsize=1)

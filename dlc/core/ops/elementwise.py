@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..types import DType, ShapeError, TensorType
-from .base import Kind, OpDef, register, require_float, same_dtype, same_shape
+from dlc.core.types import DType, ShapeError, TensorType
+from dlc.core.ops.base import Kind, OpDef, register, require_float, same_dtype, same_shape
 
 
 def elementwise(name: str, arity: int, ref, vjp=None, result: DType | None = None,

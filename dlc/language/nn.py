@@ -10,11 +10,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-from . import ops
-from .builder import GraphBuilder, Value
-from .diagnostics import ArgumentError
-from .initializers import GLOROT_UNIFORM, HE_NORMAL, ONES, ZEROS, Init
-from .types import DType, Sym, dim_div, dim_mul, numel
+from dlc.core import ops
+from dlc.core.builder import GraphBuilder, Value
+from dlc.core.diagnostics import ArgumentError
+from dlc.language.initializers import GLOROT_UNIFORM, HE_NORMAL, ONES, ZEROS, Init
+from dlc.core.types import DType, Sym, dim_div, dim_mul, numel
 
 
 class Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .types import DType
+from dlc.core.types import DType
 
 # --- index expressions --------------------------------------------------------------------
 

@@ -7,8 +7,9 @@ plain spec. The runtime and the optimizer pass give the specs their meaning.
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .diagnostics import ArgumentError, Span
-from .nn import Builtin
+from dlc.core.diagnostics import ArgumentError, Span
+from dlc.core.spec import Spec
+from dlc.language.nn import Builtin
 
 RECIPE: dict[str, Builtin] = {}
 
@@ -18,18 +19,6 @@ def entry(kind: str):
         RECIPE[fn.__name__] = Builtin(fn.__name__, fn, kind, (fn.__doc__ or "").strip())
         return fn
     return register
-
-
-@dataclass(frozen=True)
-class Spec:
-    """A call in a train block: `adam(lr=1e-3)` is Spec("optimizer", "adam", {...})."""
-
-    kind: str
-    name: str
-    args: dict = field(hash=False)
-
-    def __str__(self) -> str:
-        return f"{self.name}(" + ", ".join(f"{k}={v!r}" for k, v in self.args.items()) + ")"
 
 
 def _fraction(v: float, name: str) -> float:

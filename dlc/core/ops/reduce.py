@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..types import DType, ShapeError, TensorType
-from .base import Kind, OpDef, register
+from dlc.core.types import DType, ShapeError, TensorType
+from dlc.core.ops.base import Kind, OpDef, register
 
 
 def _check_axes(name: str, x: TensorType, axes: tuple[int, ...]) -> None:

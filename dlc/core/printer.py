@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops
-from .graph import Graph, Node
-from .types import DType, TensorType
+from dlc.core import ops
+from dlc.core.graph import Graph, Node
+from dlc.core.types import DType, TensorType
 
 
 def format_value(v) -> str:

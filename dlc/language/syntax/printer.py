@@ -1,7 +1,7 @@
 """Text form of the AST (`dlc compile --dump-ir=ast`): one node a line, with locations."""
 from __future__ import annotations
 
-from . import ast
+from dlc.language.syntax import ast
 
 
 def _loc(node) -> str:

@@ -10,10 +10,10 @@ from typing import Sequence
 
 import numpy as np
 
-from . import ops
-from .diagnostics import ShapeMismatch, Span, TypeError_
-from .graph import Graph, Node
-from .types import DType, ShapeError, TensorType, broadcast_shapes, normalize_axis
+from dlc.core import ops
+from dlc.core.diagnostics import ShapeMismatch, Span, TypeError_
+from dlc.core.graph import Graph, Node
+from dlc.core.types import DType, ShapeError, TensorType, broadcast_shapes, normalize_axis
 
 
 

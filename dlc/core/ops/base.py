@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..types import DType, ShapeError, TensorType
+from dlc.core.types import DType, ShapeError, TensorType
 
 
 class Kind(enum.Enum):

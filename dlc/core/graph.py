@@ -11,9 +11,9 @@ from typing import Any
 
 import networkx as nx
 
-from .diagnostics import Span
-from .ops import INPUT, OpDef
-from .types import ShapeError, TensorType
+from dlc.core.diagnostics import Span
+from dlc.core.ops import INPUT, OpDef
+from dlc.core.types import ShapeError, TensorType
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..types import DType, ShapeError, TensorType
-from .base import Kind, OpDef, register
+from dlc.core.types import DType, ShapeError, TensorType
+from dlc.core.ops.base import Kind, OpDef, register
 
 # input: a value supplied to the graph each run. role is one of
 #   data (the batch), label, param (trained), state (running statistics, optimizer

@@ -10,15 +10,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from . import nn
-from .builder import GraphBuilder, Value
-from .diagnostics import (ArgumentError, DlcError, NameError_, ShapeMismatch, Span, TypeError_,
+from dlc.language import nn
+from dlc.core.builder import GraphBuilder, Value
+from dlc.core.diagnostics import (ArgumentError, DlcError, NameError_, ShapeMismatch, Span, TypeError_,
                           UsageError, did_you_mean)
-from .graph import Graph
-from .initializers import ARITY as INIT_ARITY, Init, fans
-from .recipe import NORMALIZE, OPTIONS, RECIPE, Spec, TrainConfig
-from .syntax import ast
-from .types import DType, Sym, TensorType, dim_mul, sym, unify
+from dlc.core.graph import Graph
+from dlc.language.initializers import ARITY as INIT_ARITY, Init, fans
+from dlc.language.recipe import NORMALIZE, OPTIONS, RECIPE, Spec, TrainConfig
+from dlc.language.syntax import ast
+from dlc.core.types import DType, Sym, TensorType, dim_mul, sym, unify
 
 RESERVED = {"true", "false", "output", "label", "params", "weights"}
 

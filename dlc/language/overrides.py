@@ -11,9 +11,9 @@ import functools
 from lark import Lark
 from lark.exceptions import UnexpectedInput
 
-from .diagnostics import Source
-from .recipe import TrainConfig
-from .syntax.parse import _syntax_error, _ToAst
+from dlc.core.diagnostics import Source
+from dlc.language.recipe import TrainConfig
+from dlc.language.syntax.parse import _syntax_error, _ToAst
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,6 +35,6 @@ def override_config(config: TrainConfig, data: str | None = None, optimizer: str
     changes = {}
     for option, text in (("data", data), ("optimizer", optimizer)):
         if text is not None:
-            from .frontend import eval_recipe
+            from dlc.language.frontend import eval_recipe
             changes[option] = eval_recipe(parse_expression(text, f"--{option}"), option)
     return dataclasses.replace(config, **changes) if changes else config

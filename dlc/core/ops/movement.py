@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..types import ShapeError, Sym, TensorType, numel, shape_str
-from .base import Kind, OpDef, register
+from dlc.core.types import ShapeError, Sym, TensorType, numel, shape_str
+from dlc.core.ops.base import Kind, OpDef, register
 
 
 # reshape ---------------------------------------------------------------------------

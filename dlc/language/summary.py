@@ -1,7 +1,7 @@
 """`dlc check`'s model summary: each binding's output type and parameter count, then totals."""
 from __future__ import annotations
 
-from .frontend import Built
+from dlc.language.frontend import Built
 
 
 def _count(t) -> int:

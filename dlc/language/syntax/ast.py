@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from ..diagnostics import Span
+from dlc.core.diagnostics import Span
 
 
 @dataclass(frozen=True)

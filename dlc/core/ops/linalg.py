@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..types import ShapeError, TensorType
-from .base import Kind, OpDef, register, require_float, same_dtype
+from dlc.core.types import ShapeError, TensorType
+from dlc.core.ops.base import Kind, OpDef, register, require_float, same_dtype
 
 
 # matmul --------------------------------------------------------------------------------
