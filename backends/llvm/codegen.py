@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 from llvmlite import ir
 
-from dlc.core.kernel import Buffer, Ex, Ix, KernelProgram, LoopNest, Template, ix_vars
+from dlc.core.kernel import (Add, Buffer, Clamp, Const, Div, Ex, FreeVars, Gather, Index, Ix, KernelProgram, Lit,
+                             Load, LoopNest, Mod, Mul, Op, Rand, Reduce, Template, Var)
+from dlc.core.kernel import buffers_of as kernel_buffers
 from dlc.core.types import DType
 
 from . import mathlib
@@ -153,6 +155,74 @@ SCALAR_OPS = {
 
 # --- expressions ---------------------------------------------------------------------------------
 
+def _nonneg(*xs) -> tuple:
+    """Wrap flags: values never negative may also promise no unsigned wrap."""
+    return ("nuw", "nsw") if all(x.lo >= 0 for x in xs) else ("nsw",)
+
+
+def _floor_div(b, x, c: int):
+    q, r = b.sdiv(x, i64(c)), b.srem(x, i64(c))
+    return b.sub(q, b.zext(b.icmp_signed("<", r, i64(0)), I64))
+
+
+def _floor_mod(b, x, c: int):
+    r = b.srem(x, i64(c))
+    return b.add(r, b.select(b.icmp_signed("<", r, i64(0)), i64(c), i64(0)))
+
+
+def _clamp(em, e: Clamp):
+    v = em.ix(e.a)
+    if e.a.lo < e.lo:
+        v = smax(em.b, v, i64(e.lo))
+    if e.a.hi > e.hi:
+        v = smin(em.b, v, i64(e.hi))
+    return v
+
+
+# kernel-IR index node -> LLVM value (i64)
+IX_RULES = {
+    Var: lambda em, e: em.vars[e.name],
+    Const: lambda em, e: i64(e.value),
+    Add: lambda em, e: em.b.add(em.ix(e.a), em.ix(e.b), flags=_nonneg(e.a, e.b)),
+    Mul: lambda em, e: em.b.mul(em.ix(e.a), i64(e.c), flags=_nonneg(e.a) if e.c >= 0 else ("nsw",)),
+    Div: lambda em, e: em.b.udiv(em.ix(e.a), i64(e.c)) if e.a.lo >= 0 else _floor_div(em.b, em.ix(e.a), e.c),
+    Mod: lambda em, e: em.b.urem(em.ix(e.a), i64(e.c)) if e.a.lo >= 0 else _floor_mod(em.b, em.ix(e.a), e.c),
+    Clamp: _clamp,
+    Gather: lambda em, e: em.b.sext(em.value(e.value), I64),
+}
+
+
+def _load(em, e: Load):
+    b = em.b
+    t = memory_type(e.buf.dtype)
+    v = b.load(gep(b, em.pointers[e.buf.name], em.ix(e.index), t), typ=t, align=byte_size(t))
+    return b.trunc(v, I1) if e.buf.dtype == DType.bool else v
+
+
+def _index(em, e: Index):
+    b, v = em.b, em.ix(e.ix)
+    if e.dtype.is_float:
+        return b.sitofp(v, value_type(e.dtype))
+    return b.trunc(v, I32) if e.dtype == DType.i32 else b.icmp_signed("!=", v, i64(0))
+
+
+def _op(em, e: Op):
+    values = [em.value(x) for x in e.args]
+    in_dtype = e.args[0].dtype if e.name == "cast" else e.args[1].dtype if e.name == "select" else e.args[-1].dtype
+    return SCALAR_OPS[e.name](em.b, values, e.dtype, in_dtype)
+
+
+# kernel-IR scalar node -> LLVM value
+EX_RULES = {
+    Load: _load,
+    Lit: lambda em, e: _literal(e.value, e.dtype),
+    Index: _index,
+    Op: _op,
+    Rand: lambda em, e: em.rand(e),
+    Reduce: lambda em, e: em.reduce(e),
+}
+
+
 class Emitter:
     """Emits kernel-IR expressions inside one LLVM function."""
 
@@ -161,7 +231,7 @@ class Emitter:
         self.pointers = pointers          # buffer name -> pointer
         self.vars: dict[str, ir.Value] = {}
         self.scopes: list[dict[int, ir.Value]] = [{}]
-        self._free: dict[int, frozenset] = {}
+        self.free_vars = FreeVars()
 
     # scopes: a value computed in a loop body is only reused inside that body
     def push(self):
@@ -178,101 +248,36 @@ class Emitter:
 
     def ix(self, e: Ix) -> ir.Value:
         hit = self._cached(id(e))
-        if hit is not None:
-            return hit
-        b, k, a = self.b, e.kind, e.args
-        if k == "var":
-            v = self.vars[a[0]]
-        elif k == "const":
-            v = i64(a[0])
-        elif k == "add":
-            v = b.add(self.ix(a[0]), self.ix(a[1]), flags=("nuw", "nsw"))
-        elif k == "mul":
-            v = b.mul(self.ix(a[0]), i64(a[1]), flags=("nuw", "nsw"))
-        elif k == "div":
-            v = b.udiv(self.ix(a[0]), i64(a[1]))
-        elif k == "mod":
-            v = b.urem(self.ix(a[0]), i64(a[1]))
-        else:  # shift: clamp((a - lo) // step, 0, n - 1)
-            x, lo, step, n = a
-            d = b.sdiv(b.sub(self.ix(x), i64(lo)), i64(step))
-            v = smin(b, smax(b, d, i64(0)), i64(n - 1))
-        self.scopes[-1][id(e)] = v
-        return v
-
-    def free_vars(self, e: Ex) -> frozenset:
-        """Loop variables an expression depends on (not counting its own reductions')."""
-        hit = self._free.get(id(e))
         if hit is None:
-            k, a = e.kind, e.args
-            if k == "load":
-                hit = ix_vars(a[1])
-            elif k == "index":
-                hit = ix_vars(a[0])
-            elif k == "lit":
-                hit = frozenset()
-            elif k == "op":
-                hit = frozenset().union(*(self.free_vars(x) for x in a[1:]))
-            elif k == "rand":
-                hit = self.free_vars(a[0]) | self.free_vars(a[1]) | ix_vars(a[3])
-            else:
-                hit = self.free_vars(a[2]) - {v.args[0] for v in a[1]}
-            self._free[id(e)] = hit
+            hit = self.scopes[-1][id(e)] = IX_RULES[type(e)](self, e)
         return hit
 
     def hoist(self, e: Ex, bound: frozenset) -> None:
         """Compute now (in the current scope) the largest parts of e that depend only on
         `bound` variables and cost more than a constant."""
-        if e.kind in ("lit",) or self._cached(id(e)) is not None:
+        if isinstance(e, Lit) or self._cached(id(e)) is not None:
             return
-        if self.free_vars(e) <= bound and e.kind != "index":
+        if self.free_vars(e) <= bound and not isinstance(e, Index):
             self.value(e)
             return
-        if e.kind == "op":
-            for x in e.args[1:]:
+        if isinstance(e, Op):
+            for x in e.args:
                 self.hoist(x, bound)
 
     def value(self, e: Ex) -> ir.Value:
         hit = self._cached(id(e))
-        if hit is not None:
-            return hit
-        v = self._value(e)
-        self.scopes[-1][id(e)] = v
-        return v
+        if hit is None:
+            hit = self.scopes[-1][id(e)] = EX_RULES[type(e)](self, e)
+        return hit
 
-    def _value(self, e: Ex) -> ir.Value:
-        b, k, a = self.b, e.kind, e.args
-        if k == "load":
-            buf, flat = a
-            t = memory_type(buf.dtype)
-            v = b.load(gep(b, self.pointers[buf.name], self.ix(flat), t), typ=t, align=byte_size(t))
-            return b.trunc(v, I1) if buf.dtype == DType.bool else v
-        if k == "lit":
-            return _literal(a[0], e.dtype)
-        if k == "index":
-            v = self.ix(a[0])
-            if e.dtype.is_float:
-                return b.sitofp(v, value_type(e.dtype))
-            return b.trunc(v, I32) if e.dtype == DType.i32 else b.icmp_signed("!=", v, i64(0))
-        if k == "op":
-            name, args = a[0], a[1:]
-            values = [self.value(x) for x in args]
-            in_dtype = args[-1].dtype if name != "select" else args[1].dtype
-            if name == "cast":
-                in_dtype = args[0].dtype
-            return SCALAR_OPS[name](b, values, e.dtype, in_dtype)
-        if k == "rand":
-            return self._rand(*a)
-        return self._reduce(e)
-
-    def _rand(self, seed: Ex, step: Ex, stream: int, flat: Ix) -> ir.Value:
+    def rand(self, e: Rand) -> ir.Value:
         b = self.b
-        key = fmix32(b, b.xor(self.value(seed), fmix32(b, b.xor(i32(stream), fmix32(b, self.value(step))))))
-        h = fmix32(b, b.xor(b.mul(b.trunc(self.ix(flat), I32), i32(GOLDEN)), key))
+        key = fmix32(b, b.xor(self.value(e.seed), fmix32(b, b.xor(i32(e.stream), fmix32(b, self.value(e.step))))))
+        h = fmix32(b, b.xor(b.mul(b.trunc(self.ix(e.flat), I32), i32(GOLDEN)), key))
         return b.fmul(b.uitofp(b.lshr(h, i32(8)), F32), ir.Constant(F32, 2.0 ** -24))
 
-    def _reduce(self, e: Ex) -> ir.Value:
-        op, vars_, body = e.args
+    def reduce(self, e: Reduce) -> ir.Value:
+        op, vars_, body = e.op, e.vars, e.body
         b = self.b
         if not vars_:  # a reduction over no axes is the value itself
             return self.value(body)
@@ -287,19 +292,17 @@ class Emitter:
 
         def nest(level: int, carried):
             var = vars_[level]
-            name, extent = var.args
 
             def step(i, acc):
-                self.vars[name] = i
+                self.vars[var.name] = i
                 self.push()
                 if level + 1 < len(vars_):
                     out = nest(level + 1, acc)
                 else:
-                    v = self.value(body)
-                    out = self._combine(op, acc, v, body.dtype, vars_)
+                    out = self._combine(op, acc, self.value(body), body.dtype, vars_)
                 self.pop()
                 return out
-            return loop(b, 0, extent, carried, step, name=name)
+            return loop(b, 0, var.extent, carried, step, name=var.name)
 
         result = nest(0, init)
         return result[0] if op != "argmax" else result[1]
@@ -313,7 +316,7 @@ class Emitter:
         best, idx = acc
         flat = i64(0)
         for var in vars_:
-            flat = b.add(b.mul(flat, i64(var.args[1])), self.vars[var.args[0]])
+            flat = b.add(b.mul(flat, i64(var.extent)), self.vars[var.name])
         if dtype.is_float:  # the first maximum wins; a NaN counts as the maximum (numpy)
             take = b.or_(b.fcmp_ordered(">", v, best),
                          b.and_(b.fcmp_unordered("uno", v, v), b.fcmp_ordered("ord", best, best)))
@@ -358,29 +361,26 @@ def emit_nest(em: Emitter, nest: LoopNest, tid, nthreads, bounds: dict | None = 
     """Emit a LoopNest; its outer iterations are shared between threads unless `bounds`
     (var name -> (lo, hi) values) fixes them, as for a template's epilogue."""
     b = em.b
-    outer, inner = list(nest.outer), list(nest.inner)
-    parallel = outer if outer else inner[:1] if not nest.row_stores else []
-    rest = inner if outer else inner[1:] if not nest.row_stores else inner
     if bounds is not None:
         _bounded(em, nest, bounds)
         return
-    extents = [v.args[1] for v in parallel]
+    extents = [v.extent for v in nest.outer]
     total = math.prod(extents)
-    if nest.serial or not parallel:
+    if nest.serial or not nest.outer:
         lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i32(0)), i64(total), i64(0))
     else:
         lo, hi = split(b, total, tid, nthreads)
-    outer_names = frozenset(v.args[0] for v in outer)
+    outer_names = frozenset(v.name for v in nest.outer)
 
     def body(f, _):
-        for v, idx in zip(parallel, _unravel(b, f, extents)):
-            em.vars[v.args[0]] = idx
+        for v, idx in zip(nest.outer, _unravel(b, f, extents)):
+            em.vars[v.name] = idx
         em.push()
         store_all(em, nest.row_stores)
         if nest.stores:
             for s in nest.stores:
                 em.hoist(s.value, outer_names)
-            _inner_loops(em, nest, rest)
+            _inner_loops(em, nest, list(nest.inner))
         em.pop()
         return []
     loop(b, lo, hi, (), body, name="p")
@@ -401,12 +401,12 @@ def _inner_loops(em: Emitter, nest: LoopNest, vars_) -> None:
     var = vars_[0]
 
     def body(i, _):
-        em.vars[var.args[0]] = i
+        em.vars[var.name] = i
         em.push()
         _inner_loops(em, nest, vars_[1:])
         em.pop()
         return []
-    loop(em.b, 0, var.args[1], (), body, name=var.args[0])
+    loop(em.b, 0, var.extent, (), body, name=var.name)
 
 
 def _bounded(em: Emitter, nest: LoopNest, bounds: dict) -> None:
@@ -418,51 +418,27 @@ def _bounded(em: Emitter, nest: LoopNest, bounds: dict) -> None:
             store_all(em, nest.row_stores + nest.stores)
             return
         var = vars_[k]
-        lo, hi = bounds.get(var.args[0], (i64(0), i64(var.args[1])))
+        lo, hi = bounds.get(var.name, (i64(0), i64(var.extent)))
 
         def body(i, _):
-            em.vars[var.args[0]] = i
+            em.vars[var.name] = i
             em.push()
             level(k + 1)
             em.pop()
             return []
-        loop(em.b, lo, hi, (), body, name=var.args[0])
+        loop(em.b, lo, hi, (), body, name=var.name)
     level(0)
 
 
 # --- the module ------------------------------------------------------------------------------------
 
 def buffers_of(part) -> list[Buffer]:
-    """Every buffer a kernel part touches, in a stable order."""
-    seen: dict[str, Buffer] = {}
-
-    def walk(e: Ex, done: set):
-        if id(e) in done:
-            return
-        done.add(id(e))
-        if e.kind == "load":
-            seen.setdefault(e.args[0].name, e.args[0])
-        elif e.kind == "op":
-            for x in e.args[1:]:
-                walk(x, done)
-        elif e.kind == "rand":
-            walk(e.args[0], done)
-            walk(e.args[1], done)
-        elif e.kind == "reduce":
-            walk(e.args[2], done)
-
-    done: set = set()
-    nests = [part] if isinstance(part, LoopNest) else [part.epilogue] if part.epilogue else []
-    if isinstance(part, Template):
-        for buf in part.inputs + (part.output,):
-            seen.setdefault(buf.name, buf)
-        if part.op == "matmul":  # per-thread packing space
-            seen["__scratch__"] = Buffer("__scratch__", DType.f32, (0,), "scratch")
-    for nest in nests:
-        for s in nest.row_stores + nest.stores:
-            seen.setdefault(s.buf.name, s.buf)
-            walk(s.value, done)
-    return list(seen.values())
+    """The buffers a part's function takes: the kernel IR's, plus per-thread packing
+    space for the GEMM."""
+    out = kernel_buffers(part)
+    if isinstance(part, Template) and part.op == "matmul":
+        out.append(Buffer("__scratch__", DType.f32, (0,), "scratch"))
+    return out
 
 
 class ModuleBuilder:

@@ -50,7 +50,7 @@ def _epilogue(em, t: Template, bounds_by_axis: list) -> None:
         return
     from .codegen import emit_nest
     vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
-    bounds = {v.args[0]: r for v, r in zip(vars_, bounds_by_axis) if r is not None}
+    bounds = {v.name: r for v, r in zip(vars_, bounds_by_axis) if r is not None}
     emit_nest(em, t.epilogue, None, None, bounds=bounds)
 
 
@@ -85,7 +85,7 @@ def _epilogue_units(em, t, lo, hi, lead):
     vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
 
     def body(*idx):
-        bounds = {v.args[0]: (i, b.add(i, i64(1))) for v, i in zip(vars_[:lead], idx)}
+        bounds = {v.name: (i, b.add(i, i64(1))) for v, i in zip(vars_[:lead], idx)}
         em.push()
         _bounded(em, t.epilogue, bounds)
         em.pop()
