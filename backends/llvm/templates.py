@@ -15,7 +15,7 @@ from llvmlite import ir
 
 from dlc.core.kernel import Template
 
-from .gemm import CpuTarget, GemmSpec, _Vec, emit_gemm
+from .gemm import GemmSpec, _Vec, emit_gemm
 from .irutil import F32, FAST, I64, REDUCE, for_range, gep, i64, loop, smax, smin, split
 
 
@@ -114,7 +114,7 @@ def matmul(mb, em, t: Template, tid, nthreads) -> None:
     key = (mb.modules.index(mb.module), spec)  # one function per distinct shape and module
     if key not in mb.gemms:
         name = f"gemm.{key[0]}.{len(mb.gemms)}.{mb.tag}"
-        mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=CpuTarget(mb.target.cpu, mb.target.features))
+        mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=mb.target)
     info = mb.gemms[key]
     mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, info.workspace_bytes)
     fn = mb.module.globals[info.name]
