@@ -21,7 +21,7 @@ class CpuBackend(Backend):
         return frozenset(EMITTERS)
 
     def coverage(self) -> dict[str, set]:
-        from .codegen import EX_RULES, IX_RULES, SCALAR_OPS
+        from .emit import EX_RULES, IX_RULES, SCALAR_OPS
         return {"scalar ops": set(SCALAR_OPS), "index nodes": set(IX_RULES), "scalar nodes": set(EX_RULES)}
 
     def target(self, options: dict):

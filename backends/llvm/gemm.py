@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
-from .irutil import for_range
+from .irutil import for_range, set_target
 from .target import Target
 
 F32 = ir.FloatType()
@@ -62,19 +62,6 @@ _EPILOGUE = 2   # last K block: apply bias and ReLU
 
 # Accumulator registers the microkernel may use (the rest hold B vectors and a broadcast).
 _MAX_ACCUMULATORS = {4: 12, 8: 12, 16: 28}
-
-
-# --------------------------------------------------------------------------- target
-
-
-def _set_target_attributes(fn: ir.Function, target: Target, vector_width: int) -> None:
-    # llvmlite's FunctionAttributes only knows enum attributes and rejects "key"="value"
-    # pairs (numba/llvmlite#1348); the set prints its items verbatim, so add them directly.
-    for key, value in (("target-cpu", target.cpu),
-                       ("target-features", target.features),
-                       ("prefer-vector-width", str(32 * vector_width))):
-        set.add(fn.attributes, f'"{key}"="{value}"')
-    fn.attributes.add("nounwind")
 
 
 # --------------------------------------------------------------------------- spec, plan, info
@@ -355,7 +342,7 @@ def _new_function(module, name, args, target, w, linkage=None) -> ir.Function:
         arg.name = arg_name
     if linkage:
         fn.linkage = linkage
-    _set_target_attributes(fn, target, w)
+    set_target(fn, target, w)
     return fn
 
 

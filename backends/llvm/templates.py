@@ -15,6 +15,8 @@ from llvmlite import ir
 
 from dlc.core.kernel import Template
 
+from .emit import emit_bounded, emit_nest
+from .mathlib import maximum
 from .gemm import GemmSpec, _Vec, emit_gemm
 from .irutil import F32, FAST, I64, REDUCE, for_range, gep, i64, loop, smax, smin, split
 
@@ -48,7 +50,6 @@ def _epilogue(em, t: Template, bounds_by_axis: list) -> None:
     """The fused elementwise ops over this thread's share of the output."""
     if t.epilogue is None:
         return
-    from .codegen import emit_nest
     vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
     bounds = {v.name: r for v, r in zip(vars_, bounds_by_axis) if r is not None}
     emit_nest(em, t.epilogue, None, None, bounds=bounds)
@@ -79,7 +80,6 @@ def _epilogue_units(em, t, lo, hi, lead):
     """Epilogue over the same units: loop over units, then the remaining axes whole."""
     if t.epilogue is None:
         return
-    from .codegen import _bounded
     b = em.b
     shape = t.output.shape
     vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
@@ -87,7 +87,7 @@ def _epilogue_units(em, t, lo, hi, lead):
     def body(*idx):
         bounds = {v.name: (i, b.add(i, i64(1))) for v, i in zip(vars_[:lead], idx)}
         em.push()
-        _bounded(em, t.epilogue, bounds)
+        emit_bounded(em, t.epilogue, bounds)
         em.pop()
     _each_unit(b, lo, hi, shape[:lead], body)
 
@@ -502,7 +502,6 @@ def pool2d(mb, em, t: Template, tid, nthreads) -> None:
     is_max = t.attrs["mode"] == "max"
     X, Y = _ptr(em, xb), _ptr(em, t.output)
     lo, hi, _ = _share(b, t, 2, tid, nthreads)
-    from .mathlib import maximum
 
     def unit(n, c):
         plane = _flat(b, (n, C * H * W), (c, H * W))
@@ -644,9 +643,8 @@ def _epilogue_serial(em, t: Template, tid) -> None:
     if t.epilogue is None:
         return
     b = em.b
-    from .codegen import _bounded
     with b.if_then(b.icmp_signed("==", tid, ir.Constant(ir.IntType(32), 0))):
-        _bounded(em, t.epilogue, {})
+        emit_bounded(em, t.epilogue, {})
 
 
 EMITTERS = {"matmul": matmul, "conv2d": conv2d, "conv2d_bwd_data": conv2d_bwd_data,
