@@ -1,8 +1,8 @@
 """Compile CUDA C to PTX or to machine code (cubin) with NVRTC, through CuPy's bindings.
 
-    mod = compile_cuda(source)                      # sm_90 cubin + per-kernel ptxas report
-    mod.kernels["k"].registers, mod.kernels["k"].spill_stores
-    ptx = compile_cuda(source, arch="compute_90")   # PTX text (bytes); no ptxas, no report
+    mod = compile_cuda(source)                      # sm_90: cubin, its PTX, a ptxas report
+    mod.binary, mod.ptx, mod.kernels["k"].registers, mod.kernels["k"].spill_stores
+    mod = compile_cuda(source, arch="compute_90")   # PTX only (binary == ptx), no report
 
 No GPU is needed to compile: NVRTC is a library. `gpu_available()` says whether one can
 also run the result. Every availability check returns an `Availability`: truthy or not,
@@ -135,6 +135,7 @@ class KernelReport:
 class CudaModule:
     arch: str                 # "sm_90" (binary is a cubin) or "compute_90" (binary is PTX)
     binary: bytes
+    ptx: bytes                # the PTX NVRTC generated on the way (for either kind of arch)
     log: str
     kernels: dict[str, KernelReport] = field(default_factory=dict)  # empty for PTX
 
@@ -171,10 +172,10 @@ def compile_cuda(source: str, arch: str = DEFAULT_ARCH, options=(), *, fast_math
             nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError:
             raise CudaCompileError(nvrtc.getProgramLog(prog), source, filename) from None
-        log = nvrtc.getProgramLog(prog)
+        log, text = nvrtc.getProgramLog(prog), _as_bytes(nvrtc.getPTX(prog))
         if ptx:
-            return CudaModule(arch, _as_bytes(nvrtc.getPTX(prog)), log)
-        return CudaModule(arch, _as_bytes(nvrtc.getCUBIN(prog)), log, parse_ptxas_log(log))
+            return CudaModule(arch, text, text, log)
+        return CudaModule(arch, _as_bytes(nvrtc.getCUBIN(prog)), text, log, parse_ptxas_log(log))
     finally:
         nvrtc.destroyProgram(prog)
 

@@ -35,7 +35,7 @@
 #define __shared__ static  // one instance, shared by the threads of the running block
 #define __constant__ static
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 struct uint3 { unsigned x, y, z; };
 struct dim3 {
