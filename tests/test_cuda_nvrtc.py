@@ -43,6 +43,8 @@ def test_without_cupy_every_check_says_how_to_install(monkeypatch, fresh_checks)
     for check in (nvrtc.cupy_available, nvrtc.nvrtc_available, nvrtc.gpu_available):
         have = check()
         assert not have and have.reason == "CuPy is not installed: pip install 'dlc[cuda]'"
+    with pytest.raises(nvrtc.CudaUnavailable, match="pip install"):
+        nvrtc.compile_cuda("")
 
 
 def test_gpu_check_gives_a_reason(fresh_checks):

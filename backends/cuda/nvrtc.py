@@ -144,6 +144,10 @@ class CudaModule:
         return self.arch.startswith("compute_")
 
 
+class CudaUnavailable(RuntimeError):
+    """CuPy or NVRTC is missing; the message says which and how to install it."""
+
+
 class CudaCompileError(RuntimeError):
     """NVRTC rejected the source; `log` is NVRTC's log, the message adds the source lines
     it points at (numbered as in the log)."""
@@ -156,10 +160,14 @@ class CudaCompileError(RuntimeError):
 def compile_cuda(source: str, arch: str = DEFAULT_ARCH, options=(), *, fast_math: bool = False,
                  filename: str = "dlc.cu") -> CudaModule:
     """Compile `source` for `arch`: "sm_XX" gives a cubin and a per-kernel report,
-    "compute_XX" gives PTX. Raises CudaCompileError on a compile error."""
-    from cupy.cuda import nvrtc
+    "compute_XX" gives PTX. Raises CudaCompileError on a compile error, CudaUnavailable
+    (with the reason) when CuPy or NVRTC is missing."""
     if not re.fullmatch(r"(sm|compute)_\d+[af]?", arch):
         raise ValueError(f"arch must look like sm_90 or compute_90, got {arch!r}")
+    have = nvrtc_available()
+    if not have:
+        raise CudaUnavailable(have.reason)
+    from cupy.cuda import nvrtc
     opts = [f"--gpu-architecture={arch}", "--std=c++17", *options]
     if fast_math:
         opts.append("--use_fast_math")
