@@ -107,6 +107,11 @@ def _all(*conds: str) -> str:
     return " && ".join(conds) if conds else "true"
 
 
+def _plus(var: str, c: int) -> str:
+    """`var + c` written plainly: "y_", "y_ + 2", "y_ - 1"."""
+    return var if c == 0 else f"{var} + {c}" if c > 0 else f"{var} - {-c}"
+
+
 def _blocks(total: int, per: int) -> int:
     return -(-total // per)
 
@@ -501,9 +506,24 @@ class _ConvShape:
     def ow(self) -> int:
         return _conv_out(self.w, self.kw, self.sw, self.pw)
 
+    @property
+    def x(self) -> str:
+        return f"x[{self.n},{self.c},{self.h},{self.w}]"
+
+    @property
+    def wt(self) -> str:
+        return f"w[{self.o},{self.c},{self.kh},{self.kw}]"
+
+    @property
+    def y(self) -> str:
+        return f"[{self.n},{self.o},{self.oh},{self.ow}]"
+
+    @property
+    def window(self) -> str:
+        return f"stride {self.sh}x{self.sw} pad {self.ph}x{self.pw}"
+
     def text(self) -> str:
-        return (f"x[{self.n},{self.c},{self.h},{self.w}] w[{self.o},{self.c},{self.kh},{self.kw}] "
-                f"stride {self.sh}x{self.sw} pad {self.ph}x{self.pw} -> [{self.n},{self.o},{self.oh},{self.ow}]")
+        return f"{self.x} {self.wt} {self.window} -> {self.y}"
 
 
 def _conv_shape(x_shape, w_shape, stride, pad) -> _ConvShape:
@@ -590,7 +610,7 @@ __device__ __forceinline__ float {name}_dy(const float* __restrict__ dy, int oij
               a_kfast=True, b_kfast=False,
               out_index=lambda r, c: f"({c}) / {hw} * {s.c * hw} + ({r}) * {hw} + ({c}) % {hw}",
               binds=[f"const float* __restrict__ dy_ = ({dy});", f"const float* __restrict__ w_ = ({w});"],
-              helpers=helper, what=f"conv2d_bwd_data: dy[{n},{o},{oh},{ow}] -> dx of {s.text()}")
+              helpers=helper, what=f"conv2d_bwd_data: dy{s.y} {s.wt} {s.window} -> dx[{n},{s.c},{h},{wd}]")
     sig = _signature(params, [(dy, "const float"), (w, "const float"), (out, "float")])
     return _gemm(name, g, tile, tf32, sig, _epilogue(epilogue, out))
 
@@ -614,7 +634,7 @@ def conv2d_bwd_filter(name: str, x_shape, dy_shape, kernel, stride=1, pad=0, *, 
               a_kfast=True, b_kfast=True,
               out_index=lambda r, c: f"({r}) * {cols} + ({c})",
               binds=[f"const float* __restrict__ x_ = ({x});", f"const float* __restrict__ dy_ = ({dy});"],
-              helpers=_x_gather(f"{name}_x", s), what=f"conv2d_bwd_filter: dw of {s.text()}")
+              helpers=_x_gather(f"{name}_x", s), what=f"conv2d_bwd_filter: {s.x} dy{s.y} {s.window} -> d{s.wt}")
     sig = _signature(params, [(x, "const float"), (dy, "const float"), (out, "float")])
     return _gemm(name, g, tile, tf32, sig, _epilogue(epilogue, out))
 
@@ -717,24 +737,28 @@ def pool2d_bwd(name: str, x_shape, mode: str, kernel, stride, pad=0, *, x: str, 
                     }}
                 }}
             }}
-            if (arg_ == (y_ + {ph} - oy_ * {sh}) * {kw} + (x_ + {pw} - ox_ * {sw})) v_ += gplane_[oy_ * {ow} + ox_];"""
+            if (arg_ == ({_plus("y_", ph)} - oy_ * {sh}) * {kw} + {_plus("x_", pw)} - ox_ * {sw})
+                v_ += gplane_[oy_ * {ow} + ox_];"""
         scale = ""
     else:
-        contribution = f"""
-            v_ += gplane_[oy_ * {ow} + ox_];"""
+        contribution = f"v_ += gplane_[oy_ * {ow} + ox_];"
         scale = f"v_ *= {1.0 / (kh * kw)!r}f;"
-    # windows oy with oy*s - p <= y <= oy*s - p + k - 1
+    inner = textwrap.indent(textwrap.dedent(contribution).strip(), " " * 16)
+    plane = f"const float* __restrict__ plane_ = xin_ + nc_ * {h * w};\n        " if mode == "max" else ""
+
+    def first(v: str, p: int, k: int, s: int) -> str:  # the first window reaching v: ceil((v+p-k+1)/s), >= 0
+        t = _plus(v, p - k + 1)
+        return f"{t} > 0 ? ({_plus(v, p - k + s)}) / {s} : 0" if p - k + 1 < 0 else f"({t} + {s - 1}) / {s}"
     body = f"""
         const int x_ = idx_ % {w}, y_ = idx_ / {w} % {h}, nc_ = idx_ / {h * w};
-        const float* __restrict__ plane_ = xin_ + nc_ * {h * w};
-        const float* __restrict__ gplane_ = dy_ + nc_ * {oh * ow};
-        const int ylo_ = y_ + {ph - kh + 1} > 0 ? (y_ + {ph - kh + 1} + {sh - 1}) / {sh} : 0;
-        const int yhi_ = min((y_ + {ph}) / {sh}, {oh - 1});
-        const int xlo_ = x_ + {pw - kw + 1} > 0 ? (x_ + {pw - kw + 1} + {sw - 1}) / {sw} : 0;
-        const int xhi_ = min((x_ + {pw}) / {sw}, {ow - 1});
+        {plane}const float* __restrict__ gplane_ = dy_ + nc_ * {oh * ow};
+        // the windows containing (y, x): oy * stride - pad <= y < oy * stride - pad + kernel, likewise ox
+        const int ylo_ = {first("y_", ph, kh, sh)}, yhi_ = min(({_plus("y_", ph)}) / {sh}, {oh - 1});
+        const int xlo_ = {first("x_", pw, kw, sw)}, xhi_ = min(({_plus("x_", pw)}) / {sw}, {ow - 1});
         float v_ = 0.0f;
         for (int oy_ = ylo_; oy_ <= yhi_; ++oy_) {{
-            for (int ox_ = xlo_; ox_ <= xhi_; ++ox_) {{{textwrap.indent(textwrap.dedent(contribution), "        ")}
+            for (int ox_ = xlo_; ox_ <= xhi_; ++ox_) {{
+{inner}
             }}
         }}
         {scale}
