@@ -145,8 +145,8 @@ for _c in CONVS:
     CASES += _conv_cases(*_c)
 CASES += _conv_cases(2, 3, 7, 6, 4, 3, 1, 1, tile=None)        # the heuristic's tile
 CASES += _conv_cases(2, 3, 9, 8, 20, 3, 2, 1, tile=T.TILE_128)  # the big tile
-CASES += _conv_cases(2, 3, 7, 6, 4, 3, 1, 1, tf32=True)
-CASES += _conv_cases(1, 4, 9, 9, 5, 3, 2, 1, tf32=True)
+CASES += _conv_cases(2, 3, 7, 6, 4, 3, 1, 1, tile=None, tf32=True)
+CASES += _conv_cases(1, 4, 9, 9, 5, 3, 2, 1, tile=None, tf32=True)
 
 
 # --- pooling -----------------------------------------------------------------------------------------
@@ -434,6 +434,10 @@ def test_output_or_epilogue_required():
 def test_bad_tiles_and_shapes_are_refused():
     with pytest.raises(ValueError, match="tile"):
         T.matmul("k", 4, 4, 4, a="A", b="B", out="C", tile=T.Tile(16, 16, 8, 3, 2))
+    with pytest.raises(ValueError, match="MmaTile"):
+        T.matmul("k", 4, 4, 4, a="A", b="B", out="C", tile=T.TILE_16, tf32=True)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        T.matmul("k", 2**16, 2**16, 1, a="A", b="B", out="C")
     with pytest.raises(ValueError, match="fit"):
         T.conv2d("k", (1, 1, 2, 2), (1, 1, 3, 3), 1, 0, x="x", w="w", out="y")
     with pytest.raises(ValueError, match="does not match"):

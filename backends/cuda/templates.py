@@ -450,9 +450,11 @@ def _binds(binds: Sequence[str]) -> str:
 
 def _gemm(name, g: _Gemm, tile, tf32: bool, signature: str, epilogue: Epilogue) -> CudaKernel:
     _check_sizes(g.what, g.m, g.n, g.k, g.m * g.n)
+    if tile is not None and isinstance(tile, MmaTile) != tf32:
+        raise ValueError(f"{g.what}: tf32={tf32} takes {'an MmaTile' if tf32 else 'a Tile'}, got {tile}")
     if tf32:
-        return _tf32_gemm(name, g, tile if isinstance(tile, MmaTile) else MMA_64, signature, epilogue)
-    return _sgemm(name, g, tile if isinstance(tile, Tile) else pick_tile(g.m, g.n), signature, epilogue)
+        return _tf32_gemm(name, g, tile or MMA_64, signature, epilogue)
+    return _sgemm(name, g, tile or pick_tile(g.m, g.n), signature, epilogue)
 
 
 # --- matmul ------------------------------------------------------------------------------------------
@@ -463,6 +465,7 @@ def matmul(name: str, m: int, n: int, k: int, *, a: str, b: str, out: str | None
            tf32: bool = False) -> CudaKernel:
     """C[m, n] = op(A) @ op(B): A is [m, k] ([k, m] when ta), B is [k, n] ([n, k] when tb).
     `tf32` uses tensor cores (inputs rounded to 10 mantissa bits; sm_80+)."""
+    _check_sizes("matmul", m * k, k * n)
     g = _Gemm(m, n, k,
               a=lambda r, kk: f"a_[({kk}) * {m} + ({r})]" if ta else f"a_[({r}) * {k} + ({kk})]",
               b=lambda kk, c: f"b_[({c}) * {k} + ({kk})]" if tb else f"b_[({kk}) * {n} + ({c})]",
