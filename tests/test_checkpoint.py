@@ -5,6 +5,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -108,12 +110,13 @@ def _files(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_failed_write_keeps_previous_checkpoint(ckpt, monkeypatch):
-    def broken_write(fp, array, **kwargs):
-        fp.write(b"partial")
-        raise OSError(28, "No space left on device")
+def _disk_full(fp, array, **kwargs):
+    fp.write(b"partial")
+    raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np.lib.format, "write_array", broken_write)
+
+def test_failed_write_keeps_previous_checkpoint(ckpt, monkeypatch):
+    monkeypatch.setattr(np.lib.format, "write_array", _disk_full)
     with pytest.raises(CheckpointError, match="cannot write checkpoint .*: No space left"):
         save_checkpoint(ckpt, {"w": np.ones(3)}, {"model": "other"})
     monkeypatch.undo()
@@ -146,6 +149,45 @@ def test_overwrite_replaces_whole_file(ckpt):
     arrays, meta = load_checkpoint(ckpt)
     assert list(arrays) == ["w"] and meta["epoch"] == 4
     assert _files(ckpt.parent) == [ckpt.name]
+
+
+def test_keep_previous_moves_the_old_file_aside(ckpt):
+    assert save_checkpoint(ckpt, {"w": np.ones(3)}, {"model": "new"}, keep_previous=True) \
+        == ckpt.parent / "model.ckpt.prev.npz"
+    assert _files(ckpt.parent) == ["model.ckpt.npz", "model.ckpt.prev.npz"]
+    assert load_checkpoint(ckpt)[1]["model"] == "new"
+    assert load_checkpoint(ckpt.parent / "model.ckpt.prev.npz")[1]["model"] == "mlp"
+
+
+def test_keep_previous_without_a_previous_file(tmp_path):
+    assert save_checkpoint(tmp_path / "c.npz", {"w": np.ones(1)}, {}, keep_previous=True) is None
+    assert _files(tmp_path) == ["c.npz"]
+
+
+def test_failed_write_with_keep_previous_leaves_the_old_file_in_place(ckpt, monkeypatch):
+    monkeypatch.setattr(np.lib.format, "write_array", _disk_full)
+    with pytest.raises(CheckpointError):
+        save_checkpoint(ckpt, {"w": np.ones(3)}, {"model": "other"}, keep_previous=True)
+    assert _files(ckpt.parent) == [ckpt.name]
+
+
+_KILLED_SAVE = """
+import os, sys, numpy as np
+from dlc.runtime.checkpoint import save_checkpoint
+np.lib.format.write_array = lambda *a, **k: os._exit(9)  # killed in the middle of the write
+save_checkpoint(sys.argv[1], {"w": np.ones(3)}, {})
+"""
+
+
+def test_temporaries_of_a_killed_save_are_removed_by_the_next_save(ckpt):
+    subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(ckpt)], check=False)
+    stale = [name for name in _files(ckpt.parent) if name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".model.ckpt.npz.")
+    others = [".model.ckpt.npz.notours.tmp", ".other.npz.abcd1234.tmp", "model.ckpt.npz.tmp"]
+    for name in others:
+        (ckpt.parent / name).write_text("not dlc's")
+    save_checkpoint(ckpt, {"w": np.ones(3)}, {"model": "mlp"})
+    assert _files(ckpt.parent) == sorted([ckpt.name, *others])
 
 
 # ---- damaged and foreign files ----

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import struct
 import tempfile
 import zipfile
@@ -33,8 +34,11 @@ ExpectedTensors = Mapping[str, tuple[tuple[int, ...], str]]
 
 
 def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
-                    meta: Mapping[str, Any]) -> None:
-    """Write `arrays` and `meta` to `path` so that it holds either the old or the new checkpoint."""
+                    meta: Mapping[str, Any], keep_previous: bool = False) -> Path | None:
+    """Write `arrays` and `meta` to `path` so that it holds either the old or the new checkpoint.
+
+    With `keep_previous`, a file already at `path` is moved to `previous_path(path)` once the
+    new one is written; returns where it went (None when there was none)."""
     path = Path(path)
     arrays = {name: np.asarray(a) for name, a in arrays.items()}
     if META_KEY in arrays:
@@ -42,7 +46,7 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
                               "not a tensor name")
     members = {**arrays, META_KEY: _encode_meta(arrays, meta)}
     try:
-        _write_atomically(path, members)
+        return _write_atomically(path, members, keep_previous)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint `{path}`: {e.strerror or e}",
                               hint="check that the folder is writable and the disk has room; "
@@ -83,21 +87,43 @@ def _encode_meta(arrays: dict[str, np.ndarray], meta: Mapping[str, Any]) -> np.n
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
-def _write_atomically(path: Path, members: dict[str, np.ndarray]) -> None:
+def previous_path(path: Path) -> Path:
+    """Where `keep_previous` moves an existing checkpoint: `ck.npz` -> `ck.prev.npz`."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _write_atomically(path: Path, members: dict[str, np.ndarray], keep_previous: bool) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    previous = None
     try:
         with os.fdopen(fd, "wb") as fh:
             _write_npz(fh, members)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is an ordinary file
+        if keep_previous and path.is_file():
+            previous = previous_path(path)
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C included: never leave a half-written temporary behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    return previous
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    # A process killed while saving (SIGKILL, power loss) leaves its temporary behind; only
+    # names mkstemp gives ours (`.ck.npz.` + 8 random characters + `.tmp`) are removed.
+    stale = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            if stale.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def _write_npz(fh, arrays: dict[str, np.ndarray]) -> None:
