@@ -240,6 +240,8 @@ class Model:
             on_epoch=None, **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
         trains on those arrays (a `test` share is held out) instead of the block's data.
+        `save` is written after every epoch and on Ctrl-C once a step has run; a file already
+        there (unless it is `resume`) is kept as NAME.prev.npz.
         Returns a History (one record of metrics per epoch)."""
         from dlc.runtime.prepare import prepare
         from dlc.runtime.trainer import FitOptions, fit, restore
@@ -264,11 +266,13 @@ class Model:
         data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
                                    arrays=(x, y) if x is not None else None, normalizer=normalizer)
         self.normalizer = normalizer
+        # a file at `save` is kept as NAME.prev.npz, unless it is the checkpoint this run continues
+        resumes_save = bool(resume and save) and Path(resume).resolve() == Path(save).resolve()
         opts = FitOptions(epochs=epochs or config.epochs, batch=batch or config.batch,
                           lr=lr if lr is not None else config.optimizer.args["lr"], seed=seed,
                           shuffle=config.shuffle, quiet=quiet,
                           log_path=Path(log) if log else None, save_path=Path(save) if save else None,
-                          resume=meta, on_epoch=on_epoch)
+                          resume=meta, on_epoch=on_epoch, keep_previous=not resumes_save)
         return fit(session, data, opts, normalizer)
 
     def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = "cpu", **options) -> dict:
@@ -300,14 +304,9 @@ class Model:
 
     def save(self, path) -> None:
         """Write parameters, state and normalization to a checkpoint (.npz, no pickle)."""
-        from dlc.runtime.checkpoint import save_checkpoint
-        from dlc.runtime.trainer import Normalizer
-        from dlc import __version__
+        from dlc.runtime.trainer import Normalizer, save
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
-        arrays = dict(self.state, **{"data:shift": norm.shift, "data:scale": norm.scale})
-        step = int(self.state.get("step", 0))
-        save_checkpoint(Path(path), arrays, {"dlc": __version__,
-                                             "model": self.name, "epoch": 0, "batch": 0, "step": step})
+        save(self, Path(path), norm, step=int(self.state.get("step", 0)))
 
     def load_weights(self, path) -> dict:
         """Load a checkpoint written by `save` or `dlc run --save`; returns its metadata."""

@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
     p.add_argument("--optimizer", metavar="EXPR", help="optimizer, e.g. 'adam(lr=1e-3)'")
     _add_target(p)
-    p.add_argument("--save", metavar="FILE", help="write a checkpoint after every epoch (and on Ctrl-C)")
+    p.add_argument("--save", metavar="FILE",
+                   help="write a checkpoint after every epoch (and on Ctrl-C, once a step has run); "
+                        "a FILE already there, unless it is the --resume checkpoint, is kept "
+                        "(ck.npz as ck.prev.npz, replacing an older one)")
     p.add_argument("--resume", metavar="FILE", help="continue from a checkpoint written by --save")
     p.add_argument("--log", metavar="FILE", help="write per-epoch metrics as JSON lines (see `dlc plot`)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the final result")
@@ -238,7 +241,7 @@ def _load_with_overrides(args):
 
 
 def cmd_run(args) -> int:
-    from dlc.runtime.trainer import Interrupted
+    from dlc.runtime.trainer import Interrupted, kept_note
     model = _load_with_overrides(args)
     cfg = model.train_config
     save = args.save or cfg.checkpoint
@@ -259,7 +262,7 @@ def cmd_run(args) -> int:
     if args.profile:
         print(model.session(model.train_config, args.target, **_backend_options(args)).profile_report(), end="")
     if save:
-        print(f"saved {save}")
+        print(f"saved {save}{kept_note(history)}")
     return 0
 
 

@@ -2,6 +2,8 @@
 checkpoints are checked, dropout and batchnorm behave in evaluation, Ctrl-C saves."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import dlc
 from dlc.core import ops
 from dlc.core.diagnostics import CheckpointError, NumericsError
+from dlc.runtime import trainer
 from dlc.runtime.trainer import Interrupted
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -119,6 +122,72 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path):
     resumed = dlc.load(EXAMPLES / "digits_mlp.dln")
     history = resumed.fit(epochs=5, resume=ck)
     assert history.epochs[0]["epoch"] == 3
+
+
+def _ctrl_c(*args):
+    raise KeyboardInterrupt  # what Ctrl-C raises while the first step compiles
+
+
+def test_ctrl_c_before_the_first_step_leaves_the_checkpoint_alone(tmp_path, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    dlc.load(EXAMPLES / "digits_mlp.dln").save(ck)
+    before = ck.read_bytes()
+    monkeypatch.setattr(trainer.Session, "train_step", _ctrl_c)
+    with pytest.raises(Interrupted, match=f"before the first training step; {ck} left as it was"):
+        dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=1, save=ck)
+    assert ck.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
+
+
+def test_fit_keeps_an_existing_checkpoint_as_prev(tmp_path):
+    ck, prev = tmp_path / "ck.npz", tmp_path / "ck.prev.npz"
+    dlc.load(EXAMPLES / "digits_mlp.dln").save(ck)
+    before = ck.read_bytes()
+    history = dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=2, save=ck)
+    assert history.previous == prev
+    assert prev.read_bytes() == before  # the second epoch's save did not move the first one aside
+    assert dlc.load(EXAMPLES / "digits_mlp.dln").load_weights(ck)["epoch"] == 2
+
+
+def test_resuming_the_saved_file_moves_nothing_aside(tmp_path):
+    ck = tmp_path / "ck.npz"
+    dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=1, save=ck)
+    history = dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=2, save=ck, resume=ck)
+    assert history.previous is None and sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
+
+
+_CTRL_C_WHILE_COMPILING = """
+import os, signal, sys
+from dlc.cli import main
+from dlc.runtime.trainer import Session
+Session.train_step = lambda *args: os.kill(os.getpid(), signal.SIGINT)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_ctrl_c_while_compiling_keeps_the_trained_checkpoint(tmp_path):
+    ck = tmp_path / "ck.npz"
+    trained = dlc.load(EXAMPLES / "digits_mlp.dln")
+    trained.fit(epochs=1, save=ck)
+    before = ck.read_bytes()
+    r = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_COMPILING, "run",
+                        str(EXAMPLES / "digits_mlp.dln"), "--save", str(ck)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 130, r.stderr
+    assert "before the first training step" in r.stderr and "Traceback" not in r.stderr
+    assert ck.read_bytes() == before
+
+
+def test_cli_save_onto_an_existing_checkpoint_keeps_it_as_prev(tmp_path):
+    ck = tmp_path / "ck.npz"
+    dlc.load(EXAMPLES / "digits_mlp.dln").save(ck)
+    before = ck.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "dlc", "run", str(EXAMPLES / "digits_mlp.dln"),
+                        "--epochs", "1", "--quiet", "--save", str(ck)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    prev = tmp_path / "ck.prev.npz"
+    assert f"saved {ck} (the previous one is now {prev})" in r.stdout
+    assert prev.read_bytes() == before and ck.read_bytes() != before
 
 
 def test_nan_loss_on_cpu_names_the_step_and_the_op():

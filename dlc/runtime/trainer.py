@@ -55,6 +55,7 @@ class Normalizer:
 @dataclass
 class History:
     epochs: list[dict] = field(default_factory=list)
+    previous: Path | None = None  # where the first save moved an existing checkpoint (keep_previous)
 
     def __getitem__(self, key: str) -> list:
         return [e.get(key) for e in self.epochs]
@@ -200,6 +201,7 @@ class FitOptions:
     log_path: Path | None = None
     save_path: Path | None = None
     resume: dict | None = None  # meta of a loaded checkpoint
+    keep_previous: bool = False  # the first save moves a file already at save_path aside
     on_epoch: Callable[[dict], None] | None = None
 
 
@@ -223,6 +225,14 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
               "epochs": opts.epochs, "batch": opts.batch, "seed": opts.seed}
     log = MetricsLog(opts.log_path, header, append=bool(opts.resume)) if opts.log_path else None
     position = (start_epoch, skip)  # where a resumed run continues: (epoch, batch)
+    first_step = session.global_step
+    keep = opts.keep_previous  # only the run's first save may move an existing file aside
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        nonlocal keep
+        moved = save(session.model, opts.save_path, normalizer, epoch, batch, session.global_step,
+                     keep_previous=keep)
+        history.previous, keep = history.previous or moved, False
     try:
         for epoch in range(start_epoch, opts.epochs):
             lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs)
@@ -253,16 +263,19 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             if log:
                 log.write(record["epoch"], record["step"], metrics, lr, record["seconds"])
             if opts.save_path:
-                save(session, opts.save_path, epoch + 1, 0, normalizer)
+                checkpoint(epoch + 1, 0)
             if opts.on_epoch:
                 opts.on_epoch(record)
     except KeyboardInterrupt:
         progress.close()
+        if session.global_step == first_step:  # no step yet (still compiling): nothing new to save
+            kept = f"; {opts.save_path} left as it was" if opts.save_path else ""
+            raise Interrupted(f"interrupted before the first training step{kept}") from None
         where = f"after epoch {position[0]}" if position[1] == 0 else \
             f"in epoch {position[0] + 1}, after batch {position[1]}"
         if opts.save_path:
-            save(session, opts.save_path, position[0], position[1], normalizer)
-            raise Interrupted(f"interrupted {where}; saved {opts.save_path} "
+            checkpoint(*position)
+            raise Interrupted(f"interrupted {where}; saved {opts.save_path}{kept_note(history)} "
                               f"(resume with --resume {opts.save_path})") from None
         raise Interrupted(f"interrupted {where} (nothing saved: use --save FILE)") from None
     finally:
@@ -276,17 +289,18 @@ class Interrupted(Exception):
     """Ctrl-C during training, after the checkpoint (if any) was written."""
 
 
-def checkpoint_arrays(session: Session, normalizer: Normalizer) -> dict[str, np.ndarray]:
-    arrays = dict(session.state)
-    arrays["data:shift"], arrays["data:scale"] = normalizer.shift, normalizer.scale
-    return arrays
+def kept_note(history: History) -> str:
+    """`` (the previous one is now ck.prev.npz)``, when the first save moved a file aside."""
+    return f" (the previous one is now {history.previous})" if history.previous else ""
 
 
-def save(session: Session, path: Path, epoch: int, batch: int, normalizer: Normalizer) -> None:
+def save(model, path: Path, normalizer: Normalizer, epoch: int = 0, batch: int = 0, step: int = 0,
+         keep_previous: bool = False) -> Path | None:
+    """Write the model's state and normalization; (epoch, batch) is where a resumed run goes on."""
     from dlc.runtime.checkpoint import save_checkpoint
-    meta = {"dlc": __version__, "model": session.model.name, "epoch": epoch, "batch": batch,
-            "step": session.global_step}
-    save_checkpoint(path, checkpoint_arrays(session, normalizer), meta)
+    arrays = {**model.state, "data:shift": normalizer.shift, "data:scale": normalizer.scale}
+    meta = {"dlc": __version__, "model": model.name, "epoch": epoch, "batch": batch, "step": step}
+    return save_checkpoint(path, arrays, meta, keep_previous)
 
 
 def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Normalizer]:
