@@ -311,6 +311,56 @@ def test_non_array_member(tmp_path):
     assert "member `notes.txt` is not an array" in _error(path)
 
 
+def _inflating_checkpoint(path, member: bytes, signature: dict):
+    """A checkpoint of one deflated member `w.npy` (small on disk, large once decompressed)."""
+    meta = _meta_bytes({"format": 1, "model": "m", "signature": signature})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("w.npy", member)
+        buffer = io.BytesIO()
+        np.save(buffer, meta)
+        zf.writestr("__meta__.npy", buffer.getvalue())
+
+
+@pytest.fixture
+def bytes_decompressed(monkeypatch):
+    """How many bytes were read out of zip members."""
+    total = [0]
+    read = zipfile.ZipExtFile.read
+
+    def counting(self, n=-1):
+        data = read(self, n)
+        total[0] += len(data)
+        return data
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting)
+    return total
+
+
+BIG = 1 << 22  # 16 MiB of float32 zeros: 16 KiB deflated
+
+
+def test_huge_tensor_is_refused_from_its_header_before_decompressing(tmp_path, bytes_decompressed):
+    path = tmp_path / "bomb.npz"
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(BIG, np.float32))
+    _inflating_checkpoint(path, buffer.getvalue(), {"w": {"shape": [BIG], "dtype": "<f4"}})
+    assert path.stat().st_size < BIG // 100
+    message = _error(path, expect={"w": ((3,), "f32")}, model="m")
+    assert f"tensor `w`: checkpoint has f32[{BIG}], model expects f32[3]" in message
+    assert bytes_decompressed[0] < 1 << 16
+
+
+def test_member_larger_than_its_header_says_is_refused_before_decompressing(tmp_path,
+                                                                            bytes_decompressed):
+    path = tmp_path / "bomb.npz"
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3, np.float32))
+    _inflating_checkpoint(path, buffer.getvalue() + bytes(BIG * 4),
+                          {"w": {"shape": [3], "dtype": "<f4"}})
+    message = _error(path, expect={"w": ((3,), "f32")}, model="m")
+    assert "damaged" in message and "`w.npy` is" in message and "declares f32[3] (140 bytes)" in message
+    assert bytes_decompressed[0] < 1 << 16
+
+
 # ---- checkpoint against model ----
 
 def test_model_name_mismatch(ckpt):
