@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from pathlib import Path
 
 import numpy as np
 
 from dlc.language import frontend
-from dlc.core.diagnostics import ArgumentError, DataError, DlcError, UsageError
+from dlc.core.diagnostics import ArgumentError, DataError, DlcError, UsageError, did_you_mean
 from dlc.language.frontend import Built
 from dlc.core.graph import Graph
 from dlc.language.initializers import param_rng
@@ -245,6 +246,7 @@ class Model:
         Returns a History (one record of metrics per epoch)."""
         from dlc.runtime.prepare import prepare
         from dlc.runtime.trainer import FitOptions, fit, restore
+        _check_options(self.fit, options)
         config = self._require_config()
         if optimizer is not None:
             config = dataclasses.replace(config, optimizer=optimizer if not isinstance(optimizer, str)
@@ -279,6 +281,7 @@ class Model:
         """Loss and metrics on the given arrays (or the train block's held-out split)."""
         from dlc.runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
         from dlc.runtime.trainer import Normalizer
+        _check_options(self.evaluate, options)
         config = self._require_config()
         session = self.session(config, target, **options)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
@@ -296,6 +299,7 @@ class Model:
         """The model's outputs for every sample of x (inputs normalized as in training)."""
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer
+        _check_options(self.predict, options)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
@@ -315,6 +319,35 @@ class Model:
         return meta
 
     load = load_weights
+
+
+def _is_flag(v) -> bool:
+    return isinstance(v, bool)
+
+
+# The compiler options fit/evaluate/predict pass on (`**options`): what each takes.
+_BACKEND_OPTIONS = {
+    "threads": ("a positive number of CPU threads",
+                lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "verbose": ("a function that receives the compiler's messages, such as print",
+                lambda v: v is None or v is False or callable(v)),
+    "no_cache": ("True or False", _is_flag),
+    "profile": ("True or False", _is_flag),
+    "cache_dir": ("a folder path", lambda v: isinstance(v, (str, os.PathLike))),
+}
+
+
+def _check_options(method, options: dict) -> None:
+    """Refuse a keyword the compiler does not take before it fails deep inside the compiler."""
+    for name, value in options.items():
+        if name not in _BACKEND_OPTIONS:
+            known = [*(p for p in inspect.signature(method).parameters if p != "options"), *_BACKEND_OPTIONS]
+            raise ArgumentError(f"{method.__name__}() got an unknown keyword `{name}`",
+                                hint=did_you_mean(name, known) or f"its keywords: {', '.join(known)}")
+        what, ok = _BACKEND_OPTIONS[name]
+        if not ok(value):
+            raise ArgumentError(f"{method.__name__}({name}={value!r}): `{name}` takes {what}",
+                                hint="quiet=False shows training progress" if name == "verbose" else None)
 
 
 def _optimizer_spec(name: str):
