@@ -187,6 +187,22 @@ class Model:
                                 hint="add `train <model> { data = ..., loss = ... }`")
         return self.train_config
 
+    def _require_one_input(self, config) -> None:
+        """Data sources, fit(x, y) and predict(x) give one array per sample: a model with more
+        inputs would fail after compiling, on the input left unfed."""
+        if len(self.input_types) == 1:
+            return
+        names = [name for name, _ in self.input_types]
+        second = [p for p in self._eval.model.params if p.name == names[1]]
+        data = config.span("data") if config else None
+        raise DataError(f"model `{self.name}` has {len(names)} inputs ({', '.join(names)}), but "
+                        "training and prediction feed one input array",
+                        second[0].span if second else None,
+                        notes=[f"the data comes from `data = {config.data}` at {data}"] if data else (),
+                        hint="stack them into one input with an extra axis (e.g. two f32[B, 64] as "
+                             "`x: f32[B, 2, 64]`) and take it apart in the model (`x[:, 0]`, "
+                             "`x[:, 1]`); from Python, forward(x, y) runs the model on several arrays")
+
     @property
     def params(self) -> dict[str, np.ndarray]:
         """Trainable parameters by name (numpy arrays, shared with the model)."""
@@ -248,6 +264,7 @@ class Model:
         from dlc.runtime.trainer import FitOptions, fit, restore
         _check_options(self.fit, options)
         config = self._require_config()
+        self._require_one_input(config)
         if optimizer is not None:
             config = dataclasses.replace(config, optimizer=optimizer if not isinstance(optimizer, str)
                                          else _optimizer_spec(optimizer))
@@ -283,6 +300,7 @@ class Model:
         from dlc.runtime.trainer import Normalizer
         _check_options(self.evaluate, options)
         config = self._require_config()
+        self._require_one_input(config)
         session = self.session(config, target, **options)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         if x is None:
@@ -300,6 +318,7 @@ class Model:
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer
         _check_options(self.predict, options)
+        self._require_one_input(self.train_config)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import dlc
-from dlc.core.diagnostics import ArgumentError
+from dlc.core.diagnostics import ArgumentError, DataError
+from dlc.runtime import trainer
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 MLP = EXAMPLES / "digits_mlp.dln"
@@ -45,3 +46,35 @@ def test_unknown_or_mistyped_keywords_are_clear_errors(method, kwargs, message, 
     assert info.value.message.startswith(message), info.value.message
     if hint:
         assert hint in info.value.hint
+
+
+# ---- models training cannot feed ----
+
+TWO_INPUTS = """model m(x: f32[B, 64], y: f32[B, 64]) -> f32[B, 10] {
+    return dense(x + y, 10)
+}
+train m { data = digits()  loss = cross_entropy(output, label)  epochs = 1 }
+"""
+
+
+@pytest.mark.parametrize("call", ["fit", "fit_arrays", "evaluate", "predict"])
+def test_two_input_model_is_refused_before_compiling(call, monkeypatch):
+    monkeypatch.setattr(trainer, "Session", lambda *a, **k: pytest.fail("compiled"))
+    m = dlc.load(TWO_INPUTS)
+    x, y = np.zeros((8, 64), np.float32), np.zeros(8, np.int32)
+    with pytest.raises(DataError) as info:
+        {"fit": lambda: m.fit(), "fit_arrays": lambda: m.fit(x, y), "evaluate": lambda: m.evaluate(),
+         "predict": lambda: m.predict(x)}[call]()
+    e = info.value
+    assert "model `m` has 2 inputs (x, y), but training and prediction feed one input array" in e.message
+    assert (e.span.line, e.span.col) == (1, 24)  # `y: f32[B, 64]`
+    assert "x[:, 0]" in e.hint
+
+
+def test_cli_run_of_a_two_input_model(tmp_path):
+    path = tmp_path / "two.dln"
+    path.write_text(TWO_INPUTS)
+    r = run_dlc("run", path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{path}:1:24: data error: model `m` has 2 inputs" in r.stderr
+    assert f"note: the data comes from `data = digits(test=0.2)` at {path}:4:" in r.stderr
