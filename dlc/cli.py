@@ -95,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="run a trained model on new inputs",
                        description="Load weights and print (or save) the model's outputs for the "
-                                   "inputs in an .npz file.")
+                                   "inputs in an .npy or .npz file.")
     _add_model_args(p)
     p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
-    p.add_argument("--input", metavar="FILE", required=True, help=".npz file holding the inputs")
+    p.add_argument("--input", metavar="FILE", required=True,
+                   help=".npy file of the inputs, or .npz file holding them (see --key)")
     p.add_argument("--key", default=None, help="array name in the .npz (default: `x`, or its only array)")
     p.add_argument("-o", "--output", metavar="FILE", help="write outputs (and predicted classes) to an .npz")
     _add_target(p)

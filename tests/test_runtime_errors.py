@@ -78,3 +78,38 @@ def test_cli_run_of_a_two_input_model(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"{path}:1:24: data error: model `m` has 2 inputs" in r.stderr
     assert f"note: the data comes from `data = digits(test=0.2)` at {path}:4:" in r.stderr
+
+
+# ---- dlc predict --input ----
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "w.npz"
+    dlc.load(MLP).save(path)
+    return path
+
+
+def test_predict_reads_an_npy_file(tmp_path, weights):
+    x = np.random.default_rng(0).random((3, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", x=x)
+    r = run_dlc("predict", MLP, "--weights", weights, "--input", tmp_path / "x.npy")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("class") == 3
+    assert r.stdout == run_dlc("predict", MLP, "--weights", weights, "--input", tmp_path / "x.npz").stdout
+
+
+@pytest.mark.parametrize("name, content, args, message", [
+    ("x.csv", b"1,2\n3,4\n", (), "x.csv is not a NumPy .npy or .npz file"),
+    ("x.npy", None, ("--key", "a"), "x.npy is an .npy file, which holds one array: --key a picks"),
+    ("x.npz", b"PK\x03\x04 not really", (), "cannot read"),
+])
+def test_predict_input_errors(tmp_path, weights, name, content, args, message):
+    path = tmp_path / name
+    if content is None:
+        np.save(path, np.zeros((2, 64)))
+    else:
+        path.write_bytes(content)
+    r = run_dlc("predict", MLP, "--weights", weights, "--input", path, *args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr and "pickle" not in r.stderr
