@@ -156,6 +156,18 @@ _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
+def _output_path(path: str, flag: str, folder: bool = False) -> Path:
+    """An output path of the wrong kind is refused before any work, not when writing at the end."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise UsageError(f"{flag} {path} is a {'file' if folder else 'folder'}; give "
+                         f"{'a folder (it is created if missing)' if folder else 'the name of the file to write'}")
+    blocker = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{flag} {path}: {blocker} is a file, not a folder")
+    return p
+
+
 def cmd_check(args) -> int:
     from dlc.api import load
     model = load(args.file, args.model)
@@ -170,6 +182,10 @@ def cmd_compile(args) -> int:
         for name, doc in STAGES.items():
             print(f"{name:<15} {doc}")
         return 0
+    if args.output:
+        _output_path(args.output, "-o")
+    if args.dump_dir:
+        _output_path(args.dump_dir, "--dump-dir", folder=True)
     model = load(args.file, args.model)
     disabled = check_disabled(args.disable_pass)
     names = select_stages(args.dump_ir or ("all" if args.dump_dir else ""))
@@ -289,6 +305,8 @@ def cmd_predict(args) -> int:
     import numpy as np
     from dlc.api import load
     from dlc.runtime.inputs import read_input_array
+    if args.output:
+        _output_path(args.output, "-o")
     model = load(args.file, args.model)
     model.load_weights(args.weights)
     x = read_input_array(Path(args.input), args.key)

@@ -113,3 +113,21 @@ def test_predict_input_errors(tmp_path, weights, name, content, args, message):
     r = run_dlc("predict", MLP, "--weights", weights, "--input", path, *args)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and "pickle" not in r.stderr
+
+
+# ---- output paths of the wrong kind ----
+
+@pytest.mark.parametrize("args, message", [
+    (("compile", MLP, "-o", "folder"), "-o folder is a folder; give the name of the file to write"),
+    (("compile", MLP, "-o", "file/m.dlcx"), "-o file/m.dlcx: file is a file, not a folder"),
+    (("compile", MLP, "--dump-dir", "file"), "--dump-dir file is a file; give a folder"),
+    (("compile", MLP, "--dump-dir", "file/stages"), "--dump-dir file/stages: file is a file, not a folder"),
+    (("predict", MLP, "--weights", "w.npz", "--input", "x.npy", "-o", "folder"), "-o folder is a folder"),
+])
+def test_output_path_of_the_wrong_kind_is_a_usage_error(tmp_path, args, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("keep me")
+    r = run_dlc(*args, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"dlc: usage error: {message}" in r.stderr
+    assert (tmp_path / "file").read_text() == "keep me" and not any((tmp_path / "folder").iterdir())
