@@ -80,7 +80,8 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
 def trained_checkpoint(tmp_path_factory):
     """digits_mlp after one epoch of Adam: parameters, moments, step and normalization."""
     path = tmp_path_factory.mktemp("trained") / "ck.npz"
-    dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=1, save=path)
+    cache = tmp_path_factory.getbasetemp() / "cache"  # the autouse _cache fixture is not set up yet
+    dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=1, save=path, cache_dir=str(cache))
     return path
 
 
