@@ -340,9 +340,7 @@ class Model:
     load = load_weights
 
 
-def _is_flag(v) -> bool:
-    return isinstance(v, bool)
-
+_FLAG = ("True or False", lambda v: isinstance(v, bool))
 
 # The compiler options fit/evaluate/predict pass on (`**options`): what each takes.
 _BACKEND_OPTIONS = {
@@ -350,8 +348,8 @@ _BACKEND_OPTIONS = {
                 lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
     "verbose": ("a function that receives the compiler's messages, such as print",
                 lambda v: v is None or v is False or callable(v)),
-    "no_cache": ("True or False", _is_flag),
-    "profile": ("True or False", _is_flag),
+    "no_cache": _FLAG,
+    "profile": _FLAG,
     "cache_dir": ("a folder path", lambda v: isinstance(v, (str, os.PathLike))),
 }
 

@@ -160,8 +160,8 @@ def _output_path(path: str, flag: str, folder: bool = False) -> Path:
     """An output path of the wrong kind is refused before any work, not when writing at the end."""
     p = Path(path)
     if p.exists() and p.is_dir() != folder:
-        raise UsageError(f"{flag} {path} is a {'file' if folder else 'folder'}; give "
-                         f"{'a folder (it is created if missing)' if folder else 'the name of the file to write'}")
+        want = "a folder (it is created if missing)" if folder else "the name of the file to write"
+        raise UsageError(f"{flag} {path} is a {'file' if folder else 'folder'}; give {want}")
     blocker = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
     if blocker is not None:
         raise UsageError(f"{flag} {path}: {blocker} is a file, not a folder")

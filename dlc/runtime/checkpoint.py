@@ -72,7 +72,7 @@ def load_checkpoint(path: str | os.PathLike,
     _check_is_zip(path)
     try:
         with zipfile.ZipFile(path) as zf:
-            members = {name: _member(path, zf, info) for name, info in _npy_members(path, zf)}
+            members = {info.filename[:-len(".npy")]: _member(path, zf, info) for info in zf.infolist()}
             meta = _decode_meta(path, zf, members.pop(META_KEY, None))
             _check_meta(path, meta, model)
             specs = {name: (shape, dtype) for name, (_, shape, dtype) in members.items()}
@@ -95,7 +95,8 @@ def signature(arrays: Mapping[str, np.ndarray]) -> dict[str, dict]:
 
 
 def _signature(specs: Specs) -> dict[str, dict]:
-    return {name: {"shape": list(shape), "dtype": dtype.str} for name, (shape, dtype) in sorted(specs.items())}
+    return {name: {"shape": list(shape), "dtype": dtype.str}
+            for name, (shape, dtype) in sorted(specs.items())}
 
 
 # ---- writing ----
@@ -173,18 +174,12 @@ def _fsync_dir(directory: Path) -> None:
 
 # ---- reading ----
 
-def _npy_members(path: Path, zf: zipfile.ZipFile):
-    """(tensor name, ZipInfo) of every member; np.savez names them `<name>.npy`."""
-    for info in zf.infolist():
-        if not info.filename.endswith(".npy"):
-            raise CheckpointError(f"`{path}` is not a dlc checkpoint: member `{info.filename}` "
-                                  "is not an array")
-        yield info.filename[:-len(".npy")], info
-
-
 def _member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo):
-    """(info, shape, dtype) from the member's .npy header, after checking that the size the
-    zip directory gives is the one the header implies: nothing else is decompressed."""
+    """(info, shape, dtype) of a member `<name>.npy` from its .npy header, once the size the zip
+    directory gives is the one the header implies: nothing else of it is decompressed."""
+    if not info.filename.endswith(".npy"):
+        raise CheckpointError(f"`{path}` is not a dlc checkpoint: member `{info.filename}` "
+                              "is not an array")
     with zf.open(info) as fh:
         version = np.lib.format.read_magic(fh)
         if version == (1, 0):
@@ -194,10 +189,9 @@ def _member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo):
         else:
             raise ValueError(f"`{info.filename}` has .npy format version {version}")
         header = fh.tell()
-    name = info.filename[:-len(".npy")]
     if dtype.hasobject:
         raise CheckpointError(
-            f"checkpoint `{path}` holds a pickled Python object in `{name}`",
+            f"checkpoint `{path}` holds a pickled Python object in `{info.filename[:-len('.npy')]}`",
             hint="dlc never unpickles checkpoint data, because unpickling can run "
                  "arbitrary code; re-save the tensors as plain numeric arrays")
     size = header + math.prod(shape) * dtype.itemsize
