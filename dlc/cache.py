@@ -29,24 +29,32 @@ class Cache:
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.obj"
 
-    def get(self, key: str) -> tuple[list[bytes], str] | None:
-        """(blobs, layout json), or None when absent, damaged or stored under another key."""
+    def lookup(self, key: str) -> tuple[tuple[list[bytes], str] | None, str | None]:
+        """((blobs, layout json) or None, why the entry found was damaged or None). A
+        damaged entry is removed."""
         path = self._path(key)
         try:
             data = path.read_bytes()
         except OSError:
-            return None
+            return None, None
         try:
             stored_key, blobs, layout = unpack(data)
             if stored_key != key:
                 raise ValueError("the entry belongs to another key")
-            return blobs, layout
-        except ValueError:
-            try:
-                path.unlink()  # damaged: rebuild it
-            except OSError:
-                pass
-            return None
+        except ValueError as e:
+            self.discard(key)
+            return None, str(e)
+        return (blobs, layout), None
+
+    def get(self, key: str) -> tuple[list[bytes], str] | None:
+        """(blobs, layout json), or None when absent, damaged or stored under another key."""
+        return self.lookup(key)[0]
+
+    def discard(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except OSError:
+            pass
 
     def put(self, key: str, blobs: list[bytes], layout_json: str) -> None:
         path = self._path(key)
@@ -79,10 +87,12 @@ def unpack(data: bytes) -> tuple[str, list[bytes], str]:
     try:
         head = json.loads(body[8:8 + n_head])
         key, layout, sizes = head["key"], head["layout"], [int(s) for s in head["sizes"]]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"bad header: {e}") from None
     at, blobs = 8 + n_head, []
     for size in sizes:
+        if size < 0:
+            raise ValueError("bad header: a negative size")
         blobs.append(body[at:at + size])
         at += size
     if at != len(body) or not isinstance(key, str) or not isinstance(layout, str):

@@ -93,10 +93,10 @@ class CompiledProgram:
         from dlc.pipeline import kernel_program, lower
         start = time.perf_counter()
         key = self._cache_key(batch) if self.cache else None
-        hit = self.cache.get(key) if key else None
+        hit = self._cached(key, batch) if key else None
         if hit is not None:
             self._say(f"compile cache hit {key[:12]} (batch {batch}): {(time.perf_counter() - start) * 1e3:.0f} ms")
-            return hit[0], StepLayout.from_json(hit[1])
+            return hit
         program = kernel_program(lower(self.graph, batch), self.templates)
         lowered = time.perf_counter()
         compiled = self.backend.compile(program, self.target, profile=self.profile)
@@ -106,6 +106,23 @@ class CompiledProgram:
         self._say(f"compile cache {'miss ' + key[:12] if key else 'off'} ({self.graph.name}, batch {batch}): "
                   f"passes {(lowered - start) * 1e3:.0f} ms, {phases}")
         return compiled.blobs, compiled.layout
+
+    def _cached(self, key: str, batch: int) -> tuple[list[bytes], StepLayout] | None:
+        """A cache entry that passed every check (its checksum, its layout, the backend's
+        own checks of the code); a damaged one is removed and rebuilt."""
+        hit, damage = self.cache.lookup(key)
+        if hit is not None:
+            try:
+                layout = StepLayout.from_json(hit[1])
+                damage = self.backend.validate(hit[0], layout, self.target)
+            except ValueError as e:
+                damage = f"its layout is invalid ({e})"
+            if damage is None:
+                return hit[0], layout
+            self.cache.discard(key)
+        if damage is not None:
+            self._say(f"compile cache entry {key[:12]} (batch {batch}) was damaged ({damage}); rebuilding it")
+        return None
 
     def _cache_key(self, batch: int) -> str:
         """What the compiled code depends on: the graph (its text, or the source it is built

@@ -5,13 +5,18 @@ refused before allocating. Loads that used to crash the interpreter run in a chi
 process (tests/isolated.py), so a regression fails a test instead of killing the run."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from artifacts import THREADS, another_build, build_artifact, members
+import dlc
+from artifacts import (MODEL, THREADS, another_build, build_artifact, compiled_step, members, write_entry,
+                       write_members)
 from dlc.backends.llvm import BACKEND as CPU
 from dlc.backends.llvm.elf import ElfError, symbols
-from dlc.core.diagnostics import DlcError
+from dlc.core.diagnostics import ArtifactError, DlcError
+from isolated import CLI, describe_crash, run_cases
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +31,113 @@ def built(tmp_path_factory):
 
 def _step(manifest, mode, batch):
     return next(s for s in manifest["steps"] if (s["mode"], s["batch"]) == (mode, batch))
+
+
+# --- artifacts -------------------------------------------------------------------------------------
+
+def _artifact_cases(built, out):
+    """(label, file, what the one-line message must say): every way to damage an artifact
+    that reached MCJIT (and crashed the interpreter) or gave an unclear message before."""
+    d, path, eval_batch, (other_blobs, other_layout) = built
+    cases = [("intact", path, None)]
+
+    def variant(label, edit, expect, reseal=True):
+        manifest, blobs = members(path)
+        edit(manifest, blobs)
+        cases.append((label, write_members(out / f"{len(cases)}.dlcx", manifest, blobs, reseal), expect))
+
+    def drop_objects(m, b):
+        for s in m["steps"]:
+            del b[s["blobs"].pop()["name"]]
+    variant("a missing kernel object", drop_objects, "it has 1 object(s) where its layout lists 2")
+
+    def swap_between_steps(m, b):
+        x, y = (s["blobs"][1]["name"] for s in m["steps"][:2])
+        b[x], b[y] = b[y], b[x]
+    variant("objects swapped between steps", swap_between_steps, "is not the one compiled with this layout")
+
+    def swap_within(m, b):
+        x, y = (e["name"] for e in m["steps"][0]["blobs"])
+        b[x], b[y] = b[y], b[x]
+    variant("objects swapped within a step", swap_within, "is not the one compiled with this layout")
+
+    def garbage(m, b):
+        b[m["steps"][0]["blobs"][0]["name"]] = b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 8
+    variant("a garbage object", garbage, "object 0 is not valid object code")
+
+    def foreign(m, b):
+        b[_step(m, "eval", eval_batch)["blobs"][1]["name"]] = other_blobs[1]
+    variant("an object from another build", foreign, "object 1 is not the one compiled with this layout")
+
+    def foreign_layout(m, b):
+        _step(m, "eval", eval_batch)["layout"] = other_layout.to_json()
+    variant("a layout from another build", foreign_layout, "is not the one compiled with this layout")
+
+    def edited_layout(m, b):
+        s = m["steps"][0]
+        layout = json.loads(s["layout"])
+        layout["arena_bytes"] += 64
+        s["layout"] = json.dumps(layout)
+    variant("an edited layout", edited_layout, "its layout is not the one the code was compiled for")
+
+    def other_machine(m, b):
+        name = m["steps"][0]["blobs"][0]["name"]
+        b[name] = b[name][:18] + (183 if b[name][18] != 183 else 62).to_bytes(2, "little") + b[name][20:]
+    variant("code for another machine", other_machine, "is machine code for ELF machine")
+
+    def unknown_function(m, b):  # MCJIT aborts the process on a symbol it cannot resolve
+        s = m["steps"][0]
+        name = s["blobs"][0]["name"]
+        assert b"usleep\0" in b[name]
+        b[name] = b[name].replace(b"usleep\0", b"usleeq\0")
+        s["layout"] = s["layout"].replace('"usleep"', '"usleeq"')
+    variant("a call into a function the process lacks", unknown_function,
+            "needs `usleeq`, which this process does not provide")
+
+    variant("a manifest without a target", lambda m, b: m.pop("target"), "the manifest has no valid `target`")
+    variant("a mistyped target", lambda m, b: m.update(target="x86_64"), "the manifest has no valid `target`")
+    variant("a step for another batch", lambda m, b: m["steps"][0].update(batch=7), "does not fit the model")
+    variant("an evaluation step filed as a training step", lambda m, b: _step(m, "eval", eval_batch).update(mode="train"),
+            "is not a training step")
+    variant("an unknown backend", lambda m, b: m.update(backend="tpu"), "unknown target `tpu`")
+
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    (out / "flipped.dlcx").write_bytes(bytes(data))
+    cases.append(("a flipped bit", out / "flipped.dlcx", "damaged"))
+    (out / "truncated.dlcx").write_bytes(path.read_bytes()[:100])
+    cases.append(("a truncated file", out / "truncated.dlcx", "it is truncated, or not a zip file"))
+    (out / "cut.bin").write_bytes(path.read_bytes()[:2])
+    cases.append(("a file cut inside the zip signature", out / "cut.bin", "it is truncated, or not a zip file"))
+    (out / "empty.dlcx").write_bytes(b"")
+    cases.append(("an empty .dlcx", out / "empty.dlcx", "it is truncated, or not a zip file"))
+    return cases
+
+
+def test_damaged_artifacts_are_refused_in_one_sentence_before_any_code_is_loaded(built, tmp_path):
+    cases = _artifact_cases(built, tmp_path)
+    argv = [["run", str(f), "--epochs", "1", "--quiet", "--threads", str(THREADS)] for _, f, _ in cases]
+    run = run_cases(CLI, argv, tmp_path, env={"DLC_CACHE_DIR": str(tmp_path / "cache")})
+    labels = [label for label, _, _ in cases]
+    assert run.crashed is None and run.returncode == 0, describe_crash(run, labels)
+    for i, (label, _, expect) in enumerate(cases):
+        r = run.results[i]
+        assert r["outcome"] == "exit", f"{label}: {r.get('trace')}"
+        if expect is None:
+            assert r["rc"] == 0, f"{label}: {r['stderr']}"
+            continue
+        lines = r["stderr"].strip().splitlines()
+        assert r["rc"] == 1, f"{label}: exit {r['rc']}: {r['stderr']}"
+        assert lines[0].startswith("artifact error: ") and expect in lines[0], f"{label}: {r['stderr']}"
+        assert len(lines) == 2 and lines[1].startswith("hint: "), f"{label}: {r['stderr']}"
+
+
+def test_a_truncated_artifact_is_never_read_as_source(built, tmp_path):
+    _, path, _, _ = built
+    for name, size in (("cut.dlcx", 100), ("cut.bin", 2), ("empty.dlcx", 0)):
+        (tmp_path / name).write_bytes(path.read_bytes()[:size])
+        with pytest.raises(ArtifactError, match="damaged dlc artifact"):
+            dlc.load(tmp_path / name)
 
 
 # --- the ELF reader --------------------------------------------------------------------------------
@@ -61,3 +173,68 @@ def test_validate_accepts_its_own_code_and_load_refuses_damaged_code(built):
     assert CPU.validate(blobs, layout, target) is None
     with pytest.raises(DlcError, match="refusing to load damaged compiled code"):
         CPU.load(blobs[::-1], layout, target)
+
+
+# --- the compile cache -----------------------------------------------------------------------------
+
+CACHE_CHILD = '''
+import numpy as np, dlc
+from dlc.core.diagnostics import DlcError
+from dlc.program import make_program
+m = dlc.load(MODEL_PATH)
+config = m.train_config
+rng = np.random.default_rng(0)
+feeds = {"x": rng.normal(size=(5, 2)).astype(np.float32), "label": (rng.random((5, 1)) > 0.5).astype(np.float32)}
+for i, case in enumerate(CASES):
+    begin(i)
+    said = []
+    p = make_program("cpu", lambda: m.compile_graph("eval", config), dict(m.state), key=m.source_key("eval", config),
+                     options={"cache_dir": case, "threads": THREADS, "verbose": said.append})
+    try:
+        out = p.run(feeds)
+        report(i, "ran", said=said, output=out["output"].tolist())
+    except DlcError as e:
+        report(i, "error", said=said, error=str(e))
+'''
+
+
+def test_damaged_cache_entries_are_rebuilt_with_a_verbose_note(tmp_path):
+    program, key, blobs, layout = compiled_step(tmp_path / "orig")
+    other_blobs, other_layout = another_build()
+    edited = json.loads(layout.to_json())
+    edited["arena_bytes"] += 64
+    text = layout.to_json()
+    cases = [("intact", blobs, text, None, "compile cache hit"),
+             ("objects swapped", blobs[::-1], text, None, "object 0 is not the one compiled with this layout"),
+             ("a missing object", blobs[:1], text, None, "it has 1 object(s) where its layout lists 2"),
+             ("a garbage object", [b"\x7fELF" + bytes(200), blobs[1]], text, None, "object 0 is not valid object code"),
+             ("an object from another build", [blobs[0], other_blobs[1]], text, None,
+              "object 1 is not the one compiled with this layout"),
+             ("a layout from another build", blobs, other_layout.to_json(), None, "is not the one compiled with"),
+             ("an edited layout", blobs, json.dumps(edited), None, "its layout is not the one the code was compiled for"),
+             ("a layout that is not JSON", blobs, "{", None, "its layout is invalid"),
+             ("an entry of another key", blobs, text, "0" * 64, "the entry belongs to another key")]
+    dirs = []
+    for i, (label, parts, layout_json, stored, _) in enumerate(cases):
+        dirs.append(str(tmp_path / f"c{i}"))
+        write_entry(tmp_path / f"c{i}", key, parts, layout_json, stored)
+    flipped = tmp_path / "flip"
+    entry = write_entry(flipped, key, blobs, text)
+    data = bytearray(entry.read_bytes())
+    data[-10] ^= 1
+    entry.write_bytes(bytes(data))
+    cases.append(("a flipped bit", None, None, None, "(checksum mismatch)"))
+    dirs.append(str(flipped))
+    script = f"MODEL_PATH, THREADS = {str(MODEL)!r}, {THREADS}\n" + CACHE_CHILD
+    run = run_cases(script, dirs, tmp_path)
+    labels = [c[0] for c in cases]
+    assert run.crashed is None and run.returncode == 0, describe_crash(run, labels)
+    expected = run.results[0]["output"]
+    for i, (label, *_, note) in enumerate(cases):
+        r = run.results[i]
+        assert r["outcome"] == "ran", f"{label}: {r}"
+        said = "\n".join(r["said"])
+        assert note in said, f"{label}: {said}"
+        if label != "intact":
+            assert "was damaged" in said and "rebuilding it" in said and "compile cache miss" in said, said
+        assert r["output"] == expected, label  # rebuilt code computes what the intact entry did
