@@ -145,3 +145,10 @@ class CompiledProgram:
     def _say(self, msg: str) -> None:
         if self.verbose:
             self.verbose(msg)
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

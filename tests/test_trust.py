@@ -6,6 +6,8 @@ process (tests/isolated.py), so a regression fails a test instead of killing the
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -13,9 +15,11 @@ import pytest
 import dlc
 from artifacts import (MODEL, THREADS, another_build, build_artifact, compiled_step, members, write_entry,
                        write_members)
+from dlc import cache as cache_mod
+from dlc import cli
 from dlc.backends.llvm import BACKEND as CPU
 from dlc.backends.llvm.elf import ElfError, symbols
-from dlc.core.diagnostics import ArtifactError, DlcError
+from dlc.core.diagnostics import ArtifactError, DlcError, UsageError
 from isolated import CLI, describe_crash, run_cases
 
 
@@ -238,3 +242,95 @@ def test_damaged_cache_entries_are_rebuilt_with_a_verbose_note(tmp_path):
         if label != "intact":
             assert "was damaged" in said and "rebuilding it" in said and "compile cache miss" in said, said
         assert r["output"] == expected, label  # rebuilt code computes what the intact entry did
+
+
+def test_cache_directory_is_private_and_a_shared_one_is_not_used(tmp_path, capsys, monkeypatch):
+    d = tmp_path / "new" / "cache"
+    c = cache_mod.Cache(d)
+    c.put("a" * 64, [b"x"], "{}")
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700 and c.get("a" * 64) == ([b"x"], "{}")
+    assert capsys.readouterr().err == ""
+    for mode, why in ((0o770, "other users can write to it"), (0o707, "other users can write to it")):
+        os.chmod(d, mode)
+        monkeypatch.setattr(cache_mod, "_warned", set())
+        c = cache_mod.Cache(d)
+        assert c.get("a" * 64) is None  # not read ...
+        c.put("b" * 64, [b"y"], "{}")
+        assert not (d / "bb").exists()  # ... nor written
+        err = capsys.readouterr().err
+        assert why in err and "compiling without it" in err and "hint: `chmod 700" in err
+        assert not cache_mod.Cache(d).usable() and capsys.readouterr().err == ""  # said once per process
+    os.chmod(d, 0o700)
+    monkeypatch.setattr(cache_mod, "_warned", set())
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(d).st_uid + 1)
+    assert not cache_mod.Cache(d).usable()
+    assert "owned by another user" in capsys.readouterr().err
+
+
+def test_a_run_with_a_shared_cache_directory_still_trains(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    run = run_cases(CLI, [["run", str(MODEL), "--epochs", "1", "--quiet", "--threads", "1"]], tmp_path,
+                    env={"DLC_CACHE_DIR": str(shared)})
+    r = run.results[0]
+    assert r["rc"] == 0 and "not using the compile cache" in r["stderr"], r
+    assert list(shared.iterdir()) == []
+
+
+def _fake_entries(c: cache_mod.Cache, names: str, size: int = 1000) -> dict:
+    keys = {}
+    for t, n in enumerate(names):
+        keys[n] = n * 64
+        c.put(keys[n], [bytes(size)], "{}")
+        os.utime(c._path(keys[n]), (t + 1, t + 1))  # used in this order, long ago
+    return keys
+
+
+def test_cache_evicts_the_least_recently_used_entries(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLC_CACHE_MAX_BYTES", "3500")
+    c = cache_mod.Cache(tmp_path / "c")
+    keys = _fake_entries(c, "abc")
+    assert c.get(keys["a"])  # a hit: now the most recently used
+    c.put("d" * 64, [bytes(1000)], "{}")
+    assert c.get(keys["a"]) and c.get("d" * 64) and not c.get(keys["b"])
+    assert c.usage().bytes <= 3500
+    monkeypatch.setenv("DLC_CACHE_MAX_BYTES", "100")
+    big = cache_mod.Cache(tmp_path / "c")
+    big.put("e" * 64, [bytes(1000)], "{}")  # over the bound by itself: kept, everything else goes
+    assert big.usage().entries == 1 and big.get("e" * 64)
+
+
+def test_eviction_tolerates_entries_removed_by_another_process(tmp_path, monkeypatch):
+    c = cache_mod.Cache(tmp_path / "c")
+    keys = _fake_entries(c, "abc")
+    files = c.files()
+    c._path(keys["a"]).unlink()  # gone between listing and evicting
+    monkeypatch.setattr(cache_mod.Cache, "files", lambda self: files)
+    c.max_bytes = 1500
+    c.evict()
+    assert not c._path(keys["b"]).exists() and c._path(keys["c"]).exists()
+
+
+def test_cache_size_bound_must_be_a_size(monkeypatch):
+    for good, value in (("2G", 2 << 30), ("500M", 500 << 20), ("4096", 4096)):
+        monkeypatch.setenv("DLC_CACHE_MAX_BYTES", good)
+        assert cache_mod.max_bytes() == value
+    monkeypatch.setenv("DLC_CACHE_MAX_BYTES", "lots")
+    with pytest.raises(UsageError, match="DLC_CACHE_MAX_BYTES"):
+        cache_mod.max_bytes()
+
+
+def test_dlc_cache_shows_and_clears_only_its_own_files(tmp_path, monkeypatch, capsys):
+    d = tmp_path / "c"
+    monkeypatch.setenv("DLC_CACHE_DIR", str(d))
+    _fake_entries(cache_mod.Cache(d), "ab")
+    (d / "notes.txt").write_text("mine")
+    (d / "aa" / "other.txt").write_text("mine too")
+    assert cli.main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert str(d) in out and "2 entries" in out and "of at most 1.0 GiB" in out
+    assert cli.main(["cache", "clear"]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    assert sorted(p.name for p in d.rglob("*")) == ["aa", "notes.txt", "other.txt"]
+    assert cli.main(["cache"]) == 0 and "0 entries" in capsys.readouterr().out
