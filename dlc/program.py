@@ -8,14 +8,17 @@ interprets graphs (the reference) gets the graph itself.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from dlc import __version__, backends
-from dlc.backends.base import StepLayout
+from dlc.backends.base import StepLayout, layout_slots
 from dlc.cache import Cache
+from dlc.core.diagnostics import ResourceError
 from dlc.core.printer import print_graph
 from dlc.core.types import DType
 
@@ -76,6 +79,7 @@ class CompiledProgram:
         step = self.steps.get(batch)
         if step is None:
             blobs, layout = self.preloaded.pop(batch, None) or self.compiled(batch)
+            self._check_memory(batch, layout.arena_bytes, layout.scratch_bytes, layout.slots)
             step = self.steps[batch] = self.backend.load(blobs, layout, self.target)
             self._create_state(layout)
         return step
@@ -98,6 +102,7 @@ class CompiledProgram:
             self._say(f"compile cache hit {key[:12]} (batch {batch}): {(time.perf_counter() - start) * 1e3:.0f} ms")
             return hit
         program = kernel_program(lower(self.graph, batch), self.templates)
+        self._check_memory(batch, program.arena_bytes, 0, layout_slots(program))  # before compiling it
         lowered = time.perf_counter()
         compiled = self.backend.compile(program, self.target, profile=self.profile)
         if self.cache:
@@ -124,6 +129,19 @@ class CompiledProgram:
             self._say(f"compile cache entry {key[:12]} (batch {batch}) was damaged ({damage}); rebuilding it")
         return None
 
+    def _check_memory(self, batch: int, arena: int, scratch: int, slots: list) -> None:
+        """Refuses a step that cannot fit in the memory left, before allocating any of it
+        (numpy would fail with an opaque error, or the system would start swapping)."""
+        free = available_memory()
+        new = [s for s in slots if s[1] == "input" or s[0] not in self.state]  # parameters exist already
+        buffers = sum(int(np.prod(shape)) * DType(dtype).np.itemsize for _, _, dtype, shape in new)
+        needed = arena + scratch * self.target.threads + buffers
+        if free is not None and needed > free:
+            raise ResourceError(f"the compiled step for batch {batch} needs {format_bytes(needed)} of memory (working "
+                                f"memory {format_bytes(arena + scratch * self.target.threads)}, inputs and optimizer "
+                                f"state {format_bytes(buffers)}), but only {format_bytes(free)} is available",
+                                hint="use a smaller batch (--batch), or close other programs")
+
     def _cache_key(self, batch: int) -> str:
         """What the compiled code depends on: the graph (its text, or the source it is built
         from), the batch size, every source file of the compiler, the backend and target."""
@@ -145,6 +163,30 @@ class CompiledProgram:
     def _say(self, msg: str) -> None:
         if self.verbose:
             self.verbose(msg)
+
+
+def available_memory() -> int | None:
+    """Bytes that can still be allocated without swapping: the kernel's MemAvailable, or
+    what is left under this process's cgroup limit if that is less; None when unknown."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:  # a container's limit (cgroup v2)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def format_bytes(n: int) -> str:

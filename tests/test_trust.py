@@ -19,7 +19,7 @@ from dlc import cache as cache_mod
 from dlc import cli
 from dlc.backends.llvm import BACKEND as CPU
 from dlc.backends.llvm.elf import ElfError, symbols
-from dlc.core.diagnostics import ArtifactError, DlcError, UsageError
+from dlc.core.diagnostics import ArtifactError, DlcError, ResourceError, UsageError
 from isolated import CLI, describe_crash, run_cases
 
 
@@ -334,3 +334,31 @@ def test_dlc_cache_shows_and_clears_only_its_own_files(tmp_path, monkeypatch, ca
     assert "removed 2 entries" in capsys.readouterr().out
     assert sorted(p.name for p in d.rglob("*")) == ["aa", "notes.txt", "other.txt"]
     assert cli.main(["cache"]) == 0 and "0 entries" in capsys.readouterr().out
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+def test_a_step_larger_than_memory_is_refused_before_compiling_and_before_loading(tmp_path, monkeypatch):
+    from dlc import program as program_mod
+    free = program_mod.available_memory()
+    assert free is None or free > 0
+    compiled_step(tmp_path)  # in the cache now
+    monkeypatch.setattr(program_mod, "available_memory", lambda: 10)
+    monkeypatch.setattr(CPU, "compile", lambda *a, **k: pytest.fail("compiled a step that cannot fit"))
+    monkeypatch.setattr(CPU, "load", lambda *a, **k: pytest.fail("loaded a step that cannot fit"))
+    for batch in (5, 6):  # from the cache, and not yet compiled
+        m = dlc.load(MODEL)
+        p = program_mod.make_program("cpu", lambda: m.compile_graph("eval", m.train_config), m.state,
+                                     key=m.source_key("eval", m.train_config),
+                                     options={"cache_dir": tmp_path, "threads": THREADS})
+        with pytest.raises(ResourceError, match=r"needs \d+ bytes of memory .* only 10 bytes is available"):
+            p.step_for(batch)
+
+
+def test_the_cli_reports_a_step_larger_than_memory_in_one_sentence(tmp_path, monkeypatch, capsys):
+    from dlc import program as program_mod
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(program_mod, "available_memory", lambda: 10)
+    assert cli.main(["run", str(MODEL), "--epochs", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: the compiled step for batch") and err[1].startswith("hint: use a smaller batch")
