@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
                        description="Train a model with the recipe of its train block. Every value of "
                                    "the block can be overridden here; --data and --optimizer take "
-                                   ".dln expressions such as 'digits(test=0.1)' or 'sgd(lr=0.1, momentum=0.9)'.")
+                                   ".dln expressions such as 'digits(test=0.1)' or 'sgd(lr=0.1, momentum=0.9)'. "
+                                   "FILE may be an artifact from `dlc compile -o`: loading it runs the native "
+                                   "code inside it, so run only artifacts you trust (dlc checks that the file "
+                                   "is intact and built for this machine, not who built it).")
     _add_model_args(p)
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
     p.add_argument("--batch", type=_positive_int, help="mini-batch size (1 = stochastic, the data "

@@ -336,6 +336,12 @@ def test_dlc_cache_shows_and_clears_only_its_own_files(tmp_path, monkeypatch, ca
     assert cli.main(["cache"]) == 0 and "0 entries" in capsys.readouterr().out
 
 
+def test_run_help_says_to_run_only_trusted_artifacts(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    assert "run only artifacts you trust" in " ".join(capsys.readouterr().out.split())
+
+
 # --- memory ----------------------------------------------------------------------------------------
 
 def test_a_step_larger_than_memory_is_refused_before_compiling_and_before_loading(tmp_path, monkeypatch):
