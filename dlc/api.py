@@ -61,14 +61,33 @@ def _is_artifact(path) -> bool:
 
 
 def _load_artifact(path) -> "Model":
+    """Everything in the file is checked before any of its code is loaded: the manifest,
+    every blob's digest, the target, the backend's checks of the code, and that each step
+    fits the model built from the embedded source."""
     from dlc import artifact, backends
+    from dlc.core.diagnostics import ArtifactError
     manifest, steps = artifact.read(path)
-    backend = backends.backend(manifest["backend"])
-    artifact.check_target(path, manifest, backend, backend.target({}))
+    try:
+        backend = backends.backend(manifest["backend"])
+    except UsageError as e:
+        raise ArtifactError(f"{path} cannot be used: {e.message}", hint=artifact.REBUILD) from None
+    target = backend.target({})
+    artifact.check_target(path, manifest, backend, target)
+    artifact.check_code(path, steps, backend, target)
     source = manifest["source_name"]
-    base = Path(source).parent if Path(source).parent.is_dir() else Path(path).parent
-    m = Model(parse(manifest["source"], source), manifest["model"], source, base)
+    try:
+        base = Path(source).parent if Path(source).parent.is_dir() else Path(path).parent
+    except (OSError, ValueError):  # a damaged name
+        base = Path(path).parent
+    try:
+        m = Model(parse(manifest["source"], source), manifest["model"], source, base)
+    except DlcError as e:  # the source was checked when the file was written: it is damaged
+        raise ArtifactError(f"{path} is damaged: its model does not build from the source inside it "
+                            f"({e.message})", hint=artifact.REBUILD) from None
     m.source_text = manifest["source"]
+    inputs = [name for name, _ in m.input_types]
+    for (mode, batch), (_, layout) in steps.items():
+        artifact.check_fits(path, mode, batch, layout, inputs, m.state)
     m.preloaded = {(manifest["backend"], mode, batch): step for (mode, batch), step in steps.items()}
     return m
 

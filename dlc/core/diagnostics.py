@@ -117,6 +117,12 @@ class NumericsError(DlcError):
     kind = "numerics error"
 
 
+class ResourceError(DlcError):
+    """Not enough of the machine (memory) for what was asked."""
+
+    kind = "error"
+
+
 class UsageError(DlcError):
     """Bad command-line use: the CLI exits 2."""
 
