@@ -3,7 +3,8 @@ instruments that verify, time and dump the graph after each.
 
 Passes are plain functions `(Graph, PassContext) -> Graph` listed once, in order:
   GRAPH_PASSES  on the symbolic graph (the batch is still `B`), once per model;
-  LOWER_PASSES  per batch size: bind B, fold what became constant, fuse, plan memory.
+  LOWER_PASSES  per batch size: bind B, unroll loops, fold what became constant, fuse,
+                plan memory.
 The driver never lets a pass print or time itself.
 """
 from __future__ import annotations
@@ -71,6 +72,11 @@ def _specialize(g, ctx):
     return specialize(g, {"B": ctx.batch})
 
 
+def _unroll_scans(g, ctx):
+    from dlc.passes.unroll_scans import unroll_scans
+    return unroll_scans(g)
+
+
 def _fuse(g, ctx):
     from dlc.passes.fuse import fuse
     return fuse(g)
@@ -91,6 +97,9 @@ GRAPH_PASSES: tuple[Pass, ...] = (
 )
 LOWER_PASSES: tuple[Pass, ...] = (
     Pass("specialize", _specialize, "bind the batch dimension B to the batch size", required=True),
+    # until the kernel IR has sequential loops, native code needs the steps inlined
+    Pass("unroll_scans", _unroll_scans, "inline every step of each loop (scan): the kernel IR has no loops yet",
+         required=True),
     Pass("fold_constants", _fold, "fold what became constant (sizes, means over the batch)"),
     Pass("simplify", _simplify, "algebraic identities again, on static shapes"),
     Pass("dce", _dce, "dead-code elimination"),
