@@ -232,7 +232,7 @@ def _scan_vjp(g: Graph, b: GraphBuilder, nid: int, cts: dict[int, Value], needed
     g2 = body.copy()
     b2 = GraphBuilder(g2)
     b2.span = b.span
-    forward = set(g2.ids())
+    original = set(g2.ids())
     dc = {i: b2.input(f"dc{i}", btype(sig.carries[i]), "data") for i in diff_carries}
     dy = {m: b2.input(f"dy{m}", btype(y), "data") for m, y in enumerate(sig.outputs) if k + m in cts}
     seeds: dict[int, list[Value]] = {}
@@ -243,6 +243,10 @@ def _scan_vjp(g: Graph, b: GraphBuilder, nid: int, cts: dict[int, Value], needed
     wrt = ([sig.carries[i] for i in diff_carries] + [sig.seqs[j] for j in want_seq]
            + [sig.invariants[l] for l in want_inv])
     grads = backprop(g2, b2, seeds, wrt)
+    # forward: the body's nodes, and the stashing scans that replaced scans nested in it
+    cotangent = _reachable(g2, [v.id for v in list(dc.values()) + list(dy.values())], g2.users)
+    forward = original | {n for n in g2.ids() if n not in cotangent and n not in original
+                          and g2.node(n).op in (ops.SCAN, ops.SCAN_RESULT)}
 
     def grad_of(input_id: int) -> int:
         v = grads.get(input_id)
@@ -287,14 +291,16 @@ def _scan_vjp(g: Graph, b: GraphBuilder, nid: int, cts: dict[int, Value], needed
     # 3. the forward scan, stashing per step what the backward body reads
     stash_index = {}
     if stash:
-        fbody = body.copy()
+        fbody = g2.copy()  # the body, with any scans nested in it replaced by stashing ones
+        ys = list(fbody.outputs.values())[k:]
         for n in stash:
-            existing = [m for m, y in enumerate(sig.outputs) if y == n]
-            if existing:
-                stash_index[n] = k + existing[0]
-            else:
-                stash_index[n] = k + len(fbody.outputs) - k
-                fbody.outputs[out_name(len(fbody.outputs) - k)] = n
+            if n not in ys:
+                fbody.outputs[out_name(len(ys))] = n
+                ys.append(n)
+            stash_index[n] = k + ys.index(n)
+        fbody.remove_unused()
+        for v in list(dc.values()) + list(dy.values()):
+            fbody.remove(v.id)
         fwd = b.emit(ops.SCAN, tuple(b.value(o) for o in operands), **dict(a, body=fbody))
         g.replace_all_uses(nid, fwd.id)
         stash_outer = {n: b.emit(ops.SCAN_RESULT, (fwd,), index=i) for n, i in stash_index.items()}

@@ -5,14 +5,18 @@ it runs after `specialize` (T must be a known number) and before `fuse`. The ref
 interpreter and `dlc check` never unroll: they keep the one loop node.
 
 Step t reads xs[t] -- a slice of axis 0 -- and its outputs are joined along axis 0 again.
-Three rewrites keep the unrolled graph what the layers produced when they unrolled
+A few rewrites keep the unrolled graph what the layers produced when they unrolled
 themselves, without transposes or copies of whole sequences:
   - a sequence that is another unrolled scan's stacked output is read piece by piece
     (the backward scan reads the forward scan's stash per step, not slices of a concat);
   - a sequence that is a permute bringing axis a to the front (a batch-major [B, T, F]
     made time-major) is sliced along axis a of the permute's operand;
   - a stacked output read only by such permutes (back to batch-major) is joined along
-    the permuted axis directly.
+    the permuted axis directly, and one read only as [T*rows, ...] (the joined weight
+    gradient's matmul operand) is the concatenation of its pieces;
+  - products with a zero initial state are not built (h_0 @ wh, f * c_0 at the first
+    step are zeros), as the layers skipped them: with non-finite weights the unrolled
+    step gives 0 there where the loop gives NaN.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dlc.core.builder import GraphBuilder, Value
 from dlc.core.diagnostics import DlcError
 from dlc.core.graph import Graph, Node
 from dlc.core.ops.scan import signature
+from dlc.passes.simplify import scalar_of
 
 
 def unroll_scans(graph: Graph, ctx=None) -> Graph:
@@ -71,7 +76,15 @@ def _unroll(g: Graph, b: GraphBuilder, nid: int, pieces: dict[int, list[int]]) -
         env.update(zip(sig.invariants, operands[k + s:]))
         for bn in order:
             n = body.node(bn)
-            env[bn] = g.add(Node(n.op, tuple(env[o] for o in n.operands), n.attrs, n.type, n.span))
+            args = tuple(env[o] for o in n.operands)
+            zero = [scalar_of(g, o) == 0 for o in args] if n.op in (ops.MUL, ops.MATMUL, ops.ADD) else []
+            if n.op is ops.ADD and any(zero):
+                env[bn] = args[1] if zero[0] else args[0]
+            elif any(zero):
+                with b.at(n.span):
+                    env[bn] = b.full(0.0, n.type.shape, n.type.dtype).id
+            else:
+                env[bn] = g.add(Node(n.op, args, n.attrs, n.type, n.span))
         carries = [env[c] for c in sig.new_carries]
         for m, y in enumerate(sig.outputs):
             ys[m][t] = env[y]
@@ -88,7 +101,13 @@ def _unroll(g: Graph, b: GraphBuilder, nid: int, pieces: dict[int, list[int]]) -
             perms = {g.node(u).attrs["perm"] if g.node(u).op is ops.PERMUTE else None for u in readers}
             perm = perms.pop() if len(perms) == 1 else None
             front = perm.index(0) if perm is not None else None
-            if front is not None and _front_axis(perm, front) is not None:  # joined batch-major
+            t = g.node(r).type.shape
+            rows = {g.node(u).type.shape if g.node(u).op is ops.RESHAPE else None for u in readers}
+            if rows == {(t[0] * t[1],) + t[2:]} and len(t) >= 2:  # read as [T*rows, ...]
+                joined = b.concat([b.value(v) for v in per_step], 0).id
+                for u in readers:
+                    g.replace_all_uses(u, joined)
+            elif front is not None and _front_axis(perm, front) is not None:  # joined batch-major
                 joined = _join(b, per_step, front).id
                 for u in readers:
                     g.replace_all_uses(u, joined)
