@@ -12,6 +12,7 @@ import numpy as np
 
 from dlc.core import ops
 from dlc.core.graph import Graph
+from dlc.core.ops.scan import run_scan
 from dlc.passes.specialize import bind_symbols, is_symbolic, specialize
 from dlc.core.types import DType
 
@@ -61,7 +62,7 @@ class Interpreter:
             if id(body) not in self._bodies:  # (the body is held too, so its id stays its own)
                 self._bodies[id(body)] = (body, Interpreter(body, self.float_dtype))
             return run_scan([values[o] for o in node.operands], float_dtype=self.float_dtype,
-                            interpreter=self._bodies[id(body)][1], **node.attrs)
+                            run_body=self._bodies[id(body)][1].run, **node.attrs)
         want = np_dtype(node.type.dtype, self.float_dtype)
         if node.op is ops.INPUT:
             name = node.attrs["name"]
@@ -74,29 +75,6 @@ class Interpreter:
                 attrs = dict(attrs, dtype=DType.of(np.zeros(0, want)))
             out = np.asarray(node.op.ref(*(values[o] for o in node.operands), **attrs))
         return out if out.dtype == want else out.astype(want)
-
-
-def run_scan(operands, body: Graph, length, reverse: bool = False, carries: int = 0, seqs: int = 0,
-             float_dtype=None, interpreter: Interpreter | None = None) -> tuple:
-    """A scan's results (see dlc/core/ops/scan.py): the body interpreted once per step, in
-    the given float precision (by default that of the operands)."""
-    from dlc.core.ops.scan import carry_name, inv_name, out_name, seq_name
-    if float_dtype is None:
-        floats = [a.dtype for a in map(np.asarray, operands) if a.dtype.kind == "f"]
-        float_dtype = floats[0] if floats else np.float32
-    k, s = carries, seqs
-    step = interpreter or Interpreter(body, float_dtype)
-    state = {carry_name(i): np.asarray(a) for i, a in enumerate(operands[:k])}
-    fixed = {inv_name(i): np.asarray(a) for i, a in enumerate(operands[k + s:])}
-    n_out = len(body.outputs) - k
-    ys: list[list] = [[None] * int(length) for _ in range(n_out)]
-    for t in (reversed(range(int(length))) if reverse else range(int(length))):
-        feeds = {**state, **fixed, **{seq_name(j): np.asarray(a)[t] for j, a in enumerate(operands[k:k + s])}}
-        out = step.run(feeds)
-        state = {carry_name(i): out[carry_name(i)] for i in range(k)}
-        for m in range(n_out):
-            ys[m][t] = out[out_name(m)]
-    return tuple(state[carry_name(i)] for i in range(k)) + tuple(np.stack(y) for y in ys)
 
 
 def run_graph(graph: Graph, inputs: Mapping[str, np.ndarray], float_dtype=np.float32,

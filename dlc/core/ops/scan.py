@@ -52,7 +52,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dlc.core.types import ShapeError, TensorType, TupleType
+import numpy as np
+
+from dlc.core.types import DType, ShapeError, TensorType, TupleType
 from dlc.core.ops.base import Kind, OpDef, register
 
 
@@ -146,8 +148,53 @@ def _scan_infer(*types, body, length, reverse: bool = False, carries: int = 0, s
     return TupleType(tuple(types[:carries]) + tuple(stacked(node_type(y), length) for y in sig.outputs))
 
 
+def evaluate(graph, feeds: dict, float_dtype) -> dict:
+    """A graph's results by plain numpy evaluation, op by op (each OpDef.ref), in one float
+    precision: how a loop body runs when no interpreter is given."""
+    from dlc.core.ops.elementwise import CAST
+    from dlc.core.ops.misc import INPUT
+    values: dict = {}
+    for nid in graph.toposort():
+        n = graph.node(nid)
+        if n.op is INPUT:
+            values[nid] = np.asarray(feeds[n.attrs["name"]])
+            continue
+        attrs = n.attrs
+        if n.op is CAST and attrs["dtype"].is_float:
+            attrs = dict(attrs, dtype=DType.of(np.zeros(0, float_dtype)))
+        out = n.op.ref(*(values[o] for o in n.operands), **attrs)
+        if isinstance(n.type, TensorType):
+            want = np.dtype(float_dtype) if n.type.dtype.is_float else n.type.dtype.np
+            out = np.asarray(out)
+            out = out if out.dtype == want else out.astype(want)
+        values[nid] = out
+    return {k: values[v] for k, v in graph.outputs.items()}
+
+
+def run_scan(operands, body, length, reverse: bool = False, carries: int = 0, seqs: int = 0,
+             float_dtype=None, run_body=None) -> tuple:
+    """The scan's semantics (the docstring's loop): its results as a tuple of arrays.
+    `run_body(feeds) -> {result name: array}` runs the body once (the reference interpreter
+    passes its own); by default `evaluate` in the operands' float precision."""
+    if float_dtype is None:
+        floats = [a.dtype for a in map(np.asarray, operands) if a.dtype.kind == "f"]
+        float_dtype = floats[0] if floats else np.float32
+    if run_body is None:
+        run_body = lambda feeds: evaluate(body, feeds, float_dtype)  # noqa: E731
+    k, s = carries, seqs
+    state = {carry_name(i): np.asarray(a) for i, a in enumerate(operands[:k])}
+    fixed = {inv_name(i): np.asarray(a) for i, a in enumerate(operands[k + s:])}
+    ys: list[list] = [[None] * int(length) for _ in range(len(body.outputs) - k)]
+    for t in (reversed(range(int(length))) if reverse else range(int(length))):
+        out = run_body({**state, **fixed, **{seq_name(j): np.asarray(a)[t]
+                                              for j, a in enumerate(operands[k:k + s])}})
+        state = {carry_name(i): out[carry_name(i)] for i in range(k)}
+        for m, y in enumerate(ys):
+            y[t] = out[out_name(m)]
+    return tuple(state[carry_name(i)] for i in range(k)) + tuple(np.stack(y) for y in ys)
+
+
 def _scan_ref(*arrays, **attrs):
-    from dlc.backends.reference import run_scan  # the body runs in the reference interpreter
     return run_scan(arrays, **attrs)
 
 
