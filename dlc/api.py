@@ -7,15 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from dlc.language import frontend
+from dlc.backends import DEFAULT as DEFAULT_TARGET
 from dlc.core.diagnostics import ArgumentError, DataError, DlcError, UsageError
-from dlc.language.frontend import Built
 from dlc.core.graph import Graph
-from dlc.language.initializers import param_rng
+from dlc.core.kernel import format_program
 from dlc.core.printer import print_graph
+from dlc.language import frontend
+from dlc.language.frontend import Built
+from dlc.language.initializers import param_rng
 from dlc.language.summary import format_summary
 from dlc.language.syntax.parse import parse
 from dlc.language.syntax.printer import format_ast
+from dlc.program import make_program
 
 
 def read_source(path_or_source) -> tuple[str, str]:
@@ -52,18 +55,20 @@ def _is_artifact(path) -> bool:
             return False
     except (OSError, ValueError):  # not a usable file name: read_source reports it
         return False
-    from dlc.backends.llvm.artifact import is_artifact
+    from dlc.artifact import is_artifact
     return is_artifact(path)
 
 
 def _load_artifact(path) -> "Model":
-    from dlc.backends.llvm.artifact import read
-    manifest, steps = read(path)
+    from dlc import artifact, backends
+    manifest, steps = artifact.read(path)
+    backend = backends.backend(manifest["backend"])
+    artifact.check_target(path, manifest, backend, backend.target({}))
     source = manifest["source_name"]
     base = Path(source).parent if Path(source).parent.is_dir() else Path(path).parent
     m = Model(parse(manifest["source"], source), manifest["model"], source, base)
     m.source_text = manifest["source"]
-    m.preloaded = steps
+    m.preloaded = {(manifest["backend"], mode, batch): step for (mode, batch), step in steps.items()}
     return m
 
 
@@ -83,7 +88,7 @@ class Model:
         self.state: dict[str, np.ndarray] = init_state(self._train, seed)
         self.normalizer = None
         self._sessions: dict = {}
-        self.preloaded: dict = {}  # (mode, batch) -> (object code, layout) from an artifact
+        self.preloaded: dict = {}  # (backend, mode, batch) -> (blobs, layout) from an artifact
 
     # --- inspection -----------------------------------------------------------------------------
     def built(self, mode: str = "eval") -> Built:
@@ -98,48 +103,48 @@ class Model:
         return "".join(text for _, text in self.stages([stage], batch=batch, mode=mode))
 
     def stages(self, names, batch: int | None = None, mode: str = "train", disabled=(),
-               log=None) -> list[tuple[str, str]]:
-        """[(stage, text)] for the requested stages, in pipeline order."""
-        from dlc.pipeline import Compilation
+               log=None, target: str = DEFAULT_TARGET) -> list[tuple[str, str]]:
+        """[(stage, text)] for the requested stages, in pipeline order (`target` prints its
+        own stages: llvm, asm, ...)."""
+        from dlc import backends, pipeline
         out = []
         if "ast" in names:
             out.append(("ast", format_ast(self.program)))
         if "graph" in names:
             out.append(("graph", print_graph(self.built(mode).graph)))
-        from dlc.pipeline import CODEGEN_STAGES
-        wanted = [n for n in names if n not in ("ast", "graph") and n not in CODEGEN_STAGES]
-        codegen = [n for n in names if n in CODEGEN_STAGES]
-        if wanted or codegen or log is not None:
-            log = log if log is not None else Compilation()
+        passes = [n for n in names if n in pipeline.PASS_NAMES]
+        later = [n for n in names if n not in pipeline.PASS_NAMES and n not in ("ast", "graph")]
+        if passes or later or log is not None:
+            log = log if log is not None else pipeline.Compilation()
             lowered = self.lower(mode, batch, disabled=disabled, log=log)
-            out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in wanted]
-            if codegen:
-                from dlc.backends.llvm.build import codegen_stages
-                out += codegen_stages(lowered, codegen)
+            out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in passes]
+            if later:
+                backend = backends.backend(target)
+                program = pipeline.kernel_program(lowered, backend.templates)
+                target_desc = backend.target({}) if set(later) - {"kernel"} else None
+                out += [(n, format_program(program) if n == "kernel" else backend.dump(program, n, target_desc))
+                        for n in later]
         return out
 
     def compile_graph(self, mode: str, config=None, log=None, disabled=()) -> Graph:
         """The training step ("train", after autodiff and the optimizer) or the evaluation
         graph ("eval"), after the graph passes; shapes are still symbolic."""
-        from dlc.pipeline import GRAPH_PASSES, PassContext, run_passes
+        from dlc.pipeline import step_graph
         if mode == "train":
             config = config or self._require_config()
             if "loss" not in self._train.graph.outputs:
                 raise ArgumentError(f"model {self.name} has no loss to train")
         else:
             config = None
-        ctx = PassContext(config, disabled=frozenset(disabled))
-        return run_passes(self.built(mode).graph, GRAPH_PASSES, ctx, log)
+        return step_graph(self.built(mode).graph, config, log, disabled)
 
     def lower(self, mode: str, batch: int | None = None, config=None, log=None, disabled=()) -> Graph:
         """The graph for one batch size after every pass: fused and memory-planned."""
-        from dlc.pipeline import LOWER_PASSES, PassContext, run_passes
+        from dlc.pipeline import lower
         if mode == "train":
             config = config or self._require_config()
         batch = batch or (config.batch if config else self.train_config.batch if self.train_config else 1)
-        graph = self.compile_graph(mode, config, log, disabled)
-        ctx = PassContext(config if mode == "train" else None, batch, frozenset(disabled))
-        return run_passes(graph, LOWER_PASSES, ctx, log)
+        return lower(self.compile_graph(mode, config, log, disabled), batch, log, disabled)
 
     def source_key(self, mode: str, config) -> str:
         """Identifies a compiled graph without building it (compile-cache keys)."""
@@ -147,24 +152,22 @@ class Model:
         recipe = f"{config.optimizer}|clip={config.clip}" if mode == "train" and config else ""
         return "\0".join([text, self.name, mode, recipe])
 
-    def compile_artifact(self, path, batches=None, verbose=None, **options) -> list[tuple[str, int]]:
+    def compile_artifact(self, path, batches=None, target: str = DEFAULT_TARGET, **options) -> list[tuple[str, int]]:
         """Compile the training and evaluation steps (for the train block's batch size,
         and the smaller last batches of its data set when it can be read) into one file
         that `dlc run` / `dlc eval` load without compiling."""
-        from dlc.backends.llvm import artifact
-        from dlc.backends.llvm.build import build_step
-        from dlc.backends.llvm.cache import Cache
-        from dlc.backends.llvm.target import Target
+        from dlc import artifact
         config = self._require_config()
-        target = Target.host(options.get("threads"))
-        cache = None if options.get("no_cache") else Cache(options.get("cache_dir"))
         sizes = {("train", config.batch), ("eval", config.batch)} | set(batches or self._last_batches(config))
-        steps = {}
+        steps, program = {}, None
         for mode, batch in sorted(sizes):
-            graph = lambda mode=mode: self.compile_graph(mode, config)  # noqa: E731
-            steps[(mode, batch)] = build_step(graph, batch, target, cache, verbose,
-                                              source_key=self.source_key(mode, config))
-        artifact.write(path, str(Path(self.source_name).resolve()), self.source_text, self.name, target, steps)
+            program = make_program(target, lambda mode=mode: self.compile_graph(mode, config), self.state,
+                                   key=self.source_key(mode, config), options=options)
+            if not hasattr(program, "compiled"):
+                raise UsageError(f"target `{target}` compiles nothing to write to {path}")
+            steps[(mode, batch)] = program.compiled(batch)
+        artifact.write(path, str(Path(self.source_name).resolve()), self.source_text, self.name,
+                       program.backend.name, program.target.to_json(), steps)
         return sorted(steps)
 
     def _last_batches(self, config) -> set:
@@ -207,12 +210,12 @@ class Model:
     # --- running --------------------------------------------------------------------------------
     def forward(self, *xs: np.ndarray, float_dtype=np.float32) -> np.ndarray:
         """The model's output for a batch (evaluation mode), on the reference interpreter."""
-        from dlc.backends.reference import run_graph
+        from dlc import backends
         feeds = self._feeds(xs)
         g = self._eval.graph.copy()
         g.outputs = {"output": g.outputs["output"]}
         g.remove_unused(keep_inputs=False)
-        return run_graph(g, feeds, float_dtype=float_dtype)["output"]
+        return backends.backend("reference").run_graph(g, feeds, float_dtype=float_dtype)["output"]
 
     __call__ = forward
 
@@ -224,7 +227,7 @@ class Model:
             feeds[name] = check_input(name, t, x)
         return feeds
 
-    def session(self, config=None, target: str = "cpu", **options):
+    def session(self, config=None, target: str = DEFAULT_TARGET, **options):
         """Compiled training and evaluation steps for a recipe (cached per target/recipe).
         options: threads, verbose (a print function), no_cache, cache_dir, profile."""
         from dlc.runtime.trainer import Session
@@ -235,7 +238,7 @@ class Model:
         return self._sessions[key]
 
     def fit(self, x=None, y=None, *, epochs: int | None = None, batch: int | None = None,
-            lr: float | None = None, seed: int | None = None, optimizer=None, target: str = "cpu",
+            lr: float | None = None, seed: int | None = None, optimizer=None, target: str = DEFAULT_TARGET,
             test: float | None = None, quiet: bool = True, log=None, save=None, resume=None,
             on_epoch=None, **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
@@ -271,7 +274,7 @@ class Model:
                           resume=meta, on_epoch=on_epoch)
         return fit(session, data, opts, normalizer)
 
-    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = "cpu", **options) -> dict:
+    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = DEFAULT_TARGET, **options) -> dict:
         """Loss and metrics on the given arrays (or the train block's held-out split)."""
         from dlc.runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
         from dlc.runtime.trainer import Normalizer
@@ -288,7 +291,7 @@ class Model:
             y = shape_labels(label_type, y, classes=classes_of(self, label_type))
         return session.evaluate(x, y, batch or config.batch)
 
-    def predict(self, x, *, batch: int | None = None, target: str = "cpu", **options) -> np.ndarray:
+    def predict(self, x, *, batch: int | None = None, target: str = DEFAULT_TARGET, **options) -> np.ndarray:
         """The model's outputs for every sample of x (inputs normalized as in training)."""
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer

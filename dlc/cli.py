@@ -24,8 +24,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="a .dln program")
+def _add_model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("file", help="a .dln program", **({"nargs": "?"} if optional else {}))
     p.add_argument("--model", metavar="NAME", help="which model, when the file defines several")
 
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a program; dump IR stages",
                        description="Compile a .dln program through the pipeline. --dump-ir prints "
                                    "stages to stdout, or writes one numbered file per stage with --dump-dir.")
-    _add_model_args(p)
+    _add_model_args(p, optional=True)
     p.add_argument("--dump-ir", metavar="STAGES", default=None,
                    help="comma-separated stages to print, or `all` (see --list-stages)")
     p.add_argument("--dump-dir", metavar="DIR", help="write each dumped stage to DIR/NN_stage.txt")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT",
                    help="write the compiled training and evaluation steps to OUT (e.g. model.dlcx), "
                         "which `dlc run OUT` and `dlc eval OUT` load without compiling")
-    p.add_argument("--verbose", "-v", action="store_true", help="print compile-cache hits and compile times")
+    _add_target(p)
 
     p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
                        description="Train a model with the recipe of its train block. Every value of "
@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write outputs (and predicted classes) to an .npz")
     _add_target(p)
 
+    sub.add_parser("targets", help="list the targets (backends) and whether each can run here",
+                   description="List every registered target (--target NAME): what it is, and why it "
+                               "cannot run on this machine when it cannot.")
+
     p = sub.add_parser("plot", help="draw loss and accuracy curves from a metrics log",
                        description="Draw per-epoch loss and accuracy from a `dlc run --log` file "
                                    "(needs matplotlib: pip install 'dlc[plot]').")
@@ -108,15 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _target_arg(p: argparse.ArgumentParser) -> None:
+    from dlc import backends
+    p.add_argument("--target", choices=backends.names(), default=backends.DEFAULT,
+                   help=f"where the step runs: {', '.join(backends.names())} (default {backends.DEFAULT}; "
+                        "`dlc targets` describes each and says which are usable here)")
+
+
 def _add_target(p: argparse.ArgumentParser) -> None:
-    from dlc.backends import TARGETS
-    p.add_argument("--target", choices=TARGETS, default=TARGETS[0],
-                   help="where the compiled step runs: cpu (native code, the default) or "
-                        "reference (the numpy interpreter, for debugging)")
+    _target_arg(p)
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring the compile cache")
+    p.add_argument("--no-templates", action="store_true",
+                   help="render matmuls, convolutions, pooling and gathers as plain loop nests instead of "
+                        "the backend's dedicated code (slow; for testing a backend)")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print the target CPU, compile-cache hits and compile time per phase")
+                   help="print the target, compile-cache hits and compile time per phase")
 
 
 def _backend_options(args) -> dict:
@@ -125,10 +136,13 @@ def _backend_options(args) -> dict:
         options["threads"] = args.threads
     if getattr(args, "no_cache", False):
         options["no_cache"] = True
+    if getattr(args, "no_templates", False):
+        options["templates"] = False
     if getattr(args, "verbose", False):
-        from dlc.backends.llvm.target import Target
-        if args.target == "cpu":
-            print(f"dlc: target {Target.host(args.threads).describe()}", file=sys.stderr)
+        from dlc import backends
+        backend = backends.backend(args.target)
+        if backend.lowers:
+            print(f"dlc: target {args.target}: {backend.target(options).describe()}", file=sys.stderr)
         options["verbose"] = lambda msg: print(f"dlc: {msg}", file=sys.stderr)
     if getattr(args, "profile", False):
         options["profile"] = True
@@ -161,17 +175,21 @@ def cmd_check(args) -> int:
 
 def cmd_compile(args) -> int:
     from dlc.api import load
-    from dlc.pipeline import STAGES, Compilation, check_disabled, select_stages
+    from dlc import backends
+    from dlc.pipeline import Compilation, check_disabled, select_stages, stages_for
+    stages = stages_for(backends.backend(args.target))
     if args.list_stages:
-        for name, doc in STAGES.items():
+        for name, doc in stages.items():
             print(f"{name:<15} {doc}")
         return 0
+    if args.file is None:
+        raise UsageError("compile needs a .dln file (or --list-stages)")
     model = load(args.file, args.model)
     disabled = check_disabled(args.disable_pass)
-    names = select_stages(args.dump_ir or ("all" if args.dump_dir else ""))
+    names = select_stages(args.dump_ir or ("all" if args.dump_dir else ""), stages)
     mode = "eval" if args.eval or model.train_config is None else "train"
     log = Compilation()
-    dumps = model.stages(names, batch=args.batch, mode=mode, disabled=disabled, log=log)
+    dumps = model.stages(names, batch=args.batch, mode=mode, disabled=disabled, log=log, target=args.target)
     if args.dump_dir:
         out = Path(args.dump_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -197,8 +215,7 @@ def cmd_compile(args) -> int:
         fused = log.last("fuse")
         print(fused.graph.meta["fusion"].explain(fused.graph), end="")
     if args.output:
-        verbose = (lambda msg: print(f"dlc: {msg}", file=sys.stderr)) if args.verbose else None
-        steps = model.compile_artifact(args.output, verbose=verbose)
+        steps = model.compile_artifact(args.output, target=args.target, **_backend_options(args))
         print(f"wrote {args.output}: {model.name}, steps " + ", ".join(f"{m} batch {b}" for m, b in steps))
         return 0
     if not (dumps or args.time_passes or args.stats or args.explain_fusion):
@@ -301,6 +318,13 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_targets(args) -> int:
+    from dlc import backends
+    for name, doc, reason in backends.describe():
+        print(f"{name:<10} {doc}" + (f"\n{'':<10} unavailable: {reason}" if reason else ""))
+    return 0
+
+
 def cmd_plot(args) -> int:
     from dlc.runtime.plot import plot_log
     plot_log(args.log, args.output)
@@ -309,7 +333,7 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
-            "predict": cmd_predict, "plot": cmd_plot}
+            "predict": cmd_predict, "targets": cmd_targets, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

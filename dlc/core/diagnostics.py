@@ -126,3 +126,9 @@ class UsageError(DlcError):
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
     return f"did you mean `{close[0]}`?" if close else None
+
+
+class ArtifactError(DlcError):
+    """A compiled artifact that cannot be used: damaged, or built for another machine."""
+
+    kind = "artifact error"

@@ -10,9 +10,10 @@ from typing import Callable
 
 import numpy as np
 
-from dlc import __version__
+from dlc import __version__, backends
 from dlc.core.diagnostics import CheckpointError, DataError, NumericsError
 from dlc.language.recipe import Spec
+from dlc.program import make_program
 
 
 def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int) -> float:
@@ -68,22 +69,20 @@ class Session:
 
     Graphs are built lazily: a native step found in the compile cache needs none."""
 
-    def __init__(self, model, config, target: str = "cpu", options: dict | None = None):
-        from dlc.backends import compile_program
+    def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None):
         self.model = model
         self.config = config
         self.target = target
-        options = dict(options or {})
         self.input_name = model.input_types[0][0]
         self.state = model.state
         self._graphs: dict[str, object] = {}
-        if target == "reference":  # the interpreter needs the optimizer state up front
+        if not backends.backend(target).lowers:  # an interpreter needs the optimizer state up front
             model.ensure_state(self.graph("train"))
         self.train_program, self.eval_program = (
-            compile_program(lambda mode=mode: self.graph(mode), self.state, target,
-                            key=model.source_key(mode, config), data_name=self.input_name,
-                            preloaded={b: s for (m, b), s in model.preloaded.items() if m == mode},
-                            **options)
+            make_program(target, lambda mode=mode: self.graph(mode), self.state,
+                         key=model.source_key(mode, config), data_name=self.input_name,
+                         preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)},
+                         options=options)
             for mode in ("train", "eval"))
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
         self._results = ["loss"] + self.metrics
@@ -111,9 +110,8 @@ class Session:
     def _numerics_error(self, feeds, loss: float) -> NumericsError:
         """Re-run the failed step on the reference interpreter to find the first bad op.
         (The step left the state untouched: the optimizer pass guards every update.)"""
-        from dlc.backends.reference import Interpreter
         from dlc.core import ops
-        values = Interpreter(self.train_graph).run({**self.state, **feeds}, keep_all=True)
+        values = backends.backend("reference").run_graph(self.train_graph, {**self.state, **feeds}, keep_all=True)
         for nid in self.train_graph.toposort():
             node = self.train_graph.node(nid)
             v = values[nid]
@@ -130,11 +128,11 @@ class Session:
 
     def profile_report(self, top: int = 12) -> str:
         """Where training time went: per kernel and per .dln line (native target only)."""
-        rows = getattr(self.train_program, "profile_rows", lambda: [])()
+        rows = self.train_program.profile_rows()
         if not rows:
-            return "no profile: it needs the cpu target\n"
+            return f"no profile: target `{self.target}` runs no compiled kernels\n"
         total = sum(sec for _, _, sec in rows) or 1.0
-        out = [f"profile of {sum(s.calls for s in self.train_program.steps.values())} training steps "
+        out = [f"profile of {self.train_program.calls} training steps "
                f"({total:.3f} s in compiled code)", "  kernel                      time     share  .dln lines"]
         for name, lines, sec in sorted(rows, key=lambda r: -r[2])[:top]:
             out.append(f"  {name:<24}{sec * 1e3:>9.1f} ms {sec / total:>7.1%}  {', '.join(lines) or '-'}")

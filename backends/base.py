@@ -1,0 +1,115 @@
+"""The backend interface: what the driver asks of a code generator, and nothing more.
+
+The driver (dlc/pipeline.py, dlc/program.py) lowers a model to a KernelProgram per batch
+size (dlc/core/kernel: the contract), keeps compiled code in the disk cache and in
+artifacts, and runs steps. A backend:
+
+  name, doc           how `--target` names and describes it
+  stages              IR stages it can print beyond the driver's (`--dump-ir`), name -> doc
+  templates           the template kinds it renders with dedicated code; the driver expands
+                      every other kind to its generic loop nests before `compile`
+  coverage()          what its renderer handles: {"scalar ops": names, "index nodes": classes,
+                      "scalar nodes": classes} -- a test holds it to the whole kernel IR
+  unavailable()       None, or one sentence saying why it cannot run here
+  target(options)     a Target for this machine: `key()` (part of every cache key),
+                      `describe()`, `to_json()`
+  compile(program, target, profile) -> Compiled: blobs (bytes) and a StepLayout
+  load(blobs, layout, target) -> Step: `run(state, feeds)` and `profile_rows()`
+  dump(program, stage, target) -> text of one of its stages
+  check_target(saved, target)   None, or why code built for `saved` (a target's JSON)
+                                cannot run on `target`
+
+A backend that interprets graphs instead (the numpy reference) sets `lowers = False` and
+implements `interpret(graph, state)`.
+
+Backends import the core (dlc.core), the passes and this module; never the driver, never
+each other. A new backend is a folder with a module-level `BACKEND` plus one line in the
+registry (backends/__init__.py); docs/backends.md walks through it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class StepLayout:
+    """Everything needed to run compiled code besides the code itself (stored beside it in
+    the cache and in artifacts): buffer slots, the arena, where results are, the kernels."""
+
+    arena_bytes: int
+    scratch_bytes: int
+    slots: list                      # [name, kind, dtype, shape] per input/state buffer, in table order
+    outputs: dict                    # result name -> [arena offset or slot name, dtype, shape]
+    kernels: list                    # [name, phase, lines] per profiled part, in call order
+    threads: int = 1
+    meta: dict = field(default_factory=dict)   # backend-specific
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "StepLayout":
+        return StepLayout(**json.loads(text))
+
+
+@dataclass
+class Compiled:
+    blobs: list[bytes]
+    layout: StepLayout
+    timings: dict = field(default_factory=dict)   # phase -> seconds, for --verbose
+
+
+class Step(Protocol):
+    layout: StepLayout
+    calls: int
+
+    def run(self, state: dict, feeds: dict) -> dict:
+        """One step: reads parameters and state from `state` and updates them in place;
+        returns copies of the results."""
+
+    def profile_rows(self) -> list[tuple[str, tuple, float]]:
+        """(kernel, .dln lines, seconds) over the calls so far (empty when not profiled)."""
+
+
+class Backend:
+    name: str = ""
+    doc: str = ""
+    stages: dict[str, str] = {}
+    templates: frozenset = frozenset()
+    lowers: bool = True
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def coverage(self) -> dict[str, set]:
+        raise NotImplementedError
+
+    def target(self, options: dict):
+        raise NotImplementedError
+
+    def compile(self, program, target, profile: bool = False) -> Compiled:
+        raise NotImplementedError
+
+    def load(self, blobs: list[bytes], layout: StepLayout, target) -> Step:
+        raise NotImplementedError
+
+    def dump(self, program, stage: str, target) -> str:
+        raise NotImplementedError(f"{self.name} has no stage {stage}")
+
+    def check_target(self, saved: dict, target) -> str | None:
+        return None if saved == target.to_json() else f"it was compiled for another {self.name} target"
+
+
+def layout_slots(program) -> list:
+    """[name, kind, dtype, shape] of every input and state buffer, inputs first."""
+    return [[b.name, b.kind, b.dtype.value, list(b.shape)]
+            for b in list(program.inputs.values()) + list(program.state.values())]
+
+
+def layout_outputs(program) -> dict:
+    """result name -> [arena offset, or the input/state buffer holding it, dtype, shape]."""
+    return {name: [b.offset if b.kind == "arena" else b.name, b.dtype.value, list(b.shape)]
+            for name, b in program.outputs.items()}
+
