@@ -203,7 +203,7 @@ def _hoist(g: Graph, v: int, forward: set[int]):
 
 
 def _hoist_leaves(tree) -> list[tuple]:
-    if tree[0] in ("add",):
+    if tree[0] == "add":
         return _hoist_leaves(tree[1]) + _hoist_leaves(tree[2])
     if tree[0] == "reshape":
         return _hoist_leaves(tree[1])
@@ -256,7 +256,8 @@ def _scan_vjp(g: Graph, b: GraphBuilder, nid: int, cts: dict[int, Value], needed
     d_seq = {j: grad_of(sig.seqs[j]) for j in want_seq}
     hoisted = {l: _hoist(g2, grads[sig.invariants[l]].id, forward) for l in want_inv
                if sig.invariants[l] in grads}
-    accs = [leaf[1] for tree in hoisted.values() for leaf in _hoist_leaves(tree) if leaf[0] == "acc"]
+    accs = list(dict.fromkeys(leaf[1] for tree in hoisted.values() for leaf in _hoist_leaves(tree)
+                              if leaf[0] == "acc"))
     stepwise = list(dict.fromkeys(
         list(d_seq.values()) + [x for tree in hoisted.values() for leaf in _hoist_leaves(tree)
                                 if leaf[0] in ("matmul", "sum") for x in leaf[1:2 if leaf[0] == "sum" else 3]]))

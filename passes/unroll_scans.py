@@ -14,9 +14,10 @@ themselves, without transposes or copies of whole sequences:
   - a stacked output read only by such permutes (back to batch-major) is joined along
     the permuted axis directly, and one read only as [T*rows, ...] (the joined weight
     gradient's matmul operand) is the concatenation of its pieces;
-  - products with a zero initial state are not built (h_0 @ wh, f * c_0 at the first
-    step are zeros), as the layers skipped them: with non-finite weights the unrolled
-    step gives 0 there where the loop gives NaN.
+  - products with a float zero constant -- in practice a zero initial state: h_0 @ wh and
+    f * c_0 at the first step -- are not built (they are zeros; a sum with one is its other
+    operand), as the layers skipped them: with non-finite weights the unrolled step gives
+    0 there where the loop gives NaN.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def _unroll(g: Graph, b: GraphBuilder, nid: int, pieces: dict[int, list[int]]) -
         for bn in order:
             n = body.node(bn)
             args = tuple(env[o] for o in n.operands)
-            zero = [scalar_of(g, o) == 0 for o in args] if n.op in (ops.MUL, ops.MATMUL, ops.ADD) else []
+            zero = ([g.node(o).type.dtype.is_float and scalar_of(g, o) == 0 for o in args]
+                    if n.op in (ops.MUL, ops.MATMUL, ops.ADD) else [])
             if n.op is ops.ADD and any(zero):
                 env[bn] = args[1] if zero[0] else args[0]
             elif any(zero):
