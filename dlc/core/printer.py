@@ -92,7 +92,7 @@ def print_graph(graph: Graph) -> str:
                 body.append(("\n".join("    " + line for line in nested), None, ""))
     rows = [r for r in body if r[1] is not None]
     width = min(max((len(t) for t, _, _ in rows), default=0), 72)
-    width2 = max((len(s) for _, s, _ in rows), default=0)
+    width2 = min(max((len(s) for _, s, _ in rows), default=0), 48)  # a loop's long tuple type overflows
     lines = [f"  {t:<{width}}  {s:<{width2}}{loc}".rstrip() if s is not None else t for t, s, loc in body]
 
     params = []
