@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from pathlib import Path
 
 import numpy as np
 
 from dlc.backends import DEFAULT as DEFAULT_TARGET
-from dlc.core.diagnostics import ArgumentError, DataError, DlcError, UsageError
+from dlc.core.diagnostics import ArgumentError, DataError, DlcError, UsageError, did_you_mean
 from dlc.core.graph import Graph
 from dlc.core.kernel import format_program
 from dlc.core.printer import print_graph
@@ -189,6 +190,22 @@ class Model:
                                 hint="add `train <model> { data = ..., loss = ... }`")
         return self.train_config
 
+    def _require_one_input(self, config) -> None:
+        """Data sources, fit(x, y) and predict(x) give one array per sample: a model with more
+        inputs would fail after compiling, on the input left unfed."""
+        if len(self.input_types) == 1:
+            return
+        names = [name for name, _ in self.input_types]
+        second = [p for p in self._eval.model.params if p.name == names[1]]
+        data = config.span("data") if config else None
+        raise DataError(f"model `{self.name}` has {len(names)} inputs ({', '.join(names)}), but "
+                        "training and prediction feed one input array",
+                        second[0].span if second else None,
+                        notes=[f"the data comes from `data = {config.data}` at {data}"] if data else (),
+                        hint="stack them into one input with an extra axis (e.g. two f32[B, 64] as "
+                             "`x: f32[B, 2, 64]`) and take it apart in the model (`x[:, 0]`, "
+                             "`x[:, 1]`); from Python, forward(x, y) runs the model on several arrays")
+
     @property
     def params(self) -> dict[str, np.ndarray]:
         """Trainable parameters by name (numpy arrays, shared with the model)."""
@@ -243,10 +260,14 @@ class Model:
             on_epoch=None, **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
         trains on those arrays (a `test` share is held out) instead of the block's data.
+        `save` is written after every epoch and on Ctrl-C once a step has run; a file already
+        there (unless it is `resume`) is kept as NAME.prev.npz.
         Returns a History (one record of metrics per epoch)."""
         from dlc.runtime.prepare import prepare
         from dlc.runtime.trainer import FitOptions, fit, restore
+        _check_options(self.fit, options)
         config = self._require_config()
+        self._require_one_input(config)
         if optimizer is not None:
             config = dataclasses.replace(config, optimizer=optimizer if not isinstance(optimizer, str)
                                          else _optimizer_spec(optimizer))
@@ -267,18 +288,22 @@ class Model:
         data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
                                    arrays=(x, y) if x is not None else None, normalizer=normalizer)
         self.normalizer = normalizer
+        # a file at `save` is kept as NAME.prev.npz, unless it is the checkpoint this run continues
+        resumes_save = bool(resume and save) and Path(resume).resolve() == Path(save).resolve()
         opts = FitOptions(epochs=epochs or config.epochs, batch=batch or config.batch,
                           lr=lr if lr is not None else config.optimizer.args["lr"], seed=seed,
                           shuffle=config.shuffle, quiet=quiet,
                           log_path=Path(log) if log else None, save_path=Path(save) if save else None,
-                          resume=meta, on_epoch=on_epoch)
+                          resume=meta, on_epoch=on_epoch, keep_previous=not resumes_save)
         return fit(session, data, opts, normalizer)
 
     def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = DEFAULT_TARGET, **options) -> dict:
         """Loss and metrics on the given arrays (or the train block's held-out split)."""
         from dlc.runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
         from dlc.runtime.trainer import Normalizer
+        _check_options(self.evaluate, options)
         config = self._require_config()
+        self._require_one_input(config)
         session = self.session(config, target, **options)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         if x is None:
@@ -295,6 +320,8 @@ class Model:
         """The model's outputs for every sample of x (inputs normalized as in training)."""
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer
+        _check_options(self.predict, options)
+        self._require_one_input(self.train_config)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
@@ -303,14 +330,9 @@ class Model:
 
     def save(self, path) -> None:
         """Write parameters, state and normalization to a checkpoint (.npz, no pickle)."""
-        from dlc.runtime.checkpoint import save_checkpoint
-        from dlc.runtime.trainer import Normalizer
-        from dlc import __version__
+        from dlc.runtime.trainer import Normalizer, save
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
-        arrays = dict(self.state, **{"data:shift": norm.shift, "data:scale": norm.scale})
-        step = int(self.state.get("step", 0))
-        save_checkpoint(Path(path), arrays, {"dlc": __version__,
-                                             "model": self.name, "epoch": 0, "batch": 0, "step": step})
+        save(self, Path(path), norm, step=int(self.state.get("step", 0)))
 
     def load_weights(self, path) -> dict:
         """Load a checkpoint written by `save` or `dlc run --save`; returns its metadata."""
@@ -319,6 +341,33 @@ class Model:
         return meta
 
     load = load_weights
+
+
+_FLAG = ("True or False", lambda v: isinstance(v, bool))
+
+# The compiler options fit/evaluate/predict pass on (`**options`): what each takes.
+_BACKEND_OPTIONS = {
+    "threads": ("a positive number of CPU threads",
+                lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "verbose": ("a function that receives the compiler's messages, such as print",
+                lambda v: v is None or v is False or callable(v)),
+    "no_cache": _FLAG,
+    "profile": _FLAG,
+    "cache_dir": ("a folder path", lambda v: isinstance(v, (str, os.PathLike))),
+}
+
+
+def _check_options(method, options: dict) -> None:
+    """Refuse a keyword the compiler does not take before it fails deep inside the compiler."""
+    for name, value in options.items():
+        if name not in _BACKEND_OPTIONS:
+            known = [*(p for p in inspect.signature(method).parameters if p != "options"), *_BACKEND_OPTIONS]
+            raise ArgumentError(f"{method.__name__}() got an unknown keyword `{name}`",
+                                hint=did_you_mean(name, known) or f"its keywords: {', '.join(known)}")
+        what, ok = _BACKEND_OPTIONS[name]
+        if not ok(value):
+            raise ArgumentError(f"{method.__name__}({name}={value!r}): `{name}` takes {what}",
+                                hint="quiet=False shows training progress" if name == "verbose" else None)
 
 
 def _optimizer_spec(name: str):

@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
     p.add_argument("--optimizer", metavar="EXPR", help="optimizer, e.g. 'adam(lr=1e-3)'")
     _add_target(p)
-    p.add_argument("--save", metavar="FILE", help="write a checkpoint after every epoch (and on Ctrl-C)")
+    p.add_argument("--save", metavar="FILE",
+                   help="write a checkpoint after every epoch (and on Ctrl-C, once a step has run); "
+                        "a FILE already there, unless it is the --resume checkpoint, is kept "
+                        "(ck.npz as ck.prev.npz, replacing an older one)")
     p.add_argument("--resume", metavar="FILE", help="continue from a checkpoint written by --save")
     p.add_argument("--log", metavar="FILE", help="write per-epoch metrics as JSON lines (see `dlc plot`)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the final result")
@@ -92,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="run a trained model on new inputs",
                        description="Load weights and print (or save) the model's outputs for the "
-                                   "inputs in an .npz file.")
+                                   "inputs in an .npy or .npz file.")
     _add_model_args(p)
     p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
-    p.add_argument("--input", metavar="FILE", required=True, help=".npz file holding the inputs")
+    p.add_argument("--input", metavar="FILE", required=True,
+                   help=".npy file of the inputs, or .npz file holding them (see --key)")
     p.add_argument("--key", default=None, help="array name in the .npz (default: `x`, or its only array)")
     p.add_argument("-o", "--output", metavar="FILE", help="write outputs (and predicted classes) to an .npz")
     _add_target(p)
@@ -166,6 +170,18 @@ _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
+def _output_path(path: str, flag: str, folder: bool = False) -> Path:
+    """An output path of the wrong kind is refused before any work, not when writing at the end."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        want = "a folder (it is created if missing)" if folder else "the name of the file to write"
+        raise UsageError(f"{flag} {path} is a {'file' if folder else 'folder'}; give {want}")
+    blocker = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{flag} {path}: {blocker} is a file, not a folder")
+    return p
+
+
 def cmd_check(args) -> int:
     from dlc.api import load
     model = load(args.file, args.model)
@@ -184,6 +200,10 @@ def cmd_compile(args) -> int:
         return 0
     if args.file is None:
         raise UsageError("compile needs a .dln file (or --list-stages)")
+    if args.output:
+        _output_path(args.output, "-o")
+    if args.dump_dir:
+        _output_path(args.dump_dir, "--dump-dir", folder=True)
     model = load(args.file, args.model)
     disabled = check_disabled(args.disable_pass)
     names = select_stages(args.dump_ir or ("all" if args.dump_dir else ""), stages)
@@ -255,7 +275,7 @@ def _load_with_overrides(args):
 
 
 def cmd_run(args) -> int:
-    from dlc.runtime.trainer import Interrupted
+    from dlc.runtime.trainer import Interrupted, kept_note
     model = _load_with_overrides(args)
     cfg = model.train_config
     save = args.save or cfg.checkpoint
@@ -276,7 +296,7 @@ def cmd_run(args) -> int:
     if args.profile:
         print(model.session(model.train_config, args.target, **_backend_options(args)).profile_report(), end="")
     if save:
-        print(f"saved {save}")
+        print(f"saved {save}{kept_note(history)}")
     return 0
 
 
@@ -302,6 +322,8 @@ def cmd_predict(args) -> int:
     import numpy as np
     from dlc.api import load
     from dlc.runtime.inputs import read_input_array
+    if args.output:
+        _output_path(args.output, "-o")
     model = load(args.file, args.model)
     model.load_weights(args.weights)
     x = read_input_array(Path(args.input), args.key)
