@@ -3,7 +3,8 @@ instruments that verify, time and dump the graph after each pass.
 
   step_graph       GRAPH_PASSES on the symbolic graph (the batch is still `B`), once per
                    model and mode: autodiff and the optimizer make the training step;
-  lower            per batch size: LOWER_PASSES (bind B, fold, fuse, plan memory);
+  lower            per batch size: LOWER_PASSES (bind B, unroll loops, fold, fuse, plan
+                   memory);
   kernel_program   `schedule` to the kernel IR, then the template kinds the chosen backend
                    does not render expanded to plain loop nests.
 Backends start from the KernelProgram; passes are plain functions `(Graph, PassContext)
@@ -78,6 +79,11 @@ def _specialize(g, ctx):
     return specialize(g, {"B": ctx.batch})
 
 
+def _unroll_scans(g, ctx):
+    from dlc.passes.unroll_scans import unroll_scans
+    return unroll_scans(g)
+
+
 def _fuse(g, ctx):
     from dlc.passes.fuse import fuse
     return fuse(g)
@@ -98,6 +104,9 @@ GRAPH_PASSES: tuple[Pass, ...] = (
 )
 LOWER_PASSES: tuple[Pass, ...] = (
     Pass("specialize", _specialize, "bind the batch dimension B to the batch size", required=True),
+    # until the kernel IR has sequential loops, native code needs the steps inlined
+    Pass("unroll_scans", _unroll_scans, "inline every step of each loop (scan): the kernel IR has no loops yet",
+         required=True),
     Pass("fold_constants", _fold, "fold what became constant (sizes, means over the batch)"),
     Pass("simplify", _simplify, "algebraic identities again, on static shapes"),
     Pass("dce", _dce, "dead-code elimination"),

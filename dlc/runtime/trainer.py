@@ -116,8 +116,9 @@ class Session:
         for nid in self.train_graph.toposort():
             node = self.train_graph.node(nid)
             v = values[nid]
-            if node.op is ops.CONST:
-                continue  # an infinite constant is deliberate (the optimizer's finiteness test)
+            if node.op in (ops.CONST, ops.SCAN):
+                continue  # an infinite constant is deliberate (the optimizer's finiteness test);
+                #           a loop's results are checked where they are read (scan_result)
             if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
                 what = (f"parameter or state `{node.attrs['name']}` holds non-finite values"
                         if node.op is ops.INPUT else f"`{node.op.name}` produced {_nonfinite(v)}")
