@@ -1,7 +1,7 @@
 """The surface language as frozen dataclasses; every node carries the span it was parsed from."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Union
 
 from dlc.core.diagnostics import Span
@@ -158,3 +158,28 @@ class Train:
 class Program:
     defs: tuple[Def, ...]
     trains: tuple[Train, ...]
+
+
+def walk(node) -> list:
+    """Every AST node inside `node` (a node or a tuple of nodes), children before their parent:
+    a call's arguments come before the call, in evaluation order."""
+    out = []
+    if isinstance(node, (list, tuple)):
+        for x in node:
+            out.extend(walk(x))
+    elif is_dataclass(node) and not isinstance(node, Span):
+        for f in fields(node):
+            if f.name not in ("span", "name_span"):
+                out.extend(walk(getattr(node, f.name)))
+        out.append(node)
+    return out
+
+
+def calls(node) -> list[Call]:
+    """Every call inside an expression or statement, in evaluation order (arguments first)."""
+    return [n for n in walk(node) if isinstance(n, Call)]
+
+
+def names(node) -> list[Name]:
+    """Every name inside an expression, function names included."""
+    return [n for n in walk(node) if isinstance(n, Name)]
