@@ -2,6 +2,7 @@
 optimizers...) and checking each against its annotation, with the argument's span."""
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from typing import Any
@@ -17,9 +18,8 @@ from dlc.language.values import FunctionRef, describe
 def bind_arguments(entry: nn.Builtin, args: list, kwargs: dict, call: ast.Call, kwspans: dict,
                    skip_ctx: bool, spans_out: dict | None = None) -> dict:
     """Bind call arguments to the entry's Python signature and check them against its annotations."""
-    sig = inspect.signature(entry.fn)
-    params = list(sig.parameters.values())[1 if skip_ctx else 0:]
-    hints = typing.get_type_hints(entry.fn)
+    params, hints = _signature(entry.fn)
+    params = params[1 if skip_ctx else 0:]
     names = [p.name for p in params]
     bound: dict[str, Any] = {}
     spans: dict[str, Span] = {}
@@ -46,6 +46,12 @@ def bind_arguments(entry: nn.Builtin, args: list, kwargs: dict, call: ast.Call, 
     if spans_out is not None:
         spans_out.update(spans)
     return bound
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(fn) -> tuple[list[inspect.Parameter], dict]:
+    """A built-in's parameters and annotations; computed once, as every call needs them."""
+    return list(inspect.signature(fn).parameters.values()), typing.get_type_hints(fn)
 
 
 def usage(entry: nn.Builtin) -> str:

@@ -82,7 +82,12 @@ class Frontend:
         self.defs = {d.name: d for d in program.defs}
         self.mode = mode
         self.params: dict[str, ParamSpec] = {}
+        self.input_ids: dict[str, int] = {}  # parameter or state name -> its input node
+        self.param_elements = 0              # elements of every trainable parameter so far
         self.used_prefixes: set[str] = set()
+        self._next_suffix: dict[str, int] = {}  # prefix base -> first `_k` that may be free
+        self._summarized = 0  # param_elements at the last summary row
+        self._several: dict[int, bool] = {}  # id(statement) -> it calls several layers owning parameters
         self._streams = 0
         self._rng: tuple[Value, Value] | None = None
 
@@ -99,8 +104,12 @@ class Frontend:
         if not fan_in:
             fan_in, fan_out = fans(tuple(type.shape))
         self.params[name] = ParamSpec(name, type, init, fan_in, fan_out, role, span)
+        if role == "param":
+            self.param_elements += prod(type.shape)
         with self.b.at(span):
-            return self.b.input(name, type, role)
+            v = self.b.input(name, type, role)
+        self.input_ids[name] = v.id
+        return v
 
     def rng_inputs(self) -> tuple[Value, Value]:
         if self._rng is None:
@@ -260,17 +269,20 @@ class Frontend:
                 self._row(stmt, stmt.name, scope.vars[stmt.name])
 
     def _row(self, stmt, name: str, value: Value):
-        before = sum(r.params for r in self.summary)
-        total = sum(prod(p.type.shape) for p in self.params.values() if p.role == "param")
+        # running totals, not sums over every row and parameter: checking stays linear in the statements
+        before = self._summarized
+        self._summarized = self.param_elements
         what = " → ".join(dict.fromkeys(c.func.text for c in ast.calls(stmt))) or (
             "param" if isinstance(stmt, ast.ParamDecl) else "expression")
-        self.summary.append(SummaryRow(name, what, value.type, total - before, stmt.span))
+        self.summary.append(SummaryRow(name, what, value.type, self.param_elements - before, stmt.span))
 
     def _namer(self, stmt, binding: str, scope: Scope):
         """Parameter-prefix policy for the calls in one statement: the binding name when the
         statement has one layer, `binding.layer` when it has several, `_2`... when taken."""
-        owners = [c for c in ast.calls(stmt) if self._owns_params(c.func.text)]
-        return {"binding": scope.prefix + binding, "several": len(owners) > 1}
+        several = self._several.get(id(stmt))
+        if several is None:  # once per statement, not once per expansion of its block
+            several = self._several[id(stmt)] = sum(self._owns_params(c.func.text) for c in ast.calls(stmt)) > 1
+        return {"binding": scope.prefix + binding, "several": several}
 
     def _owns_params(self, fname: str) -> bool:
         return fname in self.defs or (fname in nn.BUILTINS and nn.BUILTINS[fname].owns_params)
@@ -284,9 +296,12 @@ class Frontend:
             return full
         base = f"{namer['binding']}.{fname}" if namer and namer["several"] else (
             namer["binding"] if namer else scope.prefix + fname)
-        name, k = base, 2
+        # the first free of base, base_2, base_3, ...; names are never freed, so the search
+        # resumes where the last one for this base stopped (10,000 `h = dense(h, 8)` stay linear)
+        name, k = base, self._next_suffix.get(base, 2)
         while name in self.used_prefixes:
             name, k = f"{base}_{k}", k + 1
+        self._next_suffix[base] = k
         self.used_prefixes.add(name)
         return name
 
@@ -331,9 +346,9 @@ class Frontend:
         if scope.context == "loss" and name in ("params", "weights"):
             specs = [p for p in self.params.values() if p.role == "param" and
                      (name == "params" or p.type.rank >= 2)]
-            return nn.ParamList(self.b.value(self.graph.input_named(p.name)) for p in specs)
+            return nn.ParamList(self.b.value(self.input_ids[p.name]) for p in specs)
         if scope.context == "loss" and name in self.params and self.params[name].role == "param":
-            return self.b.value(self.graph.input_named(name))
+            return self.b.value(self.input_ids[name])
         if name in nn.BUILTINS or name in self.defs or name in RECIPE or name in INIT_ARITY:
             return FunctionRef(name, e.span)
         known = list(scope.vars) + list(scope.dims) + list(nn.BUILTINS) + list(self.defs) + list(INIT_ARITY)
