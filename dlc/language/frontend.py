@@ -23,6 +23,9 @@ from dlc.language.syntax import ast
 from dlc.language.train_block import build_train, recipe_call
 from dlc.language.values import FunctionRef, Scope, describe
 
+# far beyond any real model (an LSTM over 1,000 steps has ~17,000), and checked within seconds
+MAX_GRAPH_NODES = 200_000
+
 
 @dataclass
 class ParamSpec:
@@ -502,9 +505,19 @@ class Frontend:
         ctx = _Ctx(self, prefix, e.span)
         try:
             with self.b.at(e.span):
-                return entry.fn(ctx, **bound)
+                out = entry.fn(ctx, **bound)
         except DlcError as err:  # point at the argument the layer complains about, if it says which
             raise err.with_span(argspans.get(getattr(err, "arg", None)) or e.span)
+        self._check_size(e)
+        return out
+
+    def _check_size(self, e: ast.Call) -> None:
+        """Blocks are expanded at every call and recurrent layers once per time step, so a short
+        program can ask for an enormous graph (blocks calling blocks twice, 40 deep): stop it."""
+        if len(self.graph) > MAX_GRAPH_NODES:
+            raise ArgumentError(f"the model's graph grows beyond {MAX_GRAPH_NODES:,} operations at this call",
+                                e.span, hint="every block call expands the block's body again, and "
+                                             "rnn/lstm repeat theirs for each time step")
 
     def eval_arguments(self, e: ast.Call, scope: Scope, namer=None) -> tuple[list, dict, dict]:
         """A call's positional values, keyword values and keyword spans."""
