@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from dlc.language import frontend
-from dlc.core.diagnostics import ArgumentError, DataError, DlcError, UsageError
+from dlc.core.diagnostics import ArgumentError, DataError, DlcError, Source, Span, UsageError
 from dlc.language.frontend import Built
 from dlc.core.graph import Graph
 from dlc.language.initializers import param_rng
+from dlc.language.recipe import INT_OPTION_MAX
 from dlc.core.printer import print_graph
 from dlc.language.summary import format_summary
 from dlc.language.syntax.parse import parse
@@ -342,6 +343,8 @@ def check_input(name: str, t, x) -> np.ndarray:
 
 def init_state(built: Built, seed: int) -> dict[str, np.ndarray]:
     """Fresh parameters (seeded per name) and state (running stats, counters)."""
+    if not 0 <= seed <= INT_OPTION_MAX:  # dropout's generator takes an i32 seed
+        raise ArgumentError(f"the seed must be an integer from 0 to {INT_OPTION_MAX:,}, got {seed:,}")
     out = {}
     for name, spec in built.params.items():
         shape = tuple(int(d) for d in spec.type.shape)

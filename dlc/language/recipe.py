@@ -195,6 +195,10 @@ class TrainConfig:
         return self.spans.get(option)
 
 
+# batch, epochs and seed are 32-bit integers where they are used (the step's batch dimension,
+# the i32 step counter, the i32 seed of dropout's generator)
+INT_OPTION_MAX = 2 ** 31 - 1
+
 # option -> (kind of value, required)
 OPTIONS = {
     "data": ("data", True), "loss": ("loss", True), "optimizer": ("optimizer", False),

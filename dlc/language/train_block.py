@@ -9,7 +9,7 @@ from dlc.core.diagnostics import ArgumentError, DlcError, NameError_, TypeError_
 from dlc.core.types import DType, TensorType
 from dlc.language import nn
 from dlc.language.arguments import bind_arguments
-from dlc.language.recipe import NORMALIZE, OPTIONS, RECIPE, Spec, TrainConfig
+from dlc.language.recipe import INT_OPTION_MAX, NORMALIZE, OPTIONS, RECIPE, Spec, TrainConfig
 from dlc.language.syntax import ast
 from dlc.language.values import FunctionRef, Scope, describe
 
@@ -111,6 +111,9 @@ def option_value(fe: Frontend, name: str, o: ast.Option, scope: Scope):
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "seed" else 1):
             raise ArgumentError(f"`{name}` must be a {'non-negative' if name == 'seed' else 'positive'} "
                                 f"integer, got {describe(v)}", e.span)
+        if v > INT_OPTION_MAX:
+            raise ArgumentError(f"`{name}` must be at most {INT_OPTION_MAX:,}, got {v:,}", e.span,
+                                hint="it is a 32-bit integer")
         return v
     if kind == "float":
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
