@@ -25,12 +25,26 @@ def read_source(path_or_source) -> tuple[str, str]:
             isinstance(path_or_source, str) and "\n" not in path_or_source and "{" not in path_or_source):
         path = Path(path_or_source)
         try:
-            return path.read_text(encoding="utf-8"), str(path_or_source)
+            data = path.read_bytes()
         except FileNotFoundError:
             raise UsageError(f"no such file: {path}") from None
-        except (OSError, ValueError) as e:  # ValueError: undecodable text, or a NUL in the name
-            raise UsageError(f"cannot read {path!r}: {e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+            raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            return data.decode("utf-8"), str(path_or_source)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(data, e, str(path_or_source)) from None
     return str(path_or_source), "<string>"
+
+
+def _not_utf8(data: bytes, e: UnicodeDecodeError, name: str) -> DlcError:
+    """Where the first byte that is not UTF-8 is, as a line and a column of characters."""
+    line_start = data.rfind(b"\n", 0, e.start) + 1
+    line = data.count(b"\n", 0, e.start) + 1
+    col = len(data[line_start:e.start].decode("utf-8")) + 1  # the bytes before it decode
+    source = Source(name, data.decode("utf-8", errors="replace"))
+    return DlcError(f"the file is not UTF-8: byte 0x{data[e.start]:02x} cannot be decoded",
+                    Span(source, line, col, line, col + 1), hint="save the file as UTF-8")
 
 
 def load(path_or_source, model: str | None = None) -> "Model":
