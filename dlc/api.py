@@ -94,8 +94,8 @@ class Model:
         self.name = self._eval.model.name
         self._train = frontend.build(program, self.name, mode="train")
         self.train_config = self._eval.train
-        seed = self.train_config.seed if self.train_config else 0
-        self.state: dict[str, np.ndarray] = init_state(self._train, seed)
+        self._seed = self.train_config.seed if self.train_config else 0
+        self._state: dict[str, np.ndarray] | None = None  # created on first use: see `state`
         self.normalizer = None
         self._sessions: dict = {}
         self.preloaded: dict = {}  # (mode, batch) -> (object code, layout) from an artifact
@@ -200,6 +200,14 @@ class Model:
             raise ArgumentError(f"model {self.name} has no train block",
                                 hint="add `train <model> { data = ..., loss = ... }`")
         return self.train_config
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """Parameters and state by name (numpy arrays), initialized on first use, so that
+        checking a model never allocates its weights."""
+        if self._state is None:
+            self._state = init_state(self._train, self._seed)
+        return self._state
 
     @property
     def params(self) -> dict[str, np.ndarray]:
