@@ -352,11 +352,14 @@ def _optimizer_spec(name: str):
 
 def check_input(name: str, t, x) -> np.ndarray:
     """Convert a batch to the declared dtype and check its shape (symbols match anything)."""
+    from dlc.data.sources import check_float32_range
     x = np.asarray(x)
     want = t.dtype.np
     if x.ndim != t.rank or any(isinstance(d, int) and d != s for d, s in zip(t.shape, x.shape)):
         raise DataError(f"input `{name}` should be {t}, got an array of shape {list(x.shape)}")
     if x.dtype != want:
+        if want == np.float32:
+            check_float32_range(x, f"input `{name}`")
         if want.kind in "iu" and x.dtype.kind == "f" and not np.all(np.mod(x, 1) == 0):
             raise DataError(f"input `{name}` should hold integers ({t}), got fractional values")
         x = x.astype(want)
