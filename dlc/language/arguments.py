@@ -55,8 +55,7 @@ def _signature(fn) -> tuple[list[inspect.Parameter], dict]:
 
 
 def usage(entry: nn.Builtin) -> str:
-    sig = inspect.signature(entry.fn)
-    params = list(sig.parameters.values())
+    params, _ = _signature(entry.fn)
     if params and params[0].name == "ctx":
         params = params[1:]
     parts = [p.name if p.default is inspect.Parameter.empty else f"{p.name}={_show_default(p.default)}"

@@ -90,7 +90,7 @@ class Frontend:
         self.used_prefixes: set[str] = set()
         self._next_suffix: dict[str, int] = {}  # prefix base -> first `_k` that may be free
         self._summarized = 0  # param_elements at the last summary row
-        self._several: dict[int, bool] = {}  # id(statement) -> it calls several layers owning parameters
+        self._several: dict[int, bool] = {}  # id(statement) -> it calls several layers with parameters
         self._streams = 0
         self._rng: tuple[Value, Value] | None = None
 
@@ -108,7 +108,7 @@ class Frontend:
             fan_in, fan_out = fans(tuple(type.shape))
         self.params[name] = ParamSpec(name, type, init, fan_in, fan_out, role, span)
         if role == "param":
-            self.param_elements += prod(type.shape)
+            self.param_elements += size
         with self.b.at(span):
             v = self.b.input(name, type, role)
         self.input_ids[name] = v.id
