@@ -1,31 +1,48 @@
-"""Backends: `reference` (numpy interpreter, the oracle) and `cpu` (native code via LLVM).
+"""The registry of backends: `--target NAME` -> the backend object (see base.py).
 
-`compile_program(graph, state, target)` returns a program whose `run(feeds)` executes
-one step: it reads parameters and state from the `state` arrays, writes their new
-values back in place, and returns the graph's outputs.
+Registering a backend is one line here: its name and the module holding `BACKEND`.
+Modules are imported on first use, so an optional dependency (CuPy, say) costs nothing
+until its target is chosen.
 """
 from __future__ import annotations
 
-import numpy as np
+import importlib
 
 from dlc.core.diagnostics import UsageError
 
-TARGETS = ("cpu", "reference")
+REGISTRY = {
+    "cpu": "dlc.backends.llvm",
+    "reference": "dlc.backends.reference",
+}
+DEFAULT = "cpu"
 
 
-def compile_program(graph, state: dict[str, np.ndarray], target: str = "cpu", **options):
-    """`graph` is the symbolic step graph, or a function building it (then `key` must
-    identify it, and a compile-cache hit never builds it)."""
-    if target == "reference":
-        from .reference import ReferenceProgram
-        return ReferenceProgram(graph() if callable(graph) else graph, state)
-    if target == "cpu":
-        from .llvm.cache import Cache
-        from .llvm.runtime import CpuProgram
-        from .llvm.target import Target
-        cache = None if options.get("no_cache") else Cache(options.get("cache_dir"))
-        return CpuProgram(graph, state, options.get("cpu") or Target.host(options.get("threads")),
-                          cache=cache, verbose=options.get("verbose"), profile=options.get("profile", False),
-                          key=options.get("key"), data_name=options.get("data_name"),
-                          preloaded=options.get("preloaded"))
-    raise UsageError(f"unknown target `{target}`; targets: {', '.join(TARGETS)}")
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def backend(name: str):
+    """The registered backend; an unknown or unusable target is a usage error that says why."""
+    module = REGISTRY.get(name)
+    if module is None:
+        raise UsageError(f"unknown target `{name}`; targets: {', '.join(REGISTRY)}")
+    try:
+        found = importlib.import_module(module).BACKEND
+    except ImportError as e:
+        raise UsageError(f"target `{name}` is unavailable: {e}") from None
+    reason = found.unavailable()
+    if reason:
+        raise UsageError(f"target `{name}` is unavailable: {reason}")
+    return found
+
+
+def describe() -> list[tuple[str, str, str | None]]:
+    """(name, what it is, why it is unavailable or None) for every registered target."""
+    out = []
+    for name, module in REGISTRY.items():
+        try:
+            found = importlib.import_module(module).BACKEND
+            out.append((name, found.doc, found.unavailable()))
+        except ImportError as e:
+            out.append((name, "", str(e)))
+    return out

@@ -10,6 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
+from dlc.backends.base import Backend
 from dlc.core import ops
 from dlc.core.graph import Graph
 from dlc.passes.specialize import bind_symbols, is_symbolic, specialize
@@ -83,9 +84,30 @@ class ReferenceProgram:
         self.graph = graph
         self.state = state
         self.interpreter = Interpreter(graph, float_dtype)
+        self.calls = 0
+
+    def profile_rows(self) -> list:
+        return []  # nothing is compiled: there are no kernels to time
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
         result = self.interpreter.run({**self.state, **feeds})
         for name in self.graph.updates:
             self.state[name][...] = result[f"update:{name}"]
         return {k: result[k] for k in self.graph.outputs}
+
+
+class ReferenceBackend(Backend):
+    """The graph interpreted op by op in numpy: the oracle, slow, no compilation."""
+
+    name = "reference"
+    doc = "the numpy interpreter of the graph, op by op (slow; the oracle every test checks against)"
+    lowers = False
+
+    def interpret(self, graph: Graph, state: dict[str, np.ndarray]) -> ReferenceProgram:
+        return ReferenceProgram(graph, state)
+
+    run_graph = staticmethod(run_graph)
+
+
+BACKEND = ReferenceBackend()

@@ -27,7 +27,8 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 
-from dlc.backends.llvm.gemm import CpuTarget, GemmSpec, emit_gemm
+from dlc.backends.llvm.gemm import GemmSpec, emit_gemm
+from dlc.backends.llvm.target import Target
 
 SHAPES = [  # (label, spec)
     ("square 256", GemmSpec(256, 256, 256)),
@@ -61,7 +62,7 @@ def _emit_step(module: ir.Module, gemm: str) -> None:
     b.ret_void()
 
 
-def jit(spec: GemmSpec, width: int, target: CpuTarget):
+def jit(spec: GemmSpec, width: int, target: Target):
     """Compile one GEMM (and a pool step calling it): host target machine, O3, MCJIT."""
     module = ir.Module("bench")
     module.triple = llvm.get_process_triple()
@@ -70,7 +71,7 @@ def jit(spec: GemmSpec, width: int, target: CpuTarget):
     mod = llvm.parse_assembly(str(module))
     mod.verify()
     tm = llvm.Target.from_default_triple().create_target_machine(
-        cpu=target.name, features=target.features, opt=3)
+        cpu=target.cpu, features=target.features, opt=3)
     pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
     pb.getModulePassManager().run(mod, pb)
     engine = llvm.create_mcjit_compiler(mod, tm)
@@ -156,7 +157,7 @@ def numpy_gemm(spec: GemmSpec, A, B, bias):
     return y
 
 
-def bench(spec: GemmSpec, width: int, target: CpuTarget, nthreads: int, repeats: int,
+def bench(spec: GemmSpec, width: int, target: Target, nthreads: int, repeats: int,
           runner: str):
     """Median seconds of (dlc on nthreads, dlc on 1 thread, numpy), and the others' load."""
     rng = np.random.default_rng(0)
@@ -214,11 +215,11 @@ def main():
 
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
-    target = CpuTarget.host()
-    width = args.width or target.vector_width()
-    if width == 8 and target.vector_width() == 16:
+    target = Target.host()
+    width = args.width or target.vector_width
+    if width == 8 and target.vector_width == 16:
         target = target.without("avx512")
-    print(f"cpu {target.name}, vector width {width}, dlc {args.threads} threads "
+    print(f"cpu {target.cpu}, vector width {width}, dlc {args.threads} threads "
           f"({args.runner}), numpy {np.__version__} ({_blas_name()}), "
           f"medians of {args.repeats}")
     head = (f"{'shape':18s} {'m':>5s} {'n':>5s} {'k':>5s} {'tile':>6s} {'dlc GF/s':>9s} "

@@ -54,22 +54,18 @@ def dlc_train_step(path: Path, batch: int, threads: int | None):
 
 def dlc_forward(path: Path, batch: int, threads: int | None):
     """The evaluation step alone: model output for a batch (no loss)."""
-    from dlc.backends.llvm.build import build_step
-    from dlc.backends.llvm.cache import Cache
-    from dlc.backends.llvm.runtime import NativeStep
-    from dlc.backends.llvm.target import Target
+    from dlc.pipeline import step_graph
+    from dlc.program import make_program
     m = dlc.load(path)
     graph = m.built("eval").graph.copy()
     graph.outputs = {"output": graph.outputs["output"]}
     graph.remove_unused(keep_inputs=False)
-    from dlc.pipeline import GRAPH_PASSES, PassContext, run_passes
-    graph = run_passes(graph, GRAPH_PASSES, PassContext())
-    target = Target.host(threads)
-    step = NativeStep(*build_step(graph, batch, target, Cache()), target)
     name, t = m.input_types[0]
+    program = make_program("cpu", step_graph(graph, None), dict(m.state), data_name=name,
+                           options={"threads": threads})
     x = np.random.default_rng(0).random((batch,) + tuple(int(d) for d in t.shape[1:]), dtype=np.float32)
-    state = dict(m.state)
-    return lambda: step.run(state, {name: x})
+    program.step_for(batch)
+    return lambda: program.run({name: x})
 
 
 def compile_times(path: Path, threads: int | None) -> tuple[float, float]:
@@ -170,8 +166,8 @@ def main() -> int:
     except ImportError:
         print("torch is not installed: timing dlc and numpy only (pip install torch==2.13.0)")
         have_torch = False
-    from dlc.backends.llvm.target import Target
-    info = {"machine": platform.machine(), "cpu": Target.host(threads).describe(), "python": platform.python_version(),
+    from dlc import backends
+    info = {"machine": platform.machine(), "cpu": backends.backend("cpu").target({"threads": threads}).describe(), "python": platform.python_version(),
             "numpy": np.__version__, "dlc": dlc.__version__, "threads": threads,
             "torch": torch.__version__ if have_torch else None}
     print(f"dlc {info['dlc']} on {info['cpu']}; numpy {info['numpy']}; torch {info['torch']}")

@@ -2,21 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from pathlib import Path
 
 import numpy as np
 
-from dlc.language import frontend
-from dlc.core.diagnostics import ArgumentError, DataError, DlcError, Source, Span, UsageError
-from dlc.language.frontend import Built
+from dlc.backends import DEFAULT as DEFAULT_TARGET
+from dlc.core.diagnostics import ArgumentError, DataError, DlcError, Source, Span, UsageError, did_you_mean
 from dlc.core.graph import Graph
+from dlc.core.kernel import format_program
+from dlc.core.printer import print_graph
+from dlc.language import frontend
+from dlc.language.frontend import Built
 from dlc.language.initializers import param_rng
 from dlc.language.recipe import INT_OPTION_MAX
-from dlc.core.printer import print_graph
 from dlc.language.summary import format_summary
 from dlc.language.syntax.parse import parse
 from dlc.language.syntax.printer import format_ast
+from dlc.program import make_program
 
 
 def read_source(path_or_source) -> tuple[str, str]:
@@ -67,18 +71,39 @@ def _is_artifact(path) -> bool:
             return False
     except (OSError, ValueError):  # not a usable file name: read_source reports it
         return False
-    from dlc.backends.llvm.artifact import is_artifact
+    from dlc.artifact import is_artifact
     return is_artifact(path)
 
 
 def _load_artifact(path) -> "Model":
-    from dlc.backends.llvm.artifact import read
-    manifest, steps = read(path)
+    """Everything in the file is checked before any of its code is loaded: the manifest,
+    every blob's digest, the target, the backend's checks of the code, and that each step
+    fits the model built from the embedded source."""
+    from dlc import artifact, backends
+    from dlc.core.diagnostics import ArtifactError
+    manifest, steps = artifact.read(path)
+    try:
+        backend = backends.backend(manifest["backend"])
+    except UsageError as e:
+        raise ArtifactError(f"{path} cannot be used: {e.message}", hint=artifact.REBUILD) from None
+    target = backend.target({})
+    artifact.check_target(path, manifest, backend, target)
+    artifact.check_code(path, steps, backend, target)
     source = manifest["source_name"]
-    base = Path(source).parent if Path(source).parent.is_dir() else Path(path).parent
-    m = Model(parse(manifest["source"], source), manifest["model"], source, base)
+    try:
+        base = Path(source).parent if Path(source).parent.is_dir() else Path(path).parent
+    except (OSError, ValueError):  # a damaged name
+        base = Path(path).parent
+    try:
+        m = Model(parse(manifest["source"], source), manifest["model"], source, base)
+    except DlcError as e:  # the source was checked when the file was written: it is damaged
+        raise ArtifactError(f"{path} is damaged: its model does not build from the source inside it "
+                            f"({e.message})", hint=artifact.REBUILD) from None
     m.source_text = manifest["source"]
-    m.preloaded = steps
+    inputs = [name for name, _ in m.input_types]
+    for (mode, batch), (_, layout) in steps.items():
+        artifact.check_fits(path, mode, batch, layout, inputs, m.state)
+    m.preloaded = {(manifest["backend"], mode, batch): step for (mode, batch), step in steps.items()}
     return m
 
 
@@ -98,7 +123,7 @@ class Model:
         self._state: dict[str, np.ndarray] | None = None  # created on first use: see `state`
         self.normalizer = None
         self._sessions: dict = {}
-        self.preloaded: dict = {}  # (mode, batch) -> (object code, layout) from an artifact
+        self.preloaded: dict = {}  # (backend, mode, batch) -> (blobs, layout) from an artifact
 
     # --- inspection -----------------------------------------------------------------------------
     def built(self, mode: str = "eval") -> Built:
@@ -113,48 +138,48 @@ class Model:
         return "".join(text for _, text in self.stages([stage], batch=batch, mode=mode))
 
     def stages(self, names, batch: int | None = None, mode: str = "train", disabled=(),
-               log=None) -> list[tuple[str, str]]:
-        """[(stage, text)] for the requested stages, in pipeline order."""
-        from dlc.pipeline import Compilation
+               log=None, target: str = DEFAULT_TARGET) -> list[tuple[str, str]]:
+        """[(stage, text)] for the requested stages, in pipeline order (`target` prints its
+        own stages: llvm, asm, ...)."""
+        from dlc import backends, pipeline
         out = []
         if "ast" in names:
             out.append(("ast", format_ast(self.program)))
         if "graph" in names:
             out.append(("graph", print_graph(self.built(mode).graph)))
-        from dlc.pipeline import CODEGEN_STAGES
-        wanted = [n for n in names if n not in ("ast", "graph") and n not in CODEGEN_STAGES]
-        codegen = [n for n in names if n in CODEGEN_STAGES]
-        if wanted or codegen or log is not None:
-            log = log if log is not None else Compilation()
+        passes = [n for n in names if n in pipeline.PASS_NAMES]
+        later = [n for n in names if n not in pipeline.PASS_NAMES and n not in ("ast", "graph")]
+        if passes or later or log is not None:
+            log = log if log is not None else pipeline.Compilation()
             lowered = self.lower(mode, batch, disabled=disabled, log=log)
-            out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in wanted]
-            if codegen:
-                from dlc.backends.llvm.build import codegen_stages
-                out += codegen_stages(lowered, codegen)
+            out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in passes]
+            if later:
+                backend = backends.backend(target)
+                program = pipeline.kernel_program(lowered, backend.templates)
+                target_desc = backend.target({}) if set(later) - {"kernel"} else None
+                out += [(n, format_program(program) if n == "kernel" else backend.dump(program, n, target_desc))
+                        for n in later]
         return out
 
     def compile_graph(self, mode: str, config=None, log=None, disabled=()) -> Graph:
         """The training step ("train", after autodiff and the optimizer) or the evaluation
         graph ("eval"), after the graph passes; shapes are still symbolic."""
-        from dlc.pipeline import GRAPH_PASSES, PassContext, run_passes
+        from dlc.pipeline import step_graph
         if mode == "train":
             config = config or self._require_config()
             if "loss" not in self._train.graph.outputs:
                 raise ArgumentError(f"model {self.name} has no loss to train")
         else:
             config = None
-        ctx = PassContext(config, disabled=frozenset(disabled))
-        return run_passes(self.built(mode).graph, GRAPH_PASSES, ctx, log)
+        return step_graph(self.built(mode).graph, config, log, disabled)
 
     def lower(self, mode: str, batch: int | None = None, config=None, log=None, disabled=()) -> Graph:
         """The graph for one batch size after every pass: fused and memory-planned."""
-        from dlc.pipeline import LOWER_PASSES, PassContext, run_passes
+        from dlc.pipeline import lower
         if mode == "train":
             config = config or self._require_config()
         batch = batch or (config.batch if config else self.train_config.batch if self.train_config else 1)
-        graph = self.compile_graph(mode, config, log, disabled)
-        ctx = PassContext(config if mode == "train" else None, batch, frozenset(disabled))
-        return run_passes(graph, LOWER_PASSES, ctx, log)
+        return lower(self.compile_graph(mode, config, log, disabled), batch, log, disabled)
 
     def source_key(self, mode: str, config) -> str:
         """Identifies a compiled graph without building it (compile-cache keys)."""
@@ -162,24 +187,22 @@ class Model:
         recipe = f"{config.optimizer}|clip={config.clip}" if mode == "train" and config else ""
         return "\0".join([text, self.name, mode, recipe])
 
-    def compile_artifact(self, path, batches=None, verbose=None, **options) -> list[tuple[str, int]]:
+    def compile_artifact(self, path, batches=None, target: str = DEFAULT_TARGET, **options) -> list[tuple[str, int]]:
         """Compile the training and evaluation steps (for the train block's batch size,
         and the smaller last batches of its data set when it can be read) into one file
         that `dlc run` / `dlc eval` load without compiling."""
-        from dlc.backends.llvm import artifact
-        from dlc.backends.llvm.build import build_step
-        from dlc.backends.llvm.cache import Cache
-        from dlc.backends.llvm.target import Target
+        from dlc import artifact
         config = self._require_config()
-        target = Target.host(options.get("threads"))
-        cache = None if options.get("no_cache") else Cache(options.get("cache_dir"))
         sizes = {("train", config.batch), ("eval", config.batch)} | set(batches or self._last_batches(config))
-        steps = {}
+        steps, program = {}, None
         for mode, batch in sorted(sizes):
-            graph = lambda mode=mode: self.compile_graph(mode, config)  # noqa: E731
-            steps[(mode, batch)] = build_step(graph, batch, target, cache, verbose,
-                                              source_key=self.source_key(mode, config))
-        artifact.write(path, str(Path(self.source_name).resolve()), self.source_text, self.name, target, steps)
+            program = make_program(target, lambda mode=mode: self.compile_graph(mode, config), self.state,
+                                   key=self.source_key(mode, config), options=options)
+            if not hasattr(program, "compiled"):
+                raise UsageError(f"target `{target}` compiles nothing to write to {path}")
+            steps[(mode, batch)] = program.compiled(batch)
+        artifact.write(path, str(Path(self.source_name).resolve()), self.source_text, self.name,
+                       program.backend.name, program.target.to_json(), steps)
         return sorted(steps)
 
     def _last_batches(self, config) -> set:
@@ -200,6 +223,22 @@ class Model:
             raise ArgumentError(f"model {self.name} has no train block",
                                 hint="add `train <model> { data = ..., loss = ... }`")
         return self.train_config
+
+    def _require_one_input(self, config) -> None:
+        """Data sources, fit(x, y) and predict(x) give one array per sample: a model with more
+        inputs would fail after compiling, on the input left unfed."""
+        if len(self.input_types) == 1:
+            return
+        names = [name for name, _ in self.input_types]
+        second = [p for p in self._eval.model.params if p.name == names[1]]
+        data = config.span("data") if config else None
+        raise DataError(f"model `{self.name}` has {len(names)} inputs ({', '.join(names)}), but "
+                        "training and prediction feed one input array",
+                        second[0].span if second else None,
+                        notes=[f"the data comes from `data = {config.data}` at {data}"] if data else (),
+                        hint="stack them into one input with an extra axis (e.g. two f32[B, 64] as "
+                             "`x: f32[B, 2, 64]`) and take it apart in the model (`x[:, 0]`, "
+                             "`x[:, 1]`); from Python, forward(x, y) runs the model on several arrays")
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -230,12 +269,12 @@ class Model:
     # --- running --------------------------------------------------------------------------------
     def forward(self, *xs: np.ndarray, float_dtype=np.float32) -> np.ndarray:
         """The model's output for a batch (evaluation mode), on the reference interpreter."""
-        from dlc.backends.reference import run_graph
+        from dlc import backends
         feeds = self._feeds(xs)
         g = self._eval.graph.copy()
         g.outputs = {"output": g.outputs["output"]}
         g.remove_unused(keep_inputs=False)
-        return run_graph(g, feeds, float_dtype=float_dtype)["output"]
+        return backends.backend("reference").run_graph(g, feeds, float_dtype=float_dtype)["output"]
 
     __call__ = forward
 
@@ -247,7 +286,7 @@ class Model:
             feeds[name] = check_input(name, t, x)
         return feeds
 
-    def session(self, config=None, target: str = "cpu", **options):
+    def session(self, config=None, target: str = DEFAULT_TARGET, **options):
         """Compiled training and evaluation steps for a recipe (cached per target/recipe).
         options: threads, verbose (a print function), no_cache, cache_dir, profile."""
         from dlc.runtime.trainer import Session
@@ -258,15 +297,19 @@ class Model:
         return self._sessions[key]
 
     def fit(self, x=None, y=None, *, epochs: int | None = None, batch: int | None = None,
-            lr: float | None = None, seed: int | None = None, optimizer=None, target: str = "cpu",
+            lr: float | None = None, seed: int | None = None, optimizer=None, target: str = DEFAULT_TARGET,
             test: float | None = None, quiet: bool = True, log=None, save=None, resume=None,
             on_epoch=None, **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
         trains on those arrays (a `test` share is held out) instead of the block's data.
+        `save` is written after every epoch and on Ctrl-C once a step has run; a file already
+        there (unless it is `resume`) is kept as NAME.prev.npz.
         Returns a History (one record of metrics per epoch)."""
         from dlc.runtime.prepare import prepare
         from dlc.runtime.trainer import FitOptions, fit, restore
+        _check_options(self.fit, options)
         config = self._require_config()
+        self._require_one_input(config)
         if optimizer is not None:
             config = dataclasses.replace(config, optimizer=optimizer if not isinstance(optimizer, str)
                                          else _optimizer_spec(optimizer))
@@ -287,18 +330,22 @@ class Model:
         data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
                                    arrays=(x, y) if x is not None else None, normalizer=normalizer)
         self.normalizer = normalizer
+        # a file at `save` is kept as NAME.prev.npz, unless it is the checkpoint this run continues
+        resumes_save = bool(resume and save) and Path(resume).resolve() == Path(save).resolve()
         opts = FitOptions(epochs=epochs or config.epochs, batch=batch or config.batch,
                           lr=lr if lr is not None else config.optimizer.args["lr"], seed=seed,
                           shuffle=config.shuffle, quiet=quiet,
                           log_path=Path(log) if log else None, save_path=Path(save) if save else None,
-                          resume=meta, on_epoch=on_epoch)
+                          resume=meta, on_epoch=on_epoch, keep_previous=not resumes_save)
         return fit(session, data, opts, normalizer)
 
-    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = "cpu", **options) -> dict:
+    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = DEFAULT_TARGET, **options) -> dict:
         """Loss and metrics on the given arrays (or the train block's held-out split)."""
         from dlc.runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
         from dlc.runtime.trainer import Normalizer
+        _check_options(self.evaluate, options)
         config = self._require_config()
+        self._require_one_input(config)
         session = self.session(config, target, **options)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         if x is None:
@@ -311,10 +358,12 @@ class Model:
             y = shape_labels(label_type, y, classes=classes_of(self, label_type))
         return session.evaluate(x, y, batch or config.batch)
 
-    def predict(self, x, *, batch: int | None = None, target: str = "cpu", **options) -> np.ndarray:
+    def predict(self, x, *, batch: int | None = None, target: str = DEFAULT_TARGET, **options) -> np.ndarray:
         """The model's outputs for every sample of x (inputs normalized as in training)."""
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer
+        _check_options(self.predict, options)
+        self._require_one_input(self.train_config)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
@@ -323,14 +372,9 @@ class Model:
 
     def save(self, path) -> None:
         """Write parameters, state and normalization to a checkpoint (.npz, no pickle)."""
-        from dlc.runtime.checkpoint import save_checkpoint
-        from dlc.runtime.trainer import Normalizer
-        from dlc import __version__
+        from dlc.runtime.trainer import Normalizer, save
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
-        arrays = dict(self.state, **{"data:shift": norm.shift, "data:scale": norm.scale})
-        step = int(self.state.get("step", 0))
-        save_checkpoint(Path(path), arrays, {"dlc": __version__,
-                                             "model": self.name, "epoch": 0, "batch": 0, "step": step})
+        save(self, Path(path), norm, step=int(self.state.get("step", 0)))
 
     def load_weights(self, path) -> dict:
         """Load a checkpoint written by `save` or `dlc run --save`; returns its metadata."""
@@ -339,6 +383,33 @@ class Model:
         return meta
 
     load = load_weights
+
+
+_FLAG = ("True or False", lambda v: isinstance(v, bool))
+
+# The compiler options fit/evaluate/predict pass on (`**options`): what each takes.
+_BACKEND_OPTIONS = {
+    "threads": ("a positive number of CPU threads",
+                lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "verbose": ("a function that receives the compiler's messages, such as print",
+                lambda v: v is None or v is False or callable(v)),
+    "no_cache": _FLAG,
+    "profile": _FLAG,
+    "cache_dir": ("a folder path", lambda v: isinstance(v, (str, os.PathLike))),
+}
+
+
+def _check_options(method, options: dict) -> None:
+    """Refuse a keyword the compiler does not take before it fails deep inside the compiler."""
+    for name, value in options.items():
+        if name not in _BACKEND_OPTIONS:
+            known = [*(p for p in inspect.signature(method).parameters if p != "options"), *_BACKEND_OPTIONS]
+            raise ArgumentError(f"{method.__name__}() got an unknown keyword `{name}`",
+                                hint=did_you_mean(name, known) or f"its keywords: {', '.join(known)}")
+        what, ok = _BACKEND_OPTIONS[name]
+        if not ok(value):
+            raise ArgumentError(f"{method.__name__}({name}={value!r}): `{name}` takes {what}",
+                                hint="quiet=False shows training progress" if name == "verbose" else None)
 
 
 def _optimizer_spec(name: str):

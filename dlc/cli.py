@@ -25,8 +25,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="a .dln program")
+def _add_model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("file", help="a .dln program", **({"nargs": "?"} if optional else {}))
     p.add_argument("--model", metavar="NAME", help="which model, when the file defines several")
 
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a program; dump IR stages",
                        description="Compile a .dln program through the pipeline. --dump-ir prints "
                                    "stages to stdout, or writes one numbered file per stage with --dump-dir.")
-    _add_model_args(p)
+    _add_model_args(p, optional=True)
     p.add_argument("--dump-ir", metavar="STAGES", default=None,
                    help="comma-separated stages to print, or `all` (see --list-stages)")
     p.add_argument("--dump-dir", metavar="DIR", help="write each dumped stage to DIR/NN_stage.txt")
@@ -60,12 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT",
                    help="write the compiled training and evaluation steps to OUT (e.g. model.dlcx), "
                         "which `dlc run OUT` and `dlc eval OUT` load without compiling")
-    p.add_argument("--verbose", "-v", action="store_true", help="print compile-cache hits and compile times")
+    _add_target(p)
 
     p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
                        description="Train a model with the recipe of its train block. Every value of "
                                    "the block can be overridden here; --data and --optimizer take "
-                                   ".dln expressions such as 'digits(test=0.1)' or 'sgd(lr=0.1, momentum=0.9)'.")
+                                   ".dln expressions such as 'digits(test=0.1)' or 'sgd(lr=0.1, momentum=0.9)'. "
+                                   "FILE may be an artifact from `dlc compile -o`: loading it runs the native "
+                                   "code inside it, so run only artifacts you trust (dlc checks that the file "
+                                   "is intact and built for this machine, not who built it).")
     _add_model_args(p)
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
     p.add_argument("--batch", type=_positive_int, help="mini-batch size (1 = stochastic, the data "
@@ -75,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
     p.add_argument("--optimizer", metavar="EXPR", help="optimizer, e.g. 'adam(lr=1e-3)'")
     _add_target(p)
-    p.add_argument("--save", metavar="FILE", help="write a checkpoint after every epoch (and on Ctrl-C)")
+    p.add_argument("--save", metavar="FILE",
+                   help="write a checkpoint after every epoch (and on Ctrl-C, once a step has run); "
+                        "a FILE already there, unless it is the --resume checkpoint, is kept "
+                        "(ck.npz as ck.prev.npz, replacing an older one)")
     p.add_argument("--resume", metavar="FILE", help="continue from a checkpoint written by --save")
     p.add_argument("--log", metavar="FILE", help="write per-epoch metrics as JSON lines (see `dlc plot`)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the final result")
@@ -93,13 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="run a trained model on new inputs",
                        description="Load weights and print (or save) the model's outputs for the "
-                                   "inputs in an .npz file.")
+                                   "inputs in an .npy or .npz file.")
     _add_model_args(p)
     p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
-    p.add_argument("--input", metavar="FILE", required=True, help=".npz file holding the inputs")
+    p.add_argument("--input", metavar="FILE", required=True,
+                   help=".npy file of the inputs, or .npz file holding them (see --key)")
     p.add_argument("--key", default=None, help="array name in the .npz (default: `x`, or its only array)")
     p.add_argument("-o", "--output", metavar="FILE", help="write outputs (and predicted classes) to an .npz")
     _add_target(p)
+
+    sub.add_parser("targets", help="list the targets (backends) and whether each can run here",
+                   description="List every registered target (--target NAME): what it is, and why it "
+                               "cannot run on this machine when it cannot.")
+
+    p = sub.add_parser("cache", help="show or clear the compile cache",
+                       description="Show the compile cache: its directory, entry count and size. Compiled "
+                                   "code is kept there (DLC_CACHE_DIR moves it; at most DLC_CACHE_MAX_BYTES, "
+                                   "default 1G, least recently used entries go first).")
+    p.add_argument("action", nargs="?", choices=["show", "clear"], default="show",
+                   help="`clear` removes every entry (dlc's own files only)")
 
     p = sub.add_parser("plot", help="draw loss and accuracy curves from a metrics log",
                        description="Draw per-epoch loss and accuracy from a `dlc run --log` file "
@@ -109,15 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _target_arg(p: argparse.ArgumentParser) -> None:
+    from dlc import backends
+    p.add_argument("--target", choices=backends.names(), default=backends.DEFAULT,
+                   help=f"where the step runs: {', '.join(backends.names())} (default {backends.DEFAULT}; "
+                        "`dlc targets` describes each and says which are usable here)")
+
+
 def _add_target(p: argparse.ArgumentParser) -> None:
-    from dlc.backends import TARGETS
-    p.add_argument("--target", choices=TARGETS, default=TARGETS[0],
-                   help="where the compiled step runs: cpu (native code, the default) or "
-                        "reference (the numpy interpreter, for debugging)")
+    _target_arg(p)
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring the compile cache")
+    p.add_argument("--no-templates", action="store_true",
+                   help="render matmuls, convolutions, pooling and gathers as plain loop nests instead of "
+                        "the backend's dedicated code (slow; for testing a backend)")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print the target CPU, compile-cache hits and compile time per phase")
+                   help="print the target, compile-cache hits and compile time per phase")
 
 
 def _backend_options(args) -> dict:
@@ -126,10 +151,13 @@ def _backend_options(args) -> dict:
         options["threads"] = args.threads
     if getattr(args, "no_cache", False):
         options["no_cache"] = True
+    if getattr(args, "no_templates", False):
+        options["templates"] = False
     if getattr(args, "verbose", False):
-        from dlc.backends.llvm.target import Target
-        if args.target == "cpu":
-            print(f"dlc: target {Target.host(args.threads).describe()}", file=sys.stderr)
+        from dlc import backends
+        backend = backends.backend(args.target)
+        if backend.lowers:
+            print(f"dlc: target {args.target}: {backend.target(options).describe()}", file=sys.stderr)
         options["verbose"] = lambda msg: print(f"dlc: {msg}", file=sys.stderr)
     if getattr(args, "profile", False):
         options["profile"] = True
@@ -153,6 +181,18 @@ _non_negative_int = _number(int, lambda v: 0 <= v <= INT_OPTION_MAX, f"an intege
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
+def _output_path(path: str, flag: str, folder: bool = False) -> Path:
+    """An output path of the wrong kind is refused before any work, not when writing at the end."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        want = "a folder (it is created if missing)" if folder else "the name of the file to write"
+        raise UsageError(f"{flag} {path} is a {'file' if folder else 'folder'}; give {want}")
+    blocker = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{flag} {path}: {blocker} is a file, not a folder")
+    return p
+
+
 def cmd_check(args) -> int:
     from dlc.api import load
     model = load(args.file, args.model)
@@ -162,17 +202,25 @@ def cmd_check(args) -> int:
 
 def cmd_compile(args) -> int:
     from dlc.api import load
-    from dlc.pipeline import STAGES, Compilation, check_disabled, select_stages
+    from dlc import backends
+    from dlc.pipeline import Compilation, check_disabled, select_stages, stages_for
+    stages = stages_for(backends.backend(args.target))
     if args.list_stages:
-        for name, doc in STAGES.items():
+        for name, doc in stages.items():
             print(f"{name:<15} {doc}")
         return 0
+    if args.file is None:
+        raise UsageError("compile needs a .dln file (or --list-stages)")
+    if args.output:
+        _output_path(args.output, "-o")
+    if args.dump_dir:
+        _output_path(args.dump_dir, "--dump-dir", folder=True)
     model = load(args.file, args.model)
     disabled = check_disabled(args.disable_pass)
-    names = select_stages(args.dump_ir or ("all" if args.dump_dir else ""))
+    names = select_stages(args.dump_ir or ("all" if args.dump_dir else ""), stages)
     mode = "eval" if args.eval or model.train_config is None else "train"
     log = Compilation()
-    dumps = model.stages(names, batch=args.batch, mode=mode, disabled=disabled, log=log)
+    dumps = model.stages(names, batch=args.batch, mode=mode, disabled=disabled, log=log, target=args.target)
     if args.dump_dir:
         out = Path(args.dump_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -198,8 +246,7 @@ def cmd_compile(args) -> int:
         fused = log.last("fuse")
         print(fused.graph.meta["fusion"].explain(fused.graph), end="")
     if args.output:
-        verbose = (lambda msg: print(f"dlc: {msg}", file=sys.stderr)) if args.verbose else None
-        steps = model.compile_artifact(args.output, verbose=verbose)
+        steps = model.compile_artifact(args.output, target=args.target, **_backend_options(args))
         print(f"wrote {args.output}: {model.name}, steps " + ", ".join(f"{m} batch {b}" for m, b in steps))
         return 0
     if not (dumps or args.time_passes or args.stats or args.explain_fusion):
@@ -239,7 +286,7 @@ def _load_with_overrides(args):
 
 
 def cmd_run(args) -> int:
-    from dlc.runtime.trainer import Interrupted
+    from dlc.runtime.trainer import Interrupted, kept_note
     model = _load_with_overrides(args)
     cfg = model.train_config
     save = args.save or cfg.checkpoint
@@ -260,7 +307,7 @@ def cmd_run(args) -> int:
     if args.profile:
         print(model.session(model.train_config, args.target, **_backend_options(args)).profile_report(), end="")
     if save:
-        print(f"saved {save}")
+        print(f"saved {save}{kept_note(history)}")
     return 0
 
 
@@ -286,6 +333,8 @@ def cmd_predict(args) -> int:
     import numpy as np
     from dlc.api import load
     from dlc.runtime.inputs import read_input_array
+    if args.output:
+        _output_path(args.output, "-o")
     model = load(args.file, args.model)
     model.load_weights(args.weights)
     x = read_input_array(Path(args.input), args.key)
@@ -302,6 +351,30 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_targets(args) -> int:
+    from dlc import backends
+    for name, doc, reason in backends.describe():
+        print(f"{name:<10} {doc}" + (f"\n{'':<10} unavailable: {reason}" if reason else ""))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from dlc.cache import Cache, insecure
+    from dlc.program import format_bytes as _bytes
+    cache = Cache()
+    if args.action == "clear":
+        removed = cache.clear()
+        print(f"removed {removed.entries} entries ({_bytes(removed.bytes)}) from {cache.dir}")
+        return 0
+    usage = cache.usage()
+    print(f"compile cache: {cache.dir}")
+    print(f"{usage.entries} entries, {_bytes(usage.bytes)} of at most {_bytes(cache.max_bytes)}")
+    reason = insecure(cache.dir)
+    if reason:
+        print(f"not used: {reason} (`chmod 700 {cache.dir}` if it is yours)")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from dlc.runtime.plot import plot_log
     plot_log(args.log, args.output)
@@ -310,7 +383,7 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
-            "predict": cmd_predict, "plot": cmd_plot}
+            "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

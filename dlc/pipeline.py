@@ -1,20 +1,27 @@
-"""The compiler driver: the ordered passes from a model to a training step, run with
-instruments that verify, time and dump the graph after each.
+"""The compiler driver: the one route from a built graph to the kernel IR, with
+instruments that verify, time and dump the graph after each pass.
 
-Passes are plain functions `(Graph, PassContext) -> Graph` listed once, in order:
-  GRAPH_PASSES  on the symbolic graph (the batch is still `B`), once per model;
-  LOWER_PASSES  per batch size: bind B, fold what became constant, fuse, plan memory.
-The driver never lets a pass print or time itself.
+  step_graph       GRAPH_PASSES on the symbolic graph (the batch is still `B`), once per
+                   model and mode: autodiff and the optimizer make the training step;
+  lower            per batch size: LOWER_PASSES (bind B, fold, fuse, plan memory);
+  kernel_program   `schedule` to the kernel IR, then the template kinds the chosen backend
+                   does not render expanded to plain loop nests.
+Backends start from the KernelProgram; passes are plain functions `(Graph, PassContext)
+-> Graph` listed once, in order. The driver never lets a pass print or time itself.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from dlc.core.diagnostics import DlcError, UsageError
 from dlc.core.graph import Graph
+from dlc.core.kernel import KernelProgram, expand_templates
 from dlc.language.recipe import TrainConfig
 
 
@@ -103,13 +110,13 @@ STAGES: dict[str, str] = {"ast": "the parsed program (frozen dataclasses with lo
                           "graph": "the model and loss as a typed graph of primitives"}
 for _p in GRAPH_PASSES + LOWER_PASSES:
     STAGES.setdefault(_p.name, _p.doc)
-# code generation stages (cpu target)
-CODEGEN_STAGES = {"kernel": "loop nests over buffers: the kernel IR every code generator renders",
-                  "llvm": "LLVM IR of the whole step (before LLVM's optimizer)",
-                  "llvm-opt": "LLVM IR after LLVM's optimizer",
-                  "asm": "the host machine code"}
-STAGES.update(CODEGEN_STAGES)
+STAGES["kernel"] = "loop nests over buffers: the kernel IR every backend renders"
 PASS_NAMES = tuple(dict.fromkeys(p.name for p in GRAPH_PASSES + LOWER_PASSES))
+
+
+def stages_for(backend) -> dict[str, str]:
+    """The driver's stages and then the backend's own (`--dump-ir`, `--list-stages`)."""
+    return {**STAGES, **backend.stages}
 
 
 @dataclass
@@ -160,6 +167,41 @@ def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None =
         if log is not None:
             log.records.append(Record(p.name, elapsed, len(graph), graph))
     return graph
+
+
+def step_graph(graph: Graph, config: TrainConfig | None, log: Compilation | None = None,
+               disabled=()) -> Graph:
+    """The graph passes: with a recipe, the training step (autodiff, optimizer, cleanup);
+    without one, the evaluation graph cleaned up. Shapes are still symbolic."""
+    return run_passes(graph, GRAPH_PASSES, PassContext(config, disabled=frozenset(disabled)), log)
+
+
+def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=()) -> Graph:
+    """The lowering passes for one batch size: fused and memory-planned."""
+    return run_passes(graph, LOWER_PASSES, PassContext(batch=batch, disabled=frozenset(disabled)), log)
+
+
+def kernel_program(lowered: Graph, templates=frozenset()) -> KernelProgram:
+    """A lowered graph scheduled to the kernel IR (the last required stage), with the
+    template kinds not in `templates` (the ones the backend renders) expanded to loop nests."""
+    from dlc.passes.schedule import schedule
+    return expand_templates(schedule(lowered), frozenset(templates))
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_fingerprint() -> str:
+    """A hash of every source file of the installed compiler (the language, the passes, the
+    backends, the runtime): compiled code from any other version of the code is never
+    reused, whatever file changed."""
+    import importlib
+    h = hashlib.sha256()
+    for name in ("dlc", "dlc.passes", "dlc.backends", "dlc.grammar"):
+        root = Path(importlib.import_module(name).__file__).parent  # (dlc.__path__ lists a checkout's root too)
+        for f in sorted(root.rglob("*")):
+            if f.suffix in (".py", ".lark") and "__pycache__" not in f.parts:
+                h.update(str(f.relative_to(root)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:20]
 
 
 def too_deep_to_compile(pass_name: str, graph: Graph) -> DlcError:

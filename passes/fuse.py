@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from dlc.core import ops
 from dlc.core.graph import Graph
-from dlc.core.types import DType
+from dlc.core.types import DType, numel
 
 ANCHORS = {
     ops.MATMUL: "matmul", ops.CONV2D: "conv", ops.CONV2D_BWD_DATA: "conv",
@@ -83,13 +83,6 @@ def _is_column_sum(g: Graph, n) -> bool:
 CHEAP = {ops.ADD, ops.SUB, ops.MUL, ops.NEG, ops.MAX, ops.MIN, ops.ABS, ops.SIGN, ops.LT, ops.LE,
          ops.GT, ops.GE, ops.EQ, ops.NE, ops.AND, ops.WHERE, ops.CAST, ops.BROADCAST, ops.RESHAPE,
          ops.PERMUTE, ops.SLICE}
-
-
-def numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def reduced_axes(node) -> tuple[int, ...]:

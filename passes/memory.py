@@ -14,15 +14,13 @@ from dataclasses import dataclass, field
 
 from dlc.core import ops
 from dlc.core.graph import Graph
+from dlc.core.types import numel
 
 ALIGN = 64
 
 
 def nbytes(t) -> int:
-    n = t.dtype.np.itemsize
-    for d in t.shape:
-        n *= d
-    return n
+    return t.dtype.np.itemsize * numel(t.shape)
 
 
 @dataclass

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dlc.core import ops
 from dlc.core.graph import Graph
-from dlc.core.kernel import (Buffer, Exprs, Kernel, KernelProgram, LoopNest, Store, Template)
+from dlc.core.kernel import Buffer, Exprs, Kernel, KernelProgram, LoopNest, Store, Template
+from dlc.core.types import DType, numel
 from dlc.passes.fuse import is_anchor
-from dlc.core.types import DType
 
 # parts with fewer elements than this run on one thread: splitting would cost more
 SERIAL_BELOW = 2048
@@ -34,13 +34,6 @@ TEMPLATES = {ops.MATMUL: "matmul", ops.CONV2D: "conv2d", ops.CONV2D_BWD_DATA: "c
 
 class ScheduleError(Exception):
     """The graph contains something the kernel IR cannot express (a compiler bug)."""
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class _Lowering:
@@ -177,8 +170,8 @@ class _Lowering:
         """One LoopNest over `domain` (rows over `keep`) storing `outputs`."""
         x = self.x
         rank = len(domain)
-        if keep is None:  # elementwise: the last axis inside, the rest outside
-            keep = tuple(range(rank - 1)) if rank > 1 else ()
+        if keep is None:  # elementwise: the last axis inside, the rest shared out (a vector: itself)
+            keep = tuple(range(rank - 1)) if rank > 1 else tuple(range(rank))
         vars_ = [self.fresh(d) for d in domain]
         outer = tuple(vars_[i] for i in keep)
         inner = tuple(v for i, v in enumerate(vars_) if i not in keep)
@@ -189,18 +182,18 @@ class _Lowering:
         extra = []
         for nid in outputs:
             t = self.g.node(nid).type
-            size = _numel(t.shape)
-            if size == _numel(domain):
+            size = numel(t.shape)
+            if size == numel(domain):
                 index = x.unravel(full_flat, t.shape)
                 nest.stores.append(Store(self.buffer_of(nid), x.ravel(index, t.shape),
                                          self.expr(nid, index, kernel_id)))
-            elif size == _numel(row_shape):
+            elif size == numel(row_shape):
                 index = x.unravel(row_flat, t.shape)
                 nest.row_stores.append(Store(self.buffer_of(nid), x.ravel(index, t.shape),
                                              self.expr(nid, index, kernel_id)))
             else:  # a stored value of another size: a loop of its own
                 extra += self.loop_nest(kernel_id, tuple(t.shape), None, [nid])
-        nest.serial = _numel(domain) < SERIAL_BELOW
+        nest.serial = numel(domain) < SERIAL_BELOW
         if not nest.stores and not nest.row_stores:
             return extra
         return [nest] + extra
@@ -215,9 +208,10 @@ class _Lowering:
             shape = tuple(self.g.node(o).type.shape)
             vars_ = [self.fresh(d) for d in shape]
             at = tuple(x.add(v, x.const(offset)) if i == axis else v for i, v in enumerate(vars_))
-            nest = LoopNest(tuple(vars_[:-1]), tuple(vars_[-1:]) if shape else ())
+            split = len(shape) - 1 if len(shape) > 1 else len(shape)
+            nest = LoopNest(tuple(vars_[:split]), tuple(vars_[split:]))
             nest.stores.append(Store(out, x.ravel(at, n.type.shape), self.expr(o, tuple(vars_), kid)))
-            nest.serial = _numel(shape) < SERIAL_BELOW
+            nest.serial = numel(shape) < SERIAL_BELOW
             nests.append(nest)
             offset += shape[axis]
         return nests

@@ -16,15 +16,13 @@ import pytest
 
 import dlc
 from dlc.core import ops
-from dlc.backends import compile_program
-from dlc.backends.llvm import artifact
-from dlc.backends.llvm.build import build_step, generate
-from dlc.backends.llvm.cache import Cache
-from dlc.backends.llvm.runtime import NativeStep
-from dlc.backends.llvm.target import Target
+from dlc import artifact, backends
+from dlc.backends.llvm.codegen import ModuleBuilder
 from dlc.backends.reference import run_graph
 from dlc.core.graph import Graph, Node
 from dlc.passes.autodiff import autodiff
+from dlc.pipeline import kernel_program, lower
+from dlc.program import make_program
 
 from op_table import ALL
 from test_ops import Built, _grad_graph, in_precision
@@ -49,12 +47,16 @@ def merge(graphs: list[Graph]) -> Graph:
     return out
 
 
+CPU = backends.backend("cpu")
+
+
 def run_cpu(graph: Graph, feeds: dict, threads: int = 2) -> dict:
     """Compile a static-shape graph to one native step and run it once."""
-    target = Target.host(threads)
-    obj, layout = build_step(graph, 1, target, cache=None)
-    step = NativeStep(obj, layout, target)
-    state = {name: np.array(feeds[name], copy=True) for name, kind, _, _ in layout.slots if kind == "state"}
+    target = CPU.target({"threads": threads})
+    compiled = CPU.compile(kernel_program(lower(graph, 1), CPU.templates), target)
+    step = CPU.load(compiled.blobs, compiled.layout, target)
+    state = {name: np.array(feeds[name], copy=True) for name, kind, _, _ in compiled.layout.slots
+             if kind == "state"}
     out = step.run(state, feeds)
     out.update({f"update:{k}": v for k, v in state.items()})
     return out
@@ -101,18 +103,21 @@ def test_op_table_forward_and_gradient_on_cpu(rows):
 
 
 def _example_feeds(m: dlc.Model, batch: int, rng) -> dict:
+    """Random inputs, labels (when the loss takes them) and a learning rate for one step."""
     name, t = m.input_types[0]
     shape = (batch,) + tuple(int(d) for d in t.shape[1:])
     x = rng.integers(0, 17, shape).astype(np.int32) if t.dtype.value == "i32" else \
         rng.random(shape, dtype=np.float32)
+    feeds = {name: x, "lr": np.float32(0.01)}
     g = m.built("train").graph
-    lt = g.node(g.input_named("label")).attrs["type"]
-    if lt.dtype.value == "i32":
-        classes = m.built("eval").graph.node(m.built("eval").graph.outputs["output"]).type.shape[-1]
-        y = rng.integers(0, classes, (batch,)).astype(np.int32)
-    else:
-        y = rng.random((batch,) + tuple(int(d) for d in lt.shape[1:]), dtype=np.float32)
-    return {name: x, "label": y, "lr": np.float32(0.01)}
+    if g.inputs("label"):
+        lt = g.node(g.inputs("label")[0]).attrs["type"]
+        if lt.dtype.value == "i32":
+            classes = m.built("eval").graph.node(m.built("eval").graph.outputs["output"]).type.shape[-1]
+            feeds["label"] = rng.integers(0, classes, (batch,)).astype(np.int32)
+        else:
+            feeds["label"] = rng.random((batch,) + tuple(int(d) for d in lt.shape[1:]), dtype=np.float32)
+    return feeds
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[] if p.stem in ("digits_mlp", "lenet5")
@@ -125,8 +130,8 @@ def test_example_training_steps_match_reference(path, tmp_path):
     m.ensure_state(graph)
     ref_state = {k: v.copy() for k, v in m.state.items()}
     cpu_state = {k: v.copy() for k, v in m.state.items()}
-    ref = compile_program(graph, ref_state, "reference")
-    cpu = compile_program(graph, cpu_state, "cpu", cache_dir=tmp_path)
+    ref = make_program("reference", graph, ref_state)
+    cpu = make_program("cpu", graph, cpu_state, options={"cache_dir": tmp_path})
     rng = np.random.default_rng(0)
     for step in range(3):
         feeds = _example_feeds(m, 13, rng)
@@ -146,7 +151,9 @@ def test_every_op_of_every_example_lowers_to_llvm(path):
     m = dlc.load(path)
     for mode in ("train", "eval"):
         graph = m.compile_graph(mode, m.train_config)
-        lowered, program, mb = generate(graph, 8, Target.host(2))
+        lowered = lower(graph, 8)
+        mb = ModuleBuilder(kernel_program(lowered, CPU.templates), CPU.target({"threads": 2}))
+        mb.build()
         plan = lowered.meta["fusion"]
         free = Free(lowered)
         for nid in lowered.ids():
@@ -163,7 +170,7 @@ def test_threads_agree(tmp_path):
     results = []
     for threads in (1, 2):
         state = {k: v.copy() for k, v in m.state.items()}
-        p = compile_program(graph, state, "cpu", threads=threads, cache_dir=tmp_path)
+        p = make_program("cpu", graph, state, options={"threads": threads, "cache_dir": tmp_path})
         feeds = _example_feeds(m, 64, np.random.default_rng(1))
         results.append((p.run(feeds), state))
     (a, sa), (b, sb) = results
@@ -175,19 +182,22 @@ def test_threads_agree(tmp_path):
 def test_compile_cache_hits_and_rebuilds_a_corrupt_entry(tmp_path):
     m = dlc.load(EXAMPLES[0].parent / "digits_mlp.dln")
     graph = m.compile_graph("eval", m.train_config)
-    cache = Cache(tmp_path)
     said = []
-    obj1, layout1 = build_step(graph, 5, Target.host(), cache, verbose=said.append)
-    obj2, layout2 = build_step(graph, 5, Target.host(), cache, verbose=said.append)
+
+    def program():
+        return make_program("cpu", graph, {}, options={"cache_dir": tmp_path, "verbose": said.append})
+    obj1, layout1 = program().compiled(5)
+    obj2, layout2 = program().compiled(5)
     assert "miss" in said[0] and "hit" in said[1] and obj1 == obj2
     entry = next(tmp_path.rglob("*.obj"))
     data = bytearray(entry.read_bytes())
     data[len(data) // 2] ^= 0xFF
     entry.write_bytes(bytes(data))
-    obj3, layout3 = build_step(graph, 5, Target.host(), cache, verbose=said.append)
-    assert "miss" in said[2]  # rebuilt, not loaded
-    assert cache.get(next(iter([p.stem for p in tmp_path.rglob("*.obj")])))  # and stored again, intact
-    NativeStep(obj3, layout3, Target.host())  # the rebuilt code loads
+    p = program()
+    obj3, layout3 = p.compiled(5)
+    assert "damaged (checksum mismatch)" in said[2] and "miss" in said[3]  # rebuilt, not loaded
+    assert p.cache.get(next(iter([p.stem for p in tmp_path.rglob("*.obj")])))  # and stored again, intact
+    CPU.load(obj3, layout3, p.target)  # the rebuilt code loads
 
 
 def _dlc(*args, cwd=None, env=None):
@@ -217,7 +227,7 @@ def test_artifact_runs_without_compiling_and_refuses_other_cpus(tmp_path):
                 data = json.dumps(manifest).encode()
             dst.writestr(item, data)
     r = _dlc("run", str(tampered), "--epochs", "1", env=env)
-    assert r.returncode == 2 and "compiled for a some-other-cpu CPU" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "compiled for a some-other-cpu CPU" in r.stderr and "Traceback" not in r.stderr
     damaged = tmp_path / "damaged.dlcx"
     damaged.write_bytes(out.read_bytes()[:200])
     r = _dlc("run", str(damaged), env=env)
@@ -229,7 +239,7 @@ def test_artifact_reader_checks_versions(tmp_path, monkeypatch):
     path = tmp_path / "a.dlcx"
     m.compile_artifact(path, cache_dir=tmp_path)
     manifest, steps = artifact.read(path)
-    assert ("train", m.train_config.batch) in steps
+    assert ("train", m.train_config.batch) in steps and manifest["backend"] == "cpu"
     monkeypatch.setattr(artifact, "__version__", "99.0")
     with pytest.raises(dlc.DlcError, match="built by dlc"):
         artifact.read(path)

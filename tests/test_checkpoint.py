@@ -5,6 +5,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -108,12 +110,13 @@ def _files(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_failed_write_keeps_previous_checkpoint(ckpt, monkeypatch):
-    def broken_write(fp, array, **kwargs):
-        fp.write(b"partial")
-        raise OSError(28, "No space left on device")
+def _disk_full(fp, array, **kwargs):
+    fp.write(b"partial")
+    raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np.lib.format, "write_array", broken_write)
+
+def test_failed_write_keeps_previous_checkpoint(ckpt, monkeypatch):
+    monkeypatch.setattr(np.lib.format, "write_array", _disk_full)
     with pytest.raises(CheckpointError, match="cannot write checkpoint .*: No space left"):
         save_checkpoint(ckpt, {"w": np.ones(3)}, {"model": "other"})
     monkeypatch.undo()
@@ -146,6 +149,45 @@ def test_overwrite_replaces_whole_file(ckpt):
     arrays, meta = load_checkpoint(ckpt)
     assert list(arrays) == ["w"] and meta["epoch"] == 4
     assert _files(ckpt.parent) == [ckpt.name]
+
+
+def test_keep_previous_moves_the_old_file_aside(ckpt):
+    assert save_checkpoint(ckpt, {"w": np.ones(3)}, {"model": "new"}, keep_previous=True) \
+        == ckpt.parent / "model.ckpt.prev.npz"
+    assert _files(ckpt.parent) == ["model.ckpt.npz", "model.ckpt.prev.npz"]
+    assert load_checkpoint(ckpt)[1]["model"] == "new"
+    assert load_checkpoint(ckpt.parent / "model.ckpt.prev.npz")[1]["model"] == "mlp"
+
+
+def test_keep_previous_without_a_previous_file(tmp_path):
+    assert save_checkpoint(tmp_path / "c.npz", {"w": np.ones(1)}, {}, keep_previous=True) is None
+    assert _files(tmp_path) == ["c.npz"]
+
+
+def test_failed_write_with_keep_previous_leaves_the_old_file_in_place(ckpt, monkeypatch):
+    monkeypatch.setattr(np.lib.format, "write_array", _disk_full)
+    with pytest.raises(CheckpointError):
+        save_checkpoint(ckpt, {"w": np.ones(3)}, {"model": "other"}, keep_previous=True)
+    assert _files(ckpt.parent) == [ckpt.name]
+
+
+_KILLED_SAVE = """
+import os, sys, numpy as np
+from dlc.runtime.checkpoint import save_checkpoint
+np.lib.format.write_array = lambda *a, **k: os._exit(9)  # killed in the middle of the write
+save_checkpoint(sys.argv[1], {"w": np.ones(3)}, {})
+"""
+
+
+def test_temporaries_of_a_killed_save_are_removed_by_the_next_save(ckpt):
+    subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(ckpt)], check=False)
+    stale = [name for name in _files(ckpt.parent) if name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".model.ckpt.npz.")
+    others = [".model.ckpt.npz.notours.tmp", ".other.npz.abcd1234.tmp", "model.ckpt.npz.tmp"]
+    for name in others:
+        (ckpt.parent / name).write_text("not dlc's")
+    save_checkpoint(ckpt, {"w": np.ones(3)}, {"model": "mlp"})
+    assert _files(ckpt.parent) == sorted([ckpt.name, *others])
 
 
 # ---- damaged and foreign files ----
@@ -267,6 +309,56 @@ def test_non_array_member(tmp_path):
     path = tmp_path / "c.npz"
     _write_zip(path, {"__meta__": _meta_bytes({"format": 1, "signature": {}}), "notes.txt": "hi"})
     assert "member `notes.txt` is not an array" in _error(path)
+
+
+def _inflating_checkpoint(path, member: bytes, signature: dict):
+    """A checkpoint of one deflated member `w.npy` (small on disk, large once decompressed)."""
+    meta = _meta_bytes({"format": 1, "model": "m", "signature": signature})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("w.npy", member)
+        buffer = io.BytesIO()
+        np.save(buffer, meta)
+        zf.writestr("__meta__.npy", buffer.getvalue())
+
+
+@pytest.fixture
+def bytes_decompressed(monkeypatch):
+    """How many bytes were read out of zip members."""
+    total = [0]
+    read = zipfile.ZipExtFile.read
+
+    def counting(self, n=-1):
+        data = read(self, n)
+        total[0] += len(data)
+        return data
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting)
+    return total
+
+
+BIG = 1 << 22  # 16 MiB of float32 zeros: 16 KiB deflated
+
+
+def test_huge_tensor_is_refused_from_its_header_before_decompressing(tmp_path, bytes_decompressed):
+    path = tmp_path / "bomb.npz"
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(BIG, np.float32))
+    _inflating_checkpoint(path, buffer.getvalue(), {"w": {"shape": [BIG], "dtype": "<f4"}})
+    assert path.stat().st_size < BIG // 100
+    message = _error(path, expect={"w": ((3,), "f32")}, model="m")
+    assert f"tensor `w`: checkpoint has f32[{BIG}], model expects f32[3]" in message
+    assert bytes_decompressed[0] < 1 << 16
+
+
+def test_member_larger_than_its_header_says_is_refused_before_decompressing(tmp_path,
+                                                                            bytes_decompressed):
+    path = tmp_path / "bomb.npz"
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3, np.float32))
+    _inflating_checkpoint(path, buffer.getvalue() + bytes(BIG * 4),
+                          {"w": {"shape": [3], "dtype": "<f4"}})
+    message = _error(path, expect={"w": ((3,), "f32")}, model="m")
+    assert "damaged" in message and "`w.npy` is" in message and "declares f32[3] (140 bytes)" in message
+    assert bytes_decompressed[0] < 1 << 16
 
 
 # ---- checkpoint against model ----

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import io
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +189,26 @@ def test_npz_given_a_npy_file(tmp_path):
 def test_npz_corrupt_file(tmp_path, content):
     (tmp_path / "d.npz").write_bytes(content)
     data_error(npz("d.npz"), tmp_path, "d.npz")
+
+
+def test_npz_given_a_csv_file_says_so_not_pickled(tmp_path):
+    (tmp_path / "d.npz").write_text("1,2,0\n3,4,1\n")
+    err = data_error(npz("d.npz"), tmp_path, "d.npz is not a NumPy .npy or .npz file")
+    assert "pickle" not in err.message and "np.savez" in err.hint
+
+
+def huge_npy(shape=(1 << 44,)) -> bytes:
+    """An .npy header declaring 128 TiB of float64 (more than any address space), then no data."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def test_npz_too_large_for_memory_is_a_data_error(tmp_path):
+    with zipfile.ZipFile(tmp_path / "d.npz", "w") as zf:
+        zf.writestr("x.npy", huge_npy())
+        zf.writestr("y.npy", huge_npy((0,)))
+    data_error(npz("d.npz"), tmp_path, "d.npz holds more data than fits in memory", "128")
 
 
 # --- csv --------------------------------------------------------------------------------------

@@ -17,21 +17,22 @@ import numpy as np
 import pytest
 from llvmlite import ir
 
-from dlc.backends.llvm.gemm import CpuTarget, GemmSpec, emit_gemm, plan_gemm
+from dlc.backends.llvm.gemm import GemmSpec, emit_gemm, plan_gemm
+from dlc.backends.llvm.target import Target
 
 llvm.initialize_native_target()
 llvm.initialize_native_asmprinter()
 
-HOST = CpuTarget.host()
-W = HOST.vector_width()
+HOST = Target.host()
+W = HOST.vector_width
 AWKWARD = (1, 7, 33, 100, 257)
 _GEMM_FN = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5, ctypes.c_int32, ctypes.c_int32)
 _ENGINES = []   # keep JIT engines (and so the compiled code) alive for the whole session
 
 
-def _target_machine(target: CpuTarget):
+def _target_machine(target: Target):
     return llvm.Target.from_default_triple().create_target_machine(
-        cpu=target.name, features=target.features, opt=3)
+        cpu=target.cpu, features=target.features, opt=3)
 
 
 def compile_gemms(cases, width=W, target=HOST, asm=False):

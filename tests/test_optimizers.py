@@ -20,7 +20,7 @@ import pytest
 
 import dlc
 from dlc.language import recipe
-from dlc.backends import compile_program
+from dlc.program import make_program
 from dlc.backends.reference import run_graph
 from dlc.core.diagnostics import NumericsError
 from dlc.passes.autodiff import autodiff
@@ -184,7 +184,7 @@ def train_program(text: str):
     m = dlc.load(text)
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
-    return m, graph, compile_program(graph, m.state, "reference")
+    return m, graph, make_program("reference", graph, m.state)
 
 
 def close(actual, expected, what: str, rtol=1e-5, atol=1e-6):
@@ -456,7 +456,7 @@ def test_nonfinite_loss_leaves_every_array_unchanged(opt):
     m, good_x, bad_x, y = guarded(opt)
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
-    program = compile_program(graph, m.state, "reference")
+    program = make_program("reference", graph, m.state)
     lr = np.float32(0.01)
     for _ in range(2):  # non-zero moments first
         assert np.isfinite(program.run({"x": good_x, "label": y, "lr": lr})["loss"])
@@ -475,7 +475,7 @@ def test_nonfinite_with_clipping_leaves_every_array_unchanged():
     _, good_x, bad_x, y = guarded()
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
-    program = compile_program(graph, m.state, "reference")
+    program = make_program("reference", graph, m.state)
     program.run({"x": good_x, "label": y, "lr": np.float32(0.01)})
     before = snapshot(m.state)
     assert not np.isfinite(program.run({"x": bad_x, "label": y, "lr": np.float32(0.01)})["loss"])

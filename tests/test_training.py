@@ -2,6 +2,9 @@
 checkpoints are checked, dropout and batchnorm behave in evaluation, Ctrl-C saves."""
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,8 @@ import pytest
 import dlc
 from dlc.core import ops
 from dlc.core.diagnostics import CheckpointError, NumericsError
+from dlc.runtime import trainer
+from dlc.runtime.checkpoint import load_checkpoint, save_checkpoint
 from dlc.runtime.trainer import Interrupted
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -71,6 +76,75 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
         dlc.load(EXAMPLES / "digits_mlp.dln").load_weights(ck)
 
 
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """digits_mlp after one epoch of Adam: parameters, moments, step and normalization."""
+    path = tmp_path_factory.mktemp("trained") / "ck.npz"
+    cache = tmp_path_factory.getbasetemp() / "cache"  # the autouse _cache fixture is not set up yet
+    dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=1, save=path, cache_dir=str(cache))
+    return path
+
+
+def _edited(path, tmp_path, arrays=None, meta=None):
+    """A copy of the checkpoint at `path` with some tensors and metadata replaced or removed."""
+    old_arrays, old_meta = load_checkpoint(path)
+    new = tmp_path / "edited.npz"
+    save_checkpoint(new, {k: v for k, v in {**old_arrays, **(arrays or {})}.items() if v is not None},
+                    {k: v for k, v in {**old_meta, **(meta or {})}.items() if v is not None})
+    return new
+
+
+@pytest.mark.parametrize("meta, shown", [({"epoch": None}, "`epoch` is missing"),
+                                         ({"epoch": "3"}, "`epoch` is '3'"),
+                                         ({"batch": -1}, "`batch` is -1"),
+                                         ({"step": 2.5}, "`step` is 2.5"),
+                                         ({"batch": True}, "`batch` is True")])
+def test_resume_from_damaged_metadata_is_one_clear_error(trained_checkpoint, tmp_path, meta, shown):
+    ck = _edited(trained_checkpoint, tmp_path, meta=meta)
+    with pytest.raises(CheckpointError, match=f"{ck}` has damaged metadata: {shown}, not a non-negative"):
+        dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=2, resume=ck)
+
+
+@pytest.mark.parametrize("tensor, shown", [
+    (np.zeros((128, 64), np.float32), "tensor `h.w:m`: checkpoint has f32[128,64], model expects f32[64,128]"),
+    (np.zeros((64, 128), np.float64), "tensor `h.w:m`: checkpoint has f64[64,128], model expects f32[64,128]"),
+    (None, None),  # absent moments are allowed: weights saved before training with Adam
+])
+def test_resume_checks_optimizer_state_shapes_and_dtypes(trained_checkpoint, tmp_path, tensor, shown):
+    ck = _edited(trained_checkpoint, tmp_path, arrays={"h.w:m": tensor})
+    m = dlc.load(EXAMPLES / "digits_mlp.dln")
+    if shown is None:
+        assert m.fit(epochs=2, resume=ck).epochs[-1]["epoch"] == 2
+        return
+    before = {k: v.copy() for k, v in m.state.items()}
+    with pytest.raises(CheckpointError, match=re.escape(shown)):
+        m.fit(epochs=2, resume=ck)
+    assert m.state.keys() == before.keys()  # nothing half-loaded
+    for k, v in before.items():
+        np.testing.assert_array_equal(m.state[k], v)
+
+
+def test_optimizer_state_of_an_unknown_parameter_is_refused(trained_checkpoint, tmp_path):
+    ck = _edited(trained_checkpoint, tmp_path, arrays={"hidden.w:m": np.zeros((64, 128), np.float32)})
+    with pytest.raises(CheckpointError, match="unexpected tensor `hidden.w:m`"):
+        dlc.load(EXAMPLES / "digits_mlp.dln").load_weights(ck)
+
+
+@pytest.mark.parametrize("name, value, shown", [
+    ("h.w", np.nan, "NaN values in `h.w`"),
+    ("out.w:v", np.inf, "Inf values in `out.w:v`"),
+    ("data:scale", 0.0, "zero input normalization scale (`data:scale`)"),
+    ("data:scale", np.inf, "Inf values in `data:scale`"),
+    ("data:shift", np.nan, "NaN values in `data:shift`"),
+])
+def test_unusable_weights_are_refused_on_load(trained_checkpoint, tmp_path, name, value, shown):
+    arrays, _ = load_checkpoint(trained_checkpoint)
+    arrays[name].flat[0] = value
+    ck = _edited(trained_checkpoint, tmp_path, arrays={name: arrays[name]})
+    with pytest.raises(CheckpointError, match=re.escape(shown)):
+        dlc.load(EXAMPLES / "digits_mlp.dln").load_weights(ck)
+
+
 def test_save_and_load_round_trip(tmp_path):
     m = dlc.load(EXAMPLES / "digits_mlp.dln")
     m.fit(epochs=1)
@@ -119,6 +193,72 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path):
     resumed = dlc.load(EXAMPLES / "digits_mlp.dln")
     history = resumed.fit(epochs=5, resume=ck)
     assert history.epochs[0]["epoch"] == 3
+
+
+def _ctrl_c(*args):
+    raise KeyboardInterrupt  # what Ctrl-C raises while the first step compiles
+
+
+def test_ctrl_c_before_the_first_step_leaves_the_checkpoint_alone(tmp_path, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    dlc.load(EXAMPLES / "digits_mlp.dln").save(ck)
+    before = ck.read_bytes()
+    monkeypatch.setattr(trainer.Session, "train_step", _ctrl_c)
+    with pytest.raises(Interrupted, match=f"before the first training step; {ck} left as it was"):
+        dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=1, save=ck)
+    assert ck.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
+
+
+def test_fit_keeps_an_existing_checkpoint_as_prev(tmp_path):
+    ck, prev = tmp_path / "ck.npz", tmp_path / "ck.prev.npz"
+    dlc.load(EXAMPLES / "digits_mlp.dln").save(ck)
+    before = ck.read_bytes()
+    history = dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=2, save=ck)
+    assert history.previous == prev
+    assert prev.read_bytes() == before  # the second epoch's save did not move the first one aside
+    assert dlc.load(EXAMPLES / "digits_mlp.dln").load_weights(ck)["epoch"] == 2
+
+
+def test_resuming_the_saved_file_moves_nothing_aside(tmp_path):
+    ck = tmp_path / "ck.npz"
+    dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=1, save=ck)
+    history = dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=2, save=ck, resume=ck)
+    assert history.previous is None and sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
+
+
+_CTRL_C_WHILE_COMPILING = """
+import os, signal, sys
+from dlc.cli import main
+from dlc.runtime.trainer import Session
+Session.train_step = lambda *args: os.kill(os.getpid(), signal.SIGINT)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_ctrl_c_while_compiling_keeps_the_trained_checkpoint(tmp_path):
+    ck = tmp_path / "ck.npz"
+    trained = dlc.load(EXAMPLES / "digits_mlp.dln")
+    trained.fit(epochs=1, save=ck)
+    before = ck.read_bytes()
+    r = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_COMPILING, "run",
+                        str(EXAMPLES / "digits_mlp.dln"), "--save", str(ck)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 130, r.stderr
+    assert "before the first training step" in r.stderr and "Traceback" not in r.stderr
+    assert ck.read_bytes() == before
+
+
+def test_cli_save_onto_an_existing_checkpoint_keeps_it_as_prev(tmp_path):
+    ck = tmp_path / "ck.npz"
+    dlc.load(EXAMPLES / "digits_mlp.dln").save(ck)
+    before = ck.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "dlc", "run", str(EXAMPLES / "digits_mlp.dln"),
+                        "--epochs", "1", "--quiet", "--save", str(ck)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    prev = tmp_path / "ck.prev.npz"
+    assert f"saved {ck} (the previous one is now {prev})" in r.stdout
+    assert prev.read_bytes() == before and ck.read_bytes() != before
 
 
 def test_nan_loss_on_cpu_names_the_step_and_the_op():

@@ -1,10 +1,5 @@
-"""Kernel IR -> LLVM IR: one function per kernel part, and one step function per program.
-
-A generic walk emits loop nests and scalar expressions; SCALAR_OPS is the one table from
-the kernel IR's scalar ops to IR-builder calls. Values are cached per loop scope by
-expression identity (the kernel IR is hash-consed), so a shared subexpression is
-computed once; values that depend only on a row's index are computed before the row's
-inner loop. Templates (matmul, convolution, pooling, gather) live in templates.py.
+"""Kernel IR -> LLVM modules: one function per kernel part (rendered by emit.py, or by a
+template in templates.py), and one step function per program.
 
 The step function `dlc_step(ptr table, i32 tid, i32 nthreads)` runs every kernel part in
 phase order with a barrier between phases; every thread runs it (SPMD). Its buffers are
@@ -13,20 +8,19 @@ counters, then one slot per input/state buffer in `Layout.slots` order.
 """
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass, field
 
 from llvmlite import ir
 
-from dlc.core.kernel import Buffer, Ex, Ix, KernelProgram, LoopNest, Template, ix_vars
+from dlc.core.kernel import Buffer, KernelProgram, LoopNest, Template
+from dlc.core.kernel import buffers_of as kernel_buffers
 from dlc.core.types import DType
 
-from . import mathlib
-from .irutil import (F32, FAST, I1, I8, I32, I64, PTR, REDUCE, VOID, byte_size, gep, i32, i64, loop, memory_type,
-                     set_target, smax, smin, split, value_type)
+from .emit import Emitter, emit_nest
+from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, memory_type, set_target
+from .templates import emit_template
 
-GOLDEN = 0x9E3779B1
 FIXED_SLOTS = 4  # arena, barrier, scratch, profile
 
 
@@ -41,428 +35,15 @@ class Layout:
         return FIXED_SLOTS + self.slots.index(name)
 
 
-# --- scalar ops --------------------------------------------------------------------------------
-
-def _arith(fop, iop):
-    def emit(b, args, dtype, in_dtype):
-        return (fop if in_dtype.is_float else iop)(b, *args)
-    return emit
-
-
-def _fadd(b, x, y): return b.fadd(x, y, flags=FAST)
-def _fsub(b, x, y): return b.fsub(x, y, flags=FAST)
-def _fmul(b, x, y): return b.fmul(x, y, flags=FAST)
-def _fdiv(b, x, y): return b.fdiv(x, y)
-
-
-def _idiv(b, x, y):
-    """Floor division, as numpy's // on integers."""
-    q = b.sdiv(x, y)
-    r = b.srem(x, y)
-    adjust = b.and_(b.icmp_signed("!=", r, ir.Constant(x.type, 0)),
-                    b.icmp_signed("<", b.xor(r, y), ir.Constant(x.type, 0)))
-    return b.sub(q, b.zext(adjust, x.type))
-
-
-def _cmp(fop: str, iop: str):
-    def emit(b, args, dtype, in_dtype):
-        if in_dtype.is_float:
-            return b.fcmp_unordered(fop, *args) if fop == "!=" else b.fcmp_ordered(fop, *args)
-        return b.icmp_signed(iop, *args)
-    return emit
-
-
-def _neg(b, args, dtype, in_dtype):
-    return b.fneg(args[0]) if in_dtype.is_float else b.neg(args[0])
-
-
-def _abs(b, args, dtype, in_dtype):
-    x = args[0]
-    if in_dtype.is_float:
-        return mathlib.fabs(b, x)
-    return b.select(b.icmp_signed("<", x, ir.Constant(x.type, 0)), b.neg(x), x)
-
-
-def _sign(b, args, dtype, in_dtype):
-    x = args[0]
-    zero = ir.Constant(x.type, 0)
-    if in_dtype.is_float:
-        one = ir.Constant(x.type, 1.0)
-        s = b.select(b.fcmp_ordered(">", x, zero), one,
-                     b.select(b.fcmp_ordered("<", x, zero), ir.Constant(x.type, -1.0), zero))
-        return b.select(b.fcmp_unordered("uno", x, x), x, s)
-    return b.sub(b.zext(b.icmp_signed(">", x, zero), x.type), b.zext(b.icmp_signed("<", x, zero), x.type))
-
-
-def _minmax(fn, pred):
-    def emit(b, args, dtype, in_dtype):
-        x, y = args
-        if in_dtype.is_float:
-            return fn(b, x, y)
-        return b.select(b.icmp_signed(pred, x, y), x, y)
-    return emit
-
-
-def _cast(b, args, dtype, in_dtype):
-    x = args[0]
-    to = value_type(dtype)
-    if in_dtype == dtype:
-        return x
-    if dtype == DType.bool:
-        return b.fcmp_unordered("!=", x, ir.Constant(x.type, 0.0)) if in_dtype.is_float else \
-            b.icmp_signed("!=", x, ir.Constant(x.type, 0))
-    if in_dtype == DType.bool:
-        return b.uitofp(x, to) if dtype.is_float else b.zext(x, to)
-    if in_dtype.is_float and dtype.is_float:
-        return b.fptrunc(x, to) if dtype == DType.f32 else b.fpext(x, to)
-    if in_dtype.is_float:
-        return b.fptosi(x, to)
-    return b.sitofp(x, to)
-
-
-def _float_fn(fn):
-    def emit(b, args, dtype, in_dtype):
-        return fn(b, *args)
-    return emit
-
-
-SCALAR_OPS = {
-    "add": _arith(_fadd, lambda b, x, y: b.add(x, y)),
-    "sub": _arith(_fsub, lambda b, x, y: b.sub(x, y)),
-    "mul": _arith(_fmul, lambda b, x, y: b.mul(x, y)),
-    "div": _arith(_fdiv, _idiv),
-    "neg": _neg,
-    "abs": _abs,
-    "sign": _sign,
-    "max": _minmax(mathlib.maximum, ">"),
-    "min": _minmax(mathlib.minimum, "<"),
-    "exp": _float_fn(mathlib.exp),
-    "log": _float_fn(mathlib.log),
-    "sqrt": _float_fn(mathlib.sqrt),
-    "tanh": _float_fn(mathlib.tanh),
-    "sigmoid": _float_fn(mathlib.sigmoid),
-    "pow": _float_fn(mathlib.pow),
-    "lt": _cmp("<", "<"), "le": _cmp("<=", "<="), "gt": _cmp(">", ">"), "ge": _cmp(">=", ">="),
-    "eq": _cmp("==", "=="), "ne": _cmp("!=", "!="),
-    "and": lambda b, args, dtype, in_dtype: b.and_(*args),
-    "select": lambda b, args, dtype, in_dtype: b.select(*args),
-    "cast": _cast,
-    "copy": lambda b, args, dtype, in_dtype: args[0],
-}
-
-
-# --- expressions ---------------------------------------------------------------------------------
-
-class Emitter:
-    """Emits kernel-IR expressions inside one LLVM function."""
-
-    def __init__(self, b: ir.IRBuilder, pointers: dict[str, ir.Value]):
-        self.b = b
-        self.pointers = pointers          # buffer name -> pointer
-        self.vars: dict[str, ir.Value] = {}
-        self.scopes: list[dict[int, ir.Value]] = [{}]
-        self._free: dict[int, frozenset] = {}
-
-    # scopes: a value computed in a loop body is only reused inside that body
-    def push(self):
-        self.scopes.append({})
-
-    def pop(self):
-        self.scopes.pop()
-
-    def _cached(self, key):
-        for s in reversed(self.scopes):
-            if key in s:
-                return s[key]
-        return None
-
-    def ix(self, e: Ix) -> ir.Value:
-        hit = self._cached(id(e))
-        if hit is not None:
-            return hit
-        b, k, a = self.b, e.kind, e.args
-        if k == "var":
-            v = self.vars[a[0]]
-        elif k == "const":
-            v = i64(a[0])
-        elif k == "add":
-            v = b.add(self.ix(a[0]), self.ix(a[1]), flags=("nuw", "nsw"))
-        elif k == "mul":
-            v = b.mul(self.ix(a[0]), i64(a[1]), flags=("nuw", "nsw"))
-        elif k == "div":
-            v = b.udiv(self.ix(a[0]), i64(a[1]))
-        elif k == "mod":
-            v = b.urem(self.ix(a[0]), i64(a[1]))
-        else:  # shift: clamp((a - lo) // step, 0, n - 1)
-            x, lo, step, n = a
-            d = b.sdiv(b.sub(self.ix(x), i64(lo)), i64(step))
-            v = smin(b, smax(b, d, i64(0)), i64(n - 1))
-        self.scopes[-1][id(e)] = v
-        return v
-
-    def free_vars(self, e: Ex) -> frozenset:
-        """Loop variables an expression depends on (not counting its own reductions')."""
-        hit = self._free.get(id(e))
-        if hit is None:
-            k, a = e.kind, e.args
-            if k == "load":
-                hit = ix_vars(a[1])
-            elif k == "index":
-                hit = ix_vars(a[0])
-            elif k == "lit":
-                hit = frozenset()
-            elif k == "op":
-                hit = frozenset().union(*(self.free_vars(x) for x in a[1:]))
-            elif k == "rand":
-                hit = self.free_vars(a[0]) | self.free_vars(a[1]) | ix_vars(a[3])
-            else:
-                hit = self.free_vars(a[2]) - {v.args[0] for v in a[1]}
-            self._free[id(e)] = hit
-        return hit
-
-    def hoist(self, e: Ex, bound: frozenset) -> None:
-        """Compute now (in the current scope) the largest parts of e that depend only on
-        `bound` variables and cost more than a constant."""
-        if e.kind in ("lit",) or self._cached(id(e)) is not None:
-            return
-        if self.free_vars(e) <= bound and e.kind != "index":
-            self.value(e)
-            return
-        if e.kind == "op":
-            for x in e.args[1:]:
-                self.hoist(x, bound)
-
-    def value(self, e: Ex) -> ir.Value:
-        hit = self._cached(id(e))
-        if hit is not None:
-            return hit
-        v = self._value(e)
-        self.scopes[-1][id(e)] = v
-        return v
-
-    def _value(self, e: Ex) -> ir.Value:
-        b, k, a = self.b, e.kind, e.args
-        if k == "load":
-            buf, flat = a
-            t = memory_type(buf.dtype)
-            v = b.load(gep(b, self.pointers[buf.name], self.ix(flat), t), typ=t, align=byte_size(t))
-            return b.trunc(v, I1) if buf.dtype == DType.bool else v
-        if k == "lit":
-            return _literal(a[0], e.dtype)
-        if k == "index":
-            v = self.ix(a[0])
-            if e.dtype.is_float:
-                return b.sitofp(v, value_type(e.dtype))
-            return b.trunc(v, I32) if e.dtype == DType.i32 else b.icmp_signed("!=", v, i64(0))
-        if k == "op":
-            name, args = a[0], a[1:]
-            values = [self.value(x) for x in args]
-            in_dtype = args[-1].dtype if name != "select" else args[1].dtype
-            if name == "cast":
-                in_dtype = args[0].dtype
-            return SCALAR_OPS[name](b, values, e.dtype, in_dtype)
-        if k == "rand":
-            return self._rand(*a)
-        return self._reduce(e)
-
-    def _rand(self, seed: Ex, step: Ex, stream: int, flat: Ix) -> ir.Value:
-        b = self.b
-        key = fmix32(b, b.xor(self.value(seed), fmix32(b, b.xor(i32(stream), fmix32(b, self.value(step))))))
-        h = fmix32(b, b.xor(b.mul(b.trunc(self.ix(flat), I32), i32(GOLDEN)), key))
-        return b.fmul(b.uitofp(b.lshr(h, i32(8)), F32), ir.Constant(F32, 2.0 ** -24))
-
-    def _reduce(self, e: Ex) -> ir.Value:
-        op, vars_, body = e.args
-        b = self.b
-        if not vars_:  # a reduction over no axes is the value itself
-            return self.value(body)
-        t = value_type(e.dtype)
-        body_t = value_type(body.dtype)
-        if op == "sum":
-            init = [ir.Constant(t, 0.0 if e.dtype.is_float else 0)]
-        elif op == "max":
-            init = [ir.Constant(t, -math.inf if e.dtype.is_float else -(2 ** 31))]
-        else:  # argmax: (best value, its index)
-            init = [ir.Constant(body_t, -math.inf if body.dtype.is_float else -(2 ** 31)), i32(0)]
-
-        def nest(level: int, carried):
-            var = vars_[level]
-            name, extent = var.args
-
-            def step(i, acc):
-                self.vars[name] = i
-                self.push()
-                if level + 1 < len(vars_):
-                    out = nest(level + 1, acc)
-                else:
-                    v = self.value(body)
-                    out = self._combine(op, acc, v, body.dtype, vars_)
-                self.pop()
-                return out
-            return loop(b, 0, extent, carried, step, name=name)
-
-        result = nest(0, init)
-        return result[0] if op != "argmax" else result[1]
-
-    def _combine(self, op, acc, v, dtype: DType, vars_):
-        b = self.b
-        if op == "sum":
-            return [b.fadd(acc[0], v, flags=REDUCE) if dtype.is_float else b.add(acc[0], v)]
-        if op == "max":
-            return [SCALAR_OPS["max"](b, [acc[0], v], dtype, dtype)]
-        best, idx = acc
-        flat = i64(0)
-        for var in vars_:
-            flat = b.add(b.mul(flat, i64(var.args[1])), self.vars[var.args[0]])
-        if dtype.is_float:  # the first maximum wins; a NaN counts as the maximum (numpy)
-            take = b.or_(b.fcmp_ordered(">", v, best),
-                         b.and_(b.fcmp_unordered("uno", v, v), b.fcmp_ordered("ord", best, best)))
-        else:
-            take = b.icmp_signed(">", v, best)
-        return [b.select(take, v, best), b.select(take, b.trunc(flat, I32), idx)]
-
-
-def _literal(value, dtype: DType) -> ir.Constant:
-    t = value_type(dtype)
-    if dtype == DType.bool:
-        return ir.Constant(I1, int(bool(value)))
-    if dtype.is_float:
-        return ir.Constant(t, float(value))
-    return ir.Constant(t, int(value))
-
-
-def fmix32(b: ir.IRBuilder, h: ir.Value) -> ir.Value:
-    """murmur3's finalizer (the same mix as dlc.ops.misc.fmix32)."""
-    h = b.xor(h, b.lshr(h, i32(16)))
-    h = b.mul(h, i32(0x85EBCA6B))
-    h = b.xor(h, b.lshr(h, i32(13)))
-    h = b.mul(h, i32(0xC2B2AE35))
-    return b.xor(h, b.lshr(h, i32(16)))
-
-
-# --- loop nests ----------------------------------------------------------------------------------
-
-def store_all(em: Emitter, stores) -> None:
-    """Compute every value first, then store: an in-place update never reads a value
-    this iteration has already overwritten."""
-    b = em.b
-    values = [em.value(s.value) for s in stores]
-    for s, v in zip(stores, values):
-        t = memory_type(s.buf.dtype)
-        if s.buf.dtype == DType.bool:
-            v = b.zext(v, I8)
-        b.store(v, gep(b, em.pointers[s.buf.name], em.ix(s.flat), t), align=byte_size(t))
-
-
-def emit_nest(em: Emitter, nest: LoopNest, tid, nthreads, bounds: dict | None = None) -> None:
-    """Emit a LoopNest; its outer iterations are shared between threads unless `bounds`
-    (var name -> (lo, hi) values) fixes them, as for a template's epilogue."""
-    b = em.b
-    outer, inner = list(nest.outer), list(nest.inner)
-    parallel = outer if outer else inner[:1] if not nest.row_stores else []
-    rest = inner if outer else inner[1:] if not nest.row_stores else inner
-    if bounds is not None:
-        _bounded(em, nest, bounds)
-        return
-    extents = [v.args[1] for v in parallel]
-    total = math.prod(extents)
-    if nest.serial or not parallel:
-        lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i32(0)), i64(total), i64(0))
-    else:
-        lo, hi = split(b, total, tid, nthreads)
-    outer_names = frozenset(v.args[0] for v in outer)
-
-    def body(f, _):
-        for v, idx in zip(parallel, _unravel(b, f, extents)):
-            em.vars[v.args[0]] = idx
-        em.push()
-        store_all(em, nest.row_stores)
-        if nest.stores:
-            for s in nest.stores:
-                em.hoist(s.value, outer_names)
-            _inner_loops(em, nest, rest)
-        em.pop()
-        return []
-    loop(b, lo, hi, (), body, name="p")
-
-
-def _unravel(b, f, extents):
-    out = []
-    for e in reversed(extents):
-        out.append(b.urem(f, i64(e)) if len(extents) > 1 else f)
-        f = b.udiv(f, i64(e))
-    return list(reversed(out))
-
-
-def _inner_loops(em: Emitter, nest: LoopNest, vars_) -> None:
-    if not vars_:
-        store_all(em, nest.stores)
-        return
-    var = vars_[0]
-
-    def body(i, _):
-        em.vars[var.args[0]] = i
-        em.push()
-        _inner_loops(em, nest, vars_[1:])
-        em.pop()
-        return []
-    loop(em.b, 0, var.args[1], (), body, name=var.args[0])
-
-
-def _bounded(em: Emitter, nest: LoopNest, bounds: dict) -> None:
-    """All loops of the nest with explicit ranges (epilogues over a template's share)."""
-    vars_ = list(nest.outer) + list(nest.inner)
-
-    def level(k):
-        if k == len(vars_):
-            store_all(em, nest.row_stores + nest.stores)
-            return
-        var = vars_[k]
-        lo, hi = bounds.get(var.args[0], (i64(0), i64(var.args[1])))
-
-        def body(i, _):
-            em.vars[var.args[0]] = i
-            em.push()
-            level(k + 1)
-            em.pop()
-            return []
-        loop(em.b, lo, hi, (), body, name=var.args[0])
-    level(0)
-
-
 # --- the module ------------------------------------------------------------------------------------
 
 def buffers_of(part) -> list[Buffer]:
-    """Every buffer a kernel part touches, in a stable order."""
-    seen: dict[str, Buffer] = {}
-
-    def walk(e: Ex, done: set):
-        if id(e) in done:
-            return
-        done.add(id(e))
-        if e.kind == "load":
-            seen.setdefault(e.args[0].name, e.args[0])
-        elif e.kind == "op":
-            for x in e.args[1:]:
-                walk(x, done)
-        elif e.kind == "rand":
-            walk(e.args[0], done)
-            walk(e.args[1], done)
-        elif e.kind == "reduce":
-            walk(e.args[2], done)
-
-    done: set = set()
-    nests = [part] if isinstance(part, LoopNest) else [part.epilogue] if part.epilogue else []
-    if isinstance(part, Template):
-        for buf in part.inputs + (part.output,):
-            seen.setdefault(buf.name, buf)
-        if part.op == "matmul":  # per-thread packing space
-            seen["__scratch__"] = Buffer("__scratch__", DType.f32, (0,), "scratch")
-    for nest in nests:
-        for s in nest.row_stores + nest.stores:
-            seen.setdefault(s.buf.name, s.buf)
-            walk(s.value, done)
-    return list(seen.values())
+    """The buffers a part's function takes: the kernel IR's, plus per-thread packing
+    space for the GEMM."""
+    out = kernel_buffers(part)
+    if isinstance(part, Template) and part.op == "matmul":
+        out.append(Buffer("__scratch__", DType.f32, (0,), "scratch"))
+    return out
 
 
 class ModuleBuilder:
@@ -502,7 +83,6 @@ class ModuleBuilder:
         return fn, b, pointers
 
     def build(self) -> list[ir.Module]:
-        from .templates import emit_template
         for k in self.program.kernels:
             for j, part in enumerate(k.parts):
                 index = self._load.index(min(self._load))  # the emptiest module so far

@@ -44,10 +44,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import llvmlite.binding as llvm
 from llvmlite import ir
 
-from .irutil import for_range
+from .irutil import for_range, set_target
+from .target import Target
 
 F32 = ir.FloatType()
 I1 = ir.IntType(1)
@@ -62,48 +62,6 @@ _EPILOGUE = 2   # last K block: apply bias and ReLU
 
 # Accumulator registers the microkernel may use (the rest hold B vectors and a broadcast).
 _MAX_ACCUMULATORS = {4: 12, 8: 12, 16: 28}
-
-
-# --------------------------------------------------------------------------- target
-
-
-@dataclass(frozen=True)
-class CpuTarget:
-    """The CPU the code is generated for; by default the host, as llvmlite reports it."""
-    name: str
-    features: str          # LLVM feature string: "+avx2,+fma,-avx512f,..."
-
-    @staticmethod
-    def host() -> "CpuTarget":
-        return CpuTarget(llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
-
-    def has(self, feature: str) -> bool:
-        return f"+{feature}" in self.features.split(",")
-
-    def vector_width(self) -> int:
-        """float32 lanes per vector: 16 with AVX-512F, 8 with AVX2+FMA, else 4."""
-        if self.has("avx512f"):
-            return 16
-        if self.has("avx2") and self.has("fma"):
-            return 8
-        return 4
-
-    def without(self, *prefixes: str) -> "CpuTarget":
-        """The same CPU with every feature starting with one of `prefixes` turned off,
-        e.g. without("avx512") to generate and run the AVX2 path on an AVX-512 host."""
-        flags = [("-" + f[1:]) if f[1:].startswith(prefixes) else f
-                 for f in self.features.split(",")]
-        return CpuTarget(self.name, ",".join(flags))
-
-
-def _set_target_attributes(fn: ir.Function, target: CpuTarget, vector_width: int) -> None:
-    # llvmlite's FunctionAttributes only knows enum attributes and rejects "key"="value"
-    # pairs (numba/llvmlite#1348); the set prints its items verbatim, so add them directly.
-    for key, value in (("target-cpu", target.name),
-                       ("target-features", target.features),
-                       ("prefer-vector-width", str(32 * vector_width))):
-        set.add(fn.attributes, f'"{key}"="{value}"')
-    fn.attributes.add("nounwind")
 
 
 # --------------------------------------------------------------------------- spec, plan, info
@@ -384,7 +342,7 @@ def _new_function(module, name, args, target, w, linkage=None) -> ir.Function:
         arg.name = arg_name
     if linkage:
         fn.linkage = linkage
-    _set_target_attributes(fn, target, w)
+    set_target(fn, target, w)
     return fn
 
 
@@ -403,7 +361,7 @@ class _Layout:
 
 
 def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: int,
-                 target: CpuTarget, edge: bool) -> ir.Function:
+                 target: Target, edge: bool) -> ir.Function:
     """void kernel(a, b, c, bias, i64 kc, i32 mode, i64 m_valid, i64 n_valid).
 
     The full kernel ignores m_valid/n_valid; the edge kernel stores only rows < m_valid
@@ -496,7 +454,7 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
 
 
 def _emit_pack_a(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
-                 target: CpuTarget) -> ir.Function:
+                 target: Target) -> ir.Function:
     """void pack_a(A, Ap, i64 ic, i64 mc, i64 pc, i64 kc): MR-row panels, k-major, zero padded.
 
     Panel r holds rows ic+r .. ic+r+MR-1 as Ap[r*kc + p*MR + i]."""
@@ -558,7 +516,7 @@ def _emit_pack_a(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
 
 
 def _emit_pack_b(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
-                 target: CpuTarget) -> ir.Function:
+                 target: Target) -> ir.Function:
     """void pack_b(B, Bp, i64 pc, i64 kc, i64 jc, i64 nc): NR-column panels, zero padded.
 
     Panel q holds columns jc+q .. jc+q+NR-1 as Bp[q*kc + p*NR + j]."""
@@ -626,12 +584,12 @@ def _workspace_layout(spec: GemmSpec, plan: GemmPlan, w: int) -> tuple[int, int]
 
 
 def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
-              plan: GemmPlan | None = None, target: CpuTarget | None = None,
+              plan: GemmPlan | None = None, target: Target | None = None,
               nthreads: int = 2) -> GemmInfo:
     """Emit `void name(A, B, C, bias, workspace, i32 tid, i32 nthreads)` into `module`
     (plus internal helpers named `name.*`); see the module docstring for the contract.
 
-    vector_width: float lanes per vector (16 for AVX-512F, 8 for AVX2; see CpuTarget).
+    vector_width: float lanes per vector (16 for AVX-512F, 8 for AVX2; see Target.vector_width).
     plan: blocking; `plan_gemm(spec, vector_width, nthreads)` when None.
     target: CPU for the function attributes; the host when None.
     nthreads: the thread count the default plan balances for; the emitted function is
@@ -640,7 +598,7 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
     w = vector_width
     if w not in _MAX_ACCUMULATORS:
         raise ValueError(f"vector_width must be 4, 8 or 16, not {w}")
-    target = target or CpuTarget.host()
+    target = target or Target.host()
     plan = plan or plan_gemm(spec, w, nthreads)
     if plan.mr * plan.nv > _MAX_ACCUMULATORS[w]:
         raise ValueError(f"{plan.mr}x{plan.nv} tile needs more than {_MAX_ACCUMULATORS[w]} "

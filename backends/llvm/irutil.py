@@ -106,12 +106,12 @@ def gep(b: ir.IRBuilder, ptr, index, etype) -> ir.Value:
     return b.gep(ptr, [index], source_etype=etype)
 
 
-def set_target(fn: ir.Function, target) -> None:
+def set_target(fn: ir.Function, target, vector_width: int | None = None) -> None:
     """Mark a function for the target CPU (features, and 512-bit vectors when the CPU
     has them: LLVM otherwise prefers 256-bit vectors even on AVX-512 hosts)."""
     # llvmlite's FunctionAttributes accepts only enum attributes (numba/llvmlite#1348);
     # the set prints its items verbatim, so "key"="value" pairs are added directly.
     for key, value in (("target-cpu", target.cpu), ("target-features", target.features),
-                       ("prefer-vector-width", str(32 * target.vector_width))):
+                       ("prefer-vector-width", str(32 * (vector_width or target.vector_width)))):
         set.add(fn.attributes, f'"{key}"="{value}"')
     fn.attributes.add("nounwind")

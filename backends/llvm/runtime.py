@@ -1,5 +1,4 @@
-"""Running compiled steps: the working arena, the pointer table, native worker threads,
-and one specialization per batch size, compiled on first use (through the disk cache).
+"""Running a compiled step: the working arena, the pointer table, native worker threads.
 
 A step is called once per batch through ctypes (which releases the GIL); inside it the
 threads run every kernel with barriers between phases: no Python runs between kernels.
@@ -8,14 +7,12 @@ Parameters and state stay in the model's numpy arrays, which the step updates in
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from dlc.backends.base import StepLayout
 from dlc.core.types import DType
 
 from .jit import Engine
@@ -23,28 +20,6 @@ from .pool import Pool
 from .target import Target
 
 BARRIER_BYTES = 128
-
-
-@dataclass
-class StepLayout:
-    """Everything needed to run a step's object code (stored beside it in the cache and
-    in artifacts): buffer slots and arena offsets, results, and the kernels for profiles."""
-
-    batch: int
-    arena_bytes: int
-    scratch_bytes: int
-    slots: list                      # [name, kind, dtype, shape] per table slot after the fixed ones
-    outputs: dict                    # result name -> [arena offset or slot name, dtype, shape]
-    kernels: list                    # [name, phase, lines] per kernel part, in call order
-    threads: int
-    meta: dict = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @staticmethod
-    def from_json(text: str) -> "StepLayout":
-        return StepLayout(**json.loads(text))
 
 
 class NativeStep:
@@ -121,6 +96,15 @@ class NativeStep:
                     for k, slot in self._slot_outputs.items()})
         return out
 
+    def profile_rows(self) -> list[tuple[str, tuple, float]]:
+        """(kernel, .dln lines, seconds): the step's own cycle counters share out the
+        measured time of the native calls."""
+        total = float(self.profile.sum())
+        if not total:
+            return []
+        return [(name, tuple(lines), self.seconds * float(cycles) / total)
+                for (name, phase, lines), cycles in zip(self.layout.kernels, self.profile)]
+
 
 ALIGN = 64  # the generated code may use aligned vector loads on any buffer
 
@@ -146,65 +130,3 @@ def _aligned(a: np.ndarray, align: int = 64) -> int:
 
 def _np(dtype: str) -> np.dtype:
     return DType(dtype).np
-
-
-class CpuProgram:
-    """The `compile_program` interface for the cpu target: run(feeds) on any batch size."""
-
-    def __init__(self, graph, state: dict, target: Target, cache=None, verbose=None,
-                 profile: bool = False, key: str | None = None, data_name: str | None = None,
-                 preloaded: dict | None = None):
-        self._graph = graph                 # symbolic, after the graph passes (or a function)
-        self.key = key                      # identifies the graph without building it
-        self.state = state
-        self.target = target
-        self.cache = cache
-        self.verbose = verbose
-        self.profile = profile
-        self.steps: dict[int, NativeStep] = {}
-        self.preloaded = dict(preloaded or {})  # batch -> (object code, layout) from an artifact
-        self.data_name = data_name or self.graph.node(self.graph.inputs("data")[0]).attrs["name"]
-
-    @property
-    def graph(self):
-        if callable(self._graph):
-            self._graph = self._graph()
-        return self._graph
-
-    def step_for(self, batch: int) -> NativeStep:
-        step = self.steps.get(batch)
-        if step is None and batch in self.preloaded:
-            obj, layout = self.preloaded.pop(batch)
-            layout.threads = self.target.threads
-            step = self._add(batch, NativeStep(obj, layout, self.target))
-        if step is None:
-            from .build import build_step
-            obj, layout = build_step(lambda: self.graph, batch, self.target, self.cache, self.verbose,
-                                     self.profile, self.key)
-            step = self._add(batch, NativeStep(obj, layout, self.target))
-        return step
-
-    def profile_rows(self) -> list[tuple[str, tuple, float]]:
-        """(kernel, .dln lines, seconds) over every batch size run so far: the step's own
-        cycle counters share out the measured time of the native calls."""
-        rows: dict[tuple, float] = {}
-        for step in self.steps.values():
-            total = float(step.profile.sum()) or 1.0
-            for (name, phase, lines), cycles in zip(step.layout.kernels, step.profile):
-                key = (name, tuple(lines))
-                rows[key] = rows.get(key, 0.0) + step.seconds * float(cycles) / total
-        return [(name, lines, sec) for (name, lines), sec in rows.items()]
-
-    def run(self, feeds: dict) -> dict:
-        batch = len(feeds[self.data_name])
-        step = self.steps.get(batch) or self.step_for(batch)
-        return step.run(self.state, feeds)
-
-    def _add(self, batch: int, step: NativeStep) -> NativeStep:
-        for name, kind, dtype, shape in step.layout.slots:
-            if kind == "state" and name not in self.state:  # optimizer state starts at zero
-                self.state[name] = aligned_empty(tuple(shape), _np(dtype))
-                self.state[name][...] = 0
-        self.steps[batch] = step
-        return step
-

@@ -46,13 +46,22 @@ class Target:
             return 8
         return 4
 
+    def without(self, *prefixes: str) -> "Target":
+        """The same CPU with every feature starting with one of `prefixes` turned off, e.g.
+        without("avx512") to generate and run the AVX2 code path on an AVX-512 host."""
+        flags = [("-" + f[1:]) if f[1:].startswith(prefixes) else f for f in self.features.split(",")]
+        return Target(self.cpu, ",".join(flags), self.threads, self.triple)
+
     def key(self) -> str:
         """What code generated for this target depends on (cache keys, artifacts)."""
         return f"{self.triple}|{self.cpu}|{self.features}|{self.threads}"
 
     def describe(self) -> str:
-        isa = "AVX-512" if self.vector_width == 16 else "AVX2" if self.vector_width == 8 else "SSE"
-        return f"{self.cpu} ({isa}, {self.vector_width} float lanes), {self.threads} thread(s)"
+        return f"{self.cpu} ({isa(self.features)}, {self.vector_width} float lanes), {self.threads} thread(s)"
+
+    def to_json(self) -> dict:
+        """What an artifact records of the machine it was compiled for."""
+        return {"cpu": self.cpu, "features": self.features, "threads": self.threads, "triple": self.triple}
 
     def machine(self):
         _init_llvm()
@@ -62,3 +71,9 @@ class Target:
         # object files -- the kernels are compiled in parallel, one module per core.)
         return t.create_target_machine(cpu=self.cpu, features=self.features, opt=3,
                                        reloc="pic", codemodel="small")
+
+
+def isa(features: str) -> str:
+    """The vector instruction set a feature string enables, in words."""
+    f = features.split(",")
+    return "AVX-512" if "+avx512f" in f else "AVX2" if "+avx2" in f else "AVX" if "+avx" in f else "SSE"

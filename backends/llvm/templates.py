@@ -15,7 +15,9 @@ from llvmlite import ir
 
 from dlc.core.kernel import Template
 
-from .gemm import CpuTarget, GemmSpec, _Vec, emit_gemm
+from .emit import emit_bounded, emit_nest
+from .mathlib import maximum
+from .gemm import GemmSpec, _Vec, emit_gemm
 from .irutil import F32, FAST, I64, REDUCE, for_range, gep, i64, loop, smax, smin, split
 
 
@@ -48,9 +50,8 @@ def _epilogue(em, t: Template, bounds_by_axis: list) -> None:
     """The fused elementwise ops over this thread's share of the output."""
     if t.epilogue is None:
         return
-    from .codegen import emit_nest
     vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
-    bounds = {v.args[0]: r for v, r in zip(vars_, bounds_by_axis) if r is not None}
+    bounds = {v.name: r for v, r in zip(vars_, bounds_by_axis) if r is not None}
     emit_nest(em, t.epilogue, None, None, bounds=bounds)
 
 
@@ -79,15 +80,14 @@ def _epilogue_units(em, t, lo, hi, lead):
     """Epilogue over the same units: loop over units, then the remaining axes whole."""
     if t.epilogue is None:
         return
-    from .codegen import _bounded
     b = em.b
     shape = t.output.shape
     vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
 
     def body(*idx):
-        bounds = {v.args[0]: (i, b.add(i, i64(1))) for v, i in zip(vars_[:lead], idx)}
+        bounds = {v.name: (i, b.add(i, i64(1))) for v, i in zip(vars_[:lead], idx)}
         em.push()
-        _bounded(em, t.epilogue, bounds)
+        emit_bounded(em, t.epilogue, bounds)
         em.pop()
     _each_unit(b, lo, hi, shape[:lead], body)
 
@@ -114,7 +114,7 @@ def matmul(mb, em, t: Template, tid, nthreads) -> None:
     key = (mb.modules.index(mb.module), spec)  # one function per distinct shape and module
     if key not in mb.gemms:
         name = f"gemm.{key[0]}.{len(mb.gemms)}.{mb.tag}"
-        mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=CpuTarget(mb.target.cpu, mb.target.features))
+        mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=mb.target)
     info = mb.gemms[key]
     mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, info.workspace_bytes)
     fn = mb.module.globals[info.name]
@@ -502,7 +502,6 @@ def pool2d(mb, em, t: Template, tid, nthreads) -> None:
     is_max = t.attrs["mode"] == "max"
     X, Y = _ptr(em, xb), _ptr(em, t.output)
     lo, hi, _ = _share(b, t, 2, tid, nthreads)
-    from .mathlib import maximum
 
     def unit(n, c):
         plane = _flat(b, (n, C * H * W), (c, H * W))
@@ -644,9 +643,8 @@ def _epilogue_serial(em, t: Template, tid) -> None:
     if t.epilogue is None:
         return
     b = em.b
-    from .codegen import _bounded
     with b.if_then(b.icmp_signed("==", tid, ir.Constant(ir.IntType(32), 0))):
-        _bounded(em, t.epilogue, {})
+        emit_bounded(em, t.epilogue, {})
 
 
 EMITTERS = {"matmul": matmul, "conv2d": conv2d, "conv2d_bwd_data": conv2d_bwd_data,

@@ -116,6 +116,12 @@ class NumericsError(DlcError):
     kind = "numerics error"
 
 
+class ResourceError(DlcError):
+    """Not enough of the machine (memory) for what was asked."""
+
+    kind = "error"
+
+
 class UsageError(DlcError):
     """Bad command-line use: the CLI exits 2."""
 
@@ -152,3 +158,9 @@ def _clip(line: str) -> str:
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
     return f"did you mean `{close[0]}`?" if close else None
+
+
+class ArtifactError(DlcError):
+    """A compiled artifact that cannot be used: damaged, or built for another machine."""
+
+    kind = "artifact error"

@@ -6,6 +6,7 @@ model) raises `DataError` carrying the span of the train block's `data` option.
 """
 from __future__ import annotations
 
+import contextlib
 import csv as csv_module
 import gzip
 import math
@@ -181,32 +182,55 @@ def read_npz(path: Path, x_key: str, y_key: str,
              shown: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The arrays under `x_key` and `y_key` in an .npz archive, never unpickling anything."""
     shown = shown or str(path)
+    z = open_numpy(path, shown)
+    if not isinstance(z, NpzFile):
+        # A .npy file loads as one bare array, without the names x and y.
+        raise DataError(f"{shown} is a single .npy array, not an .npz archive",
+                        hint="save both arrays with np.savez(path, x=x, y=y)")
+    with z, numpy_errors(shown):
+        missing = [k for k in (x_key, y_key) if k not in z.files]
+        if missing:
+            raise DataError(f"{shown} has no array `{missing[0]}`; it holds: "
+                            f"{', '.join(z.files) or 'nothing'}",
+                            hint=did_you_mean(missing[0], z.files))
+        return z[x_key], z[y_key]
+
+
+_NUMPY_MAGIC = (b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")  # .npy; .npz: a first member, or empty
+
+
+def open_numpy(path: Path, shown: str) -> np.ndarray | NpzFile:
+    """An .npy file's array, or an .npz archive (a context manager whose arrays load on access);
+    pickled data is never loaded: a data file must never be able to run code."""
     _require_file(path, shown)
     try:
-        # allow_pickle=False: a data file must never be able to run code.
-        with _open_npz(path, shown) as z:
-            missing = [k for k in (x_key, y_key) if k not in z.files]
-            if missing:
-                raise DataError(f"{shown} has no array `{missing[0]}`; it holds: "
-                                f"{', '.join(z.files) or 'nothing'}",
-                                hint=did_you_mean(missing[0], z.files))
-            return z[x_key], z[y_key]
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f"cannot read {shown}: {e.strerror or e}") from None
+    if not magic.startswith(_NUMPY_MAGIC):  # np.load would take anything else for a pickle
+        raise DataError(f"{shown} is not a NumPy .npy or .npz file",
+                        hint="write arrays with np.save (one array) or np.savez (named arrays)")
+    with numpy_errors(shown):
+        return np.load(path, allow_pickle=False)
+
+
+@contextlib.contextmanager
+def numpy_errors(shown: str) -> Iterator[None]:
+    """What np.load and an .npz's members raise for a damaged, pickled or huge file, as a DataError."""
+    try:
+        yield
+    except MemoryError as e:
+        raise DataError(f"{shown} holds more data than fits in memory ({e or 'no detail'})",
+                        hint="is the file damaged? If not, pass it in parts from Python "
+                             "(fit(x, y), predict(x))") from None
     except ValueError as e:
         if "pickle" in str(e):
             raise DataError(f"{shown} holds Python objects (pickled), which dlc does not load",
                             hint="store plain numeric arrays") from None
         raise DataError(f"cannot read {shown}: {e}") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise DataError(f"cannot read {shown} as an .npz archive: {e}") from None
-
-
-def _open_npz(path: Path, shown: str) -> NpzFile:
-    z = np.load(path, allow_pickle=False)
-    if not isinstance(z, NpzFile):
-        # A .npy file loads as one bare array, without the names x and y.
-        raise DataError(f"{shown} is a single .npy array, not an .npz archive",
-                        hint="save both arrays with np.savez(path, x=x, y=y)")
-    return z
+        raise DataError(f"cannot read {shown}: it is damaged ({e})") from None
 
 
 # --- CSV --------------------------------------------------------------------------------------

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import struct
 import tempfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -29,12 +31,18 @@ _DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyErr
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a first member, or an empty archive
 _DLC_DTYPES = {d.np: d.value for d in DType}
 
+_META_LIMIT = 64 << 20  # bytes of JSON metadata: far more than any model's tensor list needs
+
+Specs = dict[str, tuple[tuple[int, ...], np.dtype]]  # name -> (shape, dtype), as the .npy headers say
 ExpectedTensors = Mapping[str, tuple[tuple[int, ...], str]]
 
 
 def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
-                    meta: Mapping[str, Any]) -> None:
-    """Write `arrays` and `meta` to `path` so that it holds either the old or the new checkpoint."""
+                    meta: Mapping[str, Any], keep_previous: bool = False) -> Path | None:
+    """Write `arrays` and `meta` to `path` so that it holds either the old or the new checkpoint.
+
+    With `keep_previous`, a file already at `path` is moved to `previous_path(path)` once the
+    new one is written; returns where it went (None when there was none)."""
     path = Path(path)
     arrays = {name: np.asarray(a) for name, a in arrays.items()}
     if META_KEY in arrays:
@@ -42,34 +50,53 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
                               "not a tensor name")
     members = {**arrays, META_KEY: _encode_meta(arrays, meta)}
     try:
-        _write_atomically(path, members)
+        return _write_atomically(path, members, keep_previous)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint `{path}`: {e.strerror or e}",
                               hint="check that the folder is writable and the disk has room; "
                                    "the previous checkpoint, if any, is untouched") from None
 
 
-def load_checkpoint(path: str | os.PathLike, expect: ExpectedTensors | None = None,
+def load_checkpoint(path: str | os.PathLike,
+                    expect: ExpectedTensors | Callable[[Specs], ExpectedTensors] | None = None,
                     model: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Read a checkpoint, check it against `model` and `expect` {name: (shape, dtype)}.
+    """Read a checkpoint, check it against `model` and `expect` {name: (shape, dtype)}, or a
+    function giving that from the checkpoint's own {name: (shape, dtype)}.
 
     Every way the file can be missing, damaged, foreign or for another model is a
-    CheckpointError. Pickled data is never loaded: it could run arbitrary code.
+    CheckpointError. The zip directory, the .npy headers and `expect` are checked before any
+    tensor is decompressed, so a small file declaring huge tensors is refused without reading
+    them. Pickled data is never loaded: it could run arbitrary code.
     """
     path = Path(path)
-    arrays = _read_npz(path)
-    meta = _decode_meta(path, arrays.pop(META_KEY, None))
-    _check_meta(path, meta, model)
-    _check_signature(path, arrays, meta.get("signature"))
-    if expect is not None:
-        _check_expected(path, arrays, expect, model)
+    _check_is_zip(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {info.filename[:-len(".npy")]: _member(path, zf, info) for info in zf.infolist()}
+            meta = _decode_meta(path, zf, members.pop(META_KEY, None))
+            _check_meta(path, meta, model)
+            specs = {name: (shape, dtype) for name, (_, shape, dtype) in members.items()}
+            _check_signature(path, specs, meta.get("signature"))
+            if expect is not None:
+                _check_expected(path, specs, expect(specs) if callable(expect) else expect, model)
+            arrays = {name: _read(zf, info) for name, (info, _, _) in members.items()}
+            # a member's CRC is checked only once it is read to its end: testzip reads them all
+            damaged = zf.testzip()
+    except _DAMAGE as e:
+        raise _damaged(path, e) from None
+    if damaged is not None:
+        raise _damaged(path, f"bad CRC in `{damaged}`")
     return arrays, meta
 
 
 def signature(arrays: Mapping[str, np.ndarray]) -> dict[str, dict]:
     """{name: {"shape": [4, 3], "dtype": "<f4"}}: what a checkpoint records about its tensors."""
-    return {name: {"shape": list(a.shape), "dtype": a.dtype.str}
-            for name, a in sorted(arrays.items())}
+    return _signature({name: (a.shape, a.dtype) for name, a in arrays.items()})
+
+
+def _signature(specs: Specs) -> dict[str, dict]:
+    return {name: {"shape": list(shape), "dtype": dtype.str}
+            for name, (shape, dtype) in sorted(specs.items())}
 
 
 # ---- writing ----
@@ -83,21 +110,43 @@ def _encode_meta(arrays: dict[str, np.ndarray], meta: Mapping[str, Any]) -> np.n
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
-def _write_atomically(path: Path, members: dict[str, np.ndarray]) -> None:
+def previous_path(path: Path) -> Path:
+    """Where `keep_previous` moves an existing checkpoint: `ck.npz` -> `ck.prev.npz`."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _write_atomically(path: Path, members: dict[str, np.ndarray], keep_previous: bool) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    previous = None
     try:
         with os.fdopen(fd, "wb") as fh:
             _write_npz(fh, members)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is an ordinary file
+        if keep_previous and path.is_file():
+            previous = previous_path(path)
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C included: never leave a half-written temporary behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    return previous
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    # A process killed while saving (SIGKILL, power loss) leaves its temporary behind; only
+    # names mkstemp gives ours (`.ck.npz.` + 8 random characters + `.tmp`) are removed.
+    stale = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            if stale.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def _write_npz(fh, arrays: dict[str, np.ndarray]) -> None:
@@ -125,19 +174,36 @@ def _fsync_dir(directory: Path) -> None:
 
 # ---- reading ----
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    _check_is_zip(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: _read_member(path, npz, name) for name in npz.files}
-            # np.load stops at an array's last byte, so a member whose header was damaged
-            # into a smaller shape would never reach the CRC check; testzip reads them all.
-            damaged = npz.zip.testzip()
-    except _DAMAGE as e:
-        raise _damaged(path, e) from None
-    if damaged is not None:
-        raise _damaged(path, f"bad CRC in `{damaged}`")
-    return arrays
+def _member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo):
+    """(info, shape, dtype) of a member `<name>.npy` from its .npy header, once the size the zip
+    directory gives is the one the header implies: nothing else of it is decompressed."""
+    if not info.filename.endswith(".npy"):
+        raise CheckpointError(f"`{path}` is not a dlc checkpoint: member `{info.filename}` "
+                              "is not an array")
+    with zf.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"`{info.filename}` has .npy format version {version}")
+        header = fh.tell()
+    if dtype.hasobject:
+        raise CheckpointError(
+            f"checkpoint `{path}` holds a pickled Python object in `{info.filename[:-len('.npy')]}`",
+            hint="dlc never unpickles checkpoint data, because unpickling can run "
+                 "arbitrary code; re-save the tensors as plain numeric arrays")
+    size = header + math.prod(shape) * dtype.itemsize
+    if info.file_size != size:
+        raise _damaged(path, f"`{info.filename}` is {info.file_size} bytes, but its header "
+                             f"declares {_describe(shape, dtype)} ({size} bytes)")
+    return info, shape, dtype
+
+
+def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with zf.open(info) as fh:
+        return np.lib.format.read_array(fh, allow_pickle=False)
 
 
 def _check_is_zip(path: Path) -> None:
@@ -158,21 +224,6 @@ def _check_is_zip(path: Path) -> None:
                                    "dlc.runtime.checkpoint.save_checkpoint")
 
 
-def _read_member(path: Path, npz, name: str) -> np.ndarray:
-    try:
-        array = npz[name]
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise CheckpointError(
-                f"checkpoint `{path}` holds a pickled Python object in `{name}`",
-                hint="dlc never unpickles checkpoint data, because unpickling can run "
-                     "arbitrary code; re-save the tensors as plain numeric arrays") from None
-        raise
-    if not isinstance(array, np.ndarray):  # np.load hands back members not named *.npy as bytes
-        raise CheckpointError(f"`{path}` is not a dlc checkpoint: member `{name}` is not an array")
-    return array
-
-
 def _damaged(path: Path, reason: object) -> CheckpointError:
     detail = str(reason) or "unexpected end of data"  # zipfile raises a bare EOFError
     return CheckpointError(f"checkpoint `{path}` is damaged (truncated or corrupted): {detail}",
@@ -180,17 +231,20 @@ def _damaged(path: Path, reason: object) -> CheckpointError:
                                 "interrupted copy; use an older checkpoint or train from scratch")
 
 
-def _decode_meta(path: Path, raw: np.ndarray | None) -> dict:
+def _decode_meta(path: Path, zf: zipfile.ZipFile, member) -> dict:
     not_ours = f"`{path}` is not a dlc checkpoint"
-    if raw is None:
+    if member is None:
         raise CheckpointError(f"{not_ours}: it has no `{META_KEY}` entry",
                               hint="it looks like a plain numpy .npz; dlc checkpoints are written "
                                    "by `dlc run` or save_checkpoint")
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise CheckpointError(f"{not_ours}: `{META_KEY}` is a {raw.dtype}{shape_str(raw.shape)} "
+    info, shape, dtype = member
+    if dtype != np.uint8 or len(shape) != 1:
+        raise CheckpointError(f"{not_ours}: `{META_KEY}` is a {dtype}{shape_str(shape)} "
                               "array, not UTF-8 JSON bytes")
+    if shape[0] > _META_LIMIT:
+        raise _damaged(path, f"`{META_KEY}` declares {shape[0]} bytes of metadata")
     try:
-        meta = json.loads(raw.tobytes().decode("utf-8"))
+        meta = json.loads(_read(zf, info).tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{not_ours}: its `{META_KEY}` entry is not valid "
                               f"JSON ({e})") from None
@@ -211,23 +265,21 @@ def _check_meta(path: Path, meta: dict, model: str | None) -> None:
                               hint="pass a checkpoint saved while training this model")
 
 
-def _check_signature(path: Path, arrays: dict[str, np.ndarray], recorded: object) -> None:
+def _check_signature(path: Path, specs: Specs, recorded: object) -> None:
     # The tensors must be exactly the ones the writer recorded: catches members that were
     # added, dropped or rewritten by anything but save_checkpoint.
-    if signature(arrays) != recorded:
+    if _signature(specs) != recorded:
         raise _damaged(path, "its tensors do not match the signature recorded when it was saved")
 
 
-def _check_expected(path: Path, arrays: dict[str, np.ndarray], expect: ExpectedTensors,
-                    model: str | None) -> None:
+def _check_expected(path: Path, specs: Specs, expect: ExpectedTensors, model: str | None) -> None:
     problems = [f"missing tensor `{name}` ({_describe(shape, dtype)})"
-                for name, (shape, dtype) in expect.items() if name not in arrays]
-    problems += [f"unexpected tensor `{name}` ({_describe(a.shape, a.dtype)})"
-                 for name, a in arrays.items() if name not in expect]
+                for name, (shape, dtype) in expect.items() if name not in specs]
+    problems += [f"unexpected tensor `{name}` ({_describe(*specs[name])})"
+                 for name in specs if name not in expect]
     for name, (shape, dtype) in expect.items():
-        a = arrays.get(name)
-        if a is not None and (a.shape != tuple(shape) or a.dtype != _np_dtype(dtype)):
-            problems.append(f"tensor `{name}`: checkpoint has {_describe(a.shape, a.dtype)}, "
+        if name in specs and specs[name] != (tuple(shape), _np_dtype(dtype)):
+            problems.append(f"tensor `{name}`: checkpoint has {_describe(*specs[name])}, "
                             f"model expects {_describe(shape, dtype)}")
     if problems:
         what = f"model `{model}`" if model else "the model"

@@ -10,9 +10,10 @@ from typing import Callable
 
 import numpy as np
 
-from dlc import __version__
+from dlc import __version__, backends
 from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError
 from dlc.language.recipe import Spec
+from dlc.program import make_program
 
 
 def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int) -> float:
@@ -55,6 +56,7 @@ class Normalizer:
 @dataclass
 class History:
     epochs: list[dict] = field(default_factory=list)
+    previous: Path | None = None  # where the first save moved an existing checkpoint (keep_previous)
 
     def __getitem__(self, key: str) -> list:
         return [e.get(key) for e in self.epochs]
@@ -68,22 +70,20 @@ class Session:
 
     Graphs are built lazily: a native step found in the compile cache needs none."""
 
-    def __init__(self, model, config, target: str = "cpu", options: dict | None = None):
-        from dlc.backends import compile_program
+    def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None):
         self.model = model
         self.config = config
         self.target = target
-        options = dict(options or {})
         self.input_name = model.input_types[0][0]
         self.state = model.state
         self._graphs: dict[str, object] = {}
-        if target == "reference":  # the interpreter needs the optimizer state up front
+        if not backends.backend(target).lowers:  # an interpreter needs the optimizer state up front
             model.ensure_state(self.graph("train"))
         self.train_program, self.eval_program = (
-            compile_program(lambda mode=mode: self.graph(mode), self.state, target,
-                            key=model.source_key(mode, config), data_name=self.input_name,
-                            preloaded={b: s for (m, b), s in model.preloaded.items() if m == mode},
-                            **options)
+            make_program(target, lambda mode=mode: self.graph(mode), self.state,
+                         key=model.source_key(mode, config), data_name=self.input_name,
+                         preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)},
+                         options=options)
             for mode in ("train", "eval"))
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
         self._results = ["loss"] + self.metrics
@@ -111,9 +111,8 @@ class Session:
     def _numerics_error(self, feeds, loss: float) -> NumericsError:
         """Re-run the failed step on the reference interpreter to find the first bad op.
         (The step left the state untouched: the optimizer pass guards every update.)"""
-        from dlc.backends.reference import Interpreter
         from dlc.core import ops
-        values = Interpreter(self.train_graph).run({**self.state, **feeds}, keep_all=True)
+        values = backends.backend("reference").run_graph(self.train_graph, {**self.state, **feeds}, keep_all=True)
         for nid in self.train_graph.toposort():
             node = self.train_graph.node(nid)
             v = values[nid]
@@ -129,11 +128,11 @@ class Session:
 
     def profile_report(self, top: int = 12) -> str:
         """Where training time went: per kernel and per .dln line (native target only)."""
-        rows = getattr(self.train_program, "profile_rows", lambda: [])()
+        rows = self.train_program.profile_rows()
         if not rows:
-            return "no profile: it needs the cpu target\n"
+            return f"no profile: target `{self.target}` runs no compiled kernels\n"
         total = sum(sec for _, _, sec in rows) or 1.0
-        out = [f"profile of {sum(s.calls for s in self.train_program.steps.values())} training steps "
+        out = [f"profile of {self.train_program.calls} training steps "
                f"({total:.3f} s in compiled code)", "  kernel                      time     share  .dln lines"]
         for name, lines, sec in sorted(rows, key=lambda r: -r[2])[:top]:
             out.append(f"  {name:<24}{sec * 1e3:>9.1f} ms {sec / total:>7.1%}  {', '.join(lines) or '-'}")
@@ -200,6 +199,7 @@ class FitOptions:
     log_path: Path | None = None
     save_path: Path | None = None
     resume: dict | None = None  # meta of a loaded checkpoint
+    keep_previous: bool = False  # the first save moves a file already at save_path aside
     on_epoch: Callable[[dict], None] | None = None
 
 
@@ -233,6 +233,14 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
               "epochs": opts.epochs, "batch": opts.batch, "seed": opts.seed}
     log = MetricsLog(opts.log_path, header, append=bool(opts.resume)) if opts.log_path else None
     position = (start_epoch, skip)  # where a resumed run continues: (epoch, batch)
+    first_step = session.global_step
+    keep = opts.keep_previous  # only the run's first save may move an existing file aside
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        nonlocal keep
+        moved = save(session.model, opts.save_path, normalizer, epoch, batch, session.global_step,
+                     keep_previous=keep)
+        history.previous, keep = history.previous or moved, False
     try:
         for epoch in range(start_epoch, opts.epochs):
             lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs)
@@ -263,16 +271,19 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             if log:
                 log.write(record["epoch"], record["step"], metrics, lr, record["seconds"])
             if opts.save_path:
-                save(session, opts.save_path, epoch + 1, 0, normalizer)
+                checkpoint(epoch + 1, 0)
             if opts.on_epoch:
                 opts.on_epoch(record)
     except KeyboardInterrupt:
         progress.close()
+        if session.global_step == first_step:  # no step yet (still compiling): nothing new to save
+            kept = f"; {opts.save_path} left as it was" if opts.save_path else ""
+            raise Interrupted(f"interrupted before the first training step{kept}") from None
         where = f"after epoch {position[0]}" if position[1] == 0 else \
             f"in epoch {position[0] + 1}, after batch {position[1]}"
         if opts.save_path:
-            save(session, opts.save_path, position[0], position[1], normalizer)
-            raise Interrupted(f"interrupted {where}; saved {opts.save_path} "
+            checkpoint(*position)
+            raise Interrupted(f"interrupted {where}; saved {opts.save_path}{kept_note(history)} "
                               f"(resume with --resume {opts.save_path})") from None
         raise Interrupted(f"interrupted {where} (nothing saved: use --save FILE)") from None
     finally:
@@ -286,42 +297,72 @@ class Interrupted(Exception):
     """Ctrl-C during training, after the checkpoint (if any) was written."""
 
 
-def checkpoint_arrays(session: Session, normalizer: Normalizer) -> dict[str, np.ndarray]:
-    arrays = dict(session.state)
-    arrays["data:shift"], arrays["data:scale"] = normalizer.shift, normalizer.scale
-    return arrays
+def kept_note(history: History) -> str:
+    """`` (the previous one is now ck.prev.npz)``, when the first save moved a file aside."""
+    return f" (the previous one is now {history.previous})" if history.previous else ""
 
 
-def save(session: Session, path: Path, epoch: int, batch: int, normalizer: Normalizer) -> None:
+def save(model, path: Path, normalizer: Normalizer, epoch: int = 0, batch: int = 0, step: int = 0,
+         keep_previous: bool = False) -> Path | None:
+    """Write the model's state and normalization; (epoch, batch) is where a resumed run goes on."""
     from dlc.runtime.checkpoint import save_checkpoint
-    meta = {"dlc": __version__, "model": session.model.name, "epoch": epoch, "batch": batch,
-            "step": session.global_step}
-    save_checkpoint(path, checkpoint_arrays(session, normalizer), meta)
+    arrays = {**model.state, "data:shift": normalizer.shift, "data:scale": normalizer.scale}
+    meta = {"dlc": __version__, "model": model.name, "epoch": epoch, "batch": batch, "step": step}
+    return save_checkpoint(path, arrays, meta, keep_previous)
 
 
 def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Normalizer]:
-    """Load a checkpoint into `state` (in place); returns its meta and normalizer."""
+    """Load a checkpoint into `state` (in place, and only once all of it checked out);
+    returns its meta and normalizer."""
     from dlc.runtime.checkpoint import load_checkpoint
-    expect = {k: (tuple(v.shape), str(v.dtype)) for k, v in state.items()}
-    arrays, meta = load_checkpoint(path, None, model=model.name)
+    arrays, meta = load_checkpoint(path, lambda found: _expected(model, state, found), model=model.name)
+    for key in ("epoch", "batch", "step"):  # where a resumed run goes on
+        v = meta.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise CheckpointError(f"checkpoint `{path}` has damaged metadata: `{key}` is "
+                                  f"{'missing' if v is None else repr(v)}, not a non-negative integer",
+                                  hint="dlc writes it with every checkpoint; was the file edited?")
+    _check_usable(path, arrays)
     norm = Normalizer(arrays.pop("data:shift", np.zeros(1, np.float32)),
                       arrays.pop("data:scale", np.ones(1, np.float32)))
-    missing = sorted(set(expect) - set(arrays))
-    # optimizer state is absent from weights saved before training with another optimizer
-    required = [k for k in missing if ":" not in k]
-    if required:
-        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(required[:5])}"
-                              + (" ..." if len(required) > 5 else ""),
-                              hint="was it saved from a different model?")
     for k, v in arrays.items():
-        if k not in state:
-            if ":" in k or k in ("step", "seed"):  # optimizer state: created lazily by the step
-                state[k] = np.array(v, copy=True)
-                continue
-            raise CheckpointError(f"{path}: checkpoint has `{k}`, which model {model.name} does not")
-        want = expect[k]
-        if tuple(v.shape) != want[0] or str(v.dtype) != want[1]:
-            raise CheckpointError(f"{path}: `{k}` is {v.dtype}{list(v.shape)} in the checkpoint but "
-                                  f"{want[1]}{list(want[0])} in model {model.name}")
-        state[k][...] = v
+        if k in state:
+            state[k][...] = v
+        else:  # optimizer state: otherwise created by the first step
+            state[k] = np.ascontiguousarray(v)
     return meta, norm
+
+
+def _expected(model, state: dict[str, np.ndarray], found: dict) -> dict:
+    """{name: (shape, dtype)} a checkpoint of `model` must hold (every state tensor but the
+    optimizer's) and may hold (optimizer state, shaped like its parameter; the normalization)."""
+    expect = {k: (v.shape, v.dtype) for k, v in state.items() if ":" not in k}
+    params = model.params
+    sample = model.input_types[0][1].shape[1:] if model.input_types else ()
+    features = math.prod(sample) if all(isinstance(d, int) for d in sample) else 1
+    for name, (shape, _) in found.items():
+        if name in expect:
+            continue
+        # optimizer state from an earlier fit of this model, or `<param>:<slot>` like its param
+        like = state.get(name, params.get(name.rpartition(":")[0]))
+        if like is not None:
+            expect[name] = (like.shape, like.dtype)
+        elif name in ("step", "seed"):
+            expect[name] = ((), np.dtype(np.int32))
+        elif name in ("data:shift", "data:scale"):  # one value per input feature, or one for all
+            expect[name] = (shape if shape in ((1,), (features,)) else (features,), np.dtype(np.float32))
+    return expect
+
+
+def _check_usable(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Weights that would make every loss NaN are refused here, not found out by training."""
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise CheckpointError(f"checkpoint `{path}` holds {_nonfinite(a)} values in `{name}`",
+                                  hint="training had diverged when it was saved; use an earlier "
+                                       "checkpoint (such as the .prev.npz one) or train afresh")
+    scale = arrays.get("data:scale")
+    if scale is not None and np.any(scale == 0):
+        raise CheckpointError(f"checkpoint `{path}` has a zero input normalization scale "
+                              "(`data:scale`), which would divide the inputs by zero",
+                              hint="it was not written by dlc, or was edited; train afresh")

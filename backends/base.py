@@ -1,0 +1,171 @@
+"""The backend interface: what the driver asks of a code generator, and nothing more.
+
+The driver (dlc/pipeline.py, dlc/program.py) lowers a model to a KernelProgram per batch
+size (dlc/core/kernel: the contract), keeps compiled code in the disk cache and in
+artifacts, and runs steps. A backend:
+
+  name, doc           how `--target` names and describes it
+  stages              IR stages it can print beyond the driver's (`--dump-ir`), name -> doc
+  templates           the template kinds it renders with dedicated code; the driver expands
+                      every other kind to its generic loop nests before `compile`
+  coverage()          what its renderer handles: {"scalar ops": names, "index nodes": classes,
+                      "scalar nodes": classes} -- a test holds it to the whole kernel IR
+  unavailable()       None, or one sentence saying why it cannot run here
+  target(options)     a Target for this machine: `key()` (part of every cache key),
+                      `describe()`, `to_json()`
+  compile(program, target, profile) -> Compiled: blobs (bytes) and a StepLayout
+  validate(blobs, layout, target)  None, or one sentence saying why this code must not be
+                      loaded. Code from the disk cache or an artifact has passed a checksum
+                      but may still be damaged (a missing or swapped object, one from another
+                      build); the driver calls this before `load` and rebuilds the code (cache)
+                      or refuses the file (artifact). It must run none of the code and must
+                      not crash on any input: loading is where native code starts to run.
+  load(blobs, layout, target) -> Step: `run(state, feeds)` and `profile_rows()`
+  dump(program, stage, target) -> text of one of its stages
+  check_target(saved, target)   None, or why code built for `saved` (a target's JSON)
+                                cannot run on `target`
+
+A backend that interprets graphs instead (the numpy reference) sets `lowers = False` and
+implements `interpret(graph, state)`.
+
+Backends import the core (dlc.core), the passes and this module; never the driver, never
+each other. A new backend is a folder with a module-level `BACKEND` plus one line in the
+registry (backends/__init__.py); docs/backends.md walks through it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class StepLayout:
+    """Everything needed to run compiled code besides the code itself (stored beside it in
+    the cache and in artifacts): buffer slots, the arena, where results are, the kernels."""
+
+    arena_bytes: int
+    scratch_bytes: int
+    slots: list                      # [name, kind, dtype, shape] per input/state buffer, in table order
+    outputs: dict                    # result name -> [arena offset or slot name, dtype, shape]
+    kernels: list                    # [name, phase, lines] per profiled part, in call order
+    threads: int = 1
+    meta: dict = field(default_factory=dict)   # backend-specific
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "StepLayout":
+        """ValueError unless `text` is a well-formed layout (it may come from a damaged file)."""
+        try:
+            raw = json.loads(text)
+            assert isinstance(raw, dict) and set(raw) == _LAYOUT_FIELDS, "unexpected fields"
+            layout = StepLayout(**raw)
+            _check_layout(layout)
+        except (ValueError, TypeError, AssertionError, RecursionError) as e:
+            raise ValueError(str(e) or type(e).__name__) from None
+        return layout
+
+    def code_digest(self) -> str:
+        """A digest of everything the compiled code assumes about its buffers (not the
+        thread count, set at load, nor `meta`); a backend may build it into the code."""
+        fixed = [self.arena_bytes, self.scratch_bytes, self.slots, self.outputs, self.kernels]
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_LAYOUT_FIELDS = {"arena_bytes", "scratch_bytes", "slots", "outputs", "kernels", "threads", "meta"}
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_layout(layout: StepLayout) -> None:
+    from dlc.core.types import DType
+    assert _count(layout.arena_bytes) and _count(layout.scratch_bytes), "bad sizes"
+    assert _count(layout.threads) and layout.threads >= 1, "bad thread count"
+    assert isinstance(layout.slots, list) and isinstance(layout.outputs, dict), "bad slots or outputs"
+    assert isinstance(layout.kernels, list) and isinstance(layout.meta, dict), "bad kernels or meta"
+    names = set()
+    for name, kind, dtype, shape in layout.slots:
+        assert isinstance(name, str) and name not in names and kind in ("input", "state"), f"bad slot {name!r}"
+        assert isinstance(shape, list) and all(_count(d) for d in shape), f"bad shape of {name!r}"
+        DType(dtype)
+        names.add(name)
+    for name, (where, dtype, shape) in layout.outputs.items():
+        assert isinstance(shape, list) and all(_count(d) for d in shape), f"bad shape of output {name!r}"
+        size = DType(dtype).np.itemsize
+        for d in shape:
+            size *= d
+        if isinstance(where, str):
+            assert where in names, f"output {name!r} names no slot"
+        else:  # in the arena: wholly inside it
+            assert _count(where) and where + size <= layout.arena_bytes, f"output {name!r} is outside the arena"
+    for kernel in layout.kernels:
+        assert isinstance(kernel, list) and len(kernel) == 3 and isinstance(kernel[0], str), "bad kernel entry"
+
+
+@dataclass
+class Compiled:
+    blobs: list[bytes]
+    layout: StepLayout
+    timings: dict = field(default_factory=dict)   # phase -> seconds, for --verbose
+
+
+class Step(Protocol):
+    layout: StepLayout
+    calls: int
+
+    def run(self, state: dict, feeds: dict) -> dict:
+        """One step: reads parameters and state from `state` and updates them in place;
+        returns copies of the results."""
+
+    def profile_rows(self) -> list[tuple[str, tuple, float]]:
+        """(kernel, .dln lines, seconds) over the calls so far (empty when not profiled)."""
+
+
+class Backend:
+    name: str = ""
+    doc: str = ""
+    stages: dict[str, str] = {}
+    templates: frozenset = frozenset()
+    lowers: bool = True
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def coverage(self) -> dict[str, set]:
+        raise NotImplementedError
+
+    def target(self, options: dict):
+        raise NotImplementedError
+
+    def compile(self, program, target, profile: bool = False) -> Compiled:
+        raise NotImplementedError
+
+    def validate(self, blobs: list[bytes], layout: StepLayout, target) -> str | None:
+        return None
+
+    def load(self, blobs: list[bytes], layout: StepLayout, target) -> Step:
+        raise NotImplementedError
+
+    def dump(self, program, stage: str, target) -> str:
+        raise NotImplementedError(f"{self.name} has no stage {stage}")
+
+    def check_target(self, saved: dict, target) -> str | None:
+        return None if saved == target.to_json() else f"it was compiled for another {self.name} target"
+
+
+def layout_slots(program) -> list:
+    """[name, kind, dtype, shape] of every input and state buffer, inputs first."""
+    return [[b.name, b.kind, b.dtype.value, list(b.shape)]
+            for b in list(program.inputs.values()) + list(program.state.values())]
+
+
+def layout_outputs(program) -> dict:
+    """result name -> [arena offset, or the input/state buffer holding it, dtype, shape]."""
+    return {name: [b.offset if b.kind == "arena" else b.name, b.dtype.value, list(b.shape)]
+            for name, b in program.outputs.items()}
+

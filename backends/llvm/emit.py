@@ -1,0 +1,412 @@
+"""Kernel IR -> LLVM IR inside one function: scalar and index expressions and loop nests.
+
+SCALAR_OPS is the one table from the kernel IR's scalar ops to IR-builder calls;
+IX_RULES and EX_RULES map each node class to its rendering. Values are cached per loop
+scope by expression identity (the kernel IR is hash-consed), so a shared subexpression
+is computed once; values that depend only on a row's index are computed before the
+row's inner loop. Used by codegen.py (loop-nest parts) and templates.py (epilogues).
+"""
+from __future__ import annotations
+
+import math
+
+from llvmlite import ir
+
+from dlc.core.kernel import (Add, Clamp, Const, Div, Ex, FreeVars, Gather, Index, Ix, Lit, Load, LoopNest, Mod, Mul,
+                             Op, Rand, Reduce, Var)
+from dlc.core.types import DType
+
+from . import mathlib
+from .irutil import (F32, FAST, I1, I8, I32, I64, REDUCE, byte_size, gep, i32, i64, loop, memory_type, smax, smin,
+                     split, value_type)
+
+GOLDEN = 0x9E3779B1
+
+
+# --- scalar ops --------------------------------------------------------------------------------
+
+def _arith(fop, iop):
+    def emit(b, args, dtype, in_dtype):
+        return (fop if in_dtype.is_float else iop)(b, *args)
+    return emit
+
+
+def _fadd(b, x, y): return b.fadd(x, y, flags=FAST)
+def _fsub(b, x, y): return b.fsub(x, y, flags=FAST)
+def _fmul(b, x, y): return b.fmul(x, y, flags=FAST)
+def _fdiv(b, x, y): return b.fdiv(x, y)
+
+
+def _idiv(b, x, y):
+    """Floor division, as numpy's // on integers."""
+    q = b.sdiv(x, y)
+    r = b.srem(x, y)
+    adjust = b.and_(b.icmp_signed("!=", r, ir.Constant(x.type, 0)),
+                    b.icmp_signed("<", b.xor(r, y), ir.Constant(x.type, 0)))
+    return b.sub(q, b.zext(adjust, x.type))
+
+
+def _cmp(fop: str, iop: str):
+    def emit(b, args, dtype, in_dtype):
+        if in_dtype.is_float:
+            return b.fcmp_unordered(fop, *args) if fop == "!=" else b.fcmp_ordered(fop, *args)
+        return b.icmp_signed(iop, *args)
+    return emit
+
+
+def _neg(b, args, dtype, in_dtype):
+    return b.fneg(args[0]) if in_dtype.is_float else b.neg(args[0])
+
+
+def _abs(b, args, dtype, in_dtype):
+    x = args[0]
+    if in_dtype.is_float:
+        return mathlib.fabs(b, x)
+    return b.select(b.icmp_signed("<", x, ir.Constant(x.type, 0)), b.neg(x), x)
+
+
+def _sign(b, args, dtype, in_dtype):
+    x = args[0]
+    zero = ir.Constant(x.type, 0)
+    if in_dtype.is_float:
+        one = ir.Constant(x.type, 1.0)
+        s = b.select(b.fcmp_ordered(">", x, zero), one,
+                     b.select(b.fcmp_ordered("<", x, zero), ir.Constant(x.type, -1.0), zero))
+        return b.select(b.fcmp_unordered("uno", x, x), x, s)
+    return b.sub(b.zext(b.icmp_signed(">", x, zero), x.type), b.zext(b.icmp_signed("<", x, zero), x.type))
+
+
+def _minmax(fn, pred):
+    def emit(b, args, dtype, in_dtype):
+        x, y = args
+        if in_dtype.is_float:
+            return fn(b, x, y)
+        return b.select(b.icmp_signed(pred, x, y), x, y)
+    return emit
+
+
+def _cast(b, args, dtype, in_dtype):
+    x = args[0]
+    to = value_type(dtype)
+    if in_dtype == dtype:
+        return x
+    if dtype == DType.bool:
+        return b.fcmp_unordered("!=", x, ir.Constant(x.type, 0.0)) if in_dtype.is_float else \
+            b.icmp_signed("!=", x, ir.Constant(x.type, 0))
+    if in_dtype == DType.bool:
+        return b.uitofp(x, to) if dtype.is_float else b.zext(x, to)
+    if in_dtype.is_float and dtype.is_float:
+        return b.fptrunc(x, to) if dtype == DType.f32 else b.fpext(x, to)
+    if in_dtype.is_float:
+        return b.fptosi(x, to)
+    return b.sitofp(x, to)
+
+
+def _float_fn(fn):
+    def emit(b, args, dtype, in_dtype):
+        return fn(b, *args)
+    return emit
+
+
+SCALAR_OPS = {
+    "add": _arith(_fadd, lambda b, x, y: b.add(x, y)),
+    "sub": _arith(_fsub, lambda b, x, y: b.sub(x, y)),
+    "mul": _arith(_fmul, lambda b, x, y: b.mul(x, y)),
+    "div": _arith(_fdiv, _idiv),
+    "neg": _neg,
+    "abs": _abs,
+    "sign": _sign,
+    "max": _minmax(mathlib.maximum, ">"),
+    "min": _minmax(mathlib.minimum, "<"),
+    "exp": _float_fn(mathlib.exp),
+    "log": _float_fn(mathlib.log),
+    "sqrt": _float_fn(mathlib.sqrt),
+    "tanh": _float_fn(mathlib.tanh),
+    "sigmoid": _float_fn(mathlib.sigmoid),
+    "pow": _float_fn(mathlib.pow),
+    "lt": _cmp("<", "<"), "le": _cmp("<=", "<="), "gt": _cmp(">", ">"), "ge": _cmp(">=", ">="),
+    "eq": _cmp("==", "=="), "ne": _cmp("!=", "!="),
+    "and": lambda b, args, dtype, in_dtype: b.and_(*args),
+    "select": lambda b, args, dtype, in_dtype: b.select(*args),
+    "cast": _cast,
+    "copy": lambda b, args, dtype, in_dtype: args[0],
+}
+
+
+# --- expressions ---------------------------------------------------------------------------------
+
+def _nonneg(*xs) -> tuple:
+    """Wrap flags: values never negative may also promise no unsigned wrap."""
+    return ("nuw", "nsw") if all(x.lo >= 0 for x in xs) else ("nsw",)
+
+
+def _floor_div(b, x, c: int):
+    q, r = b.sdiv(x, i64(c)), b.srem(x, i64(c))
+    return b.sub(q, b.zext(b.icmp_signed("<", r, i64(0)), I64))
+
+
+def _floor_mod(b, x, c: int):
+    r = b.srem(x, i64(c))
+    return b.add(r, b.select(b.icmp_signed("<", r, i64(0)), i64(c), i64(0)))
+
+
+def _clamp(em, e: Clamp):
+    v = em.ix(e.a)
+    if e.a.lo < e.lo:
+        v = smax(em.b, v, i64(e.lo))
+    if e.a.hi > e.hi:
+        v = smin(em.b, v, i64(e.hi))
+    return v
+
+
+# kernel-IR index node -> LLVM value (i64)
+IX_RULES = {
+    Var: lambda em, e: em.vars[e.name],
+    Const: lambda em, e: i64(e.value),
+    Add: lambda em, e: em.b.add(em.ix(e.a), em.ix(e.b), flags=_nonneg(e.a, e.b)),
+    Mul: lambda em, e: em.b.mul(em.ix(e.a), i64(e.c), flags=_nonneg(e.a) if e.c >= 0 else ("nsw",)),
+    Div: lambda em, e: em.b.udiv(em.ix(e.a), i64(e.c)) if e.a.lo >= 0 else _floor_div(em.b, em.ix(e.a), e.c),
+    Mod: lambda em, e: em.b.urem(em.ix(e.a), i64(e.c)) if e.a.lo >= 0 else _floor_mod(em.b, em.ix(e.a), e.c),
+    Clamp: _clamp,
+    Gather: lambda em, e: em.b.sext(em.value(e.value), I64),
+}
+
+
+def _load(em, e: Load):
+    b = em.b
+    t = memory_type(e.buf.dtype)
+    v = b.load(gep(b, em.pointers[e.buf.name], em.ix(e.index), t), typ=t, align=byte_size(t))
+    return b.trunc(v, I1) if e.buf.dtype == DType.bool else v
+
+
+def _index(em, e: Index):
+    b, v = em.b, em.ix(e.ix)
+    if e.dtype.is_float:
+        return b.sitofp(v, value_type(e.dtype))
+    return b.trunc(v, I32) if e.dtype == DType.i32 else b.icmp_signed("!=", v, i64(0))
+
+
+def _op(em, e: Op):
+    values = [em.value(x) for x in e.args]
+    in_dtype = e.args[0].dtype if e.name == "cast" else e.args[1].dtype if e.name == "select" else e.args[-1].dtype
+    return SCALAR_OPS[e.name](em.b, values, e.dtype, in_dtype)
+
+
+# kernel-IR scalar node -> LLVM value
+EX_RULES = {
+    Load: _load,
+    Lit: lambda em, e: _literal(e.value, e.dtype),
+    Index: _index,
+    Op: _op,
+    Rand: lambda em, e: em.rand(e),
+    Reduce: lambda em, e: em.reduce(e),
+}
+
+
+class Emitter:
+    """Emits kernel-IR expressions inside one LLVM function."""
+
+    def __init__(self, b: ir.IRBuilder, pointers: dict[str, ir.Value]):
+        self.b = b
+        self.pointers = pointers          # buffer name -> pointer
+        self.vars: dict[str, ir.Value] = {}
+        self.scopes: list[dict[int, ir.Value]] = [{}]
+        self.free_vars = FreeVars()
+
+    # scopes: a value computed in a loop body is only reused inside that body
+    def push(self):
+        self.scopes.append({})
+
+    def pop(self):
+        self.scopes.pop()
+
+    def _cached(self, key):
+        for s in reversed(self.scopes):
+            if key in s:
+                return s[key]
+        return None
+
+    def ix(self, e: Ix) -> ir.Value:
+        hit = self._cached(id(e))
+        if hit is None:
+            hit = self.scopes[-1][id(e)] = IX_RULES[type(e)](self, e)
+        return hit
+
+    def hoist(self, e: Ex, bound: frozenset) -> None:
+        """Compute now (in the current scope) the largest parts of e that depend only on
+        `bound` variables and cost more than a constant."""
+        if isinstance(e, Lit) or self._cached(id(e)) is not None:
+            return
+        if self.free_vars(e) <= bound and not isinstance(e, Index):
+            self.value(e)
+            return
+        if isinstance(e, Op):
+            for x in e.args:
+                self.hoist(x, bound)
+
+    def value(self, e: Ex) -> ir.Value:
+        hit = self._cached(id(e))
+        if hit is None:
+            hit = self.scopes[-1][id(e)] = EX_RULES[type(e)](self, e)
+        return hit
+
+    def rand(self, e: Rand) -> ir.Value:
+        b = self.b
+        key = fmix32(b, b.xor(self.value(e.seed), fmix32(b, b.xor(i32(e.stream), fmix32(b, self.value(e.step))))))
+        h = fmix32(b, b.xor(b.mul(b.trunc(self.ix(e.flat), I32), i32(GOLDEN)), key))
+        return b.fmul(b.uitofp(b.lshr(h, i32(8)), F32), ir.Constant(F32, 2.0 ** -24))
+
+    def reduce(self, e: Reduce) -> ir.Value:
+        op, vars_, body = e.op, e.vars, e.body
+        b = self.b
+        if not vars_:  # a reduction over no axes is the value itself
+            return self.value(body)
+        t = value_type(e.dtype)
+        body_t = value_type(body.dtype)
+        if op == "sum":
+            init = [ir.Constant(t, 0.0 if e.dtype.is_float else 0)]
+        elif op == "max":
+            init = [ir.Constant(t, -math.inf if e.dtype.is_float else -(2 ** 31))]
+        else:  # argmax: (best value, its index)
+            init = [ir.Constant(body_t, -math.inf if body.dtype.is_float else -(2 ** 31)), i32(0)]
+
+        def nest(level: int, carried):
+            var = vars_[level]
+
+            def step(i, acc):
+                self.vars[var.name] = i
+                self.push()
+                if level + 1 < len(vars_):
+                    out = nest(level + 1, acc)
+                else:
+                    out = self._combine(op, acc, self.value(body), body.dtype, vars_)
+                self.pop()
+                return out
+            return loop(b, 0, var.extent, carried, step, name=var.name)
+
+        result = nest(0, init)
+        return result[0] if op != "argmax" else result[1]
+
+    def _combine(self, op, acc, v, dtype: DType, vars_):
+        b = self.b
+        if op == "sum":
+            return [b.fadd(acc[0], v, flags=REDUCE) if dtype.is_float else b.add(acc[0], v)]
+        if op == "max":
+            return [SCALAR_OPS["max"](b, [acc[0], v], dtype, dtype)]
+        best, idx = acc
+        flat = i64(0)
+        for var in vars_:
+            flat = b.add(b.mul(flat, i64(var.extent)), self.vars[var.name])
+        if dtype.is_float:  # the first maximum wins; a NaN counts as the maximum (numpy)
+            take = b.or_(b.fcmp_ordered(">", v, best),
+                         b.and_(b.fcmp_unordered("uno", v, v), b.fcmp_ordered("ord", best, best)))
+        else:
+            take = b.icmp_signed(">", v, best)
+        return [b.select(take, v, best), b.select(take, b.trunc(flat, I32), idx)]
+
+
+def _literal(value, dtype: DType) -> ir.Constant:
+    t = value_type(dtype)
+    if dtype == DType.bool:
+        return ir.Constant(I1, int(bool(value)))
+    if dtype.is_float:
+        return ir.Constant(t, float(value))
+    return ir.Constant(t, int(value))
+
+
+def fmix32(b: ir.IRBuilder, h: ir.Value) -> ir.Value:
+    """murmur3's finalizer (the same mix as dlc.ops.misc.fmix32)."""
+    h = b.xor(h, b.lshr(h, i32(16)))
+    h = b.mul(h, i32(0x85EBCA6B))
+    h = b.xor(h, b.lshr(h, i32(13)))
+    h = b.mul(h, i32(0xC2B2AE35))
+    return b.xor(h, b.lshr(h, i32(16)))
+
+
+# --- loop nests ----------------------------------------------------------------------------------
+
+def store_all(em: Emitter, stores) -> None:
+    """Compute every value first, then store: an in-place update never reads a value
+    this iteration has already overwritten."""
+    b = em.b
+    values = [em.value(s.value) for s in stores]
+    for s, v in zip(stores, values):
+        t = memory_type(s.buf.dtype)
+        if s.buf.dtype == DType.bool:
+            v = b.zext(v, I8)
+        b.store(v, gep(b, em.pointers[s.buf.name], em.ix(s.flat), t), align=byte_size(t))
+
+
+def emit_nest(em: Emitter, nest: LoopNest, tid, nthreads, bounds: dict | None = None) -> None:
+    """Emit a LoopNest; its outer iterations are shared between threads unless `bounds`
+    (var name -> (lo, hi) values) fixes them, as for a template's epilogue."""
+    b = em.b
+    if bounds is not None:
+        emit_bounded(em, nest, bounds)
+        return
+    extents = [v.extent for v in nest.outer]
+    total = math.prod(extents)
+    if nest.serial or not nest.outer:
+        lo, hi = i64(0), b.select(b.icmp_signed("==", tid, i32(0)), i64(total), i64(0))
+    else:
+        lo, hi = split(b, total, tid, nthreads)
+    outer_names = frozenset(v.name for v in nest.outer)
+
+    def body(f, _):
+        for v, idx in zip(nest.outer, _unravel(b, f, extents)):
+            em.vars[v.name] = idx
+        em.push()
+        store_all(em, nest.row_stores)
+        if nest.stores:
+            for s in nest.stores:
+                em.hoist(s.value, outer_names)
+            _inner_loops(em, nest, list(nest.inner))
+        em.pop()
+        return []
+    loop(b, lo, hi, (), body, name="p")
+
+
+def _unravel(b, f, extents):
+    out = []
+    for e in reversed(extents):
+        out.append(b.urem(f, i64(e)) if len(extents) > 1 else f)
+        f = b.udiv(f, i64(e))
+    return list(reversed(out))
+
+
+def _inner_loops(em: Emitter, nest: LoopNest, vars_) -> None:
+    if not vars_:
+        store_all(em, nest.stores)
+        return
+    var = vars_[0]
+
+    def body(i, _):
+        em.vars[var.name] = i
+        em.push()
+        _inner_loops(em, nest, vars_[1:])
+        em.pop()
+        return []
+    loop(em.b, 0, var.extent, (), body, name=var.name)
+
+
+def emit_bounded(em: Emitter, nest: LoopNest, bounds: dict) -> None:
+    """All loops of the nest with explicit ranges (epilogues over a template's share)."""
+    vars_ = list(nest.outer) + list(nest.inner)
+
+    def level(k):
+        if k == len(vars_):
+            store_all(em, nest.row_stores + nest.stores)
+            return
+        var = vars_[k]
+        lo, hi = bounds.get(var.name, (i64(0), i64(var.extent)))
+
+        def body(i, _):
+            em.vars[var.name] = i
+            em.push()
+            level(k + 1)
+            em.pop()
+            return []
+        loop(em.b, lo, hi, (), body, name=var.name)
+    level(0)
+
+

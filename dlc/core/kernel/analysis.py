@@ -1,0 +1,173 @@
+"""What every backend asks of a kernel: the loop variables an expression depends on, the
+buffers a part touches, and a check of the contract in the kernel IR's docstring."""
+from __future__ import annotations
+
+from dlc.core.kernel.ir import (Buffer, Clamp, Gather, Ix, KernelProgram, Load, LoopNest, Reduce, Template,
+                                Var, ex_children, ix_children)
+
+
+class FreeVars:
+    """Loop variables (by name) that expressions depend on, memoized by identity."""
+
+    def __init__(self):
+        self._memo: dict[int, frozenset] = {}
+
+    def ix(self, e: Ix) -> frozenset:
+        hit = self._memo.get(id(e))
+        if hit is None:
+            if isinstance(e, Var):
+                hit = frozenset([e.name])
+            elif isinstance(e, Gather):
+                hit = self.ex(e.value)
+            else:
+                hit = frozenset().union(*(self.ix(c) for c in ix_children(e)))
+            self._memo[id(e)] = hit
+        return hit
+
+    def ex(self, e) -> frozenset:
+        hit = self._memo.get(id(e))
+        if hit is None:
+            hit = frozenset().union(*(self.ex(c) for c in ex_children(e)), *(self.ix(i) for i in _indices(e)))
+            if isinstance(e, Reduce):
+                hit = hit - {v.name for v in e.vars}
+            self._memo[id(e)] = hit
+        return hit
+
+    __call__ = ex
+
+
+def _indices(e) -> tuple:
+    """Index expressions an Ex reads directly."""
+    from dlc.core.kernel.ir import Index, Rand
+    if isinstance(e, Load):
+        return (e.index,)
+    if isinstance(e, Index):
+        return (e.ix,)
+    if isinstance(e, Rand):
+        return (e.flat,)
+    return ()
+
+
+def walk_ex(roots):
+    """Every distinct scalar expression reachable from `roots` (and inside Gather indices),
+    children before parents."""
+    seen: set[int] = set()
+    order = []
+
+    def visit_ix(i: Ix):
+        if isinstance(i, Gather):
+            visit(i.value)
+        for c in ix_children(i):
+            visit_ix(c)
+
+    def visit(e):
+        if id(e) in seen:
+            return
+        seen.add(id(e))
+        for c in ex_children(e):
+            visit(c)
+        for i in _indices(e):
+            visit_ix(i)
+        order.append(e)
+    for r in roots:
+        visit(r)
+    return order
+
+
+def nests_of(part) -> list[LoopNest]:
+    if isinstance(part, LoopNest):
+        return [part]
+    return [part.epilogue] if part.epilogue else []
+
+
+def buffers_of(part) -> list[Buffer]:
+    """Every buffer a kernel part reads or writes, in a stable order."""
+    seen: dict[str, Buffer] = {}
+    if isinstance(part, Template):
+        for buf in part.inputs + (part.output,):
+            seen.setdefault(buf.name, buf)
+    for nest in nests_of(part):
+        stores = nest.row_stores + nest.stores
+        for s in stores:
+            seen.setdefault(s.buf.name, s.buf)
+        for e in walk_ex([s.value for s in stores]):
+            if isinstance(e, Load):
+                seen.setdefault(e.buf.name, e.buf)
+    return list(seen.values())
+
+
+class ContractError(Exception):
+    """A kernel program breaks the kernel IR's contract (a compiler bug)."""
+
+
+def check_program(p: KernelProgram) -> None:
+    """The structural rules a backend relies on: loop variables bound where they are used,
+    template epilogues reading their template's output only at the element they write,
+    every index within its buffer."""
+    free = FreeVars()
+    for k in p.kernels:
+        for part in k.parts:
+            for nest in nests_of(part):
+                _check_nest(k.name, nest, free)
+            if isinstance(part, Template) and part.epilogue is not None:
+                _check_epilogue(k.name, part)
+
+
+def _check_nest(kernel: str, nest: LoopNest, free: FreeVars) -> None:
+    outer = {v.name for v in nest.outer}
+    every = outer | {v.name for v in nest.inner}
+    for stores, bound in ((nest.row_stores, outer), (nest.stores, every)):
+        for s in stores:
+            used = free(s.value) | free.ix(s.flat)
+            if not used <= bound:
+                raise ContractError(f"{kernel}: a store uses unbound loop variables {sorted(used - bound)}")
+            if s.flat.lo < 0 or s.flat.hi >= s.buf.size:
+                raise ContractError(f"{kernel}: store to {s.buf.name} may leave the buffer")
+        for e in walk_ex([s.value for s in stores]):
+            if isinstance(e, Load) and (e.index.lo < 0 or e.index.hi >= e.buf.size):
+                raise ContractError(f"{kernel}: load from {e.buf.name} may leave the buffer "
+                                    f"({e.index.lo}..{e.index.hi} of {e.buf.size})")
+
+
+def _check_epilogue(kernel: str, t: Template) -> None:
+    """Sampled: at the corners and a spread of points of the epilogue's domain, every load
+    of the template's output reads the element of the iteration itself."""
+    nest = t.epilogue
+    vars_ = nest.vars
+    loads = [e for e in walk_ex([s.value for s in nest.stores + nest.row_stores])
+             if isinstance(e, Load) and e.buf.name == t.output.name]
+    if not loads:
+        return
+    total = 1
+    for v in vars_:
+        total *= v.extent
+    for flat in sorted({0, total - 1} | set(range(0, total, max(1, total // 61)))):
+        env, rest = {}, flat
+        for v in reversed(vars_):
+            env[v.name], rest = rest % v.extent, rest // v.extent
+        own = 0
+        for v in vars_:
+            own = own * v.extent + env[v.name]
+        for e in loads:
+            if eval_ix(e.index, env) != own:
+                raise ContractError(f"{kernel}: the epilogue of {t.op} reads its output at another element")
+
+
+def eval_ix(e: Ix, env: dict) -> int:
+    """The value of an index expression for loop variable values `env` (no Gather)."""
+    from dlc.core.kernel.ir import Add, Const, Div, Mod, Mul
+    if isinstance(e, Var):
+        return env[e.name]
+    if isinstance(e, Const):
+        return e.value
+    if isinstance(e, Add):
+        return eval_ix(e.a, env) + eval_ix(e.b, env)
+    if isinstance(e, Mul):
+        return eval_ix(e.a, env) * e.c
+    if isinstance(e, Div):
+        return eval_ix(e.a, env) // e.c
+    if isinstance(e, Mod):
+        return eval_ix(e.a, env) % e.c
+    if isinstance(e, Clamp):
+        return min(max(eval_ix(e.a, env), e.lo), e.hi)
+    raise ContractError(f"cannot evaluate {e!r} without data")

@@ -1,0 +1,458 @@
+"""The kernel IR: loop nests over buffers, the contract between the driver and every backend.
+
+The driver lowers a fused, memory-planned graph to a KernelProgram (passes/schedule.py);
+a backend renders and runs it and knows nothing else of the compiler. What a backend
+must honour:
+
+Buffers. Every array the step touches is a Buffer: an `input` (data, labels, hyper-
+parameters such as the learning rate; read only), `state` (parameters and optimizer
+state, updated in place) or `arena` (working memory at a byte `offset` of one arena of
+`KernelProgram.arena_bytes`). Elements are in row-major order; bools are one byte.
+
+Index expressions (Ix) are integers over loop variables: Var, Const, Add, Mul (by an
+integer constant, either sign), Div and Mod (floor division and its remainder by a
+positive constant, as Python's // and %), Clamp (to a constant range) and Gather (an
+integer scalar expression used as an index: the rows of an embedding). Each node knows
+the range of values it can take (`lo`..`hi`), so a renderer can use unsigned
+arithmetic where values are never negative. Every index used to address memory is
+within its buffer.
+
+Scalar expressions (Ex) compute one element: Load (a buffer at an index), Lit (a
+constant), Index (an index expression's value as a scalar), Op (one of SCALAR_OPS, the
+closed set every backend renders: a test fails when a registered backend misses one),
+Rand (counter-based uniform random numbers in [0, 1): murmur3's finalizer of the seed,
+step, stream and element index — bit-exact with dlc.core.ops.misc) and Reduce (sum, max
+or argmax of a body over reduction variables; argmax gives the first maximum in
+row-major order of the variables, and a NaN counts as the maximum).
+
+Both kinds are hash-consed by `Exprs`: structurally equal expressions are one object,
+so a renderer can cache emitted values by identity (`id(e)`).
+
+Kernels. A Kernel is a list of parts that every worker runs in order; kernels of the
+same `phase` are independent, and a barrier separates phases (all of phase p completes
+before any of phase p+1 starts). A part is a LoopNest or a Template (kernel/templates.py).
+Two parts of one kernel may depend on each other only element by element over the same
+domain (a template's epilogue reads the template's output at the element it writes, and
+runs over the same share of the work).
+
+A LoopNest states its parallel axes: the `outer` loops' flattened iteration space is
+divided between workers (a CPU thread takes a contiguous range; a GPU maps it to the
+grid); the `inner` loops run in order inside each outer iteration. `row_stores` run once
+per outer iteration (their index depends on outer variables only), `stores` once per
+inner iteration. A nest with no outer loops, or marked `serial` (too little work to share
+out), runs on one worker. Within one iteration every value is computed before anything is
+stored, so an in-place update never reads a value the same iteration overwrote.
+
+After the last phase the program's `copies` run (updates that could not be planned in
+place), then `outputs` are read.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from dlc.core.types import DType
+
+INT_MIN, INT_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+# --- index expressions --------------------------------------------------------------------
+
+class Ix:
+    """An integer index expression; `lo`/`hi`: the smallest and largest value it takes."""
+
+    __slots__ = ()
+    lo: int
+    hi: int
+
+    def __repr__(self) -> str:
+        from dlc.core.kernel.text import format_ix
+        return format_ix(self)
+
+
+def _node(cls):
+    """A hash-consed IR node: no structural __eq__ (identity is equality), slots, frozen."""
+    return dataclass(frozen=True, eq=False, slots=True, repr=False)(cls)
+
+
+@_node
+class Var(Ix):
+    name: str
+    extent: int
+    lo: int = 0
+    hi: int = 0
+
+
+@_node
+class Const(Ix):
+    value: int
+    lo: int = 0
+    hi: int = 0
+
+
+@_node
+class Add(Ix):
+    a: Ix
+    b: Ix
+    lo: int = 0
+    hi: int = 0
+
+
+@_node
+class Mul(Ix):
+    a: Ix
+    c: int
+    lo: int = 0
+    hi: int = 0
+
+
+@_node
+class Div(Ix):
+    """floor(a / c), c > 0"""
+    a: Ix
+    c: int
+    lo: int = 0
+    hi: int = 0
+
+
+@_node
+class Mod(Ix):
+    """a - c * floor(a / c), in [0, c)"""
+    a: Ix
+    c: int
+    lo: int = 0
+    hi: int = 0
+
+
+@_node
+class Clamp(Ix):
+    """min(max(a, lo), hi)"""
+    a: Ix
+    lo: int = 0
+    hi: int = 0
+
+
+@_node
+class Gather(Ix):
+    """An integer scalar expression used as an index (its value is data)."""
+    value: "Ex"
+    lo: int = INT_MIN
+    hi: int = INT_MAX
+
+
+def ix_children(e: Ix) -> tuple:
+    if isinstance(e, (Add,)):
+        return (e.a, e.b)
+    if isinstance(e, (Mul, Div, Mod, Clamp)):
+        return (e.a,)
+    return ()
+
+
+# --- scalar expressions -------------------------------------------------------------------
+
+class Ex:
+    """A scalar expression of one dtype."""
+
+    __slots__ = ()
+    dtype: DType
+
+    def __repr__(self) -> str:
+        from dlc.core.kernel.text import format_ex
+        return format_ex(self)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A named array the kernels read or write (see the module docstring for `kind`)."""
+
+    name: str
+    dtype: DType
+    shape: tuple
+    kind: str
+    offset: int = 0
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@_node
+class Load(Ex):
+    buf: Buffer
+    index: Ix
+    dtype: DType = DType.f32
+
+
+@_node
+class Lit(Ex):
+    value: Any
+    dtype: DType = DType.f32
+
+
+@_node
+class Index(Ex):
+    """The value of an index expression, as a scalar of `dtype` (i32, f32, bool: != 0)."""
+    ix: Ix
+    dtype: DType = DType.i32
+
+
+@_node
+class Op(Ex):
+    name: str              # a key of SCALAR_OPS
+    args: tuple
+    dtype: DType = DType.f32
+
+
+@_node
+class Rand(Ex):
+    seed: Ex               # i32 scalar
+    step: Ex               # i32 scalar
+    stream: int
+    flat: Ix               # the element's index in the random tensor
+    dtype: DType = DType.f32
+
+
+@_node
+class Reduce(Ex):
+    op: str                # sum | max | argmax
+    vars: tuple            # Var, outermost first
+    body: Ex
+    dtype: DType = DType.f32
+
+
+def ex_children(e: Ex) -> tuple:
+    """Sub-expressions (scalar ones) an expression reads."""
+    if isinstance(e, Op):
+        return e.args
+    if isinstance(e, Rand):
+        return (e.seed, e.step)
+    if isinstance(e, Reduce):
+        return (e.body,)
+    return ()
+
+
+@dataclass(frozen=True)
+class ScalarOp:
+    arity: int
+    meaning: str
+
+
+# The closed set of scalar operations. Semantics follow numpy on the operands' dtype
+# (`in` below: the dtype of the last operand; of the 2nd and 3rd for select).
+SCALAR_OPS: dict[str, ScalarOp] = {
+    "add": ScalarOp(2, "a + b"),
+    "sub": ScalarOp(2, "a - b"),
+    "mul": ScalarOp(2, "a * b"),
+    "div": ScalarOp(2, "a / b; floor division for integers"),
+    "neg": ScalarOp(1, "-a"),
+    "abs": ScalarOp(1, "|a|"),
+    "sign": ScalarOp(1, "-1, 0 or 1 (NaN stays NaN)"),
+    "max": ScalarOp(2, "numpy.maximum: NaN if either is NaN"),
+    "min": ScalarOp(2, "numpy.minimum: NaN if either is NaN"),
+    "exp": ScalarOp(1, "e^a (float)"),
+    "log": ScalarOp(1, "natural logarithm (float)"),
+    "sqrt": ScalarOp(1, "square root (float)"),
+    "tanh": ScalarOp(1, "hyperbolic tangent (float)"),
+    "sigmoid": ScalarOp(1, "1 / (1 + e^-a) (float)"),
+    "pow": ScalarOp(2, "a ** b (float)"),
+    "lt": ScalarOp(2, "a < b -> bool"),
+    "le": ScalarOp(2, "a <= b -> bool"),
+    "gt": ScalarOp(2, "a > b -> bool"),
+    "ge": ScalarOp(2, "a >= b -> bool"),
+    "eq": ScalarOp(2, "a == b -> bool"),
+    "ne": ScalarOp(2, "a != b -> bool (true when either is NaN)"),
+    "and": ScalarOp(2, "a and b (bools)"),
+    "select": ScalarOp(3, "b if a else c"),
+    "cast": ScalarOp(1, "a converted to the expression's dtype (float -> int truncates)"),
+    "copy": ScalarOp(1, "a"),
+}
+
+
+class Exprs:
+    """Hash-consing constructors with local simplification: equal expressions are one
+    object, and index arithmetic is folded where its ranges allow."""
+
+    def __init__(self):
+        self._table: dict[tuple, Any] = {}
+
+    def _make(self, cls, *args, lo=None, hi=None):
+        key = (cls,) + tuple(id(a) if isinstance(a, (Ix, Ex)) else a for a in args)
+        hit = self._table.get(key)
+        if hit is None:
+            extra = {} if lo is None else {"lo": lo, "hi": hi}
+            hit = self._table[key] = cls(*args, **extra)
+        return hit
+
+    # --- indices
+    def var(self, name: str, extent: int) -> Var:
+        return self._make(Var, name, int(extent), lo=0, hi=int(extent) - 1)
+
+    def const(self, v: int) -> Const:
+        v = int(v)
+        return self._make(Const, v, lo=v, hi=v)
+
+    def add(self, a: Ix, b: Ix) -> Ix:
+        if isinstance(a, Const) and isinstance(b, Const):
+            return self.const(a.value + b.value)
+        if isinstance(a, Const) and a.value == 0:
+            return b
+        if isinstance(b, Const) and b.value == 0:
+            return a
+        if isinstance(b, Const) and isinstance(a, Add) and isinstance(a.b, Const):  # (x + c1) + c2
+            return self.add(a.a, self.const(a.b.value + b.value))
+        return self._make(Add, a, b, lo=a.lo + b.lo, hi=a.hi + b.hi)
+
+    def mul(self, a: Ix, c: int) -> Ix:
+        c = int(c)
+        if c == 0 or (isinstance(a, Const) and a.value == 0):
+            return self.const(0)
+        if c == 1:
+            return a
+        if isinstance(a, Const):
+            return self.const(a.value * c)
+        if isinstance(a, Mul):
+            return self.mul(a.a, a.c * c)
+        lo, hi = sorted((a.lo * c, a.hi * c))
+        return self._make(Mul, a, c, lo=lo, hi=hi)
+
+    def sub(self, a: Ix, b: Ix) -> Ix:
+        return self.add(a, self.mul(b, -1))
+
+    def div(self, a: Ix, c: int) -> Ix:
+        if c == 1:
+            return a
+        if isinstance(a, Const):
+            return self.const(a.value // c)
+        if a.lo >= 0 and a.hi < c:
+            return self.const(0)
+        if isinstance(a, Mul) and a.c % c == 0:
+            return self.mul(a.a, a.c // c)
+        if isinstance(a, Add):  # (x*c + y) // c = x + y // c = x when 0 <= y < c
+            for p, q in ((a.a, a.b), (a.b, a.a)):
+                if isinstance(p, Mul) and p.c % c == 0 and q.lo >= 0 and q.hi < c:
+                    return self.mul(p.a, p.c // c)
+        return self._make(Div, a, c, lo=a.lo // c, hi=a.hi // c)
+
+    def mod(self, a: Ix, c: int) -> Ix:
+        if c == 1:
+            return self.const(0)
+        if isinstance(a, Const):
+            return self.const(a.value % c)
+        if a.lo >= 0 and a.hi < c:
+            return a
+        if isinstance(a, Mul) and a.c % c == 0:
+            return self.const(0)
+        if isinstance(a, Add):  # (x*c + y) % c = y when 0 <= y < c
+            for p, q in ((a.a, a.b), (a.b, a.a)):
+                if isinstance(p, Mul) and p.c % c == 0 and q.lo >= 0 and q.hi < c:
+                    return q
+        return self._make(Mod, a, c, lo=0, hi=c - 1)
+
+    def clamp(self, a: Ix, lo: int, hi: int) -> Ix:
+        if a.lo >= lo and a.hi <= hi:
+            return a
+        if isinstance(a, Const):
+            return self.const(min(max(a.value, lo), hi))
+        return self._make(Clamp, a, lo=lo, hi=hi)
+
+    def shift(self, a: Ix, lo: int, step: int, n: int) -> Ix:
+        """clamp((a - lo) // step, 0, n - 1): the source index of a padded or dilated axis."""
+        return self.clamp(self.div(self.add(a, self.const(-lo)), step), 0, n - 1)
+
+    def gather(self, value: "Ex", rows: int) -> Ix:
+        """An index read from data, clamped into [0, rows)."""
+        return self.clamp(self._make(Gather, value, lo=INT_MIN, hi=INT_MAX), 0, rows - 1)
+
+    def ravel(self, index, shape) -> Ix:
+        out = self.const(0)
+        for i, d in zip(index, shape):
+            out = self.add(self.mul(out, d), i)
+        return out
+
+    def unravel(self, flat: Ix, shape) -> tuple:
+        out = []
+        for d in reversed(shape):
+            out.append(self.mod(flat, d))
+            flat = self.div(flat, d)
+        return tuple(reversed(out))
+
+    # --- scalars
+    def load(self, buf: Buffer, flat: Ix) -> Load:
+        return self._make(Load, buf, flat, buf.dtype)
+
+    def lit(self, value, dtype: DType) -> Lit:
+        return self._make(Lit, value, dtype)
+
+    def index(self, ix: Ix, dtype: DType) -> Index:
+        return self._make(Index, ix, dtype)
+
+    def op(self, name: str, args, dtype: DType) -> Op:
+        spec = SCALAR_OPS[name]
+        if len(args) != spec.arity:
+            raise ValueError(f"scalar op {name} takes {spec.arity} operands, got {len(args)}")
+        return self._make(Op, name, tuple(args), dtype)
+
+    def rand(self, seed: Ex, step: Ex, stream: int, flat: Ix) -> Rand:
+        return self._make(Rand, seed, step, stream, flat, DType.f32)
+
+    def reduce(self, op: str, vars_: tuple, body: Ex, dtype: DType) -> Reduce:
+        return self._make(Reduce, op, tuple(vars_), body, dtype)
+
+
+# --- kernels ---------------------------------------------------------------------------------
+
+@dataclass
+class Store:
+    buf: Buffer
+    flat: Ix
+    value: Ex
+
+
+@dataclass
+class LoopNest:
+    """See the module docstring: `outer` loops are shared out between workers, `inner`
+    loops run in order inside each; row stores once per outer iteration."""
+
+    outer: tuple                  # Var, in loop order
+    inner: tuple                  # Var, in loop order
+    row_stores: list[Store] = field(default_factory=list)
+    stores: list[Store] = field(default_factory=list)
+    serial: bool = False          # too little work to share out: one worker runs it
+
+    @property
+    def vars(self) -> tuple:
+        return tuple(self.outer) + tuple(self.inner)
+
+
+@dataclass
+class Template:
+    """A part with a documented meaning (kernel/templates.py: TEMPLATES) that a backend may
+    render with dedicated code; `expand_templates` gives every kind as plain loop nests."""
+
+    op: str                       # a key of TEMPLATES
+    inputs: tuple                 # Buffers
+    output: Buffer
+    attrs: dict
+    epilogue: LoopNest | None = None  # elementwise over the output's shape, after it
+
+
+@dataclass
+class Kernel:
+    name: str
+    phase: int
+    parts: list                   # LoopNest | Template
+    lines: tuple = ()             # .dln locations this kernel came from
+
+
+@dataclass
+class KernelProgram:
+    """The whole step: buffers, kernels in phase order, where results are read."""
+
+    kernels: list[Kernel]
+    buffers: dict[str, Buffer]
+    arena_bytes: int
+    outputs: dict[str, Buffer]    # result name -> buffer read after the step
+    copies: list[tuple[Buffer, Buffer]]  # (from, to) after the step: updates not done in place
+    inputs: dict[str, Buffer]     # data/label/hyper inputs
+    state: dict[str, Buffer]      # params and state

@@ -1,0 +1,141 @@
+"""The backend interface: every registered backend honours the kernel IR's contract, every
+template kind has a generic meaning that runs every example, and the compile cache is
+never stale."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dlc
+from dlc import backends
+from dlc.core.kernel import (SCALAR_OPS, TEMPLATES, Ex, Exprs, Ix, Template, check_program, expand_templates,
+                             format_program)
+from dlc.core.kernel import ir as kernel_ir
+from dlc.pipeline import kernel_program, lower
+from dlc.program import make_program
+
+from test_backend_cpu import _example_feeds
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.dln"))
+LOWERING = [name for name in backends.names() if backends.backend(name).lowers]
+
+
+def _node_classes(base) -> set:
+    return {c for c in vars(kernel_ir).values() if isinstance(c, type) and issubclass(c, base) and c is not base}
+
+
+@pytest.mark.parametrize("name", LOWERING)
+def test_every_backend_renders_the_whole_kernel_ir(name):
+    """A backend that misses a scalar op or an IR node would fail on some model: its tables
+    must cover the closed sets of the kernel IR, and its templates must be known kinds."""
+    b = backends.backend(name)
+    have = b.coverage()
+    assert have["scalar ops"] == set(SCALAR_OPS), f"{name}: scalar ops"
+    assert have["index nodes"] == _node_classes(Ix), f"{name}: index nodes"
+    assert have["scalar nodes"] == _node_classes(Ex), f"{name}: scalar nodes"
+    assert set(b.templates) <= set(TEMPLATES), f"{name} renders template kinds the IR does not define"
+
+
+def test_targets_describe_themselves():
+    listed = {n: (doc, why) for n, doc, why in backends.describe()}
+    assert set(listed) == set(backends.names()) and all(doc for doc, _ in listed.values())
+    with pytest.raises(dlc.DlcError, match="unknown target `tpu`; targets: cpu"):
+        backends.backend("tpu")
+
+
+def _step_programs(path: Path):
+    m = dlc.load(path)
+    for mode in ("train", "eval"):
+        yield m, mode, lower(m.compile_graph(mode, m.train_config), 7)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_kernel_programs_keep_the_contract_with_and_without_templates(path):
+    """Every kernel of every example (templates, and all of them expanded) binds its loop
+    variables, stays inside its buffers, and epilogues read only their own elements."""
+    for m, mode, lowered in _step_programs(path):
+        program = kernel_program(lowered, TEMPLATES)
+        check_program(program)
+        expanded = expand_templates(program)
+        check_program(expanded)
+        assert not any(isinstance(p, Template) for k in expanded.kernels for p in k.parts)
+        assert "kernel" in format_program(expanded)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_examples_train_on_cpu_without_templates(path, tmp_path):
+    """The generic loop nests alone (what a new backend starts with) give the reference's
+    first training steps on every example."""
+    m = dlc.load(path)
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    ref_state = {k: v.copy() for k, v in m.state.items()}
+    cpu_state = {k: v.copy() for k, v in m.state.items()}
+    ref = make_program("reference", graph, ref_state)
+    cpu = make_program("cpu", graph, cpu_state, options={"cache_dir": tmp_path, "templates": False})
+    rng = np.random.default_rng(0)
+    for step in range(2):
+        feeds = _example_feeds(m, 5, rng)
+        a, b = ref.run(feeds), cpu.run(feeds)
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=2e-4, atol=1e-5, err_msg=f"{path.stem} step {step}: {k}")
+    for k in ref_state:
+        np.testing.assert_allclose(cpu_state[k], ref_state[k], rtol=2e-3, atol=1e-4, err_msg=f"{path.stem}: {k}")
+
+
+def test_index_arithmetic_keeps_ranges_and_floors():
+    x = Exprs()
+    i, k = x.var("i", 10), x.var("k", 3)
+    t = x.sub(x.add(i, x.const(1)), k)              # i + 1 - k in [-1, 10]
+    assert (t.lo, t.hi) == (-1, 10)
+    q = x.div(t, 2)
+    assert (q.lo, q.hi) == (-1, 5)                   # floor(-1 / 2) = -1
+    assert x.div(x.add(x.mul(i, 4), x.const(3)), 4) is i
+    assert x.mod(x.mul(i, 6), 3).value == 0
+    assert x.clamp(i, 0, 9) is i and x.shift(i, 0, 1, 10) is i
+
+
+# --- the compile cache is never stale ------------------------------------------------------------
+
+SCRIPT = """
+import sys, numpy as np, dlc
+m = dlc.load(sys.argv[1])
+s = m.session(m.train_config, "cpu", verbose=lambda msg: print(msg, file=sys.stderr))
+x = np.linspace(-1, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+print(s.train_step(x, np.arange(64, dtype=np.int32) % 10, 0.01)["loss"])
+"""
+
+
+def test_a_changed_layer_definition_misses_the_cache(tmp_path):
+    """The fingerprint covers every source file of the compiler: with relu broken on
+    purpose in a copy of dlc, the same model and cache miss and train differently."""
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "dlc", site / "dlc", ignore=shutil.ignore_patterns("__pycache__"))
+    for sub in ("passes", "backends", "grammar"):
+        shutil.copytree(ROOT / sub, site / "dlc" / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(site), DLC_CACHE_DIR=str(tmp_path / "cache"), DLC_THREADS="1")
+    model = str(ROOT / "examples" / "digits_mlp.dln")
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", SCRIPT, model], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return float(r.stdout), r.stderr
+
+    loss1, _ = run()
+    loss2, said = run()
+    assert "compile cache hit" in said and loss2 == loss1
+    nn = site / "dlc" / "language" / "nn.py"
+    text = nn.read_text()
+    assert "return ctx.b.maximum(x, 0.0)" in text
+    nn.write_text(text.replace("return ctx.b.maximum(x, 0.0)", "return ctx.b.maximum(x, 0.5)"))
+    loss3, said = run()
+    assert "compile cache hit" not in said and "miss" in said
+    assert loss3 != loss1
