@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dlc import __version__
 from dlc.core.diagnostics import DlcError, UsageError
+from dlc.language.recipe import INT_OPTION_MAX
 
 DESCRIPTION = """\
 dlc compiles neural networks written in the .dln language into native training steps.
@@ -175,8 +176,8 @@ def _number(kind, check, what):
     return parse
 
 
-_positive_int = _number(int, lambda v: v > 0, "a positive integer")
-_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+_positive_int = _number(int, lambda v: 0 < v <= INT_OPTION_MAX, f"a positive integer up to {INT_OPTION_MAX:,}")
+_non_negative_int = _number(int, lambda v: 0 <= v <= INT_OPTION_MAX, f"an integer from 0 to {INT_OPTION_MAX:,}")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
