@@ -29,6 +29,10 @@ from dlc.core.ops.scan import signature
 from dlc.passes.simplify import scalar_of
 
 
+# Until the kernel IR runs loops, a native target holds one copy of a loop's body per step.
+MAX_UNROLLED_STEPS = 1000
+
+
 def unroll_scans(graph: Graph, ctx=None) -> Graph:
     g = graph.copy()
     b = GraphBuilder(g)
@@ -56,6 +60,11 @@ def _unroll(g: Graph, b: GraphBuilder, nid: int, pieces: dict[int, list[int]]) -
     if not isinstance(length, int):
         raise DlcError(f"cannot unroll a loop of symbolic length {length}: the number of time "
                        "steps must be known", node.span)
+    if length > MAX_UNROLLED_STEPS:  # the graph would hold every step: bound time and memory
+        raise DlcError(f"this target unrolls recurrent loops, and {length:,} time steps exceed its limit "
+                       f"of {MAX_UNROLLED_STEPS:,}", node.span,
+                       hint="use --target reference, or check the time axis (the second dimension) "
+                            "of the input type")
     operands = node.operands
     sig = signature(body, k, s, len(operands) - k - s)
     order = [n for n in body.toposort() if body.node(n).op is not ops.INPUT]

@@ -261,20 +261,11 @@ def embedding(ctx: LayerContext, x: Tensor, vocab: int, dim: int, init: Init = I
     return ctx.b.emit(ops.TAKE, (table, x))
 
 
-# Until recurrent layers become loops, the graph holds every time step: a bound keeps a
-# mistyped length (f32[B, 100000000, 8]) from running the checker out of time and memory.
-MAX_UNROLLED_STEPS = 1000
-
-
 def _sequence(x: Value, layer: str) -> int:
     _float(x, layer, f32=True)
     if x.rank != 3 or not isinstance(x.shape[1], int):
         raise arg_error(f"`{layer}` needs a [batch, time, features] input with a known number of "
                         f"time steps, got {x.type}", "x")
-    if x.shape[1] > MAX_UNROLLED_STEPS:
-        raise arg_error(f"`{layer}` is unrolled into one copy of its cell per time step, and "
-                        f"{x.shape[1]:,} steps exceed the limit of {MAX_UNROLLED_STEPS:,}", "x",
-                        hint="is the time axis (the second dimension) of the input type right?")
     return x.shape[1]
 
 
