@@ -3,7 +3,7 @@ instruments that verify, time and dump the graph after each pass.
 
   step_graph       GRAPH_PASSES on the symbolic graph (the batch is still `B`), once per
                    model and mode: autodiff and the optimizer make the training step;
-  lower            per batch size: LOWER_PASSES (bind B, unroll loops, fold, fuse, plan
+  lower            per batch size: LOWER_PASSES (bind B, fold, prepare loops, fuse, plan
                    memory);
   kernel_program   `schedule` to the kernel IR, then the template kinds the chosen backend
                    does not render expanded to plain loop nests.
@@ -80,9 +80,9 @@ def _specialize(g, ctx):
     return specialize(g, {"B": ctx.batch})
 
 
-def _unroll_scans(g, ctx):
-    from dlc.passes.unroll_scans import unroll_scans
-    return unroll_scans(g)
+def _loops(g, ctx):
+    from dlc.passes.loops import prepare_loops
+    return prepare_loops(g)
 
 
 def _fuse(g, ctx):
@@ -105,12 +105,10 @@ GRAPH_PASSES: tuple[Pass, ...] = (
 )
 LOWER_PASSES: tuple[Pass, ...] = (
     Pass("specialize", _specialize, "bind the batch dimension B to the batch size", required=True),
-    # until the kernel IR has sequential loops, native code needs the steps inlined
-    Pass("unroll_scans", _unroll_scans, "inline every step of each loop (scan): the kernel IR has no loops yet",
-         required=True),
     Pass("fold_constants", _fold, "fold what became constant (sizes, means over the batch)"),
     Pass("simplify", _simplify, "algebraic identities again, on static shapes"),
     Pass("dce", _dce, "dead-code elimination"),
+    Pass("loops", _loops, "give each loop's carries storage of their own (scans run as loops)", required=True),
     Pass("fuse", _fuse, "group nodes into kernels", required=True),
     Pass("memory", _memory, "buffer lifetimes, in-place updates, arena offsets", required=True),
 )

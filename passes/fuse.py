@@ -14,6 +14,9 @@ Kinds of kernel:
                the contraction, plus an elementwise epilogue over its output (bias,
                activation, the activation-derivative masks of the backward pass,
                even the optimizer update of the weight whose gradient it computes)
+  scan         a sequential loop (passes/loops.py): the scan and its scan_result nodes,
+               with the loop body fused separately, as a graph of its own (`body`); it
+               reads its operands from memory and stores its results
 
 Rules, applied greedily from the results backwards (consumers before producers):
   F1 constants, broadcast constants, iota, counter-based random numbers, scalar
@@ -51,6 +54,7 @@ ANCHORS = {
     ops.TAKE: "gather", ops.SCATTER_ADD: "gather",
     # a concat is stored piece by piece: inlined, every element would select among all pieces
     ops.CONCAT: "concat",
+    ops.SCAN: "scan",
 }
 REDUCTIONS = {ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX}
 ANCHOR_KINDS = frozenset(ANCHORS.values()) | {"colsum"}
@@ -113,7 +117,7 @@ class Free:
             return False
         if any(is_anchor(self.g, u) for u in self.g.users(nid)):
             # contractions read real buffers; a reshape of one is the same memory
-            return n.op is ops.RESHAPE and self.g.node(n.operands[0]).op is ops.INPUT
+            return n.op is ops.RESHAPE and self.g.node(n.operands[0]).op in (ops.INPUT, ops.SCAN_RESULT)
         if n.op in (ops.CONST, ops.IOTA, ops.RANDOM):
             return True
         if n.op.kind is ops.Kind.ELEMENTWISE and n.type.rank == 0:
@@ -145,6 +149,7 @@ class Kernel:
     outputs: list[int] = field(default_factory=list)  # nodes stored to memory
     phase: int = 0
     parts: list["Kernel"] = field(default_factory=list)  # a multi-tensor kernel's loop nests
+    body: Graph | None = None      # scan kernels: the loop body, fused
 
     @property
     def row_shape(self) -> tuple:
@@ -172,7 +177,11 @@ class FusionPlan:
             shape = "x".join(map(str, k.domain)) if k.domain else "scalar"
             rows = f", rows over axes {list(k.keep)}" if k.keep is not None else ""
             head = f"  k{k.id} {k.kind} phase {k.phase}"
-            if not k.parts:
+            if k.body is not None:
+                body = k.body.meta["fusion"]
+                head += (f" over {g.node(k.anchor).attrs['length']} steps, a body of {len(body.kernels)} "
+                         f"kernels in {body.phases} phases")
+            elif not k.parts:
                 head += f" over {shape}{rows}"
             else:
                 head += f" ({len(k.parts)} loops)"
@@ -211,7 +220,7 @@ class _Fuser:
     def new_kernel(self, nid: int) -> Kernel:
         n = self.g.node(nid)
         kind = anchor_kind(self.g, nid)
-        k = Kernel(self._next, kind or "elementwise", domain=tuple(n.type.shape))
+        k = Kernel(self._next, kind or "elementwise", domain=() if kind == "scan" else tuple(n.type.shape))
         if kind:
             k.anchor = nid
         elif n.op in REDUCTIONS:
@@ -316,9 +325,15 @@ class _Fuser:
     def run(self) -> None:
         g = self.g
         for nid in reversed(g.toposort()):
-            if g.node(nid).op is ops.INPUT or self.free(nid):
-                continue
-            if is_anchor(g, nid):
+            op = g.node(nid).op
+            if op in (ops.INPUT, ops.SCAN_RESULT) or self.free(nid):
+                continue  # (a scan's results are placed with it)
+            if op is ops.SCAN:
+                k = self.new_kernel(nid)
+                k.body = fuse(g.node(nid).attrs["body"])
+                for r in g.users(nid):
+                    self.add(k, r)
+            elif is_anchor(g, nid):
                 self.new_kernel(nid)
             else:
                 self.place(nid)
@@ -376,7 +391,7 @@ class _Fuser:
         while changed:
             changed = False
             for k in list(self.kernels.values()):
-                if k.id in self.kernels and k.anchor is not None and k.kind not in ("gather", "concat"):
+                if k.id in self.kernels and k.anchor is not None and k.kind not in ("gather", "concat", "scan"):
                     changed |= self.take_epilogue(k)
 
     def take_epilogue(self, k: Kernel) -> bool:
@@ -506,9 +521,11 @@ def fuse(graph: Graph, ctx=None) -> Graph:
             part.nodes.sort(key=order.__getitem__)
         for n in k.nodes:
             group_of[n] = new_id
-    materialized = set(g.roots()) | {n for n in group_of if is_anchor(g, n)}
+    # (a scan's values are its results: every one in memory, where the loop leaves it)
+    materialized = set(g.roots()) | {n for n in group_of if is_anchor(g, n) and g.node(n).op is not ops.SCAN}
+    materialized |= {n for n in group_of if g.node(n).op is ops.SCAN_RESULT}
     for n, kid in group_of.items():
-        if any(group_of.get(u) != kid or is_anchor(g, u) for u in f.free.users(n)):
+        if g.node(n).op is not ops.SCAN and any(group_of.get(u) != kid or is_anchor(g, u) for u in f.free.users(n)):
             materialized.add(n)
     for k in kernels:
         k.outputs = [n for n in k.nodes if n in materialized]

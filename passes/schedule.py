@@ -6,12 +6,20 @@ only transform the index, and reductions become loops inside the expression. Val
 stored by other kernels (and inputs, parameters, state) are loads from their buffers.
 Row kernels loop over their kept axes outside (shared between threads) and the other
 axes inside; values depending only on the kept axes are computed once per row.
+
+A scan becomes a Loop (passes/loops.py, passes/memory.py): its body's kernels, lowered
+like any graph's, over views bound at each step t -- the carry entering the step and
+the one leaving it (slots of the carry's storage), the sequences' slices xs[t] and the
+stacked outputs' y[t] -- while invariants are read where they are.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dlc.core import ops
 from dlc.core.graph import Graph
-from dlc.core.kernel import Buffer, Exprs, Kernel, KernelProgram, LoopNest, Store, Template
+from dlc.core.kernel import Buffer, Exprs, Kernel, KernelProgram, Loop, LoopNest, Store, Template
+from dlc.core.ops.scan import signature
 from dlc.core.types import DType, numel
 from dlc.passes.fuse import is_anchor
 
@@ -37,13 +45,20 @@ class ScheduleError(Exception):
 
 
 class _Lowering:
-    def __init__(self, g: Graph):
+    """Lowers one graph: the step's, or a loop body's (`parent` the enclosing graph's
+    lowering, `given` the buffers of the body's inputs and results, `base` the byte
+    offset of the body's arena region, `prefix` before its kernels' and buffers' names)."""
+
+    def __init__(self, g: Graph, parent: "_Lowering | None" = None, given: dict | None = None,
+                 base: int = 0, prefix: str = ""):
         self.g = g
         self.plan = g.meta["fusion"]
         self.mem = g.meta["memory"]
-        self.x = Exprs()
-        self.buffers: dict[int, Buffer] = {}
-        self.by_name: dict[str, Buffer] = {}
+        self.root = parent.root if parent else self
+        self.x = parent.x if parent else Exprs()
+        self.by_name: dict[str, Buffer] = parent.by_name if parent else {}  # every buffer of the program
+        self.buffers: dict[int, Buffer] = dict(given or {})
+        self.base, self.prefix = base, prefix
         self._uid = 0
         self._memo: dict = {}
         self._make_buffers()
@@ -55,7 +70,11 @@ class _Lowering:
 
     def _make_buffers(self) -> None:
         g = self.g
+        for buf in self.buffers.values():
+            self.by_name.setdefault(buf.name, buf)
         for nid in g.inputs():
+            if nid in self.buffers:
+                continue
             a = g.node(nid).attrs
             kind = "state" if a["role"] in ("param", "state") else "input"
             self._register(nid, Buffer(a["name"], a["type"].dtype, tuple(a["type"].shape), kind))
@@ -64,7 +83,8 @@ class _Lowering:
             if b.inplace is not None:
                 self._register(nid, self.by_name[b.inplace])
             else:
-                self._register(nid, Buffer(f"t{nid}", t.dtype, tuple(t.shape), "arena", b.offset))
+                self._register(nid, Buffer(f"{self.prefix}t{nid}", t.dtype, tuple(t.shape), "arena",
+                                           self.base + b.offset))
 
     def buffer_of(self, nid: int) -> Buffer:
         """The memory holding nid's value; reshapes of stored values share their memory."""
@@ -72,14 +92,13 @@ class _Lowering:
         if nid in self.buffers:
             return self.buffers[nid]
         if n.op is ops.RESHAPE:
-            base = self.buffer_of(n.operands[0])
-            return Buffer(base.name, base.dtype, tuple(n.type.shape), base.kind, base.offset)
+            return replace(self.buffer_of(n.operands[0]), shape=tuple(n.type.shape))
         raise ScheduleError(f"node {nid} ({n.op.name}) has no buffer")
 
     # --- expressions --------------------------------------------------------------------------
-    def fresh(self, extent: int) -> object:
-        self._uid += 1
-        return self.x.var(f"r{self._uid}", extent)
+    def fresh(self, extent: int, prefix: str = "r") -> object:
+        self.root._uid += 1  # one numbering for the whole program: loop variables stay distinct
+        return self.x.var(f"{prefix}{self.root._uid}", extent)
 
     def expr(self, nid: int, index: tuple, kernel: int):
         key = (nid, tuple(id(i) for i in index), kernel)
@@ -231,7 +250,51 @@ class _Lowering:
             epilogue = nests[0]
         return Template(TEMPLATES[n.op], inputs, self.buffer_of(a), attrs, epilogue)
 
-    def kernel(self, k) -> Kernel:
+    def loop(self, k) -> Loop:
+        """A scan's Loop: its body lowered over views bound at each step."""
+        g, x = self.g, self.x
+        s = k.anchor
+        node = g.node(s)
+        a = node.attrs
+        lp = self.mem.loops[s]
+        body, carries = lp.body, a["carries"]
+        sig = signature(body, carries, a["seqs"])
+        name = f"{self.prefix}k{k.id}"
+        t = self.fresh(a["length"], "t")
+        given, views = {}, []
+
+        def view(label: str, of: Buffer, shape, at) -> Buffer:
+            v = Buffer(f"{name}.{label}", of.dtype, tuple(shape), "view", base=of,
+                       at=x.mul(at, numel(shape)))
+            views.append(v)
+            return v
+
+        for i, st in enumerate(lp.layout.storage):
+            c = body.node(sig.carries[i]).type
+            storage = Buffer(f"{name}.c{i}", c.dtype, (st.slots,) + tuple(c.shape), "arena",
+                             self.base + lp.storage[i])
+            self.by_name.setdefault(storage.name, storage)
+            given[sig.carries[i]] = view(f"c{i}.in", storage, c.shape, st.entering(x, t))
+            given[sig.new_carries[i]] = view(f"c{i}.out", storage, c.shape, st.leaving(x, t))
+        for j, (nid, seq) in enumerate(zip(sig.seqs, node.operands[carries:carries + a["seqs"]])):
+            given[nid] = view(f"x{j}", self.buffer_of(seq), body.node(nid).type.shape, t)
+        for nid, w in zip(sig.invariants, node.operands[carries + a["seqs"]:]):
+            given[nid] = self.buffer_of(w)
+        stacked = {g.node(r).attrs["index"] - carries: r for r in g.users(s)}
+        for m, (nid, window) in enumerate(zip(sig.outputs, lp.layout.windows)):
+            if window is None and m in stacked:  # (unread: kept in the body's region)
+                given[nid] = view(f"y{m}", self.buffer_of(stacked[m]), body.node(nid).type.shape, t)
+        sub = _Lowering(body, self, given, self.base + lp.offset, name + ".")
+        kernels = [sub.kernel(bk) for bk in sub.plan.kernels]
+        return Loop(f"{name}_loop", k.phase, t, bool(a["reverse"]), kernels, tuple(views), self._lines(k))
+
+    def _lines(self, k) -> tuple:
+        g = self.g
+        return tuple(sorted({g.node(n).span.short.rsplit(":", 1)[0] for n in k.nodes if g.node(n).span}))
+
+    def kernel(self, k) -> Kernel | Loop:
+        if k.kind == "scan":
+            return self.loop(k)
         g = self.g
         parts: list = []
         for part in (k.parts or [k]):
@@ -241,8 +304,7 @@ class _Lowering:
                 parts += self.concat_nests(k.id, part.anchor)
             else:
                 parts.append(self.template(k.id, part))
-        lines = tuple(sorted({g.node(n).span.short.rsplit(":", 1)[0] for n in k.nodes if g.node(n).span}))
-        return Kernel(f"k{k.id}_{k.kind}", k.phase, parts, lines)
+        return Kernel(f"{self.prefix}k{k.id}_{k.kind}", k.phase, parts, self._lines(k))
 
 
 def schedule(graph: Graph) -> KernelProgram:

@@ -39,7 +39,8 @@ class CpuBackend(Backend):
         from .jit import compile_modules
         start = time.perf_counter()
         mb = self._modules(program, target, profile)
-        lines = {k.name: list(k.lines) for k in program.kernels}
+        from dlc.core.kernel import all_kernels
+        lines = {k.name: list(k.lines) for k in all_kernels(program.kernels)}
         layout = StepLayout(program.arena_bytes, mb.layout.scratch_bytes, layout_slots(program),
                             layout_outputs(program), [[name, phase, lines[name]] for phase, name, _, _ in mb.parts],
                             target.threads)

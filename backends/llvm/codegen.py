@@ -2,9 +2,12 @@
 template in templates.py), and one step function per program.
 
 The step function `dlc_step(ptr table, i32 tid, i32 nthreads)` runs every kernel part in
-phase order with a barrier between phases; every thread runs it (SPMD). Its buffers are
-table[0] = arena, table[1] = barrier state, table[2] = scratch, table[3] = profile
-counters, then one slot per input/state buffer in `Layout.slots` order.
+phase order with a barrier between phases; every thread runs it (SPMD). A kernel-IR Loop
+is a loop in the step function: at each t it computes the addresses of the loop's views
+and calls the body's parts (functions like any other, taking the views as pointers),
+with a barrier after each body phase -- so the code is the same size for any T. Its
+buffers are table[0] = arena, table[1] = barrier state, table[2] = scratch, table[3] =
+profile counters, then one slot per input/state buffer in `Layout.slots` order.
 """
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ from dataclasses import dataclass, field
 
 from llvmlite import ir
 
-from dlc.core.kernel import Buffer, KernelProgram, LoopNest, Template
+from dlc.core.kernel import Buffer, KernelProgram, Loop, LoopNest, Template
 from dlc.core.kernel import buffers_of as kernel_buffers
 from dlc.core.types import DType
 
 from .emit import Emitter, emit_nest
-from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, memory_type, set_target
+from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, loop, memory_type, set_target
 from .templates import emit_template
 
 FIXED_SLOTS = 4  # arena, barrier, scratch, profile
@@ -83,7 +86,19 @@ class ModuleBuilder:
         return fn, b, pointers
 
     def build(self) -> list[ir.Module]:
-        for k in self.program.kernels:
+        self.calls = self._functions(self.program.kernels)
+        self.module = self.modules[0]
+        self._step()
+        return self.modules
+
+    def _functions(self, entries) -> list:
+        """One function per kernel part (loop bodies' too); returns what the step calls, in
+        order: (phase, index in self.parts) per part, (loop, the same for its body) per loop."""
+        calls = []
+        for k in entries:
+            if isinstance(k, Loop):
+                calls.append((k, self._functions(k.body)))
+                continue
             for j, part in enumerate(k.parts):
                 index = self._load.index(min(self._load))  # the emptiest module so far
                 self.module = self.modules[index]
@@ -91,16 +106,19 @@ class ModuleBuilder:
                 fn, b, pointers = self.new_function(f"{k.name}.{j}.{self.tag}", buffers)
                 tid, nthreads = fn.args[-2], fn.args[-1]
                 em = Emitter(b, pointers)
+                gemms = len(self.gemms)
                 if isinstance(part, LoopNest):
                     emit_nest(em, part, tid, nthreads)
                 else:
                     emit_template(self, em, part, tid, nthreads)
                 b.ret_void()
-                self._load[index] = sum(len(blk.instructions) for f in self.module.functions for blk in f.blocks)
+                if len(self.gemms) == gemms:  # counted as it grows (recounting all would be quadratic)
+                    self._load[index] += sum(len(blk.instructions) for blk in fn.blocks)
+                else:  # a new GEMM and its helpers: count the module again (once per shape)
+                    self._load[index] = sum(len(blk.instructions) for f in self.module.functions for blk in f.blocks)
+                calls.append((k.phase, len(self.parts)))
                 self.parts.append((k.phase, k.name, fn, buffers))
-        self.module = self.modules[0]
-        self._step()
-        return self.modules
+        return calls
 
     def text(self) -> str:
         return "\n".join(str(m) for m in self.modules)
@@ -133,20 +151,51 @@ class ModuleBuilder:
                 pointers[buf.name] = gep(b, arena, i64(buf.offset), I8)
         pointers["__scratch__"] = b.call(_scratch_fn(self.module), [scratch, tid, i64(self.layout.scratch_bytes)])
         barrier_fn = self.module.globals.get("dlc_barrier") or _declare_barrier(self.module)
-        last_phase = None
         is_main = b.icmp_signed("==", tid, i32(0))
-        for index, (phase, kname, part_fn, buffers) in enumerate(self.parts):
-            if last_phase is not None and phase != last_phase:
-                b.call(barrier_fn, [barrier, nthreads])
-            last_phase = phase
-            t0 = b.call(_cycles(self.module), []) if self.profile else None
-            args = [pointers[buf.name] if buf.name in pointers else pointers["__scratch__"] for buf in buffers]
-            b.call(self._callee(part_fn), args + [tid, nthreads])
-            if self.profile:
-                with b.if_then(is_main):
-                    cell = gep(b, counters, i64(index), I64)
-                    spent = b.sub(b.call(_cycles(self.module), []), t0)
-                    b.store(b.add(b.load(cell, typ=I64), spent), cell)
+
+        def sync():
+            b.call(barrier_fn, [barrier, nthreads])
+
+        def run(calls, pointers: dict, loop_vars: dict) -> None:
+            """The calls in order, a barrier between phases; each loop a loop (a barrier after
+            every iteration, so none is needed after it)."""
+            last_phase = synced = None
+            for call in calls:
+                phase = call[0].phase if isinstance(call[0], Loop) else call[0]
+                if last_phase is not None and phase != last_phase and not synced:
+                    sync()
+                last_phase, synced = phase, False
+                if isinstance(call[0], Loop):
+                    run_loop(*call, pointers, loop_vars)
+                    synced = True
+                    continue
+                _, kname, part_fn, buffers = self.parts[call[1]]
+                t0 = b.call(_cycles(self.module), []) if self.profile else None
+                args = [pointers[buf.name] if buf.name in pointers else pointers["__scratch__"] for buf in buffers]
+                b.call(self._callee(part_fn), args + [tid, nthreads])
+                if self.profile:
+                    with b.if_then(is_main):
+                        cell = gep(b, counters, i64(call[1]), I64)
+                        spent = b.sub(b.call(_cycles(self.module), []), t0)
+                        b.store(b.add(b.load(cell, typ=I64), spent), cell)
+
+        def run_loop(lp: Loop, body, pointers: dict, loop_vars: dict) -> None:
+            extent = lp.var.extent
+
+            def iteration(i, _):
+                t = b.sub(i64(extent - 1), i) if lp.reverse else i
+                em = Emitter(b, {})
+                em.vars.update(loop_vars)
+                em.vars[lp.var.name] = t
+                inner = dict(pointers)
+                for v in lp.views:  # the views' addresses at this t
+                    inner[v.name] = gep(b, inner[v.base.name], em.ix(v.at), memory_type(v.dtype))
+                run(body, inner, em.vars)
+                sync()  # the next iteration reads what this one wrote
+                return []
+            loop(b, 0, extent, (), iteration, name=lp.name)
+
+        run(self.calls, pointers, {})
         if self.program.copies:
             b.call(barrier_fn, [barrier, nthreads])
             with b.if_then(is_main):

@@ -2,8 +2,8 @@
 buffers a part touches, and a check of the contract in the kernel IR's docstring."""
 from __future__ import annotations
 
-from dlc.core.kernel.ir import (Buffer, Clamp, Gather, Ix, KernelProgram, Load, LoopNest, Reduce, Template,
-                                Var, ex_children, ix_children)
+from dlc.core.kernel.ir import (Buffer, Clamp, Gather, Ix, Kernel, KernelProgram, Load, Loop, LoopNest, Reduce,
+                                Template, Var, ex_children, ix_children)
 
 
 class FreeVars:
@@ -96,6 +96,14 @@ def buffers_of(part) -> list[Buffer]:
     return list(seen.values())
 
 
+def all_kernels(entries) -> list[Kernel]:
+    """Every Kernel of a program's (or a loop body's) entries, those inside loops too, in order."""
+    out = []
+    for e in entries:
+        out += all_kernels(e.body) if isinstance(e, Loop) else [e]
+    return out
+
+
 class ContractError(Exception):
     """A kernel program breaks the kernel IR's contract (a compiler bug)."""
 
@@ -103,14 +111,50 @@ class ContractError(Exception):
 def check_program(p: KernelProgram) -> None:
     """The structural rules a backend relies on: loop variables bound where they are used,
     template epilogues reading their template's output only at the element they write,
-    every index within its buffer."""
-    free = FreeVars()
-    for k in p.kernels:
-        for part in k.parts:
+    every index within its buffer, phases in order, views inside their bases for every
+    value of the loop variables and used only inside the loops that bind them."""
+    _check_entries(p.kernels, FreeVars(), frozenset(), {}, "program")
+
+
+def _check_entries(entries, free: FreeVars, loop_vars: frozenset, views: dict, where: str) -> None:
+    """loop_vars: the enclosing loops' variables; views: the views they bind, by name."""
+    phase = 0
+    for e in entries:
+        if e.phase < phase:
+            raise ContractError(f"{where}: {e.name} is in phase {e.phase} after phase {phase}")
+        phase = e.phase
+        if isinstance(e, Loop):
+            _check_loop(e, free, loop_vars, views)
+            continue
+        for part in e.parts:
+            for buf in buffers_of(part):
+                if buf.kind == "view" and buf.name not in views:
+                    raise ContractError(f"{e.name}: view {buf.name} is used outside the loop that binds it")
             for nest in nests_of(part):
-                _check_nest(k.name, nest, free)
+                _check_nest(e.name, nest, free)
             if isinstance(part, Template) and part.epilogue is not None:
-                _check_epilogue(k.name, part)
+                _check_epilogue(e.name, part)
+
+
+def _check_loop(loop: Loop, free: FreeVars, outer_vars: frozenset, outer_views: dict) -> None:
+    var = loop.var
+    if not isinstance(var, Var) or var.extent < 1 or var.name in outer_vars:
+        raise ContractError(f"{loop.name}: its variable must be a new Var of extent >= 1")
+    loop_vars, views = outer_vars | {var.name}, dict(outer_views)
+    for v in loop.views:
+        if v.kind != "view" or v.base is None or v.at is None:
+            raise ContractError(f"{loop.name}: {v.name} is not a view")
+        if v.base.kind == "view" and v.base.name not in outer_views:
+            raise ContractError(f"{loop.name}: view {v.name} is a window of {v.base.name}, which no "
+                                "enclosing loop binds")
+        used = free.ix(v.at)
+        if not used <= loop_vars:
+            raise ContractError(f"{loop.name}: view {v.name} uses unbound variables {sorted(used - loop_vars)}")
+        if v.dtype != v.base.dtype or v.at.lo < 0 or v.at.hi + v.size > v.base.size:
+            raise ContractError(f"{loop.name}: view {v.name} (at {v.at.lo}..{v.at.hi}, {v.size} elements) "
+                                f"may leave {v.base.name} ({v.base.size} elements)")
+        views[v.name] = v
+    _check_entries(loop.body, free, loop_vars, views, loop.name)
 
 
 def _check_nest(kernel: str, nest: LoopNest, free: FreeVars) -> None:

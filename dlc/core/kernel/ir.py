@@ -43,6 +43,29 @@ inner iteration. A nest with no outer loops, or marked `serial` (too little work
 out), runs on one worker. Within one iteration every value is computed before anything is
 stored, so an in-place update never reads a value the same iteration overwrote.
 
+Loops. An entry of `KernelProgram.kernels` is a Kernel or a Loop: the sequential loop of
+a recurrent layer (a `scan`). A Loop has a phase like a Kernel and runs as one unit in it
+(other entries of its phase are independent of it). Its `var` is the time index t, a Var
+of extent T bound by the loop, not by a nest: t takes the values 0, 1, ..., T-1, or
+T-1, ..., 0 when `reverse`. Each iteration runs the loop's `body` -- Kernels and nested
+Loops, phases numbered from 0 within the body -- in phase order with a barrier between
+phases, and a barrier ends every iteration (the next one reads what this one wrote):
+
+    for t in (reversed(range(T)) if reverse else range(T)):
+        bind every view in `views` at t
+        body phase 0 | barrier | body phase 1 | ... | barrier
+
+t appears only in the `at` of views, so body kernels are ordinary kernels over ordinary
+buffers: a renderer computes each view's address once per iteration (a pointer argument
+on the CPU, a kernel argument for each launch on a GPU), and every part -- templates too
+-- is rendered as outside a loop. A view is a Buffer of kind `view`: the window of `shape`
+starting at element `at` of its `base` buffer (an index expression over the variables of
+the loops enclosing the view's use; the base may be a view of an enclosing loop). A loop
+lists its views in `views`; a view's window is inside its base for every t. Through
+views an iteration reads this step's slice xs[t] of a time-major sequence, the carry
+written by the previous iteration, and writes the carry for the next one and its per-step
+outputs at [t]; the body's own temporaries are arena buffers reused by every iteration.
+
 After the last phase the program's `copies` run (updates that could not be planned in
 place), then `outputs` are read.
 """
@@ -164,13 +187,17 @@ class Ex:
 
 @dataclass(frozen=True)
 class Buffer:
-    """A named array the kernels read or write (see the module docstring for `kind`)."""
+    """A named array the kernels read or write (see the module docstring for `kind`):
+    input, state, arena (at byte `offset`), or view (inside a loop body: the window at
+    element `at` of `base`)."""
 
     name: str
     dtype: DType
     shape: tuple
     kind: str
     offset: int = 0
+    base: "Buffer | None" = None
+    at: "Ix | None" = None
 
     @property
     def size(self) -> int:
@@ -446,10 +473,29 @@ class Kernel:
 
 
 @dataclass
-class KernelProgram:
-    """The whole step: buffers, kernels in phase order, where results are read."""
+class Loop:
+    """A sequential loop (see the module docstring): for each value of `var` in order
+    (descending when `reverse`), the `views` bound at it, then the `body` in phase order
+    with a barrier after every phase."""
 
-    kernels: list[Kernel]
+    name: str
+    phase: int
+    var: Var                      # the time index t, extent T
+    reverse: bool
+    body: list                    # Kernel | Loop, phases numbered from 0
+    views: tuple = ()             # Buffers of kind "view" the body uses
+    lines: tuple = ()
+
+    @property
+    def phases(self) -> int:
+        return 1 + max((k.phase for k in self.body), default=-1)
+
+
+@dataclass
+class KernelProgram:
+    """The whole step: buffers, kernels and loops in phase order, where results are read."""
+
+    kernels: list                 # Kernel | Loop
     buffers: dict[str, Buffer]
     arena_bytes: int
     outputs: dict[str, Buffer]    # result name -> buffer read after the step

@@ -30,7 +30,7 @@ import math
 from dataclasses import replace
 from typing import Callable
 
-from dlc.core.kernel.ir import Exprs, KernelProgram, LoopNest, Store, Template
+from dlc.core.kernel.ir import Exprs, KernelProgram, Loop, LoopNest, Store, Template
 from dlc.core.types import DType
 
 
@@ -273,7 +273,8 @@ def generic(t: Template, x: Exprs, fresh) -> list[LoopNest]:
 
 
 def expand_templates(program: KernelProgram, keep=frozenset()) -> KernelProgram:
-    """The program with every template whose kind is not in `keep` as plain loop nests."""
+    """The program with every template whose kind is not in `keep` as plain loop nests
+    (inside loop bodies too)."""
     x = Exprs()
     count = [0]
 
@@ -281,15 +282,19 @@ def expand_templates(program: KernelProgram, keep=frozenset()) -> KernelProgram:
         count[0] += 1
         return x.var(f"g{count[0]}", extent)
 
-    kernels = []
-    for k in program.kernels:
-        parts = []
-        for part in k.parts:
-            if isinstance(part, Template) and part.op not in keep:
-                parts += generic(part, x, fresh)
-            else:
-                parts.append(part)
-        kernels.append(replace(k, parts=parts))
-    return replace(program, kernels=kernels)
+    def expand(entries):
+        out = []
+        for k in entries:
+            if isinstance(k, Loop):
+                out.append(replace(k, body=expand(k.body)))
+                continue
+            parts = []
+            for part in k.parts:
+                if isinstance(part, Template) and part.op not in keep:
+                    parts += generic(part, x, fresh)
+                else:
+                    parts.append(part)
+            out.append(replace(k, parts=parts))
+        return out
 
-
+    return replace(program, kernels=expand(program.kernels))

@@ -7,7 +7,7 @@ jaxpr does, instead of being repeated in every store that reads them.
 from __future__ import annotations
 
 from dlc.core.kernel.analysis import FreeVars, walk_ex
-from dlc.core.kernel.ir import (Add, Clamp, Const, Div, Gather, Index, KernelProgram, Lit, Load, LoopNest, Mod,
+from dlc.core.kernel.ir import (Add, Clamp, Const, Div, Gather, Index, KernelProgram, Lit, Load, Loop, LoopNest, Mod,
                                 Mul, Op, Rand, Reduce, Template, Var, ex_children)
 
 
@@ -116,21 +116,38 @@ def format_program(p: KernelProgram) -> str:
     lines = [f"program: {len(p.kernels)} kernels, arena {p.arena_bytes:,} bytes"]
     for name, buf in list(p.inputs.items()) + list(p.state.items()):
         lines.append(f"  {buf.kind:5s} {name}: {buf.dtype}{list(buf.shape)}")
-    for k in p.kernels:
-        lines.append(f"kernel {k.name} (phase {k.phase}; {', '.join(k.lines) or 'generated'}):")
-        counter = [0]
-        for part in k.parts:
-            if isinstance(part, Template):
-                ins = ", ".join(b.name for b in part.inputs)
-                attrs = ", ".join(f"{a}={v}" for a, v in part.attrs.items() if v not in (False, None))
-                lines.append(f"  {part.output.name} = {part.op}({ins}{', ' + attrs if attrs else ''})")
-                if part.epilogue:
-                    lines.append("  epilogue:")
-                    lines += _nest_lines(part.epilogue, "    ", counter, bounded=True)
-            else:
-                lines += _nest_lines(part, "  ", counter)
+    lines += _entries(p.kernels, "")
     for src, dst in p.copies:
         lines.append(f"after the step: {dst.name} = {src.name}")
     for name, buf in p.outputs.items():
         lines.append(f"result {name} = {buf.name}")
     return "\n".join(lines) + "\n"
+
+
+def _entries(entries, indent: str) -> list[str]:
+    lines = []
+    for k in entries:
+        where = ", ".join(k.lines) or "generated"
+        if isinstance(k, Loop):
+            order = f"{k.var.name} = {k.var.extent - 1} down to 0" if k.reverse else f"{k.var.name} < {k.var.extent}"
+            lines.append(f"{indent}loop {k.name} (phase {k.phase}; {where}): for {order}, "
+                         f"{k.phases} phases, a barrier after each:")
+            for v in k.views:
+                lines.append(f"{indent}  view {v.name} = {v.base.name}[{format_ix(v.at)} +: {v.size}]  "
+                             f"{v.dtype}{list(v.shape)}")
+            lines += _entries(k.body, indent + "  ")
+            continue
+        lines.append(f"{indent}kernel {k.name} (phase {k.phase}; {where}):")
+        counter = [0]
+        ind = indent + "  "
+        for part in k.parts:
+            if isinstance(part, Template):
+                ins = ", ".join(b.name for b in part.inputs)
+                attrs = ", ".join(f"{a}={v}" for a, v in part.attrs.items() if v not in (False, None))
+                lines.append(f"{ind}{part.output.name} = {part.op}({ins}{', ' + attrs if attrs else ''})")
+                if part.epilogue:
+                    lines.append(f"{ind}epilogue:")
+                    lines += _nest_lines(part.epilogue, ind + "  ", counter, bounded=True)
+            else:
+                lines += _nest_lines(part, ind, counter)
+    return lines
