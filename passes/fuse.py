@@ -29,7 +29,8 @@ Rules, applied greedily from the results backwards (consumers before producers):
   F4 a reduction joins its users' kernel when it reduces that kernel's domain (or
      produces it), keeping the same axes as the kernel's other reductions;
   F5 matmul/conv/pool/gather/colsum read operands from memory, and results of the step
-     are stored;
+     are stored; a concat computes elementwise pieces in its own loops (each piece's
+     loop stores it into its slice: no copy, no phase of its own);
   F6 a matmul/conv/pool/colsum result read by exactly one elementwise kernel over the same shape
      takes that kernel as its epilogue;
   F7 kernels are ordered in phases (a barrier between phases); in each phase,
@@ -206,9 +207,10 @@ class FusionPlan:
 
 
 class _Fuser:
-    def __init__(self, g: Graph, stored: frozenset = frozenset()):
+    def __init__(self, g: Graph, stored: frozenset = frozenset(), body: bool = False):
         self.g = g
         self.stored = stored  # nodes a previous round found recomputed per element
+        self.body = body      # a loop body: its results are stored by the kernels that use them
         self.free = Free(g)
         self.group: dict[int, int] = {}
         self.kernels: dict[int, Kernel] = {}
@@ -270,6 +272,9 @@ class _Fuser:
     def fits(self, k: Kernel, nid: int) -> str | None:
         """None if node nid can be computed inside kernel k (F2, F4, F5), else why not."""
         n = self.g.node(nid)
+        if k.kind == "concat" and n.op not in REDUCTIONS and not is_anchor(self.g, nid) and (
+                n.op.kind is ops.Kind.ELEMENTWISE or n.op in CHEAP):
+            return None
         if k.kind in ANCHOR_KINDS:
             return f"F5: a {k.kind} kernel reads its operands from memory"
         if n.op in REDUCTIONS:
@@ -330,7 +335,7 @@ class _Fuser:
                 continue  # (a scan's results are placed with it)
             if op is ops.SCAN:
                 k = self.new_kernel(nid)
-                k.body = fuse(g.node(nid).attrs["body"])
+                k.body = fuse(g.node(nid).attrs["body"], body=True)
                 for r in g.users(nid):
                     self.add(k, r)
             elif is_anchor(g, nid):
@@ -343,14 +348,16 @@ class _Fuser:
         g = self.g
         users = [u for u in self.free.users(nid) if u in self.group]
         homes = sorted({self.group[u] for u in users})
-        if nid in self.free.results:
+        if nid in self.free.results and not (self.body and homes):
+            # (a loop body's results -- carries, per-step values -- feed the next body
+            # values: computed where they are used and stored from there, they save a phase)
             why = "F5: it is a result of the step"
         elif nid in self.stored:
             why = "F2: no reduction made its kernel a row kernel, so it would be recomputed per element"
         elif not homes:
             why = "it has no users"
-        elif any(is_anchor(g, u) for u in users):
-            why = f"F5: `{next(g.node(u).op.name for u in users if is_anchor(g, u))}` reads " \
+        elif any(_reads_memory(g, u) for u in users):
+            why = f"F5: `{next(g.node(u).op.name for u in users if _reads_memory(g, u))}` reads " \
                   "its operands from memory"
         elif len(homes) > 1:
             why = self.merge_siblings([self.kernels[h] for h in homes])
@@ -420,6 +427,11 @@ class _Fuser:
             for pair in reads:
                 self.reasons.setdefault(pair, why)
         return False
+
+
+def _reads_memory(g: Graph, nid: int) -> bool:
+    """Does nid read its operands from memory (an anchor other than a concat)?"""
+    return is_anchor(g, nid) and anchor_kind(g, nid) != "concat"
 
 
 def _reaches(deps: dict[int, set[int]], a: int, b: int) -> bool:
@@ -500,12 +512,12 @@ def _merge_phases(f: _Fuser) -> list[Kernel]:
     return out
 
 
-def fuse(graph: Graph, ctx=None) -> Graph:
+def fuse(graph: Graph, ctx=None, body: bool = False) -> Graph:
     """Annotate a copy of the graph with its FusionPlan in graph.meta["fusion"]."""
     g = graph.copy()
     stored: frozenset = frozenset()
     while True:  # a second round stores what the first would recompute per element
-        f = _Fuser(g, stored)
+        f = _Fuser(g, stored, body)
         f.run()
         stray = f.stray_rows() - stored
         if not stray:
@@ -525,7 +537,7 @@ def fuse(graph: Graph, ctx=None) -> Graph:
     materialized = set(g.roots()) | {n for n in group_of if is_anchor(g, n) and g.node(n).op is not ops.SCAN}
     materialized |= {n for n in group_of if g.node(n).op is ops.SCAN_RESULT}
     for n, kid in group_of.items():
-        if g.node(n).op is not ops.SCAN and any(group_of.get(u) != kid or is_anchor(g, u) for u in f.free.users(n)):
+        if g.node(n).op is not ops.SCAN and any(group_of.get(u) != kid or _reads_memory(g, u) for u in f.free.users(n)):
             materialized.add(n)
     for k in kernels:
         k.outputs = [n for n in k.nodes if n in materialized]
