@@ -35,7 +35,10 @@ Rules, applied greedily from the results backwards (consumers before producers):
      takes that kernel as its epilogue;
   F7 kernels are ordered in phases (a barrier between phases); in each phase,
      independent kernels over the same domain merge, and the remaining elementwise
-     kernels merge into one multi-tensor kernel.
+     kernels merge into one multi-tensor kernel;
+  F8 a kernel's values nest at most MAX_DEPTH deep (a longer chain of ops is stored
+     every MAX_DEPTH ops, and recomputed values are at most as deep): the expressions
+     that code generation walks recursively stay shallow whatever the program.
 Every producer/consumer pair left in different kernels records the rule that kept
 them apart (`dlc compile --explain-fusion`). The plan is an annotation: the graph's
 nodes are not changed. Code generation derives exact index maps, so these grouping
@@ -59,6 +62,9 @@ ANCHORS = {
 }
 REDUCTIONS = {ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX}
 ANCHOR_KINDS = frozenset(ANCHORS.values()) | {"colsum"}
+# F8: how deep one kernel's values may nest (a chain of ops computed in one expression)
+MAX_DEPTH = 64
+
 # A sum over leading axes is a column sum: computed inline, each output element would walk
 # its column with a stride of a whole row. From this many rows on, a template adds whole
 # rows instead (contiguous, vectorized), once its input is in memory.
@@ -105,12 +111,13 @@ class Free:
     def __init__(self, g: Graph):
         self.g = g
         self.results = set(g.roots())
-        self._memo: dict[int, bool] = {}
+        self.depth: dict[int, int] = {}  # free node -> how deep its value nests (F8)
+        for nid in g.toposort():  # operands first: no recursion along long chains
+            if self._free(nid):
+                self.depth[nid] = 1 + max((self.depth.get(o, 0) for o in g.operands(nid)), default=0)
 
     def __call__(self, nid: int) -> bool:
-        if nid not in self._memo:
-            self._memo[nid] = self._free(nid)
-        return self._memo[nid]
+        return nid in self.depth
 
     def _free(self, nid: int) -> bool:
         n = self.g.node(nid)
@@ -121,6 +128,8 @@ class Free:
             return n.op is ops.RESHAPE and self.g.node(n.operands[0]).op in (ops.INPUT, ops.SCAN_RESULT)
         if n.op in (ops.CONST, ops.IOTA, ops.RANDOM):
             return True
+        if max((self.depth.get(o, 0) for o in n.operands), default=0) >= MAX_DEPTH:
+            return False  # F8
         if n.op.kind is ops.Kind.ELEMENTWISE and n.type.rank == 0:
             return True  # scalar math: code generation hoists it out of loops
         return n.op in CHEAP and all(self.g.node(o).op is ops.INPUT or self(o) for o in n.operands)
@@ -213,6 +222,7 @@ class _Fuser:
         self.body = body      # a loop body: its results are stored by the kernels that use them
         self.free = Free(g)
         self.group: dict[int, int] = {}
+        self.depth: dict[int, int] = {}  # placed node -> how deep it is in its kernel's values (F8)
         self.kernels: dict[int, Kernel] = {}
         self.deps: dict[int, set[int]] = {}
         self.reasons: dict[tuple[int, int], str] = {}
@@ -237,7 +247,12 @@ class _Fuser:
         r = self.g.node(reduction)
         k.kind, k.domain, k.keep = "reduce", tuple(self.g.node(r.operands[0]).type.shape), kept_axes(r)
 
+    def depth_in(self, k: Kernel, nid: int) -> int:
+        """How deep nid's value would be in kernel k: below its deepest user there."""
+        return 1 + max((self.depth[u] for u in self.free.users(nid) if self.group.get(u) == k.id), default=0)
+
     def add(self, k: Kernel, nid: int) -> None:
+        self.depth[nid] = self.depth_in(k, nid)
         self.group[nid] = k.id
         k.nodes.append(nid)
         for u in self.free.users(nid):  # placed users now read from k
@@ -272,6 +287,8 @@ class _Fuser:
     def fits(self, k: Kernel, nid: int) -> str | None:
         """None if node nid can be computed inside kernel k (F2, F4, F5), else why not."""
         n = self.g.node(nid)
+        if self.depth_in(k, nid) > MAX_DEPTH:
+            return f"F8: the kernel's values already nest {MAX_DEPTH} deep"
         if k.kind == "concat" and n.op not in REDUCTIONS and not is_anchor(self.g, nid) and (
                 n.op.kind is ops.Kind.ELEMENTWISE or n.op in CHEAP):
             return None
@@ -469,15 +486,21 @@ def _war_deps(f: _Fuser) -> dict[int, set[int]]:
 
 
 def _phases(kernels: dict[int, Kernel], deps: dict[int, set[int]]) -> None:
+    """Each kernel one phase after the latest it depends on (iteratively: chains of kernels
+    can be longer than Python's stack)."""
     done: dict[int, int] = {}
-
-    def phase(kid: int) -> int:
-        if kid not in done:
-            done[kid] = 1 + max((phase(d) for d in deps[kid]), default=-1)
-        return done[kid]
-
+    for start in kernels:
+        stack = [start]
+        while stack:
+            kid = stack[-1]
+            todo = [d for d in deps[kid] if d not in done]
+            if kid in done or not todo:
+                done.setdefault(kid, 1 + max((done[d] for d in deps[kid]), default=-1))
+                stack.pop()
+            else:
+                stack.extend(todo)
     for kid, k in kernels.items():
-        k.phase = phase(kid)
+        k.phase = done[kid]
 
 
 def _merge_phases(f: _Fuser) -> list[Kernel]:

@@ -69,17 +69,40 @@ def test_blocks_that_multiply_stop_at_the_graph_budget(monkeypatch):
 
 
 DENSE_500 = "model m(x: f32[B, 8]) -> f32[B, 8] {\n" + "    x = dense(x, 8)\n" * 500 + "    return x\n}\n"
-LSTM_200 = "model m(x: f32[B, 200, 8]) -> f32[B, 4] {\n    h = lstm(x, 16)\n    return dense(h, 4)\n}\n"
+CHAIN_1000 = "model m(x: f32[B, 8]) -> f32[B, 8] {\n" + "    x = tanh(x + 1.0) * x\n" * 1000 + "    return x\n}\n"
+LSTM_1000 = "model m(x: f32[B, 1000, 8]) -> f32[B, 4] {\n    h = lstm(x, 16)\n    return dense(h, 4)\n}\n"
+TRAIN = "train m {\n    data = arrays()\n    loss = mse(output, x)\n    optimizer = sgd(lr=0.1)\n}\n"
 
 
-@pytest.mark.parametrize("source, line", [(LSTM_200, 2), (DENSE_500, 251)], ids=["lstm-200-steps", "500-dense"])
-def test_a_graph_too_deep_for_a_pass_is_a_located_error(source, line):
-    """Passes recurse along chains of nodes; their RecursionError becomes a DlcError at the
-    line making up most of the chain (the lstm), or else at its middle (the 250th dense)."""
-    m = dlc.load(source)
+@pytest.mark.parametrize("source", [DENSE_500, CHAIN_1000, LSTM_1000], ids=["500-dense", "1000-ops", "lstm-1000-steps"])
+def test_deep_graphs_compile(source):
+    """Guard rail (issue 12): chains of over a thousand dependent operations -- 500 stacked
+    layers, 1000 chained ops of one shape and their gradients (fused: a kernel's values nest
+    at most fuse.MAX_DEPTH deep), a recurrent layer over 1000 steps (a loop) -- lower to
+    kernel IR that keeps the contract and to LLVM IR, with no RecursionError."""
+    from dlc import backends
+    from dlc.backends.llvm.codegen import ModuleBuilder
+    from dlc.core.kernel import check_program
+    from dlc.pipeline import kernel_program
+    m = dlc.load(source + TRAIN if source is CHAIN_1000 else source)
+    cpu = backends.backend("cpu")
+    program = kernel_program(m.lower("train" if source is CHAIN_1000 else "eval", batch=2), cpu.templates)
+    check_program(program)
+    ModuleBuilder(program, cpu.target({"threads": 2})).build()
+
+
+def test_a_graph_too_deep_for_a_pass_is_a_located_error(monkeypatch):
+    """A pass that still recurses too deep gives a DlcError at the line making up most of the
+    longest chain (here the 250th dense: the middle of 500 alike lines), not a traceback."""
+    from dlc.passes import fuse
+
+    def too_deep(graph, ctx=None):
+        raise RecursionError
+    monkeypatch.setattr(fuse, "fuse", too_deep)
+    m = dlc.load(DENSE_500)
     with pytest.raises(DlcError, match="too deep for the `fuse` pass") as e:
         m.lower("eval", batch=2)
-    assert e.value.span is not None and e.value.span.line == line, e.value.render()
+    assert e.value.span is not None and e.value.span.line == 251, e.value.render()
 
 
 def _generated(n: int) -> str:

@@ -3,9 +3,12 @@
 - generic scans (several carries, an integer carry, sequences, invariants, no sequences,
   reverse, a scan nested in a body, symbolic T and B), each against a numpy loop written
   here: shape rule, reference interpreter (f32 and f64), autodiff against central finite
-  differences (f64), the native backend (through unroll_scans) against the reference;
-- the scan's vjp against the gradients of the unrolled graph, for rnn/lstm/gru layers with
-  every option, and its shape: a reverse scan, the weight gradient one matmul over all steps;
+  differences (f64), the native backend (a kernel-IR Loop) against the reference;
+- the scan's vjp against the gradients of the unrolled graph (tests/unrolled.py), for
+  rnn/lstm/gru layers with every option, and its shape: a reverse scan, the weight
+  gradient one matmul over all steps;
+- loops on the native backend: code that does not grow with T, an LSTM over 1000 and 5000
+  steps trained on cpu, the loop's storage (stacked or double-buffered carries);
 - the graph passes on scans (pruning, merging, folding and simplifying bodies, cse,
   specialize), the printer, shape-rule errors;
 - the size of the graph does not grow with T: `dlc check` of an LSTM over 100000 steps.
@@ -24,11 +27,13 @@ import numpy as np
 import pytest
 
 import dlc
+from dlc.backends.llvm.codegen import ModuleBuilder
 from dlc.backends.reference import run_graph
 from dlc.core import ops
 from dlc.core.builder import GraphBuilder
 from dlc.core.diagnostics import DlcError
 from dlc.core.graph import Graph
+from dlc.core.kernel import Loop, all_kernels, check_program, format_program
 from dlc.core.printer import print_graph
 from dlc.core.types import DType, ShapeError, TensorType, TupleType, sym
 from dlc.language import nn
@@ -36,12 +41,15 @@ from dlc.passes.autodiff import autodiff
 from dlc.passes.cse import cse
 from dlc.passes.dce import dce
 from dlc.passes.fold_constants import fold_constants
+from dlc.passes.loops import Storage
 from dlc.passes.simplify import simplify
 from dlc.passes.specialize import specialize
-from dlc.passes.unroll_scans import unroll_scans
+from dlc.pipeline import kernel_program, lower
+from dlc.program import make_program
 
-from test_backend_cpu import merge, run_cpu
+from test_backend_cpu import CPU, merge, run_cpu
 from test_ops import Ctx
+from unrolled import unroll_scans
 
 ROOT = Path(__file__).resolve().parent.parent
 F32, I32 = DType.f32, DType.i32
@@ -227,10 +235,10 @@ def test_scan_gradient_matches_finite_differences(name):
 
 
 def test_scans_on_cpu_match_reference():
-    """The cases the layers' rows do not cover (an integer carry, reverse, no sequences,
-    nesting) with their gradients, unrolled for the native backend, in one module."""
+    """Every case (an integer carry, reverse, no sequences, nesting: the layers' rows cover
+    the rest) with its gradients, as loops on the native backend, in one module."""
     graphs, feeds = [], {}
-    for i, name in enumerate(["two-carries-reverse", "no-sequences", "nested"]):
+    for i, name in enumerate(CASES):
         g, _, f = _graph(name)
         graphs.append(autodiff(g))
         feeds.update({f"r{i}.{k}": v for k, v in f.items()})
@@ -243,7 +251,7 @@ def test_scans_on_cpu_match_reference():
 
 def test_symbolic_length_and_batch():
     """T and B symbolic: the shape rule keeps T, the interpreter binds both from the inputs,
-    autodiff works on the symbolic graph; unrolling needs T known."""
+    autodiff works on the symbolic graph; a native loop needs T known."""
     t, bsym = sym("T"), sym("B")
     g = Graph("sym")
     b = GraphBuilder(g)
@@ -273,7 +281,7 @@ def test_symbolic_length_and_batch():
     bound.verify()
     assert all(isinstance(d, int) for n in bound.ids() for d in _dims(bound.node(n).type))
     with pytest.raises(DlcError, match="symbolic length T"):
-        unroll_scans(specialize(dg, {"B": 2}))
+        lower(dg, 2)
 
 
 def _dims(t):
@@ -376,6 +384,114 @@ def test_check_of_an_lstm_over_100000_steps_does_not_unroll(tmp_path):
                        text=True, timeout=120, env=dict(os.environ, NO_COLOR="1"))
     assert r.returncode == 0, r.stderr
     assert "lstm" in r.stdout
+
+
+# --- loops on the native backend --------------------------------------------------------------
+
+def _lstm(steps: int, hidden: int = 4, features: int = 3) -> dlc.Model:
+    return dlc.load(f"""
+model m(x: f32[B, {steps}, {features}]) -> f32[B, 3] {{
+    h = x |> lstm({hidden})
+    return dense(h, 3)
+}}
+train m {{
+    data = arrays()
+    loss = cross_entropy(output, label)
+    optimizer = adam(lr=1e-2)
+    batch = 2
+}}
+""")
+
+
+def test_generated_code_does_not_grow_with_time():
+    """The training step of an LSTM over 8 and over 512 steps: the same loops, their bodies'
+    functions instruction for instruction; kernels outside the loops, over all steps at
+    once, may choose other code by size (a column sum, a GEMM, threads), no more."""
+    sizes = []
+    for steps in (8, 512):
+        program = kernel_program(_lstm(steps).lower("train", batch=2), CPU.templates)
+        check_program(program)
+        loops = [k for k in program.kernels if isinstance(k, Loop)]
+        assert [lp.var.extent for lp in loops] == [steps, steps] and [lp.reverse for lp in loops] == [False, True]
+        mb = ModuleBuilder(program, CPU.target({"threads": 2}), tag="t")
+        mb.build()
+        count = {f.name: sum(len(b.instructions) for b in f.blocks) for mod in mb.modules for f in mod.functions
+                 if f.blocks}
+        in_loops = {k.name for lp in loops for k in all_kernels(lp.body)}
+        fixed = {name: n for name, n in count.items() if name.rsplit(".", 2)[0] in in_loops}
+        sizes.append(([(k.name, k.phase) for lp in loops for k in all_kernels(lp.body)] + [len(program.kernels)],
+                      fixed, sum(count.values())))
+    (kernels8, fixed8, total8), (kernels512, fixed512, total512) = sizes
+    assert kernels8 == kernels512 and fixed8 == fixed512 and len(fixed8) >= 4
+    assert total512 < 1.5 * total8, (total8, total512)
+
+
+def _train_steps(m: dlc.Model, target: str, steps: int, tmp_path) -> tuple[list, dict]:
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    state = {k: v.copy() for k, v in m.state.items()}
+    program = make_program(target, graph, state, options={"cache_dir": tmp_path})
+    rng = np.random.default_rng(0)
+    name, t = m.input_types[0]
+    out = []
+    for _ in range(steps):
+        feeds = {name: rng.normal(size=(2,) + tuple(t.shape[1:])).astype(np.float32),
+                 "label": rng.integers(0, 3, 2).astype(np.int32), "lr": np.float32(0.01)}
+        out.append(program.run(feeds))
+    return out, state
+
+
+def test_lstm_over_1000_steps_trains_on_cpu_like_the_reference(tmp_path):
+    """Beyond the old unrolling limit: two training steps on cpu agree with the reference
+    interpreter within float32 rounding over 1000 dependent steps (rtol 1e-3, atol 1e-5:
+    each step's sums are ordered differently)."""
+    m = _lstm(1000)
+    want, ref_state = _train_steps(m, "reference", 2, tmp_path)
+    got, cpu_state = _train_steps(m, "cpu", 2, tmp_path)
+    for a, b in zip(want, got):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=k)
+    for k in ref_state:
+        np.testing.assert_allclose(cpu_state[k], ref_state[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_lstm_over_5000_steps_compiles_and_trains_on_cpu(tmp_path):
+    (first, second), state = _train_steps(_lstm(5000), "cpu", 2, tmp_path)
+    assert np.isfinite(first["loss"]) and np.isfinite(second["loss"])
+    assert all(np.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.parametrize("length, reverse", [(1, False), (1, True), (4, False), (5, True)])
+def test_carry_storage_slots(length, reverse):
+    """Where a carry lives: step t reads `entering(t)` and writes `leaving(t)`, which the next
+    step reads; the initial carry is in `first`, the final one in `last`; a stacked carry
+    keeps every step's (its windows are the stash), a double-buffered one alternates."""
+    from dlc.core.kernel import Exprs
+    from dlc.core.kernel.analysis import eval_ix
+    x = Exprs()
+    t = x.var("t", length)
+    order = list(reversed(range(length))) if reverse else list(range(length))
+    for stacked in (False, True):
+        s = Storage(length, reverse, stacked)
+        at = lambda f, step: eval_ix(f(x, t), {"t": step})  # noqa: E731
+        assert at(s.entering, order[0]) == s.first()
+        assert at(s.leaving, order[-1]) == s.last()
+        for a, b in zip(order, order[1:]):
+            assert at(s.leaving, a) == at(s.entering, b) != at(s.entering, a)
+        assert all(0 <= at(f, step) < s.slots for f in (s.entering, s.leaving) for step in order)
+        if stacked:  # the windows: slot window(after) + t holds the carry entering (leaving) step t
+            assert [at(s.entering, step) for step in range(length)] == \
+                [s.window(False) + step for step in range(length)]
+            assert [at(s.leaving, step) for step in range(length)] == \
+                [s.window(True) + step for step in range(length)]
+
+
+def test_loop_in_the_kernel_ir_dump():
+    m = _lstm(6)
+    program = kernel_program(m.lower("train", batch=2), CPU.templates)
+    text = format_program(program)
+    assert "for t" in text and "down to 0" in text  # the forward loop and the reverse one
+    assert ".c0.in = " in text and ".x0 = " in text  # views of the carry storage and of a sequence
 
 
 # --- passes on scans -------------------------------------------------------------------------

@@ -232,17 +232,19 @@ class Emitter:
             hit = self.scopes[-1][id(e)] = IX_RULES[type(e)](self, e)
         return hit
 
-    def hoist(self, e: Ex, bound: frozenset) -> None:
+    def hoist(self, e: Ex, bound: frozenset, seen: set | None = None) -> None:
         """Compute now (in the current scope) the largest parts of e that depend only on
         `bound` variables and cost more than a constant."""
-        if isinstance(e, Lit) or self._cached(id(e)) is not None:
+        seen = set() if seen is None else seen
+        if isinstance(e, Lit) or id(e) in seen or self._cached(id(e)) is not None:
             return
+        seen.add(id(e))  # (each shared subexpression once: a DAG can have exponentially many paths)
         if self.free_vars(e) <= bound and not isinstance(e, Index):
             self.value(e)
             return
         if isinstance(e, Op):
             for x in e.args:
-                self.hoist(x, bound)
+                self.hoist(x, bound, seen)
 
     def value(self, e: Ex) -> ir.Value:
         hit = self._cached(id(e))
@@ -358,8 +360,9 @@ def emit_nest(em: Emitter, nest: LoopNest, tid, nthreads, bounds: dict | None = 
         em.push()
         store_all(em, nest.row_stores)
         if nest.stores:
+            seen: set = set()
             for s in nest.stores:
-                em.hoist(s.value, outer_names)
+                em.hoist(s.value, outer_names, seen)
             _inner_loops(em, nest, list(nest.inner))
         em.pop()
         return []

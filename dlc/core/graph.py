@@ -38,6 +38,7 @@ class Graph:
 
     def __post_init__(self):
         self._nodes: dict[int, Node] = {}
+        self._inputs: dict[int, None] = {}  # input nodes, in id order (found without a scan of every node)
         self._index = nx.MultiDiGraph()
         self._next = 0
 
@@ -66,11 +67,10 @@ class Graph:
         return list(dict.fromkeys(list(self.outputs.values()) + list(self.updates.values())))
 
     def inputs(self, role: str | None = None) -> list[int]:
-        return [i for i, n in self._nodes.items()
-                if n.op is INPUT and (role is None or n.attrs["role"] == role)]
+        return [i for i in self._inputs if role is None or self._nodes[i].attrs["role"] == role]
 
     def input_named(self, name: str) -> int:
-        for i in self.inputs():
+        for i in self._inputs:
             if self._nodes[i].attrs["name"] == name:
                 return i
         raise KeyError(name)
@@ -84,6 +84,8 @@ class Graph:
         nid = self._next
         self._next += 1
         self._nodes[nid] = node
+        if node.op is INPUT:
+            self._inputs[nid] = None
         self._index.add_node(nid)
         for slot, src in enumerate(node.operands):
             self._index.add_edge(src, nid, key=slot)
@@ -95,6 +97,8 @@ class Graph:
         for slot, src in enumerate(old.operands):
             self._index.remove_edge(src, nid, key=slot)
         self._nodes[nid] = node
+        if (old.op is INPUT) != (node.op is INPUT):
+            self._inputs = {i: None for i, n in self._nodes.items() if n.op is INPUT}
         for slot, src in enumerate(node.operands):
             self._index.add_edge(src, nid, key=slot)
 
@@ -114,6 +118,7 @@ class Graph:
             raise VerifyError(f"node {nid} still has users")
         self._index.remove_node(nid)
         del self._nodes[nid]
+        self._inputs.pop(nid, None)
 
     def remove_unused(self, keep_inputs: bool = True) -> int:
         """Drop nodes no result depends on (inputs too, unless keep_inputs). Returns the count."""
@@ -128,11 +133,13 @@ class Graph:
         self._index.remove_nodes_from(dead)
         for i in dead:
             del self._nodes[i]
+            self._inputs.pop(i, None)
         return len(dead)
 
     def copy(self) -> "Graph":
         g = Graph(self.name, dict(self.outputs), dict(self.updates), dict(self.meta))
         g._nodes = dict(self._nodes)
+        g._inputs = dict(self._inputs)
         g._index = self._index.copy()
         g._next = self._next
         return g

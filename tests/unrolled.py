@@ -1,8 +1,6 @@
-"""unroll_scans: replace every scan by `length` inlined copies of its body.
-
-A stopgap lowering for the native backend, whose kernel IR has no sequential loop yet:
-it runs after `specialize` (T must be a known number) and before `fuse`. The reference
-interpreter and `dlc check` never unroll: they keep the one loop node.
+"""unroll_scans: every scan replaced by `length` inlined copies of its body -- the oracle the
+tests check loops against (the scan's vjp against the unrolled graph's gradients). The
+compiler itself never unrolls: native targets run scans as loops (passes/loops.py).
 
 Step t reads xs[t] -- a slice of axis 0 -- and its outputs are joined along axis 0 again.
 A few rewrites keep the unrolled graph what the layers produced when they unrolled
@@ -27,10 +25,6 @@ from dlc.core.diagnostics import DlcError
 from dlc.core.graph import Graph, Node
 from dlc.core.ops.scan import signature
 from dlc.passes.simplify import scalar_of
-
-
-# Until the kernel IR runs loops, a native target holds one copy of a loop's body per step.
-MAX_UNROLLED_STEPS = 1000
 
 
 def unroll_scans(graph: Graph, ctx=None) -> Graph:
@@ -60,11 +54,6 @@ def _unroll(g: Graph, b: GraphBuilder, nid: int, pieces: dict[int, list[int]]) -
     if not isinstance(length, int):
         raise DlcError(f"cannot unroll a loop of symbolic length {length}: the number of time "
                        "steps must be known", node.span)
-    if length > MAX_UNROLLED_STEPS:  # the graph would hold every step: bound time and memory
-        raise DlcError(f"this target unrolls recurrent loops, and {length:,} time steps exceed its limit "
-                       f"of {MAX_UNROLLED_STEPS:,}", node.span,
-                       hint="use --target reference, or check the time axis (the second dimension) "
-                            "of the input type")
     operands = node.operands
     sig = signature(body, k, s, len(operands) - k - s)
     order = [n for n in body.toposort() if body.node(n).op is not ops.INPUT]
