@@ -97,18 +97,23 @@ def torch_models():
                              nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                              nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
 
-    class LSTM(nn.Module):
-        def __init__(self):
+    class Recurrent(nn.Module):
+        def __init__(self, layer=nn.LSTM, features=64):
             super().__init__()
-            self.lstm = nn.LSTM(64, 128, batch_first=True)
+            self.rnn = layer(features, 128, batch_first=True)
             self.out = nn.Linear(128, 10)
 
         def forward(self, x):
-            return self.out(self.lstm(x)[0][:, -1])
+            return self.out(self.rnn(x)[0][:, -1])
 
-    return {"mlp": (mlp, (784,), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
-            "lenet": (lenet, (1, 28, 28), lambda p: torch.optim.Adam(p, lr=1e-3)),
-            "lstm": (LSTM, (32, 64), lambda p: torch.optim.Adam(p, lr=1e-3))}
+    adam = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
+    models = {"mlp": (mlp, (784,), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
+              "lenet": (lenet, (1, 28, 28), adam),
+              "lstm": (Recurrent, (32, 64), adam)}
+    for layer, steps in RECURRENT:  # as recurrent_source
+        models[f"{layer}_T{steps}"] = (lambda layer=layer: Recurrent(getattr(nn, layer.upper()), 32), (steps, 32),
+                                       adam)
+    return models
 
 
 def torch_train_step(kind: str, batch: int, compiled: bool = False):
@@ -147,7 +152,33 @@ def torch_forward(kind: str, batch: int):
 
 TARGETS = {  # workload -> (peer, target ratio dlc/peer, "<=" or ">=" on speedup)
     "mlp_b128": 0.7, "lenet_b64": 0.7, "lstm_b32": 0.7, "mlp_b8": 1 / 3, "mlp_b1": 1 / 3,
+    "lstm_T32": 0.8, "lstm_T128": 0.8, "lstm_T512": 0.8, "gru_T128": 0.8,
 }
+RECURRENT = [("lstm", 32), ("lstm", 128), ("lstm", 512), ("gru", 128)]  # (layer, time steps)
+RECURRENT_COMPILE_TARGET = 2.0  # seconds, cold, at every T
+
+
+def recurrent_source(layer: str, steps: int) -> str:
+    """A recurrent classifier: T steps of 32 features, hidden 128, batch 32, Adam."""
+    return (f"model {layer}{steps}(x: f32[B, {steps}, 32]) -> f32[B, 10] {{\n"
+            f"    h = x |> {layer}(128)\n    return dense(h, 10)\n}}\n\n"
+            f"train {layer}{steps} {{\n    data = arrays()\n    loss = cross_entropy(output, label)\n"
+            f"    optimizer = adam(lr=1e-3)\n    batch = 32\n}}\n")
+
+
+def interleaved(a, b, steps: int, repeats: int) -> tuple[float, float, float]:
+    """Blocks of `steps` calls of a and of b, alternating, `repeats` times: the median
+    seconds per call of each and the median of the blocks' ratios a/b (a machine whose load
+    changes over the run slows both sides of a ratio alike)."""
+    a(), b()  # warm up (and compile)
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, out in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            out.append((time.perf_counter() - start) / steps)
+    return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb))
 
 
 def main() -> int:
@@ -156,7 +187,10 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     ap.add_argument("--threads", type=int, default=None, help="threads for dlc and torch (default: all cores)")
     ap.add_argument("--out", default=str(HERE / "results.json"), help="where to write the figures")
+    ap.add_argument("--only", default="gemm,training,recurrent,inference,compile",
+                    help="comma-separated sections to run (default: all of gemm,training,recurrent,inference,compile)")
     args = ap.parse_args()
+    sections = set(args.only.split(","))
     threads = args.threads or os.cpu_count()
     repeats, scale = (3, 0.3) if args.quick else (7, 1.0)
     try:
@@ -169,12 +203,14 @@ def main() -> int:
     from dlc import backends
     info = {"machine": platform.machine(), "cpu": backends.backend("cpu").target({"threads": threads}).describe(), "python": platform.python_version(),
             "numpy": np.__version__, "dlc": dlc.__version__, "threads": threads,
-            "torch": torch.__version__ if have_torch else None}
-    print(f"dlc {info['dlc']} on {info['cpu']}; numpy {info['numpy']}; torch {info['torch']}")
+            "torch": torch.__version__ if have_torch else None,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    print(f"dlc {info['dlc']} on {info['cpu']}; numpy {info['numpy']}; torch {info['torch']}; "
+          f"load average {info['load_average']}")
     rows = []
 
-    def record(name, dlc_s, peer_name, peer_s, target=None):
-        ratio = dlc_s / peer_s if peer_s else None
+    def record(name, dlc_s, peer_name, peer_s, target=None, ratio=None):
+        ratio = ratio if ratio is not None else dlc_s / peer_s if peer_s else None
         rows.append({"workload": name, "dlc_ms": dlc_s * 1e3, "peer": peer_name,
                      "peer_ms": peer_s * 1e3 if peer_s else None, "ratio": ratio, "target": target,
                      "met": None if target is None or ratio is None else ratio <= target})
@@ -184,7 +220,7 @@ def main() -> int:
 
     # GEMM against numpy's BLAS (forward of a one-matmul model)
     print("GEMM (float32, N x N @ N x N)")
-    for n in (256, 512, 1024, 2048):
+    for n in (256, 512, 1024, 2048) if "gemm" in sections else ():
         src = (HERE / "models" / "gemm.dln").read_text().replace("N]", f"{n}]").replace("[N,", f"[{n},")
         path = Path(tempfile.mkdtemp()) / f"gemm{n}.dln"
         path.write_text(src.replace("f32[B, N]", f"f32[B, {n}]"))
@@ -199,7 +235,7 @@ def main() -> int:
     workloads = [("mlp_b128", "mlp784.dln", "mlp", 128, 50), ("mlp_b8", "mlp784.dln", "mlp", 8, 200),
                  ("mlp_b1", "mlp784.dln", "mlp", 1, 300), ("lenet_b64", "lenet28.dln", "lenet", 64, 30),
                  ("lstm_b32", "lstm32.dln", "lstm", 32, 20)]
-    for name, file, kind, batch, steps in workloads:
+    for name, file, kind, batch, steps in workloads if "training" in sections else ():
         steps = max(2, int(steps * scale))
         d = median_time(dlc_train_step(HERE / "models" / file, batch, threads), steps, repeats)
         if have_torch:
@@ -214,15 +250,33 @@ def main() -> int:
         else:
             record(name, d, "-", None)
 
+    print("recurrent layers: training step (blocks interleaved with PyTorch's; median ratio) and cold compile")
+    for layer, steps in RECURRENT if "recurrent" in sections else ():
+        name = f"{layer}_T{steps}"
+        path = Path(tempfile.mkdtemp()) / f"{layer}{steps}.dln"
+        path.write_text(recurrent_source(layer, steps))
+        cold, _ = compile_times(path, threads)
+        n = max(2, int(256 // steps * scale))
+        d = dlc_train_step(path, 32, threads)
+        if have_torch:
+            d_s, t_s, ratio = interleaved(d, torch_train_step(name, 32), n, repeats)
+            record(name, d_s, "torch eager", t_s, TARGETS.get(name), ratio=ratio)
+        else:
+            record(name, median_time(d, n, repeats), "-", None)
+        compile_ok = "met" if cold <= RECURRENT_COMPILE_TARGET else "missed"
+        print(f"  {name:<22} cold compile {cold:6.2f} s   (target <= {RECURRENT_COMPILE_TARGET:.0f} s: {compile_ok})")
+        rows[-1].update(cold_compile_s=cold)
+
     print("inference")
-    steps = max(2, int(300 * scale))
-    d = median_time(dlc_forward(HERE / "models" / "mlp784.dln", 1, threads), steps, repeats)
-    t = median_time(torch_forward("mlp", 1), steps, repeats) if have_torch else None
-    record("mlp_infer_b1", d, "torch eager" if have_torch else "-", t)
+    if "inference" in sections:
+        steps = max(2, int(300 * scale))
+        d = median_time(dlc_forward(HERE / "models" / "mlp784.dln", 1, threads), steps, repeats)
+        t = median_time(torch_forward("mlp", 1), steps, repeats) if have_torch else None
+        record("mlp_infer_b1", d, "torch eager" if have_torch else "-", t)
 
     print("compile time (load .dln -> training step ready)")
     compile_rows = []
-    for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln"):
+    for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln") if "compile" in sections else ():
         cold, warm = compile_times(HERE / "models" / file, threads)
         compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
         print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
