@@ -418,6 +418,24 @@ class _Fuser:
                 if k.id in self.kernels and k.anchor is not None and k.kind not in ("gather", "concat", "scan"):
                     changed |= self.take_epilogue(k)
 
+    def reads_in_order(self, e: Kernel, readers: list[int], shape: tuple) -> bool:
+        """Does elementwise kernel e, over another shape of as many elements, read the anchor's
+        output only through reshapes (the element its own iteration writes, in row-major
+        order: an epilogue over the output can compute it)? (A layer's x @ w, reshaped to
+        [T, B, 4H], plus its bias.)"""
+        g = self.g
+        if numel(e.domain) != numel(shape):
+            return False
+        for u in readers:
+            if g.node(u).op is not ops.RESHAPE:
+                return False
+            for w in self.free.users(u):
+                n = g.node(w)
+                if self.group.get(w) == e.id and (n.op.kind is not ops.Kind.ELEMENTWISE
+                                                  or tuple(n.type.shape) != e.domain):
+                    return False
+        return True
+
     def take_epilogue(self, k: Kernel) -> bool:
         g = self.g
         shape = tuple(g.node(k.anchor).type.shape)
@@ -432,7 +450,8 @@ class _Fuser:
                                                                f"{k.kind} result is stored for it")
                 continue
             reads = [(n, u) for n in k.nodes for u in self.free.users(n) if self.group.get(u) == e.id]
-            if e.domain != shape or any(g.node(n).type.shape != shape for n, _ in reads):
+            if any(g.node(n).type.shape != shape for n, _ in reads) or not (
+                    e.domain == shape or self.reads_in_order(e, [u for _, u in reads], shape)):
                 why = "F6: the consumer is not an elementwise loop over the same shape"
             elif self.reaches_indirectly(e.id, k.id):
                 why = "F6: the consumer also reads a kernel that depends on this one"

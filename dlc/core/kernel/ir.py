@@ -328,6 +328,10 @@ class Exprs:
             return a
         if isinstance(b, Const) and isinstance(a, Add) and isinstance(a.b, Const):  # (x + c1) + c2
             return self.add(a.a, self.const(a.b.value + b.value))
+        for p, q in ((a, b), (b, a)):  # (x // c) * c + x % c = x (a reshape's unravel, raveled again)
+            if isinstance(p, Mul) and isinstance(p.a, Div) and isinstance(q, Mod) and p.a.a is q.a \
+                    and p.c == p.a.c == q.c:
+                return q.a
         return self._make(Add, a, b, lo=a.lo + b.lo, hi=a.hi + b.hi)
 
     def mul(self, a: Ix, c: int) -> Ix:
