@@ -18,6 +18,8 @@ artifacts, and runs steps. A backend:
   dump(program, stage, target) -> text of one of its stages
   check_target(saved, target)   None, or why code built for `saved` (a target's JSON)
                                 cannot run on `target`
+  sync_state(state)   make the host arrays in `state` current (a backend that keeps the
+                      state in a device's memory copies it back); a no-op by default
 
 A backend that interprets graphs instead (the numpy reference) sets `lowers = False` and
 implements `interpret(graph, state)`.
@@ -59,6 +61,7 @@ class Compiled:
     blobs: list[bytes]
     layout: StepLayout
     timings: dict = field(default_factory=dict)   # phase -> seconds, for --verbose
+    notes: list[str] = field(default_factory=list)  # more lines for --verbose (registers per kernel)
 
 
 class Step(Protocol):
@@ -66,8 +69,11 @@ class Step(Protocol):
     calls: int
 
     def run(self, state: dict, feeds: dict) -> dict:
-        """One step: reads parameters and state from `state` and updates them in place;
-        returns copies of the results."""
+        """One step: reads parameters and state from `state` and updates them in place
+        (or in a device copy, see Backend.sync_state); returns copies of the results:
+        numpy arrays, or deferred values that are read on first use (`np.asarray(v)`,
+        `float(v)`) and say whether that would wait (`v.ready()`), so that a caller can
+        read the results of a step while later steps run."""
 
     def profile_rows(self) -> list[tuple[str, tuple, float]]:
         """(kernel, .dln lines, seconds) over the calls so far (empty when not profiled)."""
@@ -100,6 +106,16 @@ class Backend:
 
     def check_target(self, saved: dict, target) -> str | None:
         return None if saved == target.to_json() else f"it was compiled for another {self.name} target"
+
+    def sync_state(self, state: dict) -> None:
+        """Make the host arrays in `state` the current copy of the model's state.
+
+        A backend whose steps keep the state elsewhere between steps (a GPU's memory, shared
+        by every step that runs on the same `state` dict) copies it back here, and its next
+        step re-reads the host arrays (which the caller may have changed meanwhile). The
+        driver calls this before it reads or writes state arrays outside a step: checkpoints,
+        restoring weights, `Model.state` and `Model.params`, a step of another backend on
+        the same state. Backends that run on the host arrays in place need nothing here."""
 
 
 def layout_slots(program) -> list:

@@ -85,7 +85,7 @@ class Model:
         self._train = frontend.build(program, self.name, mode="train")
         self.train_config = self._eval.train
         seed = self.train_config.seed if self.train_config else 0
-        self.state: dict[str, np.ndarray] = init_state(self._train, seed)
+        self._state: dict[str, np.ndarray] = init_state(self._train, seed)
         self.normalizer = None
         self._sessions: dict = {}
         self.preloaded: dict = {}  # (backend, mode, batch) -> (blobs, layout) from an artifact
@@ -119,7 +119,7 @@ class Model:
             lowered = self.lower(mode, batch, disabled=disabled, log=log)
             out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in passes]
             if later:
-                backend = backends.backend(target)
+                backend = backends.backend(target, runnable=False)  # printing code needs no GPU
                 program = pipeline.kernel_program(lowered, backend.templates)
                 target_desc = backend.target({}) if set(later) - {"kernel"} else None
                 out += [(n, format_program(program) if n == "kernel" else backend.dump(program, n, target_desc))
@@ -188,6 +188,14 @@ class Model:
             raise ArgumentError(f"model {self.name} has no train block",
                                 hint="add `train <model> { data = ..., loss = ... }`")
         return self.train_config
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """Parameters and state by name: numpy arrays, current (a backend that keeps them in
+        a GPU's memory between steps copies them back first), shared with the sessions."""
+        from dlc import backends
+        backends.sync_state(self._state)
+        return self._state
 
     @property
     def params(self) -> dict[str, np.ndarray]:

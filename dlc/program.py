@@ -29,6 +29,7 @@ def make_program(target: str, graph, state: dict, *, key: str | None = None, dat
     backend = backends.backend(target)
     options = dict(options or {})
     if not backend.lowers:
+        backends.sync_state(state)  # an interpreter reads the host arrays
         return backend.interpret(graph() if callable(graph) else graph, state)
     return CompiledProgram(backend, graph, state, key=key, data_name=data_name, preloaded=preloaded, **options)
 
@@ -70,6 +71,7 @@ class CompiledProgram:
     def run(self, feeds: dict) -> dict:
         batch = len(feeds[self.data_name])
         step = self.steps.get(batch) or self.step_for(batch)
+        backends.sync_state(self.state, keep=self.backend)  # another backend's device copy comes back first
         return step.run(self.state, feeds)
 
     def step_for(self, batch: int):
@@ -105,6 +107,8 @@ class CompiledProgram:
         phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in compiled.timings.items())
         self._say(f"compile cache {'miss ' + key[:12] if key else 'off'} ({self.graph.name}, batch {batch}): "
                   f"passes {(lowered - start) * 1e3:.0f} ms, {phases}")
+        for note in compiled.notes:
+            self._say(note)
         return compiled.blobs, compiled.layout
 
     def _cache_key(self, batch: int) -> str:
