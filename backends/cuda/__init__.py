@@ -48,7 +48,7 @@ class CudaBackend(Backend):
         lines = {k.name: list(k.lines) for k in program.kernels}
         meta = {"arch": target.arch, "steps": [s.to_json() for s in rendered.steps], "profile": profile}
         layout = StepLayout(program.arena_bytes, rendered.workspace_bytes, layout_slots(program),
-                            layout_outputs(program), [[s.part, s.phase, lines[s.part]] for s in rendered.launches],
+                            layout_outputs(program), [[s.part, s.phase, _lines(s.part, lines)] for s in rendered.launches],
                             meta=meta)
         return rendered.source, layout
 
@@ -92,6 +92,11 @@ class CudaBackend(Backend):
         if arch == target.arch:
             return None
         return f"it was compiled for {arch} (NVRTC {saved.get('nvrtc', '?')}); this GPU needs {target.arch}"
+
+
+def _lines(part: str, lines: dict) -> list:
+    """The .dln lines of a launch's kernels ("k3_x+k4_y" when kernels of a phase share it)."""
+    return sorted({line for name in part.split("+") for line in lines[name]})
 
 
 def _compile(source: str, arch: str):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import numpy as np
 
@@ -230,7 +231,7 @@ def _narrow(e, text: str, wide: bool) -> str:
 
 def atom(text: str) -> str:
     """text, parenthesized unless it is a name, a number or already one parenthesized unit."""
-    if text.replace("_", "").replace(".", "").isalnum():
+    if text.replace("_", "").replace(".", "").isalnum() or re.fullmatch(r"\((long long|int|unsigned)\)\w+", text):
         return text
     if text.startswith("(") and text.endswith(")"):
         depth = 0
@@ -434,9 +435,9 @@ class Emitter:
         return name
 
     @contextlib.contextmanager
-    def block(self, head: str):
+    def block(self, head: str, comment: str = ""):
         """`head {` ... `}`: a C scope, and a cache scope (values computed inside stay inside)."""
-        self.line(f"{head} {{")
+        self.line((f"{head} {{" if head else "{") + (f"  // {comment}" if comment else ""))
         self.depth += 1
         self.scopes.append({})
         try:

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import math
 import re
+
+import numpy as np
 from dataclasses import asdict, dataclass, field
 
 from dlc.core.kernel import (Buffer, Exprs, FreeVars, Kernel, KernelProgram, Load, LoopNest, Reduce, Template,
@@ -239,8 +241,9 @@ def inner_order_matters(nest: LoopNest, exprs, free: FreeVars) -> bool:
                for e in exprs)
 
 
-def _unravel(em: Emitter, flat: str, vars_) -> None:
-    """const int v = flat / (extents after v) % extent, for each variable."""
+def _unravel(em: Emitter, flat: str, vars_, u: str = "u") -> None:
+    """const int v = flat / (extents after v) % extent, for each variable (`u`: the
+    constants' suffix, "u" when flat is unsigned)."""
     extents = [v.extent for v in vars_]
     for k, v in enumerate(vars_):
         stride = math.prod(extents[k + 1:])
@@ -248,8 +251,8 @@ def _unravel(em: Emitter, flat: str, vars_) -> None:
         if v.extent == 1:
             text = "0"
         else:
-            text = flat if stride == 1 else f"{flat} / {stride}u"
-            text = text if k == 0 else f"{text} % {v.extent}u"
+            text = flat if stride == 1 else f"{flat} / {stride}{u}"
+            text = text if k == 0 else f"{text} % {v.extent}{u}"
         em.line(f"const {t} {v.name} = {text};")
         em.vars[v.name] = v.name
 
@@ -305,11 +308,13 @@ def _shared_decls(smem: set) -> list[str]:
     return out
 
 
-def render_nest(name: str, nest: LoopNest, names: Names, free: FreeVars) -> tuple[str, NestPlan, list, int]:
-    """(source, plan, launch arguments, static shared bytes) of one loop nest."""
+def render_nest(name: str, group: list[LoopNest], names: Names, free: FreeVars) -> tuple[str, NestPlan, list, int]:
+    """(source, plan, launch arguments, static shared bytes) of a loop nest, or of a group
+    of elementwise nests over the same domain run by the same threads (`mergeable`)."""
+    nest = group[0]
     plan = plan_nest(nest, free)
-    used = buffers_of(nest)
-    written = {s.buf.name for s in nest.row_stores + nest.stores}
+    used = list({b.name: b for n in group for b in buffers_of(n)}.values())
+    written = {s.buf.name for n in group for s in n.row_stores + n.stores}
     decls, args = names.params(used, written)
     em = Emitter({b.name: names.ident[b.name] for b in used})
     names.bind_arena(em, used, written)
@@ -317,13 +322,18 @@ def render_nest(name: str, nest: LoopNest, names: Names, free: FreeVars) -> tupl
     smem: set = set()
     t = plan.threads
     if plan.kind == "elements":
-        vars_ = list(nest.outer) + list(nest.inner)
-        total = math.prod(v.extent for v in vars_)
+        total = math.prod(v.extent for v in list(nest.outer) + list(nest.inner))
         ft = "unsigned" if total <= 2**32 - 1 - t else "unsigned long long"
         em.line(f"const {ft} f = {'(unsigned long long)' if ft != 'unsigned' else ''}blockIdx.x * {t}u + threadIdx.x;")
         em.line(f"if (f >= {total}u) return;")
-        _unravel(em, "f", vars_)
-        em.store_all(nest.stores)
+        for k, member in enumerate(group):
+            if len(group) == 1:
+                _unravel(em, "f", list(member.outer) + list(member.inner))
+                em.store_all(member.stores)
+                continue
+            with em.block("", f"part {k + 1} of {len(group)}: its own scope, nothing cached across parts"):
+                _unravel(em, "f", list(member.outer) + list(member.inner))
+                em.store_all(member.stores)
     elif plan.kind == "thread_rows":
         rows = math.prod(v.extent for v in nest.outer)
         em.line(f"const unsigned row = blockIdx.x * {t}u + threadIdx.x;")
@@ -397,7 +407,8 @@ def _epilogue_hook(t: Template, names: Names, store_output: bool):
         if nest is not None:
             vars_ = list(nest.outer) + list(nest.inner)
             assert tuple(v.extent for v in vars_) == tuple(t.output.shape), "epilogue over the output's shape"
-            _unravel(em, f"(unsigned){index}", vars_)
+            # signed: the index is an int >= 0 (unsigned arithmetic here made ptxas spill in a GEMM)
+            _unravel(em, index, vars_, u="")
             for e in walk_ex([s.value for s in nest.stores]):
                 if isinstance(e, Load) and e.buf.name == t.output.name:
                     em.remember(e, value)  # the contract: the epilogue reads its own element
@@ -555,20 +566,36 @@ def render_program(program: KernelProgram, prefix: str = "") -> Rendered:
     reads = [_reads(p) for _, _, p in parts]
     final = {b.name for b in program.outputs.values()} | {src.name for src, _ in program.copies}
 
-    chunks, steps, plans = [PRELUDE], [], {}
-    last = None
+    # consecutive elementwise parts over one domain (of a kernel, or of kernels of one
+    # phase) share a launch where that is safe
+    groups: list[list] = []
+    merger = Merger(free)
     for i, (k, j, part) in enumerate(parts):
-        if k is not last:
-            chunks.append(_kernel_comment(k))
-            last = k
+        last = groups[-1] if groups else None
+        if (last and isinstance(part, LoopNest) and isinstance(last[0][3], LoopNest) and last[0][1].phase == k.phase
+                and merger.mergeable([m[3] for m in last], part)):
+            last.append((i, k, j, part))
+        else:
+            groups.append([(i, k, j, part)])
+
+    chunks, steps, plans = [PRELUDE], [], {}
+    last_kernel = None
+    for group in groups:
+        i, k, j, part = group[0]
+        for _, member, _, _ in group:
+            if member is not last_kernel:
+                chunks.append(_kernel_comment(member))
+                last_kernel = member
         fn = f"{prefix}{k.name}_{j}"
         if isinstance(part, LoopNest):
-            source, plan, args, shared = render_nest(fn, part, names, free)
+            source, plan, args, shared = render_nest(fn, [m[3] for m in group], names, free)
             if plan.blocks == 0:
                 continue
-            chunks.append(f"// part {j}: {source[3:]}")
-            steps.append(Launch(fn, k.name, k.phase, (plan.blocks, 1, 1), (plan.threads, 1, 1), shared, args))
-            plans[fn] = plan.kind
+            what = f"part {j}" if len(group) == 1 else "parts " + ", ".join(f"{m[1].name}.{m[2]}" for m in group)
+            chunks.append(f"// {what}: {source[3:]}")
+            owners = "+".join(dict.fromkeys(m[1].name for m in group))
+            steps.append(Launch(fn, owners, k.phase, (plan.blocks, 1, 1), (plan.threads, 1, 1), shared, args))
+            plans[fn] = plan.kind if len(group) == 1 else f"{plan.kind} ({len(group)} parts)"
         else:
             out = part.output
             store = out.kind != "arena" or out.name in final or any(
@@ -580,6 +607,140 @@ def render_program(program: KernelProgram, prefix: str = "") -> Rendered:
     for src, dst in program.copies:
         steps.append(Copy(_where(src), _where(dst), src.size * src.dtype.np.itemsize))
     return Rendered("\n".join(chunks), steps, names.workspace_bytes, plans)
+
+
+MERGE_CHECK_LIMIT = 1 << 20  # domains up to this many elements are checked element by element
+
+
+class Merger:
+    """Decides which consecutive elementwise parts may share a launch (one per render:
+    index values are cached by the identity of their expressions and nests)."""
+
+    def __init__(self, free: FreeVars):
+        self.free = free
+        self._values: dict[tuple, np.ndarray] = {}
+        self._sorted: dict[tuple, tuple] = {}
+        self._accesses: dict[int, tuple] = {}
+
+    def mergeable(self, group: list[LoopNest], nest: LoopNest) -> bool:
+        """Whether `nest` can run in the same launch as `group` (consecutive parts of one
+        kernel, or kernels of one phase): all are elementwise over the same extents, so
+        thread f runs every member's element f in order, and no thread touches an element
+        that another thread stores in another member (checked exactly, element by element).
+        The members of `group` were checked against each other already."""
+        shape = [v.extent for v in list(group[0].outer) + list(group[0].inner)]
+        if ([v.extent for v in list(nest.outer) + list(nest.inner)] != shape
+                or any(plan_nest(n, self.free).kind != "elements" for n in (group[0], nest))):
+            return False
+        total = math.prod(shape)
+        mine = self.accesses(nest)
+        for other in group:
+            theirs = self.accesses(other)
+            for writer, reader, stores, touched in ((other, nest, theirs, mine), (nest, other, mine, theirs)):
+                written: dict[str, list] = {}
+                for buf, ix in stores[0]:
+                    written.setdefault(buf, []).append(ix)
+                for buf, ix in touched[0] + touched[1]:
+                    for stored in written.get(buf, ()):
+                        if not self.own_elements(writer, stored, reader, ix, total):
+                            return False
+        return True
+
+    def accesses(self, nest: LoopNest) -> tuple[list, list]:
+        """([(buffer, index)] stored, [(buffer, index)] loaded) by an elementwise nest."""
+        hit = self._accesses.get(id(nest))
+        if hit is None:
+            stored = [(st.buf.name, st.flat) for st in nest.stores]
+            loaded = [(e.buf.name, e.index) for e in walk_ex([st.value for st in nest.stores]) if isinstance(e, Load)]
+            hit = self._accesses[id(nest)] = (stored, loaded)
+        return hit
+
+    def own_elements(self, writer: LoopNest, stored, reader: LoopNest, ix, total: int) -> bool:
+        """Whether every element that `reader`'s thread u accesses at `ix` and that `writer`
+        stores at `stored` is stored by thread u itself."""
+        a, b = _canonical(stored, writer), _canonical(ix, reader)
+        if a is not None and a == b:
+            return True  # the same element, by the same thread
+        if total > MERGE_CHECK_LIMIT:
+            return False
+        try:
+            order, ranked = self.sorted_values(stored, writer, total)
+            touched = self.values(ix, reader, total)
+        except LookupError:  # an index read from data
+            return False
+        if np.any(ranked[1:] == ranked[:-1]):
+            return False  # several threads store one element
+        at = np.minimum(np.searchsorted(ranked, touched), total - 1)
+        hit = ranked[at] == touched
+        return bool(np.all(order[at][hit] == np.arange(total)[hit]))
+
+    def sorted_values(self, e, nest: LoopNest, total: int) -> tuple[np.ndarray, np.ndarray]:
+        """(threads in the order of their index values, the sorted values)."""
+        key = (id(e), id(nest))
+        if key not in self._sorted:
+            values = self.values(e, nest, total)
+            order = np.argsort(values, kind="stable")
+            self._sorted[key] = (order, values[order])
+        return self._sorted[key]
+
+    def values(self, e, nest: LoopNest, total: int) -> np.ndarray:
+        """The index's value for each thread f of an elementwise nest (numpy, int64)."""
+        key = (id(e), id(nest))
+        if key not in self._values:
+            self._values[key] = _values(e, nest, total)
+        return self._values[key]
+
+
+def _canonical(e, nest: LoopNest):
+    """An index expression with the nest's loop variables named by position (None when it
+    reads data): equal keys address the same element from the same thread."""
+    from dlc.core.kernel import Add, Clamp, Const, Div, Mod, Mul, Var
+    position = {v.name: k for k, v in enumerate(list(nest.outer) + list(nest.inner))}
+
+    def key(e):
+        if isinstance(e, Var):
+            return ("v", position[e.name]) if e.name in position else None
+        if isinstance(e, Const):
+            return ("c", e.value)
+        if isinstance(e, Add):
+            a, b = key(e.a), key(e.b)
+            return None if a is None or b is None else ("+", a, b)
+        if isinstance(e, (Mul, Div, Mod)):
+            a = key(e.a)
+            return None if a is None else (type(e).__name__, a, e.c)
+        if isinstance(e, Clamp):
+            a = key(e.a)
+            return None if a is None else ("clamp", a, e.lo, e.hi)
+        return None
+    return key(e)
+
+
+def _values(e, nest: LoopNest, total: int) -> np.ndarray:
+    """The index's value for each thread f of an elementwise nest (numpy, int64)."""
+    from dlc.core.kernel import Add, Clamp, Const, Div, Mod, Mul, Var
+    f = np.arange(total, dtype=np.int64)
+    env, stride = {}, total
+    for v in list(nest.outer) + list(nest.inner):
+        stride //= v.extent
+        env[v.name] = f // stride % v.extent
+
+    def value(e):
+        if isinstance(e, Var):
+            return env[e.name]
+        if isinstance(e, Const):
+            return np.int64(e.value)
+        if isinstance(e, Add):
+            return value(e.a) + value(e.b)
+        if isinstance(e, Mul):
+            return value(e.a) * e.c
+        if isinstance(e, Div):
+            return value(e.a) // e.c
+        if isinstance(e, Mod):
+            return value(e.a) % e.c
+        if isinstance(e, Clamp):
+            return np.clip(value(e.a), e.lo, e.hi)
+        raise LookupError("a data-dependent index")
+    return np.ascontiguousarray(np.broadcast_to(value(e), (total,)))
 
 
 def _where(buf: Buffer) -> list:

@@ -57,7 +57,7 @@ class DeviceState:
             if dev is None:
                 dev = self.arrays[name] = cupy.empty(shape, dtype)
             if self.host_may_be_newer or self.uploaded.get(name) is not host:
-                dev.set(np.ascontiguousarray(host, dtype=dtype), stream=self.stream)
+                dev.set(np.asarray(host, dtype=dtype, order="C"), stream=self.stream)  # (0-d stays 0-d)
                 self.uploaded[name] = host
         self.host_may_be_newer = False
 

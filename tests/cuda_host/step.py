@@ -39,7 +39,7 @@ class HostStep:
                 assert a.dtype == dtype and a.shape == shape and a.flags.c_contiguous, name
                 arrays[name] = a
             else:
-                arrays[name] = np.ascontiguousarray(np.asarray(feeds[name]).astype(dtype).reshape(shape))
+                arrays[name] = np.array(feeds[name], dtype=dtype, order="C").reshape(shape)
         for s in self.steps:
             if isinstance(s, Copy):
                 src, dst = self._bytes(s.src, arrays), self._bytes(s.dst, arrays)
