@@ -42,7 +42,7 @@ class DeviceState:
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.arrays: dict[str, object] = {}
         self.uploaded: dict[str, object] = {}  # name -> the host array object last uploaded
-        self.host_may_be_newer = True
+        self.current: set[str] = set()         # names whose device copy is the host's too
         self.device_is_newer = False
 
     def prepare(self, slots) -> None:
@@ -56,10 +56,10 @@ class DeviceState:
             dev = self.arrays.get(name)
             if dev is None:
                 dev = self.arrays[name] = cupy.empty(shape, dtype)
-            if self.host_may_be_newer or self.uploaded.get(name) is not host:
+            if name not in self.current or self.uploaded.get(name) is not host:
                 dev.set(np.asarray(host, dtype=dtype, order="C"), stream=self.stream)  # (0-d stays 0-d)
                 self.uploaded[name] = host
-        self.host_may_be_newer = False
+                self.current.add(name)
 
     def sync(self) -> None:
         """Copy the device arrays back into the host arrays (in place); the next step
@@ -71,7 +71,7 @@ class DeviceState:
                 if host is not None and host is self.uploaded.get(name):  # not replaced meanwhile
                     host[...] = dev.get(stream=self.stream).reshape(host.shape)
             self.device_is_newer = False
-        self.host_may_be_newer = True
+        self.current.clear()
 
 
 _DEVICE_STATES: "weakref.WeakValueDictionary[int, DeviceState]" = weakref.WeakValueDictionary()
@@ -177,10 +177,12 @@ class CudaStep:
         self.frames = [_Frame(inputs, outputs) for _ in range(FRAMES)]
         self.seconds = np.zeros(len(self.launches))
         self.use_graph = not self.profile
+        self._states: dict[int, DeviceState] = {}
+        self._events: list = []
 
     # --- one step -----------------------------------------------------------------------------
     def run(self, state: dict, feeds: dict) -> dict:
-        ds = device_state(state)
+        ds = self._states[id(state)] = device_state(state)  # alive as long as this step
         ds.prepare(self.state_slots)
         frame = self.frames[self.calls % FRAMES]
         frame.reuse()
