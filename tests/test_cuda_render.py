@@ -359,3 +359,22 @@ def test_a_row_nest_never_shares_a_launch():
     out = HostStep(source, layout).run({}, {"a": a})
     _same(out["s"], np.array([a.sum()], np.float32))
     _same(out["d"], a + a)
+
+
+def test_loop_variables_named_like_the_generated_locals():
+    """Rows over `row_` with inner `i_`, reductions over `v1`: renamed, not shadowed."""
+    rows, length = 2, 300
+    a = np.arange(rows * length, dtype=np.float32).reshape(rows, length) / 100
+
+    def nests(x, bufs):
+        r, i, v = x.var("row_", rows), x.var("i_", length), x.var("v1", length)
+        at = lambda k: x.load(bufs["a"], x.ravel((r, k), (rows, length)))  # noqa: E731
+        total = x.reduce("sum", (v,), at(v), F32)
+        return [LoopNest((r,), (i,), stores=[Store(bufs["out"], x.ravel((r, i), (rows, length)),
+                                                   x.op("sub", [at(i), total], F32))])]
+    program, _ = _program(nests, {"a": a}, {"out": (F32, (rows, length))})
+    assert plan_nest(program.kernels[0].parts[0]).kind == "block_rows"
+    source, layout = CUDA.render(program, TARGET)
+    assert "lv_row_" in source and "lv_i_" in source and "lv_v1" in source
+    got = HostStep(source, layout).run({}, {"a": a})["out"]
+    np.testing.assert_allclose(got, a - a.sum(axis=1, keepdims=True), rtol=1e-5)

@@ -397,6 +397,10 @@ EX_RULES = {
 }
 
 
+# names the generated code gives its own locals: loop variables never take them
+RESERVED = re.compile(r"(v|ix|acc|best|at|j)\d+|f_|row_|i_|arena|red_\w+|in_\w+|s_\w+|a_\w+|t\d+|lv_\w+")
+
+
 def identity(op: str, dtype: DType) -> str:
     """The starting value of a reduction."""
     if op == "sum":
@@ -450,10 +454,17 @@ class Emitter:
     def loop(self, var: Var, start: str = "0", step: str = "1"):
         """for (int var = start; var < extent; var += step), with the variable bound."""
         t = "int" if var.extent <= INT_MAX else "long long"
-        name = var.name
-        self.vars[var.name] = name
+        name = self.bind_var(var)
         inc = f"++{name}" if step == "1" else f"{name} += {step}"
         return self.block(f"for ({t} {name} = {start}; {name} < {_int(var.extent)}; {inc})")
+
+    def bind_var(self, var: Var) -> str:
+        """The C name of a loop variable (its own name unless that could be one of ours)."""
+        name = var.name
+        if not name.isidentifier() or RESERVED.fullmatch(name):
+            name = "lv_" + re.sub(r"\W", "_", name)
+        self.vars[var.name] = name
+        return name
 
     # --- values
     def cached(self, key: int) -> str | None:

@@ -253,8 +253,7 @@ def _unravel(em: Emitter, flat: str, vars_, u: str = "u") -> None:
         else:
             text = flat if stride == 1 else f"{flat} / {stride}{u}"
             text = text if k == 0 else f"{text} % {v.extent}{u}"
-        em.line(f"const {t} {v.name} = {text};")
-        em.vars[v.name] = v.name
+        em.line(f"const {t} {em.bind_var(v)} = {text};")
 
 
 def _inner_loops(em: Emitter, nest: LoopNest, vars_) -> None:
@@ -324,21 +323,21 @@ def render_nest(name: str, group: list[LoopNest], names: Names, free: FreeVars) 
     if plan.kind == "elements":
         total = math.prod(v.extent for v in list(nest.outer) + list(nest.inner))
         ft = "unsigned" if total <= 2**32 - 1 - t else "unsigned long long"
-        em.line(f"const {ft} f = {'(unsigned long long)' if ft != 'unsigned' else ''}blockIdx.x * {t}u + threadIdx.x;")
-        em.line(f"if (f >= {total}u) return;")
+        em.line(f"const {ft} f_ = {'(unsigned long long)' if ft != 'unsigned' else ''}blockIdx.x * {t}u + threadIdx.x;")
+        em.line(f"if (f_ >= {total}u) return;")
         for k, member in enumerate(group):
             if len(group) == 1:
-                _unravel(em, "f", list(member.outer) + list(member.inner))
+                _unravel(em, "f_", list(member.outer) + list(member.inner))
                 em.store_all(member.stores)
                 continue
             with em.block("", f"part {k + 1} of {len(group)}: its own scope, nothing cached across parts"):
-                _unravel(em, "f", list(member.outer) + list(member.inner))
+                _unravel(em, "f_", list(member.outer) + list(member.inner))
                 em.store_all(member.stores)
     elif plan.kind == "thread_rows":
         rows = math.prod(v.extent for v in nest.outer)
-        em.line(f"const unsigned row = blockIdx.x * {t}u + threadIdx.x;")
-        em.line(f"if (row >= {rows}u) return;")
-        _unravel(em, "row", nest.outer)
+        em.line(f"const unsigned row_ = blockIdx.x * {t}u + threadIdx.x;")
+        em.line(f"if (row_ >= {rows}u) return;")
+        _unravel(em, "row_", nest.outer)
         for r in plan.row_reduces:  # once per row, before anything is stored
             em.value(r)
         em.store_all(nest.row_stores)
@@ -347,8 +346,8 @@ def render_nest(name: str, group: list[LoopNest], names: Names, free: FreeVars) 
                 em.hoist(s.value, outer_names)
             _inner_loops(em, nest, list(nest.inner))
     else:
-        em.line("const unsigned row = blockIdx.x;")
-        _unravel(em, "row", nest.outer)
+        em.line("const unsigned row_ = blockIdx.x;")
+        _unravel(em, "row_", nest.outer)
         if plan.row_reduces:
             em.line("// reductions over the row: each thread adds a strided share, then a fixed tree")
         for r in plan.row_reduces:
@@ -365,8 +364,8 @@ def render_nest(name: str, group: list[LoopNest], names: Names, free: FreeVars) 
             for s in nest.stores:
                 em.hoist(s.value, outer_names)
             length = math.prod(v.extent for v in nest.inner)
-            with em.block(f"for (unsigned i = threadIdx.x; i < {length}u; i += {t}u)"):
-                _unravel(em, "i", nest.inner)
+            with em.block(f"for (unsigned i_ = threadIdx.x; i_ < {length}u; i_ += {t}u)"):
+                _unravel(em, "i_", nest.inner)
                 em.store_all(nest.stores)
     body = "\n".join(["    " + d for d in _shared_decls(smem)] + [em.text()])
     shared = sum(32 * (8 if k == DType.f64 else 4) for k in smem)
