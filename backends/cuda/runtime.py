@@ -27,7 +27,7 @@ import numpy as np
 from dlc.backends.base import StepLayout
 from dlc.core.types import DType
 
-from .render import Copy, Launch, steps_from_json
+from .render import Launch, steps_from_json
 
 ALIGN = 64
 FRAMES = 2
