@@ -204,7 +204,7 @@ def cmd_compile(args) -> int:
     from dlc.api import load
     from dlc import backends
     from dlc.pipeline import Compilation, check_disabled, select_stages, stages_for
-    stages = stages_for(backends.backend(args.target))
+    stages = stages_for(backends.backend(args.target, runnable=False))  # dumps need no GPU
     if args.list_stages:
         for name, doc in stages.items():
             print(f"{name:<15} {doc}")
@@ -286,7 +286,9 @@ def _load_with_overrides(args):
 
 
 def cmd_run(args) -> int:
+    from dlc import backends
     from dlc.runtime.trainer import Interrupted, kept_note
+    backends.backend(args.target)  # a target that cannot run here fails before anything starts
     model = _load_with_overrides(args)
     cfg = model.train_config
     save = args.save or cfg.checkpoint
