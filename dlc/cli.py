@@ -119,6 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["show", "clear"], default="show",
                    help="`clear` removes every entry (dlc's own files only)")
 
+    p = sub.add_parser("export", help="write a trained model's evaluation graph as ONNX",
+                       description="Write the graph that `dlc predict` runs (dropout off, batchnorm on its "
+                                   "running statistics) with the weights of a checkpoint as an ONNX model, "
+                                   "checked with onnx.checker. The batch dimension stays symbolic; the input "
+                                   "normalization saved in the checkpoint is part of the model, so it takes "
+                                   "the same raw inputs as `dlc predict`. Layers become ONNX operators (Gemm, "
+                                   "Conv, MaxPool, BatchNormalization, LSTM, GRU, RNN, ...); other loops become "
+                                   "ONNX Scan. Needs: pip install 'dlc[onnx]'.")
+    _add_model_args(p)
+    p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=_positive_int, help="ONNX opset to target (default: the newest the "
+                   "installed onnx package knows; at least 18)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="leave the checkpoint's input normalization out: the model then takes normalized inputs")
+    p.add_argument("--loops-as-scan", action="store_true",
+                   help="write recurrent layers as ONNX Scan loops instead of LSTM/GRU/RNN operators")
+
     p = sub.add_parser("plot", help="draw loss and accuracy curves from a metrics log",
                        description="Draw per-epoch loss and accuracy from a `dlc run --log` file "
                                    "(needs matplotlib: pip install 'dlc[plot]').")
@@ -375,6 +393,22 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from dlc.api import load
+    from dlc.interchange import require_onnx
+    from dlc.interchange.onnx_export import export_model, summary
+    require_onnx()
+    _output_path(args.output, "-o")
+    model = load(args.file, args.model)
+    model.load_weights(args.weights)
+    proto = export_model(model, None if args.no_normalize else model.normalizer, opset=args.opset,
+                         recognize=not args.loops_as_scan)
+    import onnx
+    onnx.save(proto, args.output)
+    print(f"wrote {args.output}: {summary(proto)}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from dlc.runtime.plot import plot_log
     plot_log(args.log, args.output)
@@ -383,7 +417,8 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
-            "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot}
+            "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
