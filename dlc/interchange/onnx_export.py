@@ -162,7 +162,7 @@ class _GraphExporter:
         """exact_name: `hint` was reserved for this initializer beforehand."""
         from onnx import numpy_helper
         name = hint if exact_name else self.names.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps rank 0
         return name
 
     def const(self, value, np_dtype) -> str:
@@ -743,7 +743,8 @@ class _GraphExporter:
             ws.append(gates(w).T)
             rs.append(gates(u).T)
             bs.append(np.concatenate([gates(b), gates(bias_h)]))
-        prefix = self.node(rec.w).attrs["name"].rpartition(".")[0] or rec.kind
+        layer, _, w_name = self.node(rec.w).attrs["name"].rpartition(".")  # h.w, h.w_l1, h.wx_l1_rev
+        prefix = (layer or rec.kind) + ("_" + w_name.split("_", 1)[1] if "_" in w_name else "")
         inputs = [self.operand(rec.x),
                   self.initializer(np.stack(ws), f"{prefix}.W"),
                   self.initializer(np.stack(rs), f"{prefix}.R"),
