@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 from dlc import __version__
@@ -136,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave the checkpoint's input normalization out: the model then takes normalized inputs")
     p.add_argument("--loops-as-scan", action="store_true",
                    help="write recurrent layers as ONNX Scan loops instead of LSTM/GRU/RNN operators")
+
+    p = sub.add_parser("import", help="turn an ONNX model into a .dln file and a checkpoint",
+                       description="Translate an ONNX model into a readable .dln program and its weights (a "
+                                   "checkpoint for --weights and `dlc run --resume`). Known layer patterns "
+                                   "become layers (Gemm/MatMul+Add -> dense, Conv -> conv2d, pools, "
+                                   "BatchNormalization -> batchnorm, LSTM/GRU/RNN -> lstm/gru/rnn, Flatten, "
+                                   "activations); other operators become .dln arithmetic, and an operator "
+                                   "with no counterpart is an error naming it. The .dln ends with a train "
+                                   "block template for fine-tuning. Needs: pip install 'dlc[onnx]'.")
+    p.add_argument("file", help="an .onnx model")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .dln file to write")
+    p.add_argument("--weights", metavar="FILE",
+                   help="the checkpoint to write (default: the .dln's name with .npz)")
+    p.add_argument("--name", metavar="NAME", help="the model's name (default: the ONNX graph's)")
+    p.add_argument("--no-train", action="store_true", help="leave out the train block template")
 
     p = sub.add_parser("plot", help="draw loss and accuracy curves from a metrics log",
                        description="Draw per-epoch loss and accuracy from a `dlc run --log` file "
@@ -409,6 +425,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from dlc.interchange import require_onnx
+    from dlc.interchange.onnx_import import import_model, write
+    require_onnx()
+    out = _output_path(args.output, "-o")
+    weights = _output_path(args.weights, "--weights") if args.weights else out.with_suffix(".npz")
+    imported = import_model(args.file, args.name, train=not args.no_train)
+    model = write(imported, out, weights)
+    for w in imported.warnings:
+        print(f"dlc: warning: {w}", file=sys.stderr)
+    layers = ", ".join(f"{k} {v}" for k, v in Counter(imported.layers).items()) or "no layers"
+    print(f"wrote {out} (model {model.name}: {layers}) and {weights} "
+          f"({sum(v.size for v in model.params.values()):,} parameters)")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from dlc.runtime.plot import plot_log
     plot_log(args.log, args.output)
@@ -418,7 +450,7 @@ def cmd_plot(args) -> int:
 
 COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
             "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot,
-            "export": cmd_export}
+            "export": cmd_export, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:
