@@ -331,6 +331,10 @@ class _GraphExporter:
                     if tuple(red.attrs["axes"]) == (sh[1],) and self.is_op(ex, ops.EXP) and \
                             self.node(ex).operands[0] == s:
                         return ("log_softmax", sh[0], sh[1])
+        if op is ops.RESHAPE and self.is_op(n.operands[0], ops.SLICE):
+            picked = self.picked_index(nid)
+            if picked is not None:
+                return ("index",) + picked
         if op is ops.RESHAPE:
             x = self.node(n.operands[0]).type
             if x.rank >= 3 and n.type.rank == 2 and n.type.shape[0] == x.shape[0] and \
@@ -342,6 +346,22 @@ class _GraphExporter:
                 self.recurrent[nid] = rec
                 return ("recurrent", rec)
         return None
+
+    def picked_index(self, nid: int):
+        """reshape(slice(x, one index of one axis)) without that axis: x[..., i] -> (x, axis, i)."""
+        n = self.node(nid)
+        sl = self.node(n.operands[0])
+        xt = self.node(sl.operands[0]).type
+        a = sl.attrs
+        cut = [i for i, (d, s, e, st) in enumerate(zip(xt.shape, a["starts"], a["stops"], a["steps"]))
+               if (s, e, st) != (0, d, 1)]
+        if len(cut) != 1:
+            return None
+        axis = cut[0]
+        s, e = a["starts"][axis], a["stops"][axis]
+        if e != s + 1 or tuple(n.type.shape) != tuple(d for i, d in enumerate(xt.shape) if i != axis):
+            return None
+        return sl.operands[0], axis, s
 
     def batchnorm(self, nid: int):
         """(x - bc(mean)) * bc(gamma / sqrt(var + eps)) + bc(beta): batchnorm in evaluation."""
@@ -510,7 +530,7 @@ class _GraphExporter:
         kind = p[0]
         if kind in ("gemm", "conv"):
             return tuple(self.node(p[1]).operands) + (p[2],)
-        if kind in ("relu", "leaky", "softmax", "log_softmax", "flatten", "mean"):
+        if kind in ("relu", "leaky", "softmax", "log_softmax", "flatten", "mean", "index"):
             return (p[1],)
         if kind == "batchnorm":
             return p[1:6]
@@ -695,6 +715,10 @@ class _GraphExporter:
     def emit_batchnorm(self, nid: int, x: int, gamma: int, beta: int, mean: int, var: int, eps: float) -> None:
         self.value[nid] = self.emit("BatchNormalization", [self.operand(v) for v in (x, gamma, beta, mean, var)],
                                     span=self.node(nid).span, epsilon=eps)
+
+    def emit_index(self, nid: int, x: int, axis: int, i: int) -> None:
+        self.value[nid] = self.emit("Gather", [self.operand(x), self.const(i, np.int64)], span=self.node(nid).span,
+                                    axis=axis)
 
     def emit_flatten(self, nid: int, x: int) -> None:
         self.value[nid] = self.emit("Flatten", [self.operand(x)], span=self.node(nid).span, axis=1)

@@ -146,7 +146,7 @@ class Importer:
         base = re.sub(r"[^A-Za-z0-9_]+", "_", hint or "").strip("_")
         if not base or not _IDENT.fullmatch(base) or keyword.iskeyword(base):
             base = fallback if not base or not base[0].isdigit() else f"{fallback}_{base}"
-        base = base if base not in self.reserved else f"{base}_"
+        base = base if base not in self.reserved else f"{base}1"
         cand, k = base, 2
         while cand in self.taken:
             cand, k = f"{base}_{k}", k + 1
@@ -385,6 +385,9 @@ class Importer:
         if op not in _NO_FOLD and all(v is None or v.const is not None for v in ins) and node.input:
             self.fold(node)
             return
+        if op in _MOVES and ins and ins[0] is not None and ins[0].zeros:  # zeros stay zeros
+            self.bind(node.output[0], V(self.out_shape(node), "f32", zeros=True))
+            return
         if handler is None:
             raise self.error(node, f"has no .dln counterpart: dlc cannot import `{op}`",
                              hint="the importer handles layers (Gemm, Conv, pools, BatchNormalization, "
@@ -478,6 +481,9 @@ class Importer:
             v.var = self.new_stmt("h", f"reshape({self.text(base)}, {dlist([n, c, 1, 1])})", v.shape).var
         elif kind.startswith("rec_"):
             v.var = self.rec_materialize(v)
+        elif kind == "expand":
+            raise ImportError_(f"{self.path}: an Expand result is read by something other than elementwise "
+                               "arithmetic; .dln has no explicit broadcast")
         else:
             raise AssertionError(kind)
 
@@ -797,9 +803,13 @@ class Importer:
         x = ins[0]
         # dlc's layers take [batch, time, features]: undo the exporter's transpose, or write one
         base = self.view_of(x, "transpose")
+        tm = self.view_of(x, "rec_seq_tm")
         if layout == 0:
             if base is not None and list(base[2]) == [1, 0, 2]:
                 x = base[1]
+            elif tm is not None:
+                x = self.seq_value(tm[1], None)
+                x.shape = (tm[1].B, tm[1].T, tm[1].dirs * tm[1].hidden)
             else:
                 x = V(None, "f32", self.new_stmt("xs", f"transpose({self.text(x, node)}, [1, 0, 2])", None).var,
                       uses=1)
@@ -928,6 +938,9 @@ class Importer:
         self.reshape_to(node, x, target)
 
     def reshape_to(self, node, x: V, target: list) -> None:
+        if x.shape is not None and list(x.shape) == list(target) and None not in target:
+            self.alias(node, x)
+            return
         if x.shape is not None and len(x.shape) >= 3 and len(target) == 2 and target[0] == x.shape[0] and (
                 target[1] == -1 or all(isinstance(d, int) for d in x.shape[1:]) and
                 target[1] == int(np.prod(x.shape[1:]))):
@@ -1019,8 +1032,21 @@ class Importer:
 
     # --- elementwise ---------------------------------------------------------------------------
     def binary(self, node, ins, sym: str):
-        a, b = ins
+        a, b = self.unexpanded(node, ins)
         self.assign(node, f"{self.operand(a, node)} {sym} {self.operand(b, node)}")
+
+    def unexpanded(self, node, ins) -> list:
+        """Expand read by an elementwise operator: .dln broadcasts like numpy, so the
+        operand before the Expand does, as long as another operand has the full shape."""
+        full = [v for v in ins if v.view is None or v.view[0] != "expand"]
+        if len(full) == len(ins):
+            return ins
+        if not full:
+            raise self.error(node, "reads only Expand results; the broadcast shape is lost")
+        return [v.view[1] if v.view is not None and v.view[0] == "expand" else v for v in ins]
+
+    def op_Expand(self, node, ins):
+        self.bind(node.output[0], V(self.out_shape(node), ins[0].dtype, view=("expand", ins[0])))
 
     def op_Add(self, node, ins):
         # MatMul by a constant, then + a constant vector: the dense layer's bias
@@ -1205,6 +1231,7 @@ class Importer:
 
 
 _NO_FOLD = {"LSTM", "GRU", "RNN", "Constant"}
+_MOVES = {"Slice", "Gather", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Identity", "Expand", "Flatten"}
 
 
 def literal(v) -> str:
@@ -1237,7 +1264,7 @@ def _loss_for(importer: Importer, last_op: str | None) -> tuple[str, str]:
     if last_op == "Sigmoid":
         return "bce(output, label)", "the output is a probability (it ends with Sigmoid)"
     if len(dims) == 2 and last_op not in ("Softmax", "LogSoftmax"):
-        return "cross_entropy(output, label)", "integer class labels; use mse(output, label) for regression"
+        return "cross_entropy(output, label)", "for class labels; mse for regression"
     return "mse(output, label)", "labels shaped like the output"
 
 
@@ -1267,7 +1294,8 @@ def import_model(path, model_name: str | None = None, train: bool = True) -> Imp
         raise ImportError_(f"{path} is not a valid ONNX model: {str(e).splitlines()[0]}") from None
     imp = Importer(proto, str(path))
     imp.run()
-    name = imp.name(model_name or proto.graph.name or path.stem, "net")
+    generic = {"main_graph", "torch_jit", "torch-jit-export", "graph", ""}
+    name = imp.name(model_name or (proto.graph.name if proto.graph.name not in generic else path.stem), "net")
     last = None
     out_name = proto.graph.output[0].name
     for n in proto.graph.node:
@@ -1285,9 +1313,9 @@ def import_model(path, model_name: str | None = None, train: bool = True) -> Imp
     if train:
         loss, why = _loss_for(imp, last)
         lines += ["",
-                  "# A train block to fill in for fine-tuning: point `data` at your samples (npz with",
-                  f"# arrays x and y, csv, ...) and check the loss ({why}), then run",
-                  "#   dlc run THIS.dln --resume THIS.npz --save tuned.npz",
+                  "# A train block to fill in for fine-tuning: point `data` at your samples (npz",
+                  f"# with arrays x and y, csv, ...) and check the loss ({why}),",
+                  "# then: dlc run THIS.dln --resume THIS.npz --save tuned.npz",
                   f"train {name} {{",
                   '    data      = npz("data.npz")',
                   f"    loss      = {loss}",
