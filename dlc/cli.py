@@ -120,6 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["show", "clear"], default="show",
                    help="`clear` removes every entry (dlc's own files only)")
 
+    p = sub.add_parser("graph", help="draw the model's layer graph, or its fused kernels (Graphviz)",
+                       description="Draw the model as a graph: one node per layer, function or block call "
+                                   "of its body (with the output type, parameters and .dln line), edges for "
+                                   "the data flow. With --stage fuse, the graph after fusion instead: each "
+                                   "kernel a cluster coloured by its kind and labelled with its .dln lines. "
+                                   "-o FILE.dot (or .gv) writes DOT text; .svg, .png and .pdf are rendered by "
+                                   "Graphviz's `dot` program (apt-get install graphviz, brew install "
+                                   "graphviz). Needs: pip install 'dlc[graph]'.")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", metavar="FILE", required=True,
+                   help="the picture to write: .svg, .png, .pdf (needs `dot`) or .dot/.gv (DOT text)")
+    p.add_argument("--stage", choices=["layers", "fuse"], default="layers",
+                   help="`layers` (default): the model's layers; `fuse`: the fused kernels")
+    p.add_argument("--train", action="store_true",
+                   help="with --stage fuse: the training step (forward, gradients, update) instead of "
+                        "the evaluation graph")
+    p.add_argument("--batch", type=_positive_int, help="with --stage fuse: the batch size to compile for "
+                   "(default: the train block's)")
+
     p = sub.add_parser("export", help="write a trained model's evaluation graph as ONNX",
                        description="Write the graph that `dlc predict` runs (dropout off, batchnorm on its "
                                    "running statistics) with the weights of a checkpoint as an ONNX model, "
@@ -409,6 +428,25 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_graph(args) -> int:
+    from dlc.api import load
+    from dlc.graphviz import kernel_graph, layer_graph, write
+    _output_path(args.output, "-o")
+    model = load(args.file, args.model)
+    if args.stage == "fuse":
+        mode = "train" if args.train else "eval"
+        if mode == "train" and model.train_config is None:
+            raise UsageError(f"--train: model {model.name} has no train block")
+        dot = kernel_graph(model, mode, args.batch)
+    else:
+        if args.train or args.batch:
+            raise UsageError("--train and --batch go with --stage fuse")
+        dot = layer_graph(model)
+    path = write(dot, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from dlc.api import load
     from dlc.interchange import require_onnx
@@ -450,7 +488,7 @@ def cmd_plot(args) -> int:
 
 COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
             "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot,
-            "export": cmd_export, "import": cmd_import}
+            "export": cmd_export, "import": cmd_import, "graph": cmd_graph}
 
 
 def main(argv: list[str] | None = None) -> int:
