@@ -76,6 +76,7 @@ class LayerGraph:
     graph: object                     # the built Graph
     calls: list[Call] = field(default_factory=list)
     statements: list = field(default_factory=list)  # (name, span, first node, end node)
+    inits: dict = field(default_factory=dict)       # parameter name -> its initializer, as text
 
 
 def record_layers(program, model: str | None = None) -> LayerGraph:
@@ -139,7 +140,9 @@ def record_layers(program, model: str | None = None) -> LayerGraph:
     d = choose_model(program, model)
     fe = Recorder(program)
     built = fe.build(d, None)
-    return LayerGraph(d.name, built.graph, fe.calls, fe.rows)
+    inits = {k: f"{p.init.name}({', '.join(f'{a:g}' for a in p.init.args)})" if p.init.args else p.init.name
+             for k, p in built.params.items()}
+    return LayerGraph(d.name, built.graph, fe.calls, fe.rows, inits)
 
 
 def layer_graph(model) -> "object":
@@ -187,7 +190,8 @@ def layer_graph(model) -> "object":
             a = g.node(n).attrs
             key = f"param_{a['name']}"
             owner[n] = key
-            dot.node(key, f"param {a['name']}\n{a['type']}", shape="box", style="filled",
+            dot.node(key, f"param {a['name']}\n{a['type']}\n= {rec.inits.get(a['name'], '?')}", shape="box",
+                     style="filled",
                      fillcolor=LAYER_COLOURS["param"])
         rest = [n for n in free if n not in params and g.node(n).op is not ops.INPUT and not _scalar_const(g, n)]
         if rest:
