@@ -38,7 +38,7 @@ import numpy as np
 from dlc import __version__
 from dlc.core import ops
 from dlc.core.graph import Graph
-from dlc.core.types import DType, Sym, TensorType, TupleType, numel
+from dlc.core.types import DType, Sym, TensorType, numel
 from dlc.interchange import InterchangeError, require_onnx
 
 OPSET_MIN = 18  # Reduce* take their axes as an input from 18 on

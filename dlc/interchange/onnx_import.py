@@ -31,7 +31,7 @@ import keyword
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +88,8 @@ class V:
     zeros: bool = False           # ConstantOfShape of zeros
     view: tuple | None = None     # a form that is materialized only when read as a tensor
     stmt: Stmt | None = None      # the statement that made `var`
-    uses: int = 0
+    uses: int = 0                 # how many ONNX nodes (and outputs) read it
+    hint: str = ""                # a constant's ONNX name, for the `param` it may become
 
 
 @dataclass
@@ -168,6 +169,12 @@ class Importer:
             k += 1
         return self.name(f"{fallback}{k}", fallback)
 
+    def fail(self, node, message: str) -> ImportError_:
+        """An error about a node, or (node None) about the model's output."""
+        if node is not None:
+            return self.error(node, message)
+        return ImportError_(f"{self.path}: the output {message.replace('reads ', 'is ', 1)}")
+
     def error(self, node, message: str, hint: str | None = None) -> ImportError_:
         where = f"node `{node.name}` ({node.op_type})" if node.name else f"a {node.op_type} node"
         return ImportError_(f"{self.path}: {where} {message}", hint=hint)
@@ -223,9 +230,8 @@ class Importer:
             if c.size == 1 and c.ndim <= 1 or c.ndim == 0:
                 return literal(c.reshape(()).item())
             if c.dtype.kind != "f":
-                raise self.error(node, "reads an integer constant tensor, which a .dln program cannot "
-                                       "declare") if node is not None else ImportError_("integer constant")
-            name = self.name(getattr(v, "hint", "") or "const", "const")
+                raise self.fail(node, "reads an integer constant tensor, which a .dln program cannot declare")
+            name = self.name(v.hint or "const", "const")
             dims = ", ".join(str(d) for d in c.shape)
             self.param_decls.append(f"    param {name}: f32[{dims}] = zeros   # a constant of the ONNX model "
                                     "(trainable here)")
@@ -233,8 +239,7 @@ class Importer:
             v.var = name
             return name
         if v.zeros:
-            raise self.error(node, "reads a tensor of zeros made at run time (ConstantOfShape)") \
-                if node is not None else ImportError_("zeros")
+            raise self.fail(node, "reads a tensor of zeros made at run time (ConstantOfShape)")
         raise AssertionError("a value without a form")
 
     def operand(self, v: V, node=None) -> str:
@@ -249,7 +254,7 @@ class Importer:
             return v.stmt
         return None
 
-    def pipe(self, node, x: V, call: "str | Layer", hint: str, out_name: str | None = None) -> V:
+    def pipe(self, node, x: V, call: "str | Layer", hint: str) -> V:
         """`... |> call`: appended to x's statement when it is open, else a new statement."""
         is_layer = isinstance(call, Layer)
         st = self.open_stmt(x)
@@ -268,7 +273,7 @@ class Importer:
             if is_layer:
                 target = hint
             else:
-                target = self.name(self.hint_for(node), "h")
+                target = self.name("h")
             st = Stmt(target, self.text(x, node), [call], call if is_layer else None)
             self.stmts.append(st)
             out = V(self.out_shape(node), self.dtype_of(node.output[0]), target, stmt=st)
@@ -276,7 +281,7 @@ class Importer:
         return out
 
     def assign(self, node, expr: str, out: int = 0, comment: str = "") -> V:
-        target = self.name(self.hint_for(node), "h")
+        target = self.name("h")
         st = Stmt(target, expr, comment=comment)
         self.stmts.append(st)
         v = V(self.out_shape(node, out), self.dtype_of(node.output[out]), target, stmt=st)
@@ -288,9 +293,6 @@ class Importer:
         st = Stmt(target, expr)
         self.stmts.append(st)
         return V(shape, dtype, target, stmt=st, uses=2)
-
-    def hint_for(self, node) -> str:
-        return "h"
 
     def bind(self, name: str, v: V) -> None:
         v.uses += self.consumers.get(name, 0)
