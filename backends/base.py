@@ -15,6 +15,10 @@ artifacts, and runs steps. A backend:
                       `describe()`, `to_json()`
   compile(program, target, profile) -> Compiled: blobs (bytes) and a StepLayout
   load(blobs, layout, target) -> Step: `run(state, feeds)` and `profile_rows()`
+  compile_entries(programs, target, profile) -> Compiled: several programs (a training and
+                      an evaluation step) as one unit, with an `Entries` layout; the default
+                      compiles each alone, a backend may share code between them
+  load_entries(blobs, entries, target) -> {entry: Step}
   dump(program, stage, target) -> text of one of its stages
   check_target(saved, target)   None, or why code built for `saved` (a target's JSON)
                                 cannot run on `target`
@@ -55,10 +59,30 @@ class StepLayout:
 
 
 @dataclass
+class Entries:
+    """The layout of several programs compiled as one unit: a StepLayout per entry point."""
+
+    entries: dict            # entry -> StepLayout
+
+    def to_json(self) -> str:
+        return json.dumps({"entries": {k: asdict(v) for k, v in self.entries.items()}}, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "Entries":
+        return Entries({k: StepLayout(**v) for k, v in json.loads(text)["entries"].items()})
+
+
+def layout_from_json(text: str):
+    """A StepLayout, or the Entries of a unit of several programs."""
+    return Entries.from_json(text) if '"entries"' in text[:16] else StepLayout.from_json(text)
+
+
+@dataclass
 class Compiled:
     blobs: list[bytes]
     layout: StepLayout
     timings: dict = field(default_factory=dict)   # phase -> seconds, for --verbose
+    stats: dict = field(default_factory=dict)     # counts worth a --verbose line (parts, shared, ...)
 
 
 class Step(Protocol):
@@ -94,6 +118,23 @@ class Backend:
 
     def load(self, blobs: list[bytes], layout: StepLayout, target) -> Step:
         raise NotImplementedError
+
+    def compile_entries(self, programs: dict, target, profile: bool = False) -> Compiled:
+        """Several programs as one unit. This default compiles each on its own; each
+        entry's layout records its blobs in `meta["blobs"]` ([first, end))."""
+        blobs, layouts, timings = [], {}, {}
+        for name, program in programs.items():
+            c = self.compile(program, target, profile)
+            c.layout.meta = dict(c.layout.meta, blobs=[len(blobs), len(blobs) + len(c.blobs)])
+            blobs += c.blobs
+            layouts[name] = c.layout
+            for k, v in c.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+        return Compiled(blobs, Entries(layouts), timings)
+
+    def load_entries(self, blobs: list[bytes], entries: Entries, target) -> dict:
+        return {name: self.load(blobs[slice(*layout.meta["blobs"])], layout, target)
+                for name, layout in entries.entries.items()}
 
     def dump(self, program, stage: str, target) -> str:
         raise NotImplementedError(f"{self.name} has no stage {stage}")

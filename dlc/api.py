@@ -69,7 +69,7 @@ def _load_artifact(path) -> "Model":
     base = Path(source).parent if Path(source).parent.is_dir() else Path(path).parent
     m = Model(parse(manifest["source"], source), manifest["model"], source, base)
     m.source_text = manifest["source"]
-    m.preloaded = {(manifest["backend"], mode, batch): step for (mode, batch), step in steps.items()}
+    m.preloaded = {(manifest["backend"], batch): step for batch, step in steps.items()}
     return m
 
 
@@ -89,7 +89,7 @@ class Model:
         self.state: dict[str, np.ndarray] = init_state(self._train, seed)
         self.normalizer = None
         self._sessions: dict = {}
-        self.preloaded: dict = {}  # (backend, mode, batch) -> (blobs, layout) from an artifact
+        self.preloaded: dict = {}  # (backend, batch) -> (blobs, layout) from an artifact
 
     # --- inspection -----------------------------------------------------------------------------
     def built(self, mode: str = "eval") -> Built:
@@ -154,35 +154,29 @@ class Model:
         return "\0".join([text, self.name, mode, recipe])
 
     def compile_artifact(self, path, batches=None, target: str = DEFAULT_TARGET, **options) -> list[tuple[str, int]]:
-        """Compile the training and evaluation steps (for the train block's batch size,
-        and the smaller last batches of its data set when it can be read) into one file
-        that `dlc run` / `dlc eval` load without compiling."""
+        """Compile the training and evaluation steps (one program, for the batch size a run
+        of the train block uses, plus any `batches`) into one file that `dlc run` / `dlc eval`
+        load without compiling."""
         from dlc import artifact
         config = self._require_config()
-        sizes = {("train", config.batch), ("eval", config.batch)} | set(batches or self._last_batches(config))
-        steps, program = {}, None
-        for mode, batch in sorted(sizes):
-            program = make_program(target, lambda mode=mode: self.compile_graph(mode, config), self.state,
-                                   key=self.source_key(mode, config), options=options)
-            if not hasattr(program, "compiled"):
-                raise UsageError(f"target `{target}` compiles nothing to write to {path}")
-            steps[(mode, batch)] = program.compiled(batch)
+        session = self.session(config, target, **options)
+        program = session.program
+        if not hasattr(program, "compiled"):
+            raise UsageError(f"target `{target}` compiles nothing to write to {path}")
+        steps = {b: program.compiled(b) for b in sorted({self._run_batch(config)} | set(batches or ()))}
         artifact.write(path, str(Path(self.source_name).resolve()), self.source_text, self.name,
                        program.backend.name, program.target.to_json(), steps)
-        return sorted(steps)
+        return [("train+eval", b) for b in sorted(steps)]
 
-    def _last_batches(self, config) -> set:
-        """The sizes of the last, partial batches of the train and test splits."""
+    def _run_batch(self, config) -> int:
+        """The batch size `dlc run` compiles: the train block's, or the training split's size
+        when that is smaller (a full-batch recipe)."""
         from dlc.data.sources import load_dataset
         try:
             data = load_dataset(config.data, self.base_dir, config.seed)
         except DlcError:
-            return set()  # unknown until run time: compiled then, through the cache
-        out = set()
-        for mode, n in (("train", len(data.x_train)), ("eval", len(data.x_test))):
-            if n % config.batch:
-                out.add((mode, n % config.batch))
-        return out
+            return config.batch  # unknown until run time: compiled then, through the cache
+        return max(1, min(config.batch, len(data.x_train)))
 
     def _require_config(self):
         if self.train_config is None:

@@ -1,9 +1,10 @@
 """`dlc compile FILE -o OUT`: compiled training and evaluation steps in one file.
 
 The file is a zip: `manifest.json` (format, dlc version, the model and its .dln source,
-the backend and the target it was compiled for, and per step its layout and the SHA-256
-and size of each compiled blob), plus the blobs. `dlc run OUT` and `dlc eval OUT` load the
-code without compiling; a batch size the file lacks is compiled from the embedded source.
+the backend and the target it was compiled for, and per compiled batch size the layout of
+its entry points -- the training and the evaluation step -- and the SHA-256 and size of
+each compiled blob), plus the blobs. `dlc run OUT` and `dlc eval OUT` load the code without
+compiling; a batch size the file lacks is compiled from the embedded source.
 
 Loading an artifact runs the native code inside it: run only artifacts you trust. Every
 part is checked before any code is loaded -- the manifest's schema, every blob against its
@@ -21,10 +22,10 @@ import zlib
 from pathlib import Path
 
 from dlc import __version__
-from dlc.backends.base import StepLayout
+from dlc.backends.base import Entries, StepLayout, layout_from_json
 from dlc.core.diagnostics import ArtifactError
 
-FORMAT = 2
+FORMAT = 3
 REBUILD = "rebuild it with `dlc compile FILE.dln -o OUT`"
 
 
@@ -38,13 +39,14 @@ def is_artifact(path) -> bool:
 
 
 def write(path, source_name: str, source_text: str, model: str, backend: str, target: dict,
-          steps: dict[tuple[str, int], tuple[list[bytes], StepLayout]]) -> None:
+          steps: dict[int, tuple[list[bytes], Entries]]) -> None:
+    """steps: batch size -> (blobs, layout) of the program compiled for it."""
     manifest = {"format": FORMAT, "dlc": __version__, "model": model, "source_name": source_name,
                 "source": source_text, "backend": backend, "target": target, "steps": []}
     blobs = {}
-    for (mode, batch), (parts, layout) in sorted(steps.items()):
-        stem = f"steps/{mode}-{batch}"
-        entry = {"mode": mode, "batch": batch, "layout": layout.to_json(), "blobs": []}
+    for batch, (parts, layout) in sorted(steps.items()):
+        stem = f"steps/batch-{batch}"
+        entry = {"batch": batch, "layout": layout.to_json(), "blobs": []}
         for i, blob in enumerate(parts):
             name = f"{stem}.{i}.bin"
             blobs[name] = blob
@@ -65,7 +67,7 @@ def write(path, source_name: str, source_text: str, model: str, backend: str, ta
             os.unlink(tmp)
 
 
-def read(path) -> tuple[dict, dict[tuple[str, int], tuple[list[bytes], StepLayout]]]:
+def read(path) -> tuple[dict, dict[int, tuple[list[bytes], Entries]]]:
     """(manifest, steps), every part checked; ArtifactError otherwise."""
     try:
         with zipfile.ZipFile(path) as z:
@@ -79,7 +81,7 @@ def read(path) -> tuple[dict, dict[tuple[str, int], tuple[list[bytes], StepLayou
                         raise ArtifactError(f"{path} is damaged: {blob['name']} does not match its digest",
                                             hint=REBUILD)
                     parts.append(data)
-                steps[(s["mode"], s["batch"])] = (parts, _layout(path, s["layout"]))
+                steps[s["batch"]] = (parts, _layout(path, s["layout"]))
     except (OSError, KeyError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
         raise ArtifactError(f"{path} is not a readable dlc artifact ({_why(e)})", hint=REBUILD) from None
     return manifest, steps
@@ -101,7 +103,7 @@ def _why(e: Exception) -> str:
 
 _SCHEMA = {"format": int, "dlc": str, "model": str, "source_name": str, "source": str, "backend": str,
            "target": dict, "steps": list}
-_STEP = {"mode": str, "batch": int, "layout": str, "blobs": list}
+_STEP = {"batch": int, "layout": str, "blobs": list}
 _BLOB = {"name": str, "sha256": str, "size": int}
 
 
@@ -115,8 +117,8 @@ def _manifest(path, raw: bytes) -> dict:
     _fields(manifest, _SCHEMA, "the manifest")
     for s in manifest["steps"]:
         _fields(s, _STEP, "a step")
-        if s["mode"] not in ("train", "eval") or s["batch"] < 1:
-            raise ValueError(f"a step has mode {s['mode']!r} and batch {s['batch']}")
+        if s["batch"] < 1:
+            raise ValueError(f"a step has batch {s['batch']}")
         for blob in s["blobs"]:
             _fields(blob, _BLOB, "a blob entry")
     return manifest
@@ -130,16 +132,19 @@ def _fields(obj, schema: dict, what: str) -> None:
             raise ValueError(f"{what} has no valid `{key}`")
 
 
-def _layout(path, text: str) -> StepLayout:
+def _layout(path, text: str) -> Entries:
     try:
-        layout = StepLayout.from_json(text)
-        assert isinstance(layout.arena_bytes, int) and layout.arena_bytes >= 0
-        assert isinstance(layout.scratch_bytes, int) and layout.scratch_bytes >= 0
-        for slot in layout.slots:
-            name, kind, dtype, shape = slot
-            assert isinstance(name, str) and kind in ("input", "state") and isinstance(dtype, str)
-            assert all(isinstance(d, int) and d >= 0 for d in shape)
-        assert isinstance(layout.outputs, dict) and isinstance(layout.kernels, list)
-    except (ValueError, TypeError, AssertionError) as e:
+        layout = layout_from_json(text)
+        assert isinstance(layout, Entries) and layout.entries
+        for entry in layout.entries.values():
+            assert isinstance(entry.arena_bytes, int) and entry.arena_bytes >= 0
+            assert isinstance(entry.scratch_bytes, int) and entry.scratch_bytes >= 0
+            for slot in entry.slots:
+                name, kind, dtype, shape = slot
+                assert isinstance(name, str) and kind in ("input", "state") and isinstance(dtype, str)
+                assert all(isinstance(d, int) and d >= 0 for d in shape)
+            assert isinstance(entry.outputs, dict) and isinstance(entry.kernels, list)
+            assert isinstance(entry.meta, dict)
+    except (ValueError, TypeError, KeyError, AssertionError) as e:
         raise ArtifactError(f"{path} is damaged: a step's layout is invalid ({_why(e)})", hint=REBUILD) from None
     return layout

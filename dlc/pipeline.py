@@ -42,6 +42,11 @@ class Pass:
     required: bool = False  # cannot be disabled: later stages depend on its result
 
 
+def _mask_batch(g, ctx):
+    from dlc.passes.mask_batch import mask_batch
+    return mask_batch(g)
+
+
 def _autodiff(g, ctx):
     from dlc.passes.autodiff import autodiff
     return autodiff(g)
@@ -89,6 +94,8 @@ def _memory(g, ctx):
 
 
 GRAPH_PASSES: tuple[Pass, ...] = (
+    Pass("mask_batch", _mask_batch, "reductions over the batch count only its first `valid_rows` rows "
+         "(a padded last batch gives the unpadded results: one compiled batch size)"),
     Pass("autodiff", _autodiff, "reverse-mode gradients of the loss for every parameter", True, True),
     Pass("optimizer", _optimizer, "parameter and optimizer-state updates: one training step", True, True),
     Pass("simplify", _simplify, "algebraic identities (x*1, neg(neg x), reshape of reshape, ...)"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from dlc.backends.base import Backend, Compiled, StepLayout, layout_outputs, layout_slots
+from dlc.backends.base import Backend, Compiled, Entries, StepLayout, layout_outputs, layout_slots
 
 
 class CpuBackend(Backend):
@@ -35,23 +35,46 @@ class CpuBackend(Backend):
         return mb
 
     def compile(self, program, target, profile: bool = False) -> Compiled:
+        return self._compile({"": program}, target, profile)
+
+    def compile_entries(self, programs: dict, target, profile: bool = False) -> Compiled:
+        """One set of modules for every entry: a kernel both programs contain (identical
+        code) is compiled once, and each entry gets its own step function."""
+        return self._compile(programs, target, profile)
+
+    def _compile(self, programs: dict, target, profile: bool) -> Compiled:
         from .jit import compile_modules
         start = time.perf_counter()
-        mb = self._modules(program, target, profile)
+        mb = self._modules(programs, target, profile)
         built = time.perf_counter()
         compiled = compile_modules(mb.modules, target)
-        lines = {k.name: list(k.lines) for k in program.kernels}
-        layout = StepLayout(program.arena_bytes, mb.layout.scratch_bytes, layout_slots(program),
-                            layout_outputs(program), [[name, phase, lines[name]] for phase, name, _, _ in mb.parts],
-                            target.threads)
+        layouts = {}
+        for entry, program in programs.items():
+            lines = {k.name: list(k.lines) for k in program.kernels}
+            layouts[entry] = StepLayout(
+                program.arena_bytes, mb.layout.scratch_bytes, layout_slots(program), layout_outputs(program),
+                [[name, phase, lines[name]] for phase, name, _, _ in mb.entry_parts[entry]], target.threads,
+                {"symbol": mb.symbol(entry)} if entry else {})
+        layout = layouts[""] if "" in layouts else Entries(layouts)
         return Compiled(compiled.objects, layout, {"LLVM IR": built - start,
                                                    "LLVM optimize": compiled.seconds_optimize,
-                                                   "machine code": compiled.seconds_codegen})
+                                                   "machine code": compiled.seconds_codegen},
+                        {"parts": sum(map(len, mb.entry_parts.values())), "shared": mb.shared})
 
     def load(self, blobs, layout: StepLayout, target):
         from .runtime import NativeStep
         layout.threads = target.threads  # the code takes the thread count at run time
         return NativeStep(blobs, layout, target)
+
+    def load_entries(self, blobs, entries: Entries, target) -> dict:
+        from .jit import Engine
+        from .runtime import NativeStep
+        engine = Engine(blobs, target)  # one engine: the entries share functions
+        steps = {}
+        for name, layout in entries.entries.items():
+            layout.threads = target.threads
+            steps[name] = NativeStep(engine, layout, target)
+        return steps
 
     def dump(self, program, stage: str, target) -> str:
         from .jit import assembly, optimized_ir

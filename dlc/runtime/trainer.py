@@ -13,7 +13,7 @@ import numpy as np
 from dlc import __version__, backends
 from dlc.core.diagnostics import CheckpointError, DataError, NumericsError
 from dlc.language.recipe import Spec
-from dlc.program import make_program
+from dlc.program import VALID, make_programs
 
 
 def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int) -> float:
@@ -79,12 +79,13 @@ class Session:
         self._graphs: dict[str, object] = {}
         if not backends.backend(target).lowers:  # an interpreter needs the optimizer state up front
             model.ensure_state(self.graph("train"))
-        self.train_program, self.eval_program = (
-            make_program(target, lambda mode=mode: self.graph(mode), self.state,
-                         key=model.source_key(mode, config), data_name=self.input_name,
-                         preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)},
-                         options=options)
-            for mode in ("train", "eval"))
+        # one program, two entry points: compiled together, once per batch size
+        self.program = make_programs(
+            target, {mode: (lambda mode=mode: self.graph(mode)) for mode in ("train", "eval")}, self.state,
+            keys={mode: model.source_key(mode, config) for mode in ("train", "eval")}, name=model.name,
+            data_name=self.input_name, preloaded={b: s for (t, b), s in model.preloaded.items() if t == target},
+            options=options)
+        self.train_program, self.eval_program = self.program.entry("train"), self.program.entry("eval")
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
         self._results = ["loss"] + self.metrics
         self.global_step = int(self.state["step"]) if "step" in self.state else 0
@@ -100,7 +101,7 @@ class Session:
 
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
-        feeds = {self.input_name: x, "label": y, "lr": lr}
+        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x))}
         out = self.train_program.run(feeds)
         loss = float(out["loss"])
         if not math.isfinite(loss):
@@ -146,10 +147,21 @@ class Session:
         return "\n".join(out) + "\n"
 
     # --- whole data sets ----------------------------------------------------------------------
+    def use_batch(self, batch: int, rows: int) -> int:
+        """Compile for batches of `batch` rows (fewer when the data has fewer): smaller
+        batches, such as the last of an epoch, are padded to it instead of compiled again."""
+        self.program.batch = max(1, min(batch, rows))
+        return self.program.batch
+
+    def _chunk(self, batch: int, rows: int) -> int:
+        """Evaluation in batches of the compiled size (the training one, once fit chose it)."""
+        return self.program.batch or self.use_batch(batch, rows)
+
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, float]:
         """Loss and metrics over every sample (the last partial batch included)."""
         totals: dict[str, float] = {}
         n = len(x)
+        batch = self._chunk(batch, n)
         for start in range(0, n, batch):
             xb, yb = x[start:start + batch], y[start:start + batch]
             out = self.eval_program.run({self.input_name: xb, "label": yb})
@@ -159,6 +171,7 @@ class Session:
 
     def predict(self, x: np.ndarray, batch: int) -> np.ndarray:
         outs = []
+        batch = self._chunk(batch, len(x))
         for start in range(0, len(x), batch):
             xb = x[start:start + batch]
             label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype()) \
@@ -214,6 +227,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     if n == 0:
         raise DataError("the training split is empty", cfg.span("data"))
     steps_per_epoch = -(-n // opts.batch)
+    session.use_batch(opts.batch, n)
     start_epoch, skip = 0, 0
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
