@@ -26,6 +26,10 @@ artifacts, and runs steps. A backend:
 A backend that interprets graphs instead (the numpy reference) sets `lowers = False` and
 implements `interpret(graph, state)`.
 
+`object_cache` is set by the driver to its compile cache (`get(key) -> (blobs, text) | None`,
+`put(key, blobs, text)`), or None: a backend may keep code there that belongs to no
+program (the CPU backend's worker pool), keyed by what it depends on.
+
 Backends import the core (dlc.core), the passes and this module; never the driver, never
 each other. A new backend is a folder with a module-level `BACKEND` plus one line in the
 registry (backends/__init__.py); docs/backends.md walks through it.
@@ -103,6 +107,7 @@ class Backend:
     stages: dict[str, str] = {}
     templates: frozenset = frozenset()
     lowers: bool = True
+    object_cache = None  # the driver's compile cache, for code that belongs to no program
 
     def unavailable(self) -> str | None:
         return None

@@ -341,8 +341,8 @@ _FLAG = ("True or False", lambda v: isinstance(v, bool))
 
 # The compiler options fit/evaluate/predict pass on (`**options`): what each takes.
 _BACKEND_OPTIONS = {
-    "threads": ("a positive number of CPU threads",
-                lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "threads": ("a positive number of CPU threads, or \"auto\"",
+                lambda v: v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)),
     "verbose": ("a function that receives the compiler's messages, such as print",
                 lambda v: v is None or v is False or callable(v)),
     "no_cache": _FLAG,

@@ -125,7 +125,9 @@ def _target_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_target(p: argparse.ArgumentParser) -> None:
     _target_arg(p)
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="CPU threads: a number, or `auto` (the default): every core no other process keeps "
+                        "busy (measured at start), and one thread for a step too small to share out")
     p.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring the compile cache")
     p.add_argument("--no-templates", action="store_true",
                    help="render matmuls, convolutions, pooling and gathers as plain loop nests instead of "
@@ -136,7 +138,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
 
 def _backend_options(args) -> dict:
     options = {}
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) not in (None, "auto"):
         options["threads"] = args.threads
     if getattr(args, "no_cache", False):
         options["no_cache"] = True
@@ -168,6 +170,10 @@ def _number(kind, check, what):
 _positive_int = _number(int, lambda v: v > 0, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
+
+
+def _threads(text: str):
+    return "auto" if text == "auto" else _number(int, lambda v: v > 0, "a positive integer or `auto`")(text)
 
 
 def _output_path(path: str, flag: str, folder: bool = False) -> Path:

@@ -115,6 +115,8 @@ class CompiledProgram:
         self.state = state
         self.target = backend.target({"threads": threads})
         self.cache = None if no_cache else Cache(cache_dir)
+        if self.cache is not None:
+            backend.object_cache = self.cache
         self.profile = profile
         self.templates = backend.templates if templates else frozenset()
         self.verbose = verbose
@@ -190,6 +192,9 @@ class CompiledProgram:
             self.units[batch] = unit
             for step in unit.values():
                 self._create_state(step.layout)
+            threads = [f"{e or 'step'} on {s.threads}" for e, s in unit.items() if getattr(s, "threads", None)]
+            if threads:
+                self._say(f"threads (batch {batch}): {', '.join(threads)} of {self.target.describe().split(', ')[-1]}")
         return unit
 
     def step_for(self, batch: int, entry: str | None = None):

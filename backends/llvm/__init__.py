@@ -44,6 +44,7 @@ class CpuBackend(Backend):
 
     def _compile(self, programs: dict, target, profile: bool) -> Compiled:
         from .jit import compile_modules
+        from .threads import step_work
         start = time.perf_counter()
         mb = self._modules(programs, target, profile)
         built = time.perf_counter()
@@ -54,7 +55,7 @@ class CpuBackend(Backend):
             layouts[entry] = StepLayout(
                 program.arena_bytes, mb.layout.scratch_bytes, layout_slots(program), layout_outputs(program),
                 [[name, phase, lines[name]] for phase, name, _, _ in mb.entry_parts[entry]], target.threads,
-                {"symbol": mb.symbol(entry)} if entry else {})
+                {"symbol": mb.symbol(entry), "work": step_work(program)})
         layout = layouts[""] if "" in layouts else Entries(layouts)
         return Compiled(compiled.objects, layout, {"LLVM IR": built - start,
                                                    "LLVM optimize": compiled.seconds_optimize,
@@ -63,8 +64,8 @@ class CpuBackend(Backend):
 
     def load(self, blobs, layout: StepLayout, target):
         from .runtime import NativeStep
-        layout.threads = target.threads  # the code takes the thread count at run time
-        return NativeStep(blobs, layout, target)
+        layout.threads = threads_for(layout, target)  # the code takes the thread count at run time
+        return NativeStep(blobs, layout, target, self.object_cache)
 
     def load_entries(self, blobs, entries: Entries, target) -> dict:
         from .jit import Engine
@@ -72,8 +73,8 @@ class CpuBackend(Backend):
         engine = Engine(blobs, target)  # one engine: the entries share functions
         steps = {}
         for name, layout in entries.entries.items():
-            layout.threads = target.threads
-            steps[name] = NativeStep(engine, layout, target)
+            layout.threads = threads_for(layout, target)
+            steps[name] = NativeStep(engine, layout, target, self.object_cache)
         return steps
 
     def dump(self, program, stage: str, target) -> str:
@@ -93,6 +94,17 @@ class CpuBackend(Backend):
             return None
         return (f"it was compiled for a {saved['cpu']} CPU ({isa(str(saved['features']))}); this machine is a "
                 f"{target.cpu} ({isa(target.features)})")
+
+
+def threads_for(layout: StepLayout, target) -> int:
+    """The target's thread count; with `auto`, the count the step's work is fastest on
+    among the cores other processes leave free (threads.py)."""
+    if not target.auto:
+        return target.threads
+    from .threads import choose_threads, free_cores, start_probe
+    free = free_cores(target.threads, start_probe().others_busy())
+    work = layout.meta.get("work")
+    return choose_threads(work, free) if work else free
 
 
 BACKEND = CpuBackend()
