@@ -117,7 +117,7 @@ class Model:
         later = [n for n in names if n not in pipeline.PASS_NAMES and n not in ("ast", "graph")]
         if passes or later or log is not None:
             log = log if log is not None else pipeline.Compilation()
-            lowered = self.lower(mode, batch, disabled=disabled, log=log)
+            lowered = self.lower(mode, batch, disabled=disabled, log=log, verify=True)
             out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in passes]
             if later:
                 backend = backends.backend(target)
@@ -127,7 +127,7 @@ class Model:
                         for n in later]
         return out
 
-    def compile_graph(self, mode: str, config=None, log=None, disabled=()) -> Graph:
+    def compile_graph(self, mode: str, config=None, log=None, disabled=(), verify: bool | None = None) -> Graph:
         """The training step ("train", after autodiff and the optimizer) or the evaluation
         graph ("eval"), after the graph passes; shapes are still symbolic."""
         from dlc.pipeline import step_graph
@@ -137,15 +137,16 @@ class Model:
                 raise ArgumentError(f"model {self.name} has no loss to train")
         else:
             config = None
-        return step_graph(self.built(mode).graph, config, log, disabled)
+        return step_graph(self.built(mode).graph, config, log, disabled, verify)
 
-    def lower(self, mode: str, batch: int | None = None, config=None, log=None, disabled=()) -> Graph:
+    def lower(self, mode: str, batch: int | None = None, config=None, log=None, disabled=(),
+              verify: bool | None = None) -> Graph:
         """The graph for one batch size after every pass: fused and memory-planned."""
         from dlc.pipeline import lower
         if mode == "train":
             config = config or self._require_config()
         batch = batch or (config.batch if config else self.train_config.batch if self.train_config else 1)
-        return lower(self.compile_graph(mode, config, log, disabled), batch, log, disabled)
+        return lower(self.compile_graph(mode, config, log, disabled, verify), batch, log, disabled, verify)
 
     def source_key(self, mode: str, config) -> str:
         """Identifies a compiled graph without building it (compile-cache keys)."""
@@ -154,29 +155,19 @@ class Model:
         return "\0".join([text, self.name, mode, recipe])
 
     def compile_artifact(self, path, batches=None, target: str = DEFAULT_TARGET, **options) -> list[tuple[str, int]]:
-        """Compile the training and evaluation steps (one program, for the batch size a run
-        of the train block uses, plus any `batches`) into one file that `dlc run` / `dlc eval`
-        load without compiling."""
+        """Compile the training and evaluation steps (one program, for the train block's
+        batch size, plus any `batches`) into one file that `dlc run` / `dlc eval` load
+        without compiling."""
         from dlc import artifact
         config = self._require_config()
         session = self.session(config, target, **options)
         program = session.program
         if not hasattr(program, "compiled"):
             raise UsageError(f"target `{target}` compiles nothing to write to {path}")
-        steps = {b: program.compiled(b) for b in sorted({self._run_batch(config)} | set(batches or ()))}
+        steps = {b: program.compiled(b) for b in sorted({config.batch} | set(batches or ()))}
         artifact.write(path, str(Path(self.source_name).resolve()), self.source_text, self.name,
                        program.backend.name, program.target.to_json(), steps)
         return [("train+eval", b) for b in sorted(steps)]
-
-    def _run_batch(self, config) -> int:
-        """The batch size `dlc run` compiles: the train block's, or the training split's size
-        when that is smaller (a full-batch recipe)."""
-        from dlc.data.sources import load_dataset
-        try:
-            data = load_dataset(config.data, self.base_dir, config.seed)
-        except DlcError:
-            return config.batch  # unknown until run time: compiled then, through the cache
-        return max(1, min(config.batch, len(data.x_train)))
 
     def _require_config(self):
         if self.train_config is None:
@@ -258,7 +249,7 @@ class Model:
         there (unless it is `resume`) is kept as NAME.prev.npz.
         Returns a History (one record of metrics per epoch)."""
         from dlc.runtime.prepare import prepare
-        from dlc.runtime.trainer import FitOptions, fit, restore
+        from dlc.runtime.trainer import FitOptions, Interrupted, fit, restore
         _check_options(self.fit, options)
         config = self._require_config()
         self._require_one_input(config)
@@ -279,8 +270,17 @@ class Model:
                 self.state[k][...] = v
         seed = config.seed if seed is None else seed
         label_type = session._label_type()
-        data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
-                                   arrays=(x, y) if x is not None else None, normalizer=normalizer)
+        compiling = session.compile_in_background(batch or config.batch)  # while the data loads
+        try:
+            data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
+                                       arrays=(x, y) if x is not None else None, normalizer=normalizer)
+            compiling.wait()
+        except KeyboardInterrupt:
+            kept = f"; {save} left as it was" if save else ""
+            raise Interrupted(f"interrupted before the first training step{kept}") from None
+        except BaseException:
+            compiling.wait(quietly=True)  # the data's error first; no compile left running
+            raise
         self.normalizer = normalizer
         # a file at `save` is kept as NAME.prev.npz, unless it is the checkpoint this run continues
         resumes_save = bool(resume and save) and Path(resume).resolve() == Path(save).resolve()

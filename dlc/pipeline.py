@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,13 @@ class Compilation:
         return next((r for r in reversed(self.records) if r.name == name), None)
 
 
+def verifying() -> bool:
+    """Whether the driver re-checks the graph after every pass: with DLC_VERIFY=1 (the test
+    suite sets it), for `dlc compile`'s dumps, and never otherwise -- re-inferring every
+    node's type after each of a dozen passes was a third of the passes' time."""
+    return os.environ.get("DLC_VERIFY", "") not in ("", "0")
+
+
 def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None = None,
                verify: bool = True) -> Graph:
     for p in passes:
@@ -171,15 +179,17 @@ def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None =
 
 
 def step_graph(graph: Graph, config: TrainConfig | None, log: Compilation | None = None,
-               disabled=()) -> Graph:
+               disabled=(), verify: bool | None = None) -> Graph:
     """The graph passes: with a recipe, the training step (autodiff, optimizer, cleanup);
     without one, the evaluation graph cleaned up. Shapes are still symbolic."""
-    return run_passes(graph, GRAPH_PASSES, PassContext(config, disabled=frozenset(disabled)), log)
+    return run_passes(graph, GRAPH_PASSES, PassContext(config, disabled=frozenset(disabled)), log,
+                      verifying() if verify is None else verify)
 
 
-def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=()) -> Graph:
+def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=(), verify: bool | None = None) -> Graph:
     """The lowering passes for one batch size: fused and memory-planned."""
-    return run_passes(graph, LOWER_PASSES, PassContext(batch=batch, disabled=frozenset(disabled)), log)
+    return run_passes(graph, LOWER_PASSES, PassContext(batch=batch, disabled=frozenset(disabled)), log,
+                      verifying() if verify is None else verify)
 
 
 def kernel_program(lowered: Graph, templates=frozenset()) -> KernelProgram:

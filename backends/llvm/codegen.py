@@ -22,6 +22,18 @@ from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, memor
 from .templates import emit_template
 
 FIXED_SLOTS = 4  # arena, barrier, scratch, profile
+# Loop nests with fewer iterations than this (reductions counted in), and serial ones, are
+# optimized for size: LLVM neither unrolls nor interleaves them (they gain nothing from it,
+# and at O3 a tiny loop with a static trip count becomes a page of unrolled code).
+LIGHT_BELOW = 1024
+
+
+def is_light(part) -> bool:
+    """A part compiled with `optsize`: a small or serial loop nest."""
+    if not isinstance(part, LoopNest):
+        return False
+    from .threads import _nest_elements
+    return part.serial or not part.outer or _nest_elements(part) < LIGHT_BELOW
 
 
 @dataclass
@@ -74,7 +86,7 @@ class ModuleBuilder:
         self.parts = []  # the first entry's (a single program's)
         self.gemms: dict = {}  # (module index, spec) -> GemmInfo: one function per shape and module
         self.shared = 0  # parts that reuse an identical function
-        self._by_body: dict[str, ir.Function] = {}
+        self._by_key: dict = {}
         # kernels are external symbols (the step calls them across modules): a name unique to
         # this build keeps two programs in one process from ever binding to each other's
         self.tag = tag or uuid.uuid4().hex[:10]
@@ -105,6 +117,8 @@ class ModuleBuilder:
                     self.module = self.modules[index]
                     buffers = buffers_of(part)
                     fn, b, pointers = self.new_function(f"{prefix}{k.name}.{j}.{self.tag}", buffers)
+                    if is_light(part):
+                        fn.attributes.add("optsize")
                     tid, nthreads = fn.args[-2], fn.args[-1]
                     em = Emitter(b, pointers)
                     if isinstance(part, LoopNest):
@@ -112,7 +126,7 @@ class ModuleBuilder:
                     else:
                         emit_template(self, em, part, tid, nthreads)
                     b.ret_void()
-                    fn = self._dedupe(fn)
+                    fn = self._dedupe(fn, _shape_key(part))
                     self._load[index] = _size(self.module)
                     parts.append((k.phase, k.name, fn, buffers))
         self.parts = next(iter(self.entry_parts.values()))
@@ -121,17 +135,22 @@ class ModuleBuilder:
             self._step(entry, program)
         return self.modules
 
-    def _dedupe(self, fn: ir.Function) -> ir.Function:
-        """An identical function built before, with this one removed; else fn."""
-        text = str(fn)
-        body = text.replace(_quoted(fn.name), "@F", 1)
-        first = self._by_body.get(body)
-        if first is None:
-            self._by_body[body] = fn
+    def _dedupe(self, fn: ir.Function, key) -> ir.Function:
+        """An identical function built before, with this one removed; else fn. Only parts
+        of the same kind over the same shapes (`key`) are compared as text (printing a
+        function costs as much as building it)."""
+        same = self._by_key.setdefault(key, [])
+        if not same:
+            same.append(fn)
             return fn
-        del fn.module.globals[fn.name]
-        self.shared += 1
-        return first
+        body = _body(fn)
+        for i, other in enumerate(same):
+            if not isinstance(other, str) and _body(other) == body:
+                del fn.module.globals[fn.name]
+                self.shared += 1
+                return other
+        same.append(fn)
+        return fn
 
     def text(self) -> str:
         return "\n".join(str(m) for m in self.modules)
@@ -152,6 +171,7 @@ class ModuleBuilder:
         """dlc_step(table, tid, nthreads): every part in phase order, barriers between."""
         fn = ir.Function(self.module, ir.FunctionType(VOID, [PTR, I32, I32]), name=self.symbol(entry))
         set_target(fn, self.target)
+        fn.attributes.add("optsize")  # a sequence of calls and barriers
         table, tid, nthreads = fn.args
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         slot = lambda k: b.load(gep(b, table, i64(k), PTR), typ=PTR)  # noqa: E731
@@ -188,6 +208,23 @@ class ModuleBuilder:
                                                   ir.Constant(I1, 0)])
         b.call(barrier_fn, [barrier, nthreads])
         b.ret_void()
+
+
+def _body(fn: ir.Function) -> str:
+    """fn's IR text with its own name left out (cached on the function)."""
+    text = getattr(fn, "_dlc_body", None)
+    if text is None:
+        text = fn._dlc_body = str(fn).replace(_quoted(fn.name), "@F", 1)
+    return text
+
+
+def _shape_key(part) -> tuple:
+    """What two parts with identical code certainly share: kind, loop extents, shapes."""
+    if isinstance(part, LoopNest):
+        return ("nest", tuple(v.extent for v in part.outer), tuple(v.extent for v in part.inner),
+                len(part.row_stores), len(part.stores), part.serial)
+    return ("template", part.op, tuple(b.shape for b in part.inputs), part.output.shape,
+            repr(sorted(part.attrs.items())), _shape_key(part.epilogue) if part.epilogue is not None else None)
 
 
 def _size(module: ir.Module) -> int:

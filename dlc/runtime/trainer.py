@@ -147,15 +147,25 @@ class Session:
         return "\n".join(out) + "\n"
 
     # --- whole data sets ----------------------------------------------------------------------
-    def use_batch(self, batch: int, rows: int) -> int:
-        """Compile for batches of `batch` rows (fewer when the data has fewer): smaller
-        batches, such as the last of an epoch, are padded to it instead of compiled again."""
-        self.program.batch = max(1, min(batch, rows))
+    def use_batch(self, batch: int) -> int:
+        """Compile for batches of `batch` rows: smaller ones, such as the last of an epoch
+        (or a whole data set smaller than the batch), are padded to it instead of compiled
+        again."""
+        self.program.batch = max(1, batch)
         return self.program.batch
+
+    def compile_in_background(self, batch: int) -> "Background":
+        """Compile the program for `batch` rows (or load it from the cache) on a thread,
+        while the caller reads the data; `wait()` joins it and raises what it raised.
+        (The LLVM work runs in the thread's forked compiler processes and in llvmlite,
+        outside the GIL, so it overlaps reading and normalizing the data.)"""
+        self.use_batch(batch)
+        compile_ = getattr(self.program, "steps_for", None)
+        return Background(lambda: compile_(self.program.batch) if compile_ else None)
 
     def _chunk(self, batch: int, rows: int) -> int:
         """Evaluation in batches of the compiled size (the training one, once fit chose it)."""
-        return self.program.batch or self.use_batch(batch, rows)
+        return self.program.batch or self.use_batch(min(batch, rows))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, float]:
         """Loss and metrics over every sample (the last partial batch included)."""
@@ -190,6 +200,28 @@ class Session:
 
     def _label_dtype(self):
         return self._label_type().dtype.np
+
+
+class Background:
+    """A function run on a daemon thread; wait() returns its result or raises its error."""
+
+    def __init__(self, fn):
+        import threading
+        self._result, self._error = None, None
+
+        def run():
+            try:
+                self._result = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+                self._error = e
+        self._thread = threading.Thread(target=run, name="dlc-compile", daemon=True)
+        self._thread.start()
+
+    def wait(self, quietly: bool = False):
+        self._thread.join()
+        if self._error is not None and not quietly:
+            raise self._error
+        return self._result
 
 
 def _nonfinite(v: np.ndarray) -> str:
@@ -227,7 +259,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     if n == 0:
         raise DataError("the training split is empty", cfg.span("data"))
     steps_per_epoch = -(-n // opts.batch)
-    session.use_batch(opts.batch, n)
+    session.use_batch(opts.batch)
     start_epoch, skip = 0, 0
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
