@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, help="batch size to compile for (default: the train block's)")
     p.add_argument("--eval", action="store_true", help="compile the evaluation graph instead of the training step")
     p.add_argument("-o", "--output", metavar="OUT",
-                   help="write the compiled training and evaluation steps to OUT (e.g. model.dlcx), "
-                        "which `dlc run OUT` and `dlc eval OUT` load without compiling")
+                   help="write the compiled training and evaluation steps (one program, for the train "
+                        "block's batch size) to OUT (e.g. model.dlcx), which `dlc run OUT` and "
+                        "`dlc eval OUT` load without compiling")
     _add_target(p)
 
     p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
     p.add_argument("--batch", type=_positive_int, help="mini-batch size (1 = stochastic, the data "
-                   "set size = full batch)")
+                   "set size = full batch); the training and evaluation steps are compiled once for "
+                   "it, and a smaller last batch is padded to it with exactly the unpadded results")
     p.add_argument("--lr", type=_positive_float, help="initial learning rate")
     p.add_argument("--seed", type=_non_negative_int, help="random seed (initialization, shuffling, dropout)")
     p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
@@ -125,7 +127,7 @@ def _target_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_target(p: argparse.ArgumentParser) -> None:
     _target_arg(p)
-    p.add_argument("--threads", type=_threads, default="auto",
+    p.add_argument("--threads", type=_threads, default="auto", metavar="N",
                    help="CPU threads: a number, or `auto` (the default): every core no other process keeps "
                         "busy (measured at start), and one thread for a step too small to share out")
     p.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring the compile cache")
@@ -133,7 +135,8 @@ def _add_target(p: argparse.ArgumentParser) -> None:
                    help="render matmuls, convolutions, pooling and gathers as plain loop nests instead of "
                         "the backend's dedicated code (slow; for testing a backend)")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print the target, compile-cache hits and compile time per phase")
+                   help="print the target, the one compile of the run (training and evaluation steps "
+                        "together: cache hit or miss, time per phase), and the threads each step chose")
 
 
 def _backend_options(args) -> dict:

@@ -12,7 +12,9 @@ first `valid_rows` rows give exactly the results the unpadded batch would:
   * a matmul contracting over the batch axis masks both operands.
 
 Everything else a model does is row by row (elementwise ops, convolutions, pooling,
-reshapes that keep the batch rows, gathers), so a valid row never sees a padded one.
+reshapes that keep the batch rows -- also one that folds later axes into the batch axis,
+as an RNN's [B, T, F] -> [B*T, F], where row r owns entries [c*r, c*r + c) -- and
+gathers), so a valid row never sees a padded one.
 Losses and metrics are then averaged over the valid rows, batchnorm's statistics come
 from the valid rows only, and autodiff (which runs after this pass) differentiates
 through the selects: padded rows get zero gradients, so parameter updates are those of
@@ -21,9 +23,9 @@ axis is the same in both batches: dropout drops the same elements of the valid r
 
 The pass runs before autodiff on the symbolic graph, where the batch is the symbol of the
 data input's first dimension. It proves its case first: a value whose shape holds the
-batch in any other form (a batch folded into another axis by a reshape, a concat along
-it, a parameter shaped by it) leaves the graph unchanged, without `valid_rows`; the
-driver then compiles the last batch at its own size, as before.
+batch in any other form (in two axes, behind another axis after a reshape, a concat
+along it, a parameter shaped by it) leaves the graph unchanged, without `valid_rows`;
+the driver then compiles the last batch at its own size, as before.
 """
 from __future__ import annotations
 

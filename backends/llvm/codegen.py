@@ -113,7 +113,7 @@ class ModuleBuilder:
             parts = self.entry_parts[entry] = []
             for k in program.kernels:
                 for j, part in enumerate(k.parts):
-                    index = self._load.index(min(self._load))  # the emptiest module so far
+                    index = self._module_for(part)
                     self.module = self.modules[index]
                     buffers = buffers_of(part)
                     fn, b, pointers = self.new_function(f"{prefix}{k.name}.{j}.{self.tag}", buffers)
@@ -134,6 +134,16 @@ class ModuleBuilder:
         for entry, program in self.programs.items():
             self._step(entry, program)
         return self.modules
+
+    def _module_for(self, part) -> int:
+        """The emptiest module so far; for a matmul, one that already has a GEMM of its
+        shape (the evaluation step's forward matmuls have the training step's shapes)."""
+        spec = _gemm_spec(part)
+        if spec is not None:
+            for index, other in self.gemms:
+                if other == spec:
+                    return index
+        return self._load.index(min(self._load))
 
     def _dedupe(self, fn: ir.Function, key) -> ir.Function:
         """An identical function built before, with this one removed; else fn. Only parts
@@ -208,6 +218,19 @@ class ModuleBuilder:
                                                   ir.Constant(I1, 0)])
         b.call(barrier_fn, [barrier, nthreads])
         b.ret_void()
+
+
+def _gemm_spec(part):
+    """The GemmSpec templates.matmul emits a GEMM function for (None: no GEMM)."""
+    if not isinstance(part, Template) or part.op != "matmul":
+        return None
+    from .gemm import GemmSpec
+    from .templates import SMALL_MATMUL
+    a = part.inputs[0].shape
+    m, n = part.output.shape
+    ta, tb = part.attrs.get("ta", False), part.attrs.get("tb", False)
+    k = a[0] if ta else a[1]
+    return GemmSpec(m, n, k, ta=ta, tb=tb) if m * n * k > SMALL_MATMUL else None
 
 
 def _body(fn: ir.Function) -> str:
