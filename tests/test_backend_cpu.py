@@ -239,7 +239,8 @@ def test_artifact_reader_checks_versions(tmp_path, monkeypatch):
     path = tmp_path / "a.dlcx"
     m.compile_artifact(path, cache_dir=tmp_path)
     manifest, steps = artifact.read(path)
-    assert ("train", m.train_config.batch) in steps and manifest["backend"] == "cpu"
+    assert set(steps) == {m.train_config.batch} and manifest["backend"] == "cpu"
+    assert set(steps[m.train_config.batch][1].entries) == {"train", "eval"}  # one program, two entries
     monkeypatch.setattr(artifact, "__version__", "99.0")
     with pytest.raises(dlc.DlcError, match="built by dlc"):
         artifact.read(path)

@@ -13,7 +13,7 @@ import numpy as np
 from dlc import __version__, backends
 from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError
 from dlc.language.recipe import Spec
-from dlc.program import make_program
+from dlc.program import VALID, make_programs
 
 
 def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int) -> float:
@@ -79,12 +79,13 @@ class Session:
         self._graphs: dict[str, object] = {}
         if not backends.backend(target).lowers:  # an interpreter needs the optimizer state up front
             model.ensure_state(self.graph("train"))
-        self.train_program, self.eval_program = (
-            make_program(target, lambda mode=mode: self.graph(mode), self.state,
-                         key=model.source_key(mode, config), data_name=self.input_name,
-                         preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)},
-                         options=options)
-            for mode in ("train", "eval"))
+        # one program, two entry points: compiled together, once per batch size
+        self.program = make_programs(
+            target, {mode: (lambda mode=mode: self.graph(mode)) for mode in ("train", "eval")}, self.state,
+            keys={mode: model.source_key(mode, config) for mode in ("train", "eval")}, name=model.name,
+            data_name=self.input_name, preloaded={b: s for (t, b), s in model.preloaded.items() if t == target},
+            options=options)
+        self.train_program, self.eval_program = self.program.entry("train"), self.program.entry("eval")
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
         self._results = ["loss"] + self.metrics
         self.global_step = int(self.state["step"]) if "step" in self.state else 0
@@ -105,7 +106,7 @@ class Session:
     def submit(self, x: np.ndarray, y: np.ndarray, lr: float) -> "Pending":
         """Run one training step without reading its results (a GPU step's results may
         still be on their way: `collect` reads them, later steps need not wait)."""
-        feeds = {self.input_name: x, "label": y, "lr": lr}
+        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x))}
         return Pending(feeds, self.train_program.run(feeds))
 
     def collect(self, step: "Pending") -> dict[str, float]:
@@ -157,6 +158,26 @@ class Session:
         return "\n".join(out) + "\n"
 
     # --- whole data sets ----------------------------------------------------------------------
+    def use_batch(self, batch: int) -> int:
+        """Compile for batches of `batch` rows: smaller ones, such as the last of an epoch
+        (or a whole data set smaller than the batch), are padded to it instead of compiled
+        again."""
+        self.program.batch = max(1, batch)
+        return self.program.batch
+
+    def compile_in_background(self, batch: int) -> "Background":
+        """Compile the program for `batch` rows (or load it from the cache) on a thread,
+        while the caller reads the data; `wait()` joins it and raises what it raised.
+        (The LLVM work runs in the thread's forked compiler processes and in llvmlite,
+        outside the GIL, so it overlaps reading and normalizing the data.)"""
+        self.use_batch(batch)
+        compile_ = getattr(self.program, "steps_for", None)
+        return Background(lambda: compile_(self.program.batch) if compile_ else None)
+
+    def _chunk(self, batch: int, rows: int) -> int:
+        """Evaluation in batches of the compiled size (the training one, once fit chose it)."""
+        return self.program.batch or self.use_batch(min(batch, rows))
+
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, float]:
         """Loss and metrics over every sample (the last partial batch included)."""
         totals: dict[str, float] = {}
@@ -166,6 +187,7 @@ class Session:
             for k in ["loss"] + self.metrics:
                 totals[k] = totals.get(k, 0.0) + float(out[k]) * size
         last = None  # the previous batch's results: read while the next batch runs
+        batch = self._chunk(batch, n)
         for start in range(0, n, batch):
             xb, yb = x[start:start + batch], y[start:start + batch]
             out = self.eval_program.run({self.input_name: xb, "label": yb})
@@ -178,6 +200,7 @@ class Session:
 
     def predict(self, x: np.ndarray, batch: int) -> np.ndarray:
         outs = []
+        batch = self._chunk(batch, len(x))
         for start in range(0, len(x), batch):
             xb = x[start:start + batch]
             label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype()) \
@@ -212,6 +235,28 @@ class Pending:
 
 # steps a training loop runs ahead of the one whose results it reads (GPU results arrive late)
 READ_BEHIND = 8
+
+
+class Background:
+    """A function run on a daemon thread; wait() returns its result or raises its error."""
+
+    def __init__(self, fn):
+        import threading
+        self._result, self._error = None, None
+
+        def run():
+            try:
+                self._result = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+                self._error = e
+        self._thread = threading.Thread(target=run, name="dlc-compile", daemon=True)
+        self._thread.start()
+
+    def wait(self, quietly: bool = False):
+        self._thread.join()
+        if self._error is not None and not quietly:
+            raise self._error
+        return self._result
 
 
 def _nonfinite(v: np.ndarray) -> str:
@@ -259,6 +304,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
                             batchnorm, hint="train with `batch` of 2 or more")
     drop_last = batchnorm is not None and n % opts.batch == 1
     steps_per_epoch = n // opts.batch if drop_last else -(-n // opts.batch)
+    session.use_batch(opts.batch)
     start_epoch, skip = 0, 0
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
