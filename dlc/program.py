@@ -164,8 +164,8 @@ class CompiledProgram:
             feeds = {**feeds, VALID: np.int32(n)}
         backends.sync_state(self.state, keep=self.backend)  # another backend's device copy comes back first
         out = step.run(self.state, feeds)
-        if padded:
-            out = {k: v[:n] if np.ndim(v) and v.shape[0] == batch else v for k, v in out.items()}
+        if padded:  # the padding rows' results go (a GPU's deferred result is read here: last batches only)
+            out = {k: _rows_of(v, n, batch) for k, v in out.items()}
         return out
 
     def batch_for(self, rows: int) -> int:
@@ -324,6 +324,14 @@ def format_bytes(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
+
+
+def _rows_of(value, rows: int, batch: int):
+    """The first `rows` rows of a result with `batch` rows; other results as they are."""
+    shape = np.shape(value) if isinstance(value, np.ndarray) else getattr(value, "shape", None)
+    if shape and shape[0] == batch:
+        return np.asarray(value)[:rows]
+    return value
 
 
 def _planned(program) -> StepLayout:

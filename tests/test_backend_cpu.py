@@ -108,7 +108,7 @@ def _example_feeds(m: dlc.Model, batch: int, rng) -> dict:
     shape = (batch,) + tuple(int(d) for d in t.shape[1:])
     x = rng.integers(0, 17, shape).astype(np.int32) if t.dtype.value == "i32" else \
         rng.random(shape, dtype=np.float32)
-    feeds = {name: x, "lr": np.float32(0.01)}
+    feeds = {name: x, "lr": np.float32(0.01), "valid_rows": np.int32(batch)}  # every row is real
     g = m.built("train").graph
     if g.inputs("label"):
         lt = g.node(g.inputs("label")[0]).attrs["type"]
