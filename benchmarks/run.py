@@ -83,6 +83,47 @@ def compile_times(path: Path, threads: int | None) -> tuple[float, float]:
         return results[0], results[1]
 
 
+def shared_machine(path: Path, batch: int, steps: int, repeats: int) -> list[dict]:
+    """A small training step beside a busy process this benchmark starts (`while True:
+    pass`), against the same step on the machine as it was and on one thread: the step
+    time per setting, the auto setting choosing its threads after the competitor started."""
+    import subprocess
+    from dlc.backends.llvm import threads as cpu_threads
+
+    def timed(threads_opt) -> tuple[float, int]:
+        cpu_threads.restart_probe()  # `auto` measures the other processes' load from here
+        m = dlc.load(path)
+        options = {} if threads_opt == "auto" else {"threads": threads_opt}
+        session = m.session(m.train_config, "cpu", **options)
+        name, t = m.input_types[0]
+        rng = np.random.default_rng(0)
+        x = rng.random((batch,) + tuple(int(d) for d in t.shape[1:]), dtype=np.float32)
+        y = rng.integers(0, 10, batch).astype(np.int32)
+        session.program.batch = batch
+        sec = median_time(lambda: session.train_step(x, y, 0.01), steps, repeats)
+        return sec, session.train_program.step_for(batch).threads
+
+    rows = []
+    for label in ("as it is", "beside a busy process"):
+        competitor = None
+        if label != "as it is":
+            competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            time.sleep(0.3)
+        try:
+            for setting in ("auto", 1, os.cpu_count() or 1):
+                sec, used = timed(setting)
+                rows.append({"machine": label, "threads": str(setting), "used": used, "ms": sec * 1e3})
+                print(f"  {label:<22} --threads {str(setting):<5} ({used} used)  {sec * 1e3:8.3f} ms")
+        finally:
+            if competitor is not None:
+                competitor.kill()
+                competitor.wait()
+    idle = next(r["ms"] for r in rows if r["machine"] == "as it is" and r["threads"] == "auto")
+    busy = next(r["ms"] for r in rows if r["machine"] != "as it is" and r["threads"] == "auto")
+    print(f"  auto beside a busy process / auto as it is: {busy / idle:.2f}x (target <= 1.5x)")
+    return rows
+
+
 # --- torch -------------------------------------------------------------------------------------
 
 def torch_models():
@@ -181,14 +222,22 @@ def interleaved(a, b, steps: int, repeats: int) -> tuple[float, float, float]:
     return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb))
 
 
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke test)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     ap.add_argument("--threads", type=int, default=None, help="threads for dlc and torch (default: all cores)")
     ap.add_argument("--out", default=str(HERE / "results.json"), help="where to write the figures")
-    ap.add_argument("--only", default="gemm,training,recurrent,inference,compile",
-                    help="comma-separated sections to run (default: all of gemm,training,recurrent,inference,compile)")
+    ap.add_argument("--only", default="gemm,training,recurrent,inference,compile,shared",
+                    help="comma-separated sections to run (default: all of "
+                         "gemm,training,recurrent,inference,compile,shared)")
     args = ap.parse_args()
     sections = set(args.only.split(","))
     threads = args.threads or os.cpu_count()
@@ -275,13 +324,19 @@ def main() -> int:
         record("mlp_infer_b1", d, "torch eager" if have_torch else "-", t)
 
     print("compile time (load .dln -> training step ready)")
-    compile_rows = []
+    compile_rows, shared = [], []
     for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln") if "compile" in sections else ():
         cold, warm = compile_times(HERE / "models" / file, threads)
         compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
         print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
 
-    Path(args.out).write_text(json.dumps({"info": info, "rows": rows, "compile": compile_rows}, indent=1))
+    if "shared" in sections:
+        print("shared machine (MLP 784-512-256-10 batch 8, one training step; load before: "
+              f"{_loadavg()})")
+        shared = shared_machine(HERE / "models" / "mlp784.dln", 8, max(2, int(200 * scale)), repeats)
+
+    Path(args.out).write_text(json.dumps({"info": info, "rows": rows, "compile": compile_rows,
+                                          "shared_machine": shared}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Callable
 
 from dlc.core.diagnostics import DlcError, UsageError
 from dlc.core.graph import Graph
-from dlc.core.kernel import KernelProgram, expand_templates
+from dlc.core.kernel import KernelProgram, check_program, expand_templates
 from dlc.language.recipe import TrainConfig
 
 
@@ -42,6 +43,11 @@ class Pass:
     doc: str
     train_only: bool = False
     required: bool = False  # cannot be disabled: later stages depend on its result
+
+
+def _mask_batch(g, ctx):
+    from dlc.passes.mask_batch import mask_batch
+    return mask_batch(g)
 
 
 def _autodiff(g, ctx):
@@ -96,6 +102,8 @@ def _memory(g, ctx):
 
 
 GRAPH_PASSES: tuple[Pass, ...] = (
+    Pass("mask_batch", _mask_batch, "reductions over the batch count only its first `valid_rows` rows "
+         "(a padded last batch gives the unpadded results: one compiled batch size)"),
     Pass("autodiff", _autodiff, "reverse-mode gradients of the loss for every parameter", True, True),
     Pass("optimizer", _optimizer, "parameter and optimizer-state updates: one training step", True, True),
     Pass("simplify", _simplify, "algebraic identities (x*1, neg(neg x), reshape of reshape, ...)"),
@@ -154,6 +162,13 @@ class Compilation:
         return next((r for r in reversed(self.records) if r.name == name), None)
 
 
+def verifying() -> bool:
+    """Whether the driver re-checks the graph after every pass: with DLC_VERIFY=1 (the test
+    suite sets it), for `dlc compile`'s dumps, and never otherwise -- re-inferring every
+    node's type after each of a dozen passes was a third of the passes' time."""
+    return os.environ.get("DLC_VERIFY", "") not in ("", "0")
+
+
 def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None = None,
                verify: bool = True) -> Graph:
     for p in passes:
@@ -165,8 +180,8 @@ def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None =
         try:
             graph = p.fn(graph, ctx)
         except RecursionError:
-            # some passes recurse along chains of dependent nodes; a chain deeper than Python's
-            # stack (a long unrolled lstm, hundreds of stacked layers) is the user's error to fix
+            # a pass that recursed along a chain of dependent nodes deeper than Python's stack
+            # (thousands of stacked layers; recurrent layers are loops, whatever their length)
             raise too_deep_to_compile(p.name, graph) from None
         elapsed = time.perf_counter() - start
         if verify:
@@ -177,22 +192,27 @@ def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None =
 
 
 def step_graph(graph: Graph, config: TrainConfig | None, log: Compilation | None = None,
-               disabled=()) -> Graph:
+               disabled=(), verify: bool | None = None) -> Graph:
     """The graph passes: with a recipe, the training step (autodiff, optimizer, cleanup);
     without one, the evaluation graph cleaned up. Shapes are still symbolic."""
-    return run_passes(graph, GRAPH_PASSES, PassContext(config, disabled=frozenset(disabled)), log)
+    return run_passes(graph, GRAPH_PASSES, PassContext(config, disabled=frozenset(disabled)), log,
+                      verifying() if verify is None else verify)
 
 
-def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=()) -> Graph:
+def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=(), verify: bool | None = None) -> Graph:
     """The lowering passes for one batch size: fused and memory-planned."""
-    return run_passes(graph, LOWER_PASSES, PassContext(batch=batch, disabled=frozenset(disabled)), log)
+    return run_passes(graph, LOWER_PASSES, PassContext(batch=batch, disabled=frozenset(disabled)), log,
+                      verifying() if verify is None else verify)
 
 
 def kernel_program(lowered: Graph, templates=frozenset()) -> KernelProgram:
     """A lowered graph scheduled to the kernel IR (the last required stage), with the
     template kinds not in `templates` (the ones the backend renders) expanded to loop nests."""
     from dlc.passes.schedule import schedule
-    return expand_templates(schedule(lowered), frozenset(templates))
+    program = expand_templates(schedule(lowered), frozenset(templates))
+    if verifying():  # (the tests): the kernel IR's contract, checked like every pass's graph
+        check_program(program)
+    return program
 
 
 @functools.lru_cache(maxsize=1)
@@ -213,8 +233,8 @@ def compiler_fingerprint() -> str:
 
 def too_deep_to_compile(pass_name: str, graph: Graph) -> DlcError:
     """The error for a graph whose longest chain of dependent nodes is too deep for a pass,
-    located at the line making up most of that chain (an unrolled lstm), or else at its middle
-    (one of many stacked layers)."""
+    located at the line making up most of that chain, or else at its middle (one of many
+    stacked layers)."""
     depth: dict[int, int] = {}
     longest_from: dict[int, int] = {}  # node -> the operand its longest chain comes through
     for nid in graph.toposort():  # iterative: this must not recurse itself
@@ -232,8 +252,7 @@ def too_deep_to_compile(pass_name: str, graph: Graph) -> DlcError:
         where = spans[len(spans) // 2] if spans else None
     return DlcError(f"the graph has a chain of {len(chain):,} dependent operations, too deep for "
                     f"the `{pass_name}` pass; the longest chain runs through here", where,
-                    hint="use fewer stacked layers, or shorter sequences for rnn and lstm "
-                         "(they repeat their cell for each time step)")
+                    hint="use fewer stacked layers")
 
 
 def check_disabled(names) -> frozenset[str]:

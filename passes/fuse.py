@@ -426,15 +426,21 @@ class _Fuser:
         g = self.g
         if numel(e.domain) != numel(shape):
             return False
-        for u in readers:
-            if g.node(u).op is not ops.RESHAPE:
+        # every value of e computed from the output: elementwise over e's domain, or a
+        # reshape on the way (a permute or a slice would read other elements)
+        stack, seen = list(readers), set()
+        while stack:
+            nid = stack.pop()
+            if nid in seen:
+                continue
+            seen.add(nid)
+            n = g.node(nid)
+            if n.op is not ops.RESHAPE and (n.op.kind is not ops.Kind.ELEMENTWISE
+                                            or tuple(n.type.shape) != e.domain):
                 return False
-            for w in self.free.users(u):
-                n = g.node(w)
-                if self.group.get(w) == e.id and (n.op.kind is not ops.Kind.ELEMENTWISE
-                                                  or tuple(n.type.shape) != e.domain):
-                    return False
-        return True
+            # (users in other kernels read what e stores)
+            stack += [w for w in g.users(nid) if self.group.get(w) == e.id or self.free(w)]
+        return all(g.node(u).op is ops.RESHAPE for u in readers)
 
     def take_epilogue(self, k: Kernel) -> bool:
         g = self.g
@@ -539,8 +545,10 @@ def _merge_phases(f: _Fuser) -> list[Kernel]:
                 loops.append(k)
         multi = [k for k in loops if k.kind == "elementwise"]
         scalars = [k for k in multi if k.domain == ()]
-        if len(multi) == len(scalars) and scalars and len(loops) > len(scalars):
-            host = next(k for k in loops if k not in scalars)  # scalar work rides along
+        # scalar work rides along with another kernel of the phase (not a loop: its body is
+        # a graph of its own, run T times)
+        host = next((k for k in loops if k not in scalars and k.kind != "scan"), None)
+        if len(multi) == len(scalars) and scalars and host is not None:
             host.parts = (host.parts or [Kernel(host.id, host.kind, list(host.nodes), host.anchor,
                                                 host.domain, host.keep)]) + scalars
             host.nodes = host.nodes + [n for k in scalars for n in k.nodes]

@@ -252,6 +252,8 @@ class _Lowering:
 
     def loop(self, k) -> Loop:
         """A scan's Loop: its body lowered over views bound at each step."""
+        if k.parts or any(self.g.node(n).op not in (ops.SCAN, ops.SCAN_RESULT) for n in k.nodes):
+            raise ScheduleError(f"scan kernel k{k.id} holds other work: it would be lost")
         g, x = self.g, self.x
         s = k.anchor
         node = g.node(s)

@@ -39,7 +39,7 @@ from dlc.passes import fold_constants as fold_module
 from dlc.passes.cse import cse
 from dlc.passes.dce import dce
 from dlc.passes.fold_constants import fold_constants
-from dlc.passes.fuse import CHEAP, REDUCTIONS, Free, fuse, is_anchor, kept_axes, numel
+from dlc.passes.fuse import CHEAP, REDUCTIONS, Free, _reads_memory, fuse, is_anchor, kept_axes, numel
 from dlc.passes.memory import nbytes, plan_memory
 from dlc.passes.simplify import simplify
 from dlc.passes.specialize import bind_symbols, is_symbolic, specialize
@@ -675,18 +675,22 @@ def check_fusion(g: Graph) -> list[str]:
                                     f"({g.node(c).op.name}, k{kc} phase {phase[kc]}): not an earlier phase")
                 if p not in plan.materialized:
                     problems.append(f"{p} is read by another kernel but not stored")
-            elif is_anchor(g, c) and p not in plan.materialized:
+            elif _reads_memory(g, c) and p not in plan.materialized:
                 problems.append(f"{g.node(c).op.name} {c} reads {p}, which is not stored")
-        if is_anchor(g, c):
+        if _reads_memory(g, c):  # (a concat computes its pieces in its own loops)
             for o in g.operands(c):  # contractions read memory: a stored value or an input's array
                 on = g.node(o)
                 if not (on.op is ops.INPUT or o in plan.materialized
-                        or (on.op is ops.RESHAPE and g.node(on.operands[0]).op is ops.INPUT)):
+                        or (on.op is ops.RESHAPE and (g.node(on.operands[0]).op is ops.INPUT
+                                                      or on.operands[0] in plan.materialized))):
                     problems.append(f"{g.node(c).op.name} {c} reads {o} ({on.op.name}), which has no buffer")
     for k in plan.kernels:
         stored = [n for n in k.nodes if n in plan.materialized]
         if sorted(k.outputs) != sorted(stored):
             problems.append(f"k{k.id}: outputs {k.outputs} but stores {stored}")
+        if k.kind == "scan":  # a loop: the scan and its results; its body is a plan of its own
+            problems += _check_scan_kernel(g, k)
+            continue
         for part in k.parts or [k]:
             problems += _check_loop(g, k, part)
         if k.parts:  # the loops of a multi-tensor kernel are independent
@@ -696,6 +700,16 @@ def check_fusion(g: Graph) -> list[str]:
                     if part_of.get(p, i) != i:
                         problems.append(f"k{k.id}: loop {i} reads {p} from loop {part_of[p]} in the same phase")
     return problems
+
+
+def _check_scan_kernel(g: Graph, k) -> list[str]:
+    problems = []
+    want = sorted([k.anchor, *g.users(k.anchor)])
+    if g.node(k.anchor).op is not ops.SCAN or sorted(k.nodes) != want or k.parts:
+        problems.append(f"k{k.id}: a scan kernel holds {sorted(k.nodes)}, not its scan and results {want}")
+    if k.body is None or "fusion" not in k.body.meta:
+        return problems + [f"k{k.id}: the loop body is not fused"]
+    return problems + [f"k{k.id} body: {p}" for p in check_fusion(k.body)]
 
 
 def _check_loop(g: Graph, k, part) -> list[str]:
@@ -743,16 +757,18 @@ def check_reasons(g: Graph) -> list[str]:
     return missing
 
 
-def check_memory(g: Graph) -> list[str]:
-    """What is wrong with the memory plan in g.meta["memory"] (empty: nothing)."""
+def check_memory(g: Graph, given=frozenset()) -> list[str]:
+    """What is wrong with the memory plan in g.meta["memory"] (empty: nothing). `given`: a
+    loop body's results, which the loop's memory holds."""
     plan, mem = g.meta["fusion"], g.meta["memory"]
     free = Free(g)
     phase = {k.id: k.phase for k in plan.kernels}
     problems = []
     for n in plan.materialized:
-        if g.node(n).op is not ops.INPUT and n not in mem.buffers:
+        if g.node(n).op is not ops.INPUT and n not in mem.buffers and n not in given:
             problems.append(f"stored node {n} has no buffer")
-    arena = [b for b in mem.buffers.values() if b.inplace is None]
+    regions, windows = _loop_regions(g, plan, mem, phase, problems)
+    arena = [b for b in mem.buffers.values() if b.inplace is None and b.node not in windows] + regions
     for b in mem.buffers.values():
         if b.size != nbytes(g.node(b.node).type):
             problems.append(f"buffer of {b.node}: {b.size} bytes for a {g.node(b.node).type}")
@@ -790,6 +806,45 @@ def check_memory(g: Graph) -> list[str]:
     if arena and mem.arena_bytes < max(b.size for b in arena):
         problems.append("the arena is smaller than its largest buffer")
     return problems
+
+
+def _loop_regions(g: Graph, plan, mem, phase: dict, problems: list) -> tuple[list, set]:
+    """Each loop's memory as arena buffers (its body's region, live in the loop's phase;
+    each carry's storage, live as long as any value in it) and the nodes whose buffers are
+    windows of a storage (an initial carry, a final or stacked carry), each checked to lie
+    inside its storage; the bodies' own plans are checked too."""
+    from dlc.core.ops.scan import signature
+    from dlc.passes.loops import layout
+    from dlc.passes.memory import Buffer
+    regions, windows = [], set()
+    for k in plan.kernels:
+        if k.kind != "scan":
+            continue
+        node, lp = g.node(k.anchor), mem.loops.get(k.anchor)
+        if lp is None:
+            problems.append(f"k{k.id}: the loop has no memory plan")
+            continue
+        carries, lay = node.attrs["carries"], lp.layout
+        regions.append(Buffer(k.anchor, lp.body.meta["memory"].arena_bytes, phase[k.id], phase[k.id], lp.offset))
+        results = {g.node(r).attrs["index"]: r for r in g.users(k.anchor)}
+        for i, (st, at) in enumerate(zip(lay.storage, lp.storage)):
+            slot = nbytes(g.node(node.operands[i]).type)
+            inside = [node.operands[i]] + [r for j, r in results.items() if j == i or (
+                j >= carries and lay.windows[j - carries] is not None and lay.windows[j - carries][0] == i)]
+            bufs = [mem.buffers[n] for n in inside]
+            regions.append(Buffer(k.anchor, slot * st.slots, min(b.start for b in bufs),
+                                  max([phase[k.id]] + [b.end for b in bufs]), at))
+            for b in bufs:
+                windows.add(b.node)
+                if not (at <= b.offset and b.offset + b.size <= at + slot * st.slots):
+                    problems.append(f"k{k.id}: {b.node} at {b.offset} (+{b.size}) is outside carry {i}'s "
+                                    f"storage at {at} (+{slot * st.slots})")
+        sig = signature(lp.body, carries, node.attrs["seqs"])
+        read = {j - carries for j in results if j >= carries}
+        given = frozenset(sig.new_carries) | {y for m, y in enumerate(sig.outputs)
+                                              if m in read and lay.windows[m] is None}
+        problems += [f"k{k.id} body: {p}" for p in check_memory(lp.body, given)]
+    return regions, windows
 
 
 def _misaligned_reads(g: Graph, plan, name: str, writer: int) -> list[str]:

@@ -3,11 +3,12 @@
 - generic scans (several carries, an integer carry, sequences, invariants, no sequences,
   reverse, a scan nested in a body, symbolic T and B), each against a numpy loop written
   here: shape rule, reference interpreter (f32 and f64), autodiff against central finite
-  differences (f64), the native backend (a kernel-IR Loop) against the reference;
+  differences (f64), the native backend (a kernel-IR Loop) and the CUDA backend's code
+  (a host loop of launches, emulated on the CPU) against the reference;
 - the scan's vjp against the gradients of the unrolled graph (tests/unrolled.py), for
   rnn/lstm/gru layers with every option, and its shape: a reverse scan, the weight
   gradient one matmul over all steps;
-- loops on the native backend: code that does not grow with T, an LSTM over 1000 and 5000
+- loops on the native backend: code that does not grow with T (CUDA C too), an LSTM over 1000 and 5000
   steps trained on cpu, the loop's storage (stacked or double-buffered carries);
 - the graph passes on scans (pruning, merging, folding and simplifying bodies, cse,
   specialize), the printer, shape-rule errors;
@@ -19,6 +20,7 @@ tests/op_table.py.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,8 @@ import numpy as np
 import pytest
 
 import dlc
+from dlc import backends
+from dlc.backends.cuda.render import LoopStep, launches_of, launches_per_step
 from dlc.backends.llvm.codegen import ModuleBuilder
 from dlc.backends.reference import run_graph
 from dlc.core import ops
@@ -47,11 +51,13 @@ from dlc.passes.specialize import specialize
 from dlc.pipeline import kernel_program, lower
 from dlc.program import make_program
 
+from cuda_host.step import HostStep
 from test_backend_cpu import CPU, merge, run_cpu
 from test_ops import Ctx
 from unrolled import unroll_scans
 
 ROOT = Path(__file__).resolve().parent.parent
+CUDA = backends.backend("cuda", runnable=False)
 F32, I32 = DType.f32, DType.i32
 
 
@@ -249,6 +255,28 @@ def test_scans_on_cpu_match_reference():
         np.testing.assert_allclose(got[k], w, rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+def test_scans_emulated_on_cuda_match_reference():
+    """The same cases through the CUDA backend: each Loop a host loop of launches whose
+    kernels compute their views from the loop variables (a nested loop's from both), the
+    generated CUDA C run on the host (tests/cuda_host)."""
+    graphs, feeds = [], {}
+    for i, name in enumerate(CASES):
+        g, _, f = _graph(name)
+        graphs.append(autodiff(g))
+        feeds.update({f"r{i}.{k}": v for k, v in f.items()})
+    merged = merge(graphs)
+    want = run_graph(merged, feeds)
+    source, layout = CUDA.render(kernel_program(lower(merged, 1), CUDA.templates), CUDA.target({"arch": "sm_90"}))
+    step = HostStep(source, layout)
+    state = {name: np.array(feeds[name], copy=True) for name, kind, _, _ in layout.slots if kind == "state"}
+    got = step.run(state, feeds)
+    loops = [s for s in step.steps if isinstance(s, LoopStep)]
+    assert any(isinstance(s, LoopStep) for lp in loops for s in lp.steps)  # the nested case
+    assert step.launched == launches_per_step(step.steps) > len(launches_of(step.steps))
+    for k, w in want.items():
+        np.testing.assert_allclose(got[k], w, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
 def test_symbolic_length_and_batch():
     """T and B symbolic: the shape rule keeps T, the interpreter binds both from the inputs,
     autodiff works on the symbolic graph; a native loop needs T known."""
@@ -424,6 +452,32 @@ def test_generated_code_does_not_grow_with_time():
     (kernels8, fixed8, total8), (kernels512, fixed512, total512) = sizes
     assert kernels8 == kernels512 and fixed8 == fixed512 and len(fixed8) >= 4
     assert total512 < 1.5 * total8, (total8, total512)
+
+
+def test_generated_cuda_does_not_grow_with_time():
+    """The CUDA C of an LSTM's training step over 8 and over 512 steps: the same loops with
+    the same body kernels, word for word but for numbers (where a view starts depends on T:
+    arena offsets, the last step's index); the launch list differs only in the loops'
+    extents."""
+    from dlc.backends.cuda.render import render_program
+    sources, shapes = [], []
+    for steps in (8, 512):
+        rendered = render_program(kernel_program(_lstm(steps).lower("train", batch=2), CUDA.templates))
+        loops = [s for s in rendered.steps if isinstance(s, LoopStep)]
+        assert [lp.extent for lp in loops] == [steps, steps] and [lp.reverse for lp in loops] == [False, True]
+        bodies = {launch.kernel for lp in loops for launch in launches_of(lp.steps)}
+        assert len(bodies) >= 4
+        sources.append({name: re.sub(r"\d+", "N", _cuda_function(rendered.source, name)) for name in bodies})
+        shapes.append([(s.name, len(s.steps)) if isinstance(s, LoopStep) else type(s).__name__
+                       for s in rendered.steps])
+    assert sources[0] == sources[1] and shapes[0] == shapes[1]
+
+
+def _cuda_function(source: str, name: str) -> str:
+    """The text of one kernel function of a module, from its signature to its closing brace."""
+    start = source.index(f" {name}(")
+    end = source.index("\n}\n", start)
+    return source[source.rindex("\n", 0, start):end]
 
 
 def _train_steps(m: dlc.Model, target: str, steps: int, tmp_path) -> tuple[list, dict]:

@@ -25,6 +25,18 @@ from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, loop,
 from .templates import emit_template
 
 FIXED_SLOTS = 4  # arena, barrier, scratch, profile
+# Loop nests with fewer iterations than this (reductions counted in), and serial ones, are
+# optimized for size: LLVM neither unrolls nor interleaves them (they gain nothing from it,
+# and at O3 a tiny loop with a static trip count becomes a page of unrolled code).
+LIGHT_BELOW = 1024
+
+
+def is_light(part) -> bool:
+    """A part compiled with `optsize`: a small or serial loop nest."""
+    if not isinstance(part, LoopNest):
+        return False
+    from .threads import _nest_elements
+    return part.serial or not part.outer or _nest_elements(part) < LIGHT_BELOW
 
 
 @dataclass
@@ -50,13 +62,18 @@ def buffers_of(part) -> list[Buffer]:
 
 
 class ModuleBuilder:
-    """Builds the LLVM modules of one KernelProgram: the kernel parts are spread over
-    `pieces` modules of similar size (LLVM optimizes them in parallel, one per core);
-    module 0 also holds the step function, which calls them."""
+    """Builds the LLVM modules of a KernelProgram (one step function, `dlc_step`), or of
+    several programs compiled as one unit ({entry: program}: one `dlc_step_<entry>` each,
+    e.g. a training and an evaluation step). The kernel parts are spread over `pieces`
+    modules of similar size (LLVM optimizes them in parallel, one per core); a part whose
+    function comes out identical to one already built (the same kernel in both entries,
+    or twice in one: the same layer shape) is not built again: both calls go to one
+    function. Module 0 also holds the step functions, which call the parts."""
 
-    def __init__(self, program: KernelProgram, target, name: str = "dlc", profile: bool = False,
+    def __init__(self, program, target, name: str = "dlc", profile: bool = False,
                  pieces: int | None = None, tag: str | None = None):
-        self.program = program
+        self.programs = dict(program) if isinstance(program, dict) else {"": program}
+        self.program = next(iter(self.programs.values()))
         self.target = target
         self.modules = []
         for i in range(max(1, pieces or target.threads)):
@@ -65,13 +82,22 @@ class ModuleBuilder:
             self.modules.append(mod)
         self.module = self.modules[0]  # the module being filled (templates add GEMMs to it)
         self._load = [0] * len(self.modules)
-        self.layout = Layout(slots=list(program.inputs) + list(program.state))
+        self.layout = Layout(slots=list(self.program.inputs) + list(self.program.state))
         self.profile = profile
-        self.parts: list[tuple[int, str, ir.Function, list[Buffer]]] = []  # (phase, kernel, fn, buffers)
+        # per entry: (phase, kernel, fn, buffers) in call order
+        self.entry_parts: dict[str, list[tuple[int, str, ir.Function, list[Buffer]]]] = {}
+        self.parts = []  # the first entry's (a single program's)
+        self.entry_calls: dict[str, list] = {}  # per entry: what its step calls (ModuleBuilder._functions)
         self.gemms: dict = {}  # (module index, spec) -> GemmInfo: one function per shape and module
+        self.shared = 0  # parts that reuse an identical function
+        self._by_key: dict = {}
         # kernels are external symbols (the step calls them across modules): a name unique to
         # this build keeps two programs in one process from ever binding to each other's
         self.tag = tag or uuid.uuid4().hex[:10]
+
+    @staticmethod
+    def symbol(entry: str) -> str:
+        return f"dlc_step_{entry}" if entry else "dlc_step"
 
     def new_function(self, name: str, buffers: list[Buffer]) -> tuple[ir.Function, ir.IRBuilder, dict]:
         ftype = ir.FunctionType(VOID, [PTR] * len(buffers) + [I32, I32])
@@ -86,24 +112,32 @@ class ModuleBuilder:
         return fn, b, pointers
 
     def build(self) -> list[ir.Module]:
-        self.calls = self._functions(self.program.kernels)
+        for entry, program in self.programs.items():
+            self.entry_parts[entry] = []
+            self.entry_calls[entry] = self._functions(program.kernels, f"{entry}." if entry else "",
+                                                      self.entry_parts[entry])
+        self.parts = next(iter(self.entry_parts.values()))
         self.module = self.modules[0]
-        self._step()
+        for entry, program in self.programs.items():
+            self._step(entry, program)
         return self.modules
 
-    def _functions(self, entries) -> list:
-        """One function per kernel part (loop bodies' too); returns what the step calls, in
-        order: (phase, index in self.parts) per part, (loop, the same for its body) per loop."""
+    def _functions(self, entries, prefix: str, parts: list) -> list:
+        """One function per kernel part (loop bodies' too), appended to `parts`; returns what
+        the step calls, in order: (phase, index in parts) per part, (loop, the same for its
+        body) per loop."""
         calls = []
         for k in entries:
             if isinstance(k, Loop):
-                calls.append((k, self._functions(k.body)))
+                calls.append((k, self._functions(k.body, prefix, parts)))
                 continue
             for j, part in enumerate(k.parts):
-                index = self._load.index(min(self._load))  # the emptiest module so far
+                index = self._module_for(part)
                 self.module = self.modules[index]
                 buffers = buffers_of(part)
-                fn, b, pointers = self.new_function(f"{k.name}.{j}.{self.tag}", buffers)
+                fn, b, pointers = self.new_function(f"{prefix}{k.name}.{j}.{self.tag}", buffers)
+                if is_light(part):
+                    fn.attributes.add("optsize")
                 tid, nthreads = fn.args[-2], fn.args[-1]
                 em = Emitter(b, pointers)
                 gemms = len(self.gemms)
@@ -112,13 +146,42 @@ class ModuleBuilder:
                 else:
                     emit_template(self, em, part, tid, nthreads)
                 b.ret_void()
-                if len(self.gemms) == gemms:  # counted as it grows (recounting all would be quadratic)
+                built = fn
+                fn = self._dedupe(fn, _shape_key(part))
+                if len(self.gemms) != gemms:  # a new GEMM and its helpers: count the module again
+                    self._load[index] = _size(self.module)
+                elif fn is built:  # counted as it grows (recounting all would be quadratic in parts)
                     self._load[index] += sum(len(blk.instructions) for blk in fn.blocks)
-                else:  # a new GEMM and its helpers: count the module again (once per shape)
-                    self._load[index] = sum(len(blk.instructions) for f in self.module.functions for blk in f.blocks)
-                calls.append((k.phase, len(self.parts)))
-                self.parts.append((k.phase, k.name, fn, buffers))
+                calls.append((k.phase, len(parts)))
+                parts.append((k.phase, k.name, fn, buffers))
         return calls
+
+    def _module_for(self, part) -> int:
+        """The emptiest module so far; for a matmul, one that already has a GEMM of its
+        shape (the evaluation step's forward matmuls have the training step's shapes)."""
+        spec = _gemm_spec(part)
+        if spec is not None:
+            for index, other in self.gemms:
+                if other == spec:
+                    return index
+        return self._load.index(min(self._load))
+
+    def _dedupe(self, fn: ir.Function, key) -> ir.Function:
+        """An identical function built before, with this one removed; else fn. Only parts
+        of the same kind over the same shapes (`key`) are compared as text (printing a
+        function costs as much as building it)."""
+        same = self._by_key.setdefault(key, [])
+        if not same:
+            same.append(fn)
+            return fn
+        body = _body(fn)
+        for i, other in enumerate(same):
+            if not isinstance(other, str) and _body(other) == body:
+                del fn.module.globals[fn.name]
+                self.shared += 1
+                return other
+        same.append(fn)
+        return fn
 
     def text(self) -> str:
         return "\n".join(str(m) for m in self.modules)
@@ -135,24 +198,27 @@ class ModuleBuilder:
                     arg.add_attribute("noalias")
         return decl
 
-    def _step(self) -> None:
+    def _step(self, entry: str, program: KernelProgram) -> None:
         """dlc_step(table, tid, nthreads): every part in phase order, barriers between."""
-        fn = ir.Function(self.module, ir.FunctionType(VOID, [PTR, I32, I32]), name="dlc_step")
+        fn = ir.Function(self.module, ir.FunctionType(VOID, [PTR, I32, I32]), name=self.symbol(entry))
         set_target(fn, self.target)
+        fn.attributes.add("optsize")  # a sequence of calls and barriers
         table, tid, nthreads = fn.args
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         restore = _flush_denormals(b, self.target)
         slot = lambda k: b.load(gep(b, table, i64(k), PTR), typ=PTR)  # noqa: E731
         arena, barrier, scratch, counters = slot(0), slot(1), slot(2), slot(3)
         pointers = {}
-        for name in self.layout.slots:
-            pointers[name] = slot(self.layout.slot(name))
-        for buf in self.program.buffers.values():
+        slots = list(program.inputs) + list(program.state)
+        for i, name in enumerate(slots):
+            pointers[name] = slot(FIXED_SLOTS + i)
+        for buf in program.buffers.values():
             if buf.kind == "arena":
                 pointers[buf.name] = gep(b, arena, i64(buf.offset), I8)
         pointers["__scratch__"] = b.call(_scratch_fn(self.module), [scratch, tid, i64(self.layout.scratch_bytes)])
         barrier_fn = self.module.globals.get("dlc_barrier") or _declare_barrier(self.module)
         is_main = b.icmp_signed("==", tid, i32(0))
+        parts = self.entry_parts[entry]
 
         def sync():
             b.call(barrier_fn, [barrier, nthreads])
@@ -170,7 +236,7 @@ class ModuleBuilder:
                     run_loop(*call, pointers, loop_vars)
                     synced = True
                     continue
-                _, kname, part_fn, buffers = self.parts[call[1]]
+                _, kname, part_fn, buffers = parts[call[1]]
                 t0 = b.call(_cycles(self.module), []) if self.profile else None
                 args = [pointers[buf.name] if buf.name in pointers else pointers["__scratch__"] for buf in buffers]
                 b.call(self._callee(part_fn), args + [tid, nthreads])
@@ -196,11 +262,11 @@ class ModuleBuilder:
                 return []
             loop(b, 0, extent, (), iteration, name=lp.name)
 
-        run(self.calls, pointers, {})
-        if self.program.copies:
+        run(self.entry_calls[entry], pointers, {})
+        if program.copies:
             b.call(barrier_fn, [barrier, nthreads])
             with b.if_then(is_main):
-                for src, dst in self.program.copies:
+                for src, dst in program.copies:
                     size = src.size * byte_size(memory_type(src.dtype))
                     b.call(_memcpy(self.module), [pointers[dst.name], pointers[src.name], i64(size),
                                                   ir.Constant(I1, 0)])
@@ -230,6 +296,45 @@ def _flush_denormals(b: ir.IRBuilder, target):
     b.store(b.or_(b.load(saved, typ=I32), i32(FTZ_DAZ)), mode)
     b.call(ld, [mode])
     return lambda: b.call(ld, [saved])
+
+
+def _gemm_spec(part):
+    """The GemmSpec templates.matmul emits a GEMM function for (None: no GEMM)."""
+    if not isinstance(part, Template) or part.op != "matmul":
+        return None
+    from .gemm import GemmSpec
+    from .templates import SMALL_MATMUL
+    a = part.inputs[0].shape
+    m, n = part.output.shape
+    ta, tb = part.attrs.get("ta", False), part.attrs.get("tb", False)
+    k = a[0] if ta else a[1]
+    return GemmSpec(m, n, k, ta=ta, tb=tb) if m * n * k > SMALL_MATMUL else None
+
+
+def _body(fn: ir.Function) -> str:
+    """fn's IR text with its own name left out (cached on the function)."""
+    text = getattr(fn, "_dlc_body", None)
+    if text is None:
+        text = fn._dlc_body = str(fn).replace(_quoted(fn.name), "@F", 1)
+    return text
+
+
+def _shape_key(part) -> tuple:
+    """What two parts with identical code certainly share: kind, loop extents, shapes."""
+    if isinstance(part, LoopNest):
+        return ("nest", tuple(v.extent for v in part.outer), tuple(v.extent for v in part.inner),
+                len(part.row_stores), len(part.stores), part.serial)
+    return ("template", part.op, tuple(b.shape for b in part.inputs), part.output.shape,
+            repr(sorted(part.attrs.items())), _shape_key(part.epilogue) if part.epilogue is not None else None)
+
+
+def _size(module: ir.Module) -> int:
+    return sum(len(blk.instructions) for f in module.functions for blk in f.blocks)
+
+
+def _quoted(name: str) -> str:
+    """How a function's name appears in its IR text."""
+    return f'@"{name}"' if not name.replace("_", "a").isalnum() else f"@{name}"
 
 
 def _cycles(module: ir.Module) -> ir.Function:

@@ -97,12 +97,14 @@ def _dim3(d) -> tuple[int, int, int]:
 
 
 def _build(source: str, cu: Path, lib: Path) -> None:
-    cu.write_text(source)
+    own = cu.with_suffix(f".{os.getpid()}.cu")  # a concurrent build of the same key writes its own
+    own.write_text(source)
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    cmd = ["g++", *FLAGS, "-include", str(HEADER), "-x", "c++", str(cu), "-o", str(tmp)]
+    cmd = ["g++", *FLAGS, "-include", str(HEADER), "-x", "c++", str(own), "-o", str(tmp)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"g++ failed on {cu}:\n{done.stderr[-6000:]}")
+        raise RuntimeError(f"g++ failed on {own}:\n{done.stderr[-6000:]}")
+    os.replace(own, cu)   # the source beside its library, for reading
     os.replace(tmp, lib)  # atomic: a concurrent build of the same key is harmless
 
 
