@@ -279,6 +279,7 @@ def cmd_compile(args) -> int:
         _output_path(args.dump_dir, "--dump-dir", folder=True)
     model = load(args.file, args.model)
     disabled = check_disabled(args.disable_pass)
+    _check_stage_targets(args.dump_ir, stages, args.target)
     names = select_stages(args.dump_ir or ("all" if args.dump_dir else ""), stages)
     mode = "eval" if args.eval or model.train_config is None else "train"
     log = Compilation()
@@ -500,6 +501,18 @@ def cmd_plot(args) -> int:
 COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
             "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot,
             "export": cmd_export, "import": cmd_import, "graph": cmd_graph}
+
+
+def _check_stage_targets(spec: str | None, stages: dict, target: str) -> None:
+    """`--dump-ir=ptx` without `--target cuda`: name the target that has the stage."""
+    from dlc import backends
+    for name in (s.strip() for s in (spec or "").split(",")):
+        if name and name != "all" and name not in stages:
+            owners = [t for t in backends.names()
+                      if name in backends.backend(t, runnable=False).stages]
+            if owners:
+                raise UsageError(f"IR stage `{name}` belongs to target `{owners[0]}`, not `{target}`",
+                                 hint=f"add --target {owners[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:
