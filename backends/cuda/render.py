@@ -217,7 +217,7 @@ class Names:
         for b in used:
             root = b
             while root.kind == "view":
-                loop_vars.update(dict.fromkeys(sorted(_FREE.ix(root.at))))
+                loop_vars.update(dict.fromkeys(sorted(_loop_vars(root))))
                 root = root.base
             roots.setdefault(root.name, root)
             if b.name in written:
@@ -242,7 +242,10 @@ class Names:
                 em.line(f"{t} __restrict__ {self.ident[b.name]} = {self.expr(b, b.name in written)};")
 
 
-_FREE = FreeVars()
+def _loop_vars(view: Buffer) -> frozenset:
+    """The loop variables a view's offset depends on (a FreeVars of its own: memos keyed by
+    the identity of expressions must not outlive them)."""
+    return FreeVars().ix(view.at)
 
 
 def loop_var(name: str) -> str:
@@ -260,7 +263,7 @@ class _InlineIndex(Emitter):
 def view_offset(view: Buffer) -> str:
     """The element offset of a view in its base, in the enclosing loops' variables."""
     em = _InlineIndex({})
-    em.vars = {name: loop_var(name) for name in _FREE.ix(view.at)}
+    em.vars = {name: loop_var(name) for name in _loop_vars(view)}
     return em.ix(view.at)
 
 
