@@ -57,8 +57,8 @@ phases, and a barrier ends every iteration (the next one reads what this one wro
 
 t appears only in the `at` of views, so body kernels are ordinary kernels over ordinary
 buffers: a renderer computes each view's address once per iteration (a pointer argument
-on the CPU, a kernel argument for each launch on a GPU), and every part -- templates too
--- is rendered as outside a loop. A view is a Buffer of kind `view`: the window of `shape`
+on the CPU; on a GPU each launch passes t and the kernel adds at(t) to the base), and
+every part -- templates too -- is rendered as outside a loop. A view is a Buffer of kind `view`: the window of `shape`
 starting at element `at` of its `base` buffer (an index expression over the variables of
 the loops enclosing the view's use; the base may be a view of an enclosing loop). A loop
 lists its views in `views`; a view's window is inside its base for every t. Through
