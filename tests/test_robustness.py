@@ -79,16 +79,19 @@ def test_deep_graphs_compile(source):
     """Guard rail (issue 12): chains of over a thousand dependent operations -- 500 stacked
     layers, 1000 chained ops of one shape and their gradients (fused: a kernel's values nest
     at most fuse.MAX_DEPTH deep), a recurrent layer over 1000 steps (a loop) -- lower to
-    kernel IR that keeps the contract and to LLVM IR, with no RecursionError."""
+    kernel IR that keeps the contract, to LLVM IR and to CUDA C, with no RecursionError."""
     from dlc import backends
+    from dlc.backends.cuda.render import render_program
     from dlc.backends.llvm.codegen import ModuleBuilder
     from dlc.core.kernel import check_program
     from dlc.pipeline import kernel_program
     m = dlc.load(source + TRAIN if source is CHAIN_1000 else source)
-    cpu = backends.backend("cpu")
-    program = kernel_program(m.lower("train" if source is CHAIN_1000 else "eval", batch=2), cpu.templates)
+    lowered = m.lower("train" if source is CHAIN_1000 else "eval", batch=2)
+    cpu, cuda = backends.backend("cpu"), backends.backend("cuda", runnable=False)
+    program = kernel_program(lowered, cpu.templates)
     check_program(program)
     ModuleBuilder(program, cpu.target({"threads": 2})).build()
+    assert "__global__" in render_program(kernel_program(lowered, cuda.templates)).source
 
 
 def test_a_graph_too_deep_for_a_pass_is_a_located_error(monkeypatch):

@@ -489,17 +489,19 @@ class Emitter:
             hit = self.scopes[-1][id(e)] = EX_RULES[type(e)](self, e)
         return hit
 
-    def hoist(self, e, bound: frozenset) -> None:
+    def hoist(self, e, bound: frozenset, seen: set | None = None) -> None:
         """Compute now, in the current scope, the largest parts of e that depend only on
         `bound` loop variables and cost more than a constant."""
-        if isinstance(e, Lit) or self.cached(id(e)) is not None:
+        seen = set() if seen is None else seen
+        if isinstance(e, Lit) or id(e) in seen or self.cached(id(e)) is not None:
             return
+        seen.add(id(e))  # (each shared subexpression once: a DAG can have exponentially many paths)
         if self.free_vars(e) <= bound and not isinstance(e, Index):
             self.value(e)
             return
         if isinstance(e, Op):
             for x in e.args:
-                self.hoist(x, bound)
+                self.hoist(x, bound, seen)
 
     def reduce(self, e: Reduce) -> str:
         """A reduction computed by this thread alone, in row-major order of its variables."""

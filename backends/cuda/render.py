@@ -438,8 +438,9 @@ def render_nest(name: str, group: list[LoopNest], names: Names, free: FreeVars) 
             em.value(r)
         em.store_all(nest.row_stores)
         if nest.stores:
+            seen: set = set()
             for s in nest.stores:
-                em.hoist(s.value, outer_names)
+                em.hoist(s.value, outer_names, seen)
             _inner_loops(em, nest, list(nest.inner))
     else:
         em.line("const unsigned row_ = blockIdx.x;")
@@ -457,8 +458,9 @@ def render_nest(name: str, group: list[LoopNest], names: Names, free: FreeVars) 
                     em.line(f"{em.pointers[s.buf.name]}[{em.ix(s.flat)}] = {v};")
             em.line("__syncthreads();")
         if nest.stores:
+            seen: set = set()
             for s in nest.stores:
-                em.hoist(s.value, outer_names)
+                em.hoist(s.value, outer_names, seen)
             length = math.prod(v.extent for v in nest.inner)
             with em.block(f"for (unsigned i_ = threadIdx.x; i_ < {length}u; i_ += {t}u)"):
                 _unravel(em, "i_", nest.inner)
