@@ -46,6 +46,9 @@ class Pass:
 
 def _autodiff(g, ctx):
     from dlc.passes.autodiff import autodiff
+    if ctx.config.optimizer.name == "perceptron":  # the rule follows the output's error, not the loss
+        from dlc.passes.optimizer import perceptron_error
+        return autodiff(perceptron_error(g, ctx.config.span("optimizer")), "perceptron_error")
     return autodiff(g)
 
 

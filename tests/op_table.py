@@ -18,6 +18,7 @@ A row is `OpCase`:
     avoid     points float inputs keep away from (kinks): e.g. 0 for abs and relu
     grad      "fd"     gradient checked against central finite differences
               "zero"   autodiff must give an all-zero gradient (stop_gradient)
+              "identity" autodiff must give the identity's gradient (straight-through: step, sign)
               "raises" autodiff must raise a clear dlc.DlcError
               "none"   no float input to differentiate
     tol32     (rtol, atol) of the float32 forward comparison
@@ -634,8 +635,14 @@ COMPOSITES: list[OpCase] = [
     C("log_softmax", [(N, 2, M)], lambda x: np_log_softmax(x, 1), attrs={"axis": 1}, id="axis1"),
     C("log_softmax", [(M, N)], np_log_softmax, inputs=[(40.0, 60.0)], id="large-logits"),
     C("gelu", [(M, 33)], np_gelu_tanh, inputs=[(-3.0, 3.0)]),
+    # the perceptron's activations: exact forward values, straight-through (identity) gradients
+    C("step", [(M, 33)], lambda x: (x > 0).astype(x.dtype), avoid=(0.0,), grad="identity"),
+    C("step", [(4,)], lambda x: (x > 0).astype(x.dtype), inputs=[lambda rng, s: np.array([-1e8, -0.0, 0.0, 1e8])],
+      grad="identity", id="large-and-zero"),
+    C("sign", [(M, N)], np.sign, avoid=(0.0,), grad="identity"),
     # math functions
     C("exp", [(M, N)], np.exp),
+    C("stop_gradient", [(M, N)], lambda x: x, grad="zero"),
     C("log", [(M, N)], np.log, inputs=[(0.1, 3.0)]),
     C("sqrt", [(M, N)], np.sqrt, inputs=[(0.1, 3.0)]),
     C("abs", [(M, N)], np.abs, avoid=(0.0,)),

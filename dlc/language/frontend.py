@@ -7,11 +7,13 @@ train block in train_block.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any
 
 from dlc.core.builder import GraphBuilder, Value
-from dlc.core.diagnostics import ArgumentError, DlcError, NameError_, ShapeMismatch, Span, TypeError_, did_you_mean
+from dlc.core.diagnostics import (ArgumentError, DlcError, DlcWarning, NameError_, ShapeMismatch, Span, TypeError_,
+                                  did_you_mean)
 from dlc.core.graph import Graph
 from dlc.core.types import DType, Sym, TensorType, dim_mul, prod, sym, unify
 from dlc.language import nn
@@ -20,7 +22,7 @@ from dlc.language.checks import RESERVED, check_program, choose_model, too_deep
 from dlc.language.initializers import ARITY as INIT_ARITY, Init, fans
 from dlc.language.recipe import RECIPE, TrainConfig
 from dlc.language.syntax import ast
-from dlc.language.train_block import build_train, recipe_call
+from dlc.language.train_block import build_train
 from dlc.language.values import FunctionRef, Scope, describe
 
 # far beyond any real model (an LSTM over 1,000 steps has ~17,000), and checked within seconds
@@ -36,6 +38,7 @@ class ParamSpec:
     fan_out: int
     role: str  # "param" | "state"
     span: Span | None
+    trainable: bool = True  # False: a frozen parameter (`trainable=false`), fed to the step as state
 
 
 @dataclass
@@ -43,8 +46,10 @@ class SummaryRow:
     name: str
     what: str
     type: TensorType
-    params: int
+    params: int  # every float parameter and state element the row created
     span: Span
+    trainable: int = 0
+    value: int = -1  # the graph node of its result
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Built:
     model: ast.Def
     train: TrainConfig | None
     inputs: list[tuple[str, TensorType]]
+    warnings: list = field(default_factory=list)  # DlcWarning: likely mistakes, reported by the caller
 
 
 # --- building -------------------------------------------------------------------------------------
@@ -89,7 +95,10 @@ class Frontend:
         self.param_elements = 0              # elements of every trainable parameter so far
         self.used_prefixes: set[str] = set()
         self._next_suffix: dict[str, int] = {}  # prefix base -> first `_k` that may be free
-        self._summarized = 0  # param_elements at the last summary row
+        self.elements = 0  # float elements of every parameter and state so far (the summary's counts)
+        self.frozen = False  # inside a `trainable=false` call: parameters become state nothing updates
+        self.softmax_outputs: dict[int, Span] = {}  # softmax results -> the call (for a warning)
+        self.warnings: list = []
         self._several: dict[int, bool] = {}  # id(statement) -> it calls several layers with parameters
         self._streams = 0
         self._rng: tuple[Value, Value] | None = None
@@ -106,11 +115,16 @@ class Frontend:
                                 "at most 2,147,483,647 are supported", span)
         if not fan_in:
             fan_in, fan_out = fans(tuple(type.shape))
-        self.params[name] = ParamSpec(name, type, init, fan_in, fan_out, role, span)
-        if role == "param":
+        frozen = role == "param" and self.frozen
+        self.params[name] = ParamSpec(name, type, init, fan_in, fan_out, role, span, trainable=not frozen)
+        if role == "param" and not frozen:
             self.param_elements += size
+        if type.dtype.is_float:
+            self.elements += size
         with self.b.at(span):
-            v = self.b.input(name, type, role)
+            # autodiff and the optimizer see only "param" inputs: a frozen one gets no gradient,
+            # no update and no optimizer state
+            v = self.b.input(name, type, "state" if frozen else role)
         self.input_ids[name] = v.id
         return v
 
@@ -142,12 +156,14 @@ class Frontend:
             inputs.append((p.name, t))
         out = self.call_def(model, args, {}, "", model.span, top=True, dims=dims)
         self.graph.outputs["output"] = out.id
+        if out.id in self.softmax_outputs:  # its outputs are probabilities already (predict_proba)
+            self.graph.meta["output_is_softmax"] = self.softmax_outputs[out.id]
         self.model_inputs = {name: v for (name, _), v in zip(inputs, args)}
         try:
             config = build_train(self, train, out) if train is not None else None
         except RecursionError:
             raise too_deep(train.name_span) from None
-        return Built(self.graph, self.params, self.summary, model, config, inputs)
+        return Built(self.graph, self.params, self.summary, model, config, inputs, self.warnings)
 
     def resolve_type(self, t: ast.TypeExpr, dims: dict, bind_new: bool) -> TensorType:
         try:
@@ -272,12 +288,22 @@ class Frontend:
                 self._row(stmt, stmt.name, scope.vars[stmt.name])
 
     def _row(self, stmt, name: str, value: Value):
-        # running totals, not sums over every row and parameter: checking stays linear in the statements
-        before = self._summarized
-        self._summarized = self.param_elements
-        what = " → ".join(dict.fromkeys(c.func.text for c in ast.calls(stmt))) or (
-            "param" if isinstance(stmt, ast.ParamDecl) else "expression")
-        self.summary.append(SummaryRow(name, what, value.type, self.param_elements - before, stmt.span))
+        """A statement's own row, when its calls' rows do not end with its value (`a + b`, a
+        `param`, `dense(x, 4) * 2`)."""
+        if self.summary and self.summary[-1].value == value.id:
+            return
+        if isinstance(stmt, ast.ParamDecl):
+            n = prod(value.type.shape)
+            self.summary.append(SummaryRow(name, "param", value.type, n, stmt.span, n, value.id))
+        else:
+            self.summary.append(SummaryRow(name, "expression", value.type, 0, stmt.span, 0, value.id))
+
+    def _call_row(self, name: str, what: str, out, span: Span, before: tuple[int, int]) -> None:
+        """One summary row per layer or function called in the model's own body (a block call is
+        one row); counts are running totals, so checking stays linear in the statements."""
+        if isinstance(out, Value):
+            self.summary.append(SummaryRow(name, what, out.type, self.elements - before[0], span,
+                                           self.param_elements - before[1], out.id))
 
     def _namer(self, stmt, binding: str, scope: Scope):
         """Parameter-prefix policy for the calls in one statement: the binding name when the
@@ -472,11 +498,17 @@ class Frontend:
         elif fname in scope.vars:
             raise TypeError_(f"`{fname}` is {describe(scope.vars[fname])}, not a function", e.func.span)
         args, kwargs, kwspans = self.eval_arguments(e, scope, namer)
+        top = scope.context == "model" and not scope.prefix  # the model's own body: summary rows
+        before = (self.elements, self.param_elements)
         if fname in self.defs and self.defs[fname].kind == "block":
             d = self.defs[fname]
             prefix = self._prefix(namer, fname, _layer_name(kwargs, kwspans), scope, e.span)
-            with self.b.at(e.span):
-                return self.call_def(d, args, kwargs, prefix + ".", e.span)
+            trainable = _trainable(kwargs, kwspans, fname, True)
+            with self.b.at(e.span), self._freezing(trainable):
+                out = self.call_def(d, args, kwargs, prefix + ".", e.span)
+            if top:
+                self._call_row(prefix, fname + ("" if trainable else " (frozen)"), out, e.span, before)
+            return out
         if fname in self.defs:
             raise TypeError_(f"`{fname}` is a model; only blocks can be called", e.func.span,
                              hint=f"declare it as `block {fname}(...)`")
@@ -496,6 +528,7 @@ class Frontend:
             raise TypeError_(f"`{fname}` is a {entry.kind} and belongs in the train block's `loss`",
                              e.func.span)
         explicit = _layer_name(kwargs, kwspans) if entry.kind == "layer" else None
+        trainable = _trainable(kwargs, kwspans, fname, entry.owns_params)
         prefix = self._prefix(namer, fname, explicit, scope, e.span) if entry.owns_params else (
             namer["binding"] if namer else scope.prefix + fname)
         argspans: dict[str, Span] = {}
@@ -504,12 +537,33 @@ class Frontend:
             argspans = {k: v for k, v in argspans.items() if v is not e.args[0].span}
         ctx = _Ctx(self, prefix, e.span)
         try:
-            with self.b.at(e.span):
+            with self.b.at(e.span), self._freezing(trainable):
                 out = entry.fn(ctx, **bound)
         except DlcError as err:  # point at the argument the layer complains about, if it says which
             raise err.with_span(argspans.get(getattr(err, "arg", None)) or e.span)
         self._check_size(e)
+        if fname == "softmax" and isinstance(out, Value):
+            self.softmax_outputs[out.id] = e.span
+        if fname == "cross_entropy" and getattr(bound.get("logits"), "id", None) in self.softmax_outputs:
+            self.warnings.append(DlcWarning(
+                "`cross_entropy` applies log-softmax to its first argument itself, but it gets the "
+                "output of `softmax`: the probabilities are squashed twice and learning slows down",
+                self.softmax_outputs[bound["logits"].id],
+                hint="return the logits (drop this softmax); predict_proba() gives probabilities"))
+        if top:
+            self._call_row(prefix if entry.owns_params else (namer["binding"] if namer else fname),
+                           fname + ("" if trainable else " (frozen)"), out, e.span, before)
         return out
+
+    @contextlib.contextmanager
+    def _freezing(self, trainable: bool):
+        """Parameters created inside a `trainable=false` call (and the blocks it calls) are frozen."""
+        outer = self.frozen
+        self.frozen = outer or not trainable
+        try:
+            yield
+        finally:
+            self.frozen = outer
 
     def _check_size(self, e: ast.Call) -> None:
         """Blocks are expanded at every call and recurrent layers once per time step, so a short
@@ -548,6 +602,19 @@ class Frontend:
                          f"glorot_uniform, he_normal, ...), got {describe(v)}", span)
 
 
+def _trainable(kwargs: dict, kwspans: dict, fname: str, owns_params: bool) -> bool:
+    """The `trainable=` of a layer or block call, taken out of its keyword arguments."""
+    if "trainable" not in kwargs:
+        return True
+    value = kwargs.pop("trainable")
+    if not owns_params:
+        raise ArgumentError(f"`trainable` applies to layers and blocks; `{fname}` has no parameters",
+                            kwspans["trainable"])
+    if not isinstance(value, bool):
+        raise ArgumentError(f"`trainable` must be true or false, got {describe(value)}", kwspans["trainable"])
+    return value
+
+
 def _layer_name(kwargs: dict, kwspans: dict) -> str | None:
     """The `name=` of a layer or block call, taken out of its keyword arguments."""
     name = kwargs.pop("name", None)
@@ -565,10 +632,11 @@ def build(program: ast.Program, model: str | None = None, mode: str = "eval",
     return Frontend(program, mode).build(d, train)
 
 
-def eval_recipe(expr, kind: str):
-    """A train-option value written on the command line (`--optimizer "adam(lr=1e-3)"`),
-    checked exactly as in a train block."""
+def eval_recipe(expr, option: str):
+    """A train-option value written on the command line (`--optimizer "adam(lr=1e-3)"`,
+    `--validation 0.1`), checked exactly as in a train block."""
+    from dlc.language.train_block import option_value
     fe = Frontend(ast.Program((), ()))
     fe.graph = Graph("options")
     fe.b = GraphBuilder(fe.graph)
-    return recipe_call(fe, expr, kind, Scope({}, {}, "", "option"))
+    return option_value(fe, option, ast.Option(option, expr, expr.span), Scope({}, {}, "", "option"))

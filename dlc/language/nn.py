@@ -468,6 +468,28 @@ def softmax(ctx: LayerContext, x: Tensor, axis: int = -1) -> Value:
     return e / b.sum(e, axis, keepdims=True)
 
 
+def _straight_through(b: GraphBuilder, x: Value, y: Value) -> Value:
+    """y forward, with the gradient of the identity: y + (x - stop_gradient(x)). The difference
+    is exactly 0 for every finite x, so the forward value is y itself, bit for bit."""
+    return y + (x - b.stop_gradient(x))
+
+
+@builtin("activation")
+def step(ctx: LayerContext, x: Tensor) -> Value:
+    """Heaviside step: 1 where x > 0, else 0. Its true derivative is 0 (almost everywhere), which
+    would train nothing below it; its gradient here is the identity's (straight-through), which
+    with `perceptron()` gives Rosenblatt's rule."""
+    _float(x, "step")
+    return _straight_through(ctx.b, x, ctx.b.cast(ctx.b.gt(x, 0.0), x.dtype))
+
+
+@builtin("activation")
+def sign(ctx: LayerContext, x: Tensor) -> Value:
+    """-1, 0 or 1 by the sign of x; gradient straight through, as `step`'s."""
+    _float(x, "sign")
+    return _straight_through(ctx.b, x, ctx.b.sign(x))
+
+
 @builtin("activation")
 def gelu(ctx: LayerContext, x: Tensor) -> Value:
     """Gaussian error linear unit (tanh approximation)"""
@@ -518,6 +540,12 @@ def mean(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, 
 def max_(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, keepdims: bool = False) -> Value:
     """Maximum over axis (all axes when omitted)."""
     return ctx.b.max(x, _axes(axis), keepdims)
+
+
+@builtin("function")
+def stop_gradient(ctx: LayerContext, x: Tensor) -> Value:
+    """x, through which no gradient flows: what is computed from x is not trained through it."""
+    return ctx.b.stop_gradient(x)
 
 
 @builtin("function")

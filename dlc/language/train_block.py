@@ -2,6 +2,7 @@
 (and accuracy) built into the model's graph by the frontend that built the model."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from dlc.core.builder import Value
@@ -74,7 +75,8 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
                        schedule=values.get("schedule") or RECIPE["constant"].fn(),
                        clip=values.get("clip"), checkpoint=values.get("checkpoint"),
                        normalize=values.get("normalize"), shuffle=values.get("shuffle", True),
-                       spans=spans)
+                       validation=values.get("validation"), early_stop=values.get("early_stop"),
+                       keep_best=values.get("keep_best", False), spans=spans)
 
 
 def _label_input(fe: Frontend, loss_ast, output: Value) -> Value | None:
@@ -99,6 +101,10 @@ def option_value(fe: Frontend, name: str, o: ast.Option, scope: Scope):
     if kind in ("data", "optimizer", "schedule"):
         spec = recipe_call(fe, e, kind, scope)
         return spec
+    if kind == "validation":
+        return validation_value(fe, e, scope)
+    if kind == "early_stop":
+        return recipe_call(fe, _monitor_as_string(e), "early_stop", scope)
     if kind == "metrics":
         items = e.items if isinstance(e, ast.ListLit) else (e,)
         out = []
@@ -139,6 +145,29 @@ def option_value(fe: Frontend, name: str, o: ast.Option, scope: Scope):
     raise AssertionError(kind)
 
 
+def validation_value(fe: Frontend, e, scope: Scope):
+    """`validation = 0.1` (a share of the training split) or `validation = npz("val.npz")`."""
+    if isinstance(e, (ast.Call, ast.Name)) and (e.func.text if isinstance(e, ast.Call) else e.text) in RECIPE:
+        return recipe_call(fe, e, "data", scope)
+    v = fe.eval(e, scope)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ArgumentError(f"`validation` must be a share of the training split in (0, 1) or a data "
+                            f"source, got {describe(v)}", e.span, hint='for example `validation = 0.1` or '
+                            '`validation = npz("val.npz")`')
+    return float(v)
+
+
+def _monitor_as_string(e):
+    """`early_stop(monitor=val_loss)`: the metric may be written bare, like `normalize = standard`."""
+    if not isinstance(e, ast.Call):
+        return e
+    kwargs = tuple(ast.Kwarg(k.name, ast.Str(k.value.text, k.value.span), k.span)
+                   if k.name == "monitor" and isinstance(k.value, ast.Name) else k for k in e.kwargs)
+    args = tuple(ast.Str(a.text, a.span) if i == 0 and isinstance(a, ast.Name) else a
+                 for i, a in enumerate(e.args))
+    return dataclasses.replace(e, args=args, kwargs=kwargs)
+
+
 def recipe_call(fe: Frontend, e, kind: str, scope: Scope) -> Spec:
     """`adam(lr=1e-3)` or a bare `adam` -> Spec, checked against the entry's signature."""
     if isinstance(e, ast.Name):
@@ -169,10 +198,10 @@ def recipe_call(fe: Frontend, e, kind: str, scope: Scope) -> Spec:
 
 
 _KIND_WORDS = {"data": "a data source", "optimizer": "an optimizer", "schedule": "a learning-rate schedule",
-               "metric": "a metric", "layer": "a layer", "activation": "an activation",
+               "metric": "a metric", "early_stop": "early stopping", "layer": "a layer", "activation": "an activation",
                "function": "a function", "loss": "a loss", "regularizer": "a regularizer"}
 
 
 def _example(kind):
     return {"data": "digits(test=0.2)", "optimizer": "adam(lr=1e-3)", "schedule": "cosine()",
-            "metric": "accuracy"}.get(kind, kind)
+            "metric": "accuracy", "early_stop": "early_stop(monitor=val_loss, patience=5)"}.get(kind, kind)
