@@ -51,6 +51,7 @@ class CompiledProgram:
         self.templates = backend.templates if templates else frozenset()
         self.verbose = verbose
         self.steps: dict[int, object] = {}
+        self.origins: dict[int, str] = {}  # batch -> "cache", "compiled" or "artifact" (the compiling line)
         self.preloaded = dict(preloaded or {})  # batch -> (blobs, layout) from an artifact
         self._data_name = data_name
 
@@ -78,7 +79,10 @@ class CompiledProgram:
     def step_for(self, batch: int):
         step = self.steps.get(batch)
         if step is None:
-            blobs, layout = self.preloaded.pop(batch, None) or self.compiled(batch)
+            preloaded = self.preloaded.pop(batch, None)
+            if preloaded:
+                self.origins[batch] = "artifact"
+            blobs, layout = preloaded or self.compiled(batch)
             self._check_memory(batch, layout.arena_bytes, layout.scratch_bytes, layout.slots)
             step = self.steps[batch] = self.backend.load(blobs, layout, self.target)
             self._create_state(layout)
@@ -99,12 +103,14 @@ class CompiledProgram:
         key = self._cache_key(batch) if self.cache else None
         hit = self._cached(key, batch) if key else None
         if hit is not None:
+            self.origins[batch] = "cache"
             self._say(f"compile cache hit {key[:12]} (batch {batch}): {(time.perf_counter() - start) * 1e3:.0f} ms")
             return hit
         program = kernel_program(lower(self.graph, batch), self.templates)
         self._check_memory(batch, program.arena_bytes, 0, layout_slots(program))  # before compiling it
         lowered = time.perf_counter()
         compiled = self.backend.compile(program, self.target, profile=self.profile)
+        self.origins[batch] = "compiled"
         if self.cache:
             self.cache.put(key, compiled.blobs, compiled.layout.to_json())
         phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in compiled.timings.items())

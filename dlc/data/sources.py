@@ -29,7 +29,7 @@ Normalize = Union[str, float]
 
 @dataclass
 class Dataset:
-    """Train and test arrays in their stored dtypes (test arrays may be empty)."""
+    """Train, test (and validation) arrays in their stored dtypes (test arrays may be empty)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -37,6 +37,8 @@ class Dataset:
     y_test: np.ndarray
     name: str
     default_normalize: Normalize  # used when the train block gives no `normalize`
+    x_val: np.ndarray | None = None  # the validation split (the train block's `validation`), if any
+    y_val: np.ndarray | None = None
 
 
 # --- the entry point --------------------------------------------------------------------------

@@ -16,9 +16,12 @@ from dlc.language.recipe import Spec
 from dlc.program import make_program
 
 
-def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int) -> float:
-    """The rate for a (0-based) epoch."""
+def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int, step: int = 0) -> float:
+    """The rate for a (0-based) epoch; `cyclic` is per step (the 0-based count of steps taken)."""
     a = schedule.args
+    if schedule.name == "cyclic":  # triangular: base -> max over step_size steps, and back
+        x = abs(step / a["step_size"] - 2 * math.floor(1 + step / (2 * a["step_size"])) + 1)
+        return a["base"] + (a["max"] - a["base"]) * max(0.0, 1.0 - x)
     if schedule.name == "step":
         return lr0 * a["gamma"] ** (epoch // a["every"])
     if schedule.name == "exponential":
@@ -57,9 +60,18 @@ class Normalizer:
 class History:
     epochs: list[dict] = field(default_factory=list)
     previous: Path | None = None  # where the first save moved an existing checkpoint (keep_previous)
+    test: dict = field(default_factory=dict)  # the test split's metrics, scored once after training
+    stopped: str | None = None  # why training ended before its last epoch (early stopping, a callback)
+    best_epoch: int | None = None  # keep_best: the epoch whose weights the model ends with
 
     def __getitem__(self, key: str) -> list:
         return [e.get(key) for e in self.epochs]
+
+    @property
+    def history(self) -> dict[str, list]:
+        """Keras' form: {metric: [value per epoch]}."""
+        keys = dict.fromkeys(k for e in self.epochs for k in e)
+        return {k: self[k] for k in keys}
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -97,6 +109,22 @@ class Session:
     @property
     def train_graph(self):
         return self.graph("train")
+
+    def warm_up(self, sizes) -> str | None:
+        """Compile (or load from the cache) the steps for these (mode, batch) sizes now, so that
+        the first epoch does not start with a long pause. Where the code came from: "compiled"
+        when any of it was compiled, else "cache" or "artifact"; None for an interpreter."""
+        programs = {"train": self.train_program, "eval": self.eval_program}
+        origins = []
+        for mode, batch in sizes:
+            program = programs[mode]
+            if hasattr(program, "step_for"):
+                loaded = batch in program.steps
+                program.step_for(batch)
+                origins.append("loaded" if loaded else program.origins.get(batch))
+        if not origins:
+            return None
+        return next((o for o in ("compiled", "cache", "artifact") if o in origins), "loaded")
 
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
@@ -198,16 +226,23 @@ class FitOptions:
     shuffle: bool = True
     quiet: bool = True
     log_path: Path | None = None
+    csv_path: Path | None = None
+    tensorboard_dir: Path | None = None
     save_path: Path | None = None
     resume: dict | None = None  # meta of a loaded checkpoint
     keep_previous: bool = False  # the first save moves a file already at save_path aside
     on_epoch: Callable[[dict], None] | None = None
+    early_stop: object | None = None  # a callbacks.EarlyStopping
+    keep_best: bool = False  # end with the weights of the best epoch by the monitored metric
+    callbacks: list = field(default_factory=list)  # objects with on_epoch_end(epoch, logs)
 
 
 def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> History:
-    """Train for opts.epochs, evaluating on data.x_test after each epoch."""
-    from dlc.runtime.progress import Progress
-    from dlc.runtime.metrics_log import MetricsLog
+    """Train for opts.epochs, scoring the validation split (if any) after each epoch and the
+    test split once at the end."""
+    from dlc.runtime import callbacks as cbs
+    from dlc.runtime.loggers import close_all, open_loggers
+    from dlc.runtime.progress import Progress, metrics_text
     from dlc.data.sources import batches
     cfg = session.config
     x, y = data.x_train, data.y_train
@@ -225,6 +260,23 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
                             batchnorm, hint="train with `batch` of 2 or more")
     drop_last = batchnorm is not None and n % opts.batch == 1
     steps_per_epoch = n // opts.batch if drop_last else -(-n // opts.batch)
+    x_val = data.x_val if data.x_val is not None and len(data.x_val) else None
+    per_step = cfg.schedule.name == "cyclic"
+    # what the monitors may watch, checked before anything is compiled
+    recorded = [f"{split}_{k}" for split in ("train", "val") if split == "train" or x_val is not None
+                for k in session._results]
+    watched = []
+    if opts.early_stop is not None:
+        cbs.check_monitor(opts.early_stop.monitor, recorded, "`early_stop`", cfg.span("early_stop"))
+        watched.append(opts.early_stop)
+    best = None
+    if opts.keep_best:
+        monitor = opts.early_stop.monitor if opts.early_stop is not None else "val_loss"
+        cbs.check_monitor(monitor, recorded, "`keep_best`", cfg.span("keep_best"))
+        best = cbs.BestWeights(cbs.Monitor(monitor, opts.early_stop.min_delta if opts.early_stop else 0.0),
+                               session.state, [k for k, spec in session.model.built("eval").params.items()
+                                               if spec.type.dtype.is_float])  # not the step counter
+    callbacks = watched + list(opts.callbacks)
     start_epoch, skip = 0, 0
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
@@ -232,7 +284,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet)
     header = {"event": "start", "model": session.model.name, "dlc": __version__, "target": session.target,
               "epochs": opts.epochs, "batch": opts.batch, "seed": opts.seed}
-    log = MetricsLog(opts.log_path, header, append=bool(opts.resume)) if opts.log_path else None
+    loggers = open_loggers(header, bool(opts.resume), opts.log_path, opts.csv_path, opts.tensorboard_dir)
     position = (start_epoch, skip)  # where a resumed run continues: (epoch, batch)
     first_step = session.global_step
     keep = opts.keep_previous  # only the run's first save may move an existing file aside
@@ -242,9 +294,15 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         moved = save(session.model, opts.save_path, normalizer, epoch, batch, session.global_step,
                      keep_previous=keep)
         history.previous, keep = history.previous or moved, False
+
+    def eval_sizes(m: int) -> list:
+        return [("eval", b) for b in {min(m, opts.batch), m % opts.batch} if b]
     try:
+        sizes = [("train", b) for b in {min(n, opts.batch), 0 if drop_last else n % opts.batch} if b]
+        progress.compiling(lambda: session.warm_up(sizes + (eval_sizes(len(x_val)) if x_val is not None else [])))
+        cbs.call_hook(callbacks, "on_train_begin", {})
         for epoch in range(start_epoch, opts.epochs):
-            lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs)
+            lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs, session.global_step)
             progress.start_epoch(epoch + 1)
             started = time.perf_counter()
             sums: dict[str, float] = {}
@@ -253,6 +311,8 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             for i, idx in enumerate(batches(n, opts.batch, rng)):
                 if (epoch == start_epoch and i < skip) or i == steps_per_epoch:  # i == ...: the dropped batch
                     continue
+                if per_step:
+                    lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs, session.global_step)
                 out = session.train_step(x[idx], y[idx], lr)
                 position = (epoch, i + 1)
                 for k, v in out.items():
@@ -262,19 +322,36 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             position = (epoch + 1, 0)
             record = {"epoch": epoch + 1, "step": session.global_step, "lr": lr}
             record.update({f"train_{k}": v / seen for k, v in sums.items()} if seen else {})
-            if len(data.x_test):
-                record.update({f"test_{k}": v for k, v in
-                               session.evaluate(data.x_test, data.y_test, opts.batch).items()})
+            if x_val is not None:
+                record.update({f"val_{k}": v for k, v in
+                               session.evaluate(x_val, data.y_val, opts.batch).items()})
             record["seconds"] = time.perf_counter() - started
             history.epochs.append(record)
-            metrics = {k: v for k, v in record.items() if k.startswith(("train_", "test_"))}
+            metrics = {k: v for k, v in record.items() if k.startswith(("train_", "val_"))}
             progress.end_epoch(epoch + 1, metrics, record["seconds"])
-            if log:
-                log.write(record["epoch"], record["step"], metrics, lr, record["seconds"])
-            if opts.save_path:
+            for lg in loggers:
+                lg.write(record["epoch"], record["step"], metrics, lr, record["seconds"])
+            improved = best is not None and best.update(epoch + 1, record)
+            if opts.save_path and (best is None or improved):  # keep_best: the file holds the best epoch
                 checkpoint(epoch + 1, 0)
             if opts.on_epoch:
                 opts.on_epoch(record)
+            history.stopped = cbs.end_of_epoch(callbacks, epoch + 1, record)
+            if history.stopped:
+                progress.note(history.stopped)
+                break
+        if best is not None and best.saved is not None:
+            best.restore()
+            history.best_epoch = best.monitor.best_epoch
+            progress.note(f"kept the weights of epoch {history.best_epoch} "
+                          f"({best.monitor.monitor} {best.monitor.best:.4g})")
+        cbs.call_hook(callbacks, "on_train_end", {"epochs": len(history.epochs)})
+        if len(data.x_test):
+            history.test = session.evaluate(data.x_test, data.y_test, opts.batch)
+            progress.note(metrics_text({f"test_{k}": v for k, v in history.test.items()}))
+            last = history.epochs[-1]["epoch"] if history.epochs else start_epoch
+            for lg in loggers:
+                lg.write_test(last, history.test)
     except KeyboardInterrupt:
         progress.close()
         if session.global_step == first_step:  # no step yet (still compiling): nothing new to save
@@ -282,6 +359,9 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             raise Interrupted(f"interrupted before the first training step{kept}") from None
         where = f"after epoch {position[0]}" if position[1] == 0 else \
             f"in epoch {position[0] + 1}, after batch {position[1]}"
+        if opts.save_path and best is not None:  # the file holds the best epoch: keep it
+            raise Interrupted(f"interrupted {where}; {opts.save_path} holds the best epoch so far "
+                              f"({best.monitor.best_epoch or 'none yet'})") from None
         if opts.save_path:
             checkpoint(*position)
             raise Interrupted(f"interrupted {where}; saved {opts.save_path}{kept_note(history)} "
@@ -289,8 +369,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         raise Interrupted(f"interrupted {where} (nothing saved: use --save FILE)") from None
     finally:
         progress.close()
-        if log:
-            log.close()
+        close_all(loggers)
     return history
 
 
@@ -330,7 +409,7 @@ def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Norm
         if k in state:
             state[k][...] = v
         else:  # optimizer state: otherwise created by the first step
-            state[k] = np.ascontiguousarray(v)
+            state[k] = np.array(v, order="C")  # not ascontiguousarray: it makes the scalar `step` 1-d
     return meta, norm
 
 
