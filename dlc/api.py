@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,10 +120,13 @@ class Model:
         self.name = self._eval.model.name
         self._train = frontend.build(program, self.name, mode="train")
         self.train_config = self._eval.train
+        for w in self._eval.warnings:  # likely mistakes, once per load (the train build repeats them)
+            warnings.warn(w, stacklevel=3)
         self._seed = self.train_config.seed if self.train_config else 0
         self._state: dict[str, np.ndarray] | None = None  # created on first use: see `state`
         self.normalizer = None
         self._sessions: dict = {}
+        self._held_out = None  # (x, y) that fit(x, y) held out, shaped: what evaluate() scores
         self.preloaded: dict = {}  # (backend, mode, batch) -> (blobs, layout) from an artifact
 
     # --- inspection -----------------------------------------------------------------------------
@@ -298,25 +302,47 @@ class Model:
 
     def fit(self, x=None, y=None, *, epochs: int | None = None, batch: int | None = None,
             lr: float | None = None, seed: int | None = None, optimizer=None, target: str = DEFAULT_TARGET,
-            test: float | None = None, quiet: bool = True, log=None, save=None, resume=None,
-            on_epoch=None, **options):
+            test: float | None = None, validation=None, early_stop=None, keep_best: bool | None = None,
+            callbacks=None, shuffle: bool | None = None, quiet: bool = True, log=None, csv=None,
+            tensorboard=None, save=None, resume=None, on_epoch=None, batch_size: int | None = None,
+            validation_split: float | None = None, validation_data=None, **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
-        trains on those arrays (a `test` share is held out) instead of the block's data.
-        `save` is written after every epoch and on Ctrl-C once a step has run; a file already
-        there (unless it is `resume`) is kept as NAME.prev.npz.
-        Returns a History (one record of metrics per epoch)."""
+        trains on those arrays (a `test` share is held out, which evaluate() then scores)
+        instead of the block's data.
+
+        validation: a share of the training split (0.1), a data source (`'npz("v.npz")'`) or
+        (x, y) arrays, scored after every epoch. early_stop: `"early_stop(patience=3)"` or a
+        dlc.EarlyStopping (False turns off the train block's). keep_best: end with the weights of
+        the best epoch by the early-stop metric (val_loss without one). callbacks: objects with
+        on_epoch_end(epoch, logs), which stop training by returning True. log, csv,
+        tensorboard: metrics as JSON lines, CSV, TensorBoard events (a folder). `save` is
+        written after every epoch (keep_best: every better epoch) and on Ctrl-C once a step has
+        run; a file already there (unless it is `resume`) is kept as NAME.prev.npz.
+        Keras' names work too: batch_size, validation_split, validation_data, verbose (0: quiet).
+        Returns a History (one record of metrics per epoch; `.test`: the test split's)."""
+        from dlc.runtime import callbacks as cbs
         from dlc.runtime.prepare import prepare
         from dlc.runtime.trainer import FitOptions, fit, restore
+        quiet = _keras_verbose(options, quiet)
         _check_options(self.fit, options)
+        batch = _alias("batch", batch, "batch_size", batch_size)
+        validation = _alias("validation", validation, "validation_split", validation_split)
+        validation = _alias("validation", validation, "validation_data", validation_data)
         config = self._require_config()
         self._require_one_input(config)
         if optimizer is not None:
             config = dataclasses.replace(config, optimizer=optimizer if not isinstance(optimizer, str)
                                          else _optimizer_spec(optimizer))
+        if lr is not None and config.schedule.name == "cyclic":
+            raise ArgumentError("`cyclic` sets the learning rate itself (from base to max); "
+                                "a learning rate given with it would be ignored", config.span("schedule"),
+                                hint="change base and max in `cyclic(...)` instead of the learning rate")
         if x is not None:
             from dlc.language.recipe import Spec
             share = config.data.args.get("test", 0.2) if test is None else test
             config = dataclasses.replace(config, data=Spec("data", "arrays", {"test": share}))
+        validation = _validation_value(validation)
+        stopper = _early_stop_value(early_stop, config)
         session = self.session(config, target, **options)
         meta, normalizer = None, self.normalizer
         if resume is not None:
@@ -328,47 +354,130 @@ class Model:
         seed = config.seed if seed is None else seed
         label_type = session._label_type()
         data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
-                                   arrays=(x, y) if x is not None else None, normalizer=normalizer)
+                                   arrays=(x, y) if x is not None else None, normalizer=normalizer,
+                                   validation=validation)
         self.normalizer = normalizer
+        # evaluate() without arrays scores the held-out share of these arrays, not the file's data
+        self._held_out = (data.x_test, data.y_test) if x is not None else None
         # a file at `save` is kept as NAME.prev.npz, unless it is the checkpoint this run continues
         resumes_save = bool(resume and save) and Path(resume).resolve() == Path(save).resolve()
         opts = FitOptions(epochs=epochs or config.epochs, batch=batch or config.batch,
                           lr=lr if lr is not None else config.optimizer.args["lr"], seed=seed,
-                          shuffle=config.shuffle, quiet=quiet,
-                          log_path=Path(log) if log else None, save_path=Path(save) if save else None,
-                          resume=meta, on_epoch=on_epoch, keep_previous=not resumes_save)
+                          shuffle=config.shuffle if shuffle is None else _flag("shuffle", shuffle),
+                          quiet=quiet, log_path=Path(log) if log else None,
+                          csv_path=Path(csv) if csv else None,
+                          tensorboard_dir=Path(tensorboard) if tensorboard else None,
+                          save_path=Path(save) if save else None, resume=meta, on_epoch=on_epoch,
+                          keep_previous=not resumes_save, early_stop=stopper,
+                          keep_best=config.keep_best if keep_best is None else _flag("keep_best", keep_best),
+                          callbacks=cbs.check_callbacks(callbacks))
         return fit(session, data, opts, normalizer)
 
-    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = DEFAULT_TARGET, **options) -> dict:
-        """Loss and metrics on the given arrays (or the train block's held-out split)."""
-        from dlc.runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
-        from dlc.runtime.trainer import Normalizer
+    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = DEFAULT_TARGET,
+                 batch_size: int | None = None, **options) -> dict:
+        """Loss and metrics on the given arrays; without them, on the held-out split: the
+        share of fit(x, y)'s arrays it kept back, or else the train block's test split."""
+        _keras_verbose(options, True)  # Keras' verbose=0: evaluation prints nothing anyway
         _check_options(self.evaluate, options)
         config = self._require_config()
-        self._require_one_input(config)
+        x, y = self._labelled(x, y, config)
         session = self.session(config, target, **options)
-        norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
-        if x is None:
-            data, _ = prepare(self, config, session._label_type(), self.base_dir, config.seed,
-                              normalizer=self.normalizer)
-            x, y = data.x_test, data.y_test
-        else:
-            x = shape_inputs(self, x, norm)
-            label_type = session._label_type()
-            y = shape_labels(label_type, y, classes=classes_of(self, label_type))
-        return session.evaluate(x, y, batch or config.batch)
+        return session.evaluate(x, y, _alias("batch", batch, "batch_size", batch_size) or config.batch)
 
-    def predict(self, x, *, batch: int | None = None, target: str = DEFAULT_TARGET, **options) -> np.ndarray:
-        """The model's outputs for every sample of x (inputs normalized as in training)."""
+    def _labelled(self, x, y, config) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and labels shaped for the model: the given arrays, or the held-out split."""
+        from dlc.runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
+        from dlc.runtime.trainer import Normalizer
+        self._require_one_input(config)
+        label_type = self._eval_label_type()
+        if x is None:
+            if getattr(self, "_held_out", None) is not None:
+                x, y = self._held_out
+            else:
+                data, _ = prepare(self, config, label_type, self.base_dir, config.seed,
+                                  normalizer=self.normalizer)
+                x, y = data.x_test, data.y_test
+            if not len(x):
+                raise DataError("there is no held-out split to evaluate on (its test share is 0)",
+                                config.span("data") if getattr(self, "_held_out", None) is None else None,
+                                hint="pass the arrays to evaluate: evaluate(x, y)")
+            return x, y
+        if y is None:
+            raise ArgumentError("evaluate(x) needs the labels too: evaluate(x, y)")
+        norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
+        return (shape_inputs(self, x, norm),
+                shape_labels(label_type, y, classes=classes_of(self, label_type)))
+
+    def _eval_label_type(self):
+        g = self.built("eval").graph
+        ids = g.inputs("label")
+        return g.node(ids[0]).attrs["type"] if ids else None
+
+    def predict(self, x, *, batch: int | None = None, target: str = DEFAULT_TARGET,
+                batch_size: int | None = None, **options) -> np.ndarray:
+        """The model's raw outputs for every sample of x (inputs normalized as in training): for
+        a `cross_entropy` model these are logits (see predict_proba for probabilities)."""
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer
+        _keras_verbose(options, True)
         _check_options(self.predict, options)
+        batch = _alias("batch", batch, "batch_size", batch_size)
         self._require_one_input(self.train_config)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
             return self.forward(x)
         return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch)
+
+    def predict_proba(self, x, **kwargs) -> np.ndarray:
+        """Class probabilities: softmax of the outputs for a `cross_entropy` model, sigmoid for
+        `bce(..., from_logits=true)`, the outputs themselves when they are probabilities already
+        (`bce`, or a model ending in `softmax`). Keywords as for predict."""
+        kind, from_logits = self._classifier("predict_proba()")
+        out = self.predict(x, **kwargs).astype(np.float64)
+        if kind == "cross_entropy" and not self._ends_in_softmax():
+            e = np.exp(out - out.max(axis=-1, keepdims=True))
+            out = e / e.sum(axis=-1, keepdims=True)
+        elif kind == "bce" and from_logits:
+            out = 1.0 / (1.0 + np.exp(-out))
+        return out.astype(np.float32)
+
+    def classification_report(self, x=None, y=None, *, top_k: int = 5, batch: int | None = None,
+                              target: str = DEFAULT_TARGET, **options) -> dict:
+        """Accuracy, top-k accuracy, precision, recall and F1 (per class and their macro
+        averages) and the confusion matrix, on the given arrays or the held-out split."""
+        from dlc.runtime.metrics import classification_report
+        kind, from_logits = self._classifier("classification_report()")
+        _check_options(self.classification_report, options)
+        config = self._require_config()
+        x, y = self._labelled(x, y, config)
+        out = self.session(config, target, **options).predict(x, batch or config.batch)
+        return classification_report(out, y, kind, from_logits, top_k)
+
+    def _classifier(self, what: str) -> tuple[str, bool]:
+        """The classification loss (cross_entropy or bce) and whether bce takes logits."""
+        found = self._loss_kind()
+        if found is None:
+            raise ArgumentError(f"{what} needs a classifier: a model trained with `cross_entropy` or `bce`",
+                                self._require_config().span("loss"), hint="predict() gives the model's outputs")
+        return found
+
+    @property
+    def is_classifier(self) -> bool:
+        """Trained with `cross_entropy` or `bce` (accuracy, predict_proba, classification_report)."""
+        return self.train_config is not None and self._loss_kind() is not None
+
+    def _loss_kind(self) -> tuple[str, bool] | None:
+        from dlc.language.syntax import ast
+        for c in ast.calls(self._require_config().loss):
+            if c.func.text in ("cross_entropy", "bce"):
+                logits = any(k.name == "from_logits" and isinstance(k.value, ast.Name) and k.value.text == "true"
+                             for k in c.kwargs)
+                return c.func.text, logits
+        return None
+
+    def _ends_in_softmax(self) -> bool:
+        return "output_is_softmax" in self.built("eval").graph.meta
 
     def save(self, path) -> None:
         """Write parameters, state and normalization to a checkpoint (.npz, no pickle)."""
@@ -391,17 +500,33 @@ _FLAG = ("True or False", lambda v: isinstance(v, bool))
 _BACKEND_OPTIONS = {
     "threads": ("a positive number of CPU threads",
                 lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-    "verbose": ("a function that receives the compiler's messages, such as print",
-                lambda v: v is None or v is False or callable(v)),
+    "verbose": ("0, 1 or 2 (Keras: whether to show progress), or a function that receives the "
+                "compiler's messages, such as print", lambda v: v is None or v is False or callable(v)),
     "no_cache": _FLAG,
     "profile": _FLAG,
     "cache_dir": ("a folder path", lambda v: isinstance(v, (str, os.PathLike))),
 }
 
 
+# Keras keywords dlc does not take, and what to use instead
+_KERAS_ONLY = {
+    "initial_epoch": "resume=CHECKPOINT continues a run where it stopped (epoch, batch and optimizer state)",
+    "steps_per_epoch": "an epoch is always one pass over the training split; set `epochs` and `batch`",
+    "validation_steps": "the whole validation split is scored after every epoch",
+    "validation_freq": "the validation split is scored after every epoch",
+    "validation_batch_size": "evaluation uses the training batch size",
+    "class_weight": "not supported: weight the loss in the train block instead",
+    "sample_weight": "not supported: weight the loss in the train block instead",
+    "workers": "not needed: the data is in memory", "use_multiprocessing": "not needed: the data is in memory",
+    "max_queue_size": "not needed: the data is in memory",
+}
+
+
 def _check_options(method, options: dict) -> None:
     """Refuse a keyword the compiler does not take before it fails deep inside the compiler."""
     for name, value in options.items():
+        if name in _KERAS_ONLY:
+            raise ArgumentError(f"{method.__name__}() does not take Keras' `{name}`", hint=_KERAS_ONLY[name])
         if name not in _BACKEND_OPTIONS:
             known = [*(p for p in inspect.signature(method).parameters if p != "options"), *_BACKEND_OPTIONS]
             raise ArgumentError(f"{method.__name__}() got an unknown keyword `{name}`",
@@ -410,6 +535,65 @@ def _check_options(method, options: dict) -> None:
         if not ok(value):
             raise ArgumentError(f"{method.__name__}({name}={value!r}): `{name}` takes {what}",
                                 hint="quiet=False shows training progress" if name == "verbose" else None)
+
+
+def _keras_verbose(options: dict, quiet: bool) -> bool:
+    """Keras' verbose=0/1/2 (or True/False) says whether to show progress; a function given as
+    `verbose` receives the compiler's messages (and stays in options)."""
+    v = options.get("verbose")
+    if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1, 2)):
+        del options["verbose"]
+        return not v
+    return quiet
+
+
+def _alias(name: str, value, keras: str, keras_value):
+    """A keyword and its Keras spelling (batch, batch_size): either, not both."""
+    if keras_value is None:
+        return value
+    if value is not None:
+        raise ArgumentError(f"give `{name}` or Keras' `{keras}`, not both")
+    return keras_value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentError(f"`{name}` takes True or False, got {value!r}")
+    return value
+
+
+def _validation_value(v):
+    """fit(validation=...): a share (0.1), a data-source expression ('npz("v.npz")') or (x, y)."""
+    from dlc.language.frontend import eval_recipe
+    from dlc.language.overrides import parse_expression
+    if v is None:
+        return None
+    if isinstance(v, (tuple, list)) and len(v) == 2:
+        return tuple(v)
+    if isinstance(v, str):
+        return eval_recipe(parse_expression(v, "validation"), "validation")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1:
+        return float(v)
+    raise ArgumentError(f"validation={v!r}: give a share of the training data in (0, 1), a data source "
+                        "such as 'npz(\"val.npz\")', or (x, y) arrays")
+
+
+def _early_stop_value(v, config):
+    """fit(early_stop=...): None keeps the train block's, False turns it off; a .dln expression
+    or a dlc.EarlyStopping."""
+    from dlc.runtime.callbacks import EarlyStopping, from_spec
+    if v is None:
+        return from_spec(config.early_stop) if config.early_stop is not None else None
+    if v is False:
+        return None
+    if isinstance(v, EarlyStopping):
+        return v
+    if isinstance(v, str):
+        from dlc.language.frontend import eval_recipe
+        from dlc.language.overrides import parse_expression
+        return from_spec(eval_recipe(parse_expression(v, "early_stop"), "early_stop"))
+    raise ArgumentError(f"early_stop={v!r}: give 'early_stop(monitor=val_loss, patience=5)', a "
+                        "dlc.EarlyStopping, or False")
 
 
 def _optimizer_spec(name: str):

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from dlc import __version__
-from dlc.core.diagnostics import DlcError, UsageError
+from dlc.core.diagnostics import DlcError, DlcWarning, UsageError
 from dlc.language.recipe import INT_OPTION_MAX
 
 DESCRIPTION = """\
@@ -77,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, help="random seed (initialization, shuffling, dropout)")
     p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
     p.add_argument("--optimizer", metavar="EXPR", help="optimizer, e.g. 'adam(lr=1e-3)'")
+    p.add_argument("--schedule", metavar="EXPR", help="learning-rate schedule, e.g. 'cyclic(1e-3, 1e-2, 100)'")
+    p.add_argument("--validation", metavar="EXPR",
+                   help="validation split scored after every epoch: a share of the training split "
+                        "(0.1) or a data source ('npz(\"val.npz\")')")
+    p.add_argument("--early-stop", metavar="EXPR",
+                   help="stop when a metric stops improving, e.g. 'early_stop(monitor=val_loss, patience=5)'")
+    p.add_argument("--keep-best", action="store_true",
+                   help="end with (and --save) the weights of the best epoch by the early-stop metric "
+                        "(val_loss without one)")
     _add_target(p)
     p.add_argument("--save", metavar="FILE",
                    help="write a checkpoint after every epoch (and on Ctrl-C, once a step has run); "
@@ -84,17 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ck.npz as ck.prev.npz, replacing an older one)")
     p.add_argument("--resume", metavar="FILE", help="continue from a checkpoint written by --save")
     p.add_argument("--log", metavar="FILE", help="write per-epoch metrics as JSON lines (see `dlc plot`)")
+    p.add_argument("--csv", metavar="FILE", help="write per-epoch metrics as CSV")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write TensorBoard event files into DIR (needs: pip install 'dlc[tensorboard]')")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the final result")
     p.add_argument("--profile", action="store_true",
                    help="after training, print the time spent in each kernel and each .dln line")
 
     p = sub.add_parser("eval", help="evaluate saved weights on the held-out data",
                        description="Load weights saved by `dlc run --save` and report loss and metrics "
-                                   "on the train block's held-out split (or --data).")
+                                   "on the train block's held-out split (or --data); for a classifier "
+                                   "also top-k accuracy, precision, recall and F1 per class and the "
+                                   "confusion matrix (`-o report.json`, drawn by `dlc plot report.json`).")
     _add_model_args(p)
     p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
     p.add_argument("--data", metavar="EXPR", help="data source to evaluate on instead")
     p.add_argument("--batch", type=_positive_int, help="batch size for evaluation")
+    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="k of top-k accuracy (default 5)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the metrics and confusion matrix as JSON")
     _add_target(p)
 
     p = sub.add_parser("predict", help="run a trained model on new inputs",
@@ -106,7 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npy file of the inputs, or .npz file holding them (see --key)")
     p.add_argument("--key", default=None, help="array name in the .npz (default: `x`, or its only array)")
     p.add_argument("-o", "--output", metavar="FILE", help="write outputs (and predicted classes) to an .npz")
+    p.add_argument("--proba", action="store_true",
+                   help="class probabilities instead of the raw outputs (logits for a cross_entropy model)")
     _add_target(p)
+
+    p = sub.add_parser("data", help="write a split of a train block's data set to an .npz (inputs for predict)",
+                       description="Write samples of the train block's data set (or --data) as stored, before "
+                                   "normalization, to an .npz with arrays x and y: for example test images for "
+                                   "`dlc predict --input`.")
+    _add_model_args(p)
+    p.add_argument("--data", metavar="EXPR", help="data source instead of the train block's")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="which split (default test)")
+    p.add_argument("--count", type=_positive_int, help="only the first N samples")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .npz to write")
 
     sub.add_parser("targets", help="list the targets (backends) and whether each can run here",
                    description="List every registered target (--target NAME): what it is, and why it "
@@ -119,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["show", "clear"], default="show",
                    help="`clear` removes every entry (dlc's own files only)")
 
-    p = sub.add_parser("plot", help="draw loss and accuracy curves from a metrics log",
-                       description="Draw per-epoch loss and accuracy from a `dlc run --log` file "
-                                   "(needs matplotlib: pip install 'dlc[plot]').")
-    p.add_argument("log", help="a JSON-lines metrics log")
+    p = sub.add_parser("plot", help="draw loss, accuracy and learning-rate curves from a metrics log",
+                       description="Draw per-epoch loss, accuracy (train and validation) and the learning rate "
+                                   "from a `dlc run --log` file, or the confusion matrix of a `dlc eval -o` "
+                                   "report (needs matplotlib: pip install 'dlc[plot]').")
+    p.add_argument("log", help="a JSON-lines metrics log, or a JSON report from `dlc eval -o`")
     p.add_argument("-o", "--output", metavar="FILE", default="curves.png", help="image to write (.png, .svg, .pdf)")
     return parser
 
@@ -280,8 +310,8 @@ def _load_with_overrides(args):
     if model.train_config is None:
         raise UsageError(f"{args.file}: model {model.name} has no train block",
                          hint="add `train <model> { data = ..., loss = ... }`")
-    model.train_config = override_config(model.train_config, data=getattr(args, "data", None),
-                                         optimizer=getattr(args, "optimizer", None))
+    model.train_config = override_config(model.train_config, **{
+        k: getattr(args, k, None) for k in ("data", "optimizer", "schedule", "validation", "early_stop")})
     return model
 
 
@@ -291,19 +321,27 @@ def cmd_run(args) -> int:
     cfg = model.train_config
     save = args.save or cfg.checkpoint
     quiet = args.quiet
+    if args.tensorboard:
+        _output_path(args.tensorboard, "--tensorboard", folder=True)
+    for path, flag in ((args.csv, "--csv"), (args.log, "--log")):
+        if path:
+            _output_path(path, flag)
     if not quiet:
-        print(f"training {model.name} on {cfg.data} with {cfg.optimizer} "
-              f"(batch {args.batch or cfg.batch}, {args.epochs or cfg.epochs} epochs, target {args.target})",
-              file=sys.stderr)
+        print(_header(model, cfg, args), file=sys.stderr)
     try:
         history = model.fit(epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
-                            target=args.target, quiet=quiet, log=args.log, save=save, resume=args.resume,
-                            **_backend_options(args))
+                            target=args.target, quiet=quiet, log=args.log, csv=args.csv,
+                            tensorboard=args.tensorboard, save=save, resume=args.resume,
+                            keep_best=True if args.keep_best else None, **_backend_options(args))
     except Interrupted as e:
         print(f"dlc: {e}", file=sys.stderr)
         return 130
-    last = history.epochs[-1] if history.epochs else {}
-    print(_final_line(model.name, last, sum(e["seconds"] for e in history.epochs)))
+    last = dict(history.epochs[-1]) if history.epochs else {}
+    last.update({f"test_{k}": v for k, v in history.test.items()})
+    if history.best_epoch is not None:
+        best = history.epochs[[e["epoch"] for e in history.epochs].index(history.best_epoch)]
+        last.update({k: v for k, v in best.items() if k.startswith(("train_", "val_"))})
+    print(_final_line(model.name, last, sum(e["seconds"] for e in history.epochs), history))
     if args.profile:
         print(model.session(model.train_config, args.target, **_backend_options(args)).profile_report(), end="")
     if save:
@@ -311,21 +349,57 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _final_line(name: str, rec: dict, seconds: float) -> str:
+def _header(model, cfg, args) -> str:
+    """`training mlp on digits(test=0.2) with adam(lr=0.01, ...)`: the optimizer as it runs,
+    --lr included, and the schedule's own rates when it sets them."""
+    import dataclasses
+    opt = cfg.optimizer
+    if args.lr is not None:
+        opt = dataclasses.replace(opt, args={**opt.args, "lr": args.lr})
+    extra = [f"schedule {cfg.schedule}"] if cfg.schedule.name != "constant" else []
+    if cfg.validation is not None:
+        extra.append(f"validation {cfg.validation}")
+    if cfg.early_stop is not None:
+        extra.append(f"{cfg.early_stop}")
+    return (f"training {model.name} on {cfg.data} with {opt}" + "".join(f", {e}" for e in extra) +
+            f" (batch {args.batch or cfg.batch}, {args.epochs or cfg.epochs} epochs, target {args.target})")
+
+
+def _final_line(name: str, rec: dict, seconds: float, history=None) -> str:
     parts = [f"{name}:"]
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         vals = [f"{k[len(split) + 1:]} {rec[k]:.4f}" for k in rec if k.startswith(split + "_")]
         if vals:
             parts.append(f"{split} " + ", ".join(vals))
-    parts.append(f"after {rec.get('epoch', 0)} epochs ({seconds:.1f} s)")
+    epochs = f"after {rec.get('epoch', 0)} epochs ({seconds:.1f} s)"
+    if history is not None and history.best_epoch is not None:
+        epochs += f", weights of epoch {history.best_epoch}"
+    if history is not None and history.stopped:
+        epochs += ", stopped early"
+    parts.append(epochs)
     return " ".join(parts[:1]) + " " + "; ".join(parts[1:])
 
 
 def cmd_eval(args) -> int:
+    import json
+    from dlc.runtime.metrics import format_report
+    if args.output:
+        _output_path(args.output, "-o")
     model = _load_with_overrides(args)
     model.load_weights(args.weights)
     metrics = model.evaluate(batch=args.batch, target=args.target, **_backend_options(args))
+    report = None
+    if model.is_classifier:
+        report = model.classification_report(top_k=args.top_k, batch=args.batch, target=args.target,
+                                             **_backend_options(args))
+        metrics.update({k: v for k, v in report.items() if k.startswith("top_")})
+        metrics.update({f"macro_{k}": report[k] for k in ("precision", "recall", "f1")})
     print(f"{model.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if report is not None:
+        print(format_report(report), end="")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"model": model.name, **metrics, **(report or {})}, indent=1) + "\n")
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -338,7 +412,8 @@ def cmd_predict(args) -> int:
     model = load(args.file, args.model)
     model.load_weights(args.weights)
     x = read_input_array(Path(args.input), args.key)
-    out = model.predict(x, target=args.target, **_backend_options(args))
+    predict = model.predict_proba if args.proba else model.predict
+    out = predict(x, target=args.target, **_backend_options(args))
     classes = out.argmax(axis=-1) if out.ndim == 2 and out.shape[1] > 1 else None
     if args.output:
         arrays = {"output": out} if classes is None else {"output": out, "classes": classes}
@@ -348,6 +423,22 @@ def cmd_predict(args) -> int:
         for i, row in enumerate(out):
             label = f"class {classes[i]}  " if classes is not None else ""
             print(f"{i}: {label}" + " ".join(f"{v:.4f}" for v in np.ravel(row)))
+    return 0
+
+
+def cmd_data(args) -> int:
+    import numpy as np
+    from dlc.data.sources import load_dataset
+    _output_path(args.output, "-o")
+    model = _load_with_overrides(args)
+    cfg = model.train_config
+    data = load_dataset(cfg.data, model.base_dir, cfg.seed, span=cfg.span("data"))
+    x, y = (data.x_train, data.y_train) if args.split == "train" else (data.x_test, data.y_test)
+    if not len(x):
+        raise UsageError(f"the {args.split} split of {cfg.data} is empty")
+    x, y = x[:args.count], y[:args.count]
+    np.savez(args.output, x=x, y=y)
+    print(f"wrote {len(x)} {args.split} samples of {cfg.data} to {args.output} (x {list(x.shape)}, y {list(y.shape)})")
     return 0
 
 
@@ -383,10 +474,30 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
-            "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot}
+            "predict": cmd_predict, "data": cmd_data, "targets": cmd_targets, "cache": cmd_cache,
+            "plot": cmd_plot}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # dlc's warnings read like its errors (location, source line, hint); others as Python shows them
+    if issubclass(category, DlcWarning):
+        print(message, file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = shown
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
