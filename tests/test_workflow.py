@@ -137,6 +137,34 @@ def test_keep_best_ends_with_and_saves_the_best_epochs_weights(tmp_path):
     assert dlc.load(IRIS % "").load_weights(ck)["epoch"] == 1  # the file holds the best epoch too
 
 
+def test_ctrl_c_with_keep_best_leaves_the_best_checkpoint(tmp_path):
+    m = iris("validation = 0.25\n    early_stop = early_stop(patience=10, min_delta=100)\n    keep_best = true")
+    ck = tmp_path / "best.npz"
+
+    def stop(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(trainer.Interrupted, match=f"{ck} holds the best epoch so far \\(1\\)"):
+        m.fit(target="reference", save=ck, on_epoch=stop)
+    assert dlc.load(IRIS % "").load_weights(ck)["epoch"] == 1
+
+
+def test_cli_options_and_their_exit_codes(tmp_path, capsys):
+    src = tmp_path / "m.dln"
+    src.write_text(IRIS % "")
+    code, _, err = run(capsys, "run", src, "--early-stop", "early_stop(patience=0)", "--target", "reference")
+    assert code == 1 and "--early-stop:1:1: error: `patience` must be a positive" in err
+    code, _, err = run(capsys, "run", src, "--validation", "2", "--target", "reference")
+    assert code == 1 and "`validation` must be a share" in err
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(src), "--keep-best=yes"])
+    assert info.value.code == 2
+    code, out, err = run(capsys, "run", src, "--epochs", "3", "--validation", "0.25", "--keep-best", "--early-stop",
+                         "early_stop(monitor=val_accuracy, patience=1, min_delta=100)", "--target", "reference")
+    assert code == 0 and "stopped early: val_accuracy did not improve" in err and "kept the weights of epoch 1" in err
+    assert "weights of epoch 1, stopped early" in out
+
+
 def test_train_block_options_are_checked():
     for extra, message in [("validation = 1.5", "`validation` must be a share"),
                            ("early_stop = early_stop(patience=0)", "`patience` must be a positive"),
@@ -190,6 +218,19 @@ def test_keras_names_mean_the_same_as_ours():
         iris().fit(epoch=3)
     assert "`epochs`" in info.value.hint
     assert h.history["val_loss"] == h["val_loss"]  # History.history, Keras' dict of lists
+
+
+def test_shuffle_keyword(monkeypatch):
+    firsts = []
+    step = trainer.Session.train_step
+    monkeypatch.setattr(trainer.Session, "train_step",
+                        lambda self, x, y, lr: (firsts.append(x[0].copy()), step(self, x, y, lr))[1])
+    m = iris()
+    m.fit(epochs=2, shuffle=False, target="reference")
+    np.testing.assert_array_equal(firsts[0], firsts[8])  # every epoch starts with the same sample
+    firsts.clear()
+    m.fit(epochs=2, target="reference")  # the train block's default: shuffled
+    assert not np.array_equal(firsts[0], firsts[8])
 
 
 def test_verbose_zero_is_quiet_and_one_shows_progress(capsys):

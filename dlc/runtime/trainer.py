@@ -299,7 +299,8 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         return [("eval", b) for b in {min(m, opts.batch), m % opts.batch} if b]
     try:
         sizes = [("train", b) for b in {min(n, opts.batch), 0 if drop_last else n % opts.batch} if b]
-        progress.compiling(lambda: session.warm_up(sizes + (eval_sizes(len(x_val)) if x_val is not None else [])))
+        evals = eval_sizes(len(x_val)) if x_val is not None else []
+        progress.compiling(lambda: session.warm_up(sizes + evals + eval_sizes(len(data.x_test))))
         cbs.call_hook(callbacks, "on_train_begin", {})
         for epoch in range(start_epoch, opts.epochs):
             lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs, session.global_step)
