@@ -48,7 +48,10 @@ def _autodiff(g, ctx):
     from dlc.passes.autodiff import autodiff
     if ctx.config.optimizer.name == "perceptron":  # the rule follows the output's error, not the loss
         from dlc.passes.optimizer import perceptron_error
-        return autodiff(perceptron_error(g, ctx.config.span("optimizer")), "perceptron_error")
+        g = autodiff(perceptron_error(g, ctx.config.span("optimizer")), "perceptron_error")
+        del g.outputs["perceptron_error"]  # only its gradients are used
+        g.remove_unused()
+        return g
     return autodiff(g)
 
 

@@ -111,7 +111,6 @@ def optimizer(graph: Graph, spec: Spec, clip: float | None = None, span=None) ->
     with b.at(span):
         _append_updates(g, b, spec, clip)
     g.outputs.pop("output", None)
-    g.outputs.pop("perceptron_error", None)
     g.remove_unused()
     return g
 

@@ -195,6 +195,9 @@ def _params(g) -> list[str]:
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_autodiff_gradients_match_a_central_difference(example):
     """d loss / d t along a random direction v in parameter space equals sum(grad . v)."""
+    if example == "perceptron":
+        pytest.skip("by design not the loss's derivative: perceptron() differentiates the output's "
+                    "error through the straight-through `step` (tests/test_workflow.py checks its rule)")
     stages, _ = compiled(example, "train")
     s = next(s for s in stages if s.name == "autodiff")
     f = feeds(example, "train", s.batch)
