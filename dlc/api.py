@@ -254,7 +254,8 @@ class Model:
 
     @property
     def params(self) -> dict[str, np.ndarray]:
-        """Trainable parameters by name (numpy arrays, shared with the model)."""
+        """Parameters by name, frozen ones (`trainable=false`) included (numpy arrays, shared
+        with the model)."""
         return {k: v for k, v in self.state.items() if k in self._eval.params
                 and self._eval.params[k].role == "param"}
 
@@ -391,7 +392,7 @@ class Model:
         self._require_one_input(config)
         label_type = self._eval_label_type()
         if x is None:
-            if getattr(self, "_held_out", None) is not None:
+            if self._held_out is not None:
                 x, y = self._held_out
             else:
                 data, _ = prepare(self, config, label_type, self.base_dir, config.seed,
@@ -399,7 +400,7 @@ class Model:
                 x, y = data.x_test, data.y_test
             if not len(x):
                 raise DataError("there is no held-out split to evaluate on (its test share is 0)",
-                                config.span("data") if getattr(self, "_held_out", None) is None else None,
+                                config.span("data") if self._held_out is None else None,
                                 hint="pass the arrays to evaluate: evaluate(x, y)")
             return x, y
         if y is None:
