@@ -16,6 +16,7 @@ from dlc.core.builder import GraphBuilder, Value
 from dlc.core.graph import Graph
 from dlc.core.spec import Spec
 from dlc.core.types import DType, TensorType
+from dlc.passes.mask_batch import VALID, batch_symbol
 
 SCALAR = TensorType(DType.f32, ())
 
@@ -97,6 +98,11 @@ def perceptron_error(graph: Graph, span=None) -> Graph:
                             hint="train it with `loss = mse(output, label)` (the loss is only reported)")
     with b.at(span):
         d = out - b.value(labels[0])
+        valid = [i for i in g.inputs("hyper") if g.node(i).attrs["name"] == VALID]
+        if valid and batch_symbol(g) is not None and out.type.shape[0] == batch_symbol(g):
+            # mask_batch ran before: the rows of a padded batch past `valid_rows` add no error
+            rows = b.lt(b.iota((out.type.shape[0],), 0), b.value(valid[0]))
+            d = b.where(b.broadcast(rows, out.type.shape, (0,)), d, b.lift(0, out.type.dtype))
         g.outputs["perceptron_error"] = (b.sum(d * d) * 0.5).id
     return g
 

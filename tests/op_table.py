@@ -637,8 +637,8 @@ COMPOSITES: list[OpCase] = [
     C("gelu", [(M, 33)], np_gelu_tanh, inputs=[(-3.0, 3.0)]),
     # the perceptron's activations: exact forward values, straight-through (identity) gradients
     C("step", [(M, 33)], lambda x: (x > 0).astype(x.dtype), avoid=(0.0,), grad="identity"),
-    C("step", [(4,)], lambda x: (x > 0).astype(x.dtype), inputs=[lambda rng, s: np.array([-1e8, -0.0, 0.0, 1e8])],
-      grad="identity", id="large-and-zero"),
+    C("step", [(4,)], lambda x: (x > 0).astype(x.dtype),
+      inputs=[lambda rng, s: np.array([-1e8, -0.0, 0.0, 1e8], np.float32)], grad="identity", id="large-and-zero"),
     C("sign", [(M, N)], np.sign, avoid=(0.0,), grad="identity"),
     # math functions
     C("exp", [(M, N)], np.exp),

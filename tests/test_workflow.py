@@ -222,8 +222,8 @@ def test_keras_names_mean_the_same_as_ours():
 
 def test_shuffle_keyword(monkeypatch):
     firsts = []
-    step = trainer.Session.train_step
-    monkeypatch.setattr(trainer.Session, "train_step",
+    step = trainer.Session.submit  # what the fit loop runs each step with
+    monkeypatch.setattr(trainer.Session, "submit",
                         lambda self, x, y, lr: (firsts.append(x[0].copy()), step(self, x, y, lr))[1])
     m = iris()
     m.fit(epochs=2, shuffle=False, target="reference")
@@ -413,10 +413,13 @@ def test_cyclic_schedule_is_triangular_per_step():
         recipe.cyclic(0.1, 0.1, 2)
 
 
-def test_fit_feeds_the_cyclic_rate_to_every_step(monkeypatch):
+@pytest.mark.parametrize("results_late", [False, True])
+def test_fit_feeds_the_cyclic_rate_to_every_step(monkeypatch, results_late):
     fed = []
-    step = trainer.Session.train_step
-    monkeypatch.setattr(trainer.Session, "train_step", lambda self, x, y, lr: (fed.append(lr), step(self, x, y, lr))[1])
+    step = trainer.Session.submit  # what the fit loop runs each step with
+    monkeypatch.setattr(trainer.Session, "submit", lambda self, x, y, lr: (fed.append(lr), step(self, x, y, lr))[1])
+    if results_late:  # as a GPU's: the loop runs up to READ_BEHIND steps ahead of the results it has read
+        monkeypatch.setattr(trainer.Pending, "ready", lambda self: False)
     m = iris("schedule = cyclic(0.001, 0.005, 3)")
     m.fit(epochs=2, target="reference")  # 120 samples, batch 16: 8 steps per epoch
     expected = [learning_rate(m.train_config.schedule, 0, 0, 0, s) for s in range(16)]

@@ -158,9 +158,13 @@ class BestWeights:
     def update(self, epoch: int, record: dict) -> bool:
         if not self.monitor.update(epoch, record):
             return False
+        from dlc import backends
+        backends.sync_state(self.state)  # a GPU step's weights come back to the host arrays first
         self.saved = {n: self.state[n].copy() for n in self.names}
         return True
 
     def restore(self) -> None:
+        from dlc import backends
+        backends.sync_state(self.state)  # then the next step reads the host arrays written here
         for n, v in (self.saved or {}).items():
             self.state[n][...] = v  # in place: compiled steps hold these arrays

@@ -35,14 +35,13 @@ class Progress:
 
     def compiling(self, compile_steps) -> None:
         """`compiling… (2.1 s)` or `compiling… (cached, 0.02 s)` before the first epoch, instead
-        of a bar standing still at 0. compile_steps() compiles and returns where the code came
-        from: "cache", "artifact", "compiled", or None when nothing is compiled."""
+        of a bar standing still at 0. compile_steps() compiles (or waits for the compile started
+        in the background while the data loaded) and returns where the code came from ("cache",
+        "artifact", "compiled", or None when nothing is compiled) and the seconds compiling took."""
         if not self.quiet:
             self.stream.write("compiling… ")
             self.stream.flush()
-        started = time.perf_counter()
-        origin = compile_steps()
-        seconds = time.perf_counter() - started
+        origin, seconds = compile_steps()
         if not self.quiet:
             how = {"cache": "cached, ", "artifact": "from the artifact, "}.get(origin, "")
             self.stream.write(f"({how}{seconds:.{1 if seconds >= 0.1 else 2}f} s)\n")
