@@ -267,14 +267,18 @@ class Model:
                 self.state[a["name"]] = np.zeros(tuple(int(d) for d in t.shape), dtype=t.dtype.np)
 
     # --- running --------------------------------------------------------------------------------
-    def forward(self, *xs: np.ndarray, float_dtype=np.float32) -> np.ndarray:
-        """The model's output for a batch (evaluation mode), on the reference interpreter."""
+    def forward(self, *xs: np.ndarray, float_dtype=np.float32, results: bool = False):
+        """The model's output for a batch (evaluation mode), on the reference interpreter;
+        with `results`, {"output": ..., NAME: ...} with the model's named results too. A
+        model's `state`s hold their initial values."""
         from dlc import backends
         feeds = self._feeds(xs)
         g = self._eval.graph.copy()
-        g.outputs = {"output": g.outputs["output"]}
+        keys = {"output": "output", **{name: f"output:{name}" for name, _ in self._eval.results}}
+        g.outputs = {k: g.outputs[k] for k in (keys.values() if results else ["output"])}
         g.remove_unused(keep_inputs=False)
-        return backends.backend("reference").run_graph(g, feeds, float_dtype=float_dtype)["output"]
+        out = backends.backend("reference").run_graph(g, feeds, float_dtype=float_dtype)
+        return {k: out[v] for k, v in keys.items()} if results else out["output"]
 
     __call__ = forward
 
@@ -284,6 +288,9 @@ class Model:
         feeds = dict(self.state)
         for (name, t), x in zip(self.input_types, xs):
             feeds[name] = check_input(name, t, x)
+        rows = len(feeds[self.input_types[0][0]]) if xs and np.ndim(feeds[self.input_types[0][0]]) else 1
+        for c in self._eval.carries:  # a `state` starts from its initial value
+            feeds[c.input] = np.full((rows,) + tuple(int(d) for d in c.type.shape[1:]), c.value, c.type.dtype.np)
         return feeds
 
     def session(self, config=None, target: str = DEFAULT_TARGET, **options):
@@ -358,8 +365,12 @@ class Model:
             y = shape_labels(label_type, y, classes=classes_of(self, label_type))
         return session.evaluate(x, y, batch or config.batch)
 
-    def predict(self, x, *, batch: int | None = None, target: str = DEFAULT_TARGET, **options) -> np.ndarray:
-        """The model's outputs for every sample of x (inputs normalized as in training)."""
+    def predict(self, x, *, batch: int | None = None, target: str = DEFAULT_TARGET, results: bool = False,
+                **options):
+        """The model's outputs for every sample of x (inputs normalized as in training); with
+        `results`, a dict {"output": ..., NAME: ...} holding the model's named results too
+        (`-> (f32[B, 10], h: f32[B, 64])`). A model that carries `state` reads x as it trains
+        (row i of a batch continuing row i of the one before), from the states' initial values."""
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer
         _check_options(self.predict, options)
@@ -367,8 +378,9 @@ class Model:
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
-            return self.forward(x)
-        return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch)
+            return self.forward(x, results=results)
+        return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch,
+                                                                         results=results)
 
     def save(self, path) -> None:
         """Write parameters, state and normalization to a checkpoint (.npz, no pickle)."""

@@ -338,15 +338,17 @@ def cmd_predict(args) -> int:
     model = load(args.file, args.model)
     model.load_weights(args.weights)
     x = read_input_array(Path(args.input), args.key)
-    out = model.predict(x, target=args.target, **_backend_options(args))
-    classes = out.argmax(axis=-1) if out.ndim == 2 and out.shape[1] > 1 else None
-    if args.output:
-        arrays = {"output": out} if classes is None else {"output": out, "classes": classes}
+    results = model.predict(x, target=args.target, results=True, **_backend_options(args))
+    out = results["output"]
+    classes = out.argmax(axis=-1) if out.ndim in (2, 3) and out.shape[-1] > 1 else None
+    if args.output:  # the output, the model's named results, and predicted classes
+        arrays = results if classes is None else {"classes": classes, **results}
         np.savez(args.output, **arrays)
         print(f"wrote {len(out)} predictions to {args.output}")
     else:
         for i, row in enumerate(out):
-            label = f"class {classes[i]}  " if classes is not None else ""
+            label = "" if classes is None else f"class {classes[i]}  " if out.ndim == 2 else \
+                f"classes {' '.join(str(c) for c in classes[i])}  "
             print(f"{i}: {label}" + " ".join(f"{v:.4f}" for v in np.ravel(row)))
     return 0
 

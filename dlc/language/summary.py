@@ -30,6 +30,8 @@ def format_summary(built: Built, source_name: str) -> str:
     lines.append(f"  parameters: {n_params:,} in {len(params)} tensors ({n_params * 4 / 1024:.1f} KiB)")
     if state:
         lines.append(f"  state: {sum(_count(p.type) for p in state):,} values in {len(state)} tensors")
+    if built.carries:
+        lines.append("  carried from batch to batch: " + ", ".join(f"{c.name} {c.type}" for c in built.carries))
     t = built.train
     if t is not None:
         lines.append(f"  train: data {t.data}, optimizer {t.optimizer}, batch {t.batch}, "

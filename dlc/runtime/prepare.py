@@ -53,11 +53,30 @@ def classes_of(model, label_type) -> int | None:
     return out.shape[-1] if label_type.dtype.value == "i32" and isinstance(out.shape[-1], int) else None
 
 
+def _in_order(spec, base_dir: Path, seed: int, arrays, span) -> Dataset:
+    """For a model that carries state between batches, the samples stay in their order and
+    the test share is the last one: the held-out samples continue the training ones."""
+    share = spec.args.get("test", 0.0)
+    data = load_dataset(replace(spec, args={**spec.args, "test": 0.0}), base_dir, seed, arrays=arrays, span=span)
+    n = len(data.x_train)
+    n_test = int(round(n * share))
+    if n_test >= n:
+        raise DataError(f"test={share} of {n} sample(s) leaves none to train on", span,
+                        hint="use a smaller test fraction or more data")
+    if data.x_test is not None and len(data.x_test) or not n_test:  # a source's own test set (mnist)
+        return data
+    x, y = data.x_train, data.y_train
+    return replace(data, x_train=x[:n - n_test], y_train=y[:n - n_test], x_test=x[n - n_test:], y_test=y[n - n_test:])
+
+
 def prepare(model, config, label_type, base_dir: Path, seed: int, arrays=None,
             normalizer: Normalizer | None = None) -> tuple[Dataset, Normalizer]:
     """Load the data set of the train block (or the given arrays) ready for training."""
     span = config.span("data")
-    data = load_dataset(config.data, base_dir, seed, arrays=arrays, span=span)
+    if model.built().carries:
+        data = _in_order(config.data, base_dir, seed, arrays, span)
+    else:
+        data = load_dataset(config.data, base_dir, seed, arrays=arrays, span=span)
     if normalizer is None:
         mode = config.normalize if config.normalize is not None else data.default_normalize
         flat = np.asarray(data.x_train).reshape(len(data.x_train), -1)

@@ -85,9 +85,39 @@ class Session:
                          preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)},
                          options=options)
             for mode in ("train", "eval"))
-        self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
+        # results other than metrics have a `:` (output:h, a named result; carry:h, a state)
+        self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss") and ":" not in k]
         self._results = ["loss"] + self.metrics
         self.global_step = int(self.state["step"]) if "step" in self.state else 0
+        self.carries = model.built("eval").carries  # the model's `state`s, carried from batch to batch
+        self._carried: dict[str, np.ndarray] = {}    # their values after the last training step
+
+    # --- state carried between batches (a model's `state` declarations) ---------------------------
+    def reset_state(self) -> None:
+        """Training starts again from the states' initial values (every epoch does)."""
+        self._carried.clear()
+
+    def batches(self, n: int, batch: int, rng=None, every: bool = False):
+        """The index arrays of one pass over n samples. A model that carries state reads them
+        as parallel streams, so that row i of a batch continues row i of the one before
+        (see stream_batches); `every`: keep the samples that fill no whole batch."""
+        from dlc.data.sources import batches, stream_batches
+        return stream_batches(n, batch, every) if self.carries else batches(n, batch, rng)
+
+    def _carry_feeds(self, carried: dict, rows: int) -> dict:
+        """Each state's value after the previous batch (its first `rows` rows: batches of a
+        pass only shrink), or its initial value."""
+        feeds = {}
+        for c in self.carries:
+            a = carried.get(c.name)
+            if a is None or len(a) < rows:
+                a = np.full((rows,) + tuple(int(d) for d in c.type.shape[1:]), c.value, c.type.dtype.np)
+            feeds[c.input] = a[:rows]
+        return feeds
+
+    def _keep_carries(self, carried: dict, out: dict) -> None:
+        for c in self.carries:
+            carried[c.name] = out[c.input]
 
     def graph(self, mode: str):
         if mode not in self._graphs:
@@ -100,11 +130,12 @@ class Session:
 
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
-        feeds = {self.input_name: x, "label": y, "lr": lr}
+        feeds = {self.input_name: x, "label": y, "lr": lr, **self._carry_feeds(self._carried, len(x))}
         out = self.train_program.run(feeds)
         loss = float(out["loss"])
         if not math.isfinite(loss):
             raise self._numerics_error(feeds, loss)
+        self._keep_carries(self._carried, out)
         self.global_step += 1
         return {k: float(out[k]) for k in self._results}
 
@@ -148,24 +179,39 @@ class Session:
 
     # --- whole data sets ----------------------------------------------------------------------
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, float]:
-        """Loss and metrics over every sample (the last partial batch included)."""
+        """Loss and metrics over every sample (the last partial batch included); states
+        start from their initial values."""
         totals: dict[str, float] = {}
         n = len(x)
-        for start in range(0, n, batch):
-            xb, yb = x[start:start + batch], y[start:start + batch]
-            out = self.eval_program.run({self.input_name: xb, "label": yb})
+        carried: dict = {}
+        for idx in self.batches(n, batch, every=True):
+            xb, yb = x[idx], y[idx]
+            out = self.eval_program.run({self.input_name: xb, "label": yb, **self._carry_feeds(carried, len(xb))})
+            self._keep_carries(carried, out)
             for k in ["loss"] + self.metrics:
                 totals[k] = totals.get(k, 0.0) + float(out[k]) * len(xb)
         return {k: v / n for k, v in totals.items()} if n else {}
 
-    def predict(self, x: np.ndarray, batch: int) -> np.ndarray:
-        outs = []
-        for start in range(0, len(x), batch):
-            xb = x[start:start + batch]
+    def predict(self, x: np.ndarray, batch: int, results: bool = False):
+        """The output for every sample; with `results`, {"output": ..., NAME: ...} with the
+        model's named results too. States start from their initial values."""
+        keys = ["output"] + [f"output:{name}" for name, _ in self.model.built("eval").results]
+        parts: dict[str, list] = {k: [] for k in keys}
+        order, carried = [], {}
+        for idx in self.batches(len(x), batch, every=True):
+            xb = x[idx]
             label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype()) \
                 if self._label_type() is not None else None
-            outs.append(self.eval_program.run({self.input_name: xb, "label": label})["output"])
-        return np.concatenate(outs) if outs else np.zeros((0,))
+            out = self.eval_program.run({self.input_name: xb, "label": label, **self._carry_feeds(carried, len(xb))})
+            self._keep_carries(carried, out)
+            order.append(idx)
+            for k in keys:
+                parts[k].append(out[k])
+        if not order:
+            return {k.removeprefix("output:"): np.zeros((0,)) for k in keys} if results else np.zeros((0,))
+        where = np.argsort(np.concatenate(order), kind="stable")  # batches may interleave the samples
+        joined = {k.removeprefix("output:"): np.concatenate(v)[where] for k, v in parts.items()}
+        return joined if results else joined["output"]
 
     def _label_type(self):
         """The label input's type, or None when the loss takes no labels."""
@@ -208,7 +254,6 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     """Train for opts.epochs, evaluating on data.x_test after each epoch."""
     from dlc.runtime.progress import Progress
     from dlc.runtime.metrics_log import MetricsLog
-    from dlc.data.sources import batches
     cfg = session.config
     x, y = data.x_train, data.y_train
     n = len(x)
@@ -225,6 +270,8 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
                             batchnorm, hint="train with `batch` of 2 or more")
     drop_last = batchnorm is not None and n % opts.batch == 1
     steps_per_epoch = n // opts.batch if drop_last else -(-n // opts.batch)
+    if session.carries:  # full batches that continue each other row by row (stream_batches)
+        steps_per_epoch = n // min(n, opts.batch)
     start_epoch, skip = 0, 0
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
@@ -250,7 +297,8 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             sums: dict[str, float] = {}
             seen = 0
             rng = np.random.default_rng([opts.seed, epoch]) if opts.shuffle else None
-            for i, idx in enumerate(batches(n, opts.batch, rng)):
+            session.reset_state()  # a model's `state`s start each epoch from their initial values
+            for i, idx in enumerate(session.batches(n, opts.batch, rng)):
                 if (epoch == start_epoch and i < skip) or i == steps_per_epoch:  # i == ...: the dropped batch
                     continue
                 out = session.train_step(x[idx], y[idx], lr)
