@@ -81,7 +81,9 @@ def _convert(fname: str, pname: str, v, hint, span: Span):
         if ok:
             return out
     names = " or ".join(_type_name(t) for t in options if t is not type(None))
-    raise ArgumentError(f"`{fname}`: argument `{pname}` must be {names}, got {describe(v)}", span)
+    hint = "take it apart first: `out, h = gru(x, n, return_state=true)`, `out, (h, c) = lstm(...)`" \
+        if isinstance(v, tuple) else None
+    raise ArgumentError(f"`{fname}`: argument `{pname}` must be {names}, got {describe(v)}", span, hint=hint)
 
 
 def _accepts(want, v):
