@@ -37,7 +37,13 @@ def test_lenet_reaches_97_percent():
     assert history.epochs[-1]["test_accuracy"] >= 0.97, history.epochs[-1]
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.dln")), ids=lambda p: p.stem)
+# sequence models over their whole data take minutes on the reference interpreter: shortened,
+# they learn on both targets in tests/test_sequences.py
+LONG = ("sentiment_lstm", "char_lm")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in LONG else [])
+                                  for p in sorted(EXAMPLES.glob("*.dln"))])
 def test_every_example_learns(path):
     """Two epochs on the reference backend: the training loss falls."""
     m = dlc.load(path)

@@ -139,8 +139,13 @@ def dense(ctx: LayerContext, x: Tensor, units: int, bias: bool = True, init: Ini
     _float(x, "dense", f32=True)
     n_in = _features(x, "dense")
     w = ctx.param("w", (n_in, units), init, n_in, units)
-    y = _matmul_last(ctx.b, x, w)
-    return y + ctx.param("b", (units,), ZEROS) if bias else y
+    if x.rank <= 2:
+        y = _matmul_last(ctx.b, x, w)
+        return y + ctx.param("b", (units,), ZEROS) if bias else y
+    # [B, T, in]: rows [B*T, in] @ w + b, then [B, T, units] (the bias's gradient sums rows)
+    lead = tuple(x.shape[:-1])
+    y = ctx.b.matmul(ctx.b.reshape(x, (numel(lead), n_in)), w)
+    return ctx.b.reshape(y + ctx.param("b", (units,), ZEROS) if bias else y, lead + (units,))
 
 
 @builtin("layer")
@@ -778,20 +783,27 @@ def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor, mask: Optio
         raise arg_error(f"`cross_entropy` needs floating-point logits, got {logits.type}", "logits")
     if logits.rank < 2:
         raise ArgumentError(f"`cross_entropy` needs logits [B, classes] (or [B, T, classes]), got {logits.type}")
-    logp = _log_softmax(b, logits, -1)
     positions = tuple(logits.shape[:-1])
+    if labels.dtype == DType.i32 and tuple(labels.shape) != positions:
+        want = "i32[" + ",".join(str(d) for d in positions) + "]"
+        raise arg_error(f"`cross_entropy`: labels {labels.type} do not match logits {logits.type}; "
+                        f"integer labels need the logits' shape without the class axis, {want}", "labels")
+    if labels.dtype != DType.i32:
+        _same_shape("cross_entropy", logits, labels)
+    keep = _loss_mask(ctx, "cross_entropy", logits, mask, positions)
+    if logits.rank > 2:  # every position a row: [B, T, K] is computed as [B*T, K]
+        rows = numel(positions)
+        if keep is not None:
+            keep = b.reshape(b.broadcast(keep, positions, tuple(range(keep.rank))), (rows,))
+        logits = b.reshape(logits, (rows, logits.shape[-1]))
+        labels = b.reshape(labels, (rows,) + ((logits.shape[-1],) if labels.dtype != DType.i32 else ()))
+    logp = _log_softmax(b, logits, -1)
     if labels.dtype == DType.i32:
-        if tuple(labels.shape) != positions:
-            want = "i32[" + ",".join(str(d) for d in positions) + "]"
-            raise arg_error(f"`cross_entropy`: labels {labels.type} do not match logits {logits.type}; "
-                            f"integer labels need the logits' shape without the class axis, {want}", "labels")
-        onehot = b.eq(b.broadcast(labels, logits.shape, tuple(range(labels.rank))),
-                      b.iota(logits.shape, logits.rank - 1))
+        onehot = b.eq(b.broadcast(labels, logits.shape, (0,)), b.iota(logits.shape, 1))
         picked = b.where(onehot, logp, 0.0)
     else:
-        _same_shape("cross_entropy", logits, labels)
         picked = logp * labels
-    return -_masked_mean(b, b.sum(picked, logits.rank - 1), _loss_mask(ctx, "cross_entropy", logits, mask, positions))
+    return -_masked_mean(b, b.sum(picked, 1), keep)
 
 
 @builtin("loss")
