@@ -161,6 +161,17 @@ def test_save_and_load_round_trip(tmp_path):
     np.testing.assert_array_equal(m.predict(x), n.predict(x))
 
 
+def test_weights_of_a_model_without_dropout_load_for_evaluation(tmp_path):
+    """The step counter is created by the optimizer pass when no dropout needs it: loaded
+    from a checkpoint it stays a scalar (it became [1], and evaluation failed)."""
+    m = dlc.load(EXAMPLES / "logreg.dln")
+    m.fit(epochs=1, target="reference", save=tmp_path / "w.npz")
+    n = dlc.load(EXAMPLES / "logreg.dln")
+    n.load_weights(tmp_path / "w.npz")
+    assert n.state["step"].shape == ()
+    assert n.evaluate(target="reference") == pytest.approx(m.evaluate(target="reference"))
+
+
 def test_dropout_is_identity_in_evaluation():
     m = dlc.load(EXAMPLES / "digits_mlp.dln")
     assert not any(m.built("eval").graph.node(n).op is ops.RANDOM for n in m.built("eval").graph.ids())

@@ -377,8 +377,8 @@ def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Norm
     for k, v in arrays.items():
         if k in state:
             state[k][...] = v
-        else:  # optimizer state: otherwise created by the first step
-            state[k] = np.ascontiguousarray(v)
+        else:  # optimizer state: otherwise created by the first step (a scalar stays one:
+            state[k] = np.array(v, order="C")  # ascontiguousarray would make the step counter [1])
     return meta, norm
 
 
