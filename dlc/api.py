@@ -259,14 +259,18 @@ class Model:
                 self.state[a["name"]] = np.zeros(tuple(int(d) for d in t.shape), dtype=t.dtype.np)
 
     # --- running --------------------------------------------------------------------------------
-    def forward(self, *xs: np.ndarray, float_dtype=np.float32) -> np.ndarray:
-        """The model's output for a batch (evaluation mode), on the reference interpreter."""
+    def forward(self, *xs: np.ndarray, float_dtype=np.float32, results: bool = False):
+        """The model's output for a batch (evaluation mode), on the reference interpreter;
+        with `results`, {"output": ..., NAME: ...} with the model's named results too. A
+        model's `state`s hold their initial values."""
         from dlc import backends
         feeds = self._feeds(xs)
         g = self._eval.graph.copy()
-        g.outputs = {"output": g.outputs["output"]}
+        keys = {"output": "output", **{name: f"output:{name}" for name, _ in self._eval.results}}
+        g.outputs = {k: g.outputs[k] for k in (keys.values() if results else ["output"])}
         g.remove_unused(keep_inputs=False)
-        return backends.backend("reference").run_graph(g, feeds, float_dtype=float_dtype)["output"]
+        out = backends.backend("reference").run_graph(g, feeds, float_dtype=float_dtype)
+        return {k: out[v] for k, v in keys.items()} if results else out["output"]
 
     __call__ = forward
 
@@ -276,6 +280,9 @@ class Model:
         feeds = dict(self.state)
         for (name, t), x in zip(self.input_types, xs):
             feeds[name] = check_input(name, t, x)
+        rows = len(feeds[self.input_types[0][0]]) if xs and np.ndim(feeds[self.input_types[0][0]]) else 1
+        for c in self._eval.carries:  # a `state` starts from its initial value
+            feeds[c.input] = np.full((rows,) + tuple(int(d) for d in c.type.shape[1:]), c.value, c.type.dtype.np)
         return feeds
 
     def session(self, config=None, target: str = DEFAULT_TARGET, **options):
@@ -331,6 +338,10 @@ class Model:
             config = dataclasses.replace(config, data=Spec("data", "arrays", {"test": share}))
         validation = _validation_value(validation)
         stopper = _early_stop_value(early_stop, config)
+        if shuffle and self._eval.carries:
+            raise ArgumentError("a model with `state` reads its batches in order; shuffling would carry the "
+                                "state into unrelated samples", hint="drop shuffle=True (such a model does not "
+                                "shuffle by default)")
         session = self.session(config, target, **options)
         meta, normalizer = None, self.normalizer
         if resume is not None:
@@ -411,9 +422,12 @@ class Model:
         return g.node(ids[0]).attrs["type"] if ids else None
 
     def predict(self, x, *, batch: int | None = None, target: str = DEFAULT_TARGET,
-                batch_size: int | None = None, **options) -> np.ndarray:
+                batch_size: int | None = None, results: bool = False, **options):
         """The model's raw outputs for every sample of x (inputs normalized as in training): for
-        a `cross_entropy` model these are logits (see predict_proba for probabilities)."""
+        a `cross_entropy` model these are logits (see predict_proba for probabilities). With
+        `results`, a dict {"output": ..., NAME: ...} holding the model's named results too
+        (`-> (f32[B, 10], h: f32[B, 64])`). A model that carries `state` reads x as it trains
+        (row i of a batch continuing row i of the one before), from the states' initial values."""
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer
         _keras_verbose(options, True)
@@ -423,21 +437,25 @@ class Model:
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
-            return self.forward(x)
-        return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch)
+            return self.forward(x, results=results)
+        return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch,
+                                                                         results=results)
 
-    def predict_proba(self, x, **kwargs) -> np.ndarray:
+    def predict_proba(self, x, *, results: bool = False, **kwargs):
         """Class probabilities: softmax of the outputs for a `cross_entropy` model, sigmoid for
         `bce(..., from_logits=true)`, the outputs themselves when they are probabilities already
-        (`bce`, or a model ending in `softmax`). Keywords as for predict."""
+        (`bce`, or a model ending in `softmax`). Keywords as for predict; with `results`, the
+        dict predict gives, its "output" the probabilities."""
         kind, from_logits = self._classifier("predict_proba()")
-        out = self.predict(x, **kwargs).astype(np.float64)
+        got = self.predict(x, results=True, **kwargs)
+        out = got["output"].astype(np.float64)
         if kind == "cross_entropy" and not self._ends_in_softmax():
             e = np.exp(out - out.max(axis=-1, keepdims=True))
             out = e / e.sum(axis=-1, keepdims=True)
         elif kind == "bce" and from_logits:
             out = 1.0 / (1.0 + np.exp(-out))
-        return out.astype(np.float32)
+        got["output"] = out.astype(np.float32)
+        return got if results else got["output"]
 
     def classification_report(self, x=None, y=None, *, top_k: int = 5, batch: int | None = None,
                               target: str = DEFAULT_TARGET, **options) -> dict:
@@ -447,6 +465,10 @@ class Model:
         kind, from_logits = self._classifier("classification_report()")
         _check_options(self.classification_report, options)
         config = self._require_config()
+        if self.masks_positions:
+            raise ArgumentError("classification_report() scores every position of the output, but this model's "
+                                "loss keeps only the unmasked steps", config.span("loss"),
+                                hint="evaluate() gives the loss and the accuracy over the kept steps")
         x, y = self._labelled(x, y, config)
         out = self.session(config, target, **options).predict(x, batch or config.batch)
         return classification_report(out, y, kind, from_logits, top_k)
@@ -458,6 +480,12 @@ class Model:
             raise ArgumentError(f"{what} needs a classifier: a model trained with `cross_entropy` or `bce`",
                                 self._require_config().span("loss"), hint="predict() gives the model's outputs")
         return found
+
+    @property
+    def masks_positions(self) -> bool:
+        """The loss counts only some positions of the output (a mask: `mask=`, or a masked
+        sequence): classification_report(), which scores every position, does not apply."""
+        return bool(self.built("eval").graph.meta.get("loss_masks_positions"))
 
     @property
     def is_classifier(self) -> bool:

@@ -453,7 +453,7 @@ def cmd_eval(args) -> int:
     model.load_weights(args.weights)
     metrics = model.evaluate(batch=args.batch, target=args.target, **_backend_options(args))
     report = None
-    if model.is_classifier:
+    if model.is_classifier and not model.masks_positions:
         report = model.classification_report(top_k=args.top_k, batch=args.batch, target=args.target,
                                              **_backend_options(args))
         metrics.update({k: v for k, v in report.items() if k.startswith("top_")})
@@ -477,15 +477,17 @@ def cmd_predict(args) -> int:
     model.load_weights(args.weights)
     x = read_input_array(Path(args.input), args.key)
     predict = model.predict_proba if args.proba else model.predict
-    out = predict(x, target=args.target, **_backend_options(args))
-    classes = out.argmax(axis=-1) if out.ndim == 2 and out.shape[1] > 1 else None
-    if args.output:
-        arrays = {"output": out} if classes is None else {"output": out, "classes": classes}
+    results = predict(x, target=args.target, results=True, **_backend_options(args))
+    out = results["output"]
+    classes = out.argmax(axis=-1) if out.ndim in (2, 3) and out.shape[-1] > 1 else None
+    if args.output:  # the output, the model's named results, and predicted classes
+        arrays = results if classes is None else {"classes": classes, **results}
         np.savez(args.output, **arrays)
         print(f"wrote {len(out)} predictions to {args.output}")
     else:
         for i, row in enumerate(out):
-            label = f"class {classes[i]}  " if classes is not None else ""
+            label = "" if classes is None else f"class {classes[i]}  " if out.ndim == 2 else \
+                f"classes {' '.join(str(c) for c in classes[i])}  "
             print(f"{i}: {label}" + " ".join(f"{v:.4f}" for v in np.ravel(row)))
     return 0
 

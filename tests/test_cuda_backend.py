@@ -29,6 +29,7 @@ from dlc.program import make_program
 
 from cuda_host.step import HostStep
 from op_table import ALL
+import example_models
 from test_backend_cpu import _example_feeds, merge
 from test_ops import Built, _grad_graph, in_precision
 
@@ -93,7 +94,7 @@ def _example_params():
 @pytest.mark.parametrize("path, batches", _example_params())
 def test_every_example_kernel_compiles_without_spills(nvrtc, path, batches):
     """Training and evaluation steps at two batch sizes (odd and even), all in one module."""
-    m = dlc.load(path)
+    m = example_models.load(path)
     sources, layouts = [], []
     for mode in ("train", "eval"):
         graph = m.compile_graph(mode, m.train_config)
@@ -108,7 +109,7 @@ def test_every_example_kernel_compiles_without_spills(nvrtc, path, batches):
 # --- (b) the same source, emulated, against the reference ----------------------------------------------
 
 def _emulate_training(path: Path, batch: int, steps: int = 2):
-    m = dlc.load(path)
+    m = example_models.load(path)
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
     ref_state = {k: v.copy() for k, v in m.state.items()}

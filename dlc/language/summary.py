@@ -36,6 +36,8 @@ def format_summary(built: Built, source_name: str) -> str:
     what = [w for w, has in (("frozen layers", frozen), ("layer state such as batchnorm statistics",
                                                           any(p.role == "state" for p in specs))) if has]
     lines.append(f"  non-trainable params: {total - trainable:,}" + (f" ({', '.join(what)})" if what else ""))
+    if built.carries:
+        lines.append("  carried from batch to batch: " + ", ".join(f"{c.name} {c.type}" for c in built.carries))
     t = built.train
     if t is not None:
         lines.append(f"  train: data {t.data}, optimizer {t.optimizer}, batch {t.batch}, "

@@ -52,6 +52,9 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
         raise TypeError_(f"the loss must be a scalar, got {describe(loss)}", loss_ast.span,
                          hint="losses like cross_entropy(...) and mean(...) give scalars")
     fe.graph.outputs["loss"] = loss.id
+    if fe.loss_masks or fe.masks.get(output.id) is not None:
+        # the loss keeps only some positions: per-class scores of every position would disagree
+        fe.graph.meta["loss_masks_positions"] = True
     loss_fn = next((c.func.text for c in ast.calls(loss_ast) if c.func.text in ("cross_entropy", "bce")), None)
     metrics = values.get("metrics")
     if metrics is None:
@@ -65,30 +68,39 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
             logits = any(c.func.text == "bce" and any(k.name == "from_logits" and isinstance(k.value, ast.Name)
                                                       and k.value.text == "true" for k in c.kwargs)
                          for c in ast.calls(loss_ast))
+            # per position (token) when the output is a sequence; over the steps the loss kept
+            mask = fe.loss_masks[0] if fe.loss_masks else fe.masks.get(output.id)
             with fe.b.at(opts["loss"].span):
-                fe.graph.outputs["accuracy"] = nn.accuracy(fe.b, output, label, loss_fn, logits).id
+                fe.graph.outputs["accuracy"] = nn.accuracy(fe.b, output, label, loss_fn, logits, mask).id
     spans = {name: o.span for name, o in opts.items()}
+    shuffle = values.get("shuffle", not fe.carries)
+    if fe.carries and shuffle:
+        raise ArgumentError("a model with `state` reads its batches in order; shuffling would carry the "
+                            "state into unrelated samples", opts["shuffle"].value.span,
+                            notes=[f"`{name}` is declared at {spec.span}" for name, (spec, _) in fe.carries.items()][:1],
+                            hint="drop `shuffle` (such a model does not shuffle by default)")
     return TrainConfig(model=train.model, data=values["data"], loss=loss_ast,
                        optimizer=values.get("optimizer") or RECIPE["sgd"].fn(),
                        batch=values.get("batch", 32), epochs=values.get("epochs", 10),
                        seed=values.get("seed", 0), metrics=tuple(metrics),
                        schedule=values.get("schedule") or RECIPE["constant"].fn(),
                        clip=values.get("clip"), checkpoint=values.get("checkpoint"),
-                       normalize=values.get("normalize"), shuffle=values.get("shuffle", True),
+                       normalize=values.get("normalize"), shuffle=shuffle,
                        validation=values.get("validation"), early_stop=values.get("early_stop"),
                        keep_best=values.get("keep_best", False), spans=spans)
 
 
 def _label_input(fe: Frontend, loss_ast, output: Value) -> Value | None:
-    """Labels are integers for cross_entropy(..., label), else shaped like the output;
-    a loss that never names `label` (an autoencoder's) has no label input."""
+    """Labels are integers for cross_entropy(..., label), one per position of the output
+    without its class axis ([B] for [B, K], [B, T] for [B, T, K]), else shaped like the
+    output; a loss that never names `label` (an autoencoder's) has no label input."""
     if not any(isinstance(n, ast.Name) and n.text == "label" for n in ast.names(loss_ast)):
         return None
     t = output.type
     for c in ast.calls(loss_ast):
         if c.func.text == "cross_entropy" and len(c.args) > 1 and isinstance(c.args[1], ast.Name) \
                 and c.args[1].text == "label":
-            t = TensorType(DType.i32, output.shape[:1])
+            t = TensorType(DType.i32, output.shape[:-1] if output.rank >= 2 else output.shape[:1])
     with fe.b.at(None):
         return fe.b.input("label", t, "label")
 

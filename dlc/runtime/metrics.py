@@ -58,8 +58,12 @@ def classification_report(outputs: np.ndarray, labels: np.ndarray, kind: str, fr
         raise ArgumentError("classification metrics need a classification loss (`cross_entropy` or `bce`)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ArgumentError(f"top_k must be a positive integer, got {top_k!r}")
-    truth = true_classes(np.asarray(labels), kind)
-    predicted = predicted_classes(np.asarray(outputs), kind, from_logits)
+    outputs, labels = np.asarray(outputs), np.asarray(labels)
+    if kind == "cross_entropy" and outputs.ndim > 2:  # per step ([B, T, K]): every position is a sample
+        labels = labels.reshape(-1, outputs.shape[-1]) if labels.ndim == outputs.ndim else labels.reshape(-1)
+        outputs = outputs.reshape(-1, outputs.shape[-1])
+    truth = true_classes(labels, kind)
+    predicted = predicted_classes(outputs, kind, from_logits)
     classes = outputs.shape[-1] if kind == "cross_entropy" else 2
     confusion = confusion_matrix(truth, predicted, classes)
     rows = per_class(confusion)

@@ -65,15 +65,35 @@ def classes_of(model, label_type) -> int | None:
     return out.shape[-1] if label_type.dtype.value == "i32" and isinstance(out.shape[-1], int) else None
 
 
+def _in_order(spec, base_dir: Path, seed: int, arrays, span) -> Dataset:
+    """For a model that carries state between batches, the samples stay in their order and
+    the test share is the last one: the held-out samples continue the training ones."""
+    share = spec.args.get("test", 0.0)
+    data = load_dataset(replace(spec, args={**spec.args, "test": 0.0}), base_dir, seed, arrays=arrays, span=span)
+    n = len(data.x_train)
+    n_test = int(round(n * share))
+    if n_test >= n:
+        raise DataError(f"test={share} of {n} sample(s) leaves none to train on", span,
+                        hint="use a smaller test fraction or more data")
+    if data.x_test is not None and len(data.x_test) or not n_test:  # a source's own test set (mnist)
+        return data
+    x, y = data.x_train, data.y_train
+    return replace(data, x_train=x[:n - n_test], y_train=y[:n - n_test], x_test=x[n - n_test:], y_test=y[n - n_test:])
+
+
 def prepare(model, config, label_type, base_dir: Path, seed: int, arrays=None,
             normalizer: Normalizer | None = None, validation=None) -> tuple[Dataset, Normalizer]:
     """Load the data set of the train block (or the given arrays) ready for training.
     `validation` (default: the train block's) is a share of the training split, a data
     source Spec, or (x, y) arrays; the normalization is fitted on what is left to train on."""
     span = config.span("data")
-    data = load_dataset(config.data, base_dir, seed, arrays=arrays, span=span)
+    in_order = bool(model.built().carries)
+    if in_order:
+        data = _in_order(config.data, base_dir, seed, arrays, span)
+    else:
+        data = load_dataset(config.data, base_dir, seed, arrays=arrays, span=span)
     data = split_validation(data, config.validation if validation is None else validation, base_dir, seed,
-                            config.span("validation") or span)
+                            config.span("validation") or span, in_order=in_order)
     if normalizer is None:
         mode = config.normalize if config.normalize is not None else data.default_normalize
         flat = np.asarray(data.x_train).reshape(len(data.x_train), -1)
@@ -98,9 +118,12 @@ def prepare(model, config, label_type, base_dir: Path, seed: int, arrays=None,
     return data, normalizer
 
 
-def split_validation(data: Dataset, validation, base_dir: Path, seed: int, span=None) -> Dataset:
+def split_validation(data: Dataset, validation, base_dir: Path, seed: int, span=None,
+                     in_order: bool = False) -> Dataset:
     """Hold out the validation split: a share of the training split (a seeded draw, separate
-    from the test split's), every sample of another data source, or arrays from Python."""
+    from the test split's), every sample of another data source, or arrays from Python.
+    `in_order` (a model that carries state between batches): the share is the training
+    split's last samples, so that each split stays a run of consecutive samples."""
     if validation is None:
         return data
     if isinstance(validation, tuple):
@@ -118,7 +141,10 @@ def split_validation(data: Dataset, validation, base_dir: Path, seed: int, span=
         raise DataError(f"validation={validation:g} of {n} training sample(s) leaves "
                         f"{'no validation samples' if n_val == 0 else 'none to train on'}", span,
                         hint="use another share, or more data")
-    order = np.random.default_rng([seed, 1]).permutation(n)  # [seed, 1]: not the test split's draw
-    val, train = order[:n_val], order[n_val:]
+    if in_order:
+        val, train = np.arange(n - n_val, n), np.arange(n - n_val)
+    else:
+        order = np.random.default_rng([seed, 1]).permutation(n)  # [seed, 1]: not the test split's draw
+        val, train = order[:n_val], order[n_val:]
     return replace(data, x_train=data.x_train[train], y_train=data.y_train[train],
                    x_val=data.x_train[val], y_val=data.y_train[val])

@@ -98,10 +98,48 @@ class Session:
             data_name=self.input_name, preloaded={b: s for (t, b), s in model.preloaded.items() if t == target},
             options=options)
         self.train_program, self.eval_program = self.program.entry("train"), self.program.entry("eval")
-        self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
+        # results other than metrics have a `:` (output:h, a named result; carry:h, a state)
+        self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss") and ":" not in k]
         self._results = ["loss"] + self.metrics
         self.global_step = int(self.state["step"]) if "step" in self.state else 0
         self._background: Background | None = None  # the compile fit() started while the data loads
+        self.carries = model.built("eval").carries  # the model's `state`s, carried from batch to batch
+        self._carried: dict[str, np.ndarray] = {}    # their values after the last training step
+
+    # --- state carried between batches (a model's `state` declarations) ---------------------------
+    def reset_state(self) -> None:
+        """Training starts again from the states' initial values (every epoch does)."""
+        self._carried.clear()
+
+    def batches(self, n: int, batch: int, rng=None, every: bool = False):
+        """The index arrays of one pass over n samples. A model that carries state reads them
+        as parallel streams, so that row i of a batch continues row i of the one before
+        (see stream_batches); `every`: keep the samples that fill no whole batch."""
+        from dlc.data.sources import batches, stream_batches
+        return stream_batches(n, batch, every) if self.carries else batches(n, batch, rng)
+
+    def _passes(self, n: int, batch: int):
+        """What evaluation and prediction read: every sample, in batches of `batch` rows
+        (stream batches for a model that carries state, else slices in order)."""
+        if self.carries:
+            return self.batches(n, batch, every=True)
+        return (slice(start, start + batch) for start in range(0, n, batch))
+
+    def _carry_feeds(self, carried: dict, rows: int) -> dict:
+        """Each state's value after the previous batch (its first `rows` rows: batches of a
+        pass only shrink), or its initial value."""
+        feeds = {}
+        for c in self.carries:
+            a = carried.get(c.name)
+            a = None if a is None else np.asarray(a)  # (a GPU step's result is read here)
+            if a is None or len(a) < rows:
+                a = np.full((rows,) + tuple(int(d) for d in c.type.shape[1:]), c.value, c.type.dtype.np)
+            feeds[c.input] = a[:rows]
+        return feeds
+
+    def _keep_carries(self, carried: dict, out: dict) -> None:
+        for c in self.carries:
+            carried[c.name] = out[c.input]
 
     def graph(self, mode: str):
         if mode not in self._graphs:
@@ -154,9 +192,13 @@ class Session:
 
     def submit(self, x: np.ndarray, y: np.ndarray, lr: float) -> "Pending":
         """Run one training step without reading its results (a GPU step's results may
-        still be on their way: `collect` reads them, later steps need not wait)."""
-        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x))}
-        return Pending(feeds, self.train_program.run(feeds))
+        still be on their way: `collect` reads them, later steps need not wait). A model's
+        `state`s continue from the step submitted before."""
+        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x)),
+                 **self._carry_feeds(self._carried, len(x))}
+        out = self.train_program.run(feeds)
+        self._keep_carries(self._carried, out)
+        return Pending(feeds, out)
 
     def collect(self, step: "Pending") -> dict[str, float]:
         """A submitted step's loss and metrics; NumericsError when its loss is not finite.
@@ -228,7 +270,8 @@ class Session:
         return self.program.batch or self.use_batch(min(batch, rows))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, float]:
-        """Loss and metrics over every sample (the last partial batch included)."""
+        """Loss and metrics over every sample (the last partial batch included); states
+        start from their initial values."""
         totals: dict[str, float] = {}
         n = len(x)
 
@@ -236,10 +279,11 @@ class Session:
             for k in ["loss"] + self.metrics:
                 totals[k] = totals.get(k, 0.0) + float(out[k]) * size
         last = None  # the previous batch's results: read while the next batch runs
-        batch = self._chunk(batch, n)
-        for start in range(0, n, batch):
-            xb, yb = x[start:start + batch], y[start:start + batch]
-            out = self.eval_program.run({self.input_name: xb, "label": yb})
+        carried: dict = {}
+        for idx in self._passes(n, self._chunk(batch, n)):
+            xb, yb = x[idx], y[idx]
+            out = self.eval_program.run({self.input_name: xb, "label": yb, **self._carry_feeds(carried, len(xb))})
+            self._keep_carries(carried, out)
             if last:
                 add(*last)
             last = (len(xb), out)
@@ -247,15 +291,28 @@ class Session:
             add(*last)
         return {k: v / n for k, v in totals.items()} if n else {}
 
-    def predict(self, x: np.ndarray, batch: int) -> np.ndarray:
-        outs = []
-        batch = self._chunk(batch, len(x))
-        for start in range(0, len(x), batch):
-            xb = x[start:start + batch]
+    def predict(self, x: np.ndarray, batch: int, results: bool = False):
+        """The output for every sample; with `results`, {"output": ..., NAME: ...} with the
+        model's named results too. States start from their initial values."""
+        keys = ["output"] + [f"output:{name}" for name, _ in self.model.built("eval").results]
+        parts: dict[str, list] = {k: [] for k in keys}
+        order, carried = [], {}
+        for idx in self._passes(len(x), self._chunk(batch, len(x))):
+            xb = x[idx]
             label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype()) \
                 if self._label_type() is not None else None
-            outs.append(self.eval_program.run({self.input_name: xb, "label": label})["output"])
-        return np.concatenate([np.asarray(o) for o in outs]) if outs else np.zeros((0,))
+            out = self.eval_program.run({self.input_name: xb, "label": label, **self._carry_feeds(carried, len(xb))})
+            self._keep_carries(carried, out)
+            order.append(idx)
+            for k in keys:
+                parts[k].append(out[k])
+        if not order:
+            return {k.removeprefix("output:"): np.zeros((0,)) for k in keys} if results else np.zeros((0,))
+        joined = {k.removeprefix("output:"): np.concatenate([np.asarray(o) for o in v]) for k, v in parts.items()}
+        if self.carries:  # stream batches interleave the samples
+            where = np.argsort(np.concatenate(order), kind="stable")
+            joined = {k: v[where] for k, v in joined.items()}
+        return joined if results else joined["output"]
 
     def _label_type(self):
         """The label input's type, or None when the loss takes no labels."""
@@ -347,7 +404,6 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     from dlc.runtime import callbacks as cbs
     from dlc.runtime.loggers import close_all, open_loggers
     from dlc.runtime.progress import Progress, metrics_text
-    from dlc.data.sources import batches
     cfg = session.config
     x, y = data.x_train, data.y_train
     n = len(x)
@@ -382,6 +438,8 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
                                session.state, [k for k, spec in session.model.built("eval").params.items()
                                                if spec.type.dtype.is_float])  # not the step counter
     callbacks = watched + list(opts.callbacks)
+    if session.carries:  # full batches that continue each other row by row (stream_batches)
+        steps_per_epoch = n // min(n, opts.batch)
     start_epoch, skip = 0, 0
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
@@ -403,8 +461,13 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     try:
         # the last, partial batches of each split: padded to the compiled size (compiled at their
         # own only where the steps cannot pad them)
-        rows = [0 if drop_last else n % session.program.batch] + \
-            [len(s) % session.program.batch for s in (x_val, data.x_test) if s is not None]
+        # (stream batches: min(rows, batch) streams; evaluation reads the shorter last batch too)
+        b = session.program.batch
+        rows = [min(n, b)] if session.carries else [0 if drop_last else n % b]
+        for split in (x_val, data.x_test):
+            if split is not None and len(split):
+                streams = min(len(split), b)
+                rows += [streams, len(split) % streams] if session.carries else [len(split) % b]
         progress.compiling(lambda: session.warm_up(rows))
         cbs.call_hook(callbacks, "on_train_begin", {})
         for epoch in range(start_epoch, opts.epochs):
@@ -415,7 +478,8 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             seen = 0
             rng = np.random.default_rng([opts.seed, epoch]) if opts.shuffle else None
             ran: list[tuple[int, Pending]] = []  # steps whose results are not read yet
-            for i, idx in enumerate(batches(n, opts.batch, rng)):
+            session.reset_state()  # a model's `state`s start each epoch from their initial values
+            for i, idx in enumerate(session.batches(n, opts.batch, rng)):
                 if (epoch == start_epoch and i < skip) or i == steps_per_epoch:  # i == ...: the dropped batch
                     continue
                 if per_step:  # the steps submitted so far, read or not, count
