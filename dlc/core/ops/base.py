@@ -17,6 +17,7 @@ class Kind(enum.Enum):
     CONV = "conv"
     POOL = "pool"
     GATHER = "gather"            # take / scatter_add
+    COLLECTIVE = "collective"    # allreduce: a value summed over the processes of a job
 
 
 @dataclass(frozen=True, eq=False)

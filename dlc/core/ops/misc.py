@@ -64,8 +64,11 @@ SIZE = register(OpDef("size", Kind.SOURCE, _size_infer,
                       lambda b, g, y, x, axes: (None,), 1, attrs=("axes",)))
 
 
-# random(seed, step, shape, stream): uniform [0, 1) from a counter-based hash of
+# random(seed, step[, first], shape, stream): uniform [0, 1) from a counter-based hash of
 # (seed, stream, step, element index): reproducible, and the same in every backend.
+# `first` (an i32 scalar, optional) is the global index of the tensor's first row (axis 0):
+# element i is then number first * (elements per row) + i. A data-parallel rank that holds
+# samples first.. of the global batch so draws exactly what one process would for them.
 _M1, _M2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
 
 
@@ -90,26 +93,35 @@ def random_key(seed, step, stream: int) -> np.uint32:
         return fmix32(s ^ fmix32(np.uint32(stream) ^ fmix32(t)))
 
 
-def uniform_bits(key: np.uint32, n: int) -> np.ndarray:
+def uniform_bits(key: np.uint32, n: int, start: int = 0) -> np.ndarray:
+    """Bits of elements start .. start + n - 1 (indices taken modulo 2**32)."""
     with np.errstate(over="ignore"):
-        idx = np.arange(n, dtype=np.uint32) * np.uint32(GOLDEN)
+        idx = (np.arange(n, dtype=np.uint32) + np.uint32(int(start) & 0xFFFFFFFF)) * np.uint32(GOLDEN)
         return fmix32(idx ^ key)
 
 
-def _random_infer(seed: TensorType, step: TensorType, shape: tuple, stream: int) -> TensorType:
-    if seed != TensorType(DType.i32, ()) or step != TensorType(DType.i32, ()):
+def _random_infer(seed: TensorType, step: TensorType, *first: TensorType, shape: tuple,
+                  stream: int) -> TensorType:
+    scalar = TensorType(DType.i32, ())
+    if seed != scalar or step != scalar:
         raise ShapeError("random: seed and step must be i32 scalars")
+    if len(first) > 1 or (first and first[0] != scalar):
+        raise ShapeError("random: the index of the first row must be one i32 scalar")
+    if first and not shape:
+        raise ShapeError("random: a first-row index needs a tensor with rows")
     return TensorType(DType.f32, tuple(shape))
 
 
-def _random_ref(seed, step, shape, stream):
+def _random_ref(seed, step, *first, shape, stream):
     shape = [int(d) for d in shape]
-    bits = uniform_bits(random_key(seed, step, stream), int(np.prod(shape)))
+    n = int(np.prod(shape))
+    start = int(first[0]) * (n // shape[0]) if first and shape[0] else 0
+    bits = uniform_bits(random_key(seed, step, stream), n, start)
     return ((bits >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)).reshape(shape)
 
 
 RANDOM = register(OpDef("random", Kind.SOURCE, _random_infer, _random_ref,
-                        lambda b, g, y, seed, step, **a: (None, None), 2,
+                        lambda b, g, y, seed, step, *first, **a: (None, None) + (None,) * len(first), None,
                         attrs=("shape", "stream")))
 
 
