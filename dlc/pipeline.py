@@ -2,7 +2,8 @@
 instruments that verify, time and dump the graph after each pass.
 
   step_graph       GRAPH_PASSES on the symbolic graph (the batch is still `B`), once per
-                   model and mode: autodiff and the optimizer make the training step;
+                   model and mode: autodiff and the optimizer make the training step
+                   (with `world` > 1 ranks, shard and allreduce make it data-parallel);
   lower            per batch size: LOWER_PASSES (bind B, fold, fuse, plan memory);
   kernel_program   `schedule` to the kernel IR, then the template kinds the chosen backend
                    does not render expanded to plain loop nests.
@@ -31,6 +32,8 @@ class PassContext:
     config: TrainConfig | None = None
     batch: int | None = None
     disabled: frozenset[str] = frozenset()
+    world: int = 1                   # ranks of a data-parallel job (passes/data_parallel.py)
+    bucket_bytes: int | None = None  # gradient bytes per exchange (None: the default)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,17 @@ class Pass:
     doc: str
     train_only: bool = False
     required: bool = False  # cannot be disabled: later stages depend on its result
+    parallel_only: bool = False  # runs only for a job of several ranks
+
+
+def _shard(g, ctx):
+    from dlc.passes.data_parallel import shard
+    return shard(g, ctx)
+
+
+def _allreduce(g, ctx):
+    from dlc.passes.data_parallel import allreduce
+    return allreduce(g, ctx)
 
 
 def _autodiff(g, ctx):
@@ -89,7 +103,11 @@ def _memory(g, ctx):
 
 
 GRAPH_PASSES: tuple[Pass, ...] = (
+    Pass("shard", _shard, "data-parallel ranks: each differentiates its share of the loss; random "
+         "streams follow global samples", True, True, True),
     Pass("autodiff", _autodiff, "reverse-mode gradients of the loss for every parameter", True, True),
+    Pass("allreduce", _allreduce, "data-parallel ranks: gradients, loss and metrics summed over ranks, "
+         "in buckets", True, True, True),
     Pass("optimizer", _optimizer, "parameter and optimizer-state updates: one training step", True, True),
     Pass("simplify", _simplify, "algebraic identities (x*1, neg(neg x), reshape of reshape, ...)"),
     Pass("fold_constants", _fold, "evaluate constant subgraphs"),
@@ -149,7 +167,7 @@ class Compilation:
 def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None = None,
                verify: bool = True) -> Graph:
     for p in passes:
-        if p.train_only and ctx.config is None:
+        if (p.train_only and ctx.config is None) or (p.parallel_only and ctx.world <= 1):
             continue
         if p.name in ctx.disabled and not p.required:
             continue
@@ -164,10 +182,12 @@ def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None =
 
 
 def step_graph(graph: Graph, config: TrainConfig | None, log: Compilation | None = None,
-               disabled=()) -> Graph:
-    """The graph passes: with a recipe, the training step (autodiff, optimizer, cleanup);
-    without one, the evaluation graph cleaned up. Shapes are still symbolic."""
-    return run_passes(graph, GRAPH_PASSES, PassContext(config, disabled=frozenset(disabled)), log)
+               disabled=(), world: int = 1, bucket_bytes: int | None = None) -> Graph:
+    """The graph passes: with a recipe, the training step (autodiff, optimizer, cleanup;
+    for `world` > 1 ranks, data-parallel); without one, the evaluation graph cleaned up.
+    Shapes are still symbolic."""
+    ctx = PassContext(config, disabled=frozenset(disabled), world=world, bucket_bytes=bucket_bytes)
+    return run_passes(graph, GRAPH_PASSES, ctx, log)
 
 
 def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=()) -> Graph:

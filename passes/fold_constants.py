@@ -14,7 +14,8 @@ from dlc.core.graph import Graph
 from dlc.core.types import is_static
 
 FOLD_LIMIT = 64
-_KEEP = {ops.BROADCAST, ops.IOTA, ops.INPUT, ops.CONST, ops.RANDOM}
+_KEEP = {ops.BROADCAST, ops.IOTA, ops.INPUT, ops.CONST, ops.RANDOM,
+         ops.ALLREDUCE}  # a sum over the processes of a job: not a compile-time value
 
 
 def _foldable(g: Graph, nid: int) -> bool:

@@ -14,6 +14,10 @@ Kinds of kernel:
                the contraction, plus an elementwise epilogue over its output (bias,
                activation, the activation-derivative masks of the backward pass,
                even the optimizer update of the weight whose gradient it computes)
+  collective   allreduces over the ranks of a data-parallel job, from memory to memory:
+               those of one bucket are one kernel (one exchange), placed in the phase
+               where its last member is ready, and after the kernel of the bucket before
+               (every rank must run the exchanges in the same order)
 
 Rules, applied greedily from the results backwards (consumers before producers):
   F1 constants, broadcast constants, iota, counter-based random numbers, scalar
@@ -48,7 +52,7 @@ from dlc.core.types import DType, numel
 ANCHORS = {
     ops.MATMUL: "matmul", ops.CONV2D: "conv", ops.CONV2D_BWD_DATA: "conv",
     ops.CONV2D_BWD_FILTER: "conv", ops.POOL2D: "pool", ops.POOL2D_BWD: "pool",
-    ops.TAKE: "gather", ops.SCATTER_ADD: "gather",
+    ops.TAKE: "gather", ops.SCATTER_ADD: "gather", ops.ALLREDUCE: "collective",
     # a concat is stored piece by piece: inlined, every element would select among all pieces
     ops.CONCAT: "concat",
 }
@@ -376,7 +380,8 @@ class _Fuser:
         while changed:
             changed = False
             for k in list(self.kernels.values()):
-                if k.id in self.kernels and k.anchor is not None and k.kind not in ("gather", "concat"):
+                if k.id in self.kernels and k.anchor is not None and k.kind not in ("gather", "concat",
+                                                                                     "collective"):
                     changed |= self.take_epilogue(k)
 
     def take_epilogue(self, k: Kernel) -> bool:
@@ -453,6 +458,29 @@ def _phases(kernels: dict[int, Kernel], deps: dict[int, set[int]]) -> None:
         k.phase = phase(kid)
 
 
+def _buckets(f: _Fuser) -> None:
+    """The allreduces of one bucket (their `bucket` attribute, set by passes/data_parallel.py)
+    become one collective kernel, which runs once the last of them is ready, and bucket b+1
+    runs after bucket b: in every rank, whatever its batch size, the same exchanges meet in
+    the same order."""
+    by_bucket: dict[int, list[Kernel]] = {}
+    for k in sorted(f.kernels.values(), key=lambda k: k.id):
+        if k.kind == "collective" and f.g.node(k.anchor).attrs.get("bucket", -1) >= 0:
+            by_bucket.setdefault(f.g.node(k.anchor).attrs["bucket"], []).append(k)
+    previous = None
+    for bucket in sorted(by_bucket):
+        host, *rest = by_bucket[bucket]
+        for k in rest:
+            if f.reaches(host.id, k.id) or f.reaches(k.id, host.id):
+                raise ValueError(f"allreduce bucket {bucket} holds values that depend on each other")
+            f.merge(host, k)
+        if previous is not None:
+            if f.reaches(previous.id, host.id):
+                raise ValueError(f"allreduce bucket {bucket - 1} depends on bucket {bucket}")
+            f.deps[host.id].add(previous.id)
+        previous = host
+
+
 def _merge_phases(f: _Fuser) -> list[Kernel]:
     """F7: one loop for independent alike kernels of a phase; one multi-tensor kernel for
     the other elementwise kernels of the phase."""
@@ -496,6 +524,7 @@ def fuse(graph: Graph, ctx=None) -> Graph:
         if not stray:
             break
         stored |= stray
+    _buckets(f)
     _phases(f.kernels, _war_deps(f))
     kernels = _merge_phases(f)
     order = {n: i for i, n in enumerate(g.toposort())}

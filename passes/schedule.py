@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dlc.core import ops
 from dlc.core.graph import Graph
-from dlc.core.kernel import Buffer, Exprs, Kernel, KernelProgram, LoopNest, Store, Template
+from dlc.core.kernel import INT_MAX, Buffer, Collective, Exprs, Kernel, KernelProgram, LoopNest, Store, Template
 from dlc.core.types import DType, numel
 from dlc.passes.fuse import is_anchor
 
@@ -46,6 +46,8 @@ class _Lowering:
         self.by_name: dict[str, Buffer] = {}
         self._uid = 0
         self._memo: dict = {}
+        self.buckets = 1 + max((self.g.node(n).attrs.get("bucket", -1) for n in self.g.ids()
+                                if self.g.node(n).op is ops.ALLREDUCE), default=-1)
         self._make_buffers()
 
     # --- buffers ----------------------------------------------------------------------------
@@ -134,8 +136,12 @@ class _Lowering:
         if n.op is ops.PAD:
             return self._pad(n, index, kernel)
         if n.op is ops.RANDOM:
-            seed, step = (self.expr(o, (), kernel) for o in n.operands)
-            return x.rand(seed, step, a["stream"], x.ravel(index, t.shape))
+            seed, step = (self.expr(o, (), kernel) for o in n.operands[:2])
+            flat = x.ravel(index, t.shape)
+            if len(n.operands) == 3:  # numbered from the global index of the first row
+                first = x.data_index(self.expr(n.operands[2], (), kernel), 0, INT_MAX)
+                flat = x.add(x.mul(first, numel(t.shape[1:])), flat)
+            return x.rand(seed, step, a["stream"], flat)
         if n.op in (ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX):
             axes = a["axes"] if "axes" in a else (a["axis"],)
             vars_ = {ax: self.fresh(src_t.shape[ax]) for ax in axes}
@@ -231,6 +237,19 @@ class _Lowering:
             epilogue = nests[0]
         return Template(TEMPLATES[n.op], inputs, self.buffer_of(a), attrs, epilogue)
 
+    def collective(self, k) -> Collective:
+        """The allreduces of one kernel: one exchange, run by the host between phases; its
+        number and the order of its buffers come from the graph (`bucket`, `part`), the
+        same in every rank. (Unnumbered ones, in a job of one process: in program order.)"""
+        nodes = sorted(k.nodes, key=lambda n: self.g.node(n).attrs.get("part", 0))
+        sources = tuple(self.buffer_of(self.g.node(n).operands[0]) for n in nodes)
+        targets = tuple(self.buffer_of(n) for n in nodes)
+        number = self.g.node(nodes[0]).attrs.get("bucket", -1)
+        if number < 0:
+            number = self.buckets
+            self.buckets += 1
+        return Collective("allreduce", sources, targets, number)
+
     def kernel(self, k) -> Kernel:
         g = self.g
         parts: list = []
@@ -239,6 +258,8 @@ class _Lowering:
                 parts += self.loop_nest(k.id, tuple(part.domain), part.keep, part.outputs)
             elif part.kind == "concat":
                 parts += self.concat_nests(k.id, part.anchor)
+            elif part.kind == "collective":
+                parts.append(self.collective(part))
             else:
                 parts.append(self.template(k.id, part))
         lines = tuple(sorted({g.node(n).span.short.rsplit(":", 1)[0] for n in k.nodes if g.node(n).span}))

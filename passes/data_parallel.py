@@ -1,0 +1,117 @@
+"""Data-parallel training: each rank of a job runs the step on its shard of every global
+batch; these two passes make the ranks' steps add up to one process's step on the whole
+batch. They run only when the PassContext says the job has several ranks.
+
+shard (before autodiff)
+    The loss each rank differentiates is its share of the global loss: the shard's loss
+    times `shard_weight` (an input: the shard's size / the global batch size, 0 for a rank
+    that holds no sample this step), so the sum over ranks of the shares is the loss of
+    the whole batch (for any loss that is a mean over samples plus terms that do not
+    depend on the batch: regularizers count once, as their weights sum to 1). Random
+    tensors whose first axis is the batch are numbered from the global index of the
+    shard's first sample (`sample_offset`), so dropout draws what one process would.
+
+allreduce (after autodiff, before the optimizer)
+    Every gradient becomes `allreduce(grad)`, the sum over ranks of the shares, before the
+    optimizer reads it: every rank then applies the same update. Gradients are put in
+    buckets of about `bucket_bytes`, in reverse order of the parameters (the order in
+    which the backward pass produces them, as PyTorch's DDP does); one bucket travels as
+    one exchange. The reported loss and metrics are summed over ranks too (metrics weighted
+    by the shard's share), so they are the global batch's, and the optimizer's guard
+    against a non-finite loss decides the same way in every rank.
+    Then every exchange of the step (these buckets, and allreduces already in the graph:
+    batchnorm(sync=true)) gets its number, in the order in which they can run, and every
+    allreduce its place in its exchange (`bucket`, `part`): ranks whose shards differ in
+    size run different compiled steps, whose exchanges must still meet one to one.
+"""
+from __future__ import annotations
+
+from dlc.core import ops
+from dlc.core.builder import GraphBuilder, Value
+from dlc.core.graph import Graph, Node
+from dlc.core.types import DType, TensorType, numel
+
+SHARD_WEIGHT = "shard_weight"
+SAMPLE_OFFSET = "sample_offset"
+BUCKET_BYTES = 4 << 20
+
+
+def hyper_input(b: GraphBuilder, name: str, dtype: DType) -> Value:
+    """The scalar input `name` (role hyper), created once."""
+    try:
+        return b.value(b.graph.input_named(name))
+    except KeyError:
+        with b.at(None):
+            return b.input(name, TensorType(dtype, ()), "hyper")
+
+
+def shard(graph: Graph, ctx=None) -> Graph:
+    g = graph.copy()
+    b = GraphBuilder(g)
+    weight = hyper_input(b, SHARD_WEIGHT, DType.f32)
+    data = g.inputs("data")
+    if data:
+        first = hyper_input(b, SAMPLE_OFFSET, DType.i32)
+        batch = g.node(data[0]).type.shape[0]
+        for nid in g.ids():
+            n = g.node(nid)
+            if n.op is ops.RANDOM and len(n.operands) == 2 and n.type.shape and n.type.shape[0] == batch:
+                g.set_node(nid, Node(n.op, n.operands + (first.id,), n.attrs, n.type, n.span))
+    loss = b.value(g.outputs["loss"])
+    with b.at(loss.node.span):
+        g.outputs["loss"] = (loss * weight).id
+    return g
+
+
+def allreduce(graph: Graph, ctx=None) -> Graph:
+    g = graph.copy()
+    b = GraphBuilder(g)
+    limit = getattr(ctx, "bucket_bytes", None) or BUCKET_BYTES
+    names = [g.node(i).attrs["name"] for i in g.inputs("param")]
+    bucket, filled = 0, 0
+    for name in reversed(names):
+        grad = b.value(g.outputs[f"grad:{name}"])
+        if _is_zero(g, grad.id):
+            continue  # the loss does not depend on it: zero in every rank
+        size = numel(grad.shape) * grad.dtype.np.itemsize
+        if filled and filled + size > limit:
+            bucket, filled = bucket + 1, 0
+        filled += size
+        with b.at(grad.node.span):
+            g.outputs[f"grad:{name}"] = b.emit(ops.ALLREDUCE, (grad,), bucket=bucket).id
+    grad_buckets = bucket + 1
+    weight = hyper_input(b, SHARD_WEIGHT, DType.f32)
+    for key, nid in list(g.outputs.items()):
+        if key == "output" or key.startswith("grad:") or not g.node(nid).type.dtype.is_float:
+            continue
+        value = b.value(nid)
+        with b.at(value.node.span):
+            share = value if key == "loss" else value * weight  # the loss is a share already
+            g.outputs[key] = b.emit(ops.ALLREDUCE, (share,), bucket=0).id
+    _number_exchanges(g, grad_buckets)
+    return g
+
+
+def _number_exchanges(g: Graph, grad_buckets: int) -> None:
+    """Renumber every allreduce's (bucket, part): buckets in the order of their last member
+    in a topological order (an exchange never waits for a later one), parts in the order the
+    members were made."""
+    order = {nid: i for i, nid in enumerate(g.toposort())}
+    groups: dict[object, list[int]] = {}
+    for nid in sorted(g.ids()):
+        n = g.node(nid)
+        if n.op is ops.ALLREDUCE:
+            bucket = n.attrs.get("bucket", -1)
+            groups.setdefault(bucket if 0 <= bucket < grad_buckets else ("alone", nid), []).append(nid)
+    ranked = sorted(groups.values(), key=lambda members: max(order[m] for m in members))
+    for number, members in enumerate(ranked):
+        for part, nid in enumerate(members):
+            n = g.node(nid)
+            g.set_node(nid, Node(n.op, n.operands, {"bucket": number, "part": part}, n.type, n.span))
+
+
+def _is_zero(g: Graph, nid: int) -> bool:
+    n = g.node(nid)
+    if n.op is ops.BROADCAST:
+        n = g.node(n.operands[0])
+    return n.op is ops.CONST and not n.attrs["value"].any()
