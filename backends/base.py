@@ -18,6 +18,9 @@ artifacts, and runs steps. A backend:
   dump(program, stage, target) -> text of one of its stages
   check_target(saved, target)   None, or why code built for `saved` (a target's JSON)
                                 cannot run on `target`
+  collectives         True when its steps run the kernel IR's Collective parts (a call to
+                      the host between phases: dlc.core.collective's communicator); the
+                      driver refuses data-parallel programs for a backend without them
 
 A backend that interprets graphs instead (the numpy reference) sets `lowers = False` and
 implements `interpret(graph, state)`.
@@ -79,6 +82,7 @@ class Backend:
     stages: dict[str, str] = {}
     templates: frozenset = frozenset()
     lowers: bool = True
+    collectives: bool = False  # can its steps run Collective parts (data-parallel jobs)?
 
     def unavailable(self) -> str | None:
         return None
@@ -106,6 +110,17 @@ def layout_slots(program) -> list:
     """[name, kind, dtype, shape] of every input and state buffer, inputs first."""
     return [[b.name, b.kind, b.dtype.value, list(b.shape)]
             for b in list(program.inputs.values()) + list(program.state.values())]
+
+
+def layout_collectives(program) -> dict:
+    """bucket (as a string: JSON keys) -> [sources, targets], each a list of [arena offset or
+    the input/state buffer, dtype, shape]: what a Collective part's host call exchanges."""
+    from dlc.core.kernel import collectives_of
+
+    def spec(b):
+        return [b.offset if b.kind == "arena" else b.name, b.dtype.value, list(b.shape)]
+    return {str(bucket): [[spec(b) for b in parts[0].sources], [spec(b) for b in parts[0].targets]]
+            for bucket, parts in collectives_of(program).items()}
 
 
 def layout_outputs(program) -> dict:

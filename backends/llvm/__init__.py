@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 
-from dlc.backends.base import Backend, Compiled, StepLayout, layout_outputs, layout_slots
+from dlc.backends.base import Backend, Compiled, StepLayout, layout_collectives, layout_outputs, layout_slots
 
 
 class CpuBackend(Backend):
     name = "cpu"
     doc = "native code for this machine's CPU through LLVM, on all cores (the default)"
+    collectives = True
     stages = {"llvm": "LLVM IR of the whole step (before LLVM's optimizer)",
               "llvm-opt": "LLVM IR after LLVM's optimizer",
               "asm": "the host machine code"}
@@ -44,6 +45,9 @@ class CpuBackend(Backend):
         layout = StepLayout(program.arena_bytes, mb.layout.scratch_bytes, layout_slots(program),
                             layout_outputs(program), [[name, phase, lines[name]] for phase, name, _, _ in mb.parts],
                             target.threads)
+        collectives = layout_collectives(program)
+        if collectives:
+            layout.meta["collectives"] = collectives
         return Compiled(compiled.objects, layout, {"LLVM IR": built - start,
                                                    "LLVM optimize": compiled.seconds_optimize,
                                                    "machine code": compiled.seconds_codegen})
