@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from dlc import __version__, backends
-from dlc.core.diagnostics import CheckpointError, DataError, NumericsError
+from dlc.core.diagnostics import CheckpointError, DataError, NumericsError, UsageError
 from dlc.language.recipe import Spec
 from dlc.program import make_program
 
@@ -68,21 +68,33 @@ class History:
 class Session:
     """One model's compiled training and evaluation steps over one shared state.
 
-    Graphs are built lazily: a native step found in the compile cache needs none."""
+    Graphs are built lazily: a native step found in the compile cache needs none.
+    With a `world` (dlc/runtime/distributed.py) it is one rank of a data-parallel job: its
+    training step runs on its shard of each global batch, and it evaluates every world.size-th
+    batch of the held-out data (the sums are then added up over ranks)."""
 
-    def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None):
+    def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None,
+                 world=None):
         self.model = model
         self.config = config
         self.target = target
         self.input_name = model.input_types[0][0]
         self.state = model.state
         self._graphs: dict[str, object] = {}
+        self.world = world
+        ranks = world.size if world is not None else 1
+        if world is not None:
+            options = {"threads": world.default_threads(), **(options or {})}
+            if not backends.backend(target).collectives:
+                raise UsageError(f"target `{target}` cannot run a data-parallel job yet: its steps have no "
+                                 "collective exchange", hint="train with --target cpu, or in one process")
         if not backends.backend(target).lowers:  # an interpreter needs the optimizer state up front
             model.ensure_state(self.graph("train"))
         self.train_program, self.eval_program = (
             make_program(target, lambda mode=mode: self.graph(mode), self.state,
-                         key=model.source_key(mode, config), data_name=self.input_name,
-                         preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)},
+                         key=model.source_key(mode, config, ranks), data_name=self.input_name,
+                         preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)
+                                    and (ranks == 1 or mode == "eval")},  # artifacts hold one-process steps
                          options=options)
             for mode in ("train", "eval"))
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
@@ -91,7 +103,8 @@ class Session:
 
     def graph(self, mode: str):
         if mode not in self._graphs:
-            self._graphs[mode] = self.model.compile_graph(mode, self.config)
+            ranks = self.world.size if self.world is not None and mode == "train" else 1
+            self._graphs[mode] = self.model.compile_graph(mode, self.config, world=ranks)
         return self._graphs[mode]
 
     @property
@@ -100,7 +113,12 @@ class Session:
 
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
-        feeds = {self.input_name: x, "label": y, "lr": lr}
+        """One step on a global batch (of which a rank of a job takes its shard); the loss and
+        metrics returned are the whole batch's."""
+        weight, first = 1.0, 0  # (read by data-parallel steps, and batchnorm(sync=true))
+        if self.world is not None:
+            x, y, weight, first = self.world.shard_feeds(x, y, len(x))
+        feeds = {self.input_name: x, "label": y, "lr": lr, "shard_weight": weight, "sample_offset": first}
         out = self.train_program.run(feeds)
         loss = float(out["loss"])
         if not math.isfinite(loss):
@@ -150,11 +168,17 @@ class Session:
         """Loss and metrics over every sample (the last partial batch included)."""
         totals: dict[str, float] = {}
         n = len(x)
-        for start in range(0, n, batch):
+        starts = range(0, n, batch)
+        if self.world is not None:  # every rank evaluates its batches with rank 0's statistics
+            self.world.broadcast(self.state, self.model.layer_state())
+            starts = self.world.batches_of(starts)
+        for start in starts:
             xb, yb = x[start:start + batch], y[start:start + batch]
             out = self.eval_program.run({self.input_name: xb, "label": yb})
             for k in ["loss"] + self.metrics:
                 totals[k] = totals.get(k, 0.0) + float(out[k]) * len(xb)
+        if self.world is not None and n:
+            totals = self.world.sum_floats(totals, ["loss"] + self.metrics)
         return {k: v / n for k, v in totals.items()} if n else {}
 
     def predict(self, x: np.ndarray, batch: int) -> np.ndarray:
@@ -218,16 +242,24 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
     history = History()
-    progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet)
+    world = session.world  # a data-parallel job: rank 0 alone reports, logs and saves
+    lead = world is None or world.lead
+    if world is not None:
+        world.check_same(job_digests(session, data, opts))
+    progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet or not lead)
     header = {"event": "start", "model": session.model.name, "dlc": __version__, "target": session.target,
               "epochs": opts.epochs, "batch": opts.batch, "seed": opts.seed}
-    log = MetricsLog(opts.log_path, header, append=bool(opts.resume)) if opts.log_path else None
+    if world is not None:
+        header["ranks"] = world.size
+    log = MetricsLog(opts.log_path, header, append=bool(opts.resume)) if opts.log_path and lead else None
     position = (start_epoch, skip)  # where a resumed run continues: (epoch, batch)
     first_step = session.global_step
     keep = opts.keep_previous  # only the run's first save may move an existing file aside
 
     def checkpoint(epoch: int, batch: int) -> None:
         nonlocal keep
+        if not lead:
+            return
         moved = save(session.model, opts.save_path, normalizer, epoch, batch, session.global_step,
                      keep_previous=keep)
         history.previous, keep = history.previous or moved, False
@@ -281,6 +313,19 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         if log:
             log.close()
     return history
+
+
+def job_digests(session: Session, data, opts: FitOptions) -> dict[str, str]:
+    """What every rank of a job must agree on, as digests (see World.check_same)."""
+    from dlc.pipeline import compiler_fingerprint
+    from dlc.runtime.distributed import digest
+    model = session.model
+    return {"program": digest(model.source_key("train", session.config, session.world.size)),
+            "dlc version": digest(__version__, compiler_fingerprint()),
+            "options": digest(session.target, opts.epochs, opts.batch, opts.lr, opts.seed, opts.shuffle,
+                              opts.resume and (opts.resume["epoch"], opts.resume["batch"])),
+            "training data": digest(data.x_train, data.y_train),
+            "weights": digest(*(session.state[k] for k in sorted(session.state)))}
 
 
 class Interrupted(Exception):
