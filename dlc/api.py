@@ -150,13 +150,13 @@ class Model:
         batch = batch or (config.batch if config else self.train_config.batch if self.train_config else 1)
         return lower(self.compile_graph(mode, config, log, disabled, world), batch, log, disabled)
 
-    def source_key(self, mode: str, config, world: int = 1) -> str:
+    def source_key(self, mode: str, config, world: int = 1, bucket_bytes: int | None = None) -> str:
         """Identifies a compiled graph without building it (compile-cache keys); a training step
         of a data-parallel job (`world` ranks: the step is the same for any number > 1) differs."""
         text = getattr(self, "source_text", None) or repr(self.program)
         recipe = f"{config.optimizer}|clip={config.clip}" if mode == "train" and config else ""
         if mode == "train" and world > 1:
-            recipe += "|data-parallel"
+            recipe += f"|data-parallel|buckets={bucket_bytes}"
         return "\0".join([text, self.name, mode, recipe])
 
     def layer_state(self) -> list[str]:
@@ -370,6 +370,10 @@ _BACKEND_OPTIONS = {
     "no_cache": _FLAG,
     "profile": _FLAG,
     "cache_dir": ("a folder path", lambda v: isinstance(v, (str, os.PathLike))),
+    # data-parallel jobs: start each bucket's exchange when it is ready and wait for it only
+    # where its sums are read; gradient bytes per bucket (passes/data_parallel.py)
+    "overlap": _FLAG,
+    "bucket_bytes": ("a positive number of bytes", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
 }
 
 

@@ -34,6 +34,7 @@ class PassContext:
     disabled: frozenset[str] = frozenset()
     world: int = 1                   # ranks of a data-parallel job (passes/data_parallel.py)
     bucket_bytes: int | None = None  # gradient bytes per exchange (None: the default)
+    overlap: bool = False            # exchanges overlap the rest of the backward pass (fuse)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def _specialize(g, ctx):
 
 def _fuse(g, ctx):
     from dlc.passes.fuse import fuse
-    return fuse(g)
+    return fuse(g, overlap=ctx.overlap)
 
 
 def _memory(g, ctx):
@@ -190,14 +191,17 @@ def step_graph(graph: Graph, config: TrainConfig | None, log: Compilation | None
     return run_passes(graph, GRAPH_PASSES, ctx, log)
 
 
-def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=()) -> Graph:
-    """The lowering passes for one batch size: fused and memory-planned."""
-    return run_passes(graph, LOWER_PASSES, PassContext(batch=batch, disabled=frozenset(disabled)), log)
+def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=(), overlap: bool = False) -> Graph:
+    """The lowering passes for one batch size: fused and memory-planned (with `overlap`,
+    data-parallel exchanges are scheduled to overlap the backward pass: fuse.py)."""
+    ctx = PassContext(batch=batch, disabled=frozenset(disabled), overlap=overlap)
+    return run_passes(graph, LOWER_PASSES, ctx, log)
 
 
 def kernel_program(lowered: Graph, templates=frozenset()) -> KernelProgram:
     """A lowered graph scheduled to the kernel IR (the last required stage), with the
-    template kinds not in `templates` (the ones the backend renders) expanded to loop nests."""
+    template kinds not in `templates` (the ones the backend renders) expanded to loop nests.
+    A graph lowered with `overlap` gets exchanges that start early and are waited for late."""
     from dlc.passes.schedule import schedule
     return expand_templates(schedule(lowered), frozenset(templates))
 

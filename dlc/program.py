@@ -37,7 +37,7 @@ class CompiledProgram:
     def __init__(self, backend, graph, state: dict, *, key: str | None = None, data_name: str | None = None,
                  preloaded: dict | None = None, threads: int | None = None, no_cache: bool = False,
                  cache_dir=None, profile: bool = False, templates: bool = True,
-                 verbose: Callable[[str], None] | None = None):
+                 verbose: Callable[[str], None] | None = None, overlap: bool = False):
         self.backend = backend
         self._graph = graph                 # symbolic, after the graph passes (or a function)
         self.key = key
@@ -47,6 +47,7 @@ class CompiledProgram:
         self.profile = profile
         self.templates = backend.templates if templates else frozenset()
         self.verbose = verbose
+        self.overlap = overlap  # data-parallel exchanges overlap later phases (schedule.py)
         self.steps: dict[int, object] = {}
         self.preloaded = dict(preloaded or {})  # batch -> (blobs, layout) from an artifact
         self._data_name = data_name
@@ -97,7 +98,7 @@ class CompiledProgram:
         if hit is not None:
             self._say(f"compile cache hit {key[:12]} (batch {batch}): {(time.perf_counter() - start) * 1e3:.0f} ms")
             return hit[0], StepLayout.from_json(hit[1])
-        program = kernel_program(lower(self.graph, batch), self.templates)
+        program = kernel_program(lower(self.graph, batch, overlap=self.overlap), self.templates)
         lowered = time.perf_counter()
         compiled = self.backend.compile(program, self.target, profile=self.profile)
         if self.cache:
@@ -114,7 +115,8 @@ class CompiledProgram:
         h = hashlib.sha256()
         what = self.key if self.key is not None else print_graph(self.graph)
         for part in (what, str(batch), __version__, compiler_fingerprint(), self.backend.name,
-                     self.target.key(), str(self.profile), ",".join(sorted(self.templates))):
+                     self.target.key(), str(self.profile), ",".join(sorted(self.templates)),
+                     "overlap" if self.overlap else ""):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()

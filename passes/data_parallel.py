@@ -93,21 +93,36 @@ def allreduce(graph: Graph, ctx=None) -> Graph:
 
 
 def _number_exchanges(g: Graph, grad_buckets: int) -> None:
-    """Renumber every allreduce's (bucket, part): buckets in the order of their last member
-    in a topological order (an exchange never waits for a later one), parts in the order the
+    """Renumber every allreduce's (bucket, part): buckets in an order in which each can run
+    once the ones before it have (a topological order of the buckets), the soonest ready
+    first (by the longest path from the inputs to its last member); parts in the order the
     members were made."""
-    order = {nid: i for i, nid in enumerate(g.toposort())}
     groups: dict[object, list[int]] = {}
     for nid in sorted(g.ids()):
         n = g.node(nid)
         if n.op is ops.ALLREDUCE:
             bucket = n.attrs.get("bucket", -1)
             groups.setdefault(bucket if 0 <= bucket < grad_buckets else ("alone", nid), []).append(nid)
-    ranked = sorted(groups.values(), key=lambda members: max(order[m] for m in members))
-    for number, members in enumerate(ranked):
-        for part, nid in enumerate(members):
+    group_of = {m: key for key, members in groups.items() for m in members}
+    depth: dict[int, int] = {}
+    before: dict[int, frozenset] = {}  # node -> the groups whose allreduces it depends on
+    for nid in g.toposort():
+        operands = g.node(nid).operands
+        depth[nid] = 1 + max((depth[o] for o in operands), default=0)
+        deps = frozenset().union(*(before[o] for o in operands))
+        before[nid] = deps | {group_of[nid]} if nid in group_of else deps
+    ready = {key: max(depth[m] for m in members) for key, members in groups.items()}
+    needs = {key: set().union(*(before[m] for m in members)) - {key} for key, members in groups.items()}
+    number = 0
+    while needs:
+        key = min((k for k, n in needs.items() if not n), key=lambda k: (ready[k], min(groups[k])))
+        for part, nid in enumerate(groups[key]):
             n = g.node(nid)
             g.set_node(nid, Node(n.op, n.operands, {"bucket": number, "part": part}, n.type, n.span))
+        number += 1
+        del needs[key]
+        for n in needs.values():
+            n.discard(key)
 
 
 def _is_zero(g: Graph, nid: int) -> bool:

@@ -162,6 +162,7 @@ class FusionPlan:
     group_of: dict[int, int]        # node -> kernel id (free nodes and inputs absent)
     materialized: set[int]          # nodes whose values live in memory
     reasons: dict[tuple[int, int], str]
+    overlap: bool = False           # collectives are started early and waited for late
 
     @property
     def phases(self) -> int:
@@ -458,7 +459,7 @@ def _phases(kernels: dict[int, Kernel], deps: dict[int, set[int]]) -> None:
         k.phase = phase(kid)
 
 
-def _buckets(f: _Fuser) -> None:
+def _buckets(f: _Fuser, overlap: bool = False) -> None:
     """The allreduces of one bucket (their `bucket` attribute, set by passes/data_parallel.py)
     become one collective kernel, which runs once the last of them is ready, and bucket b+1
     runs after bucket b: in every rank, whatever its batch size, the same exchanges meet in
@@ -479,6 +480,11 @@ def _buckets(f: _Fuser) -> None:
                 raise ValueError(f"allreduce bucket {bucket - 1} depends on bucket {bucket}")
             f.deps[host.id].add(previous.id)
         previous = host
+    if overlap and previous is not None:  # every reader of a bucket after the last has started
+        hosts = {by_bucket[b][0].id for b in by_bucket}
+        for kid, deps in f.deps.items():
+            if kid not in hosts and deps & hosts and not f.reaches(previous.id, kid):
+                deps.add(previous.id)
 
 
 def _merge_phases(f: _Fuser) -> list[Kernel]:
@@ -513,8 +519,11 @@ def _merge_phases(f: _Fuser) -> list[Kernel]:
     return out
 
 
-def fuse(graph: Graph, ctx=None) -> Graph:
-    """Annotate a copy of the graph with its FusionPlan in graph.meta["fusion"]."""
+def fuse(graph: Graph, ctx=None, overlap: bool = False) -> Graph:
+    """Annotate a copy of the graph with its FusionPlan in graph.meta["fusion"]. With
+    `overlap`, the readers of every exchange's sums run after the last exchange has started,
+    so each exchange travels while the backward pass goes on (schedule.py waits for it only
+    before its first reader)."""
     g = graph.copy()
     stored: frozenset = frozenset()
     while True:  # a second round stores what the first would recompute per element
@@ -524,7 +533,7 @@ def fuse(graph: Graph, ctx=None) -> Graph:
         if not stray:
             break
         stored |= stray
-    _buckets(f)
+    _buckets(f, overlap)
     _phases(f.kernels, _war_deps(f))
     kernels = _merge_phases(f)
     order = {n: i for i, n in enumerate(g.toposort())}
@@ -543,5 +552,5 @@ def fuse(graph: Graph, ctx=None) -> Graph:
         k.outputs = [n for n in k.nodes if n in materialized]
         for part in k.parts:
             part.outputs = [n for n in part.nodes if n in materialized]
-    g.meta["fusion"] = FusionPlan(kernels, group_of, materialized, f.reasons)
+    g.meta["fusion"] = FusionPlan(kernels, group_of, materialized, f.reasons, overlap)
     return g

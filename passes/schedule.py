@@ -9,6 +9,8 @@ axes inside; values depending only on the kept axes are computed once per row.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dlc.core import ops
 from dlc.core.graph import Graph
 from dlc.core.kernel import INT_MAX, Buffer, Collective, Exprs, Kernel, KernelProgram, LoopNest, Store, Template
@@ -267,9 +269,15 @@ class _Lowering:
 
 
 def schedule(graph: Graph) -> KernelProgram:
+    """The kernel program of a fused, memory-planned graph. When fusion planned exchanges to
+    overlap (FusionPlan.overlap), each is started where its bucket is ready and waited for
+    only at the end of the phase before its first reader, so the phases between run while
+    it travels."""
     low = _Lowering(graph)
     g = graph
     kernels = [low.kernel(k) for k in low.plan.kernels]
+    if low.plan.overlap:
+        kernels = _overlap(low, kernels)
     outputs = {name: low.buffer_of(nid) for name, nid in g.outputs.items()}
     copies = []
     for name, nid in g.updates.items():
@@ -280,3 +288,22 @@ def schedule(graph: Graph) -> KernelProgram:
     inputs = {b.name: b for nid, b in low.buffers.items() if g.node(nid).op is ops.INPUT and b.kind == "input"}
     state = {b.name: b for nid, b in low.buffers.items() if g.node(nid).op is ops.INPUT and b.kind == "state"}
     return KernelProgram(kernels, dict(low.by_name), low.mem.arena_bytes, outputs, copies, inputs, state)
+
+
+def _overlap(low: _Lowering, kernels: list[Kernel]) -> list[Kernel]:
+    """Split each sync Collective into a start (in its phase) and a wait (at the end of the
+    phase before the first kernel reading its targets), when phases lie between."""
+    from dlc.passes.memory import _readers
+    plan = low.plan
+    phase_of = {k.id: k.phase for k in plan.kernels}
+    waits = []
+    for fk, k in zip(plan.kernels, kernels):
+        if fk.kind != "collective":
+            continue
+        part = k.parts[0]
+        readers = [phase_of[plan.group_of[u]] for n in fk.nodes for u in _readers(low.g, plan, n)]
+        wait = min(readers, default=plan.phases) - 1
+        if wait > k.phase:
+            k.parts = [replace(part, mode="start")]
+            waits.append(Kernel(f"{k.name}_wait", wait, [replace(part, mode="wait")], k.lines))
+    return sorted(kernels + waits, key=lambda k: (k.phase, k.name.endswith("_wait")))

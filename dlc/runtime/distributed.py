@@ -33,6 +33,8 @@ import numpy as np
 
 from dlc.core.diagnostics import UsageError
 
+JOB_DIR_VAR = "DLC_JOB_DIR"  # set by launch(): where each rank writes its pid
+_SIGNALS = {"6", "9", "11", "15"}  # exit codes mpiexec reports for SIGABRT, SIGKILL, SIGSEGV, SIGTERM
 INSTALL_HINT = "pip install 'dlc[mpi]'  (mpi4py and the mpich wheel)"
 # what process managers tell their processes: the number of ranks, then the rank
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -90,6 +92,12 @@ class World:
         # where every rank runs: messages about a rank name its process and machine
         self.places = self.comm.allgather((os.getpid(), socket.gethostname()))
         self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+        folder = os.environ.get(JOB_DIR_VAR)
+        if folder:  # started by launch(): tell it which pid is this rank
+            try:
+                Path(folder, f"rank{self.rank}.pid").write_text(str(os.getpid()))
+            except OSError:
+                pass
         self.comm_seconds = 0.0  # spent in exchanges the steps asked for
         self.watchdog = Watchdog(self)
         self.watchdog.start()
@@ -106,38 +114,44 @@ class World:
 
     # --- the sums a step asks for (dlc.core.collective.Communicator) ---------------------------
     def allreduce(self, arrays: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
-        self.finish(self.start(arrays), out)
+        """out = the sums over ranks, added in rank order. Two ranks: each gets the other's
+        values (allgather) and adds them; more: rank r adds up the r-th chunk of everyone's
+        (all-to-all), then everyone gathers the chunks (bandwidth 2x the data, not N x)."""
+        started = time.perf_counter()
+        flat = _pack(arrays)
+        if self.size <= 2:
+            parts = np.empty((self.size, flat.size), flat.dtype)
+            self.comm.Allgather(flat, parts)
+            total = _sum_rows(parts)
+        else:
+            counts = _chunks(flat.size, self.size)
+            displs = [sum(counts[:r]) for r in range(self.size)]
+            mine = counts[self.rank]
+            parts = np.empty((self.size, mine), flat.dtype)
+            self.comm.Alltoallv([flat, (counts, displs)],
+                                [parts, ([mine] * self.size, [r * mine for r in range(self.size)])])
+            total = np.empty(flat.size, flat.dtype)
+            self.comm.Allgatherv(_sum_rows(parts), [total, (counts, displs)])
+        _unpack(total, out)
+        self.comm_seconds += time.perf_counter() - started
 
     def start(self, arrays: Sequence[np.ndarray]) -> object:
-        start = time.perf_counter()
-        flat = _pack(arrays)
-        n = flat.size
-        if self.size <= 2:  # every rank gets every contribution and adds them in rank order
-            parts = np.empty((self.size, n), flat.dtype)
-            handle = ("gather", self.comm.Iallgather(flat, parts), parts)
-        else:  # rank r adds up chunk r in rank order, then everyone gathers the chunks
-            counts = _chunks(n, self.size)
-            displs = [sum(counts[:r]) for r in range(self.size)]
-            parts = np.empty((self.size, counts[self.rank]), flat.dtype)
-            recv_counts = [counts[self.rank]] * self.size
-            recv_displs = [i * counts[self.rank] for i in range(self.size)]
-            req = self.comm.Ialltoallv([flat, (counts, displs)], [parts, (recv_counts, recv_displs)])
-            handle = ("scatter", req, parts, counts, displs)
-        self.comm_seconds += time.perf_counter() - start
+        """Begin the same sum without waiting: one non-blocking allgather (the only collective
+        call of the exchange, so exchanges started in the same order match up whatever order
+        they are finished in). The sources are copied: they may change after the start."""
+        started = time.perf_counter()
+        flat = _pack(arrays).copy() if len(arrays) == 1 else _pack(arrays)
+        parts = np.empty((self.size, flat.size), flat.dtype)
+        handle = (self.comm.Iallgather(flat, parts), parts, flat)
+        self.comm_seconds += time.perf_counter() - started
         return handle
 
     def finish(self, handle, out: Sequence[np.ndarray]) -> None:
-        start = time.perf_counter()
-        kind, req, parts = handle[:3]
-        req.Wait()
-        total = _sum_rows(parts)
-        if kind == "scatter":
-            counts, displs = handle[3:]
-            whole = np.empty(sum(counts), total.dtype)
-            self.comm.Allgatherv(total, [whole, (counts, displs)])
-            total = whole
-        _unpack(total, out)
-        self.comm_seconds += time.perf_counter() - start
+        started = time.perf_counter()
+        request, parts, _ = handle
+        request.Wait()
+        _unpack(_sum_rows(parts), out)
+        self.comm_seconds += time.perf_counter() - started
 
     # --- shards ---------------------------------------------------------------------------------
     def shard(self, n: int) -> tuple[int, int]:
@@ -321,18 +335,59 @@ def find_mpiexec() -> str:
 
 
 def launch(ranks: int, argv: Sequence[str]) -> int:
-    """Run `dlc` with `argv` as `ranks` processes under mpiexec; returns its exit status."""
+    """Run `dlc` with `argv` as `ranks` processes under mpiexec; returns its exit status.
+
+    The ranks' output passes through. When a rank dies, mpiexec stops the others at once
+    and names the dead process by pid; each rank told us its pid (a file in a folder of
+    this launch), so the last line says which rank it was."""
+    import re
+    import tempfile
     try:
         import mpi4py  # noqa: F401 - each rank needs it: say so before starting them
     except ImportError as e:
         raise UsageError(f"--ranks needs mpi4py and an MPI library ({e})", hint=INSTALL_HINT) from None
     command = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "dlc", *argv]
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:  # mpiexec passes Ctrl-C on to every rank
-        return 130
-    except OSError as e:
-        raise UsageError(f"cannot start {command[0]}: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="dlc-job-") as folder:
+        env = dict(os.environ, **{JOB_DIR_VAR: folder})
+        try:
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as e:
+            raise UsageError(f"cannot start {command[0]}: {e}") from None
+        dead: list[tuple[str, str]] = []  # (pid, exit code) as mpiexec reports them
+
+        def relay(src, dst) -> None:
+            for raw in iter(src.readline, b""):
+                dst.buffer.write(raw)
+                dst.flush()
+                if b"RUNNING AT" in raw or b"EXIT CODE" in raw:  # mpiexec's report, on stdout
+                    found = re.search(rb"PID (\d+) RUNNING AT", raw)
+                    if found:
+                        dead.append((found.group(1).decode(), ""))
+                    code = re.search(rb"EXIT CODE: (\d+)", raw)
+                    if code and dead and not dead[-1][1]:
+                        dead[-1] = (dead[-1][0], code.group(1).decode())
+        threads = [threading.Thread(target=relay, args=(proc.stdout, sys.stdout), daemon=True),
+                   threading.Thread(target=relay, args=(proc.stderr, sys.stderr), daemon=True)]
+        for t in threads:
+            t.start()
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # mpiexec passes Ctrl-C on to every rank: wait for them
+                continue
+        for t in threads:
+            t.join()
+        pids = {}
+        for f in Path(folder).glob("rank*.pid"):
+            pids[f.read_text().strip()] = int(f.stem[len("rank"):])
+        for pid, status in dead:
+            rank = pids.get(pid)
+            who = f"rank {rank} (pid {pid})" if rank is not None else f"the process with pid {pid}"
+            how = f"was killed by signal {status}" if status in _SIGNALS else \
+                f"exited with status {status}" if status else "ended"
+            sys.stderr.write(f"dlc: {who} {how}; mpiexec stopped the other ranks\n")
+    return code
 
 
 def without_ranks(argv: Sequence[str]) -> list[str]:

@@ -83,8 +83,10 @@ class Session:
         self._graphs: dict[str, object] = {}
         self.world = world
         ranks = world.size if world is not None else 1
+        options = dict(options or {})
+        self.bucket_bytes = options.pop("bucket_bytes", None)  # gradients per exchange (data-parallel)
         if world is not None:
-            options = {"threads": world.default_threads(), **(options or {})}
+            options = {"threads": world.default_threads(), **options}
             if not backends.backend(target).collectives:
                 raise UsageError(f"target `{target}` cannot run a data-parallel job yet: its steps have no "
                                  "collective exchange", hint="train with --target cpu, or in one process")
@@ -92,7 +94,7 @@ class Session:
             model.ensure_state(self.graph("train"))
         self.train_program, self.eval_program = (
             make_program(target, lambda mode=mode: self.graph(mode), self.state,
-                         key=model.source_key(mode, config, ranks), data_name=self.input_name,
+                         key=model.source_key(mode, config, ranks, self.bucket_bytes), data_name=self.input_name,
                          preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)
                                     and (ranks == 1 or mode == "eval")},  # artifacts hold one-process steps
                          options=options)
@@ -104,7 +106,8 @@ class Session:
     def graph(self, mode: str):
         if mode not in self._graphs:
             ranks = self.world.size if self.world is not None and mode == "train" else 1
-            self._graphs[mode] = self.model.compile_graph(mode, self.config, world=ranks)
+            self._graphs[mode] = self.model.compile_graph(mode, self.config, world=ranks,
+                                                          bucket_bytes=self.bucket_bytes)
         return self._graphs[mode]
 
     @property
@@ -320,7 +323,7 @@ def job_digests(session: Session, data, opts: FitOptions) -> dict[str, str]:
     from dlc.pipeline import compiler_fingerprint
     from dlc.runtime.distributed import digest
     model = session.model
-    return {"program": digest(model.source_key("train", session.config, session.world.size)),
+    return {"program": digest(model.source_key("train", session.config, session.world.size, session.bucket_bytes)),
             "dlc version": digest(__version__, compiler_fingerprint()),
             "options": digest(session.target, opts.epochs, opts.batch, opts.lr, opts.seed, opts.shuffle,
                               opts.resume and (opts.resume["epoch"], opts.resume["batch"])),
