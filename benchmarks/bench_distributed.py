@@ -12,11 +12,19 @@ median step time over blocks of steps. Configurations:
   1x1           one process, one thread
   2x1           two ranks (mpiexec), one thread each: gradients summed by one exchange
                 per bucket between phases (the default data-parallel schedule)
-  2x1 overlap   the same with each bucket's exchange started when the bucket is ready
-                and waited for only before its first reader (buckets of 256 KiB)
+  2x1 256K      the same with buckets of 256 KiB of gradients (the default is 4 MiB:
+                one exchange for these models)
+  2x1 overlap   buckets of 256 KiB, each exchange started when the bucket is ready and
+                waited for only before its first reader
 
 `comm` is the share of rank 0's step spent in the exchanges (waiting for the other rank
 included). Needs mpi4py and mpich (pip install 'dlc[mpi]').
+
+    python benchmarks/bench_distributed.py --ab [--blocks 40]
+
+compares the 2x1 schedules more finely: one 2-rank job holds the three compiled steps
+and alternates blocks of steps between them, so all see the same minute of a shared
+machine; it prints the medians and the median of the paired ratios to the default.
 """
 from __future__ import annotations
 
@@ -36,7 +44,9 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 MODELS = {"mlp": (HERE / "models" / "mlp784.dln", 128), "lenet": (HERE / "models" / "lenet28.dln", 64)}
 CONFIGS = {"1x2": (1, 2, {}), "1x1": (1, 1, {}), "2x1": (2, 1, {}),
+           "2x1 256K": (2, 1, {"bucket_bytes": 256 << 10}),
            "2x1 overlap": (2, 1, {"overlap": True, "bucket_bytes": 256 << 10})}
+AB = ("2x1", "2x1 256K", "2x1 overlap")
 
 
 def worker(model: str, threads: int, steps: int, blocks: int, options: dict) -> None:
@@ -67,6 +77,52 @@ def worker(model: str, threads: int, steps: int, blocks: int, options: dict) -> 
         world.end(0)
 
 
+def ab_worker(model: str, steps: int, blocks: int) -> None:
+    """Both 2x1 schedules in one job, blocks of steps alternating between them."""
+    import dlc
+    from dlc.runtime.distributed import world_from_env
+    path, batch = MODELS[model]
+    world = world_from_env()
+    sessions = {}
+    for name in AB:
+        m = dlc.load(path)
+        sessions[name] = m.session(m.train_config, "cpu", world, threads=1, **CONFIGS[name][2])
+    t = m.input_types[0][1]
+    rng = np.random.default_rng(0)
+    x = rng.random((batch,) + tuple(int(d) for d in t.shape[1:]), dtype=np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    for s in sessions.values():
+        for _ in range(3):
+            s.train_step(x, y, 0.01)
+    times: dict = {name: [] for name in sessions}
+    comm: dict = {name: [] for name in sessions}
+    for _ in range(blocks):
+        for name, s in sessions.items():
+            c0, start = world.comm_seconds, time.perf_counter()
+            for _ in range(steps):
+                s.train_step(x, y, 0.01)
+            times[name].append((time.perf_counter() - start) / steps)
+            comm[name].append((world.comm_seconds - c0) / steps)
+    if world.lead:
+        print(json.dumps({"times": times, "comm": comm}), flush=True)
+    world.end(0)
+
+
+def ab(models, steps: int, blocks: int) -> None:
+    from dlc.runtime.distributed import find_mpiexec
+    print(f"{'model':<7}{'config':<13}{'ms/step':>9}{'vs 2x1':>8}{'comm':>7}")
+    for model in models:
+        cmd = [find_mpiexec(), "-n", "2", sys.executable, __file__, "--ab-worker", model, "--steps", str(steps),
+               "--blocks", str(blocks)]
+        out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        base = out["times"]["2x1"]
+        for name in AB:
+            t = out["times"][name]
+            ratio = statistics.median(y / x for x, y in zip(base, t))
+            share = statistics.median(c / s for c, s in zip(out["comm"][name], t))
+            print(f"{model:<7}{name:<13}{statistics.median(t) * 1e3:>9.3f}{ratio:>8.3f}{share:>7.0%}")
+
+
 def run_config(model: str, config: str, steps: int, blocks: int) -> dict:
     ranks, threads, options = CONFIGS[config]
     cmd = [sys.executable, __file__, "--worker", model, "--threads", str(threads), "--steps", str(steps),
@@ -86,14 +142,21 @@ def main() -> None:
     ap.add_argument("--models", default="mlp,lenet")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", default=str(HERE / "results_distributed.json"))
+    ap.add_argument("--ab", action="store_true", help="compare the two 2-rank schedules in one job")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ab-worker", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.threads, args.steps, args.blocks, json.loads(args.options))
         return
-    os.environ.setdefault("DLC_CACHE_DIR", str(Path.home() / ".cache" / "dlc"))
+    if args.ab_worker:
+        ab_worker(args.ab_worker, args.steps, args.blocks)
+        return
+    if args.ab:
+        ab(args.models.split(","), args.steps, args.blocks)
+        return
     models, configs = args.models.split(","), args.configs.split(",")
     runs: dict = {(m, c): [] for m in models for c in configs}
     for r in range(args.rounds):

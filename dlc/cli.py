@@ -244,6 +244,9 @@ def cmd_compile(args) -> int:
     if args.explain_fusion:
         fused = log.last("fuse")
         print(fused.graph.meta["fusion"].explain(fused.graph), end="")
+    if args.output and args.ranks > 1:
+        raise UsageError("-o writes one-process steps; a data-parallel job compiles its own (through the cache)",
+                         hint="leave out --ranks to write an artifact")
     if args.output:
         steps = model.compile_artifact(args.output, target=args.target, **_backend_options(args))
         print(f"wrote {args.output}: {model.name}, steps " + ", ".join(f"{m} batch {b}" for m, b in steps))

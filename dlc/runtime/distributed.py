@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dlc.core.diagnostics import UsageError
+from dlc.core.diagnostics import DlcError, UsageError
 
 JOB_DIR_VAR = "DLC_JOB_DIR"  # set by launch(): where each rank writes its pid
 _SIGNALS = {"6", "9", "11", "15"}  # exit codes mpiexec reports for SIGABRT, SIGKILL, SIGSEGV, SIGTERM
@@ -87,6 +87,7 @@ class World:
     def __init__(self):
         MPI = self.MPI = _mpi()
         self.comm = MPI.COMM_WORLD.Dup()
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)  # a failed exchange raises: see failure()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.lead = self.rank == 0
         # where every rank runs: messages about a rank name its process and machine
@@ -108,12 +109,59 @@ class World:
         pid, host = self.places[rank]
         return f"rank {rank} (pid {pid} on {host})"
 
+    def failure(self, error: Exception) -> "JobError":
+        """What to say when an exchange failed: which rank has died (its process is gone,
+        where that can be seen from here), or else what MPI said -- and this rank's
+        watchdog or rank 0's names a dead rank on another machine within its timeout."""
+        text = error.Get_error_string() if hasattr(error, "Get_error_string") else str(error)
+        detail = text.strip().splitlines()[0] if text.strip() else repr(error)
+        dead = [r for r in range(self.size) if r != self.rank and not self._alive(r)]
+        if dead:
+            who = " and ".join(self.where(r) for r in dead)
+            return JobError(f"{who} ended during an exchange of gradients; stopping all {self.size} ranks",
+                            notes=[f"MPI said: {detail}"])
+        time.sleep(TIMEOUT_SECONDS + 2 * HEARTBEAT_SECONDS)  # a watchdog may name a dead rank meanwhile
+        return JobError(f"an exchange between the ranks failed: {detail}")
+
+    def _alive(self, rank: int) -> bool:
+        pid, host = self.places[rank]
+        if host != socket.gethostname():
+            return True  # cannot tell from here
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        try:  # a zombie (dead, not yet reaped by mpiexec's proxy) is dead too
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return True
+
     def default_threads(self) -> int:
         """Threads per rank when none are asked for: this machine's cores shared by its ranks."""
         return max(1, (os.cpu_count() or 1) // self.local_size)
 
     # --- the sums a step asks for (dlc.core.collective.Communicator) ---------------------------
     def allreduce(self, arrays: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
+        try:
+            self._allreduce(arrays, out)
+        except self.MPI.Exception as e:
+            raise self.failure(e) from None
+
+    def start(self, arrays: Sequence[np.ndarray]) -> object:
+        try:
+            return self._start(arrays)
+        except self.MPI.Exception as e:
+            raise self.failure(e) from None
+
+    def finish(self, handle, out: Sequence[np.ndarray]) -> None:
+        try:
+            self._finish(handle, out)
+        except self.MPI.Exception as e:
+            raise self.failure(e) from None
+
+    def _allreduce(self, arrays: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
         """out = the sums over ranks, added in rank order. Two ranks: each gets the other's
         values (allgather) and adds them; more: rank r adds up the r-th chunk of everyone's
         (all-to-all), then everyone gathers the chunks (bandwidth 2x the data, not N x)."""
@@ -135,7 +183,7 @@ class World:
         _unpack(total, out)
         self.comm_seconds += time.perf_counter() - started
 
-    def start(self, arrays: Sequence[np.ndarray]) -> object:
+    def _start(self, arrays: Sequence[np.ndarray]) -> object:
         """Begin the same sum without waiting: one non-blocking allgather (the only collective
         call of the exchange, so exchanges started in the same order match up whatever order
         they are finished in). The sources are copied: they may change after the start."""
@@ -146,7 +194,7 @@ class World:
         self.comm_seconds += time.perf_counter() - started
         return handle
 
-    def finish(self, handle, out: Sequence[np.ndarray]) -> None:
+    def _finish(self, handle, out: Sequence[np.ndarray]) -> None:
         started = time.perf_counter()
         request, parts, _ = handle
         request.Wait()
@@ -200,21 +248,27 @@ class World:
         for rank, theirs in enumerate(everyone[1:], start=1):
             differ = [what for what in parts if theirs.get(what) != everyone[0].get(what)]
             if differ:
-                raise UsageError(f"{self.where(rank)} does not run what rank 0 runs: its "
-                                 f"{', '.join(differ)} differ{'s' if len(differ) == 1 else ''}",
-                                 hint="every rank must run the same .dln file, dlc version, options, data "
-                                      "and checkpoint; with several machines, copy them to each")
+                what = " and ".join([", ".join(differ[:-1]), differ[-1]] if len(differ) > 1 else differ)
+                raise JobError(f"{self.where(rank)} does not run what rank 0 runs: its "
+                               f"{what} differ{'s' if len(differ) == 1 else ''}",
+                               hint="every rank must run the same .dln file, dlc version, options, data "
+                                    "and checkpoint; with several machines, copy them to each")
 
     def end(self, code: int) -> None:
         """This rank is done: when all went well, wait for every rank (the watchdog still
         watching), then stop the watchdog; otherwise stop the whole job with `code`."""
         if code == 0:
-            self.comm.Barrier()
+            self.comm.Barrier()  # every rank got here: from now on one may exit before another
+            self.watchdog.ending = True
             self.watchdog.stop()
             return
         sys.stdout.flush()
         sys.stderr.flush()
         self.MPI.COMM_WORLD.Abort(code)
+
+
+class JobError(DlcError):
+    """A data-parallel job cannot go on: a rank died, or an exchange failed."""
 
 
 def digest(*parts) -> str:
@@ -270,6 +324,7 @@ class Watchdog(threading.Thread):
         self.peers = list(range(1, world.size)) if world.lead else [0]
         self._stop = threading.Event()
         self._done = threading.Event()
+        self.ending = False  # every rank has finished: peers may now exit
 
     def run(self) -> None:
         MPI, comm = self.world.MPI, self.comm
@@ -280,27 +335,39 @@ class Watchdog(threading.Thread):
         last = {p: time.monotonic() for p in self.peers}
         try:
             while not self._stop.is_set():
-                sends += [comm.Isend(beat, dest=p, tag=_HEARTBEAT_TAG) for p in self.peers]
                 now = time.monotonic()
                 for p in self.peers:
-                    while recvs[p].Test():
-                        last[p] = now
-                        recvs[p] = comm.Irecv(inbox[p], source=p, tag=_HEARTBEAT_TAG)
-                sends = [s for s in sends if not s.Test()]
-                for p in self.peers:
+                    try:
+                        sends.append(comm.Isend(beat, dest=p, tag=_HEARTBEAT_TAG))
+                        while recvs[p].Test():
+                            last[p] = now
+                            recvs[p] = comm.Irecv(inbox[p], source=p, tag=_HEARTBEAT_TAG)
+                    except MPI.Exception:
+                        pass  # a dead peer: its heartbeats stop, the timeout below tells
+                    if not self.world._alive(p):  # on this machine a dead process shows at once
+                        self._abort(p, "died")
                     if now - last[p] > TIMEOUT_SECONDS:
-                        self._abort(p, now - last[p])
+                        self._abort(p, f"stopped: no heartbeat for {now - last[p]:.0f} s (it hangs, or died "
+                                       "with its machine)")
+                try:
+                    sends = [s for s in sends if not s.Test()]
+                except MPI.Exception:
+                    sends = []
                 self._stop.wait(HEARTBEAT_SECONDS)
         finally:
-            for r in recvs.values():
-                r.Cancel()
-            MPI.Request.Waitall(list(recvs.values()))
+            try:
+                for r in recvs.values():
+                    r.Cancel()
+                MPI.Request.Waitall(list(recvs.values()))
+            except MPI.Exception:
+                pass
             self._done.set()
 
-    def _abort(self, rank: int, silent: float) -> None:
+    def _abort(self, rank: int, what: str) -> None:
+        if self.ending or self._stop.is_set():
+            return
         sys.stdout.flush()
-        sys.stderr.write(f"dlc: {self.world.where(rank)} stopped: no heartbeat for {silent:.0f} s (it died or "
-                         f"its machine did); stopping all {self.world.size} ranks\n")
+        sys.stderr.write(f"dlc: {self.world.where(rank)} {what}; stopping all {self.world.size} ranks\n")
         sys.stderr.flush()
         self.world.MPI.COMM_WORLD.Abort(3)
 
