@@ -10,12 +10,11 @@ median step time over blocks of steps. Configurations:
 
   1x2           one process, two threads (the default on a 2-core machine)
   1x1           one process, one thread
-  2x1           two ranks (mpiexec), one thread each: gradients summed by one exchange
-                per bucket between phases (the default data-parallel schedule)
-  2x1 256K      the same with buckets of 256 KiB of gradients (the default is 4 MiB:
-                one exchange for these models)
-  2x1 overlap   buckets of 256 KiB, each exchange started when the bucket is ready and
-                waited for only before its first reader
+  2x1           two ranks (mpiexec), one thread each, the default schedule: gradients in
+                buckets of 1 MiB, each bucket's exchange started when it is ready and
+                waited for only before its first reader (overlap)
+  2x1 sync      the same buckets, each exchanged at once, the step waiting for it
+  2x1 one bucket  every gradient in one exchange, at the end of the backward pass
 
 `comm` is the share of rank 0's step spent in the exchanges (waiting for the other rank
 included). Needs mpi4py and mpich (pip install 'dlc[mpi]').
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -43,10 +41,11 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 MODELS = {"mlp": (HERE / "models" / "mlp784.dln", 128), "lenet": (HERE / "models" / "lenet28.dln", 64)}
-CONFIGS = {"1x2": (1, 2, {}), "1x1": (1, 1, {}), "2x1": (2, 1, {}),
-           "2x1 256K": (2, 1, {"bucket_bytes": 256 << 10}),
-           "2x1 overlap": (2, 1, {"overlap": True, "bucket_bytes": 256 << 10})}
-AB = ("2x1", "2x1 256K", "2x1 overlap")
+CONFIGS = {"1x2": (1, 2, {}), "1x1": (1, 1, {}),
+           "2x1": (2, 1, {}),  # the default: 1 MiB buckets, overlapped
+           "2x1 sync": (2, 1, {"overlap": False}),
+           "2x1 one bucket": (2, 1, {"overlap": False, "bucket_bytes": 64 << 20})}
+AB = ("2x1", "2x1 sync", "2x1 one bucket")
 
 
 def worker(model: str, threads: int, steps: int, blocks: int, options: dict) -> None:
@@ -110,7 +109,7 @@ def ab_worker(model: str, steps: int, blocks: int) -> None:
 
 def ab(models, steps: int, blocks: int) -> None:
     from dlc.runtime.distributed import find_mpiexec
-    print(f"{'model':<7}{'config':<13}{'ms/step':>9}{'vs 2x1':>8}{'comm':>7}")
+    print(f"{'model':<7}{'config':<16}{'ms/step':>9}{'vs 2x1':>8}{'comm':>7}")
     for model in models:
         cmd = [find_mpiexec(), "-n", "2", sys.executable, __file__, "--ab-worker", model, "--steps", str(steps),
                "--blocks", str(blocks)]
@@ -120,7 +119,7 @@ def ab(models, steps: int, blocks: int) -> None:
             t = out["times"][name]
             ratio = statistics.median(y / x for x, y in zip(base, t))
             share = statistics.median(c / s for c, s in zip(out["comm"][name], t))
-            print(f"{model:<7}{name:<13}{statistics.median(t) * 1e3:>9.3f}{ratio:>8.3f}{share:>7.0%}")
+            print(f"{model:<7}{name:<16}{statistics.median(t) * 1e3:>9.3f}{ratio:>8.3f}{share:>7.0%}")
 
 
 def run_config(model: str, config: str, steps: int, blocks: int) -> dict:
@@ -165,7 +164,7 @@ def main() -> None:
                 runs[(m, c)].append(run_config(m, c, args.steps, args.blocks))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     results = {}
-    print(f"{'model':<7}{'config':<13}{'ms/step':>9}{'comm':>8}{'vs 1x2':>9}   steps/s over rounds")
+    print(f"{'model':<7}{'config':<16}{'ms/step':>9}{'comm':>8}{'vs 1x2':>9}   ms/step per round")
     for m in models:
         base = statistics.median(x["step"] for x in runs[(m, "1x2")]) if "1x2" in configs else None
         for c in configs:
@@ -173,7 +172,7 @@ def main() -> None:
             comm = statistics.median(x["comm"] / x["step"] for x in runs[(m, c)])
             spread = ", ".join(f"{x['step'] * 1e3:.2f}" for x in runs[(m, c)])
             ratio = f"{base / step:8.2f}x" if base else ""
-            print(f"{m:<7}{c:<13}{step * 1e3:>9.3f}{comm:>8.0%}{ratio:>9}   [{spread}]")
+            print(f"{m:<7}{c:<16}{step * 1e3:>9.3f}{comm:>8.0%}{ratio:>9}   [{spread}]")
             results[f"{m} {c}"] = {"ms_per_step": step * 1e3, "comm_share": comm,
                                    "rounds_ms": [x["step"] * 1e3 for x in runs[(m, c)]]}
     Path(args.out).write_text(json.dumps(results, indent=1))

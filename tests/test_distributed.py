@@ -191,9 +191,9 @@ def one_process(tmp_path_factory):
 
 @needs_mpi
 @pytest.mark.parametrize("ranks, target, options", [
-    (2, "cpu", {"overlap": True, "bucket_bytes": 512}),  # several buckets, overlapped exchanges
+    (2, "cpu", {"bucket_bytes": 512}),  # several buckets, overlapped exchanges (the default)
     (3, "reference", {}),  # 3 ranks: sums of chunks (all-to-all, then gather)
-], ids=["2-cpu-overlap", "3-reference"])
+], ids=["2-cpu", "3-reference"])
 def test_ranks_train_the_parameters_one_process_trains(tmp_path, one_process, ranks, target, options):
     """Dropout by global sample, batchnorm over the global batch, shards of 4 and 3, a rank
     without a sample: after the steps, the job's parameters are one process's."""
