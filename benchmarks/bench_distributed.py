@@ -11,9 +11,11 @@ median step time over blocks of steps. Configurations:
   1x2           one process, two threads (the default on a 2-core machine)
   1x1           one process, one thread
   2x1           two ranks (mpiexec), one thread each, the default schedule: gradients in
-                buckets of 1 MiB, each bucket's exchange started when it is ready and
-                waited for only before its first reader (overlap)
-  2x1 sync      the same buckets, each exchanged at once, the step waiting for it
+                buckets of 1 MiB, each bucket's exchange started (thread 0 calling the
+                host) in the phase where it is ready and waited for only before its first
+                reader (the updates, which run after the last start)
+  2x1 sync      the same buckets, each exchanged at once where it is ready, the step
+                going on when the exchange is done
   2x1 one bucket  every gradient in one exchange, at the end of the backward pass
 
 `comm` is the share of rank 0's step spent in the exchanges (waiting for the other rank
@@ -42,7 +44,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 MODELS = {"mlp": (HERE / "models" / "mlp784.dln", 128), "lenet": (HERE / "models" / "lenet28.dln", 64)}
 CONFIGS = {"1x2": (1, 2, {}), "1x1": (1, 1, {}),
-           "2x1": (2, 1, {}),  # the default: 1 MiB buckets, overlapped
+           "2x1": (2, 1, {}),  # the default: 1 MiB buckets, overlapped exchanges
            "2x1 sync": (2, 1, {"overlap": False}),
            "2x1 one bucket": (2, 1, {"overlap": False, "bucket_bytes": 64 << 20})}
 AB = ("2x1", "2x1 sync", "2x1 one bucket")

@@ -85,7 +85,7 @@ class Session:
         ranks = world.size if world is not None else 1
         options = dict(options or {})
         self.bucket_bytes = options.pop("bucket_bytes", None)  # gradients per exchange (data-parallel)
-        if world is not None:  # exchanges overlap the backward pass: measured faster (README)
+        if world is not None:  # exchanges overlap the rest of the backward pass: measured faster
             options = {"threads": world.default_threads(), "overlap": True, **options}
             if not backends.backend(target).collectives:
                 raise UsageError(f"target `{target}` cannot run a data-parallel job yet: its steps have no "

@@ -44,19 +44,21 @@ inner iteration. A nest with no outer loops, or marked `serial` (too little work
 out), runs on one worker. Within one iteration every value is computed before anything is
 stored, so an in-place update never reads a value the same iteration overwrote.
 
-A Collective is an exchange between the processes of a data-parallel job (only steps
-compiled for several ranks have one). It runs no loops: one worker (worker 0) hands it
-to the host runtime -- a call back into the process that runs the step, with the part's
-`bucket` number (the runtime learns the buffers of each bucket from the program) -- and
-the other workers skip it. "allreduce" writes to each `targets[i]` the element-wise sum
-over the ranks of `sources[i]` (dlc/core/collective.py: in rank order, bit-identical in
-every rank). In mode "sync" the targets are valid when the call returns. In mode "start"
-the call only begins the exchange, and a later part of the same bucket in mode "wait"
-(in the same or a later phase) finishes it: the sources must stay unchanged from the
-start to the wait, and the targets are valid only after the wait. Every rank runs the
-same program, so collectives meet in the same order in every process. A backend that
-cannot call its host from a step leaves `Backend.collectives` False, and the driver
-refuses such programs with a message.
+A Collective is an exchange between the processes of a data-parallel job (steps compiled
+for several ranks have them, and so does batchnorm(sync=true)). It runs no loops: one
+worker (worker 0) hands it to the host runtime -- a call back into the process that runs
+the step, with the part's `bucket` number (the runtime learns the buffers of each bucket
+from the program) -- and the other workers skip it. "allreduce" writes to each
+`targets[i]` the element-wise sum over the ranks of `sources[i]` (dlc/core/collective.py:
+in rank order, bit-identical in every rank; in a job of one process, the value itself).
+In mode "sync" the targets are valid when the call returns. In mode "start" the call only
+begins the exchange, and a later part of the same bucket in mode "wait" (in the same or a
+later phase) finishes it: the start reads the sources (their memory may hold other values
+after the start's phase: a host that sends later keeps a copy), and the targets are valid
+only after the wait. Every rank runs a program with the same buckets in the same order
+(whatever its batch size), so the exchanges meet one to one. A backend that cannot call
+its host from a step leaves `Backend.collectives` False, and the driver refuses
+data-parallel jobs on it with a message.
 
 After the last phase the program's `copies` run (updates that could not be planned in
 place), then `outputs` are read.
