@@ -262,13 +262,20 @@ class World:
             self.watchdog.ending = True
             self.watchdog.stop()
             return
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _before_abort()
         self.MPI.COMM_WORLD.Abort(code)
 
 
 class JobError(DlcError):
     """A data-parallel job cannot go on: a rank died, or an exchange failed."""
+
+
+def _before_abort() -> None:
+    """Flush, and give mpiexec a moment to pass on what this rank printed: MPI_Abort ends
+    every process of the job, and output still in a pipe would be lost."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(0.3)
 
 
 def digest(*parts) -> str:
@@ -368,7 +375,7 @@ class Watchdog(threading.Thread):
             return
         sys.stdout.flush()
         sys.stderr.write(f"dlc: {self.world.where(rank)} {what}; stopping all {self.world.size} ranks\n")
-        sys.stderr.flush()
+        _before_abort()
         self.world.MPI.COMM_WORLD.Abort(3)
 
     def stop(self) -> None:
