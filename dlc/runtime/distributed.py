@@ -241,9 +241,18 @@ class World:
                 a[...] = buf
 
     # --- start-up -------------------------------------------------------------------------------
-    def check_same(self, parts: dict[str, str]) -> None:
+    def check_same(self, session, data, opts) -> None:
         """Every rank must run the same program, dlc and recipe on the same data and start
-        from the same weights: `parts` {what: digest} are compared with rank 0's."""
+        from the same weights: digests of each are compared with rank 0's."""
+        from dlc import __version__
+        from dlc.pipeline import compiler_fingerprint
+        state = session.state
+        parts = {"program": digest(session.model.source_key("train", session.config, self.size, session.bucket_bytes)),
+                 "dlc version": digest(__version__, compiler_fingerprint()),
+                 "options": digest(session.target, opts.epochs, opts.batch, opts.lr, opts.seed, opts.shuffle,
+                                   opts.resume and (opts.resume["epoch"], opts.resume["batch"])),
+                 "training data": digest(data.x_train, data.y_train),
+                 "weights": digest(*(state[k] for k in sorted(state)))}
         everyone = self.comm.allgather(parts)
         for rank, theirs in enumerate(everyone[1:], start=1):
             differ = [what for what in parts if theirs.get(what) != everyone[0].get(what)]

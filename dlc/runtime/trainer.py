@@ -97,8 +97,8 @@ class Session:
                          key=model.source_key(mode, config, ranks, self.bucket_bytes), data_name=self.input_name,
                          preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)
                                     and (ranks == 1 or mode == "eval")},  # artifacts hold one-process steps
-                         options=options)
-            for mode in ("train", "eval"))
+                         options=options if mode == "train" else {k: v for k, v in options.items() if k != "overlap"})
+            for mode in ("train", "eval"))  # (evaluation exchanges nothing: its steps are one process's)
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
         self._results = ["loss"] + self.metrics
         self.global_step = int(self.state["step"]) if "step" in self.state else 0
@@ -248,7 +248,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     world = session.world  # a data-parallel job: rank 0 alone reports, logs and saves
     lead = world is None or world.lead
     if world is not None:
-        world.check_same(job_digests(session, data, opts))
+        world.check_same(session, data, opts)
     progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet or not lead)
     header = {"event": "start", "model": session.model.name, "dlc": __version__, "target": session.target,
               "epochs": opts.epochs, "batch": opts.batch, "seed": opts.seed}
@@ -316,19 +316,6 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         if log:
             log.close()
     return history
-
-
-def job_digests(session: Session, data, opts: FitOptions) -> dict[str, str]:
-    """What every rank of a job must agree on, as digests (see World.check_same)."""
-    from dlc.pipeline import compiler_fingerprint
-    from dlc.runtime.distributed import digest
-    model = session.model
-    return {"program": digest(model.source_key("train", session.config, session.world.size, session.bucket_bytes)),
-            "dlc version": digest(__version__, compiler_fingerprint()),
-            "options": digest(session.target, opts.epochs, opts.batch, opts.lr, opts.seed, opts.shuffle,
-                              opts.resume and (opts.resume["epoch"], opts.resume["batch"])),
-            "training data": digest(data.x_train, data.y_train),
-            "weights": digest(*(session.state[k] for k in sorted(session.state)))}
 
 
 class Interrupted(Exception):
