@@ -14,6 +14,12 @@ artifacts, and runs steps. A backend:
   target(options)     a Target for this machine: `key()` (part of every cache key),
                       `describe()`, `to_json()`
   compile(program, target, profile) -> Compiled: blobs (bytes) and a StepLayout
+  validate(blobs, layout, target)  None, or one sentence saying why this code must not be
+                      loaded. Code from the disk cache or an artifact has passed a checksum
+                      but may still be damaged (a missing or swapped object, one from another
+                      build); the driver calls this before `load` and rebuilds the code (cache)
+                      or refuses the file (artifact). It must run none of the code and must
+                      not crash on any input: loading is where native code starts to run.
   load(blobs, layout, target) -> Step: `run(state, feeds)` and `profile_rows()`
   dump(program, stage, target) -> text of one of its stages
   check_target(saved, target)   None, or why code built for `saved` (a target's JSON)
@@ -31,6 +37,7 @@ registry (backends/__init__.py); docs/backends.md walks through it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -54,7 +61,53 @@ class StepLayout:
 
     @staticmethod
     def from_json(text: str) -> "StepLayout":
-        return StepLayout(**json.loads(text))
+        """ValueError unless `text` is a well-formed layout (it may come from a damaged file)."""
+        try:
+            raw = json.loads(text)
+            assert isinstance(raw, dict) and set(raw) == _LAYOUT_FIELDS, "unexpected fields"
+            layout = StepLayout(**raw)
+            _check_layout(layout)
+        except (ValueError, TypeError, AssertionError, RecursionError) as e:
+            raise ValueError(str(e) or type(e).__name__) from None
+        return layout
+
+    def code_digest(self) -> str:
+        """A digest of everything the compiled code assumes about its buffers (not the
+        thread count, set at load, nor `meta`); a backend may build it into the code."""
+        fixed = [self.arena_bytes, self.scratch_bytes, self.slots, self.outputs, self.kernels]
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_LAYOUT_FIELDS = {"arena_bytes", "scratch_bytes", "slots", "outputs", "kernels", "threads", "meta"}
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_layout(layout: StepLayout) -> None:
+    from dlc.core.types import DType
+    assert _count(layout.arena_bytes) and _count(layout.scratch_bytes), "bad sizes"
+    assert _count(layout.threads) and layout.threads >= 1, "bad thread count"
+    assert isinstance(layout.slots, list) and isinstance(layout.outputs, dict), "bad slots or outputs"
+    assert isinstance(layout.kernels, list) and isinstance(layout.meta, dict), "bad kernels or meta"
+    names = set()
+    for name, kind, dtype, shape in layout.slots:
+        assert isinstance(name, str) and name not in names and kind in ("input", "state"), f"bad slot {name!r}"
+        assert isinstance(shape, list) and all(_count(d) for d in shape), f"bad shape of {name!r}"
+        DType(dtype)
+        names.add(name)
+    for name, (where, dtype, shape) in layout.outputs.items():
+        assert isinstance(shape, list) and all(_count(d) for d in shape), f"bad shape of output {name!r}"
+        size = DType(dtype).np.itemsize
+        for d in shape:
+            size *= d
+        if isinstance(where, str):
+            assert where in names, f"output {name!r} names no slot"
+        else:  # in the arena: wholly inside it
+            assert _count(where) and where + size <= layout.arena_bytes, f"output {name!r} is outside the arena"
+    for kernel in layout.kernels:
+        assert isinstance(kernel, list) and len(kernel) == 3 and isinstance(kernel[0], str), "bad kernel entry"
 
 
 @dataclass
@@ -95,6 +148,9 @@ class Backend:
 
     def compile(self, program, target, profile: bool = False) -> Compiled:
         raise NotImplementedError
+
+    def validate(self, blobs: list[bytes], layout: StepLayout, target) -> str | None:
+        return None
 
     def load(self, blobs: list[bytes], layout: StepLayout, target) -> Step:
         raise NotImplementedError

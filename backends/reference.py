@@ -13,6 +13,7 @@ import numpy as np
 from dlc.backends.base import Backend
 from dlc.core import ops
 from dlc.core.graph import Graph
+from dlc.core.ops.scan import run_scan
 from dlc.passes.specialize import bind_symbols, is_symbolic, specialize
 from dlc.core.types import DType
 
@@ -29,6 +30,7 @@ class Interpreter:
         self.float_dtype = float_dtype
         self.symbolic = is_symbolic(graph)
         self._plans: dict[tuple, tuple[Graph, list[int]]] = {}
+        self._bodies: dict[int, tuple[Graph, Interpreter]] = {}  # id(loop body) -> its interpreter
 
     def _plan(self, inputs: Mapping[str, np.ndarray]) -> tuple[Graph, list[int]]:
         bindings = {}
@@ -56,6 +58,12 @@ class Interpreter:
 
     def _eval(self, graph: Graph, nid: int, values, inputs) -> np.ndarray:
         node = graph.node(nid)
+        if node.op is ops.SCAN:  # a tuple of arrays, read through scan_result
+            body = node.attrs["body"]
+            if id(body) not in self._bodies:  # (the body is held too, so its id stays its own)
+                self._bodies[id(body)] = (body, Interpreter(body, self.float_dtype))
+            return run_scan([values[o] for o in node.operands], float_dtype=self.float_dtype,
+                            run_body=self._bodies[id(body)][1].run, **node.attrs)
         want = np_dtype(node.type.dtype, self.float_dtype)
         if node.op is ops.INPUT:
             name = node.attrs["name"]

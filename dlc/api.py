@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from dlc.backends import DEFAULT as DEFAULT_TARGET
-from dlc.core.diagnostics import ArgumentError, DataError, DlcError, UsageError, did_you_mean
+from dlc.core.diagnostics import ArgumentError, DataError, DlcError, Source, Span, UsageError, did_you_mean
 from dlc.core.graph import Graph
 from dlc.core.kernel import format_program
 from dlc.core.printer import print_graph
 from dlc.language import frontend
 from dlc.language.frontend import Built
 from dlc.language.initializers import param_rng
+from dlc.language.recipe import INT_OPTION_MAX
 from dlc.language.summary import format_summary
 from dlc.language.syntax.parse import parse
 from dlc.language.syntax.printer import format_ast
@@ -28,12 +29,26 @@ def read_source(path_or_source) -> tuple[str, str]:
             isinstance(path_or_source, str) and "\n" not in path_or_source and "{" not in path_or_source):
         path = Path(path_or_source)
         try:
-            return path.read_text(encoding="utf-8"), str(path_or_source)
+            data = path.read_bytes()
         except FileNotFoundError:
             raise UsageError(f"no such file: {path}") from None
-        except (OSError, ValueError) as e:  # ValueError: undecodable text, or a NUL in the name
-            raise UsageError(f"cannot read {path!r}: {e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+            raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            return data.decode("utf-8"), str(path_or_source)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(data, e, str(path_or_source)) from None
     return str(path_or_source), "<string>"
+
+
+def _not_utf8(data: bytes, e: UnicodeDecodeError, name: str) -> DlcError:
+    """Where the first byte that is not UTF-8 is, as a line and a column of characters."""
+    line_start = data.rfind(b"\n", 0, e.start) + 1
+    line = data.count(b"\n", 0, e.start) + 1
+    col = len(data[line_start:e.start].decode("utf-8")) + 1  # the bytes before it decode
+    source = Source(name, data.decode("utf-8", errors="replace"))
+    return DlcError(f"the file is not UTF-8: byte 0x{data[e.start]:02x} cannot be decoded",
+                    Span(source, line, col, line, col + 1), hint="save the file as UTF-8")
 
 
 def load(path_or_source, model: str | None = None) -> "Model":
@@ -61,14 +76,33 @@ def _is_artifact(path) -> bool:
 
 
 def _load_artifact(path) -> "Model":
+    """Everything in the file is checked before any of its code is loaded: the manifest,
+    every blob's digest, the target, the backend's checks of the code, and that each step
+    fits the model built from the embedded source."""
     from dlc import artifact, backends
+    from dlc.core.diagnostics import ArtifactError
     manifest, steps = artifact.read(path)
-    backend = backends.backend(manifest["backend"])
-    artifact.check_target(path, manifest, backend, backend.target({}))
+    try:
+        backend = backends.backend(manifest["backend"])
+    except UsageError as e:
+        raise ArtifactError(f"{path} cannot be used: {e.message}", hint=artifact.REBUILD) from None
+    target = backend.target({})
+    artifact.check_target(path, manifest, backend, target)
+    artifact.check_code(path, steps, backend, target)
     source = manifest["source_name"]
-    base = Path(source).parent if Path(source).parent.is_dir() else Path(path).parent
-    m = Model(parse(manifest["source"], source), manifest["model"], source, base)
+    try:
+        base = Path(source).parent if Path(source).parent.is_dir() else Path(path).parent
+    except (OSError, ValueError):  # a damaged name
+        base = Path(path).parent
+    try:
+        m = Model(parse(manifest["source"], source), manifest["model"], source, base)
+    except DlcError as e:  # the source was checked when the file was written: it is damaged
+        raise ArtifactError(f"{path} is damaged: its model does not build from the source inside it "
+                            f"({e.message})", hint=artifact.REBUILD) from None
     m.source_text = manifest["source"]
+    inputs = [name for name, _ in m.input_types]
+    for (mode, batch), (_, layout) in steps.items():
+        artifact.check_fits(path, mode, batch, layout, inputs, m.state)
     m.preloaded = {(manifest["backend"], mode, batch): step for (mode, batch), step in steps.items()}
     return m
 
@@ -85,8 +119,8 @@ class Model:
         self.name = self._eval.model.name
         self._train = frontend.build(program, self.name, mode="train")
         self.train_config = self._eval.train
-        seed = self.train_config.seed if self.train_config else 0
-        self.state: dict[str, np.ndarray] = init_state(self._train, seed)
+        self._seed = self.train_config.seed if self.train_config else 0
+        self._state: dict[str, np.ndarray] | None = None  # created on first use: see `state`
         self.normalizer = None
         self._sessions: dict = {}
         self.preloaded: dict = {}  # (backend, mode, batch) -> (blobs, layout) from an artifact
@@ -215,6 +249,14 @@ class Model:
                         hint="stack them into one input with an extra axis (e.g. two f32[B, 64] as "
                              "`x: f32[B, 2, 64]`) and take it apart in the model (`x[:, 0]`, "
                              "`x[:, 1]`); from Python, forward(x, y) runs the model on several arrays")
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """Parameters and state by name (numpy arrays), initialized on first use, so that
+        checking a model never allocates its weights."""
+        if self._state is None:
+            self._state = init_state(self._train, self._seed)
+        return self._state
 
     @property
     def params(self) -> dict[str, np.ndarray]:
@@ -401,11 +443,14 @@ def _optimizer_spec(name: str):
 
 def check_input(name: str, t, x) -> np.ndarray:
     """Convert a batch to the declared dtype and check its shape (symbols match anything)."""
+    from dlc.data.sources import check_float32_range
     x = np.asarray(x)
     want = t.dtype.np
     if x.ndim != t.rank or any(isinstance(d, int) and d != s for d, s in zip(t.shape, x.shape)):
         raise DataError(f"input `{name}` should be {t}, got an array of shape {list(x.shape)}")
     if x.dtype != want:
+        if want == np.float32:
+            check_float32_range(x, f"input `{name}`")
         if want.kind in "iu" and x.dtype.kind == "f" and not np.all(np.mod(x, 1) == 0):
             raise DataError(f"input `{name}` should hold integers ({t}), got fractional values")
         x = x.astype(want)
@@ -414,6 +459,8 @@ def check_input(name: str, t, x) -> np.ndarray:
 
 def init_state(built: Built, seed: int) -> dict[str, np.ndarray]:
     """Fresh parameters (seeded per name) and state (running stats, counters)."""
+    if not 0 <= seed <= INT_OPTION_MAX:  # dropout's generator takes an i32 seed
+        raise ArgumentError(f"the seed must be an integer from 0 to {INT_OPTION_MAX:,}, got {seed:,}")
     out = {}
     for name, spec in built.params.items():
         shape = tuple(int(d) for d in spec.type.shape)

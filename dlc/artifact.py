@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -28,13 +29,20 @@ FORMAT = 2
 REBUILD = "rebuild it with `dlc compile FILE.dln -o OUT`"
 
 
+MAGIC = b"PK\x03\x04"  # a zip file's first member
+
+
 def is_artifact(path) -> bool:
-    """A zip file (the container), whether intact or not: such a file is never .dln source."""
+    """A .dlcx file or a zip file (the container), intact or not: never .dln source. A file
+    cut short inside the zip signature still counts (its first two bytes are `PK`)."""
+    if str(path).endswith(".dlcx"):
+        return True
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
+            head = f.read(4)
     except OSError:
         return False
+    return len(head) >= 2 and MAGIC.startswith(head)
 
 
 def write(path, source_name: str, source_text: str, model: str, backend: str, target: dict,
@@ -65,24 +73,42 @@ def write(path, source_name: str, source_text: str, model: str, backend: str, ta
             os.unlink(tmp)
 
 
+# What reading a damaged zip can raise: a flipped bit in a header reads as "encrypted"
+# (RuntimeError) or as an unknown compression (NotImplementedError), a truncated stream as
+# EOFError or zlib.error, a size field as MemoryError.
+_DAMAGE = (OSError, KeyError, ValueError, EOFError, NotImplementedError, RuntimeError, MemoryError,
+           RecursionError, struct.error, zipfile.BadZipFile, zlib.error)
+
+
 def read(path) -> tuple[dict, dict[tuple[str, int], tuple[list[bytes], StepLayout]]]:
     """(manifest, steps), every part checked; ArtifactError otherwise."""
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{path} does not exist or is not a file", hint=REBUILD)
     try:
         with zipfile.ZipFile(path) as z:
-            manifest = _manifest(path, z.read("manifest.json"))
+            manifest = _manifest(path, _member(z, "manifest.json"))
             steps = {}
             for s in manifest["steps"]:
                 parts = []
                 for blob in s["blobs"]:
-                    data = z.read(blob["name"])
+                    data = _member(z, blob["name"])
                     if len(data) != blob["size"] or hashlib.sha256(data).hexdigest() != blob["sha256"]:
                         raise ArtifactError(f"{path} is damaged: {blob['name']} does not match its digest",
                                             hint=REBUILD)
                     parts.append(data)
+                if (s["mode"], s["batch"]) in steps:
+                    raise ValueError(f"the {s['mode']} step for batch {s['batch']} is there twice")
                 steps[(s["mode"], s["batch"])] = (parts, _layout(path, s["layout"]))
-    except (OSError, KeyError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
-        raise ArtifactError(f"{path} is not a readable dlc artifact ({_why(e)})", hint=REBUILD) from None
+    except _DAMAGE as e:
+        raise ArtifactError(f"{path} is a damaged dlc artifact ({_why(e)})", hint=REBUILD) from None
     return manifest, steps
+
+
+def _member(z: zipfile.ZipFile, name: str) -> bytes:
+    try:
+        return z.read(name)
+    except KeyError:
+        raise ValueError(f"it has no member `{name}`") from None
 
 
 def check_target(path, manifest: dict, backend, target) -> None:
@@ -96,6 +122,16 @@ def check_target(path, manifest: dict, backend, target) -> None:
 
 
 def _why(e: Exception) -> str:
+    """What went wrong, in words: a reader's messages (zlib's "Error -3 while decompressing")
+    say little to someone holding a damaged file."""
+    if isinstance(e, zlib.error):
+        return "its compressed data is corrupted"
+    if isinstance(e, (EOFError, struct.error)) or str(e) == "File is not a zip file":
+        return "it is truncated, or not a zip file"
+    if isinstance(e, (RuntimeError, NotImplementedError)):
+        return "its zip headers are corrupted"
+    if isinstance(e, UnicodeDecodeError) or type(e).__name__ == "JSONDecodeError":
+        return "its manifest is not valid JSON"
     return str(e) or type(e).__name__
 
 
@@ -106,10 +142,11 @@ _BLOB = {"name": str, "sha256": str, "size": int}
 
 
 def _manifest(path, raw: bytes) -> dict:
-    manifest = json.loads(raw)
+    manifest = json.loads(raw.decode("utf-8"))
     if not isinstance(manifest, dict):
         raise ValueError("the manifest is not an object")
-    if manifest.get("format") != FORMAT or manifest.get("dlc") != __version__:
+    _fields(manifest, {"format": int, "dlc": str}, "the manifest")  # what any version writes
+    if manifest["format"] != FORMAT or manifest["dlc"] != __version__:
         raise ArtifactError(f"{path} was built by dlc {manifest.get('dlc')} (format {manifest.get('format')}); "
                             f"this is dlc {__version__}", hint=REBUILD)
     _fields(manifest, _SCHEMA, "the manifest")
@@ -132,14 +169,34 @@ def _fields(obj, schema: dict, what: str) -> None:
 
 def _layout(path, text: str) -> StepLayout:
     try:
-        layout = StepLayout.from_json(text)
-        assert isinstance(layout.arena_bytes, int) and layout.arena_bytes >= 0
-        assert isinstance(layout.scratch_bytes, int) and layout.scratch_bytes >= 0
-        for slot in layout.slots:
-            name, kind, dtype, shape = slot
-            assert isinstance(name, str) and kind in ("input", "state") and isinstance(dtype, str)
-            assert all(isinstance(d, int) and d >= 0 for d in shape)
-        assert isinstance(layout.outputs, dict) and isinstance(layout.kernels, list)
-    except (ValueError, TypeError, AssertionError) as e:
+        return StepLayout.from_json(text)
+    except ValueError as e:
         raise ArtifactError(f"{path} is damaged: a step's layout is invalid ({_why(e)})", hint=REBUILD) from None
-    return layout
+
+
+def check_code(path, steps: dict, backend, target) -> None:
+    """The backend's own checks of every step's code (before any of it is loaded)."""
+    for (mode, batch), (blobs, layout) in sorted(steps.items()):
+        reason = backend.validate(blobs, layout, target)
+        if reason:
+            raise ArtifactError(f"{path} is damaged: in its {mode} step for batch {batch}, {reason}", hint=REBUILD)
+
+
+def check_fits(path, mode: str, batch: int, layout: StepLayout, inputs: list[str], state: dict) -> None:
+    """A step must take the model's inputs at its batch size and its parameters at their
+    shapes (a step for another model or batch would be refused only when it runs), and the
+    learning rate exactly when it trains."""
+    slots = {name: (kind, shape) for name, kind, _, shape in layout.slots}
+    problem = None
+    for name in inputs:
+        kind, shape = slots.get(name, (None, None))
+        if kind != "input" or not shape or shape[0] != batch:
+            problem = f"it does not take input `{name}` for batch {batch}"
+    for name, (kind, shape) in slots.items():
+        if kind == "state" and name in state and tuple(shape) != state[name].shape:
+            problem = f"its `{name}` has shape {shape}, the model's has {list(state[name].shape)}"
+    if ("lr" in slots) != (mode == "train"):
+        problem = "it is not a " + ("training" if mode == "train" else "evaluation") + " step"
+    if problem:
+        raise ArtifactError(f"{path} is damaged: its {mode} step for batch {batch} does not fit the model "
+                            f"({problem})", hint=REBUILD)

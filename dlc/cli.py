@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dlc import __version__
 from dlc.core.diagnostics import DlcError, UsageError
+from dlc.language.recipe import INT_OPTION_MAX
 
 DESCRIPTION = """\
 dlc compiles neural networks written in the .dln language into native training steps.
@@ -67,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
                        description="Train a model with the recipe of its train block. Every value of "
                                    "the block can be overridden here; --data and --optimizer take "
-                                   ".dln expressions such as 'digits(test=0.1)' or 'sgd(lr=0.1, momentum=0.9)'.")
+                                   ".dln expressions such as 'digits(test=0.1)' or 'sgd(lr=0.1, momentum=0.9)'. "
+                                   "FILE may be an artifact from `dlc compile -o`: loading it runs the native "
+                                   "code inside it, so run only artifacts you trust (dlc checks that the file "
+                                   "is intact and built for this machine, not who built it).")
     _add_model_args(p)
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
     p.add_argument("--batch", type=_positive_int, help="mini-batch size (1 = stochastic, the data "
@@ -116,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("targets", help="list the targets (backends) and whether each can run here",
                    description="List every registered target (--target NAME): what it is, and why it "
                                "cannot run on this machine when it cannot.")
+
+    p = sub.add_parser("cache", help="show or clear the compile cache",
+                       description="Show the compile cache: its directory, entry count and size. Compiled "
+                                   "code is kept there (DLC_CACHE_DIR moves it; at most DLC_CACHE_MAX_BYTES, "
+                                   "default 1G, least recently used entries go first).")
+    p.add_argument("action", nargs="?", choices=["show", "clear"], default="show",
+                   help="`clear` removes every entry (dlc's own files only)")
 
     p = sub.add_parser("plot", help="draw loss and accuracy curves from a metrics log",
                        description="Draw per-epoch loss and accuracy from a `dlc run --log` file "
@@ -174,8 +185,8 @@ def _number(kind, check, what):
     return parse
 
 
-_positive_int = _number(int, lambda v: v > 0, "a positive integer")
-_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+_positive_int = _number(int, lambda v: 0 < v <= INT_OPTION_MAX, f"a positive integer up to {INT_OPTION_MAX:,}")
+_non_negative_int = _number(int, lambda v: 0 <= v <= INT_OPTION_MAX, f"an integer from 0 to {INT_OPTION_MAX:,}")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
@@ -377,6 +388,23 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from dlc.cache import Cache, insecure
+    from dlc.program import format_bytes as _bytes
+    cache = Cache()
+    if args.action == "clear":
+        removed = cache.clear()
+        print(f"removed {removed.entries} entries ({_bytes(removed.bytes)}) from {cache.dir}")
+        return 0
+    usage = cache.usage()
+    print(f"compile cache: {cache.dir}")
+    print(f"{usage.entries} entries, {_bytes(usage.bytes)} of at most {_bytes(cache.max_bytes)}")
+    reason = insecure(cache.dir)
+    if reason:
+        print(f"not used: {reason} (`chmod 700 {cache.dir}` if it is yours)")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from dlc.runtime.plot import plot_log
     plot_log(args.log, args.output)
@@ -385,7 +413,7 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
-            "predict": cmd_predict, "targets": cmd_targets, "plot": cmd_plot}
+            "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

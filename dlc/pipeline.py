@@ -4,7 +4,8 @@ instruments that verify, time and dump the graph after each pass.
   step_graph       GRAPH_PASSES on the symbolic graph (the batch is still `B`), once per
                    model and mode: autodiff and the optimizer make the training step
                    (with `world` > 1 ranks, shard and allreduce make it data-parallel);
-  lower            per batch size: LOWER_PASSES (bind B, fold, fuse, plan memory);
+  lower            per batch size: LOWER_PASSES (bind B, unroll loops, fold, fuse, plan
+                   memory);
   kernel_program   `schedule` to the kernel IR, then the template kinds the chosen backend
                    does not render expanded to plain loop nests.
 Backends start from the KernelProgram; passes are plain functions `(Graph, PassContext)
@@ -15,11 +16,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from dlc.core.diagnostics import UsageError
+from dlc.core.diagnostics import DlcError, UsageError
 from dlc.core.graph import Graph
 from dlc.core.kernel import KernelProgram, expand_templates
 from dlc.language.recipe import TrainConfig
@@ -93,6 +95,11 @@ def _specialize(g, ctx):
     return specialize(g, {"B": ctx.batch})
 
 
+def _unroll_scans(g, ctx):
+    from dlc.passes.unroll_scans import unroll_scans
+    return unroll_scans(g)
+
+
 def _fuse(g, ctx):
     from dlc.passes.fuse import fuse
     return fuse(g, overlap=ctx.overlap)
@@ -117,6 +124,9 @@ GRAPH_PASSES: tuple[Pass, ...] = (
 )
 LOWER_PASSES: tuple[Pass, ...] = (
     Pass("specialize", _specialize, "bind the batch dimension B to the batch size", required=True),
+    # until the kernel IR has sequential loops, native code needs the steps inlined
+    Pass("unroll_scans", _unroll_scans, "inline every step of each loop (scan): the kernel IR has no loops yet",
+         required=True),
     Pass("fold_constants", _fold, "fold what became constant (sizes, means over the batch)"),
     Pass("simplify", _simplify, "algebraic identities again, on static shapes"),
     Pass("dce", _dce, "dead-code elimination"),
@@ -173,7 +183,12 @@ def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None =
         if p.name in ctx.disabled and not p.required:
             continue
         start = time.perf_counter()
-        graph = p.fn(graph, ctx)
+        try:
+            graph = p.fn(graph, ctx)
+        except RecursionError:
+            # some passes recurse along chains of dependent nodes; a chain deeper than Python's
+            # stack (a long unrolled lstm, hundreds of stacked layers) is the user's error to fix
+            raise too_deep_to_compile(p.name, graph) from None
         elapsed = time.perf_counter() - start
         if verify:
             graph.verify()
@@ -220,6 +235,31 @@ def compiler_fingerprint() -> str:
                 h.update(str(f.relative_to(root)).encode())
                 h.update(f.read_bytes())
     return h.hexdigest()[:20]
+
+
+def too_deep_to_compile(pass_name: str, graph: Graph) -> DlcError:
+    """The error for a graph whose longest chain of dependent nodes is too deep for a pass,
+    located at the line making up most of that chain (an unrolled lstm), or else at its middle
+    (one of many stacked layers)."""
+    depth: dict[int, int] = {}
+    longest_from: dict[int, int] = {}  # node -> the operand its longest chain comes through
+    for nid in graph.toposort():  # iterative: this must not recurse itself
+        best = max(graph.operands(nid), key=depth.__getitem__, default=None)
+        depth[nid] = 1 + (depth[best] if best is not None else 0)
+        if best is not None:
+            longest_from[nid] = best
+    chain, nid = [], max(depth, key=depth.__getitem__)
+    while nid is not None:
+        chain.append(graph.node(nid).span)
+        nid = longest_from.get(nid)
+    spans = [sp for sp in chain if sp is not None]
+    where, count = Counter(spans).most_common(1)[0] if spans else (None, 0)
+    if count * 3 < len(chain):
+        where = spans[len(spans) // 2] if spans else None
+    return DlcError(f"the graph has a chain of {len(chain):,} dependent operations, too deep for "
+                    f"the `{pass_name}` pass; the longest chain runs through here", where,
+                    hint="use fewer stacked layers, or shorter sequences for rnn and lstm "
+                         "(they repeat their cell for each time step)")
 
 
 def check_disabled(names) -> frozenset[str]:

@@ -8,14 +8,17 @@ interprets graphs (the reference) gets the graph itself.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from dlc import __version__, backends
-from dlc.backends.base import StepLayout
+from dlc.backends.base import StepLayout, layout_slots
 from dlc.cache import Cache
+from dlc.core.diagnostics import ResourceError
 from dlc.core.printer import print_graph
 from dlc.core.types import DType
 
@@ -77,6 +80,7 @@ class CompiledProgram:
         step = self.steps.get(batch)
         if step is None:
             blobs, layout = self.preloaded.pop(batch, None) or self.compiled(batch)
+            self._check_memory(batch, layout.arena_bytes, layout.scratch_bytes, layout.slots)
             step = self.steps[batch] = self.backend.load(blobs, layout, self.target)
             self._create_state(layout)
         return step
@@ -94,11 +98,12 @@ class CompiledProgram:
         from dlc.pipeline import kernel_program, lower
         start = time.perf_counter()
         key = self._cache_key(batch) if self.cache else None
-        hit = self.cache.get(key) if key else None
+        hit = self._cached(key, batch) if key else None
         if hit is not None:
             self._say(f"compile cache hit {key[:12]} (batch {batch}): {(time.perf_counter() - start) * 1e3:.0f} ms")
-            return hit[0], StepLayout.from_json(hit[1])
+            return hit
         program = kernel_program(lower(self.graph, batch, overlap=self.overlap), self.templates)
+        self._check_memory(batch, program.arena_bytes, 0, layout_slots(program))  # before compiling it
         lowered = time.perf_counter()
         compiled = self.backend.compile(program, self.target, profile=self.profile)
         if self.cache:
@@ -107,6 +112,36 @@ class CompiledProgram:
         self._say(f"compile cache {'miss ' + key[:12] if key else 'off'} ({self.graph.name}, batch {batch}): "
                   f"passes {(lowered - start) * 1e3:.0f} ms, {phases}")
         return compiled.blobs, compiled.layout
+
+    def _cached(self, key: str, batch: int) -> tuple[list[bytes], StepLayout] | None:
+        """A cache entry that passed every check (its checksum, its layout, the backend's
+        own checks of the code); a damaged one is removed and rebuilt."""
+        hit, damage = self.cache.lookup(key)
+        if hit is not None:
+            try:
+                layout = StepLayout.from_json(hit[1])
+                damage = self.backend.validate(hit[0], layout, self.target)
+            except ValueError as e:
+                damage = f"its layout is invalid ({e})"
+            if damage is None:
+                return hit[0], layout
+            self.cache.discard(key)
+        if damage is not None:
+            self._say(f"compile cache entry {key[:12]} (batch {batch}) was damaged ({damage}); rebuilding it")
+        return None
+
+    def _check_memory(self, batch: int, arena: int, scratch: int, slots: list) -> None:
+        """Refuses a step that cannot fit in the memory left, before allocating any of it
+        (numpy would fail with an opaque error, or the system would start swapping)."""
+        free = available_memory()
+        new = [s for s in slots if s[1] == "input" or s[0] not in self.state]  # parameters exist already
+        buffers = sum(int(np.prod(shape)) * DType(dtype).np.itemsize for _, _, dtype, shape in new)
+        needed = arena + scratch * self.target.threads + buffers
+        if free is not None and needed > free:
+            raise ResourceError(f"the compiled step for batch {batch} needs {format_bytes(needed)} of memory (working "
+                                f"memory {format_bytes(arena + scratch * self.target.threads)}, inputs and optimizer "
+                                f"state {format_bytes(buffers)}), but only {format_bytes(free)} is available",
+                                hint="use a smaller batch (--batch), or close other programs")
 
     def _cache_key(self, batch: int) -> str:
         """What the compiled code depends on: the graph (its text, or the source it is built
@@ -130,3 +165,34 @@ class CompiledProgram:
     def _say(self, msg: str) -> None:
         if self.verbose:
             self.verbose(msg)
+
+
+def available_memory() -> int | None:
+    """Bytes that can still be allocated without swapping: the kernel's MemAvailable, or
+    what is left under this process's cgroup limit if that is less; None when unknown."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:  # a container's limit (cgroup v2)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

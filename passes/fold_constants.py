@@ -2,7 +2,8 @@
 
 Broadcasts and iotas are not folded (they would turn a scalar into a full-size array
 that every kernel then reads from memory), nor are results larger than FOLD_LIMIT
-elements. `size` folds as soon as the axes it counts are static.
+elements. `size` folds as soon as the axes it counts are static. Loop bodies are folded
+the same way; scans themselves are not evaluated.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from dlc.core import ops
 from dlc.core.builder import GraphBuilder
 from dlc.core.graph import Graph
 from dlc.core.types import is_static
+from dlc.passes.scans import map_bodies
 
 FOLD_LIMIT = 64
-_KEEP = {ops.BROADCAST, ops.IOTA, ops.INPUT, ops.CONST, ops.RANDOM,
+_KEEP = {ops.BROADCAST, ops.IOTA, ops.INPUT, ops.CONST, ops.RANDOM, ops.SCAN, ops.SCAN_RESULT,
          ops.ALLREDUCE}  # a sum over the processes of a job: not a compile-time value
 
 
@@ -30,6 +32,7 @@ def _foldable(g: Graph, nid: int) -> bool:
 
 def fold_constants(graph: Graph, ctx=None) -> Graph:
     g = graph.copy()
+    map_bodies(g, fold_constants)
     b = GraphBuilder(g)
     for nid in g.toposort():
         if not _foldable(g, nid):

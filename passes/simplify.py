@@ -4,6 +4,8 @@ Each rule looks at one node and returns a replacement value (or None). Rules nev
 change what a graph computes, only how: x*1 -> x, neg(neg x) -> x, reshape of reshape,
 permute of permute, broadcast of broadcast, elementwise ops on broadcast scalar
 constants -> one broadcast constant, a transposed matmul operand -> a matmul flag, ...
+Loop bodies are simplified the same way, and scans lose what they no longer need
+(passes/scans.py, prune_scans).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 from dlc.core import ops
 from dlc.core.builder import GraphBuilder, Value
 from dlc.core.graph import Graph
+from dlc.passes.scans import map_bodies, prune_scans
 
 
 def scalar_of(g: Graph, nid: int):
@@ -199,6 +202,7 @@ for _op in ops.OPS.values():
 
 def simplify(graph: Graph, ctx=None) -> Graph:
     g = graph.copy()
+    map_bodies(g, simplify)
     b = GraphBuilder(g)
     changed = True
     while changed:
@@ -218,4 +222,5 @@ def simplify(graph: Graph, ctx=None) -> Graph:
                     changed = True
                     break
         g.remove_unused()
+    prune_scans(g)
     return g

@@ -9,7 +9,8 @@ from dataclasses import replace
 from typing import Mapping
 
 from dlc.core.graph import Graph
-from dlc.core.types import Sym, TensorType, substitute, unify
+from dlc.core.ops import INPUT
+from dlc.core.types import Sym, TensorType, TupleType, substitute, type_dims, unify
 
 
 def bind_symbols(graph: Graph, shapes: Mapping[str, tuple]) -> dict[str, int]:
@@ -27,15 +28,18 @@ def bind_symbols(graph: Graph, shapes: Mapping[str, tuple]) -> dict[str, int]:
 def _subst(v, bindings):
     if isinstance(v, Sym):
         return substitute(v, bindings)
-    if isinstance(v, TensorType):
+    if isinstance(v, (TensorType, TupleType)):
         return v.specialize(bindings)
+    if isinstance(v, Graph):  # a loop body
+        return specialize(v, bindings)
     if isinstance(v, tuple):
         return tuple(_subst(x, bindings) for x in v)
     return v
 
 
 def specialize(graph: Graph, bindings: Mapping[str, int]) -> Graph:
-    """A copy of the graph with every symbol in types and attributes replaced."""
+    """A copy of the graph with every symbol in types and attributes replaced (loop bodies
+    included)."""
     g = graph.copy()
     for nid in g.ids():
         n = g.node(nid)
@@ -46,6 +50,13 @@ def specialize(graph: Graph, bindings: Mapping[str, int]) -> Graph:
 
 
 def is_symbolic(graph: Graph) -> bool:
-    return any(not isinstance(d, int) for nid in graph.ids() for d in graph.node(nid).type.shape) or any(
-        not isinstance(d, int) for nid in graph.inputs() for d in graph.node(nid).attrs["type"].shape)
+    for nid in graph.ids():
+        n = graph.node(nid)
+        if any(not isinstance(d, int) for d in type_dims(n.type)):
+            return True
+        if n.op is INPUT and any(not isinstance(d, int) for d in n.attrs["type"].shape):
+            return True
+        if any(isinstance(v, Sym) or (isinstance(v, Graph) and is_symbolic(v)) for v in n.attrs.values()):
+            return True
+    return False
 

@@ -312,6 +312,67 @@ def np_lstm(x, w, u, b, return_sequences=False):
     return np.stack(hs, axis=1) if return_sequences else h
 
 
+def _blocks(a, n):
+    """The n gate blocks packed along the last axis."""
+    h = a.shape[-1] // n
+    return [a[..., k * h:(k + 1) * h] for k in range(n)]
+
+
+def np_gru(x, w, u, b, bh, return_sequences=False):
+    """PyTorch's torch.nn.GRU with weight_ih = w.T, weight_hh = u.T, bias_ih = b, bias_hh = bh:
+    r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z = sigmoid(W_iz x + b_iz + W_hz h + b_hz),
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h."""
+    (w_ir, w_iz, w_in), (w_hr, w_hz, w_hn) = _blocks(w, 3), _blocks(u, 3)
+    (b_ir, b_iz, b_in), (b_hr, b_hz, b_hn) = _blocks(b, 3), _blocks(bh, 3)
+    h = np.zeros((x.shape[0], u.shape[0]))
+    hs = []
+    for t in range(x.shape[1]):
+        xt = x[:, t]
+        r = np_sigmoid(xt @ w_ir + b_ir + h @ w_hr + b_hr)
+        z = np_sigmoid(xt @ w_iz + b_iz + h @ w_hz + b_hz)
+        n = np.tanh(xt @ w_in + b_in + r * (h @ w_hn + b_hn))
+        h = (1 - z) * n + z * h
+        hs.append(h)
+    return np.stack(hs, axis=1) if return_sequences else h
+
+
+RECURRENT = {"rnn": (np_rnn, ("wx", "wh", "b")), "lstm": (np_lstm, ("w", "u", "b")),
+             "gru": (np_gru, ("w", "u", "b", "bh"))}
+
+
+def np_recurrent(layer, x, params, layers=1, bidirectional=False, return_sequences=False, dropout=0.0,
+                 training=True):
+    """A stack of `layers` recurrent layers (PyTorch's num_layers, bidirectional, dropout):
+    the reverse direction reads time backwards and its outputs are put back in time order;
+    directions are concatenated on the feature axis ([forward, reverse]); dropout (while
+    training) acts on the inputs of layers above the first. The last state of a direction
+    is its state after its last step. Parameters of layer k > 0 carry the suffix _l<k>, of
+    the reverse direction _rev."""
+    cell, names = RECURRENT[layer]
+    seq, finals = x, []
+    for depth in range(layers):
+        if depth and dropout and training:
+            # the mask is drawn over the time-major [T, B, F] layer input, as the layer does
+            keep = np_random(DROPOUT_SEED, DROPOUT_STEP, (seq.shape[1], seq.shape[0], seq.shape[2]),
+                             DROPOUT_STREAM).transpose(1, 0, 2) >= dropout
+            seq = np.where(keep, seq / (1.0 - dropout), 0.0)
+        outs, finals = [], []
+        for reverse in (False, True) if bidirectional else (False,):
+            suffix = (f"_l{depth}" if depth else "") + ("_rev" if reverse else "")
+            hs = cell(seq[:, ::-1] if reverse else seq, *(params[n + suffix] for n in names), True)
+            finals.append(hs[:, -1])
+            outs.append(hs[:, ::-1] if reverse else hs)
+        seq = np.concatenate(outs, axis=-1)
+    return seq if return_sequences else np.concatenate(finals, axis=-1)
+
+
+def recurrent_row(layer, shape, hidden, training=True, **options):
+    """A composite row for a recurrent layer with options, checked against np_recurrent."""
+    ident = "-".join(f"{k}{'' if v is True else v}" for k, v in options.items()) + ("" if training else "-eval")
+    return C(layer, [shape], lambda x, **p: np_recurrent(layer, x, p, training=training, **options),
+             attrs={"hidden": hidden, **options}, tol32=(1e-5, 1e-5), training=training, id=ident)
+
+
 def np_gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
@@ -554,6 +615,24 @@ COMPOSITES: list[OpCase] = [
     C("lstm", [(2, M, 4)], lambda x, w, u, b: np_lstm(x, w, u, b), attrs={"hidden": 3}, tol32=(1e-5, 1e-5)),
     C("lstm", [(1, 2, 3)], lambda x, w, u, b: np_lstm(x, w, u, b, True),
       attrs={"hidden": 2, "return_sequences": True}, tol32=(1e-5, 1e-5), id="sequences"),
+    C("gru", [(2, M, 4)], lambda x, w, u, b, bh: np_gru(x, w, u, b, bh), attrs={"hidden": 5},
+      tol32=(1e-5, 1e-5)),
+    C("gru", [(1, 2, 3)], lambda x, w, u, b, bh: np_gru(x, w, u, b, bh, True),
+      attrs={"hidden": 2, "return_sequences": True}, tol32=(1e-5, 1e-5), id="sequences"),
+    # options: stacked layers, both directions, dropout between layers (odd sizes throughout)
+    recurrent_row("rnn", (2, 2, 3), 2, layers=2, bidirectional=True, return_sequences=True),
+    recurrent_row("rnn", (1, M, 3), 3, bidirectional=True),
+    recurrent_row("rnn", (3, 2, 1), 1, layers=3),
+    recurrent_row("rnn", (2, 2, 3), 3, layers=2, dropout=0.3),
+    recurrent_row("lstm", (2, 2, 5), 3, layers=2),
+    recurrent_row("lstm", (1, M, 2), 2, bidirectional=True, return_sequences=True),
+    recurrent_row("lstm", (2, 2, 3), 2, layers=2, bidirectional=True),
+    recurrent_row("lstm", (2, 2, 3), 2, layers=2, dropout=0.5, return_sequences=True),
+    recurrent_row("gru", (2, 2, 3), 2, layers=2, bidirectional=True, return_sequences=True),
+    recurrent_row("gru", (1, M, 2), 3, bidirectional=True),
+    recurrent_row("gru", (2, 2, 1), 1, layers=3, return_sequences=True),
+    recurrent_row("gru", (2, 2, 3), 3, layers=2, dropout=0.4),
+    recurrent_row("gru", (2, 2, 3), 3, layers=2, dropout=0.4, training=False),
     # activations
     C("relu", [(M, 33)], lambda x: np.maximum(x, 0.0), avoid=(0.0,)),
     C("leaky_relu", [(M, N)], lambda x: np.where(x > 0, x, 0.2 * x), attrs={"alpha": 0.2}, avoid=(0.0,)),

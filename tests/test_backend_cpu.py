@@ -195,7 +195,7 @@ def test_compile_cache_hits_and_rebuilds_a_corrupt_entry(tmp_path):
     entry.write_bytes(bytes(data))
     p = program()
     obj3, layout3 = p.compiled(5)
-    assert "miss" in said[2]  # rebuilt, not loaded
+    assert "damaged (checksum mismatch)" in said[2] and "miss" in said[3]  # rebuilt, not loaded
     assert p.cache.get(next(iter([p.stem for p in tmp_path.rglob("*.obj")])))  # and stored again, intact
     CPU.load(obj3, layout3, p.target)  # the rebuilt code loads
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import dlc
-from dlc.core.diagnostics import DlcError
+from dlc.core.diagnostics import SHOWN_COLUMNS, DlcError
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = Path(__file__).resolve().parent / "errors"
@@ -73,10 +73,16 @@ def check_rendered(e: DlcError, name: str, source_text: str, exp: Expected) -> N
     src = source_text.splitlines()
     code = src[exp.line - 1] if exp.line <= len(src) else ""
     gutter = f"{exp.line:>4} | "
-    assert lines[1] == gutter + code, out
     caret = lines[2]
     assert caret.strip().startswith("| ") and "^" in caret, out
-    assert caret.index("^") == len(gutter) + exp.col - 1, out
+    if len(code) <= SHOWN_COLUMNS:
+        assert lines[1] == gutter + code, out
+        assert caret.index("^") == len(gutter) + exp.col - 1, out
+    else:  # clipped around the caret, the cut ends marked `…`, the caret still on its character
+        shown = lines[1][len(gutter):]
+        assert lines[1].startswith(gutter) and len(shown) <= SHOWN_COLUMNS + 2, out
+        assert shown.removeprefix("…").removesuffix("…") in code, out
+        assert shown[caret.index("^") - len(gutter)] == code[exp.col - 1], out
     if exp.hint:
         assert any(ln.startswith("hint: ") and exp.hint in ln for ln in lines), out
 

@@ -128,7 +128,7 @@ VOCAB = sorted({t for s in SEEDS for t in tokens(s) if not t.isspace() and not t
 
 NAMES = sorted({t for t in VOCAB if re.fullmatch(r"[A-Za-z_]\w*", t)} | {
     "x", "h", "B", "C", "H", "W", "N", "f64", "i32", "bool", "f32", "softmax", "flatten", "maxpool",
-    "avgpool", "global_avgpool", "rnn", "lstm", "embedding", "sum", "mean", "reshape", "transpose",
+    "avgpool", "global_avgpool", "rnn", "lstm", "gru", "embedding", "sum", "mean", "reshape", "transpose",
     "concat", "bce", "mse", "l1", "l2", "iris", "npz", "sgd", "adagrad", "step", "cosine", "accuracy",
     "glorot_uniform", "he_normal", "ones", "name", "stride", "kernel", "units", "axis", "keepdims"})
 
@@ -344,9 +344,12 @@ def valid_step(g: Gen) -> None:
     elif op == "rnn":
         hid = g.num(1, 5)
         seqs = g.pick([True, False])
-        f = g.pick(["rnn", "lstm"])
-        g.emit(f"{name} = {f}({src}, {hid}, return_sequences={'true' if seqs else 'false'})",
-               ("B", s[1], hid) if seqs else ("B", hid), name)
+        f = g.pick(["rnn", "lstm", "gru"])
+        both, layers = g.pick([False, True]), g.num(1, 2)
+        options = (", bidirectional=true" if both else "") + (f", layers={layers}" if layers > 1 else "")
+        out = hid * (2 if both else 1)
+        g.emit(f"{name} = {f}({src}, {hid}, return_sequences={'true' if seqs else 'false'}{options})",
+               ("B", s[1], out) if seqs else ("B", out), name)
     elif op == "transpose":
         g.emit(f"{name} = transpose({src}, [0, 2, 1])", ("B", s[2], s[1]), name)
     elif op == "binary":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from dlc.backends.base import Backend, Compiled, StepLayout, layout_collectives, layout_outputs, layout_slots
+from dlc.core.diagnostics import DlcError
 
 
 class CpuBackend(Backend):
@@ -39,21 +40,72 @@ class CpuBackend(Backend):
         from .jit import compile_modules
         start = time.perf_counter()
         mb = self._modules(program, target, profile)
-        built = time.perf_counter()
-        compiled = compile_modules(mb.modules, target)
         lines = {k.name: list(k.lines) for k in program.kernels}
         layout = StepLayout(program.arena_bytes, mb.layout.scratch_bytes, layout_slots(program),
                             layout_outputs(program), [[name, phase, lines[name]] for phase, name, _, _ in mb.parts],
                             target.threads)
-        collectives = layout_collectives(program)
+        _bind_layout(mb.modules[0], layout)
+        built = time.perf_counter()
+        compiled = compile_modules(mb.modules, target)
+        # what each object defines and needs, checked against the objects before loading them
+        if is_elf(target.triple):
+            layout.meta = {"tag": mb.tag, "objects": [_symbols(obj) for obj in compiled.objects]}
+        collectives = layout_collectives(program)  # each bucket's buffers, for the host calls
         if collectives:
             layout.meta["collectives"] = collectives
         return Compiled(compiled.objects, layout, {"LLVM IR": built - start,
                                                    "LLVM optimize": compiled.seconds_optimize,
                                                    "machine code": compiled.seconds_codegen})
 
+    def validate(self, blobs, layout: StepLayout, target) -> str | None:
+        """Checks the objects' symbol tables (parsed here, not by LLVM) against the layout:
+        each object defines and needs what was recorded when it was compiled, nothing is
+        defined twice, `dlc_step` exists, the code was compiled for this very layout, every
+        symbol of the step is defined by one of the objects and every other one is in this
+        process (MCJIT aborts the process on one it cannot resolve)."""
+        from .elf import ElfError, machine_of, symbols
+        from .jit import process_symbol
+        if not is_elf(target.triple):
+            return None  # Mach-O and COFF objects: no parser here; the checksums still hold
+        tag, records = layout.meta.get("tag"), layout.meta.get("objects")
+        if not isinstance(tag, str) or not tag or not isinstance(records, list):
+            return "its layout does not list the objects' symbols"
+        if len(records) != len(blobs):
+            return f"it has {len(blobs)} object(s) where its layout lists {len(records)}"
+        machine, defined = machine_of(target.triple), {}
+        for i, (blob, record) in enumerate(zip(blobs, records)):
+            try:
+                found = symbols(blob)
+            except ElfError as e:
+                return f"object {i} is not valid object code ({e})"
+            if machine is not None and found.machine != machine:
+                return f"object {i} is machine code for ELF machine {found.machine}, not this {target.triple}"
+            if record != {"defines": found.defines, "needs": found.needs}:
+                return f"object {i} is not the one compiled with this layout (its symbols differ)"
+            for name in found.defines:
+                if name in defined:
+                    return f"`{name}` is defined by objects {defined[name]} and {i}"
+                defined[name] = i
+        if "dlc_step" not in defined:
+            return "no object defines the step function `dlc_step`"
+        if _layout_symbol(layout) not in defined:
+            return "its layout is not the one the code was compiled for"
+        for i, record in enumerate(records):
+            for name in record["needs"]:
+                if name in defined:
+                    continue
+                if name.startswith("dlc_") or name.endswith("." + tag):
+                    return f"object {i} calls `{name}`, which no object defines"
+                if not process_symbol(name):
+                    return f"object {i} needs `{name}`, which this process does not provide"
+        return None
+
     def load(self, blobs, layout: StepLayout, target):
         from .runtime import NativeStep
+        reason = self.validate(blobs, layout, target)
+        if reason:  # the driver validates first; this keeps any other caller from crashing
+            raise DlcError(f"refusing to load damaged compiled code: {reason}",
+                           hint="clear the compile cache (`dlc cache clear`) or rebuild the artifact")
         layout.threads = target.threads  # the code takes the thread count at run time
         return NativeStep(blobs, layout, target)
 
@@ -74,6 +126,29 @@ class CpuBackend(Backend):
             return None
         return (f"it was compiled for a {saved['cpu']} CPU ({isa(str(saved['features']))}); this machine is a "
                 f"{target.cpu} ({isa(target.features)})")
+
+
+def is_elf(triple: str) -> bool:
+    return not any(system in triple for system in ("darwin", "apple", "windows", "win32"))
+
+
+def _layout_symbol(layout: StepLayout) -> str:
+    return f"dlc_layout.{layout.code_digest()}"
+
+
+def _bind_layout(module, layout: StepLayout) -> None:
+    """A symbol named after the layout's digest: code and layout that do not belong
+    together (an edited or mismatched layout) are refused before loading."""
+    from llvmlite import ir
+    mark = ir.GlobalVariable(module, ir.IntType(8), name=_layout_symbol(layout))
+    mark.global_constant = True
+    mark.initializer = ir.Constant(ir.IntType(8), 0)
+
+
+def _symbols(obj: bytes) -> dict:
+    from .elf import symbols
+    found = symbols(obj)
+    return {"defines": found.defines, "needs": found.needs}
 
 
 BACKEND = CpuBackend()

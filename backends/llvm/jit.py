@@ -118,6 +118,19 @@ def assembly(modules: list[ir.Module], target: Target) -> str:
     return tm.emit_assembly(llmod)
 
 
+_process_ready = False
+
+
+def process_symbol(name: str) -> bool:
+    """Whether MCJIT would find `name` in this process (the C library, mostly)."""
+    global _process_ready
+    if not _process_ready:  # creating an engine makes the process's own symbols searchable
+        _init_llvm()
+        llvm.create_mcjit_compiler(llvm.parse_assembly(""), llvm.Target.from_default_triple().create_target_machine())
+        _process_ready = True
+    return bool(llvm.address_of_symbol(name))
+
+
 class Engine:
     """Object code loaded into an MCJIT engine; function addresses by name."""
 

@@ -81,6 +81,10 @@ class GraphBuilder:
         return Value(self, nid)
 
     def emit(self, op: ops.OpDef, operands: Sequence[Value] = (), **attrs) -> Value:
+        for v in operands:
+            if v.b.graph is not self.graph:  # e.g. a loop body reading the enclosing graph
+                raise ValueError(f"{op.name}: operand {v} belongs to graph {v.b.graph.name}, "
+                                 f"not {self.graph.name}")
         try:
             t = op.infer(*(v.type for v in operands), **attrs)
         except ShapeError as e:
@@ -237,6 +241,39 @@ class GraphBuilder:
         stops = tuple(index + 1 if i == axis else d for i, d in enumerate(x.shape))
         part = self.slice(x, starts, stops)
         return self.reshape(part, tuple(d for i, d in enumerate(x.shape) if i != axis))
+
+    # --- loops ------------------------------------------------------------------------------
+    def scan(self, step, carries: Sequence[Value], seqs: Sequence[Value] = (),
+             invariants: Sequence[Value] = (), length=None, reverse: bool = False,
+             name: str = "body") -> tuple[list[Value], list[Value]]:
+        """A `scan` (see dlc/core/ops/scan.py): `step(b, cs, xs, ws) -> (new cs, ys)` builds
+        the body with its own builder `b`, from the carries `cs`, this step's slices `xs` of
+        the (time-major) sequences and the invariants `ws` -- never from values of this graph.
+        Returns (final carries, stacked per-step outputs [T, ...])."""
+        from dlc.core.ops.scan import carry_name, inv_name, out_name, seq_name
+        carries, seqs, invariants = list(carries), list(seqs), list(invariants)
+        if length is None:
+            if not seqs:
+                raise ValueError("scan: without sequences the length must be given")
+            length = seqs[0].shape[0]
+        body = Graph(name)
+        bb = GraphBuilder(body)
+        bb.span = self.span
+        cs = [bb.input(carry_name(i), v.type, "data") for i, v in enumerate(carries)]
+        xs = [bb.input(seq_name(j), v.type.with_shape(v.shape[1:]), "data") for j, v in enumerate(seqs)]
+        ws = [bb.input(inv_name(k), v.type, "data") for k, v in enumerate(invariants)]
+        new, ys = step(bb, cs, xs, ws)
+        new, ys = list(new), list(ys)
+        if len(new) != len(carries) or any(v.b is not bb for v in new + ys):
+            raise ValueError("scan: the step must return one new value per carry, built in the body")
+        for i, v in enumerate(new):
+            body.outputs[carry_name(i)] = v.id
+        for m, v in enumerate(ys):
+            body.outputs[out_name(m)] = v.id
+        s = self.emit(ops.SCAN, tuple(carries + seqs + invariants), body=body, length=length,
+                      reverse=reverse, carries=len(carries), seqs=len(seqs))
+        results = [self.emit(ops.SCAN_RESULT, (s,), index=i) for i in range(len(new) + len(ys))]
+        return results[:len(new)], results[len(new):]
 
     # --- contractions ----------------------------------------------------------------------
     def matmul(self, a: Value, b: Value, ta: bool = False, tb: bool = False) -> Value:

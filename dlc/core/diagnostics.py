@@ -64,21 +64,20 @@ class DlcError(Exception):
 
     def render(self) -> str:
         where = f"{self.span}: " if self.span else ""
-        out = [f"{where}{self.kind}: {self.message}"]
+        out = [_clip(f"{where}{self.kind}: {self.message}")]
         if self.span is not None:
             text = self.span.source.line(self.span.line)
             if self.span.line >= 1:  # an empty line (or file) still gets its caret
-                # one column per character: tabs and control characters print as a space
-                text = "".join(c if c.isprintable() else " " for c in text)
-                gutter = f"{self.span.line:>4} | "
-                out.append(gutter + text)
                 width = (self.span.end_col - self.span.col
                          if self.span.end_line == self.span.line else len(text) - self.span.col + 1)
-                out.append(" " * (len(gutter) - 2) + "| " + " " * (self.span.col - 1) + "^" * max(1, width))
+                shown, col, width = _shown_line(text, self.span.col, max(1, width))
+                gutter = f"{self.span.line:>4} | "
+                out.append(gutter + shown)
+                out.append(" " * (len(gutter) - 2) + "| " + " " * col + "^" * width)
         for note in self.notes:
-            out.append(f"note: {note}")
+            out.append(_clip(f"note: {note}"))
         if self.hint:
-            out.append(f"hint: {self.hint}")
+            out.append(_clip(f"hint: {self.hint}"))
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -117,10 +116,43 @@ class NumericsError(DlcError):
     kind = "numerics error"
 
 
+class ResourceError(DlcError):
+    """Not enough of the machine (memory) for what was asked."""
+
+    kind = "error"
+
+
 class UsageError(DlcError):
     """Bad command-line use: the CLI exits 2."""
 
     kind = "usage error"
+
+
+SHOWN_COLUMNS = 120  # of a source line around the caret; longer lines are cut, the cuts marked `…`
+MESSAGE_CHARS = 500  # a message quoting something huge (a 100,000-character name) is cut too
+
+
+def _shown_line(text: str, col: int, width: int) -> tuple[str, int, int]:
+    """The source line as printed, with the caret's 0-based column and width in it: a tab as a
+    space, other unprintable characters escaped (`\\x00`), clipped around the caret."""
+    pieces = [" " if c == "\t" else c if c.isprintable() else ascii(c)[1:-1] for c in text]
+    start = sum(map(len, pieces[:col - 1]))
+    width = max(1, sum(map(len, pieces[col - 1:col - 1 + width])))
+    shown = "".join(pieces)
+    if len(shown) <= SHOWN_COLUMNS:
+        return shown, start, width
+    lo = max(0, start - SHOWN_COLUMNS // 3)  # some context before the caret, more after it
+    hi = min(len(shown), lo + SHOWN_COLUMNS)
+    lo = max(0, min(lo, hi - SHOWN_COLUMNS))
+    left, right = ("…" if lo > 0 else ""), ("…" if hi < len(shown) else "")
+    return left + shown[lo:hi] + right, start - lo + len(left), max(1, min(width, hi - start))
+
+
+def _clip(line: str) -> str:
+    """A message line for a terminal: control characters (from a quoted name or string)
+    escaped, and cut when huge."""
+    line = "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in line)
+    return line if len(line) <= MESSAGE_CHARS else line[:MESSAGE_CHARS - 1] + "…"
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:

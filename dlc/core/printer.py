@@ -78,16 +78,22 @@ def print_graph(graph: Graph) -> str:
             continue
         args = [names[o] for o in n.operands]
         args += [f"{k}={format_value(n.attrs[k])}" for k in n.op.attrs
-                 if n.attrs.get(k) is not None and n.attrs.get(k) is not False]
+                 if n.attrs.get(k) is not None and n.attrs.get(k) is not False
+                 and not isinstance(n.attrs[k], Graph)]
         text = f"{names[nid]} = {n.op.name}({', '.join(args)})"
         suffix = f": {n.type}"
         if kernels is not None and nid in kernels:
             suffix += f"  k{kernels[nid]}"
         loc = f"   # {n.span.short}" if n.span else ""
         body.append((text, suffix, loc))
-    width = min(max((len(t) for t, _, _ in body), default=0), 72)
-    width2 = max((len(s) for _, s, _ in body), default=0)
-    lines = [f"  {t:<{width}}  {s:<{width2}}{loc}".rstrip() for t, s, loc in body]
+        for k in n.op.attrs:  # loop bodies, nested below their node
+            if isinstance(n.attrs.get(k), Graph):
+                nested = print_graph(n.attrs[k]).rstrip("\n").split("\n")
+                body.append(("\n".join("    " + line for line in nested), None, ""))
+    rows = [r for r in body if r[1] is not None]
+    width = min(max((len(t) for t, _, _ in rows), default=0), 72)
+    width2 = min(max((len(s) for _, s, _ in rows), default=0), 48)  # a loop's long tuple type overflows
+    lines = [f"  {t:<{width}}  {s:<{width2}}{loc}".rstrip() if s is not None else t for t, s, loc in body]
 
     params = []
     for nid in graph.inputs():

@@ -133,6 +133,27 @@ class TensorType:
         return TensorType(self.dtype, tuple(substitute(d, bindings) for d in self.shape))
 
 
+@dataclass(frozen=True)
+class TupleType:
+    """The type of a node with several results (a `scan`): never read as a tensor, only
+    through projections (`scan_result`), each typed by one element."""
+
+    elements: tuple[TensorType, ...]
+
+    def __str__(self) -> str:
+        return "(" + ", ".join(str(t) for t in self.elements) + ")"
+
+    def specialize(self, bindings: dict[str, int]) -> "TupleType":
+        return TupleType(tuple(t.specialize(bindings) for t in self.elements))
+
+
+def type_dims(t: "TensorType | TupleType") -> tuple:
+    """Every dimension a node's type mentions (all elements of a tuple)."""
+    if isinstance(t, TupleType):
+        return tuple(d for e in t.elements for d in e.shape)
+    return tuple(t.shape)
+
+
 def broadcast_shapes(a: Shape, b: Shape) -> Shape:
     """numpy broadcasting (right-aligned, size 1 stretches); ShapeError names both shapes."""
     out = []

@@ -141,8 +141,23 @@ def _check_arrays(x: np.ndarray, y: np.ndarray) -> None:
         if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
             first = int(np.argmin(np.isfinite(a).reshape(len(a), -1).all(axis=1)))
             raise DataError(f"the {what} hold NaN or infinite values (first in sample {first})")
+        check_float32_range(a, f"the {what}")
     if len(x) != len(y):
         raise DataError(f"{len(x)} input sample(s) but {len(y)} label(s)")
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_range(a: np.ndarray, what: str, span: Span | None = None) -> None:
+    """Values beyond float32's range would silently become infinite when cast for the model."""
+    if a.dtype.kind != "f" or a.dtype.itemsize <= 4 or a.size == 0:
+        return
+    beyond = np.abs(a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1)) > _FLOAT32_MAX
+    if beyond.any():
+        first = int(np.argmax(beyond.any(axis=1)))
+        raise DataError(f"values beyond float32's range (±3.4e38) in {what}, the first in sample {first}",
+                        span, hint="the model computes in float32: rescale the data")
 
 
 def _resolve(base_dir: Path, path: str) -> Path:
@@ -403,6 +418,7 @@ def fit_labels(y: np.ndarray, dtype: Union[str, DType], shape_without_batch: Seq
                             f"loss needs [{_dims(shape)}]", span, hint=hint)
         y = y.reshape((len(y),) + shape)
     if dt.is_float:
+        check_float32_range(y, "the labels", span)
         return y.astype(dt.np)
     if y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0):
         raise DataError("the labels must be whole numbers (class indices), but some are "

@@ -2,25 +2,29 @@
 
 `build(program, model, mode)` gives the model's graph in "train" mode (dropout on,
 batch statistics) or "eval" mode, plus the loss and metrics when a train block exists.
+The program-level checks are in checks.py, argument binding in arguments.py and the
+train block in train_block.py.
 """
 from __future__ import annotations
 
-import inspect
-import typing
 from dataclasses import dataclass
 from typing import Any
 
-from dlc.language import nn
 from dlc.core.builder import GraphBuilder, Value
-from dlc.core.diagnostics import (ArgumentError, DlcError, NameError_, ShapeMismatch, Span, TypeError_,
-                          UsageError, did_you_mean)
+from dlc.core.diagnostics import ArgumentError, DlcError, NameError_, ShapeMismatch, Span, TypeError_, did_you_mean
 from dlc.core.graph import Graph
+from dlc.core.types import DType, Sym, TensorType, dim_mul, prod, sym, unify
+from dlc.language import nn
+from dlc.language.arguments import bind_arguments
+from dlc.language.checks import RESERVED, check_program, choose_model, too_deep
 from dlc.language.initializers import ARITY as INIT_ARITY, Init, fans
-from dlc.language.recipe import NORMALIZE, OPTIONS, RECIPE, Spec, TrainConfig
+from dlc.language.recipe import RECIPE, TrainConfig
 from dlc.language.syntax import ast
-from dlc.core.types import DType, Sym, TensorType, dim_mul, sym, unify
+from dlc.language.train_block import build_train, recipe_call
+from dlc.language.values import FunctionRef, Scope, describe
 
-RESERVED = {"true", "false", "output", "label", "params", "weights"}
+# far beyond any real model (an LSTM over 1,000 steps has ~17,000), and checked within seconds
+MAX_GRAPH_NODES = 200_000
 
 
 @dataclass
@@ -53,154 +57,7 @@ class Built:
     inputs: list[tuple[str, TensorType]]
 
 
-@dataclass(frozen=True)
-class FunctionRef:
-    """A bare function name used as a value (`metrics = [accuracy]`, `init=he_normal`)."""
-
-    name: str
-    span: Span
-
-
-# --- program-level checks ----------------------------------------------------------------------
-
-def check_program(program: ast.Program) -> None:
-    seen: dict[str, ast.Def] = {}
-    for d in program.defs:
-        if d.name in seen:
-            raise NameError_(f"{d.kind} `{d.name}` is defined twice", d.name_span,
-                             notes=[f"first defined at {seen[d.name].name_span}"])
-        if d.name in nn.BUILTINS or d.name in RECIPE:
-            raise NameError_(f"{d.kind} `{d.name}` has the name of a built-in function", d.name_span,
-                             hint="choose another name")
-        seen[d.name] = d
-        _check_params(d)
-    trained: dict[str, ast.Train] = {}
-    for t in program.trains:
-        target = seen.get(t.model)
-        if target is None or target.kind != "model":
-            models = [d.name for d in program.defs if d.kind == "model"]
-            raise NameError_(f"train block names unknown model `{t.model}`", t.name_span,
-                             hint=did_you_mean(t.model, models) or (
-                                 f"models in this file: {', '.join(models)}" if models else
-                                 "define a `model` first"))
-        if t.model in trained:
-            raise NameError_(f"model `{t.model}` has two train blocks", t.name_span,
-                             notes=[f"the first is at {trained[t.model].name_span}"])
-        trained[t.model] = t
-    _check_recursion(program, seen)
-
-
-def _check_params(d: ast.Def) -> None:
-    names = set()
-    for p in d.params:
-        if p.name in names:
-            raise NameError_(f"parameter `{p.name}` appears twice in {d.kind} `{d.name}`", p.span)
-        if p.name in RESERVED:
-            raise NameError_(f"`{p.name}` is reserved and cannot name a parameter", p.span)
-        names.add(p.name)
-    if not any(p.type is not None for p in d.params):
-        raise ArgumentError(f"{d.kind} `{d.name}` needs at least one tensor input, like `x: f32[B, 4]`",
-                            d.name_span)
-    if not any(isinstance(s, ast.Return) for s in d.body):
-        raise ArgumentError(f"{d.kind} `{d.name}` has no `return`", d.name_span,
-                            hint="end the body with `return <expression>`")
-
-
-def _calls(node) -> list[ast.Call]:
-    """Every call inside an expression or statement, in evaluation order (arguments first)."""
-    out: list[ast.Call] = []
-    if isinstance(node, (list, tuple)):
-        for x in node:
-            out.extend(_calls(x))
-    elif hasattr(node, "__dataclass_fields__") and not isinstance(node, Span):
-        for f in node.__dataclass_fields__:
-            if f not in ("span", "name_span", "func"):
-                out.extend(_calls(getattr(node, f)))
-        if isinstance(node, ast.Call):
-            out.append(node)
-    return out
-
-
-def _names(node) -> list:
-    """Every ast.Name inside an expression."""
-    out = []
-    if isinstance(node, ast.Name):
-        out.append(node)
-    elif isinstance(node, (list, tuple)):
-        for x in node:
-            out.extend(_names(x))
-    elif hasattr(node, "__dataclass_fields__") and not isinstance(node, Span):
-        for f in node.__dataclass_fields__:
-            if f not in ("span", "name_span"):
-                out.extend(_names(getattr(node, f)))
-    return out
-
-
-def _check_recursion(program: ast.Program, defs: dict[str, ast.Def]) -> None:
-    done: set[str] = set()  # definitions whose whole call tree is known to be fine
-
-    def visit(name, stack):
-        for stmt in defs[name].body:
-            try:
-                calls = _calls(stmt)
-            except RecursionError:
-                raise _too_deep(stmt.span) from None
-            for call in calls:
-                callee = call.func.text
-                if callee in defs and defs[callee].kind == "model":
-                    raise TypeError_(f"`{callee}` is a model; only blocks can be called", call.func.span,
-                                     hint=f"declare it as `block {callee}(...)`")
-                if callee in defs:
-                    if callee in stack:
-                        raise NameError_(f"{defs[callee].kind} `{callee}` calls itself "
-                                         f"({' -> '.join(stack + [callee])})", call.func.span,
-                                         hint="blocks cannot be recursive; unroll the repetition")
-                    if callee not in done:
-                        visit(callee, stack + [callee])
-        done.add(name)
-    for name in defs:
-        if name not in done:
-            visit(name, [name])
-
-
-def _too_deep(span: Span) -> DlcError:
-    return TypeError_("this expression is nested too deeply", span,
-                      hint="split it into several statements")
-
-
-def choose_model(program: ast.Program, name: str | None) -> ast.Def:
-    models = [d for d in program.defs if d.kind == "model"]
-    if name is not None:
-        for d in models:
-            if d.name == name:
-                return d
-        raise UsageError(f"no model named `{name}`", None,
-                         hint=did_you_mean(name, [d.name for d in models]) or
-                         f"models: {', '.join(d.name for d in models) or 'none'}")
-    if not models:
-        first = program.defs[0] if program.defs else None
-        raise NameError_("this file defines no `model`", first.name_span if first else None,
-                         hint=f"declare the entry point with `model {first.name}(...)` instead of `block`"
-                         if first else "add `model name(x: f32[B, n]) -> f32[B, k] { ... }`")
-    if len(models) == 1:
-        return models[0]
-    trained = [t.model for t in program.trains]
-    if len(trained) == 1:
-        return next(d for d in models if d.name == trained[0])
-    raise NameError_(f"this file defines {len(models)} models ({', '.join(d.name for d in models)}); "
-                     "say which one", models[1].name_span,
-                     hint="pass --model NAME (or `model=` to dlc.load), or give one model a train block")
-
-
 # --- building -------------------------------------------------------------------------------------
-
-@dataclass
-class _Scope:
-    vars: dict[str, Any]
-    dims: dict[str, Any]  # symbol -> int | Sym
-    prefix: str           # "" for the model, "r1." inside the block instance bound to r1
-    context: str          # "model" | "loss" | "option"
-
 
 class _Ctx(nn.LayerContext):
     def __init__(self, fe: "Frontend", prefix: str, span: Span):
@@ -228,7 +85,12 @@ class Frontend:
         self.defs = {d.name: d for d in program.defs}
         self.mode = mode
         self.params: dict[str, ParamSpec] = {}
+        self.input_ids: dict[str, int] = {}  # parameter or state name -> its input node
+        self.param_elements = 0              # elements of every trainable parameter so far
         self.used_prefixes: set[str] = set()
+        self._next_suffix: dict[str, int] = {}  # prefix base -> first `_k` that may be free
+        self._summarized = 0  # param_elements at the last summary row
+        self._several: dict[int, bool] = {}  # id(statement) -> it calls several layers with parameters
         self._streams = 0
         self._rng: tuple[Value, Value] | None = None
 
@@ -238,15 +100,19 @@ class Frontend:
             raise NameError_(f"parameter name `{name}` is already used", span,
                              notes=[f"first created at {self.params[name].span}"],
                              hint="give the layer a different `name=`")
-        size = _count(type) if all(isinstance(d, int) for d in type.shape) else 0
+        size = prod(type.shape) if all(isinstance(d, int) for d in type.shape) else 0
         if size >= 2 ** 31:  # beyond 32-bit indexing (and far beyond memory, in practice)
             raise ArgumentError(f"parameter `{name}` would have {size:,} elements ({type}); "
                                 "at most 2,147,483,647 are supported", span)
         if not fan_in:
             fan_in, fan_out = fans(tuple(type.shape))
         self.params[name] = ParamSpec(name, type, init, fan_in, fan_out, role, span)
+        if role == "param":
+            self.param_elements += size
         with self.b.at(span):
-            return self.b.input(name, type, role)
+            v = self.b.input(name, type, role)
+        self.input_ids[name] = v.id
+        return v
 
     def rng_inputs(self) -> tuple[Value, Value]:
         if self._rng is None:
@@ -278,9 +144,9 @@ class Frontend:
         self.graph.outputs["output"] = out.id
         self.model_inputs = {name: v for (name, _), v in zip(inputs, args)}
         try:
-            config = self.build_train(train, out) if train is not None else None
+            config = build_train(self, train, out) if train is not None else None
         except RecursionError:
-            raise _too_deep(train.name_span) from None
+            raise too_deep(train.name_span) from None
         return Built(self.graph, self.params, self.summary, model, config, inputs)
 
     def resolve_type(self, t: ast.TypeExpr, dims: dict, bind_new: bool) -> TensorType:
@@ -310,7 +176,7 @@ class Frontend:
                  top: bool = False, dims: dict | None = None) -> Value:
         """Run a model or block body with the given tensor arguments."""
         dims = {} if dims is None else dims
-        scope = _Scope({}, dims, prefix, "model")
+        scope = Scope({}, dims, prefix, "model")
         tensor_params = [p for p in d.params if p.type is not None]
         value_params = {p.name: p for p in d.params if p.type is None}
         if not top:
@@ -344,7 +210,7 @@ class Frontend:
                     with self.b.at(stmt.span):
                         out = self.eval_tensor(stmt.value, scope, self._namer(stmt, "out", scope), "the result")
                 except RecursionError:
-                    raise _too_deep(stmt.span) from None
+                    raise too_deep(stmt.span) from None
                 self._check_result(d, out, dims, stmt, scope.vars)
                 if top:
                     self._row(stmt, "out", out)
@@ -352,7 +218,7 @@ class Frontend:
             try:
                 self.statement(stmt, scope, top)
             except RecursionError:
-                raise _too_deep(stmt.span) from None
+                raise too_deep(stmt.span) from None
         raise AssertionError("unreachable: check_program requires a return")
 
     def _unify_arg(self, d, p, a: Value, dims, span):
@@ -379,7 +245,7 @@ class Frontend:
                                 stmt.span, notes=[err] if err else [],
                                 hint="fix the declared result type after `->` or the last layer")
 
-    def statement(self, stmt, scope: _Scope, top: bool) -> None:
+    def statement(self, stmt, scope: Scope, top: bool) -> None:
         if isinstance(stmt, ast.Assign):
             if stmt.target in RESERVED:
                 raise NameError_(f"`{stmt.target}` is reserved and cannot be assigned", stmt.span)
@@ -406,22 +272,25 @@ class Frontend:
                 self._row(stmt, stmt.name, scope.vars[stmt.name])
 
     def _row(self, stmt, name: str, value: Value):
-        before = sum(r.params for r in self.summary)
-        total = sum(_count(p.type) for p in self.params.values() if p.role == "param")
-        what = " → ".join(dict.fromkeys(c.func.text for c in _calls(stmt))) or (
+        # running totals, not sums over every row and parameter: checking stays linear in the statements
+        before = self._summarized
+        self._summarized = self.param_elements
+        what = " → ".join(dict.fromkeys(c.func.text for c in ast.calls(stmt))) or (
             "param" if isinstance(stmt, ast.ParamDecl) else "expression")
-        self.summary.append(SummaryRow(name, what, value.type, total - before, stmt.span))
+        self.summary.append(SummaryRow(name, what, value.type, self.param_elements - before, stmt.span))
 
-    def _namer(self, stmt, binding: str, scope: _Scope):
+    def _namer(self, stmt, binding: str, scope: Scope):
         """Parameter-prefix policy for the calls in one statement: the binding name when the
         statement has one layer, `binding.layer` when it has several, `_2`... when taken."""
-        owners = [c for c in _calls(stmt) if self._owns_params(c.func.text)]
-        return {"binding": scope.prefix + binding, "several": len(owners) > 1}
+        several = self._several.get(id(stmt))
+        if several is None:  # once per statement, not once per expansion of its block
+            several = self._several[id(stmt)] = sum(self._owns_params(c.func.text) for c in ast.calls(stmt)) > 1
+        return {"binding": scope.prefix + binding, "several": several}
 
     def _owns_params(self, fname: str) -> bool:
         return fname in self.defs or (fname in nn.BUILTINS and nn.BUILTINS[fname].owns_params)
 
-    def _prefix(self, namer, fname: str, explicit: str | None, scope: _Scope, span: Span) -> str:
+    def _prefix(self, namer, fname: str, explicit: str | None, scope: Scope, span: Span) -> str:
         if explicit is not None:
             full = scope.prefix + explicit
             if full in self.used_prefixes:
@@ -430,20 +299,23 @@ class Frontend:
             return full
         base = f"{namer['binding']}.{fname}" if namer and namer["several"] else (
             namer["binding"] if namer else scope.prefix + fname)
-        name, k = base, 2
+        # the first free of base, base_2, base_3, ...; names are never freed, so the search
+        # resumes where the last one for this base stopped (10,000 `h = dense(h, 8)` stay linear)
+        name, k = base, self._next_suffix.get(base, 2)
         while name in self.used_prefixes:
             name, k = f"{base}_{k}", k + 1
+        self._next_suffix[base] = k
         self.used_prefixes.add(name)
         return name
 
     # expressions ---------------------------------------------------------------------------------
-    def eval_tensor(self, e, scope: _Scope, namer=None, what="this") -> Value:
+    def eval_tensor(self, e, scope: Scope, namer=None, what="this") -> Value:
         v = self.eval(e, scope, namer)
         if not isinstance(v, Value):
-            raise TypeError_(f"{what} must be a tensor, got {_describe(v)}", e.span)
+            raise TypeError_(f"{what} must be a tensor, got {describe(v)}", e.span)
         return v
 
-    def eval(self, e, scope: _Scope, namer=None):
+    def eval(self, e, scope: Scope, namer=None):
         with self.b.at(e.span):
             if isinstance(e, ast.Num):
                 return e.value
@@ -457,7 +329,7 @@ class Frontend:
                 v = self.eval(e.operand, scope, namer)
                 if isinstance(v, (Value, int, float)) and not isinstance(v, bool):
                     return -v
-                raise TypeError_(f"cannot negate {_describe(v)}", e.span)
+                raise TypeError_(f"cannot negate {describe(v)}", e.span)
             if isinstance(e, ast.BinOp):
                 return self.binop(e, scope, namer)
             if isinstance(e, ast.Call):
@@ -466,7 +338,7 @@ class Frontend:
                 return self.index(e, scope, namer)
         raise AssertionError(f"unknown expression {e!r}")
 
-    def lookup(self, e: ast.Name, scope: _Scope):
+    def lookup(self, e: ast.Name, scope: Scope):
         name = e.text
         if name in scope.vars:
             return scope.vars[name]
@@ -477,9 +349,9 @@ class Frontend:
         if scope.context == "loss" and name in ("params", "weights"):
             specs = [p for p in self.params.values() if p.role == "param" and
                      (name == "params" or p.type.rank >= 2)]
-            return nn.ParamList(self.b.value(self.graph.input_named(p.name)) for p in specs)
+            return nn.ParamList(self.b.value(self.input_ids[p.name]) for p in specs)
         if scope.context == "loss" and name in self.params and self.params[name].role == "param":
-            return self.b.value(self.graph.input_named(name))
+            return self.b.value(self.input_ids[name])
         if name in nn.BUILTINS or name in self.defs or name in RECIPE or name in INIT_ARITY:
             return FunctionRef(name, e.span)
         known = list(scope.vars) + list(scope.dims) + list(nn.BUILTINS) + list(self.defs) + list(INIT_ARITY)
@@ -497,7 +369,7 @@ class Frontend:
         numbers = (int, float)
         if isinstance(a, bool) or isinstance(c, bool) or not isinstance(a, (Value, int, float, Sym)) \
                 or not isinstance(c, (Value, int, float, Sym)):
-            raise TypeError_(f"cannot apply `{sym_op}` to {_describe(a)} and {_describe(c)}", e.span)
+            raise TypeError_(f"cannot apply `{sym_op}` to {describe(a)} and {describe(c)}", e.span)
         if isinstance(a, Sym) or isinstance(c, Sym):
             if e.op == "mul" and not isinstance(a, Value) and not isinstance(c, Value):
                 return dim_mul(a if isinstance(a, (int, Sym)) else 0, c if isinstance(c, (int, Sym)) else 0)
@@ -589,29 +461,20 @@ class Frontend:
             return default
         v = self.eval(e, scope)
         if not isinstance(v, int) or isinstance(v, bool):
-            raise TypeError_(f"an index must be an integer, got {_describe(v)}", e.span)
+            raise TypeError_(f"an index must be an integer, got {describe(v)}", e.span)
         return v
 
     # calls ------------------------------------------------------------------------------------
-    def call(self, e: ast.Call, scope: _Scope, namer):
+    def call(self, e: ast.Call, scope: Scope, namer):
         fname = e.func.text
         if fname in scope.vars and isinstance(scope.vars[fname], FunctionRef):
             fname = scope.vars[fname].name  # a block parameter holding a function: `act=relu`
         elif fname in scope.vars:
-            raise TypeError_(f"`{fname}` is {_describe(scope.vars[fname])}, not a function", e.func.span)
-        args = [self.eval(a, scope, namer) for a in e.args]
-        kwargs, kwspans = {}, {}
-        for k in e.kwargs:
-            if k.name in kwargs:
-                raise ArgumentError(f"argument `{k.name}` is given twice", k.span)
-            kwargs[k.name] = self.eval(k.value, scope, namer)
-            kwspans[k.name] = k.span
+            raise TypeError_(f"`{fname}` is {describe(scope.vars[fname])}, not a function", e.func.span)
+        args, kwargs, kwspans = self.eval_arguments(e, scope, namer)
         if fname in self.defs and self.defs[fname].kind == "block":
             d = self.defs[fname]
-            explicit = kwargs.pop("name", None)
-            if explicit is not None and (not isinstance(explicit, str) or not explicit):
-                raise ArgumentError("`name=` must be a non-empty string", kwspans["name"])
-            prefix = self._prefix(namer, fname, explicit, scope, e.span)
+            prefix = self._prefix(namer, fname, _layer_name(kwargs, kwspans), scope, e.span)
             with self.b.at(e.span):
                 return self.call_def(d, args, kwargs, prefix + ".", e.span)
         if fname in self.defs:
@@ -632,9 +495,7 @@ class Frontend:
         if entry.kind in ("loss", "regularizer") and scope.context != "loss":
             raise TypeError_(f"`{fname}` is a {entry.kind} and belongs in the train block's `loss`",
                              e.func.span)
-        explicit = kwargs.pop("name", None) if entry.kind == "layer" else None
-        if explicit is not None and (not isinstance(explicit, str) or not explicit):
-            raise ArgumentError("`name=` must be a non-empty string", kwspans["name"])
+        explicit = _layer_name(kwargs, kwspans) if entry.kind == "layer" else None
         prefix = self._prefix(namer, fname, explicit, scope, e.span) if entry.owns_params else (
             namer["binding"] if namer else scope.prefix + fname)
         argspans: dict[str, Span] = {}
@@ -644,9 +505,29 @@ class Frontend:
         ctx = _Ctx(self, prefix, e.span)
         try:
             with self.b.at(e.span):
-                return entry.fn(ctx, **bound)
+                out = entry.fn(ctx, **bound)
         except DlcError as err:  # point at the argument the layer complains about, if it says which
             raise err.with_span(argspans.get(getattr(err, "arg", None)) or e.span)
+        self._check_size(e)
+        return out
+
+    def _check_size(self, e: ast.Call) -> None:
+        """Blocks are expanded at every call and recurrent layers once per time step, so a short
+        program can ask for an enormous graph (blocks calling blocks twice, 40 deep): stop it."""
+        if len(self.graph) > MAX_GRAPH_NODES:
+            raise ArgumentError(f"the model's graph grows beyond {MAX_GRAPH_NODES:,} operations at this call",
+                                e.span, hint="every block call expands the block's body again, and "
+                                             "rnn/lstm repeat theirs for each time step")
+
+    def eval_arguments(self, e: ast.Call, scope: Scope, namer=None) -> tuple[list, dict, dict]:
+        """A call's positional values, keyword values and keyword spans."""
+        args = [self.eval(a, scope, namer) for a in e.args]
+        kwargs, kwspans = {}, {}
+        for k in e.kwargs:
+            if k.name in kwargs:
+                raise ArgumentError(f"argument `{k.name}` is given twice", k.span)
+            kwargs[k.name], kwspans[k.name] = self.eval(k.value, scope, namer), k.span
+        return args, kwargs, kwspans
 
     def _make_init(self, fname, args, kwargs, e):
         lo, hi = INIT_ARITY[fname]
@@ -664,303 +545,15 @@ class Frontend:
         if isinstance(v, Init):
             return v
         raise TypeError_(f"expected an initializer (zeros, ones, normal(m, s), uniform(a, b), "
-                         f"glorot_uniform, he_normal, ...), got {_describe(v)}", span)
-
-    # the train block ------------------------------------------------------------------------------
-    def build_train(self, train: ast.Train, output: Value) -> TrainConfig:
-        opts: dict[str, ast.Option] = {}
-        for o in train.options:
-            if o.name not in OPTIONS:
-                raise NameError_(f"unknown train option `{o.name}`", o.span,
-                                 hint=did_you_mean(o.name, OPTIONS) or f"options: {', '.join(OPTIONS)}")
-            if o.name in opts:
-                raise NameError_(f"train option `{o.name}` is set twice", o.span,
-                                 notes=[f"first set at {opts[o.name].span}"])
-            opts[o.name] = o
-        for name, (_, required) in OPTIONS.items():
-            if required and name not in opts:
-                raise ArgumentError(f"train block for `{train.model}` has no `{name}`", train.name_span,
-                                    hint={"data": "for example `data = digits(test=0.2)`",
-                                          "loss": "for example `loss = cross_entropy(output, label)`"}[name])
-        values: dict[str, Any] = {}
-        scope = _Scope({}, {}, "", "option")
-        for name, o in opts.items():
-            if name != "loss":
-                values[name] = self.option_value(name, o, scope)
-        loss_ast = opts["loss"].value
-        label = self._label_input(loss_ast, output)
-        # the loss sees the model's output, the labels, and the model's inputs by name
-        # (an autoencoder's loss is `mse(output, x)`)
-        loss_scope = _Scope({**self.model_inputs, "output": output}, {}, "", "loss")
-        if label is not None:
-            loss_scope.vars["label"] = label
-        with self.b.at(opts["loss"].span):
-            loss = self.eval(loss_ast, loss_scope)
-        if not isinstance(loss, Value) or loss.rank != 0 or not loss.dtype.is_float:
-            raise TypeError_(f"the loss must be a scalar, got {_describe(loss)}", loss_ast.span,
-                             hint="losses like cross_entropy(...) and mean(...) give scalars")
-        self.graph.outputs["loss"] = loss.id
-        loss_fn = next((c.func.text for c in _calls(loss_ast) if c.func.text in ("cross_entropy", "bce")), None)
-        metrics = values.get("metrics")
-        if metrics is None:
-            metrics = ("accuracy",) if loss_fn else ()
-        for m in metrics:
-            if m == "accuracy":
-                if loss_fn is None:
-                    raise ArgumentError("`accuracy` needs a classification loss (`cross_entropy` or `bce`)",
-                                        opts["metrics"].value.span,
-                                        hint="drop `metrics`, or train with a classification loss")
-                logits = any(c.func.text == "bce" and any(k.name == "from_logits" and isinstance(k.value, ast.Name)
-                                                          and k.value.text == "true" for k in c.kwargs)
-                             for c in _calls(loss_ast))
-                with self.b.at(opts["loss"].span):
-                    self.graph.outputs["accuracy"] = nn.accuracy(self.b, output, label, loss_fn, logits).id
-        spans = {name: o.span for name, o in opts.items()}
-        return TrainConfig(model=train.model, data=values["data"], loss=loss_ast,
-                           optimizer=values.get("optimizer") or RECIPE["sgd"].fn(),
-                           batch=values.get("batch", 32), epochs=values.get("epochs", 10),
-                           seed=values.get("seed", 0), metrics=tuple(metrics),
-                           schedule=values.get("schedule") or RECIPE["constant"].fn(),
-                           clip=values.get("clip"), checkpoint=values.get("checkpoint"),
-                           normalize=values.get("normalize"), shuffle=values.get("shuffle", True),
-                           spans=spans)
-
-    def _label_input(self, loss_ast, output: Value) -> Value | None:
-        """Labels are integers for cross_entropy(..., label), else shaped like the output;
-        a loss that never names `label` (an autoencoder's) has no label input."""
-        if not any(isinstance(n, ast.Name) and n.text == "label" for n in _names(loss_ast)):
-            return None
-        t = output.type
-        for c in _calls(loss_ast):
-            if c.func.text == "cross_entropy" and len(c.args) > 1 and isinstance(c.args[1], ast.Name) \
-                    and c.args[1].text == "label":
-                t = TensorType(DType.i32, output.shape[:1])
-        with self.b.at(None):
-            return self.b.input("label", t, "label")
-
-    def option_value(self, name: str, o: ast.Option, scope: _Scope):
-        kind = OPTIONS[name][0]
-        e = o.value
-        if kind == "normalize" and isinstance(e, ast.Name) and e.text in NORMALIZE:
-            return e.text  # `normalize = standard`
-        if kind in ("data", "optimizer", "schedule"):
-            spec = self.recipe_call(e, kind, scope)
-            return spec
-        if kind == "metrics":
-            items = e.items if isinstance(e, ast.ListLit) else (e,)
-            out = []
-            for it in items:
-                spec = self.recipe_call(it, "metric", scope)
-                out.append(spec.name)
-            return tuple(out)
-        v = self.eval(e, scope)
-        if kind == "int":
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "seed" else 1):
-                raise ArgumentError(f"`{name}` must be a {'non-negative' if name == 'seed' else 'positive'} "
-                                    f"integer, got {_describe(v)}", e.span)
-            return v
-        if kind == "float":
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                raise ArgumentError(f"`{name}` must be a positive number, got {_describe(v)}", e.span)
-            return float(v)
-        if kind == "bool":
-            if not isinstance(v, bool):
-                raise ArgumentError(f"`{name}` must be true or false, got {_describe(v)}", e.span)
-            return v
-        if kind == "str":
-            if not isinstance(v, str):
-                raise ArgumentError(f"`{name}` must be a string, got {_describe(v)}", e.span)
-            return v
-        if kind == "normalize":
-            if isinstance(v, FunctionRef):
-                v = v.name
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
-                return float(v)
-            if v in NORMALIZE:
-                return v
-            raise ArgumentError(f"`normalize` must be one of {', '.join(NORMALIZE)} or a positive "
-                                f"scale, got {_describe(v)}", e.span)
-        raise AssertionError(kind)
-
-    def recipe_call(self, e, kind: str, scope: _Scope) -> Spec:
-        """`adam(lr=1e-3)` or a bare `adam` -> Spec, checked against the entry's signature."""
-        if isinstance(e, ast.Name):
-            call = ast.Call(e, (), (), e.span)
-        elif isinstance(e, ast.Call):
-            call = e
-        else:
-            raise TypeError_(f"expected {_KIND_WORDS.get(kind, kind)} like `{_example(kind)}`, got "
-                             f"{_describe(self.eval(e, scope))}", e.span)
-        fname = call.func.text
-        entry = RECIPE.get(fname)
-        if entry is None or entry.kind != kind:
-            choices = [n for n, r in RECIPE.items() if r.kind == kind]
-            hint = did_you_mean(fname, choices) or f"choose one of: {', '.join(choices)}"
-            other = entry.kind if entry is not None else (
-                nn.BUILTINS[fname].kind if fname in nn.BUILTINS else None)
-            if other is not None:
-                raise TypeError_(f"`{fname}` is {_KIND_WORDS.get(other, other)}, not {_KIND_WORDS.get(kind, kind)}",
-                                 call.func.span, hint=hint)
-            noun = {"data": "data source", "schedule": "learning-rate schedule"}.get(kind, kind)
-            raise NameError_(f"unknown {noun} `{fname}`", call.func.span, hint=hint)
-        args = [self.eval(a, scope) for a in call.args]
-        kwargs, kwspans = {}, {}
-        for k in call.kwargs:
-            if k.name in kwargs:
-                raise ArgumentError(f"argument `{k.name}` is given twice", k.span)
-            kwargs[k.name], kwspans[k.name] = self.eval(k.value, scope), k.span
-        bound = bind_arguments(entry, args, kwargs, call, kwspans, skip_ctx=False)
-        try:
-            return entry.fn(**bound)
-        except DlcError as err:
-            raise err.with_span(call.span)
+                         f"glorot_uniform, he_normal, ...), got {describe(v)}", span)
 
 
-_KIND_WORDS = {"data": "a data source", "optimizer": "an optimizer", "schedule": "a learning-rate schedule",
-               "metric": "a metric", "layer": "a layer", "activation": "an activation",
-               "function": "a function", "loss": "a loss", "regularizer": "a regularizer"}
-
-
-def _example(kind):
-    return {"data": "digits(test=0.2)", "optimizer": "adam(lr=1e-3)", "schedule": "cosine()",
-            "metric": "accuracy"}.get(kind, kind)
-
-
-# --- argument binding ---------------------------------------------------------------------------
-
-def bind_arguments(entry: nn.Builtin, args: list, kwargs: dict, call: ast.Call, kwspans: dict,
-                   skip_ctx: bool, spans_out: dict | None = None) -> dict:
-    """Bind call arguments to the entry's Python signature and check them against its annotations."""
-    sig = inspect.signature(entry.fn)
-    params = list(sig.parameters.values())[1 if skip_ctx else 0:]
-    hints = typing.get_type_hints(entry.fn)
-    names = [p.name for p in params]
-    bound: dict[str, Any] = {}
-    spans: dict[str, Span] = {}
-    if len(args) > len(params):
-        raise ArgumentError(f"`{entry.name}` takes at most {len(params)} argument(s), got {len(args)}",
-                            call.span, hint=f"usage: {usage(entry)}")
-    for p, a, ae in zip(params, args, call.args):
-        bound[p.name], spans[p.name] = a, ae.span
-    for k, v in kwargs.items():
-        if k not in names:
-            raise ArgumentError(f"`{entry.name}` has no argument `{k}`", kwspans[k],
-                                hint=did_you_mean(k, names) or f"usage: {usage(entry)}")
-        if k in bound:
-            raise ArgumentError(f"argument `{k}` of `{entry.name}` is given twice", kwspans[k])
-        bound[k], spans[k] = v, kwspans[k]
-    for p in params:
-        if p.name not in bound:
-            if p.default is inspect.Parameter.empty:
-                piped = " (the piped value counts as the first)" if call.piped else ""
-                raise ArgumentError(f"`{entry.name}` is missing argument `{p.name}`{piped}", call.span,
-                                    hint=f"usage: {usage(entry)}")
-            continue
-        bound[p.name] = _convert(entry.name, p.name, bound[p.name], hints.get(p.name), spans[p.name])
-    if spans_out is not None:
-        spans_out.update(spans)
-    return bound
-
-
-def usage(entry: nn.Builtin) -> str:
-    sig = inspect.signature(entry.fn)
-    params = list(sig.parameters.values())
-    if params and params[0].name == "ctx":
-        params = params[1:]
-    parts = [p.name if p.default is inspect.Parameter.empty else f"{p.name}={_show_default(p.default)}"
-             for p in params]
-    return f"{entry.name}({', '.join(parts)})"
-
-
-def _show_default(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "none"
-    if isinstance(v, str):
-        return f'"{v}"'
-    return str(v)
-
-
-def _convert(fname: str, pname: str, v, hint, span: Span):
-    """Check one argument against its annotation; return it in the form the function wants."""
-    options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
-    for want in options:
-        ok, out = _accepts(want, v)
-        if ok:
-            return out
-    names = " or ".join(_type_name(t) for t in options if t is not type(None))
-    raise ArgumentError(f"`{fname}`: argument `{pname}` must be {names}, got {_describe(v)}", span)
-
-
-def _accepts(want, v):
-    if want is type(None):
-        return v is None, v
-    if want is nn.Tensor:
-        return isinstance(v, Value), v
-    if want is bool:
-        return isinstance(v, bool), v
-    if want is int:
-        return isinstance(v, int) and not isinstance(v, bool), v
-    if want is float:
-        return isinstance(v, (int, float)) and not isinstance(v, bool), float(v) if isinstance(v, (int, float)) else v
-    if want is str:
-        if isinstance(v, FunctionRef):
-            return True, v.name
-        return isinstance(v, str), v
-    if want is nn.Pair:  # layers check that kernels and strides are positive; padding may be 0
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-            return True, v
-        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                        and x >= 0 for x in v):
-            return True, tuple(v)
-        return False, v
-    if want is Init:
-        if isinstance(v, FunctionRef) and v.name in INIT_ARITY and INIT_ARITY[v.name][0] == 0:
-            return True, Init(v.name)
-        return isinstance(v, Init), v
-    if want is nn.ParamList:
-        if isinstance(v, Value) and v.node.attrs.get("role") == "param":
-            return True, nn.ParamList([v])
-        return isinstance(v, nn.ParamList), v
-    if want is list:
-        return isinstance(v, list), v
-    return False, v
-
-
-def _type_name(t) -> str:
-    return {nn.Tensor: "a tensor", bool: "true or false", int: "an integer", float: "a number",
-            str: "a string", nn.Pair: "an integer or [h, w]", Init: "an initializer",
-            nn.ParamList: "parameters (`params`, `weights` or a parameter name)", list: "a list"}.get(t, str(t))
-
-
-def _describe(v) -> str:
-    if isinstance(v, Value):
-        return f"a tensor {v.type}"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, int):
-        return f"the integer {v}"
-    if isinstance(v, float):
-        return f"the number {v}"
-    if isinstance(v, str):
-        return f'the string "{v}"'
-    if isinstance(v, Sym):
-        return f"the symbolic dimension {v}"
-    if isinstance(v, FunctionRef):
-        return f"the function `{v.name}`"
-    if isinstance(v, Init):
-        return f"the initializer {v}"
-    if isinstance(v, list):
-        return "a list"
-    return type(v).__name__
-
-
-def _count(t: TensorType) -> int:
-    n = 1
-    for d in t.shape:
-        n *= d
-    return n
+def _layer_name(kwargs: dict, kwspans: dict) -> str | None:
+    """The `name=` of a layer or block call, taken out of its keyword arguments."""
+    name = kwargs.pop("name", None)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ArgumentError("`name=` must be a non-empty string", kwspans["name"])
+    return name
 
 
 def build(program: ast.Program, model: str | None = None, mode: str = "eval",
@@ -978,4 +571,4 @@ def eval_recipe(expr, kind: str):
     fe = Frontend(ast.Program((), ()))
     fe.graph = Graph("options")
     fe.b = GraphBuilder(fe.graph)
-    return fe.recipe_call(expr, kind, _Scope({}, {}, "", "option"))
+    return recipe_call(fe, expr, kind, Scope({}, {}, "", "option"))

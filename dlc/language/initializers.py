@@ -21,7 +21,17 @@ class Init:
         return self.name if not self.args else f"{self.name}({', '.join(repr(a) for a in self.args)})"
 
     def sample(self, rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, fan_out: int) -> np.ndarray:
-        return np.asarray(_SAMPLERS[self.name](rng, shape, fan_in, fan_out, *self.args), dtype=np.float32)
+        """float32 values, drawn a chunk at a time so that a large weight never has a float64
+        copy; the generator's stream is sequential, so they equal one draw of the whole shape."""
+        out = np.empty(shape, dtype=np.float32)
+        flat = out.reshape(-1)
+        for start in range(0, flat.size, _CHUNK):
+            n = min(_CHUNK, flat.size - start)
+            flat[start:start + n] = _SAMPLERS[self.name](rng, (n,), fan_in, fan_out, *self.args)
+        return out
+
+
+_CHUNK = 1 << 20  # elements per draw: 8 MB of float64 at a time
 
 
 def _uniform_limit(rng, shape, limit):

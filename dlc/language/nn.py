@@ -69,9 +69,9 @@ def pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def arg_error(message: str, arg: str | None = None) -> ArgumentError:
+def arg_error(message: str, arg: str | None = None, hint: str | None = None) -> ArgumentError:
     """An ArgumentError about one argument: the frontend points the caret at that argument."""
-    err = ArgumentError(message)
+    err = ArgumentError(message, hint=hint)
     err.arg = arg
     return err
 
@@ -236,6 +236,9 @@ def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 
     def per_channel(v):
         return b.broadcast(v, x.shape, (1,))
 
+    if ctx.training:
+        if x.rank == 2 or x.shape[2:] == (1, 1):  # the trainer refuses batches of one: no variance
+            b.graph.meta.setdefault("one_value_per_channel", b.span)
     if ctx.training and sync:
         # sums and counts over every rank's shard (a rank without samples this step counts 0)
         has = b.cast(b.gt(_hyper(b, "shard_weight", DType.f32), 0.0), DType.f32)
@@ -279,58 +282,154 @@ def _sequence(x: Value, layer: str) -> int:
     return x.shape[1]
 
 
-def _stack_or_last(b: GraphBuilder, hs: list, return_sequences: bool) -> Value:
-    if not return_sequences:
-        return hs[-1]
-    h = hs[0].shape[1]
-    return b.concat([b.reshape(v, (v.shape[0], 1, h)) for v in hs], axis=1)
+def _recurrent(ctx: LayerContext, x: Value, layer: str, hidden: int, return_sequences: bool, layers: int,
+               bidirectional: bool, dropout_p: float, cell) -> Value:
+    """The layer around a cell: time-major stacking, directions, dropout between layers.
+
+    `cell(seq, suffix, reverse) -> (hs [T, B, hidden], final h [B, hidden])` runs one
+    direction of one layer over a time-major sequence [T, B, F] as one scan, creating its
+    parameters with the name suffix: "" (first layer), "_l1", "_l2", ... for the layers
+    above, and "_rev" more for the reverse direction (PyTorch's `_reverse`)."""
+    _positive(hidden, "hidden", layer)
+    _positive(layers, "layers", layer)
+    if not 0.0 <= dropout_p < 1.0:
+        raise arg_error(f"`{layer}`: the rate `dropout` must be in [0, 1), got {dropout_p}", "dropout")
+    _sequence(x, layer)
+    _features(x, layer)
+    b = ctx.b
+    seq = b.permute(x, (1, 0, 2))  # time-major: a scan slices its sequences along axis 0
+    finals: list[Value] = []
+    for depth in range(layers):
+        if depth and dropout_p:
+            seq = dropout(ctx, seq, dropout_p)  # between layers, while training (as PyTorch)
+        outs, finals = [], []
+        for reverse in ((False, True) if bidirectional else (False,)):
+            suffix = (f"_l{depth}" if depth else "") + ("_rev" if reverse else "")
+            hs, last = cell(seq, suffix, reverse)
+            outs.append(hs)
+            finals.append(last)
+        seq = b.concat(outs, axis=2)
+    if return_sequences:
+        return b.permute(seq, (1, 0, 2))
+    return b.concat(finals, axis=1)
 
 
-@builtin("layer")
-def rnn(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False,
-        init: Init = GLOROT_UNIFORM) -> Value:
-    """Elman RNN: h_t = tanh(x_t @ wx + h_{t-1} @ wh + b), h_0 = 0. Returns the last
-    state [B, hidden], or all of them [B, T, hidden] with return_sequences=true."""
-    _positive(hidden, "hidden", "rnn")
-    steps, n_in, b = _sequence(x, "rnn"), _features(x, "rnn"), ctx.b
-    wx = ctx.param("wx", (n_in, hidden), init, n_in, hidden)
-    wh = ctx.param("wh", (hidden, hidden), init, hidden, hidden)
-    bias = ctx.param("b", (hidden,), ZEROS)
-    xw = _matmul_last(b, x, wx) + bias  # every time step's input projection in one matmul
-    hs, h = [], None
-    for t in range(steps):
-        z = b.take_axis(xw, 1, t)
-        h = b.tanh(z if h is None else z + b.matmul(h, wh))
-        hs.append(h)
-    return _stack_or_last(b, hs, return_sequences)
+_RECURRENT_DOC = """
+    Options: `layers` stacks that many layers, each reading the previous one's outputs;
+    `bidirectional=true` adds a second scan over reversed time per layer, with outputs
+    concatenated on the feature axis ([forward, reverse], 2*hidden features, as PyTorch);
+    `dropout` is the rate of dropout between stacked layers while training. Without
+    return_sequences the result is the final state of each direction ([forward final,
+    reverse final]: the reverse scan's final state is the one after reading x_0).
+    Parameters of layer k > 0 and of the reverse direction are named with the suffixes
+    _l<k> and _rev (w_l1, w_rev, w_l1_rev); each layer-direction is one loop (scan)."""
 
 
-@builtin("layer")
-def lstm(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False,
-         init: Init = GLOROT_UNIFORM) -> Value:
-    """LSTM with gates (i, f, g, o) packed along the last axis of w [in, 4h] and u [h, 4h].
-    Returns the last hidden state [B, hidden], or all of them with return_sequences=true."""
-    _positive(hidden, "hidden", "lstm")
-    steps, n_in, b = _sequence(x, "lstm"), _features(x, "lstm"), ctx.b
-    w = ctx.param("w", (n_in, 4 * hidden), init, n_in, 4 * hidden)
-    u = ctx.param("u", (hidden, 4 * hidden), init, hidden, 4 * hidden)
-    bias = ctx.param("b", (4 * hidden,), ZEROS)
-    xw = _matmul_last(b, x, w) + bias
-    hs, h, c = [], None, None
-    for t in range(steps):
-        z = b.take_axis(xw, 1, t)
-        if h is not None:
-            z = z + b.matmul(h, u)
-        rows = z.shape[0]
+def rnn(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False, layers: int = 1,
+        bidirectional: bool = False, dropout: float = 0.0, init: Init = GLOROT_UNIFORM) -> Value:
+    b = ctx.b
 
-        def gate(k):
-            return b.slice(z, (0, k * hidden), (rows, (k + 1) * hidden))
+    def cell(seq, suffix, reverse):
+        n_in = seq.shape[2]
+        wx = ctx.param("wx" + suffix, (n_in, hidden), init, n_in, hidden)
+        wh = ctx.param("wh" + suffix, (hidden, hidden), init, hidden, hidden)
+        bias = ctx.param("b" + suffix, (hidden,), ZEROS)
+        xw = _matmul_last(b, seq, wx) + bias  # every time step's input projection in one matmul
 
-        i, f, g, o = b.sigmoid(gate(0)), b.sigmoid(gate(1)), b.tanh(gate(2)), b.sigmoid(gate(3))
-        c = i * g if c is None else f * c + i * g
-        h = o * b.tanh(c)
-        hs.append(h)
-    return _stack_or_last(b, hs, return_sequences)
+        def step(sb, hs, xs, ws):
+            h = sb.tanh(xs[0] + sb.matmul(hs[0], ws[0]))
+            return [h], [h]
+
+        (last,), (hs,) = b.scan(step, [b.full(0.0, (seq.shape[1], hidden))], [xw], [wh], reverse=reverse,
+                                name="rnn_step")
+        return hs, last
+
+    return _recurrent(ctx, x, "rnn", hidden, return_sequences, layers, bidirectional, dropout, cell)
+
+
+rnn.__doc__ = """Elman RNN: h_t = tanh(x_t @ wx + h_{t-1} @ wh + b), h_0 = 0. Returns the last
+    state [B, hidden], or all of them [B, T, hidden] with return_sequences=true.""" + _RECURRENT_DOC
+builtin("layer")(rnn)  # registered once documented
+
+
+def lstm(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False, layers: int = 1,
+         bidirectional: bool = False, dropout: float = 0.0, init: Init = GLOROT_UNIFORM) -> Value:
+    b = ctx.b
+
+    def cell(seq, suffix, reverse):
+        n_in = seq.shape[2]
+        w = ctx.param("w" + suffix, (n_in, 4 * hidden), init, n_in, 4 * hidden)
+        u = ctx.param("u" + suffix, (hidden, 4 * hidden), init, hidden, 4 * hidden)
+        bias = ctx.param("b" + suffix, (4 * hidden,), ZEROS)
+        xw = _matmul_last(b, seq, w) + bias
+
+        def step(sb, hc, xs, ws):
+            h, c = hc
+            z = xs[0] + sb.matmul(h, ws[0])
+            rows = z.shape[0]
+
+            def gate(k):
+                return sb.slice(z, (0, k * hidden), (rows, (k + 1) * hidden))
+
+            i, f, g, o = sb.sigmoid(gate(0)), sb.sigmoid(gate(1)), sb.tanh(gate(2)), sb.sigmoid(gate(3))
+            c = f * c + i * g
+            h = o * sb.tanh(c)
+            return [h, c], [h]
+
+        zero = b.full(0.0, (seq.shape[1], hidden))
+        (last, _), (hs,) = b.scan(step, [zero, zero], [xw], [u], reverse=reverse, name="lstm_step")
+        return hs, last
+
+    return _recurrent(ctx, x, "lstm", hidden, return_sequences, layers, bidirectional, dropout, cell)
+
+
+lstm.__doc__ = """LSTM with gates (i, f, g, o) packed along the last axis of w [in, 4h] and u [h, 4h]:
+    c_t = f * c_{t-1} + i * g, h_t = o * tanh(c_t), h_0 = c_0 = 0 (PyTorch's equations; b is
+    PyTorch's b_ih + b_hh). Returns the last hidden state [B, hidden], or all of them with
+    return_sequences=true.""" + _RECURRENT_DOC
+builtin("layer")(lstm)  # registered once documented
+
+
+def gru(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False, layers: int = 1,
+        bidirectional: bool = False, dropout: float = 0.0, init: Init = GLOROT_UNIFORM) -> Value:
+    b = ctx.b
+
+    def cell(seq, suffix, reverse):
+        n_in = seq.shape[2]
+        w = ctx.param("w" + suffix, (n_in, 3 * hidden), init, n_in, 3 * hidden)
+        u = ctx.param("u" + suffix, (hidden, 3 * hidden), init, hidden, 3 * hidden)
+        bias = ctx.param("b" + suffix, (3 * hidden,), ZEROS)
+        bias_h = ctx.param("bh" + suffix, (3 * hidden,), ZEROS)
+        xw = _matmul_last(b, seq, w) + bias
+
+        def step(sb, hs, xs, ws):
+            (h,), (xw_t,), (u_, bh) = hs, xs, ws
+            hu = sb.matmul(h, u_) + bh
+            rows = h.shape[0]
+
+            def part(v, k):
+                return sb.slice(v, (0, k * hidden), (rows, (k + 1) * hidden))
+
+            r = sb.sigmoid(part(xw_t, 0) + part(hu, 0))
+            z = sb.sigmoid(part(xw_t, 1) + part(hu, 1))
+            n = sb.tanh(part(xw_t, 2) + r * part(hu, 2))
+            h = (1.0 - z) * n + z * h
+            return [h], [h]
+
+        (last,), (hs,) = b.scan(step, [b.full(0.0, (seq.shape[1], hidden))], [xw], [u, bias_h],
+                                reverse=reverse, name="gru_step")
+        return hs, last
+
+    return _recurrent(ctx, x, "gru", hidden, return_sequences, layers, bidirectional, dropout, cell)
+
+
+gru.__doc__ = """GRU in PyTorch's convention, gates (r, z, n) packed along the last axis of
+    w [in, 3h], u [h, 3h] and the biases b (input side) and bh (hidden side), [3h] each:
+    r = sigmoid(x_t w_r + b_r + h u_r + bh_r), z = sigmoid(x_t w_z + b_z + h u_z + bh_z),
+    n = tanh(x_t w_n + b_n + r * (h u_n + bh_n)), h_t = (1 - z) * n + z * h_{t-1}, h_0 = 0
+    (w, u are PyTorch's weight_ih, weight_hh transposed; b, bh its bias_ih, bias_hh).
+    Returns the last state [B, hidden], or all of them with return_sequences=true.""" + _RECURRENT_DOC
+builtin("layer")(gru)  # registered once documented
 
 
 # --- activations ----------------------------------------------------------------------------

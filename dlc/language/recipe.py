@@ -83,56 +83,58 @@ def arrays() -> Spec:
 
 # --- optimizers ------------------------------------------------------------------------------
 
+# the range each optimizer option must lie in
+_OPTIMIZER_RANGES = {"lr": _positive, "eps": _positive, "momentum": _fraction, "rho": _fraction,
+                     "alpha": _fraction, "beta1": _fraction, "beta2": _fraction,
+                     "weight_decay": _non_negative}
+
+
+def _optimizer(name: str, **args) -> Spec:
+    """An optimizer spec, each numeric option checked against its range (flags pass as given)."""
+    return Spec("optimizer", name, {k: _OPTIMIZER_RANGES[k](v, k) if k in _OPTIMIZER_RANGES else v
+                                    for k, v in args.items()})
+
+
 @entry("optimizer")
 def sgd(lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> Spec:
     """Stochastic gradient descent, with optional (Nesterov) momentum and L2 weight decay."""
-    _positive(lr, "lr")
+    spec = _optimizer("sgd", lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     if nesterov and momentum <= 0:
         raise ArgumentError("`nesterov=true` needs `momentum` > 0")
-    return Spec("optimizer", "sgd", {"lr": lr, "momentum": _fraction(momentum, "momentum"),
-                                     "nesterov": nesterov, "weight_decay": _non_negative(weight_decay, "weight_decay")})
+    return spec
 
 
 @entry("optimizer")
 def adagrad(lr: float = 0.01, eps: float = 1e-10, weight_decay: float = 0.0) -> Spec:
     """Adagrad: per-parameter steps scaled by the root of the summed squared gradients."""
-    return Spec("optimizer", "adagrad", {"lr": _positive(lr, "lr"), "eps": _positive(eps, "eps"),
-                                         "weight_decay": _non_negative(weight_decay, "weight_decay")})
+    return _optimizer("adagrad", lr=lr, eps=eps, weight_decay=weight_decay)
 
 
 @entry("optimizer")
 def adadelta(lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0) -> Spec:
     """Adadelta: steps scaled by running averages of squared gradients and squared updates."""
-    return Spec("optimizer", "adadelta", {"lr": _positive(lr, "lr"), "rho": _fraction(rho, "rho"),
-                                          "eps": _positive(eps, "eps"),
-                                          "weight_decay": _non_negative(weight_decay, "weight_decay")})
+    return _optimizer("adadelta", lr=lr, rho=rho, eps=eps, weight_decay=weight_decay)
 
 
 @entry("optimizer")
 def rmsprop(lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0,
             weight_decay: float = 0.0) -> Spec:
     """RMSprop: steps scaled by a running average of squared gradients."""
-    return Spec("optimizer", "rmsprop", {"lr": _positive(lr, "lr"), "alpha": _fraction(alpha, "alpha"),
-                                         "eps": _positive(eps, "eps"), "momentum": _fraction(momentum, "momentum"),
-                                         "weight_decay": _non_negative(weight_decay, "weight_decay")})
+    return _optimizer("rmsprop", lr=lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=weight_decay)
 
 
 @entry("optimizer")
 def adam(lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
          weight_decay: float = 0.0) -> Spec:
     """Adam with bias correction; weight_decay adds an L2 term to the gradient."""
-    return Spec("optimizer", "adam", {"lr": _positive(lr, "lr"), "beta1": _fraction(beta1, "beta1"),
-                                      "beta2": _fraction(beta2, "beta2"), "eps": _positive(eps, "eps"),
-                                      "weight_decay": _non_negative(weight_decay, "weight_decay")})
+    return _optimizer("adam", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
 
 @entry("optimizer")
 def adamw(lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 0.01) -> Spec:
     """Adam with decoupled weight decay."""
-    return Spec("optimizer", "adamw", {"lr": _positive(lr, "lr"), "beta1": _fraction(beta1, "beta1"),
-                                       "beta2": _fraction(beta2, "beta2"), "eps": _positive(eps, "eps"),
-                                       "weight_decay": _non_negative(weight_decay, "weight_decay")})
+    return _optimizer("adamw", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
 
 # --- learning-rate schedules (per epoch) ------------------------------------------------------
@@ -192,6 +194,10 @@ class TrainConfig:
     def span(self, option: str) -> Optional[Span]:
         return self.spans.get(option)
 
+
+# batch, epochs and seed are 32-bit integers where they are used (the step's batch dimension,
+# the i32 step counter, the i32 seed of dropout's generator)
+INT_OPTION_MAX = 2 ** 31 - 1
 
 # option -> (kind of value, required)
 OPTIONS = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlc.data.sources import Dataset, fit_inputs, fit_labels, load_dataset
+from dlc.data.sources import Dataset, check_float32_range, fit_inputs, fit_labels, load_dataset
 from dlc.core.diagnostics import DataError
 from dlc.runtime.trainer import Normalizer
 
@@ -25,6 +25,7 @@ def shape_inputs(model, x: np.ndarray, normalizer: Normalizer, span=None) -> np.
     _, t = model.input_types[0]
     x = np.asarray(x)
     if t.dtype.is_float:
+        check_float32_range(x, "the inputs", span)
         x = normalizer(x.reshape(len(x), -1)).reshape(x.shape) if normalizer.active else x.astype(np.float32)
     try:
         return fit_inputs(x, per_sample(t, span)).astype(t.dtype.np, copy=False)

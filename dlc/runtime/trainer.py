@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from dlc import __version__, backends
-from dlc.core.diagnostics import CheckpointError, DataError, NumericsError, UsageError
+from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError, UsageError
 from dlc.language.recipe import Spec
 from dlc.program import make_program
 
@@ -137,8 +137,9 @@ class Session:
         for nid in self.train_graph.toposort():
             node = self.train_graph.node(nid)
             v = values[nid]
-            if node.op is ops.CONST:
-                continue  # an infinite constant is deliberate (the optimizer's finiteness test)
+            if node.op in (ops.CONST, ops.SCAN):
+                continue  # an infinite constant is deliberate (the optimizer's finiteness test);
+                #           a loop's results are checked where they are read (scan_result)
             if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
                 what = (f"parameter or state `{node.attrs['name']}` holds non-finite values"
                         if node.op is ops.INPUT else f"`{node.op.name}` produced {_nonfinite(v)}")
@@ -240,7 +241,17 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     n = len(x)
     if n == 0:
         raise DataError("the training split is empty", cfg.span("data"))
-    steps_per_epoch = -(-n // opts.batch)
+    # A batchnorm that sees one value per channel per sample has no variance over a batch of
+    # one. PyTorch raises ("Expected more than 1 value per channel when training"); so does dlc
+    # when the batch size is 1, but a last partial batch of 1 (left by the data's size, not
+    # chosen) is skipped, as with PyTorch's drop_last; the next epoch's shuffle leaves out another.
+    batchnorm = session.model.built("train").graph.meta.get("one_value_per_channel")
+    if batchnorm is not None and min(n, opts.batch) == 1:
+        raise ArgumentError("`batchnorm` needs more than 1 value per channel when training, "
+                            f"but {'each batch' if opts.batch == 1 else 'the training split'} holds 1 sample",
+                            batchnorm, hint="train with `batch` of 2 or more")
+    drop_last = batchnorm is not None and n % opts.batch == 1
+    steps_per_epoch = n // opts.batch if drop_last else -(-n // opts.batch)
     start_epoch, skip = 0, 0
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
@@ -275,7 +286,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             seen = 0
             rng = np.random.default_rng([opts.seed, epoch]) if opts.shuffle else None
             for i, idx in enumerate(batches(n, opts.batch, rng)):
-                if epoch == start_epoch and i < skip:
+                if (epoch == start_epoch and i < skip) or i == steps_per_epoch:  # i == ...: the dropped batch
                     continue
                 out = session.train_step(x[idx], y[idx], lr)
                 position = (epoch, i + 1)

@@ -7,6 +7,7 @@ from dlc.core.ops.linalg import CONV2D, CONV2D_BWD_DATA, CONV2D_BWD_FILTER, MATM
 from dlc.core.ops.misc import CONST, INPUT, IOTA, RANDOM, SCATTER_ADD, SIZE, TAKE
 from dlc.core.ops.movement import BROADCAST, CONCAT, PAD, PERMUTE, RESHAPE, SLICE
 from dlc.core.ops.reduce import ARGMAX, REDUCE_MAX, REDUCE_SUM
+from dlc.core.ops.scan import SCAN, SCAN_RESULT
 
 __all__ = [
     "OPS", "Kind", "OpDef",
@@ -16,5 +17,6 @@ __all__ = [
     "CONST", "INPUT", "IOTA", "RANDOM", "SCATTER_ADD", "SIZE", "TAKE",
     "BROADCAST", "CONCAT", "PAD", "PERMUTE", "RESHAPE", "SLICE",
     "ARGMAX", "REDUCE_MAX", "REDUCE_SUM",
+    "SCAN", "SCAN_RESULT",
     "ALLREDUCE",
 ]

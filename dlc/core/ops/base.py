@@ -17,6 +17,7 @@ class Kind(enum.Enum):
     CONV = "conv"
     POOL = "pool"
     GATHER = "gather"            # take / scatter_add
+    LOOP = "loop"                # scan (a body graph run T times) and scan_result
     COLLECTIVE = "collective"    # allreduce: a value summed over the processes of a job
 
 

@@ -1,7 +1,7 @@
 """The surface language as frozen dataclasses; every node carries the span it was parsed from."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Union
 
 from dlc.core.diagnostics import Span
@@ -158,3 +158,40 @@ class Train:
 class Program:
     defs: tuple[Def, ...]
     trains: tuple[Train, ...]
+
+
+def walk(node) -> list:
+    """Every AST node inside `node` (a node or a tuple of nodes), children before their parent:
+    a call's arguments come before the call, in evaluation order."""
+    out: list = []
+    _walk(node, out)
+    return out
+
+
+def _walk(node, out: list) -> None:
+    if isinstance(node, (list, tuple)):
+        for x in node:
+            _walk(x, out)
+        return
+    children = _CHILDREN.get(type(node))
+    if children is None:  # a leaf: a number, a string, None
+        return
+    for f in children:
+        _walk(getattr(node, f), out)
+    out.append(node)
+
+
+def calls(node) -> list[Call]:
+    """Every call inside an expression or statement, in evaluation order (arguments first)."""
+    return [n for n in walk(node) if isinstance(n, Call)]
+
+
+def names(node) -> list[Name]:
+    """Every name inside an expression, function names included."""
+    return [n for n in walk(node) if isinstance(n, Name)]
+
+
+# node class -> the fields that may hold nodes (spans never do)
+_CHILDREN = {cls: tuple(f.name for f in fields(cls) if f.name not in ("span", "name_span"))
+             for cls in (Num, Str, Name, ListLit, BinOp, Neg, Kwarg, Call, Slice, Index, TypeExpr,
+                         Param, Assign, ParamDecl, Return, Def, Option, Train, Program)}

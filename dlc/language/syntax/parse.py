@@ -18,6 +18,7 @@ def _parser() -> Lark:
 
 
 def parse(text: str, name: str = "<string>") -> ast.Program:
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write first
     source = Source(name, text)
     try:
         tree = _parser().parse(text)
@@ -74,7 +75,7 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> ParseError:
     hint = None
     if isinstance(e, UnexpectedCharacters):
         ch = source.text[e.pos_in_stream] if e.pos_in_stream < len(source.text) else "?"
-        message = f"unexpected character `{ch}`"
+        message = f"unexpected character `{ch if ch.isprintable() else ascii(ch)[1:-1]}`"
         if ch == "\t":
             message = "unexpected tab character"
         elif ch in "\"'":
