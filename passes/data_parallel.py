@@ -8,8 +8,9 @@ shard (before autodiff)
     that holds no sample this step), so the sum over ranks of the shares is the loss of
     the whole batch (for any loss that is a mean over samples plus terms that do not
     depend on the batch: regularizers count once, as their weights sum to 1). Random
-    tensors whose first axis is the batch are numbered from the global index of the
-    shard's first sample (`sample_offset`), so dropout draws what one process would.
+    tensors with a batch axis are numbered as this shard's slice of the global batch's
+    (from `sample_offset`, the global index of its first sample, in a batch of
+    `global_batch`), so dropout draws what one process would for the same samples.
 
 allreduce (after autodiff, before the optimizer)
     Every gradient becomes `allreduce(grad)`, the sum over ranks of the shares, before the
@@ -33,6 +34,7 @@ from dlc.core.types import DType, TensorType, numel
 
 SHARD_WEIGHT = "shard_weight"
 SAMPLE_OFFSET = "sample_offset"
+GLOBAL_BATCH = "global_batch"
 BUCKET_BYTES = 1 << 20  # measured: benchmarks/bench_distributed.py (one 2 MB exchange cost 1.8x two smaller)
 
 
@@ -51,12 +53,17 @@ def shard(graph: Graph, ctx=None) -> Graph:
     weight = hyper_input(b, SHARD_WEIGHT, DType.f32)
     data = g.inputs("data")
     if data:
-        first = hyper_input(b, SAMPLE_OFFSET, DType.i32)
         batch = g.node(data[0]).type.shape[0]
         for nid in g.ids():
             n = g.node(nid)
-            if n.op is ops.RANDOM and len(n.operands) == 2 and n.type.shape and n.type.shape[0] == batch:
-                g.set_node(nid, Node(n.op, n.operands + (first.id,), n.attrs, n.type, n.span))
+            if n.op is not ops.RANDOM or len(n.operands) != 2 or batch not in n.type.shape:
+                continue
+            axis = list(n.type.shape).index(batch)  # the batch axis: a slice of the global batch's tensor
+            place = (hyper_input(b, SAMPLE_OFFSET, DType.i32).id,)
+            if axis:  # (an RNN's dropout between layers: [T, B, H])
+                place += (hyper_input(b, GLOBAL_BATCH, DType.i32).id,)
+            g.set_node(nid, Node(n.op, n.operands + place, dict(n.attrs, axis=axis) if axis else n.attrs,
+                                 n.type, n.span))
     loss = b.value(g.outputs["loss"])
     with b.at(loss.node.span):
         g.outputs["loss"] = (loss * weight).id

@@ -140,9 +140,22 @@ class _Lowering:
         if n.op is ops.RANDOM:
             seed, step = (self.expr(o, (), kernel) for o in n.operands[:2])
             flat = x.ravel(index, t.shape)
-            if len(n.operands) == 3:  # numbered from the global index of the first row
+            axis = a.get("axis") or 0
+            if len(n.operands) > 2 and axis == 0:  # numbered from the global index of the first row
                 first = x.data_index(self.expr(n.operands[2], (), kernel), 0, INT_MAX)
                 flat = x.add(x.mul(first, numel(t.shape[1:])), flat)
+            elif len(n.operands) > 2:  # a slice along another axis: its length is data, so is the index
+                first, total = (self.expr(o, (), kernel) for o in n.operands[2:4])
+                i32 = DType.i32
+                flat_ex = None
+                for k, (i, d) in enumerate(zip(index, t.shape)):
+                    at = x.index(i, i32)
+                    if k == axis:
+                        at = x.op("add", [first, at], i32)
+                    if flat_ex is not None:  # i32 arithmetic wraps: the index modulo 2**32, as the op says
+                        at = x.op("add", [x.op("mul", [flat_ex, total if k == axis else x.lit(d, i32)], i32), at], i32)
+                    flat_ex = at
+                flat = x.data_index(flat_ex)
             return x.rand(seed, step, a["stream"], flat)
         if n.op in (ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX):
             axes = a["axes"] if "axes" in a else (a["axis"],)

@@ -551,6 +551,10 @@ SOURCES = [
     P("random", [(), (), ()], lambda seed, step, first, shape, stream: np_random(seed, step, shape, stream, first),
       attrs={"shape": (M, N), "stream": 5}, inputs=[scalar_i32(7), scalar_i32(3), scalar_i32(11)], grad="none",
       id="from-row-11"),
+    P("random", [(), (), (), ()], lambda seed, step, first, total, shape, stream, axis:
+      np_random(seed, step, (2, int(total), 5), stream)[:, first:first + 3],
+      attrs={"shape": (2, 3, 5), "stream": 9, "axis": 1},
+      inputs=[scalar_i32(4), scalar_i32(1), scalar_i32(2), scalar_i32(7)], grad="none", id="slice-of-axis-1"),
 ]
 
 # allreduce: the sum over the ranks of a data-parallel job; a test process is a job of one

@@ -134,7 +134,8 @@ def test_a_rank_step_alone_is_the_one_process_step(target):
         g = m.compile_graph("train", world=world)
         m.ensure_state(g)
         p = make_program(target, g, m.state)
-        outs = [p.run({"x": x, "label": y, "lr": 0.05, "shard_weight": 1.0, "sample_offset": 0}) for _ in range(3)]
+        outs = [p.run({"x": x, "label": y, "lr": 0.05, "shard_weight": 1.0, "sample_offset": 0, "global_batch": 9})
+                for _ in range(3)]
         states.append((m.state, outs[-1]))
     (a, out_a), (b, out_b) = states
     np.testing.assert_allclose(out_a["loss"], out_b["loss"], rtol=1e-5)
@@ -179,25 +180,29 @@ def test_ranks_without_mpi4py_say_what_to_install(monkeypatch, capsys):
 
 # --- jobs of several ranks ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+# and dropout between the layers of an rnn: the batch on axis 1 of [T, B, H]
+WITH_RNN = SYNC_BN.replace("    return dense(h, 10)\n", "    r = reshape(x, [B, 4, 16]) |> rnn(8, layers=2, dropout=0.3)\n"
+                                                        "    return dense(h, 10) + dense(r, 10)\n")
+
+
+def _one_process(folder: Path, source: str):
     """The state after distributed_steps.py's steps in one process, on the reference."""
     import distributed_steps
-    folder = tmp_path_factory.mktemp("one")
-    (folder / "net.dln").write_text(SYNC_BN)
+    (folder / "net.dln").write_text(source)
     distributed_steps.main(str(folder / "net.dln"), "reference", str(folder / "one.npz"))
     return folder / "net.dln", np.load(folder / "one.npz")
 
 
 @needs_mpi
-@pytest.mark.parametrize("ranks, target, options", [
-    (2, "cpu", {"bucket_bytes": 512}),  # several buckets, overlapped exchanges (the default)
-    (3, "reference", {}),  # 3 ranks: sums of chunks (all-to-all, then gather)
-], ids=["2-cpu", "3-reference"])
-def test_ranks_train_the_parameters_one_process_trains(tmp_path, one_process, ranks, target, options):
+@pytest.mark.parametrize("ranks, target, options, source", [
+    (2, "cpu", {"bucket_bytes": 512}, SYNC_BN),  # several buckets, overlapped exchanges (the default)
+    (3, "reference", {}, WITH_RNN),  # 3 ranks: sums of chunks (all-to-all, then gather)
+], ids=["2-cpu", "3-reference-rnn"])
+def test_ranks_train_the_parameters_one_process_trains(tmp_path, ranks, target, options, source):
     """Dropout by global sample, batchnorm over the global batch, shards of 4 and 3, a rank
     without a sample: after the steps, the job's parameters are one process's."""
-    src, want = one_process
+    src, want = _one_process(tmp_path, source)
+    assert source != WITH_RNN or "r.wx_l1" in want.files
     r = _mpiexec(ranks, sys.executable, STEPS, src, target, tmp_path / "many.npz", json.dumps(options), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     got = np.load(tmp_path / "many.npz")

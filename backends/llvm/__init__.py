@@ -88,6 +88,9 @@ class CpuBackend(Backend):
                 defined[name] = i
         if "dlc_step" not in defined:
             return "no object defines the step function `dlc_step`"
+        reason = _check_collectives(layout)
+        if reason:
+            return reason
         if _layout_symbol(layout) not in defined:
             return "its layout is not the one the code was compiled for"
         for i, record in enumerate(records):
@@ -130,6 +133,27 @@ class CpuBackend(Backend):
 
 def is_elf(triple: str) -> bool:
     return not any(system in triple for system in ("darwin", "apple", "windows", "win32"))
+
+
+def _check_collectives(layout: StepLayout) -> str | None:
+    """The buffers of a data-parallel step's exchanges (meta "collectives", read by the
+    runtime's host calls) lie in its arena or are its slots, with their dtypes and shapes."""
+    import math
+    from dlc.core.types import DType
+    buckets = layout.meta.get("collectives", {})
+    slots = {s[0]: (s[2], list(s[3])) for s in layout.slots}
+    try:
+        assert isinstance(buckets, dict)
+        for key, (sources, targets) in buckets.items():
+            assert key.isdigit() and len(sources) == len(targets)
+            for where, dtype, shape in sources + targets:
+                nbytes = DType(dtype).np.itemsize * math.prod(shape)
+                assert all(isinstance(d, int) and d >= 0 for d in shape)
+                assert (isinstance(where, int) and 0 <= where and where + nbytes <= layout.arena_bytes
+                        if not isinstance(where, str) else slots.get(where) == (dtype, list(shape)))
+    except (AssertionError, TypeError, ValueError, AttributeError):
+        return "its layout's exchanges (collectives) do not fit its buffers"
+    return None
 
 
 def _layout_symbol(layout: StepLayout) -> str:

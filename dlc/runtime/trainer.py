@@ -118,10 +118,11 @@ class Session:
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
         """One step on a global batch (of which a rank of a job takes its shard); the loss and
         metrics returned are the whole batch's."""
-        weight, first = 1.0, 0  # (read by data-parallel steps, and batchnorm(sync=true))
+        weight, first, total = 1.0, 0, len(x)  # (read by data-parallel steps, and batchnorm(sync=true))
         if self.world is not None:
-            x, y, weight, first = self.world.shard_feeds(x, y, len(x))
-        feeds = {self.input_name: x, "label": y, "lr": lr, "shard_weight": weight, "sample_offset": first}
+            x, y, weight, first = self.world.shard_feeds(x, y, total)
+        feeds = {self.input_name: x, "label": y, "lr": lr, "shard_weight": weight, "sample_offset": first,
+                 "global_batch": total}
         out = self.train_program.run(feeds)
         loss = float(out["loss"])
         if not math.isfinite(loss):
