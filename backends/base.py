@@ -24,6 +24,8 @@ artifacts, and runs steps. A backend:
   dump(program, stage, target) -> text of one of its stages
   check_target(saved, target)   None, or why code built for `saved` (a target's JSON)
                                 cannot run on `target`
+  sync_state(state)   make the host arrays in `state` current (a backend that keeps the
+                      state in a device's memory copies it back); a no-op by default
   collectives         True when its steps run the kernel IR's Collective parts (a call to
                       the host between phases: dlc.core.collective's communicator); the
                       driver refuses data-parallel programs for a backend without them
@@ -39,6 +41,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -115,6 +119,7 @@ class Compiled:
     blobs: list[bytes]
     layout: StepLayout
     timings: dict = field(default_factory=dict)   # phase -> seconds, for --verbose
+    notes: list[str] = field(default_factory=list)  # more lines for --verbose (registers per kernel)
 
 
 class Step(Protocol):
@@ -122,8 +127,11 @@ class Step(Protocol):
     calls: int
 
     def run(self, state: dict, feeds: dict) -> dict:
-        """One step: reads parameters and state from `state` and updates them in place;
-        returns copies of the results."""
+        """One step: reads parameters and state from `state` and updates them in place
+        (or in a device copy, see Backend.sync_state); returns copies of the results:
+        numpy arrays, or deferred values that are read on first use (`np.asarray(v)`,
+        `float(v)`) and say whether that would wait (`v.ready()`), so that a caller can
+        read the results of a step while later steps run."""
 
     def profile_rows(self) -> list[tuple[str, tuple, float]]:
         """(kernel, .dln lines, seconds) over the calls so far (empty when not profiled)."""
@@ -161,6 +169,21 @@ class Backend:
     def check_target(self, saved: dict, target) -> str | None:
         return None if saved == target.to_json() else f"it was compiled for another {self.name} target"
 
+    def free_memory(self, target) -> int | None:
+        """Bytes the step's working memory may still take where it lives (None: unknown).
+        By default the host's: a backend with memory of its own (a GPU) says how much is free there."""
+        return host_memory_available()
+
+    def sync_state(self, state: dict) -> None:
+        """Make the host arrays in `state` the current copy of the model's state.
+
+        A backend whose steps keep the state elsewhere between steps (a GPU's memory, shared
+        by every step that runs on the same `state` dict) copies it back here, and its next
+        step re-reads the host arrays (which the caller may have changed meanwhile). The
+        driver calls this before it reads or writes state arrays outside a step: checkpoints,
+        restoring weights, `Model.state` and `Model.params`, a step of another backend on
+        the same state. Backends that run on the host arrays in place need nothing here."""
+
 
 def layout_slots(program) -> list:
     """[name, kind, dtype, shape] of every input and state buffer, inputs first."""
@@ -184,3 +207,27 @@ def layout_outputs(program) -> dict:
     return {name: [b.offset if b.kind == "arena" else b.name, b.dtype.value, list(b.shape)]
             for name, b in program.outputs.items()}
 
+
+
+def host_memory_available() -> int | None:
+    """Bytes that can still be allocated without swapping: the kernel's MemAvailable, or
+    what is left under this process's cgroup limit if that is less; None when unknown."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:  # a container's limit (cgroup v2)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free

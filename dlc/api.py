@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlc import backends
 from dlc.backends import DEFAULT as DEFAULT_TARGET
 from dlc.core.diagnostics import ArgumentError, DataError, DlcError, Source, Span, UsageError, did_you_mean
 from dlc.core.graph import Graph
@@ -154,7 +155,7 @@ class Model:
             lowered = self.lower(mode, batch, disabled=disabled, log=log, world=world)
             out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in passes]
             if later:
-                backend = backends.backend(target)
+                backend = backends.backend(target, runnable=False)  # printing code needs no GPU
                 program = pipeline.kernel_program(lowered, backend.templates)
                 target_desc = backend.target({}) if set(later) - {"kernel"} else None
                 out += [(n, format_program(program) if n == "kernel" else backend.dump(program, n, target_desc))
@@ -252,10 +253,12 @@ class Model:
 
     @property
     def state(self) -> dict[str, np.ndarray]:
-        """Parameters and state by name (numpy arrays), initialized on first use, so that
-        checking a model never allocates its weights."""
+        """Parameters and state by name: numpy arrays shared with the sessions, made on first
+        use (so checking a model never allocates its weights) and current (a backend that
+        keeps them in a GPU's memory between steps copies them back first)."""
         if self._state is None:
             self._state = init_state(self._train, self._seed)
+        backends.sync_state(self._state)
         return self._state
 
     @property

@@ -8,9 +8,7 @@ interprets graphs (the reference) gets the graph itself.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -32,6 +30,7 @@ def make_program(target: str, graph, state: dict, *, key: str | None = None, dat
     backend = backends.backend(target)
     options = dict(options or {})
     if not backend.lowers:
+        backends.sync_state(state)  # an interpreter reads the host arrays
         return backend.interpret(graph() if callable(graph) else graph, state)
     return CompiledProgram(backend, graph, state, key=key, data_name=data_name, preloaded=preloaded, **options)
 
@@ -74,13 +73,14 @@ class CompiledProgram:
     def run(self, feeds: dict) -> dict:
         batch = len(feeds[self.data_name])
         step = self.steps.get(batch) or self.step_for(batch)
+        backends.sync_state(self.state, keep=self.backend)  # another backend's device copy comes back first
         return step.run(self.state, feeds)
 
     def step_for(self, batch: int):
         step = self.steps.get(batch)
         if step is None:
             blobs, layout = self.preloaded.pop(batch, None) or self.compiled(batch)
-            self._check_memory(batch, layout.arena_bytes, layout.scratch_bytes, layout.slots)
+            self._check_memory(batch, layout.arena_bytes, layout.scratch_bytes * layout.threads, layout.slots)
             step = self.steps[batch] = self.backend.load(blobs, layout, self.target)
             self._create_state(layout)
         return step
@@ -111,6 +111,8 @@ class CompiledProgram:
         phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in compiled.timings.items())
         self._say(f"compile cache {'miss ' + key[:12] if key else 'off'} ({self.graph.name}, batch {batch}): "
                   f"passes {(lowered - start) * 1e3:.0f} ms, {phases}")
+        for note in compiled.notes:
+            self._say(note)
         return compiled.blobs, compiled.layout
 
     def _cached(self, key: str, batch: int) -> tuple[list[bytes], StepLayout] | None:
@@ -131,15 +133,16 @@ class CompiledProgram:
         return None
 
     def _check_memory(self, batch: int, arena: int, scratch: int, slots: list) -> None:
-        """Refuses a step that cannot fit in the memory left, before allocating any of it
-        (numpy would fail with an opaque error, or the system would start swapping)."""
-        free = available_memory()
+        """Refuses a step that cannot fit in the memory left where it runs (the host's, or
+        a GPU's), before allocating any of it (numpy would fail with an opaque error, or
+        the system would start swapping). `scratch`: all workers' scratch space together."""
+        free = self.backend.free_memory(self.target)
         new = [s for s in slots if s[1] == "input" or s[0] not in self.state]  # parameters exist already
         buffers = sum(int(np.prod(shape)) * DType(dtype).np.itemsize for _, _, dtype, shape in new)
-        needed = arena + scratch * self.target.threads + buffers
+        needed = arena + scratch + buffers
         if free is not None and needed > free:
             raise ResourceError(f"the compiled step for batch {batch} needs {format_bytes(needed)} of memory (working "
-                                f"memory {format_bytes(arena + scratch * self.target.threads)}, inputs and optimizer "
+                                f"memory {format_bytes(arena + scratch)}, inputs and optimizer "
                                 f"state {format_bytes(buffers)}), but only {format_bytes(free)} is available",
                                 hint="use a smaller batch (--batch), or close other programs")
 
@@ -165,30 +168,6 @@ class CompiledProgram:
     def _say(self, msg: str) -> None:
         if self.verbose:
             self.verbose(msg)
-
-
-def available_memory() -> int | None:
-    """Bytes that can still be allocated without swapping: the kernel's MemAvailable, or
-    what is left under this process's cgroup limit if that is less; None when unknown."""
-    free = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            pass
-    try:  # a container's limit (cgroup v2)
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
-            free = left if free is None else min(free, left)
-    except (OSError, ValueError):
-        pass
-    return free
 
 
 def format_bytes(n: int) -> str:

@@ -346,10 +346,10 @@ def test_run_help_says_to_run_only_trusted_artifacts(capsys):
 
 def test_a_step_larger_than_memory_is_refused_before_compiling_and_before_loading(tmp_path, monkeypatch):
     from dlc import program as program_mod
-    free = program_mod.available_memory()
+    free = CPU.free_memory(None)
     assert free is None or free > 0
     compiled_step(tmp_path)  # in the cache now
-    monkeypatch.setattr(program_mod, "available_memory", lambda: 10)
+    monkeypatch.setattr(CPU, "free_memory", lambda target: 10)
     monkeypatch.setattr(CPU, "compile", lambda *a, **k: pytest.fail("compiled a step that cannot fit"))
     monkeypatch.setattr(CPU, "load", lambda *a, **k: pytest.fail("loaded a step that cannot fit"))
     for batch in (5, 6):  # from the cache, and not yet compiled
@@ -362,9 +362,8 @@ def test_a_step_larger_than_memory_is_refused_before_compiling_and_before_loadin
 
 
 def test_the_cli_reports_a_step_larger_than_memory_in_one_sentence(tmp_path, monkeypatch, capsys):
-    from dlc import program as program_mod
     monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(program_mod, "available_memory", lambda: 10)
+    monkeypatch.setattr(CPU, "free_memory", lambda target: 10)
     assert cli.main(["run", str(MODEL), "--epochs", "1", "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: the compiled step for batch") and err[1].startswith("hint: use a smaller batch")

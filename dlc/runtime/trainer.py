@@ -118,22 +118,32 @@ class Session:
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
         """One step on a global batch (of which a rank of a job takes its shard); the loss and
         metrics returned are the whole batch's."""
+        return self.collect(self.submit(x, y, lr))
+
+    def submit(self, x: np.ndarray, y: np.ndarray, lr: float) -> "Pending":
+        """Run one training step without reading its results (a GPU step's results may
+        still be on their way: `collect` reads them, later steps need not wait)."""
         weight, first, total = 1.0, 0, len(x)  # (read by data-parallel steps, and batchnorm(sync=true))
         if self.world is not None:
             x, y, weight, first = self.world.shard_feeds(x, y, total)
         feeds = {self.input_name: x, "label": y, "lr": lr, "shard_weight": weight, "sample_offset": first,
                  "global_batch": total}
-        out = self.train_program.run(feeds)
-        loss = float(out["loss"])
+        return Pending(feeds, self.train_program.run(feeds))
+
+    def collect(self, step: "Pending") -> dict[str, float]:
+        """A submitted step's loss and metrics; NumericsError when its loss is not finite.
+        Steps are collected in the order they ran (the step count counts finite steps)."""
+        loss = float(step.out["loss"])
         if not math.isfinite(loss):
-            raise self._numerics_error(feeds, loss)
+            raise self._numerics_error(step.feeds, loss)
         self.global_step += 1
-        return {k: float(out[k]) for k in self._results}
+        return {k: float(step.out[k]) for k in self._results}
 
     def _numerics_error(self, feeds, loss: float) -> NumericsError:
         """Re-run the failed step on the reference interpreter to find the first bad op.
         (The step left the state untouched: the optimizer pass guards every update.)"""
         from dlc.core import ops
+        backends.sync_state(self.state)
         values = backends.backend("reference").run_graph(self.train_graph, {**self.state, **feeds}, keep_all=True)
         for nid in self.train_graph.toposort():
             node = self.train_graph.node(nid)
@@ -173,15 +183,23 @@ class Session:
         """Loss and metrics over every sample (the last partial batch included)."""
         totals: dict[str, float] = {}
         n = len(x)
+
+        def add(size: int, out: dict) -> None:
+            for k in ["loss"] + self.metrics:
+                totals[k] = totals.get(k, 0.0) + float(out[k]) * size
         starts = range(0, n, batch)
         if self.world is not None:  # every rank evaluates its batches with rank 0's statistics
             self.world.broadcast(self.state, self.model.layer_state())
             starts = self.world.batches_of(starts)
+        last = None  # the previous batch's results: read while the next batch runs
         for start in starts:
             xb, yb = x[start:start + batch], y[start:start + batch]
             out = self.eval_program.run({self.input_name: xb, "label": yb})
-            for k in ["loss"] + self.metrics:
-                totals[k] = totals.get(k, 0.0) + float(out[k]) * len(xb)
+            if last:
+                add(*last)
+            last = (len(xb), out)
+        if last:
+            add(*last)
         if self.world is not None and n:
             totals = self.world.sum_floats(totals, ["loss"] + self.metrics)
         return {k: v / n for k, v in totals.items()} if n else {}
@@ -193,7 +211,7 @@ class Session:
             label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype()) \
                 if self._label_type() is not None else None
             outs.append(self.eval_program.run({self.input_name: xb, "label": label})["output"])
-        return np.concatenate(outs) if outs else np.zeros((0,))
+        return np.concatenate([np.asarray(o) for o in outs]) if outs else np.zeros((0,))
 
     def _label_type(self):
         """The label input's type, or None when the loss takes no labels."""
@@ -206,6 +224,22 @@ class Session:
 
     def _label_dtype(self):
         return self._label_type().dtype.np
+
+
+@dataclass
+class Pending:
+    """A training step that ran, with its results not read yet."""
+
+    feeds: dict
+    out: dict
+
+    def ready(self) -> bool:
+        """Whether reading the results would not wait (always, for results on the host)."""
+        return all(v.ready() for v in self.out.values() if hasattr(v, "ready"))
+
+
+# steps a training loop runs ahead of the one whose results it reads (GPU results arrive late)
+READ_BEHIND = 8
 
 
 def _nonfinite(v: np.ndarray) -> str:
@@ -286,15 +320,16 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             sums: dict[str, float] = {}
             seen = 0
             rng = np.random.default_rng([opts.seed, epoch]) if opts.shuffle else None
+            ran: list[tuple[int, Pending]] = []  # steps whose results are not read yet
             for i, idx in enumerate(batches(n, opts.batch, rng)):
                 if (epoch == start_epoch and i < skip) or i == steps_per_epoch:  # i == ...: the dropped batch
                     continue
-                out = session.train_step(x[idx], y[idx], lr)
+                ran.append((len(idx), session.submit(x[idx], y[idx], lr)))
                 position = (epoch, i + 1)
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(idx)
-                seen += len(idx)
-                progress.step(out["loss"])
+                while ran and (len(ran) > READ_BEHIND or ran[0][1].ready()):
+                    seen += _record(session, *ran.pop(0), sums, progress)
+            while ran:
+                seen += _record(session, *ran.pop(0), sums, progress)
             position = (epoch + 1, 0)
             record = {"epoch": epoch + 1, "step": session.global_step, "lr": lr}
             record.update({f"train_{k}": v / seen for k, v in sums.items()} if seen else {})
@@ -328,6 +363,15 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         if log:
             log.close()
     return history
+
+
+def _record(session: Session, size: int, step: Pending, sums: dict, progress) -> int:
+    """Read a step's results into the epoch's sums and the progress bar."""
+    out = session.collect(step)
+    for k, v in out.items():
+        sums[k] = sums.get(k, 0.0) + v * size
+    progress.step(out["loss"])
+    return size
 
 
 class Interrupted(Exception):
