@@ -157,6 +157,8 @@ class Model:
             if later:
                 backend = backends.backend(target, runnable=False)  # printing code needs no GPU
                 program = pipeline.kernel_program(lowered, backend.templates)
+                if set(later) - {"kernel"}:
+                    pipeline.check_collectives(program, backend)
                 target_desc = backend.target({}) if set(later) - {"kernel"} else None
                 out += [(n, format_program(program) if n == "kernel" else backend.dump(program, n, target_desc))
                         for n in later]

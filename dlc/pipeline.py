@@ -213,6 +213,15 @@ def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=(),
     return run_passes(graph, LOWER_PASSES, ctx, log)
 
 
+def check_collectives(program: KernelProgram, backend) -> None:
+    """A program with Collective parts (data-parallel steps, batchnorm(sync=true)) needs a
+    backend that runs them."""
+    from dlc.core.kernel import collectives_of
+    if collectives_of(program) and not backend.collectives:
+        raise UsageError(f"target `{backend.name}` cannot run collective exchanges yet (a data-parallel "
+                         "step, or batchnorm(sync=true))", hint="use --target cpu")
+
+
 def kernel_program(lowered: Graph, templates=frozenset()) -> KernelProgram:
     """A lowered graph scheduled to the kernel IR (the last required stage), with the
     template kinds not in `templates` (the ones the backend renders) expanded to loop nests.

@@ -95,7 +95,7 @@ class CompiledProgram:
 
     def compiled(self, batch: int) -> tuple[list[bytes], StepLayout]:
         """The backend's code for one batch size, through the cache."""
-        from dlc.pipeline import kernel_program, lower
+        from dlc.pipeline import check_collectives, kernel_program, lower
         start = time.perf_counter()
         key = self._cache_key(batch) if self.cache else None
         hit = self._cached(key, batch) if key else None
@@ -103,6 +103,7 @@ class CompiledProgram:
             self._say(f"compile cache hit {key[:12]} (batch {batch}): {(time.perf_counter() - start) * 1e3:.0f} ms")
             return hit
         program = kernel_program(lower(self.graph, batch, overlap=self.overlap), self.templates)
+        check_collectives(program, self.backend)
         self._check_memory(batch, program.arena_bytes, 0, layout_slots(program))  # before compiling it
         lowered = time.perf_counter()
         compiled = self.backend.compile(program, self.target, profile=self.profile)

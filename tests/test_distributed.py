@@ -158,6 +158,12 @@ def test_shards_split_the_global_batch_in_rank_order():
     assert xs.shape == (1, 2) and weight == 0.0 and first == 0
 
 
+def test_a_backend_without_collectives_refuses_them(capsys):
+    assert main(["compile", str(EXAMPLES / "digits_mlp.dln"), "--ranks", "2", "--target", "cuda",
+                 "--dump-ir=cuda"]) == 2
+    assert "target `cuda` cannot run collective exchanges" in capsys.readouterr().err
+
+
 def test_run_help_says_the_batch_is_global(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])

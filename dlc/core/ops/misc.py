@@ -121,7 +121,9 @@ def _random_infer(seed: TensorType, step: TensorType, *place: TensorType, shape:
     return TensorType(DType.f32, tuple(shape))
 
 
-def _random_ref(seed, step, *place, shape, stream, axis=0):
+def _random_ref(seed, step, *place, shape=None, stream=None, axis=0):
+    if shape is None:  # called as (seed, step, shape, stream), without a slice
+        (shape, stream), place = place, ()
     shape = [int(d) for d in shape]
     key = random_key(seed, step, stream)
     if not place:
