@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the step of one rank of an N-process data-parallel job (with the `shard` "
                         "and `allreduce` stages; --batch is then the rank's share)")
     p.add_argument("-o", "--output", metavar="OUT",
-                   help="write the compiled training and evaluation steps to OUT (e.g. model.dlcx), "
-                        "which `dlc run OUT` and `dlc eval OUT` load without compiling")
+                   help="write the compiled training and evaluation steps (one program, for the train "
+                        "block's batch size) to OUT (e.g. model.dlcx), which `dlc run OUT` and "
+                        "`dlc eval OUT` load without compiling")
     _add_target(p)
 
     p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
@@ -76,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
     p.add_argument("--batch", type=_positive_int, help="mini-batch size (1 = stochastic, the data "
-                   "set size = full batch); with several ranks, the global batch, which the ranks split")
+                   "set size = full batch); the training and evaluation steps are compiled once for "
+                   "it, and a smaller last batch is padded to it with exactly the unpadded results; with "
+                   "several ranks, the global batch, which the ranks split")
     p.add_argument("--lr", type=_positive_float, help="initial learning rate")
     p.add_argument("--seed", type=_non_negative_int, help="random seed (initialization, shuffling, dropout)")
     p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
@@ -198,18 +201,21 @@ def _target_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_target(p: argparse.ArgumentParser) -> None:
     _target_arg(p)
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, default="auto", metavar="N",
+                   help="CPU threads: a number, or `auto` (the default): every core no other process keeps "
+                        "busy (measured at start), and one thread for a step too small to share out")
     p.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring the compile cache")
     p.add_argument("--no-templates", action="store_true",
                    help="render matmuls, convolutions, pooling and gathers as plain loop nests instead of "
                         "the backend's dedicated code (slow; for testing a backend)")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print the target, compile-cache hits and compile time per phase")
+                   help="print the target, the one compile of the run (training and evaluation steps "
+                        "together: cache hit or miss, time per phase), and the threads each step chose")
 
 
 def _backend_options(args) -> dict:
     options = {}
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) not in (None, "auto"):
         options["threads"] = args.threads
     if getattr(args, "no_cache", False):
         options["no_cache"] = True
@@ -241,6 +247,10 @@ def _number(kind, check, what):
 _positive_int = _number(int, lambda v: 0 < v <= INT_OPTION_MAX, f"a positive integer up to {INT_OPTION_MAX:,}")
 _non_negative_int = _number(int, lambda v: 0 <= v <= INT_OPTION_MAX, f"an integer from 0 to {INT_OPTION_MAX:,}")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
+
+
+def _threads(text: str):
+    return "auto" if text == "auto" else _number(int, lambda v: v > 0, "a positive integer or `auto`")(text)
 
 
 def _output_path(path: str, flag: str, folder: bool = False) -> Path:

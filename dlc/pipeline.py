@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ def _shard(g, ctx):
 def _allreduce(g, ctx):
     from dlc.passes.data_parallel import allreduce
     return allreduce(g, ctx)
+
+
+def _mask_batch(g, ctx):
+    from dlc.passes.mask_batch import mask_batch
+    return mask_batch(g)
 
 
 def _autodiff(g, ctx):
@@ -111,6 +117,8 @@ def _memory(g, ctx):
 
 
 GRAPH_PASSES: tuple[Pass, ...] = (
+    Pass("mask_batch", _mask_batch, "reductions over the batch count only its first `valid_rows` rows "
+         "(a padded last batch gives the unpadded results: one compiled batch size)"),
     Pass("shard", _shard, "data-parallel ranks: each differentiates its share of the loss; random "
          "streams follow global samples", True, True, True),
     Pass("autodiff", _autodiff, "reverse-mode gradients of the loss for every parameter", True, True),
@@ -175,6 +183,13 @@ class Compilation:
         return next((r for r in reversed(self.records) if r.name == name), None)
 
 
+def verifying() -> bool:
+    """Whether the driver re-checks the graph after every pass: with DLC_VERIFY=1 (the test
+    suite sets it), for `dlc compile`'s dumps, and never otherwise -- re-inferring every
+    node's type after each of a dozen passes was a third of the passes' time."""
+    return os.environ.get("DLC_VERIFY", "") not in ("", "0")
+
+
 def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None = None,
                verify: bool = True) -> Graph:
     for p in passes:
@@ -198,19 +213,21 @@ def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None =
 
 
 def step_graph(graph: Graph, config: TrainConfig | None, log: Compilation | None = None,
-               disabled=(), world: int = 1, bucket_bytes: int | None = None) -> Graph:
+               disabled=(), world: int = 1, bucket_bytes: int | None = None,
+               verify: bool | None = None) -> Graph:
     """The graph passes: with a recipe, the training step (autodiff, optimizer, cleanup;
     for `world` > 1 ranks, data-parallel); without one, the evaluation graph cleaned up.
     Shapes are still symbolic."""
     ctx = PassContext(config, disabled=frozenset(disabled), world=world, bucket_bytes=bucket_bytes)
-    return run_passes(graph, GRAPH_PASSES, ctx, log)
+    return run_passes(graph, GRAPH_PASSES, ctx, log, verifying() if verify is None else verify)
 
 
-def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=(), overlap: bool = False) -> Graph:
+def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=(), verify: bool | None = None,
+          overlap: bool = False) -> Graph:
     """The lowering passes for one batch size: fused and memory-planned (with `overlap`,
     data-parallel exchanges are scheduled to overlap the backward pass: fuse.py)."""
     ctx = PassContext(batch=batch, disabled=frozenset(disabled), overlap=overlap)
-    return run_passes(graph, LOWER_PASSES, ctx, log)
+    return run_passes(graph, LOWER_PASSES, ctx, log, verifying() if verify is None else verify)
 
 
 def check_collectives(program: KernelProgram, backend) -> None:

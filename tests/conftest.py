@@ -1,4 +1,8 @@
 """Shared pytest configuration."""
+import os
+
+# every compile in the tests re-checks the graph after each pass (off by default: dlc.pipeline.verifying)
+os.environ.setdefault("DLC_VERIFY", "1")
 
 
 def pytest_addoption(parser):

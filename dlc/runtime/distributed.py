@@ -209,6 +209,12 @@ class World:
         count = base + (self.rank < extra)
         return self.rank * base + min(self.rank, extra), count
 
+    def shard_capacity(self, n: int) -> int:
+        """The largest shard of a global batch of n (rank 0's): the batch size every rank
+        compiles its steps for; a smaller shard (another rank's, or any of a last, partial
+        global batch) is padded to it, its padded rows masked (passes/mask_batch.py)."""
+        return max(1, -(-n // self.size))
+
     def shard_feeds(self, x: np.ndarray, y, n: int) -> tuple[np.ndarray, object, float, int]:
         """(x, y, shard weight, first sample) of this rank for a global batch of n samples. A
         rank with no sample this step (n < ranks) runs on a copy of the batch's first

@@ -13,7 +13,7 @@ import numpy as np
 from dlc import __version__, backends
 from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError, UsageError
 from dlc.language.recipe import Spec
-from dlc.program import make_program
+from dlc.program import VALID, make_programs
 
 
 def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int) -> float:
@@ -86,19 +86,23 @@ class Session:
         options = dict(options or {})
         self.bucket_bytes = options.pop("bucket_bytes", None)  # gradients per exchange (data-parallel)
         if world is not None:  # exchanges overlap the rest of the backward pass: measured faster
-            options = {"threads": world.default_threads(), "overlap": True, **options}
+            if options.get("threads") in (None, "auto"):  # the ranks on this machine share its cores
+                options["threads"] = world.default_threads()
+            options = {"overlap": True, **options}
             if not backends.backend(target).collectives:
                 raise UsageError(f"target `{target}` cannot run a data-parallel job yet: its steps have no "
                                  "collective exchange", hint="train with --target cpu, or in one process")
         if not backends.backend(target).lowers:  # an interpreter needs the optimizer state up front
             model.ensure_state(self.graph("train"))
-        self.train_program, self.eval_program = (
-            make_program(target, lambda mode=mode: self.graph(mode), self.state,
-                         key=model.source_key(mode, config, ranks, self.bucket_bytes), data_name=self.input_name,
-                         preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)
-                                    and (ranks == 1 or mode == "eval")},  # artifacts hold one-process steps
-                         options=options if mode == "train" else {k: v for k, v in options.items() if k != "overlap"})
-            for mode in ("train", "eval"))  # (evaluation exchanges nothing: its steps are one process's)
+        # one program, two entry points: compiled together, once per batch size (evaluation
+        # exchanges nothing: its entry is one process's step also in a data-parallel job)
+        self.program = make_programs(
+            target, {mode: (lambda mode=mode: self.graph(mode)) for mode in ("train", "eval")}, self.state,
+            keys={mode: model.source_key(mode, config, ranks, self.bucket_bytes) for mode in ("train", "eval")},
+            name=model.name, data_name=self.input_name,
+            preloaded={b: s for (t, b), s in model.preloaded.items() if t == target and ranks == 1},
+            options=options)  # (artifacts hold one-process steps)
+        self.train_program, self.eval_program = self.program.entry("train"), self.program.entry("eval")
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
         self._results = ["loss"] + self.metrics
         self.global_step = int(self.state["step"]) if "step" in self.state else 0
@@ -124,10 +128,10 @@ class Session:
         """Run one training step without reading its results (a GPU step's results may
         still be on their way: `collect` reads them, later steps need not wait)."""
         weight, first, total = 1.0, 0, len(x)  # (read by data-parallel steps, and batchnorm(sync=true))
-        if self.world is not None:
+        if self.world is not None:  # this rank's rows; padded to the compiled batch by the program
             x, y, weight, first = self.world.shard_feeds(x, y, total)
-        feeds = {self.input_name: x, "label": y, "lr": lr, "shard_weight": weight, "sample_offset": first,
-                 "global_batch": total}
+        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x)), "shard_weight": weight,
+                 "sample_offset": first, "global_batch": total}
         return Pending(feeds, self.train_program.run(feeds))
 
     def collect(self, step: "Pending") -> dict[str, float]:
@@ -179,6 +183,28 @@ class Session:
         return "\n".join(out) + "\n"
 
     # --- whole data sets ----------------------------------------------------------------------
+    def use_batch(self, batch: int) -> int:
+        """Compile for batches of `batch` rows: smaller ones, such as the last of an epoch
+        (or a whole data set smaller than the batch), are padded to it instead of compiled
+        again. A rank of a data-parallel job compiles for its largest shard of a global
+        batch of `batch` (every rank the same size: a smaller shard is padded to it)."""
+        batch = max(1, batch)
+        self.program.batch = self.world.shard_capacity(batch) if self.world is not None else batch
+        return self.program.batch
+
+    def compile_in_background(self, batch: int) -> "Background":
+        """Compile the program for `batch` rows (or load it from the cache) on a thread,
+        while the caller reads the data; `wait()` joins it and raises what it raised.
+        (The LLVM work runs in the thread's forked compiler processes and in llvmlite,
+        outside the GIL, so it overlaps reading and normalizing the data.)"""
+        self.use_batch(batch)
+        compile_ = getattr(self.program, "steps_for", None)
+        return Background(lambda: compile_(self.program.batch) if compile_ else None)
+
+    def _chunk(self, batch: int, rows: int) -> int:
+        """Evaluation in batches of the compiled size (the training one, once fit chose it)."""
+        return self.program.batch or self.use_batch(min(batch, rows))
+
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, float]:
         """Loss and metrics over every sample (the last partial batch included)."""
         totals: dict[str, float] = {}
@@ -187,6 +213,7 @@ class Session:
         def add(size: int, out: dict) -> None:
             for k in ["loss"] + self.metrics:
                 totals[k] = totals.get(k, 0.0) + float(out[k]) * size
+        batch = self._chunk(batch, n)
         starts = range(0, n, batch)
         if self.world is not None:  # every rank evaluates its batches with rank 0's statistics
             self.world.broadcast(self.state, self.model.layer_state())
@@ -206,6 +233,7 @@ class Session:
 
     def predict(self, x: np.ndarray, batch: int) -> np.ndarray:
         outs = []
+        batch = self._chunk(batch, len(x))
         for start in range(0, len(x), batch):
             xb = x[start:start + batch]
             label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype()) \
@@ -240,6 +268,28 @@ class Pending:
 
 # steps a training loop runs ahead of the one whose results it reads (GPU results arrive late)
 READ_BEHIND = 8
+
+
+class Background:
+    """A function run on a daemon thread; wait() returns its result or raises its error."""
+
+    def __init__(self, fn):
+        import threading
+        self._result, self._error = None, None
+
+        def run():
+            try:
+                self._result = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+                self._error = e
+        self._thread = threading.Thread(target=run, name="dlc-compile", daemon=True)
+        self._thread.start()
+
+    def wait(self, quietly: bool = False):
+        self._thread.join()
+        if self._error is not None and not quietly:
+            raise self._error
+        return self._result
 
 
 def _nonfinite(v: np.ndarray) -> str:
@@ -287,6 +337,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
                             batchnorm, hint="train with `batch` of 2 or more")
     drop_last = batchnorm is not None and n % opts.batch == 1
     steps_per_epoch = n // opts.batch if drop_last else -(-n // opts.batch)
+    session.use_batch(opts.batch)
     start_epoch, skip = 0, 0
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
