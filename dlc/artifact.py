@@ -199,7 +199,7 @@ def check_fits(path, batch: int, layout, inputs: list[str], state: dict) -> None
             if kind == "state" and name in state and tuple(shape) != state[name].shape:
                 problem = f"its `{name}` has shape {shape}, the model's has {list(state[name].shape)}"
         if ("lr" in slots) != (mode == "train"):
-            problem = "it is not a " + ("training" if mode == "train" else "evaluation") + " step"
+            problem = "it is not " + ("a training" if mode == "train" else "an evaluation") + " step"
         if problem:
             raise ArtifactError(f"{path} is damaged: its {mode} step for batch {batch} does not fit the model "
                                 f"({problem})", hint=REBUILD)
