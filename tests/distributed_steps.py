@@ -2,6 +2,10 @@
 the state (rank 0). Run alone (one process) or under mpiexec (a data-parallel job).
 
     python tests/distributed_steps.py MODEL.dln TARGET OUT.npz [OPTIONS_JSON]
+
+OPTIONS_JSON holds the session's options, and "pad": true to compile for the largest global
+batch (each rank then compiles for its largest shard of it, and pads smaller shards to it);
+every rank writes the batch sizes it compiled to OUT.rankR.json.
 """
 import json
 import sys
@@ -24,11 +28,18 @@ def batches(features: int):
 def main(src: str, target: str, out: str, options: str = "{}") -> None:
     world = world_from_env()
     m = dlc.load(src)
-    session = m.session(m.train_config, target, world, **json.loads(options))
+    options = json.loads(options)
+    pad = options.pop("pad", False)
+    session = m.session(m.train_config, target, world, **options)
+    if pad:
+        session.use_batch(max(SIZES))
     features = int(m.input_types[0][1].shape[1])
     results = [session.train_step(x, y, 0.05) for x, y in batches(features)]
     if world is None or world.lead:
         np.savez(out, **m.state, __losses__=np.array([r["loss"] for r in results]))
+    rank = 0 if world is None else world.rank
+    with open(f"{out}.rank{rank}.json", "w") as f:
+        json.dump(sorted(getattr(session.program, "units", {})), f)
     if world is not None:
         world.end(0)
 

@@ -203,14 +203,25 @@ def _one_process(folder: Path, source: str):
 @pytest.mark.parametrize("ranks, target, options, source", [
     (2, "cpu", {"bucket_bytes": 512}, SYNC_BN),  # several buckets, overlapped exchanges (the default)
     (3, "reference", {}, WITH_RNN),  # 3 ranks: sums of chunks (all-to-all, then gather)
-], ids=["2-cpu", "3-reference-rnn"])
+    (2, "cpu", {"pad": True}, SYNC_BN),  # one compiled batch per rank: shards padded, padding masked
+    (3, "cpu", {"pad": True}, SYNC_BN),
+], ids=["2-cpu", "3-reference-rnn", "2-cpu-padded", "3-cpu-padded"])
 def test_ranks_train_the_parameters_one_process_trains(tmp_path, ranks, target, options, source):
     """Dropout by global sample, batchnorm over the global batch, shards of 4 and 3, a rank
-    without a sample: after the steps, the job's parameters are one process's."""
+    without a sample: after the steps, the job's parameters are one process's. Padded: every
+    rank compiles one step, for the largest shard of a full global batch (7 over 2 ranks: 4;
+    over 3: 3), and pads each smaller shard to it (the padding rows at the end of every
+    rank's own shard, masked out of batchnorm's sums and counts, of the loss's mean and so of
+    the gradients' sums over ranks)."""
     src, want = _one_process(tmp_path, source)
     assert source != WITH_RNN or "r.wx_l1" in want.files
     r = _mpiexec(ranks, sys.executable, STEPS, src, target, tmp_path / "many.npz", json.dumps(options), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    compiled = [json.loads((tmp_path / f"many.npz.rank{k}.json").read_text()) for k in range(ranks)]
+    if options.get("pad"):
+        assert compiled == [[-(-7 // ranks)]] * ranks, compiled
+    elif target == "cpu":  # without padding, a step per shard size
+        assert len(compiled[0]) > 1, compiled
     got = np.load(tmp_path / "many.npz")
     assert set(got.files) == set(want.files)
     for k in want.files:  # float32 sums in another order (and compiled code vs numpy): equal to rounding
