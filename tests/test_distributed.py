@@ -184,6 +184,18 @@ def test_ranks_without_mpi4py_say_what_to_install(monkeypatch, capsys):
     assert "pip install 'dlc[mpi]'" in capsys.readouterr().err
 
 
+def test_the_readme_test_command_is_ci_s_and_installs_mpi():
+    """The jobs below skip without mpi4py and mpiexec: the README's test command, which
+    .ci/run runs verbatim, installs them (the `mpi` extra: wheels, no system MPI)."""
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"To run the test suite:\s*```\s*\n(.+?)\n```", readme, re.S).group(1).strip()
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+    extras = re.search(r"'\.\[([\w,]+)\]'", command).group(1).split(",")
+    assert {"test", "mpi"} <= set(extras), command
+    mpi = re.search(r"^mpi = \[(.*)\]", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert "mpi4py" in mpi and "mpich" in mpi
+
+
 # --- jobs of several ranks ------------------------------------------------------------------------
 
 # and dropout between the layers of an rnn: the batch on axis 1 of [T, B, H]

@@ -70,8 +70,9 @@ class Session:
 
     Graphs are built lazily: a native step found in the compile cache needs none.
     With a `world` (dlc/runtime/distributed.py) it is one rank of a data-parallel job: its
-    training step runs on its shard of each global batch, and it evaluates every world.size-th
-    batch of the held-out data (the sums are then added up over ranks)."""
+    training step runs on its shard of each global batch (compiled for the largest shard,
+    smaller ones padded), and it evaluates every world.size-th chunk of the held-out data, in
+    chunks of the compiled size (the sums are then added up over ranks)."""
 
     def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None,
                  world=None):
