@@ -256,10 +256,11 @@ def _fmix32(h):
     return h
 
 
-def np_random(seed, step, shape, stream):
+def np_random(seed, step, shape, stream, first=0):
     key = _fmix32(int(seed) & _MASK ^ int(_fmix32(int(stream) ^ int(_fmix32(int(step) & _MASK)))))
     n = int(np.prod(shape))
-    bits = _fmix32(((np.arange(n, dtype=np.uint64) * 0x9E3779B1) & _MASK) ^ key)
+    index = np.arange(n, dtype=np.uint64) + int(first) * (n // shape[0] if shape else 0)  # from row `first` on
+    bits = _fmix32(((index * 0x9E3779B1) & _MASK) ^ key)
     return ((bits >> 8).astype(np.float64) / 2.0 ** 24).astype(np.float32).reshape(shape)
 
 
@@ -547,10 +548,23 @@ SOURCES = [
       inputs=[scalar_i32(7), scalar_i32(3)], grad="none"),
     P("random", [(), ()], np_random, attrs={"shape": (33,), "stream": 0},
       inputs=[scalar_i32(-1), scalar_i32(0)], grad="none", id="negative-seed"),
+    P("random", [(), (), ()], lambda seed, step, first, shape, stream: np_random(seed, step, shape, stream, first),
+      attrs={"shape": (M, N), "stream": 5}, inputs=[scalar_i32(7), scalar_i32(3), scalar_i32(11)], grad="none",
+      id="from-row-11"),
+    P("random", [(), (), (), ()], lambda seed, step, first, total, shape, stream, axis:
+      np_random(seed, step, (2, int(total), 5), stream)[:, first:first + 3],
+      attrs={"shape": (2, 3, 5), "stream": 9, "axis": 1},
+      inputs=[scalar_i32(4), scalar_i32(1), scalar_i32(2), scalar_i32(7)], grad="none", id="slice-of-axis-1"),
+]
+
+# allreduce: the sum over the ranks of a data-parallel job; a test process is a job of one
+COLLECTIVES = [
+    P("allreduce", [(M, N)], lambda x, bucket, part: x, attrs={"bucket": -1, "part": 0}),
+    P("allreduce", [()], lambda x, bucket, part: x, attrs={"bucket": 3, "part": 1}, id="scalar"),
 ]
 
 PRIMITIVES: list[OpCase] = (UNARY + CASTS + BINARY + COMPARE + WHERE + REDUCE + MOVEMENT + MATMUL + CONV
-                            + POOL + GATHER + SOURCES)
+                            + POOL + GATHER + SOURCES + COLLECTIVES)
 
 
 # --- composite rows ------------------------------------------------------------------------------
@@ -594,6 +608,8 @@ COMPOSITES: list[OpCase] = [
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-2d"),
     C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=True, **p),
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-4d"),
+    C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=True, **p), attrs={"sync": True},
+      params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-4d-sync"),
     C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=False, **p),
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, training=False, id="eval-4d"),
     C("embedding", [(2, 5)], lambda x, table: table[x], attrs={"vocab": N, "dim": 4}, inputs=[ints(0, N)]),

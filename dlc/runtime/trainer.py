@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from dlc import __version__, backends
-from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError
+from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError, UsageError
 from dlc.language.recipe import Spec
 from dlc.program import VALID, make_programs
 
@@ -68,23 +68,41 @@ class History:
 class Session:
     """One model's compiled training and evaluation steps over one shared state.
 
-    Graphs are built lazily: a native step found in the compile cache needs none."""
+    Graphs are built lazily: a native step found in the compile cache needs none.
+    With a `world` (dlc/runtime/distributed.py) it is one rank of a data-parallel job: its
+    training step runs on its shard of each global batch (compiled for the largest shard,
+    smaller ones padded), and it evaluates every world.size-th chunk of the held-out data, in
+    chunks of the compiled size (the sums are then added up over ranks)."""
 
-    def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None):
+    def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None,
+                 world=None):
         self.model = model
         self.config = config
         self.target = target
         self.input_name = model.input_types[0][0]
         self.state = model.state
         self._graphs: dict[str, object] = {}
+        self.world = world
+        ranks = world.size if world is not None else 1
+        options = dict(options or {})
+        self.bucket_bytes = options.pop("bucket_bytes", None)  # gradients per exchange (data-parallel)
+        if world is not None:  # exchanges overlap the rest of the backward pass: measured faster
+            if options.get("threads") in (None, "auto"):  # the ranks on this machine share its cores
+                options["threads"] = world.default_threads()
+            options = {"overlap": True, **options}
+            if not backends.backend(target).collectives:
+                raise UsageError(f"target `{target}` cannot run a data-parallel job yet: its steps have no "
+                                 "collective exchange", hint="train with --target cpu, or in one process")
         if not backends.backend(target).lowers:  # an interpreter needs the optimizer state up front
             model.ensure_state(self.graph("train"))
-        # one program, two entry points: compiled together, once per batch size
+        # one program, two entry points: compiled together, once per batch size (evaluation
+        # exchanges nothing: its entry is one process's step also in a data-parallel job)
         self.program = make_programs(
             target, {mode: (lambda mode=mode: self.graph(mode)) for mode in ("train", "eval")}, self.state,
-            keys={mode: model.source_key(mode, config) for mode in ("train", "eval")}, name=model.name,
-            data_name=self.input_name, preloaded={b: s for (t, b), s in model.preloaded.items() if t == target},
-            options=options)
+            keys={mode: model.source_key(mode, config, ranks, self.bucket_bytes) for mode in ("train", "eval")},
+            name=model.name, data_name=self.input_name,
+            preloaded={b: s for (t, b), s in model.preloaded.items() if t == target and ranks == 1},
+            options=options)  # (artifacts hold one-process steps)
         self.train_program, self.eval_program = self.program.entry("train"), self.program.entry("eval")
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
         self._results = ["loss"] + self.metrics
@@ -92,7 +110,9 @@ class Session:
 
     def graph(self, mode: str):
         if mode not in self._graphs:
-            self._graphs[mode] = self.model.compile_graph(mode, self.config)
+            ranks = self.world.size if self.world is not None and mode == "train" else 1
+            self._graphs[mode] = self.model.compile_graph(mode, self.config, world=ranks,
+                                                          bucket_bytes=self.bucket_bytes)
         return self._graphs[mode]
 
     @property
@@ -101,12 +121,18 @@ class Session:
 
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
+        """One step on a global batch (of which a rank of a job takes its shard); the loss and
+        metrics returned are the whole batch's."""
         return self.collect(self.submit(x, y, lr))
 
     def submit(self, x: np.ndarray, y: np.ndarray, lr: float) -> "Pending":
         """Run one training step without reading its results (a GPU step's results may
         still be on their way: `collect` reads them, later steps need not wait)."""
-        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x))}
+        weight, first, total = 1.0, 0, len(x)  # (read by data-parallel steps, and batchnorm(sync=true))
+        if self.world is not None:  # this rank's rows; padded to the compiled batch by the program
+            x, y, weight, first = self.world.shard_feeds(x, y, total)
+        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x)), "shard_weight": weight,
+                 "sample_offset": first, "global_batch": total}
         return Pending(feeds, self.train_program.run(feeds))
 
     def collect(self, step: "Pending") -> dict[str, float]:
@@ -161,8 +187,10 @@ class Session:
     def use_batch(self, batch: int) -> int:
         """Compile for batches of `batch` rows: smaller ones, such as the last of an epoch
         (or a whole data set smaller than the batch), are padded to it instead of compiled
-        again."""
-        self.program.batch = max(1, batch)
+        again. A rank of a data-parallel job compiles for its largest shard of a global
+        batch of `batch` (every rank the same size: a smaller shard is padded to it)."""
+        batch = max(1, batch)
+        self.program.batch = self.world.shard_capacity(batch) if self.world is not None else batch
         return self.program.batch
 
     def compile_in_background(self, batch: int) -> "Background":
@@ -186,9 +214,13 @@ class Session:
         def add(size: int, out: dict) -> None:
             for k in ["loss"] + self.metrics:
                 totals[k] = totals.get(k, 0.0) + float(out[k]) * size
-        last = None  # the previous batch's results: read while the next batch runs
         batch = self._chunk(batch, n)
-        for start in range(0, n, batch):
+        starts = range(0, n, batch)
+        if self.world is not None:  # every rank evaluates its batches with rank 0's statistics
+            self.world.broadcast(self.state, self.model.layer_state())
+            starts = self.world.batches_of(starts)
+        last = None  # the previous batch's results: read while the next batch runs
+        for start in starts:
             xb, yb = x[start:start + batch], y[start:start + batch]
             out = self.eval_program.run({self.input_name: xb, "label": yb})
             if last:
@@ -196,6 +228,8 @@ class Session:
             last = (len(xb), out)
         if last:
             add(*last)
+        if self.world is not None and n:
+            totals = self.world.sum_floats(totals, ["loss"] + self.metrics)
         return {k: v / n for k, v in totals.items()} if n else {}
 
     def predict(self, x: np.ndarray, batch: int) -> np.ndarray:
@@ -309,16 +343,24 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
     history = History()
-    progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet)
+    world = session.world  # a data-parallel job: rank 0 alone reports, logs and saves
+    lead = world is None or world.lead
+    if world is not None:
+        world.check_same(session, data, opts)
+    progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet or not lead)
     header = {"event": "start", "model": session.model.name, "dlc": __version__, "target": session.target,
               "epochs": opts.epochs, "batch": opts.batch, "seed": opts.seed}
-    log = MetricsLog(opts.log_path, header, append=bool(opts.resume)) if opts.log_path else None
+    if world is not None:
+        header["ranks"] = world.size
+    log = MetricsLog(opts.log_path, header, append=bool(opts.resume)) if opts.log_path and lead else None
     position = (start_epoch, skip)  # where a resumed run continues: (epoch, batch)
     first_step = session.global_step
     keep = opts.keep_previous  # only the run's first save may move an existing file aside
 
     def checkpoint(epoch: int, batch: int) -> None:
         nonlocal keep
+        if not lead:
+            return
         moved = save(session.model, opts.save_path, normalizer, epoch, batch, session.global_step,
                      keep_previous=keep)
         history.previous, keep = history.previous or moved, False
