@@ -22,6 +22,8 @@ from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, memor
 from .templates import emit_template
 
 FIXED_SLOTS = 4  # arena, barrier, scratch, profile
+# templates that use the per-thread scratch space (GEMM and im2col packing)
+SCRATCH_TEMPLATES = frozenset({"matmul", "conv2d", "conv2d_bwd_data", "conv2d_bwd_filter"})
 
 
 @dataclass
@@ -41,7 +43,7 @@ def buffers_of(part) -> list[Buffer]:
     """The buffers a part's function takes: the kernel IR's, plus per-thread packing
     space for the GEMM."""
     out = kernel_buffers(part)
-    if isinstance(part, Template) and part.op == "matmul":
+    if isinstance(part, Template) and part.op in SCRATCH_TEMPLATES:
         out.append(Buffer("__scratch__", DType.f32, (0,), "scratch"))
     return out
 
