@@ -518,6 +518,8 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
 # --- pooling --------------------------------------------------------------------------------------
 
 def pool2d(mb, em, t: Template, tid, nthreads) -> None:
+    if pooling.pool2d(mb, em, t, tid, nthreads):
+        return
     b = em.b
     (xb,) = t.inputs
     N, C, H, W = xb.shape
@@ -556,6 +558,8 @@ def pool2d(mb, em, t: Template, tid, nthreads) -> None:
 def pool2d_bwd(mb, em, t: Template, tid, nthreads) -> None:
     """Max: the gradient goes to the first maximum of each window (row-major), as the
     reference does; avg: spread evenly over the window."""
+    if pooling.pool2d_bwd(mb, em, t, tid, nthreads):
+        return
     b = em.b
     xb, gb = t.inputs
     N, C, H, W = xb.shape
@@ -672,6 +676,7 @@ def _epilogue_serial(em, t: Template, tid) -> None:
 
 
 from . import conv as _conv  # noqa: E402
+from . import pooling  # noqa: E402
 
 EMITTERS = {"matmul": matmul, "conv2d": _conv.conv2d, "conv2d_bwd_data": _conv.conv2d_bwd_data,
             "conv2d_bwd_filter": _conv.conv2d_bwd_filter, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
