@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from dlc.core.kernel import (Add, Const, FreeVars, Index, KernelProgram, Load, LoopNest, Mul, Op, Template, Var,
-                             nests_of, walk_ex)
+from dlc.core.kernel import FreeVars, Index, KernelProgram, Load, LoopNest, Op, Template, nests_of, walk_ex
 from dlc.core.types import DType
 
-from .emit import SCALAR_OPS, Emitter
+from .emit import SCALAR_OPS, Emitter, affine_coef
 from .gemm import TileEpilogue
 from .irutil import F32, I1, I32, I64, i64
 
@@ -32,21 +31,7 @@ VECTOR_OPS = {"add", "sub", "mul", "div", "neg", "abs", "max", "min", "exp", "lo
               "pow", "lt", "le", "gt", "ge", "eq", "ne", "and", "select", "copy"}
 
 
-def lane_coef(e, lane: str, free: FreeVars):
-    """How much e grows per step of the column variable: an int, or None when e is not
-    affine in it."""
-    if lane not in free.ix(e):
-        return 0
-    if isinstance(e, Var):
-        return 1
-    if isinstance(e, Add):
-        a, b = lane_coef(e.a, lane, free), lane_coef(e.b, lane, free)
-        return None if a is None or b is None else a + b
-    if isinstance(e, Mul):
-        a = lane_coef(e.a, lane, free)
-        return None if a is None else a * e.c
-    return None
-
+lane_coef = affine_coef  # how much an index grows per column
 
 def _read_elsewhere(program: KernelProgram, t: Template) -> bool:
     """Does anything but t's own epilogue read t's output buffer?"""
