@@ -7,14 +7,18 @@ layer shape of the benchmark models, compiled alone (one-op step) and called nat
 (no Python between calls, no copies of results). Every program -- the conv kernels and a
 512^3 GEMM compiled the same way -- is timed in the same rounds, interleaved, and each
 figure is the median over rounds; `of GEMM` is the row's FLOP rate over the GEMM's rate
-in the same rounds, so machine load that slows both cancels out. With --torch, PyTorch's
-own convolution (mkldnn) of the same shape is timed in the same rounds too.
+in the same rounds, so machine load that slows both cancels out (--quantile 0.1 reports
+the fastest tenth of the rounds instead of the median: on a loaded machine that is the
+closest to an unshared core). --clock cpu times by the process's CPU time instead of the
+wall clock: with --threads 1 on a machine with more runnable processes than cores, time
+spent descheduled then does not count (cache contention from the neighbours still does).
+With --torch, PyTorch's own convolution (mkldnn) of the same shape is timed in the same
+rounds too.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -117,11 +121,24 @@ def torch_fn(kind, N, C, H, W, O, k, s, p):
     return lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, stride=s, padding=p)
 
 
+def _loadavg() -> list[str]:
+    try:
+        return Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        return ["?"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--seconds", type=float, default=0.05, help="time per program per round")
+    ap.add_argument("--seconds", type=float, default=0.01, help="time per program per round")
+    ap.add_argument("--quantile", type=float, default=0.5,
+                    help="report this quantile of the rounds (0.5: median; a low one, e.g. 0.1, "
+                         "filters out rounds slowed by other processes on a loaded machine)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (all its threads: use it "
+                         "with --threads 1, where nothing else of the process runs)")
     ap.add_argument("--only", default=None, help="rows whose label contains this")
     ap.add_argument("--kinds", default="fdw", help="f (forward), d (bwd data), w (bwd filter)")
     ap.add_argument("--torch", action="store_true", help="also time PyTorch's convolutions")
@@ -145,23 +162,25 @@ def main() -> int:
             if args.torch:
                 progs[name + " [torch]"] = (torch_fn(kind, N, C, H, W, O, k, s, p), flops)
             rows.append(name)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     times = {name: [] for name in progs}
     for fn, _ in progs.values():
         fn()
     for _ in range(args.rounds):
         for name, (fn, _) in progs.items():
-            start = time.perf_counter()
+            start = clock()
             calls = 0
             while True:
                 fn()
                 calls += 1
-                spent = time.perf_counter() - start
+                spent = clock() - start
                 if spent >= args.seconds and calls >= 2:
                     break
             times[name].append(spent / calls)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med = {name: sorted(t)[min(len(t) - 1, int(args.quantile * len(t)))] for name, t in times.items()}
     gemm_rate = progs["GEMM 512^3"][1] / med["GEMM 512^3"]
-    print(f"threads {args.threads}; GEMM 512^3 {med['GEMM 512^3'] * 1e3:.3f} ms = {gemm_rate / 1e9:.1f} GFLOP/s")
+    print(f"threads {args.threads}; {args.clock} clock; load average {' '.join(_loadavg())}")
+    print(f"GEMM 512^3 {med['GEMM 512^3'] * 1e3:.3f} ms = {gemm_rate / 1e9:.1f} GFLOP/s")
     print(f"{'workload':<40} {'ms':>9} {'GFLOP/s':>8} {'of GEMM':>8}" + ("   torch ms  dlc/torch" if args.torch else ""))
     for name in rows:
         rate = progs[name][1] / med[name]

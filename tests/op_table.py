@@ -534,6 +534,8 @@ CONV_TEMPLATES = [
     _conv("conv2d", [(4, 3, 10, 19), (6, 3, 3, 3)], np_conv2d, _s((1, 1), (0, 0)), "t-valid-rows"),
     _conv("conv2d", [(2, 2, 6, 5), (2, 2, 3, 2)], np_conv2d, _s((1, 1), (0, 0)), "t-narrow-rows"),
     _conv("conv2d", [(1, 48, 20, 20), (9, 48, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch1-blocks"),
+    # K = 47*9 = 423: two K blocks of 212 rows, the boundary inside a channel's taps (and below)
+    _conv("conv2d", [(1, 47, 7, 9), (13, 47, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-kblock-mid-channel"),
     _conv("conv2d_bwd_data", [(2, 3, 4, 4), (3, 5, 1, 1)], np_conv2d_bwd_data,
           dict(_s((2, 2), (0, 0)), in_hw=(8, 7)), "t-1x1-stride2"),
     _conv("conv2d_bwd_data", [(5, 19, 9, 11), (19, 17, 3, 3)], np_conv2d_bwd_data,
@@ -548,6 +550,8 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (0, 0)), in_hw=(10, 19)), "t-valid-rows"),
     _conv("conv2d_bwd_data", [(1, 48, 20, 20), (48, 9, 3, 3)], np_conv2d_bwd_data,
           dict(_s((1, 1), (1, 1)), in_hw=(20, 20)), "t-batch1-blocks"),
+    _conv("conv2d_bwd_data", [(2, 47, 7, 9), (47, 5, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (1, 1)), in_hw=(7, 9)), "t-kblock-mid-channel"),
     _conv("conv2d_bwd_filter", [(2, 5, 8, 7), (2, 3, 4, 4)], np_conv2d_bwd_filter,
           dict(_s((2, 2), (0, 0)), kernel=(1, 1)), "t-1x1-stride2"),
     _conv("conv2d_bwd_filter", [(3, 17, 9, 11), (3, 19, 9, 11)], np_conv2d_bwd_filter,

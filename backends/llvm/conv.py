@@ -15,11 +15,12 @@ per-thread scratch space (`__scratch__`), and reused by every register tile.
               block; g^T is packed by gemm.py's transposing packer; dw^T is transposed
               into dw at the end)
 
-K runs tap-major (k = tap * channels + channel), so the packer computes a tap's padding
-masks once and streams every channel through them: a masked vector load per 16
-columns when the 16 source elements are contiguous (stride 1 and the grid as wide as
-the source -- "same" padding -- or the 16 columns inside one grid row), a masked gather
-otherwise. The weights are repacked once per call into the microkernel's MR-row panels.
+K runs channel-major as the weights do (k = channel * taps + tap): the packer computes
+every tap's padding masks once per 16 columns and reads each source plane for all its
+taps together: a masked vector load per 16 columns when the 16 source elements are
+contiguous (stride 1 and the grid as wide as the source -- "same" padding -- or the 16
+columns inside one grid row), a masked gather otherwise. The weights are repacked once
+per call into the microkernel's MR-row panels.
 
 Threads share out images (forward, bwd data: each image's output, then its epilogue, is
 one thread's) or, for batches smaller than twice the thread count, output rows of the
@@ -40,7 +41,6 @@ from .gemm import (_ADD_C, _EPILOGUE, GemmPlan, GemmSpec, _emit_kernel, _emit_pa
                    plan_gemm)
 from .irutil import F32, I1, I32, I64, PTR, for_range, gep, i64, smax, smin, split
 
-_B_BLOCK_BYTES = 256 * 1024   # the packed im2col block (kc x nc) a GEMM step reuses
 _KC = {4: 256, 8: 256, 16: 384}
 
 
@@ -52,7 +52,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class _Geom:
-    """An im2col operand: rows k = tap * S + s (S source planes of SH x SW), columns the
+    """An im2col operand: rows k = s * taps + tap (S source planes of SH x SW), columns the
     positions (gy, gx) of a GH x GW grid; element = src[s, gy*sy + roff, gx*sx + coff]
     (zero outside the source) for tap (roff, coff)."""
 
@@ -117,12 +117,15 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, 
     past the last column are zeros. k_lo, k_hi, col0, ncols: i64 values; col0 a multiple
     of W.
 
-    A vector's columns lie in a few grid rows (segments); each segment is one masked load
-    (stride 1: contiguous source elements; stride 2: two loads and an even-lane shuffle)
-    merged into the vector through the load's pass-through operand. A whole-plane grid
-    (stride 1, as wide as the source) is one segment whatever its rows. Larger strides
-    use a masked gather."""
-    w, S, f = v.w, g.S, v.f
+    Per vector, every tap's masks and offsets are computed once; then each source plane
+    is read for all its taps together (the taps' rows are neighbours in one plane, so
+    the reads stay in L1, where walking one tap over every plane would revisit planes a
+    whole plane apart -- 4 KiB at 32x32, one cache set). A vector's columns lie in a few
+    grid rows (segments); each segment is one masked load (stride 1: contiguous source
+    elements; stride 2: two loads and an even-lane shuffle) merged into the vector
+    through the load's pass-through operand. A whole-plane grid (stride 1, as wide as the
+    source) is one segment whatever its rows. Larger strides use a masked gather."""
+    w, S, T, f = v.w, g.S, len(g.taps), v.f
     nvec = b.udiv(b.add(ncols, i64(w - 1)), i64(w))
     end = v.isplat(b.add(col0, ncols))
     plane = g.SH * g.SW
@@ -133,6 +136,11 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, 
     spread = [ir.Constant(ir.VectorType(I32, w), [(h * w + j) // 2 if j % 2 == 0 else w for j in range(w)])
               for h in range(2)]
     no_lanes = ir.Constant(f.mty, [0] * w)
+    # channels whose every tap is in [k_lo, k_hi), and the partial ones at either end
+    c_full_lo = b.udiv(b.add(k_lo, i64(T - 1)), i64(T))
+    c_full_hi = smax(b, b.udiv(k_hi, i64(T)), c_full_lo)
+    c_first = b.udiv(k_lo, i64(T))
+    c_last = b.udiv(b.sub(k_hi, i64(1)), i64(T))
     with for_range(b, 0, nvec, "pv") as vi:
         first = b.add(col0, b.mul(vi, i64(w)))
         pos = b.add(v.isplat(first), v.lanes)
@@ -142,48 +150,68 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, 
         ix = b.mul(gx, v.isplat(g.sx)) if g.sx != 1 else gx
         gy0 = b.udiv(first, i64(g.GW))
         out = b.gep(dst, [vec_base(vi)], source_etype=F32)
-        for t, (roff, coff) in enumerate(g.taps):
-            c_lo = smin(b, smax(b, b.sub(k_lo, i64(t * S)), i64(0)), i64(S))
-            c_hi = smin(b, smax(b, b.sub(k_hi, i64(t * S)), i64(0)), i64(S))
-            with b.if_then(b.icmp_signed("<", c_lo, c_hi)):
-                col_ok = b.and_(ok, v.below(b.add(ix, v.isplat(coff)), g.SW))
-                loads = []  # (pointer offset, mask) per segment
-                if mode == "plane":
-                    iy = b.add(gy, v.isplat(roff))
-                    loads.append((b.add(first, i64(roff * g.SW + coff)), b.and_(col_ok, v.below(iy, g.SH))))
-                elif mode == "gather":
-                    iy = b.add(b.mul(gy, v.isplat(g.sy)), v.isplat(roff))
-                    offs = b.add(b.mul(iy, v.isplat(g.SW)), b.add(ix, v.isplat(coff)))
-                    mask = b.and_(col_ok, v.below(iy, g.SH))
+        reads = []  # per tap: [(offset, mask)] (plane, rows) or (offsets, mask) (gather)
+        for roff, coff in g.taps:
+            col_ok = b.and_(ok, v.below(b.add(ix, v.isplat(coff)), g.SW))
+            if mode == "plane":
+                iy = b.add(gy, v.isplat(roff))
+                reads.append([(b.add(first, i64(roff * g.SW + coff)), b.and_(col_ok, v.below(iy, g.SH)))])
+            elif mode == "gather":
+                iy = b.add(b.mul(gy, v.isplat(g.sy)), v.isplat(roff))
+                offs = b.add(b.mul(iy, v.isplat(g.SW)), b.add(ix, v.isplat(coff)))
+                reads.append((offs, b.and_(col_ok, v.below(iy, g.SH))))
+            else:
+                segs = []
+                for sg in range(segments):
+                    gys = b.add(gy0, i64(sg))
+                    iys = b.add(b.mul(gys, i64(g.sy)), i64(roff))
+                    row_ok = b.and_(b.icmp_signed(">=", iys, i64(0)), b.icmp_signed("<", iys, i64(g.SH)))
+                    in_row = b.icmp_signed("==", gy, v.isplat(gys))
+                    mask = b.select(row_ok, b.and_(col_ok, in_row), no_lanes)
+                    # lane l reads iys*SW + sx*(first + l - gys*GW) + coff
+                    at = b.add(b.mul(iys, i64(g.SW)),
+                               b.add(b.mul(b.sub(first, b.mul(gys, i64(g.GW))), i64(g.sx)), i64(coff)))
+                    if g.sx == 2:
+                        mask = (mask, b.shuffle_vector(mask, no_lanes, spread[0]),
+                                b.shuffle_vector(mask, no_lanes, spread[1]))
+                    segs.append((at, mask))
+                reads.append(segs)
+
+        def channel(c, guarded):
+            chan = b.gep(src, [b.mul(c, i64(plane))], source_etype=F32)
+            row = b.sub(b.mul(c, i64(T)), k_base)  # the row of tap 0
+            for t in range(T):
+                k = b.add(b.mul(c, i64(T)), i64(t))
+                if guarded:
+                    inside = b.and_(b.icmp_signed(">=", k, k_lo), b.icmp_signed("<", k, k_hi))
+                    ctx = b.if_then(inside)
+                    ctx.__enter__()
+                if mode == "gather":
+                    x = v.gather(chan, reads[t][0], reads[t][1])
                 else:
-                    for sg in range(segments):
-                        gys = b.add(gy0, i64(sg))
-                        iys = b.add(b.mul(gys, i64(g.sy)), i64(roff))
-                        row_ok = b.and_(b.icmp_signed(">=", iys, i64(0)), b.icmp_signed("<", iys, i64(g.SH)))
-                        in_row = b.icmp_signed("==", gy, v.isplat(gys))
-                        mask = b.select(row_ok, b.and_(col_ok, in_row), no_lanes)
-                        # lane l reads iys*SW + sx*(first + l - gys*GW) + coff
-                        at = b.add(b.mul(iys, i64(g.SW)),
-                                   b.add(b.mul(b.sub(first, b.mul(gys, i64(g.GW))), i64(g.sx)), i64(coff)))
-                        loads.append((at, mask))
-                row0 = b.gep(out, [b.mul(b.sub(i64(t * S), k_base), i64(row_stride))], source_etype=F32)
-                if g.sx == 2 and mode == "rows":
-                    halves = [[b.shuffle_vector(m, no_lanes, spread[h]) for h in range(2)] for _, m in loads]
-                with for_range(b, c_lo, c_hi, "pc") as c:
-                    chan = b.gep(src, [b.mul(c, i64(plane))], source_etype=F32)
-                    if mode == "gather":
-                        x = v.gather(chan, offs, mask)
-                    else:
-                        x = f.zero
-                        for j, (at, m) in enumerate(loads):
-                            ptr = b.gep(chan, [at], source_etype=F32)
-                            if g.sx == 2 and mode == "rows":
-                                lo = v.masked_load(ptr, halves[j][0], f.zero)
-                                hi = v.masked_load(b.gep(ptr, [i64(w)], source_etype=F32), halves[j][1], f.zero)
-                                x = b.select(m, b.shuffle_vector(lo, hi, evens), x)
-                            else:
-                                x = v.masked_load(ptr, m, x)
-                    b.store(x, b.gep(row0, [b.mul(c, i64(row_stride))], source_etype=F32), align=4)
+                    x = f.zero
+                    for at, m in reads[t]:
+                        ptr = b.gep(chan, [at], source_etype=F32)
+                        if g.sx == 2 and mode == "rows":
+                            lo = v.masked_load(ptr, m[1], f.zero)
+                            hi = v.masked_load(b.gep(ptr, [i64(w)], source_etype=F32), m[2], f.zero)
+                            x = b.select(m[0], b.shuffle_vector(lo, hi, evens), x)
+                        else:
+                            x = v.masked_load(ptr, m, x)
+                to = b.gep(out, [b.mul(b.add(row, i64(t)), i64(row_stride))], source_etype=F32)
+                b.store(x, to, align=4)
+                if guarded:
+                    ctx.__exit__(None, None, None)
+
+        with for_range(b, c_full_lo, c_full_hi, "pc") as c:
+            channel(c, False)
+        # a block boundary inside a channel's taps: that channel's rows in range only
+        with b.if_then(b.icmp_signed("<", c_first, c_full_lo)):
+            channel(c_first, True)
+        with b.if_then(b.and_(b.icmp_signed(">=", c_last, c_full_hi),
+                              b.icmp_signed("!=", c_last, b.select(b.icmp_signed("<", c_first, c_full_lo),
+                                                                    c_first, i64(-1))))):
+            channel(c_last, True)
 
 
 def _pack_weights(b, Ap, M, K, kc, mr, value_at):
@@ -254,8 +282,11 @@ class _Product:
         self.mr, self.nr = self.plan.mr, self.plan.nv * w
         nkb = max(1, _cdiv(geom.K, _KC[w]))
         self.kc = _cdiv(geom.K, nkb)
-        self.nc = min(_cdiv(geom.P, self.nr) * self.nr,
-                      max(self.nr, _B_BLOCK_BYTES // (4 * self.kc) // self.nr * self.nr))
+        # one register-tile panel of columns at a time: packed into a buffer that stays in
+        # L1 (kc x NR floats), then used by every row tile while it is there. (A GEMM packs
+        # large B blocks into L2 to amortize packing A; here A, the weights, is small and
+        # packed once per call, and the im2col panel is the operand that streams.)
+        self.nc = self.nr
         self.Mp = _cdiv(M, self.mr) * self.mr
         self.a_floats = self.Mp * geom.K
         self.b_floats = self.kc * self.nc
@@ -347,10 +378,8 @@ def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     X, Wt, Y = em.pointers[xb.name], em.pointers[wb.name], em.pointers[t.output.name]
     T = KH * KW
 
-    def value_at(b, row, k):  # A[o, tap*C + c] = w[o, c, tap]
-        tap, c = b.udiv(k, i64(C)), b.urem(k, i64(C))
-        flat = b.add(b.mul(row, i64(C * T)), b.add(b.mul(c, i64(T)), tap))
-        return b.load(gep(b, Wt, flat, F32), typ=F32, align=4)
+    def value_at(b, row, k):  # A[o, c*T + tap] = w[o, c, tap]
+        return b.load(gep(b, Wt, b.add(b.mul(row, i64(C * T)), k), F32), typ=F32, align=4)
     prod.pack_a(b, Ap, value_at)
     by_images = _by_images(mb, N)
     n_lo, n_hi, m_lo, m_hi = _share(b, by_images, N, O, prod.mr, tid, nthreads)
@@ -419,8 +448,8 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
         if p is None:
             continue
 
-        def value_at(b, row, k, taps=taps):  # A[c, tap*O + o] = w[o, c, ky, kx]
-            tap, o = b.udiv(k, i64(O)), b.urem(k, i64(O))
+        def value_at(b, row, k, taps=taps):  # A[c, o*taps + tap] = w[o, c, ky, kx]
+            o, tap = b.udiv(k, i64(len(taps))), b.urem(k, i64(len(taps)))
             table = [ky * KW + kx for ky, kx, _, _ in taps]
             tap_flat = tap
             if table != list(range(len(table))):
@@ -517,7 +546,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     plan = GemmPlan(mr=mr, nv=nv, kc=kc, mc=0, nc=0, pack_a=False, pack_b=True, split="m")
     lay = _Layout(a_rs=kc, a_cs=1, b_rs=nr, ldc=O, a_packed=False, b_packed=True)
     kern = _Kernels(mb, plan, lay, None)
-    # rows of dw^T (k = tap*C + c) shared out in MR units
+    # rows of dw^T (k = c*T + tap) shared out in MR units
     units = _cdiv(K, mr)
     rows_max = _cdiv(units, 1) * mr  # a thread may get every unit (one thread)
     bspec = GemmSpec(K, O, P, tb=True)
@@ -547,18 +576,16 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
                         ap = b.gep(Arows, [b.mul(ir_, i64(kc))], source_etype=F32)
                         cp = b.gep(DWt, [b.add(b.mul(ir_, i64(O)), jr)], source_etype=F32)
                         kern.tile(b, ap, bp, cp, pcur, mode, b.sub(rows, ir_), b.sub(i64(O), jr))
-        # dw[o, c, tap] = dw^T[k - k_lo, o] for this thread's k, then the epilogue there
+        # dw[o, k] = dw^T[k - k_lo, o] for this thread's k, then the epilogue there
         with for_range(b, k_lo, k_hi, "k") as k:
-            tap, c = b.udiv(k, i64(C)), b.urem(k, i64(C))
             src_row = b.mul(b.sub(k, k_lo), i64(O))
-            dst = b.add(b.mul(c, i64(T)), tap)
             with for_range(b, 0, O, "o") as o:
                 x = b.load(gep(b, DWt, b.add(src_row, o), F32), typ=F32, align=4)
-                b.store(x, gep(b, DW, b.add(b.mul(o, i64(C * T)), dst), F32), align=4)
+                b.store(x, gep(b, DW, b.add(b.mul(o, i64(K)), k), F32), align=4)
         if t.epilogue is not None:
             vo, vc, vky, vkx = list(t.epilogue.outer) + list(t.epilogue.inner)
             with for_range(b, k_lo, k_hi, "ek") as k:
-                tap, c = b.udiv(k, i64(C)), b.urem(k, i64(C))
+                c, tap = b.udiv(k, i64(T)), b.urem(k, i64(T))
                 with for_range(b, 0, O, "eo") as o:
                     em.vars.update({vo.name: o, vc.name: c, vky.name: b.udiv(tap, i64(KW)),
                                     vkx.name: b.urem(tap, i64(KW))})
