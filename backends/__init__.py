@@ -8,32 +8,49 @@ from __future__ import annotations
 
 import importlib
 
-from dlc.core.diagnostics import UsageError
+from dlc.core.diagnostics import DlcError, UsageError
 
 REGISTRY = {
     "cpu": "dlc.backends.llvm",
     "reference": "dlc.backends.reference",
+    "cuda": "dlc.backends.cuda",
 }
 DEFAULT = "cpu"
+_loaded: dict[str, object] = {}  # backends imported so far
+
+
+class TargetUnavailable(DlcError):
+    """A known target that cannot run on this machine (the message says why)."""
 
 
 def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-def backend(name: str):
-    """The registered backend; an unknown or unusable target is a usage error that says why."""
+def backend(name: str, runnable: bool = True):
+    """The registered backend. An unknown target is a usage error; one that cannot run here
+    (with `runnable`, the default) is TargetUnavailable, saying why. Without `runnable`,
+    a backend that only renders (dumps, tests) is enough."""
     module = REGISTRY.get(name)
     if module is None:
         raise UsageError(f"unknown target `{name}`; targets: {', '.join(REGISTRY)}")
     try:
         found = importlib.import_module(module).BACKEND
     except ImportError as e:
-        raise UsageError(f"target `{name}` is unavailable: {e}") from None
-    reason = found.unavailable()
+        raise TargetUnavailable(f"target `{name}` is unavailable: {e}") from None
+    _loaded[name] = found
+    reason = found.unavailable() if runnable else None
     if reason:
-        raise UsageError(f"target `{name}` is unavailable: {reason}")
+        raise TargetUnavailable(f"target `{name}` is unavailable: {reason}")
     return found
+
+
+def sync_state(state: dict, keep=None) -> None:
+    """Make the host arrays of `state` current: every backend imported so far, except `keep`,
+    copies back any state it holds elsewhere (see Backend.sync_state)."""
+    for found in list(_loaded.values()):
+        if found is not keep:
+            found.sync_state(state)
 
 
 def describe() -> list[tuple[str, str, str | None]]:

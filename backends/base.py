@@ -21,12 +21,22 @@ artifacts, and runs steps. A backend:
                       or refuses the file (artifact). It must run none of the code and must
                       not crash on any input: loading is where native code starts to run.
   load(blobs, layout, target) -> Step: `run(state, feeds)` and `profile_rows()`
+  compile_entries(programs, target, profile) -> Compiled: several programs (a training and
+                      an evaluation step) as one unit, with an `Entries` layout; the default
+                      compiles each alone, a backend may share code between them
+  load_entries(blobs, entries, target) -> {entry: Step}
   dump(program, stage, target) -> text of one of its stages
   check_target(saved, target)   None, or why code built for `saved` (a target's JSON)
                                 cannot run on `target`
+  sync_state(state)   make the host arrays in `state` current (a backend that keeps the
+                      state in a device's memory copies it back); a no-op by default
 
 A backend that interprets graphs instead (the numpy reference) sets `lowers = False` and
 implements `interpret(graph, state)`.
+
+`object_cache` is set by the driver to its compile cache (`get(key) -> (blobs, text) | None`,
+`put(key, blobs, text)`), or None: a backend may keep code there that belongs to no
+program (the CPU backend's worker pool), keyed by what it depends on.
 
 Backends import the core (dlc.core), the passes and this module; never the driver, never
 each other. A new backend is a folder with a module-level `BACKEND` plus one line in the
@@ -36,6 +46,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -108,10 +120,45 @@ def _check_layout(layout: StepLayout) -> None:
 
 
 @dataclass
+class Entries:
+    """The layout of several programs compiled as one unit: a StepLayout per entry point,
+    and what the backend records of the unit as a whole (`meta`: its objects' symbols)."""
+
+    entries: dict            # entry -> StepLayout
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"entries": {k: asdict(v) for k, v in self.entries.items()}, "meta": self.meta},
+                          sort_keys=True)
+
+
+def layout_from_json(text: str) -> "StepLayout | Entries":
+    """A StepLayout, or the Entries of a unit of several programs; ValueError unless `text`
+    is well formed (it may come from a damaged file)."""
+    try:
+        raw = json.loads(text)
+        if isinstance(raw, dict) and set(raw) == {"entries", "meta"}:
+            assert isinstance(raw["entries"], dict) and raw["entries"] and isinstance(raw["meta"], dict), \
+                "bad entries"
+            return Entries({str(k): StepLayout.from_json(json.dumps(v)) for k, v in raw["entries"].items()},
+                           raw["meta"])
+    except (TypeError, AssertionError, RecursionError) as e:
+        raise ValueError(str(e) or type(e).__name__) from None
+    return StepLayout.from_json(text)
+
+
+def entries_of(layout) -> dict:
+    """{entry: StepLayout} of a unit ({"": layout} for a single program)."""
+    return layout.entries if isinstance(layout, Entries) else {"": layout}
+
+
+@dataclass
 class Compiled:
     blobs: list[bytes]
     layout: StepLayout
     timings: dict = field(default_factory=dict)   # phase -> seconds, for --verbose
+    notes: list[str] = field(default_factory=list)  # more lines for --verbose (registers per kernel)
+    stats: dict = field(default_factory=dict)     # counts worth a --verbose line (parts, shared, ...)
 
 
 class Step(Protocol):
@@ -119,8 +166,11 @@ class Step(Protocol):
     calls: int
 
     def run(self, state: dict, feeds: dict) -> dict:
-        """One step: reads parameters and state from `state` and updates them in place;
-        returns copies of the results."""
+        """One step: reads parameters and state from `state` and updates them in place
+        (or in a device copy, see Backend.sync_state); returns copies of the results:
+        numpy arrays, or deferred values that are read on first use (`np.asarray(v)`,
+        `float(v)`) and say whether that would wait (`v.ready()`), so that a caller can
+        read the results of a step while later steps run."""
 
     def profile_rows(self) -> list[tuple[str, tuple, float]]:
         """(kernel, .dln lines, seconds) over the calls so far (empty when not profiled)."""
@@ -132,6 +182,7 @@ class Backend:
     stages: dict[str, str] = {}
     templates: frozenset = frozenset()
     lowers: bool = True
+    object_cache = None  # the driver's compile cache, for code that belongs to no program
 
     def unavailable(self) -> str | None:
         return None
@@ -145,17 +196,51 @@ class Backend:
     def compile(self, program, target, profile: bool = False) -> Compiled:
         raise NotImplementedError
 
-    def validate(self, blobs: list[bytes], layout: StepLayout, target) -> str | None:
+    def validate(self, blobs: list[bytes], layout, target) -> str | None:
+        """`layout`: a StepLayout, or the Entries of a unit of several programs."""
         return None
 
     def load(self, blobs: list[bytes], layout: StepLayout, target) -> Step:
         raise NotImplementedError
+
+    def compile_entries(self, programs: dict, target, profile: bool = False) -> Compiled:
+        """Several programs as one unit. This default compiles each on its own; each
+        entry's layout records its blobs in `meta["blobs"]` ([first, end))."""
+        blobs, layouts, timings, notes = [], {}, {}, []
+        for name, program in programs.items():
+            c = self.compile(program, target, profile)
+            c.layout.meta = dict(c.layout.meta, blobs=[len(blobs), len(blobs) + len(c.blobs)])
+            blobs += c.blobs
+            layouts[name] = c.layout
+            for k, v in c.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+            notes += [f"{name}: {note}" for note in c.notes]
+        return Compiled(blobs, Entries(layouts), timings, notes)
+
+    def load_entries(self, blobs: list[bytes], entries: Entries, target) -> dict:
+        return {name: self.load(blobs[slice(*layout.meta["blobs"])], layout, target)
+                for name, layout in entries.entries.items()}
 
     def dump(self, program, stage: str, target) -> str:
         raise NotImplementedError(f"{self.name} has no stage {stage}")
 
     def check_target(self, saved: dict, target) -> str | None:
         return None if saved == target.to_json() else f"it was compiled for another {self.name} target"
+
+    def free_memory(self, target) -> int | None:
+        """Bytes the step's working memory may still take where it lives (None: unknown).
+        By default the host's: a backend with memory of its own (a GPU) says how much is free there."""
+        return host_memory_available()
+
+    def sync_state(self, state: dict) -> None:
+        """Make the host arrays in `state` the current copy of the model's state.
+
+        A backend whose steps keep the state elsewhere between steps (a GPU's memory, shared
+        by every step that runs on the same `state` dict) copies it back here, and its next
+        step re-reads the host arrays (which the caller may have changed meanwhile). The
+        driver calls this before it reads or writes state arrays outside a step: checkpoints,
+        restoring weights, `Model.state` and `Model.params`, a step of another backend on
+        the same state. Backends that run on the host arrays in place need nothing here."""
 
 
 def layout_slots(program) -> list:
@@ -169,3 +254,27 @@ def layout_outputs(program) -> dict:
     return {name: [b.offset if b.kind == "arena" else b.name, b.dtype.value, list(b.shape)]
             for name, b in program.outputs.items()}
 
+
+
+def host_memory_available() -> int | None:
+    """Bytes that can still be allocated without swapping: the kernel's MemAvailable, or
+    what is left under this process's cgroup limit if that is less; None when unknown."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:  # a container's limit (cgroup v2)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free

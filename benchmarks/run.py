@@ -1,6 +1,7 @@
 """dlc beside PyTorch (eager, and torch.compile with --compile) and numpy's BLAS, in one run.
 
     python benchmarks/run.py [--quick] [--compile] [--threads N] [--out results.json]
+                             [--only gemm|training|inference|compile|shared] [--workloads NAMES]
 
 Every figure is the median over repeats of the mean time of a block of steps, measured
 in this process on this machine; ratios (dlc / peer) are what to compare, never figures
@@ -99,6 +100,47 @@ def compile_times(path: Path, threads: int | None) -> tuple[float, float]:
             session.train_program.step_for(m.train_config.batch)
             results.append(time.perf_counter() - start)
         return results[0], results[1]
+
+
+def shared_machine(path: Path, batch: int, steps: int, repeats: int) -> list[dict]:
+    """A small training step beside a busy process this benchmark starts (`while True:
+    pass`), against the same step on the machine as it was and on one thread: the step
+    time per setting, the auto setting choosing its threads after the competitor started."""
+    import subprocess
+    from dlc.backends.llvm import threads as cpu_threads
+
+    def timed(threads_opt) -> tuple[float, int]:
+        cpu_threads.restart_probe()  # `auto` measures the other processes' load from here
+        m = dlc.load(path)
+        options = {} if threads_opt == "auto" else {"threads": threads_opt}
+        session = m.session(m.train_config, "cpu", **options)
+        name, t = m.input_types[0]
+        rng = np.random.default_rng(0)
+        x = rng.random((batch,) + tuple(int(d) for d in t.shape[1:]), dtype=np.float32)
+        y = rng.integers(0, 10, batch).astype(np.int32)
+        session.program.batch = batch
+        sec = median_time(lambda: session.train_step(x, y, 0.01), steps, repeats)
+        return sec, session.train_program.step_for(batch).threads
+
+    rows = []
+    for label in ("as it is", "beside a busy process"):
+        competitor = None
+        if label != "as it is":
+            competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            time.sleep(0.3)
+        try:
+            for setting in ("auto", 1, os.cpu_count() or 1):
+                sec, used = timed(setting)
+                rows.append({"machine": label, "threads": str(setting), "used": used, "ms": sec * 1e3})
+                print(f"  {label:<22} --threads {str(setting):<5} ({used} used)  {sec * 1e3:8.3f} ms")
+        finally:
+            if competitor is not None:
+                competitor.kill()
+                competitor.wait()
+    idle = next(r["ms"] for r in rows if r["machine"] == "as it is" and r["threads"] == "auto")
+    busy = next(r["ms"] for r in rows if r["machine"] != "as it is" and r["threads"] == "auto")
+    print(f"  auto beside a busy process / auto as it is: {busy / idle:.2f}x (target <= 1.5x)")
+    return rows
 
 
 # --- torch -------------------------------------------------------------------------------------
@@ -201,10 +243,19 @@ def torch_forward(kind: str, batch: int):
 
 # --- the run ---------------------------------------------------------------------------------
 
+SECTIONS = ("gemm", "training", "inference", "compile", "shared")
+
 TARGETS = {  # workload -> target ratio dlc / torch eager
     "mlp_b128": 0.7, "lenet_b64": 0.7, "lstm_b32": 0.7, "mlp_b8": 1 / 3, "mlp_b1": 1 / 3,
     "cnn_b64": 0.7, "wide_mlp_b128": 0.7, "resnet_b64": 0.7,
 }
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def main() -> int:
@@ -213,9 +264,16 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     ap.add_argument("--threads", type=int, default=None, help="threads for dlc and torch (default: all cores)")
     ap.add_argument("--out", default=str(HERE / "results.json"), help="where to write the figures")
-    ap.add_argument("--only", default=None, help="training workloads whose name contains one of these (comma "
-                                                  "separated); skips GEMM, inference and compile times")
+    ap.add_argument("--only", choices=SECTIONS, help="run one section only")
+    ap.add_argument("--workloads", default=None,
+                    help="training workloads whose name contains one of these (comma separated); "
+                         "with no --only, runs the training section only")
     args = ap.parse_args()
+    if args.workloads and args.only is None:
+        args.only = "training"
+
+    def section(name: str) -> bool:
+        return args.only in (None, name)
     threads = args.threads or os.cpu_count()
     repeats, scale = (3, 0.3) if args.quick else (7, 1.0)
     try:
@@ -241,62 +299,69 @@ def main() -> int:
         print(f"  {name:<22} dlc {dlc_s * 1e3:9.3f} ms   {peer_name:<14} "
               f"{peer_s * 1e3 if peer_s else float('nan'):9.3f} ms   dlc/peer {shown}")
 
-    # GEMM against numpy's BLAS (forward of a one-matmul model)
-    print("GEMM (float32, N x N @ N x N)")
-    for n in (256, 512, 1024, 2048) if not args.only else ():
-        src = (HERE / "models" / "gemm.dln").read_text().replace("N]", f"{n}]").replace("[N,", f"[{n},")
-        path = Path(tempfile.mkdtemp()) / f"gemm{n}.dln"
-        path.write_text(src.replace("f32[B, N]", f"f32[B, {n}]"))
-        steps = max(1, int((40 if n <= 512 else 8 if n == 1024 else 2) * scale))
-        d = median_time(dlc_forward(path, n, threads), steps, repeats)
-        a = np.random.rand(n, n).astype(np.float32)
-        b = np.random.rand(n, n).astype(np.float32)
-        p = median_time(lambda: a @ b, steps, repeats)
-        record(f"gemm_{n}", d, "numpy BLAS", p, 1 / 0.9 if n == 1024 else None)
+    if section("gemm"):
+        # GEMM against numpy's BLAS (forward of a one-matmul model)
+        print("GEMM (float32, N x N @ N x N)")
+        for n in (256, 512, 1024, 2048):
+            src = (HERE / "models" / "gemm.dln").read_text().replace("N]", f"{n}]").replace("[N,", f"[{n},")
+            path = Path(tempfile.mkdtemp()) / f"gemm{n}.dln"
+            path.write_text(src.replace("f32[B, N]", f"f32[B, {n}]"))
+            steps = max(1, int((40 if n <= 512 else 8 if n == 1024 else 2) * scale))
+            d = median_time(dlc_forward(path, n, threads), steps, repeats)
+            a = np.random.rand(n, n).astype(np.float32)
+            b = np.random.rand(n, n).astype(np.float32)
+            p = median_time(lambda: a @ b, steps, repeats)
+            record(f"gemm_{n}", d, "numpy BLAS", p, 1 / 0.9 if n == 1024 else None)
 
-    print("training steps")
-    workloads = [("mlp_b128", "mlp784.dln", "mlp", 128, 50), ("mlp_b8", "mlp784.dln", "mlp", 8, 200),
-                 ("mlp_b1", "mlp784.dln", "mlp", 1, 300), ("lenet_b64", "lenet28.dln", "lenet", 64, 30),
-                 ("lstm_b32", "lstm32.dln", "lstm", 32, 20),
-                 ("cnn_b64", "cifar_cnn.dln", "cifar_cnn", 64, 4),
-                 ("wide_mlp_b128", "wide_mlp.dln", "wide_mlp", 128, 4),
-                 ("resnet_b64", "resnet_cifar.dln", "resnet", 64, 3)]
-    for name, file, kind, batch, steps in workloads:
-        if args.only and not any(o in name for o in args.only.split(",")):
-            continue
-        steps = max(2, int(steps * scale))
-        dlc_step = dlc_train_step(HERE / "models" / file, batch, threads)
-        if have_torch:
-            # dlc and torch blocks alternate; the ratio is the median of adjacent blocks'
-            (d, t), (_, r) = interleaved([dlc_step, torch_train_step(kind, batch)], steps, repeats)
-            record(name, d, "torch eager", t, TARGETS.get(name), ratio=r)
-            if args.compile:
-                try:
-                    (d, c), (_, r) = interleaved([dlc_step, torch_train_step(kind, batch, compiled=True)],
-                                                 steps, repeats)
-                    record(name, d, "torch.compile", c, ratio=r)
-                except Exception as e:  # torch.compile needs a C++ compiler and may fail
-                    print(f"  {name}: torch.compile failed: {type(e).__name__}: {str(e)[:80]}")
-        else:
-            record(name, median_time(dlc_step, steps, repeats), "-", None)
+    if section("training"):
+        print("training steps")
+        workloads = [("mlp_b128", "mlp784.dln", "mlp", 128, 50), ("mlp_b8", "mlp784.dln", "mlp", 8, 200),
+                     ("mlp_b1", "mlp784.dln", "mlp", 1, 300), ("lenet_b64", "lenet28.dln", "lenet", 64, 30),
+                     ("lstm_b32", "lstm32.dln", "lstm", 32, 20),
+                     ("cnn_b64", "cifar_cnn.dln", "cifar_cnn", 64, 4),
+                     ("wide_mlp_b128", "wide_mlp.dln", "wide_mlp", 128, 4),
+                     ("resnet_b64", "resnet_cifar.dln", "resnet", 64, 3)]
+        for name, file, kind, batch, steps in workloads:
+            if args.workloads and not any(o in name for o in args.workloads.split(",")):
+                continue
+            steps = max(2, int(steps * scale))
+            dlc_step = dlc_train_step(HERE / "models" / file, batch, threads)
+            if have_torch:
+                # dlc and torch blocks alternate; the ratio is the median of adjacent blocks'
+                (d, t), (_, r) = interleaved([dlc_step, torch_train_step(kind, batch)], steps, repeats)
+                record(name, d, "torch eager", t, TARGETS.get(name), ratio=r)
+                if args.compile:
+                    try:
+                        (d, c), (_, r) = interleaved([dlc_step, torch_train_step(kind, batch, compiled=True)],
+                                                     steps, repeats)
+                        record(name, d, "torch.compile", c, ratio=r)
+                    except Exception as e:  # torch.compile needs a C++ compiler and may fail
+                        print(f"  {name}: torch.compile failed: {type(e).__name__}: {str(e)[:80]}")
+            else:
+                record(name, median_time(dlc_step, steps, repeats), "-", None)
 
-    compile_rows = []
-    if args.only:
-        Path(args.out).write_text(json.dumps({"info": info, "rows": rows, "compile": compile_rows}, indent=1))
-        return 0
-    print("inference")
-    steps = max(2, int(300 * scale))
-    d = median_time(dlc_forward(HERE / "models" / "mlp784.dln", 1, threads), steps, repeats)
-    t = median_time(torch_forward("mlp", 1), steps, repeats) if have_torch else None
-    record("mlp_infer_b1", d, "torch eager" if have_torch else "-", t)
+    if section("inference"):
+        print("inference")
+        steps = max(2, int(300 * scale))
+        d = median_time(dlc_forward(HERE / "models" / "mlp784.dln", 1, threads), steps, repeats)
+        t = median_time(torch_forward("mlp", 1), steps, repeats) if have_torch else None
+        record("mlp_infer_b1", d, "torch eager" if have_torch else "-", t)
 
-    print("compile time (load .dln -> training step ready)")
-    for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln"):
-        cold, warm = compile_times(HERE / "models" / file, threads)
-        compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
-        print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
+    compile_rows, shared = [], []
+    if section("compile"):
+        print("compile time (load .dln -> training step ready)")
+        for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln"):
+            cold, warm = compile_times(HERE / "models" / file, threads)
+            compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
+            print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
 
-    Path(args.out).write_text(json.dumps({"info": info, "rows": rows, "compile": compile_rows}, indent=1))
+    if section("shared"):
+        print("shared machine (MLP 784-512-256-10 batch 8, one training step; load before: "
+              f"{_loadavg()})")
+        shared = shared_machine(HERE / "models" / "mlp784.dln", 8, max(2, int(200 * scale)), repeats)
+
+    Path(args.out).write_text(json.dumps({"info": info, "rows": rows, "compile": compile_rows,
+                                          "shared_machine": shared}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlc import backends
 from dlc.backends import DEFAULT as DEFAULT_TARGET
 from dlc.core.diagnostics import ArgumentError, DataError, DlcError, Source, Span, UsageError, did_you_mean
 from dlc.core.graph import Graph
@@ -20,7 +21,6 @@ from dlc.language.recipe import INT_OPTION_MAX
 from dlc.language.summary import format_summary
 from dlc.language.syntax.parse import parse
 from dlc.language.syntax.printer import format_ast
-from dlc.program import make_program
 
 
 def read_source(path_or_source) -> tuple[str, str]:
@@ -101,9 +101,9 @@ def _load_artifact(path) -> "Model":
                             f"({e.message})", hint=artifact.REBUILD) from None
     m.source_text = manifest["source"]
     inputs = [name for name, _ in m.input_types]
-    for (mode, batch), (_, layout) in steps.items():
-        artifact.check_fits(path, mode, batch, layout, inputs, m.state)
-    m.preloaded = {(manifest["backend"], mode, batch): step for (mode, batch), step in steps.items()}
+    for batch, (_, layout) in steps.items():
+        artifact.check_fits(path, batch, layout, inputs, m.state)
+    m.preloaded = {(manifest["backend"], batch): step for batch, step in steps.items()}
     return m
 
 
@@ -123,7 +123,7 @@ class Model:
         self._state: dict[str, np.ndarray] | None = None  # created on first use: see `state`
         self.normalizer = None
         self._sessions: dict = {}
-        self.preloaded: dict = {}  # (backend, mode, batch) -> (blobs, layout) from an artifact
+        self.preloaded: dict = {}  # (backend, batch) -> (blobs, layout) from an artifact
 
     # --- inspection -----------------------------------------------------------------------------
     def built(self, mode: str = "eval") -> Built:
@@ -151,17 +151,17 @@ class Model:
         later = [n for n in names if n not in pipeline.PASS_NAMES and n not in ("ast", "graph")]
         if passes or later or log is not None:
             log = log if log is not None else pipeline.Compilation()
-            lowered = self.lower(mode, batch, disabled=disabled, log=log)
+            lowered = self.lower(mode, batch, disabled=disabled, log=log, verify=True)
             out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in passes]
             if later:
-                backend = backends.backend(target)
+                backend = backends.backend(target, runnable=False)  # printing code needs no GPU
                 program = pipeline.kernel_program(lowered, backend.templates)
                 target_desc = backend.target({}) if set(later) - {"kernel"} else None
                 out += [(n, format_program(program) if n == "kernel" else backend.dump(program, n, target_desc))
                         for n in later]
         return out
 
-    def compile_graph(self, mode: str, config=None, log=None, disabled=()) -> Graph:
+    def compile_graph(self, mode: str, config=None, log=None, disabled=(), verify: bool | None = None) -> Graph:
         """The training step ("train", after autodiff and the optimizer) or the evaluation
         graph ("eval"), after the graph passes; shapes are still symbolic."""
         from dlc.pipeline import step_graph
@@ -171,15 +171,16 @@ class Model:
                 raise ArgumentError(f"model {self.name} has no loss to train")
         else:
             config = None
-        return step_graph(self.built(mode).graph, config, log, disabled)
+        return step_graph(self.built(mode).graph, config, log, disabled, verify)
 
-    def lower(self, mode: str, batch: int | None = None, config=None, log=None, disabled=()) -> Graph:
+    def lower(self, mode: str, batch: int | None = None, config=None, log=None, disabled=(),
+              verify: bool | None = None) -> Graph:
         """The graph for one batch size after every pass: fused and memory-planned."""
         from dlc.pipeline import lower
         if mode == "train":
             config = config or self._require_config()
         batch = batch or (config.batch if config else self.train_config.batch if self.train_config else 1)
-        return lower(self.compile_graph(mode, config, log, disabled), batch, log, disabled)
+        return lower(self.compile_graph(mode, config, log, disabled, verify), batch, log, disabled, verify)
 
     def source_key(self, mode: str, config) -> str:
         """Identifies a compiled graph without building it (compile-cache keys)."""
@@ -188,35 +189,19 @@ class Model:
         return "\0".join([text, self.name, mode, recipe])
 
     def compile_artifact(self, path, batches=None, target: str = DEFAULT_TARGET, **options) -> list[tuple[str, int]]:
-        """Compile the training and evaluation steps (for the train block's batch size,
-        and the smaller last batches of its data set when it can be read) into one file
-        that `dlc run` / `dlc eval` load without compiling."""
+        """Compile the training and evaluation steps (one program, for the train block's
+        batch size, plus any `batches`) into one file that `dlc run` / `dlc eval` load
+        without compiling."""
         from dlc import artifact
         config = self._require_config()
-        sizes = {("train", config.batch), ("eval", config.batch)} | set(batches or self._last_batches(config))
-        steps, program = {}, None
-        for mode, batch in sorted(sizes):
-            program = make_program(target, lambda mode=mode: self.compile_graph(mode, config), self.state,
-                                   key=self.source_key(mode, config), options=options)
-            if not hasattr(program, "compiled"):
-                raise UsageError(f"target `{target}` compiles nothing to write to {path}")
-            steps[(mode, batch)] = program.compiled(batch)
+        session = self.session(config, target, **options)
+        program = session.program
+        if not hasattr(program, "compiled"):
+            raise UsageError(f"target `{target}` compiles nothing to write to {path}")
+        steps = {b: program.compiled(b) for b in sorted({config.batch} | set(batches or ()))}
         artifact.write(path, str(Path(self.source_name).resolve()), self.source_text, self.name,
                        program.backend.name, program.target.to_json(), steps)
-        return sorted(steps)
-
-    def _last_batches(self, config) -> set:
-        """The sizes of the last, partial batches of the train and test splits."""
-        from dlc.data.sources import load_dataset
-        try:
-            data = load_dataset(config.data, self.base_dir, config.seed)
-        except DlcError:
-            return set()  # unknown until run time: compiled then, through the cache
-        out = set()
-        for mode, n in (("train", len(data.x_train)), ("eval", len(data.x_test))):
-            if n % config.batch:
-                out.add((mode, n % config.batch))
-        return out
+        return [("train+eval", b) for b in sorted(steps)]
 
     def _require_config(self):
         if self.train_config is None:
@@ -242,10 +227,12 @@ class Model:
 
     @property
     def state(self) -> dict[str, np.ndarray]:
-        """Parameters and state by name (numpy arrays), initialized on first use, so that
-        checking a model never allocates its weights."""
+        """Parameters and state by name: numpy arrays shared with the sessions, made on first
+        use (so checking a model never allocates its weights) and current (a backend that
+        keeps them in a GPU's memory between steps copies them back first)."""
         if self._state is None:
             self._state = init_state(self._train, self._seed)
+        backends.sync_state(self._state)
         return self._state
 
     @property
@@ -306,7 +293,7 @@ class Model:
         there (unless it is `resume`) is kept as NAME.prev.npz.
         Returns a History (one record of metrics per epoch)."""
         from dlc.runtime.prepare import prepare
-        from dlc.runtime.trainer import FitOptions, fit, restore
+        from dlc.runtime.trainer import FitOptions, Interrupted, fit, restore
         _check_options(self.fit, options)
         config = self._require_config()
         self._require_one_input(config)
@@ -327,8 +314,17 @@ class Model:
                 self.state[k][...] = v
         seed = config.seed if seed is None else seed
         label_type = session._label_type()
-        data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
-                                   arrays=(x, y) if x is not None else None, normalizer=normalizer)
+        compiling = session.compile_in_background(batch or config.batch)  # while the data loads
+        try:
+            data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
+                                       arrays=(x, y) if x is not None else None, normalizer=normalizer)
+            compiling.wait()
+        except KeyboardInterrupt:
+            kept = f"; {save} left as it was" if save else ""
+            raise Interrupted(f"interrupted before the first training step{kept}") from None
+        except BaseException:
+            compiling.wait(quietly=True)  # the data's error first; no compile left running
+            raise
         self.normalizer = normalizer
         # a file at `save` is kept as NAME.prev.npz, unless it is the checkpoint this run continues
         resumes_save = bool(resume and save) and Path(resume).resolve() == Path(save).resolve()
@@ -389,8 +385,8 @@ _FLAG = ("True or False", lambda v: isinstance(v, bool))
 
 # The compiler options fit/evaluate/predict pass on (`**options`): what each takes.
 _BACKEND_OPTIONS = {
-    "threads": ("a positive number of CPU threads",
-                lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "threads": ("a positive number of CPU threads, or \"auto\"",
+                lambda v: v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)),
     "verbose": ("a function that receives the compiler's messages, such as print",
                 lambda v: v is None or v is False or callable(v)),
     "no_cache": _FLAG,

@@ -1,9 +1,10 @@
 """`dlc compile FILE -o OUT`: compiled training and evaluation steps in one file.
 
 The file is a zip: `manifest.json` (format, dlc version, the model and its .dln source,
-the backend and the target it was compiled for, and per step its layout and the SHA-256
-and size of each compiled blob), plus the blobs. `dlc run OUT` and `dlc eval OUT` load the
-code without compiling; a batch size the file lacks is compiled from the embedded source.
+the backend and the target it was compiled for, and per compiled batch size the layout of
+its entry points -- the training and the evaluation step -- and the SHA-256 and size of
+each compiled blob), plus the blobs. `dlc run OUT` and `dlc eval OUT` load the code without
+compiling; a batch size the file lacks is compiled from the embedded source.
 
 Loading an artifact runs the native code inside it: run only artifacts you trust. Every
 part is checked before any code is loaded -- the manifest's schema, every blob against its
@@ -22,10 +23,10 @@ import zlib
 from pathlib import Path
 
 from dlc import __version__
-from dlc.backends.base import StepLayout
+from dlc.backends.base import Entries, StepLayout, entries_of, layout_from_json
 from dlc.core.diagnostics import ArtifactError
 
-FORMAT = 2
+FORMAT = 3
 REBUILD = "rebuild it with `dlc compile FILE.dln -o OUT`"
 
 
@@ -46,13 +47,14 @@ def is_artifact(path) -> bool:
 
 
 def write(path, source_name: str, source_text: str, model: str, backend: str, target: dict,
-          steps: dict[tuple[str, int], tuple[list[bytes], StepLayout]]) -> None:
+          steps: dict[int, tuple[list[bytes], Entries]]) -> None:
+    """steps: batch size -> (blobs, layout) of the program compiled for it."""
     manifest = {"format": FORMAT, "dlc": __version__, "model": model, "source_name": source_name,
                 "source": source_text, "backend": backend, "target": target, "steps": []}
     blobs = {}
-    for (mode, batch), (parts, layout) in sorted(steps.items()):
-        stem = f"steps/{mode}-{batch}"
-        entry = {"mode": mode, "batch": batch, "layout": layout.to_json(), "blobs": []}
+    for batch, (parts, layout) in sorted(steps.items()):
+        stem = f"steps/batch-{batch}"
+        entry = {"batch": batch, "layout": layout.to_json(), "blobs": []}
         for i, blob in enumerate(parts):
             name = f"{stem}.{i}.bin"
             blobs[name] = blob
@@ -80,7 +82,7 @@ _DAMAGE = (OSError, KeyError, ValueError, EOFError, NotImplementedError, Runtime
            RecursionError, struct.error, zipfile.BadZipFile, zlib.error)
 
 
-def read(path) -> tuple[dict, dict[tuple[str, int], tuple[list[bytes], StepLayout]]]:
+def read(path) -> tuple[dict, dict[int, tuple[list[bytes], StepLayout | Entries]]]:
     """(manifest, steps), every part checked; ArtifactError otherwise."""
     if not os.path.isfile(path):
         raise ArtifactError(f"{path} does not exist or is not a file", hint=REBUILD)
@@ -96,9 +98,9 @@ def read(path) -> tuple[dict, dict[tuple[str, int], tuple[list[bytes], StepLayou
                         raise ArtifactError(f"{path} is damaged: {blob['name']} does not match its digest",
                                             hint=REBUILD)
                     parts.append(data)
-                if (s["mode"], s["batch"]) in steps:
-                    raise ValueError(f"the {s['mode']} step for batch {s['batch']} is there twice")
-                steps[(s["mode"], s["batch"])] = (parts, _layout(path, s["layout"]))
+                if s["batch"] in steps:
+                    raise ValueError(f"the program for batch {s['batch']} is there twice")
+                steps[s["batch"]] = (parts, _layout(path, s["layout"]))
     except _DAMAGE as e:
         raise ArtifactError(f"{path} is a damaged dlc artifact ({_why(e)})", hint=REBUILD) from None
     return manifest, steps
@@ -137,7 +139,7 @@ def _why(e: Exception) -> str:
 
 _SCHEMA = {"format": int, "dlc": str, "model": str, "source_name": str, "source": str, "backend": str,
            "target": dict, "steps": list}
-_STEP = {"mode": str, "batch": int, "layout": str, "blobs": list}
+_STEP = {"batch": int, "layout": str, "blobs": list}
 _BLOB = {"name": str, "sha256": str, "size": int}
 
 
@@ -152,8 +154,8 @@ def _manifest(path, raw: bytes) -> dict:
     _fields(manifest, _SCHEMA, "the manifest")
     for s in manifest["steps"]:
         _fields(s, _STEP, "a step")
-        if s["mode"] not in ("train", "eval") or s["batch"] < 1:
-            raise ValueError(f"a step has mode {s['mode']!r} and batch {s['batch']}")
+        if s["batch"] < 1:
+            raise ValueError(f"a step has batch {s['batch']}")
         for blob in s["blobs"]:
             _fields(blob, _BLOB, "a blob entry")
     return manifest
@@ -167,36 +169,37 @@ def _fields(obj, schema: dict, what: str) -> None:
             raise ValueError(f"{what} has no valid `{key}`")
 
 
-def _layout(path, text: str) -> StepLayout:
+def _layout(path, text: str) -> StepLayout | Entries:
     try:
-        return StepLayout.from_json(text)
+        return layout_from_json(text)
     except ValueError as e:
         raise ArtifactError(f"{path} is damaged: a step's layout is invalid ({_why(e)})", hint=REBUILD) from None
 
 
 def check_code(path, steps: dict, backend, target) -> None:
-    """The backend's own checks of every step's code (before any of it is loaded)."""
-    for (mode, batch), (blobs, layout) in sorted(steps.items()):
+    """The backend's own checks of every program's code (before any of it is loaded)."""
+    for batch, (blobs, layout) in sorted(steps.items()):
         reason = backend.validate(blobs, layout, target)
         if reason:
-            raise ArtifactError(f"{path} is damaged: in its {mode} step for batch {batch}, {reason}", hint=REBUILD)
+            raise ArtifactError(f"{path} is damaged: in its program for batch {batch}, {reason}", hint=REBUILD)
 
 
-def check_fits(path, mode: str, batch: int, layout: StepLayout, inputs: list[str], state: dict) -> None:
-    """A step must take the model's inputs at its batch size and its parameters at their
+def check_fits(path, batch: int, layout, inputs: list[str], state: dict) -> None:
+    """Each entry must take the model's inputs at its batch size and its parameters at their
     shapes (a step for another model or batch would be refused only when it runs), and the
     learning rate exactly when it trains."""
-    slots = {name: (kind, shape) for name, kind, _, shape in layout.slots}
-    problem = None
-    for name in inputs:
-        kind, shape = slots.get(name, (None, None))
-        if kind != "input" or not shape or shape[0] != batch:
-            problem = f"it does not take input `{name}` for batch {batch}"
-    for name, (kind, shape) in slots.items():
-        if kind == "state" and name in state and tuple(shape) != state[name].shape:
-            problem = f"its `{name}` has shape {shape}, the model's has {list(state[name].shape)}"
-    if ("lr" in slots) != (mode == "train"):
-        problem = "it is not a " + ("training" if mode == "train" else "evaluation") + " step"
-    if problem:
-        raise ArtifactError(f"{path} is damaged: its {mode} step for batch {batch} does not fit the model "
-                            f"({problem})", hint=REBUILD)
+    for mode, entry in entries_of(layout).items():
+        slots = {name: (kind, shape) for name, kind, _, shape in entry.slots}
+        problem = None
+        for name in inputs:
+            kind, shape = slots.get(name, (None, None))
+            if kind != "input" or not shape or shape[0] != batch:
+                problem = f"it does not take input `{name}` for batch {batch}"
+        for name, (kind, shape) in slots.items():
+            if kind == "state" and name in state and tuple(shape) != state[name].shape:
+                problem = f"its `{name}` has shape {shape}, the model's has {list(state[name].shape)}"
+        if ("lr" in slots) != (mode == "train"):
+            problem = "it is not " + ("a training" if mode == "train" else "an evaluation") + " step"
+        if problem:
+            raise ArtifactError(f"{path} is damaged: its {mode} step for batch {batch} does not fit the model "
+                                f"({problem})", hint=REBUILD)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 from dlc import __version__
@@ -58,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, help="batch size to compile for (default: the train block's)")
     p.add_argument("--eval", action="store_true", help="compile the evaluation graph instead of the training step")
     p.add_argument("-o", "--output", metavar="OUT",
-                   help="write the compiled training and evaluation steps to OUT (e.g. model.dlcx), "
-                        "which `dlc run OUT` and `dlc eval OUT` load without compiling")
+                   help="write the compiled training and evaluation steps (one program, for the train "
+                        "block's batch size) to OUT (e.g. model.dlcx), which `dlc run OUT` and "
+                        "`dlc eval OUT` load without compiling")
     _add_target(p)
 
     p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
     p.add_argument("--batch", type=_positive_int, help="mini-batch size (1 = stochastic, the data "
-                   "set size = full batch)")
+                   "set size = full batch); the training and evaluation steps are compiled once for "
+                   "it, and a smaller last batch is padded to it with exactly the unpadded results")
     p.add_argument("--lr", type=_positive_float, help="initial learning rate")
     p.add_argument("--seed", type=_non_negative_int, help="random seed (initialization, shuffling, dropout)")
     p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
@@ -119,6 +122,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["show", "clear"], default="show",
                    help="`clear` removes every entry (dlc's own files only)")
 
+    p = sub.add_parser("graph", help="draw the model's layer graph, or its fused kernels (Graphviz)",
+                       description="Draw the model as a graph: one node per layer, function or block call "
+                                   "of its body (with the output type, parameters and .dln line), edges for "
+                                   "the data flow. With --stage fuse, the graph after fusion instead: each "
+                                   "kernel a cluster coloured by its kind and labelled with its .dln lines. "
+                                   "-o FILE.dot (or .gv) writes DOT text; .svg, .png and .pdf are rendered by "
+                                   "Graphviz's `dot` program (apt-get install graphviz, brew install "
+                                   "graphviz). Needs: pip install 'dlc[graph]'.")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", metavar="FILE", required=True,
+                   help="the picture to write: .svg, .png, .pdf (needs `dot`) or .dot/.gv (DOT text)")
+    p.add_argument("--stage", choices=["layers", "fuse"], default="layers",
+                   help="`layers` (default): the model's layers; `fuse`: the fused kernels")
+    p.add_argument("--train", action="store_true",
+                   help="with --stage fuse: the training step (forward, gradients, update) instead of "
+                        "the evaluation graph")
+    p.add_argument("--batch", type=_positive_int, help="with --stage fuse: the batch size to compile for "
+                   "(default: the train block's)")
+
+    p = sub.add_parser("export", help="write a trained model's evaluation graph as ONNX",
+                       description="Write the graph that `dlc predict` runs (dropout off, batchnorm on its "
+                                   "running statistics) with the weights of a checkpoint as an ONNX model, "
+                                   "checked with onnx.checker. The batch dimension stays symbolic; the input "
+                                   "normalization saved in the checkpoint is part of the model, so it takes "
+                                   "the same raw inputs as `dlc predict`. Layers become ONNX operators (Gemm, "
+                                   "Conv, MaxPool, BatchNormalization, LSTM, GRU, RNN, ...); other loops become "
+                                   "ONNX Scan. Needs: pip install 'dlc[onnx]'.")
+    _add_model_args(p)
+    p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=_positive_int, help="ONNX opset to target (default: the newest the "
+                   "installed onnx package knows; at least 18)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="leave the checkpoint's input normalization out: the model then takes normalized inputs")
+    p.add_argument("--loops-as-scan", action="store_true",
+                   help="write recurrent layers as ONNX Scan loops instead of LSTM/GRU/RNN operators")
+
+    p = sub.add_parser("import", help="turn an ONNX model into a .dln file and a checkpoint",
+                       description="Translate an ONNX model into a readable .dln program and its weights (a "
+                                   "checkpoint for --weights and `dlc run --resume`). Known layer patterns "
+                                   "become layers (Gemm/MatMul+Add -> dense, Conv -> conv2d, pools, "
+                                   "BatchNormalization -> batchnorm, LSTM/GRU/RNN -> lstm/gru/rnn, Flatten, "
+                                   "activations); other operators become .dln arithmetic, and an operator "
+                                   "with no counterpart is an error naming it. The .dln ends with a train "
+                                   "block template for fine-tuning. Needs: pip install 'dlc[onnx]'.")
+    p.add_argument("file", help="an .onnx model")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .dln file to write")
+    p.add_argument("--weights", metavar="FILE",
+                   help="the checkpoint to write (default: the .dln's name with .npz)")
+    p.add_argument("--name", metavar="NAME", help="the model's name (default: the ONNX graph's)")
+    p.add_argument("--no-train", action="store_true", help="leave out the train block template")
+
     p = sub.add_parser("plot", help="draw loss and accuracy curves from a metrics log",
                        description="Draw per-epoch loss and accuracy from a `dlc run --log` file "
                                    "(needs matplotlib: pip install 'dlc[plot]').")
@@ -136,18 +191,21 @@ def _target_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_target(p: argparse.ArgumentParser) -> None:
     _target_arg(p)
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, default="auto", metavar="N",
+                   help="CPU threads: a number, or `auto` (the default): every core no other process keeps "
+                        "busy (measured at start), and one thread for a step too small to share out")
     p.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring the compile cache")
     p.add_argument("--no-templates", action="store_true",
                    help="render matmuls, convolutions, pooling and gathers as plain loop nests instead of "
                         "the backend's dedicated code (slow; for testing a backend)")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print the target, compile-cache hits and compile time per phase")
+                   help="print the target, the one compile of the run (training and evaluation steps "
+                        "together: cache hit or miss, time per phase), and the threads each step chose")
 
 
 def _backend_options(args) -> dict:
     options = {}
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) not in (None, "auto"):
         options["threads"] = args.threads
     if getattr(args, "no_cache", False):
         options["no_cache"] = True
@@ -181,6 +239,10 @@ _non_negative_int = _number(int, lambda v: 0 <= v <= INT_OPTION_MAX, f"an intege
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
+def _threads(text: str):
+    return "auto" if text == "auto" else _number(int, lambda v: v > 0, "a positive integer or `auto`")(text)
+
+
 def _output_path(path: str, flag: str, folder: bool = False) -> Path:
     """An output path of the wrong kind is refused before any work, not when writing at the end."""
     p = Path(path)
@@ -204,7 +266,7 @@ def cmd_compile(args) -> int:
     from dlc.api import load
     from dlc import backends
     from dlc.pipeline import Compilation, check_disabled, select_stages, stages_for
-    stages = stages_for(backends.backend(args.target))
+    stages = stages_for(backends.backend(args.target, runnable=False))  # dumps need no GPU
     if args.list_stages:
         for name, doc in stages.items():
             print(f"{name:<15} {doc}")
@@ -286,7 +348,9 @@ def _load_with_overrides(args):
 
 
 def cmd_run(args) -> int:
+    from dlc import backends
     from dlc.runtime.trainer import Interrupted, kept_note
+    backends.backend(args.target)  # a target that cannot run here fails before anything starts
     model = _load_with_overrides(args)
     cfg = model.train_config
     save = args.save or cfg.checkpoint
@@ -375,6 +439,57 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_graph(args) -> int:
+    from dlc.api import load
+    from dlc.graphviz import kernel_graph, layer_graph, write
+    _output_path(args.output, "-o")
+    model = load(args.file, args.model)
+    if args.stage == "fuse":
+        mode = "train" if args.train else "eval"
+        if mode == "train" and model.train_config is None:
+            raise UsageError(f"--train: model {model.name} has no train block")
+        dot = kernel_graph(model, mode, args.batch)
+    else:
+        if args.train or args.batch:
+            raise UsageError("--train and --batch go with --stage fuse")
+        dot = layer_graph(model)
+    path = write(dot, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from dlc.api import load
+    from dlc.interchange import require_onnx
+    from dlc.interchange.onnx_export import export_model, summary
+    require_onnx()
+    _output_path(args.output, "-o")
+    model = load(args.file, args.model)
+    model.load_weights(args.weights)
+    proto = export_model(model, None if args.no_normalize else model.normalizer, opset=args.opset,
+                         recognize=not args.loops_as_scan)
+    import onnx
+    onnx.save(proto, args.output)
+    print(f"wrote {args.output}: {summary(proto)}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from dlc.interchange import require_onnx
+    from dlc.interchange.onnx_import import import_model, write
+    require_onnx()
+    out = _output_path(args.output, "-o")
+    weights = _output_path(args.weights, "--weights") if args.weights else out.with_suffix(".npz")
+    imported = import_model(args.file, args.name, train=not args.no_train)
+    model = write(imported, out, weights)
+    for w in imported.warnings:
+        print(f"dlc: warning: {w}", file=sys.stderr)
+    layers = ", ".join(f"{k} {v}" for k, v in Counter(imported.layers).items()) or "no layers"
+    print(f"wrote {out} (model {model.name}: {layers}) and {weights} "
+          f"({sum(v.size for v in model.params.values()):,} parameters)")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from dlc.runtime.plot import plot_log
     plot_log(args.log, args.output)
@@ -383,7 +498,8 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
-            "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot}
+            "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot,
+            "export": cmd_export, "import": cmd_import, "graph": cmd_graph}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ class Pass:
     doc: str
     train_only: bool = False
     required: bool = False  # cannot be disabled: later stages depend on its result
+
+
+def _mask_batch(g, ctx):
+    from dlc.passes.mask_batch import mask_batch
+    return mask_batch(g)
 
 
 def _autodiff(g, ctx):
@@ -96,6 +102,8 @@ def _memory(g, ctx):
 
 
 GRAPH_PASSES: tuple[Pass, ...] = (
+    Pass("mask_batch", _mask_batch, "reductions over the batch count only its first `valid_rows` rows "
+         "(a padded last batch gives the unpadded results: one compiled batch size)"),
     Pass("autodiff", _autodiff, "reverse-mode gradients of the loss for every parameter", True, True),
     Pass("optimizer", _optimizer, "parameter and optimizer-state updates: one training step", True, True),
     Pass("simplify", _simplify, "algebraic identities (x*1, neg(neg x), reshape of reshape, ...)"),
@@ -156,6 +164,13 @@ class Compilation:
         return next((r for r in reversed(self.records) if r.name == name), None)
 
 
+def verifying() -> bool:
+    """Whether the driver re-checks the graph after every pass: with DLC_VERIFY=1 (the test
+    suite sets it), for `dlc compile`'s dumps, and never otherwise -- re-inferring every
+    node's type after each of a dozen passes was a third of the passes' time."""
+    return os.environ.get("DLC_VERIFY", "") not in ("", "0")
+
+
 def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None = None,
                verify: bool = True) -> Graph:
     for p in passes:
@@ -179,15 +194,17 @@ def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None =
 
 
 def step_graph(graph: Graph, config: TrainConfig | None, log: Compilation | None = None,
-               disabled=()) -> Graph:
+               disabled=(), verify: bool | None = None) -> Graph:
     """The graph passes: with a recipe, the training step (autodiff, optimizer, cleanup);
     without one, the evaluation graph cleaned up. Shapes are still symbolic."""
-    return run_passes(graph, GRAPH_PASSES, PassContext(config, disabled=frozenset(disabled)), log)
+    return run_passes(graph, GRAPH_PASSES, PassContext(config, disabled=frozenset(disabled)), log,
+                      verifying() if verify is None else verify)
 
 
-def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=()) -> Graph:
+def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=(), verify: bool | None = None) -> Graph:
     """The lowering passes for one batch size: fused and memory-planned."""
-    return run_passes(graph, LOWER_PASSES, PassContext(batch=batch, disabled=frozenset(disabled)), log)
+    return run_passes(graph, LOWER_PASSES, PassContext(batch=batch, disabled=frozenset(disabled)), log,
+                      verifying() if verify is None else verify)
 
 
 def kernel_program(lowered: Graph, templates=frozenset()) -> KernelProgram:

@@ -17,8 +17,12 @@ MODEL = ROOT / "examples" / "logreg.dln"   # small and quick to compile; reads a
 THREADS = 2                                # two modules per step: objects that call each other
 
 
+SMALL = 5                                  # a second batch size the artifact holds
+
+
 def build_artifact(path: Path, cache_dir: Path) -> Path:
-    dlc.load(MODEL).compile_artifact(path, threads=THREADS, cache_dir=cache_dir)
+    """MODEL's training and evaluation steps, at its batch size and at SMALL."""
+    dlc.load(MODEL).compile_artifact(path, batches=[SMALL], threads=THREADS, cache_dir=cache_dir)
     return path
 
 
@@ -60,6 +64,13 @@ def another_build(mode: str = "eval", batch: int = 5):
     p = make_program("cpu", lambda: m.compile_graph(mode, m.train_config), m.state,
                      options={"no_cache": True, "threads": THREADS})
     return p.compiled(batch)
+
+
+def another_unit(batch: int = SMALL):
+    """The artifact's program for `batch` (training and evaluation entries) compiled again:
+    the same code under other symbol names."""
+    m = dlc.load(MODEL)
+    return m.session(m.train_config, "cpu", no_cache=True, threads=THREADS).program.compiled(batch)
 
 
 def entry_path(cache_dir: Path, key: str) -> Path:

@@ -52,8 +52,10 @@ def run_cases(script: str, cases: list, tmp_path, env: dict | None = None, timeo
     case_file = tmp_path / f"cases-{os.getpid()}-{id(cases)}.json"
     case_file.write_text(json.dumps(cases))
     code = PRELUDE + textwrap.dedent(script)
+    # cwd: `python -c` puts the working directory first on sys.path, and from the repository
+    # root that would import the checkout's dlc instead of the installed one the tests use
     r = subprocess.run([sys.executable, "-c", code, str(case_file)], capture_output=True, text=True,
-                       env=dict(os.environ, **(env or {})), timeout=timeout)
+                       env=dict(os.environ, **(env or {})), timeout=timeout, cwd=tmp_path)
     results, begun = {}, None
     for line in r.stdout.splitlines():
         try:

@@ -108,7 +108,7 @@ def _example_feeds(m: dlc.Model, batch: int, rng) -> dict:
     shape = (batch,) + tuple(int(d) for d in t.shape[1:])
     x = rng.integers(0, 17, shape).astype(np.int32) if t.dtype.value == "i32" else \
         rng.random(shape, dtype=np.float32)
-    feeds = {name: x, "lr": np.float32(0.01)}
+    feeds = {name: x, "lr": np.float32(0.01), "valid_rows": np.int32(batch)}  # every row is real
     g = m.built("train").graph
     if g.inputs("label"):
         lt = g.node(g.inputs("label")[0]).attrs["type"]
@@ -239,7 +239,8 @@ def test_artifact_reader_checks_versions(tmp_path, monkeypatch):
     path = tmp_path / "a.dlcx"
     m.compile_artifact(path, cache_dir=tmp_path)
     manifest, steps = artifact.read(path)
-    assert ("train", m.train_config.batch) in steps and manifest["backend"] == "cpu"
+    assert set(steps) == {m.train_config.batch} and manifest["backend"] == "cpu"
+    assert set(steps[m.train_config.batch][1].entries) == {"train", "eval"}  # one program, two entries
     monkeypatch.setattr(artifact, "__version__", "99.0")
     with pytest.raises(dlc.DlcError, match="built by dlc"):
         artifact.read(path)

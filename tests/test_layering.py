@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ("dlc.api", "dlc.cli", "dlc.pipeline", "dlc.program", "dlc.cache", "dlc.artifact", "dlc.runtime",
-          "dlc.data", "dlc.__main__")
+          "dlc.data", "dlc.__main__", "dlc.interchange", "dlc.graphviz")
 SPECIFIC_BACKENDS = ("dlc.backends.llvm", "dlc.backends.cuda", "dlc.backends.reference")
 
 
@@ -101,3 +101,13 @@ def test_the_rules_catch_what_they_should(module, imported, allowed):
 def test_relative_imports_resolve():
     """`from .target import Target` in backends/llvm/jit.py is dlc.backends.llvm.target."""
     assert "dlc.backends.llvm.target" in {m for m, _ in _imports(ROOT / "backends" / "llvm" / "jit.py")}
+
+
+def test_every_package_is_installed():
+    """pyproject lists packages by hand (three top-level folders install under `dlc`);
+    a package missing there imports fine from the checkout but not after `pip install .`."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {_module_name(init) for top in ("dlc", "passes", "backends", "grammar")
+               for init in (ROOT / top).rglob("__init__.py")}
+    assert on_disk - listed == set(), "packages missing from pyproject.toml [tool.setuptools] packages"

@@ -209,7 +209,7 @@ def test_optimizer_matches_textbook_rule(case):
         slots = set()
     expected_state = {"w", "b", "step"} | {f"{p}:{s}" for p in ("w", "b") for s in slots}
     assert set(m.state) == expected_state
-    assert [graph.node(i).attrs["name"] for i in graph.inputs("hyper")] == ["lr"]
+    assert [graph.node(i).attrs["name"] for i in graph.inputs("hyper")] == ["valid_rows", "lr"]
 
     params = {k: m.state[k].astype(np.float64) for k in ("w", "b")}
     xs, ys = batches()

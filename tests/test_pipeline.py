@@ -125,6 +125,8 @@ def feeds(example: str, mode: str, batch: int) -> dict[str, np.ndarray]:
         elif role == "label":
             out[name] = (rng.standard_normal(shape).astype(np.float32) if t.dtype.is_float
                          else rng.integers(0, classes, shape).astype(t.dtype.np))
+        elif name == "valid_rows":                          # mask_batch: every row is real
+            out[name] = None
         elif role == "hyper":
             out[name] = np.asarray(0.01, t.dtype.np)
         elif name in m.built("train").params or name in m.built("eval").params:
@@ -133,6 +135,9 @@ def feeds(example: str, mode: str, batch: int) -> dict[str, np.ndarray]:
             out[name] = rng.uniform(0.0, 0.1, shape).astype(t.dtype.np)
         else:
             out[name] = np.asarray(m.state[name])           # the step counter, the dropout seed
+    if "valid_rows" in out:
+        rows = next(len(out[final.node(i).attrs["name"]]) for i in final.inputs("data"))
+        out["valid_rows"] = np.asarray(rows, np.int32)
     return out
 
 

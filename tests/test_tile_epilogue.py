@@ -80,3 +80,26 @@ def test_fused_updates_match_reference(tmp_path, name, threads):
     atol = 1e-3 if name.startswith("rmsprop") else 1e-5
     for k in ref_state:
         np.testing.assert_allclose(cpu_state[k], ref_state[k], rtol=2e-3, atol=atol, err_msg=f"{name}: {k}")
+
+
+def test_templates_see_their_own_entrys_program(tmp_path, monkeypatch):
+    """Training and evaluation steps built as one unit (a ModuleBuilder with two entries):
+    while a template is emitted, `mb.program` is the program it belongs to -- the register
+    tile epilogue and the small matmul ask it whether anything else reads C, and the
+    other entry's answer would be about other buffers."""
+    from dlc.backends.llvm import codegen
+    from dlc.core.kernel import Template
+    m = _model(tmp_path, "adam")
+    programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 9), CPU.templates)
+                for mode in ("train", "eval")}
+    seen = []
+    real = codegen.emit_template
+
+    def spy(mb, em, part, tid, nthreads):
+        seen.append((part.op, any(part is p for k in mb.program.kernels for p in k.parts)))
+        return real(mb, em, part, tid, nthreads)
+    monkeypatch.setattr(codegen, "emit_template", spy)
+    ModuleBuilder(programs, CPU.target({"threads": 2})).build()
+    templates = [p for prog in programs.values() for k in prog.kernels for p in k.parts if isinstance(p, Template)]
+    assert any(isinstance(p, Template) and p.op == "matmul" for k in programs["eval"].kernels for p in k.parts)
+    assert len(seen) == len(templates) and all(ok for _, ok in seen), seen

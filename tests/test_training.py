@@ -203,7 +203,7 @@ def test_ctrl_c_before_the_first_step_leaves_the_checkpoint_alone(tmp_path, monk
     ck = tmp_path / "ck.npz"
     dlc.load(EXAMPLES / "digits_mlp.dln").save(ck)
     before = ck.read_bytes()
-    monkeypatch.setattr(trainer.Session, "train_step", _ctrl_c)
+    monkeypatch.setattr(trainer.Session, "submit", _ctrl_c)
     with pytest.raises(Interrupted, match=f"before the first training step; {ck} left as it was"):
         dlc.load(EXAMPLES / "digits_mlp.dln").fit(epochs=1, save=ck)
     assert ck.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
@@ -230,7 +230,7 @@ _CTRL_C_WHILE_COMPILING = """
 import os, signal, sys
 from dlc.cli import main
 from dlc.runtime.trainer import Session
-Session.train_step = lambda *args: os.kill(os.getpid(), signal.SIGINT)
+Session.submit = lambda *args: os.kill(os.getpid(), signal.SIGINT)
 sys.exit(main(sys.argv[1:]))
 """
 

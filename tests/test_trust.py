@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import dlc
-from artifacts import (MODEL, THREADS, another_build, build_artifact, compiled_step, members, write_entry,
-                       write_members)
+from artifacts import (MODEL, SMALL, THREADS, another_build, another_unit, build_artifact, compiled_step, members,
+                       write_entry, write_members)
 from dlc import cache as cache_mod
 from dlc import cli
 from dlc.backends.llvm import BACKEND as CPU
@@ -25,16 +25,21 @@ from isolated import CLI, describe_crash, run_cases
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """An artifact of MODEL, and another build of its eval step for the last batch."""
+    """An artifact of MODEL (programs for two batch sizes, each with a training and an
+    evaluation entry), and another build of its program for the smaller batch."""
     d = tmp_path_factory.mktemp("built")
     path = build_artifact(d / "model.dlcx", d / "cache")
-    manifest, blobs = members(path)
-    eval_batch = min(s["batch"] for s in manifest["steps"] if s["mode"] == "eval")
-    return d, path, eval_batch, another_build("eval", eval_batch)
+    return d, path, SMALL, another_unit(SMALL)
 
 
-def _step(manifest, mode, batch):
-    return next(s for s in manifest["steps"] if (s["mode"], s["batch"]) == (mode, batch))
+def _step(manifest, batch):
+    return next(s for s in manifest["steps"] if s["batch"] == batch)
+
+
+def _edit_layout(step, edit):
+    layout = json.loads(step["layout"])
+    edit(layout)
+    step["layout"] = json.dumps(layout)
 
 
 # --- artifacts -------------------------------------------------------------------------------------
@@ -42,7 +47,7 @@ def _step(manifest, mode, batch):
 def _artifact_cases(built, out):
     """(label, file, what the one-line message must say): every way to damage an artifact
     that reached MCJIT (and crashed the interpreter) or gave an unclear message before."""
-    d, path, eval_batch, (other_blobs, other_layout) = built
+    d, path, small, (other_blobs, other_layout) = built
     cases = [("intact", path, None)]
 
     def variant(label, edit, expect, reseal=True):
@@ -70,18 +75,16 @@ def _artifact_cases(built, out):
     variant("a garbage object", garbage, "object 0 is not valid object code")
 
     def foreign(m, b):
-        b[_step(m, "eval", eval_batch)["blobs"][1]["name"]] = other_blobs[1]
+        b[_step(m, small)["blobs"][1]["name"]] = other_blobs[1]
     variant("an object from another build", foreign, "object 1 is not the one compiled with this layout")
 
     def foreign_layout(m, b):
-        _step(m, "eval", eval_batch)["layout"] = other_layout.to_json()
+        _step(m, small)["layout"] = other_layout.to_json()
     variant("a layout from another build", foreign_layout, "is not the one compiled with this layout")
 
     def edited_layout(m, b):
-        s = m["steps"][0]
-        layout = json.loads(s["layout"])
-        layout["arena_bytes"] += 64
-        s["layout"] = json.dumps(layout)
+        _edit_layout(m["steps"][0], lambda layout: layout["entries"]["train"].update(
+            arena_bytes=layout["entries"]["train"]["arena_bytes"] + 64))
     variant("an edited layout", edited_layout, "its layout is not the one the code was compiled for")
 
     def other_machine(m, b):
@@ -92,17 +95,20 @@ def _artifact_cases(built, out):
     def unknown_function(m, b):  # MCJIT aborts the process on a symbol it cannot resolve
         s = m["steps"][0]
         name = s["blobs"][0]["name"]
-        assert b"usleep\0" in b[name]
-        b[name] = b[name].replace(b"usleep\0", b"usleeq\0")
-        s["layout"] = s["layout"].replace('"usleep"', '"usleeq"')
+        assert b"sched_yield\0" in b[name]
+        b[name] = b[name].replace(b"sched_yield\0", b"sched_yielx\0")
+        s["layout"] = s["layout"].replace('"sched_yield"', '"sched_yielx"')
     variant("a call into a function the process lacks", unknown_function,
-            "needs `usleeq`, which this process does not provide")
+            "needs `sched_yielx`, which this process does not provide")
 
     variant("a manifest without a target", lambda m, b: m.pop("target"), "the manifest has no valid `target`")
     variant("a mistyped target", lambda m, b: m.update(target="x86_64"), "the manifest has no valid `target`")
     variant("a step for another batch", lambda m, b: m["steps"][0].update(batch=7), "does not fit the model")
-    variant("an evaluation step filed as a training step", lambda m, b: _step(m, "eval", eval_batch).update(mode="train"),
-            "is not a training step")
+    def swap_entries(layout):
+        entries = layout["entries"]
+        entries["train"], entries["eval"] = entries["eval"], entries["train"]
+    variant("the evaluation entry filed as the training entry", lambda m, b: _edit_layout(_step(m, small), swap_entries),
+            "step for batch 5 does not fit the model (it is not an evaluation step)")
     variant("an unknown backend", lambda m, b: m.update(backend="tpu"), "unknown target `tpu`")
 
     data = bytearray(path.read_bytes())
@@ -149,7 +155,7 @@ def test_a_truncated_artifact_is_never_read_as_source(built, tmp_path):
 def test_elf_reader_lists_the_symbols_and_rejects_anything_out_of_bounds(built):
     _, _, _, (blobs, layout) = built
     found = symbols(blobs[0])
-    assert "dlc_step" in found.defines and any(n.endswith("." + layout.meta["tag"]) for n in found.needs)
+    assert {"dlc_step_train", "dlc_step_eval"} <= set(found.defines) and any(n.endswith("." + layout.meta["tag"]) for n in found.needs)
     assert layout.meta["objects"][0] == {"defines": found.defines, "needs": found.needs}
     rng = np.random.default_rng(0)
     obj = blobs[0]
@@ -346,10 +352,10 @@ def test_run_help_says_to_run_only_trusted_artifacts(capsys):
 
 def test_a_step_larger_than_memory_is_refused_before_compiling_and_before_loading(tmp_path, monkeypatch):
     from dlc import program as program_mod
-    free = program_mod.available_memory()
+    free = CPU.free_memory(None)
     assert free is None or free > 0
     compiled_step(tmp_path)  # in the cache now
-    monkeypatch.setattr(program_mod, "available_memory", lambda: 10)
+    monkeypatch.setattr(CPU, "free_memory", lambda target: 10)
     monkeypatch.setattr(CPU, "compile", lambda *a, **k: pytest.fail("compiled a step that cannot fit"))
     monkeypatch.setattr(CPU, "load", lambda *a, **k: pytest.fail("loaded a step that cannot fit"))
     for batch in (5, 6):  # from the cache, and not yet compiled
@@ -362,9 +368,8 @@ def test_a_step_larger_than_memory_is_refused_before_compiling_and_before_loadin
 
 
 def test_the_cli_reports_a_step_larger_than_memory_in_one_sentence(tmp_path, monkeypatch, capsys):
-    from dlc import program as program_mod
     monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(program_mod, "available_memory", lambda: 10)
+    monkeypatch.setattr(CPU, "free_memory", lambda target: 10)
     assert cli.main(["run", str(MODEL), "--epochs", "1", "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: the compiled step for batch") and err[1].startswith("hint: use a smaller batch")

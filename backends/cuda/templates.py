@@ -284,7 +284,9 @@ def _sgemm(name: str, g: _Gemm, tile: Tile, signature: str, epilogue: Epilogue) 
     source = f"""\
 {g.helpers}// dlc {g.what}
 // SGEMM tile {bm}x{bn}x{bk}, {tm}x{tn} per thread, {threads} threads, {ksteps} k steps
-extern "C" __global__ void __launch_bounds__({threads}) {name}({signature})
+// (at least one block per SM: ptxas may then give a long fused epilogue registers rather
+// than spill it, which it did for a 2x2 tile at 40 registers)
+extern "C" __global__ void __launch_bounds__({threads}, 1) {name}({signature})
 {{
 {_binds(g.binds)}
     __shared__ __align__(16) float as_[2][{bk}][{bm + pad}];

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from dlc.backends.base import Backend, Compiled, StepLayout, layout_outputs, layout_slots
+from dlc.backends.base import Backend, Compiled, Entries, StepLayout, entries_of, layout_outputs, layout_slots
 from dlc.core.diagnostics import DlcError
 
 
@@ -36,27 +36,42 @@ class CpuBackend(Backend):
         return mb
 
     def compile(self, program, target, profile: bool = False) -> Compiled:
+        return self._compile({"": program}, target, profile)
+
+    def compile_entries(self, programs: dict, target, profile: bool = False) -> Compiled:
+        """One set of modules for every entry: a kernel both programs contain (identical
+        code) is compiled once, and each entry gets its own step function."""
+        return self._compile(programs, target, profile)
+
+    def _compile(self, programs: dict, target, profile: bool) -> Compiled:
         from .jit import compile_modules
+        from .threads import step_work
         start = time.perf_counter()
-        mb = self._modules(program, target, profile)
-        lines = {k.name: list(k.lines) for k in program.kernels}
-        layout = StepLayout(program.arena_bytes, mb.layout.scratch_bytes, layout_slots(program),
-                            layout_outputs(program), [[name, phase, lines[name]] for phase, name, _, _ in mb.parts],
-                            target.threads)
-        _bind_layout(mb.modules[0], layout)
+        mb = self._modules(programs, target, profile)
+        layouts = {}
+        for entry, program in programs.items():
+            lines = {k.name: list(k.lines) for k in program.kernels}
+            layouts[entry] = StepLayout(
+                program.arena_bytes, mb.layout.scratch_bytes, layout_slots(program), layout_outputs(program),
+                [[name, phase, lines[name]] for phase, name, _, _ in mb.entry_parts[entry]], target.threads,
+                {"symbol": mb.symbol(entry), "work": step_work(program)})
+            _bind_layout(mb.modules[0], layouts[entry])
+        layout = layouts[""] if "" in layouts else Entries(layouts)
         built = time.perf_counter()
         compiled = compile_modules(mb.modules, target)
         # what each object defines and needs, checked against the objects before loading them
         if is_elf(target.triple):
-            layout.meta = {"tag": mb.tag, "objects": [_symbols(obj) for obj in compiled.objects]}
+            layout.meta.update({"tag": mb.tag, "objects": [_symbols(obj) for obj in compiled.objects]})
         return Compiled(compiled.objects, layout, {"LLVM IR": built - start,
                                                    "LLVM optimize": compiled.seconds_optimize,
-                                                   "machine code": compiled.seconds_codegen})
+                                                   "machine code": compiled.seconds_codegen},
+                        stats={"parts": sum(map(len, mb.entry_parts.values())), "shared": mb.shared})
 
-    def validate(self, blobs, layout: StepLayout, target) -> str | None:
+    def validate(self, blobs, layout, target) -> str | None:
         """Checks the objects' symbol tables (parsed here, not by LLVM) against the layout:
         each object defines and needs what was recorded when it was compiled, nothing is
-        defined twice, `dlc_step` exists, the code was compiled for this very layout, every
+        defined twice, every entry's step function exists, the code was compiled for these
+        very layouts, every
         symbol of the step is defined by one of the objects and every other one is in this
         process (MCJIT aborts the process on one it cannot resolve)."""
         from .elf import ElfError, machine_of, symbols
@@ -82,10 +97,12 @@ class CpuBackend(Backend):
                 if name in defined:
                     return f"`{name}` is defined by objects {defined[name]} and {i}"
                 defined[name] = i
-        if "dlc_step" not in defined:
-            return "no object defines the step function `dlc_step`"
-        if _layout_symbol(layout) not in defined:
-            return "its layout is not the one the code was compiled for"
+        for entry in entries_of(layout).values():
+            step = entry.meta.get("symbol", "dlc_step")
+            if step not in defined:
+                return f"no object defines the step function `{step}`"
+            if _layout_symbol(entry) not in defined:
+                return "its layout is not the one the code was compiled for"
         for i, record in enumerate(records):
             for name in record["needs"]:
                 if name in defined:
@@ -98,12 +115,26 @@ class CpuBackend(Backend):
 
     def load(self, blobs, layout: StepLayout, target):
         from .runtime import NativeStep
+        self._refuse_damaged(blobs, layout, target)
+        layout.threads = threads_for(layout, target)  # the code takes the thread count at run time
+        return NativeStep(blobs, layout, target, self.object_cache)
+
+    def load_entries(self, blobs, entries: Entries, target) -> dict:
+        from .jit import Engine
+        from .runtime import NativeStep
+        self._refuse_damaged(blobs, entries, target)
+        engine = Engine(blobs, target)  # one engine: the entries share functions
+        steps = {}
+        for name, layout in entries.entries.items():
+            layout.threads = threads_for(layout, target)
+            steps[name] = NativeStep(engine, layout, target, self.object_cache)
+        return steps
+
+    def _refuse_damaged(self, blobs, layout, target) -> None:
         reason = self.validate(blobs, layout, target)
         if reason:  # the driver validates first; this keeps any other caller from crashing
             raise DlcError(f"refusing to load damaged compiled code: {reason}",
                            hint="clear the compile cache (`dlc cache clear`) or rebuild the artifact")
-        layout.threads = target.threads  # the code takes the thread count at run time
-        return NativeStep(blobs, layout, target)
 
     def dump(self, program, stage: str, target) -> str:
         from .jit import assembly, optimized_ir
@@ -136,7 +167,10 @@ def _bind_layout(module, layout: StepLayout) -> None:
     """A symbol named after the layout's digest: code and layout that do not belong
     together (an edited or mismatched layout) are refused before loading."""
     from llvmlite import ir
-    mark = ir.GlobalVariable(module, ir.IntType(8), name=_layout_symbol(layout))
+    name = _layout_symbol(layout)
+    if name in module.globals:  # two entries with identical layouts
+        return
+    mark = ir.GlobalVariable(module, ir.IntType(8), name=name)
     mark.global_constant = True
     mark.initializer = ir.Constant(ir.IntType(8), 0)
 
@@ -145,6 +179,17 @@ def _symbols(obj: bytes) -> dict:
     from .elf import symbols
     found = symbols(obj)
     return {"defines": found.defines, "needs": found.needs}
+
+
+def threads_for(layout: StepLayout, target) -> int:
+    """The target's thread count; with `auto`, the count the step's work is fastest on
+    among the cores other processes leave free (threads.py)."""
+    if not target.auto:
+        return target.threads
+    from .threads import choose_threads, free_cores, start_probe
+    free = free_cores(target.threads, start_probe().others_busy())
+    work = layout.meta.get("work")
+    return choose_threads(work, free) if work else free
 
 
 BACKEND = CpuBackend()

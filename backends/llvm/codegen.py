@@ -24,6 +24,18 @@ from .templates import emit_template
 FIXED_SLOTS = 4  # arena, barrier, scratch, profile
 # templates that use the per-thread scratch space (GEMM and im2col packing)
 SCRATCH_TEMPLATES = frozenset({"matmul", "conv2d", "conv2d_bwd_data", "conv2d_bwd_filter"})
+# Loop nests with fewer iterations than this (reductions counted in), and serial ones, are
+# optimized for size: LLVM neither unrolls nor interleaves them (they gain nothing from it,
+# and at O3 a tiny loop with a static trip count becomes a page of unrolled code).
+LIGHT_BELOW = 1024
+
+
+def is_light(part) -> bool:
+    """A part compiled with `optsize`: a small or serial loop nest."""
+    if not isinstance(part, LoopNest):
+        return False
+    from .threads import _nest_elements
+    return part.serial or not part.outer or _nest_elements(part) < LIGHT_BELOW
 
 
 @dataclass
@@ -49,13 +61,18 @@ def buffers_of(part) -> list[Buffer]:
 
 
 class ModuleBuilder:
-    """Builds the LLVM modules of one KernelProgram: the kernel parts are spread over
-    `pieces` modules of similar size (LLVM optimizes them in parallel, one per core);
-    module 0 also holds the step function, which calls them."""
+    """Builds the LLVM modules of a KernelProgram (one step function, `dlc_step`), or of
+    several programs compiled as one unit ({entry: program}: one `dlc_step_<entry>` each,
+    e.g. a training and an evaluation step). The kernel parts are spread over `pieces`
+    modules of similar size (LLVM optimizes them in parallel, one per core); a part whose
+    function comes out identical to one already built (the same kernel in both entries,
+    or twice in one: the same layer shape) is not built again: both calls go to one
+    function. Module 0 also holds the step functions, which call the parts."""
 
-    def __init__(self, program: KernelProgram, target, name: str = "dlc", profile: bool = False,
+    def __init__(self, program, target, name: str = "dlc", profile: bool = False,
                  pieces: int | None = None, tag: str | None = None):
-        self.program = program
+        self.programs = dict(program) if isinstance(program, dict) else {"": program}
+        self.program = next(iter(self.programs.values()))
         self.target = target
         self.modules = []
         for i in range(max(1, pieces or target.threads)):
@@ -64,13 +81,21 @@ class ModuleBuilder:
             self.modules.append(mod)
         self.module = self.modules[0]  # the module being filled (templates add GEMMs to it)
         self._load = [0] * len(self.modules)
-        self.layout = Layout(slots=list(program.inputs) + list(program.state))
+        self.layout = Layout(slots=list(self.program.inputs) + list(self.program.state))
         self.profile = profile
-        self.parts: list[tuple[int, str, ir.Function, list[Buffer]]] = []  # (phase, kernel, fn, buffers)
-        self.gemms: dict = {}  # (module index, spec) -> GemmInfo: one function per shape and module
+        # per entry: (phase, kernel, fn, buffers) in call order
+        self.entry_parts: dict[str, list[tuple[int, str, ir.Function, list[Buffer]]]] = {}
+        self.parts = []  # the first entry's (a single program's)
+        self.gemms: dict = {}  # (module index, spec, tile epilogue key) -> GemmInfo: one function each
+        self.shared = 0  # parts that reuse an identical function
+        self._by_key: dict = {}
         # kernels are external symbols (the step calls them across modules): a name unique to
         # this build keeps two programs in one process from ever binding to each other's
         self.tag = tag or uuid.uuid4().hex[:10]
+
+    @staticmethod
+    def symbol(entry: str) -> str:
+        return f"dlc_step_{entry}" if entry else "dlc_step"
 
     def new_function(self, name: str, buffers: list[Buffer]) -> tuple[ir.Function, ir.IRBuilder, dict]:
         ftype = ir.FunctionType(VOID, [PTR] * len(buffers) + [I32, I32])
@@ -85,24 +110,61 @@ class ModuleBuilder:
         return fn, b, pointers
 
     def build(self) -> list[ir.Module]:
-        for k in self.program.kernels:
-            for j, part in enumerate(k.parts):
-                index = self._load.index(min(self._load))  # the emptiest module so far
-                self.module = self.modules[index]
-                buffers = buffers_of(part)
-                fn, b, pointers = self.new_function(f"{k.name}.{j}.{self.tag}", buffers)
-                tid, nthreads = fn.args[-2], fn.args[-1]
-                em = Emitter(b, pointers)
-                if isinstance(part, LoopNest):
-                    emit_nest(em, part, tid, nthreads)
-                else:
-                    emit_template(self, em, part, tid, nthreads)
-                b.ret_void()
-                self._load[index] = sum(len(blk.instructions) for f in self.module.functions for blk in f.blocks)
-                self.parts.append((k.phase, k.name, fn, buffers))
+        for entry, program in self.programs.items():
+            prefix = f"{entry}." if entry else ""
+            parts = self.entry_parts[entry] = []
+            self.program = program  # the program being built (templates look at its other kernels)
+            for k in program.kernels:
+                for j, part in enumerate(k.parts):
+                    index = self._module_for(part)
+                    self.module = self.modules[index]
+                    buffers = buffers_of(part)
+                    fn, b, pointers = self.new_function(f"{prefix}{k.name}.{j}.{self.tag}", buffers)
+                    if is_light(part):
+                        fn.attributes.add("optsize")
+                    tid, nthreads = fn.args[-2], fn.args[-1]
+                    em = Emitter(b, pointers)
+                    if isinstance(part, LoopNest):
+                        emit_nest(em, part, tid, nthreads)
+                    else:
+                        emit_template(self, em, part, tid, nthreads)
+                    b.ret_void()
+                    fn = self._dedupe(fn, _shape_key(part))
+                    self._load[index] = _size(self.module)
+                    parts.append((k.phase, k.name, fn, buffers))
+        self.parts = next(iter(self.entry_parts.values()))
+        self.program = next(iter(self.programs.values()))
         self.module = self.modules[0]
-        self._step()
+        for entry, program in self.programs.items():
+            self._step(entry, program)
         return self.modules
+
+    def _module_for(self, part) -> int:
+        """The emptiest module so far; for a matmul, one that already has a GEMM of its
+        shape (the evaluation step's forward matmuls have the training step's shapes)."""
+        spec = _gemm_spec(part)
+        if spec is not None:
+            for key in self.gemms:  # (module index, spec, register-tile epilogue key)
+                if key[1] == spec:
+                    return key[0]
+        return self._load.index(min(self._load))
+
+    def _dedupe(self, fn: ir.Function, key) -> ir.Function:
+        """An identical function built before, with this one removed; else fn. Only parts
+        of the same kind over the same shapes (`key`) are compared as text (printing a
+        function costs as much as building it)."""
+        same = self._by_key.setdefault(key, [])
+        if not same:
+            same.append(fn)
+            return fn
+        body = _body(fn)
+        for i, other in enumerate(same):
+            if not isinstance(other, str) and _body(other) == body:
+                del fn.module.globals[fn.name]
+                self.shared += 1
+                return other
+        same.append(fn)
+        return fn
 
     def text(self) -> str:
         return "\n".join(str(m) for m in self.modules)
@@ -119,25 +181,27 @@ class ModuleBuilder:
                     arg.add_attribute("noalias")
         return decl
 
-    def _step(self) -> None:
+    def _step(self, entry: str, program: KernelProgram) -> None:
         """dlc_step(table, tid, nthreads): every part in phase order, barriers between."""
-        fn = ir.Function(self.module, ir.FunctionType(VOID, [PTR, I32, I32]), name="dlc_step")
+        fn = ir.Function(self.module, ir.FunctionType(VOID, [PTR, I32, I32]), name=self.symbol(entry))
         set_target(fn, self.target)
+        fn.attributes.add("optsize")  # a sequence of calls and barriers
         table, tid, nthreads = fn.args
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         slot = lambda k: b.load(gep(b, table, i64(k), PTR), typ=PTR)  # noqa: E731
         arena, barrier, scratch, counters = slot(0), slot(1), slot(2), slot(3)
         pointers = {}
-        for name in self.layout.slots:
-            pointers[name] = slot(self.layout.slot(name))
-        for buf in self.program.buffers.values():
+        slots = list(program.inputs) + list(program.state)
+        for i, name in enumerate(slots):
+            pointers[name] = slot(FIXED_SLOTS + i)
+        for buf in program.buffers.values():
             if buf.kind == "arena":
                 pointers[buf.name] = gep(b, arena, i64(buf.offset), I8)
         pointers["__scratch__"] = b.call(_scratch_fn(self.module), [scratch, tid, i64(self.layout.scratch_bytes)])
         barrier_fn = self.module.globals.get("dlc_barrier") or _declare_barrier(self.module)
         last_phase = None
         is_main = b.icmp_signed("==", tid, i32(0))
-        for index, (phase, kname, part_fn, buffers) in enumerate(self.parts):
+        for index, (phase, kname, part_fn, buffers) in enumerate(self.entry_parts[entry]):
             if last_phase is not None and phase != last_phase:
                 b.call(barrier_fn, [barrier, nthreads])
             last_phase = phase
@@ -149,15 +213,54 @@ class ModuleBuilder:
                     cell = gep(b, counters, i64(index), I64)
                     spent = b.sub(b.call(_cycles(self.module), []), t0)
                     b.store(b.add(b.load(cell, typ=I64), spent), cell)
-        if self.program.copies:
+        if program.copies:
             b.call(barrier_fn, [barrier, nthreads])
             with b.if_then(is_main):
-                for src, dst in self.program.copies:
+                for src, dst in program.copies:
                     size = src.size * byte_size(memory_type(src.dtype))
                     b.call(_memcpy(self.module), [pointers[dst.name], pointers[src.name], i64(size),
                                                   ir.Constant(I1, 0)])
         b.call(barrier_fn, [barrier, nthreads])
         b.ret_void()
+
+
+def _gemm_spec(part):
+    """The GemmSpec templates.matmul emits a GEMM function for (None: no GEMM)."""
+    if not isinstance(part, Template) or part.op != "matmul":
+        return None
+    from .gemm import GemmSpec
+    from .templates import SMALL_MATMUL
+    a = part.inputs[0].shape
+    m, n = part.output.shape
+    ta, tb = part.attrs.get("ta", False), part.attrs.get("tb", False)
+    k = a[0] if ta else a[1]
+    return GemmSpec(m, n, k, ta=ta, tb=tb) if m * n * k > SMALL_MATMUL else None
+
+
+def _body(fn: ir.Function) -> str:
+    """fn's IR text with its own name left out (cached on the function)."""
+    text = getattr(fn, "_dlc_body", None)
+    if text is None:
+        text = fn._dlc_body = str(fn).replace(_quoted(fn.name), "@F", 1)
+    return text
+
+
+def _shape_key(part) -> tuple:
+    """What two parts with identical code certainly share: kind, loop extents, shapes."""
+    if isinstance(part, LoopNest):
+        return ("nest", tuple(v.extent for v in part.outer), tuple(v.extent for v in part.inner),
+                len(part.row_stores), len(part.stores), part.serial)
+    return ("template", part.op, tuple(b.shape for b in part.inputs), part.output.shape,
+            repr(sorted(part.attrs.items())), _shape_key(part.epilogue) if part.epilogue is not None else None)
+
+
+def _size(module: ir.Module) -> int:
+    return sum(len(blk.instructions) for f in module.functions for blk in f.blocks)
+
+
+def _quoted(name: str) -> str:
+    """How a function's name appears in its IR text."""
+    return f'@"{name}"' if not name.replace("_", "a").isalnum() else f"@{name}"
 
 
 def _cycles(module: ir.Module) -> ir.Function:

@@ -23,8 +23,9 @@ columns inside one grid row), a masked gather otherwise. The weights are repacke
 per call into the microkernel's MR-row panels.
 
 Threads share out images (forward, bwd data: each image's output, then its epilogue, is
-one thread's) or, for batches smaller than twice the thread count, output rows of the
-product; the filter gradient shares out rows of dw^T (taps x channels), each thread
+one thread's) or, for batches smaller than twice the thread count (the run's: the code
+takes it at run time), output rows of the product; the filter gradient shares out rows
+of dw^T (channels x taps), each thread
 summing over every image. Each template's epilogue runs over exactly the share its
 thread computed, so no barrier separates them.
 """
@@ -332,31 +333,27 @@ def _carve(b, base, sizes):
     return out, at
 
 
-def _share(b, by_images: bool, N: int, rows: int, mr: int, tid, nthreads):
-    """(images lo, hi, rows lo, hi) of this thread."""
-    if by_images:
-        lo, hi = split(b, N, tid, nthreads)
-        return lo, hi, i64(0), i64(rows)
+def _share(b, N: int, rows: int, mr: int, tid, nthreads):
+    """(images lo, hi, rows lo, hi) of this thread: whole images when the batch has at
+    least two per thread, else MR-row units of every image. The thread count is the
+    run's (the code takes it at run time), so the choice is made there."""
+    by_images = b.icmp_signed(">=", i64(N), b.mul(b.sext(nthreads, I64), i64(2)))
+    n_lo, n_hi = split(b, N, tid, nthreads)
     u0, u1 = split(b, _cdiv(rows, mr), tid, nthreads)
-    return i64(0), i64(N), b.mul(u0, i64(mr)), smin(b, b.mul(u1, i64(mr)), i64(rows))
+    r_lo, r_hi = b.mul(u0, i64(mr)), smin(b, b.mul(u1, i64(mr)), i64(rows))
+    return (b.select(by_images, n_lo, i64(0)), b.select(by_images, n_hi, i64(N)),
+            b.select(by_images, i64(0), r_lo), b.select(by_images, i64(rows), r_hi))
 
 
-def _epilogue(em, t: Template, n, rows: tuple | None) -> None:
-    """The epilogue over image n (and output channels [rows) of it)."""
+def _epilogue(em, t: Template, n, rows: tuple) -> None:
+    """The epilogue over image n, output channels [rows)."""
     if t.epilogue is None:
         return
     b = em.b
     vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
-    bounds = {vars_[0].name: (n, b.add(n, i64(1)))}
-    if rows is not None:
-        bounds[vars_[1].name] = rows
     em.push()
-    emit_bounded(em, t.epilogue, bounds)
+    emit_bounded(em, t.epilogue, {vars_[0].name: (n, b.add(n, i64(1))), vars_[1].name: rows})
     em.pop()
-
-
-def _by_images(mb, N):
-    return N >= 2 * mb.target.threads
 
 
 # --------------------------------------------------------------------------- forward
@@ -381,13 +378,12 @@ def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     def value_at(b, row, k):  # A[o, c*T + tap] = w[o, c, tap]
         return b.load(gep(b, Wt, b.add(b.mul(row, i64(C * T)), k), F32), typ=F32, align=4)
     prod.pack_a(b, Ap, value_at)
-    by_images = _by_images(mb, N)
-    n_lo, n_hi, m_lo, m_hi = _share(b, by_images, N, O, prod.mr, tid, nthreads)
+    n_lo, n_hi, m_lo, m_hi = _share(b, N, O, prod.mr, tid, nthreads)
     with for_range(b, n_lo, n_hi, "img") as n:
         src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
         out = b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
         prod.run(b, v, src, Ap, Bp, out, m_lo, m_hi)
-        _epilogue(em, t, n, None if by_images else (m_lo, m_hi))
+        _epilogue(em, t, n, (m_lo, m_hi))
 
 
 def _scratch_base(mb, em):
@@ -459,8 +455,7 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
             flat = b.add(b.mul(o, i64(C * T)), b.add(b.mul(row, i64(T)), tap_flat))
             return b.load(gep(b, Wt, flat, F32), typ=F32, align=4)
         p.pack_a(b, a_of[id(p)], value_at)
-    by_images = _by_images(mb, N)
-    n_lo, n_hi, m_lo, m_hi = _share(b, by_images, N, C, mr, tid, nthreads)
+    n_lo, n_hi, m_lo, m_hi = _share(b, N, C, mr, tid, nthreads)
     with for_range(b, n_lo, n_hi, "img") as n:
         src = b.gep(G, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
         out = b.gep(DX, [b.mul(n, i64(C * H * W))], source_etype=F32)
@@ -470,7 +465,7 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
             by_phase = {(ry, rx): (GW, c_of[id(p)] if p is not None else None)
                         for (ry, rx, GH, GW, taps), p in zip(phases, prods)}
             _interleave(b, v, by_phase, out, ldq, C, H, W, sy, sx, m_lo, m_hi)
-        _epilogue(em, t, n, None if by_images else (m_lo, m_hi))
+        _epilogue(em, t, n, (m_lo, m_hi))
 
 
 def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):

@@ -4,9 +4,12 @@ Workers are native threads started once with pthread_create; they never touch Py
 A job is (step function, pointer table, thread count): `dlc_pool_run` publishes it by
 bumping a generation counter, runs tid 0 itself, and returns when the step's final
 barrier has been passed by everyone. Between jobs a worker spins for about
-SPIN_CYCLES (steps usually follow each other within microseconds), then sleeps on a
-futex, so an idle process burns no CPU. The module is textual LLVM IR because the
-worker calls the step through a function pointer.
+YIELD_CYCLES (training steps follow each other within tens of microseconds), yields
+its core to other runnable threads until SPIN_CYCLES, then sleeps on a futex, so an
+idle process burns no CPU and a busy machine gets its cores back quickly. The caller
+waiting for the workers to finish yields too after a short spin. The module is textual
+LLVM IR because the worker calls the step through a function pointer; its object code
+is compiled once per machine and kept in the compile cache.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import numpy as np
 from .jit import Engine, compile_ir_text
 from .target import Target
 
-SPIN_CYCLES = 2_000_000  # about a millisecond of spinning before sleeping
+YIELD_CYCLES = 60_000    # about 30 microseconds of spinning, then yielding the core
+SPIN_CYCLES = 400_000    # about 0.2 ms in all before sleeping
 # Linux futex syscall numbers; elsewhere workers sleep with sched_yield only.
 _FUTEX = {"x86_64": 202, "aarch64": 98}
 
@@ -75,7 +79,15 @@ idle:
   %t = call i64 @llvm.readcyclecounter()
   %dt = sub i64 %t, %t0
   %long = icmp ugt i64 %dt, {spin_cycles}
-  br i1 %long, label %sleep, label %spin
+  br i1 %long, label %sleep, label %maybe_yield
+
+maybe_yield:
+  %yield = icmp ugt i64 %dt, {yield_cycles}
+  br i1 %yield, label %do_yield, label %spin
+
+do_yield:
+  %y = call i32 @sched_yield()
+  br label %spin
 
 sleep:
   call void @sleep_until_changed(ptr %pool, i32 %seen)
@@ -134,12 +146,19 @@ run:
   br label %join
 
 join:
+  %k = phi i32 [ 0, %run ], [ %k1, %relax_join ], [ %k1, %yield_join ]
   %f = load atomic i32, ptr %finished acquire, align 4
   %all = icmp sge i32 %f, %others
   br i1 %all, label %done, label %relax_join
 
 relax_join:
   call void @relax()
+  %k1 = add i32 %k, 1
+  %patient = icmp ult i32 %k, 2000
+  br i1 %patient, label %join, label %yield_join
+
+yield_join:
+  %y = call i32 @sched_yield()
   br label %join
 
 done:
@@ -160,7 +179,22 @@ def _module_text(triple: str) -> str:
     return f'target triple = "{triple}"\n' + _POOL_IR.format(
         pause_decl="declare void @llvm.x86.sse2.pause()" if x86 else "",
         pause_call="call void @llvm.x86.sse2.pause()" if x86 else "",
-        sleep=sleep, wake=wake, spin_cycles=SPIN_CYCLES)
+        sleep=sleep, wake=wake, spin_cycles=SPIN_CYCLES, yield_cycles=YIELD_CYCLES)
+
+
+def pool_object(target: Target, cache=None) -> bytes:
+    """The pool module's object code: from the cache, or compiled (and cached)."""
+    import hashlib
+    import llvmlite
+    text = _module_text(target.triple)
+    key = hashlib.sha256("\0".join(["dlc worker pool", text, target.key(), llvmlite.__version__]).encode()).hexdigest()
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None and len(hit[0]) == 1:
+        return hit[0][0]
+    obj = compile_ir_text(text, target)
+    if cache is not None:
+        cache.put(key, [obj], "{}")
+    return obj
 
 
 class Pool:
@@ -170,16 +204,18 @@ class Pool:
     _lock = threading.Lock()
 
     @classmethod
-    def get(cls, threads: int) -> "Pool":
+    def get(cls, threads: int, cache=None) -> "Pool":
+        """The process's pool of `threads` threads; `cache` (get/put, the driver's compile
+        cache) keeps the pool's object code between processes."""
         with cls._lock:
             pool = cls._pools.get(threads)
             if pool is None:
-                pool = cls._pools[threads] = Pool(threads)
+                pool = cls._pools[threads] = Pool(threads, cache)
             return pool
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, cache=None):
         target = Target.host(1)
-        self.engine = Engine(compile_ir_text(_module_text(target.triple), target), target)
+        self.engine = Engine(pool_object(target, cache), target)
         self.state = np.zeros(64, dtype=np.int64)        # 512 bytes; 256 used, 64-byte aligned
         self.base = self.state.ctypes.data + (-self.state.ctypes.data) % 64
         self.size = size

@@ -19,15 +19,17 @@ from .jit import Engine
 from .pool import Pool
 from .target import Target
 
-BARRIER_BYTES = 128
+BARRIER_BYTES = 192  # barrier.py: count, generation, sleepers on their own cache lines
 
 
 class NativeStep:
     """One loaded specialization: object code, arena, table, threads."""
 
-    def __init__(self, object_code: bytes, layout: StepLayout, target: Target):
+    def __init__(self, code, layout: StepLayout, target: Target, cache=None):
+        """code: object code, or an Engine already holding it (entries of one unit share
+        one); the step function is `layout.meta["symbol"]` (default `dlc_step`)."""
         self.layout = layout
-        self.engine = Engine(object_code, target)
+        self.engine = code if isinstance(code, Engine) else Engine(code, target)
         self.threads = layout.threads
         self.arena = np.zeros(max(layout.arena_bytes, 64) // 4 + 16, dtype=np.float32)
         self.barrier = np.zeros(BARRIER_BYTES // 8, dtype=np.int64)
@@ -48,9 +50,9 @@ class NativeStep:
             else:
                 self._staging[name] = aligned_empty(tuple(shape), _np(dtype))
                 self.table[self._slot[name]] = self._staging[name].ctypes.data
-        self._step_addr = self.engine.address("dlc_step")
+        self._step_addr = self.engine.address(layout.meta.get("symbol", "dlc_step"))
         self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
-        self.pool = Pool.get(self.threads) if self.threads > 1 else None
+        self.pool = Pool.get(self.threads, cache) if self.threads > 1 else None
         self._lock = threading.Lock()
         self.seconds, self.calls = 0.0, 0  # time spent in this step (for profiles)
         self._outputs = {name: self._view(*spec) for name, spec in layout.outputs.items()

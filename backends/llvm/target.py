@@ -2,6 +2,10 @@
 
 Part of every cache key and artifact; printed by `dlc run --verbose`. Overridable with
 DLC_CPU / DLC_CPU_FEATURES / DLC_THREADS (read once, in Target.host()) or arguments.
+
+`threads` is the most threads a step may use; the compiled code takes the count at run
+time, so it is not part of the cache key. With `auto` (no count given) each step picks
+its own count from its work and the cores other processes leave free (threads.py).
 """
 from __future__ import annotations
 
@@ -12,10 +16,18 @@ from dataclasses import dataclass
 import llvmlite.binding as llvm
 
 
+# LLVM fully unrolls a loop whose unrolled body stays under this many instructions (its
+# default at O3: 300). Kernels' static trip counts made it unroll reductions over whole
+# windows and batches into kilobytes of code that took most of the compile time; at 100
+# the steps measured within noise (README, "Compile time").
+UNROLL_THRESHOLD = 100
+
+
 @functools.lru_cache(maxsize=1)
 def _init_llvm() -> None:
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
+    llvm.set_option("dlc", f"-unroll-threshold={UNROLL_THRESHOLD}")
 
 
 @dataclass(frozen=True)
@@ -24,15 +36,24 @@ class Target:
     features: str          # LLVM feature string, e.g. "+avx2,+fma,..."
     threads: int
     triple: str
+    auto: bool = False     # choose each step's thread count (<= threads) from its work and the free cores
 
     @staticmethod
-    def host(threads: int | None = None) -> "Target":
+    def host(threads: int | str | None = None) -> "Target":
+        """threads: a count, or None / "auto" (DLC_THREADS, else every usable core, at most 8,
+        each step choosing how many of them it uses)."""
         _init_llvm()
         cpu = os.environ.get("DLC_CPU") or llvm.get_host_cpu_name()
         features = os.environ.get("DLC_CPU_FEATURES") or llvm.get_host_cpu_features().flatten()
-        if threads is None:
-            threads = int(os.environ.get("DLC_THREADS", "0")) or min(os.cpu_count() or 1, 8)
-        return Target(cpu, features, max(1, threads), llvm.get_process_triple())
+        if threads in (None, "auto"):
+            env = os.environ.get("DLC_THREADS", "auto")
+            threads = None if env in ("", "0", "auto") else int(env)
+        auto = threads is None
+        if auto:
+            from .threads import start_probe, usable_cores
+            start_probe()  # measures the other processes' load while the model loads and compiles
+            threads = min(len(usable_cores()), 8)
+        return Target(cpu, features, max(1, int(threads)), llvm.get_process_triple(), auto)
 
     def has(self, feature: str) -> bool:
         return f"+{feature}" in self.features.split(",")
@@ -50,14 +71,16 @@ class Target:
         """The same CPU with every feature starting with one of `prefixes` turned off, e.g.
         without("avx512") to generate and run the AVX2 code path on an AVX-512 host."""
         flags = [("-" + f[1:]) if f[1:].startswith(prefixes) else f for f in self.features.split(",")]
-        return Target(self.cpu, ",".join(flags), self.threads, self.triple)
+        return Target(self.cpu, ",".join(flags), self.threads, self.triple, self.auto)
 
     def key(self) -> str:
-        """What code generated for this target depends on (cache keys, artifacts)."""
-        return f"{self.triple}|{self.cpu}|{self.features}|{self.threads}"
+        """What code generated for this target depends on (cache keys, artifacts); not the
+        thread count, which the code takes at run time."""
+        return f"{self.triple}|{self.cpu}|{self.features}"
 
     def describe(self) -> str:
-        return f"{self.cpu} ({isa(self.features)}, {self.vector_width} float lanes), {self.threads} thread(s)"
+        threads = f"auto: up to {self.threads} threads" if self.auto else f"{self.threads} thread(s)"
+        return f"{self.cpu} ({isa(self.features)}, {self.vector_width} float lanes), {threads}"
 
     def to_json(self) -> dict:
         """What an artifact records of the machine it was compiled for."""

@@ -13,7 +13,7 @@ import numpy as np
 from dlc import __version__, backends
 from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError
 from dlc.language.recipe import Spec
-from dlc.program import make_program
+from dlc.program import VALID, make_programs
 
 
 def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int) -> float:
@@ -79,12 +79,13 @@ class Session:
         self._graphs: dict[str, object] = {}
         if not backends.backend(target).lowers:  # an interpreter needs the optimizer state up front
             model.ensure_state(self.graph("train"))
-        self.train_program, self.eval_program = (
-            make_program(target, lambda mode=mode: self.graph(mode), self.state,
-                         key=model.source_key(mode, config), data_name=self.input_name,
-                         preloaded={b: s for (t, m, b), s in model.preloaded.items() if (t, m) == (target, mode)},
-                         options=options)
-            for mode in ("train", "eval"))
+        # one program, two entry points: compiled together, once per batch size
+        self.program = make_programs(
+            target, {mode: (lambda mode=mode: self.graph(mode)) for mode in ("train", "eval")}, self.state,
+            keys={mode: model.source_key(mode, config) for mode in ("train", "eval")}, name=model.name,
+            data_name=self.input_name, preloaded={b: s for (t, b), s in model.preloaded.items() if t == target},
+            options=options)
+        self.train_program, self.eval_program = self.program.entry("train"), self.program.entry("eval")
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
         self._results = ["loss"] + self.metrics
         self.global_step = int(self.state["step"]) if "step" in self.state else 0
@@ -100,18 +101,28 @@ class Session:
 
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
-        feeds = {self.input_name: x, "label": y, "lr": lr}
-        out = self.train_program.run(feeds)
-        loss = float(out["loss"])
+        return self.collect(self.submit(x, y, lr))
+
+    def submit(self, x: np.ndarray, y: np.ndarray, lr: float) -> "Pending":
+        """Run one training step without reading its results (a GPU step's results may
+        still be on their way: `collect` reads them, later steps need not wait)."""
+        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x))}
+        return Pending(feeds, self.train_program.run(feeds))
+
+    def collect(self, step: "Pending") -> dict[str, float]:
+        """A submitted step's loss and metrics; NumericsError when its loss is not finite.
+        Steps are collected in the order they ran (the step count counts finite steps)."""
+        loss = float(step.out["loss"])
         if not math.isfinite(loss):
-            raise self._numerics_error(feeds, loss)
+            raise self._numerics_error(step.feeds, loss)
         self.global_step += 1
-        return {k: float(out[k]) for k in self._results}
+        return {k: float(step.out[k]) for k in self._results}
 
     def _numerics_error(self, feeds, loss: float) -> NumericsError:
         """Re-run the failed step on the reference interpreter to find the first bad op.
         (The step left the state untouched: the optimizer pass guards every update.)"""
         from dlc.core import ops
+        backends.sync_state(self.state)
         values = backends.backend("reference").run_graph(self.train_graph, {**self.state, **feeds}, keep_all=True)
         for nid in self.train_graph.toposort():
             node = self.train_graph.node(nid)
@@ -147,25 +158,55 @@ class Session:
         return "\n".join(out) + "\n"
 
     # --- whole data sets ----------------------------------------------------------------------
+    def use_batch(self, batch: int) -> int:
+        """Compile for batches of `batch` rows: smaller ones, such as the last of an epoch
+        (or a whole data set smaller than the batch), are padded to it instead of compiled
+        again."""
+        self.program.batch = max(1, batch)
+        return self.program.batch
+
+    def compile_in_background(self, batch: int) -> "Background":
+        """Compile the program for `batch` rows (or load it from the cache) on a thread,
+        while the caller reads the data; `wait()` joins it and raises what it raised.
+        (The LLVM work runs in the thread's forked compiler processes and in llvmlite,
+        outside the GIL, so it overlaps reading and normalizing the data.)"""
+        self.use_batch(batch)
+        compile_ = getattr(self.program, "steps_for", None)
+        return Background(lambda: compile_(self.program.batch) if compile_ else None)
+
+    def _chunk(self, batch: int, rows: int) -> int:
+        """Evaluation in batches of the compiled size (the training one, once fit chose it)."""
+        return self.program.batch or self.use_batch(min(batch, rows))
+
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, float]:
         """Loss and metrics over every sample (the last partial batch included)."""
         totals: dict[str, float] = {}
         n = len(x)
+
+        def add(size: int, out: dict) -> None:
+            for k in ["loss"] + self.metrics:
+                totals[k] = totals.get(k, 0.0) + float(out[k]) * size
+        last = None  # the previous batch's results: read while the next batch runs
+        batch = self._chunk(batch, n)
         for start in range(0, n, batch):
             xb, yb = x[start:start + batch], y[start:start + batch]
             out = self.eval_program.run({self.input_name: xb, "label": yb})
-            for k in ["loss"] + self.metrics:
-                totals[k] = totals.get(k, 0.0) + float(out[k]) * len(xb)
+            if last:
+                add(*last)
+            last = (len(xb), out)
+        if last:
+            add(*last)
         return {k: v / n for k, v in totals.items()} if n else {}
 
     def predict(self, x: np.ndarray, batch: int) -> np.ndarray:
         outs = []
+        batch = self._chunk(batch, len(x))
         for start in range(0, len(x), batch):
             xb = x[start:start + batch]
             label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype()) \
                 if self._label_type() is not None else None
             outs.append(self.eval_program.run({self.input_name: xb, "label": label})["output"])
-        return np.concatenate(outs) if outs else np.zeros((0,))
+        return np.concatenate([np.asarray(o) for o in outs]) if outs else np.zeros((0,))
 
     def _label_type(self):
         """The label input's type, or None when the loss takes no labels."""
@@ -178,6 +219,44 @@ class Session:
 
     def _label_dtype(self):
         return self._label_type().dtype.np
+
+
+@dataclass
+class Pending:
+    """A training step that ran, with its results not read yet."""
+
+    feeds: dict
+    out: dict
+
+    def ready(self) -> bool:
+        """Whether reading the results would not wait (always, for results on the host)."""
+        return all(v.ready() for v in self.out.values() if hasattr(v, "ready"))
+
+
+# steps a training loop runs ahead of the one whose results it reads (GPU results arrive late)
+READ_BEHIND = 8
+
+
+class Background:
+    """A function run on a daemon thread; wait() returns its result or raises its error."""
+
+    def __init__(self, fn):
+        import threading
+        self._result, self._error = None, None
+
+        def run():
+            try:
+                self._result = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+                self._error = e
+        self._thread = threading.Thread(target=run, name="dlc-compile", daemon=True)
+        self._thread.start()
+
+    def wait(self, quietly: bool = False):
+        self._thread.join()
+        if self._error is not None and not quietly:
+            raise self._error
+        return self._result
 
 
 def _nonfinite(v: np.ndarray) -> str:
@@ -225,6 +304,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
                             batchnorm, hint="train with `batch` of 2 or more")
     drop_last = batchnorm is not None and n % opts.batch == 1
     steps_per_epoch = n // opts.batch if drop_last else -(-n // opts.batch)
+    session.use_batch(opts.batch)
     start_epoch, skip = 0, 0
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
@@ -250,15 +330,16 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             sums: dict[str, float] = {}
             seen = 0
             rng = np.random.default_rng([opts.seed, epoch]) if opts.shuffle else None
+            ran: list[tuple[int, Pending]] = []  # steps whose results are not read yet
             for i, idx in enumerate(batches(n, opts.batch, rng)):
                 if (epoch == start_epoch and i < skip) or i == steps_per_epoch:  # i == ...: the dropped batch
                     continue
-                out = session.train_step(x[idx], y[idx], lr)
+                ran.append((len(idx), session.submit(x[idx], y[idx], lr)))
                 position = (epoch, i + 1)
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(idx)
-                seen += len(idx)
-                progress.step(out["loss"])
+                while ran and (len(ran) > READ_BEHIND or ran[0][1].ready()):
+                    seen += _record(session, *ran.pop(0), sums, progress)
+            while ran:
+                seen += _record(session, *ran.pop(0), sums, progress)
             position = (epoch + 1, 0)
             record = {"epoch": epoch + 1, "step": session.global_step, "lr": lr}
             record.update({f"train_{k}": v / seen for k, v in sums.items()} if seen else {})
@@ -292,6 +373,15 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         if log:
             log.close()
     return history
+
+
+def _record(session: Session, size: int, step: Pending, sums: dict, progress) -> int:
+    """Read a step's results into the epoch's sums and the progress bar."""
+    out = session.collect(step)
+    for k, v in out.items():
+        sums[k] = sums.get(k, 0.0) + v * size
+    progress.step(out["loss"])
+    return size
 
 
 class Interrupted(Exception):

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The CUDA backend's checks on a real GPU, prepared for the day one is lent: run it once,
+# from the repository root, on the device machine. Typically 3-5 minutes; every stage has
+# its own time limit, so it ends within 7 minutes whatever happens.
+#
+#   here, once (lark is the one package that machine lacks; it is pure Python):
+#       echo /.whl/ >> .git/info/exclude
+#       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#           --implementation cp --platform manylinux2014_x86_64 -d .whl lark==1.3.1
+#   on the device (the tool `run`):
+#       command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480
+#
+# Stages: (1) the gpu-marked tests -- the templates, the op table and every example's
+# first training steps on `--target cuda` against the reference interpreter, device
+# state, deterministic replays, deferred results, profiles; (2) `dlc run --target cuda`
+# with --verbose (registers and spills per kernel) and --profile; (3) the benchmark:
+# dlc vs PyTorch CUDA (eager, and CUDA graphs) on MLP 784-512-256-10 batch 128 and 1,
+# LeNet-5 batch 64, LSTM T=32 batch 32, and SGEMM 4096^2 vs cuBLAS (TF32 off). The
+# benchmark's steps are compiled in the background while the tests run.
+#
+# Results, under $OUT (or ./gpu-check-out): summary.txt, gpu_tests.log, gpu_tests.xml,
+# cli.log, prepare.log, bench.log, bench.json.
+set -u
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 DLC_CACHE_DIR=/tmp/dlc-gpu-check-cache
+start=$SECONDS
+say() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/summary.txt"; }
+
+# --- setup -----------------------------------------------------------------------------------
+if ! python3 -c "import lark" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || { say "lark is missing and .whl/ holds no wheel for it (see the header)"; exit 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$OUT/summary.txt" 2>&1
+python3 - >> "$OUT/summary.txt" 2>&1 <<'EOF'
+import cupy, torch
+from dlc import backends
+cuda = backends.backend("cuda")
+print("cupy", cupy.__version__, "| torch", torch.__version__, "| target", cuda.target({}).describe())
+EOF
+
+# --- the benchmark's compiles, in the background ----------------------------------------------
+timeout 240 python3 benchmarks/gpu_bench.py --prepare > "$OUT/prepare.log" 2>&1 &
+prepare=$!
+
+# --- 1. the gpu-marked tests -------------------------------------------------------------------
+say "gpu tests"
+timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 --timeout 150 tests/test_cuda_gpu.py \
+    --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+say "gpu tests: exit $? -- $(tail -n 1 "$OUT/gpu_tests.log")"
+
+# --- 2. the command line -----------------------------------------------------------------------
+say "dlc run --target cuda"
+timeout 70 python3 -m dlc run examples/lenet5.dln --target cuda --epochs 2 --verbose --profile \
+    > "$OUT/cli.log" 2>&1
+say "dlc run: exit $? -- $(grep -m 1 'lenet5:' "$OUT/cli.log")"
+
+# --- 3. the benchmark ------------------------------------------------------------------------------
+wait $prepare
+say "compiles for the benchmark: exit $?"
+timeout 140 python3 benchmarks/gpu_bench.py --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+say "benchmark: exit $?"
+cat "$OUT/bench.log" >> "$OUT/summary.txt"
+say "done"

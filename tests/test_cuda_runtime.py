@@ -1,0 +1,149 @@
+"""The CUDA runtime's own logic, without a GPU: the real runtime.py (and the driver above
+it) over a stand-in for CuPy (tests/cuda_host/fake_cupy.py: numpy memory, recorded and
+replayed graphs, kernels through the host emulation). What it shows: which buffers the
+step copies and launches in which order, that the graph replays the step, that device
+state is shared by a session's steps and copied back whenever the driver reads it, and
+that the trainer reads deferred results. What it cannot show: anything about a real
+device (timing, overlap, the CUDA API's own behaviour) -- test_cuda_gpu.py covers that
+where a GPU exists."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dlc
+from dlc import backends
+from dlc.backends.base import Compiled
+from dlc.pipeline import kernel_program, lower
+from dlc.program import make_program
+
+from cuda_host import fake_cupy
+from test_backend_cpu import _example_feeds
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CUDA = backends.backend("cuda", runnable=False)
+TARGET = CUDA.target({"arch": "sm_90"})
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    with fake_cupy.installed(monkeypatch) as f:
+        yield f
+
+
+def _step(graph, batch: int, profile: bool = False):
+    from dlc.backends.cuda.runtime import CudaStep
+    source, layout = CUDA.render(kernel_program(lower(graph, batch), CUDA.templates), TARGET, profile)
+    return CudaStep(source.encode(), layout, TARGET)
+
+
+def _model(name: str):
+    m = dlc.load(EXAMPLES / f"{name}.dln")
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    return m, graph
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "lenet5"])
+def test_replayed_steps_match_the_reference(fake, name):
+    """Three steps: the first two capture one graph per frame, the third replays; results
+    are deferred values; the host arrays change only when the state is synced."""
+    from dlc.backends.cuda.runtime import DeviceValue, sync_state
+    m, graph = _model(name)
+    ref_state = {k: v.copy() for k, v in m.state.items()}
+    state = {k: v.copy() for k, v in m.state.items()}
+    ref = make_program("reference", graph, ref_state)
+    step = _step(graph, 5)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        feeds = _example_feeds(m, 5, rng)
+        want, got = ref.run(feeds), step.run(state, feeds)
+        assert all(isinstance(v, DeviceValue) for v in got.values())
+        for k in want:
+            np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-4, atol=1e-5, err_msg=f"step {i}: {k}")
+    assert [f.graph.launches for f in step.frames] == [2, 1]  # captured once per frame, then replayed
+    assert step.module.calls == 2 * len(step.launches)        # kernels enqueued only while capturing
+    np.testing.assert_array_equal(state["out.w"], m.state["out.w"])  # still on the "device"
+    sync_state(state)
+    for k in ref_state:
+        np.testing.assert_allclose(state[k], ref_state[k], rtol=2e-3, atol=1e-4, err_msg=k)
+
+
+def test_a_profiled_step_launches_kernel_by_kernel(fake):
+    m, graph = _model("lenet5")
+    step = _step(graph, 3, profile=True)
+    for _ in range(2):
+        step.run({k: v.copy() for k, v in m.state.items()}, _example_feeds(m, 3, np.random.default_rng(0)))
+    assert all(f.graph is None for f in step.frames) and step.module.calls == 2 * len(step.launches)
+    rows = step.profile_rows()
+    assert len(rows) == len(step.launches) and all(sec == pytest.approx(2e-5) for _, _, sec in rows)
+    assert rows[0][0] == "k0_conv" and rows[0][1] == ("lenet5.dln:5",)
+
+
+def test_device_state_is_shared_and_host_writes_reach_the_next_step(fake):
+    """A train and an eval step on one state dict share one device copy. After a sync the
+    host is the authority: what it writes (here the optimizer's moments, which only the
+    training step uses, after an evaluation step ran) is uploaded before the next step."""
+    from dlc.backends.cuda.runtime import device_state, sync_state
+    m, graph = _model("digits_mlp")
+    eval_graph = m.compile_graph("eval", m.train_config)
+    state = {k: v.copy() for k, v in m.state.items()}
+    ref_state = {k: v.copy() for k, v in m.state.items()}
+    ref = make_program("reference", graph, ref_state)
+    train, evaluate = _step(graph, 4), _step(eval_graph, 4)
+    rng = np.random.default_rng(1)
+    feeds = _example_feeds(m, 4, rng)
+    train.run(state, feeds)
+    ref.run(feeds)
+    evaluate.run(state, {k: v for k, v in feeds.items() if k != "lr"})
+    assert train._states[id(state)] is evaluate._states[id(state)] is device_state(state)
+    sync_state(state)
+    for k, scale in (("h.w:m", 0.0), ("h.w:v", 2.0), ("out.w", 0.5)):  # host writes after the sync
+        state[k] *= scale
+        ref_state[k] *= scale
+    evaluate.run(state, {k: v for k, v in feeds.items() if k != "lr"})  # uploads the parameters only
+    feeds = _example_feeds(m, 4, rng)
+    want, got = ref.run(feeds), train.run(state, feeds)
+    np.testing.assert_allclose(np.asarray(got["loss"]), want["loss"], rtol=2e-4)
+    sync_state(state)
+    for k in ref_state:
+        np.testing.assert_allclose(state[k], ref_state[k], rtol=2e-3, atol=1e-4, err_msg=k)
+
+
+def test_a_replaced_host_array_is_uploaded(fake):
+    from dlc.backends.cuda.runtime import sync_state
+    m, graph = _model("logreg")
+    state = {k: v.copy() for k, v in m.state.items()}
+    step = _step(graph, 4)
+    feeds = _example_feeds(m, 4, np.random.default_rng(2))
+    first = float(step.run(state, feeds)["loss"])
+    name = next(k for k in state if state[k].dtype == np.float32 and state[k].size > 1)
+    state[name] = np.zeros_like(state[name])  # a new object: uploaded without a sync
+    second = float(step.run(state, feeds)["loss"])
+    assert first != second
+    sync_state(state)
+
+
+def test_training_through_the_driver(fake, monkeypatch, tmp_path):
+    """Model.fit on `cuda` (compiled to source instead of a cubin): the trainer reads the
+    deferred results, checkpoints and Model.state/params see the device's state, and the
+    history matches training on the CPU backend."""
+    monkeypatch.setattr(CUDA, "unavailable", lambda: None)
+    monkeypatch.setattr(CUDA, "target", lambda options: TARGET)
+
+    def compile_to_source(program, target, profile=False):
+        source, layout = CUDA.render(program, target, profile)
+        return Compiled([source.encode()], layout)
+    monkeypatch.setattr(CUDA, "compile", compile_to_source)
+    histories = {}
+    for target in ("cuda", "cpu"):
+        m = dlc.load(EXAMPLES / "logreg.dln")
+        histories[target] = m.fit(target=target, epochs=2, save=tmp_path / f"{target}.npz",
+                                   cache_dir=tmp_path / target)
+        saved = np.load(tmp_path / f"{target}.npz")
+        for k, v in m.params.items():  # the checkpoint and Model.params: the state after training
+            np.testing.assert_array_equal(saved[k], v, err_msg=f"{target}: {k}")
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(histories["cuda"][key], histories["cpu"][key], rtol=1e-4, err_msg=key)

@@ -1,0 +1,384 @@
+"""`dlc export` (ONNX, run in onnxruntime) and `dlc import` (ONNX -> .dln + checkpoint).
+
+Tolerances: onnxruntime against `dlc predict` (the compiled evaluation step) within
+atol 1e-4 + rtol 1e-4 (float32, different summation orders; the largest difference seen on
+the examples is about 1e-6); round trips through ONNX and back within 1e-5.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx", reason="needs the onnx package: pip install 'dlc[onnx]'")
+ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime: pip install 'dlc[onnx]'")
+
+import dlc  # noqa: E402
+from dlc.cli import main  # noqa: E402
+from dlc.core.diagnostics import Source, Span  # noqa: E402
+from dlc.interchange.onnx_export import ExportError, export_model  # noqa: E402
+from dlc.interchange.onnx_import import ImportError_, import_model, write  # noqa: E402
+from dlc.runtime.trainer import Normalizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.dln"))
+ATOL = RTOL = 1e-4
+
+
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def trained_like(path, seed: int = 1):
+    """A model whose weights, running statistics and input normalization are all
+    non-trivial (as after training), without the time training takes."""
+    m = dlc.load(path)
+    rng = np.random.default_rng(seed)
+    for name, v in m.state.items():
+        if v.dtype != np.float32:
+            continue
+        if name.endswith("running_var"):
+            v[...] = rng.uniform(0.5, 2.0, v.shape)
+        elif name.endswith(("running_mean", ".b", ".bh", ".beta")):
+            v[...] = rng.normal(0.0, 0.3, v.shape)
+        elif name.endswith(".gamma"):
+            v[...] = rng.uniform(0.5, 1.5, v.shape)
+    t = m.input_types[0][1]
+    features = int(np.prod(t.shape[1:]))
+    if t.dtype.is_float:
+        m.normalizer = Normalizer(rng.normal(0.0, 1.0, features).astype(np.float32),
+                                  rng.uniform(2.0, 8.0, features).astype(np.float32))
+    return m
+
+
+def raw_inputs(m, n: int = 9, seed: int = 0) -> np.ndarray:
+    t = m.input_types[0][1]
+    rng = np.random.default_rng(seed)
+    shape = (n,) + tuple(t.shape[1:])
+    if t.dtype.value == "i32":
+        return rng.integers(0, 10, shape).astype(np.int32)
+    return rng.uniform(0.0, 16.0, shape).astype(t.dtype.np)
+
+
+def run_onnx(path, feeds: dict) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+# --- export -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_every_example_exports_and_matches_dlc_predict(example, tmp_path):
+    m = trained_like(ROOT / "examples" / f"{example}.dln")
+    m.save(tmp_path / "w.npz")
+    assert cli("export", ROOT / "examples" / f"{example}.dln", "--weights", tmp_path / "w.npz",
+               "-o", tmp_path / "m.onnx") == 0
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "B"  # the batch stays symbolic
+    x = raw_inputs(m)
+    got = run_onnx(tmp_path / "m.onnx", {m.input_types[0][0]: x})
+    want = dlc.load(ROOT / "examples" / f"{example}.dln")
+    want.load_weights(tmp_path / "w.npz")
+    np.testing.assert_allclose(got, want.predict(x), atol=ATOL, rtol=RTOL)
+
+
+def test_dlc_predict_on_the_command_line_agrees(tmp_path, capsys):
+    path = ROOT / "examples" / "lenet5.dln"
+    m = trained_like(path)
+    m.save(tmp_path / "w.npz")
+    x = raw_inputs(m, 5)
+    np.save(tmp_path / "x.npy", x)
+    assert cli("export", path, "--weights", tmp_path / "w.npz", "-o", tmp_path / "m.onnx") == 0
+    assert cli("predict", path, "--weights", tmp_path / "w.npz", "--input", tmp_path / "x.npy",
+               "-o", tmp_path / "p.npz") == 0
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", {"x": x}), np.load(tmp_path / "p.npz")["output"],
+                               atol=ATOL, rtol=RTOL)
+    assert "Conv 2" in capsys.readouterr().out
+
+
+def _ops(proto) -> set[str]:
+    return {n.op_type for n in proto.graph.node}
+
+
+@pytest.mark.parametrize("example, expected", [
+    ("digits_mlp", {"Gemm", "Relu"}),
+    ("lenet5", {"Conv", "MaxPool", "Flatten", "Gemm", "Relu"}),
+    ("resnet_bn", {"Conv", "BatchNormalization", "AveragePool"}),
+    ("lstm_digits", {"LSTM"}),
+    ("rnn_digits", {"RNN"}),
+])
+def test_layers_become_onnx_operators(example, expected):
+    proto = export_model(trained_like(ROOT / "examples" / f"{example}.dln"))
+    assert expected <= _ops(proto)
+    assert "Scan" not in _ops(proto)
+
+
+RECURRENT = """
+model m(x: f32[B, 5, 3]) -> f32[B, 5, 16] {
+    g = x |> gru(4, return_sequences=true, layers=2, bidirectional=true)
+    r = x |> rnn(4, return_sequences=true, bidirectional=true)
+    l = x |> lstm(4, bidirectional=true)
+    l2 = reshape(concat([l, l], axis=1), [B, 1, 16])
+    return concat([g, r], axis=2) + l2
+}
+"""
+
+MISC = """
+model m(x: f32[B, 6], tok: i32[B, 5]) -> f32[B, 6] {
+    s = mean(embedding(tok, 10, 6), axis=1)
+    a = softmax(x) + log_softmax(x, axis=0) + leaky_relu(x, 0.2) + gelu(x)
+    d = mean(x, axis=1, keepdims=true) + max(x, axis=1, keepdims=true) + sum(x)
+    v = reshape(reshape(transpose(reshape(x, [B, 2, 3]), [0, 2, 1]), [B * 3, 2]), [B, 6])
+    w = clip(x, -0.5, 0.5) * abs(x) + sqrt(abs(x)) + exp(-x) + log(abs(x) + 1.0)
+    k = x[:, 1:5:2]
+    return a + d + v + w + s + concat([k, k, k], axis=1) + minimum(x, 0.3) + x ** 2.0 + x / 3.0
+}
+"""
+
+
+@pytest.mark.parametrize("source, loops", [(RECURRENT, True), (RECURRENT, False), (MISC, True),
+                                           ("model m(x: f64[B, 4]) -> f64[B, 4] { return tanh(x) * 2.0 }", True),
+                                           ("model m(x: i32[B, 4]) -> i32[B, 4] { return x / 3 + (x - 7) / 2 }",
+                                            True)],
+                         ids=["recurrent-ops", "recurrent-scan", "primitives", "f64", "i32-division"])
+def test_models_match_the_reference_interpreter(source, loops, tmp_path):
+    """Bidirectional and stacked gru/rnn/lstm as ONNX operators or as Scan loops, and the
+    other primitives, against the reference interpreter in float64."""
+    m = dlc.load(source)
+    rng = np.random.default_rng(0)
+    for v in m.state.values():
+        if v.dtype.kind == "f":
+            v[...] = rng.normal(0.0, 0.5, v.shape)
+    proto = export_model(m, recognize=loops)
+    if "gru" in source:
+        assert ({"GRU", "RNN", "LSTM"} <= _ops(proto)) == loops and ("Scan" in _ops(proto)) != loops
+        bidirectional = [n for n in proto.graph.node if n.op_type in ("GRU", "RNN", "LSTM")]
+        assert all(onnx.helper.get_attribute_value(a) == b"bidirectional" for n in bidirectional
+                   for a in n.attribute if a.name == "direction")
+    feeds = {}
+    for name, t in m.input_types:
+        shape = (7,) + tuple(t.shape[1:])
+        feeds[name] = (rng.integers(-20, 10, shape).astype(np.int32) if t.dtype.value == "i32"
+                       else rng.normal(0.0, 1.0, shape).astype(t.dtype.np))
+    if "tok" in feeds:
+        feeds["tok"] = np.abs(feeds["tok"]) % 10  # onnxruntime refuses out-of-range indices (dlc clamps)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, feeds)[0]
+    want = m.forward(*feeds.values(), float_dtype=np.float64)
+    assert got.dtype == want.dtype or want.dtype == np.float64
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_primitive_without_onnx_counterpart_names_itself_and_its_line():
+    from dlc.core import ops
+    from dlc.core.builder import GraphBuilder
+    from dlc.core.graph import Graph
+    from dlc.core.types import DType, TensorType, sym
+    from dlc.interchange.onnx_export import Names, _GraphExporter
+    src = Source("m.dln", "model m(x: f32[B, 4]) -> f32[9, 4] {\n    return scatter(x)\n}\n")
+    g = Graph("m")
+    b = GraphBuilder(g)
+    x = b.input("x", TensorType(DType.f32, (sym("B"), 4)), "data")
+    idx = b.input("i", TensorType(DType.i32, (sym("B"),)), "data")
+    with b.at(Span(src, 2, 12, 2, 22)):
+        out = b.emit(ops.SCATTER_ADD, (x, idx), rows=9)
+    g.outputs["output"] = out.id
+    ex = _GraphExporter(g, {}, Names(), True, 28)
+    ex.value[x.id], ex.value[idx.id] = "x", "i"
+    with pytest.raises(ExportError) as e:
+        ex.run([out.id])
+    text = e.value.render()
+    assert "`scatter_add` cannot be exported" in text and "m.dln:2:12" in text and "return scatter(x)" in text
+
+
+def test_export_usage_errors(tmp_path, capsys):
+    path = ROOT / "examples" / "digits_mlp.dln"
+    dlc.load(path).save(tmp_path / "w.npz")
+    assert cli("export", path, "--weights", tmp_path / "w.npz", "-o", tmp_path / "m.onnx", "--opset", "12") == 1
+    assert "opset 12 is not supported" in capsys.readouterr().err
+    assert cli("export", path, "--weights", tmp_path / "missing.npz", "-o", tmp_path / "m.onnx") == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- import -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("example, layers", [
+    ("digits_mlp", ["dense(128)", "dense(10)"]),
+    ("lenet5", ["conv2d(6, 3, pad=1)", "maxpool(2)", "flatten", "dense(120)"]),
+    ("lstm_digits", ["lstm(48, return_sequences=true)", "dense(10)"]),
+    ("resnet_bn", ["batchnorm", "avgpool(2)"]),
+    ("rnn_digits", ["rnn(64)"]),
+])
+def test_round_trip_export_import_gives_the_same_outputs(example, layers, tmp_path, capsys):
+    path = ROOT / "examples" / f"{example}.dln"
+    m = trained_like(path)
+    m.save(tmp_path / "w.npz")
+    assert cli("export", path, "--weights", tmp_path / "w.npz", "-o", tmp_path / "m.onnx") == 0
+    assert cli("import", tmp_path / "m.onnx", "-o", tmp_path / "back.dln") == 0
+    assert f"wrote {tmp_path / 'back.dln'}" in capsys.readouterr().out
+    text = (tmp_path / "back.dln").read_text()
+    for layer in layers:
+        assert layer in text, text
+    back = dlc.load(tmp_path / "back.dln")
+    back.load_weights(tmp_path / "back.npz")   # the checkpoint load_weights and --resume take
+    x = raw_inputs(m)
+    original = dlc.load(path)
+    original.load_weights(tmp_path / "w.npz")
+    np.testing.assert_allclose(back.predict(x), original.predict(x), atol=1e-5, rtol=1e-5)
+
+
+def test_an_imported_model_fine_tunes_with_its_train_block(tmp_path):
+    path = ROOT / "examples" / "digits_mlp.dln"
+    m = trained_like(path)
+    m.save(tmp_path / "w.npz")
+    export_model_path = tmp_path / "m.onnx"
+    assert cli("export", path, "--weights", tmp_path / "w.npz", "-o", export_model_path) == 0
+    assert cli("import", export_model_path, "-o", tmp_path / "mlp.dln", "--weights", tmp_path / "mlp.npz") == 0
+    assert 'data      = npz("data.npz")' in (tmp_path / "mlp.dln").read_text()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.uniform(0, 16, (40, 64)).astype(np.float32),
+             y=rng.integers(0, 10, 40))
+    assert cli("run", tmp_path / "mlp.dln", "--resume", tmp_path / "mlp.npz", "--epochs", "1", "-q",
+               "--save", tmp_path / "tuned.npz") == 0
+    tuned = dlc.load(tmp_path / "mlp.dln")
+    tuned.load_weights(tmp_path / "tuned.npz")
+    assert tuned.normalizer.active  # the exported normalization came back into the checkpoint
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=20):
+    from onnx import helper
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_an_operator_without_dln_counterpart_is_named(tmp_path):
+    from onnx import TensorProto, helper
+    m = _model([helper.make_node("Relu", ["x"], ["r"], name="act"),
+                helper.make_node("Erf", ["r"], ["y"], name="the_erf")],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    with pytest.raises(ImportError_) as e:
+        import_model(tmp_path / "m.onnx")
+    assert "node `the_erf` (Erf)" in e.value.message and "cannot import `Erf`" in e.value.message
+
+
+def test_import_refuses_what_is_not_an_onnx_model(tmp_path, capsys):
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    assert cli("import", tmp_path / "bad.onnx", "-o", tmp_path / "x.dln") == 1
+    err = capsys.readouterr().err
+    assert "bad.onnx is not" in err and "ONNX model" in err
+
+
+def test_import_recognizes_layers_in_a_hand_written_graph(tmp_path):
+    """MatMul + Add -> dense with bias; Gemm with transB -> dense; Gather -> embedding."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w1, b1 = rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    w2, b2 = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    m = _model([helper.make_node("MatMul", ["x", "enc.weight"], ["mm"]),
+                helper.make_node("Add", ["mm", "enc.bias"], ["h"]),
+                helper.make_node("Tanh", ["h"], ["t"]),
+                helper.make_node("Gemm", ["t", "head.weight", "head.bias"], ["y"], transB=1)],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+               [numpy_helper.from_array(a, n) for a, n in ((w1, "enc.weight"), (b1, "enc.bias"),
+                                                           (w2, "head.weight"), (b2, "head.bias"))])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    imported = import_model(tmp_path / "m.onnx", train=False)
+    assert "enc = x |> dense(5) |> tanh" in imported.text and "head = enc |> dense(3)" in imported.text
+    model = write(imported, tmp_path / "m.dln", tmp_path / "m.npz")
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x), np.tanh(x @ w1 + b1) @ w2.T + b2, atol=1e-5)
+
+
+# --- models made by PyTorch ------------------------------------------------------------------
+
+def _torch():
+    return pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch==2.13.0 gives a "
+                                               "CPU build); the PyTorch import test needs it")
+
+
+def _torch_models(torch):
+    nn = torch.nn
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 5, 1)
+            self.pool = nn.AvgPool2d(2)
+            self.fc = nn.Linear(5 * 2 * 2 + 4, 3)
+
+        def forward(self, x):
+            h = torch.nn.functional.leaky_relu(self.bn(self.conv(x)), 0.1)
+            g = nn.functional.adaptive_avg_pool2d(h, 1).view(h.size(0), -1)
+            p = self.pool(torch.sigmoid(self.conv2(h))).flatten(1)
+            return torch.log_softmax(self.fc(torch.cat([g, p], dim=1)), dim=1)
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.gru = nn.GRU(16, 6, batch_first=True, bidirectional=True)
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            h, _ = self.lstm(x)
+            g, _ = self.gru(h)
+            return self.fc(g[:, -1])
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)
+            self.rnn = nn.RNN(6, 5, batch_first=True, num_layers=2)
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, t):
+            _, h = self.rnn(self.emb(t))
+            return torch.softmax(self.out(h[-1]), dim=-1)
+
+    return [("cnn", CNN(), (1, 8, 8), ["conv2d(4, 3, stride=2, pad=1)", "batchnorm", "global_avgpool"]),
+            ("seq", Seq(), (5, 8), ["lstm(16, return_sequences=true)", "gru(6, return_sequences=true, "
+                                                                           "bidirectional=true)"]),
+            ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
+
+
+@pytest.mark.parametrize("which", ["cnn", "seq", "tokens"])
+def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
+    torch = _torch()
+    torch.manual_seed(0)
+    name, net, shape, layers = next(t for t in _torch_models(torch) if t[0] == which)
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+    net.eval()
+    tokens = shape == (7,)
+    example = torch.randint(0, 20, (2,) + shape) if tokens else torch.randn((2,) + shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (example,), str(tmp_path / "t.onnx"), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
+                          do_constant_folding=False)
+    assert cli("import", tmp_path / "t.onnx", "-o", tmp_path / "t.dln") == 0
+    text = (tmp_path / "t.dln").read_text()
+    for layer in layers:
+        assert layer in text, text
+    model = dlc.load(tmp_path / "t.dln")
+    model.load_weights(tmp_path / "t.npz")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, (9,) + shape) if tokens else rng.normal(size=(9,) + shape).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(model.predict(x), want, atol=1e-5, rtol=1e-4)
+
+
+def test_extras_are_declared():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'onnx = ["onnx' in text and "onnxruntime" in text and 'graph = ["graphviz' in text

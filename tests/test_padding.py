@@ -1,0 +1,170 @@
+"""One compiled batch size per run: a padded last batch gives exactly the unpadded results.
+
+The `mask_batch` pass makes every reduction over the batch count only the first
+`valid_rows` rows; the driver pads a short batch to the compiled size by repeating rows.
+Checked here: loss, metrics, gradients, parameter and optimizer updates and batchnorm's
+running statistics of a padded compiled step against the unpadded step on the reference
+interpreter; the model output of padded rows is dropped; a run compiles once; a model the
+pass cannot prove (a concat along the batch) still trains, compiling the last batch apart.
+"""
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dlc
+from dlc.cli import main
+from dlc.pipeline import GRAPH_PASSES, PassContext, run_passes
+from dlc.program import make_program, make_programs
+from dlc.runtime.trainer import Session
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+# Recurrent layers are loops over time-major sequences ([T, B, F]: the batch in axis 1), and
+# mask_batch does not yet follow the batch through permutes and loop bodies: such a model
+# keeps the old behaviour (its last batch compiled at its own size, unpadded).
+LOOPS = pytest.mark.xfail(strict=True, reason="mask_batch does not follow the batch into time-major loops yet")
+MASKED = ["digits_mlp", "lenet5", "resnet_bn", pytest.param("rnn_digits", marks=LOOPS), "autoencoder", "logreg"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DLC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _feeds(m, rows: int, rng) -> dict:
+    name, t = m.input_types[0]
+    shape = (rows,) + tuple(int(d) for d in t.shape[1:])
+    feeds = {name: rng.random(shape, dtype=np.float32), "lr": np.float32(0.05)}
+    g = m.built("train").graph
+    if g.inputs("label"):
+        lt = g.node(g.inputs("label")[0]).attrs["type"]
+        classes = m.built("eval").graph.node(m.built("eval").graph.outputs["output"]).type.shape[-1]
+        feeds["label"] = (rng.integers(0, classes, (rows,)).astype(np.int32) if lt.dtype.value == "i32"
+                          else (rng.random((rows,) + tuple(int(d) for d in lt.shape[1:])) > 0.5).astype(np.float32))
+    return feeds
+
+
+def _close(got, want, what, rtol=2e-4, atol=2e-5):
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k], np.float64), np.asarray(want[k], np.float64),
+                                   rtol=rtol, atol=atol, err_msg=f"{what}: {k}")
+
+
+@pytest.mark.parametrize("example", MASKED)
+def test_every_example_is_masked(example):
+    m = dlc.load(EXAMPLES / f"{example}.dln")
+    for mode in ("train", "eval"):
+        g = m.compile_graph(mode, m.train_config)
+        assert g.meta.get("mask_batch") == "valid_rows", (mode, g.meta.get("mask_batch"))
+
+
+@pytest.mark.parametrize("example", ["digits_mlp", "lenet5", "resnet_bn", pytest.param("rnn_digits", marks=LOOPS),
+                                     "autoencoder"])
+def test_padded_step_equals_unpadded_step_on_the_reference(example, tmp_path):
+    """Compiled for 8 rows, run on 5 (padded): loss, metrics, every updated parameter,
+    optimizer moment and batchnorm running statistic match the reference on 5 rows."""
+    m = dlc.load(EXAMPLES / f"{example}.dln")
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    ref_state = {k: v.copy() for k, v in m.state.items()}
+    cpu_state = {k: v.copy() for k, v in m.state.items()}
+    ref = make_program("reference", graph, ref_state)
+    cpu = make_program("cpu", graph, cpu_state, options={"cache_dir": tmp_path})
+    cpu.program.batch = 8
+    rng = np.random.default_rng(1)
+    for step in range(2):
+        feeds = _feeds(m, 5, rng)
+        want, got = ref.run(feeds), cpu.run(feeds)
+        assert cpu.program.units.keys() == {8}, "the 5-row batch ran on the 8-row step"
+        _close(got, want, f"{example} step {step}")
+    _close(cpu_state, ref_state, f"{example} state", rtol=2e-3, atol=1e-4)
+    if example == "resnet_bn":
+        assert any("running_mean" in k for k in ref_state)
+        assert not np.allclose(ref_state["h.batchnorm.running_mean"], m.state["h.batchnorm.running_mean"])
+
+
+@pytest.mark.parametrize("example", ["digits_mlp", "resnet_bn"])
+def test_padded_gradients_equal_unpadded_gradients(example, tmp_path):
+    """The gradient graph (autodiff, no optimizer) compiled for 8 rows and run on 5."""
+    m = dlc.load(EXAMPLES / f"{example}.dln")
+    passes = [p for p in GRAPH_PASSES if p.name != "optimizer"]
+    graph = run_passes(m.built("train").graph, passes, PassContext(m.train_config))
+    assert any(k.startswith("grad:") for k in graph.outputs)
+    ref = make_program("reference", graph, dict(m.state))
+    cpu = make_program("cpu", graph, dict(m.state), options={"cache_dir": tmp_path})
+    cpu.program.batch = 8
+    feeds = _feeds(m, 5, np.random.default_rng(2))
+    want, got = ref.run(feeds), cpu.run(feeds)
+    assert got["output"].shape[0] == 5  # padded rows' outputs are dropped
+    _close(got, want, f"{example} gradients")
+
+
+def test_padding_is_exact_in_float64_for_every_example():
+    """On the reference in float64 (no rounding to hide behind): a step on 5 rows padded to
+    8 with copies of real rows equals the step on the 5 rows."""
+    from dlc.backends.reference import ReferenceProgram
+    for path in sorted(EXAMPLES.glob("*.dln")):
+        m = dlc.load(path)
+        g = m.compile_graph("train", m.train_config)
+        if g.meta.get("mask_batch") != "valid_rows":
+            continue  # not masked (see LOOPS): its last batch compiles at its own size, unpadded
+        m.ensure_state(g)
+        feeds = {**_feeds(m, 5, np.random.default_rng(3)), "valid_rows": np.int32(5)}
+        index = np.resize(np.arange(5), 8)
+        padded = {k: v[index] if np.ndim(v) and len(v) == 5 else v for k, v in feeds.items()}
+        states = [{k: v.astype(np.float64) if v.dtype.kind == "f" else v.copy() for k, v in m.state.items()}
+                  for _ in range(2)]
+        a = ReferenceProgram(g, states[0], np.float64).run(feeds)
+        b = ReferenceProgram(g, states[1], np.float64).run(padded)
+        b = {k: v[:5] if np.ndim(v) and len(v) == 8 else v for k, v in b.items()}
+        _close(b, a, path.stem, rtol=1e-12, atol=1e-14)
+        _close(states[1], states[0], path.stem + " state", rtol=1e-12, atol=1e-14)
+
+
+def test_a_run_compiles_once(tmp_path):
+    """`dlc run -v`: training and evaluation, full and last batches, one compile."""
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        assert main(["run", str(EXAMPLES / "digits_mlp.dln"), "--epochs", "2", "-v", "--no-cache"]) == 0
+    compiles = [line for line in err.getvalue().splitlines() if "compile cache" in line]
+    assert len(compiles) == 1 and "train+eval" in compiles[0], compiles
+
+
+def test_fit_and_evaluate_share_one_compiled_program(tmp_path):
+    m = dlc.load(EXAMPLES / "digits_mlp.dln")
+    m.fit(epochs=1, no_cache=True)  # 1437 training rows and 360 test rows: both end short of 64
+    session = m.session(m.train_config, no_cache=True)
+    assert isinstance(session, Session)
+    assert session.program.compiles == 1 and set(session.program.units) == {64}
+    m.evaluate(no_cache=True)
+    m.predict(np.zeros((3, 64), np.float32), no_cache=True)
+    assert session.program.compiles == 1
+
+
+def test_a_model_the_pass_cannot_prove_compiles_each_batch_size(tmp_path):
+    """A batch folded into an axis with something else (here a concat along it) is not
+    masked: the graph is unchanged, and a short batch gets a step of its own size."""
+    from dlc.passes.mask_batch import mask_batch
+    from dlc.core.builder import GraphBuilder
+    from dlc.core.graph import Graph
+    from dlc.core.types import DType, TensorType, sym
+    g = Graph("concat")
+    b = GraphBuilder(g)
+    x = b.input("x", TensorType(DType.f32, (sym("B"), 3)), "data")
+    w = b.input("w", TensorType(DType.f32, (3,)), "param")
+    both = b.concat([x, x], 0)                        # f32[2*B, 3]: rows of two batches
+    g.outputs["loss"] = b.mean(both * b.broadcast(w, both.shape, (1,))).id
+    out = mask_batch(g)
+    assert "not masked" in out.meta["mask_batch"] and "valid_rows" not in {
+        out.node(i).attrs["name"] for i in out.inputs()}
+    state = {"w": np.ones(3, np.float32)}
+    p = make_programs("cpu", {"": out}, state, options={"cache_dir": tmp_path})
+    p.batch = 4
+    x4, x3 = np.ones((4, 3), np.float32), np.full((3, 3), 2.0, np.float32)
+    assert float(p.entry("").run({"x": x4})["loss"]) == pytest.approx(1.0)
+    assert float(p.entry("").run({"x": x3})["loss"]) == pytest.approx(2.0)
+    assert set(p.units) == {4, 3}
