@@ -27,6 +27,8 @@ from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, memor
 from .templates import emit_template
 
 FIXED_SLOTS = 5  # arena, barrier, scratch, profile, host collective function
+# templates that use the per-thread scratch space (GEMM and im2col packing)
+SCRATCH_TEMPLATES = frozenset({"matmul", "conv2d", "conv2d_bwd_data", "conv2d_bwd_filter"})
 # Loop nests with fewer iterations than this (reductions counted in), and serial ones, are
 # optimized for size: LLVM neither unrolls nor interleaves them (they gain nothing from it,
 # and at O3 a tiny loop with a static trip count becomes a page of unrolled code).
@@ -58,7 +60,7 @@ def buffers_of(part) -> list[Buffer]:
     """The buffers a part's function takes: the kernel IR's, plus per-thread packing
     space for the GEMM."""
     out = kernel_buffers(part)
-    if isinstance(part, Template) and part.op == "matmul":
+    if isinstance(part, Template) and part.op in SCRATCH_TEMPLATES:
         out.append(Buffer("__scratch__", DType.f32, (0,), "scratch"))
     return out
 
@@ -89,7 +91,7 @@ class ModuleBuilder:
         # per entry: (phase, kernel, fn, buffers) in call order
         self.entry_parts: dict[str, list[tuple[int, str, ir.Function, list[Buffer]]]] = {}
         self.parts = []  # the first entry's (a single program's)
-        self.gemms: dict = {}  # (module index, spec) -> GemmInfo: one function per shape and module
+        self.gemms: dict = {}  # (module index, spec, tile epilogue key) -> GemmInfo: one function each
         self.shared = 0  # parts that reuse an identical function
         self._by_key: dict = {}
         # kernels are external symbols (the step calls them across modules): a name unique to
@@ -116,6 +118,7 @@ class ModuleBuilder:
         for entry, program in self.programs.items():
             prefix = f"{entry}." if entry else ""
             parts = self.entry_parts[entry] = []
+            self.program = program  # the program being built (templates look at its other kernels)
             for k in program.kernels:
                 for j, part in enumerate(k.parts):
                     if isinstance(part, Collective):  # a call to the host from the step itself
@@ -138,6 +141,7 @@ class ModuleBuilder:
                     self._load[index] = _size(self.module)
                     parts.append((k.phase, k.name, fn, buffers))
         self.parts = next(iter(self.entry_parts.values()))
+        self.program = next(iter(self.programs.values()))
         self.module = self.modules[0]
         for entry, program in self.programs.items():
             self._step(entry, program)
@@ -148,9 +152,9 @@ class ModuleBuilder:
         shape (the evaluation step's forward matmuls have the training step's shapes)."""
         spec = _gemm_spec(part)
         if spec is not None:
-            for index, other in self.gemms:
-                if other == spec:
-                    return index
+            for key in self.gemms:  # (module index, spec, register-tile epilogue key)
+                if key[1] == spec:
+                    return key[0]
         return self._load.index(min(self._load))
 
     def _dedupe(self, fn: ir.Function, key) -> ir.Function:
