@@ -1,6 +1,7 @@
 """dlc beside PyTorch (eager, and torch.compile with --compile) and numpy's BLAS, in one run.
 
     python benchmarks/run.py [--quick] [--compile] [--threads N] [--out results.json]
+                             [--only gemm|training|inference|compile|shared] [--workloads NAMES]
 
 Every figure is the median over repeats of the mean time of a block of steps, measured
 in this process on this machine; ratios (dlc / peer) are what to compare, never figures
@@ -26,6 +27,24 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import dlc  # noqa: E402
+
+
+def interleaved(fns: list, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Blocks of `steps` calls of each function in turn, `repeats` rounds: the median
+    seconds per call of each, and the median over rounds of the first one's time over
+    each one's (a ratio of adjacent blocks, which load on the machine slows alike)."""
+    for fn in fns:
+        for _ in range(3):
+            fn()  # warm up (and compile: torch.compile may compile again on a second call)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(times, fns):
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            t.append((time.perf_counter() - start) / steps)
+    ratios = [statistics.median(a / b for a, b in zip(times[0], t)) for t in times]
+    return [statistics.median(t) for t in times], ratios
 
 
 def median_time(fn, steps: int, repeats: int) -> float:
@@ -147,9 +166,47 @@ def torch_models():
         def forward(self, x):
             return self.out(self.lstm(x)[0][:, -1])
 
+    def cifar_cnn():
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def wide_mlp():
+        return nn.Sequential(nn.Linear(3072, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                             nn.Linear(1024, 10))
+
+    def conv_bn(cin, cout, k, stride=1):
+        return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout)]
+
+    class Basic(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a = nn.Sequential(*conv_bn(c, c, 3), nn.ReLU(), *conv_bn(c, c, 3))
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + x)
+
+    class Down(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.a = nn.Sequential(*conv_bn(cin, cout, 3, 2), nn.ReLU(), *conv_bn(cout, cout, 3))
+            self.s = nn.Sequential(*conv_bn(cin, cout, 1, 2))
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.s(x))
+
+    def resnet():
+        return nn.Sequential(*conv_bn(3, 16, 3), nn.ReLU(), Basic(16), Down(16, 32), Down(32, 64),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
     return {"mlp": (mlp, (784,), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
             "lenet": (lenet, (1, 28, 28), lambda p: torch.optim.Adam(p, lr=1e-3)),
-            "lstm": (LSTM, (32, 64), lambda p: torch.optim.Adam(p, lr=1e-3))}
+            "lstm": (LSTM, (32, 64), lambda p: torch.optim.Adam(p, lr=1e-3)),
+            "cifar_cnn": (cifar_cnn, (3, 32, 32), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
+            "wide_mlp": (wide_mlp, (3072,), lambda p: torch.optim.Adam(p, lr=1e-3)),
+            "resnet": (resnet, (3, 32, 32),
+                       lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True))}
 
 
 def torch_train_step(kind: str, batch: int, compiled: bool = False):
@@ -186,8 +243,11 @@ def torch_forward(kind: str, batch: int):
 
 # --- the run ---------------------------------------------------------------------------------
 
-TARGETS = {  # workload -> (peer, target ratio dlc/peer, "<=" or ">=" on speedup)
+SECTIONS = ("gemm", "training", "inference", "compile", "shared")
+
+TARGETS = {  # workload -> target ratio dlc / torch eager
     "mlp_b128": 0.7, "lenet_b64": 0.7, "lstm_b32": 0.7, "mlp_b8": 1 / 3, "mlp_b1": 1 / 3,
+    "cnn_b64": 0.7, "wide_mlp_b128": 0.7, "resnet_b64": 0.7,
 }
 
 
@@ -204,8 +264,16 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     ap.add_argument("--threads", type=int, default=None, help="threads for dlc and torch (default: all cores)")
     ap.add_argument("--out", default=str(HERE / "results.json"), help="where to write the figures")
-    ap.add_argument("--only", choices=("shared", "compile"), help="run one section only")
+    ap.add_argument("--only", choices=SECTIONS, help="run one section only")
+    ap.add_argument("--workloads", default=None,
+                    help="training workloads whose name contains one of these (comma separated); "
+                         "with no --only, runs the training section only")
     args = ap.parse_args()
+    if args.workloads and args.only is None:
+        args.only = "training"
+
+    def section(name: str) -> bool:
+        return args.only in (None, name)
     threads = args.threads or os.cpu_count()
     repeats, scale = (3, 0.3) if args.quick else (7, 1.0)
     try:
@@ -222,8 +290,8 @@ def main() -> int:
     print(f"dlc {info['dlc']} on {info['cpu']}; numpy {info['numpy']}; torch {info['torch']}")
     rows = []
 
-    def record(name, dlc_s, peer_name, peer_s, target=None):
-        ratio = dlc_s / peer_s if peer_s else None
+    def record(name, dlc_s, peer_name, peer_s, target=None, ratio=None):
+        ratio = ratio if ratio is not None else dlc_s / peer_s if peer_s else None
         rows.append({"workload": name, "dlc_ms": dlc_s * 1e3, "peer": peer_name,
                      "peer_ms": peer_s * 1e3 if peer_s else None, "ratio": ratio, "target": target,
                      "met": None if target is None or ratio is None else ratio <= target})
@@ -231,7 +299,7 @@ def main() -> int:
         print(f"  {name:<22} dlc {dlc_s * 1e3:9.3f} ms   {peer_name:<14} "
               f"{peer_s * 1e3 if peer_s else float('nan'):9.3f} ms   dlc/peer {shown}")
 
-    if args.only is None:
+    if section("gemm"):
         # GEMM against numpy's BLAS (forward of a one-matmul model)
         print("GEMM (float32, N x N @ N x N)")
         for n in (256, 512, 1024, 2048):
@@ -245,25 +313,34 @@ def main() -> int:
             p = median_time(lambda: a @ b, steps, repeats)
             record(f"gemm_{n}", d, "numpy BLAS", p, 1 / 0.9 if n == 1024 else None)
 
+    if section("training"):
         print("training steps")
         workloads = [("mlp_b128", "mlp784.dln", "mlp", 128, 50), ("mlp_b8", "mlp784.dln", "mlp", 8, 200),
                      ("mlp_b1", "mlp784.dln", "mlp", 1, 300), ("lenet_b64", "lenet28.dln", "lenet", 64, 30),
-                     ("lstm_b32", "lstm32.dln", "lstm", 32, 20)]
+                     ("lstm_b32", "lstm32.dln", "lstm", 32, 20),
+                     ("cnn_b64", "cifar_cnn.dln", "cifar_cnn", 64, 4),
+                     ("wide_mlp_b128", "wide_mlp.dln", "wide_mlp", 128, 4),
+                     ("resnet_b64", "resnet_cifar.dln", "resnet", 64, 3)]
         for name, file, kind, batch, steps in workloads:
+            if args.workloads and not any(o in name for o in args.workloads.split(",")):
+                continue
             steps = max(2, int(steps * scale))
-            d = median_time(dlc_train_step(HERE / "models" / file, batch, threads), steps, repeats)
+            dlc_step = dlc_train_step(HERE / "models" / file, batch, threads)
             if have_torch:
-                t = median_time(torch_train_step(kind, batch), steps, repeats)
-                record(name, d, "torch eager", t, TARGETS.get(name))
+                # dlc and torch blocks alternate; the ratio is the median of adjacent blocks'
+                (d, t), (_, r) = interleaved([dlc_step, torch_train_step(kind, batch)], steps, repeats)
+                record(name, d, "torch eager", t, TARGETS.get(name), ratio=r)
                 if args.compile:
                     try:
-                        c = median_time(torch_train_step(kind, batch, compiled=True), steps, repeats)
-                        record(name, d, "torch.compile", c)
+                        (d, c), (_, r) = interleaved([dlc_step, torch_train_step(kind, batch, compiled=True)],
+                                                     steps, repeats)
+                        record(name, d, "torch.compile", c, ratio=r)
                     except Exception as e:  # torch.compile needs a C++ compiler and may fail
                         print(f"  {name}: torch.compile failed: {type(e).__name__}: {str(e)[:80]}")
             else:
-                record(name, d, "-", None)
+                record(name, median_time(dlc_step, steps, repeats), "-", None)
 
+    if section("inference"):
         print("inference")
         steps = max(2, int(300 * scale))
         d = median_time(dlc_forward(HERE / "models" / "mlp784.dln", 1, threads), steps, repeats)
@@ -271,14 +348,14 @@ def main() -> int:
         record("mlp_infer_b1", d, "torch eager" if have_torch else "-", t)
 
     compile_rows, shared = [], []
-    if args.only in (None, "compile"):
+    if section("compile"):
         print("compile time (load .dln -> training step ready)")
         for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln"):
             cold, warm = compile_times(HERE / "models" / file, threads)
             compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
             print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
 
-    if args.only in (None, "shared"):
+    if section("shared"):
         print("shared machine (MLP 784-512-256-10 batch 8, one training step; load before: "
               f"{_loadavg()})")
         shared = shared_machine(HERE / "models" / "mlp784.dln", 8, max(2, int(200 * scale)), repeats)

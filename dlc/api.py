@@ -142,9 +142,9 @@ class Model:
         return "".join(text for _, text in self.stages([stage], batch=batch, mode=mode))
 
     def stages(self, names, batch: int | None = None, mode: str = "train", disabled=(),
-               log=None, target: str = DEFAULT_TARGET) -> list[tuple[str, str]]:
+               log=None, target: str = DEFAULT_TARGET, world: int = 1) -> list[tuple[str, str]]:
         """[(stage, text)] for the requested stages, in pipeline order (`target` prints its
-        own stages: llvm, asm, ...)."""
+        own stages: llvm, asm, ...; `world` > 1: the step of one rank of a data-parallel job)."""
         from dlc import backends, pipeline
         out = []
         if "ast" in names:
@@ -155,19 +155,23 @@ class Model:
         later = [n for n in names if n not in pipeline.PASS_NAMES and n not in ("ast", "graph")]
         if passes or later or log is not None:
             log = log if log is not None else pipeline.Compilation()
-            lowered = self.lower(mode, batch, disabled=disabled, log=log, verify=True)
+            lowered = self.lower(mode, batch, disabled=disabled, log=log, world=world, verify=True)
             out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in passes]
             if later:
                 backend = backends.backend(target, runnable=False)  # printing code needs no GPU
                 program = pipeline.kernel_program(lowered, backend.templates)
+                if set(later) - {"kernel"}:
+                    pipeline.check_collectives(program, backend)
                 target_desc = backend.target({}) if set(later) - {"kernel"} else None
                 out += [(n, format_program(program) if n == "kernel" else backend.dump(program, n, target_desc))
                         for n in later]
         return out
 
-    def compile_graph(self, mode: str, config=None, log=None, disabled=(), verify: bool | None = None) -> Graph:
-        """The training step ("train", after autodiff and the optimizer) or the evaluation
-        graph ("eval"), after the graph passes; shapes are still symbolic."""
+    def compile_graph(self, mode: str, config=None, log=None, disabled=(), world: int = 1,
+                      bucket_bytes: int | None = None, verify: bool | None = None) -> Graph:
+        """The training step ("train", after autodiff and the optimizer; of one of `world`
+        data-parallel ranks) or the evaluation graph ("eval"), after the graph passes;
+        shapes are still symbolic."""
         from dlc.pipeline import step_graph
         if mode == "train":
             config = config or self._require_config()
@@ -175,22 +179,30 @@ class Model:
                 raise ArgumentError(f"model {self.name} has no loss to train")
         else:
             config = None
-        return step_graph(self.built(mode).graph, config, log, disabled, verify)
+        return step_graph(self.built(mode).graph, config, log, disabled, world, bucket_bytes, verify)
 
     def lower(self, mode: str, batch: int | None = None, config=None, log=None, disabled=(),
-              verify: bool | None = None) -> Graph:
+              world: int = 1, verify: bool | None = None) -> Graph:
         """The graph for one batch size after every pass: fused and memory-planned."""
         from dlc.pipeline import lower
         if mode == "train":
             config = config or self._require_config()
         batch = batch or (config.batch if config else self.train_config.batch if self.train_config else 1)
-        return lower(self.compile_graph(mode, config, log, disabled, verify), batch, log, disabled, verify)
+        return lower(self.compile_graph(mode, config, log, disabled, world, verify=verify), batch, log, disabled,
+                     verify)
 
-    def source_key(self, mode: str, config) -> str:
-        """Identifies a compiled graph without building it (compile-cache keys)."""
+    def source_key(self, mode: str, config, world: int = 1, bucket_bytes: int | None = None) -> str:
+        """Identifies a compiled graph without building it (compile-cache keys); a training step
+        of a data-parallel job (`world` ranks: the step is the same for any number > 1) differs."""
         text = getattr(self, "source_text", None) or repr(self.program)
         recipe = f"{config.optimizer}|clip={config.clip}" if mode == "train" and config else ""
+        if mode == "train" and world > 1:
+            recipe += f"|data-parallel|buckets={bucket_bytes}"
         return "\0".join([text, self.name, mode, recipe])
+
+    def layer_state(self) -> list[str]:
+        """State the layers update themselves (batchnorm's running statistics)."""
+        return [k for k, spec in self._train.params.items() if spec.role == "state" and spec.type.dtype.is_float]
 
     def compile_artifact(self, path, batches=None, target: str = DEFAULT_TARGET, **options) -> list[tuple[str, int]]:
         """Compile the training and evaluation steps (one program, for the train block's
@@ -285,14 +297,15 @@ class Model:
             feeds[c.input] = np.full((rows,) + tuple(int(d) for d in c.type.shape[1:]), c.value, c.type.dtype.np)
         return feeds
 
-    def session(self, config=None, target: str = DEFAULT_TARGET, **options):
-        """Compiled training and evaluation steps for a recipe (cached per target/recipe).
+    def session(self, config=None, target: str = DEFAULT_TARGET, world=None, **options):
+        """Compiled training and evaluation steps for a recipe (cached per target/recipe), of
+        one rank of a data-parallel `world` if given.
         options: threads, verbose (a print function), no_cache, cache_dir, profile."""
         from dlc.runtime.trainer import Session
         config = config or self._require_config()
-        key = (target, str(config.optimizer), config.clip, tuple(sorted(options.items(), key=str)))
+        key = (target, str(config.optimizer), config.clip, tuple(sorted(options.items(), key=str)), id(world))
         if key not in self._sessions:
-            self._sessions[key] = Session(self, config, target, options)
+            self._sessions[key] = Session(self, config, target, options, world)
         return self._sessions[key]
 
     def fit(self, x=None, y=None, *, epochs: int | None = None, batch: int | None = None,
@@ -300,7 +313,7 @@ class Model:
             test: float | None = None, validation=None, early_stop=None, keep_best: bool | None = None,
             callbacks=None, shuffle: bool | None = None, quiet: bool = True, log=None, csv=None,
             tensorboard=None, save=None, resume=None, on_epoch=None, batch_size: int | None = None,
-            validation_split: float | None = None, validation_data=None, **options):
+            validation_split: float | None = None, validation_data=None, world="auto", **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
         trains on those arrays (a `test` share is held out, which evaluate() then scores)
         instead of the block's data.
@@ -314,6 +327,8 @@ class Model:
         written after every epoch (keep_best: every better epoch) and on Ctrl-C once a step has
         run; a file already there (unless it is `resume`) is kept as NAME.prev.npz.
         Keras' names work too: batch_size, validation_split, validation_data, verbose (0: quiet).
+        Started by mpiexec (`world="auto"`), or given a World, the process is one rank of a
+        data-parallel job: `batch` is the global batch, and rank 0 alone reports, logs and saves.
         Returns a History (one record of metrics per epoch; `.test`: the test split's)."""
         from dlc.runtime import callbacks as cbs
         from dlc.runtime.prepare import prepare
@@ -342,7 +357,10 @@ class Model:
             raise ArgumentError("a model with `state` reads its batches in order; shuffling would carry the "
                                 "state into unrelated samples", hint="drop shuffle=True (such a model does not "
                                 "shuffle by default)")
-        session = self.session(config, target, **options)
+        if world == "auto":
+            from dlc.runtime.distributed import world_from_env
+            world = world_from_env()
+        session = self.session(config, target, world, **options)
         meta, normalizer = None, self.normalizer
         if resume is not None:
             meta, normalizer = restore(self, Path(resume), self.state)
@@ -530,6 +548,10 @@ _BACKEND_OPTIONS = {
     "no_cache": _FLAG,
     "profile": _FLAG,
     "cache_dir": ("a folder path", lambda v: isinstance(v, (str, os.PathLike))),
+    # data-parallel jobs: start each bucket's exchange when it is ready and wait for it only
+    # where its sums are read; gradient bytes per bucket (passes/data_parallel.py)
+    "overlap": _FLAG,
+    "bucket_bytes": ("a positive number of bytes", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
 }
 
 

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip an optional pass (repeatable), for debugging")
     p.add_argument("--batch", type=_positive_int, help="batch size to compile for (default: the train block's)")
     p.add_argument("--eval", action="store_true", help="compile the evaluation graph instead of the training step")
+    p.add_argument("--ranks", type=_positive_int, default=1, metavar="N",
+                   help="compile the step of one rank of an N-process data-parallel job (with the `shard` "
+                        "and `allreduce` stages; --batch is then the rank's share)")
     p.add_argument("-o", "--output", metavar="OUT",
                    help="write the compiled training and evaluation steps (one program, for the train "
                         "block's batch size) to OUT (e.g. model.dlcx), which `dlc run OUT` and "
@@ -76,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
     p.add_argument("--batch", type=_positive_int, help="mini-batch size (1 = stochastic, the data "
                    "set size = full batch); the training and evaluation steps are compiled once for "
-                   "it, and a smaller last batch is padded to it with exactly the unpadded results")
+                   "it, and a smaller last batch is padded to it with exactly the unpadded results; with "
+                   "several ranks, the global batch, which the ranks split")
     p.add_argument("--lr", type=_positive_float, help="initial learning rate")
     p.add_argument("--seed", type=_non_negative_int, help="random seed (initialization, shuffling, dropout)")
     p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
@@ -101,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", metavar="DIR",
                    help="write TensorBoard event files into DIR (needs: pip install 'dlc[tensorboard]')")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the final result")
+    p.add_argument("--ranks", type=_positive_int, metavar="N",
+                   help="train as N data-parallel processes on this machine: runs `mpiexec -n N` on this "
+                        "command (pip install 'dlc[mpi]'). The recipe's batch stays the global batch: each "
+                        "rank trains on its share of every batch and the gradients are summed, so N ranks "
+                        "train the same model as one process. Under mpiexec (e.g. `mpiexec -f hosts -n 8 "
+                        "dlc run FILE` across machines) leave it out")
     p.add_argument("--profile", action="store_true",
                    help="after training, print the time spent in each kernel and each .dln line")
 
@@ -309,10 +319,12 @@ def cmd_compile(args) -> int:
         _output_path(args.dump_dir, "--dump-dir", folder=True)
     model = load(args.file, args.model)
     disabled = check_disabled(args.disable_pass)
+    _check_stage_targets(args.dump_ir, stages, args.target)
     names = select_stages(args.dump_ir or ("all" if args.dump_dir else ""), stages)
     mode = "eval" if args.eval or model.train_config is None else "train"
     log = Compilation()
-    dumps = model.stages(names, batch=args.batch, mode=mode, disabled=disabled, log=log, target=args.target)
+    dumps = model.stages(names, batch=args.batch, mode=mode, disabled=disabled, log=log, target=args.target,
+                         world=args.ranks)
     if args.dump_dir:
         out = Path(args.dump_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -337,6 +349,9 @@ def cmd_compile(args) -> int:
     if args.explain_fusion:
         fused = log.last("fuse")
         print(fused.graph.meta["fusion"].explain(fused.graph), end="")
+    if args.output and args.ranks > 1:
+        raise UsageError("-o writes one-process steps; a data-parallel job compiles its own (through the cache)",
+                         hint="leave out --ranks to write an artifact")
     if args.output:
         steps = model.compile_artifact(args.output, target=args.target, **_backend_options(args))
         print(f"wrote {args.output}: {model.name}, steps " + ", ".join(f"{m} batch {b}" for m, b in steps))
@@ -379,27 +394,39 @@ def _load_with_overrides(args):
 
 def cmd_run(args) -> int:
     from dlc import backends
+    from dlc.runtime import distributed
     from dlc.runtime.trainer import Interrupted, kept_note
+    launched = distributed.launched_size()
+    if args.ranks and args.ranks > 1 and launched == 1:  # start the job: this command, N times
+        return distributed.launch(args.ranks, distributed.without_ranks(args.argv))
+    if args.ranks and launched > 1 and args.ranks != launched:
+        raise UsageError(f"--ranks {args.ranks}, but mpiexec started {launched} ranks",
+                         hint="under mpiexec, leave --ranks out")
     backends.backend(args.target)  # a target that cannot run here fails before anything starts
+    world = distributed.world_from_env()
+    lead = world is None or world.lead
     model = _load_with_overrides(args)
     cfg = model.train_config
     save = args.save or cfg.checkpoint
-    quiet = args.quiet
+    quiet = args.quiet or not lead
     if args.tensorboard:
         _output_path(args.tensorboard, "--tensorboard", folder=True)
     for path, flag in ((args.csv, "--csv"), (args.log, "--log")):
         if path:
             _output_path(path, flag)
     if not quiet:
-        print(_header(model, cfg, args), file=sys.stderr)
+        print(_header(model, cfg, args, world), file=sys.stderr)
     try:
         history = model.fit(epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
                             target=args.target, quiet=quiet, log=args.log, csv=args.csv,
                             tensorboard=args.tensorboard, save=save, resume=args.resume,
-                            keep_best=True if args.keep_best else None, **_backend_options(args))
+                            keep_best=True if args.keep_best else None, world=world, **_backend_options(args))
     except Interrupted as e:
-        print(f"dlc: {e}", file=sys.stderr)
+        if lead:
+            print(f"dlc: {e}", file=sys.stderr)
         return 130
+    if not lead:
+        return 0
     last = dict(history.epochs[-1]) if history.epochs else {}
     last.update({f"test_{k}": v for k, v in history.test.items()})
     if history.best_epoch is not None:
@@ -407,15 +434,18 @@ def cmd_run(args) -> int:
         last.update({k: v for k, v in best.items() if k.startswith(("train_", "val_"))})
     print(_final_line(model.name, last, sum(e["seconds"] for e in history.epochs), history))
     if args.profile:
-        print(model.session(model.train_config, args.target, **_backend_options(args)).profile_report(), end="")
+        session = model.session(model.train_config, args.target, world, **_backend_options(args))
+        print(session.profile_report(), end="")
+        if world is not None:
+            print(f"rank 0 spent {world.comm_seconds:.3f} s in gradient exchanges")
     if save:
         print(f"saved {save}{kept_note(history)}")
     return 0
 
 
-def _header(model, cfg, args) -> str:
+def _header(model, cfg, args, world=None) -> str:
     """`training mlp on digits(test=0.2) with adam(lr=0.01, ...)`: the optimizer as it runs,
-    --lr included, and the schedule's own rates when it sets them."""
+    --lr included, and the schedule's own rates when it sets them; a data-parallel job's ranks."""
     import dataclasses
     opt = cfg.optimizer
     if args.lr is not None:
@@ -425,8 +455,10 @@ def _header(model, cfg, args) -> str:
         extra.append(f"validation {cfg.validation}")
     if cfg.early_stop is not None:
         extra.append(f"{cfg.early_stop}")
+    ranks = "" if world is None else \
+        f", {world.size} ranks: " + ", ".join(f"{r}: pid {p} on {h}" for r, (p, h) in enumerate(world.places))
     return (f"training {model.name} on {cfg.data} with {opt}" + "".join(f", {e}" for e in extra) +
-            f" (batch {args.batch or cfg.batch}, {args.epochs or cfg.epochs} epochs, target {args.target})")
+            f" (batch {args.batch or cfg.batch}, {args.epochs or cfg.epochs} epochs, target {args.target}{ranks})")
 
 
 def _final_line(name: str, rec: dict, seconds: float, history=None) -> str:
@@ -606,6 +638,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _python_showwarning = warnings.showwarning
 
 
+def _check_stage_targets(spec: str | None, stages: dict, target: str) -> None:
+    """`--dump-ir=ptx` without `--target cuda`: name the target that has the stage."""
+    from dlc import backends
+    for name in (s.strip() for s in (spec or "").split(",")):
+        if name and name != "all" and name not in stages:
+            owners = [t for t in backends.names()
+                      if name in backends.backend(t, runnable=False).stages]
+            if owners:
+                raise UsageError(f"IR stage `{name}` belongs to target `{owners[0]}`, not `{target}`",
+                                 hint=f"add --target {owners[0]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
@@ -616,20 +660,42 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except UsageError as e:
-        print(f"dlc: {e.render()}", file=sys.stderr)
-        return 2
+        code = _report(f"dlc: {e.render()}", 2)
     except DlcError as e:
-        print(e.render(), file=sys.stderr)
-        return 1
+        code = _report(e.render(), 1)
     except KeyboardInterrupt:
-        print("dlc: interrupted", file=sys.stderr)
-        return 130
+        code = _report("dlc: interrupted", 130)
     except BrokenPipeError:
-        return 0
+        code = 0
+    return _end_job(code)
+
+
+def _report(message: str, code: int) -> int:
+    """Print an error; in a data-parallel job, rank 0 says it, and another rank only when
+    rank 0 has not ended the job within a second (the error was its own)."""
+    from dlc.runtime.distributed import World
+    world = World.current()
+    if world is not None and not world.lead:
+        import time
+        time.sleep(1.0)
+        message = f"[rank {world.rank}] {message}"
+    print(message, file=sys.stderr)
+    return code
+
+
+def _end_job(code: int) -> int:
+    """A rank of a data-parallel job that ends: after every rank, or stopping them all."""
+    from dlc.runtime.distributed import World
+    world = World.current()
+    if world is not None:
+        world.end(code)
+    return code

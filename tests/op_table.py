@@ -257,10 +257,11 @@ def _fmix32(h):
     return h
 
 
-def np_random(seed, step, shape, stream):
+def np_random(seed, step, shape, stream, first=0):
     key = _fmix32(int(seed) & _MASK ^ int(_fmix32(int(stream) ^ int(_fmix32(int(step) & _MASK)))))
     n = int(np.prod(shape))
-    bits = _fmix32(((np.arange(n, dtype=np.uint64) * 0x9E3779B1) & _MASK) ^ key)
+    index = np.arange(n, dtype=np.uint64) + int(first) * (n // shape[0] if shape else 0)  # from row `first` on
+    bits = _fmix32(((index * 0x9E3779B1) & _MASK) ^ key)
     return ((bits >> 8).astype(np.float64) / 2.0 ** 24).astype(np.float32).reshape(shape)
 
 
@@ -650,6 +651,63 @@ CONV = [
       attrs={"kernel": (3, 3), "stride": (1, 1), "pad": (0, 0)}, tol32=MATMUL_TOL, id="plain"),
 ]
 
+# The CPU backend's convolution templates (im2col packed on the fly into GEMM panels): each
+# packing mode (a whole plane contiguous, grid rows, stride-2 shuffles, gathers), bwd data
+# by output phases (vector and scalar interleave, phases no tap reaches), several K and
+# column blocks, channels that are not multiples of the register tile or vector width,
+# batches split by image and by channel. The templates are the gradients, so no finite
+# differences (and the shapes are larger than those rows allow; their float32 sums are long).
+def _conv(op, shapes, ref, attrs, id):
+    return P(op, shapes, ref, attrs=attrs, tol32=(1e-4, 1e-4), grad="none", id=id)  # long float32 sums
+
+
+def _s(stride, pad):
+    return {"stride": stride, "pad": pad}
+
+
+CONV_TEMPLATES = [
+    _conv("conv2d", [(2, 5, 6, 7), (3, 5, 1, 1)], np_conv2d, _s((1, 1), (0, 0)), "t-1x1"),
+    _conv("conv2d", [(3, 17, 9, 11), (19, 17, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-3x3-pad1-odd-channels"),
+    _conv("conv2d", [(5, 3, 12, 13), (4, 3, 5, 5)], np_conv2d, _s((1, 1), (2, 2)), "t-5x5-pad2"),
+    _conv("conv2d", [(2, 6, 9, 11), (7, 6, 3, 3)], np_conv2d, _s((2, 2), (1, 1)), "t-stride2-pad1-odd"),
+    _conv("conv2d", [(1, 4, 10, 9), (5, 4, 3, 2)], np_conv2d, _s((3, 3), (1, 0)), "t-stride3-gather"),
+    _conv("conv2d", [(4, 3, 10, 19), (6, 3, 3, 3)], np_conv2d, _s((1, 1), (0, 0)), "t-valid-rows"),
+    _conv("conv2d", [(2, 2, 6, 5), (2, 2, 3, 2)], np_conv2d, _s((1, 1), (0, 0)), "t-narrow-rows"),
+    _conv("conv2d", [(1, 48, 20, 20), (9, 48, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch1-blocks"),
+    # K = 47*9 = 423: two K blocks of 212 rows, the boundary inside a channel's taps (and below)
+    _conv("conv2d", [(1, 47, 7, 9), (13, 47, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-kblock-mid-channel"),
+    _conv("conv2d_bwd_data", [(2, 3, 4, 4), (3, 5, 1, 1)], np_conv2d_bwd_data,
+          dict(_s((2, 2), (0, 0)), in_hw=(8, 7)), "t-1x1-stride2"),
+    _conv("conv2d_bwd_data", [(5, 19, 9, 11), (19, 17, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (1, 1)), in_hw=(9, 11)), "t-3x3-pad1-odd-channels"),
+    _conv("conv2d_bwd_data", [(1, 4, 12, 13), (4, 3, 5, 5)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (2, 2)), in_hw=(12, 13)), "t-5x5-pad2-batch1"),
+    _conv("conv2d_bwd_data", [(3, 7, 5, 6), (7, 6, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((2, 2), (1, 1)), in_hw=(9, 11)), "t-stride2-pad1-odd"),
+    _conv("conv2d_bwd_data", [(2, 5, 4, 3), (5, 4, 3, 2)], np_conv2d_bwd_data,
+          dict(_s((3, 3), (1, 0)), in_hw=(10, 9)), "t-stride3"),
+    _conv("conv2d_bwd_data", [(4, 6, 8, 17), (6, 3, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (0, 0)), in_hw=(10, 19)), "t-valid-rows"),
+    _conv("conv2d_bwd_data", [(1, 48, 20, 20), (48, 9, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (1, 1)), in_hw=(20, 20)), "t-batch1-blocks"),
+    _conv("conv2d_bwd_data", [(2, 47, 7, 9), (47, 5, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (1, 1)), in_hw=(7, 9)), "t-kblock-mid-channel"),
+    _conv("conv2d_bwd_filter", [(2, 5, 8, 7), (2, 3, 4, 4)], np_conv2d_bwd_filter,
+          dict(_s((2, 2), (0, 0)), kernel=(1, 1)), "t-1x1-stride2"),
+    _conv("conv2d_bwd_filter", [(3, 17, 9, 11), (3, 19, 9, 11)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-3x3-pad1-odd-channels"),
+    _conv("conv2d_bwd_filter", [(1, 3, 12, 13), (1, 4, 12, 13)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (2, 2)), kernel=(5, 5)), "t-5x5-pad2-batch1"),
+    _conv("conv2d_bwd_filter", [(2, 6, 9, 11), (2, 7, 5, 6)], np_conv2d_bwd_filter,
+          dict(_s((2, 2), (1, 1)), kernel=(3, 3)), "t-stride2-pad1-odd"),
+    _conv("conv2d_bwd_filter", [(1, 4, 10, 9), (1, 5, 4, 3)], np_conv2d_bwd_filter,
+          dict(_s((3, 3), (1, 0)), kernel=(3, 2)), "t-stride3-gather"),
+    _conv("conv2d_bwd_filter", [(2, 3, 30, 30), (2, 6, 30, 30)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-position-blocks"),
+    _conv("conv2d_bwd_filter", [(1, 48, 6, 6), (1, 9, 6, 6)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-many-rows"),
+]
+
 _POOL = [("max", (2, 2), (2, 2), (0, 0), (2, 3, 7, 5), "k2"),
          ("max", (3, 3), (2, 2), (1, 1), (2, 3, 7, 6), "k3-s2-pad1"),
          ("max", (3, 1), (1, 1), (0, 0), (1, 2, 5, 3), "k31-s1"),
@@ -663,6 +721,12 @@ for _mode, _k, _s, _p, _shape, _id in _POOL:
     # max mode has no second derivative: autodiff must refuse it with a DlcError
     POOL.append(P("pool2d_bwd", [_shape, _gshape], np_pool_bwd, attrs=_attrs, id=f"{_mode}-{_id}",
                   grad="raises" if _mode == "max" else "fd"))
+
+# ties: the vectorized max gradient sends each window's gradient to its first maximum
+POOL += [P("pool2d_bwd", [(2, 3, 9, 37), (2, 3, 4, 18)], np_pool_bwd, inputs=[small_ints_f32, DOMAIN],
+           attrs={"mode": "max", "kernel": (2, 2), "stride": (2, 2), "pad": (0, 0)}, grad="none", id="max-k2-ties"),
+         P("pool2d", [(2, 3, 9, 37)], np_pool, inputs=[small_ints_f32],
+           attrs={"mode": "max", "kernel": (3, 2), "stride": (1, 2), "pad": (1, 0)}, grad="none", id="max-k32-s12")]
 
 GATHER = [
     P("take", [(N, 4), (2, 5)], np_take, inputs=[DOMAIN, ints(0, N)], id="repeats"),
@@ -686,10 +750,23 @@ SOURCES = [
       inputs=[scalar_i32(7), scalar_i32(3)], grad="none"),
     P("random", [(), ()], np_random, attrs={"shape": (33,), "stream": 0},
       inputs=[scalar_i32(-1), scalar_i32(0)], grad="none", id="negative-seed"),
+    P("random", [(), (), ()], lambda seed, step, first, shape, stream: np_random(seed, step, shape, stream, first),
+      attrs={"shape": (M, N), "stream": 5}, inputs=[scalar_i32(7), scalar_i32(3), scalar_i32(11)], grad="none",
+      id="from-row-11"),
+    P("random", [(), (), (), ()], lambda seed, step, first, total, shape, stream, axis:
+      np_random(seed, step, (2, int(total), 5), stream)[:, first:first + 3],
+      attrs={"shape": (2, 3, 5), "stream": 9, "axis": 1},
+      inputs=[scalar_i32(4), scalar_i32(1), scalar_i32(2), scalar_i32(7)], grad="none", id="slice-of-axis-1"),
+]
+
+# allreduce: the sum over the ranks of a data-parallel job; a test process is a job of one
+COLLECTIVES = [
+    P("allreduce", [(M, N)], lambda x, bucket, part: x, attrs={"bucket": -1, "part": 0}),
+    P("allreduce", [()], lambda x, bucket, part: x, attrs={"bucket": 3, "part": 1}, id="scalar"),
 ]
 
 PRIMITIVES: list[OpCase] = (UNARY + CASTS + BINARY + COMPARE + WHERE + REDUCE + MOVEMENT + MATMUL + CONV
-                            + POOL + GATHER + SOURCES)
+                            + CONV_TEMPLATES + POOL + GATHER + SOURCES + COLLECTIVES)
 
 
 # --- composite rows ------------------------------------------------------------------------------
@@ -733,6 +810,8 @@ COMPOSITES: list[OpCase] = [
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-2d"),
     C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=True, **p),
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-4d"),
+    C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=True, **p), attrs={"sync": True},
+      params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-4d-sync"),
     C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=False, **p),
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, training=False, id="eval-4d"),
     C("embedding", [(2, 5)], lambda x, table: table[x], attrs={"vocab": N, "dim": 4}, inputs=[ints(0, N)]),

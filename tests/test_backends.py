@@ -139,3 +139,13 @@ def test_a_changed_layer_definition_misses_the_cache(tmp_path):
     loss3, said = run()
     assert "compile cache hit" not in said and "miss" in said
     assert loss3 != loss1
+
+
+def test_a_stage_of_another_target_names_that_target(capsys):
+    from dlc import cli
+    example = str(Path(__file__).resolve().parent.parent / "examples" / "digits_mlp.dln")
+    assert cli.main(["compile", example, "--dump-ir=ptx"]) == 2
+    err = capsys.readouterr().err
+    assert "IR stage `ptx` belongs to target `cuda`, not `cpu`" in err and "hint: add --target cuda" in err
+    assert cli.main(["compile", example, "--dump-ir=nonsense"]) == 2
+    assert "unknown IR stage `nonsense`" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +170,23 @@ def test_failed_write_with_keep_previous_leaves_the_old_file_in_place(ckpt, monk
     with pytest.raises(CheckpointError):
         save_checkpoint(ckpt, {"w": np.ones(3)}, {"model": "other"}, keep_previous=True)
     assert _files(ckpt.parent) == [ckpt.name]
+
+
+def test_keep_previous_never_leaves_the_path_empty(ckpt, monkeypatch):
+    """A kill after the old file is kept aside and before the new one is in place must still
+    find a checkpoint at the path (the old one), not only the .prev copy."""
+    real_replace = os.replace
+
+    def killed_before_the_new_file_lands(src, dst):
+        if Path(dst) == ckpt:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", killed_before_the_new_file_lands)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(ckpt, {"w": np.ones(3)}, {"model": "new"}, keep_previous=True)
+    assert load_checkpoint(ckpt)[1]["model"] == "mlp"
+    assert sorted(name for name in _files(ckpt.parent) if not name.endswith(".tmp")) == \
+        ["model.ckpt.npz", "model.ckpt.prev.npz"]
 
 
 _KILLED_SAVE = """

@@ -142,7 +142,9 @@ def test_resnet_training_steps_emulated_at_batch_2():
 
 
 def _rows():
-    return [c for c in ALL if not c.xfail]
+    # allreduce and batchnorm(sync=true) make Collective parts, which this backend does not
+    # run (Backend.collectives is False: data-parallel jobs on it are refused)
+    return [c for c in ALL if not c.xfail and c.op != "allreduce" and not c.attrs.get("sync")]
 
 
 def _chunks():

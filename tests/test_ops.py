@@ -148,6 +148,8 @@ class Built:
             if ctx._rng is not None:
                 self.feeds["seed"] = np.asarray(DROPOUT_SEED, np.int32)
                 self.feeds["step"] = np.asarray(DROPOUT_STEP, np.int32)
+            if any(g.node(i).attrs["name"] == "shard_weight" for i in g.inputs("hyper")):
+                self.feeds["shard_weight"] = np.asarray(1.0, np.float32)  # a job of one: all of the batch
             self.update_names = {f"update:{full}": f"update:{short}" for short, full, _ in ctx.created}
         else:
             out = b.emit(ops.OPS[case.op], tuple(values), **case.attrs)

@@ -100,7 +100,7 @@ def stage_params():
     out = []
     for ex in EXAMPLES:
         for mode in ("train", "eval"):
-            names = [p.name for p in GRAPH_PASSES if mode == "train" or not p.train_only]
+            names = [p.name for p in GRAPH_PASSES if (mode == "train" or not p.train_only) and not p.parallel_only]
             names += [p.name for p in LOWER_PASSES]
             for i, name in enumerate(names):
                 out.append(pytest.param(ex, mode, i, id=f"{ex}-{mode}-{i:02d}_{name}"))

@@ -4,7 +4,12 @@ template in templates.py), and one step function per program.
 The step function `dlc_step(ptr table, i32 tid, i32 nthreads)` runs every kernel part in
 phase order with a barrier between phases; every thread runs it (SPMD). Its buffers are
 table[0] = arena, table[1] = barrier state, table[2] = scratch, table[3] = profile
-counters, then one slot per input/state buffer in `Layout.slots` order.
+counters, table[4] = the host's collective function, then one slot per input/state
+buffer in `Layout.slots` order.
+
+A Collective part (a data-parallel job's exchange) is a call from thread 0 to the host
+function, `void host(i32 bucket, i32 mode)` (mode: COLLECTIVE_MODES' index), through
+table[4]; the runtime (runtime.py) runs the exchange on the bucket's buffers and returns.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 
 from llvmlite import ir
 
-from dlc.core.kernel import Buffer, KernelProgram, LoopNest, Template
+from dlc.core.kernel import COLLECTIVE_MODES, Buffer, Collective, KernelProgram, LoopNest, Template
 from dlc.core.kernel import buffers_of as kernel_buffers
 from dlc.core.types import DType
 
@@ -21,7 +26,9 @@ from .emit import Emitter, emit_nest
 from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, memory_type, set_target
 from .templates import emit_template
 
-FIXED_SLOTS = 4  # arena, barrier, scratch, profile
+FIXED_SLOTS = 5  # arena, barrier, scratch, profile, host collective function
+# templates that use the per-thread scratch space (GEMM and im2col packing)
+SCRATCH_TEMPLATES = frozenset({"matmul", "conv2d", "conv2d_bwd_data", "conv2d_bwd_filter"})
 # Loop nests with fewer iterations than this (reductions counted in), and serial ones, are
 # optimized for size: LLVM neither unrolls nor interleaves them (they gain nothing from it,
 # and at O3 a tiny loop with a static trip count becomes a page of unrolled code).
@@ -53,7 +60,7 @@ def buffers_of(part) -> list[Buffer]:
     """The buffers a part's function takes: the kernel IR's, plus per-thread packing
     space for the GEMM."""
     out = kernel_buffers(part)
-    if isinstance(part, Template) and part.op == "matmul":
+    if isinstance(part, Template) and part.op in SCRATCH_TEMPLATES:
         out.append(Buffer("__scratch__", DType.f32, (0,), "scratch"))
     return out
 
@@ -84,7 +91,7 @@ class ModuleBuilder:
         # per entry: (phase, kernel, fn, buffers) in call order
         self.entry_parts: dict[str, list[tuple[int, str, ir.Function, list[Buffer]]]] = {}
         self.parts = []  # the first entry's (a single program's)
-        self.gemms: dict = {}  # (module index, spec) -> GemmInfo: one function per shape and module
+        self.gemms: dict = {}  # (module index, spec, tile epilogue key) -> GemmInfo: one function each
         self.shared = 0  # parts that reuse an identical function
         self._by_key: dict = {}
         # kernels are external symbols (the step calls them across modules): a name unique to
@@ -111,8 +118,12 @@ class ModuleBuilder:
         for entry, program in self.programs.items():
             prefix = f"{entry}." if entry else ""
             parts = self.entry_parts[entry] = []
+            self.program = program  # the program being built (templates look at its other kernels)
             for k in program.kernels:
                 for j, part in enumerate(k.parts):
+                    if isinstance(part, Collective):  # a call to the host from the step itself
+                        parts.append((k.phase, k.name, None, part))
+                        continue
                     index = self._module_for(part)
                     self.module = self.modules[index]
                     buffers = buffers_of(part)
@@ -130,6 +141,7 @@ class ModuleBuilder:
                     self._load[index] = _size(self.module)
                     parts.append((k.phase, k.name, fn, buffers))
         self.parts = next(iter(self.entry_parts.values()))
+        self.program = next(iter(self.programs.values()))
         self.module = self.modules[0]
         for entry, program in self.programs.items():
             self._step(entry, program)
@@ -140,9 +152,9 @@ class ModuleBuilder:
         shape (the evaluation step's forward matmuls have the training step's shapes)."""
         spec = _gemm_spec(part)
         if spec is not None:
-            for index, other in self.gemms:
-                if other == spec:
-                    return index
+            for key in self.gemms:  # (module index, spec, register-tile epilogue key)
+                if key[1] == spec:
+                    return key[0]
         return self._load.index(min(self._load))
 
     def _dedupe(self, fn: ir.Function, key) -> ir.Function:
@@ -185,7 +197,8 @@ class ModuleBuilder:
         table, tid, nthreads = fn.args
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         slot = lambda k: b.load(gep(b, table, i64(k), PTR), typ=PTR)  # noqa: E731
-        arena, barrier, scratch, counters = slot(0), slot(1), slot(2), slot(3)
+        arena, barrier, scratch, counters, host = slot(0), slot(1), slot(2), slot(3), slot(4)
+        host = _Indirect(host, HOST_FN)
         pointers = {}
         slots = list(program.inputs) + list(program.state)
         for i, name in enumerate(slots):
@@ -202,8 +215,12 @@ class ModuleBuilder:
                 b.call(barrier_fn, [barrier, nthreads])
             last_phase = phase
             t0 = b.call(_cycles(self.module), []) if self.profile else None
-            args = [pointers[buf.name] if buf.name in pointers else pointers["__scratch__"] for buf in buffers]
-            b.call(self._callee(part_fn), args + [tid, nthreads])
+            if part_fn is None:  # a Collective: thread 0 calls the host, the others go on
+                with b.if_then(is_main):
+                    b.call(host, [i32(buffers.bucket), i32(COLLECTIVE_MODES.index(buffers.mode))])
+            else:
+                args = [pointers[buf.name] if buf.name in pointers else pointers["__scratch__"] for buf in buffers]
+                b.call(self._callee(part_fn), args + [tid, nthreads])
             if self.profile:
                 with b.if_then(is_main):
                     cell = gep(b, counters, i64(index), I64)
@@ -218,6 +235,20 @@ class ModuleBuilder:
                                                   ir.Constant(I1, 0)])
         b.call(barrier_fn, [barrier, nthreads])
         b.ret_void()
+
+
+HOST_FN = ir.FunctionType(VOID, [I32, I32])
+
+
+class _Indirect:
+    """A function pointer as a callee: llvmlite reads the type of a call's callee from it
+    (with opaque pointers a loaded pointer does not know it)."""
+
+    def __init__(self, pointer: ir.Value, function_type: ir.FunctionType):
+        self.pointer, self.function_type, self.type = pointer, function_type, pointer.type
+
+    def get_reference(self) -> str:
+        return self.pointer.get_reference()
 
 
 def _gemm_spec(part):

@@ -1306,7 +1306,7 @@ def import_model(path, model_name: str | None = None, train: bool = True) -> Imp
     lines = [f"# Imported from {path.name} by `dlc import` (ONNX opset {imp.opset}"
              + (f", made by {proto.producer_name} {proto.producer_version}".rstrip() if proto.producer_name else "")
              + ").",
-             f"# Weights: the checkpoint written beside this file (dlc predict/eval --weights, dlc run --resume).",
+             "# Weights: the checkpoint written beside this file (dlc predict/eval --weights, dlc run --resume).",
              f"model {name}({', '.join(imp.inputs)}) -> {imp.result_type} {{"]
     lines += imp.param_decls
     lines += [s.render() for s in imp.stmts]

@@ -14,7 +14,7 @@ from dlc.core import ops
 from dlc.core.builder import GraphBuilder, Value
 from dlc.core.diagnostics import ArgumentError
 from dlc.language.initializers import GLOROT_UNIFORM, HE_NORMAL, ONES, ZEROS, Init
-from dlc.core.types import DType, Sym, dim_div, dim_mul, numel
+from dlc.core.types import DType, Sym, TensorType, dim_div, dim_mul, numel
 
 
 class Tensor:
@@ -233,9 +233,11 @@ def dropout(ctx: LayerContext, x: Tensor, p: float = 0.5) -> Value:
 
 
 @builtin("layer")
-def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 1e-5) -> Value:
+def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 1e-5, sync: bool = False) -> Value:
     """Batch normalization over axis 1 ([N, C] or [N, C, H, W]); batch statistics while
-    training (updating running statistics), running statistics in evaluation."""
+    training (updating running statistics), running statistics in evaluation. With
+    sync=true, the statistics of a data-parallel job's global batch (summed over ranks),
+    instead of each rank's shard's."""
     if x.rank not in (2, 4):
         raise arg_error(f"`batchnorm` needs [N, C] or [N, C, H, W], got {x.type}", "x")
     _float(x, "batchnorm", f32=True)
@@ -259,6 +261,17 @@ def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 
     if ctx.training:
         if x.rank == 2 or x.shape[2:] == (1, 1):  # the trainer refuses batches of one: no variance
             b.graph.meta.setdefault("one_value_per_channel", b.span)
+    if ctx.training and sync:
+        # sums and counts over every rank's shard (a rank without samples this step counts 0)
+        has = b.cast(b.gt(_hyper(b, "shard_weight", DType.f32), 0.0), DType.f32)
+        n = b.emit(ops.ALLREDUCE, (b.size(x, axes) * has,))
+        mean = b.emit(ops.ALLREDUCE, (b.sum(x, axes) * has,)) / n
+        centered = x - per_channel(mean)
+        var = b.emit(ops.ALLREDUCE, (b.sum(centered * centered, axes) * has,)) / n
+        unbiased = var * n / b.maximum(n - 1.0, 1.0)
+        ctx.update(run_mean, run_mean * (1.0 - momentum) + mean * momentum)
+        ctx.update(run_var, run_var * (1.0 - momentum) + unbiased * momentum)
+    elif ctx.training:
         mean = b.mean(x, axes)
         centered = x - per_channel(mean)
         var = b.mean(centered * centered, axes)
@@ -892,6 +905,15 @@ def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str, logits:
 # arithmetic); anything else (reshape, indexing, reductions, concat) drops it
 KEEPS_MASK = frozenset({"dense", "dropout", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "log_softmax",
                         "gelu", "exp", "log", "sqrt", "abs", "clip", "maximum", "minimum"})
+
+
+def _hyper(b: GraphBuilder, name: str, dtype: DType) -> Value:
+    """The scalar input `name` (role hyper: fed by the runtime every step), created once."""
+    try:
+        return b.value(b.graph.input_named(name))
+    except KeyError:
+        with b.at(None):
+            return b.input(name, TensorType(dtype, ()), "hyper")
 
 
 def _positive(v: int, name: str, layer: str) -> None:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -128,7 +129,7 @@ def _write_atomically(path: Path, members: dict[str, np.ndarray], keep_previous:
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is an ordinary file
         if keep_previous and path.is_file():
             previous = previous_path(path)
-            os.replace(path, previous)
+            _keep_copy(path, previous)  # `path` stays in place until the new file replaces it
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C included: never leave a half-written temporary behind
         with contextlib.suppress(OSError):
@@ -136,6 +137,24 @@ def _write_atomically(path: Path, members: dict[str, np.ndarray], keep_previous:
         raise
     _fsync_dir(path.parent)
     return previous
+
+
+def _keep_copy(path: Path, copy: Path) -> None:
+    """`copy` becomes the file at `path` (a hard link, or a copy where links are not
+    supported), atomically: a kill at any moment leaves `path` intact."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copy2(path, tmp)
+        os.replace(tmp, copy)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _remove_stale_temporaries(path: Path) -> None:

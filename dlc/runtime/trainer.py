@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from dlc import __version__, backends
-from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError
+from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError, UsageError
 from dlc.language.recipe import Spec
 from dlc.program import VALID, make_programs
 
@@ -80,23 +80,44 @@ class History:
 class Session:
     """One model's compiled training and evaluation steps over one shared state.
 
-    Graphs are built lazily: a native step found in the compile cache needs none."""
+    Graphs are built lazily: a native step found in the compile cache needs none.
+    With a `world` (dlc/runtime/distributed.py) it is one rank of a data-parallel job: its
+    training step runs on its shard of each global batch (compiled for the largest shard,
+    smaller ones padded), and it evaluates every world.size-th chunk of the held-out data, in
+    chunks of the compiled size (the sums are then added up over ranks)."""
 
-    def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None):
+    def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None,
+                 world=None):
         self.model = model
         self.config = config
         self.target = target
         self.input_name = model.input_types[0][0]
         self.state = model.state
         self._graphs: dict[str, object] = {}
+        self.world = world
+        if world is not None and model.built("eval").carries:  # its streams of samples are not sharded yet
+            raise UsageError(f"model {model.name} carries a `state` from batch to batch, which a "
+                             "data-parallel job cannot train yet", hint="train it in one process")
+        ranks = world.size if world is not None else 1
+        options = dict(options or {})
+        self.bucket_bytes = options.pop("bucket_bytes", None)  # gradients per exchange (data-parallel)
+        if world is not None:  # exchanges overlap the rest of the backward pass: measured faster
+            if options.get("threads") in (None, "auto"):  # the ranks on this machine share its cores
+                options["threads"] = world.default_threads()
+            options = {"overlap": True, **options}
+            if not backends.backend(target).collectives:
+                raise UsageError(f"target `{target}` cannot run a data-parallel job yet: its steps have no "
+                                 "collective exchange", hint="train with --target cpu, or in one process")
         if not backends.backend(target).lowers:  # an interpreter needs the optimizer state up front
             model.ensure_state(self.graph("train"))
-        # one program, two entry points: compiled together, once per batch size
+        # one program, two entry points: compiled together, once per batch size (evaluation
+        # exchanges nothing: its entry is one process's step also in a data-parallel job)
         self.program = make_programs(
             target, {mode: (lambda mode=mode: self.graph(mode)) for mode in ("train", "eval")}, self.state,
-            keys={mode: model.source_key(mode, config) for mode in ("train", "eval")}, name=model.name,
-            data_name=self.input_name, preloaded={b: s for (t, b), s in model.preloaded.items() if t == target},
-            options=options)
+            keys={mode: model.source_key(mode, config, ranks, self.bucket_bytes) for mode in ("train", "eval")},
+            name=model.name, data_name=self.input_name,
+            preloaded={b: s for (t, b), s in model.preloaded.items() if t == target and ranks == 1},
+            options=options)  # (artifacts hold one-process steps)
         self.train_program, self.eval_program = self.program.entry("train"), self.program.entry("eval")
         # results other than metrics have a `:` (output:h, a named result; carry:h, a state)
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss") and ":" not in k]
@@ -143,7 +164,9 @@ class Session:
 
     def graph(self, mode: str):
         if mode not in self._graphs:
-            self._graphs[mode] = self.model.compile_graph(mode, self.config)
+            ranks = self.world.size if self.world is not None and mode == "train" else 1
+            self._graphs[mode] = self.model.compile_graph(mode, self.config, world=ranks,
+                                                          bucket_bytes=self.bucket_bytes)
         return self._graphs[mode]
 
     @property
@@ -188,14 +211,19 @@ class Session:
 
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
+        """One step on a global batch (of which a rank of a job takes its shard); the loss and
+        metrics returned are the whole batch's."""
         return self.collect(self.submit(x, y, lr))
 
     def submit(self, x: np.ndarray, y: np.ndarray, lr: float) -> "Pending":
         """Run one training step without reading its results (a GPU step's results may
         still be on their way: `collect` reads them, later steps need not wait). A model's
         `state`s continue from the step submitted before."""
-        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x)),
-                 **self._carry_feeds(self._carried, len(x))}
+        weight, first, total = 1.0, 0, len(x)  # (read by data-parallel steps, and batchnorm(sync=true))
+        if self.world is not None:  # this rank's rows; padded to the compiled batch by the program
+            x, y, weight, first = self.world.shard_feeds(x, y, total)
+        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x)), "shard_weight": weight,
+                 "sample_offset": first, "global_batch": total, **self._carry_feeds(self._carried, len(x))}
         out = self.train_program.run(feeds)
         self._keep_carries(self._carried, out)
         return Pending(feeds, out)
@@ -252,8 +280,10 @@ class Session:
     def use_batch(self, batch: int) -> int:
         """Compile for batches of `batch` rows: smaller ones, such as the last of an epoch
         (or a whole data set smaller than the batch), are padded to it instead of compiled
-        again."""
-        self.program.batch = max(1, batch)
+        again. A rank of a data-parallel job compiles for its largest shard of a global
+        batch of `batch` (every rank the same size: a smaller shard is padded to it)."""
+        batch = max(1, batch)
+        self.program.batch = self.world.shard_capacity(batch) if self.world is not None else batch
         return self.program.batch
 
     def compile_in_background(self, batch: int) -> "Background":
@@ -278,9 +308,14 @@ class Session:
         def add(size: int, out: dict) -> None:
             for k in ["loss"] + self.metrics:
                 totals[k] = totals.get(k, 0.0) + float(out[k]) * size
+        batch = self._chunk(batch, n)
+        parts = self._passes(n, batch)
+        if self.world is not None:  # every rank evaluates its batches with rank 0's statistics
+            self.world.broadcast(self.state, self.model.layer_state())  # (no carried state in a job)
+            parts = (slice(start, start + batch) for start in self.world.batches_of(range(0, n, batch)))
         last = None  # the previous batch's results: read while the next batch runs
         carried: dict = {}
-        for idx in self._passes(n, self._chunk(batch, n)):
+        for idx in parts:
             xb, yb = x[idx], y[idx]
             out = self.eval_program.run({self.input_name: xb, "label": yb, **self._carry_feeds(carried, len(xb))})
             self._keep_carries(carried, out)
@@ -289,6 +324,8 @@ class Session:
             last = (len(xb), out)
         if last:
             add(*last)
+        if self.world is not None and n:
+            totals = self.world.sum_floats(totals, ["loss"] + self.metrics)
         return {k: v / n for k, v in totals.items()} if n else {}
 
     def predict(self, x: np.ndarray, batch: int, results: bool = False):
@@ -444,16 +481,25 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
     history = History()
-    progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet)
+    world = session.world  # a data-parallel job: rank 0 alone reports, logs and saves
+    lead = world is None or world.lead
+    if world is not None:
+        world.check_same(session, data, opts)
+    progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet or not lead)
     header = {"event": "start", "model": session.model.name, "dlc": __version__, "target": session.target,
               "epochs": opts.epochs, "batch": opts.batch, "seed": opts.seed}
-    loggers = open_loggers(header, bool(opts.resume), opts.log_path, opts.csv_path, opts.tensorboard_dir)
+    if world is not None:
+        header["ranks"] = world.size
+    loggers = open_loggers(header, bool(opts.resume), opts.log_path, opts.csv_path, opts.tensorboard_dir) \
+        if lead else []
     position = (start_epoch, skip)  # where a resumed run continues: (epoch, batch)
     first_step = session.global_step
     keep = opts.keep_previous  # only the run's first save may move an existing file aside
 
     def checkpoint(epoch: int, batch: int) -> None:
         nonlocal keep
+        if not lead:
+            return
         moved = save(session.model, opts.save_path, normalizer, epoch, batch, session.global_step,
                      keep_previous=keep)
         history.previous, keep = history.previous or moved, False

@@ -2,8 +2,8 @@
 buffers a part touches, and a check of the contract in the kernel IR's docstring."""
 from __future__ import annotations
 
-from dlc.core.kernel.ir import (Buffer, Clamp, Gather, Ix, KernelProgram, Load, LoopNest, Reduce, Template,
-                                Var, ex_children, ix_children)
+from dlc.core.kernel.ir import (COLLECTIVE_MODES, Buffer, Clamp, Collective, Gather, Ix, KernelProgram, Load,
+                                LoopNest, Reduce, Template, Var, ex_children, ix_children)
 
 
 class FreeVars:
@@ -77,12 +77,27 @@ def walk_ex(roots):
 def nests_of(part) -> list[LoopNest]:
     if isinstance(part, LoopNest):
         return [part]
+    if isinstance(part, Collective):
+        return []
     return [part.epilogue] if part.epilogue else []
+
+
+def collectives_of(program: KernelProgram) -> dict[int, list[Collective]]:
+    """bucket -> its Collective parts (a sync part, or a start and a wait), in program order."""
+    out: dict[int, list[Collective]] = {}
+    for k in program.kernels:
+        for part in k.parts:
+            if isinstance(part, Collective):
+                out.setdefault(part.bucket, []).append(part)
+    return out
 
 
 def buffers_of(part) -> list[Buffer]:
     """Every buffer a kernel part reads or writes, in a stable order."""
     seen: dict[str, Buffer] = {}
+    if isinstance(part, Collective):
+        for buf in part.sources + part.targets:
+            seen.setdefault(buf.name, buf)
     if isinstance(part, Template):
         for buf in part.inputs + (part.output,):
             seen.setdefault(buf.name, buf)
@@ -111,6 +126,22 @@ def check_program(p: KernelProgram) -> None:
                 _check_nest(k.name, nest, free)
             if isinstance(part, Template) and part.epilogue is not None:
                 _check_epilogue(k.name, part)
+    for bucket, parts in collectives_of(p).items():
+        _check_collective(bucket, parts)
+
+
+def _check_collective(bucket: int, parts: list) -> None:
+    modes = [c.mode for c in parts]
+    if any(m not in COLLECTIVE_MODES for m in modes) or modes not in (["sync"], ["start", "wait"]):
+        raise ContractError(f"collective bucket {bucket}: parts {modes}; want one sync, or a start "
+                            "then a wait")
+    first = parts[0]
+    for c in parts:
+        if c.op != "allreduce" or (c.sources, c.targets) != (first.sources, first.targets):
+            raise ContractError(f"collective bucket {bucket}: its parts differ")
+    if len(first.sources) != len(first.targets) or any(
+            (s.dtype, s.shape) != (t.dtype, t.shape) for s, t in zip(first.sources, first.targets)):
+        raise ContractError(f"collective bucket {bucket}: sources and targets differ in shape or type")
 
 
 def _check_nest(kernel: str, nest: LoopNest, free: FreeVars) -> None:

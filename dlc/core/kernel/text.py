@@ -7,8 +7,8 @@ jaxpr does, instead of being repeated in every store that reads them.
 from __future__ import annotations
 
 from dlc.core.kernel.analysis import FreeVars, walk_ex
-from dlc.core.kernel.ir import (Add, Clamp, Const, Div, Gather, Index, KernelProgram, Lit, Load, LoopNest, Mod,
-                                Mul, Op, Rand, Reduce, Template, Var, ex_children)
+from dlc.core.kernel.ir import (Add, Clamp, Collective, Const, Div, Gather, Index, KernelProgram, Lit, Load,
+                                LoopNest, Mod, Mul, Op, Rand, Reduce, Template, Var, ex_children)
 
 
 def format_ix(e, names: dict | None = None) -> str:
@@ -120,7 +120,13 @@ def format_program(p: KernelProgram) -> str:
         lines.append(f"kernel {k.name} (phase {k.phase}; {', '.join(k.lines) or 'generated'}):")
         counter = [0]
         for part in k.parts:
-            if isinstance(part, Template):
+            if isinstance(part, Collective):
+                targets = ", ".join(b.name for b in part.targets)
+                sources = ", ".join(b.name for b in part.sources)
+                what = {"sync": "", "start": "start ", "wait": "wait for "}[part.mode]
+                lines.append(f"  {what}bucket {part.bucket} ({part.nbytes:,} bytes, by the host): "
+                             f"{targets} = {part.op}({sources})")
+            elif isinstance(part, Template):
                 ins = ", ".join(b.name for b in part.inputs)
                 attrs = ", ".join(f"{a}={v}" for a, v in part.attrs.items() if v not in (False, None))
                 lines.append(f"  {part.output.name} = {part.op}({ins}{', ' + attrs if attrs else ''})")
