@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation split scored after every epoch: a share of the training split "
                         "(0.1) or a data source ('npz(\"val.npz\")')")
     p.add_argument("--early-stop", metavar="EXPR",
-                   help="stop when a metric stops improving, e.g. 'early_stop(monitor=val_loss, patience=5)'")
+                   help="stop when a metric stops improving: a metric (val_loss) or "
+                        "'early_stop(monitor=val_loss, patience=5, min_delta=0)'")
     p.add_argument("--keep-best", action="store_true",
                    help="end with (and --save) the weights of the best epoch by the early-stop metric "
                         "(val_loss without one)")

@@ -163,6 +163,9 @@ def test_cli_options_and_their_exit_codes(tmp_path, capsys):
                          "early_stop(monitor=val_accuracy, patience=1, min_delta=100)", "--target", "reference")
     assert code == 0 and "stopped early: val_accuracy did not improve" in err and "kept the weights of epoch 1" in err
     assert "weights of epoch 1, stopped early" in out
+    code, _, err = run(capsys, "run", src, "--epochs", "3", "--validation", "0.25", "--early-stop", "val_acc",
+                       "--target", "reference")  # a bare metric: early_stop(monitor=...)
+    assert code == 1 and "monitors `val_acc`" in err and "did you mean `val_accuracy`?" in err
 
 
 def test_train_block_options_are_checked():

@@ -34,6 +34,8 @@ def parse_expression(text: str, name: str):
 def override_config(config: TrainConfig, **options: str | None) -> TrainConfig:
     """The config with train options replaced by .dln expressions (None: kept as it is)."""
     from dlc.language.frontend import eval_recipe
+    if options.get("early_stop") and options["early_stop"].strip().isidentifier():
+        options["early_stop"] = f"early_stop(monitor={options['early_stop'].strip()})"  # `--early-stop val_loss`
     changes = {option: eval_recipe(parse_expression(text, f"--{option.replace('_', '-')}"), option)
                for option, text in options.items() if text is not None}
     return dataclasses.replace(config, **changes) if changes else config
