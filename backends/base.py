@@ -30,6 +30,9 @@ artifacts, and runs steps. A backend:
                                 cannot run on `target`
   sync_state(state)   make the host arrays in `state` current (a backend that keeps the
                       state in a device's memory copies it back); a no-op by default
+  collectives         True when its steps run the kernel IR's Collective parts (a call to
+                      the host between phases: dlc.core.collective's communicator); the
+                      driver refuses data-parallel programs for a backend without them
 
 A backend that interprets graphs instead (the numpy reference) sets `lowers = False` and
 implements `interpret(graph, state)`.
@@ -182,6 +185,7 @@ class Backend:
     stages: dict[str, str] = {}
     templates: frozenset = frozenset()
     lowers: bool = True
+    collectives: bool = False  # can its steps run Collective parts (data-parallel jobs)?
     object_cache = None  # the driver's compile cache, for code that belongs to no program
 
     def unavailable(self) -> str | None:
@@ -247,6 +251,17 @@ def layout_slots(program) -> list:
     """[name, kind, dtype, shape] of every input and state buffer, inputs first."""
     return [[b.name, b.kind, b.dtype.value, list(b.shape)]
             for b in list(program.inputs.values()) + list(program.state.values())]
+
+
+def layout_collectives(program) -> dict:
+    """bucket (as a string: JSON keys) -> [sources, targets], each a list of [arena offset or
+    the input/state buffer, dtype, shape]: what a Collective part's host call exchanges."""
+    from dlc.core.kernel import collectives_of
+
+    def spec(b):
+        return [b.offset if b.kind == "arena" else b.name, b.dtype.value, list(b.shape)]
+    return {str(bucket): [[spec(b) for b in parts[0].sources], [spec(b) for b in parts[0].targets]]
+            for bucket, parts in collectives_of(program).items()}
 
 
 def layout_outputs(program) -> dict:

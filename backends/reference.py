@@ -111,6 +111,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     doc = "the numpy interpreter of the graph, op by op (slow; the oracle every test checks against)"
     lowers = False
+    collectives = True  # `allreduce` runs through dlc.core.collective, like every op's ref
 
     def interpret(self, graph: Graph, state: dict[str, np.ndarray]) -> ReferenceProgram:
         return ReferenceProgram(graph, state)

@@ -1,6 +1,7 @@
 """dlc beside PyTorch (eager, and torch.compile with --compile) and numpy's BLAS, in one run.
 
     python benchmarks/run.py [--quick] [--compile] [--threads N] [--out results.json]
+                             [--only gemm|training|inference|compile|shared] [--workloads NAMES]
 
 Every figure is the median over repeats of the mean time of a block of steps, measured
 in this process on this machine; ratios (dlc / peer) are what to compare, never figures
@@ -26,6 +27,24 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import dlc  # noqa: E402
+
+
+def interleaved(fns: list, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Blocks of `steps` calls of each function in turn, `repeats` rounds: the median
+    seconds per call of each, and the median over rounds of the first one's time over
+    each one's (a ratio of adjacent blocks, which load on the machine slows alike)."""
+    for fn in fns:
+        for _ in range(3):
+            fn()  # warm up (and compile: torch.compile may compile again on a second call)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(times, fns):
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            t.append((time.perf_counter() - start) / steps)
+    ratios = [statistics.median(a / b for a, b in zip(times[0], t)) for t in times]
+    return [statistics.median(t) for t in times], ratios
 
 
 def median_time(fn, steps: int, repeats: int) -> float:
@@ -147,13 +166,50 @@ def torch_models():
         def forward(self, x):
             return self.out(self.rnn(x)[0][:, -1])
 
-    adam = lambda p: torch.optim.Adam(p, lr=1e-3)  # noqa: E731
+    def cifar_cnn():
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def wide_mlp():
+        return nn.Sequential(nn.Linear(3072, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                             nn.Linear(1024, 10))
+
+    def conv_bn(cin, cout, k, stride=1):
+        return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout)]
+
+    class Basic(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a = nn.Sequential(*conv_bn(c, c, 3), nn.ReLU(), *conv_bn(c, c, 3))
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + x)
+
+    class Down(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.a = nn.Sequential(*conv_bn(cin, cout, 3, 2), nn.ReLU(), *conv_bn(cout, cout, 3))
+            self.s = nn.Sequential(*conv_bn(cin, cout, 1, 2))
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.s(x))
+
+    def resnet():
+        return nn.Sequential(*conv_bn(3, 16, 3), nn.ReLU(), Basic(16), Down(16, 32), Down(32, 64),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
     models = {"mlp": (mlp, (784,), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
-              "lenet": (lenet, (1, 28, 28), adam),
-              "lstm": (Recurrent, (32, 64), adam)}
+            "lenet": (lenet, (1, 28, 28), lambda p: torch.optim.Adam(p, lr=1e-3)),
+            "lstm": (Recurrent, (32, 64), lambda p: torch.optim.Adam(p, lr=1e-3)),
+            "cifar_cnn": (cifar_cnn, (3, 32, 32), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
+            "wide_mlp": (wide_mlp, (3072,), lambda p: torch.optim.Adam(p, lr=1e-3)),
+            "resnet": (resnet, (3, 32, 32),
+                       lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True))}
     for layer, steps in RECURRENT:  # as recurrent_source
         models[f"{layer}_T{steps}"] = (lambda layer=layer: Recurrent(getattr(nn, layer.upper()), 32), (steps, 32),
-                                       adam)
+                                       lambda p: torch.optim.Adam(p, lr=1e-3))
     return models
 
 
@@ -191,8 +247,11 @@ def torch_forward(kind: str, batch: int):
 
 # --- the run ---------------------------------------------------------------------------------
 
-TARGETS = {  # workload -> (peer, target ratio dlc/peer, "<=" or ">=" on speedup)
+SECTIONS = ("gemm", "training", "recurrent", "inference", "compile", "shared")
+
+TARGETS = {  # workload -> target ratio dlc / torch eager
     "mlp_b128": 0.7, "lenet_b64": 0.7, "lstm_b32": 0.7, "mlp_b8": 1 / 3, "mlp_b1": 1 / 3,
+    "cnn_b64": 0.7, "wide_mlp_b128": 0.7, "resnet_b64": 0.7,
     "lstm_T32": 0.8, "lstm_T128": 0.8, "lstm_T512": 0.8, "gru_T128": 0.8,
 }
 RECURRENT = [("lstm", 32), ("lstm", 128), ("lstm", 512), ("gru", 128)]  # (layer, time steps)
@@ -205,21 +264,6 @@ def recurrent_source(layer: str, steps: int) -> str:
             f"    h = x |> {layer}(128)\n    return dense(h, 10)\n}}\n\n"
             f"train {layer}{steps} {{\n    data = arrays()\n    loss = cross_entropy(output, label)\n"
             f"    optimizer = adam(lr=1e-3)\n    batch = 32\n}}\n")
-
-
-def interleaved(a, b, steps: int, repeats: int) -> tuple[float, float, float]:
-    """Blocks of `steps` calls of a and of b, alternating, `repeats` times: the median
-    seconds per call of each and the median of the blocks' ratios a/b (a machine whose load
-    changes over the run slows both sides of a ratio alike)."""
-    a(), b()  # warm up (and compile)
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, out in ((a, ta), (b, tb)):
-            start = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            out.append((time.perf_counter() - start) / steps)
-    return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb))
 
 
 def _loadavg() -> str:
@@ -235,11 +279,16 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     ap.add_argument("--threads", type=int, default=None, help="threads for dlc and torch (default: all cores)")
     ap.add_argument("--out", default=str(HERE / "results.json"), help="where to write the figures")
-    ap.add_argument("--only", default="gemm,training,recurrent,inference,compile,shared",
-                    help="comma-separated sections to run (default: all of "
-                         "gemm,training,recurrent,inference,compile,shared)")
+    ap.add_argument("--only", choices=SECTIONS, help="run one section only")
+    ap.add_argument("--workloads", default=None,
+                    help="training workloads whose name contains one of these (comma separated); "
+                         "with no --only, runs the training section only")
     args = ap.parse_args()
-    sections = set(args.only.split(","))
+    if args.workloads and args.only is None:
+        args.only = "training"
+
+    def section(name: str) -> bool:
+        return args.only in (None, name)
     threads = args.threads or os.cpu_count()
     repeats, scale = (3, 0.3) if args.quick else (7, 1.0)
     try:
@@ -267,70 +316,82 @@ def main() -> int:
         print(f"  {name:<22} dlc {dlc_s * 1e3:9.3f} ms   {peer_name:<14} "
               f"{peer_s * 1e3 if peer_s else float('nan'):9.3f} ms   dlc/peer {shown}")
 
-    # GEMM against numpy's BLAS (forward of a one-matmul model)
-    print("GEMM (float32, N x N @ N x N)")
-    for n in (256, 512, 1024, 2048) if "gemm" in sections else ():
-        src = (HERE / "models" / "gemm.dln").read_text().replace("N]", f"{n}]").replace("[N,", f"[{n},")
-        path = Path(tempfile.mkdtemp()) / f"gemm{n}.dln"
-        path.write_text(src.replace("f32[B, N]", f"f32[B, {n}]"))
-        steps = max(1, int((40 if n <= 512 else 8 if n == 1024 else 2) * scale))
-        d = median_time(dlc_forward(path, n, threads), steps, repeats)
-        a = np.random.rand(n, n).astype(np.float32)
-        b = np.random.rand(n, n).astype(np.float32)
-        p = median_time(lambda: a @ b, steps, repeats)
-        record(f"gemm_{n}", d, "numpy BLAS", p, 1 / 0.9 if n == 1024 else None)
+    if section("gemm"):
+        # GEMM against numpy's BLAS (forward of a one-matmul model)
+        print("GEMM (float32, N x N @ N x N)")
+        for n in (256, 512, 1024, 2048):
+            src = (HERE / "models" / "gemm.dln").read_text().replace("N]", f"{n}]").replace("[N,", f"[{n},")
+            path = Path(tempfile.mkdtemp()) / f"gemm{n}.dln"
+            path.write_text(src.replace("f32[B, N]", f"f32[B, {n}]"))
+            steps = max(1, int((40 if n <= 512 else 8 if n == 1024 else 2) * scale))
+            d = median_time(dlc_forward(path, n, threads), steps, repeats)
+            a = np.random.rand(n, n).astype(np.float32)
+            b = np.random.rand(n, n).astype(np.float32)
+            p = median_time(lambda: a @ b, steps, repeats)
+            record(f"gemm_{n}", d, "numpy BLAS", p, 1 / 0.9 if n == 1024 else None)
 
-    print("training steps")
-    workloads = [("mlp_b128", "mlp784.dln", "mlp", 128, 50), ("mlp_b8", "mlp784.dln", "mlp", 8, 200),
-                 ("mlp_b1", "mlp784.dln", "mlp", 1, 300), ("lenet_b64", "lenet28.dln", "lenet", 64, 30),
-                 ("lstm_b32", "lstm32.dln", "lstm", 32, 20)]
-    for name, file, kind, batch, steps in workloads if "training" in sections else ():
-        steps = max(2, int(steps * scale))
-        d = median_time(dlc_train_step(HERE / "models" / file, batch, threads), steps, repeats)
-        if have_torch:
-            t = median_time(torch_train_step(kind, batch), steps, repeats)
-            record(name, d, "torch eager", t, TARGETS.get(name))
-            if args.compile:
-                try:
-                    c = median_time(torch_train_step(kind, batch, compiled=True), steps, repeats)
-                    record(name, d, "torch.compile", c)
-                except Exception as e:  # torch.compile needs a C++ compiler and may fail
-                    print(f"  {name}: torch.compile failed: {type(e).__name__}: {str(e)[:80]}")
-        else:
-            record(name, d, "-", None)
+    if section("training"):
+        print("training steps")
+        workloads = [("mlp_b128", "mlp784.dln", "mlp", 128, 50), ("mlp_b8", "mlp784.dln", "mlp", 8, 200),
+                     ("mlp_b1", "mlp784.dln", "mlp", 1, 300), ("lenet_b64", "lenet28.dln", "lenet", 64, 30),
+                     ("lstm_b32", "lstm32.dln", "lstm", 32, 20),
+                     ("cnn_b64", "cifar_cnn.dln", "cifar_cnn", 64, 4),
+                     ("wide_mlp_b128", "wide_mlp.dln", "wide_mlp", 128, 4),
+                     ("resnet_b64", "resnet_cifar.dln", "resnet", 64, 3)]
+        for name, file, kind, batch, steps in workloads:
+            if args.workloads and not any(o in name for o in args.workloads.split(",")):
+                continue
+            steps = max(2, int(steps * scale))
+            dlc_step = dlc_train_step(HERE / "models" / file, batch, threads)
+            if have_torch:
+                # dlc and torch blocks alternate; the ratio is the median of adjacent blocks'
+                (d, t), (_, r) = interleaved([dlc_step, torch_train_step(kind, batch)], steps, repeats)
+                record(name, d, "torch eager", t, TARGETS.get(name), ratio=r)
+                if args.compile:
+                    try:
+                        (d, c), (_, r) = interleaved([dlc_step, torch_train_step(kind, batch, compiled=True)],
+                                                     steps, repeats)
+                        record(name, d, "torch.compile", c, ratio=r)
+                    except Exception as e:  # torch.compile needs a C++ compiler and may fail
+                        print(f"  {name}: torch.compile failed: {type(e).__name__}: {str(e)[:80]}")
+            else:
+                record(name, median_time(dlc_step, steps, repeats), "-", None)
 
-    print("recurrent layers: training step (blocks interleaved with PyTorch's; median ratio) and cold compile")
-    for layer, steps in RECURRENT if "recurrent" in sections else ():
-        name = f"{layer}_T{steps}"
-        path = Path(tempfile.mkdtemp()) / f"{layer}{steps}.dln"
-        path.write_text(recurrent_source(layer, steps))
-        cold, _ = compile_times(path, threads)
-        n = max(2, int(256 // steps * scale))
-        d = dlc_train_step(path, 32, threads)
-        if have_torch:
-            d_s, t_s, ratio = interleaved(d, torch_train_step(name, 32), n, repeats)
-            record(name, d_s, "torch eager", t_s, TARGETS.get(name), ratio=ratio)
-        else:
-            record(name, median_time(d, n, repeats), "-", None)
-        compile_ok = "met" if cold <= RECURRENT_COMPILE_TARGET else "missed"
-        print(f"  {name:<22} cold compile {cold:6.2f} s   (target <= {RECURRENT_COMPILE_TARGET:.0f} s: {compile_ok})")
-        rows[-1].update(cold_compile_s=cold)
+    if section("recurrent"):
+        print("recurrent layers: training step (blocks interleaved with PyTorch's; median ratio) and cold compile")
+        for layer, steps in RECURRENT:
+            name = f"{layer}_T{steps}"
+            path = Path(tempfile.mkdtemp()) / f"{layer}{steps}.dln"
+            path.write_text(recurrent_source(layer, steps))
+            cold, _ = compile_times(path, threads)
+            n = max(2, int(256 // steps * scale))
+            dlc_step = dlc_train_step(path, 32, threads)
+            if have_torch:
+                (d, t), (_, r) = interleaved([dlc_step, torch_train_step(name, 32)], n, repeats)
+                record(name, d, "torch eager", t, TARGETS.get(name), ratio=r)
+            else:
+                record(name, median_time(dlc_step, n, repeats), "-", None)
+            compile_ok = "met" if cold <= RECURRENT_COMPILE_TARGET else "missed"
+            print(f"  {name:<22} cold compile {cold:6.2f} s   (target <= {RECURRENT_COMPILE_TARGET:.0f} s: "
+                  f"{compile_ok})")
+            rows[-1].update(cold_compile_s=cold)
 
-    print("inference")
-    if "inference" in sections:
+    if section("inference"):
+        print("inference")
         steps = max(2, int(300 * scale))
         d = median_time(dlc_forward(HERE / "models" / "mlp784.dln", 1, threads), steps, repeats)
         t = median_time(torch_forward("mlp", 1), steps, repeats) if have_torch else None
         record("mlp_infer_b1", d, "torch eager" if have_torch else "-", t)
 
-    print("compile time (load .dln -> training step ready)")
     compile_rows, shared = [], []
-    for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln") if "compile" in sections else ():
-        cold, warm = compile_times(HERE / "models" / file, threads)
-        compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
-        print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
+    if section("compile"):
+        print("compile time (load .dln -> training step ready)")
+        for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln"):
+            cold, warm = compile_times(HERE / "models" / file, threads)
+            compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
+            print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
 
-    if "shared" in sections:
+    if section("shared"):
         print("shared machine (MLP 784-512-256-10 batch 8, one training step; load before: "
               f"{_loadavg()})")
         shared = shared_machine(HERE / "models" / "mlp784.dln", 8, max(2, int(200 * scale)), repeats)

@@ -12,6 +12,7 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "passes")) and _
 __version__ = "0.1.0"
 
 from dlc.api import Model, load  # noqa: E402
-from dlc.core.diagnostics import DlcError  # noqa: E402
+from dlc.core.diagnostics import DlcError, DlcWarning  # noqa: E402
+from dlc.runtime.callbacks import Callback, EarlyStopping  # noqa: E402
 
-__all__ = ["load", "Model", "DlcError", "__version__"]
+__all__ = ["load", "Model", "DlcError", "DlcWarning", "Callback", "EarlyStopping", "__version__"]

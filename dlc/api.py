@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,10 +120,13 @@ class Model:
         self.name = self._eval.model.name
         self._train = frontend.build(program, self.name, mode="train")
         self.train_config = self._eval.train
+        for w in self._eval.warnings:  # likely mistakes, once per load (the train build repeats them)
+            warnings.warn(w, stacklevel=3)
         self._seed = self.train_config.seed if self.train_config else 0
         self._state: dict[str, np.ndarray] | None = None  # created on first use: see `state`
         self.normalizer = None
         self._sessions: dict = {}
+        self._held_out = None  # (x, y) that fit(x, y) held out, shaped: what evaluate() scores
         self.preloaded: dict = {}  # (backend, batch) -> (blobs, layout) from an artifact
 
     # --- inspection -----------------------------------------------------------------------------
@@ -138,9 +142,9 @@ class Model:
         return "".join(text for _, text in self.stages([stage], batch=batch, mode=mode))
 
     def stages(self, names, batch: int | None = None, mode: str = "train", disabled=(),
-               log=None, target: str = DEFAULT_TARGET) -> list[tuple[str, str]]:
+               log=None, target: str = DEFAULT_TARGET, world: int = 1) -> list[tuple[str, str]]:
         """[(stage, text)] for the requested stages, in pipeline order (`target` prints its
-        own stages: llvm, asm, ...)."""
+        own stages: llvm, asm, ...; `world` > 1: the step of one rank of a data-parallel job)."""
         from dlc import backends, pipeline
         out = []
         if "ast" in names:
@@ -151,19 +155,23 @@ class Model:
         later = [n for n in names if n not in pipeline.PASS_NAMES and n not in ("ast", "graph")]
         if passes or later or log is not None:
             log = log if log is not None else pipeline.Compilation()
-            lowered = self.lower(mode, batch, disabled=disabled, log=log, verify=True)
+            lowered = self.lower(mode, batch, disabled=disabled, log=log, world=world, verify=True)
             out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in passes]
             if later:
                 backend = backends.backend(target, runnable=False)  # printing code needs no GPU
                 program = pipeline.kernel_program(lowered, backend.templates)
+                if set(later) - {"kernel"}:
+                    pipeline.check_collectives(program, backend)
                 target_desc = backend.target({}) if set(later) - {"kernel"} else None
                 out += [(n, format_program(program) if n == "kernel" else backend.dump(program, n, target_desc))
                         for n in later]
         return out
 
-    def compile_graph(self, mode: str, config=None, log=None, disabled=(), verify: bool | None = None) -> Graph:
-        """The training step ("train", after autodiff and the optimizer) or the evaluation
-        graph ("eval"), after the graph passes; shapes are still symbolic."""
+    def compile_graph(self, mode: str, config=None, log=None, disabled=(), world: int = 1,
+                      bucket_bytes: int | None = None, verify: bool | None = None) -> Graph:
+        """The training step ("train", after autodiff and the optimizer; of one of `world`
+        data-parallel ranks) or the evaluation graph ("eval"), after the graph passes;
+        shapes are still symbolic."""
         from dlc.pipeline import step_graph
         if mode == "train":
             config = config or self._require_config()
@@ -171,22 +179,30 @@ class Model:
                 raise ArgumentError(f"model {self.name} has no loss to train")
         else:
             config = None
-        return step_graph(self.built(mode).graph, config, log, disabled, verify)
+        return step_graph(self.built(mode).graph, config, log, disabled, world, bucket_bytes, verify)
 
     def lower(self, mode: str, batch: int | None = None, config=None, log=None, disabled=(),
-              verify: bool | None = None) -> Graph:
+              world: int = 1, verify: bool | None = None) -> Graph:
         """The graph for one batch size after every pass: fused and memory-planned."""
         from dlc.pipeline import lower
         if mode == "train":
             config = config or self._require_config()
         batch = batch or (config.batch if config else self.train_config.batch if self.train_config else 1)
-        return lower(self.compile_graph(mode, config, log, disabled, verify), batch, log, disabled, verify)
+        return lower(self.compile_graph(mode, config, log, disabled, world, verify=verify), batch, log, disabled,
+                     verify)
 
-    def source_key(self, mode: str, config) -> str:
-        """Identifies a compiled graph without building it (compile-cache keys)."""
+    def source_key(self, mode: str, config, world: int = 1, bucket_bytes: int | None = None) -> str:
+        """Identifies a compiled graph without building it (compile-cache keys); a training step
+        of a data-parallel job (`world` ranks: the step is the same for any number > 1) differs."""
         text = getattr(self, "source_text", None) or repr(self.program)
         recipe = f"{config.optimizer}|clip={config.clip}" if mode == "train" and config else ""
+        if mode == "train" and world > 1:
+            recipe += f"|data-parallel|buckets={bucket_bytes}"
         return "\0".join([text, self.name, mode, recipe])
+
+    def layer_state(self) -> list[str]:
+        """State the layers update themselves (batchnorm's running statistics)."""
+        return [k for k, spec in self._train.params.items() if spec.role == "state" and spec.type.dtype.is_float]
 
     def compile_artifact(self, path, batches=None, target: str = DEFAULT_TARGET, **options) -> list[tuple[str, int]]:
         """Compile the training and evaluation steps (one program, for the train block's
@@ -237,7 +253,8 @@ class Model:
 
     @property
     def params(self) -> dict[str, np.ndarray]:
-        """Trainable parameters by name (numpy arrays, shared with the model)."""
+        """Parameters by name, frozen ones (`trainable=false`) included (numpy arrays, shared
+        with the model)."""
         return {k: v for k, v in self.state.items() if k in self._eval.params
                 and self._eval.params[k].role == "param"}
 
@@ -254,14 +271,18 @@ class Model:
                 self.state[a["name"]] = np.zeros(tuple(int(d) for d in t.shape), dtype=t.dtype.np)
 
     # --- running --------------------------------------------------------------------------------
-    def forward(self, *xs: np.ndarray, float_dtype=np.float32) -> np.ndarray:
-        """The model's output for a batch (evaluation mode), on the reference interpreter."""
+    def forward(self, *xs: np.ndarray, float_dtype=np.float32, results: bool = False):
+        """The model's output for a batch (evaluation mode), on the reference interpreter;
+        with `results`, {"output": ..., NAME: ...} with the model's named results too. A
+        model's `state`s hold their initial values."""
         from dlc import backends
         feeds = self._feeds(xs)
         g = self._eval.graph.copy()
-        g.outputs = {"output": g.outputs["output"]}
+        keys = {"output": "output", **{name: f"output:{name}" for name, _ in self._eval.results}}
+        g.outputs = {k: g.outputs[k] for k in (keys.values() if results else ["output"])}
         g.remove_unused(keep_inputs=False)
-        return backends.backend("reference").run_graph(g, feeds, float_dtype=float_dtype)["output"]
+        out = backends.backend("reference").run_graph(g, feeds, float_dtype=float_dtype)
+        return {k: out[v] for k, v in keys.items()} if results else out["output"]
 
     __call__ = forward
 
@@ -271,40 +292,75 @@ class Model:
         feeds = dict(self.state)
         for (name, t), x in zip(self.input_types, xs):
             feeds[name] = check_input(name, t, x)
+        rows = len(feeds[self.input_types[0][0]]) if xs and np.ndim(feeds[self.input_types[0][0]]) else 1
+        for c in self._eval.carries:  # a `state` starts from its initial value
+            feeds[c.input] = np.full((rows,) + tuple(int(d) for d in c.type.shape[1:]), c.value, c.type.dtype.np)
         return feeds
 
-    def session(self, config=None, target: str = DEFAULT_TARGET, **options):
-        """Compiled training and evaluation steps for a recipe (cached per target/recipe).
+    def session(self, config=None, target: str = DEFAULT_TARGET, world=None, **options):
+        """Compiled training and evaluation steps for a recipe (cached per target/recipe), of
+        one rank of a data-parallel `world` if given.
         options: threads, verbose (a print function), no_cache, cache_dir, profile."""
         from dlc.runtime.trainer import Session
         config = config or self._require_config()
-        key = (target, str(config.optimizer), config.clip, tuple(sorted(options.items(), key=str)))
+        key = (target, str(config.optimizer), config.clip, tuple(sorted(options.items(), key=str)), id(world))
         if key not in self._sessions:
-            self._sessions[key] = Session(self, config, target, options)
+            self._sessions[key] = Session(self, config, target, options, world)
         return self._sessions[key]
 
     def fit(self, x=None, y=None, *, epochs: int | None = None, batch: int | None = None,
             lr: float | None = None, seed: int | None = None, optimizer=None, target: str = DEFAULT_TARGET,
-            test: float | None = None, quiet: bool = True, log=None, save=None, resume=None,
-            on_epoch=None, **options):
+            test: float | None = None, validation=None, early_stop=None, keep_best: bool | None = None,
+            callbacks=None, shuffle: bool | None = None, quiet: bool = True, log=None, csv=None,
+            tensorboard=None, save=None, resume=None, on_epoch=None, batch_size: int | None = None,
+            validation_split: float | None = None, validation_data=None, world="auto", **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
-        trains on those arrays (a `test` share is held out) instead of the block's data.
-        `save` is written after every epoch and on Ctrl-C once a step has run; a file already
-        there (unless it is `resume`) is kept as NAME.prev.npz.
-        Returns a History (one record of metrics per epoch)."""
+        trains on those arrays (a `test` share is held out, which evaluate() then scores)
+        instead of the block's data.
+
+        validation: a share of the training split (0.1), a data source (`'npz("v.npz")'`) or
+        (x, y) arrays, scored after every epoch. early_stop: `"early_stop(patience=3)"` or a
+        dlc.EarlyStopping (False turns off the train block's). keep_best: end with the weights of
+        the best epoch by the early-stop metric (val_loss without one). callbacks: objects with
+        on_epoch_end(epoch, logs), which stop training by returning True. log, csv,
+        tensorboard: metrics as JSON lines, CSV, TensorBoard events (a folder). `save` is
+        written after every epoch (keep_best: every better epoch) and on Ctrl-C once a step has
+        run; a file already there (unless it is `resume`) is kept as NAME.prev.npz.
+        Keras' names work too: batch_size, validation_split, validation_data, verbose (0: quiet).
+        Started by mpiexec (`world="auto"`), or given a World, the process is one rank of a
+        data-parallel job: `batch` is the global batch, and rank 0 alone reports, logs and saves.
+        Returns a History (one record of metrics per epoch; `.test`: the test split's)."""
+        from dlc.runtime import callbacks as cbs
         from dlc.runtime.prepare import prepare
         from dlc.runtime.trainer import FitOptions, Interrupted, fit, restore
+        quiet = _keras_verbose(options, quiet)
         _check_options(self.fit, options)
+        batch = _alias("batch", batch, "batch_size", batch_size)
+        validation = _alias("validation", validation, "validation_split", validation_split)
+        validation = _alias("validation", validation, "validation_data", validation_data)
         config = self._require_config()
         self._require_one_input(config)
         if optimizer is not None:
             config = dataclasses.replace(config, optimizer=optimizer if not isinstance(optimizer, str)
                                          else _optimizer_spec(optimizer))
+        if lr is not None and config.schedule.name == "cyclic":
+            raise ArgumentError("`cyclic` sets the learning rate itself (from base to max); "
+                                "a learning rate given with it would be ignored", config.span("schedule"),
+                                hint="change base and max in `cyclic(...)` instead of the learning rate")
         if x is not None:
             from dlc.language.recipe import Spec
             share = config.data.args.get("test", 0.2) if test is None else test
             config = dataclasses.replace(config, data=Spec("data", "arrays", {"test": share}))
-        session = self.session(config, target, **options)
+        validation = _validation_value(validation)
+        stopper = _early_stop_value(early_stop, config)
+        if shuffle and self._eval.carries:
+            raise ArgumentError("a model with `state` reads its batches in order; shuffling would carry the "
+                                "state into unrelated samples", hint="drop shuffle=True (such a model does not "
+                                "shuffle by default)")
+        if world == "auto":
+            from dlc.runtime.distributed import world_from_env
+            world = world_from_env()
+        session = self.session(config, target, world, **options)
         meta, normalizer = None, self.normalizer
         if resume is not None:
             meta, normalizer = restore(self, Path(resume), self.state)
@@ -317,7 +373,8 @@ class Model:
         compiling = session.compile_in_background(batch or config.batch)  # while the data loads
         try:
             data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
-                                       arrays=(x, y) if x is not None else None, normalizer=normalizer)
+                                       arrays=(x, y) if x is not None else None, normalizer=normalizer,
+                                       validation=validation)
             compiling.wait()
         except KeyboardInterrupt:
             kept = f"; {save} left as it was" if save else ""
@@ -326,45 +383,144 @@ class Model:
             compiling.wait(quietly=True)  # the data's error first; no compile left running
             raise
         self.normalizer = normalizer
+        # evaluate() without arrays scores the held-out share of these arrays, not the file's data
+        self._held_out = (data.x_test, data.y_test) if x is not None else None
         # a file at `save` is kept as NAME.prev.npz, unless it is the checkpoint this run continues
         resumes_save = bool(resume and save) and Path(resume).resolve() == Path(save).resolve()
         opts = FitOptions(epochs=epochs or config.epochs, batch=batch or config.batch,
                           lr=lr if lr is not None else config.optimizer.args["lr"], seed=seed,
-                          shuffle=config.shuffle, quiet=quiet,
-                          log_path=Path(log) if log else None, save_path=Path(save) if save else None,
-                          resume=meta, on_epoch=on_epoch, keep_previous=not resumes_save)
+                          shuffle=config.shuffle if shuffle is None else _flag("shuffle", shuffle),
+                          quiet=quiet, log_path=Path(log) if log else None,
+                          csv_path=Path(csv) if csv else None,
+                          tensorboard_dir=Path(tensorboard) if tensorboard else None,
+                          save_path=Path(save) if save else None, resume=meta, on_epoch=on_epoch,
+                          keep_previous=not resumes_save, early_stop=stopper,
+                          keep_best=config.keep_best if keep_best is None else _flag("keep_best", keep_best),
+                          callbacks=cbs.check_callbacks(callbacks))
         return fit(session, data, opts, normalizer)
 
-    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = DEFAULT_TARGET, **options) -> dict:
-        """Loss and metrics on the given arrays (or the train block's held-out split)."""
-        from dlc.runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
-        from dlc.runtime.trainer import Normalizer
+    def evaluate(self, x=None, y=None, *, batch: int | None = None, target: str = DEFAULT_TARGET,
+                 batch_size: int | None = None, **options) -> dict:
+        """Loss and metrics on the given arrays; without them, on the held-out split: the
+        share of fit(x, y)'s arrays it kept back, or else the train block's test split."""
+        _keras_verbose(options, True)  # Keras' verbose=0: evaluation prints nothing anyway
         _check_options(self.evaluate, options)
         config = self._require_config()
-        self._require_one_input(config)
+        x, y = self._labelled(x, y, config)
         session = self.session(config, target, **options)
-        norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
-        if x is None:
-            data, _ = prepare(self, config, session._label_type(), self.base_dir, config.seed,
-                              normalizer=self.normalizer)
-            x, y = data.x_test, data.y_test
-        else:
-            x = shape_inputs(self, x, norm)
-            label_type = session._label_type()
-            y = shape_labels(label_type, y, classes=classes_of(self, label_type))
-        return session.evaluate(x, y, batch or config.batch)
+        return session.evaluate(x, y, _alias("batch", batch, "batch_size", batch_size) or config.batch)
 
-    def predict(self, x, *, batch: int | None = None, target: str = DEFAULT_TARGET, **options) -> np.ndarray:
-        """The model's outputs for every sample of x (inputs normalized as in training)."""
+    def _labelled(self, x, y, config) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and labels shaped for the model: the given arrays, or the held-out split."""
+        from dlc.runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
+        from dlc.runtime.trainer import Normalizer
+        self._require_one_input(config)
+        label_type = self._eval_label_type()
+        if x is None:
+            if self._held_out is not None:
+                x, y = self._held_out
+            else:
+                data, _ = prepare(self, config, label_type, self.base_dir, config.seed,
+                                  normalizer=self.normalizer)
+                x, y = data.x_test, data.y_test
+            if not len(x):
+                raise DataError("there is no held-out split to evaluate on (its test share is 0)",
+                                config.span("data") if self._held_out is None else None,
+                                hint="pass the arrays to evaluate: evaluate(x, y)")
+            return x, y
+        if y is None:
+            raise ArgumentError("evaluate(x) needs the labels too: evaluate(x, y)")
+        norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
+        return (shape_inputs(self, x, norm),
+                shape_labels(label_type, y, classes=classes_of(self, label_type)))
+
+    def _eval_label_type(self):
+        g = self.built("eval").graph
+        ids = g.inputs("label")
+        return g.node(ids[0]).attrs["type"] if ids else None
+
+    def predict(self, x, *, batch: int | None = None, target: str = DEFAULT_TARGET,
+                batch_size: int | None = None, results: bool = False, **options):
+        """The model's raw outputs for every sample of x (inputs normalized as in training): for
+        a `cross_entropy` model these are logits (see predict_proba for probabilities). With
+        `results`, a dict {"output": ..., NAME: ...} holding the model's named results too
+        (`-> (f32[B, 10], h: f32[B, 64])`). A model that carries `state` reads x as it trains
+        (row i of a batch continuing row i of the one before), from the states' initial values."""
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer
+        _keras_verbose(options, True)
         _check_options(self.predict, options)
+        batch = _alias("batch", batch, "batch_size", batch_size)
         self._require_one_input(self.train_config)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
-            return self.forward(x)
-        return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch)
+            return self.forward(x, results=results)
+        return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch,
+                                                                         results=results)
+
+    def predict_proba(self, x, *, results: bool = False, **kwargs):
+        """Class probabilities: softmax of the outputs for a `cross_entropy` model, sigmoid for
+        `bce(..., from_logits=true)`, the outputs themselves when they are probabilities already
+        (`bce`, or a model ending in `softmax`). Keywords as for predict; with `results`, the
+        dict predict gives, its "output" the probabilities."""
+        kind, from_logits = self._classifier("predict_proba()")
+        got = self.predict(x, results=True, **kwargs)
+        out = got["output"].astype(np.float64)
+        if kind == "cross_entropy" and not self._ends_in_softmax():
+            e = np.exp(out - out.max(axis=-1, keepdims=True))
+            out = e / e.sum(axis=-1, keepdims=True)
+        elif kind == "bce" and from_logits:
+            out = 1.0 / (1.0 + np.exp(-out))
+        got["output"] = out.astype(np.float32)
+        return got if results else got["output"]
+
+    def classification_report(self, x=None, y=None, *, top_k: int = 5, batch: int | None = None,
+                              target: str = DEFAULT_TARGET, **options) -> dict:
+        """Accuracy, top-k accuracy, precision, recall and F1 (per class and their macro
+        averages) and the confusion matrix, on the given arrays or the held-out split."""
+        from dlc.runtime.metrics import classification_report
+        kind, from_logits = self._classifier("classification_report()")
+        _check_options(self.classification_report, options)
+        config = self._require_config()
+        if self.masks_positions:
+            raise ArgumentError("classification_report() scores every position of the output, but this model's "
+                                "loss keeps only the unmasked steps", config.span("loss"),
+                                hint="evaluate() gives the loss and the accuracy over the kept steps")
+        x, y = self._labelled(x, y, config)
+        out = self.session(config, target, **options).predict(x, batch or config.batch)
+        return classification_report(out, y, kind, from_logits, top_k)
+
+    def _classifier(self, what: str) -> tuple[str, bool]:
+        """The classification loss (cross_entropy or bce) and whether bce takes logits."""
+        found = self._loss_kind()
+        if found is None:
+            raise ArgumentError(f"{what} needs a classifier: a model trained with `cross_entropy` or `bce`",
+                                self._require_config().span("loss"), hint="predict() gives the model's outputs")
+        return found
+
+    @property
+    def masks_positions(self) -> bool:
+        """The loss counts only some positions of the output (a mask: `mask=`, or a masked
+        sequence): classification_report(), which scores every position, does not apply."""
+        return bool(self.built("eval").graph.meta.get("loss_masks_positions"))
+
+    @property
+    def is_classifier(self) -> bool:
+        """Trained with `cross_entropy` or `bce` (accuracy, predict_proba, classification_report)."""
+        return self.train_config is not None and self._loss_kind() is not None
+
+    def _loss_kind(self) -> tuple[str, bool] | None:
+        from dlc.language.syntax import ast
+        for c in ast.calls(self._require_config().loss):
+            if c.func.text in ("cross_entropy", "bce"):
+                logits = any(k.name == "from_logits" and isinstance(k.value, ast.Name) and k.value.text == "true"
+                             for k in c.kwargs)
+                return c.func.text, logits
+        return None
+
+    def _ends_in_softmax(self) -> bool:
+        return "output_is_softmax" in self.built("eval").graph.meta
 
     def save(self, path) -> None:
         """Write parameters, state and normalization to a checkpoint (.npz, no pickle)."""
@@ -387,17 +543,37 @@ _FLAG = ("True or False", lambda v: isinstance(v, bool))
 _BACKEND_OPTIONS = {
     "threads": ("a positive number of CPU threads, or \"auto\"",
                 lambda v: v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)),
-    "verbose": ("a function that receives the compiler's messages, such as print",
-                lambda v: v is None or v is False or callable(v)),
+    "verbose": ("0, 1 or 2 (Keras: whether to show progress), or a function that receives the "
+                "compiler's messages, such as print", lambda v: v is None or v is False or callable(v)),
     "no_cache": _FLAG,
     "profile": _FLAG,
     "cache_dir": ("a folder path", lambda v: isinstance(v, (str, os.PathLike))),
+    # data-parallel jobs: start each bucket's exchange when it is ready and wait for it only
+    # where its sums are read; gradient bytes per bucket (passes/data_parallel.py)
+    "overlap": _FLAG,
+    "bucket_bytes": ("a positive number of bytes", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+}
+
+
+# Keras keywords dlc does not take, and what to use instead
+_KERAS_ONLY = {
+    "initial_epoch": "resume=CHECKPOINT continues a run where it stopped (epoch, batch and optimizer state)",
+    "steps_per_epoch": "an epoch is always one pass over the training split; set `epochs` and `batch`",
+    "validation_steps": "the whole validation split is scored after every epoch",
+    "validation_freq": "the validation split is scored after every epoch",
+    "validation_batch_size": "evaluation uses the training batch size",
+    "class_weight": "not supported: weight the loss in the train block instead",
+    "sample_weight": "not supported: weight the loss in the train block instead",
+    "workers": "not needed: the data is in memory", "use_multiprocessing": "not needed: the data is in memory",
+    "max_queue_size": "not needed: the data is in memory",
 }
 
 
 def _check_options(method, options: dict) -> None:
     """Refuse a keyword the compiler does not take before it fails deep inside the compiler."""
     for name, value in options.items():
+        if name in _KERAS_ONLY:
+            raise ArgumentError(f"{method.__name__}() does not take Keras' `{name}`", hint=_KERAS_ONLY[name])
         if name not in _BACKEND_OPTIONS:
             known = [*(p for p in inspect.signature(method).parameters if p != "options"), *_BACKEND_OPTIONS]
             raise ArgumentError(f"{method.__name__}() got an unknown keyword `{name}`",
@@ -406,6 +582,65 @@ def _check_options(method, options: dict) -> None:
         if not ok(value):
             raise ArgumentError(f"{method.__name__}({name}={value!r}): `{name}` takes {what}",
                                 hint="quiet=False shows training progress" if name == "verbose" else None)
+
+
+def _keras_verbose(options: dict, quiet: bool) -> bool:
+    """Keras' verbose=0/1/2 (or True/False) says whether to show progress; a function given as
+    `verbose` receives the compiler's messages (and stays in options)."""
+    v = options.get("verbose")
+    if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1, 2)):
+        del options["verbose"]
+        return not v
+    return quiet
+
+
+def _alias(name: str, value, keras: str, keras_value):
+    """A keyword and its Keras spelling (batch, batch_size): either, not both."""
+    if keras_value is None:
+        return value
+    if value is not None:
+        raise ArgumentError(f"give `{name}` or Keras' `{keras}`, not both")
+    return keras_value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentError(f"`{name}` takes True or False, got {value!r}")
+    return value
+
+
+def _validation_value(v):
+    """fit(validation=...): a share (0.1), a data-source expression ('npz("v.npz")') or (x, y)."""
+    from dlc.language.frontend import eval_recipe
+    from dlc.language.overrides import parse_expression
+    if v is None:
+        return None
+    if isinstance(v, (tuple, list)) and len(v) == 2:
+        return tuple(v)
+    if isinstance(v, str):
+        return eval_recipe(parse_expression(v, "validation"), "validation")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1:
+        return float(v)
+    raise ArgumentError(f"validation={v!r}: give a share of the training data in (0, 1), a data source "
+                        "such as 'npz(\"val.npz\")', or (x, y) arrays")
+
+
+def _early_stop_value(v, config):
+    """fit(early_stop=...): None keeps the train block's, False turns it off; a .dln expression
+    or a dlc.EarlyStopping."""
+    from dlc.runtime.callbacks import EarlyStopping, from_spec
+    if v is None:
+        return from_spec(config.early_stop) if config.early_stop is not None else None
+    if v is False:
+        return None
+    if isinstance(v, EarlyStopping):
+        return v
+    if isinstance(v, str):
+        from dlc.language.frontend import eval_recipe
+        from dlc.language.overrides import parse_expression
+        return from_spec(eval_recipe(parse_expression(v, "early_stop"), "early_stop"))
+    raise ArgumentError(f"early_stop={v!r}: give 'early_stop(monitor=val_loss, patience=5)', a "
+                        "dlc.EarlyStopping, or False")
 
 
 def _optimizer_spec(name: str):

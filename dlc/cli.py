@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
 from dlc import __version__
-from dlc.core.diagnostics import DlcError, UsageError
+from dlc.core.diagnostics import DlcError, DlcWarning, UsageError
 from dlc.language.recipe import INT_OPTION_MAX
 
 DESCRIPTION = """\
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip an optional pass (repeatable), for debugging")
     p.add_argument("--batch", type=_positive_int, help="batch size to compile for (default: the train block's)")
     p.add_argument("--eval", action="store_true", help="compile the evaluation graph instead of the training step")
+    p.add_argument("--ranks", type=_positive_int, default=1, metavar="N",
+                   help="compile the step of one rank of an N-process data-parallel job (with the `shard` "
+                        "and `allreduce` stages; --batch is then the rank's share)")
     p.add_argument("-o", "--output", metavar="OUT",
                    help="write the compiled training and evaluation steps (one program, for the train "
                         "block's batch size) to OUT (e.g. model.dlcx), which `dlc run OUT` and "
@@ -75,11 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
     p.add_argument("--batch", type=_positive_int, help="mini-batch size (1 = stochastic, the data "
                    "set size = full batch); the training and evaluation steps are compiled once for "
-                   "it, and a smaller last batch is padded to it with exactly the unpadded results")
+                   "it, and a smaller last batch is padded to it with exactly the unpadded results; with "
+                   "several ranks, the global batch, which the ranks split")
     p.add_argument("--lr", type=_positive_float, help="initial learning rate")
     p.add_argument("--seed", type=_non_negative_int, help="random seed (initialization, shuffling, dropout)")
     p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
     p.add_argument("--optimizer", metavar="EXPR", help="optimizer, e.g. 'adam(lr=1e-3)'")
+    p.add_argument("--schedule", metavar="EXPR", help="learning-rate schedule, e.g. 'cyclic(1e-3, 1e-2, 100)'")
+    p.add_argument("--validation", metavar="EXPR",
+                   help="validation split scored after every epoch: a share of the training split "
+                        "(0.1) or a data source ('npz(\"val.npz\")')")
+    p.add_argument("--early-stop", metavar="EXPR",
+                   help="stop when a metric stops improving: a metric (val_loss) or "
+                        "'early_stop(monitor=val_loss, patience=5, min_delta=0)'")
+    p.add_argument("--keep-best", action="store_true",
+                   help="end with (and --save) the weights of the best epoch by the early-stop metric "
+                        "(val_loss without one)")
     _add_target(p)
     p.add_argument("--save", metavar="FILE",
                    help="write a checkpoint after every epoch (and on Ctrl-C, once a step has run); "
@@ -87,17 +102,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ck.npz as ck.prev.npz, replacing an older one)")
     p.add_argument("--resume", metavar="FILE", help="continue from a checkpoint written by --save")
     p.add_argument("--log", metavar="FILE", help="write per-epoch metrics as JSON lines (see `dlc plot`)")
+    p.add_argument("--csv", metavar="FILE", help="write per-epoch metrics as CSV")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write TensorBoard event files into DIR (needs: pip install 'dlc[tensorboard]')")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the final result")
+    p.add_argument("--ranks", type=_positive_int, metavar="N",
+                   help="train as N data-parallel processes on this machine: runs `mpiexec -n N` on this "
+                        "command (pip install 'dlc[mpi]'). The recipe's batch stays the global batch: each "
+                        "rank trains on its share of every batch and the gradients are summed, so N ranks "
+                        "train the same model as one process. Under mpiexec (e.g. `mpiexec -f hosts -n 8 "
+                        "dlc run FILE` across machines) leave it out")
     p.add_argument("--profile", action="store_true",
                    help="after training, print the time spent in each kernel and each .dln line")
 
     p = sub.add_parser("eval", help="evaluate saved weights on the held-out data",
                        description="Load weights saved by `dlc run --save` and report loss and metrics "
-                                   "on the train block's held-out split (or --data).")
+                                   "on the train block's held-out split (or --data); for a classifier "
+                                   "also top-k accuracy, precision, recall and F1 per class and the "
+                                   "confusion matrix (`-o report.json`, drawn by `dlc plot report.json`).")
     _add_model_args(p)
     p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
     p.add_argument("--data", metavar="EXPR", help="data source to evaluate on instead")
     p.add_argument("--batch", type=_positive_int, help="batch size for evaluation")
+    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="k of top-k accuracy (default 5)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the metrics and confusion matrix as JSON")
     _add_target(p)
 
     p = sub.add_parser("predict", help="run a trained model on new inputs",
@@ -109,7 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npy file of the inputs, or .npz file holding them (see --key)")
     p.add_argument("--key", default=None, help="array name in the .npz (default: `x`, or its only array)")
     p.add_argument("-o", "--output", metavar="FILE", help="write outputs (and predicted classes) to an .npz")
+    p.add_argument("--proba", action="store_true",
+                   help="class probabilities instead of the raw outputs (logits for a cross_entropy model)")
     _add_target(p)
+
+    p = sub.add_parser("data", help="write a split of a train block's data set to an .npz (inputs for predict)",
+                       description="Write samples of the train block's data set (or --data) as stored, before "
+                                   "normalization, to an .npz with arrays x and y: for example test images for "
+                                   "`dlc predict --input`.")
+    _add_model_args(p)
+    p.add_argument("--data", metavar="EXPR", help="data source instead of the train block's")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="which split (default test)")
+    p.add_argument("--count", type=_positive_int, help="only the first N samples")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .npz to write")
 
     sub.add_parser("targets", help="list the targets (backends) and whether each can run here",
                    description="List every registered target (--target NAME): what it is, and why it "
@@ -174,10 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", metavar="NAME", help="the model's name (default: the ONNX graph's)")
     p.add_argument("--no-train", action="store_true", help="leave out the train block template")
 
-    p = sub.add_parser("plot", help="draw loss and accuracy curves from a metrics log",
-                       description="Draw per-epoch loss and accuracy from a `dlc run --log` file "
-                                   "(needs matplotlib: pip install 'dlc[plot]').")
-    p.add_argument("log", help="a JSON-lines metrics log")
+    p = sub.add_parser("plot", help="draw loss, accuracy and learning-rate curves from a metrics log",
+                       description="Draw per-epoch loss, accuracy (train and validation) and the learning rate "
+                                   "from a `dlc run --log` file, or the confusion matrix of a `dlc eval -o` "
+                                   "report (needs matplotlib: pip install 'dlc[plot]').")
+    p.add_argument("log", help="a JSON-lines metrics log, or a JSON report from `dlc eval -o`")
     p.add_argument("-o", "--output", metavar="FILE", default="curves.png", help="image to write (.png, .svg, .pdf)")
     return parser
 
@@ -283,7 +324,8 @@ def cmd_compile(args) -> int:
     names = select_stages(args.dump_ir or ("all" if args.dump_dir else ""), stages)
     mode = "eval" if args.eval or model.train_config is None else "train"
     log = Compilation()
-    dumps = model.stages(names, batch=args.batch, mode=mode, disabled=disabled, log=log, target=args.target)
+    dumps = model.stages(names, batch=args.batch, mode=mode, disabled=disabled, log=log, target=args.target,
+                         world=args.ranks)
     if args.dump_dir:
         out = Path(args.dump_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -308,6 +350,9 @@ def cmd_compile(args) -> int:
     if args.explain_fusion:
         fused = log.last("fuse")
         print(fused.graph.meta["fusion"].explain(fused.graph), end="")
+    if args.output and args.ranks > 1:
+        raise UsageError("-o writes one-process steps; a data-parallel job compiles its own (through the cache)",
+                         hint="leave out --ranks to write an artifact")
     if args.output:
         steps = model.compile_artifact(args.output, target=args.target, **_backend_options(args))
         print(f"wrote {args.output}: {model.name}, steps " + ", ".join(f"{m} batch {b}" for m, b in steps))
@@ -343,54 +388,115 @@ def _load_with_overrides(args):
     if model.train_config is None:
         raise UsageError(f"{args.file}: model {model.name} has no train block",
                          hint="add `train <model> { data = ..., loss = ... }`")
-    model.train_config = override_config(model.train_config, data=getattr(args, "data", None),
-                                         optimizer=getattr(args, "optimizer", None))
+    model.train_config = override_config(model.train_config, **{
+        k: getattr(args, k, None) for k in ("data", "optimizer", "schedule", "validation", "early_stop")})
     return model
 
 
 def cmd_run(args) -> int:
     from dlc import backends
+    from dlc.runtime import distributed
     from dlc.runtime.trainer import Interrupted, kept_note
+    launched = distributed.launched_size()
+    if args.ranks and args.ranks > 1 and launched == 1:  # start the job: this command, N times
+        return distributed.launch(args.ranks, distributed.without_ranks(args.argv))
+    if args.ranks and launched > 1 and args.ranks != launched:
+        raise UsageError(f"--ranks {args.ranks}, but mpiexec started {launched} ranks",
+                         hint="under mpiexec, leave --ranks out")
     backends.backend(args.target)  # a target that cannot run here fails before anything starts
+    world = distributed.world_from_env()
+    lead = world is None or world.lead
     model = _load_with_overrides(args)
     cfg = model.train_config
     save = args.save or cfg.checkpoint
-    quiet = args.quiet
+    quiet = args.quiet or not lead
+    if args.tensorboard:
+        _output_path(args.tensorboard, "--tensorboard", folder=True)
+    for path, flag in ((args.csv, "--csv"), (args.log, "--log")):
+        if path:
+            _output_path(path, flag)
     if not quiet:
-        print(f"training {model.name} on {cfg.data} with {cfg.optimizer} "
-              f"(batch {args.batch or cfg.batch}, {args.epochs or cfg.epochs} epochs, target {args.target})",
-              file=sys.stderr)
+        print(_header(model, cfg, args, world), file=sys.stderr)
     try:
         history = model.fit(epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
-                            target=args.target, quiet=quiet, log=args.log, save=save, resume=args.resume,
-                            **_backend_options(args))
+                            target=args.target, quiet=quiet, log=args.log, csv=args.csv,
+                            tensorboard=args.tensorboard, save=save, resume=args.resume,
+                            keep_best=True if args.keep_best else None, world=world, **_backend_options(args))
     except Interrupted as e:
-        print(f"dlc: {e}", file=sys.stderr)
+        if lead:
+            print(f"dlc: {e}", file=sys.stderr)
         return 130
-    last = history.epochs[-1] if history.epochs else {}
-    print(_final_line(model.name, last, sum(e["seconds"] for e in history.epochs)))
+    if not lead:
+        return 0
+    last = dict(history.epochs[-1]) if history.epochs else {}
+    last.update({f"test_{k}": v for k, v in history.test.items()})
+    if history.best_epoch is not None:
+        best = history.epochs[[e["epoch"] for e in history.epochs].index(history.best_epoch)]
+        last.update({k: v for k, v in best.items() if k.startswith(("train_", "val_"))})
+    print(_final_line(model.name, last, sum(e["seconds"] for e in history.epochs), history))
     if args.profile:
-        print(model.session(model.train_config, args.target, **_backend_options(args)).profile_report(), end="")
+        session = model.session(model.train_config, args.target, world, **_backend_options(args))
+        print(session.profile_report(), end="")
+        if world is not None:
+            print(f"rank 0 spent {world.comm_seconds:.3f} s in gradient exchanges")
     if save:
         print(f"saved {save}{kept_note(history)}")
     return 0
 
 
-def _final_line(name: str, rec: dict, seconds: float) -> str:
+def _header(model, cfg, args, world=None) -> str:
+    """`training mlp on digits(test=0.2) with adam(lr=0.01, ...)`: the optimizer as it runs,
+    --lr included, and the schedule's own rates when it sets them; a data-parallel job's ranks."""
+    import dataclasses
+    opt = cfg.optimizer
+    if args.lr is not None:
+        opt = dataclasses.replace(opt, args={**opt.args, "lr": args.lr})
+    extra = [f"schedule {cfg.schedule}"] if cfg.schedule.name != "constant" else []
+    if cfg.validation is not None:
+        extra.append(f"validation {cfg.validation}")
+    if cfg.early_stop is not None:
+        extra.append(f"{cfg.early_stop}")
+    ranks = "" if world is None else \
+        f", {world.size} ranks: " + ", ".join(f"{r}: pid {p} on {h}" for r, (p, h) in enumerate(world.places))
+    return (f"training {model.name} on {cfg.data} with {opt}" + "".join(f", {e}" for e in extra) +
+            f" (batch {args.batch or cfg.batch}, {args.epochs or cfg.epochs} epochs, target {args.target}{ranks})")
+
+
+def _final_line(name: str, rec: dict, seconds: float, history=None) -> str:
     parts = [f"{name}:"]
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         vals = [f"{k[len(split) + 1:]} {rec[k]:.4f}" for k in rec if k.startswith(split + "_")]
         if vals:
             parts.append(f"{split} " + ", ".join(vals))
-    parts.append(f"after {rec.get('epoch', 0)} epochs ({seconds:.1f} s)")
+    epochs = f"after {rec.get('epoch', 0)} epochs ({seconds:.1f} s)"
+    if history is not None and history.best_epoch is not None:
+        epochs += f", weights of epoch {history.best_epoch}"
+    if history is not None and history.stopped:
+        epochs += ", stopped early"
+    parts.append(epochs)
     return " ".join(parts[:1]) + " " + "; ".join(parts[1:])
 
 
 def cmd_eval(args) -> int:
+    import json
+    from dlc.runtime.metrics import format_report
+    if args.output:
+        _output_path(args.output, "-o")
     model = _load_with_overrides(args)
     model.load_weights(args.weights)
     metrics = model.evaluate(batch=args.batch, target=args.target, **_backend_options(args))
+    report = None
+    if model.is_classifier and not model.masks_positions:
+        report = model.classification_report(top_k=args.top_k, batch=args.batch, target=args.target,
+                                             **_backend_options(args))
+        metrics.update({k: v for k, v in report.items() if k.startswith("top_")})
+        metrics.update({f"macro_{k}": report[k] for k in ("precision", "recall", "f1")})
     print(f"{model.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if report is not None:
+        print(format_report(report), end="")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"model": model.name, **metrics, **(report or {})}, indent=1) + "\n")
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -403,16 +509,35 @@ def cmd_predict(args) -> int:
     model = load(args.file, args.model)
     model.load_weights(args.weights)
     x = read_input_array(Path(args.input), args.key)
-    out = model.predict(x, target=args.target, **_backend_options(args))
-    classes = out.argmax(axis=-1) if out.ndim == 2 and out.shape[1] > 1 else None
-    if args.output:
-        arrays = {"output": out} if classes is None else {"output": out, "classes": classes}
+    predict = model.predict_proba if args.proba else model.predict
+    results = predict(x, target=args.target, results=True, **_backend_options(args))
+    out = results["output"]
+    classes = out.argmax(axis=-1) if out.ndim in (2, 3) and out.shape[-1] > 1 else None
+    if args.output:  # the output, the model's named results, and predicted classes
+        arrays = results if classes is None else {"classes": classes, **results}
         np.savez(args.output, **arrays)
         print(f"wrote {len(out)} predictions to {args.output}")
     else:
         for i, row in enumerate(out):
-            label = f"class {classes[i]}  " if classes is not None else ""
+            label = "" if classes is None else f"class {classes[i]}  " if out.ndim == 2 else \
+                f"classes {' '.join(str(c) for c in classes[i])}  "
             print(f"{i}: {label}" + " ".join(f"{v:.4f}" for v in np.ravel(row)))
+    return 0
+
+
+def cmd_data(args) -> int:
+    import numpy as np
+    from dlc.data.sources import load_dataset
+    _output_path(args.output, "-o")
+    model = _load_with_overrides(args)
+    cfg = model.train_config
+    data = load_dataset(cfg.data, model.base_dir, cfg.seed, span=cfg.span("data"))
+    x, y = (data.x_train, data.y_train) if args.split == "train" else (data.x_test, data.y_test)
+    if not len(x):
+        raise UsageError(f"the {args.split} split of {cfg.data} is empty")
+    x, y = x[:args.count], y[:args.count]
+    np.savez(args.output, x=x, y=y)
+    print(f"wrote {len(x)} {args.split} samples of {cfg.data} to {args.output} (x {list(x.shape)}, y {list(y.shape)})")
     return 0
 
 
@@ -499,8 +624,19 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval,
-            "predict": cmd_predict, "targets": cmd_targets, "cache": cmd_cache, "plot": cmd_plot,
-            "export": cmd_export, "import": cmd_import, "graph": cmd_graph}
+            "predict": cmd_predict, "data": cmd_data, "targets": cmd_targets, "cache": cmd_cache,
+            "plot": cmd_plot, "export": cmd_export, "import": cmd_import, "graph": cmd_graph}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # dlc's warnings read like its errors (location, source line, hint); others as Python shows them
+    if issubclass(category, DlcWarning):
+        print(message, file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 
 def _check_stage_targets(spec: str | None, stages: dict, target: str) -> None:
@@ -516,21 +652,51 @@ def _check_stage_targets(spec: str | None, stages: dict, target: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = shown
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except UsageError as e:
-        print(f"dlc: {e.render()}", file=sys.stderr)
-        return 2
+        code = _report(f"dlc: {e.render()}", 2)
     except DlcError as e:
-        print(e.render(), file=sys.stderr)
-        return 1
+        code = _report(e.render(), 1)
     except KeyboardInterrupt:
-        print("dlc: interrupted", file=sys.stderr)
-        return 130
+        code = _report("dlc: interrupted", 130)
     except BrokenPipeError:
-        return 0
+        code = 0
+    return _end_job(code)
+
+
+def _report(message: str, code: int) -> int:
+    """Print an error; in a data-parallel job, rank 0 says it, and another rank only when
+    rank 0 has not ended the job within a second (the error was its own)."""
+    from dlc.runtime.distributed import World
+    world = World.current()
+    if world is not None and not world.lead:
+        import time
+        time.sleep(1.0)
+        message = f"[rank {world.rank}] {message}"
+    print(message, file=sys.stderr)
+    return code
+
+
+def _end_job(code: int) -> int:
+    """A rank of a data-parallel job that ends: after every rank, or stopping them all."""
+    from dlc.runtime.distributed import World
+    world = World.current()
+    if world is not None:
+        world.end(code)
+    return code

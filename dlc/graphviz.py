@@ -68,6 +68,7 @@ class Call:
     out: int
     stmt: int        # index of its statement
     prefix: str | None = None
+    more: tuple = ()  # the other results of a call with several (`y, h = gru(..., return_state=true)`)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class LayerGraph:
     calls: list[Call] = field(default_factory=list)
     statements: list = field(default_factory=list)  # (name, span, first node, end node)
     inits: dict = field(default_factory=dict)       # parameter name -> its initializer, as text
+    results: list = field(default_factory=list)     # (name, node) of the model's named results
 
 
 def record_layers(program, model: str | None = None) -> LayerGraph:
@@ -95,6 +97,7 @@ def record_layers(program, model: str | None = None) -> LayerGraph:
             self.depth = 0
             self.rows: list = []
             self.row_start = 0
+            self.results: list = []
 
         def size(self) -> int:
             return len(self.graph)  # node ids are 0, 1, ... while the frontend builds
@@ -106,14 +109,16 @@ def record_layers(program, model: str | None = None) -> LayerGraph:
                 out = super().call(e, scope, namer)
             finally:
                 self.frames.pop()
-            if frame["start"] is not None and frame["depth"] == 0 and isinstance(out, Value):
+            results = _flatten(out)
+            if frame["start"] is not None and frame["depth"] == 0 and results \
+                    and all(isinstance(v, Value) for v in results):
                 fname = e.func.text
                 fn = scope.vars.get(fname)
                 fname = getattr(fn, "name", fname)  # a block parameter holding a function
                 kind = "block" if fname in self.defs else nn.BUILTINS[fname].kind if fname in nn.BUILTINS \
                     else "function"
-                self.calls.append(Call(fname, kind, e.span, range(frame["start"], self.size()), out.id,
-                                       len(self.rows)))
+                self.calls.append(Call(fname, kind, e.span, range(frame["start"], self.size()), results[0].id,
+                                       len(self.rows), more=tuple(v.id for v in results[1:])))
             return out
 
         def eval_arguments(self, e, scope, namer=None):
@@ -131,10 +136,12 @@ def record_layers(program, model: str | None = None) -> LayerGraph:
                 if not top:
                     self.depth -= 1
 
-        def _row(self, stmt, name, value):
-            super()._row(stmt, name, value)
+        def _row(self, stmt, name, value, what=None):
+            super()._row(stmt, name, value, what)
             self.rows.append((name, stmt.span, self.row_start, self.size()))
             self.row_start = self.size()
+            if what == "result":
+                self.results.append((name, value.id))
 
     check_program(program)
     d = choose_model(program, model)
@@ -142,7 +149,14 @@ def record_layers(program, model: str | None = None) -> LayerGraph:
     built = fe.build(d, None)
     inits = {k: f"{p.init.name}({', '.join(f'{a:g}' for a in p.init.args)})" if p.init.args else p.init.name
              for k, p in built.params.items()}
-    return LayerGraph(d.name, built.graph, fe.calls, fe.rows, inits)
+    return LayerGraph(d.name, built.graph, fe.calls, fe.rows, inits, fe.results)
+
+
+def _flatten(value) -> list:
+    """A value, or the values of a (nested) tuple of results, in order."""
+    if isinstance(value, tuple):
+        return [v for x in value for v in _flatten(x)]
+    return [value]
 
 
 def layer_graph(model) -> "object":
@@ -161,9 +175,10 @@ def layer_graph(model) -> "object":
     for nid in g.inputs():
         a = g.node(nid).attrs
         if a["role"] == "data":
-            key = f"in_{a['name']}"
+            key = "in_" + a["name"].replace(":", "_")  # (a `:` in a DOT name would name a port)
             owner[nid] = key
-            dot.node(key, f"{a['name']}\n{a['type']}", shape="ellipse", fillcolor=LAYER_COLOURS["input"])
+            label = f"state {a['name'][len('carry:'):]}" if a["name"].startswith("carry:") else a["name"]
+            dot.node(key, f"{label}\n{a['type']}", shape="ellipse", fillcolor=LAYER_COLOURS["input"])
     in_call = set()
     for i, c in enumerate(rec.calls):
         key = f"call{i}"
@@ -173,15 +188,16 @@ def layer_graph(model) -> "object":
         params = [g.node(n).attrs for n in c.nodes if g.node(n).op is ops.INPUT and g.node(n).attrs["role"] == "param"]
         count = sum(_numel(p["type"]) for p in params)
         prefix = _common_prefix([p["name"] for p in params])
-        lines = [span_text(c.span), str(g.node(c.out).type)]
+        lines = [span_text(c.span), ", ".join(str(g.node(o).type) for o in (c.out,) + c.more)]
         if count:
             lines.append(f"{prefix} · {count:,} params")
         lines.append(f"line {c.span.line}")
         dot.node(key, "\n".join(lines), fillcolor=LAYER_COLOURS[c.kind],
                  tooltip=f"{c.name} at {c.span}", **({"peripheries": "2"} if c.kind == "block" else {}))
         out_type[key] = g.node(c.out).type
-        if c.out not in c.nodes:  # dropout in evaluation, or a call that returns its input
-            owner.setdefault(c.out, key)
+        for o in (c.out,) + c.more:
+            if o not in c.nodes:  # dropout in evaluation, or a call that returns its input
+                owner.setdefault(o, key)
     # what is left: declared params and expressions, one picture node per statement
     for s, (name, span, start, end) in enumerate(rec.statements):
         free = [n for n in range(start, end) if n in g and n not in in_call and n not in owner]
@@ -216,6 +232,15 @@ def layer_graph(model) -> "object":
     dot.node("output", f"output\n{g.node(out).type}", shape="ellipse", fillcolor=LAYER_COLOURS["output"])
     if out in owner:
         dot.edge(owner[out], "output")
+    for name, nid in rec.results:  # the named results after `output`
+        key = f"result_{name}"
+        dot.node(key, f"result {name}\n{g.node(nid).type}", shape="ellipse", fillcolor=LAYER_COLOURS["output"])
+        if nid in owner:
+            dot.edge(owner[nid], key)
+    for name, nid in g.outputs.items():  # a `state`'s value at the return goes to the next batch
+        state = "in_" + name.replace(":", "_")
+        if name.startswith("carry:") and nid in owner and state in owner.values():
+            dot.edge(owner[nid], state, label="next batch", style="dashed", constraint="false")
     return dot
 
 

@@ -2,7 +2,8 @@
 instruments that verify, time and dump the graph after each pass.
 
   step_graph       GRAPH_PASSES on the symbolic graph (the batch is still `B`), once per
-                   model and mode: autodiff and the optimizer make the training step;
+                   model and mode: autodiff and the optimizer make the training step
+                   (with `world` > 1 ranks, shard and allreduce make it data-parallel);
   lower            per batch size: LOWER_PASSES (bind B, fold, prepare loops, fuse, plan
                    memory);
   kernel_program   `schedule` to the kernel IR, then the template kinds the chosen backend
@@ -34,6 +35,9 @@ class PassContext:
     config: TrainConfig | None = None
     batch: int | None = None
     disabled: frozenset[str] = frozenset()
+    world: int = 1                   # ranks of a data-parallel job (passes/data_parallel.py)
+    bucket_bytes: int | None = None  # gradient bytes per exchange (None: the default)
+    overlap: bool = False            # exchanges overlap the rest of the backward pass (fuse)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,17 @@ class Pass:
     doc: str
     train_only: bool = False
     required: bool = False  # cannot be disabled: later stages depend on its result
+    parallel_only: bool = False  # runs only for a job of several ranks
+
+
+def _shard(g, ctx):
+    from dlc.passes.data_parallel import shard
+    return shard(g, ctx)
+
+
+def _allreduce(g, ctx):
+    from dlc.passes.data_parallel import allreduce
+    return allreduce(g, ctx)
 
 
 def _mask_batch(g, ctx):
@@ -52,6 +67,12 @@ def _mask_batch(g, ctx):
 
 def _autodiff(g, ctx):
     from dlc.passes.autodiff import autodiff
+    if ctx.config.optimizer.name == "perceptron":  # the rule follows the output's error, not the loss
+        from dlc.passes.optimizer import perceptron_error
+        g = autodiff(perceptron_error(g, ctx.config.span("optimizer")), "perceptron_error")
+        del g.outputs["perceptron_error"]  # only its gradients are used
+        g.remove_unused()
+        return g
     return autodiff(g)
 
 
@@ -93,7 +114,7 @@ def _loops(g, ctx):
 
 def _fuse(g, ctx):
     from dlc.passes.fuse import fuse
-    return fuse(g)
+    return fuse(g, overlap=ctx.overlap)
 
 
 def _memory(g, ctx):
@@ -104,7 +125,11 @@ def _memory(g, ctx):
 GRAPH_PASSES: tuple[Pass, ...] = (
     Pass("mask_batch", _mask_batch, "reductions over the batch count only its first `valid_rows` rows "
          "(a padded last batch gives the unpadded results: one compiled batch size)"),
+    Pass("shard", _shard, "data-parallel ranks: each differentiates its share of the loss; random "
+         "streams follow global samples", True, True, True),
     Pass("autodiff", _autodiff, "reverse-mode gradients of the loss for every parameter", True, True),
+    Pass("allreduce", _allreduce, "data-parallel ranks: gradients, loss and metrics summed over ranks, "
+         "in buckets", True, True, True),
     Pass("optimizer", _optimizer, "parameter and optimizer-state updates: one training step", True, True),
     Pass("simplify", _simplify, "algebraic identities (x*1, neg(neg x), reshape of reshape, ...)"),
     Pass("fold_constants", _fold, "evaluate constant subgraphs"),
@@ -172,7 +197,7 @@ def verifying() -> bool:
 def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None = None,
                verify: bool = True) -> Graph:
     for p in passes:
-        if p.train_only and ctx.config is None:
+        if (p.train_only and ctx.config is None) or (p.parallel_only and ctx.world <= 1):
             continue
         if p.name in ctx.disabled and not p.required:
             continue
@@ -192,22 +217,36 @@ def run_passes(graph: Graph, passes, ctx: PassContext, log: Compilation | None =
 
 
 def step_graph(graph: Graph, config: TrainConfig | None, log: Compilation | None = None,
-               disabled=(), verify: bool | None = None) -> Graph:
-    """The graph passes: with a recipe, the training step (autodiff, optimizer, cleanup);
-    without one, the evaluation graph cleaned up. Shapes are still symbolic."""
-    return run_passes(graph, GRAPH_PASSES, PassContext(config, disabled=frozenset(disabled)), log,
-                      verifying() if verify is None else verify)
+               disabled=(), world: int = 1, bucket_bytes: int | None = None,
+               verify: bool | None = None) -> Graph:
+    """The graph passes: with a recipe, the training step (autodiff, optimizer, cleanup;
+    for `world` > 1 ranks, data-parallel); without one, the evaluation graph cleaned up.
+    Shapes are still symbolic."""
+    ctx = PassContext(config, disabled=frozenset(disabled), world=world, bucket_bytes=bucket_bytes)
+    return run_passes(graph, GRAPH_PASSES, ctx, log, verifying() if verify is None else verify)
 
 
-def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=(), verify: bool | None = None) -> Graph:
-    """The lowering passes for one batch size: fused and memory-planned."""
-    return run_passes(graph, LOWER_PASSES, PassContext(batch=batch, disabled=frozenset(disabled)), log,
-                      verifying() if verify is None else verify)
+def lower(graph: Graph, batch: int, log: Compilation | None = None, disabled=(), verify: bool | None = None,
+          overlap: bool = False) -> Graph:
+    """The lowering passes for one batch size: fused and memory-planned (with `overlap`,
+    data-parallel exchanges are scheduled to overlap the backward pass: fuse.py)."""
+    ctx = PassContext(batch=batch, disabled=frozenset(disabled), overlap=overlap)
+    return run_passes(graph, LOWER_PASSES, ctx, log, verifying() if verify is None else verify)
+
+
+def check_collectives(program: KernelProgram, backend) -> None:
+    """A program with Collective parts (data-parallel steps, batchnorm(sync=true)) needs a
+    backend that runs them."""
+    from dlc.core.kernel import collectives_of
+    if collectives_of(program) and not backend.collectives:
+        raise UsageError(f"target `{backend.name}` cannot run collective exchanges yet (a data-parallel "
+                         "step, or batchnorm(sync=true))", hint="use --target cpu")
 
 
 def kernel_program(lowered: Graph, templates=frozenset()) -> KernelProgram:
     """A lowered graph scheduled to the kernel IR (the last required stage), with the
-    template kinds not in `templates` (the ones the backend renders) expanded to loop nests."""
+    template kinds not in `templates` (the ones the backend renders) expanded to loop nests.
+    A graph lowered with `overlap` gets exchanges that start early and are waited for late."""
     from dlc.passes.schedule import schedule
     program = expand_templates(schedule(lowered), frozenset(templates))
     if verifying():  # (the tests): the kernel IR's contract, checked like every pass's graph

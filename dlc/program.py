@@ -109,7 +109,7 @@ class CompiledProgram:
     def __init__(self, backend, graphs: dict, state: dict, *, keys: dict | None = None, name: str | None = None,
                  data_name: str | None = None, preloaded: dict | None = None, threads: int | None = None,
                  no_cache: bool = False, cache_dir=None, profile: bool = False, templates: bool = True,
-                 verbose: Callable[[str], None] | None = None):
+                 verbose: Callable[[str], None] | None = None, overlap: bool = False):
         self.backend = backend
         self._graphs = dict(graphs)         # entry -> symbolic graph after the graph passes (or a function)
         self.entries = tuple(graphs)
@@ -122,8 +122,10 @@ class CompiledProgram:
         self.profile = profile
         self.templates = backend.templates if templates else frozenset()
         self.verbose = verbose
+        self.overlap = overlap  # data-parallel exchanges overlap later phases (schedule.py)
         self.batch: int | None = None       # smaller batches are padded to this size (when they can be)
         self.units: dict[int, dict] = {}    # batch -> {entry: loaded step}
+        self.origins: dict[int, str] = {}   # batch -> "cache", "compiled" or "artifact" (the compiling line)
         self.preloaded = dict(preloaded or {})  # batch -> (blobs, layout) from an artifact
         self._data_name = data_name
         self._name = name
@@ -187,7 +189,10 @@ class CompiledProgram:
         """{entry: step} compiled for one batch size (loaded once)."""
         unit = self.units.get(batch)
         if unit is None:
-            blobs, layout = self.preloaded.pop(batch, None) or self.compiled(batch)
+            preloaded = self.preloaded.pop(batch, None)
+            if preloaded:
+                self.origins[batch] = "artifact"
+            blobs, layout = preloaded or self.compiled(batch)
             self._check_memory(batch, entries_of(layout).values())
             if isinstance(layout, Entries):
                 unit = self.backend.load_entries(blobs, layout, self.target)
@@ -217,12 +222,13 @@ class CompiledProgram:
     def compiled(self, batch: int) -> tuple[list[bytes], StepLayout | Entries]:
         """The backend's code for one batch size, through the cache: a StepLayout for a
         single entry, Entries for several."""
-        from dlc.pipeline import kernel_program, lower
+        from dlc.pipeline import check_collectives, kernel_program, lower
         start = time.perf_counter()
         key = self._cache_key(batch) if self.cache else None
         hit = self._cached(key, batch) if key else None
         what = f"{self.name}, batch {batch}"
         if hit is not None:
+            self.origins[batch] = "cache"
             self._say(f"compile cache hit {key[:12]} ({what}): {(time.perf_counter() - start) * 1e3:.0f} ms")
             return hit
         programs, timings = {}, {}
@@ -230,9 +236,10 @@ class CompiledProgram:
             t0 = time.perf_counter()
             graph = self.graph(entry)
             t1 = time.perf_counter()
-            lowered = lower(graph, batch)
+            lowered = lower(graph, batch, overlap=self.overlap)
             t2 = time.perf_counter()
             programs[entry] = kernel_program(lowered, self.templates)
+            check_collectives(programs[entry], self.backend)
             t3 = time.perf_counter()
             for phase, t in (("graph passes", t1 - t0), ("lower", t2 - t1), ("schedule", t3 - t2)):
                 timings[phase] = timings.get(phase, 0.0) + t
@@ -242,6 +249,7 @@ class CompiledProgram:
         else:
             compiled = self.backend.compile_entries(programs, self.target, profile=self.profile)
         self._compiles += 1
+        self.origins[batch] = "compiled"
         if self.cache:
             self.cache.put(key, compiled.blobs, compiled.layout.to_json())
         timings.update(compiled.timings)
@@ -303,7 +311,8 @@ class CompiledProgram:
             key = (self.keys or {}).get(entry)
             h.update(f"{entry}\0{key if key is not None else print_graph(self.graph(entry))}\0".encode())
         for part in (str(batch), __version__, compiler_fingerprint(), self.backend.name,
-                     self.target.key(), str(self.profile), ",".join(sorted(self.templates))):
+                     self.target.key(), str(self.profile), ",".join(sorted(self.templates)),
+                     "overlap" if self.overlap else ""):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()

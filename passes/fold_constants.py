@@ -16,7 +16,8 @@ from dlc.core.types import is_static
 from dlc.passes.scans import map_bodies
 
 FOLD_LIMIT = 64
-_KEEP = {ops.BROADCAST, ops.IOTA, ops.INPUT, ops.CONST, ops.RANDOM, ops.SCAN, ops.SCAN_RESULT}
+_KEEP = {ops.BROADCAST, ops.IOTA, ops.INPUT, ops.CONST, ops.RANDOM, ops.SCAN, ops.SCAN_RESULT,
+         ops.ALLREDUCE}  # a sum over the processes of a job: not a compile-time value
 
 
 def _foldable(g: Graph, nid: int) -> bool:

@@ -17,6 +17,10 @@ Kinds of kernel:
   scan         a sequential loop (passes/loops.py): the scan and its scan_result nodes,
                with the loop body fused separately, as a graph of its own (`body`); it
                reads its operands from memory and stores its results
+  collective   allreduces over the ranks of a data-parallel job, from memory to memory:
+               those of one bucket are one kernel (one exchange), placed in the phase
+               where its last member is ready, and after the kernel of the bucket before
+               (every rank must run the exchanges in the same order)
 
 Rules, applied greedily from the results backwards (consumers before producers):
   F1 constants, broadcast constants, iota, counter-based random numbers, scalar
@@ -55,7 +59,7 @@ from dlc.core.types import DType, numel
 ANCHORS = {
     ops.MATMUL: "matmul", ops.CONV2D: "conv", ops.CONV2D_BWD_DATA: "conv",
     ops.CONV2D_BWD_FILTER: "conv", ops.POOL2D: "pool", ops.POOL2D_BWD: "pool",
-    ops.TAKE: "gather", ops.SCATTER_ADD: "gather",
+    ops.TAKE: "gather", ops.SCATTER_ADD: "gather", ops.ALLREDUCE: "collective",
     # a concat is stored piece by piece: inlined, every element would select among all pieces
     ops.CONCAT: "concat",
     ops.SCAN: "scan",
@@ -173,6 +177,7 @@ class FusionPlan:
     group_of: dict[int, int]        # node -> kernel id (free nodes and inputs absent)
     materialized: set[int]          # nodes whose values live in memory
     reasons: dict[tuple[int, int], str]
+    overlap: bool = False           # collectives are started early and waited for late
 
     @property
     def phases(self) -> int:
@@ -415,7 +420,8 @@ class _Fuser:
         while changed:
             changed = False
             for k in list(self.kernels.values()):
-                if k.id in self.kernels and k.anchor is not None and k.kind not in ("gather", "concat", "scan"):
+                if k.id in self.kernels and k.anchor is not None and k.kind not in ("gather", "concat", "scan",
+                                                                                     "collective"):
                     changed |= self.take_epilogue(k)
 
     def reads_in_order(self, e: Kernel, readers: list[int], shape: tuple) -> bool:
@@ -528,6 +534,34 @@ def _phases(kernels: dict[int, Kernel], deps: dict[int, set[int]]) -> None:
         k.phase = done[kid]
 
 
+def _buckets(f: _Fuser, overlap: bool = False) -> None:
+    """The allreduces of one bucket (their `bucket` attribute, set by passes/data_parallel.py)
+    become one collective kernel, which runs once the last of them is ready, and bucket b+1
+    runs after bucket b: in every rank, whatever its batch size, the same exchanges meet in
+    the same order."""
+    by_bucket: dict[int, list[Kernel]] = {}
+    for k in sorted(f.kernels.values(), key=lambda k: k.id):
+        if k.kind == "collective" and f.g.node(k.anchor).attrs.get("bucket", -1) >= 0:
+            by_bucket.setdefault(f.g.node(k.anchor).attrs["bucket"], []).append(k)
+    previous = None
+    for bucket in sorted(by_bucket):
+        host, *rest = by_bucket[bucket]
+        for k in rest:
+            if f.reaches(host.id, k.id) or f.reaches(k.id, host.id):
+                raise ValueError(f"allreduce bucket {bucket} holds values that depend on each other")
+            f.merge(host, k)
+        if previous is not None:
+            if f.reaches(previous.id, host.id):
+                raise ValueError(f"allreduce bucket {bucket - 1} depends on bucket {bucket}")
+            f.deps[host.id].add(previous.id)
+        previous = host
+    if overlap and previous is not None:  # every reader of a bucket after the last has started
+        hosts = {by_bucket[b][0].id for b in by_bucket}
+        for kid, deps in f.deps.items():
+            if kid not in hosts and deps & hosts and not f.reaches(previous.id, kid):
+                deps.add(previous.id)
+
+
 def _merge_phases(f: _Fuser) -> list[Kernel]:
     """F7: one loop for independent alike kernels of a phase; one multi-tensor kernel for
     the other elementwise kernels of the phase."""
@@ -562,8 +596,11 @@ def _merge_phases(f: _Fuser) -> list[Kernel]:
     return out
 
 
-def fuse(graph: Graph, ctx=None, body: bool = False) -> Graph:
-    """Annotate a copy of the graph with its FusionPlan in graph.meta["fusion"]."""
+def fuse(graph: Graph, ctx=None, overlap: bool = False, body: bool = False) -> Graph:
+    """Annotate a copy of the graph with its FusionPlan in graph.meta["fusion"]. With
+    `overlap`, the readers of every exchange's sums run after the last exchange has started,
+    so each exchange travels while the backward pass goes on (schedule.py waits for it only
+    before its first reader). `body`: a loop body (its results are stored by their users)."""
     g = graph.copy()
     stored: frozenset = frozenset()
     while True:  # a second round stores what the first would recompute per element
@@ -573,6 +610,7 @@ def fuse(graph: Graph, ctx=None, body: bool = False) -> Graph:
         if not stray:
             break
         stored |= stray
+    _buckets(f, overlap)
     _phases(f.kernels, _war_deps(f))
     kernels = _merge_phases(f)
     order = {n: i for i, n in enumerate(g.toposort())}
@@ -593,5 +631,5 @@ def fuse(graph: Graph, ctx=None, body: bool = False) -> Graph:
         k.outputs = [n for n in k.nodes if n in materialized]
         for part in k.parts:
             part.outputs = [n for n in part.nodes if n in materialized]
-    g.meta["fusion"] = FusionPlan(kernels, group_of, materialized, f.reasons)
+    g.meta["fusion"] = FusionPlan(kernels, group_of, materialized, f.reasons, overlap)
     return g

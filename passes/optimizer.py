@@ -1,7 +1,7 @@
 """optimizer: turn a graph with `grad:<param>` results into one training step.
 
 Appends the parameter update rule of the chosen optimizer (sgd with momentum /
-nesterov, adagrad, adadelta, rmsprop, adam, adamw), optional weight decay and
+nesterov, adagrad, adadelta, rmsprop, adam, adamw, perceptron), optional weight decay and
 gradient clipping by global norm. Optimizer state (moments, accumulators) becomes
 `state` inputs named `<param>:<slot>` with matching updates; the step counter `step`
 counts steps. The learning rate is the `lr` input (role hyper), so schedules never
@@ -16,6 +16,7 @@ from dlc.core.builder import GraphBuilder, Value
 from dlc.core.graph import Graph
 from dlc.core.spec import Spec
 from dlc.core.types import DType, TensorType
+from dlc.passes.mask_batch import VALID, batch_symbol
 
 SCALAR = TensorType(DType.f32, ())
 
@@ -75,7 +76,38 @@ def _adam(b, p, g, a, lr, t, name, new):
     return p - (lr / c1) * m_new / (b.sqrt(v_new) / b.sqrt(c2) + a["eps"])
 
 
-RULES = {"sgd": _sgd, "adagrad": _adagrad, "adadelta": _adadelta, "rmsprop": _rmsprop,
+def _perceptron(b, p, g, a, lr, t, name, new):
+    # g is the gradient of perceptron_error: with a straight-through `step` output,
+    # g = sum over the batch of (y_hat - y) * x, so this is w <- w + lr * (y - y_hat) * x
+    return p - g * lr
+
+
+def perceptron_error(graph: Graph, span=None) -> Graph:
+    """The graph with a `perceptron_error` result, E = 1/2 * sum over the batch of (output -
+    label)^2: summed, not averaged, so that its gradient through a straight-through `step` is
+    exactly the perceptron rule's (y - y_hat) * x per sample. `perceptron()` differentiates E
+    instead of the loss, which is only reported."""
+    from dlc.core.diagnostics import ArgumentError
+    g = graph.copy()
+    b = GraphBuilder(g)
+    out = b.value(g.outputs["output"])
+    labels = g.inputs("label")
+    if not labels or g.node(labels[0]).type != out.type:
+        raise ArgumentError(f"`perceptron()` learns from the error y - y_hat of the output ({out.type}), so it "
+                            "needs labels shaped like the output", span,
+                            hint="train it with `loss = mse(output, label)` (the loss is only reported)")
+    with b.at(span):
+        d = out - b.value(labels[0])
+        valid = [i for i in g.inputs("hyper") if g.node(i).attrs["name"] == VALID]
+        if valid and batch_symbol(g) is not None and out.type.shape[0] == batch_symbol(g):
+            # mask_batch ran before: the rows of a padded batch past `valid_rows` add no error
+            rows = b.lt(b.iota((out.type.shape[0],), 0), b.value(valid[0]))
+            d = b.where(b.broadcast(rows, out.type.shape, (0,)), d, b.lift(0, out.type.dtype))
+        g.outputs["perceptron_error"] = (b.sum(d * d) * 0.5).id
+    return g
+
+
+RULES = {"perceptron": _perceptron, "sgd": _sgd, "adagrad": _adagrad, "adadelta": _adadelta, "rmsprop": _rmsprop,
          "adam": _adam, "adamw": _adam}
 
 

@@ -18,7 +18,8 @@ from dataclasses import replace
 
 from dlc.core import ops
 from dlc.core.graph import Graph
-from dlc.core.kernel import Buffer, Exprs, Kernel, KernelProgram, Loop, LoopNest, Store, Template
+from dlc.core.kernel import (INT_MAX, Buffer, Collective, Exprs, Kernel, KernelProgram, Loop, LoopNest, Store,
+                             Template)
 from dlc.core.ops.scan import signature
 from dlc.core.types import DType, numel
 from dlc.passes.fuse import is_anchor
@@ -61,6 +62,8 @@ class _Lowering:
         self.base, self.prefix = base, prefix
         self._uid = 0
         self._memo: dict = {}
+        self.buckets = 1 + max((self.g.node(n).attrs.get("bucket", -1) for n in self.g.ids()
+                                if self.g.node(n).op is ops.ALLREDUCE), default=-1)
         self._make_buffers()
 
     # --- buffers ----------------------------------------------------------------------------
@@ -153,8 +156,25 @@ class _Lowering:
         if n.op is ops.PAD:
             return self._pad(n, index, kernel)
         if n.op is ops.RANDOM:
-            seed, step = (self.expr(o, (), kernel) for o in n.operands)
-            return x.rand(seed, step, a["stream"], x.ravel(index, t.shape))
+            seed, step = (self.expr(o, (), kernel) for o in n.operands[:2])
+            flat = x.ravel(index, t.shape)
+            axis = a.get("axis") or 0
+            if len(n.operands) > 2 and axis == 0:  # numbered from the global index of the first row
+                first = x.data_index(self.expr(n.operands[2], (), kernel), 0, INT_MAX)
+                flat = x.add(x.mul(first, numel(t.shape[1:])), flat)
+            elif len(n.operands) > 2:  # a slice along another axis: its length is data, so is the index
+                first, total = (self.expr(o, (), kernel) for o in n.operands[2:4])
+                i32 = DType.i32
+                flat_ex = None
+                for k, (i, d) in enumerate(zip(index, t.shape)):
+                    at = x.index(i, i32)
+                    if k == axis:
+                        at = x.op("add", [first, at], i32)
+                    if flat_ex is not None:  # i32 arithmetic wraps: the index modulo 2**32, as the op says
+                        at = x.op("add", [x.op("mul", [flat_ex, total if k == axis else x.lit(d, i32)], i32), at], i32)
+                    flat_ex = at
+                flat = x.data_index(flat_ex)
+            return x.rand(seed, step, a["stream"], flat)
         if n.op in (ops.REDUCE_SUM, ops.REDUCE_MAX, ops.ARGMAX):
             axes = a["axes"] if "axes" in a else (a["axis"],)
             vars_ = {ax: self.fresh(src_t.shape[ax]) for ax in axes}
@@ -294,6 +314,19 @@ class _Lowering:
         g = self.g
         return tuple(sorted({g.node(n).span.short.rsplit(":", 1)[0] for n in k.nodes if g.node(n).span}))
 
+    def collective(self, k) -> Collective:
+        """The allreduces of one kernel: one exchange, run by the host between phases; its
+        number and the order of its buffers come from the graph (`bucket`, `part`), the
+        same in every rank. (Unnumbered ones, in a job of one process: in program order.)"""
+        nodes = sorted(k.nodes, key=lambda n: self.g.node(n).attrs.get("part", 0))
+        sources = tuple(self.buffer_of(self.g.node(n).operands[0]) for n in nodes)
+        targets = tuple(self.buffer_of(n) for n in nodes)
+        number = self.g.node(nodes[0]).attrs.get("bucket", -1)
+        if number < 0:
+            number = self.buckets
+            self.buckets += 1
+        return Collective("allreduce", sources, targets, number)
+
     def kernel(self, k) -> Kernel | Loop:
         if k.kind == "scan":
             return self.loop(k)
@@ -304,15 +337,23 @@ class _Lowering:
                 parts += self.loop_nest(k.id, tuple(part.domain), part.keep, part.outputs)
             elif part.kind == "concat":
                 parts += self.concat_nests(k.id, part.anchor)
+            elif part.kind == "collective":
+                parts.append(self.collective(part))
             else:
                 parts.append(self.template(k.id, part))
         return Kernel(f"{self.prefix}k{k.id}_{k.kind}", k.phase, parts, self._lines(k))
 
 
 def schedule(graph: Graph) -> KernelProgram:
+    """The kernel program of a fused, memory-planned graph. When fusion planned exchanges to
+    overlap (FusionPlan.overlap), each is started where its bucket is ready and waited for
+    only at the end of the phase before its first reader, so the phases between run while
+    it travels."""
     low = _Lowering(graph)
     g = graph
     kernels = [low.kernel(k) for k in low.plan.kernels]
+    if low.plan.overlap:
+        kernels = _overlap(low, kernels)
     outputs = {name: low.buffer_of(nid) for name, nid in g.outputs.items()}
     copies = []
     for name, nid in g.updates.items():
@@ -323,3 +364,22 @@ def schedule(graph: Graph) -> KernelProgram:
     inputs = {b.name: b for nid, b in low.buffers.items() if g.node(nid).op is ops.INPUT and b.kind == "input"}
     state = {b.name: b for nid, b in low.buffers.items() if g.node(nid).op is ops.INPUT and b.kind == "state"}
     return KernelProgram(kernels, dict(low.by_name), low.mem.arena_bytes, outputs, copies, inputs, state)
+
+
+def _overlap(low: _Lowering, kernels: list[Kernel]) -> list[Kernel]:
+    """Split each sync Collective into a start (in its phase) and a wait (at the end of the
+    phase before the first kernel reading its targets), when phases lie between."""
+    from dlc.passes.memory import _readers
+    plan = low.plan
+    phase_of = {k.id: k.phase for k in plan.kernels}
+    waits = []
+    for fk, k in zip(plan.kernels, kernels):
+        if fk.kind != "collective":
+            continue
+        part = k.parts[0]
+        readers = [phase_of[plan.group_of[u]] for n in fk.nodes for u in _readers(low.g, plan, n)]
+        wait = min(readers, default=plan.phases) - 1
+        if wait > k.phase:
+            k.parts = [replace(part, mode="start")]
+            waits.append(Kernel(f"{k.name}_wait", wait, [replace(part, mode="wait")], k.lines))
+    return sorted(kernels + waits, key=lambda k: (k.phase, k.name.endswith("_wait")))

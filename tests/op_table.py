@@ -18,6 +18,7 @@ A row is `OpCase`:
     avoid     points float inputs keep away from (kinks): e.g. 0 for abs and relu
     grad      "fd"     gradient checked against central finite differences
               "zero"   autodiff must give an all-zero gradient (stop_gradient)
+              "identity" autodiff must give the identity's gradient (straight-through: step, sign)
               "raises" autodiff must raise a clear dlc.DlcError
               "none"   no float input to differentiate
     tol32     (rtol, atol) of the float32 forward comparison
@@ -256,10 +257,11 @@ def _fmix32(h):
     return h
 
 
-def np_random(seed, step, shape, stream):
+def np_random(seed, step, shape, stream, first=0):
     key = _fmix32(int(seed) & _MASK ^ int(_fmix32(int(stream) ^ int(_fmix32(int(step) & _MASK)))))
     n = int(np.prod(shape))
-    bits = _fmix32(((np.arange(n, dtype=np.uint64) * 0x9E3779B1) & _MASK) ^ key)
+    index = np.arange(n, dtype=np.uint64) + int(first) * (n // shape[0] if shape else 0)  # from row `first` on
+    bits = _fmix32(((index * 0x9E3779B1) & _MASK) ^ key)
     return ((bits >> 8).astype(np.float64) / 2.0 ** 24).astype(np.float32).reshape(shape)
 
 
@@ -288,27 +290,46 @@ def np_batchnorm(x, gamma, beta, running_mean, running_var, training, momentum=0
             "update:running_var": (1 - momentum) * running_var + momentum * var * n / max(n - 1, 1)}
 
 
-def np_rnn(x, wx, wh, b, return_sequences=False):
-    h = np.zeros((x.shape[0], wh.shape[0]))
+def _run_cell(x, carries, step, mask):
+    """Apply `step(x_t, carries) -> new carries` over time. With a mask [B, T], a step whose
+    mask is false leaves every carry unchanged and outputs zeros (Keras' masking, PyTorch's
+    packed sequences). Returns (h at every step [B, T, H], the final carries)."""
     hs = []
     for t in range(x.shape[1]):
-        h = np.tanh(x[:, t] @ wx + h @ wh + b)
-        hs.append(h)
-    return np.stack(hs, axis=1) if return_sequences else h
+        new = step(x[:, t], carries)
+        if mask is None:
+            carries = new
+            hs.append(new[0])
+        else:
+            keep = mask[:, t][:, None]
+            carries = [np.where(keep, n, c) for n, c in zip(new, carries)]
+            hs.append(np.where(keep, new[0], 0.0))
+    return np.stack(hs, axis=1), carries
 
 
-def np_lstm(x, w, u, b, return_sequences=False):
+def np_rnn(x, wx, wh, b, return_sequences=False, h0=None, mask=None, full=False):
+    h = np.zeros((x.shape[0], wh.shape[0])) if h0 is None else h0
+    hs, finals = _run_cell(x, [h], lambda xt, c: [np.tanh(xt @ wx + c[0] @ wh + b)], mask)
+    if full:
+        return hs, finals
+    return hs if return_sequences else finals[0]
+
+
+def np_lstm(x, w, u, b, return_sequences=False, h0=None, c0=None, mask=None, full=False):
     n_h = u.shape[0]
-    h = np.zeros((x.shape[0], n_h))
-    c = np.zeros_like(h)
-    hs = []
-    for t in range(x.shape[1]):
-        z = x[:, t] @ w + h @ u + b
+    h = np.zeros((x.shape[0], n_h)) if h0 is None else h0
+    c = np.zeros_like(h) if c0 is None else c0
+
+    def step(xt, hc):
+        z = xt @ w + hc[0] @ u + b
         i, f, g, o = (z[:, k * n_h:(k + 1) * n_h] for k in range(4))
-        c = np_sigmoid(f) * c + np_sigmoid(i) * np.tanh(g)
-        h = np_sigmoid(o) * np.tanh(c)
-        hs.append(h)
-    return np.stack(hs, axis=1) if return_sequences else h
+        c_new = np_sigmoid(f) * hc[1] + np_sigmoid(i) * np.tanh(g)
+        return [np_sigmoid(o) * np.tanh(c_new), c_new]
+
+    hs, finals = _run_cell(x, [h, c], step, mask)
+    if full:
+        return hs, finals
+    return hs if return_sequences else finals[0]
 
 
 def _blocks(a, n):
@@ -317,22 +338,25 @@ def _blocks(a, n):
     return [a[..., k * h:(k + 1) * h] for k in range(n)]
 
 
-def np_gru(x, w, u, b, bh, return_sequences=False):
+def np_gru(x, w, u, b, bh, return_sequences=False, h0=None, mask=None, full=False):
     """PyTorch's torch.nn.GRU with weight_ih = w.T, weight_hh = u.T, bias_ih = b, bias_hh = bh:
     r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z = sigmoid(W_iz x + b_iz + W_hz h + b_hz),
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h."""
     (w_ir, w_iz, w_in), (w_hr, w_hz, w_hn) = _blocks(w, 3), _blocks(u, 3)
     (b_ir, b_iz, b_in), (b_hr, b_hz, b_hn) = _blocks(b, 3), _blocks(bh, 3)
-    h = np.zeros((x.shape[0], u.shape[0]))
-    hs = []
-    for t in range(x.shape[1]):
-        xt = x[:, t]
+    h = np.zeros((x.shape[0], u.shape[0])) if h0 is None else h0
+
+    def step(xt, carries):
+        h = carries[0]
         r = np_sigmoid(xt @ w_ir + b_ir + h @ w_hr + b_hr)
         z = np_sigmoid(xt @ w_iz + b_iz + h @ w_hz + b_hz)
         n = np.tanh(xt @ w_in + b_in + r * (h @ w_hn + b_hn))
-        h = (1 - z) * n + z * h
-        hs.append(h)
-    return np.stack(hs, axis=1) if return_sequences else h
+        return [(1 - z) * n + z * h]
+
+    hs, finals = _run_cell(x, [h], step, mask)
+    if full:
+        return hs, finals
+    return hs if return_sequences else finals[0]
 
 
 RECURRENT = {"rnn": (np_rnn, ("wx", "wh", "b")), "lstm": (np_lstm, ("w", "u", "b")),
@@ -340,29 +364,50 @@ RECURRENT = {"rnn": (np_rnn, ("wx", "wh", "b")), "lstm": (np_lstm, ("w", "u", "b
 
 
 def np_recurrent(layer, x, params, layers=1, bidirectional=False, return_sequences=False, dropout=0.0,
-                 training=True):
+                 training=True, initial=None, mask=None, return_state=False):
     """A stack of `layers` recurrent layers (PyTorch's num_layers, bidirectional, dropout):
     the reverse direction reads time backwards and its outputs are put back in time order;
     directions are concatenated on the feature axis ([forward, reverse]); dropout (while
     training) acts on the inputs of layers above the first. The last state of a direction
     is its state after its last step. Parameters of layer k > 0 carry the suffix _l<k>, of
-    the reverse direction _rev."""
+    the reverse direction _rev.
+
+    initial: the initial states (h0, or (h0, c0) for lstm), each [layers*directions, B, H]
+    (index layer*directions + direction) or [B, H] for one layer and direction; mask [B, T]:
+    padded steps keep the states and output zeros, in both directions. With return_state,
+    (output, final states) with the final states stacked like `initial` ([B, H] for one
+    layer and direction)."""
     cell, names = RECURRENT[layer]
-    seq, finals = x, []
+    dirs = 2 if bidirectional else 1
+    n_states = 2 if layer == "lstm" else 1
+    starts = [None] * (layers * dirs)
+    if initial is not None:
+        parts = list(initial) if isinstance(initial, (tuple, list)) else [initial]
+        starts = [[p if p.ndim == 2 else p[i] for p in parts] for i in range(layers * dirs)]
+    seq, finals, last = x, [], []
     for depth in range(layers):
         if depth and dropout and training:
             # the mask is drawn over the time-major [T, B, F] layer input, as the layer does
             keep = np_random(DROPOUT_SEED, DROPOUT_STEP, (seq.shape[1], seq.shape[0], seq.shape[2]),
                              DROPOUT_STREAM).transpose(1, 0, 2) >= dropout
             seq = np.where(keep, seq / (1.0 - dropout), 0.0)
-        outs, finals = [], []
+        outs, last = [], []
         for reverse in (False, True) if bidirectional else (False,):
             suffix = (f"_l{depth}" if depth else "") + ("_rev" if reverse else "")
-            hs = cell(seq[:, ::-1] if reverse else seq, *(params[n + suffix] for n in names), True)
-            finals.append(hs[:, -1])
+            start = starts[len(finals)]
+            kw = {} if start is None else dict(zip(("h0", "c0"), start))
+            m = None if mask is None else (mask[:, ::-1] if reverse else mask)
+            hs, fin = cell(seq[:, ::-1] if reverse else seq, *(params[n + suffix] for n in names),
+                           mask=m, full=True, **kw)
+            finals.append(fin)
+            last.append(fin[0])
             outs.append(hs[:, ::-1] if reverse else hs)
         seq = np.concatenate(outs, axis=-1)
-    return seq if return_sequences else np.concatenate(finals, axis=-1)
+    out = seq if return_sequences else np.concatenate(last, axis=-1)
+    if not return_state:
+        return out
+    states = [np.stack([f[k] for f in finals]) if len(finals) > 1 else finals[0][k] for k in range(n_states)]
+    return out, (states[0] if n_states == 1 else tuple(states))
 
 
 def recurrent_row(layer, shape, hidden, training=True, **options):
@@ -370,6 +415,101 @@ def recurrent_row(layer, shape, hidden, training=True, **options):
     ident = "-".join(f"{k}{'' if v is True else v}" for k, v in options.items()) + ("" if training else "-eval")
     return C(layer, [shape], lambda x, **p: np_recurrent(layer, x, p, training=training, **options),
              attrs={"hidden": hidden, **options}, tol32=(1e-5, 1e-5), training=training, id=ident)
+
+
+def _flat_states(b, out, states):
+    """One tensor from a recurrent layer's (output, final states): every part as [B, -1],
+    concatenated on the last axis (a row has one result)."""
+    parts = [out] + (list(states) if isinstance(states, tuple) else [states])
+    rows = []
+    for p in parts:
+        if p.rank == 3 and p.shape[1] == out.shape[0] and p is not out:  # stacked [L*D, B, H]
+            p = b.permute(p, (1, 0, 2))
+        rows.append(b.reshape(p, (p.shape[0], math.prod(p.shape[1:]))) if p.rank != 2 else p)
+    return b.concat(rows, axis=1)
+
+
+def _np_flat_states(out, states):
+    parts = [out] + (list(states) if isinstance(states, tuple) else [states])
+    rows = []
+    for p in parts:
+        if p.ndim == 3 and p is not out:
+            p = p.transpose(1, 0, 2)
+        rows.append(p.reshape(p.shape[0], -1))
+    return np.concatenate(rows, axis=1)
+
+
+def state_row(layer, shapes, hidden, inputs=(), mask=False, initial=False, return_state=False, **options):
+    """A row for a recurrent layer with initial states (the operands after x: h0, or h0 and c0,
+    float, so their gradients are checked too), a mask (the last operand, bool) and/or its final
+    states (the row's result is then output and states flattened side by side)."""
+    n_states = 2 if layer == "lstm" else 1
+
+    def split(xs):
+        x, rest = xs[0], list(xs[1:])
+        m = rest.pop() if mask else None
+        init = None
+        if initial:
+            init = rest[0] if n_states == 1 else tuple(rest[:2])
+        return x, init, m
+
+    def call(ctx, *vs):
+        x, init, m = split(vs)
+        r = nn.BUILTINS[layer].fn(ctx, x, hidden, initial=init, mask=m, return_state=return_state, **options)
+        return _flat_states(ctx.b, *r) if return_state else r
+
+    def ref(*arrays, **p):
+        x, init, m = split(arrays)
+        r = np_recurrent(layer, x, p, initial=init, mask=m, return_state=return_state, **options)
+        return _np_flat_states(*r) if return_state else r
+
+    ident = "-".join([k for k, v in (("initial", initial), ("mask", mask), ("state", return_state)) if v]
+                     + [f"{k}{'' if v is True else v}" for k, v in options.items()])
+    return C(layer, shapes, ref, call=call, inputs=tuple(inputs), tol32=(1e-5, 1e-5), id=ident)
+
+
+def post_padding(rng, shape):
+    """A [B, T] mask of real steps followed by padding, lengths 0..T (one row all padding when B > 2)."""
+    lengths = rng.integers(1, shape[1] + 1, size=shape[0])
+    if shape[0] > 2:
+        lengths[1] = 0
+    return np.arange(shape[1])[None, :] < lengths[:, None]
+
+
+def tokens_padded(vocab):
+    """i32 tokens in 1..vocab-1 followed by zeros (padding), lengths 1..T."""
+    def make(rng, shape):
+        keep = post_padding(rng, shape) | (np.arange(shape[1])[None, :] == 0)
+        return np.where(keep, rng.integers(1, vocab, size=shape), 0).astype(np.int32)
+    make.__name__ = f"tokens_padded({vocab})"
+    return make
+
+
+def padded_steps(rng, shape):
+    """A float sequence [B, T, F] whose padded steps (at the end of each row) are all zero."""
+    keep = post_padding(rng, shape[:2])
+    return np.where(keep[..., None], rng.uniform(0.5, 2.0, size=shape), 0.0).astype(np.float32)
+
+
+def np_masked_mean(values, mask):
+    keep = np.broadcast_to(mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim)), values.shape)
+    return values[keep].sum() / max(keep.sum(), 1)
+
+
+def np_cross_entropy(z, y, mask=None):
+    """Softmax cross-entropy over the last axis, one term per position, averaged over the
+    positions (the kept ones, given a mask)."""
+    logp = np_log_softmax(z)
+    if y.dtype.kind == "i":
+        nll = -np.take_along_axis(logp, y[..., None].astype(np.int64), axis=-1)[..., 0]
+    else:
+        nll = -(y * logp).sum(axis=-1)
+    return nll.mean() if mask is None else np_masked_mean(nll, mask)
+
+
+def np_accuracy(z, y, mask=None):
+    hit = (z.argmax(axis=-1) == y).astype(np.float64)
+    return hit.mean() if mask is None else np_masked_mean(hit, mask)
 
 
 def np_gelu_tanh(x):
@@ -511,6 +651,63 @@ CONV = [
       attrs={"kernel": (3, 3), "stride": (1, 1), "pad": (0, 0)}, tol32=MATMUL_TOL, id="plain"),
 ]
 
+# The CPU backend's convolution templates (im2col packed on the fly into GEMM panels): each
+# packing mode (a whole plane contiguous, grid rows, stride-2 shuffles, gathers), bwd data
+# by output phases (vector and scalar interleave, phases no tap reaches), several K and
+# column blocks, channels that are not multiples of the register tile or vector width,
+# batches split by image and by channel. The templates are the gradients, so no finite
+# differences (and the shapes are larger than those rows allow; their float32 sums are long).
+def _conv(op, shapes, ref, attrs, id):
+    return P(op, shapes, ref, attrs=attrs, tol32=(1e-4, 1e-4), grad="none", id=id)  # long float32 sums
+
+
+def _s(stride, pad):
+    return {"stride": stride, "pad": pad}
+
+
+CONV_TEMPLATES = [
+    _conv("conv2d", [(2, 5, 6, 7), (3, 5, 1, 1)], np_conv2d, _s((1, 1), (0, 0)), "t-1x1"),
+    _conv("conv2d", [(3, 17, 9, 11), (19, 17, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-3x3-pad1-odd-channels"),
+    _conv("conv2d", [(5, 3, 12, 13), (4, 3, 5, 5)], np_conv2d, _s((1, 1), (2, 2)), "t-5x5-pad2"),
+    _conv("conv2d", [(2, 6, 9, 11), (7, 6, 3, 3)], np_conv2d, _s((2, 2), (1, 1)), "t-stride2-pad1-odd"),
+    _conv("conv2d", [(1, 4, 10, 9), (5, 4, 3, 2)], np_conv2d, _s((3, 3), (1, 0)), "t-stride3-gather"),
+    _conv("conv2d", [(4, 3, 10, 19), (6, 3, 3, 3)], np_conv2d, _s((1, 1), (0, 0)), "t-valid-rows"),
+    _conv("conv2d", [(2, 2, 6, 5), (2, 2, 3, 2)], np_conv2d, _s((1, 1), (0, 0)), "t-narrow-rows"),
+    _conv("conv2d", [(1, 48, 20, 20), (9, 48, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch1-blocks"),
+    # K = 47*9 = 423: two K blocks of 212 rows, the boundary inside a channel's taps (and below)
+    _conv("conv2d", [(1, 47, 7, 9), (13, 47, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-kblock-mid-channel"),
+    _conv("conv2d_bwd_data", [(2, 3, 4, 4), (3, 5, 1, 1)], np_conv2d_bwd_data,
+          dict(_s((2, 2), (0, 0)), in_hw=(8, 7)), "t-1x1-stride2"),
+    _conv("conv2d_bwd_data", [(5, 19, 9, 11), (19, 17, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (1, 1)), in_hw=(9, 11)), "t-3x3-pad1-odd-channels"),
+    _conv("conv2d_bwd_data", [(1, 4, 12, 13), (4, 3, 5, 5)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (2, 2)), in_hw=(12, 13)), "t-5x5-pad2-batch1"),
+    _conv("conv2d_bwd_data", [(3, 7, 5, 6), (7, 6, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((2, 2), (1, 1)), in_hw=(9, 11)), "t-stride2-pad1-odd"),
+    _conv("conv2d_bwd_data", [(2, 5, 4, 3), (5, 4, 3, 2)], np_conv2d_bwd_data,
+          dict(_s((3, 3), (1, 0)), in_hw=(10, 9)), "t-stride3"),
+    _conv("conv2d_bwd_data", [(4, 6, 8, 17), (6, 3, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (0, 0)), in_hw=(10, 19)), "t-valid-rows"),
+    _conv("conv2d_bwd_data", [(1, 48, 20, 20), (48, 9, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (1, 1)), in_hw=(20, 20)), "t-batch1-blocks"),
+    _conv("conv2d_bwd_data", [(2, 47, 7, 9), (47, 5, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (1, 1)), in_hw=(7, 9)), "t-kblock-mid-channel"),
+    _conv("conv2d_bwd_filter", [(2, 5, 8, 7), (2, 3, 4, 4)], np_conv2d_bwd_filter,
+          dict(_s((2, 2), (0, 0)), kernel=(1, 1)), "t-1x1-stride2"),
+    _conv("conv2d_bwd_filter", [(3, 17, 9, 11), (3, 19, 9, 11)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-3x3-pad1-odd-channels"),
+    _conv("conv2d_bwd_filter", [(1, 3, 12, 13), (1, 4, 12, 13)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (2, 2)), kernel=(5, 5)), "t-5x5-pad2-batch1"),
+    _conv("conv2d_bwd_filter", [(2, 6, 9, 11), (2, 7, 5, 6)], np_conv2d_bwd_filter,
+          dict(_s((2, 2), (1, 1)), kernel=(3, 3)), "t-stride2-pad1-odd"),
+    _conv("conv2d_bwd_filter", [(1, 4, 10, 9), (1, 5, 4, 3)], np_conv2d_bwd_filter,
+          dict(_s((3, 3), (1, 0)), kernel=(3, 2)), "t-stride3-gather"),
+    _conv("conv2d_bwd_filter", [(2, 3, 30, 30), (2, 6, 30, 30)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-position-blocks"),
+    _conv("conv2d_bwd_filter", [(1, 48, 6, 6), (1, 9, 6, 6)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-many-rows"),
+]
+
 _POOL = [("max", (2, 2), (2, 2), (0, 0), (2, 3, 7, 5), "k2"),
          ("max", (3, 3), (2, 2), (1, 1), (2, 3, 7, 6), "k3-s2-pad1"),
          ("max", (3, 1), (1, 1), (0, 0), (1, 2, 5, 3), "k31-s1"),
@@ -524,6 +721,12 @@ for _mode, _k, _s, _p, _shape, _id in _POOL:
     # max mode has no second derivative: autodiff must refuse it with a DlcError
     POOL.append(P("pool2d_bwd", [_shape, _gshape], np_pool_bwd, attrs=_attrs, id=f"{_mode}-{_id}",
                   grad="raises" if _mode == "max" else "fd"))
+
+# ties: the vectorized max gradient sends each window's gradient to its first maximum
+POOL += [P("pool2d_bwd", [(2, 3, 9, 37), (2, 3, 4, 18)], np_pool_bwd, inputs=[small_ints_f32, DOMAIN],
+           attrs={"mode": "max", "kernel": (2, 2), "stride": (2, 2), "pad": (0, 0)}, grad="none", id="max-k2-ties"),
+         P("pool2d", [(2, 3, 9, 37)], np_pool, inputs=[small_ints_f32],
+           attrs={"mode": "max", "kernel": (3, 2), "stride": (1, 2), "pad": (1, 0)}, grad="none", id="max-k32-s12")]
 
 GATHER = [
     P("take", [(N, 4), (2, 5)], np_take, inputs=[DOMAIN, ints(0, N)], id="repeats"),
@@ -547,10 +750,23 @@ SOURCES = [
       inputs=[scalar_i32(7), scalar_i32(3)], grad="none"),
     P("random", [(), ()], np_random, attrs={"shape": (33,), "stream": 0},
       inputs=[scalar_i32(-1), scalar_i32(0)], grad="none", id="negative-seed"),
+    P("random", [(), (), ()], lambda seed, step, first, shape, stream: np_random(seed, step, shape, stream, first),
+      attrs={"shape": (M, N), "stream": 5}, inputs=[scalar_i32(7), scalar_i32(3), scalar_i32(11)], grad="none",
+      id="from-row-11"),
+    P("random", [(), (), (), ()], lambda seed, step, first, total, shape, stream, axis:
+      np_random(seed, step, (2, int(total), 5), stream)[:, first:first + 3],
+      attrs={"shape": (2, 3, 5), "stream": 9, "axis": 1},
+      inputs=[scalar_i32(4), scalar_i32(1), scalar_i32(2), scalar_i32(7)], grad="none", id="slice-of-axis-1"),
+]
+
+# allreduce: the sum over the ranks of a data-parallel job; a test process is a job of one
+COLLECTIVES = [
+    P("allreduce", [(M, N)], lambda x, bucket, part: x, attrs={"bucket": -1, "part": 0}),
+    P("allreduce", [()], lambda x, bucket, part: x, attrs={"bucket": 3, "part": 1}, id="scalar"),
 ]
 
 PRIMITIVES: list[OpCase] = (UNARY + CASTS + BINARY + COMPARE + WHERE + REDUCE + MOVEMENT + MATMUL + CONV
-                            + POOL + GATHER + SOURCES)
+                            + CONV_TEMPLATES + POOL + GATHER + SOURCES + COLLECTIVES)
 
 
 # --- composite rows ------------------------------------------------------------------------------
@@ -594,6 +810,8 @@ COMPOSITES: list[OpCase] = [
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-2d"),
     C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=True, **p),
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-4d"),
+    C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=True, **p), attrs={"sync": True},
+      params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-4d-sync"),
     C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=False, **p),
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, training=False, id="eval-4d"),
     C("embedding", [(2, 5)], lambda x, table: table[x], attrs={"vocab": N, "dim": 4}, inputs=[ints(0, N)]),
@@ -621,6 +839,37 @@ COMPOSITES: list[OpCase] = [
     recurrent_row("gru", (2, 2, 1), 1, layers=3, return_sequences=True),
     recurrent_row("gru", (2, 2, 3), 3, layers=2, dropout=0.4),
     recurrent_row("gru", (2, 2, 3), 3, layers=2, dropout=0.4, training=False),
+    # initial states (their gradients checked too), final states, masks of padded steps
+    state_row("rnn", [(2, M, 4), (2, 3)], 3, initial=True),
+    state_row("rnn", [(3, 4, 2), (3, 4)], 2, inputs=[DOMAIN, post_padding], mask=True,
+              return_sequences=True),
+    state_row("rnn", [(3, 4, 2), (2, 3, 2), (3, 4)], 2, inputs=[DOMAIN, DOMAIN, post_padding], initial=True,
+              mask=True, return_state=True, layers=2),
+    state_row("lstm", [(2, M, 3), (2, 2), (2, 2)], 2, initial=True, return_state=True),
+    state_row("lstm", [(2, M, 3), (1, 2, 2), (1, 2, 2)], 2, initial=True, return_state=True,
+              return_sequences=True),
+    state_row("lstm", [(3, 4, 2), (3, 4)], 3, inputs=[DOMAIN, post_padding], mask=True, return_state=True),
+    state_row("lstm", [(3, 4, 2), (3, 4)], 2, inputs=[DOMAIN, post_padding], mask=True,
+              return_sequences=True, bidirectional=True),
+    state_row("lstm", [(3, 4, 2), (4, 3, 2), (4, 3, 2), (3, 4)], 2, inputs=[DOMAIN] * 3 + [post_padding],
+              initial=True, mask=True, return_state=True, layers=2, bidirectional=True),
+    state_row("gru", [(3, 3, 2), (2, 3, 3)], 3, initial=True, return_state=True, bidirectional=True),
+    state_row("gru", [(3, 4, 2), (3, 4)], 2, inputs=[DOMAIN, post_padding], mask=True, layers=2,
+              return_sequences=True),
+    state_row("gru", [(3, 4, 2), (3, 2), (3, 4)], 2, inputs=[DOMAIN, DOMAIN, post_padding], initial=True,
+              mask=True, return_state=True, bidirectional=False),
+    # embedding(mask_zero=true): the recurrent layer reads the mask its input carries
+    C("embedding", [(3, 5)], lambda tok, table, w, u, b: np_lstm(table[tok], w, u, b, True, mask=tok != 0),
+      call=lambda ctx, tok: nn.lstm(ctx, nn.embedding(ctx, tok, N, 4, mask_zero=True), 3, return_sequences=True),
+      inputs=[tokens_padded(N)], tol32=(1e-5, 1e-5), id="mask_zero-lstm"),
+    C("embedding", [(3, 5)], lambda tok, table, w, u, b, bh: np_gru(table[tok], w, u, b, bh, mask=tok != 0),
+      call=lambda ctx, tok: nn.gru(ctx, nn.embedding(ctx, tok, N, 4, mask_zero=True), 3),
+      inputs=[tokens_padded(N)], tol32=(1e-5, 1e-5), id="mask_zero-gru-final"),
+    C("padding_mask", [(3, 5)], lambda tok: tok != 0, inputs=[tokens_padded(N)], grad="none", id="tokens"),
+    C("padding_mask", [(3, 5)], lambda tok: tok != 2, attrs={"pad": 2}, inputs=[ints(0, 4)], grad="none",
+      id="tokens-pad2"),
+    C("padding_mask", [(3, 4, 2)], lambda x: np.any(x != 0, axis=-1), inputs=[padded_steps], grad="none",
+      id="features"),
     # activations
     C("relu", [(M, 33)], lambda x: np.maximum(x, 0.0), avoid=(0.0,)),
     C("leaky_relu", [(M, N)], lambda x: np.where(x > 0, x, 0.2 * x), attrs={"alpha": 0.2}, avoid=(0.0,)),
@@ -634,8 +883,14 @@ COMPOSITES: list[OpCase] = [
     C("log_softmax", [(N, 2, M)], lambda x: np_log_softmax(x, 1), attrs={"axis": 1}, id="axis1"),
     C("log_softmax", [(M, N)], np_log_softmax, inputs=[(40.0, 60.0)], id="large-logits"),
     C("gelu", [(M, 33)], np_gelu_tanh, inputs=[(-3.0, 3.0)]),
+    # the perceptron's activations: exact forward values, straight-through (identity) gradients
+    C("step", [(M, 33)], lambda x: (x > 0).astype(x.dtype), avoid=(0.0,), grad="identity"),
+    C("step", [(4,)], lambda x: (x > 0).astype(x.dtype),
+      inputs=[lambda rng, s: np.array([-1e8, -0.0, 0.0, 1e8], np.float32)], grad="identity", id="large-and-zero"),
+    C("sign", [(M, N)], np.sign, avoid=(0.0,), grad="identity"),
     # math functions
     C("exp", [(M, N)], np.exp),
+    C("stop_gradient", [(M, N)], lambda x: x, grad="zero"),
     C("log", [(M, N)], np.log, inputs=[(0.1, 3.0)]),
     C("sqrt", [(M, N)], np.sqrt, inputs=[(0.1, 3.0)]),
     C("abs", [(M, N)], np.abs, avoid=(0.0,)),
@@ -672,12 +927,41 @@ COMPOSITES: list[OpCase] = [
       inputs=[(-3.0, 3.0), probabilities], id="soft-targets"),
     C("cross_entropy", [(1, 1), (1,)], lambda z, y: -np.mean(np_log_softmax(z)[np.arange(len(y)), y]),
       inputs=[DOMAIN, ints(0, 1)], id="one-class"),
+    # per step: [B, T, K] logits, [B, T] labels; masked: the mean over the kept steps only
+    C("cross_entropy", [(3, 4, N), (3, 4)], np_cross_entropy, inputs=[(-3.0, 3.0), ints(0, N)], id="per-step"),
+    C("cross_entropy", [(3, 4, N), (3, 4, N)], np_cross_entropy, inputs=[(-3.0, 3.0), probabilities],
+      id="per-step-soft"),
+    C("cross_entropy", [(3, 4, N), (3, 4), (3, 4)], np_cross_entropy,
+      call=lambda ctx, z, y, m: nn.cross_entropy(ctx, z, y, mask=m),
+      inputs=[(-3.0, 3.0), ints(0, N), post_padding], id="per-step-masked"),
+    C("cross_entropy", [(5, N), (5,), (5,)], np_cross_entropy, call=lambda ctx, z, y, m: nn.cross_entropy(ctx, z, y, mask=m),
+      inputs=[(-3.0, 3.0), ints(0, N), bools], id="sample-mask"),
+    C("cross_entropy", [(3, 4, N), (3, 4), (3, 4)], lambda z, y, m: np_accuracy(z, y, m),
+      call=lambda ctx, z, y, m: nn.accuracy(ctx.b, z, y, "cross_entropy", mask=m),
+      inputs=[(-3.0, 3.0), ints(0, N), post_padding], grad="zero", id="token-accuracy-masked"),
+    C("cross_entropy", [(3, 4, N), (3, 4)], np_accuracy, call=lambda ctx, z, y: nn.accuracy(ctx.b, z, y, "cross_entropy"),
+      inputs=[(-3.0, 3.0), ints(0, N)], grad="zero", id="token-accuracy"),
+    # the mask a sequence carries (embedding(mask_zero=true) -> rnn(return_sequences) -> dense)
+    C("cross_entropy", [(3, 5), (3, 5)],
+      lambda tok, y, table, wx, wh, b: np_cross_entropy(np_rnn(table[tok], wx, wh, b, True, mask=tok != 0), y,
+                                                        tok != 0),
+      call=lambda ctx, tok, y: nn.cross_entropy(
+          ctx, nn.rnn(ctx, nn.embedding(ctx, tok, N, 4, mask_zero=True), 3, return_sequences=True), y),
+      inputs=[tokens_padded(N), ints(0, 3)], tol32=(1e-5, 1e-5), id="carried-mask"),
     C("bce", [(M, N), (M, N)], lambda p, t: -np.mean(t * np.log(p) + (1 - t) * np.log(1 - p)),
       inputs=[(0.05, 0.95), zeros_ones_f32], id="probabilities"),
     C("bce", [(M, N), (M, N)], lambda z, t: np.mean(np.logaddexp(0.0, z) - z * t),
       attrs={"from_logits": True}, inputs=[(-4.0, 4.0), zeros_ones_f32], avoid=(0.0,), id="from-logits"),
     C("bce", [(33,), (33,)], lambda z, t: np.mean(np.logaddexp(0.0, z) - z * t),
       attrs={"from_logits": True}, inputs=[(-4.0, 4.0), (0.0, 1.0)], avoid=(0.0,), id="from-logits-soft"),
+    C("bce", [(3, 4), (3, 4), (3, 4)], lambda z, t, m: np_masked_mean(np.logaddexp(0.0, z) - z * t, m),
+      call=lambda ctx, z, t, m: nn.bce(ctx, z, t, from_logits=True, mask=m),
+      inputs=[(-4.0, 4.0), zeros_ones_f32, post_padding], avoid=(0.0,), id="masked"),
+    C("bce", [(3, 4, 1), (3, 4, 1), (3, 4)], lambda p, t, m: np_masked_mean(-(t * np.log(p) + (1 - t) * np.log(1 - p)), m),
+      call=lambda ctx, p, t, m: nn.bce(ctx, p, t, mask=m),
+      inputs=[(0.05, 0.95), zeros_ones_f32, post_padding], id="masked-probabilities"),
+    C("mse", [(3, 4, 2), (3, 4, 2), (3, 4)], lambda o, t, m: np_masked_mean((o - t) ** 2, m),
+      call=lambda ctx, o, t, m: nn.mse(ctx, o, t, mask=m), inputs=[DOMAIN, DOMAIN, post_padding], id="masked"),
     # regularizers
     C("l1", [(M, N), (33,)], lambda a, b: np.abs(a).sum() + np.abs(b).sum(), avoid=(0.0,),
       call=lambda ctx, a, b: nn.l1(ctx, ParamList([a, b]))),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,10 +23,11 @@ from dlc.passes.autodiff import autodiff
 from dlc.pipeline import kernel_program, lower
 from dlc.program import make_program
 
+import example_models
+from example_models import EXAMPLES, example_feeds as _example_feeds
 from op_table import ALL
 from test_ops import Built, _grad_graph, in_precision
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.dln"))
 CHUNK = 24  # op-table rows per compiled module
 
 
@@ -102,30 +102,12 @@ def test_op_table_forward_and_gradient_on_cpu(rows):
             np.testing.assert_array_equal(got, want, err_msg=f"{name}: {key}")
 
 
-def _example_feeds(m: dlc.Model, batch: int, rng) -> dict:
-    """Random inputs, labels (when the loss takes them) and a learning rate for one step."""
-    name, t = m.input_types[0]
-    shape = (batch,) + tuple(int(d) for d in t.shape[1:])
-    x = rng.integers(0, 17, shape).astype(np.int32) if t.dtype.value == "i32" else \
-        rng.random(shape, dtype=np.float32)
-    feeds = {name: x, "lr": np.float32(0.01), "valid_rows": np.int32(batch)}  # every row is real
-    g = m.built("train").graph
-    if g.inputs("label"):
-        lt = g.node(g.inputs("label")[0]).attrs["type"]
-        if lt.dtype.value == "i32":
-            classes = m.built("eval").graph.node(m.built("eval").graph.outputs["output"]).type.shape[-1]
-            feeds["label"] = rng.integers(0, classes, (batch,)).astype(np.int32)
-        else:
-            feeds["label"] = rng.random((batch,) + tuple(int(d) for d in lt.shape[1:]), dtype=np.float32)
-    return feeds
-
-
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[] if p.stem in ("digits_mlp", "lenet5")
                                                else [pytest.mark.slow]) for p in EXAMPLES])
 def test_example_training_steps_match_reference(path, tmp_path):
     """The first steps of training on cpu and on the reference agree (batch 13: no vector
     width divides it)."""
-    m = dlc.load(path)
+    m = example_models.load(path)
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
     ref_state = {k: v.copy() for k, v in m.state.items()}
@@ -148,7 +130,7 @@ def test_every_op_of_every_example_lowers_to_llvm(path):
     evaluation graphs is in a kernel rendered as LLVM IR, and the module verifies."""
     import llvmlite.binding as llvm
     from dlc.passes.fuse import Free
-    m = dlc.load(path)
+    m = example_models.load(path)
     for mode in ("train", "eval"):
         graph = m.compile_graph(mode, m.train_config)
         lowered = lower(graph, 8)

@@ -20,10 +20,10 @@ from dlc.core.kernel import ir as kernel_ir
 from dlc.pipeline import kernel_program, lower
 from dlc.program import make_program
 
-from test_backend_cpu import _example_feeds
+import example_models
+from example_models import EXAMPLES, example_feeds as _example_feeds
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("*.dln"))
 LOWERING = [name for name in backends.names() if backends.backend(name, runnable=False).lowers]
 
 
@@ -51,7 +51,7 @@ def test_targets_describe_themselves():
 
 
 def _step_programs(path: Path):
-    m = dlc.load(path)
+    m = example_models.load(path)
     for mode in ("train", "eval"):
         yield m, mode, lower(m.compile_graph(mode, m.train_config), 7)
 
@@ -76,7 +76,7 @@ def test_kernel_programs_keep_the_contract_with_and_without_templates(path):
 def test_examples_train_on_cpu_without_templates(path, tmp_path):
     """The generic loop nests alone (what a new backend starts with) give the reference's
     first training steps on every example."""
-    m = dlc.load(path)
+    m = example_models.load(path)
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
     ref_state = {k: v.copy() for k, v in m.state.items()}

@@ -47,7 +47,7 @@ def _model(name: str):
     return m, graph
 
 
-@pytest.mark.parametrize("name", ["digits_mlp", "lenet5", "rnn_digits"])
+@pytest.mark.parametrize("name", ["digits_mlp", "lenet5", "rnn_digits", "char_lm"])
 def test_replayed_steps_match_the_reference(fake, name):
     """Three steps: the first two capture one graph per frame, the third replays; results
     are deferred values; the host arrays change only when the state is synced."""
@@ -144,10 +144,8 @@ def test_a_replaced_host_array_is_uploaded(fake):
     sync_state(state)
 
 
-def test_training_through_the_driver(fake, monkeypatch, tmp_path):
-    """Model.fit on `cuda` (compiled to source instead of a cubin): the trainer reads the
-    deferred results, checkpoints and Model.state/params see the device's state, and the
-    history matches training on the CPU backend."""
+def _cuda_from_source(monkeypatch):
+    """The cuda backend usable here: compiled to CUDA C source (run by the stand-in) instead of a cubin."""
     monkeypatch.setattr(CUDA, "unavailable", lambda: None)
     monkeypatch.setattr(CUDA, "target", lambda options: TARGET)
 
@@ -155,6 +153,13 @@ def test_training_through_the_driver(fake, monkeypatch, tmp_path):
         source, layout = CUDA.render(program, target, profile)
         return Compiled([source.encode()], layout)
     monkeypatch.setattr(CUDA, "compile", compile_to_source)
+
+
+def test_training_through_the_driver(fake, monkeypatch, tmp_path):
+    """Model.fit on `cuda` (compiled to source instead of a cubin): the trainer reads the
+    deferred results, checkpoints and Model.state/params see the device's state, and the
+    history matches training on the CPU backend."""
+    _cuda_from_source(monkeypatch)
     histories = {}
     for target in ("cuda", "cpu"):
         m = dlc.load(EXAMPLES / "logreg.dln")
@@ -163,5 +168,37 @@ def test_training_through_the_driver(fake, monkeypatch, tmp_path):
         saved = np.load(tmp_path / f"{target}.npz")
         for k, v in m.params.items():  # the checkpoint and Model.params: the state after training
             np.testing.assert_array_equal(saved[k], v, err_msg=f"{target}: {k}")
-    for key in ("train_loss", "test_loss", "test_accuracy"):
-        np.testing.assert_allclose(histories["cuda"][key], histories["cpu"][key], rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(histories["cuda"]["train_loss"], histories["cpu"]["train_loss"], rtol=1e-4)
+    assert histories["cuda"].test.keys() == histories["cpu"].test.keys() == {"loss", "accuracy"}
+    for key in ("loss", "accuracy"):  # the test split, scored once after training
+        np.testing.assert_allclose(histories["cuda"].test[key], histories["cpu"].test[key], rtol=1e-4, err_msg=key)
+
+
+def test_keep_best_copies_and_restores_the_device_state(fake, monkeypatch, tmp_path):
+    """keep_best on `cuda`: the best epoch's weights are copied from the device's state, and
+    the weights put back are what the later steps (the test split's evaluation), Model.params
+    and the checkpoint see -- as on the CPU backend."""
+    _cuda_from_source(monkeypatch)
+    # min_delta 100: only the first epoch counts as an improvement, so the best epoch is not the last
+    stop = dlc.EarlyStopping(monitor="val_loss", patience=10, min_delta=100)
+    results = {}
+    for target in ("cuda", "cpu"):
+        m = dlc.load(EXAMPLES / "logreg.dln")
+        firsts = {}
+
+        def on_epoch(record, m=m, firsts=firsts):
+            if record["epoch"] == 1:
+                firsts.update({k: v.copy() for k, v in m.params.items()})
+        history = m.fit(target=target, epochs=3, validation=0.2, early_stop=stop, keep_best=True,
+                        on_epoch=on_epoch, save=tmp_path / f"{target}.npz", cache_dir=tmp_path / target)
+        assert history.best_epoch == 1 and len(history) == 3, target
+        saved = np.load(tmp_path / f"{target}.npz")
+        for k, v in m.params.items():
+            np.testing.assert_array_equal(v, firsts[k], err_msg=f"{target}: {k} is not epoch 1's")
+            np.testing.assert_array_equal(saved[k], v, err_msg=f"{target}: {k}")
+        results[target] = (history, m.evaluate(target=target, cache_dir=tmp_path / target))
+    (cuda, cuda_eval), (cpu, cpu_eval) = results["cuda"], results["cpu"]
+    np.testing.assert_allclose(cuda["val_loss"], cpu["val_loss"], rtol=1e-4)
+    for key in ("loss", "accuracy"):  # scored with the weights put back
+        np.testing.assert_allclose(cuda.test[key], cpu.test[key], rtol=1e-4, err_msg=key)
+        np.testing.assert_allclose(cuda_eval[key], cuda.test[key], rtol=1e-6, err_msg=key)

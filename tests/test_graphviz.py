@@ -98,3 +98,17 @@ def test_usage_errors(tmp_path, capsys):
     assert "write .svg, .png or .pdf" in capsys.readouterr().err
     assert cli("graph", ROOT / "examples" / "digits_mlp.dln", "--train", "-o", tmp_path / "g.dot") == 2
     assert "--stage fuse" in capsys.readouterr().err
+
+
+def test_state_and_named_results_get_nodes():
+    """char_lm: the carried `state h` is an input whose value at the return goes to the next
+    batch (a dashed edge from the gru), and the named result `h` is an output of its own."""
+    m = dlc.load(ROOT / "examples" / "char_lm.dln")
+    dot = layer_graph(m).source
+    assert 'in_carry_h [label="state h\nf32[B,96]"' in dot
+    assert 'result_h [label="result h\nf32[B,96]"' in dot
+    gru = next(c for c in record_layers(m.program, m.name).calls if c.name == "gru")
+    assert len(gru.more) == 1  # `y, h = gru(..., return_state=true)`: one node, both results
+    assert "f32[B,40,96], f32[B,96]" in dot
+    assert 'call1 -> in_carry_h [label="next batch"' in dot
+    assert "call1 -> result_h" in dot and "call2 -> output" in dot

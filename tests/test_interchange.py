@@ -71,16 +71,20 @@ def run_onnx(path, feeds: dict) -> np.ndarray:
 
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_every_example_exports_and_matches_dlc_predict(example, tmp_path):
-    m = trained_like(ROOT / "examples" / f"{example}.dln")
+    path = ROOT / "examples" / f"{example}.dln"
+    m = trained_like(path)
     m.save(tmp_path / "w.npz")
-    assert cli("export", ROOT / "examples" / f"{example}.dln", "--weights", tmp_path / "w.npz",
-               "-o", tmp_path / "m.onnx") == 0
+    assert cli("export", path, "--weights", tmp_path / "w.npz", "-o", tmp_path / "m.onnx") == 0
     proto = onnx.load(str(tmp_path / "m.onnx"))
     onnx.checker.check_model(proto, full_check=True)
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "B"  # the batch stays symbolic
     x = raw_inputs(m)
-    got = run_onnx(tmp_path / "m.onnx", {m.input_types[0][0]: x})
-    want = dlc.load(ROOT / "examples" / f"{example}.dln")
+    feeds = {m.input_types[0][0]: x}
+    for c in m.built().carries:  # a carried state is an input: dlc predict starts from its initial value
+        feeds[c.input] = np.full((len(x),) + tuple(c.type.shape[1:]), c.value, np.float32)
+    assert [i.name for i in proto.graph.input] == list(feeds)
+    got = run_onnx(tmp_path / "m.onnx", feeds)
+    want = dlc.load(path)
     want.load_weights(tmp_path / "w.npz")
     np.testing.assert_allclose(got, want.predict(x), atol=ATOL, rtol=RTOL)
 

@@ -25,7 +25,8 @@ from dlc.runtime.trainer import Session
 EXAMPLES = Path(__file__).parent.parent / "examples"
 # Recurrent layers are loops over time-major sequences ([T, B, F]: the batch in axis 1, and
 # in axis 0 of [T*B, F] every B entries): mask_batch follows the rows through them.
-MASKED = ["digits_mlp", "lenet5", "resnet_bn", "rnn_digits", "lstm_digits", "autoencoder", "logreg"]
+MASKED = ["digits_mlp", "lenet5", "resnet_bn", "rnn_digits", "lstm_digits", "autoencoder", "logreg",
+          "perceptron", "sentiment_lstm", "char_lm"]
 
 
 @pytest.fixture(autouse=True)
@@ -34,15 +35,21 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def _feeds(m, rows: int, rng) -> dict:
-    name, t = m.input_types[0]
-    shape = (rows,) + tuple(int(d) for d in t.shape[1:])
-    feeds = {name: rng.random(shape, dtype=np.float32), "lr": np.float32(0.05)}
+    """Random inputs (token ids below 20 for integer ones: 0 is padding where masked), labels
+    and the values of carried states (a model's `state`)."""
+    feeds = {"lr": np.float32(0.05)}
     g = m.built("train").graph
+    for i in g.inputs("data"):
+        a = g.node(i).attrs
+        shape = (rows,) + tuple(int(d) for d in a["type"].shape[1:])
+        feeds[a["name"]] = (rng.integers(0, 20, shape).astype(np.int32) if a["type"].dtype.value == "i32"
+                            else rng.random(shape, dtype=np.float32))
     if g.inputs("label"):
         lt = g.node(g.inputs("label")[0]).attrs["type"]
+        shape = (rows,) + tuple(int(d) for d in lt.shape[1:])
         classes = m.built("eval").graph.node(m.built("eval").graph.outputs["output"]).type.shape[-1]
-        feeds["label"] = (rng.integers(0, classes, (rows,)).astype(np.int32) if lt.dtype.value == "i32"
-                          else (rng.random((rows,) + tuple(int(d) for d in lt.shape[1:])) > 0.5).astype(np.float32))
+        feeds["label"] = (rng.integers(0, classes, shape).astype(np.int32) if lt.dtype.value == "i32"
+                          else (rng.random(shape) > 0.5).astype(np.float32))
     return feeds
 
 
@@ -65,7 +72,8 @@ def test_every_example_is_masked(example):
 # element near 0 magnifies float32 rounding -- there the float32 reference is 1e-3 away from
 # float64, farther than either compiled step; test_padding_is_exact_in_float64_for_every_example
 # holds it to the unpadded step in float64.)
-@pytest.mark.parametrize("example", ["digits_mlp", "lenet5", "resnet_bn", "lstm_digits", "autoencoder"])
+@pytest.mark.parametrize("example", ["digits_mlp", "lenet5", "resnet_bn", "lstm_digits", "autoencoder",
+                                     "perceptron"])
 def test_padded_step_equals_unpadded_step_on_the_reference(example, tmp_path):
     """Compiled for 8 rows, run on 5 (padded): loss, metrics, every updated parameter,
     optimizer moment and batchnorm running statistic match the reference on 5 rows."""
@@ -89,11 +97,12 @@ def test_padded_step_equals_unpadded_step_on_the_reference(example, tmp_path):
         assert not np.allclose(ref_state["h.batchnorm.running_mean"], m.state["h.batchnorm.running_mean"])
 
 
-@pytest.mark.parametrize("example", ["rnn_digits", "lstm_digits"])
+@pytest.mark.parametrize("example", ["rnn_digits", "lstm_digits", "sentiment_lstm", "char_lm"])
 def test_padded_recurrent_step_equals_the_compiled_unpadded_step(example, tmp_path):
     """Time-major loops: the batch rows are axis 1 of [T, B, F] and every B-th entry of the
-    [T*B, F] the input projection multiplies. Compiled for 8 rows and run on 5 (padded),
-    two training steps give what the step compiled for 5 rows gives."""
+    [T*B, F] the input projection multiplies (masked steps, per-step losses and a carried
+    state too). Compiled for 8 rows and run on 5 (padded), two training steps give what the
+    step compiled for 5 rows gives."""
     m = dlc.load(EXAMPLES / f"{example}.dln")
     graph = m.compile_graph("train", m.train_config)
     assert graph.meta.get("mask_batch") == "valid_rows"
@@ -106,8 +115,10 @@ def test_padded_recurrent_step_equals_the_compiled_unpadded_step(example, tmp_pa
         feeds = _feeds(m, 5, rng)
         padded, plain = (p.run(feeds) for p in programs)
         assert programs[0].program.units.keys() == {8} and programs[1].program.units.keys() == {5}
-        _close(padded, plain, f"{example} step {step}", rtol=1e-5, atol=1e-6)
-    _close(states[0], states[1], f"{example} state", rtol=1e-5, atol=1e-6)
+        _close(padded, plain, f"{example} step {step}")
+    # (as against the reference: the GEMMs of 8 and of 5 rows sum in other orders, and
+    # RMSprop's first update magnifies that rounding where a gradient is near 0)
+    _close(states[0], states[1], f"{example} state", rtol=2e-3, atol=1e-4)
 
 
 def _time_major_graph(reduce_in_body: bool = False):

@@ -39,6 +39,7 @@ from dlc.pipeline import GRAPH_PASSES, LOWER_PASSES, Compilation, PassContext, r
 from dlc.core.printer import print_graph
 from dlc.passes.specialize import is_symbolic
 
+import example_models
 from test_passes import check_fusion, check_memory, check_reasons
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -67,7 +68,7 @@ class Stage:
 
 @functools.lru_cache(maxsize=None)
 def model(example: str) -> dlc.api.Model:
-    return dlc.load(EXAMPLES_DIR / f"{example}.dln")
+    return example_models.load(EXAMPLES_DIR / f"{example}.dln")
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,7 +100,7 @@ def stage_params():
     out = []
     for ex in EXAMPLES:
         for mode in ("train", "eval"):
-            names = [p.name for p in GRAPH_PASSES if mode == "train" or not p.train_only]
+            names = [p.name for p in GRAPH_PASSES if (mode == "train" or not p.train_only) and not p.parallel_only]
             names += [p.name for p in LOWER_PASSES]
             for i, name in enumerate(names):
                 out.append(pytest.param(ex, mode, i, id=f"{ex}-{mode}-{i:02d}_{name}"))
@@ -120,7 +121,9 @@ def feeds(example: str, mode: str, batch: int) -> dict[str, np.ndarray]:
         a = final.node(nid).attrs
         name, t, role = a["name"], a["type"], a["role"]
         shape = tuple(batch if not isinstance(d, int) else d for d in t.shape)
-        if role == "data":
+        if role == "data" and not t.dtype.is_float:  # tokens, below every example's vocabulary
+            out[name] = rng.integers(0, 17, shape).astype(t.dtype.np)
+        elif role == "data":  # inputs and carried states
             out[name] = rng.standard_normal(shape).astype(np.float32)
         elif role == "label":
             out[name] = (rng.standard_normal(shape).astype(np.float32) if t.dtype.is_float
@@ -200,6 +203,9 @@ def _params(g) -> list[str]:
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_autodiff_gradients_match_a_central_difference(example):
     """d loss / d t along a random direction v in parameter space equals sum(grad . v)."""
+    if example == "perceptron":
+        pytest.skip("by design not the loss's derivative: perceptron() differentiates the output's "
+                    "error through the straight-through `step` (tests/test_workflow.py checks its rule)")
     stages, _ = compiled(example, "train")
     s = next(s for s in stages if s.name == "autodiff")
     f = feeds(example, "train", s.batch)

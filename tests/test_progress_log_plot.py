@@ -41,7 +41,7 @@ def test_pipe_gets_one_plain_line_per_epoch():
     stream = io.StringIO()
     _train(Progress(epochs=2, steps_per_epoch=50, stream=stream))
     assert stream.getvalue() == (
-        "epoch 1/2  train loss 0.9000 acc 0.6100  test loss 0.9500 acc 0.6000  1.2s\n"
+        "epoch 1/2  train loss 0.9000 acc 0.6100  test loss 0.9500 acc 0.6000  1.2s  eta 0:01\n"
         "epoch 2/2  train loss 0.2134 acc 0.9412  test loss 0.2561 acc 0.9306  1.2s\n")
 
 
@@ -58,7 +58,8 @@ def test_terminal_gets_a_live_bar(monkeypatch):
     _train(Progress(epochs=2, steps_per_epoch=50, stream=stream))
     out = stream.getvalue()
     assert "\r" in out and "epoch 1/2:" in out and "/50" in out
-    assert re.search(r"loss 0\.\d{4}\]", out)  # running mean loss, after tqdm's ETA
+    assert re.search(r"loss 0\.\d{4}(, run eta \d+:\d\d)?\]", out)  # running mean loss, after tqdm's ETA
+    assert re.search(r"run eta \d+:\d\d\]", out)  # and the whole run's time left
     # The bar erases itself; each epoch's summary starts on a clean line.
     assert out.endswith("\repoch 2/2  train loss 0.2134 acc 0.9412  test loss 0.2561 acc 0.9306"
                         "  1.2s\n")

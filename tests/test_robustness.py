@@ -99,7 +99,7 @@ def test_a_graph_too_deep_for_a_pass_is_a_located_error(monkeypatch):
     longest chain (here the 250th dense: the middle of 500 alike lines), not a traceback."""
     from dlc.passes import fuse
 
-    def too_deep(graph, ctx=None):
+    def too_deep(graph, *args, **kwargs):
         raise RecursionError
     monkeypatch.setattr(fuse, "fuse", too_deep)
     m = dlc.load(DENSE_500)

@@ -41,12 +41,14 @@ def dlc_main(capsys, *args) -> tuple[int, str, str]:
 # ---- keywords of fit / evaluate / predict ----
 
 @pytest.mark.parametrize("method, kwargs, message, hint", [
-    ("fit", {"verbose": 1}, "fit(verbose=1): `verbose` takes a function", "quiet=False"),
-    ("fit", {"callbacks": []}, "fit() got an unknown keyword `callbacks`", "its keywords: x, y, epochs"),
+    ("fit", {"verbose": "yes"}, "fit(verbose='yes'): `verbose` takes 0, 1 or 2", "quiet=False"),
+    ("fit", {"xyzzy": []}, "fit() got an unknown keyword `xyzzy`", "its keywords: x, y, epochs"),
     ("fit", {"epoch": 3}, "fit() got an unknown keyword `epoch`", "did you mean `epochs`?"),
+    ("fit", {"callback": []}, "fit() got an unknown keyword `callback`", "did you mean `callbacks`?"),
     ("fit", {"threads": "2"}, "fit(threads='2'): `threads` takes a positive number", None),
-    ("evaluate", {"batch_size": 8}, "evaluate() got an unknown keyword `batch_size`", "did you mean `batch`?"),
-    ("predict", {"verbose": True}, "predict(verbose=True): `verbose` takes a function", None),
+    ("fit", {"steps_per_epoch": 10}, "fit() does not take Keras' `steps_per_epoch`", "`epochs` and `batch`"),
+    ("evaluate", {"batch_sizes": 8}, "evaluate() got an unknown keyword `batch_sizes`", "did you mean `batch_size`?"),
+    ("predict", {"verbose": 3}, "predict(verbose=3): `verbose` takes 0, 1 or 2", None),
 ])
 def test_unknown_or_mistyped_keywords_are_clear_errors(method, kwargs, message, hint):
     m = dlc.load(MLP)

@@ -51,7 +51,7 @@ import numpy as np
 from dataclasses import asdict, dataclass, field
 
 from dlc.core.kernel import (Buffer, Exprs, FreeVars, Kernel, KernelProgram, Load, Loop, LoopNest, Reduce,
-                             Template, all_kernels, buffers_of, walk_ex)
+                             Template, all_kernels, buffers_of, viewed_buffers, walk_ex)
 from dlc.core.kernel.templates import generic
 from dlc.core.types import DType
 
@@ -662,6 +662,7 @@ def render_program(program: KernelProgram, prefix: str = "") -> Rendered:
         expanded[id(k)] = out
     reads = {id(p): _reads(p) for parts in expanded.values() for p in parts}  # every part's, loop bodies' too
     final = {b.name for b in program.outputs.values()} | {src.name for src, _ in program.copies}
+    final |= viewed_buffers(program.kernels)  # (a loop reads it, or writes it, a step at a time)
     chunks, plans = [PRELUDE], {}
     merger = Merger(free)
 

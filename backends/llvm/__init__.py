@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import time
 
-from dlc.backends.base import Backend, Compiled, Entries, StepLayout, entries_of, layout_outputs, layout_slots
+from dlc.backends.base import (Backend, Compiled, Entries, StepLayout, entries_of, layout_collectives, layout_outputs,
+                               layout_slots)
 from dlc.core.diagnostics import DlcError
 
 
 class CpuBackend(Backend):
     name = "cpu"
     doc = "native code for this machine's CPU through LLVM, on all cores (the default)"
+    collectives = True
     stages = {"llvm": "LLVM IR of the whole step (before LLVM's optimizer)",
               "llvm-opt": "LLVM IR after LLVM's optimizer",
               "asm": "the host machine code"}
@@ -57,6 +59,9 @@ class CpuBackend(Backend):
                 program.arena_bytes, mb.layout.scratch_bytes, layout_slots(program), layout_outputs(program),
                 [[name, phase, lines[name]] for phase, name, _, _ in mb.entry_parts[entry]], target.threads,
                 {"symbol": mb.symbol(entry), "work": step_work(program)})
+            collectives = layout_collectives(program)  # each bucket's buffers, for the host calls
+            if collectives:
+                layouts[entry].meta["collectives"] = collectives
             _bind_layout(mb.modules[0], layouts[entry])
         layout = layouts[""] if "" in layouts else Entries(layouts)
         built = time.perf_counter()
@@ -103,6 +108,9 @@ class CpuBackend(Backend):
             step = entry.meta.get("symbol", "dlc_step")
             if step not in defined:
                 return f"no object defines the step function `{step}`"
+            reason = _check_collectives(entry)
+            if reason:
+                return reason
             if _layout_symbol(entry) not in defined:
                 return "its layout is not the one the code was compiled for"
         for i, record in enumerate(records):
@@ -159,6 +167,27 @@ class CpuBackend(Backend):
 
 def is_elf(triple: str) -> bool:
     return not any(system in triple for system in ("darwin", "apple", "windows", "win32"))
+
+
+def _check_collectives(layout: StepLayout) -> str | None:
+    """The buffers of a data-parallel step's exchanges (meta "collectives", read by the
+    runtime's host calls) lie in its arena or are its slots, with their dtypes and shapes."""
+    import math
+    from dlc.core.types import DType
+    buckets = layout.meta.get("collectives", {})
+    slots = {s[0]: (s[2], list(s[3])) for s in layout.slots}
+    try:
+        assert isinstance(buckets, dict)
+        for key, (sources, targets) in buckets.items():
+            assert key.isdigit() and len(sources) == len(targets)
+            for where, dtype, shape in sources + targets:
+                nbytes = DType(dtype).np.itemsize * math.prod(shape)
+                assert all(isinstance(d, int) and d >= 0 for d in shape)
+                assert (isinstance(where, int) and 0 <= where and where + nbytes <= layout.arena_bytes
+                        if not isinstance(where, str) else slots.get(where) == (dtype, list(shape)))
+    except (AssertionError, TypeError, ValueError, AttributeError):
+        return "its layout's exchanges (collectives) do not fit its buffers"
+    return None
 
 
 def _layout_symbol(layout: StepLayout) -> str:

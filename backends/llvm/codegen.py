@@ -2,12 +2,19 @@
 template in templates.py), and one step function per program.
 
 The step function `dlc_step(ptr table, i32 tid, i32 nthreads)` runs every kernel part in
-phase order with a barrier between phases; every thread runs it (SPMD). A kernel-IR Loop
-is a loop in the step function: at each t it computes the addresses of the loop's views
-and calls the body's parts (functions like any other, taking the views as pointers),
-with a barrier after each body phase -- so the code is the same size for any T. Its
-buffers are table[0] = arena, table[1] = barrier state, table[2] = scratch, table[3] =
-profile counters, then one slot per input/state buffer in `Layout.slots` order.
+phase order with a barrier between phases; every thread runs it (SPMD). Its buffers are
+table[0] = arena, table[1] = barrier state, table[2] = scratch, table[3] = profile
+counters, table[4] = the host's collective function, then one slot per input/state
+buffer in `Layout.slots` order.
+
+A kernel-IR Loop is a loop in the step function: at each t it computes the addresses of
+the loop's views and calls the body's parts (functions like any other, taking the views
+as pointers), with a barrier after each body phase -- so the code is the same size for
+any T.
+
+A Collective part (a data-parallel job's exchange) is a call from thread 0 to the host
+function, `void host(i32 bucket, i32 mode)` (mode: COLLECTIVE_MODES' index), through
+table[4]; the runtime (runtime.py) runs the exchange on the bucket's buffers and returns.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from dataclasses import dataclass, field
 
 from llvmlite import ir
 
-from dlc.core.kernel import Buffer, KernelProgram, Loop, LoopNest, Template
+from dlc.core.kernel import COLLECTIVE_MODES, Buffer, Collective, KernelProgram, Loop, LoopNest, Template
 from dlc.core.kernel import buffers_of as kernel_buffers
 from dlc.core.types import DType
 
@@ -24,7 +31,9 @@ from .emit import Emitter, emit_nest
 from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, loop, memory_type, set_target
 from .templates import emit_template
 
-FIXED_SLOTS = 4  # arena, barrier, scratch, profile
+FIXED_SLOTS = 5  # arena, barrier, scratch, profile, host collective function
+# templates that use the per-thread scratch space (GEMM and im2col packing)
+SCRATCH_TEMPLATES = frozenset({"matmul", "conv2d", "conv2d_bwd_data", "conv2d_bwd_filter"})
 # Loop nests with fewer iterations than this (reductions counted in), and serial ones, are
 # optimized for size: LLVM neither unrolls nor interleaves them (they gain nothing from it,
 # and at O3 a tiny loop with a static trip count becomes a page of unrolled code).
@@ -56,7 +65,7 @@ def buffers_of(part) -> list[Buffer]:
     """The buffers a part's function takes: the kernel IR's, plus per-thread packing
     space for the GEMM."""
     out = kernel_buffers(part)
-    if isinstance(part, Template) and part.op == "matmul":
+    if isinstance(part, Template) and part.op in SCRATCH_TEMPLATES:
         out.append(Buffer("__scratch__", DType.f32, (0,), "scratch"))
     return out
 
@@ -88,7 +97,7 @@ class ModuleBuilder:
         self.entry_parts: dict[str, list[tuple[int, str, ir.Function, list[Buffer]]]] = {}
         self.parts = []  # the first entry's (a single program's)
         self.entry_calls: dict[str, list] = {}  # per entry: what its step calls (ModuleBuilder._functions)
-        self.gemms: dict = {}  # (module index, spec) -> GemmInfo: one function per shape and module
+        self.gemms: dict = {}  # (module index, spec, tile epilogue key) -> GemmInfo: one function each
         self.shared = 0  # parts that reuse an identical function
         self._by_key: dict = {}
         # kernels are external symbols (the step calls them across modules): a name unique to
@@ -114,9 +123,11 @@ class ModuleBuilder:
     def build(self) -> list[ir.Module]:
         for entry, program in self.programs.items():
             self.entry_parts[entry] = []
+            self.program = program  # the program being built (templates look at its other kernels)
             self.entry_calls[entry] = self._functions(program.kernels, f"{entry}." if entry else "",
                                                       self.entry_parts[entry])
         self.parts = next(iter(self.entry_parts.values()))
+        self.program = next(iter(self.programs.values()))
         self.module = self.modules[0]
         for entry, program in self.programs.items():
             self._step(entry, program)
@@ -132,6 +143,10 @@ class ModuleBuilder:
                 calls.append((k, self._functions(k.body, prefix, parts)))
                 continue
             for j, part in enumerate(k.parts):
+                if isinstance(part, Collective):  # a call to the host from the step itself
+                    calls.append((k.phase, len(parts)))
+                    parts.append((k.phase, k.name, None, part))
+                    continue
                 index = self._module_for(part)
                 self.module = self.modules[index]
                 buffers = buffers_of(part)
@@ -161,9 +176,9 @@ class ModuleBuilder:
         shape (the evaluation step's forward matmuls have the training step's shapes)."""
         spec = _gemm_spec(part)
         if spec is not None:
-            for index, other in self.gemms:
-                if other == spec:
-                    return index
+            for key in self.gemms:  # (module index, spec, register-tile epilogue key)
+                if key[1] == spec:
+                    return key[0]
         return self._load.index(min(self._load))
 
     def _dedupe(self, fn: ir.Function, key) -> ir.Function:
@@ -207,7 +222,8 @@ class ModuleBuilder:
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         restore = _flush_denormals(b, self.target)
         slot = lambda k: b.load(gep(b, table, i64(k), PTR), typ=PTR)  # noqa: E731
-        arena, barrier, scratch, counters = slot(0), slot(1), slot(2), slot(3)
+        arena, barrier, scratch, counters, host = slot(0), slot(1), slot(2), slot(3), slot(4)
+        host = _Indirect(host, HOST_FN)
         pointers = {}
         slots = list(program.inputs) + list(program.state)
         for i, name in enumerate(slots):
@@ -238,8 +254,13 @@ class ModuleBuilder:
                     continue
                 _, kname, part_fn, buffers = parts[call[1]]
                 t0 = b.call(_cycles(self.module), []) if self.profile else None
-                args = [pointers[buf.name] if buf.name in pointers else pointers["__scratch__"] for buf in buffers]
-                b.call(self._callee(part_fn), args + [tid, nthreads])
+                if part_fn is None:  # a Collective: thread 0 calls the host, the others go on
+                    with b.if_then(is_main):
+                        b.call(host, [i32(buffers.bucket), i32(COLLECTIVE_MODES.index(buffers.mode))])
+                else:
+                    args = [pointers[buf.name] if buf.name in pointers else pointers["__scratch__"]
+                            for buf in buffers]
+                    b.call(self._callee(part_fn), args + [tid, nthreads])
                 if self.profile:
                     with b.if_then(is_main):
                         cell = gep(b, counters, i64(call[1]), I64)
@@ -296,6 +317,20 @@ def _flush_denormals(b: ir.IRBuilder, target):
     b.store(b.or_(b.load(saved, typ=I32), i32(FTZ_DAZ)), mode)
     b.call(ld, [mode])
     return lambda: b.call(ld, [saved])
+
+
+HOST_FN = ir.FunctionType(VOID, [I32, I32])
+
+
+class _Indirect:
+    """A function pointer as a callee: llvmlite reads the type of a call's callee from it
+    (with opaque pointers a loaded pointer does not know it)."""
+
+    def __init__(self, pointer: ir.Value, function_type: ir.FunctionType):
+        self.pointer, self.function_type, self.type = pointer, function_type, pointer.type
+
+    def get_reference(self) -> str:
+        return self.pointer.get_reference()
 
 
 def _gemm_spec(part):

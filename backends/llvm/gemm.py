@@ -42,7 +42,8 @@ operands are read with masks (N) or clamped rows (M), so nothing reads out of bo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 from llvmlite import ir
 
@@ -65,6 +66,22 @@ _MAX_ACCUMULATORS = {4: 12, 8: 12, 16: 28}
 
 
 # --------------------------------------------------------------------------- spec, plan, info
+
+
+@dataclass(frozen=True, eq=False)
+class TileEpilogue:
+    """Elementwise work the microkernel applies to its register tile in the last K block,
+    before storing it (e.g. the optimizer update of the weight whose gradient C is).
+
+    args: names of extra pointer arguments the GEMM function takes after `nthreads` (in
+    this order) and hands to `emit`; store_c: whether C itself is still stored;
+    emit(b, vec, pointers: {name: ptr}, row: i64, col: i64, x: <W x float>, mask or None)
+    emits the work for row `row`, columns col .. col+W-1 (lanes outside `mask` are past
+    the N edge and must not be touched) and returns the value to store in C there."""
+    key: object
+    args: tuple
+    store_c: bool
+    emit: Callable
 
 
 @dataclass(frozen=True)
@@ -361,18 +378,23 @@ class _Layout:
 
 
 def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: int,
-                 target: Target, edge: bool) -> ir.Function:
-    """void kernel(a, b, c, bias, i64 kc, i32 mode, i64 m_valid, i64 n_valid).
+                 target: Target, edge: bool, tile: TileEpilogue | None = None) -> ir.Function:
+    """void kernel(a, b, c, bias, i64 kc, i32 mode, i64 m_valid, i64 n_valid
+                   [, i64 row, i64 col, ptr <tile.args>...]).
 
     The full kernel ignores m_valid/n_valid; the edge kernel stores only rows < m_valid
-    and columns < n_valid, and reads unpacked operands only inside those bounds.
+    and columns < n_valid, and reads unpacked operands only inside those bounds. With a
+    tile epilogue, (row, col) is the tile's place in C and the extra pointers are the
+    epilogue's buffers.
     """
-    fn = _new_function(module, name, [(PTR, "a"), (PTR, "b"), (PTR, "c"), (PTR, "bias"),
-                                      (I64, "kc"), (I32, "mode"), (I64, "m_valid"),
-                                      (I64, "n_valid")], target, w, linkage="internal")
-    for i in range(4):
+    args = [(PTR, "a"), (PTR, "b"), (PTR, "c"), (PTR, "bias"), (I64, "kc"), (I32, "mode"),
+            (I64, "m_valid"), (I64, "n_valid")]
+    if tile is not None:
+        args += [(I64, "row"), (I64, "col")] + [(PTR, f"e.{n}") for n in tile.args]
+    fn = _new_function(module, name, args, target, w, linkage="internal")
+    for i in list(range(4)) + list(range(10, len(args))):
         fn.args[i].add_attribute("noalias")
-    a, bp, c, bias, kc, mode, m_valid, n_valid = fn.args
+    a, bp, c, bias, kc, mode, m_valid, n_valid = fn.args[:8]
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     v = _Vec(b, w, fused=target.has("fma"))
     mr, nv = plan.mr, plan.nv
@@ -428,24 +450,45 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
     epi = b.icmp_unsigned("!=", b.and_(mode, ir.Constant(I32, _EPILOGUE)), ir.Constant(I32, 0))
     bias_vec = [v.load(v.at(bias, j * w), col_mask[j]) if spec.bias else None
                 for j in range(nv)]
-    for i in range(mr):
-        if edge and i > 0:
-            then = b.append_basic_block(f"row{i}")
-            done = b.append_basic_block(f"row{i}.done")
-            b.cbranch(b.icmp_signed("<", _i64(i), m_valid), then, done)
-            b.position_at_end(then)
-        for j in range(nv):
-            ptr = v.at(c, i * lay.ldc + j * w)
-            x = b.load(acc[i][j], typ=v.ty)
-            x = b.select(add_c, b.fadd(x, v.load(ptr, col_mask[j])), x)
-            if spec.bias or spec.relu:
-                y = b.fadd(x, bias_vec[j]) if spec.bias else x
-                y = v.relu(y) if spec.relu else y
-                x = b.select(epi, y, x)
-            v.store(x, ptr, col_mask[j])
-        if edge and i > 0:
-            b.branch(done)
-            b.position_at_end(done)
+
+    def store_tile(last):
+        """last: None (decide per element with selects), or whether this is the last K
+        block (then the tile epilogue runs)."""
+        for i in range(mr):
+            if edge and i > 0:
+                then = b.append_basic_block(f"row{i}")
+                done = b.append_basic_block(f"row{i}.done")
+                b.cbranch(b.icmp_signed("<", _i64(i), m_valid), then, done)
+                b.position_at_end(then)
+            for j in range(nv):
+                ptr = v.at(c, i * lay.ldc + j * w)
+                x = b.load(acc[i][j], typ=v.ty)
+                x = b.select(add_c, b.fadd(x, v.load(ptr, col_mask[j])), x)
+                if spec.bias or spec.relu:
+                    y = b.fadd(x, bias_vec[j]) if spec.bias else x
+                    y = v.relu(y) if spec.relu else y
+                    x = y if last else x if last is False else b.select(epi, y, x)
+                if last:
+                    row0, col0 = fn.args[8], fn.args[9]
+                    ptrs = dict(zip(tile.args, fn.args[10:]))
+                    x = tile.emit(b, v, ptrs, b.add(row0, _i64(i)), b.add(col0, _i64(j * w)), x,
+                                  col_mask[j])
+                    if tile.store_c:
+                        v.store(x, ptr, col_mask[j])
+                else:
+                    v.store(x, ptr, col_mask[j])
+            if edge and i > 0:
+                b.branch(done)
+                b.position_at_end(done)
+
+    if tile is None:
+        store_tile(None)
+    else:
+        with b.if_else(epi) as (then, otherwise):
+            with then:
+                store_tile(True)
+            with otherwise:
+                store_tile(False)
     b.ret_void()
     return fn
 
@@ -585,9 +628,11 @@ def _workspace_layout(spec: GemmSpec, plan: GemmPlan, w: int) -> tuple[int, int]
 
 def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
               plan: GemmPlan | None = None, target: Target | None = None,
-              nthreads: int = 2) -> GemmInfo:
+              nthreads: int = 2, tile: TileEpilogue | None = None) -> GemmInfo:
     """Emit `void name(A, B, C, bias, workspace, i32 tid, i32 nthreads)` into `module`
     (plus internal helpers named `name.*`); see the module docstring for the contract.
+    With `tile`, the function takes one more pointer per `tile.args` after `nthreads`, and
+    the microkernel runs the tile epilogue on every tile of the last K block.
 
     vector_width: float lanes per vector (16 for AVX-512F, 8 for AVX2; see Target.vector_width).
     plan: blocking; `plan_gemm(spec, vector_width, nthreads)` when None.
@@ -599,7 +644,12 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
     if w not in _MAX_ACCUMULATORS:
         raise ValueError(f"vector_width must be 4, 8 or 16, not {w}")
     target = target or Target.host()
-    plan = plan or plan_gemm(spec, w, nthreads)
+    if plan is None:
+        plan = plan_gemm(spec, w, nthreads)
+        if tile is not None:
+            # the epilogue streams its buffers through the tiles: walk them along rows, so
+            # each of a tile's rows continues where the previous tile's ended (prefetchable)
+            plan = replace(plan, jr_outer=False)
     if plan.mr * plan.nv > _MAX_ACCUMULATORS[w]:
         raise ValueError(f"{plan.mr}x{plan.nv} tile needs more than {_MAX_ACCUMULATORS[w]} "
                          f"accumulator registers at width {w}")
@@ -616,20 +666,23 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
     lay = _Layout(a_rs=1 if plan.pack_a else a_rs, a_cs=mr if plan.pack_a else a_cs,
                   b_rs=nr if plan.pack_b else spec.b_ld, ldc=spec.c_ld,
                   a_packed=plan.pack_a, b_packed=plan.pack_b)
-    kern = _emit_kernel(module, f"{name}.kernel", plan, lay, spec, w, target, edge=False)
+    kern = _emit_kernel(module, f"{name}.kernel", plan, lay, spec, w, target, edge=False,
+                        tile=tile)
     kern_edge = _emit_kernel(module, f"{name}.kernel_edge", plan, lay, spec, w, target,
-                             edge=True)
+                             edge=True, tile=tile)
     kern.attributes.add("noinline")
     pack_a = _emit_pack_a(module, f"{name}.pack_a", plan, spec, w, target) \
         if plan.pack_a else None
     pack_b = _emit_pack_b(module, f"{name}.pack_b", plan, spec, w, target) \
         if plan.pack_b else None
 
+    extra = [(PTR, f"e.{n}") for n in tile.args] if tile is not None else []
     fn = _new_function(module, name, [(PTR, "A"), (PTR, "B"), (PTR, "C"), (PTR, "bias"),
-                                      (PTR, "workspace"), (I32, "tid"), (I32, "nthreads")],
+                                      (PTR, "workspace"), (I32, "tid"), (I32, "nthreads")] + extra,
                        target, w)
-    A, B, C, bias, ws, tid, nthreads = fn.args
-    for arg in (A, B, C, bias, ws):
+    A, B, C, bias, ws, tid, nthreads = fn.args[:7]
+    extra_args = list(fn.args[7:])
+    for arg in [A, B, C, bias, ws] + extra_args:
         arg.add_attribute("noalias")        # C, the workspace and the inputs are disjoint
         arg.add_attribute("captures(none)")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -685,12 +738,14 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
                     rows, cols = b.sub(mc, ir_), b.sub(nc, jr)
                     full = b.and_(b.icmp_signed(">=", rows, _i64(mr)),
                                   b.icmp_signed(">=", cols, _i64(nr)))
+                    where = [b.add(ic, ir_), col] + extra_args if tile is not None else []
                     with b.if_else(full, likely=True) as (then, otherwise):
                         with then:
-                            b.call(kern, [ap, bp, cp, biasp, kcur, mode, _i64(mr), _i64(nr)])
+                            b.call(kern, [ap, bp, cp, biasp, kcur, mode, _i64(mr), _i64(nr)]
+                                   + where)
                         with otherwise:
                             b.call(kern_edge, [ap, bp, cp, biasp, kcur, mode,
-                                               _smin(b, rows, mr), _smin(b, cols, nr)])
+                                               _smin(b, rows, mr), _smin(b, cols, nr)] + where)
 
                 if plan.jr_outer:
                     with _for_range(b, 0, nc, nr, name="jr") as jr:

@@ -3,6 +3,11 @@
 A step is called once per batch through ctypes (which releases the GIL); inside it the
 threads run every kernel with barriers between phases: no Python runs between kernels.
 Parameters and state stay in the model's numpy arrays, which the step updates in place.
+
+A step of a data-parallel job calls back into this process between two phases (thread 0
+only, through a ctypes callback: it takes the GIL, which the other threads never need):
+`_host` runs the bucket's exchange with dlc.core.collective's communicator on numpy
+views of the arena, and returns to the step.
 """
 from __future__ import annotations
 
@@ -13,7 +18,11 @@ import time
 import numpy as np
 
 from dlc.backends.base import StepLayout
+from dlc.core import collective
+from dlc.core.kernel import COLLECTIVE_MODES
 from dlc.core.types import DType
+
+from .codegen import FIXED_SLOTS
 
 from .jit import Engine
 from .pool import Pool
@@ -35,12 +44,12 @@ class NativeStep:
         self.barrier = np.zeros(BARRIER_BYTES // 8, dtype=np.int64)
         self.scratch = np.zeros(max(layout.scratch_bytes * self.threads, 64) // 4 + 16, dtype=np.float32)
         self.profile = np.zeros(max(len(layout.kernels), 1), dtype=np.int64)
-        self.table = (ctypes.c_void_p * (4 + len(layout.slots)))()
+        self.table = (ctypes.c_void_p * (FIXED_SLOTS + len(layout.slots)))()
         self.table[0] = _aligned(self.arena)
         self.table[1] = self.barrier.ctypes.data
         self.table[2] = _aligned(self.scratch)
         self.table[3] = self.profile.ctypes.data
-        self._slot = {s[0]: 4 + i for i, s in enumerate(layout.slots)}
+        self._slot = {s[0]: FIXED_SLOTS + i for i, s in enumerate(layout.slots)}
         self._staging = {}      # input name -> aligned buffer the table points at
         self._checked = {}      # state name -> the array last checked and put in the table
         self._state_slots = []  # (name, slot, dtype, shape)
@@ -59,6 +68,15 @@ class NativeStep:
                          if isinstance(spec[0], int)}
         self._slot_outputs = {name: spec[0] for name, spec in layout.outputs.items()
                               if not isinstance(spec[0], int)}
+        self._buckets = {int(k): v for k, v in layout.meta.get("collectives", {}).items()}
+        self._pending: dict[int, object] = {}  # bucket -> a started exchange
+        self._host_error: BaseException | None = None
+        self._state: dict = {}
+        self._views = {bucket: [self._arrays(specs) for specs in spec] for bucket, spec in self._buckets.items()
+                       if all(isinstance(where, int) for specs in spec for where, _, _ in specs)}
+        if self._buckets:
+            self._host_fn = HOST_FN(self._host)  # kept alive as long as the step
+            self.table[4] = ctypes.cast(self._host_fn, ctypes.c_void_p).value
 
     def _view(self, offset, dtype, shape):
         base = _aligned(self.arena) - self.arena.ctypes.data
@@ -87,15 +105,46 @@ class NativeStep:
                 self.table[slot] = a.ctypes.data
         start = time.perf_counter()
         with self._lock:
+            self._state, self._feeds = state, feeds
             if self.pool is not None:
                 self.pool.run(self._step_addr, ctypes.addressof(self.table), self.threads)
             else:
                 self._step(ctypes.addressof(self.table), 0, 1)
             out = {k: v.copy() for k, v in self._outputs.items()}
+            error, self._host_error = self._host_error, None
+        if error is not None:
+            raise error
         self.seconds += time.perf_counter() - start
         self.calls += 1
         out.update({k: np.array(state[slot] if slot in state else feeds[slot], copy=True)
                     for k, slot in self._slot_outputs.items()})
+        return out
+
+    def _host(self, bucket: int, mode: int) -> None:
+        """A Collective part of the step (thread 0, between phases): the exchange of one
+        bucket. An error cannot unwind through the native step: it is kept, the step runs
+        on, and run() raises it."""
+        try:
+            sources, targets = self._views.get(bucket) or [self._arrays(specs) for specs in self._buckets[bucket]]
+            comm = collective.current()
+            what = COLLECTIVE_MODES[mode]
+            if what == "sync":
+                comm.allreduce(sources, targets)
+            elif what == "start":
+                self._pending[bucket] = comm.start(sources)
+            else:
+                comm.finish(self._pending.pop(bucket), targets)
+        except BaseException as e:  # noqa: BLE001 - raised by run()
+            if self._host_error is None:
+                self._host_error = e
+
+    def _arrays(self, specs) -> list[np.ndarray]:
+        out = []
+        for where, dtype, shape in specs:
+            if isinstance(where, int):
+                out.append(self._view(where, dtype, tuple(shape)))
+            else:
+                out.append(self._state[where] if where in self._state else self._staging[where])
         return out
 
     def profile_rows(self) -> list[tuple[str, tuple, float]]:
@@ -108,6 +157,7 @@ class NativeStep:
                 for (name, phase, lines), cycles in zip(self.layout.kernels, self.profile)]
 
 
+HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_int32)
 ALIGN = 64  # the generated code may use aligned vector loads on any buffer
 
 

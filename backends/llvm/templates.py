@@ -18,6 +18,7 @@ from dlc.core.kernel import Template
 from .emit import emit_bounded, emit_nest
 from .mathlib import maximum
 from .gemm import GemmSpec, _Vec, emit_gemm
+from .tile import _read_elsewhere, tile_epilogue
 from .irutil import F32, FAST, I64, REDUCE, for_range, gep, i64, loop, smax, smin, split
 
 
@@ -107,39 +108,50 @@ def matmul(mb, em, t: Template, tid, nthreads) -> None:
     ta, tb = t.attrs.get("ta", False), t.attrs.get("tb", False)
     k = a_buf.shape[0] if ta else a_buf.shape[1]
     if m * n * k <= SMALL_MATMUL:
-        small_matmul(em, t, m, n, k, ta, tb, tid, nthreads)
+        small_matmul(em, t, m, n, k, ta, tb, tid, nthreads, mb)
         return
     spec = GemmSpec(m, n, k, ta=ta, tb=tb)
     w = mb.target.vector_width
-    key = (mb.modules.index(mb.module), spec)  # one function per distinct shape and module
+    # the epilogue on the register tile (one function per template then), else after
+    tile = tile_epilogue(mb.program, t) if t.epilogue is not None else None
+    key = (mb.modules.index(mb.module), spec, tile.key if tile else None)  # one function per shape and module
     if key not in mb.gemms:
         name = f"gemm.{key[0]}.{len(mb.gemms)}.{mb.tag}"
-        mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=mb.target)
+        mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=mb.target, tile=tile)
     info = mb.gemms[key]
     mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, info.workspace_bytes)
     fn = mb.module.globals[info.name]
     null = ir.Constant(ir.PointerType(), None)
+    extra = [em.pointers[name] for name in tile.args] if tile else []
     b.call(fn, [_ptr(em, a_buf), _ptr(em, b_buf), _ptr(em, t.output), null,
-                em.pointers["__scratch__"], tid, nthreads])
-    if t.epilogue is None:
+                em.pointers["__scratch__"], tid, nthreads] + extra)
+    if t.epilogue is None or tile is not None:
         return
     # the epilogue covers exactly the tiles this thread computed (gemm.py's static split)
     plan = info.plan
-    tile = info.nr if plan.split == "n" else info.mr
-    units = -(-(n if plan.split == "n" else m) // tile)
+    tile_n = info.nr if plan.split == "n" else info.mr
+    units = -(-(n if plan.split == "n" else m) // tile_n)
     u0, u1 = split(b, units, tid, nthreads)
-    r0, r1 = b.mul(u0, i64(tile)), smin(b, b.mul(u1, i64(tile)), i64(n if plan.split == "n" else m))
+    r0, r1 = b.mul(u0, i64(tile_n)), smin(b, b.mul(u1, i64(tile_n)), i64(n if plan.split == "n" else m))
     if plan.split == "n":
         _epilogue(em, t, [(i64(0), i64(m)), (r0, r1)])
     else:
         _epilogue(em, t, [(r0, r1), (i64(0), i64(n))])
 
 
-def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads) -> None:
+def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads, mb=None) -> None:
     """C = op(A) @ op(B) row by row: axpy rows of B (vectorized along n) or, for a
-    transposed B, contiguous dot products (vectorized along k). Rows are shared out."""
+    transposed B, contiguous dot products (vectorized along k). Rows are shared out; the
+    epilogue runs on each row as soon as it is computed (while it is in L1), and when
+    nothing else reads C the row is computed in this thread's scratch space instead of C
+    (a weight gradient consumed only by its optimizer update never reaches memory)."""
     b = em.b
-    A, B, C = _ptr(em, t.inputs[0]), _ptr(em, t.inputs[1]), _ptr(em, t.output)
+    A, B = _ptr(em, t.inputs[0]), _ptr(em, t.inputs[1])
+    out = t.output.name
+    per_row = t.epilogue is not None and len(t.epilogue.outer) == 1 and not t.epilogue.row_stores
+    in_scratch = per_row and mb is not None and not _read_elsewhere(mb.program, t)
+    if in_scratch:
+        mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, -(-n * 4 // 64) * 64)
     zero = ir.Constant(F32, 0.0)
 
     def a_at(i, kk):
@@ -147,7 +159,10 @@ def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads) -> None:
 
     lo, hi = split(b, m, tid, nthreads)
     with for_range(b, lo, hi, "mi") as i:
-        row = b.mul(i, i64(n))
+        if in_scratch:  # C[i, j] lives at scratch[j] for this row
+            C, row = em.pointers["__scratch__"], i64(0)
+        else:
+            C, row = _ptr(em, t.output), b.mul(i, i64(n))
         if tb:  # C[i, j] = sum_k A[i, k] * B[j, k]
             with for_range(b, 0, n, "nj") as j:
                 def dot(kk, acc):
@@ -164,7 +179,16 @@ def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads) -> None:
                     at = b.add(row, j)
                     _store(b, b.fadd(_load(b, C, at), b.fmul(a, _load(b, B, b.add(brow, j)), flags=FAST),
                                      flags=FAST), C, at)
-    _epilogue(em, t, [(lo, hi), (i64(0), i64(n))])
+        if per_row:
+            saved = em.pointers[out]
+            if in_scratch:  # the epilogue's C[i*n + j] is scratch[j]
+                em.pointers[out] = b.gep(C, [b.sub(i64(0), b.mul(i, i64(n)))], source_etype=F32)
+            em.push()
+            emit_bounded(em, t.epilogue, {t.epilogue.outer[0].name: (i, b.add(i, i64(1)))})
+            em.pop()
+            em.pointers[out] = saved
+    if t.epilogue is not None and not per_row:
+        _epilogue(em, t, [(lo, hi), (i64(0), i64(n))])
 
 
 # --- convolution ---------------------------------------------------------------------------------
@@ -494,6 +518,8 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
 # --- pooling --------------------------------------------------------------------------------------
 
 def pool2d(mb, em, t: Template, tid, nthreads) -> None:
+    if pooling.pool2d(mb, em, t, tid, nthreads):
+        return
     b = em.b
     (xb,) = t.inputs
     N, C, H, W = xb.shape
@@ -532,6 +558,8 @@ def pool2d(mb, em, t: Template, tid, nthreads) -> None:
 def pool2d_bwd(mb, em, t: Template, tid, nthreads) -> None:
     """Max: the gradient goes to the first maximum of each window (row-major), as the
     reference does; avg: spread evenly over the window."""
+    if pooling.pool2d_bwd(mb, em, t, tid, nthreads):
+        return
     b = em.b
     xb, gb = t.inputs
     N, C, H, W = xb.shape
@@ -647,6 +675,9 @@ def _epilogue_serial(em, t: Template, tid) -> None:
         emit_bounded(em, t.epilogue, {})
 
 
-EMITTERS = {"matmul": matmul, "conv2d": conv2d, "conv2d_bwd_data": conv2d_bwd_data,
-            "conv2d_bwd_filter": conv2d_bwd_filter, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
+from . import conv as _conv  # noqa: E402
+from . import pooling  # noqa: E402
+
+EMITTERS = {"matmul": matmul, "conv2d": _conv.conv2d, "conv2d_bwd_data": _conv.conv2d_bwd_data,
+            "conv2d_bwd_filter": _conv.conv2d_bwd_filter, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
             "take": take, "scatter_add": scatter_add, "colsum": colsum}

@@ -21,8 +21,10 @@ import time
 # Estimated seconds per unit of work (single thread), per kind of part: GEMM and
 # convolution templates run vectorized register-tiled code; loop nests about an element
 # per nanosecond (a reduction's inner iterations count as elements).
-SECONDS_PER_FLOP = {"matmul": 1 / 40e9, "conv2d": 1 / 15e9, "conv2d_bwd_data": 1 / 15e9,
-                    "conv2d_bwd_filter": 1 / 15e9}
+# (The convolutions are packed GEMMs on the same microkernel: about three quarters of the
+# GEMM's rate on the benchmark models' layers, benchmarks/bench_conv.py.)
+SECONDS_PER_FLOP = {"matmul": 1 / 40e9, "conv2d": 1 / 30e9, "conv2d_bwd_data": 1 / 30e9,
+                    "conv2d_bwd_filter": 1 / 30e9}
 SECONDS_PER_ELEMENT = 0.5e-9
 BARRIER = 2e-6      # one barrier between phases, all threads on otherwise idle cores
 HANDOFF = 5e-6      # waking the workers for a step and joining them after it

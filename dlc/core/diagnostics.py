@@ -128,6 +128,21 @@ class UsageError(DlcError):
     kind = "usage error"
 
 
+class DlcWarning(UserWarning):
+    """A likely mistake that is not an error, rendered like an error (location, line, hint).
+    Raised through Python's `warnings`; `dlc` prints it on stderr."""
+
+    def __init__(self, message: str, span: Span | None = None, hint: str | None = None):
+        self.diagnostic = DlcError(message, span, hint)
+        self.diagnostic.kind = "warning"
+        super().__init__(self.diagnostic.render())
+
+
+def warn(message: str, span: Span | None = None, hint: str | None = None) -> None:
+    import warnings
+    warnings.warn(DlcWarning(message, span, hint), stacklevel=3)
+
+
 SHOWN_COLUMNS = 120  # of a source line around the caret; longer lines are cut, the cuts marked `…`
 MESSAGE_CHARS = 500  # a message quoting something huge (a 100,000-character name) is cut too
 

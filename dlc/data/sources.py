@@ -29,7 +29,7 @@ Normalize = Union[str, float]
 
 @dataclass
 class Dataset:
-    """Train and test arrays in their stored dtypes (test arrays may be empty)."""
+    """Train, test (and validation) arrays in their stored dtypes (test arrays may be empty)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -37,6 +37,8 @@ class Dataset:
     y_test: np.ndarray
     name: str
     default_normalize: Normalize  # used when the train block gives no `normalize`
+    x_val: np.ndarray | None = None  # the validation split (the train block's `validation`), if any
+    y_val: np.ndarray | None = None
 
 
 # --- the entry point --------------------------------------------------------------------------
@@ -437,3 +439,22 @@ def batches(n: int, batch: int, rng: np.random.Generator | None) -> Iterator[np.
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch):
         yield order[start:start + batch]
+
+
+def stream_batches(n: int, batch: int, every: bool = False) -> Iterator[np.ndarray]:
+    """Batches for a model that carries state from one batch to the next (Keras' stateful
+    RNNs; PyTorch's word_language_model `batchify`). The n samples, in order (each one
+    continuing the one before, like windows of a text), are cut into S = min(batch, n)
+    streams of consecutive samples, and batch k holds sample k of every stream: row i of
+    batch k+1 continues row i of batch k. Streams hold n // S samples and the n mod S left
+    over are not read -- every batch is full -- unless `every` (evaluation, prediction):
+    then streams hold ceil(n / S) samples, the last ones fewer, and the late batches are
+    shorter, holding the first streams (their rows keep their places)."""
+    if n == 0:
+        return
+    streams = min(batch, n)
+    length = -(-n // streams) if every else n // streams
+    starts = np.arange(streams) * length
+    for k in range(length):
+        idx = starts + k
+        yield idx[idx < n]

@@ -28,6 +28,10 @@ operator reads them, and expanded (`Expand`) only where something else does.
 The input normalization fitted in training (the checkpoint's `data:shift`/`data:scale`)
 is part of the exported model, so it takes the same raw inputs as `dlc predict`; its
 initializers are named `normalize.shift` and `normalize.scale`.
+
+A model that carries a `state` from batch to batch (`state h: f32[B, 96]`) takes it as one
+more input, `carry:h`: its value at the start of the batch (the declared initial value for
+the first batch, as `dlc predict` starts). The exported output is the model's `output`.
 """
 from __future__ import annotations
 
@@ -872,6 +876,12 @@ def export_model(model, normalizer=None, opset: int | None = None, recognize: bo
         names.reserve(name)
         graph_inputs.append(value_info(name, t))
         ex.add_dim_sources(name, t)
+    used = {g.node(nid).attrs["name"] for nid in data}
+    for c in model.built("eval").carries:  # a `state`: an input holding its value at the batch's start
+        if c.input in used:
+            names.reserve(c.input)
+            graph_inputs.append(value_info(c.input, c.type))
+            ex.add_dim_sources(c.input, c.type)
     for nid in data:
         name = g.node(nid).attrs["name"]
         ex.value[nid] = name

@@ -81,7 +81,9 @@ def _convert(fname: str, pname: str, v, hint, span: Span):
         if ok:
             return out
     names = " or ".join(_type_name(t) for t in options if t is not type(None))
-    raise ArgumentError(f"`{fname}`: argument `{pname}` must be {names}, got {describe(v)}", span)
+    hint = "take it apart first: `out, h = gru(x, n, return_state=true)`, `out, (h, c) = lstm(...)`" \
+        if isinstance(v, tuple) else None
+    raise ArgumentError(f"`{fname}`: argument `{pname}` must be {names}, got {describe(v)}", span, hint=hint)
 
 
 def _accepts(want, v):
@@ -116,10 +118,17 @@ def _accepts(want, v):
         return isinstance(v, nn.ParamList), v
     if want is list:
         return isinstance(v, list), v
+    if want is nn.States:  # a tensor, or a tuple or list of tensors
+        if isinstance(v, Value):
+            return True, v
+        if isinstance(v, (tuple, list)) and v and all(isinstance(x, Value) for x in v):
+            return True, tuple(v)
+        return False, v
     return False, v
 
 
 def _type_name(t) -> str:
     return {nn.Tensor: "a tensor", bool: "true or false", int: "an integer", float: "a number",
             str: "a string", nn.Pair: "an integer or [h, w]", Init: "an initializer",
-            nn.ParamList: "parameters (`params`, `weights` or a parameter name)", list: "a list"}.get(t, str(t))
+            nn.ParamList: "parameters (`params`, `weights` or a parameter name)", list: "a list",
+            nn.States: "a tensor or a tuple of tensors"}.get(t, str(t))

@@ -38,6 +38,14 @@ def check_program(program: ast.Program) -> None:
 
 
 def _check_params(d: ast.Def) -> None:
+    results = set()
+    for r in d.more:
+        if r.name in RESERVED:
+            raise NameError_(f"`{r.name}` is reserved and cannot name a result", r.span,
+                             hint="the first result is the `output`; name the others")
+        if r.name in results:
+            raise NameError_(f"result `{r.name}` appears twice in {d.kind} `{d.name}`", r.span)
+        results.add(r.name)
     names = set()
     for p in d.params:
         if p.name in names:

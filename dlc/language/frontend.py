@@ -7,11 +7,13 @@ train block in train_block.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any
 
 from dlc.core.builder import GraphBuilder, Value
-from dlc.core.diagnostics import ArgumentError, DlcError, NameError_, ShapeMismatch, Span, TypeError_, did_you_mean
+from dlc.core.diagnostics import (ArgumentError, DlcError, DlcWarning, NameError_, ShapeMismatch, Span, TypeError_,
+                                  did_you_mean)
 from dlc.core.graph import Graph
 from dlc.core.types import DType, Sym, TensorType, dim_mul, prod, sym, unify
 from dlc.language import nn
@@ -20,8 +22,8 @@ from dlc.language.checks import RESERVED, check_program, choose_model, too_deep
 from dlc.language.initializers import ARITY as INIT_ARITY, Init, fans
 from dlc.language.recipe import RECIPE, TrainConfig
 from dlc.language.syntax import ast
-from dlc.language.train_block import build_train, recipe_call
-from dlc.language.values import FunctionRef, Scope, describe
+from dlc.language.train_block import build_train
+from dlc.language.values import FunctionRef, Scope, describe, structure
 
 # far beyond any real model (an LSTM over 1,000 steps has ~17,000), and checked within seconds
 MAX_GRAPH_NODES = 200_000
@@ -36,6 +38,22 @@ class ParamSpec:
     fan_out: int
     role: str  # "param" | "state"
     span: Span | None
+    trainable: bool = True  # False: a frozen parameter (`trainable=false`), fed to the step as state
+
+
+@dataclass
+class CarrySpec:
+    """A model's `state NAME: type = init`: the graph input `carry:NAME`, fed with the value
+    the output `carry:NAME` had after the previous batch (`value` everywhere at the start)."""
+
+    name: str
+    type: TensorType
+    value: float
+    span: Span | None
+
+    @property
+    def input(self) -> str:
+        return f"carry:{self.name}"
 
 
 @dataclass
@@ -43,8 +61,10 @@ class SummaryRow:
     name: str
     what: str
     type: TensorType
-    params: int
+    params: int  # every float parameter and state element the row created
     span: Span
+    trainable: int = 0
+    value: int = -1  # the graph node of its result
 
 
 @dataclass
@@ -55,6 +75,9 @@ class Built:
     model: ast.Def
     train: TrainConfig | None
     inputs: list[tuple[str, TensorType]]
+    warnings: list = field(default_factory=list)  # DlcWarning: likely mistakes, reported by the caller
+    results: list[tuple[str, TensorType]] = field(default_factory=list)  # named results after `output`
+    carries: list[CarrySpec] = field(default_factory=list)  # carried from batch to batch
 
 
 # --- building -------------------------------------------------------------------------------------
@@ -78,6 +101,16 @@ class _Ctx(nn.LayerContext):
     def rng(self):
         return self.fe.rng_inputs() + (nn.stream_id(f"{self.prefix}#{self.fe.next_stream()}"),)
 
+    def mask_of(self, x):
+        return self.fe.masks.get(x.id) if isinstance(x, Value) else None
+
+    def set_mask(self, x, mask):
+        if mask is not None:
+            self.fe.masks[x.id] = mask
+
+    def used_loss_mask(self, mask):
+        self.fe.loss_masks.append(mask)
+
 
 class Frontend:
     def __init__(self, program: ast.Program, mode: str = "eval"):
@@ -89,10 +122,18 @@ class Frontend:
         self.param_elements = 0              # elements of every trainable parameter so far
         self.used_prefixes: set[str] = set()
         self._next_suffix: dict[str, int] = {}  # prefix base -> first `_k` that may be free
-        self._summarized = 0  # param_elements at the last summary row
+        self.elements = 0  # float elements of every parameter and state so far (the summary's counts)
+        self._last_ids: set[int] = set()  # the values of the summary's latest rows (not shown twice)
+        self.frozen = False  # inside a `trainable=false` call: parameters become state nothing updates
+        self.softmax_outputs: dict[int, Span] = {}  # softmax results -> the call (for a warning)
+        self.warnings: list = []
         self._several: dict[int, bool] = {}  # id(statement) -> it calls several layers with parameters
         self._streams = 0
         self._rng: tuple[Value, Value] | None = None
+        self.masks: dict[int, Value] = {}       # value id -> bool [B, T] mask of its real steps
+        self.loss_masks: list[Value] = []       # the masks the loss averaged over
+        self.carries: dict[str, tuple[CarrySpec, Value]] = {}  # the model's `state`s
+        self.batch_dim = None                   # axis 0 of the model's first input
 
     # inputs owned by layers --------------------------------------------------------------------
     def new_input(self, name, type, init, role, span, fan_in=0, fan_out=0) -> Value:
@@ -106,11 +147,16 @@ class Frontend:
                                 "at most 2,147,483,647 are supported", span)
         if not fan_in:
             fan_in, fan_out = fans(tuple(type.shape))
-        self.params[name] = ParamSpec(name, type, init, fan_in, fan_out, role, span)
-        if role == "param":
+        frozen = role == "param" and self.frozen
+        self.params[name] = ParamSpec(name, type, init, fan_in, fan_out, role, span, trainable=not frozen)
+        if role == "param" and not frozen:
             self.param_elements += size
+        if type.dtype.is_float:
+            self.elements += size
         with self.b.at(span):
-            v = self.b.input(name, type, role)
+            # autodiff and the optimizer see only "param" inputs: a frozen one gets no gradient,
+            # no update and no optimizer state
+            v = self.b.input(name, type, "state" if frozen else role)
         self.input_ids[name] = v.id
         return v
 
@@ -140,14 +186,23 @@ class Frontend:
             with self.b.at(p.span):
                 args.append(self.b.input(p.name, t, "data"))
             inputs.append((p.name, t))
-        out = self.call_def(model, args, {}, "", model.span, top=True, dims=dims)
+        self.batch_dim = inputs[0][1].shape[0] if inputs and inputs[0][1].rank else None
+        result = self.call_def(model, args, {}, "", model.span, top=True, dims=dims)
+        out, more = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
         self.graph.outputs["output"] = out.id
+        if out.id in self.softmax_outputs:  # its outputs are probabilities already (predict_proba)
+            self.graph.meta["output_is_softmax"] = self.softmax_outputs[out.id]
+        if self.mode == "eval":  # for predict and the Python API; a training step needs none of them
+            for r, v in zip(model.more, more):
+                self.graph.outputs[f"output:{r.name}"] = v.id
         self.model_inputs = {name: v for (name, _), v in zip(inputs, args)}
         try:
             config = build_train(self, train, out) if train is not None else None
         except RecursionError:
             raise too_deep(train.name_span) from None
-        return Built(self.graph, self.params, self.summary, model, config, inputs)
+        return Built(self.graph, self.params, self.summary, model, config, inputs, warnings=self.warnings,
+                     results=[(r.name, v.type) for r, v in zip(model.more, more)],
+                     carries=[spec for spec, _ in self.carries.values()])
 
     def resolve_type(self, t: ast.TypeExpr, dims: dict, bind_new: bool) -> TensorType:
         try:
@@ -207,14 +262,18 @@ class Frontend:
         for stmt in d.body:
             if isinstance(stmt, ast.Return):
                 try:
+                    namer = {**self._namer(stmt, "out", scope), "targets": ["out"] + [r.name for r in d.more]}
                     with self.b.at(stmt.span):
-                        out = self.eval_tensor(stmt.value, scope, self._namer(stmt, "out", scope), "the result")
+                        value = self.eval(stmt.value, scope, namer)
                 except RecursionError:
                     raise too_deep(stmt.span) from None
-                self._check_result(d, out, dims, stmt, scope.vars)
+                outs = self._results(d, value, stmt, dims, scope.vars)
                 if top:
-                    self._row(stmt, "out", out)
-                return out
+                    self._row(stmt, "out", outs[0])
+                    for r, v in zip(d.more, outs[1:]):
+                        self._row(stmt, r.name, v, "result")
+                    self._carry_out(scope, stmt)
+                return outs[0] if len(outs) == 1 else tuple(outs)
             try:
                 self.statement(stmt, scope, top)
             except RecursionError:
@@ -231,22 +290,85 @@ class Frontend:
             raise ShapeMismatch(f"block `{d.name}`: argument `{p.name}`: {err}", span,
                                 notes=[f"`{p.name}` is declared at {p.span}"])
 
-    def _check_result(self, d: ast.Def, out: Value, dims, stmt, values=None):
+    def _results(self, d: ast.Def, value, stmt: ast.Return, dims, values) -> list[Value]:
+        """The returned values, one per declared result (a tuple is flattened: `return out, (h, c)`
+        gives three), each checked against its declared type."""
+        flat: list = []
+
+        def visit(v):
+            if isinstance(v, tuple):
+                for x in v:
+                    visit(x)
+            else:
+                flat.append(v)
+        visit(value)
+        e = stmt.value
+        if len(flat) != d.n_results:
+            first = _type_text(d.result)
+            if d.n_results == 1:
+                raise TypeError_(f"{d.kind} `{d.name}` declares one result but returns {len(flat)} values "
+                                 f"{structure(value)}", e.span,
+                                 hint=f"return one tensor, or declare the others by name after `->`: "
+                                      f"`-> ({first}, h: ...)`")
+            raise TypeError_(f"{d.kind} `{d.name}` declares {d.n_results} results but returns "
+                             + (f"{len(flat)} values {structure(value)}" if isinstance(value, tuple)
+                                else describe(value)), e.span,
+                             hint="return them in the declared order: `return "
+                                  + ", ".join(["out"] + [r.name for r in d.more]) + "`")
+        items = list(e.items) if isinstance(e, ast.TupleLit) and len(e.items) == len(flat) else None
+        bound = dict(dims)
+        for k, v in enumerate(flat):
+            span = items[k].span if items else e.span
+            what = "the result" if k == 0 else f"the result `{d.more[k - 1].name}`"
+            if not isinstance(v, Value):
+                raise TypeError_(f"{what} must be a tensor, got {describe(v)}", span)
+            self._check_result(d, v, bound, stmt, values, k, span)
+        return flat
+
+    def _check_result(self, d: ast.Def, out: Value, bound, stmt, values=None, k: int = 0, span=None):
         values = values or {}
+        declared_t = d.result if k == 0 else d.more[k - 1].type
         pattern = tuple(values[x] if isinstance(x, str) and isinstance(values.get(x), int) and
                         not isinstance(values.get(x), bool) else sym(x) if isinstance(x, str) else x
-                        for x in d.result.dims)
-        bound = dict(dims)
+                        for x in declared_t.dims)
         err = unify(pattern, out.shape, bound)
-        if err or out.dtype.value != d.result.dtype:
-            declared = f"{d.result.dtype}[{','.join(str(x) for x in d.result.dims)}]" if d.result.dims \
-                else d.result.dtype
-            raise ShapeMismatch(f"{d.kind} `{d.name}` returns {out.type} but declares {declared}",
-                                stmt.span, notes=[err] if err else [],
+        if err or out.dtype.value != declared_t.dtype:
+            declared = _type_text(declared_t)
+            what = f"returns {out.type}" if k == 0 else f"returns {out.type} as `{d.more[k - 1].name}`"
+            raise ShapeMismatch(f"{d.kind} `{d.name}` {what} but declares {declared}",
+                                span if k else stmt.span, notes=[err] if err else [],
                                 hint="fix the declared result type after `->` or the last layer")
 
+    def _carry_out(self, scope: Scope, stmt: ast.Return) -> None:
+        """At the model's return: each `state`'s value there is carried to the next batch."""
+        for name, (spec, start) in self.carries.items():
+            v = scope.vars.get(name)
+            if v is start:
+                raise TypeError_(f"state `{name}` is never given a new value", spec.span,
+                                 hint=f"assign `{name}` before the `return`: its value there is carried to "
+                                      f"the next batch (for example `y, {name} = rnn(x, ..., initial={name}, "
+                                      "return_state=true)`)")
+            if not isinstance(v, Value) or v.type != spec.type:
+                raise TypeError_(f"state `{name}` is declared {spec.type} but holds {describe(v)} at the "
+                                 "`return`", stmt.span, notes=[f"`{name}` is declared at {spec.span}"],
+                                 hint="the value carried to the next batch must keep the declared type")
+            self.graph.outputs[spec.input] = v.id
+
     def statement(self, stmt, scope: Scope, top: bool) -> None:
-        if isinstance(stmt, ast.Assign):
+        if isinstance(stmt, ast.Unpack):
+            names = stmt.names
+            for n in names:
+                if n in RESERVED:
+                    raise NameError_(f"`{n}` is reserved and cannot be assigned", stmt.span)
+                if names.count(n) > 1:
+                    raise NameError_(f"`{n}` appears twice in `{_targets(stmt.targets)} = ...`", stmt.span)
+            namer = {**self._namer(stmt, names[0], scope), "targets": names}  # the rows of a call's results
+            with self.b.at(stmt.span):
+                value = self.eval(stmt.value, scope, namer)
+            self._unpack(stmt.targets, value, stmt, scope, top)
+        elif isinstance(stmt, ast.StateDecl):
+            self._state(stmt, scope, top)
+        elif isinstance(stmt, ast.Assign):
             if stmt.target in RESERVED:
                 raise NameError_(f"`{stmt.target}` is reserved and cannot be assigned", stmt.span)
             with self.b.at(stmt.span):
@@ -271,13 +393,81 @@ class Frontend:
             if top:
                 self._row(stmt, stmt.name, scope.vars[stmt.name])
 
-    def _row(self, stmt, name: str, value: Value):
-        # running totals, not sums over every row and parameter: checking stays linear in the statements
-        before = self._summarized
-        self._summarized = self.param_elements
-        what = " → ".join(dict.fromkeys(c.func.text for c in ast.calls(stmt))) or (
-            "param" if isinstance(stmt, ast.ParamDecl) else "expression")
-        self.summary.append(SummaryRow(name, what, value.type, self.param_elements - before, stmt.span))
+    def _unpack(self, targets: tuple, value, stmt: ast.Unpack, scope: Scope, top: bool) -> None:
+        if not isinstance(value, tuple) or len(value) != len(targets):
+            got = f"{len(value)} values {structure(value)}" if isinstance(value, tuple) else describe(value)
+            raise TypeError_(f"cannot unpack {got} into `{_targets(targets)}`", stmt.value.span,
+                             hint="only a function with several results gives a tuple: "
+                                  "`lstm(x, n, return_state=true)` gives `out, (h, c)`, "
+                                  "`rnn` and `gru` give `out, h`")
+        for t, v in zip(targets, value):
+            if isinstance(t, tuple):
+                self._unpack(t, v, stmt, scope, top)
+                continue
+            scope.vars[t] = v
+            if top and isinstance(v, Value):
+                self._row(stmt, t, v)
+
+    def _state(self, stmt: ast.StateDecl, scope: Scope, top: bool) -> None:
+        """`state h: f32[B, 64] = zeros`: the input `carry:h`, holding the value `h` had at the
+        return after the previous batch (`init` at the start of each epoch and evaluation)."""
+        if not top:
+            raise TypeError_("`state` declares a model's carried state; a block cannot have one", stmt.span,
+                             hint="pass the state to the block as an argument and return its new value")
+        if stmt.name in RESERVED:
+            raise NameError_(f"`{stmt.name}` is reserved and cannot name a state", stmt.span)
+        if stmt.name in scope.vars:
+            raise NameError_(f"`{stmt.name}` is already defined", stmt.span)
+        t = self.resolve_type(stmt.type, scope.dims, bind_new=False)
+        batch = self.batch_dim
+        if not t.rank or batch is None or t.shape[0] != batch or \
+                not all(isinstance(d, int) for d in t.shape[1:]):
+            raise TypeError_(f"state `{stmt.name}` must have the batch dimension first and known numbers "
+                             f"after it, like [{batch if batch is not None else 'B'}, 64]; got {t}",
+                             stmt.type.span, hint="row i of a state follows row i of the batches")
+        value = 0.0
+        if stmt.init is not None:
+            init = self._as_init(self.eval(stmt.init, scope), stmt.init.span)
+            if init.name not in ("zeros", "ones", "constant"):
+                raise ArgumentError(f"a state starts from a constant: zeros, ones or constant(v), got {init}",
+                                    stmt.init.span)
+            value = {"zeros": 0.0, "ones": 1.0}.get(init.name, init.args[0] if init.args else 0.0)
+        spec = CarrySpec(stmt.name, t, value, stmt.span)
+        with self.b.at(stmt.span):
+            v = self.b.input(spec.input, t, "data")
+        self.carries[stmt.name] = (spec, v)
+        scope.vars[stmt.name] = v
+        self._row(stmt, stmt.name, v, "state")
+
+    def _row(self, stmt, name: str, value: Value, what: str | None = None):
+        """A statement's own row, when the rows of its calls do not end with its value (`a + b`, a
+        `param`, `dense(x, 4) * 2`, a `state`, a named result returned as it was)."""
+        if value.id in self._last_ids:
+            return
+        self._last_ids = {value.id}
+        if isinstance(stmt, ast.ParamDecl):
+            n = prod(value.type.shape)
+            self.summary.append(SummaryRow(name, "param", value.type, n, stmt.span, n, value.id))
+        else:
+            self.summary.append(SummaryRow(name, what or "expression", value.type, 0, stmt.span, 0, value.id))
+
+    def _call_row(self, name: str, what: str, out, span: Span, before: tuple[int, int], targets=None) -> None:
+        """One summary row per layer or function called in the model's own body (a block call is
+        one row; one with several results, one row per result, named by what they are unpacked
+        into or returned as); counts are running totals, so checking stays linear in the
+        statements."""
+        flat = _flatten(out)
+        if not flat or not all(isinstance(v, Value) for v in flat):
+            return
+        if len(flat) > 1:
+            names = list(targets) if targets and len(targets) == len(flat) else \
+                [name] + [f"{name}[{k}]" for k in range(1, len(flat))]
+        else:
+            names = [name]
+        for k, (n, v) in enumerate(zip(names, flat)):  # the first row counts the call's parameters
+            self.summary.append(SummaryRow(n, what, v.type, self.elements - before[0] if k == 0 else 0, span,
+                                           self.param_elements - before[1] if k == 0 else 0, v.id))
+        self._last_ids = {v.id for v in flat}
 
     def _namer(self, stmt, binding: str, scope: Scope):
         """Parameter-prefix policy for the calls in one statement: the binding name when the
@@ -323,6 +513,8 @@ class Frontend:
                 return e.value
             if isinstance(e, ast.ListLit):
                 return [self.eval(i, scope, namer) for i in e.items]
+            if isinstance(e, ast.TupleLit):
+                return tuple(self.eval(i, scope, namer) for i in e.items)
             if isinstance(e, ast.Name):
                 return self.lookup(e, scope)
             if isinstance(e, ast.Neg):
@@ -386,7 +578,7 @@ class Frontend:
             if a.shape[-1] != c.shape[0]:
                 raise ShapeMismatch(f"cannot multiply {a.type} by {c.type}: inner dimensions "
                                     f"{a.shape[-1]} and {c.shape[0]} differ", e.span)
-            return nn._matmul_last(self.b, a, c)
+            return self._keep_mask(nn._matmul_last(self.b, a, c), a)
         if isinstance(a, Value) and isinstance(c, Value) and a.dtype != c.dtype:
             raise TypeError_(f"cannot apply `{sym_op}` to {a.type} and {c.type}: dtypes differ", e.span)
         t = a if isinstance(a, Value) else c
@@ -396,8 +588,18 @@ class Frontend:
             raise TypeError_(f"cannot apply `{sym_op}` to {t.type}: arithmetic needs numbers", e.span)
         if e.op == "div" and not isinstance(c, Value) and c == 0:
             raise ArgumentError("division by zero", e.span)
-        return {"add": lambda: a + c, "sub": lambda: a - c, "mul": lambda: a * c,
-                "div": lambda: a / c, "pow": lambda: a ** c}[e.op]()
+        out = {"add": lambda: a + c, "sub": lambda: a - c, "mul": lambda: a * c,
+               "div": lambda: a / c, "pow": lambda: a ** c}[e.op]()
+        return self._keep_mask(out, a, c)
+
+    def _keep_mask(self, out: Value, *sources) -> Value:
+        """`out` keeps the mask of the first source that has one, if its leading axes still fit."""
+        for src in sources:
+            m = self.masks.get(src.id) if isinstance(src, Value) else None
+            if m is not None and out.id not in self.masks and tuple(out.shape[:m.rank]) == tuple(m.shape):
+                self.masks[out.id] = m
+                break
+        return out
 
     def _arith(self, e: ast.BinOp, sym_op: str, a, c):
         """Arithmetic on two plain numbers (sizes, rates): Python's, with its failures reported."""
@@ -472,11 +674,18 @@ class Frontend:
         elif fname in scope.vars:
             raise TypeError_(f"`{fname}` is {describe(scope.vars[fname])}, not a function", e.func.span)
         args, kwargs, kwspans = self.eval_arguments(e, scope, namer)
+        top = scope.context == "model" and not scope.prefix  # the model's own body: summary rows
+        before = (self.elements, self.param_elements)
         if fname in self.defs and self.defs[fname].kind == "block":
             d = self.defs[fname]
             prefix = self._prefix(namer, fname, _layer_name(kwargs, kwspans), scope, e.span)
-            with self.b.at(e.span):
-                return self.call_def(d, args, kwargs, prefix + ".", e.span)
+            trainable = _trainable(kwargs, kwspans, fname, True)
+            with self.b.at(e.span), self._freezing(trainable):
+                out = self.call_def(d, args, kwargs, prefix + ".", e.span)
+            if top:
+                self._call_row(prefix, fname + ("" if trainable else " (frozen)"), out, e.span, before,
+                               namer.get("targets") if namer else None)
+            return out
         if fname in self.defs:
             raise TypeError_(f"`{fname}` is a model; only blocks can be called", e.func.span,
                              hint=f"declare it as `block {fname}(...)`")
@@ -496,6 +705,7 @@ class Frontend:
             raise TypeError_(f"`{fname}` is a {entry.kind} and belongs in the train block's `loss`",
                              e.func.span)
         explicit = _layer_name(kwargs, kwspans) if entry.kind == "layer" else None
+        trainable = _trainable(kwargs, kwspans, fname, entry.owns_params)
         prefix = self._prefix(namer, fname, explicit, scope, e.span) if entry.owns_params else (
             namer["binding"] if namer else scope.prefix + fname)
         argspans: dict[str, Span] = {}
@@ -504,12 +714,36 @@ class Frontend:
             argspans = {k: v for k, v in argspans.items() if v is not e.args[0].span}
         ctx = _Ctx(self, prefix, e.span)
         try:
-            with self.b.at(e.span):
+            with self.b.at(e.span), self._freezing(trainable):
                 out = entry.fn(ctx, **bound)
         except DlcError as err:  # point at the argument the layer complains about, if it says which
             raise err.with_span(argspans.get(getattr(err, "arg", None)) or e.span)
         self._check_size(e)
+        if fname == "softmax" and isinstance(out, Value):
+            self.softmax_outputs[out.id] = e.span
+        if fname == "cross_entropy" and getattr(bound.get("logits"), "id", None) in self.softmax_outputs:
+            self.warnings.append(DlcWarning(
+                "`cross_entropy` applies log-softmax to its first argument itself, but it gets the "
+                "output of `softmax`: the probabilities are squashed twice and learning slows down",
+                self.softmax_outputs[bound["logits"].id],
+                hint="return the logits (drop this softmax); predict_proba() gives probabilities"))
+        if top:
+            self._call_row(prefix if entry.owns_params else (namer["binding"] if namer else fname),
+                           fname + ("" if trainable else " (frozen)"), out, e.span, before,
+                           namer.get("targets") if namer else None)
+        if fname in nn.KEEPS_MASK and isinstance(out, Value):
+            self._keep_mask(out, bound.get("x"))
         return out
+
+    @contextlib.contextmanager
+    def _freezing(self, trainable: bool):
+        """Parameters created inside a `trainable=false` call (and the blocks it calls) are frozen."""
+        outer = self.frozen
+        self.frozen = outer or not trainable
+        try:
+            yield
+        finally:
+            self.frozen = outer
 
     def _check_size(self, e: ast.Call) -> None:
         """Blocks are expanded at every call and recurrent layers once per time step, so a short
@@ -548,6 +782,35 @@ class Frontend:
                          f"glorot_uniform, he_normal, ...), got {describe(v)}", span)
 
 
+def _trainable(kwargs: dict, kwspans: dict, fname: str, owns_params: bool) -> bool:
+    """The `trainable=` of a layer or block call, taken out of its keyword arguments."""
+    if "trainable" not in kwargs:
+        return True
+    value = kwargs.pop("trainable")
+    if not owns_params:
+        raise ArgumentError(f"`trainable` applies to layers and blocks; `{fname}` has no parameters",
+                            kwspans["trainable"])
+    if not isinstance(value, bool):
+        raise ArgumentError(f"`trainable` must be true or false, got {describe(value)}", kwspans["trainable"])
+    return value
+
+
+def _type_text(t: ast.TypeExpr) -> str:
+    return f"{t.dtype}[{','.join(str(x) for x in t.dims)}]" if t.dims else t.dtype
+
+
+def _flatten(value) -> list:
+    """A value, or the values of a (nested) tuple of results, in order."""
+    if isinstance(value, tuple):
+        return [v for x in value for v in _flatten(x)]
+    return [value]
+
+
+def _targets(t) -> str:
+    """Unpacking targets as written: `out, (h, c)`."""
+    return ", ".join(x if isinstance(x, str) else f"({_targets(x)})" for x in t)
+
+
 def _layer_name(kwargs: dict, kwspans: dict) -> str | None:
     """The `name=` of a layer or block call, taken out of its keyword arguments."""
     name = kwargs.pop("name", None)
@@ -565,10 +828,11 @@ def build(program: ast.Program, model: str | None = None, mode: str = "eval",
     return Frontend(program, mode).build(d, train)
 
 
-def eval_recipe(expr, kind: str):
-    """A train-option value written on the command line (`--optimizer "adam(lr=1e-3)"`),
-    checked exactly as in a train block."""
+def eval_recipe(expr, option: str):
+    """A train-option value written on the command line (`--optimizer "adam(lr=1e-3)"`,
+    `--validation 0.1`), checked exactly as in a train block."""
+    from dlc.language.train_block import option_value
     fe = Frontend(ast.Program((), ()))
     fe.graph = Graph("options")
     fe.b = GraphBuilder(fe.graph)
-    return recipe_call(fe, expr, kind, Scope({}, {}, "", "option"))
+    return option_value(fe, option, ast.Option(option, expr, expr.span), Scope({}, {}, "", "option"))

@@ -14,7 +14,7 @@ from dlc.core import ops
 from dlc.core.builder import GraphBuilder, Value
 from dlc.core.diagnostics import ArgumentError
 from dlc.language.initializers import GLOROT_UNIFORM, HE_NORMAL, ONES, ZEROS, Init
-from dlc.core.types import DType, Sym, dim_div, dim_mul, numel
+from dlc.core.types import DType, Sym, TensorType, dim_div, dim_mul, numel
 
 
 class Tensor:
@@ -29,6 +29,10 @@ class ParamList(list):
     """Annotation and value: a list of parameter tensors (`params`, `weights`)."""
 
 
+class States:
+    """Annotation: a recurrent layer's initial state, a tensor or a tuple (or list) of them."""
+
+
 class LayerContext:
     """What a layer may do besides emitting nodes: own parameters and state, draw randomness."""
 
@@ -40,6 +44,19 @@ class LayerContext:
     def state(self, name: str, shape, init: Init, dtype: DType = DType.f32) -> Value: ...
     def update(self, state: Value, new: Value) -> None: ...
     def rng(self) -> tuple[Value, Value, int]: ...
+
+    # Masks (Keras-style): a bool [B, T] tensor attached to a value whose leading axes are
+    # [B, T], marking the real (not padded) time steps. `embedding(mask_zero=true)` attaches
+    # one, the functions in KEEPS_MASK pass it on, recurrent layers and losses read it.
+    def mask_of(self, x) -> Optional[Value]:
+        return self.__dict__.get("_masks", {}).get(x.id) if isinstance(x, Value) else None
+
+    def set_mask(self, x: Value, mask: Optional[Value]) -> None:
+        if mask is not None:
+            self.__dict__.setdefault("_masks", {})[x.id] = mask
+
+    def used_loss_mask(self, mask: Value) -> None:
+        """A loss averaged over the steps this mask keeps (accuracy then does the same)."""
 
 
 @dataclass(frozen=True)
@@ -122,8 +139,13 @@ def dense(ctx: LayerContext, x: Tensor, units: int, bias: bool = True, init: Ini
     _float(x, "dense", f32=True)
     n_in = _features(x, "dense")
     w = ctx.param("w", (n_in, units), init, n_in, units)
-    y = _matmul_last(ctx.b, x, w)
-    return y + ctx.param("b", (units,), ZEROS) if bias else y
+    if x.rank <= 2:
+        y = _matmul_last(ctx.b, x, w)
+        return y + ctx.param("b", (units,), ZEROS) if bias else y
+    # [B, T, in]: rows [B*T, in] @ w + b, then [B, T, units] (the bias's gradient sums rows)
+    lead = tuple(x.shape[:-1])
+    y = ctx.b.matmul(ctx.b.reshape(x, (numel(lead), n_in)), w)
+    return ctx.b.reshape(y + ctx.param("b", (units,), ZEROS) if bias else y, lead + (units,))
 
 
 @builtin("layer")
@@ -211,9 +233,11 @@ def dropout(ctx: LayerContext, x: Tensor, p: float = 0.5) -> Value:
 
 
 @builtin("layer")
-def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 1e-5) -> Value:
+def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 1e-5, sync: bool = False) -> Value:
     """Batch normalization over axis 1 ([N, C] or [N, C, H, W]); batch statistics while
-    training (updating running statistics), running statistics in evaluation."""
+    training (updating running statistics), running statistics in evaluation. With
+    sync=true, the statistics of a data-parallel job's global batch (summed over ranks),
+    instead of each rank's shard's."""
     if x.rank not in (2, 4):
         raise arg_error(f"`batchnorm` needs [N, C] or [N, C, H, W], got {x.type}", "x")
     _float(x, "batchnorm", f32=True)
@@ -237,6 +261,17 @@ def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 
     if ctx.training:
         if x.rank == 2 or x.shape[2:] == (1, 1):  # the trainer refuses batches of one: no variance
             b.graph.meta.setdefault("one_value_per_channel", b.span)
+    if ctx.training and sync:
+        # sums and counts over every rank's shard (a rank without samples this step counts 0)
+        has = b.cast(b.gt(_hyper(b, "shard_weight", DType.f32), 0.0), DType.f32)
+        n = b.emit(ops.ALLREDUCE, (b.size(x, axes) * has,))
+        mean = b.emit(ops.ALLREDUCE, (b.sum(x, axes) * has,)) / n
+        centered = x - per_channel(mean)
+        var = b.emit(ops.ALLREDUCE, (b.sum(centered * centered, axes) * has,)) / n
+        unbiased = var * n / b.maximum(n - 1.0, 1.0)
+        ctx.update(run_mean, run_mean * (1.0 - momentum) + mean * momentum)
+        ctx.update(run_var, run_var * (1.0 - momentum) + unbiased * momentum)
+    elif ctx.training:
         mean = b.mean(x, axes)
         centered = x - per_channel(mean)
         var = b.mean(centered * centered, axes)
@@ -251,14 +286,40 @@ def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 
 
 
 @builtin("layer")
-def embedding(ctx: LayerContext, x: Tensor, vocab: int, dim: int, init: Init = Init("normal", (0.0, 1.0))) -> Value:
-    """Rows of a [vocab, dim] table picked by integer indices: i32[...] -> f32[..., dim]."""
+def embedding(ctx: LayerContext, x: Tensor, vocab: int, dim: int, init: Init = Init("normal", (0.0, 1.0)),
+              mask_zero: bool = False) -> Value:
+    """Rows of a [vocab, dim] table picked by integer indices: i32[...] -> f32[..., dim].
+    With mask_zero=true, index 0 is padding: the result carries the mask `x != 0`, which
+    recurrent layers and losses respect."""
     _positive(vocab, "vocab", "embedding")
     _positive(dim, "dim", "embedding")
     if x.dtype != DType.i32:
         raise arg_error(f"`embedding` needs integer indices (i32), got {x.type}", "x")
+    if mask_zero and x.rank != 2:
+        raise arg_error(f"`embedding`: mask_zero=true needs [batch, time] indices, got {x.type}", "x")
     table = ctx.param("table", (vocab, dim), init, vocab, dim)
-    return ctx.b.emit(ops.TAKE, (table, x))
+    out = ctx.b.emit(ops.TAKE, (table, x))
+    if mask_zero:
+        ctx.set_mask(out, ctx.b.ne(x, 0))
+    return out
+
+
+@builtin("function")
+def padding_mask(ctx: LayerContext, x: Tensor, pad: float = 0) -> Value:
+    """The steps that are not padding, bool [B, T]: for integer tokens [B, T], x != pad; for
+    float sequences [B, T, F], the steps where some feature differs from pad (Keras' Masking)."""
+    b = ctx.b
+    if x.dtype == DType.i32:
+        if x.rank != 2:
+            raise arg_error(f"`padding_mask` needs tokens [batch, time] or a sequence [batch, time, "
+                            f"features], got {x.type}", "x")
+        if pad != int(pad):
+            raise arg_error(f"`padding_mask`: the pad of integer tokens must be a whole number, got {pad}", "pad")
+        return b.ne(x, int(pad))
+    if not x.dtype.is_float or x.rank != 3:
+        raise arg_error(f"`padding_mask` needs tokens [batch, time] or a sequence [batch, time, "
+                        f"features], got {x.type}", "x")
+    return b.gt(b.sum(b.cast(b.ne(x, pad), DType.i32), 2), 0)
 
 
 def _sequence(x: Value, layer: str) -> int:
@@ -269,14 +330,60 @@ def _sequence(x: Value, layer: str) -> int:
     return x.shape[1]
 
 
-def _recurrent(ctx: LayerContext, x: Value, layer: str, hidden: int, return_sequences: bool, layers: int,
-               bidirectional: bool, dropout_p: float, cell) -> Value:
-    """The layer around a cell: time-major stacking, directions, dropout between layers.
+def _step_mask(ctx: LayerContext, x: Value, layer: str, mask: Optional[Value]) -> Optional[Value]:
+    """The bool [B, T] mask a recurrent layer follows: `mask=`, else the one its input carries."""
+    if mask is None:
+        return ctx.mask_of(x)
+    if mask.dtype != DType.bool or tuple(mask.shape) != tuple(x.shape[:2]):
+        raise arg_error(f"`{layer}`: `mask` must be a bool [batch, time] tensor, bool[{x.shape[0]},"
+                        f"{x.shape[1]}] here, got {mask.type}", "mask",
+                        hint="padding_mask(tokens) gives one; true marks a real step, false padding")
+    return mask
 
-    `cell(seq, suffix, reverse) -> (hs [T, B, hidden], final h [B, hidden])` runs one
-    direction of one layer over a time-major sequence [T, B, F] as one scan, creating its
-    parameters with the name suffix: "" (first layer), "_l1", "_l2", ... for the layers
-    above, and "_rev" more for the reverse direction (PyTorch's `_reverse`)."""
+
+def _initial_states(ctx: LayerContext, layer: str, initial, n_states: int, count: int, x: Value,
+                    hidden: int) -> list:
+    """`initial=` as one list of carries per layer-direction (None: zeros). A state is
+    [layers·directions, B, hidden], index layer·directions + direction (PyTorch's h_0),
+    or [B, hidden] when there is one layer and one direction."""
+    if initial is None:
+        return [None] * count
+    parts = list(initial) if isinstance(initial, (tuple, list)) else [initial]
+    want = "a pair (h0, c0) of tensors" if n_states == 2 else "one tensor h0"
+    if len(parts) != n_states or not all(isinstance(p, Value) for p in parts):
+        raise arg_error(f"`{layer}`: `initial` must be {want}, got {_show(initial)}", "initial")
+    batch = x.shape[0]
+    stacked = (count, batch, hidden)
+    for name, p in zip(("h0", "c0"), parts):
+        if p.dtype != DType.f32 or (tuple(p.shape) != stacked and not (count == 1 and tuple(p.shape) == (batch, hidden))):
+            shapes = f"f32[{batch},{hidden}] (or f32[1,{batch},{hidden}])" if count == 1 else \
+                f"f32[{count},{batch},{hidden}] ([layers·directions, batch, hidden])"
+            raise arg_error(f"`{layer}`: the initial state {name} must be {shapes}, got {p.type}", "initial")
+    b = ctx.b
+    return [[p if p.rank == 2 else b.take_axis(p, 0, i) for p in parts] for i in range(count)]
+
+
+def _finish_step(sb: GraphBuilder, old: list, new: list, m: Optional[Value]) -> tuple[list, list]:
+    """A step's carries and output. Masked, a padded step (m false) keeps every carry as it
+    was and outputs zeros: `where(m_t, new, old)`."""
+    if m is None:
+        return new, [new[0]]
+    keep = sb.broadcast(m, new[0].shape, (0,))
+    return [sb.where(keep, n, o) for n, o in zip(new, old)], [sb.where(keep, new[0], 0.0)]
+
+
+def _recurrent(ctx: LayerContext, x: Value, layer: str, hidden: int, return_sequences: bool, layers: int,
+               bidirectional: bool, dropout_p: float, cell, initial=None, return_state: bool = False,
+               mask: Optional[Value] = None, n_states: int = 1):
+    """The layer around a cell: time-major stacking, directions, dropout between layers,
+    initial and final states, masks.
+
+    `cell(seq, suffix, reverse, init, mseq) -> (hs [T, B, hidden], final carries)` runs one
+    direction of one layer over a time-major sequence [T, B, F] as one scan, from the
+    carries `init` (None: zeros) and following the time-major mask `mseq` [T, B] (None: every
+    step is real), creating its parameters with the name suffix: "" (first layer), "_l1",
+    "_l2", ... for the layers above, and "_rev" more for the reverse direction (PyTorch's
+    `_reverse`)."""
     _positive(hidden, "hidden", layer)
     _positive(layers, "layers", layer)
     if not 0.0 <= dropout_p < 1.0:
@@ -284,21 +391,35 @@ def _recurrent(ctx: LayerContext, x: Value, layer: str, hidden: int, return_sequ
     _sequence(x, layer)
     _features(x, layer)
     b = ctx.b
+    dirs = 2 if bidirectional else 1
+    m = _step_mask(ctx, x, layer, mask)
+    inits = _initial_states(ctx, layer, initial, n_states, layers * dirs, x, hidden)
+    mseq = b.permute(m, (1, 0)) if m is not None else None
     seq = b.permute(x, (1, 0, 2))  # time-major: a scan slices its sequences along axis 0
-    finals: list[Value] = []
+    finals: list[list[Value]] = []  # per layer-direction, its final carries
     for depth in range(layers):
         if depth and dropout_p:
             seq = dropout(ctx, seq, dropout_p)  # between layers, while training (as PyTorch)
-        outs, finals = [], []
+        outs = []
         for reverse in ((False, True) if bidirectional else (False,)):
             suffix = (f"_l{depth}" if depth else "") + ("_rev" if reverse else "")
-            hs, last = cell(seq, suffix, reverse)
+            hs, last = cell(seq, suffix, reverse, inits[len(finals)], mseq)
             outs.append(hs)
             finals.append(last)
         seq = b.concat(outs, axis=2)
     if return_sequences:
-        return b.permute(seq, (1, 0, 2))
-    return b.concat(finals, axis=1)
+        out = b.permute(seq, (1, 0, 2))
+        ctx.set_mask(out, m)
+    else:
+        out = b.concat([f[0] for f in finals[-dirs:]], axis=1)
+    if not return_state:
+        return out
+
+    def stack(vs):
+        return vs[0] if len(vs) == 1 else b.concat([b.reshape(v, (1,) + tuple(v.shape)) for v in vs], axis=0)
+
+    states = [stack([f[k] for f in finals]) for k in range(n_states)]
+    return (out, states[0]) if n_states == 1 else (out, tuple(states))
 
 
 _RECURRENT_DOC = """
@@ -309,14 +430,25 @@ _RECURRENT_DOC = """
     return_sequences the result is the final state of each direction ([forward final,
     reverse final]: the reverse scan's final state is the one after reading x_0).
     Parameters of layer k > 0 and of the reverse direction are named with the suffixes
-    _l<k> and _rev (w_l1, w_rev, w_l1_rev); each layer-direction is one loop (scan)."""
+    _l<k> and _rev (w_l1, w_rev, w_l1_rev); each layer-direction is one loop (scan).
+    States: `initial` starts the carries (zeros by default) and `return_state=true` returns
+    the final ones too, each [B, hidden] for one layer and direction, else stacked
+    [layers·directions, B, hidden] (index layer·directions + direction, PyTorch's order).
+    Masks: `mask` (bool [B, T]; by default the mask the input carries, as from
+    embedding(mask_zero=true)) marks real steps; at a padded step every carry stays as it
+    was and the output is zero, so the final state is the one after the last real step."""
+
+
+def _scan_carries(b: GraphBuilder, init, batch, hidden: int, n: int) -> list:
+    return list(init) if init is not None else [b.full(0.0, (batch, hidden)) for _ in range(n)]
 
 
 def rnn(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False, layers: int = 1,
-        bidirectional: bool = False, dropout: float = 0.0, init: Init = GLOROT_UNIFORM) -> Value:
+        bidirectional: bool = False, dropout: float = 0.0, init: Init = GLOROT_UNIFORM,
+        initial: Optional[States] = None, return_state: bool = False, mask: Optional[Tensor] = None):
     b = ctx.b
 
-    def cell(seq, suffix, reverse):
+    def cell(seq, suffix, reverse, start, mseq):
         n_in = seq.shape[2]
         wx = ctx.param("wx" + suffix, (n_in, hidden), init, n_in, hidden)
         wh = ctx.param("wh" + suffix, (hidden, hidden), init, hidden, hidden)
@@ -325,25 +457,29 @@ def rnn(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = Fals
 
         def step(sb, hs, xs, ws):
             h = sb.tanh(xs[0] + sb.matmul(hs[0], ws[0]))
-            return [h], [h]
+            return _finish_step(sb, hs, [h], xs[1] if len(xs) > 1 else None)
 
-        (last,), (hs,) = b.scan(step, [b.full(0.0, (seq.shape[1], hidden))], [xw], [wh], reverse=reverse,
-                                name="rnn_step")
+        last, (hs,) = b.scan(step, _scan_carries(b, start, seq.shape[1], hidden, 1),
+                             [xw] + ([mseq] if mseq is not None else []), [wh], reverse=reverse,
+                             name="rnn_step")
         return hs, last
 
-    return _recurrent(ctx, x, "rnn", hidden, return_sequences, layers, bidirectional, dropout, cell)
+    return _recurrent(ctx, x, "rnn", hidden, return_sequences, layers, bidirectional, dropout, cell,
+                      initial, return_state, mask)
 
 
 rnn.__doc__ = """Elman RNN: h_t = tanh(x_t @ wx + h_{t-1} @ wh + b), h_0 = 0. Returns the last
-    state [B, hidden], or all of them [B, T, hidden] with return_sequences=true.""" + _RECURRENT_DOC
+    state [B, hidden], or all of them [B, T, hidden] with return_sequences=true; with
+    return_state=true, the pair (that, final h).""" + _RECURRENT_DOC
 builtin("layer")(rnn)  # registered once documented
 
 
 def lstm(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False, layers: int = 1,
-         bidirectional: bool = False, dropout: float = 0.0, init: Init = GLOROT_UNIFORM) -> Value:
+         bidirectional: bool = False, dropout: float = 0.0, init: Init = GLOROT_UNIFORM,
+         initial: Optional[States] = None, return_state: bool = False, mask: Optional[Tensor] = None):
     b = ctx.b
 
-    def cell(seq, suffix, reverse):
+    def cell(seq, suffix, reverse, start, mseq):
         n_in = seq.shape[2]
         w = ctx.param("w" + suffix, (n_in, 4 * hidden), init, n_in, 4 * hidden)
         u = ctx.param("u" + suffix, (hidden, 4 * hidden), init, hidden, 4 * hidden)
@@ -359,29 +495,33 @@ def lstm(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = Fal
                 return sb.slice(z, (0, k * hidden), (rows, (k + 1) * hidden))
 
             i, f, g, o = sb.sigmoid(gate(0)), sb.sigmoid(gate(1)), sb.tanh(gate(2)), sb.sigmoid(gate(3))
-            c = f * c + i * g
-            h = o * sb.tanh(c)
-            return [h, c], [h]
+            c_new = f * c + i * g
+            h_new = o * sb.tanh(c_new)
+            return _finish_step(sb, [h, c], [h_new, c_new], xs[1] if len(xs) > 1 else None)
 
-        zero = b.full(0.0, (seq.shape[1], hidden))
-        (last, _), (hs,) = b.scan(step, [zero, zero], [xw], [u], reverse=reverse, name="lstm_step")
+        last, (hs,) = b.scan(step, _scan_carries(b, start, seq.shape[1], hidden, 2),
+                             [xw] + ([mseq] if mseq is not None else []), [u], reverse=reverse,
+                             name="lstm_step")
         return hs, last
 
-    return _recurrent(ctx, x, "lstm", hidden, return_sequences, layers, bidirectional, dropout, cell)
+    return _recurrent(ctx, x, "lstm", hidden, return_sequences, layers, bidirectional, dropout, cell,
+                      initial, return_state, mask, n_states=2)
 
 
 lstm.__doc__ = """LSTM with gates (i, f, g, o) packed along the last axis of w [in, 4h] and u [h, 4h]:
     c_t = f * c_{t-1} + i * g, h_t = o * tanh(c_t), h_0 = c_0 = 0 (PyTorch's equations; b is
     PyTorch's b_ih + b_hh). Returns the last hidden state [B, hidden], or all of them with
-    return_sequences=true.""" + _RECURRENT_DOC
+    return_sequences=true; with return_state=true, the pair (that, (final h, final c)), and
+    `initial` is the pair (h0, c0).""" + _RECURRENT_DOC
 builtin("layer")(lstm)  # registered once documented
 
 
 def gru(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False, layers: int = 1,
-        bidirectional: bool = False, dropout: float = 0.0, init: Init = GLOROT_UNIFORM) -> Value:
+        bidirectional: bool = False, dropout: float = 0.0, init: Init = GLOROT_UNIFORM,
+        initial: Optional[States] = None, return_state: bool = False, mask: Optional[Tensor] = None):
     b = ctx.b
 
-    def cell(seq, suffix, reverse):
+    def cell(seq, suffix, reverse, start, mseq):
         n_in = seq.shape[2]
         w = ctx.param("w" + suffix, (n_in, 3 * hidden), init, n_in, 3 * hidden)
         u = ctx.param("u" + suffix, (hidden, 3 * hidden), init, hidden, 3 * hidden)
@@ -390,7 +530,7 @@ def gru(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = Fals
         xw = _matmul_last(b, seq, w) + bias
 
         def step(sb, hs, xs, ws):
-            (h,), (xw_t,), (u_, bh) = hs, xs, ws
+            (h,), xw_t, (u_, bh) = hs, xs[0], ws
             hu = sb.matmul(h, u_) + bh
             rows = h.shape[0]
 
@@ -400,14 +540,16 @@ def gru(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = Fals
             r = sb.sigmoid(part(xw_t, 0) + part(hu, 0))
             z = sb.sigmoid(part(xw_t, 1) + part(hu, 1))
             n = sb.tanh(part(xw_t, 2) + r * part(hu, 2))
-            h = (1.0 - z) * n + z * h
-            return [h], [h]
+            h_new = (1.0 - z) * n + z * h
+            return _finish_step(sb, [h], [h_new], xs[1] if len(xs) > 1 else None)
 
-        (last,), (hs,) = b.scan(step, [b.full(0.0, (seq.shape[1], hidden))], [xw], [u, bias_h],
-                                reverse=reverse, name="gru_step")
+        last, (hs,) = b.scan(step, _scan_carries(b, start, seq.shape[1], hidden, 1),
+                             [xw] + ([mseq] if mseq is not None else []), [u, bias_h],
+                             reverse=reverse, name="gru_step")
         return hs, last
 
-    return _recurrent(ctx, x, "gru", hidden, return_sequences, layers, bidirectional, dropout, cell)
+    return _recurrent(ctx, x, "gru", hidden, return_sequences, layers, bidirectional, dropout, cell,
+                      initial, return_state, mask)
 
 
 gru.__doc__ = """GRU in PyTorch's convention, gates (r, z, n) packed along the last axis of
@@ -415,7 +557,8 @@ gru.__doc__ = """GRU in PyTorch's convention, gates (r, z, n) packed along the l
     r = sigmoid(x_t w_r + b_r + h u_r + bh_r), z = sigmoid(x_t w_z + b_z + h u_z + bh_z),
     n = tanh(x_t w_n + b_n + r * (h u_n + bh_n)), h_t = (1 - z) * n + z * h_{t-1}, h_0 = 0
     (w, u are PyTorch's weight_ih, weight_hh transposed; b, bh its bias_ih, bias_hh).
-    Returns the last state [B, hidden], or all of them with return_sequences=true.""" + _RECURRENT_DOC
+    Returns the last state [B, hidden], or all of them with return_sequences=true; with
+    return_state=true, the pair (that, final h).""" + _RECURRENT_DOC
 builtin("layer")(gru)  # registered once documented
 
 
@@ -468,6 +611,28 @@ def softmax(ctx: LayerContext, x: Tensor, axis: int = -1) -> Value:
     return e / b.sum(e, axis, keepdims=True)
 
 
+def _straight_through(b: GraphBuilder, x: Value, y: Value) -> Value:
+    """y forward, with the gradient of the identity: y + (x - stop_gradient(x)). The difference
+    is exactly 0 for every finite x, so the forward value is y itself, bit for bit."""
+    return y + (x - b.stop_gradient(x))
+
+
+@builtin("activation")
+def step(ctx: LayerContext, x: Tensor) -> Value:
+    """Heaviside step: 1 where x > 0, else 0. Its true derivative is 0 (almost everywhere), which
+    would train nothing below it; its gradient here is the identity's (straight-through), which
+    with `perceptron()` gives Rosenblatt's rule."""
+    _float(x, "step")
+    return _straight_through(ctx.b, x, ctx.b.cast(ctx.b.gt(x, 0.0), x.dtype))
+
+
+@builtin("activation")
+def sign(ctx: LayerContext, x: Tensor) -> Value:
+    """-1, 0 or 1 by the sign of x; gradient straight through, as `step`'s."""
+    _float(x, "sign")
+    return _straight_through(ctx.b, x, ctx.b.sign(x))
+
+
 @builtin("activation")
 def gelu(ctx: LayerContext, x: Tensor) -> Value:
     """Gaussian error linear unit (tanh approximation)"""
@@ -518,6 +683,12 @@ def mean(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, 
 def max_(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, keepdims: bool = False) -> Value:
     """Maximum over axis (all axes when omitted)."""
     return ctx.b.max(x, _axes(axis), keepdims)
+
+
+@builtin("function")
+def stop_gradient(ctx: LayerContext, x: Tensor) -> Value:
+    """x, through which no gradient flows: what is computed from x is not trained through it."""
+    return ctx.b.stop_gradient(x)
 
 
 @builtin("function")
@@ -604,47 +775,92 @@ def _same_shape(name, output: Value, target: Value):
         raise ArgumentError(f"`{name}`: output {output.type} and target {target.type} have different shapes")
 
 
+def _loss_mask(ctx: LayerContext, name: str, x: Value, mask: Optional[Value], positions: tuple) -> Optional[Value]:
+    """The bool mask of the positions a loss averages over: `mask=`, else the one `x` carries
+    (the output of a model whose sequences came from embedding(mask_zero=true)). Its shape
+    is a prefix of `positions` (the loss's per-position shape); None: every position."""
+    explicit = mask is not None
+    mask = mask if explicit else ctx.mask_of(x)
+    if mask is None:
+        return None
+    if mask.dtype != DType.bool or tuple(mask.shape) != tuple(positions[:mask.rank]):
+        if not explicit:
+            return None  # the value kept a mask its shape no longer fits
+        want = "[" + ", ".join(str(d) for d in positions[:2]) + "]"
+        raise arg_error(f"`{name}`: `mask` must be bool {want} (the positions the loss averages "
+                        f"over), got {mask.type}", "mask")
+    ctx.used_loss_mask(mask)
+    return mask
+
+
+def _masked_mean(b: GraphBuilder, values: Value, mask: Optional[Value]) -> Value:
+    """The mean of `values` over the positions `mask` keeps (its shape a prefix of theirs):
+    sum(where(mask, values, 0)) / max(count, 1). A batch of padding only gives 0."""
+    if mask is None:
+        return b.mean(values)
+    keep = b.broadcast(mask, values.shape, tuple(range(mask.rank)))
+    total = b.sum(b.where(keep, values, 0.0))
+    count = b.sum(b.cast(keep, values.dtype))
+    return total / b.maximum(count, 1.0)
+
+
 @builtin("loss")
-def mse(ctx: LayerContext, output: Tensor, target: Tensor) -> Value:
-    """Mean squared error over all elements."""
+def mse(ctx: LayerContext, output: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Value:
+    """Mean squared error over all elements (over the unmasked steps, given a mask)."""
     _float(output, "mse", arg="output")
     _same_shape("mse", output, target)
     d = output - target
-    return ctx.b.mean(d * d)
+    return _masked_mean(ctx.b, d * d, _loss_mask(ctx, "mse", output, mask, tuple(output.shape)))
 
 
 @builtin("loss")
-def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor) -> Value:
-    """Softmax cross-entropy from logits [B, K] and integer labels [B] (or target
-    probabilities [B, K]), averaged over the batch; log-softmax is built in."""
+def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None) -> Value:
+    """Softmax cross-entropy from logits [..., K] (classes on the last axis) and integer
+    labels [...] (or target probabilities [..., K]), averaged over every position: the batch
+    for [B, K], the batch and time steps for [B, T, K] -- only the unmasked steps when the
+    logits carry a mask or `mask` is given. log-softmax is built in."""
     b = ctx.b
     if not logits.dtype.is_float:
         raise arg_error(f"`cross_entropy` needs floating-point logits, got {logits.type}", "logits")
-    if logits.rank != 2:
-        raise ArgumentError(f"`cross_entropy` needs logits [B, classes], got {logits.type}")
+    if logits.rank < 2:
+        raise ArgumentError(f"`cross_entropy` needs logits [B, classes] (or [B, T, classes]), got {logits.type}")
+    positions = tuple(logits.shape[:-1])
+    if labels.dtype == DType.i32 and tuple(labels.shape) != positions:
+        want = "i32[" + ",".join(str(d) for d in positions) + "]"
+        raise arg_error(f"`cross_entropy`: labels {labels.type} do not match logits {logits.type}; "
+                        f"integer labels need the logits' shape without the class axis, {want}", "labels")
+    if labels.dtype != DType.i32:
+        _same_shape("cross_entropy", logits, labels)
+    keep = _loss_mask(ctx, "cross_entropy", logits, mask, positions)
+    if logits.rank > 2:  # every position a row: [B, T, K] is computed as [B*T, K]
+        rows = numel(positions)
+        if keep is not None:
+            keep = b.reshape(b.broadcast(keep, positions, tuple(range(keep.rank))), (rows,))
+        logits = b.reshape(logits, (rows, logits.shape[-1]))
+        labels = b.reshape(labels, (rows,) + ((logits.shape[-1],) if labels.dtype != DType.i32 else ()))
     logp = _log_softmax(b, logits, -1)
     if labels.dtype == DType.i32:
-        if labels.shape != logits.shape[:1]:
-            raise ArgumentError(f"`cross_entropy`: labels {labels.type} do not match logits {logits.type}")
         onehot = b.eq(b.broadcast(labels, logits.shape, (0,)), b.iota(logits.shape, 1))
         picked = b.where(onehot, logp, 0.0)
     else:
-        _same_shape("cross_entropy", logits, labels)
         picked = logp * labels
-    return -b.mean(b.sum(picked, 1))
+    return -_masked_mean(b, b.sum(picked, 1), keep)
 
 
 @builtin("loss")
-def bce(ctx: LayerContext, output: Tensor, target: Tensor, from_logits: bool = False) -> Value:
-    """Binary cross-entropy of probabilities (or logits with from_logits=true) against 0/1 targets."""
+def bce(ctx: LayerContext, output: Tensor, target: Tensor, from_logits: bool = False,
+        mask: Optional[Tensor] = None) -> Value:
+    """Binary cross-entropy of probabilities (or logits with from_logits=true) against 0/1
+    targets, averaged over all elements (over the unmasked steps, given a mask)."""
     b = ctx.b
     _float(output, "bce", arg="output")
     _same_shape("bce", output, target)
+    keep = _loss_mask(ctx, "bce", output, mask, tuple(output.shape))
     if from_logits:  # max(z, 0) - z*y + log(1 + exp(-|z|)), stable for any z
         z = output
-        return b.mean(b.maximum(z, 0.0) - z * target + b.log(b.exp(-b.abs(z)) + 1.0))
+        return _masked_mean(b, b.maximum(z, 0.0) - z * target + b.log(b.exp(-b.abs(z)) + 1.0), keep)
     p = b.minimum(b.maximum(output, 1e-7), 1.0 - 1e-7)
-    return -b.mean(target * b.log(p) + (1.0 - target) * b.log(1.0 - p))
+    return -_masked_mean(b, target * b.log(p) + (1.0 - target) * b.log(1.0 - p), keep)
 
 
 @builtin("regularizer")
@@ -668,16 +884,36 @@ def _total(b: GraphBuilder, terms: list) -> Value:
     return out
 
 
-def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str, logits: bool = False) -> Value:
+def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str, logits: bool = False,
+             mask: Optional[Value] = None) -> Value:
     """Fraction of correct predictions: argmax for cross_entropy; for bce a 0.5 threshold on
-    probabilities (0 on logits)."""
+    probabilities (0 on logits). Per position (per token for [B, T, K] logits), over the
+    positions `mask` keeps (its shape a prefix of theirs) when given."""
     if loss_fn == "cross_entropy" and label.dtype == DType.i32:
         hit = b.eq(b.argmax(output, -1), label)
     elif loss_fn == "cross_entropy":
         hit = b.eq(b.argmax(output, -1), b.argmax(label, -1))
     else:
         hit = b.eq(b.gt(output, 0.0 if logits else 0.5), b.gt(label, 0.5))
-    return b.mean(b.cast(hit, DType.f32))
+    if mask is not None and tuple(mask.shape) != tuple(hit.shape[:mask.rank]):
+        mask = None
+    return _masked_mean(b, b.cast(hit, DType.f32), mask)
+
+
+# the functions whose result keeps the mask of their first tensor argument: elementwise
+# ones and those acting on the feature axis (the frontend also passes masks through
+# arithmetic); anything else (reshape, indexing, reductions, concat) drops it
+KEEPS_MASK = frozenset({"dense", "dropout", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "log_softmax",
+                        "gelu", "exp", "log", "sqrt", "abs", "clip", "maximum", "minimum"})
+
+
+def _hyper(b: GraphBuilder, name: str, dtype: DType) -> Value:
+    """The scalar input `name` (role hyper: fed by the runtime every step), created once."""
+    try:
+        return b.value(b.graph.input_named(name))
+    except KeyError:
+        with b.at(None):
+            return b.input(name, TensorType(dtype, ()), "hyper")
 
 
 def _positive(v: int, name: str, layer: str) -> None:

@@ -31,10 +31,11 @@ def parse_expression(text: str, name: str):
     return _ToAst(source).transform(tree)
 
 
-def override_config(config: TrainConfig, data: str | None = None, optimizer: str | None = None) -> TrainConfig:
-    changes = {}
-    for option, text in (("data", data), ("optimizer", optimizer)):
-        if text is not None:
-            from dlc.language.frontend import eval_recipe
-            changes[option] = eval_recipe(parse_expression(text, f"--{option}"), option)
+def override_config(config: TrainConfig, **options: str | None) -> TrainConfig:
+    """The config with train options replaced by .dln expressions (None: kept as it is)."""
+    from dlc.language.frontend import eval_recipe
+    if options.get("early_stop") and options["early_stop"].strip().isidentifier():
+        options["early_stop"] = f"early_stop(monitor={options['early_stop'].strip()})"  # `--early-stop val_loss`
+    changes = {option: eval_recipe(parse_expression(text, f"--{option.replace('_', '-')}"), option)
+               for option, text in options.items() if text is not None}
     return dataclasses.replace(config, **changes) if changes else config

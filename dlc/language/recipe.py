@@ -137,7 +137,15 @@ def adamw(lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: floa
     return _optimizer("adamw", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
 
-# --- learning-rate schedules (per epoch) ------------------------------------------------------
+@entry("optimizer")
+def perceptron(lr: float = 1.0) -> Spec:
+    """Rosenblatt's perceptron rule w <- w + lr * sum over the batch of (y - y_hat) * x, for a
+    model whose output is `step` (or `sign`) of a linear layer: the update is taken from the
+    error y - y_hat of the output, not from the train block's loss (which is only reported)."""
+    return _optimizer("perceptron", lr=lr)
+
+
+# --- learning-rate schedules (per epoch; cyclic per step) --------------------------------------
 
 @entry("schedule")
 def constant() -> Spec:
@@ -161,6 +169,35 @@ def exponential(gamma: float) -> Spec:
 def cosine(min_lr: float = 0.0) -> Spec:
     """Cosine decay from the initial rate to min_lr over the run's epochs."""
     return Spec("schedule", "cosine", {"min_lr": min_lr})
+
+
+@entry("schedule")
+def cyclic(base: float, max: float, step_size: int) -> Spec:
+    """Triangular cyclical rate (Smith 2017, PyTorch's CyclicLR): from base up to max over
+    step_size training steps (batches), back down over the next step_size, and again; set
+    every step. It replaces the optimizer's lr."""
+    _positive(base, "base")
+    if not base < max < float("inf"):
+        raise ArgumentError(f"`max` must be larger than `base` ({base}), got {max}")
+    if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
+        raise ArgumentError(f"`step_size` must be a positive number of steps, got {step_size}")
+    return Spec("schedule", "cyclic", {"base": base, "max": max, "step_size": step_size})
+
+
+# --- early stopping ------------------------------------------------------------------------------
+
+@entry("early_stop")
+def early_stop(monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0) -> Spec:
+    """Stop when `monitor` (val_loss, val_accuracy, train_loss, ...) has not improved by more
+    than min_delta for `patience` epochs; losses must fall, other metrics rise."""
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ArgumentError(f"`patience` must be a positive number of epochs, got {patience}")
+    split, _, metric = monitor.partition("_")
+    if split not in ("train", "val") or not metric:
+        raise ArgumentError(f"`monitor` must name a per-epoch metric like val_loss or "
+                            f"val_accuracy, got `{monitor}`")
+    return Spec("early_stop", "early_stop", {"monitor": monitor, "patience": patience,
+                                             "min_delta": _non_negative(min_delta, "min_delta")})
 
 
 @entry("metric")
@@ -189,6 +226,9 @@ class TrainConfig:
     checkpoint: Optional[str] = None
     normalize: Union[str, float, None] = None  # None: the data source's default
     shuffle: bool = True
+    validation: Union[float, Spec, None] = None  # a share of the training split, or a data source
+    early_stop: Optional[Spec] = None
+    keep_best: bool = False
     spans: dict = field(default_factory=dict)  # option -> Span, for runtime errors
 
     def span(self, option: str) -> Optional[Span]:
@@ -205,4 +245,5 @@ OPTIONS = {
     "batch": ("int", False), "epochs": ("int", False), "seed": ("int", False),
     "metrics": ("metrics", False), "schedule": ("schedule", False), "clip": ("float", False),
     "checkpoint": ("str", False), "normalize": ("normalize", False), "shuffle": ("bool", False),
+    "validation": ("validation", False), "early_stop": ("early_stop", False), "keep_best": ("bool", False),
 }

@@ -2,6 +2,7 @@
 (and accuracy) built into the model's graph by the frontend that built the model."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from dlc.core.builder import Value
@@ -51,6 +52,9 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
         raise TypeError_(f"the loss must be a scalar, got {describe(loss)}", loss_ast.span,
                          hint="losses like cross_entropy(...) and mean(...) give scalars")
     fe.graph.outputs["loss"] = loss.id
+    if fe.loss_masks or fe.masks.get(output.id) is not None:
+        # the loss keeps only some positions: per-class scores of every position would disagree
+        fe.graph.meta["loss_masks_positions"] = True
     loss_fn = next((c.func.text for c in ast.calls(loss_ast) if c.func.text in ("cross_entropy", "bce")), None)
     metrics = values.get("metrics")
     if metrics is None:
@@ -64,29 +68,39 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
             logits = any(c.func.text == "bce" and any(k.name == "from_logits" and isinstance(k.value, ast.Name)
                                                       and k.value.text == "true" for k in c.kwargs)
                          for c in ast.calls(loss_ast))
+            # per position (token) when the output is a sequence; over the steps the loss kept
+            mask = fe.loss_masks[0] if fe.loss_masks else fe.masks.get(output.id)
             with fe.b.at(opts["loss"].span):
-                fe.graph.outputs["accuracy"] = nn.accuracy(fe.b, output, label, loss_fn, logits).id
+                fe.graph.outputs["accuracy"] = nn.accuracy(fe.b, output, label, loss_fn, logits, mask).id
     spans = {name: o.span for name, o in opts.items()}
+    shuffle = values.get("shuffle", not fe.carries)
+    if fe.carries and shuffle:
+        raise ArgumentError("a model with `state` reads its batches in order; shuffling would carry the "
+                            "state into unrelated samples", opts["shuffle"].value.span,
+                            notes=[f"`{name}` is declared at {spec.span}" for name, (spec, _) in fe.carries.items()][:1],
+                            hint="drop `shuffle` (such a model does not shuffle by default)")
     return TrainConfig(model=train.model, data=values["data"], loss=loss_ast,
                        optimizer=values.get("optimizer") or RECIPE["sgd"].fn(),
                        batch=values.get("batch", 32), epochs=values.get("epochs", 10),
                        seed=values.get("seed", 0), metrics=tuple(metrics),
                        schedule=values.get("schedule") or RECIPE["constant"].fn(),
                        clip=values.get("clip"), checkpoint=values.get("checkpoint"),
-                       normalize=values.get("normalize"), shuffle=values.get("shuffle", True),
-                       spans=spans)
+                       normalize=values.get("normalize"), shuffle=shuffle,
+                       validation=values.get("validation"), early_stop=values.get("early_stop"),
+                       keep_best=values.get("keep_best", False), spans=spans)
 
 
 def _label_input(fe: Frontend, loss_ast, output: Value) -> Value | None:
-    """Labels are integers for cross_entropy(..., label), else shaped like the output;
-    a loss that never names `label` (an autoencoder's) has no label input."""
+    """Labels are integers for cross_entropy(..., label), one per position of the output
+    without its class axis ([B] for [B, K], [B, T] for [B, T, K]), else shaped like the
+    output; a loss that never names `label` (an autoencoder's) has no label input."""
     if not any(isinstance(n, ast.Name) and n.text == "label" for n in ast.names(loss_ast)):
         return None
     t = output.type
     for c in ast.calls(loss_ast):
         if c.func.text == "cross_entropy" and len(c.args) > 1 and isinstance(c.args[1], ast.Name) \
                 and c.args[1].text == "label":
-            t = TensorType(DType.i32, output.shape[:1])
+            t = TensorType(DType.i32, output.shape[:-1] if output.rank >= 2 else output.shape[:1])
     with fe.b.at(None):
         return fe.b.input("label", t, "label")
 
@@ -99,6 +113,10 @@ def option_value(fe: Frontend, name: str, o: ast.Option, scope: Scope):
     if kind in ("data", "optimizer", "schedule"):
         spec = recipe_call(fe, e, kind, scope)
         return spec
+    if kind == "validation":
+        return validation_value(fe, e, scope)
+    if kind == "early_stop":
+        return recipe_call(fe, _monitor_as_string(e), "early_stop", scope)
     if kind == "metrics":
         items = e.items if isinstance(e, ast.ListLit) else (e,)
         out = []
@@ -139,6 +157,29 @@ def option_value(fe: Frontend, name: str, o: ast.Option, scope: Scope):
     raise AssertionError(kind)
 
 
+def validation_value(fe: Frontend, e, scope: Scope):
+    """`validation = 0.1` (a share of the training split) or `validation = npz("val.npz")`."""
+    if isinstance(e, (ast.Call, ast.Name)) and (e.func.text if isinstance(e, ast.Call) else e.text) in RECIPE:
+        return recipe_call(fe, e, "data", scope)
+    v = fe.eval(e, scope)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ArgumentError(f"`validation` must be a share of the training split in (0, 1) or a data "
+                            f"source, got {describe(v)}", e.span, hint='for example `validation = 0.1` or '
+                            '`validation = npz("val.npz")`')
+    return float(v)
+
+
+def _monitor_as_string(e):
+    """`early_stop(monitor=val_loss)`: the metric may be written bare, like `normalize = standard`."""
+    if not isinstance(e, ast.Call):
+        return e
+    kwargs = tuple(ast.Kwarg(k.name, ast.Str(k.value.text, k.value.span), k.span)
+                   if k.name == "monitor" and isinstance(k.value, ast.Name) else k for k in e.kwargs)
+    args = tuple(ast.Str(a.text, a.span) if i == 0 and isinstance(a, ast.Name) else a
+                 for i, a in enumerate(e.args))
+    return dataclasses.replace(e, args=args, kwargs=kwargs)
+
+
 def recipe_call(fe: Frontend, e, kind: str, scope: Scope) -> Spec:
     """`adam(lr=1e-3)` or a bare `adam` -> Spec, checked against the entry's signature."""
     if isinstance(e, ast.Name):
@@ -169,10 +210,10 @@ def recipe_call(fe: Frontend, e, kind: str, scope: Scope) -> Spec:
 
 
 _KIND_WORDS = {"data": "a data source", "optimizer": "an optimizer", "schedule": "a learning-rate schedule",
-               "metric": "a metric", "layer": "a layer", "activation": "an activation",
+               "metric": "a metric", "early_stop": "early stopping", "layer": "a layer", "activation": "an activation",
                "function": "a function", "loss": "a loss", "regularizer": "a regularizer"}
 
 
 def _example(kind):
     return {"data": "digits(test=0.2)", "optimizer": "adam(lr=1e-3)", "schedule": "cosine()",
-            "metric": "accuracy"}.get(kind, kind)
+            "metric": "accuracy", "early_stop": "early_stop(monitor=val_loss, patience=5)"}.get(kind, kind)

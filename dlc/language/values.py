@@ -50,4 +50,15 @@ def describe(v) -> str:
         return f"the initializer {v}"
     if isinstance(v, list):
         return "a list"
+    if isinstance(v, tuple):
+        return f"a tuple {structure(v)}"
     return type(v).__name__
+
+
+def structure(v) -> str:
+    """A value's shape as unpacking sees it: `(f32[B,8], (f32[B,8], f32[B,8]))`."""
+    if isinstance(v, tuple):
+        return "(" + ", ".join(structure(x) for x in v) + ")"
+    if isinstance(v, Value):
+        return str(v.type)
+    return describe(v)

@@ -55,7 +55,7 @@ class MetricsLog:
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
-    """The epoch records of a metrics log, in file order (header lines skipped)."""
+    """The epoch records of a metrics log, in file order (event lines skipped)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -77,7 +77,7 @@ def read_log(path: str | os.PathLike) -> list[dict]:
             raise _bad_line(source, number, e.colno, f"malformed JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise _bad_line(source, number, 1, "expected a JSON object")
-        if obj.get("event") == "start":
+        if "event" in obj:  # the start header, the test score after training
             continue
         if not isinstance(obj.get("epoch"), int):
             raise _bad_line(source, number, 1, "an epoch record needs an integer `epoch`")

@@ -1,6 +1,8 @@
-"""`dlc plot`: a metrics log's loss and accuracy curves, per epoch, drawn into an image file."""
+"""`dlc plot`: a metrics log's loss, accuracy and learning-rate curves per epoch (train and
+validation), or the confusion matrix of a `dlc eval -o` report, drawn into an image file."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -21,8 +23,11 @@ def plot_log(log_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
     if out_path.suffix.lower() not in FORMATS:
         raise UsageError(f"cannot draw a plot into `{out_path}`: unknown image format",
                          hint=f"name the output file with one of {', '.join(FORMATS)}")
-    curves = read_curves(log_path)
-    figure = _draw(_figure_class(), curves, title=Path(log_path).name)
+    report = read_report(log_path)
+    if report is not None:
+        figure = _draw_confusion(_figure_class(), report, title=Path(log_path).name)
+    else:
+        figure = _draw(_figure_class(), read_curves(log_path), title=Path(log_path).name)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(out_path)
@@ -41,11 +46,33 @@ def read_curves(log_path: str | os.PathLike) -> Curves:
             points = _series(log_path, by_epoch, f"{split}_{metric}")
             if points:
                 curves.setdefault(metric, {})[split] = points
+    rates = _series(log_path, by_epoch, "lr")
+    if curves and rates:
+        curves["learning rate"] = {"lr": rates}
     if not curves:
         what = "no epoch records yet" if not records else "no loss or accuracy values"
         raise DataError(f"metrics log `{log_path}` has {what}",
                         hint="a log gets one line per finished epoch of `dlc run`")
     return curves
+
+
+def read_report(path: str | os.PathLike) -> dict | None:
+    """A `dlc eval -o` report (one JSON object with a confusion matrix), or None for a log."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None  # read_log says what is wrong with it
+    if not text.lstrip().startswith("{") or text.strip().count("\n{") or '"confusion"' not in text:
+        return None
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    m = report.get("confusion") if isinstance(report, dict) else None
+    if not (isinstance(m, list) and m and all(isinstance(r, list) and len(r) == len(m) and
+                                             all(isinstance(v, int) for v in r) for r in m)):
+        raise DataError(f"`{path}`: `confusion` is not a square matrix of counts")
+    return report
 
 
 def _series(log_path, by_epoch: dict[int, dict], key: str) -> list[tuple[int, float]]:
@@ -85,6 +112,27 @@ def _draw(figure_class, curves: Curves, title: str):
         ax.set(title=metric, xlabel="epoch", ylabel=metric)
         ax.grid(alpha=0.3)
         ax.legend()
+    figure.suptitle(title)
+    return figure
+
+
+def _draw_confusion(figure_class, report: dict, title: str):
+    """The confusion matrix as a heat map, rows true classes, columns predicted, counts written in."""
+    m = report["confusion"]
+    k = len(m)
+    size = min(3.0 + 0.45 * k, 12.0)
+    figure = figure_class(figsize=(size + 1.0, size), layout="constrained")
+    ax = figure.subplots()
+    image = ax.imshow(m, cmap="Blues")
+    figure.colorbar(image, ax=ax)
+    top = max(max(r) for r in m) or 1
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(m[i][j]), ha="center", va="center", fontsize=8,
+                        color="white" if m[i][j] > top / 2 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class", xticks=range(k), yticks=range(k),
+           title=f"confusion matrix (accuracy {report.get('accuracy', 0):.4f})")
     figure.suptitle(title)
     return figure
 

@@ -30,9 +30,39 @@ class Progress:
         self._steps = 0
         self._loss_sum = 0.0
         self._next_refresh = 0.0
+        self._epoch_seconds: list[float] = []  # this run's epochs, for the whole run's ETA
+        self._epoch = 0
+
+    def compiling(self, compile_steps) -> None:
+        """`compiling… (2.1 s)` or `compiling… (cached, 0.02 s)` before the first epoch, instead
+        of a bar standing still at 0. compile_steps() compiles (or waits for the compile started
+        in the background while the data loaded) and returns where the code came from ("cache",
+        "artifact", "compiled", or None when nothing is compiled) and the seconds compiling took."""
+        if not self.quiet:
+            self.stream.write("compiling… ")
+            self.stream.flush()
+        origin, seconds = compile_steps()
+        if not self.quiet:
+            how = {"cache": "cached, ", "artifact": "from the artifact, "}.get(origin, "")
+            self.stream.write(f"({how}{seconds:.{1 if seconds >= 0.1 else 2}f} s)\n")
+            self.stream.flush()
+
+    def note(self, text: str) -> None:
+        """A line of its own between epochs (early stopping, the test score)."""
+        self._close_bar()
+        if not self.quiet:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def eta(self, epoch: int) -> float | None:
+        """Seconds left in the whole run after `epoch`, from the mean epoch time so far."""
+        if not self._epoch_seconds or epoch >= self.epochs:
+            return None
+        return sum(self._epoch_seconds) / len(self._epoch_seconds) * (self.epochs - epoch)
 
     def start_epoch(self, epoch: int) -> None:
         self._close_bar()
+        self._epoch = epoch
         self._steps, self._loss_sum = 0, 0.0
         if self._bar_class is not None:
             self._bar = self._bar_class(total=self.steps_per_epoch, file=self.stream, leave=False,
@@ -49,13 +79,27 @@ class Progress:
         now = time.monotonic()
         if now >= self._next_refresh:
             self._next_refresh = now + REFRESH_SECONDS
-            self._bar.set_postfix_str(f"loss {_fmt(self._loss_sum / self._steps)}", refresh=False)
+            eta = self._run_eta_in_epoch()
+            self._bar.set_postfix_str(f"loss {_fmt(self._loss_sum / self._steps)}"
+                                      + (f", run eta {format_duration(eta)}" if eta is not None else ""),
+                                      refresh=False)
             self._bar.update(self._steps - self._bar.n)
+
+    def _run_eta_in_epoch(self) -> float | None:
+        """During an epoch: the bar's time left in it plus the later epochs at the mean epoch time."""
+        rate = self._bar.format_dict.get("rate") if self._bar is not None else None
+        if not rate:
+            return None
+        left = (self.steps_per_epoch - self._steps) / rate
+        per_epoch = (sum(self._epoch_seconds) / len(self._epoch_seconds) if self._epoch_seconds
+                     else self.steps_per_epoch / rate)
+        return left + per_epoch * (self.epochs - self._epoch)
 
     def end_epoch(self, epoch: int, metrics: Mapping[str, float], seconds: float) -> None:
         self._close_bar()
+        self._epoch_seconds.append(seconds)
         if not self.quiet:
-            self.stream.write(summary_line(epoch, self.epochs, metrics, seconds) + "\n")
+            self.stream.write(summary_line(epoch, self.epochs, metrics, seconds, self.eta(epoch)) + "\n")
             self.stream.flush()
 
     def close(self) -> None:
@@ -73,8 +117,21 @@ class Progress:
             self._bar = None
 
 
-def summary_line(epoch: int, epochs: int, metrics: Mapping[str, float], seconds: float) -> str:
-    """`epoch 3/30  train loss 0.2134 acc 0.9412  test loss 0.2561 acc 0.9306  1.2s`."""
+def summary_line(epoch: int, epochs: int, metrics: Mapping[str, float], seconds: float,
+                 eta: float | None = None) -> str:
+    """`epoch 3/30  train loss 0.2134 acc 0.9412  val loss 0.2561 acc 0.9306  1.2s  eta 0:33`
+    (eta: the whole run's time left)."""
+    parts = [f"epoch {epoch}/{epochs}", metrics_text(metrics)] if metrics else [f"epoch {epoch}/{epochs}"]
+    if "lr" in metrics:
+        parts.append(f"lr {metrics['lr']:.3g}")
+    parts.append(f"{seconds:.1f}s")
+    if eta is not None:
+        parts.append(f"eta {format_duration(eta)}")
+    return "  ".join(p for p in parts if p)
+
+
+def metrics_text(metrics: Mapping[str, float]) -> str:
+    """`train loss 0.2134 acc 0.9412  test loss 0.2561 acc 0.9306` (lr left out)."""
     groups: dict[str, list[str]] = {split: [] for split in _SPLITS}
     others = []
     for key, value in metrics.items():
@@ -83,13 +140,15 @@ def summary_line(epoch: int, epochs: int, metrics: Mapping[str, float], seconds:
             groups[split].append(f"{_SHORT.get(name, name)} {_fmt(value)}")
         elif key != "lr":
             others.append(f"{key} {_fmt(value)}")
-    parts = [f"epoch {epoch}/{epochs}"]
-    parts += [f"{split} {' '.join(items)}" for split, items in groups.items() if items]
-    parts += others
-    if "lr" in metrics:
-        parts.append(f"lr {metrics['lr']:.3g}")
-    parts.append(f"{seconds:.1f}s")
-    return "  ".join(parts)
+    parts = [f"{split} {' '.join(items)}" for split, items in groups.items() if items]
+    return "  ".join(parts + others)
+
+
+def format_duration(seconds: float) -> str:
+    """`0:07`, `2:05`, `1:02:05`: minutes and seconds, hours when there are some."""
+    s = int(round(max(seconds, 0.0)))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
 
 def _fmt(value: float) -> str:

@@ -11,14 +11,17 @@ from typing import Callable
 import numpy as np
 
 from dlc import __version__, backends
-from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError
+from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError, UsageError
 from dlc.language.recipe import Spec
 from dlc.program import VALID, make_programs
 
 
-def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int) -> float:
-    """The rate for a (0-based) epoch."""
+def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int, step: int = 0) -> float:
+    """The rate for a (0-based) epoch; `cyclic` is per step (the 0-based count of steps taken)."""
     a = schedule.args
+    if schedule.name == "cyclic":  # triangular: base -> max over step_size steps, and back
+        x = abs(step / a["step_size"] - 2 * math.floor(1 + step / (2 * a["step_size"])) + 1)
+        return a["base"] + (a["max"] - a["base"]) * max(0.0, 1.0 - x)
     if schedule.name == "step":
         return lr0 * a["gamma"] ** (epoch // a["every"])
     if schedule.name == "exponential":
@@ -57,9 +60,18 @@ class Normalizer:
 class History:
     epochs: list[dict] = field(default_factory=list)
     previous: Path | None = None  # where the first save moved an existing checkpoint (keep_previous)
+    test: dict = field(default_factory=dict)  # the test split's metrics, scored once after training
+    stopped: str | None = None  # why training ended before its last epoch (early stopping, a callback)
+    best_epoch: int | None = None  # keep_best: the epoch whose weights the model ends with
 
     def __getitem__(self, key: str) -> list:
         return [e.get(key) for e in self.epochs]
+
+    @property
+    def history(self) -> dict[str, list]:
+        """Keras' form: {metric: [value per epoch]}."""
+        keys = dict.fromkeys(k for e in self.epochs for k in e)
+        return {k: self[k] for k in keys}
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -68,46 +80,153 @@ class History:
 class Session:
     """One model's compiled training and evaluation steps over one shared state.
 
-    Graphs are built lazily: a native step found in the compile cache needs none."""
+    Graphs are built lazily: a native step found in the compile cache needs none.
+    With a `world` (dlc/runtime/distributed.py) it is one rank of a data-parallel job: its
+    training step runs on its shard of each global batch (compiled for the largest shard,
+    smaller ones padded), and it evaluates every world.size-th chunk of the held-out data, in
+    chunks of the compiled size (the sums are then added up over ranks)."""
 
-    def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None):
+    def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None,
+                 world=None):
         self.model = model
         self.config = config
         self.target = target
         self.input_name = model.input_types[0][0]
         self.state = model.state
         self._graphs: dict[str, object] = {}
+        self.world = world
+        if world is not None and model.built("eval").carries:  # its streams of samples are not sharded yet
+            raise UsageError(f"model {model.name} carries a `state` from batch to batch, which a "
+                             "data-parallel job cannot train yet", hint="train it in one process")
+        ranks = world.size if world is not None else 1
+        options = dict(options or {})
+        self.bucket_bytes = options.pop("bucket_bytes", None)  # gradients per exchange (data-parallel)
+        if world is not None:  # exchanges overlap the rest of the backward pass: measured faster
+            if options.get("threads") in (None, "auto"):  # the ranks on this machine share its cores
+                options["threads"] = world.default_threads()
+            options = {"overlap": True, **options}
+            if not backends.backend(target).collectives:
+                raise UsageError(f"target `{target}` cannot run a data-parallel job yet: its steps have no "
+                                 "collective exchange", hint="train with --target cpu, or in one process")
         if not backends.backend(target).lowers:  # an interpreter needs the optimizer state up front
             model.ensure_state(self.graph("train"))
-        # one program, two entry points: compiled together, once per batch size
+        # one program, two entry points: compiled together, once per batch size (evaluation
+        # exchanges nothing: its entry is one process's step also in a data-parallel job)
         self.program = make_programs(
             target, {mode: (lambda mode=mode: self.graph(mode)) for mode in ("train", "eval")}, self.state,
-            keys={mode: model.source_key(mode, config) for mode in ("train", "eval")}, name=model.name,
-            data_name=self.input_name, preloaded={b: s for (t, b), s in model.preloaded.items() if t == target},
-            options=options)
+            keys={mode: model.source_key(mode, config, ranks, self.bucket_bytes) for mode in ("train", "eval")},
+            name=model.name, data_name=self.input_name,
+            preloaded={b: s for (t, b), s in model.preloaded.items() if t == target and ranks == 1},
+            options=options)  # (artifacts hold one-process steps)
         self.train_program, self.eval_program = self.program.entry("train"), self.program.entry("eval")
-        self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss")]
+        # results other than metrics have a `:` (output:h, a named result; carry:h, a state)
+        self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss") and ":" not in k]
         self._results = ["loss"] + self.metrics
         self.global_step = int(self.state["step"]) if "step" in self.state else 0
+        self._background: Background | None = None  # the compile fit() started while the data loads
+        self.carries = model.built("eval").carries  # the model's `state`s, carried from batch to batch
+        self._carried: dict[str, np.ndarray] = {}    # their values after the last training step
+
+    # --- state carried between batches (a model's `state` declarations) ---------------------------
+    def reset_state(self) -> None:
+        """Training starts again from the states' initial values (every epoch does)."""
+        self._carried.clear()
+
+    def batches(self, n: int, batch: int, rng=None, every: bool = False):
+        """The index arrays of one pass over n samples. A model that carries state reads them
+        as parallel streams, so that row i of a batch continues row i of the one before
+        (see stream_batches); `every`: keep the samples that fill no whole batch."""
+        from dlc.data.sources import batches, stream_batches
+        return stream_batches(n, batch, every) if self.carries else batches(n, batch, rng)
+
+    def _passes(self, n: int, batch: int):
+        """What evaluation and prediction read: every sample, in batches of `batch` rows
+        (stream batches for a model that carries state, else slices in order)."""
+        if self.carries:
+            return self.batches(n, batch, every=True)
+        return (slice(start, start + batch) for start in range(0, n, batch))
+
+    def _carry_feeds(self, carried: dict, rows: int) -> dict:
+        """Each state's value after the previous batch (its first `rows` rows: batches of a
+        pass only shrink), or its initial value."""
+        feeds = {}
+        for c in self.carries:
+            a = carried.get(c.name)
+            a = None if a is None else np.asarray(a)  # (a GPU step's result is read here)
+            if a is None or len(a) < rows:
+                a = np.full((rows,) + tuple(int(d) for d in c.type.shape[1:]), c.value, c.type.dtype.np)
+            feeds[c.input] = a[:rows]
+        return feeds
+
+    def _keep_carries(self, carried: dict, out: dict) -> None:
+        for c in self.carries:
+            carried[c.name] = out[c.input]
 
     def graph(self, mode: str):
         if mode not in self._graphs:
-            self._graphs[mode] = self.model.compile_graph(mode, self.config)
+            ranks = self.world.size if self.world is not None and mode == "train" else 1
+            self._graphs[mode] = self.model.compile_graph(mode, self.config, world=ranks,
+                                                          bucket_bytes=self.bucket_bytes)
         return self._graphs[mode]
 
     @property
     def train_graph(self):
         return self.graph("train")
 
+    def warm_up(self, rows=()) -> tuple[str | None, float]:
+        """Finish compiling (or loading from the cache) the program for the compiled batch size
+        -- the background compile fit() started, if any -- and the sizes of its own that batches
+        of these row counts need (only where the steps cannot pad them: no `valid_rows`), so
+        that the first epoch does not start with a long pause and no evaluation stops for a
+        compile. Returns where the code came from ("compiled" when any of it was compiled,
+        else "cache", "artifact" or "loaded"; None for an interpreter) and the seconds the
+        compiling took."""
+        background, self._background = self._background, None
+        started = time.perf_counter()
+        origins = list(background.wait() or []) if background is not None else []
+        origins += self._load(rows)
+        seconds = (background.seconds if background is not None else 0.0) + time.perf_counter() - started
+        origins = [o for o in origins if o is not None]
+        if not origins:
+            return None, seconds
+        return next((o for o in ("compiled", "cache", "artifact") if o in origins), "loaded"), seconds
+
+    def _load(self, rows=()) -> list[str]:
+        """Compile or load the program's unit for its batch size, and for the sizes batches of
+        `rows` rows run at; where the code of each came from."""
+        program = self.program
+        if not hasattr(program, "steps_for") or program.batch is None:
+            return []
+        origins = []
+
+        def load(batch: int) -> None:
+            loaded = batch in program.units
+            program.steps_for(batch)
+            origins.append("loaded" if loaded else program.origins.get(batch))
+        load(program.batch)
+        for r in rows:
+            if r and r < program.batch and program.batch_for(r) != program.batch:
+                load(program.batch_for(r))
+        return origins
+
     # --- one step ---------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> dict[str, float]:
+        """One step on a global batch (of which a rank of a job takes its shard); the loss and
+        metrics returned are the whole batch's."""
         return self.collect(self.submit(x, y, lr))
 
     def submit(self, x: np.ndarray, y: np.ndarray, lr: float) -> "Pending":
         """Run one training step without reading its results (a GPU step's results may
-        still be on their way: `collect` reads them, later steps need not wait)."""
-        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x))}
-        return Pending(feeds, self.train_program.run(feeds))
+        still be on their way: `collect` reads them, later steps need not wait). A model's
+        `state`s continue from the step submitted before."""
+        weight, first, total = 1.0, 0, len(x)  # (read by data-parallel steps, and batchnorm(sync=true))
+        if self.world is not None:  # this rank's rows; padded to the compiled batch by the program
+            x, y, weight, first = self.world.shard_feeds(x, y, total)
+        feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x)), "shard_weight": weight,
+                 "sample_offset": first, "global_batch": total, **self._carry_feeds(self._carried, len(x))}
+        out = self.train_program.run(feeds)
+        self._keep_carries(self._carried, out)
+        return Pending(feeds, out)
 
     def collect(self, step: "Pending") -> dict[str, float]:
         """A submitted step's loss and metrics; NumericsError when its loss is not finite.
@@ -161,8 +280,10 @@ class Session:
     def use_batch(self, batch: int) -> int:
         """Compile for batches of `batch` rows: smaller ones, such as the last of an epoch
         (or a whole data set smaller than the batch), are padded to it instead of compiled
-        again."""
-        self.program.batch = max(1, batch)
+        again. A rank of a data-parallel job compiles for its largest shard of a global
+        batch of `batch` (every rank the same size: a smaller shard is padded to it)."""
+        batch = max(1, batch)
+        self.program.batch = self.world.shard_capacity(batch) if self.world is not None else batch
         return self.program.batch
 
     def compile_in_background(self, batch: int) -> "Background":
@@ -171,42 +292,64 @@ class Session:
         (The LLVM work runs in the thread's forked compiler processes and in llvmlite,
         outside the GIL, so it overlaps reading and normalizing the data.)"""
         self.use_batch(batch)
-        compile_ = getattr(self.program, "steps_for", None)
-        return Background(lambda: compile_(self.program.batch) if compile_ else None)
+        self._background = Background(self._load)  # the compiling line reads where the code came from
+        return self._background
 
     def _chunk(self, batch: int, rows: int) -> int:
         """Evaluation in batches of the compiled size (the training one, once fit chose it)."""
         return self.program.batch or self.use_batch(min(batch, rows))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, float]:
-        """Loss and metrics over every sample (the last partial batch included)."""
+        """Loss and metrics over every sample (the last partial batch included); states
+        start from their initial values."""
         totals: dict[str, float] = {}
         n = len(x)
 
         def add(size: int, out: dict) -> None:
             for k in ["loss"] + self.metrics:
                 totals[k] = totals.get(k, 0.0) + float(out[k]) * size
-        last = None  # the previous batch's results: read while the next batch runs
         batch = self._chunk(batch, n)
-        for start in range(0, n, batch):
-            xb, yb = x[start:start + batch], y[start:start + batch]
-            out = self.eval_program.run({self.input_name: xb, "label": yb})
+        parts = self._passes(n, batch)
+        if self.world is not None:  # every rank evaluates its batches with rank 0's statistics
+            self.world.broadcast(self.state, self.model.layer_state())  # (no carried state in a job)
+            parts = (slice(start, start + batch) for start in self.world.batches_of(range(0, n, batch)))
+        last = None  # the previous batch's results: read while the next batch runs
+        carried: dict = {}
+        for idx in parts:
+            xb, yb = x[idx], y[idx]
+            out = self.eval_program.run({self.input_name: xb, "label": yb, **self._carry_feeds(carried, len(xb))})
+            self._keep_carries(carried, out)
             if last:
                 add(*last)
             last = (len(xb), out)
         if last:
             add(*last)
+        if self.world is not None and n:
+            totals = self.world.sum_floats(totals, ["loss"] + self.metrics)
         return {k: v / n for k, v in totals.items()} if n else {}
 
-    def predict(self, x: np.ndarray, batch: int) -> np.ndarray:
-        outs = []
-        batch = self._chunk(batch, len(x))
-        for start in range(0, len(x), batch):
-            xb = x[start:start + batch]
+    def predict(self, x: np.ndarray, batch: int, results: bool = False):
+        """The output for every sample; with `results`, {"output": ..., NAME: ...} with the
+        model's named results too. States start from their initial values."""
+        keys = ["output"] + [f"output:{name}" for name, _ in self.model.built("eval").results]
+        parts: dict[str, list] = {k: [] for k in keys}
+        order, carried = [], {}
+        for idx in self._passes(len(x), self._chunk(batch, len(x))):
+            xb = x[idx]
             label = np.zeros((len(xb),) + self._label_shape(), self._label_dtype()) \
                 if self._label_type() is not None else None
-            outs.append(self.eval_program.run({self.input_name: xb, "label": label})["output"])
-        return np.concatenate([np.asarray(o) for o in outs]) if outs else np.zeros((0,))
+            out = self.eval_program.run({self.input_name: xb, "label": label, **self._carry_feeds(carried, len(xb))})
+            self._keep_carries(carried, out)
+            order.append(idx)
+            for k in keys:
+                parts[k].append(out[k])
+        if not order:
+            return {k.removeprefix("output:"): np.zeros((0,)) for k in keys} if results else np.zeros((0,))
+        joined = {k.removeprefix("output:"): np.concatenate([np.asarray(o) for o in v]) for k, v in parts.items()}
+        if self.carries:  # stream batches interleave the samples
+            where = np.argsort(np.concatenate(order), kind="stable")
+            joined = {k: v[where] for k, v in joined.items()}
+        return joined if results else joined["output"]
 
     def _label_type(self):
         """The label input's type, or None when the loss takes no labels."""
@@ -243,12 +386,16 @@ class Background:
     def __init__(self, fn):
         import threading
         self._result, self._error = None, None
+        self.seconds = 0.0  # how long fn ran
 
         def run():
+            started = time.perf_counter()
             try:
                 self._result = fn()
             except BaseException as e:  # noqa: BLE001 - re-raised by wait()
                 self._error = e
+            finally:
+                self.seconds = time.perf_counter() - started
         self._thread = threading.Thread(target=run, name="dlc-compile", daemon=True)
         self._thread.start()
 
@@ -277,17 +424,23 @@ class FitOptions:
     shuffle: bool = True
     quiet: bool = True
     log_path: Path | None = None
+    csv_path: Path | None = None
+    tensorboard_dir: Path | None = None
     save_path: Path | None = None
     resume: dict | None = None  # meta of a loaded checkpoint
     keep_previous: bool = False  # the first save moves a file already at save_path aside
     on_epoch: Callable[[dict], None] | None = None
+    early_stop: object | None = None  # a callbacks.EarlyStopping
+    keep_best: bool = False  # end with the weights of the best epoch by the monitored metric
+    callbacks: list = field(default_factory=list)  # objects with on_epoch_end(epoch, logs)
 
 
 def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> History:
-    """Train for opts.epochs, evaluating on data.x_test after each epoch."""
-    from dlc.runtime.progress import Progress
-    from dlc.runtime.metrics_log import MetricsLog
-    from dlc.data.sources import batches
+    """Train for opts.epochs, scoring the validation split (if any) after each epoch and the
+    test split once at the end."""
+    from dlc.runtime import callbacks as cbs
+    from dlc.runtime.loggers import close_all, open_loggers
+    from dlc.runtime.progress import Progress, metrics_text
     cfg = session.config
     x, y = data.x_train, data.y_train
     n = len(x)
@@ -305,35 +458,78 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     drop_last = batchnorm is not None and n % opts.batch == 1
     steps_per_epoch = n // opts.batch if drop_last else -(-n // opts.batch)
     session.use_batch(opts.batch)
+    x_val = data.x_val if data.x_val is not None and len(data.x_val) else None
+    per_step = cfg.schedule.name == "cyclic"
+    # what the monitors may watch, checked before the first step
+    recorded = [f"{split}_{k}" for split in ("train", "val") if split == "train" or x_val is not None
+                for k in session._results]
+    watched = []
+    if opts.early_stop is not None:
+        cbs.check_monitor(opts.early_stop.monitor, recorded, "`early_stop`", cfg.span("early_stop"))
+        watched.append(opts.early_stop)
+    best = None
+    if opts.keep_best:
+        monitor = opts.early_stop.monitor if opts.early_stop is not None else "val_loss"
+        cbs.check_monitor(monitor, recorded, "`keep_best`", cfg.span("keep_best"))
+        best = cbs.BestWeights(cbs.Monitor(monitor, opts.early_stop.min_delta if opts.early_stop else 0.0),
+                               session.state, [k for k, spec in session.model.built("eval").params.items()
+                                               if spec.type.dtype.is_float])  # not the step counter
+    callbacks = watched + list(opts.callbacks)
+    if session.carries:  # full batches that continue each other row by row (stream_batches)
+        steps_per_epoch = n // min(n, opts.batch)
     start_epoch, skip = 0, 0
     if opts.resume:
         start_epoch, skip = opts.resume["epoch"], opts.resume["batch"]
     history = History()
-    progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet)
+    world = session.world  # a data-parallel job: rank 0 alone reports, logs and saves
+    lead = world is None or world.lead
+    if world is not None:
+        world.check_same(session, data, opts)
+    progress = Progress(opts.epochs, steps_per_epoch, quiet=opts.quiet or not lead)
     header = {"event": "start", "model": session.model.name, "dlc": __version__, "target": session.target,
               "epochs": opts.epochs, "batch": opts.batch, "seed": opts.seed}
-    log = MetricsLog(opts.log_path, header, append=bool(opts.resume)) if opts.log_path else None
+    if world is not None:
+        header["ranks"] = world.size
+    loggers = open_loggers(header, bool(opts.resume), opts.log_path, opts.csv_path, opts.tensorboard_dir) \
+        if lead else []
     position = (start_epoch, skip)  # where a resumed run continues: (epoch, batch)
     first_step = session.global_step
     keep = opts.keep_previous  # only the run's first save may move an existing file aside
 
     def checkpoint(epoch: int, batch: int) -> None:
         nonlocal keep
+        if not lead:
+            return
         moved = save(session.model, opts.save_path, normalizer, epoch, batch, session.global_step,
                      keep_previous=keep)
         history.previous, keep = history.previous or moved, False
+
     try:
+        # the last, partial batches of each split: padded to the compiled size (compiled at their
+        # own only where the steps cannot pad them)
+        # (stream batches: min(rows, batch) streams; evaluation reads the shorter last batch too)
+        b = session.program.batch
+        rows = [min(n, b)] if session.carries else [0 if drop_last else n % b]
+        for split in (x_val, data.x_test):
+            if split is not None and len(split):
+                streams = min(len(split), b)
+                rows += [streams, len(split) % streams] if session.carries else [len(split) % b]
+        progress.compiling(lambda: session.warm_up(rows))
+        cbs.call_hook(callbacks, "on_train_begin", {})
         for epoch in range(start_epoch, opts.epochs):
-            lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs)
+            lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs, session.global_step)
             progress.start_epoch(epoch + 1)
             started = time.perf_counter()
             sums: dict[str, float] = {}
             seen = 0
             rng = np.random.default_rng([opts.seed, epoch]) if opts.shuffle else None
             ran: list[tuple[int, Pending]] = []  # steps whose results are not read yet
-            for i, idx in enumerate(batches(n, opts.batch, rng)):
+            session.reset_state()  # a model's `state`s start each epoch from their initial values
+            for i, idx in enumerate(session.batches(n, opts.batch, rng)):
                 if (epoch == start_epoch and i < skip) or i == steps_per_epoch:  # i == ...: the dropped batch
                     continue
+                if per_step:  # the steps submitted so far, read or not, count
+                    lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs, session.global_step + len(ran))
                 ran.append((len(idx), session.submit(x[idx], y[idx], lr)))
                 position = (epoch, i + 1)
                 while ran and (len(ran) > READ_BEHIND or ran[0][1].ready()):
@@ -343,19 +539,36 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             position = (epoch + 1, 0)
             record = {"epoch": epoch + 1, "step": session.global_step, "lr": lr}
             record.update({f"train_{k}": v / seen for k, v in sums.items()} if seen else {})
-            if len(data.x_test):
-                record.update({f"test_{k}": v for k, v in
-                               session.evaluate(data.x_test, data.y_test, opts.batch).items()})
+            if x_val is not None:
+                record.update({f"val_{k}": v for k, v in
+                               session.evaluate(x_val, data.y_val, opts.batch).items()})
             record["seconds"] = time.perf_counter() - started
             history.epochs.append(record)
-            metrics = {k: v for k, v in record.items() if k.startswith(("train_", "test_"))}
+            metrics = {k: v for k, v in record.items() if k.startswith(("train_", "val_"))}
             progress.end_epoch(epoch + 1, metrics, record["seconds"])
-            if log:
-                log.write(record["epoch"], record["step"], metrics, lr, record["seconds"])
-            if opts.save_path:
+            for lg in loggers:
+                lg.write(record["epoch"], record["step"], metrics, lr, record["seconds"])
+            improved = best is not None and best.update(epoch + 1, record)
+            if opts.save_path and (best is None or improved):  # keep_best: the file holds the best epoch
                 checkpoint(epoch + 1, 0)
             if opts.on_epoch:
                 opts.on_epoch(record)
+            history.stopped = cbs.end_of_epoch(callbacks, epoch + 1, record)
+            if history.stopped:
+                progress.note(history.stopped)
+                break
+        if best is not None and best.saved is not None:
+            best.restore()
+            history.best_epoch = best.monitor.best_epoch
+            progress.note(f"kept the weights of epoch {history.best_epoch} "
+                          f"({best.monitor.monitor} {best.monitor.best:.4g})")
+        cbs.call_hook(callbacks, "on_train_end", {"epochs": len(history.epochs)})
+        if len(data.x_test):
+            history.test = session.evaluate(data.x_test, data.y_test, opts.batch)
+            progress.note(metrics_text({f"test_{k}": v for k, v in history.test.items()}))
+            last = history.epochs[-1]["epoch"] if history.epochs else start_epoch
+            for lg in loggers:
+                lg.write_test(last, history.test)
     except KeyboardInterrupt:
         progress.close()
         if session.global_step == first_step:  # no step yet (still compiling): nothing new to save
@@ -363,6 +576,9 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             raise Interrupted(f"interrupted before the first training step{kept}") from None
         where = f"after epoch {position[0]}" if position[1] == 0 else \
             f"in epoch {position[0] + 1}, after batch {position[1]}"
+        if opts.save_path and best is not None:  # the file holds the best epoch: keep it
+            raise Interrupted(f"interrupted {where}; {opts.save_path} holds the best epoch so far "
+                              f"({best.monitor.best_epoch or 'none yet'})") from None
         if opts.save_path:
             checkpoint(*position)
             raise Interrupted(f"interrupted {where}; saved {opts.save_path}{kept_note(history)} "
@@ -370,8 +586,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         raise Interrupted(f"interrupted {where} (nothing saved: use --save FILE)") from None
     finally:
         progress.close()
-        if log:
-            log.close()
+        close_all(loggers)
     return history
 
 
@@ -420,7 +635,7 @@ def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Norm
         if k in state:
             state[k][...] = v
         else:  # optimizer state: otherwise created by the first step
-            state[k] = np.ascontiguousarray(v)
+            state[k] = np.array(v, order="C")  # not ascontiguousarray: it makes the scalar `step` 1-d
     return meta, norm
 
 

@@ -2,8 +2,8 @@
 buffers a part touches, and a check of the contract in the kernel IR's docstring."""
 from __future__ import annotations
 
-from dlc.core.kernel.ir import (Buffer, Clamp, Gather, Ix, Kernel, KernelProgram, Load, Loop, LoopNest, Reduce,
-                                Template, Var, ex_children, ix_children)
+from dlc.core.kernel.ir import (COLLECTIVE_MODES, Buffer, Clamp, Collective, Gather, Ix, Kernel, KernelProgram,
+                                Load, Loop, LoopNest, Reduce, Template, Var, ex_children, ix_children)
 
 
 class FreeVars:
@@ -77,12 +77,27 @@ def walk_ex(roots):
 def nests_of(part) -> list[LoopNest]:
     if isinstance(part, LoopNest):
         return [part]
+    if isinstance(part, Collective):
+        return []
     return [part.epilogue] if part.epilogue else []
+
+
+def collectives_of(program: KernelProgram) -> dict[int, list[Collective]]:
+    """bucket -> its Collective parts (a sync part, or a start and a wait), in program order."""
+    out: dict[int, list[Collective]] = {}
+    for k in program.kernels:  # (never inside a loop: check_program)
+        for part in ([] if isinstance(k, Loop) else k.parts):
+            if isinstance(part, Collective):
+                out.setdefault(part.bucket, []).append(part)
+    return out
 
 
 def buffers_of(part) -> list[Buffer]:
     """Every buffer a kernel part reads or writes, in a stable order."""
     seen: dict[str, Buffer] = {}
+    if isinstance(part, Collective):
+        for buf in part.sources + part.targets:
+            seen.setdefault(buf.name, buf)
     if isinstance(part, Template):
         for buf in part.inputs + (part.output,):
             seen.setdefault(buf.name, buf)
@@ -104,6 +119,21 @@ def all_kernels(entries) -> list[Kernel]:
     return out
 
 
+def viewed_buffers(entries) -> set[str]:
+    """Names of the buffers that loops (among `entries`, nested ones too) read or write
+    through views: each view's base, down to the buffer under views of views."""
+    out: set[str] = set()
+    for e in entries:
+        if isinstance(e, Loop):
+            for v in e.views:
+                base = v.base
+                while base is not None:
+                    out.add(base.name)
+                    base = base.base
+            out |= viewed_buffers(e.body)
+    return out
+
+
 class ContractError(Exception):
     """A kernel program breaks the kernel IR's contract (a compiler bug)."""
 
@@ -114,6 +144,8 @@ def check_program(p: KernelProgram) -> None:
     every index within its buffer, phases in order, views inside their bases for every
     value of the loop variables and used only inside the loops that bind them."""
     _check_entries(p.kernels, FreeVars(), frozenset(), {}, "program")
+    for bucket, parts in collectives_of(p).items():
+        _check_collective(bucket, parts)
 
 
 def _check_entries(entries, free: FreeVars, loop_vars: frozenset, views: dict, where: str) -> None:
@@ -127,6 +159,8 @@ def _check_entries(entries, free: FreeVars, loop_vars: frozenset, views: dict, w
             _check_loop(e, free, loop_vars, views)
             continue
         for part in e.parts:
+            if isinstance(part, Collective) and loop_vars:
+                raise ContractError(f"{e.name}: a collective inside a loop body")
             for buf in buffers_of(part):
                 if buf.kind == "view" and buf.name not in views:
                     raise ContractError(f"{e.name}: view {buf.name} is used outside the loop that binds it")
@@ -155,6 +189,20 @@ def _check_loop(loop: Loop, free: FreeVars, outer_vars: frozenset, outer_views: 
                                 f"may leave {v.base.name} ({v.base.size} elements)")
         views[v.name] = v
     _check_entries(loop.body, free, loop_vars, views, loop.name)
+
+
+def _check_collective(bucket: int, parts: list) -> None:
+    modes = [c.mode for c in parts]
+    if any(m not in COLLECTIVE_MODES for m in modes) or modes not in (["sync"], ["start", "wait"]):
+        raise ContractError(f"collective bucket {bucket}: parts {modes}; want one sync, or a start "
+                            "then a wait")
+    first = parts[0]
+    for c in parts:
+        if c.op != "allreduce" or (c.sources, c.targets) != (first.sources, first.targets):
+            raise ContractError(f"collective bucket {bucket}: its parts differ")
+    if len(first.sources) != len(first.targets) or any(
+            (s.dtype, s.shape) != (t.dtype, t.shape) for s, t in zip(first.sources, first.targets)):
+        raise ContractError(f"collective bucket {bucket}: sources and targets differ in shape or type")
 
 
 def _check_nest(kernel: str, nest: LoopNest, free: FreeVars) -> None:

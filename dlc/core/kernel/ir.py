@@ -30,7 +30,8 @@ so a renderer can cache emitted values by identity (`id(e)`).
 
 Kernels. A Kernel is a list of parts that every worker runs in order; kernels of the
 same `phase` are independent, and a barrier separates phases (all of phase p completes
-before any of phase p+1 starts). A part is a LoopNest or a Template (kernel/templates.py).
+before any of phase p+1 starts). A part is a LoopNest, a Template (kernel/templates.py)
+or a Collective.
 Two parts of one kernel may depend on each other only element by element over the same
 domain (a template's epilogue reads the template's output at the element it writes, and
 runs over the same share of the work).
@@ -42,6 +43,22 @@ per outer iteration (their index depends on outer variables only), `stores` once
 inner iteration. A nest with no outer loops, or marked `serial` (too little work to share
 out), runs on one worker. Within one iteration every value is computed before anything is
 stored, so an in-place update never reads a value the same iteration overwrote.
+
+A Collective is an exchange between the processes of a data-parallel job (steps compiled
+for several ranks have them, and so does batchnorm(sync=true)). It runs no loops: one
+worker (worker 0) hands it to the host runtime -- a call back into the process that runs
+the step, with the part's `bucket` number (the runtime learns the buffers of each bucket
+from the program) -- and the other workers skip it. "allreduce" writes to each
+`targets[i]` the element-wise sum over the ranks of `sources[i]` (dlc/core/collective.py:
+in rank order, bit-identical in every rank; in a job of one process, the value itself).
+In mode "sync" the targets are valid when the call returns. In mode "start" the call only
+begins the exchange, and a later part of the same bucket in mode "wait" (in the same or a
+later phase) finishes it: the start reads the sources (their memory may hold other values
+after the start's phase: a host that sends later keeps a copy), and the targets are valid
+only after the wait. Every rank runs a program with the same buckets in the same order
+(whatever its batch size), so the exchanges meet one to one. A backend that cannot call
+its host from a step leaves `Backend.collectives` False, and the driver refuses
+data-parallel jobs on it with a message.
 
 Loops. An entry of `KernelProgram.kernels` is a Kernel or a Loop: the sequential loop of
 a recurrent layer (a `scan`). A Loop has a phase like a Kernel and runs as one unit in it
@@ -58,10 +75,11 @@ phases, and a barrier ends every iteration (the next one reads what this one wro
 t appears only in the `at` of views, so body kernels are ordinary kernels over ordinary
 buffers: a renderer computes each view's address once per iteration (a pointer argument
 on the CPU; on a GPU each launch passes t and the kernel adds at(t) to the base), and
-every part -- templates too -- is rendered as outside a loop. A view is a Buffer of kind `view`: the window of `shape`
-starting at element `at` of its `base` buffer (an index expression over the variables of
-the loops enclosing the view's use; the base may be a view of an enclosing loop). A loop
-lists its views in `views`; a view's window is inside its base for every t. Through
+every part -- templates too -- is rendered as outside a loop. A view is a Buffer of kind
+`view`: the window of `shape` starting at element `at` of its `base` buffer (an index
+expression over the variables of the loops enclosing the view's use; the base may be a
+view of an enclosing loop). A loop lists its views in `views`; a view's window is inside
+its base for every t. A loop body holds no Collective. Through
 views an iteration reads this step's slice xs[t] of a time-major sequence, the carry
 written by the previous iteration, and writes the carry for the next one and its per-step
 outputs at [t]; the body's own temporaries are arena buffers reused by every iteration.
@@ -395,6 +413,11 @@ class Exprs:
         """An index read from data, clamped into [0, rows)."""
         return self.clamp(self._make(Gather, value, lo=INT_MIN, hi=INT_MAX), 0, rows - 1)
 
+    def data_index(self, value: "Ex", lo: int = INT_MIN, hi: int = INT_MAX) -> Ix:
+        """An integer scalar expression's value as an index, unclamped: the caller knows
+        it lies in lo..hi (a random tensor's first global row, say)."""
+        return self._make(Gather, value, lo=lo, hi=hi)
+
     def ravel(self, index, shape) -> Ix:
         out = self.const(0)
         for i, d in zip(index, shape):
@@ -469,10 +492,28 @@ class Template:
 
 
 @dataclass
+class Collective:
+    """An exchange between the ranks of a data-parallel job (see the module docstring)."""
+
+    op: str                       # allreduce
+    sources: tuple                # Buffers
+    targets: tuple                # Buffers, of the sources' shapes and dtypes
+    bucket: int                   # the host call's argument: which exchange of the program
+    mode: str = "sync"            # sync | start | wait
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.size * b.dtype.np.itemsize for b in self.sources)
+
+
+COLLECTIVE_MODES = ("sync", "start", "wait")
+
+
+@dataclass
 class Kernel:
     name: str
     phase: int
-    parts: list                   # LoopNest | Template
+    parts: list                   # LoopNest | Template | Collective
     lines: tuple = ()             # .dln locations this kernel came from
 
 

@@ -7,8 +7,8 @@ jaxpr does, instead of being repeated in every store that reads them.
 from __future__ import annotations
 
 from dlc.core.kernel.analysis import FreeVars, walk_ex
-from dlc.core.kernel.ir import (Add, Clamp, Const, Div, Gather, Index, KernelProgram, Lit, Load, Loop, LoopNest, Mod,
-                                Mul, Op, Rand, Reduce, Template, Var, ex_children)
+from dlc.core.kernel.ir import (Add, Clamp, Collective, Const, Div, Gather, Index, KernelProgram, Lit, Load, Loop,
+                                LoopNest, Mod, Mul, Op, Rand, Reduce, Template, Var, ex_children)
 
 
 def format_ix(e, names: dict | None = None) -> str:
@@ -141,7 +141,13 @@ def _entries(entries, indent: str) -> list[str]:
         counter = [0]
         ind = indent + "  "
         for part in k.parts:
-            if isinstance(part, Template):
+            if isinstance(part, Collective):
+                targets = ", ".join(b.name for b in part.targets)
+                sources = ", ".join(b.name for b in part.sources)
+                what = {"sync": "", "start": "start ", "wait": "wait for "}[part.mode]
+                lines.append(f"{ind}{what}bucket {part.bucket} ({part.nbytes:,} bytes, by the host): "
+                             f"{targets} = {part.op}({sources})")
+            elif isinstance(part, Template):
                 ins = ", ".join(b.name for b in part.inputs)
                 attrs = ", ".join(f"{a}={v}" for a, v in part.attrs.items() if v not in (False, None))
                 lines.append(f"{ind}{part.output.name} = {part.op}({ins}{', ' + attrs if attrs else ''})")

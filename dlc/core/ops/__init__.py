@@ -1,5 +1,6 @@
 """The primitive op set: every op is one OpDef record in one of these modules."""
 from dlc.core.ops.base import OPS, Kind, OpDef
+from dlc.core.ops.collective import ALLREDUCE
 from dlc.core.ops.elementwise import (ABS, ADD, AND, CAST, DIV, EQ, EXP, GE, GT, LE, LOG, LT, MAX, MIN, MUL, NE,
                           NEG, POW, SIGMOID, SIGN, SQRT, STOP_GRADIENT, SUB, TANH, WHERE)
 from dlc.core.ops.linalg import CONV2D, CONV2D_BWD_DATA, CONV2D_BWD_FILTER, MATMUL, POOL2D, POOL2D_BWD
@@ -17,4 +18,5 @@ __all__ = [
     "BROADCAST", "CONCAT", "PAD", "PERMUTE", "RESHAPE", "SLICE",
     "ARGMAX", "REDUCE_MAX", "REDUCE_SUM",
     "SCAN", "SCAN_RESULT",
+    "ALLREDUCE",
 ]

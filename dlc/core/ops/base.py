@@ -18,6 +18,7 @@ class Kind(enum.Enum):
     POOL = "pool"
     GATHER = "gather"            # take / scatter_add
     LOOP = "loop"                # scan (a body graph run T times) and scan_result
+    COLLECTIVE = "collective"    # allreduce: a value summed over the processes of a job
 
 
 @dataclass(frozen=True, eq=False)

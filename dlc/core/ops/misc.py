@@ -64,8 +64,13 @@ SIZE = register(OpDef("size", Kind.SOURCE, _size_infer,
                       lambda b, g, y, x, axes: (None,), 1, attrs=("axes",)))
 
 
-# random(seed, step, shape, stream): uniform [0, 1) from a counter-based hash of
-# (seed, stream, step, element index): reproducible, and the same in every backend.
+# random(seed, step[, first[, total]], shape, stream[, axis]): uniform [0, 1) from a
+# counter-based hash of (seed, stream, step, element index): reproducible, and the same in
+# every backend. Element indices are row-major positions in the tensor -- or, given `first`
+# (an i32 scalar), in a larger tensor of which this one is the slice first.. along `axis`
+# (default 0), that axis being `total` long there (an i32 scalar; needed unless axis is 0,
+# where it changes nothing). A data-parallel rank that holds samples first.. of a global
+# batch of `total` so draws exactly what one process draws for them.
 _M1, _M2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
 
 
@@ -90,27 +95,55 @@ def random_key(seed, step, stream: int) -> np.uint32:
         return fmix32(s ^ fmix32(np.uint32(stream) ^ fmix32(t)))
 
 
-def uniform_bits(key: np.uint32, n: int) -> np.ndarray:
+def uniform_bits(key: np.uint32, n: int, start: int = 0) -> np.ndarray:
+    """Bits of elements start .. start + n - 1 (indices taken modulo 2**32)."""
+    return bits_at(key, np.arange(n, dtype=np.int64) + int(start))
+
+
+def bits_at(key: np.uint32, index: np.ndarray) -> np.ndarray:
+    """Bits of the elements numbered `index` (taken modulo 2**32)."""
     with np.errstate(over="ignore"):
-        idx = np.arange(n, dtype=np.uint32) * np.uint32(GOLDEN)
+        idx = (np.asarray(index, np.int64) & 0xFFFFFFFF).astype(np.uint32) * np.uint32(GOLDEN)
         return fmix32(idx ^ key)
 
 
-def _random_infer(seed: TensorType, step: TensorType, shape: tuple, stream: int) -> TensorType:
-    if seed != TensorType(DType.i32, ()) or step != TensorType(DType.i32, ()):
+def _random_infer(seed: TensorType, step: TensorType, *place: TensorType, shape: tuple,
+                  stream: int, axis: int = 0) -> TensorType:
+    scalar = TensorType(DType.i32, ())
+    if seed != scalar or step != scalar:
         raise ShapeError("random: seed and step must be i32 scalars")
+    if len(place) > 2 or any(t != scalar for t in place):
+        raise ShapeError("random: the first index and the total length of the slice axis must be i32 scalars")
+    if (place or axis) and not 0 <= axis < len(shape):
+        raise ShapeError(f"random: slice axis {axis} out of range for {list(shape)}")
+    if axis and len(place) < 2:
+        raise ShapeError("random: a slice along an axis other than 0 needs the axis's total length")
     return TensorType(DType.f32, tuple(shape))
 
 
-def _random_ref(seed, step, shape, stream):
+def _random_ref(seed, step, *place, shape=None, stream=None, axis=0):
+    if shape is None:  # called as (seed, step, shape, stream), without a slice
+        (shape, stream), place = place, ()
     shape = [int(d) for d in shape]
-    bits = uniform_bits(random_key(seed, step, stream), int(np.prod(shape)))
+    key = random_key(seed, step, stream)
+    if not place:
+        bits = uniform_bits(key, int(np.prod(shape)))
+    else:
+        index = np.indices(shape, dtype=np.int64)
+        index[axis] += int(place[0])
+        whole = list(shape)
+        if len(place) > 1:
+            whole[axis] = int(place[1])
+        flat = np.zeros(shape, np.int64)
+        for i, d in zip(index, whole):
+            flat = flat * d + i
+        bits = bits_at(key, flat)
     return ((bits >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)).reshape(shape)
 
 
 RANDOM = register(OpDef("random", Kind.SOURCE, _random_infer, _random_ref,
-                        lambda b, g, y, seed, step, **a: (None, None), 2,
-                        attrs=("shape", "stream")))
+                        lambda b, g, y, seed, step, *place, **a: (None, None) + (None,) * len(place), None,
+                        attrs=("shape", "stream", "axis")))
 
 
 # take(table, idx) = table[idx]: rows of `table` picked by integer indices (embedding).

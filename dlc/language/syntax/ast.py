@@ -76,19 +76,36 @@ class Slice:
 
 
 @dataclass(frozen=True)
+class TupleLit:
+    """`(a, b)`, or the values of `return a, b`: what a function with several results gives."""
+
+    items: tuple["Expr", ...]
+    span: Span
+
+
+@dataclass(frozen=True)
 class Index:
     value: "Expr"
     subscripts: tuple["Expr | Slice", ...]
     span: Span
 
 
-Expr = Union[Num, Str, Name, ListLit, BinOp, Neg, Call, Index]
+Expr = Union[Num, Str, Name, ListLit, TupleLit, BinOp, Neg, Call, Index]
 
 
 @dataclass(frozen=True)
 class TypeExpr:
     dtype: str
     dims: tuple[int | str, ...]  # symbolic dims are names
+    span: Span
+
+
+@dataclass(frozen=True)
+class NamedResult:
+    """A result after the first in `-> (f32[B, 10], h: f32[B, 64])`."""
+
+    name: str
+    type: TypeExpr
     span: Span
 
 
@@ -110,6 +127,38 @@ class Assign:
 
 
 @dataclass(frozen=True)
+class Unpack:
+    """`out, (h, c) = expr`: targets are names or nested tuples of them."""
+
+    targets: tuple  # of str | tuple (nested)
+    value: Expr
+    span: Span
+
+    @property
+    def names(self) -> list[str]:
+        out: list[str] = []
+
+        def visit(t):
+            if isinstance(t, str):
+                out.append(t)
+            else:
+                for x in t:
+                    visit(x)
+        visit(self.targets)
+        return out
+
+
+@dataclass(frozen=True)
+class StateDecl:
+    """`state h: f32[B, 64] = zeros`: a value carried from one batch to the next."""
+
+    name: str
+    type: TypeExpr
+    init: Expr | None
+    span: Span
+
+
+@dataclass(frozen=True)
 class ParamDecl:
     name: str
     type: TypeExpr
@@ -123,7 +172,7 @@ class Return:
     span: Span
 
 
-Stmt = Union[Assign, ParamDecl, Return]
+Stmt = Union[Assign, Unpack, ParamDecl, StateDecl, Return]
 
 
 @dataclass(frozen=True)
@@ -133,10 +182,15 @@ class Def:
     kind: str  # "model" | "block"
     name: str
     params: tuple[Param, ...]
-    result: TypeExpr
+    result: TypeExpr  # the first result: a model's `output`
     body: tuple[Stmt, ...]
     span: Span
     name_span: Span
+    more: tuple[NamedResult, ...] = ()  # the named results after the first
+
+    @property
+    def n_results(self) -> int:
+        return 1 + len(self.more)
 
 
 @dataclass(frozen=True)
@@ -193,5 +247,6 @@ def names(node) -> list[Name]:
 
 # node class -> the fields that may hold nodes (spans never do)
 _CHILDREN = {cls: tuple(f.name for f in fields(cls) if f.name not in ("span", "name_span"))
-             for cls in (Num, Str, Name, ListLit, BinOp, Neg, Kwarg, Call, Slice, Index, TypeExpr,
-                         Param, Assign, ParamDecl, Return, Def, Option, Train, Program)}
+             for cls in (Num, Str, Name, ListLit, TupleLit, BinOp, Neg, Kwarg, Call, Slice, Index, TypeExpr,
+                         NamedResult, Param, Assign, Unpack, ParamDecl, StateDecl, Return, Def, Option,
+                         Train, Program)}

@@ -157,7 +157,8 @@ def _token_hint(tok: Token, expected: set[str]) -> str | None:
     if "COMMA" in expected and "RPAR" in expected:
         return "separate arguments with `,`"
     if tok.type == "NAME" and "RPAR" not in expected and "RBRACE" in expected:
-        return "each statement is `name = expr`, `param name: type = init` or `return expr`"
+        return ("each statement is `name = expr`, `a, b = expr`, `param name: type = init`, "
+                "`state name: type` or `return expr`")
     if tok.type in ("INT", "FLOAT") and expected <= {"NAME"}:
         return "a name must start with a letter or `_`"
     return None
@@ -182,9 +183,20 @@ class _ToAst(Transformer_NonRecursive):
         return ast.Program(tuple(d for d in defs if isinstance(d, ast.Def)),
                            tuple(d for d in defs if isinstance(d, ast.Train)))
 
-    def _def(self, kind, meta, name, params, result, body):
-        return ast.Def(kind, str(name), tuple(params or ()), result, tuple(body), self._span(meta),
-                       self._tok_span(name))
+    def _def(self, kind, meta, name, params, results, body):
+        first, more = results
+        return ast.Def(kind, str(name), tuple(params or ()), first, tuple(body), self._span(meta),
+                       self._tok_span(name), more)
+
+    def one_result(self, meta, type_):
+        return type_, ()
+
+    def several_results(self, meta, first, *rest):
+        more = []
+        for name, type_ in zip(rest[::2], rest[1::2]):
+            span = Span(self.source, name.line, name.column, type_.span.end_line, type_.span.end_col)
+            more.append(ast.NamedResult(str(name), type_, span))
+        return first, tuple(more)
 
     def model(self, meta, name, params, result, body):
         return self._def("model", meta, name, params, result, body)
@@ -214,10 +226,24 @@ class _ToAst(Transformer_NonRecursive):
     def assign(self, meta, name, value):
         return ast.Assign(str(name), value, self._span(meta))
 
+    def unpack(self, meta, first, *rest):
+        *targets, value = rest
+        return ast.Unpack((str(first),) + tuple(_plain(t) for t in targets), value, self._span(meta))
+
+    def target_tuple(self, meta, *targets):
+        return tuple(_plain(t) for t in targets)
+
     def param_decl(self, meta, name, type_, init):
         return ast.ParamDecl(str(name), type_, init, self._span(meta))
 
-    def return_stmt(self, meta, value):
+    def state_decl(self, meta, name, type_, init):
+        return ast.StateDecl(str(name), type_, init, self._span(meta))
+
+    def return_stmt(self, meta, value, *more):
+        if more:  # `return a, b`: the values as one tuple
+            items = (value,) + more
+            value = ast.TupleLit(items, Span(self.source, items[0].span.line, items[0].span.col,
+                                             items[-1].span.end_line, items[-1].span.end_col))
         return ast.Return(value, self._span(meta))
 
     # types
@@ -260,6 +286,9 @@ class _ToAst(Transformer_NonRecursive):
     def string_lit(self, meta, tok):
         return ast.Str(str(tok)[1:-1], self._tok_span(tok))
 
+    def tuple_lit(self, meta, *items):
+        return ast.TupleLit(tuple(items), self._span(meta))
+
     def list_lit(self, meta, *items):
         return ast.ListLit(tuple(i for i in items if i is not None), self._span(meta))
 
@@ -299,3 +328,8 @@ class _ToAst(Transformer_NonRecursive):
 
     def slice(self, meta, start, stop, step):
         return ast.Slice(start, stop, step, self._span(meta))
+
+
+def _plain(target):
+    """An unpacking target with its name tokens as plain strings."""
+    return str(target) if isinstance(target, str) else tuple(_plain(t) for t in target)

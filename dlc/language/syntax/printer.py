@@ -20,8 +20,8 @@ def _expr(e, depth: int, out: list[str], label: str = "") -> None:
         out.append(f'{pad}str "{e.value}"{_loc(e)}')
     elif isinstance(e, ast.Name):
         out.append(f"{pad}name {e.text}{_loc(e)}")
-    elif isinstance(e, ast.ListLit):
-        out.append(f"{pad}list{_loc(e)}")
+    elif isinstance(e, (ast.ListLit, ast.TupleLit)):
+        out.append(f"{pad}{'list' if isinstance(e, ast.ListLit) else 'tuple'}{_loc(e)}")
         for i in e.items:
             _expr(i, depth + 1, out)
     elif isinstance(e, ast.Neg):
@@ -51,11 +51,17 @@ def _expr(e, depth: int, out: list[str], label: str = "") -> None:
         raise AssertionError(e)
 
 
+def _targets(t) -> str:
+    return t if isinstance(t, str) else "(" + ", ".join(_targets(x) for x in t) + ")"
+
+
 def format_ast(program: ast.Program) -> str:
     out: list[str] = []
     for d in program.defs:
         params = ", ".join(f"{p.name}: {_type(p.type)}" if p.type else f"{p.name}=…" for p in d.params)
-        out.append(f"{d.kind} {d.name}({params}) -> {_type(d.result)}{_loc(d)}")
+        result = _type(d.result) if not d.more else \
+            "(" + ", ".join([_type(d.result)] + [f"{r.name}: {_type(r.type)}" for r in d.more]) + ")"
+        out.append(f"{d.kind} {d.name}({params}) -> {result}{_loc(d)}")
         for p in d.params:
             if p.default is not None:
                 _expr(p.default, 1, out, f"default {p.name}=")
@@ -63,9 +69,16 @@ def format_ast(program: ast.Program) -> str:
             if isinstance(s, ast.Assign):
                 out.append(f"  assign {s.target}{_loc(s)}")
                 _expr(s.value, 2, out)
+            elif isinstance(s, ast.Unpack):
+                out.append(f"  unpack {', '.join(_targets(x) for x in s.targets)}{_loc(s)}")
+                _expr(s.value, 2, out)
             elif isinstance(s, ast.ParamDecl):
                 out.append(f"  param {s.name}: {_type(s.type)}{_loc(s)}")
                 _expr(s.init, 2, out, "init=")
+            elif isinstance(s, ast.StateDecl):
+                out.append(f"  state {s.name}: {_type(s.type)}{_loc(s)}")
+                if s.init is not None:
+                    _expr(s.init, 2, out, "init=")
             else:
                 out.append(f"  return{_loc(s)}")
                 _expr(s.value, 2, out)

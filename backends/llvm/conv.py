@@ -1,0 +1,600 @@
+"""2-D convolutions as packed GEMMs on gemm.py's register-tile microkernel.
+
+Every convolution template is written as a matrix product whose one operand is an
+im2col matrix that never exists in full: the rows of the im2col block a GEMM step needs
+are packed straight from the image into the microkernel's packed layout, in the
+per-thread scratch space (`__scratch__`), and reused by every register tile.
+
+  forward     y_n[O, OH*OW] = Wf[O, K] @ col(x_n)[K, OH*OW],       K = KH*KW*C
+  bwd data    dx_n[C, H*W]  = Wd[C, K] @ col(g_n)[K, H*W],         K = KH*KW*O (stride 1)
+              stride s > 1: one product per output phase (ry, rx) of dx -- the rows
+              ry + s*i, columns rx + s*j, a stride-1 correlation of g with the taps that
+              reach that phase -- computed into scratch and interleaved into dx
+  bwd filter  dw^T[K, O]    = sum_n col(x_n)[K, P] @ g_n^T[P, O],   K = KH*KW*C
+              (im2col rows are the broadcast operand, read in place from a row-major
+              block; g^T is packed by gemm.py's transposing packer; dw^T is transposed
+              into dw at the end)
+
+K runs channel-major as the weights do (k = channel * taps + tap): the packer computes
+every tap's padding masks once per 16 columns and reads each source plane for all its
+taps together: a masked vector load per 16 columns when the 16 source elements are
+contiguous (stride 1 and the grid as wide as the source -- "same" padding -- or the 16
+columns inside one grid row), a masked gather otherwise. The weights are repacked once
+per call into the microkernel's MR-row panels.
+
+Threads share out images (forward, bwd data: each image's output, then its epilogue, is
+one thread's) or, for batches smaller than twice the thread count (the run's: the code
+takes it at run time), output rows of the product; the filter gradient shares out rows
+of dw^T (channels x taps), each thread
+summing over every image. Each template's epilogue runs over exactly the share its
+thread computed, so no barrier separates them.
+"""
+from __future__ import annotations
+
+import math
+
+from llvmlite import ir
+
+from dlc.core.kernel import Template
+
+from .emit import emit_bounded, store_all
+from .gemm import (_ADD_C, _EPILOGUE, GemmPlan, GemmSpec, _emit_kernel, _emit_pack_b, _Layout, _Vec,
+                   plan_gemm)
+from .irutil import F32, I1, I32, I64, PTR, for_range, gep, i64, smax, smin, split
+
+_KC = {4: 256, 8: 256, 16: 384}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+class _Geom:
+    """An im2col operand: rows k = s * taps + tap (S source planes of SH x SW), columns the
+    positions (gy, gx) of a GH x GW grid; element = src[s, gy*sy + roff, gx*sx + coff]
+    (zero outside the source) for tap (roff, coff)."""
+
+    def __init__(self, S, SH, SW, GH, GW, sy, sx, taps):
+        self.S, self.SH, self.SW, self.GH, self.GW, self.sy, self.sx = S, SH, SW, GH, GW, sy, sx
+        self.taps = list(taps)
+        self.K = len(self.taps) * S
+        self.P = GH * GW
+
+    @property
+    def whole_plane(self) -> bool:
+        """Consecutive columns are consecutive source elements (masks aside)."""
+        return self.sy == 1 and self.sx == 1 and self.GW == self.SW
+
+
+class _V:
+    """Vector helpers on top of gemm.py's _Vec: i32 lanes, gathers."""
+
+    def __init__(self, b, w, fused):
+        self.f = _Vec(b, w, fused=fused)
+        self.b, self.w = b, w
+        self.ity = ir.VectorType(I32, w)
+        self.lanes = ir.Constant(self.ity, list(range(w)))
+
+    def isplat(self, x):
+        b = self.b
+        if isinstance(x, int):
+            return ir.Constant(self.ity, [x] * self.w)
+        if x.type == I64:
+            x = b.trunc(x, I32)
+        one = b.insert_element(ir.Constant(self.ity, None), x, ir.Constant(I32, 0))
+        return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, self.w), [0] * self.w))
+
+    def below(self, x, n: int):
+        """Lanes with 0 <= x < n (unsigned compare: negatives wrap high)."""
+        return self.b.icmp_unsigned("<", x, self.isplat(n))
+
+    def masked_load(self, ptr, mask, passthru):
+        fn = self.f._intrinsic(f"llvm.masked.load.v{self.w}f32.p0", self.f.ty, [PTR, self.f.mty, self.f.ty])
+        return self.b.call(fn, [ptr, mask, passthru])
+
+    def gather(self, base, offsets, mask):
+        b, w = self.b, self.w
+        ptrs = b.gep(base, [offsets], source_etype=F32)
+        ptrs.type = ir.VectorType(PTR, w)  # llvmlite types a vector GEP as a scalar pointer
+        name = f"llvm.masked.gather.v{w}f32.v{w}p0"
+        fn = b.module.globals.get(name)
+        if fn is None:
+            fn = ir.Function(b.module, ir.FunctionType(self.f.ty, [ir.VectorType(PTR, w), ir.VectorType(I1, w),
+                                                                    self.f.ty]), name=name)
+        return b.call(fn, [ptrs, mask, self.f.zero])
+
+
+def _rows_touched(GW: int, w: int) -> int:
+    """The most grid rows a vector of w columns starting at a multiple of w can touch."""
+    return max((first + w - 1) // GW - first // GW + 1 for first in range(0, w * GW, w))
+
+
+def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, vec_base, row_stride):
+    """Rows [k_lo, k_hi) x columns [col0, col0 + ncols) of col(src), W columns per vector:
+    row k of vector i is stored at dst + vec_base(i) + (k - k_base) * row_stride. Lanes
+    past the last column are zeros. k_lo, k_hi, col0, ncols: i64 values; col0 a multiple
+    of W.
+
+    Per vector, every tap's masks and offsets are computed once; then each source plane
+    is read for all its taps together (the taps' rows are neighbours in one plane, so
+    the reads stay in L1, where walking one tap over every plane would revisit planes a
+    whole plane apart -- 4 KiB at 32x32, one cache set). A vector's columns lie in a few
+    grid rows (segments); each segment is one masked load (stride 1: contiguous source
+    elements; stride 2: two loads and an even-lane shuffle) merged into the vector
+    through the load's pass-through operand. A whole-plane grid (stride 1, as wide as the
+    source) is one segment whatever its rows. Larger strides use a masked gather."""
+    w, S, T, f = v.w, g.S, len(g.taps), v.f
+    nvec = b.udiv(b.add(ncols, i64(w - 1)), i64(w))
+    end = v.isplat(b.add(col0, ncols))
+    plane = g.SH * g.SW
+    mode = "plane" if g.whole_plane else "rows" if g.sx <= 2 else "gather"
+    segments = 1 if mode == "plane" else _rows_touched(g.GW, w)
+    evens = ir.Constant(ir.VectorType(I32, w), list(range(0, 2 * w, 2)))
+    # mask of the two loads of a stride-2 segment: element 2l of the window is lane l
+    spread = [ir.Constant(ir.VectorType(I32, w), [(h * w + j) // 2 if j % 2 == 0 else w for j in range(w)])
+              for h in range(2)]
+    no_lanes = ir.Constant(f.mty, [0] * w)
+    # channels whose every tap is in [k_lo, k_hi), and the partial ones at either end
+    c_full_lo = b.udiv(b.add(k_lo, i64(T - 1)), i64(T))
+    c_full_hi = smax(b, b.udiv(k_hi, i64(T)), c_full_lo)
+    c_first = b.udiv(k_lo, i64(T))
+    c_last = b.udiv(b.sub(k_hi, i64(1)), i64(T))
+    with for_range(b, 0, nvec, "pv") as vi:
+        first = b.add(col0, b.mul(vi, i64(w)))
+        pos = b.add(v.isplat(first), v.lanes)
+        ok = b.icmp_signed("<", pos, end)
+        gy = b.udiv(pos, v.isplat(g.GW))
+        gx = b.urem(pos, v.isplat(g.GW))
+        ix = b.mul(gx, v.isplat(g.sx)) if g.sx != 1 else gx
+        gy0 = b.udiv(first, i64(g.GW))
+        out = b.gep(dst, [vec_base(vi)], source_etype=F32)
+        reads = []  # per tap: [(offset, mask)] (plane, rows) or (offsets, mask) (gather)
+        for roff, coff in g.taps:
+            col_ok = b.and_(ok, v.below(b.add(ix, v.isplat(coff)), g.SW))
+            if mode == "plane":
+                iy = b.add(gy, v.isplat(roff))
+                reads.append([(b.add(first, i64(roff * g.SW + coff)), b.and_(col_ok, v.below(iy, g.SH)))])
+            elif mode == "gather":
+                iy = b.add(b.mul(gy, v.isplat(g.sy)), v.isplat(roff))
+                offs = b.add(b.mul(iy, v.isplat(g.SW)), b.add(ix, v.isplat(coff)))
+                reads.append((offs, b.and_(col_ok, v.below(iy, g.SH))))
+            else:
+                segs = []
+                for sg in range(segments):
+                    gys = b.add(gy0, i64(sg))
+                    iys = b.add(b.mul(gys, i64(g.sy)), i64(roff))
+                    row_ok = b.and_(b.icmp_signed(">=", iys, i64(0)), b.icmp_signed("<", iys, i64(g.SH)))
+                    in_row = b.icmp_signed("==", gy, v.isplat(gys))
+                    mask = b.select(row_ok, b.and_(col_ok, in_row), no_lanes)
+                    # lane l reads iys*SW + sx*(first + l - gys*GW) + coff
+                    at = b.add(b.mul(iys, i64(g.SW)),
+                               b.add(b.mul(b.sub(first, b.mul(gys, i64(g.GW))), i64(g.sx)), i64(coff)))
+                    if g.sx == 2:
+                        mask = (mask, b.shuffle_vector(mask, no_lanes, spread[0]),
+                                b.shuffle_vector(mask, no_lanes, spread[1]))
+                    segs.append((at, mask))
+                reads.append(segs)
+
+        def channel(c, guarded):
+            chan = b.gep(src, [b.mul(c, i64(plane))], source_etype=F32)
+            row = b.sub(b.mul(c, i64(T)), k_base)  # the row of tap 0
+            for t in range(T):
+                k = b.add(b.mul(c, i64(T)), i64(t))
+                if guarded:
+                    inside = b.and_(b.icmp_signed(">=", k, k_lo), b.icmp_signed("<", k, k_hi))
+                    ctx = b.if_then(inside)
+                    ctx.__enter__()
+                if mode == "gather":
+                    x = v.gather(chan, reads[t][0], reads[t][1])
+                else:
+                    x = f.zero
+                    for at, m in reads[t]:
+                        ptr = b.gep(chan, [at], source_etype=F32)
+                        if g.sx == 2 and mode == "rows":
+                            lo = v.masked_load(ptr, m[1], f.zero)
+                            hi = v.masked_load(b.gep(ptr, [i64(w)], source_etype=F32), m[2], f.zero)
+                            x = b.select(m[0], b.shuffle_vector(lo, hi, evens), x)
+                        else:
+                            x = v.masked_load(ptr, m, x)
+                to = b.gep(out, [b.mul(b.add(row, i64(t)), i64(row_stride))], source_etype=F32)
+                b.store(x, to, align=4)
+                if guarded:
+                    ctx.__exit__(None, None, None)
+
+        with for_range(b, c_full_lo, c_full_hi, "pc") as c:
+            channel(c, False)
+        # a block boundary inside a channel's taps: that channel's rows in range only
+        with b.if_then(b.icmp_signed("<", c_first, c_full_lo)):
+            channel(c_first, True)
+        with b.if_then(b.and_(b.icmp_signed(">=", c_last, c_full_hi),
+                              b.icmp_signed("!=", c_last, b.select(b.icmp_signed("<", c_first, c_full_lo),
+                                                                    c_first, i64(-1))))):
+            channel(c_last, True)
+
+
+def _pack_weights(b, Ap, M, K, kc, mr, value_at):
+    """A[M, K] into MR-row panels per K block (zero rows past M):
+    Ap[kb*kc*Mp + r*kcur + p*mr + i] = A[r + i, kb*kc + p]. value_at(b, i, k) -> f32."""
+    Mp = _cdiv(M, mr) * mr
+    nkb = _cdiv(K, kc)
+    zero = ir.Constant(F32, 0.0)
+    for kb in range(nkb):
+        k0, kcur = kb * kc, min(kc, K - kb * kc)
+        with for_range(b, 0, Mp // mr, "ar") as r:
+            panel = b.gep(Ap, [b.add(i64(kb * kc * Mp), b.mul(r, i64(kcur * mr)))], source_etype=F32)
+            with for_range(b, 0, kcur, "ap") as p:
+                for i in range(mr):
+                    row = b.add(b.mul(r, i64(mr)), i64(i))
+                    ok = b.icmp_signed("<", row, i64(M))
+                    x = value_at(b, smin(b, row, i64(M - 1)), b.add(p, i64(k0)))
+                    b.store(b.select(ok, x, zero), gep(b, panel, b.add(b.mul(p, i64(mr)), i64(i)), F32), align=4)
+
+
+class _Kernels:
+    """The two microkernels (full, edge) for one operand layout, emitted once per module."""
+
+    def __init__(self, mb, plan: GemmPlan, lay: _Layout, key):
+        w = mb.target.vector_width
+        cache = mb.__dict__.setdefault("conv_kernels", {})
+        k = (mb.modules.index(mb.module), plan, lay)
+        if k not in cache:
+            name = f"convk.{k[0]}.{len(cache)}.{mb.tag}"
+            spec = GemmSpec(1, 1, 1)  # no bias, no ReLU: the epilogue is the template's
+            full = _emit_kernel(mb.module, f"{name}.full", plan, lay, spec, w, mb.target, edge=False)
+            full.attributes.add("noinline")
+            edge = _emit_kernel(mb.module, f"{name}.edge", plan, lay, spec, w, mb.target, edge=True)
+            cache[k] = (full, edge)
+        self.full, self.edge = cache[k]
+        self.mr, self.nr = plan.mr, plan.nv * w
+
+    def tile(self, b, ap, bp, cp, kcur, mode, rows, cols):
+        null = ir.Constant(PTR, None)
+        full = b.and_(b.icmp_signed(">=", rows, i64(self.mr)), b.icmp_signed(">=", cols, i64(self.nr)))
+        with b.if_else(full, likely=True) as (then, otherwise):
+            with then:
+                b.call(self.full, [ap, bp, cp, null, kcur, mode, i64(self.mr), i64(self.nr)])
+            with otherwise:
+                b.call(self.edge, [ap, bp, cp, null, kcur, mode, smin(b, rows, i64(self.mr)),
+                                   smin(b, cols, i64(self.nr))])
+
+
+def _plan(M, N, K, w):
+    p = plan_gemm(GemmSpec(M, N, K), w, 1)
+    return GemmPlan(mr=p.mr, nv=p.nv, kc=0, mc=0, nc=0, pack_a=True, pack_b=True, split="n")
+
+
+def _mode(b, first):
+    return b.select(first, ir.Constant(I32, _EPILOGUE), ir.Constant(I32, _ADD_C | _EPILOGUE))
+
+
+# --------------------------------------------------------------------------- A @ im2col
+
+
+class _Product:
+    """out[M, P] = A[M, K] @ col(src)[K, P] for one image, A packed once per call."""
+
+    def __init__(self, mb, geom: _Geom, M: int, ldc: int):
+        w = mb.target.vector_width
+        self.g, self.M, self.ldc, self.w = geom, M, ldc, w
+        self.plan = _plan(M, geom.P, geom.K, w)
+        self.mr, self.nr = self.plan.mr, self.plan.nv * w
+        nkb = max(1, _cdiv(geom.K, _KC[w]))
+        self.kc = _cdiv(geom.K, nkb)
+        # one register-tile panel of columns at a time: packed into a buffer that stays in
+        # L1 (kc x NR floats), then used by every row tile while it is there. (A GEMM packs
+        # large B blocks into L2 to amortize packing A; here A, the weights, is small and
+        # packed once per call, and the im2col panel is the operand that streams.)
+        self.nc = self.nr
+        self.Mp = _cdiv(M, self.mr) * self.mr
+        self.a_floats = self.Mp * geom.K
+        self.b_floats = self.kc * self.nc
+        lay = _Layout(a_rs=1, a_cs=self.mr, b_rs=self.nr, ldc=ldc, a_packed=True, b_packed=True)
+        self.kern = _Kernels(mb, self.plan, lay, None)
+
+    def pack_a(self, b, Ap, value_at):
+        _pack_weights(b, Ap, self.M, self.g.K, self.kc, self.mr, value_at)
+
+    def run(self, b, v: _V, src, Ap, Bp, C, m_lo, m_hi):
+        """C[m, p] for rows [m_lo, m_hi) (multiples of MR but the last), all p."""
+        g, kc, nc, nr, mr = self.g, self.kc, self.nc, self.nr, self.mr
+        K, P = g.K, g.P
+        nkb = _cdiv(K, kc)
+        with for_range(b, 0, P, "jc", step=nc) as jc:
+            ncur = smin(b, b.sub(i64(P), jc), i64(nc))
+            for kb in range(nkb):  # few K blocks: unrolled, so each has constant sizes
+                k0, kcur = kb * kc, min(kc, K - kb * kc)
+                _pack_im2col(b, v, src, g, i64(k0), i64(k0 + kcur), i64(k0), jc, ncur, Bp,
+                             lambda vi: b.add(b.mul(b.udiv(vi, i64(self.plan.nv)), i64(nr * kcur)),
+                                              b.mul(b.urem(vi, i64(self.plan.nv)), i64(self.w))),
+                             nr)
+                mode = ir.Constant(I32, _EPILOGUE | (_ADD_C if kb else 0))
+                with for_range(b, 0, ncur, "jr", step=nr) as jr:
+                    bp = b.gep(Bp, [b.mul(jr, i64(kcur))], source_etype=F32)
+                    with for_range(b, m_lo, m_hi, "ir", step=mr) as ir_:
+                        ap = b.gep(Ap, [b.add(i64(kb * kc * self.Mp), b.mul(ir_, i64(kcur)))], source_etype=F32)
+                        cp = b.gep(C, [b.add(b.mul(ir_, i64(self.ldc)), b.add(jc, jr))], source_etype=F32)
+                        self.kern.tile(b, ap, bp, cp, i64(kcur), mode, b.sub(m_hi, ir_), b.sub(ncur, jr))
+
+
+def _scratch(mb, em, floats: int):
+    mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, _cdiv(floats * 4, 64) * 64)
+    return em.pointers["__scratch__"]
+
+
+def _carve(b, base, sizes):
+    """Consecutive 64-byte aligned pieces of the scratch area."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(b.gep(base, [i64(at)], source_etype=F32))
+        at += _cdiv(n, 16) * 16
+    return out, at
+
+
+def _share(b, N: int, rows: int, mr: int, tid, nthreads):
+    """(images lo, hi, rows lo, hi) of this thread: whole images when the batch has at
+    least two per thread, else MR-row units of every image. The thread count is the
+    run's (the code takes it at run time), so the choice is made there."""
+    by_images = b.icmp_signed(">=", i64(N), b.mul(b.sext(nthreads, I64), i64(2)))
+    n_lo, n_hi = split(b, N, tid, nthreads)
+    u0, u1 = split(b, _cdiv(rows, mr), tid, nthreads)
+    r_lo, r_hi = b.mul(u0, i64(mr)), smin(b, b.mul(u1, i64(mr)), i64(rows))
+    return (b.select(by_images, n_lo, i64(0)), b.select(by_images, n_hi, i64(N)),
+            b.select(by_images, i64(0), r_lo), b.select(by_images, i64(rows), r_hi))
+
+
+def _epilogue(em, t: Template, n, rows: tuple) -> None:
+    """The epilogue over image n, output channels [rows)."""
+    if t.epilogue is None:
+        return
+    b = em.b
+    vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
+    em.push()
+    emit_bounded(em, t.epilogue, {vars_[0].name: (n, b.add(n, i64(1))), vars_[1].name: rows})
+    em.pop()
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def conv2d(mb, em, t: Template, tid, nthreads) -> None:
+    """y[n,o,oy,ox] = sum_{c,ky,kx} x[n,c,oy*sy+ky-ph, ox*sx+kx-pw] * w[o,c,ky,kx]."""
+    b = em.b
+    xb, wb = t.inputs
+    N, C, H, W = xb.shape
+    O, _, KH, KW = wb.shape
+    _, _, OH, OW = t.output.shape
+    (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    v = _V(b, mb.target.vector_width, mb.target.has("fma"))
+    g = _Geom(C, H, W, OH, OW, sy, sx, [(ky - ph, kx - pw) for ky in range(KH) for kx in range(KW)])
+    prod = _Product(mb, g, O, OH * OW)
+    (Ap, Bp), total = _carve(b, _scratch_base(mb, em), [prod.a_floats, prod.b_floats])
+    _scratch(mb, em, total)
+    X, Wt, Y = em.pointers[xb.name], em.pointers[wb.name], em.pointers[t.output.name]
+    T = KH * KW
+
+    def value_at(b, row, k):  # A[o, c*T + tap] = w[o, c, tap]
+        return b.load(gep(b, Wt, b.add(b.mul(row, i64(C * T)), k), F32), typ=F32, align=4)
+    prod.pack_a(b, Ap, value_at)
+    n_lo, n_hi, m_lo, m_hi = _share(b, N, O, prod.mr, tid, nthreads)
+    with for_range(b, n_lo, n_hi, "img") as n:
+        src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
+        out = b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
+        prod.run(b, v, src, Ap, Bp, out, m_lo, m_hi)
+        _epilogue(em, t, n, (m_lo, m_hi))
+
+
+def _scratch_base(mb, em):
+    return em.pointers["__scratch__"]
+
+
+# --------------------------------------------------------------------------- backward data
+
+
+def _phases(H, W, KH, KW, sy, sx, ph, pw):
+    """Per output phase (ry, rx) of dx: its grid (GH, GW) and taps [(ky, kx, roff, coff)]."""
+    out = []
+    for ry in range(sy):
+        for rx in range(sx):
+            GH, GW = _cdiv(H - ry, sy), _cdiv(W - rx, sx)
+            if GH <= 0 or GW <= 0:
+                continue
+            taps = [(ky, kx, (ry + ph - ky) // sy, (rx + pw - kx) // sx)
+                    for ky in range(KH) if (ry + ph - ky) % sy == 0
+                    for kx in range(KW) if (rx + pw - kx) % sx == 0]
+            out.append((ry, rx, GH, GW, taps))
+    return out
+
+
+def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
+    """dx[n,c,iy,ix] = sum over (o, ky, kx) with iy = oy*sy + ky - ph, ix = ox*sx + kx - pw
+    of g[n,o,oy,ox] * w[o,c,ky,kx]."""
+    b = em.b
+    gb, wb = t.inputs
+    N, C, H, W = t.output.shape
+    O, _, KH, KW = wb.shape
+    _, _, OH, OW = gb.shape
+    (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    v = _V(b, mb.target.vector_width, mb.target.has("fma"))
+    G, Wt, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
+    T = KH * KW
+    strided = (sy, sx) != (1, 1)
+    phases = _phases(H, W, KH, KW, sy, sx, ph, pw)
+    ldq = max(GH * GW for _, _, GH, GW, _ in phases)
+    prods = []
+    for ry, rx, GH, GW, taps in phases:
+        if taps:
+            geom = _Geom(O, OH, OW, GH, GW, 1, 1, [(roff, coff) for _, _, roff, coff in taps])
+            prods.append(_Product(mb, geom, C, ldq if strided else H * W))
+        else:
+            prods.append(None)
+    live = [p for p in prods if p is not None]
+    mr = live[0].mr if live else 1
+    sizes = [p.a_floats for p in live] + [max((p.b_floats for p in live), default=0)]
+    if strided:
+        sizes += [_cdiv(C, mr) * mr * ldq for _ in live]
+    pieces, total = _carve(b, _scratch_base(mb, em), sizes)
+    _scratch(mb, em, total)
+    a_of = {id(p): piece for p, piece in zip(live, pieces)}
+    Bp = pieces[len(live)]
+    c_of = {id(p): piece for p, piece in zip(live, pieces[len(live) + 1:])}
+    for (ry, rx, GH, GW, taps), p in zip(phases, prods):
+        if p is None:
+            continue
+
+        def value_at(b, row, k, taps=taps):  # A[c, o*taps + tap] = w[o, c, ky, kx]
+            o, tap = b.udiv(k, i64(len(taps))), b.urem(k, i64(len(taps)))
+            table = [ky * KW + kx for ky, kx, _, _ in taps]
+            tap_flat = tap
+            if table != list(range(len(table))):
+                tap_flat = i64(table[0])
+                for j, tf in enumerate(table[1:], 1):
+                    tap_flat = b.select(b.icmp_signed("==", tap, i64(j)), i64(tf), tap_flat)
+            flat = b.add(b.mul(o, i64(C * T)), b.add(b.mul(row, i64(T)), tap_flat))
+            return b.load(gep(b, Wt, flat, F32), typ=F32, align=4)
+        p.pack_a(b, a_of[id(p)], value_at)
+    n_lo, n_hi, m_lo, m_hi = _share(b, N, C, mr, tid, nthreads)
+    with for_range(b, n_lo, n_hi, "img") as n:
+        src = b.gep(G, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
+        out = b.gep(DX, [b.mul(n, i64(C * H * W))], source_etype=F32)
+        for p in live:
+            p.run(b, v, src, a_of[id(p)], Bp, c_of[id(p)] if strided else out, m_lo, m_hi)
+        if strided:
+            by_phase = {(ry, rx): (GW, c_of[id(p)] if p is not None else None)
+                        for (ry, rx, GH, GW, taps), p in zip(phases, prods)}
+            _interleave(b, v, by_phase, out, ldq, C, H, W, sy, sx, m_lo, m_hi)
+        _epilogue(em, t, n, (m_lo, m_hi))
+
+
+def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
+    """dx[c, ry + sy*qy, rx + sx*qx] = phase (ry, rx)[c, qy*GW + qx] for channels [c_lo,
+    c_hi) of one image (zeros for a phase no tap reaches); stride 2 along x interleaves
+    two phase rows with vector shuffles."""
+    f, w = v.f, v.w
+    zero = ir.Constant(F32, 0.0)
+    lo_idx = ir.Constant(ir.VectorType(I32, w), [j // 2 + (w if j % 2 else 0) for j in range(w)])
+    hi_idx = ir.Constant(ir.VectorType(I32, w), [w // 2 + j // 2 + (w if j % 2 else 0) for j in range(w)])
+    with for_range(b, c_lo, c_hi, "c") as c:
+        for ry in range(sy):
+            GH = _cdiv(H - ry, sy)
+            if GH <= 0:
+                continue
+            with for_range(b, 0, GH, "qy") as qy:
+                drow = b.gep(out, [b.add(b.mul(c, i64(H * W)), b.mul(b.add(b.mul(qy, i64(sy)), i64(ry)), i64(W)))],
+                             source_etype=F32)
+
+                def qrow(rx):
+                    GW, buf = by_phase.get((ry, rx), (0, None))
+                    if buf is None:
+                        return GW, None
+                    return GW, b.gep(buf, [b.add(b.mul(c, i64(ldq)), b.mul(qy, i64(GW)))], source_etype=F32)
+                if sx == 2:
+                    rows = [qrow(0), qrow(1)]
+                    with for_range(b, 0, W, "ix", step=2 * w) as ix0:
+                        qx0 = b.udiv(ix0, i64(2))
+                        halves = []
+                        for GW, row in rows:
+                            if row is None:
+                                halves.append(f.zero)
+                            else:
+                                halves.append(v.masked_load(b.gep(row, [qx0], source_etype=F32),
+                                                            f.mask(qx0, i64(GW)), f.zero))
+                        for h, idx in enumerate((lo_idx, hi_idx)):
+                            x = b.shuffle_vector(halves[0], halves[1], idx)
+                            at = b.add(ix0, i64(h * w))
+                            f.store(x, b.gep(drow, [at], source_etype=F32), f.mask(at, i64(W)))
+                else:
+                    for rx in range(sx):
+                        GW, row = qrow(rx)
+                        GWx = _cdiv(W - rx, sx)
+                        if GWx <= 0:
+                            continue
+                        with for_range(b, 0, GWx, "qx") as qx:
+                            val = zero if row is None else b.load(b.gep(row, [qx], source_etype=F32), typ=F32, align=4)
+                            b.store(val, b.gep(drow, [b.add(b.mul(qx, i64(sx)), i64(rx))], source_etype=F32), align=4)
+
+
+# --------------------------------------------------------------------------- backward filter
+
+
+def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
+    """dw[o,c,ky,kx] = sum_{n,oy,ox} g[n,o,oy,ox] * x[n,c,oy*sy+ky-ph, ox*sx+kx-pw]."""
+    b = em.b
+    xb, gb = t.inputs
+    N, C, H, W = xb.shape
+    _, O, OH, OW = gb.shape
+    O, C, KH, KW = t.output.shape
+    (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    w = mb.target.vector_width
+    v = _V(b, w, mb.target.has("fma"))
+    T = KH * KW
+    g = _Geom(C, H, W, OH, OW, sy, sx, [(ky - ph, kx - pw) for ky in range(KH) for kx in range(KW)])
+    K, P = g.K, g.P
+    p0 = plan_gemm(GemmSpec(K, O, P), w, 1)
+    mr, nv = p0.mr, p0.nv
+    if K <= mr:
+        mr, nv = p0.mr, p0.nv
+    nr = nv * w
+    kc = min(_cdiv(P, w) * w, _KC[w] // w * w)      # positions per block (the GEMM's K)
+    plan = GemmPlan(mr=mr, nv=nv, kc=kc, mc=0, nc=0, pack_a=False, pack_b=True, split="m")
+    lay = _Layout(a_rs=kc, a_cs=1, b_rs=nr, ldc=O, a_packed=False, b_packed=True)
+    kern = _Kernels(mb, plan, lay, None)
+    # rows of dw^T (k = c*T + tap) shared out in MR units
+    units = _cdiv(K, mr)
+    rows_max = _cdiv(units, 1) * mr  # a thread may get every unit (one thread)
+    bspec = GemmSpec(K, O, P, tb=True)
+    pack_b = _pack_b_fn(mb, plan, bspec, w)
+    Op = _cdiv(O, nr) * nr
+    (Arows, Bp, DWt), total = _carve(b, _scratch_base(mb, em), [rows_max * kc, kc * Op, rows_max * O])
+    _scratch(mb, em, total)
+    X, G, DW = em.pointers[xb.name], em.pointers[gb.name], em.pointers[t.output.name]
+    u0, u1 = split(b, units, tid, nthreads)
+    k_lo, k_hi = b.mul(u0, i64(mr)), smin(b, b.mul(u1, i64(mr)), i64(K))
+    rows = b.sub(k_hi, k_lo)
+    nonempty = b.icmp_signed("<", k_lo, k_hi)
+    with b.if_then(nonempty):
+        with for_range(b, 0, N, "img") as n:
+            src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
+            gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
+            with for_range(b, 0, P, "pb", step=kc) as pb:
+                pcur = smin(b, b.sub(i64(P), pb), i64(kc))
+                _pack_im2col(b, v, src, g, k_lo, k_hi, k_lo, pb, pcur, Arows,
+                             lambda vi: b.mul(vi, i64(w)), kc)
+                b.call(pack_b, [gimg, Bp, pb, pcur, i64(0), i64(O)])
+                first = b.and_(b.icmp_signed("==", n, i64(0)), b.icmp_signed("==", pb, i64(0)))
+                mode = _mode(b, first)
+                with for_range(b, 0, O, "jr", step=nr) as jr:
+                    bp = b.gep(Bp, [b.mul(jr, pcur)], source_etype=F32)
+                    with for_range(b, 0, rows, "ir", step=mr) as ir_:
+                        ap = b.gep(Arows, [b.mul(ir_, i64(kc))], source_etype=F32)
+                        cp = b.gep(DWt, [b.add(b.mul(ir_, i64(O)), jr)], source_etype=F32)
+                        kern.tile(b, ap, bp, cp, pcur, mode, b.sub(rows, ir_), b.sub(i64(O), jr))
+        # dw[o, k] = dw^T[k - k_lo, o] for this thread's k, then the epilogue there
+        with for_range(b, k_lo, k_hi, "k") as k:
+            src_row = b.mul(b.sub(k, k_lo), i64(O))
+            with for_range(b, 0, O, "o") as o:
+                x = b.load(gep(b, DWt, b.add(src_row, o), F32), typ=F32, align=4)
+                b.store(x, gep(b, DW, b.add(b.mul(o, i64(K)), k), F32), align=4)
+        if t.epilogue is not None:
+            vo, vc, vky, vkx = list(t.epilogue.outer) + list(t.epilogue.inner)
+            with for_range(b, k_lo, k_hi, "ek") as k:
+                c, tap = b.udiv(k, i64(T)), b.urem(k, i64(T))
+                with for_range(b, 0, O, "eo") as o:
+                    em.vars.update({vo.name: o, vc.name: c, vky.name: b.udiv(tap, i64(KW)),
+                                    vkx.name: b.urem(tap, i64(KW))})
+                    em.push()
+                    store_all(em, t.epilogue.row_stores + t.epilogue.stores)
+                    em.pop()
+
+
+def _pack_b_fn(mb, plan, spec, w):
+    cache = mb.__dict__.setdefault("conv_packers", {})
+    k = (mb.modules.index(mb.module), plan, spec)
+    if k not in cache:
+        cache[k] = _emit_pack_b(mb.module, f"convpb.{k[0]}.{len(cache)}.{mb.tag}", plan, spec, w, mb.target)
+    return cache[k]
+
+
+EMITTERS = {"conv2d": conv2d, "conv2d_bwd_data": conv2d_bwd_data, "conv2d_bwd_filter": conv2d_bwd_filter}

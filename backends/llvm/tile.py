@@ -1,0 +1,182 @@
+"""A template's elementwise epilogue applied to the GEMM's register tile.
+
+The matmul template's epilogue (kernel IR: a loop nest over the output [m, n], rows r,
+columns j) usually reads the product at the element it writes and combines it with
+other buffers -- bias, activation masks, or the optimizer update of the weight whose
+gradient the product is. `tile_epilogue` turns it into a gemm.py `TileEpilogue`: code
+the microkernel runs on each W-wide vector of its accumulator tile in the last K block,
+before (or instead of) storing it. Loads whose index moves by one element per column
+become vector loads; everything that does not depend on the column is computed as a
+scalar by the ordinary emitter (emit.py) and broadcast; the product itself is the tile's
+register. When nothing else reads the product (a weight gradient consumed only by its
+update), the tile is never stored: the gradient goes from registers into the update.
+
+Only what renders exactly as the scalar code does is vectorized (float arithmetic,
+comparisons, selects, the math library); any other epilogue returns None and runs after
+the GEMM as before.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+
+from dlc.core.kernel import (FreeVars, Index, KernelProgram, Load, LoopNest, Op, Template, all_kernels, nests_of,
+                             viewed_buffers, walk_ex)
+from dlc.core.types import DType
+
+from .emit import SCALAR_OPS, Emitter, affine_coef
+from .gemm import TileEpilogue
+from .irutil import F32, I1, I32, I64, i64
+
+# ops whose emit.py rendering is valid on vectors as written
+VECTOR_OPS = {"add", "sub", "mul", "div", "neg", "abs", "max", "min", "exp", "log", "sqrt", "tanh", "sigmoid",
+              "pow", "lt", "le", "gt", "ge", "eq", "ne", "and", "select", "copy"}
+
+
+lane_coef = affine_coef  # how much an index grows per column
+
+def _read_elsewhere(program: KernelProgram, t: Template) -> bool:
+    """Does anything but t's own epilogue read t's output buffer?"""
+    name = t.output.name
+    if t.output.kind != "arena":
+        return True
+    if any(b.name == name for b in program.outputs.values()) or any(s.name == name for s, _ in program.copies):
+        return True
+    if name in viewed_buffers(program.kernels):  # a loop reads it a step at a time
+        return True
+    for k in all_kernels(program.kernels):  # (loop bodies' kernels too)
+        for part in k.parts:
+            if isinstance(part, Template) and any(b.name == name for b in part.inputs):
+                return True
+            for nest in nests_of(part):
+                if part is t:
+                    continue
+                for e in walk_ex([s.value for s in nest.row_stores + nest.stores]):
+                    if isinstance(e, Load) and e.buf.name == name:
+                        return True
+    return False
+
+
+def _supported(epi: LoopNest, out: str, lane: str, free: FreeVars) -> bool:
+    if epi.row_stores or len(epi.outer) + len(epi.inner) != 2:
+        return False
+    for s in epi.stores:
+        if s.buf.dtype != DType.f32 or lane_coef(s.flat, lane, free) != 1:
+            return False
+    for e in walk_ex([s.value for s in epi.stores]):
+        if lane not in free(e):
+            continue  # a scalar: emit.py renders anything
+        if isinstance(e, Load):
+            if e.buf.dtype != DType.f32 or lane_coef(e.index, lane, free) != 1:
+                return False
+        elif isinstance(e, Index):
+            if lane_coef(e.ix, lane, free) != 1 or e.dtype not in (DType.f32, DType.i32):
+                return False
+        elif isinstance(e, Op):
+            if e.name == "cast":
+                if not (e.dtype == DType.f32 and e.args[0].dtype in (DType.bool, DType.f32)):
+                    return False
+            elif e.name not in VECTOR_OPS:
+                return False
+            elif any(a.dtype not in (DType.f32, DType.bool) for a in e.args):
+                return False
+        else:
+            return False  # random numbers, reductions over the column
+    return True
+
+
+class _VecEval:
+    """Kernel-IR values at W consecutive columns: vectors, or scalars where uniform."""
+
+    def __init__(self, em: Emitter, v, lane: str, out: str, x, mask, free: FreeVars):
+        self.em, self.v, self.b, self.lane, self.out = em, v, em.b, lane, out
+        self.x, self.mask, self.free = x, mask, free
+        self.cache: dict[int, ir.Value] = {}
+
+    def is_vec(self, value) -> bool:
+        return isinstance(value.type, ir.VectorType)
+
+    def splat(self, x):
+        b, w = self.b, self.v.w
+        t = ir.VectorType(x.type, w)
+        one = b.insert_element(ir.Constant(t, None), x, ir.Constant(I32, 0))
+        return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, w), [0] * w))
+
+    def vector(self, e):
+        x = self.value(e)
+        return x if self.is_vec(x) else self.splat(x)
+
+    def value(self, e):
+        if self.lane not in self.free(e):
+            return self.em.value(e)
+        hit = self.cache.get(id(e))
+        if hit is None:
+            hit = self.cache[id(e)] = self._value(e)
+        return hit
+
+    def pointer(self, buf, index):
+        return self.b.gep(self.em.pointers[buf.name], [self.em.ix(index)], source_etype=F32)
+
+    def _value(self, e):
+        b, v = self.b, self.v
+        if isinstance(e, Load):
+            if e.buf.name == self.out:
+                return self.x
+            return v.load(self.pointer(e.buf, e.index), self.mask)
+        if isinstance(e, Index):
+            lanes = b.add(self.splat(self.em.ix(e.ix)), ir.Constant(ir.VectorType(I64, v.w), list(range(v.w))))
+            if e.dtype == DType.f32:
+                return b.sitofp(lanes, v.ty)
+            return b.trunc(lanes, ir.VectorType(I32, v.w))
+        assert isinstance(e, Op)
+        args = [self.value(a) for a in e.args]
+        if e.name == "cast":
+            x = args[0] if self.is_vec(args[0]) else self.splat(args[0])
+            return b.uitofp(x, v.ty) if e.args[0].dtype == DType.bool else x
+        if e.name == "select":
+            cond, on, off = args
+            if self.is_vec(cond):
+                on, off = (a if self.is_vec(a) else self.splat(a) for a in (on, off))
+            else:
+                on, off = (a if self.is_vec(a) else self.splat(a) for a in (on, off))
+            return b.select(cond, on, off)
+        args = [a if self.is_vec(a) else self.splat(a) for a in args]
+        in_dtype = e.args[-1].dtype
+        return SCALAR_OPS[e.name](b, args, e.dtype, in_dtype)
+
+
+def tile_epilogue(program: KernelProgram, t: Template) -> TileEpilogue | None:
+    """The matmul template t's epilogue as register-tile code, or None when it cannot be."""
+    epi = t.epilogue
+    if epi is None:
+        return None
+    free = FreeVars()
+    row, lane = (list(epi.outer) + list(epi.inner))
+    out = t.output.name
+    if not _supported(epi, out, lane.name, free):
+        return None
+    names = []
+    for s in epi.stores:
+        if s.buf.name != out and s.buf.name not in names:
+            names.append(s.buf.name)
+    for e in walk_ex([s.value for s in epi.stores]):
+        if isinstance(e, Load) and e.buf.name != out and e.buf.name not in names:
+            names.append(e.buf.name)
+    writes_out = any(s.buf.name == out for s in epi.stores)
+    store_c = writes_out or _read_elsewhere(program, t)
+
+    def emit(b, v, ptrs: dict, row_ix, col_ix, x, mask):
+        """Stores for the W columns at (row_ix, col_ix..); returns the value C gets."""
+        em = Emitter(b, ptrs)
+        em.vars[row.name] = row_ix
+        em.vars[lane.name] = col_ix
+        ev = _VecEval(em, v, lane.name, out, x, mask, free)
+        values = [ev.vector(s.value) for s in epi.stores]  # every value before any store
+        c_value = x
+        for s, value in zip(epi.stores, values):
+            if s.buf.name == out:
+                c_value = value
+            else:
+                v.store(value, ev.pointer(s.buf, s.flat), mask)
+        return c_value
+
+    return TileEpilogue(key=id(t), args=tuple(names), store_c=store_c, emit=emit)

@@ -1,0 +1,105 @@
+"""The CPU backend's fused weight updates against the reference interpreter.
+
+A dense layer's weight gradient is a matmul whose epilogue is the optimizer update. Large
+products run it on the GEMM's register tile (backends/llvm/tile.py: the gradient goes from
+registers into the update and, read by nothing else, is never stored); small ones run it
+row by row as each gradient row is computed (in scratch when nothing else reads it).
+Every optimizer of tests/test_optimizers.py trains a model that takes both paths for a
+few steps, on cpu and on the reference, and the parameters and optimizer state must
+agree; the module is checked to use the register-tile path at all.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dlc
+from dlc import backends
+from dlc.backends.llvm.codegen import ModuleBuilder
+from dlc.pipeline import kernel_program, lower
+from dlc.program import make_program
+
+from test_optimizers import CASES
+
+# dense(640) over 200 inputs at batch 9: 200*640*9 multiply-adds, above SMALL_MATMUL (GEMM
+# with the tile epilogue); the 640 -> 10 layer's gradient is a small matmul (row path).
+SOURCE = """\
+model m(x: f32[B, 200]) -> f32[B, 10] {{
+    h = x |> dense(640) |> relu
+    return dense(h, 10)
+}}
+
+train m {{
+    data = arrays()
+    loss = cross_entropy(output, label)
+    optimizer = {optimizer}
+    batch = 9{extra}
+}}
+"""
+FAST = {"sgd_momentum", "adam", "adamw_clip", "rmsprop_momentum", "sgd_nesterov_weight_decay"}
+CPU = backends.backend("cpu")
+
+
+def _model(tmp_path, name) -> dlc.Model:
+    opt, clip = CASES[name]
+    path = tmp_path / "m.dln"
+    path.write_text(SOURCE.format(optimizer=opt, extra=f"\n    clip = {clip}" if clip is not None else ""))
+    return dlc.load(path)
+
+
+def test_the_update_runs_on_the_register_tile(tmp_path):
+    """The weight gradient's GEMM takes the update's buffers (the tile epilogue is used)."""
+    m = _model(tmp_path, "adam")
+    graph = m.compile_graph("train", m.train_config)
+    mb = ModuleBuilder(kernel_program(lower(graph, 9), CPU.templates), CPU.target({"threads": 2}))
+    mb.build()
+    extra = {info.spec: len(mb.modules[key[0]].globals[info.name].args) - 7 for key, info in mb.gemms.items()}
+    grads = [spec for spec in extra if spec.ta and (spec.m, spec.n) == (200, 640)]
+    assert grads and extra[grads[0]] >= 3, extra  # weight, two moments (+ lr, step...)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in CASES])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_updates_match_reference(tmp_path, name, threads):
+    m = _model(tmp_path, name)
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    ref_state = {k: v.copy() for k, v in m.state.items()}
+    cpu_state = {k: v.copy() for k, v in m.state.items()}
+    ref = make_program("reference", graph, ref_state)
+    cpu = make_program("cpu", graph, cpu_state, options={"cache_dir": tmp_path, "threads": threads})
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        feeds = {"x": rng.standard_normal((9, 200), dtype=np.float32),
+                 "label": rng.integers(0, 10, 9).astype(np.int32), "lr": np.float32(0.01)}
+        a, b = ref.run(feeds), cpu.run(feeds)
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4, err_msg=f"{name} step {step}")
+    # RMSprop's first steps move each weight by about lr * g / |g| / sqrt(1 - alpha): for
+    # gradients near zero that ratio amplifies float32 rounding (as much with the update
+    # run after the GEMM as on its tile), so its absolute tolerance is a share of lr
+    atol = 1e-3 if name.startswith("rmsprop") else 1e-5
+    for k in ref_state:
+        np.testing.assert_allclose(cpu_state[k], ref_state[k], rtol=2e-3, atol=atol, err_msg=f"{name}: {k}")
+
+
+def test_templates_see_their_own_entrys_program(tmp_path, monkeypatch):
+    """Training and evaluation steps built as one unit (a ModuleBuilder with two entries):
+    while a template is emitted, `mb.program` is the program it belongs to -- the register
+    tile epilogue and the small matmul ask it whether anything else reads C, and the
+    other entry's answer would be about other buffers."""
+    from dlc.backends.llvm import codegen
+    from dlc.core.kernel import Template
+    m = _model(tmp_path, "adam")
+    programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 9), CPU.templates)
+                for mode in ("train", "eval")}
+    seen = []
+    real = codegen.emit_template
+
+    def spy(mb, em, part, tid, nthreads):
+        seen.append((part.op, any(part is p for k in mb.program.kernels for p in k.parts)))
+        return real(mb, em, part, tid, nthreads)
+    monkeypatch.setattr(codegen, "emit_template", spy)
+    ModuleBuilder(programs, CPU.target({"threads": 2})).build()
+    templates = [p for prog in programs.values() for k in prog.kernels for p in k.parts if isinstance(p, Template)]
+    assert any(isinstance(p, Template) and p.op == "matmul" for k in programs["eval"].kernels for p in k.parts)
+    assert len(seen) == len(templates) and all(ok for _, ok in seen), seen
