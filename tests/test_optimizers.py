@@ -300,9 +300,12 @@ def torch_optimizer(torch, name, args, params):
                weight_decay=args["weight_decay"])
 
 
+TORCH_MISSING = "PyTorch is not installed (a CPU build: pip install torch==2.13.0, the bench extra)"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_optimizer_matches_torch(case):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason=TORCH_MISSING)
     expr, clip = CASES[case]
     m, _, program = train_program(source(expr, clip))
     spec = m.train_config.optimizer
@@ -333,7 +336,7 @@ def test_optimizer_matches_torch(case):
 
 def test_optimizer_defaults_match_torch():
     """The .dln optimizers' defaults are PyTorch's (sgd's lr aside: torch has none/1e-3)."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason=TORCH_MISSING)
     pairs = {"adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta,
              "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
              "sgd": torch.optim.SGD}
@@ -349,7 +352,7 @@ def test_optimizer_defaults_match_torch():
 
 
 def test_schedules_match_torch():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason=TORCH_MISSING)
     lr0, epochs = 0.1, 10
     cases = [(recipe.step(3, 0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5)),
              (recipe.exponential(0.8), lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.8)),

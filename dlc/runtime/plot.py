@@ -23,11 +23,12 @@ def plot_log(log_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
     if out_path.suffix.lower() not in FORMATS:
         raise UsageError(f"cannot draw a plot into `{out_path}`: unknown image format",
                          hint=f"name the output file with one of {', '.join(FORMATS)}")
-    report = read_report(log_path)
+    report = read_report(log_path)  # the file is read and checked before matplotlib is needed
     if report is not None:
         figure = _draw_confusion(_figure_class(), report, title=Path(log_path).name)
     else:
-        figure = _draw(_figure_class(), read_curves(log_path), title=Path(log_path).name)
+        curves = read_curves(log_path)
+        figure = _draw(_figure_class(), curves, title=Path(log_path).name)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(out_path)
