@@ -217,7 +217,11 @@ def _one_process(folder: Path, source: str):
     (3, "reference", {}, WITH_RNN),  # 3 ranks: sums of chunks (all-to-all, then gather)
     (2, "cpu", {"pad": True}, SYNC_BN),  # one compiled batch per rank: shards padded, padding masked
     (3, "cpu", {"pad": True}, SYNC_BN),
-], ids=["2-cpu", "3-reference-rnn", "2-cpu-padded", "3-cpu-padded"])
+    # loops on cpu, shards padded through time-major sequences (without the dropout between
+    # layers: random numbers keyed by position in [T, B, H] differ with B, so mask_batch
+    # leaves such a model unpadded)
+    (3, "cpu", {"pad": True}, WITH_RNN.replace(", dropout=0.3", "")),
+], ids=["2-cpu", "3-reference-rnn", "2-cpu-padded", "3-cpu-padded", "3-cpu-padded-rnn"])
 def test_ranks_train_the_parameters_one_process_trains(tmp_path, ranks, target, options, source):
     """Dropout by global sample, batchnorm over the global batch, shards of 4 and 3, a rank
     without a sample: after the steps, the job's parameters are one process's. Padded: every
@@ -226,7 +230,7 @@ def test_ranks_train_the_parameters_one_process_trains(tmp_path, ranks, target, 
     rank's own shard, masked out of batchnorm's sums and counts, of the loss's mean and so of
     the gradients' sums over ranks)."""
     src, want = _one_process(tmp_path, source)
-    assert source != WITH_RNN or "r.wx_l1" in want.files
+    assert "rnn(" not in source or "r.wx_l1" in want.files
     r = _mpiexec(ranks, sys.executable, STEPS, src, target, tmp_path / "many.npz", json.dumps(options), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     compiled = [json.loads((tmp_path / f"many.npz.rank{k}.json").read_text()) for k in range(ranks)]
