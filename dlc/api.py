@@ -145,7 +145,7 @@ class Model:
                log=None, target: str = DEFAULT_TARGET, world: int = 1) -> list[tuple[str, str]]:
         """[(stage, text)] for the requested stages, in pipeline order (`target` prints its
         own stages: llvm, asm, ...; `world` > 1: the step of one rank of a data-parallel job)."""
-        from dlc import backends, pipeline
+        from dlc import pipeline
         out = []
         if "ast" in names:
             out.append(("ast", format_ast(self.program)))
@@ -275,7 +275,6 @@ class Model:
         """The model's output for a batch (evaluation mode), on the reference interpreter;
         with `results`, {"output": ..., NAME: ...} with the model's named results too. A
         model's `state`s hold their initial values."""
-        from dlc import backends
         feeds = self._feeds(xs)
         g = self._eval.graph.copy()
         keys = {"output": "output", **{name: f"output:{name}" for name, _ in self._eval.results}}
