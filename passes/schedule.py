@@ -330,7 +330,6 @@ class _Lowering:
     def kernel(self, k) -> Kernel | Loop:
         if k.kind == "scan":
             return self.loop(k)
-        g = self.g
         parts: list = []
         for part in (k.parts or [k]):
             if part.kind in ("elementwise", "reduce"):

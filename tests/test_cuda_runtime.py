@@ -202,3 +202,4 @@ def test_keep_best_copies_and_restores_the_device_state(fake, monkeypatch, tmp_p
     for key in ("loss", "accuracy"):  # scored with the weights put back
         np.testing.assert_allclose(cuda.test[key], cpu.test[key], rtol=1e-4, err_msg=key)
         np.testing.assert_allclose(cuda_eval[key], cuda.test[key], rtol=1e-6, err_msg=key)
+        np.testing.assert_allclose(cpu_eval[key], cpu.test[key], rtol=1e-6, err_msg=key)

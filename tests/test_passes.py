@@ -815,7 +815,6 @@ def _loop_regions(g: Graph, plan, mem, phase: dict, problems: list) -> tuple[lis
     windows of a storage (an initial carry, a final or stacked carry), each checked to lie
     inside its storage; the bodies' own plans are checked too."""
     from dlc.core.ops.scan import signature
-    from dlc.passes.loops import layout
     from dlc.passes.memory import Buffer
     regions, windows = [], set()
     for k in plan.kernels:

@@ -124,7 +124,7 @@ def test_the_mask_of_padding_travels_from_embedding_to_the_recurrent_layer(layer
     x = tokens(5, 7, 20, seed=1)
     p = {k: v.astype(np.float64) for k, v in m.params.items()}
     e = np.maximum(p["e.table"][x] @ p["e_2.w"] + p["e_2.b"], 0.0) * 2.0 - 0.5
-    name, hidden = layer.split("(")[0], int(out) // (2 if "bidirectional" in layer else 1)
+    name = layer.split("(")[0]
     params = {k.removeprefix("out."): v for k, v in p.items() if k.startswith("out.")}
     options = {"bidirectional": "bidirectional" in layer, "layers": 2 if "layers=2" in layer else 1}
     want = np_recurrent(name, e, params, mask=x != 0, **options)

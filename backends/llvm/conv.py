@@ -31,7 +31,6 @@ thread computed, so no barrier separates them.
 """
 from __future__ import annotations
 
-import math
 
 from llvmlite import ir
 
@@ -126,7 +125,7 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, 
     elements; stride 2: two loads and an even-lane shuffle) merged into the vector
     through the load's pass-through operand. A whole-plane grid (stride 1, as wide as the
     source) is one segment whatever its rows. Larger strides use a masked gather."""
-    w, S, T, f = v.w, g.S, len(g.taps), v.f
+    w, T, f = v.w, len(g.taps), v.f
     nvec = b.udiv(b.add(ncols, i64(w - 1)), i64(w))
     end = v.isplat(b.add(col0, ncols))
     plane = g.SH * g.SW

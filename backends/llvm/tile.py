@@ -25,7 +25,7 @@ from dlc.core.types import DType
 
 from .emit import SCALAR_OPS, Emitter, affine_coef
 from .gemm import TileEpilogue
-from .irutil import F32, I1, I32, I64, i64
+from .irutil import F32, I32, I64
 
 # ops whose emit.py rendering is valid on vectors as written
 VECTOR_OPS = {"add", "sub", "mul", "div", "neg", "abs", "max", "min", "exp", "log", "sqrt", "tanh", "sigmoid",
