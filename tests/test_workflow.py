@@ -364,7 +364,7 @@ def test_csv_log_has_one_row_per_epoch_and_resume_appends(tmp_path):
     log, ck = tmp_path / "m.csv", tmp_path / "ck.npz"
     iris("validation = 0.25").fit(epochs=2, csv=log, save=ck, target="reference")
     iris("validation = 0.25").fit(epochs=3, csv=log, resume=ck, target="reference")
-    rows = list(csv.DictReader(log.open()))
+    rows = list(csv.DictReader(log.read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert list(rows[0]) == ["epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                              "lr", "seconds"]
