@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from dlc.core.kernel import (Add, Clamp, Const, Div, FreeVars, Gather, Index, Lit, Load, Mod, Mul, Op, Rand,
+from dlc.core.kernel import (hoistable, Add, Clamp, Const, Div, FreeVars, Gather, Index, Lit, Load, Mod, Mul, Op, Rand,
                              Reduce, Var)
 from dlc.core.kernel.ir import INT_MAX, INT_MIN
 from dlc.core.types import DType
@@ -489,19 +489,10 @@ class Emitter:
             hit = self.scopes[-1][id(e)] = EX_RULES[type(e)](self, e)
         return hit
 
-    def hoist(self, e, bound: frozenset, seen: set | None = None) -> None:
-        """Compute now, in the current scope, the largest parts of e that depend only on
-        `bound` loop variables and cost more than a constant."""
-        seen = set() if seen is None else seen
-        if isinstance(e, Lit) or id(e) in seen or self.cached(id(e)) is not None:
-            return
-        seen.add(id(e))  # (each shared subexpression once: a DAG can have exponentially many paths)
-        if self.free_vars(e) <= bound and not isinstance(e, Index):
-            self.value(e)
-            return
-        if isinstance(e, Op):
-            for x in e.args:
-                self.hoist(x, bound, seen)
+    def hoist(self, e, bound: frozenset, seen: set) -> None:
+        """Compute now, in the current scope, the parts of e that depend only on `bound`."""
+        for part in hoistable(e, bound, self.free_vars, lambda x: self.cached(id(x)) is not None, seen):
+            self.value(part)
 
     def reduce(self, e: Reduce) -> str:
         """A reduction computed by this thread alone, in row-major order of its variables."""

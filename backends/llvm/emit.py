@@ -12,7 +12,7 @@ import math
 
 from llvmlite import ir
 
-from dlc.core.kernel import (Add, Clamp, Const, Div, Ex, FreeVars, Gather, Index, Ix, Lit, Load, LoopNest, Mod, Mul,
+from dlc.core.kernel import (hoistable, Add, Clamp, Const, Div, Ex, FreeVars, Gather, Index, Ix, Lit, Load, LoopNest, Mod, Mul,
                              Op, Rand, Reduce, Var)
 from dlc.core.types import DType
 
@@ -232,19 +232,10 @@ class Emitter:
             hit = self.scopes[-1][id(e)] = IX_RULES[type(e)](self, e)
         return hit
 
-    def hoist(self, e: Ex, bound: frozenset, seen: set | None = None) -> None:
-        """Compute now (in the current scope) the largest parts of e that depend only on
-        `bound` variables and cost more than a constant."""
-        seen = set() if seen is None else seen
-        if isinstance(e, Lit) or id(e) in seen or self._cached(id(e)) is not None:
-            return
-        seen.add(id(e))  # (each shared subexpression once: a DAG can have exponentially many paths)
-        if self.free_vars(e) <= bound and not isinstance(e, Index):
-            self.value(e)
-            return
-        if isinstance(e, Op):
-            for x in e.args:
-                self.hoist(x, bound, seen)
+    def hoist(self, e: Ex, bound: frozenset, seen: set) -> None:
+        """Compute now (in the current scope) the parts of e that depend only on `bound`."""
+        for part in hoistable(e, bound, self.free_vars, lambda x: self._cached(id(x)) is not None, seen):
+            self.value(part)
 
     def value(self, e: Ex) -> ir.Value:
         hit = self._cached(id(e))

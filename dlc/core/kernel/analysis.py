@@ -3,7 +3,7 @@ buffers a part touches, and a check of the contract in the kernel IR's docstring
 from __future__ import annotations
 
 from dlc.core.kernel.ir import (COLLECTIVE_MODES, Buffer, Clamp, Collective, Gather, Ix, Kernel, KernelProgram,
-                                Load, Loop, LoopNest, Reduce, Template, Var, ex_children, ix_children)
+                                Index, Lit, Load, Loop, LoopNest, Op, Reduce, Template, Var, ex_children, ix_children)
 
 
 class FreeVars:
@@ -46,6 +46,22 @@ def _indices(e) -> tuple:
     if isinstance(e, Rand):
         return (e.flat,)
     return ()
+
+
+def hoistable(e, bound: frozenset, free_vars, is_cached, seen: set):
+    """The largest parts of e that depend only on `bound` loop variables and cost more than
+    a constant: what a renderer computes once, outside the loops over the other variables.
+    A generator: the caller computes each part before the next is looked for, so a part
+    already computed (`is_cached`) is not descended into again. `seen` spans calls, so each
+    shared subexpression is visited once (a DAG can have exponentially many paths)."""
+    if isinstance(e, Lit) or id(e) in seen or is_cached(e):
+        return
+    seen.add(id(e))
+    if free_vars(e) <= bound and not isinstance(e, Index):
+        yield e
+    elif isinstance(e, Op):
+        for x in e.args:
+            yield from hoistable(x, bound, free_vars, is_cached, seen)
 
 
 def walk_ex(roots):
