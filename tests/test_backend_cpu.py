@@ -76,9 +76,16 @@ def _chunks():
 def test_op_table_forward_and_gradient_on_cpu(rows):
     """Each row's output, its state updates and (for differentiable rows) its gradients
     match the reference interpreter in float32. Shapes are the table's awkward ones."""
+    merged, feeds, tols = op_table_graph(rows, salt="cpu")
+    check_op_table(run_graph(merged, feeds), run_cpu(merged, feeds), tols)
+
+
+def op_table_graph(rows, salt: str):
+    """The rows merged into one graph (row i's names prefixed `r{i}.`), its float32 feeds,
+    and each prefix's (row name, float32 tolerances). Differentiable rows carry their gradients."""
     graphs, feeds, tols = [], {}, {}
     for case in rows:
-        built = _grad_graph(case) if case.grad == "fd" else Built(case, salt="cpu")
+        built = _grad_graph(case) if case.grad == "fd" else Built(case, salt=salt)
         g = autodiff(built.graph) if case.grad == "fd" else built.graph
         i = len(graphs)
         graphs.append(g)
@@ -87,15 +94,18 @@ def test_op_table_forward_and_gradient_on_cpu(rows):
         tols[f"r{i}."] = (case.name, case.tol32)
     merged = merge(graphs)
     merged.verify()
-    expected = run_graph(merged, feeds)
-    actual = run_cpu(merged, feeds)
+    return merged, feeds, tols
+
+
+def check_op_table(expected: dict, actual: dict, tols: dict) -> None:
+    """A backend's results of op_table_graph against the reference interpreter's; gradients
+    sum many terms, so float results get ten times the row's forward tolerance."""
     for key, want in expected.items():
         prefix = key.split(".", 1)[0].replace("update:", "") + "."
         name, (rtol, atol) = tols[prefix]
         got = actual[key]
         assert got.shape == want.shape, f"{name}: {key} shape"
         if want.dtype.kind == "f":
-            # gradients sum many terms: allow a little more than the forward tolerance
             np.testing.assert_allclose(got, want, rtol=max(rtol, 2e-5) * 10, atol=max(atol, 1e-6) * 10,
                                        err_msg=f"{name}: {key}")
         else:

@@ -23,7 +23,6 @@ import pytest
 import dlc
 from dlc import backends
 from dlc.backends.reference import run_graph
-from dlc.passes.autodiff import autodiff
 from dlc.pipeline import kernel_program, lower
 from dlc.program import make_program
 
@@ -32,8 +31,7 @@ from dlc.backends.cuda.render import LoopStep, launches_of, launches_per_step
 from cuda_host.step import HostStep
 from op_table import ALL
 import example_models
-from test_backend_cpu import _example_feeds, merge
-from test_ops import Built, _grad_graph, in_precision
+from test_backend_cpu import _example_feeds, check_op_table, op_table_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.dln"))
@@ -166,18 +164,7 @@ def _chunks():
 
 
 def _op_table_graph(rows):
-    graphs, feeds, tols = [], {}, {}
-    for case in rows:
-        built = _grad_graph(case) if case.grad == "fd" else Built(case, salt="cuda")
-        g = autodiff(built.graph) if case.grad == "fd" else built.graph
-        i = len(graphs)
-        graphs.append(g)
-        for k, v in built.feeds.items():
-            feeds[f"r{i}.{k}"] = in_precision(v, np.float32)
-        tols[f"r{i}."] = (case.name, case.tol32)
-    merged = merge(graphs)
-    merged.verify()
-    return merged, feeds, tols
+    return op_table_graph(rows, salt="cuda")
 
 
 @pytest.mark.parametrize("rows", _chunks())
@@ -191,16 +178,7 @@ def test_op_table_emulated_matches_reference(rows):
     state = {name: np.array(feeds[name], copy=True) for name, kind, _, _ in layout.slots if kind == "state"}
     actual = step.run(state, feeds)
     actual.update({f"update:{k}": v for k, v in state.items()})
-    for key, want in expected.items():
-        prefix = key.split(".", 1)[0].replace("update:", "") + "."
-        name, (rtol, atol) = tols[prefix]
-        got = actual[key]
-        assert got.shape == want.shape, f"{name}: {key} shape"
-        if want.dtype.kind == "f":
-            np.testing.assert_allclose(got, want, rtol=max(rtol, 2e-5) * 10, atol=max(atol, 1e-6) * 10,
-                                       err_msg=f"{name}: {key}")
-        else:
-            np.testing.assert_array_equal(got, want, err_msg=f"{name}: {key}")
+    check_op_table(expected, actual, tols)
 
 
 @pytest.mark.parametrize("rows", _chunks())

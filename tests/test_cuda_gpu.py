@@ -26,7 +26,7 @@ from dlc.pipeline import kernel_program, lower
 from dlc.program import make_program
 
 import example_models
-from test_backend_cpu import _example_feeds
+from test_backend_cpu import _example_feeds, check_op_table
 from test_cuda_backend import _chunks, _op_table_graph
 
 pytestmark = pytest.mark.gpu
@@ -107,16 +107,7 @@ def test_op_table_on_gpu(rows):
     actual = {k: np.asarray(v) for k, v in step.run(state, feeds).items()}
     cuda.sync_state(state)
     actual.update({f"update:{k}": v for k, v in state.items()})
-    for key, want in expected.items():
-        prefix = key.split(".", 1)[0].replace("update:", "") + "."
-        name, (rtol, atol) = tols[prefix]
-        got = actual[key]
-        assert got.shape == want.shape, f"{name}: {key} shape"
-        if want.dtype.kind == "f":
-            np.testing.assert_allclose(got, want, rtol=max(rtol, 2e-5) * 10, atol=max(atol, 1e-6) * 10,
-                                       err_msg=f"{name}: {key}")
-        else:
-            np.testing.assert_array_equal(got, want, err_msg=f"{name}: {key}")
+    check_op_table(expected, actual, tols)
 
 
 # --- device state, replays, deferred results, profiles -----------------------------------------------
