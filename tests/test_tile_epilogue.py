@@ -24,8 +24,8 @@ from test_optimizers import CASES
 # dense(640) over 200 inputs at batch 9: 200*640*9 multiply-adds, above SMALL_MATMUL (GEMM
 # with the tile epilogue); the 640 -> 10 layer's gradient is a small matmul (row path).
 SOURCE = """\
-model m(x: f32[B, 200]) -> f32[B, 10] {{
-    h = x |> dense(640) |> relu
+model m(x: f32[B, {inputs}]) -> f32[B, 10] {{
+    h = x |> dense({hidden}) |> relu
     return dense(h, 10)
 }}
 
@@ -40,10 +40,11 @@ FAST = {"sgd_momentum", "adam", "adamw_clip", "rmsprop_momentum", "sgd_nesterov_
 CPU = backends.backend("cpu")
 
 
-def _model(tmp_path, name) -> dlc.Model:
+def _model(tmp_path, name, inputs: int = 200, hidden: int = 640) -> dlc.Model:
     opt, clip = CASES[name]
     path = tmp_path / "m.dln"
-    path.write_text(SOURCE.format(optimizer=opt, extra=f"\n    clip = {clip}" if clip is not None else ""))
+    path.write_text(SOURCE.format(optimizer=opt, extra=f"\n    clip = {clip}" if clip is not None else "",
+                                  inputs=inputs, hidden=hidden))
     return dlc.load(path)
 
 
@@ -61,7 +62,18 @@ def test_the_update_runs_on_the_register_tile(tmp_path):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in CASES])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_updates_match_reference(tmp_path, name, threads):
-    m = _model(tmp_path, name)
+    _check_against_reference(tmp_path, name, threads)
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_fused_updates_on_edge_tiles(tmp_path, name):
+    """A weight gradient of 203 x 650: its last register tiles cross both edges of C (the
+    edge kernel runs the update on the rows and columns inside)."""
+    _check_against_reference(tmp_path, name, 2, inputs=203, hidden=650)
+
+
+def _check_against_reference(tmp_path, name, threads, inputs=200, hidden=640):
+    m = _model(tmp_path, name, inputs, hidden)
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
     ref_state = {k: v.copy() for k, v in m.state.items()}
@@ -70,7 +82,7 @@ def test_fused_updates_match_reference(tmp_path, name, threads):
     cpu = make_program("cpu", graph, cpu_state, options={"cache_dir": tmp_path, "threads": threads})
     rng = np.random.default_rng(0)
     for step in range(3):
-        feeds = {"x": rng.standard_normal((9, 200), dtype=np.float32),
+        feeds = {"x": rng.standard_normal((9, inputs), dtype=np.float32),
                  "label": rng.integers(0, 10, 9).astype(np.int32), "lr": np.float32(0.01)}
         a, b = ref.run(feeds), cpu.run(feeds)
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4, err_msg=f"{name} step {step}")

@@ -37,7 +37,7 @@ through once.
 The microkernel keeps MR x NR/W accumulators (`<W x float>`) in registers, loads NR/W
 vectors of B and broadcasts MR elements of A per k, and fuses the epilogue (add old C,
 bias, ReLU) into the stores of the last K block. Tiles that cross the M or N edge use a
-second kernel with masked loads and stores; packed panels are zero padded, unpacked
+second kernel with masked loads and stores (built only where C has such tiles); packed panels are zero padded, unpacked
 operands are read with masks (N) or clamped rows (M), so nothing reads out of bounds.
 """
 from __future__ import annotations
@@ -417,6 +417,10 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
                 v.prefetch(v.at(c, i * lay.ldc + j * w), write=True)
 
     acc = [[b.alloca(v.ty, name=f"acc{i}_{j}") for j in range(nv)] for i in range(mr)]
+    # the tile epilogue runs as a loop over the tile's rows (its code once, not MR times:
+    # a long epilogue such as an Adam update was most of the kernel's code and compile
+    # time); the accumulators are copied into this array for it, once per tile
+    tile_rows = b.alloca(ir.ArrayType(v.ty, mr * nv), name="tile") if tile is not None else None
     for row in acc:
         for slot in row:
             b.store(v.zero, slot)
@@ -452,8 +456,8 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
                 for j in range(nv)]
 
     def store_tile(last):
-        """last: None (decide per element with selects), or whether this is the last K
-        block (then the tile epilogue runs)."""
+        """The tile into C. last: None (the bias and ReLU where mode says it is the last K
+        block, by selects), or False (not the last block of a kernel with a tile epilogue)."""
         for i in range(mr):
             if edge and i > 0:
                 then = b.append_basic_block(f"row{i}")
@@ -467,26 +471,37 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
                 if spec.bias or spec.relu:
                     y = b.fadd(x, bias_vec[j]) if spec.bias else x
                     y = v.relu(y) if spec.relu else y
-                    x = y if last else x if last is False else b.select(epi, y, x)
-                if last:
-                    row0, col0 = fn.args[8], fn.args[9]
-                    ptrs = dict(zip(tile.args, fn.args[10:]))
-                    x = tile.emit(b, v, ptrs, b.add(row0, _i64(i)), b.add(col0, _i64(j * w)), x,
-                                  col_mask[j])
-                    if tile.store_c:
-                        v.store(x, ptr, col_mask[j])
-                else:
-                    v.store(x, ptr, col_mask[j])
+                    x = x if last is False else b.select(epi, y, x)
+                v.store(x, ptr, col_mask[j])
             if edge and i > 0:
                 b.branch(done)
                 b.position_at_end(done)
+
+    def epilogue_rows():
+        """The last K block with a tile epilogue: for each stored row, its vectors."""
+        row0, col0 = fn.args[8], fn.args[9]
+        ptrs = dict(zip(tile.args, fn.args[10:]))
+        slot = lambda i, j: b.gep(tile_rows, [_i64(0), b.add(b.mul(i, _i64(nv)), _i64(j))])  # noqa: E731
+        for i in range(mr):
+            for j in range(nv):
+                b.store(b.load(acc[i][j], typ=v.ty), slot(_i64(i), j))
+        with _for_range(b, 0, m_valid if edge else mr, name="row") as i:
+            for j in range(nv):
+                ptr = v.at(c, b.add(b.mul(i, _i64(lay.ldc)), _i64(j * w)))
+                x = b.load(slot(i, j), typ=v.ty)
+                x = b.select(add_c, b.fadd(x, v.load(ptr, col_mask[j])), x)
+                x = b.fadd(x, bias_vec[j]) if spec.bias else x
+                x = v.relu(x) if spec.relu else x
+                x = tile.emit(b, v, ptrs, b.add(row0, i), b.add(col0, _i64(j * w)), x, col_mask[j])
+                if tile.store_c:
+                    v.store(x, ptr, col_mask[j])
 
     if tile is None:
         store_tile(None)
     else:
         with b.if_else(epi) as (then, otherwise):
             with then:
-                store_tile(True)
+                epilogue_rows()
             with otherwise:
                 store_tile(False)
     b.ret_void()
@@ -668,8 +683,11 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
                   a_packed=plan.pack_a, b_packed=plan.pack_b)
     kern = _emit_kernel(module, f"{name}.kernel", plan, lay, spec, w, target, edge=False,
                         tile=tile)
+    # a tile crosses the edge of C only where a block or C itself is not a whole number of
+    # tiles; without such tiles the edge kernel (as large as the full one) is not built
+    edges = bool(m % mr or n % nr or plan.mc % mr or plan.nc % nr)
     kern_edge = _emit_kernel(module, f"{name}.kernel_edge", plan, lay, spec, w, target,
-                             edge=True, tile=tile)
+                             edge=True, tile=tile) if edges else None
     kern.attributes.add("noinline")
     pack_a = _emit_pack_a(module, f"{name}.pack_a", plan, spec, w, target) \
         if plan.pack_a else None
@@ -735,10 +753,13 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
                     col = b.add(jc, jr)
                     cp = v.at(C, b.add(b.mul(b.add(ic, ir_), _i64(spec.c_ld)), col))
                     biasp = v.at(bias, col) if spec.bias else bias
+                    where = [b.add(ic, ir_), col] + extra_args if tile is not None else []
+                    if kern_edge is None:
+                        b.call(kern, [ap, bp, cp, biasp, kcur, mode, _i64(mr), _i64(nr)] + where)
+                        return
                     rows, cols = b.sub(mc, ir_), b.sub(nc, jr)
                     full = b.and_(b.icmp_signed(">=", rows, _i64(mr)),
                                   b.icmp_signed(">=", cols, _i64(nr)))
-                    where = [b.add(ic, ir_), col] + extra_args if tile is not None else []
                     with b.if_else(full, likely=True) as (then, otherwise):
                         with then:
                             b.call(kern, [ap, bp, cp, biasp, kcur, mode, _i64(mr), _i64(nr)]

@@ -20,8 +20,8 @@ class Compiled:
     seconds_codegen: float
 
 
-def _compile_one(text: str, target: Target) -> tuple[bytes, float, float]:
-    llmod = llvm.parse_assembly(text)
+def _compile_one(module: ir.Module, target: Target) -> tuple[bytes, float, float]:
+    llmod = llvm.parse_assembly(str(module))  # printing a large module takes a while: each process its own
     llmod.verify()
     tm = target.machine()
     start = time.perf_counter()
@@ -39,11 +39,10 @@ def compile_modules(modules: list[ir.Module], target: Target) -> Compiled:
     """Optimize and emit every module, one per core. llvmlite serializes its calls behind
     one lock, so threads would not overlap: the other modules go to forked processes."""
     _init_llvm()
-    texts = [str(m) for m in modules]
-    if len(texts) == 1 or not _can_fork():
-        results = [_compile_one(t, target) for t in texts]
+    if len(modules) == 1 or not _can_fork():
+        results = [_compile_one(m, target) for m in modules]
     else:
-        results = _compile_forked(texts, target)
+        results = _compile_forked(modules, target)
     return Compiled([r[0] for r in results], sum(r[1] for r in results), sum(r[2] for r in results))
 
 
@@ -52,18 +51,18 @@ def _can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-def _compile_forked(texts: list[str], target: Target) -> list:
-    """Modules 1.. in forked children (which inherit an initialized LLVM and need no
-    imports), module 0 here meanwhile; results come back through pipes."""
+def _compile_forked(modules: list[ir.Module], target: Target) -> list:
+    """Modules 1.. in forked children (which inherit the built modules and an initialized
+    LLVM, and need no imports), module 0 here meanwhile; results come back through pipes."""
     import pickle
     children = []
-    for text in texts[1:]:
+    for module in modules[1:]:
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: compile, send, leave without running any Python cleanup
             try:
                 os.close(read)
-                payload = pickle.dumps(("ok", _compile_one(text, target)))
+                payload = pickle.dumps(("ok", _compile_one(module, target)))
             except BaseException as e:  # noqa: BLE001 - reported by the parent
                 payload = pickle.dumps(("error", repr(e)))
             with os.fdopen(write, "wb") as f:
@@ -71,7 +70,7 @@ def _compile_forked(texts: list[str], target: Target) -> list:
             os._exit(0)
         os.close(write)
         children.append((pid, read))
-    results = [_compile_one(texts[0], target)]
+    results = [_compile_one(modules[0], target)]
     for pid, read in children:
         with os.fdopen(read, "rb") as f:
             data = f.read()
