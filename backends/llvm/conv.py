@@ -39,7 +39,7 @@ from dlc.core.kernel import Template
 from .emit import emit_bounded, store_all
 from .gemm import (_ADD_C, _EPILOGUE, GemmPlan, GemmSpec, _emit_kernel, _emit_pack_b, _Layout, _Vec,
                    plan_gemm)
-from .irutil import F32, I1, I32, I64, PTR, for_range, gep, i64, smax, smin, split
+from .irutil import F32, I1, I32, I64, PTR, VOID, for_range, gep, i64, set_target, smax, smin, split
 
 _KC = {4: 256, 8: 256, 16: 384}
 
@@ -61,6 +61,10 @@ class _Geom:
         self.taps = list(taps)
         self.K = len(self.taps) * S
         self.P = GH * GW
+
+    @property
+    def key(self) -> tuple:
+        return (self.S, self.SH, self.SW, self.GH, self.GW, self.sy, self.sx, tuple(self.taps))
 
     @property
     def whole_plane(self) -> bool:
@@ -214,6 +218,33 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, 
             channel(c_last, True)
 
 
+def _im2col_fn(mb, g: _Geom, nvp: int, row_stride: int) -> ir.Function:
+    """`void pack(src, dst, i64 k_lo, k_hi, k_base, col0, ncols, panel)`: _pack_im2col as a
+    function, built once per module for a geometry and layout and called for every K
+    block (inline, each block's copy was the largest code of a convolution). Vector i goes
+    to dst + (i / nvp) * panel + (i % nvp) * W."""
+    cache = mb.__dict__.setdefault("conv_im2col", {})
+    key = (mb.modules.index(mb.module), g.key, nvp, row_stride)
+    if key not in cache:
+        w = mb.target.vector_width
+        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR, PTR] + [I64] * 6),
+                         name=f"im2col.{key[0]}.{len(cache)}.{mb.tag}")
+        fn.linkage = "internal"
+        set_target(fn, mb.target, w)
+        fn.attributes.add("noinline")
+        src, dst, k_lo, k_hi, k_base, col0, ncols, panel = fn.args
+        src.add_attribute("noalias")
+        dst.add_attribute("noalias")
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        v = _V(b, w, mb.target.has("fma"))
+        _pack_im2col(b, v, src, g, k_lo, k_hi, k_base, col0, ncols, dst,
+                     lambda vi: b.add(b.mul(b.udiv(vi, i64(nvp)), panel), b.mul(b.urem(vi, i64(nvp)), i64(w))),
+                     row_stride)
+        b.ret_void()
+        cache[key] = fn
+    return cache[key]
+
+
 def _pack_weights(b, Ap, M, K, kc, mr, value_at):
     """A[M, K] into MR-row panels per K block (zero rows past M):
     Ap[kb*kc*Mp + r*kcur + p*mr + i] = A[r + i, kb*kc + p]. value_at(b, i, k) -> f32."""
@@ -292,11 +323,12 @@ class _Product:
         self.b_floats = self.kc * self.nc
         lay = _Layout(a_rs=1, a_cs=self.mr, b_rs=self.nr, ldc=ldc, a_packed=True, b_packed=True)
         self.kern = _Kernels(mb, self.plan, lay, None)
+        self.im2col = _im2col_fn(mb, geom, self.plan.nv, self.nr)
 
     def pack_a(self, b, Ap, value_at):
         _pack_weights(b, Ap, self.M, self.g.K, self.kc, self.mr, value_at)
 
-    def run(self, b, v: _V, src, Ap, Bp, C, m_lo, m_hi):
+    def run(self, b, src, Ap, Bp, C, m_lo, m_hi):
         """C[m, p] for rows [m_lo, m_hi) (multiples of MR but the last), all p."""
         g, kc, nc, nr, mr = self.g, self.kc, self.nc, self.nr, self.mr
         K, P = g.K, g.P
@@ -305,10 +337,7 @@ class _Product:
             ncur = smin(b, b.sub(i64(P), jc), i64(nc))
             for kb in range(nkb):  # few K blocks: unrolled, so each has constant sizes
                 k0, kcur = kb * kc, min(kc, K - kb * kc)
-                _pack_im2col(b, v, src, g, i64(k0), i64(k0 + kcur), i64(k0), jc, ncur, Bp,
-                             lambda vi: b.add(b.mul(b.udiv(vi, i64(self.plan.nv)), i64(nr * kcur)),
-                                              b.mul(b.urem(vi, i64(self.plan.nv)), i64(self.w))),
-                             nr)
+                b.call(self.im2col, [src, Bp, i64(k0), i64(k0 + kcur), i64(k0), jc, ncur, i64(nr * kcur)])
                 mode = ir.Constant(I32, _EPILOGUE | (_ADD_C if kb else 0))
                 with for_range(b, 0, ncur, "jr", step=nr) as jr:
                     bp = b.gep(Bp, [b.mul(jr, i64(kcur))], source_etype=F32)
@@ -366,7 +395,6 @@ def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     O, _, KH, KW = wb.shape
     _, _, OH, OW = t.output.shape
     (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
-    v = _V(b, mb.target.vector_width, mb.target.has("fma"))
     g = _Geom(C, H, W, OH, OW, sy, sx, [(ky - ph, kx - pw) for ky in range(KH) for kx in range(KW)])
     prod = _Product(mb, g, O, OH * OW)
     (Ap, Bp), total = _carve(b, _scratch_base(mb, em), [prod.a_floats, prod.b_floats])
@@ -381,7 +409,7 @@ def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     with for_range(b, n_lo, n_hi, "img") as n:
         src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
         out = b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
-        prod.run(b, v, src, Ap, Bp, out, m_lo, m_hi)
+        prod.run(b, src, Ap, Bp, out, m_lo, m_hi)
         _epilogue(em, t, n, (m_lo, m_hi))
 
 
@@ -459,7 +487,7 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
         src = b.gep(G, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
         out = b.gep(DX, [b.mul(n, i64(C * H * W))], source_etype=F32)
         for p in live:
-            p.run(b, v, src, a_of[id(p)], Bp, c_of[id(p)] if strided else out, m_lo, m_hi)
+            p.run(b, src, a_of[id(p)], Bp, c_of[id(p)] if strided else out, m_lo, m_hi)
         if strided:
             by_phase = {(ry, rx): (GW, c_of[id(p)] if p is not None else None)
                         for (ry, rx, GH, GW, taps), p in zip(phases, prods)}
@@ -527,7 +555,6 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     O, C, KH, KW = t.output.shape
     (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
     w = mb.target.vector_width
-    v = _V(b, w, mb.target.has("fma"))
     T = KH * KW
     g = _Geom(C, H, W, OH, OW, sy, sx, [(ky - ph, kx - pw) for ky in range(KH) for kx in range(KW)])
     K, P = g.K, g.P
@@ -545,6 +572,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     rows_max = _cdiv(units, 1) * mr  # a thread may get every unit (one thread)
     bspec = GemmSpec(K, O, P, tb=True)
     pack_b = _pack_b_fn(mb, plan, bspec, w)
+    im2col = _im2col_fn(mb, g, 1, kc)
     Op = _cdiv(O, nr) * nr
     (Arows, Bp, DWt), total = _carve(b, _scratch_base(mb, em), [rows_max * kc, kc * Op, rows_max * O])
     _scratch(mb, em, total)
@@ -559,8 +587,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
             gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
             with for_range(b, 0, P, "pb", step=kc) as pb:
                 pcur = smin(b, b.sub(i64(P), pb), i64(kc))
-                _pack_im2col(b, v, src, g, k_lo, k_hi, k_lo, pb, pcur, Arows,
-                             lambda vi: b.mul(vi, i64(w)), kc)
+                b.call(im2col, [src, Arows, k_lo, k_hi, k_lo, pb, pcur, i64(w)])
                 b.call(pack_b, [gimg, Bp, pb, pcur, i64(0), i64(O)])
                 first = b.and_(b.icmp_signed("==", n, i64(0)), b.icmp_signed("==", pb, i64(0)))
                 mode = _mode(b, first)

@@ -518,6 +518,7 @@ def _emit_pack_a(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
     Panel r holds rows ic+r .. ic+r+MR-1 as Ap[r*kc + p*MR + i]."""
     fn = _new_function(module, name, [(PTR, "A"), (PTR, "Ap"), (I64, "ic"), (I64, "mc"),
                                       (I64, "pc"), (I64, "kc")], target, w, "internal")
+    fn.attributes.add("optsize")
     src, dst, ic, mc, pc, kc = fn.args
     src.add_attribute("noalias")
     dst.add_attribute("noalias")
@@ -580,6 +581,7 @@ def _emit_pack_b(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
     Panel q holds columns jc+q .. jc+q+NR-1 as Bp[q*kc + p*NR + j]."""
     fn = _new_function(module, name, [(PTR, "B"), (PTR, "Bp"), (I64, "pc"), (I64, "kc"),
                                       (I64, "jc"), (I64, "nc")], target, w, "internal")
+    fn.attributes.add("optsize")  # vector code already: LLVM's unrolling only makes it longer
     src, dst, pc, kc, jc, nc = fn.args
     src.add_attribute("noalias")
     dst.add_attribute("noalias")
