@@ -65,7 +65,7 @@ class CpuBackend(Backend):
             _bind_layout(mb.modules[0], layouts[entry])
         layout = layouts[""] if "" in layouts else Entries(layouts)
         built = time.perf_counter()
-        compiled = compile_modules(mb.modules, target)
+        compiled = compile_modules(mb.modules, target, sizes=mb.sizes)
         # what each object defines and needs, checked against the objects before loading them
         if is_elf(target.triple):
             layout.meta.update({"tag": mb.tag, "objects": [_symbols(obj) for obj in compiled.objects]})

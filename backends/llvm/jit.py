@@ -35,14 +35,28 @@ def _compile_one(module: ir.Module, target: Target) -> tuple[bytes, float, float
     return obj, optimized - start, time.perf_counter() - optimized
 
 
-def compile_modules(modules: list[ir.Module], target: Target) -> Compiled:
-    """Optimize and emit every module, one per core. llvmlite serializes its calls behind
-    one lock, so threads would not overlap: the other modules go to forked processes."""
+def compile_workers() -> int:
+    """Processes that compile modules at once: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def compile_modules(modules: list[ir.Module], target: Target, workers: int | None = None,
+                    sizes: list[int] | None = None) -> Compiled:
+    """Optimize and emit every module. llvmlite serializes its calls behind one lock, so
+    threads would not overlap: `workers` processes (this one and forked children) take the
+    modules from a queue, the next one as each finishes, the largest (`sizes`) first --
+    the modules' LLVM costs differ several-fold and are hard to predict, and a queue of
+    several modules per worker keeps the workers busy until the end."""
     _init_llvm()
-    if len(modules) == 1 or not _can_fork():
+    workers = min(workers or compile_workers(), len(modules))
+    order = sorted(range(len(modules)), key=lambda i: -sizes[i]) if sizes else list(range(len(modules)))
+    if workers == 1 or not _can_fork():
         results = [_compile_one(m, target) for m in modules]
     else:
-        results = _compile_forked(modules, target)
+        results = _compile_forked(modules, target, workers, order)
     return Compiled([r[0] for r in results], sum(r[1] for r in results), sum(r[2] for r in results))
 
 
@@ -51,35 +65,57 @@ def _can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-def _compile_forked(modules: list[ir.Module], target: Target) -> list:
-    """Modules 1.. in forked children (which inherit the built modules and an initialized
-    LLVM, and need no imports), module 0 here meanwhile; results come back through pipes."""
+def _take_modules(queue: int, modules: list[ir.Module], target: Target) -> dict:
+    """Compile module after module from the queue (a pipe of 4-byte indices, each read
+    whole by one process) until it is empty: {index: result}."""
+    done = {}
+    while len(item := os.read(queue, 4)) == 4:
+        i = int.from_bytes(item, "little")
+        done[i] = _compile_one(modules[i], target)
+    return done
+
+
+def _compile_forked(modules: list[ir.Module], target: Target, workers: int, order: list[int]) -> list:
+    """workers - 1 forked children (which inherit the built modules and an initialized LLVM,
+    and need no imports) and this process take modules from one queue; the children's
+    results come back through pipes."""
     import pickle
+    queue, fill = os.pipe()
+    os.write(fill, b"".join(i.to_bytes(4, "little") for i in order))
+    os.close(fill)  # an empty queue then reads as the end
     children = []
-    for module in modules[1:]:
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: compile, send, leave without running any Python cleanup
-            try:
-                os.close(read)
-                payload = pickle.dumps(("ok", _compile_one(module, target)))
-            except BaseException as e:  # noqa: BLE001 - reported by the parent
-                payload = pickle.dumps(("error", repr(e)))
-            with os.fdopen(write, "wb") as f:
-                f.write(payload)
-            os._exit(0)
-        os.close(write)
-        children.append((pid, read))
-    results = [_compile_one(modules[0], target)]
+    try:
+        for _ in range(workers - 1):
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: compile, send, leave without running any Python cleanup
+                try:
+                    os.close(read)
+                    payload = pickle.dumps(("ok", _take_modules(queue, modules, target)))
+                except BaseException as e:  # noqa: BLE001 - reported by the parent
+                    payload = pickle.dumps(("error", repr(e)))
+                with os.fdopen(write, "wb") as f:
+                    f.write(payload)
+                os._exit(0)
+            os.close(write)
+            children.append((pid, read))
+        results, failure = _take_modules(queue, modules, target), None
+    except Exception as e:  # noqa: BLE001 - raised once the children are collected
+        results, failure = {}, repr(e)
+    finally:
+        os.close(queue)
     for pid, read in children:
         with os.fdopen(read, "rb") as f:
             data = f.read()
         os.waitpid(pid, 0)
         status, value = pickle.loads(data) if data else ("error", "the compiler process died")
-        if status != "ok":
-            raise RuntimeError(f"compiling a module failed: {value}")
-        results.append(value)
-    return results
+        if status == "ok":
+            results.update(value)
+        else:
+            failure = failure or value
+    if failure is not None or len(results) != len(modules):
+        raise RuntimeError(f"compiling a module failed: {failure or 'a module was not compiled'}")
+    return [results[i] for i in range(len(modules))]
 
 
 def compile_ir_text(text: str, target: Target) -> bytes:
