@@ -107,6 +107,8 @@ class ModuleBuilder:
         self.gemms: dict = {}  # (module index, spec, tile epilogue key) -> GemmInfo: one function each
         self.shared = 0  # parts that reuse an identical function
         self._by_key: dict = {}
+        self._helpers: dict = {}  # key -> function (ModuleBuilder.helper)
+        self._names: dict = {}  # prefix -> last number (ModuleBuilder.fresh_name)
         # kernels are external symbols (the step calls them across modules): a name unique to
         # this build keeps two programs in one process from ever binding to each other's
         self.tag = tag or uuid.uuid4().hex[:10]
@@ -211,8 +213,24 @@ class ModuleBuilder:
     def text(self) -> str:
         return "\n".join(str(m) for m in self.modules)
 
+    def fresh_name(self, prefix: str) -> str:
+        """prefix.<n>.<tag>: a name no other function of this build has."""
+        n = self._names[prefix] = self._names.get(prefix, -1) + 1
+        return f"{prefix}.{n}.{self.tag}"
+
+    def helper(self, key, build) -> ir.Function:
+        """A helper function (a convolution's packer or microkernel) built once for the
+        whole build by `build()` into the module being filled, the first time `key` is
+        asked for; a kernel in another module calls it through a declaration. (Per module,
+        each would be compiled again wherever a layer of its shape lands.)"""
+        fn = self._helpers.get(key)
+        if fn is None:
+            fn = self._helpers[key] = build()
+            fn.linkage = ""  # external: the other modules' calls bind to it when loaded
+        return self._callee(fn)
+
     def _callee(self, fn: ir.Function) -> ir.Function:
-        """fn as seen from module 0 (a declaration when it lives in another module)."""
+        """fn as seen from the module being filled (a declaration when it lives in another)."""
         if fn.module is self.module:
             return fn
         decl = self.module.globals.get(fn.name)

@@ -220,16 +220,12 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, 
 
 def _im2col_fn(mb, g: _Geom, nvp: int, row_stride: int) -> ir.Function:
     """`void pack(src, dst, i64 k_lo, k_hi, k_base, col0, ncols, panel)`: _pack_im2col as a
-    function, built once per module for a geometry and layout and called for every K
-    block (inline, each block's copy was the largest code of a convolution). Vector i goes
-    to dst + (i / nvp) * panel + (i % nvp) * W."""
-    cache = mb.__dict__.setdefault("conv_im2col", {})
-    key = (mb.modules.index(mb.module), g.key, nvp, row_stride)
-    if key not in cache:
+    function, built once per geometry and layout and called for every K block (inline,
+    each block's copy was the largest code of a convolution). Vector i goes to
+    dst + (i / nvp) * panel + (i % nvp) * W."""
+    def build():
         w = mb.target.vector_width
-        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR, PTR] + [I64] * 6),
-                         name=f"im2col.{key[0]}.{len(cache)}.{mb.tag}")
-        fn.linkage = "internal"
+        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR, PTR] + [I64] * 6), name=mb.fresh_name("im2col"))
         set_target(fn, mb.target, w)
         fn.attributes.add("noinline")
         src, dst, k_lo, k_hi, k_base, col0, ncols, panel = fn.args
@@ -241,8 +237,8 @@ def _im2col_fn(mb, g: _Geom, nvp: int, row_stride: int) -> ir.Function:
                      lambda vi: b.add(b.mul(b.udiv(vi, i64(nvp)), panel), b.mul(b.urem(vi, i64(nvp)), i64(w))),
                      row_stride)
         b.ret_void()
-        cache[key] = fn
-    return cache[key]
+        return fn
+    return mb.helper(("im2col", g.key, nvp, row_stride), build)
 
 
 def _pack_weights(b, Ap, M, K, kc, mr, value_at):
@@ -268,16 +264,14 @@ class _Kernels:
 
     def __init__(self, mb, plan: GemmPlan, lay: _Layout, key):
         w = mb.target.vector_width
-        cache = mb.__dict__.setdefault("conv_kernels", {})
-        k = (mb.modules.index(mb.module), plan, lay)
-        if k not in cache:
-            name = f"convk.{k[0]}.{len(cache)}.{mb.tag}"
-            spec = GemmSpec(1, 1, 1)  # no bias, no ReLU: the epilogue is the template's
-            full = _emit_kernel(mb.module, f"{name}.full", plan, lay, spec, w, mb.target, edge=False)
-            full.attributes.add("noinline")
-            edge = _emit_kernel(mb.module, f"{name}.edge", plan, lay, spec, w, mb.target, edge=True)
-            cache[k] = (full, edge)
-        self.full, self.edge = cache[k]
+        spec = GemmSpec(1, 1, 1)  # no bias, no ReLU: the epilogue is the template's
+
+        def kernel(edge: bool):
+            fn = _emit_kernel(mb.module, mb.fresh_name("convk"), plan, lay, spec, w, mb.target, edge=edge)
+            fn.attributes.add("noinline")
+            return fn
+        self.full = mb.helper(("convk", plan, lay, False), lambda: kernel(False))
+        self.edge = mb.helper(("convk", plan, lay, True), lambda: kernel(True))
         self.mr, self.nr = plan.mr, plan.nv * w
 
     def tile(self, b, ap, bp, cp, kcur, mode, rows, cols):
@@ -616,11 +610,8 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
 
 
 def _pack_b_fn(mb, plan, spec, w):
-    cache = mb.__dict__.setdefault("conv_packers", {})
-    k = (mb.modules.index(mb.module), plan, spec)
-    if k not in cache:
-        cache[k] = _emit_pack_b(mb.module, f"convpb.{k[0]}.{len(cache)}.{mb.tag}", plan, spec, w, mb.target)
-    return cache[k]
+    return mb.helper(("convpb", plan, spec), lambda: _emit_pack_b(mb.module, mb.fresh_name("convpb"), plan, spec, w,
+                                                                  mb.target))
 
 
 EMITTERS = {"conv2d": conv2d, "conv2d_bwd_data": conv2d_bwd_data, "conv2d_bwd_filter": conv2d_bwd_filter}
