@@ -1,7 +1,8 @@
 """dlc beside PyTorch (eager, and torch.compile with --compile) and numpy's BLAS, in one run.
 
     python benchmarks/run.py [--quick] [--compile] [--threads N] [--out results.json]
-                             [--only gemm|training|inference|compile|shared] [--workloads NAMES]
+                             [--only gemm|training|recurrent|inference|compile|roofline|shared]
+                             [--workloads NAMES]
 
 Every figure is the median over repeats of the mean time of a block of steps, measured
 in this process on this machine; ratios (dlc / peer) are what to compare, never figures
@@ -247,7 +248,11 @@ def torch_forward(kind: str, batch: int):
 
 # --- the run ---------------------------------------------------------------------------------
 
-SECTIONS = ("gemm", "training", "recurrent", "inference", "compile", "shared")
+SECTIONS = ("gemm", "training", "recurrent", "inference", "compile", "roofline", "shared")
+# (label, model file, batch): the training workloads measured against the roofline
+ROOFLINE = [("mlp_b128", "mlp784.dln", 128), ("mlp_b8", "mlp784.dln", 8), ("lenet_b64", "lenet28.dln", 64),
+            ("cnn_b64", "cifar_cnn.dln", 64), ("wide_mlp_b128", "wide_mlp.dln", 128),
+            ("resnet_b64", "resnet_cifar.dln", 64), ("lstm_b32", "lstm32.dln", 32)]
 
 TARGETS = {  # workload -> target ratio dlc / torch eager
     "mlp_b128": 0.7, "lenet_b64": 0.7, "lstm_b32": 0.7, "mlp_b8": 1 / 3, "mlp_b1": 1 / 3,
@@ -383,13 +388,28 @@ def main() -> int:
         t = median_time(torch_forward("mlp", 1), steps, repeats) if have_torch else None
         record("mlp_infer_b1", d, "torch eager" if have_torch else "-", t)
 
-    compile_rows, shared = [], []
+    compile_rows, shared, roofline_rows = [], [], []
     if section("compile"):
         print("compile time (load .dln -> training step ready)")
-        for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln"):
+        for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln", "cifar_cnn.dln", "resnet_cifar.dln"):
             cold, warm = compile_times(HERE / "models" / file, threads)
             compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
             print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
+
+    if section("roofline"):
+        import roofline
+        n = 1024
+        src = (HERE / "models" / "gemm.dln").read_text().replace("N]", f"{n}]").replace("[N,", f"[{n},")
+        path = Path(tempfile.mkdtemp()) / f"gemm{n}.dln"
+        path.write_text(src.replace("f32[B, N]", f"f32[B, {n}]"))
+        gemm_rate = n ** 3 / median_time(dlc_forward(path, n, threads), max(2, int(8 * scale)), repeats)
+        bytes_rate = roofline.bandwidth(threads)
+        print(f"roofline (kernel time per training step; ceilings: dlc's GEMM {gemm_rate / 1e9:.1f} G multiply-adds/s, "
+              f"copy bandwidth {bytes_rate / 1e9:.1f} GB/s on {threads} threads)")
+        for label, file, batch in ROOFLINE:
+            measured = roofline.profile(HERE / "models" / file, batch, threads, max(3, int(20 * scale)))
+            roofline_rows.append(roofline.report(label, measured, gemm_rate, bytes_rate))
+        roofline_rows.insert(0, {"gemm_multiply_adds_per_s": gemm_rate, "copy_bytes_per_s": bytes_rate})
 
     if section("shared"):
         print("shared machine (MLP 784-512-256-10 batch 8, one training step; load before: "
@@ -397,7 +417,7 @@ def main() -> int:
         shared = shared_machine(HERE / "models" / "mlp784.dln", 8, max(2, int(200 * scale)), repeats)
 
     Path(args.out).write_text(json.dumps({"info": info, "rows": rows, "compile": compile_rows,
-                                          "shared_machine": shared}, indent=1))
+                                          "roofline": roofline_rows, "shared_machine": shared}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

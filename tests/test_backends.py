@@ -14,8 +14,11 @@ import pytest
 
 import dlc
 from dlc import backends
-from dlc.core.kernel import (SCALAR_OPS, TEMPLATES, Ex, Exprs, Ix, Loop, Template, all_kernels, check_program,
-                             expand_templates, format_program)
+from dlc.core.kernel import (MULTIPLY_ADDS, SCALAR_OPS, TEMPLATES, Buffer, Ex, Exprs, Ix, Loop, Reduce, Template,
+                             all_kernels, bytes_touched, check_program, expand_templates, format_program,
+                             multiply_adds, walk_ex)
+from dlc.core.kernel.templates import generic
+from dlc.core.types import DType
 from dlc.core.kernel import ir as kernel_ir
 from dlc.pipeline import kernel_program, lower
 from dlc.program import make_program
@@ -70,6 +73,30 @@ def test_kernel_programs_keep_the_contract_with_and_without_templates(path):
         if path.stem in ("lstm_digits", "rnn_digits"):  # recurrent layers run as loops, not unrolled
             assert any(isinstance(k, Loop) for k in program.kernels)
             assert "loop " in format_program(expanded)
+
+
+def test_multiply_adds_count_the_generic_meanings_products():
+    """A GEMM-like template's multiply-adds (the roofline's work) are its output's size
+    times its reduction's in the generic loop nest; its bytes, every buffer's once."""
+    f32 = DType.f32
+    x, w = Buffer("x", f32, (2, 3, 8, 9), "arena"), Buffer("w", f32, (4, 3, 3, 5), "arena")
+    y, dw = Buffer("y", f32, (2, 4, 8, 9), "arena"), Buffer("dw", f32, (4, 3, 3, 5), "arena")
+    a, b, c = Buffer("a", f32, (7, 5), "arena"), Buffer("b", f32, (6, 7), "arena"), Buffer("c", f32, (5, 6), "arena")
+    same = {"stride": (1, 1), "pad": (1, 2)}
+    templates = [Template("conv2d", (x, w), y, same),
+                 Template("conv2d_bwd_filter", (x, y), dw, {**same, "kernel": (3, 5)}),
+                 Template("conv2d_bwd_data", (y, w), x, {**same, "in_hw": (8, 9)}),  # "same" padding
+                 Template("matmul", (a, b), c, {"ta": True, "tb": True})]
+    assert {t.op for t in templates} == set(MULTIPLY_ADDS)
+    counter = iter(range(1000))
+    ex = Exprs()
+    for t in templates:
+        nest = generic(t, ex, lambda extent: ex.var(f"v{next(counter)}", extent))[0]
+        reduced = [v.extent for e in walk_ex([s.value for s in nest.stores]) if isinstance(e, Reduce) for v in e.vars]
+        assert multiply_adds(t) == t.output.size * int(np.prod(reduced)), t.op
+        assert bytes_touched(t) == 4 * sum(buf.size for buf in t.inputs + (t.output,))
+    assert multiply_adds(templates[0]) == 2 * 4 * 8 * 9 * 3 * 3 * 5
+    assert multiply_adds(Template("colsum", (a,), Buffer("s", f32, (5,), "arena"), {"axes": (0,)})) == 0
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

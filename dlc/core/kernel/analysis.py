@@ -127,6 +127,12 @@ def buffers_of(part) -> list[Buffer]:
     return list(seen.values())
 
 
+def bytes_touched(part) -> int:
+    """The bytes of every buffer a part reads or writes: what it must move at least (each
+    buffer once), for rooflines."""
+    return sum(buf.size * buf.dtype.np.itemsize for buf in buffers_of(part))
+
+
 def all_kernels(entries) -> list[Kernel]:
     """Every Kernel of a program's (or a loop body's) entries, those inside loops too, in order."""
     out = []

@@ -266,6 +266,33 @@ TEMPLATES: dict[str, Callable] = {
 }
 
 
+def _conv_multiply_adds(t: Template) -> int:
+    """Every output element of the forward convolution takes C*KH*KW products; both
+    gradients take the same products in another order."""
+    weights = t.output if t.op == "conv2d_bwd_filter" else t.inputs[1]
+    grid = t.inputs[1] if t.op == "conv2d_bwd_filter" else t.inputs[0] if t.op == "conv2d_bwd_data" else t.output
+    n, o, oh, ow = grid.shape
+    return n * o * oh * ow * math.prod(weights.shape[1:])
+
+
+def _matmul_multiply_adds(t: Template) -> int:
+    a = t.inputs[0]
+    return math.prod(t.output.shape) * (a.shape[0] if t.attrs.get("ta") else a.shape[1])
+
+
+# the kinds whose work is multiply-adds (the GEMM-like ones), for rooflines
+MULTIPLY_ADDS: dict[str, Callable[[Template], int]] = {
+    "matmul": _matmul_multiply_adds, "conv2d": _conv_multiply_adds, "conv2d_bwd_data": _conv_multiply_adds,
+    "conv2d_bwd_filter": _conv_multiply_adds,
+}
+
+
+def multiply_adds(part) -> int:
+    """A matmul's or convolution's multiply-adds; 0 for every other part."""
+    fn = MULTIPLY_ADDS.get(part.op) if isinstance(part, Template) else None
+    return fn(part) if fn else 0
+
+
 def generic(t: Template, x: Exprs, fresh) -> list[LoopNest]:
     """The template as loop nests: its output, then its epilogue."""
     nest = _output_nest(x, t, TEMPLATES[t.op](_Gen(x, fresh), t), fresh)
