@@ -676,6 +676,9 @@ CONV_TEMPLATES = [
     _conv("conv2d", [(1, 48, 20, 20), (9, 48, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch1-blocks"),
     # K = 47*9 = 423: two K blocks of 212 rows, the boundary inside a channel's taps (and below)
     _conv("conv2d", [(1, 47, 7, 9), (13, 47, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-kblock-mid-channel"),
+    # stride 2 and gathers over one or two planes
+    _conv("conv2d", [(2, 2, 9, 11), (5, 2, 3, 3)], np_conv2d, _s((2, 2), (1, 1)), "t-stride2-few-planes"),
+    _conv("conv2d", [(1, 1, 10, 9), (5, 1, 3, 2)], np_conv2d, _s((3, 3), (1, 0)), "t-gather-few-planes"),
     _conv("conv2d_bwd_data", [(2, 3, 4, 4), (3, 5, 1, 1)], np_conv2d_bwd_data,
           dict(_s((2, 2), (0, 0)), in_hw=(8, 7)), "t-1x1-stride2"),
     _conv("conv2d_bwd_data", [(5, 19, 9, 11), (19, 17, 3, 3)], np_conv2d_bwd_data,

@@ -243,11 +243,14 @@ def test_resuming_the_saved_file_moves_nothing_aside(tmp_path):
     assert history.previous is None and sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
 
 
+# Ctrl-C as the first step is submitted: the signal, then a wait the handler's
+# KeyboardInterrupt ends (the interpreter runs handlers between bytecodes: without the
+# wait, the code after the call could run first, with this fake's None for a step)
 _CTRL_C_WHILE_COMPILING = """
-import os, signal, sys
+import os, signal, sys, time
 from dlc.cli import main
 from dlc.runtime.trainer import Session
-Session.submit = lambda *args: os.kill(os.getpid(), signal.SIGINT)
+Session.submit = lambda *args: (os.kill(os.getpid(), signal.SIGINT), time.sleep(60))
 sys.exit(main(sys.argv[1:]))
 """
 

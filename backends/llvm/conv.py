@@ -38,7 +38,7 @@ from dlc.core.kernel import Template
 
 from .emit import emit_bounded, store_all
 from .gemm import (_ADD_C, _EPILOGUE, GemmPlan, GemmSpec, _emit_kernel, _emit_pack_b, _Layout, _Vec,
-                   plan_gemm)
+                   free_masks, plan_gemm)
 from .irutil import F32, I1, I32, I64, PTR, VOID, for_range, gep, i64, set_target, smax, smin, split
 
 _KC = {4: 256, 8: 256, 16: 384}
@@ -270,12 +270,16 @@ class _Kernels:
             fn = _emit_kernel(mb.module, mb.fresh_name("convk"), plan, lay, spec, w, mb.target, edge=edge)
             fn.attributes.add("noinline")
             return fn
-        self.full = mb.helper(("convk", plan, lay, False), lambda: kernel(False))
         self.edge = mb.helper(("convk", plan, lay, True), lambda: kernel(True))
+        # the edge kernel does every tile where masks cost nothing (gemm.free_masks)
+        self.full = None if free_masks(mb.target) else mb.helper(("convk", plan, lay, False), lambda: kernel(False))
         self.mr, self.nr = plan.mr, plan.nv * w
 
     def tile(self, b, ap, bp, cp, kcur, mode, rows, cols):
         null = ir.Constant(PTR, None)
+        if self.full is None:
+            b.call(self.edge, [ap, bp, cp, null, kcur, mode, smin(b, rows, i64(self.mr)), smin(b, cols, i64(self.nr))])
+            return
         full = b.and_(b.icmp_signed(">=", rows, i64(self.mr)), b.icmp_signed(">=", cols, i64(self.nr)))
         with b.if_else(full, likely=True) as (then, otherwise):
             with then:
