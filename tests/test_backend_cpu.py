@@ -236,3 +236,40 @@ def test_artifact_reader_checks_versions(tmp_path, monkeypatch):
     monkeypatch.setattr(artifact, "__version__", "99.0")
     with pytest.raises(dlc.DlcError, match="built by dlc"):
         artifact.read(path)
+
+
+def _numbered_modules(target, count: int) -> list:
+    """Modules q0.. each defining `i32 f<i>()` returning i."""
+    from llvmlite import ir
+    modules = []
+    for i in range(count):
+        m = ir.Module(name=f"q{i}")
+        m.triple = target.triple
+        fn = ir.Function(m, ir.FunctionType(ir.IntType(32), []), name=f"f{i}")
+        ir.IRBuilder(fn.append_basic_block()).ret(ir.Constant(ir.IntType(32), i))
+        modules.append(m)
+    return modules
+
+
+def test_compiler_processes_take_modules_from_a_queue(monkeypatch):
+    """Two processes take five modules largest first; the objects come back in module
+    order, and a module that fails in whichever process took it fails the compile with
+    its reason (the other process is still collected)."""
+    import ctypes
+    from dlc.backends.llvm import jit
+    from dlc.backends.llvm.target import Target
+    target = Target.host(2)
+    modules = _numbered_modules(target, 5)
+    out = jit.compile_modules(modules, target, workers=2, sizes=[1, 5, 2, 4, 3])
+    engine = jit.Engine(out.objects, target)
+    assert [ctypes.CFUNCTYPE(ctypes.c_int32)(engine.address(f"f{i}"))() for i in range(5)] == list(range(5))
+
+    real = jit._compile_one
+
+    def failing(module, target):
+        if module.name == "q3":
+            raise ValueError("q3 does not compile")
+        return real(module, target)
+    monkeypatch.setattr(jit, "_compile_one", failing)
+    with pytest.raises(RuntimeError, match="compiling a module failed: .*q3 does not compile"):
+        jit.compile_modules(modules, target, workers=2)

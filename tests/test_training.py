@@ -245,11 +245,13 @@ def test_resuming_the_saved_file_moves_nothing_aside(tmp_path):
 
 # Ctrl-C as the first step is submitted: the signal, then a wait the handler's
 # KeyboardInterrupt ends (the interpreter runs handlers between bytecodes: without the
-# wait, the code after the call could run first, with this fake's None for a step)
+# wait, the code after the call could run first, with this fake's None for a step). The
+# handler is set first: a process started in the background inherits SIGINT ignored.
 _CTRL_C_WHILE_COMPILING = """
 import os, signal, sys, time
 from dlc.cli import main
 from dlc.runtime.trainer import Session
+signal.signal(signal.SIGINT, signal.default_int_handler)
 Session.submit = lambda *args: (os.kill(os.getpid(), signal.SIGINT), time.sleep(60))
 sys.exit(main(sys.argv[1:]))
 """
