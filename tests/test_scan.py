@@ -240,15 +240,22 @@ def test_scan_gradient_matches_finite_differences(name):
         np.testing.assert_allclose(again[k], grads[k], rtol=1e-12, atol=1e-12, err_msg=k)
 
 
-def test_scans_on_cpu_match_reference():
-    """Every case (an integer carry, reverse, no sequences, nesting: the layers' rows cover
-    the rest) with its gradients, as loops on the native backend, in one module."""
+
+def _all_cases_merged():
+    """Every case with its gradients as one graph (inputs and results prefixed r<i>.), and
+    the feeds."""
     graphs, feeds = [], {}
     for i, name in enumerate(CASES):
         g, _, f = _graph(name)
         graphs.append(autodiff(g))
         feeds.update({f"r{i}.{k}": v for k, v in f.items()})
-    merged = merge(graphs)
+    return merge(graphs), feeds
+
+
+def test_scans_on_cpu_match_reference():
+    """Every case (an integer carry, reverse, no sequences, nesting: the layers' rows cover
+    the rest) with its gradients, as loops on the native backend, in one module."""
+    merged, feeds = _all_cases_merged()
     want = run_graph(merged, feeds)
     got = run_cpu(merged, feeds)
     for k, w in want.items():
@@ -259,12 +266,7 @@ def test_scans_emulated_on_cuda_match_reference():
     """The same cases through the CUDA backend: each Loop a host loop of launches whose
     kernels compute their views from the loop variables (a nested loop's from both), the
     generated CUDA C run on the host (tests/cuda_host)."""
-    graphs, feeds = [], {}
-    for i, name in enumerate(CASES):
-        g, _, f = _graph(name)
-        graphs.append(autodiff(g))
-        feeds.update({f"r{i}.{k}": v for k, v in f.items()})
-    merged = merge(graphs)
+    merged, feeds = _all_cases_merged()
     want = run_graph(merged, feeds)
     source, layout = CUDA.render(kernel_program(lower(merged, 1), CUDA.templates), CUDA.target({"arch": "sm_90"}))
     step = HostStep(source, layout)
