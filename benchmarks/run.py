@@ -88,6 +88,14 @@ def dlc_forward(path: Path, batch: int, threads: int | None):
     return lambda: program.run({name: x})
 
 
+def gemm_model(n: int) -> Path:
+    """models/gemm.dln at N = n, written to a temporary folder."""
+    src = (HERE / "models" / "gemm.dln").read_text().replace("N]", f"{n}]").replace("[N,", f"[{n},")
+    path = Path(tempfile.mkdtemp()) / f"gemm{n}.dln"
+    path.write_text(src.replace("f32[B, N]", f"f32[B, {n}]"))
+    return path
+
+
 def compile_times(path: Path, threads: int | None) -> tuple[float, float]:
     """(cold, warm) seconds from loading the .dln to a compiled training step ready to
     run: cold with an empty compile cache, warm with the cache the cold run filled."""
@@ -325,9 +333,7 @@ def main() -> int:
         # GEMM against numpy's BLAS (forward of a one-matmul model)
         print("GEMM (float32, N x N @ N x N)")
         for n in (256, 512, 1024, 2048):
-            src = (HERE / "models" / "gemm.dln").read_text().replace("N]", f"{n}]").replace("[N,", f"[{n},")
-            path = Path(tempfile.mkdtemp()) / f"gemm{n}.dln"
-            path.write_text(src.replace("f32[B, N]", f"f32[B, {n}]"))
+            path = gemm_model(n)
             steps = max(1, int((40 if n <= 512 else 8 if n == 1024 else 2) * scale))
             d = median_time(dlc_forward(path, n, threads), steps, repeats)
             a = np.random.rand(n, n).astype(np.float32)
@@ -399,10 +405,7 @@ def main() -> int:
     if section("roofline"):
         import roofline
         n = 1024
-        src = (HERE / "models" / "gemm.dln").read_text().replace("N]", f"{n}]").replace("[N,", f"[{n},")
-        path = Path(tempfile.mkdtemp()) / f"gemm{n}.dln"
-        path.write_text(src.replace("f32[B, N]", f"f32[B, {n}]"))
-        gemm_rate = n ** 3 / median_time(dlc_forward(path, n, threads), max(2, int(8 * scale)), repeats)
+        gemm_rate = n ** 3 / median_time(dlc_forward(gemm_model(n), n, threads), max(2, int(8 * scale)), repeats)
         bytes_rate = roofline.bandwidth(threads)
         print(f"roofline (kernel time per training step; ceilings: dlc's GEMM {gemm_rate / 1e9:.1f} G multiply-adds/s, "
               f"copy bandwidth {bytes_rate / 1e9:.1f} GB/s on {threads} threads)")

@@ -240,7 +240,6 @@ def test_scan_gradient_matches_finite_differences(name):
         np.testing.assert_allclose(again[k], grads[k], rtol=1e-12, atol=1e-12, err_msg=k)
 
 
-
 def _all_cases_merged():
     """Every case with its gradients as one graph (inputs and results prefixed r<i>.), and
     the feeds."""
