@@ -39,7 +39,7 @@ from dlc.core.kernel import Template
 from .emit import emit_bounded, store_all
 from .gemm import (_ADD_C, _EPILOGUE, GemmPlan, GemmSpec, _emit_kernel, _emit_pack_b, _Layout, _Vec,
                    free_masks, plan_gemm)
-from .irutil import F32, I1, I32, I64, PTR, VOID, for_range, gep, i64, set_target, smax, smin, split
+from .irutil import F32, I1, I32, I64, PTR, VOID, for_range, gep, i64, loop, set_target, smin, split
 
 _KC = {4: 256, 8: 256, 16: 384}
 
@@ -115,9 +115,9 @@ def _rows_touched(GW: int, w: int) -> int:
     return max((first + w - 1) // GW - first // GW + 1 for first in range(0, w * GW, w))
 
 
-def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, vec_base, row_stride):
+def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, col0, ncols, dst, vec_base, row_stride, sink):
     """Rows [k_lo, k_hi) x columns [col0, col0 + ncols) of col(src), W columns per vector:
-    row k of vector i is stored at dst + vec_base(i) + (k - k_base) * row_stride. Lanes
+    row k of vector i is stored at dst + vec_base(i) + (k - k_lo) * row_stride. Lanes
     past the last column are zeros. k_lo, k_hi, col0, ncols: i64 values; col0 a multiple
     of W.
 
@@ -140,11 +140,9 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, 
     spread = [ir.Constant(ir.VectorType(I32, w), [(h * w + j) // 2 if j % 2 == 0 else w for j in range(w)])
               for h in range(2)]
     no_lanes = ir.Constant(f.mty, [0] * w)
-    # channels whose every tap is in [k_lo, k_hi), and the partial ones at either end
-    c_full_lo = b.udiv(b.add(k_lo, i64(T - 1)), i64(T))
-    c_full_hi = smax(b, b.udiv(k_hi, i64(T)), c_full_lo)
     c_first = b.udiv(k_lo, i64(T))
     c_last = b.udiv(b.sub(k_hi, i64(1)), i64(T))
+    rows = b.sub(k_hi, k_lo)
     with for_range(b, 0, nvec, "pv") as vi:
         first = b.add(col0, b.mul(vi, i64(w)))
         pos = b.add(v.isplat(first), v.lanes)
@@ -181,15 +179,13 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, 
                     segs.append((at, mask))
                 reads.append(segs)
 
-        def channel(c, guarded):
+        # one body for every channel the block touches: a tap whose row lies outside
+        # [k_lo, k_hi) (a block boundary inside a channel) stores to a sink instead
+        # (a copy of the body per partial channel tripled the packer's code)
+        with for_range(b, c_first, b.add(c_last, i64(1)), "pc") as c:
             chan = b.gep(src, [b.mul(c, i64(plane))], source_etype=F32)
-            row = b.sub(b.mul(c, i64(T)), k_base)  # the row of tap 0
+            row = b.sub(b.mul(c, i64(T)), k_lo)  # the row of tap 0
             for t in range(T):
-                k = b.add(b.mul(c, i64(T)), i64(t))
-                if guarded:
-                    inside = b.and_(b.icmp_signed(">=", k, k_lo), b.icmp_signed("<", k, k_hi))
-                    ctx = b.if_then(inside)
-                    ctx.__enter__()
                 if mode == "gather":
                     x = v.gather(chan, reads[t][0], reads[t][1])
                 else:
@@ -202,61 +198,82 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, k_base, col0, ncols, dst, 
                             x = b.select(m[0], b.shuffle_vector(lo, hi, evens), x)
                         else:
                             x = v.masked_load(ptr, m, x)
-                to = b.gep(out, [b.mul(b.add(row, i64(t)), i64(row_stride))], source_etype=F32)
-                b.store(x, to, align=4)
-                if guarded:
-                    ctx.__exit__(None, None, None)
-
-        with for_range(b, c_full_lo, c_full_hi, "pc") as c:
-            channel(c, False)
-        # a block boundary inside a channel's taps: that channel's rows in range only
-        with b.if_then(b.icmp_signed("<", c_first, c_full_lo)):
-            channel(c_first, True)
-        with b.if_then(b.and_(b.icmp_signed(">=", c_last, c_full_hi),
-                              b.icmp_signed("!=", c_last, b.select(b.icmp_signed("<", c_first, c_full_lo),
-                                                                    c_first, i64(-1))))):
-            channel(c_last, True)
+                r = b.add(row, i64(t))
+                to = b.gep(out, [b.mul(r, i64(row_stride))], source_etype=F32)
+                b.store(x, b.select(b.icmp_unsigned("<", r, rows), to, sink), align=4)
 
 
 def _im2col_fn(mb, g: _Geom, nvp: int, row_stride: int) -> ir.Function:
-    """`void pack(src, dst, i64 k_lo, k_hi, k_base, col0, ncols, panel)`: _pack_im2col as a
+    """`void pack(src, dst, i64 k_lo, k_hi, col0, ncols, panel)`: _pack_im2col as a
     function, built once per geometry and layout and called for every K block (inline,
     each block's copy was the largest code of a convolution). Vector i goes to
     dst + (i / nvp) * panel + (i % nvp) * W."""
     def build():
         w = mb.target.vector_width
-        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR, PTR] + [I64] * 6), name=mb.fresh_name("im2col"))
+        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR, PTR] + [I64] * 5), name=mb.fresh_name("im2col"))
         set_target(fn, mb.target, w)
         fn.attributes.add("noinline")
-        src, dst, k_lo, k_hi, k_base, col0, ncols, panel = fn.args
+        src, dst, k_lo, k_hi, col0, ncols, panel = fn.args
         src.add_attribute("noalias")
         dst.add_attribute("noalias")
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         v = _V(b, w, mb.target.has("fma"))
-        _pack_im2col(b, v, src, g, k_lo, k_hi, k_base, col0, ncols, dst,
+        sink = b.alloca(v.f.ty)
+        _pack_im2col(b, v, src, g, k_lo, k_hi, col0, ncols, dst,
                      lambda vi: b.add(b.mul(b.udiv(vi, i64(nvp)), panel), b.mul(b.urem(vi, i64(nvp)), i64(w))),
-                     row_stride)
+                     row_stride, sink)
         b.ret_void()
         return fn
     return mb.helper(("im2col", g.key, nvp, row_stride), build)
 
 
-def _pack_weights(b, Ap, M, K, kc, mr, value_at):
-    """A[M, K] into MR-row panels per K block (zero rows past M):
-    Ap[kb*kc*Mp + r*kcur + p*mr + i] = A[r + i, kb*kc + p]. value_at(b, i, k) -> f32."""
-    Mp = _cdiv(M, mr) * mr
-    nkb = _cdiv(K, kc)
-    zero = ir.Constant(F32, 0.0)
-    for kb in range(nkb):
-        k0, kcur = kb * kc, min(kc, K - kb * kc)
-        with for_range(b, 0, Mp // mr, "ar") as r:
-            panel = b.gep(Ap, [b.add(i64(kb * kc * Mp), b.mul(r, i64(kcur * mr)))], source_etype=F32)
-            with for_range(b, 0, kcur, "ap") as p:
-                for i in range(mr):
-                    row = b.add(b.mul(r, i64(mr)), i64(i))
-                    ok = b.icmp_signed("<", row, i64(M))
-                    x = value_at(b, smin(b, row, i64(M - 1)), b.add(p, i64(k0)))
-                    b.store(b.select(ok, x, zero), gep(b, panel, b.add(b.mul(p, i64(mr)), i64(i)), F32), align=4)
+def _pack_weights_fn(mb, mr: int) -> ir.Function:
+    """`void packw(W, Ap, i64 M, i64 K, i64 kc, i64 rs, i64 nt, i64 os, i32* taps)`:
+    A[M, K] into MR-row panels per K block of kc (zero rows past M):
+    Ap[kb*kc*Mp + r*kcur + p*mr + i] = A[r + i, kb*kc + p], where
+    A[m, k] = W[m*rs + (k / nt)*os + taps[k % nt]]. Every convolution's weights, whatever
+    their shape, are packed by one of these per build (inline, each layer's copy was a
+    strided loop the vectorizer spent 50-100 ms on)."""
+    def build():
+        w = mb.target.vector_width
+        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR, PTR] + [I64] * 6 + [PTR]),
+                         name=mb.fresh_name("packw"))
+        set_target(fn, mb.target, w)
+        fn.attributes.add("noinline")
+        fn.attributes.add("optsize")
+        W, Ap, M, K, kc, rs, nt, os_, taps = fn.args
+        for arg in (W, Ap, taps):
+            arg.add_attribute("noalias")
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        Mp = b.mul(b.udiv(b.add(M, i64(mr - 1)), i64(mr)), i64(mr))
+        zero = ir.Constant(F32, 0.0)
+        last = b.sub(M, i64(1))
+        nkb = b.udiv(b.add(K, b.sub(kc, i64(1))), kc)
+        with for_range(b, 0, nkb, "kb") as kb:
+            k0 = b.mul(kb, kc)
+            kcur = smin(b, kc, b.sub(K, k0))
+            block = b.gep(Ap, [b.mul(k0, Mp)], source_etype=F32)
+            q0, j0 = b.udiv(k0, nt), b.urem(k0, nt)
+            with for_range(b, 0, Mp, "ar", step=mr) as r:
+                panel = b.gep(block, [b.mul(r, kcur)], source_etype=F32)
+                rows = [b.mul(smin(b, b.add(r, i64(i)), last), rs) for i in range(mr)]
+                keep = [b.icmp_signed("<", b.add(r, i64(i)), M) for i in range(mr)]
+
+                def body(p, carried):
+                    q, j = carried
+                    tap = b.sext(b.load(gep(b, taps, j, I32), typ=I32, align=4), I64)
+                    off = b.add(b.mul(q, os_), tap)
+                    out = b.gep(panel, [b.mul(p, i64(mr))], source_etype=F32)
+                    for i in range(mr):
+                        x = b.load(gep(b, W, b.add(rows[i], off), F32), typ=F32, align=4)
+                        b.store(b.select(keep[i], x, zero), gep(b, out, i64(i), F32), align=4)
+                    j1 = b.add(j, i64(1))
+                    wrap = b.icmp_signed("==", j1, nt)
+                    return [b.select(wrap, b.add(q, i64(1)), q), b.select(wrap, i64(0), j1)]
+                loop(b, 0, kcur, (q0, j0), body, "ap")
+        b.ret_void()
+        return fn
+    return mb.helper(("packw", mr), build)
 
 
 class _Kernels:
@@ -306,7 +323,7 @@ class _Product:
 
     def __init__(self, mb, geom: _Geom, M: int, ldc: int):
         w = mb.target.vector_width
-        self.g, self.M, self.ldc, self.w = geom, M, ldc, w
+        self.mb, self.g, self.M, self.ldc, self.w = mb, geom, M, ldc, w
         self.plan = _plan(M, geom.P, geom.K, w)
         self.mr, self.nr = self.plan.mr, self.plan.nv * w
         nkb = max(1, _cdiv(geom.K, _KC[w]))
@@ -323,8 +340,14 @@ class _Product:
         self.kern = _Kernels(mb, self.plan, lay, None)
         self.im2col = _im2col_fn(mb, geom, self.plan.nv, self.nr)
 
-    def pack_a(self, b, Ap, value_at):
-        _pack_weights(b, Ap, self.M, self.g.K, self.kc, self.mr, value_at)
+    def pack_a(self, b, Ap, W, rs: int, os_: int, taps: list):
+        """Ap <- A[m, k] = W[m*rs + (k // len(taps))*os_ + taps[k % len(taps)]]."""
+        mb = self.mb
+        table = ir.GlobalVariable(mb.module, ir.ArrayType(I32, len(taps)), name=mb.fresh_name("taps"))
+        table.initializer = ir.Constant(table.value_type, taps)
+        table.global_constant, table.linkage = True, "private"
+        b.call(_pack_weights_fn(mb, self.mr), [W, Ap, i64(self.M), i64(self.g.K), i64(self.kc), i64(rs),
+                                                i64(len(taps)), i64(os_), table])
 
     def run(self, b, src, Ap, Bp, C, m_lo, m_hi):
         """C[m, p] for rows [m_lo, m_hi) (multiples of MR but the last), all p."""
@@ -335,7 +358,7 @@ class _Product:
             ncur = smin(b, b.sub(i64(P), jc), i64(nc))
             for kb in range(nkb):  # few K blocks: unrolled, so each has constant sizes
                 k0, kcur = kb * kc, min(kc, K - kb * kc)
-                b.call(self.im2col, [src, Bp, i64(k0), i64(k0 + kcur), i64(k0), jc, ncur, i64(nr * kcur)])
+                b.call(self.im2col, [src, Bp, i64(k0), i64(k0 + kcur), jc, ncur, i64(nr * kcur)])
                 mode = ir.Constant(I32, _EPILOGUE | (_ADD_C if kb else 0))
                 with for_range(b, 0, ncur, "jr", step=nr) as jr:
                     bp = b.gep(Bp, [b.mul(jr, i64(kcur))], source_etype=F32)
@@ -400,9 +423,7 @@ def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     X, Wt, Y = em.pointers[xb.name], em.pointers[wb.name], em.pointers[t.output.name]
     T = KH * KW
 
-    def value_at(b, row, k):  # A[o, c*T + tap] = w[o, c, tap]
-        return b.load(gep(b, Wt, b.add(b.mul(row, i64(C * T)), k), F32), typ=F32, align=4)
-    prod.pack_a(b, Ap, value_at)
+    prod.pack_a(b, Ap, Wt, C * T, T, list(range(T)))  # A[o, c*T + tap] = w[o, c, tap]
     n_lo, n_hi, m_lo, m_hi = _share(b, N, O, prod.mr, tid, nthreads)
     with for_range(b, n_lo, n_hi, "img") as n:
         src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
@@ -469,17 +490,8 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
         if p is None:
             continue
 
-        def value_at(b, row, k, taps=taps):  # A[c, o*taps + tap] = w[o, c, ky, kx]
-            o, tap = b.udiv(k, i64(len(taps))), b.urem(k, i64(len(taps)))
-            table = [ky * KW + kx for ky, kx, _, _ in taps]
-            tap_flat = tap
-            if table != list(range(len(table))):
-                tap_flat = i64(table[0])
-                for j, tf in enumerate(table[1:], 1):
-                    tap_flat = b.select(b.icmp_signed("==", tap, i64(j)), i64(tf), tap_flat)
-            flat = b.add(b.mul(o, i64(C * T)), b.add(b.mul(row, i64(T)), tap_flat))
-            return b.load(gep(b, Wt, flat, F32), typ=F32, align=4)
-        p.pack_a(b, a_of[id(p)], value_at)
+        # A[c, o*taps + j] = w[o, c, ky, kx] for the phase's tap j = (ky, kx)
+        p.pack_a(b, a_of[id(p)], Wt, T, C * T, [ky * KW + kx for ky, kx, _, _ in taps])
     n_lo, n_hi, m_lo, m_hi = _share(b, N, C, mr, tid, nthreads)
     with for_range(b, n_lo, n_hi, "img") as n:
         src = b.gep(G, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
@@ -568,8 +580,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     # rows of dw^T (k = c*T + tap) shared out in MR units
     units = _cdiv(K, mr)
     rows_max = _cdiv(units, 1) * mr  # a thread may get every unit (one thread)
-    bspec = GemmSpec(K, O, P, tb=True)
-    pack_b = _pack_b_fn(mb, plan, bspec, w)
+    pack_b = _pack_b_fn(mb, nv, True)
     im2col = _im2col_fn(mb, g, 1, kc)
     Op = _cdiv(O, nr) * nr
     (Arows, Bp, DWt), total = _carve(b, _scratch_base(mb, em), [rows_max * kc, kc * Op, rows_max * O])
@@ -585,8 +596,8 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
             gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
             with for_range(b, 0, P, "pb", step=kc) as pb:
                 pcur = smin(b, b.sub(i64(P), pb), i64(kc))
-                b.call(im2col, [src, Arows, k_lo, k_hi, k_lo, pb, pcur, i64(w)])
-                b.call(pack_b, [gimg, Bp, pb, pcur, i64(0), i64(O)])
+                b.call(im2col, [src, Arows, k_lo, k_hi, pb, pcur, i64(w)])
+                b.call(pack_b, [gimg, Bp, i64(P), pb, pcur, i64(0), i64(O)])
                 first = b.and_(b.icmp_signed("==", n, i64(0)), b.icmp_signed("==", pb, i64(0)))
                 mode = _mode(b, first)
                 with for_range(b, 0, O, "jr", step=nr) as jr:
@@ -613,9 +624,10 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
                     em.pop()
 
 
-def _pack_b_fn(mb, plan, spec, w):
-    return mb.helper(("convpb", plan, spec), lambda: _emit_pack_b(mb.module, mb.fresh_name("convpb"), plan, spec, w,
-                                                                  mb.target))
+def _pack_b_fn(mb, nv: int, tb: bool):
+    """gemm.py's B packer, the one every GEMM and convolution of the build shares."""
+    return mb.helper(("gemm.pack_b", nv, tb), lambda: _emit_pack_b(
+        mb.module, mb.fresh_name("pack_b"), nv, tb, mb.target.vector_width, mb.target))
 
 
 EMITTERS = {"conv2d": conv2d, "conv2d_bwd_data": conv2d_bwd_data, "conv2d_bwd_filter": conv2d_bwd_filter}

@@ -528,34 +528,33 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
 # --------------------------------------------------------------------------- packing
 
 
-def _emit_pack_a(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
-                 target: Target) -> ir.Function:
-    """void pack_a(A, Ap, i64 ic, i64 mc, i64 pc, i64 kc): MR-row panels, k-major, zero padded.
+def _emit_pack_a(module, name, mr: int, ta: bool, w: int, target: Target) -> ir.Function:
+    """void pack_a(A, Ap, i64 lda, i64 ic, i64 mc, i64 pc, i64 kc): MR-row panels, k-major,
+    zero padded. The leading dimension is an argument, so GEMMs of every shape share one.
 
     Panel r holds rows ic+r .. ic+r+MR-1 as Ap[r*kc + p*MR + i]."""
-    fn = _new_function(module, name, [(PTR, "A"), (PTR, "Ap"), (I64, "ic"), (I64, "mc"),
-                                      (I64, "pc"), (I64, "kc")], target, w, "internal")
+    fn = _new_function(module, name, [(PTR, "A"), (PTR, "Ap"), (I64, "lda"), (I64, "ic"),
+                                      (I64, "mc"), (I64, "pc"), (I64, "kc")], target, w, "internal")
     fn.attributes.add("optsize")
-    src, dst, ic, mc, pc, kc = fn.args
+    src, dst, lda, ic, mc, pc, kc = fn.args
     src.add_attribute("noalias")
     dst.add_attribute("noalias")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     v = _Vec(b, w)
-    mr = plan.mr
-    a_rs, a_cs = (1, spec.a_ld) if spec.ta else (spec.a_ld, 1)
+    a_rs, a_cs = (_i64(1), lda) if ta else (lda, _i64(1))
     # A row-major (not ta) with a small tile: read T values of k from each row as one
     # vector and transpose T x T blocks in registers (T: the power of two >= MR).
     t = 1 << (mr - 1).bit_length()
-    by_blocks = not spec.ta and t <= w
+    by_blocks = not ta and t <= w
     vt = _Vec(b, t)
     with _for_range(b, 0, mc, mr, name="r") as r:
         panel = v.at(dst, b.mul(r, kc))
-        base = v.at(src, b.add(b.mul(b.add(ic, r), _i64(a_rs)), b.mul(pc, _i64(a_cs))))
+        base = v.at(src, b.add(b.mul(b.add(ic, r), a_rs), b.mul(pc, a_cs)))
         rows = b.sub(mc, r)
         full = b.icmp_signed(">=", rows, _i64(mr))
         # Rows past the edge read the last valid row (in bounds) and store zeros.
         last = b.sub(rows, _i64(1))
-        offs = [b.mul(_smin(b, i, last), _i64(a_rs)) for i in range(mr)]
+        offs = [b.mul(_smin(b, i, last), a_rs) for i in range(mr)]
         keep = [b.icmp_signed("<", _i64(i), rows) for i in range(mr)]
         kt = _i64(0)
         if by_blocks:
@@ -574,14 +573,14 @@ def _emit_pack_a(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
         with b.if_else(full) as (then, otherwise):
             with then:
                 with _for_range(b, kt, kc, name="p") as p:
-                    col = v.at(base, b.mul(p, _i64(a_cs)))
+                    col = v.at(base, b.mul(p, a_cs))
                     out = v.at(panel, b.mul(p, _i64(mr)))
                     for i in range(mr):
-                        x = b.load(v.at(col, i * a_rs), typ=F32, align=4)
+                        x = b.load(v.at(col, b.mul(_i64(i), a_rs)), typ=F32, align=4)
                         b.store(x, v.at(out, i), align=4)
             with otherwise:
                 with _for_range(b, kt, kc, name="pe") as p:
-                    col = v.at(base, b.mul(p, _i64(a_cs)))
+                    col = v.at(base, b.mul(p, a_cs))
                     out = v.at(panel, b.mul(p, _i64(mr)))
                     for i in range(mr):
                         x = b.load(v.at(col, offs[i]), typ=F32, align=4)
@@ -591,33 +590,33 @@ def _emit_pack_a(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
     return fn
 
 
-def _emit_pack_b(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
-                 target: Target) -> ir.Function:
-    """void pack_b(B, Bp, i64 pc, i64 kc, i64 jc, i64 nc): NR-column panels, zero padded.
+def _emit_pack_b(module, name, nv: int, tb: bool, w: int, target: Target) -> ir.Function:
+    """void pack_b(B, Bp, i64 ldb, i64 pc, i64 kc, i64 jc, i64 nc): NR-column panels, zero
+    padded. The leading dimension is an argument, so GEMMs of every shape share one.
 
     Panel q holds columns jc+q .. jc+q+NR-1 as Bp[q*kc + p*NR + j]."""
-    fn = _new_function(module, name, [(PTR, "B"), (PTR, "Bp"), (I64, "pc"), (I64, "kc"),
-                                      (I64, "jc"), (I64, "nc")], target, w, "internal")
+    fn = _new_function(module, name, [(PTR, "B"), (PTR, "Bp"), (I64, "ldb"), (I64, "pc"),
+                                      (I64, "kc"), (I64, "jc"), (I64, "nc")], target, w, "internal")
     fn.attributes.add("optsize")  # vector code already: LLVM's unrolling only makes it longer
-    src, dst, pc, kc, jc, nc = fn.args
+    src, dst, ldb, pc, kc, jc, nc = fn.args
     src.add_attribute("noalias")
     dst.add_attribute("noalias")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     v = _Vec(b, w)
-    nv, nr, ldb = plan.nv, plan.nv * w, spec.b_ld
+    nr = nv * w
     with _for_range(b, 0, nc, nr, name="q") as q:
         panel = v.at(dst, b.mul(q, kc))
         cols = b.sub(nc, q)
-        if not spec.tb:
+        if not tb:
             # B[p, j] at B[p*ldb + j]: NR contiguous floats per k, copied as vectors.
-            base = v.at(src, b.add(b.mul(pc, _i64(ldb)), b.add(jc, q)))
+            base = v.at(src, b.add(b.mul(pc, ldb), b.add(jc, q)))
             full = b.icmp_signed(">=", cols, _i64(nr))
             with b.if_else(full) as (then, otherwise):
                 for masked, branch in ((False, then), (True, otherwise)):
                     with branch:
                         masks = [v.mask(j * w, cols) if masked else None for j in range(nv)]
                         with _for_range(b, 0, kc, name="p") as p:
-                            row = v.at(base, b.mul(p, _i64(ldb)))
+                            row = v.at(base, b.mul(p, ldb))
                             out = v.at(panel, b.mul(p, _i64(nr)))
                             for j in range(nv):
                                 v.store(v.load(v.at(row, j * w), masks[j]), v.at(out, j * w))
@@ -626,7 +625,7 @@ def _emit_pack_b(module, name, plan: GemmPlan, spec: GemmSpec, w: int,
             # blocks (W columns, W values of p) and transpose them in registers. Columns
             # past the edge read the last valid column and are replaced by zeros.
             last = b.sub(cols, _i64(1))
-            col_off = [b.mul(b.add(jc, b.add(q, _smin(b, j, last))), _i64(ldb))
+            col_off = [b.mul(b.add(jc, b.add(q, _smin(b, j, last))), ldb)
                        for j in range(nr)]
             col_ok = [b.icmp_signed("<", _i64(j), cols) for j in range(nr)]
             kv = b.mul(b.udiv(kc, _i64(w)), _i64(w))
@@ -662,7 +661,7 @@ def _workspace_layout(spec: GemmSpec, plan: GemmPlan, w: int) -> tuple[int, int]
 
 def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
               plan: GemmPlan | None = None, target: Target | None = None,
-              nthreads: int = 2, tile: TileEpilogue | None = None) -> GemmInfo:
+              nthreads: int = 2, tile: TileEpilogue | None = None, helper=None) -> GemmInfo:
     """Emit `void name(A, B, C, bias, workspace, i32 tid, i32 nthreads)` into `module`
     (plus internal helpers named `name.*`); see the module docstring for the contract.
     With `tile`, the function takes one more pointer per `tile.args` after `nthreads`, and
@@ -673,7 +672,10 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
     target: CPU for the function attributes; the host when None.
     nthreads: the thread count the default plan balances for; the emitted function is
         correct for any count passed at run time.
+    helper: `helper(key, build)` returns the packer `build()` made for `key` (one shared
+        by every GEMM of the build: codegen.ModuleBuilder.helper); None: build each here.
     """
+    helper = helper or (lambda key, build: build())
     w = vector_width
     if w not in _MAX_ACCUMULATORS:
         raise ValueError(f"vector_width must be 4, 8 or 16, not {w}")
@@ -715,10 +717,10 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
         def limits(rows, cols):
             return [_i64(mr), _i64(nr)]
     kern.attributes.add("noinline")
-    pack_a = _emit_pack_a(module, f"{name}.pack_a", plan, spec, w, target) \
-        if plan.pack_a else None
-    pack_b = _emit_pack_b(module, f"{name}.pack_b", plan, spec, w, target) \
-        if plan.pack_b else None
+    pack_a = helper(("gemm.pack_a", mr, spec.ta), lambda: _emit_pack_a(
+        module, f"{name}.pack_a", mr, spec.ta, w, target)) if plan.pack_a else None
+    pack_b = helper(("gemm.pack_b", plan.nv, spec.tb), lambda: _emit_pack_b(
+        module, f"{name}.pack_b", plan.nv, spec.tb, w, target)) if plan.pack_b else None
 
     extra = [(PTR, f"e.{n}") for n in tile.args] if tile is not None else []
     fn = _new_function(module, name, [(PTR, "A"), (PTR, "B"), (PTR, "C"), (PTR, "bias"),
@@ -760,11 +762,11 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
             mode = b.or_(b.select(add_c, ir.Constant(I32, _ADD_C), ir.Constant(I32, 0)),
                          b.select(last, ir.Constant(I32, _EPILOGUE), ir.Constant(I32, 0)))
             if pack_b is not None:
-                b.call(pack_b, [B, b_pack_buf, pc, kcur, jc, nc])
+                b.call(pack_b, [B, b_pack_buf, _i64(spec.b_ld), pc, kcur, jc, nc])
             with _for_range(b, i0, i1, plan.mc, name="ic") as ic:
                 mc = _smin(b, b.sub(i1, ic), plan.mc)
                 if pack_a is not None:
-                    b.call(pack_a, [A, a_pack_buf, ic, mc, pc, kcur])
+                    b.call(pack_a, [A, a_pack_buf, _i64(spec.a_ld), ic, mc, pc, kcur])
 
                 def tile(ir_, jr):
                     if plan.pack_a:

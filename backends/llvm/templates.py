@@ -117,7 +117,8 @@ def matmul(mb, em, t: Template, tid, nthreads) -> None:
     key = (mb.modules.index(mb.module), spec, tile.key if tile else None)  # one function per shape and module
     if key not in mb.gemms:
         name = f"gemm.{key[0]}.{len(mb.gemms)}.{mb.tag}"
-        mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=mb.target, tile=tile)
+        mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=mb.target, tile=tile,
+                                  helper=mb.helper)
     info = mb.gemms[key]
     mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, info.workspace_bytes)
     fn = mb.module.globals[info.name]
