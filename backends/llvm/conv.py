@@ -31,6 +31,7 @@ thread computed, so no barrier separates them.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 
 from llvmlite import ir
 
@@ -281,33 +282,40 @@ def _pack_weights_fn(mb, mr: int) -> ir.Function:
 
 
 class _Kernels:
-    """The two microkernels (full, edge) for one operand layout, emitted once per module."""
+    """The two microkernels (full, edge) for one operand layout, built once per build:
+    the unpacked A's row stride and C's row stride are arguments, so layers of different
+    sizes share them."""
 
-    def __init__(self, mb, plan: GemmPlan, lay: _Layout, key):
+    def __init__(self, mb, plan: GemmPlan, lay: _Layout):
         w = mb.target.vector_width
         spec = GemmSpec(1, 1, 1)  # no bias, no ReLU: the epilogue is the template's
+        self.strides = [i64(x) for x in (None if lay.a_packed else lay.a_rs, lay.ldc) if x is not None]
+        generic = replace(lay, a_rs=lay.a_rs if lay.a_packed else None, ldc=None)
+        plan = replace(plan, kc=0)  # the kernel takes kc as an argument
 
         def kernel(edge: bool):
-            fn = _emit_kernel(mb.module, mb.fresh_name("convk"), plan, lay, spec, w, mb.target, edge=edge)
+            fn = _emit_kernel(mb.module, mb.fresh_name("convk"), plan, generic, spec, w, mb.target, edge=edge)
             fn.attributes.add("noinline")
             return fn
-        self.edge = mb.helper(("convk", plan, lay, True), lambda: kernel(True))
+        self.edge = mb.helper(("convk", plan, generic, True), lambda: kernel(True))
         # the edge kernel does every tile where masks cost nothing (gemm.free_masks)
-        self.full = None if free_masks(mb.target) else mb.helper(("convk", plan, lay, False), lambda: kernel(False))
+        self.full = None if free_masks(mb.target) else mb.helper(("convk", plan, generic, False),
+                                                                  lambda: kernel(False))
         self.mr, self.nr = plan.mr, plan.nv * w
 
     def tile(self, b, ap, bp, cp, kcur, mode, rows, cols):
         null = ir.Constant(PTR, None)
         if self.full is None:
-            b.call(self.edge, [ap, bp, cp, null, kcur, mode, smin(b, rows, i64(self.mr)), smin(b, cols, i64(self.nr))])
+            b.call(self.edge, [ap, bp, cp, null, kcur, mode, smin(b, rows, i64(self.mr)),
+                               smin(b, cols, i64(self.nr))] + self.strides)
             return
         full = b.and_(b.icmp_signed(">=", rows, i64(self.mr)), b.icmp_signed(">=", cols, i64(self.nr)))
         with b.if_else(full, likely=True) as (then, otherwise):
             with then:
-                b.call(self.full, [ap, bp, cp, null, kcur, mode, i64(self.mr), i64(self.nr)])
+                b.call(self.full, [ap, bp, cp, null, kcur, mode, i64(self.mr), i64(self.nr)] + self.strides)
             with otherwise:
                 b.call(self.edge, [ap, bp, cp, null, kcur, mode, smin(b, rows, i64(self.mr)),
-                                   smin(b, cols, i64(self.nr))])
+                                   smin(b, cols, i64(self.nr))] + self.strides)
 
 
 def _plan(M, N, K, w):
@@ -341,7 +349,7 @@ class _Product:
         self.a_floats = self.Mp * geom.K
         self.b_floats = self.kc * self.nc
         lay = _Layout(a_rs=1, a_cs=self.mr, b_rs=self.nr, ldc=ldc, a_packed=True, b_packed=True)
-        self.kern = _Kernels(mb, self.plan, lay, None)
+        self.kern = _Kernels(mb, self.plan, lay)
         self.im2col = _im2col_fn(mb, geom, self.nr)
 
     def pack_a(self, b, Ap, W, rs: int, os_: int, taps: list):
@@ -581,7 +589,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     kc = min(_cdiv(P, w) * w, _KC[w] // w * w)      # positions per block (the GEMM's K)
     plan = GemmPlan(mr=mr, nv=nv, kc=kc, mc=0, nc=0, pack_a=False, pack_b=True, split="m")
     lay = _Layout(a_rs=kc, a_cs=1, b_rs=nr, ldc=O, a_packed=False, b_packed=True)
-    kern = _Kernels(mb, plan, lay, None)
+    kern = _Kernels(mb, plan, lay)
     # rows of dw^T (k = c*T + tap) shared out in MR units
     units = _cdiv(K, mr)
     rows_max = _cdiv(units, 1) * mr  # a thread may get every unit (one thread)

@@ -376,11 +376,13 @@ def _new_function(module, name, args, target, w, linkage=None) -> ir.Function:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where the microkernel finds its operands (strides in elements, compile time)."""
-    a_rs: int          # A element (i, p) at a + i*a_rs + p*a_cs
+    """Where the microkernel finds its operands (strides in elements, compile time; a_rs
+    and ldc may be None: then they are arguments, so one kernel serves operands of
+    several shapes)."""
+    a_rs: int | None   # A element (i, p) at a + i*a_rs + p*a_cs
     a_cs: int
     b_rs: int          # B element (p, j) at b + p*b_rs + j
-    ldc: int
+    ldc: int | None
     a_packed: bool
     b_packed: bool
 
@@ -396,24 +398,32 @@ def free_masks(target: Target) -> bool:
 def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: int,
                  target: Target, edge: bool, tile: TileEpilogue | None = None) -> ir.Function:
     """void kernel(a, b, c, bias, i64 kc, i32 mode, i64 m_valid, i64 n_valid
-                   [, i64 row, i64 col, ptr <tile.args>...]).
+                   [, i64 row, i64 col, ptr <tile.args>...] [, i64 a_rs] [, i64 ldc]).
 
     The full kernel ignores m_valid/n_valid; the edge kernel stores only rows < m_valid
     and columns < n_valid, and reads unpacked operands only inside those bounds. With a
     tile epilogue, (row, col) is the tile's place in C and the extra pointers are the
-    epilogue's buffers.
+    epilogue's buffers. a_rs and ldc are arguments where the layout leaves them None.
     """
     args = [(PTR, "a"), (PTR, "b"), (PTR, "c"), (PTR, "bias"), (I64, "kc"), (I32, "mode"),
             (I64, "m_valid"), (I64, "n_valid")]
     if tile is not None:
         args += [(I64, "row"), (I64, "col")] + [(PTR, f"e.{n}") for n in tile.args]
+    strides = [name for name, value in (("a_rs", lay.a_rs), ("ldc", lay.ldc)) if value is None]
+    args += [(I64, name) for name in strides]
     fn = _new_function(module, name, args, target, w, linkage="internal")
-    for i in list(range(4)) + list(range(10, len(args))):
+    for i in list(range(4)) + list(range(10, len(args) - len(strides))):
         fn.args[i].add_attribute("noalias")
     a, bp, c, bias, kc, mode, m_valid, n_valid = fn.args[:8]
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     v = _Vec(b, w, fused=target.has("fma"))
     mr, nv = plan.mr, plan.nv
+    given = dict(zip(strides, fn.args[len(args) - len(strides):]))
+    a_rs, ldc = given.get("a_rs", lay.a_rs), given.get("ldc", lay.ldc)
+
+    def times(i: int, stride, plus: int = 0):
+        """i * stride + plus: an int where the stride is a constant."""
+        return i * stride + plus if isinstance(stride, int) else b.add(b.mul(_i64(i), stride), _i64(plus))
 
     # Row offsets into A; the edge kernel clamps rows past m_valid onto the last valid one
     # (their results are never stored) so unpacked A is never read out of bounds.
@@ -421,16 +431,16 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
     for i in range(mr):
         if edge and not lay.a_packed and i > 0:
             row = _smin(b, i, b.sub(m_valid, _i64(1)))
-            row_off.append(b.mul(row, _i64(lay.a_rs)))
+            row_off.append(b.mul(row, _i64(a_rs)))
         else:
-            row_off.append(_i64(i * lay.a_rs))
+            row_off.append(_i64(times(i, a_rs)))
     col_mask = [v.mask(j * w, n_valid) if edge else None for j in range(nv)]
     b_mask = col_mask if not lay.b_packed else [None] * nv
 
     if plan.prefetch_c:
         for i in range(mr):
             for j in range(nv):
-                v.prefetch(v.at(c, i * lay.ldc + j * w), write=True)
+                v.prefetch(v.at(c, times(i, ldc, j * w)), write=True)
 
     acc = [[b.alloca(v.ty, name=f"acc{i}_{j}") for j in range(nv)] for i in range(mr)]
     # the tile epilogue runs as a loop over the tile's rows (its code once, not MR times:
@@ -482,7 +492,7 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
                 b.cbranch(b.icmp_signed("<", _i64(i), m_valid), then, done)
                 b.position_at_end(then)
             for j in range(nv):
-                ptr = v.at(c, i * lay.ldc + j * w)
+                ptr = v.at(c, times(i, ldc, j * w))
                 x = b.load(acc[i][j], typ=v.ty)
                 x = b.select(add_c, b.fadd(x, v.load(ptr, col_mask[j])), x)
                 if spec.bias or spec.relu:
@@ -504,7 +514,7 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
                 b.store(b.load(acc[i][j], typ=v.ty), slot(_i64(i), j))
         with _for_range(b, 0, m_valid if edge else mr, name="row") as i:
             for j in range(nv):
-                ptr = v.at(c, b.add(b.mul(i, _i64(lay.ldc)), _i64(j * w)))
+                ptr = v.at(c, b.add(b.mul(i, _i64(ldc)), _i64(j * w)))
                 x = b.load(slot(i, j), typ=v.ty)
                 x = b.select(add_c, b.fadd(x, v.load(ptr, col_mask[j])), x)
                 x = b.fadd(x, bias_vec[j]) if spec.bias else x
