@@ -263,7 +263,7 @@ class Emitter:
         else:  # argmax: (best value, its index)
             init = [ir.Constant(body_t, -math.inf if body.dtype.is_float else -(2 ** 31)), i32(0)]
 
-        groups = self._merged(vars_, body)
+        groups = self._merged(vars_, [body])
 
         def nest(level: int, carried):
             group = groups[level]
@@ -285,15 +285,16 @@ class Emitter:
         result = nest(0, init)
         return result[0] if op != "argmax" else result[1]
 
-    def _merged(self, vars_, body) -> list[list]:
-        """The reduction's loops, adjacent variables merged into one loop where every
-        index uses them only as a * extent(b) + b (a contiguous run, like the H and W of
-        a plane): the merged loop binds b to 0 .. extent(a)*extent(b)-1 and a to 0, which
-        addresses the same elements in the same order, in one long loop that vectorizes
-        with one horizontal reduction at its end instead of one per row."""
+    def _merged(self, vars_, exprs, flats=()) -> list[list]:
+        """Loops over `vars_` (of a reduction, or of stores at `flats` of `exprs`), adjacent
+        variables merged into one loop where every index uses them only as a * extent(b)
+        + b (a contiguous run, like the H and W of a plane): the merged loop binds b to
+        0 .. extent(a)*extent(b)-1 and a to 0, which addresses the same elements in the
+        same order, in one long loop that vectorizes (with one horizontal reduction at its
+        end instead of one per row)."""
         from dlc.core.kernel import Index, Load, Rand, walk_ex
-        indices = []
-        for x in walk_ex([body]):
+        indices = list(flats)
+        for x in walk_ex(exprs):
             if isinstance(x, Load):
                 indices.append(x.index)
             elif isinstance(x, Index):
@@ -436,15 +437,25 @@ def _inner_loops(em: Emitter, nest: LoopNest, vars_) -> None:
 
 
 def emit_bounded(em: Emitter, nest: LoopNest, bounds: dict) -> None:
-    """All loops of the nest with explicit ranges (epilogues over a template's share)."""
+    """All loops of the nest with explicit ranges (epilogues over a template's share);
+    the full-range loops after the last bounded one are merged where they address memory
+    contiguously (an epilogue over 10x10 planes: one loop of 100, which vectorizes,
+    rather than rows of 10, which do not)."""
     vars_ = list(nest.outer) + list(nest.inner)
+    stores = nest.row_stores + nest.stores
+    n_bounded = max((k + 1 for k, v in enumerate(vars_) if v.name in bounds), default=0)
+    groups = [[v] for v in vars_[:n_bounded]]
+    if n_bounded < len(vars_):
+        groups += em._merged(vars_[n_bounded:], [s.value for s in stores], [s.flat for s in stores])
 
     def level(k):
-        if k == len(vars_):
-            store_all(em, nest.row_stores + nest.stores)
+        if k == len(groups):
+            store_all(em, stores)
             return
-        var = vars_[k]
-        lo, hi = bounds.get(var.name, (i64(0), i64(var.extent)))
+        *merged, var = groups[k]
+        for outer in merged:  # merged into `var`'s loop (see Emitter._merged)
+            em.vars[outer.name] = i64(0)
+        lo, hi = bounds.get(var.name, (i64(0), i64(math.prod(v.extent for v in groups[k]))))
 
         def body(i, _):
             em.vars[var.name] = i
