@@ -593,7 +593,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     # rows of dw^T (k = c*T + tap) shared out in MR units
     units = _cdiv(K, mr)
     rows_max = _cdiv(units, 1) * mr  # a thread may get every unit (one thread)
-    pack_b = _pack_b_fn(mb, nv, True)
+    pack_b = _pack_b_fn(mb, True)
     im2col = _im2col_fn(mb, g, kc)
     Op = _cdiv(O, nr) * nr
     (Arows, Bp, DWt), total = _carve(b, _scratch_base(mb, em), [rows_max * kc, kc * Op, rows_max * O])
@@ -610,7 +610,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
             with for_range(b, 0, P, "pb", step=kc) as pb:
                 pcur = smin(b, b.sub(i64(P), pb), i64(kc))
                 b.call(im2col, [src, Arows, k_lo, k_hi, pb, pcur, i64(1), i64(w)])
-                b.call(pack_b, [gimg, Bp, i64(P), pb, pcur, i64(0), i64(O)])
+                b.call(pack_b, [gimg, Bp, i64(P), pb, pcur, i64(0), i64(O), i64(nr)])
                 first = b.and_(b.icmp_signed("==", n, i64(0)), b.icmp_signed("==", pb, i64(0)))
                 mode = _mode(b, first)
                 with for_range(b, 0, O, "jr", step=nr) as jr:
@@ -637,10 +637,10 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
                     em.pop()
 
 
-def _pack_b_fn(mb, nv: int, tb: bool):
+def _pack_b_fn(mb, tb: bool):
     """gemm.py's B packer, the one every GEMM and convolution of the build shares."""
-    return mb.helper(("gemm.pack_b", nv, tb), lambda: _emit_pack_b(
-        mb.module, mb.fresh_name("pack_b"), nv, tb, mb.target.vector_width, mb.target))
+    return mb.helper(("gemm.pack_b", tb), lambda: _emit_pack_b(
+        mb.module, mb.fresh_name("pack_b"), tb, mb.target.vector_width, mb.target))
 
 
 EMITTERS = {"conv2d": conv2d, "conv2d_bwd_data": conv2d_bwd_data, "conv2d_bwd_filter": conv2d_bwd_filter}
