@@ -273,3 +273,31 @@ def test_compiler_processes_take_modules_from_a_queue(monkeypatch):
     monkeypatch.setattr(jit, "_compile_one", failing)
     with pytest.raises(RuntimeError, match="compiling a module failed: .*q3 does not compile"):
         jit.compile_modules(modules, target, workers=2)
+
+
+def test_sums_over_one_channel_run_as_one_pass(tmp_path, monkeypatch):
+    """A batchnorm gradient's sums over a channel (and the one that needs their result,
+    split into sums that do not) run in one loop nest: fewer loops than emitted one sum
+    at a time, and the same training step."""
+    from dlc.backends.llvm.emit import Emitter
+    m = example_models.load(EXAMPLES[0].parent / "resnet_bn.dln")
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    feeds = _example_feeds(m, 13, np.random.default_rng(0))
+
+    def build_and_run(tag):
+        mb = ModuleBuilder(kernel_program(lower(graph, 13), CPU.templates), CPU.target({"threads": 2}))
+        mb.build()
+        loops = sum(str(mod).count(".head:") for mod in mb.modules)
+        state = {k: v.copy() for k, v in m.state.items()}
+        out = make_program("cpu", graph, state, options={"cache_dir": tmp_path / tag}).run(feeds)
+        return loops, out, state
+
+    fused_loops, fused, fused_state = build_and_run("fused")
+    monkeypatch.setattr(Emitter, "group_sums", lambda self, exprs, bound: None)
+    loops, plain, plain_state = build_and_run("plain")
+    assert fused_loops < loops
+    for k in plain:
+        np.testing.assert_allclose(fused[k], plain[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for k in plain_state:
+        np.testing.assert_allclose(fused_state[k], plain_state[k], rtol=1e-4, atol=1e-6, err_msg=k)

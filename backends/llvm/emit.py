@@ -212,6 +212,8 @@ class Emitter:
         self.vars: dict[str, ir.Value] = {}
         self.scopes: list[dict[int, ir.Value]] = [{}]
         self.free_vars = FreeVars()
+        self.siblings: dict[int, list] = {}  # id(sum) -> the sums to compute with it (group_sums)
+        self.rewritten: dict[int, tuple] = {}  # id(sum) -> (its split form, the new sums) (group_sums)
 
     # scopes: a value computed in a loop body is only reused inside that body
     def push(self):
@@ -249,41 +251,134 @@ class Emitter:
         h = fmix32(b, b.xor(b.mul(b.trunc(self.ix(e.flat), I32), i32(GOLDEN)), key))
         return b.fmul(b.uitofp(b.lshr(h, i32(8)), F32), ir.Constant(F32, 2.0 ** -24))
 
-    def reduce(self, e: Reduce) -> ir.Value:
-        op, vars_, body = e.op, e.vars, e.body
-        b = self.b
-        if not vars_:  # a reduction over no axes is the value itself
-            return self.value(body)
-        t = value_type(e.dtype)
-        body_t = value_type(body.dtype)
-        if op == "sum":
-            init = [ir.Constant(t, 0.0 if e.dtype.is_float else 0)]
-        elif op == "max":
-            init = [ir.Constant(t, -math.inf if e.dtype.is_float else -(2 ** 31))]
-        else:  # argmax: (best value, its index)
-            init = [ir.Constant(body_t, -math.inf if body.dtype.is_float else -(2 ** 31)), i32(0)]
+    def group_sums(self, exprs, bound: frozenset) -> None:
+        """Let sums in `exprs` over loops of the same extents, computable where only `bound`
+        variables are fixed and holding no other reduction, run as one loop (multi-output
+        reduction fusion: a batchnorm gradient's two sums over a channel read their
+        operands once, not twice). Each is computed with the others when the first is
+        needed."""
+        from dlc.core.kernel import walk_ex
+        by_domain: dict = {}
+        for x in walk_ex(exprs):
+            if not (isinstance(x, Reduce) and x.op == "sum" and x.vars and self.free_vars(x) <= bound):
+                continue
+            sums = [x]
+            if any(isinstance(y, Reduce) for y in walk_ex([x.body])):
+                split = self._split_dependent(x)
+                if split is None:
+                    continue
+                self.rewritten[id(x)] = split
+                sums = split[1]
+            for r in sums:
+                by_domain.setdefault(tuple(v.extent for v in r.vars), []).append(r)
+        for members in by_domain.values():
+            if len(members) > 1:
+                for r in members:
+                    self.siblings[id(r)] = members
 
-        groups = self._merged(vars_, [body])
+    def _split_dependent(self, r: Reduce):
+        """sum_V(body) as sum_i c_i * sum_V(t_i), where each c_i is free of V and computed
+        from another reduction (a batchnorm gradient's mean term: a scalar per channel
+        made from the first sums) and no t_i holds one: the new sums need not wait for the
+        others, so they run in their loop (a pass over the channel less). Uses x * y =
+        y * x, distributivity, and select(p, c, 0) * y = c * select(p, y, 0) (they differ
+        only where y is infinite or NaN on a masked row). (expression, [new sums]), or
+        None when the body is not of that form."""
+        from dlc.core.kernel import walk_ex
+        own = {v.name for v in r.vars}
+
+        def dependent(x):
+            return not (self.free_vars(x) & own) and any(isinstance(y, Reduce) for y in walk_ex([x]))
+
+        def times(c, x):  # c * x, c None for 1
+            return x if c is None else Op("mul", (c, x), r.dtype)
+
+        def negated(c):
+            return Op("neg", (c,), r.dtype) if c is not None else Lit(-1.0, r.dtype)
+
+        def terms(x):  # [(coefficient or None for 1, term)]
+            if isinstance(x, Op) and x.name == "neg":
+                return [(negated(c), t) for c, t in terms(x.args[0])]
+            if isinstance(x, Op) and x.name in ("add", "sub"):
+                right = terms(x.args[1])
+                if x.name == "sub":
+                    right = [(negated(c), t) for c, t in right]
+                return terms(x.args[0]) + right
+            if isinstance(x, Op) and x.name == "mul":
+                for a, y in (x.args, x.args[::-1]):
+                    if dependent(a):
+                        return [(times(c, a), t) for c, t in terms(y)]
+                    if isinstance(a, Op) and a.name == "select" and isinstance(a.args[2], Lit) \
+                            and a.args[2].value == 0 and dependent(a.args[1]):
+                        return [(times(c, a.args[1]), Op("select", (a.args[0], t, a.args[2]), t.dtype))
+                                for c, t in terms(y)]
+            return [(None, x)]
+
+        if not r.dtype.is_float:
+            return None
+        parts = terms(r.body)
+        if all(c is None for c, _ in parts) or any(any(isinstance(y, Reduce) for y in walk_ex([t]))
+                                                   for _, t in parts):
+            return None
+        sums: dict = {}  # id(term) -> its sum (equal terms share one)
+        out = None
+        for c, t in parts:
+            s = sums.setdefault(id(t), Reduce("sum", r.vars, t, r.dtype))
+            out = times(c, s) if out is None else Op("add", (out, times(c, s)), r.dtype)
+        return out, list(sums.values())
+
+    def reduce(self, e: Reduce) -> ir.Value:
+        if id(e) in self.rewritten:  # see group_sums
+            return self.value(self.rewritten[id(e)][0])
+        if not e.vars:  # a reduction over no axes is the value itself
+            return self.value(e.body)
+        group = [e] + [r for r in self.siblings.get(id(e), ()) if r is not e and self._cached(id(r)) is None]
+        loops = [self._merged(r.vars, [r.body]) for r in group]
+        shape = [[v.extent for v in level] for level in loops[0]]
+        together = [(r, lv) for r, lv in zip(group, loops) if [[v.extent for v in level] for level in lv] == shape]
+        results = self._reduce_together(together)
+        for (r, _), value in zip(together[1:], results[1:]):
+            self.scopes[-1][id(r)] = value
+        return results[0]
+
+    def _reduce_together(self, together: list) -> list[ir.Value]:
+        """[(reduction, its loops as _merged gives them)], all of one loop shape: one loop
+        nest with an accumulator (two for argmax) per reduction; their values."""
+        b = self.b
+        init, slots = [], []
+        for e, _ in together:
+            t, body_t = value_type(e.dtype), value_type(e.body.dtype)
+            if e.op == "sum":
+                acc = [ir.Constant(t, 0.0 if e.dtype.is_float else 0)]
+            elif e.op == "max":
+                acc = [ir.Constant(t, -math.inf if e.dtype.is_float else -(2 ** 31))]
+            else:  # argmax: (best value, its index)
+                acc = [ir.Constant(body_t, -math.inf if e.body.dtype.is_float else -(2 ** 31)), i32(0)]
+            slots.append(slice(len(init), len(init) + len(acc)))
+            init += acc
 
         def nest(level: int, carried):
-            group = groups[level]
-            var = group[-1]
-            for outer in group[:-1]:  # merged into `var`'s loop (see _merged)
-                self.vars[outer.name] = i64(0)
+            for _, loops in together:
+                for outer in loops[level][:-1]:  # merged into the level's last variable (see _merged)
+                    self.vars[outer.name] = i64(0)
+            first = together[0][1][level]
 
             def step(i, acc):
-                self.vars[var.name] = i
+                for _, loops in together:
+                    self.vars[loops[level][-1].name] = i
                 self.push()
-                if level + 1 < len(groups):
+                if level + 1 < len(together[0][1]):
                     out = nest(level + 1, acc)
                 else:
-                    out = self._combine(op, acc, self.value(body), body.dtype, vars_)
+                    out = []
+                    for (e, _), at in zip(together, slots):
+                        out += self._combine(e.op, acc[at], self.value(e.body), e.body.dtype, e.vars)
                 self.pop()
                 return out
-            return loop(b, 0, math.prod(v.extent for v in group), carried, step, name=var.name)
+            return loop(b, 0, math.prod(v.extent for v in first), carried, step, name=first[-1].name)
 
         result = nest(0, init)
-        return result[0] if op != "argmax" else result[1]
+        return [result[at][0] if e.op != "argmax" else result[at][1] for (e, _), at in zip(together, slots)]
 
     def _merged(self, vars_, exprs, flats=()) -> list[list]:
         """Loops over `vars_` (of a reduction, or of stores at `flats` of `exprs`), adjacent
@@ -402,6 +497,7 @@ def emit_nest(em: Emitter, nest: LoopNest, tid, nthreads, bounds: dict | None = 
         for v, idx in zip(nest.outer, _unravel(b, f, extents)):
             em.vars[v.name] = idx
         em.push()
+        em.group_sums([st.value for st in nest.row_stores + nest.stores], outer_names)
         store_all(em, nest.row_stores)
         if nest.stores:
             seen: set = set()
