@@ -144,6 +144,7 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, col0, ncols, dst, nvp, pan
     c_first = b.udiv(k_lo, i64(T))
     c_last = b.udiv(b.sub(k_hi, i64(1)), i64(T))
     rows = b.sub(k_hi, k_lo)
+
     def vector(vi, carried):
         at_panel, at_lane = carried  # (i / nvp) * panel, (i % nvp) * W, without dividing
         first = b.add(col0, b.mul(vi, i64(w)))

@@ -254,9 +254,11 @@ class Emitter:
     def group_sums(self, exprs, bound: frozenset) -> None:
         """Let sums in `exprs` over loops of the same extents, computable where only `bound`
         variables are fixed and holding no other reduction, run as one loop (multi-output
-        reduction fusion: a batchnorm gradient's two sums over a channel read their
-        operands once, not twice). Each is computed with the others when the first is
-        needed."""
+        reduction fusion: a batchnorm gradient's sums over a channel read their operands
+        once, not once each). Each is computed with the others when the first is needed.
+        A sum that needs another's result is first split into sums that do not
+        (_split_dependent). The new nodes live in `rewritten` as long as the emitter, so
+        their ids (the caches' keys) stay theirs."""
         from dlc.core.kernel import walk_ex
         by_domain: dict = {}
         for x in walk_ex(exprs):
@@ -323,7 +325,9 @@ class Emitter:
         sums: dict = {}  # id(term) -> its sum (equal terms share one)
         out = None
         for c, t in parts:
-            s = sums.setdefault(id(t), Reduce("sum", r.vars, t, r.dtype))
+            if id(t) not in sums:
+                sums[id(t)] = Reduce("sum", r.vars, t, r.dtype)
+            s = sums[id(t)]
             out = times(c, s) if out is None else Op("add", (out, times(c, s)), r.dtype)
         return out, list(sums.values())
 
