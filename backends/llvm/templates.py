@@ -180,7 +180,7 @@ def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads, mb=None) -> No
         em.pointers[out] = saved
 
     if mb is not None and not tb:
-        _rows_in_registers(b, mb, a_at, lo, hi, B, n, k, c_row, finish)
+        _rows_in_registers(b, mb, a_at, lo, hi, B, m, n, k, c_row, finish)
     elif mb is not None and k <= _SHORT_K:
         # a short dot product (the gradient through an output layer of 10 classes) does
         # not vectorize along k: transpose B into this thread's scratch, after C's row
@@ -190,7 +190,7 @@ def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads, mb=None) -> No
         with for_range(b, 0, n, "tj") as j:
             with for_range(b, 0, k, "tk") as kk:
                 _store(b, _load(b, B, b.add(b.mul(j, i64(k)), kk)), Bt, b.add(b.mul(kk, i64(n)), j))
-        _rows_in_registers(b, mb, a_at, lo, hi, Bt, n, k, c_row, finish)
+        _rows_in_registers(b, mb, a_at, lo, hi, Bt, m, n, k, c_row, finish)
     else:
         with for_range(b, lo, hi, "mi") as i:
             C, row = c_row(i)
@@ -221,8 +221,8 @@ _COLUMN_BLOCK = 8
 _SHORT_K = 32
 
 
-def _rows_in_registers(b, mb, a_at, lo, hi, B, n: int, k: int, c_row, finish) -> None:
-    """C[i, :] = sum_k A[i, k] * B[k, :] for rows [lo, hi): a few rows times up to
+def _rows_in_registers(b, mb, a_at, lo, hi, B, m: int, n: int, k: int, c_row, finish) -> None:
+    """C[i, :] = sum_k A[i, k] * B[k, :] for rows [lo, hi) of m: a few rows times up to
     _COLUMN_BLOCK vectors of columns held in registers over the whole k loop (masked
     past n; each B vector loaded once for all the rows, their FMA chains independent)
     and stored once; each row then finished (its epilogue). As a loop nest the row lived
@@ -233,11 +233,12 @@ def _rows_in_registers(b, mb, a_at, lo, hi, B, n: int, k: int, c_row, finish) ->
     v = _Vec(b, w, fused=mb.target.has("fma"))
     nvec = -(-n // w)
     blocks = [range(j, min(j + _COLUMN_BLOCK, nvec)) for j in range(0, nvec, _COLUMN_BLOCK)]
-    rows = max(1, min(8, 24 // len(blocks[0])))  # accumulators: chains enough to hide FMA latency
+    # rows at once: accumulator chains enough to hide the FMA latency, within registers,
+    # and no more than a thread's share of the rows when two threads split them
+    group = max(1, min(8, 24 // len(blocks[0]), -(-m // 2)))
     masks = [v.mask(j * w, n) if (j + 1) * w > n else None for j in range(nvec)]
-    with for_range(b, lo, hi, "mi", step=rows) as i0:
-        last = b.sub(hi, i64(1))
-        at = [smin(b, b.add(i0, i64(r)), last) for r in range(rows)]  # past hi: reread the last row
+
+    def rows_from(i0, rows: int) -> None:
         acc = {}
         for block in blocks:
             def step(kk, carried, block=block):
@@ -245,7 +246,7 @@ def _rows_in_registers(b, mb, a_at, lo, hi, B, n: int, k: int, c_row, finish) ->
                 bvec = [v.load(v.at(brow, j * w), masks[j]) for j in block]
                 out = []
                 for r in range(rows):
-                    a = v.splat(a_at(at[r], kk))
+                    a = v.splat(a_at(b.add(i0, i64(r)), kk))
                     out += [v.fma(a, bv, x) for bv, x in zip(bvec, carried[r * len(block):(r + 1) * len(block)])]
                 return out
             sums = loop(b, 0, k, [v.zero] * (rows * len(block)), step, name="kk")
@@ -254,11 +255,18 @@ def _rows_in_registers(b, mb, a_at, lo, hi, B, n: int, k: int, c_row, finish) ->
                     acc[r, j] = sums[r * len(block) + c]
         for r in range(rows):
             i = b.add(i0, i64(r))
-            with b.if_then(b.icmp_signed("<", i, hi)):
-                C, row = c_row(i)
-                for j in range(nvec):
-                    v.store(acc[r, j], v.at(b.gep(C, [row], source_etype=F32), j * w), masks[j])
-                finish(i)
+            C, row = c_row(i)
+            for j in range(nvec):
+                v.store(acc[r, j], v.at(b.gep(C, [row], source_etype=F32), j * w), masks[j])
+            finish(i)
+
+    # whole groups of rows, then the rest one at a time (a batch of 1 computes one row)
+    whole = b.add(lo, b.mul(b.sdiv(b.sub(hi, lo), i64(group)), i64(group)))
+    if group > 1:
+        with for_range(b, lo, whole, "mi", step=group) as i0:
+            rows_from(i0, group)
+    with for_range(b, whole if group > 1 else lo, hi, "mr") as i0:
+        rows_from(i0, 1)
 
 
 # --- pooling --------------------------------------------------------------------------------------
