@@ -151,8 +151,8 @@ def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads, mb=None) -> No
     out = t.output.name
     per_row = t.epilogue is not None and len(t.epilogue.outer) == 1 and not t.epilogue.row_stores
     in_scratch = per_row and mb is not None and not _read_elsewhere(mb.program, t)
-    if in_scratch:
-        mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, -(-n * 4 // 64) * 64)
+    if in_scratch:  # a group of rows (_rows_in_registers) at most
+        mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, -(-_MAX_GROUP * n * 4 // 64) * 64)
     zero = ir.Constant(F32, 0.0)
 
     def a_at(i, kk):
@@ -160,19 +160,19 @@ def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads, mb=None) -> No
 
     lo, hi = split(b, m, tid, nthreads)
 
-    def c_row(i):
-        """Where row i of C goes: this thread's scratch row, or C itself."""
-        if in_scratch:  # C[i, j] lives at scratch[j] for this row
-            return em.pointers["__scratch__"], i64(0)
+    def c_row(i, slot=i64(0)):
+        """Where row i of C goes: row `slot` of this thread's scratch, or C itself."""
+        if in_scratch:  # C[i, j] lives at scratch[slot*n + j]
+            return em.pointers["__scratch__"], b.mul(slot, i64(n))
         return _ptr(em, t.output), b.mul(i, i64(n))
 
-    def finish(i):
-        """The epilogue of row i, just computed."""
+    def finish(i, slot=i64(0)):
+        """The epilogue of row i, just computed (into scratch row `slot`)."""
         if not per_row:
             return
         saved = em.pointers[out]
-        if in_scratch:  # the epilogue's C[i*n + j] is scratch[j]
-            em.pointers[out] = b.gep(em.pointers["__scratch__"], [b.sub(i64(0), b.mul(i, i64(n)))],
+        if in_scratch:  # the epilogue's C[i*n + j] is scratch[slot*n + j]
+            em.pointers[out] = b.gep(em.pointers["__scratch__"], [b.mul(b.sub(slot, i), i64(n))],
                                      source_etype=F32)
         em.push()
         emit_bounded(em, t.epilogue, {t.epilogue.outer[0].name: (i, b.add(i, i64(1)))})
@@ -184,7 +184,7 @@ def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads, mb=None) -> No
     elif mb is not None and k <= _SHORT_K:
         # a short dot product (the gradient through an output layer of 10 classes) does
         # not vectorize along k: transpose B into this thread's scratch, after C's row
-        at = -(-n // 16) * 16
+        at = -(-_MAX_GROUP * n // 16) * 16
         mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, (at + k * n) * 4)
         Bt = b.gep(em.pointers["__scratch__"], [i64(at)], source_etype=F32)
         with for_range(b, 0, n, "tj") as j:
@@ -215,9 +215,11 @@ def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads, mb=None) -> No
         _epilogue(em, t, [(lo, hi), (i64(0), i64(n))])
 
 
-# B's columns per register block (vectors) in _rows_in_registers; a transposed B with at
-# most _SHORT_K rows is transposed first (small_matmul)
+# B's columns per register block (vectors) and rows at most per group in
+# _rows_in_registers; a transposed B with at most _SHORT_K rows is transposed first
+# (small_matmul)
 _COLUMN_BLOCK = 8
+_MAX_GROUP = 8
 _SHORT_K = 32
 
 
@@ -234,39 +236,35 @@ def _rows_in_registers(b, mb, a_at, lo, hi, B, m: int, n: int, k: int, c_row, fi
     nvec = -(-n // w)
     blocks = [range(j, min(j + _COLUMN_BLOCK, nvec)) for j in range(0, nvec, _COLUMN_BLOCK)]
     # rows at once: accumulator chains enough to hide the FMA latency, within registers,
-    # and no more than a thread's share of the rows when two threads split them
-    group = max(1, min(8, 24 // len(blocks[0]), -(-m // 2)))
+    # and no more than a thread's share of the rows when two threads split them (a last
+    # group past the share rereads its last row rather than have code of its own)
+    group = max(1, min(_MAX_GROUP, 24 // len(blocks[0]), -(-m // 2)))
     masks = [v.mask(j * w, n) if (j + 1) * w > n else None for j in range(nvec)]
 
-    def rows_from(i0, rows: int) -> None:
+    with for_range(b, lo, hi, "mi", step=group) as i0:
+        last = b.sub(hi, i64(1))
+        at = [smin(b, b.add(i0, i64(r)), last) for r in range(group)]  # past hi: reread the last row
         acc = {}
         for block in blocks:
             def step(kk, carried, block=block):
                 brow = b.gep(B, [b.mul(kk, i64(n))], source_etype=F32)
                 bvec = [v.load(v.at(brow, j * w), masks[j]) for j in block]
                 out = []
-                for r in range(rows):
-                    a = v.splat(a_at(b.add(i0, i64(r)), kk))
+                for r in range(group):
+                    a = v.splat(a_at(at[r], kk))
                     out += [v.fma(a, bv, x) for bv, x in zip(bvec, carried[r * len(block):(r + 1) * len(block)])]
                 return out
-            sums = loop(b, 0, k, [v.zero] * (rows * len(block)), step, name="kk")
-            for r in range(rows):
+            sums = loop(b, 0, k, [v.zero] * (group * len(block)), step, name="kk")
+            for r in range(group):
                 for c, j in enumerate(block):
                     acc[r, j] = sums[r * len(block) + c]
-        for r in range(rows):
-            i = b.add(i0, i64(r))
-            C, row = c_row(i)
-            for j in range(nvec):
-                v.store(acc[r, j], v.at(b.gep(C, [row], source_etype=F32), j * w), masks[j])
-            finish(i)
-
-    # whole groups of rows, then the rest one at a time (a batch of 1 computes one row)
-    whole = b.add(lo, b.mul(b.sdiv(b.sub(hi, lo), i64(group)), i64(group)))
-    if group > 1:
-        with for_range(b, lo, whole, "mi", step=group) as i0:
-            rows_from(i0, group)
-    with for_range(b, whole if group > 1 else lo, hi, "mr") as i0:
-        rows_from(i0, 1)
+        for r in range(group):
+            with b.if_then(b.icmp_signed("<", b.add(i0, i64(r)), hi)):
+                C, row = c_row(b.add(i0, i64(r)), i64(r))
+                for j in range(nvec):
+                    v.store(acc[r, j], v.at(b.gep(C, [row], source_etype=F32), j * w), masks[j])
+        with for_range(b, 0, smin(b, i64(group), b.sub(hi, i0)), "fr") as r:  # the epilogue's code once
+            finish(b.add(i0, r), r)
 
 
 # --- pooling --------------------------------------------------------------------------------------
