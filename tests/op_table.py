@@ -632,6 +632,14 @@ MATMUL = [
     P("matmul", [(N, 1), (M, N)], np_matmul, attrs={"ta": True, "tb": True}, tol32=MATMUL_TOL, id="tt"),
     P("matmul", [(1, 33), (33, 1)], np_matmul, attrs={"ta": False, "tb": False}, tol32=MATMUL_TOL,
       id="dot"),
+    # the CPU backend's register rows: several column blocks and a partial last group of
+    # rows; a transposed B with a short k (transposed first) and a long one (dot products)
+    P("matmul", [(9, 3), (3, 140)], np_matmul, attrs={"ta": False, "tb": False}, tol32=MATMUL_TOL,
+      id="nn-wide"),
+    P("matmul", [(9, 10), (40, 10)], np_matmul, attrs={"ta": False, "tb": True}, tol32=MATMUL_TOL,
+      id="nt-short-k"),
+    P("matmul", [(5, 40), (6, 40)], np_matmul, attrs={"ta": False, "tb": True}, tol32=MATMUL_TOL,
+      id="nt-long-k"),
 ]
 
 CONV = [

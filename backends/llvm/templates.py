@@ -108,7 +108,7 @@ def matmul(mb, em, t: Template, tid, nthreads) -> None:
     ta, tb = t.attrs.get("ta", False), t.attrs.get("tb", False)
     k = a_buf.shape[0] if ta else a_buf.shape[1]
     if m * n * k <= SMALL_MATMUL:
-        small_matmul(em, t, m, n, k, ta, tb, tid, nthreads, mb)
+        small_matmul(mb, em, t, m, n, k, ta, tb, tid, nthreads)
         return
     spec = GemmSpec(m, n, k, ta=ta, tb=tb)
     w = mb.target.vector_width
@@ -140,20 +140,21 @@ def matmul(mb, em, t: Template, tid, nthreads) -> None:
         _epilogue(em, t, [(r0, r1), (i64(0), i64(n))])
 
 
-def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads, mb=None) -> None:
-    """C = op(A) @ op(B) row by row: axpy rows of B (vectorized along n) or, for a
-    transposed B, contiguous dot products (vectorized along k). Rows are shared out; the
-    epilogue runs on each row as soon as it is computed (while it is in L1), and when
-    nothing else reads C the row is computed in this thread's scratch space instead of C
-    (a weight gradient consumed only by its optimizer update never reaches memory)."""
+def small_matmul(mb, em, t: Template, m, n, k, ta, tb, tid, nthreads) -> None:
+    """C = op(A) @ op(B) row by row, a few rows at a time held in registers
+    (_rows_in_registers); a transposed B is transposed into scratch first when its k is
+    short, else each element is a contiguous dot product (vectorized along k). Rows are
+    shared out; the epilogue runs on each row as soon as it is computed (while it is in
+    L1), and when nothing else reads C the rows are computed in this thread's scratch
+    space instead of C (a weight gradient consumed only by its optimizer update never
+    reaches memory)."""
     b = em.b
     A, B = _ptr(em, t.inputs[0]), _ptr(em, t.inputs[1])
     out = t.output.name
     per_row = t.epilogue is not None and len(t.epilogue.outer) == 1 and not t.epilogue.row_stores
-    in_scratch = per_row and mb is not None and not _read_elsewhere(mb.program, t)
+    in_scratch = per_row and not _read_elsewhere(mb.program, t)
     if in_scratch:  # a group of rows (_rows_in_registers) at most
         mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, -(-_MAX_GROUP * n * 4 // 64) * 64)
-    zero = ir.Constant(F32, 0.0)
 
     def a_at(i, kk):
         return _load(b, A, b.add(b.mul(kk, i64(m)), i) if ta else b.add(b.mul(i, i64(k)), kk))
@@ -168,8 +169,6 @@ def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads, mb=None) -> No
 
     def finish(i, slot=i64(0)):
         """The epilogue of row i, just computed (into scratch row `slot`)."""
-        if not per_row:
-            return
         saved = em.pointers[out]
         if in_scratch:  # the epilogue's C[i*n + j] is scratch[slot*n + j]
             em.pointers[out] = b.gep(em.pointers["__scratch__"], [b.mul(b.sub(slot, i), i64(n))],
@@ -179,38 +178,28 @@ def small_matmul(em, t: Template, m, n, k, ta, tb, tid, nthreads, mb=None) -> No
         em.pop()
         em.pointers[out] = saved
 
-    if mb is not None and not tb:
-        _rows_in_registers(b, mb, a_at, lo, hi, B, m, n, k, c_row, finish)
-    elif mb is not None and k <= _SHORT_K:
+    if not tb:
+        _rows_in_registers(b, mb, a_at, lo, hi, B, m, n, k, c_row, finish if per_row else None)
+    elif k <= _SHORT_K:
         # a short dot product (the gradient through an output layer of 10 classes) does
-        # not vectorize along k: transpose B into this thread's scratch, after C's row
+        # not vectorize along k: transpose B into this thread's scratch, after C's rows
         at = -(-_MAX_GROUP * n // 16) * 16
         mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, (at + k * n) * 4)
         Bt = b.gep(em.pointers["__scratch__"], [i64(at)], source_etype=F32)
         with for_range(b, 0, n, "tj") as j:
             with for_range(b, 0, k, "tk") as kk:
                 _store(b, _load(b, B, b.add(b.mul(j, i64(k)), kk)), Bt, b.add(b.mul(kk, i64(n)), j))
-        _rows_in_registers(b, mb, a_at, lo, hi, Bt, m, n, k, c_row, finish)
-    else:
+        _rows_in_registers(b, mb, a_at, lo, hi, Bt, m, n, k, c_row, finish if per_row else None)
+    else:  # C[i, j] = sum_k A[i, k] * B[j, k]
         with for_range(b, lo, hi, "mi") as i:
             C, row = c_row(i)
-            if tb:  # C[i, j] = sum_k A[i, k] * B[j, k]
-                with for_range(b, 0, n, "nj") as j:
-                    def dot(kk, acc):
-                        prod = b.fmul(a_at(i, kk), _load(b, B, b.add(b.mul(j, i64(k)), kk)), flags=REDUCE)
-                        return [b.fadd(acc[0], prod, flags=REDUCE)]
-                    _store(b, loop(b, 0, k, [zero], dot, name="kk")[0], C, b.add(row, j))
-            else:   # C[i, :] = sum_k A[i, k] * B[k, :]
-                with for_range(b, 0, n, "nj") as j:
-                    _store(b, zero, C, b.add(row, j))
-                with for_range(b, 0, k, "kk") as kk:
-                    a = a_at(i, kk)
-                    brow = b.mul(kk, i64(n))
-                    with for_range(b, 0, n, "nj") as j:
-                        at = b.add(row, j)
-                        _store(b, b.fadd(_load(b, C, at), b.fmul(a, _load(b, B, b.add(brow, j)), flags=FAST),
-                                         flags=FAST), C, at)
-            finish(i)
+            with for_range(b, 0, n, "nj") as j:
+                def dot(kk, acc):
+                    prod = b.fmul(a_at(i, kk), _load(b, B, b.add(b.mul(j, i64(k)), kk)), flags=REDUCE)
+                    return [b.fadd(acc[0], prod, flags=REDUCE)]
+                _store(b, loop(b, 0, k, [ir.Constant(F32, 0.0)], dot, name="kk")[0], C, b.add(row, j))
+            if per_row:
+                finish(i)
     if t.epilogue is not None and not per_row:
         _epilogue(em, t, [(lo, hi), (i64(0), i64(n))])
 
@@ -227,10 +216,10 @@ def _rows_in_registers(b, mb, a_at, lo, hi, B, m: int, n: int, k: int, c_row, fi
     """C[i, :] = sum_k A[i, k] * B[k, :] for rows [lo, hi) of m: a few rows times up to
     _COLUMN_BLOCK vectors of columns held in registers over the whole k loop (masked
     past n; each B vector loaded once for all the rows, their FMA chains independent)
-    and stored once; each row then finished (its epilogue). As a loop nest the row lived
-    in memory, and rows narrower than a vector (an output layer's 10 classes) never
-    vectorized: MLP 784-512-256-10's products with its 10-wide layer ran at ~10 G
-    multiply-adds/s."""
+    and stored once; then `finish` (the epilogue; None: none) runs on each row. As a
+    loop nest the row lived in memory, and rows narrower than a vector (an output
+    layer's 10 classes) never vectorized: MLP 784-512-256-10's products with its
+    10-wide layer ran at ~10 G multiply-adds/s."""
     w = mb.target.vector_width
     v = _Vec(b, w, fused=mb.target.has("fma"))
     nvec = -(-n // w)
@@ -263,8 +252,9 @@ def _rows_in_registers(b, mb, a_at, lo, hi, B, m: int, n: int, k: int, c_row, fi
                 C, row = c_row(b.add(i0, i64(r)), i64(r))
                 for j in range(nvec):
                     v.store(acc[r, j], v.at(b.gep(C, [row], source_etype=F32), j * w), masks[j])
-        with for_range(b, 0, smin(b, i64(group), b.sub(hi, i0)), "fr") as r:  # the epilogue's code once
-            finish(b.add(i0, r), r)
+        if finish is not None:
+            with for_range(b, 0, smin(b, i64(group), b.sub(hi, i0)), "fr") as r:  # the epilogue's code once
+                finish(b.add(i0, r), r)
 
 
 # --- pooling --------------------------------------------------------------------------------------
