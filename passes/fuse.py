@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 from dlc.core import ops
 from dlc.core.graph import Graph
-from dlc.core.types import DType, numel
+from dlc.core.types import DType, TensorType, numel
 
 ANCHORS = {
     ops.MATMUL: "matmul", ops.CONV2D: "conv", ops.CONV2D_BWD_DATA: "conv",
@@ -592,8 +592,26 @@ def _merge_phases(f: _Fuser) -> list[Kernel]:
             host = Kernel(multi[0].id, "elementwise", domain=(), phase=phase, parts=multi)
             host.nodes = [n for k in multi for n in k.nodes]
             loops = [k for k in loops if k.kind != "elementwise"] + [host]
-        out.extend(loops)
+        out.extend(sorted(loops, key=lambda k: _footprint(f.g, k)))
     return out
+
+
+def _footprint(g: Graph, k: Kernel) -> int:
+    """The bytes a kernel reads from memory, to order a phase's independent kernels smallest
+    first: one that streams more than the cache holds evicts what the others would find
+    there (the MLP at batch 8: its second layer's weight update before the first layer's,
+    -8% per step). Collectives keep their place first: every rank, whatever its batch
+    share, must start the same exchanges in the same order."""
+    if k.kind == "collective":
+        return -1
+    inside = set(k.nodes)
+    read = {u for n in k.nodes for u in g.operands(n) if u not in inside}
+    return sum(_nbytes(g.node(u).type) for u in read)
+
+
+def _nbytes(t) -> int:
+    n = numel(t.shape) if isinstance(t, TensorType) else 0
+    return t.dtype.np.itemsize * n if isinstance(n, int) else 0
 
 
 def fuse(graph: Graph, ctx=None, overlap: bool = False, body: bool = False) -> Graph:
