@@ -588,16 +588,20 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
         mr, nv = p0.mr, p0.nv
     nr = nv * w
     kc = min(_cdiv(P, w) * w, _KC[w] // w * w)      # positions per block (the GEMM's K)
+    # im2col rows a multiple of 128 bytes apart share a few L1 sets (256 positions: 1 KiB,
+    # 4 of 64 sets for a thread's 72 rows): an odd number of cache lines apart they spread
+    # over every set (the residual network's filter gradients 5-15% faster)
+    ars = kc + w if (kc // w) % 2 == 0 else kc
     plan = GemmPlan(mr=mr, nv=nv, kc=kc, mc=0, nc=0, pack_a=False, pack_b=True, split="m")
-    lay = _Layout(a_rs=kc, a_cs=1, b_rs=nr, ldc=O, a_packed=False, b_packed=True)
+    lay = _Layout(a_rs=ars, a_cs=1, b_rs=nr, ldc=O, a_packed=False, b_packed=True)
     kern = _Kernels(mb, plan, lay)
     # rows of dw^T (k = c*T + tap) shared out in MR units
     units = _cdiv(K, mr)
     rows_max = _cdiv(units, 1) * mr  # a thread may get every unit (one thread)
     pack_b = _pack_b_fn(mb, True)
-    im2col = _im2col_fn(mb, g, kc)
+    im2col = _im2col_fn(mb, g, ars)
     Op = _cdiv(O, nr) * nr
-    (Arows, Bp, DWt), total = _carve(b, _scratch_base(mb, em), [rows_max * kc, kc * Op, rows_max * O])
+    (Arows, Bp, DWt), total = _carve(b, _scratch_base(mb, em), [rows_max * ars, kc * Op, rows_max * O])
     _scratch(mb, em, total)
     X, G, DW = em.pointers[xb.name], em.pointers[gb.name], em.pointers[t.output.name]
     u0, u1 = split(b, units, tid, nthreads)
@@ -617,7 +621,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
                 with for_range(b, 0, O, "jr", step=nr) as jr:
                     bp = b.gep(Bp, [b.mul(jr, pcur)], source_etype=F32)
                     with for_range(b, 0, rows, "ir", step=mr) as ir_:
-                        ap = b.gep(Arows, [b.mul(ir_, i64(kc))], source_etype=F32)
+                        ap = b.gep(Arows, [b.mul(ir_, i64(ars))], source_etype=F32)
                         cp = b.gep(DWt, [b.add(b.mul(ir_, i64(O)), jr)], source_etype=F32)
                         kern.tile(b, ap, bp, cp, pcur, mode, b.sub(rows, ir_), b.sub(i64(O), jr))
         # dw[o, k] = dw^T[k - k_lo, o] for this thread's k, then the epilogue there
