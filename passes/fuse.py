@@ -29,7 +29,11 @@ Rules, applied greedily from the results backwards (consumers before producers):
      kernel's loop (as many elements as the domain, or as a row of it) -- otherwise it
      would be recomputed per element, so it is stored instead;
   F3 when the users are in several kernels over the same domain that do not depend on
-     each other, those kernels merge (siblings);
+     each other, those kernels merge (siblings); when they cannot, a broadcast or reshape
+     is recomputed in each (its users read its operand through the index map), and
+     another node joins the kernel that all the others read from, if there is one, and
+     is stored from there for them (a batchnorm's normalized values, computed in the
+     kernel of its statistics, instead of a kernel of their own);
   F4 a reduction joins its users' kernel when it reduces that kernel's domain (or
      produces it), keeping the same axes as the kernel's other reductions;
   F5 matmul/conv/pool/gather/colsum read operands from memory, and results of the step
@@ -98,6 +102,11 @@ def _is_column_sum(g: Graph, n) -> bool:
 CHEAP = {ops.ADD, ops.SUB, ops.MUL, ops.NEG, ops.MAX, ops.MIN, ops.ABS, ops.SIGN, ops.LT, ops.LE,
          ops.GT, ops.GE, ops.EQ, ops.NE, ops.AND, ops.WHERE, ops.CAST, ops.BROADCAST, ops.RESHAPE,
          ops.PERMUTE, ops.SLICE}
+
+
+# movement ops that only transform the index: a value read through one from another
+# kernel's buffer costs nothing, where storing it would write (and reread) every element
+INDEX_MAPS = {ops.BROADCAST, ops.RESHAPE}
 
 
 def reduced_axes(node) -> tuple[int, ...]:
@@ -178,6 +187,7 @@ class FusionPlan:
     materialized: set[int]          # nodes whose values live in memory
     reasons: dict[tuple[int, int], str]
     overlap: bool = False           # collectives are started early and waited for late
+    free: Free | None = None        # nodes in no kernel: recomputed in each user (F1, F3)
 
     @property
     def phases(self) -> int:
@@ -383,6 +393,17 @@ class _Fuser:
                   "its operands from memory"
         elif len(homes) > 1:
             why = self.merge_siblings([self.kernels[h] for h in homes])
+            if why is not None and g.node(nid).op in INDEX_MAPS:
+                self.free.depth[nid] = 1 + max((self.free.depth.get(o, 0) for o in g.operands(nid)), default=0)
+                return  # each user reads the operand through the index map
+            first = self.depended_on([self.kernels[h] for h in homes]) if why is not None else None
+            if first is not None and self.fits(first, nid) is None:
+                self.add(first, nid)
+                for u in users:
+                    if self.group[u] != first.id:
+                        self.reasons[(nid, u)] = ("F3: its users are in kernels that depend on each other: "
+                                                  "computed in the first and stored for the others")
+                return
         else:
             why = None
         if why is None:
@@ -396,6 +417,10 @@ class _Fuser:
         self.new_kernel(nid)
         for u in users:
             self.reasons[(nid, u)] = why
+
+    def depended_on(self, ks: list[Kernel]) -> Kernel | None:
+        """The kernel of ks that all the others read from (directly or not), if any."""
+        return next((a for a in ks if all(b is a or self.reaches(b.id, a.id) for b in ks)), None)
 
     def merge_siblings(self, ks: list[Kernel]) -> str | None:
         """F3: merge the kernels of a node's users if they are alike and independent."""
@@ -649,5 +674,5 @@ def fuse(graph: Graph, ctx=None, overlap: bool = False, body: bool = False) -> G
         k.outputs = [n for n in k.nodes if n in materialized]
         for part in k.parts:
             part.outputs = [n for n in part.nodes if n in materialized]
-    g.meta["fusion"] = FusionPlan(kernels, group_of, materialized, f.reasons, overlap)
+    g.meta["fusion"] = FusionPlan(kernels, group_of, materialized, f.reasons, overlap, f.free)
     return g

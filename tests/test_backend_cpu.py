@@ -139,7 +139,6 @@ def test_every_op_of_every_example_lowers_to_llvm(path):
     """No numpy or Python computes inside a compiled step: every node of the training and
     evaluation graphs is in a kernel rendered as LLVM IR, and the module verifies."""
     import llvmlite.binding as llvm
-    from dlc.passes.fuse import Free
     m = example_models.load(path)
     for mode in ("train", "eval"):
         graph = m.compile_graph(mode, m.train_config)
@@ -147,7 +146,7 @@ def test_every_op_of_every_example_lowers_to_llvm(path):
         mb = ModuleBuilder(kernel_program(lowered, CPU.templates), CPU.target({"threads": 2}))
         mb.build()
         plan = lowered.meta["fusion"]
-        free = Free(lowered)
+        free = plan.free
         for nid in lowered.ids():
             n = lowered.node(nid)
             assert n.op is ops.INPUT or nid in plan.group_of or free(nid), f"{n.op.name} is in no kernel"

@@ -640,7 +640,7 @@ def producers(g: Graph, free: Free, nid: int) -> set[int]:
 def check_fusion(g: Graph) -> list[str]:
     """What is wrong with the fusion plan in g.meta["fusion"] (empty: nothing)."""
     plan = g.meta["fusion"]
-    free = Free(g)
+    free = g.meta["fusion"].free
     problems = []
     phase = {k.id: k.phase for k in plan.kernels}
     if sorted(phase) != list(range(len(plan.kernels))):
@@ -746,7 +746,7 @@ def _check_loop(g: Graph, k, part) -> list[str]:
 def check_reasons(g: Graph) -> list[str]:
     """Producer/consumer pairs in different kernels for which the plan records no reason."""
     plan = g.meta["fusion"]
-    free = Free(g)
+    free = g.meta["fusion"].free
     explained = plan.explain(g)
     missing = []
     for c, kc in plan.group_of.items():
@@ -762,7 +762,7 @@ def check_memory(g: Graph, given=frozenset()) -> list[str]:
     """What is wrong with the memory plan in g.meta["memory"] (empty: nothing). `given`: a
     loop body's results, which the loop's memory holds."""
     plan, mem = g.meta["fusion"], g.meta["memory"]
-    free = Free(g)
+    free = g.meta["fusion"].free
     phase = {k.id: k.phase for k in plan.kernels}
     problems = []
     for n in plan.materialized:
@@ -1001,7 +1001,7 @@ def test_fuse_phases_respect_dependencies():
                          ids=["chain", "softmax", "dense_relu", "two_matmuls", "sgd_updates", "mlp_like"])
 def test_fuse_kernels_are_disjoint_and_cover_every_non_free_node(build):
     g = fused(build)
-    free = Free(g)
+    free = g.meta["fusion"].free
     plan = g.meta["fusion"]
     placed = [n for k in plan.kernels for n in k.nodes]
     assert len(placed) == len(set(placed))
