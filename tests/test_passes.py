@@ -997,6 +997,27 @@ def test_fuse_phases_respect_dependencies():
     assert plan.phases == 1 + max(k.phase for k in plan.kernels)
 
 
+def test_fuse_batchnorm_forward_is_one_kernel_and_stores_no_broadcast():
+    """F3 on a batchnorm whose values the backward pass reads too: its statistics, the
+    normalized values and the ReLU after it are one row kernel per batchnorm (not a chain of
+    kernels, each a phase), and the per-channel scale is read through the broadcast, never
+    stored as a full tensor."""
+    import example_models
+    from dlc.pipeline import lower
+    m = example_models.load(next(p for p in example_models.EXAMPLES if p.stem == "resnet_bn"))
+    g = lower(m.compile_graph("train", m.train_config), 8)
+    plan = g.meta["fusion"]
+    stored_maps = [n for n in plan.materialized if g.node(n).op in (ops.BROADCAST, ops.RESHAPE)
+                   and numel(g.node(n).type.shape) > numel(g.node(g.node(n).operands[0]).type.shape)]
+    assert stored_maps == []
+    relus = [n for n in g.ids() if g.node(n).op is ops.MAX and g.node(n).type.rank == 4]
+    assert len(relus) == 5  # the stem's, and each block's first layer's and output's
+    for n in relus:  # each after a batchnorm (the outputs' after its sum with the shortcut)
+        k = plan.kernels[plan.group_of[n]]
+        sums = [x for x in k.nodes if g.node(x).op in REDUCTIONS]
+        assert k.kind == "reduce" and len(sums) >= 2, f"relu {n} is not in its batchnorm's kernel"
+
+
 @pytest.mark.parametrize("build", [_chain, _softmax, _dense_relu, _two_matmuls, _sgd_updates, _mlp_like],
                          ids=["chain", "softmax", "dense_relu", "two_matmuls", "sgd_updates", "mlp_like"])
 def test_fuse_kernels_are_disjoint_and_cover_every_non_free_node(build):
