@@ -67,14 +67,15 @@ def _pow_vjp(b, g, y, x1, x2):
 
 def _max_vjp(b, g, y, x1, x2):
     # NOTE: ties send the gradient to the second operand, so relu(x) = max(x, 0) has
-    # gradient 0 at x = 0, as in PyTorch.
-    take = b.gt(x1, x2)
+    # gradient 0 at x = 0, as in PyTorch. x1 > x2 exactly where max(x1, x2) > x2: asking
+    # the output, which the next layer reads anyway, a ReLU's input need not be stored.
+    take = b.gt(y, x2)
     zero = b.zeros_like(g)
     return b.where(take, g, zero), b.where(take, zero, g)
 
 
 def _min_vjp(b, g, y, x1, x2):
-    take = b.lt(x1, x2)
+    take = b.lt(y, x2)  # x1 < x2 exactly where min(x1, x2) < x2
     zero = b.zeros_like(g)
     return b.where(take, g, zero), b.where(take, zero, g)
 
