@@ -59,6 +59,22 @@ def test_the_update_runs_on_the_register_tile(tmp_path):
     assert grads and extra[grads[0]] >= 3, extra  # weight, two moments (+ lr, step...)
 
 
+def test_training_and_evaluation_share_the_forward_gemm(tmp_path):
+    """The evaluation step's first layer (the same product and bias + ReLU epilogue as
+    the training step's) calls the training step's GEMM function: one GEMM is built for
+    both entries, and their kernel functions are one."""
+    m = _model(tmp_path, "adam")
+    programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 9), CPU.templates)
+                for mode in ("train", "eval")}
+    mb = ModuleBuilder(programs, CPU.target({"threads": 2}))
+    mb.build()
+    forward = [key for key in mb.gemms if (key[1].m, key[1].n, key[1].k, key[1].ta) == (9, 640, 200, False)]
+    assert len(forward) == 1, list(mb.gemms)
+    first = {entry: next(fn for _, name, fn, _ in parts if name.startswith("k0_"))
+             for entry, parts in mb.entry_parts.items()}
+    assert first["train"] is first["eval"] and mb.shared >= 1
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in CASES])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_updates_match_reference(tmp_path, name, threads):

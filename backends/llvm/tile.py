@@ -17,10 +17,12 @@ the GEMM as before.
 """
 from __future__ import annotations
 
+from dataclasses import fields, is_dataclass
+
 from llvmlite import ir
 
-from dlc.core.kernel import (FreeVars, Index, KernelProgram, Load, LoopNest, Op, Template, all_kernels, nests_of,
-                             viewed_buffers, walk_ex)
+from dlc.core.kernel import (Buffer, FreeVars, Index, KernelProgram, Load, LoopNest, Op, Template, Var, all_kernels,
+                             nests_of, viewed_buffers, walk_ex)
 from dlc.core.types import DType
 
 from .emit import SCALAR_OPS, Emitter, affine_coef
@@ -179,4 +181,27 @@ def tile_epilogue(program: KernelProgram, t: Template) -> TileEpilogue | None:
                 v.store(value, ev.pointer(s.buf, s.flat), mask)
         return c_value
 
-    return TileEpilogue(key=id(t), args=tuple(names), store_c=store_c, emit=emit)
+    order = {name: i for i, name in enumerate(names)} | {out: "C"}
+    key = (store_c, _structure([(s.buf, s.flat, s.value) for s in epi.stores], order,
+                               {row.name: "row", lane.name: "lane"}, {}))
+    return TileEpilogue(key=key, args=tuple(names), store_c=store_c, emit=emit)
+
+
+def _structure(x, buffers: dict, loop_vars: dict, memo: dict):
+    """What the code emitted for x depends on, as nested tuples: buffers by argument
+    position (C: the product) with dtype and shape, loop variables by role, everything
+    else as it is. Two epilogues with equal structure emit the same code, so they share
+    one GEMM function (the evaluation step's forward layers and the training step's)."""
+    if isinstance(x, Buffer):
+        return ("buffer", buffers[x.name], x.dtype, x.shape)
+    if isinstance(x, Var):
+        return ("var", loop_vars.get(x.name, x.name), x.extent, x.lo, x.hi)
+    if isinstance(x, (tuple, list)):
+        return tuple(_structure(y, buffers, loop_vars, memo) for y in x)
+    if is_dataclass(x):
+        if id(x) not in memo:  # expressions are DAGs: each shared node once
+            memo[id(x)] = (type(x).__name__,) + tuple(
+                _structure(getattr(x, f.name), buffers, loop_vars, memo) for f in fields(x))
+        return memo[id(x)]
+    return x
+
