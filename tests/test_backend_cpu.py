@@ -274,6 +274,19 @@ def test_compiler_processes_take_modules_from_a_queue(monkeypatch):
         jit.compile_modules(modules, target, workers=2)
 
 
+def test_training_and_evaluation_share_their_forward_convolutions():
+    """LeNet-5's two convolutions (with their bias + ReLU epilogues) are the same code in
+    the training and the evaluation step: built once, both steps call one function."""
+    m = example_models.load(EXAMPLES[0].parent / "lenet5.dln")
+    programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 8), CPU.templates)
+                for mode in ("train", "eval")}
+    mb = ModuleBuilder(programs, CPU.target({"threads": 2}))
+    mb.build()
+    convs = {entry: [fn for _, name, fn, _ in parts if name.endswith("_conv")][:2]
+             for entry, parts in mb.entry_parts.items()}
+    assert len(convs["eval"]) == 2 and convs["train"] == convs["eval"]
+
+
 def test_sums_over_one_channel_run_as_one_pass(tmp_path, monkeypatch):
     """A batchnorm gradient's sums over a channel (and the one that needs their result,
     split into sums that do not) run in one loop nest: fewer loops than emitted one sum

@@ -356,9 +356,14 @@ class _Product:
     def pack_a(self, b, Ap, W, rs: int, os_: int, taps: list):
         """Ap <- A[m, k] = W[m*rs + (k // len(taps))*os_ + taps[k % len(taps)]]."""
         mb = self.mb
-        table = ir.GlobalVariable(mb.module, ir.ArrayType(I32, len(taps)), name=mb.fresh_name("taps"))
-        table.initializer = ir.Constant(table.value_type, taps)
-        table.global_constant, table.linkage = True, "private"
+        # named by its contents: one table per module for each tap order, and layers that
+        # are the same code (a training and an evaluation step's forward) the same text
+        name = "taps." + "_".join(map(str, taps))
+        table = mb.module.globals.get(name)
+        if table is None:
+            table = ir.GlobalVariable(mb.module, ir.ArrayType(I32, len(taps)), name=name)
+            table.initializer = ir.Constant(table.value_type, taps)
+            table.global_constant, table.linkage = True, "private"
         b.call(_pack_weights_fn(mb, self.mr), [W, Ap, i64(self.M), i64(self.g.K), i64(self.kc), i64(rs),
                                                 i64(len(taps)), i64(os_), table])
 
