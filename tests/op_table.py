@@ -717,6 +717,12 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-position-blocks"),
     _conv("conv2d_bwd_filter", [(1, 48, 6, 6), (1, 9, 6, 6)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-many-rows"),
+    # 5x5 taps over grid rows narrower than the source: the packer loops over a tap table
+    _conv("conv2d", [(3, 7, 13, 14), (5, 7, 5, 5)], np_conv2d, _s((1, 1), (0, 0)), "t-5x5-valid-tap-table"),
+    _conv("conv2d_bwd_data", [(2, 5, 9, 10), (5, 7, 5, 5)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (0, 0)), in_hw=(13, 14)), "t-5x5-valid-tap-table"),
+    _conv("conv2d_bwd_filter", [(2, 7, 13, 14), (2, 5, 9, 10)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (0, 0)), kernel=(5, 5)), "t-5x5-valid-tap-table"),
 ]
 
 _POOL = [("max", (2, 2), (2, 2), (0, 0), (2, 3, 7, 5), "k2"),
