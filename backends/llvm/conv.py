@@ -65,7 +65,9 @@ class _Geom:
 
     @property
     def key(self) -> tuple:
-        return (self.S, self.SH, self.SW, self.GH, self.GW, self.sy, self.sx, tuple(self.taps))
+        """What a packer's code depends on: not S (the rows it packs are arguments), so
+        layers of one geometry share it whatever their channel counts."""
+        return (self.SH, self.SW, self.GH, self.GW, self.sy, self.sx, tuple(self.taps))
 
     @property
     def whole_plane(self) -> bool:
