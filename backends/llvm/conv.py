@@ -131,16 +131,16 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, col0, ncols, dst, nvp, pan
     grid rows (segments); each segment is one masked load (stride 1: contiguous source
     elements; stride 2: two loads and an even-lane shuffle) merged into the vector
     through the load's pass-through operand. A whole-plane grid (stride 1, as wide as the
-    source) is one segment whatever its rows. Larger strides use a masked gather."""
+    source) is one segment whatever its rows. Larger strides use a masked gather. With
+    more loads than _UNROLLED_LOADS per vector, stride-1 rows loop over taps instead
+    (_rows_by_taps)."""
     w, T, f = v.w, len(g.taps), v.f
     nvec = b.udiv(b.add(ncols, i64(w - 1)), i64(w))
     end = v.isplat(b.add(col0, ncols))
     plane = g.SH * g.SW
     mode = "plane" if g.whole_plane else "rows" if g.sx <= 2 else "gather"
     segments = 1 if mode == "plane" else _rows_touched(g.GW, w)
-    if mode == "rows" and g.sx == 1 and T * segments > _UNROLLED_LOADS:
-        _pack_rows_by_taps(b, v, src, g, k_lo, k_hi, col0, ncols, dst, nvp, panel, row_stride, sink)
-        return
+    by_taps = mode == "rows" and g.sx == 1 and T * segments > _UNROLLED_LOADS
     evens = ir.Constant(ir.VectorType(I32, w), list(range(0, 2 * w, 2)))
     # mask of the two loads of a stride-2 segment: element 2l of the window is lane l
     spread = [ir.Constant(ir.VectorType(I32, w), [(h * w + j) // 2 if j % 2 == 0 else w for j in range(w)])
@@ -160,6 +160,10 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, col0, ncols, dst, nvp, pan
         ix = b.mul(gx, v.isplat(g.sx)) if g.sx != 1 else gx
         gy0 = b.udiv(first, i64(g.GW))
         out = b.gep(dst, [b.add(at_panel, at_lane)], source_etype=F32)
+        if by_taps:
+            _rows_by_taps(b, v, src, g, segments, ok, gy, gx, gy0, first, out, c_first, c_last, k_lo, rows,
+                          row_stride, sink)
+            return advance(at_panel, at_lane)
         reads = []  # per tap: [(offset, mask)] (plane, rows) or (offsets, mask) (gather)
         for roff, coff in g.taps:
             col_ok = b.and_(ok, v.below(b.add(ix, v.isplat(coff)), g.SW))
@@ -209,6 +213,9 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, col0, ncols, dst, nvp, pan
                 r = b.add(row, i64(t))
                 to = b.gep(out, [b.mul(r, i64(row_stride))], source_etype=F32)
                 b.store(x, b.select(b.icmp_unsigned("<", r, rows), to, sink), align=4)
+        return advance(at_panel, at_lane)
+
+    def advance(at_panel, at_lane):
         at_lane = b.add(at_lane, i64(w))
         wrap = b.icmp_signed("==", at_lane, b.mul(nvp, i64(w)))
         return [b.select(wrap, b.add(at_panel, panel), at_panel), b.select(wrap, i64(0), at_lane)]
@@ -222,57 +229,37 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, col0, ncols, dst, nvp, pan
 _UNROLLED_LOADS = 32
 
 
-def _pack_rows_by_taps(b, v: _V, src, g: _Geom, k_lo, k_hi, col0, ncols, dst, nvp, panel, row_stride, sink):
-    """_pack_im2col's "rows" mode (stride 1) as a loop over taps (their offsets from a
-    table), each tap's segment masks computed once and used for every channel."""
+def _rows_by_taps(b, v: _V, src, g: _Geom, S, ok, gy, gx, gy0, first, out, c_first, c_last, k_lo, rows,
+                  row_stride, sink):
+    """One vector of _pack_im2col's "rows" mode (stride 1) as a loop over taps (their
+    offsets from a table): each tap's S segment masks computed once, used for every channel."""
     w, T, f = v.w, len(g.taps), v.f
-    S = _rows_touched(g.GW, w)
-    module = b.module
     name = "im2col.taps." + "_".join(f"{r}.{c}" for r, c in g.taps).replace("-", "m")
-    taps = module.globals.get(name)
+    taps = b.module.globals.get(name)
     if taps is None:
-        taps = ir.GlobalVariable(module, ir.ArrayType(I32, 2 * T), name=name)
+        taps = ir.GlobalVariable(b.module, ir.ArrayType(I32, 2 * T), name=name)
         taps.initializer = ir.Constant(taps.value_type, [x for rc in g.taps for x in rc])
         taps.global_constant, taps.linkage = True, "private"
-    nvec = b.udiv(b.add(ncols, i64(w - 1)), i64(w))
-    end = v.isplat(b.add(col0, ncols))
-    no_lanes = ir.Constant(f.mty, [0] * w)
-    c_first = b.udiv(k_lo, i64(T))
-    c_last = b.udiv(b.sub(k_hi, i64(1)), i64(T))
-    rows = b.sub(k_hi, k_lo)
-
-    def vector(vi, carried):
-        at_panel, at_lane = carried
-        first = b.add(col0, b.mul(vi, i64(w)))
-        pos = b.add(v.isplat(first), v.lanes)
-        ok = b.icmp_signed("<", pos, end)
-        gy = b.udiv(pos, v.isplat(g.GW))
-        gx = b.urem(pos, v.isplat(g.GW))
-        gy0 = b.udiv(first, i64(g.GW))
-        out = b.gep(dst, [b.add(at_panel, at_lane)], source_etype=F32)
-        with for_range(b, 0, T, "tap") as t:
-            roff = b.sext(b.load(gep(b, taps, b.mul(t, i64(2)), I32), typ=I32, align=4), I64)
-            coff = b.sext(b.load(gep(b, taps, b.add(b.mul(t, i64(2)), i64(1)), I32), typ=I32, align=4), I64)
-            col_ok = b.and_(ok, v.below(b.add(gx, v.isplat(coff)), g.SW))
-            segs = []
-            for sg in range(S):
-                gys = b.add(gy0, i64(sg))
-                iys = b.add(gys, roff)
-                row_ok = b.and_(b.icmp_signed(">=", iys, i64(0)), b.icmp_signed("<", iys, i64(g.SH)))
-                mask = b.select(row_ok, b.and_(col_ok, b.icmp_signed("==", gy, v.isplat(gys))), no_lanes)
-                segs.append((b.add(b.mul(iys, i64(g.SW)), b.add(b.sub(first, b.mul(gys, i64(g.GW))), coff)), mask))
-            with for_range(b, c_first, b.add(c_last, i64(1)), "pc") as c:
-                chan = b.gep(src, [b.mul(c, i64(g.SH * g.SW))], source_etype=F32)
-                x = f.zero
-                for at, m in segs:
-                    x = v.masked_load(b.gep(chan, [at], source_etype=F32), m, x)
-                r = b.add(b.sub(b.mul(c, i64(T)), k_lo), t)
-                to = b.gep(out, [b.mul(r, i64(row_stride))], source_etype=F32)
-                b.store(x, b.select(b.icmp_unsigned("<", r, rows), to, sink), align=4)
-        at_lane = b.add(at_lane, i64(w))
-        wrap = b.icmp_signed("==", at_lane, b.mul(nvp, i64(w)))
-        return [b.select(wrap, b.add(at_panel, panel), at_panel), b.select(wrap, i64(0), at_lane)]
-    loop(b, 0, nvec, (i64(0), i64(0)), vector, "pv")
+    with for_range(b, 0, T, "tap") as t:
+        roff = b.sext(b.load(gep(b, taps, b.mul(t, i64(2)), I32), typ=I32, align=4), I64)
+        coff = b.sext(b.load(gep(b, taps, b.add(b.mul(t, i64(2)), i64(1)), I32), typ=I32, align=4), I64)
+        col_ok = b.and_(ok, v.below(b.add(gx, v.isplat(coff)), g.SW))
+        segs = []
+        for sg in range(S):
+            gys = b.add(gy0, i64(sg))
+            iys = b.add(gys, roff)
+            row_ok = b.and_(b.icmp_signed(">=", iys, i64(0)), b.icmp_signed("<", iys, i64(g.SH)))
+            mask = b.select(row_ok, b.and_(col_ok, b.icmp_signed("==", gy, v.isplat(gys))),
+                            ir.Constant(f.mty, [0] * w))
+            segs.append((b.add(b.mul(iys, i64(g.SW)), b.add(b.sub(first, b.mul(gys, i64(g.GW))), coff)), mask))
+        with for_range(b, c_first, b.add(c_last, i64(1)), "pc") as c:
+            chan = b.gep(src, [b.mul(c, i64(g.SH * g.SW))], source_etype=F32)
+            x = f.zero
+            for at, m in segs:
+                x = v.masked_load(b.gep(chan, [at], source_etype=F32), m, x)
+            r = b.add(b.sub(b.mul(c, i64(T)), k_lo), t)
+            to = b.gep(out, [b.mul(r, i64(row_stride))], source_etype=F32)
+            b.store(x, b.select(b.icmp_unsigned("<", r, rows), to, sink), align=4)
 
 
 def _im2col_fn(mb, g: _Geom, row_stride: int) -> ir.Function:
