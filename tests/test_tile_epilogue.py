@@ -57,6 +57,12 @@ def test_the_update_runs_on_the_register_tile(tmp_path):
     extra = {info.spec: len(mb.modules[key[0]].globals[info.name].args) - 7 for key, info in mb.gemms.items()}
     grads = [spec for spec in extra if spec.ta and (spec.m, spec.n) == (200, 640)]
     assert grads and extra[grads[0]] >= 3, extra  # weight, two moments (+ lr, step...)
+    # ... and its microkernel prefetches what the update stores (the weight and the two
+    # moments, every vector of the tile) while its K loop runs
+    key, info = next((key, info) for key, info in mb.gemms.items() if info.spec == grads[0])
+    kernel = next(f for f in mb.modules[key[0]].functions if f.name.startswith(info.name + ".kernel"))
+    prefetches = str(kernel).count("call void @\"llvm.prefetch")
+    assert prefetches >= 3 * info.plan.mr * info.plan.nv, prefetches
 
 
 def test_training_and_evaluation_share_the_forward_gemm(tmp_path):

@@ -184,7 +184,17 @@ def tile_epilogue(program: KernelProgram, t: Template) -> TileEpilogue | None:
     order = {name: i for i, name in enumerate(names)} | {out: "C"}
     key = (store_c, _structure([(s.buf, s.flat, s.value) for s in epi.stores], order,
                                {row.name: "row", lane.name: "lane"}, {}))
-    return TileEpilogue(key=key, args=tuple(names), store_c=store_c, emit=emit)
+    def prefetch(b, v, ptrs, row_ix, col_ix):
+        """A prefetch of each buffer the epilogue stores, at (row_ix, col_ix..)."""
+        em = Emitter(b, ptrs)
+        em.vars[row.name] = row_ix
+        em.vars[lane.name] = col_ix
+        ev = _VecEval(em, v, lane.name, out, None, None, free)
+        for name in dict.fromkeys(s.buf.name for s in epi.stores if s.buf.name != out):
+            s = next(s for s in epi.stores if s.buf.name == name)
+            v.prefetch(ev.pointer(s.buf, s.flat), write=True)
+
+    return TileEpilogue(key=key, args=tuple(names), store_c=store_c, emit=emit, prefetch=prefetch)
 
 
 def _structure(x, buffers: dict, loop_vars: dict, memo: dict):
