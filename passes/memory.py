@@ -22,14 +22,10 @@ from dataclasses import dataclass, field
 from dlc.core import ops
 from dlc.core.graph import Graph
 from dlc.core.ops.scan import signature
-from dlc.core.types import numel
+from dlc.core.types import nbytes
 from dlc.passes.loops import Layout, layout
 
 ALIGN = 64
-
-
-def nbytes(t) -> int:
-    return t.dtype.np.itemsize * numel(t.shape)
 
 
 @dataclass

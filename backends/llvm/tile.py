@@ -184,6 +184,7 @@ def tile_epilogue(program: KernelProgram, t: Template) -> TileEpilogue | None:
     order = {name: i for i, name in enumerate(names)} | {out: "C"}
     key = (store_c, _structure([(s.buf, s.flat, s.value) for s in epi.stores], order,
                                {row.name: "row", lane.name: "lane"}, {}))
+
     def prefetch(b, v, ptrs, row_ix, col_ix):
         """A prefetch of each buffer the epilogue stores, at (row_ix, col_ix..)."""
         em = Emitter(b, ptrs)
@@ -214,4 +215,3 @@ def _structure(x, buffers: dict, loop_vars: dict, memo: dict):
                 _structure(getattr(x, f.name), buffers, loop_vars, memo) for f in fields(x))
         return memo[id(x)]
     return x
-

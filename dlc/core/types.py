@@ -194,6 +194,11 @@ def unify(pattern: Shape, actual: Shape, bindings: dict[str, Dim]) -> str | None
     return None
 
 
+def nbytes(t: "TensorType") -> int:
+    """The bytes of a tensor of type t (a static shape)."""
+    return t.dtype.np.itemsize * numel(t.shape)
+
+
 def static_numel(shape: Shape) -> int:
     n = numel(shape)
     if not isinstance(n, int):
