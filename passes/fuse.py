@@ -127,10 +127,14 @@ class Free:
         self.depth: dict[int, int] = {}  # free node -> how deep its value nests (F8)
         for nid in g.toposort():  # operands first: no recursion along long chains
             if self._free(nid):
-                self.depth[nid] = 1 + max((self.depth.get(o, 0) for o in g.operands(nid)), default=0)
+                self.add(nid)
 
     def __call__(self, nid: int) -> bool:
         return nid in self.depth
+
+    def add(self, nid: int) -> None:
+        """Make nid free (F1, and F3's broadcasts and reshapes)."""
+        self.depth[nid] = 1 + max((self.depth.get(o, 0) for o in self.g.operands(nid)), default=0)
 
     def _free(self, nid: int) -> bool:
         n = self.g.node(nid)
@@ -394,8 +398,8 @@ class _Fuser:
         elif len(homes) > 1:
             why = self.merge_siblings([self.kernels[h] for h in homes])
             if why is not None and g.node(nid).op in INDEX_MAPS:
-                self.free.depth[nid] = 1 + max((self.free.depth.get(o, 0) for o in g.operands(nid)), default=0)
-                return  # each user reads the operand through the index map
+                self.free.add(nid)  # each user reads the operand through the index map
+                return
             first = self.depended_on([self.kernels[h] for h in homes]) if why is not None else None
             if first is not None and self.fits(first, nid) is None:
                 self.add(first, nid)

@@ -234,12 +234,7 @@ def _rows_by_taps(b, v: _V, src, g: _Geom, S, ok, gy, gx, gy0, first, out, c_fir
     """One vector of _pack_im2col's "rows" mode (stride 1) as a loop over taps (their
     offsets from a table): each tap's S segment masks computed once, used for every channel."""
     w, T, f = v.w, len(g.taps), v.f
-    name = "im2col.taps." + "_".join(f"{r}.{c}" for r, c in g.taps).replace("-", "m")
-    taps = b.module.globals.get(name)
-    if taps is None:
-        taps = ir.GlobalVariable(b.module, ir.ArrayType(I32, 2 * T), name=name)
-        taps.initializer = ir.Constant(taps.value_type, [x for rc in g.taps for x in rc])
-        taps.global_constant, taps.linkage = True, "private"
+    taps = _i32_table(b.module, "im2col.taps", [x for rc in g.taps for x in rc])  # (roff, coff) pairs
     with for_range(b, 0, T, "tap") as t:
         roff = b.sext(b.load(gep(b, taps, b.mul(t, i64(2)), I32), typ=I32, align=4), I64)
         coff = b.sext(b.load(gep(b, taps, b.add(b.mul(t, i64(2)), i64(1)), I32), typ=I32, align=4), I64)
@@ -260,6 +255,19 @@ def _rows_by_taps(b, v: _V, src, g: _Geom, S, ok, gy, gx, gy0, first, out, c_fir
             r = b.add(b.sub(b.mul(c, i64(T)), k_lo), t)
             to = b.gep(out, [b.mul(r, i64(row_stride))], source_etype=F32)
             b.store(x, b.select(b.icmp_unsigned("<", r, rows), to, sink), align=4)
+
+
+def _i32_table(module, prefix: str, values: list) -> ir.GlobalVariable:
+    """A constant i32 array in module, named by its contents: one per module for each
+    list, and functions that are the same code (a training and an evaluation step's
+    forward layers) the same text, so they are built once (codegen's dedupe)."""
+    name = prefix + "." + "_".join(map(str, values)).replace("-", "m")
+    table = module.globals.get(name)
+    if table is None:
+        table = ir.GlobalVariable(module, ir.ArrayType(I32, len(values)), name=name)
+        table.initializer = ir.Constant(table.value_type, values)
+        table.global_constant, table.linkage = True, "private"
+    return table
 
 
 def _im2col_fn(mb, g: _Geom, row_stride: int) -> ir.Function:
@@ -408,14 +416,7 @@ class _Product:
     def pack_a(self, b, Ap, W, rs: int, os_: int, taps: list):
         """Ap <- A[m, k] = W[m*rs + (k // len(taps))*os_ + taps[k % len(taps)]]."""
         mb = self.mb
-        # named by its contents: one table per module for each tap order, and layers that
-        # are the same code (a training and an evaluation step's forward) the same text
-        name = "taps." + "_".join(map(str, taps))
-        table = mb.module.globals.get(name)
-        if table is None:
-            table = ir.GlobalVariable(mb.module, ir.ArrayType(I32, len(taps)), name=name)
-            table.initializer = ir.Constant(table.value_type, taps)
-            table.global_constant, table.linkage = True, "private"
+        table = _i32_table(mb.module, "taps", taps)
         b.call(_pack_weights_fn(mb, self.mr), [W, Ap, i64(self.M), i64(self.g.K), i64(self.kc), i64(rs),
                                                 i64(len(taps)), i64(os_), table])
 

@@ -442,14 +442,16 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
         for i in range(mr):
             for j in range(nv):
                 v.prefetch(v.at(c, times(i, ldc, j * w)), write=True)
+    epi = b.icmp_unsigned("!=", b.and_(mode, ir.Constant(I32, _EPILOGUE)), ir.Constant(I32, 0))
     if tile is not None and tile.prefetch is not None:
-        # the epilogue's buffers (an optimizer's weights and moments) arrive while the K
-        # loop runs instead of stalling the epilogue after it: the training step of the MLP
-        # at batch 8 -15%, of the wide MLP -5%
+        # in the K block that ends with the epilogue, its buffers (an optimizer's weights
+        # and moments) arrive while the K loop runs instead of stalling the epilogue after
+        # it: the training step of the MLP at batch 8 -15%, of the wide MLP -5%
         ptrs = dict(zip(tile.args, fn.args[10:]))
-        for i in range(mr):
-            for j in range(nv):
-                tile.prefetch(b, v, ptrs, b.add(fn.args[8], _i64(i)), b.add(fn.args[9], _i64(j * w)))
+        with b.if_then(epi):
+            for i in range(mr):
+                for j in range(nv):
+                    tile.prefetch(b, v, ptrs, b.add(fn.args[8], _i64(i)), b.add(fn.args[9], _i64(j * w)))
 
     acc = [[b.alloca(v.ty, name=f"acc{i}_{j}") for j in range(nv)] for i in range(mr)]
     # the tile epilogue runs as a loop over the tile's rows (its code once, not MR times:
@@ -487,7 +489,6 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
 
     # Epilogue: select rather than branch on mode, so the stores stay straight-line code.
     add_c = b.icmp_unsigned("!=", b.and_(mode, ir.Constant(I32, _ADD_C)), ir.Constant(I32, 0))
-    epi = b.icmp_unsigned("!=", b.and_(mode, ir.Constant(I32, _EPILOGUE)), ir.Constant(I32, 0))
     bias_vec = [v.load(v.at(bias, j * w), col_mask[j]) if spec.bias else None
                 for j in range(nv)]
 

@@ -191,8 +191,11 @@ def tile_epilogue(program: KernelProgram, t: Template) -> TileEpilogue | None:
         em.vars[row.name] = row_ix
         em.vars[lane.name] = col_ix
         ev = _VecEval(em, v, lane.name, out, None, None, free)
-        for name in dict.fromkeys(s.buf.name for s in epi.stores if s.buf.name != out):
-            s = next(s for s in epi.stores if s.buf.name == name)
+        first = {}  # buffer -> its first store
+        for s in epi.stores:
+            if s.buf.name != out:
+                first.setdefault(s.buf.name, s)
+        for s in first.values():
             v.prefetch(ev.pointer(s.buf, s.flat), write=True)
 
     return TileEpilogue(key=key, args=tuple(names), store_c=store_c, emit=emit, prefetch=prefetch)
