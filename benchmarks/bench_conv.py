@@ -7,7 +7,11 @@ layer shape of the benchmark models, compiled alone (one-op step) and called nat
 (no Python between calls, no copies of results). Every program -- the conv kernels and a
 512^3 GEMM compiled the same way -- is timed in the same rounds, interleaved, and each
 figure is the median over rounds; `of GEMM` is the row's FLOP rate over the GEMM's rate
-in the same rounds, so machine load that slows both cancels out (--quantile 0.1 reports
+in the same rounds, so machine load that slows both cancels out. A row whose bytes (its
+inputs and output, each counted once) take longer at the measured memory bandwidth than
+its FLOPs at the GEMM rate is memory-bound (`mem`): its ceiling is the bandwidth, not
+the GEMM, and `of roofline` is its floor -- max(FLOPs / GEMM rate, bytes / bandwidth),
+as in roofline.py -- over its time (--quantile 0.1 reports
 the fastest tenth of the rounds instead of the median: on a loaded machine that is the
 closest to an unshared core). --clock cpu times by the process's CPU time instead of the
 wall clock: with --threads 1 on a machine with more runnable processes than cores, time
@@ -33,6 +37,7 @@ from dlc.core.builder import GraphBuilder  # noqa: E402
 from dlc.core.graph import Graph  # noqa: E402
 from dlc.core.types import DType, TensorType  # noqa: E402
 from dlc.pipeline import kernel_program, lower  # noqa: E402
+from roofline import bandwidth  # noqa: E402
 
 # label: (N, C, H, W, O, k, stride, pad, kinds)
 SHAPES = {
@@ -57,8 +62,8 @@ def _out(n, k, s, p):
     return (n + 2 * p - k) // s + 1
 
 
-def graph_for(kind: str, N, C, H, W, O, k, s, p) -> tuple[Graph, dict, float]:
-    """One-op graph, its feeds, its multiply-add FLOPs."""
+def graph_for(kind: str, N, C, H, W, O, k, s, p) -> tuple[Graph, dict, float, int]:
+    """One-op graph, its feeds, its multiply-add FLOPs, the bytes of its inputs and output."""
     OH, OW = _out(H, k, s, p), _out(W, k, s, p)
     g = Graph("bench")
     b = GraphBuilder(g)
@@ -78,7 +83,8 @@ def graph_for(kind: str, N, C, H, W, O, k, s, p) -> tuple[Graph, dict, float]:
         attrs["kernel"] = (k, k)
     out = b.emit(ops.OPS[op], tuple(values), **attrs)
     g.outputs["out"] = out.id
-    return g, feeds, 2.0 * N * O * C * k * k * OH * OW
+    moved = 4 * (sum(int(np.prod(shape)) for shape in shapes) + int(np.prod(out.type.shape)))
+    return g, feeds, 2.0 * N * O * C * k * k * OH * OW, moved
 
 
 def gemm_graph(n: int):
@@ -147,6 +153,7 @@ def main() -> int:
         import torch
         torch.set_num_threads(args.threads)
     progs = {}  # label -> (call, flops)
+    moved = {}  # label -> bytes of its inputs and output
     g, feeds, flops = gemm_graph(512)
     progs["GEMM 512^3"] = (Native(g, feeds, args.threads).call, flops)
     rows = []
@@ -156,7 +163,7 @@ def main() -> int:
         for kind in kinds:
             if kind not in args.kinds:
                 continue
-            g, feeds, flops = graph_for(kind, N, C, H, W, O, k, s, p)
+            g, feeds, flops, moved[f"{label} {KIND[kind]}"] = graph_for(kind, N, C, H, W, O, k, s, p)
             name = f"{label} {KIND[kind]}"
             progs[name] = (Native(g, feeds, args.threads).call, flops)
             if args.torch:
@@ -179,12 +186,17 @@ def main() -> int:
             times[name].append(spent / calls)
     med = {name: sorted(t)[min(len(t) - 1, int(args.quantile * len(t)))] for name, t in times.items()}
     gemm_rate = progs["GEMM 512^3"][1] / med["GEMM 512^3"]
+    bytes_rate = bandwidth(args.threads)
     print(f"threads {args.threads}; {args.clock} clock; load average {' '.join(_loadavg())}")
-    print(f"GEMM 512^3 {med['GEMM 512^3'] * 1e3:.3f} ms = {gemm_rate / 1e9:.1f} GFLOP/s")
-    print(f"{'workload':<40} {'ms':>9} {'GFLOP/s':>8} {'of GEMM':>8}" + ("   torch ms  dlc/torch" if args.torch else ""))
+    print(f"GEMM 512^3 {med['GEMM 512^3'] * 1e3:.3f} ms = {gemm_rate / 1e9:.1f} GFLOP/s; "
+          f"memory bandwidth {bytes_rate / 1e9:.1f} GB/s")
+    print(f"{'workload':<40} {'ms':>9} {'GFLOP/s':>8} {'of GEMM':>8} {'bound':>6} {'of roofline':>12}"
+          + ("   torch ms  dlc/torch" if args.torch else ""))
     for name in rows:
         rate = progs[name][1] / med[name]
-        line = f"{name:<40} {med[name] * 1e3:9.3f} {rate / 1e9:8.1f} {rate / gemm_rate:8.0%}"
+        compute, memory = progs[name][1] / gemm_rate, moved[name] / bytes_rate
+        line = (f"{name:<40} {med[name] * 1e3:9.3f} {rate / 1e9:8.1f} {rate / gemm_rate:8.0%} "
+                f"{'mem' if memory > compute else 'FLOPs':>6} {max(compute, memory) / med[name]:12.0%}")
         if args.torch:
             line += f"   {med[name + ' [torch]'] * 1e3:8.3f}  {med[name] / med[name + ' [torch]']:8.2f}"
         print(line)
