@@ -507,7 +507,7 @@ def emit_nest(em: Emitter, nest: LoopNest, tid, nthreads, bounds: dict | None = 
             seen: set = set()
             for s in nest.stores:
                 em.hoist(s.value, outer_names, seen)
-            _inner_loops(em, nest, list(nest.inner))
+            _merged_loops(em, list(nest.inner), nest.stores, {})
         em.pop()
         return []
     loop(b, lo, hi, (), body, name="p")
@@ -521,28 +521,16 @@ def _unravel(b, f, extents):
     return list(reversed(out))
 
 
-def _inner_loops(em: Emitter, nest: LoopNest, vars_) -> None:
-    if not vars_:
-        store_all(em, nest.stores)
-        return
-    var = vars_[0]
-
-    def body(i, _):
-        em.vars[var.name] = i
-        em.push()
-        _inner_loops(em, nest, vars_[1:])
-        em.pop()
-        return []
-    loop(em.b, 0, var.extent, (), body, name=var.name)
-
-
 def emit_bounded(em: Emitter, nest: LoopNest, bounds: dict) -> None:
-    """All loops of the nest with explicit ranges (epilogues over a template's share);
-    the full-range loops after the last bounded one are merged where they address memory
-    contiguously (an epilogue over 10x10 planes: one loop of 100, which vectorizes,
-    rather than rows of 10, which do not)."""
-    vars_ = list(nest.outer) + list(nest.inner)
-    stores = nest.row_stores + nest.stores
+    """All loops of the nest with explicit ranges (epilogues over a template's share)."""
+    _merged_loops(em, list(nest.outer) + list(nest.inner), nest.row_stores + nest.stores, bounds)
+
+
+def _merged_loops(em: Emitter, vars_, stores, bounds: dict) -> None:
+    """Loops over `vars_` around `stores`, those in `bounds` (var name -> (lo, hi) values)
+    over their ranges; the full-range loops after the last bounded one are merged where
+    they address memory contiguously (an 8x8 or 10x10 plane: one loop of 64 or 100,
+    which vectorizes at full width, rather than rows of 8 or 10, which do not)."""
     n_bounded = max((k + 1 for k, v in enumerate(vars_) if v.name in bounds), default=0)
     groups = [[v] for v in vars_[:n_bounded]]
     if n_bounded < len(vars_):
@@ -565,5 +553,3 @@ def emit_bounded(em: Emitter, nest: LoopNest, bounds: dict) -> None:
             return []
         loop(em.b, lo, hi, (), body, name=var.name)
     level(0)
-
-
