@@ -313,3 +313,36 @@ def test_sums_over_one_channel_run_as_one_pass(tmp_path, monkeypatch):
         np.testing.assert_allclose(fused[k], plain[k], rtol=1e-4, atol=1e-6, err_msg=k)
     for k in plain_state:
         np.testing.assert_allclose(fused_state[k], plain_state[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_loop_nests_run_a_contiguous_plane_as_one_loop(tmp_path, monkeypatch):
+    """A loop nest's inner loops over an 8x8 plane (resnet_bn's batchnorm and residual
+    kernels) are one loop of 64, which vectorizes at full width: fewer loops than one
+    per axis, and the same training step."""
+    from dlc.backends.llvm import emit
+    from dlc.backends.llvm.irutil import i64
+    m = example_models.load(EXAMPLES[0].parent / "resnet_bn.dln")
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    feeds = _example_feeds(m, 13, np.random.default_rng(0))
+
+    def build_and_run(tag):
+        mb = ModuleBuilder(kernel_program(lower(graph, 13), CPU.templates), CPU.target({"threads": 2}))
+        mb.build()
+        loops = sum(str(mod).count(".head:") for mod in mb.modules)
+        state = {k: v.copy() for k, v in m.state.items()}
+        out = make_program("cpu", graph, state, options={"cache_dir": tmp_path / tag}).run(feeds)
+        return loops, out, state
+
+    merged_loops, merged, merged_state = build_and_run("merged")
+    real = emit._merged_loops
+
+    def one_loop_per_axis(em, vars_, stores, bounds):  # every range explicit: nothing merges
+        return real(em, vars_, stores, {v.name: bounds.get(v.name, (i64(0), i64(v.extent))) for v in vars_})
+    monkeypatch.setattr(emit, "_merged_loops", one_loop_per_axis)
+    loops, plain, plain_state = build_and_run("plain")
+    assert merged_loops < loops
+    for k in plain:
+        np.testing.assert_allclose(merged[k], plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in plain_state:
+        np.testing.assert_allclose(merged_state[k], plain_state[k], rtol=1e-5, atol=1e-6, err_msg=k)
