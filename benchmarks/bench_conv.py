@@ -163,8 +163,8 @@ def main() -> int:
         for kind in kinds:
             if kind not in args.kinds:
                 continue
-            g, feeds, flops, moved[f"{label} {KIND[kind]}"] = graph_for(kind, N, C, H, W, O, k, s, p)
             name = f"{label} {KIND[kind]}"
+            g, feeds, flops, moved[name] = graph_for(kind, N, C, H, W, O, k, s, p)
             progs[name] = (Native(g, feeds, args.threads).call, flops)
             if args.torch:
                 progs[name + " [torch]"] = (torch_fn(kind, N, C, H, W, O, k, s, p), flops)

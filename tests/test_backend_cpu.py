@@ -287,32 +287,48 @@ def test_training_and_evaluation_share_their_forward_convolutions():
     assert len(convs["eval"]) == 2 and convs["train"] == convs["eval"]
 
 
-def test_sums_over_one_channel_run_as_one_pass(tmp_path, monkeypatch):
-    """A batchnorm gradient's sums over a channel (and the one that needs their result,
-    split into sums that do not) run in one loop nest: fewer loops than emitted one sum
-    at a time, and the same training step."""
-    from dlc.backends.llvm.emit import Emitter
+def _resnet_bn_step_built_twice(tmp_path, change):
+    """resnet_bn's training step at batch 13, built and run as the code is and again after
+    change() (a monkeypatch): for each, the loops in the functions of its loop-nest
+    kernels, its outputs and its updated state."""
+    from dlc.core.kernel import LoopNest, all_kernels
     m = example_models.load(EXAMPLES[0].parent / "resnet_bn.dln")
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
     feeds = _example_feeds(m, 13, np.random.default_rng(0))
 
     def build_and_run(tag):
-        mb = ModuleBuilder(kernel_program(lower(graph, 13), CPU.templates), CPU.target({"threads": 2}))
+        program = kernel_program(lower(graph, 13), CPU.templates)
+        nests = {k.name for k in all_kernels(program.kernels) if all(isinstance(p, LoopNest) for p in k.parts)}
+        mb = ModuleBuilder(program, CPU.target({"threads": 2}))
         mb.build()
-        loops = sum(str(mod).count(".head:") for mod in mb.modules)
+        functions = {id(fn): fn for _, name, fn, _ in mb.parts if name in nests}
+        loops = sum(str(fn).count(".head:") for fn in functions.values())
         state = {k: v.copy() for k, v in m.state.items()}
         out = make_program("cpu", graph, state, options={"cache_dir": tmp_path / tag}).run(feeds)
         return loops, out, state
 
-    fused_loops, fused, fused_state = build_and_run("fused")
-    monkeypatch.setattr(Emitter, "group_sums", lambda self, exprs, bound: None)
-    loops, plain, plain_state = build_and_run("plain")
-    assert fused_loops < loops
-    for k in plain:
-        np.testing.assert_allclose(fused[k], plain[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    for k in plain_state:
-        np.testing.assert_allclose(fused_state[k], plain_state[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    before = build_and_run("as is")
+    change()
+    return before, build_and_run("changed")
+
+
+def _same_step(a, b, rtol):
+    for k in a[1]:
+        np.testing.assert_allclose(a[1][k], b[1][k], rtol=rtol, atol=1e-6, err_msg=k)
+    for k in a[2]:
+        np.testing.assert_allclose(a[2][k], b[2][k], rtol=rtol, atol=1e-6, err_msg=k)
+
+
+def test_sums_over_one_channel_run_as_one_pass(tmp_path, monkeypatch):
+    """A batchnorm gradient's sums over a channel (and the one that needs their result,
+    split into sums that do not) run in one loop nest: fewer loops than emitted one sum
+    at a time, and the same training step."""
+    from dlc.backends.llvm.emit import Emitter
+    fused, plain = _resnet_bn_step_built_twice(
+        tmp_path, lambda: monkeypatch.setattr(Emitter, "group_sums", lambda self, exprs, bound: None))
+    assert fused[0] < plain[0]
+    _same_step(fused, plain, 1e-4)
 
 
 def test_loop_nests_run_a_contiguous_plane_as_one_loop(tmp_path, monkeypatch):
@@ -321,28 +337,11 @@ def test_loop_nests_run_a_contiguous_plane_as_one_loop(tmp_path, monkeypatch):
     per axis, and the same training step."""
     from dlc.backends.llvm import emit
     from dlc.backends.llvm.irutil import i64
-    m = example_models.load(EXAMPLES[0].parent / "resnet_bn.dln")
-    graph = m.compile_graph("train", m.train_config)
-    m.ensure_state(graph)
-    feeds = _example_feeds(m, 13, np.random.default_rng(0))
-
-    def build_and_run(tag):
-        mb = ModuleBuilder(kernel_program(lower(graph, 13), CPU.templates), CPU.target({"threads": 2}))
-        mb.build()
-        loops = sum(str(mod).count(".head:") for mod in mb.modules)
-        state = {k: v.copy() for k, v in m.state.items()}
-        out = make_program("cpu", graph, state, options={"cache_dir": tmp_path / tag}).run(feeds)
-        return loops, out, state
-
-    merged_loops, merged, merged_state = build_and_run("merged")
     real = emit._merged_loops
 
     def one_loop_per_axis(em, vars_, stores, bounds):  # every range explicit: nothing merges
         return real(em, vars_, stores, {v.name: bounds.get(v.name, (i64(0), i64(v.extent))) for v in vars_})
-    monkeypatch.setattr(emit, "_merged_loops", one_loop_per_axis)
-    loops, plain, plain_state = build_and_run("plain")
-    assert merged_loops < loops
-    for k in plain:
-        np.testing.assert_allclose(merged[k], plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for k in plain_state:
-        np.testing.assert_allclose(merged_state[k], plain_state[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    merged, plain = _resnet_bn_step_built_twice(
+        tmp_path, lambda: monkeypatch.setattr(emit, "_merged_loops", one_loop_per_axis))
+    assert merged[0] < plain[0]
+    _same_step(merged, plain, 1e-5)
