@@ -717,6 +717,12 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-position-blocks"),
     _conv("conv2d_bwd_filter", [(1, 48, 6, 6), (1, 9, 6, 6)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-many-rows"),
+    # a first layer's filter gradient (<= 3 input channels, stride 1) runs directly: a last
+    # block of output channels shorter than the others, rows wider than a vector, no padding
+    _conv("conv2d_bwd_filter", [(3, 1, 11, 21), (3, 7, 11, 21)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (2, 2)), kernel=(5, 5)), "t-direct-1-channel-5x5"),
+    _conv("conv2d_bwd_filter", [(2, 3, 6, 9), (2, 13, 4, 7)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (0, 0)), kernel=(3, 3)), "t-direct-3-channels-valid"),
     # 5x5 taps over grid rows narrower than the source: the packer loops over a tap table
     _conv("conv2d", [(3, 7, 13, 14), (5, 7, 5, 5)], np_conv2d, _s((1, 1), (0, 0)), "t-5x5-valid-tap-table"),
     _conv("conv2d_bwd_data", [(2, 5, 9, 10), (5, 7, 5, 5)], np_conv2d_bwd_data,

@@ -40,7 +40,7 @@ from dlc.core.kernel import Template
 from .emit import emit_bounded, store_all
 from .gemm import (_ADD_C, _EPILOGUE, GemmPlan, GemmSpec, _emit_kernel, _emit_pack_b, _Layout, _Vec,
                    free_masks, plan_gemm)
-from .irutil import F32, I1, I32, I64, PTR, VOID, for_range, gep, i64, loop, set_target, smin, split
+from .irutil import F32, I1, I32, I64, PTR, VOID, for_range, gep, i64, loop, set_target, smax, smin, split
 
 _KC = {4: 256, 8: 256, 16: 384}
 
@@ -637,6 +637,8 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     O, C, KH, KW = t.output.shape
     (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
     w = mb.target.vector_width
+    if _direct_filter_gradient(mb, em, t, tid, nthreads):
+        return
     T = KH * KW
     g = _Geom(C, H, W, OH, OW, sy, sx, [(ky - ph, kx - pw) for ky in range(KH) for kx in range(KW)])
     K, P = g.K, g.P
@@ -698,6 +700,95 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
                     em.push()
                     store_all(em, t.epilogue.row_stores + t.epilogue.stores)
                     em.pop()
+
+
+# A first layer's filter gradient (1 or 3 input channels) as a GEMM has K = C*KH*KW rows
+# of 9-75 and O columns of 6-32: register tiles a third to a half empty and an im2col
+# matrix as large as the input itself (LeNet's 1->6 5x5 layer at 12% of the GEMM rate).
+# Directly, each (block of output channels, input channel, kernel row) keeps one vector
+# accumulator per (channel, kernel column) in registers over every image and output row:
+# per output row segment, KW shifted input rows and one g row per channel, all loads
+# reused KW or OB times.
+_DIRECT_MAX_C = 3
+
+
+def _direct_filter_gradient(mb, em, t: Template, tid, nthreads) -> bool:
+    """The filter gradient of a stride-1 layer with at most _DIRECT_MAX_C input channels,
+    computed directly (no im2col, no GEMM); False (nothing emitted) for other layers.
+    Threads share out (channel block, input channel, kernel row) items, each summed over
+    every image: each dw element is one thread's, so its epilogue runs there."""
+    xb, gb = t.inputs
+    N, C, H, W = xb.shape
+    _, O, OH, OW = gb.shape
+    _, _, KH, KW = t.output.shape
+    (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    target = mb.target
+    w = target.vector_width
+    registers = 32 if w == 16 else 16
+    ob_max = (registers - KW - 2) // KW      # accumulators, KW input vectors and a g vector
+    if (sy, sx) != (1, 1) or C > _DIRECT_MAX_C or ob_max < 1:
+        return False
+    nblocks = _cdiv(O, ob_max)
+    OB = _cdiv(O, nblocks)                   # blocks as equal as they can be
+    nblocks = _cdiv(O, OB)
+    b = em.b
+    v = _Vec(b, w, fused=target.has("fma"))
+    X, G, DW = em.pointers[xb.name], em.pointers[gb.name], em.pointers[t.output.name]
+    chunks = [(x0, min(w, OW - x0)) for x0 in range(0, OW, w)]
+    lane_ok = {x0: [lane < n for lane in range(w)] for x0, n in chunks}
+    # the input columns x0 + lane + kx - pw a segment reads, masked to the row and segment
+    masks = {(x0, kx): ir.Constant(v.mty, [ok and 0 <= x0 + lane + kx - pw < W
+                                            for lane, ok in enumerate(lane_ok[x0])])
+             for x0, _ in chunks for kx in range(KW)}
+    g_masks = {x0: None if n == w else ir.Constant(v.mty, lane_ok[x0]) for x0, n in chunks}
+    lo, hi = split(b, nblocks * C * KH, tid, nthreads)
+    with for_range(b, lo, hi, "item") as item:
+        block, rest = b.udiv(item, i64(C * KH)), b.urem(item, i64(C * KH))
+        c, ky = b.udiv(rest, i64(KH)), b.urem(rest, i64(KH))
+        o0 = b.mul(block, i64(OB))
+        nob = smin(b, i64(OB), b.sub(i64(O), o0))  # the last block may be short
+        # output rows whose input row y + ky - ph lies inside the image
+        y_lo = smax(b, i64(0), b.sub(i64(ph), ky))
+        y_hi = smin(b, i64(OH), b.sub(i64(H + ph), ky))
+
+        def image(n, acc):
+            xrow0 = b.gep(X, [b.mul(b.add(b.mul(n, i64(C)), c), i64(H * W))], source_etype=F32)
+            grow0 = b.gep(G, [b.mul(b.add(b.mul(n, i64(O)), o0), i64(OH * OW))], source_etype=F32)
+
+            def row(y, acc):
+                xrow = v.at(xrow0, b.mul(b.add(y, b.sub(ky, i64(ph))), i64(W)))
+                grow = v.at(grow0, b.mul(y, i64(OW)))
+                acc = list(acc)
+                for x0, _ in chunks:
+                    xs = [v.load(v.at(xrow, x0 + kx - pw), masks[x0, kx]) for kx in range(KW)]
+                    for ob in range(OB):
+                        # a short last block reads channel o0 + ob < O only (else zeros)
+                        gmask = g_masks[x0]
+                        if OB * nblocks > O:
+                            live = b.icmp_signed("<", i64(ob), nob)
+                            whole = ir.Constant(v.mty, [True] * w) if gmask is None else gmask
+                            gmask = b.select(live, whole, ir.Constant(v.mty, [False] * w))
+                        gv = v.load(v.at(grow, ob * OH * OW + x0), gmask)
+                        for kx in range(KW):
+                            acc[ob * KW + kx] = v.fma(gv, xs[kx], acc[ob * KW + kx])
+                return acc
+            return loop(b, y_lo, y_hi, acc, row, name="y")
+        acc = loop(b, 0, N, [v.zero] * (OB * KW), image, name="n")
+        total = v._intrinsic(f"llvm.vector.reduce.fadd.v{w}f32", F32, [F32, v.ty])
+        for ob in range(OB):
+            with b.if_then(b.icmp_signed("<", i64(ob), nob)):
+                o = b.add(o0, i64(ob))
+                for kx in range(KW):
+                    s = b.call(total, [ir.Constant(F32, -0.0), acc[ob * KW + kx]], fastmath=("reassoc", "nsz"))
+                    k = b.add(b.mul(b.add(b.mul(o, i64(C)), c), i64(KH * KW)), b.add(b.mul(ky, i64(KW)), i64(kx)))
+                    b.store(s, gep(b, DW, k, F32), align=4)
+                    if t.epilogue is not None:
+                        vo, vc, vky, vkx = list(t.epilogue.outer) + list(t.epilogue.inner)
+                        em.vars.update({vo.name: o, vc.name: c, vky.name: ky, vkx.name: i64(kx)})
+                        em.push()
+                        store_all(em, t.epilogue.row_stores + t.epilogue.stores)
+                        em.pop()
+    return True
 
 
 def _pack_b_fn(mb, tb: bool):
