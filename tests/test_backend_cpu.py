@@ -80,6 +80,20 @@ def test_op_table_forward_and_gradient_on_cpu(rows):
     check_op_table(run_graph(merged, feeds), run_cpu(merged, feeds), tols)
 
 
+def test_direct_filter_gradient_sums_over_image_tiles(monkeypatch):
+    """A first layer's filter gradient passes over the images in tiles, its accumulators
+    kept in scratch between tiles: with one image per tile, on one thread and on two, the
+    op table's direct rows still match the reference."""
+    from dlc.backends.llvm import conv
+    monkeypatch.setattr(conv, "_DIRECT_TILE_BYTES", 1)
+    rows = [c for c in ALL if c.id and c.id.startswith("t-direct")]
+    assert len(rows) >= 2
+    merged, feeds, tols = op_table_graph(rows, salt="tiles")
+    expected = run_graph(merged, feeds)
+    for threads in (1, 2):
+        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
+
+
 def op_table_graph(rows, salt: str):
     """The rows merged into one graph (row i's names prefixed `r{i}.`), its float32 feeds,
     and each prefix's (row name, float32 tolerances). Differentiable rows carry their gradients."""

@@ -710,6 +710,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
 # per output row segment, KW shifted input rows and one g row per channel, all loads
 # reused KW or OB times.
 _DIRECT_MAX_C = 3
+_DIRECT_TILE_BYTES = 256 << 10  # the images of one pass over the items (see below)
 
 
 def _direct_filter_gradient(mb, em, t: Template, tid, nthreads) -> bool:
@@ -741,45 +742,70 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads) -> bool:
                                             for lane, ok in enumerate(lane_ok[x0])])
              for x0, _ in chunks for kx in range(KW)}
     g_masks = {x0: None if n == w else ir.Constant(v.mty, lane_ok[x0]) for x0, n in chunks}
-    lo, hi = split(b, nblocks * C * KH, tid, nthreads)
-    with for_range(b, lo, hi, "item") as item:
+    nacc = OB * KW
+    items = nblocks * C * KH
+    # images in tiles whose g rows (and x planes) stay in L2 while every item of the thread
+    # passes over them (else each item streams all of g again: 36 passes for a 3->32
+    # layer); the accumulators wait in scratch between tiles
+    per_image = 4 * (OB * OH * OW + C * H * W)
+    NB = max(1, min(N, _DIRECT_TILE_BYTES // per_image))
+    (accs,), total = _carve(b, _scratch_base(mb, em), [items * nacc * w])  # a thread may get every item
+    _scratch(mb, em, total)
+    lo, hi = split(b, items, tid, nthreads)
+
+    def item_at(item):
+        """(c, ky, first output channel, channels in the block, its accumulators' address)."""
         block, rest = b.udiv(item, i64(C * KH)), b.urem(item, i64(C * KH))
-        c, ky = b.udiv(rest, i64(KH)), b.urem(rest, i64(KH))
         o0 = b.mul(block, i64(OB))
-        nob = smin(b, i64(OB), b.sub(i64(O), o0))  # the last block may be short
-        # output rows whose input row y + ky - ph lies inside the image
-        y_lo = smax(b, i64(0), b.sub(i64(ph), ky))
-        y_hi = smin(b, i64(OH), b.sub(i64(H + ph), ky))
+        return (b.udiv(rest, i64(KH)), b.urem(rest, i64(KH)), o0, smin(b, i64(OB), b.sub(i64(O), o0)),
+                v.at(accs, b.mul(b.sub(item, lo), i64(nacc * w))))
 
-        def image(n, acc):
-            xrow0 = b.gep(X, [b.mul(b.add(b.mul(n, i64(C)), c), i64(H * W))], source_etype=F32)
-            grow0 = b.gep(G, [b.mul(b.add(b.mul(n, i64(O)), o0), i64(OH * OW))], source_etype=F32)
+    with for_range(b, lo, hi, "item") as item:
+        at = item_at(item)[4]
+        for a in range(nacc):
+            v.store(v.zero, v.at(at, a * w))
+    with for_range(b, 0, N, "tile", step=NB) as n0:
+        n1 = smin(b, b.add(n0, i64(NB)), i64(N))
+        with for_range(b, lo, hi, "item") as item:
+            c, ky, o0, nob, at = item_at(item)
+            # output rows whose input row y + ky - ph lies inside the image
+            y_lo = smax(b, i64(0), b.sub(i64(ph), ky))
+            y_hi = smin(b, i64(OH), b.sub(i64(H + ph), ky))
 
-            def row(y, acc):
-                xrow = v.at(xrow0, b.mul(b.add(y, b.sub(ky, i64(ph))), i64(W)))
-                grow = v.at(grow0, b.mul(y, i64(OW)))
-                acc = list(acc)
-                for x0, _ in chunks:
-                    xs = [v.load(v.at(xrow, x0 + kx - pw), masks[x0, kx]) for kx in range(KW)]
-                    for ob in range(OB):
-                        # a short last block reads channel o0 + ob < O only (else zeros)
-                        gmask = g_masks[x0]
-                        if OB * nblocks > O:
-                            live = b.icmp_signed("<", i64(ob), nob)
-                            whole = ir.Constant(v.mty, [True] * w) if gmask is None else gmask
-                            gmask = b.select(live, whole, ir.Constant(v.mty, [False] * w))
-                        gv = v.load(v.at(grow, ob * OH * OW + x0), gmask)
-                        for kx in range(KW):
-                            acc[ob * KW + kx] = v.fma(gv, xs[kx], acc[ob * KW + kx])
-                return acc
-            return loop(b, y_lo, y_hi, acc, row, name="y")
-        acc = loop(b, 0, N, [v.zero] * (OB * KW), image, name="n")
-        total = v._intrinsic(f"llvm.vector.reduce.fadd.v{w}f32", F32, [F32, v.ty])
+            def image(n, acc):
+                xrow0 = b.gep(X, [b.mul(b.add(b.mul(n, i64(C)), c), i64(H * W))], source_etype=F32)
+                grow0 = b.gep(G, [b.mul(b.add(b.mul(n, i64(O)), o0), i64(OH * OW))], source_etype=F32)
+
+                def row(y, acc):
+                    xrow = v.at(xrow0, b.mul(b.add(y, b.sub(ky, i64(ph))), i64(W)))
+                    grow = v.at(grow0, b.mul(y, i64(OW)))
+                    acc = list(acc)
+                    for x0, _ in chunks:
+                        xs = [v.load(v.at(xrow, x0 + kx - pw), masks[x0, kx]) for kx in range(KW)]
+                        for ob in range(OB):
+                            # a short last block reads channel o0 + ob < O only (else zeros)
+                            gmask = g_masks[x0]
+                            if OB * nblocks > O:
+                                live = b.icmp_signed("<", i64(ob), nob)
+                                whole = ir.Constant(v.mty, [True] * w) if gmask is None else gmask
+                                gmask = b.select(live, whole, ir.Constant(v.mty, [False] * w))
+                            gv = v.load(v.at(grow, ob * OH * OW + x0), gmask)
+                            for kx in range(KW):
+                                acc[ob * KW + kx] = v.fma(gv, xs[kx], acc[ob * KW + kx])
+                    return acc
+                return loop(b, y_lo, y_hi, acc, row, name="y")
+            acc = loop(b, n0, n1, [v.load(v.at(at, a * w)) for a in range(nacc)], image, name="n")
+            for a in range(nacc):
+                v.store(acc[a], v.at(at, a * w))
+    sum_lanes = v._intrinsic(f"llvm.vector.reduce.fadd.v{w}f32", F32, [F32, v.ty])
+    with for_range(b, lo, hi, "item") as item:
+        c, ky, o0, nob, at = item_at(item)
         for ob in range(OB):
             with b.if_then(b.icmp_signed("<", i64(ob), nob)):
                 o = b.add(o0, i64(ob))
                 for kx in range(KW):
-                    s = b.call(total, [ir.Constant(F32, -0.0), acc[ob * KW + kx]], fastmath=("reassoc", "nsz"))
+                    s = b.call(sum_lanes, [ir.Constant(F32, -0.0), v.load(v.at(at, (ob * KW + kx) * w))],
+                               fastmath=("reassoc", "nsz"))
                     k = b.add(b.mul(b.add(b.mul(o, i64(C)), c), i64(KH * KW)), b.add(b.mul(ky, i64(KW)), i64(kx)))
                     b.store(s, gep(b, DW, k, F32), align=4)
                     if t.epilogue is not None:
