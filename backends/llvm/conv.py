@@ -13,7 +13,9 @@ per-thread scratch space (`__scratch__`), and reused by every register tile.
   bwd filter  dw^T[K, O]    = sum_n col(x_n)[K, P] @ g_n^T[P, O],   K = KH*KW*C
               (im2col rows are the broadcast operand, read in place from a row-major
               block; g^T is packed by gemm.py's transposing packer; dw^T is transposed
-              into dw at the end)
+              into dw at the end); a first layer's (<= 3 input channels, stride 1) is
+              computed directly instead, with no im2col and no GEMM (see
+              _direct_filter_gradient)
 
 K runs channel-major as the weights do (k = channel * taps + tap): the packer computes
 every tap's padding masks once per 16 columns and reads each source plane for all its
