@@ -693,15 +693,19 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
                 x = b.load(gep(b, DWt, b.add(src_row, o), F32), typ=F32, align=4)
                 b.store(x, gep(b, DW, b.add(b.mul(o, i64(K)), k), F32), align=4)
         if t.epilogue is not None:
-            vo, vc, vky, vkx = list(t.epilogue.outer) + list(t.epilogue.inner)
             with for_range(b, k_lo, k_hi, "ek") as k:
                 c, tap = b.udiv(k, i64(T)), b.urem(k, i64(T))
                 with for_range(b, 0, O, "eo") as o:
-                    em.vars.update({vo.name: o, vc.name: c, vky.name: b.udiv(tap, i64(KW)),
-                                    vkx.name: b.urem(tap, i64(KW))})
-                    em.push()
-                    store_all(em, t.epilogue.row_stores + t.epilogue.stores)
-                    em.pop()
+                    _filter_epilogue(em, t, o, c, b.udiv(tap, i64(KW)), b.urem(tap, i64(KW)))
+
+
+def _filter_epilogue(em, t: Template, o, c, ky, kx) -> None:
+    """The filter gradient's epilogue (an optimizer update) at dw[o, c, ky, kx]."""
+    vo, vc, vky, vkx = list(t.epilogue.outer) + list(t.epilogue.inner)
+    em.vars.update({vo.name: o, vc.name: c, vky.name: ky, vkx.name: kx})
+    em.push()
+    store_all(em, t.epilogue.row_stores + t.epilogue.stores)
+    em.pop()
 
 
 # A first layer's filter gradient (1 or 3 input channels) as a GEMM has K = C*KH*KW rows
@@ -755,15 +759,18 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads) -> bool:
     _scratch(mb, em, total)
     lo, hi = split(b, items, tid, nthreads)
 
+    def acc_at(item):
+        return v.at(accs, b.mul(b.sub(item, lo), i64(nacc * w)))
+
     def item_at(item):
         """(c, ky, first output channel, channels in the block, its accumulators' address)."""
         block, rest = b.udiv(item, i64(C * KH)), b.urem(item, i64(C * KH))
         o0 = b.mul(block, i64(OB))
         return (b.udiv(rest, i64(KH)), b.urem(rest, i64(KH)), o0, smin(b, i64(OB), b.sub(i64(O), o0)),
-                v.at(accs, b.mul(b.sub(item, lo), i64(nacc * w))))
+                acc_at(item))
 
     with for_range(b, lo, hi, "item") as item:
-        at = item_at(item)[4]
+        at = acc_at(item)
         for a in range(nacc):
             v.store(v.zero, v.at(at, a * w))
     with for_range(b, 0, N, "tile", step=NB) as n0:
@@ -811,11 +818,7 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads) -> bool:
                     k = b.add(b.mul(b.add(b.mul(o, i64(C)), c), i64(KH * KW)), b.add(b.mul(ky, i64(KW)), i64(kx)))
                     b.store(s, gep(b, DW, k, F32), align=4)
                     if t.epilogue is not None:
-                        vo, vc, vky, vkx = list(t.epilogue.outer) + list(t.epilogue.inner)
-                        em.vars.update({vo.name: o, vc.name: c, vky.name: ky, vkx.name: i64(kx)})
-                        em.push()
-                        store_all(em, t.epilogue.row_stores + t.epilogue.stores)
-                        em.pop()
+                        _filter_epilogue(em, t, o, c, ky, i64(kx))
     return True
 
 
