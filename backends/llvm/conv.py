@@ -809,16 +809,15 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads) -> bool:
     sum_lanes = v._intrinsic(f"llvm.vector.reduce.fadd.v{w}f32", F32, [F32, v.ty])
     with for_range(b, lo, hi, "item") as item:
         c, ky, o0, nob, at = item_at(item)
-        for ob in range(OB):
-            with b.if_then(b.icmp_signed("<", i64(ob), nob)):
-                o = b.add(o0, i64(ob))
-                for kx in range(KW):
-                    s = b.call(sum_lanes, [ir.Constant(F32, -0.0), v.load(v.at(at, (ob * KW + kx) * w))],
-                               fastmath=("reassoc", "nsz"))
-                    k = b.add(b.mul(b.add(b.mul(o, i64(C)), c), i64(KH * KW)), b.add(b.mul(ky, i64(KW)), i64(kx)))
-                    b.store(s, gep(b, DW, k, F32), align=4)
-                    if t.epilogue is not None:
-                        _filter_epilogue(em, t, o, c, ky, i64(kx))
+        # a loop, not unrolled: the epilogue (an Adam update, say) is emitted once
+        with for_range(b, 0, b.mul(nob, i64(KW)), "a") as a:
+            o, kx = b.add(o0, b.udiv(a, i64(KW))), b.urem(a, i64(KW))
+            s = b.call(sum_lanes, [ir.Constant(F32, -0.0), v.load(v.at(at, b.mul(a, i64(w))))],
+                       fastmath=("reassoc", "nsz"))
+            b.store(s, gep(b, DW, b.add(b.mul(b.add(b.mul(o, i64(C)), c), i64(KH * KW)),
+                                        b.add(b.mul(ky, i64(KW)), kx)), F32), align=4)
+            if t.epilogue is not None:
+                _filter_epilogue(em, t, o, c, ky, kx)
     return True
 
 
