@@ -632,6 +632,10 @@ def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
 
 def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     """dw[o,c,ky,kx] = sum_{n,oy,ox} g[n,o,oy,ox] * x[n,c,oy*sy+ky-ph, ox*sx+kx-pw]."""
+    ob_max = _direct_channels(t, mb.target)
+    if ob_max:
+        _direct_filter_gradient(mb, em, t, tid, nthreads, ob_max)
+        return
     b = em.b
     xb, gb = t.inputs
     N, C, H, W = xb.shape
@@ -639,8 +643,6 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     O, C, KH, KW = t.output.shape
     (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
     w = mb.target.vector_width
-    if _direct_filter_gradient(mb, em, t, tid, nthreads):
-        return
     T = KH * KW
     g = _Geom(C, H, W, OH, OW, sy, sx, [(ky - ph, kx - pw) for ky in range(KH) for kx in range(KW)])
     K, P = g.K, g.P
@@ -719,22 +721,30 @@ _DIRECT_MAX_C = 3
 _DIRECT_TILE_BYTES = 256 << 10  # the images of one pass over the items (see below)
 
 
-def _direct_filter_gradient(mb, em, t: Template, tid, nthreads) -> bool:
-    """The filter gradient of a stride-1 layer with at most _DIRECT_MAX_C input channels,
-    computed directly (no im2col, no GEMM); False (nothing emitted) for other layers.
-    Threads share out (channel block, input channel, kernel row) items, each summed over
-    every image: each dw element is one thread's, so its epilogue runs there."""
+def _direct_channels(t: Template, target) -> int:
+    """How many output channels the direct filter gradient takes per item (the
+    accumulators, KW input vectors and a g vector fill the vector registers); 0 where it
+    does not apply: stride > 1, more than _DIRECT_MAX_C input channels, or a kernel row
+    too wide for the registers."""
+    C, KW = t.output.shape[1], t.output.shape[3]
+    registers = 32 if target.vector_width == 16 else 16
+    if tuple(t.attrs["stride"]) != (1, 1) or C > _DIRECT_MAX_C:
+        return 0
+    return max(0, (registers - KW - 2) // KW)
+
+
+def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> None:
+    """The filter gradient of a first layer (see _direct_channels), computed directly:
+    no im2col, no GEMM. Threads share out (channel block, input channel, kernel row)
+    items, each summed over every image: each dw element is one thread's, so its
+    epilogue runs there."""
     xb, gb = t.inputs
     N, C, H, W = xb.shape
     _, O, OH, OW = gb.shape
     _, _, KH, KW = t.output.shape
-    (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    ph, pw = t.attrs["pad"]
     target = mb.target
     w = target.vector_width
-    registers = 32 if w == 16 else 16
-    ob_max = (registers - KW - 2) // KW      # accumulators, KW input vectors and a g vector
-    if (sy, sx) != (1, 1) or C > _DIRECT_MAX_C or ob_max < 1:
-        return False
     nblocks = _cdiv(O, ob_max)
     OB = _cdiv(O, nblocks)                   # blocks as equal as they can be
     nblocks = _cdiv(O, OB)
@@ -818,7 +828,6 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads) -> bool:
                                         b.add(b.mul(ky, i64(KW)), kx)), F32), align=4)
             if t.epilogue is not None:
                 _filter_epilogue(em, t, o, c, ky, kx)
-    return True
 
 
 def _pack_b_fn(mb, tb: bool):
