@@ -729,6 +729,10 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (0, 0)), in_hw=(13, 14)), "t-5x5-valid-tap-table"),
     _conv("conv2d_bwd_filter", [(2, 7, 13, 14), (2, 5, 9, 10)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (0, 0)), kernel=(5, 5)), "t-5x5-valid-tap-table"),
+    # a batch of 32 images or more is split over images whatever the thread count
+    _conv("conv2d", [(33, 3, 5, 6), (4, 3, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch33-by-images"),
+    _conv("conv2d_bwd_data", [(33, 4, 3, 3), (4, 3, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((2, 2), (1, 1)), in_hw=(5, 6)), "t-batch33-by-images"),
 ]
 
 _POOL = [("max", (2, 2), (2, 2), (0, 0), (2, 3, 7, 5), "k2"),

@@ -94,6 +94,18 @@ def test_direct_filter_gradient_sums_over_image_tiles(monkeypatch):
         check_op_table(expected, run_cpu(merged, feeds, threads), tols)
 
 
+def test_a_large_batch_is_split_over_images_for_any_thread_count():
+    """From 32 images on, a convolution's threads split the batch without a run-time
+    choice of rows instead: right on one thread, on three and on more threads than
+    half the images (where the run-time test would have chosen rows)."""
+    rows = [c for c in ALL if c.id == "t-batch33-by-images"]
+    assert len(rows) == 2
+    merged, feeds, tols = op_table_graph(rows, salt="images")
+    expected = run_graph(merged, feeds)
+    for threads in (1, 3, 20):
+        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
+
+
 def op_table_graph(rows, salt: str):
     """The rows merged into one graph (row i's names prefixed `r{i}.`), its float32 feeds,
     and each prefix's (row name, float32 tolerances). Differentiable rows carry their gradients."""
@@ -359,3 +371,38 @@ def test_loop_nests_run_a_contiguous_plane_as_one_loop(tmp_path, monkeypatch):
         tmp_path, lambda: monkeypatch.setattr(emit, "_merged_loops", one_loop_per_axis))
     assert merged[0] < plain[0]
     _same_step(merged, plain, 1e-5)
+
+
+def _plane_loops(outer: int, inner: int) -> str:
+    """A function that adds a bias to `outer` rows of `inner` floats: its IR, and its IR
+    as LLVM optimizes it."""
+    from llvmlite import ir
+    from dlc.backends.llvm.irutil import F32, PTR, VOID, for_range, gep, i64, set_target
+    from dlc.backends.llvm.jit import optimized_ir
+    from dlc.backends.llvm.target import Target
+    target = Target.host(1)
+    module = ir.Module()
+    module.triple = target.triple
+    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * 3), name="planes")
+    set_target(fn, target, target.vector_width)
+    src, bias, dst = fn.args
+    for arg in fn.args:
+        arg.add_attribute("noalias")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    with for_range(b, 0, outer, "row") as r:  # dst[r, c] = src[r, c] + bias[r]
+        add = b.load(gep(b, bias, r, F32), typ=F32)
+        with for_range(b, 0, inner, "col") as c:
+            at = b.add(b.mul(r, i64(inner)), c)
+            b.store(b.fadd(b.load(gep(b, src, at, F32), typ=F32), add), gep(b, dst, at, F32))
+    b.ret_void()
+    return str(module), optimized_ir([module], target)
+
+
+def test_a_loop_around_a_long_loop_is_not_unrolled():
+    """Six rows around a 784-element loop stay a loop of six (LLVM unrolled it into six
+    vectorized copies of the inner loop); three rows of three are still LLVM's to unroll."""
+    text, opt = _plane_loops(6, 784)
+    assert text.count("!llvm.loop") == 1 and "llvm.loop.unroll.disable" in text
+    assert opt.count("\nvector.body:") == 1
+    text, _ = _plane_loops(3, 3)
+    assert "llvm.loop" not in text

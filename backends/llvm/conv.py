@@ -40,8 +40,8 @@ from llvmlite import ir
 from dlc.core.kernel import Template
 
 from .emit import emit_bounded, store_all
-from .gemm import (_ADD_C, _EPILOGUE, GemmPlan, GemmSpec, _emit_kernel, _emit_pack_b, _Layout, _Vec,
-                   free_masks, plan_gemm)
+from .gemm import (_ADD_C, _EPILOGUE, GemmPlan, GemmSpec, _emit_kernel, _Layout, _Vec,
+                   free_masks, plan_gemm, shared_pack_b)
 from .irutil import F32, I1, I32, I64, PTR, VOID, for_range, gep, i64, loop, set_target, smax, smin, split
 
 _KC = {4: 256, 8: 256, 16: 384}
@@ -456,12 +456,22 @@ def _carve(b, base, sizes):
     return out, at
 
 
+# A batch of at least this many images is split over images whatever the thread count:
+# its loops over output rows keep constant bounds (a run-time choice between the two
+# splits made each convolution driver cost LLVM 15-20 ms more). Up to 16 threads, that is
+# the choice the run-time test makes; beyond, a thread may get one image fewer.
+_IMAGES_ALWAYS_SPLIT = 32
+
+
 def _share(b, N: int, rows: int, mr: int, tid, nthreads):
     """(images lo, hi, rows lo, hi) of this thread: whole images when the batch has at
     least two per thread, else MR-row units of every image. The thread count is the
-    run's (the code takes it at run time), so the choice is made there."""
-    by_images = b.icmp_signed(">=", i64(N), b.mul(b.sext(nthreads, I64), i64(2)))
+    run's (the code takes it at run time), so below _IMAGES_ALWAYS_SPLIT images the
+    choice is made there."""
     n_lo, n_hi = split(b, N, tid, nthreads)
+    if N >= _IMAGES_ALWAYS_SPLIT:
+        return n_lo, n_hi, i64(0), i64(rows)
+    by_images = b.icmp_signed(">=", i64(N), b.mul(b.sext(nthreads, I64), i64(2)))
     u0, u1 = split(b, _cdiv(rows, mr), tid, nthreads)
     r_lo, r_hi = b.mul(u0, i64(mr)), smin(b, b.mul(u1, i64(mr)), i64(rows))
     return (b.select(by_images, n_lo, i64(0)), b.select(by_images, n_hi, i64(N)),
@@ -474,8 +484,13 @@ def _epilogue(em, t: Template, n, rows: tuple) -> None:
         return
     b = em.b
     vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
+    bounds = {vars_[0].name: (n, b.add(n, i64(1)))}
+    lo, hi = rows
+    if not (isinstance(lo, ir.Constant) and isinstance(hi, ir.Constant)
+            and (lo.constant, hi.constant) == (0, vars_[1].extent)):
+        bounds[vars_[1].name] = rows  # (every channel: one loop over the image's planes)
     em.push()
-    emit_bounded(em, t.epilogue, {vars_[0].name: (n, b.add(n, i64(1))), vars_[1].name: rows})
+    emit_bounded(em, t.epilogue, bounds)
     em.pop()
 
 
@@ -688,16 +703,14 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
                         ap = b.gep(Arows, [b.mul(ir_, i64(ars))], source_etype=F32)
                         cp = b.gep(DWt, [b.add(b.mul(ir_, i64(O)), jr)], source_etype=F32)
                         kern.tile(b, ap, bp, cp, pcur, mode, b.sub(rows, ir_), b.sub(i64(O), jr))
-        # dw[o, k] = dw^T[k - k_lo, o] for this thread's k, then the epilogue there
-        with for_range(b, k_lo, k_hi, "k") as k:
-            src_row = b.mul(b.sub(k, k_lo), i64(O))
-            with for_range(b, 0, O, "o") as o:
-                x = b.load(gep(b, DWt, b.add(src_row, o), F32), typ=F32, align=4)
+        # dw[o, k] = dw^T[k - k_lo, o] for this thread's k, and the epilogue there: along
+        # k, dw and the optimizer's state are contiguous (one strided read of dw^T)
+        with for_range(b, 0, O, "o") as o:
+            with for_range(b, k_lo, k_hi, "k") as k:
+                x = b.load(gep(b, DWt, b.add(b.mul(b.sub(k, k_lo), i64(O)), o), F32), typ=F32, align=4)
                 b.store(x, gep(b, DW, b.add(b.mul(o, i64(K)), k), F32), align=4)
-        if t.epilogue is not None:
-            with for_range(b, k_lo, k_hi, "ek") as k:
-                c, tap = b.udiv(k, i64(T)), b.urem(k, i64(T))
-                with for_range(b, 0, O, "eo") as o:
+                if t.epilogue is not None:
+                    c, tap = b.udiv(k, i64(T)), b.urem(k, i64(T))
                     _filter_epilogue(em, t, o, c, b.udiv(tap, i64(KW)), b.urem(tap, i64(KW)))
 
 
@@ -832,8 +845,7 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
 
 def _pack_b_fn(mb, tb: bool):
     """gemm.py's B packer, the one every GEMM and convolution of the build shares."""
-    return mb.helper(("gemm.pack_b", tb), lambda: _emit_pack_b(
-        mb.module, mb.fresh_name("pack_b"), tb, mb.target.vector_width, mb.target))
+    return shared_pack_b(mb.helper, mb.module, mb.fresh_name("pack_b"), tb, mb.target.vector_width, mb.target)
 
 
 EMITTERS = {"conv2d": conv2d, "conv2d_bwd_data": conv2d_bwd_data, "conv2d_bwd_filter": conv2d_bwd_filter}

@@ -610,6 +610,13 @@ def _emit_pack_a(module, name, mr: int, ta: bool, w: int, target: Target) -> ir.
     return fn
 
 
+def shared_pack_b(helper, module, name, tb: bool, w: int, target: Target, nv: int | None = None):
+    """The build's B packer for (tb, nv) through `helper` (see emit_gemm): one function
+    whether a GEMM or a convolution asks for it first (nv only matters untransposed)."""
+    return helper(("gemm.pack_b", tb, None if tb else nv),
+                  lambda: _emit_pack_b(module, name, tb, w, target, nv))
+
+
 def _emit_pack_b(module, name, tb: bool, w: int, target: Target, nv: int | None = None) -> ir.Function:
     """void pack_b(B, Bp, i64 ldb, i64 pc, i64 kc, i64 jc, i64 nc, i64 nr): NR-column
     panels (NR a multiple of W), zero padded. The leading dimension is an argument, so
@@ -747,8 +754,8 @@ def emit_gemm(module: ir.Module, name: str, spec: GemmSpec, vector_width: int,
     kern.attributes.add("noinline")
     pack_a = helper(("gemm.pack_a", mr, spec.ta), lambda: _emit_pack_a(
         module, f"{name}.pack_a", mr, spec.ta, w, target)) if plan.pack_a else None
-    pack_b = helper(("gemm.pack_b", spec.tb, None if spec.tb else plan.nv), lambda: _emit_pack_b(
-        module, f"{name}.pack_b", spec.tb, w, target, plan.nv)) if plan.pack_b else None
+    pack_b = shared_pack_b(helper, module, f"{name}.pack_b", spec.tb, w, target,
+                           plan.nv) if plan.pack_b else None
 
     extra = [(PTR, f"e.{n}") for n in tile.args] if tile is not None else []
     fn = _new_function(module, name, [(PTR, "A"), (PTR, "B"), (PTR, "C"), (PTR, "bias"),

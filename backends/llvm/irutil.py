@@ -37,11 +37,48 @@ def i32(v: int) -> ir.Constant:
     return ir.Constant(I32, int(v))
 
 
+# LLVM fully unrolls a loop of a few iterations also when its body holds a long loop: six
+# channels around a 784-element plane became six vectorized copies of the plane's loop,
+# each with its remainder loops -- three times the function's LLVM time, and no faster.
+# A loop around a loop of at least _LONG_TRIPS iterations (or a run-time count) is marked
+# not to be unrolled.
+_LONG_TRIPS = 32
+
+
+class _LoopInfo:
+    """What _close_loop needs to know about an open loop."""
+
+    def __init__(self, lo, hi):
+        self.trips = hi.constant - lo.constant if isinstance(lo, ir.Constant) and isinstance(hi, ir.Constant) else None
+        self.holds_long = False  # a loop nested in it is long
+
+    def long(self, step: int) -> bool:
+        return self.trips is None or self.trips >= _LONG_TRIPS * step
+
+
+def _open_loops(fn: ir.Function) -> list:
+    """The loops being emitted in fn, outermost first."""
+    if not hasattr(fn, "_dlc_open_loops"):
+        fn._dlc_open_loops = []
+    return fn._dlc_open_loops
+
+
+def _no_unroll(module: ir.Module):
+    """The module's loop ID {self, llvm.loop.unroll.disable} (one for every such loop)."""
+    md = getattr(module, "_dlc_no_unroll", None)
+    if md is None:
+        hint = module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])
+        md = module._dlc_no_unroll = module.add_metadata([hint, hint])
+        md.operands = (md, hint)  # a loop ID's first operand is itself
+    return md
+
+
 def _open_loop(b: ir.IRBuilder, lo, hi, carried, name: str):
     """Blocks and phis of `for i in [lo, hi)`; leaves the builder in the body."""
     lo = i64(lo) if isinstance(lo, int) else lo
     hi = i64(hi) if isinstance(hi, int) else hi
     fn = b.function
+    _open_loops(fn).append(_LoopInfo(lo, hi))
     pre = b.block
     head = fn.append_basic_block(f"{name}.head")
     body_block = fn.append_basic_block(f"{name}.body")
@@ -65,7 +102,13 @@ def _close_loop(b: ir.IRBuilder, i, phis, new, head, done, name: str, step: int 
     i.add_incoming(b.add(i, i64(step), name=f"{name}.next"), latch)
     for p, v in zip(phis, new or []):
         p.add_incoming(v, latch)
-    b.branch(head)
+    back = b.branch(head)
+    loops = _open_loops(b.function)
+    this = loops.pop()
+    if this.holds_long:
+        back.set_metadata("llvm.loop", _no_unroll(b.module))
+    if loops:
+        loops[-1].holds_long |= this.holds_long or this.long(step)
     b.position_at_end(done)
 
 
