@@ -539,6 +539,9 @@ def _phases(H, W, KH, KW, sy, sx, ph, pw):
             taps = [(ky, kx, (ry + ph - ky) // sy, (rx + pw - kx) // sx)
                     for ky in range(KH) if (ry + ph - ky) % sy == 0
                     for kx in range(KW) if (rx + pw - kx) % sx == 0]
+            # in the forward's order (ascending source offsets): a stride-1 layer whose
+            # gradient grid has the forward's geometry shares its im2col packer
+            taps.sort(key=lambda tap: tap[2:])
             out.append((ry, rx, GH, GW, taps))
     return out
 
