@@ -729,6 +729,12 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (0, 0)), in_hw=(13, 14)), "t-5x5-valid-tap-table"),
     _conv("conv2d_bwd_filter", [(2, 7, 13, 14), (2, 5, 9, 10)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (0, 0)), kernel=(5, 5)), "t-5x5-valid-tap-table"),
+    # a data gradient whose input is much larger than g is scattered (w^T g, then col2im):
+    # more input channels than a register tile has rows, taps clipped by padding on every side
+    _conv("conv2d_bwd_data", [(3, 5, 8, 8), (5, 11, 7, 7)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (1, 1)), in_hw=(12, 12)), "t-col2im-pad1-groups"),
+    _conv("conv2d_bwd_data", [(2, 16, 10, 10), (16, 6, 5, 5)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (0, 0)), in_hw=(14, 14)), "t-col2im-lenet"),
     # a batch of 32 images or more is split over images whatever the thread count
     _conv("conv2d", [(33, 3, 5, 6), (4, 3, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch33-by-images"),
     _conv("conv2d_bwd_data", [(33, 4, 3, 3), (4, 3, 3, 3)], np_conv2d_bwd_data,

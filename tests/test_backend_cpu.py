@@ -94,6 +94,23 @@ def test_direct_filter_gradient_sums_over_image_tiles(monkeypatch):
         check_op_table(expected, run_cpu(merged, feeds, threads), tols)
 
 
+def test_a_data_gradient_much_larger_than_g_is_scattered(monkeypatch):
+    """An input plane at least 1.5x g's (unpadded 5x5 and 7x7 layers) takes its data
+    gradient as w^T g and col2im, on 1, 2 and 3 threads: the op table's rows match the
+    reference (and took that path)."""
+    from dlc.backends.llvm import conv
+    taken = []
+    real = conv._bwd_data_col2im
+    monkeypatch.setattr(conv, "_bwd_data_col2im", lambda *a: taken.append(1) or real(*a))
+    rows = [c for c in ALL if c.id and c.id.startswith("t-col2im")]
+    assert len(rows) == 2
+    merged, feeds, tols = op_table_graph(rows, salt="col2im")
+    expected = run_graph(merged, feeds)
+    for threads in (1, 2, 3):
+        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
+    assert len(taken) == 3 * 2
+
+
 def test_a_large_batch_is_split_over_images_for_any_thread_count():
     """From 32 images on, a convolution's threads split the batch without a run-time
     choice of rows instead: right on one thread, on three and on more threads than

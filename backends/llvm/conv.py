@@ -555,6 +555,9 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
     O, _, KH, KW = wb.shape
     _, _, OH, OW = gb.shape
     (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    if (sy, sx) == (1, 1) and H * W >= _COL2IM_GROWTH * OH * OW:
+        _bwd_data_col2im(mb, em, t, tid, nthreads)
+        return
     v = _V(b, mb.target.vector_width, mb.target.has("fma"))
     G, Wt, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
     T = KH * KW
@@ -595,6 +598,94 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
                         for (ry, rx, GH, GW, taps), p in zip(phases, prods)}
             _interleave(b, v, by_phase, out, ldq, C, H, W, sy, sx, m_lo, m_hi)
         _epilogue(em, t, n, (m_lo, m_hi))
+
+
+# A layer whose input is much larger than its output (LeNet's unpadded 5x5 layers: 14x14
+# -> 10x10) has a data gradient that, as a correlation over g, reads g padded by the
+# kernel on every side: at 10x10 half the products are with zeros, and with few input
+# channels the GEMM has as few rows (6: register tiles 3/4 full). Scattered instead,
+# cols = w^T g has a row per (input channel, tap) and a column per position of g:
+# half the products, 150 rows, and g is the GEMM's B as it is (no im2col); each tap's
+# rows are then added into dx at the tap's offset (col2im).
+_COL2IM_GROWTH = 1.5  # dx at least this many times larger than g (per channel)
+
+
+def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
+    """conv2d_bwd_data (stride 1) as cols = w^T g per image, then col2im. Threads share
+    out (image, group of MR input channels) items: a group's MR*taps rows are whole
+    register tiles, and its channels of dx are the thread's alone (their epilogue too)."""
+    b = em.b
+    gb, wb = t.inputs
+    N, C, H, W = t.output.shape
+    O, _, KH, KW = wb.shape
+    _, _, OH, OW = gb.shape
+    ph, pw = t.attrs["pad"]
+    w = mb.target.vector_width
+    T, P = KH * KW, OH * OW
+    p0 = plan_gemm(GemmSpec(C * T, P, O), w, 1)
+    mr, nv = p0.mr, p0.nv
+    nr = nv * w
+    plan = GemmPlan(mr=mr, nv=nv, kc=0, mc=0, nc=0, pack_a=True, pack_b=False, split="n")
+    kern = _Kernels(mb, plan, _Layout(a_rs=1, a_cs=mr, b_rs=P, ldc=P, a_packed=True, b_packed=False))
+    nkb = max(1, _cdiv(O, _KC[w]))
+    kc = _cdiv(O, nkb)
+    Mp = _cdiv(C * T, mr) * mr
+    group = mr * T  # rows of one item's channels
+    (Ap, cols), total = _carve(b, _scratch_base(mb, em), [Mp * O, group * P])
+    _scratch(mb, em, total)
+    G, Wt, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
+    # A[c*T + tap, o] = w[o, c, tap]
+    b.call(_pack_weights_fn(mb, mr), [Wt, Ap, i64(C * T), i64(O), i64(kc), i64(1), i64(1), i64(C * T),
+                                      _i32_table(mb.module, "taps", [0])])
+    v = _V(b, w, mb.target.has("fma"))
+    groups = _cdiv(C, mr)
+    lo, hi = split(b, N * groups, tid, nthreads)
+    with for_range(b, lo, hi, "item") as item:
+        n, q = b.udiv(item, i64(groups)), b.urem(item, i64(groups))
+        c_lo = b.mul(q, i64(mr))
+        c_hi = smin(b, b.add(c_lo, i64(mr)), i64(C))
+        r_lo, r_hi = b.mul(c_lo, i64(T)), b.mul(c_hi, i64(T))
+        gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
+        for kb in range(nkb):  # few K blocks: unrolled, so each has constant sizes
+            k0, kcur = kb * kc, min(kc, O - kb * kc)
+            mode = ir.Constant(I32, _EPILOGUE | (_ADD_C if kb else 0))
+            with for_range(b, 0, P, "jr", step=nr) as jr:
+                bp = b.gep(gimg, [b.add(i64(k0 * P), jr)], source_etype=F32)
+                with for_range(b, r_lo, r_hi, "ir", step=mr) as ir_:
+                    ap = b.gep(Ap, [b.add(i64(k0 * Mp), b.mul(ir_, i64(kcur)))], source_etype=F32)
+                    cp = b.gep(cols, [b.add(b.mul(b.sub(ir_, r_lo), i64(P)), jr)], source_etype=F32)
+                    kern.tile(b, ap, bp, cp, i64(kcur), mode, b.sub(r_hi, ir_), b.sub(i64(P), jr))
+        with for_range(b, c_lo, c_hi, "c") as c:
+            plane = b.gep(DX, [b.mul(b.add(b.mul(n, i64(C)), c), i64(H * W))], source_etype=F32)
+            _col2im_channel(b, v, plane, b.gep(cols, [b.mul(b.sub(c, c_lo), i64(T * P))], source_etype=F32),
+                            H, W, OH, OW, KH, KW, ph, pw)
+        _epilogue(em, t, n, (c_lo, c_hi))
+
+
+def _col2im_channel(b, v: _V, plane, rows, H, W, OH, OW, KH, KW, ph, pw) -> None:
+    """plane[iy, ix] = sum over taps (ky, kx) of rows[ky*KW + kx][oy*OW + ox] where
+    iy = oy + ky - ph and ix = ox + kx - pw: per vector of a plane row, the taps' shifted
+    rows summed in a register and stored once. (Adding each tap's rows into the plane
+    instead made every tap's masked load wait for the previous tap's masked store to
+    the same addresses: the col2im took twice the GEMM's time.)"""
+    f = v.f
+    with for_range(b, 0, H, "iy") as iy:
+        ky_lo = smax(b, i64(0), b.sub(b.add(iy, i64(ph)), i64(OH - 1)))  # 0 <= oy = iy + ph - ky < OH
+        ky_hi = smin(b, i64(KH), b.add(b.add(iy, i64(ph)), i64(1)))
+        with for_range(b, 0, W, "ix", step=v.w) as ix:
+            in_row = v.below(b.add(v.isplat(ix), v.lanes), W)
+
+            def tap_row(ky, acc):
+                oy = b.sub(b.add(iy, i64(ph)), ky)
+
+                def tap(kx, acc):
+                    ox0 = b.sub(b.add(ix, i64(pw)), kx)  # lane l reads ox = ox0 + l
+                    ok = b.and_(in_row, v.below(b.add(v.isplat(ox0), v.lanes), OW))
+                    at = b.add(b.mul(b.add(b.mul(ky, i64(KW)), kx), i64(OH * OW)), b.add(b.mul(oy, i64(OW)), ox0))
+                    return [b.fadd(acc[0], f.load(f.at(rows, at), ok))]
+                return loop(b, 0, KW, acc, tap, "kx")
+            [acc] = loop(b, ky_lo, ky_hi, [f.zero], tap_row, "ky")
+            f.store(acc, f.at(plane, b.add(b.mul(iy, i64(W)), ix)), in_row)
 
 
 def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
