@@ -484,13 +484,8 @@ def _epilogue(em, t: Template, n, rows: tuple) -> None:
         return
     b = em.b
     vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
-    bounds = {vars_[0].name: (n, b.add(n, i64(1)))}
-    lo, hi = rows
-    if not (isinstance(lo, ir.Constant) and isinstance(hi, ir.Constant)
-            and (lo.constant, hi.constant) == (0, vars_[1].extent)):
-        bounds[vars_[1].name] = rows  # (every channel: one loop over the image's planes)
     em.push()
-    emit_bounded(em, t.epilogue, bounds)
+    emit_bounded(em, t.epilogue, {vars_[0].name: (n, b.add(n, i64(1))), vars_[1].name: rows})
     em.pop()
 
 
