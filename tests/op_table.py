@@ -729,6 +729,12 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (0, 0)), in_hw=(13, 14)), "t-5x5-valid-tap-table"),
     _conv("conv2d_bwd_filter", [(2, 7, 13, 14), (2, 5, 9, 10)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (0, 0)), kernel=(5, 5)), "t-5x5-valid-tap-table"),
+    # a filter gradient as a GEMM over several blocks of positions (the last partial), and
+    # with more output channels than a vector holds
+    _conv("conv2d_bwd_filter", [(1, 4, 24, 24), (1, 6, 24, 24)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-gemm-position-blocks"),
+    _conv("conv2d_bwd_filter", [(2, 6, 7, 8), (2, 40, 7, 8)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-gemm-40-channels"),
     # a data gradient whose input is much larger than g is scattered (w^T g, then col2im):
     # more input channels than a register tile has rows, taps clipped by padding on every side
     _conv("conv2d_bwd_data", [(3, 5, 8, 8), (5, 11, 7, 7)], np_conv2d_bwd_data,
