@@ -390,38 +390,29 @@ def test_loop_nests_run_a_contiguous_plane_as_one_loop(tmp_path, monkeypatch):
     _same_step(merged, plain, 1e-5)
 
 
-def _llvm_function(build, args: int) -> tuple[str, str]:
-    """A function of `args` pointers whose body `build(b, args)` emits: its IR, and its IR
-    as LLVM optimizes it."""
+def _plane_loops(outer: int, inner: int) -> tuple[str, str]:
+    """dst[r, c] = src[r, c] + bias[r] over `outer` rows of `inner` floats: the function's
+    IR, and its IR as LLVM optimizes it."""
     from llvmlite import ir
-    from dlc.backends.llvm.irutil import PTR, VOID, set_target
+    from dlc.backends.llvm.irutil import F32, PTR, VOID, for_range, gep, i64, set_target
     from dlc.backends.llvm.jit import optimized_ir
     from dlc.backends.llvm.target import Target
     target = Target.host(1)
     module = ir.Module()
     module.triple = target.triple
-    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * args), name="f")
+    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * 3), name="planes")
     set_target(fn, target, target.vector_width)
     for arg in fn.args:
         arg.add_attribute("noalias")
+    src, bias, dst = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    build(b, fn.args)
+    with for_range(b, 0, outer, "row") as r:
+        add = b.load(gep(b, bias, r, F32), typ=F32)
+        with for_range(b, 0, inner, "col") as c:
+            at = b.add(b.mul(r, i64(inner)), c)
+            b.store(b.fadd(b.load(gep(b, src, at, F32), typ=F32), add), gep(b, dst, at, F32))
     b.ret_void()
     return str(module), optimized_ir([module], target)
-
-
-def _plane_loops(outer: int, inner: int) -> tuple[str, str]:
-    """dst[r, c] = src[r, c] + bias[r] over `outer` rows of `inner` floats."""
-    from dlc.backends.llvm.irutil import F32, for_range, gep, i64
-
-    def build(b, args):
-        src, bias, dst = args
-        with for_range(b, 0, outer, "row") as r:
-            add = b.load(gep(b, bias, r, F32), typ=F32)
-            with for_range(b, 0, inner, "col") as c:
-                at = b.add(b.mul(r, i64(inner)), c)
-                b.store(b.fadd(b.load(gep(b, src, at, F32), typ=F32), add), gep(b, dst, at, F32))
-    return _llvm_function(build, 3)
 
 
 def test_a_loop_around_a_long_loop_is_not_unrolled():
@@ -432,7 +423,6 @@ def test_a_loop_around_a_long_loop_is_not_unrolled():
     assert opt.count("\nvector.body:") == 1
     text, _ = _plane_loops(3, 3)
     assert "llvm.loop" not in text
-
 
 
 def test_a_stride1_gradient_packs_its_taps_in_the_forward_order():

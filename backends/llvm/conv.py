@@ -622,15 +622,13 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
     nr = nv * w
     plan = GemmPlan(mr=mr, nv=nv, kc=0, mc=0, nc=0, pack_a=True, pack_b=False, split="n")
     kern = _Kernels(mb, plan, _Layout(a_rs=1, a_cs=mr, b_rs=P, ldc=P, a_packed=True, b_packed=False))
-    nkb = max(1, _cdiv(O, _KC[w]))
-    kc = _cdiv(O, nkb)
     Mp = _cdiv(C * T, mr) * mr
     group = mr * T  # rows of one item's channels
     (Ap, cols), total = _carve(b, _scratch_base(mb, em), [Mp * O, group * P])
     _scratch(mb, em, total)
     G, Wt, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
     # A[c*T + tap, o] = w[o, c, tap]
-    b.call(_pack_weights_fn(mb, mr), [Wt, Ap, i64(C * T), i64(O), i64(kc), i64(1), i64(1), i64(C * T),
+    b.call(_pack_weights_fn(mb, mr), [Wt, Ap, i64(C * T), i64(O), i64(O), i64(1), i64(1), i64(C * T),
                                       _i32_table(mb.module, "taps", [0])])
     v = _V(b, w, mb.target.has("fma"))
     groups = _cdiv(C, mr)
@@ -641,15 +639,13 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
         c_hi = smin(b, b.add(c_lo, i64(mr)), i64(C))
         r_lo, r_hi = b.mul(c_lo, i64(T)), b.mul(c_hi, i64(T))
         gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
-        for kb in range(nkb):  # few K blocks: unrolled, so each has constant sizes
-            k0, kcur = kb * kc, min(kc, O - kb * kc)
-            mode = ir.Constant(I32, _EPILOGUE | (_ADD_C if kb else 0))
-            with for_range(b, 0, P, "jr", step=nr) as jr:
-                bp = b.gep(gimg, [b.add(i64(k0 * P), jr)], source_etype=F32)
-                with for_range(b, r_lo, r_hi, "ir", step=mr) as ir_:
-                    ap = b.gep(Ap, [b.add(i64(k0 * Mp), b.mul(ir_, i64(kcur)))], source_etype=F32)
-                    cp = b.gep(cols, [b.add(b.mul(b.sub(ir_, r_lo), i64(P)), jr)], source_etype=F32)
-                    kern.tile(b, ap, bp, cp, i64(kcur), mode, b.sub(r_hi, ir_), b.sub(i64(P), jr))
+        # one K block of all O channels (a layer this path takes has few: LeNet's 16)
+        with for_range(b, 0, P, "jr", step=nr) as jr:
+            bp = b.gep(gimg, [jr], source_etype=F32)
+            with for_range(b, r_lo, r_hi, "ir", step=mr) as ir_:
+                ap = b.gep(Ap, [b.mul(ir_, i64(O))], source_etype=F32)
+                cp = b.gep(cols, [b.add(b.mul(b.sub(ir_, r_lo), i64(P)), jr)], source_etype=F32)
+                kern.tile(b, ap, bp, cp, i64(O), ir.Constant(I32, _EPILOGUE), b.sub(r_hi, ir_), b.sub(i64(P), jr))
         with for_range(b, c_lo, c_hi, "c") as c:
             plane = b.gep(DX, [b.mul(b.add(b.mul(n, i64(C)), c), i64(H * W))], source_etype=F32)
             _col2im_channel(b, v, plane, b.gep(cols, [b.mul(b.sub(c, c_lo), i64(T * P))], source_etype=F32),
