@@ -286,6 +286,43 @@ def test_a_killed_rank_ends_the_job_naming_it(tmp_path):
     assert ended < 10, f"the job went on {ended:.1f} s after rank 1 died"
 
 
+def test_the_launcher_names_the_rank_that_ended_first(tmp_path):
+    """mpiexec reports the first rank in rank order that a signal ended, which may be one its
+    proxy killed after the real victim; the launcher's watch of the pids names the victim."""
+    import threading
+    from dlc.runtime.distributed import _EndWatch, _who_ended
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(3)]
+    try:
+        for rank, p in enumerate(sleepers):
+            (tmp_path / f"rank{rank}.pid").write_text(str(p.pid))
+        watch = _EndWatch(tmp_path, len(sleepers))
+        thread = threading.Thread(target=watch.run)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while len(watch.pids) < len(sleepers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sleepers[2].kill()
+        sleepers[2].wait()
+        time.sleep(0.3)
+        sleepers[0].kill()
+        sleepers[0].wait()
+        time.sleep(0.3)
+        watch.stop.set()
+        thread.join()
+    finally:
+        for p in sleepers:
+            p.kill()
+    assert watch.ended == [[2], [0]]
+    victim, bystander = sleepers[2].pid, sleepers[0].pid
+    assert _who_ended([(str(bystander), "9")], watch) == f"rank 2 (pid {victim}) died first"
+    assert _who_ended([(str(victim), "9")], watch) == f"rank 2 (pid {victim}) was killed by signal 9"
+    watch.ended = [[0, 2]]  # one look saw both gone: no order to tell
+    assert _who_ended([(str(bystander), "9")], watch) == \
+        f"rank 0 (pid {bystander}) and rank 2 (pid {victim}) ended together"
+    unwatched = _EndWatch(tmp_path, len(sleepers))  # no pidfds: mpiexec's report, its pid mapped to a rank
+    assert _who_ended([(str(bystander), "9")], unwatched) == f"rank 0 (pid {bystander}) was killed by signal 9"
+
+
 @needs_mpi
 def test_ranks_running_different_programs_are_refused_at_start(tmp_path):
     other = tmp_path / "other.dln"

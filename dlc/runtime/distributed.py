@@ -96,7 +96,9 @@ class World:
         folder = os.environ.get(JOB_DIR_VAR)
         if folder:  # started by launch(): tell it which pid is this rank
             try:
-                Path(folder, f"rank{self.rank}.pid").write_text(str(os.getpid()))
+                part = Path(folder, f"rank{self.rank}.part")
+                part.write_text(str(os.getpid()))
+                part.replace(part.with_suffix(".pid"))  # whole, for launch()'s watch
             except OSError:
                 pass
         self.comm_seconds = 0.0  # spent in exchanges the steps asked for
@@ -427,8 +429,10 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
     """Run `dlc` with `argv` as `ranks` processes under mpiexec; returns its exit status.
 
     The ranks' output passes through. When a rank dies, mpiexec stops the others at once
-    and names the dead process by pid; each rank told us its pid (a file in a folder of
-    this launch), so the last line says which rank it was."""
+    and reports a dead process by pid; each rank told us its pid (a file in a folder of
+    this launch), so the last line says which rank it was. mpiexec names the first rank in
+    rank order that a signal ended, which after its clean-up can be one it killed itself;
+    so this process also watches the ranks' pids and names the one that ended first."""
     import re
     import tempfile
     try:
@@ -455,8 +459,10 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
                     code = re.search(rb"EXIT CODE: (\d+)", raw)
                     if code and dead and not dead[-1][1]:
                         dead[-1] = (dead[-1][0], code.group(1).decode())
+        watch = _EndWatch(Path(folder), ranks)
         threads = [threading.Thread(target=relay, args=(proc.stdout, sys.stdout), daemon=True),
-                   threading.Thread(target=relay, args=(proc.stderr, sys.stderr), daemon=True)]
+                   threading.Thread(target=relay, args=(proc.stderr, sys.stderr), daemon=True),
+                   threading.Thread(target=watch.run, daemon=True)]
         for t in threads:
             t.start()
         while True:
@@ -465,18 +471,83 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
                 break
             except KeyboardInterrupt:  # mpiexec passes Ctrl-C on to every rank: wait for them
                 continue
+        watch.stop.set()
         for t in threads:
             t.join()
-        pids = {}
-        for f in Path(folder).glob("rank*.pid"):
-            pids[f.read_text().strip()] = int(f.stem[len("rank"):])
-        for pid, status in dead:
-            rank = pids.get(pid)
-            who = f"rank {rank} (pid {pid})" if rank is not None else f"the process with pid {pid}"
-            how = f"was killed by signal {status}" if status in _SIGNALS else \
-                f"exited with status {status}" if status else "ended"
-            sys.stderr.write(f"dlc: {who} {how}; mpiexec stopped the other ranks\n")
+        if dead:
+            sys.stderr.write(f"dlc: {_who_ended(dead, watch)}; mpiexec stopped the other ranks\n")
     return code
+
+
+def _who_ended(dead: list[tuple[str, str]], watch: "_EndWatch") -> str:
+    """Which rank ended first and how: mpiexec's report (`dead`: its pid and exit code),
+    unless `watch` saw another rank's process end before the one mpiexec names."""
+    pid, status = dead[0]
+    reported = watch.rank_of(pid)
+    first = watch.first_ended()
+    if first and first != [reported]:
+        named = " and ".join(f"rank {r} (pid {watch.pids[r]})" for r in first)
+        return f"{named} ended together" if len(first) > 1 else f"{named} died first"
+    who = f"rank {reported} (pid {pid})" if reported is not None else f"the process with pid {pid}"
+    how = f"was killed by signal {status}" if status in _SIGNALS else \
+        f"exited with status {status}" if status else "ended"
+    return f"{who} {how}"
+
+
+class _EndWatch:
+    """The order in which the ranks' processes end, watched through pidfds (the ranks
+    write their pids into the job's folder). mpiexec's proxy stops the other ranks only
+    after it saw one end, so the first to end is the one that died."""
+
+    def __init__(self, folder: Path, size: int):
+        self.folder, self.size = folder, size
+        self.pids: dict[int, int] = {}  # rank -> pid
+        self.ended: list[list[int]] = []  # ranks, in the groups one look saw end
+        self.stop = threading.Event()
+
+    def rank_of(self, pid: str) -> "int | None":
+        self._read_new()  # also when the ranks were not watched
+        return next((r for r, p in self.pids.items() if str(p) == pid), None)
+
+    def _read_new(self) -> list[int]:
+        """The ranks whose pid files appeared since the last look."""
+        new = []
+        for f in self.folder.glob("rank*.pid") if len(self.pids) < self.size else ():
+            rank = int(f.stem[len("rank"):])
+            if rank not in self.pids:
+                self.pids[rank] = int(f.read_text())
+                new.append(rank)
+        return new
+
+    def first_ended(self) -> list[int]:
+        return self.ended[0] if self.ended else []
+
+    def run(self) -> None:
+        if not hasattr(os, "pidfd_open"):  # Linux >= 5.3: without it, mpiexec's report alone
+            return
+        import select
+        poller, fds = select.poll(), {}
+        try:
+            while not self.stop.is_set():
+                gone = []
+                for rank in self._read_new():
+                    try:
+                        fd = os.pidfd_open(self.pids[rank])
+                    except ProcessLookupError:
+                        gone.append(rank)
+                        continue
+                    fds[fd] = rank
+                    poller.register(fd, select.POLLIN)
+                for fd, _ in poller.poll(0 if gone else 50):
+                    poller.unregister(fd)
+                    gone.append(fds[fd])
+                if gone:
+                    self.ended.append(sorted(gone))
+        except (OSError, ValueError):
+            pass  # cannot watch: mpiexec's report alone
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
 def without_ranks(argv: Sequence[str]) -> list[str]:
