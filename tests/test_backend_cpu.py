@@ -432,3 +432,56 @@ def test_a_stride1_gradient_packs_its_taps_in_the_forward_order():
     [(ry, rx, GH, GW, taps)] = _phases(8, 8, 3, 3, 1, 1, 1, 1)
     assert [(roff, coff) for _, _, roff, coff in taps] == [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
     assert sorted((ky, kx) for ky, kx, _, _ in taps) == [(ky, kx) for ky in range(3) for kx in range(3)]
+
+
+INPUTS_MODEL = """
+model lin(x: f32[B, 5]) -> f32[B, 3] {
+    param w: f32[5, 3] = normal(0, 0.5)
+    return tanh(x @ w)
+}
+train lin {
+    data = arrays()
+    loss = mse(output, label)
+    optimizer = sgd(lr=0.1)
+    batch = 4
+}
+"""
+
+
+def test_a_step_reads_float32_inputs_in_place_and_copies_the_rest():
+    """A C-ordered float32 input is read where it lies (no staging copy); a float64 or
+    strided one is copied. Each step computes from the data passed to that call: the same
+    array changed between calls, and arrays of either kind in turn, as the interpreter does."""
+    m = dlc.load(INPUTS_MODEL)
+    g = m.compile_graph("train")
+    m.ensure_state(g)
+    cpu = make_program("cpu", g, {k: v.copy() for k, v in m.state.items()})
+    ref = make_program("reference", g, {k: v.copy() for k, v in m.state.items()})
+    step = cpu.step_for(4)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 5)).astype(np.float32)
+    label = rng.normal(size=(4, 3)).astype(np.float32)
+    wide = rng.normal(size=(4, 10)).astype(np.float32)
+    for feed in (x, "changed", (x + 1).astype(np.float64), wide[:, ::2], x):
+        if isinstance(feed, str):
+            x *= -0.5  # the same array, new values
+            feed = x
+        feeds = {"x": feed, "label": label, "lr": 0.1}
+        got, want = cpu.run(feeds), ref.run(feeds)
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+        in_place = step.table[step._slot["x"]] == feed.ctypes.data
+        assert in_place == (feed.dtype == np.float32 and feed.flags.c_contiguous)
+    np.testing.assert_allclose(cpu.state["w"], ref.state["w"], rtol=1e-5)
+
+
+def test_a_kernel_writing_an_input_breaks_the_contract():
+    from dlc.core.kernel import Buffer, ContractError, Kernel, KernelProgram, check_program
+    from dlc.core.kernel.ir import Exprs, LoopNest, Store
+    from dlc.core.types import DType
+    x = Buffer("x", DType.f32, (4,), "input")
+    ex = Exprs()
+    i = ex.var("i", 4)
+    nest = LoopNest((i,), (), [], [Store(x, i, ex.lit(0.0, DType.f32))])
+    program = KernelProgram([Kernel("k", 0, [nest])], {}, 64, {}, [], {}, {})
+    with pytest.raises(ContractError, match="writes input x"):
+        check_program(program)

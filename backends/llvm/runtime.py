@@ -50,7 +50,8 @@ class NativeStep:
         self.table[2] = _aligned(self.scratch)
         self.table[3] = self.profile.ctypes.data
         self._slot = {s[0]: FIXED_SLOTS + i for i, s in enumerate(layout.slots)}
-        self._staging = {}      # input name -> aligned buffer the table points at
+        self._staging = {}      # input name -> aligned buffer for inputs that need a copy
+        self._bound = {}        # input name -> the array the table points at (this call's)
         self._checked = {}      # state name -> the array last checked and put in the table
         self._state_slots = []  # (name, slot, dtype, shape)
         for name, kind, dtype, shape in layout.slots:
@@ -58,7 +59,6 @@ class NativeStep:
                 self._state_slots.append((name, self._slot[name], _np(dtype), tuple(shape)))
             else:
                 self._staging[name] = aligned_empty(tuple(shape), _np(dtype))
-                self.table[self._slot[name]] = self._staging[name].ctypes.data
         self._step_addr = self.engine.address(layout.meta.get("symbol", "dlc_step"))
         self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
         self.pool = Pool.get(self.threads, cache) if self.threads > 1 else None
@@ -85,14 +85,27 @@ class NativeStep:
         return raw.view(_np(dtype)).reshape(shape)
 
     def run(self, state: dict, feeds: dict) -> dict:
-        """One step. Inputs are copied into aligned staging buffers; parameters and state
-        are used in place (a misaligned or foreign-typed state array is replaced in `state`
-        by an aligned copy, once). Returns copies of the results."""
+        """One step. An input of the step's type in C order is read in place (a step never
+        writes its inputs: check_program), any other is copied into a staging buffer;
+        parameters and state are used in place (a misaligned or foreign-typed state array is
+        replaced in `state` by an aligned copy, once). Returns copies of the results."""
+        with self._lock:
+            self._bind(feeds)
+            return self._run(state, feeds)
+
+    def _bind(self, feeds: dict) -> None:
         for name, buf in self._staging.items():
             value = np.asarray(feeds[name])
             if value.shape != buf.shape:
                 raise ValueError(f"{name} has shape {value.shape}, the step expects {buf.shape}")
-            np.copyto(buf, value, casting="unsafe")
+            if value.dtype != buf.dtype or not (value.flags.c_contiguous and value.flags.aligned):
+                np.copyto(buf, value, casting="unsafe")
+                value = buf
+            if self._bound.get(name) is not value:
+                self._bound[name] = value
+                self.table[self._slot[name]] = value.ctypes.data
+
+    def _run(self, state: dict, feeds: dict) -> dict:
         for name, slot, want, shape in self._state_slots:
             a = state[name]
             if self._checked.get(name) is not a:  # a new array object: check it once
@@ -104,14 +117,13 @@ class NativeStep:
                 self._checked[name] = a
                 self.table[slot] = a.ctypes.data
         start = time.perf_counter()
-        with self._lock:
-            self._state, self._feeds = state, feeds
-            if self.pool is not None:
-                self.pool.run(self._step_addr, ctypes.addressof(self.table), self.threads)
-            else:
-                self._step(ctypes.addressof(self.table), 0, 1)
-            out = {k: v.copy() for k, v in self._outputs.items()}
-            error, self._host_error = self._host_error, None
+        self._state = state
+        if self.pool is not None:
+            self.pool.run(self._step_addr, ctypes.addressof(self.table), self.threads)
+        else:
+            self._step(ctypes.addressof(self.table), 0, 1)
+        out = {k: v.copy() for k, v in self._outputs.items()}
+        error, self._host_error = self._host_error, None
         if error is not None:
             raise error
         self.seconds += time.perf_counter() - start
@@ -144,7 +156,7 @@ class NativeStep:
             if isinstance(where, int):
                 out.append(self._view(where, dtype, tuple(shape)))
             else:
-                out.append(self._state[where] if where in self._state else self._staging[where])
+                out.append(self._state[where] if where in self._state else self._bound[where])
         return out
 
     def profile_rows(self) -> list[tuple[str, tuple, float]]:

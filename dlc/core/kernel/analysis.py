@@ -108,6 +108,20 @@ def collectives_of(program: KernelProgram) -> dict[int, list[Collective]]:
     return out
 
 
+def written_by(part) -> list[Buffer]:
+    """The buffers a kernel part stores into."""
+    if isinstance(part, Collective):
+        return list(part.targets)
+    out = [part.output] if isinstance(part, Template) else []
+    return out + [s.buf for nest in nests_of(part) for s in nest.row_stores + nest.stores]
+
+
+def _root(buf: Buffer) -> Buffer:
+    while buf.kind == "view" and buf.base is not None:
+        buf = buf.base
+    return buf
+
+
 def buffers_of(part) -> list[Buffer]:
     """Every buffer a kernel part reads or writes, in a stable order."""
     seen: dict[str, Buffer] = {}
@@ -163,8 +177,9 @@ class ContractError(Exception):
 def check_program(p: KernelProgram) -> None:
     """The structural rules a backend relies on: loop variables bound where they are used,
     template epilogues reading their template's output only at the element they write,
-    every index within its buffer, phases in order, views inside their bases for every
-    value of the loop variables and used only inside the loops that bind them."""
+    every index within its buffer, no input written (a backend may read the caller's
+    arrays in place), phases in order, views inside their bases for every value of the
+    loop variables and used only inside the loops that bind them."""
     _check_entries(p.kernels, FreeVars(), frozenset(), {}, "program")
     for bucket, parts in collectives_of(p).items():
         _check_collective(bucket, parts)
@@ -186,6 +201,9 @@ def _check_entries(entries, free: FreeVars, loop_vars: frozenset, views: dict, w
             for buf in buffers_of(part):
                 if buf.kind == "view" and buf.name not in views:
                     raise ContractError(f"{e.name}: view {buf.name} is used outside the loop that binds it")
+            for buf in written_by(part):
+                if _root(buf).kind == "input":
+                    raise ContractError(f"{e.name}: writes input {_root(buf).name}")
             for nest in nests_of(part):
                 _check_nest(e.name, nest, free)
             if isinstance(part, Template) and part.epilogue is not None:
