@@ -435,33 +435,39 @@ def test_a_stride1_gradient_packs_its_taps_in_the_forward_order():
 
 
 INPUTS_MODEL = """
-model lin(x: f32[B, 5]) -> f32[B, 3] {
-    param w: f32[5, 3] = normal(0, 0.5)
+model lin(x: f32[B, FEATURES]) -> f32[B, OUTPUTS] {
+    param w: f32[FEATURES, OUTPUTS] = normal(0, 0.2)
     return tanh(x @ w)
 }
 train lin {
     data = arrays()
     loss = mse(output, label)
     optimizer = sgd(lr=0.1)
-    batch = 4
+    batch = BATCH
 }
 """
 
 
-def test_a_step_reads_float32_inputs_in_place_and_copies_the_rest():
-    """A C-ordered float32 input is read where it lies (no staging copy); a float64 or
-    strided one is copied. Each step computes from the data passed to that call: the same
-    array changed between calls, and arrays of either kind in turn, as the interpreter does."""
-    m = dlc.load(INPUTS_MODEL)
+def _lin_programs(features: int, outputs: int, batch: int):
+    """The CPU and reference programs of INPUTS_MODEL from the same initial weights."""
+    m = dlc.load(INPUTS_MODEL.replace("FEATURES", str(features)).replace("OUTPUTS", str(outputs))
+                 .replace("BATCH", str(batch)))
     g = m.compile_graph("train")
     m.ensure_state(g)
-    cpu = make_program("cpu", g, {k: v.copy() for k, v in m.state.items()})
-    ref = make_program("reference", g, {k: v.copy() for k, v in m.state.items()})
-    step = cpu.step_for(4)
+    return [make_program(t, g, {k: v.copy() for k, v in m.state.items()}) for t in ("cpu", "reference")]
+
+
+def test_a_step_reads_float32_inputs_in_place_and_copies_the_rest():
+    """A C-ordered float32 input (of more than a few KiB) is read where it lies (no staging
+    copy); a float64 or strided one is copied. Each step computes from the data passed to
+    that call: the same array changed between calls, and arrays of either kind in turn,
+    as the interpreter does."""
+    cpu, ref = _lin_programs(40, 3, 32)
+    step = cpu.step_for(32)
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(4, 5)).astype(np.float32)
-    label = rng.normal(size=(4, 3)).astype(np.float32)
-    wide = rng.normal(size=(4, 10)).astype(np.float32)
+    x = rng.normal(size=(32, 40)).astype(np.float32)  # 5 KiB
+    label = rng.normal(size=(32, 3)).astype(np.float32)
+    wide = rng.normal(size=(32, 80)).astype(np.float32)
     for feed in (x, "changed", (x + 1).astype(np.float64), wide[:, ::2], x):
         if isinstance(feed, str):
             x *= -0.5  # the same array, new values
@@ -471,7 +477,34 @@ def test_a_step_reads_float32_inputs_in_place_and_copies_the_rest():
         np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
         in_place = step.table[step._slot["x"]] == feed.ctypes.data
         assert in_place == (feed.dtype == np.float32 and feed.flags.c_contiguous)
+    assert step.table[step._slot["label"]] != label.ctypes.data  # 384 bytes: copied
     np.testing.assert_allclose(cpu.state["w"], ref.state["w"], rtol=1e-5)
+
+
+def test_an_input_sharing_memory_with_a_parameter_is_copied():
+    """The step writes its parameters in place and its kernels assume that no two of their
+    arrays alias: an input that is (a view of) a parameter's array is read from a copy."""
+    cpu, ref = _lin_programs(40, 40, 40)
+    step = cpu.step_for(40)
+    label = np.ones((40, 40), np.float32)
+    zeros = np.zeros((40, 40), np.float32)
+    cpu.run({"x": zeros, "label": label, "lr": 0.1})  # state arrays in the table
+    ref.run({"x": zeros, "label": label, "lr": 0.1})
+    w = cpu.state["w"]
+    for feed in (w, w.reshape(-1).reshape(40, 40), w.copy()):
+        want = ref.run({"x": feed.copy(), "label": label, "lr": 0.1})  # before the step changes w
+        got = cpu.run({"x": feed, "label": label, "lr": 0.1})
+        in_place = step.table[step._slot["x"]] == feed.ctypes.data
+        assert in_place != np.shares_memory(feed, w)
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    np.testing.assert_allclose(cpu.state["w"], ref.state["w"], rtol=1e-5)
+    # partial overlaps, edges included, with state arrays at elements [10, 20), [12, 15) (a view
+    # inside the first) and [50, 60) of one buffer
+    from dlc.backends.llvm.runtime import _spans
+    base = np.zeros(100, np.float32)
+    step._state_starts, step._state_ends = _spans([base[50:60], base[12:15], base[10:20]])
+    spans = ((0, 10), (5, 11), (19, 30), (20, 50), (45, 55), (59, 60), (60, 70))
+    assert [step._overlaps_state(base[a:b]) for a, b in spans] == [False, True, True, False, True, True, False]
 
 
 def test_a_kernel_writing_an_input_breaks_the_contract():

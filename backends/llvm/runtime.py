@@ -11,7 +11,9 @@ views of the arena, and returns to the step.
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
+import itertools
 import threading
 import time
 
@@ -53,6 +55,7 @@ class NativeStep:
         self._staging = {}      # input name -> aligned buffer for inputs that need a copy
         self._bound = {}        # input name -> the array the table points at (this call's)
         self._checked = {}      # state name -> the array last checked and put in the table
+        self._state_starts, self._state_ends = [], []  # their byte spans: starts, running max of ends
         self._state_slots = []  # (name, slot, dtype, shape)
         for name, kind, dtype, shape in layout.slots:
             if kind == "state":
@@ -85,27 +88,18 @@ class NativeStep:
         return raw.view(_np(dtype)).reshape(shape)
 
     def run(self, state: dict, feeds: dict) -> dict:
-        """One step. An input of the step's type in C order is read in place (a step never
-        writes its inputs: check_program), any other is copied into a staging buffer;
+        """One step. An input of the step's type in C order, larger than _COPIED_BELOW and
+        sharing no memory with a state array, is read in place (a step never writes its
+        inputs: check_program); any other is copied into a staging buffer;
         parameters and state are used in place (a misaligned or foreign-typed state array is
         replaced in `state` by an aligned copy, once). Returns copies of the results."""
         with self._lock:
+            self._bind_state(state)
             self._bind(feeds)
             return self._run(state, feeds)
 
-    def _bind(self, feeds: dict) -> None:
-        for name, buf in self._staging.items():
-            value = np.asarray(feeds[name])
-            if value.shape != buf.shape:
-                raise ValueError(f"{name} has shape {value.shape}, the step expects {buf.shape}")
-            if value.dtype != buf.dtype or not (value.flags.c_contiguous and value.flags.aligned):
-                np.copyto(buf, value, casting="unsafe")
-                value = buf
-            if self._bound.get(name) is not value:
-                self._bound[name] = value
-                self.table[self._slot[name]] = value.ctypes.data
-
-    def _run(self, state: dict, feeds: dict) -> dict:
+    def _bind_state(self, state: dict) -> None:
+        changed = False
         for name, slot, want, shape in self._state_slots:
             a = state[name]
             if self._checked.get(name) is not a:  # a new array object: check it once
@@ -116,6 +110,34 @@ class NativeStep:
                     a = state[name] = aligned_copy(a, want)
                 self._checked[name] = a
                 self.table[slot] = a.ctypes.data
+                changed = True
+        if changed:  # the inputs read in place are checked against the new arrays
+            self._state_starts, self._state_ends = _spans(self._checked.values())
+            self._bound.clear()
+
+    def _bind(self, feeds: dict) -> None:
+        for name, buf in self._staging.items():
+            value = np.asarray(feeds[name])
+            if value.shape != buf.shape:
+                raise ValueError(f"{name} has shape {value.shape}, the step expects {buf.shape}")
+            if self._bound.get(name) is value:
+                continue
+            if (value.nbytes <= _COPIED_BELOW or value.dtype != buf.dtype
+                    or not (value.flags.c_contiguous and value.flags.aligned) or self._overlaps_state(value)):
+                np.copyto(buf, value, casting="unsafe")
+                value = buf
+            if self._bound.get(name) is not value:
+                self._bound[name] = value
+                self.table[self._slot[name]] = value.ctypes.data
+
+    def _overlaps_state(self, value: np.ndarray) -> bool:
+        """Whether an input shares memory with a parameter or state array, which the step
+        writes (the kernels assume their arrays do not alias): then it is copied."""
+        lo, hi = value.ctypes.data, value.ctypes.data + value.nbytes
+        i = bisect.bisect_left(self._state_starts, hi)
+        return i > 0 and self._state_ends[i - 1] > lo
+
+    def _run(self, state: dict, feeds: dict) -> dict:
         start = time.perf_counter()
         self._state = state
         if self.pool is not None:
@@ -169,8 +191,18 @@ class NativeStep:
                 for (name, phase, lines), cycles in zip(self.layout.kernels, self.profile)]
 
 
+_COPIED_BELOW = 4096  # bytes: copying a small input costs less than checking it for reading in place
+
+
+def _spans(arrays) -> tuple[list[int], list[int]]:
+    """The arrays' byte spans sorted by start: the starts, and the running maximum of the
+    ends (so one bisection finds an overlap even where one array is a view inside another)."""
+    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in arrays)
+    return [s for s, _ in spans], list(itertools.accumulate((e for _, e in spans), max))
+
+
 HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_int32)
-ALIGN = 64  # the generated code may use aligned vector loads on any buffer
+ALIGN = 64  # state arrays start on a cache line (the kernels need element alignment only)
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
