@@ -432,7 +432,9 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
     and reports a dead process by pid; each rank told us its pid (a file in a folder of
     this launch), so the last line says which rank it was. mpiexec names the first rank in
     rank order that a signal ended, which after its clean-up can be one it killed itself;
-    so this process also watches the ranks' pids and names the one that ended first."""
+    so this process also watches which rank's process ends first, and where the two
+    disagree the line names both (neither is certain: a killed rank's process may finish
+    ending after the ranks the clean-up killed)."""
     import re
     import tempfile
     try:
@@ -480,18 +482,22 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
 
 
 def _who_ended(dead: list[tuple[str, str]], watch: "_EndWatch") -> str:
-    """Which rank ended first and how: mpiexec's report (`dead`: its pid and exit code),
-    unless `watch` saw another rank's process end before the one mpiexec names."""
+    """Which rank died and how, by mpiexec's report (`dead`: pids and exit codes); where
+    `watch` saw another rank's process end first, that rank is named too."""
     pid, status = dead[0]
     reported = watch.rank_of(pid)
-    first = watch.first_ended()
-    if first and first != [reported]:
-        named = " and ".join(f"rank {r} (pid {watch.pids[r]})" for r in first)
-        return f"{named} ended together" if len(first) > 1 else f"{named} died first"
     who = f"rank {reported} (pid {pid})" if reported is not None else f"the process with pid {pid}"
     how = f"was killed by signal {status}" if status in _SIGNALS else \
         f"exited with status {status}" if status else "ended"
-    return f"{who} {how}"
+    first = watch.first_ended()
+    others = [r for r in first if r != reported]
+    if not others:  # the watch agrees, or saw nothing
+        return f"{who} {how}"
+    named = " or ".join(f"rank {r} (pid {watch.pids[r]})" for r in others)
+    seen = "their processes ended together here" if reported in first else \
+        f"{'its' if len(others) == 1 else 'their'} process ended first here"
+    return (f"{named} or {who} died first: mpiexec reports that {who} {how}, but {seen} "
+            f"(mpiexec's clean-up kills the other ranks the same way)")
 
 
 class _EndWatch:
