@@ -502,8 +502,9 @@ def _who_ended(dead: list[tuple[str, str]], watch: "_EndWatch") -> str:
 
 class _EndWatch:
     """The order in which the ranks' processes end, watched through pidfds (the ranks
-    write their pids into the job's folder). mpiexec's proxy stops the other ranks only
-    after it saw one end, so the first to end is the one that died."""
+    write their pids into the job's folder). Usually the rank that died ends first, as
+    mpiexec's proxy stops the others only once it saw it go; but its pidfd signals only
+    when all its threads are gone, and the proxy may have ended another rank by then."""
 
     def __init__(self, folder: Path, size: int):
         self.folder, self.size = folder, size
