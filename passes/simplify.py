@@ -4,8 +4,9 @@ Each rule looks at one node and returns a replacement value (or None). Rules nev
 change what a graph computes, only how: x*1 -> x, neg(neg x) -> x, reshape of reshape,
 permute of permute, broadcast of broadcast, elementwise ops on broadcast scalar
 constants -> one broadcast constant, a transposed matmul operand -> a matmul flag, ...
-Loop bodies are simplified the same way, and scans lose what they no longer need
-(passes/scans.py, prune_scans).
+Loop bodies are simplified the same way, a body's transposed reads of a loop invariant
+read a transpose made once before the loop instead (hoist_transposed_invariants), and
+scans lose what they no longer need (passes/scans.py, prune_scans).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from dlc.core import ops
 from dlc.core.builder import GraphBuilder, Value
 from dlc.core.graph import Graph
-from dlc.passes.scans import map_bodies, prune_scans
+from dlc.passes.scans import hoist_transposed_invariants, map_bodies, prune_scans
 
 
 def scalar_of(g: Graph, nid: int):
@@ -203,6 +204,7 @@ for _op in ops.OPS.values():
 def simplify(graph: Graph, ctx=None) -> Graph:
     g = graph.copy()
     map_bodies(g, simplify)
+    hoist_transposed_invariants(g)
     b = GraphBuilder(g)
     changed = True
     while changed:

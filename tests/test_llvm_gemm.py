@@ -179,6 +179,16 @@ def test_sse_path():
     run_and_check(*compiled[0], nthreads=2)
 
 
+def test_b_is_packed_where_the_copy_pays_for_itself():
+    """A few tile rows over a B share that stays in L2 (a recurrent layer's weights, read
+    every time step) read B in place; more rows, a share beyond L2, or a transposed B pack it."""
+    assert not plan_gemm(GemmSpec(32, 512, 128), 16, 2).pack_b
+    assert not plan_gemm(GemmSpec(40, 512, 784), 16, 2).pack_b
+    assert plan_gemm(GemmSpec(32, 1024, 1024), 16, 2).pack_b       # 2 MiB per thread
+    assert plan_gemm(GemmSpec(64, 512, 784), 16, 2).pack_b          # 8 tile rows
+    assert plan_gemm(GemmSpec(32, 512, 128, tb=True), 16, 2).pack_b
+
+
 def test_plan_and_info():
     big = GemmSpec(1024, 1024, 1024)
     info = emit_gemm(ir.Module(), "g", big, W)

@@ -374,6 +374,31 @@ def test_lstm_backward_is_one_reverse_scan_and_one_weight_matmul():
 
 
 @pytest.mark.parametrize("layer", ["rnn", "lstm", "gru"])
+def test_backward_step_reads_the_weights_transposed_once_before_the_loop(layer):
+    """dh = dz @ U^T in the backward body reads a transpose of U made before the loop (a
+    kernel would copy U into its layout at every step), with the same gradients."""
+    g, feeds = _layer_graph(layer, {}, steps=6)
+    dg = autodiff(g)
+    hoisted = simplify(dg)
+    backward = next(hoisted.node(n) for n in hoisted.ids()
+                    if hoisted.node(n).op is ops.SCAN and hoisted.node(n).attrs["reverse"])
+    a = backward.attrs
+    body = a["body"]
+    invariants = set(body.inputs()) - {body.input_named(f"c{i}") for i in range(a["carries"])} \
+        - {body.input_named(f"x{j}") for j in range(a["seqs"])}
+    matmuls = [body.node(n) for n in body.ids() if body.node(n).op is ops.MATMUL]
+    assert matmuls and not [m for m in matmuls if m.attrs["tb"] and m.operands[1] in invariants]
+    transposed = [n for n in backward.operands if hoisted.node(n).op is ops.PERMUTE]
+    weights = "layer.wh" if layer == "rnn" else "layer.u"
+    assert transposed and all(hoisted.node(hoisted.operands(n)[0]).attrs.get("name") == weights
+                              for n in transposed)
+    want = run_graph(dg, feeds, float_dtype=np.float64)
+    got = run_graph(hoisted, feeds, float_dtype=np.float64)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("layer", ["rnn", "lstm", "gru"])
 def test_graph_size_does_not_grow_with_time(layer):
     sizes = []
     for steps in (3, 1000):

@@ -204,6 +204,7 @@ _TILE = {4: (6, 2), 8: (6, 2), 16: (8, 2)}
 _MAX_NV = 16                    # widest tile (vectors) for short C
 _A_BLOCK_BYTES = 256 * 1024    # packed A block (mc x kc floats), half of a small L2
 _PACK_A_BYTES = 4 << 20         # pack A when it is larger (beyond L2 + a share of L3)
+_L2_BYTES = 1 << 20             # a B share this large leaves a core's L2 (1-2 MiB)
 _PREFETCH_B_ROWS = 16           # software prefetch distance for short C (see plan_gemm)
 
 
@@ -243,10 +244,14 @@ def plan_gemm(spec: GemmSpec, vector_width: int, nthreads: int = 2) -> GemmPlan:
     # Packing costs one pass over the operand, so it needs reuse. Packed B (measured on
     # each thread's share): +15-25% for 1024^3 / 2048^3 and for every 8-wide tile (one
     # cache line per k row of an unpacked B panel streams poorly), +-3% for the 16-wide
-    # MLP shapes. Packed A: +-3% up to 2048^3 (the kernel's MR row streams do well), so
-    # only for A beyond L2 and a share of L3. A transposed B is always packed: the
-    # kernel reads B rows as vectors.
-    pack_b = spec.tb or m_tiles >= 4
+    # MLP shapes. Unpacked is better for a few tile rows over a B share that stays in L2
+    # (a recurrent layer's weights, read every time step: 32 x 512 x 128 5% faster alone,
+    # the LSTM's step 7% faster; 40 x 512 x 784 4%); packed again from 6 tile rows
+    # (56 x 512 x 256: +3%) or a 2 MiB share (32 x 1024 x 1024: +10%). Packed A: +-3% up
+    # to 2048^3 (the kernel's MR row streams do well), so only for A beyond L2 and a
+    # share of L3. A transposed B is always packed: the kernel reads B rows as vectors.
+    b_share = 4 * k * (_cdiv(n, nthreads) if split == "n" else n)
+    pack_b = spec.tb or m_tiles >= 6 or (m_tiles >= 4 and b_share > _L2_BYTES)
     pack_a = my_n_tiles > 4 and 4 * m * k > _PACK_A_BYTES
     kc = 384 if w == 16 else 256
     nkb = max(1, _cdiv(k, kc))
