@@ -39,6 +39,7 @@ from dlc.core.diagnostics import DlcError
 from dlc.core.graph import Graph
 from dlc.core.kernel import Loop, all_kernels, check_program, format_program
 from dlc.core.printer import print_graph
+from dlc.core.ops.scan import signature
 from dlc.core.types import DType, ShapeError, TensorType, TupleType, sym
 from dlc.language import nn
 from dlc.passes.autodiff import autodiff
@@ -382,10 +383,8 @@ def test_backward_step_reads_the_weights_transposed_once_before_the_loop(layer):
     hoisted = simplify(dg)
     backward = next(hoisted.node(n) for n in hoisted.ids()
                     if hoisted.node(n).op is ops.SCAN and hoisted.node(n).attrs["reverse"])
-    a = backward.attrs
-    body = a["body"]
-    invariants = set(body.inputs()) - {body.input_named(f"c{i}") for i in range(a["carries"])} \
-        - {body.input_named(f"x{j}") for j in range(a["seqs"])}
+    body = backward.attrs["body"]
+    invariants = signature(body, backward.attrs["carries"], backward.attrs["seqs"]).invariants
     matmuls = [body.node(n) for n in body.ids() if body.node(n).op is ops.MATMUL]
     assert matmuls and not [m for m in matmuls if m.attrs["tb"] and m.operands[1] in invariants]
     transposed = [n for n in backward.operands if hoisted.node(n).op is ops.PERMUTE]

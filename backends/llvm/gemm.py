@@ -246,7 +246,7 @@ def plan_gemm(spec: GemmSpec, vector_width: int, nthreads: int = 2) -> GemmPlan:
     # cache line per k row of an unpacked B panel streams poorly), +-3% for the 16-wide
     # MLP shapes. Unpacked is better for a few tile rows over a B share that stays in L2
     # (a recurrent layer's weights, read every time step: 32 x 512 x 128 5% faster alone,
-    # the LSTM's step 7% faster; 40 x 512 x 784 4%); packed again from 6 tile rows
+    # the LSTM's T=128 step 0-3% in three A/Bs; 40 x 512 x 784 4%); packed from 6 tile rows
     # (56 x 512 x 256: +3%) or a 2 MiB share (32 x 1024 x 1024: +10%). Packed A: +-3% up
     # to 2048^3 (the kernel's MR row streams do well), so only for A beyond L2 and a
     # share of L3. A transposed B is always packed: the kernel reads B rows as vectors.
