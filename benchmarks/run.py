@@ -96,19 +96,26 @@ def gemm_model(n: int) -> Path:
     return path
 
 
-def compile_times(path: Path, threads: int | None) -> tuple[float, float]:
+def compile_times(path: Path, threads: int | None, colds: int = 3) -> tuple[float, float]:
     """(cold, warm) seconds from loading the .dln to a compiled training step ready to
-    run: cold with an empty compile cache, warm with the cache the cold run filled."""
+    run: cold with an empty compile cache (the median of `colds` compiles, each into a
+    cache of its own: one cold compile moves by a third from minute to minute on a
+    shared machine), warm with the cache the last cold compile filled."""
+    def ready(cache: str) -> float:
+        gc.collect()  # not to time the collection of the earlier benchmarks' garbage
+        start = time.perf_counter()
+        m = dlc.load(path)
+        session = m.session(m.train_config, "cpu", threads=threads, cache_dir=cache)
+        session.train_program.step_for(m.train_config.batch)
+        return time.perf_counter() - start
+
+    cold = []
+    for _ in range(colds - 1):
+        with tempfile.TemporaryDirectory() as cache:
+            cold.append(ready(cache))
     with tempfile.TemporaryDirectory() as cache:
-        results = []
-        for _ in range(2):
-            gc.collect()  # not to time the collection of the earlier benchmarks' garbage
-            start = time.perf_counter()
-            m = dlc.load(path)
-            session = m.session(m.train_config, "cpu", threads=threads, cache_dir=cache)
-            session.train_program.step_for(m.train_config.batch)
-            results.append(time.perf_counter() - start)
-        return results[0], results[1]
+        cold.append(ready(cache))
+        return statistics.median(cold), ready(cache)
 
 
 def shared_machine(path: Path, batch: int, steps: int, repeats: int) -> list[dict]:
