@@ -43,9 +43,11 @@ def _apply(b, name, x, y):
     return fn(b, x, y) if name in BINARY else fn(b, x)
 
 
-def _emit_loop(module, name, elem, prefer512):
+def _emit_loop(module, name, elem, prefer512, features=""):
     """void <fname>(float* x, float* y, float* out, i64 n): out[i] = name(x[i], y[i]),
-    over n elements of type elem (float, or <VW x float> for the explicit variant)."""
+    over n elements of type elem (float, or <VW x float> for the explicit variant).
+    `features` marks the function for those CPU features, as dlc's functions are (the
+    mathlib chooses llvm.ldexp for AVX-512 functions)."""
     i64 = ir.IntType(64)
     ptr = ir.PointerType()
     fname = ("v_" if isinstance(elem, ir.VectorType) else "f_") + name
@@ -56,6 +58,8 @@ def _emit_loop(module, name, elem, prefer512):
     if prefer512:
         # FunctionAttributes only takes enum attributes; "key"="value" goes in raw
         set.add(fn.attributes, '"prefer-vector-width"="512"')
+    if features:
+        set.add(fn.attributes, f'"target-features"="{features}"')
     entry, loop, done = (fn.append_basic_block(s) for s in ("entry", "loop", "done"))
     b = ir.IRBuilder(entry)
     x, y, out, n = fn.args
@@ -77,12 +81,13 @@ class Jit:
     """All mathlib functions, as scalar loops (f_<name>) and <8 x float> loops (v_<name>)."""
 
     def __init__(self, extra_features: str = "", prefer512: bool = False,
-                 cpu: str | None = None):
+                 cpu: str | None = None, marked: bool = False):
         module = ir.Module("mathlib_test")
         module.triple = llvm.get_process_triple()
+        features = HOST_FEATURES + extra_features if marked else ""
         for name in UNARY + BINARY:
-            _emit_loop(module, name, F32, prefer512)
-            _emit_loop(module, name, ir.VectorType(F32, VW), prefer512)
+            _emit_loop(module, name, F32, prefer512, features)
+            _emit_loop(module, name, ir.VectorType(F32, VW), prefer512, features)
         mod = llvm.parse_assembly(str(module))
         mod.verify()
         self.tm = llvm.Target.from_default_triple().create_target_machine(
@@ -129,6 +134,7 @@ def jit(kind="host"):
         _JITS[kind] = {"host": lambda: Jit(),
                        "nofma": lambda: Jit(",-fma"),
                        "zmm": lambda: Jit(prefer512=True),
+                       "scalef": lambda: Jit(prefer512=True, marked=True),
                        "haswell": lambda: Jit(cpu="haswell")}[kind]()
     return _JITS[kind]
 
@@ -242,6 +248,21 @@ def test_accuracy_without_fma(name):
         x, y = x[sub], (None if y is None else y[sub])
         err = max_ulps(name, x, y, kind="nofma")
         assert err <= BOUNDS[name], f"{name} (no FMA) on {label}: {err} ulp"
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="the host has no AVX-512 (llvm.ldexp would be a libm call)")
+@pytest.mark.parametrize("name", ["exp", "tanh", "sigmoid", "pow"])
+def test_avx512_scaling_is_one_vscalefps_with_the_same_results(name):
+    """In a function compiled for AVX-512, exp's scaling by 2^n is llvm.ldexp (vscalefps):
+    bit for bit the portable two products, overflow and gradual underflow included."""
+    marked, plain = jit("scalef"), jit("zmm")
+    assert "llvm.ldexp" in marked.function_ir("f_" + name)
+    assert "vscalefps" in marked.function_asm("f_" + name)
+    assert "llvm.ldexp" not in plain.function_ir("f_" + name)
+    for label, (x, y) in sweeps(name, np.random.default_rng(4)).items():
+        for vector in (False, True):
+            got, want = marked(name, x, y, vector=vector), plain(name, x, y, vector=vector)
+            np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32), err_msg=label)
 
 
 @pytest.mark.parametrize("name", UNARY + BINARY)
