@@ -330,6 +330,23 @@ def test_training_and_evaluation_share_their_forward_convolutions():
     assert len(convs["eval"]) == 2 and convs["train"] == convs["eval"]
 
 
+def test_each_module_is_sized_with_the_helpers_its_kernels_built():
+    """The modules' sizes (by which the compiler processes take them, largest first) count
+    every function a kernel part put there: its own (unless an identical one existed) and
+    the convolution packers and GEMMs it built, which are most of a CNN's code."""
+    m = example_models.load(EXAMPLES[0].parent / "lenet5.dln")
+    programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 8), CPU.templates)
+                for mode in ("train", "eval")}
+    mb = ModuleBuilder(programs, CPU.target({"threads": 2}))
+    mb.build()
+    steps = {"dlc_scratch", "dlc_barrier"} | {mb.symbol(entry) for entry in programs}
+    helpers = [f for m in mb.modules for f in m.functions if not f.is_declaration and f.name.startswith("im2col")]
+    assert helpers and mb.shared
+    for module, size in zip(mb.modules, mb.sizes):
+        assert size == sum(len(blk.instructions) for f in module.functions if f.name not in steps
+                           for blk in f.blocks)
+
+
 def _resnet_bn_step_built_twice(tmp_path, change):
     """resnet_bn's training step at batch 13, built and run as the code is and again after
     change() (a monkeypatch): for each, the loops in the functions of its loop-nest

@@ -161,24 +161,24 @@ class ModuleBuilder:
                     continue
                 index = self._module_for(part)
                 self.module = self.modules[index]
+                known = len(self.module.functions)
                 buffers = buffers_of(part)
                 fn, b, pointers = self.new_function(f"{prefix}{k.name}.{j}.{self.tag}", buffers)
                 if is_light(part):
                     fn.attributes.add("optsize")
                 tid, nthreads = fn.args[-2], fn.args[-1]
                 em = Emitter(b, pointers)
-                gemms = len(self.gemms)
                 if isinstance(part, LoopNest):
                     emit_nest(em, part, tid, nthreads)
                 else:
                     emit_template(self, em, part, tid, nthreads)
                 b.ret_void()
-                built = fn
                 fn = self._dedupe(fn, _shape_key(part))
-                if len(self.gemms) != gemms:  # a new GEMM and its helpers: count the module again
-                    self.sizes[index] = _size(self.module)
-                elif fn is built:  # counted as it grows (recounting all would be quadratic in parts)
-                    self.sizes[index] += sum(len(blk.instructions) for blk in fn.blocks)
+                # what the part added to its module: its function (unless an identical one
+                # existed) and the helpers it built (a GEMM, a convolution's packers: in one
+                # residual-network build they were left out, and the module counted
+                # smallest took the second-longest to compile)
+                self.sizes[index] += sum(_size(f) for f in self.module.functions[known:])
                 calls.append((k.phase, len(parts)))
                 parts.append((k.phase, k.name, fn, buffers))
         return calls
@@ -391,8 +391,9 @@ def _shape_key(part) -> tuple:
             repr(sorted(part.attrs.items())), _shape_key(part.epilogue) if part.epilogue is not None else None)
 
 
-def _size(module: ir.Module) -> int:
-    return sum(len(blk.instructions) for f in module.functions for blk in f.blocks)
+def _size(fn: ir.Function) -> int:
+    """Instructions (none for a declaration)."""
+    return sum(len(blk.instructions) for blk in fn.blocks)
 
 
 def _quoted(name: str) -> str:
