@@ -30,16 +30,19 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 import dlc  # noqa: E402
 
 
-def interleaved(fns: list, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+def interleaved(fns: list, steps: int, repeats: int, pause: float = 0.0) -> tuple[list[float], list[float]]:
     """Blocks of `steps` calls of each function in turn, `repeats` rounds: the median
     seconds per call of each, and the median over rounds of the first one's time over
-    each one's (a ratio of adjacent blocks, which load on the machine slows alike)."""
+    each one's (a ratio of adjacent blocks, which load on the machine slows alike).
+    `pause` seconds before each block let the other side's idle threads stop spinning
+    (OpenBLAS's spin for about 0.1 s after a call, taking a core from the next block)."""
     for fn in fns:
         for _ in range(3):
             fn()  # warm up (and compile: torch.compile may compile again on a second call)
     times = [[] for _ in fns]
     for _ in range(repeats):
         for t, fn in zip(times, fns):
+            time.sleep(pause)
             start = time.perf_counter()
             for _ in range(steps):
                 fn()
@@ -342,11 +345,11 @@ def main() -> int:
         for n in (256, 512, 1024, 2048):
             path = gemm_model(n)
             steps = max(1, int((40 if n <= 512 else 8 if n == 1024 else 2) * scale))
-            d = median_time(dlc_forward(path, n, threads), steps, repeats)
             a = np.random.rand(n, n).astype(np.float32)
             b = np.random.rand(n, n).astype(np.float32)
-            p = median_time(lambda: a @ b, steps, repeats)
-            record(f"gemm_{n}", d, "numpy BLAS", p, 1 / 0.9 if n == 1024 else None)
+            (d, p), (_, r) = interleaved([dlc_forward(path, n, threads), lambda: a @ b], steps, repeats,
+                                         pause=0.15)
+            record(f"gemm_{n}", d, "numpy BLAS", p, 1 / 0.9 if n == 1024 else None, ratio=r)
 
     if section("training"):
         print("training steps")
