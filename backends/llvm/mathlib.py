@@ -174,25 +174,17 @@ def _c(ty: ir.Type, value) -> ir.Constant:
     return ir.Constant(ty, value)
 
 
-def _intrinsic(b: ir.IRBuilder, name: str, args, ret: ir.Type | None = None):
-    ty = args[0].type
-    if isinstance(ty, ir.VectorType):
-        suffix = f"v{ty.count}{ty.element.intrinsic_name}"
-    else:
-        suffix = ty.intrinsic_name
-    full = f"{name}.{suffix}"
-    module = b.module
-    fn = module.globals.get(full)
-    if fn is None:
-        fn = ir.Function(module, ir.FunctionType(ret or ty, [a.type for a in args]), full)
-    return b.call(fn, list(args))
-
-
-def _intrinsic_named(b: ir.IRBuilder, full: str, args):
-    """A call of the intrinsic `full` (its name already carries the argument types)."""
+def _intrinsic(b: ir.IRBuilder, name: str, args, ret: ir.Type | None = None, overloads: int = 1):
+    """A call of intrinsic `name`, its name suffixed with the types of its first
+    `overloads` arguments (llvm.fmuladd.v16f32; llvm.ldexp.v16f32.v16i32)."""
+    def suffix(ty):
+        if isinstance(ty, ir.VectorType):
+            return f"v{ty.count}{ty.element.intrinsic_name}"
+        return ty.intrinsic_name
+    full = ".".join([name] + [suffix(a.type) for a in args[:overloads]])
     fn = b.module.globals.get(full)
     if fn is None:
-        fn = ir.Function(b.module, ir.FunctionType(args[0].type, [a.type for a in args]), full)
+        fn = ir.Function(b.module, ir.FunctionType(ret or args[0].type, [a.type for a in args]), full)
     return b.call(fn, list(args))
 
 
@@ -291,8 +283,7 @@ def _exp_scaled(b, n, r):
     p = _fma(b, b.fmul(r, r), _horner(b, r, EXP_P), r)    # e^r - 1
     p = b.fadd(p, _c(ty, 1.0))
     if _has_scalef(b):  # one vscalefps: the same single rounding as the two products below
-        suffix = f"v{ty.count}f32.v{ty.count}i32" if isinstance(ty, ir.VectorType) else "f32.i32"
-        return _intrinsic_named(b, f"llvm.ldexp.{suffix}", [p, n])
+        return _intrinsic(b, "llvm.ldexp", [p, n], overloads=2)
     n1 = b.ashr(n, _c(it, 1))
     n2 = b.sub(n, n1)
     s1 = b.bitcast(b.shl(b.add(n1, _c(it, 127)), _c(it, 23)), ty)
