@@ -30,12 +30,20 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 import dlc  # noqa: E402
 
 
-def interleaved(fns: list, steps: int, repeats: int, pause: float = 0.0) -> tuple[list[float], list[float]]:
+LEAD_IN = 0.05  # seconds of untimed calls at the start of each block of an interleaved comparison
+
+
+def interleaved(fns: list, steps: int, repeats: int, pause: float = 0.0,
+                lead_in: float = LEAD_IN) -> tuple[list[float], list[float]]:
     """Blocks of `steps` calls of each function in turn, `repeats` rounds: the median
     seconds per call of each, and the median over rounds of the first one's time over
     each one's (a ratio of adjacent blocks, which load on the machine slows alike).
-    `pause` seconds before each block let the other side's idle threads stop spinning
-    (OpenBLAS's spin for about 0.1 s after a call, taking a core from the next block)."""
+    Each block starts with `lead_in` seconds of untimed calls, so that the timed calls
+    run in a steady state: the other side's idle threads keep spinning for a while after
+    its block and take a core from whatever runs next (PyTorch's OpenMP threads for
+    several milliseconds: measured, a dlc LSTM step right after a PyTorch step took 2.4x
+    its time, the next one 1.0x). `pause` seconds before each block let threads that spin
+    longer stop first (OpenBLAS's, about 0.1 s after a call)."""
     for fn in fns:
         for _ in range(3):
             fn()  # warm up (and compile: torch.compile may compile again on a second call)
@@ -43,6 +51,9 @@ def interleaved(fns: list, steps: int, repeats: int, pause: float = 0.0) -> tupl
     for _ in range(repeats):
         for t, fn in zip(times, fns):
             time.sleep(pause)
+            start = time.perf_counter()
+            while time.perf_counter() - start < lead_in:
+                fn()
             start = time.perf_counter()
             for _ in range(steps):
                 fn()
@@ -385,7 +396,7 @@ def main() -> int:
             path = Path(tempfile.mkdtemp()) / f"{layer}{steps}.dln"
             path.write_text(recurrent_source(layer, steps))
             cold, _ = compile_times(path, threads)
-            n = max(2, int(256 // steps * scale))
+            n = max(3, int(512 // steps * scale))
             dlc_step = dlc_train_step(path, 32, threads)
             if have_torch:
                 (d, t), (_, r) = interleaved([dlc_step, torch_train_step(name, 32)], n, repeats)

@@ -723,15 +723,20 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (2, 2)), kernel=(5, 5)), "t-direct-1-channel-5x5"),
     _conv("conv2d_bwd_filter", [(2, 3, 6, 9), (2, 13, 4, 7)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (0, 0)), kernel=(3, 3)), "t-direct-3-channels-valid"),
+    # ... and a wider layer's too where its output rows fill the vectors (AVX-512): three
+    # blocks of output channels, the last short, padding on every side
+    _conv("conv2d_bwd_filter", [(4, 11, 16, 16), (4, 20, 16, 16)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-wide-direct"),
     # 5x5 taps over grid rows narrower than the source: the packer loops over a tap table
     _conv("conv2d", [(3, 7, 13, 14), (5, 7, 5, 5)], np_conv2d, _s((1, 1), (0, 0)), "t-5x5-valid-tap-table"),
     _conv("conv2d_bwd_data", [(2, 5, 9, 10), (5, 7, 5, 5)], np_conv2d_bwd_data,
           dict(_s((1, 1), (0, 0)), in_hw=(13, 14)), "t-5x5-valid-tap-table"),
     _conv("conv2d_bwd_filter", [(2, 7, 13, 14), (2, 5, 9, 10)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (0, 0)), kernel=(5, 5)), "t-5x5-valid-tap-table"),
-    # a filter gradient as a GEMM over several blocks of positions (the last partial), and
-    # with more output channels than a vector holds
-    _conv("conv2d_bwd_filter", [(1, 4, 24, 24), (1, 6, 24, 24)], np_conv2d_bwd_filter,
+    # a filter gradient as a GEMM over several blocks of positions (the last partial; its
+    # 24-wide rows leave too many lanes idle for the direct form), and with more output
+    # channels than a vector holds
+    _conv("conv2d_bwd_filter", [(1, 4, 24, 24), (1, 17, 24, 24)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-gemm-position-blocks"),
     _conv("conv2d_bwd_filter", [(2, 6, 7, 8), (2, 40, 7, 8)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-gemm-40-channels"),

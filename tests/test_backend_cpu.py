@@ -94,6 +94,50 @@ def test_direct_filter_gradient_sums_over_image_tiles(monkeypatch):
         check_op_table(expected, run_cpu(merged, feeds, threads), tols)
 
 
+def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on():
+    """First layers always; with 32 vector registers also wider stride-1 layers whose
+    output rows fill the vectors (half of them where the GEMM would be one vector wide)
+    and whose tiles of images give the accumulators enough work between trips to
+    scratch; never a 1x1 kernel or a strided one; with 16 registers (AVX2) the first
+    layers only."""
+    from types import SimpleNamespace
+    from dlc.backends.llvm.conv import _direct_channels
+
+    def direct(C, O, OW, k=3, stride=1, w=16):  # a batch of 64 square images, "same" padding
+        t = SimpleNamespace(output=SimpleNamespace(shape=(O, C, k, k)),
+                            inputs=[SimpleNamespace(shape=(64, C, OW * stride, OW * stride)),
+                                    SimpleNamespace(shape=(64, O, OW, OW))],
+                            attrs={"stride": (stride, stride)})
+        return _direct_channels(t, SimpleNamespace(vector_width=w)) > 0
+
+    assert direct(3, 32, 32) and direct(1, 6, 28, k=5) and direct(3, 32, 32, w=8)
+    assert direct(16, 16, 32) and direct(32, 64, 16) and direct(32, 32, 16, k=5)
+    assert direct(6, 16, 10, k=5) and not direct(6, 17, 10, k=5)  # 10 of 16 lanes
+    assert not direct(64, 64, 8)                                    # half the lanes
+    assert not direct(64, 64, 16, k=1) and not direct(16, 32, 16, stride=2)
+    assert not direct(16, 16, 32, w=8) and not direct(32, 64, 16, w=8)
+    assert direct(64, 64, 32) and not direct(128, 128, 16)          # one image per tile
+
+
+def test_a_wider_layers_filter_gradient_runs_directly_with_avx512(monkeypatch):
+    """11 -> 20 channels on 16-wide rows (three blocks of output channels, the last short,
+    padding on every side) takes the direct form where the target has AVX-512, on one
+    thread and on two, and matches the reference."""
+    from dlc.backends.llvm import conv
+    if CPU.target({}).vector_width != 16:
+        pytest.skip("the direct filter gradient of wider layers needs AVX-512's 32 vector registers")
+    taken = []
+    real = conv._direct_filter_gradient
+    monkeypatch.setattr(conv, "_direct_filter_gradient", lambda *a: taken.append(1) or real(*a))
+    rows = [c for c in ALL if c.id == "t-wide-direct"]
+    assert len(rows) == 1
+    merged, feeds, tols = op_table_graph(rows, salt="wide")
+    expected = run_graph(merged, feeds)
+    for threads in (1, 2):
+        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
+    assert len(taken) == 2
+
+
 def test_a_data_gradient_much_larger_than_g_is_scattered(monkeypatch):
     """An input plane at least 1.5x g's (unpadded 5x5 and 7x7 layers) takes its data
     gradient as w^T g and col2im, on 1, 2 and 3 threads: the op table's rows match the

@@ -204,7 +204,10 @@ def test_padding_is_exact_in_float64_for_every_example():
         b = ReferenceProgram(g, states[1], np.float64).run(padded)
         b = {k: v[:5] if np.ndim(v) and len(v) == 8 else v for k, v in b.items()}
         _close(b, a, path.stem, rtol=1e-12, atol=1e-14)
-        _close(states[1], states[0], path.stem + " state", rtol=1e-12, atol=1e-14)
+        # BLAS rounds an 8-row product apart from a 5-row one, and RMSprop's first update
+        # (lr * g / sqrt(0.01 * g^2)) magnifies that near g = 0: rnn_digits' weights moved
+        # 3.6e-13 apart with OpenBLAS on Zen 5 (a mask that let one padded row in: up to 1.0)
+        _close(states[1], states[0], path.stem + " state", rtol=1e-12, atol=1e-11)
 
 
 def test_a_run_compiles_once(tmp_path):

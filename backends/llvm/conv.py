@@ -814,21 +814,47 @@ def _filter_epilogue(em, t: Template, o, c, ky, kx) -> None:
 # Directly, each (block of output channels, input channel, kernel row) keeps one vector
 # accumulator per (channel, kernel column) in registers over every image and output row:
 # per output row segment, KW shifted input rows and one g row per channel, all loads
-# reused KW or OB times.
+# reused KW or OB times, and no im2col.
+# With 32 vector registers (AVX-512: 9 channels per item for 3x3) that pays for wider
+# layers too where the output rows fill the vectors. Of the GEMM rate, on Zen 5, as a GEMM
+# -> directly: 16->16 32x32 3x3 59% -> 85%, 32->32 16x16 81% -> 95%, 5x5 32->32 85% -> 97%;
+# but 64->64 8x8 (half the lanes idle) 93% -> 50% and 1x1 64->64 (no input load reused)
+# 71% -> 59%. A GEMM over at most one vector of output channels is load-bound (a broadcast
+# per multiply-add), so there emptier vectors win too: 6->16 on 10-wide rows 43% -> 56%.
+# With 16 registers (AVX2: 3 channels per item) wider layers lose (35-76% of the GEMM's).
 _DIRECT_MAX_C = 3
+_DIRECT_LANES = 0.85         # the share of the lanes output rows must fill (wider layers)
+_DIRECT_LANES_NARROW = 0.5   # the same where O fits one vector
+_DIRECT_MACS_PER_BYTE = 8    # at least, per byte of accumulators through scratch (wider layers)
 _DIRECT_TILE_BYTES = 256 << 10  # the images of one pass over the items (see below)
 
 
 def _direct_channels(t: Template, target) -> int:
     """How many output channels the direct filter gradient takes per item (the
     accumulators, KW input vectors and a g vector fill the vector registers); 0 where it
-    does not apply: stride > 1, more than _DIRECT_MAX_C input channels, or a kernel row
-    too wide for the registers."""
-    C, KW = t.output.shape[1], t.output.shape[3]
-    registers = 32 if target.vector_width == 16 else 16
-    if tuple(t.attrs["stride"]) != (1, 1) or C > _DIRECT_MAX_C:
+    does not apply: stride > 1, a kernel row too wide for the registers, or more than
+    _DIRECT_MAX_C input channels with 16 registers, a 1x1 kernel, output rows that
+    leave too many lanes idle or too few images in a tile (see above)."""
+    O, C, _, KW = t.output.shape
+    _, _, H, W = t.inputs[0].shape
+    _, _, OH, OW = t.inputs[1].shape
+    w = target.vector_width
+    registers = 32 if w == 16 else 16
+    ob = max(0, (registers - KW - 2) // KW)
+    if tuple(t.attrs["stride"]) != (1, 1):
         return 0
-    return max(0, (registers - KW - 2) // KW)
+    if C > _DIRECT_MAX_C:
+        lanes = OW / (_cdiv(OW, w) * w)
+        if registers < 32 or KW == 1 or lanes < (_DIRECT_LANES_NARROW if O <= w else _DIRECT_LANES):
+            return 0
+        # each accumulator goes to scratch and back (8w bytes) once per tile of images
+        # (NB * OH * OW multiply-adds): a wide layer's tile is one image, and on 16x16
+        # rows that traffic costs more than the GEMM's im2col (128->128: 93% of the GEMM
+        # rate as a GEMM, 81% directly; 256->256 98% -> 48%; 64->64 on 32x32 86% -> 93%)
+        nb = min(t.inputs[0].shape[0], _DIRECT_TILE_BYTES // (4 * (ob * OH * OW + C * H * W)))
+        if 8 * w * _DIRECT_MACS_PER_BYTE > max(1, nb) * OH * OW:
+            return 0
+    return ob
 
 
 def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> None:
