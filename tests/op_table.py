@@ -746,12 +746,11 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (1, 1)), in_hw=(12, 12)), "t-col2im-pad1-groups"),
     _conv("conv2d_bwd_data", [(2, 16, 10, 10), (16, 6, 5, 5)], np_conv2d_bwd_data,
           dict(_s((1, 1), (0, 0)), in_hw=(14, 14)), "t-col2im-lenet"),
-    # 16 output channels, at least 64 taps, a batch split by images: the direct forward
-    # (AVX-512), in tiles of whole rows (2 rows of 12, the last tile one row; 5 rows of 5,
-    # then one) and in segments of rows wider than a tile (31: 16 + 15), padded or not
+    # 16 output channels, at least 64 taps, rows of at most 28, a batch split by images:
+    # the direct forward (AVX-512), in tiles of whole rows (2 rows of 12, the last tile one
+    # row; 5 rows of 5, then one), padded or not
     _conv("conv2d", [(32, 8, 9, 12), (16, 8, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-direct-forward-pad"),
     _conv("conv2d", [(33, 3, 10, 9), (16, 3, 5, 5)], np_conv2d, _s((1, 1), (0, 0)), "t-direct-forward-5x5"),
-    _conv("conv2d", [(32, 8, 3, 31), (16, 8, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-direct-forward-segments"),
     # a batch of 32 images or more is split over images whatever the thread count
     _conv("conv2d", [(33, 3, 5, 6), (4, 3, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch33-by-images"),
     _conv("conv2d_bwd_data", [(33, 4, 3, 3), (4, 3, 3, 3)], np_conv2d_bwd_data,

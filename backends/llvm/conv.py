@@ -526,29 +526,32 @@ def _scratch_base(mb, em):
 
 # A forward convolution whose output channels fill one vector (16 with AVX-512): as a
 # GEMM it has 16 rows, and im2col takes a large share of its time (LeNet's 6->16 layer on
-# 10-wide rows: 38%). Directly, a tile of up to 28 output positions (whole rows, or a
-# row's segment) keeps each position's vector of channels in registers over every
-# (input channel, tap), each input pixel broadcast against the tap's vector of weights
-# (packed once per call); 16x16 transposes turn the tile into channel planes to store.
-# Measured on Zen 5, GFLOP/s as a GEMM -> directly: LeNet's 6->16 264-268 -> 384-397,
-# 16->16 on 32x32 333-437 -> 419-512; but a 3->16 first layer (27 taps: the transposes
-# and stores are not paid for) 311-403 -> 286-287.
+# 10-wide rows: 38%). Directly, a tile of whole output rows (up to 28 positions) keeps
+# each position's vector of channels in registers over every (input channel, tap), each
+# input pixel broadcast against the tap's vector of weights (packed once per call);
+# 16x16 transposes turn the tile into channel planes to store. Measured on Zen 5, GFLOP/s
+# as a GEMM -> directly: LeNet's 6->16 264-268 -> 384-397 (its training step -6.5%);
+# 16->16 on 32x32 rows (tiles of a row's segments) 333-437 -> 419-512, but the residual
+# network's step only -0.3 to -1.9% for +6% compile time: rows wider than a tile stay on
+# the GEMM; and a 3->16 first layer (27 taps: the transposes and stores are not paid
+# for) 311-403 -> 286-287.
 _DIRECT_FWD_POSITIONS = 28  # accumulators per tile (of 32 registers: the weights, a pixel)
 _DIRECT_FWD_MIN_TAPS = 64   # C * KH * KW at least
 
 
 def _direct_forward_rows(t: Template, target) -> int:
-    """Output rows per tile of the direct forward (1: segments of a row); 0 where it does
-    not apply: no AVX-512, output channels other than one vector's worth, stride > 1,
-    fewer than _DIRECT_FWD_MIN_TAPS taps, or a batch the threads do not split by images."""
+    """Output rows per tile of the direct forward; 0 where it does not apply: no AVX-512,
+    output channels other than one vector's worth, stride > 1, fewer than
+    _DIRECT_FWD_MIN_TAPS taps, rows wider than a tile, or a batch the threads do not
+    split by images."""
     N, C = t.inputs[0].shape[:2]
     O, _, KH, KW = t.inputs[1].shape
     OW = t.output.shape[3]
     w = target.vector_width
     if (w != 16 or O != w or tuple(t.attrs["stride"]) != (1, 1) or C * KH * KW < _DIRECT_FWD_MIN_TAPS
-            or N < _IMAGES_ALWAYS_SPLIT):
+            or OW > _DIRECT_FWD_POSITIONS or N < _IMAGES_ALWAYS_SPLIT):
         return 0
-    return max(1, _DIRECT_FWD_POSITIONS // OW)
+    return _DIRECT_FWD_POSITIONS // OW
 
 
 def _direct_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
@@ -574,30 +577,28 @@ def _direct_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
         with for_range(b, 0, C * Hp * Wp, "z") as i:
             b.store(ir.Constant(F32, 0.0), gep(b, Xp, i, F32), align=4)
 
-    def tile(src, out, y0, x0: int, rows: int, cols: int) -> None:
-        """Output rows [y0, y0 + rows) x columns [x0, x0 + cols): whole rows, or one row's
-        segment; either way contiguous in each channel plane."""
+    def tile(src, out, y0, rows: int) -> None:
+        """Output rows [y0, y0 + rows): contiguous in each channel plane."""
         def channel_row(q, acc):  # q = c * KH + ky
             c, ky = b.udiv(q, i64(KH)), b.urem(q, i64(KH))
-            at = b.gep(src, [b.add(b.mul(b.add(b.mul(c, i64(Hp)), b.add(y0, ky)), i64(Wp)), i64(x0))],
-                       source_etype=F32)
+            at = b.gep(src, [b.mul(b.add(b.mul(c, i64(Hp)), b.add(y0, ky)), i64(Wp))], source_etype=F32)
             taps = b.gep(Wt, [b.mul(q, i64(KW * O))], source_etype=F32)
             acc = list(acc)
             for kx in range(KW):
                 wv = v.load(v.at(taps, kx * O))
-                for j in range(rows * cols):
-                    r, x = divmod(j, cols)
+                for j in range(rows * OW):
+                    r, x = divmod(j, OW)
                     pixel = b.load(gep(b, at, i64(r * Wp + x + kx), F32), typ=F32, align=4)
                     acc[j] = v.fma(v.splat(pixel), wv, acc[j])
             return acc
-        acc = loop(b, 0, C * KH, [v.zero] * (rows * cols), channel_row, name="q")
-        for j0 in range(0, rows * cols, w):
+        acc = loop(b, 0, C * KH, [v.zero] * (rows * OW), channel_row, name="q")
+        for j0 in range(0, rows * OW, w):
             block = list(acc[j0:j0 + w])
             n = len(block)
             planes = v.transpose(block + [v.zero] * (w - n))  # planes[o]: channel o at j0..
             mask = None if n == w else ir.Constant(v.mty, [lane < n for lane in range(w)])
             for oc in range(O):
-                v.store(planes[oc], v.at(out, b.add(b.mul(y0, i64(OW)), i64(oc * OH * OW + x0 + j0))), mask)
+                v.store(planes[oc], v.at(out, b.add(b.mul(y0, i64(OW)), i64(oc * OH * OW + j0))), mask)
 
     n_lo, n_hi = split(b, N, tid, nthreads)
     with for_range(b, n_lo, n_hi, "img") as n:
@@ -612,17 +613,10 @@ def _direct_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
                             gep(b, to, x, F32), align=4)
             src = Xp
         out = b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
-        if R * OW <= _DIRECT_FWD_POSITIONS:  # tiles of R whole rows, the last shorter
-            with for_range(b, 0, OH // R, "tile") as ti:
-                tile(src, out, b.mul(ti, i64(R)), 0, R, OW)
-            if OH % R:
-                tile(src, out, i64(OH // R * R), 0, OH % R, OW)
-        else:  # each row in equal segments
-            nseg = _cdiv(OW, _DIRECT_FWD_POSITIONS)
-            seg = _cdiv(OW, nseg)
-            with for_range(b, 0, OH, "y") as y:
-                for x0 in range(0, OW, seg):
-                    tile(src, out, y, x0, 1, min(seg, OW - x0))
+        with for_range(b, 0, OH // R, "tile") as ti:  # tiles of R rows, the last shorter
+            tile(src, out, b.mul(ti, i64(R)), R)
+        if OH % R:
+            tile(src, out, i64(OH // R * R), OH % R)
         _epilogue(em, t, n, (i64(0), i64(O)))
 
 
