@@ -107,6 +107,79 @@ def test_auto_target_and_explicit_counts(monkeypatch):
     assert Target.host(None) == Target(auto.cpu, auto.features, 1, auto.triple, False)
 
 
+# --- the check while the steps run --------------------------------------------------------------
+
+def _drive(check, seconds_on, steps):
+    """Run `steps` steps through `check`, each taking seconds_on(thread count, step)."""
+    used = []
+    for i in range(steps):
+        n = check.threads()
+        used.append(n)
+        check.record(n, seconds_on(n, i))
+    return used
+
+
+def test_one_thread_is_tried_now_and_then_and_kept_when_faster():
+    check = threads.RunTimeCheck(2)
+    period, probe = check.PERIOD, check.PROBE
+    used = _drive(check, lambda n, i: 1.0 if n == 2 else 0.5, period)
+    assert used[:period - probe] == [2] * (period - probe) and used[period - probe:] == [1] * probe
+    assert check.current == 1                      # twice as fast on one thread: kept
+    used = _drive(check, lambda n, i: 1.0 if n == 2 else 0.5, period)
+    assert used[-probe:] == [2] * probe and check.current == 1  # two threads tried again, slower
+
+
+def test_the_chosen_count_stays_unless_one_thread_is_clearly_faster():
+    check = threads.RunTimeCheck(2)
+    _drive(check, lambda n, i: 1.0 if n == 2 else 0.9, 3 * check.PERIOD)   # 10%: not enough
+    assert check.current == 2
+    _drive(check, lambda n, i: 1.0 if n == 2 else 1.4, check.PERIOD)
+    assert check.current == 2
+
+
+def test_back_to_the_chosen_count_when_its_cores_come_back():
+    check = threads.RunTimeCheck(3)
+    busy = 2 * check.PERIOD  # the second core is taken for the first two periods
+    _drive(check, lambda n, i: (3.0 if i < busy else 0.4) if n == 3 else 1.0, 4 * check.PERIOD)
+    assert check.current == 3 and check.other == 1
+
+
+def test_steps_switching_thread_counts_give_the_same_results(tmp_path, monkeypatch):
+    """`--threads auto` on two threads, the run-time check forced to alternate two and one
+    thread every step: the same losses and parameters, bit for bit, as on two threads."""
+    m = dlc.load(EXAMPLES / "lenet5.dln")
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.random((64, 1, 8, 8), dtype=np.float32), "label": rng.integers(0, 10, 64).astype(np.int32),
+              "lr": np.float32(0.01)} for _ in range(12)]
+    monkeypatch.setattr(threads, "choose_threads", lambda work, available: available)  # 2, however small
+    monkeypatch.setattr(threads, "free_cores", lambda total, busy: total)
+    used = []
+
+    class Alternate(threads.RunTimeCheck):
+        def threads(self):
+            n = 2 if self.calls % 2 == 0 else 1
+            used.append(n)
+            return n
+    from dlc.backends.llvm import pool, runtime
+    monkeypatch.setattr(runtime, "RunTimeCheck", Alternate)
+    pooled = []  # the thread counts the worker pool ran steps on
+    real_run = pool.Pool.run
+    monkeypatch.setattr(pool.Pool, "run", lambda self, fn, table, n: pooled.append(n) or real_run(self, fn, table, n))
+    results = []
+    for option in ("auto", 2):
+        state = {k: v.copy() for k, v in m.state.items()}
+        p = make_program("cpu", graph, state, options={"threads": option, "no_cache": True, "cache_dir": tmp_path})
+        losses = [float(p.run(f)["loss"]) for f in feeds]
+        results.append((losses, state))
+    assert used == [2, 1] * 6 and pooled == [2] * 6 + [2] * 12  # auto's one-thread steps ran without the pool
+    (l1, s1), (l2, s2) = results
+    assert l1 == l2
+    for k in s1:
+        assert np.array_equal(s1[k], s2[k]), k
+
+
 # --- the barrier, forced to sleep at once ------------------------------------------------------
 
 @pytest.mark.parametrize("nthreads", [2, 3])

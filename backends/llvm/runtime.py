@@ -29,6 +29,7 @@ from .codegen import FIXED_SLOTS
 from .jit import Engine
 from .pool import Pool
 from .target import Target
+from .threads import RunTimeCheck
 
 BARRIER_BYTES = 192  # barrier.py: count, generation, sleepers on their own cache lines
 
@@ -65,6 +66,8 @@ class NativeStep:
         self._step_addr = self.engine.address(layout.meta.get("symbol", "dlc_step"))
         self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
         self.pool = Pool.get(self.threads, cache) if self.threads > 1 else None
+        # `--threads auto`: one thread is tried now and then while the steps run (threads.py)
+        self.check = RunTimeCheck(self.threads) if target.auto and self.threads > 1 else None
         self._lock = threading.Lock()
         self.seconds, self.calls = 0.0, 0  # time spent in this step (for profiles)
         self._outputs = {name: self._view(*spec) for name, spec in layout.outputs.items()
@@ -140,10 +143,13 @@ class NativeStep:
     def _run(self, state: dict, feeds: dict) -> dict:
         start = time.perf_counter()
         self._state = state
-        if self.pool is not None:
-            self.pool.run(self._step_addr, ctypes.addressof(self.table), self.threads)
+        threads = self.check.threads() if self.check is not None else self.threads
+        if threads > 1:
+            self.pool.run(self._step_addr, ctypes.addressof(self.table), threads)
         else:
             self._step(ctypes.addressof(self.table), 0, 1)
+        if self.check is not None:
+            self.check.record(threads, time.perf_counter() - start)
         out = {k: v.copy() for k, v in self._outputs.items()}
         error, self._host_error = self._host_error, None
         if error is not None:

@@ -11,11 +11,15 @@ a worker thread shares a core with a busy process, every barrier of every phase 
 the scheduler to hand that core back (milliseconds), and a two-thread step runs many
 times slower than on one thread. `CoreProbe` reads the machine's busy time from
 /proc/stat over a short window at start, minus this process's own CPU time, and
-`free_cores` counts the cores the others leave idle.
+`free_cores` counts the cores the others leave idle. While the steps run,
+`RunTimeCheck` times a few on one thread now and then against the chosen count: a
+competitor that starts later, or a virtual CPU the host takes away for a while, shows
+only there.
 """
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 # Estimated seconds per unit of work (single thread), per kind of part: GEMM and
@@ -213,3 +217,45 @@ def restart_probe() -> CoreProbe:
     global _probe
     _probe = CoreProbe()
     return _probe
+
+
+class RunTimeCheck:
+    """`--threads auto` while the steps run: every PERIOD steps the last PROBE of them
+    run on the other count (one thread, or back to the count chosen at load), and their
+    median is compared with that of the PROBE steps before on the current one; the other
+    count is kept from then on when it is faster by SWITCH. Results do not depend on the
+    thread count (each output element is computed by one thread, in one order), so a
+    switch changes only the time; probing a slower count costs PROBE / PERIOD of the
+    steps (about 1%). Measured on a 2-vCPU VM whose second CPU the host took away for
+    minutes at a time: a two-thread step of the MLP at batch 8 took 0.31-0.34 ms there,
+    one thread 0.155 ms, and 0.11 ms on two threads when the CPU was back."""
+    PERIOD = 256
+    PROBE = 8
+    SWITCH = 0.85
+
+    def __init__(self, chosen: int):
+        self.chosen, self.current = chosen, chosen
+        self.calls = 0
+        self.recent: list[float] = []  # the last PROBE step times on the current count
+        self.probed: list[float] = []  # this period's step times on the other count
+
+    @property
+    def other(self) -> int:
+        return 1 if self.current > 1 else self.chosen
+
+    def threads(self) -> int:
+        """The thread count for the next step."""
+        return self.other if self.calls % self.PERIOD >= self.PERIOD - self.PROBE else self.current
+
+    def record(self, threads: int, seconds: float) -> None:
+        """A step ran on `threads` threads in `seconds`."""
+        if threads == self.current:
+            self.recent = (self.recent + [seconds])[-self.PROBE:]
+        else:
+            self.probed.append(seconds)
+        self.calls += 1
+        if self.calls % self.PERIOD == 0 and self.probed:
+            if (len(self.recent) == self.PROBE
+                    and statistics.median(self.probed) < self.SWITCH * statistics.median(self.recent)):
+                self.current, self.recent = self.other, self.probed
+            self.probed = []
