@@ -144,6 +144,28 @@ def test_back_to_the_chosen_count_when_its_cores_come_back():
     assert check.current == 3 and check.other == 1
 
 
+@pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.dln")))
+def test_every_example_trains_bit_for_bit_the_same_on_one_and_two_threads(example, tmp_path):
+    """What lets the run-time check switch counts mid-run: three training steps of each
+    example give the same outputs and state, bit for bit, on one thread and on two."""
+    from example_models import example_feeds
+    m = dlc.load(EXAMPLES / f"{example}.dln")
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    feeds = example_feeds(m, m.train_config.batch, np.random.default_rng(0))
+    runs = []
+    for n in (1, 2):
+        state = {k: v.copy() for k, v in m.state.items()}
+        p = make_program("cpu", graph, state, options={"threads": n, "cache_dir": tmp_path})
+        runs.append(([p.run(feeds) for _ in range(3)], state))
+    (out1, s1), (out2, s2) = runs
+    for a, b in zip(out1, out2):
+        for k in a:
+            assert np.array_equal(np.asarray(a[k]), np.asarray(b[k]), equal_nan=True), k
+    for k in s1:
+        assert np.array_equal(s1[k], s2[k], equal_nan=True), k
+
+
 def test_steps_switching_thread_counts_give_the_same_results(tmp_path, monkeypatch):
     """`--threads auto` on two threads, the run-time check forced to alternate two and one
     thread every step: the same losses and parameters, bit for bit, as on two threads."""
