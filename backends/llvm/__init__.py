@@ -217,10 +217,9 @@ def threads_for(layout: StepLayout, target) -> int:
     among the cores other processes leave free (threads.py)."""
     if not target.auto:
         return target.threads
-    from .threads import choose_threads, free_cores, start_probe
+    from .threads import free_cores, start_probe, threads_for_work
     free = free_cores(target.threads, start_probe().others_busy())
-    work = layout.meta.get("work")
-    return choose_threads(work, free) if work else free
+    return threads_for_work(layout.meta.get("work"), free)
 
 
 BACKEND = CpuBackend()
