@@ -217,9 +217,10 @@ def threads_for(layout: StepLayout, target) -> int:
     among the cores other processes leave free (threads.py)."""
     if not target.auto:
         return target.threads
-    from .threads import free_cores, start_probe, threads_for_work
+    from .threads import choose_threads, free_cores, start_probe
     free = free_cores(target.threads, start_probe().others_busy())
-    return threads_for_work(layout.meta.get("work"), free)
+    work = layout.meta.get("work")
+    return choose_threads(work, free) if work else free
 
 
 BACKEND = CpuBackend()

@@ -29,7 +29,7 @@ from .codegen import FIXED_SLOTS
 from .jit import Engine
 from .pool import Pool
 from .target import Target
-from .threads import RunTimeCheck, threads_for_work
+from .threads import RunTimeCheck
 
 BARRIER_BYTES = 192  # barrier.py: count, generation, sleepers on their own cache lines
 
@@ -43,13 +43,9 @@ class NativeStep:
         self.layout = layout
         self.engine = code if isinstance(code, Engine) else Engine(code, target)
         self.threads = layout.threads
-        # `--threads auto` may move to another count while the steps run (RunTimeCheck):
-        # up to what the step's work would use with every core free
-        most = max(self.threads, threads_for_work(layout.meta.get("work"), target.threads)) if target.auto \
-            else self.threads
         self.arena = np.zeros(max(layout.arena_bytes, 64) // 4 + 16, dtype=np.float32)
         self.barrier = np.zeros(BARRIER_BYTES // 8, dtype=np.int64)
-        self.scratch = np.zeros(max(layout.scratch_bytes * most, 64) // 4 + 16, dtype=np.float32)
+        self.scratch = np.zeros(max(layout.scratch_bytes * self.threads, 64) // 4 + 16, dtype=np.float32)
         self.profile = np.zeros(max(len(layout.kernels), 1), dtype=np.int64)
         self.table = (ctypes.c_void_p * (FIXED_SLOTS + len(layout.slots)))()
         self.table[0] = _aligned(self.arena)
@@ -69,8 +65,9 @@ class NativeStep:
                 self._staging[name] = aligned_empty(tuple(shape), _np(dtype))
         self._step_addr = self.engine.address(layout.meta.get("symbol", "dlc_step"))
         self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
-        self.pool = Pool.get(most, cache) if most > 1 else None
-        self.check = RunTimeCheck(self.threads, most) if target.auto and most > 1 else None
+        self.pool = Pool.get(self.threads, cache) if self.threads > 1 else None
+        # `--threads auto`: one thread is tried now and then while the steps run (threads.py)
+        self.check = RunTimeCheck(self.threads) if target.auto and self.threads > 1 else None
         self._lock = threading.Lock()
         self.seconds, self.calls = 0.0, 0  # time spent in this step (for profiles)
         self._outputs = {name: self._view(*spec) for name, spec in layout.outputs.items()

@@ -120,11 +120,6 @@ def estimated_seconds(work, n: int) -> float:
     return parallel / n + serial + ((phases * BARRIER + HANDOFF) if n > 1 else 0.0)
 
 
-def threads_for_work(work, cores: int) -> int:
-    """choose_threads where the step's work is known (layout.meta["work"]), else every core."""
-    return choose_threads(work, cores) if work else cores
-
-
 def choose_threads(work, available: int) -> int:
     """The thread count (1..available) with the least estimated step time; more than one
     only when that saves at least a tenth of one thread's time."""
@@ -226,7 +221,7 @@ def restart_probe() -> CoreProbe:
 
 class RunTimeCheck:
     """`--threads auto` while the steps run: every PERIOD steps the last PROBE of them
-    run on the other count (one thread, or back to more), and their
+    run on the other count (one thread, or back to the count chosen at load), and their
     median is compared with that of the PROBE steps before on the current one; the other
     count is kept from then on when it is faster by SWITCH. Results do not depend on the
     thread count (each output element is computed by one thread, in one order), so a
@@ -238,17 +233,15 @@ class RunTimeCheck:
     PROBE = 8
     SWITCH = 0.85
 
-    def __init__(self, chosen: int, most: int | None = None):
-        """chosen: the count at load; most: the count with every core free (for a step
-        that started on one thread because another process kept a core busy)."""
-        self.most, self.current = most or chosen, chosen
+    def __init__(self, chosen: int):
+        self.chosen, self.current = chosen, chosen
         self.calls = 0
         self.recent: list[float] = []  # the last PROBE step times on the current count
         self.probed: list[float] = []  # this period's step times on the other count
 
     @property
     def other(self) -> int:
-        return 1 if self.current > 1 else self.most
+        return 1 if self.current > 1 else self.chosen
 
     def threads(self) -> int:
         """The thread count for the next step."""
