@@ -94,6 +94,20 @@ def test_direct_filter_gradient_sums_over_image_tiles(monkeypatch):
         check_op_table(expected, run_cpu(merged, feeds, threads), tols)
 
 
+def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts) -> None:
+    """The op table's `rows` match the reference on each thread count, and every row took
+    `path` (a function of backends/llvm/conv.py) on each."""
+    from dlc.backends.llvm import conv
+    taken = []
+    real = getattr(conv, path)
+    monkeypatch.setattr(conv, path, lambda *a: taken.append(1) or real(*a))
+    merged, feeds, tols = op_table_graph(rows, salt=salt)
+    expected = run_graph(merged, feeds)
+    for threads in thread_counts:
+        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
+    assert len(taken) == len(thread_counts) * len(rows)
+
+
 def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on():
     """First layers always; with 32 vector registers also wider stride-1 layers whose
     output rows fill the vectors (half of them where the GEMM would be one vector wide)
@@ -123,19 +137,11 @@ def test_a_wider_layers_filter_gradient_runs_directly_with_avx512(monkeypatch):
     """11 -> 20 channels on 16-wide rows (three blocks of output channels, the last short,
     padding on every side) takes the direct form where the target has AVX-512, on one
     thread and on two, and matches the reference."""
-    from dlc.backends.llvm import conv
     if CPU.target({}).vector_width != 16:
         pytest.skip("the direct filter gradient of wider layers needs AVX-512's 32 vector registers")
-    taken = []
-    real = conv._direct_filter_gradient
-    monkeypatch.setattr(conv, "_direct_filter_gradient", lambda *a: taken.append(1) or real(*a))
     rows = [c for c in ALL if c.id == "t-wide-direct"]
     assert len(rows) == 1
-    merged, feeds, tols = op_table_graph(rows, salt="wide")
-    expected = run_graph(merged, feeds)
-    for threads in (1, 2):
-        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
-    assert len(taken) == 2
+    _rows_match_on_path(monkeypatch, "_direct_filter_gradient", rows, "wide", (1, 2))
 
 
 def test_the_direct_forward_takes_sixteen_output_channels_over_enough_taps():
@@ -160,36 +166,20 @@ def test_sixteen_channels_over_enough_taps_run_the_direct_forward_with_avx512(mo
     unpadded 5x5 on 5-wide rows, both with a last tile of one row) take the direct
     forward where the target has AVX-512, on 1, 2 and 3 threads, and match the
     reference."""
-    from dlc.backends.llvm import conv
     if CPU.target({}).vector_width != 16:
         pytest.skip("the direct forward needs AVX-512 (16 output channels fill one vector)")
-    taken = []
-    real = conv._direct_forward
-    monkeypatch.setattr(conv, "_direct_forward", lambda *a: taken.append(1) or real(*a))
     rows = [c for c in ALL if c.id and c.id.startswith("t-direct-forward")]
     assert len(rows) == 2
-    merged, feeds, tols = op_table_graph(rows, salt="direct-forward")
-    expected = run_graph(merged, feeds)
-    for threads in (1, 2, 3):
-        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
-    assert len(taken) == 3 * 2
+    _rows_match_on_path(monkeypatch, "_direct_forward", rows, "direct-forward", (1, 2, 3))
 
 
 def test_a_data_gradient_much_larger_than_g_is_scattered(monkeypatch):
     """An input plane at least 1.5x g's (unpadded 5x5 and 7x7 layers) takes its data
     gradient as w^T g and col2im, on 1, 2 and 3 threads: the op table's rows match the
     reference (and took that path)."""
-    from dlc.backends.llvm import conv
-    taken = []
-    real = conv._bwd_data_col2im
-    monkeypatch.setattr(conv, "_bwd_data_col2im", lambda *a: taken.append(1) or real(*a))
     rows = [c for c in ALL if c.id and c.id.startswith("t-col2im")]
     assert len(rows) == 2
-    merged, feeds, tols = op_table_graph(rows, salt="col2im")
-    expected = run_graph(merged, feeds)
-    for threads in (1, 2, 3):
-        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
-    assert len(taken) == 3 * 2
+    _rows_match_on_path(monkeypatch, "_bwd_data_col2im", rows, "col2im", (1, 2, 3))
 
 
 def test_a_large_batch_is_split_over_images_for_any_thread_count():

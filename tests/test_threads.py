@@ -15,6 +15,19 @@ from dlc.program import make_program
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
+def _lenet5_steps(batch: int, steps: int):
+    """LeNet-5's training graph (the model's state initialized) and `steps` feeds of `batch`
+    random 8x8 images."""
+    m = dlc.load(EXAMPLES / "lenet5.dln")
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.random((batch, 1, 8, 8), dtype=np.float32),
+              "label": rng.integers(0, 10, batch).astype(np.int32), "lr": np.float32(0.01)}
+             for _ in range(steps)]
+    return m, graph, feeds
+
+
 # --- the decision ---------------------------------------------------------------------------
 
 def test_a_tiny_step_runs_on_one_thread():
@@ -166,15 +179,10 @@ def test_every_example_trains_bit_for_bit_the_same_on_one_and_two_threads(exampl
         assert np.array_equal(s1[k], s2[k], equal_nan=True), k
 
 
-def test_steps_switching_thread_counts_give_the_same_results(tmp_path, monkeypatch):
+def test_steps_switching_thread_counts_give_the_same_results(monkeypatch):
     """`--threads auto` on two threads, the run-time check forced to alternate two and one
     thread every step: the same losses and parameters, bit for bit, as on two threads."""
-    m = dlc.load(EXAMPLES / "lenet5.dln")
-    graph = m.compile_graph("train", m.train_config)
-    m.ensure_state(graph)
-    rng = np.random.default_rng(0)
-    feeds = [{"x": rng.random((64, 1, 8, 8), dtype=np.float32), "label": rng.integers(0, 10, 64).astype(np.int32),
-              "lr": np.float32(0.01)} for _ in range(12)]
+    m, graph, feeds = _lenet5_steps(64, 12)
     monkeypatch.setattr(threads, "choose_threads", lambda work, available: available)  # 2, however small
     monkeypatch.setattr(threads, "free_cores", lambda total, busy: total)
     used = []
@@ -192,7 +200,7 @@ def test_steps_switching_thread_counts_give_the_same_results(tmp_path, monkeypat
     results = []
     for option in ("auto", 2):
         state = {k: v.copy() for k, v in m.state.items()}
-        p = make_program("cpu", graph, state, options={"threads": option, "no_cache": True, "cache_dir": tmp_path})
+        p = make_program("cpu", graph, state, options={"threads": option, "no_cache": True})
         losses = [float(p.run(f)["loss"]) for f in feeds]
         results.append((losses, state))
     assert used == [2, 1] * 6 and pooled == [2] * 6 + [2] * 12  # auto's one-thread steps ran without the pool
@@ -211,12 +219,7 @@ def test_barrier_that_sleeps_at_once_gives_the_same_results(nthreads, tmp_path, 
     monkeypatch.setattr(barrier, "SPIN_CYCLES", 0)
     monkeypatch.setattr(barrier, "YIELD_CYCLES", 0)
     monkeypatch.setattr(barrier, "SPIN_LIMIT", 0)
-    m = dlc.load(EXAMPLES / "lenet5.dln")
-    graph = m.compile_graph("train", m.train_config)
-    m.ensure_state(graph)
-    rng = np.random.default_rng(0)
-    feeds = [{"x": rng.random((16, 1, 8, 8), dtype=np.float32), "label": rng.integers(0, 10, 16).astype(np.int32),
-              "lr": np.float32(0.01)} for _ in range(40)]
+    m, graph, feeds = _lenet5_steps(16, 40)
     results = []
     for n in (1, nthreads):
         state = {k: v.copy() for k, v in m.state.items()}

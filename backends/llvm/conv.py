@@ -936,7 +936,6 @@ def _direct_channels(t: Template, target) -> int:
     _DIRECT_MAX_C input channels with 16 registers, a 1x1 kernel, output rows that
     leave too many lanes idle or too few images in a tile (see above)."""
     O, C, _, KW = t.output.shape
-    _, _, H, W = t.inputs[0].shape
     _, _, OH, OW = t.inputs[1].shape
     w = target.vector_width
     registers = 32 if w == 16 else 16
@@ -951,10 +950,17 @@ def _direct_channels(t: Template, target) -> int:
         # (NB * OH * OW multiply-adds): a wide layer's tile is one image, and on 16x16
         # rows that traffic costs more than the GEMM's im2col (128->128: 93% of the GEMM
         # rate as a GEMM, 81% directly; 256->256 98% -> 48%; 64->64 on 32x32 86% -> 93%)
-        nb = min(t.inputs[0].shape[0], _DIRECT_TILE_BYTES // (4 * (ob * OH * OW + C * H * W)))
-        if 8 * w * _DIRECT_MACS_PER_BYTE > max(1, nb) * OH * OW:
+        if 8 * w * _DIRECT_MACS_PER_BYTE > _direct_images_per_tile(t, ob) * OH * OW:
             return 0
     return ob
+
+
+def _direct_images_per_tile(t: Template, ob: int) -> int:
+    """Images per pass of the direct filter gradient over its items: as many as keep
+    their x planes and a block of ob channels' g rows within _DIRECT_TILE_BYTES."""
+    N, C, H, W = t.inputs[0].shape
+    _, _, OH, OW = t.inputs[1].shape
+    return max(1, min(N, _DIRECT_TILE_BYTES // (4 * (ob * OH * OW + C * H * W))))
 
 
 def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> None:
@@ -987,8 +993,7 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
     # images in tiles whose g rows (and x planes) stay in L2 while every item of the thread
     # passes over them (else each item streams all of g again: 36 passes for a 3->32
     # layer); the accumulators wait in scratch between tiles
-    per_image = 4 * (OB * OH * OW + C * H * W)
-    NB = max(1, min(N, _DIRECT_TILE_BYTES // per_image))
+    NB = _direct_images_per_tile(t, OB)
     (accs,), total = _carve(b, _scratch_base(mb, em), [items * nacc * w])  # a thread may get every item
     _scratch(mb, em, total)
     lo, hi = split(b, items, tid, nthreads)

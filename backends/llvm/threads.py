@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections import deque
 
 # Estimated seconds per unit of work (single thread), per kind of part: GEMM and
 # convolution templates run vectorized register-tiled code; loop nests about an element
@@ -236,8 +237,8 @@ class RunTimeCheck:
     def __init__(self, chosen: int):
         self.chosen, self.current = chosen, chosen
         self.calls = 0
-        self.recent: list[float] = []  # the last PROBE step times on the current count
-        self.probed: list[float] = []  # this period's step times on the other count
+        self.recent = deque(maxlen=self.PROBE)  # the last step times on the current count
+        self.probed: list[float] = []           # this period's step times on the other count
 
     @property
     def other(self) -> int:
@@ -250,12 +251,12 @@ class RunTimeCheck:
     def record(self, threads: int, seconds: float) -> None:
         """A step ran on `threads` threads in `seconds`."""
         if threads == self.current:
-            self.recent = (self.recent + [seconds])[-self.PROBE:]
+            self.recent.append(seconds)
         else:
             self.probed.append(seconds)
         self.calls += 1
         if self.calls % self.PERIOD == 0 and self.probed:
             if (len(self.recent) == self.PROBE
                     and statistics.median(self.probed) < self.SWITCH * statistics.median(self.recent)):
-                self.current, self.recent = self.other, self.probed
+                self.current, self.recent = self.other, deque(self.probed, maxlen=self.PROBE)
             self.probed = []
