@@ -733,6 +733,15 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (0, 0)), in_hw=(13, 14)), "t-5x5-valid-tap-table"),
     _conv("conv2d_bwd_filter", [(2, 7, 13, 14), (2, 5, 9, 10)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (0, 0)), kernel=(5, 5)), "t-5x5-valid-tap-table"),
+    # ... and over vectors of 16 output channels where those rows would leave lanes idle
+    # (AVX-512): LeNet's second layer; stride 2 and padding over 30 positions (a short last
+    # block of g to transpose), two channels a tile; a 3x2 kernel, three channels a tile
+    _conv("conv2d_bwd_filter", [(2, 6, 14, 14), (2, 16, 10, 10)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (0, 0)), kernel=(5, 5)), "t-vector-filter-lenet"),
+    _conv("conv2d_bwd_filter", [(3, 4, 9, 11), (3, 16, 5, 6)], np_conv2d_bwd_filter,
+          dict(_s((2, 2), (1, 1)), kernel=(3, 3)), "t-vector-filter-stride2"),
+    _conv("conv2d_bwd_filter", [(2, 3, 7, 8), (2, 16, 9, 9)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (2, 1)), kernel=(3, 2)), "t-vector-filter-3x2"),
     # a filter gradient as a GEMM over several blocks of positions (the last partial; its
     # 24-wide rows leave too many lanes idle for the direct form), and with more output
     # channels than a vector holds
@@ -751,6 +760,12 @@ CONV_TEMPLATES = [
     # row; 5 rows of 5, then one), padded or not
     _conv("conv2d", [(32, 8, 9, 12), (16, 8, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-direct-forward-pad"),
     _conv("conv2d", [(33, 3, 10, 9), (16, 3, 5, 5)], np_conv2d, _s((1, 1), (0, 0)), "t-direct-forward-5x5"),
+    # a first layer with few output channels, a batch split by images: the plane-wise
+    # direct forward (AVX-512), in tiles of rows of every channel (LeNet's first layer;
+    # 12-wide rows in tiles of 4, then one; a 3x5 kernel padded along one axis only)
+    _conv("conv2d", [(32, 1, 28, 28), (6, 1, 5, 5)], np_conv2d, _s((1, 1), (2, 2)), "t-planes-forward-lenet"),
+    _conv("conv2d", [(33, 3, 15, 14), (5, 3, 3, 3)], np_conv2d, _s((1, 1), (0, 0)), "t-planes-forward-valid"),
+    _conv("conv2d", [(32, 2, 9, 20), (3, 2, 3, 5)], np_conv2d, _s((1, 1), (1, 0)), "t-planes-forward-3x5"),
     # a batch of 32 images or more is split over images whatever the thread count
     _conv("conv2d", [(33, 3, 5, 6), (4, 3, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch33-by-images"),
     _conv("conv2d_bwd_data", [(33, 4, 3, 3), (4, 3, 3, 3)], np_conv2d_bwd_data,

@@ -144,6 +144,37 @@ def test_a_wider_layers_filter_gradient_runs_directly_with_avx512(monkeypatch):
     _rows_match_on_path(monkeypatch, "_direct_filter_gradient", rows, "wide", (1, 2))
 
 
+def test_the_vector_filter_gradient_takes_sixteen_channels_where_rows_leave_lanes_idle():
+    """With AVX-512: exactly 16 output channels, at most 28 taps, and output rows that
+    fill less than 85% of their vectors or a stride; tiles of the largest divisor of the
+    input channels whose taps fit 28 accumulators."""
+    from types import SimpleNamespace
+    from dlc.backends.llvm.conv import _vector_filter_channels
+
+    def channels(C, O, OW, k=3, stride=1, w=16):
+        t = SimpleNamespace(output=SimpleNamespace(shape=(O, C, k, k)),
+                            inputs=[SimpleNamespace(shape=(64, C, OW * stride, OW * stride)),
+                                    SimpleNamespace(shape=(64, O, OW, OW))],
+                            attrs={"stride": (stride, stride)})
+        return _vector_filter_channels(t, SimpleNamespace(vector_width=w))
+
+    assert channels(6, 16, 10, k=5) == 1 and channels(6, 16, 8) == 3 and channels(16, 16, 8) == 2
+    assert channels(16, 16, 16, stride=2) == 2 and channels(7, 16, 8) == 1
+    assert channels(16, 16, 32) == 0 and channels(6, 32, 10, k=5) == 0 and channels(6, 16, 10, k=7) == 0
+    assert channels(6, 16, 10, k=5, w=8) == 0
+
+
+def test_sixteen_channels_filter_gradients_run_over_vectors_of_channels_with_avx512(monkeypatch):
+    """LeNet's second layer, a strided padded layer with a short last block of positions,
+    and a 3x2 kernel take the vector-of-channels filter gradient where the target has
+    AVX-512, on 1, 2 and 3 threads, and match the reference."""
+    if CPU.target({}).vector_width != 16:
+        pytest.skip("the vector-of-channels filter gradient needs AVX-512 (16 channels fill one vector)")
+    rows = [c for c in ALL if c.id and c.id.startswith("t-vector-filter")]
+    assert len(rows) == 3
+    _rows_match_on_path(monkeypatch, "_vector_filter_gradient", rows, "vector-filter", (1, 2, 3))
+
+
 def test_the_direct_forward_takes_sixteen_output_channels_over_enough_taps():
     """With AVX-512: 16 output channels, stride 1, at least 64 taps, rows of at most 28
     and a batch of at least 32 (split by images); tiles of whole rows up to 28 positions."""
@@ -171,6 +202,34 @@ def test_sixteen_channels_over_enough_taps_run_the_direct_forward_with_avx512(mo
     rows = [c for c in ALL if c.id and c.id.startswith("t-direct-forward")]
     assert len(rows) == 2
     _rows_match_on_path(monkeypatch, "_direct_forward", rows, "direct-forward", (1, 2, 3))
+
+
+def test_the_planes_forward_takes_first_layers_with_few_output_channels():
+    """With AVX-512: at most 3 input channels, stride 1, rows of positions filling at
+    least 3/4 of their vectors, two rows or more of every output channel in 24
+    accumulators, and a batch of at least 32 (split by images)."""
+    from types import SimpleNamespace
+    from dlc.backends.llvm.conv import _planes_forward_rows
+
+    def rows(N, C, O, OW, k=3, stride=1, w=16):
+        t = SimpleNamespace(inputs=[SimpleNamespace(shape=(N, C, OW, OW)), SimpleNamespace(shape=(O, C, k, k))],
+                            output=SimpleNamespace(shape=(N, O, OW, OW)), attrs={"stride": (stride, stride)})
+        return _planes_forward_rows(t, SimpleNamespace(vector_width=w))
+
+    assert rows(64, 1, 6, 28, k=5) == 2 and rows(64, 3, 5, 12) == 4 and rows(64, 3, 12, 16) == 2
+    assert rows(64, 4, 6, 28) == 0 and rows(64, 3, 13, 16) == 0 and rows(64, 3, 6, 11) == 0
+    assert rows(64, 1, 6, 28, stride=2) == 0 and rows(31, 1, 6, 28) == 0 and rows(64, 1, 6, 28, w=8) == 0
+
+
+def test_first_layers_with_few_output_channels_run_the_planes_forward_with_avx512(monkeypatch):
+    """LeNet's first layer, 12-wide rows with a last tile of one row, and a 3x5 kernel
+    padded along one axis take the plane-wise direct forward where the target has
+    AVX-512, on 1, 2 and 3 threads, and match the reference."""
+    if CPU.target({}).vector_width != 16:
+        pytest.skip("the planes forward needs AVX-512's 32 vector registers")
+    rows = [c for c in ALL if c.id and c.id.startswith("t-planes-forward")]
+    assert len(rows) == 3
+    _rows_match_on_path(monkeypatch, "_planes_forward", rows, "planes-forward", (1, 2, 3))
 
 
 def test_a_data_gradient_much_larger_than_g_is_scattered(monkeypatch):

@@ -13,9 +13,15 @@ per-thread scratch space (`__scratch__`), and reused by every register tile.
   bwd filter  dw^T[K, O]    = sum_n col(x_n)[K, P] @ g_n^T[P, O],   K = KH*KW*C
               (im2col rows are the broadcast operand, read in place from a row-major
               block; g^T is packed by gemm.py's transposing packer; dw^T is transposed
-              into dw at the end); a first layer's (<= 3 input channels, stride 1) is
-              computed directly instead, with no im2col and no GEMM (see
-              _direct_filter_gradient)
+              into dw at the end)
+
+Some shapes take other forms, each where it was measured faster (the rules are next to
+each form). Directly, with no im2col and no GEMM: the forward over vectors of 16 output
+channels (_direct_forward) or over rows of positions for a first layer with few channels
+(_planes_forward); the filter gradient over rows of positions for first layers and rows
+that fill the vectors (_direct_filter_gradient) or over vectors of 16 output channels
+(_vector_filter_gradient). The data gradient of a layer whose input is much larger than
+g is scattered: w^T g (a GEMM reading g in place), then col2im (_bwd_data_col2im).
 
 K runs channel-major as the weights do (k = channel * taps + tap): the packer computes
 every tap's padding masks once per 16 columns and reads each source plane for all its
@@ -40,7 +46,7 @@ from llvmlite import ir
 from dlc.core.kernel import Template
 
 from .emit import emit_bounded, store_all
-from .gemm import (_ADD_C, _EPILOGUE, GemmPlan, GemmSpec, _emit_kernel, _Layout, _Vec,
+from .gemm import (_ADD_C, _EPILOGUE, _MAX_ACCUMULATORS, GemmPlan, GemmSpec, _emit_kernel, _Layout, _Vec,
                    free_masks, plan_gemm, shared_pack_b)
 from .irutil import F32, I1, I32, I64, PTR, VOID, for_range, gep, i64, loop, set_target, smax, smin, split
 
@@ -456,6 +462,25 @@ def _carve(b, base, sizes):
     return out, at
 
 
+def _zero(b, buf, floats: int) -> None:
+    with for_range(b, 0, floats, "z") as i:
+        b.store(ir.Constant(F32, 0.0), gep(b, buf, i, F32), align=4)
+
+
+def _copy_padded(b, v: _Vec, src, dst, C: int, H: int, W: int, ph: int, pw: int) -> None:
+    """C planes of H x W at src into the interiors of dst's (H + 2ph) x (W + 2pw) planes
+    (their borders, zeroed once per call, stay zero), a row's vectors at a time."""
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    with for_range(b, 0, C * H, "row") as cy:
+        c, y = b.udiv(cy, i64(H)), b.urem(cy, i64(H))
+        to = b.gep(dst, [b.add(b.mul(b.add(b.mul(c, i64(Hp)), b.add(y, i64(ph))), i64(Wp)), i64(pw))],
+                   source_etype=F32)
+        row = b.gep(src, [b.mul(cy, i64(W))], source_etype=F32)
+        for j in range(0, W, v.w):
+            mask = None if j + v.w <= W else ir.Constant(v.mty, [lane < W - j for lane in range(v.w)])
+            v.store(v.load(v.at(row, j), mask), v.at(to, j), mask)
+
+
 # A batch of at least this many images is split over images whatever the thread count:
 # its loops over output rows keep constant bounds (a run-time choice between the two
 # splits made each convolution driver cost LLVM 15-20 ms more). Up to 16 threads, that is
@@ -497,6 +522,10 @@ def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     rows = _direct_forward_rows(t, mb.target)
     if rows:
         _direct_forward(mb, em, t, tid, nthreads, rows)
+        return
+    rows = _planes_forward_rows(t, mb.target)
+    if rows:
+        _planes_forward(mb, em, t, tid, nthreads, rows)
         return
     b = em.b
     xb, wb = t.inputs
@@ -574,8 +603,7 @@ def _direct_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
             x = b.load(gep(b, Wg, b.add(b.mul(o, i64(K)), k), F32), typ=F32, align=4)
             b.store(x, gep(b, Wt, b.add(b.mul(k, i64(O)), o), F32), align=4)
     if ph or pw:  # a zero-padded copy of each image: the borders stay zero
-        with for_range(b, 0, C * Hp * Wp, "z") as i:
-            b.store(ir.Constant(F32, 0.0), gep(b, Xp, i, F32), align=4)
+        _zero(b, Xp, C * Hp * Wp)
 
     def tile(src, out, y0, rows: int) -> None:
         """Output rows [y0, y0 + rows): contiguous in each channel plane."""
@@ -604,19 +632,96 @@ def _direct_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
     with for_range(b, n_lo, n_hi, "img") as n:
         src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
         if ph or pw:
-            with for_range(b, 0, C * H, "row") as cy:
-                c, y = b.udiv(cy, i64(H)), b.urem(cy, i64(H))
-                to = b.gep(Xp, [b.add(b.mul(b.add(b.mul(c, i64(Hp)), b.add(y, i64(ph))), i64(Wp)), i64(pw))],
-                           source_etype=F32)
-                with for_range(b, 0, W, "col") as x:
-                    b.store(b.load(gep(b, src, b.add(b.mul(cy, i64(W)), x), F32), typ=F32, align=4),
-                            gep(b, to, x, F32), align=4)
+            _copy_padded(b, v, src, Xp, C, H, W, ph, pw)
             src = Xp
         out = b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
         with for_range(b, 0, OH // R, "tile") as ti:  # tiles of R rows, the last shorter
             tile(src, out, b.mul(ti, i64(R)), R)
         if OH % R:
             tile(src, out, i64(OH // R * R), OH % R)
+        _epilogue(em, t, n, (i64(0), i64(O)))
+
+
+# A first layer with few output channels (LeNet's 1->6 on 28-wide rows): as a GEMM it
+# has 6 rows, and im2col packs 25 rows per position for 6 multiply-adds each. Directly,
+# a tile of R output rows of every channel stays in registers as vectors of positions
+# (R x channels x vectors-per-row accumulators); each tap loads the R input rows shifted
+# by the tap (a zero-padded copy of the image, with room past its end for the shifted
+# vectors) and broadcasts each channel's weight once for the tile. The output is stored
+# as planes directly.
+_PLANES_ACCUMULATORS = 24  # of 32 registers: the tile's input rows, a weight
+_PLANES_MIN_FILL = 0.75    # of the lanes of a row's vectors
+
+
+def _planes_forward_rows(t: Template, target) -> int:
+    """Output rows per tile of the plane-wise direct forward; 0 where it does not apply:
+    no AVX-512, more than _DIRECT_MAX_C input channels, stride > 1, rows of positions
+    filling less than _PLANES_MIN_FILL of their vectors, fewer than two rows of every
+    output channel in _PLANES_ACCUMULATORS, or a batch the threads do not split by
+    images."""
+    N, C = t.inputs[0].shape[:2]
+    O = t.inputs[1].shape[0]
+    OW = t.output.shape[3]
+    w = target.vector_width
+    nv = _cdiv(OW, w)
+    if (w != 16 or C > _DIRECT_MAX_C or tuple(t.attrs["stride"]) != (1, 1)
+            or OW < _PLANES_MIN_FILL * nv * w or N < _IMAGES_ALWAYS_SPLIT):
+        return 0
+    rows = _PLANES_ACCUMULATORS // (O * nv)
+    return rows if rows >= 2 else 0
+
+
+def _planes_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
+    """conv2d (see _planes_forward_rows) on whole images per thread, R output rows a tile."""
+    b = em.b
+    xb, wb = t.inputs
+    N, C, H, W = xb.shape
+    O, _, KH, KW = wb.shape
+    _, _, OH, OW = t.output.shape
+    ph, pw = t.attrs["pad"]
+    w = mb.target.vector_width
+    nv = _cdiv(OW, w)
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    v = _Vec(b, w, fused=mb.target.has("fma"))
+    # the last row's shifted vectors read up to KW - 1 + nv * w floats from its start
+    padded = C * Hp * Wp + max(0, KW - 1 + nv * w - Wp)
+    (Xp,), total = _carve(b, _scratch_base(mb, em), [padded])
+    _scratch(mb, em, total)
+    X, Wg, Y = em.pointers[xb.name], em.pointers[wb.name], em.pointers[t.output.name]
+    _zero(b, Xp, padded)  # the borders and the tail stay zero
+    K = C * KH * KW
+    last = ir.Constant(v.mty, [lane < OW - (nv - 1) * w for lane in range(w)])
+
+    def tile(out, y0, rows: int) -> None:
+        def channel_row(q, acc):  # q = c * KH + ky
+            c, ky = b.udiv(q, i64(KH)), b.urem(q, i64(KH))
+            at = b.gep(Xp, [b.mul(b.add(b.mul(c, i64(Hp)), b.add(y0, ky)), i64(Wp))], source_etype=F32)
+            taps = b.gep(Wg, [b.mul(q, i64(KW))], source_etype=F32)  # w[0, c, ky, 0]
+            acc = list(acc)
+            for kx in range(KW):
+                xs = [v.load(v.at(at, r * Wp + j * w + kx)) for r in range(rows) for j in range(nv)]
+                for o in range(O):
+                    wv = v.splat(b.load(gep(b, taps, i64(o * K + kx), F32), typ=F32, align=4))
+                    for i, x in enumerate(xs):
+                        at_acc = o * rows * nv + i
+                        acc[at_acc] = v.fma(x, wv, acc[at_acc])
+            return acc
+        acc = loop(b, 0, C * KH, [v.zero] * (O * rows * nv), channel_row, name="q")
+        for o in range(O):
+            for r in range(rows):
+                row = b.add(i64(o * OH * OW + r * OW), b.mul(y0, i64(OW)))
+                for j in range(nv):
+                    v.store(acc[(o * rows + r) * nv + j], v.at(out, b.add(row, i64(j * w))),
+                            last if j == nv - 1 and OW % w else None)
+
+    n_lo, n_hi = split(b, N, tid, nthreads)
+    with for_range(b, n_lo, n_hi, "img") as n:
+        _copy_padded(b, v, b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32), Xp, C, H, W, ph, pw)
+        out = b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
+        with for_range(b, 0, OH // R, "tile") as ti:  # tiles of R rows, the last shorter
+            tile(out, b.mul(ti, i64(R)), R)
+        if OH % R:
+            tile(out, i64(OH // R * R), OH % R)
         _epilogue(em, t, n, (i64(0), i64(O)))
 
 
@@ -705,6 +810,28 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
 _COL2IM_GROWTH = 1.5  # dx at least this many times larger than g (per channel)
 
 
+# The cols block of one item is written by the GEMM and read back by the col2im: it
+# should stay in L1 between the two (32 KiB: the smallest L1d of the x86 parts we target).
+# Where a row of g's positions fits one register tile with room for two or more rows,
+# tiles span it whole (LeNet's 10x10: 7 vectors; as 8 x 1-vector tiles, 100 of 112
+# columns but every A element broadcast for one FMA) and as many rows as keep the block
+# in L1. Measured on Zen 5, LeNet's 6->16 data gradient: 0.137 ms -> 0.103 ms (3 x 7
+# tiles, 30 KB blocks); 4 x 7 (40 KB) 0.135 ms, 2 x 7 0.107 ms. With AVX2 (13 vectors)
+# the GEMM's own plan stays: 3 x 2 and 3 x 4 were slower than its 6 x 2.
+_COL2IM_L1_BYTES = 32 << 10
+
+
+def _col2im_tile(M: int, P: int, K: int, T: int, w: int) -> tuple[int, int]:
+    """(MR, vectors) of the cols = w^T g register tiles (M rows, P columns, depth K) of
+    a layer with T taps."""
+    nv = _cdiv(P, w)
+    most = _MAX_ACCUMULATORS[w]
+    if 2 * nv > most:
+        p0 = plan_gemm(GemmSpec(M, P, K), w, 1)
+        return p0.mr, p0.nv
+    return max(1, min(most // nv, _COL2IM_L1_BYTES // (4 * T * P))), nv
+
+
 def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
     """conv2d_bwd_data (stride 1) as cols = w^T g per image, then col2im. Threads share
     out (image, group of MR input channels) items: a group's MR*taps rows are whole
@@ -717,8 +844,7 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
     ph, pw = t.attrs["pad"]
     w = mb.target.vector_width
     T, P = KH * KW, OH * OW
-    p0 = plan_gemm(GemmSpec(C * T, P, O), w, 1)
-    mr, nv = p0.mr, p0.nv
+    mr, nv = _col2im_tile(C * T, P, O, T, w)
     nr = nv * w
     plan = GemmPlan(mr=mr, nv=nv, kc=0, mc=0, nc=0, pack_a=True, pack_b=False, split="n")
     kern = _Kernels(mb, plan, _Layout(a_rs=1, a_cs=mr, b_rs=P, ldc=P, a_packed=True, b_packed=False))
@@ -832,6 +958,10 @@ def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
 
 def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     """dw[o,c,ky,kx] = sum_{n,oy,ox} g[n,o,oy,ox] * x[n,c,oy*sy+ky-ph, ox*sx+kx-pw]."""
+    cb = _vector_filter_channels(t, mb.target)
+    if cb:
+        _vector_filter_gradient(mb, em, t, tid, nthreads, cb)
+        return
     ob_max = _direct_channels(t, mb.target)
     if ob_max:
         _direct_filter_gradient(mb, em, t, tid, nthreads, ob_max)
@@ -843,7 +973,6 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     O, C, KH, KW = t.output.shape
     (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
     w = mb.target.vector_width
-    T = KH * KW
     g = _Geom(C, H, W, OH, OW, sy, sx, [(ky - ph, kx - pw) for ky in range(KH) for kx in range(KW)])
     K, P = g.K, g.P
     p0 = plan_gemm(GemmSpec(K, O, P), w, 1)
@@ -867,7 +996,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     Op = _cdiv(O, nr) * nr
     (Arows, Bp, DWt), total = _carve(b, _scratch_base(mb, em), [rows_max * ars, kc * Op, rows_max * O])
     _scratch(mb, em, total)
-    X, G, DW = em.pointers[xb.name], em.pointers[gb.name], em.pointers[t.output.name]
+    X, G = em.pointers[xb.name], em.pointers[gb.name]
     u0, u1 = split(b, units, tid, nthreads)
     k_lo, k_hi = b.mul(u0, i64(mr)), smin(b, b.mul(u1, i64(mr)), i64(K))
     rows = b.sub(k_hi, k_lo)
@@ -888,15 +1017,108 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
                         ap = b.gep(Arows, [b.mul(ir_, i64(ars))], source_etype=F32)
                         cp = b.gep(DWt, [b.add(b.mul(ir_, i64(O)), jr)], source_etype=F32)
                         kern.tile(b, ap, bp, cp, pcur, mode, b.sub(rows, ir_), b.sub(i64(O), jr))
-        # dw[o, k] = dw^T[k - k_lo, o] for this thread's k, and the epilogue there: along
-        # k, dw and the optimizer's state are contiguous (one strided read of dw^T)
-        with for_range(b, 0, O, "o") as o:
-            with for_range(b, k_lo, k_hi, "k") as k:
-                x = b.load(gep(b, DWt, b.add(b.mul(b.sub(k, k_lo), i64(O)), o), F32), typ=F32, align=4)
-                b.store(x, gep(b, DW, b.add(b.mul(o, i64(K)), k), F32), align=4)
-                if t.epilogue is not None:
-                    c, tap = b.udiv(k, i64(T)), b.urem(k, i64(T))
-                    _filter_epilogue(em, t, o, c, b.udiv(tap, i64(KW)), b.urem(tap, i64(KW)))
+        _store_transposed_filter(em, t, DWt, k_lo, k_hi)
+
+
+def _store_transposed_filter(em, t: Template, DWt, k_lo, k_hi) -> None:
+    """dw[o, k] = DWt[k - k_lo, o] for this thread's rows [k_lo, k_hi) of dw^T, and the
+    epilogue there: along k, dw and the optimizer's state are contiguous (one strided read
+    of dw^T)."""
+    b = em.b
+    O, C, KH, KW = t.output.shape
+    K, T = C * KH * KW, KH * KW
+    DW = em.pointers[t.output.name]
+    with for_range(b, 0, O, "o") as o:
+        with for_range(b, k_lo, k_hi, "k") as k:
+            x = b.load(gep(b, DWt, b.add(b.mul(b.sub(k, k_lo), i64(O)), o), F32), typ=F32, align=4)
+            b.store(x, gep(b, DW, b.add(b.mul(o, i64(K)), k), F32), align=4)
+            if t.epilogue is not None:
+                c, tap = b.udiv(k, i64(T)), b.urem(k, i64(T))
+                _filter_epilogue(em, t, o, c, b.udiv(tap, i64(KW)), b.urem(tap, i64(KW)))
+
+
+# A filter gradient of exactly one vector of output channels (16 with AVX-512): as a GEMM
+# dw^T = col(x) g^T it broadcasts every im2col element for one multiply-add, after
+# packing it; directly over output rows (below) LeNet's 6->16 on 10-wide rows leaves 3/8
+# of the lanes idle. Here each position's 16 channels of g are one vector (g transposed
+# per image, 16x16 blocks at a time) and a tile of (input channels x taps) accumulators
+# broadcasts x from the image itself at offsets fixed by the tap: no im2col, every
+# lane used. Measured on Zen 5, of the GEMM rate: LeNet's 6->16 58% (over rows) -> 90%;
+# but 16->16 on 32-wide rows (which the form over rows fills; 2 channels of 3x3 taps a
+# tile, 18 accumulators) 88-89% over rows -> 78%.
+_VECTOR_FILTER_ACCUMULATORS = 28
+
+
+def _vector_filter_channels(t: Template, target) -> int:
+    """Input channels per tile of the vector-of-channels filter gradient (the largest
+    divisor of C whose taps fit _VECTOR_FILTER_ACCUMULATORS); 0 where it does not apply:
+    no AVX-512, output channels other than one vector's worth, more taps than
+    accumulators, or stride-1 output rows that fill _DIRECT_LANES of their vectors."""
+    O, C, KH, KW = t.output.shape
+    OW = t.inputs[1].shape[3]
+    w = target.vector_width
+    most = _VECTOR_FILTER_ACCUMULATORS // (KH * KW)
+    rows_fill = OW / (_cdiv(OW, w) * w) >= _DIRECT_LANES and tuple(t.attrs["stride"]) == (1, 1)
+    if w != 16 or O != w or most < 1 or rows_fill:
+        return 0
+    return max(cb for cb in range(1, most + 1) if C % cb == 0)
+
+
+def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None:
+    """conv2d_bwd_filter (see _vector_filter_channels): threads share out tiles of CB
+    input channels (their rows of dw^T), each summed over every image."""
+    b = em.b
+    xb, gb = t.inputs
+    N, C, H, W = xb.shape
+    _, O, OH, OW = gb.shape
+    _, _, KH, KW = t.output.shape
+    (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    w = mb.target.vector_width
+    v = _Vec(b, w, fused=mb.target.has("fma"))
+    T, P = KH * KW, OH * OW
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    padded = ph or pw
+    tiles = C // CB
+    nacc = CB * T
+    (gT, Xp, DWt), total = _carve(b, _scratch_base(mb, em), [P * w, C * Hp * Wp if padded else 0, tiles * nacc * w])
+    _scratch(mb, em, total)
+    X, G = em.pointers[xb.name], em.pointers[gb.name]
+    lo, hi = split(b, tiles, tid, nthreads)
+    accs = v.at(DWt, b.mul(lo, i64(nacc * w)))  # dw^T rows from k = lo * nacc, O apart
+    with for_range(b, 0, b.mul(b.sub(hi, lo), i64(nacc)), "a") as a:
+        v.store(v.zero, v.at(accs, b.mul(a, i64(w))))
+    if padded:
+        _zero(b, Xp, C * Hp * Wp)
+    pack_gT = _pack_b_fn(mb, True)
+    # x[c, y, x] of tap (ky, kx) at output position (oy, ox): base + c*Hp*Wp + ky*Wp + kx
+    offsets = [cc * Hp * Wp + ky * Wp + kx for cc in range(CB) for ky in range(KH) for kx in range(KW)]
+    nonempty = b.icmp_signed("<", lo, hi)
+    with b.if_then(nonempty):
+        with for_range(b, 0, N, "img") as n:
+            gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
+            b.call(pack_gT, [gimg, gT, i64(P), i64(0), i64(P), i64(0), i64(O), i64(w)])  # gT[p, o] = g[o, p]
+            src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
+            if padded:
+                _copy_padded(b, v, src, Xp, C, H, W, ph, pw)
+                src = Xp
+            with for_range(b, lo, hi, "tile") as ti:
+                at = v.at(DWt, b.mul(ti, i64(nacc * w)))
+                plane0 = b.gep(src, [b.mul(b.mul(ti, i64(CB)), i64(Hp * Wp))], source_etype=F32)
+
+                def out_row(oy, acc):
+                    xrow = b.gep(plane0, [b.mul(oy, i64(sy * Wp))], source_etype=F32)
+                    grow = v.at(gT, b.mul(oy, i64(OW * w)))
+
+                    def position(ox, acc):
+                        gv = v.load(v.at(grow, b.mul(ox, i64(w))))
+                        base = b.gep(xrow, [b.mul(ox, i64(sx))], source_etype=F32)
+                        return [v.fma(v.splat(b.load(gep(b, base, i64(off), F32), typ=F32, align=4)), gv, acc[a])
+                                for a, off in enumerate(offsets)]
+                    return loop(b, 0, OW, acc, position, name="ox")
+                acc = loop(b, 0, OH, [v.load(v.at(at, a * w)) for a in range(nacc)], out_row, name="oy")
+                for a in range(nacc):
+                    v.store(acc[a], v.at(at, a * w))
+        _store_transposed_filter(em, t, accs, b.mul(lo, i64(nacc)), b.mul(hi, i64(nacc)))
 
 
 def _filter_epilogue(em, t: Template, o, c, ky, kx) -> None:
@@ -920,7 +1142,8 @@ def _filter_epilogue(em, t: Template, o, c, ky, kx) -> None:
 # -> directly: 16->16 32x32 3x3 59% -> 85%, 32->32 16x16 81% -> 95%, 5x5 32->32 85% -> 97%;
 # but 64->64 8x8 (half the lanes idle) 93% -> 50% and 1x1 64->64 (no input load reused)
 # 71% -> 59%. A GEMM over at most one vector of output channels is load-bound (a broadcast
-# per multiply-add), so there emptier vectors win too: 6->16 on 10-wide rows 43% -> 56%.
+# per multiply-add), so there emptier vectors win too: 6->16 on 10-wide rows 43% -> 56%
+# (now 90% over vectors of channels: _vector_filter_channels, which is tried first).
 # With 16 registers (AVX2: 3 channels per item) wider layers lose (35-76% of the GEMM's).
 _DIRECT_MAX_C = 3
 _DIRECT_LANES = 0.85         # the share of the lanes output rows must fill (wider layers)
@@ -963,6 +1186,15 @@ def _direct_images_per_tile(t: Template, ob: int) -> int:
     return max(1, min(N, _DIRECT_TILE_BYTES // (4 * (ob * OH * OW + C * H * W))))
 
 
+def _filter_block(O: int, KW: int, ob_max: int) -> int:
+    """Output channels per block of the direct filter gradient: the fewest loads and
+    multiply-adds per output row over all blocks (a block's channels past O still cost
+    theirs). 32 channels of 5x5 taps in 8 blocks of 4, not 7 of 5 with 3 channels idle:
+    1.55-2.5 ms -> 1.43 ms on Zen 5, whose time as 7 blocks also swung with the distance
+    between x and g modulo 4 KiB."""
+    return min(range(1, ob_max + 1), key=lambda ob: (_cdiv(O, ob) * (ob * (KW + 1) + KW), -ob))
+
+
 def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> None:
     """The filter gradient of a first layer (see _direct_channels), computed directly:
     no im2col, no GEMM. Threads share out (channel block, input channel, kernel row)
@@ -975,8 +1207,7 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
     ph, pw = t.attrs["pad"]
     target = mb.target
     w = target.vector_width
-    nblocks = _cdiv(O, ob_max)
-    OB = _cdiv(O, nblocks)                   # blocks as equal as they can be
+    OB = _filter_block(O, KW, ob_max)
     nblocks = _cdiv(O, OB)
     b = em.b
     v = _Vec(b, w, fused=target.has("fma"))
