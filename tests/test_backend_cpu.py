@@ -108,21 +108,66 @@ def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts) 
     assert len(taken) == len(thread_counts) * len(rows)
 
 
+def _filter_template(C, O, OW, k=3, stride=1, N=64):
+    """The shapes a filter gradient's rule reads: N square images, "same" padding."""
+    from types import SimpleNamespace
+    return SimpleNamespace(output=SimpleNamespace(shape=(O, C, k, k)),
+                           inputs=[SimpleNamespace(shape=(N, C, OW * stride, OW * stride)),
+                                   SimpleNamespace(shape=(N, O, OW, OW))],
+                           attrs={"stride": (stride, stride)})
+
+
+def _forward_template(N, C, O, OW, k=3, stride=1):
+    """The shapes a forward convolution's rule reads (square images)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(inputs=[SimpleNamespace(shape=(N, C, OW, OW)), SimpleNamespace(shape=(O, C, k, k))],
+                           output=SimpleNamespace(shape=(N, O, OW, OW)), attrs={"stride": (stride, stride)})
+
+
+def _vector_target(w):
+    from types import SimpleNamespace
+    return SimpleNamespace(vector_width=w)
+
+
+# Each AVX-512 form of backends/llvm/conv.py and the op-table rows written for it: the
+# rows take that form where the target has AVX-512, on each thread count, and match the
+# reference.
+_AVX512_FORMS = {
+    # 11 -> 20 channels on 16-wide rows: three blocks of output channels, the last short,
+    # padding on every side
+    "_direct_filter_gradient": ("t-wide-direct", 1, (1, 2)),
+    # LeNet's second layer; a strided padded layer with a short last block of positions;
+    # a 3x2 kernel
+    "_vector_filter_gradient": ("t-vector-filter", 3, (1, 2, 3)),
+    # padded 3x3 on 12-wide rows and unpadded 5x5 on 5-wide rows, each with a last tile of
+    # one row
+    "_direct_forward": ("t-direct-forward", 2, (1, 2, 3)),
+    # LeNet's first layer; 12-wide rows with a last tile of one row; a 3x5 kernel padded
+    # along one axis
+    "_planes_forward": ("t-planes-forward", 3, (1, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("path", sorted(_AVX512_FORMS))
+def test_avx512_forms_take_their_op_table_rows(monkeypatch, path):
+    if CPU.target({}).vector_width != 16:
+        pytest.skip(f"{path} needs AVX-512 (32 vector registers, 16 channels to a vector)")
+    prefix, count, thread_counts = _AVX512_FORMS[path]
+    rows = [c for c in ALL if c.id and c.id.startswith(prefix)]
+    assert len(rows) == count
+    _rows_match_on_path(monkeypatch, path, rows, prefix, thread_counts)
+
+
 def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on():
     """First layers always; with 32 vector registers also wider stride-1 layers whose
     output rows fill the vectors (half of them where the GEMM would be one vector wide)
     and whose tiles of images give the accumulators enough work between trips to
     scratch; never a 1x1 kernel or a strided one; with 16 registers (AVX2) the first
     layers only."""
-    from types import SimpleNamespace
     from dlc.backends.llvm.conv import _direct_channels
 
-    def direct(C, O, OW, k=3, stride=1, w=16):  # a batch of 64 square images, "same" padding
-        t = SimpleNamespace(output=SimpleNamespace(shape=(O, C, k, k)),
-                            inputs=[SimpleNamespace(shape=(64, C, OW * stride, OW * stride)),
-                                    SimpleNamespace(shape=(64, O, OW, OW))],
-                            attrs={"stride": (stride, stride)})
-        return _direct_channels(t, SimpleNamespace(vector_width=w)) > 0
+    def direct(C, O, OW, k=3, stride=1, w=16):
+        return _direct_channels(_filter_template(C, O, OW, k, stride), _vector_target(w)) > 0
 
     assert direct(3, 32, 32) and direct(1, 6, 28, k=5) and direct(3, 32, 32, w=8)
     assert direct(16, 16, 32) and direct(32, 64, 16) and direct(32, 32, 16, k=5)
@@ -133,30 +178,14 @@ def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on()
     assert direct(64, 64, 32) and not direct(128, 128, 16)          # one image per tile
 
 
-def test_a_wider_layers_filter_gradient_runs_directly_with_avx512(monkeypatch):
-    """11 -> 20 channels on 16-wide rows (three blocks of output channels, the last short,
-    padding on every side) takes the direct form where the target has AVX-512, on one
-    thread and on two, and matches the reference."""
-    if CPU.target({}).vector_width != 16:
-        pytest.skip("the direct filter gradient of wider layers needs AVX-512's 32 vector registers")
-    rows = [c for c in ALL if c.id == "t-wide-direct"]
-    assert len(rows) == 1
-    _rows_match_on_path(monkeypatch, "_direct_filter_gradient", rows, "wide", (1, 2))
-
-
 def test_the_vector_filter_gradient_takes_sixteen_channels_where_rows_leave_lanes_idle():
     """With AVX-512: exactly 16 output channels, at most 28 taps, and output rows that
     fill less than 85% of their vectors or a stride; tiles of the largest divisor of the
     input channels whose taps fit 28 accumulators."""
-    from types import SimpleNamespace
     from dlc.backends.llvm.conv import _vector_filter_channels
 
     def channels(C, O, OW, k=3, stride=1, w=16):
-        t = SimpleNamespace(output=SimpleNamespace(shape=(O, C, k, k)),
-                            inputs=[SimpleNamespace(shape=(64, C, OW * stride, OW * stride)),
-                                    SimpleNamespace(shape=(64, O, OW, OW))],
-                            attrs={"stride": (stride, stride)})
-        return _vector_filter_channels(t, SimpleNamespace(vector_width=w))
+        return _vector_filter_channels(_filter_template(C, O, OW, k, stride), _vector_target(w))
 
     assert channels(6, 16, 10, k=5) == 1 and channels(6, 16, 8) == 3 and channels(16, 16, 8) == 2
     assert channels(16, 16, 16, stride=2) == 2 and channels(7, 16, 8) == 1
@@ -164,27 +193,13 @@ def test_the_vector_filter_gradient_takes_sixteen_channels_where_rows_leave_lane
     assert channels(6, 16, 10, k=5, w=8) == 0
 
 
-def test_sixteen_channels_filter_gradients_run_over_vectors_of_channels_with_avx512(monkeypatch):
-    """LeNet's second layer, a strided padded layer with a short last block of positions,
-    and a 3x2 kernel take the vector-of-channels filter gradient where the target has
-    AVX-512, on 1, 2 and 3 threads, and match the reference."""
-    if CPU.target({}).vector_width != 16:
-        pytest.skip("the vector-of-channels filter gradient needs AVX-512 (16 channels fill one vector)")
-    rows = [c for c in ALL if c.id and c.id.startswith("t-vector-filter")]
-    assert len(rows) == 3
-    _rows_match_on_path(monkeypatch, "_vector_filter_gradient", rows, "vector-filter", (1, 2, 3))
-
-
 def test_the_direct_forward_takes_sixteen_output_channels_over_enough_taps():
     """With AVX-512: 16 output channels, stride 1, at least 64 taps, rows of at most 28
     and a batch of at least 32 (split by images); tiles of whole rows up to 28 positions."""
-    from types import SimpleNamespace
     from dlc.backends.llvm.conv import _direct_forward_rows
 
     def rows(N, C, O, OW, k=3, stride=1, w=16):
-        t = SimpleNamespace(inputs=[SimpleNamespace(shape=(N, C, OW, OW)), SimpleNamespace(shape=(O, C, k, k))],
-                            output=SimpleNamespace(shape=(N, O, OW, OW)), attrs={"stride": (stride, stride)})
-        return _direct_forward_rows(t, SimpleNamespace(vector_width=w))
+        return _direct_forward_rows(_forward_template(N, C, O, OW, k, stride), _vector_target(w))
 
     assert rows(64, 6, 16, 10, k=5) == 2 and rows(64, 8, 16, 14) == 2 and rows(64, 16, 16, 28) == 1
     assert rows(64, 3, 16, 16) == 0 and rows(64, 16, 16, 32) == 0  # 27 taps; rows of 32
@@ -192,44 +207,18 @@ def test_the_direct_forward_takes_sixteen_output_channels_over_enough_taps():
     assert rows(16, 16, 16, 32) == 0 and rows(64, 16, 16, 32, w=8) == 0
 
 
-def test_sixteen_channels_over_enough_taps_run_the_direct_forward_with_avx512(monkeypatch):
-    """Two forward convolutions with 16 output channels (padded 3x3 on 12-wide rows,
-    unpadded 5x5 on 5-wide rows, both with a last tile of one row) take the direct
-    forward where the target has AVX-512, on 1, 2 and 3 threads, and match the
-    reference."""
-    if CPU.target({}).vector_width != 16:
-        pytest.skip("the direct forward needs AVX-512 (16 output channels fill one vector)")
-    rows = [c for c in ALL if c.id and c.id.startswith("t-direct-forward")]
-    assert len(rows) == 2
-    _rows_match_on_path(monkeypatch, "_direct_forward", rows, "direct-forward", (1, 2, 3))
-
-
 def test_the_planes_forward_takes_first_layers_with_few_output_channels():
     """With AVX-512: at most 3 input channels, stride 1, rows of positions filling at
     least 3/4 of their vectors, two rows or more of every output channel in 24
     accumulators, and a batch of at least 32 (split by images)."""
-    from types import SimpleNamespace
     from dlc.backends.llvm.conv import _planes_forward_rows
 
     def rows(N, C, O, OW, k=3, stride=1, w=16):
-        t = SimpleNamespace(inputs=[SimpleNamespace(shape=(N, C, OW, OW)), SimpleNamespace(shape=(O, C, k, k))],
-                            output=SimpleNamespace(shape=(N, O, OW, OW)), attrs={"stride": (stride, stride)})
-        return _planes_forward_rows(t, SimpleNamespace(vector_width=w))
+        return _planes_forward_rows(_forward_template(N, C, O, OW, k, stride), _vector_target(w))
 
     assert rows(64, 1, 6, 28, k=5) == 2 and rows(64, 3, 5, 12) == 4 and rows(64, 3, 12, 16) == 2
     assert rows(64, 4, 6, 28) == 0 and rows(64, 3, 13, 16) == 0 and rows(64, 3, 6, 11) == 0
     assert rows(64, 1, 6, 28, stride=2) == 0 and rows(31, 1, 6, 28) == 0 and rows(64, 1, 6, 28, w=8) == 0
-
-
-def test_first_layers_with_few_output_channels_run_the_planes_forward_with_avx512(monkeypatch):
-    """LeNet's first layer, 12-wide rows with a last tile of one row, and a 3x5 kernel
-    padded along one axis take the plane-wise direct forward where the target has
-    AVX-512, on 1, 2 and 3 threads, and match the reference."""
-    if CPU.target({}).vector_width != 16:
-        pytest.skip("the planes forward needs AVX-512's 32 vector registers")
-    rows = [c for c in ALL if c.id and c.id.startswith("t-planes-forward")]
-    assert len(rows) == 3
-    _rows_match_on_path(monkeypatch, "_planes_forward", rows, "planes-forward", (1, 2, 3))
 
 
 def test_a_data_gradient_much_larger_than_g_is_scattered(monkeypatch):

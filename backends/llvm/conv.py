@@ -503,6 +503,18 @@ def _share(b, N: int, rows: int, mr: int, tid, nthreads):
             b.select(by_images, i64(0), r_lo), b.select(by_images, i64(rows), r_hi))
 
 
+def _direct_form(forms, mb, em, t: Template, tid, nthreads) -> bool:
+    """Emits t by the first of `forms` -- (rule, emitter) pairs, tried in order -- whose
+    rule gives a nonzero parameter for t on this target (the emitter's last argument);
+    False where none applies."""
+    for rule, emit in forms:
+        param = rule(t, mb.target)
+        if param:
+            emit(mb, em, t, tid, nthreads, param)
+            return True
+    return False
+
+
 def _epilogue(em, t: Template, n, rows: tuple) -> None:
     """The epilogue over image n, output channels [rows)."""
     if t.epilogue is None:
@@ -519,13 +531,8 @@ def _epilogue(em, t: Template, n, rows: tuple) -> None:
 
 def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     """y[n,o,oy,ox] = sum_{c,ky,kx} x[n,c,oy*sy+ky-ph, ox*sx+kx-pw] * w[o,c,ky,kx]."""
-    rows = _direct_forward_rows(t, mb.target)
-    if rows:
-        _direct_forward(mb, em, t, tid, nthreads, rows)
-        return
-    rows = _planes_forward_rows(t, mb.target)
-    if rows:
-        _planes_forward(mb, em, t, tid, nthreads, rows)
+    if _direct_form([(_direct_forward_rows, _direct_forward), (_planes_forward_rows, _planes_forward)],
+                    mb, em, t, tid, nthreads):
         return
     b = em.b
     xb, wb = t.inputs
@@ -958,13 +965,8 @@ def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
 
 def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     """dw[o,c,ky,kx] = sum_{n,oy,ox} g[n,o,oy,ox] * x[n,c,oy*sy+ky-ph, ox*sx+kx-pw]."""
-    cb = _vector_filter_channels(t, mb.target)
-    if cb:
-        _vector_filter_gradient(mb, em, t, tid, nthreads, cb)
-        return
-    ob_max = _direct_channels(t, mb.target)
-    if ob_max:
-        _direct_filter_gradient(mb, em, t, tid, nthreads, ob_max)
+    if _direct_form([(_vector_filter_channels, _vector_filter_gradient), (_direct_channels, _direct_filter_gradient)],
+                    mb, em, t, tid, nthreads):
         return
     b = em.b
     xb, gb = t.inputs
