@@ -137,8 +137,8 @@ _AVX512_FORMS = {
     # padding on every side
     "_direct_filter_gradient": ("t-wide-direct", 1, (1, 2)),
     # LeNet's second layer; a strided padded layer with a short last block of positions;
-    # a 3x2 kernel
-    "_vector_filter_gradient": ("t-vector-filter", 3, (1, 2, 3)),
+    # a 3x2 kernel; two vectors of output channels; a 1x1 kernel over three
+    "_vector_filter_gradient": ("t-vector-filter", 5, (1, 2, 3)),
     # padded 3x3 on 12-wide rows and unpadded 5x5 on 5-wide rows, each with a last tile of
     # one row
     "_direct_forward": ("t-direct-forward", 2, (1, 2, 3)),
@@ -178,10 +178,11 @@ def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on()
     assert direct(64, 64, 32) and not direct(128, 128, 16)          # one image per tile
 
 
-def test_the_vector_filter_gradient_takes_sixteen_channels_where_rows_leave_lanes_idle():
-    """With AVX-512: exactly 16 output channels, at most 28 taps, and output rows that
-    fill less than 85% of their vectors or a stride; tiles of the largest divisor of the
-    input channels whose taps fit 28 accumulators."""
+def test_the_vector_filter_gradient_takes_whole_vectors_of_channels_where_rows_do_not():
+    """With AVX-512: output channels in whole vectors of 16, at most 64 input channels, at
+    most 28 taps, and a stride, output rows that fill less than 85% of their vectors or a
+    1x1 kernel; tiles of the largest divisor of the input channels whose taps fit 28
+    accumulators."""
     from dlc.backends.llvm.conv import _vector_filter_channels
 
     def channels(C, O, OW, k=3, stride=1, w=16):
@@ -189,8 +190,24 @@ def test_the_vector_filter_gradient_takes_sixteen_channels_where_rows_leave_lane
 
     assert channels(6, 16, 10, k=5) == 1 and channels(6, 16, 8) == 3 and channels(16, 16, 8) == 2
     assert channels(16, 16, 16, stride=2) == 2 and channels(7, 16, 8) == 1
-    assert channels(16, 16, 32) == 0 and channels(6, 32, 10, k=5) == 0 and channels(6, 16, 10, k=7) == 0
+    assert channels(16, 32, 16, stride=2) == 2 and channels(6, 32, 10, k=5) == 1
+    assert channels(64, 64, 16, k=1) == 16 and channels(20, 48, 16, k=1) == 20
+    assert channels(16, 16, 32) == 0 and channels(6, 17, 10, k=5) == 0 and channels(6, 16, 10, k=7) == 0
+    assert channels(128, 128, 8, k=1) == 0 and channels(128, 128, 8) == 0
     assert channels(6, 16, 10, k=5, w=8) == 0
+
+
+def test_the_direct_filter_gradient_passes_over_one_image_where_its_g_rows_fill_l1():
+    """Images per pass over the items: one where one image's g rows of a block of output
+    channels reach 16 KiB (8 channels of 32x32), else as many as fit 256 KiB with the
+    x planes."""
+    from dlc.backends.llvm.conv import _direct_images_per_tile
+
+    assert _direct_images_per_tile(_filter_template(3, 32, 32), 8) == 1
+    assert _direct_images_per_tile(_filter_template(16, 16, 32), 8) == 1
+    assert _direct_images_per_tile(_filter_template(32, 32, 16), 8) == 6
+    assert _direct_images_per_tile(_filter_template(1, 6, 28, k=5), 6) == 1
+    assert _direct_images_per_tile(_filter_template(1, 6, 28, k=5, N=8), 2) == 8
 
 
 def test_the_direct_forward_takes_sixteen_output_channels_over_enough_taps():

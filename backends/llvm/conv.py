@@ -1022,53 +1022,62 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
         _store_transposed_filter(em, t, DWt, k_lo, k_hi)
 
 
-def _store_transposed_filter(em, t: Template, DWt, k_lo, k_hi) -> None:
-    """dw[o, k] = DWt[k - k_lo, o] for this thread's rows [k_lo, k_hi) of dw^T, and the
-    epilogue there: along k, dw and the optimizer's state are contiguous (one strided read
-    of dw^T)."""
+def _store_transposed_filter(em, t: Template, DWt, k_lo, k_hi, o_lo=None, o_hi=None, ld=None) -> None:
+    """dw[o, k] = DWt[(k - k_lo) * ld + o - o_lo] for rows [k_lo, k_hi) of dw^T and its
+    columns [o_lo, o_hi) (by default all O, ld = O), and the epilogue there: along k, dw
+    and the optimizer's state are contiguous (one strided read of dw^T)."""
     b = em.b
     O, C, KH, KW = t.output.shape
     K, T = C * KH * KW, KH * KW
+    if o_lo is None:
+        o_lo, o_hi, ld = i64(0), i64(O), O
     DW = em.pointers[t.output.name]
-    with for_range(b, 0, O, "o") as o:
+    with for_range(b, o_lo, o_hi, "o") as o:
         with for_range(b, k_lo, k_hi, "k") as k:
-            x = b.load(gep(b, DWt, b.add(b.mul(b.sub(k, k_lo), i64(O)), o), F32), typ=F32, align=4)
+            x = b.load(gep(b, DWt, b.add(b.mul(b.sub(k, k_lo), i64(ld)), b.sub(o, o_lo)), F32), typ=F32, align=4)
             b.store(x, gep(b, DW, b.add(b.mul(o, i64(K)), k), F32), align=4)
             if t.epilogue is not None:
                 c, tap = b.udiv(k, i64(T)), b.urem(k, i64(T))
                 _filter_epilogue(em, t, o, c, b.udiv(tap, i64(KW)), b.urem(tap, i64(KW)))
 
 
-# A filter gradient of exactly one vector of output channels (16 with AVX-512): as a GEMM
+# A filter gradient over vectors of 16 output channels (AVX-512): as a GEMM
 # dw^T = col(x) g^T it broadcasts every im2col element for one multiply-add, after
 # packing it; directly over output rows (below) LeNet's 6->16 on 10-wide rows leaves 3/8
 # of the lanes idle. Here each position's 16 channels of g are one vector (g transposed
 # per image, 16x16 blocks at a time) and a tile of (input channels x taps) accumulators
 # broadcasts x from the image itself at offsets fixed by the tap: no im2col, every
 # lane used. Measured on Zen 5, of the GEMM rate: LeNet's 6->16 58% (over rows) -> 90%;
-# but 16->16 on 32-wide rows (which the form over rows fills; 2 channels of 3x3 taps a
-# tile, 18 accumulators) 88-89% over rows -> 78%.
+# the 1x1 64->64 layer on 16x16 (which the form over rows does not take) 70% as a GEMM
+# -> 80%; the residual network's 16->32 stride 2 72% -> 74%. But 16->16 on 32-wide rows
+# (which the form over rows fills) 94% over rows -> 78%; and 128 or 256 channels (1x1,
+# or 3x3 on 8x8) within 3% of the GEMM either way, which keeps them.
 _VECTOR_FILTER_ACCUMULATORS = 28
+_VECTOR_FILTER_MAX_C = 64
 
 
 def _vector_filter_channels(t: Template, target) -> int:
     """Input channels per tile of the vector-of-channels filter gradient (the largest
     divisor of C whose taps fit _VECTOR_FILTER_ACCUMULATORS); 0 where it does not apply:
-    no AVX-512, output channels other than one vector's worth, more taps than
-    accumulators, or stride-1 output rows that fill _DIRECT_LANES of their vectors."""
+    no AVX-512, output channels not whole vectors, more than _VECTOR_FILTER_MAX_C input
+    channels, more taps than accumulators, or where the form over rows applies and
+    fills the vectors (stride 1, a kernel wider than 1, output rows that fill
+    _DIRECT_LANES of their vectors)."""
     O, C, KH, KW = t.output.shape
     OW = t.inputs[1].shape[3]
     w = target.vector_width
     most = _VECTOR_FILTER_ACCUMULATORS // (KH * KW)
-    rows_fill = OW / (_cdiv(OW, w) * w) >= _DIRECT_LANES and tuple(t.attrs["stride"]) == (1, 1)
-    if w != 16 or O != w or most < 1 or rows_fill:
+    rows_fill = (OW / (_cdiv(OW, w) * w) >= _DIRECT_LANES and tuple(t.attrs["stride"]) == (1, 1)
+                 and KW > 1)
+    if w != 16 or O % w or C > _VECTOR_FILTER_MAX_C or most < 1 or rows_fill:
         return 0
     return max(cb for cb in range(1, most + 1) if C % cb == 0)
 
 
 def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None:
-    """conv2d_bwd_filter (see _vector_filter_channels): threads share out tiles of CB
-    input channels (their rows of dw^T), each summed over every image."""
+    """conv2d_bwd_filter (see _vector_filter_channels): threads share out tiles of one
+    vector of output channels by CB input channels (a block of dw^T), each summed over
+    every image; tiles run block-major, so a thread packs g^T for its blocks only."""
     b = em.b
     xb, gb = t.inputs
     N, C, H, W = xb.shape
@@ -1080,15 +1089,22 @@ def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None
     T, P = KH * KW, OH * OW
     Hp, Wp = H + 2 * ph, W + 2 * pw
     padded = ph or pw
-    tiles = C // CB
+    per_block = C // CB  # tiles per vector of output channels
+    tiles = O // w * per_block
     nacc = CB * T
-    (gT, Xp, DWt), total = _carve(b, _scratch_base(mb, em), [P * w, C * Hp * Wp if padded else 0, tiles * nacc * w])
+    (gT, Xp, DWt), total = _carve(b, _scratch_base(mb, em), [P * O, C * Hp * Wp if padded else 0, tiles * nacc * w])
     _scratch(mb, em, total)
     X, G = em.pointers[xb.name], em.pointers[gb.name]
     lo, hi = split(b, tiles, tid, nthreads)
-    accs = v.at(DWt, b.mul(lo, i64(nacc * w)))  # dw^T rows from k = lo * nacc, O apart
-    with for_range(b, 0, b.mul(b.sub(hi, lo), i64(nacc)), "a") as a:
-        v.store(v.zero, v.at(accs, b.mul(a, i64(w))))
+    block_lo = b.udiv(lo, i64(per_block))
+    block_hi = b.udiv(b.add(hi, i64(per_block - 1)), i64(per_block))
+
+    def tile_at(ti):
+        """(the tile's accumulators, its first row of dw^T, its first output channel)."""
+        return (v.at(DWt, b.mul(ti, i64(nacc * w))), b.mul(b.urem(ti, i64(per_block)), i64(nacc)),
+                b.mul(b.udiv(ti, i64(per_block)), i64(w)))
+    with for_range(b, b.mul(lo, i64(nacc)), b.mul(hi, i64(nacc)), "a") as a:
+        v.store(v.zero, v.at(DWt, b.mul(a, i64(w))))
     if padded:
         _zero(b, Xp, C * Hp * Wp)
     pack_gT = _pack_b_fn(mb, True)
@@ -1096,20 +1112,24 @@ def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None
     offsets = [cc * Hp * Wp + ky * Wp + kx for cc in range(CB) for ky in range(KH) for kx in range(KW)]
     nonempty = b.icmp_signed("<", lo, hi)
     with b.if_then(nonempty):
+        o_lo = b.mul(block_lo, i64(w))
         with for_range(b, 0, N, "img") as n:
             gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
-            b.call(pack_gT, [gimg, gT, i64(P), i64(0), i64(P), i64(0), i64(O), i64(w)])  # gT[p, o] = g[o, p]
+            # gT[block q][p, o] = g[q*w + o, p], this thread's blocks only
+            b.call(pack_gT, [gimg, v.at(gT, b.mul(o_lo, i64(P))), i64(P), i64(0), i64(P), o_lo,
+                             b.mul(b.sub(block_hi, block_lo), i64(w)), i64(w)])
             src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
             if padded:
                 _copy_padded(b, v, src, Xp, C, H, W, ph, pw)
                 src = Xp
             with for_range(b, lo, hi, "tile") as ti:
-                at = v.at(DWt, b.mul(ti, i64(nacc * w)))
-                plane0 = b.gep(src, [b.mul(b.mul(ti, i64(CB)), i64(Hp * Wp))], source_etype=F32)
+                at, k0, o0 = tile_at(ti)
+                plane0 = b.gep(src, [b.mul(b.udiv(k0, i64(T)), i64(Hp * Wp))], source_etype=F32)
+                gblock = v.at(gT, b.mul(o0, i64(P)))
 
                 def out_row(oy, acc):
                     xrow = b.gep(plane0, [b.mul(oy, i64(sy * Wp))], source_etype=F32)
-                    grow = v.at(gT, b.mul(oy, i64(OW * w)))
+                    grow = v.at(gblock, b.mul(oy, i64(OW * w)))
 
                     def position(ox, acc):
                         gv = v.load(v.at(grow, b.mul(ox, i64(w))))
@@ -1120,7 +1140,9 @@ def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None
                 acc = loop(b, 0, OH, [v.load(v.at(at, a * w)) for a in range(nacc)], out_row, name="oy")
                 for a in range(nacc):
                     v.store(acc[a], v.at(at, a * w))
-        _store_transposed_filter(em, t, accs, b.mul(lo, i64(nacc)), b.mul(hi, i64(nacc)))
+        with for_range(b, lo, hi, "tile") as ti:
+            at, k0, o0 = tile_at(ti)
+            _store_transposed_filter(em, t, at, k0, b.add(k0, i64(nacc)), o0, b.add(o0, i64(w)), w)
 
 
 def _filter_epilogue(em, t: Template, o, c, ky, kx) -> None:
@@ -1152,6 +1174,7 @@ _DIRECT_LANES = 0.85         # the share of the lanes output rows must fill (wid
 _DIRECT_LANES_NARROW = 0.5   # the same where O fits one vector
 _DIRECT_MACS_PER_BYTE = 8    # at least, per byte of accumulators through scratch (wider layers)
 _DIRECT_TILE_BYTES = 256 << 10  # the images of one pass over the items (see below)
+_DIRECT_ONE_IMAGE_BYTES = 16 << 10  # an image's g rows of one block: past this, one image a pass
 
 
 def _direct_channels(t: Template, target) -> int:
@@ -1181,10 +1204,14 @@ def _direct_channels(t: Template, target) -> int:
 
 
 def _direct_images_per_tile(t: Template, ob: int) -> int:
-    """Images per pass of the direct filter gradient over its items: as many as keep
-    their x planes and a block of ob channels' g rows within _DIRECT_TILE_BYTES."""
+    """Images per pass of the direct filter gradient over its items: one where an
+    image's g rows of a block of ob channels fill _DIRECT_ONE_IMAGE_BYTES (every item of
+    the block then reads them from L1), else as many as keep their x planes and the
+    block's g rows within _DIRECT_TILE_BYTES."""
     N, C, H, W = t.inputs[0].shape
     _, _, OH, OW = t.inputs[1].shape
+    if 4 * ob * OH * OW >= _DIRECT_ONE_IMAGE_BYTES:
+        return 1
     return max(1, min(N, _DIRECT_TILE_BYTES // (4 * (ob * OH * OW + C * H * W))))
 
 
@@ -1223,9 +1250,14 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
     g_masks = {x0: None if n == w else ir.Constant(v.mty, lane_ok[x0]) for x0, n in chunks}
     nacc = OB * KW
     items = nblocks * C * KH
-    # images in tiles whose g rows (and x planes) stay in L2 while every item of the thread
-    # passes over them (else each item streams all of g again: 36 passes for a 3->32
-    # layer); the accumulators wait in scratch between tiles
+    # images in tiles whose g rows (and x planes) stay in cache while every item of the
+    # thread passes over them (else each item streams all of g again: 36 passes for a
+    # 3->32 layer); the accumulators wait in scratch between tiles. Where one image's g
+    # rows of a block fill a good part of L1 (8 channels of 32x32), a tile of one image
+    # keeps them there for every item: of the GEMM rate on Zen 5, 3->32 on 32x32 67% (5
+    # images, from L2) -> 91%, 16->16 86% -> 94%, 3->64 67% -> 93%. With 16x16 rows the
+    # tiles of several images measured best (32->32: 1-4 images 68%, 5-6 94-100%, 7 or
+    # more 67% -- not a simple cache capacity: left as it was, 6 images).
     NB = _direct_images_per_tile(t, OB)
     (accs,), total = _carve(b, _scratch_base(mb, em), [items * nacc * w])  # a thread may get every item
     _scratch(mb, em, total)
