@@ -761,11 +761,11 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (1, 1)), in_hw=(12, 12)), "t-col2im-pad1-groups"),
     _conv("conv2d_bwd_data", [(2, 16, 10, 10), (16, 6, 5, 5)], np_conv2d_bwd_data,
           dict(_s((1, 1), (0, 0)), in_hw=(14, 14)), "t-col2im-lenet"),
-    # 16 output channels, at least 64 taps, rows of at most 28, a batch split by images:
-    # the direct forward (AVX-512), in tiles of whole rows (2 rows of 12, the last tile one
-    # row; 5 rows of 5, then one), padded or not
-    _conv("conv2d", [(32, 8, 9, 12), (16, 8, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-direct-forward-pad"),
-    _conv("conv2d", [(33, 3, 10, 9), (16, 3, 5, 5)], np_conv2d, _s((1, 1), (0, 0)), "t-direct-forward-5x5"),
+    # 16 output channels, at least 64 taps, rows of at most 16, a batch split by images:
+    # the direct forward (AVX-512), in tiles of whole rows (2 rows of 8, the last tile one
+    # row; 3 rows of 5, then one), padded or not
+    _conv("conv2d", [(32, 8, 9, 8), (16, 8, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-direct-forward-pad"),
+    _conv("conv2d", [(33, 3, 11, 9), (16, 3, 5, 5)], np_conv2d, _s((1, 1), (0, 0)), "t-direct-forward-5x5"),
     # a first layer with few output channels, a batch split by images: the plane-wise
     # direct forward (AVX-512), in tiles of rows of every channel (LeNet's first layer;
     # 12-wide rows in tiles of 4, then one; a 3x5 kernel padded along one axis only)

@@ -139,7 +139,7 @@ _AVX512_FORMS = {
     # LeNet's second layer; a strided padded layer with a short last block of positions;
     # a 3x2 kernel; two vectors of output channels; a 1x1 kernel over three
     "_vector_filter_gradient": ("t-vector-filter", 5, (1, 2, 3)),
-    # padded 3x3 on 12-wide rows and unpadded 5x5 on 5-wide rows, each with a last tile of
+    # padded 3x3 on 8-wide rows and unpadded 5x5 on 5-wide rows, each with a last tile of
     # one row
     "_direct_forward": ("t-direct-forward", 2, (1, 2, 3)),
     # LeNet's first layer; 12-wide rows with a last tile of one row; a 3x5 kernel padded
@@ -211,14 +211,15 @@ def test_the_direct_filter_gradient_passes_over_one_image_where_its_g_rows_fill_
 
 
 def test_the_direct_forward_takes_sixteen_output_channels_over_enough_taps():
-    """With AVX-512: 16 output channels, stride 1, at least 64 taps, rows of at most 28
-    and a batch of at least 32 (split by images); tiles of whole rows up to 28 positions."""
+    """With AVX-512: 16 output channels, stride 1, at least 64 taps, rows of at most 16
+    and a batch of at least 32 (split by images); tiles of whole rows up to 16 positions."""
     from dlc.backends.llvm.conv import _direct_forward_rows
 
     def rows(N, C, O, OW, k=3, stride=1, w=16):
         return _direct_forward_rows(_forward_template(N, C, O, OW, k, stride), _vector_target(w))
 
-    assert rows(64, 6, 16, 10, k=5) == 2 and rows(64, 8, 16, 14) == 2 and rows(64, 16, 16, 28) == 1
+    assert rows(64, 6, 16, 10, k=5) == 1 and rows(64, 16, 16, 8) == 2 and rows(64, 32, 16, 5) == 3
+    assert rows(64, 8, 16, 16) == 1 and rows(64, 16, 16, 20) == 0  # rows of 20: the GEMM
     assert rows(64, 3, 16, 16) == 0 and rows(64, 16, 16, 32) == 0  # 27 taps; rows of 32
     assert rows(64, 16, 32, 16) == 0 and rows(64, 16, 16, 16, stride=2) == 0
     assert rows(16, 16, 16, 32) == 0 and rows(64, 16, 16, 32, w=8) == 0

@@ -571,7 +571,13 @@ def _scratch_base(mb, em):
 # network's step only -0.3 to -1.9% for +6% compile time: rows wider than a tile stay on
 # the GEMM; and a 3->16 first layer (27 taps: the transposes and stores are not paid
 # for) 311-403 -> 286-287.
-_DIRECT_FWD_POSITIONS = 28  # accumulators per tile (of 32 registers: the weights, a pixel)
+# Positions (accumulators) per tile: a kernel row's taps share pixels (tap kx at x, kx + 1
+# at x - 1), which LLVM loads once and keeps live across both; past 16 accumulators that
+# spilled. Of the GEMM rate on Zen 5, 16 output channels: LeNet's 6->16 (10-wide rows)
+# 54-74% as 2 rows a tile -> 98% as 1; 16->16 on 8x8 57% (3 rows) -> 90% (2); 8->16 on
+# 12-wide rows 51% (2) -> 93% (1); on 20- and 24-wide rows the GEMM (75-80%) beats one
+# row a tile (45-58%).
+_DIRECT_FWD_POSITIONS = 16
 _DIRECT_FWD_MIN_TAPS = 64   # C * KH * KW at least
 
 
