@@ -641,14 +641,25 @@ def _direct_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
             for oc in range(O):
                 v.store(planes[oc], v.at(out, b.add(b.mul(y0, i64(OW)), i64(oc * OH * OW + j0))), mask)
 
-    n_lo, n_hi = split(b, N, tid, nthreads)
-    with for_range(b, n_lo, n_hi, "img") as n:
+    def image(n):
         src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
         if ph or pw:
             _copy_padded(b, v, src, Xp, C, H, W, ph, pw)
             src = Xp
-        out = b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
-        with for_range(b, 0, OH // R, "tile") as ti:  # tiles of R rows, the last shorter
+        return src, b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
+    _images_by_row_tiles(em, t, tid, nthreads, R, image, tile)
+
+
+def _images_by_row_tiles(em, t: Template, tid, nthreads, R: int, image, tile) -> None:
+    """A direct forward's driver: whole images per thread; per image n, (src, out) =
+    image(n), then tile(src, out, first row, rows) over tiles of R output rows (the last
+    shorter), then the epilogue over all of its channels."""
+    b = em.b
+    _, O, OH, _ = t.output.shape
+    n_lo, n_hi = split(b, t.inputs[0].shape[0], tid, nthreads)
+    with for_range(b, n_lo, n_hi, "img") as n:
+        src, out = image(n)
+        with for_range(b, 0, OH // R, "tile") as ti:
             tile(src, out, b.mul(ti, i64(R)), R)
         if OH % R:
             tile(src, out, i64(OH // R * R), OH % R)
@@ -705,10 +716,10 @@ def _planes_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
     K = C * KH * KW
     last = ir.Constant(v.mty, [lane < OW - (nv - 1) * w for lane in range(w)])
 
-    def tile(out, y0, rows: int) -> None:
+    def tile(src, out, y0, rows: int) -> None:
         def channel_row(q, acc):  # q = c * KH + ky
             c, ky = b.udiv(q, i64(KH)), b.urem(q, i64(KH))
-            at = b.gep(Xp, [b.mul(b.add(b.mul(c, i64(Hp)), b.add(y0, ky)), i64(Wp))], source_etype=F32)
+            at = b.gep(src, [b.mul(b.add(b.mul(c, i64(Hp)), b.add(y0, ky)), i64(Wp))], source_etype=F32)
             taps = b.gep(Wg, [b.mul(q, i64(KW))], source_etype=F32)  # w[0, c, ky, 0]
             acc = list(acc)
             for kx in range(KW):
@@ -727,15 +738,10 @@ def _planes_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
                     v.store(acc[(o * rows + r) * nv + j], v.at(out, b.add(row, i64(j * w))),
                             last if j == nv - 1 and OW % w else None)
 
-    n_lo, n_hi = split(b, N, tid, nthreads)
-    with for_range(b, n_lo, n_hi, "img") as n:
+    def image(n):
         _copy_padded(b, v, b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32), Xp, C, H, W, ph, pw)
-        out = b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
-        with for_range(b, 0, OH // R, "tile") as ti:  # tiles of R rows, the last shorter
-            tile(out, b.mul(ti, i64(R)), R)
-        if OH % R:
-            tile(out, i64(OH // R * R), OH % R)
-        _epilogue(em, t, n, (i64(0), i64(O)))
+        return Xp, b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
+    _images_by_row_tiles(em, t, tid, nthreads, R, image, tile)
 
 
 # --------------------------------------------------------------------------- backward data
