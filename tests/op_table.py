@@ -761,6 +761,9 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (1, 1)), in_hw=(12, 12)), "t-col2im-pad1-groups"),
     _conv("conv2d_bwd_data", [(2, 16, 10, 10), (16, 6, 5, 5)], np_conv2d_bwd_data,
           dict(_s((1, 1), (0, 0)), in_hw=(14, 14)), "t-col2im-lenet"),
+    # ... and a plane too large for its col2im to be written out tap by tap (a loop)
+    _conv("conv2d_bwd_data", [(1, 3, 18, 18), (3, 2, 7, 7)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (0, 0)), in_hw=(24, 24)), "t-col2im-loop"),
     # 16 output channels, at least 64 taps, rows of at most 16, a batch split by images:
     # the direct forward (AVX-512), in tiles of whole rows (2 rows of 8, the last tile one
     # row; 3 rows of 5, then one), padded or not

@@ -242,9 +242,15 @@ def test_the_planes_forward_takes_first_layers_with_few_output_channels():
 def test_a_data_gradient_much_larger_than_g_is_scattered(monkeypatch):
     """An input plane at least 1.5x g's (unpadded 5x5 and 7x7 layers) takes its data
     gradient as w^T g and col2im, on 1, 2 and 3 threads: the op table's rows match the
-    reference (and took that path)."""
+    reference (and took that path). With AVX-512 the col2im of planes with rows of one
+    vector (the first two rows') is written out tap by tap, of the last row's 24-wide
+    planes a loop (with AVX2, every row's)."""
+    from dlc.backends.llvm.conv import _col2im_unrolled
     rows = [c for c in ALL if c.id and c.id.startswith("t-col2im")]
-    assert len(rows) == 2
+    assert len(rows) == 3
+    assert _col2im_unrolled(12, 12, 7, 7, 16) and _col2im_unrolled(14, 14, 5, 5, 16)
+    assert not _col2im_unrolled(24, 24, 7, 7, 16) and not _col2im_unrolled(14, 14, 5, 5, 8)
+    assert not _col2im_unrolled(16, 16, 9, 9, 16)  # 1296 loads
     _rows_match_on_path(monkeypatch, "_bwd_data_col2im", rows, "col2im", (1, 2, 3))
 
 
