@@ -299,6 +299,8 @@ ROOFLINE = [("mlp_b128", "mlp784.dln", 128), ("mlp_b8", "mlp784.dln", 8), ("lene
             ("cnn_b64", "cifar_cnn.dln", 64), ("wide_mlp_b128", "wide_mlp.dln", 128),
             ("resnet_b64", "resnet_cifar.dln", 64), ("lstm_b32", "lstm32.dln", 32)]
 
+PINNED_BELOW = 8  # training workloads of this batch or smaller are also timed with dlc pinned to torch's threads
+
 TARGETS = {  # workload -> target ratio dlc / torch eager
     "mlp_b128": 0.7, "lenet_b64": 0.7, "lstm_b32": 0.7, "mlp_b8": 1 / 3, "mlp_b1": 1 / 3,
     "cnn_b64": 0.7, "wide_mlp_b128": 0.7, "resnet_b64": 0.7,
@@ -327,7 +329,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke test)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
-    ap.add_argument("--threads", type=int, default=None, help="threads for dlc and torch (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for dlc and torch (default: each side's own default -- dlc's `auto`, which "
+                         "picks each step's count from its work and checks it while the steps run, and "
+                         "PyTorch's every core)")
     ap.add_argument("--out", default=str(HERE / "results.json"), help="where to write the figures")
     ap.add_argument("--only", choices=SECTIONS, help="run one section only")
     ap.add_argument("--workloads", default=None,
@@ -339,7 +344,8 @@ def main() -> int:
 
     def section(name: str) -> bool:
         return args.only in (None, name)
-    threads = args.threads or os.cpu_count()
+    threads = args.threads or os.cpu_count()  # PyTorch's, and the roofline's ceilings'
+    dlc_threads = args.threads  # None: dlc's default, `auto`
     repeats, scale = (3, 0.3) if args.quick else (7, 1.0)
     try:
         import torch
@@ -351,10 +357,11 @@ def main() -> int:
     from dlc import backends
     info = {"machine": platform.machine(), "cpu": backends.backend("cpu").target({"threads": threads}).describe(), "python": platform.python_version(),
             "numpy": np.__version__, "dlc": dlc.__version__, "threads": threads,
+            "dlc_threads": dlc_threads or "auto",
             "torch": torch.__version__ if have_torch else None,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print(f"dlc {info['dlc']} on {info['cpu']}; numpy {info['numpy']}; torch {info['torch']}; "
-          f"load average {info['load_average']}")
+          f"load average {info['load_average']}; threads: dlc {info['dlc_threads']}, torch {threads}")
     rows = []
 
     def record(name, dlc_s, peer_name, peer_s, target=None, ratio=None):
@@ -374,7 +381,7 @@ def main() -> int:
             steps = max(1, int((40 if n <= 512 else 8 if n == 1024 else 2) * scale))
             a = np.random.rand(n, n).astype(np.float32)
             b = np.random.rand(n, n).astype(np.float32)
-            (d, p), (_, r) = interleaved([dlc_forward(path, n, threads), lambda: a @ b], steps, repeats,
+            (d, p), (_, r) = interleaved([dlc_forward(path, n, dlc_threads), lambda: a @ b], steps, repeats,
                                          pause=0.15)
             record(f"gemm_{n}", d, "numpy BLAS", p, 1 / 0.9 if n == 1024 else None, ratio=r)
 
@@ -390,11 +397,16 @@ def main() -> int:
             if args.workloads and not any(o in name for o in args.workloads.split(",")):
                 continue
             steps = max(2, int(steps * scale))
-            dlc_step = dlc_train_step(HERE / "models" / file, batch, threads)
+            dlc_step = dlc_train_step(HERE / "models" / file, batch, dlc_threads)
             if have_torch:
                 # dlc and torch blocks alternate; the ratio is the median of adjacent blocks'
                 (d, t), (_, r) = interleaved([dlc_step, torch_train_step(kind, batch)], steps, repeats)
                 record(name, d, "torch eager", t, TARGETS.get(name), ratio=r)
+                if dlc_threads is None and batch <= PINNED_BELOW:
+                    # where `auto` matters most: dlc pinned to PyTorch's thread count as well
+                    pinned = dlc_train_step(HERE / "models" / file, batch, threads)
+                    (d, t), (_, r) = interleaved([pinned, torch_train_step(kind, batch)], steps, repeats)
+                    record(f"{name}_{threads}threads", d, "torch eager", t, ratio=r)
                 if args.compile:
                     try:
                         (d, c), (_, r) = interleaved([dlc_step, torch_train_step(kind, batch, compiled=True)],
@@ -411,9 +423,9 @@ def main() -> int:
             name = f"{layer}_T{steps}"
             path = Path(tempfile.mkdtemp()) / f"{layer}{steps}.dln"
             path.write_text(recurrent_source(layer, steps))
-            cold, _ = compile_times(path, threads)
+            cold, _ = compile_times(path, dlc_threads)
             n = max(3, int(512 // steps * scale))
-            dlc_step = dlc_train_step(path, 32, threads)
+            dlc_step = dlc_train_step(path, 32, dlc_threads)
             if have_torch:
                 (d, t), (_, r) = interleaved([dlc_step, torch_train_step(name, 32)], n, repeats)
                 record(name, d, "torch eager", t, TARGETS.get(name), ratio=r)
@@ -427,7 +439,7 @@ def main() -> int:
     if section("inference"):
         print("inference")
         steps = max(2, int(300 * scale))
-        d = median_time(dlc_forward(HERE / "models" / "mlp784.dln", 1, threads), steps, repeats)
+        d = median_time(dlc_forward(HERE / "models" / "mlp784.dln", 1, dlc_threads), steps, repeats)
         t = median_time(torch_forward("mlp", 1), steps, repeats) if have_torch else None
         record("mlp_infer_b1", d, "torch eager" if have_torch else "-", t)
 
@@ -435,7 +447,7 @@ def main() -> int:
     if section("compile"):
         print("compile time (load .dln -> training step ready)")
         for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln", "cifar_cnn.dln", "resnet_cifar.dln"):
-            cold, warm = compile_times(HERE / "models" / file, threads)
+            cold, warm = compile_times(HERE / "models" / file, dlc_threads)
             compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
             print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
 
