@@ -355,13 +355,13 @@ def main() -> int:
         print("torch is not installed: timing dlc and numpy only (pip install torch==2.13.0)")
         have_torch = False
     from dlc import backends
-    info = {"machine": platform.machine(), "cpu": backends.backend("cpu").target({"threads": threads}).describe(), "python": platform.python_version(),
+    info = {"machine": platform.machine(), "cpu": backends.backend("cpu").target({"threads": dlc_threads}).describe(), "python": platform.python_version(),
             "numpy": np.__version__, "dlc": dlc.__version__, "threads": threads,
             "dlc_threads": dlc_threads or "auto",
             "torch": torch.__version__ if have_torch else None,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print(f"dlc {info['dlc']} on {info['cpu']}; numpy {info['numpy']}; torch {info['torch']}; "
-          f"load average {info['load_average']}; threads: dlc {info['dlc_threads']}, torch {threads}")
+          f"load average {info['load_average']}; torch on {threads} threads")
     rows = []
 
     def record(name, dlc_s, peer_name, peer_s, target=None, ratio=None):
