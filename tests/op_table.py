@@ -775,6 +775,18 @@ CONV_TEMPLATES = [
     _conv("conv2d", [(32, 1, 28, 28), (6, 1, 5, 5)], np_conv2d, _s((1, 1), (2, 2)), "t-planes-forward-lenet"),
     _conv("conv2d", [(33, 3, 15, 14), (5, 3, 3, 3)], np_conv2d, _s((1, 1), (0, 0)), "t-planes-forward-valid"),
     _conv("conv2d", [(32, 2, 9, 20), (3, 2, 3, 5)], np_conv2d, _s((1, 1), (1, 0)), "t-planes-forward-3x5"),
+    # ... and, wider, in tiles of some output channels (two blocks of 6 channels x 4 rows,
+    # then 3 rows)
+    _conv("conv2d", [(32, 5, 7, 14), (12, 5, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-planes-forward-blocks"),
+    # a stride-1 data gradient the same way, over g padded by the flipped kernel: one block
+    # of every channel; two blocks of a 5x3 kernel padded unevenly; an unpadded layer
+    # (g padded by 2, its last tile 2 rows)
+    _conv("conv2d_bwd_data", [(32, 12, 7, 14), (12, 5, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (1, 1)), in_hw=(7, 14)), "t-planes-data-pad1"),
+    _conv("conv2d_bwd_data", [(33, 4, 6, 30), (4, 8, 5, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (2, 1)), in_hw=(6, 30)), "t-planes-data-5x3"),
+    _conv("conv2d_bwd_data", [(32, 6, 12, 12), (6, 4, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (0, 0)), in_hw=(14, 14)), "t-planes-data-valid"),
     # a batch of 32 images or more is split over images whatever the thread count
     _conv("conv2d", [(33, 3, 5, 6), (4, 3, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch33-by-images"),
     _conv("conv2d_bwd_data", [(33, 4, 3, 3), (4, 3, 3, 3)], np_conv2d_bwd_data,

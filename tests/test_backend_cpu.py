@@ -143,8 +143,10 @@ _AVX512_FORMS = {
     # one row
     "_direct_forward": ("t-direct-forward", 2, (1, 2, 3)),
     # LeNet's first layer; 12-wide rows with a last tile of one row; a 3x5 kernel padded
-    # along one axis
-    "_planes_forward": ("t-planes-forward", 3, (1, 2, 3)),
+    # along one axis; two blocks of output channels
+    "_planes_forward": ("t-planes-forward", 4, (1, 2, 3)),
+    # one block of channels; two blocks, a 5x3 kernel padded unevenly; unpadded
+    "_planes_data": ("t-planes-data", 3, (1, 2, 3)),
 }
 
 
@@ -225,18 +227,34 @@ def test_the_direct_forward_takes_sixteen_output_channels_over_enough_taps():
     assert rows(16, 16, 16, 32) == 0 and rows(64, 16, 16, 32, w=8) == 0
 
 
-def test_the_planes_forward_takes_first_layers_with_few_output_channels():
-    """With AVX-512: at most 3 input channels, stride 1, rows of positions filling at
-    least 3/4 of their vectors, two rows or more of every output channel in 24
-    accumulators, and a batch of at least 32 (split by images)."""
-    from dlc.backends.llvm.conv import _planes_forward_rows
+def test_the_planes_form_takes_stride_1_layers_in_the_tile_with_fewest_loads():
+    """With AVX-512: stride 1, a kernel larger than 1x1, rows of positions filling at
+    least 3/4 of their vectors and a batch of at least 32 (split by images); the tile (R
+    rows, OB output channels, OB dividing them) in 24 accumulators with the fewest loads
+    and broadcasts per multiply-add (the larger OB on a tie), at most 0.625. The data
+    gradient's rule is the forward's with the channels swapped."""
+    from types import SimpleNamespace
 
-    def rows(N, C, O, OW, k=3, stride=1, w=16):
-        return _planes_forward_rows(_forward_template(N, C, O, OW, k, stride), _vector_target(w))
+    from dlc.backends.llvm.conv import _planes_data_tile, _planes_forward_tile
 
-    assert rows(64, 1, 6, 28, k=5) == 2 and rows(64, 3, 5, 12) == 4 and rows(64, 3, 12, 16) == 2
-    assert rows(64, 4, 6, 28) == 0 and rows(64, 3, 13, 16) == 0 and rows(64, 3, 6, 11) == 0
-    assert rows(64, 1, 6, 28, stride=2) == 0 and rows(31, 1, 6, 28) == 0 and rows(64, 1, 6, 28, w=8) == 0
+    def tile(N, C, O, OW, k=3, stride=1, w=16):
+        return _planes_forward_tile(_forward_template(N, C, O, OW, k, stride), _vector_target(w))
+
+    assert tile(64, 1, 6, 28, k=5) == (2, 6) and tile(64, 3, 5, 12) == (4, 5)
+    assert tile(64, 16, 16, 32) == (3, 4) and tile(64, 32, 64, 16) == (6, 4) and tile(64, 3, 32, 32) == (3, 4)
+    assert tile(64, 3, 12, 16) == (4, 6)                                 # 6 x 4 as good: the larger OB
+    assert tile(64, 3, 13, 16) == 0 and tile(64, 8, 7, 32) == 0          # 13 or 7 channels: 1 row a tile
+    assert tile(64, 3, 6, 11) == 0 and tile(64, 64, 64, 8) == 0          # rows of 11 or 8: idle lanes
+    assert tile(64, 64, 64, 16, k=1) == 0 and tile(64, 16, 16, 32, stride=2) == 0
+    assert tile(31, 1, 6, 28) == 0 and tile(64, 16, 16, 32, w=8) == 0
+
+    def data(N, O, C, OW, k=3):
+        g = SimpleNamespace(shape=(N, O, OW, OW))
+        return _planes_data_tile(SimpleNamespace(inputs=[g, SimpleNamespace(shape=(O, C, k, k))],
+                                                 output=SimpleNamespace(shape=(N, C, OW, OW)),
+                                                 attrs={"stride": (1, 1)}), _vector_target(16))
+
+    assert data(64, 16, 16, 32) == (3, 4) and data(64, 32, 5, 12) == (4, 5) and data(64, 5, 32, 12) == (6, 4)
 
 
 def test_a_data_gradient_much_larger_than_g_is_scattered(monkeypatch):

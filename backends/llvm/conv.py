@@ -17,11 +17,13 @@ per-thread scratch space (`__scratch__`), and reused by every register tile.
 
 Some shapes take other forms, each where it was measured faster (the rules are next to
 each form). Directly, with no im2col and no GEMM: the forward over vectors of 16 output
-channels (_direct_forward) or over rows of positions for a first layer with few channels
-(_planes_forward); the filter gradient over rows of positions for first layers and rows
-that fill the vectors (_direct_filter_gradient) or over vectors of 16 output channels
-(_vector_filter_gradient). The data gradient of a layer whose input is much larger than
-g is scattered: w^T g (a GEMM reading g in place), then col2im (_bwd_data_col2im).
+channels (_direct_forward) or, for stride-1 layers whose rows fill the vectors, over
+rows of positions (_planes_forward), and the stride-1 data gradient the same way, as a
+correlation of g with the flipped weights (_planes_data); the filter gradient over rows
+of positions for first layers and rows that fill the vectors (_direct_filter_gradient)
+or over vectors of 16 output channels (_vector_filter_gradient). The data gradient of a
+layer whose input is much larger than g is scattered: w^T g (a GEMM reading g in
+place), then col2im (_bwd_data_col2im).
 
 K runs channel-major as the weights do (k = channel * taps + tap): the packer computes
 every tap's padding masks once per 16 columns and reads each source plane for all its
@@ -537,7 +539,7 @@ def _epilogue(em, t: Template, n, rows: tuple) -> None:
 
 def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     """y[n,o,oy,ox] = sum_{c,ky,kx} x[n,c,oy*sy+ky-ph, ox*sx+kx-pw] * w[o,c,ky,kx]."""
-    if _direct_form([(_direct_forward_rows, _direct_forward), (_planes_forward_rows, _planes_forward)],
+    if _direct_form([(_direct_forward_rows, _direct_forward), (_planes_forward_tile, _planes_forward)],
                     mb, em, t, tid, nthreads):
         return
     b = em.b
@@ -574,9 +576,10 @@ def _scratch_base(mb, em):
 # 16x16 transposes turn the tile into channel planes to store. Measured on Zen 5, GFLOP/s
 # as a GEMM -> directly: LeNet's 6->16 264-268 -> 384-397 (its training step -6.5%);
 # 16->16 on 32x32 rows (tiles of a row's segments) 333-437 -> 419-512, but the residual
-# network's step only -0.3 to -1.9% for +6% compile time: rows wider than a tile stay on
-# the GEMM; and a 3->16 first layer (27 taps: the transposes and stores are not paid
-# for) 311-403 -> 286-287.
+# network's step only -0.3 to -1.9% for +6% compile time: rows wider than a tile are
+# left to the plane-wise form (below; it has since taken them, at 95-97% of the GEMM);
+# and a 3->16 first layer (27 taps: the transposes and stores are not paid for) 311-403
+# -> 286-287.
 # Positions (accumulators) per tile: a kernel row's taps share pixels (tap kx at x, kx + 1
 # at x - 1), which LLVM loads once and keeps live across both; past 16 accumulators that
 # spilled. Of the GEMM rate on Zen 5, 16 output channels: LeNet's 6->16 (10-wide rows)
@@ -672,82 +675,161 @@ def _images_by_row_tiles(em, t: Template, tid, nthreads, R: int, image, tile) ->
         _epilogue(em, t, n, (i64(0), i64(O)))
 
 
-# A first layer with few output channels (LeNet's 1->6 on 28-wide rows): as a GEMM it
-# has 6 rows, and im2col packs 25 rows per position for 6 multiply-adds each. Directly,
-# a tile of R output rows of every channel stays in registers as vectors of positions
-# (R x channels x vectors-per-row accumulators); each tap loads the R input rows shifted
-# by the tap (a zero-padded copy of the image, with room past its end for the shifted
-# vectors) and broadcasts each channel's weight once for the tile. The output is stored
-# as planes directly.
+# A stride-1 layer (k x k, k > 1) whose output rows fill the vectors: as a GEMM, im2col
+# stores every input element once per tap, and on layers of few output channels that
+# costs as much as a third of the product (16->16 on 32x32: 0.18 ms of im2col to 0.58 of
+# product). Directly, a tile of R output rows of OB output channels stays in registers
+# as vectors of positions (OB x R x vectors-per-row accumulators); each tap loads the R
+# input rows shifted by the tap (a zero-padded copy of the image, with room past its end
+# for the shifted vectors) and broadcasts each channel's weight once for the tile, so a
+# tap costs R * nv loads and OB broadcasts for OB * R * nv multiply-adds; the tile shape
+# is the one with the fewest of those per multiply-add. The output is stored as planes
+# directly. Of the GEMM rate on Zen 5, as a GEMM -> directly: 16->16 on 32x32 77% -> 95%
+# (3 rows x 4 channels), 32->32 on 16x16 88% -> 100%, 32->64 94% -> 102%, 5x5 32->32
+# 88% -> 103%, 3->32 on 32x32 84% -> 93%, LeNet's 1->6 (every channel in a tile). Tiles
+# of fewer than 16 accumulators (loads per multiply-add past _PLANES_MAX_LOADS) reached
+# 78-80%; a 1x1 kernel gains nothing (90% either way) and stays a GEMM.
 _PLANES_ACCUMULATORS = 24  # of 32 registers: the tile's input rows, a weight
 _PLANES_MIN_FILL = 0.75    # of the lanes of a row's vectors
+_PLANES_MAX_LOADS = 0.625  # vector loads and broadcasts per multiply-add, at most
 
 
-def _planes_forward_rows(t: Template, target) -> int:
-    """Output rows per tile of the plane-wise direct forward; 0 where it does not apply:
-    no AVX-512, more than _DIRECT_MAX_C input channels, stride > 1, rows of positions
-    filling less than _PLANES_MIN_FILL of their vectors, fewer than two rows of every
-    output channel in _PLANES_ACCUMULATORS, or a batch the threads do not split by
-    images."""
-    N, C = t.inputs[0].shape[:2]
-    O = t.inputs[1].shape[0]
-    OW = t.output.shape[3]
-    w = target.vector_width
+def _planes_tile(N: int, C: int, O: int, OH: int, OW: int, KH: int, KW: int, stride, w: int):
+    """(R rows, OB output channels) of a plane-wise direct tile for a convolution of C
+    input and O output channels onto OH x OW; 0 where it does not apply: no AVX-512, a
+    stride, a 1x1 kernel, rows of positions filling less than _PLANES_MIN_FILL of their
+    vectors, more than _PLANES_MAX_LOADS loads per multiply-add in the best tile, or a
+    batch the threads do not split by images."""
     nv = _cdiv(OW, w)
-    if (w != 16 or C > _DIRECT_MAX_C or tuple(t.attrs["stride"]) != (1, 1)
-            or OW < _PLANES_MIN_FILL * nv * w or N < _IMAGES_ALWAYS_SPLIT):
+    if (w != 16 or tuple(stride) != (1, 1) or KH * KW == 1 or OW < _PLANES_MIN_FILL * nv * w
+            or N < _IMAGES_ALWAYS_SPLIT):
         return 0
-    rows = _PLANES_ACCUMULATORS // (O * nv)
-    return rows if rows >= 2 else 0
+    tiles = [(1 / ob + 1 / (r * nv), -ob, r) for ob in range(1, O + 1) if O % ob == 0
+             for r in range(1, min(OH, _PLANES_ACCUMULATORS // (ob * nv)) + 1)]
+    loads, ob, r = min(tiles, default=(1, 0, 0))
+    return (r, -ob) if loads <= _PLANES_MAX_LOADS else 0
 
 
-def _planes_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
-    """conv2d (see _planes_forward_rows) on whole images per thread, R output rows a tile."""
+def _planes_forward_tile(t: Template, target):
+    """_planes_tile of a forward convolution."""
+    N, C = t.inputs[0].shape[:2]
+    O, _, KH, KW = t.inputs[1].shape
+    return _planes_tile(N, C, O, *t.output.shape[2:], KH, KW, t.attrs["stride"], target.vector_width)
+
+
+def _planes_data_tile(t: Template, target):
+    """_planes_tile of a stride-1 data gradient: the correlation of g (O channels) with
+    the flipped weights onto dx (C channels)."""
+    N, O = t.inputs[0].shape[:2]
+    _, C, KH, KW = t.inputs[1].shape
+    return _planes_tile(N, O, C, *t.output.shape[2:], KH, KW, t.attrs["stride"], target.vector_width)
+
+
+def _planes_forward(mb, em, t: Template, tid, nthreads, shape) -> None:
+    """conv2d (see _planes_tile) on whole images per thread, tiles of shape (R, OB)."""
+    _planes(mb, em, t, tid, nthreads, shape, flip=False)
+
+
+def _planes_data(mb, em, t: Template, tid, nthreads, shape) -> None:
+    """conv2d_bwd_data, stride 1 (see _planes_tile): dx = g correlated with w flipped
+    along both axes and its channels swapped, g padded by KH - 1 - ph, KW - 1 - pw."""
+    _planes(mb, em, t, tid, nthreads, shape, flip=True)
+
+
+def _planes(mb, em, t: Template, tid, nthreads, shape, flip: bool) -> None:
+    """src = t.inputs[0] (C planes of H x W) correlated with weights [O, C, KH, KW] into
+    t.output (O planes of OH x OW): the forward's own weights, or (flip) the data
+    gradient's, packed once per call into scratch."""
+    R, OB = shape
     b = em.b
     xb, wb = t.inputs
     N, C, H, W = xb.shape
-    O, _, KH, KW = wb.shape
-    _, _, OH, OW = t.output.shape
+    _, O, OH, OW = t.output.shape
+    KH, KW = wb.shape[2:]
     ph, pw = t.attrs["pad"]
+    if flip:
+        ph, pw = KH - 1 - ph, KW - 1 - pw
     w = mb.target.vector_width
     nv = _cdiv(OW, w)
     Hp, Wp = H + 2 * ph, W + 2 * pw
     v = _Vec(b, w, fused=mb.target.has("fma"))
+    K, T = C * KH * KW, KH * KW
     # the last row's shifted vectors read up to KW - 1 + nv * w floats from its start
     padded = C * Hp * Wp + max(0, KW - 1 + nv * w - Wp)
-    (Xp,), total = _carve(b, _scratch_base(mb, em), [padded])
+    (Xp, Wf), total = _carve(b, _scratch_base(mb, em), [padded, O * K if flip else 0])
     _scratch(mb, em, total)
     X, Wg, Y = em.pointers[xb.name], em.pointers[wb.name], em.pointers[t.output.name]
     _zero(b, Xp, padded)  # the borders and the tail stay zero
-    K = C * KH * KW
-    last = ir.Constant(v.mty, [lane < OW - (nv - 1) * w for lane in range(w)])
+    if flip:  # Wf[c', o', tap] = w[o', c', T - 1 - tap]: c' a channel of dx, o' of g
+        with for_range(b, 0, O * C, "oc") as oc:
+            to = b.gep(Wf, [b.mul(b.add(b.mul(b.urem(oc, i64(O)), i64(C)), b.udiv(oc, i64(O))), i64(T))],
+                       source_etype=F32)
+            at = b.gep(Wg, [b.mul(oc, i64(T))], source_etype=F32)
+            for tap in range(T):
+                x = b.load(gep(b, at, i64(T - 1 - tap), F32), typ=F32, align=4)
+                b.store(x, gep(b, to, i64(tap), F32), align=4)
+        Wg = Wf
+    geom = (C, Hp, Wp, O, OH, OW, KH, KW, OB)
 
     def tile(src, out, y0, rows: int) -> None:
-        def channel_row(q, acc):  # q = c * KH + ky
-            c, ky = b.udiv(q, i64(KH)), b.urem(q, i64(KH))
-            at = b.gep(src, [b.mul(b.add(b.mul(c, i64(Hp)), b.add(y0, ky)), i64(Wp))], source_etype=F32)
-            taps = b.gep(Wg, [b.mul(q, i64(KW))], source_etype=F32)  # w[0, c, ky, 0]
-            acc = list(acc)
-            for kx in range(KW):
-                xs = [v.load(v.at(at, r * Wp + j * w + kx)) for r in range(rows) for j in range(nv)]
-                for o in range(O):
-                    wv = v.splat(b.load(gep(b, taps, i64(o * K + kx), F32), typ=F32, align=4))
-                    for i, x in enumerate(xs):
-                        at_acc = o * rows * nv + i
-                        acc[at_acc] = v.fma(x, wv, acc[at_acc])
-            return acc
-        acc = loop(b, 0, C * KH, [v.zero] * (O * rows * nv), channel_row, name="q")
-        for o in range(O):
-            for r in range(rows):
-                row = b.add(i64(o * OH * OW + r * OW), b.mul(y0, i64(OW)))
-                for j in range(nv):
-                    v.store(acc[(o * rows + r) * nv + j], v.at(out, b.add(row, i64(j * w))),
-                            last if j == nv - 1 and OW % w else None)
+        b.call(_planes_tile_fn(mb, geom, rows), [src, Wg, out, y0])
 
     def image(n):
         _copy_padded(b, v, b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32), Xp, C, H, W, ph, pw)
         return Xp, b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
     _images_by_row_tiles(em, t, tid, nthreads, R, image, tile)
+
+
+def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
+    """`void tile(src, weights, out, i64 y0)`: output rows [y0, y0 + rows) of every
+    output channel of _planes, OB channels at a time, from the padded planes at src. Built
+    once per geometry and row count: a layer's forward and data gradient (same channels
+    both ways) and the layers of one shape share it."""
+    C, Hp, Wp, O, OH, OW, KH, KW, OB = geom
+
+    def build():
+        w = mb.target.vector_width
+        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64]), name=mb.fresh_name("planes"))
+        set_target(fn, mb.target, w)
+        fn.attributes.add("noinline")
+        src, Wg, out, y0 = fn.args
+        for arg in (src, Wg, out):
+            arg.add_attribute("noalias")
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        v = _Vec(b, w, fused=mb.target.has("fma"))
+        nv, K = _cdiv(OW, w), C * KH * KW
+        last = ir.Constant(v.mty, [lane < OW - (nv - 1) * w for lane in range(w)])
+
+        def block(ob):
+            weights = b.gep(Wg, [b.mul(ob, i64(OB * K))], source_etype=F32)
+            to = b.gep(out, [b.add(b.mul(ob, i64(OB * OH * OW)), b.mul(y0, i64(OW)))], source_etype=F32)
+
+            def channel_row(q, acc):  # q = c * KH + ky
+                c, ky = b.udiv(q, i64(KH)), b.urem(q, i64(KH))
+                at = b.gep(src, [b.mul(b.add(b.mul(c, i64(Hp)), b.add(y0, ky)), i64(Wp))], source_etype=F32)
+                taps = b.gep(weights, [b.mul(q, i64(KW))], source_etype=F32)  # w[0, c, ky, 0]
+                acc = list(acc)
+                for kx in range(KW):
+                    xs = [v.load(v.at(at, r * Wp + j * w + kx)) for r in range(rows) for j in range(nv)]
+                    for o in range(OB):
+                        wv = v.splat(b.load(gep(b, taps, i64(o * K + kx), F32), typ=F32, align=4))
+                        for i, x in enumerate(xs):
+                            acc[o * rows * nv + i] = v.fma(x, wv, acc[o * rows * nv + i])
+                return acc
+            acc = loop(b, 0, C * KH, [v.zero] * (OB * rows * nv), channel_row, name="q")
+            for o in range(OB):
+                for r in range(rows):
+                    for j in range(nv):
+                        v.store(acc[(o * rows + r) * nv + j], v.at(to, i64(o * OH * OW + r * OW + j * w)),
+                                last if j == nv - 1 and OW % w else None)
+        if OB == O:
+            block(i64(0))
+        else:
+            with for_range(b, 0, O // OB, "ob") as ob:
+                block(ob)
+        b.ret_void()
+        return fn
+    return mb.helper(("planes", geom, rows), build)
 
 
 # --------------------------------------------------------------------------- backward data
@@ -782,6 +864,8 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
     (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
     if (sy, sx) == (1, 1) and H * W >= _COL2IM_GROWTH * OH * OW:
         _bwd_data_col2im(mb, em, t, tid, nthreads)
+        return
+    if _direct_form([(_planes_data_tile, _planes_data)], mb, em, t, tid, nthreads):
         return
     v = _V(b, mb.target.vector_width, mb.target.has("fma"))
     G, Wt, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
