@@ -603,6 +603,22 @@ def test_a_loop_around_a_long_loop_is_not_unrolled():
     assert "llvm.loop" not in text
 
 
+def test_convolutions_and_their_packers_leave_no_loop_to_llvm_to_unroll():
+    """Every loop of a convolution's functions and its im2col packers is marked not to be
+    unrolled (their emitters unroll what pays), and only theirs: the other kernels' short
+    loops are still LLVM's to unroll."""
+    import re
+    text = dlc.load(EXAMPLES[0].parent / "lenet5.dln").ir("llvm")
+    functions = dict(re.findall(r'define [^@]*@"?([\w.]+)"?\(.*?\n\{(.*?)\n\}', text, re.S))
+    convs = {n: body for n, body in functions.items() if re.search(r"_conv\.|^im2col", n)}
+    assert any(n.startswith("im2col") for n in convs) and len(convs) >= 6
+    def loops(body):
+        return len(re.findall(r"\.head(\.\d+)?:", body))
+    for name, body in convs.items():
+        assert loops(body) and body.count("!llvm.loop") == loops(body), name
+    assert any(body.count("!llvm.loop") < loops(body) for n, body in functions.items() if n not in convs)
+
+
 def test_a_stride1_gradient_packs_its_taps_in_the_forward_order():
     """The data gradient of a stride-1 3x3 layer reads its taps in the forward's order
     (ascending offsets), so where the grids match, both products share one im2col packer."""

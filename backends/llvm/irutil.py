@@ -73,6 +73,12 @@ def _no_unroll(module: ir.Module):
     return md
 
 
+def no_unrolling(fn: ir.Function) -> None:
+    """Mark every loop emitted in fn from now on not to be unrolled by LLVM (for code
+    whose emitter unrolls what pays already)."""
+    fn._dlc_no_unroll = True
+
+
 def _open_loop(b: ir.IRBuilder, lo, hi, carried, name: str):
     """Blocks and phis of `for i in [lo, hi)`; leaves the builder in the body."""
     lo = i64(lo) if isinstance(lo, int) else lo
@@ -105,7 +111,7 @@ def _close_loop(b: ir.IRBuilder, i, phis, new, head, done, name: str, step: int 
     back = b.branch(head)
     loops = _open_loops(b.function)
     this = loops.pop()
-    if this.holds_long:
+    if this.holds_long or getattr(b.function, "_dlc_no_unroll", False):
         back.set_metadata("llvm.loop", _no_unroll(b.module))
     if loops:
         loops[-1].holds_long |= this.holds_long or this.long(step)

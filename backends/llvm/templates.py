@@ -420,6 +420,5 @@ def _epilogue_serial(em, t: Template, tid) -> None:
 from . import conv as _conv  # noqa: E402
 from . import pooling  # noqa: E402
 
-EMITTERS = {"matmul": matmul, "conv2d": _conv.conv2d, "conv2d_bwd_data": _conv.conv2d_bwd_data,
-            "conv2d_bwd_filter": _conv.conv2d_bwd_filter, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
+EMITTERS = {"matmul": matmul, **_conv.EMITTERS, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
             "take": take, "scatter_add": scatter_add, "colsum": colsum}
