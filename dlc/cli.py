@@ -468,8 +468,9 @@ def _final_line(name: str, rec: dict, seconds: float, history=None) -> str:
         vals = [f"{k[len(split) + 1:]} {rec[k]:.4f}" for k in rec if k.startswith(split + "_")]
         if vals:
             parts.append(f"{split} " + ", ".join(vals))
+    from dlc.runtime.progress import format_seconds
     n = rec.get('epoch', 0)
-    epochs = f"after {n} epoch{'' if n == 1 else 's'} ({seconds:.1f} s)"
+    epochs = f"after {n} epoch{'' if n == 1 else 's'} ({format_seconds(seconds)})"
     if history is not None and history.best_epoch is not None:
         epochs += f", weights of epoch {history.best_epoch}"
     if history is not None and history.stopped:

@@ -88,7 +88,8 @@ def test_summary_line_shows_what_is_present():
                                 "grad_norm": 0.5}, seconds=61.25)
     assert line == "epoch 3/30  train loss 2.500e-05  val loss 1.235e+06  grad_norm 0.5000" \
                    "  lr 0.001  61.2s"
-    assert summary_line(1, 1, {}, 0.04) == "epoch 1/1  0.0s"
+    assert summary_line(1, 1, {}, 0.04) == "epoch 1/1  40ms"  # not 0.0s: a fast epoch still took time
+    assert summary_line(1, 1, {}, 0.0013) == "epoch 1/1  1.3ms"
 
 
 def test_default_stream_is_stderr_at_construction(capsys):

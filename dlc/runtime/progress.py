@@ -44,7 +44,7 @@ class Progress:
         origin, seconds = compile_steps()
         if not self.quiet:
             how = {"cache": "cached, ", "artifact": "from the artifact, "}.get(origin, "")
-            self.stream.write(f"({how}{seconds:.{1 if seconds >= 0.1 else 2}f} s)\n")
+            self.stream.write(f"({how}{format_seconds(seconds)})\n")
             self.stream.flush()
 
     def note(self, text: str) -> None:
@@ -124,7 +124,7 @@ def summary_line(epoch: int, epochs: int, metrics: Mapping[str, float], seconds:
     parts = [f"epoch {epoch}/{epochs}", metrics_text(metrics)] if metrics else [f"epoch {epoch}/{epochs}"]
     if "lr" in metrics:
         parts.append(f"lr {metrics['lr']:.3g}")
-    parts.append(f"{seconds:.1f}s")
+    parts.append(format_seconds(seconds, sep=""))
     if eta is not None:
         parts.append(f"eta {format_duration(eta)}")
     return "  ".join(p for p in parts if p)
@@ -142,6 +142,14 @@ def metrics_text(metrics: Mapping[str, float]) -> str:
             others.append(f"{key} {_fmt(value)}")
     parts = [f"{split} {' '.join(items)}" for split, items in groups.items() if items]
     return "  ".join(parts + others)
+
+
+def format_seconds(seconds: float, sep: str = " ") -> str:
+    """`12.3 s`, `0.8 s`, `42 ms`, `1.3 ms`: seconds to a tenth, milliseconds below a tenth
+    of a second (a digits MLP's epoch takes one: not `0.0 s`); `sep` between number and unit."""
+    if seconds >= 0.1:
+        return f"{seconds:.1f}{sep}s"
+    return f"{max(seconds, 0.0) * 1e3:.2g}{sep}ms"
 
 
 def format_duration(seconds: float) -> str:
