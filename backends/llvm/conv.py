@@ -1471,8 +1471,8 @@ def _not_unrolled(emit):
     """A convolution's function with none of its loops unrolled by LLVM: their bodies are
     unrolled here already (taps, accumulators, lanes), or run once per weight (an
     optimizer's epilogue). LLVM's unrolling was 20-30% of these functions' and the
-    packers' LLVM time (the residual network's LLVM time -14% without it, LeNet-5's
-    -4%), and left the steps as they were (within 1%, Zen 5 and AVX2)."""
+    packers' LLVM time (without it the residual network's LLVM time -10 to -22%, the
+    CIFAR CNN's -4 to -9%), and left the steps as they were (within 2%, Zen 5 and AVX2)."""
     def driver(mb, em, t: Template, tid, nthreads) -> None:
         no_unrolling(em.b.function)
         emit(mb, em, t, tid, nthreads)
