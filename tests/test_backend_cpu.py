@@ -612,6 +612,7 @@ def test_convolutions_and_their_packers_leave_no_loop_to_llvm_to_unroll():
     functions = dict(re.findall(r'define [^@]*@"?([\w.]+)"?\(.*?\n\{(.*?)\n\}', text, re.S))
     convs = {n: body for n, body in functions.items() if re.search(r"_conv\.|^im2col", n)}
     assert any(n.startswith("im2col") for n in convs) and len(convs) >= 6
+
     def loops(body):
         return len(re.findall(r"\.head(\.\d+)?:", body))
     for name, body in convs.items():

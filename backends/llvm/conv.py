@@ -1117,8 +1117,6 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     K, P = g.K, g.P
     p0 = plan_gemm(GemmSpec(K, O, P), w, 1)
     mr, nv = p0.mr, p0.nv
-    if K <= mr:
-        mr, nv = p0.mr, p0.nv
     nr = nv * w
     kc = min(_cdiv(P, w) * w, _KC[w] // w * w)      # positions per block (the GEMM's K)
     # im2col rows a multiple of 128 bytes apart share a few L1 sets (256 positions: 1 KiB,
