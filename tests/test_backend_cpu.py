@@ -568,6 +568,74 @@ def test_loop_nests_run_a_contiguous_plane_as_one_loop(tmp_path, monkeypatch):
     _same_step(merged, plain, 1e-5)
 
 
+def _quick_llvm(monkeypatch) -> None:
+    """Compile without LLVM's optimizer and with machine code at its light level (1)."""
+    import llvmlite.binding as llvm
+    from dlc.backends.llvm import jit, target
+
+    def machine(self):
+        target._init_llvm()
+        return llvm.Target.from_triple(self.triple).create_target_machine(
+            cpu=self.cpu, features=self.features, opt=1, reloc="pic", codemodel="small")
+    monkeypatch.setattr(jit, "_optimize", lambda llmod, tm: None)
+    monkeypatch.setattr(target.Target, "machine", machine)
+
+
+@pytest.mark.parametrize("name, batch", [("resnet_bn", 13), ("digits_mlp", 8), ("lstm_digits", 5)])
+def test_every_llvm_pipeline_computes_the_same_bits(name, batch, tmp_path, monkeypatch):
+    """The kernels carry no fast-math flag (the emitters fuse multiply-adds and vectorize
+    sums themselves, in one order), so a training step compiled without LLVM's optimizer
+    computes exactly the bits the O3 code does: outputs and updated state. A quicker
+    first compile may then stand in for the optimized code without changing a result."""
+    m = example_models.load(next(p for p in EXAMPLES if p.stem == name))
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    feeds = _example_feeds(m, batch, np.random.default_rng(0))
+
+    def run(tag):
+        state = {k: v.copy() for k, v in m.state.items()}
+        out = make_program("cpu", graph, state, options={"cache_dir": tmp_path / tag}).run(feeds)
+        return out, state
+
+    optimized = run("O3")
+    _quick_llvm(monkeypatch)
+    quick = run("quick")
+    for got, want in zip(quick, optimized):
+        for k in want:
+            assert np.array_equal(got[k], want[k], equal_nan=True), k
+    assert any(np.any(optimized[1][k] != m.state[k]) for k in m.state)  # the step did update
+
+
+@pytest.mark.parametrize("n", [2, 7, 15, 16, 17, 64, 100])
+@pytest.mark.parametrize("width", [8, 16])
+def test_vectorized_sums_cover_every_length(n, width, monkeypatch):
+    """A float sum vectorized by the emitter (whole vectors, then a masked last vector)
+    adds every element once, whatever its length against the vector width, and reads
+    nothing past the end: the gradient of a softmax
+    cross-entropy over n classes, sums of exp(x - max) included, against the reference."""
+    from dlc.backends.llvm import emit
+    monkeypatch.setattr(emit, "_lanes", lambda fn: width)
+    src = f"""model m(x: f32[B, {n}]) -> f32[B, {n}] {{ return dense(x, {n}) }}
+train m {{
+    data = arrays()
+    loss = cross_entropy(output, label)
+    optimizer = sgd(lr=0.5)
+    batch = 3
+}}"""
+    m = dlc.load(src)
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    feeds = _example_feeds(m, 3, np.random.default_rng(n))
+    state = {k: v.copy() for k, v in m.state.items()}
+    got = make_program("cpu", graph, state, options={"no_cache": True}).run(feeds)
+    want_state = {k: v.copy() for k, v in m.state.items()}
+    want = make_program("reference", graph, want_state).run(feeds)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in want_state:
+        np.testing.assert_allclose(state[k], want_state[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def _plane_loops(outer: int, inner: int) -> tuple[str, str]:
     """dst[r, c] = src[r, c] + bias[r] over `outer` rows of `inner` floats: the function's
     IR, and its IR as LLVM optimizes it."""

@@ -50,7 +50,7 @@ from dlc.core.kernel import Template
 from .emit import emit_bounded, store_all
 from .gemm import (_ADD_C, _EPILOGUE, _MAX_ACCUMULATORS, GemmPlan, GemmSpec, _emit_kernel, _Layout, _Vec,
                    free_masks, plan_gemm, shared_pack_b)
-from .irutil import (F32, I1, I32, I64, PTR, VOID, for_range, gep, i64, loop, no_unrolling, set_target, smax, smin,
+from .irutil import (F32, I1, I32, I64, PTR, VOID, for_range, gep, hsum, i64, loop, no_unrolling, set_target, smax, smin,
                      split)
 
 _KC = {4: 256, 8: 256, 16: 384}
@@ -1446,14 +1446,12 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
             acc = loop(b, n0, n1, [v.load(v.at(at, a * w)) for a in range(nacc)], image, name="n")
             for a in range(nacc):
                 v.store(acc[a], v.at(at, a * w))
-    sum_lanes = v._intrinsic(f"llvm.vector.reduce.fadd.v{w}f32", F32, [F32, v.ty])
     with for_range(b, lo, hi, "item") as item:
         c, ky, o0, nob, at = item_at(item)
         # a loop, not unrolled: the epilogue (an Adam update, say) is emitted once
         with for_range(b, 0, b.mul(nob, i64(KW)), "a") as a:
             o, kx = b.add(o0, b.udiv(a, i64(KW))), b.urem(a, i64(KW))
-            s = b.call(sum_lanes, [ir.Constant(F32, -0.0), v.load(v.at(at, b.mul(a, i64(w))))],
-                       fastmath=("reassoc", "nsz"))
+            s = hsum(b, v.load(v.at(at, b.mul(a, i64(w)))))
             b.store(s, gep(b, DW, b.add(b.mul(b.add(b.mul(o, i64(C)), c), i64(KH * KW)),
                                         b.add(b.mul(ky, i64(KW)), kx)), F32), align=4)
             if t.epilogue is not None:

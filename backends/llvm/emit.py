@@ -17,7 +17,7 @@ from dlc.core.kernel import (hoistable, Add, Clamp, Const, Div, Ex, FreeVars, Ga
 from dlc.core.types import DType
 
 from . import mathlib
-from .irutil import (F32, FAST, I1, I8, I32, I64, REDUCE, byte_size, gep, i32, i64, loop, memory_type, smax, smin,
+from .irutil import (F32, I1, I8, I32, I64, byte_size, gep, hsum, i32, i64, loop, memory_type, smax, smin, splat,
                      split, value_type)
 
 GOLDEN = 0x9E3779B1
@@ -31,9 +31,9 @@ def _arith(fop, iop):
     return emit
 
 
-def _fadd(b, x, y): return b.fadd(x, y, flags=FAST)
-def _fsub(b, x, y): return b.fsub(x, y, flags=FAST)
-def _fmul(b, x, y): return b.fmul(x, y, flags=FAST)
+def _fadd(b, x, y): return b.fadd(x, y)
+def _fsub(b, x, y): return b.fsub(x, y)
+def _fmul(b, x, y): return b.fmul(x, y)
 def _fdiv(b, x, y): return b.fdiv(x, y)
 
 
@@ -173,6 +173,8 @@ IX_RULES = {
 
 
 def _load(em, e: Load):
+    if em.lane_vars & em.free_vars.ix(e.index):
+        return em.lane_load(e)
     b = em.b
     t = memory_type(e.buf.dtype)
     v = b.load(gep(b, em.pointers[e.buf.name], em.ix(e.index), t), typ=t, align=byte_size(t))
@@ -187,9 +189,30 @@ def _index(em, e: Index):
 
 
 def _op(em, e: Op):
-    values = [em.value(x) for x in e.args]
+    if e.name in ("add", "sub") and e.dtype.is_float:
+        fused = _fused(em, e)
+        if fused is not None:
+            return fused
+    values = em.same_shape([em.value(x) for x in e.args])
     in_dtype = e.args[0].dtype if e.name == "cast" else e.args[1].dtype if e.name == "select" else e.args[-1].dtype
     return SCALAR_OPS[e.name](em.b, values, e.dtype, in_dtype)
+
+
+def _fused(em, e: Op):
+    """a*b + c, c + a*b, a*b - c or c - a*b as one fused multiply-add (mathlib.fma), as
+    LLVM's `contract` would have fused them, but in every pipeline alike; None for
+    another add or subtract."""
+    x, y = e.args
+
+    def mul(n):
+        return isinstance(n, Op) and n.name == "mul" and n.dtype == e.dtype
+    if mul(x):
+        a, b, c = em.same_shape([em.value(x.args[0]), em.value(x.args[1]), em.value(y)])
+        return mathlib.fma(em.b, a, b, c if e.name == "add" else em.b.fneg(c))
+    if mul(y):
+        a, b, c = em.same_shape([em.value(y.args[0]), em.value(y.args[1]), em.value(x)])
+        return mathlib.fma(em.b, a if e.name == "add" else em.b.fneg(a), b, c)
+    return None
 
 
 # kernel-IR scalar node -> LLVM value
@@ -203,6 +226,49 @@ EX_RULES = {
 }
 
 
+class _Lanes:
+    """The IR builder inside a vectorized loop body: an operation given vectors and scalars
+    splats the scalars, and a cast of a vector casts to the vector of the type asked for;
+    anything else goes to the builder unchanged. The expression rules (and mathlib) then
+    emit the body for W lanes as they would for one."""
+    _BINARY = {"add", "sub", "mul", "sdiv", "udiv", "srem", "urem", "shl", "lshr", "ashr", "and_", "or_", "xor",
+               "fadd", "fsub", "fmul", "fdiv", "frem"}
+    _COMPARE = {"icmp_signed", "icmp_unsigned", "fcmp_ordered", "fcmp_unordered"}
+    _CASTS = {"trunc", "zext", "sext", "fptrunc", "fpext", "bitcast", "fptoui", "uitofp", "fptosi", "sitofp"}
+
+    def __init__(self, b: ir.IRBuilder, w: int):
+        self.builder, self.w = b, w
+
+    def wide(self, values: list) -> list:
+        if not any(isinstance(v.type, ir.VectorType) for v in values):
+            return values
+        return [v if isinstance(v.type, ir.VectorType) else splat(self.builder, v, self.w) for v in values]
+
+    def __getattr__(self, name: str):
+        op = getattr(self.builder, name)
+        if name in self._BINARY:
+            return lambda x, y, *rest, **kw: op(*self.wide([x, y]), *rest, **kw)
+        if name == "select":
+            return lambda c, x, y, *rest, **kw: op(*self.wide([c, x, y]), *rest, **kw)
+        if name in self._COMPARE:
+            return lambda pred, x, y, *rest, **kw: op(pred, *self.wide([x, y]), *rest, **kw)
+        if name in self._CASTS:
+            def cast(x, typ, *rest, **kw):
+                if isinstance(x.type, ir.VectorType) and not isinstance(typ, ir.VectorType):
+                    typ = ir.VectorType(typ, x.type.count)
+                return op(x, typ, *rest, **kw)
+            return cast
+        return op
+
+
+def _lanes(fn: ir.Function) -> int:
+    """The float lanes a reduction of fn is vectorized for: the target's vector width."""
+    for attr in fn.attributes:
+        if attr.startswith('"prefer-vector-width"='):
+            return int(attr.split("=", 1)[1].strip('"')) // 32
+    return 1
+
+
 class Emitter:
     """Emits kernel-IR expressions inside one LLVM function."""
 
@@ -214,6 +280,12 @@ class Emitter:
         self.free_vars = FreeVars()
         self.siblings: dict[int, list] = {}  # id(sum) -> the sums to compute with it (group_sums)
         self.rewritten: dict[int, tuple] = {}  # id(sum) -> (its split form, the new sums) (group_sums)
+        # inside a vectorized reduction's body (_vector_sums): its loop variables (bound to
+        # vectors of W consecutive values), their first lane's value, the scopes outside it
+        self.lane_vars: frozenset = frozenset()
+        self.lane_base = None
+        self.lane_depth = 0
+        self.lane_mask = None  # the lanes inside the loop, in a last partial vector
 
     # scopes: a value computed in a loop body is only reused inside that body
     def push(self):
@@ -244,6 +316,33 @@ class Emitter:
         if hit is None:
             hit = self.scopes[-1][id(e)] = EX_RULES[type(e)](self, e)
         return hit
+
+    def same_shape(self, values: list) -> list:
+        """values, each a vector where one is (in a vectorized body), else unchanged."""
+        return self.b.wide(values) if isinstance(self.b, _Lanes) else values
+
+    def lane_load(self, e: Load) -> ir.Value:
+        """A vector load of W consecutive elements (the index grows by 1 a lane: checked
+        by _vectorizable), from where the first lane's index points."""
+        lanes = self.b
+        b, w = lanes.builder, lanes.w
+        saved, self.scopes = self.scopes, self.scopes[:self.lane_depth] + [{}]  # no vector values
+        names = {name: self.vars[name] for name in self.lane_vars}
+        self.vars.update({name: self.lane_base for name in self.lane_vars})
+        self.b = b
+        first = self.ix(e.index)
+        self.b, self.scopes = lanes, saved
+        self.vars.update(names)
+        t = memory_type(e.buf.dtype)
+        vt, at = ir.VectorType(t, w), gep(b, self.pointers[e.buf.name], first, t)
+        if self.lane_mask is None:
+            v = b.load(at, typ=vt, align=byte_size(t))
+        else:  # lanes past the loop's end read nothing (they may lie past the buffer's end)
+            name = f"llvm.masked.load.v{w}{t.intrinsic_name}.p0"
+            fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(vt, [at.type, self.lane_mask.type, vt]),
+                                                           name)
+            v = b.call(fn, [at, self.lane_mask, ir.Constant(vt, [0] * w if not isinstance(t, ir.FloatType) else [0.0] * w)])
+        return b.trunc(v, ir.VectorType(I1, w)) if e.buf.dtype == DType.bool else v
 
     def rand(self, e: Rand) -> ir.Value:
         b = self.b
@@ -361,17 +460,21 @@ class Emitter:
             slots.append(slice(len(init), len(init) + len(acc)))
             init += acc
 
+        w = self._vectorizable(together)
+        last = len(together[0][1]) - 1
+
         def nest(level: int, carried):
             for _, loops in together:
                 for outer in loops[level][:-1]:  # merged into the level's last variable (see _merged)
                     self.vars[outer.name] = i64(0)
             first = together[0][1][level]
+            n = math.prod(v.extent for v in first)
 
             def step(i, acc):
                 for _, loops in together:
                     self.vars[loops[level][-1].name] = i
                 self.push()
-                if level + 1 < len(together[0][1]):
+                if level < last:
                     out = nest(level + 1, acc)
                 else:
                     out = []
@@ -379,10 +482,75 @@ class Emitter:
                         out += self._combine(e.op, acc[at], self.value(e.body), e.body.dtype, e.vars)
                 self.pop()
                 return out
-            return loop(b, 0, math.prod(v.extent for v in first), carried, step, name=first[-1].name)
+            if level < last or w == 1:
+                return loop(b, 0, n, carried, step, name=first[-1].name)
+            # vectorized: W lanes at a time into vector accumulators, then the last lanes
+            # (a vector with the lanes past the end masked off). One accumulator each:
+            # four (an add's latency) made the steps no faster and the compile 10% longer.
+            whole = n - n % w
+            if whole:
+                carried = loop(b, 0, whole, carried, lambda i, acc: self._lane_sums(together, i, acc, w),
+                               name=first[-1].name + ".v", step=w)
+            if whole < n:
+                carried = self._lane_sums(together, i64(whole), carried, w, n - whole)
+            return carried
 
-        result = nest(0, init)
-        return [result[at][0] if e.op != "argmax" else result[at][1] for (e, _), at in zip(together, slots)]
+        if w == 1:
+            result = nest(0, init)
+            return [result[at][0] if e.op != "argmax" else result[at][1] for (e, _), at in zip(together, slots)]
+        result = nest(0, [ir.Constant(ir.VectorType(F32, w), [0.0] * w)] * len(together))
+        return [hsum(b, acc) for acc in result]  # the lanes summed in one order
+
+    def _vectorizable(self, together: list) -> int:
+        """The lanes to vectorize these reductions' innermost loop by, 1 for none: float32
+        sums over at least 2 elements whose body holds no reduction over their own
+        variables (one that is not, a softmax's max, is computed now, before the loop), and
+        whose loads depending on that loop read consecutive elements (a gather costs more
+        than it saves). LLVM would vectorize them only if allowed to reorder the sum
+        (`reassoc`), in an order of its choosing that differs between its pipelines."""
+        from dlc.core.kernel import walk_ex
+        w = _lanes(self.b.function)
+        if w == 1 or math.prod(v.extent for v in together[0][1][-1]) < 2:
+            return 1
+        for e, loops in together:
+            if e.op != "sum" or e.dtype != DType.f32:
+                return 1
+            inner = loops[-1][-1].name
+            own = {v.name for v in e.vars}
+            for x in walk_ex([e.body]):
+                if isinstance(x, Reduce) and self._cached(id(x)) is None:
+                    if self.free_vars(x) & own:
+                        return 1
+                    self.value(x)  # computed once, before the loop (a softmax's max)
+                if isinstance(x, Load) and affine_coef(x.index, inner, self.free_vars) not in (0, 1):
+                    return 1
+                if isinstance(x, Op) and x.name == "div" and not x.dtype.is_float:
+                    return 1  # a masked-off lane might divide by zero
+        return w
+
+    def _lane_sums(self, together: list, i, acc: list, w: int, live: int | None = None) -> list:
+        """One step of a vectorized sum: each reduction's body for the W values of its
+        innermost variable from i on, added lane by lane to its accumulator. With `live`,
+        only the first `live` lanes are in the loop: the others load nothing and add 0."""
+        b = self.b
+        self.lane_vars = frozenset(loops[-1][-1].name for _, loops in together)
+        self.lane_base, self.lane_depth = i, len(self.scopes)
+        self.lane_mask = None if live is None else ir.Constant(ir.VectorType(I1, w), [j < live for j in range(w)])
+        lanes = b.add(splat(b, i, w), ir.Constant(ir.VectorType(I64, w), list(range(w))))
+        for name in self.lane_vars:
+            self.vars[name] = lanes
+        self.push()
+        self.b = _Lanes(b, w)
+        out = []
+        for a, (e, _) in zip(acc, together):
+            v = self.b.wide([self.value(e.body), a])[0]
+            if self.lane_mask is not None:
+                v = b.select(self.lane_mask, v, ir.Constant(v.type, [0.0] * w))
+            out.append(b.fadd(a, v))
+        self.b = b
+        self.pop()
+        self.lane_vars, self.lane_mask = frozenset(), None
+        return out
 
     def _merged(self, vars_, exprs, flats=()) -> list[list]:
         """Loops over `vars_` (of a reduction, or of stores at `flats` of `exprs`), adjacent
@@ -419,7 +587,7 @@ class Emitter:
     def _combine(self, op, acc, v, dtype: DType, vars_):
         b = self.b
         if op == "sum":
-            return [b.fadd(acc[0], v, flags=REDUCE) if dtype.is_float else b.add(acc[0], v)]
+            return [b.fadd(acc[0], v) if dtype.is_float else b.add(acc[0], v)]
         if op == "max":
             return [SCALAR_OPS["max"](b, [acc[0], v], dtype, dtype)]
         best, idx = acc

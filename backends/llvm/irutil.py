@@ -11,8 +11,10 @@ F32, F64 = ir.FloatType(), ir.DoubleType()
 I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
 VOID = ir.VoidType()
-FAST = ("contract",)          # FMA contraction: never changes NaN/Inf behaviour
-REDUCE = ("reassoc", "contract", "nsz")  # reductions may be reordered (and vectorized)
+# No fast-math flags anywhere: LLVM may then not change a result, so code compiled with
+# any pipeline computes the same bits. Multiply-adds are fused by the emitters (llvm.fma)
+# and float sums vectorized by them in a fixed order (emit.py), not by `contract` and
+# `reassoc` at LLVM's discretion.
 
 
 def value_type(dtype: DType) -> ir.Type:
@@ -118,11 +120,12 @@ def _close_loop(b: ir.IRBuilder, i, phis, new, head, done, name: str, step: int 
     b.position_at_end(done)
 
 
-def loop(b: ir.IRBuilder, lo, hi, carried=(), body=None, name: str = "i"):
-    """for i in [lo, hi): carried = body(i, carried). Returns the carried values at exit."""
+def loop(b: ir.IRBuilder, lo, hi, carried=(), body=None, name: str = "i", step: int = 1):
+    """for i in [lo, hi) by step: carried = body(i, carried). Returns the carried values at
+    exit. With a step, hi - lo must be a multiple of it."""
     i, phis, head, done = _open_loop(b, lo, hi, carried, name)
     new = body(i, phis) if body is not None else []
-    _close_loop(b, i, phis, new, head, done, name)
+    _close_loop(b, i, phis, new, head, done, name, step)
     return phis
 
 
@@ -149,6 +152,26 @@ def smin(b, x, y):
 
 def smax(b, x, y):
     return b.select(b.icmp_signed(">", x, y), x, y)
+
+
+def splat(b: ir.IRBuilder, x: ir.Value, w: int) -> ir.Value:
+    """x in each of w lanes."""
+    if isinstance(x, ir.Constant) and not isinstance(x.type, ir.VectorType):
+        return ir.Constant(ir.VectorType(x.type, w), [x.constant] * w)
+    v = b.insert_element(ir.Constant(ir.VectorType(x.type, w), None), x, i32(0))
+    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, w), [0] * w))
+
+
+def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """The sum of a float vector's lanes, always in one order: the upper half added to the
+    lower half until one lane is left (no fast-math flag lets LLVM change it)."""
+    w = v.type.count
+    while w > 1:
+        w //= 2
+        lo, hi = (b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, w), list(range(at, at + w))))
+                  for at in (0, w))
+        v = b.fadd(lo, hi)
+    return b.extract_element(v, i32(0))
 
 
 def gep(b: ir.IRBuilder, ptr, index, etype) -> ir.Value:

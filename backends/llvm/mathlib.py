@@ -188,14 +188,26 @@ def _intrinsic(b: ir.IRBuilder, name: str, args, ret: ir.Type | None = None, ove
     return b.call(fn, list(args))
 
 
+def _features(b: ir.IRBuilder) -> tuple:
+    """The target features of the function being built (its "target-features")."""
+    for attr in b.function.attributes:
+        if attr.startswith('"target-features"='):
+            return tuple(attr.split("=", 1)[1].strip('"').split(","))
+    return ()
+
+
 def _has_scalef(b: ir.IRBuilder) -> bool:
     """Whether the function being built is compiled for AVX-512, where LLVM lowers
     llvm.ldexp (x * 2^n, one rounding, overflow and gradual underflow included) to one
     vscalefps; elsewhere it becomes a call to the C library's ldexpf per element."""
-    for attr in b.function.attributes:
-        if attr.startswith('"target-features"='):
-            return "+avx512f" in attr.split("=", 1)[1].strip('"').split(",")
-    return False
+    return "+avx512f" in _features(b)
+
+
+def fma(b: ir.IRBuilder, x, y, z) -> ir.Value:
+    """x*y + z with one rounding (llvm.fma) where the target has FMA; without it (SSE,
+    AVX1), where llvm.fma would be a C library call per lane, a multiply and an add
+    (llvm.fmuladd). Either way every LLVM pipeline computes the same bits."""
+    return _intrinsic(b, "llvm.fma" if "+fma" in _features(b) else "llvm.fmuladd", [x, y, z])
 
 
 def _fma(b, x, y, z):

@@ -16,10 +16,10 @@ from llvmlite import ir
 from dlc.core.kernel import Template
 
 from .emit import emit_bounded, emit_nest
-from .mathlib import maximum
+from .mathlib import fma, maximum
 from .gemm import GemmSpec, _Vec, emit_gemm
 from .tile import _read_elsewhere, tile_epilogue
-from .irutil import F32, FAST, I64, REDUCE, for_range, gep, i64, loop, smax, smin, split
+from .irutil import F32, I64, for_range, gep, hsum, i64, loop, smax, smin, split
 
 
 def emit_template(mb, em, t: Template, tid, nthreads) -> None:
@@ -36,6 +36,34 @@ def _load(b, ptr, index):
 
 def _store(b, value, ptr, index):
     b.store(value, gep(b, ptr, index, F32), align=4)
+
+
+def _dot(b, A, a_at, B, b_at, k: int, w: int, copies: int = 4):
+    """The sum over kk < k of A[a_at + kk] * B[b_at + kk]: blocks of `copies` vectors of W
+    products, each fused into its own vector accumulator (a multiply-add's latency is
+    several cycles), then whole vectors into the first, then the rest one by one; the
+    accumulators and lanes summed in one fixed order (irutil.hsum), so that no LLVM
+    pipeline changes the result."""
+    vt = ir.VectorType(F32, w)
+
+    def products(copies):
+        def body(kk, acc):
+            at = [b.add(kk, i64(c * w)) if c else kk for c in range(copies)]
+            return [fma(b, b.load(gep(b, A, b.add(a_at, x), F32), typ=vt, align=4),
+                        b.load(gep(b, B, b.add(b_at, x), F32), typ=vt, align=4), a) for x, a in zip(at, acc)]
+        return body
+    accs = [ir.Constant(vt, [0.0] * w)] * copies
+    blocks, whole = k - k % (w * copies), k - k % w
+    if blocks:
+        accs = list(loop(b, 0, blocks, accs, products(copies), name="kk.v", step=w * copies))
+    if blocks < whole:
+        accs[0] = loop(b, blocks, whole, accs[:1], products(1), name="kk.v1", step=w)[0]
+    while len(accs) > 1:
+        accs = [b.fadd(x, y) for x, y in zip(accs[::2], accs[1::2])]
+    rest = loop(b, whole, k, [ir.Constant(F32, 0.0)],
+                lambda kk, acc: [fma(b, _load(b, A, b.add(a_at, kk)), _load(b, B, b.add(b_at, kk)), acc[0])],
+                name="kk")[0] if whole < k else ir.Constant(F32, 0.0)
+    return b.fadd(hsum(b, accs[0]), rest)
 
 
 def _flat(b, *terms):
@@ -194,10 +222,14 @@ def small_matmul(mb, em, t: Template, m, n, k, ta, tb, tid, nthreads) -> None:
         with for_range(b, lo, hi, "mi") as i:
             C, row = c_row(i)
             with for_range(b, 0, n, "nj") as j:
-                def dot(kk, acc):
-                    prod = b.fmul(a_at(i, kk), _load(b, B, b.add(b.mul(j, i64(k)), kk)), flags=REDUCE)
-                    return [b.fadd(acc[0], prod, flags=REDUCE)]
-                _store(b, loop(b, 0, k, [ir.Constant(F32, 0.0)], dot, name="kk")[0], C, b.add(row, j))
+                B_j = b.mul(j, i64(k))
+                if ta:  # A's column: no vectors
+                    def dot(kk, acc):
+                        return [fma(b, a_at(i, kk), _load(b, B, b.add(B_j, kk)), acc[0])]
+                    total = loop(b, 0, k, [ir.Constant(F32, 0.0)], dot, name="kk")[0]
+                else:
+                    total = _dot(b, A, b.mul(i, i64(k)), B, B_j, k, mb.target.vector_width)
+                _store(b, total, C, b.add(row, j))
             if per_row:
                 finish(i)
     if t.epilogue is not None and not per_row:
@@ -405,7 +437,7 @@ def colsum(mb, em, t: Template, tid, nthreads) -> None:
     with for_range(b, 0, rows, "r") as r:
         row = b.mul(r, i64(width))
         with for_range(b, first, last, "j") as j:
-            _store(b, b.fadd(_load(b, Y, j), _load(b, X, b.add(row, j)), flags=FAST), Y, j)
+            _store(b, b.fadd(_load(b, Y, j), _load(b, X, b.add(row, j))), Y, j)
     _epilogue(em, t, [(lo, hi)] + [None] * (len(shape) - 1))
 
 
