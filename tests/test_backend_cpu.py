@@ -614,7 +614,7 @@ def test_vectorized_sums_cover_every_length(n, width, monkeypatch):
     nothing past the end: the gradient of a softmax
     cross-entropy over n classes, sums of exp(x - max) included, against the reference."""
     from dlc.backends.llvm import emit
-    monkeypatch.setattr(emit, "_lanes", lambda fn: width)
+    monkeypatch.setattr(emit, "_vector_width", lambda fn: width)
     src = f"""model m(x: f32[B, {n}]) -> f32[B, {n}] {{ return dense(x, {n}) }}
 train m {{
     data = arrays()

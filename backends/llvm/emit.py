@@ -5,6 +5,10 @@ IX_RULES and EX_RULES map each node class to its rendering. Values are cached pe
 scope by expression identity (the kernel IR is hash-consed), so a shared subexpression
 is computed once; values that depend only on a row's index are computed before the
 row's inner loop. Used by codegen.py (loop-nest parts) and templates.py (epilogues).
+
+No instruction carries a fast-math flag, so every LLVM pipeline computes the same bits:
+multiply-adds are fused here (mathlib.fma), and float sums are vectorized here, in one
+order (Emitter._vectorizable), where LLVM would have needed `reassoc` to do it.
 """
 from __future__ import annotations
 
@@ -261,8 +265,8 @@ class _Lanes:
         return op
 
 
-def _lanes(fn: ir.Function) -> int:
-    """The float lanes a reduction of fn is vectorized for: the target's vector width."""
+def _vector_width(fn: ir.Function) -> int:
+    """The float lanes a sum in fn is vectorized for: the target's vector width."""
     for attr in fn.attributes:
         if attr.startswith('"prefer-vector-width"='):
             return int(attr.split("=", 1)[1].strip('"')) // 32
@@ -280,7 +284,7 @@ class Emitter:
         self.free_vars = FreeVars()
         self.siblings: dict[int, list] = {}  # id(sum) -> the sums to compute with it (group_sums)
         self.rewritten: dict[int, tuple] = {}  # id(sum) -> (its split form, the new sums) (group_sums)
-        # inside a vectorized reduction's body (_vector_sums): its loop variables (bound to
+        # inside a vectorized reduction's body (_lane_sums): its loop variables (bound to
         # vectors of W consecutive values), their first lane's value, the scopes outside it
         self.lane_vars: frozenset = frozenset()
         self.lane_base = None
@@ -509,7 +513,7 @@ class Emitter:
         than it saves). LLVM would vectorize them only if allowed to reorder the sum
         (`reassoc`), in an order of its choosing that differs between its pipelines."""
         from dlc.core.kernel import walk_ex
-        w = _lanes(self.b.function)
+        w = _vector_width(self.b.function)
         if w == 1 or math.prod(v.extent for v in together[0][1][-1]) < 2:
             return 1
         for e, loops in together:
@@ -522,7 +526,8 @@ class Emitter:
                     if self.free_vars(x) & own:
                         return 1
                     self.value(x)  # computed once, before the loop (a softmax's max)
-                if isinstance(x, Load) and affine_coef(x.index, inner, self.free_vars) not in (0, 1):
+                if isinstance(x, Load) and inner in self.free_vars.ix(x.index) \
+                        and affine_coef(x.index, inner, self.free_vars) != 1:
                     return 1
                 if isinstance(x, Op) and x.name == "div" and not x.dtype.is_float:
                     return 1  # a masked-off lane might divide by zero
