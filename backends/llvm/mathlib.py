@@ -5,7 +5,7 @@ Every function takes an ``llvmlite.ir.IRBuilder`` and float32 values -- scalars 
 instructions at the builder's position and returns the result value::
 
     exp(b, x)   log(b, x)   tanh(b, x)   sigmoid(b, x)   pow(b, x, y)
-    sqrt(b, x)  fabs(b, x)  maximum(b, x, y)   minimum(b, x, y)
+    sqrt(b, x)  fabs(b, x)  maximum(b, x, y)   minimum(b, x, y)   fma(b, x, y, z)
 
 The code has no branches and calls no library function: special cases are selects, the
 only calls are to the intrinsics ``llvm.fmuladd``, ``llvm.sqrt`` and ``llvm.fabs``, which
