@@ -51,7 +51,7 @@ from .emit import emit_bounded, store_all
 from .gemm import (_ADD_C, _EPILOGUE, _MAX_ACCUMULATORS, GemmPlan, GemmSpec, _emit_kernel, _Layout, _Vec,
                    free_masks, plan_gemm, shared_pack_b)
 from .irutil import (F32, I1, I32, I64, PTR, VOID, for_range, gep, hsum, i64, loop, no_unrolling, set_target, smax, smin,
-                     split)
+                     splat, split)
 
 _KC = {4: 256, 8: 256, 16: 384}
 
@@ -101,8 +101,7 @@ class _V:
             return ir.Constant(self.ity, [x] * self.w)
         if x.type == I64:
             x = b.trunc(x, I32)
-        one = b.insert_element(ir.Constant(self.ity, None), x, ir.Constant(I32, 0))
-        return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, self.w), [0] * self.w))
+        return splat(b, x, self.w)
 
     def below(self, x, n: int):
         """Lanes with 0 <= x < n (unsigned compare: negatives wrap high)."""

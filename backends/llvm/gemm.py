@@ -48,7 +48,7 @@ from typing import Callable
 
 from llvmlite import ir
 
-from .irutil import for_range, set_target
+from .irutil import for_range, set_target, splat
 from .target import Target
 
 F32 = ir.FloatType()
@@ -325,18 +325,11 @@ class _Vec:
     def mask(self, first_lane, limit) -> ir.Value:
         """Lanes first_lane + l < limit."""
         b = self.b
-        base = b.insert_element(ir.Constant(ir.VectorType(I64, self.w), None),
-                                _i64(first_lane), ir.Constant(I32, 0))
-        base = b.shuffle_vector(base, base, ir.Constant(ir.VectorType(I32, self.w), [0] * self.w))
-        lim = b.insert_element(ir.Constant(ir.VectorType(I64, self.w), None), _i64(limit),
-                               ir.Constant(I32, 0))
-        lim = b.shuffle_vector(lim, lim, ir.Constant(ir.VectorType(I32, self.w), [0] * self.w))
+        base, lim = splat(b, _i64(first_lane), self.w), splat(b, _i64(limit), self.w)
         return b.icmp_signed("<", b.add(base, self.lanes), lim)
 
     def splat(self, scalar) -> ir.Value:
-        b = self.b
-        v = b.insert_element(ir.Constant(self.ty, None), scalar, ir.Constant(I32, 0))
-        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, self.w), [0] * self.w))
+        return splat(self.b, scalar, self.w)
 
     def transpose(self, rows: list) -> list:
         """W vectors of W (a W x W block, row-major) -> its W columns, by log2(W) rounds

@@ -27,7 +27,7 @@ from dlc.core.types import DType
 
 from .emit import SCALAR_OPS, Emitter, affine_coef
 from .gemm import TileEpilogue
-from .irutil import F32, I32, I64
+from .irutil import F32, I32, I64, splat
 
 # ops whose emit.py rendering is valid on vectors as written
 VECTOR_OPS = {"add", "sub", "mul", "div", "neg", "abs", "max", "min", "exp", "log", "sqrt", "tanh", "sigmoid",
@@ -98,10 +98,7 @@ class _VecEval:
         return isinstance(value.type, ir.VectorType)
 
     def splat(self, x):
-        b, w = self.b, self.v.w
-        t = ir.VectorType(x.type, w)
-        one = b.insert_element(ir.Constant(t, None), x, ir.Constant(I32, 0))
-        return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, w), [0] * w))
+        return splat(self.b, x, self.v.w)
 
     def vector(self, e):
         x = self.value(e)
