@@ -52,7 +52,7 @@ import json
 import os
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 @dataclass
@@ -162,6 +162,23 @@ class Compiled:
     timings: dict = field(default_factory=dict)   # phase -> seconds, for --verbose
     notes: list[str] = field(default_factory=list)  # more lines for --verbose (registers per kernel)
     stats: dict = field(default_factory=dict)     # counts worth a --verbose line (parts, shared, ...)
+    # quick code only (compile(quick=True)): optimized(then) starts making the optimized
+    # code of the same layout and returns an Optimizing; then(Compiled) runs where that
+    # code is made (on the CPU a forked process: the driver caches it there)
+    optimized: Callable[[Callable[["Compiled"], None]], "Optimizing"] | None = None
+
+
+class Optimizing(Protocol):
+    """The optimized code of a step whose quick code already runs, on its way."""
+
+    def ready(self) -> bool:
+        """Whether result() would return at once."""
+
+    def result(self) -> Compiled:
+        """The optimized code (waits for it); raises RuntimeError if it failed."""
+
+    def cancel(self) -> None:
+        """Stop making it (the process is ending and nothing would keep it)."""
 
 
 class Step(Protocol):
@@ -197,7 +214,9 @@ class Backend:
     def target(self, options: dict):
         raise NotImplementedError
 
-    def compile(self, program, target, profile: bool = False) -> Compiled:
+    def compile(self, program, target, profile: bool = False, quick: bool = False) -> Compiled:
+        """quick: the caller would rather start sooner on slower code; a backend with a
+        quicker first tier returns that code, with `optimized` set to make the real one."""
         raise NotImplementedError
 
     def validate(self, blobs: list[bytes], layout, target) -> str | None:
@@ -207,9 +226,9 @@ class Backend:
     def load(self, blobs: list[bytes], layout: StepLayout, target) -> Step:
         raise NotImplementedError
 
-    def compile_entries(self, programs: dict, target, profile: bool = False) -> Compiled:
-        """Several programs as one unit. This default compiles each on its own; each
-        entry's layout records its blobs in `meta["blobs"]` ([first, end))."""
+    def compile_entries(self, programs: dict, target, profile: bool = False, quick: bool = False) -> Compiled:
+        """Several programs as one unit. This default compiles each on its own (with no
+        quick tier); each entry's layout records its blobs in `meta["blobs"]` ([first, end))."""
         blobs, layouts, timings, notes = [], {}, {}, []
         for name, program in programs.items():
             c = self.compile(program, target, profile)
@@ -224,6 +243,11 @@ class Backend:
     def load_entries(self, blobs: list[bytes], entries: Entries, target) -> dict:
         return {name: self.load(blobs[slice(*layout.meta["blobs"])], layout, target)
                 for name, layout in entries.entries.items()}
+
+    def replace_code(self, steps: dict, compiled: Compiled, target) -> None:
+        """Make the loaded steps ({entry: step}) of a unit run `compiled` from their next
+        call on: the optimized code of their quick code (the same layout)."""
+        raise NotImplementedError(f"{self.name} has no quick tier")
 
     def dump(self, program, stage: str, target) -> str:
         raise NotImplementedError(f"{self.name} has no stage {stage}")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).parent
+os.environ["DLC_QUICK_START"] = "0"  # steps are timed on the optimized code (compile_times: both)
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import dlc  # noqa: E402
@@ -115,21 +116,36 @@ def compile_times(path: Path, threads: int | None, colds: int = 3) -> tuple[floa
     run: cold with an empty compile cache (the median of `colds` compiles, each into a
     cache of its own: one cold compile moves by a third from minute to minute on a
     shared machine), warm with the cache the last cold compile filled."""
-    def ready(cache: str) -> float:
-        gc.collect()  # not to time the collection of the earlier benchmarks' garbage
-        start = time.perf_counter()
-        m = dlc.load(path)
-        session = m.session(m.train_config, "cpu", threads=threads, cache_dir=cache)
-        session.train_program.step_for(m.train_config.batch)
-        return time.perf_counter() - start
-
     cold = []
     for _ in range(colds - 1):
         with tempfile.TemporaryDirectory() as cache:
-            cold.append(ready(cache))
+            cold.append(_ready(path, threads, cache)[0])
     with tempfile.TemporaryDirectory() as cache:
-        cold.append(ready(cache))
-        return statistics.median(cold), ready(cache)
+        cold.append(_ready(path, threads, cache)[0])
+        return statistics.median(cold), _ready(path, threads, cache)[0]
+
+
+def quick_start_times(path: Path, threads: int | None, colds: int = 3) -> tuple[float, float]:
+    """With `quick_start`, medians over `colds` cold compiles: seconds from loading the
+    .dln to the quick code's step ready, and to the optimized code swapped in (nothing
+    runs meanwhile)."""
+    times = []
+    for _ in range(colds):
+        with tempfile.TemporaryDirectory() as cache:
+            times.append(_ready(path, threads, cache, quick_start=True))
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
+def _ready(path: Path, threads: int | None, cache: str, quick_start: bool = False) -> tuple[float, float]:
+    """Seconds to the training step ready, and to its optimized code in use."""
+    gc.collect()  # not to time the collection of the earlier benchmarks' garbage
+    start = time.perf_counter()
+    m = dlc.load(path)
+    session = m.session(m.train_config, "cpu", threads=threads, cache_dir=cache, quick_start=quick_start)
+    session.train_program.step_for(m.train_config.batch)
+    ready = time.perf_counter() - start
+    session.train_program.use_optimized(wait=True)
+    return ready, time.perf_counter() - start
 
 
 def shared_machine(path: Path, batch: int, steps: int, repeats: int) -> list[dict]:
@@ -448,8 +464,11 @@ def main() -> int:
         print("compile time (load .dln -> training step ready)")
         for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln", "cifar_cnn.dln", "resnet_cifar.dln"):
             cold, warm = compile_times(HERE / "models" / file, dlc_threads)
-            compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm})
-            print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s")
+            quick, optimized = quick_start_times(HERE / "models" / file, dlc_threads)
+            compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm, "quick_start_ready_s": quick,
+                                 "quick_start_optimized_s": optimized})
+            print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s   "
+                  f"--quick-start: ready {quick:5.2f} s, optimized code in use {optimized:5.2f} s")
 
     if section("roofline"):
         import roofline

@@ -546,6 +546,9 @@ _BACKEND_OPTIONS = {
                 "compiler's messages, such as print", lambda v: v is None or v is False or callable(v)),
     "no_cache": _FLAG,
     "profile": _FLAG,
+    # on a cache miss, start on quickly compiled code while the optimized code compiles
+    # (DLC_QUICK_START=1 makes it the default)
+    "quick_start": _FLAG,
     "cache_dir": ("a folder path", lambda v: isinstance(v, (str, os.PathLike))),
     # data-parallel jobs: start each bucket's exchange when it is ready and wait for it only
     # where its sums are read; gradient bytes per bucket (passes/data_parallel.py)

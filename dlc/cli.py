@@ -236,12 +236,18 @@ def _add_target(p: argparse.ArgumentParser) -> None:
                    help="CPU threads: a number, or `auto` (the default): every core no other process keeps "
                         "busy (measured at start), and one thread for a step too small to share out")
     p.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring the compile cache")
+    p.add_argument("--quick-start", action="store_true",
+                   help="on a cache miss, start training on quickly compiled code while the optimized code "
+                        "compiles in the background, and swap it in between steps: the first step comes "
+                        "sooner, the results are the same bits, and the optimized code is cached (on 2 "
+                        "cores the whole run is no sooner: the compile and the steps share them)")
     p.add_argument("--no-templates", action="store_true",
                    help="render matmuls, convolutions, pooling and gathers as plain loop nests instead of "
                         "the backend's dedicated code (slow; for testing a backend)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print the target, the one compile of the run (training and evaluation steps "
-                        "together: cache hit or miss, time per phase), and the threads each step chose")
+                        "together: cache hit or miss, time per phase; when the optimized code replaced the "
+                        "quick code), and the threads each step chose")
 
 
 def _backend_options(args) -> dict:
@@ -250,6 +256,8 @@ def _backend_options(args) -> dict:
         options["threads"] = args.threads
     if getattr(args, "no_cache", False):
         options["no_cache"] = True
+    if getattr(args, "quick_start", False):
+        options["quick_start"] = True
     if getattr(args, "no_templates", False):
         options["templates"] = False
     if getattr(args, "verbose", False):

@@ -14,8 +14,11 @@ gradients and updates, and one compiled batch size serves the last, partial batc
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
+import os
 import time
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -109,7 +112,8 @@ class CompiledProgram:
     def __init__(self, backend, graphs: dict, state: dict, *, keys: dict | None = None, name: str | None = None,
                  data_name: str | None = None, preloaded: dict | None = None, threads: int | None = None,
                  no_cache: bool = False, cache_dir=None, profile: bool = False, templates: bool = True,
-                 verbose: Callable[[str], None] | None = None, overlap: bool = False):
+                 verbose: Callable[[str], None] | None = None, overlap: bool = False,
+                 quick_start: bool | None = None):
         self.backend = backend
         self._graphs = dict(graphs)         # entry -> symbolic graph after the graph passes (or a function)
         self.entries = tuple(graphs)
@@ -123,6 +127,10 @@ class CompiledProgram:
         self.templates = backend.templates if templates else frozenset()
         self.verbose = verbose
         self.overlap = overlap  # data-parallel exchanges overlap later phases (schedule.py)
+        # start on quickly compiled code while the optimized code compiles (not while
+        # profiling: the profile is of the optimized code)
+        self.quick_start = (quick_start if quick_start is not None else quick_start_default()) and not profile
+        self._optimizing: dict[int, tuple] = {}  # batch -> (Optimizing, when it started)
         self.batch: int | None = None       # smaller batches are padded to this size (when they can be)
         self.units: dict[int, dict] = {}    # batch -> {entry: loaded step}
         self.origins: dict[int, str] = {}   # batch -> "cache", "compiled" or "artifact" (the compiling line)
@@ -165,6 +173,8 @@ class CompiledProgram:
         if VALID in self._inputs(step):
             feeds = {**feeds, VALID: np.int32(n)}
         backends.sync_state(self.state, keep=self.backend)  # another backend's device copy comes back first
+        if self._optimizing:
+            self.use_optimized()
         out = step.run(self.state, feeds)
         if padded:  # the padding rows' results go (a GPU's deferred result is read here: last batches only)
             out = {k: _rows_of(v, n, batch) for k, v in out.items()}
@@ -192,7 +202,7 @@ class CompiledProgram:
             preloaded = self.preloaded.pop(batch, None)
             if preloaded:
                 self.origins[batch] = "artifact"
-            blobs, layout = preloaded or self.compiled(batch)
+            blobs, layout = preloaded or self.compiled(batch, quick=self.quick_start)
             self._check_memory(batch, entries_of(layout).values())
             if isinstance(layout, Entries):
                 unit = self.backend.load_entries(blobs, layout, self.target)
@@ -219,9 +229,10 @@ class CompiledProgram:
         return [(name, lines, sec) for (name, lines), sec in rows.items()]
 
     # --- compiling --------------------------------------------------------------------------
-    def compiled(self, batch: int) -> tuple[list[bytes], StepLayout | Entries]:
+    def compiled(self, batch: int, quick: bool = False) -> tuple[list[bytes], StepLayout | Entries]:
         """The backend's code for one batch size, through the cache: a StepLayout for a
-        single entry, Entries for several."""
+        single entry, Entries for several. quick: on a cache miss, the backend's quick code
+        if it has a quick tier, its optimized code on the way (use_optimized swaps it in)."""
         from dlc.pipeline import check_collectives, kernel_program, lower
         start = time.perf_counter()
         key = self._cache_key(batch) if self.cache else None
@@ -245,21 +256,71 @@ class CompiledProgram:
                 timings[phase] = timings.get(phase, 0.0) + t
         self._check_memory(batch, [_planned(p) for p in programs.values()])  # before compiling them
         if len(programs) == 1:
-            compiled = self.backend.compile(programs[self.entries[0]], self.target, profile=self.profile)
+            compiled = self.backend.compile(programs[self.entries[0]], self.target, self.profile, quick)
         else:
-            compiled = self.backend.compile_entries(programs, self.target, profile=self.profile)
+            compiled = self.backend.compile_entries(programs, self.target, self.profile, quick)
         self._compiles += 1
         self.origins[batch] = "compiled"
-        if self.cache:
+        if compiled.optimized is not None:  # quick code: the optimized code is cached where it is made
+            self._start_optimizing(batch, compiled, key)
+        elif self.cache:
             self.cache.put(key, compiled.blobs, compiled.layout.to_json())
         timings.update(compiled.timings)
         phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in timings.items())
         stats = "".join(f", {v} {k}" for k, v in compiled.stats.items())
+        quick = ", quick code (the optimized code follows)" if compiled.optimized is not None else ""
         self._say(f"compile cache {'miss ' + key[:12] if key else 'off'} ({what}): "
-                  f"{(time.perf_counter() - start) * 1e3:.0f} ms: {phases}{stats}")
+                  f"{(time.perf_counter() - start) * 1e3:.0f} ms: {phases}{stats}{quick}")
         for note in compiled.notes:
             self._say(note)
         return compiled.blobs, compiled.layout
+
+    def _start_optimizing(self, batch: int, compiled, key: str | None) -> None:
+        cache = self.cache
+
+        def keep(optimized) -> None:  # runs where the optimized code is made
+            if cache is not None:
+                cache.put(key, optimized.blobs, optimized.layout.to_json())
+        optimizing = compiled.optimized(keep)
+        self._optimizing[batch] = (optimizing, time.perf_counter())
+        _unfinished.add(self)
+        if cache is None:  # nothing would keep it once this program is gone
+            weakref.finalize(self, optimizing.cancel)
+
+    def use_optimized(self, wait: bool = False) -> None:
+        """Swap the optimized code in for the quick code of each loaded unit whose optimized
+        code is ready (`wait`: waits for it). Runs between steps; the results do not change
+        (every LLVM pipeline computes the same bits), only the speed."""
+        for batch, (optimizing, started) in list(self._optimizing.items()):
+            unit = self.units.get(batch)
+            if unit is None or not (wait or optimizing.ready()):
+                continue
+            del self._optimizing[batch]
+            what = f"{self.name}, batch {batch}"
+            try:
+                optimized = optimizing.result()
+                self.backend.replace_code(unit, optimized, self.target)
+            except Exception as e:  # noqa: BLE001 - the quick code runs on, correct and slower
+                from dlc.core.diagnostics import warn
+                warn(f"compiling the optimized code of {what} failed ({e}); the quick code runs on, slower")
+                continue
+            phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in optimized.timings.items())
+            self._say(f"optimized code in use ({what}) {(time.perf_counter() - started) * 1e3:.0f} ms after "
+                      f"the quick code, {sum(s.calls for s in unit.values())} step(s) later: {phases}")
+        if not self._optimizing:
+            _unfinished.discard(self)
+
+    def stop_optimizing(self) -> None:
+        """Give up the optimized code still on its way (the process ends: a cached one is
+        finished by its own process, for the next run)."""
+        for batch, (optimizing, _) in self._optimizing.items():
+            if self.cache is None:
+                optimizing.cancel()
+            else:
+                self._say(f"the optimized code of {self.name}, batch {batch} was not ready; its process "
+                          "finishes it for the compile cache")
+        self._optimizing.clear()
+        _unfinished.discard(self)
 
     def _cached(self, key: str, batch: int) -> tuple[list[bytes], StepLayout | Entries] | None:
         """A cache entry that passed every check (its checksum, its layout, the backend's
@@ -326,6 +387,20 @@ class CompiledProgram:
     def _say(self, msg: str) -> None:
         if self.verbose:
             self.verbose(msg)
+
+
+def quick_start_default() -> bool:
+    """Whether programs start on quick code when not told (DLC_QUICK_START=1: yes)."""
+    return os.environ.get("DLC_QUICK_START", "0") not in ("0", "")
+
+
+_unfinished: "weakref.WeakSet[CompiledProgram]" = weakref.WeakSet()  # optimized code on its way
+
+
+@atexit.register
+def _stop_optimizing() -> None:
+    for program in list(_unfinished):
+        program.stop_optimizing()
 
 
 def format_bytes(n: int) -> str:

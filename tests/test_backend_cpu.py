@@ -469,10 +469,10 @@ def test_compiler_processes_take_modules_from_a_queue(monkeypatch):
 
     real = jit._compile_one
 
-    def failing(module, target):
+    def failing(module, target, quick=False):
         if module.name == "q3":
             raise ValueError("q3 does not compile")
-        return real(module, target)
+        return real(module, target, quick)
     monkeypatch.setattr(jit, "_compile_one", failing)
     with pytest.raises(RuntimeError, match="compiling a module failed: .*q3 does not compile"):
         jit.compile_modules(modules, target, workers=2)
@@ -568,25 +568,23 @@ def test_loop_nests_run_a_contiguous_plane_as_one_loop(tmp_path, monkeypatch):
     _same_step(merged, plain, 1e-5)
 
 
-def _quick_llvm(monkeypatch) -> None:
-    """Compile without LLVM's optimizer and with machine code at its light level (1)."""
-    import llvmlite.binding as llvm
-    from dlc.backends.llvm import jit, target
-
-    def machine(self):
-        target._init_llvm()
-        return llvm.Target.from_triple(self.triple).create_target_machine(
-            cpu=self.cpu, features=self.features, opt=1, reloc="pic", codemodel="small")
-    monkeypatch.setattr(jit, "_optimize", lambda llmod, tm: None)
-    monkeypatch.setattr(target.Target, "machine", machine)
+def _llvm_pipeline(monkeypatch, optimize) -> None:
+    """Compile with `optimize(llmod, tm)` in place of O3, and machine code at level 1."""
+    from dlc.backends.llvm import jit
+    from dlc.backends.llvm.target import Target
+    machine = Target.machine
+    monkeypatch.setattr(Target, "machine", lambda self, opt=3: machine(self, 1))
+    monkeypatch.setattr(jit, "_optimize", optimize)
 
 
 @pytest.mark.parametrize("name, batch", [("resnet_bn", 13), ("digits_mlp", 8), ("lstm_digits", 5)])
 def test_every_llvm_pipeline_computes_the_same_bits(name, batch, tmp_path, monkeypatch):
     """The kernels carry no fast-math flag (the emitters fuse multiply-adds and vectorize
-    sums themselves, in one order), so a training step compiled without LLVM's optimizer
-    computes exactly the bits the O3 code does: outputs and updated state. A quicker
-    first compile may then stand in for the optimized code without changing a result."""
+    sums themselves, in one order), so a training step compiled with the quick tier's
+    passes, or with no LLVM optimizer at all, computes exactly the bits the O3 code does:
+    outputs and updated state. The quick tier's code may then stand in for the optimized
+    code until that is swapped in (--quick-start) without changing a result."""
+    from dlc.backends.llvm import jit
     m = example_models.load(next(p for p in EXAMPLES if p.stem == name))
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
@@ -598,11 +596,12 @@ def test_every_llvm_pipeline_computes_the_same_bits(name, batch, tmp_path, monke
         return out, state
 
     optimized = run("O3")
-    _quick_llvm(monkeypatch)
-    quick = run("quick")
-    for got, want in zip(quick, optimized):
-        for k in want:
-            assert np.array_equal(got[k], want[k], equal_nan=True), k
+    for tag, optimize in (("quick", jit._quick), ("none", lambda llmod, tm: None)):
+        _llvm_pipeline(monkeypatch, optimize)
+        got = run(tag)
+        for have, want in zip(got, optimized):
+            for k in want:
+                assert np.array_equal(have[k], want[k], equal_nan=True), (tag, k)
     assert any(np.any(optimized[1][k] != m.state[k]) for k in m.state)  # the step did update
 
 

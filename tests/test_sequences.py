@@ -433,8 +433,8 @@ def test_every_batch_size_a_run_needs_is_compiled_before_the_first_step(monkeypa
     started, compiled = [], []
     submit, compile_ = trainer.Session.submit, CompiledProgram.compiled
     monkeypatch.setattr(trainer.Session, "submit", lambda self, *a: (started.append(1), submit(self, *a))[1])
-    monkeypatch.setattr(CompiledProgram, "compiled",
-                        lambda self, batch: (compiled.append((batch, bool(started))), compile_(self, batch))[1])
+    monkeypatch.setattr(CompiledProgram, "compiled", lambda self, batch, **kw: (
+        compiled.append((batch, bool(started))), compile_(self, batch, **kw))[1])
     m = _shortened("char_lm", 4)
     x, y = make_sequences.char_windows(n=50, steps=4, seed=1)
     # in order: 40 to train on, 10 to test; validation: the last 8 of the 40; batches of 16

@@ -54,7 +54,7 @@ class CudaBackend(Backend):
                             meta=meta)
         return rendered.source, layout
 
-    def compile(self, program, target, profile: bool = False) -> Compiled:
+    def compile(self, program, target, profile: bool = False, quick: bool = False) -> Compiled:
         from .render import launches_of, launches_per_step, steps_from_json
         start = time.perf_counter()
         source, layout = self.render(program, target, profile)

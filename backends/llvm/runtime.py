@@ -26,7 +26,7 @@ from dlc.core.types import DType
 
 from .codegen import FIXED_SLOTS
 
-from .jit import Engine
+from .jit import Engine, ForkedJob
 from .pool import Pool
 from .target import Target
 from .threads import RunTimeCheck
@@ -63,12 +63,11 @@ class NativeStep:
                 self._state_slots.append((name, self._slot[name], _np(dtype), tuple(shape)))
             else:
                 self._staging[name] = aligned_empty(tuple(shape), _np(dtype))
-        self._step_addr = self.engine.address(layout.meta.get("symbol", "dlc_step"))
-        self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
         self.pool = Pool.get(self.threads, cache) if self.threads > 1 else None
         # `--threads auto`: one thread is tried now and then while the steps run (threads.py)
         self.check = RunTimeCheck(self.threads) if target.auto and self.threads > 1 else None
         self._lock = threading.Lock()
+        self.use_code(self.engine)
         self.seconds, self.calls = 0.0, 0  # time spent in this step (for profiles)
         self._outputs = {name: self._view(*spec) for name, spec in layout.outputs.items()
                          if isinstance(spec[0], int)}
@@ -83,6 +82,16 @@ class NativeStep:
         if self._buckets:
             self._host_fn = HOST_FN(self._host)  # kept alive as long as the step
             self.table[4] = ctypes.cast(self._host_fn, ctypes.c_void_p).value
+
+    def use_code(self, engine: Engine) -> None:
+        """Run `engine`'s code for this layout from the next call on (the optimized code
+        of the quick code this step started with: same layout, same results)."""
+        with self._lock:
+            self.engine = engine
+            self._step_addr = engine.address(self.layout.meta.get("symbol", "dlc_step"))
+            self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
+            if self.check is not None:  # the quick code's times say nothing of the new code's
+                self.check = RunTimeCheck(self.threads)
 
     def _view(self, offset, dtype, shape):
         base = _aligned(self.arena) - self.arena.ctypes.data
@@ -144,6 +153,8 @@ class NativeStep:
         start = time.perf_counter()
         self._state = state
         threads = self.check.threads() if self.check is not None else self.threads
+        if ForkedJob.busy and threads > 1:  # cores this process's own compiles keep busy
+            threads = max(1, threads - ForkedJob.busy)
         if threads > 1:
             self.pool.run(self._step_addr, ctypes.addressof(self.table), threads)
         else:

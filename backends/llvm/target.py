@@ -86,13 +86,15 @@ class Target:
         """What an artifact records of the machine it was compiled for."""
         return {"cpu": self.cpu, "features": self.features, "threads": self.threads, "triple": self.triple}
 
-    def machine(self):
+    def machine(self, opt: int = 3):
+        """LLVM's code generator for this CPU at optimization level `opt` (instruction
+        selection and register allocation; the quick tier's is 1)."""
         _init_llvm()
         t = llvm.Target.from_triple(self.triple)
         # the small code model: constant pools are RIP-relative. (MCJIT's large model
         # addresses them through each object's GOT, which breaks when a step spans several
         # object files -- the kernels are compiled in parallel, one module per core.)
-        return t.create_target_machine(cpu=self.cpu, features=self.features, opt=3,
+        return t.create_target_machine(cpu=self.cpu, features=self.features, opt=opt,
                                        reloc="pic", codemodel="small")
 
 

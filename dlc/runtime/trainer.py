@@ -104,7 +104,7 @@ class Session:
         if world is not None:  # exchanges overlap the rest of the backward pass: measured faster
             if options.get("threads") in (None, "auto"):  # the ranks on this machine share its cores
                 options["threads"] = world.default_threads()
-            options = {"overlap": True, **options}
+            options = {"overlap": True, **options, "quick_start": False}  # (every rank on the O3 code)
             if not backends.backend(target).collectives:
                 raise UsageError(f"target `{target}` cannot run a data-parallel job yet: its steps have no "
                                  "collective exchange", hint="train with --target cpu, or in one process")
