@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the compiled training and evaluation steps (one program, for the train "
                         "block's batch size) to OUT (e.g. model.dlcx), which `dlc run OUT` and "
                         "`dlc eval OUT` load without compiling")
-    _add_target(p)
+    _add_target(p, steps=False)
 
     p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
                        description="Train a model with the recipe of its train block. Every value of "
@@ -230,24 +230,27 @@ def _target_arg(p: argparse.ArgumentParser) -> None:
                         "`dlc targets` describes each and says which are usable here)")
 
 
-def _add_target(p: argparse.ArgumentParser) -> None:
+def _add_target(p: argparse.ArgumentParser, steps: bool = True) -> None:
+    """steps: the command runs steps (run, eval, predict), not only compiles them."""
     _target_arg(p)
     p.add_argument("--threads", type=_threads, default="auto", metavar="N",
                    help="CPU threads: a number, or `auto` (the default): every core no other process keeps "
                         "busy (measured at start), and one thread for a step too small to share out")
     p.add_argument("--no-cache", action="store_true", help="compile afresh, ignoring the compile cache")
-    p.add_argument("--quick-start", action="store_true",
-                   help="on a cache miss, start training on quickly compiled code while the optimized code "
-                        "compiles in the background, and swap it in between steps: the first step comes "
-                        "sooner, the results are the same bits, and the optimized code is cached (on 2 "
-                        "cores the whole run is no sooner: the compile and the steps share them)")
+    if steps:
+        p.add_argument("--quick-start", action="store_true",
+                       help="on a cache miss, start training on quickly compiled code while the optimized code "
+                            "compiles in the background, and swap it in between steps: the first step comes "
+                            "sooner, the results are the same bits, and the optimized code is cached (on 2 "
+                            "cores the whole run is no sooner: the compile and the steps share them)")
     p.add_argument("--no-templates", action="store_true",
                    help="render matmuls, convolutions, pooling and gathers as plain loop nests instead of "
                         "the backend's dedicated code (slow; for testing a backend)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print the target, the one compile of the run (training and evaluation steps "
-                        "together: cache hit or miss, time per phase; when the optimized code replaced the "
-                        "quick code), and the threads each step chose")
+                        "together: cache hit or miss, time per phase" + ("; with --quick-start, when the "
+                        "optimized code replaced the quick code" if steps else "") + "), and the threads each "
+                        "step chose")
 
 
 def _backend_options(args) -> dict:
