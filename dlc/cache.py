@@ -23,20 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlc.core.diagnostics import UsageError
+from dlc.core.userdir import cache_dir as default_dir, insecure
 
 MAGIC = b"DLCOBJ3\0"
 DEFAULT_MAX_BYTES = 1 << 30
 _ENTRY = re.compile(r"[0-9a-f]{64}\.obj")   # an entry's file name (its key)
 _TEMP_PREFIX = ".dlc-"                      # a write in progress (or one a crash left behind)
 _warned: set = set()                        # directories already warned about in this process
-
-
-def default_dir() -> Path:
-    env = os.environ.get("DLC_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dlc"
 
 
 def max_bytes() -> int:
@@ -50,24 +43,6 @@ def max_bytes() -> int:
         raise UsageError(f"DLC_CACHE_MAX_BYTES={text!r} is not a size",
                          hint="give a positive number of bytes, e.g. 500M or 2G")
     return int(digits) * scale
-
-
-def insecure(directory: Path) -> str | None:
-    """Why other users could put code into `directory` (None: they cannot, or it does not
-    exist yet and will be created private)."""
-    try:
-        st = directory.stat()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return f"it cannot be inspected ({e.strerror or e})"
-    if not hasattr(os, "getuid"):
-        return None  # Windows: permissions are ACLs; the user's profile is private by default
-    if st.st_uid != os.getuid():
-        return "it is owned by another user"
-    if st.st_mode & 0o022:
-        return f"other users can write to it (mode {st.st_mode & 0o777:o})"
-    return None
 
 
 @dataclass

@@ -375,3 +375,43 @@ def test_the_cli_reports_a_step_larger_than_memory_in_one_sentence(tmp_path, mon
     assert cli.main(["run", str(MODEL), "--epochs", "1", "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: the compiled step for batch") and err[1].startswith("hint: use a smaller batch")
+
+
+PARSE_ONCE = """
+import sys, time
+from dlc.language.syntax import parse
+program = parse.parse(open(sys.argv[1]).read(), sys.argv[1])
+print(len(program.defs))
+"""
+
+
+def test_the_parser_tables_are_kept_only_in_a_private_cache_directory(tmp_path):
+    """The parser's LALR tables (unpickled when read) go to the private cache directory and
+    are read from there (the file is not written again); a damaged table file is rebuilt
+    without a word; a directory other users can write to is not used for them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "lenet5.dln")
+
+    def parse_in(directory: Path):
+        env = {**os.environ, "DLC_CACHE_DIR": str(directory)}
+        r = subprocess.run([sys.executable, "-c", PARSE_ONCE, example], capture_output=True, text=True, env=env,
+                           timeout=60)
+        assert r.returncode == 0 and r.stderr == "" and r.stdout.strip() == "1", r
+        return sorted(directory.glob("dln-parser.*"))
+
+    private = tmp_path / "private"
+    (tables,) = parse_in(private)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    written = tables.stat().st_mtime_ns
+    assert parse_in(private) == [tables] and tables.stat().st_mtime_ns == written
+    good = tables.read_bytes()
+    tables.write_bytes(good[:len(good) // 2])  # cut short: not loadable
+    assert parse_in(private) == [tables]
+    rebuilt = tables.read_bytes()  # (the same tables; a pickle's set order differs between processes)
+    assert rebuilt.split(b"\n")[0] == good.split(b"\n")[0] and abs(len(rebuilt) - len(good)) < 100
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    assert parse_in(shared) == []

@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import functools
+import sys
 
+import lark
 from lark import Lark, Token, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 from lark.visitors import Transformer_NonRecursive
 
 from dlc.core.diagnostics import DlcError, ParseError, Source, Span
+from dlc.core.userdir import private_file
 from dlc.language.syntax import ast
 
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
-    return Lark.open_from_package("dlc.grammar", "dln.lark", parser="lalr",
-                                  propagate_positions=True, maybe_placeholders=True)
+    """Building the LALR tables takes about 40 ms, loading them 4 ms: Lark keeps them in a
+    file in dlc's private cache directory, checked against a digest of the grammar and the
+    options (and rebuilt where it differs, is damaged or cannot be written: silently)."""
+    tables = private_file(f"dln-parser.lark-{lark.__version__}.py{sys.version_info[0]}{sys.version_info[1]}")
+    return Lark.open_from_package("dlc.grammar", "dln.lark", parser="lalr", propagate_positions=True,
+                                  maybe_placeholders=True, cache=str(tables) if tables else False)
 
 
 def parse(text: str, name: str = "<string>") -> ast.Program:
