@@ -173,3 +173,22 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_steps_leave_the_cores_of_an_optimizing_process_alone(monkeypatch):
+    """While this process's optimizing compile keeps a core busy (ForkedJob.busy), a
+    two-thread step runs on one thread (two threads and the compile on two cores would
+    wait at every barrier for the scheduler); once it is done, on two again."""
+    from dlc.backends.llvm import jit, pool
+    pooled = []  # the thread counts the worker pool ran steps on
+    real = pool.Pool.run
+    monkeypatch.setattr(pool.Pool, "run", lambda self, fn, table, n: pooled.append(n) or real(self, fn, table, n))
+    m = dlc.load(SOURCE)
+    session = m.session(m.train_config, "cpu", threads=2, no_cache=True, quick_start=False)
+    x, y = np.zeros((16, 20), np.float32), np.zeros(16, np.int32)
+    session.train_step(x, y, 0.01)
+    monkeypatch.setattr(jit.ForkedJob, "busy", 1)
+    session.train_step(x, y, 0.01)
+    monkeypatch.setattr(jit.ForkedJob, "busy", 0)
+    session.train_step(x, y, 0.01)
+    assert pooled == [2, 2]

@@ -87,11 +87,11 @@ class NativeStep:
         """Run `engine`'s code for this layout from the next call on (the optimized code
         of the quick code this step started with: same layout, same results)."""
         with self._lock:
+            if self.check is not None and engine is not self.engine:  # the quick code's times
+                self.check = RunTimeCheck(self.threads)                # say nothing of the new code's
             self.engine = engine
             self._step_addr = engine.address(self.layout.meta.get("symbol", "dlc_step"))
             self._step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)(self._step_addr)
-            if self.check is not None:  # the quick code's times say nothing of the new code's
-                self.check = RunTimeCheck(self.threads)
 
     def _view(self, offset, dtype, shape):
         base = _aligned(self.arena) - self.arena.ctypes.data
