@@ -242,7 +242,8 @@ def _add_target(p: argparse.ArgumentParser, steps: bool = True) -> None:
                        help="on a cache miss, start training on quickly compiled code while the optimized code "
                             "compiles in the background, and swap it in between steps: the first step comes "
                             "sooner, the results are the same bits, and the optimized code is cached (on 2 "
-                            "cores the whole run is no sooner: the compile and the steps share them)")
+                            "cores the whole run is no sooner: the compile and the steps share them; not with "
+                            "--profile, which profiles the optimized code)")
     p.add_argument("--no-templates", action="store_true",
                    help="render matmuls, convolutions, pooling and gathers as plain loop nests instead of "
                         "the backend's dedicated code (slow; for testing a backend)")

@@ -577,15 +577,16 @@ def _llvm_pipeline(monkeypatch, optimize) -> None:
     monkeypatch.setattr(jit, "_optimize", optimize)
 
 
-@pytest.mark.parametrize("name, batch", [("resnet_bn", 13), ("digits_mlp", 8), ("lstm_digits", 5)])
+@pytest.mark.parametrize("name, batch", [(p.stem, {"resnet_bn": 13, "digits_mlp": 8}.get(p.stem, 5))
+                                         for p in EXAMPLES])
 def test_every_llvm_pipeline_computes_the_same_bits(name, batch, tmp_path, monkeypatch):
     """The kernels carry no fast-math flag (the emitters fuse multiply-adds and vectorize
-    sums themselves, in one order), so a training step compiled with the quick tier's
-    passes, or with no LLVM optimizer at all, computes exactly the bits the O3 code does:
-    outputs and updated state. The quick tier's code may then stand in for the optimized
+    sums themselves, in one order), so a training step of every example compiled with the
+    quick tier's passes, or with no LLVM optimizer at all, computes exactly the bits the O3
+    code does: outputs and updated state. The quick tier's code may then stand in for the optimized
     code until that is swapped in (--quick-start) without changing a result."""
     from dlc.backends.llvm import jit
-    m = example_models.load(next(p for p in EXAMPLES if p.stem == name))
+    m = example_models.load(next(p for p in EXAMPLES if p.stem == name), short=True)
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
     feeds = _example_feeds(m, batch, np.random.default_rng(0))
