@@ -417,6 +417,13 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     v = _Vec(b, w, fused=target.has("fma"))
     mr, nv = plan.mr, plan.nv
+    # in the entry block, before any branch: only there do LLVM's SROA and mem2reg put the
+    # accumulators in registers without other passes first (the quick tier runs no others)
+    acc = [[b.alloca(v.ty, name=f"acc{i}_{j}") for j in range(nv)] for i in range(mr)]
+    # the tile epilogue runs as a loop over the tile's rows (its code once, not MR times:
+    # a long epilogue such as an Adam update was most of the kernel's code and compile
+    # time); the accumulators are copied into this array for it, once per tile
+    tile_rows = b.alloca(ir.ArrayType(v.ty, mr * nv), name="tile") if tile is not None else None
     given = dict(zip(strides, fn.args[len(args) - len(strides):]))
     a_rs, ldc = given.get("a_rs", lay.a_rs), given.get("ldc", lay.ldc)
 
@@ -451,11 +458,6 @@ def _emit_kernel(module, name, plan: GemmPlan, lay: _Layout, spec: GemmSpec, w: 
                 for j in range(nv):
                     tile.prefetch(b, v, ptrs, b.add(fn.args[8], _i64(i)), b.add(fn.args[9], _i64(j * w)))
 
-    acc = [[b.alloca(v.ty, name=f"acc{i}_{j}") for j in range(nv)] for i in range(mr)]
-    # the tile epilogue runs as a loop over the tile's rows (its code once, not MR times:
-    # a long epilogue such as an Adam update was most of the kernel's code and compile
-    # time); the accumulators are copied into this array for it, once per tile
-    tile_rows = b.alloca(ir.ArrayType(v.ty, mr * nv), name="tile") if tile is not None else None
     for row in acc:
         for slot in row:
             b.store(v.zero, slot)
