@@ -478,6 +478,39 @@ def test_compiler_processes_take_modules_from_a_queue(monkeypatch):
         jit.compile_modules(modules, target, workers=2)
 
 
+FORK_BESIDE_LLVM = """
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+from llvmlite.binding import ffi
+from test_backend_cpu import _numbered_modules
+from dlc.backends.llvm import jit
+from dlc.backends.llvm.target import Target
+target = Target.host(2)
+modules = _numbered_modules(target, 4)
+held, release = threading.Event(), threading.Event()
+def hold():  # another thread inside llvmlite while the compile forks
+    with ffi.lib._lock:
+        held.set()
+        release.wait()
+threading.Thread(target=hold).start()
+held.wait()
+threading.Timer(0.3, release.set).start()
+print(len(jit.compile_modules(modules, target, workers=2).objects))
+"""
+
+
+def test_a_compile_forks_only_when_no_other_thread_is_inside_llvm():
+    """A compile whose workers fork while another thread of the process holds llvmlite's
+    lock (fit compiles on a thread of its own) waits for the lock before it forks: a child
+    forked then would inherit the lock held by a thread it does not have, and wait for it
+    forever (a test run hung so)."""
+    from pathlib import Path
+    here = str(Path(__file__).resolve().parent)
+    r = subprocess.run([sys.executable, "-c", FORK_BESIDE_LLVM, here], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(here).parent)})
+    assert r.returncode == 0 and r.stdout.split() == ["4"], r.stderr
+
+
 def test_training_and_evaluation_share_their_forward_convolutions():
     """LeNet-5's two convolutions (with their bias + ReLU epilogues) are the same code in
     the training and the evaluation step: built once, both steps call one function."""

@@ -115,7 +115,7 @@ def _compile_forked(modules: list[ir.Module], target: Target, workers: int, orde
     try:
         for _ in range(workers - 1):
             read, write = os.pipe()
-            pid = os.fork()
+            pid = _fork()
             if pid == 0:  # the child: compile, send, leave without running any Python cleanup
                 try:
                     os.close(read)
@@ -155,11 +155,9 @@ def _send_and_exit(fd: int, payload: bytes) -> None:
 
 
 class ForkedJob:
-    """fn() run by a forked process while this one goes on; its result comes back pickled.
-    The process forks holding llvmlite's lock, so that no other thread of this one is
-    inside LLVM at that moment (the child would inherit LLVM's state half-changed, and
-    the lock held: it forks again, for its compiler workers, single-threaded). It is
-    the leader of its own process group, so cancel() stops its workers with it.
+    """fn() run by a forked process while this one goes on; its result comes back pickled
+    (the child forks again, for its compiler workers, single-threaded). It is the leader
+    of its own process group, so cancel() stops its workers with it.
     `cores`: how many cores it keeps busy; `ForkedJob.busy` counts them over the jobs
     still running (the steps of this process leave them alone)."""
     busy = 0
@@ -169,16 +167,15 @@ class ForkedJob:
         import pickle
         _init_llvm()
         read, write = os.pipe()
-        with _llvm_lock():
-            pid = os.fork()
-            if pid == 0:  # (both sides set the group: cancel() may come before the child runs)
-                try:
-                    _keep_only(write)
-                    os.setpgid(0, 0)
-                    payload = pickle.dumps(("ok", fn()))
-                except BaseException as e:  # noqa: BLE001 - reported by the parent
-                    payload = pickle.dumps(("error", repr(e)))
-                _send_and_exit(write, payload)
+        pid = _fork()
+        if pid == 0:  # (both sides set the group: cancel() may come before the child runs)
+            try:
+                _keep_only(write)
+                os.setpgid(0, 0)
+                payload = pickle.dumps(("ok", fn()))
+            except BaseException as e:  # noqa: BLE001 - reported by the parent
+                payload = pickle.dumps(("error", repr(e)))
+            _send_and_exit(write, payload)
         os.close(write)
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
@@ -229,6 +226,15 @@ def _keep_only(fd: int) -> None:
         os.dup2(null, std)
     os.closerange(3, fd)
     os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024)
+
+
+def _fork() -> int:
+    """os.fork() holding llvmlite's lock, so that no other thread of this process is inside
+    LLVM at that moment: the child would inherit LLVM's state half-changed, and the lock
+    held by a thread it does not have, and wait for it forever (a test run hung so: a
+    compile forked on `fit`'s background thread while another thread was in llvmlite)."""
+    with _llvm_lock():
+        return os.fork()
 
 
 def _llvm_lock():
