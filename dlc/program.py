@@ -14,7 +14,6 @@ gradients and updates, and one compiled batch size serves the last, partial batc
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
 import time
@@ -130,7 +129,7 @@ class CompiledProgram:
         # start on quickly compiled code while the optimized code compiles (not while
         # profiling: the profile is of the optimized code)
         self.quick_start = (quick_start if quick_start is not None else quick_start_default()) and not profile
-        self._optimizing: dict[int, tuple] = {}  # batch -> (Optimizing, when it started)
+        self._optimizing: dict[int, tuple] = {}  # batch -> (Optimizing, when it started, its finalizer)
         self.batch: int | None = None       # smaller batches are padded to this size (when they can be)
         self.units: dict[int, dict] = {}    # batch -> {entry: loaded step}
         self.origins: dict[int, str] = {}   # batch -> "cache", "compiled" or "artifact" (the compiling line)
@@ -266,7 +265,7 @@ class CompiledProgram:
         elif self.cache:
             self.cache.put(key, compiled.blobs, compiled.layout.to_json())
         timings.update(compiled.timings)
-        phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in timings.items())
+        phases = _phases(timings)
         stats = "".join(f", {v} {k}" for k, v in compiled.stats.items())
         quick = ", quick code (the optimized code follows)" if compiled.optimized is not None else ""
         self._say(f"compile cache {'miss ' + key[:12] if key else 'off'} ({what}): "
@@ -282,20 +281,26 @@ class CompiledProgram:
             if cache is not None:
                 cache.put(key, optimized.blobs, optimized.layout.to_json())
         optimizing = compiled.optimized(keep)
-        self._optimizing[batch] = (optimizing, time.perf_counter())
-        _unfinished.add(self)
-        if cache is None:  # nothing would keep it once this program is gone
-            weakref.finalize(self, optimizing.cancel)
+        # this program gone (or the process ending) before the code is in: nothing would
+        # keep code compiled for no cache; a cached one is finished by its own process
+        if cache is None:
+            finalizer = weakref.finalize(self, optimizing.cancel)
+        else:
+            finalizer = weakref.finalize(self, self.verbose or (lambda _: None),
+                                         f"the optimized code of {self.name}, batch {batch} was not ready; its "
+                                         "process finishes it for the compile cache")
+        self._optimizing[batch] = (optimizing, time.perf_counter(), finalizer)
 
     def use_optimized(self, wait: bool = False) -> None:
         """Swap the optimized code in for the quick code of each loaded unit whose optimized
         code is ready (`wait`: waits for it). Runs between steps; the results do not change
         (every LLVM pipeline computes the same bits), only the speed."""
-        for batch, (optimizing, started) in list(self._optimizing.items()):
+        for batch, (optimizing, started, finalizer) in list(self._optimizing.items()):
             unit = self.units.get(batch)
             if unit is None or not (wait or optimizing.ready()):
                 continue
             del self._optimizing[batch]
+            finalizer.detach()
             what = f"{self.name}, batch {batch}"
             try:
                 optimized = optimizing.result()
@@ -304,23 +309,9 @@ class CompiledProgram:
                 from dlc.core.diagnostics import warn
                 warn(f"compiling the optimized code of {what} failed ({e}); the quick code runs on, slower")
                 continue
-            phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in optimized.timings.items())
             self._say(f"optimized code in use ({what}) {(time.perf_counter() - started) * 1e3:.0f} ms after "
-                      f"the quick code, {sum(s.calls for s in unit.values())} step(s) later: {phases}")
-        if not self._optimizing:
-            _unfinished.discard(self)
-
-    def stop_optimizing(self) -> None:
-        """Give up the optimized code still on its way (the process ends: a cached one is
-        finished by its own process, for the next run)."""
-        for batch, (optimizing, _) in self._optimizing.items():
-            if self.cache is None:
-                optimizing.cancel()
-            else:
-                self._say(f"the optimized code of {self.name}, batch {batch} was not ready; its process "
-                          "finishes it for the compile cache")
-        self._optimizing.clear()
-        _unfinished.discard(self)
+                      f"the quick code, {sum(s.calls for s in unit.values())} step(s) later: "
+                      f"{_phases(optimized.timings)}")
 
     def _cached(self, key: str, batch: int) -> tuple[list[bytes], StepLayout | Entries] | None:
         """A cache entry that passed every check (its checksum, its layout, the backend's
@@ -394,13 +385,8 @@ def quick_start_default() -> bool:
     return os.environ.get("DLC_QUICK_START", "0") not in ("0", "")
 
 
-_unfinished: "weakref.WeakSet[CompiledProgram]" = weakref.WeakSet()  # optimized code on its way
-
-
-@atexit.register
-def _stop_optimizing() -> None:
-    for program in list(_unfinished):
-        program.stop_optimizing()
+def _phases(timings: dict) -> str:
+    return ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in timings.items())
 
 
 def format_bytes(n: int) -> str:

@@ -41,7 +41,7 @@ def _train(options: dict, steps: int = STEPS, swap_at: int | None = None):
     losses = []
     for i in range(steps):
         if i == swap_at:
-            for optimizing, _ in session.train_program._optimizing.values():
+            for optimizing, *_ in session.train_program._optimizing.values():
                 while not optimizing.ready():
                     time.sleep(0.01)
         losses.append(session.train_step(x, y, 0.01)["loss"])

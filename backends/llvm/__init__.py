@@ -215,10 +215,9 @@ def _bind_layout(module, layout: StepLayout) -> None:
 
 
 def _finish(mb, layout, target, objects) -> Compiled:
-    """The compiled modules with a copy of their layout that records what each object
-    defines and needs (checked against the objects before loading them)."""
-    from dlc.backends.base import layout_from_json
-    layout = layout_from_json(layout.to_json())
+    """The compiled modules, their layout recording what each object defines and needs
+    (checked against the objects before loading them). (The optimized code's is recorded
+    in the process that compiles it, on that process's copy of the layout.)"""
     if is_elf(target.triple):
         layout.meta.update({"tag": mb.tag, "objects": [_symbols(obj) for obj in objects.objects]})
     return Compiled(objects.objects, layout, {"LLVM optimize": objects.seconds_optimize,

@@ -47,8 +47,9 @@ def _optimize(llmod, tm) -> None:
 # The quick tier's passes: locals into registers, the cheap scalar clean-ups and redundant
 # loads; no loop passes, no vectorizer (the emitters vectorize the hot loops themselves).
 # Measured against no pass at all: compile time within noise, the residual network's step
-# 22 -> 18.5 ms, the MLP's 2.9 -> 1.8 ms (O3: 14.7 and 0.7 ms); LLVM's O1 pipeline costs
-# about what O3 does here. None of them may change a result: the kernels carry no
+# 22 -> 18.5 ms, the MLP's 2.9 -> 1.8 ms (O3: 14.7 and 0.7 ms; since the GEMM's
+# accumulators are allocated in its entry block, the MLP's quick step is the O3 step's);
+# LLVM's O1 pipeline costs about what O3 does here. None of them may change a result: the kernels carry no
 # fast-math flag, so every pipeline computes the same bits (test_backend_cpu.py).
 QUICK_PASSES = ("always_inliner", "sroa", "instruction_combine", "simplify_cfg", "sccp",
                 "dead_code_elimination", "new_gvn")
@@ -107,34 +108,20 @@ def _compile_forked(modules: list[ir.Module], target: Target, workers: int, orde
     """workers - 1 forked children (which inherit the built modules and an initialized LLVM,
     and need no imports) and this process take modules from one queue; the children's
     results come back through pipes."""
-    import pickle
     queue, fill = os.pipe()
     os.write(fill, b"".join(i.to_bytes(4, "little") for i in order))
     os.close(fill)  # an empty queue then reads as the end
     children = []
     try:
         for _ in range(workers - 1):
-            read, write = os.pipe()
-            pid = _fork()
-            if pid == 0:  # the child: compile, send, leave without running any Python cleanup
-                try:
-                    os.close(read)
-                    payload = pickle.dumps(("ok", _take_modules(queue, modules, target, quick)))
-                except BaseException as e:  # noqa: BLE001 - reported by the parent
-                    payload = pickle.dumps(("error", repr(e)))
-                _send_and_exit(write, payload)
-            os.close(write)
-            children.append((pid, read))
+            children.append(_spawn(lambda: _take_modules(queue, modules, target, quick)))
         results, failure = _take_modules(queue, modules, target, quick), None
     except Exception as e:  # noqa: BLE001 - raised once the children are collected
         results, failure = {}, repr(e)
     finally:
         os.close(queue)
     for pid, read in children:
-        with os.fdopen(read, "rb") as f:
-            data = f.read()
-        os.waitpid(pid, 0)
-        status, value = pickle.loads(data) if data else ("error", "the compiler process died")
+        status, value = _outcome(pid, read)
         if status == "ok":
             results.update(value)
         else:
@@ -144,58 +131,69 @@ def _compile_forked(modules: list[ir.Module], target: Target, workers: int, orde
     return [results[i] for i in range(len(modules))]
 
 
-def _send_and_exit(fd: int, payload: bytes) -> None:
-    """A forked child's last act: its result into the pipe (a reader that is gone is no
-    error), then out without running any of the parent's Python cleanup."""
+def _spawn(fn: Callable, detach: bool = False) -> tuple[int, int]:
+    """fn() in a forked child, which sends ("ok", its result) or ("error", why) pickled
+    through a pipe and leaves without running any of this process's Python cleanup:
+    (its pid, the pipe's reading end; _outcome reads it). `detach`: the child may outlive
+    this process, so it keeps none of its files and leads a process group of its own
+    (both sides set it: a kill may come before the child runs)."""
+    import pickle
+    read, write = os.pipe()
+    pid = _fork()
+    if pid == 0:
+        try:
+            if detach:
+                _keep_only(write)
+                os.setpgid(0, 0)
+            else:
+                os.close(read)
+            payload = pickle.dumps(("ok", fn()))
+        except BaseException as e:  # noqa: BLE001 - reported by the parent
+            payload = pickle.dumps(("error", repr(e)))
+        try:
+            with os.fdopen(write, "wb") as f:
+                f.write(payload)
+        finally:  # (a reader that is gone is no error)
+            os._exit(0)
+    os.close(write)
+    if detach:
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
+    return pid, read
+
+
+def _outcome(pid: int, read: int) -> tuple[str, object]:
+    """What a _spawn child sent, once it has exited: ("ok", result) or ("error", why)."""
+    import pickle
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-    finally:
-        os._exit(0)
+        return pickle.loads(data) if data else ("error", "the compiler process died")
+    except Exception as e:  # noqa: BLE001 - a cut-off payload
+        return "error", f"its result could not be read ({e!r})"
 
 
 class ForkedJob:
-    """fn() run by a forked process while this one goes on; its result comes back pickled
-    (the child forks again, for its compiler workers, single-threaded). It is the leader
-    of its own process group, so cancel() stops its workers with it.
-    `cores`: how many cores it keeps busy; `ForkedJob.busy` counts them over the jobs
-    still running (the steps of this process leave them alone)."""
+    """fn() run by a detached forked process (_spawn) while this one goes on (the child
+    forks again, for its compiler workers, single-threaded); cancel() stops it and its
+    workers. `cores`: how many cores it keeps busy; `ForkedJob.busy` counts them over the
+    jobs still running (the steps of this process leave them alone)."""
     busy = 0
     _count = threading.Lock()
 
     def __init__(self, fn: Callable, cores: int = 1):
-        import pickle
         _init_llvm()
-        read, write = os.pipe()
-        pid = _fork()
-        if pid == 0:  # (both sides set the group: cancel() may come before the child runs)
-            try:
-                _keep_only(write)
-                os.setpgid(0, 0)
-                payload = pickle.dumps(("ok", fn()))
-            except BaseException as e:  # noqa: BLE001 - reported by the parent
-                payload = pickle.dumps(("error", repr(e)))
-            _send_and_exit(write, payload)
-        os.close(write)
-        with contextlib.suppress(OSError):
-            os.setpgid(pid, pid)
-        self.pid, self.cores = pid, cores
+        self.pid, read = _spawn(fn, detach=True)
+        self.cores = cores
         with ForkedJob._count:
             ForkedJob.busy += cores
         self._outcome: tuple | None = None
         self._done = threading.Event()
-        self._reader = threading.Thread(target=self._collect, args=(read,), name="dlc-optimize", daemon=True)
-        self._reader.start()
+        threading.Thread(target=self._collect, args=(read,), name="dlc-optimize", daemon=True).start()
 
     def _collect(self, read: int) -> None:
-        import pickle
-        with os.fdopen(read, "rb") as f:
-            data = f.read()
-        os.waitpid(self.pid, 0)
-        try:
-            self._outcome = pickle.loads(data) if data else ("error", "the compiler process died")
-        except Exception as e:  # noqa: BLE001 - a cut-off payload
-            self._outcome = ("error", f"its result could not be read ({e!r})")
+        self._outcome = _outcome(self.pid, read)
         with ForkedJob._count:
             ForkedJob.busy -= self.cores
         self._done.set()
