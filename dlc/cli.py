@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and `allreduce` stages; --batch is then the rank's share)")
     p.add_argument("-o", "--output", metavar="OUT",
                    help="write the compiled training and evaluation steps (one program, for the train "
-                        "block's batch size) to OUT (e.g. model.dlcx), which `dlc run OUT` and "
-                        "`dlc eval OUT` load without compiling")
+                        "block's batch size and --batch's) to OUT (e.g. model.dlcx), which `dlc run OUT` "
+                        "and `dlc eval OUT` load without compiling")
     _add_target(p, steps=False)
 
     p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
@@ -366,7 +366,8 @@ def cmd_compile(args) -> int:
         raise UsageError("-o writes one-process steps; a data-parallel job compiles its own (through the cache)",
                          hint="leave out --ranks to write an artifact")
     if args.output:
-        steps = model.compile_artifact(args.output, target=args.target, **_backend_options(args))
+        steps = model.compile_artifact(args.output, batches=[args.batch] if args.batch else None,
+                                       target=args.target, **_backend_options(args))
         print(f"wrote {args.output}: {model.name}, steps " + ", ".join(f"{m} batch {b}" for m, b in steps))
         return 0
     if not (dumps or args.time_passes or args.stats or args.explain_fusion):

@@ -88,10 +88,10 @@ def test_a_failed_optimized_compile_leaves_the_quick_code_running(monkeypatch):
     from dlc.backends.llvm import jit
     real = jit._compile_one
 
-    def no_o3(module, target, quick=False):
+    def no_o3(module, target, quick=False, lsr=False):
         if not quick:
             raise ValueError("O3 is out of order")
-        return real(module, target, quick)
+        return real(module, target, quick, lsr)
     monkeypatch.setattr(jit, "_compile_one", no_o3)
     with pytest.warns(DlcWarning, match="optimized code of m train\\+eval, batch 16 failed .*O3 is out of "
                                         "order.*the quick code runs on"):
@@ -122,10 +122,10 @@ EXITING = """
 import sys, time, numpy as np, dlc
 from dlc.backends.llvm import jit
 real = jit._compile_one
-def slow(module, target, quick=False):  # the optimizing process takes its time
+def slow(module, target, quick=False, lsr=False):  # the optimizing process takes its time
     if not quick and module.name.endswith(".0"):
         time.sleep(float(sys.argv[3]))
-    return real(module, target, quick)
+    return real(module, target, quick, lsr)
 jit._compile_one = slow
 m = dlc.load(sys.argv[1])
 s = m.session(m.train_config, "cpu", threads=1, quick_start=True,

@@ -106,6 +106,7 @@ class ModuleBuilder:
         self.entry_calls: dict[str, list] = {}  # per entry: what its step calls (ModuleBuilder._functions)
         self.gemms: dict = {}  # (module index, spec, tile epilogue key) -> GemmInfo: one function each
         self.shared = 0  # parts that reuse an identical function
+        self.lsr = frozenset()  # the modules that hold a GEMM (jit._machine_code), once built
         self._by_key: dict = {}
         self._helpers: dict = {}  # key -> function (ModuleBuilder.helper)
         self._names: dict = {}  # prefix -> last number (ModuleBuilder.fresh_name)
@@ -143,6 +144,8 @@ class ModuleBuilder:
         # a small program leaves some modules empty: nothing to compile or load there
         kept = [i for i, m in enumerate(self.modules) if i == 0 or any(not f.is_declaration for f in m.functions)]
         self.modules, self.sizes = [self.modules[i] for i in kept], [self.sizes[i] for i in kept]
+        with_gemm = {key[0] for key in self.gemms}
+        self.lsr = frozenset(j for j, i in enumerate(kept) if i in with_gemm)
         return self.modules
 
     def _functions(self, entries, prefix: str, parts: list) -> list:

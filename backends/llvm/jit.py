@@ -23,15 +23,30 @@ class Compiled:
     seconds_codegen: float
 
 
-def _compile_one(module: ir.Module, target: Target, quick: bool = False) -> tuple[bytes, float, float]:
+def _compile_one(module: ir.Module, target: Target, quick: bool = False,
+                 lsr: bool = False) -> tuple[bytes, float, float]:
     llmod = llvm.parse_assembly(str(module))  # printing a large module takes a while: each process its own
     llmod.verify()
     tm = target.machine(opt=1 if quick else 3)
     start = time.perf_counter()
     (_quick if quick else _optimize)(llmod, tm)
     optimized = time.perf_counter()
-    obj = tm.emit_object(llmod)
+    obj = _machine_code(tm.emit_object, llmod, lsr)
     return obj, optimized - start, time.perf_counter() - optimized
+
+
+def _machine_code(emit: Callable, llmod, lsr: bool):
+    """emit(llmod) (object code or assembly) with LLVM's loop strength reduction only where
+    `lsr` asks for it: a module holding a GEMM. Elsewhere it was 11% of the residual
+    network's LLVM time, and every benchmark model's step measured within noise without
+    it (AVX-512 and AVX2); with none at all the wide MLP's step was 4% slower
+    (README, "Compile time"). The switch is one of LLVM's global options, set for each
+    module: each compiler process compiles one module at a time."""
+    llvm.set_option("dlc", f"-disable-lsr={str(not lsr).lower()}")
+    try:
+        return emit(llmod)
+    finally:
+        llvm.set_option("dlc", "-disable-lsr=false")  # LLVM's default, for anyone else in this process
 
 
 def _optimize(llmod, tm) -> None:
@@ -71,8 +86,9 @@ def compile_workers() -> int:
 
 
 def compile_modules(modules: list[ir.Module], target: Target, workers: int | None = None,
-                    sizes: list[int] | None = None, quick: bool = False) -> Compiled:
-    """Optimize (`quick`: the quick tier's passes) and emit every module. llvmlite
+                    sizes: list[int] | None = None, quick: bool = False, lsr: frozenset = frozenset()) -> Compiled:
+    """Optimize (`quick`: the quick tier's passes) and emit every module (those numbered
+    in `lsr` with LLVM's loop strength reduction: _machine_code). llvmlite
     serializes its calls behind one lock, so threads would not overlap: `workers`
     processes (this one and forked children) take the modules from a queue, the next one
     as each finishes, the largest (`sizes`) first -- the modules' LLVM costs differ
@@ -81,10 +97,12 @@ def compile_modules(modules: list[ir.Module], target: Target, workers: int | Non
     _init_llvm()
     workers = min(workers or compile_workers(), len(modules))
     order = sorted(range(len(modules)), key=lambda i: -sizes[i]) if sizes else list(range(len(modules)))
+    def one(i: int):
+        return _compile_one(modules[i], target, quick, i in lsr)
     if workers == 1 or not can_fork():
-        results = [_compile_one(m, target, quick) for m in modules]
+        results = [one(i) for i in range(len(modules))]
     else:
-        results = _compile_forked(modules, target, workers, order, quick)
+        results = _compile_forked(one, len(modules), workers, order)
     return Compiled([r[0] for r in results], sum(r[1] for r in results), sum(r[2] for r in results))
 
 
@@ -93,29 +111,28 @@ def can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-def _take_modules(queue: int, modules: list[ir.Module], target: Target, quick: bool) -> dict:
-    """Compile module after module from the queue (a pipe of 4-byte indices, each read
-    whole by one process) until it is empty: {index: result}."""
+def _take_modules(queue: int, one: Callable) -> dict:
+    """Compile module after module, one(index), from the queue (a pipe of 4-byte indices,
+    each read whole by one process) until it is empty: {index: result}."""
     done = {}
     while len(item := os.read(queue, 4)) == 4:
         i = int.from_bytes(item, "little")
-        done[i] = _compile_one(modules[i], target, quick)
+        done[i] = one(i)
     return done
 
 
-def _compile_forked(modules: list[ir.Module], target: Target, workers: int, order: list[int],
-                    quick: bool) -> list:
+def _compile_forked(one: Callable, count: int, workers: int, order: list[int]) -> list:
     """workers - 1 forked children (which inherit the built modules and an initialized LLVM,
-    and need no imports) and this process take modules from one queue; the children's
-    results come back through pipes."""
+    and need no imports) and this process take the `count` modules from one queue; the
+    children's results come back through pipes."""
     queue, fill = os.pipe()
     os.write(fill, b"".join(i.to_bytes(4, "little") for i in order))
     os.close(fill)  # an empty queue then reads as the end
     children = []
     try:
         for _ in range(workers - 1):
-            children.append(_spawn(lambda: _take_modules(queue, modules, target, quick)))
-        results, failure = _take_modules(queue, modules, target, quick), None
+            children.append(_spawn(lambda: _take_modules(queue, one)))
+        results, failure = _take_modules(queue, one), None
     except Exception as e:  # noqa: BLE001 - raised once the children are collected
         results, failure = {}, repr(e)
     finally:
@@ -126,9 +143,9 @@ def _compile_forked(modules: list[ir.Module], target: Target, workers: int, orde
             results.update(value)
         else:
             failure = failure or value
-    if failure is not None or len(results) != len(modules):
+    if failure is not None or len(results) != count:
         raise RuntimeError(f"compiling a module failed: {failure or 'a module was not compiled'}")
-    return [results[i] for i in range(len(modules))]
+    return [results[i] for i in range(count)]
 
 
 def _spawn(fn: Callable, detach: bool = False) -> tuple[int, int]:
@@ -267,10 +284,13 @@ def optimized_ir(modules: list[ir.Module], target: Target) -> str:
     return str(_optimized(modules, target)[0])
 
 
-def assembly(modules: list[ir.Module], target: Target) -> str:
-    """Optimized machine code as text (`--dump-ir=asm`)."""
-    llmod, tm = _optimized(modules, target)
-    return tm.emit_assembly(llmod)
+def assembly(modules: list[ir.Module], target: Target, lsr: frozenset = frozenset()) -> str:
+    """Optimized machine code as text (`--dump-ir=asm`), module by module as compiled."""
+    texts = []
+    for i, module in enumerate(modules):
+        llmod, tm = _optimized([module], target)
+        texts.append(_machine_code(tm.emit_assembly, llmod, i in lsr))
+    return "\n".join(texts)
 
 
 _process_ready = False
