@@ -326,6 +326,12 @@ def test_the_launcher_names_every_rank_that_may_have_died_first(tmp_path):
         f"(pid {bystander}) was killed by signal 9, but their processes ended together here")
     unwatched = _EndWatch(tmp_path, len(sleepers))  # no pidfds: mpiexec's report, its pid mapped to a rank
     assert _who_ended([(str(bystander), "9")], unwatched) == f"rank 0 (pid {bystander}) was killed by signal 9"
+    # no report from mpiexec (rank 0's MPI aborted the job on noticing the death, as a
+    # loaded test run met): the watch alone names the rank, unless all ended at once
+    watch.ended = [[2], [0]]
+    assert _who_ended([], watch) == f"rank 2 (pid {victim}) ended first"
+    watch.ended = [[0, 1, 2]]
+    assert _who_ended([], watch) is None and _who_ended([], unwatched) is None
 
 
 @needs_mpi

@@ -476,14 +476,22 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
         watch.stop.set()
         for t in threads:
             t.join()
-        if dead:
-            sys.stderr.write(f"dlc: {_who_ended(dead, watch)}; mpiexec stopped the other ranks\n")
+        who = _who_ended(dead, watch) if dead or code != 0 else None
+        if who:
+            sys.stderr.write(f"dlc: {who}; mpiexec stopped the other ranks\n")
     return code
 
 
-def _who_ended(dead: list[tuple[str, str]], watch: "_EndWatch") -> str:
+def _who_ended(dead: list[tuple[str, str]], watch: "_EndWatch") -> str | None:
     """Which rank died and how, by mpiexec's report (`dead`: pids and exit codes); where
-    `watch` saw another rank's process end first, that rank is named too."""
+    `watch` saw another rank's process end first, that rank is named too. Without a report
+    (another rank's MPI library noticed the death and aborted the job first), the rank
+    `watch` saw end first; None if it saw nothing, or every rank end at once."""
+    if not dead:
+        first = watch.first_ended()
+        if not first or len(first) == watch.size:
+            return None
+        return " or ".join(f"rank {r} (pid {watch.pids[r]})" for r in first) + " ended first"
     pid, status = dead[0]
     reported = watch.rank_of(pid)
     who = f"rank {reported} (pid {pid})" if reported is not None else f"the process with pid {pid}"
