@@ -97,6 +97,7 @@ def compile_modules(modules: list[ir.Module], target: Target, workers: int | Non
     _init_llvm()
     workers = min(workers or compile_workers(), len(modules))
     order = sorted(range(len(modules)), key=lambda i: -sizes[i]) if sizes else list(range(len(modules)))
+
     def one(i: int):
         return _compile_one(modules[i], target, quick, i in lsr)
     if workers == 1 or not can_fork():
