@@ -151,14 +151,13 @@ def _ready(path: Path, threads: int | None, cache: str, quick_start: bool = Fals
 def shared_machine(path: Path, batch: int, steps: int, repeats: int) -> list[dict]:
     """A small training step beside a busy process this benchmark starts (`while True:
     pass`), against the same step on the machine as it was and on one thread: the step
-    time per setting, the auto setting choosing its threads after the competitor started."""
+    time per setting, the auto setting choosing its threads after the competitor started;
+    then the target's pair interleaved (shared_machine_pair)."""
     import subprocess
     from dlc.backends.llvm import threads as cpu_threads
 
-    def timed(threads_opt, start_competitor=None) -> tuple[float, int]:
-        """The step's time; with start_competitor, the busy process starts after the
-        session has chosen its threads, and the steps of two run-time check periods pass
-        before the timing."""
+    def loaded(threads_opt):
+        """A session that has chosen its threads (now), its step and a step's call."""
         cpu_threads.restart_probe()  # `auto` measures the other processes' load from here
         m = dlc.load(path)
         options = {} if threads_opt == "auto" else {"threads": threads_opt}
@@ -168,14 +167,23 @@ def shared_machine(path: Path, batch: int, steps: int, repeats: int) -> list[dic
         x = rng.random((batch,) + tuple(int(d) for d in t.shape[1:]), dtype=np.float32)
         y = rng.integers(0, 10, batch).astype(np.int32)
         session.program.batch = batch
-        step = session.train_program.step_for(batch)
+        return session.train_program.step_for(batch), lambda: session.train_step(x, y, 0.01)
+
+    def threads_used(step) -> int:
+        check = getattr(step, "check", None)
+        return check.current if check is not None else step.threads
+
+    def timed(threads_opt, start_competitor=None) -> tuple[float, int]:
+        """The step's time; with start_competitor, the busy process starts after the
+        session has chosen its threads, and the steps of two run-time check periods pass
+        before the timing."""
+        step, call = loaded(threads_opt)
         if start_competitor is not None:
             start_competitor()
             for _ in range(2 * cpu_threads.RunTimeCheck.PERIOD):
-                session.train_step(x, y, 0.01)
-        sec = median_time(lambda: session.train_step(x, y, 0.01), steps, repeats)
-        check = getattr(step, "check", None)
-        return sec, check.current if check is not None else step.threads
+                call()
+        sec = median_time(call, steps, repeats)
+        return sec, threads_used(step)
 
     rows = []
     competitor = None
@@ -184,6 +192,13 @@ def shared_machine(path: Path, batch: int, steps: int, repeats: int) -> list[dic
         nonlocal competitor
         competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         time.sleep(0.3)
+
+    def stop_competitor():
+        nonlocal competitor
+        if competitor is not None:
+            competitor.kill()
+            competitor.wait()
+            competitor = None
     for label in ("as it is", "beside a busy process", "busy from after load"):
         if label == "beside a busy process":
             start_competitor()
@@ -193,15 +208,40 @@ def shared_machine(path: Path, batch: int, steps: int, repeats: int) -> list[dic
                 rows.append({"machine": label, "threads": str(setting), "used": used, "ms": sec * 1e3})
                 print(f"  {label:<22} --threads {str(setting):<5} ({used} used)  {sec * 1e3:8.3f} ms")
         finally:
-            if competitor is not None:
-                competitor.kill()
-                competitor.wait()
-                competitor = None
+            stop_competitor()
     idle = next(r["ms"] for r in rows if r["machine"] == "as it is" and r["threads"] == "auto")
     busy = next(r["ms"] for r in rows if r["machine"] == "beside a busy process" and r["threads"] == "auto")
     later = next(r["ms"] for r in rows if r["machine"] == "busy from after load")
-    print(f"  auto beside a busy process / auto as it is: {busy / idle:.2f}x (target <= 1.5x); "
-          f"the busy process started after load: {later / idle:.2f}x")
+    print(f"  one after the other: auto beside a busy process / auto as it is {busy / idle:.2f}x; "
+          f"the busy process started after load {later / idle:.2f}x")
+
+    # The target's pair interleaved, as the training rows are: one auto session loaded on
+    # the machine as it is, one loaded beside the busy process (each chooses its threads
+    # then), timed in alternating blocks with the competitor stopped and running; the
+    # median of the rounds' ratios, so that a slow minute slows both sides alike.
+    alone_step, alone = loaded("auto")
+    try:
+        start_competitor()
+        beside_step, beside = loaded("auto")
+        for _ in range(2 * cpu_threads.RunTimeCheck.PERIOD):
+            beside()
+        ratios, times = [], ([], [])
+        for _ in range(max(3, repeats)):
+            stop_competitor()
+            times[0].append(median_time(alone, steps, 1))
+            start_competitor()
+            times[1].append(median_time(beside, steps, 1))
+            ratios.append(times[1][-1] / times[0][-1])
+    finally:
+        stop_competitor()
+    counts = threads_used(alone_step), threads_used(beside_step)
+    pair = {"machine": "interleaved", "threads": "auto", "used": f"{counts[0]} / {counts[1]}",
+            "ms": statistics.median(times[0]) * 1e3, "ms_beside": statistics.median(times[1]) * 1e3,
+            "ratio": statistics.median(ratios)}
+    rows.append(pair)
+    print(f"  interleaved, {len(ratios)} rounds: auto as it is {pair['ms']:.3f} ms ({counts[0]} used), "
+          f"beside a busy process {pair['ms_beside']:.3f} ms ({counts[1]} used): "
+          f"{pair['ratio']:.2f}x (target <= 1.5x)")
     return rows
 
 

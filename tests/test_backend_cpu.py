@@ -321,21 +321,27 @@ def check_op_table(expected: dict, actual: dict, tols: dict) -> None:
 def test_example_training_steps_match_reference(path, tmp_path):
     """The first steps of training on cpu and on the reference agree (batch 13: no vector
     width divides it)."""
-    m = example_models.load(path)
+    _steps_match_reference(example_models.load(path), 13, {"cache_dir": tmp_path}, (2e-4, 1e-5), (2e-3, 1e-4),
+                           path.stem)
+
+
+def _steps_match_reference(m, batch: int, options: dict, step_tol: tuple, state_tol: tuple, what: str) -> None:
+    """Three training steps of m on cpu and on the reference, from the same weights: their
+    outputs within step_tol (rtol, atol), the weights and state after them within state_tol."""
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
     ref_state = {k: v.copy() for k, v in m.state.items()}
     cpu_state = {k: v.copy() for k, v in m.state.items()}
     ref = make_program("reference", graph, ref_state)
-    cpu = make_program("cpu", graph, cpu_state, options={"cache_dir": tmp_path})
+    cpu = make_program("cpu", graph, cpu_state, options=options)
     rng = np.random.default_rng(0)
     for step in range(3):
-        feeds = _example_feeds(m, 13, rng)
+        feeds = _example_feeds(m, batch, rng)
         a, b = ref.run(feeds), cpu.run(feeds)
         for k in a:
-            np.testing.assert_allclose(b[k], a[k], rtol=2e-4, atol=1e-5, err_msg=f"{path.stem} step {step}: {k}")
+            np.testing.assert_allclose(b[k], a[k], *step_tol, err_msg=f"{what} step {step}: {k}")
     for k in ref_state:
-        np.testing.assert_allclose(cpu_state[k], ref_state[k], rtol=2e-3, atol=1e-4, err_msg=f"{path.stem}: {k}")
+        np.testing.assert_allclose(cpu_state[k], ref_state[k], *state_tol, err_msg=f"{what}: {k}")
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -509,7 +515,7 @@ def test_only_the_modules_holding_a_gemm_get_loop_strength_reduction():
     assert gemms and mb.lsr == holding and len(mb.modules) > len(holding)
 
     def assembly(lsr: bool | None) -> str:
-        llmod, tm = jit._optimized([mb.modules[min(holding)]], target)
+        llmod, tm = jit._optimized(mb.modules[min(holding)], target)
         return tm.emit_assembly(llmod) if lsr is None else jit._machine_code(tm.emit_assembly, llmod, lsr)
     with_lsr, without = assembly(True), assembly(False)
     assert with_lsr != without
@@ -517,6 +523,106 @@ def test_only_the_modules_holding_a_gemm_get_loop_strength_reduction():
     compiled = [jit.compile_modules([mb.modules[min(holding)]], target, workers=1, lsr=lsr).objects
                 for lsr in (frozenset({0}), frozenset())]
     assert compiled[0] != compiled[1]
+
+
+# 9x9 planes (81 positions: 5 vectors of 16 or 10 of 8, and one more lane): the first
+# convolution's forward has a ReLU in its epilogue, the second's data gradient the
+# ReLU's gradient
+CONV_EPILOGUE = """model m(x: f32[B, 2, 11, 11]) -> f32[B, 3] {
+    h = x |> conv2d(5, 3) |> relu |> conv2d(4, 3, pad=1) |> tanh
+    return h |> flatten |> dense(3)
+}
+train m {
+    data = arrays()
+    loss = mse(output, label)
+    optimizer = adam(lr=0.01)
+    batch = 6
+}"""
+
+
+def test_convolutions_get_modules_of_their_own_and_a_shorter_pipeline():
+    """The convolutions' parts, whose emitters vectorize and unroll their code, are in
+    modules of their own, which LLVM compiles with PRETUNED_PASSES; every other module
+    with O3."""
+    from dlc.backends.llvm import jit
+    m = dlc.load(next(p for p in EXAMPLES if p.stem == "resnet_bn"))
+    target = CPU.target({})
+    programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 16), CPU.templates)
+                for mode in ("train", "eval")}
+    mb = ModuleBuilder(programs, target)
+    mb.build()
+
+    def kernels(i):  # the kinds of the kernel functions module i defines
+        return {f.name.split(".")[1].split("_", 1)[1] for f in mb.modules[i].functions
+                if not f.is_declaration and f.name.startswith(("train.", "eval."))}
+    assert mb.pretuned and len(mb.pretuned) < len(mb.modules)
+    for i in range(len(mb.modules)):
+        assert (kernels(i) == {"conv"}) if i in mb.pretuned else ("conv" not in kernels(i)), i
+    used = []  # (the functions a module defines, its pipeline)
+    real = dict(jit.PIPELINES)
+
+    def defined(module) -> frozenset:
+        return frozenset(f.name for f in module.functions if not f.is_declaration)
+    for name, run in real.items():
+        jit.PIPELINES[name] = lambda llmod, tm, name=name, run=run: (used.append((defined(llmod), name)),
+                                                                     run(llmod, tm))
+    try:
+        jit.compile_modules(mb.modules, target, workers=1, lsr=mb.lsr, pretuned=mb.pretuned)
+    finally:
+        jit.PIPELINES.update(real)
+    assert dict(used) == {defined(module): "pretuned" if i in mb.pretuned else "O3"
+                          for i, module in enumerate(mb.modules)}
+
+
+def test_a_convolutions_epilogue_is_vectorized_and_matches_the_reference(tmp_path, monkeypatch):
+    """A convolution's epilogue (CONV_EPILOGUE: forward and data gradient) runs W lanes at
+    a time, its last vector masked: the training steps match the reference interpreter's
+    on planes that no vector width divides."""
+    from dlc.backends.llvm import emit
+    vectorized = []
+    real = emit.Emitter.lane_stores
+
+    def counted(self, stores, var, i, w, live=None):
+        vectorized.append((w, live))
+        return real(self, stores, var, i, w, live)
+    monkeypatch.setattr(emit.Emitter, "lane_stores", counted)
+    _steps_match_reference(dlc.load(CONV_EPILOGUE), 6, {"no_cache": True}, (2e-5, 1e-6), (2e-5, 1e-6), "CONV_EPILOGUE")
+    assert any(live is not None for _, live in vectorized) and any(live is None for _, live in vectorized)
+
+
+def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
+    """Emitter.store_lanes: a loop of float stores to consecutive elements runs W lanes at
+    a time, also where it updates a buffer in place; not where an iteration reads an
+    element that another one stores (in order, x[i] = x[i - 1] + 1 reads the value just
+    stored), stores an integer, or gathers."""
+    from llvmlite import ir
+    from dlc.backends.llvm.emit import Emitter
+    from dlc.backends.llvm.irutil import PTR, VOID, set_target
+    from dlc.backends.llvm.target import Target
+    from dlc.core.kernel import Buffer, Exprs, Store
+    from dlc.core.types import DType
+    target = Target.host(1)
+    if target.vector_width == 1:
+        pytest.skip("no vector unit on this machine")
+    x = Buffer("x", DType.f32, (64,), "arena")
+    y = Buffer("y", DType.f32, (64,), "arena")
+    k = Buffer("k", DType.i32, (64,), "arena")
+    e = Exprs()
+    i = e.var("i", 63)
+    one = e.lit(1.0, DType.f32)
+
+    def lanes(*stores) -> int:
+        fn = ir.Function(ir.Module(), ir.FunctionType(VOID, [PTR] * 3), name="f")
+        set_target(fn, target, target.vector_width)
+        em = Emitter(ir.IRBuilder(fn.append_basic_block()), dict(zip("xyk", fn.args)))
+        return em.store_lanes(list(stores), i, 63)
+    shifted = e.add(i, e.const(1))
+    w = target.vector_width
+    assert lanes(Store(y, i, e.op("add", (e.load(x, shifted), one), DType.f32))) == w
+    assert lanes(Store(x, i, e.op("mul", (e.load(x, i), e.load(y, i)), DType.f32))) == w  # in place
+    assert lanes(Store(x, shifted, e.op("add", (e.load(x, i), one), DType.f32))) == 1
+    assert lanes(Store(k, i, e.lit(1, DType.i32))) == 1
+    assert lanes(Store(y, i, e.load(x, e.mul(i, 2)))) == 1  # every other element
 
 
 def _numbered_modules(target, count: int) -> list:
@@ -671,8 +777,8 @@ def test_loop_nests_run_a_contiguous_plane_as_one_loop(tmp_path, monkeypatch):
     from dlc.backends.llvm.irutil import i64
     real = emit._merged_loops
 
-    def one_loop_per_axis(em, vars_, stores, bounds):  # every range explicit: nothing merges
-        return real(em, vars_, stores, {v.name: bounds.get(v.name, (i64(0), i64(v.extent))) for v in vars_})
+    def one_loop_per_axis(em, vars_, stores, bounds, vectorize=False):  # every range explicit: nothing merges
+        return real(em, vars_, stores, {v.name: bounds.get(v.name, (i64(0), i64(v.extent))) for v in vars_}, vectorize)
     merged, plain = _resnet_bn_step_built_twice(
         tmp_path, lambda: monkeypatch.setattr(emit, "_merged_loops", one_loop_per_axis))
     assert merged[0] < plain[0]

@@ -88,10 +88,10 @@ def test_a_failed_optimized_compile_leaves_the_quick_code_running(monkeypatch):
     from dlc.backends.llvm import jit
     real = jit._compile_one
 
-    def no_o3(module, target, quick=False, lsr=False):
-        if not quick:
+    def no_o3(module, target, pipeline="O3", lsr=False):
+        if pipeline == "O3":
             raise ValueError("O3 is out of order")
-        return real(module, target, quick, lsr)
+        return real(module, target, pipeline, lsr)
     monkeypatch.setattr(jit, "_compile_one", no_o3)
     with pytest.warns(DlcWarning, match="optimized code of m train\\+eval, batch 16 failed .*O3 is out of "
                                         "order.*the quick code runs on"):

@@ -68,7 +68,8 @@ class CpuBackend(Backend):
             _bind_layout(mb.modules[0], layouts[entry])
         layout = layouts[""] if "" in layouts else Entries(layouts)
         built = time.perf_counter()
-        objects = compile_modules(mb.modules, target, sizes=mb.sizes, quick=quick, lsr=mb.lsr)
+        objects = compile_modules(mb.modules, target, sizes=mb.sizes, quick=quick, lsr=mb.lsr,
+                                  pretuned=mb.pretuned)
         compiled = _finish(mb, layout, target, objects)
         compiled.timings = {"LLVM IR": built - start, **compiled.timings}
         compiled.stats = {"parts": sum(map(len, mb.entry_parts.values())), "shared": mb.shared}
@@ -160,7 +161,9 @@ class CpuBackend(Backend):
         mb = self._modules(program, target, profile=False, tag="dump")  # stable names in dumps
         if stage == "llvm":
             return mb.text()
-        return optimized_ir(mb.modules, target) if stage == "llvm-opt" else assembly(mb.modules, target, mb.lsr)
+        if stage == "llvm-opt":
+            return optimized_ir(mb.modules, target, mb.pretuned)
+        return assembly(mb.modules, target, mb.lsr, mb.pretuned)
 
     def check_target(self, saved: dict, target) -> str | None:
         from .target import isa
@@ -235,7 +238,8 @@ def _optimize_in_child(mb, layout, target, then):
     workers = max(1, compile_workers() // 2)
 
     def work() -> Compiled:
-        compiled = _finish(mb, layout, target, compile_modules(mb.modules, target, workers, mb.sizes, lsr=mb.lsr))
+        compiled = _finish(mb, layout, target, compile_modules(mb.modules, target, workers, mb.sizes, lsr=mb.lsr,
+                                                          pretuned=mb.pretuned))
         then(compiled)
         return compiled
     return ForkedJob(work, workers)

@@ -30,7 +30,7 @@ from dlc.core.types import DType
 from .emit import Emitter, emit_nest
 from .jit import compile_workers
 from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, loop, memory_type, set_target
-from .templates import emit_template
+from .templates import PRETUNED_TEMPLATES, emit_template
 
 FIXED_SLOTS = 5  # arena, barrier, scratch, profile, host collective function
 # templates that use the per-thread scratch space (GEMM and im2col packing)
@@ -91,11 +91,14 @@ class ModuleBuilder:
         self.program = next(iter(self.programs.values()))
         self.target = target
         self.modules = []
-        pieces = pieces or MODULES_PER_WORKER * compile_workers()
-        for i in range(max(1, pieces)):
+        pieces = max(1, pieces or MODULES_PER_WORKER * compile_workers())
+        # `pieces` modules for LLVM's O3, then as many for the parts whose emitters tuned
+        # their code themselves (PRETUNED_TEMPLATES), which get a shorter pipeline (jit)
+        for i in range(2 * pieces):
             mod = ir.Module(name=f"{name}.{i}")
             mod.triple = target.triple
             self.modules.append(mod)
+        self._pools = (range(pieces), range(pieces, 2 * pieces))
         self.module = self.modules[0]  # the module being filled (templates add GEMMs to it)
         self.sizes = [0] * len(self.modules)  # instructions per module (to fill the emptiest)
         self.layout = Layout(slots=list(self.program.inputs) + list(self.program.state))
@@ -107,6 +110,7 @@ class ModuleBuilder:
         self.gemms: dict = {}  # (module index, spec, tile epilogue key) -> GemmInfo: one function each
         self.shared = 0  # parts that reuse an identical function
         self.lsr = frozenset()  # the modules that hold a GEMM (jit._machine_code), once built
+        self.pretuned = frozenset()  # the modules of PRETUNED_TEMPLATES' parts (jit), once built
         self._by_key: dict = {}
         self._helpers: dict = {}  # key -> function (ModuleBuilder.helper)
         self._names: dict = {}  # prefix -> last number (ModuleBuilder.fresh_name)
@@ -146,6 +150,7 @@ class ModuleBuilder:
         self.modules, self.sizes = [self.modules[i] for i in kept], [self.sizes[i] for i in kept]
         with_gemm = {key[0] for key in self.gemms}
         self.lsr = frozenset(j for j, i in enumerate(kept) if i in with_gemm)
+        self.pretuned = frozenset(j for j, i in enumerate(kept) if i in self._pools[1])
         return self.modules
 
     def _functions(self, entries, prefix: str, parts: list) -> list:
@@ -187,14 +192,16 @@ class ModuleBuilder:
         return calls
 
     def _module_for(self, part) -> int:
-        """The emptiest module so far; for a matmul, one that already has a GEMM of its
-        shape (the evaluation step's forward matmuls have the training step's shapes)."""
+        """The emptiest module so far of the part's pool (pretuned or not); for a matmul,
+        one that already has a GEMM of its shape (the evaluation step's forward matmuls
+        have the training step's shapes)."""
         spec = _gemm_spec(part)
         if spec is not None:
             for key in self.gemms:  # (module index, spec, register-tile epilogue key)
                 if key[1] == spec:
                     return key[0]
-        return self.sizes.index(min(self.sizes))
+        pool = self._pools[isinstance(part, Template) and part.op in PRETUNED_TEMPLATES]
+        return min(pool, key=self.sizes.__getitem__)
 
     def _dedupe(self, fn: ir.Function, key) -> ir.Function:
         """An identical function built before, with this one removed; else fn. Only parts

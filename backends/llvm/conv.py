@@ -531,7 +531,7 @@ def _epilogue(em, t: Template, n, rows: tuple) -> None:
     b = em.b
     vars_ = list(t.epilogue.outer) + list(t.epilogue.inner)
     em.push()
-    emit_bounded(em, t.epilogue, {vars_[0].name: (n, b.add(n, i64(1))), vars_[1].name: rows})
+    emit_bounded(em, t.epilogue, {vars_[0].name: (n, b.add(n, i64(1))), vars_[1].name: rows}, vectorize=True)
     em.pop()
 
 

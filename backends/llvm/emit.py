@@ -21,7 +21,7 @@ from dlc.core.kernel import (hoistable, Add, Clamp, Const, Div, Ex, FreeVars, Ga
 from dlc.core.types import DType
 
 from . import mathlib
-from .irutil import (F32, I1, I8, I32, I64, byte_size, gep, hsum, i32, i64, loop, memory_type, smax, smin, splat,
+from .irutil import (F32, I1, I8, I32, I64, VOID, byte_size, gep, hsum, i32, i64, loop, memory_type, smax, smin, splat,
                      split, value_type)
 
 GOLDEN = 0x9E3779B1
@@ -328,17 +328,9 @@ class Emitter:
     def lane_load(self, e: Load) -> ir.Value:
         """A vector load of W consecutive elements (the index grows by 1 a lane: checked
         by _vectorizable), from where the first lane's index points."""
-        lanes = self.b
-        b, w = lanes.builder, lanes.w
-        saved, self.scopes = self.scopes, self.scopes[:self.lane_depth] + [{}]  # no vector values
-        names = {name: self.vars[name] for name in self.lane_vars}
-        self.vars.update({name: self.lane_base for name in self.lane_vars})
-        self.b = b
-        first = self.ix(e.index)
-        self.b, self.scopes = lanes, saved
-        self.vars.update(names)
+        b, w = self.b.builder, self.b.w
         t = memory_type(e.buf.dtype)
-        vt, at = ir.VectorType(t, w), gep(b, self.pointers[e.buf.name], first, t)
+        vt, at = ir.VectorType(t, w), self._first_lane(e.buf, e.index)
         if self.lane_mask is None:
             v = b.load(at, typ=vt, align=byte_size(t))
         else:  # lanes past the loop's end read nothing (they may lie past the buffer's end)
@@ -347,6 +339,18 @@ class Emitter:
                                                            name)
             v = b.call(fn, [at, self.lane_mask, ir.Constant(vt, [0] * w if not isinstance(t, ir.FloatType) else [0.0] * w)])
         return b.trunc(v, ir.VectorType(I1, w)) if e.buf.dtype == DType.bool else v
+
+    def _first_lane(self, buf, index: Ix) -> ir.Value:
+        """Inside a vectorized body: the address of buf[index] for the first lane."""
+        lanes = self.b
+        saved, self.scopes = self.scopes, self.scopes[:self.lane_depth] + [{}]  # no vector values
+        names = {name: self.vars[name] for name in self.lane_vars}
+        self.vars.update({name: self.lane_base for name in self.lane_vars})
+        self.b = lanes.builder
+        first = self.ix(index)
+        self.b, self.scopes = lanes, saved
+        self.vars.update(names)
+        return gep(lanes.builder, self.pointers[buf.name], first, memory_type(buf.dtype))
 
     def rand(self, e: Rand) -> ir.Value:
         b = self.b
@@ -512,26 +516,79 @@ class Emitter:
         whose loads depending on that loop read consecutive elements (a gather costs more
         than it saves). LLVM would vectorize them only if allowed to reorder the sum
         (`reassoc`), in an order of its choosing that differs between its pipelines."""
-        from dlc.core.kernel import walk_ex
         w = _vector_width(self.b.function)
         if w == 1 or math.prod(v.extent for v in together[0][1][-1]) < 2:
             return 1
         for e, loops in together:
-            if e.op != "sum" or e.dtype != DType.f32:
+            if e.op != "sum" or e.dtype != DType.f32 \
+                    or not self._lanes_ok(e.body, loops[-1][-1].name, {v.name for v in e.vars}):
                 return 1
-            inner = loops[-1][-1].name
-            own = {v.name for v in e.vars}
-            for x in walk_ex([e.body]):
-                if isinstance(x, Reduce) and self._cached(id(x)) is None:
-                    if self.free_vars(x) & own:
-                        return 1
-                    self.value(x)  # computed once, before the loop (a softmax's max)
-                if isinstance(x, Load) and inner in self.free_vars.ix(x.index) \
-                        and affine_coef(x.index, inner, self.free_vars) != 1:
-                    return 1
-                if isinstance(x, Op) and x.name == "div" and not x.dtype.is_float:
-                    return 1  # a masked-off lane might divide by zero
         return w
+
+    def _lanes_ok(self, body: Ex, inner: str, own: set) -> bool:
+        """Whether `body` can be computed for W consecutive values of loop variable `inner`
+        at once: no reduction over the variables `own` (one that is not, a softmax's max, is
+        computed now, before the loop), every load depending on `inner` reads consecutive
+        elements (a gather costs more than it saves), and no integer division (a masked-off
+        lane might divide by zero)."""
+        from dlc.core.kernel import walk_ex
+        for x in walk_ex([body]):
+            if isinstance(x, Reduce) and self._cached(id(x)) is None:
+                if self.free_vars(x) & own:
+                    return False
+                self.value(x)  # computed once, before the loop
+            if isinstance(x, Load) and inner in self.free_vars.ix(x.index) \
+                    and affine_coef(x.index, inner, self.free_vars) != 1:
+                return False
+            if isinstance(x, Op) and x.name == "div" and not x.dtype.is_float:
+                return False
+            if isinstance(x, Index) and affine_coef(x.ix, inner, self.free_vars) is None:
+                return False  # (a clamped or divided lane index: left to scalar code)
+        return True
+
+    def store_lanes(self, stores, var, n: int) -> int:
+        """The lanes to vectorize a loop of n iterations of `var` around `stores` by, 1 for
+        none: float32 stores to consecutive elements, whose values _lanes_ok allows and
+        which read no stored buffer but at the element stored (W lanes read before any is
+        written)."""
+        from dlc.core.kernel import walk_ex
+        w = _vector_width(self.b.function)
+        if w == 1 or n < 2:
+            return 1
+        stored = {s.buf.name: s.flat for s in stores}
+        for s in stores:
+            if s.buf.dtype != DType.f32 or affine_coef(s.flat, var.name, self.free_vars) != 1 \
+                    or not self._lanes_ok(s.value, var.name, {var.name}):
+                return 1
+            for x in walk_ex([s.value]):
+                if isinstance(x, Load) and x.buf.name in stored and x.index != stored[x.buf.name]:
+                    return 1
+        return w
+
+    def lane_stores(self, stores, var, i, w: int, live: int | None = None) -> None:
+        """The stores for the W values of `var` from i on (store_lanes allowed them): each
+        value computed for every lane, then stored as one vector (with `live`, only the
+        first `live` lanes are in the loop: the others load and store nothing)."""
+        b = self.b
+        self.lane_vars, self.lane_base, self.lane_depth = frozenset({var.name}), i, len(self.scopes)
+        self.lane_mask = None if live is None else ir.Constant(ir.VectorType(I1, w), [j < live for j in range(w)])
+        self.vars[var.name] = b.add(splat(b, i, w), ir.Constant(ir.VectorType(I64, w), list(range(w))))
+        self.push()
+        self.b = _Lanes(b, w)
+        values = [self.value(s.value) for s in stores]  # all before any store, as store_all
+        for s, v in zip(stores, values):
+            v = v if isinstance(v.type, ir.VectorType) else splat(b, v, w)
+            at = self._first_lane(s.buf, s.flat)
+            if self.lane_mask is None:
+                b.store(v, at, align=4)
+            else:
+                name = f"llvm.masked.store.v{w}f32.p0"
+                fn = b.module.globals.get(name) or ir.Function(
+                    b.module, ir.FunctionType(VOID, [v.type, at.type, self.lane_mask.type]), name)
+                b.call(fn, [v, at, self.lane_mask])
+        self.b = b
+        self.pop()
+        self.lane_vars, self.lane_mask = frozenset(), None
 
     def _lane_sums(self, together: list, i, acc: list, w: int, live: int | None = None) -> list:
         """One step of a vectorized sum: each reduction's body for the W values of its
@@ -694,16 +751,20 @@ def _unravel(b, f, extents):
     return list(reversed(out))
 
 
-def emit_bounded(em: Emitter, nest: LoopNest, bounds: dict) -> None:
-    """All loops of the nest with explicit ranges (epilogues over a template's share)."""
-    _merged_loops(em, list(nest.outer) + list(nest.inner), nest.row_stores + nest.stores, bounds)
+def emit_bounded(em: Emitter, nest: LoopNest, bounds: dict, vectorize: bool = False) -> None:
+    """All loops of the nest with explicit ranges (epilogues over a template's share);
+    `vectorize`: its innermost full-range loop vectorized here where it can be (the
+    convolutions', whose modules LLVM compiles without its vectorizer:
+    codegen.PRETUNED_TEMPLATES)."""
+    _merged_loops(em, list(nest.outer) + list(nest.inner), nest.row_stores + nest.stores, bounds, vectorize)
 
 
-def _merged_loops(em: Emitter, vars_, stores, bounds: dict) -> None:
+def _merged_loops(em: Emitter, vars_, stores, bounds: dict, vectorize: bool = False) -> None:
     """Loops over `vars_` around `stores`, those in `bounds` (var name -> (lo, hi) values)
     over their ranges; the full-range loops after the last bounded one are merged where
     they address memory contiguously (an 8x8 or 10x10 plane: one loop of 64 or 100,
-    which vectorizes at full width, rather than rows of 8 or 10, which do not)."""
+    which vectorizes at full width, rather than rows of 8 or 10, which do not). With
+    `vectorize`, the innermost of those runs W lanes at a time here (Emitter.store_lanes)."""
     n_bounded = max((k + 1 for k, v in enumerate(vars_) if v.name in bounds), default=0)
     groups = [[v] for v in vars_[:n_bounded]]
     if n_bounded < len(vars_):
@@ -716,7 +777,17 @@ def _merged_loops(em: Emitter, vars_, stores, bounds: dict) -> None:
         *merged, var = groups[k]
         for outer in merged:  # merged into `var`'s loop (see Emitter._merged)
             em.vars[outer.name] = i64(0)
-        lo, hi = bounds.get(var.name, (i64(0), i64(math.prod(v.extent for v in groups[k]))))
+        n = math.prod(v.extent for v in groups[k])
+        w = em.store_lanes(stores, var, n) if vectorize and k == len(groups) - 1 and var.name not in bounds else 1
+        if w > 1:
+            whole = n - n % w
+            if whole:
+                loop(em.b, 0, whole, (), lambda i, _: em.lane_stores(stores, var, i, w) or [], name=var.name + ".v",
+                     step=w)
+            if whole < n:
+                em.lane_stores(stores, var, i64(whole), w, n - whole)
+            return
+        lo, hi = bounds.get(var.name, (i64(0), i64(n)))
 
         def body(i, _):
             em.vars[var.name] = i

@@ -23,13 +23,13 @@ class Compiled:
     seconds_codegen: float
 
 
-def _compile_one(module: ir.Module, target: Target, quick: bool = False,
+def _compile_one(module: ir.Module, target: Target, pipeline: str = "O3",
                  lsr: bool = False) -> tuple[bytes, float, float]:
     llmod = llvm.parse_assembly(str(module))  # printing a large module takes a while: each process its own
     llmod.verify()
-    tm = target.machine(opt=1 if quick else 3)
+    tm = target.machine(opt=1 if pipeline == "quick" else 3)
     start = time.perf_counter()
-    (_quick if quick else _optimize)(llmod, tm)
+    PIPELINES[pipeline](llmod, tm)
     optimized = time.perf_counter()
     obj = _machine_code(tm.emit_object, llmod, lsr)
     return obj, optimized - start, time.perf_counter() - optimized
@@ -71,10 +71,34 @@ QUICK_PASSES = ("always_inliner", "sroa", "instruction_combine", "simplify_cfg",
 
 
 def _quick(llmod, tm) -> None:
+    _passes(llmod, tm, QUICK_PASSES)
+
+
+# The passes for code whose emitters vectorized and unrolled it themselves (the
+# convolutions: codegen.PRETUNED_TEMPLATES): the quick tier's, then LLVM's full unrolling
+# of the loops left with a few iterations (without it LeNet-5's step was 18% slower: its
+# data gradient's col2im 2.4x); machine code at level 3, not the quick tier's 1. Against
+# O3, LLVM CPU -24% on the residual network, -13% on the CIFAR CNN, -9% on LeNet-5; their
+# steps within 1% (README, "Compile time").
+PRETUNED_PASSES = QUICK_PASSES + ("loop_simplify", "loop_rotate", "loop_unroll", "instruction_combine",
+                                  "simplify_cfg")
+
+
+def _pretuned(llmod, tm) -> None:
+    _passes(llmod, tm, PRETUNED_PASSES)
+
+
+def _passes(llmod, tm, names) -> None:
     mpm = llvm.create_new_module_pass_manager()
-    for name in QUICK_PASSES:
+    for name in names:
         getattr(mpm, f"add_{name}_pass")()
     mpm.run(llmod, llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=1)))
+
+
+PIPELINES = {"O3": _optimize, "quick": _quick, "pretuned": _pretuned}
+# LLVM's time per instruction of each pipeline, O3's as 1 (the residual network's modules;
+# it orders the compile queue)
+PIPELINE_COST = {"O3": 1.0, "quick": 0.4, "pretuned": 0.5}
 
 
 def compile_workers() -> int:
@@ -86,20 +110,26 @@ def compile_workers() -> int:
 
 
 def compile_modules(modules: list[ir.Module], target: Target, workers: int | None = None,
-                    sizes: list[int] | None = None, quick: bool = False, lsr: frozenset = frozenset()) -> Compiled:
-    """Optimize (`quick`: the quick tier's passes) and emit every module (those numbered
-    in `lsr` with LLVM's loop strength reduction: _machine_code). llvmlite
+                    sizes: list[int] | None = None, quick: bool = False, lsr: frozenset = frozenset(),
+                    pretuned: frozenset = frozenset()) -> Compiled:
+    """Optimize and emit every module: with the quick tier's passes if `quick`, else
+    those numbered in `pretuned` with PRETUNED_PASSES and the others with LLVM's O3;
+    those numbered in `lsr` with LLVM's loop strength reduction (_machine_code). llvmlite
     serializes its calls behind one lock, so threads would not overlap: `workers`
     processes (this one and forked children) take the modules from a queue, the next one
-    as each finishes, the largest (`sizes`) first -- the modules' LLVM costs differ
-    several-fold and are hard to predict, and a queue of several modules per worker keeps
-    the workers busy until the end."""
+    as each finishes, the costliest first (`sizes` in instructions, weighed by
+    PIPELINE_COST) -- the modules' LLVM costs differ several-fold and are hard to predict,
+    and a queue of several modules per worker keeps the workers busy until the end."""
     _init_llvm()
     workers = min(workers or compile_workers(), len(modules))
-    order = sorted(range(len(modules)), key=lambda i: -sizes[i]) if sizes else list(range(len(modules)))
+
+    def pipeline(i: int) -> str:
+        return "quick" if quick else "pretuned" if i in pretuned else "O3"
+    order = sorted(range(len(modules)), key=lambda i: -sizes[i] * PIPELINE_COST[pipeline(i)]) if sizes \
+        else list(range(len(modules)))
 
     def one(i: int):
-        return _compile_one(modules[i], target, quick, i in lsr)
+        return _compile_one(modules[i], target, pipeline(i), i in lsr)
     if workers == 1 or not can_fork():
         results = [one(i) for i in range(len(modules))]
     else:
@@ -270,26 +300,26 @@ def compile_ir_text(text: str, target: Target) -> bytes:
     return tm.emit_object(llmod)
 
 
-def _optimized(modules: list[ir.Module], target: Target):
+def _optimized(module: ir.Module, target: Target, pipeline: str = "O3"):
     _init_llvm()
-    llmod = llvm.parse_assembly(str(modules[0]))
-    for m in modules[1:]:
-        llmod.link_in(llvm.parse_assembly(str(m)))
-    tm = target.machine()
-    _optimize(llmod, tm)
+    llmod = llvm.parse_assembly(str(module))
+    tm = target.machine(opt=1 if pipeline == "quick" else 3)
+    PIPELINES[pipeline](llmod, tm)
     return llmod, tm
 
 
-def optimized_ir(modules: list[ir.Module], target: Target) -> str:
-    """LLVM IR after the optimizer (`--dump-ir=llvm-opt`)."""
-    return str(_optimized(modules, target)[0])
+def optimized_ir(modules: list[ir.Module], target: Target, pretuned: frozenset = frozenset()) -> str:
+    """LLVM IR after the optimizer (`--dump-ir=llvm-opt`), module by module as compiled."""
+    return "\n".join(str(_optimized(m, target, "pretuned" if i in pretuned else "O3")[0])
+                     for i, m in enumerate(modules))
 
 
-def assembly(modules: list[ir.Module], target: Target, lsr: frozenset = frozenset()) -> str:
+def assembly(modules: list[ir.Module], target: Target, lsr: frozenset = frozenset(),
+             pretuned: frozenset = frozenset()) -> str:
     """Optimized machine code as text (`--dump-ir=asm`), module by module as compiled."""
     texts = []
     for i, module in enumerate(modules):
-        llmod, tm = _optimized([module], target)
+        llmod, tm = _optimized(module, target, "pretuned" if i in pretuned else "O3")
         texts.append(_machine_code(tm.emit_assembly, llmod, i in lsr))
     return "\n".join(texts)
 

@@ -454,3 +454,8 @@ from . import pooling  # noqa: E402
 
 EMITTERS = {"matmul": matmul, **_conv.EMITTERS, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
             "take": take, "scatter_add": scatter_add, "colsum": colsum}
+# Templates whose emitters vectorize and unroll their code themselves (conv.py: register
+# tiles, taps and lanes unrolled, every other loop marked not to unroll, epilogues
+# vectorized by emit.py): codegen puts them in modules of their own, which LLVM compiles
+# with a short pipeline (jit.PRETUNED_PASSES) instead of O3.
+PRETUNED_TEMPLATES = frozenset(_conv.EMITTERS)
