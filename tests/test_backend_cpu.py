@@ -594,7 +594,7 @@ def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
     """Emitter.store_lanes: a loop of float stores to consecutive elements runs W lanes at
     a time, also where it updates a buffer in place; not where an iteration reads an
     element that another one stores (in order, x[i] = x[i - 1] + 1 reads the value just
-    stored), stores an integer, or gathers."""
+    stored), stores an integer, gathers, or uses a non-affine index of the loop's variable."""
     from llvmlite import ir
     from dlc.backends.llvm.emit import Emitter
     from dlc.backends.llvm.irutil import PTR, VOID, set_target
@@ -623,6 +623,8 @@ def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
     assert lanes(Store(x, shifted, e.op("add", (e.load(x, i), one), DType.f32))) == 1
     assert lanes(Store(k, i, e.lit(1, DType.i32))) == 1
     assert lanes(Store(y, i, e.load(x, e.mul(i, 2)))) == 1  # every other element
+    assert lanes(Store(y, i, e.index(i, DType.f32))) == w
+    assert lanes(Store(y, i, e.index(e.div(i, 7), DType.f32))) == 1  # (left to scalar code)
 
 
 def _numbered_modules(target, count: int) -> list:

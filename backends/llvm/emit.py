@@ -542,15 +542,13 @@ class Emitter:
                 return False
             if isinstance(x, Op) and x.name == "div" and not x.dtype.is_float:
                 return False
-            if isinstance(x, Index) and affine_coef(x.ix, inner, self.free_vars) is None:
-                return False  # (a clamped or divided lane index: left to scalar code)
         return True
 
     def store_lanes(self, stores, var, n: int) -> int:
         """The lanes to vectorize a loop of n iterations of `var` around `stores` by, 1 for
-        none: float32 stores to consecutive elements, whose values _lanes_ok allows and
-        which read no stored buffer but at the element stored (W lanes read before any is
-        written)."""
+        none: float32 stores to consecutive elements, whose values _lanes_ok allows, which
+        read no stored buffer but at the element stored (W lanes read before any is
+        written) and use no index of `var` but an affine one."""
         from dlc.core.kernel import walk_ex
         w = _vector_width(self.b.function)
         if w == 1 or n < 2:
@@ -563,6 +561,8 @@ class Emitter:
             for x in walk_ex([s.value]):
                 if isinstance(x, Load) and x.buf.name in stored and x.index != stored[x.buf.name]:
                     return 1
+                if isinstance(x, Index) and affine_coef(x.ix, var.name, self.free_vars) is None:
+                    return 1  # (a clamped or divided lane index: left to scalar code)
         return w
 
     def lane_stores(self, stores, var, i, w: int, live: int | None = None) -> None:
