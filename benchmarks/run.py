@@ -152,7 +152,7 @@ def shared_machine(path: Path, batch: int, steps: int, repeats: int) -> list[dic
     """A small training step beside a busy process this benchmark starts (`while True:
     pass`), against the same step on the machine as it was and on one thread: the step
     time per setting, the auto setting choosing its threads after the competitor started;
-    then the target's pair interleaved (shared_machine_pair)."""
+    then the target's pair interleaved (the last row, the figure)."""
     import subprocess
     from dlc.backends.llvm import threads as cpu_threads
 

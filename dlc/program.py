@@ -400,14 +400,13 @@ def _collector_paused():
     collections that walked every object of the process -- about 40% of the time spent
     building the residual network's LLVM IR. What a compile leaves behind is collected
     afterwards, as usual. (A collector the caller turned off stays off.)"""
-    if not gc.isenabled():
-        yield
-        return
+    enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
 
 
 def _phases(timings: dict) -> str:

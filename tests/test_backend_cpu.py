@@ -515,7 +515,7 @@ def test_only_the_modules_holding_a_gemm_get_loop_strength_reduction():
     assert gemms and mb.lsr == holding and len(mb.modules) > len(holding)
 
     def assembly(lsr: bool | None) -> str:
-        llmod, tm = jit._optimized(mb.modules[min(holding)], target)
+        llmod, tm, _ = jit._optimized(mb.modules[min(holding)], target)
         return tm.emit_assembly(llmod) if lsr is None else jit._machine_code(tm.emit_assembly, llmod, lsr)
     with_lsr, without = assembly(True), assembly(False)
     assert with_lsr != without
@@ -655,10 +655,10 @@ def test_compiler_processes_take_modules_from_a_queue(monkeypatch):
 
     real = jit._compile_one
 
-    def failing(module, target, quick=False, lsr=False):
+    def failing(module, target, pipeline="O3", lsr=False):
         if module.name == "q3":
             raise ValueError("q3 does not compile")
-        return real(module, target, quick, lsr)
+        return real(module, target, pipeline, lsr)
     monkeypatch.setattr(jit, "_compile_one", failing)
     with pytest.raises(RuntimeError, match="compiling a module failed: .*q3 does not compile"):
         jit.compile_modules(modules, target, workers=2)
@@ -787,13 +787,23 @@ def test_loop_nests_run_a_contiguous_plane_as_one_loop(tmp_path, monkeypatch):
     _same_step(merged, plain, 1e-5)
 
 
-def _llvm_pipeline(monkeypatch, optimize) -> None:
-    """Compile with `optimize(llmod, tm)` in place of O3, and machine code at level 1."""
+def _llvm_pipeline(monkeypatch, optimize) -> list:
+    """Compile with `optimize(llmod, tm)` in place of every default pipeline (O3 and the
+    convolutions'), and machine code at level 1, in this process; the list that each use
+    appends to."""
     from dlc.backends.llvm import jit
     from dlc.backends.llvm.target import Target
     machine = Target.machine
+    used = []
+
+    def counted(llmod, tm):
+        used.append(llmod)
+        return optimize(llmod, tm)
     monkeypatch.setattr(Target, "machine", lambda self, opt=3: machine(self, 1))
-    monkeypatch.setattr(jit, "_optimize", optimize)
+    monkeypatch.setattr(jit, "compile_workers", lambda: 1)  # (no forked compiler: `used` sees every module)
+    for name in ("O3", "pretuned"):
+        monkeypatch.setitem(jit.PIPELINES, name, counted)
+    return used
 
 
 @pytest.mark.parametrize("name, batch", [(p.stem, {"resnet_bn": 13, "digits_mlp": 8}.get(p.stem, 5))
@@ -817,8 +827,9 @@ def test_every_llvm_pipeline_computes_the_same_bits(name, batch, tmp_path, monke
 
     optimized = run("O3")
     for tag, optimize in (("quick", jit._quick), ("none", lambda llmod, tm: None)):
-        _llvm_pipeline(monkeypatch, optimize)
+        used = _llvm_pipeline(monkeypatch, optimize)
         got = run(tag)
+        assert used  # (the step was compiled so)
         for have, want in zip(got, optimized):
             for k in want:
                 assert np.array_equal(have[k], want[k], equal_nan=True), (tag, k)

@@ -122,10 +122,10 @@ EXITING = """
 import sys, time, numpy as np, dlc
 from dlc.backends.llvm import jit
 real = jit._compile_one
-def slow(module, target, quick=False, lsr=False):  # the optimizing process takes its time
-    if not quick and module.name.endswith(".0"):
+def slow(module, target, pipeline="O3", lsr=False):  # the optimizing process takes its time
+    if pipeline == "O3" and module.name.endswith(".0"):
         time.sleep(float(sys.argv[3]))
-    return real(module, target, quick, lsr)
+    return real(module, target, pipeline, lsr)
 jit._compile_one = slow
 m = dlc.load(sys.argv[1])
 s = m.session(m.train_config, "cpu", threads=1, quick_start=True,

@@ -25,14 +25,28 @@ class Compiled:
 
 def _compile_one(module: ir.Module, target: Target, pipeline: str = "O3",
                  lsr: bool = False) -> tuple[bytes, float, float]:
+    llmod, tm, optimizing = _optimized(module, target, pipeline)
+    start = time.perf_counter()
+    obj = _machine_code(tm.emit_object, llmod, lsr)
+    return obj, optimizing, time.perf_counter() - start
+
+
+def _optimized(module: ir.Module, target: Target, pipeline: str = "O3"):
+    """The module parsed, verified and optimized by PIPELINES[pipeline]: (LLVM's module,
+    the target machine for its code, seconds spent optimizing)."""
+    _init_llvm()
     llmod = llvm.parse_assembly(str(module))  # printing a large module takes a while: each process its own
     llmod.verify()
     tm = target.machine(opt=1 if pipeline == "quick" else 3)
     start = time.perf_counter()
     PIPELINES[pipeline](llmod, tm)
-    optimized = time.perf_counter()
-    obj = _machine_code(tm.emit_object, llmod, lsr)
-    return obj, optimized - start, time.perf_counter() - optimized
+    return llmod, tm, time.perf_counter() - start
+
+
+def _pipeline(i: int, pretuned: frozenset, quick: bool = False) -> str:
+    """The pipeline for module i: the quick tier's for quick code, else PRETUNED_PASSES
+    for the modules numbered in `pretuned`, O3 for the others."""
+    return "quick" if quick else "pretuned" if i in pretuned else "O3"
 
 
 def _machine_code(emit: Callable, llmod, lsr: bool):
@@ -76,7 +90,7 @@ def _quick(llmod, tm) -> None:
 
 # The passes for code whose emitters vectorized and unrolled it themselves (the
 # convolutions: codegen.PRETUNED_TEMPLATES): the quick tier's, then LLVM's full unrolling
-# of the loops left with a few iterations (without it LeNet-5's step was 18% slower: its
+# of the loops left with a few iterations (without it LeNet-5's step was 22% slower: its
 # data gradient's col2im 2.4x); machine code at level 3, not the quick tier's 1. Against
 # O3, LLVM CPU -24% on the residual network, -13% on the CIFAR CNN, -9% on LeNet-5; their
 # steps within 1% (README, "Compile time").
@@ -123,13 +137,11 @@ def compile_modules(modules: list[ir.Module], target: Target, workers: int | Non
     _init_llvm()
     workers = min(workers or compile_workers(), len(modules))
 
-    def pipeline(i: int) -> str:
-        return "quick" if quick else "pretuned" if i in pretuned else "O3"
-    order = sorted(range(len(modules)), key=lambda i: -sizes[i] * PIPELINE_COST[pipeline(i)]) if sizes \
-        else list(range(len(modules)))
+    order = sorted(range(len(modules)), key=lambda i: -sizes[i] * PIPELINE_COST[_pipeline(i, pretuned, quick)]) \
+        if sizes else list(range(len(modules)))
 
     def one(i: int):
-        return _compile_one(modules[i], target, pipeline(i), i in lsr)
+        return _compile_one(modules[i], target, _pipeline(i, pretuned, quick), i in lsr)
     if workers == 1 or not can_fork():
         results = [one(i) for i in range(len(modules))]
     else:
@@ -300,18 +312,9 @@ def compile_ir_text(text: str, target: Target) -> bytes:
     return tm.emit_object(llmod)
 
 
-def _optimized(module: ir.Module, target: Target, pipeline: str = "O3"):
-    _init_llvm()
-    llmod = llvm.parse_assembly(str(module))
-    tm = target.machine(opt=1 if pipeline == "quick" else 3)
-    PIPELINES[pipeline](llmod, tm)
-    return llmod, tm
-
-
 def optimized_ir(modules: list[ir.Module], target: Target, pretuned: frozenset = frozenset()) -> str:
     """LLVM IR after the optimizer (`--dump-ir=llvm-opt`), module by module as compiled."""
-    return "\n".join(str(_optimized(m, target, "pretuned" if i in pretuned else "O3")[0])
-                     for i, m in enumerate(modules))
+    return "\n".join(str(_optimized(m, target, _pipeline(i, pretuned))[0]) for i, m in enumerate(modules))
 
 
 def assembly(modules: list[ir.Module], target: Target, lsr: frozenset = frozenset(),
@@ -319,7 +322,7 @@ def assembly(modules: list[ir.Module], target: Target, lsr: frozenset = frozense
     """Optimized machine code as text (`--dump-ir=asm`), module by module as compiled."""
     texts = []
     for i, module in enumerate(modules):
-        llmod, tm = _optimized(module, target, "pretuned" if i in pretuned else "O3")
+        llmod, tm, _ = _optimized(module, target, _pipeline(i, pretuned))
         texts.append(_machine_code(tm.emit_assembly, llmod, i in lsr))
     return "\n".join(texts)
 
