@@ -540,24 +540,60 @@ train m {
 }"""
 
 
-def test_convolutions_get_modules_of_their_own_and_a_shorter_pipeline():
-    """The convolutions' parts, whose emitters vectorize and unroll their code, are in
+@pytest.mark.parametrize("example, pretuned_kinds, o3_kinds", [
+    ("resnet_bn", {"conv", "nest"}, {"other"}),
+    ("char_lm", {"nest"}, {"scalar nest", "other"}),
+])
+def test_pretuned_kernels_get_modules_of_their_own_and_a_shorter_pipeline(example, pretuned_kinds, o3_kinds):
+    """The parts whose emitters vectorize and unroll their code (the convolutions, and
+    the loop nests that are not light and have no loop the emitter leaves scalar) are in
     modules of their own, which LLVM compiles with PRETUNED_PASSES; every other module
-    with O3."""
+    (the character model's nests with a scalar loop among them) with O3."""
+    from llvmlite import ir
     from dlc.backends.llvm import jit
-    m = dlc.load(next(p for p in EXAMPLES if p.stem == "resnet_bn"))
+    from dlc.backends.llvm.codegen import buffers_of, is_light
+    from dlc.backends.llvm.emit import Emitter, emit_nest
+    from dlc.backends.llvm.irutil import I32, PTR, VOID, set_target
+    from dlc.backends.llvm.templates import PRETUNED_TEMPLATES
+    from dlc.core.kernel import Loop, Template
+    m = dlc.load(next(p for p in EXAMPLES if p.stem == example))
     target = CPU.target({})
     programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 16), CPU.templates)
                 for mode in ("train", "eval")}
     mb = ModuleBuilder(programs, target)
     mb.build()
+    parts = {}  # function name -> its kernel part
 
-    def kernels(i):  # the kinds of the kernel functions module i defines
-        return {f.name.split(".")[1].split("_", 1)[1] for f in mb.modules[i].functions
-                if not f.is_declaration and f.name.startswith(("train.", "eval."))}
-    assert mb.pretuned and len(mb.pretuned) < len(mb.modules)
-    for i in range(len(mb.modules)):
-        assert (kernels(i) == {"conv"}) if i in mb.pretuned else ("conv" not in kernels(i)), i
+    def collect(entry, kernels):
+        for k in kernels:
+            if isinstance(k, Loop):
+                collect(entry, k.body)
+                continue
+            for j, part in enumerate(k.parts):
+                parts[f"{entry}.{k.name}.{j}.{mb.tag}"] = part
+    for entry, program in programs.items():
+        collect(entry, program.kernels)
+
+    def vectorized(nest) -> bool:  # whether the emitter leaves none of its loops scalar
+        fn = ir.Function(ir.Module(), ir.FunctionType(VOID, [PTR] * len(buffers_of(nest)) + [I32, I32]), name="f")
+        set_target(fn, target)
+        em = Emitter(ir.IRBuilder(fn.append_basic_block()), {b.name: a for a, b in zip(fn.args, buffers_of(nest))})
+        em.licm = True
+        emit_nest(em, nest, *fn.args[-2:], vectorize=True)
+        return em.scalar_loops == 0
+
+    def kind(part) -> str:
+        if isinstance(part, Template):
+            return "conv" if part.op in PRETUNED_TEMPLATES else "other"
+        if is_light(part):
+            return "other"
+        return "nest" if vectorized(part) else "scalar nest"
+
+    def kinds(modules):  # what the modules' kernel functions are
+        return {kind(parts[f.name]) for i in modules for f in mb.modules[i].functions
+                if not f.is_declaration and f.name in parts}
+    assert kinds(mb.pretuned) == pretuned_kinds
+    assert kinds(set(range(len(mb.modules))) - mb.pretuned) == o3_kinds
     used = []  # (the functions a module defines, its pipeline)
     real = dict(jit.PIPELINES)
 
@@ -625,6 +661,65 @@ def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
     assert lanes(Store(y, i, e.load(x, e.mul(i, 2)))) == 1  # every other element
     assert lanes(Store(y, i, e.index(i, DType.f32))) == w
     assert lanes(Store(y, i, e.index(e.div(i, 7), DType.f32))) == 1  # (left to scalar code)
+
+
+def test_loop_invariant_values_are_computed_outside_the_loops_that_do_not_change_them():
+    """Emitter.hoist_out_of: in a sum over (r, i) and a store loop over (r2, i2), a
+    row's mask (r < n, as a padded batch's statistics have) is computed once per row,
+    and splat where it is computed, not in the vectorized innermost loop (the pretuned
+    modules get no loop-invariant code motion from LLVM); the results are numpy's."""
+    import ctypes
+    from llvmlite import ir
+    from dlc.backends.llvm import jit
+    from dlc.backends.llvm.emit import Emitter, emit_nest
+    from dlc.backends.llvm.irutil import I32, PTR, VOID, set_target
+    from dlc.backends.llvm.target import Target
+    from dlc.core.kernel import Buffer, Exprs, LoopNest, Store
+    from dlc.core.types import DType
+    target = Target.host(1)
+    rows, cols, width = 5, 3, 40  # 40: whole vectors and a masked last one
+    f32 = DType.f32
+    x = Buffer("x", f32, (rows * cols * width,), "arena")
+    n = Buffer("n", DType.i32, (1,), "arena")
+    out = Buffer("out", f32, (cols * rows * width,), "arena")
+    e = Exprs()
+    c, r, i, r2, i2 = (e.var(name, extent) for name, extent in
+                       (("c", cols), ("r", rows), ("i", width), ("r2", rows), ("i2", width)))
+
+    def live(row):
+        return e.op("lt", (e.index(row, DType.i32), e.load(n, e.const(0))), DType.bool)
+
+    def masked(row, value):
+        return e.op("select", (live(row), value, e.lit(0.0, f32)), f32)
+    total = e.reduce("sum", (r, i), masked(r, e.load(x, e.ravel((r, c, i), (rows, cols, width)))), f32)
+    scaled = e.op("mul", (e.load(x, e.ravel((r2, c, i2), (rows, cols, width))), total), f32)
+    nest = LoopNest((c,), (r2, i2), stores=[Store(out, e.ravel((c, r2, i2), (cols, rows, width)), masked(r2, scaled))])
+    module = ir.Module(name="hoist")
+    module.triple = target.triple
+    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * 3 + [I32, I32]), name="f")
+    set_target(fn, target)
+    em = Emitter(ir.IRBuilder(fn.append_basic_block("entry")), dict(zip(("x", "n", "out"), fn.args)))
+    em.licm = True
+    emit_nest(em, nest, *fn.args[3:], vectorize=True)
+    em.b.ret_void()
+    for block in fn.blocks:
+        masks = [ins for ins in block.instructions if ins.opname == "icmp" and "i32" in str(ins.operands[0].type)
+                 or ins.opname == "shufflevector" and str(ins.type).endswith("x i1>")]
+        if block.name.startswith(("r.", "r2.")) and block.name.endswith("body"):
+            assert masks, block.name  # a row's mask, and its splat, where the row begins
+        elif block.name.startswith(("i.", "i2.")):
+            assert not masks, block.name
+    engine = jit.Engine(jit.compile_modules([module], target, workers=1, pretuned=frozenset({0})).objects, target)
+    run = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int32, ctypes.c_int32)(engine.address("f"))
+    data = np.random.default_rng(0).standard_normal((rows, cols, width)).astype(np.float32)
+    for valid in (rows, 3):
+        got = np.full((cols, rows, width), np.nan, np.float32)
+        count = np.array([valid], np.int32)
+        run(data.ctypes.data, count.ctypes.data, got.ctypes.data, 0, 1)
+        keep = (np.arange(rows) < valid)[:, None, None]
+        sums = np.where(keep, data, 0).sum(axis=(0, 2))
+        want = np.where(keep, data * sums[None, :, None], 0).transpose(1, 0, 2)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _numbered_modules(target, count: int) -> list:

@@ -93,7 +93,7 @@ class ModuleBuilder:
         self.modules = []
         pieces = max(1, pieces or MODULES_PER_WORKER * compile_workers())
         # `pieces` modules for LLVM's O3, then as many for the parts whose emitters tuned
-        # their code themselves (PRETUNED_TEMPLATES), which get a shorter pipeline (jit)
+        # their code themselves (_pretuned), which get a shorter pipeline (jit)
         for i in range(2 * pieces):
             mod = ir.Module(name=f"{name}.{i}")
             mod.triple = target.triple
@@ -110,7 +110,7 @@ class ModuleBuilder:
         self.gemms: dict = {}  # (module index, spec, tile epilogue key) -> GemmInfo: one function each
         self.shared = 0  # parts that reuse an identical function
         self.lsr = frozenset()  # the modules that hold a GEMM (jit._machine_code), once built
-        self.pretuned = frozenset()  # the modules of PRETUNED_TEMPLATES' parts (jit), once built
+        self.pretuned = frozenset()  # the modules of _pretuned parts (jit), once built
         self._by_key: dict = {}
         self._helpers: dict = {}  # key -> function (ModuleBuilder.helper)
         self._names: dict = {}  # prefix -> last number (ModuleBuilder.fresh_name)
@@ -168,19 +168,13 @@ class ModuleBuilder:
                     parts.append((k.phase, k.name, None, part))
                     continue
                 index = self._module_for(part)
-                self.module = self.modules[index]
-                known = len(self.module.functions)
-                buffers = buffers_of(part)
-                fn, b, pointers = self.new_function(f"{prefix}{k.name}.{j}.{self.tag}", buffers)
-                if is_light(part):
-                    fn.attributes.add("optsize")
-                tid, nthreads = fn.args[-2], fn.args[-1]
-                em = Emitter(b, pointers)
-                if isinstance(part, LoopNest):
-                    emit_nest(em, part, tid, nthreads)
-                else:
-                    emit_template(self, em, part, tid, nthreads)
-                b.ret_void()
+                name, buffers = f"{prefix}{k.name}.{j}.{self.tag}", buffers_of(part)
+                fn, known, scalar = self._emit(part, index, name, buffers)
+                if scalar and isinstance(part, LoopNest) and index in self._pools[1]:
+                    # a sum or store loop the emitter left scalar: LLVM's O3 vectorizes it
+                    del self.module.globals[name]
+                    index = min(self._pools[0], key=self.sizes.__getitem__)
+                    fn, known, _ = self._emit(part, index, name, buffers)
                 fn = self._dedupe(fn, _shape_key(part))
                 # what the part added to its module: its function (unless an identical one
                 # existed) and the helpers it built (a GEMM, a convolution's packers: in one
@@ -191,6 +185,24 @@ class ModuleBuilder:
                 parts.append((k.phase, k.name, fn, buffers))
         return calls
 
+    def _emit(self, part, index: int, name: str, buffers: list[Buffer]):
+        """The part's function, built into module `index`: (it, how many functions the
+        module had before, whether the emitter left a loop scalar)."""
+        self.module = self.modules[index]
+        known = len(self.module.functions)
+        fn, b, pointers = self.new_function(name, buffers)
+        if is_light(part):
+            fn.attributes.add("optsize")
+        tid, nthreads = fn.args[-2], fn.args[-1]
+        em = Emitter(b, pointers)
+        em.licm = pretuned = index in self._pools[1]  # (LLVM runs no LICM there)
+        if isinstance(part, LoopNest):
+            emit_nest(em, part, tid, nthreads, vectorize=pretuned)
+        else:
+            emit_template(self, em, part, tid, nthreads)
+        b.ret_void()
+        return fn, known, em.scalar_loops > 0
+
     def _module_for(self, part) -> int:
         """The emptiest module so far of the part's pool (pretuned or not); for a matmul,
         one that already has a GEMM of its shape (the evaluation step's forward matmuls
@@ -200,7 +212,7 @@ class ModuleBuilder:
             for key in self.gemms:  # (module index, spec, register-tile epilogue key)
                 if key[1] == spec:
                     return key[0]
-        pool = self._pools[isinstance(part, Template) and part.op in PRETUNED_TEMPLATES]
+        pool = self._pools[_pretuned(part)]
         return min(pool, key=self.sizes.__getitem__)
 
     def _dedupe(self, fn: ir.Function, key) -> ir.Function:
@@ -369,6 +381,20 @@ class _Indirect:
 
     def get_reference(self) -> str:
         return self.pointer.get_reference()
+
+
+def _pretuned(part) -> bool:
+    """Whether a part goes to the modules LLVM compiles with a short pipeline
+    (jit.PRETUNED_PASSES), its emitter having vectorized and unrolled its code: a
+    convolution template's, and a loop nest over at least LIGHT_BELOW elements (emit.py
+    vectorizes its sums and innermost stores and hoists its loop-invariant values; one
+    where it leaves a loop scalar is built again for O3: ModuleBuilder._functions). A
+    light nest stays with O3 (optimized for size there): in the pretuned pool the MLP's
+    three (a softmax and its gradient) made its training step 3% slower, for 10% less
+    LLVM time."""
+    if isinstance(part, LoopNest):
+        return not is_light(part)
+    return part.op in PRETUNED_TEMPLATES
 
 
 def _gemm_spec(part):

@@ -17,7 +17,7 @@ import math
 from llvmlite import ir
 
 from dlc.core.kernel import (hoistable, Add, Clamp, Const, Div, Ex, FreeVars, Gather, Index, Ix, Lit, Load, LoopNest, Mod, Mul,
-                             Op, Rand, Reduce, Var)
+                             Op, Rand, Reduce, Var, walk_ex)
 from dlc.core.types import DType
 
 from . import mathlib
@@ -240,13 +240,25 @@ class _Lanes:
     _COMPARE = {"icmp_signed", "icmp_unsigned", "fcmp_ordered", "fcmp_unordered"}
     _CASTS = {"trunc", "zext", "sext", "fptrunc", "fpext", "bitcast", "fptoui", "uitofp", "fptosi", "sitofp"}
 
-    def __init__(self, b: ir.IRBuilder, w: int):
-        self.builder, self.w = b, w
+    def __init__(self, b: ir.IRBuilder, w: int, splat_early: bool = False):
+        self.builder, self.w, self.splat_early = b, w, splat_early
 
     def wide(self, values: list) -> list:
         if not any(isinstance(v.type, ir.VectorType) for v in values):
             return values
-        return [v if isinstance(v.type, ir.VectorType) else splat(self.builder, v, self.w) for v in values]
+        return [v if isinstance(v.type, ir.VectorType) else self._splat(v) for v in values]
+
+    def _splat(self, x: ir.Value) -> ir.Value:
+        """x in every lane; with `splat_early`, splat where x is computed, so that a value
+        from outside the loop is not splat again in every iteration (Emitter.licm)."""
+        if not self.splat_early or not isinstance(x, ir.Instruction) or x.parent is self.builder.block:
+            return splat(self.builder, x, self.w)
+        at = ir.IRBuilder(x.parent)
+        if isinstance(x, ir.PhiInstr):  # after the block's phis
+            at.position_before(next(i for i in x.parent.instructions if not isinstance(i, ir.PhiInstr)))
+        else:
+            at.position_after(x)
+        return splat(at, x, self.w)
 
     def __getattr__(self, name: str):
         op = getattr(self.builder, name)
@@ -290,6 +302,11 @@ class Emitter:
         self.lane_base = None
         self.lane_depth = 0
         self.lane_mask = None  # the lanes inside the loop, in a last partial vector
+        # LLVM's loop-invariant code motion done here (hoist_out_of), for the modules
+        # compiled without it (jit.PRETUNED_PASSES); O3's own gives other code (a small
+        # matmul of the MLP at batch 8 was compiled differently, its step 3-5% slower)
+        self.licm = False
+        self.scalar_loops = 0  # sums and store loops left scalar here (codegen._pretuned)
 
     # scopes: a value computed in a loop body is only reused inside that body
     def push(self):
@@ -314,6 +331,15 @@ class Emitter:
         """Compute now (in the current scope) the parts of e that depend only on `bound`."""
         for part in hoistable(e, bound, self.free_vars, lambda x: self._cached(id(x)) is not None, seen):
             self.value(part)
+
+    def hoist_out_of(self, exprs, inner: set) -> None:
+        """With `licm`, compute now the parts of `exprs` that depend on none of the loop
+        variables `inner` (those of the loops about to be entered)."""
+        if not self.licm:
+            return
+        seen: set = set()
+        for e in exprs:
+            self.hoist(e, self.free_vars(e) - inner, seen)
 
     def value(self, e: Ex) -> ir.Value:
         hit = self._cached(id(e))
@@ -469,6 +495,7 @@ class Emitter:
             init += acc
 
         w = self._vectorizable(together)
+        self.scalar_loops += w == 1
         last = len(together[0][1]) - 1
 
         def nest(level: int, carried):
@@ -483,6 +510,8 @@ class Emitter:
                     self.vars[loops[level][-1].name] = i
                 self.push()
                 if level < last:
+                    inner = {v.name for _, loops in together for lv in loops[level + 1:] for v in lv}
+                    self.hoist_out_of([e.body for e, _ in together], inner)
                     out = nest(level + 1, acc)
                 else:
                     out = []
@@ -574,7 +603,7 @@ class Emitter:
         self.lane_mask = None if live is None else ir.Constant(ir.VectorType(I1, w), [j < live for j in range(w)])
         self.vars[var.name] = b.add(splat(b, i, w), ir.Constant(ir.VectorType(I64, w), list(range(w))))
         self.push()
-        self.b = _Lanes(b, w)
+        self.b = _Lanes(b, w, self.licm)
         values = [self.value(s.value) for s in stores]  # all before any store, as store_all
         for s, v in zip(stores, values):
             v = v if isinstance(v.type, ir.VectorType) else splat(b, v, w)
@@ -602,7 +631,7 @@ class Emitter:
         for name in self.lane_vars:
             self.vars[name] = lanes
         self.push()
-        self.b = _Lanes(b, w)
+        self.b = _Lanes(b, w, self.licm)
         out = []
         for a, (e, _) in zip(acc, together):
             v = self.b.wide([self.value(e.body), a])[0]
@@ -712,9 +741,11 @@ def store_all(em: Emitter, stores) -> None:
         b.store(v, gep(b, em.pointers[s.buf.name], em.ix(s.flat), t), align=byte_size(t))
 
 
-def emit_nest(em: Emitter, nest: LoopNest, tid, nthreads, bounds: dict | None = None) -> None:
+def emit_nest(em: Emitter, nest: LoopNest, tid, nthreads, bounds: dict | None = None,
+              vectorize: bool = False) -> None:
     """Emit a LoopNest; its outer iterations are shared between threads unless `bounds`
-    (var name -> (lo, hi) values) fixes them, as for a template's epilogue."""
+    (var name -> (lo, hi) values) fixes them, as for a template's epilogue. `vectorize`:
+    its innermost store loop vectorized here where it can be (_merged_loops)."""
     b = em.b
     if bounds is not None:
         emit_bounded(em, nest, bounds)
@@ -726,6 +757,8 @@ def emit_nest(em: Emitter, nest: LoopNest, tid, nthreads, bounds: dict | None = 
     else:
         lo, hi = split(b, total, tid, nthreads)
     outer_names = frozenset(v.name for v in nest.outer)
+    if not nest.inner and not any(isinstance(x, Reduce) for x in walk_ex([s.value for s in nest.row_stores])):
+        em.scalar_loops += 1  # elementwise over the outer loop: LLVM vectorizes that one
 
     def body(f, _):
         for v, idx in zip(nest.outer, _unravel(b, f, extents)):
@@ -737,7 +770,7 @@ def emit_nest(em: Emitter, nest: LoopNest, tid, nthreads, bounds: dict | None = 
             seen: set = set()
             for s in nest.stores:
                 em.hoist(s.value, outer_names, seen)
-            _merged_loops(em, list(nest.inner), nest.stores, {})
+            _merged_loops(em, list(nest.inner), nest.stores, {}, vectorize)
         em.pop()
         return []
     loop(b, lo, hi, (), body, name="p")
@@ -754,8 +787,7 @@ def _unravel(b, f, extents):
 def emit_bounded(em: Emitter, nest: LoopNest, bounds: dict, vectorize: bool = False) -> None:
     """All loops of the nest with explicit ranges (epilogues over a template's share);
     `vectorize`: its innermost full-range loop vectorized here where it can be (the
-    convolutions', whose modules LLVM compiles without its vectorizer:
-    codegen.PRETUNED_TEMPLATES)."""
+    convolutions', whose modules LLVM compiles without its vectorizer: codegen._pretuned)."""
     _merged_loops(em, list(nest.outer) + list(nest.inner), nest.row_stores + nest.stores, bounds, vectorize)
 
 
@@ -779,6 +811,7 @@ def _merged_loops(em: Emitter, vars_, stores, bounds: dict, vectorize: bool = Fa
             em.vars[outer.name] = i64(0)
         n = math.prod(v.extent for v in groups[k])
         w = em.store_lanes(stores, var, n) if vectorize and k == len(groups) - 1 and var.name not in bounds else 1
+        em.scalar_loops += w == 1 and k == len(groups) - 1 and n > 1
         if w > 1:
             whole = n - n % w
             if whole:
@@ -792,6 +825,8 @@ def _merged_loops(em: Emitter, vars_, stores, bounds: dict, vectorize: bool = Fa
         def body(i, _):
             em.vars[var.name] = i
             em.push()
+            if k + 1 < len(groups):
+                em.hoist_out_of([s.value for s in stores], {v.name for g in groups[k + 1:] for v in g})
             level(k + 1)
             em.pop()
             return []

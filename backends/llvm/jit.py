@@ -89,11 +89,12 @@ def _quick(llmod, tm) -> None:
 
 
 # The passes for code whose emitters vectorized and unrolled it themselves (the
-# convolutions: codegen.PRETUNED_TEMPLATES): the quick tier's, then LLVM's full unrolling
-# of the loops left with a few iterations (without it LeNet-5's step was 22% slower: its
-# data gradient's col2im 2.4x); machine code at level 3, not the quick tier's 1. Against
-# O3, LLVM CPU -24% on the residual network, -13% on the CIFAR CNN, -9% on LeNet-5; their
-# steps within 1% (README, "Compile time").
+# convolutions, and the loop nests they vectorize whole: codegen._pretuned): the quick
+# tier's, then LLVM's full unrolling of the loops left with a few iterations (without it
+# LeNet-5's step was 22% slower: its data gradient's col2im 2.4x); machine code at level
+# 3, not the quick tier's 1. Against O3, for the convolutions: LLVM CPU -24% on the
+# residual network, -13% on the CIFAR CNN, -9% on LeNet-5; the nests a further -22% on
+# the residual network; steps within noise (README, "Compile time").
 PRETUNED_PASSES = QUICK_PASSES + ("loop_simplify", "loop_rotate", "loop_unroll", "instruction_combine",
                                   "simplify_cfg")
 
