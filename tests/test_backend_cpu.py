@@ -549,11 +549,8 @@ def test_pretuned_kernels_get_modules_of_their_own_and_a_shorter_pipeline(exampl
     the loop nests that are not light and have no loop the emitter leaves scalar) are in
     modules of their own, which LLVM compiles with PRETUNED_PASSES; every other module
     (the character model's nests with a scalar loop among them) with O3."""
-    from llvmlite import ir
     from dlc.backends.llvm import jit
-    from dlc.backends.llvm.codegen import buffers_of, is_light
-    from dlc.backends.llvm.emit import Emitter, emit_nest
-    from dlc.backends.llvm.irutil import I32, PTR, VOID, set_target
+    from dlc.backends.llvm.codegen import is_light
     from dlc.backends.llvm.templates import PRETUNED_TEMPLATES
     from dlc.core.kernel import Loop, Template
     m = dlc.load(next(p for p in EXAMPLES if p.stem == example))
@@ -575,12 +572,7 @@ def test_pretuned_kernels_get_modules_of_their_own_and_a_shorter_pipeline(exampl
         collect(entry, program.kernels)
 
     def vectorized(nest) -> bool:  # whether the emitter leaves none of its loops scalar
-        fn = ir.Function(ir.Module(), ir.FunctionType(VOID, [PTR] * len(buffers_of(nest)) + [I32, I32]), name="f")
-        set_target(fn, target)
-        em = Emitter(ir.IRBuilder(fn.append_basic_block()), {b.name: a for a, b in zip(fn.args, buffers_of(nest))})
-        em.licm = True
-        emit_nest(em, nest, *fn.args[-2:], vectorize=True)
-        return em.scalar_loops == 0
+        return _pretuned_nest(nest, target)[1].scalar_loops == 0
 
     def kind(part) -> str:
         if isinstance(part, Template):
@@ -669,10 +661,8 @@ def test_loop_invariant_values_are_computed_outside_the_loops_that_do_not_change
     and splat where it is computed, not in the vectorized innermost loop (the pretuned
     modules get no loop-invariant code motion from LLVM); the results are numpy's."""
     import ctypes
-    from llvmlite import ir
     from dlc.backends.llvm import jit
-    from dlc.backends.llvm.emit import Emitter, emit_nest
-    from dlc.backends.llvm.irutil import I32, PTR, VOID, set_target
+    from dlc.backends.llvm.codegen import buffers_of
     from dlc.backends.llvm.target import Target
     from dlc.core.kernel import Buffer, Exprs, LoopNest, Store
     from dlc.core.types import DType
@@ -694,14 +684,7 @@ def test_loop_invariant_values_are_computed_outside_the_loops_that_do_not_change
     total = e.reduce("sum", (r, i), masked(r, e.load(x, e.ravel((r, c, i), (rows, cols, width)))), f32)
     scaled = e.op("mul", (e.load(x, e.ravel((r2, c, i2), (rows, cols, width))), total), f32)
     nest = LoopNest((c,), (r2, i2), stores=[Store(out, e.ravel((c, r2, i2), (cols, rows, width)), masked(r2, scaled))])
-    module = ir.Module(name="hoist")
-    module.triple = target.triple
-    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * 3 + [I32, I32]), name="f")
-    set_target(fn, target)
-    em = Emitter(ir.IRBuilder(fn.append_basic_block("entry")), dict(zip(("x", "n", "out"), fn.args)))
-    em.licm = True
-    emit_nest(em, nest, *fn.args[3:], vectorize=True)
-    em.b.ret_void()
+    fn, _ = _pretuned_nest(nest, target)
     for block in fn.blocks:
         masks = [ins for ins in block.instructions if ins.opname == "icmp" and "i32" in str(ins.operands[0].type)
                  or ins.opname == "shufflevector" and str(ins.type).endswith("x i1>")]
@@ -709,17 +692,37 @@ def test_loop_invariant_values_are_computed_outside_the_loops_that_do_not_change
             assert masks, block.name  # a row's mask, and its splat, where the row begins
         elif block.name.startswith(("i.", "i2.")):
             assert not masks, block.name
-    engine = jit.Engine(jit.compile_modules([module], target, workers=1, pretuned=frozenset({0})).objects, target)
+    engine = jit.Engine(jit.compile_modules([fn.module], target, workers=1, pretuned=frozenset({0})).objects, target)
     run = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int32, ctypes.c_int32)(engine.address("f"))
     data = np.random.default_rng(0).standard_normal((rows, cols, width)).astype(np.float32)
     for valid in (rows, 3):
         got = np.full((cols, rows, width), np.nan, np.float32)
         count = np.array([valid], np.int32)
-        run(data.ctypes.data, count.ctypes.data, got.ctypes.data, 0, 1)
+        arrays = {"x": data, "n": count, "out": got}
+        run(*[arrays[buf.name].ctypes.data for buf in buffers_of(nest)], 0, 1)
         keep = (np.arange(rows) < valid)[:, None, None]
         sums = np.where(keep, data, 0).sum(axis=(0, 2))
         want = np.where(keep, data * sums[None, :, None], 0).transpose(1, 0, 2)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _pretuned_nest(nest, target):
+    """nest's function as a pretuned module gets it (the emitter's vectorized stores and
+    hoisting on): (the function, in a module of its own; its emitter)."""
+    from llvmlite import ir
+    from dlc.backends.llvm.codegen import buffers_of
+    from dlc.backends.llvm.emit import Emitter, emit_nest
+    from dlc.backends.llvm.irutil import I32, PTR, VOID, set_target
+    buffers = buffers_of(nest)
+    module = ir.Module(name="nest")
+    module.triple = target.triple
+    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * len(buffers) + [I32, I32]), name="f")
+    set_target(fn, target)
+    em = Emitter(ir.IRBuilder(fn.append_basic_block("entry")), {b.name: a for a, b in zip(fn.args, buffers)})
+    em.licm = True
+    emit_nest(em, nest, *fn.args[-2:], vectorize=True)
+    em.b.ret_void()
+    return fn, em
 
 
 def _numbered_modules(target, count: int) -> list:

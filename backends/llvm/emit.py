@@ -392,7 +392,6 @@ class Emitter:
         A sum that needs another's result is first split into sums that do not
         (_split_dependent). The new nodes live in `rewritten` as long as the emitter, so
         their ids (the caches' keys) stay theirs."""
-        from dlc.core.kernel import walk_ex
         by_domain: dict = {}
         for x in walk_ex(exprs):
             if not (isinstance(x, Reduce) and x.op == "sum" and x.vars and self.free_vars(x) <= bound):
@@ -419,7 +418,6 @@ class Emitter:
         y * x, distributivity, and select(p, c, 0) * y = c * select(p, y, 0) (they differ
         only where y is infinite or NaN on a masked row). (expression, [new sums]), or
         None when the body is not of that form."""
-        from dlc.core.kernel import walk_ex
         own = {v.name for v in r.vars}
 
         def dependent(x):
@@ -560,7 +558,6 @@ class Emitter:
         computed now, before the loop), every load depending on `inner` reads consecutive
         elements (a gather costs more than it saves), and no integer division (a masked-off
         lane might divide by zero)."""
-        from dlc.core.kernel import walk_ex
         for x in walk_ex([body]):
             if isinstance(x, Reduce) and self._cached(id(x)) is None:
                 if self.free_vars(x) & own:
@@ -578,7 +575,6 @@ class Emitter:
         none: float32 stores to consecutive elements, whose values _lanes_ok allows, which
         read no stored buffer but at the element stored (W lanes read before any is
         written) and use no index of `var` but an affine one."""
-        from dlc.core.kernel import walk_ex
         w = _vector_width(self.b.function)
         if w == 1 or n < 2:
             return 1
@@ -650,7 +646,6 @@ class Emitter:
         0 .. extent(a)*extent(b)-1 and a to 0, which addresses the same elements in the
         same order, in one long loop that vectorizes (with one horizontal reduction at its
         end instead of one per row)."""
-        from dlc.core.kernel import Index, Load, Rand, walk_ex
         indices = list(flats)
         for x in walk_ex(exprs):
             if isinstance(x, Load):
