@@ -602,6 +602,46 @@ def test_pretuned_kernels_get_modules_of_their_own_and_a_shorter_pipeline(exampl
                           for i, module in enumerate(mb.modules)}
 
 
+@pytest.mark.parametrize("example", ["resnet_bn", "char_lm"])
+def test_the_o3_modules_are_handed_over_whole_before_the_pretuned_parts_are_built(example):
+    """ModuleBuilder.build(finished): the modules for O3 are handed over (to be compiled
+    while the rest is built) once every part that goes there is built and before any
+    pretuned part is; nothing is added to them afterwards (the character model's nests
+    built again for O3 go to the step module, which stays open). The GEMM modules among
+    them are named for loop strength reduction, none for the pretuned pipeline."""
+    from dlc.backends.llvm.codegen import _pretuned
+    from dlc.core.kernel import Loop
+    m = dlc.load(next(p for p in EXAMPLES if p.stem == example))
+    target = CPU.target({})
+    programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 16), CPU.templates)
+                for mode in ("train", "eval")}
+    mb = ModuleBuilder(programs, target)
+    pretuned_parts = set()
+
+    def collect(entry, kernels):
+        for k in kernels:
+            if isinstance(k, Loop):
+                collect(entry, k.body)
+                continue
+            pretuned_parts.update(f"{entry}.{k.name}.{j}.{mb.tag}" for j, part in enumerate(k.parts)
+                                  if _pretuned(part))
+    for entry, program in programs.items():
+        collect(entry, program.kernels)
+    handed = []
+
+    def finished(modules, sizes, pretuned, lsr):
+        built = {f.name for module in mb.modules for f in module.functions if not f.is_declaration}
+        assert pretuned_parts and not built & pretuned_parts
+        handed.append((modules, [str(module) for module in modules], pretuned, lsr))
+    mb.build(finished)
+    ((modules, texts, pretuned, lsr),) = handed
+    assert modules and mb.modules[0] is mb.step_module and mb.step_module not in modules
+    assert [str(module) for module in modules] == texts
+    positions = [next(i for i, m in enumerate(mb.modules) if m is module) for module in modules]
+    assert not pretuned and not mb.pretuned & set(positions)
+    assert lsr == {j for j, i in enumerate(positions) if i in mb.lsr}
+
+
 def test_a_convolutions_epilogue_is_vectorized_and_matches_the_reference(tmp_path, monkeypatch):
     """A convolution's epilogue (CONV_EPILOGUE: forward and data gradient) runs W lanes at
     a time, its last vector masked: the training steps match the reference interpreter's
@@ -742,14 +782,12 @@ def test_compiler_processes_take_modules_from_a_queue(monkeypatch):
     """Two processes take five modules largest first; the objects come back in module
     order, and a module that fails in whichever process took it fails the compile with
     its reason (the other process is still collected)."""
-    import ctypes
     from dlc.backends.llvm import jit
     from dlc.backends.llvm.target import Target
     target = Target.host(2)
     modules = _numbered_modules(target, 5)
     out = jit.compile_modules(modules, target, workers=2, sizes=[1, 5, 2, 4, 3])
-    engine = jit.Engine(out.objects, target)
-    assert [ctypes.CFUNCTYPE(ctypes.c_int32)(engine.address(f"f{i}"))() for i in range(5)] == list(range(5))
+    assert _call_each(out.objects, target, 5) == list(range(5))
 
     real = jit._compile_one
 
@@ -760,6 +798,70 @@ def test_compiler_processes_take_modules_from_a_queue(monkeypatch):
     monkeypatch.setattr(jit, "_compile_one", failing)
     with pytest.raises(RuntimeError, match="compiling a module failed: .*q3 does not compile"):
         jit.compile_modules(modules, target, workers=2)
+
+
+def _call_each(objects, target, count: int) -> list:
+    """What f0() .. f<count - 1>() return, the objects loaded into one engine."""
+    import ctypes
+    from dlc.backends.llvm import jit
+    engine = jit.Engine(objects, target)
+    return [ctypes.CFUNCTYPE(ctypes.c_int32)(engine.address(f"f{i}"))() for i in range(count)]
+
+
+def test_compiler_processes_start_on_a_batch_while_the_next_is_built(monkeypatch):
+    """ModuleCompiler: a batch's modules are taken by the children forked when it is
+    added, which start while the next batch is built; the modules built after a child was
+    forked are compiled by this process or by children forked later. Never more than
+    `workers` processes at once: a child that has ended is replaced while modules are
+    left. Objects come back in the order the modules were added."""
+    import select
+    from dlc.backends.llvm import jit
+    from dlc.backends.llvm.elf import symbols
+    from dlc.backends.llvm.target import Target
+    target = Target.host(2)
+    forks = []  # the children alive at each fork
+    real = jit.ModuleCompiler._fork
+
+    def counted(self):
+        forks.append(len(self.children))
+        real(self)
+    monkeypatch.setattr(jit.ModuleCompiler, "_fork", counted)
+    compiler = jit.ModuleCompiler(target, workers=2)
+    compiler.add(_numbered_modules(target, 1))
+    ((_, read),) = compiler.children
+    assert select.select([read], [], [], 120)[0]  # it has compiled q0 and sends it
+    compiler.add(_numbered_modules(target, 5)[1:], sizes=[1, 2, 3, 4])  # q1..q4: built after that fork
+    assert forks == [0]  # no third process beside the first child
+    out = compiler.finish()
+    assert forks == [0, 0]  # the first child, ended, replaced after this process's first module
+    assert _call_each(out.objects, target, 5) == list(range(5))
+    # a child still busy with its batch when the next is added takes none of the next
+    # one's modules (it does not have them: it would fail on them); a batch is the
+    # modules not added before, and `order` orders the objects
+    compiler = jit.ModuleCompiler(target, workers=2)
+    modules = _numbered_modules(target, 12)
+    compiler.add(modules[:6])
+    compiler.add(modules)
+    assert len(compiler.jobs) == 12
+    objects = compiler.finish(order=modules[::-1]).objects
+    assert [symbols(obj).defines for obj in objects] == [[f"f{i}"] for i in reversed(range(12))]
+    assert _call_each(objects, target, 12) == list(range(12))
+
+
+def test_a_build_that_fails_stops_the_compiler_processes_it_started():
+    """ModuleCompiler.cancel (a build failing after a batch was handed over): its children
+    are stopped and collected -- none is left running or unreaped."""
+    from dlc.backends.llvm import jit
+    from dlc.backends.llvm.target import Target
+    target = Target.host(2)
+    compiler = jit.ModuleCompiler(target, workers=2)
+    compiler.add(_numbered_modules(target, 8))
+    pids = [pid for pid, _ in compiler.children]
+    assert pids
+    compiler.cancel()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 FORK_BESIDE_LLVM = """

@@ -31,10 +31,10 @@ class CpuBackend(Backend):
         from .target import Target
         return Target.host(options.get("threads"))
 
-    def _modules(self, program, target, profile: bool, tag: str | None = None):
+    def _modules(self, program, target, profile: bool, tag: str | None = None, finished=None):
         from .codegen import ModuleBuilder
         mb = ModuleBuilder(program, target, profile=profile, tag=tag)
-        mb.build()
+        mb.build(finished)
         return mb
 
     def compile(self, program, target, profile: bool = False, quick: bool = False) -> Compiled:
@@ -47,14 +47,33 @@ class CpuBackend(Backend):
 
     def _compile(self, programs: dict, target, profile: bool, quick: bool) -> Compiled:
         """quick: the modules through the quick tier's passes (jit.QUICK_PASSES), with
-        `optimized` set to compile them again at O3 in a forked process."""
-        from dlc.core.kernel import all_kernels
-
-        from .jit import can_fork, compile_modules
-        from .threads import step_work
+        `optimized` set to compile them again at O3 in a forked process. The O3 modules
+        are compiled while the rest is built (ModuleBuilder.build, jit.ModuleCompiler)."""
+        from .jit import ModuleCompiler, can_fork
         quick = quick and can_fork()  # the optimized code is compiled by a forked process
         start = time.perf_counter()
-        mb = self._modules(programs, target, profile)
+        compiler = ModuleCompiler(target, quick=quick)
+        try:
+            mb = self._modules(programs, target, profile, finished=compiler.add)
+            layout = self._layout(programs, mb, target)
+            built = time.perf_counter()
+            compiler.add(mb.modules, mb.sizes, mb.pretuned, mb.lsr)  # those `finished` did not hand over
+        except BaseException:
+            compiler.cancel()
+            raise
+        compiled = _finish(mb, layout, target, compiler.finish(order=mb.modules))
+        compiled.timings = {"LLVM IR": built - start, **compiled.timings}
+        compiled.stats = {"parts": sum(map(len, mb.entry_parts.values())), "shared": mb.shared}
+        if quick:
+            compiled.optimized = lambda then: _optimize_in_child(mb, layout, target, then)
+        return compiled
+
+    @staticmethod
+    def _layout(programs: dict, mb, target) -> StepLayout | Entries:
+        """Each entry's layout, bound to the code (_bind_layout)."""
+        from dlc.core.kernel import all_kernels
+
+        from .threads import step_work
         layouts = {}
         for entry, program in programs.items():
             lines = {k.name: list(k.lines) for k in all_kernels(program.kernels)}
@@ -65,17 +84,8 @@ class CpuBackend(Backend):
             collectives = layout_collectives(program)  # each bucket's buffers, for the host calls
             if collectives:
                 layouts[entry].meta["collectives"] = collectives
-            _bind_layout(mb.modules[0], layouts[entry])
-        layout = layouts[""] if "" in layouts else Entries(layouts)
-        built = time.perf_counter()
-        objects = compile_modules(mb.modules, target, sizes=mb.sizes, quick=quick, lsr=mb.lsr,
-                                  pretuned=mb.pretuned)
-        compiled = _finish(mb, layout, target, objects)
-        compiled.timings = {"LLVM IR": built - start, **compiled.timings}
-        compiled.stats = {"parts": sum(map(len, mb.entry_parts.values())), "shared": mb.shared}
-        if quick:
-            compiled.optimized = lambda then: _optimize_in_child(mb, layout, target, then)
-        return compiled
+            _bind_layout(mb.step_module, layouts[entry])
+        return layouts[""] if "" in layouts else Entries(layouts)
 
     def replace_code(self, steps: dict, compiled: Compiled, target) -> None:
         from .jit import Engine

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from llvmlite import ir
 
@@ -99,7 +100,7 @@ class ModuleBuilder:
             mod.triple = target.triple
             self.modules.append(mod)
         self._pools = (range(pieces), range(pieces, 2 * pieces))
-        self.module = self.modules[0]  # the module being filled (templates add GEMMs to it)
+        self.step_module = self.module = self.modules[0]  # the module being filled (templates add GEMMs to it)
         self.sizes = [0] * len(self.modules)  # instructions per module (to fill the emptiest)
         self.layout = Layout(slots=list(self.program.inputs) + list(self.program.state))
         self.profile = profile
@@ -112,6 +113,8 @@ class ModuleBuilder:
         self.lsr = frozenset()  # the modules that hold a GEMM (jit._machine_code), once built
         self.pretuned = frozenset()  # the modules of _pretuned parts (jit), once built
         self._by_key: dict = {}
+        self._built: dict = {}  # name -> function: the parts build(finished=...) built first
+        self._closed: set = set()  # those modules: nothing more goes there
         self._helpers: dict = {}  # key -> function (ModuleBuilder.helper)
         self._names: dict = {}  # prefix -> last number (ModuleBuilder.fresh_name)
         # kernels are external symbols (the step calls them across modules): a name unique to
@@ -134,56 +137,90 @@ class ModuleBuilder:
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         return fn, b, pointers
 
-    def build(self) -> list[ir.Module]:
+    def build(self, finished: Callable | None = None) -> list[ir.Module]:
+        """The modules (the step module first). The parts for O3 are built first, then the
+        pretuned parts (_pretuned: their code takes longer to build), then the step
+        functions. `finished(modules, sizes, pretuned, lsr)`, if given, is called with the
+        O3 modules as soon as their parts are built (the caller starts compiling them
+        meanwhile: jit.ModuleCompiler.add); nothing goes there afterwards. The step module
+        stays open: it gets the step functions, and the pretuned parts built again for O3
+        (_part)."""
+        for entry, program in self.programs.items():
+            self.program = program
+            self._functions(program.kernels, self._prefix(entry), [], only=lambda part: not _pretuned(part))
+        staged = [i for i in self._pools[0] if self._defines(i) and self.modules[i] is not self.step_module]
+        self._closed.update(staged)
+        if finished is not None:
+            with_gemm = {key[0] for key in self.gemms}
+            finished([self.modules[i] for i in staged], [self.sizes[i] for i in staged], frozenset(),
+                     frozenset(j for j, i in enumerate(staged) if i in with_gemm))
         for entry, program in self.programs.items():
             self.entry_parts[entry] = []
             self.program = program  # the program being built (templates look at its other kernels)
-            self.entry_calls[entry] = self._functions(program.kernels, f"{entry}." if entry else "",
-                                                      self.entry_parts[entry])
+            self.entry_calls[entry] = self._functions(program.kernels, self._prefix(entry), self.entry_parts[entry])
         self.parts = next(iter(self.entry_parts.values()))
         self.program = next(iter(self.programs.values()))
-        self.module = self.modules[0]
+        self.module = self.step_module
         for entry, program in self.programs.items():
             self._step(entry, program)
         # a small program leaves some modules empty: nothing to compile or load there
-        kept = [i for i, m in enumerate(self.modules) if i == 0 or any(not f.is_declaration for f in m.functions)]
+        kept = [i for i in range(len(self.modules)) if self.modules[i] is self.step_module or self._defines(i)]
         self.modules, self.sizes = [self.modules[i] for i in kept], [self.sizes[i] for i in kept]
         with_gemm = {key[0] for key in self.gemms}
         self.lsr = frozenset(j for j, i in enumerate(kept) if i in with_gemm)
         self.pretuned = frozenset(j for j, i in enumerate(kept) if i in self._pools[1])
         return self.modules
 
-    def _functions(self, entries, prefix: str, parts: list) -> list:
+    @staticmethod
+    def _prefix(entry: str) -> str:
+        return f"{entry}." if entry else ""
+
+    def _defines(self, i: int) -> bool:
+        return any(not f.is_declaration for f in self.modules[i].functions)
+
+    def _functions(self, entries, prefix: str, parts: list, only: Callable | None = None) -> list:
         """One function per kernel part (loop bodies' too), appended to `parts`; returns what
         the step calls, in order: (phase, index in parts) per part, (loop, the same for its
-        body) per loop."""
+        body) per loop. only(part): build those parts alone (kept for the call that builds
+        the rest, which uses them)."""
         calls = []
         for k in entries:
             if isinstance(k, Loop):
-                calls.append((k, self._functions(k.body, prefix, parts)))
+                calls.append((k, self._functions(k.body, prefix, parts, only)))
                 continue
             for j, part in enumerate(k.parts):
                 if isinstance(part, Collective):  # a call to the host from the step itself
                     calls.append((k.phase, len(parts)))
                     parts.append((k.phase, k.name, None, part))
                     continue
-                index = self._module_for(part)
+                if only is not None and not only(part):
+                    continue
                 name, buffers = f"{prefix}{k.name}.{j}.{self.tag}", buffers_of(part)
-                fn, known, scalar = self._emit(part, index, name, buffers)
-                if scalar and isinstance(part, LoopNest) and index in self._pools[1]:
-                    # a sum or store loop the emitter left scalar: LLVM's O3 vectorizes it
-                    del self.module.globals[name]
-                    index = min(self._pools[0], key=self.sizes.__getitem__)
-                    fn, known, _ = self._emit(part, index, name, buffers)
-                fn = self._dedupe(fn, _shape_key(part))
-                # what the part added to its module: its function (unless an identical one
-                # existed) and the helpers it built (a GEMM, a convolution's packers: in one
-                # residual-network build they were left out, and the module counted
-                # smallest took the second-longest to compile)
-                self.sizes[index] += sum(_size(f) for f in self.module.functions[known:])
+                fn = self._built.pop(name, None)
+                if fn is None:
+                    fn = self._part(part, name, buffers)
+                if only is not None:
+                    self._built[name] = fn
                 calls.append((k.phase, len(parts)))
                 parts.append((k.phase, k.name, fn, buffers))
         return calls
+
+    def _part(self, part, name: str, buffers: list[Buffer]) -> ir.Function:
+        """The part's function (an identical one built before, if any)."""
+        index = self._module_for(part)
+        fn, known, scalar = self._emit(part, index, name, buffers)
+        if scalar and isinstance(part, LoopNest) and index in self._pools[1]:
+            # a sum or store loop the emitter left scalar: LLVM's O3 vectorizes it
+            del self.module.globals[name]
+            index = self._emptiest(self._pools[0])
+            fn, known, _ = self._emit(part, index, name, buffers)
+        fn = self._dedupe(fn, _shape_key(part))
+        # what the part added to its module: its function (unless an identical one
+        # existed) and the helpers it built (a GEMM, a convolution's packers: in one
+        # residual-network build they were left out, and the module counted
+        # smallest took the second-longest to compile)
+        self.sizes[index] += sum(_size(f) for f in self.module.functions[known:])
+        return fn
 
     def _emit(self, part, index: int, name: str, buffers: list[Buffer]):
         """The part's function, built into module `index`: (it, how many functions the
@@ -210,10 +247,12 @@ class ModuleBuilder:
         spec = _gemm_spec(part)
         if spec is not None:
             for key in self.gemms:  # (module index, spec, register-tile epilogue key)
-                if key[1] == spec:
+                if key[1] == spec and key[0] not in self._closed:
                     return key[0]
-        pool = self._pools[_pretuned(part)]
-        return min(pool, key=self.sizes.__getitem__)
+        return self._emptiest(self._pools[_pretuned(part)])
+
+    def _emptiest(self, pool: range) -> int:
+        return min((i for i in pool if i not in self._closed), key=self.sizes.__getitem__)
 
     def _dedupe(self, fn: ir.Function, key) -> ir.Function:
         """An identical function built before, with this one removed; else fn. Only parts

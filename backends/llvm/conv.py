@@ -50,8 +50,8 @@ from dlc.core.kernel import Template
 from .emit import emit_bounded, store_all
 from .gemm import (_ADD_C, _EPILOGUE, _MAX_ACCUMULATORS, GemmPlan, GemmSpec, _emit_kernel, _Layout, _Vec,
                    free_masks, plan_gemm, shared_pack_b)
-from .irutil import (F32, I1, I32, I64, PTR, VOID, for_range, gep, hsum, i64, loop, no_unrolling, set_target, smax, smin,
-                     splat, split)
+from .irutil import (F32, I1, I32, I64, PTR, VOID, const_vector, for_range, gep, hsum, i64, loop, no_unrolling,
+                     set_target, smax, smin, splat, split)
 
 _KC = {4: 256, 8: 256, 16: 384}
 
@@ -93,12 +93,12 @@ class _V:
         self.f = _Vec(b, w, fused=fused)
         self.b, self.w = b, w
         self.ity = ir.VectorType(I32, w)
-        self.lanes = ir.Constant(self.ity, list(range(w)))
+        self.lanes = const_vector(I32, range(w))
 
     def isplat(self, x):
         b = self.b
         if isinstance(x, int):
-            return ir.Constant(self.ity, [x] * self.w)
+            return const_vector(I32, [x] * self.w)
         if x.type == I64:
             x = b.trunc(x, I32)
         return splat(b, x, self.w)
@@ -151,11 +151,11 @@ def _pack_im2col(b, v: _V, src, g: _Geom, k_lo, k_hi, col0, ncols, dst, nvp, pan
     mode = "plane" if g.whole_plane else "rows" if g.sx <= 2 else "gather"
     segments = 1 if mode == "plane" else _rows_touched(g.GW, w)
     by_taps = mode == "rows" and g.sx == 1 and T * segments > _UNROLLED_LOADS
-    evens = ir.Constant(ir.VectorType(I32, w), list(range(0, 2 * w, 2)))
+    evens = const_vector(I32, range(0, 2 * w, 2))
     # mask of the two loads of a stride-2 segment: element 2l of the window is lane l
-    spread = [ir.Constant(ir.VectorType(I32, w), [(h * w + j) // 2 if j % 2 == 0 else w for j in range(w)])
+    spread = [const_vector(I32, [(h * w + j) // 2 if j % 2 == 0 else w for j in range(w)])
               for h in range(2)]
-    no_lanes = ir.Constant(f.mty, [0] * w)
+    no_lanes = const_vector(I1, [0] * w)
     c_first = b.udiv(k_lo, i64(T))
     c_last = b.udiv(b.sub(k_hi, i64(1)), i64(T))
     rows = b.sub(k_hi, k_lo)
@@ -255,7 +255,7 @@ def _rows_by_taps(b, v: _V, src, g: _Geom, S, ok, gy, gx, gy0, first, out, c_fir
             iys = b.add(gys, roff)
             row_ok = b.and_(b.icmp_signed(">=", iys, i64(0)), b.icmp_signed("<", iys, i64(g.SH)))
             mask = b.select(row_ok, b.and_(col_ok, b.icmp_signed("==", gy, v.isplat(gys))),
-                            ir.Constant(f.mty, [0] * w))
+                            const_vector(I1, [0] * w))
             segs.append((b.add(b.mul(iys, i64(g.SW)), b.add(b.sub(first, b.mul(gys, i64(g.GW))), coff)), mask))
         with for_range(b, c_first, b.add(c_last, i64(1)), "pc") as c:
             chan = b.gep(src, [b.mul(c, i64(g.SH * g.SW))], source_etype=F32)
@@ -486,7 +486,7 @@ def _copy_padded(b, v: _Vec, src, dst, C: int, H: int, W: int, ph: int, pw: int)
                    source_etype=F32)
         row = b.gep(src, [b.mul(cy, i64(W))], source_etype=F32)
         for j in range(0, W, v.w):
-            mask = None if j + v.w <= W else ir.Constant(v.mty, [lane < W - j for lane in range(v.w)])
+            mask = None if j + v.w <= W else const_vector(I1, [lane < W - j for lane in range(v.w)])
             v.store(v.load(v.at(row, j), mask), v.at(to, j), mask)
 
 
@@ -647,7 +647,7 @@ def _direct_forward(mb, em, t: Template, tid, nthreads, R: int) -> None:
             block = list(acc[j0:j0 + w])
             n = len(block)
             planes = v.transpose(block + [v.zero] * (w - n))  # planes[o]: channel o at j0..
-            mask = None if n == w else ir.Constant(v.mty, [lane < n for lane in range(w)])
+            mask = None if n == w else const_vector(I1, [lane < n for lane in range(w)])
             for oc in range(O):
                 v.store(planes[oc], v.at(out, b.add(b.mul(y0, i64(OW)), i64(oc * OH * OW + j0))), mask)
 
@@ -799,7 +799,7 @@ def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         v = _Vec(b, w, fused=mb.target.has("fma"))
         nv, K = _cdiv(OW, w), C * KH * KW
-        last = ir.Constant(v.mty, [lane < OW - (nv - 1) * w for lane in range(w)])
+        last = const_vector(I1, [lane < OW - (nv - 1) * w for lane in range(w)])
 
         def block(ob):
             weights = b.gep(Wg, [b.mul(ob, i64(OB * K))], source_etype=F32)
@@ -1046,7 +1046,7 @@ def _col2im_channel(b, v: _V, plane, rows, H, W, OH, OW, KH, KW, ph, pw) -> None
 
 def _lanes(f: _Vec, on: list):
     """A constant mask (None where every lane is on)."""
-    return None if all(on) else ir.Constant(f.mty, on)
+    return None if all(on) else const_vector(I1, on)
 
 
 def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
@@ -1055,8 +1055,8 @@ def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
     two phase rows with vector shuffles."""
     f, w = v.f, v.w
     zero = ir.Constant(F32, 0.0)
-    lo_idx = ir.Constant(ir.VectorType(I32, w), [j // 2 + (w if j % 2 else 0) for j in range(w)])
-    hi_idx = ir.Constant(ir.VectorType(I32, w), [w // 2 + j // 2 + (w if j % 2 else 0) for j in range(w)])
+    lo_idx = const_vector(I32, [j // 2 + (w if j % 2 else 0) for j in range(w)])
+    hi_idx = const_vector(I32, [w // 2 + j // 2 + (w if j % 2 else 0) for j in range(w)])
     with for_range(b, c_lo, c_hi, "c") as c:
         for ry in range(sy):
             GH = _cdiv(H - ry, sy)
@@ -1435,8 +1435,8 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
                             gmask = g_masks[x0]
                             if OB * nblocks > O:
                                 live = b.icmp_signed("<", i64(ob), nob)
-                                whole = ir.Constant(v.mty, [True] * w) if gmask is None else gmask
-                                gmask = b.select(live, whole, ir.Constant(v.mty, [False] * w))
+                                whole = const_vector(I1, [True] * w) if gmask is None else gmask
+                                gmask = b.select(live, whole, const_vector(I1, [False] * w))
                             gv = v.load(v.at(grow, ob * OH * OW + x0), gmask)
                             for kx in range(KW):
                                 acc[ob * KW + kx] = v.fma(gv, xs[kx], acc[ob * KW + kx])

@@ -21,8 +21,8 @@ from dlc.core.kernel import (hoistable, Add, Clamp, Const, Div, Ex, FreeVars, Ga
 from dlc.core.types import DType
 
 from . import mathlib
-from .irutil import (F32, I1, I8, I32, I64, VOID, byte_size, gep, hsum, i32, i64, loop, memory_type, smax, smin, splat,
-                     split, value_type)
+from .irutil import (F32, I1, I8, I32, I64, VOID, byte_size, const_vector, gep, hsum, i32, i64, loop, memory_type,
+                     smax, smin, splat, split, value_type)
 
 GOLDEN = 0x9E3779B1
 
@@ -363,7 +363,7 @@ class Emitter:
             name = f"llvm.masked.load.v{w}{t.intrinsic_name}.p0"
             fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(vt, [at.type, self.lane_mask.type, vt]),
                                                            name)
-            v = b.call(fn, [at, self.lane_mask, ir.Constant(vt, [0] * w if not isinstance(t, ir.FloatType) else [0.0] * w)])
+            v = b.call(fn, [at, self.lane_mask, const_vector(t, [0] * w if not isinstance(t, ir.FloatType) else [0.0] * w)])
         return b.trunc(v, ir.VectorType(I1, w)) if e.buf.dtype == DType.bool else v
 
     def _first_lane(self, buf, index: Ix) -> ir.Value:
@@ -533,7 +533,7 @@ class Emitter:
         if w == 1:
             result = nest(0, init)
             return [result[at][0] if e.op != "argmax" else result[at][1] for (e, _), at in zip(together, slots)]
-        result = nest(0, [ir.Constant(ir.VectorType(F32, w), [0.0] * w)] * len(together))
+        result = nest(0, [const_vector(F32, [0.0] * w)] * len(together))
         return [hsum(b, acc) for acc in result]  # the lanes summed in one order
 
     def _vectorizable(self, together: list) -> int:
@@ -596,8 +596,8 @@ class Emitter:
         first `live` lanes are in the loop: the others load and store nothing)."""
         b = self.b
         self.lane_vars, self.lane_base, self.lane_depth = frozenset({var.name}), i, len(self.scopes)
-        self.lane_mask = None if live is None else ir.Constant(ir.VectorType(I1, w), [j < live for j in range(w)])
-        self.vars[var.name] = b.add(splat(b, i, w), ir.Constant(ir.VectorType(I64, w), list(range(w))))
+        self.lane_mask = None if live is None else const_vector(I1, [j < live for j in range(w)])
+        self.vars[var.name] = b.add(splat(b, i, w), const_vector(I64, range(w)))
         self.push()
         self.b = _Lanes(b, w, self.licm)
         values = [self.value(s.value) for s in stores]  # all before any store, as store_all
@@ -622,8 +622,8 @@ class Emitter:
         b = self.b
         self.lane_vars = frozenset(loops[-1][-1].name for _, loops in together)
         self.lane_base, self.lane_depth = i, len(self.scopes)
-        self.lane_mask = None if live is None else ir.Constant(ir.VectorType(I1, w), [j < live for j in range(w)])
-        lanes = b.add(splat(b, i, w), ir.Constant(ir.VectorType(I64, w), list(range(w))))
+        self.lane_mask = None if live is None else const_vector(I1, [j < live for j in range(w)])
+        lanes = b.add(splat(b, i, w), const_vector(I64, range(w)))
         for name in self.lane_vars:
             self.vars[name] = lanes
         self.push()
@@ -632,7 +632,7 @@ class Emitter:
         for a, (e, _) in zip(acc, together):
             v = self.b.wide([self.value(e.body), a])[0]
             if self.lane_mask is not None:
-                v = b.select(self.lane_mask, v, ir.Constant(v.type, [0.0] * w))
+                v = b.select(self.lane_mask, v, const_vector(v.type.element, [0.0] * w))
             out.append(b.fadd(a, v))
         self.b = b
         self.pop()

@@ -48,7 +48,7 @@ from typing import Callable
 
 from llvmlite import ir
 
-from .irutil import for_range, set_target, splat
+from .irutil import const_vector, for_range, set_target, splat
 from .target import Target
 
 F32 = ir.FloatType()
@@ -291,8 +291,8 @@ class _Vec:
         self.b, self.w, self.fused = b, w, fused
         self.ty = ir.VectorType(F32, w)
         self.mty = ir.VectorType(I1, w)
-        self.zero = ir.Constant(self.ty, [0.0] * w)
-        self.lanes = ir.Constant(ir.VectorType(I64, w), list(range(w)))
+        self.zero = const_vector(F32, [0.0] * w)
+        self.lanes = const_vector(I64, range(w))
         self.module = b.module
 
     def _intrinsic(self, name: str, ret, args) -> ir.Function:

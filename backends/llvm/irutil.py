@@ -154,12 +154,28 @@ def smax(b, x, y):
     return b.select(b.icmp_signed(">", x, y), x, y)
 
 
+_VECTORS: dict = {}
+
+
+def const_vector(etype: ir.Type, values) -> ir.Constant:
+    """The constant vector of `values`, one object per vector however often it is used:
+    llvmlite prints a constant's text once per object (_StrCaching), and a vector
+    constant's text element by element (a fifth of the time printing the residual
+    network's modules took, when every use made its own). Keyed by the values' repr:
+    -0.0 is not 0.0."""
+    key = (etype, tuple(map(repr, values)))
+    found = _VECTORS.get(key)
+    if found is None:
+        found = _VECTORS[key] = ir.Constant(ir.VectorType(etype, len(values)), list(values))
+    return found
+
+
 def splat(b: ir.IRBuilder, x: ir.Value, w: int) -> ir.Value:
     """x in each of w lanes."""
     if isinstance(x, ir.Constant) and not isinstance(x.type, ir.VectorType):
-        return ir.Constant(ir.VectorType(x.type, w), [x.constant] * w)
+        return const_vector(x.type, (x.constant,) * w)
     v = b.insert_element(ir.Constant(ir.VectorType(x.type, w), None), x, i32(0))
-    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, w), [0] * w))
+    return b.shuffle_vector(v, v, const_vector(I32, (0,) * w))
 
 
 def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -168,7 +184,7 @@ def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     w = v.type.count
     while w > 1:
         w //= 2
-        lo, hi = (b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, w), list(range(at, at + w))))
+        lo, hi = (b.shuffle_vector(v, v, const_vector(I32, tuple(range(at, at + w))))
                   for at in (0, w))
         v = b.fadd(lo, hi)
     return b.extract_element(v, i32(0))

@@ -127,27 +127,10 @@ def compile_workers() -> int:
 def compile_modules(modules: list[ir.Module], target: Target, workers: int | None = None,
                     sizes: list[int] | None = None, quick: bool = False, lsr: frozenset = frozenset(),
                     pretuned: frozenset = frozenset()) -> Compiled:
-    """Optimize and emit every module: with the quick tier's passes if `quick`, else
-    those numbered in `pretuned` with PRETUNED_PASSES and the others with LLVM's O3;
-    those numbered in `lsr` with LLVM's loop strength reduction (_machine_code). llvmlite
-    serializes its calls behind one lock, so threads would not overlap: `workers`
-    processes (this one and forked children) take the modules from a queue, the next one
-    as each finishes, the costliest first (`sizes` in instructions, weighed by
-    PIPELINE_COST) -- the modules' LLVM costs differ several-fold and are hard to predict,
-    and a queue of several modules per worker keeps the workers busy until the end."""
-    _init_llvm()
-    workers = min(workers or compile_workers(), len(modules))
-
-    order = sorted(range(len(modules)), key=lambda i: -sizes[i] * PIPELINE_COST[_pipeline(i, pretuned, quick)]) \
-        if sizes else list(range(len(modules)))
-
-    def one(i: int):
-        return _compile_one(modules[i], target, _pipeline(i, pretuned, quick), i in lsr)
-    if workers == 1 or not can_fork():
-        results = [one(i) for i in range(len(modules))]
-    else:
-        results = _compile_forked(one, len(modules), workers, order)
-    return Compiled([r[0] for r in results], sum(r[1] for r in results), sum(r[2] for r in results))
+    """Optimize and emit every module (ModuleCompiler, all in one batch)."""
+    compiler = ModuleCompiler(target, workers, quick)
+    compiler.add(modules, sizes, pretuned, lsr)
+    return compiler.finish()
 
 
 def can_fork() -> bool:
@@ -155,41 +138,140 @@ def can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-def _take_modules(queue: int, one: Callable) -> dict:
-    """Compile module after module, one(index), from the queue (a pipe of 4-byte indices,
-    each read whole by one process) until it is empty: {index: result}."""
-    done = {}
-    while len(item := os.read(queue, 4)) == 4:
-        i = int.from_bytes(item, "little")
-        done[i] = one(i)
-    return done
+class ModuleCompiler:
+    """Optimizes and emits modules, batch after batch as they are built: with the quick
+    tier's passes if `quick`, else those numbered in a batch's `pretuned` with
+    PRETUNED_PASSES and the others with LLVM's O3; those numbered in `lsr` with LLVM's
+    loop strength reduction (_machine_code).
 
+    llvmlite serializes its calls behind one lock, so threads would not overlap: `workers`
+    processes compile at once, this one and forked children (which inherit the modules
+    built so far and an initialized LLVM, and need no imports). Each batch (`add`) is a
+    queue, its costliest modules first (`sizes` in instructions, weighed by PIPELINE_COST:
+    the modules' LLVM costs differ several-fold and are hard to predict, and a queue of
+    several modules per process keeps the processes busy until the end). Children start on
+    a batch at once, while this process builds the next one (ModuleBuilder.build); a child
+    takes from the queues of the batches it was forked after, the latest first, and ends
+    when they are empty. `finish` has this process take modules too, and fork a child in
+    place of each one that ended while modules are left (never more processes than
+    `workers`: three on two cores left LeNet-5's last modules to one core, 5% later); it
+    returns every module's object in the order they were added."""
 
-def _compile_forked(one: Callable, count: int, workers: int, order: list[int]) -> list:
-    """workers - 1 forked children (which inherit the built modules and an initialized LLVM,
-    and need no imports) and this process take the `count` modules from one queue; the
-    children's results come back through pipes."""
-    queue, fill = os.pipe()
-    os.write(fill, b"".join(i.to_bytes(4, "little") for i in order))
-    os.close(fill)  # an empty queue then reads as the end
-    children = []
-    try:
-        for _ in range(workers - 1):
-            children.append(_spawn(lambda: _take_modules(queue, one)))
-        results, failure = _take_modules(queue, one), None
-    except Exception as e:  # noqa: BLE001 - raised once the children are collected
-        results, failure = {}, repr(e)
-    finally:
-        os.close(queue)
-    for pid, read in children:
+    def __init__(self, target: Target, workers: int | None = None, quick: bool = False):
+        _init_llvm()
+        self.target, self.quick = target, quick
+        self.workers = workers or compile_workers()
+        self.jobs: list[tuple[ir.Module, str, bool]] = []  # (module, pipeline, lsr) in order added
+        self.queues: list[int] = []  # per batch: the reading end of its queue
+        self.children: list[tuple[int, int]] = []  # (pid, the reading end of its result pipe)
+        self.results: dict = {}
+        self.failure: str | None = None
+
+    def add(self, modules: list[ir.Module], sizes: list[int] | None = None, pretuned: frozenset = frozenset(),
+            lsr: frozenset = frozenset()) -> None:
+        """A batch: those of the built `modules` not added before (`sizes`, and the
+        positions in `pretuned` and `lsr`, are the list's)."""
+        first = len(self.jobs)
+        known = {id(job[0]) for job in self.jobs}
+        new = [i for i, m in enumerate(modules) if id(m) not in known]
+        self.jobs += [(modules[i], _pipeline(i, pretuned, self.quick), i in lsr) for i in new]
+        sizes = [sizes[i] for i in new] if sizes else None
+        if self.workers == 1 or not new or not can_fork():
+            return  # finish() compiles them
+        order = sorted(range(first, len(self.jobs)),
+                       key=lambda j: -sizes[j - first] * PIPELINE_COST[self.jobs[j][1]]) if sizes else \
+            range(first, len(self.jobs))
+        queue, fill = os.pipe()
+        os.write(fill, b"".join(j.to_bytes(4, "little") for j in order))
+        os.close(fill)  # an empty queue then reads as the end
+        self.queues.append(queue)
+        for _ in range(min(self.workers - 1 - len(self.children), len(new))):
+            self._fork()
+
+    def _fork(self) -> None:
+        held = self.queues[::-1]
+        self.children.append(_spawn(lambda: _take_modules(held, self._one)))
+
+    def _one(self, j: int) -> tuple[bytes, float, float]:
+        module, pipeline, lsr = self.jobs[j]
+        return _compile_one(module, self.target, pipeline, lsr)
+
+    def finish(self, order: list[ir.Module] | None = None) -> Compiled:
+        """Every module's object: in the order the modules were added, or in `order`."""
+        try:
+            if not self.queues:
+                self.results = {j: self._one(j) for j in range(len(self.jobs))}
+            for queue in self.queues[::-1]:
+                while len(item := os.read(queue, 4)) == 4:
+                    j = int.from_bytes(item, "little")
+                    self.results[j] = self._one(j)
+                    self._replace_ended()
+        except Exception as e:  # noqa: BLE001 - raised once the children are collected
+            self.failure = repr(e)
+        finally:
+            self._close_queues()
+        while self.children:
+            self._collect(*self.children.pop())
+        if self.failure is not None or len(self.results) != len(self.jobs):
+            raise RuntimeError(f"compiling a module failed: {self.failure or 'a module was not compiled'}")
+        jobs = range(len(self.jobs))
+        if order is not None:
+            added = {id(job[0]): j for j, job in enumerate(self.jobs)}
+            jobs = [added[id(m)] for m in order]
+        done = [self.results[j] for j in jobs]
+        return Compiled([r[0] for r in done], sum(r[1] for r in done), sum(r[2] for r in done))
+
+    def _replace_ended(self) -> None:
+        """The children that have sent their results collected, and as many forked in
+        their place as the queues have modules left."""
+        import select
+        ended = select.select([read for _, read in self.children], [], [], 0)[0]
+        for child in [c for c in self.children if c[1] in ended]:
+            self.children.remove(child)
+            self._collect(*child)
+        left = sum(_queued(queue) for queue in self.queues)
+        for _ in range(min(self.workers - 1 - len(self.children), left)):
+            self._fork()
+
+    def _collect(self, pid: int, read: int) -> None:
         status, value = _outcome(pid, read)
         if status == "ok":
-            results.update(value)
+            self.results.update(value)
         else:
-            failure = failure or value
-    if failure is not None or len(results) != count:
-        raise RuntimeError(f"compiling a module failed: {failure or 'a module was not compiled'}")
-    return [results[i] for i in range(count)]
+            self.failure = self.failure or value
+
+    def cancel(self) -> None:
+        """The children stopped and collected (the build failed before `finish`)."""
+        import signal
+        self._close_queues()
+        for pid, read in self.children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            _outcome(pid, read)
+        self.children = []
+
+    def _close_queues(self) -> None:
+        for queue in self.queues:
+            os.close(queue)
+        self.queues = []
+
+
+def _queued(queue: int) -> int:
+    """Modules left in a queue (the bytes its pipe holds, as FIONREAD reports them)."""
+    import fcntl
+    import termios
+    return int.from_bytes(fcntl.ioctl(queue, termios.FIONREAD, bytes(4)), "little") // 4
+
+
+def _take_modules(queues: list[int], one: Callable) -> dict:
+    """Compile module after module, one(index), from each queue in turn (a pipe of 4-byte
+    indices, each read whole by one process) until it is empty: {index: result}."""
+    done = {}
+    for queue in queues:
+        while len(item := os.read(queue, 4)) == 4:
+            i = int.from_bytes(item, "little")
+            done[i] = one(i)
+    return done
 
 
 def _spawn(fn: Callable, detach: bool = False) -> tuple[int, int]:

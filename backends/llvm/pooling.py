@@ -20,7 +20,7 @@ from llvmlite import ir
 from dlc.core.kernel import Template
 
 from .conv import _V
-from .irutil import F32, I32, for_range, i64, split
+from .irutil import F32, I1, I32, const_vector, for_range, i64, split
 
 
 def _fast(t: Template, backward: bool) -> bool:
@@ -36,9 +36,9 @@ class _Row:
     def __init__(self, b, v: _V, W: int, sw: int):
         self.b, self.v, self.W, self.sw = b, v, W, sw
         w = v.w
-        self.evens = ir.Constant(ir.VectorType(I32, w), list(range(0, 2 * w, 2)))
-        no = ir.Constant(v.f.mty, [0] * w)
-        self.spread = [ir.Constant(ir.VectorType(I32, w), [(h * w + j) // 2 if j % 2 == 0 else w for j in range(w)])
+        self.evens = const_vector(I32, range(0, 2 * w, 2))
+        no = const_vector(I1, [0] * w)
+        self.spread = [const_vector(I32, [(h * w + j) // 2 if j % 2 == 0 else w for j in range(w)])
                        for h in range(2)]
         self.no = no
 
@@ -89,7 +89,7 @@ def pool2d(mb, em, t: Template, tid, nthreads) -> bool:
     is_max = t.attrs["mode"] == "max"
     X, Y = em.pointers[xb.name], em.pointers[t.output.name]
     rows = _Row(b, v, W, sw)
-    start = ir.Constant(v.f.ty, [-math.inf if is_max else 0.0] * v.w)
+    start = const_vector(F32, [-math.inf if is_max else 0.0] * v.w)
     lo, hi = split(b, N * C, tid, nthreads)
     with for_range(b, lo, hi, "plane") as p:
         plane = b.gep(X, [b.mul(p, i64(H * W))], source_etype=F32)
@@ -129,8 +129,8 @@ def pool2d_bwd(mb, em, t: Template, tid, nthreads) -> bool:
     X, G, DX = em.pointers[xb.name], em.pointers[gb.name], em.pointers[t.output.name]
     rows = _Row(b, v, W, sw)
     ity = ir.VectorType(I32, w)
-    lo_idx = ir.Constant(ity, [j // 2 + (w if j % 2 else 0) for j in range(w)])
-    hi_idx = ir.Constant(ity, [w // 2 + j // 2 + (w if j % 2 else 0) for j in range(w)])
+    lo_idx = const_vector(I32, [j // 2 + (w if j % 2 else 0) for j in range(w)])
+    hi_idx = const_vector(I32, [w // 2 + j // 2 + (w if j % 2 else 0) for j in range(w)])
     lo, hi = split(b, N * C, tid, nthreads)
     with for_range(b, lo, hi, "plane") as p:
         plane = b.gep(X, [b.mul(p, i64(H * W))], source_etype=F32)
@@ -144,8 +144,8 @@ def pool2d_bwd(mb, em, t: Template, tid, nthreads) -> bool:
                 g = v.masked_load(b.gep(gplane, [b.add(b.mul(oy, i64(OW)), ox0)], source_etype=F32), out_ok, f.zero)
                 masks = [rows.mask(ox0, j, 0, OW) for j in range(kw)]
                 if is_max:
-                    best = ir.Constant(f.ty, [-math.inf] * w)
-                    best_at = ir.Constant(ity, [-1] * w)
+                    best = const_vector(F32, [-math.inf] * w)
+                    best_at = const_vector(ity.element, [-1] * w)
                     for i in range(kh):
                         row = b.gep(plane, [b.mul(b.add(b.mul(oy, i64(sh)), i64(i)), i64(W))], source_etype=F32)
                         for j in range(kw):

@@ -19,7 +19,7 @@ from .emit import emit_bounded, emit_nest
 from .mathlib import fma, maximum
 from .gemm import GemmSpec, _Vec, emit_gemm
 from .tile import _read_elsewhere, tile_epilogue
-from .irutil import F32, I64, for_range, gep, hsum, i64, loop, smax, smin, split
+from .irutil import F32, I64, const_vector, for_range, gep, hsum, i64, loop, smax, smin, split
 
 
 def emit_template(mb, em, t: Template, tid, nthreads) -> None:
@@ -52,7 +52,7 @@ def _dot(b, A, a_at, B, b_at, k: int, w: int, copies: int = 4):
             return [fma(b, b.load(gep(b, A, b.add(a_at, x), F32), typ=vt, align=4),
                         b.load(gep(b, B, b.add(b_at, x), F32), typ=vt, align=4), a) for x, a in zip(at, acc)]
         return body
-    accs = [ir.Constant(vt, [0.0] * w)] * copies
+    accs = [const_vector(vt.element, [0.0] * w)] * copies
     blocks, whole = k - k % (w * copies), k - k % w
     if blocks:
         accs = list(loop(b, 0, blocks, accs, products(copies), name="kk.v", step=w * copies))
