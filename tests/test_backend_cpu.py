@@ -808,42 +808,47 @@ def _call_each(objects, target, count: int) -> list:
     return [ctypes.CFUNCTYPE(ctypes.c_int32)(engine.address(f"f{i}"))() for i in range(count)]
 
 
-def test_compiler_processes_start_on_a_batch_while_the_next_is_built(monkeypatch):
-    """ModuleCompiler: a batch's modules are taken by the children forked when it is
-    added, which start while the next batch is built; the modules built after a child was
-    forked are compiled by this process or by children forked later. Never more than
-    `workers` processes at once: a child that has ended is replaced while modules are
-    left. Objects come back in the order the modules were added."""
-    import select
+def test_compiler_processes_start_on_a_batch_while_the_next_is_built(tmp_path, monkeypatch):
+    """ModuleCompiler: a batch's modules are taken by a child forked when it is added,
+    which starts while the next batch is built. When the next batch is added, a child
+    forked for it (with both batches' modules) takes over: the first one stops after the
+    module it is on (it does not have the later modules). Objects come back in the order
+    added, or in `order`; a batch is the modules not added before."""
+    import time
     from dlc.backends.llvm import jit
     from dlc.backends.llvm.elf import symbols
     from dlc.backends.llvm.target import Target
     target = Target.host(2)
-    forks = []  # the children alive at each fork
-    real = jit.ModuleCompiler._fork
+    started, added = tmp_path / "q0 started", tmp_path / "batch 2 added"
+    real_one, real_collect, real_spawn = jit._compile_one, jit.ModuleCompiler._collect, jit._spawn
 
-    def counted(self):
-        forks.append(len(self.children))
-        real(self)
-    monkeypatch.setattr(jit.ModuleCompiler, "_fork", counted)
-    compiler = jit.ModuleCompiler(target, workers=2)
-    compiler.add(_numbered_modules(target, 1))
-    ((_, read),) = compiler.children
-    assert select.select([read], [], [], 120)[0]  # it has compiled q0 and sends it
-    compiler.add(_numbered_modules(target, 5)[1:], sizes=[1, 2, 3, 4])  # q1..q4: built after that fork
-    assert forks == [0]  # no third process beside the first child
-    out = compiler.finish()
-    assert forks == [0, 0]  # the first child, ended, replaced after this process's first module
-    assert _call_each(out.objects, target, 5) == list(range(5))
-    # a child still busy with its batch when the next is added takes none of the next
-    # one's modules (it does not have them: it would fail on them); a batch is the
-    # modules not added before, and `order` orders the objects
+    def held(module, target, pipeline="O3", lsr=False):  # q0 waits until the second batch is in
+        if module.name == "q0":
+            started.touch()
+            deadline = time.monotonic() + 60
+            while not added.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return real_one(module, target, pipeline, lsr)
+    by_child, spawned = [], []
+
+    def collect(self, pid, read):
+        before = set(self.results)
+        real_collect(self, pid, read)
+        by_child.append(set(self.results) - before)
+    monkeypatch.setattr(jit, "_compile_one", held)
+    monkeypatch.setattr(jit.ModuleCompiler, "_collect", collect)
+    monkeypatch.setattr(jit, "_spawn", lambda fn: spawned.append(1) or real_spawn(fn))
     compiler = jit.ModuleCompiler(target, workers=2)
     modules = _numbered_modules(target, 12)
-    compiler.add(modules[:6])
-    compiler.add(modules)
-    assert len(compiler.jobs) == 12
+    compiler.add(modules[:6], sizes=[6, 5, 4, 3, 2, 1])  # q0 first
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    compiler.add(modules)  # q6..q11, built after the first child was forked
+    added.touch()
+    assert len(compiler.jobs) == 12 and len(spawned) == 2
     objects = compiler.finish(order=modules[::-1]).objects
+    assert {0} in by_child  # the first child: q0 only
     assert [symbols(obj).defines for obj in objects] == [[f"f{i}"] for i in reversed(range(12))]
     assert _call_each(objects, target, 12) == list(range(12))
 
