@@ -168,7 +168,8 @@ class CpuBackend(Backend):
 
     def dump(self, program, stage: str, target) -> str:
         from .jit import assembly, optimized_ir
-        mb = self._modules(program, target, profile=False, tag="dump")  # stable names in dumps
+        # stable names in dumps; the modules as a compile builds them (`finished`: a no-op)
+        mb = self._modules(program, target, profile=False, tag="dump", finished=lambda *_: None)
         if stage == "llvm":
             return mb.text()
         if stage == "llvm-opt":

@@ -24,7 +24,7 @@ from typing import Callable
 
 from llvmlite import ir
 
-from dlc.core.kernel import COLLECTIVE_MODES, Buffer, Collective, KernelProgram, Loop, LoopNest, Template
+from dlc.core.kernel import COLLECTIVE_MODES, Buffer, Collective, KernelProgram, Loop, LoopNest, Template, all_kernels
 from dlc.core.kernel import buffers_of as kernel_buffers
 from dlc.core.types import DType
 
@@ -139,18 +139,22 @@ class ModuleBuilder:
 
     def build(self, finished: Callable | None = None) -> list[ir.Module]:
         """The modules (the step module first). The parts for O3 are built first, then the
-        pretuned parts (_pretuned: their code takes longer to build), then the step
-        functions. `finished(modules, sizes, pretuned, lsr)`, if given, is called with the
-        O3 modules as soon as their parts are built (the caller starts compiling them
-        meanwhile: jit.ModuleCompiler.add); nothing goes there afterwards. The step module
-        stays open: it gets the step functions, and the pretuned parts built again for O3
-        (_part)."""
+        pretuned parts (_pretuned), then the step functions. Where convolutions are left to
+        build (their packers and kernels take longest: the residual network's 150 ms,
+        LeNet-5's 95), `finished(modules, sizes, pretuned, lsr)`, if given, is called with
+        the O3 modules as soon as their parts are built (the caller starts compiling them
+        meanwhile: jit.ModuleCompiler.add), and nothing goes there afterwards. (Without
+        convolutions the rest takes a few ms to build, and a second batch cost the LSTM's
+        compile 4%.) The step module stays open: it gets the step functions, and the
+        pretuned parts built again for O3 (_part)."""
         for entry, program in self.programs.items():
             self.program = program
             self._functions(program.kernels, self._prefix(entry), [], only=lambda part: not _pretuned(part))
-        staged = [i for i in self._pools[0] if self._defines(i) and self.modules[i] is not self.step_module]
-        self._closed.update(staged)
-        if finished is not None:
+        if finished is not None and any(isinstance(part, Template) and _pretuned(part) for program
+                                         in self.programs.values() for k in all_kernels(program.kernels)
+                                         for part in k.parts):
+            staged = [i for i in self._pools[0] if self._defines(i) and self.modules[i] is not self.step_module]
+            self._closed.update(staged)
             with_gemm = {key[0] for key in self.gemms}
             finished([self.modules[i] for i in staged], [self.sizes[i] for i in staged], frozenset(),
                      frozenset(j for j, i in enumerate(staged) if i in with_gemm))
