@@ -155,9 +155,8 @@ class ModuleBuilder:
                                          for part in k.parts):
             staged = [i for i in self._pools[0] if self._defines(i) and self.modules[i] is not self.step_module]
             self._closed.update(staged)
-            with_gemm = {key[0] for key in self.gemms}
             finished([self.modules[i] for i in staged], [self.sizes[i] for i in staged], frozenset(),
-                     frozenset(j for j, i in enumerate(staged) if i in with_gemm))
+                     self._holding_gemm(staged))
         for entry, program in self.programs.items():
             self.entry_parts[entry] = []
             self.program = program  # the program being built (templates look at its other kernels)
@@ -170,10 +169,14 @@ class ModuleBuilder:
         # a small program leaves some modules empty: nothing to compile or load there
         kept = [i for i in range(len(self.modules)) if self.modules[i] is self.step_module or self._defines(i)]
         self.modules, self.sizes = [self.modules[i] for i in kept], [self.sizes[i] for i in kept]
-        with_gemm = {key[0] for key in self.gemms}
-        self.lsr = frozenset(j for j, i in enumerate(kept) if i in with_gemm)
+        self.lsr = self._holding_gemm(kept)
         self.pretuned = frozenset(j for j, i in enumerate(kept) if i in self._pools[1])
         return self.modules
+
+    def _holding_gemm(self, indices: list[int]) -> frozenset:
+        """The positions in `indices` of the modules that hold a GEMM (jit._machine_code)."""
+        with_gemm = {key[0] for key in self.gemms}
+        return frozenset(j for j, i in enumerate(indices) if i in with_gemm)
 
     @staticmethod
     def _prefix(entry: str) -> str:
@@ -251,7 +254,7 @@ class ModuleBuilder:
         spec = _gemm_spec(part)
         if spec is not None:
             for key in self.gemms:  # (module index, spec, register-tile epilogue key)
-                if key[1] == spec and key[0] not in self._closed:
+                if key[1] == spec:  # (matmuls are built before any module is closed)
                     return key[0]
         return self._emptiest(self._pools[_pretuned(part)])
 
@@ -431,7 +434,7 @@ def _pretuned(part) -> bool:
     (jit.PRETUNED_PASSES), its emitter having vectorized and unrolled its code: a
     convolution template's, and a loop nest over at least LIGHT_BELOW elements (emit.py
     vectorizes its sums and innermost stores and hoists its loop-invariant values; one
-    where it leaves a loop scalar is built again for O3: ModuleBuilder._functions). A
+    where it leaves a loop scalar is built again for O3: ModuleBuilder._part). A
     light nest stays with O3 (optimized for size there): in the pretuned pool the MLP's
     three (a softmax and its gradient) made its training step 3% slower, for 10% less
     LLVM time."""
