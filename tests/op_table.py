@@ -695,6 +695,9 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (2, 2)), in_hw=(12, 13)), "t-5x5-pad2-batch1"),
     _conv("conv2d_bwd_data", [(3, 7, 5, 6), (7, 6, 3, 3)], np_conv2d_bwd_data,
           dict(_s((2, 2), (1, 1)), in_hw=(9, 11)), "t-stride2-pad1-odd"),
+    # rows of more than two vectors (AVX-512: 37 columns), the last one partial, interleaved
+    _conv("conv2d_bwd_data", [(2, 4, 10, 19), (4, 3, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((2, 2), (1, 1)), in_hw=(20, 37)), "t-stride2-wide-rows"),
     _conv("conv2d_bwd_data", [(2, 5, 4, 3), (5, 4, 3, 2)], np_conv2d_bwd_data,
           dict(_s((3, 3), (1, 0)), in_hw=(10, 9)), "t-stride3"),
     _conv("conv2d_bwd_data", [(4, 6, 8, 17), (6, 3, 3, 3)], np_conv2d_bwd_data,
@@ -737,7 +740,7 @@ CONV_TEMPLATES = [
     # (AVX-512): LeNet's second layer; stride 2 and padding over 30 positions (a short last
     # block of g to transpose), two channels a tile; a 3x2 kernel, three channels a tile;
     # two vectors of channels in two tiles each (on 3 threads one thread spans both); a
-    # 1x1 kernel over three vectors of channels, 20 channels a tile
+    # 1x1 kernel over three vectors of channels, 20 channels a tile; 2-wide rows
     _conv("conv2d_bwd_filter", [(2, 6, 14, 14), (2, 16, 10, 10)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (0, 0)), kernel=(5, 5)), "t-vector-filter-lenet"),
     _conv("conv2d_bwd_filter", [(3, 4, 9, 11), (3, 16, 5, 6)], np_conv2d_bwd_filter,
@@ -748,6 +751,9 @@ CONV_TEMPLATES = [
           dict(_s((2, 2), (1, 1)), kernel=(3, 3)), "t-vector-filter-two-vectors"),
     _conv("conv2d_bwd_filter", [(2, 20, 7, 16), (2, 48, 7, 16)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (0, 0)), kernel=(1, 1)), "t-vector-filter-1x1"),
+    # rows so narrow that every position has a tap outside the row
+    _conv("conv2d_bwd_filter", [(2, 3, 4, 2), (2, 16, 4, 2)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-vector-filter-narrow"),
     # a filter gradient as a GEMM over several blocks of positions (the last partial; its
     # 24-wide rows leave too many lanes idle for the direct form), and with more output
     # channels than a vector holds

@@ -137,8 +137,9 @@ _AVX512_FORMS = {
     # padding on every side
     "_direct_filter_gradient": ("t-wide-direct", 1, (1, 2)),
     # LeNet's second layer; a strided padded layer with a short last block of positions;
-    # a 3x2 kernel; two vectors of output channels; a 1x1 kernel over three
-    "_vector_filter_gradient": ("t-vector-filter", 5, (1, 2, 3)),
+    # a 3x2 kernel; two vectors of output channels; a 1x1 kernel over three; rows with no
+    # position whose taps all lie inside them
+    "_vector_filter_gradient": ("t-vector-filter", 6, (1, 2, 3)),
     # padded 3x3 on 8-wide rows and unpadded 5x5 on 5-wide rows, each with a last tile of
     # one row
     "_direct_forward": ("t-direct-forward", 2, (1, 2, 3)),
