@@ -784,6 +784,11 @@ CONV_TEMPLATES = [
     # ... and, wider, in tiles of some output channels (two blocks of 6 channels x 4 rows,
     # then 3 rows)
     _conv("conv2d", [(32, 5, 7, 14), (12, 5, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-planes-forward-blocks"),
+    # rows of two vectors, read in place: padded, three channels; unpadded, the last
+    # vector's lanes past the row masked off
+    _conv("conv2d", [(32, 3, 9, 26), (4, 3, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-planes-forward-in-place"),
+    _conv("conv2d", [(32, 2, 6, 28), (3, 2, 3, 3)], np_conv2d, _s((1, 1), (0, 0)),
+          "t-planes-forward-in-place-valid"),
     # a stride-1 data gradient the same way, over g padded by the flipped kernel: one block
     # of every channel; two blocks of a 5x3 kernel padded unevenly; an unpadded layer
     # (g padded by 2, its last tile 2 rows)

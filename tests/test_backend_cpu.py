@@ -144,8 +144,9 @@ _AVX512_FORMS = {
     # one row
     "_direct_forward": ("t-direct-forward", 2, (1, 2, 3)),
     # LeNet's first layer; 12-wide rows with a last tile of one row; a 3x5 kernel padded
-    # along one axis; two blocks of output channels
-    "_planes_forward": ("t-planes-forward", 4, (1, 2, 3)),
+    # along one axis; two blocks of output channels; rows of two vectors read in place,
+    # padded and not
+    "_planes_forward": ("t-planes-forward", 6, (1, 2, 3)),
     # one block of channels; two blocks, a 5x3 kernel padded unevenly; unpadded
     "_planes_data": ("t-planes-data", 3, (1, 2, 3)),
 }

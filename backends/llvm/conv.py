@@ -691,6 +691,13 @@ def _images_by_row_tiles(em, t: Template, tid, nthreads, R: int, image, tile) ->
 # of fewer than 16 accumulators (loads per multiply-add past _PLANES_MAX_LOADS) reached
 # 78-80%; a 1x1 kernel gains nothing (90% either way) and stays a GEMM.
 _PLANES_ACCUMULATORS = 24  # of 32 registers: the tile's input rows, a weight
+# Rows of at least this many vectors are read in place; narrower ones from a zero-padded
+# copy of each image. In place, a tap's shifted vector that reaches past either end of
+# its row is a masked load (two of 3 x nv for a padded 3x3 kernel), and on Intel (Sapphire
+# Rapids class) of the GEMM rate, copy -> in place: on 32-wide rows 16->16 80-81% ->
+# 84-85% (forward and data gradient), 3->32 82% -> 86-87%; on 16-wide rows 32->32 88-89%
+# -> 84-85%, 5x5 91-92% -> 83-85%; LeNet's 28-wide 1->6 75-78% either way.
+_PLANES_IN_PLACE_VECTORS = 2
 _PLANES_MIN_FILL = 0.75    # of the lanes of a row's vectors
 _PLANES_MAX_LOADS = 0.625  # vector loads and broadcasts per multiply-add, at most
 
@@ -752,15 +759,16 @@ def _planes(mb, em, t: Template, tid, nthreads, shape, flip: bool) -> None:
         ph, pw = KH - 1 - ph, KW - 1 - pw
     w = mb.target.vector_width
     nv = _cdiv(OW, w)
+    in_place = nv >= _PLANES_IN_PLACE_VECTORS
     Hp, Wp = H + 2 * ph, W + 2 * pw
-    v = _Vec(b, w, fused=mb.target.has("fma"))
     K, T = C * KH * KW, KH * KW
-    # the last row's shifted vectors read up to KW - 1 + nv * w floats from its start
-    padded = C * Hp * Wp + max(0, KW - 1 + nv * w - Wp)
-    (Xp, Wf), total = _carve(b, _scratch_base(mb, em), [padded, O * K if flip else 0])
+    # in place: a row of zeros for the tap rows outside the image; else the padded copy,
+    # whose last row's shifted vectors read up to KW - 1 + nv * w floats from its start
+    src_floats = W if in_place else C * Hp * Wp + max(0, KW - 1 + nv * w - Wp)
+    (Xp, Wf), total = _carve(b, _scratch_base(mb, em), [src_floats, O * K if flip else 0])
     _scratch(mb, em, total)
     X, Wg, Y = em.pointers[xb.name], em.pointers[wb.name], em.pointers[t.output.name]
-    _zero(b, Xp, padded)  # the borders and the tail stay zero
+    _zero(b, Xp, src_floats)  # the zero row, or the copy's borders and tail
     if flip:  # Wf[c', o', tap] = w[o', c', T - 1 - tap]: c' a channel of dx, o' of g
         with for_range(b, 0, O * C, "oc") as oc:
             to = b.gep(Wf, [b.mul(b.add(b.mul(b.urem(oc, i64(O)), i64(C)), b.udiv(oc, i64(O))), i64(T))],
@@ -770,36 +778,49 @@ def _planes(mb, em, t: Template, tid, nthreads, shape, flip: bool) -> None:
                 x = b.load(gep(b, at, i64(T - 1 - tap), F32), typ=F32, align=4)
                 b.store(x, gep(b, to, i64(tap), F32), align=4)
         Wg = Wf
-    geom = (C, Hp, Wp, O, OH, OW, KH, KW, OB)
+    geom = (C, H, W, ph, pw, O, OH, OW, KH, KW, OB, in_place)
 
     def tile(src, out, y0, rows: int) -> None:
-        b.call(_planes_tile_fn(mb, geom, rows), [src, Wg, out, y0])
+        b.call(_planes_tile_fn(mb, geom, rows), [src, Wg, out, y0, Xp])
 
     def image(n):
-        _copy_padded(b, v, b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32), Xp, C, H, W, ph, pw)
-        return Xp, b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
+        x = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
+        if not in_place:
+            _copy_padded(b, _Vec(b, w, fused=mb.target.has("fma")), x, Xp, C, H, W, ph, pw)
+        return x if in_place else Xp, b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
     _images_by_row_tiles(em, t, tid, nthreads, R, image, tile)
 
 
 def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
-    """`void tile(src, weights, out, i64 y0)`: output rows [y0, y0 + rows) of every
-    output channel of _planes, OB channels at a time, from the padded planes at src. Built
-    once per geometry and row count: a layer's forward and data gradient (same channels
-    both ways) and the layers of one shape share it."""
-    C, Hp, Wp, O, OH, OW, KH, KW, OB = geom
+    """`void tile(src, weights, out, i64 y0, zeros)`: output rows [y0, y0 + rows) of
+    every output channel of _planes, OB channels at a time. From the C planes of H x W
+    at src read in place (in_place), where a tap row outside the image reads the row of
+    zeros instead and a shifted vector's lanes outside its row are masked off (constant
+    masks); else from src's zero-padded copy of them. Built once per geometry and row
+    count: a layer's forward and data gradient (same channels both ways) and the layers
+    of one shape share it."""
+    C, H, W, ph, pw, O, OH, OW, KH, KW, OB, in_place = geom
+    if not in_place:  # the padded planes, read as unpadded ones
+        H, W, ph, pw = H + 2 * ph, W + 2 * pw, 0, 0
 
     def build():
         w = mb.target.vector_width
-        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64]), name=mb.fresh_name("planes"))
+        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR, PTR, PTR, I64, PTR]), name=mb.fresh_name("planes"))
         set_target(fn, mb.target, w)
         fn.attributes.add("noinline")
-        src, Wg, out, y0 = fn.args
+        src, Wg, out, y0, zeros = fn.args
         for arg in (src, Wg, out):
             arg.add_attribute("noalias")
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         v = _Vec(b, w, fused=mb.target.has("fma"))
         nv, K = _cdiv(OW, w), C * KH * KW
         last = const_vector(I1, [lane < OW - (nv - 1) * w for lane in range(w)])
+        # tap rows may fall outside the image (padding, or fewer rows than the taps reach)
+        rows_outside = in_place and (ph > 0 or OH - 1 + KH - 1 - ph >= H)
+        # lanes of the vector j of tap column kx that lie inside the row (the padded
+        # copy's shifted vectors may read past a row: into the next, or the tail)
+        inside = {(j, kx): [not in_place or 0 <= j * w + lane + kx - pw < W for lane in range(w)]
+                  for j in range(nv) for kx in range(KW)}
 
         def block(ob):
             weights = b.gep(Wg, [b.mul(ob, i64(OB * K))], source_etype=F32)
@@ -807,11 +828,17 @@ def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
 
             def channel_row(q, acc):  # q = c * KH + ky
                 c, ky = b.udiv(q, i64(KH)), b.urem(q, i64(KH))
-                at = b.gep(src, [b.mul(b.add(b.mul(c, i64(Hp)), b.add(y0, ky)), i64(Wp))], source_etype=F32)
+                row0 = b.sub(b.add(y0, ky), i64(ph))  # the input row of output row y0
+                at = []
+                for r in range(rows):
+                    y = b.add(row0, i64(r)) if r else row0
+                    row = b.gep(src, [b.mul(b.add(b.mul(c, i64(H)), y), i64(W))], source_etype=F32)
+                    at.append(b.select(b.icmp_unsigned("<", y, i64(H)), row, zeros) if rows_outside else row)
                 taps = b.gep(weights, [b.mul(q, i64(KW))], source_etype=F32)  # w[0, c, ky, 0]
                 acc = list(acc)
                 for kx in range(KW):
-                    xs = [v.load(v.at(at, r * Wp + j * w + kx)) for r in range(rows) for j in range(nv)]
+                    xs = [v.load(gep(b, at[r], i64(j * w + kx - pw), F32), _lanes(v, inside[j, kx]))
+                          for r in range(rows) for j in range(nv)]
                     for o in range(OB):
                         wv = v.splat(b.load(gep(b, taps, i64(o * K + kx), F32), typ=F32, align=4))
                         for i, x in enumerate(xs):
