@@ -19,9 +19,11 @@ Some shapes take other forms, each where it was measured faster (the rules are n
 each form). Directly, with no im2col and no GEMM: the forward over vectors of 16 output
 channels (_direct_forward) or, for stride-1 layers whose rows fill the vectors, over
 rows of positions (_planes_forward), and the stride-1 data gradient the same way, as a
-correlation of g with the flipped weights (_planes_data); the filter gradient over rows
-of positions for first layers and rows that fill the vectors (_direct_filter_gradient)
-or over vectors of 16 output channels (_vector_filter_gradient). The data gradient of a
+correlation of g with the flipped weights (_planes_data); a strided data gradient onto
+vectors of 16 input channels over rows of dx's positions (_strided_data); the filter
+gradient over rows of positions for first layers and rows that fill the vectors
+(_direct_filter_gradient) or over vectors of 16 output channels
+(_vector_filter_gradient). The data gradient of a
 layer whose input is much larger than g is scattered: w^T g (a GEMM reading g in
 place), then col2im (_bwd_data_col2im).
 
@@ -893,7 +895,8 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
     if (sy, sx) == (1, 1) and H * W >= _COL2IM_GROWTH * OH * OW:
         _bwd_data_col2im(mb, em, t, tid, nthreads)
         return
-    if _direct_form([(_planes_data_tile, _planes_data)], mb, em, t, tid, nthreads):
+    if _direct_form([(_planes_data_tile, _planes_data), (_strided_data_positions, _strided_data)],
+                    mb, em, t, tid, nthreads):
         return
     v = _V(b, mb.target.vector_width, mb.target.has("fma"))
     G, Wt, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
@@ -935,6 +938,94 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
                         for (ry, rx, GH, GW, taps), p in zip(phases, prods)}
             _interleave(b, v, by_phase, out, ldq, C, H, W, sy, sx, m_lo, m_hi)
         _epilogue(em, t, n, (m_lo, m_hi))
+
+
+# A strided layer's data gradient onto whole vectors of input channels (the residual
+# network's 16->32 stride-2 layer: 16) as products per output phase has as many rows as
+# channels, and on Intel (Sapphire Rapids class) it reached 59-61% of the GEMM rate: the
+# phases' im2col, their interleave into dx and dx's stores after the products. Directly,
+# a tile of consecutive positions of one row of dx -- its phases interleaved, each
+# position's vector of channels in a register -- sums over every channel of g and the
+# taps that reach the position's phase, each element of g broadcast against the tap's
+# vector of weights; a transpose turns the tile into rows of dx's channel planes, stored
+# in place.
+_STRIDED_DATA_POSITIONS = 16  # accumulators per tile: a transpose's worth
+
+
+def _strided_data_positions(t: Template, target) -> int:
+    """Positions per tile of the direct strided data gradient; 0 where it does not
+    apply: no AVX-512, stride 1, input channels not whole vectors, or a batch the
+    threads do not split by images."""
+    N, C = t.output.shape[:2]
+    w = target.vector_width
+    if w != 16 or tuple(t.attrs["stride"]) == (1, 1) or C % w or N < _IMAGES_ALWAYS_SPLIT:
+        return 0
+    return _STRIDED_DATA_POSITIONS
+
+
+def _strided_data(mb, em, t: Template, tid, nthreads, positions: int) -> None:
+    """conv2d_bwd_data (see _strided_data_positions) on whole images per thread."""
+    b = em.b
+    gb, wb = t.inputs
+    N, C, H, W = t.output.shape
+    O, _, KH, KW = wb.shape
+    _, _, OH, OW = gb.shape
+    (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    w = mb.target.vector_width
+    v = _Vec(b, w, fused=mb.target.has("fma"))
+    T, P = KH * KW, OH * OW
+    (Wt, zeros), total = _carve(b, _scratch_base(mb, em), [O * T * C, OW])
+    _scratch(mb, em, total)
+    G, Wg, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
+    with for_range(b, 0, O * C, "oc") as oc:  # Wt[(o*T + tap)*C + c] = w[o, c, tap]
+        o, c = b.udiv(oc, i64(C)), b.urem(oc, i64(C))
+        to = b.add(b.mul(o, i64(T * C)), c)
+        for tap in range(T):
+            x = b.load(gep(b, Wg, b.add(b.mul(oc, i64(T)), i64(tap)), F32), typ=F32, align=4)
+            b.store(x, gep(b, Wt, b.add(to, i64(tap * C)), F32), align=4)
+    _zero(b, zeros, OW)  # the row a tap row outside g reads
+    reach = {(ry, rx): taps for ry, rx, _, _, taps in _phases(H, W, KH, KW, sy, sx, ph, pw)}
+
+    def tile(gimg, out, qy, iy, ry: int, ix0: int, n: int) -> None:
+        """dx[:, iy, ix0 : ix0 + n] (iy = qy * sy + ry)."""
+        # per position: (tap, row offset in g, column in g) of the taps that reach it
+        taps = [[(ky * KW + kx, roff, (ix0 + j) // sx + coff)
+                 for ky, kx, roff, coff in reach.get((ry, (ix0 + j) % sx), ())
+                 if 0 <= (ix0 + j) // sx + coff < OW] for j in range(n)]
+        roffs = sorted({roff for pos in taps for _, roff, _ in pos})
+        inside = {roff: b.icmp_unsigned("<", b.add(qy, i64(roff)), i64(OH)) for roff in roffs}
+        row_at = {roff: b.mul(b.add(qy, i64(roff)), i64(OW)) for roff in roffs}
+        used = sorted({tap for pos in taps for tap, _, _ in pos})
+        for cb in range(0, C, w):
+
+            def channel(o, acc):
+                plane = b.gep(gimg, [b.mul(o, i64(P))], source_etype=F32)
+                rows = {roff: b.select(inside[roff], b.gep(plane, [row_at[roff]], source_etype=F32), zeros)
+                        for roff in roffs}
+                wv = {tap: v.load(v.at(Wt, b.add(b.mul(o, i64(T * C)), i64(tap * C + cb)))) for tap in used}
+                acc = list(acc)
+                for j, pos in enumerate(taps):
+                    for tap, roff, col in pos:
+                        pixel = b.load(gep(b, rows[roff], i64(col), F32), typ=F32, align=4)
+                        acc[j] = v.fma(v.splat(pixel), wv[tap], acc[j])
+                return acc
+            acc = loop(b, 0, O, [v.zero] * n, channel, name="o")
+            planes = v.transpose(list(acc) + [v.zero] * (w - n))  # planes[c]: channel cb + c
+            mask = None if n == w else const_vector(I1, [lane < n for lane in range(w)])
+            row = b.gep(out, [b.add(b.mul(iy, i64(W)), i64(cb * H * W + ix0))], source_etype=F32)
+            for c in range(w):
+                v.store(planes[c], v.at(row, c * H * W), mask)
+
+    n_lo, n_hi = split(b, N, tid, nthreads)
+    with for_range(b, n_lo, n_hi, "img") as n:
+        gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
+        out = b.gep(DX, [b.mul(n, i64(C * H * W))], source_etype=F32)
+        for ry in range(min(sy, H)):
+            with for_range(b, 0, _cdiv(H - ry, sy), "qy") as qy:
+                iy = b.add(b.mul(qy, i64(sy)), i64(ry))
+                for ix0 in range(0, W, positions):
+                    tile(gimg, out, qy, iy, ry, ix0, min(positions, W - ix0))
+        _epilogue(em, t, n, (i64(0), i64(C)))
 
 
 # A layer whose input is much larger than its output (LeNet's unpadded 5x5 layers: 14x14
