@@ -802,13 +802,13 @@ CONV_TEMPLATES = [
     # dx in tiles of 16 positions: 10-wide rows (one short tile; the last row and column
     # reached by taps past g's end); two blocks of channels, strides (2, 1) on 19-wide
     # rows (a full tile, then a short one; taps before g's first row and past its last);
-    # 1x1 at stride 3 (positions no tap reaches)
+    # 2x2 at stride 3 (positions no tap reaches)
     _conv("conv2d_bwd_data", [(32, 5, 5, 5), (5, 16, 3, 3)], np_conv2d_bwd_data,
           dict(_s((2, 2), (1, 1)), in_hw=(10, 10)), "t-strided-data-pad1"),
     _conv("conv2d_bwd_data", [(33, 4, 3, 17), (4, 32, 3, 3)], np_conv2d_bwd_data,
           dict(_s((2, 1), (0, 0)), in_hw=(8, 19)), "t-strided-data-blocks"),
-    _conv("conv2d_bwd_data", [(32, 3, 3, 3), (3, 16, 1, 1)], np_conv2d_bwd_data,
-          dict(_s((3, 3), (0, 0)), in_hw=(7, 7)), "t-strided-data-1x1"),
+    _conv("conv2d_bwd_data", [(32, 3, 3, 3), (3, 16, 2, 2)], np_conv2d_bwd_data,
+          dict(_s((3, 3), (0, 0)), in_hw=(8, 8)), "t-strided-data-gaps"),
     # a batch of 32 images or more is split over images whatever the thread count
     _conv("conv2d", [(33, 3, 5, 6), (4, 3, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch33-by-images"),
     _conv("conv2d_bwd_data", [(33, 4, 3, 3), (4, 3, 3, 3)], np_conv2d_bwd_data,

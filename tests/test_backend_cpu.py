@@ -149,7 +149,7 @@ _AVX512_FORMS = {
     "_planes_forward": ("t-planes-forward", 6, (1, 2, 3)),
     # one block of channels; two blocks, a 5x3 kernel padded unevenly; unpadded
     "_planes_data": ("t-planes-data", 3, (1, 2, 3)),
-    # strided onto 16 channels, 32 channels (two blocks), and by a 1x1 kernel at stride 3
+    # strided onto 16 channels, 32 channels (two blocks), and by a 2x2 kernel at stride 3
     "_strided_data": ("t-strided-data", 3, (1, 2, 3)),
 }
 
@@ -262,18 +262,21 @@ def test_the_planes_form_takes_stride_1_layers_in_the_tile_with_fewest_loads():
 
 
 def test_strided_data_gradients_onto_whole_vectors_of_channels_run_directly():
-    """With AVX-512: a stride other than 1, input channels a multiple of 16 and a batch
-    of at least 32 (split by images) -- 16 positions a tile; else the products per phase."""
+    """With AVX-512: a stride other than 1, a kernel larger than 1x1, input channels a
+    multiple of 16 and a batch of at least 32 (split by images) -- 16 positions a tile;
+    else the products per phase."""
     from types import SimpleNamespace
 
     from dlc.backends.llvm.conv import _strided_data_positions
 
-    def positions(N, C, stride=2, w=16):
+    def positions(N, C, k=3, stride=2, w=16):
         return _strided_data_positions(SimpleNamespace(output=SimpleNamespace(shape=(N, C, 32, 32)),
+                                                       inputs=[None, SimpleNamespace(shape=(32, C, k, k))],
                                                        attrs={"stride": (stride, stride)}), _vector_target(w))
 
-    assert positions(64, 16) == 16 and positions(64, 32) == 16 and positions(32, 16, stride=3) == 16
-    assert positions(64, 16, stride=1) == 0 and positions(64, 24) == 0 and positions(64, 6) == 0
+    assert positions(64, 16) == 16 and positions(64, 32) == 16 and positions(32, 16, k=2, stride=3) == 16
+    assert positions(64, 16, stride=1) == 0 and positions(64, 16, k=1) == 0
+    assert positions(64, 24) == 0 and positions(64, 6) == 0
     assert positions(31, 16) == 0 and positions(64, 16, w=8) == 0
 
 

@@ -948,17 +948,22 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
 # position's vector of channels in a register -- sums over every channel of g and the
 # taps that reach the position's phase, each element of g broadcast against the tap's
 # vector of weights; a transpose turns the tile into rows of dx's channel planes, stored
-# in place.
+# in place. Of the GEMM rate: 16->32 on 32x32 59-61% -> 88-90%, 32->64 on 16x16 81% ->
+# 104%, 64->128 84% -> 96%. Not for a 1x1 kernel: its gradient is bound by memory (the
+# residual network's projection 0.177 -> 0.165 ms), and its tiles cost 10-15 ms of the
+# network's compile.
 _STRIDED_DATA_POSITIONS = 16  # accumulators per tile: a transpose's worth
 
 
 def _strided_data_positions(t: Template, target) -> int:
     """Positions per tile of the direct strided data gradient; 0 where it does not
-    apply: no AVX-512, stride 1, input channels not whole vectors, or a batch the
-    threads do not split by images."""
+    apply: no AVX-512, stride 1, a 1x1 kernel, input channels not whole vectors, or a
+    batch the threads do not split by images."""
     N, C = t.output.shape[:2]
+    KH, KW = t.inputs[1].shape[2:]
     w = target.vector_width
-    if w != 16 or tuple(t.attrs["stride"]) == (1, 1) or C % w or N < _IMAGES_ALWAYS_SPLIT:
+    if (w != 16 or tuple(t.attrs["stride"]) == (1, 1) or KH * KW == 1 or C % w
+            or N < _IMAGES_ALWAYS_SPLIT):
         return 0
     return _STRIDED_DATA_POSITIONS
 
@@ -974,7 +979,7 @@ def _strided_data(mb, em, t: Template, tid, nthreads, positions: int) -> None:
     w = mb.target.vector_width
     v = _Vec(b, w, fused=mb.target.has("fma"))
     T, P = KH * KW, OH * OW
-    (Wt, zeros), total = _carve(b, _scratch_base(mb, em), [O * T * C, OW])
+    (Wt, zeros, block), total = _carve(b, _scratch_base(mb, em), [O * T * C, OW, positions * w])
     _scratch(mb, em, total)
     G, Wg, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
     with for_range(b, 0, O * C, "oc") as oc:  # Wt[(o*T + tap)*C + c] = w[o, c, tap]
@@ -996,13 +1001,14 @@ def _strided_data(mb, em, t: Template, tid, nthreads, positions: int) -> None:
         inside = {roff: b.icmp_unsigned("<", b.add(qy, i64(roff)), i64(OH)) for roff in roffs}
         row_at = {roff: b.mul(b.add(qy, i64(roff)), i64(OW)) for roff in roffs}
         used = sorted({tap for pos in taps for tap, _, _ in pos})
-        for cb in range(0, C, w):
+        with for_range(b, 0, C, "cb", step=w) as cb:
 
             def channel(o, acc):
                 plane = b.gep(gimg, [b.mul(o, i64(P))], source_etype=F32)
                 rows = {roff: b.select(inside[roff], b.gep(plane, [row_at[roff]], source_etype=F32), zeros)
                         for roff in roffs}
-                wv = {tap: v.load(v.at(Wt, b.add(b.mul(o, i64(T * C)), i64(tap * C + cb)))) for tap in used}
+                weights = b.gep(Wt, [b.add(b.mul(o, i64(T * C)), cb)], source_etype=F32)
+                wv = {tap: v.load(v.at(weights, tap * C)) for tap in used}
                 acc = list(acc)
                 for j, pos in enumerate(taps):
                     for tap, roff, col in pos:
@@ -1010,11 +1016,10 @@ def _strided_data(mb, em, t: Template, tid, nthreads, positions: int) -> None:
                         acc[j] = v.fma(v.splat(pixel), wv[tap], acc[j])
                 return acc
             acc = loop(b, 0, O, [v.zero] * n, channel, name="o")
-            planes = v.transpose(list(acc) + [v.zero] * (w - n))  # planes[c]: channel cb + c
-            mask = None if n == w else const_vector(I1, [lane < n for lane in range(w)])
-            row = b.gep(out, [b.add(b.mul(iy, i64(W)), i64(cb * H * W + ix0))], source_etype=F32)
-            for c in range(w):
-                v.store(planes[c], v.at(row, c * H * W), mask)
+            for j in range(n):
+                v.store(acc[j], v.at(block, j * w))
+            row = b.gep(out, [b.add(b.mul(cb, i64(H * W)), b.add(b.mul(iy, i64(W)), i64(ix0)))], source_etype=F32)
+            b.call(_transpose_store_fn(mb, n), [block, row, i64(H * W)])
 
     n_lo, n_hi = split(b, N, tid, nthreads)
     with for_range(b, n_lo, n_hi, "img") as n:
@@ -1026,6 +1031,30 @@ def _strided_data(mb, em, t: Template, tid, nthreads, positions: int) -> None:
                 for ix0 in range(0, W, positions):
                     tile(gimg, out, qy, iy, ry, ix0, min(positions, W - ix0))
         _epilogue(em, t, n, (i64(0), i64(C)))
+
+
+def _transpose_store_fn(mb, n: int) -> ir.Function:
+    """`void f(block, out, i64 ld)`: the n vectors at block (position j's W channels at
+    block + j*W) transposed, channel c's n positions stored at out + c*ld. One function
+    per n for the whole build: written out at every tile, the transposes were most of
+    the strided data gradients' compile time."""
+    def build():
+        w = mb.target.vector_width
+        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR, PTR, I64]), name=mb.fresh_name("transpose"))
+        set_target(fn, mb.target, w)
+        fn.attributes.add("noinline")
+        block, out, ld = fn.args
+        for arg in (block, out):
+            arg.add_attribute("noalias")
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        v = _Vec(b, w)
+        planes = v.transpose([v.load(v.at(block, j * w)) for j in range(n)] + [v.zero] * (w - n))
+        mask = None if n == w else const_vector(I1, [lane < n for lane in range(w)])
+        for c in range(w):
+            v.store(planes[c], v.at(out, b.mul(ld, i64(c))), mask)
+        b.ret_void()
+        return fn
+    return mb.helper(("transpose_store", n), build)
 
 
 # A layer whose input is much larger than its output (LeNet's unpadded 5x5 layers: 14x14
