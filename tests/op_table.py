@@ -739,8 +739,9 @@ CONV_TEMPLATES = [
     # ... and over vectors of 16 output channels where those rows would leave lanes idle
     # (AVX-512): LeNet's second layer; stride 2 and padding over 30 positions (a short last
     # block of g to transpose), two channels a tile; a 3x2 kernel, three channels a tile;
-    # two vectors of channels in two tiles each (on 3 threads one thread spans both); a
-    # 1x1 kernel over three vectors of channels, 20 channels a tile; 2-wide rows
+    # two vectors of channels, both in each tile; a 1x1 kernel over three vectors of
+    # channels, 20 channels a tile; 2-wide rows; four vectors of channels in two tiles of
+    # two (a thread may span both)
     _conv("conv2d_bwd_filter", [(2, 6, 14, 14), (2, 16, 10, 10)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (0, 0)), kernel=(5, 5)), "t-vector-filter-lenet"),
     _conv("conv2d_bwd_filter", [(3, 4, 9, 11), (3, 16, 5, 6)], np_conv2d_bwd_filter,
@@ -754,6 +755,8 @@ CONV_TEMPLATES = [
     # rows so narrow that every position has a tap outside the row
     _conv("conv2d_bwd_filter", [(2, 3, 4, 2), (2, 16, 4, 2)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-vector-filter-narrow"),
+    _conv("conv2d_bwd_filter", [(2, 12, 6, 16), (2, 64, 6, 16)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (0, 0)), kernel=(1, 1)), "t-vector-filter-pairs"),
     # a filter gradient as a GEMM over several blocks of positions (the last partial; its
     # 24-wide rows leave too many lanes idle for the direct form), and with more output
     # channels than a vector holds

@@ -94,6 +94,29 @@ def test_direct_filter_gradient_sums_over_image_tiles(monkeypatch):
         check_op_table(expected, run_cpu(merged, feeds, threads), tols)
 
 
+def test_the_vector_filter_gradient_prefetching_the_next_image_matches(monkeypatch):
+    """Where its inputs outgrow L2 the vector filter gradient prefetches the next image
+    (here: L2 taken as 0 bytes; every row's taps read all of x): its op-table rows still
+    match the reference on 1, 2 and 3 threads, and the prefetches were emitted."""
+    if CPU.target({}).vector_width != 16:
+        pytest.skip("the vector filter gradient needs AVX-512")
+    from dlc.backends.llvm import conv
+    emitted = []
+
+    class Counting(conv._Vec):
+        def prefetch(self, ptr, write, locality=3):
+            emitted.append(locality)
+            super().prefetch(ptr, write, locality)
+    monkeypatch.setattr(conv, "_L2_BYTES", 0)
+    monkeypatch.setattr(conv, "_Vec", Counting)
+    rows = [c for c in ALL if c.id and c.id.startswith("t-vector-filter")]
+    merged, feeds, tols = op_table_graph(rows, salt="prefetch")
+    expected = run_graph(merged, feeds)
+    for threads in (1, 2, 3):
+        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
+    assert emitted and set(emitted) == {2}
+
+
 def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts) -> None:
     """The op table's `rows` match the reference on each thread count, and every row took
     `path` (a function of backends/llvm/conv.py) on each."""
@@ -138,8 +161,8 @@ _AVX512_FORMS = {
     "_direct_filter_gradient": ("t-wide-direct", 1, (1, 2)),
     # LeNet's second layer; a strided padded layer with a short last block of positions;
     # a 3x2 kernel; two vectors of output channels; a 1x1 kernel over three; rows with no
-    # position whose taps all lie inside them
-    "_vector_filter_gradient": ("t-vector-filter", 6, (1, 2, 3)),
+    # position whose taps all lie inside them; two tiles of two vectors each
+    "_vector_filter_gradient": ("t-vector-filter", 7, (1, 2, 3)),
     # padded 3x3 on 8-wide rows and unpadded 5x5 on 5-wide rows, each with a last tile of
     # one row
     "_direct_forward": ("t-direct-forward", 2, (1, 2, 3)),
@@ -187,20 +210,23 @@ def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on()
 def test_the_vector_filter_gradient_takes_whole_vectors_of_channels_where_rows_do_not():
     """With AVX-512: output channels in whole vectors of 16, at most 64 input channels, at
     most 28 taps, and a stride, output rows that fill less than 85% of their vectors or a
-    1x1 kernel; tiles of the largest divisor of the input channels whose taps fit 28
-    accumulators."""
-    from dlc.backends.llvm.conv import _vector_filter_channels
+    1x1 kernel. Tiles of one or two vectors of output channels (dividing O's), whichever
+    loads less per multiply-add, each with the largest divisor of the input channels
+    whose taps fit 28 accumulators."""
+    from dlc.backends.llvm.conv import _vector_filter_tile
 
-    def channels(C, O, OW, k=3, stride=1, w=16):
-        return _vector_filter_channels(_filter_template(C, O, OW, k, stride), _vector_target(w))
+    def tile(C, O, OW, k=3, stride=1, w=16):
+        return _vector_filter_tile(_filter_template(C, O, OW, k, stride), _vector_target(w))
 
-    assert channels(6, 16, 10, k=5) == 1 and channels(6, 16, 8) == 3 and channels(16, 16, 8) == 2
-    assert channels(16, 16, 16, stride=2) == 2 and channels(7, 16, 8) == 1
-    assert channels(16, 32, 16, stride=2) == 2 and channels(6, 32, 10, k=5) == 1
-    assert channels(64, 64, 16, k=1) == 16 and channels(20, 48, 16, k=1) == 20
-    assert channels(16, 16, 32) == 0 and channels(6, 17, 10, k=5) == 0 and channels(6, 16, 10, k=7) == 0
-    assert channels(128, 128, 8, k=1) == 0 and channels(128, 128, 8) == 0
-    assert channels(6, 16, 10, k=5, w=8) == 0
+    assert tile(6, 16, 10, k=5) == (1, 1) and tile(6, 16, 8) == (3, 1) and tile(16, 16, 8) == (2, 1)
+    assert tile(16, 16, 16, stride=2) == (2, 1) and tile(7, 16, 8) == (1, 1)
+    assert tile(16, 32, 16, stride=2) == (1, 2) and tile(64, 64, 8) == (1, 2)   # 2 x 9 taps
+    assert tile(6, 32, 10, k=5) == (1, 1)                                      # 2 x 25 taps: too many
+    assert tile(64, 64, 16, k=1) == (8, 2) and tile(12, 64, 16, k=1) == (12, 2)
+    assert tile(20, 48, 16, k=1) == (20, 1)                                    # 3 vectors: not pairs
+    assert tile(16, 16, 32) == 0 and tile(6, 17, 10, k=5) == 0 and tile(6, 16, 10, k=7) == 0
+    assert tile(128, 128, 8, k=1) == 0 and tile(128, 128, 8) == 0
+    assert tile(6, 16, 10, k=5, w=8) == 0
 
 
 def test_the_direct_filter_gradient_passes_over_one_image_where_its_g_rows_fill_l1():

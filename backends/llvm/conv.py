@@ -50,8 +50,8 @@ from llvmlite import ir
 from dlc.core.kernel import Template
 
 from .emit import emit_bounded, store_all
-from .gemm import (_ADD_C, _EPILOGUE, _MAX_ACCUMULATORS, GemmPlan, GemmSpec, _emit_kernel, _Layout, _Vec,
-                   free_masks, plan_gemm, shared_pack_b)
+from .gemm import (_ADD_C, _EPILOGUE, _L2_BYTES, _MAX_ACCUMULATORS, GemmPlan, GemmSpec, _emit_kernel, _Layout,
+                   _Vec, free_masks, plan_gemm, shared_pack_b)
 from .irutil import (F32, I1, I32, I64, PTR, VOID, const_vector, for_range, gep, hsum, i64, loop, no_unrolling,
                      set_target, smax, smin, splat, split)
 
@@ -1247,7 +1247,7 @@ def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
 
 def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     """dw[o,c,ky,kx] = sum_{n,oy,ox} g[n,o,oy,ox] * x[n,c,oy*sy+ky-ph, ox*sx+kx-pw]."""
-    if _direct_form([(_vector_filter_channels, _vector_filter_gradient), (_direct_channels, _direct_filter_gradient)],
+    if _direct_form([(_vector_filter_tile, _vector_filter_gradient), (_direct_channels, _direct_filter_gradient)],
                     mb, em, t, tid, nthreads):
         return
     b = em.b
@@ -1334,29 +1334,49 @@ def _store_transposed_filter(em, t: Template, DWt, k_lo, k_hi, o_lo=None, o_hi=N
 # or 3x3 on 8x8) within 3% of the GEMM either way, which keeps them.
 _VECTOR_FILTER_ACCUMULATORS = 28
 _VECTOR_FILTER_MAX_C = 64
+# Tiles of two vectors of output channels: every x element broadcast serves both, so a
+# position costs T*CB broadcasts and 2 loads of g for 2*T*CB multiply-adds instead of
+# T*CB + 1 for T*CB. Of the GEMM rate on Intel (Sapphire Rapids class), one vector -> two:
+# the 1x1 64->64 layer 60% -> 72-74% (16 -> 8 channels a tile), the residual network's
+# strided 16->32 83-86% -> 88-89% (2 -> 1), 64->64 on 8x8 98-99% -> 109-110% (2 -> 1).
+# Four vectors (1x1, 4 channels a tile) measured 62-63%: the tile's rows of g^T no
+# longer fit L1. Prefetching the next image into L2 (below) then took the 1x1 layer to
+# 77-80% (it was 72-74%: every thread reads all of x from memory as it goes); the 1x1
+# stride-2 projection, whose taps read a quarter of x, lost 6-10% to it and does not.
+_VECTOR_FILTER_MAX_VECTORS = 2
+_LINE_FLOATS = 16  # floats in a 64-byte cache line
 
 
-def _vector_filter_channels(t: Template, target) -> int:
-    """Input channels per tile of the vector-of-channels filter gradient (the largest
-    divisor of C whose taps fit _VECTOR_FILTER_ACCUMULATORS); 0 where it does not apply:
-    no AVX-512, output channels not whole vectors, more than _VECTOR_FILTER_MAX_C input
-    channels, more taps than accumulators, or where the form over rows applies and
-    fills the vectors (stride 1, a kernel wider than 1, output rows that fill
-    _DIRECT_LANES of their vectors)."""
+def _vector_filter_tile(t: Template, target) -> tuple[int, int] | int:
+    """(input channels, vectors of output channels) per tile of the vector-of-channels
+    filter gradient: of 1 or 2 vectors (dividing O's), the tiling with the fewest loads
+    per multiply-add (1/vectors + 1/(channels * taps); one vector on a tie), each with
+    the largest divisor of C whose taps fit _VECTOR_FILTER_ACCUMULATORS. 0 where it
+    does not apply: no AVX-512, output channels not whole vectors, more than
+    _VECTOR_FILTER_MAX_C input channels, more taps than accumulators, or where the form
+    over rows applies and fills the vectors (stride 1, a kernel wider than 1, output
+    rows that fill _DIRECT_LANES of their vectors)."""
     O, C, KH, KW = t.output.shape
     OW = t.inputs[1].shape[3]
     w = target.vector_width
-    most = _VECTOR_FILTER_ACCUMULATORS // (KH * KW)
+    T = KH * KW
     rows_fill = (OW / (_cdiv(OW, w) * w) >= _DIRECT_LANES and tuple(t.attrs["stride"]) == (1, 1)
                  and KW > 1)
-    if w != 16 or O % w or C > _VECTOR_FILTER_MAX_C or most < 1 or rows_fill:
+    if w != 16 or O % w or C > _VECTOR_FILTER_MAX_C or T > _VECTOR_FILTER_ACCUMULATORS or rows_fill:
         return 0
-    return max(cb for cb in range(1, most + 1) if C % cb == 0)
+    tiles = []
+    for vectors in range(1, _VECTOR_FILTER_MAX_VECTORS + 1):
+        most = _VECTOR_FILTER_ACCUMULATORS // (T * vectors)
+        if (O // w) % vectors == 0 and most >= 1:
+            cb = max(cb for cb in range(1, most + 1) if C % cb == 0)
+            tiles.append((1 / vectors + 1 / (cb * T), vectors, cb))
+    _, vectors, cb = min(tiles)
+    return cb, vectors
 
 
-def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None:
-    """conv2d_bwd_filter (see _vector_filter_channels): threads share out tiles of one
-    vector of output channels by CB input channels (a block of dw^T), each summed over
+def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, tile: tuple[int, int]) -> None:
+    """conv2d_bwd_filter (see _vector_filter_tile): threads share out tiles of OBV
+    vectors of output channels by CB input channels (a block of dw^T), each summed over
     every image; tiles run block-major, so a thread packs g^T for its blocks only.
 
     x is read in place, padding included: a tap row above or below the image reads a row
@@ -1374,20 +1394,21 @@ def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None
     w = mb.target.vector_width
     v = _Vec(b, w, fused=mb.target.has("fma"))
     T, P = KH * KW, OH * OW
-    per_block = C // CB  # tiles per vector of output channels
-    tiles = O // w * per_block
-    nacc = CB * T
+    CB, OBV = tile
+    per_block = C // CB  # tiles per OBV vectors of output channels
+    tiles = O // w // OBV * per_block
+    nacc = OBV * CB * T
     (gT, zeros, DWt), total = _carve(b, _scratch_base(mb, em), [P * O, W, tiles * nacc * w])
     _scratch(mb, em, total)
     X, G = em.pointers[xb.name], em.pointers[gb.name]
     lo, hi = split(b, tiles, tid, nthreads)
-    block_lo = b.udiv(lo, i64(per_block))
-    block_hi = b.udiv(b.add(hi, i64(per_block - 1)), i64(per_block))
+    block_lo = b.mul(b.udiv(lo, i64(per_block)), i64(OBV))
+    block_hi = b.mul(b.udiv(b.add(hi, i64(per_block - 1)), i64(per_block)), i64(OBV))
 
     def tile_at(ti):
         """(the tile's accumulators, its first row of dw^T, its first output channel)."""
-        return (v.at(DWt, b.mul(ti, i64(nacc * w))), b.mul(b.urem(ti, i64(per_block)), i64(nacc)),
-                b.mul(b.udiv(ti, i64(per_block)), i64(w)))
+        return (v.at(DWt, b.mul(ti, i64(nacc * w))), b.mul(b.urem(ti, i64(per_block)), i64(CB * T)),
+                b.mul(b.udiv(ti, i64(per_block)), i64(OBV * w)))
     with for_range(b, b.mul(lo, i64(nacc)), b.mul(hi, i64(nacc)), "a") as a:
         v.store(v.zero, v.at(DWt, b.mul(a, i64(w))))
     _zero(b, zeros, W)
@@ -1401,18 +1422,36 @@ def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None
     nonempty = b.icmp_signed("<", lo, hi)
     with b.if_then(nonempty):
         o_lo = b.mul(block_lo, i64(w))
+        g_floats = b.mul(b.sub(block_hi, block_lo), i64(w * P))  # of g, this thread's blocks
+        out_rows = b.mul(b.sub(hi, lo), i64(OH))
+        # the next image's x and this thread's g are prefetched into L2 while this one is
+        # summed, a share of their cache lines at each output row of each tile: where the
+        # inputs do not stay in L2 from call to call and the taps read all of x
+        prefetch = 4 * N * (C * H * W + O * P) > _L2_BYTES and KH >= sy and KW >= sx
+        shares = [b.udiv(b.add(lines, b.sub(out_rows, i64(1))), out_rows)
+                  for lines in (i64(_cdiv(C * H * W, _LINE_FLOATS)), b.udiv(g_floats, i64(_LINE_FLOATS)))]
         with for_range(b, 0, N, "img") as n:
             gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
             # gT[block q][p, o] = g[q*w + o, p], this thread's blocks only
             b.call(pack_gT, [gimg, v.at(gT, b.mul(o_lo, i64(P))), i64(P), i64(0), i64(P), o_lo,
                              b.mul(b.sub(block_hi, block_lo), i64(w)), i64(w)])
             src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
+            last = b.icmp_signed("==", n, i64(N - 1))
+            nexts = [b.gep(src, [i64(C * H * W)], source_etype=F32),
+                     b.gep(gimg, [b.add(i64(O * P), b.mul(o_lo, i64(P)))], source_etype=F32)]
             with for_range(b, lo, hi, "tile") as ti:
                 at, k0, o0 = tile_at(ti)
                 plane0 = b.gep(src, [b.mul(b.udiv(k0, i64(T)), i64(H * W))], source_etype=F32)
                 gblock = v.at(gT, b.mul(o0, i64(P)))
 
                 def out_row(oy, acc):
+                    if prefetch:
+                        with b.if_then(b.not_(last)):
+                            k = b.add(b.mul(b.sub(ti, lo), i64(OH)), oy)  # this output row's share
+                            for base, share in zip(nexts, shares):
+                                with for_range(b, b.mul(k, share), b.mul(b.add(k, i64(1)), share), "line") as line:
+                                    v.prefetch(b.gep(base, [b.mul(line, i64(_LINE_FLOATS))], source_etype=F32),
+                                               False, 2)
                     rows = {}  # (cc, ky) -> x's row of that channel and tap row, or the zeros
                     for cc in range(CB):
                         for ky in range(KH):
@@ -1424,7 +1463,7 @@ def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None
                     grow = v.at(gblock, b.mul(oy, i64(OW * w)))
 
                     def position(ox, acc, taps=range(KW)):
-                        gv = v.load(v.at(grow, b.mul(ox, i64(w))))
+                        gv = [v.load(v.at(grow, b.add(b.mul(ox, i64(w)), i64(i * w * P)))) for i in range(OBV)]
                         col = b.mul(ox, i64(sx))
                         acc = list(acc)
                         for cc in range(CB):
@@ -1432,8 +1471,9 @@ def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None
                                 base = b.gep(rows[cc, ky], [col], source_etype=F32)
                                 for kx in taps:
                                     a = (cc * KH + ky) * KW + kx
-                                    x = b.load(gep(b, base, i64(kx - pw), F32), typ=F32, align=4)
-                                    acc[a] = v.fma(v.splat(x), gv, acc[a])
+                                    x = v.splat(b.load(gep(b, base, i64(kx - pw), F32), typ=F32, align=4))
+                                    for i in range(OBV):
+                                        acc[i * CB * T + a] = v.fma(x, gv[i], acc[i * CB * T + a])
                         return acc
 
                     def edge(ox, acc):
@@ -1449,7 +1489,10 @@ def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, CB: int) -> None
                     v.store(acc[a], v.at(at, a * w))
         with for_range(b, lo, hi, "tile") as ti:
             at, k0, o0 = tile_at(ti)
-            _store_transposed_filter(em, t, at, k0, b.add(k0, i64(nacc)), o0, b.add(o0, i64(w)), w)
+            for i in range(OBV):
+                oi = b.add(o0, i64(i * w))
+                _store_transposed_filter(em, t, v.at(at, i * CB * T * w), k0, b.add(k0, i64(CB * T)), oi,
+                                         b.add(oi, i64(w)), w)
 
 
 def _filter_epilogue(em, t: Template, o, c, ky, kx) -> None:
@@ -1474,7 +1517,7 @@ def _filter_epilogue(em, t: Template, o, c, ky, kx) -> None:
 # but 64->64 8x8 (half the lanes idle) 93% -> 50% and 1x1 64->64 (no input load reused)
 # 71% -> 59%. A GEMM over at most one vector of output channels is load-bound (a broadcast
 # per multiply-add), so there emptier vectors win too: 6->16 on 10-wide rows 43% -> 56%
-# (now 90% over vectors of channels: _vector_filter_channels, which is tried first).
+# (now 90% over vectors of channels: _vector_filter_tile, which is tried first).
 # With 16 registers (AVX2: 3 channels per item) wider layers lose (35-76% of the GEMM's).
 _DIRECT_MAX_C = 3
 _DIRECT_LANES = 0.85         # the share of the lanes output rows must fill (wider layers)
