@@ -1422,23 +1422,25 @@ def _vector_filter_gradient(mb, em, t: Template, tid, nthreads, tile: tuple[int,
     nonempty = b.icmp_signed("<", lo, hi)
     with b.if_then(nonempty):
         o_lo = b.mul(block_lo, i64(w))
-        g_floats = b.mul(b.sub(block_hi, block_lo), i64(w * P))  # of g, this thread's blocks
-        out_rows = b.mul(b.sub(hi, lo), i64(OH))
         # the next image's x and this thread's g are prefetched into L2 while this one is
         # summed, a share of their cache lines at each output row of each tile: where the
         # inputs do not stay in L2 from call to call and the taps read all of x
         prefetch = 4 * N * (C * H * W + O * P) > _L2_BYTES and KH >= sy and KW >= sx
-        shares = [b.udiv(b.add(lines, b.sub(out_rows, i64(1))), out_rows)
-                  for lines in (i64(_cdiv(C * H * W, _LINE_FLOATS)), b.udiv(g_floats, i64(_LINE_FLOATS)))]
+        if prefetch:
+            out_rows = b.mul(b.sub(hi, lo), i64(OH))
+            g_floats = b.mul(b.sub(block_hi, block_lo), i64(w * P))  # of g, this thread's blocks
+            shares = [b.udiv(b.add(lines, b.sub(out_rows, i64(1))), out_rows)
+                      for lines in (i64(_cdiv(C * H * W, _LINE_FLOATS)), b.udiv(g_floats, i64(_LINE_FLOATS)))]
         with for_range(b, 0, N, "img") as n:
             gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
             # gT[block q][p, o] = g[q*w + o, p], this thread's blocks only
             b.call(pack_gT, [gimg, v.at(gT, b.mul(o_lo, i64(P))), i64(P), i64(0), i64(P), o_lo,
                              b.mul(b.sub(block_hi, block_lo), i64(w)), i64(w)])
             src = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
-            last = b.icmp_signed("==", n, i64(N - 1))
-            nexts = [b.gep(src, [i64(C * H * W)], source_etype=F32),
-                     b.gep(gimg, [b.add(i64(O * P), b.mul(o_lo, i64(P)))], source_etype=F32)]
+            if prefetch:
+                last = b.icmp_signed("==", n, i64(N - 1))
+                nexts = [b.gep(src, [i64(C * H * W)], source_etype=F32),
+                         b.gep(gimg, [b.add(i64(O * P), b.mul(o_lo, i64(P)))], source_etype=F32)]
             with for_range(b, lo, hi, "tile") as ti:
                 at, k0, o0 = tile_at(ti)
                 plane0 = b.gep(src, [b.mul(b.udiv(k0, i64(T)), i64(H * W))], source_etype=F32)
