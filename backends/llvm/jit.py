@@ -55,8 +55,8 @@ def _machine_code(emit: Callable, llmod, lsr: bool):
     `lsr` asks for it: a module holding a GEMM. Elsewhere it was 11% of the residual
     network's LLVM time, and every benchmark model's step measured within noise without
     it (AVX-512 and AVX2); with none at all the wide MLP's step was 4% slower
-    (README, "Compile time"). The switch is one of LLVM's global options, set for each
-    module: each compiler process compiles one module at a time."""
+    (docs/performance.md, "Compile time"). The switch is one of LLVM's global options,
+    set for each module: each compiler process compiles one module at a time."""
     llvm.set_option("dlc", f"-disable-lsr={str(not lsr).lower()}")
     try:
         return emit(llmod)
@@ -95,7 +95,7 @@ def _quick(llmod, tm) -> None:
 # LeNet-5's step was 22% slower: its data gradient's col2im 2.4x); machine code at level
 # 3, not the quick tier's 1. Against O3, for the convolutions: LLVM CPU -24% on the
 # residual network, -13% on the CIFAR CNN, -9% on LeNet-5; the nests a further -22% on
-# the residual network; steps within noise (README, "Compile time").
+# the residual network; steps within noise (docs/performance.md, "Compile time").
 PRETUNED_PASSES = QUICK_PASSES + ("loop_simplify", "loop_rotate", "loop_unroll", "instruction_combine",
                                   "simplify_cfg")
 

@@ -19,7 +19,7 @@ import llvmlite.binding as llvm
 # LLVM fully unrolls a loop whose unrolled body stays under this many instructions (its
 # default at O3: 300). Kernels' static trip counts made it unroll reductions over whole
 # windows and batches into kilobytes of code that took most of the compile time; at 100
-# the steps measured within noise (README, "Compile time").
+# the steps measured within noise (docs/performance.md, "Compile time").
 UNROLL_THRESHOLD = 100
 
 
