@@ -192,13 +192,21 @@ class Model:
                      verify)
 
     def source_key(self, mode: str, config, world: int = 1, bucket_bytes: int | None = None) -> str:
-        """Identifies a compiled graph without building it (compile-cache keys); a training step
-        of a data-parallel job (`world` ranks: the step is the same for any number > 1) differs."""
-        text = getattr(self, "source_text", None) or repr(self.program)
-        recipe = f"{config.optimizer}|clip={config.clip}" if mode == "train" and config else ""
+        """Identifies a compiled graph without running the graph passes (compile-cache keys):
+        the graph the frontend built, source locations included (profiles name them), and for
+        training the optimizer and clipping -- not the learning rate, which the step takes as
+        an input, as it takes the seed. So a new rate, epoch count, seed or data option, or a
+        comment below the model, compiles nothing. A training step of a data-parallel job
+        (`world` ranks: the step is the same for any number > 1) differs."""
+        recipe = ""
+        if mode == "train" and config:
+            optimizer = config.optimizer
+            args = {k: v for k, v in sorted(optimizer.args.items()) if k != "lr"}
+            at = config.span("optimizer")  # the update's nodes carry it
+            recipe = f"{optimizer.name}{args}|clip={config.clip}|at={at.short if at else ''}"
         if mode == "train" and world > 1:
             recipe += f"|data-parallel|buckets={bucket_bytes}"
-        return "\0".join([text, self.name, mode, recipe])
+        return "\0".join([print_graph(self.built(mode).graph), self.name, mode, recipe])
 
     def layer_state(self) -> list[str]:
         """State the layers update themselves (batchnorm's running statistics)."""

@@ -171,6 +171,69 @@ def test_a_changed_layer_definition_misses_the_cache(tmp_path):
     assert loss3 != loss1
 
 
+DIGITS_MLP = (ROOT / "examples" / "digits_mlp.dln").read_text()
+
+
+def _keys(tmp_path: Path, text: str) -> tuple[str, str]:
+    """The training and evaluation steps' compile-cache keys of `text`, saved as
+    model.dln (the same name each time: locations name the file)."""
+    folder = tmp_path / str(len(list(tmp_path.iterdir())))
+    folder.mkdir()
+    (folder / "model.dln").write_text(text)
+    m = dlc.load(folder / "model.dln")
+    return m.source_key("train", m.train_config), m.source_key("eval", None)
+
+
+@pytest.mark.parametrize("old,new", [
+    ("adam(lr=1e-3)", "adam(lr=0.05)"),
+    ("epochs    = 30", "epochs    = 3"),
+    ("seed      = 0", "seed      = 7"),
+    ("digits(test=0.2)", "digits(test=0.3)"),
+    ("    seed      = 0\n}\n", "    seed      = 0\n}\n# lr=0.05 was worse\n"),
+])
+def test_a_new_rate_epoch_count_seed_or_data_option_keeps_the_compile_cache_key(tmp_path, old, new):
+    """The step takes the learning rate and the seed as inputs, and nothing else of these
+    reaches the compiled code: editing them compiles nothing."""
+    assert old in DIGITS_MLP
+    assert _keys(tmp_path, DIGITS_MLP.replace(old, new)) == _keys(tmp_path, DIGITS_MLP)
+
+
+@pytest.mark.parametrize("old,new,eval_too", [
+    ("dense(128)", "dense(96)", True),
+    ("dropout(h, 0.1)", "dropout(h, 0.2)", False),     # evaluation skips dropout
+    ("cross_entropy(output, label)", "0.5 * cross_entropy(output, label)", True),
+    ("adam(lr=1e-3)", "adam(lr=1e-3, beta1=0.8)", False),
+    ("adam(lr=1e-3)", "sgd(lr=1e-3)", False),
+    ("# A multi", "\n# A multi", True),                # every location moves a line
+])
+def test_what_changes_the_compiled_step_changes_the_compile_cache_key(tmp_path, old, new, eval_too):
+    assert old in DIGITS_MLP
+    train, evaluation = _keys(tmp_path, DIGITS_MLP.replace(old, new))
+    base_train, base_eval = _keys(tmp_path, DIGITS_MLP)
+    assert train != base_train
+    assert (evaluation != base_eval) == eval_too
+
+
+def test_a_run_at_a_new_learning_rate_takes_the_cached_step_and_trains_at_that_rate(tmp_path):
+    """`dlc run --lr` on a cached model: a cache hit, and the same figures as a run that
+    compiled the step afresh at that rate."""
+    env = dict(os.environ, DLC_CACHE_DIR=str(tmp_path / "cache"))
+    model = str(ROOT / "examples" / "digits_mlp.dln")
+
+    def run(*flags):
+        r = subprocess.run([sys.executable, "-m", "dlc", "run", model, "--epochs", "1", *flags], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()[-1], r.stdout + r.stderr
+
+    slow, said = run("--lr", "0.001", "-v")
+    assert "compiling… (cached" not in said
+    fast, said = run("--lr", "0.05", "-v")
+    assert "compiling… (cached" in said
+    fresh, _ = run("--lr", "0.05", "--no-cache")
+    assert fast.split("; after")[0] == fresh.split("; after")[0] != slow.split("; after")[0]
+
+
 def test_a_stage_of_another_target_names_that_target(capsys):
     from dlc import cli
     example = str(Path(__file__).resolve().parent.parent / "examples" / "digits_mlp.dln")
