@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -167,6 +168,11 @@ def test_npz_with_custom_keys(tmp_path):
 
 def test_npz_missing_file(tmp_path):
     data_error(npz("nope.npz"), tmp_path, "cannot read nope.npz: no such file", str(tmp_path))
+
+
+def test_a_device_or_pipe_is_named_as_such_not_as_missing(tmp_path):
+    os.mkfifo(tmp_path / "pipe.npz")
+    data_error(npz("pipe.npz"), tmp_path, "cannot read pipe.npz: not a regular file")
 
 
 def test_npz_missing_key_lists_the_keys(tmp_path):

@@ -170,7 +170,8 @@ def _resolve(base_dir: Path, path: str) -> Path:
 
 def _require_file(path: Path, shown: str) -> None:
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        what = ("is a folder, not a file" if path.is_dir() else
+                "not a regular file (a device, pipe or socket)" if path.exists() else "no such file")
         raise DataError(f"cannot read {shown}: {what} (looked in {path})")
 
 
