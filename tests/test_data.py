@@ -172,7 +172,7 @@ def test_npz_missing_file(tmp_path):
 
 def test_a_device_or_pipe_is_named_as_such_not_as_missing(tmp_path):
     os.mkfifo(tmp_path / "pipe.npz")
-    data_error(npz("pipe.npz"), tmp_path, "cannot read pipe.npz: not a regular file")
+    data_error(npz("pipe.npz"), tmp_path, "cannot read pipe.npz: is a device, pipe or socket, not a file")
 
 
 def test_npz_missing_key_lists_the_keys(tmp_path):

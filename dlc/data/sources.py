@@ -171,7 +171,7 @@ def _resolve(base_dir: Path, path: str) -> Path:
 def _require_file(path: Path, shown: str) -> None:
     if not path.is_file():
         what = ("is a folder, not a file" if path.is_dir() else
-                "not a regular file (a device, pipe or socket)" if path.exists() else "no such file")
+                "is a device, pipe or socket, not a file" if path.exists() else "no such file")
         raise DataError(f"cannot read {shown}: {what} (looked in {path})")
 
 
