@@ -128,7 +128,6 @@ def pool2d_bwd(mb, em, t: Template, tid, nthreads) -> bool:
     is_max = t.attrs["mode"] == "max"
     X, G, DX = em.pointers[xb.name], em.pointers[gb.name], em.pointers[t.output.name]
     rows = _Row(b, v, W, sw)
-    ity = ir.VectorType(I32, w)
     lo_idx = const_vector(I32, [j // 2 + (w if j % 2 else 0) for j in range(w)])
     hi_idx = const_vector(I32, [w // 2 + j // 2 + (w if j % 2 else 0) for j in range(w)])
     lo, hi = split(b, N * C, tid, nthreads)
@@ -145,7 +144,7 @@ def pool2d_bwd(mb, em, t: Template, tid, nthreads) -> bool:
                 masks = [rows.mask(ox0, j, 0, OW) for j in range(kw)]
                 if is_max:
                     best = const_vector(F32, [-math.inf] * w)
-                    best_at = const_vector(ity.element, [-1] * w)
+                    best_at = const_vector(I32, [-1] * w)
                     for i in range(kh):
                         row = b.gep(plane, [b.mul(b.add(b.mul(oy, i64(sh)), i64(i)), i64(W))], source_etype=F32)
                         for j in range(kw):

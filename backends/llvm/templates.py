@@ -52,7 +52,7 @@ def _dot(b, A, a_at, B, b_at, k: int, w: int, copies: int = 4):
             return [fma(b, b.load(gep(b, A, b.add(a_at, x), F32), typ=vt, align=4),
                         b.load(gep(b, B, b.add(b_at, x), F32), typ=vt, align=4), a) for x, a in zip(at, acc)]
         return body
-    accs = [const_vector(vt.element, [0.0] * w)] * copies
+    accs = [const_vector(F32, [0.0] * w)] * copies
     blocks, whole = k - k % (w * copies), k - k % w
     if blocks:
         accs = list(loop(b, 0, blocks, accs, products(copies), name="kk.v", step=w * copies))

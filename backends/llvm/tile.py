@@ -27,7 +27,7 @@ from dlc.core.types import DType
 
 from .emit import SCALAR_OPS, Emitter, affine_coef
 from .gemm import TileEpilogue
-from .irutil import F32, I32, I64, const_vector, splat
+from .irutil import F32, I32, splat
 
 # ops whose emit.py rendering is valid on vectors as written
 VECTOR_OPS = {"add", "sub", "mul", "div", "neg", "abs", "max", "min", "exp", "log", "sqrt", "tanh", "sigmoid",
@@ -122,7 +122,7 @@ class _VecEval:
                 return self.x
             return v.load(self.pointer(e.buf, e.index), self.mask)
         if isinstance(e, Index):
-            lanes = b.add(self.splat(self.em.ix(e.ix)), const_vector(I64, range(v.w)))
+            lanes = b.add(self.splat(self.em.ix(e.ix)), v.lanes)
             if e.dtype == DType.f32:
                 return b.sitofp(lanes, v.ty)
             return b.trunc(lanes, ir.VectorType(I32, v.w))
