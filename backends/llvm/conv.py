@@ -1076,6 +1076,14 @@ _COL2IM_GROWTH = 1.5  # dx at least this many times larger than g (per channel)
 # tiles, 30 KB blocks); 4 x 7 (40 KB) 0.135 ms, 2 x 7 0.107 ms. With AVX2 (13 vectors)
 # the GEMM's own plan stays: 3 x 2 and 3 x 4 were slower than its 6 x 2.
 _COL2IM_L1_BYTES = 32 << 10
+# Where g's planes are not whole vectors (LeNet's 10x10: 100 positions), the product
+# reads g from a copy whose rows are padded to whole vectors (112) and writes cols' rows
+# at that stride: every B load and C store of the register tiles is then aligned, and
+# on this Intel machine type (Sapphire Rapids class) a 64-byte load at an unaligned
+# address reads two cache lines. LeNet's 6->16 data gradient, of the GEMM rate: 58-60%
+# -> 65-67% (the product alone 69% -> 85%; the rest is the col2im, whose taps' loads are
+# shifted by the taps and stay unaligned); with AVX2 45% either way; LeNet-5's step 1-2%
+# faster.
 
 
 def _col2im_tile(M: int, P: int, K: int, T: int, w: int) -> tuple[int, int]:
@@ -1101,20 +1109,25 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
     ph, pw = t.attrs["pad"]
     w = mb.target.vector_width
     T, P = KH * KW, OH * OW
+    PS = _cdiv(P, w) * w  # g's rows in the product, and cols', padded to whole vectors (see above)
     mr, nv = _col2im_tile(C * T, P, O, T, w)
     nr = nv * w
     plan = GemmPlan(mr=mr, nv=nv, kc=0, mc=0, nc=0, pack_a=True, pack_b=False, split="n")
-    kern = _Kernels(mb, plan, _Layout(a_rs=1, a_cs=mr, b_rs=P, ldc=P, a_packed=True, b_packed=False),
+    kern = _Kernels(mb, plan, _Layout(a_rs=1, a_cs=mr, b_rs=PS, ldc=PS, a_packed=True, b_packed=False),
                     inline=free_masks(mb.target))
     Mp = _cdiv(C * T, mr) * mr
     group = mr * T  # rows of one item's channels
-    (Ap, cols), total = _carve(b, _scratch_base(mb, em), [Mp * O, group * P])
+    (Ap, cols, Gs), total = _carve(b, _scratch_base(mb, em), [Mp * O, group * PS, O * PS if PS != P else 0])
     _scratch(mb, em, total)
     G, Wt, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
     # A[c*T + tap, o] = w[o, c, tap]
     b.call(_pack_weights_fn(mb, mr), [Wt, Ap, i64(C * T), i64(O), i64(O), i64(1), i64(1), i64(C * T),
                                       _i32_table(mb.module, "taps", [0])])
     v = _V(b, w, mb.target.has("fma"))
+    if PS != P:
+        # the rows' tails: their columns of cols are never read, but zeros, not whatever
+        # the scratch held (a denormal would slow the multiply-adds)
+        _zero(b, Gs, O * PS)
     groups = _cdiv(C, mr)
     lo, hi = split(b, N * groups, tid, nthreads)
     with for_range(b, lo, hi, "item") as item:
@@ -1123,18 +1136,25 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
         c_hi = smin(b, b.add(c_lo, i64(mr)), i64(C))
         r_lo, r_hi = b.mul(c_lo, i64(T)), b.mul(c_hi, i64(T))
         gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
+        if PS != P:
+            with for_range(b, 0, O, "o") as o:
+                src, to = (b.gep(at, [b.mul(o, i64(rs))], source_etype=F32) for at, rs in ((gimg, P), (Gs, PS)))
+                for j in range(0, P, w):
+                    mask = _lanes(v.f, [lane < P - j for lane in range(w)])
+                    v.f.store(v.f.load(v.f.at(src, j), mask), v.f.at(to, j), mask)
+            gimg = Gs
         # one K block of all O channels (a layer this path takes has few: LeNet's 16)
-        with for_range(b, 0, P, "jr", step=nr) as jr:
+        with for_range(b, 0, PS, "jr", step=nr) as jr:
             bp = b.gep(gimg, [jr], source_etype=F32)
             with for_range(b, r_lo, r_hi, "ir", step=mr) as ir_:
                 ap = b.gep(Ap, [b.mul(ir_, i64(O))], source_etype=F32)
-                cp = b.gep(cols, [b.add(b.mul(b.sub(ir_, r_lo), i64(P)), jr)], source_etype=F32)
+                cp = b.gep(cols, [b.add(b.mul(b.sub(ir_, r_lo), i64(PS)), jr)], source_etype=F32)
                 rows = i64(mr) if C % mr == 0 else b.sub(r_hi, ir_)  # whole tiles: a constant
-                kern.tile(b, ap, bp, cp, i64(O), ir.Constant(I32, _EPILOGUE), rows, b.sub(i64(P), jr))
+                kern.tile(b, ap, bp, cp, i64(O), ir.Constant(I32, _EPILOGUE), rows, b.sub(i64(PS), jr))
         with for_range(b, c_lo, c_hi, "c") as c:
             plane = b.gep(DX, [b.mul(b.add(b.mul(n, i64(C)), c), i64(H * W))], source_etype=F32)
-            _col2im_channel(b, v, plane, b.gep(cols, [b.mul(b.sub(c, c_lo), i64(T * P))], source_etype=F32),
-                            H, W, OH, OW, KH, KW, ph, pw)
+            _col2im_channel(b, v, plane, b.gep(cols, [b.mul(b.sub(c, c_lo), i64(T * PS))], source_etype=F32),
+                            PS, H, W, OH, OW, KH, KW, ph, pw)
         _epilogue(em, t, n, (c_lo, c_hi))
 
 
@@ -1153,12 +1173,12 @@ def _col2im_unrolled(H: int, W: int, KH: int, KW: int, w: int) -> bool:
     return w == 16 and W <= w and H * KH * KW <= _COL2IM_UNROLLED_LOADS
 
 
-def _col2im_channel(b, v: _V, plane, rows, H, W, OH, OW, KH, KW, ph, pw) -> None:
-    """plane[iy, ix] = sum over taps (ky, kx) of rows[ky*KW + kx][oy*OW + ox] where
-    iy = oy + ky - ph and ix = ox + kx - pw: per vector of a plane row, the taps' shifted
-    rows summed in a register and stored once. (Adding each tap's rows into the plane
-    instead made every tap's masked load wait for the previous tap's masked store to
-    the same addresses: the col2im took twice the GEMM's time.)"""
+def _col2im_channel(b, v: _V, plane, rows, rs, H, W, OH, OW, KH, KW, ph, pw) -> None:
+    """plane[iy, ix] = sum over taps (ky, kx) of rows[ky*KW + kx][oy*OW + ox] (rows rs
+    floats apart) where iy = oy + ky - ph and ix = ox + kx - pw: per vector of a plane
+    row, the taps' shifted rows summed in a register and stored once. (Adding each
+    tap's rows into the plane instead made every tap's masked load wait for the previous
+    tap's masked store to the same addresses: the col2im took twice the GEMM's time.)"""
     f, w = v.f, v.w
     if _col2im_unrolled(H, W, KH, KW, w):
         in_row = [lane < W for lane in range(w)]
@@ -1168,7 +1188,7 @@ def _col2im_channel(b, v: _V, plane, rows, H, W, OH, OW, KH, KW, ph, pw) -> None
                 for kx in range(KW):
                     ok = [lane_in and 0 <= pw - kx + lane < OW for lane, lane_in in enumerate(in_row)]
                     if any(ok):  # lane l reads ox = pw - kx + l
-                        at = (ky * KW + kx) * OH * OW + (iy + ph - ky) * OW + pw - kx
+                        at = (ky * KW + kx) * rs + (iy + ph - ky) * OW + pw - kx
                         acc = b.fadd(acc, f.load(f.at(rows, i64(at)), _lanes(f, ok)))
             f.store(acc, f.at(plane, i64(iy * W)), _lanes(f, in_row))
         return
@@ -1184,7 +1204,7 @@ def _col2im_channel(b, v: _V, plane, rows, H, W, OH, OW, KH, KW, ph, pw) -> None
                 def tap(kx, acc):
                     ox0 = b.sub(b.add(ix, i64(pw)), kx)  # lane l reads ox = ox0 + l
                     ok = b.and_(in_row, v.below(b.add(v.isplat(ox0), v.lanes), OW))
-                    at = b.add(b.mul(b.add(b.mul(ky, i64(KW)), kx), i64(OH * OW)), b.add(b.mul(oy, i64(OW)), ox0))
+                    at = b.add(b.mul(b.add(b.mul(ky, i64(KW)), kx), i64(rs)), b.add(b.mul(oy, i64(OW)), ox0))
                     return [b.fadd(acc[0], f.load(f.at(rows, at), ok))]
                 return loop(b, 0, KW, acc, tap, "kx")
             [acc] = loop(b, ky_lo, ky_hi, [f.zero], tap_row, "ky")
