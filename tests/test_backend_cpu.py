@@ -957,17 +957,48 @@ def test_a_compile_forks_only_when_no_other_thread_is_inside_llvm():
     assert r.returncode == 0 and r.stdout.split() == ["4"], r.stderr
 
 
-def test_training_and_evaluation_share_their_forward_convolutions():
+@pytest.mark.parametrize("isa", ["host", "avx2"])
+def test_training_and_evaluation_share_their_forward_convolutions(isa):
     """LeNet-5's two convolutions (with their bias + ReLU epilogues) are the same code in
-    the training and the evaluation step: built once, both steps call one function."""
+    the training and the evaluation step: built once, both steps call one function. Also
+    where the two land in modules that number their metadata differently (with AVX2 the
+    convolutions' GEMM branches carry branch weights: the loop IDs were !1 in one module
+    and !2 in the other, and each step built its own)."""
     m = example_models.load(EXAMPLES[0].parent / "lenet5.dln")
     programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 8), CPU.templates)
                 for mode in ("train", "eval")}
-    mb = ModuleBuilder(programs, CPU.target({"threads": 2}))
+    target = CPU.target({"threads": 2})
+    mb = ModuleBuilder(programs, target if isa == "host" else target.without("avx512"))
     mb.build()
     convs = {entry: [fn for _, name, fn, _ in parts if name.endswith("_conv")][:2]
              for entry, parts in mb.entry_parts.items()}
     assert len(convs["eval"]) == 2 and convs["train"] == convs["eval"]
+
+
+def test_functions_are_compared_with_their_metadata_written_out():
+    """Two functions are the same code when their text and the metadata it refers to are
+    the same, whatever numbers their modules gave the metadata; branch weights that
+    differ keep them apart."""
+    from llvmlite import ir
+
+    from dlc.backends.llvm.codegen import _body
+
+    def function(weights, before: int):
+        module = ir.Module()
+        for i in range(before):  # metadata numbered ahead of the function's
+            module.add_metadata([ir.MetaDataString(module, f"other{i}")])
+        fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [ir.IntType(1)]), name=f"f{before}")
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        yes, no = fn.append_basic_block("yes"), fn.append_basic_block("no")
+        b.cbranch(fn.args[0], yes, no).set_weights(weights)
+        for block in (yes, no):
+            b.position_at_end(block)
+            b.ret_void()
+        return fn
+
+    assert "!0" in str(function([1, 9], 0)) and "!2" in str(function([1, 9], 2))
+    assert _body(function([1, 9], 0)) == _body(function([1, 9], 2))
+    assert _body(function([1, 9], 0)) != _body(function([9, 1], 2))
 
 
 def test_each_module_is_sized_with_the_helpers_its_kernels_built():

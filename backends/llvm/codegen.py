@@ -18,6 +18,7 @@ table[4]; the runtime (runtime.py) runs the exchange on the bucket's buffers and
 """
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -456,11 +457,27 @@ def _gemm_spec(part):
     return GemmSpec(m, n, k, ta=ta, tb=tb) if m * n * k > SMALL_MATMUL else None
 
 
+_METADATA_REF = re.compile(r"!(\d+)\b")
+
+
 def _body(fn: ir.Function) -> str:
-    """fn's IR text with its own name left out (cached on the function)."""
+    """fn's IR text with its own name left out and the metadata it refers to (loop IDs,
+    branch weights) written out, numbered in the order the text uses them: a module
+    numbers its metadata as it is added, so the same loop ID is !1 in one module and !2
+    in another (cached on the function)."""
     text = getattr(fn, "_dlc_body", None)
     if text is None:
-        text = fn._dlc_body = str(fn).replace(_quoted(fn.name), "@F", 1)
+        nodes = {md.name: str(md).split(" = ", 1)[1] for md in fn.module.metadata}
+        used: list[str] = []  # metadata numbers in the order the text refers to them
+
+        def renumber(match) -> str:
+            if match.group(1) not in used:
+                used.append(match.group(1))
+            return f"!m{used.index(match.group(1))}"
+        lines = [_METADATA_REF.sub(renumber, str(fn).replace(fn.get_reference(), "@F", 1))]
+        for ref in used:  # grows while it is read: the nodes that nodes refer to
+            lines.append(_METADATA_REF.sub(renumber, nodes[ref]))
+        text = fn._dlc_body = "\n".join(lines)
     return text
 
 
@@ -477,10 +494,6 @@ def _size(fn: ir.Function) -> int:
     """Instructions (none for a declaration)."""
     return sum(len(blk.instructions) for blk in fn.blocks)
 
-
-def _quoted(name: str) -> str:
-    """How a function's name appears in its IR text."""
-    return f'@"{name}"' if not name.replace("_", "a").isalnum() else f"@{name}"
 
 
 def _cycles(module: ir.Module) -> ir.Function:
