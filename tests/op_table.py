@@ -243,17 +243,19 @@ def np_scatter_add(g, idx, rows):
 # random: documented as uniform [0, 1) from murmur3's fmix32 finalizer over
 #   key = fmix32(seed ^ fmix32(stream ^ fmix32(step))),  bits_i = fmix32((i * 0x9E3779B1) ^ key),
 #   value_i = (bits_i >> 8) * 2^-24.
-# Written again here with 64-bit integers and explicit masks.
+# Written again here with 64-bit integers and explicit masks (numpy uint64 constants: with
+# numpy 1.x's promotion a 0-d uint64 and a Python int meet as float64).
 _MASK = 0xFFFFFFFF
+_U64 = np.uint64
 
 
 def _fmix32(h):
-    h = np.asarray(h, dtype=np.uint64) & _MASK
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK
-    h ^= h >> 16
+    h = np.asarray(h, dtype=np.uint64) & _U64(_MASK)
+    h ^= h >> _U64(16)
+    h = (h * _U64(0x85EBCA6B)) & _U64(_MASK)
+    h ^= h >> _U64(13)
+    h = (h * _U64(0xC2B2AE35)) & _U64(_MASK)
+    h ^= h >> _U64(16)
     return h
 
 
@@ -261,8 +263,8 @@ def np_random(seed, step, shape, stream, first=0):
     key = _fmix32(int(seed) & _MASK ^ int(_fmix32(int(stream) ^ int(_fmix32(int(step) & _MASK)))))
     n = int(np.prod(shape))
     index = np.arange(n, dtype=np.uint64) + int(first) * (n // shape[0] if shape else 0)  # from row `first` on
-    bits = _fmix32(((index * 0x9E3779B1) & _MASK) ^ key)
-    return ((bits >> 8).astype(np.float64) / 2.0 ** 24).astype(np.float32).reshape(shape)
+    bits = _fmix32(((index * _U64(0x9E3779B1)) & _U64(_MASK)) ^ key)
+    return ((bits >> _U64(8)).astype(np.float64) / 2.0 ** 24).astype(np.float32).reshape(shape)
 
 
 def np_log_softmax(x, axis=-1):

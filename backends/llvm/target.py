@@ -13,7 +13,16 @@ import functools
 import os
 from dataclasses import dataclass
 
+import llvmlite
 import llvmlite.binding as llvm
+
+from dlc.core.diagnostics import DlcError
+
+# The IR the backend writes is LLVM 22's (llvmlite 0.48): with 0.44-0.47 (LLVM 20) the
+# masked loads and stores fail to verify, and 0.43 has no opaque pointers. pyproject.toml
+# asks pip for it; this catches an environment that installed around that (--no-deps, a
+# pinned llvmlite).
+LLVMLITE_MIN = (0, 48)
 
 
 # LLVM fully unrolls a loop whose unrolled body stays under this many instructions (its
@@ -23,8 +32,21 @@ import llvmlite.binding as llvm
 UNROLL_THRESHOLD = 100
 
 
+def check_llvmlite(version: str) -> None:
+    """A clear error for an llvmlite older than LLVMLITE_MIN."""
+    try:
+        have = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:  # a development build: let it try
+        return
+    if have < LLVMLITE_MIN:
+        need = ".".join(map(str, LLVMLITE_MIN))
+        raise DlcError(f"the cpu target needs llvmlite >= {need} (LLVM 22); this Python has llvmlite {version}",
+                       hint=f"pip install 'llvmlite>={need}'")
+
+
 @functools.lru_cache(maxsize=1)
 def _init_llvm() -> None:
+    check_llvmlite(llvmlite.__version__)
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     llvm.set_option("dlc", f"-unroll-threshold={UNROLL_THRESHOLD}")
