@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dlc.core import ops
 from dlc.core.diagnostics import Span, UsageError
+from dlc.core.optional import optional_module
 from dlc.core.types import TensorType
 
 GRAPH_EXTRA = "pip install 'dlc[graph]'  (the graphviz Python package)"
@@ -34,11 +35,7 @@ KERNEL_COLOURS = {"elementwise": "#fff2cc", "reduce": "#fce5cd", "matmul": "#cfe
 
 
 def _graphviz():
-    try:
-        import graphviz
-    except ImportError:
-        raise UsageError("`dlc graph` needs the graphviz Python package", hint=GRAPH_EXTRA) from None
-    return graphviz
+    return optional_module("graphviz", "`dlc graph`", "the graphviz Python package", GRAPH_EXTRA)
 
 
 def span_text(span: Span | None, limit: int = 48) -> str:

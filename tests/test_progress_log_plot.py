@@ -205,6 +205,49 @@ def test_plot_without_matplotlib_is_a_usage_error(tmp_path, monkeypatch):
     assert info.value.hint == "pip install 'dlc[plot]'"
 
 
+def test_an_installed_matplotlib_that_does_not_import_is_told_apart(tmp_path, monkeypatch):
+    """A matplotlib built against numpy 1.x fails to import under numpy 2 (numpy prints why,
+    then raises ImportError): the error says it is installed, gives numpy's reason, and
+    says to reinstall or upgrade it -- not to install it -- and nothing numpy printed leaks
+    out as a traceback. The same for each optional package."""
+    import importlib
+
+    from dlc.graphviz import _graphviz
+    from dlc.interchange import require_onnx
+
+    real = importlib.import_module
+
+    def broken(name, *args):
+        if name.split(".")[0] in ("matplotlib", "graphviz", "onnx"):
+            sys.stderr.write("\nA module that was compiled using NumPy 1.x cannot be run in NumPy 2.4.6 as it may "
+                             "crash.\nTraceback (most recent call last):  ...\n")
+            raise ImportError("numpy.core.multiarray failed to import")
+        return real(name, *args)
+    monkeypatch.setattr(importlib, "import_module", broken)
+    log = tmp_path / "run.jsonl"
+    _write_log(log)
+    for call, needs, package in ((lambda: plot_log(log, tmp_path / "curves.png"), "dlc plot needs matplotlib",
+                                  "matplotlib"),
+                                 (_graphviz, "`dlc graph` needs the graphviz Python package", "graphviz"),
+                                 (require_onnx, "this command needs the `onnx` package", "onnx")):
+        with pytest.raises(UsageError) as info:
+            call()
+        assert info.value.message == (f"{needs}, which is installed but does not import: A module that was "
+                                       "compiled using NumPy 1.x cannot be run in NumPy 2.4.6 as it may crash.")
+        assert info.value.hint == f"reinstall or upgrade it: pip install --upgrade {package}"
+
+
+def test_an_optional_package_failing_without_a_message_names_the_error(monkeypatch):
+    """An import that fails with no message and nothing printed still says what it raised."""
+    import importlib
+
+    from dlc.core.optional import optional_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: (_ for _ in ()).throw(AttributeError()))
+    with pytest.raises(UsageError) as info:
+        optional_module("somepkg", "x", "y", "pip install somepkg")
+    assert info.value.message == "x needs y, which is installed but does not import: AttributeError"
+
+
 def test_plot_of_an_empty_log(tmp_path):
     log = tmp_path / "run.jsonl"
     with MetricsLog(log, {"model": "mlp"}):

@@ -7,7 +7,8 @@ Both need the optional extra `dlc[onnx]` (onnx, and onnxruntime to run what they
 """
 from __future__ import annotations
 
-from dlc.core.diagnostics import DlcError, UsageError
+from dlc.core.diagnostics import DlcError
+from dlc.core.optional import optional_module
 
 
 class InterchangeError(DlcError):
@@ -21,8 +22,4 @@ ONNX_EXTRA = "pip install 'dlc[onnx]'  (onnx and onnxruntime)"
 
 def require_onnx():
     """The onnx package, or a usage error that says how to install it."""
-    try:
-        import onnx
-    except ImportError:
-        raise UsageError("this command needs the `onnx` package", hint=ONNX_EXTRA) from None
-    return onnx
+    return optional_module("onnx", "this command", "the `onnx` package", ONNX_EXTRA)

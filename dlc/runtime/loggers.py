@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from dlc.core.diagnostics import DataError, UsageError
+from dlc.core.diagnostics import DataError
+from dlc.core.optional import optional_module
 from dlc.runtime.metrics_log import MetricsLog
 
 
@@ -65,13 +66,10 @@ class TensorBoardLog:
     (`tensorboard --logdir DIR` shows them)."""
 
     def __init__(self, folder: str | os.PathLike):
+        tensorboardX = optional_module("tensorboardX", "--tensorboard", "the tensorboardX package",
+                                       "pip install 'dlc[tensorboard]'")
         try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            raise UsageError("--tensorboard needs the tensorboardX package",
-                             hint="pip install 'dlc[tensorboard]'") from None
-        try:
-            self._writer = SummaryWriter(str(folder))
+            self._writer = tensorboardX.SummaryWriter(str(folder))
         except OSError as e:
             raise DataError(f"cannot write TensorBoard events into `{folder}`: {e.strerror or e}") from None
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from dlc.core.diagnostics import DataError, UsageError
+from dlc.core.optional import optional_module
 from dlc.runtime.metrics_log import read_log
 
 FORMATS = (".png", ".svg", ".pdf")
@@ -93,11 +94,7 @@ def _figure_class():
     # matplotlib is an optional extra, imported only here. A bare Figure renders through
     # Agg (or the SVG/PDF writers) without pyplot: no display needed, and no global
     # backend switch behind the back of a notebook that called us.
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UsageError("dlc plot needs matplotlib", hint="pip install 'dlc[plot]'") from None
-    return Figure
+    return optional_module("matplotlib.figure", "dlc plot", "matplotlib", "pip install 'dlc[plot]'").Figure
 
 
 def _draw(figure_class, curves: Curves, title: str):
