@@ -495,7 +495,6 @@ def _size(fn: ir.Function) -> int:
     return sum(len(blk.instructions) for blk in fn.blocks)
 
 
-
 def _cycles(module: ir.Module) -> ir.Function:
     fn = module.globals.get("llvm.readcyclecounter")
     return fn or ir.Function(module, ir.FunctionType(I64, []), name="llvm.readcyclecounter")
