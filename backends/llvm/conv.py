@@ -1125,8 +1125,9 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
                                       _i32_table(mb.module, "taps", [0])])
     v = _V(b, w, mb.target.has("fma"))
     if PS != P:
-        # the rows' tails: their columns of cols are never read, but zeros, not whatever
-        # the scratch held (a denormal would slow the multiply-adds)
+        # the rows' tails: their columns of cols are never read, but zeros keep whatever
+        # the scratch held out of the multiply-adds (a denormal is slow where the step
+        # does not flush them: not on x86)
         _zero(b, Gs, O * PS)
     groups = _cdiv(C, mr)
     lo, hi = split(b, N * groups, tid, nthreads)
