@@ -23,6 +23,10 @@ class CpuBackend(Backend):
         from .templates import EMITTERS
         return frozenset(EMITTERS)
 
+    def unavailable(self) -> str | None:
+        from .target import llvmlite_too_old
+        return llvmlite_too_old()
+
     def coverage(self) -> dict[str, set]:
         from .emit import EX_RULES, IX_RULES, SCALAR_OPS
         return {"scalar ops": set(SCALAR_OPS), "index nodes": set(IX_RULES), "scalar nodes": set(EX_RULES)}

@@ -32,21 +32,24 @@ LLVMLITE_MIN = (0, 48)
 UNROLL_THRESHOLD = 100
 
 
-def check_llvmlite(version: str) -> None:
-    """A clear error for an llvmlite older than LLVMLITE_MIN."""
+def llvmlite_too_old(version: str | None = None) -> str | None:
+    """Why this llvmlite (or `version`) cannot serve the cpu target, or None."""
+    version = version or llvmlite.__version__
     try:
         have = tuple(int(x) for x in version.split(".")[:2])
     except ValueError:  # a development build: let it try
-        return
-    if have < LLVMLITE_MIN:
-        need = ".".join(map(str, LLVMLITE_MIN))
-        raise DlcError(f"the cpu target needs llvmlite >= {need} (LLVM 22); this Python has llvmlite {version}",
-                       hint=f"pip install 'llvmlite>={need}'")
+        return None
+    if have >= LLVMLITE_MIN:
+        return None
+    need = ".".join(map(str, LLVMLITE_MIN))
+    return f"it needs llvmlite >= {need} (LLVM 22); this Python has llvmlite {version} (pip install 'llvmlite>={need}')"
 
 
 @functools.lru_cache(maxsize=1)
 def _init_llvm() -> None:
-    check_llvmlite(llvmlite.__version__)
+    reason = llvmlite_too_old()
+    if reason:  # (the backend's unavailable() says so first; this guards direct use)
+        raise DlcError(f"target `cpu` is unavailable: {reason}")
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     llvm.set_option("dlc", f"-unroll-threshold={UNROLL_THRESHOLD}")
