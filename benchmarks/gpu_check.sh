@@ -3,10 +3,14 @@
 # from the repository root, on the device machine. Typically 3-5 minutes; every stage has
 # its own time limit, so it ends within 7 minutes whatever happens.
 #
-#   here, once (lark is the one package that machine lacks; it is pure Python):
+#   here, once (lark is the one package that machine lacks; its llvmlite is numba's, which
+#   may be older than the 0.48 the cpu target needs -- the tests import it -- so carry one:
+#   60 MB, with the repository still inside the 64 MiB a call may carry):
 #       echo /.whl/ >> .git/info/exclude
 #       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#           --implementation cp --platform manylinux2014_x86_64 -d .whl lark==1.3.1
+#           --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+#           --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
+#           lark==1.3.1 llvmlite==0.50.0
 #   on the device (the tool `run`):
 #       command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480
 #
@@ -28,10 +32,12 @@ start=$SECONDS
 say() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/summary.txt"; }
 
 # --- setup -----------------------------------------------------------------------------------
-if ! python3 -c "import lark" 2>/dev/null; then
+llvmlite_ok='import llvmlite, sys; sys.exit(tuple(map(int, llvmlite.__version__.split(".")[:2])) < (0, 48))'
+if ! python3 -c "import lark" 2>/dev/null || ! python3 -c "$llvmlite_ok" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || { say "lark is missing and .whl/ holds no wheel for it (see the header)"; exit 1; }
+        --target /tmp/site .whl/*.whl || { say "lark or llvmlite >= 0.48 is missing, and .whl/ holds no wheels (see the header)"; exit 1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    python3 -c "import lark" && python3 -c "$llvmlite_ok" || { say "the wheels in .whl/ did not provide lark and llvmlite >= 0.48"; exit 1; }
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$OUT/summary.txt" 2>&1
 python3 - >> "$OUT/summary.txt" 2>&1 <<'EOF'
