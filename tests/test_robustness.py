@@ -298,7 +298,8 @@ def test_an_llvmlite_too_old_for_the_cpu_target_is_named(tmp_path):
                                           "(pip install 'llvmlite>=0.48')")
     # the whole command, with the installed llvmlite reporting an old version
     for args, status in ((["run", str(ROOT / "examples" / "digits_mlp.dln"), "--epochs", "1"], 1), (["targets"], 0)):
-        script = f"import sys, llvmlite; llvmlite.__version__ = '0.46.0'; from dlc import cli; sys.exit(cli.main({args!r}))"
+        script = ("import sys, llvmlite; llvmlite.__version__ = '0.46.0'; from dlc import cli; "
+                  f"sys.exit(cli.main({args!r}))")
         r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                            env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
         assert r.returncode == status and "Traceback" not in r.stderr, r.stderr

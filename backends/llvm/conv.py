@@ -478,10 +478,11 @@ def _zero(b, buf, floats: int) -> None:
         b.store(ir.Constant(F32, 0.0), gep(b, buf, i, F32), align=4)
 
 
-def _copy_padded(b, v: _Vec, src, dst, C: int, H: int, W: int, ph: int, pw: int) -> None:
-    """C planes of H x W at src into the interiors of dst's (H + 2ph) x (W + 2pw) planes
-    (their borders, zeroed once per call, stay zero), a row's vectors at a time."""
-    Hp, Wp = H + 2 * ph, W + 2 * pw
+def _copy_padded(b, v: _Vec, src, dst, C: int, H: int, W: int, ph: int, pw: int, Wp: int | None = None) -> None:
+    """C planes of H x W at src into the interiors of dst's (H + 2ph) x Wp planes (Wp:
+    W + 2pw unless given; their borders, zeroed once per call, stay zero), a row's
+    vectors at a time."""
+    Hp, Wp = H + 2 * ph, Wp or W + 2 * pw
     with for_range(b, 0, C * H, "row") as cy:
         c, y = b.udiv(cy, i64(H)), b.urem(cy, i64(H))
         to = b.gep(dst, [b.add(b.mul(b.add(b.mul(c, i64(Hp)), b.add(y, i64(ph))), i64(Wp)), i64(pw))],
@@ -1137,12 +1138,8 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
         c_hi = smin(b, b.add(c_lo, i64(mr)), i64(C))
         r_lo, r_hi = b.mul(c_lo, i64(T)), b.mul(c_hi, i64(T))
         gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
-        if PS != P:
-            with for_range(b, 0, O, "o") as o:
-                src, to = (b.gep(at, [b.mul(o, i64(rs))], source_etype=F32) for at, rs in ((gimg, P), (Gs, PS)))
-                for j in range(0, P, w):
-                    mask = _lanes(v.f, [lane < P - j for lane in range(w)])
-                    v.f.store(v.f.load(v.f.at(src, j), mask), v.f.at(to, j), mask)
+        if PS != P:  # each channel of g a row of PS
+            _copy_padded(b, v.f, gimg, Gs, O, 1, P, 0, 0, Wp=PS)
             gimg = Gs
         # one K block of all O channels (a layer this path takes has few: LeNet's 16)
         with for_range(b, 0, PS, "jr", step=nr) as jr:

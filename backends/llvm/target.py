@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import llvmlite
 import llvmlite.binding as llvm
 
-from dlc.core.diagnostics import DlcError
-
 # The IR the backend writes is LLVM 22's (llvmlite 0.48): with 0.44-0.47 (LLVM 20) the
 # masked loads and stores fail to verify, and 0.43 has no opaque pointers. pyproject.toml
-# asks pip for it; this catches an environment that installed around that (--no-deps, a
-# pinned llvmlite).
+# asks pip for it; an environment that installed around that (--no-deps, a pinned
+# llvmlite) finds the cpu target unavailable, saying why (CpuBackend.unavailable, which
+# every command's backends.backend("cpu") consults).
 LLVMLITE_MIN = (0, 48)
 
 
@@ -42,14 +41,12 @@ def llvmlite_too_old(version: str | None = None) -> str | None:
     if have >= LLVMLITE_MIN:
         return None
     need = ".".join(map(str, LLVMLITE_MIN))
-    return f"it needs llvmlite >= {need} (LLVM 22); this Python has llvmlite {version} (pip install 'llvmlite>={need}')"
+    return (f"it needs llvmlite >= {need} (LLVM 22); this Python has llvmlite {version} "
+            f"(pip install 'llvmlite>={need}')")
 
 
 @functools.lru_cache(maxsize=1)
 def _init_llvm() -> None:
-    reason = llvmlite_too_old()
-    if reason:  # (the backend's unavailable() says so first; this guards direct use)
-        raise DlcError(f"target `cpu` is unavailable: {reason}")
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     llvm.set_option("dlc", f"-unroll-threshold={UNROLL_THRESHOLD}")
