@@ -728,6 +728,20 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (2, 2)), kernel=(5, 5)), "t-direct-1-channel-5x5"),
     _conv("conv2d_bwd_filter", [(2, 3, 6, 9), (2, 13, 4, 7)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (0, 0)), kernel=(3, 3)), "t-direct-3-channels-valid"),
+    # ... or, where "same" padding makes x's rows as wide as g's and they leave lanes idle
+    # (AVX-512), over each plane's positions as one flat range, every thread its own
+    # images: LeNet's first layer (whole vectors; 4-tap groups along the kernel rows,
+    # then down its last column, then one tap); planes of 99 positions (a short last
+    # vector), 2 channels, groups of 5 taps across rows; a 3x5 kernel unpadded along y;
+    # 14 output channels (2 taps a group) from one image, so that threads get none
+    _conv("conv2d_bwd_filter", [(4, 1, 28, 28), (4, 6, 28, 28)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (2, 2)), kernel=(5, 5)), "t-flat-filter-lenet"),
+    _conv("conv2d_bwd_filter", [(3, 2, 9, 11), (3, 5, 9, 11)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-flat-filter-short-vector"),
+    _conv("conv2d_bwd_filter", [(2, 3, 8, 13), (2, 4, 6, 13)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (0, 2)), kernel=(3, 5)), "t-flat-filter-3x5"),
+    _conv("conv2d_bwd_filter", [(1, 1, 10, 10), (1, 14, 10, 10)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-flat-filter-one-image"),
     # ... and a wider layer's too where its output rows fill the vectors (AVX-512): three
     # blocks of output channels, the last short, padding on every side
     _conv("conv2d_bwd_filter", [(4, 11, 16, 16), (4, 20, 16, 16)], np_conv2d_bwd_filter,

@@ -159,6 +159,8 @@ _AVX512_FORMS = {
     # 11 -> 20 channels on 16-wide rows: three blocks of output channels, the last short,
     # padding on every side
     "_direct_filter_gradient": ("t-wide-direct", 1, (1, 2)),
+    # over flat planes: LeNet's first layer, a short last vector, a 3x5 kernel, one image
+    "_flat_filter_gradient": ("t-flat-filter", 4, (1, 2, 3)),
     # LeNet's second layer; a strided padded layer with a short last block of positions;
     # a 3x2 kernel; two vectors of output channels; a 1x1 kernel over three; rows with no
     # position whose taps all lie inside them; two tiles of two vectors each
@@ -205,6 +207,42 @@ def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on()
     assert not direct(64, 64, 16, k=1) and not direct(16, 32, 16, stride=2)
     assert not direct(16, 16, 32, w=8) and not direct(32, 64, 16, w=8)
     assert direct(64, 64, 32) and not direct(128, 128, 16)          # one image per tile
+
+
+def test_the_flat_filter_gradient_sums_the_same_on_any_thread_count():
+    """Its threads share out chunks of images fixed by the batch, and every element adds
+    the chunks' sums in order: 1, 2 and 3 threads give the same bits."""
+    if CPU.target({}).vector_width != 16:
+        pytest.skip("the flat filter gradient needs AVX-512")
+    rows = [c for c in ALL if c.id and c.id.startswith("t-flat-filter")]
+    merged, feeds, _ = op_table_graph(rows, salt="threads")
+    one, *more = (run_cpu(merged, feeds, threads) for threads in (1, 2, 3))
+    for other in more:
+        for key, value in one.items():
+            assert np.array_equal(other[key], value), key
+
+
+def test_the_flat_filter_gradient_takes_same_padded_first_layers_whose_rows_leave_lanes_idle():
+    """With AVX-512: stride 1, x's rows as wide as g's, rows that no whole number of
+    vectors fills, at most 3 input channels, at most 14 output channels (at least two taps
+    a group: (30 registers) // (channels + 1)) and one image's g within 32 KiB. LeNet's
+    first layer: 4 taps a group."""
+    from types import SimpleNamespace
+
+    from dlc.backends.llvm.conv import _flat_filter_taps
+
+    def taps(C, O, OW, k=3, stride=1, w=16, N=64):
+        return _flat_filter_taps(_filter_template(C, O, OW, k, stride, N), _vector_target(w))
+
+    assert taps(1, 6, 28, k=5) == 4 and taps(3, 4, 13) == 6 and taps(1, 14, 10) == 2
+    assert taps(1, 2, 8) == 9                               # all taps in one group
+    assert taps(1, 15, 10) == 0 and taps(4, 6, 28) == 0     # one tap a group; 4 channels
+    assert taps(3, 32, 32) == 0 and taps(1, 6, 28, w=8) == 0 and taps(1, 6, 14, stride=2) == 0
+    assert taps(1, 8, 56) == 0                              # g's image 98 KiB
+    valid = SimpleNamespace(output=SimpleNamespace(shape=(6, 1, 5, 5)),
+                            inputs=[SimpleNamespace(shape=(64, 1, 32, 32)), SimpleNamespace(shape=(64, 6, 28, 28))],
+                            attrs={"stride": (1, 1)})
+    assert _flat_filter_taps(valid, _vector_target(16)) == 0  # rows of 32 in x, 28 in g
 
 
 def test_the_vector_filter_gradient_takes_whole_vectors_of_channels_where_rows_do_not():

@@ -104,8 +104,17 @@ def _sleep(module: ir.Module, b: ir.IRBuilder, state, ptr, value) -> None:
     b.atomic_rmw("sub", sleepers, i32(1), "seq_cst")
 
 
+def barrier_fn(module: ir.Module) -> ir.Function:
+    """dlc_barrier(state, nthreads) as module sees it: a declaration (emit_barrier defines
+    it in the step's module)."""
+    return module.globals.get("dlc_barrier") or ir.Function(module, ir.FunctionType(VOID, [PTR, I32]),
+                                                            name="dlc_barrier")
+
+
 def emit_barrier(module: ir.Module) -> ir.Function:
-    fn = ir.Function(module, ir.FunctionType(VOID, [PTR, I32]), name="dlc_barrier")
+    fn = barrier_fn(module)
+    if not fn.is_declaration:
+        return fn
     fn.attributes.add("nounwind")
     state, n = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -127,3 +136,27 @@ def emit_barrier(module: ir.Module) -> ir.Function:
             _wait_while_equal(module, b, state, gen_ptr, gen)
     b.ret_void()
     return fn
+
+
+# The team: what a template whose threads exchange results within its part gets (the
+# buffer `__team__`): three 8-byte words the step writes, [barrier state, thread 0's
+# scratch, scratch bytes per thread]. Thread u's scratch is then reachable by every
+# thread, and the barrier is the step's own (every thread calls every part).
+def team_words(b: ir.IRBuilder, barrier, scratch, per_thread: int) -> ir.Value:
+    team = b.alloca(I64, size=i64(3), name="team")
+    for k, word in enumerate((b.ptrtoint(barrier, I64), b.ptrtoint(scratch, I64), i64(per_thread))):
+        b.store(word, b.gep(team, [i64(k)]))
+    return team
+
+
+def _team_word(b: ir.IRBuilder, team, k: int) -> ir.Value:
+    return b.load(gep(b, team, i64(k), I64), typ=I64)
+
+
+def team_barrier(b: ir.IRBuilder, team, nthreads) -> None:
+    b.call(barrier_fn(b.module), [b.inttoptr(_team_word(b, team, 0), PTR), nthreads])
+
+
+def team_scratch(b: ir.IRBuilder, team, u) -> ir.Value:
+    """Thread u's scratch."""
+    return b.inttoptr(b.add(_team_word(b, team, 1), b.mul(u, _team_word(b, team, 2))), PTR)

@@ -29,6 +29,7 @@ from dlc.core.kernel import COLLECTIVE_MODES, Buffer, Collective, KernelProgram,
 from dlc.core.kernel import buffers_of as kernel_buffers
 from dlc.core.types import DType
 
+from .barrier import emit_barrier, team_words
 from .emit import Emitter, emit_nest
 from .jit import compile_workers
 from .irutil import I1, I8, I32, I64, PTR, VOID, byte_size, gep, i32, i64, loop, memory_type, set_target
@@ -37,6 +38,7 @@ from .templates import PRETUNED_TEMPLATES, emit_template
 FIXED_SLOTS = 5  # arena, barrier, scratch, profile, host collective function
 # templates that use the per-thread scratch space (GEMM and im2col packing)
 SCRATCH_TEMPLATES = frozenset({"matmul", "conv2d", "conv2d_bwd_data", "conv2d_bwd_filter"})
+TEAM_TEMPLATES = frozenset({"conv2d_bwd_filter"})  # they get `__team__` (barrier.team_words)
 # Loop nests with fewer iterations than this (reductions counted in), and serial ones, are
 # optimized for size: LLVM neither unrolls nor interleaves them (they gain nothing from it,
 # and at O3 a tiny loop with a static trip count becomes a page of unrolled code).
@@ -75,6 +77,8 @@ def buffers_of(part) -> list[Buffer]:
     out = kernel_buffers(part)
     if isinstance(part, Template) and part.op in SCRATCH_TEMPLATES:
         out.append(Buffer("__scratch__", DType.f32, (0,), "scratch"))
+    if isinstance(part, Template) and part.op in TEAM_TEMPLATES:
+        out.append(Buffer("__team__", DType.f32, (0,), "team"))
     return out
 
 
@@ -329,7 +333,8 @@ class ModuleBuilder:
             if buf.kind == "arena":
                 pointers[buf.name] = gep(b, arena, i64(buf.offset), I8)
         pointers["__scratch__"] = b.call(_scratch_fn(self.module), [scratch, tid, i64(self.layout.scratch_bytes)])
-        barrier_fn = self.module.globals.get("dlc_barrier") or _declare_barrier(self.module)
+        pointers["__team__"] = team_words(b, barrier, scratch, self.layout.scratch_bytes)
+        barrier_fn = emit_barrier(self.module)
         is_main = b.icmp_signed("==", tid, i32(0))
         parts = self.entry_parts[entry]
 
@@ -517,6 +522,3 @@ def _scratch_fn(module: ir.Module) -> ir.Function:
     return fn
 
 
-def _declare_barrier(module: ir.Module) -> ir.Function:
-    from .barrier import emit_barrier
-    return emit_barrier(module)

@@ -21,9 +21,10 @@ channels (_direct_forward) or, for stride-1 layers whose rows fill the vectors, 
 rows of positions (_planes_forward), and the stride-1 data gradient the same way, as a
 correlation of g with the flipped weights (_planes_data); a strided data gradient onto
 vectors of 16 input channels over rows of dx's positions (_strided_data); the filter
-gradient over rows of positions for first layers and rows that fill the vectors
-(_direct_filter_gradient) or over vectors of 16 output channels
-(_vector_filter_gradient). The data gradient of a
+gradient over each plane's positions as one flat range for "same"-padded first layers
+whose rows leave lanes idle (_flat_filter_gradient), over rows of positions for first
+layers and rows that fill the vectors (_direct_filter_gradient) or over vectors of 16
+output channels (_vector_filter_gradient). The data gradient of a
 layer whose input is much larger than g is scattered: w^T g (a GEMM reading g in
 place), then col2im (_bwd_data_col2im).
 
@@ -37,22 +38,25 @@ per call into the microkernel's MR-row panels.
 Threads share out images (forward, bwd data: each image's output, then its epilogue, is
 one thread's) or, for batches smaller than twice the thread count (the run's: the code
 takes it at run time), output rows of the product; the filter gradient shares out rows
-of dw^T (channels x taps), each thread
-summing over every image. Each template's epilogue runs over exactly the share its
-thread computed, so no barrier separates them.
+of dw^T (channels x taps), each thread summing over every image. Each template's
+epilogue runs over exactly the share its thread computed, so no barrier separates them
+-- except in the flat filter gradient, whose threads share out chunks of images and add
+up their sums after a barrier inside the template (barrier.team_barrier).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 from llvmlite import ir
 
 from dlc.core.kernel import Template
 
+from .barrier import team_barrier, team_scratch
 from .emit import emit_bounded, store_all
 from .gemm import (_ADD_C, _EPILOGUE, _L2_BYTES, _MAX_ACCUMULATORS, GemmPlan, GemmSpec, _emit_kernel, _Layout,
                    _Vec, free_masks, plan_gemm, shared_pack_b)
-from .irutil import (F32, I1, I32, I64, PTR, VOID, const_vector, for_range, gep, hsum, i64, loop, no_unrolling,
+from .irutil import (F32, I1, I8, I32, I64, PTR, VOID, const_vector, for_range, gep, hsum, i64, loop, no_unrolling,
                      set_target, smax, smin, splat, split)
 
 _KC = {4: 256, 8: 256, 16: 384}
@@ -1265,8 +1269,8 @@ def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
 
 def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     """dw[o,c,ky,kx] = sum_{n,oy,ox} g[n,o,oy,ox] * x[n,c,oy*sy+ky-ph, ox*sx+kx-pw]."""
-    if _direct_form([(_vector_filter_tile, _vector_filter_gradient), (_direct_channels, _direct_filter_gradient)],
-                    mb, em, t, tid, nthreads):
+    if _direct_form([(_flat_filter_taps, _flat_filter_gradient), (_vector_filter_tile, _vector_filter_gradient),
+                     (_direct_channels, _direct_filter_gradient)], mb, em, t, tid, nthreads):
         return
     b = em.b
     xb, gb = t.inputs
@@ -1690,6 +1694,203 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
                                         b.add(b.mul(ky, i64(KW)), kx)), F32), align=4)
             if t.epilogue is not None:
                 _filter_epilogue(em, t, o, c, ky, kx)
+
+
+# A first layer with "same" padding along x (x's rows as wide as g's) whose rows leave
+# lanes idle -- LeNet's 1->6 5x5 layer on 28-wide rows, at 48-52% of the GEMM rate over
+# rows -- runs over each plane's positions p = y*OW + x as one flat range: g's planes are
+# whole vectors (784 = 49 x 16; aligned where the plane is), and each tap reads x at p +
+# (ky - ph)*W + kx - pw, masked where that pixel leaves the image (a row end, a row above
+# or below). An item is every output channel by a group of taps, in (O + 1) x taps + 1
+# registers: 24 accumulators for LeNet (6 channels x 4 taps), so each x load serves 6
+# multiply-adds and each g load 4 (over rows, 3 channels x 5 taps: 5 x and 3 g loads per
+# 15). The masks, per vector and tap, come from a constant table (a load each, no shuffle
+# on the multiply-adds' ports). Threads share out chunks of images, each summing every
+# item over its own, so an image's g (6 planes, 19 KiB) stays in L1 for all its items;
+# after a barrier (barrier.team_*) each thread adds up its share of dw over the chunks
+# and runs the epilogue there. LeNet's layer on this Intel machine type (twenty-fifth
+# session), of the GEMM rate in the same rounds: over rows 50-52%; flat, its items
+# shared out by threads 66-71%; flat, chunks of images shared out 70-72% on two threads
+# (75% on one). With AVX2 (16 registers, no mask registers: 2 taps a group, each
+# mask a vector) 27% against 43% over rows.
+_FLAT_G_BYTES = 32 << 10  # one image's g planes at most (beyond: not measured)
+_FLAT_UNROLL = 2          # vectors per loop iteration (1: 67-73%, 2-4: 70-75%)
+_FLAT_CHUNKS = 8          # images in at most this many chunks (see _flat_filter_gradient)
+
+
+def _flat_filter_taps(t: Template, target) -> int:
+    """Taps per item of the flat filter gradient (see above): (30 registers) // (output
+    channels + 1), at most every tap; 0 where it does not apply: no AVX-512, stride > 1,
+    x's rows not as wide as g's, rows a whole number of vectors, more than _DIRECT_MAX_C
+    input channels, fewer than 2 taps an item or one image's g planes past _FLAT_G_BYTES."""
+    O, C, KH, KW = t.output.shape
+    _, _, OH, OW = t.inputs[1].shape
+    W = t.inputs[0].shape[3]
+    w = target.vector_width
+    taps = (32 - 2) // (O + 1)
+    if (w != 16 or tuple(t.attrs["stride"]) != (1, 1) or OW != W or OW % w == 0 or C > _DIRECT_MAX_C
+            or taps < 2 or 4 * O * OH * OW > _FLAT_G_BYTES):
+        return 0
+    return min(taps, KH * KW)
+
+
+def _tap_groups(KH: int, KW: int, B: int) -> list[list[tuple[int, int]]]:
+    """The taps in groups of B: along each kernel row while B fit, then the rest (row by
+    row) in runs of B. LeNet's 5x5 by 4: five groups of a row's first 4, the last column's
+    first 4, its last tap."""
+    groups, rest = [], []
+    for ky in range(KH):
+        row = [(ky, kx) for kx in range(KW)]
+        whole = len(row) // B * B
+        groups += [row[i:i + B] for i in range(0, whole, B)]
+        rest += row[whole:]
+    return groups + [rest[i:i + B] for i in range(0, len(rest), B)]
+
+
+def _tap_masks(b, w: int, taps: list, P: int, OW: int, H: int, W: int, ph: int, pw: int):
+    """A private constant table of w-bit lane masks, [vector][tap]: the lanes of vector vi
+    (positions p = vi*w + lane < P) whose pixel for tap (ky, kx) lies inside the image;
+    and per tap whether any of them leaves a lane off (else its loads are not masked)."""
+    full = (1 << w) - 1
+    rows = [[sum(1 << lane for lane in range(w) if (p := vi * w + lane) < P
+                 and 0 <= p // OW + ky - ph < H and 0 <= p % OW + kx - pw < W) for ky, kx in taps]
+            for vi in range(_cdiv(P, w))]
+    flat = [m for row in rows for m in row]
+    # named by its contents, like _i32_table: identical functions stay the same text
+    name = f"tap_masks.{w}.{hashlib.sha1(repr(flat).encode()).hexdigest()[:16]}"
+    table = b.module.globals.get(name)
+    if table is None:
+        mty = ir.IntType(w)
+        table = ir.GlobalVariable(b.module, ir.ArrayType(mty, len(flat)), name=name)
+        table.initializer = ir.Constant(table.value_type, [ir.Constant(mty, m) for m in flat])
+        table.global_constant, table.linkage = True, "private"
+    return table, [any(row[j] != full for row in rows) for j in range(len(taps))]
+
+
+def _flat_filter_gradient(mb, em, t: Template, tid, nthreads, B: int) -> None:
+    """conv2d_bwd_filter over flat planes (see above), B taps an item. The items of whole
+    groups run as one loop, their taps' offsets and masks from tables (written out group
+    by group, they made LeNet-5's compile 0.1 s longer)."""
+    xb, gb = t.inputs
+    N, C, H, W = xb.shape
+    _, O, OH, OW = gb.shape
+    _, _, KH, KW = t.output.shape
+    ph, pw = t.attrs["pad"]
+    w = mb.target.vector_width
+    P, V = OH * OW, _cdiv(OH * OW, w)
+    b = em.b
+    v = _Vec(b, w, fused=mb.target.has("fma"))
+    X, G, DW = em.pointers[xb.name], em.pointers[gb.name], em.pointers[t.output.name]
+    team = em.pointers["__team__"]
+    groups = _tap_groups(KH, KW, B)
+    whole = [tap for grp in groups if len(grp) == B for tap in grp]  # the whole groups' taps, in order
+    short = [tap for grp in groups if len(grp) < B for tap in grp]  # the last group's, if short
+    nw = len(whole) // B
+    whole_masks, _ = _tap_masks(b, w, whole, P, OW, H, W, ph, pw)
+    offsets = _i32_table(b.module, "tap_offsets", [(ky - ph) * W + kx - pw for ky, kx in whole])
+    g_tail = None if P % w == 0 else const_vector(I1, [lane < P % w for lane in range(w)])
+    # accumulators, one vector per element of dw: the whole groups' items (c, group),
+    # then each channel's short group; per item, output channel-major
+    E = O * C * KH * KW
+    items = [(c, whole[gi * B:(gi + 1) * B]) for c in range(C) for gi in range(nw)] + [(c, short) for c in range(C)
+                                                                                      if short]
+    where = [((o * C + c) * KH + ky) * KW + kx for c, taps in items for o in range(O) for ky, kx in taps]
+    to_dw = _i32_table(b.module, "dw_elements", where)
+
+    def plane_sums(ximg, gimg, taps, acc, mask_of):
+        """acc[o * taps + j] += g[o, p] * x[p + taps[j]] over the plane's vectors."""
+        def vector(vi, acc, last=False):
+            acc = list(acc)
+            p = b.mul(vi, i64(w))
+            xs = [v.load(v.at(ximg, b.add(p, off)), mask_of(vi, j)) for j, off in enumerate(taps)]
+            for o in range(O):
+                gv = v.load(v.at(gimg, b.add(p, i64(o * P))), g_tail if last else None)
+                for j in range(len(taps)):
+                    acc[o * len(taps) + j] = v.fma(gv, xs[j], acc[o * len(taps) + j])
+            return acc
+
+        def unrolled(vi, acc):
+            for u in range(_FLAT_UNROLL):
+                acc = vector(b.add(vi, i64(u)), acc)
+            return acc
+        looped = (V - (1 if g_tail else 0)) // _FLAT_UNROLL * _FLAT_UNROLL
+        acc = loop(b, i64(0), i64(looped), acc, unrolled, name="vec", step=_FLAT_UNROLL)
+        for vi in range(looped, V):
+            acc = vector(i64(vi), acc, last=vi == V - 1 and g_tail is not None)
+        return acc
+
+    def sums_into(block, ximg, gimg, taps, mask_of):
+        acc = [v.load(v.at(block, a * w)) for a in range(O * len(taps))]
+        acc = plane_sums(ximg, gimg, taps, acc, mask_of)
+        for a, value in enumerate(acc):
+            v.store(value, v.at(block, a * w))
+
+    def lanes(table, row: int, column):
+        """Tap j's mask for vector vi: table[vi * row + column(j)]."""
+        def mask_of(vi, j):
+            bits = b.load(b.gep(table, [i64(0), b.add(b.mul(vi, i64(row)), column(j))]), typ=ir.IntType(w))
+            return b.bitcast(bits, v.mty)
+        return mask_of
+    # images in chunks fixed by the batch: each chunk's sums (lanes added in hsum's order)
+    # go to scratch, and each element of dw adds its chunks' in order -- the same sums on
+    # any thread count. Each chunk costs E zeroed accumulators and E lane sums: LeNet's
+    # layer at 68-70% of the GEMM rate with 16 chunks, 70-72% with 8, 73% with 4 (which
+    # would leave a fifth thread idle). Adding the chunks' vectors before their lanes
+    # read the other thread's scratch, 77 KB (64-67% with 16 chunks).
+    per = _cdiv(N, min(N, _FLAT_CHUNKS))
+    chunks = _cdiv(N, per)
+    accs = _scratch_base(mb, em)
+    _scratch(mb, em, E * w + chunks * E)  # the accumulators, then its chunks' sums (maybe every chunk)
+    k_lo, k_hi = split(b, chunks, tid, nthreads)
+    with for_range(b, k_lo, k_hi, "chunk") as k:
+        with for_range(b, 0, E, "a") as a:
+            v.store(v.zero, v.at(accs, b.mul(a, i64(w))))
+        with for_range(b, b.mul(k, i64(per)), smin(b, b.mul(b.add(k, i64(1)), i64(per)), i64(N)), "n") as n:
+            gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
+            ximgs = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
+            with for_range(b, 0, C * nw, "item") as item:
+                c, gi = b.udiv(item, i64(nw)), b.urem(item, i64(nw))
+                taps = [b.sext(b.load(b.gep(offsets, [i64(0), b.add(b.mul(gi, i64(B)), i64(j))]), typ=I32), I64)
+                        for j in range(B)]
+                ximg = b.gep(ximgs, [b.mul(c, i64(H * W))], source_etype=F32)
+                block = v.at(accs, b.mul(item, i64(O * B * w)))
+                sums_into(block, ximg, gimg, taps, lanes(whole_masks, len(whole),
+                                                         lambda j: b.add(b.mul(gi, i64(B)), i64(j))))
+            if short:
+                table, masked = _tap_masks(b, w, short, P, OW, H, W, ph, pw)
+                for c in range(C):
+                    ximg = b.gep(ximgs, [i64(c * H * W)], source_etype=F32)
+                    block = v.at(accs, (C * nw * B + c * len(short)) * O * w)
+                    mask_of = lanes(table, len(short), i64)
+                    sums_into(block, ximg, gimg, [i64((ky - ph) * W + kx - pw) for ky, kx in short],
+                              lambda vi, j: mask_of(vi, j) if masked[j] else None)
+        # written through the team's pointer, as the other threads read them (not through
+        # the noalias scratch argument)
+        sums = b.gep(team_scratch(b, team, b.sext(tid, I64)), [i64(E * w * 4)], source_etype=I8)
+        sums = b.gep(sums, [b.mul(b.sub(k, k_lo), i64(E))], source_etype=F32)
+        with for_range(b, 0, E, "a") as a:
+            e = b.sext(b.load(b.gep(to_dw, [i64(0), a]), typ=I32), I64)
+            b.store(hsum(b, v.load(v.at(accs, b.mul(a, i64(w))))), gep(b, sums, e, F32), align=4)
+    team_barrier(b, team, nthreads)
+    # each thread its share of dw: the element's sums over the chunks, in chunk order
+    # (thread u's chunks in u's scratch), then the epilogue there
+    e_lo, e_hi = split(b, E, tid, nthreads)
+    with for_range(b, e_lo, e_hi, "e") as e:
+        def thread(u, total):
+            u_lo, u_hi = split(b, chunks, b.trunc(u, I32), nthreads)
+            theirs = b.gep(team_scratch(b, team, u), [i64(E * w * 4)], source_etype=I8)
+
+            def chunk(k, total):
+                at_k = b.add(b.mul(b.sub(k, u_lo), i64(E)), e)
+                return [b.fadd(total[0], b.load(gep(b, theirs, at_k, F32), typ=F32))]
+            return loop(b, u_lo, u_hi, total, chunk, name="k")
+        [total] = loop(b, i64(0), b.sext(nthreads, I64), [ir.Constant(F32, 0.0)], thread, name="u")
+        b.store(total, gep(b, DW, e, F32), align=4)
+        if t.epilogue is not None:
+            kx, rest = b.urem(e, i64(KW)), b.udiv(e, i64(KW))
+            ky, rest = b.urem(rest, i64(KH)), b.udiv(rest, i64(KH))
+            _filter_epilogue(em, t, b.udiv(rest, i64(C)), b.urem(rest, i64(C)), ky, kx)
+    team_barrier(b, team, nthreads)  # no thread's scratch is reused while others read its sums
 
 
 def _pack_b_fn(mb, tb: bool):
