@@ -350,7 +350,9 @@ def test_a_data_gradient_much_larger_than_g_is_scattered(monkeypatch):
     reference (and took that path). With AVX-512 the col2im of planes with rows of one
     vector (the first two rows') is written out tap by tap, of the last row's 24-wide
     planes a loop (with AVX2, every row's). The last two rows' planes of g (10x10, 18x18)
-    are not whole vectors: their product reads g from rows padded to whole vectors."""
+    are not whole vectors: their product reads g from rows padded to whole vectors, copied
+    once per image (on 3 threads a thread's first item is an image's second group of
+    channels, and copies it too)."""
     from dlc.backends.llvm.conv import _col2im_unrolled
     rows = [c for c in ALL if c.id and c.id.startswith("t-col2im")]
     assert len(rows) == 3
