@@ -477,14 +477,8 @@ def _carve(b, base, sizes):
     return out, at
 
 
-def _zero(b, buf, floats: int, w: int = 1) -> None:
-    """floats zeros at buf, w lanes a store (then one a store for the rest)."""
-    whole = floats // w * w if w > 1 else 0
-    if whole:
-        zero = const_vector(F32, [0.0] * w)
-        with for_range(b, 0, whole, "z", step=w) as i:
-            b.store(zero, gep(b, buf, i, F32), align=4)
-    with for_range(b, whole, floats, "z") as i:
+def _zero(b, buf, floats: int) -> None:
+    with for_range(b, 0, floats, "z") as i:
         b.store(ir.Constant(F32, 0.0), gep(b, buf, i, F32), align=4)
 
 
@@ -1142,7 +1136,7 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
         # the rows' tails: their columns of cols are never read, but zeros keep whatever
         # the scratch held out of the multiply-adds (a denormal is slow where the step
         # does not flush them: not on x86)
-        _zero(b, Gs, O * PS, w)
+        _zero(b, Gs, O * PS)
     groups = _cdiv(C, mr)
     lo, hi = split(b, N * groups, tid, nthreads)
     with for_range(b, lo, hi, "item") as item:
@@ -1808,6 +1802,7 @@ def _flat_filter_gradient(mb, em, t: Template, tid, nthreads, B: int) -> None:
     short = [tap for grp in groups if len(grp) < B for tap in grp]  # the last group's, if short
     nw = len(whole) // B
     whole_masks, _ = _tap_masks(b, w, whole, P, OW, H, W, ph, pw)
+    short_masks, short_masked = _tap_masks(b, w, short, P, OW, H, W, ph, pw) if short else (None, [])
     offsets = _i32_table(b.module, "tap_offsets", [(ky - ph) * W + kx - pw for ky, kx in whole])
     g_tail = None if P % w == 0 else const_vector(I1, [lane < P % w for lane in range(w)])
     # accumulators, one vector per element of dw: the whole groups' items (c, group),
@@ -1846,11 +1841,11 @@ def _flat_filter_gradient(mb, em, t: Template, tid, nthreads, B: int) -> None:
         for a, value in enumerate(acc):
             v.store(value, v.at(block, a * w))
 
-    def lanes(table, row: int, column):
-        """Tap j's mask for vector vi: table[vi * row + column(j)]."""
+    def lanes(table, row: int, first):
+        """Tap j's mask for vector vi: table[vi * row + first + j]."""
         def mask_of(vi, j):
-            bits = b.load(b.gep(table, [i64(0), b.add(b.mul(vi, i64(row)), column(j))]), typ=ir.IntType(w))
-            return b.bitcast(bits, v.mty)
+            at = b.add(b.mul(vi, i64(row)), b.add(first, i64(j)))
+            return b.bitcast(b.load(b.gep(table, [i64(0), at]), typ=ir.IntType(w)), v.mty)
         return mask_of
     # images in chunks fixed by the batch: each chunk's sums (lanes added in hsum's order)
     # go to scratch, and each element of dw adds its chunks' in order -- the same sums on
@@ -1875,16 +1870,14 @@ def _flat_filter_gradient(mb, em, t: Template, tid, nthreads, B: int) -> None:
                         for j in range(B)]
                 ximg = b.gep(ximgs, [b.mul(c, i64(H * W))], source_etype=F32)
                 block = v.at(accs, b.mul(item, i64(O * B * w)))
-                sums_into(block, ximg, gimg, taps, lanes(whole_masks, len(whole),
-                                                         lambda j: b.add(b.mul(gi, i64(B)), i64(j))))
+                sums_into(block, ximg, gimg, taps, lanes(whole_masks, len(whole), b.mul(gi, i64(B))))
             if short:
-                table, masked = _tap_masks(b, w, short, P, OW, H, W, ph, pw)
+                mask_of = lanes(short_masks, len(short), i64(0))
                 for c in range(C):
                     ximg = b.gep(ximgs, [i64(c * H * W)], source_etype=F32)
                     block = v.at(accs, (C * nw * B + c * len(short)) * O * w)
-                    mask_of = lanes(table, len(short), i64)
                     sums_into(block, ximg, gimg, [i64((ky - ph) * W + kx - pw) for ky, kx in short],
-                              lambda vi, j: mask_of(vi, j) if masked[j] else None)
+                              lambda vi, j: mask_of(vi, j) if short_masked[j] else None)
         # written through the team's pointer, as the other threads read them (not through
         # the noalias scratch argument)
         sums = b.gep(team_scratch(b, team, b.sext(tid, I64)), [i64(E * w * 4)], source_etype=I8)
