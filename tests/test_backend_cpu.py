@@ -351,8 +351,8 @@ def test_a_data_gradient_much_larger_than_g_is_scattered(monkeypatch):
     vector (the first two rows') is written out tap by tap, of the last row's 24-wide
     planes a loop (with AVX2, every row's). The last two rows' planes of g (10x10, 18x18)
     are not whole vectors: their product reads g from rows padded to whole vectors, copied
-    once per image (on 3 threads a thread's first item is an image's second group of
-    channels, and copies it too)."""
+    once per image (on 3 threads a thread's first item is a later channel of an image,
+    and copies it too)."""
     from dlc.backends.llvm.conv import _col2im_unrolled
     rows = [c for c in ALL if c.id and c.id.startswith("t-col2im")]
     assert len(rows) == 3
@@ -360,6 +360,20 @@ def test_a_data_gradient_much_larger_than_g_is_scattered(monkeypatch):
     assert not _col2im_unrolled(24, 24, 7, 7, 16) and not _col2im_unrolled(14, 14, 5, 5, 8)
     assert not _col2im_unrolled(16, 16, 9, 9, 16)  # 1296 loads
     _rows_match_on_path(monkeypatch, "_bwd_data_col2im", rows, "col2im", (1, 2, 3))
+
+
+def test_a_scattered_data_gradient_takes_one_channel_an_item_in_tiles_of_its_taps():
+    """With AVX-512, the products of a scattered data gradient take one input channel an
+    item, in register tiles whose rows divide its taps: the fewest loads per
+    multiply-add within 21 accumulators (LeNet's 25 taps: 5 x 4; 49: 7 x 3; a 3x3 kernel
+    over 3 vectors of positions: 3 x 3). Taps with no such divisor (1x11), and AVX2,
+    keep groups of channels in the GEMM's tiles."""
+    from dlc.backends.llvm.conv import _col2im_plan, _col2im_tile
+    assert _col2im_plan(6, 25, 100, 16, 16) == (5, 4, 1)
+    assert _col2im_plan(2, 49, 324, 3, 16) == (7, 3, 1)
+    assert _col2im_plan(4, 9, 36, 8, 16) == (3, 3, 1)
+    assert _col2im_plan(4, 11, 60, 8, 16) == (*_col2im_tile(44, 60, 8, 11, 16), _col2im_tile(44, 60, 8, 11, 16)[0])
+    assert _col2im_plan(6, 25, 100, 16, 8) == (*_col2im_tile(150, 100, 16, 25, 8), _col2im_tile(150, 100, 16, 25, 8)[0])
 
 
 def test_a_large_batch_is_split_over_images_for_any_thread_count():

@@ -1074,6 +1074,7 @@ _COL2IM_GROWTH = 1.5  # dx at least this many times larger than g (per channel)
 
 # The cols block of one item is written by the GEMM and read back by the col2im: it
 # should stay in L1 between the two (32 KiB: the smallest L1d of the x86 parts we target).
+# With AVX2 (and taps with no divisor from 2 to 8), an item is a group of MR channels.
 # Where a row of g's positions fits one register tile with room for two or more rows,
 # tiles span it whole (LeNet's 10x10: 7 vectors; as 8 x 1-vector tiles, 100 of 112
 # columns but every A element broadcast for one FMA) and as many rows as keep the block
@@ -1090,6 +1091,19 @@ _COL2IM_L1_BYTES = 32 << 10
 # shifted by the taps and stay unaligned); with AVX2 45% either way; LeNet-5's step 1-2%
 # faster. Copied once per image, not per item, and without the C tiles' prefetches
 # (below): 66-67% -> 69-71% (twenty-fifth session).
+# With AVX-512, an item is one input channel: its T rows of cols are register tiles of
+# MR rows (a divisor of T) by up to _COL2IM_ACCUMULATORS // MR vectors, the tiling with
+# the fewest loads per multiply-add (LeNet's 25 taps: 5 x 4), and its block of cols (11
+# KB for LeNet) stays in L1 beside g's copy and the weights. The last column of tiles is
+# a copy of its own, its width a constant (in the loop over columns, its masks made at
+# run time cost 10-15%). On this Intel machine type (twenty-sixth session), of the GEMM
+# rate, three channels (75 rows) in 3 x 7 tiles -> one channel in 5 x 4 tiles: LeNet's
+# 6->16 data gradient 69-70% -> 74-75% (5 x 5 tiles 60-66%); an unpadded 5x5 layer on
+# 12x12 (five channels an item before) 74% -> 77-78%; a 7x7 layer on 24x24 (whose
+# block, 66 KB, is past L1 either way) 51% -> 53-55%. LeNet-5's training step within
+# 1-2% either way. Products spanning two images' positions (LeNet's 208 lanes for 200,
+# not 224) measured the same on two threads and 2% faster on one: not kept.
+_COL2IM_ACCUMULATORS = 21  # a tile's at most
 
 
 def _col2im_tile(M: int, P: int, K: int, T: int, w: int) -> tuple[int, int]:
@@ -1103,9 +1117,23 @@ def _col2im_tile(M: int, P: int, K: int, T: int, w: int) -> tuple[int, int]:
     return max(1, min(most // nv, _COL2IM_L1_BYTES // (4 * T * P))), nv
 
 
+def _col2im_plan(C: int, T: int, P: int, O: int, w: int) -> tuple[int, int, int]:
+    """(MR, vectors, input channels an item takes) of the cols = w^T g products of a
+    layer with C input channels, T taps, P positions of g and O channels of g (see
+    above)."""
+    V = _cdiv(P, w)
+    tiles = [((mr + nv) / (mr * nv), mr, nv) for mr in range(2, 9) if T % mr == 0
+             for nv in [min(V, _COL2IM_ACCUMULATORS // mr)]]
+    if w != 16 or not tiles:
+        mr, nv = _col2im_tile(C * T, P, O, T, w)
+        return mr, nv, mr
+    _, mr, nv = min(tiles)
+    return mr, nv, 1
+
+
 def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
     """conv2d_bwd_data (stride 1) as cols = w^T g per image, then col2im. Threads share
-    out (image, group of MR input channels) items: a group's MR*taps rows are whole
+    out (image, group of input channels) items (_col2im_plan): a group's rows are whole
     register tiles, and its channels of dx are the thread's alone (their epilogue too)."""
     b = em.b
     gb, wb = t.inputs
@@ -1115,8 +1143,8 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
     ph, pw = t.attrs["pad"]
     w = mb.target.vector_width
     T, P = KH * KW, OH * OW
+    mr, nv, cg = _col2im_plan(C, T, P, O, w)
     PS = _cdiv(P, w) * w  # g's rows in the product, and cols', padded to whole vectors (see above)
-    mr, nv = _col2im_tile(C * T, P, O, T, w)
     nr = nv * w
     # cols is this thread's scratch, rewritten every item: in L1 already, where the C
     # tiles' prefetches only took load slots (21 a tile of 336 multiply-adds)
@@ -1124,7 +1152,7 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
     kern = _Kernels(mb, plan, _Layout(a_rs=1, a_cs=mr, b_rs=PS, ldc=PS, a_packed=True, b_packed=False),
                     inline=free_masks(mb.target))
     Mp = _cdiv(C * T, mr) * mr
-    group = mr * T  # rows of one item's channels
+    group = cg * T  # rows of one item's channels
     (Ap, cols, Gs), total = _carve(b, _scratch_base(mb, em), [Mp * O, group * PS, O * PS if PS != P else 0])
     _scratch(mb, em, total)
     G, Wt, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
@@ -1137,12 +1165,12 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
         # the scratch held out of the multiply-adds (a denormal is slow where the step
         # does not flush them: not on x86)
         _zero(b, Gs, O * PS)
-    groups = _cdiv(C, mr)
+    groups = _cdiv(C, cg)
     lo, hi = split(b, N * groups, tid, nthreads)
     with for_range(b, lo, hi, "item") as item:
         n, q = b.udiv(item, i64(groups)), b.urem(item, i64(groups))
-        c_lo = b.mul(q, i64(mr))
-        c_hi = smin(b, b.add(c_lo, i64(mr)), i64(C))
+        c_lo = b.mul(q, i64(cg))
+        c_hi = smin(b, b.add(c_lo, i64(cg)), i64(C))
         r_lo, r_hi = b.mul(c_lo, i64(T)), b.mul(c_hi, i64(T))
         gimg = b.gep(G, [b.mul(n, i64(O * P))], source_etype=F32)
         if PS != P:  # each channel of g a row of PS: once per image (a thread's items of
@@ -1151,13 +1179,20 @@ def _bwd_data_col2im(mb, em, t: Template, tid, nthreads) -> None:
                 _copy_padded(b, v.f, gimg, Gs, O, 1, P, 0, 0, Wp=PS)
             gimg = Gs
         # one K block of all O channels (a layer this path takes has few: LeNet's 16)
-        with for_range(b, 0, PS, "jr", step=nr) as jr:
+
+        def tiles(jr, ncols: int) -> None:  # a column of register tiles, ncols wide
             bp = b.gep(gimg, [jr], source_etype=F32)
             with for_range(b, r_lo, r_hi, "ir", step=mr) as ir_:
                 ap = b.gep(Ap, [b.mul(ir_, i64(O))], source_etype=F32)
                 cp = b.gep(cols, [b.add(b.mul(b.sub(ir_, r_lo), i64(PS)), jr)], source_etype=F32)
-                rows = i64(mr) if C % mr == 0 else b.sub(r_hi, ir_)  # whole tiles: a constant
-                kern.tile(b, ap, bp, cp, i64(O), ir.Constant(I32, _EPILOGUE), rows, b.sub(i64(PS), jr))
+                rows = i64(mr) if C % cg == 0 else b.sub(r_hi, ir_)  # whole tiles: a constant
+                kern.tile(b, ap, bp, cp, i64(O), ir.Constant(I32, _EPILOGUE), rows, i64(ncols))
+        whole = PS // nr * nr  # the last column's width a constant too (see above)
+        if whole:
+            with for_range(b, 0, whole, "jr", step=nr) as jr:
+                tiles(jr, nr)
+        if whole < PS:
+            tiles(i64(whole), PS - whole)
         with for_range(b, c_lo, c_hi, "c") as c:
             plane = b.gep(DX, [b.mul(b.add(b.mul(n, i64(C)), c), i64(H * W))], source_etype=F32)
             _col2im_channel(b, v, plane, b.gep(cols, [b.mul(b.sub(c, c_lo), i64(T * PS))], source_etype=F32),
