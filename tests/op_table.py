@@ -742,10 +742,24 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (0, 2)), kernel=(3, 5)), "t-flat-filter-3x5"),
     _conv("conv2d_bwd_filter", [(1, 1, 10, 10), (1, 14, 10, 10)], np_conv2d_bwd_filter,
           dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-flat-filter-one-image"),
-    # ... and a wider layer's too where its output rows fill the vectors (AVX-512): three
+    # ... and a wider layer's too where its output rows fill the vectors (AVX-512): four
     # blocks of output channels, the last short, padding on every side
     _conv("conv2d_bwd_filter", [(4, 11, 16, 16), (4, 20, 16, 16)], np_conv2d_bwd_filter,
-          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-wide-direct"),
+          dict(_s((1, 1), (2, 2)), kernel=(5, 5)), "t-wide-direct"),
+    # ... but a 3x3 or smaller kernel's over a window of input rows kept in registers
+    # (AVX-512): a first layer on rows of two vectors, its last block of output channels
+    # short and a last row after the unrolled triples; an unpadded 2x2 kernel (6 channels
+    # a block, then one) on rows of a vector and a quarter, rows left after the pairs;
+    # 11 -> 20 channels on 16x16; padding of 2 rows, so that two input rows above the
+    # image and two below read zeros
+    _conv("conv2d_bwd_filter", [(3, 3, 13, 32), (3, 5, 13, 32)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-window-filter-first"),
+    _conv("conv2d_bwd_filter", [(2, 2, 10, 21), (2, 7, 9, 20)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (0, 0)), kernel=(2, 2)), "t-window-filter-2x2"),
+    _conv("conv2d_bwd_filter", [(4, 11, 16, 16), (4, 20, 16, 16)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-window-filter-wide"),
+    _conv("conv2d_bwd_filter", [(2, 1, 7, 16), (2, 3, 9, 16)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (2, 1)), kernel=(3, 3)), "t-window-filter-pad2"),
     # 5x5 taps over grid rows narrower than the source: the packer loops over a tap table
     _conv("conv2d", [(3, 7, 13, 14), (5, 7, 5, 5)], np_conv2d, _s((1, 1), (0, 0)), "t-5x5-valid-tap-table"),
     _conv("conv2d_bwd_data", [(2, 5, 9, 10), (5, 7, 5, 5)], np_conv2d_bwd_data,

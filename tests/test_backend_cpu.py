@@ -156,9 +156,11 @@ def _vector_target(w):
 # rows take that form where the target has AVX-512, on each thread count, and match the
 # reference.
 _AVX512_FORMS = {
-    # 11 -> 20 channels on 16-wide rows: three blocks of output channels, the last short,
-    # padding on every side
+    # 11 -> 20 channels on 16-wide rows, 5x5: four blocks of output channels, the last
+    # short, padding on every side
     "_direct_filter_gradient": ("t-wide-direct", 1, (1, 2)),
+    # a first layer, a 2x2 kernel unpadded, 11 -> 20 channels, padding of 2 (op_table.py)
+    "_window_filter_gradient": ("t-window-filter", 4, (1, 2, 3)),
     # over flat planes: LeNet's first layer, a short last vector, a 3x5 kernel, one image
     "_flat_filter_gradient": ("t-flat-filter", 4, (1, 2, 3)),
     # LeNet's second layer; a strided padded layer with a short last block of positions;
@@ -207,6 +209,24 @@ def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on()
     assert not direct(64, 64, 16, k=1) and not direct(16, 32, 16, stride=2)
     assert not direct(16, 16, 32, w=8) and not direct(32, 64, 16, w=8)
     assert direct(64, 64, 32) and not direct(128, 128, 16)          # one image per tile
+
+
+def test_the_window_filter_gradient_takes_small_kernels_of_narrow_stride_1_layers():
+    """With AVX-512: stride 1, a kernel of more than one row whose taps fit 30 registers
+    with two blocks of output channels (3x3: 2 channels a block; 2x2: 6); first layers
+    (at most 3 input channels), and up to 32 input channels output rows of one vector,
+    85% filled."""
+    from dlc.backends.llvm.conv import _window_channels
+
+    def channels(C, O, OW, k=3, stride=1, w=16):
+        return _window_channels(_filter_template(C, O, OW, k, stride), _vector_target(w))
+
+    assert channels(3, 32, 32) == 2 and channels(32, 64, 16) == 2 and channels(11, 20, 14) == 2
+    assert channels(3, 6, 8) == 2 and channels(1, 6, 28, k=2) == 6
+    assert channels(33, 32, 16) == 0 and channels(16, 16, 32) == 0   # 33 channels; rows of 2 vectors
+    assert channels(6, 16, 4) == 0 and channels(6, 16, 13) == 0      # 4 or 13 of 16 lanes
+    assert channels(1, 6, 28, k=5) == 0 and channels(3, 32, 32, k=1) == 0
+    assert channels(3, 32, 32, stride=2) == 0 and channels(3, 32, 32, w=8) == 0
 
 
 def test_the_flat_filter_gradient_sums_the_same_on_any_thread_count():

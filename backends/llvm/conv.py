@@ -1320,7 +1320,8 @@ def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
 def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     """dw[o,c,ky,kx] = sum_{n,oy,ox} g[n,o,oy,ox] * x[n,c,oy*sy+ky-ph, ox*sx+kx-pw]."""
     if _direct_form([(_flat_filter_taps, _flat_filter_gradient), (_vector_filter_tile, _vector_filter_gradient),
-                     (_direct_channels, _direct_filter_gradient)], mb, em, t, tid, nthreads):
+                     (_window_channels, _window_filter_gradient), (_direct_channels, _direct_filter_gradient)],
+                    mb, em, t, tid, nthreads):
         return
     b = em.b
     xb, gb = t.inputs
@@ -1664,7 +1665,7 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
     nblocks = _cdiv(O, OB)
     b = em.b
     v = _Vec(b, w, fused=target.has("fma"))
-    X, G, DW = em.pointers[xb.name], em.pointers[gb.name], em.pointers[t.output.name]
+    X, G = em.pointers[xb.name], em.pointers[gb.name]
     chunks = [(x0, min(w, OW - x0)) for x0 in range(0, OW, w)]
     lane_ok = {x0: [lane < n for lane in range(w)] for x0, n in chunks}
     # the input columns x0 + lane + kx - pw a segment reads, masked to the row and segment
@@ -1736,14 +1737,145 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
                 v.store(acc[a], v.at(at, a * w))
     with for_range(b, lo, hi, "item") as item:
         c, ky, o0, nob, at = item_at(item)
-        # a loop, not unrolled: the epilogue (an Adam update, say) is emitted once
-        with for_range(b, 0, b.mul(nob, i64(KW)), "a") as a:
-            o, kx = b.add(o0, b.udiv(a, i64(KW))), b.urem(a, i64(KW))
-            s = hsum(b, v.load(v.at(at, b.mul(a, i64(w)))))
-            b.store(s, gep(b, DW, b.add(b.mul(b.add(b.mul(o, i64(C)), c), i64(KH * KW)),
-                                        b.add(b.mul(ky, i64(KW)), kx)), F32), align=4)
-            if t.epilogue is not None:
-                _filter_epilogue(em, t, o, c, ky, kx)
+        _sum_lanes_into_filter(em, t, v, at, o0, nob, c, b.mul(ky, i64(KW)), KW)
+
+
+def _sum_lanes_into_filter(em, t: Template, v: _Vec, at, o0, nob, c, tap0, taps: int) -> None:
+    """dw[o0 + i, c, tap0 + j] = the lane sum of the accumulator at + (i * taps + j) vectors,
+    for i < nob and j < taps, and the epilogue there: in a loop, not unrolled, so that
+    the epilogue (an Adam update, say) is emitted once."""
+    b = em.b
+    O, C, KH, KW = t.output.shape
+    with for_range(b, 0, b.mul(nob, i64(taps)), "a") as a:
+        o, tap = b.add(o0, b.udiv(a, i64(taps))), b.add(tap0, b.urem(a, i64(taps)))
+        s = hsum(b, v.load(v.at(at, b.mul(a, i64(v.w)))))
+        b.store(s, gep(b, em.pointers[t.output.name], b.add(b.mul(b.add(b.mul(o, i64(C)), c), i64(KH * KW)), tap),
+                       F32), align=4)
+        if t.epilogue is not None:
+            _filter_epilogue(em, t, o, c, b.udiv(tap, i64(KW)), b.urem(tap, i64(KW)))
+
+
+# A stride-1 filter gradient whose taps fit the registers several times over (3x3:
+# 9) can keep every tap's accumulator of an item in registers, an item being a block of
+# OB output channels by one input channel. Down a column of vectors of the output rows,
+# output row y meets input rows y - ph .. y - ph + KH - 1: the last KH - 1 of them are
+# the next row's first, so they stay in registers (KW shifted vectors each) and each
+# output row loads one new input row's KW vectors and OB vectors of g for OB * KH * KW
+# multiply-adds (3x3, OB = 2: 5 loads for 18; over rows, 11 for 24). The row loop is
+# unrolled KH times, so that the window moves by renaming, not by register copies (a loop
+# of one row: 68-70%). An item reads two planes of g, which stay in L1 for the item of
+# each input channel (over rows, a block of 8 planes of 32x32, 32 KiB, did not: planes
+# 128 floats apart instead of 1024 measured 94%). On this Intel machine type
+# (twenty-sixth session), of the GEMM rate, over rows -> window: the CIFAR CNN's 3->32
+# 71-72% -> 75-76% (one thread 71% -> 77%), 3->16 on 28x28 57% -> 61%, 32->32 and 32->64
+# on 16x16 79-80% -> 83-85%; other layers keep their forms: 16->16 on 32x32 85% -> 83%
+# (16->32 the same), 64->64 on 16x16 87% -> 84%, 128->128 97% as a GEMM -> 77%, rows
+# that leave lanes idle 60% -> 13% (6->16 on 4x4).
+_WINDOW_MAX_C = 32
+_WINDOW_REGISTERS = 30  # accumulators and the window's vectors; a g vector and a spare
+
+
+def _window_channels(t: Template, target) -> int:
+    """Output channels per item of the window filter gradient (see above): as many as
+    fit _WINDOW_REGISTERS with the window, at least 2; 0 where it does not apply: no
+    AVX-512, a stride, a kernel of one row; or past _DIRECT_MAX_C input channels, more
+    than _WINDOW_MAX_C of them or output rows that are not one vector filled to
+    _DIRECT_LANES."""
+    O, C, KH, KW = t.output.shape
+    OW = t.inputs[1].shape[3]
+    w = target.vector_width
+    T = KH * KW
+    ob = (_WINDOW_REGISTERS - T) // T
+    lanes = OW / (_cdiv(OW, w) * w)
+    if w != 16 or tuple(t.attrs["stride"]) != (1, 1) or KH == 1 or ob < 2:
+        return 0
+    if C > _DIRECT_MAX_C and (C > _WINDOW_MAX_C or OW > w or lanes < _DIRECT_LANES):
+        return 0
+    return ob
+
+
+def _window_filter_gradient(mb, em, t: Template, tid, nthreads, OB: int) -> None:
+    """conv2d_bwd_filter over a window of input rows (see _window_channels). Threads share
+    out the items, each summed over every image: each dw element is one thread's, so its
+    epilogue runs there."""
+    xb, gb = t.inputs
+    N, C, H, W = xb.shape
+    _, O, OH, OW = gb.shape
+    _, _, KH, KW = t.output.shape
+    ph, pw = t.attrs["pad"]
+    target = mb.target
+    w = target.vector_width
+    nblocks = _cdiv(O, OB)
+    b = em.b
+    v = _Vec(b, w, fused=target.has("fma"))
+    X, G = em.pointers[xb.name], em.pointers[gb.name]
+    chunks = [(x0, min(w, OW - x0)) for x0 in range(0, OW, w)]
+    masks = {(x0, kx): _lanes(v, [lane < n and 0 <= x0 + lane + kx - pw < W for lane in range(w)])
+             for x0, n in chunks for kx in range(KW)}
+    g_masks = {x0: _lanes(v, [lane < n for lane in range(w)]) for x0, n in chunks}
+    T = KH * KW
+    nacc = OB * T
+    items = nblocks * C
+    (accs, zeros), total = _carve(b, _scratch_base(mb, em), [items * nacc * w, W + 2 * w])
+    _scratch(mb, em, total)
+    _zero(b, zeros, W + 2 * w)
+    zero_row = v.at(zeros, w)
+    lo, hi = split(b, items, tid, nthreads)
+
+    def item_at(item):
+        """(c, first output channel, channels in the block, its accumulators' address)."""
+        o0 = b.mul(b.udiv(item, i64(C)), i64(OB))
+        return (b.urem(item, i64(C)), o0, smin(b, i64(OB), b.sub(i64(O), o0)),
+                v.at(accs, b.mul(b.sub(item, lo), i64(nacc * w))))
+
+    with for_range(b, lo, hi, "item") as item:
+        at = item_at(item)[3]
+        for a in range(nacc):
+            v.store(v.zero, v.at(at, a * w))
+    with for_range(b, 0, N, "n") as n:
+        with for_range(b, lo, hi, "item") as item:
+            c, o0, nob, at = item_at(item)
+            xplane = b.gep(X, [b.mul(b.add(b.mul(n, i64(C)), c), i64(H * W))], source_etype=F32)
+            gplane = b.gep(G, [b.mul(b.add(b.mul(n, i64(O)), o0), i64(OH * OW))], source_etype=F32)
+            acc = [v.load(v.at(at, a * w)) for a in range(nacc)]
+
+            def x_row(r, x0):
+                """The KW shifted vectors of input row r (zeros outside the image)."""
+                inside = b.and_(b.icmp_signed(">=", r, i64(0)), b.icmp_signed("<", r, i64(H)))
+                row = b.select(inside, v.at(xplane, b.mul(r, i64(W))), zero_row)
+                return [v.load(v.at(row, x0 + kx - pw), masks[x0, kx]) for kx in range(KW)]
+            for x0, _ in chunks:
+                gmask = g_masks[x0]
+                if OB * nblocks > O:
+                    gm = [b.select(b.icmp_signed("<", i64(ob), nob),
+                                   const_vector(I1, [True] * w) if gmask is None else gmask,
+                                   const_vector(I1, [False] * w)) for ob in range(OB)]
+                else:
+                    gm = [gmask] * OB
+                window = [xv for ky in range(KH - 1) for xv in x_row(i64(ky - ph), x0)]
+
+                def one_row(y, acc, window):
+                    xs = window + x_row(b.add(y, i64(KH - 1 - ph)), x0)
+                    for ob in range(OB):
+                        gv = v.load(v.at(gplane, b.add(b.mul(y, i64(OW)), i64(ob * OH * OW + x0))), gm[ob])
+                        for tap in range(T):
+                            acc[ob * T + tap] = v.fma(gv, xs[tap], acc[ob * T + tap])
+                    return acc, xs[KW:]
+
+                def rows(y0, carried):  # KH rows: the window back in the same registers
+                    acc, window = list(carried[:nacc]), list(carried[nacc:])
+                    for r in range(KH):
+                        acc, window = one_row(b.add(y0, i64(r)) if r else y0, acc, window)
+                    return acc + window
+                carried = loop(b, 0, OH // KH * KH, acc + window, rows, name="y", step=KH)
+                acc, window = list(carried[:nacc]), list(carried[nacc:])
+                for y in range(OH // KH * KH, OH):
+                    acc, window = one_row(i64(y), acc, window)
+            for a in range(nacc):
+                v.store(acc[a], v.at(at, a * w))
+    with for_range(b, lo, hi, "item") as item:
+        c, o0, nob, at = item_at(item)
+        _sum_lanes_into_filter(em, t, v, at, o0, nob, c, i64(0), T)
 
 
 # A first layer with "same" padding along x (x's rows as wide as g's) whose rows leave
