@@ -482,16 +482,28 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
     return code
 
 
+# Without mpiexec's report, ranks the watch saw end within this long of the first are
+# named with it: which of them died first is not known.
+_END_WINDOW_S = 0.5
+
+
 def _who_ended(dead: list[tuple[str, str]], watch: "_EndWatch") -> str | None:
     """Which rank died and how, by mpiexec's report (`dead`: pids and exit codes); where
     `watch` saw another rank's process end first, that rank is named too. Without a report
-    (another rank's MPI library noticed the death and aborted the job first), the rank
-    `watch` saw end first; None if it saw nothing, or every rank end at once."""
+    (another rank's MPI library noticed the death and aborted the job first), the ranks
+    `watch` saw end first or within _END_WINDOW_S of it; None if it saw nothing, or every
+    rank end at once."""
     if not dead:
         first = watch.first_ended()
         if not first or len(first) == watch.size:
             return None
-        return " or ".join(f"rank {r} (pid {watch.pids[r]})" for r in first) + " ended first"
+        # the rank that noticed the death may end before the dead one's process is gone
+        # (a loaded test run met it): every rank that ended soon after the first is named
+        near = [(at, ranks) for at, ranks in zip(watch.ended_at, watch.ended)
+                if at - watch.ended_at[0] <= _END_WINDOW_S]
+        names = " or ".join(f"rank {r} (pid {watch.pids[r]})" for _, ranks in near for r in ranks)
+        apart = near[-1][0] - near[0][0]
+        return f"{names} ended first" + (f" ({apart:.2f} s apart)" if len(near) > 1 else "")
     pid, status = dead[0]
     reported = watch.rank_of(pid)
     who = f"rank {reported} (pid {pid})" if reported is not None else f"the process with pid {pid}"
@@ -518,6 +530,7 @@ class _EndWatch:
         self.folder, self.size = folder, size
         self.pids: dict[int, int] = {}  # rank -> pid
         self.ended: list[list[int]] = []  # ranks, in the groups one look saw end
+        self.ended_at: list[float] = []  # when each group was seen (time.monotonic)
         self.stop = threading.Event()
 
     def rank_of(self, pid: str) -> "int | None":
@@ -558,6 +571,7 @@ class _EndWatch:
                     gone.append(fds[fd])
                 if gone:
                     self.ended.append(sorted(gone))
+                    self.ended_at.append(time.monotonic())
         except (OSError, ValueError):
             pass  # cannot watch: mpiexec's report alone
         finally:
