@@ -22,9 +22,10 @@ rows of positions (_planes_forward), and the stride-1 data gradient the same way
 correlation of g with the flipped weights (_planes_data); a strided data gradient onto
 vectors of 16 input channels over rows of dx's positions (_strided_data); the filter
 gradient over each plane's positions as one flat range for "same"-padded first layers
-whose rows leave lanes idle (_flat_filter_gradient), over rows of positions for first
-layers and rows that fill the vectors (_direct_filter_gradient) or over vectors of 16
-output channels (_vector_filter_gradient). The data gradient of a
+whose rows leave lanes idle (_flat_filter_gradient), for 3x3 and smaller kernels over a
+window of input rows held in registers (_window_filter_gradient), over rows of positions
+for first layers and rows that fill the vectors (_direct_filter_gradient) or over
+vectors of 16 output channels (_vector_filter_gradient). The data gradient of a
 layer whose input is much larger than g is scattered: w^T g (a GEMM reading g in
 place), then col2im (_bwd_data_col2im).
 
@@ -1846,7 +1847,8 @@ def _window_filter_gradient(mb, em, t: Template, tid, nthreads, OB: int) -> None
                 return [v.load(v.at(row, x0 + kx - pw), masks[x0, kx]) for kx in range(KW)]
             for x0, _ in chunks:
                 gmask = g_masks[x0]
-                if OB * nblocks > O:
+                if OB * nblocks > O:  # a short last block reads no plane past g's: its
+                    # sums go unused, but the last image's would lie past the buffer
                     gm = [b.select(b.icmp_signed("<", i64(ob), nob),
                                    const_vector(I1, [True] * w) if gmask is None else gmask,
                                    const_vector(I1, [False] * w)) for ob in range(OB)]
