@@ -691,6 +691,8 @@ CONV_TEMPLATES = [
     _conv("conv2d", [(1, 1, 10, 9), (5, 1, 3, 2)], np_conv2d, _s((3, 3), (1, 0)), "t-gather-few-planes"),
     _conv("conv2d_bwd_data", [(2, 3, 4, 4), (3, 5, 1, 1)], np_conv2d_bwd_data,
           dict(_s((2, 2), (0, 0)), in_hw=(8, 7)), "t-1x1-stride2"),
+    _conv("conv2d_bwd_data", [(3, 6, 5, 7), (6, 4, 1, 1)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (0, 0)), in_hw=(5, 7)), "t-1x1-data"),
     _conv("conv2d_bwd_data", [(5, 19, 9, 11), (19, 17, 3, 3)], np_conv2d_bwd_data,
           dict(_s((1, 1), (1, 1)), in_hw=(9, 11)), "t-3x3-pad1-odd-channels"),
     _conv("conv2d_bwd_data", [(1, 4, 12, 13), (4, 3, 5, 5)], np_conv2d_bwd_data,

@@ -117,6 +117,37 @@ def test_the_vector_filter_gradient_prefetching_the_next_image_matches(monkeypat
     assert emitted and set(emitted) == {2}
 
 
+def test_a_1x1_product_prefetching_the_next_image_matches(monkeypatch):
+    """Where a batch outgrows L2 (here: L2 taken as 0 bytes), a 1x1 stride-1 layer's
+    forward and data gradient prefetch the next image into L2 as they go: their op-table
+    rows still match the reference on 1, 2 and 3 threads (the batch split over images,
+    then over rows), and the prefetches were emitted; a strided 1x1 layer's were not."""
+    from dlc.backends.llvm import conv
+    emitted = []
+
+    class Counting(conv._Vec):
+        def prefetch(self, ptr, write, locality=3):
+            emitted.append(locality)
+            super().prefetch(ptr, write, locality)
+    monkeypatch.setattr(conv, "_L2_BYTES", 0)
+    monkeypatch.setattr(conv, "_Vec", Counting)
+    assert conv._prefetches_next(64, 64 * 256, 64 * 256, 1, (1, 1), (0, 0))
+    assert not conv._prefetches_next(64, 64 * 256, 64 * 256, 9, (1, 1), (1, 1))
+    assert not conv._prefetches_next(64, 64 * 256, 64 * 256, 1, (2, 2), (0, 0))
+    rows = [c for c in ALL if c.id in ("t-1x1", "t-1x1-data")]
+    assert len(rows) == 2
+    merged, feeds, tols = op_table_graph(rows, salt="prefetch-next")
+    expected = run_graph(merged, feeds)
+    for threads in (1, 2, 3):
+        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
+    assert emitted and set(emitted) == {2}
+    emitted.clear()
+    strided = [c for c in ALL if c.id == "t-1x1-stride2"]
+    merged, feeds, tols = op_table_graph(strided, salt="prefetch-strided")
+    check_op_table(run_graph(merged, feeds), run_cpu(merged, feeds, 2), tols)
+    assert 2 not in emitted
+
+
 def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts) -> None:
     """The op table's `rows` match the reference on each thread count, and every row took
     `path` (a function of backends/llvm/conv.py) on each."""
