@@ -260,6 +260,28 @@ def test_the_window_filter_gradient_takes_small_kernels_of_narrow_stride_1_layer
     assert channels(3, 32, 32, stride=2) == 0 and channels(3, 32, 32, w=8) == 0
 
 
+def test_the_window_filter_gradient_of_a_first_layer_prefetches_the_next_images_g(monkeypatch):
+    """A first layer's window filter gradient (at most 3 input channels) prefetches the
+    next image's block of g into L2 as it goes, a wider layer's does not; their op-table
+    rows match the reference either way."""
+    if CPU.target({}).vector_width != 16:
+        pytest.skip("the window filter gradient needs AVX-512")
+    from dlc.backends.llvm import conv
+    emitted = []
+
+    class Counting(conv._Vec):
+        def prefetch(self, ptr, write, locality=3):
+            emitted.append(locality)
+            super().prefetch(ptr, write, locality)
+    monkeypatch.setattr(conv, "_Vec", Counting)
+    for row_id, prefetches in (("t-window-filter-first", True), ("t-window-filter-wide", False)):
+        emitted.clear()
+        rows = [c for c in ALL if c.id == row_id]
+        merged, feeds, tols = op_table_graph(rows, salt="window-prefetch")
+        check_op_table(run_graph(merged, feeds), run_cpu(merged, feeds, 2), tols)
+        assert (2 in emitted) == prefetches, row_id
+
+
 def test_the_flat_filter_gradient_sums_the_same_on_any_thread_count():
     """Its threads share out chunks of images fixed by the batch, and every element adds
     the chunks' sums in order: 1, 2 and 3 threads give the same bits."""

@@ -1801,6 +1801,12 @@ def _sum_lanes_into_filter(em, t: Template, v: _Vec, at, o0, nob, c, tap0, taps:
 # on 16x16 79-80% -> 83-85%; other layers keep their forms: 16->16 on 32x32 85% -> 83%
 # (16->32 the same), 64->64 on 16x16 87% -> 84%, 128->128 97% as a GEMM -> 77%, rows
 # that leave lanes idle 60% -> 13% (6->16 on 4x4).
+# In a first layer (at most _DIRECT_MAX_C input channels) few items read each block of
+# g, and each item's first pass over a plane waited on it (the same loop with g's loads
+# at constant addresses: 97%): each output row prefetches its share of the next image's
+# block into L2. 3->32 on 32x32 70-71% -> 80-81%, 1->16 55% -> 65%, 3->16 on 28x28 62% ->
+# 66%; 3->32 on 16x16 the same. Wider layers, whose blocks many items read, lost (32->32
+# and 32->64 on 16x16 84% -> 80%, 82% -> 79%), and so did prefetching x too (78%).
 _WINDOW_MAX_C = 32
 _WINDOW_REGISTERS = 30  # accumulators and the window's vectors; a g vector and a spare
 
@@ -1846,6 +1852,8 @@ def _window_filter_gradient(mb, em, t: Template, tid, nthreads, OB: int) -> None
     T = KH * KW
     nacc = OB * T
     items = nblocks * C
+    prefetch = C <= _DIRECT_MAX_C  # (see above)
+    share = _cdiv(_cdiv(OB * OH * OW, _LINE_FLOATS), len(chunks) * OH)  # lines an output row
     (accs, zeros), total = _carve(b, _scratch_base(mb, em), [items * nacc * w, W + 2 * w])
     _scratch(mb, em, total)
     _zero(b, zeros, W + 2 * w)
@@ -1874,7 +1882,9 @@ def _window_filter_gradient(mb, em, t: Template, tid, nthreads, OB: int) -> None
                 inside = b.and_(b.icmp_signed(">=", r, i64(0)), b.icmp_signed("<", r, i64(H)))
                 row = b.select(inside, v.at(xplane, b.mul(r, i64(W))), zero_row)
                 return [v.load(v.at(row, x0 + kx - pw), masks[x0, kx]) for kx in range(KW)]
-            for x0, _ in chunks:
+            next_g = b.gep(gplane, [i64(O * OH * OW)], source_etype=F32)  # (past the last image:
+            # a prefetch does not fault)
+            for ci, (x0, _) in enumerate(chunks):
                 gmask = g_masks[x0]
                 if OB * nblocks > O:  # a short last block reads no plane past g's: its
                     # sums go unused, but the last image's would lie past the buffer
@@ -1886,6 +1896,11 @@ def _window_filter_gradient(mb, em, t: Template, tid, nthreads, OB: int) -> None
                 window = [xv for ky in range(KH - 1) for xv in x_row(i64(ky - ph), x0)]
 
                 def one_row(y, acc, window):
+                    if prefetch:  # this output row's share of the next image's g block
+                        first = b.mul(b.add(y, i64(ci * OH)), i64(share))
+                        for j in range(share):
+                            v.prefetch(b.gep(next_g, [b.mul(b.add(first, i64(j)), i64(_LINE_FLOATS))],
+                                             source_etype=F32), False, 2)
                     xs = window + x_row(b.add(y, i64(KH - 1 - ph)), x0)
                     for ob in range(OB):
                         gv = v.load(v.at(gplane, b.add(b.mul(y, i64(OW)), i64(ob * OH * OW + x0))), gm[ob])
