@@ -94,12 +94,8 @@ def test_direct_filter_gradient_sums_over_image_tiles(monkeypatch):
         check_op_table(expected, run_cpu(merged, feeds, threads), tols)
 
 
-def test_the_vector_filter_gradient_prefetching_the_next_image_matches(monkeypatch):
-    """Where its inputs outgrow L2 the vector filter gradient prefetches the next image
-    (here: L2 taken as 0 bytes; every row's taps read all of x): its op-table rows still
-    match the reference on 1, 2 and 3 threads, and the prefetches were emitted."""
-    if CPU.target({}).vector_width != 16:
-        pytest.skip("the vector filter gradient needs AVX-512")
+def _count_prefetches(monkeypatch) -> list:
+    """The locality of every prefetch the convolution templates emit from here on."""
     from dlc.backends.llvm import conv
     emitted = []
 
@@ -107,8 +103,19 @@ def test_the_vector_filter_gradient_prefetching_the_next_image_matches(monkeypat
         def prefetch(self, ptr, write, locality=3):
             emitted.append(locality)
             super().prefetch(ptr, write, locality)
-    monkeypatch.setattr(conv, "_L2_BYTES", 0)
     monkeypatch.setattr(conv, "_Vec", Counting)
+    return emitted
+
+
+def test_the_vector_filter_gradient_prefetching_the_next_image_matches(monkeypatch):
+    """Where its inputs outgrow L2 the vector filter gradient prefetches the next image
+    (here: L2 taken as 0 bytes; every row's taps read all of x): its op-table rows still
+    match the reference on 1, 2 and 3 threads, and the prefetches were emitted."""
+    if CPU.target({}).vector_width != 16:
+        pytest.skip("the vector filter gradient needs AVX-512")
+    from dlc.backends.llvm import conv
+    emitted = _count_prefetches(monkeypatch)
+    monkeypatch.setattr(conv, "_L2_BYTES", 0)
     rows = [c for c in ALL if c.id and c.id.startswith("t-vector-filter")]
     merged, feeds, tols = op_table_graph(rows, salt="prefetch")
     expected = run_graph(merged, feeds)
@@ -123,14 +130,8 @@ def test_a_1x1_product_prefetching_the_next_image_matches(monkeypatch):
     rows still match the reference on 1, 2 and 3 threads (the batch split over images,
     then over rows), and the prefetches were emitted; a strided 1x1 layer's were not."""
     from dlc.backends.llvm import conv
-    emitted = []
-
-    class Counting(conv._Vec):
-        def prefetch(self, ptr, write, locality=3):
-            emitted.append(locality)
-            super().prefetch(ptr, write, locality)
+    emitted = _count_prefetches(monkeypatch)
     monkeypatch.setattr(conv, "_L2_BYTES", 0)
-    monkeypatch.setattr(conv, "_Vec", Counting)
     assert conv._prefetches_next(64, 64 * 256, 64 * 256, 1, (1, 1), (0, 0))
     assert not conv._prefetches_next(64, 64 * 256, 64 * 256, 9, (1, 1), (1, 1))
     assert not conv._prefetches_next(64, 64 * 256, 64 * 256, 1, (2, 2), (0, 0))
@@ -266,14 +267,7 @@ def test_the_window_filter_gradient_of_a_first_layer_prefetches_the_next_images_
     rows match the reference either way."""
     if CPU.target({}).vector_width != 16:
         pytest.skip("the window filter gradient needs AVX-512")
-    from dlc.backends.llvm import conv
-    emitted = []
-
-    class Counting(conv._Vec):
-        def prefetch(self, ptr, write, locality=3):
-            emitted.append(locality)
-            super().prefetch(ptr, write, locality)
-    monkeypatch.setattr(conv, "_Vec", Counting)
+    emitted = _count_prefetches(monkeypatch)
     for row_id, prefetches in (("t-window-filter-first", True), ("t-window-filter-wide", False)):
         emitted.clear()
         rows = [c for c in ALL if c.id == row_id]

@@ -1679,6 +1679,27 @@ def _filter_block(O: int, KW: int, ob_max: int) -> int:
     return min(range(1, ob_max + 1), key=lambda ob: (_cdiv(O, ob) * (ob * (KW + 1) + KW), -ob))
 
 
+def _row_segments(v: _Vec, OW: int, W: int, KW: int, pw: int):
+    """An output row's segments of a vector [(x0, positions)], the masks of the input
+    columns x0 + lane + kx - pw each segment reads (within the segment and the row) and
+    of its g lanes; None where every lane is on."""
+    w = v.w
+    chunks = [(x0, min(w, OW - x0)) for x0 in range(0, OW, w)]
+    masks = {(x0, kx): _lanes(v, [lane < n and 0 <= x0 + lane + kx - pw < W for lane in range(w)])
+             for x0, n in chunks for kx in range(KW)}
+    return chunks, masks, {x0: _lanes(v, [lane < n for lane in range(w)]) for x0, n in chunks}
+
+
+def _block_g_masks(b, w: int, gmask, OB: int, nob, short: bool) -> list:
+    """The masks of a block's OB g loads: in a short last block (short: some block is),
+    channel ob < nob only; its other sums go unused, but their loads would reach past
+    g's last image."""
+    if not short:
+        return [gmask] * OB
+    whole = const_vector(I1, [True] * w) if gmask is None else gmask
+    return [b.select(b.icmp_signed("<", i64(ob), nob), whole, const_vector(I1, [False] * w)) for ob in range(OB)]
+
+
 def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> None:
     """The filter gradient of a first layer (see _direct_channels), computed directly:
     no im2col, no GEMM. Threads share out (channel block, input channel, kernel row)
@@ -1696,13 +1717,7 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
     b = em.b
     v = _Vec(b, w, fused=target.has("fma"))
     X, G = em.pointers[xb.name], em.pointers[gb.name]
-    chunks = [(x0, min(w, OW - x0)) for x0 in range(0, OW, w)]
-    lane_ok = {x0: [lane < n for lane in range(w)] for x0, n in chunks}
-    # the input columns x0 + lane + kx - pw a segment reads, masked to the row and segment
-    masks = {(x0, kx): ir.Constant(v.mty, [ok and 0 <= x0 + lane + kx - pw < W
-                                            for lane, ok in enumerate(lane_ok[x0])])
-             for x0, _ in chunks for kx in range(KW)}
-    g_masks = {x0: None if n == w else ir.Constant(v.mty, lane_ok[x0]) for x0, n in chunks}
+    chunks, masks, g_masks = _row_segments(v, OW, W, KW, pw)
     nacc = OB * KW
     items = nblocks * C * KH
     # images in tiles whose g rows (and x planes) stay in cache while every item of the
@@ -1750,14 +1765,9 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
                     acc = list(acc)
                     for x0, _ in chunks:
                         xs = [v.load(v.at(xrow, x0 + kx - pw), masks[x0, kx]) for kx in range(KW)]
+                        gm = _block_g_masks(b, w, g_masks[x0], OB, nob, OB * nblocks > O)
                         for ob in range(OB):
-                            # a short last block reads channel o0 + ob < O only (else zeros)
-                            gmask = g_masks[x0]
-                            if OB * nblocks > O:
-                                live = b.icmp_signed("<", i64(ob), nob)
-                                whole = const_vector(I1, [True] * w) if gmask is None else gmask
-                                gmask = b.select(live, whole, const_vector(I1, [False] * w))
-                            gv = v.load(v.at(grow, ob * OH * OW + x0), gmask)
+                            gv = v.load(v.at(grow, ob * OH * OW + x0), gm[ob])
                             for kx in range(KW):
                                 acc[ob * KW + kx] = v.fma(gv, xs[kx], acc[ob * KW + kx])
                     return acc
@@ -1845,10 +1855,7 @@ def _window_filter_gradient(mb, em, t: Template, tid, nthreads, OB: int) -> None
     b = em.b
     v = _Vec(b, w, fused=target.has("fma"))
     X, G = em.pointers[xb.name], em.pointers[gb.name]
-    chunks = [(x0, min(w, OW - x0)) for x0 in range(0, OW, w)]
-    masks = {(x0, kx): _lanes(v, [lane < n and 0 <= x0 + lane + kx - pw < W for lane in range(w)])
-             for x0, n in chunks for kx in range(KW)}
-    g_masks = {x0: _lanes(v, [lane < n for lane in range(w)]) for x0, n in chunks}
+    chunks, masks, g_masks = _row_segments(v, OW, W, KW, pw)
     T = KH * KW
     nacc = OB * T
     items = nblocks * C
@@ -1885,14 +1892,7 @@ def _window_filter_gradient(mb, em, t: Template, tid, nthreads, OB: int) -> None
             next_g = b.gep(gplane, [i64(O * OH * OW)], source_etype=F32)  # (past the last image:
             # a prefetch does not fault)
             for ci, (x0, _) in enumerate(chunks):
-                gmask = g_masks[x0]
-                if OB * nblocks > O:  # a short last block reads no plane past g's: its
-                    # sums go unused, but the last image's would lie past the buffer
-                    gm = [b.select(b.icmp_signed("<", i64(ob), nob),
-                                   const_vector(I1, [True] * w) if gmask is None else gmask,
-                                   const_vector(I1, [False] * w)) for ob in range(OB)]
-                else:
-                    gm = [gmask] * OB
+                gm = _block_g_masks(b, w, g_masks[x0], OB, nob, OB * nblocks > O)
                 window = [xv for ky in range(KH - 1) for xv in x_row(i64(ky - ph), x0)]
 
                 def one_row(y, acc, window):
