@@ -5,19 +5,22 @@
 Each row is one template (forward, gradient of the input, gradient of the filter) on one
 layer shape of the benchmark models, compiled alone (one-op step) and called natively
 (no Python between calls, no copies of results). Every program -- the conv kernels and a
-512^3 GEMM compiled the same way -- is timed in the same rounds, interleaved, and each
-figure is the median over rounds; `of GEMM` is the row's FLOP rate over the GEMM's rate
-in the same rounds, so machine load that slows both cancels out. A row whose bytes (its
-inputs and output, each counted once) take longer at the measured memory bandwidth than
-its FLOPs at the GEMM rate is memory-bound (`mem`): its ceiling is the bandwidth, not
-the GEMM, and `of roofline` is its floor -- max(FLOPs / GEMM rate, bytes / bandwidth),
-as in roofline.py -- over its time (--quantile 0.1 reports
-the fastest tenth of the rounds instead of the median: on a loaded machine that is the
-closest to an unshared core). --clock cpu times by the process's CPU time instead of the
-wall clock: with --threads 1 on a machine with more runnable processes than cores, time
-spent descheduled then does not count (cache contention from the neighbours still does).
-With --torch, PyTorch's own convolution (mkldnn) of the same shape is timed in the same
-rounds too.
+512^3 GEMM compiled the same way -- is timed in the same rounds, and each figure is the
+median over rounds. In each round every row's block of calls follows a block of the
+GEMM's, and `of GEMM` is the median over rounds of the row's FLOP rate over that GEMM
+block's: a shared virtual machine's speed changes over seconds (on the twenty-seventh
+session's Zen 5 machine everything, the GEMM included, ran at half speed for seconds at
+a time), and two blocks 10 ms apart see the same machine where a whole round may not.
+A row whose bytes (its inputs and output, each counted once) take longer at the measured
+memory bandwidth than its FLOPs at the GEMM rate is memory-bound (`mem`): its ceiling is
+the bandwidth, not the GEMM, and `of roofline` is its floor -- bytes / bandwidth, as in
+roofline.py -- over its time (`of GEMM` for the others). --quantile 0.1 reports the
+fastest tenth of the rounds' times instead of the median (on a loaded machine the
+closest to an unshared core; `of GEMM` stays the median of the rounds' ratios). --clock
+cpu times by the process's CPU time instead of the wall clock: with --threads 1 on a
+machine with more runnable processes than cores, time spent descheduled then does not
+count (cache contention from the neighbours still does). With --torch, PyTorch's own
+convolution (mkldnn) of the same shape is timed in the same rounds too.
 """
 from __future__ import annotations
 
@@ -170,33 +173,49 @@ def main() -> int:
                 progs[name + " [torch]"] = (torch_fn(kind, N, C, H, W, O, k, s, p), flops)
             rows.append(name)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
+
+    def block(fn) -> float:
+        """The mean time of a call over a block of calls lasting args.seconds."""
+        start, calls = clock(), 0
+        while True:
+            fn()
+            calls += 1
+            spent = clock() - start
+            if spent >= args.seconds and calls >= 2:
+                return spent / calls
+
+    def at_quantile(values):
+        return sorted(values)[min(len(values) - 1, int(args.quantile * len(values)))]
+
+    gemm, gemm_flops = progs.pop("GEMM 512^3")
     times = {name: [] for name in progs}
+    of_gemm = {name: [] for name in rows}  # per round: the row's rate over its GEMM block's
+    gemm_times = []
     for fn, _ in progs.values():
         fn()
     for _ in range(args.rounds):
-        for name, (fn, _) in progs.items():
-            start = clock()
-            calls = 0
-            while True:
-                fn()
-                calls += 1
-                spent = clock() - start
-                if spent >= args.seconds and calls >= 2:
-                    break
-            times[name].append(spent / calls)
-    med = {name: sorted(t)[min(len(t) - 1, int(args.quantile * len(t)))] for name, t in times.items()}
-    gemm_rate = progs["GEMM 512^3"][1] / med["GEMM 512^3"]
+        for name, (fn, flops) in progs.items():
+            if name in of_gemm:
+                gemm_times.append(block(gemm))
+                times[name].append(block(fn))
+                of_gemm[name].append(flops / times[name][-1] / (gemm_flops / gemm_times[-1]))
+            else:
+                times[name].append(block(fn))
+    med = {name: at_quantile(t) for name, t in times.items()}
+    gemm_time = at_quantile(gemm_times)
+    gemm_rate = gemm_flops / gemm_time
     bytes_rate = bandwidth(args.threads)
     print(f"threads {args.threads}; {args.clock} clock; load average {' '.join(_loadavg())}")
-    print(f"GEMM 512^3 {med['GEMM 512^3'] * 1e3:.3f} ms = {gemm_rate / 1e9:.1f} GFLOP/s; "
+    print(f"GEMM 512^3 {gemm_time * 1e3:.3f} ms = {gemm_rate / 1e9:.1f} GFLOP/s; "
           f"memory bandwidth {bytes_rate / 1e9:.1f} GB/s")
     print(f"{'workload':<40} {'ms':>9} {'GFLOP/s':>8} {'of GEMM':>8} {'bound':>6} {'of roofline':>12}"
           + ("   torch ms  dlc/torch" if args.torch else ""))
     for name in rows:
-        rate = progs[name][1] / med[name]
+        rate, share = progs[name][1] / med[name], float(np.median(of_gemm[name]))
         compute, memory = progs[name][1] / gemm_rate, moved[name] / bytes_rate
-        line = (f"{name:<40} {med[name] * 1e3:9.3f} {rate / 1e9:8.1f} {rate / gemm_rate:8.0%} "
-                f"{'mem' if memory > compute else 'FLOPs':>6} {max(compute, memory) / med[name]:12.0%}")
+        line = (f"{name:<40} {med[name] * 1e3:9.3f} {rate / 1e9:8.1f} {share:8.0%} "
+                f"{'mem' if memory > compute else 'FLOPs':>6} "
+                f"{memory / med[name] if memory > compute else share:12.0%}")
         if args.torch:
             line += f"   {med[name + ' [torch]'] * 1e3:8.3f}  {med[name] / med[name + ' [torch]']:8.2f}"
         print(line)
