@@ -1732,9 +1732,7 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
     (accs,), total = _carve(b, _scratch_base(mb, em), [items * nacc * w])  # a thread may get every item
     _scratch(mb, em, total)
     lo, hi = split(b, items, tid, nthreads)
-
-    def acc_at(item):
-        return v.at(accs, b.mul(b.sub(item, lo), i64(nacc * w)))
+    acc_at = _zeroed_accumulators(b, v, accs, lo, hi, nacc)
 
     def item_at(item):
         """(c, ky, first output channel, channels in the block, its accumulators' address)."""
@@ -1743,10 +1741,6 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
         return (b.udiv(rest, i64(KH)), b.urem(rest, i64(KH)), o0, smin(b, i64(OB), b.sub(i64(O), o0)),
                 acc_at(item))
 
-    with for_range(b, lo, hi, "item") as item:
-        at = acc_at(item)
-        for a in range(nacc):
-            v.store(v.zero, v.at(at, a * w))
     with for_range(b, 0, N, "tile", step=NB) as n0:
         n1 = smin(b, b.add(n0, i64(NB)), i64(N))
         with for_range(b, lo, hi, "item") as item:
@@ -1778,6 +1772,18 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
     with for_range(b, lo, hi, "item") as item:
         c, ky, o0, nob, at = item_at(item)
         _sum_lanes_into_filter(em, t, v, at, o0, nob, c, b.mul(ky, i64(KW)), KW)
+
+
+def _zeroed_accumulators(b, v: _Vec, accs, lo, hi, nacc: int):
+    """at(item): the address of an item's nacc accumulator vectors in accs, where a
+    thread's items [lo, hi) lie in order; every one of them zeroed here first."""
+    def at(item):
+        return v.at(accs, b.mul(b.sub(item, lo), i64(nacc * v.w)))
+    with for_range(b, lo, hi, "item") as item:
+        first = at(item)
+        for a in range(nacc):
+            v.store(v.zero, v.at(first, a * v.w))
+    return at
 
 
 def _sum_lanes_into_filter(em, t: Template, v: _Vec, at, o0, nob, c, tap0, taps: int) -> None:
@@ -1866,17 +1872,13 @@ def _window_filter_gradient(mb, em, t: Template, tid, nthreads, OB: int) -> None
     _zero(b, zeros, W + 2 * w)
     zero_row = v.at(zeros, w)
     lo, hi = split(b, items, tid, nthreads)
+    acc_at = _zeroed_accumulators(b, v, accs, lo, hi, nacc)
 
     def item_at(item):
         """(c, first output channel, channels in the block, its accumulators' address)."""
         o0 = b.mul(b.udiv(item, i64(C)), i64(OB))
-        return (b.urem(item, i64(C)), o0, smin(b, i64(OB), b.sub(i64(O), o0)),
-                v.at(accs, b.mul(b.sub(item, lo), i64(nacc * w))))
+        return b.urem(item, i64(C)), o0, smin(b, i64(OB), b.sub(i64(O), o0)), acc_at(item)
 
-    with for_range(b, lo, hi, "item") as item:
-        at = item_at(item)[3]
-        for a in range(nacc):
-            v.store(v.zero, v.at(at, a * w))
     with for_range(b, 0, N, "n") as n:
         with for_range(b, lo, hi, "item") as item:
             c, o0, nob, at = item_at(item)
