@@ -65,6 +65,23 @@ def test_the_update_runs_on_the_register_tile(tmp_path):
     assert prefetches >= 3 * info.plan.mr * info.plan.nv, prefetches
 
 
+def test_a_small_batch_through_a_wide_layer_takes_the_gemm(tmp_path):
+    """200 -> 300 inputs into dense(256) at batch 9: 691,200 multiply-adds, under
+    SMALL_MATMUL, but a weight of 76,800 elements (templates.uses_gemm): the forward
+    product and the weight gradient (with its update on the register tile) are GEMMs,
+    and training matches the reference; the 256 -> 10 layer's stay compact loops."""
+    from dlc.backends.llvm.templates import SMALL_MATMUL, uses_gemm
+    assert 9 * 256 * 300 <= SMALL_MATMUL and uses_gemm(9, 256, 300) and not uses_gemm(1, 1024, 1024)
+    m = _model(tmp_path, "sgd_momentum", inputs=300, hidden=256)
+    graph = m.compile_graph("train", m.train_config)
+    mb = ModuleBuilder(kernel_program(lower(graph, 9), CPU.templates), CPU.target({"threads": 2}))
+    mb.build()
+    shapes = {(key[1].m, key[1].n, key[1].k, key[1].ta) for key in mb.gemms}
+    assert shapes == {(9, 256, 300, False), (300, 256, 9, True)}, shapes
+    for name in ("sgd_momentum", "adam"):
+        _check_against_reference(tmp_path, name, 2, inputs=300, hidden=256)
+
+
 def test_training_and_evaluation_share_the_forward_gemm(tmp_path):
     """The evaluation step's first layer (the same product and bias + ReLU epilogue as
     the training step's) calls the training step's GEMM function: one GEMM is built for

@@ -454,12 +454,12 @@ def _gemm_spec(part):
     if not isinstance(part, Template) or part.op != "matmul":
         return None
     from .gemm import GemmSpec
-    from .templates import SMALL_MATMUL
+    from .templates import uses_gemm
     a = part.inputs[0].shape
     m, n = part.output.shape
     ta, tb = part.attrs.get("ta", False), part.attrs.get("tb", False)
     k = a[0] if ta else a[1]
-    return GemmSpec(m, n, k, ta=ta, tb=tb) if m * n * k > SMALL_MATMUL else None
+    return GemmSpec(m, n, k, ta=ta, tb=tb) if uses_gemm(m, n, k) else None
 
 
 _METADATA_REF = re.compile(r"!(\d+)\b")
