@@ -94,9 +94,17 @@ def test_direct_filter_gradient_sums_over_image_tiles(monkeypatch):
         check_op_table(expected, run_cpu(merged, feeds, threads), tols)
 
 
+def _compiled_here(monkeypatch) -> None:
+    """Compiles build their code in this process (not a forked one, BUILD_IN_CHILD), where
+    a test's spies on the code generator see it."""
+    import dlc.backends.llvm as cpu
+    monkeypatch.setattr(cpu, "BUILD_IN_CHILD", False)
+
+
 def _count_prefetches(monkeypatch) -> list:
     """The locality of every prefetch the convolution templates emit from here on."""
     from dlc.backends.llvm import conv
+    _compiled_here(monkeypatch)
     emitted = []
 
     class Counting(conv._Vec):
@@ -153,6 +161,7 @@ def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts) 
     """The op table's `rows` match the reference on each thread count, and every row took
     `path` (a function of backends/llvm/conv.py) on each."""
     from dlc.backends.llvm import conv
+    _compiled_here(monkeypatch)
     taken = []
     real = getattr(conv, path)
     monkeypatch.setattr(conv, path, lambda *a: taken.append(1) or real(*a))
@@ -830,6 +839,7 @@ def test_a_convolutions_epilogue_is_vectorized_and_matches_the_reference(tmp_pat
         vectorized.append((w, live))
         return real(self, stores, var, i, w, live)
     monkeypatch.setattr(emit.Emitter, "lane_stores", counted)
+    _compiled_here(monkeypatch)
     _steps_match_reference(dlc.load(CONV_EPILOGUE), 6, {"no_cache": True}, (2e-5, 1e-6), (2e-5, 1e-6), "CONV_EPILOGUE")
     assert any(live is not None for _, live in vectorized) and any(live is None for _, live in vectorized)
 
@@ -952,6 +962,32 @@ def _numbered_modules(target, count: int) -> list:
         ir.IRBuilder(fn.append_basic_block()).ret(ir.Constant(ir.IntType(32), i))
         modules.append(m)
     return modules
+
+
+def test_optimized_code_is_built_by_a_forked_process(monkeypatch):
+    """BUILD_IN_CHILD: the LLVM IR of a compile is built in a forked process, never in
+    this one, and the step it sends back runs; built here when it is off; an error in
+    the child's build comes back as what it was, and a child that dies is an error."""
+    import signal
+    from dlc.backends.llvm import codegen
+    from dlc.core.diagnostics import DlcError
+    builders = []
+    real = codegen.ModuleBuilder.build
+    monkeypatch.setattr(codegen.ModuleBuilder, "build", lambda self, *a: builders.append(1) or real(self, *a))
+    m = dlc.load(example_models.ROOT / "examples" / "perceptron.dln")
+    _steps_match_reference(m, 4, {"no_cache": True}, (2e-5, 1e-6), (2e-5, 1e-6), "perceptron")
+    assert builders == []
+    _compiled_here(monkeypatch)
+    m.session(m.train_config, "cpu", no_cache=True).program.compiled(4)
+    assert builders == [1]
+
+    monkeypatch.undo()
+    for failure, raised in ((lambda: (_ for _ in ()).throw(DlcError("no code for this", hint="try less")), DlcError),
+                            (lambda: os.kill(os.getpid(), signal.SIGKILL), RuntimeError)):
+        monkeypatch.setattr(codegen.ModuleBuilder, "build", lambda self, *a, f=failure: f())
+        with pytest.raises(raised, match="no code for this|the compiler process died") as info:
+            m.session(m.train_config, "cpu", no_cache=True).program.compiled(4)
+        assert raised is not DlcError or info.value.hint == "try less"
 
 
 def test_compiler_processes_take_modules_from_a_queue(monkeypatch):
@@ -1213,6 +1249,7 @@ def _llvm_pipeline(monkeypatch, optimize) -> list:
         return optimize(llmod, tm)
     monkeypatch.setattr(Target, "machine", lambda self, opt=3: machine(self, 1))
     monkeypatch.setattr(jit, "compile_workers", lambda: 1)  # (no forked compiler: `used` sees every module)
+    _compiled_here(monkeypatch)
     for name in ("O3", "pretuned"):
         monkeypatch.setitem(jit.PIPELINES, name, counted)
     return used

@@ -91,13 +91,16 @@ def _quick(llmod, tm) -> None:
 
 # The passes for code whose emitters vectorized and unrolled it themselves (the
 # convolutions, and the loop nests they vectorize whole: codegen._pretuned): the quick
-# tier's, then LLVM's full unrolling of the loops left with a few iterations (without it
-# LeNet-5's step was 22% slower: its data gradient's col2im 2.4x); machine code at level
-# 3, not the quick tier's 1. Against O3, for the convolutions: LLVM CPU -24% on the
-# residual network, -13% on the CIFAR CNN, -9% on LeNet-5; the nests a further -22% on
-# the residual network; steps within noise (docs/performance.md, "Compile time").
-PRETUNED_PASSES = QUICK_PASSES + ("loop_simplify", "loop_rotate", "loop_unroll", "instruction_combine",
-                                  "simplify_cfg")
+# tier's but NewGVN, then LLVM's full unrolling of the loops left with a few iterations
+# (without it LeNet-5's step was 22% slower: its data gradient's col2im 2.4x); machine
+# code at level 3, not the quick tier's 1. Against O3, for the convolutions: LLVM CPU -24%
+# on the residual network, -13% on the CIFAR CNN, -9% on LeNet-5; the nests a further -22%
+# on the residual network; steps within noise (docs/performance.md, "Compile time").
+# NewGVN was 7% of these modules' LLVM time and changed their machine code by a few
+# addressing modes (the emitters hoist what it would find): the residual network's cold
+# compile 5% sooner without it, its step, the CNN's, LeNet-5's and the LSTM's within noise.
+PRETUNED_PASSES = tuple(p for p in QUICK_PASSES if p != "new_gvn") + (
+    "loop_simplify", "loop_rotate", "loop_unroll", "instruction_combine", "simplify_cfg")
 
 
 def _pretuned(llmod, tm) -> None:
@@ -263,12 +266,13 @@ def _take_modules(queues: list[int], one: Callable, stop: mmap.mmap | None = Non
     return done
 
 
-def _spawn(fn: Callable, detach: bool = False) -> tuple[int, int]:
+def _spawn(fn: Callable, detach: bool = False, send_exception: bool = False) -> tuple[int, int]:
     """fn() in a forked child, which sends ("ok", its result) or ("error", why) pickled
     through a pipe and leaves without running any of this process's Python cleanup:
-    (its pid, the pipe's reading end; _outcome reads it). `detach`: the child may outlive
-    this process, so it keeps none of its files and leads a process group of its own
-    (both sides set it: a kill may come before the child runs)."""
+    (its pid, the pipe's reading end; _outcome reads it). `send_exception`: an exception
+    fn raised is sent as ("raise", it) where it can be pickled. `detach`: the child may
+    outlive this process, so it keeps none of its files and leads a process group of its
+    own (both sides set it: a kill may come before the child runs)."""
     import pickle
     read, write = os.pipe()
     pid = _fork()
@@ -281,7 +285,10 @@ def _spawn(fn: Callable, detach: bool = False) -> tuple[int, int]:
                 os.close(read)
             payload = pickle.dumps(("ok", fn()))
         except BaseException as e:  # noqa: BLE001 - reported by the parent
-            payload = pickle.dumps(("error", repr(e)))
+            try:
+                payload = pickle.dumps(("raise", e) if send_exception else ("error", repr(e)))
+            except Exception:  # noqa: BLE001 - an exception that cannot be pickled
+                payload = pickle.dumps(("error", repr(e)))
         try:
             with os.fdopen(write, "wb") as f:
                 f.write(payload)
@@ -304,6 +311,27 @@ def _outcome(pid: int, read: int) -> tuple[str, object]:
         return pickle.loads(data) if data else ("error", "the compiler process died")
     except Exception as e:  # noqa: BLE001 - a cut-off payload
         return "error", f"its result could not be read ({e!r})"
+
+
+def in_child(fn: Callable):
+    """fn()'s result, computed by a forked child (_spawn) while this process waits; an
+    exception it raised is raised here (as it was, where it can be pickled)."""
+    _init_llvm()
+    pid, read = _spawn(fn, send_exception=True)
+    try:
+        status, value = _outcome(pid, read)
+    except BaseException:
+        import signal
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
+    if status == "raise":
+        raise value
+    if status != "ok":
+        raise RuntimeError(value)
+    return value
 
 
 class ForkedJob:
