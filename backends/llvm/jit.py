@@ -306,9 +306,13 @@ def _outcome(pid: int, read: int) -> tuple[str, object]:
     import pickle
     with os.fdopen(read, "rb") as f:
         data = f.read()
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        how = f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else \
+            f"exit status {os.WEXITSTATUS(status)}"
+        return "error", f"the compiler process died ({how})"
     try:
-        return pickle.loads(data) if data else ("error", "the compiler process died")
+        return pickle.loads(data)
     except Exception as e:  # noqa: BLE001 - a cut-off payload
         return "error", f"its result could not be read ({e!r})"
 
@@ -330,7 +334,9 @@ def in_child(fn: Callable):
     if status == "raise":
         raise value
     if status != "ok":
-        raise RuntimeError(value)
+        from dlc.core.diagnostics import DlcError
+        raise DlcError(f"compiling the step failed: {value}",
+                       hint="out of memory, or a bug in dlc or LLVM: `dlc compile --verbose` shows how far it got")
     return value
 
 
