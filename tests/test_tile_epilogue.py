@@ -33,18 +33,18 @@ train m {{
     data = arrays()
     loss = cross_entropy(output, label)
     optimizer = {optimizer}
-    batch = 9{extra}
+    batch = {batch}{extra}
 }}
 """
 FAST = {"sgd_momentum", "adam", "adamw_clip", "rmsprop_momentum", "sgd_nesterov_weight_decay"}
 CPU = backends.backend("cpu")
 
 
-def _model(tmp_path, name, inputs: int = 200, hidden: int = 640) -> dlc.Model:
+def _model(tmp_path, name, inputs: int = 200, hidden: int = 640, batch: int = 9) -> dlc.Model:
     opt, clip = CASES[name]
     path = tmp_path / "m.dln"
     path.write_text(SOURCE.format(optimizer=opt, extra=f"\n    clip = {clip}" if clip is not None else "",
-                                  inputs=inputs, hidden=hidden))
+                                  inputs=inputs, hidden=hidden, batch=batch))
     return dlc.load(path)
 
 
@@ -82,6 +82,21 @@ def test_a_small_batch_through_a_wide_layer_takes_the_gemm(tmp_path):
         _check_against_reference(tmp_path, name, 2, inputs=300, hidden=256)
 
 
+def test_one_sample_through_a_wide_layer_takes_the_compact_loops(tmp_path):
+    """At batch 1 every product of a 600 -> 2048 layer (1.2 M multiply-adds, over
+    SMALL_MATMUL) is a vector-matrix product: no GEMM is built, and training matches the
+    reference."""
+    from dlc.backends.llvm.templates import SMALL_MATMUL, uses_gemm
+    assert 600 * 2048 > SMALL_MATMUL and not uses_gemm(1, 2048, 600) and uses_gemm(2, 2048, 600)
+    m = _model(tmp_path, "sgd_momentum", inputs=600, hidden=2048, batch=1)
+    mb = ModuleBuilder(kernel_program(lower(m.compile_graph("train", m.train_config), 1), CPU.templates),
+                       CPU.target({"threads": 2}))
+    mb.build()
+    assert not mb.gemms
+    for name in ("sgd_momentum", "adam"):
+        _check_against_reference(tmp_path, name, 2, inputs=600, hidden=2048, batch=1)
+
+
 def test_training_and_evaluation_share_the_forward_gemm(tmp_path):
     """The evaluation step's first layer (the same product and bias + ReLU epilogue as
     the training step's) calls the training step's GEMM function: one GEMM is built for
@@ -111,8 +126,8 @@ def test_fused_updates_on_edge_tiles(tmp_path, name):
     _check_against_reference(tmp_path, name, 2, inputs=203, hidden=650)
 
 
-def _check_against_reference(tmp_path, name, threads, inputs=200, hidden=640):
-    m = _model(tmp_path, name, inputs, hidden)
+def _check_against_reference(tmp_path, name, threads, inputs=200, hidden=640, batch=9):
+    m = _model(tmp_path, name, inputs, hidden, batch)
     graph = m.compile_graph("train", m.train_config)
     m.ensure_state(graph)
     ref_state = {k: v.copy() for k, v in m.state.items()}
@@ -122,8 +137,8 @@ def _check_against_reference(tmp_path, name, threads, inputs=200, hidden=640):
     rng = np.random.default_rng(0)
     steps, lr = 3, 0.01
     for step in range(steps):
-        feeds = {"x": rng.standard_normal((9, inputs), dtype=np.float32),
-                 "label": rng.integers(0, 10, 9).astype(np.int32), "lr": np.float32(lr)}
+        feeds = {"x": rng.standard_normal((batch, inputs), dtype=np.float32),
+                 "label": rng.integers(0, 10, batch).astype(np.int32), "lr": np.float32(lr)}
         a, b = ref.run(feeds), cpu.run(feeds)
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4, err_msg=f"{name} step {step}")
     # Adagrad's, RMSprop's and Adam's first steps move each weight by about lr * g / |g|
