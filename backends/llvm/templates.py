@@ -146,11 +146,9 @@ WEIGHT_SIZED = 1 << 16
 
 def uses_gemm(m: int, n: int, k: int) -> bool:
     """Whether C[m, n] = A[m, k] @ B[k, n] gets the GEMM (else small_matmul)."""
-    macs = m * n * k
-    if min(m, n, k) == 1:
-        return False
-    return macs > SMALL_MATMUL or (macs > SMALL_MATMUL // 4 and min(m, n, k) >= MIN_GEMM_DIM
-                                   and max(m * k, k * n, m * n) >= WEIGHT_SIZED)
+    macs, shortest = m * n * k, min(m, n, k)
+    wide = shortest >= MIN_GEMM_DIM and macs > SMALL_MATMUL // 4 and max(m * k, k * n, m * n) >= WEIGHT_SIZED
+    return shortest > 1 and (macs > SMALL_MATMUL or wide)
 
 
 def matmul(mb, em, t: Template, tid, nthreads) -> None:
