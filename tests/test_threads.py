@@ -132,29 +132,44 @@ def _drive(check, seconds_on, steps):
     return used
 
 
+MS = 1e-3  # a short step's time scale: its periods are PERIOD steps, PROBE of them probes
+
+
 def test_one_thread_is_tried_now_and_then_and_kept_when_faster():
     check = threads.RunTimeCheck(2)
     period, probe = check.PERIOD, check.PROBE
-    used = _drive(check, lambda n, i: 1.0 if n == 2 else 0.5, period)
+    used = _drive(check, lambda n, i: (1.0 if n == 2 else 0.5) * MS, period)
     assert used[:period - probe] == [2] * (period - probe) and used[period - probe:] == [1] * probe
     assert check.current == 1                      # twice as fast on one thread: kept
-    used = _drive(check, lambda n, i: 1.0 if n == 2 else 0.5, period)
+    used = _drive(check, lambda n, i: (1.0 if n == 2 else 0.5) * MS, period)
     assert used[-probe:] == [2] * probe and check.current == 1  # two threads tried again, slower
 
 
 def test_the_chosen_count_stays_unless_one_thread_is_clearly_faster():
     check = threads.RunTimeCheck(2)
-    _drive(check, lambda n, i: 1.0 if n == 2 else 0.9, 3 * check.PERIOD)   # 10%: not enough
+    _drive(check, lambda n, i: (1.0 if n == 2 else 0.9) * MS, 3 * check.PERIOD)   # 10%: not enough
     assert check.current == 2
-    _drive(check, lambda n, i: 1.0 if n == 2 else 1.4, check.PERIOD)
+    _drive(check, lambda n, i: (1.0 if n == 2 else 1.4) * MS, check.PERIOD)
     assert check.current == 2
 
 
 def test_back_to_the_chosen_count_when_its_cores_come_back():
     check = threads.RunTimeCheck(3)
     busy = 2 * check.PERIOD  # the second core is taken for the first two periods
-    _drive(check, lambda n, i: (3.0 if i < busy else 0.4) if n == 3 else 1.0, 4 * check.PERIOD)
+    _drive(check, lambda n, i: ((3.0 if i < busy else 0.4) if n == 3 else 1.0) * MS, 4 * check.PERIOD)
     assert check.current == 3 and check.other == 1
+
+
+def test_long_steps_are_probed_in_fewer_steps_and_shorter_periods():
+    """A 4 ms step (the LSTM benchmark's): after the first period, 3 probe steps in 96, so a
+    competitor that takes a core is answered within 96 steps (0.4 s), not 256 (1 s)."""
+    check = threads.RunTimeCheck(2)
+    _drive(check, lambda n, i: 4 * MS, check.PERIOD)  # the first period: as for any step
+    assert check.current == 2
+    used = _drive(check, lambda n, i: (8 if n == 2 else 5) * MS, 96)  # now two threads are slower
+    assert used == [2] * 93 + [1] * 3 and check.current == 1
+    assert sum(n == 2 for n in _drive(check, lambda n, i: (8 if n == 2 else 5) * MS, 96 * 4)) == 4 * 3
+    assert check.current == 1  # two threads tried 3 steps a period, and left alone
 
 
 @pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.dln")))

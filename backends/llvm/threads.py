@@ -18,6 +18,7 @@ only there.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -221,22 +222,32 @@ def restart_probe() -> CoreProbe:
 
 
 class RunTimeCheck:
-    """`--threads auto` while the steps run: every PERIOD steps the last PROBE of them
-    run on the other count (one thread, or back to the count chosen at load), and their
-    median is compared with that of the PROBE steps before on the current one; the other
-    count is kept from then on when it is faster by SWITCH. Results do not depend on the
-    thread count (each output element is computed by one thread, in one order), so a
-    switch changes only the time; probing a slower count costs PROBE / PERIOD of the
-    steps (about 1%). Measured on a 2-vCPU VM whose second CPU the host took away for
-    minutes at a time: a two-thread step of the MLP at batch 8 took 0.31-0.34 ms there,
-    one thread 0.155 ms, and 0.11 ms on two threads when the CPU was back."""
+    """`--threads auto` while the steps run: each period ends with a few steps on the other
+    count (one thread, or back to the count chosen at load), and their median is compared
+    with that of the steps before on the current one; the other count is kept from then on
+    when it is faster by SWITCH. Results do not depend on the thread count (each output
+    element is computed by one thread, in one order), so a switch changes only the time.
+
+    A period is PERIOD steps of which the last PROBE probe, for steps shorter than
+    PROBE_SECONDS / PROBE; a longer step is timed well enough in fewer probe steps (down to
+    MIN_PROBE), and its period shrinks with them, so that probing stays 1/32 of the steps
+    and a slow phase is answered within a third of a second or so, not seconds (the LSTM
+    benchmark's 4 ms step: 96 steps, 0.4 s, where 256 were a second). Measured beside a
+    competitor busy 1.5 s and idle 1.5 s in turn, the LSTM's mean step on a 2-vCPU VM:
+    0.90 of the time with 256-step periods (3 s on, 3 s off: 0.96); the short MLP steps'
+    periods are as they were. And on a VM whose second CPU the host took away for minutes
+    at a time: a two-thread step of the MLP at batch 8 took 0.31-0.34 ms there, one thread
+    0.155 ms, and 0.11 ms on two threads when the CPU was back."""
     PERIOD = 256
     PROBE = 8
+    MIN_PROBE = 3
+    PROBE_SECONDS = 0.01
     SWITCH = 0.85
 
     def __init__(self, chosen: int):
         self.chosen, self.current = chosen, chosen
         self.calls = 0
+        self.probe, self.left = self.PROBE, self.PERIOD  # this period's probe steps, and its steps to go
         self.recent = deque(maxlen=self.PROBE)  # the last step times on the current count
         self.probed: list[float] = []           # this period's step times on the other count
 
@@ -246,7 +257,7 @@ class RunTimeCheck:
 
     def threads(self) -> int:
         """The thread count for the next step."""
-        return self.other if self.calls % self.PERIOD >= self.PERIOD - self.PROBE else self.current
+        return self.other if self.left <= self.probe else self.current
 
     def record(self, threads: int, seconds: float) -> None:
         """A step ran on `threads` threads in `seconds`."""
@@ -255,8 +266,13 @@ class RunTimeCheck:
         else:
             self.probed.append(seconds)
         self.calls += 1
-        if self.calls % self.PERIOD == 0 and self.probed:
-            if (len(self.recent) == self.PROBE
-                    and statistics.median(self.probed) < self.SWITCH * statistics.median(self.recent)):
-                self.current, self.recent = self.other, deque(self.probed, maxlen=self.PROBE)
-            self.probed = []
+        self.left -= 1
+        if self.left > 0:
+            return
+        if (self.probed and len(self.recent) >= self.probe
+                and statistics.median(self.probed) < self.SWITCH * statistics.median(self.recent)):
+            self.current, self.recent = self.other, deque(self.probed, maxlen=self.PROBE)
+        self.probed = []
+        step = statistics.median(self.recent) if self.recent else seconds
+        self.probe = max(self.MIN_PROBE, min(self.PROBE, math.ceil(self.PROBE_SECONDS / max(step, 1e-9))))
+        self.left = self.probe * (self.PERIOD // self.PROBE)
