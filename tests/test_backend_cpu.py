@@ -1371,6 +1371,23 @@ def test_convolutions_and_their_packers_leave_no_loop_to_llvm_to_unroll():
     assert any(body.count("!llvm.loop") < loops(body) for n, body in functions.items() if n not in convs)
 
 
+def test_zero_vectors_and_splats_are_written_short_in_the_llvm_ir():
+    """A vector of zeros is written `zeroinitializer` and a splat inserts into `poison`:
+    llvmlite writes a vector constant out lane by lane (its zero vectors were 17% of the
+    residual network's IR text, its splats' 6%). -0.0 is not a zero vector."""
+    import re
+
+    from llvmlite import ir
+
+    from dlc.backends.llvm.irutil import F32, const_vector
+    text = dlc.load(EXAMPLES[0].parent / "lenet5.dln").ir("llvm")
+    assert "zeroinitializer" in text and "> poison, " in text
+    lanes = r"(float|i32|i64|i1) +(0x0|0\.0|0|false)"
+    assert not re.search(rf"<{lanes}, {lanes}", text)  # no zero vector lane by lane
+    assert str(const_vector(F32, (-0.0,) * 2)) == "<2 x float> <float 0x8000000000000000, float 0x8000000000000000>"
+    assert str(const_vector(ir.IntType(32), (0, 0))) == "<2 x i32> zeroinitializer"
+
+
 def test_a_stride1_gradient_packs_its_taps_in_the_forward_order():
     """The data gradient of a stride-1 3x3 layer reads its taps in the forward's order
     (ascending offsets), so where the grids match, both products share one im2col packer."""

@@ -154,6 +154,19 @@ def smax(b, x, y):
     return b.select(b.icmp_signed(">", x, y), x, y)
 
 
+class _Poison(ir.Constant):
+    """A vector of poison lanes (llvmlite has no such constant)."""
+    def _get_reference(self):
+        return "poison"
+
+
+class _Zero(ir.Constant):
+    """A vector of zeros, as `zeroinitializer`: llvmlite writes out every lane, padded
+    (the zero vectors were 17% of the residual network's IR text)."""
+    def _get_reference(self):
+        return "zeroinitializer"
+
+
 _VECTORS: dict = {}
 
 
@@ -166,16 +179,26 @@ def const_vector(etype: ir.Type, values) -> ir.Constant:
     key = (etype, tuple(map(repr, values)))
     found = _VECTORS.get(key)
     if found is None:
-        found = _VECTORS[key] = ir.Constant(ir.VectorType(etype, len(values)), list(values))
+        vtype = ir.VectorType(etype, len(values))
+        zero = all(v in ("0", "0.0", "False") for v in key[1])  # (not -0.0)
+        found = _VECTORS[key] = _Zero(vtype, None) if zero else ir.Constant(vtype, list(values))
     return found
 
 
 def splat(b: ir.IRBuilder, x: ir.Value, w: int) -> ir.Value:
-    """x in each of w lanes."""
+    """x in each of w lanes (inserted into a `poison` vector: llvmlite printed the
+    zero vector it was lane by lane at every splat, 6% of the residual network's IR text)."""
     if isinstance(x, ir.Constant) and not isinstance(x.type, ir.VectorType):
         return const_vector(x.type, (x.constant,) * w)
-    v = b.insert_element(ir.Constant(ir.VectorType(x.type, w), None), x, i32(0))
+    v = b.insert_element(_poison(ir.VectorType(x.type, w)), x, i32(0))
     return b.shuffle_vector(v, v, const_vector(I32, (0,) * w))
+
+
+def _poison(vtype: ir.VectorType) -> ir.Constant:
+    found = _VECTORS.get(vtype)
+    if found is None:
+        found = _VECTORS[vtype] = _Poison(vtype, None)
+    return found
 
 
 def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
