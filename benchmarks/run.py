@@ -374,6 +374,44 @@ def recurrent_source(layer: str, steps: int) -> str:
             f"    optimizer = adam(lr=1e-3)\n    batch = 32\n}}\n")
 
 
+class StealMeter:
+    """The share of this machine's CPU time its host gave to others while each section ran
+    ("steal" in /proc/stat: a virtual CPU that was ready to run and did not). A section
+    whose ratios moved with a few percent of steal was timed on a slowed machine, which a
+    two-thread step that meets at barriers feels more than PyTorch's. (No shares where
+    there is no /proc/stat.)"""
+
+    def __init__(self):
+        self.shares: dict[str, float] = {}
+        self._open: tuple[str, list[int]] | None = None
+
+    @staticmethod
+    def _ticks() -> list[int] | None:
+        try:  # cpu  user nice system idle iowait irq softirq steal ...
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+            return [int(f) for f in fields[:8]]
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def start(self, name: str) -> None:
+        """Ends the section before, begins `name`."""
+        self.stop()
+        ticks = self._ticks()
+        if ticks is not None and len(ticks) == 8:
+            self._open = (name, ticks)
+
+    def stop(self) -> None:
+        if self._open is None:
+            return
+        name, before = self._open
+        self._open = None
+        after = self._ticks()
+        spent = [a - b for a, b in zip(after or before, before)]
+        if sum(spent) > 0:
+            self.shares[name] = spent[7] / sum(spent)
+            print(f"  (the host took {100 * self.shares[name]:.1f}% of the CPU time while {name} ran: steal)")
+
+
 def _loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -400,6 +438,7 @@ def main() -> int:
 
     def section(name: str) -> bool:
         return args.only in (None, name)
+    steal = StealMeter()
     threads = args.threads or os.cpu_count()  # PyTorch's, and the roofline's ceilings'
     dlc_threads = args.threads  # None: dlc's default, `auto`
     repeats, scale = (3, 0.3) if args.quick else (7, 1.0)
@@ -430,6 +469,7 @@ def main() -> int:
               f"{peer_s * 1e3 if peer_s else float('nan'):9.3f} ms   dlc/peer {shown}")
 
     if section("gemm"):
+        steal.start("gemm")
         # GEMM against numpy's BLAS (forward of a one-matmul model)
         print("GEMM (float32, N x N @ N x N)")
         for n in (256, 512, 1024, 2048):
@@ -442,6 +482,7 @@ def main() -> int:
             record(f"gemm_{n}", d, "numpy BLAS", p, 1 / 0.9 if n == 1024 else None, ratio=r)
 
     if section("training"):
+        steal.start("training")
         print("training steps")
         workloads = [("mlp_b128", "mlp784.dln", "mlp", 128, 50), ("mlp_b8", "mlp784.dln", "mlp", 8, 200),
                      ("mlp_b1", "mlp784.dln", "mlp", 1, 300), ("lenet_b64", "lenet28.dln", "lenet", 64, 30),
@@ -474,6 +515,7 @@ def main() -> int:
                 record(name, median_time(dlc_step, steps, repeats), "-", None)
 
     if section("recurrent"):
+        steal.start("recurrent")
         print("recurrent layers: training step (blocks interleaved with PyTorch's; median ratio) and cold compile")
         for layer, steps in RECURRENT:
             name = f"{layer}_T{steps}"
@@ -493,6 +535,7 @@ def main() -> int:
             rows[-1].update(cold_compile_s=cold)
 
     if section("inference"):
+        steal.start("inference")
         print("inference")
         steps = max(2, int(300 * scale))
         d = median_time(dlc_forward(HERE / "models" / "mlp784.dln", 1, dlc_threads), steps, repeats)
@@ -501,6 +544,7 @@ def main() -> int:
 
     compile_rows, shared, roofline_rows = [], [], []
     if section("compile"):
+        steal.start("compile")
         print("compile time (load .dln -> training step ready)")
         for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln", "cifar_cnn.dln", "resnet_cifar.dln"):
             cold, warm = compile_times(HERE / "models" / file, dlc_threads)
@@ -511,6 +555,7 @@ def main() -> int:
                   f"--quick-start: ready {quick:5.2f} s, optimized code in use {optimized:5.2f} s")
 
     if section("roofline"):
+        steal.start("roofline")
         import roofline
         n = 1024
         gemm_rate = n ** 3 / median_time(dlc_forward(gemm_model(n), n, threads), max(2, int(8 * scale)), repeats)
@@ -523,10 +568,13 @@ def main() -> int:
         roofline_rows.insert(0, {"gemm_multiply_adds_per_s": gemm_rate, "copy_bytes_per_s": bytes_rate})
 
     if section("shared"):
+        steal.start("shared")
         print("shared machine (MLP 784-512-256-10 batch 8, one training step; load before: "
               f"{_loadavg()})")
         shared = shared_machine(HERE / "models" / "mlp784.dln", 8, max(2, int(200 * scale)), repeats)
 
+    steal.stop()
+    info["steal"] = steal.shares
     Path(args.out).write_text(json.dumps({"info": info, "rows": rows, "compile": compile_rows,
                                           "roofline": roofline_rows, "shared_machine": shared}, indent=1))
     print(f"wrote {args.out}")

@@ -19,3 +19,28 @@ def test_bench_conv_prints_each_row_against_its_paired_gemm_blocks():
     rows = re.findall(r"^lenet\.c2 6>16 14x14 k5 (forward|bwd data) +[\d.]+ +[\d.]+ +\d+% +(FLOPs|mem) +\d+%$",
                       out, re.M)
     assert [kind for kind, _ in rows] == ["forward", "bwd data"]
+
+
+def test_run_says_how_much_cpu_time_the_host_took_in_each_section(tmp_path, monkeypatch):
+    """benchmarks/run.py ends each section with the host's share of the CPU time while it
+    ran (steal, from /proc/stat), and writes it with the figures."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    ticks = iter([[100, 0, 10, 50, 0, 0, 0, 0], [160, 0, 20, 50, 0, 0, 0, 20],  # training's start, end
+                  [160, 0, 20, 50, 0, 0, 0, 20], [160, 0, 20, 150, 0, 0, 0, 20]])  # shared's
+    monkeypatch.setattr(run.StealMeter, "_ticks", staticmethod(lambda: next(ticks)))
+    meter = run.StealMeter()
+    meter.start("training")
+    meter.start("shared")  # ends "training": 20 of 90 ticks were the host's
+    meter.stop()
+    assert meter.shares == {"training": 20 / 90, "shared": 0.0}
+    if not Path("/proc/stat").exists():
+        return
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "inference",
+                          "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    assert re.search(r"^  \(the host took \d+\.\d% of the CPU time while inference ran: steal\)$", out, re.M)
+    assert set(json.loads((tmp_path / "r.json").read_text())["info"]["steal"]) == {"inference"}
