@@ -231,11 +231,11 @@ class RunTimeCheck:
     A period is PERIOD steps of which the last PROBE probe, for steps shorter than
     PROBE_SECONDS / PROBE; a longer step is timed well enough in fewer probe steps (down to
     MIN_PROBE), and its period shrinks with them, so that probing stays 1/32 of the steps
-    and a slow phase is answered within a third of a second or so, not seconds (the LSTM
-    benchmark's 4 ms step: 96 steps, 0.4 s, where 256 were a second). Measured beside a
-    competitor busy 1.5 s and idle 1.5 s in turn, the LSTM's mean step on a 2-vCPU VM:
-    0.90 of the time with 256-step periods (3 s on, 3 s off: 0.96); the short MLP steps'
-    periods are as they were. And on a VM whose second CPU the host took away for minutes
+    and a slow phase is answered sooner (the LSTM benchmark's 4 ms step: a period of 96
+    steps, 0.4 s, where 256 steps were a second). Beside a competitor busy 1.5 s and idle
+    1.5 s in turn, the LSTM's mean step on a 2-vCPU VM took 0.89-0.90 of its time with
+    256-step periods (3 s busy, 3 s idle: 0.96); the short MLP steps' periods are as they
+    were. And on a VM whose second CPU the host took away for minutes
     at a time: a two-thread step of the MLP at batch 8 took 0.31-0.34 ms there, one thread
     0.155 ms, and 0.11 ms on two threads when the CPU was back."""
     PERIOD = 256
