@@ -111,10 +111,10 @@ def gemm_model(n: int) -> Path:
     return path
 
 
-def compile_times(path: Path, threads: int | None, colds: int = 3) -> tuple[float, float]:
-    """(cold, warm) seconds from loading the .dln to a compiled training step ready to
-    run: cold with an empty compile cache (the median of `colds` compiles, each into a
-    cache of its own: one cold compile moves by a third from minute to minute on a
+def compile_times(path: Path, threads: int | None, colds: int = 3) -> tuple[float, float, list[float]]:
+    """(cold, warm, each cold) seconds from loading the .dln to a compiled training step
+    ready to run: cold with an empty compile cache (the median of `colds` compiles, each
+    into a cache of its own: one cold compile moves by a third from minute to minute on a
     shared machine), warm with the cache the last cold compile filled."""
     cold = []
     for _ in range(colds - 1):
@@ -122,7 +122,7 @@ def compile_times(path: Path, threads: int | None, colds: int = 3) -> tuple[floa
             cold.append(_ready(path, threads, cache)[0])
     with tempfile.TemporaryDirectory() as cache:
         cold.append(_ready(path, threads, cache)[0])
-        return statistics.median(cold), _ready(path, threads, cache)[0]
+        return statistics.median(cold), _ready(path, threads, cache)[0], cold
 
 
 def quick_start_times(path: Path, threads: int | None, colds: int = 3) -> tuple[float, float]:
@@ -521,7 +521,7 @@ def main() -> int:
             name = f"{layer}_T{steps}"
             path = Path(tempfile.mkdtemp()) / f"{layer}{steps}.dln"
             path.write_text(recurrent_source(layer, steps))
-            cold, _ = compile_times(path, dlc_threads)
+            cold, _, _ = compile_times(path, dlc_threads)
             n = max(3, int(512 // steps * scale))
             dlc_step = dlc_train_step(path, 32, dlc_threads)
             if have_torch:
@@ -547,11 +547,11 @@ def main() -> int:
         steal.start("compile")
         print("compile time (load .dln -> training step ready)")
         for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln", "cifar_cnn.dln", "resnet_cifar.dln"):
-            cold, warm = compile_times(HERE / "models" / file, dlc_threads)
+            cold, warm, each = compile_times(HERE / "models" / file, dlc_threads)
             quick, optimized = quick_start_times(HERE / "models" / file, dlc_threads)
-            compile_rows.append({"model": file, "cold_s": cold, "warm_s": warm, "quick_start_ready_s": quick,
-                                 "quick_start_optimized_s": optimized})
-            print(f"  {file:<14} cold {cold:6.2f} s   warm (cache) {warm:6.3f} s   "
+            compile_rows.append({"model": file, "cold_s": cold, "cold_s_each": each, "warm_s": warm,
+                                 "quick_start_ready_s": quick, "quick_start_optimized_s": optimized})
+            print(f"  {file:<14} cold {cold:6.2f} s ({min(each):.2f}-{max(each):.2f})   warm (cache) {warm:6.3f} s   "
                   f"--quick-start: ready {quick:5.2f} s, optimized code in use {optimized:5.2f} s")
 
     if section("roofline"):
