@@ -161,15 +161,27 @@ def test_back_to_the_chosen_count_when_its_cores_come_back():
 
 
 def test_long_steps_are_probed_in_fewer_steps_and_shorter_periods():
-    """A 4 ms step (the LSTM benchmark's): after the first period, 3 probe steps in 96, so a
-    competitor that takes a core is answered within 96 steps (0.4 s), not 256 (1 s)."""
+    """A 4 ms step (the LSTM benchmark's): 3 probe steps in 96, the first period too (sized
+    after its first 3 steps), so a competitor that takes a core is answered within 96
+    steps (0.4 s), not 256 (1 s)."""
     check = threads.RunTimeCheck(2)
-    _drive(check, lambda n, i: 4 * MS, check.PERIOD)  # the first period: as for any step
-    assert check.current == 2
+    used = _drive(check, lambda n, i: 4 * MS, 96)
+    assert used == [2] * 93 + [1] * 3 and check.current == 2  # as fast on one thread: stays
     used = _drive(check, lambda n, i: (8 if n == 2 else 5) * MS, 96)  # now two threads are slower
     assert used == [2] * 93 + [1] * 3 and check.current == 1
     assert sum(n == 2 for n in _drive(check, lambda n, i: (8 if n == 2 else 5) * MS, 96 * 4)) == 4 * 3
     assert check.current == 1  # two threads tried 3 steps a period, and left alone
+
+
+def test_steps_all_run_on_fewer_threads_than_the_check_asked_for():
+    """Steps the runtime ran on one thread whatever the check said (a compile in the
+    background held a core): every time is a probe's, none the current count's; the
+    check sizes its periods from them and keeps its count."""
+    check = threads.RunTimeCheck(2)
+    for _ in range(3 * check.PERIOD):
+        check.threads()
+        check.record(1, 4 * MS)
+    assert check.current == 2 and check.probe == check.MIN_PROBE
 
 
 @pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.dln")))

@@ -232,10 +232,10 @@ class RunTimeCheck:
     PROBE_SECONDS / PROBE; a longer step is timed well enough in fewer probe steps (down to
     MIN_PROBE), and its period shrinks with them, so that probing stays 1/32 of the steps
     and a slow phase is answered sooner (the LSTM benchmark's 4 ms step: a period of 96
-    steps, 0.4 s, where 256 steps were a second). Beside a competitor busy 1.5 s and idle
-    1.5 s in turn, the LSTM's mean step on a 2-vCPU VM took 0.89-0.90 of its time with
-    256-step periods (3 s busy, 3 s idle: 0.96); the short MLP steps' periods are as they
-    were. And on a VM whose second CPU the host took away for minutes
+    steps, 0.4 s, where 256 steps were a second). The first period is sized by the first
+    MIN_PROBE steps. Beside a competitor busy 1.5 s and idle 1.5 s in turn, the LSTM's mean
+    step on a 2-vCPU VM took 0.89-0.94 of its time with 256-step periods (3 s busy, 3 s
+    idle: 0.96); the short MLP steps' periods are as they were. And on a VM whose second CPU the host took away for minutes
     at a time: a two-thread step of the MLP at batch 8 took 0.31-0.34 ms there, one thread
     0.155 ms, and 0.11 ms on two threads when the CPU was back."""
     PERIOD = 256
@@ -267,12 +267,19 @@ class RunTimeCheck:
             self.probed.append(seconds)
         self.calls += 1
         self.left -= 1
+        if self.calls == self.MIN_PROBE:  # the first steps' times size the first period too
+            self._size(statistics.median([*self.recent, *self.probed]), first=True)
         if self.left > 0:
             return
         if (self.probed and len(self.recent) >= self.probe
                 and statistics.median(self.probed) < self.SWITCH * statistics.median(self.recent)):
             self.current, self.recent = self.other, deque(self.probed, maxlen=self.PROBE)
         self.probed = []
-        step = statistics.median(self.recent) if self.recent else seconds
+        self._size(statistics.median(self.recent) if self.recent else seconds)
+
+    def _size(self, step: float, first: bool = False) -> None:
+        """The probe steps and the period for a step of `step` seconds: the next period's,
+        or what is left of the first."""
         self.probe = max(self.MIN_PROBE, min(self.PROBE, math.ceil(self.PROBE_SECONDS / max(step, 1e-9))))
-        self.left = self.probe * (self.PERIOD // self.PROBE)
+        period = self.probe * (self.PERIOD // self.PROBE)
+        self.left = min(self.left, period - self.calls) if first else period
