@@ -195,9 +195,11 @@ def splat(b: ir.IRBuilder, x: ir.Value, w: int) -> ir.Value:
 
 
 def _poison(vtype: ir.VectorType) -> ir.Constant:
-    found = _VECTORS.get(vtype)
+    """The poison vector of `vtype`, one object per type (in const_vector's cache)."""
+    key = ("poison", vtype)
+    found = _VECTORS.get(key)
     if found is None:
-        found = _VECTORS[vtype] = _Poison(vtype, None)
+        found = _VECTORS[key] = _Poison(vtype, None)
     return found
 
 

@@ -235,9 +235,10 @@ class RunTimeCheck:
     steps, 0.4 s, where 256 steps were a second). The first period is sized by the first
     MIN_PROBE steps. Beside a competitor busy 1.5 s and idle 1.5 s in turn, the LSTM's mean
     step on a 2-vCPU VM took 0.89-0.94 of its time with 256-step periods (3 s busy, 3 s
-    idle: 0.96); the short MLP steps' periods are as they were. And on a VM whose second CPU the host took away for minutes
-    at a time: a two-thread step of the MLP at batch 8 took 0.31-0.34 ms there, one thread
-    0.155 ms, and 0.11 ms on two threads when the CPU was back."""
+    idle: 0.96); the short MLP steps' periods are as they were. And on a VM whose second
+    CPU the host took away for minutes at a time: a two-thread step of the MLP at batch 8
+    took 0.31-0.34 ms there, one thread 0.155 ms, and 0.11 ms on two threads when the CPU
+    was back."""
     PERIOD = 256
     PROBE = 8
     MIN_PROBE = 3
