@@ -21,9 +21,11 @@ artifacts, and runs steps. A backend:
                       or refuses the file (artifact). It must run none of the code and must
                       not crash on any input: loading is where native code starts to run.
   load(blobs, layout, target) -> Step: `run(state, feeds)` and `profile_rows()`
-  compile_entries(programs, target, profile) -> Compiled: several programs (a training and
-                      an evaluation step) as one unit, with an `Entries` layout; the default
-                      compiles each alone, a backend may share code between them
+  compile_entries(programs, target, profile, make=None) -> Compiled: several programs (a
+                      training and an evaluation step) as one unit, with an `Entries`
+                      layout; the default compiles each alone, a backend may share code
+                      between them. An entry whose program is None is made by `make()`
+                      (the driver still lowering it): a backend may start on the others
   load_entries(blobs, entries, target) -> {entry: Step}
   dump(program, stage, target) -> text of one of its stages
   check_target(saved, target)   None, or why code built for `saved` (a target's JSON)
@@ -226,9 +228,13 @@ class Backend:
     def load(self, blobs: list[bytes], layout: StepLayout, target) -> Step:
         raise NotImplementedError
 
-    def compile_entries(self, programs: dict, target, profile: bool = False, quick: bool = False) -> Compiled:
-        """Several programs as one unit. This default compiles each on its own (with no
-        quick tier); each entry's layout records its blobs in `meta["blobs"]` ([first, end))."""
+    def compile_entries(self, programs: dict, target, profile: bool = False, quick: bool = False,
+                        make: Callable[[], dict] | None = None) -> Compiled:
+        """Several programs as one unit ({entry: program}, in the unit's order); make()
+        returns the programs of the entries given as None. This default compiles each on
+        its own (with no quick tier); each entry's layout records its blobs in
+        `meta["blobs"]` ([first, end))."""
+        programs = made_programs(programs, make)
         blobs, layouts, timings, notes = [], {}, {}, []
         for name, program in programs.items():
             c = self.compile(program, target, profile)
@@ -317,3 +323,11 @@ def host_memory_available() -> int | None:
     except (OSError, ValueError):
         pass
     return free
+
+
+def made_programs(programs: dict, make: Callable[[], dict] | None) -> dict:
+    """`programs` with the entries given as None made by make(), in their places."""
+    if make is None:
+        return programs
+    made = make()
+    return {entry: made[entry] if program is None else program for entry, program in programs.items()}

@@ -994,6 +994,138 @@ def test_optimized_code_is_built_by_a_forked_process(monkeypatch):
         m.session(m.train_config, "cpu", no_cache=True).program.compiled(4)
 
 
+MLP784 = example_models.ROOT / "benchmarks" / "models" / "mlp784.dln"
+
+
+def _trained(staged: bool, monkeypatch) -> tuple[dict, dict]:
+    """mlp784's state after three training steps and an evaluation, compiled with the
+    training unit's lowering staged or not (program.STAGED_LOWERING)."""
+    from dlc import program as program_mod
+    monkeypatch.setattr(program_mod, "STAGED_LOWERING", staged)
+    m = dlc.load(MLP784)
+    session = m.session(m.train_config, "cpu", no_cache=True, threads=2)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        feeds = _example_feeds(m, 128, rng)
+        session.train_step(feeds["x"], feeds["label"], 0.01)
+    metrics = session.evaluate(feeds["x"], feeds["label"], 128)
+    return {k: v.copy() for k, v in m.state.items()}, metrics
+
+
+def test_a_training_unit_compiles_its_evaluation_step_while_its_training_step_is_lowered(monkeypatch, tmp_path):
+    """Program._compile lowers the evaluation step first; the forked builder builds its
+    modules and hands them over (ModuleBuilder.build_first) while this process still
+    lowers the training step (which here waits to see that happen). The code trains and
+    evaluates bit for bit as the code built in one go."""
+    import time
+    from dlc import pipeline
+    from dlc.backends.llvm import codegen
+    handed = tmp_path / "handed"
+    real_first, real_lower = codegen.ModuleBuilder.build_first, pipeline.lower
+
+    def build_first(self, finished):  # (in the forked builder)
+        real_first(self, finished)
+        handed.write_text(" ".join(entry for entry, program in self.programs.items() if program is not None))
+    lowered, seen = [], []
+
+    def lower(graph, batch, **options):
+        lowered.append(graph)
+        if len(lowered) == 2:  # the training step (the evaluation step is lowered first)
+            deadline = time.monotonic() + 20
+            while not handed.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(handed.exists() and handed.read_text())
+        return real_lower(graph, batch, **options)
+    monkeypatch.setattr(codegen.ModuleBuilder, "build_first", build_first)
+    monkeypatch.setattr(pipeline, "lower", lower)
+    staged = _trained(True, monkeypatch)
+    assert seen == ["eval"], "the evaluation step's modules were not handed over while the training step was lowered"
+    monkeypatch.setattr(pipeline, "lower", real_lower)
+    handed.unlink()
+    in_one_go = _trained(False, monkeypatch)
+    assert not handed.exists()
+    for k in staged[0]:
+        np.testing.assert_array_equal(staged[0][k], in_one_go[0][k], err_msg=k)
+    assert staged[1] == in_one_go[1]
+
+
+def test_the_training_steps_matmuls_call_the_gemms_the_evaluation_step_handed_over():
+    """build_first builds the evaluation step into a quarter of the modules and closes
+    them; the training step's forward matmuls of the same shapes call those GEMMs
+    through declarations instead of building second copies, and every function is
+    built as often as when the unit is built in one go."""
+    m = dlc.load(MLP784)
+    target = CPU.target({"threads": 2})
+    programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 128), CPU.templates)
+                for mode in ("train", "eval")}
+
+    def definitions(mb):
+        return sorted(f.name.rsplit(".", 1)[0] for mod in mb.modules for f in mod.functions
+                      if not f.is_declaration and f.name.startswith("gemm."))
+    whole = ModuleBuilder(programs, target, tag="t")
+    whole.build()
+    handed = []
+    staged = ModuleBuilder({"train": None, "eval": programs["eval"]}, target, tag="t")
+    staged.build_first(lambda modules, *rest: handed.extend(modules))
+    assert handed and all(mod is not staged.step_module for mod in handed)
+    assert staged.closed == {staged.modules.index(mod) for mod in handed}
+    staged.add_programs({"train": programs["train"]})
+    staged.build(lambda *a: None)
+    assert list(staged.entry_parts) == ["train", "eval"]  # the unit's order, for the layouts
+    assert len(definitions(staged)) == len(definitions(whole))
+    calls = [f.name for mod in staged.modules if mod not in handed for f in mod.functions
+             if f.is_declaration and f.name.startswith("gemm.") and not f.name.endswith("pack_b")]
+    defined_there = {f.name for mod in handed for f in mod.functions if not f.is_declaration}
+    assert calls and set(calls) <= defined_there
+
+
+def test_a_unit_whose_lowering_fails_or_does_not_pickle_leaves_no_compiler_behind(monkeypatch):
+    """An error while the training step is lowered (here: the step does not fit in memory)
+    stops the forked builder, which is collected; programs that cannot be sent to it
+    (jit.Unsent) are built in one go instead."""
+    from dlc.backends.llvm import jit
+    from dlc.core.diagnostics import ResourceError
+    spawned = []
+    real_spawn = jit._spawn
+    monkeypatch.setattr(jit, "_spawn", lambda *a, **k: spawned.append(real_spawn(*a, **k)) or spawned[-1])
+    monkeypatch.setattr(CPU, "free_memory", lambda target: 10)
+    m = dlc.load(example_models.ROOT / "examples" / "perceptron.dln")
+    with pytest.raises(ResourceError, match="only 10 bytes is available"):
+        m.session(m.train_config, "cpu", no_cache=True).program.compiled(4)
+    assert spawned
+    for pid, _ in spawned:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # gone, and collected (a zombie would still take the signal)
+    monkeypatch.undo()
+
+    def unsent(write, value):
+        os.close(write)
+        raise jit.Unsent(value, "cannot pickle this")
+    monkeypatch.setattr(jit, "_send", unsent)
+    session = m.session(m.train_config, "cpu", no_cache=True)
+    feeds = _example_feeds(m, 4, np.random.default_rng(0))
+    assert np.isfinite(session.train_step(feeds[m.input_types[0][0]], feeds["label"], 0.01)["loss"])
+    assert list(session.program.compiled(4)[1].entries) == ["train", "eval"]
+
+
+def test_in_child_feeds_the_child_what_this_process_computes_meanwhile():
+    """in_child(fn, feed): fn(receive) runs in the child while this process runs feed();
+    receive() there returns feed()'s value. A feed that raises stops the child and raises
+    here; a value that does not pickle raises Unsent with the value."""
+    from dlc.backends.llvm import jit
+    assert jit.in_child(lambda receive: ("got", receive(), os.getpid()), lambda: [1, 2])[:2] == ("got", [1, 2])
+    assert jit.in_child(lambda receive: receive(), lambda: list(range(100_000)))[-1] == 99_999  # past a pipe's buffer
+
+    def failing():
+        raise KeyError("lowering failed")
+    with pytest.raises(KeyError, match="lowering failed"):
+        jit.in_child(lambda receive: receive(), failing)
+    value = lambda: 0  # noqa: E731 - a lambda does not pickle
+    with pytest.raises(jit.Unsent) as info:
+        jit.in_child(lambda receive: receive(), lambda: value)
+    assert info.value.value is value
+
+
 def test_compiler_processes_take_modules_from_a_queue(monkeypatch):
     """Two processes take five modules largest first; the objects come back in module
     order, and a module that fails in whichever process took it fails the compile with
@@ -1041,7 +1173,7 @@ def test_compiler_processes_start_on_a_batch_while_the_next_is_built(tmp_path, m
     def held(module, target, pipeline="O3", lsr=False):  # q0 waits until the second batch is in
         if module.name == "q0":
             started.touch()
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 20
             while not added.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
         return real_one(module, target, pipeline, lsr)
@@ -1057,7 +1189,7 @@ def test_compiler_processes_start_on_a_batch_while_the_next_is_built(tmp_path, m
     compiler = jit.ModuleCompiler(target, workers=2)
     modules = _numbered_modules(target, 12)
     compiler.add(modules[:6], sizes=[6, 5, 4, 3, 2, 1])  # q0 first
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 20
     while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     compiler.add(modules)  # q6..q11, built after the first child was forked

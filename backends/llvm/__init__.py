@@ -53,37 +53,58 @@ class CpuBackend(Backend):
     def compile(self, program, target, profile: bool = False, quick: bool = False) -> Compiled:
         return self._compile({"": program}, target, profile, quick)
 
-    def compile_entries(self, programs: dict, target, profile: bool = False, quick: bool = False) -> Compiled:
+    def compile_entries(self, programs: dict, target, profile: bool = False, quick: bool = False,
+                        make=None) -> Compiled:
         """One set of modules for every entry: a kernel both programs contain (identical
-        code) is compiled once, and each entry gets its own step function."""
-        return self._compile(programs, target, profile, quick)
+        code) is compiled once, and each entry gets its own step function. The entries
+        made by make() are built after the others, whose code is compiled meanwhile."""
+        return self._compile(programs, target, profile, quick, make)
 
-    def _compile(self, programs: dict, target, profile: bool, quick: bool) -> Compiled:
+    def _compile(self, programs: dict, target, profile: bool, quick: bool, make=None) -> Compiled:
         """quick: the modules through the quick tier's passes (jit.QUICK_PASSES), with
         `optimized` set to compile them again at O3 in a forked process. Optimized code
-        is built and compiled by a forked process (BUILD_IN_CHILD)."""
-        from .jit import can_fork, in_child
+        is built and compiled by a forked process (BUILD_IN_CHILD): given `make`, one
+        forked before make() runs here, which builds the entries at hand and compiles
+        them while it waits for make()'s programs (_build)."""
+        from dlc.backends.base import made_programs
+
+        from .jit import Unsent, can_fork, in_child
         quick = quick and can_fork()  # the optimized code is compiled by a forked process
         if not quick and BUILD_IN_CHILD and can_fork():
-            return in_child(lambda: self._build(programs, target, profile, False))
-        return self._build(programs, target, profile, quick)
+            if make is None:
+                return in_child(lambda: self._build(programs, target, profile, False))
+            try:
+                return in_child(lambda receive: self._build(programs, target, profile, False, receive), make)
+            except Unsent as e:  # (programs that do not pickle: built in one go instead)
+                made = e.value
+                return in_child(lambda: self._build(made_programs(programs, lambda: made), target, profile, False))
+        return self._build(made_programs(programs, make), target, profile, quick)
 
-    def _build(self, programs: dict, target, profile: bool, quick: bool) -> Compiled:
+    def _build(self, programs: dict, target, profile: bool, quick: bool, make=None) -> Compiled:
         """The O3 modules are compiled while the rest is built (ModuleBuilder.build,
-        jit.ModuleCompiler)."""
+        jit.ModuleCompiler); with `make`, the modules of the entries at hand first
+        (ModuleBuilder.build_first), then make()'s."""
+        from .codegen import ModuleBuilder
         from .jit import ModuleCompiler
         start = time.perf_counter()
+        waited = 0.0
         compiler = ModuleCompiler(target, quick=quick)
         try:
-            mb = self._modules(programs, target, profile, finished=compiler.add)
-            layout = self._layout(programs, mb, target)
+            mb = ModuleBuilder(programs, target, profile=profile)
+            if make is not None:
+                mb.build_first(compiler.add)
+                before = time.perf_counter()
+                mb.add_programs(make())
+                waited = time.perf_counter() - before
+            mb.build(compiler.add)
+            layout = self._layout(mb.programs, mb, target)
             built = time.perf_counter()
             compiler.add(mb.modules, mb.sizes, mb.pretuned, mb.lsr)  # those `finished` did not hand over
         except BaseException:
             compiler.cancel()
             raise
         compiled = _finish(mb, layout, target, compiler.finish(order=mb.modules))
-        compiled.timings = {"LLVM IR": built - start, **compiled.timings}
+        compiled.timings = {"LLVM IR": built - start - waited, **compiled.timings}
         compiled.stats = {"parts": sum(map(len, mb.entry_parts.values())), "shared": mb.shared}
         if quick:
             compiled.optimized = lambda then: _optimize_in_child(mb, layout, target, then)

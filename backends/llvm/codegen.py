@@ -89,12 +89,16 @@ class ModuleBuilder:
     modules of similar size (LLVM optimizes them in parallel, a few per core); a part whose
     function comes out identical to one already built (the same kernel in both entries,
     or twice in one: the same layer shape) is not built again: both calls go to one
-    function. Module 0 also holds the step functions, which call the parts."""
+    function. Module 0 also holds the step functions, which call the parts.
+
+    Programs given as None come later (add_programs): build_first builds the others'
+    parts into a quarter of the modules and hands those over, to be compiled while the
+    rest is made."""
 
     def __init__(self, program, target, name: str = "dlc", profile: bool = False,
                  pieces: int | None = None, tag: str | None = None):
         self.programs = dict(program) if isinstance(program, dict) else {"": program}
-        self.program = next(iter(self.programs.values()))
+        self.program = next(p for p in self.programs.values() if p is not None)
         self.target = target
         self.modules = []
         pieces = max(1, pieces or MODULES_PER_WORKER * compile_workers())
@@ -119,7 +123,7 @@ class ModuleBuilder:
         self.pretuned = frozenset()  # the modules of _pretuned parts (jit), once built
         self._by_key: dict = {}
         self._built: dict = {}  # name -> function: the parts build(finished=...) built first
-        self._closed: set = set()  # those modules: nothing more goes there
+        self.closed: set = set()  # those modules: nothing more goes there
         self._helpers: dict = {}  # key -> function (ModuleBuilder.helper)
         self._names: dict = {}  # prefix -> last number (ModuleBuilder.fresh_name)
         # kernels are external symbols (the step calls them across modules): a name unique to
@@ -142,6 +146,26 @@ class ModuleBuilder:
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         return fn, b, pointers
 
+    def build_first(self, finished: Callable) -> None:
+        """The parts of the programs at hand, built into the first quarter of each pool's
+        modules (the step module aside), which are then closed and handed to
+        `finished(modules, sizes, pretuned, lsr)`: LLVM compiles them while the programs
+        given as None are made (dlc.program.STAGED_LOWERING)."""
+        pieces = len(self._pools[0])
+        first = set(range(1, 1 + max(1, pieces // 4))) | set(range(pieces, pieces + max(1, pieces // 4)))
+        self.closed = set(range(len(self.modules))) - first  # (reopened below)
+        for entry, program in self.programs.items():
+            if program is not None:
+                self._build_entry(entry, program)
+        staged = sorted(i for i in first if self._defines(i))
+        self.closed = set(staged)
+        finished([self.modules[i] for i in staged], [self.sizes[i] for i in staged],
+                 frozenset(j for j, i in enumerate(staged) if i in self._pools[1]), self._holding_gemm(staged))
+
+    def add_programs(self, programs: dict) -> None:
+        """The programs given as None (build_first)."""
+        self.programs = {entry: programs.get(entry, program) for entry, program in self.programs.items()}
+
     def build(self, finished: Callable | None = None) -> list[ir.Module]:
         """The modules (the step module first). The parts for O3 are built first, then the
         pretuned parts (_pretuned), then the step functions. Where convolutions are left to
@@ -151,21 +175,23 @@ class ModuleBuilder:
         meanwhile: jit.ModuleCompiler.add), and nothing goes there afterwards. (Without
         convolutions the rest takes a few ms to build, and a second batch cost the LSTM's
         compile 4%.) The step module stays open: it gets the step functions, and the
-        pretuned parts built again for O3 (_part)."""
-        for entry, program in self.programs.items():
+        pretuned parts built again for O3 (_part). Entries build_first built are not
+        built again."""
+        rest = {entry: program for entry, program in self.programs.items() if entry not in self.entry_calls}
+        for entry, program in rest.items():
             self.program = program
             self._functions(program.kernels, self._prefix(entry), [], only=lambda part: not _pretuned(part))
         if finished is not None and any(isinstance(part, Template) and _pretuned(part) for program
-                                         in self.programs.values() for k in all_kernels(program.kernels)
+                                         in rest.values() for k in all_kernels(program.kernels)
                                          for part in k.parts):
-            staged = [i for i in self._pools[0] if self._defines(i) and self.modules[i] is not self.step_module]
-            self._closed.update(staged)
+            staged = [i for i in self._pools[0] if self._defines(i) and self.modules[i] is not self.step_module
+                      and i not in self.closed]
+            self.closed.update(staged)
             finished([self.modules[i] for i in staged], [self.sizes[i] for i in staged], frozenset(),
                      self._holding_gemm(staged))
-        for entry, program in self.programs.items():
-            self.entry_parts[entry] = []
-            self.program = program  # the program being built (templates look at its other kernels)
-            self.entry_calls[entry] = self._functions(program.kernels, self._prefix(entry), self.entry_parts[entry])
+        for entry, program in rest.items():
+            self._build_entry(entry, program)
+        self.entry_parts = {entry: self.entry_parts[entry] for entry in self.programs}  # the unit's order
         self.parts = next(iter(self.entry_parts.values()))
         self.program = next(iter(self.programs.values()))
         self.module = self.step_module
@@ -177,6 +203,12 @@ class ModuleBuilder:
         self.lsr = self._holding_gemm(kept)
         self.pretuned = frozenset(j for j, i in enumerate(kept) if i in self._pools[1])
         return self.modules
+
+    def _build_entry(self, entry: str, program: KernelProgram) -> None:
+        """An entry's parts (those `build` built first are taken as they are)."""
+        self.entry_parts[entry] = []
+        self.program = program  # the program being built (templates look at its other kernels)
+        self.entry_calls[entry] = self._functions(program.kernels, self._prefix(entry), self.entry_parts[entry])
 
     def _holding_gemm(self, indices: list[int]) -> frozenset:
         """The positions in `indices` of the modules that hold a GEMM (jit._machine_code)."""
@@ -259,12 +291,12 @@ class ModuleBuilder:
         spec = _gemm_spec(part)
         if spec is not None:
             for key in self.gemms:  # (module index, spec, register-tile epilogue key)
-                if key[1] == spec:  # (matmuls are built before any module is closed)
+                if key[1] == spec and key[0] not in self.closed:
                     return key[0]
         return self._emptiest(self._pools[_pretuned(part)])
 
     def _emptiest(self, pool: range) -> int:
-        return min((i for i in pool if i not in self._closed), key=self.sizes.__getitem__)
+        return min((i for i in pool if i not in self.closed), key=self.sizes.__getitem__)
 
     def _dedupe(self, fn: ir.Function, key) -> ir.Function:
         """An identical function built before, with this one removed; else fn. Only parts
@@ -300,9 +332,9 @@ class ModuleBuilder:
         if fn is None:
             fn = self._helpers[key] = build()
             fn.linkage = ""  # external: the other modules' calls bind to it when loaded
-        return self._callee(fn)
+        return self.callee(fn)
 
-    def _callee(self, fn: ir.Function) -> ir.Function:
+    def callee(self, fn: ir.Function) -> ir.Function:
         """fn as seen from the module being filled (a declaration when it lives in another)."""
         if fn.module is self.module:
             return fn
@@ -362,7 +394,7 @@ class ModuleBuilder:
                 else:
                     args = [pointers[buf.name] if buf.name in pointers else pointers["__scratch__"]
                             for buf in buffers]
-                    b.call(self._callee(part_fn), args + [tid, nthreads])
+                    b.call(self.callee(part_fn), args + [tid, nthreads])
                 if self.profile:
                     with b.if_then(is_main):
                         cell = gep(b, counters, i64(call[1]), I64)

@@ -266,18 +266,22 @@ def _take_modules(queues: list[int], one: Callable, stop: mmap.mmap | None = Non
     return done
 
 
-def _spawn(fn: Callable, detach: bool = False, send_exception: bool = False) -> tuple[int, int]:
+def _spawn(fn: Callable, detach: bool = False, send_exception: bool = False,
+           close: tuple = ()) -> tuple[int, int]:
     """fn() in a forked child, which sends ("ok", its result) or ("error", why) pickled
     through a pipe and leaves without running any of this process's Python cleanup:
     (its pid, the pipe's reading end; _outcome reads it). `send_exception`: an exception
     fn raised is sent as ("raise", it) where it can be pickled. `detach`: the child may
     outlive this process, so it keeps none of its files and leads a process group of its
-    own (both sides set it: a kill may come before the child runs)."""
+    own (both sides set it: a kill may come before the child runs). `close`: this
+    process's descriptors the child closes first (the writing end of a pipe to it)."""
     import pickle
     read, write = os.pipe()
     pid = _fork()
     if pid == 0:
         try:
+            for fd in close:
+                os.close(fd)
             if detach:
                 _keep_only(write)
                 os.setpgid(0, 0)
@@ -317,12 +321,25 @@ def _outcome(pid: int, read: int) -> tuple[str, object]:
         return "error", f"its result could not be read ({e!r})"
 
 
-def in_child(fn: Callable):
+def in_child(fn: Callable, feed: Callable[[], object] | None = None):
     """fn()'s result, computed by a forked child (_spawn) while this process waits; an
-    exception it raised is raised here (as it was, where it can be pickled)."""
+    exception it raised is raised here (as it was, where it can be pickled). With `feed`,
+    the child runs fn(receive) while this process computes feed(), and receive() there
+    returns feed()'s value (pickled through a pipe; it waits for it). A value that
+    cannot be pickled raises Unsent here, with the value (the child is stopped)."""
     _init_llvm()
-    pid, read = _spawn(fn, send_exception=True)
+    fed = os.pipe() if feed is not None else None
+    work = fn if fed is None else (lambda: fn(lambda: _receive(fed[0])))
+    pid, read = _spawn(work, send_exception=True, close=fed[1:] if fed else ())
     try:
+        if fed is not None:
+            os.close(fed[0])
+            try:
+                value = feed()
+            except BaseException:
+                os.close(fed[1])
+                raise
+            _send(fed[1], value)
         status, value = _outcome(pid, read)
     except BaseException:
         import signal
@@ -338,6 +355,37 @@ def in_child(fn: Callable):
         raise DlcError(f"compiling the step failed: {value}",
                        hint="out of memory, or a bug in dlc or LLVM: `dlc compile --verbose` shows how far it got")
     return value
+
+
+class Unsent(Exception):
+    """in_child's feed made a value that could not be pickled for the child: `value`."""
+
+    def __init__(self, value, why: str):
+        super().__init__(why)
+        self.value = value
+
+
+def _send(write: int, value) -> None:
+    """value pickled into the pipe, which is then closed (a child that has gone: no error;
+    _outcome says why it went)."""
+    import pickle
+    with os.fdopen(write, "wb") as f:
+        try:
+            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, RecursionError, TypeError, AttributeError) as e:
+            raise Unsent(value, repr(e)) from None
+        with contextlib.suppress(BrokenPipeError):
+            f.write(data)
+
+
+def _receive(read: int):
+    """What the other end of the pipe sent (_send), once it has all come."""
+    import pickle
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    if not data:
+        raise RuntimeError("the compiling process sent nothing: it stopped")
+    return pickle.loads(data)
 
 
 class ForkedJob:

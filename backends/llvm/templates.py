@@ -165,13 +165,15 @@ def matmul(mb, em, t: Template, tid, nthreads) -> None:
     # the epilogue on the register tile (one function per template then), else after
     tile = tile_epilogue(mb.program, t) if t.epilogue is not None else None
     key = (mb.modules.index(mb.module), spec, tile.key if tile else None)  # one function per shape and module
-    if key not in mb.gemms:
+    # or the one in a module already handed over to be compiled (ModuleBuilder.build_first)
+    built = key if key in mb.gemms else next((k for k in mb.gemms if k[1:] == key[1:] and k[0] in mb.closed), key)
+    if built not in mb.gemms:
         name = f"gemm.{key[0]}.{len(mb.gemms)}.{mb.tag}"
         mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=mb.target, tile=tile,
                                   helper=mb.helper)
-    info = mb.gemms[key]
+    info = mb.gemms[built]
     mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, info.workspace_bytes)
-    fn = mb.module.globals[info.name]
+    fn = mb.callee(mb.modules[built[0]].globals[info.name])
     null = ir.Constant(ir.PointerType(), None)
     extra = [em.pointers[name] for name in tile.args] if tile else []
     b.call(fn, [_ptr(em, a_buf), _ptr(em, b_buf), _ptr(em, t.output), null,
