@@ -45,8 +45,9 @@ Rules, applied greedily from the results backwards (consumers before producers):
      independent kernels over the same domain merge, and the remaining elementwise
      kernels merge into one multi-tensor kernel;
   F8 a kernel's values nest at most MAX_DEPTH deep (a longer chain of ops is stored
-     every MAX_DEPTH ops, and recomputed values are at most as deep): the expressions
-     that code generation walks recursively stay shallow whatever the program.
+     every MAX_DEPTH ops, recomputed values are at most as deep, and an epilogue (F6)
+     joins only within that depth): the expressions that scheduling and code
+     generation walk recursively stay shallow whatever the program.
 Every producer/consumer pair left in different kernels records the rule that kept
 them apart (`dlc compile --explain-fusion`). The plan is an annotation: the graph's
 nodes are not changed. Code generation derives exact index maps, so these grouping
@@ -242,6 +243,7 @@ class _Fuser:
         self.free = Free(g)
         self.group: dict[int, int] = {}
         self.depth: dict[int, int] = {}  # placed node -> how deep it is in its kernel's values (F8)
+        self.position: dict[int, int] = {}  # node -> its place in the graph's topological order
         self.kernels: dict[int, Kernel] = {}
         self.deps: dict[int, set[int]] = {}
         self.reasons: dict[tuple[int, int], str] = {}
@@ -292,6 +294,14 @@ class _Fuser:
                 d.discard(other.id)
                 d.add(keep.id)
         self.deps[keep.id].discard(keep.id)
+
+    def merged_depths(self, ks: list[Kernel]) -> dict[int, int]:
+        """How deep each node of kernels ks would be in one kernel of them all (F8: an
+        epilogue's values nest below those of the kernel it joins)."""
+        depth: dict[int, int] = {}
+        for n in sorted((n for k in ks for n in k.nodes), key=self.position.__getitem__, reverse=True):
+            depth[n] = 1 + max((depth[u] for u in self.free.users(n) if u in depth), default=0)
+        return depth
 
     def reaches_indirectly(self, a: int, b: int) -> bool:
         """Does kernel a read from b through some other kernel? (Merging a and b would then
@@ -365,7 +375,9 @@ class _Fuser:
     # --- the greedy pass -----------------------------------------------------------------------
     def run(self) -> None:
         g = self.g
-        for nid in reversed(g.toposort()):
+        order = g.toposort()
+        self.position = {nid: i for i, nid in enumerate(order)}
+        for nid in reversed(order):
             op = g.node(nid).op
             if op in (ops.INPUT, ops.SCAN_RESULT) or self.free(nid):
                 continue  # (a scan's results are placed with it)
@@ -496,10 +508,13 @@ class _Fuser:
                 why = "F6: the consumer is not an elementwise loop over the same shape"
             elif self.reaches_indirectly(e.id, k.id):
                 why = "F6: the consumer also reads a kernel that depends on this one"
+            elif max((merged := self.merged_depths([k, e])).values()) > MAX_DEPTH:
+                why = f"F8: with it as the epilogue, the kernel's values would nest over {MAX_DEPTH} deep"
             else:
                 for pair in reads:
                     self.reasons.pop(pair, None)
                 self.merge(k, e)
+                self.depth.update(merged)
                 return True
             for pair in reads:
                 self.reasons.setdefault(pair, why)

@@ -70,28 +70,45 @@ def test_blocks_that_multiply_stop_at_the_graph_budget(monkeypatch):
 
 DENSE_500 = "model m(x: f32[B, 8]) -> f32[B, 8] {\n" + "    x = dense(x, 8)\n" * 500 + "    return x\n}\n"
 CHAIN_1000 = "model m(x: f32[B, 8]) -> f32[B, 8] {\n" + "    x = tanh(x + 1.0) * x\n" * 1000 + "    return x\n}\n"
+EPILOGUE_1000 = CHAIN_1000.replace("{\n", "{\n    x = dense(x, 8)\n", 1)  # the chain after a matmul
 LSTM_1000 = "model m(x: f32[B, 1000, 8]) -> f32[B, 4] {\n    h = lstm(x, 16)\n    return dense(h, 4)\n}\n"
 TRAIN = "train m {\n    data = arrays()\n    loss = mse(output, x)\n    optimizer = sgd(lr=0.1)\n}\n"
 
 
-@pytest.mark.parametrize("source", [DENSE_500, CHAIN_1000, LSTM_1000], ids=["500-dense", "1000-ops", "lstm-1000-steps"])
+@pytest.mark.parametrize("source", [DENSE_500, CHAIN_1000, EPILOGUE_1000, LSTM_1000],
+                         ids=["500-dense", "1000-ops", "1000-ops-after-a-matmul", "lstm-1000-steps"])
 def test_deep_graphs_compile(source):
     """Guard rail (issue 12): chains of over a thousand dependent operations -- 500 stacked
     layers, 1000 chained ops of one shape and their gradients (fused: a kernel's values nest
-    at most fuse.MAX_DEPTH deep), a recurrent layer over 1000 steps (a loop) -- lower to
-    kernel IR that keeps the contract, to LLVM IR and to CUDA C, with no RecursionError."""
+    at most fuse.MAX_DEPTH deep), the same after a matmul (whose epilogue takes only that
+    deep a chain), a recurrent layer over 1000 steps (a loop) -- lower to kernel IR that
+    keeps the contract, to LLVM IR and to CUDA C, with no RecursionError."""
     from dlc import backends
     from dlc.backends.cuda.render import render_program
     from dlc.backends.llvm.codegen import ModuleBuilder
     from dlc.core.kernel import check_program
+    from dlc.passes import fuse
     from dlc.pipeline import kernel_program
     m = dlc.load(source + TRAIN if source is CHAIN_1000 else source)
     lowered = m.lower("train" if source is CHAIN_1000 else "eval", batch=2)
+    depths = _nesting(lowered)
+    assert max(depths) <= 2 * fuse.MAX_DEPTH, max(depths)  # (siblings merged later add a few)
     cpu, cuda = backends.backend("cpu"), backends.backend("cuda", runnable=False)
     program = kernel_program(lowered, cpu.templates)
     check_program(program)
     ModuleBuilder(program, cpu.target({"threads": 2})).build()
     assert "__global__" in render_program(kernel_program(lowered, cuda.templates)).source
+
+
+def _nesting(lowered) -> list[int]:
+    """How deep each kernel's values nest: the longest chain of its nodes (F8)."""
+    plan = lowered.meta["fusion"]
+    group = {n: k.id for k in plan.kernels for n in k.nodes}
+    depth = {}
+    for nid in lowered.toposort():
+        inside = [depth[o] for o in lowered.operands(nid) if group.get(o) == group.get(nid, -1)]
+        depth[nid] = 1 + max(inside, default=0)
+    return [max(depth[n] for n in k.nodes) for k in plan.kernels]
 
 
 def test_a_graph_too_deep_for_a_pass_is_a_located_error(monkeypatch):
