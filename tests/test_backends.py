@@ -242,3 +242,25 @@ def test_a_stage_of_another_target_names_that_target(capsys):
     assert "IR stage `ptx` belongs to target `cuda`, not `cpu`" in err and "hint: add --target cuda" in err
     assert cli.main(["compile", example, "--dump-ir=nonsense"]) == 2
     assert "unknown IR stage `nonsense`" in capsys.readouterr().err
+
+
+def test_the_default_compile_entries_makes_the_entries_given_as_none_first():
+    """Backend.compile_entries (what a backend without a unit compiler gets): make() runs
+    before anything compiles, its programs fill the entries given as None in the unit's
+    order, and each entry's layout records its blobs."""
+    from dlc.backends.base import Backend, Compiled, StepLayout
+    events = []
+
+    class Recording(Backend):
+        def compile(self, program, target, profile=False, quick=False):
+            events.append(("compile", program))
+            return Compiled([program.encode()], StepLayout(0, 0, [], {}, []))
+
+    def make():
+        events.append(("make", None))
+        return {"train": "T"}
+    compiled = Recording().compile_entries({"train": None, "eval": "E"}, None, make=make)
+    assert events == [("make", None), ("compile", "T"), ("compile", "E")]
+    assert list(compiled.layout.entries) == ["train", "eval"]
+    assert compiled.blobs == [b"T", b"E"]
+    assert [layout.meta["blobs"] for layout in compiled.layout.entries.values()] == [[0, 1], [1, 2]]
