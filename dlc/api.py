@@ -453,7 +453,8 @@ class Model:
         a `cross_entropy` model these are logits (see predict_proba for probabilities). With
         `results`, a dict {"output": ..., NAME: ...} holding the model's named results too
         (`-> (f32[B, 10], h: f32[B, 64])`). A model that carries `state` reads x as it trains
-        (row i of a batch continuing row i of the one before), from the states' initial values."""
+        (row i of a batch continuing row i of the one before), from the states' initial values.
+        A model without a train block (an imported one) compiles its evaluation graph alone."""
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer
         _keras_verbose(options, True)
@@ -463,9 +464,31 @@ class Model:
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
-            return self.forward(x, results=results)
+            if target == "reference" or self.built("eval").carries:  # (states stream: the interpreter's loop)
+                return self.forward(x, results=results)
+            return self._predict_compiled(x, target, batch, results, options)
         return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch,
                                                                          results=results)
+
+    def _predict_compiled(self, x: np.ndarray, target: str, batch: int | None, results: bool, options: dict):
+        """predict() of a model without a train block (an imported one, say): its evaluation
+        graph compiled for `target` on its own, run on chunks of `batch` rows (all at once
+        by default)."""
+        from dlc.program import make_program
+        key = ("predict", target, tuple(sorted(options.items(), key=str)))
+        if key not in self._sessions:
+            self._sessions[key] = make_program(target, lambda: self.compile_graph("eval"), self.state,
+                                               key=self.source_key("eval", None),
+                                               options={k: v for k, v in options.items() if k != "bucket_bytes"})
+        program = self._sessions[key]
+        name = self.input_types[0][0]
+        chunk = max(1, batch or len(x))
+        keys = ["output"] + [f"output:{result}" for result, _ in self.built("eval").results]
+        parts = [program.run({name: x[at:at + chunk]}) for at in range(0, len(x), chunk)]
+        if not parts:
+            return self.forward(x, results=results)  # no rows: the shapes alone
+        joined = {k.removeprefix("output:"): np.concatenate([np.asarray(p[k]) for p in parts]) for k in keys}
+        return joined if results else joined["output"]
 
     def predict_proba(self, x, *, results: bool = False, **kwargs):
         """Class probabilities: softmax of the outputs for a `cross_entropy` model, sigmoid for

@@ -495,3 +495,31 @@ def test_a_checkpoint_loads_for_evaluation_in_a_fresh_model(tmp_path):
     m.load_weights(tmp_path / "w.npz")
     assert m.state["step"].shape == ()
     assert math.isfinite(m.evaluate(target="reference")["loss"])
+
+
+NO_TRAIN_BLOCK = """model m(x: f32[B, 6]) -> (f32[B, 3], h: f32[B, 4]) {
+    h = tanh(dense(x, 4))
+    return dense(h, 3), h
+}
+"""
+
+
+def test_a_model_without_a_train_block_predicts_on_the_target_it_is_asked_for(monkeypatch):
+    """An imported model, say, has no train block: predict(target="cpu") compiles its
+    evaluation graph (it used to run the reference interpreter, while `dlc predict
+    --verbose` said "target cpu"), in chunks of `batch` rows, and gives the interpreter's
+    outputs and named results; no rows give empty outputs."""
+    m = dlc.load(NO_TRAIN_BLOCK)
+    x = np.random.default_rng(0).random((7, 6), dtype=np.float32)
+    want = m.predict(x, target="reference", results=True)
+    said = []
+    monkeypatch.setattr(type(m), "forward", lambda *a, **k: pytest.fail("ran the interpreter"))
+    for batch in (None, 3):
+        got = m.predict(x, target="cpu", batch=batch, results=True, no_cache=True, verbose=said.append)
+        assert sorted(got) == ["h", "output"]
+        for k in got:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert any(line.startswith("compile cache off (m, batch 7)") for line in said), said
+    assert any(line.startswith("compile cache off (m, batch 3)") for line in said), said
+    monkeypatch.undo()
+    assert m.predict(np.zeros((0, 6), np.float32), target="cpu").shape == (0, 3)
