@@ -40,7 +40,8 @@ Rules, applied greedily from the results backwards (consumers before producers):
      are stored; a concat computes elementwise pieces in its own loops (each piece's
      loop stores it into its slice: no copy, no phase of its own);
   F6 a matmul/conv/pool/colsum result read by exactly one elementwise kernel over the same shape
-     takes that kernel as its epilogue;
+     takes that kernel as its epilogue, if that kernel reads each element where it is
+     computed (through elementwise ops and reshapes: not a permute, slice or broadcast);
   F7 kernels are ordered in phases (a barrier between phases); in each phase,
      independent kernels over the same domain merge, and the remaining elementwise
      kernels merge into one multi-tensor kernel;
@@ -489,6 +490,24 @@ class _Fuser:
             stack += [w for w in g.users(nid) if self.group.get(w) == e.id or self.free(w)]
         return all(g.node(u).op is ops.RESHAPE for u in readers)
 
+    def reads_each_element_once(self, k: Kernel, e: Kernel) -> bool:
+        """Does e read k's values only where its own iteration is: through elementwise ops
+        and reshapes (which keep the row-major order)? A permute, slice or broadcast on the
+        way reads other elements -- ones another register tile or thread computes, or none
+        yet (a dense layer's [B, T, H] output permuted to an LSTM's [T, B, H] read another
+        tile's rows: wrong from batch 2 on)."""
+        g = self.g
+        stack, seen = [u for n in k.nodes for u in g.users(n)], set()
+        while stack:  # every value of e computed from k's, up to what e stores
+            w = stack.pop()
+            if w in seen or (self.group.get(w) != e.id and not self.free(w)):
+                continue  # (another kernel reads what e stores)
+            seen.add(w)
+            if g.node(w).op is not ops.RESHAPE and g.node(w).op.kind is not ops.Kind.ELEMENTWISE:
+                return False
+            stack += g.users(w)
+        return True
+
     def take_epilogue(self, k: Kernel) -> bool:
         g = self.g
         shape = tuple(g.node(k.anchor).type.shape)
@@ -506,6 +525,8 @@ class _Fuser:
             if any(g.node(n).type.shape != shape for n, _ in reads) or not (
                     e.domain == shape or self.reads_in_order(e, [u for _, u in reads], shape)):
                 why = "F6: the consumer is not an elementwise loop over the same shape"
+            elif not self.reads_each_element_once(k, e):
+                why = "F6: the consumer reads the result through a permute, slice or broadcast (other elements)"
             elif self.reaches_indirectly(e.id, k.id):
                 why = "F6: the consumer also reads a kernel that depends on this one"
             elif max((merged := self.merged_depths([k, e])).values()) > MAX_DEPTH:
