@@ -38,7 +38,8 @@ Rules, applied greedily from the results backwards (consumers before producers):
      produces it), keeping the same axes as the kernel's other reductions;
   F5 matmul/conv/pool/gather/colsum read operands from memory, and results of the step
      are stored; a concat computes elementwise pieces in its own loops (each piece's
-     loop stores it into its slice: no copy, no phase of its own);
+     loop stores it into its slice, and the values of the piece later kernels read:
+     no copy, no phase of its own);
   F6 a matmul/conv/pool/colsum result read by exactly one elementwise kernel over the same shape
      takes that kernel as its epilogue, if that kernel reads each element where it is
      computed (through elementwise ops and reshapes: not a permute, slice or broadcast);

@@ -135,7 +135,7 @@ def _append_updates(g: Graph, b: GraphBuilder, spec: Spec, clip: float | None) -
     step_new = step + 1
     t = b.cast(step_new, DType.f32)
 
-    if clip is not None:  # scale all gradients by min(1, clip / global norm)
+    if clip is not None and grads:  # scale all gradients by min(1, clip / global norm)
         total = None
         for gr in grads.values():
             sq = b.sum(gr * gr)

@@ -237,11 +237,16 @@ class _Lowering:
             return extra
         return [nest] + extra
 
-    def concat_nests(self, kid: int, nid: int) -> list[LoopNest]:
-        """A concat stored piece by piece: each operand copied into its slice."""
+    def concat_nests(self, kid: int, part) -> list[LoopNest]:
+        """A concat stored piece by piece: each operand copied into its slice. The kernel's
+        other outputs (values its pieces compute that later kernels read) are stored by the
+        loop of the first piece that computes them over its own elements, else by a loop of
+        their own."""
         x = self.x
+        nid = part.anchor
         n = self.g.node(nid)
         axis, out = n.attrs["axis"], self.buffer_of(nid)
+        others = [o for o in part.outputs if o != nid]
         nests, offset = [], 0
         for o in n.operands:
             shape = tuple(self.g.node(o).type.shape)
@@ -250,10 +255,29 @@ class _Lowering:
             split = len(shape) - 1 if len(shape) > 1 else len(shape)
             nest = LoopNest(tuple(vars_[:split]), tuple(vars_[split:]))
             nest.stores.append(Store(out, x.ravel(at, n.type.shape), self.expr(o, tuple(vars_), kid)))
+            computed = self._computed_by(o, kid)
+            for s in [s for s in others if s in computed and tuple(self.g.node(s).type.shape) == shape]:
+                # (its elements one per iteration; shared with the piece's expression where
+                # the index is the same, which it is unless a permute lies between them)
+                nest.stores.append(Store(self.buffer_of(s), x.ravel(vars_, shape), self.expr(s, tuple(vars_), kid)))
+                others.remove(s)
             nest.serial = numel(shape) < SERIAL_BELOW
             nests.append(nest)
             offset += shape[axis]
+        for s in others:
+            nests += self.loop_nest(kid, tuple(self.g.node(s).type.shape), None, [s])
         return nests
+
+    def _computed_by(self, nid: int, kid: int) -> set[int]:
+        """The nodes of kernel kid that the expression of nid computes (not loads)."""
+        seen, todo = set(), [nid]
+        while todo:
+            m = todo.pop()
+            if m in seen or self._loads_from_memory(m, kid) or self.plan.group_of.get(m) != kid:
+                continue
+            seen.add(m)
+            todo += self.g.node(m).operands
+        return seen
 
     def template(self, kid: int, k) -> Template:
         g = self.g
@@ -335,7 +359,7 @@ class _Lowering:
             if part.kind in ("elementwise", "reduce"):
                 parts += self.loop_nest(k.id, tuple(part.domain), part.keep, part.outputs)
             elif part.kind == "concat":
-                parts += self.concat_nests(k.id, part.anchor)
+                parts += self.concat_nests(k.id, part)
             elif part.kind == "collective":
                 parts.append(self.collective(part))
             else:

@@ -1613,3 +1613,50 @@ def test_a_kernel_writing_an_input_breaks_the_contract():
     program = KernelProgram([Kernel("k", 0, [nest])], {}, 64, {}, [], {}, {})
     with pytest.raises(ContractError, match="writes input x"):
         check_program(program)
+
+
+def test_a_kernel_reading_what_no_kernel_wrote_breaks_the_contract():
+    from dlc.core.kernel import Buffer, ContractError, Kernel, KernelProgram, check_program
+    from dlc.core.kernel.ir import Exprs, Load, LoopNest, Store
+    from dlc.core.types import DType
+    t, u, out = (Buffer(n, DType.f32, (4,), "arena", 16 * k) for k, n in enumerate(("t", "u", "out")))
+    ex = Exprs()
+    i, j = ex.var("i", 4), ex.var("j", 4)
+    writes_t = LoopNest((i,), (), [], [Store(t, i, ex.lit(1.0, DType.f32))])
+    reads_u = LoopNest((j,), (), [], [Store(out, j, ex.op("add", [Load(t, j), Load(u, j)], DType.f32))])
+    program = KernelProgram([Kernel("k0", 0, [writes_t]), Kernel("k1", 1, [reads_u])], {}, 64, {}, [], {}, {})
+    with pytest.raises(ContractError, match="k1: reads u before any kernel writes it"):
+        check_program(program)
+    program.kernels[0].parts.append(LoopNest((i,), (), [], [Store(u, i, ex.lit(2.0, DType.f32))]))
+    check_program(program)
+
+
+CONCAT_OF_A_STORED_VALUE = """\
+model net(x: i32[B, 2]) -> f32[B, 2, 4] {
+    e = embedding(x, 2, 2)
+    return concat([e, exp(-e)], axis=2)
+}
+
+train net {
+    data = arrays()
+    loss = mse(output, label)
+    optimizer = sgd(lr=0.1)
+    batch = 5
+}
+"""
+
+
+def test_a_concat_kernel_stores_the_values_of_its_pieces_that_the_gradient_reads():
+    """exp(-e) is computed in the concat's kernel and read again by the backward pass: the
+    piece's loop stores it too. (Found by tests/test_fuzz.py: the store was dropped, the
+    gradient read a buffer no kernel wrote, and the embedding trained wrongly.)"""
+    x = np.array([[0, 1], [1, 1], [0, 0], [1, 0], [1, 1]], np.int32)
+    y = np.random.default_rng(1).random((5, 2, 4), dtype=np.float32)
+    tables = {}
+    for target in ("reference", "cpu"):
+        m = dlc.load(CONCAT_OF_A_STORED_VALUE)
+        sess = m.session(m.train_config, target, **({"no_cache": True} if target == "cpu" else {}))
+        for _ in range(2):
+            sess.train_step(x, y, 0.1)
+        tables[target] = m.state["e.table"].copy()
+    np.testing.assert_allclose(tables["cpu"], tables["reference"], rtol=1e-5, atol=1e-6)

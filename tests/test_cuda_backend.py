@@ -28,7 +28,11 @@ from dlc.program import make_program
 
 from dlc.backends.cuda.render import LoopStep, launches_of, launches_per_step
 
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
 from cuda_host.step import HostStep
+from test_fuzz import FUZZ, PLAIN_SGD, fuzz_labels, generated
 from op_table import ALL
 import example_models
 from test_backend_cpu import _example_feeds, check_op_table, op_table_graph
@@ -186,6 +190,42 @@ def test_op_table_compiles_without_spills(nvrtc, rows):
     merged, _, _ = _op_table_graph(rows)
     source, layout = _rendered(_program(merged, 1), "")
     _assert_compiles_without_spills(nvrtc, source, [layout])
+
+
+@settings(FUZZ, max_examples=FUZZ.max_examples // 8)
+@given(generated(mistakes=False), st.sampled_from([5, 37]))
+@pytest.mark.filterwarnings("ignore::dlc.core.diagnostics.DlcWarning")
+def test_generated_models_train_emulated_as_on_the_reference(case, rows):
+    """The valid models of tests/test_fuzz.py's generator: two training steps of their CUDA C,
+    emulated, give the reference's results (and with plain SGD its state), at a batch of 5
+    and of 37 (where the kernels' blocks and grids have several members)."""
+    text, dtype, in_shape, declared, vocab, bad_line = case
+    if bad_line is not None:
+        return
+    text += PLAIN_SGD if "train net" not in text else ""
+    m = dlc.load(text)
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    ref_state = {k: v.copy() for k, v in m.state.items()}
+    cuda_state = {k: v.copy() for k, v in m.state.items()}
+    ref = make_program("reference", graph, ref_state)
+    step = HostStep(*CUDA.render(_program(graph, rows), TARGET))
+    rng = np.random.default_rng(0)
+    shape = (rows,) + tuple(in_shape[1:])
+    x = rng.integers(0, vocab, shape).astype(np.int32) if dtype == "i32" else rng.random(shape, dtype=np.float32)
+    feeds = {m.input_types[0][0]: x, "lr": np.float32(m.train_config.optimizer.args["lr"]),
+             "valid_rows": np.int32(rows)}
+    y = fuzz_labels(text, declared, rows)
+    if y is not None:
+        feeds["label"] = y
+    for i in range(2):
+        want, got = ref.run(feeds), step.run(cuda_state, feeds)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-3, atol=1e-5, err_msg=f"step {i}: {k}\n{text}")
+    if PLAIN_SGD in text:
+        for k in ref_state:
+            np.testing.assert_allclose(cuda_state[k], ref_state[k], rtol=1e-3, atol=1e-4, err_msg=f"{k}\n{text}")
+    event("emulated and compared" + (" with plain SGD" if PLAIN_SGD in text else ""))
 
 
 # --- the command line without a GPU ---------------------------------------------------------------------

@@ -252,6 +252,36 @@ def test_the_cases_change_the_parameters_measurably():
             assert np.max(np.abs(finals[a] - finals[b_])) > 1e-4, f"{a} and {b_} train identically"
 
 
+NO_PARAMETERS = """\
+model sums(x: f32[B, 3]) -> f32[B, 1] {
+    return sum(relu(x), axis=1, keepdims=true)
+}
+
+train sums {
+    data = arrays()
+    loss = mse(output, label)
+    optimizer = sgd(lr=0.1, momentum=0.9)
+    batch = 8
+    clip = 1.0
+}
+"""
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_a_model_without_trainable_parameters_trains_with_clipping_and_is_warned_about(target):
+    """Clipping's global norm over no gradients at all: the step runs (it used to crash the
+    optimizer pass with an AttributeError) and the load warns that training changes nothing."""
+    with pytest.warns(dlc.DlcWarning, match="`sums` has no trainable parameters") as caught:
+        m = dlc.load(NO_PARAMETERS)
+    assert caught[0].message.diagnostic.span.line == 5  # the train block names the model
+    sess = m.session(m.train_config, target)
+    x, y = np.arange(24, dtype=np.float32).reshape(8, 3) - 10, np.ones((8, 1), np.float32)
+    losses = [sess.train_step(x, y, 0.1)["loss"] for _ in range(2)]
+    want = float(np.mean((np.maximum(x, 0).sum(axis=1, keepdims=True) - y) ** 2))
+    np.testing.assert_allclose(losses, [want, want], rtol=1e-6)
+    assert int(m.state["step"]) == 2
+
+
 def test_textbook_gradient_matches_autodiff_and_finite_differences():
     """The analytic gradient the textbook side uses is the graph's own `grad:` outputs,
     and both agree with central finite differences (float64)."""

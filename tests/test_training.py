@@ -291,7 +291,8 @@ def test_nan_loss_on_cpu_names_the_step_and_the_op():
     }
     train bad { data = arrays()  loss = mse(output, label)  optimizer = sgd(lr=0.1)  batch = 4 }
     """
-    m = dlc.load(src)
+    with pytest.warns(dlc.DlcWarning, match="`bad` has no trainable parameters"):
+        m = dlc.load(src)
     session = m.session(m.train_config, "cpu")
     good = np.ones((4, 2), np.float32)
     session.train_step(good, good, 0.1)

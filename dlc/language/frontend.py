@@ -200,6 +200,10 @@ class Frontend:
             config = build_train(self, train, out) if train is not None else None
         except RecursionError:
             raise too_deep(train.name_span) from None
+        if config is not None and not any(p.role == "param" and p.trainable for p in self.params.values()):
+            self.warnings.append(DlcWarning(
+                f"model `{model.name}` has no trainable parameters: training leaves it as it is",
+                train.name_span, hint="add a layer with weights (`dense`, `conv2d`, ...) or a `param`"))
         return Built(self.graph, self.params, self.summary, model, config, inputs, warnings=self.warnings,
                      results=[(r.name, v.type) for r, v in zip(model.more, more)],
                      carries=[spec for spec, _ in self.carries.values()])

@@ -179,10 +179,64 @@ def check_program(p: KernelProgram) -> None:
     template epilogues reading their template's output only at the element they write,
     every index within its buffer, no input written (a backend may read the caller's
     arrays in place), phases in order, views inside their bases for every value of the
-    loop variables and used only inside the loops that bind them."""
+    loop variables and used only inside the loops that bind them, and no arena buffer
+    read before a kernel wrote it."""
     _check_entries(p.kernels, FreeVars(), frozenset(), {}, "program")
     for bucket, parts in collectives_of(p).items():
         _check_collective(bucket, parts)
+    written = _Written()
+    _check_written_before_read(p.kernels, written)
+    for buf in [src for src, _ in p.copies] + list(p.outputs.values()):
+        if not written.holds(buf):
+            raise ContractError(f"the step reads {buf.name} after its last kernel, but no kernel wrote it")
+
+
+class _Written:
+    """The arena buffers written so far: by name, and the storage loops wrote (a scan's
+    final carry is read from the last slot of its carry's storage, under another name)."""
+
+    def __init__(self):
+        self.names: set[str] = set()
+        self.loop_storage: list[Buffer] = []
+
+    def holds(self, buf: Buffer, more: frozenset = frozenset()) -> bool:
+        root = _root(buf)
+        if root.kind != "arena" or root.name in self.names or root.name in more:
+            return True
+        end = root.offset + _nbytes(root)
+        return any(s.offset <= root.offset and end <= s.offset + _nbytes(s) for s in self.loop_storage)
+
+
+def _nbytes(buf: Buffer) -> int:
+    return buf.size * buf.dtype.np.itemsize
+
+
+def _check_written_before_read(entries, written: _Written) -> None:
+    """Walk the entries in order: every arena buffer read (through views too) was written
+    by an earlier entry or by the kernel that reads it; a loop's body may read what its
+    previous iteration wrote."""
+    for e in entries:
+        if isinstance(e, Loop):
+            inside = _written_in(e.body)
+            written.names |= {b.name for b in inside}
+            _check_written_before_read(e.body, written)
+            written.loop_storage += inside
+            continue
+        mine = frozenset(_root(b).name for part in e.parts for b in written_by(part))
+        for part in e.parts:
+            for buf in buffers_of(part):
+                if not written.holds(buf, mine):
+                    raise ContractError(f"{e.name}: reads {buf.name} before any kernel writes it")
+        written.names |= mine
+
+
+def _written_in(entries) -> list[Buffer]:
+    """The root buffers the kernels of `entries` (and of loops among them) write."""
+    out = []
+    for e in entries:
+        out += _written_in(e.body) if isinstance(e, Loop) else [_root(b) for part in e.parts
+                                                                 for b in written_by(part)]
+    return out
 
 
 def _check_entries(entries, free: FreeVars, loop_vars: frozenset, views: dict, where: str) -> None:
