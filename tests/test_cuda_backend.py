@@ -196,9 +196,10 @@ def test_op_table_compiles_without_spills(nvrtc, rows):
 @given(generated(mistakes=False), st.sampled_from([5, 37]))
 @pytest.mark.filterwarnings("ignore::dlc.core.diagnostics.DlcWarning")
 def test_generated_models_train_emulated_as_on_the_reference(case, rows):
-    """The valid models of tests/test_fuzz.py's generator: two training steps of their CUDA C,
-    emulated, give the reference's results (and with plain SGD its state), at a batch of 5
-    and of 37 (where the kernels' blocks and grids have several members)."""
+    """The valid models of tests/test_fuzz.py's generator: three training steps of their
+    CUDA C, emulated, give the reference's results (and with plain SGD its state), at a
+    batch of 5 and of 37 (where the kernels' blocks and grids have several members), the
+    third with two rows of padding."""
     text, dtype, in_shape, declared, vocab, bad_line = case
     if bad_line is not None:
         return
@@ -218,7 +219,11 @@ def test_generated_models_train_emulated_as_on_the_reference(case, rows):
     y = fuzz_labels(text, declared, rows)
     if y is not None:
         feeds["label"] = y
-    for i in range(2):
+    for c in m.built("train").carries:  # what a previous batch left in the model's `state`s
+        feeds[c.input] = rng.uniform(-0.5, 0.5, (rows,) + tuple(int(d) for d in c.type.shape[1:])).astype(np.float32)
+    for i in range(3):
+        if i == 2:  # a short last batch: its last two rows are padding
+            feeds["valid_rows"] = np.int32(rows - 2)
         want, got = ref.run(feeds), step.run(cuda_state, feeds)
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-3, atol=1e-5, err_msg=f"step {i}: {k}\n{text}")

@@ -298,6 +298,8 @@ def valid_step(g: Gen) -> None:
             ops.append("concat_same")
     if r in (2, 4):
         ops.append("block")
+    if r == 2 and not any(line.lstrip().startswith("state ") for line in g.lines):
+        ops.append("state")
     op = g.pick(ops)
     if op == "dense":
         u = g.size(1, 9)
@@ -396,6 +398,11 @@ def valid_step(g: Gen) -> None:
         g.emit(f"{name} = " + g.pick([f"{src} |> {'unit' if r == 2 else 'res'}",
                                       f"{'unit' if r == 2 else 'res'}({src})",
                                       f"{'unit' if r == 2 else 'res'}({src}, name=\"b{g.n}\")"]), s, name)
+    elif op == "state":  # carried from one batch to the next: row i continues row i
+        c = f"c{g.n}"
+        g.emit(f"state {c}: f32[B, {s[1]}]" + g.pick(["", " = zeros", " = constant(0.5)"]), None)
+        g.emit(f"{name} = {src} + {c}", s, name)
+        g.emit(f"{c} = tanh({name}) * {g.pick(['0.5', '0.9'])}", None)
     elif op == "concat":
         u = g.size(1, 4)
         g.emit(f"{name} = concat([{src}, dense({src}, {u})], axis=-1)", s[:-1] + (s[-1] + u,), name)
@@ -561,10 +568,11 @@ def test_generated_models_predict_natively_as_on_the_reference(case, rows):
     rng = np.random.default_rng(0)
     batch = (rows,) + tuple(in_shape[1:])
     x = rng.integers(0, vocab, batch).astype(np.int32) if dtype == "i32" else rng.random(batch, dtype=np.float32)
-    want = model.predict(x, target="reference")
-    got = model.predict(x, target="cpu", no_cache=True, threads=2)
+    chunk = rows // 2 + 2  # a padded last batch (a model with state reads x as `chunk` streams)
+    want = model.predict(x, target="reference", batch=chunk)
+    got = model.predict(x, target="cpu", batch=chunk, no_cache=True, threads=2)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=text)
-    event("compiled and compared")
+    event("compiled and compared" + (", with a state" if "\n    state " in text else ""))
 
 
 PLAIN_SGD = "\ntrain net {\n    data = arrays()\n    loss = mse(output, label)\n    optimizer = sgd(lr=0.1)\n}\n"
@@ -585,11 +593,15 @@ def fuzz_labels(text: str, declared: tuple, rows: int):
 @given(generated(mistakes=False), st.sampled_from([5, 5, 37]))
 @pytest.mark.filterwarnings("ignore::dlc.core.diagnostics.DlcWarning")
 def test_generated_models_train_natively_as_on_the_reference(case, rows):
-    """Three training steps of a valid generated model compiled for the CPU give the
-    reference interpreter's losses (its train block, or plain SGD on an mse loss); with
+    """Three training steps of a valid generated model compiled for the CPU (the last one
+    on a short batch, padded to the compiled size) give the reference interpreter's
+    losses (its train block, or plain SGD on an mse loss); with
     plain SGD the parameters and states after them match too. (An adaptive optimizer's
     first steps move each weight by about lr times the sign of its gradient, so a gradient
-    that is 0 up to rounding may move it either way: there only the losses are compared.)"""
+    that is 0 up to rounding may move it either way: there only the losses are compared.
+    Likewise `sign`, `step` or a max of a value within rounding of its threshold may flip:
+    random hunts met one such case in about 1,500 trained models, a batchnorm's running
+    mean off by one element's share.)"""
     text, dtype, in_shape, declared, vocab, bad_line = case
     if bad_line is not None:
         return
@@ -599,12 +611,15 @@ def test_generated_models_train_natively_as_on_the_reference(case, rows):
     batch = (rows,) + tuple(in_shape[1:])
     x = rng.integers(0, vocab, batch).astype(np.int32) if dtype == "i32" else rng.random(batch, dtype=np.float32)
     y = fuzz_labels(text, declared, rows)
+    short = rows - 2
+    batches = [(x, y), (x, y), (x[:short], None if y is None else y[:short])]
     ran = {}
     for target, options in (("reference", {}), ("cpu", {"no_cache": True, "threads": 2})):
         model = dlc.load(text)
         session = model.session(model.train_config, target, **options)
+        session.use_batch(rows)
         lr = model.train_config.optimizer.args["lr"]
-        losses = [session.train_step(x, y, lr)["loss"] for _ in range(3)]
+        losses = [session.train_step(bx, by, lr)["loss"] for bx, by in batches]
         ran[target] = losses, {k: np.array(v) for k, v in model.state.items()}
     (want_losses, want_state), (got_losses, got_state) = ran["reference"], ran["cpu"]
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-3, atol=1e-5, err_msg=text)
@@ -615,3 +630,5 @@ def test_generated_models_train_natively_as_on_the_reference(case, rows):
         event("trained with plain SGD and compared")
     else:
         event("trained and compared")
+    if "\n    state " in text:
+        event("a model with a state")

@@ -12,7 +12,7 @@ dlc's layout and parameter names:
   Relu, Sigmoid, Tanh, LeakyRelu, Softmax, LogSoftmax, Gelu, Flatten, Dropout
                                               the function of the same name
 
-and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, maximum, minimum,
+and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, sign, maximum, minimum,
 clip, sum/mean/max, reshape, transpose, concat, indexing). Shape arithmetic (Shape,
 Gather, Concat, ... feeding a Reshape, as PyTorch's exporter writes it) is evaluated
 here, symbolically in the batch dimension. A constant tensor that is no layer's weight
@@ -1108,6 +1108,9 @@ class Importer:
 
     def op_Abs(self, node, ins):
         self.unary(node, ins, "abs")
+
+    def op_Sign(self, node, ins):  # (trained in dlc, its gradient is straight-through)
+        self.unary(node, ins, "sign")
 
     def op_LeakyRelu(self, node, ins):
         a = {y.name: self.onnx.helper.get_attribute_value(y) for y in node.attribute}

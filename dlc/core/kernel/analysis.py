@@ -192,8 +192,9 @@ def check_program(p: KernelProgram) -> None:
 
 
 class _Written:
-    """The arena buffers written so far: by name, and the storage loops wrote (a scan's
-    final carry is read from the last slot of its carry's storage, under another name)."""
+    """The arena buffers written so far: by name, and the storage loops read and wrote
+    through views (a scan's final carry is read from the last slot of its carry's
+    storage, under another name)."""
 
     def __init__(self):
         self.names: set[str] = set()
@@ -217,10 +218,9 @@ def _check_written_before_read(entries, written: _Written) -> None:
     previous iteration wrote."""
     for e in entries:
         if isinstance(e, Loop):
-            inside = _written_in(e.body)
-            written.names |= {b.name for b in inside}
+            written.names |= {b.name for b in _written_in(e.body)}
             _check_written_before_read(e.body, written)
-            written.loop_storage += inside
+            written.loop_storage += [_root(v) for v in e.views]
             continue
         mine = frozenset(_root(b).name for part in e.parts for b in written_by(part))
         for part in e.parts:
