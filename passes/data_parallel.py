@@ -7,7 +7,10 @@ shard (before autodiff)
     times `shard_weight` (an input: the shard's size / the global batch size, 0 for a rank
     that holds no sample this step), so the sum over ranks of the shares is the loss of
     the whole batch (for any loss that is a mean over samples plus terms that do not
-    depend on the batch: regularizers count once, as their weights sum to 1). Random
+    depend on the batch: regularizers count once, as their weights sum to 1). A mean over
+    a mask's kept positions (graph.meta["masked_means"]) is first made the shard's total
+    over the count of the whole batch's kept positions (an allreduce), divided by the
+    weight. Random
     tensors with a batch axis are numbered as this shard's slice of the global batch's
     (from `sample_offset`, the global index of its first sample, in a batch of
     `global_batch`), so dropout draws what one process would for the same samples.
@@ -64,10 +67,28 @@ def shard(graph: Graph, ctx=None) -> Graph:
                 place += (hyper_input(b, GLOBAL_BATCH, DType.i32).id,)
             g.set_node(nid, Node(n.op, n.operands + place, dict(n.attrs, axis=axis) if axis else n.attrs,
                                  n.type, n.span))
+    for nid in g.meta.get("masked_means", ()):
+        if nid in g:
+            _share_by_positions(g, b, nid, weight)
     loss = b.value(g.outputs["loss"])
     with b.at(loss.node.span):
         g.outputs["loss"] = (loss * weight).id
     return g
+
+
+def _share_by_positions(g: Graph, b: GraphBuilder, nid: int, weight: Value) -> None:
+    """A mean over a mask's kept positions, total / max(count, 1): the shares of the ranks
+    must add up to the global batch's total over its count, whatever each rank's share of
+    the samples. So the count becomes the sum over the ranks' counts, and the mean is
+    divided by the shard's weight, which the loss (and a metric) is multiplied by later."""
+    n = g.node(nid)
+    total, bound = n.operands
+    count = g.node(bound).operands[0]  # (max(count, 1.0))
+    with b.at(n.span):
+        has = b.gt(weight, 0.0)  # (a rank without samples this step runs a copy of one: it counts 0)
+        everywhere = b.emit(ops.ALLREDUCE, (b.value(count) * b.cast(has, DType.f32),))
+        share = b.value(total) / b.maximum(everywhere, 1.0) / b.where(has, weight, 1.0)
+    g.replace_all_uses(nid, share.id)
 
 
 def allreduce(graph: Graph, ctx=None) -> Graph:

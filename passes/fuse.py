@@ -47,8 +47,8 @@ Rules, applied greedily from the results backwards (consumers before producers):
      independent kernels over the same domain merge, and the remaining elementwise
      kernels merge into one multi-tensor kernel;
   F8 a kernel's values nest at most MAX_DEPTH deep (a longer chain of ops is stored
-     every MAX_DEPTH ops, recomputed values are at most as deep, and an epilogue (F6)
-     joins only within that depth): the expressions that scheduling and code
+     every MAX_DEPTH ops, recomputed values are at most as deep, and siblings (F3) merge
+     and an epilogue (F6) joins only within that depth): the expressions that scheduling and code
      generation walk recursively stay shallow whatever the program.
 Every producer/consumer pair left in different kernels records the rule that kept
 them apart (`dlc compile --explain-fusion`). The plan is an annotation: the graph's
@@ -450,10 +450,14 @@ class _Fuser:
             for b in ks:
                 if a is not b and self.reaches_indirectly(a.id, b.id):
                     return "F3: its users are in kernels that depend on each other through a third"
+        merged = self.merged_depths(ks)  # (one that reads another directly nests below it)
+        if max(merged.values()) > MAX_DEPTH:
+            return f"F8: merged, its users' kernels' values would nest over {MAX_DEPTH} deep"
         host = next((k for k in ks if k.kind == "reduce"), ks[0])
         for k in ks:
             if k is not host:
                 self.merge(host, k)
+        self.depth.update(merged)
         return None
 
     def place_epilogues(self) -> None:

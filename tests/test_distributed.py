@@ -203,6 +203,20 @@ WITH_RNN = SYNC_BN.replace("    return dense(h, 10)\n", "    r = reshape(x, [B, 
                                                         "    return dense(h, 10) + dense(r, 10)\n")
 
 
+# a loss over a mask's kept positions (half the steps of each sample, by the sign of a feature)
+MASKED = """
+model net(x: f32[B, 64]) -> f32[B, 8, 8] {
+    return reshape(x, [B, 8, 8]) |> dense(8) |> tanh
+}
+train net {
+    data      = digits(test=0.2)
+    loss      = mse(output, reshape(x, [-1, 8, 8]) * 0.5, mask=padding_mask(relu(reshape(x, [-1, 8, 8])[:, :, 0:1])))
+    optimizer = sgd(lr=0.1)
+    batch     = 7
+}
+"""
+
+
 def _one_process(folder: Path, source: str):
     """The state after distributed_steps.py's steps in one process, on the reference."""
     import distributed_steps
@@ -221,7 +235,10 @@ def _one_process(folder: Path, source: str):
     # layers: random numbers keyed by position in [T, B, H] differ with B, so mask_batch
     # leaves such a model unpadded)
     (3, "cpu", {"pad": True}, WITH_RNN.replace(", dropout=0.3", "")),
-], ids=["2-cpu", "3-reference-rnn", "2-cpu-padded", "3-cpu-padded", "3-cpu-padded-rnn"])
+    (2, "cpu", {}, MASKED),  # shares by kept positions, not by samples
+    (3, "cpu", {"pad": True}, MASKED),
+], ids=["2-cpu", "3-reference-rnn", "2-cpu-padded", "3-cpu-padded", "3-cpu-padded-rnn", "2-cpu-masked",
+        "3-cpu-padded-masked"])
 def test_ranks_train_the_parameters_one_process_trains(tmp_path, ranks, target, options, source):
     """Dropout by global sample, batchnorm over the global batch, shards of 4 and 3, a rank
     without a sample: after the steps, the job's parameters are one process's. Padded: every
@@ -233,6 +250,7 @@ def test_ranks_train_the_parameters_one_process_trains(tmp_path, ranks, target, 
     assert "rnn(" not in source or "r.wx_l1" in want.files
     r = _mpiexec(ranks, sys.executable, STEPS, src, target, tmp_path / "many.npz", json.dumps(options), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "Exception ignored" not in r.stderr, r.stderr  # (the watchdog thread once broke forks)
     compiled = [json.loads((tmp_path / f"many.npz.rank{k}.json").read_text()) for k in range(ranks)]
     if options.get("pad"):
         assert compiled == [[-(-7 // ranks)]] * ranks, compiled

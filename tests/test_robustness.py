@@ -69,7 +69,8 @@ def test_blocks_that_multiply_stop_at_the_graph_budget(monkeypatch):
 
 
 DENSE_500 = "model m(x: f32[B, 8]) -> f32[B, 8] {\n" + "    x = dense(x, 8)\n" * 500 + "    return x\n}\n"
-CHAIN_1000 = "model m(x: f32[B, 8]) -> f32[B, 8] {\n" + "    x = tanh(x + 1.0) * x\n" * 1000 + "    return x\n}\n"
+CHAIN_1000 = ("model m(x: f32[B, 8]) -> f32[B, 8] {\n    param s: f32[8] = ones\n    x = x * s\n" +
+              "    x = tanh(x + 1.0) * x\n" * 1000 + "    return x\n}\n")  # (s: the gradient runs back through it)
 EPILOGUE_1000 = CHAIN_1000.replace("{\n", "{\n    x = dense(x, 8)\n", 1)  # the chain after a matmul
 LSTM_1000 = "model m(x: f32[B, 1000, 8]) -> f32[B, 4] {\n    h = lstm(x, 16)\n    return dense(h, 4)\n}\n"
 TRAIN = "train m {\n    data = arrays()\n    loss = mse(output, x)\n    optimizer = sgd(lr=0.1)\n}\n"

@@ -801,7 +801,11 @@ def _masked_mean(b: GraphBuilder, values: Value, mask: Optional[Value]) -> Value
     keep = b.broadcast(mask, values.shape, tuple(range(mask.rank)))
     total = b.sum(b.where(keep, values, 0.0))
     count = b.sum(b.cast(keep, values.dtype))
-    return total / b.maximum(count, 1.0)
+    mean = total / b.maximum(count, 1.0)
+    # a mean over positions, not samples: a data-parallel job's ranks share it out by their
+    # kept positions (passes/data_parallel.py)
+    b.graph.meta["masked_means"] = b.graph.meta.get("masked_means", ()) + (mean.id,)
+    return mean
 
 
 @builtin("loss")

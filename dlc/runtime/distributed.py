@@ -346,7 +346,7 @@ class Watchdog(threading.Thread):
         self.world = world
         self.comm = world.comm.Dup()
         self.peers = list(range(1, world.size)) if world.lead else [0]
-        self._stop = threading.Event()
+        self._stopping = threading.Event()  # (not `_stop`: threading.Thread has a method of that name)
         self._done = threading.Event()
         self.ending = False  # every rank has finished: peers may now exit
 
@@ -358,7 +358,7 @@ class Watchdog(threading.Thread):
         sends: list = []
         last = {p: time.monotonic() for p in self.peers}
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 now = time.monotonic()
                 for p in self.peers:
                     try:
@@ -377,7 +377,7 @@ class Watchdog(threading.Thread):
                     sends = [s for s in sends if not s.Test()]
                 except MPI.Exception:
                     sends = []
-                self._stop.wait(HEARTBEAT_SECONDS)
+                self._stopping.wait(HEARTBEAT_SECONDS)
         finally:
             try:
                 for r in recvs.values():
@@ -388,7 +388,7 @@ class Watchdog(threading.Thread):
             self._done.set()
 
     def _abort(self, rank: int, what: str) -> None:
-        if self.ending or self._stop.is_set():
+        if self.ending or self._stopping.is_set():
             return
         sys.stdout.flush()
         sys.stderr.write(f"dlc: {self.world.where(rank)} {what}; stopping all {self.world.size} ranks\n")
@@ -396,7 +396,7 @@ class Watchdog(threading.Thread):
         self.world.MPI.COMM_WORLD.Abort(3)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self._done.wait(5.0)
 
 
