@@ -10,10 +10,9 @@ shard (before autodiff)
     depend on the batch: regularizers count once, as their weights sum to 1). A mean over
     a mask's kept positions (graph.meta["masked_means"]) is first made the shard's total
     over the count of the whole batch's kept positions (an allreduce), divided by the
-    weight. Random
-    tensors with a batch axis are numbered as this shard's slice of the global batch's
-    (from `sample_offset`, the global index of its first sample, in a batch of
-    `global_batch`), so dropout draws what one process would for the same samples.
+    weight. Random tensors with a batch axis are numbered as this shard's slice of the
+    global batch's (from `sample_offset`, the global index of its first sample, in a batch
+    of `global_batch`), so dropout draws what one process would for the same samples.
 
 allreduce (after autodiff, before the optimizer)
     Every gradient becomes `allreduce(grad)`, the sum over ranks of the shares, before the

@@ -300,6 +300,8 @@ def valid_step(g: Gen) -> None:
         ops.append("block")
     if r == 2 and not any(line.lstrip().startswith("state ") for line in g.lines):
         ops.append("state")
+    if g.num(0, 19) == 0:  # rarely: longer than a kernel's values may nest (fusion's F8)
+        ops.append("long_chain")
     op = g.pick(ops)
     if op == "dense":
         u = g.size(1, 9)
@@ -398,6 +400,10 @@ def valid_step(g: Gen) -> None:
         g.emit(f"{name} = " + g.pick([f"{src} |> {'unit' if r == 2 else 'res'}",
                                       f"{'unit' if r == 2 else 'res'}({src})",
                                       f"{'unit' if r == 2 else 'res'}({src}, name=\"b{g.n}\")"]), s, name)
+    elif op == "long_chain":
+        g.emit(f"{name} = {src}", s, name)
+        for _ in range(g.num(60, 140)):
+            g.emit(f"{name} = tanh({name} + 0.1) * 0.9", None)
     elif op == "state":  # carried from one batch to the next: row i continues row i
         c = f"c{g.n}"
         g.emit(f"state {c}: f32[B, {s[1]}]" + g.pick(["", " = zeros", " = constant(0.5)"]), None)
