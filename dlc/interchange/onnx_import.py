@@ -13,9 +13,9 @@ dlc's layout and parameter names:
                                               the function of the same name
 
 and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, sign, maximum, minimum,
-clip, sum/mean/max, reshape, transpose, concat, indexing). Shape arithmetic (Shape,
-Gather, Concat, ... feeding a Reshape, as PyTorch's exporter writes it) is evaluated
-here, symbolically in the batch dimension. A constant tensor that is no layer's weight
+clip, step (a Greater cast to float), sum/mean/max, reshape, transpose, concat, indexing).
+Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
+writes it) is evaluated here, symbolically in the batch dimension. A constant tensor that is no layer's weight
 becomes a declared `param` (trainable in dlc). An operator with no .dln counterpart is an
 error naming the operator and its node.
 
@@ -486,6 +486,9 @@ class Importer:
         elif kind == "expand":
             raise ImportError_(f"{self.path}: an Expand result is read by something other than elementwise "
                                "arithmetic; .dln has no explicit broadcast")
+        elif kind == "greater":
+            raise ImportError_(f"{self.path}: the comparison `{rest[2]}` (Greater) is read as a bool; .dln has "
+                               "comparisons only as `step` (a Greater cast to float)")
         else:
             raise AssertionError(kind)
 
@@ -1177,10 +1180,23 @@ class Importer:
         else:
             self.alias(node, x)
 
+    def op_Greater(self, node, ins):  # a bool: .dln reads it only cast to float, as `step`
+        if ins[0].dtype not in ("f32", "f64"):
+            raise self.error(node, "compares integers; .dln has comparisons only as `step` of floats")
+        self.bind(node.output[0], V(self.out_shape(node), "bool", view=("greater", *ins, node.name)))
+
     def op_Cast(self, node, ins):
         if self.shape_op(node, ins):
             return
         want = self._np_of.get(next(a.i for a in node.attribute if a.name == "to"))
+        x = ins[0]
+        if x.view is not None and x.view[0] == "greater" and want == "f32":  # 1 where a > b, else 0
+            _, a, b, _ = x.view
+            if b.const is not None and b.const.size == 1 and float(b.const.reshape(())) == 0.0:
+                self.unary(node, [a], "step")
+            else:
+                self.assign(node, f"step({self.operand(a, node)} - {self.operand(b, node)})")
+            return
         if want == ins[0].dtype or (want in ("f32", "f64") and ins[0].dtype in ("f32", "f64")):
             self.alias(node, ins[0])
             return
