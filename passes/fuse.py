@@ -48,8 +48,8 @@ Rules, applied greedily from the results backwards (consumers before producers):
      kernels merge into one multi-tensor kernel;
   F8 a kernel's values nest at most MAX_DEPTH deep (a longer chain of ops is stored
      every MAX_DEPTH ops, recomputed values are at most as deep, and siblings (F3) merge
-     and an epilogue (F6) joins only within that depth): the expressions that scheduling and code
-     generation walk recursively stay shallow whatever the program.
+     and an epilogue (F6) joins only within that depth): the expressions that scheduling
+     and code generation walk recursively stay shallow whatever the program.
 Every producer/consumer pair left in different kernels records the rule that kept
 them apart (`dlc compile --explain-fusion`). The plan is an annotation: the graph's
 nodes are not changed. Code generation derives exact index maps, so these grouping

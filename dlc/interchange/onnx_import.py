@@ -15,9 +15,9 @@ dlc's layout and parameter names:
 and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, sign, maximum, minimum,
 clip, step (a Greater cast to float), sum/mean/max, reshape, transpose, concat, indexing).
 Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
-writes it) is evaluated here, symbolically in the batch dimension. A constant tensor that is no layer's weight
-becomes a declared `param` (trainable in dlc). An operator with no .dln counterpart is an
-error naming the operator and its node.
+writes it) is evaluated here, symbolically in the batch dimension. A constant tensor that
+is no layer's weight becomes a declared `param` (trainable in dlc). An operator with no
+.dln counterpart is an error naming the operator and its node.
 
 A `dlc export`ed model's input normalization (`normalize.shift`/`normalize.scale`)
 goes back into the checkpoint, where `dlc predict` and `dlc run --resume` apply it.
