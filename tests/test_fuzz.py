@@ -306,7 +306,7 @@ def valid_step(g: Gen) -> None:
     if op == "dense":
         u = g.size(1, 9)
         form = g.pick([f"{src} |> dense({u})", f"dense({src}, {u})", f"dense({src}, units={u}, bias=false)",
-                       f"{src} |> dense({u}, init=he_normal) |> relu"])
+                       f"{src} |> dense({u}, init=he_normal) |> relu", f"dense({src}, {u}, trainable=false)"])
         g.emit(f"{name} = {form}", s[:-1] + (u,), name)
     elif op == "act":
         a = g.pick(["relu", "tanh", "sigmoid", "gelu", "softmax", "log_softmax", "leaky_relu(alpha=0.2)"])
@@ -357,7 +357,11 @@ def valid_step(g: Gen) -> None:
         pad = g.num(0, k // 2)
         ch = g.size(1, 6)
         ho, wo = (h + 2 * pad - k) // st_ + 1, (w + 2 * pad - k) // st_ + 1
-        g.emit(f"{name} = {src} |> conv2d({ch}, {k}, stride={st_}, pad={pad})", ("B", ch, ho, wo), name)
+        more = g.pick(["", ", bias=false", ", trainable=false"])
+        if st_ == 1 and k % 2 and g.pick([False, True]):
+            g.emit(f'{name} = conv2d({src}, {ch}, {k}, pad="same"{more})', ("B", ch, h, w), name)
+        else:
+            g.emit(f"{name} = {src} |> conv2d({ch}, {k}, stride={st_}, pad={pad}{more})", ("B", ch, ho, wo), name)
     elif op == "pool":
         _, c, h, w = s
         k = g.num(1, min(h, w, 3))
@@ -386,8 +390,19 @@ def valid_step(g: Gen) -> None:
         options = (", bidirectional=true" if both else "") + (f", layers={layers}" if layers > 1 else "")
         options += ", dropout=0.2" if layers > 1 and g.pick([False, True]) else ""
         out = hid * (2 if both else 1)
-        g.emit(f"{name} = {f}({src}, {hid}, return_sequences={'true' if seqs else 'false'}{options})",
-               ("B", s[1], out) if seqs else ("B", out), name)
+        one = not both and layers == 1  # (a stack's states are [layers * directions, B, hidden])
+        if one and g.pick([False, True]):  # initial states computed from the input
+            g.emit(f"{name}_h0 = tanh(dense({src}[:, 0], {hid}))", None)
+            options += f", initial=({name}_h0, {name}_h0 * 0.5)" if f == "lstm" else f", initial={name}_h0"
+        options += g.pick(["", "", f", mask=padding_mask({src})", ", trainable=false"])
+        shape = ("B", s[1], out) if seqs else ("B", out)
+        call = f"{f}({src}, {hid}, return_sequences={'true' if seqs else 'false'}{options}"
+        if one and g.pick([False, True]):  # the final states as results too
+            states = f"({name}_h, {name}_c)" if f == "lstm" else f"{name}_h"
+            g.emit(f"{name}, {states} = {call}, return_state=true)", shape, name)
+            g.env.append((f"{name}_h", ("B", hid)))
+        else:
+            g.emit(f"{name} = {call})", shape, name)
     elif op == "transpose":
         if r == 3:
             g.emit(f"{name} = transpose({src}, [0, 2, 1])", ("B", s[2], s[1]), name)
@@ -399,7 +414,8 @@ def valid_step(g: Gen) -> None:
     elif op == "block":  # the blocks of BLOCKS: shape-preserving, sizes bound from the argument
         g.emit(f"{name} = " + g.pick([f"{src} |> {'unit' if r == 2 else 'res'}",
                                       f"{'unit' if r == 2 else 'res'}({src})",
-                                      f"{'unit' if r == 2 else 'res'}({src}, name=\"b{g.n}\")"]), s, name)
+                                      f"{'unit' if r == 2 else 'res'}({src}, name=\"b{g.n}\")",
+                                      f"{'unit' if r == 2 else 'res'}({src}, trainable=false)"]), s, name)
     elif op == "long_chain":
         g.emit(f"{name} = {src}", s, name)
         for _ in range(g.num(60, 140)):
