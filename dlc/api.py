@@ -105,6 +105,7 @@ def _load_artifact(path) -> "Model":
     for batch, (_, layout) in steps.items():
         artifact.check_fits(path, batch, layout, inputs, m.state)
     m.preloaded = {(manifest["backend"], batch): step for batch, step in steps.items()}
+    m.preloaded_recipe = m.source_key("train", m.train_config) if m.train_config else None
     return m
 
 
@@ -128,6 +129,7 @@ class Model:
         self._sessions: dict = {}
         self._held_out = None  # (x, y) that fit(x, y) held out, shaped: what evaluate() scores
         self.preloaded: dict = {}  # (backend, batch) -> (blobs, layout) from an artifact
+        self.preloaded_recipe: str | None = None  # the source key of its training step
 
     # --- inspection -----------------------------------------------------------------------------
     def built(self, mode: str = "eval") -> Built:
@@ -194,10 +196,10 @@ class Model:
     def source_key(self, mode: str, config, world: int = 1, bucket_bytes: int | None = None) -> str:
         """Identifies a compiled graph without running the graph passes (compile-cache keys):
         the graph the frontend built, source locations included (profiles name them), and for
-        training the optimizer and clipping -- not the learning rate, which the step takes as
-        an input, as it takes the seed. So a new rate, epoch count, seed or data option, or a
-        comment that moves none of the model's, loss's or optimizer's lines, compiles
-        nothing. A training step of a data-parallel job (`world` ranks: the step is the same
+        training the optimizer, clipping and check_numerics -- not the learning rate, which
+        the step takes as an input, as it takes the seed. So a new rate, epoch count, seed or
+        data option, or a comment that moves none of the model's, loss's or optimizer's
+        lines, compiles nothing. A training step of a data-parallel job (`world` ranks: the step is the same
         for any number > 1) differs."""
         recipe = ""
         if mode == "train" and config:
@@ -205,6 +207,7 @@ class Model:
             args = {k: v for k, v in sorted(optimizer.args.items()) if k != "lr"}
             at = config.span("optimizer")  # the update's nodes carry it
             recipe = f"{optimizer.name}{args}|clip={config.clip}|at={at.short if at else ''}"
+            recipe += "|check_numerics" if config.check_numerics else ""
         if mode == "train" and world > 1:
             recipe += f"|data-parallel|buckets={bucket_bytes}"
         return "\0".join([print_graph(self.built(mode).graph), self.name, mode, recipe])
@@ -311,7 +314,8 @@ class Model:
         options: threads, verbose (a print function), no_cache, cache_dir, profile."""
         from dlc.runtime.trainer import Session
         config = config or self._require_config()
-        key = (target, str(config.optimizer), config.clip, tuple(sorted(options.items(), key=str)), id(world))
+        key = (target, str(config.optimizer), config.clip, config.check_numerics,
+               tuple(sorted(options.items(), key=str)), id(world))
         if key not in self._sessions:
             self._sessions[key] = Session(self, config, target, options, world)
         return self._sessions[key]
@@ -321,7 +325,8 @@ class Model:
             test: float | None = None, validation=None, early_stop=None, keep_best: bool | None = None,
             callbacks=None, shuffle: bool | None = None, quiet: bool = True, log=None, csv=None,
             tensorboard=None, save=None, resume=None, on_epoch=None, batch_size: int | None = None,
-            validation_split: float | None = None, validation_data=None, world="auto", **options):
+            validation_split: float | None = None, validation_data=None, world="auto",
+            check_numerics: bool | None = None, **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
         trains on those arrays (a `test` share is held out, which evaluate() then scores)
         instead of the block's data.
@@ -335,6 +340,8 @@ class Model:
         written after every epoch (keep_best: every better epoch) and on Ctrl-C once a step has
         run; a file already there (unless it is `resume`) is kept as NAME.prev.npz.
         Keras' names work too: batch_size, validation_split, validation_data, verbose (0: quiet).
+        check_numerics: a step whose gradients are not finite stops training too, naming the
+        op (slower steps: every gradient is checked before any update).
         Started by mpiexec (`world="auto"`), or given a World, the process is one rank of a
         data-parallel job: `batch` is the global batch, and rank 0 alone reports, logs and saves.
         Returns a History (one record of metrics per epoch; `.test`: the test split's)."""
@@ -351,6 +358,8 @@ class Model:
         if optimizer is not None:
             config = dataclasses.replace(config, optimizer=optimizer if not isinstance(optimizer, str)
                                          else _optimizer_spec(optimizer))
+        if check_numerics is not None:
+            config = dataclasses.replace(config, check_numerics=_flag("check_numerics", check_numerics))
         if lr is not None and config.schedule.name == "cyclic":
             raise ArgumentError("`cyclic` sets the learning rate itself (from base to max); "
                                 "a learning rate given with it would be ignored", config.span("schedule"),

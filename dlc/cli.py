@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-best", action="store_true",
                    help="end with (and --save) the weights of the best epoch by the early-stop metric "
                         "(val_loss without one)")
+    p.add_argument("--check-numerics", action="store_true",
+                   help="also stop at a step whose gradients are not finite though its loss is, naming "
+                        "the op (as `check_numerics = true` in the train block; slower steps)")
     _add_target(p)
     p.add_argument("--save", metavar="FILE",
                    help="write a checkpoint after every epoch (and on Ctrl-C, once a step has run); "
@@ -434,7 +437,8 @@ def cmd_run(args) -> int:
         history = model.fit(epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
                             target=args.target, quiet=quiet, log=args.log, csv=args.csv,
                             tensorboard=args.tensorboard, save=save, resume=args.resume,
-                            keep_best=True if args.keep_best else None, world=world, **_backend_options(args))
+                            keep_best=True if args.keep_best else None, world=world,
+                            check_numerics=True if args.check_numerics else None, **_backend_options(args))
     except Interrupted as e:
         if lead:
             print(f"dlc: {e}", file=sys.stderr)

@@ -79,7 +79,7 @@ def _autodiff(g, ctx):
 def _optimizer(g, ctx):
     from dlc.passes.optimizer import optimizer
     c = ctx.config
-    return optimizer(g, c.optimizer, c.clip, c.span("optimizer"))
+    return optimizer(g, c.optimizer, c.clip, c.span("optimizer"), check_gradients=c.check_numerics)
 
 
 def _simplify(g, ctx):

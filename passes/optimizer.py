@@ -6,7 +6,9 @@ gradient clipping by global norm. Optimizer state (moments, accumulators) become
 `state` inputs named `<param>:<slot>` with matching updates; the step counter `step`
 counts steps. The learning rate is the `lr` input (role hyper), so schedules never
 recompile. When the loss is not finite the step leaves every parameter and state
-unchanged, so the runtime can report the op that went wrong.
+unchanged, so the runtime can report the op that went wrong. With `check_gradients`
+(the train block's `check_numerics`) non-finite gradients do the same, and the step
+outputs `gradient_check`: 0, or NaN when some gradient element is not finite.
 """
 from __future__ import annotations
 
@@ -111,17 +113,18 @@ RULES = {"perceptron": _perceptron, "sgd": _sgd, "adagrad": _adagrad, "adadelta"
          "adam": _adam, "adamw": _adam}
 
 
-def optimizer(graph: Graph, spec: Spec, clip: float | None = None, span=None) -> Graph:
+def optimizer(graph: Graph, spec: Spec, clip: float | None = None, span=None,
+              check_gradients: bool = False) -> Graph:
     g = graph.copy()
     b = GraphBuilder(g)
     with b.at(span):
-        _append_updates(g, b, spec, clip)
+        _append_updates(g, b, spec, clip, check_gradients)
     g.outputs.pop("output", None)
     g.remove_unused()
     return g
 
 
-def _append_updates(g: Graph, b: GraphBuilder, spec: Spec, clip: float | None) -> None:
+def _append_updates(g: Graph, b: GraphBuilder, spec: Spec, clip: float | None, check_gradients: bool) -> None:
     a = spec.args
     names = [g.node(i).attrs["name"] for i in g.inputs("param")]
     params = {n: b.value(g.input_named(n)) for n in names}
@@ -134,6 +137,14 @@ def _append_updates(g: Graph, b: GraphBuilder, spec: Spec, clip: float | None) -
         step = b.input("step", TensorType(DType.i32, ()), "state")
     step_new = step + 1
     t = b.cast(step_new, DType.f32)
+    # x * 0 is 0 for a finite x and NaN for NaN or Inf, so a sum of such products is 0 or NaN;
+    # it reads every gradient before any update, so updates are no GEMM epilogues then
+    check = None
+    if check_gradients and grads:
+        for gr in grads.values():
+            probe = b.sum(gr * 0.0)
+            check = probe if check is None else check + probe
+        g.outputs["gradient_check"] = check.id
 
     if clip is not None and grads:  # scale all gradients by min(1, clip / global norm)
         total = None
@@ -158,7 +169,7 @@ def _append_updates(g: Graph, b: GraphBuilder, spec: Spec, clip: float | None) -
     # a non-finite loss leaves everything as it was (NaN fails every comparison); this
     # also guards updates the model made itself (batchnorm running statistics)
     loss = b.value(g.outputs["loss"])
-    finite = b.lt(b.abs(loss), math.inf)
+    finite = b.lt(b.abs(loss if check is None else loss + check), math.inf)
     new.update({k: b.value(v) for k, v in g.updates.items()})
     for name, value in new.items():
         old = b.value(g.input_named(name))

@@ -6,6 +6,7 @@ the whole table costs a few LLVM compilations rather than hundreds.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from dlc import artifact, backends
 from dlc.backends.llvm.codegen import ModuleBuilder
 from dlc.backends.reference import run_graph
 from dlc.core.graph import Graph, Node
+from dlc.language.overrides import override_config
 from dlc.passes.autodiff import autodiff
 from dlc.pipeline import kernel_program, lower
 from dlc.program import make_program
@@ -628,6 +630,28 @@ def test_an_artifact_holds_the_batch_size_asked_for(tmp_path):
              env=dict(env, DLC_CACHE_DIR=str(tmp_path / "empty")))
     assert r.returncode == 0, r.stderr
     assert "compile cache" not in r.stderr  # every step came from the artifact
+
+
+def test_an_artifact_run_with_another_recipe_compiles_that_recipe(tmp_path):
+    """An artifact holds the steps of its train block's recipe. `--optimizer` (or
+    `--check-numerics`) changes the step, so the run compiles its own instead of running the
+    artifact's SGD step as Adam's (which trained with SGD, and raised a KeyError traceback
+    once a loss was not finite)."""
+    m = dlc.load(EXAMPLES[0].parent / "digits_mlp.dln")
+    path = tmp_path / "a.dlcx"
+    m.compile_artifact(path, cache_dir=tmp_path)
+    x = np.random.default_rng(0).random((m.train_config.batch, 64), dtype=np.float32)
+    y = np.zeros(m.train_config.batch, np.int32)
+    for recipe, origin in (({}, "artifact"), ({"optimizer": "sgd(lr=0.1, momentum=0.9)"}, "compiled"),
+                           ({"check_numerics": True}, "compiled")):
+        art = dlc.load(path)
+        art.train_config = dataclasses.replace(art.train_config, **recipe) if "check_numerics" in recipe \
+            else override_config(art.train_config, **recipe)
+        session = art.session(art.train_config, "cpu", cache_dir=tmp_path / "empty")
+        session.use_batch(len(x))
+        assert session.warm_up()[0] == origin
+        session.train_step(x, y, 0.1)
+        assert any(k.endswith(":momentum") for k in art.state) == ("optimizer" in recipe)
 
 
 def test_artifact_reader_checks_versions(tmp_path, monkeypatch):

@@ -233,6 +233,35 @@ def test_generated_models_train_emulated_as_on_the_reference(case, rows):
     event("emulated and compared" + (" with plain SGD" if PLAIN_SGD in text else ""))
 
 
+def test_check_numerics_guards_the_emulated_step():
+    """check_numerics' gradient check in CUDA C: a step whose gradients are not finite (though
+    its loss is) reports NaN in `gradient_check` and changes no parameter, as on the reference."""
+    m = dlc.load("""\
+model g(x: f32[B, 3]) -> f32[B, 2] {
+    param w: f32[3, 2] = normal(0, 0.5)
+    h = sqrt((x * x) @ (w * w))
+    return dense(h, 2)
+}
+train g { data = arrays()  loss = mse(output, label)  optimizer = adam()  batch = 8  check_numerics = true }
+""")
+    graph = m.compile_graph("train", m.train_config)
+    m.ensure_state(graph)
+    ref_state = {k: v.copy() for k, v in m.state.items()}
+    cuda_state = {k: v.copy() for k, v in m.state.items()}
+    ref = make_program("reference", graph, ref_state)
+    step = HostStep(*CUDA.render(_program(graph, 8), TARGET))
+    feeds = {"x": np.ones((8, 3), np.float32), "label": np.ones((8, 2), np.float32), "lr": np.float32(0.01),
+             "valid_rows": np.int32(8)}
+    for x, finite in ((np.ones((8, 3), np.float32), True), (np.zeros((8, 3), np.float32), False)):
+        before = {k: v.copy() for k, v in cuda_state.items()}
+        want, got = ref.run({**feeds, "x": x}), step.run(cuda_state, {**feeds, "x": x})
+        assert np.isfinite(want["gradient_check"]) == finite and np.isfinite(got["gradient_check"]) == finite
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+        for k in ref_state:
+            np.testing.assert_allclose(cuda_state[k], ref_state[k], rtol=1e-4, atol=1e-6, err_msg=k)
+            assert finite or np.array_equal(cuda_state[k], before[k]), k
+
+
 # --- the command line without a GPU ---------------------------------------------------------------------
 
 def _dlc(*args, env=None):

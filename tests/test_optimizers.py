@@ -602,18 +602,36 @@ train g {
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the guard only looks at the loss: a step with a finite loss but non-finite gradients "
-    "(sqrt'(0) = inf, times 0 = NaN) writes NaN into `w` and train_step does not raise; the "
-    "next step then reports 'step 2; parameter or state `w` holds non-finite values' at the "
-    "param line instead of step 1 and the sqrt on line 4"))
-def test_nonfinite_gradient_with_finite_loss_is_guarded_and_reported():
+def test_a_nonfinite_gradient_with_a_finite_loss_is_named_at_the_next_step():
+    """By default the guard reads the loss alone (a global test of every gradient would keep
+    the weight gradients from being updated in their GEMM's epilogue): sqrt'(0) = inf, times
+    0 = NaN, writes NaN into `w`; the next step names `w` and points to check_numerics."""
     m = dlc.load(SQRT_AT_ZERO)
     sess = m.session(m.train_config, "reference")
-    x = np.zeros((B, IN), np.float32)  # sqrt(0): the loss is finite, d sqrt/du is not
-    y = np.ones((B, OUT), np.float32)
+    x, y = np.zeros((B, IN), np.float32), np.ones((B, OUT), np.float32)
+    sess.train_step(x, y, 0.01)
+    with pytest.raises(NumericsError) as info:
+        sess.train_step(x, y, 0.01)
+    assert "step 2" in info.value.message and "`w` holds non-finite values" in info.value.message
+    assert "check_numerics = true" in info.value.hint and info.value.span.line == 2
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_check_numerics_stops_at_a_nonfinite_gradient_with_a_finite_loss(target):
+    """With `check_numerics = true` every gradient is checked before any update: the step
+    with sqrt'(0) changes nothing and is reported at the sqrt's line, in its backward pass."""
+    m = dlc.load(SQRT_AT_ZERO.replace("batch = 8", "batch = 8\n    check_numerics = true"))
+    sess = m.session(m.train_config, target)
+    x, y = np.zeros((B, IN), np.float32), np.ones((B, OUT), np.float32)
+    good = np.ones((B, IN), np.float32)
+    sess.train_step(good, y, 0.01)  # finite gradients pass the check
     before = snapshot(m.state)
     with pytest.raises(NumericsError) as info:
         sess.train_step(x, y, 0.01)
-    assert "step 1" in info.value.message and info.value.span.line == 4
+    err = info.value
+    assert "the gradients became non-finite at step 2 (the loss was" in err.message, err.render()
+    assert "in the backward pass of this line" in err.message and err.span.line == 4, err.render()
     assert_unchanged(before, m.state)
+    assert sess.global_step == 1
+    sess.train_step(good, y, 0.01)  # and training carries on
+    assert int(m.state["step"]) == 2

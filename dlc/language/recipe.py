@@ -229,6 +229,7 @@ class TrainConfig:
     validation: Union[float, Spec, None] = None  # a share of the training split, or a data source
     early_stop: Optional[Spec] = None
     keep_best: bool = False
+    check_numerics: bool = False  # a step whose gradients are not finite fails too (slower steps)
     spans: dict = field(default_factory=dict)  # option -> Span, for runtime errors
 
     def span(self, option: str) -> Optional[Span]:
@@ -246,4 +247,5 @@ OPTIONS = {
     "metrics": ("metrics", False), "schedule": ("schedule", False), "clip": ("float", False),
     "checkpoint": ("str", False), "normalize": ("normalize", False), "shuffle": ("bool", False),
     "validation": ("validation", False), "early_stop": ("early_stop", False), "keep_best": ("bool", False),
+    "check_numerics": ("bool", False),
 }

@@ -87,7 +87,8 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
                        clip=values.get("clip"), checkpoint=values.get("checkpoint"),
                        normalize=values.get("normalize"), shuffle=shuffle,
                        validation=values.get("validation"), early_stop=values.get("early_stop"),
-                       keep_best=values.get("keep_best", False), spans=spans)
+                       keep_best=values.get("keep_best", False),
+                       check_numerics=values.get("check_numerics", False), spans=spans)
 
 
 def _label_input(fe: Frontend, loss_ast, output: Value) -> Value | None:

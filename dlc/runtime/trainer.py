@@ -112,12 +112,15 @@ class Session:
             model.ensure_state(self.graph("train"))
         # one program, two entry points: compiled together, once per batch size (evaluation
         # exchanges nothing: its entry is one process's step also in a data-parallel job)
+        keys = {mode: model.source_key(mode, config, ranks, self.bucket_bytes) for mode in ("train", "eval")}
+        # an artifact holds one-process steps of its train block's recipe: another optimizer,
+        # clip or check_numerics compiles its own
+        own = keys["train"] == model.preloaded_recipe
         self.program = make_programs(
             target, {mode: (lambda mode=mode: self.graph(mode)) for mode in ("train", "eval")}, self.state,
-            keys={mode: model.source_key(mode, config, ranks, self.bucket_bytes) for mode in ("train", "eval")},
-            name=model.name, data_name=self.input_name,
-            preloaded={b: s for (t, b), s in model.preloaded.items() if t == target and ranks == 1},
-            options=options)  # (artifacts hold one-process steps)
+            keys=keys, name=model.name, data_name=self.input_name,
+            preloaded={b: s for (t, b), s in model.preloaded.items() if t == target and own},
+            options=options)
         self.train_program, self.eval_program = self.program.entry("train"), self.program.entry("eval")
         # results other than metrics have a `:` (output:h, a named result; carry:h, a state)
         self.metrics = [k for k in model.built("eval").graph.outputs if k not in ("output", "loss") and ":" not in k]
@@ -229,20 +232,31 @@ class Session:
         return Pending(feeds, out)
 
     def collect(self, step: "Pending") -> dict[str, float]:
-        """A submitted step's loss and metrics; NumericsError when its loss is not finite.
-        Steps are collected in the order they ran (the step count counts finite steps)."""
+        """A submitted step's loss and metrics; NumericsError when its loss (or, with
+        `check_numerics`, a gradient) is not finite. Steps are collected in the order they
+        ran (the step count counts finite steps)."""
         loss = float(step.out["loss"])
         if not math.isfinite(loss):
-            raise self._numerics_error(step.feeds, loss)
+            raise self._numerics_error(step.feeds, f"the loss became {loss}")
+        check = step.out.get("gradient_check")
+        if check is not None and not math.isfinite(float(check)):
+            raise self._numerics_error(step.feeds, "the gradients became non-finite", f" (the loss was {loss:.6g})")
         self.global_step += 1
         return {k: float(step.out[k]) for k in self._results}
 
-    def _numerics_error(self, feeds, loss: float) -> NumericsError:
-        """Re-run the failed step on the reference interpreter to find the first bad op.
-        (The step left the state untouched: the optimizer pass guards every update.)"""
+    def _numerics_error(self, feeds, what_became: str, note: str = "") -> NumericsError:
+        """Re-run the failed step on the reference interpreter to find the first bad op
+        (in the backward pass too, where a finite loss had non-finite gradients). The step
+        left the state untouched: the optimizer pass guards every update."""
         from dlc.core import ops
         backends.sync_state(self.state)
         values = backends.backend("reference").run_graph(self.train_graph, {**self.state, **feeds}, keep_all=True)
+        forward, todo = set(), [self.train_graph.outputs["loss"]]  # what the loss is computed from
+        while todo:
+            nid = todo.pop()
+            if nid not in forward:
+                forward.add(nid)
+                todo.extend(self.train_graph.operands(nid))
         for nid in self.train_graph.toposort():
             node = self.train_graph.node(nid)
             v = values[nid]
@@ -250,12 +264,18 @@ class Session:
                 continue  # an infinite constant is deliberate (the optimizer's finiteness test);
                 #           a loop's results are checked where they are read (scan_result)
             if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
-                what = (f"parameter or state `{node.attrs['name']}` holds non-finite values"
-                        if node.op is ops.INPUT else f"`{node.op.name}` produced {_nonfinite(v)}")
-                return NumericsError(f"the loss became {loss} at step {self.global_step + 1}; {what}",
-                                     node.span, hint="lower the learning rate, normalize the inputs, "
-                                     "or clip gradients (`clip = 1.0` in the train block)")
-        return NumericsError(f"the loss became {loss} at step {self.global_step + 1}", None)
+                hint = ("lower the learning rate, normalize the inputs, or clip gradients "
+                        "(`clip = 1.0` in the train block)")
+                if node.op is ops.INPUT:
+                    what = f"parameter or state `{node.attrs['name']}` holds non-finite values"
+                    if not self.config.check_numerics:  # an earlier step's update wrote them
+                        hint += "; `check_numerics = true` (or --check-numerics) stops at the step that wrote them"
+                else:
+                    what = f"`{node.op.name}` produced {_nonfinite(v)}"
+                    what = what if nid in forward else f"in the backward pass of this line, {what}"
+                return NumericsError(f"{what_became} at step {self.global_step + 1}{note}; {what}", node.span,
+                                     hint=hint)
+        return NumericsError(f"{what_became} at step {self.global_step + 1}{note}", None)
 
     def profile_report(self, top: int = 12) -> str:
         """Where training time went: per kernel and per .dln line (native target only)."""
