@@ -49,7 +49,14 @@ Rules, applied greedily from the results backwards (consumers before producers):
   F8 a kernel's values nest at most MAX_DEPTH deep (a longer chain of ops is stored
      every MAX_DEPTH ops, recomputed values are at most as deep, and siblings (F3) merge
      and an epilogue (F6) joins only within that depth): the expressions that scheduling
-     and code generation walk recursively stay shallow whatever the program.
+     and code generation walk recursively stay shallow whatever the program;
+  F9 a data-parallel step runs its exchanges in bucket order. Where the kernels above
+     cannot (a kernel that feeds one exchange also reads the same or a later one, though
+     no value connects the two: the running statistics of a batchnorm(sync=true) whose
+     output nothing reads, updated with the loss's finiteness, in the kernel of the
+     statistics' sums), the step is fused again with each kernel's nodes depending on
+     the same exchanges: a node's stage is 1 + the last bucket it depends on (0: none),
+     and nodes of different stages never share a kernel.
 Every producer/consumer pair left in different kernels records the rule that kept
 them apart (`dlc compile --explain-fusion`). The plan is an annotation: the graph's
 nodes are not changed. Code generation derives exact index maps, so these grouping
@@ -238,7 +245,7 @@ class FusionPlan:
 
 
 class _Fuser:
-    def __init__(self, g: Graph, stored: frozenset = frozenset(), body: bool = False):
+    def __init__(self, g: Graph, stored: frozenset = frozenset(), body: bool = False, stages: bool = False):
         self.g = g
         self.stored = stored  # nodes a previous round found recomputed per element
         self.body = body      # a loop body: its results are stored by the kernels that use them
@@ -249,6 +256,8 @@ class _Fuser:
         self.kernels: dict[int, Kernel] = {}
         self.deps: dict[int, set[int]] = {}
         self.reasons: dict[tuple[int, int], str] = {}
+        self.stages = stages  # F9: keep nodes of different stages apart
+        self.stage: dict[int, int] = {}  # node -> its F9 stage (empty: F9 not asked for)
         self._next = 0
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -305,6 +314,10 @@ class _Fuser:
             depth[n] = 1 + max((depth[u] for u in self.free.users(n) if u in depth), default=0)
         return depth
 
+    def stages_differ(self, nodes) -> bool:
+        """F9: do these nodes depend on different exchanges of a data-parallel step?"""
+        return bool(self.stage) and len({self.stage[n] for n in nodes}) > 1
+
     def reaches_indirectly(self, a: int, b: int) -> bool:
         """Does kernel a read from b through some other kernel? (Merging a and b would then
         make a cycle; a direct read is fine: inside a kernel values are recomputed.)"""
@@ -318,6 +331,8 @@ class _Fuser:
     def fits(self, k: Kernel, nid: int) -> str | None:
         """None if node nid can be computed inside kernel k (F2, F4, F5), else why not."""
         n = self.g.node(nid)
+        if self.stages_differ([k.nodes[0], nid]):
+            return F9
         if self.depth_in(k, nid) > MAX_DEPTH:
             return f"F8: the kernel's values already nest {MAX_DEPTH} deep"
         if k.kind == "concat" and n.op not in REDUCTIONS and not is_anchor(self.g, nid) and (
@@ -379,6 +394,7 @@ class _Fuser:
         g = self.g
         order = g.toposort()
         self.position = {nid: i for i, nid in enumerate(order)}
+        self.stage = _exchange_stages(g, order) if self.stages else {}
         for nid in reversed(order):
             op = g.node(nid).op
             if op in (ops.INPUT, ops.SCAN_RESULT) or self.free(nid):
@@ -450,6 +466,8 @@ class _Fuser:
             for b in ks:
                 if a is not b and self.reaches_indirectly(a.id, b.id):
                     return "F3: its users are in kernels that depend on each other through a third"
+        if self.stages_differ([k.nodes[0] for k in ks]):
+            return F9
         merged = self.merged_depths(ks)  # (one that reads another directly nests below it)
         if max(merged.values()) > MAX_DEPTH:
             return f"F8: merged, its users' kernels' values would nest over {MAX_DEPTH} deep"
@@ -534,6 +552,8 @@ class _Fuser:
                 why = "F6: the consumer reads the result through a permute, slice or broadcast (other elements)"
             elif self.reaches_indirectly(e.id, k.id):
                 why = "F6: the consumer also reads a kernel that depends on this one"
+            elif self.stages_differ([k.nodes[0], e.nodes[0]]):
+                why = F9
             elif max((merged := self.merged_depths([k, e])).values()) > MAX_DEPTH:
                 why = f"F8: with it as the epilogue, the kernel's values would nest over {MAX_DEPTH} deep"
             else:
@@ -545,6 +565,26 @@ class _Fuser:
             for pair in reads:
                 self.reasons.setdefault(pair, why)
         return False
+
+
+F9 = "F9: it depends on other exchanges of the data-parallel step than the kernel"
+
+
+def _exchange_stages(g: Graph, order: list[int]) -> dict[int, int]:
+    """F9: each node's stage, 1 + the last bucket of the exchanges it depends on (0: none);
+    empty when the graph exchanges nothing. Bucket numbers follow a topological order of
+    the exchanges (passes/data_parallel.py), so stages never fall along an edge and a
+    bucket's own allreduces are at most at its stage: kernels of one stage cannot chain
+    a later exchange into an earlier one."""
+    def bucket(nid: int) -> int:
+        n = g.node(nid)
+        return n.attrs.get("bucket", -1) if n.op is ops.ALLREDUCE else -1
+    if not any(bucket(n) >= 0 for n in order):
+        return {}
+    stage: dict[int, int] = {}
+    for nid in order:
+        stage[nid] = max((max(stage[o], bucket(o) + 1) for o in g.operands(nid)), default=0)
+    return stage
 
 
 def _reads_memory(g: Graph, nid: int) -> bool:
@@ -604,6 +644,10 @@ def _phases(kernels: dict[int, Kernel], deps: dict[int, set[int]]) -> None:
         k.phase = done[kid]
 
 
+class ExchangeOrderError(ValueError):
+    """The kernels cannot run the exchanges in bucket order (F9)."""
+
+
 def _buckets(f: _Fuser, overlap: bool = False) -> None:
     """The allreduces of one bucket (their `bucket` attribute, set by passes/data_parallel.py)
     become one collective kernel, which runs once the last of them is ready, and bucket b+1
@@ -618,11 +662,11 @@ def _buckets(f: _Fuser, overlap: bool = False) -> None:
         host, *rest = by_bucket[bucket]
         for k in rest:
             if f.reaches(host.id, k.id) or f.reaches(k.id, host.id):
-                raise ValueError(f"allreduce bucket {bucket} holds values that depend on each other")
+                raise ExchangeOrderError(f"allreduce bucket {bucket} holds values that depend on each other")
             f.merge(host, k)
         if previous is not None:
             if f.reaches(previous.id, host.id):
-                raise ValueError(f"allreduce bucket {bucket - 1} depends on bucket {bucket}")
+                raise ExchangeOrderError(f"allreduce bucket {bucket - 1} depends on bucket {bucket}")
             f.deps[host.id].add(previous.id)
         previous = host
     if overlap and previous is not None:  # every reader of a bucket after the last has started
@@ -680,21 +724,29 @@ def _footprint(g: Graph, k: Kernel) -> int:
     return sum(nbytes(t) for t in types if isinstance(t, TensorType))  # (a scan's tuple: its results)
 
 
+def _greedy(g: Graph, body: bool, stages: bool = False) -> _Fuser:
+    stored: frozenset = frozenset()
+    while True:  # a second round stores what the first would recompute per element
+        f = _Fuser(g, stored, body, stages)
+        f.run()
+        stray = f.stray_rows() - stored
+        if not stray:
+            return f
+        stored |= stray
+
+
 def fuse(graph: Graph, ctx=None, overlap: bool = False, body: bool = False) -> Graph:
     """Annotate a copy of the graph with its FusionPlan in graph.meta["fusion"]. With
     `overlap`, the readers of every exchange's sums run after the last exchange has started,
     so each exchange travels while the backward pass goes on (schedule.py waits for it only
     before its first reader). `body`: a loop body (its results are stored by their users)."""
     g = graph.copy()
-    stored: frozenset = frozenset()
-    while True:  # a second round stores what the first would recompute per element
-        f = _Fuser(g, stored, body)
-        f.run()
-        stray = f.stray_rows() - stored
-        if not stray:
-            break
-        stored |= stray
-    _buckets(f, overlap)
+    f = _greedy(g, body)
+    try:
+        _buckets(f, overlap)
+    except ExchangeOrderError:  # F9: again, kernels within one stage
+        f = _greedy(g, body, stages=True)
+        _buckets(f, overlap)
     _phases(f.kernels, _war_deps(f))
     kernels = _merge_phases(f)
     order = {n: i for i, n in enumerate(g.toposort())}

@@ -129,6 +129,33 @@ def _batch_axes(g: Graph, bsym: Sym, given: dict | None = None) -> dict[int, Row
     return rows
 
 
+def mixes_samples(graph: Graph) -> int | None:
+    """A node of the model's outputs (`output` and named results; batchnorm in its
+    evaluation form) that reduces over the batch -- a sample's output then depends on the
+    other samples of its batch: a softmax over the batch axis, `mean(h, axis=0)` -- or None
+    (also when the batch rows cannot be followed). Losses and metrics are means over the
+    samples by design, and not looked at."""
+    bsym = batch_symbol(graph)
+    if bsym is None:
+        return None
+    try:
+        rows = _batch_axes(graph, bsym)
+    except Unsupported:
+        return None
+    todo = [nid for key, nid in graph.outputs.items() if key == "output" or key.startswith("output:")]
+    seen: set[int] = set()
+    while todo:
+        nid = todo.pop()
+        if nid not in seen:
+            seen.add(nid)
+            todo.extend(graph.operands(nid))
+    for nid in graph.toposort():
+        n = graph.node(nid)
+        if nid in seen and _reduces_batch(n, [rows.get(o) for o in n.operands], rows.get(nid)):
+            return nid
+    return None
+
+
 def _scan_rows(g: Graph, n, ins: list, bsym: Sym, what: str) -> tuple:
     """The rows of each of a loop's results (per scan_result index): its body, given the
     rows of the carries, the sequences' slices and the invariants, must keep rows apart

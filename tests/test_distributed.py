@@ -217,6 +217,12 @@ train net {
 """
 
 
+# a batchnorm(sync=true) whose output nothing reads: its statistics are exchanged before the
+# gradients, and the update of its running statistics reads the loss's finiteness (fusion F9)
+UNREAD_SYNC_BN = SYNC_BN.replace("    return dense(h, 10)\n",
+                                 "    unread = x |> dense(16) |> batchnorm(sync=true)\n    return dense(h, 10)\n")
+
+
 def _one_process(folder: Path, source: str):
     """The state after distributed_steps.py's steps in one process, on the reference."""
     import distributed_steps
@@ -237,8 +243,9 @@ def _one_process(folder: Path, source: str):
     (3, "cpu", {"pad": True}, WITH_RNN.replace(", dropout=0.3", "")),
     (2, "cpu", {}, MASKED),  # shares by kept positions, not by samples
     (3, "cpu", {"pad": True}, MASKED),
+    (2, "cpu", {}, UNREAD_SYNC_BN),
 ], ids=["2-cpu", "3-reference-rnn", "2-cpu-padded", "3-cpu-padded", "3-cpu-padded-rnn", "2-cpu-masked",
-        "3-cpu-padded-masked"])
+        "3-cpu-padded-masked", "2-cpu-unread-sync-batchnorm"])
 def test_ranks_train_the_parameters_one_process_trains(tmp_path, ranks, target, options, source):
     """Dropout by global sample, batchnorm over the global batch, shards of 4 and 3, a rank
     without a sample: after the steps, the job's parameters are one process's. Padded: every
@@ -405,6 +412,40 @@ def test_two_ranks_validate_stop_early_keep_the_best_and_log_once(tmp_path):
     assert rows[0].startswith("epoch,") and [row.split(",")[0] for row in rows[1:4]] == ["1", "2", "3"], rows
     assert len(rows) == 4, rows  # one row per epoch, written by rank 0 alone
     assert dlc.load(EXAMPLES / "digits_mlp.dln").load_weights(ck)["epoch"] == 1
+
+
+def test_exchanges_run_in_bucket_order_beside_an_unread_sync_batchnorm():
+    """The greedy plan put the running statistics' update of an unread batchnorm(sync=true)
+    (it reads the loss's finiteness, exchanged last) into the kernel of the statistics'
+    sums (exchanged before the gradients): the buckets could not run in order, and the
+    compile ended in a ValueError traceback. Fused again within stages (F9), the plan
+    keeps them apart; a one-process plan never changes."""
+    m = dlc.load(UNREAD_SYNC_BN)
+    for batch in (4, 3, 1):
+        fused = m.lower("train", batch=batch, world=2)
+        assert "F9: it depends on other exchanges" in fused.meta["fusion"].explain(fused)
+    one = m.lower("train", batch=4)
+    assert "F9" not in one.meta["fusion"].explain(one)
+
+
+@pytest.mark.filterwarnings("ignore::dlc.core.diagnostics.DlcWarning")  # (a softmax before cross_entropy)
+def test_a_model_that_mixes_the_samples_of_a_batch_is_not_trained_data_parallel():
+    """A softmax over the batch axis makes each sample's output depend on the others of its
+    batch: ranks holding shares of the batch would train something else than one process
+    (a random hunt found it: the losses differed from the second step on)."""
+    from dlc.runtime.distributed import World
+    m = dlc.load(SYNC_BN.replace("return dense(h, 10)", "return softmax(dense(h, 10), axis=0)"))
+    with pytest.raises(UsageError, match="mixes the samples of a batch") as info:
+        m.session(m.train_config, "cpu", World.__new__(World))
+    assert info.value.span.line == 5 and "train it in one process" in info.value.hint
+    m.session(m.train_config, "cpu")  # one process trains it
+    from dlc.passes.mask_batch import mixes_samples
+    for line, mixes in (("return softmax(dense(h, 10), axis=-1)", False),
+                        ("return dense(h, 10) - mean(h, axis=1, keepdims=true)", False),
+                        ("return dense(h - mean(h, axis=0, keepdims=true), 10)", True),
+                        ("return dense(h, 10) + sum(transpose(h) @ h)", True)):
+        graph = dlc.load(SYNC_BN.replace("return dense(h, 10)", line)).built("eval").graph
+        assert (mixes_samples(graph) is not None) == mixes, line
 
 
 def test_a_model_with_state_is_not_trained_data_parallel():

@@ -98,6 +98,8 @@ class Session:
         if world is not None and model.built("eval").carries:  # its streams of samples are not sharded yet
             raise UsageError(f"model {model.name} carries a `state` from batch to batch, which a "
                              "data-parallel job cannot train yet", hint="train it in one process")
+        if world is not None:
+            _check_shardable(model)
         ranks = world.size if world is not None else 1
         options = dict(options or {})
         self.bucket_bytes = options.pop("bucket_bytes", None)  # gradients per exchange (data-parallel)
@@ -424,6 +426,19 @@ class Background:
         if self._error is not None and not quietly:
             raise self._error
         return self._result
+
+
+def _check_shardable(model) -> None:
+    """A data-parallel job splits every batch between its ranks: a model whose outputs mix
+    the samples of a batch would train otherwise than one process does."""
+    from dlc.passes.mask_batch import mixes_samples
+    graph = model.built("eval").graph
+    nid = mixes_samples(graph)
+    if nid is not None:
+        raise UsageError(f"model {model.name} mixes the samples of a batch here (a `{graph.node(nid).op.name}` "
+                         "over the batch axis), so a data-parallel job, each of whose ranks holds a share of "
+                         "every batch, would not train what one process trains", graph.node(nid).span,
+                         hint="train it in one process, or reduce over other axes than the batch")
 
 
 def _nonfinite(v: np.ndarray) -> str:
