@@ -142,13 +142,7 @@ def mixes_samples(graph: Graph) -> int | None:
         rows = _batch_axes(graph, bsym)
     except Unsupported:
         return None
-    todo = [nid for key, nid in graph.outputs.items() if key == "output" or key.startswith("output:")]
-    seen: set[int] = set()
-    while todo:
-        nid = todo.pop()
-        if nid not in seen:
-            seen.add(nid)
-            todo.extend(graph.operands(nid))
+    seen = graph.ancestors(nid for key, nid in graph.outputs.items() if key == "output" or key.startswith("output:"))
     for nid in graph.toposort():
         n = graph.node(nid)
         if nid in seen and _reduces_batch(n, [rows.get(o) for o in n.operands], rows.get(nid)):

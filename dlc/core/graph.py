@@ -150,15 +150,20 @@ class Graph:
         del self._nodes[nid]
         self._inputs.pop(nid, None)
 
-    def remove_unused(self, keep_inputs: bool = True) -> int:
-        """Drop nodes no result depends on (inputs too, unless keep_inputs). Returns the count."""
-        live = set()
-        stack = self.roots()
+    def ancestors(self, nids) -> set[int]:
+        """The nodes these are computed from, themselves included."""
+        seen: set[int] = set()
+        stack = list(nids)
         while stack:
             n = stack.pop()
-            if n not in live:
-                live.add(n)
+            if n not in seen:
+                seen.add(n)
                 stack.extend(self._nodes[n].operands)
+        return seen
+
+    def remove_unused(self, keep_inputs: bool = True) -> int:
+        """Drop nodes no result depends on (inputs too, unless keep_inputs). Returns the count."""
+        live = self.ancestors(self.roots())
         dead = [i for i in self._nodes if i not in live and not (keep_inputs and self._nodes[i].op is INPUT)]
         for i in dead:
             self._unlink(i, self._nodes[i].operands)

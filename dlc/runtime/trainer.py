@@ -253,12 +253,7 @@ class Session:
         from dlc.core import ops
         backends.sync_state(self.state)
         values = backends.backend("reference").run_graph(self.train_graph, {**self.state, **feeds}, keep_all=True)
-        forward, todo = set(), [self.train_graph.outputs["loss"]]  # what the loss is computed from
-        while todo:
-            nid = todo.pop()
-            if nid not in forward:
-                forward.add(nid)
-                todo.extend(self.train_graph.operands(nid))
+        forward = self.train_graph.ancestors([self.train_graph.outputs["loss"]])  # what the loss is computed from
         for nid in self.train_graph.toposort():
             node = self.train_graph.node(nid)
             v = values[nid]
