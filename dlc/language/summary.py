@@ -46,5 +46,7 @@ def format_summary(built: Built, source_name: str) -> str:
                      + (f", schedule {t.schedule}" if t.schedule.name != "constant" else "")
                      + (f", validation {t.validation}" if t.validation is not None else "")
                      + (f", {t.early_stop}" if t.early_stop is not None else "")
-                     + (", keep_best" if t.keep_best else ""))
+                     + (", keep_best" if t.keep_best else "")
+                     + (f", clip {t.clip:g}" if t.clip is not None else "")
+                     + (", check_numerics" if t.check_numerics else ""))
     return "\n".join(lines) + "\n"
