@@ -311,7 +311,9 @@ def test_a_killed_rank_ends_the_job_naming_it(tmp_path):
             proc.kill()
     assert proc.returncode != 0
     assert f"rank 1 (pid {victim}" in rest, rest
-    assert ended < 10, f"the job went on {ended:.1f} s after rank 1 died"
+    # a guard against a job that waits out mpiexec's own timeouts, not a speed test (it was
+    # 10 s: the full suite on 2 cores, xdist workers beside the ranks, failed this test once)
+    assert ended < 30, f"the job went on {ended:.1f} s after rank 1 died"
 
 
 def test_the_launcher_names_every_rank_that_may_have_died_first(tmp_path):
