@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    ".dln expressions such as 'digits(test=0.1)' or 'sgd(lr=0.1, momentum=0.9)'. "
                                    "FILE may be an artifact from `dlc compile -o`: loading it runs the native "
                                    "code inside it, so run only artifacts you trust (dlc checks that the file "
-                                   "is intact and built for this machine, not who built it).")
+                                   "is intact and built for this machine, not who built it). Its steps are "
+                                   "those of its train block's recipe: with another --optimizer or "
+                                   "--check-numerics the step is compiled from the source inside it.")
     _add_model_args(p)
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
     p.add_argument("--batch", type=_positive_int, help="mini-batch size (1 = stochastic, the data "
