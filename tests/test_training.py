@@ -333,3 +333,15 @@ def test_check_numerics_from_the_command_line(tmp_path):
     assert "nan.dln:2:5: numerics error: the loss became nan at step 2" in runs[0].stderr
     assert "--check-numerics" in runs[0].stderr  # the hint
     assert "nan.dln:4:9: numerics error: the gradients became non-finite at step 1" in runs[1].stderr
+
+
+def test_a_classification_loss_without_labels_trains_without_accuracy():
+    """A bce or cross_entropy against a computed target never names `label`: the default
+    metrics leave accuracy out (it built `label > 0.5` from no label: a TypeError traceback
+    at load)."""
+    for loss in ("bce(output, 0.0 * output + 0.5, from_logits=true)", "cross_entropy(output, softmax(output * 0.0))"):
+        m = dlc.load("model m(x: f32[B, 4]) -> f32[B, 3] {\n    return dense(x, 3)\n}\n"
+                     f"train m {{ data = iris()  loss = {loss}  epochs = 1 }}\n")
+        assert m.train_config.metrics == ()
+        history = m.fit(quiet=True)
+        assert set(history.test) == {"loss"} and np.isfinite(history.test["loss"])

@@ -57,14 +57,18 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
         fe.graph.meta["loss_masks_positions"] = True
     loss_fn = next((c.func.text for c in ast.calls(loss_ast) if c.func.text in ("cross_entropy", "bce")), None)
     metrics = values.get("metrics")
-    if metrics is None:
-        metrics = ("accuracy",) if loss_fn else ()
+    if metrics is None:  # (a loss that never names `label` has no labels to score against)
+        metrics = ("accuracy",) if loss_fn and label is not None else ()
     for m in metrics:
         if m == "accuracy":
             if loss_fn is None:
                 raise ArgumentError("`accuracy` needs a classification loss (`cross_entropy` or `bce`)",
                                     opts["metrics"].value.span,
                                     hint="drop `metrics`, or train with a classification loss")
+            if label is None:
+                raise ArgumentError("`accuracy` scores the output against `label`, which the loss does not use",
+                                    opts["metrics"].value.span,
+                                    hint="drop `metrics`, or compare the output with `label` in the loss")
             logits = any(c.func.text == "bce" and any(k.name == "from_logits" and isinstance(k.value, ast.Name)
                                                       and k.value.text == "true" for k in c.kwargs)
                          for c in ast.calls(loss_ast))
