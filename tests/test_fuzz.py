@@ -533,7 +533,10 @@ def generated(draw, mistakes: bool = True):
         if len(out_shape) == 2:
             loss = g.pick(["cross_entropy(output, label)", "mse(output, label)",
                            "cross_entropy(output, label) + 0.001 * l2(weights)",
-                           "bce(output, label, from_logits=true)"])
+                           "bce(output, label, from_logits=true)",
+                           # targets computed from the output: no labels (and so no accuracy)
+                           "bce(output, 0.0 * output + 0.25, from_logits=true)",
+                           "cross_entropy(output, softmax(output * 0.5)) + 0.1 * mean(output)"])
         else:  # per-position classes when the output is a sequence [B, T, K]
             loss = g.pick(["mse(output, label)", "mean(output * output) + 0.01 * l1(params)",
                            "bce(output, label, from_logits=true)"] +
@@ -541,7 +544,7 @@ def generated(draw, mistakes: bool = True):
         opt = g.pick(["sgd(lr=0.1, momentum=0.9)", "adam(lr=1e-3)", "adamw", "rmsprop()", "adagrad(lr=0.5)",
                       "adadelta()", "sgd(lr=0.05, momentum=0.5, nesterov=true, weight_decay=0.01)",
                       "rmsprop(momentum=0.5)"])
-        metrics = "\n    metrics = [accuracy]" if loss.startswith("cross") else ""
+        metrics = "\n    metrics = [accuracy]" if loss.startswith("cross") and "label" in loss else ""
         metrics += "\n    clip = 1.0" if g.pick([False, True]) else ""
         text += (f"\ntrain net {{\n    data = arrays()\n    loss = {loss}\n    optimizer = {opt}\n"
                  f"    batch = {g.num(1, 64)}\n    epochs = {g.num(1, 5)}{metrics}\n}}\n")
