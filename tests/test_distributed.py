@@ -453,6 +453,21 @@ def test_a_model_that_mixes_the_samples_of_a_batch_is_not_trained_data_parallel(
         assert (mixes_samples(graph) is not None) == mixes, line
 
 
+def test_a_loss_that_is_not_a_mean_over_the_samples_is_not_trained_data_parallel():
+    """Each rank differentiates its shard's loss times its share of the batch, which adds up
+    to one process's loss for a mean over the samples only: a sum over the batch, or a
+    square root of a mean, trained otherwise than one process, silently."""
+    from dlc.runtime.distributed import World
+    for loss in ("sum((output - 0.5) * (output - 0.5))", "sqrt(mse(output, 0.5 + 0.0 * output))"):
+        m = dlc.load(SYNC_BN.replace("cross_entropy(output, label) + 1e-3 * l2(weights)", loss))
+        with pytest.raises(UsageError, match="the loss is not a mean over the samples") as info:
+            m.session(m.train_config, "cpu", World.__new__(World))
+        assert info.value.span.line == 9 and "train in one process" in info.value.hint
+    from dlc.runtime.trainer import _check_loss_shares
+    for loss in ("mse(output, 0.5 + 0.0 * output) * 3 - 1", "cross_entropy(output, label) + 1e-3 * l2(weights)"):
+        _check_loss_shares(dlc.load(SYNC_BN.replace("cross_entropy(output, label) + 1e-3 * l2(weights)", loss)))
+
+
 def test_a_model_with_state_is_not_trained_data_parallel():
     from dlc.runtime.distributed import World
     m = dlc.load(EXAMPLES / "char_lm.dln")

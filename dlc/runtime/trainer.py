@@ -100,6 +100,7 @@ class Session:
                              "data-parallel job cannot train yet", hint="train it in one process")
         if world is not None:
             _check_shardable(model)
+            _check_loss_shares(model)
         ranks = world.size if world is not None else 1
         options = dict(options or {})
         self.bucket_bytes = options.pop("bucket_bytes", None)  # gradients per exchange (data-parallel)
@@ -434,6 +435,38 @@ def _check_shardable(model) -> None:
                          "over the batch axis), so a data-parallel job, each of whose ranks holds a share of "
                          "every batch, would not train what one process trains", graph.node(nid).span,
                          hint="train it in one process, or reduce over other axes than the batch")
+
+
+def _check_loss_shares(model) -> None:
+    """Each rank differentiates its shard's loss times its share of the batch: the shares add
+    up to one process's loss only when the loss is a mean over the samples (plus terms that
+    do not depend on them). Probed on the reference interpreter: a batch of 4 random samples
+    against its shards of 3 and 1. (A mean over a mask's kept positions is shared out by
+    those instead, and not probed.)"""
+    from dlc.backends.reference import run_graph
+    graph = model.built("eval").graph
+    if graph.meta.get("masked_means"):
+        return
+    rng = np.random.default_rng(0)
+    batch = {}
+    for nid in graph.inputs():
+        a = graph.node(nid).attrs
+        if a["role"] in ("data", "label"):
+            shape = (4,) + tuple(int(d) for d in a["type"].shape[1:])
+            batch[a["name"]] = rng.normal(size=shape).astype(np.float32) if a["type"].dtype.is_float \
+                else np.zeros(shape, a["type"].dtype.np)
+
+    def loss(rows: slice) -> float:
+        return float(run_graph(graph, {**model.state, **{k: v[rows] for k, v in batch.items()}})["loss"])
+    whole, shares = loss(slice(0, 4)), 0.75 * loss(slice(0, 3)) + 0.25 * loss(slice(3, 4))
+    if math.isfinite(whole) and math.isfinite(shares) and abs(whole - shares) > 1e-3 * max(abs(whole), 1e-3):
+        span = model.train_config.span("loss")
+        raise UsageError("the loss is not a mean over the samples (for 4 random samples it is "
+                         f"{whole:.6g}, and their shards' losses weighted by their shares give {shares:.6g}), "
+                         "so a data-parallel job, whose ranks each differentiate their share of it, would "
+                         "not train what one process trains", span,
+                         hint="write the loss as a mean over the samples (the built-in losses are; "
+                              "`sum(...)` over the batch is not), or train in one process")
 
 
 def _nonfinite(v: np.ndarray) -> str:
