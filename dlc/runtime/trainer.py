@@ -443,7 +443,6 @@ def _check_loss_shares(model) -> None:
     do not depend on them). Probed on the reference interpreter: a batch of 4 random samples
     against its shards of 3 and 1. (A mean over a mask's kept positions is shared out by
     those instead, and not probed.)"""
-    from dlc.backends.reference import run_graph
     graph = model.built("eval").graph
     if graph.meta.get("masked_means"):
         return
@@ -457,7 +456,8 @@ def _check_loss_shares(model) -> None:
                 else np.zeros(shape, a["type"].dtype.np)
 
     def loss(rows: slice) -> float:
-        return float(run_graph(graph, {**model.state, **{k: v[rows] for k, v in batch.items()}})["loss"])
+        feeds = {**model.state, **{k: v[rows] for k, v in batch.items()}}
+        return float(backends.backend("reference").run_graph(graph, feeds)["loss"])
     whole, shares = loss(slice(0, 4)), 0.75 * loss(slice(0, 3)) + 0.25 * loss(slice(3, 4))
     if math.isfinite(whole) and math.isfinite(shares) and abs(whole - shares) > 1e-3 * max(abs(whole), 1e-3):
         span = model.train_config.span("loss")
