@@ -199,8 +199,8 @@ class Model:
         training the optimizer, clipping and check_numerics -- not the learning rate, which
         the step takes as an input, as it takes the seed. So a new rate, epoch count, seed or
         data option, or a comment that moves none of the model's, loss's or optimizer's
-        lines, compiles nothing. A training step of a data-parallel job (`world` ranks: the step is the same
-        for any number > 1) differs."""
+        lines, compiles nothing. A training step of a data-parallel job (`world` ranks: the
+        step is the same for any number > 1) differs."""
         recipe = ""
         if mode == "train" and config:
             optimizer = config.optimizer

@@ -256,8 +256,8 @@ class _Fuser:
         self.kernels: dict[int, Kernel] = {}
         self.deps: dict[int, set[int]] = {}
         self.reasons: dict[tuple[int, int], str] = {}
-        self.stages = stages  # F9: keep nodes of different stages apart
-        self.stage: dict[int, int] = {}  # node -> its F9 stage (empty: F9 not asked for)
+        # F9: node -> its stage, kept apart from other stages (empty: F9 not asked for)
+        self.stage: dict[int, int] = _exchange_stages(g, g.toposort()) if stages else {}
         self._next = 0
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -394,7 +394,6 @@ class _Fuser:
         g = self.g
         order = g.toposort()
         self.position = {nid: i for i, nid in enumerate(order)}
-        self.stage = _exchange_stages(g, order) if self.stages else {}
         for nid in reversed(order):
             op = g.node(nid).op
             if op in (ops.INPUT, ops.SCAN_RESULT) or self.free(nid):

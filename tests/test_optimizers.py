@@ -635,3 +635,20 @@ def test_check_numerics_stops_at_a_nonfinite_gradient_with_a_finite_loss(target)
     assert sess.global_step == 1
     sess.train_step(good, y, 0.01)  # and training carries on
     assert int(m.state["step"]) == 2
+
+
+def test_check_numerics_from_the_command_line(tmp_path):
+    """The same model from a file: plain `dlc run` stops at step 2, naming the parameter the
+    update wrote NaN into, and hints at --check-numerics, which stops at step 1 and names the
+    sqrt's line."""
+    import subprocess
+    import sys
+    np.savez(tmp_path / "zeros.npz", x=np.zeros((16, IN), np.float32), y=np.ones((16, OUT), np.float32))
+    (tmp_path / "nan.dln").write_text(SQRT_AT_ZERO.replace("data = arrays()", 'data = npz("zeros.npz", test=0.25)'))
+    runs = [subprocess.run([sys.executable, "-m", "dlc", "run", "nan.dln", "-q", *flags], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=600) for flags in ([], ["--check-numerics"])]
+    for r in runs:
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "nan.dln:2:5: numerics error: the loss became nan at step 2" in runs[0].stderr, runs[0].stderr
+    assert "--check-numerics" in runs[0].stderr  # the hint
+    assert "nan.dln:4:9: numerics error: the gradients became non-finite at step 1" in runs[1].stderr, runs[1].stderr

@@ -304,37 +304,6 @@ def test_nan_loss_on_cpu_names_the_step_and_the_op():
         np.testing.assert_array_equal(m.state[k], v)  # the failed step changed nothing
 
 
-SQRT_OF_ZERO = """\
-model g(x: f32[B, 4]) -> f32[B, 3] {
-    param w: f32[4, 3] = normal(0, 0.5)
-    param b: f32[3] = zeros
-    h = sqrt(relu(x @ w) * 0.0)
-    return h + b
-}
-
-train g {
-    data = iris()
-    loss = cross_entropy(output, label)
-    optimizer = sgd(lr=0.01)
-    batch = 8
-}
-"""
-
-
-def test_check_numerics_from_the_command_line(tmp_path):
-    """sqrt(0) has a finite loss and an infinite gradient: plain `dlc run` stops at step 2,
-    naming the parameter the update wrote NaN into; `--check-numerics` stops at step 1 and
-    names the sqrt's line."""
-    (tmp_path / "nan.dln").write_text(SQRT_OF_ZERO)
-    runs = [subprocess.run([sys.executable, "-m", "dlc", "run", "nan.dln", "-q", *flags], capture_output=True,
-                           text=True, cwd=tmp_path, timeout=600) for flags in ([], ["--check-numerics"])]
-    for r in runs:
-        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "nan.dln:2:5: numerics error: the loss became nan at step 2" in runs[0].stderr
-    assert "--check-numerics" in runs[0].stderr  # the hint
-    assert "nan.dln:4:9: numerics error: the gradients became non-finite at step 1" in runs[1].stderr
-
-
 def test_a_classification_loss_without_labels_trains_without_accuracy():
     """A bce or cross_entropy against a computed target never names `label`: the default
     metrics leave accuracy out (it built `label > 0.5` from no label: a TypeError traceback
