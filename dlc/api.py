@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import numbers
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +151,14 @@ class Model:
         """[(stage, text)] for the requested stages, in pipeline order (`target` prints its
         own stages: llvm, asm, ...; `world` > 1: the step of one rank of a data-parallel job)."""
         from dlc import pipeline
+        if mode not in ("train", "eval"):
+            raise ArgumentError(f"mode={mode!r}: give \"train\" (the training step) or \"eval\"")
+        batch = _checked("stages", "batch", batch)
+        backend = backends.backend(target, runnable=False)  # printing code needs no GPU
+        known = pipeline.stages_for(backend)
+        for name in names:
+            if name not in known:
+                raise ArgumentError(f"unknown IR stage `{name}`", hint=f"stages: {', '.join(known)}")
         out = []
         if "ast" in names:
             out.append(("ast", format_ast(self.program)))
@@ -160,7 +171,6 @@ class Model:
             lowered = self.lower(mode, batch, disabled=disabled, log=log, world=world, verify=True)
             out += [(r.name, print_graph(r.graph)) for r in log.records if r.name in passes]
             if later:
-                backend = backends.backend(target, runnable=False)  # printing code needs no GPU
                 program = pipeline.kernel_program(lowered, backend.templates)
                 if set(later) - {"kernel"}:
                     pipeline.check_collectives(program, backend)
@@ -264,11 +274,11 @@ class Model:
         return self._state
 
     @property
-    def params(self) -> dict[str, np.ndarray]:
-        """Parameters by name, frozen ones (`trainable=false`) included (numpy arrays, shared
-        with the model)."""
-        return {k: v for k, v in self.state.items() if k in self._eval.params
-                and self._eval.params[k].role == "param"}
+    def params(self) -> "Params":
+        """Parameters by name, frozen ones (`trainable=false`) included: numpy arrays shared
+        with the model; `m.params["h.w"] = w` copies new values in."""
+        return Params({k: v for k, v in self.state.items() if k in self._eval.params
+                       and self._eval.params[k].role == "param"})
 
     @property
     def input_types(self):
@@ -350,14 +360,15 @@ class Model:
         from dlc.runtime.trainer import FitOptions, Interrupted, fit, restore
         quiet = _keras_verbose(options, quiet)
         _check_options(self.fit, options)
-        batch = _alias("batch", batch, "batch_size", batch_size)
+        batch = _checked("fit", "batch", _alias("batch", batch, "batch_size", batch_size))
+        epochs, lr = _checked("fit", "epochs", epochs), _checked("fit", "lr", lr)
+        seed, test = _checked("fit", "seed", seed), _checked("fit", "test", test)
         validation = _alias("validation", validation, "validation_split", validation_split)
         validation = _alias("validation", validation, "validation_data", validation_data)
         config = self._require_config()
         self._require_one_input(config)
         if optimizer is not None:
-            config = dataclasses.replace(config, optimizer=optimizer if not isinstance(optimizer, str)
-                                         else _optimizer_spec(optimizer))
+            config = _with_optimizer(config, optimizer)
         if check_numerics is not None:
             config = dataclasses.replace(config, check_numerics=_flag("check_numerics", check_numerics))
         if lr is not None and config.schedule.name == "cyclic":
@@ -387,6 +398,8 @@ class Model:
                 self.state[k][...] = v
         seed = config.seed if seed is None else seed
         label_type = session._label_type()
+        if x is not None:
+            y = self._labels_given("fit", x, y)
         compiling = session.compile_in_background(batch or config.batch)  # while the data loads
         try:
             data, normalizer = prepare(self, config, label_type, self.base_dir, seed,
@@ -422,10 +435,10 @@ class Model:
         share of fit(x, y)'s arrays it kept back, or else the train block's test split."""
         _keras_verbose(options, True)  # Keras' verbose=0: evaluation prints nothing anyway
         _check_options(self.evaluate, options)
+        batch = _checked("evaluate", "batch", _alias("batch", batch, "batch_size", batch_size))
         config = self._require_config()
         x, y = self._labelled(x, y, config)
-        session = self.session(config, target, **options)
-        return session.evaluate(x, y, _alias("batch", batch, "batch_size", batch_size) or config.batch)
+        return self.session(config, target, **options).evaluate(x, y, batch or config.batch)
 
     def _labelled(self, x, y, config) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and labels shaped for the model: the given arrays, or the held-out split."""
@@ -445,11 +458,22 @@ class Model:
                                 config.span("data") if self._held_out is None else None,
                                 hint="pass the arrays to evaluate: evaluate(x, y)")
             return x, y
-        if y is None:
-            raise ArgumentError("evaluate(x) needs the labels too: evaluate(x, y)")
+        y = self._labels_given("evaluate", x, y)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
-        return (shape_inputs(self, x, norm),
-                shape_labels(label_type, y, classes=classes_of(self, label_type)))
+        x, y = shape_inputs(self, x, norm), shape_labels(label_type, y, classes=classes_of(self, label_type))
+        if len(x) != len(y):
+            raise DataError(f"{len(x)} input sample(s) but {len(y)} label(s)")
+        if not len(x):
+            raise DataError("there are no samples to score (the arrays are empty)")
+        return x, y
+
+    def _labels_given(self, method: str, x, y):
+        """y, which a model whose loss reads no labels (an autoencoder's) need not be given."""
+        if y is not None:
+            return y
+        if self._eval_label_type() is not None:
+            raise ArgumentError(f"{method}(x) needs the labels too: {method}(x, y)")
+        return np.zeros(len(np.asarray(x)) if np.ndim(x) else 0, np.float32)
 
     def _eval_label_type(self):
         g = self.built("eval").graph
@@ -468,7 +492,7 @@ class Model:
         from dlc.runtime.trainer import Normalizer
         _keras_verbose(options, True)
         _check_options(self.predict, options)
-        batch = _alias("batch", batch, "batch_size", batch_size)
+        batch = _checked("predict", "batch", _alias("batch", batch, "batch_size", batch_size))
         self._require_one_input(self.train_config)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
@@ -522,6 +546,7 @@ class Model:
         from dlc.runtime.metrics import classification_report
         kind, from_logits = self._classifier("classification_report()")
         _check_options(self.classification_report, options)
+        batch, top_k = _checked("classification_report", "batch", batch), _checked("classification_report", "top_k", top_k)
         config = self._require_config()
         if self.masks_positions:
             raise ArgumentError("classification_report() scores every position of the output, but this model's "
@@ -577,7 +602,76 @@ class Model:
     load = load_weights
 
 
+class Params(Mapping):
+    """Model.params: the arrays themselves, so an in-place change (`m.params["h.w"] *= 0.5`)
+    is the model's; assigning one checks the shape and copies the values in, since replacing
+    the array would leave the model with the old one."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self._arrays = arrays
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            raise KeyError(f"no parameter `{name}`" + (f"; {h}" if (h := did_you_mean(name, self._arrays)) else ""))
+        return self._arrays[name]
+
+    def __setitem__(self, name: str, value) -> None:
+        target, value = self[name], np.asarray(value)
+        if value.shape != target.shape:
+            raise ArgumentError(f"parameter `{name}` has shape {list(target.shape)}, got an array of shape "
+                                f"{list(value.shape)}")
+        if value.dtype.kind not in "biuf":
+            raise ArgumentError(f"parameter `{name}` takes numbers, got dtype {value.dtype}")
+        with np.errstate(over="ignore"):
+            cast = value.astype(target.dtype)
+        if not np.all(np.isfinite(cast)):
+            raise ArgumentError(f"parameter `{name}` takes finite {target.dtype} values, got NaN, "
+                                "infinite or out-of-range ones")
+        target[...] = cast
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __repr__(self) -> str:
+        return "Params({" + ", ".join(f"{k!r}: {v.dtype}{list(v.shape)}" for k, v in self._arrays.items()) + "})"
+
+
 _FLAG = ("True or False", lambda v: isinstance(v, bool))
+
+
+def _whole(low: int):
+    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v <= INT_OPTION_MAX
+
+
+def _real(ok):
+    return lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
+
+
+# The numbers fit/evaluate/predict take as keywords: what each takes (the CLI's flags take
+# the same ranges). A wrong type would fail deep inside training; a zero or negative batch
+# or epoch count would silently mean the default, and a negative rate gradient ascent.
+_VALUES = {
+    "epochs": (f"a whole number from 1 to {INT_OPTION_MAX:,}", _whole(1)),
+    "batch": (f"a whole number from 1 to {INT_OPTION_MAX:,}", _whole(1)),
+    "lr": ("a positive finite number", _real(lambda v: v > 0)),
+    "seed": (f"a whole number from 0 to {INT_OPTION_MAX:,}", _whole(0)),
+    "test": ("a share from 0 up to (not including) 1", _real(lambda v: 0 <= v < 1)),
+    "top_k": (f"a whole number from 1 to {INT_OPTION_MAX:,}", _whole(1)),
+}
+
+
+def _checked(method: str, name: str, value):
+    """`value` as a Python number if `name` takes it (None passes: the recipe's), else an
+    ArgumentError."""
+    what, ok = _VALUES[name]
+    if value is None:
+        return None
+    if not ok(value):
+        raise ArgumentError(f"{method}({name}={value!r}): `{name}` takes {what}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 # The compiler options fit/evaluate/predict pass on (`**options`): what each takes.
 _BACKEND_OPTIONS = {
@@ -686,13 +780,19 @@ def _early_stop_value(v, config):
                         "dlc.EarlyStopping, or False")
 
 
-def _optimizer_spec(name: str):
-    from dlc.language.recipe import RECIPE
-    entry = RECIPE.get(name)
-    if entry is None or entry.kind != "optimizer":
-        names = [k for k, v in RECIPE.items() if v.kind == "optimizer"]
-        raise UsageError(f"unknown optimizer `{name}`; optimizers: {', '.join(names)}")
-    return entry.fn()
+def _with_optimizer(config, optimizer):
+    """fit(optimizer=...): an expression as `--optimizer` takes it ("adam", "sgd(lr=0.1,
+    momentum=0.9)") or a recipe Spec."""
+    from dlc.language.frontend import eval_recipe
+    from dlc.language.overrides import parse_expression
+    from dlc.language.recipe import Spec
+    if isinstance(optimizer, str):
+        return dataclasses.replace(config, optimizer=eval_recipe(parse_expression(optimizer, "optimizer"),
+                                                                 "optimizer"))
+    if isinstance(optimizer, Spec) and optimizer.kind == "optimizer":
+        return dataclasses.replace(config, optimizer=optimizer)
+    raise ArgumentError(f"fit(optimizer={optimizer!r}): `optimizer` takes an expression such as "
+                        "\"adam\" or \"sgd(lr=0.1, momentum=0.9)\"")
 
 
 def check_input(name: str, t, x) -> np.ndarray:

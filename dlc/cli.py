@@ -294,7 +294,7 @@ def _number(kind, check, what):
 
 _positive_int = _number(int, lambda v: 0 < v <= INT_OPTION_MAX, f"a positive integer up to {INT_OPTION_MAX:,}")
 _non_negative_int = _number(int, lambda v: 0 <= v <= INT_OPTION_MAX, f"an integer from 0 to {INT_OPTION_MAX:,}")
-_positive_float = _number(float, lambda v: v > 0, "a positive number")
+_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive finite number")
 
 
 def _threads(text: str):

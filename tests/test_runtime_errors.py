@@ -60,6 +60,90 @@ def test_unknown_or_mistyped_keywords_are_clear_errors(method, kwargs, message, 
         assert hint in info.value.hint
 
 
+# ---- the values of fit / evaluate / predict keywords ----
+
+@pytest.mark.parametrize("method, kwargs, message", [
+    ("fit", {"epochs": 0}, "fit(epochs=0): `epochs` takes a whole number from 1"),  # was: the default
+    ("fit", {"epochs": 2.5}, "fit(epochs=2.5): `epochs` takes a whole number"),
+    ("fit", {"batch": -3}, "fit(batch=-3): `batch` takes a whole number from 1"),
+    ("fit", {"batch_size": 0}, "fit(batch=0): `batch` takes a whole number from 1"),
+    ("fit", {"lr": -0.1}, "fit(lr=-0.1): `lr` takes a positive finite number"),  # was: gradient ascent
+    ("fit", {"lr": float("nan")}, "fit(lr=nan): `lr` takes a positive finite number"),
+    ("fit", {"lr": "abc"}, "fit(lr='abc'): `lr` takes a positive finite number"),
+    ("fit", {"seed": 1.5}, "fit(seed=1.5): `seed` takes a whole number from 0"),
+    ("fit", {"test": 1.5}, "fit(test=1.5): `test` takes a share from 0 up to"),
+    ("fit", {"optimizer": 3}, "fit(optimizer=3): `optimizer` takes an expression such as"),
+    ("evaluate", {"batch": 0}, "evaluate(batch=0): `batch` takes a whole number from 1"),  # was: loss nan
+    ("predict", {"batch": -1}, "predict(batch=-1): `batch` takes a whole number from 1"),
+    ("classification_report", {"top_k": 0}, "classification_report(top_k=0): `top_k` takes a whole number"),
+    ("ir", {"stage": "nope"}, "unknown IR stage `nope`"),  # was: the assembly
+    ("ir", {"mode": "training"}, "mode='training': give \"train\""),
+])
+def test_keyword_values_are_checked_before_any_work(method, kwargs, message, monkeypatch):
+    monkeypatch.setattr(trainer, "Session", lambda *a, **k: pytest.fail("compiled"))
+    m = dlc.load(MLP)
+    x, y = np.zeros((4, 64), np.float32), np.zeros(4, np.int32)
+    args = {"fit": (x, y), "evaluate": (x, y), "predict": (x,), "classification_report": (x, y)}.get(method, ())
+    with pytest.raises(ArgumentError) as info:
+        getattr(m, method)(*args, **kwargs)
+    assert info.value.message.startswith(message), info.value.message
+
+
+def test_fit_takes_an_optimizer_expression_as_the_cli_does():
+    m = dlc.load(MLP)
+    x, y = np.random.default_rng(0).uniform(0, 16, (16, 64)), np.arange(16) % 10
+    h = m.fit(x, y, epochs=1, optimizer="sgd(lr=0.05, momentum=0.9)", target="reference")
+    assert h.epochs[0]["lr"] == 0.05
+    with pytest.raises(dlc.DlcError, match="unknown optimizer `adamm`") as info:
+        m.fit(x, y, epochs=1, optimizer="adamm")
+    assert "did you mean" in info.value.hint or "adam" in info.value.hint
+
+
+@pytest.mark.parametrize("x, message, hint", [
+    (np.zeros(64), "the data's samples have shape [] (1 values)", "one sample of shape [64]: give a batch of one"),
+    (np.array(["a", "b"]), "the inputs are not numbers (dtype <U1)", None),
+    (np.float32(3), "the inputs are one number, not a batch of samples", None),
+])
+def test_predict_input_mistakes(x, message, hint):
+    with pytest.raises(DataError) as info:
+        dlc.load(MLP).predict(x)
+    assert info.value.message.startswith(message), info.value.message
+    assert hint is None or hint in info.value.hint
+
+
+def test_no_rows_give_outputs_of_no_rows_and_scoring_none_is_an_error():
+    m = dlc.load(MLP)
+    empty = np.zeros((0, 64), np.float32)
+    assert m.predict(empty).shape == (0, 10)  # was (0,)
+    assert m.predict_proba(empty).shape == (0, 10)  # was a numpy ValueError
+    with pytest.raises(DataError, match="there are no samples to score"):
+        m.evaluate(empty, np.zeros(0, np.int32))  # was {}
+
+
+def test_labels_are_optional_only_where_the_loss_reads_none():
+    x = np.random.default_rng(0).uniform(0, 16, (16, 64))
+    with pytest.raises(ArgumentError, match=r"fit\(x\) needs the labels too: fit\(x, y\)"):
+        dlc.load(MLP).fit(x, epochs=1)
+    auto = dlc.load(EXAMPLES / "autoencoder.dln")  # mse(output, x): no labels
+    h = auto.fit(x, epochs=1, target="reference")
+    assert np.isfinite(h.epochs[0]["train_loss"])
+    assert set(auto.evaluate(x, target="reference")) == {"loss"}
+
+
+def test_assigning_a_parameter_copies_it_in_checked():
+    m = dlc.load(MLP)
+    w = m.params["h.w"]
+    m.params["h.w"] = np.full(w.shape, 0.5, np.float64)
+    assert m.params["h.w"] is w and np.all(w == 0.5)  # the model's own array, written in place
+    with pytest.raises(ArgumentError, match=r"parameter `h.w` has shape \[64, 128\], got .* \[128, 64\]"):
+        m.params["h.w"] = np.zeros((128, 64))
+    with pytest.raises(ArgumentError, match="takes finite float32 values"):
+        m.params["h.w"] = np.full(w.shape, 1e300)  # infinite in float32
+    with pytest.raises(KeyError, match="did you mean `h.w`"):
+        m.params["h.ww"] = w
+    assert np.all(w == 0.5)
+
+
 # ---- models training cannot feed ----
 
 TWO_INPUTS = """model m(x: f32[B, 64], y: f32[B, 64]) -> f32[B, 10] {

@@ -398,10 +398,12 @@ def fit_inputs(x: np.ndarray, shape_without_batch: Sequence[int],
         return x
     if math.prod(x.shape[1:]) == math.prod(shape):
         return x.reshape((len(x),) + shape)
+    one_sample = x.shape == shape or (x.ndim == 1 and len(x) == math.prod(shape) > 1)
     raise DataError(f"the data's samples have shape [{_dims(x.shape[1:])}] "
                     f"({math.prod(x.shape[1:])} values), which does not fit the model's input "
                     f"[B, {_dims(shape)}] ({math.prod(shape)} values)", span,
-                    hint="change the model's input shape to match the data")
+                    hint=f"this looks like one sample of shape [{_dims(x.shape)}]: give a batch of one, "
+                         "x[None]" if one_sample else "change the model's input shape to match the data")
 
 
 def fit_labels(y: np.ndarray, dtype: Union[str, DType], shape_without_batch: Sequence[int],

@@ -25,6 +25,10 @@ def per_sample(t, span=None) -> tuple[int, ...]:
 def shape_inputs(model, x: np.ndarray, normalizer: Normalizer, span=None) -> np.ndarray:
     _, t = model.input_types[0]
     x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"the inputs are not numbers (dtype {x.dtype})", span)
+    if x.ndim == 0:
+        raise DataError("the inputs are one number, not a batch of samples", span)
     if t.dtype.is_float:
         check_float32_range(x, "the inputs", span)
         x = normalizer(x.reshape(len(x), -1)).reshape(x.shape) if normalizer.active else x.astype(np.float32)
