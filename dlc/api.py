@@ -29,6 +29,8 @@ from dlc.language.syntax.printer import format_ast
 
 def read_source(path_or_source) -> tuple[str, str]:
     """(text, name): a path to a .dln file, or the program text itself."""
+    if not isinstance(path_or_source, (str, os.PathLike)) or path_or_source == "":
+        raise ArgumentError(f"dlc.load() takes a .dln file's path or a program's text, got {path_or_source!r}")
     if isinstance(path_or_source, os.PathLike) or (
             isinstance(path_or_source, str) and "\n" not in path_or_source and "{" not in path_or_source):
         path = Path(path_or_source)
@@ -232,6 +234,10 @@ class Model:
         without compiling."""
         from dlc import artifact
         config = self._require_config()
+        if Path(path).is_dir():
+            raise ArgumentError(f"compile_artifact({str(path)!r}): that is a folder; give the name of the file "
+                                "to write")
+        batches = [_checked("compile_artifact", "batch", b) for b in batches or ()]
         session = self.session(config, target, **options)
         program = session.program
         if not hasattr(program, "compiled"):
@@ -358,8 +364,10 @@ class Model:
         from dlc.runtime import callbacks as cbs
         from dlc.runtime.prepare import prepare
         from dlc.runtime.trainer import FitOptions, Interrupted, fit, restore
-        quiet = _keras_verbose(options, quiet)
+        quiet = _flag("quiet", _keras_verbose(options, quiet))
         _check_options(self.fit, options)
+        if on_epoch is not None and not callable(on_epoch):
+            raise ArgumentError(f"fit(on_epoch={on_epoch!r}): `on_epoch` takes a function of (epoch, logs)")
         batch = _checked("fit", "batch", _alias("batch", batch, "batch_size", batch_size))
         epochs, lr = _checked("fit", "epochs", epochs), _checked("fit", "lr", lr)
         seed, test = _checked("fit", "seed", seed), _checked("fit", "test", test)
@@ -385,9 +393,12 @@ class Model:
             raise ArgumentError("a model with `state` reads its batches in order; shuffling would carry the "
                                 "state into unrelated samples", hint="drop shuffle=True (such a model does not "
                                 "shuffle by default)")
+        from dlc.runtime.distributed import World, world_from_env
         if world == "auto":
-            from dlc.runtime.distributed import world_from_env
             world = world_from_env()
+        elif world is not None and not isinstance(world, World):
+            raise ArgumentError(f"fit(world={world!r}): `world` takes \"auto\" (a job started by mpiexec), None "
+                                "(this process alone) or a dlc.runtime.distributed.World")
         session = self.session(config, target, world, **options)
         meta, normalizer = None, self.normalizer
         if resume is not None:

@@ -60,18 +60,20 @@ def write(path, source_name: str, source_text: str, model: str, backend: str, ta
             blobs[name] = blob
             entry["blobs"].append({"name": name, "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)})
         manifest["steps"].append(entry)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             z.writestr("manifest.json", json.dumps(manifest, indent=1))
             for name, blob in blobs.items():
                 z.writestr(name, blob)
         os.replace(tmp, path)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -73,6 +73,10 @@ def test_unknown_or_mistyped_keywords_are_clear_errors(method, kwargs, message, 
     ("fit", {"seed": 1.5}, "fit(seed=1.5): `seed` takes a whole number from 0"),
     ("fit", {"test": 1.5}, "fit(test=1.5): `test` takes a share from 0 up to"),
     ("fit", {"optimizer": 3}, "fit(optimizer=3): `optimizer` takes an expression such as"),
+    ("fit", {"world": 3}, "fit(world=3): `world` takes \"auto\""),
+    ("fit", {"quiet": "no"}, "`quiet` takes True or False"),
+    ("fit", {"on_epoch": 3}, "fit(on_epoch=3): `on_epoch` takes a function"),  # was: a TypeError after epoch 1
+    ("compile_artifact", {"path": "m.dlcx", "batches": [0]}, "compile_artifact(batch=0): `batch` takes"),
     ("evaluate", {"batch": 0}, "evaluate(batch=0): `batch` takes a whole number from 1"),  # was: loss nan
     ("predict", {"batch": -1}, "predict(batch=-1): `batch` takes a whole number from 1"),
     ("classification_report", {"top_k": 0}, "classification_report(top_k=0): `top_k` takes a whole number"),
@@ -87,6 +91,21 @@ def test_keyword_values_are_checked_before_any_work(method, kwargs, message, mon
     with pytest.raises(ArgumentError) as info:
         getattr(m, method)(*args, **kwargs)
     assert info.value.message.startswith(message), info.value.message
+
+
+@pytest.mark.parametrize("given", ["", 3, None])
+def test_load_of_neither_a_path_nor_a_program(given):
+    with pytest.raises(ArgumentError, match=r"dlc.load\(\) takes a .dln file's path or a program's text"):
+        dlc.load(given)
+
+
+def test_an_artifact_that_cannot_be_written_is_an_error_before_or_after_compiling(tmp_path):
+    m = dlc.load(EXAMPLES / "logreg.dln")
+    with pytest.raises(ArgumentError, match="that is a folder"):
+        m.compile_artifact(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(dlc.DlcError, match="cannot write .*file/m.dlcx"):
+        m.compile_artifact(tmp_path / "file" / "m.dlcx")  # its folder is a file: was a raw OSError
 
 
 def test_fit_takes_an_optimizer_expression_as_the_cli_does():
