@@ -342,7 +342,7 @@ class Model:
             callbacks=None, shuffle: bool | None = None, quiet: bool = True, log=None, csv=None,
             tensorboard=None, save=None, resume=None, on_epoch=None, batch_size: int | None = None,
             validation_split: float | None = None, validation_data=None, world="auto",
-            check_numerics: bool | None = None, **options):
+            check_numerics: bool | None = None, schedule=None, clip=None, **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
         trains on those arrays (a `test` share is held out, which evaluate() then scores)
         instead of the block's data.
@@ -355,6 +355,8 @@ class Model:
         tensorboard: metrics as JSON lines, CSV, TensorBoard events (a folder). `save` is
         written after every epoch (keep_best: every better epoch) and on Ctrl-C once a step has
         run; a file already there (unless it is `resume`) is kept as NAME.prev.npz.
+        optimizer, schedule: expressions as in the train block ("sgd(lr=0.1, momentum=0.9)").
+        clip: the gradients' global norm bound (False: none).
         Keras' names work too: batch_size, validation_split, validation_data, verbose (0: quiet).
         check_numerics: a step whose gradients are not finite stops training too, naming the
         op (slower steps: every gradient is checked before any update).
@@ -375,8 +377,10 @@ class Model:
         validation = _alias("validation", validation, "validation_data", validation_data)
         config = self._require_config()
         self._require_one_input(config)
-        if optimizer is not None:
-            config = _with_optimizer(config, optimizer)
+        config = _with_spec(config, "optimizer", optimizer, '"adam" or "sgd(lr=0.1, momentum=0.9)"')
+        config = _with_spec(config, "schedule", schedule, '"step(every=2, gamma=0.5)"')
+        if clip is not None:
+            config = dataclasses.replace(config, clip=None if clip is False else _checked("fit", "clip", clip))
         if check_numerics is not None:
             config = dataclasses.replace(config, check_numerics=_flag("check_numerics", check_numerics))
         if lr is not None and config.schedule.name == "cyclic":
@@ -668,6 +672,7 @@ _VALUES = {
     "epochs": (f"a whole number from 1 to {INT_OPTION_MAX:,}", _whole(1)),
     "batch": (f"a whole number from 1 to {INT_OPTION_MAX:,}", _whole(1)),
     "lr": ("a positive finite number", _real(lambda v: v > 0)),
+    "clip": ("a positive finite number, or False for none", _real(lambda v: v > 0)),
     "seed": (f"a whole number from 0 to {INT_OPTION_MAX:,}", _whole(0)),
     "test": ("a share from 0 up to (not including) 1", _real(lambda v: 0 <= v < 1)),
     "top_k": (f"a whole number from 1 to {INT_OPTION_MAX:,}", _whole(1)),
@@ -791,19 +796,19 @@ def _early_stop_value(v, config):
                         "dlc.EarlyStopping, or False")
 
 
-def _with_optimizer(config, optimizer):
-    """fit(optimizer=...): an expression as `--optimizer` takes it ("adam", "sgd(lr=0.1,
-    momentum=0.9)") or a recipe Spec."""
+def _with_spec(config, option: str, value, example: str):
+    """fit(optimizer=...) or fit(schedule=...): an expression as `--optimizer` takes it
+    ("adam", "sgd(lr=0.1, momentum=0.9)") or a recipe Spec; None keeps the train block's."""
     from dlc.language.frontend import eval_recipe
     from dlc.language.overrides import parse_expression
     from dlc.language.recipe import Spec
-    if isinstance(optimizer, str):
-        return dataclasses.replace(config, optimizer=eval_recipe(parse_expression(optimizer, "optimizer"),
-                                                                 "optimizer"))
-    if isinstance(optimizer, Spec) and optimizer.kind == "optimizer":
-        return dataclasses.replace(config, optimizer=optimizer)
-    raise ArgumentError(f"fit(optimizer={optimizer!r}): `optimizer` takes an expression such as "
-                        "\"adam\" or \"sgd(lr=0.1, momentum=0.9)\"")
+    if value is None:
+        return config
+    if isinstance(value, str):
+        value = eval_recipe(parse_expression(value, option), option)
+    elif not (isinstance(value, Spec) and value.kind == option):
+        raise ArgumentError(f"fit({option}={value!r}): `{option}` takes an expression such as {example}")
+    return dataclasses.replace(config, **{option: value})
 
 
 def check_input(name: str, t, x) -> np.ndarray:

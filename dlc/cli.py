@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from collections import Counter
@@ -69,13 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p, steps=False)
 
     p = sub.add_parser("run", help="train a model with its train block (a .dln file or a compiled artifact)",
-                       description="Train a model with the recipe of its train block. Every value of "
-                                   "the block can be overridden here; --data and --optimizer take "
+                       description="Train a model with the recipe of its train block. Its values can be "
+                                   "overridden here, all but loss, metrics, normalize and shuffle; --data, "
+                                   "--optimizer and --schedule take "
                                    ".dln expressions such as 'digits(test=0.1)' or 'sgd(lr=0.1, momentum=0.9)'. "
                                    "FILE may be an artifact from `dlc compile -o`: loading it runs the native "
                                    "code inside it, so run only artifacts you trust (dlc checks that the file "
                                    "is intact and built for this machine, not who built it). Its steps are "
-                                   "those of its train block's recipe: with another --optimizer or "
+                                   "those of its train block's recipe: with another --optimizer, --clip or "
                                    "--check-numerics the step is compiled from the source inside it.")
     _add_model_args(p)
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="EXPR", help="data source, e.g. 'npz(\"d.npz\")'")
     p.add_argument("--optimizer", metavar="EXPR", help="optimizer, e.g. 'adam(lr=1e-3)'")
     p.add_argument("--schedule", metavar="EXPR", help="learning-rate schedule, e.g. 'cyclic(1e-3, 1e-2, 100)'")
+    p.add_argument("--clip", type=_positive_float, metavar="NORM",
+                   help="scale all gradients together so their global L2 norm is at most NORM")
     p.add_argument("--validation", metavar="EXPR",
                    help="validation split scored after every epoch: a share of the training split "
                         "(0.1) or a data source ('npz(\"val.npz\")')")
@@ -408,6 +412,8 @@ def _load_with_overrides(args):
                          hint="add `train <model> { data = ..., loss = ... }`")
     model.train_config = override_config(model.train_config, **{
         k: getattr(args, k, None) for k in ("data", "optimizer", "schedule", "validation", "early_stop")})
+    if getattr(args, "clip", None) is not None:
+        model.train_config = dataclasses.replace(model.train_config, clip=args.clip)
     return model
 
 
@@ -466,7 +472,6 @@ def cmd_run(args) -> int:
 def _header(model, cfg, args, world=None) -> str:
     """`training mlp on digits(test=0.2) with adam(lr=0.01, ...)`: the optimizer as it runs,
     --lr included, and the schedule's own rates when it sets them; a data-parallel job's ranks."""
-    import dataclasses
     opt = cfg.optimizer
     if args.lr is not None:
         opt = dataclasses.replace(opt, args={**opt.args, "lr": args.lr})
@@ -475,6 +480,8 @@ def _header(model, cfg, args, world=None) -> str:
         extra.append(f"validation {cfg.validation}")
     if cfg.early_stop is not None:
         extra.append(f"{cfg.early_stop}")
+    if cfg.clip is not None:
+        extra.append(f"clip {cfg.clip:g}")
     ranks = "" if world is None else \
         f", {world.size} ranks: " + ", ".join(f"{r}: pid {p} on {h}" for r, (p, h) in enumerate(world.places))
     return (f"training {model.name} on {cfg.data} with {opt}" + "".join(f", {e}" for e in extra) +

@@ -74,6 +74,8 @@ def test_unknown_or_mistyped_keywords_are_clear_errors(method, kwargs, message, 
     ("fit", {"test": 1.5}, "fit(test=1.5): `test` takes a share from 0 up to"),
     ("fit", {"optimizer": 3}, "fit(optimizer=3): `optimizer` takes an expression such as"),
     ("fit", {"world": 3}, "fit(world=3): `world` takes \"auto\""),
+    ("fit", {"schedule": 3}, "fit(schedule=3): `schedule` takes an expression such as"),
+    ("fit", {"clip": -1.0}, "fit(clip=-1.0): `clip` takes a positive finite number, or False"),
     ("fit", {"quiet": "no"}, "`quiet` takes True or False"),
     ("fit", {"on_epoch": 3}, "fit(on_epoch=3): `on_epoch` takes a function"),  # was: a TypeError after epoch 1
     ("compile_artifact", {"path": "m.dlcx", "batches": [0]}, "compile_artifact(batch=0): `batch` takes"),

@@ -523,3 +523,24 @@ def test_a_model_without_a_train_block_predicts_on_the_target_it_is_asked_for(mo
     assert any(line.startswith("compile cache off (m, batch 3)") for line in said), said
     monkeypatch.undo()
     assert m.predict(np.zeros((0, 6), np.float32), target="cpu").shape == (0, 3)
+
+
+# --- overrides from Python and the command line train as the train block would ----------------------
+
+def test_fit_and_run_overrides_of_optimizer_schedule_and_clip_equal_the_train_block(tmp_path, capsys):
+    sgd = IRIS.replace("adam(lr=0.02)", "sgd(lr=0.1, momentum=0.9)")
+    written = sgd % "schedule = step(every=1, gamma=0.5)\n clip = 0.05"
+    want = dlc.load(written).fit(target="reference").epochs
+    got = iris().fit(optimizer="sgd(lr=0.1, momentum=0.9)", schedule="step(every=1, gamma=0.5)", clip=0.05,
+                     target="reference").epochs
+    assert [e["train_loss"] for e in got] == [e["train_loss"] for e in want]
+    assert [e["lr"] for e in got] == [0.1, 0.05, 0.025, 0.0125]
+    unclipped = iris().fit(optimizer="sgd(lr=0.1, momentum=0.9)", schedule="step(every=1, gamma=0.5)",
+                           target="reference").epochs
+    assert unclipped[-1]["train_loss"] != got[-1]["train_loss"]  # the clip took effect
+    path = tmp_path / "m.dln"
+    path.write_text(sgd % "schedule = step(every=1, gamma=0.5)")
+    code, _, err = run(capsys, "run", path, "--clip", "0.05", "--target", "reference", "--log", tmp_path / "l.jsonl")
+    assert code == 0 and "clip 0.05" in err.splitlines()[0], err
+    logged = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in logged if "event" not in r] == [e["train_loss"] for e in want]
