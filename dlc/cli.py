@@ -657,7 +657,12 @@ COMMANDS = {"check": cmd_check, "compile": cmd_compile, "run": cmd_run, "eval": 
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    # dlc's warnings read like its errors (location, source line, hint); others as Python shows them
+    # dlc's warnings read like its errors (location, source line, hint); others as Python shows them.
+    # In a data-parallel job every rank meets the same warnings: rank 0 shows them.
+    from dlc.runtime.distributed import World
+    world = World.current()
+    if world is not None and not world.lead:
+        return
     if issubclass(category, DlcWarning):
         print(message, file=sys.stderr)
     else:

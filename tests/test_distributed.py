@@ -468,6 +468,20 @@ def test_a_loss_that_is_not_a_mean_over_the_samples_is_not_trained_data_parallel
         _check_loss_shares(dlc.load(SYNC_BN.replace("cross_entropy(output, label) + 1e-3 * l2(weights)", loss)))
 
 
+@needs_mpi
+def test_a_refused_job_says_why_once_without_mpi_noise(tmp_path):
+    """Every rank refuses the model; rank 0 alone shows the warning and the error, and
+    neither MPICH's MPI_Abort line nor the launcher's guess of which rank died first
+    follows them (it used to say "rank 1 ... ended first")."""
+    path = tmp_path / "mix.dln"
+    path.write_text(SYNC_BN.replace("return dense(h, 10)", "return softmax(dense(h, 10), axis=0)"))
+    r = subprocess.run([sys.executable, "-m", "dlc", "run", str(path), "--ranks", "2"], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("mixes the samples of a batch") == 1 and r.stderr.count("warning:") == 1, r.stderr
+    assert "MPI_Abort" not in r.stderr + r.stdout and "ended first" not in r.stderr, r.stderr
+
+
 def test_a_model_with_state_is_not_trained_data_parallel():
     from dlc.runtime.distributed import World
     m = dlc.load(EXAMPLES / "char_lm.dln")

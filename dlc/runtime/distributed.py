@@ -279,6 +279,12 @@ class World:
             self.watchdog.ending = True
             self.watchdog.stop()
             return
+        folder = os.environ.get(JOB_DIR_VAR)
+        if folder:  # tell launch() the job ends by this rank's choice, after its error
+            try:
+                Path(folder, f"rank{self.rank}.stopped").write_text(str(code))
+            except OSError:
+                pass
         _before_abort()
         self.MPI.COMM_WORLD.Abort(code)
 
@@ -450,8 +456,13 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
             raise UsageError(f"cannot start {command[0]}: {e}") from None
         dead: list[tuple[str, str]] = []  # (pid, exit code) as mpiexec reports them
 
+        def stopped_by_a_rank() -> bool:  # a rank reported its error and ended the job (World.end)
+            return any(Path(folder).glob("rank*.stopped"))
+
         def relay(src, dst) -> None:
             for raw in iter(src.readline, b""):
+                if b"application called MPI_Abort(MPI_COMM_WORLD" in raw and stopped_by_a_rank():
+                    continue  # MPICH's line for that ending: the rank's error said why
                 dst.buffer.write(raw)
                 dst.flush()
                 if b"RUNNING AT" in raw or b"EXIT CODE" in raw:  # mpiexec's report, on stdout
@@ -476,7 +487,7 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
         watch.stop.set()
         for t in threads:
             t.join()
-        who = _who_ended(dead, watch) if dead or code != 0 else None
+        who = _who_ended(dead, watch) if (dead or code != 0) and not stopped_by_a_rank() else None
         if who:
             sys.stderr.write(f"dlc: {who}; mpiexec stopped the other ranks\n")
     return code

@@ -431,8 +431,8 @@ def _check_shardable(model) -> None:
     graph = model.built("eval").graph
     nid = mixes_samples(graph)
     if nid is not None:
-        raise UsageError(f"model {model.name} mixes the samples of a batch here (a `{graph.node(nid).op.name}` "
-                         "over the batch axis), so a data-parallel job, each of whose ranks holds a share of "
+        raise UsageError(f"model {model.name} mixes the samples of a batch here (it reduces over the batch "
+                         "axis), so a data-parallel job, each of whose ranks holds a share of "
                          "every batch, would not train what one process trains", graph.node(nid).span,
                          hint="train it in one process, or reduce over other axes than the batch")
 
