@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", metavar="FILE", required=True,
                    help=".npy file of the inputs, or .npz file holding them (see --key)")
     p.add_argument("--key", default=None, help="array name in the .npz (default: `x`, or its only array)")
-    p.add_argument("-o", "--output", metavar="FILE", help="write outputs (and predicted classes) to an .npz")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the outputs to FILE: an .npz holds them, the model's named results and a "
+                        "classifier's predicted classes; an .npy the outputs alone")
     p.add_argument("--proba", action="store_true",
                    help="class probabilities instead of the raw outputs (logits for a cross_entropy model)")
     _add_target(p)
@@ -305,12 +306,16 @@ def _threads(text: str):
     return "auto" if text == "auto" else _number(int, lambda v: v > 0, "a positive integer or `auto`")(text)
 
 
-def _output_path(path: str, flag: str, folder: bool = False) -> Path:
-    """An output path of the wrong kind is refused before any work, not when writing at the end."""
+def _output_path(path: str, flag: str, folder: bool = False, suffixes: dict | None = None) -> Path:
+    """An output path of the wrong kind is refused before any work, not when writing at the end
+    (`suffixes`: the file types it may have, and what each holds)."""
     p = Path(path)
     if p.exists() and p.is_dir() != folder:
         want = "a folder (it is created if missing)" if folder else "the name of the file to write"
         raise UsageError(f"{flag} {path} is a {'file' if folder else 'folder'}; give {want}")
+    if suffixes and p.suffix not in suffixes:  # (numpy would add .npz to another name)
+        kinds = " or ".join(f"{k} ({v})" for k, v in suffixes.items())
+        raise UsageError(f"{flag} {path}: give a {kinds} file name")
     blocker = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
     if blocker is not None:
         raise UsageError(f"{flag} {path}: {blocker} is a file, not a folder")
@@ -532,23 +537,32 @@ def cmd_predict(args) -> int:
     import numpy as np
     from dlc.api import load
     from dlc.runtime.inputs import read_input_array
+    from dlc.runtime.metrics import predicted_classes
     if args.output:
-        _output_path(args.output, "-o")
+        _output_path(args.output, "-o", suffixes={".npz": "the outputs, named results and classes",
+                                                 ".npy": "the outputs alone"})
     model = load(args.file, args.model)
     model.load_weights(args.weights)
     x = read_input_array(Path(args.input), args.key)
     predict = model.predict_proba if args.proba else model.predict
     results = predict(x, target=args.target, results=True, **_backend_options(args))
     out = results["output"]
-    classes = out.argmax(axis=-1) if out.ndim in (2, 3) and out.shape[-1] > 1 else None
+    classes = None  # a classifier's: the argmax of cross_entropy's scores, bce's thresholded outputs
+    if model.is_classifier and out.ndim >= 2:
+        kind, from_logits = model._classifier("dlc predict")
+        if kind == "bce" or out.shape[-1] > 1:  # (bce's one output column: one class per row)
+            classes = predicted_classes(out, kind, from_logits and not args.proba).reshape(
+                out.shape if kind == "bce" and out.shape[-1] > 1 else out.shape[:-1])
     if args.output:  # the output, the model's named results, and predicted classes
-        arrays = results if classes is None else {"classes": classes, **results}
-        np.savez(args.output, **arrays)
+        if args.output.endswith(".npy"):
+            np.save(args.output, out)
+        else:
+            np.savez(args.output, **(results if classes is None else {"classes": classes, **results}))
         print(f"wrote {len(out)} predictions to {args.output}")
     else:
         for i, row in enumerate(out):
-            label = "" if classes is None else f"class {classes[i]}  " if out.ndim == 2 else \
-                f"classes {' '.join(str(c) for c in classes[i])}  "
+            label = "" if classes is None else f"class {classes[i]}  " if np.ndim(classes[i]) == 0 else \
+                f"classes {' '.join(str(c) for c in np.ravel(classes[i]))}  "
             print(f"{i}: {label}" + " ".join(f"{v:.4f}" for v in np.ravel(row)))
     return 0
 
@@ -556,7 +570,7 @@ def cmd_predict(args) -> int:
 def cmd_data(args) -> int:
     import numpy as np
     from dlc.data.sources import load_dataset
-    _output_path(args.output, "-o")
+    _output_path(args.output, "-o", suffixes={".npz": "x and y"})
     model = _load_with_overrides(args)
     cfg = model.train_config
     data = load_dataset(cfg.data, model.base_dir, cfg.seed, span=cfg.span("data"))

@@ -216,6 +216,31 @@ def test_predict_reads_an_npy_file(tmp_path, weights, capsys):
     assert out == dlc_main(capsys, "predict", MLP, "--weights", weights, "--input", tmp_path / "x.npz")[1]
 
 
+def test_predict_names_classes_only_for_a_classifier_and_writes_npy_or_npz(tmp_path, capsys):
+    x = np.random.default_rng(0).random((3, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    auto = dlc.load(EXAMPLES / "autoencoder.dln")  # mse: its outputs are pixels, not class scores
+    auto.save(tmp_path / "a.npz")
+    code, out, err = dlc_main(capsys, "predict", EXAMPLES / "autoencoder.dln", "--weights", tmp_path / "a.npz",
+                              "--input", tmp_path / "x.npy", "-o", tmp_path / "p.npy")
+    assert code == 0 and (tmp_path / "p.npy").is_file(), err  # was: p.npy.npz, reported as p.npy
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), auto.predict(x), rtol=1e-6)
+    code, out, err = dlc_main(capsys, "predict", EXAMPLES / "autoencoder.dln", "--weights", tmp_path / "a.npz",
+                              "--input", tmp_path / "x.npy")
+    assert code == 0 and len(out.splitlines()) == 3 and "class" not in out, out  # was: "class 60"
+    blobs = dlc.load(EXAMPLES / "logreg.dln")  # bce on one probability: class 1 above 0.5
+    blobs.save(tmp_path / "b.npz")
+    xb = np.array([[-3.0, -3.0], [3.0, 3.0], [0.1, -0.2]], np.float32)
+    np.save(tmp_path / "xb.npy", xb)
+    code, out, err = dlc_main(capsys, "predict", EXAMPLES / "logreg.dln", "--weights", tmp_path / "b.npz",
+                              "--input", tmp_path / "xb.npy", "-o", tmp_path / "b_out.npz")
+    saved = np.load(tmp_path / "b_out.npz")
+    np.testing.assert_array_equal(saved["classes"], (saved["output"][:, 0] > 0.5).astype(int))
+    code, out, err = dlc_main(capsys, "predict", EXAMPLES / "logreg.dln", "--weights", tmp_path / "b.npz",
+                              "--input", tmp_path / "xb.npy")
+    assert [line.split()[1:3] for line in out.splitlines()] == [["class", str(c)] for c in saved["classes"]]
+
+
 @pytest.mark.parametrize("name, content, args, message", [
     ("x.csv", b"1,2\n3,4\n", (), "x.csv is not a NumPy .npy or .npz file"),
     ("x.npy", None, ("--key", "a"), "x.npy is an .npy file, which holds one array: --key a picks"),
@@ -239,6 +264,9 @@ def test_predict_input_errors(tmp_path, weights, capsys, name, content, args, me
     (("compile", MLP, "--dump-dir", "file"), "--dump-dir file is a file; give a folder"),
     (("compile", MLP, "--dump-dir", "file/stages"), "--dump-dir file/stages: file is a file, not a folder"),
     (("predict", MLP, "--weights", "w.npz", "--input", "x.npy", "-o", "folder"), "-o folder is a folder"),
+    (("predict", MLP, "--weights", "w.npz", "--input", "x.npy", "-o", "out"),  # numpy wrote out.npz
+     "-o out: give a .npz (the outputs, named results and classes) or .npy (the outputs alone) file name"),
+    (("data", MLP, "-o", "d"), "-o d: give a .npz (x and y) file name"),
 ])
 def test_output_path_of_the_wrong_kind_is_a_usage_error(tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "folder").mkdir()
