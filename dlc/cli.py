@@ -226,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="draw loss, accuracy and learning-rate curves from a metrics log",
                        description="Draw per-epoch loss, accuracy (train and validation) and the learning rate "
-                                   "from a `dlc run --log` file, or the confusion matrix of a `dlc eval -o` "
+                                   "from a `dlc run --log` or `--csv` file, or the confusion matrix of a `dlc eval -o` "
                                    "report (needs matplotlib: pip install 'dlc[plot]').")
-    p.add_argument("log", help="a JSON-lines metrics log, or a JSON report from `dlc eval -o`")
+    p.add_argument("log", help="a metrics log (JSON lines from --log, or --csv's rows), or a JSON report "
+                                   "from `dlc eval -o`")
     p.add_argument("-o", "--output", metavar="FILE", default="curves.png", help="image to write (.png, .svg, .pdf)")
     return parser
 

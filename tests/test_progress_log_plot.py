@@ -116,6 +116,20 @@ def test_metrics_log_round_trip(tmp_path):
                        for e, m in enumerate(EPOCH_METRICS, 1)]
 
 
+def test_the_csv_log_reads_back_as_the_json_log_does(tmp_path):
+    from dlc.runtime.loggers import CsvLog
+    log = CsvLog(tmp_path / "run.csv")
+    for epoch, metrics in enumerate(EPOCH_METRICS, 1):
+        log.write(epoch, step=epoch * 10, metrics=metrics, lr=0.5, seconds=1.5)
+    log.close()
+    _write_log(tmp_path / "run.jsonl")
+    assert read_log(tmp_path / "run.csv") == read_log(tmp_path / "run.jsonl")  # `dlc plot log.csv` failed
+    (tmp_path / "bad.csv").write_text("epoch,step,train_loss\n1,10,0.5\n2,20,oops\n")
+    with pytest.raises(DataError, match="line 3 of metrics log .*`train_loss` is 'oops', not a number") as info:
+        read_log(tmp_path / "bad.csv")
+    assert info.value.span.line == 3
+
+
 def test_metrics_log_lines_are_flushed_as_written(tmp_path):
     path = tmp_path / "run.jsonl"
     with MetricsLog(path, {"model": "mlp"}) as log:

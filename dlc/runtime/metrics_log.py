@@ -1,6 +1,8 @@
-"""The metrics log: one JSON object per line, a `start` header then one record per epoch."""
+"""The metrics log: one JSON object per line, a `start` header then one record per epoch
+(read_log also reads the `--csv` log's rows)."""
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import os
@@ -64,6 +66,8 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read metrics log `{path}`: {e}") from None
     source = Source(str(path), text)
+    if text.startswith("epoch,"):  # the --csv log: a header, then one row per epoch
+        return _read_csv(source)
     lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, 1):
@@ -82,6 +86,26 @@ def read_log(path: str | os.PathLike) -> list[dict]:
         if not isinstance(obj.get("epoch"), int):
             raise _bad_line(source, number, 1, "an epoch record needs an integer `epoch`")
         records.append(obj)
+    return records
+
+
+def _read_csv(source: Source) -> list[dict]:
+    lines = source.text.splitlines()
+    if lines and not source.text.endswith("\n"):
+        lines.pop()  # the writer is still writing this row (or died mid-row)
+    rows = csv.reader(lines)
+    fields = next(rows)
+    records = []
+    for number, row in enumerate(rows, 2):
+        if len(row) != len(fields):
+            raise _bad_line(source, number, 1, f"{len(row)} values where the header names {len(fields)}")
+        record = {}
+        for name, text in zip(fields, row):
+            try:
+                record[name] = None if text == "" else int(text) if name in ("epoch", "step") else float(text)
+            except ValueError:
+                raise _bad_line(source, number, 1, f"`{name}` is {text!r}, not a number") from None
+        records.append(record)
     return records
 
 
