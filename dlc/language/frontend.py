@@ -263,7 +263,8 @@ class Frontend:
                 scope.vars[p.name] = a
         for name, p in value_params.items():
             scope.vars[name] = kwargs[name] if name in kwargs else self.eval(p.default, scope)
-        for stmt in d.body:
+        for i, stmt in enumerate(d.body):
+            scope.later = {name: s.span for s in reversed(d.body[i + 1:]) for name in _assigned(s)}
             if isinstance(stmt, ast.Return):
                 try:
                     namer = {**self._namer(stmt, "out", scope), "targets": ["out"] + [r.name for r in d.more]}
@@ -554,6 +555,8 @@ class Frontend:
         if scope.context == "loss":
             known += ["params", "weights"] + list(self.params)
         hint = did_you_mean(name, known)
+        if name in scope.later:
+            hint = f"`{name}` is assigned later, at line {scope.later[name].line}: assign it before this use"
         if name in ("output", "label", "params", "weights") and scope.context != "loss":
             hint = f"`{name}` exists only in a train block's loss"
         raise NameError_(f"unknown name `{name}`", e.span, hint=hint)
@@ -840,3 +843,12 @@ def eval_recipe(expr, option: str):
     fe.graph = Graph("options")
     fe.b = GraphBuilder(fe.graph)
     return option_value(fe, option, ast.Option(option, expr, expr.span), Scope({}, {}, "", "option"))
+
+
+def _assigned(stmt) -> list[str]:
+    """The names a statement of a body assigns."""
+    if isinstance(stmt, ast.Assign):
+        return [stmt.target]
+    if isinstance(stmt, ast.Unpack):
+        return stmt.names
+    return [stmt.name] if isinstance(stmt, (ast.StateDecl, ast.ParamDecl)) else []
