@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
-import numbers
 import os
 import warnings
 from collections.abc import Mapping
@@ -18,6 +15,8 @@ from dlc.core.diagnostics import ArgumentError, DataError, DlcError, Source, Spa
 from dlc.core.graph import Graph
 from dlc.core.kernel import format_program
 from dlc.core.printer import print_graph
+from dlc.keywords import (alias, check_options, checked, early_stop_value, flag, keras_verbose,
+                          validation_value, with_spec)
 from dlc.language import frontend
 from dlc.language.frontend import Built
 from dlc.language.initializers import param_rng
@@ -155,7 +154,7 @@ class Model:
         from dlc import pipeline
         if mode not in ("train", "eval"):
             raise ArgumentError(f"mode={mode!r}: give \"train\" (the training step) or \"eval\"")
-        batch = _checked("stages", "batch", batch)
+        batch = checked("stages", "batch", batch)
         backend = backends.backend(target, runnable=False)  # printing code needs no GPU
         known = pipeline.stages_for(backend)
         for name in names:
@@ -237,7 +236,7 @@ class Model:
         if Path(path).is_dir():
             raise ArgumentError(f"compile_artifact({str(path)!r}): that is a folder; give the name of the file "
                                 "to write")
-        batches = [_checked("compile_artifact", "batch", b) for b in batches or ()]
+        batches = [checked("compile_artifact", "batch", b) for b in batches or ()]
         session = self.session(config, target, **options)
         program = session.program
         if not hasattr(program, "compiled"):
@@ -366,23 +365,23 @@ class Model:
         from dlc.runtime import callbacks as cbs
         from dlc.runtime.prepare import prepare
         from dlc.runtime.trainer import FitOptions, Interrupted, fit, restore
-        quiet = _flag("quiet", _keras_verbose(options, quiet))
-        _check_options(self.fit, options)
+        quiet = flag("quiet", keras_verbose(options, quiet))
+        check_options(self.fit, options)
         if on_epoch is not None and not callable(on_epoch):
             raise ArgumentError(f"fit(on_epoch={on_epoch!r}): `on_epoch` takes a function of (epoch, logs)")
-        batch = _checked("fit", "batch", _alias("batch", batch, "batch_size", batch_size))
-        epochs, lr = _checked("fit", "epochs", epochs), _checked("fit", "lr", lr)
-        seed, test = _checked("fit", "seed", seed), _checked("fit", "test", test)
-        validation = _alias("validation", validation, "validation_split", validation_split)
-        validation = _alias("validation", validation, "validation_data", validation_data)
+        batch = checked("fit", "batch", alias("batch", batch, "batch_size", batch_size))
+        epochs, lr = checked("fit", "epochs", epochs), checked("fit", "lr", lr)
+        seed, test = checked("fit", "seed", seed), checked("fit", "test", test)
+        validation = alias("validation", validation, "validation_split", validation_split)
+        validation = alias("validation", validation, "validation_data", validation_data)
         config = self._require_config()
         self._require_one_input(config)
-        config = _with_spec(config, "optimizer", optimizer, '"adam" or "sgd(lr=0.1, momentum=0.9)"')
-        config = _with_spec(config, "schedule", schedule, '"step(every=2, gamma=0.5)"')
+        config = with_spec(config, "optimizer", optimizer, '"adam" or "sgd(lr=0.1, momentum=0.9)"')
+        config = with_spec(config, "schedule", schedule, '"step(every=2, gamma=0.5)"')
         if clip is not None:
-            config = dataclasses.replace(config, clip=None if clip is False else _checked("fit", "clip", clip))
+            config = dataclasses.replace(config, clip=None if clip is False else checked("fit", "clip", clip))
         if check_numerics is not None:
-            config = dataclasses.replace(config, check_numerics=_flag("check_numerics", check_numerics))
+            config = dataclasses.replace(config, check_numerics=flag("check_numerics", check_numerics))
         if lr is not None and config.schedule.name == "cyclic":
             raise ArgumentError("`cyclic` sets the learning rate itself (from base to max); "
                                 "a learning rate given with it would be ignored", config.span("schedule"),
@@ -391,8 +390,8 @@ class Model:
             from dlc.language.recipe import Spec
             share = config.data.args.get("test", 0.2) if test is None else test
             config = dataclasses.replace(config, data=Spec("data", "arrays", {"test": share}))
-        validation = _validation_value(validation)
-        stopper = _early_stop_value(early_stop, config)
+        validation = validation_value(validation)
+        stopper = early_stop_value(early_stop, config)
         if shuffle and self._eval.carries:
             raise ArgumentError("a model with `state` reads its batches in order; shuffling would carry the "
                                 "state into unrelated samples", hint="drop shuffle=True (such a model does not "
@@ -434,13 +433,13 @@ class Model:
         resumes_save = bool(resume and save) and Path(resume).resolve() == Path(save).resolve()
         opts = FitOptions(epochs=epochs or config.epochs, batch=batch or config.batch,
                           lr=lr if lr is not None else config.optimizer.args["lr"], seed=seed,
-                          shuffle=config.shuffle if shuffle is None else _flag("shuffle", shuffle),
+                          shuffle=config.shuffle if shuffle is None else flag("shuffle", shuffle),
                           quiet=quiet, log_path=Path(log) if log else None,
                           csv_path=Path(csv) if csv else None,
                           tensorboard_dir=Path(tensorboard) if tensorboard else None,
                           save_path=Path(save) if save else None, resume=meta, on_epoch=on_epoch,
                           keep_previous=not resumes_save, early_stop=stopper,
-                          keep_best=config.keep_best if keep_best is None else _flag("keep_best", keep_best),
+                          keep_best=config.keep_best if keep_best is None else flag("keep_best", keep_best),
                           callbacks=cbs.check_callbacks(callbacks))
         return fit(session, data, opts, normalizer)
 
@@ -448,9 +447,9 @@ class Model:
                  batch_size: int | None = None, **options) -> dict:
         """Loss and metrics on the given arrays; without them, on the held-out split: the
         share of fit(x, y)'s arrays it kept back, or else the train block's test split."""
-        _keras_verbose(options, True)  # Keras' verbose=0: evaluation prints nothing anyway
-        _check_options(self.evaluate, options)
-        batch = _checked("evaluate", "batch", _alias("batch", batch, "batch_size", batch_size))
+        keras_verbose(options, True)  # Keras' verbose=0: evaluation prints nothing anyway
+        check_options(self.evaluate, options)
+        batch = checked("evaluate", "batch", alias("batch", batch, "batch_size", batch_size))
         config = self._require_config()
         x, y = self._labelled(x, y, config)
         return self.session(config, target, **options).evaluate(x, y, batch or config.batch)
@@ -505,9 +504,9 @@ class Model:
         A model without a train block (an imported one) compiles its evaluation graph alone."""
         from dlc.runtime.prepare import shape_inputs
         from dlc.runtime.trainer import Normalizer
-        _keras_verbose(options, True)
-        _check_options(self.predict, options)
-        batch = _checked("predict", "batch", _alias("batch", batch, "batch_size", batch_size))
+        keras_verbose(options, True)
+        check_options(self.predict, options)
+        batch = checked("predict", "batch", alias("batch", batch, "batch_size", batch_size))
         self._require_one_input(self.train_config)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
@@ -560,8 +559,9 @@ class Model:
         averages) and the confusion matrix, on the given arrays or the held-out split."""
         from dlc.runtime.metrics import classification_report
         kind, from_logits = self._classifier("classification_report()")
-        _check_options(self.classification_report, options)
-        batch, top_k = _checked("classification_report", "batch", batch), _checked("classification_report", "top_k", top_k)
+        check_options(self.classification_report, options)
+        batch = checked("classification_report", "batch", batch)
+        top_k = checked("classification_report", "top_k", top_k)
         config = self._require_config()
         if self.masks_positions:
             raise ArgumentError("classification_report() scores every position of the output, but this model's "
@@ -652,163 +652,6 @@ class Params(Mapping):
 
     def __repr__(self) -> str:
         return "Params({" + ", ".join(f"{k!r}: {v.dtype}{list(v.shape)}" for k, v in self._arrays.items()) + "})"
-
-
-_FLAG = ("True or False", lambda v: isinstance(v, bool))
-
-
-def _whole(low: int):
-    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v <= INT_OPTION_MAX
-
-
-def _real(ok):
-    return lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
-
-
-# The numbers fit/evaluate/predict take as keywords: what each takes (the CLI's flags take
-# the same ranges). A wrong type would fail deep inside training; a zero or negative batch
-# or epoch count would silently mean the default, and a negative rate gradient ascent.
-_VALUES = {
-    "epochs": (f"a whole number from 1 to {INT_OPTION_MAX:,}", _whole(1)),
-    "batch": (f"a whole number from 1 to {INT_OPTION_MAX:,}", _whole(1)),
-    "lr": ("a positive finite number", _real(lambda v: v > 0)),
-    "clip": ("a positive finite number, or False for none", _real(lambda v: v > 0)),
-    "seed": (f"a whole number from 0 to {INT_OPTION_MAX:,}", _whole(0)),
-    "test": ("a share from 0 up to (not including) 1", _real(lambda v: 0 <= v < 1)),
-    "top_k": (f"a whole number from 1 to {INT_OPTION_MAX:,}", _whole(1)),
-}
-
-
-def _checked(method: str, name: str, value):
-    """`value` as a Python number if `name` takes it (None passes: the recipe's), else an
-    ArgumentError."""
-    what, ok = _VALUES[name]
-    if value is None:
-        return None
-    if not ok(value):
-        raise ArgumentError(f"{method}({name}={value!r}): `{name}` takes {what}")
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-# The compiler options fit/evaluate/predict pass on (`**options`): what each takes.
-_BACKEND_OPTIONS = {
-    "threads": ("a positive number of CPU threads, or \"auto\"",
-                lambda v: v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)),
-    "verbose": ("0, 1 or 2 (Keras: whether to show progress), or a function that receives the "
-                "compiler's messages, such as print", lambda v: v is None or v is False or callable(v)),
-    "no_cache": _FLAG,
-    "profile": _FLAG,
-    # on a cache miss, start on quickly compiled code while the optimized code compiles
-    # (DLC_QUICK_START=1 makes it the default)
-    "quick_start": _FLAG,
-    "cache_dir": ("a folder path", lambda v: isinstance(v, (str, os.PathLike))),
-    # data-parallel jobs: start each bucket's exchange when it is ready and wait for it only
-    # where its sums are read; gradient bytes per bucket (passes/data_parallel.py)
-    "overlap": _FLAG,
-    "bucket_bytes": ("a positive number of bytes", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-}
-
-
-# Keras keywords dlc does not take, and what to use instead
-_KERAS_ONLY = {
-    "initial_epoch": "resume=CHECKPOINT continues a run where it stopped (epoch, batch and optimizer state)",
-    "steps_per_epoch": "an epoch is always one pass over the training split; set `epochs` and `batch`",
-    "validation_steps": "the whole validation split is scored after every epoch",
-    "validation_freq": "the validation split is scored after every epoch",
-    "validation_batch_size": "evaluation uses the training batch size",
-    "class_weight": "not supported: weight the loss in the train block instead",
-    "sample_weight": "not supported: weight the loss in the train block instead",
-    "workers": "not needed: the data is in memory", "use_multiprocessing": "not needed: the data is in memory",
-    "max_queue_size": "not needed: the data is in memory",
-}
-
-
-def _check_options(method, options: dict) -> None:
-    """Refuse a keyword the compiler does not take before it fails deep inside the compiler."""
-    for name, value in options.items():
-        if name in _KERAS_ONLY:
-            raise ArgumentError(f"{method.__name__}() does not take Keras' `{name}`", hint=_KERAS_ONLY[name])
-        if name not in _BACKEND_OPTIONS:
-            known = [*(p for p in inspect.signature(method).parameters if p != "options"), *_BACKEND_OPTIONS]
-            raise ArgumentError(f"{method.__name__}() got an unknown keyword `{name}`",
-                                hint=did_you_mean(name, known) or f"its keywords: {', '.join(known)}")
-        what, ok = _BACKEND_OPTIONS[name]
-        if not ok(value):
-            raise ArgumentError(f"{method.__name__}({name}={value!r}): `{name}` takes {what}",
-                                hint="quiet=False shows training progress" if name == "verbose" else None)
-
-
-def _keras_verbose(options: dict, quiet: bool) -> bool:
-    """Keras' verbose=0/1/2 (or True/False) says whether to show progress; a function given as
-    `verbose` receives the compiler's messages (and stays in options)."""
-    v = options.get("verbose")
-    if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1, 2)):
-        del options["verbose"]
-        return not v
-    return quiet
-
-
-def _alias(name: str, value, keras: str, keras_value):
-    """A keyword and its Keras spelling (batch, batch_size): either, not both."""
-    if keras_value is None:
-        return value
-    if value is not None:
-        raise ArgumentError(f"give `{name}` or Keras' `{keras}`, not both")
-    return keras_value
-
-
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ArgumentError(f"`{name}` takes True or False, got {value!r}")
-    return value
-
-
-def _validation_value(v):
-    """fit(validation=...): a share (0.1), a data-source expression ('npz("v.npz")') or (x, y)."""
-    from dlc.language.frontend import eval_recipe
-    from dlc.language.overrides import parse_expression
-    if v is None:
-        return None
-    if isinstance(v, (tuple, list)) and len(v) == 2:
-        return tuple(v)
-    if isinstance(v, str):
-        return eval_recipe(parse_expression(v, "validation"), "validation")
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1:
-        return float(v)
-    raise ArgumentError(f"validation={v!r}: give a share of the training data in (0, 1), a data source "
-                        "such as 'npz(\"val.npz\")', or (x, y) arrays")
-
-
-def _early_stop_value(v, config):
-    """fit(early_stop=...): None keeps the train block's, False turns it off; a .dln expression
-    or a dlc.EarlyStopping."""
-    from dlc.runtime.callbacks import EarlyStopping, from_spec
-    if v is None:
-        return from_spec(config.early_stop) if config.early_stop is not None else None
-    if v is False:
-        return None
-    if isinstance(v, EarlyStopping):
-        return v
-    if isinstance(v, str):
-        from dlc.language.frontend import eval_recipe
-        from dlc.language.overrides import parse_expression
-        return from_spec(eval_recipe(parse_expression(v, "early_stop"), "early_stop"))
-    raise ArgumentError(f"early_stop={v!r}: give 'early_stop(monitor=val_loss, patience=5)', a "
-                        "dlc.EarlyStopping, or False")
-
-
-def _with_spec(config, option: str, value, example: str):
-    """fit(optimizer=...) or fit(schedule=...): an expression as `--optimizer` takes it
-    ("adam", "sgd(lr=0.1, momentum=0.9)") or a recipe Spec; None keeps the train block's."""
-    from dlc.language.frontend import eval_recipe
-    from dlc.language.overrides import parse_expression
-    from dlc.language.recipe import Spec
-    if value is None:
-        return config
-    if isinstance(value, str):
-        value = eval_recipe(parse_expression(value, option), option)
-    elif not (isinstance(value, Spec) and value.kind == option):
-        raise ArgumentError(f"fit({option}={value!r}): `{option}` takes an expression such as {example}")
-    return dataclasses.replace(config, **{option: value})
 
 
 def check_input(name: str, t, x) -> np.ndarray:

@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", metavar="FILE", required=True,
                    help=".npy file of the inputs, or .npz file holding them (see --key)")
     p.add_argument("--key", default=None, help="array name in the .npz (default: `x`, or its only array)")
-    p.add_argument("-o", "--output", metavar="FILE", help="write the outputs to FILE: an .npz holds them, the model's named results and a "
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write the outputs to FILE: an .npz holds them, the model's named results and a "
                         "classifier's predicted classes; an .npy the outputs alone")
     p.add_argument("--proba", action="store_true",
                    help="class probabilities instead of the raw outputs (logits for a cross_entropy model)")

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ("dlc.api", "dlc.cli", "dlc.pipeline", "dlc.program", "dlc.cache", "dlc.artifact", "dlc.runtime",
-          "dlc.data", "dlc.__main__", "dlc.interchange", "dlc.graphviz")
+          "dlc.data", "dlc.__main__", "dlc.interchange", "dlc.graphviz", "dlc.keywords")
 SPECIFIC_BACKENDS = ("dlc.backends.llvm", "dlc.backends.cuda", "dlc.backends.reference")
 
 

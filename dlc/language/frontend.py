@@ -264,7 +264,7 @@ class Frontend:
         for name, p in value_params.items():
             scope.vars[name] = kwargs[name] if name in kwargs else self.eval(p.default, scope)
         for i, stmt in enumerate(d.body):
-            scope.later = {name: s.span for s in reversed(d.body[i + 1:]) for name in _assigned(s)}
+            scope.rest = (d.body, i + 1)
             if isinstance(stmt, ast.Return):
                 try:
                     namer = {**self._namer(stmt, "out", scope), "targets": ["out"] + [r.name for r in d.more]}
@@ -555,8 +555,10 @@ class Frontend:
         if scope.context == "loss":
             known += ["params", "weights"] + list(self.params)
         hint = did_you_mean(name, known)
-        if name in scope.later:
-            hint = f"`{name}` is assigned later, at line {scope.later[name].line}: assign it before this use"
+        body, start = scope.rest or ((), 0)
+        later = next((s for s in body[start:] if name in _assigned(s)), None)
+        if later is not None:
+            hint = f"`{name}` is assigned later, at line {later.span.line}: assign it before this use"
         if name in ("output", "label", "params", "weights") and scope.context != "loss":
             hint = f"`{name}` exists only in a train block's loss"
         raise NameError_(f"unknown name `{name}`", e.span, hint=hint)

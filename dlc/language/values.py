@@ -5,7 +5,7 @@ dimension, an initializer, or a reference to a function by name (`FunctionRef`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dlc.core.builder import Value
@@ -28,7 +28,7 @@ class Scope:
     dims: dict[str, Any]  # symbol -> int | Sym
     prefix: str           # "" for the model, "r1." inside the block instance bound to r1
     context: str          # "model" | "loss" | "option"
-    later: dict = field(default_factory=dict)  # name -> Span: assigned by a later statement of the body
+    rest: tuple = ()      # (body, i): its statements from i on follow the one being checked (hints)
 
 
 def describe(v) -> str:
