@@ -1318,6 +1318,25 @@ def test_functions_are_compared_with_their_metadata_written_out():
     assert _body(function([1, 9], 0)) != _body(function([9, 1], 2))
 
 
+def test_layers_of_one_shape_share_their_functions_however_many():
+    """A deep stack of identical layers compiles to the functions of one: two layers' code
+    differs only in the names the kernel IR gave their loop variables, which _body numbers
+    anew (before, a 100-layer MLP built 413 distinct functions and took 6.8 s to compile,
+    3.7 s after)."""
+    def distinct(depth: int) -> int:
+        text = ("model m(x: f32[B, 16]) -> f32[B, 4] {\n    h = x |> dense(32) |> relu\n"
+                + "    h = h |> dense(32) |> relu\n" * depth + "    return dense(h, 4)\n}\n"
+                "train m { data = arrays()  loss = cross_entropy(output, label)  optimizer = adam() }\n")
+        m = dlc.load(text)
+        programs = {mode: kernel_program(lower(m.compile_graph(mode, m.train_config), 8), CPU.templates)
+                    for mode in ("train", "eval")}
+        mb = ModuleBuilder(programs, CPU.target({"threads": 2}))
+        mb.build()
+        return len({id(fn) for parts in mb.entry_parts.values() for _, _, fn, _ in parts if fn is not None})
+
+    assert distinct(8) == distinct(3)
+
+
 def test_each_module_is_sized_with_the_helpers_its_kernels_built():
     """The modules' sizes (by which the compiler processes take them, largest first) count
     every function a kernel part put there: its own (unless an identical one existed) and

@@ -495,13 +495,17 @@ def _gemm_spec(part):
 
 
 _METADATA_REF = re.compile(r"!(\d+)\b")
+# a local value or block as the text refers to it (%"r17.head"), or a block's label (r17.head:)
+_LOCAL_NAME = re.compile(r'%"([^"]*)"|^"?([^\s":]+)"?:', re.M)
 
 
 def _body(fn: ir.Function) -> str:
-    """fn's IR text with its own name left out and the metadata it refers to (loop IDs,
-    branch weights) written out, numbered in the order the text uses them: a module
-    numbers its metadata as it is added, so the same loop ID is !1 in one module and !2
-    in another (cached on the function)."""
+    """fn's IR text with its own name left out, its local names (values and blocks) numbered
+    in the order the text uses them -- they come from the kernel IR's loop variables (r17
+    in one layer's epilogue, r33 in the next one's), so only the numbering tells two layers'
+    code apart -- and the metadata it refers to (loop IDs, branch weights) written out,
+    numbered in the same way: a module numbers its metadata as it is added, so the same loop
+    ID is !1 in one module and !2 in another (cached on the function)."""
     text = getattr(fn, "_dlc_body", None)
     if text is None:
         nodes = {md.name: str(md).split(" = ", 1)[1] for md in fn.module.metadata}
@@ -511,7 +515,13 @@ def _body(fn: ir.Function) -> str:
             if match.group(1) not in used:
                 used.append(match.group(1))
             return f"!m{used.index(match.group(1))}"
-        lines = [_METADATA_REF.sub(renumber, str(fn).replace(fn.get_reference(), "@F", 1))]
+        local: dict[str, int] = {}
+
+        def rename(match) -> str:
+            n = local.setdefault(match.group(1) if match.group(1) is not None else match.group(2), len(local))
+            return f"%L{n}" if match.group(1) is not None else f"L{n}:"
+        code = _LOCAL_NAME.sub(rename, str(fn).replace(fn.get_reference(), "@F", 1))
+        lines = [_METADATA_REF.sub(renumber, code)]
         for ref in used:  # grows while it is read: the nodes that nodes refer to
             lines.append(_METADATA_REF.sub(renumber, nodes[ref]))
         text = fn._dlc_body = "\n".join(lines)
