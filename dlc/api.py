@@ -588,7 +588,13 @@ class Model:
     @property
     def is_classifier(self) -> bool:
         """Trained with `cross_entropy` or `bce` (accuracy, predict_proba, classification_report)."""
-        return self.train_config is not None and self._loss_kind() is not None
+        return self.classifier is not None
+
+    @property
+    def classifier(self) -> tuple[str, bool] | None:
+        """(the classification loss, `cross_entropy` or `bce`; whether bce takes logits), or
+        None when the model is no classifier."""
+        return self._loss_kind() if self.train_config is not None else None
 
     def _loss_kind(self) -> tuple[str, bool] | None:
         from dlc.language.syntax import ast

@@ -227,10 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="draw loss, accuracy and learning-rate curves from a metrics log",
                        description="Draw per-epoch loss, accuracy (train and validation) and the learning rate "
-                                   "from a `dlc run --log` or `--csv` file, or the confusion matrix of a `dlc eval -o` "
-                                   "report (needs matplotlib: pip install 'dlc[plot]').")
+                                   "from a `dlc run --log` or `--csv` file, or the confusion matrix of a "
+                                   "`dlc eval -o` report (needs matplotlib: pip install 'dlc[plot]').")
     p.add_argument("log", help="a metrics log (JSON lines from --log, or --csv's rows), or a JSON report "
-                                   "from `dlc eval -o`")
+                               "from `dlc eval -o`")
     p.add_argument("-o", "--output", metavar="FILE", default="curves.png", help="image to write (.png, .svg, .pdf)")
     return parser
 
@@ -550,8 +550,8 @@ def cmd_predict(args) -> int:
     results = predict(x, target=args.target, results=True, **_backend_options(args))
     out = results["output"]
     classes = None  # a classifier's: the argmax of cross_entropy's scores, bce's thresholded outputs
-    if model.is_classifier and out.ndim >= 2:
-        kind, from_logits = model._classifier("dlc predict")
+    if model.classifier is not None and out.ndim >= 2:
+        kind, from_logits = model.classifier
         if kind == "bce" or out.shape[-1] > 1:  # (bce's one output column: one class per row)
             classes = predicted_classes(out, kind, from_logits and not args.proba).reshape(
                 out.shape if kind == "bce" and out.shape[-1] > 1 else out.shape[:-1])
