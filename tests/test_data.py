@@ -14,7 +14,7 @@ import pytest
 from dlc.data.sources import (Dataset, batches, fit_inputs, fit_labels, load_dataset, normalization,
                               normalize, read_idx)
 from dlc.core.diagnostics import DataError, Source, Span
-from dlc.language.recipe import Spec, arrays, csv, digits, iris, mnist, npz
+from dlc.language.recipe import Spec, arrays, cifar10, csv, digits, iris, mnist, npz
 
 SPAN = Span(Source("model.dln", 'train m {\n    data = npz("d.npz")\n}\n'), 2, 12, 2, 25)
 
@@ -284,6 +284,42 @@ def test_csv_missing_file(tmp_path):
 def test_csv_that_is_not_text(tmp_path):
     (tmp_path / "d.csv").write_bytes(b"\xff\xfe\x00binary")
     data_error(csv("d.csv"), tmp_path, "cannot read d.csv")
+
+
+# --- cifar10 (binary batches) -----------------------------------------------------------------
+
+def write_cifar(folder: Path, n: int = 4, test: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Small CIFAR-10 binary batches (a label byte, then 3x32x32 bytes, per record)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + (["test_batch.bin"] if test else []):
+        x, y = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+        np.concatenate([y[:, None], x.reshape(n, -1)], axis=1).tofile(folder / name)
+        written[name] = (x, y)
+    return written
+
+
+def test_cifar10_reads_the_binary_batches_channels_first(tmp_path):
+    written = write_cifar(tmp_path / "c" / "cifar-10-batches-bin")  # the archive's folder, found inside
+    d = load(cifar10("c"), tmp_path)
+    assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (4, 3, 32, 32) and d.default_normalize == 255
+    assert np.array_equal(d.x_train[4:8], written["data_batch_2.bin"][0])  # red plane first: [3, 32, 32]
+    assert np.array_equal(d.y_test, written["test_batch.bin"][1])
+    d = load(cifar10("c/cifar-10-batches-bin", test=0.25), tmp_path)  # a share of the training images
+    assert d.x_train.shape == (15, 3, 32, 32) and d.x_test.shape == (5, 3, 32, 32)
+
+
+def test_cifar10_mistakes(tmp_path):
+    data_error(cifar10("nowhere"), tmp_path, "no such folder: nowhere")
+    write_cifar(tmp_path / "c", test=False)
+    err = data_error(cifar10("c"), tmp_path, "has no test_batch.bin")
+    assert "binary version" in err.hint
+    (tmp_path / "c" / "data_batch_3.bin").write_bytes(bytes(3073 * 2 + 5))
+    data_error(cifar10("c", test=0.1), tmp_path, "data_batch_3.bin is not a CIFAR-10 binary batch",
+               "6151 bytes is not a whole number of 3073-byte records")
+    (tmp_path / "c" / "data_batch_3.bin").write_bytes(bytes([12]) + bytes(3072))
+    data_error(cifar10("c", test=0.1), tmp_path, "record 0 has label 12")
 
 
 # --- mnist (IDX files) ------------------------------------------------------------------------

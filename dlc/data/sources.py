@@ -108,9 +108,23 @@ def _load_mnist(args: dict, base_dir: Path, seed: int, arrays) -> Dataset:
     return data
 
 
+def _load_cifar10(args: dict, base_dir: Path, seed: int, arrays) -> Dataset:
+    folder = _resolve(base_dir, args["dir"])
+    if not folder.is_dir():
+        raise DataError(f"no such folder: {args['dir']} (looked in {folder})")
+    if not (folder / "data_batch_1.bin").is_file() and (folder / "cifar-10-batches-bin").is_dir():
+        folder = folder / "cifar-10-batches-bin"  # the archive's folder, inside the one named
+    train = [read_cifar_batch(_cifar_file(folder, f"data_batch_{i}.bin")) for i in range(1, 6)]
+    data = _split(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                  args["test"], seed, "cifar10", 255.0)
+    if args["test"] == 0:
+        data.x_test, data.y_test = read_cifar_batch(_cifar_file(folder, "test_batch.bin"))
+    return data
+
+
 _LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": _load_digits, "iris": _load_iris, "arrays": _load_arrays,
-    "npz": _load_npz, "csv": _load_csv, "mnist": _load_mnist,
+    "npz": _load_npz, "csv": _load_csv, "mnist": _load_mnist, "cifar10": _load_cifar10,
 }
 
 
@@ -297,6 +311,37 @@ def _number(cell: str, shown: str, line: int, j: int, names: list[str] | None) -
         raise DataError(f"{shown}:{line}: {column} holds {cell.strip()!r}, which is not a "
                         "finite number", hint="CSV data must be numbers only")
     return v
+
+
+# --- CIFAR-10's binary batches -----------------------------------------------------------------
+
+_CIFAR_RECORD = 1 + 3 * 32 * 32  # a label byte, then the red, green and blue planes, row by row
+
+
+def _cifar_file(folder: Path, name: str) -> Path:
+    if not (folder / name).is_file():
+        raise DataError(f"{folder} has no {name}",
+                        hint="cifar10() reads CIFAR-10's binary version (cifar-10-binary.tar.gz, unpacked): "
+                             "data_batch_1.bin .. data_batch_5.bin and test_batch.bin")
+    return folder / name
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N, 3, 32, 32] (uint8, channels first) and labels [N] of one binary batch."""
+    try:
+        raw = np.fromfile(path, np.uint8)
+    except OSError as e:
+        raise DataError(f"cannot read {path.name}: {e.strerror or e}") from None
+    if raw.size == 0 or raw.size % _CIFAR_RECORD:
+        raise DataError(f"{path.name} is not a CIFAR-10 binary batch: {raw.size} bytes is not a whole "
+                        f"number of {_CIFAR_RECORD}-byte records", hint="is the file complete?")
+    records = raw.reshape(-1, _CIFAR_RECORD)
+    labels = records[:, 0]
+    if labels.max() > 9:
+        raise DataError(f"{path.name} is not a CIFAR-10 binary batch: record {int(labels.argmax())} has "
+                        f"label {int(labels.max())} (CIFAR-10's are 0..9; CIFAR-100's binary files "
+                        "have two label bytes)")
+    return records[:, 1:].reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 # --- MNIST's IDX files ------------------------------------------------------------------------

@@ -76,6 +76,15 @@ def mnist(dir: str, test: float = 0.0) -> Spec:
 
 
 @entry("data")
+def cifar10(dir: str, test: float = 0.0) -> Spec:
+    """CIFAR-10 in its binary version (data_batch_1.bin .. data_batch_5.bin and
+    test_batch.bin in `dir`, or in its cifar-10-batches-bin folder): 50,000 training and
+    10,000 test images [3, 32, 32], 10 classes. Its test batch is used unless test > 0
+    takes a share of the training images instead."""
+    return Spec("data", "cifar10", {"dir": dir, "test": _fraction(test, "test")})
+
+
+@entry("data")
 def arrays() -> Spec:
     """Arrays passed from Python (`model.fit(x, y)`)."""
     return Spec("data", "arrays", {})
