@@ -511,30 +511,37 @@ class Model:
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
         x = shape_inputs(self, x, norm)
         if self.train_config is None:
-            if target == "reference" or self.built("eval").carries:  # (states stream: the interpreter's loop)
+            if self.built("eval").carries:  # (states stream: the interpreter's loop)
                 return self.forward(x, results=results)
-            return self._predict_compiled(x, target, batch, results, options)
+            return self._predict_alone(x, target, batch, results, options)
         return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch,
                                                                          results=results)
 
-    def _predict_compiled(self, x: np.ndarray, target: str, batch: int | None, results: bool, options: dict):
+    def _predict_alone(self, x: np.ndarray, target: str, batch: int | None, results: bool, options: dict):
         """predict() of a model without a train block (an imported one, say): its evaluation
-        graph compiled for `target` on its own, run on chunks of `batch` rows (all at once
-        by default)."""
-        from dlc.program import make_program
-        key = ("predict", target, tuple(sorted(options.items(), key=str)))
-        if key not in self._sessions:
-            self._sessions[key] = make_program(target, lambda: self.compile_graph("eval"), self.state,
-                                               key=self.source_key("eval", None),
-                                               options={k: v for k, v in options.items() if k != "bucket_bytes"})
-        program = self._sessions[key]
-        name = self.input_types[0][0]
+        graph, compiled for `target` on its own (or interpreted), run on chunks of `batch`
+        rows (all at once by default) -- on every target alike, which a model whose outputs
+        mix the samples of a batch can tell apart."""
+        if target == "reference":
+            def run(rows):
+                return self.forward(rows, results=True)
+        else:
+            from dlc.program import make_program
+            key = ("predict", target, tuple(sorted(options.items(), key=str)))
+            if key not in self._sessions:
+                self._sessions[key] = make_program(target, lambda: self.compile_graph("eval"), self.state,
+                                                   key=self.source_key("eval", None),
+                                                   options={k: v for k, v in options.items() if k != "bucket_bytes"})
+            program, name = self._sessions[key], self.input_types[0][0]
+
+            def run(rows):
+                out = program.run({name: rows})
+                return {k.removeprefix("output:"): v for k, v in out.items() if k == "output" or k.startswith("output:")}
         chunk = max(1, batch or len(x))
-        keys = ["output"] + [f"output:{result}" for result, _ in self.built("eval").results]
-        parts = [program.run({name: x[at:at + chunk]}) for at in range(0, len(x), chunk)]
+        parts = [run(x[at:at + chunk]) for at in range(0, len(x), chunk)]
         if not parts:
             return self.forward(x, results=results)  # no rows: the shapes alone
-        joined = {k.removeprefix("output:"): np.concatenate([np.asarray(p[k]) for p in parts]) for k in keys}
+        joined = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
         return joined if results else joined["output"]
 
     def predict_proba(self, x, *, results: bool = False, **kwargs):

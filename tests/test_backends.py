@@ -264,3 +264,16 @@ def test_the_default_compile_entries_makes_the_entries_given_as_none_first():
     assert list(compiled.layout.entries) == ["train", "eval"]
     assert compiled.blobs == [b"T", b"E"]
     assert [layout.meta["blobs"] for layout in compiled.layout.entries.values()] == [[0, 1], [1, 2]]
+
+
+def test_predict_without_a_train_block_runs_the_same_chunks_on_every_target():
+    """A model whose output mixes the samples of a batch (a log_softmax over the batch axis)
+    predicts per chunk of `batch` rows; the reference interpreter used to run all rows at
+    once whatever `batch` said, and a random hunt met the difference."""
+    m = dlc.load("model m(x: f32[B, 3, 5]) -> f32[B] {\n    return mean(x, axis=[1, 2]) |> log_softmax\n}\n")
+    x = np.random.default_rng(0).random((5, 3, 5), dtype=np.float32)
+    want = np.concatenate([m.forward(x[:2]), m.forward(x[2:4]), m.forward(x[4:])])
+    assert want[-1] == 0  # a softmax over one row
+    for target in ("reference", "cpu"):
+        np.testing.assert_allclose(m.predict(x, target=target, batch=2, no_cache=True), want, rtol=1e-6)
+        np.testing.assert_allclose(m.predict(x, target=target, no_cache=True), m.forward(x), rtol=1e-6)
