@@ -662,8 +662,9 @@ def _record(session: Session, size: int, step: Pending, sums: dict, progress) ->
     return size
 
 
-class Interrupted(Exception):
-    """Ctrl-C during training, after the checkpoint (if any) was written."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after the checkpoint (if any) was written: a KeyboardInterrupt
+    (what `except KeyboardInterrupt` and a notebook expect) that says what was saved."""
 
 
 def kept_note(history: History) -> str:
