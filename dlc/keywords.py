@@ -48,6 +48,7 @@ def checked(method: str, name: str, value):
         raise ArgumentError(f"{method}({name}={value!r}): `{name}` takes {what}")
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
+
 # The compiler options fit/evaluate/predict pass on (`**options`): what each takes.
 BACKEND_OPTIONS = {
     "threads": ("a positive number of CPU threads, or \"auto\"",

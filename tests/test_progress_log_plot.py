@@ -124,6 +124,8 @@ def test_the_csv_log_reads_back_as_the_json_log_does(tmp_path):
     log.close()
     _write_log(tmp_path / "run.jsonl")
     assert read_log(tmp_path / "run.csv") == read_log(tmp_path / "run.jsonl")  # `dlc plot log.csv` failed
+    (tmp_path / "early.csv").write_text("epoch,step,train_lo")  # the header still being written
+    assert read_log(tmp_path / "early.csv") == []
     (tmp_path / "bad.csv").write_text("epoch,step,train_loss\n1,10,0.5\n2,20,oops\n")
     with pytest.raises(DataError, match="line 3 of metrics log .*`train_loss` is 'oops', not a number") as info:
         read_log(tmp_path / "bad.csv")

@@ -94,7 +94,7 @@ def _read_csv(source: Source) -> list[dict]:
     if lines and not source.text.endswith("\n"):
         lines.pop()  # the writer is still writing this row (or died mid-row)
     rows = csv.reader(lines)
-    fields = next(rows)
+    fields = next(rows, None)  # (None: the header itself is still being written)
     records = []
     for number, row in enumerate(rows, 2):
         if len(row) != len(fields):
