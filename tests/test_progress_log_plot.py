@@ -272,6 +272,13 @@ def test_plot_of_an_empty_log(tmp_path):
         plot_log(log, tmp_path / "curves.png")
 
 
+def test_plot_of_a_report_without_a_confusion_matrix(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"model": "autoencoder", "loss": 0.08}, indent=1) + "\n")  # dlc eval -o's
+    with pytest.raises(DataError, match="report without a confusion matrix .*nothing to plot"):
+        plot_log(report, tmp_path / "curves.png")  # was: "malformed JSON" at line 1
+
+
 def test_plot_of_a_non_numeric_value(tmp_path):
     log = tmp_path / "run.jsonl"
     log.write_text('{"epoch": 1, "train_loss": "low"}\n')

@@ -64,13 +64,19 @@ def read_report(path: str | os.PathLike) -> dict | None:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None  # read_log says what is wrong with it
-    if not text.lstrip().startswith("{") or text.strip().count("\n{") or '"confusion"' not in text:
+    if not text.lstrip().startswith("{") or text.strip().count("\n{"):
         return None
     try:
         report = json.loads(text)
     except json.JSONDecodeError:
         return None
-    m = report.get("confusion") if isinstance(report, dict) else None
+    if not isinstance(report, dict) or "event" in report or "epoch" in report:
+        return None  # a metrics log of one line
+    if "confusion" not in report:
+        raise DataError(f"`{path}` is a `dlc eval -o` report without a confusion matrix (its model is no "
+                        "classifier): there is nothing to plot",
+                        hint="dlc plot draws a metrics log (dlc run --log or --csv) or a classifier's report")
+    m = report.get("confusion")
     if not (isinstance(m, list) and m and all(isinstance(r, list) and len(r) == len(m) and
                                              all(isinstance(v, int) for v in r) for r in m)):
         raise DataError(f"`{path}`: `confusion` is not a square matrix of counts")
