@@ -645,8 +645,9 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         if opts.save_path:
             checkpoint(*position)
             raise Interrupted(f"interrupted {where}; saved {opts.save_path}{kept_note(history)} "
-                              f"(resume with --resume {opts.save_path})") from None
-        raise Interrupted(f"interrupted {where} (nothing saved: use --save FILE)") from None
+                              f"(resume with --resume {opts.save_path}, or fit(resume=...) from Python)") from None
+        raise Interrupted(f"interrupted {where} (nothing saved: --save FILE, or fit(save=...), saves a "
+                          "checkpoint)") from None
     finally:
         progress.close()
         close_all(loggers)
