@@ -422,8 +422,12 @@ class _Fuser:
         elif not homes:
             why = "it has no users"
         elif any(_reads_memory(g, u) for u in users):
-            why = f"F5: `{next(g.node(u).op.name for u in users if _reads_memory(g, u))}` reads " \
-                  "its operands from memory"
+            reader = next(g.node(u).op.name for u in users if _reads_memory(g, u))
+            self.new_kernel(nid)
+            for u in users:  # (each edge's own reason: the readers', and the others' for being stored)
+                self.reasons[(nid, u)] = f"F5: `{g.node(u).op.name}` reads its operands from memory" \
+                    if _reads_memory(g, u) else f"F5: stored for `{reader}`, which reads its operands from memory"
+            return
         elif len(homes) > 1:
             why = self.merge_siblings([self.kernels[h] for h in homes])
             if why is not None and g.node(nid).op in INDEX_MAPS:

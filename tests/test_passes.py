@@ -744,15 +744,20 @@ def _check_loop(g: Graph, k, part) -> list[str]:
 
 
 def check_reasons(g: Graph) -> list[str]:
-    """Producer/consumer pairs in different kernels for which the plan records no reason."""
+    """Producer/consumer pairs in different kernels for which the plan records no reason, or
+    one that blames another consumer's reading from memory."""
     plan = g.meta["fusion"]
     free = g.meta["fusion"].free
     explained = plan.explain(g)
     missing = []
     for c, kc in plan.group_of.items():
         for p in sorted(producers(g, free, c)):
-            if plan.group_of[p] != kc and not plan.reasons.get((p, c)):
-                missing.append(f"{g.node(p).op.name} {p} [k{plan.group_of[p]}] -> {g.node(c).op.name} {c} [k{kc}]")
+            why = plan.reasons.get((p, c))
+            edge = f"{g.node(p).op.name} {p} [k{plan.group_of[p]}] -> {g.node(c).op.name} {c} [k{kc}]"
+            if plan.group_of[p] != kc and not why:
+                missing.append(edge)
+            elif why and why.startswith("F5: `") and not why.startswith(f"F5: `{g.node(c).op.name}` reads"):
+                missing.append(f"{edge}: the reason names another consumer: {why}")  # (it once did)
     if not explained.endswith("\n") and explained:
         missing.append("explain() text does not end with a newline")
     return missing
