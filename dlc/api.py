@@ -389,7 +389,8 @@ class Model:
         if x is not None:
             from dlc.language.recipe import Spec
             share = config.data.args.get("test", 0.2) if test is None else test
-            config = dataclasses.replace(config, data=Spec("data", "arrays", {"test": share}))
+            config = dataclasses.replace(config, data=Spec("data", "arrays", {"test": share}),
+                                         spans={k: v for k, v in config.spans.items() if k != "data"})
         validation = validation_value(validation)
         stopper = early_stop_value(early_stop, config)
         if shuffle and self._eval.carries:

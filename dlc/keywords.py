@@ -164,8 +164,10 @@ def with_spec(config, option: str, value, example: str):
     from dlc.language.recipe import Spec
     if value is None:
         return config
+    spans = {k: v for k, v in config.spans.items() if k != option}  # (the train block's no longer applies)
     if isinstance(value, str):
-        value = eval_recipe(parse_expression(value, option), option)
+        expr = parse_expression(value, option)
+        value, spans[option] = eval_recipe(expr, option), expr.span
     elif not (isinstance(value, Spec) and value.kind == option):
         raise ArgumentError(f"fit({option}={value!r}): `{option}` takes an expression such as {example}")
-    return dataclasses.replace(config, **{option: value})
+    return dataclasses.replace(config, **{option: value}, spans=spans)

@@ -110,6 +110,23 @@ def test_an_artifact_that_cannot_be_written_is_an_error_before_or_after_compilin
         m.compile_artifact(tmp_path / "file" / "m.dlcx")  # its folder is a file: was a raw OSError
 
 
+def test_errors_about_an_overridden_option_point_at_the_override(capsys):
+    """A value from --data, --validation or --optimizer (or fit's keywords) is not the train
+    block's line: errors about it used to show that line (`data = digits(test=0.2)`)."""
+    code, _, err = dlc_main(capsys, "run", MLP, "--epochs", "1", "--data", "iris()")
+    assert code == 1 and "\n--data:1:1: data error: the data's samples have shape [4]" in err, err
+    assert "   1 | iris()" in err
+    code, _, err = dlc_main(capsys, "run", MLP, "--epochs", "1", "--validation", 'npz("nothere.npz")')
+    assert "--validation:1:1: data error: cannot read nothere.npz" in err, err
+    m = dlc.load(MLP)
+    with pytest.raises(DataError) as info:  # arrays from Python: no line of the file to show
+        m.fit(np.ones((10, 64)), np.arange(10) + 0.5, epochs=1)
+    assert info.value.span is None and "whole numbers" in info.value.message
+    with pytest.raises(dlc.DlcError) as info:
+        m.fit(epochs=1, optimizer="perceptron")  # it needs labels shaped like the output
+    assert info.value.span.source.name == "optimizer" and "perceptron()" in info.value.message
+
+
 def test_fit_takes_an_optimizer_expression_as_the_cli_does():
     m = dlc.load(MLP)
     x, y = np.random.default_rng(0).uniform(0, 16, (16, 64)), np.arange(16) % 10

@@ -36,6 +36,10 @@ def override_config(config: TrainConfig, **options: str | None) -> TrainConfig:
     from dlc.language.frontend import eval_recipe
     if options.get("early_stop") and options["early_stop"].strip().isidentifier():
         options["early_stop"] = f"early_stop(monitor={options['early_stop'].strip()})"  # `--early-stop val_loss`
-    changes = {option: eval_recipe(parse_expression(text, f"--{option.replace('_', '-')}"), option)
-               for option, text in options.items() if text is not None}
-    return dataclasses.replace(config, **changes) if changes else config
+    exprs = {option: parse_expression(text, f"--{option.replace('_', '-')}")
+             for option, text in options.items() if text is not None}
+    if not exprs:
+        return config
+    # runtime errors about an overridden option point at the flag's text, not the train block's
+    return dataclasses.replace(config, **{option: eval_recipe(e, option) for option, e in exprs.items()},
+                               spans={**config.spans, **{option: e.span for option, e in exprs.items()}})
