@@ -122,6 +122,9 @@ def test_errors_about_an_overridden_option_point_at_the_override(capsys):
     with pytest.raises(DataError) as info:  # arrays from Python: no line of the file to show
         m.fit(np.ones((10, 64)), np.arange(10) + 0.5, epochs=1)
     assert info.value.span is None and "whole numbers" in info.value.message
+    with pytest.raises(DataError) as info:  # validation arrays from Python: no line either, and which split
+        m.fit(epochs=1, validation=(np.ones((3, 64)), np.arange(3) + 0.5))
+    assert info.value.span is None and info.value.message.startswith("in the validation split: the labels")
     with pytest.raises(dlc.DlcError) as info:
         m.fit(epochs=1, optimizer="perceptron")  # it needs labels shaped like the output
     assert info.value.span.source.name == "optimizer" and "perceptron()" in info.value.message

@@ -96,8 +96,10 @@ def prepare(model, config, label_type, base_dir: Path, seed: int, arrays=None,
         data = _in_order(config.data, base_dir, seed, arrays, span)
     else:
         data = load_dataset(config.data, base_dir, seed, arrays=arrays, span=span)
+    # the train block's validation line, or the data's; none for a value fit() was given
+    vspan = (config.span("validation") or span) if validation is None else None
     data = split_validation(data, config.validation if validation is None else validation, base_dir, seed,
-                            config.span("validation") or span, in_order=in_order)
+                            vspan, in_order=in_order)
     if normalizer is None:
         mode = config.normalize if config.normalize is not None else data.default_normalize
         flat = np.asarray(data.x_train).reshape(len(data.x_train), -1)
@@ -110,15 +112,18 @@ def prepare(model, config, label_type, base_dir: Path, seed: int, arrays=None,
 
     def labels(y, where):
         return shape_labels(label_type, y, where, classes) if len(y) else y
-    vspan = config.span("validation") or span
     data = replace(
         data,
         x_train=shape_inputs(model, data.x_train, normalizer, span),
         y_train=shape_labels(label_type, data.y_train, span, classes),
         x_test=inputs(data.x_test, span), y_test=labels(data.y_test, span),
-        x_val=None if data.x_val is None else inputs(data.x_val, vspan),
-        y_val=None if data.y_val is None else labels(data.y_val, vspan),
     )
+    if data.x_val is not None:
+        try:
+            data = replace(data, x_val=inputs(data.x_val, vspan), y_val=labels(data.y_val, vspan))
+        except DataError as e:  # (which split: its line may be the data's, or none)
+            e.message = f"in the validation split: {e.message}"
+            raise
     return data, normalizer
 
 
