@@ -544,3 +544,15 @@ def test_fit_and_run_overrides_of_optimizer_schedule_and_clip_equal_the_train_bl
     assert code == 0 and "clip 0.05" in err.splitlines()[0], err
     logged = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
     assert [r["train_loss"] for r in logged if "event" not in r] == [e["train_loss"] for e in want]
+
+
+def test_a_batch_far_above_the_data_warns_of_the_padding():
+    """The steps are compiled for `batch` rows; `batch = 10000` on iris's 120 training
+    samples would compute 9,880 rows of padding at every step, silently."""
+    with pytest.warns(dlc.DlcWarning, match="`batch` is 10,000, but the training split holds 120 samples") as w:
+        h = iris().fit(epochs=1, batch=10000, target="reference")
+    assert "a full batch is `batch = 120`" in w[0].message.diagnostic.hint
+    assert len(h.epochs) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iris().fit(epochs=1, batch=200, target="reference")  # under twice the size: no warning

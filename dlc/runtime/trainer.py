@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from dlc import __version__, backends
-from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError, UsageError
+from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError, UsageError, warn
 from dlc.language.recipe import Spec
 from dlc.program import VALID, make_programs
 
@@ -520,6 +520,11 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
                             batchnorm, hint="train with `batch` of 2 or more")
     drop_last = batchnorm is not None and n % opts.batch == 1
     steps_per_epoch = n // opts.batch if drop_last else -(-n // opts.batch)
+    if opts.batch >= max(2 * n, n + 256):  # the step is compiled for `batch` rows: the rest is padding
+        warn(f"`batch` is {opts.batch:,}, but the training split holds {n:,} samples: every step computes "
+             f"{opts.batch:,} rows, {opts.batch - n:,} of them padding",
+             cfg.span("batch") if opts.batch == cfg.batch else None,
+             hint=f"a full batch is `batch = {n}`: the same training, without the padding")
     session.use_batch(opts.batch)
     x_val = data.x_val if data.x_val is not None and len(data.x_val) else None
     per_step = cfg.schedule.name == "cyclic"
