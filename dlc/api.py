@@ -457,6 +457,7 @@ class Model:
 
     def _labelled(self, x, y, config) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and labels shaped for the model: the given arrays, or the held-out split."""
+        from dlc.data.sources import check_arrays
         from dlc.runtime.prepare import classes_of, prepare, shape_inputs, shape_labels
         from dlc.runtime.trainer import Normalizer
         self._require_one_input(config)
@@ -475,12 +476,8 @@ class Model:
             return x, y
         y = self._labels_given("evaluate", x, y)
         norm = self.normalizer or Normalizer.fit(np.zeros((1, 1)), "none")
-        x, y = shape_inputs(self, x, norm), shape_labels(label_type, y, classes=classes_of(self, label_type))
-        if len(x) != len(y):
-            raise DataError(f"{len(x)} input sample(s) but {len(y)} label(s)")
-        if not len(x):
-            raise DataError("there are no samples to score (the arrays are empty)")
-        return x, y
+        check_arrays(np.asarray(x), np.asarray(y))  # (as fit's arrays: non-empty, numeric, finite, as many)
+        return shape_inputs(self, x, norm), shape_labels(label_type, y, classes=classes_of(self, label_type))
 
     def _labels_given(self, method: str, x, y):
         """y, which a model whose loss reads no labels (an autoencoder's) need not be given."""
@@ -537,7 +534,8 @@ class Model:
 
             def run(rows):
                 out = program.run({name: rows})
-                return {k.removeprefix("output:"): v for k, v in out.items() if k == "output" or k.startswith("output:")}
+                return {k.removeprefix("output:"): v for k, v in out.items()
+                        if k == "output" or k.startswith("output:")}
         chunk = max(1, batch or len(x))
         parts = [run(x[at:at + chunk]) for at in range(0, len(x), chunk)]
         if not parts:

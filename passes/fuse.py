@@ -421,13 +421,9 @@ class _Fuser:
             why = "F2: no reduction made its kernel a row kernel, so it would be recomputed per element"
         elif not homes:
             why = "it has no users"
-        elif any(_reads_memory(g, u) for u in users):
+        elif any(_reads_memory(g, u) for u in users):  # (each reader's edge says so itself, below)
             reader = next(g.node(u).op.name for u in users if _reads_memory(g, u))
-            self.new_kernel(nid)
-            for u in users:  # (each edge's own reason: the readers', and the others' for being stored)
-                self.reasons[(nid, u)] = f"F5: `{g.node(u).op.name}` reads its operands from memory" \
-                    if _reads_memory(g, u) else f"F5: stored for `{reader}`, which reads its operands from memory"
-            return
+            why = f"F5: stored for `{reader}`, which reads its operands from memory"
         elif len(homes) > 1:
             why = self.merge_siblings([self.kernels[h] for h in homes])
             if why is not None and g.node(nid).op in INDEX_MAPS:
@@ -453,7 +449,8 @@ class _Fuser:
                 return
         self.new_kernel(nid)
         for u in users:
-            self.reasons[(nid, u)] = why
+            self.reasons[(nid, u)] = f"F5: `{g.node(u).op.name}` reads its operands from memory" \
+                if why.startswith("F5: stored for") and _reads_memory(g, u) else why
 
     def depended_on(self, ks: list[Kernel]) -> Kernel | None:
         """The kernel of ks that all the others read from (directly or not), if any."""

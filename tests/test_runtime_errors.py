@@ -157,7 +157,7 @@ def test_no_rows_give_outputs_of_no_rows_and_scoring_none_is_an_error():
     empty = np.zeros((0, 64), np.float32)
     assert m.predict(empty).shape == (0, 10)  # was (0,)
     assert m.predict_proba(empty).shape == (0, 10)  # was a numpy ValueError
-    with pytest.raises(DataError, match="there are no samples to score"):
+    with pytest.raises(DataError, match=r"the inputs are empty \(shape \[0, 64\]\)"):
         m.evaluate(empty, np.zeros(0, np.int32))  # was {}
 
 

@@ -133,7 +133,7 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
 def _split(x: np.ndarray, y: np.ndarray, test: float, seed: int, name: str,
            default_normalize: Normalize) -> Dataset:
     """Check x and y, then hold out a `test` share after a shuffle seeded by `seed`."""
-    _check_arrays(x, y)
+    check_arrays(x, y)
     n = len(x)
     n_test = int(round(n * test))
     if n_test >= n:
@@ -147,7 +147,7 @@ def _split(x: np.ndarray, y: np.ndarray, test: float, seed: int, name: str,
     return Dataset(x[train_idx], y[train_idx], x[test_idx], y[test_idx], name, default_normalize)
 
 
-def _check_arrays(x: np.ndarray, y: np.ndarray) -> None:
+def check_arrays(x: np.ndarray, y: np.ndarray) -> None:
     """Inputs and labels must be non-empty, numeric, finite and equally long."""
     for what, a in (("inputs", x), ("labels", y)):
         if a.ndim == 0 or len(a) == 0:
