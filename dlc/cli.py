@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Translate an ONNX model into a readable .dln program and its weights (a "
                                    "checkpoint for --weights and `dlc run --resume`). Known layer patterns "
                                    "become layers (Gemm/MatMul+Add -> dense, Conv -> conv2d, pools, "
-                                   "BatchNormalization -> batchnorm, LSTM/GRU/RNN -> lstm/gru/rnn, Flatten, "
+                                   "BatchNormalization -> batchnorm, LayerNormalization -> layernorm, "
+                                   "LSTM/GRU/RNN -> lstm/gru/rnn, Flatten, "
                                    "activations); other operators become .dln arithmetic, and an operator "
                                    "with no counterpart is an error naming it. The .dln ends with a train "
                                    "block template for fine-tuning. Needs: pip install 'dlc[onnx]'.")

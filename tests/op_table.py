@@ -277,6 +277,11 @@ def np_softmax(x, axis=-1):
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def np_layernorm(x, gamma, beta, eps=1e-5):
+    centered = x - x.mean(axis=-1, keepdims=True)
+    return centered / np.sqrt(x.var(axis=-1, keepdims=True) + eps) * gamma + beta
+
+
 def np_batchnorm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5):
     axes = (0,) if x.ndim == 2 else (0, 2, 3)
     shape = (1, -1) + (1,) * (x.ndim - 2)
@@ -956,6 +961,11 @@ COMPOSITES: list[OpCase] = [
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, id="train-4d-sync"),
     C("batchnorm", [(2, M, 3, 2)], lambda x, **p: np_batchnorm(x, training=False, **p),
       params={"gamma": (0.5, 1.5), "running_var": (0.5, 2.0)}, training=False, id="eval-4d"),
+    C("layernorm", [(5, N)], lambda x, gamma, beta: np_layernorm(x, gamma, beta), params={"gamma": (0.5, 1.5)}),
+    C("layernorm", [(2, M, 4)], lambda x, gamma, beta: np_layernorm(x, gamma, beta, 0.1), attrs={"eps": 0.1},
+      params={"gamma": (0.5, 1.5)}, id="rank3-eps"),
+    C("layernorm", [(M, N)], lambda x, gamma, beta: np_layernorm(x, gamma, beta), training=False,
+      params={"gamma": (0.5, 1.5)}, id="eval"),
     C("embedding", [(2, 5)], lambda x, table: table[x], attrs={"vocab": N, "dim": 4}, inputs=[ints(0, N)]),
     C("rnn", [(2, M, 4)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b), attrs={"hidden": 5}, tol32=(1e-5, 1e-5)),
     C("rnn", [(1, 2, 3)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b, True),
@@ -1025,6 +1035,17 @@ COMPOSITES: list[OpCase] = [
     C("log_softmax", [(N, 2, M)], lambda x: np_log_softmax(x, 1), attrs={"axis": 1}, id="axis1"),
     C("log_softmax", [(M, N)], np_log_softmax, inputs=[(40.0, 60.0)], id="large-logits"),
     C("gelu", [(M, 33)], np_gelu_tanh, inputs=[(-3.0, 3.0)]),
+    C("elu", [(M, 33)], lambda x: np.where(x > 0, x, np.expm1(x)), inputs=[(-3.0, 3.0)], avoid=(0.0,)),
+    C("elu", [(M, N)], lambda x: np.where(x > 0, x, 0.5 * np.expm1(x)), attrs={"alpha": 0.5}, avoid=(0.0,),
+      id="alpha"),
+    C("elu", [(4,)], lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))), grad="none", id="overflow",
+      inputs=[lambda rng, s: np.array([-1e30, -100.0, 100.0, 1e30], np.float32)]),
+    C("selu", [(M, 33)], lambda x: nn.SELU_SCALE * np.where(x > 0, x, nn.SELU_ALPHA * np.expm1(x)),
+      inputs=[(-3.0, 3.0)], avoid=(0.0,)),
+    C("softplus", [(M, 33)], lambda x: np.logaddexp(0.0, x), inputs=[(-6.0, 6.0)], avoid=(0.0,)),
+    C("softplus", [(4,)], lambda x: np.logaddexp(0.0, x), grad="none", tol32=(1e-5, 1e-6), id="large",
+      inputs=[lambda rng, s: np.array([-200.0, -30.0, 30.0, 200.0], np.float32)]),
+    C("silu", [(M, 33)], lambda x: x / (1.0 + np.exp(-x)), inputs=[(-6.0, 6.0)]),
     # the perceptron's activations: exact forward values, straight-through (identity) gradients
     C("step", [(M, 33)], lambda x: (x > 0).astype(x.dtype), avoid=(0.0,), grad="identity"),
     C("step", [(4,)], lambda x: (x > 0).astype(x.dtype),

@@ -309,7 +309,8 @@ def valid_step(g: Gen) -> None:
                        f"{src} |> dense({u}, init=he_normal) |> relu", f"dense({src}, {u}, trainable=false)"])
         g.emit(f"{name} = {form}", s[:-1] + (u,), name)
     elif op == "act":
-        a = g.pick(["relu", "tanh", "sigmoid", "gelu", "softmax", "log_softmax", "leaky_relu(alpha=0.2)"])
+        a = g.pick(["relu", "tanh", "sigmoid", "gelu", "softmax", "log_softmax", "leaky_relu(alpha=0.2)",
+                    "elu", "elu(alpha=0.5)", "selu", "softplus", "silu"])
         g.emit(f"{name} = {src} |> {a}" if g.pick([0, 1]) else
                f"{name} = {a.split('(')[0]}({src})", s, name)
     elif op == "dropout":

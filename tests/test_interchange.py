@@ -141,7 +141,8 @@ model m(x: f32[B, 6], tok: i32[B, 5]) -> f32[B, 6] {
     v = reshape(reshape(transpose(reshape(x, [B, 2, 3]), [0, 2, 1]), [B * 3, 2]), [B, 6])
     w = clip(x, -0.5, 0.5) * abs(x) + sqrt(abs(x)) + exp(-x) + log(abs(x) + 1.0)
     k = x[:, 1:5:2]
-    return a + d + v + w + s + concat([k, k, k], axis=1) + minimum(x, 0.3) + x ** 2.0 + x / 3.0
+    q = elu(x, 0.5) + selu(x) + softplus(x) + silu(x) + layernorm(x) + elu(layernorm(x, eps=0.1))
+    return a + d + v + w + s + q + concat([k, k, k], axis=1) + minimum(x, 0.3) + x ** 2.0 + x / 3.0
 }
 """
 
@@ -369,13 +370,30 @@ def _torch_models(torch):
             _, h = self.rnn(self.emb(t))
             return torch.softmax(self.out(h[-1]), dim=-1)
 
+    class Acts(nn.Module):  # the activations and normalizations beyond the first models'
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.prelu = nn.PReLU(3)
+            self.fc = nn.Linear(3 * 4 * 4, 8)
+            self.ln = nn.LayerNorm(8)
+            self.fc2 = nn.Linear(8, 4)
+            self.tail = nn.Sequential(nn.ELU(0.5), nn.SELU(), nn.Softplus(), nn.SiLU(), nn.PReLU(),
+                                      nn.Hardsigmoid(), nn.Hardswish(), nn.Mish(), nn.Softsign(), nn.ELU())
+
+        def forward(self, x):
+            h = self.prelu(self.conv(x)).flatten(1)
+            return self.tail(self.fc2(self.ln(self.fc(h)) * 3.0))
+
     return [("cnn", CNN(), (1, 8, 8), ["conv2d(4, 3, stride=2, pad=1)", "batchnorm", "global_avgpool"]),
+            ("acts", Acts(), (2, 4, 4), ["layernorm", "elu(0.5)", "selu", "softplus", "|> elu\n",
+                                         "leaky_relu(0.25)", "softplus |> tanh", "param prelu_slope: f32[3, 1, 1]"]),
             ("seq", Seq(), (5, 8), ["lstm(16, return_sequences=true)", "gru(6, return_sequences=true, "
                                                                            "bidirectional=true)"]),
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["cnn", "seq", "tokens"])
+@pytest.mark.parametrize("which", ["cnn", "acts", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
     torch = _torch()
     torch.manual_seed(0)

@@ -7,10 +7,14 @@ dlc's layout and parameter names:
   Conv (2-D, one group, symmetric pads)       conv2d           (w, b)
   MaxPool, AveragePool, GlobalAveragePool     maxpool, avgpool, global_avgpool
   BatchNormalization                          batchnorm        (gamma, beta; running_mean, running_var)
+  LayerNormalization (over the last axis)     layernorm        (gamma, beta)
   Gather from a constant table                embedding        (table)
   LSTM, GRU (linear_before_reset=1), RNN      lstm, gru, rnn   (gates reordered; bidirectional too)
-  Relu, Sigmoid, Tanh, LeakyRelu, Softmax, LogSoftmax, Gelu, Flatten, Dropout
-                                              the function of the same name
+  Relu, Sigmoid, Tanh, LeakyRelu, Softmax, LogSoftmax, Gelu, Elu, Selu, Softplus,
+  Flatten, Dropout                            the function of the same name
+  PRelu, Softsign, HardSigmoid, HardSwish, Mish
+                                              their formula (PRelu's slopes a parameter,
+                                              or leaky_relu's alpha when there is one)
 
 and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, sign, maximum, minimum,
 clip, step (a Greater cast to float), sum/mean/max, reshape, transpose, concat, indexing).
@@ -37,6 +41,7 @@ import numpy as np
 
 from dlc.interchange import InterchangeError, require_onnx
 from dlc.interchange.onnx_export import GRU_GATES, LSTM_GATES
+from dlc.language.nn import SELU_ALPHA, SELU_SCALE
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEYWORDS = {"model", "block", "train", "param", "return"}
@@ -208,6 +213,9 @@ class Importer:
                      for d in t[1])
 
     # --- reading values ------------------------------------------------------------------------
+    def attrs(self, node) -> dict:
+        return {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
+
     def get(self, name: str) -> V:
         return self.values[name]
 
@@ -548,7 +556,7 @@ class Importer:
         return self.pipe(node, x, layer, name)
 
     def op_Gemm(self, node, ins):
-        a = {x.name: self.onnx.helper.get_attribute_value(x) for x in node.attribute}
+        a = self.attrs(node)
         alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
         ta, tb = a.get("transA", 0), a.get("transB", 0)
         x = ins[0]
@@ -584,7 +592,7 @@ class Importer:
         self.assign(node, f"{self.operand(x)} @ {self.operand(w)}")
 
     def op_Conv(self, node, ins):
-        a = {x.name: self.onnx.helper.get_attribute_value(x) for x in node.attribute}
+        a = self.attrs(node)
         w = self.const_of(node, 1, "the weights")
         if w.ndim != 4:
             raise self.error(node, f"is a {w.ndim - 2}-D convolution; dlc has conv2d only")
@@ -625,7 +633,7 @@ class Importer:
         return pads[:2]
 
     def pool(self, node, ins, mode):
-        a = {x.name: self.onnx.helper.get_attribute_value(x) for x in node.attribute}
+        a = self.attrs(node)
         if len(node.output) > 1 and node.output[1]:
             raise self.error(node, "also returns the indices of the maxima, which dlc does not compute")
         k = list(a["kernel_shape"])
@@ -676,7 +684,7 @@ class Importer:
         out.var, out.stmt, out.uses = st.target, st, 1
 
     def op_BatchNormalization(self, node, ins):
-        a = {x.name: self.onnx.helper.get_attribute_value(x) for x in node.attribute}
+        a = self.attrs(node)
         if a.get("training_mode", 0):
             raise self.error(node, "normalizes in training mode; export the model in evaluation mode")
         gamma, beta, mean, var = (self.const_of(node, i, w) for i, w in
@@ -696,6 +704,25 @@ class Importer:
         layer = Layer("batchnorm", [], kwargs, {k: v.astype(np.float32) for k, v in params.items()})
         self.layers_used.append("batchnorm")
         self.pipe(node, x, layer, self.layer_name(node, node.input[1], "bn"))
+
+    def op_LayerNormalization(self, node, ins):
+        a = self.attrs(node)
+        x = ins[0]
+        rank = len(x.shape) if x.shape is not None else None
+        axis = a.get("axis", -1)
+        if rank is None or axis % rank != rank - 1:
+            raise self.error(node, f"normalizes over the axes from {axis} on; dlc's layernorm normalizes the "
+                                   "last axis only")
+        scale = self.const_of(node, 1, "the scale")
+        bias = self.const_of(node, 2, "the bias")
+        features = x.shape[-1]
+        params = {"gamma": np.broadcast_to(scale, (features,)),
+                  "beta": np.zeros(features) if bias is None else np.broadcast_to(bias, (features,))}
+        eps = a.get("epsilon", 1e-5)
+        kwargs = {"eps": literal(float(np.float32(eps)))} if abs(eps - 1e-5) > 1e-12 else {}
+        layer = Layer("layernorm", [], kwargs, {k: v.astype(np.float32) for k, v in params.items()})
+        self.layers_used.append("layernorm")
+        self.pipe(node, x, layer, self.layer_name(node, node.input[1], "ln"))
 
     def op_Dropout(self, node, ins):
         if len(node.input) > 2 and node.input[2]:
@@ -720,7 +747,7 @@ class Importer:
     def op_Gather(self, node, ins):
         if self.shape_op(node, ins):
             return
-        a = {x.name: self.onnx.helper.get_attribute_value(x) for x in node.attribute}
+        a = self.attrs(node)
         axis = a.get("axis", 0)
         data, idx = ins
         if data.const is not None and data.const.ndim == 2 and axis == 0 and idx.const is None:
@@ -768,7 +795,7 @@ class Importer:
 
     # --- recurrent layers ----------------------------------------------------------------------
     def recurrent(self, node, ins, fn: str):
-        a = {x.name: self.onnx.helper.get_attribute_value(x) for x in node.attribute}
+        a = self.attrs(node)
         direction = a.get("direction", b"forward")
         direction = direction.decode() if isinstance(direction, bytes) else direction
         if direction == "reverse":
@@ -892,7 +919,7 @@ class Importer:
     # --- movement ------------------------------------------------------------------------------
     def op_Transpose(self, node, ins):
         x = ins[0]
-        a = {y.name: self.onnx.helper.get_attribute_value(y) for y in node.attribute}
+        a = self.attrs(node)
         rank = len(x.shape) if x.shape is not None else None
         perm = list(a.get("perm", list(range(rank))[::-1] if rank else []))
         view = x.view
@@ -957,7 +984,7 @@ class Importer:
 
     def op_Flatten(self, node, ins):
         x = ins[0]
-        a = {y.name: self.onnx.helper.get_attribute_value(y) for y in node.attribute}
+        a = self.attrs(node)
         axis = a.get("axis", 1)
         if x.view is not None and x.view[0] == "gap" and axis == 1:
             self.alias(node, x.view[1])
@@ -1011,7 +1038,7 @@ class Importer:
         self.reshape_to(node, x, target)
 
     def axes(self, node, ins, i: int) -> list:
-        a = {y.name: self.onnx.helper.get_attribute_value(y) for y in node.attribute}
+        a = self.attrs(node)
         if "axes" in a:
             return [int(v) for v in a["axes"]]
         if len(node.input) > i and node.input[i]:
@@ -1021,7 +1048,7 @@ class Importer:
     def op_Concat(self, node, ins):
         if self.shape_op(node, ins):
             return
-        a = {y.name: self.onnx.helper.get_attribute_value(y) for y in node.attribute}
+        a = self.attrs(node)
         axis = a["axis"]
         views = [v.view for v in ins]
         if len(ins) == 2 and all(v is not None and v[0] == "rec_seq_tm_dir" for v in views) and \
@@ -1116,13 +1143,55 @@ class Importer:
         self.unary(node, ins, "sign")
 
     def op_LeakyRelu(self, node, ins):
-        a = {y.name: self.onnx.helper.get_attribute_value(y) for y in node.attribute}
+        a = self.attrs(node)
         alpha = a.get("alpha", 0.01)
         self.unary(node, ins, "leaky_relu" if abs(alpha - 0.01) < 1e-9 else
                    f"leaky_relu({literal(float(np.float32(alpha)))})")
 
+    def op_PRelu(self, node, ins):  # its slopes become a declared parameter
+        x, slope = ins
+        if slope.const is not None and slope.const.size == 1:
+            self.unary(node, ins, f"leaky_relu({literal(float(slope.const.reshape(())))})")
+            return
+        if slope.var is None:  # `prelu_slope` for the node /prelu/PRelu, not the ONNX value's name
+            slope.hint = "_".join([p for p in node.name.split("/") if p][:-1] + ["slope"])
+        self.assign(node, f"relu({self.text(x, node)}) + {self.operand(slope, node)} * "
+                          f"minimum({self.text(x, node)}, 0.0)")
+
+    def op_Elu(self, node, ins):
+        alpha = float(np.float32(self.attrs(node).get("alpha", 1.0)))
+        self.unary(node, ins, "elu" if alpha == 1.0 else f"elu({literal(alpha)})")
+
+    def op_Selu(self, node, ins):
+        a = self.attrs(node)
+        alpha, gamma = a.get("alpha", SELU_ALPHA), a.get("gamma", SELU_SCALE)
+        if np.float32(alpha) == np.float32(SELU_ALPHA) and np.float32(gamma) == np.float32(SELU_SCALE):
+            self.unary(node, ins, "selu")
+        else:
+            self.assign(node, f"elu({self.text(ins[0], node)}, {literal(alpha)}) * {literal(gamma)}")
+
+    def op_Softplus(self, node, ins):
+        self.unary(node, ins, "softplus")
+
+    def op_Softsign(self, node, ins):
+        x = self.text(ins[0], node)
+        self.assign(node, f"{x} / (1.0 + abs({x}))")
+
+    def op_HardSigmoid(self, node, ins):
+        a = self.attrs(node)
+        x = self.text(ins[0], node)
+        self.assign(node, f"clip({x} * {literal(a.get('alpha', 0.2))} + {literal(a.get('beta', 0.5))}, 0.0, 1.0)")
+
+    def op_HardSwish(self, node, ins):
+        x = self.text(ins[0], node)
+        self.assign(node, f"{x} * clip({x} / 6.0 + 0.5, 0.0, 1.0)")
+
+    def op_Mish(self, node, ins):
+        x = self.text(ins[0], node)
+        self.assign(node, f"{x} * tanh(softplus({x}))")
+
     def softmax(self, node, ins, fn: str):
-        a = {y.name: self.onnx.helper.get_attribute_value(y) for y in node.attribute}
+        a = self.attrs(node)
         x = ins[0]
         rank = len(x.shape) if x.shape is not None else None
         axis = a.get("axis", -1 if self.opset >= 13 else 1)
@@ -1139,7 +1208,7 @@ class Importer:
         self.softmax(node, ins, "log_softmax")
 
     def op_Gelu(self, node, ins):
-        a = {y.name: self.onnx.helper.get_attribute_value(y) for y in node.attribute}
+        a = self.attrs(node)
         approx = a.get("approximate", b"none")
         approx = approx.decode() if isinstance(approx, bytes) else approx
         if approx != "tanh":
@@ -1168,7 +1237,7 @@ class Importer:
         x = ins[0]
         lo = self.const_of(node, 1, "the minimum") if len(node.input) > 1 and node.input[1] else None
         hi = self.const_of(node, 2, "the maximum") if len(node.input) > 2 and node.input[2] else None
-        a = {y.name: self.onnx.helper.get_attribute_value(y) for y in node.attribute}
+        a = self.attrs(node)
         lo = lo if lo is not None else a.get("min")
         hi = hi if hi is not None else a.get("max")
         if lo is not None and hi is not None:
@@ -1203,7 +1272,7 @@ class Importer:
         raise self.error(node, f"converts {ins[0].dtype} to {want}; .dln has no conversions")
 
     def reduce(self, node, ins, fn: str):
-        a = {y.name: self.onnx.helper.get_attribute_value(y) for y in node.attribute}
+        a = self.attrs(node)
         axes = self.axes(node, ins, 1)
         keep = a.get("keepdims", 1)
         x = ins[0]

@@ -286,6 +286,25 @@ def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 
 
 
 @builtin("layer")
+def layernorm(ctx: LayerContext, x: Tensor, eps: float = 1e-5) -> Value:
+    """Layer normalization over the last axis: each sample's (and time step's) features
+    centered and scaled to unit variance, then times gamma plus beta ([F] each). The
+    same computation in training and evaluation (no running statistics)."""
+    _float(x, "layernorm", f32=True)
+    if not eps > 0.0:
+        raise arg_error(f"`layernorm`: argument `eps` must be positive, got {eps}", "eps")
+    f = x.shape[-1] if x.rank else None
+    if not isinstance(f, int):
+        raise arg_error(f"`layernorm` needs a known number of features on the last axis, got {x.type}", "x")
+    b = ctx.b
+    gamma = ctx.param("gamma", (f,), ONES)
+    beta = ctx.param("beta", (f,), ZEROS)
+    centered = x - b.mean(x, -1, keepdims=True)
+    var = b.mean(centered * centered, -1, keepdims=True)
+    return centered / b.sqrt(var + eps) * gamma + beta
+
+
+@builtin("layer")
 def embedding(ctx: LayerContext, x: Tensor, vocab: int, dim: int, init: Init = Init("normal", (0.0, 1.0)),
               mask_zero: bool = False) -> Value:
     """Rows of a [vocab, dim] table picked by integer indices: i32[...] -> f32[..., dim].
@@ -641,6 +660,45 @@ def gelu(ctx: LayerContext, x: Tensor) -> Value:
     return x * 0.5 * (ctx.b.tanh(inner) + 1.0)
 
 
+@builtin("activation")
+def elu(ctx: LayerContext, x: Tensor, alpha: float = 1.0) -> Value:
+    """x where x > 0, else alpha * (exp(x) - 1)"""
+    _float(x, "elu")
+    return _elu(ctx.b, x, alpha)
+
+
+def _elu(b: GraphBuilder, x: Value, alpha: float) -> Value:
+    # relu(x) + alpha * (exp(min(x, 0)) - 1): exactly x above 0, and exp never overflows
+    # (nor does its gradient, which a select would still compute for the branch not taken)
+    return b.maximum(x, 0.0) + (b.exp(b.minimum(x, 0.0)) - 1.0) * alpha
+
+
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
+
+
+@builtin("activation")
+def selu(ctx: LayerContext, x: Tensor) -> Value:
+    """scale * elu(x, alpha) with the self-normalizing constants (alpha 1.6733, scale 1.0507)"""
+    _float(x, "selu")
+    return _elu(ctx.b, x, SELU_ALPHA) * SELU_SCALE
+
+
+@builtin("activation")
+def softplus(ctx: LayerContext, x: Tensor) -> Value:
+    """log(1 + exp(x)), computed stably"""
+    _float(x, "softplus")
+    b = ctx.b
+    # relu(x) + log(1 + exp(-|x|)): the same function, with exp never above 1
+    return b.maximum(x, 0.0) + b.log(b.exp(-b.abs(x)) + 1.0)
+
+
+@builtin("activation")
+def silu(ctx: LayerContext, x: Tensor) -> Value:
+    """x * sigmoid(x) (also called swish)"""
+    _float(x, "silu")
+    return x * ctx.b.sigmoid(x)
+
+
 # --- math functions -------------------------------------------------------------------------
 
 def _unary(name, doc, method):
@@ -907,8 +965,9 @@ def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str, logits:
 # the functions whose result keeps the mask of their first tensor argument: elementwise
 # ones and those acting on the feature axis (the frontend also passes masks through
 # arithmetic); anything else (reshape, indexing, reductions, concat) drops it
-KEEPS_MASK = frozenset({"dense", "dropout", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "log_softmax",
-                        "gelu", "exp", "log", "sqrt", "abs", "clip", "maximum", "minimum"})
+KEEPS_MASK = frozenset({"dense", "dropout", "layernorm", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "log_softmax",
+                        "gelu", "elu", "selu", "softplus", "silu", "exp", "log", "sqrt", "abs", "clip",
+                        "maximum", "minimum"})
 
 
 def _hyper(b: GraphBuilder, name: str, dtype: DType) -> Value:
