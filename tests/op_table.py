@@ -277,6 +277,11 @@ def np_softmax(x, axis=-1):
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def np_huber(d, delta):
+    a = np.abs(d)
+    return np.where(a <= delta, 0.5 * d * d, delta * (a - 0.5 * delta))
+
+
 def np_layernorm(x, gamma, beta, eps=1e-5):
     centered = x - x.mean(axis=-1, keepdims=True)
     return centered / np.sqrt(x.var(axis=-1, keepdims=True) + eps) * gamma + beta
@@ -1084,6 +1089,9 @@ COMPOSITES: list[OpCase] = [
       call=lambda ctx, *xs: nn.concat(ctx, list(xs), axis=0), id="axis0"),
     # losses
     C("mse", [(M, N), (M, N)], lambda o, t: np.mean((o - t) ** 2)),
+    C("mae", [(M, N), (M, N)], lambda o, t: np.mean(np.abs(o - t))),
+    C("huber", [(M, 33), (M, 33)], lambda o, t: np.mean(np_huber(o - t, 1.0))),
+    C("huber", [(M, N), (M, N)], lambda o, t: np.mean(np_huber(o - t, 0.5)), attrs={"delta": 0.5}, id="delta"),
     C("cross_entropy", [(5, N), (5,)], lambda z, y: -np.mean(np_log_softmax(z)[np.arange(len(y)), y]),
       inputs=[(-3.0, 3.0), ints(0, N)], id="int-labels"),
     C("cross_entropy", [(5, N), (5, N)], lambda z, t: -np.mean(np.sum(t * np_log_softmax(z), axis=1)),
@@ -1125,6 +1133,8 @@ COMPOSITES: list[OpCase] = [
       inputs=[(0.05, 0.95), zeros_ones_f32, post_padding], id="masked-probabilities"),
     C("mse", [(3, 4, 2), (3, 4, 2), (3, 4)], lambda o, t, m: np_masked_mean((o - t) ** 2, m),
       call=lambda ctx, o, t, m: nn.mse(ctx, o, t, mask=m), inputs=[DOMAIN, DOMAIN, post_padding], id="masked"),
+    C("huber", [(3, 4, 2), (3, 4, 2), (3, 4)], lambda o, t, m: np_masked_mean(np_huber(o - t, 1.0), m),
+      call=lambda ctx, o, t, m: nn.huber(ctx, o, t, mask=m), inputs=[DOMAIN, DOMAIN, post_padding], id="masked"),
     # regularizers
     C("l1", [(M, N), (33,)], lambda a, b: np.abs(a).sum() + np.abs(b).sum(), avoid=(0.0,),
       call=lambda ctx, a, b: nn.l1(ctx, ParamList([a, b]))),

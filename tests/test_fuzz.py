@@ -280,7 +280,7 @@ def valid_step(g: Gen) -> None:
     name = g.fresh()
     ops = ["act", "dropout", "scalar", "unary", "reshape"]
     if r >= 2:  # the batch is the only symbolic axis: from rank 2 on, the last one is a number
-        ops += ["dense", "param_matmul", "reduce", "flatten", "concat"]
+        ops += ["dense", "param_matmul", "reduce", "flatten", "concat", "layernorm"]
     if r in (2, 4):
         ops.append("batchnorm")
     if r == 4:
@@ -317,6 +317,8 @@ def valid_step(g: Gen) -> None:
         g.emit(f"{name} = dropout({src}, {g.pick(['0.0', '0.1', '0.5', 'p=0.25'])})", s, name)
     elif op == "batchnorm":
         g.emit(f"{name} = {src} |> batchnorm" + g.pick(["", "(momentum=0.2)"]), s, name)
+    elif op == "layernorm":
+        g.emit(f"{name} = {src} |> layernorm" + g.pick(["", "(eps=0.1)"]), s, name)
     elif op == "scalar":
         g.emit(f"{name} = " + g.pick([f"{src} * 0.5", f"{src} + 1", f"2 - {src}", f"{src} / 4",
                                       f"{src} ** 2", f"-{src}", f"({src} + 1) * (3 - 1)"]), s, name)
@@ -533,14 +535,15 @@ def generated(draw, mistakes: bool = True):
     if g.bad_line is None and draw(st.integers(0, 3)) == 0:  # a train block too
         if len(out_shape) == 2:
             loss = g.pick(["cross_entropy(output, label)", "mse(output, label)",
-                           "cross_entropy(output, label) + 0.001 * l2(weights)",
+                           "cross_entropy(output, label) + 0.001 * l2(weights)", "huber(output, label)",
                            "bce(output, label, from_logits=true)",
                            # targets computed from the output: no labels (and so no accuracy)
                            "bce(output, 0.0 * output + 0.25, from_logits=true)",
                            "cross_entropy(output, softmax(output * 0.5)) + 0.1 * mean(output)"])
         else:  # per-position classes when the output is a sequence [B, T, K]
             loss = g.pick(["mse(output, label)", "mean(output * output) + 0.01 * l1(params)",
-                           "bce(output, label, from_logits=true)"] +
+                           "bce(output, label, from_logits=true)", "mae(output, label)",
+                           "huber(output, label, delta=0.5)"] +
                           ["cross_entropy(output, label)"] * (len(out_shape) == 3))
         opt = g.pick(["sgd(lr=0.1, momentum=0.9)", "adam(lr=1e-3)", "adamw", "rmsprop()", "adagrad(lr=0.5)",
                       "adadelta()", "sgd(lr=0.05, momentum=0.5, nesterov=true, weight_decay=0.01)",

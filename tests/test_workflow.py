@@ -221,6 +221,10 @@ def test_keras_names_mean_the_same_as_ours():
         iris().fit(epoch=3)
     assert "`epochs`" in info.value.hint
     assert h.history["val_loss"] == h["val_loss"]  # History.history, Keras' dict of lists
+    with pytest.raises(KeyError, match="dlc calls Keras' `loss` `train_loss`"):
+        h["loss"]
+    with pytest.raises(KeyError, match="did you mean `val_loss`"):
+        h["val_los"]
 
 
 def test_shuffle_keyword(monkeypatch):

@@ -876,6 +876,31 @@ def mse(ctx: LayerContext, output: Tensor, target: Tensor, mask: Optional[Tensor
 
 
 @builtin("loss")
+def mae(ctx: LayerContext, output: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Value:
+    """Mean absolute error over all elements (over the unmasked steps, given a mask)."""
+    _float(output, "mae", arg="output")
+    _same_shape("mae", output, target)
+    d = ctx.b.abs(output - target)
+    return _masked_mean(ctx.b, d, _loss_mask(ctx, "mae", output, mask, tuple(output.shape)))
+
+
+@builtin("loss")
+def huber(ctx: LayerContext, output: Tensor, target: Tensor, delta: float = 1.0,
+          mask: Optional[Tensor] = None) -> Value:
+    """Huber loss: 0.5·d² where |d| <= delta, else delta·(|d| - 0.5·delta), d = output - target;
+    the mean over all elements (over the unmasked steps, given a mask)."""
+    _float(output, "huber", arg="output")
+    _same_shape("huber", output, target)
+    if not delta > 0.0:
+        raise arg_error(f"`huber`: argument `delta` must be positive, got {delta}", "delta")
+    b = ctx.b
+    a = b.abs(output - target)
+    q = b.minimum(a, delta)  # the quadratic part's |d|; the rest of |d| counts linearly
+    per = q * q * 0.5 + (a - q) * delta
+    return _masked_mean(b, per, _loss_mask(ctx, "huber", output, mask, tuple(output.shape)))
+
+
+@builtin("loss")
 def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None) -> Value:
     """Softmax cross-entropy from logits [..., K] (classes on the last axis) and integer
     labels [...] (or target probabilities [..., K]), averaged over every position: the batch

@@ -32,7 +32,8 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
     for name, (_, required) in OPTIONS.items():
         if required and name not in opts:
             raise ArgumentError(f"train block for `{train.model}` has no `{name}`", train.name_span,
-                                hint={"data": "for example `data = digits(test=0.2)`",
+                                hint={"data": "for example `data = digits(test=0.2)`, or `data = arrays()` for the "
+                                              "arrays given to fit(x, y) in Python",
                                       "loss": "for example `loss = cross_entropy(output, label)`"}[name])
     values: dict[str, Any] = {}
     scope = Scope({}, {}, "", "option")

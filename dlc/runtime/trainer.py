@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 
 from dlc import __version__, backends
-from dlc.core.diagnostics import ArgumentError, CheckpointError, DataError, NumericsError, UsageError, warn
+from dlc.core.diagnostics import (ArgumentError, CheckpointError, DataError, NumericsError, UsageError, did_you_mean,
+                                  warn)
 from dlc.language.recipe import Spec
 from dlc.program import VALID, make_programs
 
@@ -65,6 +66,14 @@ class History:
     best_epoch: int | None = None  # keep_best: the epoch whose weights the model ends with
 
     def __getitem__(self, key: str) -> list:
+        """The values of `key` per epoch (None in an epoch without it, such as a validation
+        metric before the first validation). A key no epoch has is a KeyError."""
+        keys = dict.fromkeys(k for e in self.epochs for k in e)
+        if keys and key not in keys:
+            keras = {"loss": "train_loss", "accuracy": "train_accuracy"}.get(key)
+            hint = f"dlc calls Keras' `{key}` `{keras}`" if keras else did_you_mean(key, keys)
+            raise KeyError(f"no `{key}` in this history; its keys: {', '.join(keys)}"
+                           + (f" ({hint})" if hint else ""))
         return [e.get(key) for e in self.epochs]
 
     @property
