@@ -293,6 +293,66 @@ def test_sign_and_the_math_primitives_round_trip(tmp_path):
     np.testing.assert_allclose(back.forward(x), m.forward(x), atol=1e-6, rtol=1e-6)
 
 
+def test_activations_and_layernorm_become_onnx_operators_and_come_back(tmp_path):
+    """elu, selu, softplus and layernorm are arithmetic in dlc's graph; the exporter writes
+    ONNX's Elu, Selu, Softplus and LayerNormalization for them (onnxruntime agrees), and the
+    importer turns those back into the functions and the layer."""
+    src = """model m(x: f32[B, 6]) -> f32[B, 6] {
+    h = x |> layernorm(eps=0.01) |> elu(0.5) |> softplus |> selu
+    return layernorm(h) + elu(h) + selu(h * 2.0)
+}
+"""
+    m = dlc.load(src)
+    rng = np.random.default_rng(0)
+    for name, value in m.params.items():
+        m.params[name] = rng.normal(size=value.shape).astype(np.float32)
+    proto = export_model(m)
+    assert _ops(proto) == {"Elu", "Selu", "Softplus", "LayerNormalization", "Add", "Mul"}
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    x = rng.normal(0.0, 3.0, (5, 6)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", {"x": x}), m.predict(x), rtol=1e-5, atol=1e-5)
+    back = write(import_model(tmp_path / "m.onnx"), tmp_path / "b.dln", tmp_path / "b.npz")
+    text = (tmp_path / "b.dln").read_text()
+    assert "layernorm(eps=0.01) |> elu(0.5) |> softplus |> selu" in text and "|> elu\n" in text, text
+    np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-5, atol=1e-5)
+
+
+INITIAL_STATES = [
+    # found by exporting and importing generated models: the importer refused a given state
+    """model net(x: f32[B, 2, 1]) -> f32[B, 2, 1] {
+    h0 = tanh(dense(x[:, 0], 1))
+    return rnn(x, 1, return_sequences=true, initial=h0)
+}""", """model net(x: f32[B, 4, 3]) -> f32[B, 5] {
+    return lstm(x, 5, initial=(tanh(dense(x[:, 0], 5)), dense(x[:, 1], 5)))
+}""",
+    # both directions' states: one bidirectional operator (it was a forward and a reverse one)
+    """model net(x: f32[B, 4, 3]) -> f32[B, 4, 10] {
+    y, h = gru(x, 5, initial=reshape(tanh(dense(x[:, 0], 20)), [4, B, 5]), bidirectional=true, layers=2,
+               return_sequences=true, return_state=true)
+    return y + mean(h)
+}""", """model net(x: f32[B, 4, 3]) -> f32[B, 10] {
+    h0 = reshape(tanh(dense(x[:, 0], 10)), [2, B, 5])
+    return lstm(x, 5, initial=(h0, h0 * 2.0), bidirectional=true)
+}"""]
+
+
+@pytest.mark.parametrize("src", INITIAL_STATES)
+def test_recurrent_layers_from_given_states_export_and_import(src, tmp_path):
+    m = dlc.load(src)
+    rng = np.random.default_rng(0)
+    for name, value in m.params.items():
+        m.params[name] = rng.normal(size=value.shape).astype(np.float32)
+    proto = export_model(m)
+    assert not {"Scan"} & _ops(proto)
+    assert all(a.s != b"reverse" for n in proto.graph.node for a in n.attribute if a.name == "direction")
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    x = rng.normal(size=(3, 4 if "4, 3" in src else 2, 3 if "4, 3" in src else 1)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", {"x": x}), m.predict(x), rtol=1e-5, atol=1e-5)
+    back = write(import_model(tmp_path / "m.onnx"), tmp_path / "b.dln", tmp_path / "b.npz")
+    assert "initial=" in (tmp_path / "b.dln").read_text()
+    np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-5, atol=1e-5)
+
+
 def test_import_refuses_what_is_not_an_onnx_model(tmp_path, capsys):
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     assert cli("import", tmp_path / "bad.onnx", "-o", tmp_path / "x.dln") == 1

@@ -11,6 +11,7 @@ tools (and `dlc import`) see layers rather than arithmetic:
 
   matmul + bias             Gemm          conv2d + bias          Conv with B
   max(x, 0)                 Relu          leaky_relu's select    LeakyRelu
+  elu, selu, softplus       Elu, Selu, Softplus    layernorm     LayerNormalization
   dlc's softmax/log_softmax Softmax/LogSoftmax (axis)
   sum / size                ReduceMean    flatten's reshape      Flatten
   recurrent loops           LSTM, GRU (linear_before_reset=1), RNN; a forward and a
@@ -44,6 +45,7 @@ from dlc.core import ops
 from dlc.core.graph import Graph
 from dlc.core.types import DType, Sym, TensorType, numel
 from dlc.interchange import InterchangeError, require_onnx
+from dlc.language.nn import SELU_ALPHA, SELU_SCALE
 
 OPSET_MIN = 18  # Reduce* take their axes as an input from 18 on
 
@@ -302,6 +304,15 @@ class _GraphExporter:
             bn = self.batchnorm(nid)
             if bn is not None:
                 return bn
+            hit = self.elu(nid) or self.softplus(nid) or self.layernorm(nid)
+            if hit is not None:
+                return hit
+        if op is ops.MUL and n.type.dtype.is_float:
+            for e, c in (n.operands, n.operands[::-1]):
+                p = self.plan.get(e)
+                if p is not None and p[0] == "elu" and np.float32(p[2]) == np.float32(SELU_ALPHA) and \
+                        self.scalar_const(c) is not None and np.float32(self.scalar_const(c)) == np.float32(SELU_SCALE):
+                    return ("selu", p[1])
         if op is ops.MAX and n.type.dtype.is_float:
             for a, c in (n.operands, n.operands[::-1]):
                 if self.zero_like(c):
@@ -366,6 +377,90 @@ class _GraphExporter:
         if e != s + 1 or tuple(n.type.shape) != tuple(d for i, d in enumerate(xt.shape) if i != axis):
             return None
         return sl.operands[0], axis, s
+
+    def relu_of(self, nid: int):
+        """max(x, 0) -> x."""
+        n = self.node(nid)
+        if n.op is ops.MAX:
+            for x, z in (n.operands, n.operands[::-1]):
+                if self.zero_like(z):
+                    return x
+        return None
+
+    def elu(self, nid: int):
+        """max(x, 0) + (exp(min(x, 0)) - 1) * alpha: dlc's elu."""
+        for r, q in (self.node(nid).operands, self.node(nid).operands[::-1]):
+            x = self.relu_of(r)
+            if x is None or not self.is_op(q, ops.MUL):
+                continue
+            e1, a = self.node(q).operands
+            alpha = self.scalar_const(a)
+            if alpha is None or not self.is_op(e1, ops.SUB):
+                continue
+            e, one = self.node(e1).operands
+            if not self.is_op(e, ops.EXP) or self.scalar_const(one) != 1.0:
+                continue
+            mn = self.node(self.node(e).operands[0])
+            if mn.op is ops.MIN and mn.operands[0] == x and self.zero_like(mn.operands[1]):
+                return ("elu", x, alpha)
+        return None
+
+    def softplus(self, nid: int):
+        """max(x, 0) + log(exp(-abs(x)) + 1): dlc's softplus."""
+        for r, q in (self.node(nid).operands, self.node(nid).operands[::-1]):
+            x = self.relu_of(r)
+            if x is None or not self.is_op(q, ops.LOG) or not self.is_op(self.node(q).operands[0], ops.ADD):
+                continue
+            e, one = self.node(self.node(q).operands[0]).operands
+            if not self.is_op(e, ops.EXP) or self.scalar_const(one) != 1.0:
+                continue
+            neg = self.node(self.node(e).operands[0])
+            if neg.op is ops.NEG and self.is_op(neg.operands[0], ops.ABS) and self.node(neg.operands[0]).operands[0] == x:
+                return ("softplus", x)
+        return None
+
+    def layernorm(self, nid: int):
+        """c / bc(sqrt(mean(c * c) + eps)) * bc(gamma) + bc(beta), c = x - bc(mean(x)), the
+        means over the last axis with keepdims: dlc's layernorm."""
+        n = self.node(nid)
+        rank = n.type.rank
+        last = rank - 1
+        for p, q in (n.operands, n.operands[::-1]):
+            beta = self.bias_vector(q, last, rank)
+            if beta is None or not self.is_op(p, ops.MUL):
+                continue
+            normed, g = self.node(p).operands
+            gamma = self.bias_vector(g, last, rank)
+            if gamma is None or not self.is_op(normed, ops.DIV):
+                continue
+            c, root = self.node(normed).operands
+            root = self.unbroadcast(root, rank)
+            if root is None or not self.is_op(root, ops.SQRT) or not self.is_op(self.node(root).operands[0], ops.ADD):
+                continue
+            var, e = self.node(self.node(root).operands[0]).operands
+            eps = self.scalar_const(e)
+            if eps is None or not self.is_op(c, ops.SUB):
+                continue
+            x, m = self.node(c).operands
+            sq = self.last_axis_mean(var, last)
+            m = self.unbroadcast(m, rank)
+            if m is None or self.last_axis_mean(m, last) != x or sq is None or not self.is_op(sq, ops.MUL) \
+                    or tuple(self.node(sq).operands) != (c, c):
+                continue
+            return ("layernorm", x, gamma, beta, eps)
+        return None
+
+    def unbroadcast(self, nid: int, rank: int):
+        """broadcast(v, axes=all) of a same-rank v -> v."""
+        n = self.node(nid)
+        if n.op is ops.BROADCAST and tuple(n.attrs["axes"]) == tuple(range(rank)):
+            return n.operands[0]
+        return None
+
+    def last_axis_mean(self, nid: int, axis: int):
+        """mean(x, axis, keepdims=true) -> x."""
+        hit = self.mean(nid) if self.is_op(nid, ops.DIV) else None
+        return hit[1] if hit is not None and hit[2] == (axis,) and hit[3] else None
 
     def batchnorm(self, nid: int):
         """(x - bc(mean)) * bc(gamma / sqrt(var + eps)) + bc(beta): batchnorm in evaluation."""
@@ -510,16 +605,19 @@ class _GraphExporter:
         except Exception:  # noqa: BLE001 - a body that does not run like the cell is not the cell
             return False
 
-    def pair_directions(self, needed: set[int]) -> None:
+    def pair_directions(self, needed: set[int], position: dict) -> None:
         """A forward and a reverse cell of one kind and size over the same sequence: one
-        bidirectional ONNX operator."""
+        bidirectional ONNX operator, emitted where the first of the two is, so both initial
+        states (if any) must come before that."""
         recs = [r for r in self.recurrent.values() if r.scan in needed]
         for r in recs:
-            if r.reverse or r.partner is not None or r.carries:
+            if r.reverse or r.partner is not None:
                 continue
             for q in recs:
-                if q.reverse and q.partner is None and not q.carries and q.x == r.x and q.kind == r.kind \
-                        and q.hidden == r.hidden:
+                first = min(position[r.scan], position[q.scan])
+                if q.reverse and q.partner is None and len(q.carries) == len(r.carries) and q.x == r.x \
+                        and q.kind == r.kind and q.hidden == r.hidden \
+                        and all(position[c] < first for c in r.carries + q.carries):
                     r.partner, q.partner = q, r
                     break
 
@@ -534,10 +632,12 @@ class _GraphExporter:
         kind = p[0]
         if kind in ("gemm", "conv"):
             return tuple(self.node(p[1]).operands) + (p[2],)
-        if kind in ("relu", "leaky", "softmax", "log_softmax", "flatten", "mean", "index"):
+        if kind in ("relu", "leaky", "elu", "selu", "softplus", "softmax", "log_softmax", "flatten", "mean", "index"):
             return (p[1],)
         if kind == "batchnorm":
             return p[1:6]
+        if kind == "layernorm":
+            return p[1:4]
         if kind == "recurrent":
             r = p[1]
             extra = (r.partner.carries if r.partner else ())
@@ -558,7 +658,7 @@ class _GraphExporter:
                 continue
             needed.add(nid)
             stack.extend(self.deps(nid))
-        self.pair_directions(needed)
+        self.pair_directions(needed, {nid: i for i, nid in enumerate(order)})
         for nid in order:
             if nid in needed and nid not in self.value:
                 self.visit(nid)
@@ -710,6 +810,19 @@ class _GraphExporter:
     def emit_leaky(self, nid: int, x: int, alpha: float) -> None:
         self.value[nid] = self.emit("LeakyRelu", [self.operand(x)], span=self.node(nid).span, alpha=alpha)
 
+    def emit_elu(self, nid: int, x: int, alpha: float) -> None:
+        self.value[nid] = self.emit("Elu", [self.operand(x)], span=self.node(nid).span, alpha=alpha)
+
+    def emit_selu(self, nid: int, x: int) -> None:
+        self.value[nid] = self.emit("Selu", [self.operand(x)], span=self.node(nid).span)
+
+    def emit_softplus(self, nid: int, x: int) -> None:
+        self.value[nid] = self.emit("Softplus", [self.operand(x)], span=self.node(nid).span)
+
+    def emit_layernorm(self, nid: int, x: int, gamma: int, beta: int, eps: float) -> None:
+        self.value[nid] = self.emit("LayerNormalization", [self.operand(v) for v in (x, gamma, beta)],
+                                    span=self.node(nid).span, axis=-1, epsilon=eps)
+
     def emit_softmax(self, nid: int, x: int, axis: int) -> None:
         self.value[nid] = self.emit("Softmax", [self.operand(x)], span=self.node(nid).span, axis=axis)
 
@@ -777,10 +890,13 @@ class _GraphExporter:
                   self.initializer(np.stack(ws), f"{prefix}.W"),
                   self.initializer(np.stack(rs), f"{prefix}.R"),
                   self.initializer(np.stack(bs), f"{prefix}.B")]
-        if rec.carries:
+        if rec.carries:  # initial states [directions, B, H]: each direction's stacked
             inputs.append("")  # sequence_lens
-            for c in rec.carries:
-                inputs.append(self.emit("Unsqueeze", [self.operand(c), self.ints([0])], span=n.span))
+            for j in range(len(rec.carries)):
+                states = [self.emit("Unsqueeze", [self.operand(r.carries[j]), self.ints([0])], span=n.span)
+                          for r in pair]
+                inputs.append(states[0] if len(states) == 1 else
+                              self.emit("Concat", states, span=n.span, axis=0))
         op_type = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[rec.kind]
         attrs = dict(hidden_size=rec.hidden,
                      direction="bidirectional" if len(pair) == 2 else "reverse" if rec.reverse else "forward")

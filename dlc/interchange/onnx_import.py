@@ -9,7 +9,8 @@ dlc's layout and parameter names:
   BatchNormalization                          batchnorm        (gamma, beta; running_mean, running_var)
   LayerNormalization (over the last axis)     layernorm        (gamma, beta)
   Gather from a constant table                embedding        (table)
-  LSTM, GRU (linear_before_reset=1), RNN      lstm, gru, rnn   (gates reordered; bidirectional too)
+  LSTM, GRU (linear_before_reset=1), RNN      lstm, gru, rnn   (gates reordered; bidirectional and
+                                                               initial states too)
   Relu, Sigmoid, Tanh, LeakyRelu, Softmax, LogSoftmax, Gelu, Elu, Selu, Softplus,
   Flatten, Dropout                            the function of the same name
   PRelu, Softsign, HardSigmoid, HardSwish, Mish
@@ -818,11 +819,12 @@ class Importer:
         B = self.const_of(node, 3, "B") if len(node.input) > 3 and node.input[3] else None
         if len(node.input) > 4 and node.input[4]:
             raise self.error(node, "takes sequence lengths; dlc's layers read every time step")
-        for i in (5, 6):
-            if len(node.input) > i and node.input[i]:
-                init = ins[i]
-                if not (init.zeros or init.const is not None and not np.any(init.const)):
-                    raise self.error(node, "starts from a given state; dlc's layers start from zeros")
+        # initial states [D, B, H], as dlc's `initial=` takes them (zeros: left out)
+        given = [ins[i] if len(node.input) > i and node.input[i] and
+                 not (ins[i].zeros or ins[i].const is not None and not np.any(ins[i].const)) else None
+                 for i in ((5, 6) if fn == "lstm" else (5,))]
+        if fn != "lstm" and len(node.input) > 6 and node.input[6]:
+            raise self.error(node, f"has an initial cell state, which dlc's {fn} does not")
         if len(node.input) > 7 and node.input[7] and np.any(self.const_of(node, 7, "P")):
             raise self.error(node, "has peephole connections, which dlc's lstm does not")
         if fn == "lstm" and len(node.output) > 2 and node.output[2] and self.consumers.get(node.output[2]):
@@ -879,6 +881,11 @@ class Importer:
             kwargs["return_sequences"] = "true"
         if D == 2:
             kwargs["bidirectional"] = "true"
+        if any(v is not None for v in given):
+            states = [self.text(v, node) if v is not None else None for v in given]
+            some = next(t for t in states if t is not None)
+            states = [t if t is not None else f"0.0 * {some}" for t in states]  # the other one zeros
+            kwargs["initial"] = states[0] if fn != "lstm" else f"({states[0]}, {states[1]})"
         layer = Layer(fn, [str(H)], kwargs, params)
         self.layers_used.append(fn)
         name = self.layer_name(node, node.input[1], fn)
