@@ -319,9 +319,9 @@ def _run_cell(x, carries, step, mask):
     return np.stack(hs, axis=1), carries
 
 
-def np_rnn(x, wx, wh, b, return_sequences=False, h0=None, mask=None, full=False):
+def np_rnn(x, wx, wh, b, return_sequences=False, h0=None, mask=None, full=False, act=np.tanh):
     h = np.zeros((x.shape[0], wh.shape[0])) if h0 is None else h0
-    hs, finals = _run_cell(x, [h], lambda xt, c: [np.tanh(xt @ wx + c[0] @ wh + b)], mask)
+    hs, finals = _run_cell(x, [h], lambda xt, c: [act(xt @ wx + c[0] @ wh + b)], mask)
     if full:
         return hs, finals
     return hs if return_sequences else finals[0]
@@ -973,6 +973,8 @@ COMPOSITES: list[OpCase] = [
       params={"gamma": (0.5, 1.5)}, id="eval"),
     C("embedding", [(2, 5)], lambda x, table: table[x], attrs={"vocab": N, "dim": 4}, inputs=[ints(0, N)]),
     C("rnn", [(2, M, 4)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b), attrs={"hidden": 5}, tol32=(1e-5, 1e-5)),
+    C("rnn", [(2, M, 4)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b, True, act=lambda z: np.maximum(z, 0.0)),
+      attrs={"hidden": 5, "activation": "relu", "return_sequences": True}, tol32=(1e-5, 1e-5), id="relu"),
     C("rnn", [(1, 2, 3)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b, True),
       attrs={"hidden": 2, "return_sequences": True}, tol32=(1e-5, 1e-5), id="sequences"),
     C("lstm", [(2, M, 4)], lambda x, w, u, b: np_lstm(x, w, u, b), attrs={"hidden": 3}, tol32=(1e-5, 1e-5)),

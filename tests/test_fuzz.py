@@ -398,6 +398,7 @@ def valid_step(g: Gen) -> None:
             g.emit(f"{name}_h0 = tanh(dense({src}[:, 0], {hid}))", None)
             options += f", initial=({name}_h0, {name}_h0 * 0.5)" if f == "lstm" else f", initial={name}_h0"
         options += g.pick(["", "", f", mask=padding_mask({src})", ", trainable=false"])
+        options += ', activation="relu"' if f == "rnn" and g.num(0, 3) == 0 else ""
         shape = ("B", s[1], out) if seqs else ("B", out)
         call = f"{f}({src}, {hid}, return_sequences={'true' if seqs else 'false'}{options}"
         if one and g.pick([False, True]):  # the final states as results too

@@ -445,7 +445,20 @@ def _torch_models(torch):
             h = self.prelu(self.conv(x)).flatten(1)
             return self.tail(self.fc2(self.ln(self.fc(h)) * 3.0))
 
+    class ReluRNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.RNN(4, 6, batch_first=True, nonlinearity="relu", bidirectional=True)
+            self.fc = nn.Linear(12, 2)
+
+        def forward(self, x):
+            h0 = x[:, :2, :3].transpose(0, 1)
+            y, _ = self.rnn(x, torch.tanh(torch.cat([h0, h0], dim=2)))  # a given h_0
+            return self.fc(y[:, -1])
+
     return [("cnn", CNN(), (1, 8, 8), ["conv2d(4, 3, stride=2, pad=1)", "batchnorm", "global_avgpool"]),
+            ("relu_rnn", ReluRNN(), (5, 4), ['rnn(6, return_sequences=true, bidirectional=true, activation="relu", '
+                                             'initial=']),
             ("acts", Acts(), (2, 4, 4), ["layernorm", "elu(0.5)", "selu", "softplus", "|> elu\n",
                                          "leaky_relu(0.25)", "softplus |> tanh", "param prelu_slope: f32[3, 1, 1]"]),
             ("seq", Seq(), (5, 8), ["lstm(16, return_sequences=true)", "gru(6, return_sequences=true, "
@@ -453,7 +466,7 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["cnn", "acts", "seq", "tokens"])
+@pytest.mark.parametrize("which", ["cnn", "acts", "relu_rnn", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
     torch = _torch()
     torch.manual_seed(0)

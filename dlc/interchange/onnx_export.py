@@ -96,6 +96,7 @@ class Recurrent:
     hidden: int
     reverse: bool
     carries: tuple[int, ...]  # initial carries that are not zeros (none: all zero)
+    activation: str = "tanh"  # rnn: tanh or relu
     partner: "Recurrent | None" = None  # the other direction of a bidirectional pair
     outputs: dict = field(default_factory=dict)  # scan_result index -> ONNX value
 
@@ -537,12 +538,13 @@ class _GraphExporter:
         if proj is None:
             return None
         x, w, b = proj
-        if not self.cell_computes(kind, body, hidden, sig, n):
+        activation = self.cell_computes(kind, body, hidden, sig, n)
+        if activation is None:
             return None
         carries = tuple(c for c in n.operands[:k] if not self.zero_like(c))
         if carries and len(carries) != k:
             carries = tuple(n.operands[:k])
-        return Recurrent(kind, nid, x, w, b, u, bh, hidden, bool(a.get("reverse")), carries)
+        return Recurrent(kind, nid, x, w, b, u, bh, hidden, bool(a.get("reverse")), carries, activation)
 
     def is_param(self, nid: int) -> bool:
         n = self.node(nid)
@@ -570,8 +572,9 @@ class _GraphExporter:
                 return x, mn.operands[1], b
         return None
 
-    def cell_computes(self, kind: str, body: Graph, hidden: int, sig, scan_node) -> bool:
-        """Run the loop body on random values and compare with the cell's equations."""
+    def cell_computes(self, kind: str, body: Graph, hidden: int, sig, scan_node) -> str | None:
+        """Run the loop body on random values and compare with the cell's equations: the
+        cell's activation ("tanh", or "relu" for an rnn) when one of them matches, else None."""
         from dlc import backends
         rng = np.random.default_rng(0)
         rows = 3
@@ -599,11 +602,15 @@ class _GraphExporter:
                 n = np.tanh(part(xt, 2) + r * part(hu, 2))
                 want = {"c0": (1.0 - z) * n + z * h}
             else:
-                want = {"c0": np.tanh(xt + h @ u)}
-            return all(np.shape(out[k]) == np.shape(v) and np.allclose(out[k], v, rtol=1e-7, atol=1e-9)
+                z = xt + h @ u
+                return next((name for name, v in (("tanh", np.tanh(z)), ("relu", np.maximum(z, 0.0)))
+                             if np.shape(out["c0"]) == np.shape(v) and np.allclose(out["c0"], v, rtol=1e-7,
+                                                                                   atol=1e-9)), None)
+            same = all(np.shape(out[k]) == np.shape(v) and np.allclose(out[k], v, rtol=1e-7, atol=1e-9)
                        for k, v in want.items())
+            return "tanh" if same else None
         except Exception:  # noqa: BLE001 - a body that does not run like the cell is not the cell
-            return False
+            return None
 
     def pair_directions(self, needed: set[int], position: dict) -> None:
         """A forward and a reverse cell of one kind and size over the same sequence: one
@@ -616,7 +623,7 @@ class _GraphExporter:
             for q in recs:
                 first = min(position[r.scan], position[q.scan])
                 if q.reverse and q.partner is None and len(q.carries) == len(r.carries) and q.x == r.x \
-                        and q.kind == r.kind and q.hidden == r.hidden \
+                        and q.kind == r.kind and q.hidden == r.hidden and q.activation == r.activation \
                         and all(position[c] < first for c in r.carries + q.carries):
                     r.partner, q.partner = q, r
                     break
@@ -902,6 +909,8 @@ class _GraphExporter:
                      direction="bidirectional" if len(pair) == 2 else "reverse" if rec.reverse else "forward")
         if rec.kind == "gru":
             attrs["linear_before_reset"] = 1
+        if rec.activation != "tanh":
+            attrs["activations"] = [rec.activation.capitalize()] * len(pair)
         count = 3 if rec.kind == "lstm" else 2
         outs = self.emit(op_type, inputs, outputs=count, hint=prefix, span=n.span, **attrs)
         for k, r in enumerate(pair):

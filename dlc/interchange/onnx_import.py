@@ -807,8 +807,10 @@ class Importer:
                 raise self.error(node, f"sets `{bad}`, which dlc's {fn} does not have")
         acts = [x.decode() if isinstance(x, bytes) else x for x in a.get("activations", [])]
         default = {"lstm": ["Sigmoid", "Tanh", "Tanh"], "gru": ["Sigmoid", "Tanh"], "rnn": ["Tanh"]}[fn]
-        if acts and acts != default * (len(acts) // len(default)):
-            raise self.error(node, f"uses the activations {acts}; dlc's {fn} uses {default}")
+        relu_rnn = fn == "rnn" and bool(acts) and set(acts) == {"Relu"}
+        if acts and acts != default * (len(acts) // len(default)) and not relu_rnn:
+            raise self.error(node, f"uses the activations {acts}; dlc's {fn} uses {default}"
+                                   + (" or ['Relu']" if fn == "rnn" else ""))
         if a.get("input_forget", 0):
             raise self.error(node, "couples the input and forget gates (input_forget=1)")
         if fn == "gru" and not a.get("linear_before_reset", 0):
@@ -881,6 +883,8 @@ class Importer:
             kwargs["return_sequences"] = "true"
         if D == 2:
             kwargs["bidirectional"] = "true"
+        if relu_rnn:
+            kwargs["activation"] = '"relu"'
         if any(v is not None for v in given):
             states = [self.text(v, node) if v is not None else None for v in given]
             some = next(t for t in states if t is not None)

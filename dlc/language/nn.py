@@ -462,10 +462,17 @@ def _scan_carries(b: GraphBuilder, init, batch, hidden: int, n: int) -> list:
     return list(init) if init is not None else [b.full(0.0, (batch, hidden)) for _ in range(n)]
 
 
+RNN_ACTIVATIONS = ("tanh", "relu")
+
+
 def rnn(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = False, layers: int = 1,
         bidirectional: bool = False, dropout: float = 0.0, init: Init = GLOROT_UNIFORM,
-        initial: Optional[States] = None, return_state: bool = False, mask: Optional[Tensor] = None):
+        initial: Optional[States] = None, return_state: bool = False, mask: Optional[Tensor] = None,
+        activation: str = "tanh"):
     b = ctx.b
+    if activation not in RNN_ACTIVATIONS:
+        raise arg_error(f"`rnn`: argument `activation` must be \"tanh\" or \"relu\", got \"{activation}\"",
+                        "activation")
 
     def cell(seq, suffix, reverse, start, mseq):
         n_in = seq.shape[2]
@@ -475,7 +482,8 @@ def rnn(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = Fals
         xw = _matmul_last(b, seq, wx) + bias  # every time step's input projection in one matmul
 
         def step(sb, hs, xs, ws):
-            h = sb.tanh(xs[0] + sb.matmul(hs[0], ws[0]))
+            z = xs[0] + sb.matmul(hs[0], ws[0])
+            h = sb.tanh(z) if activation == "tanh" else sb.maximum(z, 0.0)
             return _finish_step(sb, hs, [h], xs[1] if len(xs) > 1 else None)
 
         last, (hs,) = b.scan(step, _scan_carries(b, start, seq.shape[1], hidden, 1),
@@ -487,7 +495,8 @@ def rnn(ctx: LayerContext, x: Tensor, hidden: int, return_sequences: bool = Fals
                       initial, return_state, mask)
 
 
-rnn.__doc__ = """Elman RNN: h_t = tanh(x_t @ wx + h_{t-1} @ wh + b), h_0 = 0. Returns the last
+rnn.__doc__ = """Elman RNN: h_t = tanh(x_t @ wx + h_{t-1} @ wh + b), h_0 = 0 (relu instead of
+    tanh with activation="relu", PyTorch's nonlinearity='relu'). Returns the last
     state [B, hidden], or all of them [B, T, hidden] with return_sequences=true; with
     return_state=true, the pair (that, final h).""" + _RECURRENT_DOC
 builtin("layer")(rnn)  # registered once documented
