@@ -11,7 +11,8 @@ import numpy as np
 
 from dlc import backends
 from dlc.backends import DEFAULT as DEFAULT_TARGET
-from dlc.core.diagnostics import ArgumentError, DataError, DlcError, Source, Span, UsageError, did_you_mean
+from dlc.core.diagnostics import (ArgumentError, DataError, DlcError, Source, Span, UsageError, did_you_mean,
+                                  warn)
 from dlc.core.graph import Graph
 from dlc.core.kernel import format_program
 from dlc.core.printer import print_graph
@@ -131,6 +132,7 @@ class Model:
         self._state: dict[str, np.ndarray] | None = None  # created on first use: see `state`
         self.normalizer = None
         self._sessions: dict = {}
+        self._mixing_checked = False  # predict's warning about a model that mixes samples, given once
         self._held_out = None  # (x, y) that fit(x, y) held out, shaped: what evaluate() scores
         self.preloaded: dict = {}  # (backend, batch) -> (blobs, layout) from an artifact
         self.preloaded_recipe: str | None = None  # the source key of its training step
@@ -511,9 +513,27 @@ class Model:
         if self.train_config is None:
             if self.built("eval").carries:  # (states stream: the interpreter's loop)
                 return self.forward(x, results=results)
+            self._warn_if_mixing(batch)
             return self._predict_alone(x, target, batch, results, options)
+        self._warn_if_mixing(batch or self.train_config.batch)
         return self.session(self.train_config, target, **options).predict(x, batch or self.train_config.batch,
                                                                          results=results)
+
+    def _warn_if_mixing(self, chunk: int | None) -> None:
+        """Once per model: a warning when its outputs reduce over the batch axis (a softmax
+        over axis 0, say), so that predict's results depend on how the rows are chunked."""
+        if self._mixing_checked:
+            return
+        self._mixing_checked = True
+        from dlc.passes.mask_batch import mixes_samples
+        graph = self.built("eval").graph
+        nid = mixes_samples(graph)
+        if nid is not None:
+            rows = f"chunks of {chunk} rows" if chunk else "all the rows given at once"
+            warn(f"model {self.name} mixes the samples of a batch here (it reduces over the batch axis): "
+                 f"predict runs it on {rows}, and each sample's output depends on the other rows of its "
+                 "chunk", graph.node(nid).span,
+                 hint="reduce over other axes than the batch (axis 0) if that is not what you meant")
 
     def _predict_alone(self, x: np.ndarray, target: str, batch: int | None, results: bool, options: dict):
         """predict() of a model without a train block (an imported one, say): its evaluation

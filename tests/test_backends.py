@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 import dlc
 from dlc import backends
+from dlc.core.diagnostics import DlcWarning
 from dlc.core.kernel import (MULTIPLY_ADDS, SCALAR_OPS, TEMPLATES, Buffer, Ex, Exprs, Ix, Loop, Reduce, Template,
                              all_kernels, bytes_touched, check_program, expand_templates, format_program,
                              multiply_adds, walk_ex)
@@ -274,6 +276,17 @@ def test_predict_without_a_train_block_runs_the_same_chunks_on_every_target():
     x = np.random.default_rng(0).random((5, 3, 5), dtype=np.float32)
     want = np.concatenate([m.forward(x[:2]), m.forward(x[2:4]), m.forward(x[4:])])
     assert want[-1] == 0  # a softmax over one row
+    with pytest.warns(DlcWarning, match="mixes the samples of a batch here .* chunks of 2 rows") as caught:
+        got = m.predict(x, target="reference", batch=2, no_cache=True)
+    assert len(caught) == 1 and "<string>:2:36: warning" in str(caught[0].message)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
     for target in ("reference", "cpu"):
         np.testing.assert_allclose(m.predict(x, target=target, batch=2, no_cache=True), want, rtol=1e-6)
         np.testing.assert_allclose(m.predict(x, target=target, no_cache=True), m.forward(x), rtol=1e-6)
+
+
+def test_predict_warns_only_about_models_that_mix_samples():
+    m = dlc.load("model m(x: f32[B, 4]) -> f32[B, 3] {\n    return dense(x, 3) |> batchnorm |> softmax\n}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.predict(np.ones((5, 4), np.float32), batch=2)
