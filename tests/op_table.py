@@ -174,6 +174,21 @@ def np_conv2d(x, w, stride=(1, 1), pad=(0, 0)):
     return out
 
 
+def np_conv1d(x, w, stride=1, pad=0):
+    """[N, C, T] (cross-correlation over time), written out on its own."""
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad)))
+    k = w.shape[2]
+    steps = (xp.shape[2] - k) // stride + 1
+    return np.stack([np.einsum("nck,ock->no", xp[:, :, t * stride:t * stride + k], w) for t in range(steps)], axis=2)
+
+
+def np_pool1d(x, mode, k, stride, pad):
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad)), constant_values=-np.inf if mode == "max" else 0.0)
+    steps = (xp.shape[2] - k) // stride + 1
+    windows = np.stack([xp[:, :, t * stride:t * stride + k] for t in range(steps)], axis=2)
+    return windows.max(axis=3) if mode == "max" else windows.mean(axis=3)
+
+
 def np_conv2d_bwd_data(g, w, in_hw, stride, pad):
     """d<conv2d(x, w), g>/dx: each output position scatters g * w into its window."""
     n, _, oh, ow = g.shape
@@ -955,6 +970,16 @@ COMPOSITES: list[OpCase] = [
     C("avgpool", [(1, 2, 7, 7)], lambda x: np_pool(x, "avg", (3, 3), (2, 2), (1, 1)),
       attrs={"kernel": 3, "stride": 2, "pad": 1}, id="k3-s2-pad1"),
     C("global_avgpool", [(2, 3, 7, 5)], lambda x: x.mean(axis=(2, 3))),
+    C("global_avgpool", [(2, 3, 7)], lambda x: x.mean(axis=2), id="over-time"),
+    C("conv1d", [(2, 3, 9)], lambda x, w, b: np_conv1d(x, w, 2, 1) + b[None, :, None],
+      attrs={"channels": 4, "kernel": 3, "stride": 2, "pad": 1}, tol32=MATMUL_TOL),
+    C("conv1d", [(1, 2, 6)], lambda x, w, b: np_conv1d(x, w, 1, 2) + b[None, :, None],
+      attrs={"channels": 3, "kernel": 5, "pad": "same"}, tol32=MATMUL_TOL, id="same"),
+    C("maxpool", [(2, 3, 7)], lambda x: np_pool1d(x, "max", 2, 2, 0), id="over-time"),
+    C("maxpool", [(1, 2, 8)], lambda x: np_pool1d(x, "max", 3, 2, 1), attrs={"kernel": 3, "stride": 2, "pad": 1},
+      id="over-time-k3-s2-pad1"),
+    C("avgpool", [(1, 2, 8)], lambda x: np_pool1d(x, "avg", 3, 1, 1), attrs={"kernel": 3, "stride": 1, "pad": 1},
+      id="over-time-k3-s1-pad1"),
     C("flatten", [(2, 3, 1, 7)], lambda x: x.reshape(x.shape[0], -1)),
     C("dropout", [(M, 33)], lambda x: _dropout_ref(x, 0.25), attrs={"p": 0.25}, id="train"),
     C("dropout", [(M, N)], lambda x: x, attrs={"p": 0.5}, training=False, id="eval"),

@@ -286,7 +286,7 @@ def valid_step(g: Gen) -> None:
     if r == 4:
         ops += ["conv", "pool", "global_pool", "transpose"]
     if r == 3:
-        ops += ["index", "rnn", "transpose"]
+        ops += ["index", "rnn", "transpose", "conv1d"]
     if r >= 3:
         ops.append("reduce_axes")
     if r >= 2 and isinstance(s[-1], int) and s[-1] > 1:
@@ -373,6 +373,20 @@ def valid_step(g: Gen) -> None:
         f = g.pick(["maxpool", "avgpool"])
         g.emit(f"{name} = {f}({src}, {k}, stride={st_}" + (f", pad={pad})" if pad else ")"),
                ("B", c, (h + 2 * pad - k) // st_ + 1, (w + 2 * pad - k) // st_ + 1), name)
+    elif op == "conv1d":  # [B, C, T]: a convolution or pooling over time
+        _, c, t = s
+        k = g.num(1, min(t, 4))
+        st_ = g.num(1, 2)
+        pad = g.num(0, k // 2)
+        ch = g.size(1, 6)
+        f = g.pick(["conv1d", "conv1d", "maxpool", "avgpool", "global_avgpool"])
+        if f == "global_avgpool":
+            g.emit(f"{name} = global_avgpool({src})", ("B", c), name)
+        elif f == "conv1d":
+            g.emit(f"{name} = {src} |> conv1d({ch}, {k}, stride={st_}, pad={pad})",
+                   ("B", ch, (t + 2 * pad - k) // st_ + 1), name)
+        else:
+            g.emit(f"{name} = {f}({src}, {k}, stride={st_}, pad={pad})", ("B", c, (t + 2 * pad - k) // st_ + 1), name)
     elif op == "global_pool":
         g.emit(f"{name} = global_avgpool({src})", ("B", s[1]), name)
     elif op == "index":

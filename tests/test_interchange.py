@@ -317,6 +317,30 @@ def test_activations_and_layernorm_become_onnx_operators_and_come_back(tmp_path)
     np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-5, atol=1e-5)
 
 
+def test_convolutions_and_pools_over_time_export_as_one_dimensional_operators(tmp_path):
+    """conv1d and the pools over [N, C, T] are dlc's 2-D ones over [N, C, 1, T] with reshapes
+    around them; the exporter writes ONNX's 1-D Conv, MaxPool and AveragePool, and the
+    importer reads those back as conv1d and the pools."""
+    src = """model m(x: f32[B, 3, 9]) -> f32[B, 4, 5] {
+    h = conv1d(x, 4, 3, stride=2, pad=1) |> relu
+    return h + maxpool(x, 3, stride=2, pad=1)[:, :1] + avgpool(conv1d(h, 4, 1, bias=false), 3, stride=1, pad=1)
+}
+"""
+    m = dlc.load(src)
+    rng = np.random.default_rng(0)
+    for name, value in m.params.items():
+        m.params[name] = rng.normal(size=value.shape).astype(np.float32)
+    proto = export_model(m)
+    assert "Reshape" not in _ops(proto) and {"Conv", "MaxPool", "AveragePool"} <= _ops(proto)
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    x = rng.normal(size=(5, 3, 9)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", {"x": x}), m.predict(x), rtol=1e-5, atol=1e-5)
+    back = write(import_model(tmp_path / "m.onnx"), tmp_path / "b.dln", tmp_path / "b.npz")
+    text = (tmp_path / "b.dln").read_text()
+    assert "conv1d(4, 3, stride=2, pad=1)" in text and "maxpool(3, stride=2, pad=1)" in text, text
+    np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-5, atol=1e-5)
+
+
 INITIAL_STATES = [
     # found by exporting and importing generated models: the importer refused a given state
     """model net(x: f32[B, 2, 1]) -> f32[B, 2, 1] {
@@ -456,7 +480,22 @@ def _torch_models(torch):
             y, _ = self.rnn(x, torch.tanh(torch.cat([h0, h0], dim=2)))  # a given h_0
             return self.fc(y[:, -1])
 
+    class Conv1d(nn.Module):  # over time: [N, C, T]
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1d(3, 6, 5, padding=2)
+            self.c2 = nn.Conv1d(6, 4, 3, stride=2, padding=1, bias=False)
+            self.fc = nn.Linear(4 + 4, 2)
+
+        def forward(self, x):
+            h = nn.functional.max_pool1d(torch.relu(self.c1(x)), 2)
+            h = nn.functional.avg_pool1d(self.c2(h), 3, stride=1, padding=1)
+            g = nn.functional.adaptive_avg_pool1d(h, 1).flatten(1)
+            return self.fc(torch.cat([g, nn.functional.max_pool1d(h, 2, stride=1).flatten(1)], dim=1))
+
     return [("cnn", CNN(), (1, 8, 8), ["conv2d(4, 3, stride=2, pad=1)", "batchnorm", "global_avgpool"]),
+            ("conv1d", Conv1d(), (3, 8), ["conv1d(6, 5, pad=2)", "maxpool(2)", "conv1d(4, 3, stride=2, pad=1, "
+                                          "bias=false)", "avgpool(3, stride=1, pad=1)", "mean("]),
             ("relu_rnn", ReluRNN(), (5, 4), ['rnn(6, return_sequences=true, bidirectional=true, activation="relu", '
                                              'initial=']),
             ("acts", Acts(), (2, 4, 4), ["layernorm", "elu(0.5)", "selu", "softplus", "|> elu\n",
@@ -466,7 +505,7 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["cnn", "acts", "relu_rnn", "seq", "tokens"])
+@pytest.mark.parametrize("which", ["cnn", "conv1d", "acts", "relu_rnn", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
     torch = _torch()
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ tools (and `dlc import`) see layers rather than arithmetic:
   matmul + bias             Gemm          conv2d + bias          Conv with B
   max(x, 0)                 Relu          leaky_relu's select    LeakyRelu
   elu, selu, softplus       Elu, Selu, Softplus    layernorm     LayerNormalization
+  conv1d (+ bias), pools over [N, C, T]    Conv, MaxPool, AveragePool over one axis
   dlc's softmax/log_softmax Softmax/LogSoftmax (axis)
   sum / size                ReduceMean    flatten's reshape      Flatten
   recurrent loops           LSTM, GRU (linear_before_reset=1), RNN; a forward and a
@@ -302,6 +303,9 @@ class _GraphExporter:
                     bias = self.bias_vector(c, 1, 4)
                     if bias is not None:
                         return ("conv", a, bias)
+                t = self.over_time(a) if self.is_op(a, ops.RESHAPE) and self.single_use(a) else None
+                if t is not None and t[0] == "conv1d" and self.bias_vector(c, 1, 3) is not None:
+                    return t[:3] + (self.bias_vector(c, 1, 3), t[4])
             bn = self.batchnorm(nid)
             if bn is not None:
                 return bn
@@ -347,6 +351,10 @@ class _GraphExporter:
                     if tuple(red.attrs["axes"]) == (sh[1],) and self.is_op(ex, ops.EXP) and \
                             self.node(ex).operands[0] == s:
                         return ("log_softmax", sh[0], sh[1])
+        if op is ops.RESHAPE and n.type.rank == 3:
+            t = self.over_time(nid)
+            if t is not None:
+                return t
         if op is ops.RESHAPE and self.is_op(n.operands[0], ops.SLICE):
             picked = self.picked_index(nid)
             if picked is not None:
@@ -362,6 +370,29 @@ class _GraphExporter:
                 self.recurrent[nid] = rec
                 return ("recurrent", rec)
         return None
+
+    def over_time(self, nid: int):
+        """reshape(conv2d or pool2d over reshape(x [N, C, T] -> [N, C, 1, T])) back to rank 3,
+        with windows one row high: dlc's conv1d (its weights [O, C, k] reshaped too) or a pool
+        over time -> ("conv1d", x, w, None, conv) or ("pool1d", x, pool)."""
+        y = self.node(nid).operands[0]
+        yn = self.node(y)
+        if yn.op not in (ops.CONV2D, ops.POOL2D) or yn.type.shape[2] != 1:
+            return None
+        a = yn.attrs
+        window = self.node(yn.operands[1]).type.shape[2] if yn.op is ops.CONV2D else a["kernel"][0]
+        if (window, a["stride"][0], a["pad"][0]) != (1, 1, 0):
+            return None
+        x4 = yn.operands[0]
+        if not self.is_op(x4, ops.RESHAPE) or self.node(self.node(x4).operands[0]).type.rank != 3:
+            return None
+        x = self.node(x4).operands[0]
+        if yn.op is ops.POOL2D:
+            return ("pool1d", x, y)
+        w4 = yn.operands[1]
+        if not self.is_op(w4, ops.RESHAPE) or self.node(self.node(w4).operands[0]).type.rank != 3:
+            return None
+        return ("conv1d", x, self.node(w4).operands[0], None, y)
 
     def picked_index(self, nid: int):
         """reshape(slice(x, one index of one axis)) without that axis: x[..., i] -> (x, axis, i)."""
@@ -645,6 +676,10 @@ class _GraphExporter:
             return p[1:6]
         if kind == "layernorm":
             return p[1:4]
+        if kind == "conv1d":
+            return tuple(v for v in p[1:4] if v is not None)
+        if kind == "pool1d":
+            return (p[1],)
         if kind == "recurrent":
             r = p[1]
             extra = (r.partner.carries if r.partner else ())
@@ -810,6 +845,21 @@ class _GraphExporter:
         inputs = [self.operand(o) for o in c.operands] + ([self.operand(bias)] if bias is not None else [])
         self.value[nid] = self.emit("Conv", inputs, span=self.node(nid).span, kernel_shape=list(w.shape[2:]),
                                     strides=list(c.attrs["stride"]), pads=list(c.attrs["pad"]) * 2)
+
+    def emit_conv1d(self, nid: int, x: int, w: int, bias: int | None, conv: int) -> None:
+        a = self.node(conv).attrs
+        inputs = [self.operand(v) for v in (x, w, bias) if v is not None]
+        self.value[nid] = self.emit("Conv", inputs, span=self.node(nid).span,
+                                    kernel_shape=[self.node(w).type.shape[2]], strides=[a["stride"][1]],
+                                    pads=[a["pad"][1]] * 2)
+
+    def emit_pool1d(self, nid: int, x: int, pool: int) -> None:
+        a = self.node(pool).attrs
+        kw = dict(kernel_shape=[a["kernel"][1]], strides=[a["stride"][1]], pads=[a["pad"][1]] * 2)
+        if a["mode"] == "avg":
+            kw["count_include_pad"] = 1
+        self.value[nid] = self.emit("MaxPool" if a["mode"] == "max" else "AveragePool", [self.operand(x)],
+                                    span=self.node(nid).span, **kw)
 
     def emit_relu(self, nid: int, x: int) -> None:
         self.value[nid] = self.emit("Relu", [self.operand(x)], span=self.node(nid).span)

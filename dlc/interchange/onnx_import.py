@@ -4,8 +4,8 @@ Operators that make up a known layer become that layer, with its weights moved i
 dlc's layout and parameter names:
 
   Gemm, MatMul (+ Add) by a constant          dense            (w [in, units], b)
-  Conv (2-D, one group, symmetric pads)       conv2d           (w, b)
-  MaxPool, AveragePool, GlobalAveragePool     maxpool, avgpool, global_avgpool
+  Conv (2-D or 1-D, one group, symmetric pads) conv2d, conv1d  (w, b)
+  MaxPool, AveragePool, GlobalAveragePool     maxpool, avgpool, global_avgpool (2-D or 1-D)
   BatchNormalization                          batchnorm        (gamma, beta; running_mean, running_var)
   LayerNormalization (over the last axis)     layernorm        (gamma, beta)
   Gather from a constant table                embedding        (table)
@@ -595,68 +595,71 @@ class Importer:
     def op_Conv(self, node, ins):
         a = self.attrs(node)
         w = self.const_of(node, 1, "the weights")
-        if w.ndim != 4:
-            raise self.error(node, f"is a {w.ndim - 2}-D convolution; dlc has conv2d only")
+        if w.ndim not in (3, 4):
+            raise self.error(node, f"is a {w.ndim - 2}-D convolution; dlc has conv1d and conv2d")
+        fn = "conv2d" if w.ndim == 4 else "conv1d"
         if a.get("group", 1) != 1:
-            raise self.error(node, f"is a grouped convolution (group={a['group']}); dlc's conv2d has one group")
-        if any(d != 1 for d in a.get("dilations", [1, 1])):
-            raise self.error(node, "is a dilated convolution, which dlc's conv2d does not do")
+            raise self.error(node, f"is a grouped convolution (group={a['group']}); dlc's {fn} has one group")
+        if any(d != 1 for d in a.get("dilations", [])):
+            raise self.error(node, f"is a dilated convolution, which dlc's {fn} does not do")
         k = list(w.shape[2:])
-        stride = list(a.get("strides", [1, 1]))
+        stride = list(a.get("strides", [1] * len(k)))
         pad = self.pads(node, a, k, stride)
         b = self.const_of(node, 2, "the bias") if len(node.input) > 2 and node.input[2] else None
         params = {"w": w.astype(np.float32)}
         kwargs = {}
-        if stride != [1, 1]:
-            kwargs["stride"] = pair_text(stride)
-        if pad != [0, 0]:
-            kwargs["pad"] = pair_text(pad)
+        if any(s != 1 for s in stride):
+            kwargs["stride"] = window_text(stride)
+        if any(pad):
+            kwargs["pad"] = window_text(pad)
         if b is not None:
             params["b"] = b.astype(np.float32)
         else:
             kwargs["bias"] = "false"
-        layer = Layer("conv2d", [str(w.shape[0]), pair_text(k)], kwargs, params)
-        self.layers_used.append("conv2d")
+        layer = Layer(fn, [str(w.shape[0]), window_text(k)], kwargs, params)
+        self.layers_used.append(fn)
         self.pipe(node, ins[0], layer, self.layer_name(node, node.input[1], "conv"))
 
     def pads(self, node, a, k, stride) -> list:
+        """The padding of each spatial axis (both sides alike), from `pads` or `auto_pad`."""
         auto = a.get("auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else auto
         if auto in ("SAME_UPPER", "SAME_LOWER"):
-            if stride != [1, 1] or any(x % 2 == 0 for x in k):
+            if any(s != 1 for s in stride) or any(x % 2 == 0 for x in k):
                 raise self.error(node, f"pads {auto} with an even window or a stride; dlc pads symmetrically")
             return [x // 2 for x in k]
-        pads = list(a.get("pads", [0, 0, 0, 0]))
+        n = len(k)
+        pads = list(a.get("pads", [0] * 2 * n))
         if auto == "VALID":
-            pads = [0, 0, 0, 0]
-        if pads[:2] != pads[2:]:
+            pads = [0] * 2 * n
+        if pads[:n] != pads[n:]:
             raise self.error(node, f"pads asymmetrically ({pads}); dlc pads both sides alike")
-        return pads[:2]
+        return pads[:n]
 
     def pool(self, node, ins, mode):
         a = self.attrs(node)
         if len(node.output) > 1 and node.output[1]:
             raise self.error(node, "also returns the indices of the maxima, which dlc does not compute")
         k = list(a["kernel_shape"])
-        if len(k) != 2:
-            raise self.error(node, f"pools over {len(k)} dimensions; dlc pools over 2")
+        if len(k) not in (1, 2):
+            raise self.error(node, f"pools over {len(k)} dimensions; dlc pools over 1 or 2")
         if a.get("ceil_mode", 0):
             raise self.error(node, "rounds its output size up (ceil_mode=1); dlc rounds down")
-        if any(d != 1 for d in a.get("dilations", [1, 1])):
+        if any(d != 1 for d in a.get("dilations", [])):
             raise self.error(node, "is a dilated pooling, which dlc does not do")
-        stride = list(a.get("strides", [1, 1]))
+        stride = list(a.get("strides", [1] * len(k)))
         pad = self.pads(node, a, k, stride)
         if mode == "avg" and any(pad) and not a.get("count_include_pad", 0):
             raise self.error(node, "averages padded windows without counting the padding; dlc's avgpool "
                                    "counts it (count_include_pad=1)")
-        if pad[0] > k[0] // 2 or pad[1] > k[1] // 2:
+        if any(p > w // 2 for p, w in zip(pad, k)):
             raise self.error(node, f"pads {pad} beyond half its window {k}")
-        args = [pair_text(k)]
+        args = [window_text(k)]
         kwargs = []
         if stride != k:
-            kwargs.append(f"stride={pair_text(stride)}")
-        if pad != [0, 0]:
-            kwargs.append(f"pad={pair_text(pad)}")
+            kwargs.append(f"stride={window_text(stride)}")
+        if any(pad):
+            kwargs.append(f"pad={window_text(pad)}")
         self.pipe(node, ins[0], f"{mode}pool({', '.join(args + kwargs)})", "h")
 
     def op_MaxPool(self, node, ins):
@@ -667,8 +670,11 @@ class Importer:
 
     def op_GlobalAveragePool(self, node, ins):
         x = ins[0]
+        if x.shape is not None and len(x.shape) == 3:  # [N, C, T] -> [N, C, 1]
+            self.assign(node, f"mean({self.text(x, node)}, axis=2, keepdims=true)")
+            return
         if x.shape is None or len(x.shape) != 4:
-            raise self.error(node, "pools a tensor that is not NCHW")
+            raise self.error(node, "pools a tensor that is neither NCHW nor [N, C, T]")
         inner = V(tuple(x.shape[:2]), x.dtype)
         self.pipe_into(node, ins[0], "global_avgpool", inner)
         self.bind(node.output[0], V(self.out_shape(node) or tuple(x.shape[:2]) + (1, 1), x.dtype,
@@ -1355,9 +1361,11 @@ def dlist(xs) -> str:
     return "[" + ", ".join(str(x) for x in xs) + "]"
 
 
-def pair_text(v) -> str:
+def window_text(v) -> str:
+    """A window's sizes as conv2d/conv1d and the pools take them: one number when they are
+    equal (or there is one), else [h, w]."""
     v = [int(x) for x in v]
-    return str(v[0]) if v[0] == v[1] else f"[{v[0]}, {v[1]}]"
+    return str(v[0]) if len(set(v)) == 1 else f"[{v[0]}, {v[1]}]"
 
 
 def _loss_for(importer: Importer, last_op: str | None) -> tuple[str, str]:

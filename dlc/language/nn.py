@@ -177,37 +177,77 @@ def conv2d(ctx: LayerContext, x: Tensor, channels: int, kernel: Pair, stride: Pa
     return y
 
 
+@builtin("layer")
+def conv1d(ctx: LayerContext, x: Tensor, channels: int, kernel: int, stride: int = 1,
+           pad: Union[int, str] = 0, bias: bool = True, init: Init = HE_NORMAL) -> Value:
+    """1-D convolution over [N, C, T] input (channels first, as PyTorch's Conv1d); pad is a
+    number or "same" (odd kernels, stride 1). Computed as conv2d over [N, C, 1, T]."""
+    _positive(channels, "channels", "conv1d")
+    if x.rank != 3:
+        raise arg_error(f"`conv1d` needs an [N, C, T] input of rank 3, got {x.type}", "x")
+    _float(x, "conv1d", f32=True)
+    _window("conv1d", kernel, stride)
+    if pad == "same":
+        if stride != 1 or kernel % 2 == 0:
+            raise arg_error('`conv1d`: pad="same" needs stride 1 and an odd kernel', "pad")
+        pad = kernel // 2
+    elif isinstance(pad, str):
+        raise arg_error(f'`conv1d`: argument `pad` must be a number or "same", got "{pad}"', "pad")
+    c_in = x.shape[1]
+    if not isinstance(c_in, int):
+        raise arg_error(f"`conv1d` needs a known number of input channels, got {x.type}", "x")
+    b = ctx.b
+    w = ctx.param("w", (channels, c_in, kernel), init, c_in * kernel, channels * kernel)
+    n, _, t = x.shape
+    y = b.emit(ops.CONV2D, (b.reshape(x, (n, c_in, 1, t)), b.reshape(w, (channels, c_in, 1, kernel))),
+               stride=(1, stride), pad=(0, pad))
+    y = b.reshape(y, (n, channels, y.shape[3]))
+    if bias:
+        y = y + b.broadcast(ctx.param("b", (channels,), ZEROS), y.shape, (1,))
+    return y
+
+
 def _pool(ctx, x, mode, kernel, stride, pad):
+    if x.rank == 3:  # [N, C, T]: one row of an NCHW image
+        for what, v in (("kernel", kernel), ("stride", stride), ("pad", pad)):
+            if not isinstance(v, (int, type(None))):
+                raise arg_error(f"`{mode}pool` over [N, C, T] takes a number for `{what}`, got {list(v)}", what)
+        _window(f"{mode}pool", kernel, stride if stride is not None else kernel)
+        n, c, t = x.shape
+        y = _pool(ctx, ctx.b.reshape(x, (n, c, 1, t)), mode, (1, kernel), (1, stride or kernel), (0, pad))
+        return ctx.b.reshape(y, (n, c, y.shape[3]))
     if x.rank != 4:
-        raise arg_error(f"`{mode}pool` needs an NCHW input of rank 4, got {x.type}", "x")
+        raise arg_error(f"`{mode}pool` needs an NCHW input of rank 4 (or [N, C, T]), got {x.type}", "x")
     _float(x, f"{mode}pool")
     k, s = _window(f"{mode}pool", kernel, stride if stride is not None else kernel)
     p = pair(pad)
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
-        raise arg_error(f"`{mode}pool`: argument `pad` can be at most half the window ({k[0]}x{k[1]}), got "
-                        f"{list(p) if p[0] != p[1] else p[0]}", "pad")
+        raise arg_error(f"`{mode}pool`: argument `pad` can be at most half the window "
+                        f"({k[0]}x{k[1]}), got {list(p) if p[0] != p[1] else p[0]}", "pad")
     return ctx.b.emit(ops.POOL2D, (x,), mode=mode, kernel=k, stride=s, pad=p)
 
 
 @builtin("function")
 def maxpool(ctx: LayerContext, x: Tensor, kernel: Pair = 2, stride: Optional[Pair] = None, pad: Pair = 0) -> Value:
-    """Max pooling over NCHW windows (stride defaults to the kernel size)."""
+    """Max pooling over NCHW windows, or over time in [N, C, T] (stride defaults to the kernel
+    size)."""
     return _pool(ctx, x, "max", kernel, stride, pad)
 
 
 @builtin("function")
 def avgpool(ctx: LayerContext, x: Tensor, kernel: Pair = 2, stride: Optional[Pair] = None, pad: Pair = 0) -> Value:
-    """Average pooling over NCHW windows (stride defaults to the kernel size)."""
+    """Average pooling over NCHW windows, or over time in [N, C, T] (stride defaults to the
+    kernel size)."""
     return _pool(ctx, x, "avg", kernel, stride, pad)
 
 
 @builtin("function")
 def global_avgpool(ctx: LayerContext, x: Tensor) -> Value:
-    """Mean over the spatial axes: [N, C, H, W] -> [N, C]."""
-    if x.rank != 4:
-        raise arg_error(f"`global_avgpool` needs an NCHW input of rank 4, got {x.type}", "x")
+    """Mean over the spatial axes: [N, C, H, W] -> [N, C] (over time: [N, C, T] -> [N, C])."""
+    if x.rank not in (3, 4):
+        raise arg_error(f"`global_avgpool` needs an NCHW input of rank 4 (or [N, C, T]), got {x.type}", "x")
     _float(x, "global_avgpool")
-    return ctx.b.mean(x, (2, 3))
+    return ctx.b.mean(x, tuple(range(2, x.rank)))
 
 
 @builtin("function")
