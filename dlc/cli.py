@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="turn an ONNX model into a .dln file and a checkpoint",
                        description="Translate an ONNX model into a readable .dln program and its weights (a "
                                    "checkpoint for --weights and `dlc run --resume`). Known layer patterns "
-                                   "become layers (Gemm/MatMul+Add -> dense, Conv -> conv2d, pools, "
+                                   "become layers (Gemm/MatMul+Add -> dense, Conv -> conv2d or conv1d, pools, "
                                    "BatchNormalization -> batchnorm, LayerNormalization -> layernorm, "
                                    "LSTM/GRU/RNN -> lstm/gru/rnn, Flatten, "
                                    "activations); other operators become .dln arithmetic, and an operator "

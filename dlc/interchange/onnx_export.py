@@ -447,7 +447,8 @@ class _GraphExporter:
             if not self.is_op(e, ops.EXP) or self.scalar_const(one) != 1.0:
                 continue
             neg = self.node(self.node(e).operands[0])
-            if neg.op is ops.NEG and self.is_op(neg.operands[0], ops.ABS) and self.node(neg.operands[0]).operands[0] == x:
+            if neg.op is ops.NEG and self.is_op(neg.operands[0], ops.ABS) and \
+                    self.node(neg.operands[0]).operands[0] == x:
                 return ("softplus", x)
         return None
 

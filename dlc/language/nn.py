@@ -1039,9 +1039,9 @@ def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str, logits:
 # the functions whose result keeps the mask of their first tensor argument: elementwise
 # ones and those acting on the feature axis (the frontend also passes masks through
 # arithmetic); anything else (reshape, indexing, reductions, concat) drops it
-KEEPS_MASK = frozenset({"dense", "dropout", "layernorm", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "log_softmax",
-                        "gelu", "elu", "selu", "softplus", "silu", "exp", "log", "sqrt", "abs", "clip",
-                        "maximum", "minimum"})
+KEEPS_MASK = frozenset({"dense", "dropout", "layernorm", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
+                        "log_softmax", "gelu", "elu", "selu", "softplus", "silu", "exp", "log", "sqrt", "abs",
+                        "clip", "maximum", "minimum"})
 
 
 def _hyper(b: GraphBuilder, name: str, dtype: DType) -> Value:
