@@ -22,7 +22,7 @@ import dlc
 from dlc.language import recipe
 from dlc.program import make_program
 from dlc.backends.reference import run_graph
-from dlc.core.diagnostics import NumericsError
+from dlc.core.diagnostics import ArgumentError, NumericsError
 from dlc.passes.autodiff import autodiff
 from dlc.runtime.trainer import learning_rate
 
@@ -439,6 +439,33 @@ def test_schedule_is_fed_to_the_step_by_fit():
     close(m.state["w"], w, "w after four scheduled sgd steps")
     close(m.state["b"], b, "b after four scheduled sgd steps")
     assert int(m.state["step"]) == 4
+
+
+def test_warmup_raises_the_rate_step_by_step():
+    """`warmup=N` on a schedule: step s < N takes (s + 1) / N of the schedule's rate, set
+    every step (recomputed by hand, as above: one batch per epoch, so the steps' rates are
+    0.2 / 3, 0.4 / 3, then cosine's); a warmup of 0 is the schedule itself."""
+    for e in range(5):
+        for s_ in range(12):
+            plain = learning_rate(recipe.cosine(0.01), 0.5, e, 5, s_)
+            warm = learning_rate(recipe.cosine(0.01, warmup=4), 0.5, e, 5, s_)
+            assert warm == pytest.approx(plain * min(1.0, (s_ + 1) / 4), rel=1e-12)
+    assert recipe.cosine(warmup=0) == recipe.cosine() and str(recipe.constant(warmup=3)) == "constant(warmup=3)"
+    text = source("sgd(lr=0.2)", extra="\n    epochs = 4\n    schedule = cosine(warmup=2)")
+    m = dlc.load(text)
+    xs, ys = batches()
+    x, y = xs[0], ys[0]
+    w, b = m.state["w"].astype(np.float64), m.state["b"].astype(np.float64)
+    history = m.fit(x, y, test=0.0, batch=8, quiet=True)
+    cos = [0.2 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    expected = [cos[0] / 2, cos[1], cos[2], cos[3]]
+    assert history["lr"] == pytest.approx(expected)
+    for lr in expected:
+        g = analytic_grads(w, b, x.astype(np.float64), y.astype(np.float64))
+        w, b = w - lr * g["w"], b - lr * g["b"]
+    close(m.state["w"], w, "w after four warmed-up cosine sgd steps")
+    with pytest.raises(ArgumentError, match="`warmup` must be a number of steps"):
+        recipe.cosine(warmup=-1)
 
 
 # --- the numerics guard ----------------------------------------------------------------------

@@ -154,30 +154,38 @@ def perceptron(lr: float = 1.0) -> Spec:
     return _optimizer("perceptron", lr=lr)
 
 
-# --- learning-rate schedules (per epoch; cyclic per step) --------------------------------------
+# --- learning-rate schedules (per epoch; cyclic per step; warmup=N: the first N steps rise to it) -
+
+def _schedule(name: str, args: dict, warmup: int) -> Spec:
+    """A schedule's Spec; `warmup` (steps) is kept only when set, so that the others print as
+    they always have."""
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ArgumentError(f"`warmup` must be a number of steps (0 or more), got {warmup}")
+    return Spec("schedule", name, {**args, "warmup": warmup} if warmup else args)
+
 
 @entry("schedule")
-def constant() -> Spec:
-    """The learning rate stays as given."""
-    return Spec("schedule", "constant", {})
+def constant(warmup: int = 0) -> Spec:
+    """The learning rate stays as given (after `warmup` steps rising to it linearly)."""
+    return _schedule("constant", {}, warmup)
 
 
 @entry("schedule")
-def step(every: int, gamma: float = 0.1) -> Spec:
+def step(every: int, gamma: float = 0.1, warmup: int = 0) -> Spec:
     """Multiply the learning rate by gamma every `every` epochs."""
-    return Spec("schedule", "step", {"every": _positive(every, "every"), "gamma": gamma})
+    return _schedule("step", {"every": _positive(every, "every"), "gamma": gamma}, warmup)
 
 
 @entry("schedule")
-def exponential(gamma: float) -> Spec:
+def exponential(gamma: float, warmup: int = 0) -> Spec:
     """Multiply the learning rate by gamma after every epoch."""
-    return Spec("schedule", "exponential", {"gamma": _positive(gamma, "gamma")})
+    return _schedule("exponential", {"gamma": _positive(gamma, "gamma")}, warmup)
 
 
 @entry("schedule")
-def cosine(min_lr: float = 0.0) -> Spec:
+def cosine(min_lr: float = 0.0, warmup: int = 0) -> Spec:
     """Cosine decay from the initial rate to min_lr over the run's epochs."""
-    return Spec("schedule", "cosine", {"min_lr": min_lr})
+    return _schedule("cosine", {"min_lr": min_lr}, warmup)
 
 
 @entry("schedule")

@@ -18,18 +18,27 @@ from dlc.program import VALID, make_programs
 
 
 def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int, step: int = 0) -> float:
-    """The rate for a (0-based) epoch; `cyclic` is per step (the 0-based count of steps taken)."""
+    """The rate for a (0-based) epoch; `cyclic` is per step (the 0-based count of steps taken),
+    and so is a schedule's `warmup`: step s < warmup takes (s + 1) / warmup of the rate."""
     a = schedule.args
     if schedule.name == "cyclic":  # triangular: base -> max over step_size steps, and back
         x = abs(step / a["step_size"] - 2 * math.floor(1 + step / (2 * a["step_size"])) + 1)
         return a["base"] + (a["max"] - a["base"]) * max(0.0, 1.0 - x)
     if schedule.name == "step":
-        return lr0 * a["gamma"] ** (epoch // a["every"])
-    if schedule.name == "exponential":
-        return lr0 * a["gamma"] ** epoch
-    if schedule.name == "cosine":
-        return a["min_lr"] + (lr0 - a["min_lr"]) * 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
-    return lr0
+        rate = lr0 * a["gamma"] ** (epoch // a["every"])
+    elif schedule.name == "exponential":
+        rate = lr0 * a["gamma"] ** epoch
+    elif schedule.name == "cosine":
+        rate = a["min_lr"] + (lr0 - a["min_lr"]) * 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+    else:
+        rate = lr0
+    warmup = a.get("warmup", 0)
+    return rate * (step + 1) / warmup if step < warmup else rate
+
+
+def per_step(schedule: Spec) -> bool:
+    """Whether the schedule sets the rate every step (not once an epoch)."""
+    return schedule.name == "cyclic" or bool(schedule.args.get("warmup"))
 
 
 @dataclass
@@ -536,7 +545,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
              hint=f"a full batch is `batch = {n}`: the same training, without the padding")
     session.use_batch(opts.batch)
     x_val = data.x_val if data.x_val is not None and len(data.x_val) else None
-    per_step = cfg.schedule.name == "cyclic"
+    stepwise = per_step(cfg.schedule)
     # what the monitors may watch, checked before the first step
     recorded = [f"{split}_{k}" for split in ("train", "val") if split == "train" or x_val is not None
                 for k in session._results]
@@ -605,7 +614,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
             for i, idx in enumerate(session.batches(n, opts.batch, rng)):
                 if (epoch == start_epoch and i < skip) or i == steps_per_epoch:  # i == ...: the dropped batch
                     continue
-                if per_step:  # the steps submitted so far, read or not, count
+                if stepwise:  # the steps submitted so far, read or not, count
                     lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs, session.global_step + len(ran))
                 ran.append((len(idx), session.submit(x[idx], y[idx], lr)))
                 position = (epoch, i + 1)
