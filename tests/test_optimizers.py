@@ -468,6 +468,48 @@ def test_warmup_raises_the_rate_step_by_step():
         recipe.cosine(warmup=-1)
 
 
+PLATEAU = """
+model reg(x: f32[B, 3]) -> f32[B, 1] { return x |> dense(1) }
+train reg { data = arrays()  loss = mse(output, label)  optimizer = sgd(lr=0.5)  batch = 16  epochs = 6
+            schedule = plateau(factor=0.5, patience=2, monitor="train_loss", min_delta=MIN_DELTA, min_lr=0.05) }
+"""
+
+
+def test_plateau_cuts_the_rate_after_patience_epochs_and_resumes_where_it_was(tmp_path):
+    """plateau(...): each time the monitored value goes `patience` epochs without improving
+    by more than min_delta, the rate is multiplied by `factor`, down to min_lr; the count
+    and the cut are saved with the checkpoint, so a resumed run goes on with them."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype(np.float32)
+    y = x[:, :1] * 2
+    never = dlc.load(PLATEAU.replace("MIN_DELTA", "1000.0"))  # no epoch after the first improves
+    h = never.fit(x, y, quiet=True, test=0.0, save=tmp_path / "p.npz")
+    assert h["lr"] == pytest.approx([0.5, 0.5, 0.5, 0.25, 0.25, 0.125])
+    again = dlc.load(PLATEAU.replace("MIN_DELTA", "1000.0"))
+    h = again.fit(x, y, quiet=True, test=0.0, epochs=10, resume=tmp_path / "p.npz")
+    assert h["lr"] == pytest.approx([0.125, 0.0625, 0.0625, 0.05])  # (epochs 7-10; min_lr 0.05)
+    always = dlc.load(PLATEAU.replace("MIN_DELTA", "0.0"))  # the loss falls every epoch here
+    assert always.fit(x, y, quiet=True, test=0.0)["lr"] == pytest.approx([0.5] * 6)
+    with pytest.raises(ArgumentError, match="`schedule` monitors `val_loss`, but there is no validation split"):
+        dlc.load(PLATEAU.replace('monitor="train_loss", ', "").replace("MIN_DELTA", "0.0")).fit(x, y, quiet=True)
+    with pytest.raises(ArgumentError, match="`factor` must be in"):
+        recipe.plateau(factor=1.5)
+
+
+def test_a_damaged_plateau_state_in_a_checkpoint_is_a_clear_error(tmp_path):
+    from dlc.core.diagnostics import CheckpointError
+    from dlc.runtime.checkpoint import load_checkpoint, save_checkpoint
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype(np.float32)
+    m = dlc.load(PLATEAU.replace("MIN_DELTA", "0.0"))
+    m.fit(x, x[:, :1], quiet=True, test=0.0, epochs=1, save=tmp_path / "p.npz")
+    arrays, meta = load_checkpoint(tmp_path / "p.npz")
+    save_checkpoint(tmp_path / "bad.npz", arrays, {**meta, "plateau": {"scale": -1, "wait": 0, "best": None}})
+    with pytest.raises(CheckpointError, match="damaged metadata: `plateau`"):
+        dlc.load(PLATEAU.replace("MIN_DELTA", "0.0")).fit(x, x[:, :1], quiet=True, test=0.0,
+                                                           resume=tmp_path / "bad.npz")
+
+
 # --- the numerics guard ----------------------------------------------------------------------
 
 GUARDED = """\

@@ -189,6 +189,21 @@ def cosine(min_lr: float = 0.0, warmup: int = 0) -> Spec:
 
 
 @entry("schedule")
+def plateau(factor: float = 0.1, patience: int = 10, monitor: str = "val_loss", min_delta: float = 0.0,
+            min_lr: float = 0.0) -> Spec:
+    """Multiply the learning rate by `factor` once `monitor` has not improved by more than
+    min_delta for `patience` epochs (and again after as many more), down to min_lr (Keras'
+    ReduceLROnPlateau). Its state travels in checkpoints."""
+    if not 0.0 < factor < 1.0:
+        raise ArgumentError(f"`factor` must be in (0, 1), got {factor}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ArgumentError(f"`patience` must be a positive number of epochs, got {patience}")
+    return Spec("schedule", "plateau", {"factor": factor, "patience": patience, "monitor": monitor,
+                                        "min_delta": _non_negative(min_delta, "min_delta"),
+                                        "min_lr": _non_negative(min_lr, "min_lr")})
+
+
+@entry("schedule")
 def cyclic(base: float, max: float, step_size: int) -> Spec:
     """Triangular cyclical rate (Smith 2017, PyTorch's CyclicLR): from base up to max over
     step_size training steps (batches), back down over the next step_size, and again; set

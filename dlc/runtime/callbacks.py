@@ -97,6 +97,34 @@ class EarlyStopping(Callback):
         return f"EarlyStopping(monitor={self.monitor!r}, patience={self.patience}, min_delta={self.min_delta})"
 
 
+class Plateau:
+    """The schedule `plateau(...)`: the rate's share of the optimizer's, cut by `factor` each
+    time `monitor` has gone `patience` epochs without improving (Keras' ReduceLROnPlateau).
+    `state()` is saved with checkpoints, and a resumed run goes on from it."""
+
+    def __init__(self, spec, saved: dict | None = None):
+        a = spec.args
+        self.monitor, self.factor, self.patience, self.min_lr = a["monitor"], a["factor"], a["patience"], a["min_lr"]
+        self._watch = Monitor(self.monitor, a["min_delta"])
+        self.scale, self.wait = 1.0, 0
+        if isinstance(saved, dict):
+            self.scale, self.wait, self._watch.best = saved["scale"], saved["wait"], saved["best"]
+
+    def rate(self, lr: float) -> float:
+        return max(lr * self.scale, min(self.min_lr, lr))
+
+    def update(self, epoch: int, logs: dict) -> None:
+        if self._watch.update(epoch, logs):
+            self.wait = 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.scale, self.wait = self.scale * self.factor, 0
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "wait": self.wait, "best": self._watch.best}
+
+
 def from_spec(spec) -> EarlyStopping:
     """The train block's `early_stop(...)` as a callback."""
     return EarlyStopping(**spec.args)

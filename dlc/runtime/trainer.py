@@ -553,6 +553,10 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
     if opts.early_stop is not None:
         cbs.check_monitor(opts.early_stop.monitor, recorded, "`early_stop`", cfg.span("early_stop"))
         watched.append(opts.early_stop)
+    plateau = None
+    if cfg.schedule.name == "plateau":
+        plateau = cbs.Plateau(cfg.schedule, (opts.resume or {}).get("plateau"))
+        cbs.check_monitor(plateau.monitor, recorded, "`schedule`", cfg.span("schedule"))
     best = None
     if opts.keep_best:
         monitor = opts.early_stop.monitor if opts.early_stop is not None else "val_loss"
@@ -587,7 +591,7 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         if not lead:
             return
         moved = save(session.model, opts.save_path, normalizer, epoch, batch, session.global_step,
-                     keep_previous=keep)
+                     keep_previous=keep, extra={"plateau": plateau.state()} if plateau else None)
         history.previous, keep = history.previous or moved, False
 
     try:
@@ -604,6 +608,8 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
         cbs.call_hook(callbacks, "on_train_begin", {})
         for epoch in range(start_epoch, opts.epochs):
             lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs, session.global_step)
+            if plateau is not None:
+                lr = plateau.rate(lr)
             progress.start_epoch(epoch + 1)
             started = time.perf_counter()
             sums: dict[str, float] = {}
@@ -630,6 +636,8 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
                                session.evaluate(x_val, data.y_val, opts.batch).items()})
             record["seconds"] = time.perf_counter() - started
             history.epochs.append(record)
+            if plateau is not None:  # (before the checkpoint, which saves its state)
+                plateau.update(epoch + 1, record)
             metrics = {k: v for k, v in record.items() if k.startswith(("train_", "val_"))}
             progress.end_epoch(epoch + 1, metrics, record["seconds"])
             for lg in loggers:
@@ -697,12 +705,23 @@ def kept_note(history: History) -> str:
 
 
 def save(model, path: Path, normalizer: Normalizer, epoch: int = 0, batch: int = 0, step: int = 0,
-         keep_previous: bool = False) -> Path | None:
-    """Write the model's state and normalization; (epoch, batch) is where a resumed run goes on."""
+         keep_previous: bool = False, extra: dict | None = None) -> Path | None:
+    """Write the model's state and normalization; (epoch, batch) is where a resumed run goes on
+    (`extra`: more of the run's state, such as a plateau schedule's)."""
     from dlc.runtime.checkpoint import save_checkpoint
     arrays = {**model.state, "data:shift": normalizer.shift, "data:scale": normalizer.scale}
-    meta = {"dlc": __version__, "model": model.name, "epoch": epoch, "batch": batch, "step": step}
+    meta = {"dlc": __version__, "model": model.name, "epoch": epoch, "batch": batch, "step": step, **(extra or {})}
     return save_checkpoint(path, arrays, meta, keep_previous)
+
+
+def _plateau_state(v) -> bool:
+    """Whether `v` is what a plateau schedule saves: its scale, its epochs without improving,
+    the best value so far."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return isinstance(v, dict) and set(v) == {"scale", "wait", "best"} and number(v["scale"]) and \
+        v["scale"] > 0 and isinstance(v["wait"], int) and not isinstance(v["wait"], bool) and v["wait"] >= 0 and \
+        (v["best"] is None or number(v["best"]))
 
 
 def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Normalizer]:
@@ -716,6 +735,11 @@ def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Norm
             raise CheckpointError(f"checkpoint `{path}` has damaged metadata: `{key}` is "
                                   f"{'missing' if v is None else repr(v)}, not a non-negative integer",
                                   hint="dlc writes it with every checkpoint; was the file edited?")
+    plateau = meta.get("plateau")
+    if plateau is not None and not _plateau_state(plateau):
+        raise CheckpointError(f"checkpoint `{path}` has damaged metadata: `plateau` is {plateau!r}",
+                              hint="dlc writes it with the checkpoints of a run with a plateau schedule; "
+                                   "was the file edited?")
     _check_usable(path, arrays)
     norm = Normalizer(arrays.pop("data:shift", np.zeros(1, np.float32)),
                       arrays.pop("data:scale", np.ones(1, np.float32)))
