@@ -293,6 +293,7 @@ def test_sign_and_the_math_primitives_round_trip(tmp_path):
     np.testing.assert_allclose(back.forward(x), m.forward(x), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::dlc.core.diagnostics.DlcWarning")  # (the silu model has no weights)
 def test_activations_and_layernorm_become_onnx_operators_and_come_back(tmp_path):
     """elu, selu, softplus and layernorm are arithmetic in dlc's graph; the exporter writes
     ONNX's Elu, Selu, Softplus and LayerNormalization for them (onnxruntime agrees), and the
@@ -315,6 +316,18 @@ def test_activations_and_layernorm_become_onnx_operators_and_come_back(tmp_path)
     text = (tmp_path / "b.dln").read_text()
     assert "layernorm(eps=0.01) |> elu(0.5) |> softplus |> selu" in text and "|> elu\n" in text, text
     np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-5, atol=1e-5)
+    # silu exports as Sigmoid and Mul (onnxruntime runs no Swish); another tool's Swish imports as silu
+    swish = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Swish", ["x"], ["y"]), onnx.helper.make_node("Swish", ["x"], ["z"], alpha=2.0),
+         onnx.helper.make_node("Add", ["y", "z"], ["out"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 6])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["B", 6])]),
+        opset_imports=[onnx.helper.make_opsetid("", 24)])
+    onnx.save(swish, str(tmp_path / "s.onnx"))
+    imported = import_model(tmp_path / "s.onnx")
+    assert "|> silu" in imported.text and "sigmoid(x * 2.0)" in imported.text, imported.text
+    back = write(imported, tmp_path / "s.dln", tmp_path / "s.npz")
+    np.testing.assert_allclose(back.predict(x), x / (1 + np.exp(-x)) + x / (1 + np.exp(-2 * x)), rtol=1e-5, atol=1e-6)
 
 
 def test_convolutions_and_pools_over_time_export_as_one_dimensional_operators(tmp_path):

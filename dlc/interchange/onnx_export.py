@@ -12,6 +12,7 @@ tools (and `dlc import`) see layers rather than arithmetic:
   matmul + bias             Gemm          conv2d + bias          Conv with B
   max(x, 0)                 Relu          leaky_relu's select    LeakyRelu
   elu, selu, softplus       Elu, Selu, Softplus    layernorm     LayerNormalization
+  (silu stays Sigmoid and Mul: onnxruntime 1.32 runs no Swish, ONNX's operator from opset 24)
   conv1d (+ bias), pools over [N, C, T]    Conv, MaxPool, AveragePool over one axis
   dlc's softmax/log_softmax Softmax/LogSoftmax (axis)
   sum / size                ReduceMean    flatten's reshape      Flatten

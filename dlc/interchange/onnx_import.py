@@ -12,7 +12,7 @@ dlc's layout and parameter names:
   LSTM, GRU (linear_before_reset=1), RNN      lstm, gru, rnn   (gates reordered; bidirectional and
                                                                initial states too)
   Relu, Sigmoid, Tanh, LeakyRelu, Softmax, LogSoftmax, Gelu, Elu, Selu, Softplus,
-  Flatten, Dropout                            the function of the same name
+  Flatten, Dropout                            the function of the same name (Swish: silu)
   PRelu, Softsign, HardSigmoid, HardSwish, Mish
                                               their formula (PRelu's slopes a parameter,
                                               or leaky_relu's alpha when there is one)
@@ -1189,6 +1189,14 @@ class Importer:
 
     def op_Softplus(self, node, ins):
         self.unary(node, ins, "softplus")
+
+    def op_Swish(self, node, ins):
+        alpha = float(np.float32(self.attrs(node).get("alpha", 1.0)))
+        if alpha == 1.0:
+            self.unary(node, ins, "silu")
+        else:
+            x = self.text(ins[0], node)
+            self.assign(node, f"{x} * sigmoid({x} * {literal(alpha)})")
 
     def op_Softsign(self, node, ins):
         x = self.text(ins[0], node)
