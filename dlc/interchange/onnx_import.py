@@ -1165,15 +1165,19 @@ class Importer:
         self.unary(node, ins, "leaky_relu" if abs(alpha - 0.01) < 1e-9 else
                    f"leaky_relu({literal(float(np.float32(alpha)))})")
 
+    def formula(self, node, ins, template: str, **values) -> None:
+        """An activation .dln has no function for, written out: `template` with {x} its
+        input (written as a name or a literal, so it may appear twice) and `values`."""
+        self.assign(node, template.format(x=self.text(ins[0], node), **values))
+
     def op_PRelu(self, node, ins):  # its slopes become a declared parameter
-        x, slope = ins
+        slope = ins[1]
         if slope.const is not None and slope.const.size == 1:
             self.unary(node, ins, f"leaky_relu({literal(float(slope.const.reshape(())))})")
             return
         if slope.var is None:  # `prelu_slope` for the node /prelu/PRelu, not the ONNX value's name
             slope.hint = "_".join([p for p in node.name.split("/") if p][:-1] + ["slope"])
-        self.assign(node, f"relu({self.text(x, node)}) + {self.operand(slope, node)} * "
-                          f"minimum({self.text(x, node)}, 0.0)")
+        self.formula(node, ins, "relu({x}) + {slope} * minimum({x}, 0.0)", slope=self.operand(slope, node))
 
     def op_Elu(self, node, ins):
         alpha = float(np.float32(self.attrs(node).get("alpha", 1.0)))
@@ -1185,7 +1189,7 @@ class Importer:
         if np.float32(alpha) == np.float32(SELU_ALPHA) and np.float32(gamma) == np.float32(SELU_SCALE):
             self.unary(node, ins, "selu")
         else:
-            self.assign(node, f"elu({self.text(ins[0], node)}, {literal(alpha)}) * {literal(gamma)}")
+            self.formula(node, ins, "elu({x}, {alpha}) * {gamma}", alpha=literal(alpha), gamma=literal(gamma))
 
     def op_Softplus(self, node, ins):
         self.unary(node, ins, "softplus")
@@ -1195,25 +1199,21 @@ class Importer:
         if alpha == 1.0:
             self.unary(node, ins, "silu")
         else:
-            x = self.text(ins[0], node)
-            self.assign(node, f"{x} * sigmoid({x} * {literal(alpha)})")
+            self.formula(node, ins, "{x} * sigmoid({x} * {alpha})", alpha=literal(alpha))
 
     def op_Softsign(self, node, ins):
-        x = self.text(ins[0], node)
-        self.assign(node, f"{x} / (1.0 + abs({x}))")
+        self.formula(node, ins, "{x} / (1.0 + abs({x}))")
 
     def op_HardSigmoid(self, node, ins):
         a = self.attrs(node)
-        x = self.text(ins[0], node)
-        self.assign(node, f"clip({x} * {literal(a.get('alpha', 0.2))} + {literal(a.get('beta', 0.5))}, 0.0, 1.0)")
+        self.formula(node, ins, "clip({x} * {alpha} + {beta}, 0.0, 1.0)", alpha=literal(a.get("alpha", 0.2)),
+                     beta=literal(a.get("beta", 0.5)))
 
     def op_HardSwish(self, node, ins):
-        x = self.text(ins[0], node)
-        self.assign(node, f"{x} * clip({x} / 6.0 + 0.5, 0.0, 1.0)")
+        self.formula(node, ins, "{x} * clip({x} / 6.0 + 0.5, 0.0, 1.0)")
 
     def op_Mish(self, node, ins):
-        x = self.text(ins[0], node)
-        self.assign(node, f"{x} * tanh(softplus({x}))")
+        self.formula(node, ins, "{x} * tanh(softplus({x}))")
 
     def softmax(self, node, ins, fn: str):
         a = self.attrs(node)
