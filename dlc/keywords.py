@@ -124,14 +124,13 @@ def flag(name: str, value) -> bool:
 
 def validation_value(v):
     """fit(validation=...): a share (0.1), a data-source expression ('npz("v.npz")') or (x, y)."""
-    from dlc.language.frontend import eval_recipe
-    from dlc.language.overrides import parse_expression
+    from dlc.language.overrides import option_value
     if v is None:
         return None
     if isinstance(v, (tuple, list)) and len(v) == 2:
         return tuple(v)
     if isinstance(v, str):
-        return eval_recipe(parse_expression(v, "validation"), "validation")
+        return option_value(v, "validation")[0]
     if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1:
         return float(v)
     raise ArgumentError(f"validation={v!r}: give a share of the training data in (0, 1), a data source "
@@ -149,9 +148,8 @@ def early_stop_value(v, config):
     if isinstance(v, EarlyStopping):
         return v
     if isinstance(v, str):
-        from dlc.language.frontend import eval_recipe
-        from dlc.language.overrides import parse_expression
-        return from_spec(eval_recipe(parse_expression(v, "early_stop"), "early_stop"))
+        from dlc.language.overrides import option_value
+        return from_spec(option_value(v, "early_stop")[0])
     raise ArgumentError(f"early_stop={v!r}: give 'early_stop(monitor=val_loss, patience=5)', a "
                         "dlc.EarlyStopping, or False")
 
@@ -159,15 +157,13 @@ def early_stop_value(v, config):
 def with_spec(config, option: str, value, example: str):
     """fit(optimizer=...) or fit(schedule=...): an expression as `--optimizer` takes it
     ("adam", "sgd(lr=0.1, momentum=0.9)") or a recipe Spec; None keeps the train block's."""
-    from dlc.language.frontend import eval_recipe
-    from dlc.language.overrides import parse_expression
+    from dlc.language.overrides import option_value
     from dlc.language.recipe import Spec
     if value is None:
         return config
     spans = {k: v for k, v in config.spans.items() if k != option}  # (the train block's no longer applies)
     if isinstance(value, str):
-        expr = parse_expression(value, option)
-        value, spans[option] = eval_recipe(expr, option), expr.span
+        value, spans[option] = option_value(value, option)
     elif not (isinstance(value, Spec) and value.kind == option):
         raise ArgumentError(f"fit({option}={value!r}): `{option}` takes an expression such as {example}")
     return dataclasses.replace(config, **{option: value}, spans=spans)

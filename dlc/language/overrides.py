@@ -31,15 +31,22 @@ def parse_expression(text: str, name: str):
     return _ToAst(source).transform(tree)
 
 
+def option_value(text: str, option: str, name: str | None = None):
+    """A train option given as text (a flag's, or a Python keyword's): its value, checked as
+    the train block's would be, and the span of the text (errors point there)."""
+    from dlc.language.frontend import eval_recipe
+    expr = parse_expression(text, name or option)
+    return eval_recipe(expr, option), expr.span
+
+
 def override_config(config: TrainConfig, **options: str | None) -> TrainConfig:
     """The config with train options replaced by .dln expressions (None: kept as it is)."""
-    from dlc.language.frontend import eval_recipe
     if options.get("early_stop") and options["early_stop"].strip().isidentifier():
         options["early_stop"] = f"early_stop(monitor={options['early_stop'].strip()})"  # `--early-stop val_loss`
-    exprs = {option: parse_expression(text, f"--{option.replace('_', '-')}")
+    given = {option: option_value(text, option, f"--{option.replace('_', '-')}")
              for option, text in options.items() if text is not None}
-    if not exprs:
+    if not given:
         return config
     # runtime errors about an overridden option point at the flag's text, not the train block's
-    return dataclasses.replace(config, **{option: eval_recipe(e, option) for option, e in exprs.items()},
-                               spans={**config.spans, **{option: e.span for option, e in exprs.items()}})
+    return dataclasses.replace(config, **{option: value for option, (value, _) in given.items()},
+                               spans={**config.spans, **{option: span for option, (_, span) in given.items()}})

@@ -99,30 +99,39 @@ class EarlyStopping(Callback):
 
 class Plateau:
     """The schedule `plateau(...)`: the rate's share of the optimizer's, cut by `factor` each
-    time `monitor` has gone `patience` epochs without improving (Keras' ReduceLROnPlateau).
-    `state()` is saved with checkpoints, and a resumed run goes on from it."""
+    time `monitor` has gone `patience` epochs without improving (Keras' ReduceLROnPlateau):
+    early stopping's count, which restarts after each cut instead of stopping. `state()` is
+    saved with checkpoints, and a resumed run goes on from it."""
 
     def __init__(self, spec, saved: dict | None = None):
         a = spec.args
-        self.monitor, self.factor, self.patience, self.min_lr = a["monitor"], a["factor"], a["patience"], a["min_lr"]
-        self._watch = Monitor(self.monitor, a["min_delta"])
-        self.scale, self.wait = 1.0, 0
-        if isinstance(saved, dict):
-            self.scale, self.wait, self._watch.best = saved["scale"], saved["wait"], saved["best"]
+        self.factor, self.min_lr, self.scale = a["factor"], a["min_lr"], 1.0
+        self._count = EarlyStopping(a["monitor"], a["patience"], a["min_delta"])
+        if saved is not None:
+            self.scale, self._count.wait, self._count._watch.best = saved["scale"], saved["wait"], saved["best"]
+
+    @property
+    def monitor(self) -> str:
+        return self._count.monitor
 
     def rate(self, lr: float) -> float:
         return max(lr * self.scale, min(self.min_lr, lr))
 
     def update(self, epoch: int, logs: dict) -> None:
-        if self._watch.update(epoch, logs):
-            self.wait = 0
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
-            self.scale, self.wait = self.scale * self.factor, 0
+        if self._count.on_epoch_end(epoch, logs):
+            self.scale, self._count.wait = self.scale * self.factor, 0
 
     def state(self) -> dict:
-        return {"scale": self.scale, "wait": self.wait, "best": self._watch.best}
+        return {"scale": self.scale, "wait": self._count.wait, "best": self._count._watch.best}
+
+    @staticmethod
+    def is_state(v) -> bool:
+        """Whether `v` is what state() gives (a checkpoint's, checked on resume)."""
+        def number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        return isinstance(v, dict) and set(v) == {"scale", "wait", "best"} and number(v["scale"]) and \
+            v["scale"] > 0 and isinstance(v["wait"], int) and not isinstance(v["wait"], bool) and v["wait"] >= 0 \
+            and (v["best"] is None or number(v["best"]))
 
 
 def from_spec(spec) -> EarlyStopping:

@@ -714,16 +714,6 @@ def save(model, path: Path, normalizer: Normalizer, epoch: int = 0, batch: int =
     return save_checkpoint(path, arrays, meta, keep_previous)
 
 
-def _plateau_state(v) -> bool:
-    """Whether `v` is what a plateau schedule saves: its scale, its epochs without improving,
-    the best value so far."""
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    return isinstance(v, dict) and set(v) == {"scale", "wait", "best"} and number(v["scale"]) and \
-        v["scale"] > 0 and isinstance(v["wait"], int) and not isinstance(v["wait"], bool) and v["wait"] >= 0 and \
-        (v["best"] is None or number(v["best"]))
-
-
 def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Normalizer]:
     """Load a checkpoint into `state` (in place, and only once all of it checked out);
     returns its meta and normalizer."""
@@ -735,8 +725,9 @@ def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Norm
             raise CheckpointError(f"checkpoint `{path}` has damaged metadata: `{key}` is "
                                   f"{'missing' if v is None else repr(v)}, not a non-negative integer",
                                   hint="dlc writes it with every checkpoint; was the file edited?")
+    from dlc.runtime.callbacks import Plateau
     plateau = meta.get("plateau")
-    if plateau is not None and not _plateau_state(plateau):
+    if plateau is not None and not Plateau.is_state(plateau):
         raise CheckpointError(f"checkpoint `{path}` has damaged metadata: `plateau` is {plateau!r}",
                               hint="dlc writes it with the checkpoints of a run with a plateau schedule; "
                                    "was the file edited?")
