@@ -71,7 +71,7 @@ from dlc.core.graph import Graph
 from dlc.core.types import DType, TensorType, nbytes, numel
 
 ANCHORS = {
-    ops.MATMUL: "matmul", ops.CONV2D: "conv", ops.CONV2D_BWD_DATA: "conv",
+    ops.MATMUL: "matmul", ops.BATCH_MATMUL: "matmul", ops.CONV2D: "conv", ops.CONV2D_BWD_DATA: "conv",
     ops.CONV2D_BWD_FILTER: "conv", ops.POOL2D: "pool", ops.POOL2D_BWD: "pool",
     ops.TAKE: "gather", ops.SCATTER_ADD: "gather", ops.ALLREDUCE: "collective",
     # a concat is stored piece by piece: inlined, every element would select among all pieces
@@ -192,6 +192,14 @@ class Kernel:
     def row_shape(self) -> tuple:
         keep = range(len(self.domain)) if self.keep is None else self.keep
         return tuple(self.domain[i] for i in keep)
+
+
+def _varies_along_reduced(k: Kernel, shape: tuple) -> bool:
+    """Does a value of this shape, laid over reduce kernel k's domain axis by axis, vary
+    along an axis k reduces? (Another rank: its layout is not known here, so no.)"""
+    if len(shape) != len(k.domain):
+        return False
+    return any(shape[a] != 1 for a in range(len(shape)) if a not in k.keep)
 
 
 @dataclass
@@ -357,14 +365,19 @@ class _Fuser:
         return "F2: it has fewer elements than the kernel's loop, so it would be recomputed per element"
 
     def stray_rows(self) -> set[int]:
-        """Row values admitted to elementwise kernels that never became row kernels."""
+        """Row values admitted to kernels that never became their rows' kernels: to
+        elementwise ones, or to reduce kernels over other rows, varying along an axis the
+        kernel reduces (a layernorm's statistics [B, T, 1] in the kernel of a mean over T,
+        keeping [B, F], which the reduction over F cannot join): computed per element."""
         out = set()
         for k in self.kernels.values():
-            if k.kind != "elementwise":
+            if k.kind not in ("elementwise", "reduce"):
                 continue
             for n in k.nodes:
                 node = self.g.node(n)
-                if numel(node.type.shape) != numel(k.domain) and node.op not in CHEAP:
+                if node.op in CHEAP or numel(node.type.shape) in (numel(k.domain), numel(k.row_shape)):
+                    continue
+                if k.kind == "elementwise" or _varies_along_reduced(k, node.type.shape):
                     out.add(n)
         return out
 

@@ -12,9 +12,10 @@ first `valid_rows` rows give exactly the results the unpadded batch would:
   * a matmul contracting over the batch axis masks both operands.
 
 Everything else a model does is row by row (elementwise ops, convolutions, pooling,
-reshapes that keep the batch rows -- also one that folds other axes into the batch axis,
-as [B, T, F] -> [B*T, F], where row r owns entries [T*r, T*r + T), or a time-major
-[T, B, F] -> [T*B, F], where row r's entries repeat every B (`Rows`) -- gathers, and
+stacks of matrix products along the batch axis, reshapes that keep the batch rows -- also
+one that folds other axes into the batch axis, as [B, T, F] -> [B*T, F], where row r
+owns entries [T*r, T*r + T), or a time-major [T, B, F] -> [T*B, F], where row r's
+entries repeat every B (`Rows`) -- gathers, and
 loops (scans) whose body keeps rows apart and reduces nothing over them: a recurrent
 layer's step), so a valid row never sees a padded one.
 Losses and metrics are then averaged over the valid rows, batchnorm's statistics come
@@ -273,6 +274,10 @@ def _rule(g: Graph, n, ins: list, out, bsym: Sym, what: str):
                 raise Unsupported(f"{what} multiplies batch by batch")
             res = ib.moved(1)
         return res  # a batch in the contraction is masked (res None)
+    if op is ops.BATCH_MATMUL:  # G products side by side: rows kept apart along the stack axis
+        if any(i is not None and i.axis != 0 for i in ins):
+            raise Unsupported(f"{what} has the batch inside its matrices")
+        return _same(ins, what)
     if op in (ops.CONV2D, ops.POOL2D, ops.CONV2D_BWD_DATA, ops.POOL2D_BWD):
         if any(i is not None and i != Rows(0) for i in ins) or (ins[0] != Rows(0) and out is not None):
             raise Unsupported(f"{what} has the batch off axis 0")

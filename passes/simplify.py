@@ -3,7 +3,8 @@
 Each rule looks at one node and returns a replacement value (or None). Rules never
 change what a graph computes, only how: x*1 -> x, neg(neg x) -> x, reshape of reshape,
 permute of permute, broadcast of broadcast, elementwise ops on broadcast scalar
-constants -> one broadcast constant, a transposed matmul operand -> a matmul flag, ...
+constants -> one broadcast constant, a transposed matmul operand (or stack of matrices)
+-> a matmul flag, ...
 Loop bodies are simplified the same way, a body's transposed reads of a loop invariant
 read a transpose made once before the loop instead (hoist_transposed_invariants), and
 scans lose what they no longer need (passes/scans.py, prune_scans).
@@ -175,6 +176,41 @@ def matmul_transposed(b, nid):
             attrs = dict(n.attrs)
             attrs[flag] = not attrs.get(flag, False)
             return b.emit(ops.MATMUL, tuple(args), **attrs)
+    return None
+
+
+@rule(ops.BATCH_MATMUL)
+def batch_matmul_transposed(b, nid):
+    """batch_matmul(permute(a, (0, 2, 1)), b) -> batch_matmul(a, b, ta=not ta), and so for a
+    stack flattened after swapping its last two axes ([B, H, T, d] -> [B, H, d, T] ->
+    [B*H, d, T], attention's keys): the flattening then reads the unswapped stack."""
+    g = b.graph
+    n = g.node(nid)
+    for i, flag in ((0, "ta"), (1, "tb")):
+        unswapped = _unswapped_stack(b, n.operands[i])
+        if unswapped is not None:
+            args = [b.value(o) for o in n.operands]
+            args[i] = unswapped
+            attrs = dict(n.attrs)
+            attrs[flag] = not attrs.get(flag, False)
+            return b.emit(ops.BATCH_MATMUL, tuple(args), **attrs)
+    return None
+
+
+def _unswapped_stack(b, nid):
+    """x[G, r, c] when nid is x's stack of matrices transposed ([G, c, r]), else None."""
+    g = b.graph
+    n = g.node(nid)
+    if n.op is ops.RESHAPE:  # a flattening of leading axes of a swap: reshape first, then swap
+        src = g.node(n.operands[0])
+        rank = src.type.rank
+        if src.op is not ops.PERMUTE or rank < 3 or tuple(src.type.shape[-2:]) != tuple(n.type.shape[1:]) \
+                or src.attrs["perm"] != tuple(range(rank - 2)) + (rank - 1, rank - 2):
+            return None
+        x = b.value(src.operands[0])
+        return b.reshape(x, (n.type.shape[0],) + tuple(x.shape[-2:]))
+    if n.op is ops.PERMUTE and n.attrs["perm"] == (0, 2, 1):
+        return b.value(n.operands[0])
     return None
 
 

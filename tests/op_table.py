@@ -153,6 +153,12 @@ def np_matmul(a, b, ta=False, tb=False):
     return np.einsum("ik,kj->ij", a, b)
 
 
+def np_batch_matmul(a, b, ta=False, tb=False):
+    a = np.swapaxes(a, 1, 2) if ta else a
+    b = np.swapaxes(b, 1, 2) if tb else b
+    return np.einsum("gik,gkj->gij", a, b)
+
+
 def _out(n, k, s, p):
     return (n + 2 * p - k) // s + 1
 
@@ -667,6 +673,17 @@ MATMUL = [
       id="nt-short-k"),
     P("matmul", [(5, 40), (6, 40)], np_matmul, attrs={"ta": False, "tb": True}, tol32=MATMUL_TOL,
       id="nt-long-k"),
+    # stacks of products (attention's scores q @ k^T and weighted sums a @ v); one matrix alone
+    P("batch_matmul", [(3, M, N), (3, N, 5)], np_batch_matmul, attrs={"ta": False, "tb": False},
+      tol32=MATMUL_TOL, id="nn"),
+    P("batch_matmul", [(2, N, M), (2, N, 5)], np_batch_matmul, attrs={"ta": True, "tb": False},
+      tol32=MATMUL_TOL, id="tn"),
+    P("batch_matmul", [(4, M, 33), (4, 9, 33)], np_batch_matmul, attrs={"ta": False, "tb": True},
+      tol32=MATMUL_TOL, id="nt"),
+    P("batch_matmul", [(2, N, 1), (2, M, N)], np_batch_matmul, attrs={"ta": True, "tb": True},
+      tol32=MATMUL_TOL, id="tt"),
+    P("batch_matmul", [(1, 5, 40), (1, 40, 6)], np_batch_matmul, attrs={"ta": False, "tb": False},
+      tol32=MATMUL_TOL, id="one"),
 ]
 
 CONV = [
@@ -1191,6 +1208,11 @@ BAD_SHAPES = [
     ("matmul", [T((3, 7)), T((7, 3))], {"tb": True}, "matmul-inner-mismatch-tb"),
     ("matmul", [T((2, 3, 7)), T((7, 3))], {}, "matmul-rank3"),
     ("matmul", [T((3, 7)), T((7, 3), F64)], {}, "matmul-dtypes"),
+    ("batch_matmul", [T((2, 3, 7)), T((2, 3, 7))], {}, "batch-matmul-inner-mismatch"),
+    ("batch_matmul", [T((2, 3, 7)), T((3, 7, 3))], {}, "batch-matmul-stacks"),
+    ("batch_matmul", [T((3, 7)), T((7, 3))], {}, "batch-matmul-rank2"),
+    ("batch_matmul", [T((2, 3, 7)), T((2, 7, 3))], {"tb": True}, "batch-matmul-inner-mismatch-tb"),
+    ("batch_matmul", [T((2, 3, 7)), T((2, 7, 3), F64)], {}, "batch-matmul-dtypes"),
     ("conv2d", [T((1, 3, 5, 5)), T((4, 2, 3, 3))], {}, "conv-channel-mismatch"),
     ("conv2d", [T((1, 3, 2, 2)), T((4, 3, 3, 3))], {}, "conv-window-too-big"),
     ("conv2d", [T((3, 5, 5)), T((4, 3, 3, 3))], {}, "conv-rank3-input"),

@@ -498,6 +498,33 @@ def check_op_table(expected: dict, actual: dict, tols: dict) -> None:
             np.testing.assert_array_equal(got, want, err_msg=f"{name}: {key}")
 
 
+@pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("k", [3, 40])
+def test_stacked_products_and_their_epilogues_match_on_any_thread_count(ta, tb, k):
+    """batch_matmul's template (the matrices shared out between threads, a transposed B
+    transposed into scratch) with an elementwise epilogue run on each matrix: every flag,
+    a short and a long inner dimension, an odd number of matrices for 1 to 3 threads."""
+    from dlc.core.builder import GraphBuilder
+    from dlc.core.kernel import Template
+    from dlc.core.types import DType, TensorType
+    g, stacks, m, n = Graph("stacks"), 5, 7, 9
+    b = GraphBuilder(g)
+    x = b.input("a", TensorType(DType.f32, (stacks,) + ((k, m) if ta else (m, k))), "data")
+    y = b.input("b", TensorType(DType.f32, (stacks,) + ((n, k) if tb else (k, n))), "data")
+    c = b.input("c", TensorType(DType.f32, (stacks, m, n)), "data")
+    g.outputs["output"] = b.tanh(b.batch_matmul(x, y, ta=ta, tb=tb) * 0.5 + c).id
+    rng = np.random.default_rng(k)
+    feeds = {name: rng.standard_normal(g.node(g.inputs()[i]).attrs["type"].shape).astype(np.float32)
+             for i, name in enumerate(("a", "b", "c"))}
+    program = kernel_program(lower(g, 1), CPU.templates)
+    parts = [p for kern in program.kernels for p in kern.parts if isinstance(p, Template)]
+    assert [(p.op, p.epilogue is not None) for p in parts] == [("batch_matmul", True)]
+    want = run_graph(g, feeds)["output"]
+    for threads in (1, 2, 3):
+        np.testing.assert_allclose(run_cpu(g, feeds, threads)["output"], want, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{threads} threads")
+
+
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[] if p.stem in ("digits_mlp", "lenet5")
                                                else [pytest.mark.slow]) for p in EXAMPLES])
 def test_example_training_steps_match_reference(path, tmp_path):

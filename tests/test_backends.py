@@ -88,7 +88,9 @@ def test_multiply_adds_count_the_generic_meanings_products():
     templates = [Template("conv2d", (x, w), y, same),
                  Template("conv2d_bwd_filter", (x, y), dw, {**same, "kernel": (3, 5)}),
                  Template("conv2d_bwd_data", (y, w), x, {**same, "in_hw": (8, 9)}),  # "same" padding
-                 Template("matmul", (a, b), c, {"ta": True, "tb": True})]
+                 Template("matmul", (a, b), c, {"ta": True, "tb": True}),
+                 Template("batch_matmul", (Buffer("sa", f32, (3, 7, 5), "arena"), Buffer("sb", f32, (3, 6, 7), "arena")),
+                          Buffer("sc", f32, (3, 5, 6), "arena"), {"ta": True, "tb": True})]
     assert {t.op for t in templates} == set(MULTIPLY_ADDS)
     counter = iter(range(1000))
     ex = Exprs()

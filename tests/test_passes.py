@@ -328,6 +328,30 @@ def test_simplify_matmul_keeps_a_permute_with_other_users():
     assert_rewrites(simplify, before, expected)
 
 
+def test_simplify_batch_matmul_transposed_stacks():
+    # a stack with its matrices transposed: the flag instead
+    assert_rewrites(simplify, lambda b: b.batch_matmul(b.permute(inp(b, "a", (2, 4, 3)), (0, 2, 1)),
+                                                       inp(b, "c", (2, 4, 5))),
+                    lambda b: b.batch_matmul(inp(b, "a", (2, 4, 3)), inp(b, "c", (2, 4, 5)), ta=True))
+
+    # attention's keys [B, H, T, d], swapped to [B, H, d, T] and flattened to [B*H, d, T]:
+    # flattened unswapped, read transposed
+    def keys(b):
+        q, k = inp(b, "q", (2, 3, 4, 5)), inp(b, "k", (2, 3, 4, 5))
+        kt = b.reshape(b.permute(k, (0, 1, 3, 2)), (6, 5, 4))
+        return b.batch_matmul(b.reshape(q, (6, 4, 5)), kt)
+
+    def flagged(b):
+        q, k = inp(b, "q", (2, 3, 4, 5)), inp(b, "k", (2, 3, 4, 5))
+        return b.batch_matmul(b.reshape(q, (6, 4, 5)), b.reshape(k, (6, 4, 5)), tb=True)
+    assert_rewrites(simplify, keys, flagged)
+
+    def other_permute(b):  # not a swap of each matrix's two axes: left as it is
+        q, k = inp(b, "q", (2, 4, 3, 5)), inp(b, "k", (2, 3, 4, 5))
+        return b.batch_matmul(b.reshape(q, (8, 3, 5)), b.reshape(b.permute(k, (0, 2, 3, 1)), (8, 5, 3)))
+    assert_rewrites(simplify, other_permute)
+
+
 def test_simplify_elementwise_on_broadcast_scalars():
     assert_rewrites(simplify, lambda b: b.full(2.0, (3, 4)) * b.full(3.0, (3, 4)), lambda b: b.full(6.0, (3, 4)))
 
@@ -381,7 +405,7 @@ def test_simplify_rule_table_covers_the_documented_rules():
     assert names == {"add_zero", "sub_zero", "mul_one", "div_one", "neg_neg", "pow_small",
                      "drop_stop_gradient", "cast_same", "where_same", "reshape_reshape",
                      "permute_permute", "broadcast_broadcast", "slice_whole", "matmul_transposed",
-                     "_elementwise_on_scalars"}
+                     "batch_matmul_transposed", "_elementwise_on_scalars"}
 
 
 # --- fold_constants --------------------------------------------------------------------------------
@@ -1100,6 +1124,21 @@ def _row_value_of_a_result(b):
 
 def test_fuse_row_value_of_a_stored_reduction_is_not_recomputed_per_element():
     g = plan_memory(fuse(graph(_row_value_of_a_result)))
+    assert check_fusion(g) == []
+
+
+def _normalized_then_mean_over_time(b):
+    x = inp(b, "x", (3, 8, 32))
+    mu = b.reshape(b.sum(x, (2,)), (3, 8, 1)) / 32.0          # per [B, T]: a layernorm's mean
+    centred = x - b.broadcast(mu, (3, 8, 32), (0, 1, 2))
+    return b.sum(centred * centred, (1,))                      # a mean over T keeps [B, F]
+
+
+def test_fuse_row_value_of_other_rows_is_not_recomputed_per_element():
+    """A statistic per [B, T] read by a reduction over T: the kernel of that reduction keeps
+    [B, F] and its reduction over F cannot join; the statistic is stored, not recomputed
+    for each of the F features (a layernorm before a mean over time)."""
+    g = plan_memory(fuse(graph(_normalized_then_mean_over_time)))
     assert check_fusion(g) == []
 
 

@@ -37,7 +37,7 @@ from .templates import PRETUNED_TEMPLATES, emit_template
 
 FIXED_SLOTS = 5  # arena, barrier, scratch, profile, host collective function
 # templates that use the per-thread scratch space (GEMM and im2col packing)
-SCRATCH_TEMPLATES = frozenset({"matmul", "conv2d", "conv2d_bwd_data", "conv2d_bwd_filter"})
+SCRATCH_TEMPLATES = frozenset({"matmul", "batch_matmul", "conv2d", "conv2d_bwd_data", "conv2d_bwd_filter"})
 TEAM_TEMPLATES = frozenset({"conv2d_bwd_filter"})  # they get `__team__` (barrier.team_words)
 # Loop nests with fewer iterations than this (reductions counted in), and serial ones, are
 # optimized for size: LLVM neither unrolls nor interleaves them (they gain nothing from it,

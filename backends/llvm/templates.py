@@ -260,6 +260,40 @@ def small_matmul(mb, em, t: Template, m, n, k, ta, tb, tid, nthreads) -> None:
         _epilogue(em, t, [(lo, hi), (i64(0), i64(n))])
 
 
+def batch_matmul(mb, em, t: Template, tid, nthreads) -> None:
+    """C[g] = op(A[g]) @ op(B[g]): the matrices of the stack shared out between threads,
+    each computed whole by _rows_in_registers (a transposed B transposed into this
+    thread's scratch first), then its epilogue while it is in cache. Attention's products
+    are small (64 x 64 x 32: below the GEMM's size) and many (batch x heads)."""
+    b = em.b
+    a_buf, b_buf = t.inputs
+    groups, m, n = t.output.shape
+    ta, tb = t.attrs.get("ta", False), t.attrs.get("tb", False)
+    k = a_buf.shape[1] if ta else a_buf.shape[2]
+    if tb:
+        mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, k * n * 4)
+    lo, hi = split(b, groups, tid, nthreads)
+    with for_range(b, lo, hi, "bg") as g:
+        A = gep(b, _ptr(em, a_buf), b.mul(g, i64(m * k)), F32)
+        B = gep(b, _ptr(em, b_buf), b.mul(g, i64(k * n)), F32)
+        C = gep(b, _ptr(em, t.output), b.mul(g, i64(m * n)), F32)
+
+        def a_at(i, kk):
+            return _load(b, A, b.add(b.mul(kk, i64(m)), i) if ta else b.add(b.mul(i, i64(k)), kk))
+        if tb:  # B[g] is [n, k]: its transpose into scratch, so that rows of B are vectors
+            Bt = em.pointers["__scratch__"]
+            with for_range(b, 0, n, "tj") as j:
+                with for_range(b, 0, k, "tk") as kk:
+                    _store(b, _load(b, B, b.add(b.mul(j, i64(k)), kk)), Bt, b.add(b.mul(kk, i64(n)), j))
+            B = Bt
+        _rows_in_registers(b, mb, a_at, i64(0), i64(m), B, m, n, k, lambda i, slot=None: (C, b.mul(i, i64(n))),
+                           None)
+        if t.epilogue is not None:
+            em.push()
+            emit_bounded(em, t.epilogue, {t.epilogue.outer[0].name: (g, b.add(g, i64(1)))})
+            em.pop()
+
+
 # B's columns per register block (vectors) and rows at most per group in
 # _rows_in_registers; a transposed B with at most _SHORT_K rows is transposed first
 # (small_matmul)
@@ -476,7 +510,7 @@ def _epilogue_serial(em, t: Template, tid) -> None:
 from . import conv as _conv  # noqa: E402
 from . import pooling  # noqa: E402
 
-EMITTERS = {"matmul": matmul, **_conv.EMITTERS, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
+EMITTERS = {"matmul": matmul, "batch_matmul": batch_matmul, **_conv.EMITTERS, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
             "take": take, "scatter_add": scatter_add, "colsum": colsum}
 # Templates whose emitters vectorize and unroll their code themselves (conv.py: register
 # tiles, taps and lanes unrolled, every other loop marked not to unroll, epilogues

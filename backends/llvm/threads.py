@@ -73,9 +73,9 @@ def step_work(program) -> list:
 
 def _template_seconds(t) -> float:
     out = _size(t.output.shape)
-    if t.op == "matmul":
+    if t.op in ("matmul", "batch_matmul"):
         a = t.inputs[0].shape
-        k = a[0] if t.attrs.get("ta") else a[1]
+        k = a[-2] if t.attrs.get("ta") else a[-1]
         return 2.0 * out * k * SECONDS_PER_FLOP["matmul"]
     if t.op in ("conv2d", "conv2d_bwd_data"):
         g_or_x, w = t.inputs  # forward: out = [N, Cout, ...]; bwd data: g = [N, Cout, ...]

@@ -278,3 +278,6 @@ class GraphBuilder:
     # --- contractions ----------------------------------------------------------------------
     def matmul(self, a: Value, b: Value, ta: bool = False, tb: bool = False) -> Value:
         return self.emit(ops.MATMUL, (a, b), ta=ta, tb=tb)
+
+    def batch_matmul(self, a: Value, b: Value, ta: bool = False, tb: bool = False) -> Value:
+        return self.emit(ops.BATCH_MATMUL, (a, b), ta=ta, tb=tb)

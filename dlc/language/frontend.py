@@ -581,6 +581,8 @@ class Frontend:
         if e.op == "matmul":
             if not (isinstance(a, Value) and isinstance(c, Value)):
                 raise TypeError_("`@` needs two tensors", e.span)
+            if c.rank > 2:
+                return self._stacked_matmul(e, a, c)
             if c.rank != 2 or a.rank < 2:
                 raise ShapeMismatch(f"`@` needs a matrix on the right and rank >= 2 on the left, "
                                     f"got {a.type} @ {c.type}", e.span)
@@ -600,6 +602,22 @@ class Frontend:
         out = {"add": lambda: a + c, "sub": lambda: a - c, "mul": lambda: a * c,
                "div": lambda: a / c, "pow": lambda: a ** c}[e.op]()
         return self._keep_mask(out, a, c)
+
+    def _stacked_matmul(self, e: ast.BinOp, a: Value, c: Value) -> Value:
+        """Stacks of matrices, matrix by matrix: [..., m, k] @ [..., k, n] -> [..., m, n]."""
+        if a.rank != c.rank or tuple(a.shape[:-2]) != tuple(c.shape[:-2]):
+            raise ShapeMismatch(f"`@` of stacks of matrices needs the same leading axes on both sides, got "
+                                f"{a.type} @ {c.type}", e.span,
+                                hint="reshape or broadcast one side to the other's leading axes")
+        if a.dtype != c.dtype or not a.dtype.is_float:
+            raise TypeError_(f"`@` needs two float tensors of one dtype, got {a.type} @ {c.type}", e.span)
+        if a.shape[-1] != c.shape[-2]:
+            perm = list(range(c.rank - 2)) + [c.rank - 1, c.rank - 2]
+            hint = (f"to multiply by each matrix transposed (attention's q @ kᵀ), swap the right "
+                    f"side's last two axes: `q @ transpose(k, {perm})`" if a.shape[-1] == c.shape[-1] else None)
+            raise ShapeMismatch(f"cannot multiply {a.type} by {c.type}: inner dimensions "
+                                f"{a.shape[-1]} and {c.shape[-2]} differ", e.span, hint=hint)
+        return self._keep_mask(nn._batch_matmul(self.b, a, c), a)
 
     def _keep_mask(self, out: Value, *sources) -> Value:
         """`out` keeps the mask of the first source that has one, if its leading axes still fit."""

@@ -120,6 +120,16 @@ def _matmul_last(b: GraphBuilder, x: Value, w: Value) -> Value:
     return b.reshape(out, tuple(lead) + (w.shape[1],))
 
 
+def _batch_matmul(b: GraphBuilder, x: Value, y: Value) -> Value:
+    """x[..., m, k] @ y[..., k, n] over equal leading axes (flattened into one stack)."""
+    lead = x.shape[:-2]
+    if x.rank == 3:
+        return b.batch_matmul(x, y)
+    g = numel(lead)
+    out = b.batch_matmul(b.reshape(x, (g,) + tuple(x.shape[-2:])), b.reshape(y, (g,) + tuple(y.shape[-2:])))
+    return b.reshape(out, tuple(lead) + tuple(out.shape[1:]))
+
+
 def _features(x: Value, layer: str) -> int:
     if not x.rank:
         raise arg_error(f"`{layer}` needs a tensor with a feature axis, got the scalar {x.type}", "x")

@@ -12,6 +12,7 @@ same worker computed.
 Kinds (shapes are row-major; int32 indices are clamped into range as the reference does):
 
   matmul            C[m,n] = op(A) @ op(B); attrs ta, tb: A is [k,m] when ta, B is [n,k] when tb
+  batch_matmul      C[g,m,n] = op(A[g]) @ op(B[g]); attrs ta, tb as matmul's, per matrix g
   conv2d            y[n,o,oy,ox] = sum_{c,ky,kx} x[n,c,oy*s+ky-p, ox*s+kx-p] * w[o,c,ky,kx]
                     (x is zero outside); attrs stride (s), pad (p) per axis
   conv2d_bwd_data   dx = the gradient of conv2d with respect to x, from (dy, w); attrs in_hw, stride, pad
@@ -117,6 +118,21 @@ def _matmul(g: _Gen, t: Template):
         i, j = idx
         a = x.load(A, x.ravel((kk, i), (k, m)) if ta else x.ravel((i, kk), (m, k)))
         b = x.load(B, x.ravel((j, kk), (n, k)) if tb else x.ravel((kk, j), (k, n)))
+        return g.sum((kk,), g.mul(a, b, t.output.dtype), t.output.dtype)
+    return value
+
+
+def _batch_matmul(g: _Gen, t: Template):
+    x, (A, B) = g.x, t.inputs
+    ta, tb = t.attrs.get("ta", False), t.attrs.get("tb", False)
+    _, m, n = t.output.shape
+    k = A.shape[1] if ta else A.shape[2]
+    kk = g.fresh(k)
+
+    def value(idx):
+        s, i, j = idx
+        a = x.load(A, x.ravel((s, kk, i), (A.shape[0], k, m)) if ta else x.ravel((s, i, kk), (A.shape[0], m, k)))
+        b = x.load(B, x.ravel((s, j, kk), (B.shape[0], n, k)) if tb else x.ravel((s, kk, j), (B.shape[0], k, n)))
         return g.sum((kk,), g.mul(a, b, t.output.dtype), t.output.dtype)
     return value
 
@@ -260,7 +276,7 @@ def _colsum(g: _Gen, t: Template):
 
 
 TEMPLATES: dict[str, Callable] = {
-    "matmul": _matmul, "conv2d": _conv2d, "conv2d_bwd_data": _conv2d_bwd_data,
+    "matmul": _matmul, "batch_matmul": _batch_matmul, "conv2d": _conv2d, "conv2d_bwd_data": _conv2d_bwd_data,
     "conv2d_bwd_filter": _conv2d_bwd_filter, "pool2d": _pool2d, "pool2d_bwd": _pool2d_bwd,
     "take": _take, "scatter_add": _scatter_add, "colsum": _colsum,
 }
@@ -276,13 +292,13 @@ def _conv_multiply_adds(t: Template) -> int:
 
 
 def _matmul_multiply_adds(t: Template) -> int:
-    a = t.inputs[0]
-    return math.prod(t.output.shape) * (a.shape[0] if t.attrs.get("ta") else a.shape[1])
+    a = t.inputs[0]  # [k, m] or [m, k], or a stack of those
+    return math.prod(t.output.shape) * (a.shape[-2] if t.attrs.get("ta") else a.shape[-1])
 
 
 # the kinds whose work is multiply-adds (the GEMM-like ones), for rooflines
 MULTIPLY_ADDS: dict[str, Callable[[Template], int]] = {
-    "matmul": _matmul_multiply_adds, "conv2d": _conv_multiply_adds, "conv2d_bwd_data": _conv_multiply_adds,
+    "matmul": _matmul_multiply_adds, "batch_matmul": _matmul_multiply_adds, "conv2d": _conv_multiply_adds, "conv2d_bwd_data": _conv_multiply_adds,
     "conv2d_bwd_filter": _conv_multiply_adds,
 }
 

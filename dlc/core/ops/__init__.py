@@ -3,7 +3,7 @@ from dlc.core.ops.base import OPS, Kind, OpDef
 from dlc.core.ops.collective import ALLREDUCE
 from dlc.core.ops.elementwise import (ABS, ADD, AND, CAST, DIV, EQ, EXP, GE, GT, LE, LOG, LT, MAX, MIN, MUL, NE,
                           NEG, POW, SIGMOID, SIGN, SQRT, STOP_GRADIENT, SUB, TANH, WHERE)
-from dlc.core.ops.linalg import CONV2D, CONV2D_BWD_DATA, CONV2D_BWD_FILTER, MATMUL, POOL2D, POOL2D_BWD
+from dlc.core.ops.linalg import BATCH_MATMUL, CONV2D, CONV2D_BWD_DATA, CONV2D_BWD_FILTER, MATMUL, POOL2D, POOL2D_BWD
 from dlc.core.ops.misc import CONST, INPUT, IOTA, RANDOM, SCATTER_ADD, SIZE, TAKE
 from dlc.core.ops.movement import BROADCAST, CONCAT, PAD, PERMUTE, RESHAPE, SLICE
 from dlc.core.ops.reduce import ARGMAX, REDUCE_MAX, REDUCE_SUM
@@ -13,7 +13,7 @@ __all__ = [
     "OPS", "Kind", "OpDef",
     "ABS", "ADD", "AND", "CAST", "DIV", "EQ", "EXP", "GE", "GT", "LE", "LOG", "LT", "MAX", "MIN",
     "MUL", "NE", "NEG", "POW", "SIGMOID", "SIGN", "SQRT", "STOP_GRADIENT", "SUB", "TANH", "WHERE",
-    "CONV2D", "CONV2D_BWD_DATA", "CONV2D_BWD_FILTER", "MATMUL", "POOL2D", "POOL2D_BWD",
+    "BATCH_MATMUL", "CONV2D", "CONV2D_BWD_DATA", "CONV2D_BWD_FILTER", "MATMUL", "POOL2D", "POOL2D_BWD",
     "CONST", "INPUT", "IOTA", "RANDOM", "SCATTER_ADD", "SIZE", "TAKE",
     "BROADCAST", "CONCAT", "PAD", "PERMUTE", "RESHAPE", "SLICE",
     "ARGMAX", "REDUCE_MAX", "REDUCE_SUM",

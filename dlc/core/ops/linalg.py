@@ -1,4 +1,4 @@
-"""Contractions and windows: matmul, 2-D convolution and pooling, with their backward ops."""
+"""Contractions and windows: matmul (and batched), 2-D convolution and pooling, with their backward ops."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,6 +34,34 @@ def _matmul_vjp(b_, g, y, a, b, ta=False, tb=False):
 
 MATMUL = register(OpDef("matmul", Kind.MATMUL, _matmul_infer, _matmul_ref, _matmul_vjp, 2,
                         attrs=("ta", "tb")))
+
+
+# batch_matmul ----------------------------------------------------------------------------
+# batch_matmul(a, b, ta, tb)[g] = op(a[g]) @ op(b[g]): G independent products (attention's
+# scores and its weighted sums), the flags transposing the last two axes; rank 3.
+def _batch_matmul_infer(a: TensorType, b: TensorType, ta: bool = False, tb: bool = False) -> TensorType:
+    if a.rank != 3 or b.rank != 3:
+        raise ShapeError(f"batch_matmul needs two stacks of matrices [G, rows, cols], got {a} and {b}")
+    if a.shape[0] != b.shape[0]:
+        raise ShapeError(f"batch_matmul: {a} and {b} stack different numbers of matrices")
+    m = _matmul_infer(a.with_shape(a.shape[1:]), b.with_shape(b.shape[1:]), ta, tb)
+    return m.with_shape((a.shape[0],) + m.shape)
+
+
+def _batch_matmul_ref(a, b, ta=False, tb=False):
+    return np.matmul(a.swapaxes(1, 2) if ta else a, b.swapaxes(1, 2) if tb else b)
+
+
+def _batch_matmul_vjp(b_, g, y, a, b, ta=False, tb=False):
+    # as matmul's, per matrix of the stack
+    bmm = b_.batch_matmul
+    da = bmm(b, g, ta=tb, tb=True) if ta else bmm(g, b, ta=False, tb=not tb)
+    db = bmm(g, a, ta=True, tb=ta) if tb else bmm(a, g, ta=not ta, tb=False)
+    return da, db
+
+
+BATCH_MATMUL = register(OpDef("batch_matmul", Kind.MATMUL, _batch_matmul_infer, _batch_matmul_ref,
+                              _batch_matmul_vjp, 2, attrs=("ta", "tb")))
 
 
 # conv2d --------------------------------------------------------------------------------
