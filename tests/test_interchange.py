@@ -219,6 +219,7 @@ def test_export_usage_errors(tmp_path, capsys):
     ("lstm_digits", ["lstm(48, return_sequences=true)", "dense(10)"]),
     ("resnet_bn", ["batchnorm", "avgpool(2)"]),
     ("rnn_digits", ["rnn(64)"]),
+    ("attention_digits", ["layernorm", "transpose(", " @ ", "softmax"]),
 ])
 def test_round_trip_export_import_gives_the_same_outputs(example, layers, tmp_path, capsys):
     path = ROOT / "examples" / f"{example}.dln"
@@ -506,7 +507,23 @@ def _torch_models(torch):
             g = nn.functional.adaptive_avg_pool1d(h, 1).flatten(1)
             return self.fc(torch.cat([g, nn.functional.max_pool1d(h, 2, stride=1).flatten(1)], dim=1))
 
-    return [("cnn", CNN(), (1, 8, 8), ["conv2d(4, 3, stride=2, pad=1)", "batchnorm", "global_avgpool"]),
+    class Attention(nn.Module):  # one block of self-attention, two heads, its matmuls written out
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+            self.out = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (h.reshape(b, t, 2, 4).transpose(1, 2) for h in self.qkv(x).split(8, dim=-1))
+            a = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+            h = self.norm(x + self.out((a @ v).transpose(1, 2).reshape(b, t, 8)))
+            return self.fc(h.mean(1))
+
+    return [("attention", Attention(), (5, 8), ["layernorm", " @ ", "softmax"]),
+            ("cnn", CNN(), (1, 8, 8), ["conv2d(4, 3, stride=2, pad=1)", "batchnorm", "global_avgpool"]),
             ("conv1d", Conv1d(), (3, 8), ["conv1d(6, 5, pad=2)", "maxpool(2)", "conv1d(4, 3, stride=2, pad=1, "
                                           "bias=false)", "avgpool(3, stride=1, pad=1)", "mean("]),
             ("relu_rnn", ReluRNN(), (5, 4), ['rnn(6, return_sequences=true, bidirectional=true, activation="relu", '
@@ -518,7 +535,7 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["cnn", "conv1d", "acts", "relu_rnn", "seq", "tokens"])
+@pytest.mark.parametrize("which", ["attention", "cnn", "conv1d", "acts", "relu_rnn", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
     torch = _torch()
     torch.manual_seed(0)

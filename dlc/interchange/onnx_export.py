@@ -760,6 +760,10 @@ class _GraphExporter:
             a, b = (self.operand(o) for o in n.operands)
             out[nid] = self.emit("Gemm", [a, b], span=span, transA=int(bool(n.attrs.get("ta"))),
                                  transB=int(bool(n.attrs.get("tb"))))
+        elif op is ops.BATCH_MATMUL:  # MatMul multiplies stacks; a flag is a Transpose of each matrix
+            a, b = (self.emit("Transpose", [self.operand(o)], span=span, perm=[0, 2, 1]) if n.attrs.get(flag)
+                    else self.operand(o) for o, flag in zip(n.operands, ("ta", "tb")))
+            out[nid] = self.emit("MatMul", [a, b], span=span)
         elif op is ops.CONV2D:
             self.emit_conv(nid, nid, None)
         elif op is ops.POOL2D:

@@ -18,7 +18,8 @@ dlc's layout and parameter names:
                                               or leaky_relu's alpha when there is one)
 
 and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, sign, maximum, minimum,
-clip, step (a Greater cast to float), sum/mean/max, reshape, transpose, concat, indexing).
+clip, step (a Greater cast to float), sum/mean/max, reshape, transpose, concat, indexing
+and Split's pieces).
 Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
 writes it) is evaluated here, symbolically in the batch dimension. A constant tensor that
 is no layer's weight becomes a declared `param` (trainable in dlc). An operator with no
@@ -587,9 +588,12 @@ class Importer:
         if w.const is not None and w.const.ndim == 2 and x.dtype == "f32":
             self.dense(node, x, w.const, None, node.input[1])
             return
-        if w.const is None and (w.shape is None or len(w.shape) != 2):
+        if w.shape is None or len(w.shape) < 2:
             raise self.error(node, "multiplies by a tensor that is not a matrix; `@` in .dln takes a matrix "
-                                   "on the right")
+                                   "or a stack of matrices on the right")
+        if len(w.shape) > 2 and (x.shape is None or list(x.shape[:-2]) != list(w.shape[:-2])):
+            raise self.error(node, f"multiplies stacks of matrices whose leading axes differ ({list(x.shape or [])} "
+                                   f"@ {list(w.shape)}); dlc's `@` broadcasts no stacks")
         self.assign(node, f"{self.operand(x)} @ {self.operand(w)}")
 
     def op_Conv(self, node, ins):
@@ -799,6 +803,29 @@ class Importer:
         while subs and subs[-1] == ":":
             subs.pop()
         self.assign(node, f"{self.text(x, node)}[{', '.join(subs) or ':'}]" if subs else self.text(x, node))
+
+    def op_Split(self, node, ins):
+        """Pieces along one axis: slices (PyTorch writes one for a fused q, k, v projection)."""
+        x = ins[0]
+        if x.shape is None:
+            raise self.error(node, "splits a tensor of unknown rank")
+        a = self.attrs(node)
+        axis = a.get("axis", 0) % len(x.shape)
+        if len(node.input) > 1 and node.input[1]:
+            sizes = [int(s) for s in self.const_of(node, 1, "the sizes")]
+        elif "split" in a:  # opsets before 13
+            sizes = [int(s) for s in a["split"]]
+        else:  # even pieces (the last may be smaller)
+            d = x.shape[axis]
+            if not isinstance(d, int):
+                raise self.error(node, "splits an axis of unknown size into even pieces")
+            per = -(-d // len(node.output))
+            sizes = [min(per, d - i * per) for i in range(len(node.output))]
+        start = 0
+        for i, size in enumerate(sizes):
+            subs = [":"] * axis + [f"{start or ''}:{start + size}"]
+            self.assign(node, f"{self.text(x, node)}[{', '.join(subs)}]", out=i)
+            start += size
 
     # --- recurrent layers ----------------------------------------------------------------------
     def recurrent(self, node, ins, fn: str):
