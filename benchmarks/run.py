@@ -302,13 +302,24 @@ def torch_models():
         return nn.Sequential(*conv_bn(3, 16, 3), nn.ReLU(), Basic(16), Down(16, 32), Down(32, 64),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
+    class Transformer(nn.Module):  # as models/transformer.dln: PyTorch's own encoder layer
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(64, 128)
+            self.block = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
+            self.out = nn.Linear(128, 10)
+
+        def forward(self, x):
+            return self.out(self.block(self.inp(x)).mean(1))
+
     models = {"mlp": (mlp, (784,), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
             "lenet": (lenet, (1, 28, 28), lambda p: torch.optim.Adam(p, lr=1e-3)),
             "lstm": (Recurrent, (32, 64), lambda p: torch.optim.Adam(p, lr=1e-3)),
             "cifar_cnn": (cifar_cnn, (3, 32, 32), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
             "wide_mlp": (wide_mlp, (3072,), lambda p: torch.optim.Adam(p, lr=1e-3)),
             "resnet": (resnet, (3, 32, 32),
-                       lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True))}
+                       lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
+            "transformer": (Transformer, (64, 64), lambda p: torch.optim.Adam(p, lr=1e-3))}
     for layer, steps in RECURRENT:  # as recurrent_source
         models[f"{layer}_T{steps}"] = (lambda layer=layer: Recurrent(getattr(nn, layer.upper()), 32), (steps, 32),
                                        lambda p: torch.optim.Adam(p, lr=1e-3))
@@ -353,13 +364,14 @@ SECTIONS = ("gemm", "training", "recurrent", "inference", "compile", "roofline",
 # (label, model file, batch): the training workloads measured against the roofline
 ROOFLINE = [("mlp_b128", "mlp784.dln", 128), ("mlp_b8", "mlp784.dln", 8), ("lenet_b64", "lenet28.dln", 64),
             ("cnn_b64", "cifar_cnn.dln", 64), ("wide_mlp_b128", "wide_mlp.dln", 128),
-            ("resnet_b64", "resnet_cifar.dln", 64), ("lstm_b32", "lstm32.dln", 32)]
+            ("resnet_b64", "resnet_cifar.dln", 64), ("lstm_b32", "lstm32.dln", 32),
+            ("transformer_b32", "transformer.dln", 32)]
 
 PINNED_BELOW = 8  # training workloads of this batch or smaller are also timed with dlc pinned to torch's threads
 
 TARGETS = {  # workload -> target ratio dlc / torch eager
     "mlp_b128": 0.7, "lenet_b64": 0.7, "lstm_b32": 0.7, "mlp_b8": 1 / 3, "mlp_b1": 1 / 3,
-    "cnn_b64": 0.7, "wide_mlp_b128": 0.7, "resnet_b64": 0.7,
+    "cnn_b64": 0.7, "wide_mlp_b128": 0.7, "resnet_b64": 0.7, "transformer_b32": 0.7,
     "lstm_T32": 0.8, "lstm_T128": 0.8, "lstm_T512": 0.8, "gru_T128": 0.8,
 }
 RECURRENT = [("lstm", 32), ("lstm", 128), ("lstm", 512), ("gru", 128)]  # (layer, time steps)
@@ -489,7 +501,8 @@ def main() -> int:
                      ("lstm_b32", "lstm32.dln", "lstm", 32, 20),
                      ("cnn_b64", "cifar_cnn.dln", "cifar_cnn", 64, 4),
                      ("wide_mlp_b128", "wide_mlp.dln", "wide_mlp", 128, 4),
-                     ("resnet_b64", "resnet_cifar.dln", "resnet", 64, 3)]
+                     ("resnet_b64", "resnet_cifar.dln", "resnet", 64, 3),
+                     ("transformer_b32", "transformer.dln", "transformer", 32, 10)]
         for name, file, kind, batch, steps in workloads:
             if args.workloads and not any(o in name for o in args.workloads.split(",")):
                 continue
@@ -546,7 +559,7 @@ def main() -> int:
     if section("compile"):
         steal.start("compile")
         print("compile time (load .dln -> training step ready)")
-        for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln", "cifar_cnn.dln", "resnet_cifar.dln"):
+        for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln", "cifar_cnn.dln", "resnet_cifar.dln", "transformer.dln"):
             cold, warm, each = compile_times(HERE / "models" / file, dlc_threads)
             quick, optimized = quick_start_times(HERE / "models" / file, dlc_threads)
             compile_rows.append({"model": file, "cold_s": cold, "cold_s_each": each, "warm_s": warm,

@@ -288,7 +288,7 @@ def valid_step(g: Gen) -> None:
     if r == 3:
         ops += ["index", "rnn", "transpose", "conv1d"]
     if r >= 3:
-        ops.append("reduce_axes")
+        ops += ["reduce_axes", "stacked_matmul"]
     if r >= 2 and isinstance(s[-1], int) and s[-1] > 1:
         ops.append("slice")
     same = [n for n, t in g.env if t == s and n != src]
@@ -387,6 +387,16 @@ def valid_step(g: Gen) -> None:
                    ("B", ch, (t + 2 * pad - k) // st_ + 1), name)
         else:
             g.emit(f"{name} = {f}({src}, {k}, stride={st_}, pad={pad})", ("B", c, (t + 2 * pad - k) // st_ + 1), name)
+    elif op == "stacked_matmul":  # [B, ..., m, k]: a product per matrix of the stack
+        lead, m, k = s[:-2], s[-2], s[-1]
+        perm = list(range(r - 2)) + [r - 1, r - 2]
+        form = g.pick(["gram", "cov", "attend"])
+        if form == "gram":
+            g.emit(f"{name} = {src} @ transpose({src}, {perm}) / {k}", lead + (m, m), name)
+        elif form == "cov":
+            g.emit(f"{name} = transpose({src}, {perm}) @ {src} / {m}", lead + (k, k), name)
+        else:  # self-attention with the values themselves as queries, keys and values
+            g.emit(f"{name} = softmax({src} @ transpose({src}, {perm}) / {k}) @ {src}", s, name)
     elif op == "global_pool":
         g.emit(f"{name} = global_avgpool({src})", ("B", s[1]), name)
     elif op == "index":
