@@ -87,6 +87,34 @@ CASES += [_matmul_case(*c) for c in MATMULS]
 CASES += [_matmul_case(*c, tf32=True) for c in MATMULS_TF32]
 
 
+STACKED = [  # stacks, m, n, k, ta, tb, tile, tf32, launches (first products of each)
+    (3, 5, 7, 9, False, False, T.TILE_16, False, (0,)),
+    (4, 17, 9, 33, False, True, T.TILE_32, False, (0,)),      # attention's scores: q @ k^T
+    (5, 8, 8, 8, True, False, None, False, (0, 2)),           # two launches, the second from product 2
+    (2, 37, 19, 24, True, True, None, True, (0,)),
+]
+
+
+def _stacked_case(stacks, m, n, k, ta, tb, tile, tf32, launches):
+    name = f"bmm{'_tf32' if tf32 else ''}_{stacks}x{m}x{n}x{k}{'_ta' if ta else ''}{'_tb' if tb else ''}"
+    ends = list(launches[1:]) + [stacks]
+    kerns = [T.matmul(f"{name}_{first}", m, n, k, a="A", b="B", out="C", ta=ta, tb=tb, tile=tile, tf32=tf32,
+                      stack=end - first, first=first) for first, end in zip(launches, ends)]
+
+    def make():
+        rng = _rng(name)
+        a = _f32(rng, (stacks,) + ((k, m) if ta else (m, k)))
+        b = _f32(rng, (stacks,) + ((n, k) if tb else (k, n)))
+        c = np.full((stacks, m, n), np.nan, np.float32)
+        want = ops.BATCH_MATMUL.ref(*_f64(a, b), ta=ta, tb=tb)
+        scale = ops.BATCH_MATMUL.ref(*_f64(np.abs(a), np.abs(b)), ta=ta, tb=tb)
+        return [(a, b, c)] * len(kerns), c, want, ((TF32 if tf32 else 0) + 2 * k * U) * scale
+    return Case(name, kerns, make)
+
+
+CASES += [_stacked_case(*c) for c in STACKED]
+
+
 # --- convolutions ----------------------------------------------------------------------------------
 
 CONVS = [  # N, C, H, W, O, kernel, stride, pad
@@ -438,6 +466,8 @@ def test_bad_tiles_and_shapes_are_refused():
         T.matmul("k", 4, 4, 4, a="A", b="B", out="C", tile=T.TILE_16, tf32=True)
     with pytest.raises(ValueError, match="2\\*\\*31"):
         T.matmul("k", 2**16, 2**16, 1, a="A", b="B", out="C")
+    with pytest.raises(ValueError, match="65535"):
+        T.matmul("k", 4, 4, 4, a="A", b="B", out="C", stack=T.MAX_STACK + 1)
     with pytest.raises(ValueError, match="fit"):
         T.conv2d("k", (1, 1, 2, 2), (1, 1, 3, 3), 1, 0, x="x", w="w", out="y")
     with pytest.raises(ValueError, match="does not match"):

@@ -526,6 +526,17 @@ def _gen_matmul(name, t, ref, params, epilogue, names):
     return [T.matmul(name, m, n, k, a=ref(A), b=ref(B), ta=ta, tb=tb, epilogue=epilogue, params=params)], []
 
 
+def _gen_batch_matmul(name, t, ref, params, epilogue, names):
+    """The matmul kernel over a stack of products: one launch per MAX_STACK of them."""
+    A, B = t.inputs
+    ta, tb = t.attrs.get("ta", False), t.attrs.get("tb", False)
+    stacks, m, n = t.output.shape
+    k = A.shape[1] if ta else A.shape[2]
+    return [T.matmul(f"{name}_{first}" if first else name, m, n, k, a=ref(A), b=ref(B), ta=ta, tb=tb,
+                     epilogue=epilogue, params=params, stack=min(T.MAX_STACK, stacks - first), first=first)
+            for first in range(0, stacks, T.MAX_STACK)], []
+
+
 def _gen_conv2d(name, t, ref, params, epilogue, names):
     X, W = t.inputs
     return [T.conv2d(name, X.shape, W.shape, _shape2(t.attrs["stride"]), _shape2(t.attrs["pad"]),
@@ -589,7 +600,7 @@ def _gen_scatter_add(name, t, ref, params, epilogue, names):
 
 
 GENERATORS = {
-    "matmul": _gen_matmul, "conv2d": _gen_conv2d, "conv2d_bwd_data": _gen_conv2d_bwd_data,
+    "matmul": _gen_matmul, "batch_matmul": _gen_batch_matmul, "conv2d": _gen_conv2d, "conv2d_bwd_data": _gen_conv2d_bwd_data,
     "conv2d_bwd_filter": _gen_conv2d_bwd_filter, "pool2d": _gen_pool2d, "pool2d_bwd": _gen_pool2d_bwd,
     "take": _gen_take, "scatter_add": _gen_scatter_add, "colsum": _gen_colsum,
 }

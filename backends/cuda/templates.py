@@ -96,6 +96,9 @@ def _emit(epilogue: Epilogue, index: str, value: str, indent: int) -> str:
     return textwrap.indent(f"{{\n{body}\n}}", " " * indent)
 
 
+MAX_STACK = 65535  # a grid's z extent
+
+
 def _check_sizes(what: str, *sizes: int) -> None:
     for s in sizes:
         if not 0 < s <= INT_MAX:
@@ -197,6 +200,7 @@ class _Gemm:
     binds: Sequence[str]                  # pointer bindings at the top of the kernel
     helpers: str = ""                     # __device__ functions placed before the kernel
     what: str = ""                        # the comment naming template and shapes
+    stack: int = 1                        # independent products, one per blockIdx.z
 
 
 def _vec(t: int) -> int:
@@ -336,7 +340,7 @@ extern "C" __global__ void __launch_bounds__({threads}, 1) {name}({signature})
     }}
 }}
 """
-    return CudaKernel(name, source, (_blocks(g.n, bn), _blocks(g.m, bm), 1), (threads, 1, 1), smem)
+    return CudaKernel(name, source, (_blocks(g.n, bn), _blocks(g.m, bm), g.stack), (threads, 1, 1), smem)
 
 
 TF32_HELPERS = r"""#ifndef DLC_TF32_HELPERS
@@ -443,7 +447,7 @@ extern "C" __global__ void __launch_bounds__({threads}) {name}({signature})
             }}
 }}
 """
-    return CudaKernel(name, source, (_blocks(g.n, bn), _blocks(g.m, bm), 1), (threads, 1, 1), smem)
+    return CudaKernel(name, source, (_blocks(g.n, bn), _blocks(g.m, bm), g.stack), (threads, 1, 1), smem)
 
 
 def _binds(binds: Sequence[str]) -> str:
@@ -464,17 +468,27 @@ def _gemm(name, g: _Gemm, tile, tf32: bool, signature: str, epilogue: Epilogue) 
 def matmul(name: str, m: int, n: int, k: int, *, a: str, b: str, out: str | None = None,
            ta: bool = False, tb: bool = False, epilogue: Epilogue | None = None,
            params: Sequence[str] | None = None, tile: Tile | MmaTile | None = None,
-           tf32: bool = False) -> CudaKernel:
+           tf32: bool = False, stack: int = 1, first: int = 0) -> CudaKernel:
     """C[m, n] = op(A) @ op(B): A is [m, k] ([k, m] when ta), B is [k, n] ([n, k] when tb).
-    `tf32` uses tensor cores (inputs rounded to 10 mantissa bits; sm_80+)."""
-    _check_sizes("matmul", m * k, k * n)
+    `tf32` uses tensor cores (inputs rounded to 10 mantissa bits; sm_80+). With `stack` > 1,
+    products `first` .. `first + stack - 1` of stacks of matrices A, B and C side by side
+    (batch_matmul), each a z-slice of the grid (at most MAX_STACK)."""
+    if not 0 < stack <= MAX_STACK:
+        raise ValueError(f"matmul: {stack} products in one launch; a grid holds 1 .. {MAX_STACK}")
+    _check_sizes("matmul", (first + stack) * m * k, (first + stack) * k * n, (first + stack) * m * n)
+    z = f"(blockIdx.z + {first})" if first else "blockIdx.z"
+    at = f" + {z} * {m * k}" if stack > 1 or first else ""
+    bt = f" + {z} * {k * n}" if stack > 1 or first else ""
+    ct = f"{z} * {m * n} + " if stack > 1 or first else ""
     g = _Gemm(m, n, k,
               a=lambda r, kk: f"a_[({kk}) * {m} + ({r})]" if ta else f"a_[({r}) * {k} + ({kk})]",
               b=lambda kk, c: f"b_[({c}) * {k} + ({kk})]" if tb else f"b_[({kk}) * {n} + ({c})]",
               a_kfast=not ta, b_kfast=tb,
-              out_index=lambda r, c: f"({r}) * {n} + ({c})",
-              binds=[f"const float* __restrict__ a_ = ({a});", f"const float* __restrict__ b_ = ({b});"],
-              what=f"matmul: C[{m}x{n}] = {'A^T' if ta else 'A'}[{m}x{k}] @ {'B^T' if tb else 'B'}[{k}x{n}]")
+              out_index=lambda r, c: f"{ct}({r}) * {n} + ({c})",
+              binds=[f"const float* __restrict__ a_ = ({a}){at};", f"const float* __restrict__ b_ = ({b}){bt};"],
+              what=(f"matmul: C[{m}x{n}] = {'A^T' if ta else 'A'}[{m}x{k}] @ {'B^T' if tb else 'B'}[{k}x{n}]"
+                    + (f", {stack} of them" if stack > 1 else "")),
+              stack=stack)
     sig = _signature(params, [(a, "const float"), (b, "const float"), (out, "float")])
     return _gemm(name, g, tile, tf32, sig, _epilogue(epilogue, out))
 
