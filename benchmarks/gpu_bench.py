@@ -10,6 +10,8 @@ Workloads (models/*.dln, the same as run.py's CPU benchmark):
   mlp_b128, mlp_b1   MLP 784-512-256-10, SGD with momentum, batch 128 and 1
   lenet_b64          LeNet-5 on 1x28x28, Adam, batch 64
   lstm_b32           LSTM T=32, input 64, hidden 128, Adam, batch 32
+  transformer_b32    a transformer encoder block (4 heads, T=64), Adam, batch 32 (PyTorch:
+                     nn.TransformerEncoderLayer)
   sgemm_4096         4096 x 4096 @ 4096 x 4096 in float32: dlc's matmul kernel (its CUDA-event
                      time in a profiled step) against cupy.matmul (cuBLAS, TF32 off)
 
@@ -40,6 +42,7 @@ WORKLOADS = [  # name, model file, torch kind (run.py's torch_models), batch, st
     ("mlp_b1", "mlp784.dln", "mlp", 1, 300),
     ("lenet_b64", "lenet28.dln", "lenet", 64, 100),
     ("lstm_b32", "lstm32.dln", "lstm", 32, 50),
+    ("transformer_b32", "transformer.dln", "transformer", 32, 50),
 ]
 GEMM_N = 4096
 

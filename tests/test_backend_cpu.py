@@ -499,15 +499,18 @@ def check_op_table(expected: dict, actual: dict, tols: dict) -> None:
 
 
 @pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("k", [3, 40])
-def test_stacked_products_and_their_epilogues_match_on_any_thread_count(ta, tb, k):
-    """batch_matmul's template (the matrices shared out between threads, a transposed B
-    transposed into scratch) with an elementwise epilogue run on each matrix: every flag,
-    a short and a long inner dimension, an odd number of matrices for 1 to 3 threads."""
+@pytest.mark.parametrize("m, n, k", [(7, 9, 3), (7, 9, 40), (70, 80, 200)])
+def test_stacked_products_and_their_epilogues_match_on_any_thread_count(ta, tb, m, n, k):
+    """batch_matmul's template (the matrices shared out between threads; small ones in
+    register rows, a transposed B transposed into scratch, large ones (70 x 80 x 200) by
+    the GEMM function on one thread) with an elementwise epilogue run on each matrix:
+    every flag, an odd number of matrices for 1 to 3 threads."""
+    from dlc.backends.llvm.templates import uses_gemm
     from dlc.core.builder import GraphBuilder
     from dlc.core.kernel import Template
     from dlc.core.types import DType, TensorType
-    g, stacks, m, n = Graph("stacks"), 5, 7, 9
+    assert uses_gemm(m, n, k) == (k == 200)
+    g, stacks = Graph("stacks"), 5
     b = GraphBuilder(g)
     x = b.input("a", TensorType(DType.f32, (stacks,) + ((k, m) if ta else (m, k))), "data")
     y = b.input("b", TensorType(DType.f32, (stacks,) + ((n, k) if tb else (k, n))), "data")

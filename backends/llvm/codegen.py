@@ -482,15 +482,15 @@ def _pretuned(part) -> bool:
 
 
 def _gemm_spec(part):
-    """The GemmSpec templates.matmul emits a GEMM function for (None: no GEMM)."""
-    if not isinstance(part, Template) or part.op != "matmul":
+    """The GemmSpec templates.matmul (or batch_matmul) emits a GEMM function for (None: no GEMM)."""
+    if not isinstance(part, Template) or part.op not in ("matmul", "batch_matmul"):
         return None
     from .gemm import GemmSpec
     from .templates import uses_gemm
     a = part.inputs[0].shape
-    m, n = part.output.shape
+    m, n = part.output.shape[-2:]
     ta, tb = part.attrs.get("ta", False), part.attrs.get("tb", False)
-    k = a[0] if ta else a[1]
+    k = a[-2] if ta else a[-1]
     return GemmSpec(m, n, k, ta=ta, tb=tb) if uses_gemm(m, n, k) else None
 
 

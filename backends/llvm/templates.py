@@ -160,20 +160,9 @@ def matmul(mb, em, t: Template, tid, nthreads) -> None:
     if not uses_gemm(m, n, k):
         small_matmul(mb, em, t, m, n, k, ta, tb, tid, nthreads)
         return
-    spec = GemmSpec(m, n, k, ta=ta, tb=tb)
-    w = mb.target.vector_width
     # the epilogue on the register tile (one function per template then), else after
     tile = tile_epilogue(mb.program, t) if t.epilogue is not None else None
-    key = (mb.modules.index(mb.module), spec, tile.key if tile else None)  # one function per shape and module
-    # or the one in a module already handed over to be compiled (ModuleBuilder.build_first)
-    built = key if key in mb.gemms else next((k for k in mb.gemms if k[1:] == key[1:] and k[0] in mb.closed), key)
-    if built not in mb.gemms:
-        name = f"gemm.{key[0]}.{len(mb.gemms)}.{mb.tag}"
-        mb.gemms[key] = emit_gemm(mb.module, name, spec, w, target=mb.target, tile=tile,
-                                  helper=mb.helper)
-    info = mb.gemms[built]
-    mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, info.workspace_bytes)
-    fn = mb.callee(mb.modules[built[0]].globals[info.name])
+    fn, info = _gemm_function(mb, GemmSpec(m, n, k, ta=ta, tb=tb), tile)
     null = ir.Constant(ir.PointerType(), None)
     extra = [em.pointers[name] for name in tile.args] if tile else []
     b.call(fn, [_ptr(em, a_buf), _ptr(em, b_buf), _ptr(em, t.output), null,
@@ -190,6 +179,21 @@ def matmul(mb, em, t: Template, tid, nthreads) -> None:
         _epilogue(em, t, [(i64(0), i64(m)), (r0, r1)])
     else:
         _epilogue(em, t, [(r0, r1), (i64(0), i64(n))])
+
+
+def _gemm_function(mb, spec: GemmSpec, tile=None):
+    """(the callee, GemmInfo) of the GEMM function for spec (and register-tile epilogue):
+    one per shape and module, or the one in a module already handed over to be compiled
+    (ModuleBuilder.build_first)."""
+    key = (mb.modules.index(mb.module), spec, tile.key if tile else None)
+    built = key if key in mb.gemms else next((k for k in mb.gemms if k[1:] == key[1:] and k[0] in mb.closed), key)
+    if built not in mb.gemms:
+        name = f"gemm.{key[0]}.{len(mb.gemms)}.{mb.tag}"
+        mb.gemms[key] = emit_gemm(mb.module, name, spec, mb.target.vector_width, target=mb.target, tile=tile,
+                                  helper=mb.helper)
+    info = mb.gemms[built]
+    mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, info.workspace_bytes)
+    return mb.callee(mb.modules[built[0]].globals[info.name]), info
 
 
 def small_matmul(mb, em, t: Template, m, n, k, ta, tb, tid, nthreads) -> None:
@@ -262,15 +266,19 @@ def small_matmul(mb, em, t: Template, m, n, k, ta, tb, tid, nthreads) -> None:
 
 def batch_matmul(mb, em, t: Template, tid, nthreads) -> None:
     """C[g] = op(A[g]) @ op(B[g]): the matrices of the stack shared out between threads,
-    each computed whole by _rows_in_registers (a transposed B transposed into this
-    thread's scratch first), then its epilogue while it is in cache. Attention's products
-    are small (64 x 64 x 32: below the GEMM's size) and many (batch x heads)."""
+    each computed whole, then its epilogue while it is in cache. Attention's products are
+    many (batch x heads), and small at short sequences (64 x 64 x 32): those run
+    _rows_in_registers (a transposed B transposed into this thread's scratch first);
+    one large enough for the GEMM (uses_gemm: from about 256 steps) calls the GEMM
+    function on this thread alone (32 products q @ kᵀ of 256 x 64 by 64 x 256: 2.90 ms in
+    register rows, 1.09 ms in the GEMM; PyTorch's bmm 1.56 ms)."""
     b = em.b
     a_buf, b_buf = t.inputs
     groups, m, n = t.output.shape
     ta, tb = t.attrs.get("ta", False), t.attrs.get("tb", False)
     k = a_buf.shape[1] if ta else a_buf.shape[2]
-    if tb:
+    gemm = _gemm_function(mb, GemmSpec(m, n, k, ta=ta, tb=tb))[0] if uses_gemm(m, n, k) else None
+    if tb and gemm is None:
         mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, k * n * 4)
     lo, hi = split(b, groups, tid, nthreads)
     with for_range(b, lo, hi, "bg") as g:
@@ -280,14 +288,19 @@ def batch_matmul(mb, em, t: Template, tid, nthreads) -> None:
 
         def a_at(i, kk):
             return _load(b, A, b.add(b.mul(kk, i64(m)), i) if ta else b.add(b.mul(i, i64(k)), kk))
-        if tb:  # B[g] is [n, k]: its transpose into scratch, so that rows of B are vectors
-            Bt = em.pointers["__scratch__"]
-            with for_range(b, 0, n, "tj") as j:
-                with for_range(b, 0, k, "tk") as kk:
-                    _store(b, _load(b, B, b.add(b.mul(j, i64(k)), kk)), Bt, b.add(b.mul(kk, i64(n)), j))
-            B = Bt
-        _rows_in_registers(b, mb, a_at, i64(0), i64(m), B, m, n, k, lambda i, slot=None: (C, b.mul(i, i64(n))),
-                           None)
+        if gemm is not None:  # thread 0 of 1: the whole product, in this thread's workspace
+            one = ir.Constant(ir.IntType(32), 1)
+            b.call(gemm, [A, B, C, ir.Constant(ir.PointerType(), None), em.pointers["__scratch__"],
+                          ir.Constant(ir.IntType(32), 0), one])
+        else:
+            if tb:  # B[g] is [n, k]: its transpose into scratch, so that rows of B are vectors
+                Bt = em.pointers["__scratch__"]
+                with for_range(b, 0, n, "tj") as j:
+                    with for_range(b, 0, k, "tk") as kk:
+                        _store(b, _load(b, B, b.add(b.mul(j, i64(k)), kk)), Bt, b.add(b.mul(kk, i64(n)), j))
+                B = Bt
+            _rows_in_registers(b, mb, a_at, i64(0), i64(m), B, m, n, k,
+                               lambda i, slot=None: (C, b.mul(i, i64(n))), None)
         if t.epilogue is not None:
             em.push()
             emit_bounded(em, t.epilogue, {t.epilogue.outer[0].name: (g, b.add(g, i64(1)))})
