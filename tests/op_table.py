@@ -298,6 +298,13 @@ def np_softmax(x, axis=-1):
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def np_attention(q, k, v, causal=False, scale=None):
+    s = np.einsum("...id,...jd->...ij", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if causal:  # key j after query i: left out
+        s = np.where(np.arange(s.shape[-1]) > np.arange(s.shape[-2])[:, None], -np.inf, s)
+    return np.einsum("...ij,...jd->...id", np_softmax(s), v)
+
+
 def np_huber(d, delta):
     a = np.abs(d)
     return np.where(a <= delta, 0.5 * d * d, delta * (a - 0.5 * delta))
@@ -1080,6 +1087,11 @@ COMPOSITES: list[OpCase] = [
     C("softmax", [(M, N)], np_softmax, inputs=[(-4.0, 4.0)]),
     C("softmax", [(M, N)], lambda x: np_softmax(x, 0), attrs={"axis": 0}, id="axis0"),
     C("softmax", [(1, 1)], np_softmax, id="one-class"),
+    C("attention", [(2, 5, 4), (2, 5, 4), (2, 5, 3)], np_attention, inputs=[(-2.0, 2.0)] * 3),
+    C("attention", [(2, 2, 5, 4), (2, 2, 5, 4), (2, 2, 5, 3)], lambda q, k, v: np_attention(q, k, v, causal=True),
+      attrs={"causal": True}, inputs=[(-2.0, 2.0)] * 3, id="causal-heads"),
+    C("attention", [(1, 3, 4), (1, 6, 4), (1, 6, 2)], lambda q, k, v: np_attention(q, k, v, True, 0.3),
+      attrs={"causal": True, "scale": 0.3}, inputs=[(-2.0, 2.0)] * 3, id="cross-causal-scale"),
     C("log_softmax", [(M, N)], np_log_softmax, inputs=[(-4.0, 4.0)]),
     C("log_softmax", [(N, 2, M)], lambda x: np_log_softmax(x, 1), attrs={"axis": 1}, id="axis1"),
     C("log_softmax", [(M, N)], np_log_softmax, inputs=[(40.0, 60.0)], id="large-logits"),

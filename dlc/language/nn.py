@@ -689,6 +689,38 @@ def softmax(ctx: LayerContext, x: Tensor, axis: int = -1) -> Value:
     return e / b.sum(e, axis, keepdims=True)
 
 
+@builtin("function")
+def attention(ctx: LayerContext, q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
+              scale: Optional[float] = None) -> Value:
+    """Scaled dot-product attention over the last two axes: softmax(q @ kᵀ · scale) @ v, with
+    q [..., Tq, d], k [..., Tk, d], v [..., Tk, dv] -> [..., Tq, dv] (scale 1/√d unless
+    given); with causal=true, query i sees keys 0..i only (a decoder's self-attention)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.rank < 3:
+            raise arg_error(f"`attention`: `{name}` needs a stack of matrices [..., T, d] of rank 3 or more, "
+                            f"got {t.type}", name)
+        _float(t, "attention", arg=name)
+    lead = tuple(q.shape[:-2])
+    if tuple(k.shape[:-2]) != lead or tuple(v.shape[:-2]) != lead or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise arg_error(f"`attention`: q, k and v need the same leading axes and dtype, got {q.type}, {k.type} "
+                        f"and {v.type}", "k")
+    if k.shape[-1] != q.shape[-1]:
+        raise arg_error(f"`attention`: queries and keys need the same width, got {q.type} and {k.type}", "k")
+    if v.shape[-2] != k.shape[-2]:
+        raise arg_error(f"`attention`: there must be a value per key, got {k.type} and {v.type}", "v")
+    if scale is not None and not (scale > 0 and math.isfinite(scale)):
+        raise arg_error(f"`attention`: `scale` must be a positive number, got {scale}", "scale")
+    b = ctx.b
+    swap = list(range(k.rank - 2)) + [k.rank - 1, k.rank - 2]
+    scores = _batch_matmul(b, q, b.permute(k, swap)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if causal:  # a key after the query gets a score that exp takes to 0 (-inf would make inf - inf)
+        steps = tuple(scores.shape[-2:])
+        later = b.gt(b.iota(steps, 1), b.iota(steps, 0))
+        later = b.broadcast(later, tuple(scores.shape), (scores.rank - 2, scores.rank - 1))
+        scores = b.where(later, b.lift(-1e30, scores.dtype), scores)
+    return _batch_matmul(b, softmax(ctx, scores), v)
+
+
 def _straight_through(b: GraphBuilder, x: Value, y: Value) -> Value:
     """y forward, with the gradient of the identity: y + (x - stop_gradient(x)). The difference
     is exactly 0 for every finite x, so the forward value is y itself, bit for bit."""
