@@ -565,6 +565,44 @@ def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
     np.testing.assert_allclose(model.predict(x), want, atol=1e-5, rtol=1e-4)
 
 
+def _torch_export(torch, net, shape, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn((2,) + shape),), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
+                          do_constant_folding=False)
+
+
+@pytest.mark.filterwarnings("ignore::dlc.core.diagnostics.DlcWarning")  # (no parameters to train)
+def test_shape_arithmetic_is_evaluated_and_a_shape_read_as_data_is_refused(tmp_path, capsys):
+    """PyTorch writes `e // heads` as Shape, Gather and Div feeding a Reshape: the importer
+    computes it (numbers only, ONNX's truncating division, no warning about dlc's rounding).
+    A shape multiplied into a tensor is refused by name; it was an AssertionError."""
+    torch = _torch()
+
+    class Split(torch.nn.Module):
+        def forward(self, x):
+            b, t, e = x.shape
+            return torch.tanh(x.reshape(b, t, e // 2, 2)).sum(-1)
+
+    class AsData(torch.nn.Module):
+        def forward(self, x):
+            return x * x.shape[2]
+
+    _torch_export(torch, Split(), (3, 6), tmp_path / "s.onnx")
+    assert cli("import", tmp_path / "s.onnx", "-o", tmp_path / "s.dln") == 0
+    assert "rounds down" not in capsys.readouterr().err
+    assert "reshape([B, 3, 3, 2])" in (tmp_path / "s.dln").read_text()
+    x = np.random.default_rng(0).normal(size=(4, 3, 6)).astype(np.float32)
+    want = np.tanh(x.reshape(4, 3, 3, 2)).sum(-1)
+    np.testing.assert_allclose(dlc.load(tmp_path / "s.dln").predict(x), want, rtol=1e-5, atol=1e-6)
+
+    _torch_export(torch, AsData(), (3, 6), tmp_path / "d.onnx")
+    assert cli("import", tmp_path / "d.onnx", "-o", tmp_path / "d.dln") == 1
+    err = capsys.readouterr().err
+    assert "computes with the model's shape (6) as a tensor" in err and "Traceback" not in err
+
+
 def test_extras_are_declared():
     text = (ROOT / "pyproject.toml").read_text()
     assert 'onnx = ["onnx' in text and "onnxruntime" in text and 'graph = ["graphviz' in text

@@ -250,6 +250,9 @@ class Importer:
             return name
         if v.zeros:
             raise self.fail(node, "reads a tensor of zeros made at run time (ConstantOfShape)")
+        if v.dims is not None:  # Shape's numbers, read as data rather than as a shape
+            raise self.fail(node, f"computes with the model's shape ({', '.join(map(str, v.dims))}) as a "
+                                  "tensor; the importer evaluates shapes only where they feed shapes")
         raise AssertionError("a value without a form")
 
     def operand(self, v: V, node=None) -> str:
@@ -446,7 +449,8 @@ class Importer:
         raise self.error(node, "computes with a shape that is not known while importing")
 
     def shape_op(self, node, ins) -> bool:
-        """Shape tensors holding symbols: Gather, Slice, Concat, Unsqueeze, Squeeze, Cast."""
+        """Shape tensors holding symbols: Gather, Slice, Concat, Unsqueeze, Squeeze, Cast, and
+        arithmetic on them."""
         if not any(v is not None and v.dims is not None for v in ins):
             return False
         op = node.op_type
@@ -465,10 +469,34 @@ class Importer:
             s, e = int(self.const_of(node, 1)[0]), int(self.const_of(node, 2)[0])
             step = int(self.const_of(node, 4)[0]) if len(node.input) > 4 and node.input[4] else 1
             out = V(None, "i32", dims=dims[s:e:step])
+        elif op in _DIM_ARITHMETIC and all(v.dims is not None or v.const is not None for v in ins):
+            # a head's width from the embedding's: E / heads
+            a, b = (self.dims_value(v, node) for v in ins)
+            if len(a) != len(b) and 1 not in (len(a), len(b)):
+                return False
+            n = max(len(a), len(b))
+            dims = [self.dim_arithmetic(node, x, y) for x, y in zip(a * n if len(a) == 1 else a,
+                                                                     b * n if len(b) == 1 else b)]
+            out = V(ins[0].shape if len(a) == n else ins[1].shape, "i32", dims=dims)
         else:
             return False
         self.bind(node.output[0], out)
         return True
+
+    def dim_arithmetic(self, node, x, y):
+        """One entry of shape arithmetic: numbers as ONNX computes them (Div truncates), a
+        symbol kept through + 0, - 0, * 1 and / 1."""
+        op = node.op_type
+        if isinstance(x, int) and isinstance(y, int):
+            if op in ("Div", "Mod") and y == 0:
+                raise self.error(node, "divides a shape by zero")
+            return _DIM_ARITHMETIC[op](x, y)
+        if y == (1 if op in ("Mul", "Div") else 0) and op != "Mod":
+            return x
+        if op == "Mul" and x == 1:
+            return y
+        raise self.error(node, f"computes `{x} {op} {y}` with a dimension that is known only when the "
+                               "model runs; the importer evaluates shape arithmetic on numbers")
 
     def op_ConstantOfShape(self, node, ins):
         from onnx import numpy_helper
@@ -1108,6 +1136,8 @@ class Importer:
 
     # --- elementwise ---------------------------------------------------------------------------
     def binary(self, node, ins, sym: str):
+        if self.shape_op(node, ins):
+            return
         a, b = self.unexpanded(node, ins)
         self.assign(node, f"{self.operand(a, node)} {sym} {self.operand(b, node)}")
 
@@ -1145,6 +1175,8 @@ class Importer:
         self.binary(node, ins, "*")
 
     def op_Div(self, node, ins):
+        if self.shape_op(node, ins):
+            return
         if ins[0].dtype == "i32":
             self.warnings.append(f"node `{node.name}`: integer division rounds down in dlc but toward zero "
                                  "in ONNX")
@@ -1373,6 +1405,9 @@ class Importer:
 
 
 _NO_FOLD = {"LSTM", "GRU", "RNN", "Constant"}
+_DIM_ARITHMETIC = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y,
+                   "Div": lambda x, y: abs(x) // abs(y) * (1 if (x < 0) == (y < 0) else -1),
+                   "Mod": lambda x, y: x % y}
 _MOVES = {"Slice", "Gather", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Identity", "Expand", "Flatten"}
 
 
