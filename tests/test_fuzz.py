@@ -390,13 +390,16 @@ def valid_step(g: Gen) -> None:
     elif op == "stacked_matmul":  # [B, ..., m, k]: a product per matrix of the stack
         lead, m, k = s[:-2], s[-2], s[-1]
         perm = list(range(r - 2)) + [r - 1, r - 2]
-        form = g.pick(["gram", "cov", "attend"])
+        form = g.pick(["gram", "cov", "attend", "builtin"])
         if form == "gram":
             g.emit(f"{name} = {src} @ transpose({src}, {perm}) / {k}", lead + (m, m), name)
         elif form == "cov":
             g.emit(f"{name} = transpose({src}, {perm}) @ {src} / {m}", lead + (k, k), name)
-        else:  # self-attention with the values themselves as queries, keys and values
+        elif form == "attend":  # self-attention with the values themselves as queries, keys and values
             g.emit(f"{name} = softmax({src} @ transpose({src}, {perm}) / {k}) @ {src}", s, name)
+        else:
+            causal = g.pick(["", ", causal=true", ", scale=0.5", ", causal=true, scale=0.25"])
+            g.emit(f"{name} = attention({src}, {src}, {src}{causal})", s, name)
     elif op == "global_pool":
         g.emit(f"{name} = global_avgpool({src})", ("B", s[1]), name)
     elif op == "index":
