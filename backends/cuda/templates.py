@@ -476,10 +476,8 @@ def matmul(name: str, m: int, n: int, k: int, *, a: str, b: str, out: str | None
     if not 0 < stack <= MAX_STACK:
         raise ValueError(f"matmul: {stack} products in one launch; a grid holds 1 .. {MAX_STACK}")
     _check_sizes("matmul", (first + stack) * m * k, (first + stack) * k * n, (first + stack) * m * n)
-    z = f"(blockIdx.z + {first})" if first else "blockIdx.z"
-    at = f" + {z} * {m * k}" if stack > 1 or first else ""
-    bt = f" + {z} * {k * n}" if stack > 1 or first else ""
-    ct = f"{z} * {m * n} + " if stack > 1 or first else ""
+    z = (f"(blockIdx.z + {first})" if first else "blockIdx.z") if stack > 1 or first else None
+    at, bt, ct = (f" + {z} * {m * k}", f" + {z} * {k * n}", f"{z} * {m * n} + ") if z else ("", "", "")
     g = _Gemm(m, n, k,
               a=lambda r, kk: f"a_[({kk}) * {m} + ({r})]" if ta else f"a_[({r}) * {k} + ({kk})]",
               b=lambda kk, c: f"b_[({c}) * {k} + ({kk})]" if tb else f"b_[({kk}) * {n} + ({c})]",

@@ -241,10 +241,7 @@ def small_matmul(mb, em, t: Template, m, n, k, ta, tb, tid, nthreads) -> None:
         # not vectorize along k: transpose B into this thread's scratch, after C's rows
         at = -(-_MAX_GROUP * n // 16) * 16
         mb.layout.scratch_bytes = max(mb.layout.scratch_bytes, (at + k * n) * 4)
-        Bt = b.gep(em.pointers["__scratch__"], [i64(at)], source_etype=F32)
-        with for_range(b, 0, n, "tj") as j:
-            with for_range(b, 0, k, "tk") as kk:
-                _store(b, _load(b, B, b.add(b.mul(j, i64(k)), kk)), Bt, b.add(b.mul(kk, i64(n)), j))
+        Bt = _transposed(b, B, b.gep(em.pointers["__scratch__"], [i64(at)], source_etype=F32), n, k)
         _rows_in_registers(b, mb, a_at, lo, hi, Bt, m, n, k, c_row, finish if per_row else None)
     else:  # C[i, j] = sum_k A[i, k] * B[j, k]
         with for_range(b, lo, hi, "mi") as i:
@@ -295,17 +292,21 @@ def batch_matmul(mb, em, t: Template, tid, nthreads) -> None:
                           ir.Constant(ir.IntType(32), 0), one])
         else:
             if tb:  # B[g] is [n, k]: its transpose into scratch, so that rows of B are vectors
-                Bt = em.pointers["__scratch__"]
-                with for_range(b, 0, n, "tj") as j:
-                    with for_range(b, 0, k, "tk") as kk:
-                        _store(b, _load(b, B, b.add(b.mul(j, i64(k)), kk)), Bt, b.add(b.mul(kk, i64(n)), j))
-                B = Bt
+                B = _transposed(b, B, em.pointers["__scratch__"], n, k)
             _rows_in_registers(b, mb, a_at, i64(0), i64(m), B, m, n, k,
                                lambda i, slot=None: (C, b.mul(i, i64(n))), None)
         if t.epilogue is not None:
             em.push()
             emit_bounded(em, t.epilogue, {t.epilogue.outer[0].name: (g, b.add(g, i64(1)))})
             em.pop()
+
+
+def _transposed(b, B, Bt, n: int, k: int):
+    """Bt [k, n] (this thread's scratch), B [n, k] transposed into it."""
+    with for_range(b, 0, n, "tj") as j:
+        with for_range(b, 0, k, "tk") as kk:
+            _store(b, _load(b, B, b.add(b.mul(j, i64(k)), kk)), Bt, b.add(b.mul(kk, i64(n)), j))
+    return Bt
 
 
 # B's columns per register block (vectors) and rows at most per group in

@@ -122,9 +122,9 @@ def _matmul_last(b: GraphBuilder, x: Value, w: Value) -> Value:
 
 def _batch_matmul(b: GraphBuilder, x: Value, y: Value) -> Value:
     """x[..., m, k] @ y[..., k, n] over equal leading axes (flattened into one stack)."""
-    lead = x.shape[:-2]
     if x.rank == 3:
         return b.batch_matmul(x, y)
+    lead = x.shape[:-2]
     g = numel(lead)
     out = b.batch_matmul(b.reshape(x, (g,) + tuple(x.shape[-2:])), b.reshape(y, (g,) + tuple(y.shape[-2:])))
     return b.reshape(out, tuple(lead) + tuple(out.shape[1:]))
