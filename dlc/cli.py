@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint for --weights and `dlc run --resume`). Known layer patterns "
                                    "become layers (Gemm/MatMul+Add -> dense, Conv -> conv2d or conv1d, pools, "
                                    "BatchNormalization -> batchnorm, LayerNormalization -> layernorm, "
-                                   "LSTM/GRU/RNN -> lstm/gru/rnn, Flatten, "
+                                   "LSTM/GRU/RNN -> lstm/gru/rnn, MatMul of stacks -> @ (self-attention, "
+                                   "PyTorch's TransformerEncoderLayer too), Flatten, "
                                    "activations); other operators become .dln arithmetic, and an operator "
                                    "with no counterpart is an error naming it. The .dln ends with a train "
                                    "block template for fine-tuning. Needs: pip install 'dlc[onnx]'.")

@@ -52,6 +52,7 @@ class OpCase:
     avoid: tuple = ()
     grad: str = "fd"
     tol32: tuple = (1e-5, 1e-6)
+    tol64: tuple | None = None    # (rtol, atol) of float64 runs where not test_ops.F64_TOL
     xfail: Mapping[str, str] = field(default_factory=dict)
     id: str = ""
     # composites only
@@ -77,6 +78,10 @@ MATMUL_TOL = (1e-5, 1e-5)  # float32 sums of up to ~100 products of O(1) terms
 # and finite differences see the same rounded constants.)
 CONST_F32 = {"forward-f64": "builder constants are rounded to float32, so the float64 interpreter "
                             "computes with e.g. 0.1 = 0.10000000149 (off by ~3e-8 relative)"}
+
+
+ERF_TOL = (1e-5, 3e-7)  # erf is Abramowitz & Stegun's formula 7.1.26, within 1.5e-7: float32's precision,
+# which float64 runs show
 
 
 def P(op, shapes, ref, **kw) -> OpCase:
@@ -554,6 +559,13 @@ def np_accuracy(z, y, mask=None):
 
 def np_gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+np_erf = np.vectorize(math.erf, otypes=[np.float64])  # numpy has no erf; the standard library's is exact
+
+
+def np_gelu_exact(x):
+    return 0.5 * x * (1.0 + np_erf(x / math.sqrt(2.0)))
 
 
 # --- primitive rows -----------------------------------------------------------------------------
@@ -1096,6 +1108,11 @@ COMPOSITES: list[OpCase] = [
     C("log_softmax", [(N, 2, M)], lambda x: np_log_softmax(x, 1), attrs={"axis": 1}, id="axis1"),
     C("log_softmax", [(M, N)], np_log_softmax, inputs=[(40.0, 60.0)], id="large-logits"),
     C("gelu", [(M, 33)], np_gelu_tanh, inputs=[(-3.0, 3.0)]),
+    C("gelu", [(M, 33)], np_gelu_exact, attrs={"approximate": "none"}, inputs=[(-4.0, 4.0)], tol64=ERF_TOL,
+      id="exact"),
+    C("erf", [(M, 33)], np_erf, inputs=[(-3.0, 3.0)], tol64=ERF_TOL),
+    C("erf", [(7,)], np_erf, grad="none", tol64=ERF_TOL, id="tails",
+      inputs=[lambda rng, s: np.array([-1e30, -9.0, -0.0, 0.0, 1e-30, 5.0, 1e30], np.float32)]),
     C("elu", [(M, 33)], lambda x: np.where(x > 0, x, np.expm1(x)), inputs=[(-3.0, 3.0)], avoid=(0.0,)),
     C("elu", [(M, N)], lambda x: np.where(x > 0, x, 0.5 * np.expm1(x)), attrs={"alpha": 0.5}, avoid=(0.0,),
       id="alpha"),

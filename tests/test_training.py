@@ -130,6 +130,17 @@ def test_resume_checks_optimizer_state_shapes_and_dtypes(trained_checkpoint, tmp
         np.testing.assert_array_equal(m.state[k], v)
 
 
+def test_weights_saved_before_training_resume_on_each_target_alike(tmp_path):
+    """A checkpoint with no optimizer state and no step counter (what `dlc import` and
+    Model.save before fit write) resumes: the reference target once refused it, since its
+    session makes the counter before the checkpoint is read."""
+    path = EXAMPLES / "logreg.dln"
+    dlc.load(path).save(tmp_path / "w.npz")
+    losses = [dlc.load(path).fit(epochs=2, resume=tmp_path / "w.npz", target=t).epochs[-1]["train_loss"]
+              for t in ("reference", "cpu")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 def test_optimizer_state_of_an_unknown_parameter_is_refused(trained_checkpoint, tmp_path):
     ck = _edited(trained_checkpoint, tmp_path, arrays={"hidden.w:m": np.zeros((64, 128), np.float32)})
     with pytest.raises(CheckpointError, match="unexpected tensor `hidden.w:m`"):

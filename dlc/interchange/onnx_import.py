@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from dlc.interchange import InterchangeError, require_onnx
+from dlc.core.types import Sym, dim_div, dim_mul
 from dlc.interchange.onnx_export import GRU_GATES, LSTM_GATES
 from dlc.language.nn import SELU_ALPHA, SELU_SCALE
 
@@ -133,6 +134,7 @@ class Importer:
         self.warnings: list[str] = []
         self.layers_used: list[str] = []
         self.types = self._value_types()
+        self.inferred: dict[str, tuple] = {}  # output shapes ONNX's inference left out (infer_missing)
         self.consumers: dict[str, int] = {}
         for n in self.g.node:
             for i in n.input:
@@ -208,6 +210,8 @@ class Importer:
         return self._np_of.get(t[0], default) if t else default
 
     def dims_of(self, name: str):
+        if name in self.inferred:
+            return self.inferred[name]
         t = self.types.get(name)
         if not t or t[1] is None:
             return None
@@ -243,8 +247,13 @@ class Importer:
                 raise self.fail(node, "reads an integer constant tensor, which a .dln program cannot declare")
             name = self.name(v.hint or "const", "const")
             dims = ", ".join(str(d) for d in c.shape)
+            note = ""
+            if np.isnan(c).any():
+                raise self.fail(node, "reads a constant tensor holding NaN, which a checkpoint cannot hold")
+            if np.isinf(c).any():  # an additive mask (a causal one, of a fixed length): -inf -> -1e30
+                c, note = np.clip(c, -1e30, 1e30), "; its infinities are written as ±1e30"
             self.param_decls.append(f"    param {name}: f32[{dims}] = zeros   # a constant of the ONNX model "
-                                    "(trainable here)")
+                                    f"(trainable here){note}")
             self.params[name] = c.astype(np.float32)
             v.var = name
             return name
@@ -403,6 +412,8 @@ class Importer:
         if op in _MOVES and ins and ins[0] is not None and ins[0].zeros:  # zeros stay zeros
             self.bind(node.output[0], V(self.out_shape(node), "f32", zeros=True))
             return
+        if any(o and (self.dims_of(o) is None or None in self.dims_of(o)) for o in node.output):
+            self.infer_missing(node, ins)
         if handler is None:
             raise self.error(node, f"has no .dln counterpart: dlc cannot import `{op}`",
                              hint="the importer handles layers (Gemm, Conv, pools, BatchNormalization, "
@@ -426,6 +437,53 @@ class Importer:
             v = V(np.shape(a), "f32", const=np.asarray(a))
             v.hint = name
             self.bind(name, v)
+
+    def infer_missing(self, node, ins) -> None:
+        """Output shapes ONNX's inference left out, found from the shapes the importer knows:
+        its inference stops where a shape is computed at run time (PyTorch's multi-head
+        attention reshapes to [T, B*heads, d] so), the importer evaluates such shapes."""
+        from onnx import TensorProto, helper, numpy_helper, shape_inference
+        if node.op_type == "Reshape" and ins[0] is not None and ins[0].shape is not None and \
+                (ins[1].dims is not None or ins[1].const is not None):
+            target = self.reshape_target(node, ins[0], self.dims_value(ins[1], node))
+            if target.count(-1) == 1 and None not in ins[0].shape:
+                known = 1
+                for d in target:
+                    known = dim_mul(known, as_sym(d)) if d != -1 else known
+                total = 1
+                for d in ins[0].shape:
+                    total = dim_mul(total, as_sym(d))
+                rest = dim_div(total, known)
+                target = [as_dim(rest) if d == -1 and rest is not None else d for d in target]
+            if -1 not in target:
+                self.inferred[node.output[0]] = tuple(target)
+            return
+        named, inputs, inits = {}, [], []
+        for name, v in zip(node.input, ins):
+            if v is None:
+                continue
+            if v.const is not None:
+                inits.append(numpy_helper.from_array(np.asarray(v.const), name))
+            elif v.dims is not None and all(isinstance(d, int) for d in v.dims):
+                inits.append(numpy_helper.from_array(np.array(v.dims, dtype=np.int64), name))
+            else:
+                shape = None if v.shape is None else [str(d) if d is not None and not isinstance(d, int) else d
+                                                     for d in v.shape]
+                named.update({str(d): d for d in v.shape or () if d is not None and not isinstance(d, int)})
+                elem = self.types.get(name, (TensorProto.FLOAT,))[0] or TensorProto.FLOAT
+                inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        outs = [helper.make_value_info(o, helper.TypeProto()) for o in node.output if o]
+        model = helper.make_model(helper.make_graph([node], "one", inputs, outs, inits),
+                                  opset_imports=list(self.m.opset_import))
+        try:
+            found = shape_inference.infer_shapes(model, strict_mode=True).graph
+        except Exception:  # noqa: BLE001 - the handler then names the missing shape
+            return
+        for o in list(found.output) + list(found.value_info):
+            t = o.type.tensor_type
+            if o.name in node.output and t.HasField("shape"):
+                self.inferred[o.name] = tuple(d.dim_value if d.HasField("dim_value") else
+                                              named.get(d.dim_param) for d in t.shape.dim)
 
     # --- shape arithmetic ----------------------------------------------------------------------
     def op_Shape(self, node, ins):
@@ -480,6 +538,9 @@ class Importer:
             out = V(ins[0].shape if len(a) == n else ins[1].shape, "i32", dims=dims)
         else:
             return False
+        if all(isinstance(d, int) for d in out.dims):  # numbers after all: a constant from here on
+            out = V(out.shape, "i32", const=np.array(out.dims, dtype=np.int64).reshape(
+                () if out.shape == () else -1))
         self.bind(node.output[0], out)
         return True
 
@@ -495,6 +556,10 @@ class Importer:
             return x
         if op == "Mul" and x == 1:
             return y
+        if op == "Mul":  # batch * heads
+            return as_dim(dim_mul(as_sym(x), as_sym(y)))
+        if op == "Div" and dim_div(as_sym(x), as_sym(y)) is not None:
+            return as_dim(dim_div(as_sym(x), as_sym(y)))
         raise self.error(node, f"computes `{x} {op} {y}` with a dimension that is known only when the "
                                "model runs; the importer evaluates shape arithmetic on numbers")
 
@@ -1050,7 +1115,9 @@ class Importer:
                 target[1] == int(np.prod(x.shape[1:]))):
             self.pipe(node, x, "flatten", "h")
             return
-        if None in target or sum(1 for d in target if d == -1) > 1:
+        if sum(1 for d in target if d == -1 or isinstance(d, Sym)) == 1:  # a product such as 2*B: -1
+            target = [-1 if isinstance(d, Sym) else d for d in target]
+        if None in target or sum(1 for d in target if d == -1 or isinstance(d, Sym)) > 1:
             raise self.error(node, "reshapes to a shape that is not known while importing")
         self.pipe(node, x, f"reshape({dlist(target)})", "h")
 
@@ -1295,10 +1362,10 @@ class Importer:
         a = self.attrs(node)
         approx = a.get("approximate", b"none")
         approx = approx.decode() if isinstance(approx, bytes) else approx
-        if approx != "tanh":
-            self.warnings.append(f"node `{node.name}`: Gelu is the exact (erf) form; dlc's gelu is the tanh "
-                                 "approximation (they differ by less than 1e-3)")
-        self.unary(node, ins, "gelu")
+        self.unary(node, ins, "gelu" if approx == "tanh" else 'gelu(approximate="none")')
+
+    def op_Erf(self, node, ins):  # (what exporters before opset 20 write exact GELU with)
+        self.unary(node, ins, "erf")
 
     def op_Max(self, node, ins):
         self.minmax(node, ins, "maximum")
@@ -1332,6 +1399,29 @@ class Importer:
             self.unary(node, ins, f"minimum({literal(float(np.reshape(hi, ())))})")
         else:
             self.alias(node, x)
+
+    def op_Where(self, node, ins):
+        """A select by a constant condition (a causal mask of the exported length) is
+        arithmetic: a * c + b * (1 - c), each constant part computed now."""
+        cond, a, b = ins
+        if cond.const is None:
+            raise self.error(node, "selects by a condition computed at run time; .dln has no `where`")
+        c = np.asarray(cond.const).astype(bool)
+        fixed, terms = 0.0, []
+        for v, take in ((a, c), (b, ~c)):
+            if not take.any():
+                continue
+            if v.const is not None:
+                fixed = fixed + np.where(take, v.const, 0.0)
+            elif take.all():
+                terms.append(self.operand(v, node))
+            else:
+                mask = V(take.shape, "f32", const=take.astype(np.float32), hint=f"{node.name or 'where'}_keep")
+                terms.append(f"{self.operand(v, node)} * {self.text(mask, node)}")
+        if np.any(fixed != 0.0):
+            fixed = np.asarray(fixed, np.float32)
+            terms.append(self.text(V(fixed.shape, "f32", const=fixed, hint=f"{node.name or 'where'}_fill"), node))
+        self.assign(node, " + ".join(terms) if terms else "0.0")
 
     def op_Greater(self, node, ins):  # a bool: .dln reads it only cast to float, as `step`
         if ins[0].dtype not in ("f32", "f64"):
@@ -1425,6 +1515,17 @@ def literal(v) -> str:
 
 def ilist(xs) -> str:
     return "[" + ", ".join(str(int(x)) for x in xs) + "]"
+
+
+def as_sym(d):
+    """The importer's dimension (a number, a symbol's name, or a product as a Sym) as
+    dlc's shape arithmetic takes it."""
+    return Sym(1, (d,)) if isinstance(d, str) else d
+
+
+def as_dim(d):
+    """Back from dlc's shape arithmetic: a lone symbol becomes its name again."""
+    return d.names[0] if isinstance(d, Sym) and d.coeff == 1 and len(d.names) == 1 else d
 
 
 def dlist(xs) -> str:

@@ -745,7 +745,9 @@ def restore(model, path: Path, state: dict[str, np.ndarray]) -> tuple[dict, Norm
 def _expected(model, state: dict[str, np.ndarray], found: dict) -> dict:
     """{name: (shape, dtype)} a checkpoint of `model` must hold (every state tensor but the
     optimizer's) and may hold (optimizer state, shaped like its parameter; the normalization)."""
-    expect = {k: (v.shape, v.dtype) for k, v in state.items() if ":" not in k}
+    # the step counter is optimizer state too: a session may have made it already, and a
+    # checkpoint written before any training (`dlc import`, Model.save) has none
+    expect = {k: (v.shape, v.dtype) for k, v in state.items() if ":" not in k and k != "step"}
     params = model.params
     sample = model.input_types[0][1].shape[1:] if model.input_types else ()
     features = math.prod(sample) if all(isinstance(d, int) for d in sample) else 1
