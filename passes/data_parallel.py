@@ -109,8 +109,8 @@ def allreduce(graph: Graph, ctx=None) -> Graph:
     grad_buckets = bucket + 1
     weight = hyper_input(b, SHARD_WEIGHT, DType.f32)
     for key, nid in list(g.outputs.items()):
-        if key == "output" or key.startswith("grad:") or not g.node(nid).type.dtype.is_float:
-            continue
+        if key == "output" or ":" in key or not g.node(nid).type.dtype.is_float:
+            continue  # (results with a `:` are per sample: output:NAME, a named result; carry:NAME, a state)
         value = b.value(nid)
         with b.at(value.node.span):
             share = value if key == "loss" else value * weight  # the loss is a share already

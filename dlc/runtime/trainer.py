@@ -102,7 +102,8 @@ class Session:
     With a `world` (dlc/runtime/distributed.py) it is one rank of a data-parallel job: its
     training step runs on its shard of each global batch (compiled for the largest shard,
     smaller ones padded), and it evaluates every world.size-th chunk of the held-out data, in
-    chunks of the compiled size (the sums are then added up over ranks)."""
+    chunks of the compiled size (the sums are then added up over ranks); a model that carries
+    state takes its rows of each global batch, in training and in evaluation alike."""
 
     def __init__(self, model, config, target: str = backends.DEFAULT, options: dict | None = None,
                  world=None):
@@ -113,9 +114,6 @@ class Session:
         self.state = model.state
         self._graphs: dict[str, object] = {}
         self.world = world
-        if world is not None and model.built("eval").carries:  # its streams of samples are not sharded yet
-            raise UsageError(f"model {model.name} carries a `state` from batch to batch, which a "
-                             "data-parallel job cannot train yet", hint="train it in one process")
         if world is not None:
             _check_shardable(model)
             _check_loss_shares(model)
@@ -150,6 +148,7 @@ class Session:
         self._background: Background | None = None  # the compile fit() started while the data loads
         self.carries = model.built("eval").carries  # the model's `state`s, carried from batch to batch
         self._carried: dict[str, np.ndarray] = {}    # their values after the last training step
+        self._carried_rows = (0, 0, 0)               # of which rows: (first, count) of a global batch
 
     # --- state carried between batches (a model's `state` declarations) ---------------------------
     def reset_state(self) -> None:
@@ -244,13 +243,36 @@ class Session:
         still be on their way: `collect` reads them, later steps need not wait). A model's
         `state`s continue from the step submitted before."""
         weight, first, total = 1.0, 0, len(x)  # (read by data-parallel steps, and batchnorm(sync=true))
+        carried, rows = self._carried, (0, total, total)
         if self.world is not None:  # this rank's rows; padded to the compiled batch by the program
+            rows = (*self.world.shard(total), total)
+            carried = self._shard_carries(*rows)
             x, y, weight, first = self.world.shard_feeds(x, y, total)
         feeds = {self.input_name: x, "label": y, "lr": lr, VALID: np.int32(len(x)), "shard_weight": weight,
-                 "sample_offset": first, "global_batch": total, **self._carry_feeds(self._carried, len(x))}
+                 "sample_offset": first, "global_batch": total, **self._carry_feeds(carried, len(x))}
         out = self.train_program.run(feeds)
         self._keep_carries(self._carried, out)
+        self._carried_rows = rows
         return Pending(feeds, out)
+
+    def _shard_carries(self, first: int, count: int, total: int) -> dict:
+        """A rank's rows [first, first + count) of each state for a global batch of `total`:
+        its own from the step before while the shards stay where they were (every full batch
+        of a run); after a batch of another size, the whole state is put together (each rank's
+        rows, summed over ranks) and cut as one process cuts it: its first rows, or afresh
+        when the batch grew."""
+        if not self.carries or not self._carried or self._carried_rows[2] == total:
+            return self._carried
+        was_first, was_count, was_total = self._carried_rows
+        if was_total < total:
+            return {}
+        whole = []
+        for c in self.carries:
+            a = np.zeros((was_total,) + tuple(int(d) for d in c.type.shape[1:]), c.type.dtype.np)
+            a[was_first:was_first + was_count] = np.asarray(self._carried[c.name])[:was_count]
+            whole.append(a)
+        self.world.allreduce(whole, whole)
+        return {c.name: a[first:first + count] for c, a in zip(self.carries, whole)}
 
     def collect(self, step: "Pending") -> dict[str, float]:
         """A submitted step's loss and metrics; NumericsError when its loss (or, with
@@ -344,15 +366,21 @@ class Session:
         def add(size: int, out: dict) -> None:
             for k in ["loss"] + self.metrics:
                 totals[k] = totals.get(k, 0.0) + float(out[k]) * size
-        batch = self._chunk(batch, n)
+        streams, batch = batch, self._chunk(batch, n)
         parts = self._passes(n, batch)
-        if self.world is not None:  # every rank evaluates its batches with rank 0's statistics
-            self.world.broadcast(self.state, self.model.layer_state())  # (no carried state in a job)
-            parts = (slice(start, start + batch) for start in self.world.batches_of(range(0, n, batch)))
+        if self.world is not None:  # every rank evaluates with rank 0's statistics, a share of the data
+            self.world.broadcast(self.state, self.model.layer_state())
+            if self.carries:  # its rows of every stream batch of the global batch, as in training
+                first, count = self.world.shard(min(streams, n))
+                parts = (idx[first:first + count] for idx in self.batches(n, streams, every=True))
+            else:  # every size-th batch
+                parts = (slice(start, start + batch) for start in self.world.batches_of(range(0, n, batch)))
         last = None  # the previous batch's results: read while the next batch runs
         carried: dict = {}
         for idx in parts:
             xb, yb = x[idx], y[idx]
+            if not len(xb):  # (a late, shorter stream batch holds no row of this rank)
+                continue
             out = self.eval_program.run({self.input_name: xb, "label": yb, **self._carry_feeds(carried, len(xb))})
             self._keep_carries(carried, out)
             if last:
