@@ -17,13 +17,16 @@ dlc's layout and parameter names:
                                               their formula (PRelu's slopes a parameter,
                                               or leaky_relu's alpha when there is one)
 
-and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, sign, maximum, minimum,
-clip, step (a Greater cast to float), sum/mean/max, reshape, transpose, concat, indexing
-and Split's pieces).
+and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, erf, sign, maximum,
+minimum, clip, step (a Greater cast to float), sum/mean/max, reshape, transpose, concat,
+indexing and Split's pieces; a Where on a constant condition, such as a causal mask,
+becomes a multiply and an add).
 Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
-writes it) is evaluated here, symbolically in the batch dimension. A constant tensor that
-is no layer's weight becomes a declared `param` (trainable in dlc). An operator with no
-.dln counterpart is an error naming the operator and its node.
+writes it) is evaluated here, symbolically in the batch dimension (products such as
+batch * heads too), and so are the output shapes ONNX's shape inference gives up on
+(`infer_missing`). A constant tensor that is no layer's weight becomes a declared `param`
+(trainable in dlc). An operator with no .dln counterpart is an error naming the operator
+and its node.
 
 A `dlc export`ed model's input normalization (`normalize.shift`/`normalize.scale`)
 goes back into the checkpoint, where `dlc predict` and `dlc run --resume` apply it.
@@ -36,13 +39,14 @@ from __future__ import annotations
 import keyword
 import re
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dlc.interchange import InterchangeError, require_onnx
 from dlc.core.types import Sym, dim_div, dim_mul
+from dlc.interchange import InterchangeError, require_onnx
 from dlc.interchange.onnx_export import GRU_GATES, LSTM_GATES
 from dlc.language.nn import SELU_ALPHA, SELU_SCALE
 
@@ -447,13 +451,8 @@ class Importer:
                 (ins[1].dims is not None or ins[1].const is not None):
             target = self.reshape_target(node, ins[0], self.dims_value(ins[1], node))
             if target.count(-1) == 1 and None not in ins[0].shape:
-                known = 1
-                for d in target:
-                    known = dim_mul(known, as_sym(d)) if d != -1 else known
-                total = 1
-                for d in ins[0].shape:
-                    total = dim_mul(total, as_sym(d))
-                rest = dim_div(total, known)
+                known = reduce(dim_mul, (as_sym(d) for d in target if d != -1), 1)
+                rest = dim_div(reduce(dim_mul, map(as_sym, ins[0].shape), 1), known)
                 target = [as_dim(rest) if d == -1 and rest is not None else d for d in target]
             if -1 not in target:
                 self.inferred[node.output[0]] = tuple(target)
