@@ -560,7 +560,8 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["attention", "encoder", "causal", "cnn", "conv1d", "acts", "relu_rnn", "seq", "tokens"])
+@pytest.mark.parametrize("which", ["attention", "encoder", "causal", "cnn", "conv1d", "acts", "relu_rnn", "seq",
+                                   "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
     torch = _torch()
     torch.manual_seed(0)

@@ -148,7 +148,7 @@ class Session:
         self._background: Background | None = None  # the compile fit() started while the data loads
         self.carries = model.built("eval").carries  # the model's `state`s, carried from batch to batch
         self._carried: dict[str, np.ndarray] = {}    # their values after the last training step
-        self._carried_rows = (0, 0, 0)               # of which rows: (first, count) of a global batch
+        self._carried_rows = (0, 0, 0)               # whose rows: (first, count, global batch size)
 
     # --- state carried between batches (a model's `state` declarations) ---------------------------
     def reset_state(self) -> None:
