@@ -315,9 +315,10 @@ def np_huber(d, delta):
     return np.where(a <= delta, 0.5 * d * d, delta * (a - 0.5 * delta))
 
 
-def np_layernorm(x, gamma, beta, eps=1e-5):
-    centered = x - x.mean(axis=-1, keepdims=True)
-    return centered / np.sqrt(x.var(axis=-1, keepdims=True) + eps) * gamma + beta
+def np_layernorm(x, gamma, beta, eps=1e-5, axis=-1):
+    over = tuple(range(axis % x.ndim, x.ndim))
+    centered = x - x.mean(axis=over, keepdims=True)
+    return centered / np.sqrt(x.var(axis=over, keepdims=True) + eps) * gamma + beta
 
 
 def np_batchnorm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5):
@@ -1032,6 +1033,10 @@ COMPOSITES: list[OpCase] = [
       params={"gamma": (0.5, 1.5)}, id="rank3-eps"),
     C("layernorm", [(M, N)], lambda x, gamma, beta: np_layernorm(x, gamma, beta), training=False,
       params={"gamma": (0.5, 1.5)}, id="eval"),
+    C("layernorm", [(2, M, 4, 2)], lambda x, gamma, beta: np_layernorm(x, gamma, beta, axis=1), attrs={"axis": 1},
+      params={"gamma": (0.5, 1.5)}, id="over-chw"),
+    C("layernorm", [(2, M, 4)], lambda x, gamma, beta: np_layernorm(x, gamma, beta, axis=-2), attrs={"axis": -2},
+      params={"gamma": (0.5, 1.5)}, id="last-two"),
     C("embedding", [(2, 5)], lambda x, table: table[x], attrs={"vocab": N, "dim": 4}, inputs=[ints(0, N)]),
     C("rnn", [(2, M, 4)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b), attrs={"hidden": 5}, tol32=(1e-5, 1e-5)),
     C("rnn", [(2, M, 4)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b, True, act=lambda z: np.maximum(z, 0.0)),

@@ -142,7 +142,7 @@ model m(x: f32[B, 6], tok: i32[B, 5]) -> f32[B, 6] {
     w = clip(x, -0.5, 0.5) * abs(x) + sqrt(abs(x)) + exp(-x) + log(abs(x) + 1.0)
     k = x[:, 1:5:2]
     q = elu(x, 0.5) + selu(x) + softplus(x) + silu(x) + layernorm(x) + elu(layernorm(x, eps=0.1))
-    e = gelu(x, approximate="none") + erf(x * 2.0)
+    e = gelu(x, approximate="none") + erf(x * 2.0) + reshape(layernorm(reshape(x, [B, 2, 3]), axis=1), [B, 6])
     return a + d + v + w + s + q + e + concat([k, k, k], axis=1) + minimum(x, 0.3) + x ** 2.0 + x / 3.0
 }
 """
@@ -544,7 +544,20 @@ def _torch_models(torch):
             q, k, v = (h.unsqueeze(1) for h in self.qkv(x).chunk(3, dim=-1))
             return self.fc(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[:, 0, -1])
 
+    class Norms(nn.Module):  # layer normalization over several axes: [C, H, W], and [T, F]
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.chw = nn.LayerNorm([3, 4, 4])
+            self.tf = nn.LayerNorm([4, 12], eps=1e-3)
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            h = self.chw(self.conv(x))
+            return self.fc(self.tf(h.reshape(-1, 4, 12)).mean(1))
+
     return [("attention", Attention(), (5, 8), ["layernorm", " @ ", "softmax"]),
+            ("norms", Norms(), (2, 4, 4), ["layernorm(axis=1)", "layernorm(eps=0.001, axis=1)"]),
             ("causal", Causal(), (5, 4), ["infinities are written as ±1e30", "softmax"]),
             ("encoder", Encoder(), (5, 8), ["dense(24)", "reshape([5, -1, 4])", " @ ", "softmax", "layernorm",
                                                  'gelu(approximate="none")']),
@@ -560,8 +573,8 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["attention", "encoder", "causal", "cnn", "conv1d", "acts", "relu_rnn", "seq",
-                                   "tokens"])
+@pytest.mark.parametrize("which", ["attention", "encoder", "causal", "norms", "cnn", "conv1d", "acts", "relu_rnn",
+                                   "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
     torch = _torch()
     torch.manual_seed(0)

@@ -192,6 +192,20 @@ def test_per_step_cross_entropy_and_accuracy_count_the_real_steps_only(target):
     assert m.evaluate(x, y2, target=target) == pytest.approx(got, rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::dlc.core.diagnostics.DlcWarning")  # (cross_entropy of a softmax)
+@pytest.mark.parametrize("norm, masked", [("layernorm", True), ("layernorm(axis=1)", False),
+                                          ("softmax", True), ("softmax(axis=1)", False)])
+def test_a_function_over_the_time_axis_drops_the_mask(norm, masked):
+    """layernorm and softmax over the features keep the padding mask; over time they mix the
+    padded steps into every step, so the mask (and the loss's skipping of them) is dropped."""
+    m = dlc.load(PER_STEP.replace("return dense(h, 5)", f"return dense(h, 5) |> {norm}"))
+    x = tokens(6, 8, 12, seed=4)
+    y = np.random.default_rng(5).integers(0, 5, (6, 8)).astype(np.int32)
+    y2 = np.where(x != 0, y, (y + 1) % 5)  # other labels on the padded steps only
+    same = m.evaluate(x, y2) == pytest.approx(m.evaluate(x, y), rel=1e-6)
+    assert same == masked
+
+
 def test_a_loss_mask_given_explicitly():
     src = PER_STEP.replace("mask_zero=true", "mask_zero=false").replace(
         "cross_entropy(output, label)", "cross_entropy(output, label, mask=padding_mask(x, pad=3))")

@@ -7,7 +7,7 @@ dlc's layout and parameter names:
   Conv (2-D or 1-D, one group, symmetric pads) conv2d, conv1d  (w, b)
   MaxPool, AveragePool, GlobalAveragePool     maxpool, avgpool, global_avgpool (2-D or 1-D)
   BatchNormalization                          batchnorm        (gamma, beta; running_mean, running_var)
-  LayerNormalization (over the last axis)     layernorm        (gamma, beta)
+  LayerNormalization                          layernorm        (gamma, beta; over several axes too)
   Gather from a constant table                embedding        (table)
   LSTM, GRU (linear_before_reset=1), RNN      lstm, gru, rnn   (gates reordered; bidirectional and
                                                                initial states too)
@@ -813,16 +813,20 @@ class Importer:
         x = ins[0]
         rank = len(x.shape) if x.shape is not None else None
         axis = a.get("axis", -1)
-        if rank is None or axis % rank != rank - 1:
-            raise self.error(node, f"normalizes over the axes from {axis} on; dlc's layernorm normalizes the "
-                                   "last axis only")
+        if rank is None or rank > 1 and axis % rank == 0:
+            raise self.error(node, f"normalizes over the axes from {axis} on, the batch axis too; dlc's "
+                                   "layernorm normalizes each sample on its own")
+        shape = tuple(x.shape[axis % rank:])
+        if not all(isinstance(d, int) for d in shape):
+            raise self.error(node, "normalizes over axes whose sizes are not known while importing")
         scale = self.const_of(node, 1, "the scale")
         bias = self.const_of(node, 2, "the bias")
-        features = x.shape[-1]
-        params = {"gamma": np.broadcast_to(scale, (features,)),
-                  "beta": np.zeros(features) if bias is None else np.broadcast_to(bias, (features,))}
+        params = {"gamma": np.broadcast_to(scale, shape),
+                  "beta": np.zeros(shape) if bias is None else np.broadcast_to(bias, shape)}
         eps = a.get("epsilon", 1e-5)
         kwargs = {"eps": literal(float(np.float32(eps)))} if abs(eps - 1e-5) > 1e-12 else {}
+        if len(shape) > 1:
+            kwargs["axis"] = str(axis % rank)
         layer = Layer("layernorm", [], kwargs, {k: v.astype(np.float32) for k, v in params.items()})
         self.layers_used.append("layernorm")
         self.pipe(node, x, layer, self.layer_name(node, node.input[1], "ln"))

@@ -758,7 +758,8 @@ class Frontend:
             self._call_row(prefix if entry.owns_params else (namer["binding"] if namer else fname),
                            fname + ("" if trainable else " (frozen)"), out, e.span, before,
                            namer.get("targets") if namer else None)
-        if fname in nn.KEEPS_MASK and isinstance(out, Value):
+        if fname in nn.KEEPS_MASK and isinstance(out, Value) and \
+                (fname not in nn.AXIS_ARGUMENT or bound.get("axis", -1) % max(out.rank, 1) == out.rank - 1):
             self._keep_mask(out, bound.get("x"))
         return out
 

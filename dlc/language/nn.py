@@ -336,21 +336,31 @@ def batchnorm(ctx: LayerContext, x: Tensor, momentum: float = 0.1, eps: float = 
 
 
 @builtin("layer")
-def layernorm(ctx: LayerContext, x: Tensor, eps: float = 1e-5) -> Value:
+def layernorm(ctx: LayerContext, x: Tensor, eps: float = 1e-5, axis: int = -1) -> Value:
     """Layer normalization over the last axis: each sample's (and time step's) features
-    centered and scaled to unit variance, then times gamma plus beta ([F] each). The
+    centered and scaled to unit variance, then times gamma plus beta ([F] each). With
+    `axis`, over that axis and every one after it, gamma and beta shaped like them
+    (axis=1 of an NCHW batch: over C, H and W, as PyTorch's LayerNorm([C, H, W])). The
     same computation in training and evaluation (no running statistics)."""
     _float(x, "layernorm", f32=True)
     if not eps > 0.0:
         raise arg_error(f"`layernorm`: argument `eps` must be positive, got {eps}", "eps")
-    f = x.shape[-1] if x.rank else None
-    if not isinstance(f, int):
-        raise arg_error(f"`layernorm` needs a known number of features on the last axis, got {x.type}", "x")
+    if not x.rank:
+        raise arg_error(f"`layernorm` needs a tensor with features, got {x.type}", "x")
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -x.rank <= axis < x.rank or \
+            axis % x.rank == 0 and x.rank > 1:
+        raise arg_error(f"`layernorm`: argument `axis` must name an axis of {x.type} after the batch axis "
+                        f"(the first), got {_show(axis)}", "axis",
+                        hint="it normalizes over that axis and every one after it")
+    shape = x.shape[axis % x.rank:]
+    if not all(isinstance(d, int) for d in shape):
+        raise arg_error(f"`layernorm` needs known sizes on the axes it normalizes, got {x.type}", "x")
     b = ctx.b
-    gamma = ctx.param("gamma", (f,), ONES)
-    beta = ctx.param("beta", (f,), ZEROS)
-    centered = x - b.mean(x, -1, keepdims=True)
-    var = b.mean(centered * centered, -1, keepdims=True)
+    over = -1 if len(shape) == 1 else tuple(range(axis % x.rank, x.rank))
+    gamma = ctx.param("gamma", shape, ONES)
+    beta = ctx.param("beta", shape, ZEROS)
+    centered = x - b.mean(x, over, keepdims=True)
+    var = b.mean(centered * centered, over, keepdims=True)
     return centered / b.sqrt(var + eps) * gamma + beta
 
 
@@ -1112,10 +1122,12 @@ def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str, logits:
 
 # the functions whose result keeps the mask of their first tensor argument: elementwise
 # ones and those acting on the feature axis (the frontend also passes masks through
-# arithmetic); anything else (reshape, indexing, reductions, concat) drops it
+# arithmetic); anything else (reshape, indexing, reductions, concat) drops it, and so do
+# those of AXIS_ARGUMENT given another axis than the last
 KEEPS_MASK = frozenset({"dense", "dropout", "layernorm", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
                         "log_softmax", "gelu", "elu", "selu", "softplus", "silu", "exp", "log", "sqrt", "abs", "erf",
                         "clip", "maximum", "minimum"})
+AXIS_ARGUMENT = frozenset({"layernorm", "softmax", "log_softmax"})
 
 
 def _hyper(b: GraphBuilder, name: str, dtype: DType) -> Value:
