@@ -813,7 +813,9 @@ class Importer:
         x = ins[0]
         rank = len(x.shape) if x.shape is not None else None
         axis = a.get("axis", -1)
-        if rank is None or rank > 1 and axis % rank == 0:
+        if rank is None:
+            raise self.error(node, "normalizes a tensor of unknown rank")
+        if rank > 1 and axis % rank == 0:
             raise self.error(node, f"normalizes over the axes from {axis} on, the batch axis too; dlc's "
                                    "layernorm normalizes each sample on its own")
         shape = tuple(x.shape[axis % rank:])
