@@ -235,6 +235,25 @@ def np_pool(x, mode, kernel, stride, pad):
     return out
 
 
+def np_pool_rounding_up(x, mode, k, s, p, ceil=True, count_pad=True):
+    """PyTorch's pools with ceil_mode and count_include_pad, window by window over an NCHW x
+    (square windows): a window is the input's cells in [i*s - p, i*s - p + k); an average
+    divides by the cells inside the padded input (count_pad) or inside the input."""
+    def size(n):
+        out = -(-(n + 2 * p - k) // s) + 1 if ceil else (n + 2 * p - k) // s + 1
+        return out - 1 if ceil and (out - 1) * s >= n + p else out
+    h, w = x.shape[2:]
+    out = np.zeros(x.shape[:2] + (size(h), size(w)), dtype=x.dtype)
+    for i in range(out.shape[2]):
+        for j in range(out.shape[3]):
+            r0, c0 = i * s - p, j * s - p
+            r1, c1 = min(r0 + k, h + p), min(c0 + k, w + p)
+            win = x[:, :, max(r0, 0):min(r1, h), max(c0, 0):min(c1, w)]
+            cells = (r1 - r0) * (c1 - c0) if count_pad else win.shape[2] * win.shape[3]
+            out[:, :, i, j] = win.max(axis=(2, 3)) if mode == "max" else win.sum(axis=(2, 3)) / cells
+    return out
+
+
 def np_pool_bwd(x, g, mode, kernel, stride, pad):
     """max: each window's g goes to its first maximum (row-major); avg: spread evenly."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
@@ -1006,6 +1025,19 @@ COMPOSITES: list[OpCase] = [
     C("avgpool", [(2, 3, 7, 5)], lambda x: np_pool(x, "avg", (2, 2), (2, 2), (0, 0))),
     C("avgpool", [(1, 2, 7, 7)], lambda x: np_pool(x, "avg", (3, 3), (2, 2), (1, 1)),
       attrs={"kernel": 3, "stride": 2, "pad": 1}, id="k3-s2-pad1"),
+    C("maxpool", [(2, 2, 7, 6)], lambda x: np_pool_rounding_up(x, "max", 2, 2, 0),
+      attrs={"kernel": 2, "ceil": True}, id="ceil"),
+    C("maxpool", [(1, 2, 7, 8)], lambda x: np_pool_rounding_up(x, "max", 3, 2, 1),
+      attrs={"kernel": 3, "stride": 2, "pad": 1, "ceil": True}, id="ceil-k3-s2-pad1"),
+    C("avgpool", [(2, 2, 7, 6)], lambda x: np_pool_rounding_up(x, "avg", 3, 2, 0),
+      attrs={"kernel": 3, "stride": 2, "ceil": True}, id="ceil"),
+    C("avgpool", [(1, 2, 7, 7)], lambda x: np_pool_rounding_up(x, "avg", 3, 2, 1, ceil=False, count_pad=False),
+      attrs={"kernel": 3, "stride": 2, "pad": 1, "count_pad": False}, id="count-pad-false"),
+    C("avgpool", [(1, 2, 6, 7)], lambda x: np_pool_rounding_up(x, "avg", 3, 2, 1, count_pad=False),
+      attrs={"kernel": 3, "stride": 2, "pad": 1, "ceil": True, "count_pad": False}, id="ceil-count-pad-false"),
+    C("maxpool", [(2, 3, 7)],  # (the last window holds the last step alone)
+      lambda x: np_pool1d(np.pad(x, ((0, 0), (0, 0), (0, 1)), constant_values=-np.inf), "max", 2, 2, 0),
+      attrs={"ceil": True}, id="over-time-ceil"),
     C("global_avgpool", [(2, 3, 7, 5)], lambda x: x.mean(axis=(2, 3))),
     C("global_avgpool", [(2, 3, 7)], lambda x: x.mean(axis=2), id="over-time"),
     C("conv1d", [(2, 3, 9)], lambda x, w, b: np_conv1d(x, w, 2, 1) + b[None, :, None],
@@ -1165,6 +1197,8 @@ COMPOSITES: list[OpCase] = [
       call=lambda ctx, *xs: nn.concat(ctx, list(xs)), id="3-inputs"),
     C("concat", [(1, N), (2, N)], lambda *xs: np.concatenate(xs, axis=0),
       call=lambda ctx, *xs: nn.concat(ctx, list(xs), axis=0), id="axis0"),
+    C("pad", [(2, M, 4)], lambda x: np_pad(x, (0, 1, 0), (0, 2, 3), (0, 0, 0), -1.5),
+      attrs={"lo": [0, 1, 0], "hi": [0, 2, 3], "value": -1.5}),
     # losses
     C("mse", [(M, N), (M, N)], lambda o, t: np.mean((o - t) ** 2)),
     C("mae", [(M, N), (M, N)], lambda o, t: np.mean(np.abs(o - t))),

@@ -241,6 +241,30 @@ def test_round_trip_export_import_gives_the_same_outputs(example, layers, tmp_pa
     np.testing.assert_allclose(back.predict(x), original.predict(x), atol=1e-5, rtol=1e-5)
 
 
+def test_pools_rounding_up_and_averaging_the_input_alone_round_trip(tmp_path):
+    """dlc exports them as pad, pools and arithmetic (the divisors from Range); onnxruntime
+    and the model imported back give dlc's outputs."""
+    src = """model m(x: f32[B, 2, 7, 7]) -> f32[B, 64] {
+    a = maxpool(x, 2, ceil=true)
+    b = avgpool(avgpool(x, 3, stride=1, pad=1, count_pad=false), 3, stride=2, pad=1, ceil=true, count_pad=false)
+    return concat([flatten(a), flatten(b)], axis=1)
+}
+"""
+    m = dlc.load(src)
+    m.save(tmp_path / "w.npz")
+    (tmp_path / "m.dln").write_text(src)
+    assert cli("export", tmp_path / "m.dln", "--weights", tmp_path / "w.npz", "-o", tmp_path / "m.onnx") == 0
+    assert cli("import", tmp_path / "m.onnx", "-o", tmp_path / "back.dln") == 0
+    x = np.random.default_rng(0).normal(size=(3, 2, 7, 7)).astype(np.float32)
+    want = m.predict(x)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    back = dlc.load(tmp_path / "back.dln")
+    back.load_weights(tmp_path / "back.npz")
+    assert "pad(" in (tmp_path / "back.dln").read_text()
+    np.testing.assert_allclose(back.predict(x), want, rtol=1e-6, atol=1e-6)
+
+
 def test_an_imported_model_fine_tunes_with_its_train_block(tmp_path):
     path = ROOT / "examples" / "digits_mlp.dln"
     m = trained_like(path)
@@ -556,7 +580,23 @@ def _torch_models(torch):
             h = self.chw(self.conv(x))
             return self.fc(self.tf(h.reshape(-1, 4, 12)).mean(1))
 
+    class Pools(nn.Module):  # output sizes rounded up, and averages of only the input's cells
+        def __init__(self):
+            super().__init__()
+            self.max = nn.MaxPool2d(2, ceil_mode=True)
+            self.avg = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)
+            self.avg2 = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+            self.pad = nn.ConstantPad2d((1, 0, 0, 1), 0.5)  # (left, right, top, bottom)
+            self.fc = nn.Linear(2 * (4 * 4 + 4 * 4), 3)
+
+        def forward(self, x):
+            a, b = self.max(self.pad(x)[:, :, :7, 1:]), self.avg(self.avg2(x))
+            return self.fc(torch.cat([a.flatten(1), b.flatten(1)], 1))
+
     return [("attention", Attention(), (5, 8), ["layernorm", " @ ", "softmax"]),
+            ("pools", Pools(), (2, 7, 7), ["maxpool(2, ceil=true)", "avgpool(3, stride=2, pad=1, ceil=true, "
+                                           "count_pad=false)", "avgpool(3, stride=1, pad=1, count_pad=false)",
+                                           "pad([0, 0, 0, 1], [0, 0, 1, 0], value=0.5)"]),
             ("norms", Norms(), (2, 4, 4), ["layernorm(axis=1)", "layernorm(eps=0.001, axis=1)"]),
             ("causal", Causal(), (5, 4), ["infinities are written as ±1e30", "softmax"]),
             ("encoder", Encoder(), (5, 8), ["dense(24)", "reshape([5, -1, 4])", " @ ", "softmax", "layernorm",
@@ -573,8 +613,8 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["attention", "encoder", "causal", "norms", "cnn", "conv1d", "acts", "relu_rnn",
-                                   "seq", "tokens"])
+@pytest.mark.parametrize("which", ["attention", "encoder", "causal", "norms", "pools", "cnn", "conv1d", "acts",
+                                   "relu_rnn", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
     torch = _torch()
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ dlc's layout and parameter names:
                                               or leaky_relu's alpha when there is one)
 
 and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, erf, sign, maximum,
-minimum, clip, step (a Greater cast to float), sum/mean/max, reshape, transpose, concat,
+minimum, clip, step (a Greater cast to float), sum/mean/max, reshape, transpose, concat, pad,
 indexing and Split's pieces; a Where on a constant condition, such as a causal mask,
 becomes a multiply and an add).
 Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
@@ -48,7 +48,7 @@ import numpy as np
 from dlc.core.types import Sym, dim_div, dim_mul
 from dlc.interchange import InterchangeError, require_onnx
 from dlc.interchange.onnx_export import GRU_GATES, LSTM_GATES
-from dlc.language.nn import SELU_ALPHA, SELU_SCALE
+from dlc.language.nn import SELU_ALPHA, SELU_SCALE, pooled_size
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEYWORDS = {"model", "block", "train", "param", "return"}
@@ -739,23 +739,28 @@ class Importer:
         k = list(a["kernel_shape"])
         if len(k) not in (1, 2):
             raise self.error(node, f"pools over {len(k)} dimensions; dlc pools over 1 or 2")
-        if a.get("ceil_mode", 0):
-            raise self.error(node, "rounds its output size up (ceil_mode=1); dlc rounds down")
         if any(d != 1 for d in a.get("dilations", [])):
             raise self.error(node, "is a dilated pooling, which dlc does not do")
         stride = list(a.get("strides", [1] * len(k)))
         pad = self.pads(node, a, k, stride)
-        if mode == "avg" and any(pad) and not a.get("count_include_pad", 0):
-            raise self.error(node, "averages padded windows without counting the padding; dlc's avgpool "
-                                   "counts it (count_include_pad=1)")
         if any(p > w // 2 for p, w in zip(pad, k)):
             raise self.error(node, f"pads {pad} beyond half its window {k}")
+        ceil = bool(a.get("ceil_mode", 0))
+        x, out = ins[0], self.out_shape(node)
+        if ceil and x.shape is not None and all(isinstance(d, int) for d in x.shape[2:]) and out is not None and \
+                list(out[2:]) != [pooled_size(*d, True) for d in zip(x.shape[2:], k, stride, pad)]:
+            raise self.error(node, f"rounds its output size up (ceil_mode=1) to {list(out[2:])}, where "
+                                   "PyTorch's rule, which dlc follows, gives another size")
         args = [window_text(k)]
         kwargs = []
         if stride != k:
             kwargs.append(f"stride={window_text(stride)}")
         if any(pad):
             kwargs.append(f"pad={window_text(pad)}")
+        if ceil:
+            kwargs.append("ceil=true")
+        if mode == "avg" and (any(pad) or ceil) and not a.get("count_include_pad", 0):
+            kwargs.append("count_pad=false")
         self.pipe(node, ins[0], f"{mode}pool({', '.join(args + kwargs)})", "h")
 
     def op_MaxPool(self, node, ins):
@@ -1404,6 +1409,31 @@ class Importer:
             self.unary(node, ins, f"minimum({literal(float(np.reshape(hi, ())))})")
         else:
             self.alias(node, x)
+
+    def op_Pad(self, node, ins):
+        """A constant Pad: `pad` (an infinite value, such as a max pool's, as ±float32's largest)."""
+        x = ins[0]
+        a = self.attrs(node)
+        mode = a.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "constant":
+            raise self.error(node, f"pads in `{mode}` mode; .dln's pad fills with a constant")
+        if x.shape is None:
+            raise self.error(node, "pads a tensor of unknown rank")
+        rank = len(x.shape)
+        pads = [int(v) for v in (a["pads"] if "pads" in a else np.asarray(self.const_of(node, 1, "the pads")))]
+        value = self.const_of(node, 2, "the value")
+        value = 0.0 if value is None else float(np.asarray(value).reshape(-1)[0])
+        axes = self.axes(node, ins, 3) or list(range(rank))
+        lo, hi = [0] * rank, [0] * rank
+        for i, ax in enumerate(axes):
+            lo[ax % rank], hi[ax % rank] = pads[i], pads[i + len(axes)]
+        if min(lo + hi) < 0:
+            raise self.error(node, "crops (negative pads), which .dln writes as a slice, not a pad")
+        if rank > 1 and (lo[0] or hi[0]):
+            raise self.error(node, "pads the batch axis")
+        value = float(np.clip(value, -3.4028234663852886e38, 3.4028234663852886e38))
+        self.pipe(node, x, f"pad({ilist(lo)}, {ilist(hi)}" + (f", value={literal(value)})" if value else ")"), "h")
 
     def op_Where(self, node, ins):
         """A select by a constant condition (a causal mask of the exported length) is

@@ -217,14 +217,15 @@ def conv1d(ctx: LayerContext, x: Tensor, channels: int, kernel: int, stride: int
     return y
 
 
-def _pool(ctx, x, mode, kernel, stride, pad):
+def _pool(ctx, x, mode, kernel, stride, pad, ceil=False, count_pad=True):
     if x.rank == 3:  # [N, C, T]: one row of an NCHW image
         for what, v in (("kernel", kernel), ("stride", stride), ("pad", pad)):
             if not isinstance(v, (int, type(None))):
                 raise arg_error(f"`{mode}pool` over [N, C, T] takes a number for `{what}`, got {list(v)}", what)
         _window(f"{mode}pool", kernel, stride if stride is not None else kernel)
         n, c, t = x.shape
-        y = _pool(ctx, ctx.b.reshape(x, (n, c, 1, t)), mode, (1, kernel), (1, stride or kernel), (0, pad))
+        y = _pool(ctx, ctx.b.reshape(x, (n, c, 1, t)), mode, (1, kernel), (1, stride or kernel), (0, pad),
+                  ceil, count_pad)
         return ctx.b.reshape(y, (n, c, y.shape[3]))
     if x.rank != 4:
         raise arg_error(f"`{mode}pool` needs an NCHW input of rank 4 (or [N, C, T]), got {x.type}", "x")
@@ -234,21 +235,58 @@ def _pool(ctx, x, mode, kernel, stride, pad):
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise arg_error(f"`{mode}pool`: argument `pad` can be at most half the window "
                         f"({k[0]}x{k[1]}), got {list(p) if p[0] != p[1] else p[0]}", "pad")
-    return ctx.b.emit(ops.POOL2D, (x,), mode=mode, kernel=k, stride=s, pad=p)
+    b = ctx.b
+    size = x.shape[2:]
+    if (ceil or not count_pad) and not all(isinstance(d, int) for d in size):
+        raise arg_error(f"`{mode}pool` with ceil=true or count_pad=false needs a known height and width, "
+                        f"got {x.type}", "x")
+    out = [pooled_size(*a, ceil) for a in zip(size, k, s, p)] if ceil else None
+    if ceil:  # rows and columns past the end, so that the last windows (which start inside) fit
+        extra = [max(0, (o - 1) * st + kk - 2 * pp - n) for o, n, kk, st, pp in zip(out, size, k, s, p)]
+        fill = -3.4028234663852886e38 if mode == "max" else 0.0  # float32's lowest: no max takes it
+        x = b.pad(x, (0, 0, 0, 0), (0, 0, *extra), value=fill)
+    y = b.emit(ops.POOL2D, (x,), mode=mode, kernel=k, stride=s, pad=p)
+    if mode == "avg" and (ceil or not count_pad):  # the sums over the cells PyTorch counts
+        grid = tuple(y.shape[2:])
+        cells = [_window_cells(b, grid, axis, *a, count_pad) for axis, a in enumerate(zip(size, k, s, p))]
+        y = y * b.broadcast((k[0] * k[1]) / (cells[0] * cells[1]), y.shape, (2, 3))
+    return y
+
+
+def pooled_size(n: int, k: int, s: int, p: int, ceil: bool) -> int:
+    """A pool's output size along one axis (PyTorch's rule: with ceil, a last window that
+    would start in the padding past the end is dropped)."""
+    out = (n + 2 * p - k + (s - 1 if ceil else 0)) // s + 1
+    return out - 1 if ceil and (out - 1) * s >= n + p else out
+
+
+def _window_cells(b: GraphBuilder, grid: tuple, axis: int, n: int, k: int, s: int, p: int,
+                  count_pad: bool) -> Value:
+    """Along one axis of the [OH, OW] grid of windows, the cells each window averages: within
+    the padded input (count_pad), or within the input itself. (From iota: computed where it
+    is read, not stored.)"""
+    start = b.cast(b.iota(grid, axis), DType.f32) * float(s) - float(p)
+    end = b.minimum(start + float(k), float(n + p))
+    if count_pad:
+        return end - start
+    return b.minimum(end, float(n)) - b.maximum(start, 0.0)
 
 
 @builtin("function")
-def maxpool(ctx: LayerContext, x: Tensor, kernel: Pair = 2, stride: Optional[Pair] = None, pad: Pair = 0) -> Value:
+def maxpool(ctx: LayerContext, x: Tensor, kernel: Pair = 2, stride: Optional[Pair] = None, pad: Pair = 0,
+            ceil: bool = False) -> Value:
     """Max pooling over NCHW windows, or over time in [N, C, T] (stride defaults to the kernel
-    size)."""
-    return _pool(ctx, x, "max", kernel, stride, pad)
+    size; ceil=true rounds the output size up, as PyTorch's ceil_mode)."""
+    return _pool(ctx, x, "max", kernel, stride, pad, ceil)
 
 
 @builtin("function")
-def avgpool(ctx: LayerContext, x: Tensor, kernel: Pair = 2, stride: Optional[Pair] = None, pad: Pair = 0) -> Value:
+def avgpool(ctx: LayerContext, x: Tensor, kernel: Pair = 2, stride: Optional[Pair] = None, pad: Pair = 0,
+            ceil: bool = False, count_pad: bool = True) -> Value:
     """Average pooling over NCHW windows, or over time in [N, C, T] (stride defaults to the
-    kernel size)."""
-    return _pool(ctx, x, "avg", kernel, stride, pad)
+    kernel size; ceil=true rounds the output size up, as PyTorch's ceil_mode; count_pad=false
+    averages over the cells inside the input only, as count_include_pad=False)."""
+    return _pool(ctx, x, "avg", kernel, stride, pad, ceil, count_pad)
 
 
 @builtin("function")
@@ -914,6 +952,23 @@ def transpose(ctx: LayerContext, x: Tensor, perm: Optional[list] = None) -> Valu
             sorted(perm) != list(range(x.rank)):
         raise arg_error(f"`transpose`: {_show(perm)} is not a permutation of the axes of {x.type}", "perm")
     return ctx.b.permute(x, perm)
+
+
+@builtin("function")
+def pad(ctx: LayerContext, x: Tensor, lo: list, hi: list, value: float = 0.0) -> Value:
+    """x with `value` around it: lo[i] cells before and hi[i] after it on axis i (a list per
+    axis; the batch axis gets none)."""
+    for what, v in (("lo", lo), ("hi", hi)):
+        if not isinstance(v, list) or len(v) != x.rank or \
+                not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v):
+            raise arg_error(f"`pad`: argument `{what}` must list a count of cells (0 or more) for each of the "
+                            f"{x.rank} axes of {x.type}, got {_show(v)}", what)
+    if x.rank > 1 and (lo[0] or hi[0]):
+        raise arg_error(f"`pad` adds no samples: the batch axis (the first) takes 0 cells, got {lo[0]} and "
+                        f"{hi[0]}", "lo" if lo[0] else "hi")
+    if not all(isinstance(d, int) for i, d in enumerate(x.shape) if lo[i] or hi[i]):
+        raise arg_error(f"`pad` needs known sizes on the axes it pads, got {x.type}", "x")
+    return ctx.b.pad(x, tuple(lo), tuple(hi), value=float(value))
 
 
 @builtin("function")
