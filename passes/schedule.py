@@ -35,7 +35,8 @@ SCALAR = {
     ops.MAX: "max", ops.MIN: "min", ops.LT: "lt", ops.LE: "le", ops.GT: "gt", ops.GE: "ge",
     ops.EQ: "eq", ops.NE: "ne", ops.AND: "and", ops.WHERE: "select", ops.CAST: "cast",
 }
-TEMPLATES = {ops.MATMUL: "matmul", ops.BATCH_MATMUL: "batch_matmul", ops.CONV2D: "conv2d", ops.CONV2D_BWD_DATA: "conv2d_bwd_data",
+TEMPLATES = {ops.MATMUL: "matmul", ops.BATCH_MATMUL: "batch_matmul", ops.CONV2D: "conv2d",
+             ops.CONV2D_BWD_DATA: "conv2d_bwd_data",
              ops.CONV2D_BWD_FILTER: "conv2d_bwd_filter", ops.POOL2D: "pool2d",
              ops.POOL2D_BWD: "pool2d_bwd", ops.TAKE: "take", ops.SCATTER_ADD: "scatter_add",
              ops.REDUCE_SUM: "colsum"}

@@ -600,7 +600,8 @@ def _gen_scatter_add(name, t, ref, params, epilogue, names):
 
 
 GENERATORS = {
-    "matmul": _gen_matmul, "batch_matmul": _gen_batch_matmul, "conv2d": _gen_conv2d, "conv2d_bwd_data": _gen_conv2d_bwd_data,
+    "matmul": _gen_matmul, "batch_matmul": _gen_batch_matmul, "conv2d": _gen_conv2d,
+    "conv2d_bwd_data": _gen_conv2d_bwd_data,
     "conv2d_bwd_filter": _gen_conv2d_bwd_filter, "pool2d": _gen_pool2d, "pool2d_bwd": _gen_pool2d_bwd,
     "take": _gen_take, "scatter_add": _gen_scatter_add, "colsum": _gen_colsum,
 }

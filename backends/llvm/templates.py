@@ -525,7 +525,8 @@ def _epilogue_serial(em, t: Template, tid) -> None:
 from . import conv as _conv  # noqa: E402
 from . import pooling  # noqa: E402
 
-EMITTERS = {"matmul": matmul, "batch_matmul": batch_matmul, **_conv.EMITTERS, "pool2d": pool2d, "pool2d_bwd": pool2d_bwd,
+EMITTERS = {"matmul": matmul, "batch_matmul": batch_matmul, **_conv.EMITTERS, "pool2d": pool2d,
+            "pool2d_bwd": pool2d_bwd,
             "take": take, "scatter_add": scatter_add, "colsum": colsum}
 # Templates whose emitters vectorize and unroll their code themselves (conv.py: register
 # tiles, taps and lanes unrolled, every other loop marked not to unroll, epilogues

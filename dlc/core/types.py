@@ -58,6 +58,9 @@ def sym(name: str) -> Sym:
     return Sym(1, (name,))
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def dim_mul(a: Dim, b: Dim) -> Dim:
     if isinstance(a, int) and isinstance(b, int):
         return a * b

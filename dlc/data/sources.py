@@ -22,7 +22,7 @@ from numpy.lib.npyio import NpzFile
 
 from dlc.core.diagnostics import DataError, Span, did_you_mean
 from dlc.language.recipe import Spec
-from dlc.core.types import DType
+from dlc.core.types import FLOAT32_MAX, DType
 
 Normalize = Union[str, float]
 
@@ -162,14 +162,11 @@ def check_arrays(x: np.ndarray, y: np.ndarray) -> None:
         raise DataError(f"{len(x)} input sample(s) but {len(y)} label(s)")
 
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
 def check_float32_range(a: np.ndarray, what: str, span: Span | None = None) -> None:
     """Values beyond float32's range would silently become infinite when cast for the model."""
     if a.dtype.kind != "f" or a.dtype.itemsize <= 4 or a.size == 0:
         return
-    beyond = np.abs(a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1)) > _FLOAT32_MAX
+    beyond = np.abs(a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1)) > FLOAT32_MAX
     if beyond.any():
         first = int(np.argmax(beyond.any(axis=1)))
         raise DataError(f"values beyond float32's range (±3.4e38) in {what}, the first in sample {first}",

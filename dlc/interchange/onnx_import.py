@@ -254,8 +254,8 @@ class Importer:
             note = ""
             if np.isnan(c).any():
                 raise self.fail(node, "reads a constant tensor holding NaN, which a checkpoint cannot hold")
-            if np.isinf(c).any():  # an additive mask (a causal one, of a fixed length): -inf -> -1e30
-                c, note = np.clip(c, -1e30, 1e30), "; its infinities are written as ±1e30"
+            if np.isinf(c).any():  # an additive mask (a causal one, of a fixed length)
+                c, note = finite(c), "; its infinities are written as ±1e30"
             self.param_decls.append(f"    param {name}: f32[{dims}] = zeros   # a constant of the ONNX model "
                                     f"(trainable here){note}")
             self.params[name] = c.astype(np.float32)
@@ -557,8 +557,9 @@ class Importer:
             return y
         if op == "Mul":  # batch * heads
             return as_dim(dim_mul(as_sym(x), as_sym(y)))
-        if op == "Div" and dim_div(as_sym(x), as_sym(y)) is not None:
-            return as_dim(dim_div(as_sym(x), as_sym(y)))
+        quotient = dim_div(as_sym(x), as_sym(y)) if op == "Div" else None
+        if quotient is not None:
+            return as_dim(quotient)
         raise self.error(node, f"computes `{x} {op} {y}` with a dimension that is known only when the "
                                "model runs; the importer evaluates shape arithmetic on numbers")
 
@@ -1411,7 +1412,7 @@ class Importer:
             self.alias(node, x)
 
     def op_Pad(self, node, ins):
-        """A constant Pad: `pad` (an infinite value, such as a max pool's, as ±float32's largest)."""
+        """A constant Pad: `pad` (an infinite value as ±1e30, as `finite` writes constants)."""
         x = ins[0]
         a = self.attrs(node)
         mode = a.get("mode", b"constant")
@@ -1432,7 +1433,7 @@ class Importer:
             raise self.error(node, "crops (negative pads), which .dln writes as a slice, not a pad")
         if rank > 1 and (lo[0] or hi[0]):
             raise self.error(node, "pads the batch axis")
-        value = float(np.clip(value, -3.4028234663852886e38, 3.4028234663852886e38))
+        value = float(finite(value))  # (a max pool's -inf, say)
         self.pipe(node, x, f"pad({ilist(lo)}, {ilist(hi)}" + (f", value={literal(value)})" if value else ")"), "h")
 
     def op_Where(self, node, ins):
@@ -1550,6 +1551,12 @@ def literal(v) -> str:
 
 def ilist(xs) -> str:
     return "[" + ", ".join(str(int(x)) for x in xs) + "]"
+
+
+def finite(a):
+    """Infinities as ±1e30 (a checkpoint holds finite numbers; exp still takes -1e30 to 0,
+    and no max takes it)."""
+    return np.clip(a, -1e30, 1e30)
 
 
 def as_sym(d):

@@ -14,7 +14,7 @@ from dlc.core import ops
 from dlc.core.builder import GraphBuilder, Value
 from dlc.core.diagnostics import ArgumentError
 from dlc.language.initializers import GLOROT_UNIFORM, HE_NORMAL, ONES, ZEROS, Init
-from dlc.core.types import DType, Sym, TensorType, dim_div, dim_mul, numel
+from dlc.core.types import FLOAT32_MAX, DType, Sym, TensorType, dim_div, dim_mul, numel
 
 
 class Tensor:
@@ -240,10 +240,10 @@ def _pool(ctx, x, mode, kernel, stride, pad, ceil=False, count_pad=True):
     if (ceil or not count_pad) and not all(isinstance(d, int) for d in size):
         raise arg_error(f"`{mode}pool` with ceil=true or count_pad=false needs a known height and width, "
                         f"got {x.type}", "x")
-    out = [pooled_size(*a, ceil) for a in zip(size, k, s, p)] if ceil else None
     if ceil:  # rows and columns past the end, so that the last windows (which start inside) fit
-        extra = [max(0, (o - 1) * st + kk - 2 * pp - n) for o, n, kk, st, pp in zip(out, size, k, s, p)]
-        fill = -3.4028234663852886e38 if mode == "max" else 0.0  # float32's lowest: no max takes it
+        extra = [max(0, (pooled_size(n, kk, st, pp, True) - 1) * st + kk - 2 * pp - n)
+                 for n, kk, st, pp in zip(size, k, s, p)]
+        fill = -FLOAT32_MAX if mode == "max" else 0.0  # (which no max takes, and no sum counts)
         x = b.pad(x, (0, 0, 0, 0), (0, 0, *extra), value=fill)
     y = b.emit(ops.POOL2D, (x,), mode=mode, kernel=k, stride=s, pad=p)
     if mode == "avg" and (ceil or not count_pad):  # the sums over the cells PyTorch counts

@@ -298,7 +298,8 @@ def _matmul_multiply_adds(t: Template) -> int:
 
 # the kinds whose work is multiply-adds (the GEMM-like ones), for rooflines
 MULTIPLY_ADDS: dict[str, Callable[[Template], int]] = {
-    "matmul": _matmul_multiply_adds, "batch_matmul": _matmul_multiply_adds, "conv2d": _conv_multiply_adds, "conv2d_bwd_data": _conv_multiply_adds,
+    "matmul": _matmul_multiply_adds, "batch_matmul": _matmul_multiply_adds, "conv2d": _conv_multiply_adds,
+    "conv2d_bwd_data": _conv_multiply_adds,
     "conv2d_bwd_filter": _conv_multiply_adds,
 }
 
