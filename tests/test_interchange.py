@@ -259,9 +259,11 @@ def test_pools_rounding_up_and_averaging_the_input_alone_round_trip(tmp_path):
     want = m.predict(x)
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    text = (tmp_path / "back.dln").read_text()
+    assert "pad(" in text and "= zeros, trainable=false" in text  # the divisors: constants, frozen
+    assert "\ntrain " not in text and "No train block" in text  # nothing in it trains
     back = dlc.load(tmp_path / "back.dln")
     back.load_weights(tmp_path / "back.npz")
-    assert "pad(" in (tmp_path / "back.dln").read_text()
     np.testing.assert_allclose(back.predict(x), want, rtol=1e-6, atol=1e-6)
 
 
@@ -281,6 +283,31 @@ def test_an_imported_model_fine_tunes_with_its_train_block(tmp_path):
     tuned = dlc.load(tmp_path / "mlp.dln")
     tuned.load_weights(tmp_path / "tuned.npz")
     assert tuned.normalizer.active  # the exported normalization came back into the checkpoint
+
+
+def test_an_imported_constant_stays_as_it_is_in_fine_tuning(tmp_path):
+    """A frozen `param` exports as an initializer and imports back as a frozen `param`: a
+    PyTorch buffer or a mask keeps its values while the layers around it train."""
+    src = """model m(x: f32[B, 4]) -> f32[B, 3] {
+    param scale: f32[4] = normal(1, 0.5), trainable=false
+    return x * scale |> dense(3)
+}
+"""
+    (tmp_path / "m.dln").write_text(src)
+    m = dlc.load(src)
+    m.save(tmp_path / "w.npz")
+    assert cli("export", tmp_path / "m.dln", "--weights", tmp_path / "w.npz", "-o", tmp_path / "m.onnx") == 0
+    assert cli("import", tmp_path / "m.onnx", "-o", tmp_path / "back.dln") == 0
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.normal(size=(40, 4)).astype(np.float32), y=rng.integers(0, 3, 40))
+    assert cli("run", tmp_path / "back.dln", "--resume", tmp_path / "back.npz", "--epochs", "2", "-q",
+               "--save", tmp_path / "tuned.npz") == 0
+    before, after = np.load(tmp_path / "back.npz"), np.load(tmp_path / "tuned.npz")
+    constant = next(k for k in before.files if "." not in k and k not in ("step", "__meta__"))
+    np.testing.assert_array_equal(after[constant], before[constant])
+    np.testing.assert_array_equal(before[constant], m.params["scale"])
+    dense_w = next(k for k in before.files if k.endswith(".w"))
+    assert not np.array_equal(after[dense_w], before[dense_w])
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=20):

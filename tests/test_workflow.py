@@ -327,7 +327,7 @@ def test_summary_has_one_row_per_layer_with_shapes_and_counts():
 }""").summary()
     assert "dense (frozen)" in frozen
     assert "trainable params: 34\n" in frozen  # 16 of batchnorm's gamma and beta, 18 of the last dense
-    assert "non-trainable params: 56 (frozen layers, layer state such as batchnorm statistics)" in frozen
+    assert "non-trainable params: 56 (frozen parameters, layer state such as batchnorm statistics)" in frozen
 
 
 def test_softmax_fed_to_cross_entropy_is_a_warning_with_its_location():
@@ -447,6 +447,38 @@ def test_frozen_layer_gets_no_update_and_no_optimizer_state():
     assert not any(k.startswith("h.") for k in g.updates)
     with pytest.raises(ArgumentError, match="`trainable` applies to layers and blocks; `relu` has no parameters"):
         dlc.load(IRIS.replace("|> relu", "|> relu(trainable=false)") % "")
+
+
+FROZEN_PARAM = """model m(x: f32[B, 4]) -> f32[B, 3] {
+    param scale: f32[4] = normal(1, 0.1)%s
+    h = x * scale |> dense(8) |> relu
+    return dense(h, 3)
+}
+train m { data = iris()  loss = cross_entropy(output, label)  optimizer = adam(lr=0.01)  batch = 16  epochs = 2 }
+"""
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_a_frozen_param_keeps_its_values_and_gets_no_optimizer_state(target):
+    m = dlc.load(FROZEN_PARAM % ", trainable=false")
+    before = {k: v.copy() for k, v in m.params.items()}
+    m.fit(target=target)
+    np.testing.assert_array_equal(m.params["scale"], before["scale"])
+    assert not np.array_equal(m.params["out.w"], before["out.w"])
+    assert "out.w:m" in m.state and not any(k.startswith("scale:") for k in m.state)
+    assert "scale  param (frozen)" in m.summary() and "trainable params: 67\n" in m.summary()
+    trained = dlc.load(FROZEN_PARAM % ", trainable=true")  # the default, written out
+    trained.fit(target=target)
+    assert not np.array_equal(trained.params["scale"], before["scale"])
+
+
+@pytest.mark.parametrize("option, message", [
+    (", trainable=1", "`trainable` must be true or false, got the integer 1"),
+    (", frozen=true", "a `param` takes one option, `trainable`; got `frozen`")])
+def test_a_param_option_is_checked(option, message):
+    with pytest.raises(ArgumentError, match=re.escape(message)) as e:
+        dlc.load(FROZEN_PARAM % option)
+    assert e.value.span.line == 2
 
 
 def test_stop_gradient_keeps_the_layers_before_it_fixed():

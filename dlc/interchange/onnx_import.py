@@ -24,8 +24,8 @@ becomes a multiply and an add).
 Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
 writes it) is evaluated here, symbolically in the batch dimension (products such as
 batch * heads too), and so are the output shapes ONNX's shape inference gives up on
-(`infer_missing`). A constant tensor that is no layer's weight becomes a declared `param`
-(trainable in dlc). An operator with no .dln counterpart is an error naming the operator
+(`infer_missing`). A constant tensor that is no layer's weight (a PyTorch buffer, a mask)
+becomes a frozen `param` (`trainable=false`). An operator with no .dln counterpart is an error naming the operator
 and its node.
 
 A `dlc export`ed model's input normalization (`normalize.shift`/`normalize.scale`)
@@ -256,8 +256,8 @@ class Importer:
                 raise self.fail(node, "reads a constant tensor holding NaN, which a checkpoint cannot hold")
             if np.isinf(c).any():  # an additive mask (a causal one, of a fixed length)
                 c, note = finite(c), "; its infinities are written as ±1e30"
-            self.param_decls.append(f"    param {name}: f32[{dims}] = zeros   # a constant of the ONNX model "
-                                    f"(trainable here){note}")
+            self.param_decls.append(f"    param {name}: f32[{dims}] = zeros, trainable=false   # a constant "
+                                    f"of the ONNX model{note}")
             self.params[name] = c.astype(np.float32)
             v.var = name
             return name
@@ -1632,7 +1632,10 @@ def import_model(path, model_name: str | None = None, train: bool = True) -> Imp
     lines += [s.render() for s in imp.stmts]
     lines.append(f"    return {imp.result}")
     lines.append("}")
-    if train:
+    trainable = any(st.layer is not None and st.layer.params for st in imp.stmts)
+    if train and not trainable:
+        lines += ["", "# No train block: every weight of this model is a constant (frozen here)."]
+    if train and trainable:
         loss, why = _loss_for(imp, last)
         lines += ["",
                   "# A train block to fill in for fine-tuning: point `data` at your samples (npz",

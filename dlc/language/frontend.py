@@ -393,10 +393,12 @@ class Frontend:
             init = self._as_init(init, stmt.init.span)
             if t.dtype != DType.f32:
                 raise TypeError_(f"parameter `{stmt.name}` must be f32, got {t.dtype}", stmt.type.span)
+            trainable = self._param_trainable(stmt, scope)
             self.used_prefixes.add(name)
-            scope.vars[stmt.name] = self.new_input(name, t, init, "param", stmt.span)
+            with self._freezing(trainable):
+                scope.vars[stmt.name] = self.new_input(name, t, init, "param", stmt.span)
             if top:
-                self._row(stmt, stmt.name, scope.vars[stmt.name])
+                self._row(stmt, stmt.name, scope.vars[stmt.name], None if trainable else "param (frozen)")
 
     def _unpack(self, targets: tuple, value, stmt: ast.Unpack, scope: Scope, top: bool) -> None:
         if not isinstance(value, tuple) or len(value) != len(targets):
@@ -452,7 +454,8 @@ class Frontend:
         self._last_ids = {value.id}
         if isinstance(stmt, ast.ParamDecl):
             n = prod(value.type.shape)
-            self.summary.append(SummaryRow(name, "param", value.type, n, stmt.span, n, value.id))
+            self.summary.append(SummaryRow(name, what or "param", value.type, n, stmt.span,
+                                           0 if what else n, value.id))
         else:
             self.summary.append(SummaryRow(name, what or "expression", value.type, 0, stmt.span, 0, value.id))
 
@@ -762,6 +765,19 @@ class Frontend:
                 (fname not in nn.AXIS_ARGUMENT or bound.get("axis", -1) % max(out.rank, 1) == out.rank - 1):
             self._keep_mask(out, bound.get("x"))
         return out
+
+    def _param_trainable(self, stmt: ast.ParamDecl, scope) -> bool:
+        """A `param` declaration's `, trainable=false` (its one option)."""
+        trainable = True
+        for o in stmt.options:
+            if o.name != "trainable":
+                raise ArgumentError(f"a `param` takes one option, `trainable`; got `{o.name}`", o.span,
+                                    hint=f"param {stmt.name}: ... = init, trainable=false")
+            trainable = self.eval(o.value, scope)
+            if not isinstance(trainable, bool):
+                raise ArgumentError(f"`trainable` must be true or false, got {describe(trainable)}",
+                                    o.value.span)
+        return trainable
 
     @contextlib.contextmanager
     def _freezing(self, trainable: bool):

@@ -33,7 +33,7 @@ def format_summary(built: Built, source_name: str) -> str:
     lines.append(f"  total params: {total:,} ({size}) in {len(specs)} tensors")
     lines.append(f"  trainable params: {trainable:,}")
     frozen = [p for p in specs if p.role == "param" and not p.trainable]
-    what = [w for w, has in (("frozen layers", frozen), ("layer state such as batchnorm statistics",
+    what = [w for w, has in (("frozen parameters", frozen), ("layer state such as batchnorm statistics",
                                                           any(p.role == "state" for p in specs))) if has]
     lines.append(f"  non-trainable params: {total - trainable:,}" + (f" ({', '.join(what)})" if what else ""))
     if built.carries:

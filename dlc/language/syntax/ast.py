@@ -164,6 +164,7 @@ class ParamDecl:
     type: TypeExpr
     init: Expr
     span: Span
+    options: tuple[Option, ...] = ()  # `, trainable=false`
 
 
 @dataclass(frozen=True)

@@ -240,8 +240,8 @@ class _ToAst(Transformer_NonRecursive):
     def target_tuple(self, meta, *targets):
         return tuple(_plain(t) for t in targets)
 
-    def param_decl(self, meta, name, type_, init):
-        return ast.ParamDecl(str(name), type_, init, self._span(meta))
+    def param_decl(self, meta, name, type_, init, *options):
+        return ast.ParamDecl(str(name), type_, init, self._span(meta), tuple(options))
 
     def state_decl(self, meta, name, type_, init):
         return ast.StateDecl(str(name), type_, init, self._span(meta))

@@ -75,6 +75,8 @@ def format_ast(program: ast.Program) -> str:
             elif isinstance(s, ast.ParamDecl):
                 out.append(f"  param {s.name}: {_type(s.type)}{_loc(s)}")
                 _expr(s.init, 2, out, "init=")
+                for o in s.options:
+                    _expr(o.value, 2, out, f"{o.name}=")
             elif isinstance(s, ast.StateDecl):
                 out.append(f"  state {s.name}: {_type(s.type)}{_loc(s)}")
                 if s.init is not None:
