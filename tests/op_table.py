@@ -1199,6 +1199,12 @@ COMPOSITES: list[OpCase] = [
       call=lambda ctx, *xs: nn.concat(ctx, list(xs), axis=0), id="axis0"),
     C("pad", [(2, M, 4)], lambda x: np_pad(x, (0, 1, 0), (0, 2, 3), (0, 0, 0), -1.5),
       attrs={"lo": [0, 1, 0], "hi": [0, 2, 3], "value": -1.5}),
+    C("pad", [(2, 3, 4, 5)], lambda x: np.pad(x, ((0, 0), (0, 2), (3, 1), (4, 0)), mode="reflect"),
+      attrs={"lo": [0, 0, 3, 4], "hi": [0, 2, 1, 0], "mode": "reflect"}, id="reflect"),
+    C("pad", [(2, M, 4)], lambda x: np.pad(x, ((0, 0), (2, 0), (1, 6)), mode="edge"),
+      attrs={"lo": [0, 2, 1], "hi": [0, 0, 6], "mode": "edge"}, id="edge"),
+    C("pad", [(2, 3, 4)], lambda x: np.pad(x, ((0, 0), (3, 1), (0, 4)), mode="wrap"),
+      attrs={"lo": [0, 3, 0], "hi": [0, 1, 4], "mode": "wrap"}, id="wrap"),
     # losses
     C("mse", [(M, N), (M, N)], lambda o, t: np.mean((o - t) ** 2)),
     C("mae", [(M, N), (M, N)], lambda o, t: np.mean(np.abs(o - t))),

@@ -328,6 +328,23 @@ def test_an_operator_without_dln_counterpart_is_named(tmp_path):
     assert "node `the_cos` (Cos)" in e.value.message and "cannot import `Cos`" in e.value.message
 
 
+@pytest.mark.parametrize("mode", ["reflect", "edge", "wrap"])
+def test_a_pad_of_the_inputs_own_cells_imports_in_its_mode(mode, tmp_path):
+    from onnx import TensorProto, helper
+    pads = helper.make_tensor("pads", TensorProto.INT64, [6], [0, 2, 0, 0, 1, 3])
+    m = _model([helper.make_node("Pad", ["x", "pads"], ["y"], mode=mode)],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 7])], [pads])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    back = write(import_model(tmp_path / "m.onnx", train=False), tmp_path / "b.dln", tmp_path / "b.npz")
+    assert f'pad([0, 2, 0], [0, 1, 3], mode="{mode}")' in (tmp_path / "b.dln").read_text()
+    x = np.random.default_rng(0).normal(size=(4, 3, 4)).astype(np.float32)
+    want = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(back.predict(x), want)
+    onnx.save(export_model(back), str(tmp_path / "again.onnx"))  # dlc's export: slices and a concat
+    np.testing.assert_array_equal(ort.InferenceSession(str(tmp_path / "again.onnx")).run(None, {"x": x})[0], want)
+
+
 def test_sign_and_the_math_primitives_round_trip(tmp_path):
     """Found by exporting and importing generated models (tests/test_fuzz.py's generator):
     `sign` exported as ONNX Sign and `step` as Greater cast to float, which the importer
@@ -620,7 +637,20 @@ def _torch_models(torch):
             a, b = self.max(self.pad(x)[:, :, :7, 1:]), self.avg(self.avg2(x))
             return self.fc(torch.cat([a.flatten(1), b.flatten(1)], 1))
 
+    class Pads(nn.Module):  # pads with the input's own cells: mirrored, repeated, wrapped around
+        def __init__(self):
+            super().__init__()
+            self.reflect = nn.ReflectionPad2d((2, 1, 0, 3))  # (left, right, top, bottom)
+            self.edge = nn.ReplicationPad2d((0, 2, 1, 1))
+            self.conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")  # (exported as slices)
+            self.fc = nn.Linear(3 * 7 * 7 + 2 * 10 * 10, 3)
+
+        def forward(self, x):
+            h = self.conv(self.edge(x))
+            return self.fc(torch.cat([h.flatten(1), self.reflect(self.edge(x)).flatten(1)], 1))
+
     return [("attention", Attention(), (5, 8), ["layernorm", " @ ", "softmax"]),
+            ("pads", Pads(), (2, 5, 5), ['mode="reflect"', 'mode="edge"', "conv2d(3, 3)"]),
             ("pools", Pools(), (2, 7, 7), ["maxpool(2, ceil=true)", "avgpool(3, stride=2, pad=1, ceil=true, "
                                            "count_pad=false)", "avgpool(3, stride=1, pad=1, count_pad=false)",
                                            "pad([0, 0, 0, 1], [0, 0, 1, 0], value=0.5)"]),
@@ -640,7 +670,7 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["attention", "encoder", "causal", "norms", "pools", "cnn", "conv1d", "acts",
+@pytest.mark.parametrize("which", ["attention", "encoder", "causal", "norms", "pools", "pads", "cnn", "conv1d", "acts",
                                    "relu_rnn", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
     torch = _torch()

@@ -1412,13 +1412,13 @@ class Importer:
             self.alias(node, x)
 
     def op_Pad(self, node, ins):
-        """A constant Pad: `pad` (an infinite value as ±1e30, as `finite` writes constants)."""
+        """Pad: `pad` in the same mode (an infinite value as ±1e30, as `finite` writes constants)."""
         x = ins[0]
         a = self.attrs(node)
         mode = a.get("mode", b"constant")
         mode = mode.decode() if isinstance(mode, bytes) else mode
-        if mode != "constant":
-            raise self.error(node, f"pads in `{mode}` mode; .dln's pad fills with a constant")
+        if mode not in ("constant", "reflect", "edge", "wrap"):
+            raise self.error(node, f"pads in `{mode}` mode, which .dln's pad does not have")
         if x.shape is None:
             raise self.error(node, "pads a tensor of unknown rank")
         rank = len(x.shape)
@@ -1433,8 +1433,9 @@ class Importer:
             raise self.error(node, "crops (negative pads), which .dln writes as a slice, not a pad")
         if rank > 1 and (lo[0] or hi[0]):
             raise self.error(node, "pads the batch axis")
-        value = float(finite(value))  # (a max pool's -inf, say)
-        self.pipe(node, x, f"pad({ilist(lo)}, {ilist(hi)}" + (f", value={literal(value)})" if value else ")"), "h")
+        value = float(finite(value)) if mode == "constant" else 0.0  # (a max pool's -inf, say)
+        self.pipe(node, x, f"pad({ilist(lo)}, {ilist(hi)}" + (f", value={literal(value)}" if value else "")
+                  + (f', mode="{mode}")' if mode != "constant" else ")"), "h")
 
     def op_Where(self, node, ins):
         """A select by a constant condition (a causal mask of the exported length) is

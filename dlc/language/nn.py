@@ -955,9 +955,15 @@ def transpose(ctx: LayerContext, x: Tensor, perm: Optional[list] = None) -> Valu
 
 
 @builtin("function")
-def pad(ctx: LayerContext, x: Tensor, lo: list, hi: list, value: float = 0.0) -> Value:
-    """x with `value` around it: lo[i] cells before and hi[i] after it on axis i (a list per
-    axis; the batch axis gets none)."""
+def pad(ctx: LayerContext, x: Tensor, lo: list, hi: list, value: float = 0.0, mode: str = "constant") -> Value:
+    """x with lo[i] cells before and hi[i] after it on axis i (a list per axis; the batch axis
+    gets none): `value` in them, or x's own cells mirrored ("reflect"), repeated from its edge
+    ("edge") or from its other end ("wrap")"""
+    if mode not in PAD_MODES:
+        hint = {"replicate": "edge", "circular": "wrap"}.get(mode)
+        choices = ", ".join(f'"{m}"' for m in PAD_MODES)
+        raise arg_error(f"`pad`: argument `mode` must be one of {choices}, got {_show(mode)}"
+                        + (f" (PyTorch's {mode} is \"{hint}\" here)" if hint else ""), "mode")
     for what, v in (("lo", lo), ("hi", hi)):
         if not isinstance(v, list) or len(v) != x.rank or \
                 not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v):
@@ -968,7 +974,41 @@ def pad(ctx: LayerContext, x: Tensor, lo: list, hi: list, value: float = 0.0) ->
                         f"{hi[0]}", "lo" if lo[0] else "hi")
     if not all(isinstance(d, int) for i, d in enumerate(x.shape) if lo[i] or hi[i]):
         raise arg_error(f"`pad` needs known sizes on the axes it pads, got {x.type}", "x")
-    return ctx.b.pad(x, tuple(lo), tuple(hi), value=float(value))
+    if mode == "constant":
+        return ctx.b.pad(x, tuple(lo), tuple(hi), value=float(value))
+    if value != 0.0:
+        raise arg_error(f"`pad`: a `value` fills only mode \"constant\"; mode \"{mode}\" reuses x's cells", "value")
+    for axis, n in enumerate(x.shape):
+        if not (lo[axis] or hi[axis]):
+            continue
+        most = n - 1 if mode == "reflect" else n  # cells of x that can be reused
+        if mode != "edge" and max(lo[axis], hi[axis]) > most:
+            raise arg_error(f"`pad`: mode \"{mode}\" takes at most {most} cells on axis {axis} of {x.type}, got "
+                            f"{max(lo[axis], hi[axis])}", "lo" if lo[axis] > hi[axis] else "hi")
+        x = _pad_from_cells(ctx.b, x, axis, lo[axis], hi[axis], mode)
+    return x
+
+
+PAD_MODES = ("constant", "reflect", "edge", "wrap")
+
+
+def _pad_from_cells(b, x: Value, axis: int, lo: int, hi: int, mode: str) -> Value:
+    """One axis padded with x's own cells, as slices of it joined by a concat (so autodiff,
+    every backend and export have it already)."""
+    n = x.shape[axis]
+
+    def cells(start: int, stop: int) -> Value:
+        return b.slice(x, [start if i == axis else 0 for i in range(x.rank)],
+                       [stop if i == axis else d for i, d in enumerate(x.shape)])
+
+    if mode == "wrap":
+        before, after = [cells(n - lo, n)] if lo else [], [cells(0, hi)] if hi else []
+    elif mode == "edge":  # (the edge cell concatenated, not broadcast: an ONNX Expand would not import back)
+        before, after = [cells(0, 1)] * lo, [cells(n - 1, n)] * hi
+    else:  # reflect: the cells next to the edge, mirrored, the edge itself not repeated
+        before = [cells(k, k + 1) for k in range(lo, 0, -1)]
+        after = [cells(k, k + 1) for k in range(n - 2, n - 2 - hi, -1)]
+    return b.concat(before + [x] + after, axis)
 
 
 @builtin("function")
