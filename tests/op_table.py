@@ -1199,6 +1199,12 @@ COMPOSITES: list[OpCase] = [
       call=lambda ctx, *xs: nn.concat(ctx, list(xs), axis=0), id="axis0"),
     C("pad", [(2, M, 4)], lambda x: np_pad(x, (0, 1, 0), (0, 2, 3), (0, 0, 0), -1.5),
       attrs={"lo": [0, 1, 0], "hi": [0, 2, 3], "value": -1.5}),
+    C("broadcast_to", [(M, 1, N)], lambda x: np.broadcast_to(x, (2, M, 3, N)), attrs={"shape": [2, M, 3, N]},
+      symbolic=False),  # (a literal shape: the batch size written out)
+    C("where", [(M, 1), (M, N), (N,)], lambda c, x, y: np.where(c, x, y), inputs=[bools, DOMAIN, DOMAIN],
+      id="broadcast"),
+    C("where", [(M, N), (M, N)], lambda c, y: np.where(c, 0.5, y), inputs=[bools, DOMAIN],
+      call=lambda ctx, c, y: nn.where(ctx, c, 0.5, y), id="number"),
     C("pad", [(2, 3, 4, 5)], lambda x: np.pad(x, ((0, 0), (0, 2), (3, 1), (4, 0)), mode="reflect"),
       attrs={"lo": [0, 0, 3, 4], "hi": [0, 2, 1, 0], "mode": "reflect"}, id="reflect"),
     C("pad", [(2, M, 4)], lambda x: np.pad(x, ((0, 0), (2, 0), (1, 6)), mode="edge"),

@@ -649,7 +649,34 @@ def _torch_models(torch):
             h = self.conv(self.edge(x))
             return self.fc(torch.cat([h.flatten(1), self.reflect(self.edge(x)).flatten(1)], 1))
 
+    class Selects(nn.Module):  # comparisons, where, masked_fill, a comparison negated and cast
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            h = h.masked_fill(h < -0.2, float("-inf")).clamp(min=-5)
+            g = torch.where(x != 0.5, h, x) + (h >= 0.1).float() + (x > 0.3).float()
+            return self.out(torch.where(~(h > 0), g * 2, g))
+
+    class KeyMask(nn.Module):  # attention that skips the padding tokens (a mask computed at run time)
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, t):
+            e = self.emb(t)
+            h, _ = self.att(e, e, e, key_padding_mask=t == 0, need_weights=False)
+            return self.fc(h.mean(1))
+
     return [("attention", Attention(), (5, 8), ["layernorm", " @ ", "softmax"]),
+            ("selects", Selects(), (6,), ["fc < (-0.2)", "where(c, -1e+30, fc)", "x != 0.5", "h <= 0.0",
+                                          "step(x - 0.3)", "where(c_3, 1.0, 0.0)"]),
+            ("keymask", KeyMask(), (7,), ["x == 0", "broadcast_to(", "softmax"]),
             ("pads", Pads(), (2, 5, 5), ['mode="reflect"', 'mode="edge"', "conv2d(3, 3)"]),
             ("pools", Pools(), (2, 7, 7), ["maxpool(2, ceil=true)", "avgpool(3, stride=2, pad=1, ceil=true, "
                                            "count_pad=false)", "avgpool(3, stride=1, pad=1, count_pad=false)",
@@ -670,7 +697,8 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["attention", "encoder", "causal", "norms", "pools", "pads", "cnn", "conv1d", "acts",
+@pytest.mark.parametrize("which", ["attention", "selects", "keymask", "encoder", "causal", "norms", "pools", "pads",
+                                   "cnn", "conv1d", "acts",
                                    "relu_rnn", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):
     torch = _torch()

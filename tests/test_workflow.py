@@ -18,7 +18,7 @@ import pytest
 
 import dlc
 from dlc.cli import main
-from dlc.core.diagnostics import ArgumentError, DataError, DlcWarning
+from dlc.core.diagnostics import ArgumentError, DataError, DlcError, DlcWarning
 from dlc.language import recipe
 from dlc.runtime import metrics, trainer
 from dlc.runtime.progress import Progress, format_duration, summary_line
@@ -479,6 +479,45 @@ def test_a_param_option_is_checked(option, message):
     with pytest.raises(ArgumentError, match=re.escape(message)) as e:
         dlc.load(FROZEN_PARAM % option)
     assert e.value.span.line == 2
+
+
+COMPARED = """model m(x: f32[B, 4]) -> f32[B, 3] {
+    h = x |> dense(8)
+    g = where(h > 0, h, 0.1 * h) + where(x[:, :1] <= 0.25, 1.0, -1.0)
+    return dense(g, 3) + where(h[:, :3] != 0, 0.0, h[:, :3])
+}
+train m { data = iris()  loss = cross_entropy(output, label)  optimizer = sgd(lr=0.1)  batch = 16  epochs = 2 }
+"""
+
+
+def test_comparisons_give_bool_tensors_that_where_selects_by():
+    m = dlc.load(COMPARED)
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    h = x @ m.params["h.w"] + m.params["h.b"]
+    g = np.where(h > 0, h, np.float32(0.1) * h) + np.where(x[:, :1] <= 0.25, 1.0, -1.0)
+    want = g @ m.params["out.w"] + m.params["out.b"] + np.where(h[:, :3] != 0, 0.0, h[:, :3])
+    for target in ("reference", "cpu"):
+        np.testing.assert_allclose(m.predict(x, target=target), want, rtol=1e-5, atol=1e-5)
+    trained = {}
+    for target in ("reference", "cpu"):  # the gradient flows through the branch each element takes
+        t = dlc.load(COMPARED)
+        t.fit(target=target)
+        trained[target] = t.params
+    for k in trained["cpu"]:
+        np.testing.assert_allclose(trained["cpu"][k], trained["reference"][k], rtol=1e-4, atol=1e-5)
+    assert dlc.load(COMPARED.replace("epochs = 2", "shuffle = 2 > 3")).train_config.shuffle is False  # numbers
+
+
+@pytest.mark.parametrize("body, message", [
+    ("where(h, h, 0)", "`where`: argument `cond` must be a bool tensor (a comparison such as `x > 0`), got f32[B,3]"),
+    ("(h > 0) * 2", "cannot apply `*` to bool[B,3]: arithmetic needs numbers"),
+    ("where((h > 0) == (h < 1), h, 0)", "cannot compare bool[B,3] and bool[B,3] with `==`"),
+    ("where(h > h[:, :2], h, 0)", "cannot compare f32[B,3] and f32[B,2] with `>`: dimensions 3 and 2 differ"),
+    ("where(0 < h < 1, h, 0)", "unexpected `<`")])
+def test_a_comparison_or_where_misused_is_a_located_error(body, message):
+    with pytest.raises(DlcError, match=re.escape(message)) as e:
+        dlc.load(f"model m(x: f32[B, 3]) -> f32[B, 3] {{\n    h = dense(x, 3)\n    return {body}\n}}\n")
+    assert e.value.span.line == 3
 
 
 def test_stop_gradient_keeps_the_layers_before_it_fixed():

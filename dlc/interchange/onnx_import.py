@@ -18,9 +18,9 @@ dlc's layout and parameter names:
                                               or leaky_relu's alpha when there is one)
 
 and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, erf, sign, maximum,
-minimum, clip, step (a Greater cast to float), sum/mean/max, reshape, transpose, concat, pad,
-indexing and Split's pieces; a Where on a constant condition, such as a causal mask,
-becomes a multiply and an add).
+minimum, clip, step (a Greater cast to float), the comparisons (Not of one: the opposite one),
+`where`, sum/mean/max, reshape, transpose, concat, pad, indexing and Split's pieces; a Where
+on a constant condition, such as a causal mask, becomes a multiply and an add).
 Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
 writes it) is evaluated here, symbolically in the batch dimension (products such as
 batch * heads too), and so are the output shapes ONNX's shape inference gives up on
@@ -586,12 +586,16 @@ class Importer:
             v.var = self.new_stmt("h", f"reshape({self.text(base)}, {dlist([n, c, 1, 1])})", v.shape).var
         elif kind.startswith("rec_"):
             v.var = self.rec_materialize(v)
-        elif kind == "expand":
-            raise ImportError_(f"{self.path}: an Expand result is read by something other than elementwise "
-                               "arithmetic; .dln has no explicit broadcast")
-        elif kind == "greater":
-            raise ImportError_(f"{self.path}: the comparison `{rest[2]}` (Greater) is read as a bool; .dln has "
-                               "comparisons only as `step` (a Greater cast to float)")
+        elif kind == "expand":  # read by other than elementwise arithmetic (which broadcasts itself)
+            (base,) = rest
+            if v.shape is None or None in v.shape:
+                raise ImportError_(f"{self.path}: an Expand to a shape the importer does not know is read by "
+                                   "other than elementwise arithmetic")
+            v.var = self.new_stmt("h", f"broadcast_to({self.text(base)}, {dlist(v.shape)})", v.shape,
+                                  v.dtype).var
+        elif kind == "compare":
+            sym, a, b = rest
+            v.var = self.new_stmt("c", f"{self.operand(a)} {sym} {self.operand(b)}", v.shape, "bool").var
         else:
             raise AssertionError(kind)
 
@@ -1438,11 +1442,17 @@ class Importer:
                   + (f', mode="{mode}")' if mode != "constant" else ")"), "h")
 
     def op_Where(self, node, ins):
-        """A select by a constant condition (a causal mask of the exported length) is
-        arithmetic: a * c + b * (1 - c), each constant part computed now."""
+        """`where`; by a constant condition (a causal mask of the exported length) arithmetic
+        instead: a * c + b * (1 - c), each constant part computed now."""
         cond, a, b = ins
-        if cond.const is None:
-            raise self.error(node, "selects by a condition computed at run time; .dln has no `where`")
+        if cond.const is None:  # `where`, a number for an infinite constant (masked_fill(-inf))
+            cond, a, b = (V(v.shape, v.dtype, const=finite(v.const), hint=v.hint)
+                          if v.const is not None and v.dtype == "f32" else v for v in self.unexpanded(node, ins))
+            full = self.out_shape(node)
+            if any(v.shape == full and not v.zeros for v in (cond, a, b)):  # zeros of the result's shape: 0.0
+                a, b = (V((), "f32", const=np.float32(0.0)) if v.zeros else v for v in (a, b))
+            self.assign(node, f"where({self.text(cond, node)}, {self.text(a, node)}, {self.text(b, node)})")
+            return
         c = np.asarray(cond.const).astype(bool)
         fixed, terms = 0.0, []
         for v, take in ((a, c), (b, ~c)):
@@ -1460,22 +1470,41 @@ class Importer:
             terms.append(self.text(V(fixed.shape, "f32", const=fixed, hint=f"{node.name or 'where'}_fill"), node))
         self.assign(node, " + ".join(terms) if terms else "0.0")
 
-    def op_Greater(self, node, ins):  # a bool: .dln reads it only cast to float, as `step`
-        if ins[0].dtype not in ("f32", "f64"):
-            raise self.error(node, "compares integers; .dln has comparisons only as `step` of floats")
-        self.bind(node.output[0], V(self.out_shape(node), "bool", view=("greater", *ins, node.name)))
+    def compare(self, node, ins, sym: str):
+        """A comparison: a bool, written where it is read (a Greater cast to float is `step`)."""
+        a, b = self.unexpanded(node, ins)
+        self.bind(node.output[0], V(self.out_shape(node), "bool", view=("compare", sym, a, b)))
+
+    def op_Greater(self, node, ins): self.compare(node, ins, ">")
+    def op_Less(self, node, ins): self.compare(node, ins, "<")
+    def op_GreaterOrEqual(self, node, ins): self.compare(node, ins, ">=")
+    def op_LessOrEqual(self, node, ins): self.compare(node, ins, "<=")
+    def op_Equal(self, node, ins): self.compare(node, ins, "==")
+
+    def op_Not(self, node, ins):
+        """The negation of a comparison: the opposite comparison."""
+        x = ins[0]
+        if x.view is None or x.view[0] != "compare":
+            raise self.error(node, "negates a bool that is not a comparison; .dln has no `not`")
+        _, sym, a, b = x.view
+        opposite = {">": "<=", "<": ">=", ">=": "<", "<=": ">", "==": "!=", "!=": "=="}[sym]
+        self.bind(node.output[0], V(self.out_shape(node), "bool", view=("compare", opposite, a, b)))
 
     def op_Cast(self, node, ins):
         if self.shape_op(node, ins):
             return
         want = self._np_of.get(next(a.i for a in node.attribute if a.name == "to"))
         x = ins[0]
-        if x.view is not None and x.view[0] == "greater" and want == "f32":  # 1 where a > b, else 0
-            _, a, b, _ = x.view
+        if x.view is not None and x.view[0] == "compare" and x.view[1] == ">" and x.view[2].dtype in ("f32", "f64") \
+                and want == "f32":  # 1 where a > b, else 0
+            _, _, a, b = x.view
             if b.const is not None and b.const.size == 1 and float(b.const.reshape(())) == 0.0:
                 self.unary(node, [a], "step")
             else:
                 self.assign(node, f"step({self.operand(a, node)} - {self.operand(b, node)})")
+            return
+        if x.dtype == "bool" and want in ("f32", "f64"):
+            self.assign(node, f"where({self.text(x, node)}, 1.0, 0.0)")
             return
         if want == ins[0].dtype or (want in ("f32", "f64") and ins[0].dtype in ("f32", "f64")):
             self.alias(node, ins[0])

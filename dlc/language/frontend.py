@@ -15,7 +15,7 @@ from dlc.core.builder import GraphBuilder, Value
 from dlc.core.diagnostics import (ArgumentError, DlcError, DlcWarning, NameError_, ShapeMismatch, Span, TypeError_,
                                   did_you_mean)
 from dlc.core.graph import Graph
-from dlc.core.types import DType, Sym, TensorType, dim_mul, prod, sym, unify
+from dlc.core.types import DType, ShapeError, Sym, TensorType, broadcast_shapes, dim_mul, prod, sym, unify
 from dlc.language import nn
 from dlc.language.arguments import bind_arguments
 from dlc.language.checks import RESERVED, check_program, choose_model, too_deep
@@ -569,6 +569,8 @@ class Frontend:
     def binop(self, e: ast.BinOp, scope, namer):
         a = self.eval(e.lhs, scope, namer)
         c = self.eval(e.rhs, scope, namer)
+        if e.op in COMPARISONS:
+            return self._compare(e, a, c)
         sym_op = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@", "pow": "**"}[e.op]
         numbers = (int, float)
         if isinstance(a, bool) or isinstance(c, bool) or not isinstance(a, (Value, int, float, Sym)) \
@@ -599,12 +601,33 @@ class Frontend:
         if not t.dtype.is_float and e.op == "pow":
             raise TypeError_(f"`**` needs a float tensor, got {t.type}", e.span)
         if t.dtype == DType.bool:
-            raise TypeError_(f"cannot apply `{sym_op}` to {t.type}: arithmetic needs numbers", e.span)
+            raise TypeError_(f"cannot apply `{sym_op}` to {t.type}: arithmetic needs numbers", e.span,
+                             hint="`where(c, 1.0, 0.0)` turns a bool tensor c into 1s and 0s")
         if e.op == "div" and not isinstance(c, Value) and c == 0:
             raise ArgumentError("division by zero", e.span)
         out = {"add": lambda: a + c, "sub": lambda: a - c, "mul": lambda: a * c,
                "div": lambda: a / c, "pow": lambda: a ** c}[e.op]()
         return self._keep_mask(out, a, c)
+
+    def _compare(self, e: ast.BinOp, a, c):
+        """`a < c` and the other comparisons: a bool tensor (numpy's broadcasting), or a bool of
+        two plain numbers."""
+        sym_op = COMPARISONS[e.op]
+        if not all(isinstance(v, (Value, int, float)) and not isinstance(v, bool) for v in (a, c)):
+            raise TypeError_(f"cannot compare {describe(a)} and {describe(c)} with `{sym_op}`", e.span)
+        if not isinstance(a, Value) and not isinstance(c, Value):
+            return {"lt": a < c, "le": a <= c, "gt": a > c, "ge": a >= c, "eq": a == c, "ne": a != c}[e.op]
+        tensors = [v for v in (a, c) if isinstance(v, Value)]
+        if any(t.dtype == DType.bool for t in tensors) or len({t.dtype for t in tensors}) > 1:
+            raise TypeError_(f"cannot compare {' and '.join(str(t.type) for t in tensors)} with `{sym_op}`: "
+                             "comparisons take numbers of one dtype", e.span)
+        if all(isinstance(v, Value) for v in (a, c)):
+            try:
+                broadcast_shapes(a.shape, c.shape)
+            except ShapeError as err:
+                raise ShapeMismatch(f"cannot compare {a.type} and {c.type} with `{sym_op}`: {err}", e.span) from None
+        with self.b.at(e.span):  # (the builder refuses a fraction for an integer tensor)
+            return self._keep_mask(getattr(self.b, e.op)(a, c), a, c)
 
     def _stacked_matmul(self, e: ast.BinOp, a: Value, c: Value) -> Value:
         """Stacks of matrices, matrix by matrix: [..., m, k] @ [..., k, n] -> [..., m, n]."""
@@ -824,6 +847,9 @@ class Frontend:
             return v
         raise TypeError_(f"expected an initializer (zeros, ones, normal(m, s), uniform(a, b), "
                          f"glorot_uniform, he_normal, ...), got {describe(v)}", span)
+
+
+COMPARISONS = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 
 
 def _trainable(kwargs: dict, kwspans: dict, fname: str, owns_params: bool) -> bool:

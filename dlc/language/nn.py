@@ -14,7 +14,7 @@ from dlc.core import ops
 from dlc.core.builder import GraphBuilder, Value
 from dlc.core.diagnostics import ArgumentError
 from dlc.language.initializers import GLOROT_UNIFORM, HE_NORMAL, ONES, ZEROS, Init
-from dlc.core.types import FLOAT32_MAX, DType, Sym, TensorType, dim_div, dim_mul, numel
+from dlc.core.types import FLOAT32_MAX, DType, ShapeError, Sym, TensorType, broadcast_shapes, dim_div, dim_mul, numel
 
 
 class Tensor:
@@ -933,6 +933,21 @@ def minimum(ctx: LayerContext, x: Tensor, y: Union[Tensor, float]) -> Value:
 
 
 @builtin("function")
+def where(ctx: LayerContext, cond: Tensor, x: Union[Tensor, float], y: Union[Tensor, float]) -> Value:
+    """x where cond is true, else y, elementwise (numpy's broadcasting); cond is a bool tensor,
+    such as `h > 0`. The gradient flows to x where cond holds and to y elsewhere."""
+    if cond.dtype != DType.bool:
+        raise arg_error(f"`where`: argument `cond` must be a bool tensor (a comparison such as `x > 0`), "
+                        f"got {cond.type}", "cond")
+    tensors = [v for v in (x, y) if isinstance(v, Value)]
+    if len({t.dtype for t in tensors}) > 1:
+        raise arg_error(f"`where` selects between values of one dtype, got {x.type} and {y.type}", "y")
+    if not tensors:
+        x = ctx.b.const(float(x))
+    return ctx.b.where(cond, x, y)
+
+
+@builtin("function")
 def clip(ctx: LayerContext, x: Tensor, lo: float, hi: float) -> Value:
     """Limits every element to [lo, hi]."""
     return ctx.b.minimum(ctx.b.maximum(x, lo), hi)
@@ -942,6 +957,22 @@ def clip(ctx: LayerContext, x: Tensor, lo: float, hi: float) -> Value:
 def reshape(ctx: LayerContext, x: Tensor, shape: list) -> Value:
     """Reshape to `shape` (one entry may be -1; the batch keeps its symbol)."""
     return ctx.b.reshape(x, _reshape_target(x, shape))
+
+
+@builtin("function")
+def broadcast_to(ctx: LayerContext, x: Tensor, shape: list) -> Value:
+    """x repeated along its axes of size 1 and new leading axes, to `shape` (numpy's broadcast_to)."""
+    if not all(isinstance(d, Sym) or isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise arg_error(f"`broadcast_to`: a dimension must be a positive integer or a symbol, got {_show(shape)}",
+                        "shape")
+    try:
+        fits = len(shape) >= x.rank and broadcast_shapes(x.shape, tuple(shape)) == tuple(shape)
+    except ShapeError:
+        fits = False
+    if not fits:
+        raise arg_error(f"`broadcast_to`: {x.type} does not broadcast to {_show(shape)} (each of its axes, "
+                        "aligned from the last, must be 1 or the size there)", "shape")
+    return ctx.b.broadcast(x, tuple(shape))
 
 
 @builtin("function")
@@ -1221,7 +1252,7 @@ def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str, logits:
 # those of AXIS_ARGUMENT given another axis than the last
 KEEPS_MASK = frozenset({"dense", "dropout", "layernorm", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
                         "log_softmax", "gelu", "elu", "selu", "softplus", "silu", "exp", "log", "sqrt", "abs", "erf",
-                        "clip", "maximum", "minimum"})
+                        "clip", "maximum", "minimum", "where"})
 AXIS_ARGUMENT = frozenset({"layernorm", "softmax", "log_softmax"})
 
 

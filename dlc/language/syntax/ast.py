@@ -37,7 +37,7 @@ class ListLit:
 
 @dataclass(frozen=True)
 class BinOp:
-    op: str  # add sub mul div matmul pow
+    op: str  # add sub mul div matmul pow, and the comparisons lt le gt ge eq ne
     lhs: "Expr"
     rhs: "Expr"
     span: Span

@@ -159,6 +159,8 @@ def _char_hint(ch: str) -> str | None:
 
 
 def _token_hint(tok: Token, expected: set[str]) -> str | None:
+    if str(tok) in ("<", "<=", ">", ">=", "==", "!="):
+        return "comparisons do not chain (`a < b < c`): compare two values at a time"
     if tok.type == "EQUAL":
         return "`=` assigns only at the start of a statement (`name = expr`) or names an argument"
     if "COMMA" in expected and "RPAR" in expected:
@@ -278,6 +280,12 @@ class _ToAst(Transformer_NonRecursive):
     div = _binop("div")
     matmul = _binop("matmul")
     pow = _binop("pow")
+    lt = _binop("lt")
+    le = _binop("le")
+    gt = _binop("gt")
+    ge = _binop("ge")
+    eq = _binop("eq")
+    ne = _binop("ne")
 
     def neg(self, meta, x):
         return ast.Neg(x, self._span(meta))
