@@ -288,7 +288,7 @@ def valid_step(g: Gen) -> None:
     if r == 3:
         ops += ["index", "rnn", "transpose", "conv1d"]
     if r >= 3:
-        ops += ["reduce_axes", "stacked_matmul"]
+        ops += ["reduce_axes", "stacked_matmul", "pad"]
     if r >= 2 and isinstance(s[-1], int) and s[-1] > 1:
         ops.append("slice")
     same = [n for n, t in g.env if t == s and n != src]
@@ -327,12 +327,14 @@ def valid_step(g: Gen) -> None:
                                       f"clip({src}, -1, 1)", f"maximum({src}, 0.5)",
                                       f"2 ** tanh({src})", f"1 / (1 + {src} * {src})", f"sign({src})",
                                       f"step({src}) * {src}", f"minimum({src}, 0.5)", f"log(1 + {src} * {src})",
-                                      f"stop_gradient({src}) * {src}", f"{src} / (1 + abs({src}))"]), s, name)
+                                      f"stop_gradient({src}) * {src}", f"{src} / (1 + abs({src}))",
+                                      f"where({src} > 0, {src}, 0.1 * {src})", f"where({src} <= 0.5, 1.0, {src})",
+                                      f"where(abs({src}) < 1, {src} * {src}, abs({src}))"]), s, name)
     elif op == "param_matmul":
         u = g.size(1, 6)
         p = f"w{g.n}"
         g.emit(f"param {p}: f32[{s[-1]}, {u}] = " + g.pick(["normal(0, 0.1)", "glorot_uniform", "zeros",
-                                                           "uniform(-1, 1)"]), None)
+                                                           "uniform(-1, 1)", "normal(0, 1), trainable=false"]), None)
         g.emit(f"{name} = {src} @ {p}", s[:-1] + (u,), name)
     elif op == "reduce":
         ax = g.num(1, r - 1)
@@ -441,7 +443,16 @@ def valid_step(g: Gen) -> None:
             g.emit(f"{name} = transpose({src}, [0, 1, 3, 2])", ("B", s[1], s[3], s[2]), name)
     elif op == "binary":
         other = g.pick(same)
-        g.emit(f"{name} = {src} {g.pick(['+', '-', '*'])} {other}", s, name)
+        g.emit(f"{name} = " + g.pick([f"{src} + {other}", f"{src} - {other}", f"{src} * {other}",
+                                      f"where({src} > {other}, {src}, {other})"]), s, name)
+    elif op == "pad":  # the axes after the batch, with a value or the input's own cells
+        mode = g.pick(["constant", "reflect", "edge", "wrap"])
+        most = {"constant": 2, "edge": 2, "reflect": min(s[1:]) - 1, "wrap": min(s[1:])}[mode]
+        lo, hi = [0] + [g.num(0, min(most, 2)) for _ in s[1:]], [0] + [g.num(0, min(most, 2)) for _ in s[1:]]
+        extra = ", value=0.5" if mode == "constant" and g.pick([False, True]) else \
+            ("" if mode == "constant" else f', mode="{mode}"')
+        g.emit(f"{name} = pad({src}, {lo}, {hi}{extra})", ("B",) + tuple(d + a + b for d, a, b in
+                                                                         zip(s[1:], lo[1:], hi[1:])), name)
     elif op == "block":  # the blocks of BLOCKS: shape-preserving, sizes bound from the argument
         g.emit(f"{name} = " + g.pick([f"{src} |> {'unit' if r == 2 else 'res'}",
                                       f"{'unit' if r == 2 else 'res'}({src})",
