@@ -673,7 +673,17 @@ def _torch_models(torch):
             h, _ = self.att(e, e, e, key_padding_mask=t == 0, need_weights=False)
             return self.fc(h.mean(1))
 
+    class PosEmb(nn.Module):  # a parameter used in arithmetic: trainable after import too
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(5, 8))
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc((x + self.pos).mean(1))
+
     return [("attention", Attention(), (5, 8), ["layernorm", " @ ", "softmax"]),
+            ("posemb", PosEmb(), (5, 8), ["param pos: f32[5, 8] = zeros   # a weight"]),
             ("selects", Selects(), (6,), ["fc < (-0.2)", "where(c, -1e+30, fc)", "x != 0.5", "h <= 0.0",
                                           "step(x - 0.3)", "where(c_3, 1.0, 0.0)"]),
             ("keymask", KeyMask(), (7,), ["x == 0", "broadcast_to(", "softmax"]),
@@ -682,7 +692,8 @@ def _torch_models(torch):
                                            "count_pad=false)", "avgpool(3, stride=1, pad=1, count_pad=false)",
                                            "pad([0, 0, 0, 1], [0, 0, 1, 0], value=0.5)"]),
             ("norms", Norms(), (2, 4, 4), ["layernorm(axis=1)", "layernorm(eps=0.001, axis=1)"]),
-            ("causal", Causal(), (5, 4), ["infinities are written as ±1e30", "softmax"]),
+            ("causal", Causal(), (5, 4), ["= zeros, trainable=false   # a constant of the ONNX model; its "
+                                          "infinities are written as ±1e30", "softmax"]),  # (the mask: frozen)
             ("encoder", Encoder(), (5, 8), ["dense(24)", "reshape([5, -1, 4])", " @ ", "softmax", "layernorm",
                                                  'gelu(approximate="none")']),
             ("cnn", CNN(), (1, 8, 8), ["conv2d(4, 3, stride=2, pad=1)", "batchnorm", "global_avgpool"]),
@@ -691,13 +702,14 @@ def _torch_models(torch):
             ("relu_rnn", ReluRNN(), (5, 4), ['rnn(6, return_sequences=true, bidirectional=true, activation="relu", '
                                              'initial=']),
             ("acts", Acts(), (2, 4, 4), ["layernorm", "elu(0.5)", "selu", "softplus", "|> elu\n",
-                                         "leaky_relu(0.25)", "softplus |> tanh", "param prelu_slope: f32[3, 1, 1]"]),
+                                         "leaky_relu(0.25)", "softplus |> tanh",
+                                         "param prelu_slope: f32[3, 1, 1] = zeros   # a weight"]),  # (trainable)
             ("seq", Seq(), (5, 8), ["lstm(16, return_sequences=true)", "gru(6, return_sequences=true, "
                                                                            "bidirectional=true)"]),
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["attention", "selects", "keymask", "encoder", "causal", "norms", "pools", "pads",
+@pytest.mark.parametrize("which", ["attention", "posemb", "selects", "keymask", "encoder", "causal", "norms", "pools", "pads",
                                    "cnn", "conv1d", "acts",
                                    "relu_rnn", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):

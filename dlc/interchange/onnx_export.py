@@ -1087,8 +1087,10 @@ def export_model(model, normalizer=None, opset: int | None = None, recognize: bo
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="dlc",
                           producer_version=__version__)
     m.doc_string = f"model `{model.name}` from {model.source_name}, exported by dlc {__version__}"
+    trainable = sorted(k for k, p in model.built("eval").params.items() if p.role == "param" and p.trainable)
     helper.set_model_props(m, {"dlc.model": model.name, "dlc.source": str(model.source_name),
-                               "dlc.normalized": "yes" if normalizer is not None and normalizer.active else "no"})
+                               "dlc.normalized": "yes" if normalizer is not None and normalizer.active else "no",
+                               "dlc.trainable": ",".join(trainable)})  # (the importer freezes the rest)
     _simplify_output(m)
     try:
         onnx.checker.check_model(m, full_check=True)

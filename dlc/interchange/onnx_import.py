@@ -24,8 +24,11 @@ on a constant condition, such as a causal mask, becomes a multiply and an add).
 Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
 writes it) is evaluated here, symbolically in the batch dimension (products such as
 batch * heads too), and so are the output shapes ONNX's shape inference gives up on
-(`infer_missing`). A constant tensor that is no layer's weight (a PyTorch buffer, a mask)
-becomes a frozen `param` (`trainable=false`). An operator with no .dln counterpart is an error naming the operator
+(`infer_missing`). A constant tensor that is no layer's weight becomes a declared `param`:
+trainable when it is an initializer named as a module's attribute (`pos_emb`, a PRelu's
+slopes: PyTorch's parameters, and its buffers, which ONNX does not tell apart), frozen
+(`trainable=false`) when it was computed (a folded mask, a pool's divisors); dlc's own
+export lists its trainable parameters (`dlc.trainable`). An operator with no .dln counterpart is an error naming the operator
 and its node.
 
 A `dlc export`ed model's input normalization (`normalize.shift`/`normalize.scale`)
@@ -102,6 +105,8 @@ class V:
     stmt: Stmt | None = None      # the statement that made `var`
     uses: int = 0                 # how many ONNX nodes (and outputs) read it
     hint: str = ""                # a constant's ONNX name, for the `param` it may become
+    weight: bool = False          # an initializer named as a module's attribute (PyTorch's `pos_emb`,
+    #                               `prelu.weight`): maybe trained there, so trainable here
 
 
 @dataclass
@@ -256,7 +261,9 @@ class Importer:
                 raise self.fail(node, "reads a constant tensor holding NaN, which a checkpoint cannot hold")
             if np.isinf(c).any():  # an additive mask (a causal one, of a fixed length)
                 c, note = finite(c), "; its infinities are written as ±1e30"
-            self.param_decls.append(f"    param {name}: f32[{dims}] = zeros, trainable=false   # a constant "
+            self.param_decls.append(f"    param {name}: f32[{dims}] = zeros   # a weight of the ONNX model "
+                                    "(a buffer? add `, trainable=false`)" if v.weight else
+                                    f"    param {name}: f32[{dims}] = zeros, trainable=false   # a constant "
                                     f"of the ONNX model{note}")
             self.params[name] = c.astype(np.float32)
             v.var = name
@@ -338,9 +345,11 @@ class Importer:
                                hint="export the model with a single output")
         if not inputs:
             raise ImportError_(f"{self.path} has no inputs")
-        for name, a in inits.items():
-            self.values[name] = V(a.shape, "f32", const=a)
-            self.values[name].hint = name
+        listed = next((p.value for p in self.m.metadata_props if p.key == "dlc.trainable"), None)
+        for name, a in inits.items():  # (PyTorch names folded constants as node outputs: `/m/Add_output_0`)
+            weight = name in listed.split(",") if listed is not None else \
+                not name.startswith(("/", "onnx::")) and "Constant" not in name
+            self.values[name] = V(a.shape, "f32", const=a, hint=name, weight=weight)
         params = []
         for k, i in enumerate(inputs):
             dims = self.types.get(i.name, (None, None))[1]
@@ -437,10 +446,11 @@ class Importer:
             outs = ReferenceEvaluator(m).run(None, feeds)
         except Exception as e:  # noqa: BLE001
             raise self.error(node, f"could not be evaluated on its constant inputs: {e}") from None
+        # a weight only moved (PyTorch unsqueezes a PRelu's slopes) is still a weight
+        moved = node.op_type in ("Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten") and \
+            self.values[node.input[0]].weight
         for name, a in zip([o for o in node.output if o], outs):
-            v = V(np.shape(a), "f32", const=np.asarray(a))
-            v.hint = name
-            self.bind(name, v)
+            self.bind(name, V(np.shape(a), "f32", const=np.asarray(a), hint=name, weight=moved))
 
     def infer_missing(self, node, ins) -> None:
         """Output shapes ONNX's inference left out, found from the shapes the importer knows:
@@ -1446,7 +1456,7 @@ class Importer:
         instead: a * c + b * (1 - c), each constant part computed now."""
         cond, a, b = ins
         if cond.const is None:  # `where`, a number for an infinite constant (masked_fill(-inf))
-            cond, a, b = (V(v.shape, v.dtype, const=finite(v.const), hint=v.hint)
+            cond, a, b = (V(v.shape, v.dtype, const=finite(v.const), hint=v.hint, weight=v.weight)
                           if v.const is not None and v.dtype == "f32" else v for v in self.unexpanded(node, ins))
             full = self.out_shape(node)
             if any(v.shape == full and not v.zeros for v in (cond, a, b)):  # zeros of the result's shape: 0.0
