@@ -340,6 +340,14 @@ def np_layernorm(x, gamma, beta, eps=1e-5, axis=-1):
     return centered / np.sqrt(x.var(axis=over, keepdims=True) + eps) * gamma + beta
 
 
+def np_groupnorm(x, groups, gamma=None, beta=None, eps=1e-5):
+    """PyTorch's group_norm, written from its definition."""
+    g = x.reshape(x.shape[0], groups, -1)
+    y = ((g - g.mean(axis=2, keepdims=True)) / np.sqrt(g.var(axis=2, keepdims=True) + eps)).reshape(x.shape)
+    per_channel = (-1,) + (1,) * (x.ndim - 2)
+    return y if gamma is None else y * gamma.reshape(per_channel) + beta.reshape(per_channel)
+
+
 def np_batchnorm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5):
     axes = (0,) if x.ndim == 2 else (0, 2, 3)
     shape = (1, -1) + (1,) * (x.ndim - 2)
@@ -1069,6 +1077,12 @@ COMPOSITES: list[OpCase] = [
       params={"gamma": (0.5, 1.5)}, id="over-chw"),
     C("layernorm", [(2, M, 4)], lambda x, gamma, beta: np_layernorm(x, gamma, beta, axis=-2), attrs={"axis": -2},
       params={"gamma": (0.5, 1.5)}, id="last-two"),
+    C("groupnorm", [(2, 6, 3, 2)], lambda x, gamma, beta: np_groupnorm(x, 3, gamma, beta), attrs={"groups": 3},
+      params={"gamma": (0.5, 1.5), "beta": (-0.5, 0.5)}),
+    C("groupnorm", [(2, 4, 5)], lambda x: np_groupnorm(x, 4, eps=0.1), attrs={"groups": 4, "eps": 0.1,
+                                                                              "affine": False}, id="instance"),
+    C("groupnorm", [(3, M)], lambda x, gamma, beta: np_groupnorm(x, 1, gamma, beta), attrs={"groups": 1},
+      params={"gamma": (0.5, 1.5)}, id="one-group"),
     C("embedding", [(2, 5)], lambda x, table: table[x], attrs={"vocab": N, "dim": 4}, inputs=[ints(0, N)]),
     C("rnn", [(2, M, 4)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b), attrs={"hidden": 5}, tol32=(1e-5, 1e-5)),
     C("rnn", [(2, M, 4)], lambda x, wx, wh, b: np_rnn(x, wx, wh, b, True, act=lambda z: np.maximum(z, 0.0)),
@@ -1182,6 +1196,9 @@ COMPOSITES: list[OpCase] = [
     C("max", [(M, N)], lambda x: x.max()),
     C("max", [(M, 2, N)], lambda x: x.max(axis=1, keepdims=True), attrs={"axis": 1, "keepdims": True},
       id="axis-keepdims"),
+    C("min", [(M, N)], lambda x: x.min()),
+    C("min", [(M, 2, N)], lambda x: x.min(axis=(1, 2), keepdims=True), attrs={"axis": [1, 2], "keepdims": True},
+      id="axes-keepdims"),
     C("maximum", [(M, N), (M, N)], np.maximum),
     C("maximum", [(M, N)], lambda x: np.maximum(x, 0.5), attrs={"y": 0.5}, avoid=(0.5,), id="scalar"),
     C("maximum", [(M, N), (N,)], np.maximum, id="broadcast"),

@@ -288,7 +288,7 @@ def valid_step(g: Gen) -> None:
     if r == 3:
         ops += ["index", "rnn", "transpose", "conv1d"]
     if r >= 3:
-        ops += ["reduce_axes", "stacked_matmul", "pad"]
+        ops += ["reduce_axes", "stacked_matmul", "pad", "groupnorm"]
     if r >= 2 and isinstance(s[-1], int) and s[-1] > 1:
         ops.append("slice")
     same = [n for n, t in g.env if t == s and n != src]
@@ -319,6 +319,9 @@ def valid_step(g: Gen) -> None:
         g.emit(f"{name} = {src} |> batchnorm" + g.pick(["", "(momentum=0.2)"]), s, name)
     elif op == "layernorm":
         g.emit(f"{name} = {src} |> layernorm" + g.pick(["", "(eps=0.1)"]), s, name)
+    elif op == "groupnorm":  # [B, C, ...]: groups that divide the channels
+        groups = g.pick([k for k in range(1, s[1] + 1) if s[1] % k == 0])
+        g.emit(f"{name} = groupnorm({src}, {groups}" + g.pick(["", ", eps=0.1", ", affine=false"]) + ")", s, name)
     elif op == "scalar":
         g.emit(f"{name} = " + g.pick([f"{src} * 0.5", f"{src} + 1", f"2 - {src}", f"{src} / 4",
                                       f"{src} ** 2", f"-{src}", f"({src} + 1) * (3 - 1)"]), s, name)
@@ -338,7 +341,7 @@ def valid_step(g: Gen) -> None:
         g.emit(f"{name} = {src} @ {p}", s[:-1] + (u,), name)
     elif op == "reduce":
         ax = g.num(1, r - 1)
-        f = g.pick(["sum", "mean", "max"])
+        f = g.pick(["sum", "mean", "max", "min"])
         if g.pick([0, 1]):
             g.emit(f"{name} = {f}({src}, axis={ax}, keepdims=true)", s[:ax] + (1,) + s[ax + 1:], name)
         else:

@@ -682,7 +682,31 @@ def _torch_models(torch):
         def forward(self, x):
             return self.fc((x + self.pos).mean(1))
 
+    class GroupNorms(nn.Module):  # group and instance normalization, and reductions beyond sum/mean/max
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.gn = nn.GroupNorm(2, 4)
+            self.inorm = nn.InstanceNorm2d(4, affine=True)
+            self.inorm1 = nn.InstanceNorm1d(4)
+            self.fc = nn.Linear(4 * 4 + 1 + 4, 3)
+            with torch.no_grad():
+                self.inorm.weight.uniform_(0.5, 1.5)
+                self.inorm.bias.uniform_(-0.5, 0.5)
+                self.gn.weight.uniform_(0.5, 1.5)
+
+        def forward(self, x):
+            h = torch.relu(self.gn(self.conv(x)))
+            g = self.inorm(h)
+            parts = [nn.functional.adaptive_max_pool2d(g, 1).flatten(1), g.amin(dim=(2, 3)),
+                     torch.norm(h.flatten(2), dim=2), self.inorm1(g.amax(3)).mean(2),
+                     torch.reciprocal(g.abs().sum((2, 3)) + 1).sum(1, keepdim=True), h.pow(2).sum((2, 3))]
+            return self.fc(torch.cat(parts, 1))
+
     return [("attention", Attention(), (5, 8), ["layernorm", " @ ", "softmax"]),
+            ("groupnorms", GroupNorms(), (3, 5, 5), ["groupnorm(2, affine=false)", "groupnorm(4)",
+                                                     "groupnorm(4, affine=false)", "min(axis=[2, 3])",
+                                                     "1.0 / ", "sqrt(sum("]),
             ("posemb", PosEmb(), (5, 8), ["param pos: f32[5, 8] = zeros   # a weight"]),
             ("selects", Selects(), (6,), ["fc < (-0.2)", "where(c, -1e+30, fc)", "x != 0.5", "h <= 0.0",
                                           "step(x - 0.3)", "where(c_3, 1.0, 0.0)"]),
@@ -709,7 +733,7 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["attention", "posemb", "selects", "keymask", "encoder", "causal", "norms", "pools", "pads",
+@pytest.mark.parametrize("which", ["attention", "groupnorms", "posemb", "selects", "keymask", "encoder", "causal", "norms", "pools", "pads",
                                    "cnn", "conv1d", "acts",
                                    "relu_rnn", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):

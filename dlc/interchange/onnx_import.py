@@ -8,6 +8,8 @@ dlc's layout and parameter names:
   MaxPool, AveragePool, GlobalAveragePool     maxpool, avgpool, global_avgpool (2-D or 1-D)
   BatchNormalization                          batchnorm        (gamma, beta; running_mean, running_var)
   LayerNormalization                          layernorm        (gamma, beta; over several axes too)
+  GroupNormalization, InstanceNormalization   groupnorm        (gamma, beta; affine=false for ones
+                                                               and zeros, as PyTorch's GroupNorm writes)
   Gather from a constant table                embedding        (table)
   LSTM, GRU (linear_before_reset=1), RNN      lstm, gru, rnn   (gates reordered; bidirectional and
                                                                initial states too)
@@ -19,14 +21,15 @@ dlc's layout and parameter names:
 
 and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, erf, sign, maximum,
 minimum, clip, step (a Greater cast to float), the comparisons (Not of one: the opposite one),
-`where`, sum/mean/max, reshape, transpose, concat, pad, indexing and Split's pieces; a Where
+`where`, sum/mean/max/min (ReduceL1/L2/SumSquare of abs or squares; GlobalMaxPool a max),
+1 / x (Reciprocal), reshape, transpose, concat, pad, indexing and Split's pieces; a Where
 on a constant condition, such as a causal mask, becomes a multiply and an add).
 Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
 writes it) is evaluated here, symbolically in the batch dimension (products such as
 batch * heads too), and so are the output shapes ONNX's shape inference gives up on
 (`infer_missing`). A constant tensor that is no layer's weight becomes a declared `param`:
-trainable when it is an initializer named as a module's attribute (`pos_emb`, a PRelu's
-slopes: PyTorch's parameters, and its buffers, which ONNX does not tell apart), frozen
+trainable when it is an initializer named as a weight (`pos_emb`, `onnx::PRelu_24`: PyTorch's
+parameters, reshaped ones, and its buffers, which ONNX does not tell apart), frozen
 (`trainable=false`) when it was computed (a folded mask, a pool's divisors); dlc's own
 export lists its trainable parameters (`dlc.trainable`). An operator with no .dln counterpart is an error naming the operator
 and its node.
@@ -105,8 +108,8 @@ class V:
     stmt: Stmt | None = None      # the statement that made `var`
     uses: int = 0                 # how many ONNX nodes (and outputs) read it
     hint: str = ""                # a constant's ONNX name, for the `param` it may become
-    weight: bool = False          # an initializer named as a module's attribute (PyTorch's `pos_emb`,
-    #                               `prelu.weight`): maybe trained there, so trainable here
+    weight: bool = False          # an initializer named as a weight (PyTorch's `pos_emb`, `onnx::PRelu_24`
+    #                               of a PRelu's slopes), not as a node's output: trainable here
 
 
 @dataclass
@@ -346,9 +349,9 @@ class Importer:
         if not inputs:
             raise ImportError_(f"{self.path} has no inputs")
         listed = next((p.value for p in self.m.metadata_props if p.key == "dlc.trainable"), None)
-        for name, a in inits.items():  # (PyTorch names folded constants as node outputs: `/m/Add_output_0`)
-            weight = name in listed.split(",") if listed is not None else \
-                not name.startswith(("/", "onnx::")) and "Constant" not in name
+        for name, a in inits.items():  # (PyTorch: `fc.weight`, `onnx::MatMul_80` a weight transposed, and a
+            #                             value computed from constants named as its node's output, `/m/Add_output_0`)
+            weight = name in listed.split(",") if listed is not None else not name.startswith("/")
             self.values[name] = V(a.shape, "f32", const=a, hint=name, weight=weight)
         params = []
         for k, i in enumerate(inputs):
@@ -447,10 +450,12 @@ class Importer:
         except Exception as e:  # noqa: BLE001
             raise self.error(node, f"could not be evaluated on its constant inputs: {e}") from None
         # a weight only moved (PyTorch unsqueezes a PRelu's slopes) is still a weight
+        source = self.values[node.input[0]]
         moved = node.op_type in ("Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten") and \
-            self.values[node.input[0]].weight
+            source.weight
         for name, a in zip([o for o in node.output if o], outs):
-            self.bind(name, V(np.shape(a), "f32", const=np.asarray(a), hint=name, weight=moved))
+            self.bind(name, V(np.shape(a), "f32", const=np.asarray(a), hint=source.hint if moved else name,
+                              weight=moved))
 
     def infer_missing(self, node, ins) -> None:
         """Output shapes ONNX's inference left out, found from the shapes the importer knows:
@@ -852,6 +857,33 @@ class Importer:
         layer = Layer("layernorm", [], kwargs, {k: v.astype(np.float32) for k, v in params.items()})
         self.layers_used.append("layernorm")
         self.pipe(node, x, layer, self.layer_name(node, node.input[1], "ln"))
+
+    def op_InstanceNormalization(self, node, ins):  # groupnorm with a group per channel
+        self.group_norm(node, ins, None)
+
+    def op_GroupNormalization(self, node, ins):
+        self.group_norm(node, ins, int(self.attrs(node)["num_groups"]))
+
+    def group_norm(self, node, ins, groups: int | None) -> None:
+        x = ins[0]
+        if x.shape is None or len(x.shape) < 2 or not all(isinstance(d, int) for d in x.shape[1:]):
+            raise self.error(node, "normalizes a tensor whose channels and sizes are not known while importing")
+        c = x.shape[1]
+        groups = c if groups is None else groups
+        scale, bias = self.const_of(node, 1, "the scale"), self.const_of(node, 2, "the bias")
+        if np.size(scale) == groups != c:  # GroupNormalization before opset 21: a scale per group
+            scale, bias = np.repeat(scale, c // groups), np.repeat(bias, c // groups)
+        eps = self.attrs(node).get("epsilon", 1e-5)
+        kwargs = {"eps": literal(float(np.float32(eps)))} if abs(eps - 1e-5) > 1e-12 else {}
+        params = {}
+        if np.all(scale == 1) and np.all(bias == 0):
+            kwargs["affine"] = "false"  # (PyTorch's GroupNorm: its weight and bias follow as Mul and Add)
+        else:
+            params = {"gamma": np.broadcast_to(scale, (c,)).astype(np.float32),
+                      "beta": np.broadcast_to(bias, (c,)).astype(np.float32)}
+        self.layers_used.append("groupnorm")
+        self.pipe(node, x, Layer("groupnorm", [str(groups)], kwargs, params),
+                  self.layer_name(node, node.input[1], "gn"))
 
     def op_Dropout(self, node, ins):
         if len(node.input) > 2 and node.input[2]:
@@ -1521,7 +1553,7 @@ class Importer:
             return
         raise self.error(node, f"converts {ins[0].dtype} to {want}; .dln has no conversions")
 
-    def reduce(self, node, ins, fn: str):
+    def reduce(self, node, ins, fn: str, of: str | None = None, wrap: str | None = None):
         a = self.attrs(node)
         axes = self.axes(node, ins, 1)
         keep = a.get("keepdims", 1)
@@ -1530,7 +1562,7 @@ class Importer:
             self.alias(node, x)
             return
         rank = len(x.shape) if x.shape is not None else None
-        if fn == "mean" and rank == 4 and sorted(ax % 4 for ax in axes) == [2, 3]:
+        if fn == "mean" and of is None and rank == 4 and sorted(ax % 4 for ax in axes) == [2, 3]:
             if keep:
                 inner = V(tuple(x.shape[:2]), x.dtype)
                 self.pipe_into(node, x, "global_avgpool", inner)
@@ -1543,10 +1575,35 @@ class Importer:
             args.append(f"axis={axes[0] if len(axes) == 1 else ilist(axes)}")
         if keep:
             args.append("keepdims=true")
+        if of is not None:  # of a function of x, and maybe in one: sqrt(sum(x * x, ...))
+            reduced = f"{fn}({', '.join([of] + args)})"
+            self.formula(node, ins, f"{wrap}({reduced})" if wrap else reduced)
+            return
         self.unary(node, ins, f"{fn}({', '.join(args)})" if args else fn)
 
     def op_ReduceSum(self, node, ins):
         self.reduce(node, ins, "sum")
+
+    def op_ReduceMin(self, node, ins):
+        self.reduce(node, ins, "min")
+
+    def op_ReduceSumSquare(self, node, ins):
+        self.reduce(node, ins, "sum", of="{x} * {x}")
+
+    def op_ReduceL1(self, node, ins):
+        self.reduce(node, ins, "sum", of="abs({x})")
+
+    def op_ReduceL2(self, node, ins):  # (torch.norm)
+        self.reduce(node, ins, "sum", of="{x} * {x}", wrap="sqrt")
+
+    def op_Reciprocal(self, node, ins):
+        self.formula(node, ins, "1.0 / {x}")
+
+    def op_GlobalMaxPool(self, node, ins):  # (AdaptiveMaxPool2d(1))
+        x = ins[0]
+        if x.shape is None or len(x.shape) < 3:
+            raise self.error(node, "pools a tensor that is neither NCHW nor [N, C, T]")
+        self.unary(node, ins, f"max(axis={ilist(list(range(2, len(x.shape))))}, keepdims=true)")
 
     def op_ReduceMean(self, node, ins):
         self.reduce(node, ins, "mean")

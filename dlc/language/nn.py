@@ -403,6 +403,36 @@ def layernorm(ctx: LayerContext, x: Tensor, eps: float = 1e-5, axis: int = -1) -
 
 
 @builtin("layer")
+def groupnorm(ctx: LayerContext, x: Tensor, groups: int, eps: float = 1e-5, affine: bool = True) -> Value:
+    """Group normalization (Wu and He): the channels of [N, C, ...] split into `groups`
+    groups of consecutive channels, each sample's group centered and scaled to unit variance
+    over its channels and positions, then times gamma plus beta ([C] each) unless
+    affine=false. groups = C is instance normalization, groups = 1 a layer normalization over
+    C and the rest with gamma and beta per channel. The same in training and evaluation."""
+    _float(x, "groupnorm", f32=True)
+    _positive(groups, "groups", "groupnorm")
+    if not eps > 0.0:
+        raise arg_error(f"`groupnorm`: argument `eps` must be positive, got {eps}", "eps")
+    if x.rank < 2 or not all(isinstance(d, int) for d in x.shape[1:]):
+        raise arg_error(f"`groupnorm` needs channels [N, C, ...] of known sizes, got {x.type}", "x")
+    c, rest = x.shape[1], tuple(x.shape[2:])
+    if c % groups:
+        raise arg_error(f"`groupnorm`: {groups} groups do not divide the {c} channels of {x.type}", "groups")
+    b = ctx.b
+    g = b.reshape(x, (x.shape[0], groups, c // groups) + rest)
+    over = tuple(range(2, g.rank))
+    centered = g - b.mean(g, over, keepdims=True)
+    var = b.mean(centered * centered, over, keepdims=True)
+    y = b.reshape(centered / b.sqrt(var + eps), tuple(x.shape))
+    if not affine:
+        return y
+    per_channel = (c,) + (1,) * len(rest)
+    gamma = b.reshape(ctx.param("gamma", (c,), ONES), per_channel)
+    beta = b.reshape(ctx.param("beta", (c,), ZEROS), per_channel)
+    return y * gamma + beta
+
+
+@builtin("layer")
 def embedding(ctx: LayerContext, x: Tensor, vocab: int, dim: int, init: Init = Init("normal", (0.0, 1.0)),
               mask_zero: bool = False) -> Value:
     """Rows of a [vocab, dim] table picked by integer indices: i32[...] -> f32[..., dim].
@@ -912,6 +942,14 @@ def mean(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, 
 def max_(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, keepdims: bool = False) -> Value:
     """Maximum over axis (all axes when omitted)."""
     return ctx.b.max(x, _axes(axis), keepdims)
+
+
+@builtin("function", name="min")
+def min_(ctx: LayerContext, x: Tensor, axis: Optional[Union[int, list]] = None, keepdims: bool = False) -> Value:
+    """Minimum over axis (all axes when omitted)."""
+    if x.dtype == DType.bool:
+        raise arg_error(f"`min` needs numbers, got {x.type}", "x")
+    return -ctx.b.max(-x, _axes(axis), keepdims)
 
 
 @builtin("function")
