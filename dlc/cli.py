@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checked with onnx.checker. The batch dimension stays symbolic; the input "
                                    "normalization saved in the checkpoint is part of the model, so it takes "
                                    "the same raw inputs as `dlc predict`. Layers become ONNX operators (Gemm, "
-                                   "Conv, MaxPool, BatchNormalization, LSTM, GRU, RNN, ...); other loops become "
-                                   "ONNX Scan. Needs: pip install 'dlc[onnx]'.")
+                                   "Conv, ConvTranspose, MaxPool, BatchNormalization, LSTM, GRU, RNN, ...); "
+                                   "other loops become ONNX Scan. Needs: pip install 'dlc[onnx]'.")
     _add_model_args(p)
     p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
     p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")

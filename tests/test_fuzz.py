@@ -284,7 +284,7 @@ def valid_step(g: Gen) -> None:
     if r in (2, 4):
         ops.append("batchnorm")
     if r == 4:
-        ops += ["conv", "pool", "global_pool", "transpose"]
+        ops += ["conv", "pool", "global_pool", "transpose", "deconv"]
     if r == 3:
         ops += ["index", "rnn", "transpose", "conv1d"]
     if r >= 3:
@@ -370,6 +370,14 @@ def valid_step(g: Gen) -> None:
             g.emit(f'{name} = conv2d({src}, {ch}, {k}, pad="same"{more})', ("B", ch, h, w), name)
         else:
             g.emit(f"{name} = {src} |> conv2d({ch}, {k}, stride={st_}, pad={pad}{more})", ("B", ch, ho, wo), name)
+    elif op == "deconv":  # a transposed convolution: upsampling
+        _, c, h, w = s
+        k, st_ = g.num(1, 3), g.num(1, 2)
+        pad, extra = g.num(0, (k - 1) // 2), g.num(0, st_ - 1)
+        ch = g.size(1, 4)
+        g.emit(f"{name} = {src} |> conv_transpose2d({ch}, {k}, stride={st_}, pad={pad}, output_pad={extra}"
+               + g.pick(["", ", bias=false"]) + ")",
+               ("B", ch, (h - 1) * st_ - 2 * pad + k + extra, (w - 1) * st_ - 2 * pad + k + extra), name)
     elif op == "pool":
         _, c, h, w = s
         k = g.num(1, min(h, w, 3))

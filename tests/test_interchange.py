@@ -703,7 +703,19 @@ def _torch_models(torch):
                      torch.reciprocal(g.abs().sum((2, 3)) + 1).sum(1, keepdim=True), h.pow(2).sum((2, 3))]
             return self.fc(torch.cat(parts, 1))
 
+    class Decoder(nn.Module):  # upsampling by transposed convolutions
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+            self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
+            self.up2 = nn.ConvTranspose2d(3, 1, (2, 3), stride=(1, 2), bias=False)
+
+        def forward(self, x):
+            return torch.sigmoid(self.up2(torch.relu(self.up(torch.relu(self.down(x))))))
+
     return [("attention", Attention(), (5, 8), ["layernorm", " @ ", "softmax"]),
+            ("decoder", Decoder(), (2, 5, 6), ["conv_transpose2d(3, 3, stride=2, pad=1, output_pad=1)",
+                                               "conv_transpose2d(1, [2, 3], stride=[1, 2], bias=false)"]),
             ("groupnorms", GroupNorms(), (3, 5, 5), ["groupnorm(2, affine=false)", "groupnorm(4)",
                                                      "groupnorm(4, affine=false)", "min(axis=[2, 3])",
                                                      "1.0 / ", "sqrt(sum("]),
@@ -733,7 +745,7 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["attention", "groupnorms", "posemb", "selects", "keymask", "encoder", "causal", "norms", "pools", "pads",
+@pytest.mark.parametrize("which", ["attention", "decoder", "groupnorms", "posemb", "selects", "keymask", "encoder", "causal", "norms", "pools", "pads",
                                    "cnn", "conv1d", "acts",
                                    "relu_rnn", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):

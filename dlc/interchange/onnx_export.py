@@ -300,7 +300,7 @@ class _GraphExporter:
                     bias = self.bias_vector(c, 1, 2)
                     if bias is not None:
                         return ("gemm", a, bias)
-                if self.is_op(a, ops.CONV2D) and self.single_use(a):
+                if (self.is_op(a, ops.CONV2D) or self.is_op(a, ops.CONV2D_BWD_DATA)) and self.single_use(a):
                     bias = self.bias_vector(c, 1, 4)
                     if bias is not None:
                         return ("conv", a, bias)
@@ -764,7 +764,7 @@ class _GraphExporter:
             a, b = (self.emit("Transpose", [self.operand(o)], span=span, perm=[0, 2, 1]) if n.attrs.get(flag)
                     else self.operand(o) for o, flag in zip(n.operands, ("ta", "tb")))
             out[nid] = self.emit("MatMul", [a, b], span=span)
-        elif op is ops.CONV2D:
+        elif op in (ops.CONV2D, ops.CONV2D_BWD_DATA):
             self.emit_conv(nid, nid, None)
         elif op is ops.POOL2D:
             a = n.attrs
@@ -846,11 +846,18 @@ class _GraphExporter:
                                     transA=int(bool(m.attrs.get("ta"))), transB=int(bool(m.attrs.get("tb"))))
 
     def emit_conv(self, nid: int, conv: int, bias: int | None) -> None:
+        """Conv, or ConvTranspose for conv2d's input gradient (`conv_transpose2d`): the same
+        weight layout, the output size given by output_padding."""
         c = self.node(conv)
         w = self.node(c.operands[1]).type
         inputs = [self.operand(o) for o in c.operands] + ([self.operand(bias)] if bias is not None else [])
-        self.value[nid] = self.emit("Conv", inputs, span=self.node(nid).span, kernel_shape=list(w.shape[2:]),
-                                    strides=list(c.attrs["stride"]), pads=list(c.attrs["pad"]) * 2)
+        kw = dict(kernel_shape=list(w.shape[2:]), strides=list(c.attrs["stride"]), pads=list(c.attrs["pad"]) * 2)
+        if c.op is ops.CONV2D_BWD_DATA:
+            x = self.node(c.operands[0]).type
+            kw["output_padding"] = [out - ((n - 1) * s - 2 * p + k) for out, n, s, p, k in zip(
+                c.attrs["in_hw"], x.shape[2:], c.attrs["stride"], c.attrs["pad"], w.shape[2:])]
+        self.value[nid] = self.emit("ConvTranspose" if c.op is ops.CONV2D_BWD_DATA else "Conv", inputs,
+                                    span=self.node(nid).span, **kw)
 
     def emit_conv1d(self, nid: int, x: int, w: int, bias: int | None, conv: int) -> None:
         a = self.node(conv).attrs

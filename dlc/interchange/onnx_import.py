@@ -5,6 +5,7 @@ dlc's layout and parameter names:
 
   Gemm, MatMul (+ Add) by a constant          dense            (w [in, units], b)
   Conv (2-D or 1-D, one group, symmetric pads) conv2d, conv1d  (w, b)
+  ConvTranspose (2-D, one group)              conv_transpose2d (w, b)
   MaxPool, AveragePool, GlobalAveragePool     maxpool, avgpool, global_avgpool (2-D or 1-D)
   BatchNormalization                          batchnorm        (gamma, beta; running_mean, running_var)
   LayerNormalization                          layernorm        (gamma, beta; over several axes too)
@@ -31,8 +32,8 @@ batch * heads too), and so are the output shapes ONNX's shape inference gives up
 trainable when it is an initializer named as a weight (`pos_emb`, `onnx::PRelu_24`: PyTorch's
 parameters, reshaped ones, and its buffers, which ONNX does not tell apart), frozen
 (`trainable=false`) when it was computed (a folded mask, a pool's divisors); dlc's own
-export lists its trainable parameters (`dlc.trainable`). An operator with no .dln counterpart is an error naming the operator
-and its node.
+export lists its trainable parameters (`dlc.trainable`). An operator with no .dln
+counterpart is an error naming the operator and its node.
 
 A `dlc export`ed model's input normalization (`normalize.shift`/`normalize.scale`)
 goes back into the checkpoint, where `dlc predict` and `dlc run --resume` apply it.
@@ -735,6 +736,36 @@ class Importer:
         layer = Layer(fn, [str(w.shape[0]), window_text(k)], kwargs, params)
         self.layers_used.append(fn)
         self.pipe(node, ins[0], layer, self.layer_name(node, node.input[1], "conv"))
+
+    def op_ConvTranspose(self, node, ins):
+        a = self.attrs(node)
+        w = self.const_of(node, 1, "the weights")
+        if w.ndim != 4:
+            raise self.error(node, f"is a {w.ndim - 2}-D transposed convolution; dlc has conv_transpose2d")
+        if a.get("group", 1) != 1 or any(d != 1 for d in a.get("dilations", [])):
+            raise self.error(node, "is a grouped or dilated transposed convolution, which dlc's conv_transpose2d "
+                                   "does not do")
+        if "output_shape" in a:
+            raise self.error(node, "gives its output_shape; dlc's conv_transpose2d takes pads and output_padding")
+        k = list(w.shape[2:])
+        stride = list(a.get("strides", [1, 1]))
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            raise self.error(node, "pads SAME_UPPER or SAME_LOWER; dlc's conv_transpose2d takes pads")
+        pad = self.pads(node, a, k, stride)
+        extra = list(a.get("output_padding", [0, 0]))
+        b = self.const_of(node, 2, "the bias") if len(node.input) > 2 and node.input[2] else None
+        params = {"w": w.astype(np.float32)}  # (ONNX's layout [in, out, kh, kw] is dlc's)
+        kwargs = {}
+        for name, v in (("stride", stride), ("pad", pad), ("output_pad", extra)):
+            if any(v) and (name != "stride" or any(x != 1 for x in v)):
+                kwargs[name] = window_text(v)
+        if b is not None:
+            params["b"] = b.astype(np.float32)
+        else:
+            kwargs["bias"] = "false"
+        self.layers_used.append("conv_transpose2d")
+        self.pipe(node, ins[0], Layer("conv_transpose2d", [str(w.shape[1]), window_text(k)], kwargs, params),
+                  self.layer_name(node, node.input[1], "deconv"))
 
     def pads(self, node, a, k, stride) -> list:
         """The padding of each spatial axis (both sides alike), from `pads` or `auto_pad`."""
