@@ -749,7 +749,7 @@ class Importer:
             raise self.error(node, "gives its output_shape; dlc's conv_transpose2d takes pads and output_padding")
         k = list(w.shape[2:])
         stride = list(a.get("strides", [1, 1]))
-        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        if a.get("auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER"):
             raise self.error(node, "pads SAME_UPPER or SAME_LOWER; dlc's conv_transpose2d takes pads")
         pad = self.pads(node, a, k, stride)
         extra = list(a.get("output_padding", [0, 0]))
@@ -1548,11 +1548,20 @@ class Importer:
         a, b = self.unexpanded(node, ins)
         self.bind(node.output[0], V(self.out_shape(node), "bool", view=("compare", sym, a, b)))
 
-    def op_Greater(self, node, ins): self.compare(node, ins, ">")
-    def op_Less(self, node, ins): self.compare(node, ins, "<")
-    def op_GreaterOrEqual(self, node, ins): self.compare(node, ins, ">=")
-    def op_LessOrEqual(self, node, ins): self.compare(node, ins, "<=")
-    def op_Equal(self, node, ins): self.compare(node, ins, "==")
+    def op_Greater(self, node, ins):
+        self.compare(node, ins, ">")
+
+    def op_Less(self, node, ins):
+        self.compare(node, ins, "<")
+
+    def op_GreaterOrEqual(self, node, ins):
+        self.compare(node, ins, ">=")
+
+    def op_LessOrEqual(self, node, ins):
+        self.compare(node, ins, "<=")
+
+    def op_Equal(self, node, ins):
+        self.compare(node, ins, "==")
 
     def op_Not(self, node, ins):
         """The negation of a comparison: the opposite comparison."""

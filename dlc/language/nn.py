@@ -206,12 +206,12 @@ def conv_transpose2d(ctx: LayerContext, x: Tensor, channels: int, kernel: Pair, 
     c_in = x.shape[1]
     if not isinstance(c_in, int) or not all(isinstance(d, int) for d in x.shape[2:]):
         raise arg_error(f"`conv_transpose2d` needs known channels and sizes, got {x.type}", "x")
-    out_hw = tuple((n - 1) * st - 2 * pp + kk + e for n, st, pp, kk, e in zip(x.shape[2:], s, p, k, extra))
-    if min(out_hw) < 1 or any(2 * pp >= kk + (n - 1) * st for n, st, pp, kk in zip(x.shape[2:], s, p, k)):
+    spanned = tuple((n - 1) * st - 2 * pp + kk for n, st, pp, kk in zip(x.shape[2:], s, p, k))
+    if min(spanned) < 1:
         raise arg_error(f"`conv_transpose2d`: padding {list(p)} leaves no output of a {x.shape[2]}x{x.shape[3]} "
                         f"input with a {k[0]}x{k[1]} kernel", "pad")
     w = ctx.param("w", (c_in, channels) + k, init, c_in * k[0] * k[1], channels * k[0] * k[1])
-    y = ctx.b.emit(ops.CONV2D_BWD_DATA, (x, w), in_hw=out_hw, stride=s, pad=p)
+    y = ctx.b.emit(ops.CONV2D_BWD_DATA, (x, w), in_hw=tuple(n + e for n, e in zip(spanned, extra)), stride=s, pad=p)
     if bias:
         bvec = ctx.param("b", (channels,), ZEROS)
         y = y + ctx.b.broadcast(bvec, y.shape, (1,))
