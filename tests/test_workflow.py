@@ -474,7 +474,8 @@ def test_a_frozen_param_keeps_its_values_and_gets_no_optimizer_state(target):
 
 @pytest.mark.parametrize("option, message", [
     (", trainable=1", "`trainable` must be true or false, got the integer 1"),
-    (", frozen=true", "a `param` takes one option, `trainable`; got `frozen`")])
+    (", frozen=true", "a `param` takes one option, `trainable`; got `frozen`"),
+    (", trainable=false, trainable=true", "`trainable` is given twice")])
 def test_a_param_option_is_checked(option, message):
     with pytest.raises(ArgumentError, match=re.escape(message)) as e:
         dlc.load(FROZEN_PARAM % option)

@@ -792,10 +792,12 @@ class Frontend:
     def _param_trainable(self, stmt: ast.ParamDecl, scope) -> bool:
         """A `param` declaration's `, trainable=false` (its one option)."""
         trainable = True
-        for o in stmt.options:
+        for k, o in enumerate(stmt.options):
             if o.name != "trainable":
                 raise ArgumentError(f"a `param` takes one option, `trainable`; got `{o.name}`", o.span,
                                     hint=f"param {stmt.name}: ... = init, trainable=false")
+            if k:
+                raise ArgumentError("`trainable` is given twice", o.span)
             trainable = self.eval(o.value, scope)
             if not isinstance(trainable, bool):
                 raise ArgumentError(f"`trainable` must be true or false, got {describe(trainable)}",
