@@ -1235,6 +1235,10 @@ COMPOSITES: list[OpCase] = [
       call=lambda ctx, *xs: nn.concat(ctx, list(xs), axis=0), id="axis0"),
     C("pad", [(2, M, 4)], lambda x: np_pad(x, (0, 1, 0), (0, 2, 3), (0, 0, 0), -1.5),
       attrs={"lo": [0, 1, 0], "hi": [0, 2, 3], "value": -1.5}),
+    C("upsample", [(2, 3, 4, 5)], lambda x: x.repeat(2, axis=2).repeat(2, axis=3)),
+    C("upsample", [(2, 2, 3, 2)], lambda x: x.repeat(3, axis=2).repeat(2, axis=3), attrs={"scale": [3, 2]},
+      id="3x2"),
+    C("upsample", [(2, 3, 5)], lambda x: x.repeat(3, axis=2), attrs={"scale": 3}, id="over-time"),
     C("broadcast_to", [(M, 1, N)], lambda x: np.broadcast_to(x, (2, M, 3, N)), attrs={"shape": [2, M, 3, N]},
       symbolic=False),  # (a literal shape: the batch size written out)
     C("where", [(M, 1), (M, N), (N,)], lambda c, x, y: np.where(c, x, y), inputs=[bools, DOMAIN, DOMAIN],

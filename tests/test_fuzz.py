@@ -284,7 +284,7 @@ def valid_step(g: Gen) -> None:
     if r in (2, 4):
         ops.append("batchnorm")
     if r == 4:
-        ops += ["conv", "pool", "global_pool", "transpose", "deconv"]
+        ops += ["conv", "pool", "global_pool", "transpose", "deconv", "upsample"]
     if r == 3:
         ops += ["index", "rnn", "transpose", "conv1d"]
     if r >= 3:
@@ -378,6 +378,11 @@ def valid_step(g: Gen) -> None:
         g.emit(f"{name} = {src} |> conv_transpose2d({ch}, {k}, stride={st_}, pad={pad}, output_pad={extra}"
                + g.pick(["", ", bias=false"]) + ")",
                ("B", ch, (h - 1) * st_ - 2 * pad + k + extra, (w - 1) * st_ - 2 * pad + k + extra), name)
+    elif op == "upsample":
+        _, c, h, w = s
+        fh, fw = g.num(1, 2), g.num(1, 3)
+        g.emit(f"{name} = upsample({src}, " + (str(fh) if fh == fw else f"[{fh}, {fw}]") + ")",
+               ("B", c, h * fh, w * fw), name)
     elif op == "pool":
         _, c, h, w = s
         k = g.num(1, min(h, w, 3))

@@ -285,6 +285,22 @@ def test_an_imported_model_fine_tunes_with_its_train_block(tmp_path):
     assert tuned.normalizer.active  # the exported normalization came back into the checkpoint
 
 
+def test_upsampling_and_transposed_convolutions_round_trip(tmp_path):
+    """upsample exports as Reshape, Expand (to a shape computed with the batch) and Reshape,
+    which import back as broadcast_to; conv_transpose2d as ConvTranspose."""
+    src = """model m(x: f32[B, 2, 3, 4]) -> f32[B, 3, 12, 24] {
+    return upsample(x, [2, 3]) |> conv_transpose2d(3, 3, stride=2, pad=1, output_pad=1)
+}
+"""
+    m = dlc.load(src)
+    onnx.save(export_model(m), str(tmp_path / "m.onnx"))
+    back = write(import_model(tmp_path / "m.onnx", train=False), tmp_path / "b.dln", tmp_path / "b.npz")
+    text = (tmp_path / "b.dln").read_text()
+    assert "broadcast_to(" in text and "conv_transpose2d(3, 3, stride=2, pad=1, output_pad=1)" in text, text
+    x = np.random.default_rng(0).normal(size=(3, 2, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-6, atol=1e-6)
+
+
 def test_an_imported_constant_stays_as_it_is_in_fine_tuning(tmp_path):
     """A frozen `param` exports as an initializer and imports back as a frozen `param`: a
     PyTorch buffer or a mask keeps its values while the layers around it train."""
@@ -703,19 +719,21 @@ def _torch_models(torch):
                      torch.reciprocal(g.abs().sum((2, 3)) + 1).sum(1, keepdim=True), h.pow(2).sum((2, 3))]
             return self.fc(torch.cat(parts, 1))
 
-    class Decoder(nn.Module):  # upsampling by transposed convolutions
+    class Decoder(nn.Module):  # upsampling by transposed convolutions, and by repeating cells
         def __init__(self):
             super().__init__()
             self.down = nn.Conv2d(2, 4, 3, stride=2, padding=1)
             self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
             self.up2 = nn.ConvTranspose2d(3, 1, (2, 3), stride=(1, 2), bias=False)
+            self.near = nn.Upsample(scale_factor=(2, 1))
 
         def forward(self, x):
-            return torch.sigmoid(self.up2(torch.relu(self.up(torch.relu(self.down(x))))))
+            return torch.sigmoid(self.near(self.up2(torch.relu(self.up(torch.relu(self.down(x)))))))
 
     return [("attention", Attention(), (5, 8), ["layernorm", " @ ", "softmax"]),
             ("decoder", Decoder(), (2, 5, 6), ["conv_transpose2d(3, 3, stride=2, pad=1, output_pad=1)",
-                                               "conv_transpose2d(1, [2, 3], stride=[1, 2], bias=false)"]),
+                                               "conv_transpose2d(1, [2, 3], stride=[1, 2], bias=false)",
+                                               "upsample([2, 1])"]),
             ("groupnorms", GroupNorms(), (3, 5, 5), ["groupnorm(2, affine=false)", "groupnorm(4)",
                                                      "groupnorm(4, affine=false)", "min(axis=[2, 3])",
                                                      "1.0 / ", "sqrt(sum("]),

@@ -9,6 +9,7 @@ dlc's layout and parameter names:
   MaxPool, AveragePool, GlobalAveragePool     maxpool, avgpool, global_avgpool (2-D or 1-D)
   BatchNormalization                          batchnorm        (gamma, beta; running_mean, running_var)
   LayerNormalization                          layernorm        (gamma, beta; over several axes too)
+  Resize (nearest, whole factors)             upsample
   GroupNormalization, InstanceNormalization   groupnorm        (gamma, beta; affine=false for ones
                                                                and zeros, as PyTorch's GroupNorm writes)
   Gather from a constant table                embedding        (table)
@@ -916,6 +917,36 @@ class Importer:
         self.pipe(node, x, Layer("groupnorm", [str(groups)], kwargs, params),
                   self.layer_name(node, node.input[1], "gn"))
 
+    def op_Resize(self, node, ins):
+        """Nearest-neighbour resizing by whole factors (nn.Upsample's default): `upsample`."""
+        a = self.attrs(node)
+        x = ins[0]
+        mode = a.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "nearest":
+            raise self.error(node, f"resizes by {mode} interpolation; dlc's upsample repeats the nearest cell")
+        if x.shape is None or len(x.shape) not in (3, 4) or not all(isinstance(d, int) for d in x.shape[1:]):
+            raise self.error(node, "resizes a tensor that is not NCHW or [N, C, T] of known sizes")
+        scales = self.const_of(node, 2, "the scales") if len(node.input) > 2 and node.input[2] else None
+        if scales is None or np.size(scales) == 0:
+            sizes = self.const_of(node, 3, "the sizes")
+            scales = np.asarray(sizes[1:], np.float64) / np.asarray([1] + list(x.shape[1:]), np.float64)
+            scales = np.concatenate([[1.0], scales])
+        scales = [float(v) for v in np.asarray(scales).reshape(-1)]
+        factors = [int(v) for v in scales[2:]]
+        if scales[:2] != [1.0, 1.0] or factors != scales[2:] or min(factors) < 1:
+            raise self.error(node, f"resizes by {scales}; dlc's upsample repeats cells by whole factors along the "
+                                   "spatial axes")
+        coords = a.get("coordinate_transformation_mode", b"half_pixel")
+        coords = coords.decode() if isinstance(coords, bytes) else coords
+        rounding = a.get("nearest_mode", b"round_prefer_floor")
+        rounding = rounding.decode() if isinstance(rounding, bytes) else rounding
+        # whole factors: half-pixel centres never round from a tie, and asymmetric ones repeat when floored
+        if not (coords in ("half_pixel", "pytorch_half_pixel") or coords == "asymmetric" and rounding == "floor"):
+            raise self.error(node, f"maps coordinates `{coords}` with `{rounding}` rounding, which does not "
+                                   "repeat each cell")
+        self.unary(node, ins, f"upsample({window_text(factors)})" if set(factors) != {2} else "upsample")
+
     def op_Dropout(self, node, ins):
         if len(node.input) > 2 and node.input[2]:
             mode = ins[2]
@@ -1307,7 +1338,14 @@ class Importer:
         return [v.view[1] if v.view is not None and v.view[0] == "expand" else v for v in ins]
 
     def op_Expand(self, node, ins):
-        self.bind(node.output[0], V(self.out_shape(node), ins[0].dtype, view=("expand", ins[0])))
+        shape = self.out_shape(node)
+        if (shape is None or None in shape) and ins[0].shape is not None and \
+                (ins[1].dims is not None or ins[1].const is not None):  # (to a shape computed with the batch)
+            target = tuple(self.dims_value(ins[1], node))
+            x = (1,) * (len(target) - len(ins[0].shape)) + tuple(ins[0].shape)
+            shape = tuple(t if d == 1 else d for d, t in zip(x, target)) if len(target) >= len(ins[0].shape) \
+                else shape
+        self.bind(node.output[0], V(shape, ins[0].dtype, view=("expand", ins[0])))
 
     def op_Add(self, node, ins):
         # MatMul by a constant, then + a constant vector: the dense layer's bias

@@ -1045,6 +1045,26 @@ def broadcast_to(ctx: LayerContext, x: Tensor, shape: list) -> Value:
 
 
 @builtin("function")
+def upsample(ctx: LayerContext, x: Tensor, scale: Pair = 2) -> Value:
+    """Nearest-neighbour upsampling of NCHW (or [N, C, T]) input by whole factors: each cell
+    repeated scale times along each spatial axis (PyTorch's Upsample(mode="nearest"))."""
+    if x.rank not in (3, 4):
+        raise arg_error(f"`upsample` needs an NCHW or [N, C, T] input, got {x.type}", "x")
+    if not all(isinstance(d, int) for d in x.shape[1:]):
+        raise arg_error(f"`upsample` needs known channels and sizes, got {x.type}", "x")
+    factors = pair(scale) if x.rank == 4 else (scale,)
+    if len(factors) != x.rank - 2 or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 1
+                                             for f in factors):
+        raise arg_error(f"`upsample`: argument `scale` must be a positive integer"
+                        + (" or [h, w]" if x.rank == 4 else "") + f", got {_show(scale)}", "scale")
+    b, (n, c), sizes = ctx.b, x.shape[:2], x.shape[2:]
+    spread = (n, c) + tuple(d for size in sizes for d in (size, 1))  # [N, C, H, 1, W, 1]
+    repeated = (n, c) + tuple(d for size, f in zip(sizes, factors) for d in (size, f))
+    return b.reshape(b.broadcast(b.reshape(x, spread), repeated),
+                     (n, c) + tuple(size * f for size, f in zip(sizes, factors)))
+
+
+@builtin("function")
 def transpose(ctx: LayerContext, x: Tensor, perm: Optional[list] = None) -> Value:
     """Permute axes (reverses them when perm is omitted)."""
     perm = list(range(x.rank))[::-1] if perm is None else perm
