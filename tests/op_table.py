@@ -1241,6 +1241,9 @@ COMPOSITES: list[OpCase] = [
     C("upsample", [(2, 3, 5)], lambda x: x.repeat(3, axis=2), attrs={"scale": 3}, id="over-time"),
     C("broadcast_to", [(M, 1, N)], lambda x: np.broadcast_to(x, (2, M, 3, N)), attrs={"shape": [2, M, 3, N]},
       symbolic=False),  # (a literal shape: the batch size written out)
+    C("logical_and", [(M, N), (M, N)], np.logical_and, inputs=[bools, bools], grad="none"),
+    C("logical_or", [(M, 1), (M, N)], np.logical_or, inputs=[bools, bools], grad="none", id="broadcast"),
+    C("logical_not", [(M, N)], np.logical_not, inputs=[bools], grad="none"),
     C("where", [(M, 1), (M, N), (N,)], lambda c, x, y: np.where(c, x, y), inputs=[bools, DOMAIN, DOMAIN],
       id="broadcast"),
     C("where", [(M, N), (M, N)], lambda c, y: np.where(c, 0.5, y), inputs=[bools, DOMAIN],

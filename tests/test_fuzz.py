@@ -332,7 +332,8 @@ def valid_step(g: Gen) -> None:
                                       f"step({src}) * {src}", f"minimum({src}, 0.5)", f"log(1 + {src} * {src})",
                                       f"stop_gradient({src}) * {src}", f"{src} / (1 + abs({src}))",
                                       f"where({src} > 0, {src}, 0.1 * {src})", f"where({src} <= 0.5, 1.0, {src})",
-                                      f"where(abs({src}) < 1, {src} * {src}, abs({src}))"]), s, name)
+                                      f"where(abs({src}) < 1, {src} * {src}, abs({src}))",
+                                      f"where(logical_or(logical_not({src} > -1), {src} > 1), 0.0, {src})"]), s, name)
     elif op == "param_matmul":
         u = g.size(1, 6)
         p = f"w{g.n}"

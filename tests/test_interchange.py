@@ -285,6 +285,31 @@ def test_an_imported_model_fine_tunes_with_its_train_block(tmp_path):
     assert tuned.normalizer.active  # the exported normalization came back into the checkpoint
 
 
+def test_logical_operations_export_as_and_or_not_and_round_trip(tmp_path):
+    """Selects between bools export as And, Or and Not (onnxruntime has no Where of bools),
+    with no constant left unread, and import back as logical_and/or/not."""
+    src = """model m(x: f32[B, 4]) -> f32[B, 4] {
+    inside = logical_and(x > -0.5, x < 0.5)
+    either = logical_or(x > 1, x[:, :1] < 0)
+    return where(logical_not(inside), 1.0, x) + where(either, 2.0, 0.0)
+}
+"""
+    m = dlc.load(src)
+    proto = export_model(m)
+    assert {"And", "Or", "Not"} <= {n.op_type for n in proto.graph.node}
+    read = {i for n in proto.graph.node for i in n.input}
+    assert all(i.name in read for i in proto.graph.initializer)
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    want = np.where(~((x > -0.5) & (x < 0.5)), 1.0, x) + np.where((x > 1) | (x[:, :1] < 0), 2.0, 0.0)
+    np.testing.assert_allclose(m.predict(x), want, rtol=1e-6)
+    np.testing.assert_allclose(ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0], want, rtol=1e-6)
+    back = write(import_model(tmp_path / "m.onnx", train=False), tmp_path / "b.dln", tmp_path / "b.npz")
+    text = (tmp_path / "b.dln").read_text()
+    assert "logical_and(" in text and "logical_or(" in text and "logical_not(" in text, text
+    np.testing.assert_allclose(back.predict(x), want, rtol=1e-6)
+
+
 def test_upsampling_and_transposed_convolutions_round_trip(tmp_path):
     """upsample exports as Reshape, Expand (to a shape computed with the batch) and Reshape,
     which import back as broadcast_to; conv_transpose2d as ConvTranspose."""
@@ -675,7 +700,8 @@ def _torch_models(torch):
             h = self.fc(x)
             h = h.masked_fill(h < -0.2, float("-inf")).clamp(min=-5)
             g = torch.where(x != 0.5, h, x) + (h >= 0.1).float() + (x > 0.3).float()
-            return self.out(torch.where(~(h > 0), g * 2, g))
+            band = ((x > -1) & (x < 1)) | ~(h < 0.5)
+            return self.out(torch.where(~(h > 0), g * 2, g) + torch.where(band, 1.0, -1.0))
 
     class KeyMask(nn.Module):  # attention that skips the padding tokens (a mask computed at run time)
         def __init__(self):
@@ -739,7 +765,7 @@ def _torch_models(torch):
                                                      "1.0 / ", "sqrt(sum("]),
             ("posemb", PosEmb(), (5, 8), ["param pos: f32[5, 8] = zeros   # a weight"]),
             ("selects", Selects(), (6,), ["fc < (-0.2)", "where(c, -1e+30, fc)", "x != 0.5", "h <= 0.0",
-                                          "step(x - 0.3)", "where(c_3, 1.0, 0.0)"]),
+                                          "step(x - 0.3)", "where(c_3, 1.0, 0.0)", "logical_and(", "logical_or("]),
             ("keymask", KeyMask(), (7,), ["x == 0", "broadcast_to(", "softmax"]),
             ("pads", Pads(), (2, 5, 5), ['mode="reflect"', 'mode="edge"', "conv2d(3, 3)"]),
             ("pools", Pools(), (2, 7, 7), ["maxpool(2, ceil=true)", "avgpool(3, stride=2, pad=1, ceil=true, "

@@ -741,6 +741,8 @@ class _GraphExporter:
             out[nid] = self.value[x]
             if x in self.lazy:
                 self.lazy.add(nid)
+        elif op is ops.WHERE and n.type.dtype == DType.bool:
+            out[nid] = self.bool_select(n.operands, span)
         elif op in _ELEMENTWISE or op in (ops.DIV, ops.NE, ops.CAST):
             args = [self.operand(o, lazy_ok=True) for o in n.operands]
             if all(o in self.lazy for o in n.operands):
@@ -844,6 +846,23 @@ class _GraphExporter:
         a, b = (self.operand(o) for o in m.operands)
         self.value[nid] = self.emit("Gemm", [a, b, self.operand(bias)], span=self.node(nid).span,
                                     transA=int(bool(m.attrs.get("ta"))), transB=int(bool(m.attrs.get("tb"))))
+
+    def bool_select(self, operands, span) -> str:
+        """A select between bools (logical_and/or/not) as And, Or and Not: onnxruntime has no
+        Where of bools. A constant side is not written."""
+        c, a, b = operands
+        x, y = self.scalar_const(a), self.scalar_const(b)
+        if x == 1.0 and y == 0.0:
+            return self.operand(c)
+        if y == 0.0:
+            return self.emit("And", [self.operand(c), self.operand(a)], span=span)
+        if x == 1.0:
+            return self.emit("Or", [self.operand(c), self.operand(b)], span=span)
+        negated = self.emit("Not", [self.operand(c)], span=span)
+        if x == 0.0 and y == 1.0:
+            return negated
+        return self.emit("Or", [self.emit("And", [self.operand(c), self.operand(a)], span=span),
+                                self.emit("And", [negated, self.operand(b)], span=span)], span=span)
 
     def emit_conv(self, nid: int, conv: int, bias: int | None) -> None:
         """Conv, or ConvTranspose for conv2d's input gradient (`conv_transpose2d`): the same
@@ -1099,6 +1118,7 @@ def export_model(model, normalizer=None, opset: int | None = None, recognize: bo
                                "dlc.normalized": "yes" if normalizer is not None and normalizer.active else "no",
                                "dlc.trainable": ",".join(trainable)})  # (the importer freezes the rest)
     _simplify_output(m)
+    _drop_unread_initializers(m.graph)
     try:
         onnx.checker.check_model(m, full_check=True)
     except Exception as e:  # noqa: BLE001 - onnx raises several kinds
@@ -1128,6 +1148,24 @@ def _normalize(ex: _GraphExporter, name: str, t: TensorType, normalizer) -> str:
 
 def names_reserve(ex: _GraphExporter, name: str) -> str:
     return ex.names.reserve(name) if name not in ex.names.used else ex.names.fresh(name)
+
+
+def _drop_unread_initializers(graph) -> None:
+    """Initializers no node reads (a constant side of a select written as And/Or), dropped so
+    that runtimes do not warn about them; Scan bodies read the outer graph's by name."""
+    def read(g) -> set:
+        names = {o.name for o in g.output}
+        for node in g.node:
+            names.update(node.input)
+            for a in node.attribute:
+                if a.HasField("g"):
+                    names |= read(a.g)
+        return names
+    used = read(graph)
+    kept = [i for i in graph.initializer if i.name in used]
+    if len(kept) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
 
 
 def _simplify_output(m) -> None:

@@ -23,7 +23,7 @@ dlc's layout and parameter names:
 
 and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, erf, sign, maximum,
 minimum, clip, step (a Greater cast to float), the comparisons (Not of one: the opposite one),
-`where`, sum/mean/max/min (ReduceL1/L2/SumSquare of abs or squares; GlobalMaxPool a max),
+And/Or/Not as logical_and/or/not, `where`, sum/mean/max/min (ReduceL1/L2/SumSquare of abs or squares; GlobalMaxPool a max),
 1 / x (Reciprocal), reshape, transpose, concat, pad, indexing and Split's pieces; a Where
 on a constant condition, such as a causal mask, becomes a multiply and an add).
 Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
@@ -1558,7 +1558,8 @@ class Importer:
         cond, a, b = ins
         if cond.const is None:  # `where`, a number for an infinite constant (masked_fill(-inf))
             cond, a, b = (V(v.shape, v.dtype, const=finite(v.const), hint=v.hint, weight=v.weight)
-                          if v.const is not None and v.dtype == "f32" else v for v in self.unexpanded(node, ins))
+                          if v.const is not None and v.const.dtype.kind == "f" else v
+                          for v in self.unexpanded(node, ins))
             full = self.out_shape(node)
             if any(v.shape == full and not v.zeros for v in (cond, a, b)):  # zeros of the result's shape: 0.0
                 a, b = (V((), "f32", const=np.float32(0.0)) if v.zeros else v for v in (a, b))
@@ -1602,13 +1603,22 @@ class Importer:
         self.compare(node, ins, "==")
 
     def op_Not(self, node, ins):
-        """The negation of a comparison: the opposite comparison."""
+        """The negation of a comparison is the opposite comparison; of another bool, logical_not."""
         x = ins[0]
         if x.view is None or x.view[0] != "compare":
-            raise self.error(node, "negates a bool that is not a comparison; .dln has no `not`")
+            self.assign(node, f"logical_not({self.text(x, node)})")
+            return
         _, sym, a, b = x.view
         opposite = {">": "<=", "<": ">=", ">=": "<", "<=": ">", "==": "!=", "!=": "=="}[sym]
         self.bind(node.output[0], V(self.out_shape(node), "bool", view=("compare", opposite, a, b)))
+
+    def op_And(self, node, ins):
+        a, b = self.unexpanded(node, ins)
+        self.assign(node, f"logical_and({self.text(a, node)}, {self.text(b, node)})")
+
+    def op_Or(self, node, ins):
+        a, b = self.unexpanded(node, ins)
+        self.assign(node, f"logical_or({self.text(a, node)}, {self.text(b, node)})")
 
     def op_Cast(self, node, ins):
         if self.shape_op(node, ins):

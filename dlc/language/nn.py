@@ -1016,6 +1016,33 @@ def where(ctx: LayerContext, cond: Tensor, x: Union[Tensor, float], y: Union[Ten
     return ctx.b.where(cond, x, y)
 
 
+def _bools(name: str, *xs: Value) -> None:
+    for arg, x in zip(("a", "b"), xs):
+        if x.dtype != DType.bool:
+            raise arg_error(f"`{name}` needs bool tensors (comparisons such as `x > 0`), got {x.type}", arg)
+
+
+@builtin("function")
+def logical_and(ctx: LayerContext, a: Tensor, b: Tensor) -> Value:
+    """True where both bool tensors are, elementwise (numpy's broadcasting)."""
+    _bools("logical_and", a, b)
+    return ctx.b.where(a, b, False)
+
+
+@builtin("function")
+def logical_or(ctx: LayerContext, a: Tensor, b: Tensor) -> Value:
+    """True where either bool tensor is, elementwise (numpy's broadcasting)."""
+    _bools("logical_or", a, b)
+    return ctx.b.where(a, True, b)
+
+
+@builtin("function")
+def logical_not(ctx: LayerContext, a: Tensor) -> Value:
+    """True where the bool tensor is false."""
+    _bools("logical_not", a)
+    return ctx.b.where(a, False, ctx.b.const(True, DType.bool))
+
+
 @builtin("function")
 def clip(ctx: LayerContext, x: Tensor, lo: float, hi: float) -> Value:
     """Limits every element to [lo, hi]."""
