@@ -23,9 +23,10 @@ dlc's layout and parameter names:
 
 and the rest become primitives (`+ - * / ** @`, exp, log, sqrt, abs, erf, sign, maximum,
 minimum, clip, step (a Greater cast to float), the comparisons (Not of one: the opposite one),
-And/Or/Not as logical_and/or/not, `where`, sum/mean/max/min (ReduceL1/L2/SumSquare of abs or squares; GlobalMaxPool a max),
-1 / x (Reciprocal), reshape, transpose, concat, pad, indexing and Split's pieces; a Where
-on a constant condition, such as a causal mask, becomes a multiply and an add).
+And/Or/Not as logical_and/or/not, `where`, sum/mean/max/min (ReduceL1/L2/SumSquare of abs or
+squares; GlobalMaxPool a max), 1 / x (Reciprocal), reshape, transpose, concat, pad, indexing
+and Split's pieces; a Where on a constant condition, such as a causal mask, becomes a
+multiply and an add).
 Shape arithmetic (Shape, Gather, Concat, ... feeding a Reshape, as PyTorch's exporter
 writes it) is evaluated here, symbolically in the batch dimension (products such as
 batch * heads too), and so are the output shapes ONNX's shape inference gives up on
@@ -234,7 +235,10 @@ class Importer:
 
     # --- reading values ------------------------------------------------------------------------
     def attrs(self, node) -> dict:
-        return {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
+        """A node's attributes, strings (bytes in ONNX) decoded."""
+        def text(v):
+            return v.decode() if isinstance(v, bytes) else [text(x) for x in v] if isinstance(v, list) else v
+        return {a.name: text(self.onnx.helper.get_attribute_value(a)) for a in node.attribute}
 
     def get(self, name: str) -> V:
         return self.values[name]
@@ -750,7 +754,7 @@ class Importer:
             raise self.error(node, "gives its output_shape; dlc's conv_transpose2d takes pads and output_padding")
         k = list(w.shape[2:])
         stride = list(a.get("strides", [1, 1]))
-        if a.get("auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER"):
+        if a.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
             raise self.error(node, "pads SAME_UPPER or SAME_LOWER; dlc's conv_transpose2d takes pads")
         pad = self.pads(node, a, k, stride)
         extra = list(a.get("output_padding", [0, 0]))
@@ -770,8 +774,7 @@ class Importer:
 
     def pads(self, node, a, k, stride) -> list:
         """The padding of each spatial axis (both sides alike), from `pads` or `auto_pad`."""
-        auto = a.get("auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
+        auto = a.get("auto_pad", "NOTSET")
         if auto in ("SAME_UPPER", "SAME_LOWER"):
             if any(s != 1 for s in stride) or any(x % 2 == 0 for x in k):
                 raise self.error(node, f"pads {auto} with an even window or a stride; dlc pads symmetrically")
@@ -921,8 +924,7 @@ class Importer:
         """Nearest-neighbour resizing by whole factors (nn.Upsample's default): `upsample`."""
         a = self.attrs(node)
         x = ins[0]
-        mode = a.get("mode", b"nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
+        mode = a.get("mode", "nearest")
         if mode != "nearest":
             raise self.error(node, f"resizes by {mode} interpolation; dlc's upsample repeats the nearest cell")
         if x.shape is None or len(x.shape) not in (3, 4) or not all(isinstance(d, int) for d in x.shape[1:]):
@@ -937,10 +939,8 @@ class Importer:
         if scales[:2] != [1.0, 1.0] or factors != scales[2:] or min(factors) < 1:
             raise self.error(node, f"resizes by {scales}; dlc's upsample repeats cells by whole factors along the "
                                    "spatial axes")
-        coords = a.get("coordinate_transformation_mode", b"half_pixel")
-        coords = coords.decode() if isinstance(coords, bytes) else coords
-        rounding = a.get("nearest_mode", b"round_prefer_floor")
-        rounding = rounding.decode() if isinstance(rounding, bytes) else rounding
+        coords = a.get("coordinate_transformation_mode", "half_pixel")
+        rounding = a.get("nearest_mode", "round_prefer_floor")
         # whole factors: half-pixel centres never round from a tie, and asymmetric ones repeat when floored
         if not (coords in ("half_pixel", "pytorch_half_pixel") or coords == "asymmetric" and rounding == "floor"):
             raise self.error(node, f"maps coordinates `{coords}` with `{rounding}` rounding, which does not "
@@ -1042,15 +1042,14 @@ class Importer:
     # --- recurrent layers ----------------------------------------------------------------------
     def recurrent(self, node, ins, fn: str):
         a = self.attrs(node)
-        direction = a.get("direction", b"forward")
-        direction = direction.decode() if isinstance(direction, bytes) else direction
+        direction = a.get("direction", "forward")
         if direction == "reverse":
             raise self.error(node, "runs in reverse only; dlc's recurrent layers run forward, or both ways "
                                    "with bidirectional=true")
         for bad in ("clip", "activation_alpha", "activation_beta"):
             if bad in a:
                 raise self.error(node, f"sets `{bad}`, which dlc's {fn} does not have")
-        acts = [x.decode() if isinstance(x, bytes) else x for x in a.get("activations", [])]
+        acts = list(a.get("activations", []))
         default = {"lstm": ["Sigmoid", "Tanh", "Tanh"], "gru": ["Sigmoid", "Tanh"], "rnn": ["Tanh"]}[fn]
         relu_rnn = fn == "rnn" and bool(acts) and set(acts) == {"Relu"}
         if acts and acts != default * (len(acts) // len(default)) and not relu_rnn:
@@ -1338,14 +1337,14 @@ class Importer:
         return [v.view[1] if v.view is not None and v.view[0] == "expand" else v for v in ins]
 
     def op_Expand(self, node, ins):
-        shape = self.out_shape(node)
-        if (shape is None or None in shape) and ins[0].shape is not None and \
+        x, shape = ins[0], self.out_shape(node)
+        if (shape is None or None in shape) and x.shape is not None and \
                 (ins[1].dims is not None or ins[1].const is not None):  # (to a shape computed with the batch)
-            target = tuple(self.dims_value(ins[1], node))
-            x = (1,) * (len(target) - len(ins[0].shape)) + tuple(ins[0].shape)
-            shape = tuple(t if d == 1 else d for d, t in zip(x, target)) if len(target) >= len(ins[0].shape) \
-                else shape
-        self.bind(node.output[0], V(shape, ins[0].dtype, view=("expand", ins[0])))
+            target = self.dims_value(ins[1], node)
+            if len(target) >= len(x.shape):  # numpy's broadcasting: each 1 takes the other side's size
+                aligned = [1] * (len(target) - len(x.shape)) + list(x.shape)
+                shape = tuple(t if d == 1 else d for d, t in zip(aligned, target))
+        self.bind(node.output[0], V(shape, x.dtype, view=("expand", x)))
 
     def op_Add(self, node, ins):
         # MatMul by a constant, then + a constant vector: the dense layer's bias
@@ -1486,8 +1485,7 @@ class Importer:
 
     def op_Gelu(self, node, ins):
         a = self.attrs(node)
-        approx = a.get("approximate", b"none")
-        approx = approx.decode() if isinstance(approx, bytes) else approx
+        approx = a.get("approximate", "none")
         self.unary(node, ins, "gelu" if approx == "tanh" else 'gelu(approximate="none")')
 
     def op_Erf(self, node, ins):  # (what exporters before opset 20 write exact GELU with)
@@ -1530,8 +1528,7 @@ class Importer:
         """Pad: `pad` in the same mode (an infinite value as ±1e30, as `finite` writes constants)."""
         x = ins[0]
         a = self.attrs(node)
-        mode = a.get("mode", b"constant")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
+        mode = a.get("mode", "constant")
         if mode not in ("constant", "reflect", "edge", "wrap"):
             raise self.error(node, f"pads in `{mode}` mode, which .dln's pad does not have")
         if x.shape is None:
