@@ -17,7 +17,7 @@ from dlc.core.graph import Graph
 from dlc.core.kernel import format_program
 from dlc.core.printer import print_graph
 from dlc.keywords import (alias, check_options, checked, early_stop_value, flag, keras_verbose,
-                          validation_value, with_spec)
+                          validation_value, with_augment, with_spec)
 from dlc.language import frontend
 from dlc.language.frontend import Built
 from dlc.language.initializers import param_rng
@@ -343,7 +343,7 @@ class Model:
             callbacks=None, shuffle: bool | None = None, quiet: bool = True, log=None, csv=None,
             tensorboard=None, save=None, resume=None, on_epoch=None, batch_size: int | None = None,
             validation_split: float | None = None, validation_data=None, world="auto",
-            check_numerics: bool | None = None, schedule=None, clip=None, **options):
+            check_numerics: bool | None = None, schedule=None, clip=None, augment=None, **options):
         """Train with the train block's recipe; any value can be overridden. Given x and y,
         trains on those arrays (a `test` share is held out, which evaluate() then scores)
         instead of the block's data.
@@ -357,7 +357,8 @@ class Model:
         written after every epoch (keep_best: every better epoch) and on Ctrl-C once a step has
         run; a file already there (unless it is `resume`) is kept as NAME.prev.npz.
         optimizer, schedule: expressions as in the train block ("sgd(lr=0.1, momentum=0.9)").
-        clip: the gradients' global norm bound (False: none).
+        clip: the gradients' global norm bound (False: none). augment: random changes to each
+        training batch's inputs, as in the train block ("[flip, crop(pad=4)]"; False: none).
         Keras' names work too: batch_size, validation_split, validation_data, verbose (0: quiet).
         check_numerics: a step whose gradients are not finite stops training too, naming the
         op (slower steps: every gradient is checked before any update).
@@ -384,6 +385,8 @@ class Model:
             config = dataclasses.replace(config, clip=None if clip is False else checked("fit", "clip", clip))
         if check_numerics is not None:
             config = dataclasses.replace(config, check_numerics=flag("check_numerics", check_numerics))
+        if augment is not None:
+            config = with_augment(config, augment)
         if lr is not None and config.schedule.name == "cyclic":
             raise ArgumentError("`cyclic` sets the learning rate itself (from base to max); "
                                 "a learning rate given with it would be ignored", config.span("schedule"),

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", metavar="EXPR", help="learning-rate schedule, e.g. 'cyclic(1e-3, 1e-2, 100)'")
     p.add_argument("--clip", type=_positive_float, metavar="NORM",
                    help="scale all gradients together so their global L2 norm is at most NORM")
+    p.add_argument("--augment", metavar="EXPR",
+                   help="random changes to the inputs of each training batch, e.g. '[flip, crop(pad=4)]' "
+                        "('[]': none)")
     p.add_argument("--validation", metavar="EXPR",
                    help="validation split scored after every epoch: a share of the training split "
                         "(0.1) or a data source ('npz(\"val.npz\")')")
@@ -420,7 +423,7 @@ def _load_with_overrides(args):
         raise UsageError(f"{args.file}: model {model.name} has no train block",
                          hint="add `train <model> { data = ..., loss = ... }`")
     model.train_config = override_config(model.train_config, **{
-        k: getattr(args, k, None) for k in ("data", "optimizer", "schedule", "validation", "early_stop")})
+        k: getattr(args, k, None) for k in ("data", "optimizer", "schedule", "validation", "early_stop", "augment")})
     if getattr(args, "clip", None) is not None:
         model.train_config = dataclasses.replace(model.train_config, clip=args.clip)
     return model

@@ -167,3 +167,17 @@ def with_spec(config, option: str, value, example: str):
     elif not (isinstance(value, Spec) and value.kind == option):
         raise ArgumentError(f"fit({option}={value!r}): `{option}` takes an expression such as {example}")
     return dataclasses.replace(config, **{option: value}, spans=spans)
+
+
+def with_augment(config, value):
+    """fit(augment=...): a list as the train block writes it ("[flip, crop(pad=4)]"), or False
+    for none."""
+    from dlc.language.overrides import option_value
+    spans = {k: v for k, v in config.spans.items() if k != "augment"}
+    if value is False:
+        return dataclasses.replace(config, augment=(), spans=spans)
+    if not isinstance(value, str):
+        raise ArgumentError(f"fit(augment={value!r}): `augment` takes an expression such as "
+                            "\"[flip, crop(pad=4)]\", or False")
+    value, spans["augment"] = option_value(value, "augment")
+    return dataclasses.replace(config, augment=value, spans=spans)

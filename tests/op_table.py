@@ -1265,6 +1265,14 @@ COMPOSITES: list[OpCase] = [
       inputs=[(-3.0, 3.0), probabilities], id="soft-targets"),
     C("cross_entropy", [(1, 1), (1,)], lambda z, y: -np.mean(np_log_softmax(z)[np.arange(len(y)), y]),
       inputs=[DOMAIN, ints(0, 1)], id="one-class"),
+    # label smoothing: the target (1 - e) one-hot + e/K, written out as a distribution
+    C("cross_entropy", [(5, N), (5,)],
+      lambda z, y: -np.mean(np.sum((0.9 * np.eye(N)[y] + 0.1 / N) * np_log_softmax(z), axis=1)),
+      attrs={"smoothing": 0.1}, inputs=[(-3.0, 3.0), ints(0, N)], id="smoothing"),
+    C("cross_entropy", [(3, 4, N), (3, 4, N), (3, 4)],
+      lambda z, t, m: np_masked_mean(-np.sum((0.75 * t + 0.25 / N) * np_log_softmax(z), axis=-1), m),
+      call=lambda ctx, z, t, m: nn.cross_entropy(ctx, z, t, mask=m, smoothing=0.25),
+      inputs=[(-3.0, 3.0), probabilities, post_padding], id="smoothing-soft-masked"),
     # per step: [B, T, K] logits, [B, T] labels; masked: the mean over the kept steps only
     C("cross_entropy", [(3, 4, N), (3, 4)], np_cross_entropy, inputs=[(-3.0, 3.0), ints(0, N)], id="per-step"),
     C("cross_entropy", [(3, 4, N), (3, 4, N)], np_cross_entropy, inputs=[(-3.0, 3.0), probabilities],

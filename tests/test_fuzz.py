@@ -592,6 +592,7 @@ def generated(draw, mistakes: bool = True):
         if len(out_shape) == 2:
             loss = g.pick(["cross_entropy(output, label)", "mse(output, label)",
                            "cross_entropy(output, label) + 0.001 * l2(weights)", "huber(output, label)",
+                           "cross_entropy(output, label, smoothing=0.1)",
                            "bce(output, label, from_logits=true)",
                            # targets computed from the output: no labels (and so no accuracy)
                            "bce(output, 0.0 * output + 0.25, from_logits=true)",

@@ -134,6 +134,7 @@ class Frontend:
         self.loss_masks: list[Value] = []       # the masks the loss averaged over
         self.carries: dict[str, tuple[CarrySpec, Value]] = {}  # the model's `state`s
         self.batch_dim = None                   # axis 0 of the model's first input
+        self.model_inputs: dict[str, Value] = {}  # the model's inputs by name (none for a bare option)
 
     # inputs owned by layers --------------------------------------------------------------------
     def new_input(self, name, type, init, role, span, fan_in=0, fan_out=0) -> Value:

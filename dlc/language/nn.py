@@ -1276,12 +1276,17 @@ def huber(ctx: LayerContext, output: Tensor, target: Tensor, delta: float = 1.0,
 
 
 @builtin("loss")
-def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None) -> Value:
+def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None,
+                  smoothing: float = 0.0) -> Value:
     """Softmax cross-entropy from logits [..., K] (classes on the last axis) and integer
     labels [...] (or target probabilities [..., K]), averaged over every position: the batch
     for [B, K], the batch and time steps for [B, T, K] -- only the unmasked steps when the
-    logits carry a mask or `mask` is given. log-softmax is built in."""
+    logits carry a mask or `mask` is given. log-softmax is built in. With smoothing=e, the
+    target is (1 - e) times the label plus e spread evenly over the K classes (label
+    smoothing, as PyTorch's label_smoothing)."""
     b = ctx.b
+    if not 0.0 <= smoothing < 1.0:
+        raise arg_error(f"`cross_entropy`: `smoothing` must be in [0, 1), got {smoothing}", "smoothing")
     if not logits.dtype.is_float:
         raise arg_error(f"`cross_entropy` needs floating-point logits, got {logits.type}", "logits")
     if logits.rank < 2:
@@ -1306,7 +1311,10 @@ def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor, mask: Optio
         picked = b.where(onehot, logp, 0.0)
     else:
         picked = logp * labels
-    return -_masked_mean(b, b.sum(picked, 1), keep)
+    per_row = b.sum(picked, 1)
+    if smoothing:  # -sum of ((1 - e) target + e/K) log p = (1 - e) CE + e/K times -sum of log p
+        per_row = per_row * (1.0 - smoothing) + b.sum(logp, 1) * (smoothing / logits.shape[-1])
+    return -_masked_mean(b, per_row, keep)
 
 
 @builtin("loss")

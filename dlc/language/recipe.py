@@ -238,6 +238,53 @@ def accuracy() -> Spec:
     return Spec("metric", "accuracy", {})
 
 
+# --- data augmentation: random changes to the inputs of each training batch ------------------------
+
+@entry("augment")
+def flip(axis: int = -1, p: float = 0.5) -> Spec:
+    """Mirror each sample along `axis` (an axis of one sample; -1, the last, is an image's
+    width) with probability p."""
+    if not 0.0 < p <= 1.0:
+        raise ArgumentError(f"`p` must be in (0, 1], got {p}")
+    return Spec("augment", "flip", {"axis": axis, "p": p})
+
+
+@entry("augment")
+def crop(pad: int, dims: int = 2) -> Spec:
+    """A random shift of each sample by up to `pad` cells along its last `dims` axes (2: an
+    image's height and width; 1: a signal's length), filled with zeros: the sample padded
+    with `pad` zeros on each side and cut back to its size at a random place, as PyTorch's
+    RandomCrop(size, padding=pad)."""
+    for name, value in (("pad", pad), ("dims", dims)):
+        if value < 1:
+            raise ArgumentError(f"`{name}` must be 1 or more, got {value}")
+    return Spec("augment", "crop", {"pad": pad, "dims": dims})
+
+
+@entry("augment")
+def noise(std: float) -> Spec:
+    """Add Gaussian noise of standard deviation `std` to every input value."""
+    return Spec("augment", "noise", {"std": _positive(std, "std")})
+
+
+def check_augment(spec: Spec, input_name: str, input_type) -> None:
+    """An augmentation against the model's input it changes: float values, and the axes of a
+    sample it names (the first axis is the batch)."""
+    per_sample = tuple(input_type.shape[1:])
+    if not input_type.dtype.is_float:
+        raise ArgumentError(f"`{spec.name}` changes float inputs, but the model's input `{input_name}` is "
+                            f"{input_type}", hint="integer inputs (token ids, classes) cannot be augmented")
+    if spec.name == "flip" and not -len(per_sample) <= spec.args["axis"] < len(per_sample):
+        raise ArgumentError(f"`flip`: a sample of `{input_name}` ({input_type}) has {len(per_sample)} "
+                            f"ax{'i' if len(per_sample) == 1 else 'e'}s, so `axis` must be in "
+                            f"[{-len(per_sample)}, {len(per_sample) - 1}], got {spec.args['axis']}",
+                            hint="the batch axis is not counted: -1 is the last axis of a sample")
+    if spec.name == "crop" and spec.args["dims"] > len(per_sample):
+        raise ArgumentError(f"`crop` shifts the last {spec.args['dims']} axes of a sample, but a sample of "
+                            f"`{input_name}` ({input_type}) has {len(per_sample)}",
+                            hint="`dims=1` shifts a sample along its last axis")
+
+
 # --- the options of a train block ------------------------------------------------------------
 
 NORMALIZE = ("none", "standard", "minmax")
@@ -262,6 +309,7 @@ class TrainConfig:
     early_stop: Optional[Spec] = None
     keep_best: bool = False
     check_numerics: bool = False  # a step whose gradients are not finite fails too (slower steps)
+    augment: tuple = ()  # Specs applied in order to each training batch's inputs
     spans: dict = field(default_factory=dict)  # option -> Span, for runtime errors
 
     def span(self, option: str) -> Optional[Span]:
@@ -279,5 +327,5 @@ OPTIONS = {
     "metrics": ("metrics", False), "schedule": ("schedule", False), "clip": ("float", False),
     "checkpoint": ("str", False), "normalize": ("normalize", False), "shuffle": ("bool", False),
     "validation": ("validation", False), "early_stop": ("early_stop", False), "keep_best": ("bool", False),
-    "check_numerics": ("bool", False),
+    "check_numerics": ("bool", False), "augment": ("augment", False),
 }

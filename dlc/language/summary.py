@@ -48,5 +48,6 @@ def format_summary(built: Built, source_name: str) -> str:
                      + (f", {t.early_stop}" if t.early_stop is not None else "")
                      + (", keep_best" if t.keep_best else "")
                      + (f", clip {t.clip:g}" if t.clip is not None else "")
-                     + (", check_numerics" if t.check_numerics else ""))
+                     + (", check_numerics" if t.check_numerics else "")
+                     + (f", augment [{', '.join(map(str, t.augment))}]" if t.augment else ""))
     return "\n".join(lines) + "\n"

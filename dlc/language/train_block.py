@@ -10,7 +10,7 @@ from dlc.core.diagnostics import ArgumentError, DlcError, NameError_, TypeError_
 from dlc.core.types import DType, TensorType
 from dlc.language import nn
 from dlc.language.arguments import bind_arguments
-from dlc.language.recipe import INT_OPTION_MAX, NORMALIZE, OPTIONS, RECIPE, Spec, TrainConfig
+from dlc.language.recipe import INT_OPTION_MAX, NORMALIZE, OPTIONS, RECIPE, Spec, TrainConfig, check_augment
 from dlc.language.syntax import ast
 from dlc.language.values import FunctionRef, Scope, describe
 
@@ -93,7 +93,8 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
                        normalize=values.get("normalize"), shuffle=shuffle,
                        validation=values.get("validation"), early_stop=values.get("early_stop"),
                        keep_best=values.get("keep_best", False),
-                       check_numerics=values.get("check_numerics", False), spans=spans)
+                       check_numerics=values.get("check_numerics", False),
+                       augment=values.get("augment", ()), spans=spans)
 
 
 def _label_input(fe: Frontend, loss_ast, output: Value) -> Value | None:
@@ -129,6 +130,18 @@ def option_value(fe: Frontend, name: str, o: ast.Option, scope: Scope):
         for it in items:
             spec = recipe_call(fe, it, "metric", scope)
             out.append(spec.name)
+        return tuple(out)
+    if kind == "augment":  # `augment = [flip, crop(pad=4)]`, checked against the model's input
+        out = []
+        for it in e.items if isinstance(e, ast.ListLit) else (e,):
+            spec = recipe_call(fe, it, "augment", scope)
+            if fe.model_inputs:  # (none for a command-line override: the runtime checks it)
+                name, value = next(iter(fe.model_inputs.items()))
+                try:
+                    check_augment(spec, name, value.type)
+                except DlcError as err:
+                    raise err.with_span(it.span)
+            out.append(spec)
         return tuple(out)
     v = fe.eval(e, scope)
     if kind == "int":
@@ -205,7 +218,7 @@ def recipe_call(fe: Frontend, e, kind: str, scope: Scope) -> Spec:
         if other is not None:
             raise TypeError_(f"`{fname}` is {_KIND_WORDS.get(other, other)}, not {_KIND_WORDS.get(kind, kind)}",
                              call.func.span, hint=hint)
-        noun = {"data": "data source", "schedule": "learning-rate schedule"}.get(kind, kind)
+        noun = {"data": "data source", "schedule": "learning-rate schedule", "augment": "augmentation"}.get(kind, kind)
         raise NameError_(f"unknown {noun} `{fname}`", call.func.span, hint=hint)
     args, kwargs, kwspans = fe.eval_arguments(call, scope)
     bound = bind_arguments(entry, args, kwargs, call, kwspans, skip_ctx=False)
@@ -216,10 +229,11 @@ def recipe_call(fe: Frontend, e, kind: str, scope: Scope) -> Spec:
 
 
 _KIND_WORDS = {"data": "a data source", "optimizer": "an optimizer", "schedule": "a learning-rate schedule",
-               "metric": "a metric", "early_stop": "early stopping", "layer": "a layer", "activation": "an activation",
+               "metric": "a metric", "early_stop": "early stopping", "augment": "a data augmentation", "layer": "a layer", "activation": "an activation",
                "function": "a function", "loss": "a loss", "regularizer": "a regularizer"}
 
 
 def _example(kind):
     return {"data": "digits(test=0.2)", "optimizer": "adam(lr=1e-3)", "schedule": "cosine()",
-            "metric": "accuracy", "early_stop": "early_stop(monitor=val_loss, patience=5)"}.get(kind, kind)
+            "metric": "accuracy", "early_stop": "early_stop(monitor=val_loss, patience=5)",
+            "augment": "flip"}.get(kind, kind)

@@ -11,10 +11,11 @@ from typing import Callable
 import numpy as np
 
 from dlc import __version__, backends
-from dlc.core.diagnostics import (ArgumentError, CheckpointError, DataError, NumericsError, UsageError, did_you_mean,
-                                  warn)
-from dlc.language.recipe import Spec
+from dlc.core.diagnostics import (ArgumentError, CheckpointError, DataError, DlcError, NumericsError, UsageError,
+                                  did_you_mean, warn)
+from dlc.language.recipe import Spec, check_augment
 from dlc.program import VALID, make_programs
+from dlc.runtime.augment import augment, generator
 
 
 def learning_rate(schedule: Spec, lr0: float, epoch: int, epochs: int, step: int = 0) -> float:
@@ -571,6 +572,11 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
              f"{opts.batch:,} rows, {opts.batch - n:,} of them padding",
              cfg.span("batch") if opts.batch == cfg.batch else None,
              hint=f"a full batch is `batch = {n}`: the same training, without the padding")
+    for spec in cfg.augment:  # (a train block's were checked as it was read; an override's now)
+        try:
+            check_augment(spec, *session.model.input_types[0])
+        except DlcError as err:
+            raise err.with_span(cfg.span("augment"))
     session.use_batch(opts.batch)
     x_val = data.x_val if data.x_val is not None and len(data.x_val) else None
     stepwise = per_step(cfg.schedule)
@@ -650,7 +656,8 @@ def fit(session: Session, data, opts: FitOptions, normalizer: Normalizer) -> His
                     continue
                 if stepwise:  # the steps submitted so far, read or not, count
                     lr = learning_rate(cfg.schedule, opts.lr, epoch, opts.epochs, session.global_step + len(ran))
-                ran.append((len(idx), session.submit(x[idx], y[idx], lr)))
+                inputs = augment(x[idx], cfg.augment, generator(opts.seed, epoch, i)) if cfg.augment else x[idx]
+                ran.append((len(idx), session.submit(inputs, y[idx], lr)))
                 position = (epoch, i + 1)
                 while ran and (len(ran) > READ_BEHIND or ran[0][1].ready()):
                     seen += _record(session, *ran.pop(0), sums, progress)
