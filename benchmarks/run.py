@@ -274,6 +274,15 @@ def torch_models():
                              nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                              nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, 10))
 
+    def separable(cin, cout, stride):  # as models/mobilenet.dln
+        return [nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin, bias=False), nn.ReLU(),
+                nn.Conv2d(cin, cout, 1), nn.ReLU()]
+
+    def mobilenet():
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), *separable(32, 64, 1),
+                             *separable(64, 128, 2), *separable(128, 128, 2), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(128, 10))
+
     def wide_mlp():
         return nn.Sequential(nn.Linear(3072, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                              nn.Linear(1024, 10))
@@ -317,6 +326,7 @@ def torch_models():
             "lstm": (Recurrent, (32, 64), lambda p: torch.optim.Adam(p, lr=1e-3)),
             "cifar_cnn": (cifar_cnn, (3, 32, 32), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
             "wide_mlp": (wide_mlp, (3072,), lambda p: torch.optim.Adam(p, lr=1e-3)),
+            "mobilenet": (mobilenet, (3, 32, 32), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
             "resnet": (resnet, (3, 32, 32),
                        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
             "transformer": (Transformer, (64, 64), lambda p: torch.optim.Adam(p, lr=1e-3))}
@@ -371,7 +381,7 @@ PINNED_BELOW = 8  # training workloads of this batch or smaller are also timed w
 
 TARGETS = {  # workload -> target ratio dlc / torch eager
     "mlp_b128": 0.7, "lenet_b64": 0.7, "lstm_b32": 0.7, "mlp_b8": 1 / 3, "mlp_b1": 1 / 3,
-    "cnn_b64": 0.7, "wide_mlp_b128": 0.7, "resnet_b64": 0.7, "transformer_b32": 0.7,
+    "cnn_b64": 0.7, "wide_mlp_b128": 0.7, "resnet_b64": 0.7, "transformer_b32": 0.7, "mobilenet_b64": 0.7,
     "lstm_T32": 0.8, "lstm_T128": 0.8, "lstm_T512": 0.8, "gru_T128": 0.8,
 }
 RECURRENT = [("lstm", 32), ("lstm", 128), ("lstm", 512), ("gru", 128)]  # (layer, time steps)
@@ -502,6 +512,7 @@ def main() -> int:
                      ("cnn_b64", "cifar_cnn.dln", "cifar_cnn", 64, 4),
                      ("wide_mlp_b128", "wide_mlp.dln", "wide_mlp", 128, 4),
                      ("resnet_b64", "resnet_cifar.dln", "resnet", 64, 3),
+                     ("mobilenet_b64", "mobilenet.dln", "mobilenet", 64, 4),
                      ("transformer_b32", "transformer.dln", "transformer", 32, 10)]
         for name, file, kind, batch, steps in workloads:
             if args.workloads and not any(o in name for o in args.workloads.split(",")):
@@ -559,7 +570,8 @@ def main() -> int:
     if section("compile"):
         steal.start("compile")
         print("compile time (load .dln -> training step ready)")
-        for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln", "cifar_cnn.dln", "resnet_cifar.dln", "transformer.dln"):
+        for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln", "cifar_cnn.dln", "resnet_cifar.dln", "mobilenet.dln",
+                     "transformer.dln"):
             cold, warm, each = compile_times(HERE / "models" / file, dlc_threads)
             quick, optimized = quick_start_times(HERE / "models" / file, dlc_threads)
             compile_rows.append({"model": file, "cold_s": cold, "cold_s_each": each, "warm_s": warm,

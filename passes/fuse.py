@@ -116,7 +116,7 @@ CHEAP = {ops.ADD, ops.SUB, ops.MUL, ops.NEG, ops.MAX, ops.MIN, ops.ABS, ops.SIGN
 
 # movement ops that only transform the index: a value read through one from another
 # kernel's buffer costs nothing, where storing it would write (and reread) every element
-INDEX_MAPS = {ops.BROADCAST, ops.RESHAPE}
+INDEX_MAPS = {ops.BROADCAST, ops.RESHAPE, ops.SLICE}
 
 
 def reduced_axes(node) -> tuple[int, ...]:

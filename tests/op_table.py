@@ -185,6 +185,24 @@ def np_conv2d(x, w, stride=(1, 1), pad=(0, 0)):
     return out
 
 
+def np_conv2d_grouped(x, w, stride, pad, dilation, groups):
+    """Grouped, dilated convolution: output channel o reads its group's input channels at the
+    taps spaced `dilation` apart (PyTorch's Conv2d(groups=, dilation=))."""
+    n, c, h, wd = x.shape
+    o, per_group, kh, kw = w.shape
+    (sh, sw), (dh, dw), xp = stride, dilation, _pad_hw(x, pad)
+    oh, ow = (h + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((n, o, oh, ow), dtype=x.dtype)
+    for oc in range(o):
+        first = oc // (o // groups) * per_group
+        for i in range(oh):
+            for j in range(ow):
+                taps = xp[:, first:first + per_group, i * sh:i * sh + dh * (kh - 1) + 1:dh,
+                          j * sw:j * sw + dw * (kw - 1) + 1:dw]
+                out[:, oc, i, j] = np.einsum("ncij,cij->n", taps, w[oc])
+    return out
+
+
 def np_conv1d(x, w, stride=1, pad=0):
     """[N, C, T] (cross-correlation over time), written out on its own."""
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad)))
@@ -1038,6 +1056,17 @@ COMPOSITES: list[OpCase] = [
       tol32=MATMUL_TOL, id="rank3-nobias"),
     C("conv2d", [(2, 3, 7, 6)], lambda x, w, b: np_conv2d(x, w, (2, 2), (1, 1)) + b[None, :, None, None],
       attrs={"channels": 4, "kernel": 3, "stride": 2, "pad": 1}, tol32=MATMUL_TOL),
+    C("conv2d", [(2, 4, 6, 5)], lambda x, w, b: np_conv2d_grouped(x, w, (1, 1), (1, 1), (1, 1), 2) + b[None, :, None, None],
+      attrs={"channels": 6, "kernel": 3, "pad": 1, "groups": 2}, tol32=MATMUL_TOL, id="groups"),
+    # depthwise (a group per input channel), two outputs per channel, strided
+    C("conv2d", [(2, 3, 7, 6)], lambda x, w: np_conv2d_grouped(x, w, (2, 1), (1, 0), (1, 1), 3),
+      attrs={"channels": 6, "kernel": [3, 2], "stride": [2, 1], "pad": [1, 0], "groups": 3, "bias": False},
+      tol32=MATMUL_TOL, id="depthwise"),
+    C("conv2d", [(1, 2, 8, 7)], lambda x, w, b: np_conv2d_grouped(x, w, (1, 1), (2, 2), (2, 2), 1) + b[None, :, None, None],
+      attrs={"channels": 3, "kernel": 3, "pad": "same", "dilation": 2}, tol32=MATMUL_TOL, id="dilated"),
+    C("conv2d", [(2, 2, 9, 8)], lambda x, w: np_conv2d_grouped(x, w, (2, 2), (1, 0), (3, 2), 2),
+      attrs={"channels": 2, "kernel": 2, "stride": 2, "pad": [1, 0], "dilation": [3, 2], "groups": 2, "bias": False},
+      tol32=MATMUL_TOL, id="depthwise-dilated"),
     C("conv_transpose2d", [(2, 3, 4, 5)],
       lambda x, w, b: np_conv_transpose2d(x, w, (2, 2), (1, 1), (1, 1)) + b[None, :, None, None],
       attrs={"channels": 2, "kernel": 3, "stride": 2, "pad": 1, "output_pad": 1}, tol32=MATMUL_TOL),
@@ -1071,6 +1100,10 @@ COMPOSITES: list[OpCase] = [
       attrs={"channels": 4, "kernel": 3, "stride": 2, "pad": 1}, tol32=MATMUL_TOL),
     C("conv1d", [(1, 2, 6)], lambda x, w, b: np_conv1d(x, w, 1, 2) + b[None, :, None],
       attrs={"channels": 3, "kernel": 5, "pad": "same"}, tol32=MATMUL_TOL, id="same"),
+    C("conv1d", [(2, 4, 11)],
+      lambda x, w, b: np_conv2d_grouped(x[:, :, None], w[:, :, None], (1, 1), (0, 2), (1, 2), 2)[:, :, 0]
+      + b[None, :, None], attrs={"channels": 4, "kernel": 3, "pad": "same", "dilation": 2, "groups": 2},
+      tol32=MATMUL_TOL, id="dilated-groups"),
     C("maxpool", [(2, 3, 7)], lambda x: np_pool1d(x, "max", 2, 2, 0), id="over-time"),
     C("maxpool", [(1, 2, 8)], lambda x: np_pool1d(x, "max", 3, 2, 1), attrs={"kernel": 3, "stride": 2, "pad": 1},
       id="over-time-k3-s2-pad1"),

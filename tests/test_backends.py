@@ -134,6 +134,13 @@ def test_index_arithmetic_keeps_ranges_and_floors():
     assert x.div(x.add(x.mul(i, 4), x.const(3)), 4) is i
     assert x.mod(x.mul(i, 6), 3).value == 0
     assert x.clamp(i, 0, 9) is i and x.shift(i, 0, 1, 10) is i
+    # equal expressions are one object, but one index clamped to two ranges is two indices
+    # (a kernel reading two pads of different sizes along one axis took the first's bounds)
+    d = x.div(x.sub(i, x.const(1)), 2)              # in [-1, 4]
+    narrow, wide = x.clamp(d, 0, 1), x.clamp(d, 0, 2)
+    assert narrow is not wide and (narrow.lo, narrow.hi, wide.hi) == (0, 1, 2)
+    assert x.clamp(d, 0, 1) is narrow
+    assert x.data_index(x.lit(1, DType.i32), 0, 5) is not x.data_index(x.lit(1, DType.i32), 0, 9)
 
 
 # --- the compile cache is never stale ------------------------------------------------------------

@@ -326,6 +326,29 @@ def test_upsampling_and_transposed_convolutions_round_trip(tmp_path):
     np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-6, atol=1e-6)
 
 
+def test_grouped_and_dilated_convolutions_round_trip(tmp_path):
+    """A dilated conv2d exports as one Conv with dilations (its kernel's zeros are not
+    written); grouped and depthwise ones as the convolutions per group and the taps' sums
+    they are computed as. onnxruntime and the model imported back give dlc's outputs."""
+    src = """model m(x: f32[B, 4, 9, 8]) -> f32[B, 4, 5, 4] {
+    h = x |> conv2d(8, 3, pad=1, groups=4) |> relu |> conv2d(4, 3, stride=2, pad=2, dilation=2, groups=2)
+    return h |> conv2d(4, [3, 1], dilation=[2, 1], pad=[2, 0])
+}
+"""
+    m = dlc.load(src)
+    proto = export_model(m)
+    dilated = [n for n in proto.graph.node if n.op_type == "Conv" and any(a.name == "dilations" for a in n.attribute)]
+    assert len(dilated) == 3, [n.op_type for n in proto.graph.node]  # the two groups and the last
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).normal(size=(3, 4, 9, 8)).astype(np.float32)
+    want = m.predict(x)
+    np.testing.assert_allclose(ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0], want,
+                               rtol=1e-5, atol=1e-5)
+    back = write(import_model(tmp_path / "m.onnx", train=False), tmp_path / "b.dln", tmp_path / "b.npz")
+    assert "dilation=[2, 1]" in (tmp_path / "b.dln").read_text()
+    np.testing.assert_allclose(back.predict(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_an_imported_constant_stays_as_it_is_in_fine_tuning(tmp_path):
     """A frozen `param` exports as an initializer and imports back as a frozen `param`: a
     PyTorch buffer or a mask keeps its values while the layers around it train."""
@@ -756,7 +779,25 @@ def _torch_models(torch):
         def forward(self, x):
             return torch.sigmoid(self.near(self.up2(torch.relu(self.up(torch.relu(self.down(x)))))))
 
+    class Mobile(nn.Module):  # depthwise-separable blocks, grouped and dilated convolutions
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+            self.pw = nn.Conv2d(4, 8, 1)
+            self.mult = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=8)  # two filters per channel
+            self.grouped = nn.Conv2d(16, 8, 3, padding=2, dilation=2, groups=2)
+            self.dilated = nn.Conv1d(8, 4, 3, padding=2, dilation=2)
+
+        def forward(self, x):
+            h = torch.relu(self.pw(torch.relu(self.dw(x))))
+            h = torch.relu(self.grouped(torch.relu(self.mult(h))))
+            return self.dilated(h.mean(2))
+
     return [("attention", Attention(), (5, 8), ["layernorm", " @ ", "softmax"]),
+            ("mobile", Mobile(), (4, 7, 6), ["conv2d(4, 3, pad=1, groups=4, bias=false)", "conv2d(8, 1)",
+                                             "conv2d(16, 3, stride=2, pad=1, groups=8)",
+                                             "conv2d(8, 3, pad=2, dilation=2, groups=2)",
+                                             "conv1d(4, 3, pad=2, dilation=2)"]),
             ("decoder", Decoder(), (2, 5, 6), ["conv_transpose2d(3, 3, stride=2, pad=1, output_pad=1)",
                                                "conv_transpose2d(1, [2, 3], stride=[1, 2], bias=false)",
                                                "upsample([2, 1])"]),
@@ -789,7 +830,7 @@ def _torch_models(torch):
             ("tokens", Tokens(), (7,), ["embedding(20, 6)", "rnn(5"])]
 
 
-@pytest.mark.parametrize("which", ["attention", "decoder", "groupnorms", "posemb", "selects", "keymask", "encoder", "causal", "norms", "pools", "pads",
+@pytest.mark.parametrize("which", ["attention", "mobile", "decoder", "groupnorms", "posemb", "selects", "keymask", "encoder", "causal", "norms", "pools", "pads",
                                    "cnn", "conv1d", "acts",
                                    "relu_rnn", "seq", "tokens"])
 def test_a_model_exported_by_pytorch_imports_with_its_outputs(which, tmp_path):

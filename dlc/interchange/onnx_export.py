@@ -668,8 +668,12 @@ class _GraphExporter:
         if p is None:
             if n.op is ops.SIZE:
                 return ()
+            if n.op is ops.CONV2D:
+                return self.conv_operands(nid)[:2]
             return n.operands
         kind = p[0]
+        if kind == "conv" and self.node(p[1]).op is ops.CONV2D:
+            return self.conv_operands(p[1])[:2] + (p[2],)
         if kind in ("gemm", "conv"):
             return tuple(self.node(p[1]).operands) + (p[2],)
         if kind in ("relu", "leaky", "elu", "selu", "softplus", "softmax", "log_softmax", "flatten", "mean", "index"):
@@ -864,13 +868,28 @@ class _GraphExporter:
         return self.emit("Or", [self.emit("And", [self.operand(c), self.operand(a)], span=span),
                                 self.emit("And", [negated, self.operand(b)], span=span)], span=span)
 
+    def conv_operands(self, conv: int) -> tuple[int, int, list[int]]:
+        """A conv2d's input, weights and dilations: a kernel padded with zeros between its taps
+        (conv2d(dilation=...)) is the unpadded kernel, dilated."""
+        x, w = self.node(conv).operands
+        n = self.node(w)
+        if n.op is ops.PAD and n.attrs.get("value", 0.0) == 0.0 and not any(n.attrs["lo"] + n.attrs["hi"]) \
+                and n.attrs["interior"][:2] == (0, 0):
+            return x, n.operands[0], [i + 1 for i in n.attrs["interior"][2:]]
+        return x, w, [1, 1]
+
     def emit_conv(self, nid: int, conv: int, bias: int | None) -> None:
         """Conv, or ConvTranspose for conv2d's input gradient (`conv_transpose2d`): the same
         weight layout, the output size given by output_padding."""
         c = self.node(conv)
-        w = self.node(c.operands[1]).type
-        inputs = [self.operand(o) for o in c.operands] + ([self.operand(bias)] if bias is not None else [])
+        operands, dilations = list(c.operands), [1, 1]
+        if c.op is ops.CONV2D:
+            *operands, dilations = self.conv_operands(conv)
+        w = self.node(operands[1]).type
+        inputs = [self.operand(o) for o in operands] + ([self.operand(bias)] if bias is not None else [])
         kw = dict(kernel_shape=list(w.shape[2:]), strides=list(c.attrs["stride"]), pads=list(c.attrs["pad"]) * 2)
+        if dilations != [1, 1]:
+            kw["dilations"] = dilations
         if c.op is ops.CONV2D_BWD_DATA:
             x = self.node(c.operands[0]).type
             kw["output_padding"] = [out - ((n - 1) * s - 2 * p + k) for out, n, s, p, k in zip(

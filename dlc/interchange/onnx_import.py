@@ -4,7 +4,7 @@ Operators that make up a known layer become that layer, with its weights moved i
 dlc's layout and parameter names:
 
   Gemm, MatMul (+ Add) by a constant          dense            (w [in, units], b)
-  Conv (2-D or 1-D, one group, symmetric pads) conv2d, conv1d  (w, b)
+  Conv (2-D or 1-D, symmetric pads)           conv2d, conv1d   (w, b; groups, dilation)
   ConvTranspose (2-D, one group)              conv_transpose2d (w, b)
   MaxPool, AveragePool, GlobalAveragePool     maxpool, avgpool, global_avgpool (2-D or 1-D)
   BatchNormalization                          batchnorm        (gamma, beta; running_mean, running_var)
@@ -720,13 +720,10 @@ class Importer:
         if w.ndim not in (3, 4):
             raise self.error(node, f"is a {w.ndim - 2}-D convolution; dlc has conv1d and conv2d")
         fn = "conv2d" if w.ndim == 4 else "conv1d"
-        if a.get("group", 1) != 1:
-            raise self.error(node, f"is a grouped convolution (group={a['group']}); dlc's {fn} has one group")
-        if any(d != 1 for d in a.get("dilations", [])):
-            raise self.error(node, f"is a dilated convolution, which dlc's {fn} does not do")
         k = list(w.shape[2:])
         stride = list(a.get("strides", [1] * len(k)))
-        pad = self.pads(node, a, k, stride)
+        dilation = list(a.get("dilations", [1] * len(k)))
+        pad = self.pads(node, a, [d * (n - 1) + 1 for d, n in zip(dilation, k)], stride)
         b = self.const_of(node, 2, "the bias") if len(node.input) > 2 and node.input[2] else None
         params = {"w": w.astype(np.float32)}
         kwargs = {}
@@ -734,6 +731,10 @@ class Importer:
             kwargs["stride"] = window_text(stride)
         if any(pad):
             kwargs["pad"] = window_text(pad)
+        if any(d != 1 for d in dilation):
+            kwargs["dilation"] = window_text(dilation)
+        if a.get("group", 1) != 1:
+            kwargs["groups"] = str(a["group"])
         if b is not None:
             params["b"] = b.astype(np.float32)
         else:

@@ -160,17 +160,21 @@ def dense(ctx: LayerContext, x: Tensor, units: int, bias: bool = True, init: Ini
 
 @builtin("layer")
 def conv2d(ctx: LayerContext, x: Tensor, channels: int, kernel: Pair, stride: Pair = 1,
-           pad: Union[Pair, str] = 0, bias: bool = True, init: Init = HE_NORMAL) -> Value:
-    """2-D convolution over NCHW input; pad is a number, [h, w] or "same" (odd kernels, stride 1)."""
+           pad: Union[Pair, str] = 0, bias: bool = True, init: Init = HE_NORMAL, dilation: Pair = 1,
+           groups: int = 1) -> Value:
+    """2-D convolution over NCHW input; pad is a number, [h, w] or "same" (odd kernels, stride
+    1). dilation spaces the kernel's taps; groups splits the channels into groups convolved
+    apart (groups = input channels: depthwise), with weights [channels, in/groups, kh, kw]."""
     _positive(channels, "channels", "conv2d")
     if x.rank != 4:
         raise arg_error(f"`conv2d` needs an NCHW input of rank 4, got {x.type}", "x")
     _float(x, "conv2d", f32=True)
     k, s = _window("conv2d", kernel, stride)
+    d = _dilation("conv2d", dilation)
     if pad == "same":
         if s != (1, 1) or k[0] % 2 == 0 or k[1] % 2 == 0:
             raise arg_error('`conv2d`: pad="same" needs stride 1 and an odd kernel', "pad")
-        p = (k[0] // 2, k[1] // 2)
+        p = (d[0] * (k[0] // 2), d[1] * (k[1] // 2))
     elif isinstance(pad, str):
         raise arg_error(f'`conv2d`: argument `pad` must be a number, [h, w] or "same", got "{pad}"', "pad")
     else:
@@ -178,13 +182,96 @@ def conv2d(ctx: LayerContext, x: Tensor, channels: int, kernel: Pair, stride: Pa
     c_in = x.shape[1]
     if not isinstance(c_in, int):
         raise arg_error(f"`conv2d` needs a known number of input channels, got {x.type}", "x")
-    fan_in, fan_out = c_in * k[0] * k[1], channels * k[0] * k[1]
-    w = ctx.param("w", (channels, c_in) + k, init, fan_in, fan_out)
-    y = ctx.b.emit(ops.CONV2D, (x, w), stride=s, pad=p)
+    _groups("conv2d", groups, c_in, channels)
+    w = ctx.param("w", (channels, c_in // groups) + k, init, c_in // groups * k[0] * k[1], channels * k[0] * k[1])
+    y = _convolve(ctx.b, x, w, s, p, d, groups, "conv2d")
     if bias:
         bvec = ctx.param("b", (channels,), ZEROS)
         y = y + ctx.b.broadcast(bvec, y.shape, (1,))
     return y
+
+
+def _dilation(layer: str, dilation) -> tuple[int, int]:
+    d = pair(dilation)
+    if min(d) < 1:
+        raise arg_error(f"`{layer}`: argument `dilation` must be positive, got {_show(list(d))}", "dilation")
+    return d
+
+
+def _groups(layer: str, groups: int, c_in: int, channels: int) -> None:
+    _positive(groups, "groups", layer)
+    for what, n in (("input channels", c_in), ("`channels`", channels)):
+        if n % groups:
+            raise arg_error(f"`{layer}`: {groups} groups do not divide the {n} {what}", "groups",
+                            hint="both the input's channels and `channels` must be multiples of `groups`")
+
+
+def _convolve(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups: int, layer: str) -> Value:
+    """conv2d of x [N, C, H, W] with w [O, C/groups, kh, kw] (PyTorch's layout), composed from
+    primitives: a depthwise convolution (one input channel per group) as a sum of the
+    kernel's shifted, strided views of x, each times its tap; other groups as a convolution
+    per group; dilation as the kernel with dilation - 1 zeros between its taps (so a dilated
+    convolution costs the multiply-adds of its wider window)."""
+    spanned = tuple(dd * (kk - 1) + 1 for dd, kk in zip(dilation, w.shape[2:]))
+    out_hw = tuple((n + 2 * pp - kk) // ss + 1 for n, pp, kk, ss in zip(x.shape[2:], pad, spanned, stride))
+    if isinstance(out_hw[0], int) and isinstance(out_hw[1], int) and min(out_hw) < 1:
+        raise arg_error(f"`{layer}`: a {spanned[0]}x{spanned[1]} window (kernel and dilation) does not fit the "
+                        f"{x.shape[2]}x{x.shape[3]} input padded by {list(pad)}", "kernel")
+    if groups > 1 and w.shape[1] == 1:
+        return _depthwise(b, x, w, stride, pad, dilation, out_hw)
+
+    def conv(x, w):  # (the kernel dilated last: export finds a Conv's dilations there)
+        if dilation != (1, 1):
+            w = b.pad(w, (0,) * 4, (0,) * 4, (0, 0, dilation[0] - 1, dilation[1] - 1))
+        return b.emit(ops.CONV2D, (x, w), stride=stride, pad=pad)
+    if groups == 1:
+        return conv(x, w)
+    n, c, h, wd = x.shape
+    c_in, c_out = c // groups, w.shape[0] // groups
+    return b.concat([conv(b.slice(x, (0, g * c_in, 0, 0), (n, (g + 1) * c_in, h, wd)),
+                          b.slice(w, (g * c_out, 0, 0, 0), ((g + 1) * c_out,) + tuple(w.shape[1:])))
+                     for g in range(groups)], 1)
+
+
+def _depthwise(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, out_hw) -> Value:
+    """Output channel c*m + j (m outputs per input channel) = the sum over taps (i, j') of
+    x's channel c shifted by the tap, times w[c*m + j, 0, i, j']: elementwise work the fusion
+    pass joins, with no multiply-add wasted on other channels. Each tap's view is the strided
+    part of x it reads, padded with zeros where the window hangs over x's edge (so the
+    gradient of x is a sum over x's own shape, computed in one kernel)."""
+    n, c = x.shape[:2]
+    o, _, kh, kw = w.shape
+    m = o // c
+    grid = (n, c, m) + out_hw if m > 1 else (n, c) + out_hw  # (no axis of 1: its gradient would be a sum)
+    total = None
+    for i in range(kh):
+        for j in range(kw):
+            ranges = [_tap_range(size, out, tap * dd - pp, ss) for size, out, tap, dd, pp, ss in
+                      zip(x.shape[2:], out_hw, (i, j), dilation, pad, stride)]
+            if any(r is None for r in ranges):
+                continue  # the tap only ever reads padding
+            (first_y, count_y, at_y), (first_x, count_x, at_x) = ranges
+            view = b.slice(x, (0, 0, at_y, at_x), (n, c, at_y + (count_y - 1) * stride[0] + 1,
+                                                   at_x + (count_x - 1) * stride[1] + 1), (1, 1) + tuple(stride))
+            view = b.pad(view, (0, 0, first_y, first_x),
+                         (0, 0, out_hw[0] - first_y - count_y, out_hw[1] - first_x - count_x))
+            tap = b.reshape(b.slice(w, (0, 0, i, j), (o, 1, i + 1, j + 1)), (c, m) if m > 1 else (c,))
+            term = (b.broadcast(view, grid, (0, 1, 3, 4)) if m > 1 else view) * \
+                b.broadcast(tap, grid, (1, 2) if m > 1 else (1,))
+            total = term if total is None else total + term
+    if total is None:
+        return b.broadcast(b.const(0.0, x.dtype), (n, o) + out_hw, ())
+    return b.reshape(total, (n, o) + out_hw)
+
+
+def _tap_range(size: int, out: int, offset: int, stride: int):
+    """Along one axis, the outputs whose window reads x at out_index*stride + offset within
+    [0, size): (the first such output, how many, the x index it reads), or None."""
+    first = max(0, -(offset // stride))  # the least o with o*stride + offset >= 0
+    last = min(out - 1, (size - 1 - offset) // stride) if size - 1 - offset >= 0 else -1
+    if last < first:
+        return None
+    return first, last - first + 1, first * stride + offset
 
 
 @builtin("layer")
@@ -220,28 +307,32 @@ def conv_transpose2d(ctx: LayerContext, x: Tensor, channels: int, kernel: Pair, 
 
 @builtin("layer")
 def conv1d(ctx: LayerContext, x: Tensor, channels: int, kernel: int, stride: int = 1,
-           pad: Union[int, str] = 0, bias: bool = True, init: Init = HE_NORMAL) -> Value:
+           pad: Union[int, str] = 0, bias: bool = True, init: Init = HE_NORMAL, dilation: int = 1,
+           groups: int = 1) -> Value:
     """1-D convolution over [N, C, T] input (channels first, as PyTorch's Conv1d); pad is a
-    number or "same" (odd kernels, stride 1). Computed as conv2d over [N, C, 1, T]."""
+    number or "same" (odd kernels, stride 1); dilation and groups as in conv2d. Computed as
+    conv2d over [N, C, 1, T]."""
     _positive(channels, "channels", "conv1d")
     if x.rank != 3:
         raise arg_error(f"`conv1d` needs an [N, C, T] input of rank 3, got {x.type}", "x")
     _float(x, "conv1d", f32=True)
     _window("conv1d", kernel, stride)
+    _dilation("conv1d", dilation)
     if pad == "same":
         if stride != 1 or kernel % 2 == 0:
             raise arg_error('`conv1d`: pad="same" needs stride 1 and an odd kernel', "pad")
-        pad = kernel // 2
+        pad = dilation * (kernel // 2)
     elif isinstance(pad, str):
         raise arg_error(f'`conv1d`: argument `pad` must be a number or "same", got "{pad}"', "pad")
     c_in = x.shape[1]
     if not isinstance(c_in, int):
         raise arg_error(f"`conv1d` needs a known number of input channels, got {x.type}", "x")
+    _groups("conv1d", groups, c_in, channels)
     b = ctx.b
-    w = ctx.param("w", (channels, c_in, kernel), init, c_in * kernel, channels * kernel)
+    w = ctx.param("w", (channels, c_in // groups, kernel), init, c_in // groups * kernel, channels * kernel)
     n, _, t = x.shape
-    y = b.emit(ops.CONV2D, (b.reshape(x, (n, c_in, 1, t)), b.reshape(w, (channels, c_in, 1, kernel))),
-               stride=(1, stride), pad=(0, pad))
+    y = _convolve(b, b.reshape(x, (n, c_in, 1, t)), b.reshape(w, (channels, c_in // groups, 1, kernel)),
+                  (1, stride), (0, pad), (1, dilation), groups, "conv1d")
     y = b.reshape(y, (n, channels, y.shape[3]))
     if bias:
         y = y + b.broadcast(ctx.param("b", (channels,), ZEROS), y.shape, (1,))

@@ -322,7 +322,8 @@ class Exprs:
         self._table: dict[tuple, Any] = {}
 
     def _make(self, cls, *args, lo=None, hi=None):
-        key = (cls,) + tuple(id(a) if isinstance(a, (Ix, Ex)) else a for a in args)
+        # (the bounds are part of the key: clamp(x, 0, 1) and clamp(x, 0, 2) are two indices)
+        key = (cls, lo, hi) + tuple(id(a) if isinstance(a, (Ix, Ex)) else a for a in args)
         hit = self._table.get(key)
         if hit is None:
             extra = {} if lo is None else {"lo": lo, "hi": hi}
