@@ -13,8 +13,8 @@ import pytest
 
 from dlc.data.sources import (Dataset, batches, fit_inputs, fit_labels, load_dataset, normalization,
                               normalize, read_idx)
-from dlc.core.diagnostics import DataError, Source, Span
-from dlc.language.recipe import Spec, arrays, cifar10, csv, digits, iris, mnist, npz
+from dlc.core.diagnostics import ArgumentError, DataError, Source, Span
+from dlc.language.recipe import Spec, arrays, cifar10, csv, digits, images, iris, mnist, npz
 
 SPAN = Span(Source("model.dln", 'train m {\n    data = npz("d.npz")\n}\n'), 2, 12, 2, 25)
 
@@ -320,6 +320,79 @@ def test_cifar10_mistakes(tmp_path):
                "6151 bytes is not a whole number of 3073-byte records")
     (tmp_path / "c" / "data_batch_3.bin").write_bytes(bytes([12]) + bytes(3072))
     data_error(cifar10("c", test=0.1), tmp_path, "record 0 has label 12")
+
+
+# --- images (a folder per class) ------------------------------------------------------------
+
+def write_images(folder: Path, sizes: dict) -> dict:
+    """PNG (lossless) files of random pixels: {class: [arrays [H, W, 3]]}, one per size given."""
+    Image = pytest.importorskip("PIL.Image", reason="images() needs Pillow (pip install 'dlc[images]')")
+    rng = np.random.default_rng(0)
+    written = {}
+    for cls, shapes in sizes.items():
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        written[cls] = []
+        for i, shape in enumerate(shapes):
+            a = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+            Image.fromarray(a).save(folder / cls / f"{i}.png")
+            written[cls].append(a)
+    return written
+
+
+def test_images_label_by_sorted_subfolder_channels_first(tmp_path):
+    written = write_images(tmp_path / "pics", {"dog": [(5, 6)] * 2, "cat": [(5, 6)] * 3})
+    (tmp_path / "pics" / "cat" / "notes.txt").write_text("not an image: skipped")
+    (tmp_path / "pics" / "README.md").write_text("not a class")
+    d = load(images("pics", test=0.0), tmp_path)
+    assert d.x_train.shape == (5, 3, 5, 6) and d.x_train.dtype == np.uint8 and d.default_normalize == 255
+    assert d.y_train.tolist() == [0, 0, 0, 1, 1]  # cat, then dog
+    np.testing.assert_array_equal(d.x_train[3], written["dog"][0].transpose(2, 0, 1))
+    gray = load(images("pics", gray=True, test=0.0), tmp_path).x_train
+    assert gray.shape == (5, 1, 5, 6)
+    want = (written["cat"][0] @ [299, 587, 114]) / 1000  # ITU-R 601 luma, as Pillow's "L"
+    assert np.abs(gray[0, 0].astype(float) - want).max() <= 1
+    resized = load(images("pics", size=[4, 3], test=0.4), tmp_path)
+    assert resized.x_train.shape == (3, 3, 4, 3) and resized.x_test.shape == (2, 3, 4, 3)
+
+
+def test_images_mistakes(tmp_path):
+    data_error(images("nowhere"), tmp_path, "no such folder: nowhere")
+    write_images(tmp_path / "flat" / "only", {".": [(4, 4)]})
+    err = data_error(images("flat/only"), tmp_path, "flat/only has no subfolders")
+    assert "flat/only/cat/1.png" in err.hint
+    write_images(tmp_path / "mixed", {"a": [(4, 4)], "b": [(4, 5)]})
+    err = data_error(images("mixed"), tmp_path, "mixed/b/0.png is 5x4 pixels but mixed/a/0.png is 4x4")
+    assert "size=[h, w]" in err.hint
+    assert load(images("mixed", size=4, test=0.0), tmp_path).x_train.shape == (2, 3, 4, 4)
+    (tmp_path / "mixed" / "empty").mkdir()
+    data_error(images("mixed", size=4), tmp_path, "mixed/empty holds no image files")
+    (tmp_path / "mixed" / "empty" / "broken.png").write_bytes(b"\x89PNG not really")
+    data_error(images("mixed", size=4), tmp_path, "cannot read the image mixed/empty/broken.png")
+    with pytest.raises(ArgumentError, match="`size` must be positive"):
+        images("mixed", size=[0, 3])
+
+
+def test_a_model_trains_on_a_folder_of_images_and_a_wrong_size_says_how_to_resize(tmp_path):
+    import dlc
+    write_images(tmp_path / "pics", {"a": [(9, 7)] * 6, "b": [(9, 7)] * 6})
+    src = """model m(x: f32[B, 3, 8, 8]) -> f32[B, 2] {
+    return x |> conv2d(4, 3, pad=1, groups=1) |> relu |> global_avgpool |> dense(2)
+}
+train m {
+    data = images("pics", size=[8, 8], test=0.25)
+    loss = cross_entropy(output, label)
+    epochs = 2
+    batch = 4
+}
+"""
+    (tmp_path / "m.dln").write_text(src)
+    history = dlc.load(tmp_path / "m.dln").fit()
+    assert len(history.epochs) == 2 and set(history.test) == {"loss", "accuracy"}
+    (tmp_path / "m.dln").write_text(src.replace("size=[8, 8], ", ""))
+    with pytest.raises(DataError) as info:
+        dlc.load(tmp_path / "m.dln").fit()
+    assert "[3x9x7]" in info.value.message
+    assert info.value.hint == "images(..., size=[8, 8]) makes every image the model's input [3x8x8]"
 
 
 # --- mnist (IDX files) ------------------------------------------------------------------------

@@ -365,8 +365,14 @@ def valid_step(g: Gen) -> None:
         st_ = g.num(1, 2)
         pad = g.num(0, k // 2)
         ch = g.size(1, 6)
-        ho, wo = (h + 2 * pad - k) // st_ + 1, (w + 2 * pad - k) // st_ + 1
-        more = g.pick(["", ", bias=false", ", trainable=false"])
+        # dilated (where the wider window fits), grouped by channel (depthwise, 1 or 2 filters each)
+        dil = g.pick([1, 1, 2]) if k > 1 and min(h, w) + 2 * pad >= 2 * k - 1 else 1
+        groups = g.pick([1, 1, c]) if c > 1 else 1
+        ch = c * g.num(1, 2) if groups > 1 else ch
+        span = dil * (k - 1) + 1
+        ho, wo = (h + 2 * pad - span) // st_ + 1, (w + 2 * pad - span) // st_ + 1
+        more = g.pick(["", ", bias=false", ", trainable=false"]) + (f", dilation={dil}" if dil > 1 else "") \
+            + (f", groups={groups}" if groups > 1 else "")
         if st_ == 1 and k % 2 and g.pick([False, True]):
             g.emit(f'{name} = conv2d({src}, {ch}, {k}, pad="same"{more})', ("B", ch, h, w), name)
         else:

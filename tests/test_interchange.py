@@ -775,9 +775,10 @@ def _torch_models(torch):
             self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
             self.up2 = nn.ConvTranspose2d(3, 1, (2, 3), stride=(1, 2), bias=False)
             self.near = nn.Upsample(scale_factor=(2, 1))
+            self.gn = nn.GroupNorm(1, 1)  # (reshapes the upsampled shape, which ONNX's inference leaves unknown)
 
         def forward(self, x):
-            return torch.sigmoid(self.near(self.up2(torch.relu(self.up(torch.relu(self.down(x)))))))
+            return torch.sigmoid(self.gn(self.near(self.up2(torch.relu(self.up(torch.relu(self.down(x))))))))
 
     class Mobile(nn.Module):  # depthwise-separable blocks, grouped and dilated convolutions
         def __init__(self):

@@ -122,9 +122,18 @@ def _load_cifar10(args: dict, base_dir: Path, seed: int, arrays) -> Dataset:
     return data
 
 
+def _load_images(args: dict, base_dir: Path, seed: int, arrays) -> Dataset:
+    folder = _resolve(base_dir, args["dir"])
+    if not folder.is_dir():
+        raise DataError(f"no such folder: {args['dir']} (looked in {folder})")
+    x, y = read_image_folder(folder, args["dir"], args["size"], args["gray"])
+    return _split(x, y, args["test"], seed, "images", 255.0)
+
+
 _LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": _load_digits, "iris": _load_iris, "arrays": _load_arrays,
     "npz": _load_npz, "csv": _load_csv, "mnist": _load_mnist, "cifar10": _load_cifar10,
+    "images": _load_images,
 }
 
 
@@ -188,6 +197,51 @@ def _require_file(path: Path, shown: str) -> None:
 
 def _dims(shape: Sequence[int]) -> str:
     return "x".join(str(d) for d in shape)
+
+
+# --- folders of images -----------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # as ImageFolder's
+
+
+def read_image_folder(folder: Path, shown: str, size: Sequence[int] | None,
+                      gray: bool) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, C, H, W] (channels first) and int32 labels: the index of each
+    image's subfolder among the sorted subfolders. Other files are skipped, as ImageFolder
+    skips them; an image file Pillow cannot read is an error that names it."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise DataError("images() reads image files with Pillow, which is not installed",
+                        hint="pip install 'dlc[images]'") from None
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{shown} has no subfolders: images() takes one subfolder of images per class",
+                        hint=f"for example {shown}/cat/1.png and {shown}/dog/1.png")
+    pixels, labels, first = [], [], None
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{shown}/{name} holds no image files ({', '.join(IMAGE_SUFFIXES)})",
+                            hint="remove the folder, or put its class's images in it")
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("L" if gray else "RGB")
+                    if size is not None and im.size != (size[1], size[0]):
+                        im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                    a = np.asarray(im, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise DataError(f"cannot read the image {path.relative_to(folder.parent)}: {e}") from None
+            if first is None:
+                first = (path, a.shape)
+            elif a.shape != first[1]:
+                raise DataError(f"{path.relative_to(folder.parent)} is {a.shape[1]}x{a.shape[0]} pixels but "
+                                f"{first[0].relative_to(folder.parent)} is {first[1][1]}x{first[1][0]}",
+                                hint="give images(..., size=[h, w]) to resize every image to one size")
+            pixels.append(a.reshape(a.shape[:2] + (-1,)).transpose(2, 0, 1))
+            labels.append(label)
+    return np.stack(pixels), np.asarray(labels, np.int32)
 
 
 # --- .npz archives ----------------------------------------------------------------------------

@@ -946,7 +946,9 @@ class Importer:
         if not (coords in ("half_pixel", "pytorch_half_pixel") or coords == "asymmetric" and rounding == "floor"):
             raise self.error(node, f"maps coordinates `{coords}` with `{rounding}` rounding, which does not "
                                    "repeat each cell")
-        self.unary(node, ins, f"upsample({window_text(factors)})" if set(factors) != {2} else "upsample")
+        out = self.pipe(node, x, f"upsample({window_text(factors)})" if set(factors) != {2} else "upsample", "h")
+        if out.shape is None or None in out.shape:  # (ONNX's inference may not follow runtime scales)
+            out.shape = tuple(x.shape[:2]) + tuple(d * f for d, f in zip(x.shape[2:], factors))
 
     def op_Dropout(self, node, ins):
         if len(node.input) > 2 and node.input[2]:

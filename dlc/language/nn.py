@@ -215,8 +215,9 @@ def _convolve(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups
     spanned = tuple(dd * (kk - 1) + 1 for dd, kk in zip(dilation, w.shape[2:]))
     out_hw = tuple((n + 2 * pp - kk) // ss + 1 for n, pp, kk, ss in zip(x.shape[2:], pad, spanned, stride))
     if isinstance(out_hw[0], int) and isinstance(out_hw[1], int) and min(out_hw) < 1:
-        raise arg_error(f"`{layer}`: a {spanned[0]}x{spanned[1]} window (kernel and dilation) does not fit the "
-                        f"{x.shape[2]}x{x.shape[3]} input padded by {list(pad)}", "kernel")
+        dilated = " (the kernel, dilated)" if dilation != (1, 1) else ""
+        raise arg_error(f"{layer}: a {spanned[0]}x{spanned[1]} window{dilated} with stride {stride[0]} and padding "
+                        f"{pad[0]} does not fit a {x.shape[2]}x{x.shape[3]} input", "kernel")
     if groups > 1 and w.shape[1] == 1:
         return _depthwise(b, x, w, stride, pad, dilation, out_hw)
 

@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 from dlc.core.diagnostics import ArgumentError, Span
 from dlc.core.spec import Spec
-from dlc.language.nn import Builtin
+from dlc.language.nn import Builtin, Pair, pair
 
 RECIPE: dict[str, Builtin] = {}
 
@@ -82,6 +82,19 @@ def cifar10(dir: str, test: float = 0.0) -> Spec:
     10,000 test images [3, 32, 32], 10 classes. Its test batch is used unless test > 0
     takes a share of the training images instead."""
     return Spec("data", "cifar10", {"dir": dir, "test": _fraction(test, "test")})
+
+
+@entry("data")
+def images(dir: str, size: Optional[Pair] = None, gray: bool = False, test: float = 0.2) -> Spec:
+    """Image files (PNG, JPEG, BMP, GIF, TIFF, WebP) in one subfolder per class of `dir`
+    (PyTorch's ImageFolder layout); the classes are the subfolders in sorted order. Each
+    image becomes [3, H, W] (RGB; [1, H, W] with gray=true), resized to `size` [h, w] if
+    given; pixels 0..255, divided by 255 unless `normalize` says otherwise. Needs Pillow
+    (pip install 'dlc[images]')."""
+    if size is not None and min(pair(size)) < 1:
+        raise ArgumentError(f"`size` must be positive, got {list(pair(size))}")
+    return Spec("data", "images", {"dir": dir, "size": None if size is None else list(pair(size)), "gray": gray,
+                                   "test": _fraction(test, "test")})
 
 
 @entry("data")

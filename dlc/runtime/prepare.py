@@ -112,9 +112,17 @@ def prepare(model, config, label_type, base_dir: Path, seed: int, arrays=None,
 
     def labels(y, where):
         return shape_labels(label_type, y, where, classes) if len(y) else y
+    try:
+        x_train = shape_inputs(model, data.x_train, normalizer, span)
+    except DataError as e:
+        want = per_sample(model.input_types[0][1], span)
+        if data.name == "images" and len(want) == 3:  # the likely fix is the source's, not the model's
+            gray = ", gray=true" if want[0] == 1 else ""
+            e.hint = f"images(..., size=[{want[1]}, {want[2]}]{gray}) makes every image the model's input [{'x'.join(map(str, want))}]"
+        raise
     data = replace(
         data,
-        x_train=shape_inputs(model, data.x_train, normalizer, span),
+        x_train=x_train,
         y_train=shape_labels(label_type, data.y_train, span, classes),
         x_test=inputs(data.x_test, span), y_test=labels(data.y_test, span),
     )
