@@ -1174,7 +1174,7 @@ def upsample(ctx: LayerContext, x: Tensor, scale: Pair = 2) -> Value:
     factors = pair(scale) if x.rank == 4 else (scale,)
     if len(factors) != x.rank - 2 or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 1
                                              for f in factors):
-        raise arg_error(f"`upsample`: argument `scale` must be a positive integer"
+        raise arg_error("`upsample`: argument `scale` must be a positive integer"
                         + (" or [h, w]" if x.rank == 4 else "") + f", got {_show(scale)}", "scale")
     b, (n, c), sizes = ctx.b, x.shape[:2], x.shape[2:]
     spread = (n, c) + tuple(d for size in sizes for d in (size, 1))  # [N, C, H, 1, W, 1]

@@ -229,8 +229,9 @@ def recipe_call(fe: Frontend, e, kind: str, scope: Scope) -> Spec:
 
 
 _KIND_WORDS = {"data": "a data source", "optimizer": "an optimizer", "schedule": "a learning-rate schedule",
-               "metric": "a metric", "early_stop": "early stopping", "augment": "a data augmentation", "layer": "a layer", "activation": "an activation",
-               "function": "a function", "loss": "a loss", "regularizer": "a regularizer"}
+               "metric": "a metric", "early_stop": "early stopping", "augment": "a data augmentation",
+               "layer": "a layer", "activation": "an activation", "function": "a function", "loss": "a loss",
+               "regularizer": "a regularizer"}
 
 
 def _example(kind):

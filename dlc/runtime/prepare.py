@@ -118,7 +118,8 @@ def prepare(model, config, label_type, base_dir: Path, seed: int, arrays=None,
         want = per_sample(model.input_types[0][1], span)
         if data.name == "images" and len(want) == 3:  # the likely fix is the source's, not the model's
             gray = ", gray=true" if want[0] == 1 else ""
-            e.hint = f"images(..., size=[{want[1]}, {want[2]}]{gray}) makes every image the model's input [{'x'.join(map(str, want))}]"
+            e.hint = (f"images(..., size=[{want[1]}, {want[2]}]{gray}) makes every image the model's input "
+                      f"[{'x'.join(map(str, want))}]")
         raise
     data = replace(
         data,
