@@ -347,6 +347,17 @@ def test_grouped_and_dilated_convolutions_round_trip(tmp_path):
     back = write(import_model(tmp_path / "m.onnx", train=False), tmp_path / "b.dln", tmp_path / "b.npz")
     assert "dilation=[2, 1]" in (tmp_path / "b.dln").read_text()
     np.testing.assert_allclose(back.predict(x), want, rtol=1e-5, atol=1e-5)
+    # over time: one 1-D Conv with its dilation, imported back as conv1d
+    m = dlc.load("model m(x: f32[B, 3, 12]) -> f32[B, 4, 12] {\n"
+                 "    return x |> conv1d(4, 3, pad=\"same\", dilation=3)\n}\n")
+    proto = export_model(m)
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    assert {a.name: list(a.ints) for a in conv.attribute}["dilations"] == [3]
+    onnx.save(proto, str(tmp_path / "c.onnx"))
+    back = write(import_model(tmp_path / "c.onnx", train=False), tmp_path / "c.dln", tmp_path / "c.npz")
+    assert "conv1d(4, 3, pad=3, dilation=3)" in (tmp_path / "c.dln").read_text()
+    x = np.random.default_rng(1).normal(size=(2, 3, 12)).astype(np.float32)
+    np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-5, atol=1e-5)
 
 
 def test_an_imported_constant_stays_as_it_is_in_fine_tuning(tmp_path):

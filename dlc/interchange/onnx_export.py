@@ -390,7 +390,7 @@ class _GraphExporter:
         x = self.node(x4).operands[0]
         if yn.op is ops.POOL2D:
             return ("pool1d", x, y)
-        w4 = yn.operands[1]
+        w4 = self.conv_operands(y)[1]  # (under a dilated kernel's zeros)
         if not self.is_op(w4, ops.RESHAPE) or self.node(self.node(w4).operands[0]).type.rank != 3:
             return None
         return ("conv1d", x, self.node(w4).operands[0], None, y)
@@ -900,9 +900,10 @@ class _GraphExporter:
     def emit_conv1d(self, nid: int, x: int, w: int, bias: int | None, conv: int) -> None:
         a = self.node(conv).attrs
         inputs = [self.operand(v) for v in (x, w, bias) if v is not None]
+        dilation = self.conv_operands(conv)[2][1]
         self.value[nid] = self.emit("Conv", inputs, span=self.node(nid).span,
                                     kernel_shape=[self.node(w).type.shape[2]], strides=[a["stride"][1]],
-                                    pads=[a["pad"][1]] * 2)
+                                    pads=[a["pad"][1]] * 2, **({"dilations": [dilation]} if dilation > 1 else {}))
 
     def emit_pool1d(self, nid: int, x: int, pool: int) -> None:
         a = self.node(pool).attrs
