@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "also top-k accuracy, precision, recall and F1 per class and the "
                                    "confusion matrix (`-o report.json`, drawn by `dlc plot report.json`).")
     _add_model_args(p)
-    p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
+    p.add_argument("--weights", metavar="FILE", help="a checkpoint from `dlc run --save` (required unless "
+                   "the model has no parameters)")
     p.add_argument("--data", metavar="EXPR", help="data source to evaluate on instead")
     p.add_argument("--batch", type=_positive_int, help="batch size for evaluation")
     p.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="k of top-k accuracy (default 5)")
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load weights and print (or save) the model's outputs for the "
                                    "inputs in an .npy or .npz file.")
     _add_model_args(p)
-    p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
+    p.add_argument("--weights", metavar="FILE", help="a checkpoint from `dlc run --save` (required unless "
+                   "the model has no parameters)")
     p.add_argument("--input", metavar="FILE", required=True,
                    help=".npy file of the inputs, or .npz file holding them (see --key)")
     p.add_argument("--key", default=None, help="array name in the .npz (default: `x`, or its only array)")
@@ -204,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Conv, ConvTranspose, MaxPool, BatchNormalization, LSTM, GRU, RNN, ...); "
                                    "other loops become ONNX Scan. Needs: pip install 'dlc[onnx]'.")
     _add_model_args(p)
-    p.add_argument("--weights", metavar="FILE", required=True, help="a checkpoint from `dlc run --save`")
+    p.add_argument("--weights", metavar="FILE", help="a checkpoint from `dlc run --save` (required unless "
+                   "the model has no parameters)")
     p.add_argument("-o", "--output", metavar="FILE", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=_positive_int, help="ONNX opset to target (default: the newest the "
                    "installed onnx package knows; at least 18)")
@@ -517,13 +520,23 @@ def _final_line(name: str, rec: dict, seconds: float, history=None) -> str:
     return " ".join(parts[:1]) + " " + "; ".join(parts[1:])
 
 
+def _load_weights(model, args) -> None:
+    """--weights, which a model with parameters (or layer state) needs: without them its
+    outputs would be those of freshly initialized weights."""
+    if args.weights is not None:
+        model.load_weights(args.weights)
+    elif model.state:
+        raise UsageError(f"`dlc {args.command}` needs --weights FILE: model {model.name} has parameters",
+                         hint=f"train it and save them with `dlc run {args.file} --save ck.npz`")
+
+
 def cmd_eval(args) -> int:
     import json
     from dlc.runtime.metrics import format_report
     if args.output:
         _output_path(args.output, "-o")
     model = _load_with_overrides(args)
-    model.load_weights(args.weights)
+    _load_weights(model, args)
     metrics = model.evaluate(batch=args.batch, target=args.target, **_backend_options(args))
     report = None
     if model.is_classifier and not model.masks_positions:
@@ -549,7 +562,7 @@ def cmd_predict(args) -> int:
         _output_path(args.output, "-o", suffixes={".npz": "the outputs, named results and classes",
                                                  ".npy": "the outputs alone"})
     model = load(args.file, args.model)
-    model.load_weights(args.weights)
+    _load_weights(model, args)
     x = read_input_array(Path(args.input), args.key)
     predict = model.predict_proba if args.proba else model.predict
     results = predict(x, target=args.target, results=True, **_backend_options(args))
@@ -640,7 +653,7 @@ def cmd_export(args) -> int:
     require_onnx()
     _output_path(args.output, "-o")
     model = load(args.file, args.model)
-    model.load_weights(args.weights)
+    _load_weights(model, args)
     proto = export_model(model, None if args.no_normalize else model.normalizer, opset=args.opset,
                          recognize=not args.loops_as_scan)
     import onnx

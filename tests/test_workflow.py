@@ -632,3 +632,22 @@ def test_a_batch_far_above_the_data_warns_of_the_padding():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         iris().fit(epochs=1, batch=200, target="reference")  # under twice the size: no warning
+
+
+def test_weights_are_needed_only_by_a_model_with_parameters(tmp_path, capsys):
+    """predict and export run a parameter-free model without --weights; a model with
+    parameters refuses to run on freshly initialized ones, saying how to get weights."""
+    (tmp_path / "pf.dln").write_text("model pf(x: f32[B, 4]) -> f32[B, 4] {\n    return softmax(x * 2.0)\n}\n")
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["predict", str(tmp_path / "pf.dln"), "--input", str(tmp_path / "x.npy"),
+                 "-o", str(tmp_path / "y.npy")]) == 0
+    e = np.exp(2 * x)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), e / e.sum(1, keepdims=True), rtol=1e-5)
+    mlp = str(Path(__file__).parent.parent / "examples" / "digits_mlp.dln")
+    capsys.readouterr()
+    for command in (["predict", mlp, "--input", str(tmp_path / "x.npy")], ["eval", mlp]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"`dlc {command[0]}` needs --weights FILE: model mlp has parameters" in err
+        assert "--save ck.npz" in err and "Traceback" not in err
