@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import dlc
-from dlc.language.recipe import crop, flip, noise
+from dlc.language.recipe import crop, cutout, flip, noise
 from dlc.runtime.augment import augment, generator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +56,26 @@ def test_crop_is_a_window_of_the_zero_padded_sample_at_every_offset(shape, dims)
         assert len(offsets) == 1, offsets  # (values in [1, 2): only one window matches)
         seen.add(offsets[0])
     assert len(seen) == (2 * pad + 1) ** dims  # every shift from -pad to +pad is drawn
+
+
+def test_cutout_zeroes_one_square_per_sample_across_its_channels():
+    size, h, w = 5, 9, 8
+    x = _batch((500, 3, h, w))
+    out = augment(x, (cutout(size),), generator(2, 0, 1))
+    centres = set()
+    for o, sample in zip(out, x):
+        zero = o == 0
+        assert (zero == zero[0]).all()  # every channel alike
+        rows, cols = np.nonzero(zero[0])
+        assert len(rows)  # a square centred inside the image always covers its centre
+        top, left, bottom, right = rows.min(), cols.min(), rows.max(), cols.max()
+        assert zero[0, top:bottom + 1, left:right + 1].all() and zero[0].sum() == (bottom - top + 1) * (right - left + 1)
+        assert bottom - top < size and right - left < size
+        np.testing.assert_array_equal(o[~zero], sample[~zero])
+        # the centre: where the square's full extent (size cells) would sit, clipped by the edges
+        centres.add((top + size // 2 if top > 0 else bottom - (size - 1) + size // 2,
+                     left + size // 2 if left > 0 else right - (size - 1) + size // 2))
+    assert centres == {(r, c) for r in range(h) for c in range(w)}  # every cell is drawn as a centre
 
 
 def test_noise_adds_zero_mean_values_of_the_given_spread():

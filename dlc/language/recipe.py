@@ -275,6 +275,15 @@ def crop(pad: int, dims: int = 2) -> Spec:
 
 
 @entry("augment")
+def cutout(size: int) -> Spec:
+    """Zero a size x size square of each sample's last two axes (all its channels), centred
+    on a random cell, so it may hang over the edge (DeVries and Taylor's Cutout)."""
+    if size < 1:
+        raise ArgumentError(f"`size` must be 1 or more, got {size}")
+    return Spec("augment", "cutout", {"size": size})
+
+
+@entry("augment")
 def noise(std: float) -> Spec:
     """Add Gaussian noise of standard deviation `std` to every input value."""
     return Spec("augment", "noise", {"std": _positive(std, "std")})
@@ -292,6 +301,10 @@ def check_augment(spec: Spec, input_name: str, input_type) -> None:
                             f"ax{'i' if len(per_sample) == 1 else 'e'}s, so `axis` must be in "
                             f"[{-len(per_sample)}, {len(per_sample) - 1}], got {spec.args['axis']}",
                             hint="the batch axis is not counted: -1 is the last axis of a sample")
+    if spec.name == "cutout" and len(per_sample) < 2:
+        raise ArgumentError(f"`cutout` zeroes a square of a sample's last two axes, but a sample of "
+                            f"`{input_name}` ({input_type}) has {len(per_sample)}",
+                            hint="it is for images: [C, H, W] or [H, W] samples")
     if spec.name == "crop" and spec.args["dims"] > len(per_sample):
         raise ArgumentError(f"`crop` shifts the last {spec.args['dims']} axes of a sample, but a sample of "
                             f"`{input_name}` ({input_type}) has {len(per_sample)}",

@@ -44,9 +44,22 @@ def _crop(x: np.ndarray, rng, pad: int, dims: int) -> np.ndarray:
     return windows[(np.arange(len(x)),) + (slice(None),) * (x.ndim - 1 - dims) + starts]
 
 
+def _cutout(x: np.ndarray, rng, size: int) -> np.ndarray:
+    """A size x size square of zeros per sample, centred on a random cell of the last two axes."""
+    h, w = x.shape[-2:]
+    rows, cols = np.arange(h), np.arange(w)
+    top = rng.integers(0, h, len(x)) - size // 2
+    left = rng.integers(0, w, len(x)) - size // 2
+    inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)     # [N, H]
+    inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)   # [N, W]
+    keep = ~(inside_rows[:, :, None] & inside_cols[:, None, :])            # [N, H, W]
+    x *= keep.reshape((len(x),) + (1,) * (x.ndim - 3) + (h, w)).astype(x.dtype)
+    return x
+
+
 def _noise(x: np.ndarray, rng, std: float) -> np.ndarray:
     x += rng.standard_normal(x.shape, dtype=np.float32).astype(x.dtype, copy=False) * x.dtype.type(std)
     return x
 
 
-_APPLY = {"flip": _flip, "crop": _crop, "noise": _noise}
+_APPLY = {"flip": _flip, "crop": _crop, "cutout": _cutout, "noise": _noise}
