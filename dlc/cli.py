@@ -521,11 +521,11 @@ def _final_line(name: str, rec: dict, seconds: float, history=None) -> str:
 
 
 def _load_weights(model, args) -> None:
-    """--weights, which a model with parameters (or layer state) needs: without them its
-    outputs would be those of freshly initialized weights."""
+    """--weights, which a model with parameters needs: without them its outputs would be
+    those of freshly initialized weights."""
     if args.weights is not None:
         model.load_weights(args.weights)
-    elif model.state:
+    elif model.params:
         raise UsageError(f"`dlc {args.command}` needs --weights FILE: model {model.name} has parameters",
                          hint=f"train it and save them with `dlc run {args.file} --save ck.npz`")
 

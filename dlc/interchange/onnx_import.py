@@ -48,7 +48,7 @@ from __future__ import annotations
 import keyword
 import re
 from dataclasses import dataclass, field
-from functools import reduce
+from functools import partial, reduce
 from pathlib import Path
 from typing import Any
 
@@ -427,7 +427,7 @@ class Importer:
         missing = [i for i, v in zip(node.input, ins) if i and v is None]
         if missing:
             raise self.error(node, f"reads `{missing[0]}`, which nothing before it makes")
-        handler = getattr(self, f"op_{op}", None)
+        handler = self.handler(op)
         if op not in _NO_FOLD and all(v is None or v.const is not None for v in ins) and node.input:
             self.fold(node)
             return
@@ -441,6 +441,14 @@ class Importer:
                              hint="the importer handles layers (Gemm, Conv, pools, BatchNormalization, "
                                   "LSTM/GRU/RNN, ...), activations and elementwise arithmetic")
         handler(node, ins)
+
+    def handler(self, op: str):
+        """What converts `op`: a one-line operator's from its table, else the method op_<name>."""
+        if op in _UNARY:
+            return partial(self.unary, fn=_UNARY[op])
+        if op in _COMPARISONS:
+            return partial(self.compare, sym=_COMPARISONS[op])
+        return getattr(self, f"op_{op}", None)
 
     def fold(self, node) -> None:
         """Every input constant: computed now by onnx's reference evaluator."""
@@ -1389,30 +1397,6 @@ class Importer:
     def unary(self, node, ins, fn: str):
         self.pipe(node, ins[0], fn, "h")
 
-    def op_Relu(self, node, ins):
-        self.unary(node, ins, "relu")
-
-    def op_Sigmoid(self, node, ins):
-        self.unary(node, ins, "sigmoid")
-
-    def op_Tanh(self, node, ins):
-        self.unary(node, ins, "tanh")
-
-    def op_Exp(self, node, ins):
-        self.unary(node, ins, "exp")
-
-    def op_Log(self, node, ins):
-        self.unary(node, ins, "log")
-
-    def op_Sqrt(self, node, ins):
-        self.unary(node, ins, "sqrt")
-
-    def op_Abs(self, node, ins):
-        self.unary(node, ins, "abs")
-
-    def op_Sign(self, node, ins):  # (trained in dlc, its gradient is straight-through)
-        self.unary(node, ins, "sign")
-
     def op_LeakyRelu(self, node, ins):
         a = self.attrs(node)
         alpha = a.get("alpha", 0.01)
@@ -1444,9 +1428,6 @@ class Importer:
             self.unary(node, ins, "selu")
         else:
             self.formula(node, ins, "elu({x}, {alpha}) * {gamma}", alpha=literal(alpha), gamma=literal(gamma))
-
-    def op_Softplus(self, node, ins):
-        self.unary(node, ins, "softplus")
 
     def op_Swish(self, node, ins):
         alpha = float(np.float32(self.attrs(node).get("alpha", 1.0)))
@@ -1490,9 +1471,6 @@ class Importer:
         a = self.attrs(node)
         approx = a.get("approximate", "none")
         self.unary(node, ins, "gelu" if approx == "tanh" else 'gelu(approximate="none")')
-
-    def op_Erf(self, node, ins):  # (what exporters before opset 20 write exact GELU with)
-        self.unary(node, ins, "erf")
 
     def op_Max(self, node, ins):
         self.minmax(node, ins, "maximum")
@@ -1586,21 +1564,6 @@ class Importer:
         """A comparison: a bool, written where it is read (a Greater cast to float is `step`)."""
         a, b = self.unexpanded(node, ins)
         self.bind(node.output[0], V(self.out_shape(node), "bool", view=("compare", sym, a, b)))
-
-    def op_Greater(self, node, ins):
-        self.compare(node, ins, ">")
-
-    def op_Less(self, node, ins):
-        self.compare(node, ins, "<")
-
-    def op_GreaterOrEqual(self, node, ins):
-        self.compare(node, ins, ">=")
-
-    def op_LessOrEqual(self, node, ins):
-        self.compare(node, ins, "<=")
-
-    def op_Equal(self, node, ins):
-        self.compare(node, ins, "==")
 
     def op_Not(self, node, ins):
         """The negation of a comparison is the opposite comparison; of another bool, logical_not."""
@@ -1714,6 +1677,12 @@ class Importer:
         v.hint = node.output[0]
         self.bind(node.output[0], v)
 
+
+# operators that are one .dln function of their input (Sign is trained straight-through in
+# dlc; Erf is how exporters before opset 20 write exact GELU), and the comparisons
+_UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",
+          "Abs": "abs", "Sign": "sign", "Softplus": "softplus", "Erf": "erf"}
+_COMPARISONS = {"Greater": ">", "Less": "<", "GreaterOrEqual": ">=", "LessOrEqual": "<=", "Equal": "=="}
 
 _NO_FOLD = {"LSTM", "GRU", "RNN", "Constant"}
 _DIM_ARITHMETIC = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y,

@@ -212,9 +212,11 @@ def _convolve(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups
     kernel's shifted, strided views of x, each times its tap; other groups as a convolution
     per group; dilation as the kernel with dilation - 1 zeros between its taps (so a dilated
     convolution costs the multiply-adds of its wider window)."""
+    if not all(isinstance(d, int) for d in x.shape[2:]):
+        raise arg_error(f"{layer}: spatial dimensions of {x.type} must be known numbers", "x")
     spanned = tuple(dd * (kk - 1) + 1 for dd, kk in zip(dilation, w.shape[2:]))
-    out_hw = tuple((n + 2 * pp - kk) // ss + 1 for n, pp, kk, ss in zip(x.shape[2:], pad, spanned, stride))
-    if isinstance(out_hw[0], int) and isinstance(out_hw[1], int) and min(out_hw) < 1:
+    out_hw = tuple(ops.linalg.conv_out(n, kk, ss, pp) for n, kk, ss, pp in zip(x.shape[2:], spanned, stride, pad))
+    if min(out_hw) < 1:
         dilated = " (the kernel, dilated)" if dilation != (1, 1) else ""
         raise arg_error(f"{layer}: a {spanned[0]}x{spanned[1]} window{dilated} with stride {stride[0]} and padding "
                         f"{pad[0]} does not fit a {x.shape[2]}x{x.shape[3]} input", "kernel")
@@ -326,8 +328,8 @@ def conv1d(ctx: LayerContext, x: Tensor, channels: int, kernel: int, stride: int
     elif isinstance(pad, str):
         raise arg_error(f'`conv1d`: argument `pad` must be a number or "same", got "{pad}"', "pad")
     c_in = x.shape[1]
-    if not isinstance(c_in, int):
-        raise arg_error(f"`conv1d` needs a known number of input channels, got {x.type}", "x")
+    if not isinstance(c_in, int) or not isinstance(x.shape[2], int):
+        raise arg_error(f"`conv1d` needs a known number of input channels and steps, got {x.type}", "x")
     _groups("conv1d", groups, c_in, channels)
     b = ctx.b
     w = ctx.param("w", (channels, c_in // groups, kernel), init, c_in // groups * kernel, channels * kernel)
