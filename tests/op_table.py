@@ -1067,6 +1067,10 @@ COMPOSITES: list[OpCase] = [
     C("conv2d", [(2, 2, 9, 8)], lambda x, w: np_conv2d_grouped(x, w, (2, 2), (1, 0), (3, 2), 2),
       attrs={"channels": 2, "kernel": 2, "stride": 2, "pad": [1, 0], "dilation": [3, 2], "groups": 2, "bias": False},
       tol32=MATMUL_TOL, id="depthwise-dilated"),
+    # dilated rows, strided columns: convolved phase by phase along the rows
+    C("conv2d", [(2, 3, 9, 8)], lambda x, w, b: np_conv2d_grouped(x, w, (1, 2), (3, 1), (3, 1), 1) + b[None, :, None, None],
+      attrs={"channels": 4, "kernel": [2, 3], "stride": [1, 2], "pad": [3, 1], "dilation": [3, 1]},
+      tol32=MATMUL_TOL, id="dilated-rows"),
     C("conv_transpose2d", [(2, 3, 4, 5)],
       lambda x, w, b: np_conv_transpose2d(x, w, (2, 2), (1, 1), (1, 1)) + b[None, :, None, None],
       attrs={"channels": 2, "kernel": 3, "stride": 2, "pad": 1, "output_pad": 1}, tol32=MATMUL_TOL),
@@ -1104,6 +1108,8 @@ COMPOSITES: list[OpCase] = [
       lambda x, w, b: np_conv2d_grouped(x[:, :, None], w[:, :, None], (1, 1), (0, 2), (1, 2), 2)[:, :, 0]
       + b[None, :, None], attrs={"channels": 4, "kernel": 3, "pad": "same", "dilation": 2, "groups": 2},
       tol32=MATMUL_TOL, id="dilated-groups"),
+    C("conv1d", [(2, 3, 20)], lambda x, w: np_conv2d_grouped(x[:, :, None], w[:, :, None], (1, 1), (0, 0), (1, 8), 1)[:, :, 0],
+      attrs={"channels": 2, "kernel": 2, "dilation": 8, "bias": False}, tol32=MATMUL_TOL, id="wide-dilation"),
     C("maxpool", [(2, 3, 7)], lambda x: np_pool1d(x, "max", 2, 2, 0), id="over-time"),
     C("maxpool", [(1, 2, 8)], lambda x: np_pool1d(x, "max", 3, 2, 1), attrs={"kernel": 3, "stride": 2, "pad": 1},
       id="over-time-k3-s2-pad1"),

@@ -140,6 +140,84 @@ def test_index_arithmetic_keeps_ranges_and_floors():
     narrow, wide = x.clamp(d, 0, 1), x.clamp(d, 0, 2)
     assert narrow is not wide and (narrow.lo, narrow.hi, wide.hi) == (0, 1, 2)
     assert x.clamp(d, 0, 1) is narrow
+
+
+def _ix_value(e, env: dict) -> int:
+    """An index expression's value, as Python computes it (floor division, its remainder)."""
+    ir = kernel_ir
+    if isinstance(e, ir.Var):
+        return env[e.name]
+    if isinstance(e, ir.Const):
+        return e.value
+    if isinstance(e, ir.Add):
+        return _ix_value(e.a, env) + _ix_value(e.b, env)
+    if isinstance(e, ir.Clamp):
+        return min(max(_ix_value(e.a, env), e.lo), e.hi)
+    v = _ix_value(e.a, env)
+    return {ir.Mul: v * e.c, ir.Div: v // e.c, ir.Mod: v % e.c}[type(e)]
+
+
+def test_index_simplification_keeps_every_value():
+    """Random index expressions built through Exprs's simplifying constructors take, at every
+    point of their variables' ranges, the value the unsimplified arithmetic gives, within
+    their stated lo..hi."""
+    import itertools
+    rng = np.random.default_rng(5)
+    x = Exprs()
+    names = {"i": 6, "j": 4, "k": 3}
+    variables = [x.var(n, e) for n, e in names.items()]
+
+    def build(depth):
+        kind = rng.integers(8) if depth else rng.integers(2)
+        if kind == 0:
+            v = variables[rng.integers(3)]
+            return v, lambda env, n=v.name: env[n]
+        if kind == 1:
+            c = int(rng.integers(-4, 9))
+            return x.const(c), lambda env: c
+        (a, fa), c = build(depth - 1), int(rng.integers(1, 7))
+        if kind == 2:
+            (b, fb) = build(depth - 1)
+            return x.add(a, b), lambda env: fa(env) + fb(env)
+        if kind == 3:
+            c = int(rng.integers(-3, 13))
+            return x.mul(a, c), lambda env: fa(env) * c
+        if kind == 4:
+            return x.div(a, c), lambda env: fa(env) // c
+        if kind == 5:
+            return x.mod(a, c), lambda env: fa(env) % c
+        if kind == 7:  # a split index joined again (a reshape's unravel, raveled): c*(a // c) + a % c
+            k = int(rng.integers(-2, 4))
+            return x.add(x.mul(x.div(a, c), c * k), x.mul(x.mod(a, c), k)), lambda env: fa(env) * k
+        lo = int(rng.integers(-3, 5))
+        return x.clamp(a, lo, lo + c), lambda env: min(max(fa(env), lo), lo + c)
+
+    points = [dict(zip(names, p)) for p in itertools.product(*(range(e) for e in names.values()))]
+    for _ in range(400):
+        e, f = build(5)
+        for env in points:
+            v = _ix_value(e, env)
+            assert v == f(env) and e.lo <= v <= e.hi, (e, env)
+
+
+def test_a_reshape_of_a_permutation_indexes_each_axis_by_its_own_variables():
+    """The index of a [32, 36] tensor read as [32, 18, 2], permuted and raveled again (how a
+    dilated convolution reorders an axis by phase) splits into per-axis parts: no division
+    or remainder of a sum is left, and raveling an unraveled index gives it back."""
+    x = Exprs()
+    a, r = x.var("a", 32), x.var("r", 36)
+    flat = x.ravel((a, r), (32, 36))
+    half, odd = x.div(r, 2), x.mod(r, 2)
+    assert x.unravel(flat, (32, 18, 2)) == (a, half, odd)
+    assert x.ravel(x.unravel(flat, (32, 18, 2)), (32, 18, 2)) is flat
+    row, col = x.unravel(x.ravel((a, odd, half), (32, 2, 18)), (32, 36))
+    assert row is a and _ix_value(col, {"r": 5}) == 1 * 18 + 2
+
+    def divides_a_sum(e):
+        if isinstance(e, (kernel_ir.Div, kernel_ir.Mod)) and isinstance(e.a, kernel_ir.Add):
+            return True
+        return any(divides_a_sum(c) for c in kernel_ir.ix_children(e))
+    assert not divides_a_sum(col)
     assert x.data_index(x.lit(1, DType.i32), 0, 5) is not x.data_index(x.lit(1, DType.i32), 0, 9)
 
 

@@ -327,9 +327,9 @@ def test_upsampling_and_transposed_convolutions_round_trip(tmp_path):
 
 
 def test_grouped_and_dilated_convolutions_round_trip(tmp_path):
-    """A dilated conv2d exports as one Conv with dilations (its kernel's zeros are not
-    written); grouped and depthwise ones as the convolutions per group and the taps' sums
-    they are computed as. onnxruntime and the model imported back give dlc's outputs."""
+    """Grouped, depthwise and dilated convolutions, whatever primitives dlc composes them
+    of, export as one Conv each with its group and dilations. onnxruntime and the model
+    imported back give dlc's outputs."""
     src = """model m(x: f32[B, 4, 9, 8]) -> f32[B, 4, 5, 4] {
     h = x |> conv2d(8, 3, pad=1, groups=4) |> relu |> conv2d(4, 3, stride=2, pad=2, dilation=2, groups=2)
     return h |> conv2d(4, [3, 1], dilation=[2, 1], pad=[2, 0])
@@ -337,15 +337,17 @@ def test_grouped_and_dilated_convolutions_round_trip(tmp_path):
 """
     m = dlc.load(src)
     proto = export_model(m)
-    dilated = [n for n in proto.graph.node if n.op_type == "Conv" and any(a.name == "dilations" for a in n.attribute)]
-    assert len(dilated) == 3, [n.op_type for n in proto.graph.node]  # the two groups and the last
+    assert [n.op_type for n in proto.graph.node] == ["Conv", "Relu", "Conv", "Conv"]
+    attrs = [{a.name: list(a.ints) or a.i for a in n.attribute} for n in proto.graph.node if n.op_type == "Conv"]
+    assert [(a.get("group", 1), a.get("dilations"), a["pads"]) for a in attrs] == \
+        [(4, None, [1, 1, 1, 1]), (2, [2, 2], [2, 2, 2, 2]), (1, [2, 1], [2, 0, 2, 0])]
     onnx.save(proto, str(tmp_path / "m.onnx"))
     x = np.random.default_rng(0).normal(size=(3, 4, 9, 8)).astype(np.float32)
     want = m.predict(x)
     np.testing.assert_allclose(ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0], want,
                                rtol=1e-5, atol=1e-5)
     back = write(import_model(tmp_path / "m.onnx", train=False), tmp_path / "b.dln", tmp_path / "b.npz")
-    assert "dilation=[2, 1]" in (tmp_path / "b.dln").read_text()
+    assert "dilation=[2, 1]" in (tmp_path / "b.dln").read_text() and "groups=4" in (tmp_path / "b.dln").read_text()
     np.testing.assert_allclose(back.predict(x), want, rtol=1e-5, atol=1e-5)
     # over time: one 1-D Conv with its dilation, imported back as conv1d
     m = dlc.load("model m(x: f32[B, 3, 12]) -> f32[B, 4, 12] {\n"

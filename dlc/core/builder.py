@@ -232,6 +232,11 @@ class GraphBuilder:
             return x
         return self.emit(ops.PAD, (x,), lo=tuple(lo), hi=tuple(hi), interior=interior, value=value)
 
+    def composite(self, result: Value, kind: str, operands: Sequence[Value], **attrs) -> None:
+        """Records that `result` is one `kind` of `operands` (a layer composed of primitives,
+        as StableHLO's composite ops), so ONNX export can write it as one operator."""
+        self.graph.meta.setdefault("composites", {})[result.id] = (kind, tuple(o.id for o in operands), attrs)
+
     def concat(self, xs: Sequence[Value], axis: int) -> Value:
         return xs[0] if len(xs) == 1 else self.emit(ops.CONCAT, tuple(xs), axis=axis)
 

@@ -291,22 +291,29 @@ class _GraphExporter:
             return None
         return x, hit[2]
 
+    def composite(self, nid: int) -> tuple | None:
+        """(kind, operands, attrs) where a layer composed of primitives ends at nid."""
+        return self.g.meta.get("composites", {}).get(nid)
+
+    def is_conv(self, nid: int) -> bool:
+        return self.node(nid).op in (ops.CONV2D, ops.CONV2D_BWD_DATA) or \
+            (self.composite(nid) or ("",))[0] in ("conv2d", "conv1d")
+
     def match(self, nid: int) -> tuple | None:
         n = self.node(nid)
         op = n.op
+        if self.is_conv(nid) and self.composite(nid) is not None:
+            return ("conv", nid, None)
         if op is ops.ADD:
             for a, c in (n.operands, n.operands[::-1]):
                 if self.is_op(a, ops.MATMUL) and self.single_use(a):
                     bias = self.bias_vector(c, 1, 2)
                     if bias is not None:
                         return ("gemm", a, bias)
-                if (self.is_op(a, ops.CONV2D) or self.is_op(a, ops.CONV2D_BWD_DATA)) and self.single_use(a):
-                    bias = self.bias_vector(c, 1, 4)
+                if self.is_conv(a) and self.single_use(a):
+                    bias = self.bias_vector(c, 1, self.node(a).type.rank)
                     if bias is not None:
                         return ("conv", a, bias)
-                t = self.over_time(a) if self.is_op(a, ops.RESHAPE) and self.single_use(a) else None
-                if t is not None and t[0] == "conv1d" and self.bias_vector(c, 1, 3) is not None:
-                    return t[:3] + (self.bias_vector(c, 1, 3), t[4])
             bn = self.batchnorm(nid)
             if bn is not None:
                 return bn
@@ -373,27 +380,19 @@ class _GraphExporter:
         return None
 
     def over_time(self, nid: int):
-        """reshape(conv2d or pool2d over reshape(x [N, C, T] -> [N, C, 1, T])) back to rank 3,
-        with windows one row high: dlc's conv1d (its weights [O, C, k] reshaped too) or a pool
-        over time -> ("conv1d", x, w, None, conv) or ("pool1d", x, pool)."""
+        """reshape(pool2d over reshape(x [N, C, T] -> [N, C, 1, T])) back to rank 3, with windows
+        one row high: a pool over time -> ("pool1d", x, pool)."""
         y = self.node(nid).operands[0]
         yn = self.node(y)
-        if yn.op not in (ops.CONV2D, ops.POOL2D) or yn.type.shape[2] != 1:
+        if yn.op is not ops.POOL2D or yn.type.shape[2] != 1:
             return None
         a = yn.attrs
-        window = self.node(yn.operands[1]).type.shape[2] if yn.op is ops.CONV2D else a["kernel"][0]
-        if (window, a["stride"][0], a["pad"][0]) != (1, 1, 0):
+        if (a["kernel"][0], a["stride"][0], a["pad"][0]) != (1, 1, 0):
             return None
         x4 = yn.operands[0]
         if not self.is_op(x4, ops.RESHAPE) or self.node(self.node(x4).operands[0]).type.rank != 3:
             return None
-        x = self.node(x4).operands[0]
-        if yn.op is ops.POOL2D:
-            return ("pool1d", x, y)
-        w4 = self.conv_operands(y)[1]  # (under a dilated kernel's zeros)
-        if not self.is_op(w4, ops.RESHAPE) or self.node(self.node(w4).operands[0]).type.rank != 3:
-            return None
-        return ("conv1d", x, self.node(w4).operands[0], None, y)
+        return ("pool1d", self.node(x4).operands[0], y)
 
     def picked_index(self, nid: int):
         """reshape(slice(x, one index of one axis)) without that axis: x[..., i] -> (x, axis, i)."""
@@ -668,13 +667,12 @@ class _GraphExporter:
         if p is None:
             if n.op is ops.SIZE:
                 return ()
-            if n.op is ops.CONV2D:
-                return self.conv_operands(nid)[:2]
             return n.operands
         kind = p[0]
-        if kind == "conv" and self.node(p[1]).op is ops.CONV2D:
-            return self.conv_operands(p[1])[:2] + (p[2],)
-        if kind in ("gemm", "conv"):
+        if kind == "conv":
+            c = self.composite(p[1])
+            return (c[1] if c is not None else tuple(self.node(p[1]).operands)) + ((p[2],) if p[2] is not None else ())
+        if kind == "gemm":
             return tuple(self.node(p[1]).operands) + (p[2],)
         if kind in ("relu", "leaky", "elu", "selu", "softplus", "softmax", "log_softmax", "flatten", "mean", "index"):
             return (p[1],)
@@ -682,8 +680,6 @@ class _GraphExporter:
             return p[1:6]
         if kind == "layernorm":
             return p[1:4]
-        if kind == "conv1d":
-            return tuple(v for v in p[1:4] if v is not None)
         if kind == "pool1d":
             return (p[1],)
         if kind == "recurrent":
@@ -868,42 +864,32 @@ class _GraphExporter:
         return self.emit("Or", [self.emit("And", [self.operand(c), self.operand(a)], span=span),
                                 self.emit("And", [negated, self.operand(b)], span=span)], span=span)
 
-    def conv_operands(self, conv: int) -> tuple[int, int, list[int]]:
-        """A conv2d's input, weights and dilations: a kernel padded with zeros between its taps
-        (conv2d(dilation=...)) is the unpadded kernel, dilated."""
-        x, w = self.node(conv).operands
-        n = self.node(w)
-        if n.op is ops.PAD and n.attrs.get("value", 0.0) == 0.0 and not any(n.attrs["lo"] + n.attrs["hi"]) \
-                and n.attrs["interior"][:2] == (0, 0):
-            return x, n.operands[0], [i + 1 for i in n.attrs["interior"][2:]]
-        return x, w, [1, 1]
-
     def emit_conv(self, nid: int, conv: int, bias: int | None) -> None:
-        """Conv, or ConvTranspose for conv2d's input gradient (`conv_transpose2d`): the same
+        """Conv for a conv2d or conv1d layer (however dlc composed it: grouped, depthwise,
+        dilated), or ConvTranspose for conv2d's input gradient (`conv_transpose2d`): the same
         weight layout, the output size given by output_padding."""
-        c = self.node(conv)
-        operands, dilations = list(c.operands), [1, 1]
-        if c.op is ops.CONV2D:
-            *operands, dilations = self.conv_operands(conv)
+        c, composite = self.node(conv), self.composite(conv)
+        if composite is not None:
+            kind, operands, a = composite
+            stride, pad, dilation = (list(a[k]) if kind == "conv2d" else [a[k]] for k in ("stride", "pad", "dilation"))
+            kw = dict(strides=stride, pads=pad * 2, group=a["groups"])
+        else:
+            operands, a = c.operands, c.attrs
+            stride, pad, dilation = list(a["stride"]), list(a["pad"]), [1, 1]
+            kw = dict(strides=stride, pads=pad * 2)
         w = self.node(operands[1]).type
+        kw["kernel_shape"] = list(w.shape[2:])
+        if any(d != 1 for d in dilation):
+            kw["dilations"] = dilation
+        if kw.get("group") == 1:
+            del kw["group"]
         inputs = [self.operand(o) for o in operands] + ([self.operand(bias)] if bias is not None else [])
-        kw = dict(kernel_shape=list(w.shape[2:]), strides=list(c.attrs["stride"]), pads=list(c.attrs["pad"]) * 2)
-        if dilations != [1, 1]:
-            kw["dilations"] = dilations
         if c.op is ops.CONV2D_BWD_DATA:
             x = self.node(c.operands[0]).type
             kw["output_padding"] = [out - ((n - 1) * s - 2 * p + k) for out, n, s, p, k in zip(
-                c.attrs["in_hw"], x.shape[2:], c.attrs["stride"], c.attrs["pad"], w.shape[2:])]
+                a["in_hw"], x.shape[2:], stride, pad, w.shape[2:])]
         self.value[nid] = self.emit("ConvTranspose" if c.op is ops.CONV2D_BWD_DATA else "Conv", inputs,
                                     span=self.node(nid).span, **kw)
-
-    def emit_conv1d(self, nid: int, x: int, w: int, bias: int | None, conv: int) -> None:
-        a = self.node(conv).attrs
-        inputs = [self.operand(v) for v in (x, w, bias) if v is not None]
-        dilation = self.conv_operands(conv)[2][1]
-        self.value[nid] = self.emit("Conv", inputs, span=self.node(nid).span,
-                                    kernel_shape=[self.node(w).type.shape[2]], strides=[a["stride"][1]],
-                                    pads=[a["pad"][1]] * 2, **({"dilations": [dilation]} if dilation > 1 else {}))
 
     def emit_pool1d(self, nid: int, x: int, pool: int) -> None:
         a = self.node(pool).attrs

@@ -210,8 +210,10 @@ def _convolve(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups
     """conv2d of x [N, C, H, W] with w [O, C/groups, kh, kw] (PyTorch's layout), composed from
     primitives: a depthwise convolution (one input channel per group) as a sum of the
     kernel's shifted, strided views of x, each times its tap; other groups as a convolution
-    per group; dilation as the kernel with dilation - 1 zeros between its taps (so a dilated
-    convolution costs the multiply-adds of its wider window)."""
+    per group. A dilated axis of stride 1 is convolved phase by phase (see _to_phases); with
+    a larger stride the kernel gets dilation - 1 zeros between its taps instead (so it costs
+    the multiply-adds of its wider window). The result is recorded as one `conv2d` composite,
+    which export writes as one Conv."""
     if not all(isinstance(d, int) for d in x.shape[2:]):
         raise arg_error(f"{layer}: spatial dimensions of {x.type} must be known numbers", "x")
     spanned = tuple(dd * (kk - 1) + 1 for dd, kk in zip(dilation, w.shape[2:]))
@@ -221,12 +223,27 @@ def _convolve(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups
         raise arg_error(f"{layer}: a {spanned[0]}x{spanned[1]} window{dilated} with stride {stride[0]} and padding "
                         f"{pad[0]} does not fit a {x.shape[2]}x{x.shape[3]} input", "kernel")
     if groups > 1 and w.shape[1] == 1:
-        return _depthwise(b, x, w, stride, pad, dilation, out_hw)
+        y = _depthwise(b, x, w, stride, pad, dilation, out_hw)
+    elif dilation != (1, 1) and all(s == 1 for s, d in zip(stride, dilation) if d > 1):
+        lengths = tuple(-(-(n + 2 * p) // d) * d for n, p, d in zip(x.shape[2:], pad, dilation))
+        phased = _to_phases(b, b.pad(x, (0, 0) + tuple(p if d > 1 else 0 for p, d in zip(pad, dilation)),
+                                     (0, 0) + tuple(n - size - p if d > 1 else 0 for n, size, p, d in
+                                                    zip(lengths, x.shape[2:], pad, dilation))), dilation)
+        y = _grouped(b, phased, w, groups, lambda x, w: b.emit(
+            ops.CONV2D, (x, w), stride=stride, pad=tuple(0 if d > 1 else p for p, d in zip(pad, dilation))))
+        y = _from_phases(b, y, dilation, w.shape[2:], out_hw)
+    else:
+        def conv(x, w):
+            if dilation != (1, 1):
+                w = b.pad(w, (0,) * 4, (0,) * 4, (0, 0, dilation[0] - 1, dilation[1] - 1))
+            return b.emit(ops.CONV2D, (x, w), stride=stride, pad=pad)
+        y = _grouped(b, x, w, groups, conv)
+    b.composite(y, "conv2d", (x, w), stride=stride, pad=pad, dilation=dilation, groups=groups)
+    return y
 
-    def conv(x, w):  # (the kernel dilated last: export finds a Conv's dilations there)
-        if dilation != (1, 1):
-            w = b.pad(w, (0,) * 4, (0,) * 4, (0, 0, dilation[0] - 1, dilation[1] - 1))
-        return b.emit(ops.CONV2D, (x, w), stride=stride, pad=pad)
+
+def _grouped(b: GraphBuilder, x: Value, w: Value, groups: int, conv) -> Value:
+    """conv(x, w) per group of channels, the results joined on the channel axis."""
     if groups == 1:
         return conv(x, w)
     n, c, h, wd = x.shape
@@ -234,6 +251,38 @@ def _convolve(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups
     return b.concat([conv(b.slice(x, (0, g * c_in, 0, 0), (n, (g + 1) * c_in, h, wd)),
                           b.slice(w, (g * c_out, 0, 0, 0), ((g + 1) * c_out,) + tuple(w.shape[1:])))
                      for g in range(groups)], 1)
+
+
+def _to_phases(b: GraphBuilder, x: Value, dilation) -> Value:
+    """x [N, C, L0, L1], each dilated axis's length a multiple of its dilation d, with the
+    cells of that axis reordered by phase: cell q·d + r moves to r·(L/d) + q. An undilated
+    window within one phase's run of cells reads what the dilated window reads, so the
+    convolution over the reordered x costs the multiply-adds of the kernel's own taps, plus
+    k - 1 outputs per phase that straddle two phases (dropped by _from_phases)."""
+    split, perm = list(x.shape[:2]), [0, 1]
+    for length, d in zip(x.shape[2:], dilation):
+        at = len(split)
+        split += [length // d, d] if d > 1 else [length]
+        perm += [at + 1, at] if d > 1 else [at]
+    return b.reshape(b.permute(b.reshape(x, split), perm), x.shape)
+
+
+def _from_phases(b: GraphBuilder, y: Value, dilation, kernel, out_hw) -> Value:
+    """The convolution of _to_phases's x back in order: along a dilated axis, each of the d
+    phases' L/d - k + 1 whole-window outputs, interleaved, cut to the output's length."""
+    n, o = y.shape[:2]
+    runs = [(size + k - 1) // d if d > 1 else size for size, k, d in zip(y.shape[2:], kernel, dilation)]
+    y = b.pad(y, (0,) * 4, (0, 0) + tuple(r * d - size if d > 1 else 0
+                                          for r, d, size in zip(runs, dilation, y.shape[2:])))
+    split, keep, perm, whole = [n, o], [n, o], [0, 1], [n, o]
+    for r, k, d in zip(runs, kernel, dilation):
+        at = len(split)
+        split += [d, r] if d > 1 else [r]
+        keep += [d, r - k + 1] if d > 1 else [r]
+        perm += [at + 1, at] if d > 1 else [at]
+        whole.append((r - k + 1) * d if d > 1 else r)
+    y = b.permute(b.slice(b.reshape(y, split), (0,) * len(split), keep), perm)
+    return b.slice(b.reshape(y, whole), (0,) * 4, (n, o) + tuple(out_hw))
 
 
 def _depthwise(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, out_hw) -> Value:
@@ -337,6 +386,7 @@ def conv1d(ctx: LayerContext, x: Tensor, channels: int, kernel: int, stride: int
     y = _convolve(b, b.reshape(x, (n, c_in, 1, t)), b.reshape(w, (channels, c_in // groups, 1, kernel)),
                   (1, stride), (0, pad), (1, dilation), groups, "conv1d")
     y = b.reshape(y, (n, channels, y.shape[3]))
+    b.composite(y, "conv1d", (x, w), stride=stride, pad=pad, dilation=dilation, groups=groups)
     if bias:
         y = y + b.broadcast(ctx.param("b", (channels,), ZEROS), y.shape, (1,))
     return y

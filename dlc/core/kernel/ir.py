@@ -182,6 +182,27 @@ class Gather(Ix):
     hi: int = INT_MAX
 
 
+def _linear(a: Ix) -> tuple[list, int]:
+    """a as a sum: ([(atom, coefficient), ...] in the order met, constant), its atoms the
+    parts that are not Add, Mul or Const."""
+    coef: dict[int, list] = {}
+    const = 0
+
+    def walk(e: Ix, k: int) -> None:
+        nonlocal const
+        if isinstance(e, Add):
+            walk(e.a, k)
+            walk(e.b, k)
+        elif isinstance(e, Mul):
+            walk(e.a, k * e.c)
+        elif isinstance(e, Const):
+            const += k * e.value
+        else:
+            coef.setdefault(id(e), [e, 0])[1] += k
+    walk(a, 1)
+    return [(e, k) for e, k in coef.values() if k], const
+
+
 def ix_children(e: Ix) -> tuple:
     if isinstance(e, (Add,)):
         return (e.a, e.b)
@@ -338,7 +359,7 @@ class Exprs:
         v = int(v)
         return self._make(Const, v, lo=v, hi=v)
 
-    def add(self, a: Ix, b: Ix) -> Ix:
+    def add(self, a: Ix, b: Ix, regroup: bool = True) -> Ix:
         if isinstance(a, Const) and isinstance(b, Const):
             return self.const(a.value + b.value)
         if isinstance(a, Const) and a.value == 0:
@@ -347,11 +368,35 @@ class Exprs:
             return a
         if isinstance(b, Const) and isinstance(a, Add) and isinstance(a.b, Const):  # (x + c1) + c2
             return self.add(a.a, self.const(a.b.value + b.value))
-        for p, q in ((a, b), (b, a)):  # (x // c) * c + x % c = x (a reshape's unravel, raveled again)
-            if isinstance(p, Mul) and isinstance(p.a, Div) and isinstance(q, Mod) and p.a.a is q.a \
-                    and p.c == p.a.c == q.c:
-                return q.a
+        if regroup and any(isinstance(e, Mod) or (isinstance(e, Mul) and isinstance(e.a, Mod)) for e in (a, b)):
+            joined = self._regroup(a, b)
+            if joined is not None:
+                return joined
         return self._make(Add, a, b, lo=a.lo + b.lo, hi=a.hi + b.hi)
+
+    def _regroup(self, a: Ix, b: Ix) -> Ix | None:
+        """a + b with every k*c*(y // c) + k*(y % c) in the sum joined into k*y (a reshape's
+        unravel, raveled again: the index it started from); None when there is none."""
+        terms, const = _linear(self._make(Add, a, b, lo=a.lo + b.lo, hi=a.hi + b.hi))
+        coef = {id(e): [e, k] for e, k in terms}
+        changed, found = False, True
+        while found:
+            found = False
+            for e, k in list(coef.values()):
+                if not (isinstance(e, Mod) and k) or id(e) not in coef:
+                    continue
+                quotient, rest = _linear(self.div(e.a, e.c))
+                if all(id(q) in coef and coef[id(q)][1] == k * e.c * kq for q, kq in quotient):
+                    for q, _ in quotient:
+                        del coef[id(q)]
+                    del coef[id(e)]
+                    whole, extra = _linear(e.a)  # k*y, y = c*(y // c) + y % c
+                    const += k * (extra - e.c * rest)
+                    for y, ky in whole:
+                        coef.setdefault(id(y), [y, 0])[1] += k * ky
+                    changed = found = True
+                    break
+        return self._sum([(e, k) for e, k in coef.values() if k], const) if changed else None
 
     def mul(self, a: Ix, c: int) -> Ix:
         c = int(c)
@@ -378,10 +423,11 @@ class Exprs:
             return self.const(0)
         if isinstance(a, Mul) and a.c % c == 0:
             return self.mul(a.a, a.c // c)
-        if isinstance(a, Add):  # (x*c + y) // c = x + y // c = x when 0 <= y < c
-            for p, q in ((a.a, a.b), (a.b, a.a)):
-                if isinstance(p, Mul) and p.c % c == 0 and q.lo >= 0 and q.hi < c:
-                    return self.mul(p.a, p.c // c)
+        if isinstance(a, Div):  # (x // c1) // c = x // (c1*c)
+            return self.div(a.a, a.c * c)
+        split = self._split(a, c)
+        if split is not None:  # (c*q + r) // c = q + r // c (floor division, any integers)
+            return self.add(split[0], self.div(split[1], c))
         return self._make(Div, a, c, lo=a.lo // c, hi=a.hi // c)
 
     def mod(self, a: Ix, c: int) -> Ix:
@@ -393,11 +439,30 @@ class Exprs:
             return a
         if isinstance(a, Mul) and a.c % c == 0:
             return self.const(0)
-        if isinstance(a, Add):  # (x*c + y) % c = y when 0 <= y < c
-            for p, q in ((a.a, a.b), (a.b, a.a)):
-                if isinstance(p, Mul) and p.c % c == 0 and q.lo >= 0 and q.hi < c:
-                    return q
+        if isinstance(a, Mod) and a.c % c == 0:  # (x % (k*c)) % c = x % c
+            return self.mod(a.a, c)
+        split = self._split(a, c)
+        if split is not None:  # (c*q + r) % c = r % c
+            return self.mod(split[1], c)
         return self._make(Mod, a, c, lo=0, hi=c - 1)
+
+    def _split(self, a: Ix, c: int):
+        """a as c*q + r: q the terms of a's sum whose coefficients c divides, over c (and the
+        constant's multiple of c), r the rest; None when q would be 0. A reshape's index
+        (a raveled permutation of an unraveled index) is such a sum, and splitting it lets
+        the range rules drop the parts a division or remainder cannot see."""
+        terms, const = _linear(a)
+        q = [(atom, k // c) for atom, k in terms if k % c == 0]
+        if not q and const // c == 0:
+            return None
+        r = [(atom, k) for atom, k in terms if k % c]
+        return self._sum(q, const // c), self._sum(r, const % c)
+
+    def _sum(self, terms, const: int) -> Ix:
+        out = self.const(0)
+        for atom, k in terms:
+            out = self.add(out, self.mul(atom, k), regroup=False)
+        return self.add(out, self.const(const), regroup=False)
 
     def clamp(self, a: Ix, lo: int, hi: int) -> Ix:
         if a.lo >= lo and a.hi <= hi:
