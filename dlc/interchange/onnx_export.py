@@ -9,11 +9,13 @@ inputs' shapes at run time.
 Patterns that ONNX has one operator for are exported as that operator, so that other
 tools (and `dlc import`) see layers rather than arithmetic:
 
-  matmul + bias             Gemm          conv2d + bias          Conv with B
+  matmul + bias             Gemm
   max(x, 0)                 Relu          leaky_relu's select    LeakyRelu
   elu, selu, softplus       Elu, Selu, Softplus    layernorm     LayerNormalization
   (silu stays Sigmoid and Mul: onnxruntime 1.32 runs no Swish, ONNX's operator from opset 24)
-  conv1d (+ bias), pools over [N, C, T]    Conv, MaxPool, AveragePool over one axis
+  pools over [N, C, T]      MaxPool, AveragePool over one axis
+  conv2d, conv1d (+ bias)   one Conv with group and dilations, however dlc composed the
+                            layer (a composite the builder recorded: graph.meta["composites"])
   dlc's softmax/log_softmax Softmax/LogSoftmax (axis)
   sum / size                ReduceMean    flatten's reshape      Flatten
   recurrent loops           LSTM, GRU (linear_before_reset=1), RNN; a forward and a

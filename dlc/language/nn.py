@@ -229,8 +229,13 @@ def _convolve(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups
         phased = _to_phases(b, b.pad(x, (0, 0) + tuple(p if d > 1 else 0 for p, d in zip(pad, dilation)),
                                      (0, 0) + tuple(n - size - p if d > 1 else 0 for n, size, p, d in
                                                     zip(lengths, x.shape[2:], pad, dilation))), dilation)
+        # with k // 2 zeros of the convolution's own on each side, its first L outputs are d
+        # whole runs of L/d, one per phase, output k // 2 of each the first whole window
         y = _grouped(b, phased, w, groups, lambda x, w: b.emit(
-            ops.CONV2D, (x, w), stride=stride, pad=tuple(0 if d > 1 else p for p, d in zip(pad, dilation))))
+            ops.CONV2D, (x, w), stride=stride,
+            pad=tuple(k // 2 if d > 1 else p for k, p, d in zip(w.shape[2:], pad, dilation))))
+        y = b.slice(y, (0,) * 4, tuple(y.shape[:2]) + tuple(
+            n if d > 1 else size for n, d, size in zip(lengths, dilation, y.shape[2:])))
         y = _from_phases(b, y, dilation, w.shape[2:], out_hw)
     else:
         def conv(x, w):
@@ -258,7 +263,8 @@ def _to_phases(b: GraphBuilder, x: Value, dilation) -> Value:
     cells of that axis reordered by phase: cell q·d + r moves to r·(L/d) + q. An undilated
     window within one phase's run of cells reads what the dilated window reads, so the
     convolution over the reordered x costs the multiply-adds of the kernel's own taps, plus
-    k - 1 outputs per phase that straddle two phases (dropped by _from_phases)."""
+    k - 1 outputs per phase that straddle two phases or read the zeros around them
+    (dropped by _from_phases)."""
     split, perm = list(x.shape[:2]), [0, 1]
     for length, d in zip(x.shape[2:], dilation):
         at = len(split)
@@ -268,20 +274,20 @@ def _to_phases(b: GraphBuilder, x: Value, dilation) -> Value:
 
 
 def _from_phases(b: GraphBuilder, y: Value, dilation, kernel, out_hw) -> Value:
-    """The convolution of _to_phases's x back in order: along a dilated axis, each of the d
-    phases' L/d - k + 1 whole-window outputs, interleaved, cut to the output's length."""
+    """The convolution of _to_phases's x (with k // 2 zeros on each side; its first L
+    outputs along a dilated axis) back in order: each of the d phases' L/d - k + 1
+    whole-window outputs, interleaved, cut to the output's length."""
     n, o = y.shape[:2]
-    runs = [(size + k - 1) // d if d > 1 else size for size, k, d in zip(y.shape[2:], kernel, dilation)]
-    y = b.pad(y, (0,) * 4, (0, 0) + tuple(r * d - size if d > 1 else 0
-                                          for r, d, size in zip(runs, dilation, y.shape[2:])))
-    split, keep, perm, whole = [n, o], [n, o], [0, 1], [n, o]
+    runs = [size // d if d > 1 else size for size, d in zip(y.shape[2:], dilation)]
+    split, first, keep, perm, whole = [n, o], [0, 0], [n, o], [0, 1], [n, o]
     for r, k, d in zip(runs, kernel, dilation):
         at = len(split)
         split += [d, r] if d > 1 else [r]
-        keep += [d, r - k + 1] if d > 1 else [r]
+        first += [0, k // 2] if d > 1 else [0]
+        keep += [d, k // 2 + r - k + 1] if d > 1 else [r]
         perm += [at + 1, at] if d > 1 else [at]
         whole.append((r - k + 1) * d if d > 1 else r)
-    y = b.permute(b.slice(b.reshape(y, split), (0,) * len(split), keep), perm)
+    y = b.permute(b.slice(b.reshape(y, split), first, keep), perm)
     return b.slice(b.reshape(y, whole), (0,) * 4, (n, o) + tuple(out_hw))
 
 
