@@ -572,6 +572,11 @@ class Model:
         (`bce`, or a model ending in `softmax`). Keywords as for predict; with `results`, the
         dict predict gives, its "output" the probabilities."""
         kind, from_logits = self._classifier("predict_proba()")
+        loss = self._classifier_call()
+        if loss.func.text in ("hinge", "multi_hinge"):
+            raise ArgumentError(f"predict_proba() needs a model trained for probabilities; `{loss.func.text}` "
+                                f"trains scores, which are no probabilities", loss.span,
+                                hint="predict() gives the scores; the highest (or a positive one) is the class")
         got = self.predict(x, results=True, **kwargs)
         out = got["output"].astype(np.float64)
         if kind == "cross_entropy" and not self._ends_in_softmax():
@@ -601,10 +606,11 @@ class Model:
         return classification_report(out, y, kind, from_logits, top_k)
 
     def _classifier(self, what: str) -> tuple[str, bool]:
-        """The classification loss (cross_entropy or bce) and whether bce takes logits."""
+        """How the outputs give classes (see _loss_kind); an error when the model is no classifier."""
         found = self._loss_kind()
         if found is None:
-            raise ArgumentError(f"{what} needs a classifier: a model trained with `cross_entropy` or `bce`",
+            raise ArgumentError(f"{what} needs a classifier: a model trained with `cross_entropy`, `bce`, "
+                                f"`kl_div`, `hinge` or `multi_hinge`",
                                 self._require_config().span("loss"), hint="predict() gives the model's outputs")
         return found
 
@@ -616,23 +622,36 @@ class Model:
 
     @property
     def is_classifier(self) -> bool:
-        """Trained with `cross_entropy` or `bce` (accuracy, predict_proba, classification_report)."""
+        """Trained with a classification loss (accuracy, predict_proba, classification_report)."""
         return self.classifier is not None
 
     @property
     def classifier(self) -> tuple[str, bool] | None:
-        """(the classification loss, `cross_entropy` or `bce`; whether bce takes logits), or
-        None when the model is no classifier."""
+        """How the outputs give classes (see _loss_kind), or None when the model is no
+        classifier."""
         return self._loss_kind() if self.train_config is not None else None
 
     def _loss_kind(self) -> tuple[str, bool] | None:
+        """How the outputs give classes, as the metrics take it: ("cross_entropy", _) for an
+        argmax over the last axis, ("bce", logits) for a threshold (0 on logits, hinge's
+        scores; else 0.5)."""
+        call = self._classifier_call()
+        if call is None:
+            return None
+        from dlc.language.nn import CLASSIFIERS
         from dlc.language.syntax import ast
-        for c in ast.calls(self._require_config().loss):
-            if c.func.text in ("cross_entropy", "bce"):
-                logits = any(k.name == "from_logits" and isinstance(k.value, ast.Name) and k.value.text == "true"
-                             for k in c.kwargs)
-                return c.func.text, logits
-        return None
+        if CLASSIFIERS[call.func.text] == "argmax":
+            return "cross_entropy", False
+        logits = call.func.text == "hinge" or any(
+            k.name == "from_logits" and isinstance(k.value, ast.Name) and k.value.text == "true" for k in call.kwargs)
+        return "bce", logits
+
+    def _classifier_call(self):
+        """The loss's call of a classification loss (cross_entropy, bce, kl_div, hinge,
+        multi_hinge), or None."""
+        from dlc.language.nn import CLASSIFIERS
+        from dlc.language.syntax import ast
+        return next((c for c in ast.calls(self._require_config().loss) if c.func.text in CLASSIFIERS), None)
 
     def _ends_in_softmax(self) -> bool:
         return "output_is_softmax" in self.built("eval").graph.meta

@@ -50,6 +50,7 @@ class OpCase:
     inputs: tuple = ()            # per operand: (lo, hi) or callable(rng, shape); default DOMAIN
     dtypes: tuple = ()            # per operand dtype for range inputs; default f32
     avoid: tuple = ()
+    targets: tuple = ()           # float operands that are data (a loss's targets): not differentiated
     grad: str = "fd"
     tol32: tuple = (1e-5, 1e-6)
     tol64: tuple | None = None    # (rtol, atol) of float64 runs where not test_ops.F64_TOL
@@ -125,6 +126,18 @@ def probabilities(rng, shape):
 
 def zeros_ones_f32(rng, shape):
     return (rng.random(size=shape) < 0.5).astype(np.float32)
+
+
+def signs_f32(rng, shape):
+    """-1 or +1 (a hinge loss's targets)."""
+    return np.where(rng.random(size=shape) < 0.5, -1.0, 1.0).astype(np.float32)
+
+
+def sparse_probabilities(rng, shape):
+    """Probability rows with zeros in them (0 log 0 = 0 in kl_div)."""
+    p = rng.uniform(0.1, 1.0, size=shape) * (rng.random(size=shape) < 0.6)
+    p[..., 0] += 0.5  # (no row all zeros)
+    return (p / p.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 # --- numpy references ---------------------------------------------------------------------------
@@ -609,6 +622,29 @@ def np_cross_entropy(z, y, mask=None):
     else:
         nll = -(y * logp).sum(axis=-1)
     return nll.mean() if mask is None else np_masked_mean(nll, mask)
+
+
+def np_kl_div(z, t, mask=None):
+    terms = np.where(t > 0, t * np.log(np.where(t > 0, t, 1.0)), 0.0) - t * np_log_softmax(z)
+    per = terms.sum(axis=-1)
+    return per.mean() if mask is None else np_masked_mean(per, mask)
+
+
+def np_hinge(o, t, margin=1.0, squared=False, mask=None):
+    t = 2 * t - 1 if np.all((t == 0) | (t == 1)) else t
+    short = np.maximum(margin - t * o, 0.0)
+    short = short ** 2 if squared else short
+    return short.mean() if mask is None else np_masked_mean(short, mask)
+
+
+def np_multi_hinge(s, y, margin=1.0, squared=False, mask=None):
+    """PyTorch's MultiMarginLoss per position: sum over i != y of max(0, margin - s_y + s_i)^p / K."""
+    k = s.shape[-1]
+    rows, labels = s.reshape(-1, k), y.reshape(-1)
+    short = np.maximum(margin - rows[np.arange(len(labels)), labels][:, None] + rows, 0.0)
+    short[np.arange(len(labels)), labels] = 0.0
+    per = ((short ** 2 if squared else short).sum(axis=-1) / k).reshape(y.shape)
+    return per.mean() if mask is None else np_masked_mean(per, mask)
 
 
 def np_accuracy(z, y, mask=None):
@@ -1345,6 +1381,26 @@ COMPOSITES: list[OpCase] = [
     C("bce", [(3, 4, 1), (3, 4, 1), (3, 4)], lambda p, t, m: np_masked_mean(-(t * np.log(p) + (1 - t) * np.log(1 - p)), m),
       call=lambda ctx, p, t, m: nn.bce(ctx, p, t, mask=m),
       inputs=[(0.05, 0.95), zeros_ones_f32, post_padding], id="masked-probabilities"),
+    C("kl_div", [(5, N), (5, N)], np_kl_div, inputs=[(-3.0, 3.0), sparse_probabilities], targets=(1,)),
+    C("kl_div", [(3, 4, N), (3, 4, N), (3, 4)], np_kl_div, call=lambda ctx, z, t, m: nn.kl_div(ctx, z, t, mask=m),
+      inputs=[(-3.0, 3.0), probabilities, post_padding], id="per-step-masked"),
+    C("hinge", [(M, 1), (M, 1)], np_hinge, inputs=[(-3.0, 3.0), signs_f32], avoid=(-1.0, 1.0), id="signs"),
+    C("hinge", [(M, N), (M, N)], np_hinge, inputs=[(-3.0, 3.0), zeros_ones_f32], avoid=(-1.0, 1.0),
+      targets=(1,), id="zeros-ones"),
+    C("hinge", [(M, N), (M, N)], lambda o, t: np_hinge(o, t, 0.5, True), attrs={"margin": 0.5, "squared": True},
+      inputs=[(-3.0, 3.0), signs_f32], avoid=(-0.5, 0.5), id="squared-margin"),
+    C("hinge", [(3, 4), (3, 4), (3, 4)], lambda o, t, m: np_hinge(o, t, mask=m),
+      call=lambda ctx, o, t, m: nn.hinge(ctx, o, t, mask=m), inputs=[(-3.0, 3.0), signs_f32, post_padding],
+      avoid=(-1.0, 1.0), id="masked"),
+    C("hinge", [(M, 1), (M, 1)], lambda o, t: np.mean((o > 0) == (t > 0)),
+      call=lambda ctx, o, t: nn.accuracy(ctx.b, o, t, "hinge"), inputs=[(-3.0, 3.0), signs_f32], grad="zero",
+      id="accuracy"),
+    C("multi_hinge", [(5, N), (5,)], np_multi_hinge, inputs=[(-3.0, 3.0), ints(0, N)]),
+    C("multi_hinge", [(5, N), (5,)], lambda s, y: np_multi_hinge(s, y, 2.0, True), attrs={"margin": 2.0, "squared": True},
+      inputs=[(-3.0, 3.0), ints(0, N)], id="squared-margin"),
+    C("multi_hinge", [(3, 4, N), (3, 4), (3, 4)], lambda s, y, m: np_multi_hinge(s, y, mask=m),
+      call=lambda ctx, s, y, m: nn.multi_hinge(ctx, s, y, mask=m), inputs=[(-3.0, 3.0), ints(0, N), post_padding],
+      id="per-step-masked"),
     C("mse", [(3, 4, 2), (3, 4, 2), (3, 4)], lambda o, t, m: np_masked_mean((o - t) ** 2, m),
       call=lambda ctx, o, t, m: nn.mse(ctx, o, t, mask=m), inputs=[DOMAIN, DOMAIN, post_padding], id="masked"),
     C("huber", [(3, 4, 2), (3, 4, 2), (3, 4)], lambda o, t, m: np_masked_mean(np_huber(o - t, 1.0), m),

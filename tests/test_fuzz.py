@@ -599,7 +599,8 @@ def generated(draw, mistakes: bool = True):
             loss = g.pick(["cross_entropy(output, label)", "mse(output, label)",
                            "cross_entropy(output, label) + 0.001 * l2(weights)", "huber(output, label)",
                            "cross_entropy(output, label, smoothing=0.1)",
-                           "bce(output, label, from_logits=true)",
+                           "bce(output, label, from_logits=true)", "multi_hinge(output, label)",
+                           "hinge(output, label)", "kl_div(output, softmax(output * 0.5))",
                            # targets computed from the output: no labels (and so no accuracy)
                            "bce(output, 0.0 * output + 0.25, from_logits=true)",
                            "cross_entropy(output, softmax(output * 0.5)) + 0.1 * mean(output)"])
@@ -607,7 +608,7 @@ def generated(draw, mistakes: bool = True):
             loss = g.pick(["mse(output, label)", "mean(output * output) + 0.01 * l1(params)",
                            "bce(output, label, from_logits=true)", "mae(output, label)",
                            "huber(output, label, delta=0.5)"] +
-                          ["cross_entropy(output, label)"] * (len(out_shape) == 3))
+                          ["cross_entropy(output, label)", "multi_hinge(output, label, squared=true)"] * (len(out_shape) == 3))
         opt = g.pick(["sgd(lr=0.1, momentum=0.9)", "adam(lr=1e-3)", "adamw", "rmsprop()", "adagrad(lr=0.5)",
                       "adadelta()", "sgd(lr=0.05, momentum=0.5, nesterov=true, weight_decay=0.01)",
                       "rmsprop(momentum=0.5)"])
@@ -674,7 +675,7 @@ def fuzz_labels(text: str, declared: tuple, rows: int):
     """Labels the generated loss reads: class indices, targets in [0, 1), or none."""
     loss = next(line for line in text.splitlines() if line.strip().startswith("loss ="))
     rng = np.random.default_rng(1)
-    if "cross_entropy" in loss:  # a class per sample, or per step of a sequence
+    if "cross_entropy" in loss or "multi_hinge" in loss:  # a class per sample, or per step of a sequence
         return rng.integers(0, int(declared[-1]), (rows,) + tuple(declared[1:-1])).astype(np.int32)
     if "label" in loss:
         return rng.random((rows,) + tuple(int(d) for d in declared[1:]), dtype=np.float32)

@@ -133,7 +133,7 @@ class Built:
         self.feeds = {}
         values = []
         for i, a in enumerate(self.arrays):
-            role = "param" if a.dtype.kind == "f" else "data"
+            role = "param" if a.dtype.kind == "f" and i not in case.targets else "data"
             values.append(b.input(f"x{i}", TensorType(DType.of(a), a.shape), role))
             self.feeds[f"x{i}"] = a
         self.layer = {}  # short name -> array (layer params and state)
@@ -308,7 +308,8 @@ def test_symbolic_batch(case: OpCase):
     g = Graph("t")
     b = GraphBuilder(g)
     values = [b.input(f"x{i}", TensorType(DType.of(a), (sym("B"),) + a.shape[1:]),
-                      "param" if a.dtype.kind == "f" else "data") for i, a in enumerate(concrete.arrays)]
+                      "param" if a.dtype.kind == "f" and i not in case.targets else "data")
+              for i, a in enumerate(concrete.arrays)]
     ctx = Ctx(b, case.training)
     fn = case.call or (lambda c, *v: nn.BUILTINS[case.op].fn(c, *v, **case.attrs))
     y = fn(ctx, *values)

@@ -345,3 +345,46 @@ def test_regression_losses_train_natively_as_on_the_reference(loss):
     np.testing.assert_allclose(runs["cpu"][0], runs["reference"][0], rtol=1e-5)
     np.testing.assert_allclose(runs["cpu"][1], runs["reference"][1], rtol=1e-4, atol=1e-6)
     assert runs["cpu"][0][-1] < runs["cpu"][0][0]
+
+
+@pytest.mark.parametrize("loss", ["hinge(output, label)", "hinge(output, 2.0 * label - 1.0, squared=true)"])
+def test_a_linear_svm_trains_with_the_hinge_loss(loss):
+    """A linear model trained with the hinge loss (an SVM's) separates the two blobs; labels
+    of 0/1 count as -1/+1 (or are made so in the loss). Accuracy is the sign's agreement,
+    and the classification report reads the outputs as scores: positive is class 1."""
+    m = dlc.load(f"""model svm(x: f32[B, 2]) -> f32[B, 1] {{ return x |> dense(1) }}
+train svm {{ data = csv("{Path(__file__).parent.parent / "examples" / "data" / "two_blobs.csv"}", label="label", test=0.25)
+            loss = {loss} + 0.01 * l2(weights)  optimizer = sgd(lr=0.1)  batch = 16  epochs = 10 }}""")
+    h = m.fit(quiet=True)
+    assert h.test["accuracy"] >= 0.85 and h["train_loss"][-1] < h["train_loss"][0]
+    report = m.classification_report()
+    assert report["classes"] == 2 and report["accuracy"] == pytest.approx(h.test["accuracy"], abs=1e-6)
+    with pytest.raises(dlc.DlcError, match="`hinge` trains scores, which are no probabilities"):
+        m.predict_proba(np.zeros((2, 2), np.float32))
+
+
+def test_multi_hinge_and_kl_div_train_classifiers():
+    """multi_hinge (a multi-class SVM's loss) trains the digits with integer labels; kl_div
+    trains a student towards a teacher's probabilities. Both score accuracy by the argmax,
+    and on the CPU as on the reference interpreter."""
+    source = ("model m(x: f32[B, 64]) -> f32[B, 10] { return x |> dense(10) }\n"
+              "train m { data = digits(test=0.2)  loss = multi_hinge(output, label)  optimizer = sgd(lr=0.05, momentum=0.9)"
+              "  batch = 32  epochs = 4 }")
+    runs = {}
+    for target in ("cpu", "reference"):
+        m = dlc.load(source)
+        h = m.fit(target=target, quiet=True)
+        runs[target] = h["train_loss"], h.test["accuracy"]
+    np.testing.assert_allclose(runs["cpu"][0], runs["reference"][0], rtol=1e-4)
+    assert runs["cpu"][1] >= 0.9
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8)).astype(np.float32)
+    logits = x @ rng.normal(size=(8, 4)).astype(np.float32)
+    soft = np.exp(logits - logits.max(1, keepdims=True))
+    soft /= soft.sum(1, keepdims=True)
+    student = dlc.load("model s(x: f32[B, 8]) -> f32[B, 4] { return x |> dense(4) }\n"
+                       "train s { data = arrays()  loss = kl_div(output, label)  optimizer = adam(lr=0.05)"
+                       "  batch = 32  epochs = 30 }")
+    h = student.fit(x, soft.astype(np.float32), quiet=True)
+    assert h["train_loss"][-1] < 0.05 * h["train_loss"][0] and h.test["accuracy"] >= 0.9
+    np.testing.assert_allclose(student.predict_proba(x[:4]), soft[:4], atol=0.05)

@@ -1437,34 +1437,104 @@ def cross_entropy(ctx: LayerContext, logits: Tensor, labels: Tensor, mask: Optio
     b = ctx.b
     if not 0.0 <= smoothing < 1.0:
         raise arg_error(f"`cross_entropy`: `smoothing` must be in [0, 1), got {smoothing}", "smoothing")
-    if not logits.dtype.is_float:
-        raise arg_error(f"`cross_entropy` needs floating-point logits, got {logits.type}", "logits")
-    if logits.rank < 2:
-        raise ArgumentError(f"`cross_entropy` needs logits [B, classes] (or [B, T, classes]), got {logits.type}")
-    positions = tuple(logits.shape[:-1])
-    if labels.dtype == DType.i32 and tuple(labels.shape) != positions:
-        want = "i32[" + ",".join(str(d) for d in positions) + "]"
-        raise arg_error(f"`cross_entropy`: labels {labels.type} do not match logits {logits.type}; "
-                        f"integer labels need the logits' shape without the class axis, {want}", "labels")
-    if labels.dtype != DType.i32:
-        _same_shape("cross_entropy", logits, labels)
-    keep = _loss_mask(ctx, "cross_entropy", logits, mask, positions)
-    if logits.rank > 2:  # every position a row: [B, T, K] is computed as [B*T, K]
-        rows = numel(positions)
-        if keep is not None:
-            keep = b.reshape(b.broadcast(keep, positions, tuple(range(keep.rank))), (rows,))
-        logits = b.reshape(logits, (rows, logits.shape[-1]))
-        labels = b.reshape(labels, (rows,) + ((logits.shape[-1],) if labels.dtype != DType.i32 else ()))
+    logits, labels, keep = _class_rows(ctx, "cross_entropy", logits, labels, mask)
     logp = _log_softmax(b, logits, -1)
     if labels.dtype == DType.i32:
-        onehot = b.eq(b.broadcast(labels, logits.shape, (0,)), b.iota(logits.shape, 1))
-        picked = b.where(onehot, logp, 0.0)
+        picked = b.where(_one_hot(b, labels, logits.shape), logp, 0.0)
     else:
         picked = logp * labels
     per_row = b.sum(picked, 1)
     if smoothing:  # -sum of ((1 - e) target + e/K) log p = (1 - e) CE + e/K times -sum of log p
         per_row = per_row * (1.0 - smoothing) + b.sum(logp, 1) * (smoothing / logits.shape[-1])
     return -_masked_mean(b, per_row, keep)
+
+
+def _class_rows(ctx: LayerContext, name: str, logits: Value, labels: Value, mask: Optional[Value],
+                integer_labels: bool = True, probabilities: bool = True, args=("logits", "labels")):
+    """Logits (or scores) [..., K], classes on the last axis, and their labels -- integers
+    [...] or target probabilities [..., K] -- checked and made rows: ([R, K], [R] or [R, K],
+    the bool [R] mask of the positions kept, or None)."""
+    b = ctx.b
+    what = args[0]
+    if not logits.dtype.is_float:
+        raise arg_error(f"`{name}` needs floating-point {what}, got {logits.type}", args[0])
+    if logits.rank < 2:
+        raise ArgumentError(f"`{name}` needs {what} [B, classes] (or [B, T, classes]), got {logits.type}")
+    positions = tuple(logits.shape[:-1])
+    want = "i32[" + ",".join(str(d) for d in positions) + "]"
+    if labels.dtype == DType.i32 and not integer_labels:
+        raise arg_error(f"`{name}` needs target probabilities shaped like the {what} {logits.type}, got integer "
+                        f"labels {labels.type}", args[1], hint="cross_entropy takes integer class labels")
+    if labels.dtype != DType.i32 and not probabilities:
+        raise arg_error(f"`{name}` needs integer class labels {want}, got {labels.type}", args[1])
+    if labels.dtype == DType.i32 and tuple(labels.shape) != positions:
+        raise arg_error(f"`{name}`: labels {labels.type} do not match {what} {logits.type}; "
+                        f"integer labels need the {what}' shape without the class axis, {want}", args[1])
+    if labels.dtype != DType.i32:
+        _same_shape(name, logits, labels)
+    keep = _loss_mask(ctx, name, logits, mask, positions)
+    if logits.rank > 2:  # every position a row: [B, T, K] is computed as [B*T, K]
+        rows = numel(positions)
+        if keep is not None:
+            keep = b.reshape(b.broadcast(keep, positions, tuple(range(keep.rank))), (rows,))
+        logits = b.reshape(logits, (rows, logits.shape[-1]))
+        labels = b.reshape(labels, (rows,) + ((logits.shape[-1],) if labels.dtype != DType.i32 else ()))
+    return logits, labels, keep
+
+
+def _one_hot(b: GraphBuilder, labels: Value, shape) -> Value:
+    """bool [R, K]: true at each row's label."""
+    return b.eq(b.broadcast(labels, shape, (0,)), b.iota(shape, 1))
+
+
+@builtin("loss")
+def kl_div(ctx: LayerContext, logits: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Value:
+    """Kullback-Leibler divergence of softmax(logits) from the target distribution [..., K]
+    (classes on the last axis): sum_k t_k (log t_k - log_softmax(logits)_k), with 0 log 0 = 0,
+    averaged over the positions (PyTorch's KLDivLoss with reduction="batchmean", which
+    takes log-probabilities: those pass through log_softmax unchanged)."""
+    b = ctx.b
+    logits, target, keep = _class_rows(ctx, "kl_div", logits, target, mask, integer_labels=False,
+                                       args=("logits", "target"))
+    entropy_term = b.where(b.gt(target, 0.0), target * b.log(b.maximum(target, 1e-30)), 0.0)
+    return _masked_mean(b, b.sum(entropy_term - target * _log_softmax(b, logits, -1), 1), keep)
+
+
+@builtin("loss")
+def hinge(ctx: LayerContext, output: Tensor, target: Tensor, margin: float = 1.0, squared: bool = False,
+          mask: Optional[Tensor] = None) -> Value:
+    """The hinge loss of a binary classifier (a support vector machine's): the mean of
+    max(0, margin - t*output) (squared with squared=true) over all elements, for targets t
+    of -1 or +1; targets that are all 0 or 1 count as -1 and +1 (as Keras does)."""
+    b = ctx.b
+    _float(output, "hinge", arg="output")
+    _same_shape("hinge", output, target)
+    if not margin > 0.0:
+        raise arg_error(f"`hinge`: argument `margin` must be positive, got {margin}", "margin")
+    keep = _loss_mask(ctx, "hinge", output, mask, tuple(output.shape))
+    zero_one = b.eq(b.max(b.abs(target * (target - 1.0))), 0.0)  # every target 0 or 1
+    t = b.where(b.broadcast(zero_one, target.shape, ()), target * 2.0 - 1.0, target)
+    short = b.maximum(margin - t * output, 0.0)
+    return _masked_mean(b, short * short if squared else short, keep)
+
+
+@builtin("loss")
+def multi_hinge(ctx: LayerContext, scores: Tensor, labels: Tensor, margin: float = 1.0, squared: bool = False,
+                mask: Optional[Tensor] = None) -> Value:
+    """The multi-class hinge loss (Weston and Watkins; PyTorch's MultiMarginLoss): per
+    position, sum over the classes i other than the label y of max(0, margin - s_y + s_i)
+    (squared with squared=true), over the number of classes; averaged over the positions.
+    Scores [..., K], integer labels [...]."""
+    b = ctx.b
+    if not margin > 0.0:
+        raise arg_error(f"`multi_hinge`: argument `margin` must be positive, got {margin}", "margin")
+    scores, labels, keep = _class_rows(ctx, "multi_hinge", scores, labels, mask, probabilities=False,
+                                        args=("scores", "labels"))
+    true = _one_hot(b, labels, scores.shape)
+    s_y = b.broadcast(b.sum(b.where(true, scores, 0.0), 1), scores.shape, (0,))
+    short = b.where(true, 0.0, b.maximum(scores - s_y + margin, 0.0))
+    per_row = b.sum(short * short if squared else short, 1) / float(scores.shape[-1])
+    return _masked_mean(b, per_row, keep)
 
 
 @builtin("loss")
@@ -1504,15 +1574,24 @@ def _total(b: GraphBuilder, terms: list) -> Value:
     return out
 
 
+# the losses that make a model a classifier, and how its outputs give classes: the argmax
+# over the last axis, or a threshold per element (bce's 0.5, or 0 on logits; hinge's 0)
+CLASSIFIERS = {"cross_entropy": "argmax", "kl_div": "argmax", "multi_hinge": "argmax",
+               "bce": "threshold", "hinge": "threshold"}
+
+
 def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str, logits: bool = False,
              mask: Optional[Value] = None) -> Value:
-    """Fraction of correct predictions: argmax for cross_entropy; for bce a 0.5 threshold on
-    probabilities (0 on logits). Per position (per token for [B, T, K] logits), over the
-    positions `mask` keeps (its shape a prefix of theirs) when given."""
-    if loss_fn == "cross_entropy" and label.dtype == DType.i32:
+    """Fraction of correct predictions: argmax for the losses over classes (cross_entropy,
+    kl_div, multi_hinge); for bce a 0.5 threshold on probabilities (0 on logits), for hinge
+    the sign. Per position (per token for [B, T, K] logits), over the positions `mask`
+    keeps (its shape a prefix of theirs) when given."""
+    if CLASSIFIERS[loss_fn] == "argmax" and label.dtype == DType.i32:
         hit = b.eq(b.argmax(output, -1), label)
-    elif loss_fn == "cross_entropy":
+    elif CLASSIFIERS[loss_fn] == "argmax":
         hit = b.eq(b.argmax(output, -1), b.argmax(label, -1))
+    elif loss_fn == "hinge":
+        hit = b.eq(b.gt(output, 0.0), b.gt(label, 0.0))
     else:
         hit = b.eq(b.gt(output, 0.0 if logits else 0.5), b.gt(label, 0.5))
     if mask is not None and tuple(mask.shape) != tuple(hit.shape[:mask.rank]):

@@ -56,14 +56,15 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
     if fe.loss_masks or fe.masks.get(output.id) is not None:
         # the loss keeps only some positions: per-class scores of every position would disagree
         fe.graph.meta["loss_masks_positions"] = True
-    loss_fn = next((c.func.text for c in ast.calls(loss_ast) if c.func.text in ("cross_entropy", "bce")), None)
+    loss_fn = next((c.func.text for c in ast.calls(loss_ast) if c.func.text in nn.CLASSIFIERS), None)
     metrics = values.get("metrics")
     if metrics is None:  # (a loss that never names `label` has no labels to score against)
         metrics = ("accuracy",) if loss_fn and label is not None else ()
     for m in metrics:
         if m == "accuracy":
             if loss_fn is None:
-                raise ArgumentError("`accuracy` needs a classification loss (`cross_entropy` or `bce`)",
+                raise ArgumentError("`accuracy` needs a classification loss (`cross_entropy`, `bce`, `kl_div`, "
+                                    "`hinge` or `multi_hinge`)",
                                     opts["metrics"].value.span,
                                     hint="drop `metrics`, or train with a classification loss")
             if label is None:
@@ -105,7 +106,7 @@ def _label_input(fe: Frontend, loss_ast, output: Value) -> Value | None:
         return None
     t = output.type
     for c in ast.calls(loss_ast):
-        if c.func.text == "cross_entropy" and len(c.args) > 1 and isinstance(c.args[1], ast.Name) \
+        if c.func.text in ("cross_entropy", "multi_hinge") and len(c.args) > 1 and isinstance(c.args[1], ast.Name) \
                 and c.args[1].text == "label":
             t = TensorType(DType.i32, output.shape[:-1] if output.rank >= 2 else output.shape[:1])
     with fe.b.at(None):

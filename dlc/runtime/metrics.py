@@ -53,7 +53,8 @@ def per_class(confusion: np.ndarray) -> list[dict]:
 
 def classification_report(outputs: np.ndarray, labels: np.ndarray, kind: str, from_logits: bool = False,
                           top_k: int = 5) -> dict:
-    """Everything above for one data set. `kind` is the loss: cross_entropy or bce."""
+    """Everything above for one data set. `kind` says how outputs give classes: cross_entropy
+    (the argmax over the last axis) or bce (a threshold, two classes)."""
     if kind not in ("cross_entropy", "bce"):
         raise ArgumentError("classification metrics need a classification loss (`cross_entropy` or `bce`)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
