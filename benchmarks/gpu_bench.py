@@ -12,6 +12,8 @@ Workloads (models/*.dln, the same as run.py's CPU benchmark):
   lstm_b32           LSTM T=32, input 64, hidden 128, Adam, batch 32
   transformer_b32    a transformer encoder block (4 heads, T=64), Adam, batch 32 (PyTorch:
                      nn.TransformerEncoderLayer)
+  mobilenet_b64      a 3x3 convolution and three depthwise-separable blocks on 3x32x32, SGD
+                     with momentum, batch 64 (PyTorch: Conv2d with groups=)
   sgemm_4096         4096 x 4096 @ 4096 x 4096 in float32: dlc's matmul kernel (its CUDA-event
                      time in a profiled step) against cupy.matmul (cuBLAS, TF32 off)
 
@@ -43,6 +45,7 @@ WORKLOADS = [  # name, model file, torch kind (run.py's torch_models), batch, st
     ("lenet_b64", "lenet28.dln", "lenet", 64, 100),
     ("lstm_b32", "lstm32.dln", "lstm", 32, 50),
     ("transformer_b32", "transformer.dln", "transformer", 32, 50),
+    ("mobilenet_b64", "mobilenet.dln", "mobilenet", 64, 50),
 ]
 GEMM_N = 4096
 

@@ -283,6 +283,24 @@ def torch_models():
                              *separable(64, 128, 2), *separable(128, 128, 2), nn.AdaptiveAvgPool2d(1),
                              nn.Flatten(), nn.Linear(128, 10))
 
+    def dilated():  # as models/dilated.dln
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=2, dilation=2),
+                             nn.ReLU(), nn.Conv2d(32, 32, 3, padding=4, dilation=4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    class WaveNet(nn.Module):  # as models/wavenet.dln
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Conv1d(16, 32, 1)
+            self.convs = nn.ModuleList(nn.Conv1d(32, 32, 2, dilation=2 ** i) for i in range(7))
+            self.out = nn.Linear(32, 10)
+
+        def forward(self, x):
+            h = self.first(x)
+            for conv in self.convs:
+                h = torch.relu(conv(nn.functional.pad(h, (conv.dilation[0], 0))))
+            return self.out(h.mean(2))
+
     def wide_mlp():
         return nn.Sequential(nn.Linear(3072, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                              nn.Linear(1024, 10))
@@ -327,6 +345,8 @@ def torch_models():
             "cifar_cnn": (cifar_cnn, (3, 32, 32), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
             "wide_mlp": (wide_mlp, (3072,), lambda p: torch.optim.Adam(p, lr=1e-3)),
             "mobilenet": (mobilenet, (3, 32, 32), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
+            "dilated": (dilated, (3, 32, 32), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
+            "wavenet": (WaveNet, (16, 256), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
             "resnet": (resnet, (3, 32, 32),
                        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
             "transformer": (Transformer, (64, 64), lambda p: torch.optim.Adam(p, lr=1e-3))}
@@ -382,6 +402,7 @@ PINNED_BELOW = 8  # training workloads of this batch or smaller are also timed w
 TARGETS = {  # workload -> target ratio dlc / torch eager
     "mlp_b128": 0.7, "lenet_b64": 0.7, "lstm_b32": 0.7, "mlp_b8": 1 / 3, "mlp_b1": 1 / 3,
     "cnn_b64": 0.7, "wide_mlp_b128": 0.7, "resnet_b64": 0.7, "transformer_b32": 0.7, "mobilenet_b64": 0.7,
+    "dilated_b32": 0.7, "wavenet_b16": 0.7,
     "lstm_T32": 0.8, "lstm_T128": 0.8, "lstm_T512": 0.8, "gru_T128": 0.8,
 }
 RECURRENT = [("lstm", 32), ("lstm", 128), ("lstm", 512), ("gru", 128)]  # (layer, time steps)
@@ -513,6 +534,8 @@ def main() -> int:
                      ("wide_mlp_b128", "wide_mlp.dln", "wide_mlp", 128, 4),
                      ("resnet_b64", "resnet_cifar.dln", "resnet", 64, 3),
                      ("mobilenet_b64", "mobilenet.dln", "mobilenet", 64, 4),
+                     ("dilated_b32", "dilated.dln", "dilated", 32, 4),
+                     ("wavenet_b16", "wavenet.dln", "wavenet", 16, 20),
                      ("transformer_b32", "transformer.dln", "transformer", 32, 10)]
         for name, file, kind, batch, steps in workloads:
             if args.workloads and not any(o in name for o in args.workloads.split(",")):
@@ -571,7 +594,7 @@ def main() -> int:
         steal.start("compile")
         print("compile time (load .dln -> training step ready)")
         for file in ("mlp784.dln", "lenet28.dln", "lstm32.dln", "cifar_cnn.dln", "resnet_cifar.dln", "mobilenet.dln",
-                     "transformer.dln"):
+                     "dilated.dln", "wavenet.dln", "transformer.dln"):
             cold, warm, each = compile_times(HERE / "models" / file, dlc_threads)
             quick, optimized = quick_start_times(HERE / "models" / file, dlc_threads)
             compile_rows.append({"model": file, "cold_s": cold, "cold_s_each": each, "warm_s": warm,

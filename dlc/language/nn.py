@@ -225,18 +225,7 @@ def _convolve(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups
     if groups > 1 and w.shape[1] == 1:
         y = _depthwise(b, x, w, stride, pad, dilation, out_hw)
     elif dilation != (1, 1) and all(s == 1 for s, d in zip(stride, dilation) if d > 1):
-        lengths = tuple(-(-(n + 2 * p) // d) * d for n, p, d in zip(x.shape[2:], pad, dilation))
-        phased = _to_phases(b, b.pad(x, (0, 0) + tuple(p if d > 1 else 0 for p, d in zip(pad, dilation)),
-                                     (0, 0) + tuple(n - size - p if d > 1 else 0 for n, size, p, d in
-                                                    zip(lengths, x.shape[2:], pad, dilation))), dilation)
-        # with k // 2 zeros of the convolution's own on each side, its first L outputs are d
-        # whole runs of L/d, one per phase, output k // 2 of each the first whole window
-        y = _grouped(b, phased, w, groups, lambda x, w: b.emit(
-            ops.CONV2D, (x, w), stride=stride,
-            pad=tuple(k // 2 if d > 1 else p for k, p, d in zip(w.shape[2:], pad, dilation))))
-        y = b.slice(y, (0,) * 4, tuple(y.shape[:2]) + tuple(
-            n if d > 1 else size for n, d, size in zip(lengths, dilation, y.shape[2:])))
-        y = _from_phases(b, y, dilation, w.shape[2:], out_hw)
+        y = _by_phases(b, x, w, stride, pad, dilation, groups, out_hw)
     else:
         def conv(x, w):
             if dilation != (1, 1):
@@ -256,6 +245,23 @@ def _grouped(b: GraphBuilder, x: Value, w: Value, groups: int, conv) -> Value:
     return b.concat([conv(b.slice(x, (0, g * c_in, 0, 0), (n, (g + 1) * c_in, h, wd)),
                           b.slice(w, (g * c_out, 0, 0, 0), ((g + 1) * c_out,) + tuple(w.shape[1:])))
                      for g in range(groups)], 1)
+
+
+def _by_phases(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups: int, out_hw) -> Value:
+    """The convolution dilated along its axes of dilation d > 1 (each of stride 1) as an
+    undilated one: x padded, each such axis's length rounded up to a multiple of d and its
+    cells reordered by phase (_to_phases), convolved with k // 2 zeros of the convolution's
+    own on each side -- its first L outputs are then d whole runs of L/d, one per phase --
+    and those put back in order (_from_phases)."""
+    lengths = tuple(-(-(n + 2 * p) // d) * d for n, p, d in zip(x.shape[2:], pad, dilation))
+    x = b.pad(x, (0, 0) + tuple(p if d > 1 else 0 for p, d in zip(pad, dilation)),
+              (0, 0) + tuple(n - size - p if d > 1 else 0 for n, size, p, d in zip(lengths, x.shape[2:], pad, dilation)))
+    own_pad = tuple(k // 2 if d > 1 else p for k, p, d in zip(w.shape[2:], pad, dilation))
+    y = _grouped(b, _to_phases(b, x, dilation), w, groups,
+                 lambda x, w: b.emit(ops.CONV2D, (x, w), stride=stride, pad=own_pad))
+    y = b.slice(y, (0,) * 4, tuple(y.shape[:2]) + tuple(n if d > 1 else size for n, d, size in
+                                                         zip(lengths, dilation, y.shape[2:])))
+    return _from_phases(b, y, dilation, w.shape[2:], out_hw)
 
 
 def _to_phases(b: GraphBuilder, x: Value, dilation) -> Value:
