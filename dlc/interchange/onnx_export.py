@@ -297,14 +297,17 @@ class _GraphExporter:
         """(kind, operands, attrs) where a layer composed of primitives ends at nid."""
         return self.g.meta.get("composites", {}).get(nid)
 
+    def is_conv_layer(self, nid: int) -> bool:
+        """nid ends a conv2d or conv1d layer, whatever primitives it was composed of."""
+        return (self.composite(nid) or ("",))[0] in ("conv2d", "conv1d")
+
     def is_conv(self, nid: int) -> bool:
-        return self.node(nid).op in (ops.CONV2D, ops.CONV2D_BWD_DATA) or \
-            (self.composite(nid) or ("",))[0] in ("conv2d", "conv1d")
+        return self.node(nid).op in (ops.CONV2D, ops.CONV2D_BWD_DATA) or self.is_conv_layer(nid)
 
     def match(self, nid: int) -> tuple | None:
         n = self.node(nid)
         op = n.op
-        if self.is_conv(nid) and self.composite(nid) is not None:
+        if self.is_conv_layer(nid):
             return ("conv", nid, None)
         if op is ops.ADD:
             for a, c in (n.operands, n.operands[::-1]):
@@ -874,17 +877,16 @@ class _GraphExporter:
         if composite is not None:
             kind, operands, a = composite
             stride, pad, dilation = (list(a[k]) if kind == "conv2d" else [a[k]] for k in ("stride", "pad", "dilation"))
-            kw = dict(strides=stride, pads=pad * 2, group=a["groups"])
+            group = a["groups"]
         else:
             operands, a = c.operands, c.attrs
-            stride, pad, dilation = list(a["stride"]), list(a["pad"]), [1, 1]
-            kw = dict(strides=stride, pads=pad * 2)
+            stride, pad, dilation, group = list(a["stride"]), list(a["pad"]), [1, 1], 1
         w = self.node(operands[1]).type
-        kw["kernel_shape"] = list(w.shape[2:])
+        kw = dict(kernel_shape=list(w.shape[2:]), strides=stride, pads=pad * 2)
         if any(d != 1 for d in dilation):
             kw["dilations"] = dilation
-        if kw.get("group") == 1:
-            del kw["group"]
+        if group > 1:
+            kw["group"] = group
         inputs = [self.operand(o) for o in operands] + ([self.operand(bias)] if bias is not None else [])
         if c.op is ops.CONV2D_BWD_DATA:
             x = self.node(c.operands[0]).type

@@ -182,9 +182,9 @@ class Gather(Ix):
     hi: int = INT_MAX
 
 
-def _linear(a: Ix) -> tuple[list, int]:
-    """a as a sum: ([(atom, coefficient), ...] in the order met, constant), its atoms the
-    parts that are not Add, Mul or Const."""
+def _linear(*parts: Ix) -> tuple[list, int]:
+    """The sum of the parts as ([(atom, coefficient), ...] in the order met, constant), its
+    atoms the subexpressions that are not Add, Mul or Const."""
     coef: dict[int, list] = {}
     const = 0
 
@@ -199,7 +199,8 @@ def _linear(a: Ix) -> tuple[list, int]:
             const += k * e.value
         else:
             coef.setdefault(id(e), [e, 0])[1] += k
-    walk(a, 1)
+    for part in parts:
+        walk(part, 1)
     return [(e, k) for e, k in coef.values() if k], const
 
 
@@ -377,7 +378,7 @@ class Exprs:
     def _regroup(self, a: Ix, b: Ix) -> Ix | None:
         """a + b with every k*c*(y // c) + k*(y % c) in the sum joined into k*y (a reshape's
         unravel, raveled again: the index it started from); None when there is none."""
-        terms, const = _linear(self._make(Add, a, b, lo=a.lo + b.lo, hi=a.hi + b.hi))
+        terms, const = _linear(a, b)
         coef = {id(e): [e, k] for e, k in terms}
         changed, found = False, True
         while found:
