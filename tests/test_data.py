@@ -587,6 +587,14 @@ def test_fit_labels_one_hot_for_class_indices_hints_argmax():
     assert "argmax" in info.value.hint
 
 
+def test_fit_labels_class_indices_for_rows_hint_one_hot():
+    """Class indices given to a loss that reads a row per sample (hinge or kl_div over
+    [B, K]) name the losses that take indices, and the one-hot rows this one reads."""
+    with pytest.raises(DataError) as info:
+        fit_labels(np.array([0, 2, 1]), "f32", (3,))
+    assert "multi_hinge" in info.value.hint and "np.eye(3)[y]" in info.value.hint
+
+
 # --- batches ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rng", [None, np.random.default_rng(3)])

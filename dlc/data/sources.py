@@ -513,8 +513,12 @@ def fit_labels(y: np.ndarray, dtype: Union[str, DType], shape_without_batch: Seq
     y = np.asarray(y)
     if y.shape[1:] != shape:
         if math.prod(y.shape[1:]) != math.prod(shape):
-            hint = ("cross_entropy takes class indices; turn one-hot labels into indices "
-                    "with y.argmax(axis=1)" if not shape and y.ndim == 2 else None)
+            hint = None
+            if not shape and y.ndim == 2:
+                hint = "cross_entropy takes class indices; turn one-hot labels into indices with y.argmax(axis=1)"
+            elif y.ndim == 1 and len(shape) == 1 and y.dtype.kind in "iu":
+                hint = (f"these look like class indices, which cross_entropy and multi_hinge take; this loss "
+                        f"reads a row of {shape[0]} per sample (one-hot rows: np.eye({shape[0]})[y])")
             raise DataError(f"the labels have shape [{_dims(y.shape[1:])}] per sample, but the "
                             f"loss needs [{_dims(shape)}]", span, hint=hint)
         y = y.reshape((len(y),) + shape)
