@@ -609,8 +609,8 @@ class Model:
         """How the outputs give classes (see _loss_kind); an error when the model is no classifier."""
         found = self._loss_kind()
         if found is None:
-            raise ArgumentError(f"{what} needs a classifier: a model trained with `cross_entropy`, `bce`, "
-                                f"`kl_div`, `hinge` or `multi_hinge`",
+            from dlc.language.nn import CLASSIFICATION_LOSSES
+            raise ArgumentError(f"{what} needs a classifier: a model trained with {CLASSIFICATION_LOSSES}",
                                 self._require_config().span("loss"), hint="predict() gives the model's outputs")
         return found
 
@@ -647,8 +647,7 @@ class Model:
         return "bce", logits
 
     def _classifier_call(self):
-        """The loss's call of a classification loss (cross_entropy, bce, kl_div, hinge,
-        multi_hinge), or None."""
+        """The loss's call of a classification loss (nn.CLASSIFIERS), or None."""
         from dlc.language.nn import CLASSIFIERS
         from dlc.language.syntax import ast
         return next((c for c in ast.calls(self._require_config().loss) if c.func.text in CLASSIFIERS), None)

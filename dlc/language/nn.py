@@ -210,17 +210,17 @@ def _convolve(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups
     """conv2d of x [N, C, H, W] with w [O, C/groups, kh, kw] (PyTorch's layout), composed from
     primitives: a depthwise convolution (one input channel per group) as a sum of the
     kernel's shifted, strided views of x, each times its tap; other groups as a convolution
-    per group. A dilated axis of stride 1 is convolved phase by phase (see _to_phases); with
+    per group. A dilated axis of stride 1 is convolved phase by phase (_by_phases); with
     a larger stride the kernel gets dilation - 1 zeros between its taps instead (so it costs
     the multiply-adds of its wider window). The result is recorded as one `conv2d` composite,
     which export writes as one Conv."""
     if not all(isinstance(d, int) for d in x.shape[2:]):
-        raise arg_error(f"{layer}: spatial dimensions of {x.type} must be known numbers", "x")
+        raise arg_error(f"`{layer}`: spatial dimensions of {x.type} must be known numbers", "x")
     spanned = tuple(dd * (kk - 1) + 1 for dd, kk in zip(dilation, w.shape[2:]))
     out_hw = tuple(ops.linalg.conv_out(n, kk, ss, pp) for n, kk, ss, pp in zip(x.shape[2:], spanned, stride, pad))
     if min(out_hw) < 1:
         dilated = " (the kernel, dilated)" if dilation != (1, 1) else ""
-        raise arg_error(f"{layer}: a {spanned[0]}x{spanned[1]} window{dilated} with stride {stride[0]} and padding "
+        raise arg_error(f"`{layer}`: a {spanned[0]}x{spanned[1]} window{dilated} with stride {stride[0]} and padding "
                         f"{pad[0]} does not fit a {x.shape[2]}x{x.shape[3]} input", "kernel")
     if groups > 1 and w.shape[1] == 1:
         y = _depthwise(b, x, w, stride, pad, dilation, out_hw)
@@ -1461,9 +1461,9 @@ def _class_rows(ctx: LayerContext, name: str, logits: Value, labels: Value, mask
     [...] or target probabilities [..., K] -- checked and made rows: ([R, K], [R] or [R, K],
     the bool [R] mask of the positions kept, or None)."""
     b = ctx.b
-    what = args[0]
+    what = args[0]  # logits or scores
     if not logits.dtype.is_float:
-        raise arg_error(f"`{name}` needs floating-point {what}, got {logits.type}", args[0])
+        raise arg_error(f"`{name}` needs floating-point {what}, got {logits.type}", what)
     if logits.rank < 2:
         raise ArgumentError(f"`{name}` needs {what} [B, classes] (or [B, T, classes]), got {logits.type}")
     positions = tuple(logits.shape[:-1])
@@ -1582,8 +1582,9 @@ def _total(b: GraphBuilder, terms: list) -> Value:
 
 # the losses that make a model a classifier, and how its outputs give classes: the argmax
 # over the last axis, or a threshold per element (bce's 0.5, or 0 on logits; hinge's 0)
-CLASSIFIERS = {"cross_entropy": "argmax", "kl_div": "argmax", "multi_hinge": "argmax",
-               "bce": "threshold", "hinge": "threshold"}
+CLASSIFIERS = {"cross_entropy": "argmax", "bce": "threshold", "kl_div": "argmax", "hinge": "threshold",
+               "multi_hinge": "argmax"}
+CLASSIFICATION_LOSSES = ", ".join(f"`{name}`" for name in list(CLASSIFIERS)[:-1]) + f" or `{list(CLASSIFIERS)[-1]}`"
 
 
 def accuracy(b: GraphBuilder, output: Value, label: Value, loss_fn: str, logits: bool = False,

@@ -63,8 +63,7 @@ def build_train(fe: Frontend, train: ast.Train, output: Value) -> TrainConfig:
     for m in metrics:
         if m == "accuracy":
             if loss_fn is None:
-                raise ArgumentError("`accuracy` needs a classification loss (`cross_entropy`, `bce`, `kl_div`, "
-                                    "`hinge` or `multi_hinge`)",
+                raise ArgumentError(f"`accuracy` needs a classification loss ({nn.CLASSIFICATION_LOSSES})",
                                     opts["metrics"].value.span,
                                     hint="drop `metrics`, or train with a classification loss")
             if label is None:

@@ -380,24 +380,28 @@ class Exprs:
         unravel, raveled again: the index it started from); None when there is none."""
         terms, const = _linear(a, b)
         coef = {id(e): [e, k] for e, k in terms}
-        changed, found = False, True
-        while found:
-            found = False
-            for e, k in list(coef.values()):
-                if not (isinstance(e, Mod) and k) or id(e) not in coef:
-                    continue
+        joined = False
+        while (hit := self._joinable(coef)) is not None:
+            mod, k, quotient, rest = hit
+            for q, _ in quotient:
+                del coef[id(q)]
+            del coef[id(mod)]
+            whole, extra = _linear(mod.a)  # k*y, where y = c*(y // c) + y % c
+            const += k * (extra - mod.c * rest)
+            for y, ky in whole:
+                coef.setdefault(id(y), [y, 0])[1] += k * ky
+            joined = True
+        return self._sum([(e, k) for e, k in coef.values() if k], const) if joined else None
+
+    def _joinable(self, coef: dict):
+        """A term k*(y % c) of the sum {id: [atom, coefficient]} whose k*c*(y // c) is in it too:
+        (the Mod, k, the terms of y // c, its constant), or None."""
+        for e, k in coef.values():
+            if isinstance(e, Mod) and k:
                 quotient, rest = _linear(self.div(e.a, e.c))
                 if all(id(q) in coef and coef[id(q)][1] == k * e.c * kq for q, kq in quotient):
-                    for q, _ in quotient:
-                        del coef[id(q)]
-                    del coef[id(e)]
-                    whole, extra = _linear(e.a)  # k*y, y = c*(y // c) + y % c
-                    const += k * (extra - e.c * rest)
-                    for y, ky in whole:
-                        coef.setdefault(id(y), [y, 0])[1] += k * ky
-                    changed = found = True
-                    break
-        return self._sum([(e, k) for e, k in coef.values() if k], const) if changed else None
+                    return e, k, quotient, rest
+        return None
 
     def mul(self, a: Ix, c: int) -> Ix:
         c = int(c)
