@@ -635,7 +635,7 @@ def test_a_batch_far_above_the_data_warns_of_the_padding():
 
 
 def test_weights_are_needed_only_by_a_model_with_parameters(tmp_path, capsys):
-    """predict and export run a parameter-free model without --weights; a model with
+    """predict runs a parameter-free model without --weights (eval and export share the check); a model with
     parameters refuses to run on freshly initialized ones, saying how to get weights."""
     (tmp_path / "pf.dln").write_text("model pf(x: f32[B, 4]) -> f32[B, 4] {\n    return softmax(x * 2.0)\n}\n")
     x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
