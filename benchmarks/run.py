@@ -394,7 +394,7 @@ SECTIONS = ("gemm", "training", "recurrent", "inference", "compile", "roofline",
 # (label, model file, batch): the training workloads measured against the roofline
 ROOFLINE = [("mlp_b128", "mlp784.dln", 128), ("mlp_b8", "mlp784.dln", 8), ("lenet_b64", "lenet28.dln", 64),
             ("cnn_b64", "cifar_cnn.dln", 64), ("wide_mlp_b128", "wide_mlp.dln", 128),
-            ("resnet_b64", "resnet_cifar.dln", 64), ("lstm_b32", "lstm32.dln", 32),
+            ("resnet_b64", "resnet_cifar.dln", 64), ("dilated_b32", "dilated.dln", 32), ("lstm_b32", "lstm32.dln", 32),
             ("transformer_b32", "transformer.dln", 32)]
 
 PINNED_BELOW = 8  # training workloads of this batch or smaller are also timed with dlc pinned to torch's threads

@@ -177,24 +177,26 @@ def np_batch_matmul(a, b, ta=False, tb=False):
     return np.einsum("gik,gkj->gij", a, b)
 
 
-def _out(n, k, s, p):
-    return (n + 2 * p - k) // s + 1
+def _out(n, k, s, p, d=1):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def _pad_hw(x, pad, fill=0.0):
     return np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])), constant_values=fill)
 
 
-def np_conv2d(x, w, stride=(1, 1), pad=(0, 0)):
-    """Direct convolution (cross-correlation), one output position at a time."""
+def np_conv2d(x, w, stride=(1, 1), pad=(0, 0), dilation=(1, 1)):
+    """Direct convolution (cross-correlation), one output position at a time; the taps
+    `dilation` apart."""
     n, _, h, wd = x.shape
     o, _, kh, kw = w.shape
-    (sh, sw), xp = stride, _pad_hw(x, pad)
-    oh, ow = _out(h, kh, sh, pad[0]), _out(wd, kw, sw, pad[1])
+    (sh, sw), (dh, dw), xp = stride, dilation, _pad_hw(x, pad)
+    oh, ow = _out(h, kh, sh, pad[0], dh), _out(wd, kw, sw, pad[1], dw)
     out = np.zeros((n, o, oh, ow), dtype=x.dtype)
     for i in range(oh):
         for j in range(ow):
-            out[:, :, i, j] = np.einsum("ncij,ocij->no", xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw], w)
+            window = xp[:, :, i * sh:i * sh + dh * (kh - 1) + 1:dh, j * sw:j * sw + dw * (kw - 1) + 1:dw]
+            out[:, :, i, j] = np.einsum("ncij,ocij->no", window, w)
     return out
 
 
@@ -244,26 +246,28 @@ def np_conv_transpose2d(x, w, stride, pad, output_pad):
     return full[:, :, ph:full.shape[2] - ph, pw:full.shape[3] - pw]
 
 
-def np_conv2d_bwd_data(g, w, in_hw, stride, pad):
+def np_conv2d_bwd_data(g, w, in_hw, stride, pad, dilation=(1, 1)):
     """d<conv2d(x, w), g>/dx: each output position scatters g * w into its window."""
     n, _, oh, ow = g.shape
     _, c, kh, kw = w.shape
-    (sh, sw), (ph, pw) = stride, pad
-    dxp = np.zeros((n, c, in_hw[0] + 2 * ph, in_hw[1] + 2 * pw), dtype=g.dtype)
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
+    dxp = np.zeros((n, c, in_hw[0] + 2 * ph + dh * kh, in_hw[1] + 2 * pw + dw * kw), dtype=g.dtype)
     for i in range(oh):
         for j in range(ow):
-            dxp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw] += np.einsum("no,ocij->ncij", g[:, :, i, j], w)
+            dxp[:, :, i * sh:i * sh + dh * (kh - 1) + 1:dh, j * sw:j * sw + dw * (kw - 1) + 1:dw] += \
+                np.einsum("no,ocij->ncij", g[:, :, i, j], w)
     return dxp[:, :, ph:ph + in_hw[0], pw:pw + in_hw[1]]
 
 
-def np_conv2d_bwd_filter(x, g, kernel, stride, pad):
+def np_conv2d_bwd_filter(x, g, kernel, stride, pad, dilation=(1, 1)):
     """d<conv2d(x, w), g>/dw."""
-    (kh, kw), (sh, sw), xp = kernel, stride, _pad_hw(x, pad)
-    dw = np.zeros((g.shape[1], x.shape[1], kh, kw), dtype=x.dtype)
+    (kh, kw), (sh, sw), (dh, dw), xp = kernel, stride, dilation, _pad_hw(x, pad)
+    grad = np.zeros((g.shape[1], x.shape[1], kh, kw), dtype=x.dtype)
     for i in range(g.shape[2]):
         for j in range(g.shape[3]):
-            dw += np.einsum("no,ncij->ocij", g[:, :, i, j], xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw])
-    return dw
+            window = xp[:, :, i * sh:i * sh + dh * (kh - 1) + 1:dh, j * sw:j * sw + dw * (kw - 1) + 1:dw]
+            grad += np.einsum("no,ncij->ocij", g[:, :, i, j], window)
+    return grad
 
 
 def np_pool(x, mode, kernel, stride, pad):
@@ -815,6 +819,16 @@ CONV = [
       attrs={"kernel": (3, 2), "stride": (2, 1), "pad": (1, 0)}, tol32=MATMUL_TOL, id="stride2-pad1"),
     P("conv2d_bwd_filter", [(1, 2, 7, 6), (1, 3, 5, 4)], np_conv2d_bwd_filter,
       attrs={"kernel": (3, 3), "stride": (1, 1), "pad": (0, 0)}, tol32=MATMUL_TOL, id="plain"),
+    # taps spaced apart: "same" padding; dilated and strided along one axis, each along its own
+    P("conv2d", [(2, 3, 7, 6), (4, 3, 3, 2)], np_conv2d, attrs={"stride": (1, 1), "pad": (2, 1), "dilation": (2, 2)},
+      tol32=MATMUL_TOL, id="dilated"),
+    P("conv2d", [(1, 2, 9, 8), (3, 2, 2, 3)], np_conv2d, attrs={"stride": (2, 1), "pad": (1, 0), "dilation": (3, 2)},
+      tol32=MATMUL_TOL, id="dilated-strided"),
+    P("conv2d_bwd_data", [(2, 4, 3, 3), (4, 3, 3, 2)], np_conv2d_bwd_data,
+      attrs={"in_hw": (8, 6), "stride": (2, 1), "pad": (1, 0), "dilation": (2, 3)}, tol32=MATMUL_TOL, id="dilated"),
+    P("conv2d_bwd_filter", [(2, 3, 8, 6), (2, 4, 4, 6)], np_conv2d_bwd_filter,
+      attrs={"kernel": (3, 2), "stride": (2, 1), "pad": (2, 1), "dilation": (2, 2)}, tol32=MATMUL_TOL,
+      id="dilated"),
 ]
 
 # The CPU backend's convolution templates (im2col packed on the fly into GEMM panels): each
@@ -989,6 +1003,9 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (2, 1)), in_hw=(6, 30)), "t-planes-data-5x3"),
     _conv("conv2d_bwd_data", [(32, 6, 12, 12), (6, 4, 3, 3)], np_conv2d_bwd_data,
           dict(_s((1, 1), (0, 0)), in_hw=(14, 14)), "t-planes-data-valid"),
+    # padded by more than the kernel spans (3 for a 3x3): a GEMM, g padded by -1 otherwise
+    _conv("conv2d_bwd_data", [(32, 4, 14, 16), (4, 3, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (3, 3)), in_hw=(10, 12)), "t-overpadded-data"),
     # a strided data gradient onto whole vectors of channels, directly (AVX-512), rows of
     # dx in tiles of 16 positions: 10-wide rows (one short tile; the last row and column
     # reached by taps past g's end); two blocks of channels, strides (2, 1) on 19-wide
@@ -1004,6 +1021,47 @@ CONV_TEMPLATES = [
     _conv("conv2d", [(33, 3, 5, 6), (4, 3, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-batch33-by-images"),
     _conv("conv2d_bwd_data", [(33, 4, 3, 3), (4, 3, 3, 3)], np_conv2d_bwd_data,
           dict(_s((2, 2), (1, 1)), in_hw=(5, 6)), "t-batch33-by-images"),
+    # dilated kernels (the packed-GEMM form, each tap read at its spaced offset), on shapes
+    # whose undilated layers take the direct forms: "same" padding over whole planes (32
+    # channels on 16-wide rows, the DeepLab layers' shape), unpadded rows, dilation along one
+    # axis with a stride along it (the data gradient's phases: some no tap reaches) and a
+    # gathered stride of 3
+    *[_conv(op, shapes, ref, dict(_s(stride, pad), dilation=dil, **extra), f"t-dilated-{name}")
+      for name, stride, pad, dil, (n, c, h, w), (o, kh, kw) in [
+          ("same", (1, 1), (2, 2), (2, 2), (2, 32, 16, 16), (32, 3, 3)),
+          ("valid", (1, 1), (0, 0), (3, 2), (3, 5, 12, 13), (16, 3, 3)),
+          ("strided", (2, 1), (2, 1), (2, 3), (2, 16, 11, 10), (7, 3, 2)),
+          ("gather", (3, 3), (1, 2), (2, 2), (1, 4, 13, 12), (5, 3, 3))]
+      for oh, ow in [(_out(h, kh, stride[0], pad[0], dil[0]), _out(w, kw, stride[1], pad[1], dil[1]))]
+      for op, shapes, ref, extra in [
+          ("conv2d", [(n, c, h, w), (o, c, kh, kw)], np_conv2d, {}),
+          ("conv2d_bwd_data", [(n, o, oh, ow), (o, c, kh, kw)], np_conv2d_bwd_data, {"in_hw": (h, w)}),
+          ("conv2d_bwd_filter", [(n, c, h, w), (n, o, oh, ow)], np_conv2d_bwd_filter, {"kernel": (kh, kw)})]],
+    # ... and where the plane-wise direct form takes them (AVX-512, a batch of 32 or more):
+    # the forward from a padded copy (14-wide rows) and in place (rows of two vectors,
+    # dilated 2 x 3, padded unevenly); the data gradient the same two ways, the second
+    # padded by more than the kernel spans along its rows (a GEMM instead: g would be
+    # padded by -2)
+    _conv("conv2d", [(32, 3, 12, 14), (8, 3, 3, 3)], np_conv2d, dict(_s((1, 1), (2, 2)), dilation=(2, 2)),
+          "t-dilated-planes-forward"),
+    _conv("conv2d", [(32, 2, 9, 30), (4, 2, 3, 2)], np_conv2d, dict(_s((1, 1), (2, 1)), dilation=(2, 3)),
+          "t-dilated-planes-forward-in-place"),
+    _conv("conv2d_bwd_data", [(32, 8, 12, 14), (8, 3, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (2, 2)), dilation=(2, 2), in_hw=(12, 14)), "t-dilated-planes-data"),
+    _conv("conv2d_bwd_data", [(33, 4, 11, 32), (4, 3, 3, 2)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (3, 4)), dilation=(2, 2), in_hw=(9, 26)), "t-dilated-planes-data-overpadded"),
+    _conv("conv2d_bwd_data", [(32, 4, 10, 28), (4, 3, 3, 3)], np_conv2d_bwd_data,
+          dict(_s((1, 1), (1, 1)), dilation=(1, 2), in_hw=(10, 30)), "t-dilated-planes-data-in-place"),
+    # rows of a narrow grid strided down the columns only, packed by a loop over taps
+    _conv("conv2d", [(2, 3, 8, 3), (4, 3, 3, 3)], np_conv2d, _s((2, 1), (1, 0)), "t-stride2x1-tap-loop"),
+    _conv("conv2d", [(1, 1, 8, 6), (3, 1, 3, 2)], np_conv2d, dict(_s((2, 1), (1, 0)), dilation=(1, 3)),
+          "t-dilated-stride2x1-tap-loop"),
+    # the direct filter gradient's: a first layer (rows wider than a vector, padded
+    # unevenly, a short last block of output channels) and, with AVX-512, a wider one
+    _conv("conv2d_bwd_filter", [(3, 2, 11, 21), (3, 7, 11, 17)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (2, 1)), dilation=(2, 3), kernel=(3, 3)), "t-dilated-direct-filter"),
+    _conv("conv2d_bwd_filter", [(4, 11, 16, 16), (4, 20, 16, 16)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (2, 2)), dilation=(2, 2), kernel=(3, 3)), "t-dilated-direct-filter-wide"),
 ]
 
 _POOL = [("max", (2, 2), (2, 2), (0, 0), (2, 3, 7, 5), "k2"),
@@ -1103,7 +1161,7 @@ COMPOSITES: list[OpCase] = [
     C("conv2d", [(2, 2, 9, 8)], lambda x, w: np_conv2d_grouped(x, w, (2, 2), (1, 0), (3, 2), 2),
       attrs={"channels": 2, "kernel": 2, "stride": 2, "pad": [1, 0], "dilation": [3, 2], "groups": 2, "bias": False},
       tol32=MATMUL_TOL, id="depthwise-dilated"),
-    # dilated rows, strided columns: convolved phase by phase along the rows
+    # dilated rows, strided columns
     C("conv2d", [(2, 3, 9, 8)], lambda x, w, b: np_conv2d_grouped(x, w, (1, 2), (3, 1), (3, 1), 1) + b[None, :, None, None],
       attrs={"channels": 4, "kernel": [2, 3], "stride": [1, 2], "pad": [3, 1], "dilation": [3, 1]},
       tol32=MATMUL_TOL, id="dilated-rows"),

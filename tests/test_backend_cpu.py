@@ -52,10 +52,11 @@ def merge(graphs: list[Graph]) -> Graph:
 CPU = backends.backend("cpu")
 
 
-def run_cpu(graph: Graph, feeds: dict, threads: int = 2) -> dict:
-    """Compile a static-shape graph to one native step and run it once."""
+def run_cpu(graph: Graph, feeds: dict, threads: int = 2, templates=None) -> dict:
+    """Compile a static-shape graph to one native step and run it once (with the
+    backend's templates, or those given: none, the generic loop nests)."""
     target = CPU.target({"threads": threads})
-    compiled = CPU.compile(kernel_program(lower(graph, 1), CPU.templates), target)
+    compiled = CPU.compile(kernel_program(lower(graph, 1), CPU.templates if templates is None else templates), target)
     step = CPU.load(compiled.blobs, compiled.layout, target)
     state = {name: np.array(feeds[name], copy=True) for name, kind, _, _ in compiled.layout.slots
              if kind == "state"}
@@ -157,6 +158,47 @@ def test_a_1x1_product_prefetching_the_next_image_matches(monkeypatch):
     merged, feeds, tols = op_table_graph(strided, salt="prefetch-strided")
     check_op_table(run_graph(merged, feeds), run_cpu(merged, feeds, 2), tols)
     assert 2 not in emitted
+
+
+def test_dilated_convolutions_read_their_spaced_taps_on_every_thread_count(monkeypatch):
+    """A dilated convolution (and both its gradients) is a packed GEMM whose im2col reads
+    each tap at its spaced offset, or a direct form with spaced taps: the plane-wise
+    forward and data gradient (AVX-512, a batch of 32 images) and the direct filter
+    gradient. The op table's dilated template
+    rows -- "same" padding over whole planes, unpadded rows, a stride along a dilated
+    axis, a gathered stride of 3, and the plane-wise shapes -- match the reference on 1, 2
+    and 3 threads (and as generic loop nests); the packers read taps spaced as the rows'
+    dilations, and the plane-wise tiles and direct filter gradients were built with them."""
+    from dlc.backends.llvm import conv
+    _compiled_here(monkeypatch)
+    spacings, planes = [], []
+    real, real_planes = conv._im2col_fn, conv._planes_tile_fn
+
+    def spy(mb, g, row_stride):
+        rows, cols = sorted({r for r, _ in g.taps}), sorted({c for _, c in g.taps})
+        spacings.append((rows[1] - rows[0] if len(rows) > 1 else 0, cols[1] - cols[0] if len(cols) > 1 else 0))
+        return real(mb, g, row_stride)
+    monkeypatch.setattr(conv, "_im2col_fn", spy)
+    monkeypatch.setattr(conv, "_planes_tile_fn", lambda mb, geom, rows: planes.append(geom[12:]) or
+                        real_planes(mb, geom, rows))
+    direct, real_direct = [], conv._direct_filter_gradient
+    monkeypatch.setattr(conv, "_direct_filter_gradient", lambda mb, em, t, *rest: direct.append(
+        t.inputs[0].shape[1]) or real_direct(mb, em, t, *rest))
+    rows = [c for c in ALL if c.id and c.id.startswith("t-dilated")]
+    assert len(rows) == 20
+    merged, feeds, tols = op_table_graph(rows, salt="dilated")
+    expected = run_graph(merged, feeds)
+    for threads in (1, 2, 3):
+        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
+    check_op_table(expected, run_cpu(merged, feeds, 2, templates=frozenset()), tols)  # the generic nests
+    # the forwards' and filter gradients' taps as their dilations space them ("same",
+    # "valid" and "gather"; "strided"); a strided data gradient's phases read the taps
+    # that reach them, a stride apart in g
+    assert {(2, 2), (3, 2), (2, 3)} <= set(spacings), spacings
+    wide = CPU.target({}).vector_width == 16
+    if wide:  # the plane-wise rows (not the over-padded one)
+        assert sorted(set(planes)) == [(1, 2), (2, 2), (2, 3)], planes
+    assert sorted(set(direct)) == ([2, 11] if wide else [2]), direct  # the direct filter gradients' channels
 
 
 def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts) -> None:
@@ -394,13 +436,17 @@ def test_the_planes_form_takes_stride_1_layers_in_the_tile_with_fewest_loads():
     assert tile(64, 64, 64, 16, k=1) == 0 and tile(64, 16, 16, 32, stride=2) == 0
     assert tile(31, 1, 6, 28) == 0 and tile(64, 16, 16, 32, w=8) == 0
 
-    def data(N, O, C, OW, k=3):
+    def data(N, O, C, OW, k=3, pad=1, dilation=(1, 1)):
         g = SimpleNamespace(shape=(N, O, OW, OW))
+        attrs = {"stride": (1, 1), "pad": (pad, pad), "dilation": dilation}
         return _planes_data_tile(SimpleNamespace(inputs=[g, SimpleNamespace(shape=(O, C, k, k))],
-                                                 output=SimpleNamespace(shape=(N, C, OW, OW)),
-                                                 attrs={"stride": (1, 1)}), _vector_target(16))
+                                                 output=SimpleNamespace(shape=(N, C, OW, OW)), attrs=attrs),
+                                 _vector_target(16))
 
     assert data(64, 16, 16, 32) == (3, 4) and data(64, 32, 5, 12) == (4, 5) and data(64, 5, 32, 12) == (6, 4)
+    # padded by more than the kernel spans, g would be padded by a negative amount: not
+    # this form (it read and wrote outside its copy of g); dilated, the kernel spans more
+    assert data(64, 16, 16, 32, pad=3) == 0 and data(64, 16, 16, 32, pad=3, dilation=(2, 2)) == (3, 4)
 
 
 def test_strided_data_gradients_onto_whole_vectors_of_channels_run_directly():

@@ -125,20 +125,22 @@ CONVS = [  # N, C, H, W, O, kernel, stride, pad
     (1, 4, 9, 9, 5, 3, 2, 1),
     (2, 2, 8, 7, 3, 5, 1, 2),
     (1, 3, 11, 10, 2, 5, 2, 2),
+    (2, 3, 9, 8, 4, 3, 1, 2, 2),    # dilated, "same" padding
+    (1, 2, 12, 11, 3, 3, 2, 1, 3),  # dilated and strided: some rows of dx no tap reaches
 ]
 
 
-def _conv_cases(nb, c, h, w, o, k, s, p, tile=T.TILE_16, tf32=False):
-    oh, ow = conv_out(h, k, s, p), conv_out(w, k, s, p)
+def _conv_cases(nb, c, h, w, o, k, s, p, d=1, tile=T.TILE_16, tf32=False):
+    oh, ow = conv_out(h, k, s, p, d), conv_out(w, k, s, p, d)
     tile_tag = "_tf32" if tf32 else "_auto" if tile is None else "" if tile == T.TILE_16 else f"_t{tile.bm}"
-    tag = f"{nb}x{c}x{h}x{w}_o{o}_k{k}s{s}p{p}{tile_tag}"
+    tag = f"{nb}x{c}x{h}x{w}_o{o}_k{k}s{s}p{p}{f'd{d}' if d > 1 else ''}{tile_tag}"
     xs, ws, dys = (nb, c, h, w), (o, c, k, k), (nb, o, oh, ow)
-    attrs = dict(stride=(s, s), pad=(p, p))
+    attrs = dict(stride=(s, s), pad=(p, p), dilation=(d, d))
     extra = TF32 if tf32 else 0
-    fwd = T.conv2d(f"conv_{tag}", xs, ws, s, p, x="x", w="w", out="y", tile=tile, tf32=tf32)
-    bwd_data = T.conv2d_bwd_data(f"conv_dx_{tag}", dys, ws, (h, w), s, p, dy="dy", w="w", out="dx",
+    fwd = T.conv2d(f"conv_{tag}", xs, ws, s, p, d, x="x", w="w", out="y", tile=tile, tf32=tf32)
+    bwd_data = T.conv2d_bwd_data(f"conv_dx_{tag}", dys, ws, (h, w), s, p, d, dy="dy", w="w", out="dx",
                                  tile=tile, tf32=tf32)
-    bwd_filter = T.conv2d_bwd_filter(f"conv_dw_{tag}", xs, dys, (k, k), s, p, x="x", dy="dy", out="dw",
+    bwd_filter = T.conv2d_bwd_filter(f"conv_dw_{tag}", xs, dys, (k, k), s, p, d, x="x", dy="dy", out="dw",
                                      tile=tile, tf32=tf32)
 
     def data():

@@ -537,22 +537,26 @@ def _gen_batch_matmul(name, t, ref, params, epilogue, names):
             for first in range(0, stacks, T.MAX_STACK)], []
 
 
+def _dilation(t) -> tuple[int, int]:
+    return _shape2(t.attrs.get("dilation", (1, 1)))
+
+
 def _gen_conv2d(name, t, ref, params, epilogue, names):
     X, W = t.inputs
-    return [T.conv2d(name, X.shape, W.shape, _shape2(t.attrs["stride"]), _shape2(t.attrs["pad"]),
+    return [T.conv2d(name, X.shape, W.shape, _shape2(t.attrs["stride"]), _shape2(t.attrs["pad"]), _dilation(t),
                      x=ref(X), w=ref(W), epilogue=epilogue, params=params)], []
 
 
 def _gen_conv2d_bwd_data(name, t, ref, params, epilogue, names):
     G, W = t.inputs
     return [T.conv2d_bwd_data(name, G.shape, W.shape, tuple(t.attrs["in_hw"]), _shape2(t.attrs["stride"]),
-                              _shape2(t.attrs["pad"]), dy=ref(G), w=ref(W), epilogue=epilogue, params=params)], []
+                              _shape2(t.attrs["pad"]), _dilation(t), dy=ref(G), w=ref(W), epilogue=epilogue, params=params)], []
 
 
 def _gen_conv2d_bwd_filter(name, t, ref, params, epilogue, names):
     X, G = t.inputs
     return [T.conv2d_bwd_filter(name, X.shape, G.shape, _shape2(t.attrs["kernel"]), _shape2(t.attrs["stride"]),
-                                _shape2(t.attrs["pad"]), x=ref(X), dy=ref(G), epilogue=epilogue,
+                                _shape2(t.attrs["pad"]), _dilation(t), x=ref(X), dy=ref(G), epilogue=epilogue,
                                 params=params)], []
 
 

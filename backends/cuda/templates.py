@@ -497,8 +497,8 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _conv_out(size: int, k: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - k) // stride + 1
+def _conv_out(size: int, k: int, stride: int, pad: int, dilation: int = 1) -> int:
+    return (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
 
 
 @dataclass(frozen=True)
@@ -514,14 +514,16 @@ class _ConvShape:
     sw: int
     ph: int
     pw: int
+    dh: int = 1
+    dw: int = 1
 
     @property
     def oh(self) -> int:
-        return _conv_out(self.h, self.kh, self.sh, self.ph)
+        return _conv_out(self.h, self.kh, self.sh, self.ph, self.dh)
 
     @property
     def ow(self) -> int:
-        return _conv_out(self.w, self.kw, self.sw, self.pw)
+        return _conv_out(self.w, self.kw, self.sw, self.pw, self.dw)
 
     @property
     def x(self) -> str:
@@ -537,25 +539,26 @@ class _ConvShape:
 
     @property
     def window(self) -> str:
-        return f"stride {self.sh}x{self.sw} pad {self.ph}x{self.pw}"
+        dilated = f" dilation {self.dh}x{self.dw}" if (self.dh, self.dw) != (1, 1) else ""
+        return f"stride {self.sh}x{self.sw} pad {self.ph}x{self.pw}{dilated}"
 
     def text(self) -> str:
         return f"{self.x} {self.wt} {self.window} -> {self.y}"
 
 
-def _conv_shape(x_shape, w_shape, stride, pad) -> _ConvShape:
+def _conv_shape(x_shape, w_shape, stride, pad, dilation=1) -> _ConvShape:
     n, c, h, w = x_shape
     o, c2, kh, kw = w_shape
     if c != c2:
         raise ValueError(f"conv2d: input has {c} channels, weights expect {c2}")
-    s = _ConvShape(n, c, h, w, o, kh, kw, *_pair(stride), *_pair(pad))
+    s = _ConvShape(n, c, h, w, o, kh, kw, *_pair(stride), *_pair(pad), *_pair(dilation))
     if s.oh < 1 or s.ow < 1:
         raise ValueError(f"conv2d: the window does not fit: {s.text()}")
     return s
 
 
 def _x_gather(fn: str, s: _ConvShape) -> str:
-    """float fn(x, cij, nyx): x[n, c, oy*s+i-p, ox*s+j-p] for the conv GEMM's (c,i,j) and
+    """float fn(x, cij, nyx): x[n, c, oy*s+i*d-p, ox*s+j*d-p] for the conv GEMM's (c,i,j) and
     (n,oy,ox) coordinates; 0 in the padding."""
     inside = _all(*(f"iy >= 0 && iy < {s.h}" if s.ph else "",), *(f"ix >= 0 && ix < {s.w}" if s.pw else "",))
     at = f"x[((n * {s.c} + c) * {s.h} + iy) * {s.w} + ix]"
@@ -565,18 +568,18 @@ __device__ __forceinline__ float {fn}(const float* __restrict__ x, int cij, int 
 {{
     const int c = cij / {s.kh * s.kw}, i = cij / {s.kw} % {s.kh}, j = cij % {s.kw};
     const int n = nyx / {s.oh * s.ow}, oy = nyx / {s.ow} % {s.oh}, ox = nyx % {s.ow};
-    const int iy = oy * {s.sh} + i - {s.ph}, ix = ox * {s.sw} + j - {s.pw};
+    const int iy = oy * {s.sh} + i * {s.dh} - {s.ph}, ix = ox * {s.sw} + j * {s.dw} - {s.pw};
     return {at if inside == "true" else f"({inside}) ? {at} : 0.0f"};
 }}
 """
 
 
-def conv2d(name: str, x_shape, w_shape, stride=1, pad=0, *, x: str, w: str, out: str | None = None,
+def conv2d(name: str, x_shape, w_shape, stride=1, pad=0, dilation=1, *, x: str, w: str, out: str | None = None,
            epilogue: Epilogue | None = None, params: Sequence[str] | None = None,
            tile: Tile | MmaTile | None = None, tf32: bool = False) -> CudaKernel:
-    """y[n,o,oy,ox] = sum_{c,i,j} x[n,c,oy*s+i-p,ox*s+j-p] * w[o,c,i,j], as the GEMM
+    """y[n,o,oy,ox] = sum_{c,i,j} x[n,c,oy*s+i*d-p,ox*s+j*d-p] * w[o,c,i,j], as the GEMM
     [O] x [N*OH*OW] over K = C*KH*KW, x gathered on the fly (no im2col buffer)."""
-    s = _conv_shape(x_shape, w_shape, stride, pad)
+    s = _conv_shape(x_shape, w_shape, stride, pad, dilation)
     p, kdim = s.oh * s.ow, s.c * s.kh * s.kw
     _check_sizes("conv2d", s.n * s.c * s.h * s.w, s.n * s.o * p)
     g = _Gemm(s.o, s.n * p, kdim,
@@ -590,15 +593,15 @@ def conv2d(name: str, x_shape, w_shape, stride=1, pad=0, *, x: str, w: str, out:
     return _gemm(name, g, tile, tf32, sig, _epilogue(epilogue, out))
 
 
-def conv2d_bwd_data(name: str, dy_shape, w_shape, in_hw, stride=1, pad=0, *, dy: str, w: str,
+def conv2d_bwd_data(name: str, dy_shape, w_shape, in_hw, stride=1, pad=0, dilation=1, *, dy: str, w: str,
                     out: str | None = None, epilogue: Epilogue | None = None,
                     params: Sequence[str] | None = None, tile: Tile | MmaTile | None = None,
                     tf32: bool = False) -> CudaKernel:
-    """dx[n,c,y,x] = sum_{o,i,j} dy[n,o,(y+p-i)/s,(x+p-j)/s] * w[o,c,i,j] over the taps
+    """dx[n,c,y,x] = sum_{o,i,j} dy[n,o,(y+p-i*d)/s,(x+p-j*d)/s] * w[o,c,i,j] over the taps
     where the division is exact and in range: the GEMM [C] x [N*H*W] over K = O*KH*KW."""
     n, o, oh, ow = dy_shape
     h, wd = in_hw
-    s = _conv_shape((n, w_shape[1], h, wd), w_shape, stride, pad)
+    s = _conv_shape((n, w_shape[1], h, wd), w_shape, stride, pad, dilation)
     if (s.o, s.oh, s.ow) != (o, oh, ow):
         raise ValueError(f"conv2d_bwd_data: gradient {list(dy_shape)} does not match {s.text()}")
     hw, taps = h * wd, s.kh * s.kw
@@ -617,7 +620,7 @@ __device__ __forceinline__ float {name}_dy(const float* __restrict__ dy, int oij
 {{
     const int o = oij / {taps}, i = oij / {s.kw} % {s.kh}, j = oij % {s.kw};
     const int n = nyx / {hw}, y = nyx / {wd} % {h}, x = nyx % {wd};
-    const int ty = y + {s.ph} - i, tx = x + {s.pw} - j;  // oy * stride, ox * stride
+    const int ty = y + {s.ph} - i * {s.dh}, tx = x + {s.pw} - j * {s.dw};  // oy * stride, ox * stride
     return ({inside}) ? dy[((n * {o} + o) * {oh} + ty / {s.sh}) * {ow} + tx / {s.sw}] : 0.0f;
 }}
 """
@@ -632,15 +635,15 @@ __device__ __forceinline__ float {name}_dy(const float* __restrict__ dy, int oij
     return _gemm(name, g, tile, tf32, sig, _epilogue(epilogue, out))
 
 
-def conv2d_bwd_filter(name: str, x_shape, dy_shape, kernel, stride=1, pad=0, *, x: str, dy: str,
+def conv2d_bwd_filter(name: str, x_shape, dy_shape, kernel, stride=1, pad=0, dilation=1, *, x: str, dy: str,
                       out: str | None = None, epilogue: Epilogue | None = None,
                       params: Sequence[str] | None = None, tile: Tile | MmaTile | None = None,
                       tf32: bool = False) -> CudaKernel:
-    """dw[o,c,i,j] = sum_{n,oy,ox} dy[n,o,oy,ox] * x[n,c,oy*s+i-p,ox*s+j-p]: the GEMM
+    """dw[o,c,i,j] = sum_{n,oy,ox} dy[n,o,oy,ox] * x[n,c,oy*s+i*d-p,ox*s+j*d-p]: the GEMM
     [O] x [C*KH*KW] over K = N*OH*OW."""
     kh, kw = _pair(kernel)
     o = dy_shape[1]
-    s = _conv_shape(x_shape, (o, x_shape[1], kh, kw), stride, pad)
+    s = _conv_shape(x_shape, (o, x_shape[1], kh, kw), stride, pad, dilation)
     if tuple(dy_shape) != (s.n, s.o, s.oh, s.ow):
         raise ValueError(f"conv2d_bwd_filter: gradient {list(dy_shape)} does not match {s.text()}")
     p, cols = s.oh * s.ow, s.c * kh * kw

@@ -248,8 +248,9 @@ _UNROLLED_LOADS = 32
 
 def _rows_by_taps(b, v: _V, src, g: _Geom, S, ok, gy, gx, gy0, first, out, c_first, c_last, k_lo, rows,
                   row_stride, sink):
-    """One vector of _pack_im2col's "rows" mode (stride 1) as a loop over taps (their
-    offsets from a table): each tap's S segment masks computed once, used for every channel."""
+    """One vector of _pack_im2col's "rows" mode (stride 1 along the rows, any down the
+    columns) as a loop over taps (their offsets from a table): each tap's S segment masks
+    computed once, used for every channel."""
     w, T, f = v.w, len(g.taps), v.f
     taps = _i32_table(b.module, "im2col.taps", [x for rc in g.taps for x in rc])  # (roff, coff) pairs
     with for_range(b, 0, T, "tap") as t:
@@ -259,7 +260,7 @@ def _rows_by_taps(b, v: _V, src, g: _Geom, S, ok, gy, gx, gy0, first, out, c_fir
         segs = []
         for sg in range(S):
             gys = b.add(gy0, i64(sg))
-            iys = b.add(gys, roff)
+            iys = b.add(b.mul(gys, i64(g.sy)) if g.sy != 1 else gys, roff)
             row_ok = b.and_(b.icmp_signed(">=", iys, i64(0)), b.icmp_signed("<", iys, i64(g.SH)))
             mask = b.select(row_ok, b.and_(col_ok, b.icmp_signed("==", gy, v.isplat(gys))),
                             const_vector(I1, [0] * w))
@@ -546,11 +547,25 @@ def _share(b, N: int, rows: int, mr: int, tid, nthreads):
             b.select(by_images, i64(0), r_lo), b.select(by_images, i64(rows), r_hi))
 
 
+def _dilation(t: Template) -> tuple[int, int]:
+    return tuple(t.attrs.get("dilation", (1, 1)))
+
+
+def _taps(KH: int, KW: int, pad, dilation) -> list[tuple[int, int]]:
+    """The source offsets (row, column) of a kernel's taps, row-major."""
+    (ph, pw), (dy, dx) = pad, dilation
+    return [(ky * dy - ph, kx * dx - pw) for ky in range(KH) for kx in range(KW)]
+
+
 def _direct_form(forms, mb, em, t: Template, tid, nthreads) -> bool:
     """Emits t by the first of `forms` -- (rule, emitter) pairs, tried in order -- whose
     rule gives a nonzero parameter for t on this target (the emitter's last argument);
-    False where none applies."""
+    False where none applies. Of the direct forms the plane-wise ones and the direct
+    filter gradient take dilated kernels; others leave a dilated one to the packed GEMM,
+    whose im2col reads each tap at its spaced offset."""
     for rule, emit in forms:
+        if _dilation(t) != (1, 1) and emit not in (_planes_forward, _planes_data, _direct_filter_gradient):
+            continue
         param = rule(t, mb.target)
         if param:
             emit(mb, em, t, tid, nthreads, param)
@@ -573,7 +588,7 @@ def _epilogue(em, t: Template, n, rows: tuple) -> None:
 
 
 def conv2d(mb, em, t: Template, tid, nthreads) -> None:
-    """y[n,o,oy,ox] = sum_{c,ky,kx} x[n,c,oy*sy+ky-ph, ox*sx+kx-pw] * w[o,c,ky,kx]."""
+    """y[n,o,oy,ox] = sum_{c,ky,kx} x[n,c,oy*sy+ky*dy-ph, ox*sx+kx*dx-pw] * w[o,c,ky,kx]."""
     if _direct_form([(_direct_forward_rows, _direct_forward), (_planes_forward_tile, _planes_forward)],
                     mb, em, t, tid, nthreads):
         return
@@ -583,7 +598,7 @@ def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     O, _, KH, KW = wb.shape
     _, _, OH, OW = t.output.shape
     (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
-    g = _Geom(C, H, W, OH, OW, sy, sx, [(ky - ph, kx - pw) for ky in range(KH) for kx in range(KW)])
+    g = _Geom(C, H, W, OH, OW, sy, sx, _taps(KH, KW, (ph, pw), _dilation(t)))
     prod = _Product(mb, g, O, OH * OW)
     (Ap, Bp), total = _carve(b, _scratch_base(mb, em), [prod.a_floats, prod.b_floats])
     _scratch(mb, em, total)
@@ -762,9 +777,12 @@ def _planes_forward_tile(t: Template, target):
 
 def _planes_data_tile(t: Template, target):
     """_planes_tile of a stride-1 data gradient: the correlation of g (O channels) with
-    the flipped weights onto dx (C channels)."""
+    the flipped weights onto dx (C channels); 0 for a layer padded by more than its
+    kernel spans (g would be padded by a negative amount)."""
     N, O = t.inputs[0].shape[:2]
     _, C, KH, KW = t.inputs[1].shape
+    if any((k - 1) * d < p for k, d, p in zip((KH, KW), _dilation(t), t.attrs["pad"])):
+        return 0
     return _planes_tile(N, O, C, *t.output.shape[2:], KH, KW, t.attrs["stride"], target.vector_width)
 
 
@@ -775,14 +793,14 @@ def _planes_forward(mb, em, t: Template, tid, nthreads, shape) -> None:
 
 def _planes_data(mb, em, t: Template, tid, nthreads, shape) -> None:
     """conv2d_bwd_data, stride 1 (see _planes_tile): dx = g correlated with w flipped
-    along both axes and its channels swapped, g padded by KH - 1 - ph, KW - 1 - pw."""
+    along both axes and its channels swapped, g padded by (KH - 1)·dy - ph, (KW - 1)·dx - pw."""
     _planes(mb, em, t, tid, nthreads, shape, flip=True)
 
 
 def _planes(mb, em, t: Template, tid, nthreads, shape, flip: bool) -> None:
     """src = t.inputs[0] (C planes of H x W) correlated with weights [O, C, KH, KW] into
     t.output (O planes of OH x OW): the forward's own weights, or (flip) the data
-    gradient's, packed once per call into scratch."""
+    gradient's, packed once per call into scratch. The taps are dilation apart."""
     R, OB = shape
     b = em.b
     xb, wb = t.inputs
@@ -790,16 +808,17 @@ def _planes(mb, em, t: Template, tid, nthreads, shape, flip: bool) -> None:
     _, O, OH, OW = t.output.shape
     KH, KW = wb.shape[2:]
     ph, pw = t.attrs["pad"]
+    dy, dx = _dilation(t)
     if flip:
-        ph, pw = KH - 1 - ph, KW - 1 - pw
+        ph, pw = (KH - 1) * dy - ph, (KW - 1) * dx - pw
     w = mb.target.vector_width
     nv = _cdiv(OW, w)
     in_place = nv >= _PLANES_IN_PLACE_VECTORS
     Hp, Wp = H + 2 * ph, W + 2 * pw
     K, T = C * KH * KW, KH * KW
     # in place: a row of zeros for the tap rows outside the image; else the padded copy,
-    # whose last row's shifted vectors read up to KW - 1 + nv * w floats from its start
-    src_floats = W if in_place else C * Hp * Wp + max(0, KW - 1 + nv * w - Wp)
+    # whose last row's shifted vectors read up to (KW - 1)·dx + nv * w floats from its start
+    src_floats = W if in_place else C * Hp * Wp + max(0, (KW - 1) * dx + nv * w - Wp)
     (Xp, Wf), total = _carve(b, _scratch_base(mb, em), [src_floats, O * K if flip else 0])
     _scratch(mb, em, total)
     X, Wg, Y = em.pointers[xb.name], em.pointers[wb.name], em.pointers[t.output.name]
@@ -813,7 +832,7 @@ def _planes(mb, em, t: Template, tid, nthreads, shape, flip: bool) -> None:
                 x = b.load(gep(b, at, i64(T - 1 - tap), F32), typ=F32, align=4)
                 b.store(x, gep(b, to, i64(tap), F32), align=4)
         Wg = Wf
-    geom = (C, H, W, ph, pw, O, OH, OW, KH, KW, OB, in_place)
+    geom = (C, H, W, ph, pw, O, OH, OW, KH, KW, OB, in_place) + ((dy, dx) if (dy, dx) != (1, 1) else ())
 
     def tile(src, out, y0, rows: int) -> None:
         b.call(_planes_tile_fn(mb, geom, rows), [src, Wg, out, y0, Xp])
@@ -834,7 +853,8 @@ def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
     masks); else from src's zero-padded copy of them. Built once per geometry and row
     count: a layer's forward and data gradient (same channels both ways) and the layers
     of one shape share it."""
-    C, H, W, ph, pw, O, OH, OW, KH, KW, OB, in_place = geom
+    C, H, W, ph, pw, O, OH, OW, KH, KW, OB, in_place = geom[:12]
+    dy, dx = geom[12:] or (1, 1)  # the taps' spacing
     if not in_place:  # the padded planes, read as unpadded ones
         H, W, ph, pw = H + 2 * ph, W + 2 * pw, 0, 0
 
@@ -851,10 +871,10 @@ def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
         nv, K = _cdiv(OW, w), C * KH * KW
         last = const_vector(I1, [lane < OW - (nv - 1) * w for lane in range(w)])
         # tap rows may fall outside the image (padding, or fewer rows than the taps reach)
-        rows_outside = in_place and (ph > 0 or OH - 1 + KH - 1 - ph >= H)
+        rows_outside = in_place and (ph > 0 or OH - 1 + (KH - 1) * dy - ph >= H)
         # lanes of the vector j of tap column kx that lie inside the row (the padded
         # copy's shifted vectors may read past a row: into the next, or the tail)
-        inside = {(j, kx): [not in_place or 0 <= j * w + lane + kx - pw < W for lane in range(w)]
+        inside = {(j, kx): [not in_place or 0 <= j * w + lane + kx * dx - pw < W for lane in range(w)]
                   for j in range(nv) for kx in range(KW)}
 
         def block(ob):
@@ -863,7 +883,7 @@ def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
 
             def channel_row(q, acc):  # q = c * KH + ky
                 c, ky = b.udiv(q, i64(KH)), b.urem(q, i64(KH))
-                row0 = b.sub(b.add(y0, ky), i64(ph))  # the input row of output row y0
+                row0 = b.sub(b.add(y0, b.mul(ky, i64(dy)) if dy > 1 else ky), i64(ph))  # output row y0's
                 at = []
                 for r in range(rows):
                     y = b.add(row0, i64(r)) if r else row0
@@ -872,7 +892,7 @@ def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
                 taps = b.gep(weights, [b.mul(q, i64(KW))], source_etype=F32)  # w[0, c, ky, 0]
                 acc = list(acc)
                 for kx in range(KW):
-                    xs = [v.load(gep(b, at[r], i64(j * w + kx - pw), F32), _lanes(v, inside[j, kx]))
+                    xs = [v.load(gep(b, at[r], i64(j * w + kx * dx - pw), F32), _lanes(v, inside[j, kx]))
                           for r in range(rows) for j in range(nv)]
                     for o in range(OB):
                         wv = v.splat(b.load(gep(b, taps, i64(o * K + kx), F32), typ=F32, align=4))
@@ -898,7 +918,7 @@ def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
 # --------------------------------------------------------------------------- backward data
 
 
-def _phases(H, W, KH, KW, sy, sx, ph, pw):
+def _phases(H, W, KH, KW, sy, sx, ph, pw, dy=1, dx=1):
     """Per output phase (ry, rx) of dx: its grid (GH, GW) and taps [(ky, kx, roff, coff)]."""
     out = []
     for ry in range(sy):
@@ -906,9 +926,9 @@ def _phases(H, W, KH, KW, sy, sx, ph, pw):
             GH, GW = _cdiv(H - ry, sy), _cdiv(W - rx, sx)
             if GH <= 0 or GW <= 0:
                 continue
-            taps = [(ky, kx, (ry + ph - ky) // sy, (rx + pw - kx) // sx)
-                    for ky in range(KH) if (ry + ph - ky) % sy == 0
-                    for kx in range(KW) if (rx + pw - kx) % sx == 0]
+            taps = [(ky, kx, (ry + ph - ky * dy) // sy, (rx + pw - kx * dx) // sx)
+                    for ky in range(KH) if (ry + ph - ky * dy) % sy == 0
+                    for kx in range(KW) if (rx + pw - kx * dx) % sx == 0]
             # in the forward's order (ascending source offsets): a stride-1 layer whose
             # gradient grid has the forward's geometry shares its im2col packer
             taps.sort(key=lambda tap: tap[2:])
@@ -917,7 +937,7 @@ def _phases(H, W, KH, KW, sy, sx, ph, pw):
 
 
 def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
-    """dx[n,c,iy,ix] = sum over (o, ky, kx) with iy = oy*sy + ky - ph, ix = ox*sx + kx - pw
+    """dx[n,c,iy,ix] = sum over (o, ky, kx) with iy = oy*sy + ky*dy - ph, ix = ox*sx + kx*dx - pw
     of g[n,o,oy,ox] * w[o,c,ky,kx]."""
     b = em.b
     gb, wb = t.inputs
@@ -925,7 +945,7 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
     O, _, KH, KW = wb.shape
     _, _, OH, OW = gb.shape
     (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
-    if (sy, sx) == (1, 1) and H * W >= _COL2IM_GROWTH * OH * OW:
+    if (sy, sx) == (1, 1) and _dilation(t) == (1, 1) and H * W >= _COL2IM_GROWTH * OH * OW:
         _bwd_data_col2im(mb, em, t, tid, nthreads)
         return
     if _direct_form([(_planes_data_tile, _planes_data), (_strided_data_positions, _strided_data)],
@@ -935,7 +955,7 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
     G, Wt, DX = em.pointers[gb.name], em.pointers[wb.name], em.pointers[t.output.name]
     T = KH * KW
     strided = (sy, sx) != (1, 1)
-    phases = _phases(H, W, KH, KW, sy, sx, ph, pw)
+    phases = _phases(H, W, KH, KW, sy, sx, ph, pw, *_dilation(t))
     ldq = max(GH * GW for _, _, GH, GW, _ in phases)
     prods = []
     for ry, rx, GH, GW, taps in phases:
@@ -1348,7 +1368,7 @@ def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
 
 
 def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
-    """dw[o,c,ky,kx] = sum_{n,oy,ox} g[n,o,oy,ox] * x[n,c,oy*sy+ky-ph, ox*sx+kx-pw]."""
+    """dw[o,c,ky,kx] = sum_{n,oy,ox} g[n,o,oy,ox] * x[n,c,oy*sy+ky*dy-ph, ox*sx+kx*dx-pw]."""
     if _direct_form([(_flat_filter_taps, _flat_filter_gradient), (_vector_filter_tile, _vector_filter_gradient),
                      (_window_channels, _window_filter_gradient), (_direct_channels, _direct_filter_gradient)],
                     mb, em, t, tid, nthreads):
@@ -1360,7 +1380,7 @@ def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     O, C, KH, KW = t.output.shape
     (sy, sx), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
     w = mb.target.vector_width
-    g = _Geom(C, H, W, OH, OW, sy, sx, [(ky - ph, kx - pw) for ky in range(KH) for kx in range(KW)])
+    g = _Geom(C, H, W, OH, OW, sy, sx, _taps(KH, KW, (ph, pw), _dilation(t)))
     K, P = g.K, g.P
     p0 = plan_gemm(GemmSpec(K, O, P), w, 1)
     mr, nv = p0.mr, p0.nv
@@ -1679,13 +1699,13 @@ def _filter_block(O: int, KW: int, ob_max: int) -> int:
     return min(range(1, ob_max + 1), key=lambda ob: (_cdiv(O, ob) * (ob * (KW + 1) + KW), -ob))
 
 
-def _row_segments(v: _Vec, OW: int, W: int, KW: int, pw: int):
+def _row_segments(v: _Vec, OW: int, W: int, KW: int, pw: int, dx: int = 1):
     """An output row's segments of a vector [(x0, positions)], the masks of the input
-    columns x0 + lane + kx - pw each segment reads (within the segment and the row) and
-    of its g lanes; None where every lane is on."""
+    columns x0 + lane + kx*dx - pw each segment reads (within the segment and the row)
+    and of its g lanes; None where every lane is on."""
     w = v.w
     chunks = [(x0, min(w, OW - x0)) for x0 in range(0, OW, w)]
-    masks = {(x0, kx): _lanes(v, [lane < n and 0 <= x0 + lane + kx - pw < W for lane in range(w)])
+    masks = {(x0, kx): _lanes(v, [lane < n and 0 <= x0 + lane + kx * dx - pw < W for lane in range(w)])
              for x0, n in chunks for kx in range(KW)}
     return chunks, masks, {x0: _lanes(v, [lane < n for lane in range(w)]) for x0, n in chunks}
 
@@ -1704,12 +1724,13 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
     """The filter gradient of a first layer (see _direct_channels), computed directly:
     no im2col, no GEMM. Threads share out (channel block, input channel, kernel row)
     items, each summed over every image: each dw element is one thread's, so its
-    epilogue runs there."""
+    epilogue runs there. The taps are dilation apart."""
     xb, gb = t.inputs
     N, C, H, W = xb.shape
     _, O, OH, OW = gb.shape
     _, _, KH, KW = t.output.shape
     ph, pw = t.attrs["pad"]
+    dy, dx = _dilation(t)
     target = mb.target
     w = target.vector_width
     OB = _filter_block(O, KW, ob_max)
@@ -1717,7 +1738,7 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
     b = em.b
     v = _Vec(b, w, fused=target.has("fma"))
     X, G = em.pointers[xb.name], em.pointers[gb.name]
-    chunks, masks, g_masks = _row_segments(v, OW, W, KW, pw)
+    chunks, masks, g_masks = _row_segments(v, OW, W, KW, pw, dx)
     nacc = OB * KW
     items = nblocks * C * KH
     # images in tiles whose g rows (and x planes) stay in cache while every item of the
@@ -1745,20 +1766,21 @@ def _direct_filter_gradient(mb, em, t: Template, tid, nthreads, ob_max: int) -> 
         n1 = smin(b, b.add(n0, i64(NB)), i64(N))
         with for_range(b, lo, hi, "item") as item:
             c, ky, o0, nob, at = item_at(item)
-            # output rows whose input row y + ky - ph lies inside the image
-            y_lo = smax(b, i64(0), b.sub(i64(ph), ky))
-            y_hi = smin(b, i64(OH), b.sub(i64(H + ph), ky))
+            ry = b.mul(ky, i64(dy)) if dy > 1 else ky  # the kernel row's offset
+            # output rows whose input row y + ry - ph lies inside the image
+            y_lo = smax(b, i64(0), b.sub(i64(ph), ry))
+            y_hi = smin(b, i64(OH), b.sub(i64(H + ph), ry))
 
             def image(n, acc):
                 xrow0 = b.gep(X, [b.mul(b.add(b.mul(n, i64(C)), c), i64(H * W))], source_etype=F32)
                 grow0 = b.gep(G, [b.mul(b.add(b.mul(n, i64(O)), o0), i64(OH * OW))], source_etype=F32)
 
                 def row(y, acc):
-                    xrow = v.at(xrow0, b.mul(b.add(y, b.sub(ky, i64(ph))), i64(W)))
+                    xrow = v.at(xrow0, b.mul(b.add(y, b.sub(ry, i64(ph))), i64(W)))
                     grow = v.at(grow0, b.mul(y, i64(OW)))
                     acc = list(acc)
                     for x0, _ in chunks:
-                        xs = [v.load(v.at(xrow, x0 + kx - pw), masks[x0, kx]) for kx in range(KW)]
+                        xs = [v.load(v.at(xrow, x0 + kx * dx - pw), masks[x0, kx]) for kx in range(KW)]
                         gm = _block_g_masks(b, w, g_masks[x0], OB, nob, OB * nblocks > O)
                         for ob in range(OB):
                             gv = v.load(v.at(grow, ob * OH * OW + x0), gm[ob])

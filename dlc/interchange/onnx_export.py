@@ -880,7 +880,7 @@ class _GraphExporter:
             group = a["groups"]
         else:
             operands, a = c.operands, c.attrs
-            stride, pad, dilation, group = list(a["stride"]), list(a["pad"]), [1, 1], 1
+            stride, pad, dilation, group = list(a["stride"]), list(a["pad"]), list(a.get("dilation", (1, 1))), 1
         w = self.node(operands[1]).type
         kw = dict(kernel_shape=list(w.shape[2:]), strides=stride, pads=pad * 2)
         if any(d != 1 for d in dilation):
@@ -890,8 +890,8 @@ class _GraphExporter:
         inputs = [self.operand(o) for o in operands] + ([self.operand(bias)] if bias is not None else [])
         if c.op is ops.CONV2D_BWD_DATA:
             x = self.node(c.operands[0]).type
-            kw["output_padding"] = [out - ((n - 1) * s - 2 * p + k) for out, n, s, p, k in zip(
-                a["in_hw"], x.shape[2:], stride, pad, w.shape[2:])]
+            kw["output_padding"] = [out - ((n - 1) * s - 2 * p + d * (k - 1) + 1) for out, n, s, p, d, k in zip(
+                a["in_hw"], x.shape[2:], stride, pad, dilation, w.shape[2:])]
         self.value[nid] = self.emit("ConvTranspose" if c.op is ops.CONV2D_BWD_DATA else "Conv", inputs,
                                     span=self.node(nid).span, **kw)
 

@@ -210,28 +210,21 @@ def _convolve(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups
     """conv2d of x [N, C, H, W] with w [O, C/groups, kh, kw] (PyTorch's layout), composed from
     primitives: a depthwise convolution (one input channel per group) as a sum of the
     kernel's shifted, strided views of x, each times its tap; other groups as a convolution
-    per group. A dilated axis of stride 1 is convolved phase by phase (_by_phases); with
-    a larger stride the kernel gets dilation - 1 zeros between its taps instead (so it costs
-    the multiply-adds of its wider window). The result is recorded as one `conv2d` composite,
-    which export writes as one Conv."""
+    per group. The result is recorded as one `conv2d` composite, which export writes as one
+    Conv."""
     if not all(isinstance(d, int) for d in x.shape[2:]):
         raise arg_error(f"`{layer}`: spatial dimensions of {x.type} must be known numbers", "x")
     spanned = tuple(dd * (kk - 1) + 1 for dd, kk in zip(dilation, w.shape[2:]))
-    out_hw = tuple(ops.linalg.conv_out(n, kk, ss, pp) for n, kk, ss, pp in zip(x.shape[2:], spanned, stride, pad))
+    out_hw = tuple(map(ops.linalg.conv_out, x.shape[2:], w.shape[2:], stride, pad, dilation))
     if min(out_hw) < 1:
         dilated = " (the kernel, dilated)" if dilation != (1, 1) else ""
         raise arg_error(f"`{layer}`: a {spanned[0]}x{spanned[1]} window{dilated} with stride {stride[0]} and padding "
                         f"{pad[0]} does not fit a {x.shape[2]}x{x.shape[3]} input", "kernel")
     if groups > 1 and w.shape[1] == 1:
         y = _depthwise(b, x, w, stride, pad, dilation, out_hw)
-    elif dilation != (1, 1) and all(s == 1 for s, d in zip(stride, dilation) if d > 1):
-        y = _by_phases(b, x, w, stride, pad, dilation, groups, out_hw)
     else:
-        def conv(x, w):
-            if dilation != (1, 1):
-                w = b.pad(w, (0,) * 4, (0,) * 4, (0, 0, dilation[0] - 1, dilation[1] - 1))
-            return b.emit(ops.CONV2D, (x, w), stride=stride, pad=pad)
-        y = _grouped(b, x, w, groups, conv)
+        dilated = ops.linalg.dilation_attr(dilation)
+        y = _grouped(b, x, w, groups, lambda x, w: b.emit(ops.CONV2D, (x, w), stride=stride, pad=pad, **dilated))
     b.composite(y, "conv2d", (x, w), stride=stride, pad=pad, dilation=dilation, groups=groups)
     return y
 
@@ -245,56 +238,6 @@ def _grouped(b: GraphBuilder, x: Value, w: Value, groups: int, conv) -> Value:
     return b.concat([conv(b.slice(x, (0, g * c_in, 0, 0), (n, (g + 1) * c_in, h, wd)),
                           b.slice(w, (g * c_out, 0, 0, 0), ((g + 1) * c_out,) + tuple(w.shape[1:])))
                      for g in range(groups)], 1)
-
-
-def _by_phases(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, groups: int, out_hw) -> Value:
-    """The convolution dilated along its axes of dilation d > 1 (each of stride 1) as an
-    undilated one: x padded, each such axis's length rounded up to a multiple of d and its
-    cells reordered by phase (_to_phases), convolved with k // 2 zeros of the convolution's
-    own on each side -- its first L outputs are then d whole runs of L/d, one per phase --
-    and those put back in order (_from_phases)."""
-    lengths = tuple(-(-(n + 2 * p) // d) * d for n, p, d in zip(x.shape[2:], pad, dilation))
-    x = b.pad(x, (0, 0) + tuple(p if d > 1 else 0 for p, d in zip(pad, dilation)),
-              (0, 0) + tuple(n - size - p if d > 1 else 0 for n, size, p, d in zip(lengths, x.shape[2:], pad, dilation)))
-    own_pad = tuple(k // 2 if d > 1 else p for k, p, d in zip(w.shape[2:], pad, dilation))
-    y = _grouped(b, _to_phases(b, x, dilation), w, groups,
-                 lambda x, w: b.emit(ops.CONV2D, (x, w), stride=stride, pad=own_pad))
-    y = b.slice(y, (0,) * 4, tuple(y.shape[:2]) + tuple(n if d > 1 else size for n, d, size in
-                                                         zip(lengths, dilation, y.shape[2:])))
-    return _from_phases(b, y, dilation, w.shape[2:], out_hw)
-
-
-def _to_phases(b: GraphBuilder, x: Value, dilation) -> Value:
-    """x [N, C, L0, L1], each dilated axis's length a multiple of its dilation d, with the
-    cells of that axis reordered by phase: cell q·d + r moves to r·(L/d) + q. An undilated
-    window within one phase's run of cells reads what the dilated window reads, so the
-    convolution over the reordered x costs the multiply-adds of the kernel's own taps, plus
-    k - 1 outputs per phase that straddle two phases or read the zeros around them
-    (dropped by _from_phases)."""
-    split, perm = list(x.shape[:2]), [0, 1]
-    for length, d in zip(x.shape[2:], dilation):
-        at = len(split)
-        split += [length // d, d] if d > 1 else [length]
-        perm += [at + 1, at] if d > 1 else [at]
-    return b.reshape(b.permute(b.reshape(x, split), perm), x.shape)
-
-
-def _from_phases(b: GraphBuilder, y: Value, dilation, kernel, out_hw) -> Value:
-    """The convolution of _to_phases's x (with k // 2 zeros on each side; its first L
-    outputs along a dilated axis) back in order: each of the d phases' L/d - k + 1
-    whole-window outputs, interleaved, cut to the output's length."""
-    n, o = y.shape[:2]
-    runs = [size // d if d > 1 else size for size, d in zip(y.shape[2:], dilation)]
-    split, first, keep, perm, whole = [n, o], [0, 0], [n, o], [0, 1], [n, o]
-    for r, k, d in zip(runs, kernel, dilation):
-        at = len(split)
-        split += [d, r] if d > 1 else [r]
-        first += [0, k // 2] if d > 1 else [0]
-        keep += [d, k // 2 + r - k + 1] if d > 1 else [r]
-        perm += [at + 1, at] if d > 1 else [at]
-        whole.append((r - k + 1) * d if d > 1 else r)
-    y = b.permute(b.slice(b.reshape(y, split), first, keep), perm)
-    return b.slice(b.reshape(y, whole), (0,) * 4, (n, o) + tuple(out_hw))
 
 
 def _depthwise(b: GraphBuilder, x: Value, w: Value, stride, pad, dilation, out_hw) -> Value:

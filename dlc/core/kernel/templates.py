@@ -13,10 +13,11 @@ Kinds (shapes are row-major; int32 indices are clamped into range as the referen
 
   matmul            C[m,n] = op(A) @ op(B); attrs ta, tb: A is [k,m] when ta, B is [n,k] when tb
   batch_matmul      C[g,m,n] = op(A[g]) @ op(B[g]); attrs ta, tb as matmul's, per matrix g
-  conv2d            y[n,o,oy,ox] = sum_{c,ky,kx} x[n,c,oy*s+ky-p, ox*s+kx-p] * w[o,c,ky,kx]
-                    (x is zero outside); attrs stride (s), pad (p) per axis
-  conv2d_bwd_data   dx = the gradient of conv2d with respect to x, from (dy, w); attrs in_hw, stride, pad
-  conv2d_bwd_filter dw = the gradient with respect to w, from (x, dy); attrs kernel, stride, pad
+  conv2d            y[n,o,oy,ox] = sum_{c,ky,kx} x[n,c,oy*s+ky*d-p, ox*s+kx*d-p] * w[o,c,ky,kx]
+                    (x is zero outside); attrs stride (s), pad (p), dilation (d, absent: 1) per axis
+  conv2d_bwd_data   dx = the gradient of conv2d with respect to x, from (dy, w); attrs in_hw, stride, pad,
+                    dilation
+  conv2d_bwd_filter dw = the gradient with respect to w, from (x, dy); attrs kernel, stride, pad, dilation
   pool2d            max or mean of each window (max pads with -inf; the mean divides by the
                     whole window, padding included); attrs mode, kernel, stride, pad
   pool2d_bwd        its gradient, from (x, dy): max sends each window's gradient to the window's
@@ -76,16 +77,16 @@ class _Gen:
             out.append(self.cond("lt", self.i32(ix), x.lit(size, DType.i32)))
         return out
 
-    def window(self, o, k, stride: int, pad: int, size: int):
+    def window(self, o, k, stride: int, pad: int, size: int, dilation: int = 1):
         """(clamped source index, its validity conditions) of output o, tap k."""
         x = self.x
-        at = x.add(x.add(x.mul(o, stride), k), x.const(-pad))
+        at = x.add(x.add(x.mul(o, stride), x.mul(k, dilation)), x.const(-pad))
         return x.clamp(at, 0, size - 1), self.inside(at, size)
 
-    def back_window(self, i, k, stride: int, pad: int, out_size: int):
-        """The output position o with o*stride + k - pad == i: (clamped o, conditions)."""
+    def back_window(self, i, k, stride: int, pad: int, out_size: int, dilation: int = 1):
+        """The output position o with o*stride + k*dilation - pad == i: (clamped o, conditions)."""
         x = self.x
-        t = x.sub(x.add(i, x.const(pad)), k)
+        t = x.sub(x.add(i, x.const(pad)), x.mul(k, dilation))
         o = x.div(t, stride)
         conds = []
         if t.lo < 0:
@@ -141,13 +142,13 @@ def _conv2d(g: _Gen, t: Template):
     x, (X, W) = g.x, t.inputs
     _, C, H, Wd = X.shape
     _, _, KH, KW = W.shape
-    (sh, sw), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    (sh, sw), (ph, pw), (dh, dw) = t.attrs["stride"], t.attrs["pad"], t.attrs.get("dilation", (1, 1))
     c, ky, kx = g.fresh(C), g.fresh(KH), g.fresh(KW)
 
     def value(idx):
         n, o, oy, ox = idx
-        iy, cy = g.window(oy, ky, sh, ph, H)
-        ix, cx = g.window(ox, kx, sw, pw, Wd)
+        iy, cy = g.window(oy, ky, sh, ph, H, dh)
+        ix, cx = g.window(ox, kx, sw, pw, Wd, dw)
         prod = g.mul(x.load(X, x.ravel((n, c, iy, ix), X.shape)), x.load(W, x.ravel((o, c, ky, kx), W.shape)),
                      X.dtype)
         return g.sum((c, ky, kx), g.masked(cy + cx, prod, X.dtype), X.dtype)
@@ -158,13 +159,13 @@ def _conv2d_bwd_data(g: _Gen, t: Template):
     x, (G, W) = g.x, t.inputs
     O, _, KH, KW = W.shape
     _, _, OH, OW = G.shape
-    (sh, sw), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    (sh, sw), (ph, pw), (dh, dw) = t.attrs["stride"], t.attrs["pad"], t.attrs.get("dilation", (1, 1))
     o, ky, kx = g.fresh(O), g.fresh(KH), g.fresh(KW)
 
     def value(idx):
         n, c, iy, ix = idx
-        oy, cy = g.back_window(iy, ky, sh, ph, OH)
-        ox, cx = g.back_window(ix, kx, sw, pw, OW)
+        oy, cy = g.back_window(iy, ky, sh, ph, OH, dh)
+        ox, cx = g.back_window(ix, kx, sw, pw, OW, dw)
         prod = g.mul(x.load(G, x.ravel((n, o, oy, ox), G.shape)), x.load(W, x.ravel((o, c, ky, kx), W.shape)),
                      G.dtype)
         return g.sum((o, ky, kx), g.masked(cy + cx, prod, G.dtype), G.dtype)
@@ -175,13 +176,13 @@ def _conv2d_bwd_filter(g: _Gen, t: Template):
     x, (X, G) = g.x, t.inputs
     N, _, H, Wd = X.shape
     _, _, OH, OW = G.shape
-    (sh, sw), (ph, pw) = t.attrs["stride"], t.attrs["pad"]
+    (sh, sw), (ph, pw), (dh, dw) = t.attrs["stride"], t.attrs["pad"], t.attrs.get("dilation", (1, 1))
     n, oy, ox = g.fresh(N), g.fresh(OH), g.fresh(OW)
 
     def value(idx):
         o, c, ky, kx = idx
-        iy, cy = g.window(oy, ky, sh, ph, H)
-        ix, cx = g.window(ox, kx, sw, pw, Wd)
+        iy, cy = g.window(oy, ky, sh, ph, H, dh)
+        ix, cx = g.window(ox, kx, sw, pw, Wd, dw)
         prod = g.mul(x.load(X, x.ravel((n, c, iy, ix), X.shape)), x.load(G, x.ravel((n, o, oy, ox), G.shape)),
                      X.dtype)
         return g.sum((n, oy, ox), g.masked(cy + cx, prod, X.dtype), X.dtype)

@@ -65,8 +65,15 @@ BATCH_MATMUL = register(OpDef("batch_matmul", Kind.MATMUL, _batch_matmul_infer, 
 
 
 # conv2d --------------------------------------------------------------------------------
-def conv_out(size: int, k: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - k) // stride + 1
+# The three convolution ops take `dilation` (the spacing of the kernel's taps) only where
+# it is not 1: an undilated convolution's node, IR and kernels read as they always have.
+def conv_out(size: int, k: int, stride: int, pad: int, dilation: int = 1) -> int:
+    return (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+
+
+def dilation_attr(dilation) -> dict:
+    """The `dilation` attribute to emit a convolution op with: none where it is (1, 1)."""
+    return {} if tuple(dilation) == (1, 1) else {"dilation": tuple(dilation)}
 
 
 def _spatial(name: str, x: TensorType) -> tuple[int, int]:
@@ -78,101 +85,107 @@ def _spatial(name: str, x: TensorType) -> tuple[int, int]:
     return h, w
 
 
-def _out_hw(name, hw, kernel, stride, pad) -> tuple[int, int]:
-    out = tuple(conv_out(s, k, st, p) for s, k, st, p in zip(hw, kernel, stride, pad))
+def _out_hw(name, hw, kernel, stride, pad, dilation=(1, 1)) -> tuple[int, int]:
+    out = tuple(conv_out(s, k, st, p, d) for s, k, st, p, d in zip(hw, kernel, stride, pad, dilation))
     if min(out) < 1:
-        raise ShapeError(f"{name}: a {kernel[0]}x{kernel[1]} window with stride {stride[0]} and "
+        dilated = f" dilated by {list(dilation)}" if tuple(dilation) != (1, 1) else ""
+        raise ShapeError(f"{name}: a {kernel[0]}x{kernel[1]} window{dilated} with stride {stride[0]} and "
                          f"padding {pad[0]} does not fit a {hw[0]}x{hw[1]} input")
     return out
 
 
-def _windows(x, kernel, stride, pad, fill=0.0):
+def _windows(x, kernel, stride, pad, fill=0.0, dilation=(1, 1)):
     """[N, C, OH, OW, KH, KW] view of the padded input."""
-    (ph, pw), (sh, sw) = pad, stride
+    (ph, pw), (sh, sw), (dh, dw) = pad, stride, dilation
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
-    win = sliding_window_view(xp, tuple(kernel), axis=(2, 3))
-    return win[:, :, ::sh, ::sw]
+    spanned = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+    win = sliding_window_view(xp, spanned, axis=(2, 3))
+    return win[:, :, ::sh, ::sw, ::dh, ::dw]
 
 
-def _conv_infer(x: TensorType, w: TensorType, stride=(1, 1), pad=(0, 0)) -> TensorType:
+def _conv_infer(x: TensorType, w: TensorType, stride=(1, 1), pad=(0, 0), dilation=(1, 1)) -> TensorType:
     hw = _spatial("conv2d", x)
     if w.rank != 4:
         raise ShapeError(f"conv2d weights must be [out, in, kh, kw], got {w}")
     if x.shape[1] != w.shape[1]:
         raise ShapeError(f"conv2d: input has {x.shape[1]} channels but the weights expect {w.shape[1]}")
     require_float("conv2d", x)
-    oh, ow = _out_hw("conv2d", hw, w.shape[2:], stride, pad)
+    oh, ow = _out_hw("conv2d", hw, w.shape[2:], stride, pad, dilation)
     return TensorType(same_dtype("conv2d", x, w), (x.shape[0], w.shape[0], oh, ow))
 
 
-def _conv_ref(x, w, stride=(1, 1), pad=(0, 0)):
-    win = _windows(x, w.shape[2:], stride, pad)
+def _conv_ref(x, w, stride=(1, 1), pad=(0, 0), dilation=(1, 1)):
+    win = _windows(x, w.shape[2:], stride, pad, dilation=dilation)
     return np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)
 
 
-def _conv_vjp(b, g, y, x, w, stride=(1, 1), pad=(0, 0)):
-    dx = b.emit(CONV2D_BWD_DATA, (g, w), in_hw=tuple(x.shape[2:]), stride=stride, pad=pad)
-    dw = b.emit(CONV2D_BWD_FILTER, (x, g), kernel=tuple(w.shape[2:]), stride=stride, pad=pad)
+def _conv_vjp(b, g, y, x, w, stride=(1, 1), pad=(0, 0), dilation=(1, 1)):
+    dil = dilation_attr(dilation)
+    dx = b.emit(CONV2D_BWD_DATA, (g, w), in_hw=tuple(x.shape[2:]), stride=stride, pad=pad, **dil)
+    dw = b.emit(CONV2D_BWD_FILTER, (x, g), kernel=tuple(w.shape[2:]), stride=stride, pad=pad, **dil)
     return dx, dw
 
 
 CONV2D = register(OpDef("conv2d", Kind.CONV, _conv_infer, _conv_ref, _conv_vjp, 2,
-                        attrs=("stride", "pad")))
+                        attrs=("stride", "pad", "dilation")))
 
 
 # conv2d_bwd_data(g, w) = the input gradient of conv2d; bilinear, so its own gradients
 # are conv2d and conv2d_bwd_filter again.
-def _bwd_data_infer(g: TensorType, w: TensorType, in_hw, stride, pad) -> TensorType:
+def _bwd_data_infer(g: TensorType, w: TensorType, in_hw, stride, pad, dilation=(1, 1)) -> TensorType:
     if g.rank != 4 or w.rank != 4 or g.shape[1] != w.shape[0]:
         raise ShapeError(f"conv2d_bwd_data: gradient {g} does not match weights {w}")
-    if tuple(g.shape[2:]) != _out_hw("conv2d_bwd_data", in_hw, w.shape[2:], stride, pad):
+    if tuple(g.shape[2:]) != _out_hw("conv2d_bwd_data", in_hw, w.shape[2:], stride, pad, dilation):
         raise ShapeError(f"conv2d_bwd_data: gradient {g} does not match input size {list(in_hw)}")
     return TensorType(same_dtype("conv2d_bwd_data", g, w), (g.shape[0], w.shape[1]) + tuple(in_hw))
 
 
-def _bwd_data_ref(g, w, in_hw, stride, pad):
-    (sh, sw), (ph, pw) = stride, pad
+def _bwd_data_ref(g, w, in_hw, stride, pad, dilation=(1, 1)):
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
     n, _, oh, ow = g.shape
     kh, kw = w.shape[2:]
     dx = np.zeros((n, w.shape[1], in_hw[0] + 2 * ph, in_hw[1] + 2 * pw), dtype=g.dtype)
     for i in range(kh):
         for j in range(kw):
-            dx[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += np.einsum("nohw,oc->nchw", g, w[:, :, i, j])
+            dx[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw] += \
+                np.einsum("nohw,oc->nchw", g, w[:, :, i, j])
     return dx[:, :, ph:ph + in_hw[0], pw:pw + in_hw[1]]
 
 
-def _bwd_data_vjp(b, c, y, g, w, in_hw, stride, pad):
-    dg = b.emit(CONV2D, (c, w), stride=stride, pad=pad)
-    dw = b.emit(CONV2D_BWD_FILTER, (c, g), kernel=tuple(w.shape[2:]), stride=stride, pad=pad)
+def _bwd_data_vjp(b, c, y, g, w, in_hw, stride, pad, dilation=(1, 1)):
+    dil = dilation_attr(dilation)
+    dg = b.emit(CONV2D, (c, w), stride=stride, pad=pad, **dil)
+    dw = b.emit(CONV2D_BWD_FILTER, (c, g), kernel=tuple(w.shape[2:]), stride=stride, pad=pad, **dil)
     return dg, dw
 
 
 CONV2D_BWD_DATA = register(OpDef("conv2d_bwd_data", Kind.CONV, _bwd_data_infer, _bwd_data_ref,
-                                 _bwd_data_vjp, 2, attrs=("in_hw", "stride", "pad")))
+                                 _bwd_data_vjp, 2, attrs=("in_hw", "stride", "pad", "dilation")))
 
 
-def _bwd_filter_infer(x: TensorType, g: TensorType, kernel, stride, pad) -> TensorType:
+def _bwd_filter_infer(x: TensorType, g: TensorType, kernel, stride, pad, dilation=(1, 1)) -> TensorType:
     hw = _spatial("conv2d_bwd_filter", x)
     if g.rank != 4 or g.shape[0] != x.shape[0] or tuple(g.shape[2:]) != _out_hw(
-            "conv2d_bwd_filter", hw, kernel, stride, pad):
+            "conv2d_bwd_filter", hw, kernel, stride, pad, dilation):
         raise ShapeError(f"conv2d_bwd_filter: gradient {g} does not match input {x}")
     return TensorType(same_dtype("conv2d_bwd_filter", x, g), (g.shape[1], x.shape[1]) + tuple(kernel))
 
 
-def _bwd_filter_ref(x, g, kernel, stride, pad):
-    win = _windows(x, kernel, stride, pad)
+def _bwd_filter_ref(x, g, kernel, stride, pad, dilation=(1, 1)):
+    win = _windows(x, kernel, stride, pad, dilation=dilation)
     return np.tensordot(g, win, axes=([0, 2, 3], [0, 2, 3]))
 
 
-def _bwd_filter_vjp(b, c, y, x, g, kernel, stride, pad):
-    dx = b.emit(CONV2D_BWD_DATA, (g, c), in_hw=tuple(x.shape[2:]), stride=stride, pad=pad)
-    dg = b.emit(CONV2D, (x, c), stride=stride, pad=pad)
+def _bwd_filter_vjp(b, c, y, x, g, kernel, stride, pad, dilation=(1, 1)):
+    dil = dilation_attr(dilation)
+    dx = b.emit(CONV2D_BWD_DATA, (g, c), in_hw=tuple(x.shape[2:]), stride=stride, pad=pad, **dil)
+    dg = b.emit(CONV2D, (x, c), stride=stride, pad=pad, **dil)
     return dx, dg
 
 
 CONV2D_BWD_FILTER = register(OpDef("conv2d_bwd_filter", Kind.CONV, _bwd_filter_infer,
                                    _bwd_filter_ref, _bwd_filter_vjp, 2,
-                                   attrs=("kernel", "stride", "pad")))
+                                   attrs=("kernel", "stride", "pad", "dilation")))
 
 
 # pooling ---------------------------------------------------------------------------------
