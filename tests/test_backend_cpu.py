@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import dlc
 from dlc.core import ops
@@ -28,6 +30,7 @@ from dlc.program import make_program
 import example_models
 from example_models import EXAMPLES, example_feeds as _example_feeds
 from op_table import ALL
+from test_fuzz import FUZZ
 from test_ops import Built, _grad_graph, in_precision
 
 CHUNK = 24  # op-table rows per compiled module
@@ -199,6 +202,35 @@ def test_dilated_convolutions_read_their_spaced_taps_on_every_thread_count(monke
     if wide:  # the plane-wise rows (not the over-padded one)
         assert sorted(set(planes)) == [(1, 2), (2, 2), (2, 3)], planes
     assert sorted(set(direct)) == ([2, 11] if wide else [2]), direct  # the direct filter gradients' channels
+
+
+@settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 20))
+@given(st.data())
+def test_random_convolutions_match_the_reference(data):
+    """A random convolution's forward, data gradient and filter gradient (batches of 2,
+    32 and 33, so the forms that split by images or need 32 of them take their turn;
+    1-32 channels, kernels of 1-5, strides and dilations of 1-3 and padding up to the
+    kernel's span, each per axis) match the reference on two threads. Such a hunt found
+    an im2col loop that ignored a stride down the columns and a data gradient that wrote
+    outside its scratch for a layer padded by more than its kernel spans."""
+    from op_table import _conv, np_conv2d, np_conv2d_bwd_data, np_conv2d_bwd_filter
+    draw = data.draw
+    n = draw(st.sampled_from([2, 32, 33]), "batch")
+    c, o = (draw(st.sampled_from([1, 3, 5, 16, 32]), what) for what in ("in channels", "out channels"))
+    hw = tuple(draw(st.integers(3, 33), "size") for _ in range(2))
+    kernel = tuple(draw(st.integers(1, 5), "kernel") for _ in range(2))
+    stride = tuple(draw(st.sampled_from([1, 1, 2, 3]), "stride") for _ in range(2))
+    dilation = tuple(draw(st.sampled_from([1, 1, 2, 3]), "dilation") for _ in range(2))
+    pad = tuple(draw(st.integers(0, k * d), "pad") for k, d in zip(kernel, dilation))
+    out = tuple(ops.linalg.conv_out(*a) for a in zip(hw, kernel, stride, pad, dilation))
+    assume(min(out) >= 1 and n * max(c, o) * max(hw[0] * hw[1], out[0] * out[1]) <= 400_000)
+    attrs = {"stride": stride, "pad": pad, **ops.linalg.dilation_attr(dilation)}
+    x, w, g = (n, c) + hw, (o, c) + kernel, (n, o) + out
+    rows = [_conv("conv2d", [x, w], np_conv2d, attrs, "forward"),
+            _conv("conv2d_bwd_data", [g, w], np_conv2d_bwd_data, dict(attrs, in_hw=hw), "data"),
+            _conv("conv2d_bwd_filter", [x, g], np_conv2d_bwd_filter, dict(attrs, kernel=kernel), "filter")]
+    merged, feeds, tols = op_table_graph(rows, salt="random-conv")
+    check_op_table(run_graph(merged, feeds), run_cpu(merged, feeds), tols)
 
 
 def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts) -> None:
