@@ -233,16 +233,18 @@ def np_pool1d(x, mode, k, stride, pad):
     return windows.max(axis=3) if mode == "max" else windows.mean(axis=3)
 
 
-def np_conv_transpose2d(x, w, stride, pad, output_pad):
+def np_conv_transpose2d(x, w, stride, pad, output_pad, dilation=(1, 1)):
     """PyTorch's conv_transpose2d by its definition: each input cell adds w, scaled by it,
-    at its stride-spaced window of the output; then `pad` cropped from each side."""
-    (sh, sw), (ph, pw), (oph, opw) = stride, pad, output_pad
+    at its stride-spaced window of the output (taps `dilation` apart); then `pad` cropped
+    from each side."""
+    (sh, sw), (ph, pw), (oph, opw), (dh, dw) = stride, pad, output_pad, dilation
     n, _, h, wd = x.shape
     kh, kw = w.shape[2:]
-    full = np.zeros((n, w.shape[1], (h - 1) * sh + kh + oph, (wd - 1) * sw + kw + opw))
+    sph, spw = dh * (kh - 1) + 1, dw * (kw - 1) + 1  # the windows' spans
+    full = np.zeros((n, w.shape[1], (h - 1) * sh + sph + oph, (wd - 1) * sw + spw + opw))
     for i in range(h):
         for j in range(wd):
-            full[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw] += np.einsum("nc,cokl->nokl", x[:, :, i, j], w)
+            full[:, :, i * sh:i * sh + sph:dh, j * sw:j * sw + spw:dw] += np.einsum("nc,cokl->nokl", x[:, :, i, j], w)
     return full[:, :, ph:full.shape[2] - ph, pw:full.shape[3] - pw]
 
 
@@ -1171,6 +1173,10 @@ COMPOSITES: list[OpCase] = [
     C("conv_transpose2d", [(1, 2, 3, 3)], lambda x, w: np_conv_transpose2d(x, w, (1, 2), (0, 1), (0, 0)),
       attrs={"channels": 3, "kernel": [2, 4], "stride": [1, 2], "pad": [0, 1], "bias": False}, tol32=MATMUL_TOL,
       id="rectangular"),
+    C("conv_transpose2d", [(2, 3, 4, 3)],
+      lambda x, w, b: np_conv_transpose2d(x, w, (2, 1), (2, 1), (1, 0), (2, 3)) + b[None, :, None, None],
+      attrs={"channels": 2, "kernel": [3, 2], "stride": [2, 1], "pad": [2, 1], "output_pad": [1, 0],
+             "dilation": [2, 3]}, tol32=MATMUL_TOL, id="dilated"),
     C("conv2d", [(1, 2, 5, 5)], lambda x, w, b: np_conv2d(x, w, (1, 1), (1, 2)) + b[None, :, None, None],
       attrs={"channels": 3, "kernel": (3, 5), "pad": "same"}, tol32=MATMUL_TOL, id="same"),
     C("maxpool", [(2, 3, 7, 5)], lambda x: np_pool(x, "max", (2, 2), (2, 2), (0, 0))),

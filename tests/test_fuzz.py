@@ -381,10 +381,12 @@ def valid_step(g: Gen) -> None:
         _, c, h, w = s
         k, st_ = g.num(1, 3), g.num(1, 2)
         pad, extra = g.num(0, (k - 1) // 2), g.num(0, st_ - 1)
+        dil = g.pick([1, 1, 2]) if k > 1 else 1
         ch = g.size(1, 4)
+        span = dil * (k - 1) + 1
         g.emit(f"{name} = {src} |> conv_transpose2d({ch}, {k}, stride={st_}, pad={pad}, output_pad={extra}"
-               + g.pick(["", ", bias=false"]) + ")",
-               ("B", ch, (h - 1) * st_ - 2 * pad + k + extra, (w - 1) * st_ - 2 * pad + k + extra), name)
+               + g.pick(["", ", bias=false"]) + (f", dilation={dil}" if dil > 1 else "") + ")",
+               ("B", ch, (h - 1) * st_ - 2 * pad + span + extra, (w - 1) * st_ - 2 * pad + span + extra), name)
     elif op == "upsample":
         _, c, h, w = s
         fh, fw = g.num(1, 2), g.num(1, 3)

@@ -312,18 +312,27 @@ def test_logical_operations_export_as_and_or_not_and_round_trip(tmp_path):
 
 def test_upsampling_and_transposed_convolutions_round_trip(tmp_path):
     """upsample exports as Reshape, Expand (to a shape computed with the batch) and Reshape,
-    which import back as broadcast_to; conv_transpose2d as ConvTranspose."""
+    which import back as broadcast_to; conv_transpose2d as ConvTranspose, with its
+    dilations where it has them (onnxruntime gives dlc's outputs)."""
     src = """model m(x: f32[B, 2, 3, 4]) -> f32[B, 3, 12, 24] {
     return upsample(x, [2, 3]) |> conv_transpose2d(3, 3, stride=2, pad=1, output_pad=1)
 }
+model d(x: f32[B, 2, 3, 4]) -> f32[B, 2, 8, 7] {
+    return conv_transpose2d(x, 2, [3, 2], stride=[2, 1], pad=[1, 0], output_pad=[1, 0], dilation=[2, 3])
+}
 """
-    m = dlc.load(src)
-    onnx.save(export_model(m), str(tmp_path / "m.onnx"))
-    back = write(import_model(tmp_path / "m.onnx", train=False), tmp_path / "b.dln", tmp_path / "b.npz")
-    text = (tmp_path / "b.dln").read_text()
-    assert "broadcast_to(" in text and "conv_transpose2d(3, 3, stride=2, pad=1, output_pad=1)" in text, text
     x = np.random.default_rng(0).normal(size=(3, 2, 3, 4)).astype(np.float32)
-    np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-6, atol=1e-6)
+    for name, written in (("m", "conv_transpose2d(3, 3, stride=2, pad=1, output_pad=1)"),
+                          ("d", "conv_transpose2d(2, [3, 2], stride=[2, 1], pad=[1, 0], output_pad=[1, 0], "
+                                "dilation=[2, 3])")):
+        m = dlc.load(src, model=name)
+        onnx.save(export_model(m), str(tmp_path / f"{name}.onnx"))
+        np.testing.assert_allclose(ort.InferenceSession(str(tmp_path / f"{name}.onnx")).run(None, {"x": x})[0],
+                                   m.predict(x), rtol=1e-5, atol=1e-5)
+        back = write(import_model(tmp_path / f"{name}.onnx", train=False), tmp_path / "b.dln", tmp_path / "b.npz")
+        text = (tmp_path / "b.dln").read_text()
+        assert written in text and (name == "d" or "broadcast_to(" in text), text
+        np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-6, atol=1e-6)
 
 
 def test_grouped_and_dilated_convolutions_round_trip(tmp_path):
@@ -786,7 +795,7 @@ def _torch_models(torch):
             super().__init__()
             self.down = nn.Conv2d(2, 4, 3, stride=2, padding=1)
             self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
-            self.up2 = nn.ConvTranspose2d(3, 1, (2, 3), stride=(1, 2), bias=False)
+            self.up2 = nn.ConvTranspose2d(3, 1, (2, 3), stride=(1, 2), dilation=(2, 1), bias=False)
             self.near = nn.Upsample(scale_factor=(2, 1))
             self.gn = nn.GroupNorm(1, 1)  # (reshapes the upsampled shape, which ONNX's inference leaves unknown)
 
@@ -813,7 +822,8 @@ def _torch_models(torch):
                                              "conv2d(8, 3, pad=2, dilation=2, groups=2)",
                                              "conv1d(4, 3, pad=2, dilation=2)"]),
             ("decoder", Decoder(), (2, 5, 6), ["conv_transpose2d(3, 3, stride=2, pad=1, output_pad=1)",
-                                               "conv_transpose2d(1, [2, 3], stride=[1, 2], bias=false)",
+                                               "conv_transpose2d(1, [2, 3], stride=[1, 2], dilation=[2, 1], "
+                                               "bias=false)",
                                                "upsample([2, 1])"]),
             ("groupnorms", GroupNorms(), (3, 5, 5), ["groupnorm(2, affine=false)", "groupnorm(4)",
                                                      "groupnorm(4, affine=false)", "min(axis=[2, 3])",

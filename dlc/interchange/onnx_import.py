@@ -5,7 +5,7 @@ dlc's layout and parameter names:
 
   Gemm, MatMul (+ Add) by a constant          dense            (w [in, units], b)
   Conv (2-D or 1-D, symmetric pads)           conv2d, conv1d   (w, b; groups, dilation)
-  ConvTranspose (2-D, one group)              conv_transpose2d (w, b)
+  ConvTranspose (2-D, one group, dilated too) conv_transpose2d (w, b)
   MaxPool, AveragePool, GlobalAveragePool     maxpool, avgpool, global_avgpool (2-D or 1-D)
   BatchNormalization                          batchnorm        (gamma, beta; running_mean, running_var)
   LayerNormalization                          layernorm        (gamma, beta; over several axes too)
@@ -756,9 +756,8 @@ class Importer:
         w = self.const_of(node, 1, "the weights")
         if w.ndim != 4:
             raise self.error(node, f"is a {w.ndim - 2}-D transposed convolution; dlc has conv_transpose2d")
-        if a.get("group", 1) != 1 or any(d != 1 for d in a.get("dilations", [])):
-            raise self.error(node, "is a grouped or dilated transposed convolution, which dlc's conv_transpose2d "
-                                   "does not do")
+        if a.get("group", 1) != 1:
+            raise self.error(node, "is a grouped transposed convolution, which dlc's conv_transpose2d does not do")
         if "output_shape" in a:
             raise self.error(node, "gives its output_shape; dlc's conv_transpose2d takes pads and output_padding")
         k = list(w.shape[2:])
@@ -767,11 +766,12 @@ class Importer:
             raise self.error(node, "pads SAME_UPPER or SAME_LOWER; dlc's conv_transpose2d takes pads")
         pad = self.pads(node, a, k, stride)
         extra = list(a.get("output_padding", [0, 0]))
+        dilation = list(a.get("dilations", [1, 1]))
         b = self.const_of(node, 2, "the bias") if len(node.input) > 2 and node.input[2] else None
         params = {"w": w.astype(np.float32)}  # (ONNX's layout [in, out, kh, kw] is dlc's)
         kwargs = {}
-        for name, v in (("stride", stride), ("pad", pad), ("output_pad", extra)):
-            if any(v) and (name != "stride" or any(x != 1 for x in v)):
+        for name, v in (("stride", stride), ("pad", pad), ("output_pad", extra), ("dilation", dilation)):
+            if any(v) and (name not in ("stride", "dilation") or any(x != 1 for x in v)):
                 kwargs[name] = window_text(v)
         if b is not None:
             params["b"] = b.astype(np.float32)

@@ -283,16 +283,17 @@ def _tap_range(size: int, out: int, offset: int, stride: int):
 
 @builtin("layer")
 def conv_transpose2d(ctx: LayerContext, x: Tensor, channels: int, kernel: Pair, stride: Pair = 1, pad: Pair = 0,
-                     output_pad: Pair = 0, bias: bool = True, init: Init = HE_NORMAL) -> Value:
+                     output_pad: Pair = 0, bias: bool = True, init: Init = HE_NORMAL, dilation: Pair = 1) -> Value:
     """Transposed 2-D convolution over NCHW input (PyTorch's ConvTranspose2d, the upsampling of
     decoders): every input cell adds the kernel, scaled, into a stride-spaced window of the
-    output; H_out = (H - 1)·stride - 2·pad + kernel + output_pad. It is the input gradient of
-    conv2d, and runs as that kernel."""
+    output (its taps dilation apart); H_out = (H - 1)·stride - 2·pad + dilation·(kernel - 1) +
+    1 + output_pad. It is the input gradient of conv2d, and runs as that kernel."""
     _positive(channels, "channels", "conv_transpose2d")
     if x.rank != 4:
         raise arg_error(f"`conv_transpose2d` needs an NCHW input of rank 4, got {x.type}", "x")
     _float(x, "conv_transpose2d", f32=True)
     k, s = _window("conv_transpose2d", kernel, stride)
+    d = _dilation("conv_transpose2d", dilation)
     p, extra = pair(pad), pair(output_pad)
     if min(p + extra) < 0 or any(e >= st for e, st in zip(extra, s)):
         raise arg_error(f"`conv_transpose2d`: argument `output_pad` must be at least 0 and less than the stride "
@@ -300,12 +301,14 @@ def conv_transpose2d(ctx: LayerContext, x: Tensor, channels: int, kernel: Pair, 
     c_in = x.shape[1]
     if not isinstance(c_in, int) or not all(isinstance(d, int) for d in x.shape[2:]):
         raise arg_error(f"`conv_transpose2d` needs known channels and sizes, got {x.type}", "x")
-    spanned = tuple((n - 1) * st - 2 * pp + kk for n, st, pp, kk in zip(x.shape[2:], s, p, k))
+    spanned = tuple((n - 1) * st - 2 * pp + dd * (kk - 1) + 1 for n, st, pp, dd, kk in zip(x.shape[2:], s, p, d, k))
     if min(spanned) < 1:
+        dilated = f" dilated by {_show(list(d))}" if d != (1, 1) else ""
         raise arg_error(f"`conv_transpose2d`: padding {list(p)} leaves no output of a {x.shape[2]}x{x.shape[3]} "
-                        f"input with a {k[0]}x{k[1]} kernel", "pad")
+                        f"input with a {k[0]}x{k[1]} kernel{dilated}", "pad")
     w = ctx.param("w", (c_in, channels) + k, init, c_in * k[0] * k[1], channels * k[0] * k[1])
-    y = ctx.b.emit(ops.CONV2D_BWD_DATA, (x, w), in_hw=tuple(n + e for n, e in zip(spanned, extra)), stride=s, pad=p)
+    y = ctx.b.emit(ops.CONV2D_BWD_DATA, (x, w), in_hw=tuple(n + e for n, e in zip(spanned, extra)), stride=s, pad=p,
+                   **ops.linalg.dilation_attr(d))
     if bias:
         bvec = ctx.param("b", (channels,), ZEROS)
         y = y + ctx.b.broadcast(bvec, y.shape, (1,))
