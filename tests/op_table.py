@@ -253,6 +253,8 @@ def np_conv2d_bwd_data(g, w, in_hw, stride, pad, dilation=(1, 1)):
     n, _, oh, ow = g.shape
     _, c, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
+    # (room past the padded input: a window of the last output may reach past it where the
+    # stride does not divide the span, and numpy would cut the slice short)
     dxp = np.zeros((n, c, in_hw[0] + 2 * ph + dh * kh, in_hw[1] + 2 * pw + dw * kw), dtype=g.dtype)
     for i in range(oh):
         for j in range(ow):
@@ -847,6 +849,17 @@ def _s(stride, pad):
     return {"stride": stride, "pad": pad}
 
 
+def conv_layer_rows(x, w, attrs, id):
+    """The template rows of one layer: its forward, data gradient and filter gradient, for
+    input shape x, weights w and conv2d's attributes (stride, pad, maybe dilation)."""
+    hw, kernel = x[2:], w[2:]
+    g = (x[0], w[0]) + tuple(_out(n, k, s, p, d) for n, k, s, p, d in zip(
+        hw, kernel, attrs["stride"], attrs["pad"], attrs.get("dilation", (1, 1))))
+    return [_conv("conv2d", [x, w], np_conv2d, attrs, id),
+            _conv("conv2d_bwd_data", [g, w], np_conv2d_bwd_data, dict(attrs, in_hw=hw), id),
+            _conv("conv2d_bwd_filter", [x, g], np_conv2d_bwd_filter, dict(attrs, kernel=kernel), id)]
+
+
 CONV_TEMPLATES = [
     _conv("conv2d", [(2, 5, 6, 7), (3, 5, 1, 1)], np_conv2d, _s((1, 1), (0, 0)), "t-1x1"),
     _conv("conv2d", [(3, 17, 9, 11), (19, 17, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-3x3-pad1-odd-channels"),
@@ -1028,17 +1041,12 @@ CONV_TEMPLATES = [
     # channels on 16-wide rows, the DeepLab layers' shape), unpadded rows, dilation along one
     # axis with a stride along it (the data gradient's phases: some no tap reaches) and a
     # gathered stride of 3
-    *[_conv(op, shapes, ref, dict(_s(stride, pad), dilation=dil, **extra), f"t-dilated-{name}")
-      for name, stride, pad, dil, (n, c, h, w), (o, kh, kw) in [
-          ("same", (1, 1), (2, 2), (2, 2), (2, 32, 16, 16), (32, 3, 3)),
-          ("valid", (1, 1), (0, 0), (3, 2), (3, 5, 12, 13), (16, 3, 3)),
-          ("strided", (2, 1), (2, 1), (2, 3), (2, 16, 11, 10), (7, 3, 2)),
-          ("gather", (3, 3), (1, 2), (2, 2), (1, 4, 13, 12), (5, 3, 3))]
-      for oh, ow in [(_out(h, kh, stride[0], pad[0], dil[0]), _out(w, kw, stride[1], pad[1], dil[1]))]
-      for op, shapes, ref, extra in [
-          ("conv2d", [(n, c, h, w), (o, c, kh, kw)], np_conv2d, {}),
-          ("conv2d_bwd_data", [(n, o, oh, ow), (o, c, kh, kw)], np_conv2d_bwd_data, {"in_hw": (h, w)}),
-          ("conv2d_bwd_filter", [(n, c, h, w), (n, o, oh, ow)], np_conv2d_bwd_filter, {"kernel": (kh, kw)})]],
+    *[row for name, stride, pad, dil, x, w in [
+        ("same", (1, 1), (2, 2), (2, 2), (2, 32, 16, 16), (32, 32, 3, 3)),
+        ("valid", (1, 1), (0, 0), (3, 2), (3, 5, 12, 13), (16, 5, 3, 3)),
+        ("strided", (2, 1), (2, 1), (2, 3), (2, 16, 11, 10), (7, 16, 3, 2)),
+        ("gather", (3, 3), (1, 2), (2, 2), (1, 4, 13, 12), (5, 4, 3, 3))]
+      for row in conv_layer_rows(x, w, dict(_s(stride, pad), dilation=dil), f"t-dilated-{name}")],
     # ... and where the plane-wise direct form takes them (AVX-512, a batch of 32 or more):
     # the forward from a padded copy (14-wide rows) and in place (rows of two vectors,
     # dilated 2 x 3, padded unevenly); the data gradient the same two ways, the second

@@ -213,7 +213,7 @@ def test_random_convolutions_match_the_reference(data):
     kernel's span, each per axis) match the reference on two threads. Such a hunt found
     an im2col loop that ignored a stride down the columns and a data gradient that wrote
     outside its scratch for a layer padded by more than its kernel spans."""
-    from op_table import _conv, np_conv2d, np_conv2d_bwd_data, np_conv2d_bwd_filter
+    from op_table import conv_layer_rows
     draw = data.draw
     n = draw(st.sampled_from([2, 32, 33]), "batch")
     c, o = (draw(st.sampled_from([1, 3, 5, 16, 32]), what) for what in ("in channels", "out channels"))
@@ -225,10 +225,7 @@ def test_random_convolutions_match_the_reference(data):
     out = tuple(ops.linalg.conv_out(*a) for a in zip(hw, kernel, stride, pad, dilation))
     assume(min(out) >= 1 and n * max(c, o) * max(hw[0] * hw[1], out[0] * out[1]) <= 400_000)
     attrs = {"stride": stride, "pad": pad, **ops.linalg.dilation_attr(dilation)}
-    x, w, g = (n, c) + hw, (o, c) + kernel, (n, o) + out
-    rows = [_conv("conv2d", [x, w], np_conv2d, attrs, "forward"),
-            _conv("conv2d_bwd_data", [g, w], np_conv2d_bwd_data, dict(attrs, in_hw=hw), "data"),
-            _conv("conv2d_bwd_filter", [x, g], np_conv2d_bwd_filter, dict(attrs, kernel=kernel), "filter")]
+    rows = conv_layer_rows((n, c) + hw, (o, c) + kernel, attrs, "random")
     merged, feeds, tols = op_table_graph(rows, salt="random-conv")
     check_op_table(run_graph(merged, feeds), run_cpu(merged, feeds), tols)
 
