@@ -209,14 +209,14 @@ def test_dilated_convolutions_read_their_spaced_taps_on_every_thread_count(monke
 def test_random_convolutions_match_the_reference(data):
     """A random convolution's forward, data gradient and filter gradient (batches of 2,
     32 and 33, so the forms that split by images or need 32 of them take their turn;
-    1-32 channels, kernels of 1-5, strides and dilations of 1-3 and padding up to the
+    1-64 channels, kernels of 1-5, strides and dilations of 1-3 and padding up to the
     kernel's span, each per axis) match the reference on two threads. Such a hunt found
     an im2col loop that ignored a stride down the columns and a data gradient that wrote
     outside its scratch for a layer padded by more than its kernel spans."""
     from op_table import conv_layer_rows
     draw = data.draw
     n = draw(st.sampled_from([2, 32, 33]), "batch")
-    c, o = (draw(st.sampled_from([1, 3, 5, 16, 32]), what) for what in ("in channels", "out channels"))
+    c, o = (draw(st.sampled_from([1, 3, 5, 16, 32, 64]), what) for what in ("in channels", "out channels"))
     hw = tuple(draw(st.integers(3, 33), "size") for _ in range(2))
     kernel = tuple(draw(st.integers(1, 5), "kernel") for _ in range(2))
     stride = tuple(draw(st.sampled_from([1, 1, 2, 3]), "stride") for _ in range(2))
@@ -292,6 +292,8 @@ _AVX512_FORMS = {
     "_planes_data": ("t-planes-data", 3, (1, 2, 3)),
     # strided onto 16 channels, 32 channels (two blocks), and by a 2x2 kernel at stride 3
     "_strided_data": ("t-strided-data", 3, (1, 2, 3)),
+    # forward and data gradient, padded and not, dilated (op_table.py)
+    "_winograd": ("t-winograd", 6, (1, 2, 3)),
 }
 
 

@@ -129,6 +129,17 @@ class _V:
                                                                     self.f.ty]), name=name)
         return b.call(fn, [ptrs, mask, self.f.zero])
 
+    def scatter(self, base, offsets, value, mask):
+        b, w = self.b, self.w
+        ptrs = b.gep(base, [offsets], source_etype=F32)
+        ptrs.type = ir.VectorType(PTR, w)
+        name = f"llvm.masked.scatter.v{w}f32.v{w}p0"
+        fn = b.module.globals.get(name)
+        if fn is None:
+            fn = ir.Function(b.module, ir.FunctionType(VOID, [self.f.ty, ir.VectorType(PTR, w), ir.VectorType(I1, w)]),
+                             name=name)
+        b.call(fn, [value, ptrs, mask])
+
 
 def _rows_touched(GW: int, w: int) -> int:
     """The most grid rows a vector of w columns starting at a multiple of w can touch."""
@@ -510,11 +521,12 @@ def _zero(b, buf, floats: int) -> None:
         b.store(ir.Constant(F32, 0.0), gep(b, buf, i, F32), align=4)
 
 
-def _copy_padded(b, v: _Vec, src, dst, C: int, H: int, W: int, ph: int, pw: int, Wp: int | None = None) -> None:
-    """C planes of H x W at src into the interiors of dst's (H + 2ph) x Wp planes (Wp:
+def _copy_padded(b, v: _Vec, src, dst, C: int, H: int, W: int, ph: int, pw: int, Wp: int | None = None,
+                 Hp: int | None = None) -> None:
+    """C planes of H x W at src into the interiors of dst's Hp x Wp planes (H + 2ph and
     W + 2pw unless given; their borders, zeroed once per call, stay zero), a row's
     vectors at a time."""
-    Hp, Wp = H + 2 * ph, Wp or W + 2 * pw
+    Hp, Wp = Hp or H + 2 * ph, Wp or W + 2 * pw
     with for_range(b, 0, C * H, "row") as cy:
         c, y = b.udiv(cy, i64(H)), b.urem(cy, i64(H))
         to = b.gep(dst, [b.add(b.mul(b.add(b.mul(c, i64(Hp)), b.add(y, i64(ph))), i64(Wp)), i64(pw))],
@@ -564,7 +576,8 @@ def _direct_form(forms, mb, em, t: Template, tid, nthreads) -> bool:
     filter gradient take dilated kernels; others leave a dilated one to the packed GEMM,
     whose im2col reads each tap at its spaced offset."""
     for rule, emit in forms:
-        if _dilation(t) != (1, 1) and emit not in (_planes_forward, _planes_data, _direct_filter_gradient):
+        if _dilation(t) != (1, 1) and emit not in (_winograd_forward, _winograd_data, _planes_forward, _planes_data,
+                                                      _direct_filter_gradient):
             continue
         param = rule(t, mb.target)
         if param:
@@ -589,7 +602,8 @@ def _epilogue(em, t: Template, n, rows: tuple) -> None:
 
 def conv2d(mb, em, t: Template, tid, nthreads) -> None:
     """y[n,o,oy,ox] = sum_{c,ky,kx} x[n,c,oy*sy+ky*dy-ph, ox*sx+kx*dx-pw] * w[o,c,ky,kx]."""
-    if _direct_form([(_direct_forward_rows, _direct_forward), (_planes_forward_tile, _planes_forward)],
+    if _direct_form([(_winograd_forward_rule, _winograd_forward), (_direct_forward_rows, _direct_forward),
+                     (_planes_forward_tile, _planes_forward)],
                     mb, em, t, tid, nthreads):
         return
     b = em.b
@@ -915,6 +929,221 @@ def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
     return mb.helper(("planes", geom, rows), build)
 
 
+# --------------------------------------------------------------------------- Winograd
+
+
+# A 3x3 stride-1 layer by minimal filtering, F(2x2, 3x3) (Lavin and Gray, 2015): each 2x2
+# tile of outputs is A^T [(G g G^T) . (B^T d B)] A for the 4x4 tile d of input under it,
+# so with U_p = (G g G^T)_p (the weights, transformed once per call) and V_p = (B^T d
+# B)_p (the input) a layer is 16 GEMMs, one per tile position p, [O, C] x [C, tiles]: 16
+# multiply-adds per (channel pair, tile) where the direct forms do 36. Per panel of a
+# register tile's worth of tiles (NR), the input transform gathers each channel's 16
+# elements per tile from a zero-padded copy of the image into the microkernel's packed B
+# layout, gemm.py's microkernel makes the 16 products, and the output transform scatters
+# each 2x2 tile into the output planes; all of it stays in L2. Dilation spaces a tile's
+# elements d apart (tiles of each output phase), so dilated layers take it too.
+# The transforms cost per channel what the products save per channel pair, so it pays
+# only on wide layers. Of the GEMM rate on Zen 5 (batch 64; direct -> Winograd, forward
+# and data gradient alike): 32->32 on 32x32 (the DeepLab pair's dilated layers) 95% ->
+# 70%, of which the products 17 of the kernel's 50 ms, the gathers 16, the scatters 12;
+# 16->16 on 32x32 100% -> 59%; 48->48 87% -> 94-99%; 64->64 on 32x32 94-100% -> 115%,
+# on 16x16 100% -> 118%, on 8x8 93% -> 98%; 128->128 on 16x16 103% -> 144%, on 8x8 92% ->
+# 119%; 256->256 on 8x8 86-93% -> 130%, on 16x16 108% -> 179%. A layer of few tiles
+# fills few of a panel's columns: 128->128 on 4x4 (4 tiles) 81% -> 29%.
+_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINO_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+_WINO_MIN_CHANNELS = 64
+_WINO_MIN_TILES = 16
+
+
+def _winograd_rule(N, C, O, OH, OW, KH, KW, stride, dilation, target) -> int:
+    """1 where a layer of C input and O output channels onto OH x OW takes _winograd:
+    AVX-512, a 3x3 kernel, stride 1, _WINO_MIN_CHANNELS each way (at most one K block of
+    the microkernel), _WINO_MIN_TILES tiles, and a batch the threads split by images;
+    else 0."""
+    w = target.vector_width
+    ys, xs = _winograd_tiles(OH, OW, *dilation)
+    if (w != 16 or (KH, KW) != (3, 3) or tuple(stride) != (1, 1) or N < _IMAGES_ALWAYS_SPLIT
+            or min(C, O) < _WINO_MIN_CHANNELS or C > _KC[w] or len(ys) * len(xs) < _WINO_MIN_TILES):
+        return 0
+    return 1
+
+
+def _winograd_forward_rule(t: Template, target) -> int:
+    N, C = t.inputs[0].shape[:2]
+    O, _, KH, KW = t.inputs[1].shape
+    return _winograd_rule(N, C, O, *t.output.shape[2:], KH, KW, t.attrs["stride"], _dilation(t), target)
+
+
+def _winograd_data_rule(t: Template, target) -> int:
+    """As _winograd_forward_rule, for the data gradient (g correlated with the flipped
+    weights); 0 for a layer padded by more than its kernel spans."""
+    N, O = t.inputs[0].shape[:2]
+    _, C, KH, KW = t.inputs[1].shape
+    if any((k - 1) * d < p for k, d, p in zip((KH, KW), _dilation(t), t.attrs["pad"])):
+        return 0
+    return _winograd_rule(N, O, C, *t.output.shape[2:], KH, KW, t.attrs["stride"], _dilation(t), target)
+
+
+def _combine(b, matrix, xs, const) -> list:
+    """[sum_j matrix[i][j] * xs[j] for each row i]: coefficients of ±1 as adds and
+    subtracts, 0 skipped, others multiplied (const(c): c as xs' type)."""
+    out = []
+    for row in matrix:
+        acc = None
+        for c, x in zip(row, xs):
+            if c == 0:
+                continue
+            term = x if abs(c) == 1 else b.fmul(x, const(abs(c)))
+            if acc is None:
+                acc = term if c > 0 else b.fneg(term)
+            else:
+                acc = b.fadd(acc, term) if c > 0 else b.fsub(acc, term)
+        out.append(acc)
+    return out
+
+
+def _sandwich(b, L, d, const) -> list:
+    """L d L^T for a square list-of-rows d, row-major flat."""
+    cols = [_combine(b, L, [row[j] for row in d], const) for j in range(len(d[0]))]  # (L d)[:, j]
+    return [x for r in range(len(L)) for x in _combine(b, L, [col[r] for col in cols], const)]
+
+
+def _winograd_forward(mb, em, t: Template, tid, nthreads, _) -> None:
+    """conv2d, 3x3 stride 1 (see _winograd_rule), whole images per thread."""
+    _winograd(mb, em, t, tid, nthreads, False)
+
+
+def _winograd_data(mb, em, t: Template, tid, nthreads, _) -> None:
+    """conv2d_bwd_data, 3x3 stride 1: g correlated with the flipped weights, channels
+    swapped, g padded by 2·d - p."""
+    _winograd(mb, em, t, tid, nthreads, True)
+
+
+def _winograd_tiles(OH: int, OW: int, dy: int, dx: int) -> tuple[list, list]:
+    """The first output row and column of each tile (its outputs d apart), per axis:
+    each output phase's grid in pairs."""
+    def axis(size, d):
+        return [r + d * m for r in range(d) for m in range(0, _cdiv(size - r, d), 2)]
+    return axis(OH, dy), axis(OW, dx)
+
+
+def _winograd(mb, em, t: Template, tid, nthreads, flip: bool) -> None:
+    b = em.b
+    xb, wb = t.inputs
+    N, C, H, W = xb.shape
+    _, O, OH, OW = t.output.shape
+    ph, pw = t.attrs["pad"]
+    dy, dx = _dilation(t)
+    if flip:
+        ph, pw = 2 * dy - ph, 2 * dx - pw
+    w = mb.target.vector_width
+    ys, xs = _winograd_tiles(OH, OW, dy, dx)
+    Hp = max(H + 2 * ph, max(ys) + 3 * dy + 1)
+    Wp = max(W + 2 * pw, max(xs) + 3 * dx + 1)
+    plan = _plan(O, len(ys) * len(xs), C, w)
+    mr, nr = plan.mr, plan.nv * w
+    Mp = _cdiv(O, mr) * mr
+    (Xp, U, V, M), total = _carve(b, _scratch_base(mb, em), [C * Hp * Wp, 16 * Mp * C, 16 * C * nr, 16 * Mp * nr])
+    _scratch(mb, em, total)
+    X, Wg, Y = em.pointers[xb.name], em.pointers[wb.name], em.pointers[t.output.name]
+    _zero(b, Xp, C * Hp * Wp)  # the borders; each image's copy fills the interior
+
+    # U_p[o, c] in the microkernel's packed A layout: MR-row panels, C columns each
+    with for_range(b, 0, O * C, "oc") as oc:
+        o, c = b.udiv(oc, i64(C)), b.urem(oc, i64(C))
+        if flip:  # w[c, o, 2 - i, 2 - j]: c a channel of g, o of dx
+            at = b.gep(Wg, [b.mul(b.add(b.mul(c, i64(O)), o), i64(9))], source_etype=F32)
+            g = [[b.load(gep(b, at, i64(8 - 3 * i - j), F32), typ=F32, align=4) for j in range(3)]
+                 for i in range(3)]
+        else:
+            at = b.gep(Wg, [b.mul(oc, i64(9))], source_etype=F32)
+            g = [[b.load(gep(b, at, i64(3 * i + j), F32), typ=F32, align=4) for j in range(3)] for i in range(3)]
+        u = _sandwich(b, _WINO_G, g, lambda c: ir.Constant(F32, c))
+        to = b.add(b.mul(b.udiv(o, i64(mr)), i64(mr * C)), b.add(b.mul(c, i64(mr)), b.urem(o, i64(mr))))
+        for p in range(16):
+            b.store(u[p], gep(b, U, b.add(to, i64(p * Mp * C)), F32), align=4)
+
+    geom = (C, O, OH, OW, Hp, Wp, dy, dx, plan.mr, plan.nv, tuple(ys), tuple(xs))
+    image_fn = _winograd_image_fn(mb, geom, plan)
+    v = _Vec(b, w, fused=mb.target.has("fma"))
+    n_lo, n_hi = split(b, N, tid, nthreads)
+    with for_range(b, n_lo, n_hi, "img") as n:
+        x = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
+        _copy_padded(b, v, x, Xp, C, H, W, ph, pw, Wp, Hp)
+        out = b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
+        b.call(image_fn, [Xp, U, V, M, out])
+        _epilogue(em, t, n, (i64(0), i64(O)))
+
+
+def _winograd_image_fn(mb, geom: tuple, plan) -> ir.Function:
+    """`void image(xp, u, v, m, out)`: one image of _winograd from its padded copy xp and
+    the transformed weights u, through the scratch panels v and m. Built once per
+    geometry: a layer's forward and data gradient (same channels both ways) share it."""
+    C, O, OH, OW, Hp, Wp, dy, dx, mr, nv, ys, xs = geom
+
+    def build():
+        w = mb.target.vector_width
+        nr, Mp = nv * w, _cdiv(O, mr) * mr
+        tiles = [(y, x) for y in ys for x in xs]
+        T = _cdiv(len(tiles), nr) * nr
+        starts = [y * Wp + x for y, x in tiles] + [0] * (T - len(tiles))
+        tiles += [(OH, 0)] * (T - len(tiles))  # past the last: every output masked off
+        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR] * 5), name=mb.fresh_name("winograd"))
+        set_target(fn, mb.target, w)
+        fn.attributes.add("noinline")
+        xp, u, vp, m, out = fn.args
+        for arg in fn.args:
+            arg.add_attribute("noalias")
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        v = _V(b, w, mb.target.has("fma"))
+        f = v.f
+        lay = _Layout(a_rs=1, a_cs=mr, b_rs=nr, ldc=nr, a_packed=True, b_packed=True)
+        kern = _Kernels(mb, replace(plan, kc=0), lay)
+        ty_table = _i32_table(mb.module, "wty", [y for y, _ in tiles])
+        tx_table = _i32_table(mb.module, "wtx", [x for _, x in tiles])
+        at_table = _i32_table(mb.module, "wat", starts)
+        fconst = lambda c: const_vector(F32, [float(c)] * w)  # noqa: E731
+        every = const_vector(I1, [True] * w)
+
+        def lanes(table, t0):
+            return b.load(b.gep(table, [i64(0), t0], source_etype=table.value_type), typ=v.ity, align=4)
+
+        with for_range(b, 0, T, "t0", step=nr) as t0:
+            starts = []
+            for j in range(nv):
+                first = b.add(t0, i64(j * w))
+                starts.append((lanes(ty_table, first), lanes(tx_table, first), lanes(at_table, first)))
+            with for_range(b, 0, C, "c") as c:  # the input transform
+                plane = b.gep(xp, [b.mul(c, i64(Hp * Wp))], source_etype=F32)
+                for j, (_, _, at) in enumerate(starts):
+                    d = [[v.gather(plane, b.add(at, v.isplat(i * dy * Wp + k * dx)), every) for k in range(4)]
+                         for i in range(4)]
+                    for p, x in enumerate(_sandwich(b, _WINO_BT, d, fconst)):
+                        f.store(x, f.at(vp, b.add(i64(p * C * nr + j * w), b.mul(c, i64(nr)))))
+            with for_range(b, 0, 16, "p") as p:  # the products
+                with for_range(b, 0, O, "ir", step=mr) as ir_:
+                    ap = b.gep(u, [b.add(b.mul(p, i64(Mp * C)), b.mul(ir_, i64(C)))], source_etype=F32)
+                    bp = b.gep(vp, [b.mul(p, i64(C * nr))], source_etype=F32)
+                    cp = b.gep(m, [b.add(b.mul(p, i64(Mp * nr)), b.mul(ir_, i64(nr)))], source_etype=F32)
+                    kern.tile(b, ap, bp, cp, i64(C), ir.Constant(I32, _EPILOGUE), b.sub(i64(O), ir_), i64(nr))
+            with for_range(b, 0, O, "o") as o:  # the output transform
+                plane = b.gep(out, [b.mul(o, i64(OH * OW))], source_etype=F32)
+                for j, (ty, tx, _) in enumerate(starts):
+                    mp = [[f.load(f.at(m, b.add(i64((4 * i + k) * Mp * nr + j * w), b.mul(o, i64(nr)))))
+                           for k in range(4)] for i in range(4)]
+                    y = _sandwich(b, _WINO_AT, mp, fconst)
+                    for a in range(2):
+                        for c2 in range(2):
+                            oy, ox = b.add(ty, v.isplat(a * dy)), b.add(tx, v.isplat(c2 * dx))
+                            ok = b.and_(v.below(oy, OH), v.below(ox, OW))
+                            v.scatter(plane, b.add(b.mul(oy, v.isplat(OW)), ox), y[2 * a + c2], ok)
+        b.ret_void()
+        return fn
+    return mb.helper(("winograd", geom), build)
+
+
 # --------------------------------------------------------------------------- backward data
 
 
@@ -948,7 +1177,8 @@ def conv2d_bwd_data(mb, em, t: Template, tid, nthreads) -> None:
     if (sy, sx) == (1, 1) and _dilation(t) == (1, 1) and H * W >= _COL2IM_GROWTH * OH * OW:
         _bwd_data_col2im(mb, em, t, tid, nthreads)
         return
-    if _direct_form([(_planes_data_tile, _planes_data), (_strided_data_positions, _strided_data)],
+    if _direct_form([(_winograd_data_rule, _winograd_data), (_planes_data_tile, _planes_data),
+                     (_strided_data_positions, _strided_data)],
                     mb, em, t, tid, nthreads):
         return
     v = _V(b, mb.target.vector_width, mb.target.has("fma"))
