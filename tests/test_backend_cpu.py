@@ -55,10 +55,13 @@ def merge(graphs: list[Graph]) -> Graph:
 CPU = backends.backend("cpu")
 
 
-def run_cpu(graph: Graph, feeds: dict, threads: int = 2, templates=None) -> dict:
+def run_cpu(graph: Graph, feeds: dict, threads: int = 2, templates=None, without: str | None = None) -> dict:
     """Compile a static-shape graph to one native step and run it once (with the
-    backend's templates, or those given: none, the generic loop nests)."""
+    backend's templates, or those given: none, the generic loop nests; for the host, or
+    the host `without` a feature family, e.g. "avx512": AVX2 code)."""
     target = CPU.target({"threads": threads})
+    if without:
+        target = target.without(without)
     compiled = CPU.compile(kernel_program(lower(graph, 1), CPU.templates if templates is None else templates), target)
     step = CPU.load(compiled.blobs, compiled.layout, target)
     state = {name: np.array(feeds[name], copy=True) for name, kind, _, _ in compiled.layout.slots
@@ -230,9 +233,9 @@ def test_random_convolutions_match_the_reference(data):
     check_op_table(run_graph(merged, feeds), run_cpu(merged, feeds), tols)
 
 
-def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts) -> None:
+def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts, without=None) -> None:
     """The op table's `rows` match the reference on each thread count, and every row took
-    `path` (a function of backends/llvm/conv.py) on each."""
+    `path` (a function of backends/llvm/conv.py) on each (see run_cpu for `without`)."""
     from dlc.backends.llvm import conv
     _compiled_here(monkeypatch)
     taken = []
@@ -241,7 +244,7 @@ def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts) 
     merged, feeds, tols = op_table_graph(rows, salt=salt)
     expected = run_graph(merged, feeds)
     for threads in thread_counts:
-        check_op_table(expected, run_cpu(merged, feeds, threads), tols)
+        check_op_table(expected, run_cpu(merged, feeds, threads, without=without), tols)
     assert len(taken) == len(thread_counts) * len(rows)
 
 
@@ -292,8 +295,9 @@ _AVX512_FORMS = {
     "_planes_data": ("t-planes-data", 3, (1, 2, 3)),
     # strided onto 16 channels, 32 channels (two blocks), and by a 2x2 kernel at stride 3
     "_strided_data": ("t-strided-data", 3, (1, 2, 3)),
-    # forward and data gradient, padded and not, dilated (op_table.py)
-    "_winograd": ("t-winograd", 6, (1, 2, 3)),
+    # F(2x2, 3x3) and F(4x4, 3x3), forward and data gradient, padded and not, dilated
+    # (op_table.py)
+    "_winograd": ("t-winograd", 10, (1, 2, 3)),
 }
 
 
@@ -305,6 +309,16 @@ def test_avx512_forms_take_their_op_table_rows(monkeypatch, path):
     rows = [c for c in ALL if c.id and c.id.startswith(prefix)]
     assert len(rows) == count
     _rows_match_on_path(monkeypatch, path, rows, prefix, thread_counts)
+
+
+def test_winograd_takes_its_rows_in_avx2_code_too(monkeypatch):
+    """_winograd's op-table rows (F(2x2) and F(4x4), forward and data gradient, dilated
+    and not) compiled for the host without AVX-512: 8-wide vectors and transposes, the
+    microkernel with 16 registers."""
+    if not CPU.target({}).has("avx2"):
+        pytest.skip("needs an x86 host with AVX2 to run AVX2 code")
+    rows = [c for c in ALL if c.id and c.id.startswith("t-winograd")]
+    _rows_match_on_path(monkeypatch, "_winograd", rows, "t-winograd", (2,), without="avx512")
 
 
 def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on():
@@ -478,6 +492,39 @@ def test_the_planes_form_takes_stride_1_layers_in_the_tile_with_fewest_loads():
     # padded by more than the kernel spans, g would be padded by a negative amount: not
     # this form (it read and wrote outside its copy of g); dilated, the kernel spans more
     assert data(64, 16, 16, 32, pad=3) == 0 and data(64, 16, 16, 32, pad=3, dilation=(2, 2)) == (3, 4)
+
+
+def test_winograd_rule():
+    """With AVX-512 or AVX2: a 3x3 kernel, stride 1, 32 channels or more each way (whole
+    vectors of them, at most 384 in), a batch of at least 32; F(4x4, 3x3) where it makes
+    16 tiles (16x16 outputs, or a dilated layer's phases of 8x8), F(2x2, 3x3) where it
+    makes 16 (8x8), else none. The data gradient's rule is the forward's with the channels swapped,
+    and declines layers padded by more than the kernel spans."""
+    from types import SimpleNamespace
+
+    from dlc.backends.llvm.conv import _winograd_data_rule, _winograd_forward_rule
+
+    def forward(N, C, O, OW, k=3, stride=1, w=16, dilation=(1, 1)):
+        t = _forward_template(N, C, O, OW, k, stride)
+        t.attrs["dilation"] = dilation
+        return _winograd_forward_rule(t, _vector_target(w))
+
+    assert forward(64, 32, 32, 32) == 4 and forward(64, 32, 32, 16) == 4 and forward(64, 256, 256, 8) == 2
+    assert forward(64, 32, 32, 13) == 4 and forward(64, 32, 32, 12) == 2  # 16 and 9 tiles of 4x4
+    assert forward(64, 32, 32, 32, dilation=(2, 2)) == 4 and forward(64, 32, 32, 32, dilation=(4, 4)) == 4
+    assert forward(64, 128, 128, 4) == 0                                  # 4 tiles of 2x2
+    assert forward(64, 16, 16, 32) == 0 and forward(64, 48, 40, 32) == 0  # 16 channels; 40 not whole vectors
+    assert forward(64, 512, 64, 16) == 0                                  # two K blocks
+    assert forward(64, 32, 32, 32, k=5) == 0 and forward(64, 32, 32, 32, stride=2) == 0
+    assert forward(31, 32, 32, 32) == 0 and forward(64, 32, 32, 32, w=8) == 4 and forward(64, 32, 32, 32, w=4) == 0
+
+    def data(N, O, C, OW, pad=1):
+        g = SimpleNamespace(shape=(N, O, OW, OW))
+        return _winograd_data_rule(SimpleNamespace(inputs=[g, SimpleNamespace(shape=(O, C, 3, 3))],
+                                                   output=SimpleNamespace(shape=(N, C, OW, OW)),
+                                                   attrs={"stride": (1, 1), "pad": (pad, pad)}), _vector_target(16))
+
+    assert data(64, 64, 32, 8) == 2 and data(64, 64, 16, 16) == 0 and data(64, 32, 32, 32, pad=3) == 0
 
 
 def test_strided_data_gradients_onto_whole_vectors_of_channels_run_directly():

@@ -16,7 +16,10 @@ per-thread scratch space (`__scratch__`), and reused by every register tile.
               into dw at the end)
 
 Some shapes take other forms, each where it was measured faster (the rules are next to
-each form). Directly, with no im2col and no GEMM: the forward over vectors of 16 output
+each form). A 3x3 stride-1 layer of 32 channels or more each way, forward and data
+gradient, by Winograd's minimal filtering, GEMMs over transformed tiles (_winograd;
+AVX-512 or AVX2).
+Directly, with no im2col and no GEMM: the forward over vectors of 16 output
 channels (_direct_forward) or, for stride-1 layers whose rows fill the vectors, over
 rows of positions (_planes_forward), and the stride-1 data gradient the same way, as a
 correlation of g with the flipped weights (_planes_data); a strided data gradient onto
@@ -128,18 +131,6 @@ class _V:
             fn = ir.Function(b.module, ir.FunctionType(self.f.ty, [ir.VectorType(PTR, w), ir.VectorType(I1, w),
                                                                     self.f.ty]), name=name)
         return b.call(fn, [ptrs, mask, self.f.zero])
-
-    def scatter(self, base, offsets, value, mask):
-        b, w = self.b, self.w
-        ptrs = b.gep(base, [offsets], source_etype=F32)
-        ptrs.type = ir.VectorType(PTR, w)
-        name = f"llvm.masked.scatter.v{w}f32.v{w}p0"
-        fn = b.module.globals.get(name)
-        if fn is None:
-            fn = ir.Function(b.module, ir.FunctionType(VOID, [self.f.ty, ir.VectorType(PTR, w), ir.VectorType(I1, w)]),
-                             name=name)
-        b.call(fn, [value, ptrs, mask])
-
 
 def _rows_touched(GW: int, w: int) -> int:
     """The most grid rows a vector of w columns starting at a multiple of w can touch."""
@@ -291,6 +282,8 @@ def _i32_table(module, prefix: str, values: list) -> ir.GlobalVariable:
     list, and functions that are the same code (a training and an evaluation step's
     forward layers) the same text, so they are built once (codegen's dedupe)."""
     name = prefix + "." + "_".join(map(str, values)).replace("-", "m")
+    if len(values) > 64:  # (a table of tiles)
+        name = prefix + "." + hashlib.sha256(name.encode()).hexdigest()[:20]
     table = module.globals.get(name)
     if table is None:
         table = ir.GlobalVariable(module, ir.ArrayType(I32, len(values)), name=name)
@@ -521,12 +514,11 @@ def _zero(b, buf, floats: int) -> None:
         b.store(ir.Constant(F32, 0.0), gep(b, buf, i, F32), align=4)
 
 
-def _copy_padded(b, v: _Vec, src, dst, C: int, H: int, W: int, ph: int, pw: int, Wp: int | None = None,
-                 Hp: int | None = None) -> None:
-    """C planes of H x W at src into the interiors of dst's Hp x Wp planes (H + 2ph and
+def _copy_padded(b, v: _Vec, src, dst, C: int, H: int, W: int, ph: int, pw: int, Wp: int | None = None) -> None:
+    """C planes of H x W at src into the interiors of dst's (H + 2ph) x Wp planes (Wp:
     W + 2pw unless given; their borders, zeroed once per call, stay zero), a row's
     vectors at a time."""
-    Hp, Wp = Hp or H + 2 * ph, Wp or W + 2 * pw
+    Hp, Wp = H + 2 * ph, Wp or W + 2 * pw
     with for_range(b, 0, C * H, "row") as cy:
         c, y = b.udiv(cy, i64(H)), b.urem(cy, i64(H))
         to = b.gep(dst, [b.add(b.mul(b.add(b.mul(c, i64(Hp)), b.add(y, i64(ph))), i64(Wp)), i64(pw))],
@@ -932,42 +924,63 @@ def _planes_tile_fn(mb, geom: tuple, rows: int) -> ir.Function:
 # --------------------------------------------------------------------------- Winograd
 
 
-# A 3x3 stride-1 layer by minimal filtering, F(2x2, 3x3) (Lavin and Gray, 2015): each 2x2
-# tile of outputs is A^T [(G g G^T) . (B^T d B)] A for the 4x4 tile d of input under it,
-# so with U_p = (G g G^T)_p (the weights, transformed once per call) and V_p = (B^T d
-# B)_p (the input) a layer is 16 GEMMs, one per tile position p, [O, C] x [C, tiles]: 16
-# multiply-adds per (channel pair, tile) where the direct forms do 36. Per panel of a
-# register tile's worth of tiles (NR), the input transform gathers each channel's 16
-# elements per tile from a zero-padded copy of the image into the microkernel's packed B
-# layout, gemm.py's microkernel makes the 16 products, and the output transform scatters
-# each 2x2 tile into the output planes; all of it stays in L2. Dilation spaces a tile's
-# elements d apart (tiles of each output phase), so dilated layers take it too.
-# The transforms cost per channel what the products save per channel pair, so it pays
-# only on wide layers. Of the GEMM rate on Zen 5 (batch 64; direct -> Winograd, forward
-# and data gradient alike): 32->32 on 32x32 (the DeepLab pair's dilated layers) 95% ->
-# 70%, of which the products 17 of the kernel's 50 ms, the gathers 16, the scatters 12;
-# 16->16 on 32x32 100% -> 59%; 48->48 87% -> 94-99%; 64->64 on 32x32 94-100% -> 115%,
-# on 16x16 100% -> 118%, on 8x8 93% -> 98%; 128->128 on 16x16 103% -> 144%, on 8x8 92% ->
-# 119%; 256->256 on 8x8 86-93% -> 130%, on 16x16 108% -> 179%. A layer of few tiles
-# fills few of a panel's columns: 128->128 on 4x4 (4 tiles) 81% -> 29%.
-_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINO_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
-_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
-_WINO_MIN_CHANNELS = 64
+# A 3x3 stride-1 layer by minimal filtering (Lavin and Gray, 2015): F(m x m, 3 x 3) makes
+# each m x m tile of outputs A^T [(G g G^T) . (B^T d B)] A from the (m + 2)^2 tile d of
+# input under it, so with U_p = (G g G^T)_p (the weights, transformed once per call) and
+# V_p = (B^T d B)_p (the input), a layer is (m + 2)^2 GEMMs, one per tile position p,
+# [tiles, C] x [C, O]: per output, 16/4 (F(2x2)) or 36/16 (F(4x4)) multiply-adds per
+# channel pair where the direct forms do 9. Each image is copied channels-last (16 x 16
+# transposes), so that the input transform reads and writes vectors of 16 channels; per
+# panel of tiles (their V and products in half of L2), gemm.py's microkernel makes the
+# products and the output transform writes each tile's outputs channels-last, transposed
+# into the output planes at the end. Dilation spaces a tile's elements d apart (tiles of
+# each output phase), so dilated layers take it too; the data gradient is the same code
+# on g with the flipped weights. The transforms cost per channel what the products save
+# per channel pair, so it pays from 32 channels each way; and a panel of few tiles leaves
+# the microkernel short products. Of the GEMM rate on Zen 5 (bench_conv.py, batch 64,
+# forward; direct -> F(2x2) -> F(4x4)): 16->16 on 32x32 100% -> 57% -> 82-85%; 32->32
+# on 32x32 83-86% -> 102-109% -> 157-172%, on 16x16 98-99% -> 117% -> 134-138%; 64->64
+# on 32x32 89-93% -> 135-139% -> 201-208%, on 16x16 101% -> 137-144% -> 139-145%, on
+# 8x8 95-96% -> 118-119% -> 76%; 128->128 on 16x16 101% -> 160-164% -> 151%; 256->256
+# on 8x8 91% -> 121-135% -> 62-63%; 128->128 on 4x4 (4 tiles) 69% -> 64% -> 76-80%.
+# Hence the larger tile that still makes 16 tiles: F(4x4) from 16x16 outputs, F(2x2)
+# from 8x8. With AVX2 (8-wide code, on the same machine) the direct forms are GEMMs and
+# Winograd gains more: 32->32 on 32x32 75-76% -> 206-222% (F(4x4)), 32->64 on 16x16 91%
+# -> 147-162%, 64->64 on 8x8 92-94% -> 149-151%, 128->128 on 16x16 90-95% -> 179-187%
+# (F(2x2); measured before F(4x4) took the 16x16 layers). F(4x4)'s transforms
+# (coefficients up to 8) cost accuracy: the RMS error of a 32x32 layer's outputs,
+# relative to their RMS, 1.3e-6 (32 channels) to 3.9e-6 (384) against the direct forms'
+# 0.3-1.0e-6 (docs/performance.md).
+# (B^T, G, A^T) of F(m x m, 3 x 3) by its output tile m
+_WINO = {
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+        ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+        ((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+         (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+        ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+         (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
+_WINO_MIN_CHANNELS = 32
 _WINO_MIN_TILES = 16
 
 
 def _winograd_rule(N, C, O, OH, OW, KH, KW, stride, dilation, target) -> int:
-    """1 where a layer of C input and O output channels onto OH x OW takes _winograd:
-    AVX-512, a 3x3 kernel, stride 1, _WINO_MIN_CHANNELS each way (at most one K block of
-    the microkernel), _WINO_MIN_TILES tiles, and a batch the threads split by images;
-    else 0."""
+    """The output tile m of the F(m x m, 3 x 3) a layer of C input and O output channels
+    onto OH x OW takes (_winograd): with AVX-512 or AVX2, a 3x3 kernel, stride 1,
+    _WINO_MIN_CHANNELS each way (whole vectors of them, at most one K block of the
+    microkernel) and a batch the threads split by images, the largest m that makes
+    _WINO_MIN_TILES tiles; else 0."""
     w = target.vector_width
-    ys, xs = _winograd_tiles(OH, OW, *dilation)
-    if (w != 16 or (KH, KW) != (3, 3) or tuple(stride) != (1, 1) or N < _IMAGES_ALWAYS_SPLIT
-            or min(C, O) < _WINO_MIN_CHANNELS or C > _KC[w] or len(ys) * len(xs) < _WINO_MIN_TILES):
+    if (w not in (8, 16) or (KH, KW) != (3, 3) or tuple(stride) != (1, 1) or N < _IMAGES_ALWAYS_SPLIT
+            or min(C, O) < _WINO_MIN_CHANNELS or C % w or O % w or C > _KC[w]):
         return 0
-    return 1
+    for m in sorted(_WINO, reverse=True):
+        ys, xs = _winograd_tiles(OH, OW, *dilation, m)
+        if len(ys) * len(xs) >= _WINO_MIN_TILES:
+            return m
+    return 0
 
 
 def _winograd_forward_rule(t: Template, target) -> int:
@@ -1010,26 +1023,28 @@ def _sandwich(b, L, d, const) -> list:
     return [x for r in range(len(L)) for x in _combine(b, L, [col[r] for col in cols], const)]
 
 
-def _winograd_forward(mb, em, t: Template, tid, nthreads, _) -> None:
+def _winograd_forward(mb, em, t: Template, tid, nthreads, m: int) -> None:
     """conv2d, 3x3 stride 1 (see _winograd_rule), whole images per thread."""
-    _winograd(mb, em, t, tid, nthreads, False)
+    _winograd(mb, em, t, tid, nthreads, False, m)
 
 
-def _winograd_data(mb, em, t: Template, tid, nthreads, _) -> None:
+def _winograd_data(mb, em, t: Template, tid, nthreads, m: int) -> None:
     """conv2d_bwd_data, 3x3 stride 1: g correlated with the flipped weights, channels
     swapped, g padded by 2·d - p."""
-    _winograd(mb, em, t, tid, nthreads, True)
+    _winograd(mb, em, t, tid, nthreads, True, m)
 
 
-def _winograd_tiles(OH: int, OW: int, dy: int, dx: int) -> tuple[list, list]:
+def _winograd_tiles(OH: int, OW: int, dy: int, dx: int, m: int) -> tuple[list, list]:
     """The first output row and column of each tile (its outputs d apart), per axis:
-    each output phase's grid in pairs."""
+    each output phase's grid, m at a time."""
     def axis(size, d):
-        return [r + d * m for r in range(d) for m in range(0, _cdiv(size - r, d), 2)]
+        return [r + d * i for r in range(d) for i in range(0, _cdiv(size - r, d), m)]
     return axis(OH, dy), axis(OW, dx)
 
 
-def _winograd(mb, em, t: Template, tid, nthreads, flip: bool) -> None:
+def _winograd(mb, em, t: Template, tid, nthreads, flip: bool, m: int) -> None:
+    """t (see above) by F(m x m, 3 x 3), whole images per thread: the forward's weights or
+    (flip) the data gradient's."""
     b = em.b
     xb, wb = t.inputs
     N, C, H, W = xb.shape
@@ -1039,18 +1054,25 @@ def _winograd(mb, em, t: Template, tid, nthreads, flip: bool) -> None:
     if flip:
         ph, pw = 2 * dy - ph, 2 * dx - pw
     w = mb.target.vector_width
-    ys, xs = _winograd_tiles(OH, OW, dy, dx)
-    Hp = max(H + 2 * ph, max(ys) + 3 * dy + 1)
-    Wp = max(W + 2 * pw, max(xs) + 3 * dx + 1)
-    plan = _plan(O, len(ys) * len(xs), C, w)
+    BT, G, AT = _WINO[m]
+    a2 = len(BT) ** 2
+    ys, xs = _winograd_tiles(OH, OW, dy, dx, m)
+    Hp = max(H + 2 * ph, max(ys) + (m + 1) * dy + 1)
+    Wp = max(W + 2 * pw, max(xs) + (m + 1) * dx + 1)
+    plan = _plan(len(ys) * len(xs), O, C, w)
     mr, nr = plan.mr, plan.nv * w
-    Mp = _cdiv(O, mr) * mr
-    (Xp, U, V, M), total = _carve(b, _scratch_base(mb, em), [C * Hp * Wp, 16 * Mp * C, 16 * C * nr, 16 * Mp * nr])
+    On = _cdiv(O, nr) * nr
+    TP = _winograd_panel(len(ys) * len(xs), C, O, mr, a2)
+    P16 = _cdiv(OH * OW, w) * w
+    (Xt, U, V, M, Yt), total = _carve(b, _scratch_base(mb, em),
+                                       [Hp * Wp * C, a2 * C * On, a2 * TP * C, a2 * TP * O, P16 * O])
     _scratch(mb, em, total)
     X, Wg, Y = em.pointers[xb.name], em.pointers[wb.name], em.pointers[t.output.name]
-    _zero(b, Xp, C * Hp * Wp)  # the borders; each image's copy fills the interior
+    _zero(b, Xt, Hp * Wp * C)  # the borders; each image's copy fills the interior
+    if On > O:
+        _zero(b, U, a2 * C * On)  # the last panel's columns past O
 
-    # U_p[o, c] in the microkernel's packed A layout: MR-row panels, C columns each
+    # U_p[c, o] in the microkernel's packed B layout: panels of NR output channels
     with for_range(b, 0, O * C, "oc") as oc:
         o, c = b.udiv(oc, i64(C)), b.urem(oc, i64(C))
         if flip:  # w[c, o, 2 - i, 2 - j]: c a channel of g, o of dx
@@ -1060,85 +1082,138 @@ def _winograd(mb, em, t: Template, tid, nthreads, flip: bool) -> None:
         else:
             at = b.gep(Wg, [b.mul(oc, i64(9))], source_etype=F32)
             g = [[b.load(gep(b, at, i64(3 * i + j), F32), typ=F32, align=4) for j in range(3)] for i in range(3)]
-        u = _sandwich(b, _WINO_G, g, lambda c: ir.Constant(F32, c))
-        to = b.add(b.mul(b.udiv(o, i64(mr)), i64(mr * C)), b.add(b.mul(c, i64(mr)), b.urem(o, i64(mr))))
-        for p in range(16):
-            b.store(u[p], gep(b, U, b.add(to, i64(p * Mp * C)), F32), align=4)
+        u = _sandwich(b, G, g, lambda c: ir.Constant(F32, c))
+        to = b.add(b.mul(b.udiv(o, i64(nr)), i64(C * nr)), b.add(b.mul(c, i64(nr)), b.urem(o, i64(nr))))
+        for p in range(a2):
+            b.store(u[p], gep(b, U, b.add(to, i64(p * C * On)), F32), align=4)
 
-    geom = (C, O, OH, OW, Hp, Wp, dy, dx, plan.mr, plan.nv, tuple(ys), tuple(xs))
+    geom = (m, C, O, OH, OW, Hp, Wp, dy, dx, mr, plan.nv, TP, tuple(ys), tuple(xs))
     image_fn = _winograd_image_fn(mb, geom, plan)
     v = _Vec(b, w, fused=mb.target.has("fma"))
     n_lo, n_hi = split(b, N, tid, nthreads)
     with for_range(b, n_lo, n_hi, "img") as n:
         x = b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32)
-        _copy_padded(b, v, x, Xp, C, H, W, ph, pw, Wp, Hp)
+        _to_channels_last(b, v, x, Xt, C, H, W, Wp, ph, pw)
         out = b.gep(Y, [b.mul(n, i64(O * OH * OW))], source_etype=F32)
-        b.call(image_fn, [Xp, U, V, M, out])
+        b.call(image_fn, [Xt, U, V, M, Yt])
+        _from_channels_last(b, v, Yt, out, O, OH * OW)
         _epilogue(em, t, n, (i64(0), i64(O)))
 
 
+def _winograd_panel(T: int, C: int, O: int, mr: int, a2: int) -> int:
+    """Tiles per panel (a multiple of MR): the panel's transformed input and products,
+    a2 x tiles x (C + O) floats, in half of L2."""
+    fit = max(1, _L2_BYTES // 2 // (4 * a2 * (C + O)) // mr) * mr
+    return min(fit, _cdiv(T, mr) * mr)
+
+
+def _to_channels_last(b, v: _Vec, src, dst, C: int, H: int, W: int, Wp: int, ph: int, pw: int) -> None:
+    """C planes of H x W at src (C a multiple of the vector width) into dst's interior
+    (from row ph, column pw) of rows Wp positions wide, each position's C channels
+    consecutive: blocks of w channels x w positions transposed."""
+    w = v.w
+
+    def block(c0, y, x0: int, n: int):
+        row = b.gep(src, [b.add(b.mul(c0, i64(H * W)), b.mul(y, i64(W)))], source_etype=F32)
+        mask = None if n == w else const_vector(I1, [lane < n for lane in range(w)])
+        cols = v.transpose([v.load(v.at(row, b.add(i64(i * H * W), i64(x0))), mask) for i in range(w)])
+        to = b.gep(dst, [b.add(b.mul(b.add(b.mul(b.add(y, i64(ph)), i64(Wp)), i64(x0 + pw)), i64(C)), c0)],
+                   source_etype=F32)
+        for j in range(n):
+            v.store(cols[j], v.at(to, i64(j * C)))
+    with for_range(b, 0, C, "c0", step=w) as c0:
+        with for_range(b, 0, H, "y") as y:
+            for x0 in range(0, W, w):
+                block(c0, y, x0, min(w, W - x0))
+
+
+def _from_channels_last(b, v: _Vec, src, dst, O: int, P: int) -> None:
+    """The reverse for the output: P positions of O channels each (O a multiple of the
+    vector width; room for whole vectors of positions) into O planes of P at dst."""
+    w = v.w
+
+    def block(o0, p0, n: int):
+        at = b.gep(src, [b.add(b.mul(p0, i64(O)), o0)], source_etype=F32)
+        rows = v.transpose([v.load(v.at(at, i64(i * O))) for i in range(w)])
+        to = b.gep(dst, [b.add(b.mul(o0, i64(P)), p0)], source_etype=F32)
+        mask = None if n == w else const_vector(I1, [lane < n for lane in range(w)])
+        for j in range(w):
+            v.store(rows[j], v.at(to, i64(j * P)), mask)
+    with for_range(b, 0, O, "o0", step=w) as o0:
+        with for_range(b, 0, P // w * w, "p0", step=w) as p0:
+            block(o0, p0, w)
+        if P % w:
+            block(o0, i64(P // w * w), P % w)
+
+
 def _winograd_image_fn(mb, geom: tuple, plan) -> ir.Function:
-    """`void image(xp, u, v, m, out)`: one image of _winograd from its padded copy xp and
-    the transformed weights u, through the scratch panels v and m. Built once per
+    """`void image(xt, u, v, p, yt)`: one image of _winograd, from its channels-last
+    padded copy xt and the transformed weights u, through the scratch panels v (the
+    transformed input) and p (the products), into yt (channels last). Built once per
     geometry: a layer's forward and data gradient (same channels both ways) share it."""
-    C, O, OH, OW, Hp, Wp, dy, dx, mr, nv, ys, xs = geom
+    m, C, O, OH, OW, Hp, Wp, dy, dx, mr, nv, TP, ys, xs = geom
+    BT, _, AT = _WINO[m]
+    a = len(BT)
 
     def build():
         w = mb.target.vector_width
-        nr, Mp = nv * w, _cdiv(O, mr) * mr
+        nr = nv * w
+        On = _cdiv(O, nr) * nr
         tiles = [(y, x) for y in ys for x in xs]
-        T = _cdiv(len(tiles), nr) * nr
-        starts = [y * Wp + x for y, x in tiles] + [0] * (T - len(tiles))
-        tiles += [(OH, 0)] * (T - len(tiles))  # past the last: every output masked off
+        T = len(tiles)
         fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR] * 5), name=mb.fresh_name("winograd"))
         set_target(fn, mb.target, w)
         fn.attributes.add("noinline")
-        xp, u, vp, m, out = fn.args
+        xt, u, vp, mp_, yt = fn.args
         for arg in fn.args:
             arg.add_attribute("noalias")
         b = ir.IRBuilder(fn.append_basic_block("entry"))
-        v = _V(b, w, mb.target.has("fma"))
-        f = v.f
-        lay = _Layout(a_rs=1, a_cs=mr, b_rs=nr, ldc=nr, a_packed=True, b_packed=True)
-        kern = _Kernels(mb, replace(plan, kc=0), lay)
+        f = _Vec(b, w, fused=mb.target.has("fma"))
+        lay = _Layout(a_rs=C, a_cs=1, b_rs=nr, ldc=O, a_packed=False, b_packed=True)
+        kern = _Kernels(mb, plan, lay)
+        at_table = _i32_table(mb.module, "wat", [y * Wp + x for y, x in tiles])
         ty_table = _i32_table(mb.module, "wty", [y for y, _ in tiles])
         tx_table = _i32_table(mb.module, "wtx", [x for _, x in tiles])
-        at_table = _i32_table(mb.module, "wat", starts)
         fconst = lambda c: const_vector(F32, [float(c)] * w)  # noqa: E731
-        every = const_vector(I1, [True] * w)
 
-        def lanes(table, t0):
-            return b.load(b.gep(table, [i64(0), t0], source_etype=table.value_type), typ=v.ity, align=4)
+        def entry(table, t):
+            return b.zext(b.load(b.gep(table, [i64(0), t], source_etype=table.value_type), typ=I32, align=4), I64)
 
-        with for_range(b, 0, T, "t0", step=nr) as t0:
-            starts = []
-            for j in range(nv):
-                first = b.add(t0, i64(j * w))
-                starts.append((lanes(ty_table, first), lanes(tx_table, first), lanes(at_table, first)))
-            with for_range(b, 0, C, "c") as c:  # the input transform
-                plane = b.gep(xp, [b.mul(c, i64(Hp * Wp))], source_etype=F32)
-                for j, (_, _, at) in enumerate(starts):
-                    d = [[v.gather(plane, b.add(at, v.isplat(i * dy * Wp + k * dx)), every) for k in range(4)]
-                         for i in range(4)]
-                    for p, x in enumerate(_sandwich(b, _WINO_BT, d, fconst)):
-                        f.store(x, f.at(vp, b.add(i64(p * C * nr + j * w), b.mul(c, i64(nr)))))
-            with for_range(b, 0, 16, "p") as p:  # the products
-                with for_range(b, 0, O, "ir", step=mr) as ir_:
-                    ap = b.gep(u, [b.add(b.mul(p, i64(Mp * C)), b.mul(ir_, i64(C)))], source_etype=F32)
-                    bp = b.gep(vp, [b.mul(p, i64(C * nr))], source_etype=F32)
-                    cp = b.gep(m, [b.add(b.mul(p, i64(Mp * nr)), b.mul(ir_, i64(nr)))], source_etype=F32)
-                    kern.tile(b, ap, bp, cp, i64(C), ir.Constant(I32, _EPILOGUE), b.sub(i64(O), ir_), i64(nr))
-            with for_range(b, 0, O, "o") as o:  # the output transform
-                plane = b.gep(out, [b.mul(o, i64(OH * OW))], source_etype=F32)
-                for j, (ty, tx, _) in enumerate(starts):
-                    mp = [[f.load(f.at(m, b.add(i64((4 * i + k) * Mp * nr + j * w), b.mul(o, i64(nr)))))
-                           for k in range(4)] for i in range(4)]
-                    y = _sandwich(b, _WINO_AT, mp, fconst)
-                    for a in range(2):
-                        for c2 in range(2):
-                            oy, ox = b.add(ty, v.isplat(a * dy)), b.add(tx, v.isplat(c2 * dx))
-                            ok = b.and_(v.below(oy, OH), v.below(ox, OW))
-                            v.scatter(plane, b.add(b.mul(oy, v.isplat(OW)), ox), y[2 * a + c2], ok)
+        with for_range(b, 0, T, "t0", step=TP) as t0:
+            count = smin(b, b.sub(i64(T), t0), i64(TP))
+            with for_range(b, 0, count, "tl") as tl:  # the input transform
+                base = b.gep(xt, [b.mul(entry(at_table, b.add(t0, tl)), i64(C))], source_etype=F32)
+                to = b.gep(vp, [b.mul(tl, i64(C))], source_etype=F32)
+                with for_range(b, 0, C, "c", step=w) as c:
+                    d = [[f.load(f.at(base, b.add(c, i64((i * dy * Wp + k * dx) * C)))) for k in range(a)]
+                         for i in range(a)]
+                    for p, x in enumerate(_sandwich(b, BT, d, fconst)):
+                        f.store(x, f.at(to, b.add(c, i64(p * TP * C))))
+            with for_range(b, 0, a * a, "p") as p:  # the products
+                for jr in range(0, O, nr):
+                    bp = b.gep(u, [b.add(b.mul(p, i64(C * On)), i64(jr * C))], source_etype=F32)
+                    with for_range(b, 0, count, "ir", step=mr) as ir_:
+                        ap = b.gep(vp, [b.add(b.mul(p, i64(TP * C)), b.mul(ir_, i64(C)))], source_etype=F32)
+                        cp = b.gep(mp_, [b.add(b.add(b.mul(p, i64(TP * O)), b.mul(ir_, i64(O))), i64(jr))],
+                                   source_etype=F32)
+                        kern.tile(b, ap, bp, cp, i64(C), ir.Constant(I32, _EPILOGUE), b.sub(count, ir_),
+                                  i64(min(nr, O - jr)))
+            with for_range(b, 0, count, "tl") as tl:  # the output transform
+                t = b.add(t0, tl)
+                ty, tx = entry(ty_table, t), entry(tx_table, t)
+                at = b.gep(mp_, [b.mul(tl, i64(O))], source_etype=F32)
+                inside = [[b.and_(b.icmp_unsigned("<", b.add(ty, i64(r * dy)), i64(OH)),
+                                  b.icmp_unsigned("<", b.add(tx, i64(c2 * dx)), i64(OW))) for c2 in range(m)]
+                          for r in range(m)]
+                to = b.gep(yt, [b.mul(b.add(b.mul(ty, i64(OW)), tx), i64(O))], source_etype=F32)
+                with for_range(b, 0, O, "o", step=w) as o:
+                    mp = [[f.load(f.at(at, b.add(o, i64((a * i + k) * TP * O)))) for k in range(a)]
+                          for i in range(a)]
+                    y = _sandwich(b, AT, mp, fconst)
+                    for r in range(m):
+                        for c2 in range(m):
+                            with b.if_then(inside[r][c2]):
+                                f.store(y[m * r + c2], f.at(to, b.add(o, i64((r * dy * OW + c2 * dx) * O))))
         b.ret_void()
         return fn
     return mb.helper(("winograd", geom), build)
