@@ -1062,7 +1062,7 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (3, 4)), dilation=(2, 2), in_hw=(9, 26)), "t-dilated-planes-data-overpadded"),
     _conv("conv2d_bwd_data", [(32, 4, 10, 28), (4, 3, 3, 3)], np_conv2d_bwd_data,
           dict(_s((1, 1), (1, 1)), dilation=(1, 2), in_hw=(10, 30)), "t-dilated-planes-data-in-place"),
-    # Winograd (AVX-512, 32 channels or more each way, a batch of 32 or more), F(2x2, 3x3):
+    # Winograd (AVX-512 or AVX2, 32 channels or more each way, a batch of 32 or more), F(2x2):
     # odd sizes (a last row and column of tiles half outside the output), unpadded with
     # output channels not a whole number of register tiles, dilated 2 x 3 and padded
     # unevenly (tiles of each output phase); the data gradient padded, unpadded (g padded
@@ -1077,9 +1077,9 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (0, 0)), in_hw=(12, 14)), "t-winograd-data-valid"),
     _conv("conv2d_bwd_data", [(32, 80, 9, 10), (80, 64, 3, 3)], np_conv2d_bwd_data,
           dict(_s((1, 1), (2, 2)), dilation=(2, 2), in_hw=(9, 10)), "t-winograd-data-dilated"),
-    # ... and F(4x4, 3x3) (64 tiles or more): odd sizes, two panels of tiles (96 -> 64
-    # channels), a last tile 3/4 outside the output; the data gradient dilated (DeepLab's
-    # 32 channels, d = 2) and unpadded
+    # ... and F(4x4) (16 tiles of 4x4 or more): odd sizes, several panels of tiles (96 -> 64
+    # channels) with a last row of tiles 3/4 outside the output; the data gradient dilated
+    # (DeepLab's 32 channels, d = 2) and unpadded
     _conv("conv2d", [(32, 32, 30, 34), (32, 32, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-winograd4-odd"),
     _conv("conv2d", [(32, 96, 29, 33), (64, 96, 3, 3)], np_conv2d, _s((1, 1), (1, 1)), "t-winograd4-panels"),
     _conv("conv2d_bwd_data", [(32, 32, 32, 32), (32, 32, 3, 3)], np_conv2d_bwd_data,

@@ -498,8 +498,8 @@ def test_winograd_rule():
     """With AVX-512 or AVX2: a 3x3 kernel, stride 1, 32 channels or more each way (whole
     vectors of them, at most 384 in), a batch of at least 32; F(4x4, 3x3) where it makes
     16 tiles (16x16 outputs, or a dilated layer's phases of 8x8), F(2x2, 3x3) where it
-    makes 16 (8x8), else none. The data gradient's rule is the forward's with the channels swapped,
-    and declines layers padded by more than the kernel spans."""
+    makes 16 (8x8), else none. The data gradient's rule is the forward's with the
+    channels swapped, and declines layers padded by more than the kernel spans."""
     from types import SimpleNamespace
 
     from dlc.backends.llvm.conv import _winograd_data_rule, _winograd_forward_rule
