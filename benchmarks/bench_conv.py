@@ -55,7 +55,7 @@ SHAPES = {
     "lenet.c1 1>6 28x28 k5 p2": (64, 1, 28, 28, 6, 5, 1, 2, "fw"),
     "lenet.c2 6>16 14x14 k5": (64, 6, 14, 14, 16, 5, 1, 0, "fdw"),
     "5x5 32>32 16x16 p2": (64, 32, 16, 16, 32, 5, 1, 2, "fdw"),
-    # wide layers: Winograd F(2x2, 3x3) (conv.py)
+    # wide layers: Winograd, F(4x4, 3x3) on 16x16 and F(2x2, 3x3) on 8x8 (conv.py)
     "wide 128>128 16x16 k3": (64, 128, 16, 16, 128, 3, 1, 1, "fdw"),
     "wide 256>256 8x8 k3": (64, 256, 8, 8, 256, 3, 1, 1, "fdw"),
 }

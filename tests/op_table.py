@@ -841,8 +841,8 @@ CONV = [
 # column blocks, channels that are not multiples of the register tile or vector width,
 # batches split by image and by channel. The templates are the gradients, so no finite
 # differences (and the shapes are larger than those rows allow; their float32 sums are long).
-def _conv(op, shapes, ref, attrs, id):
-    return P(op, shapes, ref, attrs=attrs, tol32=(1e-4, 1e-4), grad="none", id=id)  # long float32 sums
+def _conv(op, shapes, ref, attrs, id, tol32=(1e-4, 1e-4)):
+    return P(op, shapes, ref, attrs=attrs, tol32=tol32, grad="none", id=id)  # long float32 sums
 
 
 def _s(stride, pad):
@@ -1086,6 +1086,24 @@ CONV_TEMPLATES = [
           dict(_s((1, 1), (2, 2)), dilation=(2, 2), in_hw=(32, 32)), "t-winograd4-data-dilated"),
     _conv("conv2d_bwd_data", [(32, 48, 30, 30), (48, 32, 3, 3)], np_conv2d_bwd_data,
           dict(_s((1, 1), (0, 0)), in_hw=(32, 32)), "t-winograd4-data-valid"),
+    # ... and the filter gradient (chunks of images; panels of several images' tiles or of
+    # one image's): F(2x2), odd sizes onto 80 channels, 33 images (chunks of 5, the last of
+    # 3; panels of 2 images, the last of 1), and dilated 2 x 3, padded unevenly; F(4x4),
+    # several panels an image (96 -> 64 channels), DeepLab's 32 channels dilated by 2, and
+    # unpadded onto 48 channels from 33 images. Each element sums 2,000-32,000 products of
+    # normal numbers (RMS 45-180), and F(4x4)'s error is 1.2-1.7e-6 of that RMS (the
+    # direct forms' 0.3-0.8e-6): an absolute tolerance of 1e-2 (as checked, 10x the row's)
+    # is 5.5e-5 of it at most
+    _conv("conv2d_bwd_filter", [(33, 64, 7, 9), (33, 80, 7, 9)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-wino-filter-odd", (1e-4, 1e-3)),
+    _conv("conv2d_bwd_filter", [(32, 64, 11, 12), (32, 64, 11, 8)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (2, 1)), dilation=(2, 3), kernel=(3, 3)), "t-wino-filter-dilated", (1e-4, 1e-3)),
+    _conv("conv2d_bwd_filter", [(32, 96, 29, 33), (32, 64, 29, 33)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (1, 1)), kernel=(3, 3)), "t-wino-filter4-panels", (1e-4, 1e-3)),
+    _conv("conv2d_bwd_filter", [(32, 32, 32, 32), (32, 32, 32, 32)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (2, 2)), dilation=(2, 2), kernel=(3, 3)), "t-wino-filter4-dilated", (1e-4, 1e-3)),
+    _conv("conv2d_bwd_filter", [(33, 32, 16, 16), (33, 48, 14, 14)], np_conv2d_bwd_filter,
+          dict(_s((1, 1), (0, 0)), kernel=(3, 3)), "t-wino-filter4-valid", (1e-4, 1e-3)),
     # rows of a narrow grid strided down the columns only, packed by a loop over taps
     _conv("conv2d", [(2, 3, 8, 3), (4, 3, 3, 3)], np_conv2d, _s((2, 1), (1, 0)), "t-stride2x1-tap-loop"),
     _conv("conv2d", [(1, 1, 8, 6), (3, 1, 3, 2)], np_conv2d, dict(_s((2, 1), (1, 0)), dilation=(1, 3)),

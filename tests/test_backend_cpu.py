@@ -234,7 +234,8 @@ def test_random_convolutions_match_the_reference(data):
 
 
 def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts, without=None) -> None:
-    """The op table's `rows` match the reference on each thread count, and every row took
+    """The op table's `rows` match the reference on each thread count, bit for bit the
+    same on each (what lets `--threads auto` change counts mid-run), and every row took
     `path` (a function of backends/llvm/conv.py) on each (see run_cpu for `without`)."""
     from dlc.backends.llvm import conv
     _compiled_here(monkeypatch)
@@ -243,8 +244,13 @@ def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts, 
     monkeypatch.setattr(conv, path, lambda *a: taken.append(1) or real(*a))
     merged, feeds, tols = op_table_graph(rows, salt=salt)
     expected = run_graph(merged, feeds)
+    first = None
     for threads in thread_counts:
-        check_op_table(expected, run_cpu(merged, feeds, threads, without=without), tols)
+        got = run_cpu(merged, feeds, threads, without=without)
+        check_op_table(expected, got, tols)
+        first = first or got
+        for key in expected:
+            np.testing.assert_array_equal(got[key], first[key], err_msg=f"{key} on {threads} threads")
     assert len(taken) == len(thread_counts) * len(rows)
 
 
@@ -298,6 +304,8 @@ _AVX512_FORMS = {
     # F(2x2, 3x3) and F(4x4, 3x3), forward and data gradient, padded and not, dilated
     # (op_table.py)
     "_winograd": ("t-winograd", 10, (1, 2, 3)),
+    # its filter gradient: F(2x2) and F(4x4), panels of several images and of one, dilated
+    "_winograd_filter": ("t-wino-filter", 5, (1, 2, 3)),
 }
 
 
@@ -311,14 +319,16 @@ def test_avx512_forms_take_their_op_table_rows(monkeypatch, path):
     _rows_match_on_path(monkeypatch, path, rows, prefix, thread_counts)
 
 
-def test_winograd_takes_its_rows_in_avx2_code_too(monkeypatch):
-    """_winograd's op-table rows (F(2x2) and F(4x4), forward and data gradient, dilated
-    and not) compiled for the host without AVX-512: 8-wide vectors and transposes, the
-    microkernel with 16 registers."""
+@pytest.mark.parametrize("path", ["_winograd", "_winograd_filter"])
+def test_winograd_takes_its_rows_in_avx2_code_too(monkeypatch, path):
+    """The Winograd forms' op-table rows (F(2x2) and F(4x4), forward and data gradient,
+    then the filter gradient, dilated and not) compiled for the host without AVX-512:
+    8-wide vectors and transposes, the microkernel with 16 registers."""
     if not CPU.target({}).has("avx2"):
         pytest.skip("needs an x86 host with AVX2 to run AVX2 code")
-    rows = [c for c in ALL if c.id and c.id.startswith("t-winograd")]
-    _rows_match_on_path(monkeypatch, "_winograd", rows, "t-winograd", (2,), without="avx512")
+    prefix = _AVX512_FORMS[path][0]
+    rows = [c for c in ALL if c.id and c.id.startswith(prefix)]
+    _rows_match_on_path(monkeypatch, path, rows, prefix, (2,), without="avx512")
 
 
 def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on():
@@ -499,10 +509,11 @@ def test_winograd_rule():
     vectors of them, at most 384 in), a batch of at least 32; F(4x4, 3x3) where it makes
     16 tiles (16x16 outputs, or a dilated layer's phases of 8x8), F(2x2, 3x3) where it
     makes 16 (8x8), else none. The data gradient's rule is the forward's with the
-    channels swapped, and declines layers padded by more than the kernel spans."""
+    channels swapped, and declines layers padded by more than the kernel spans; the
+    filter gradient's is the forward's."""
     from types import SimpleNamespace
 
-    from dlc.backends.llvm.conv import _winograd_data_rule, _winograd_forward_rule
+    from dlc.backends.llvm.conv import _winograd_data_rule, _winograd_filter_rule, _winograd_forward_rule
 
     def forward(N, C, O, OW, k=3, stride=1, w=16, dilation=(1, 1)):
         t = _forward_template(N, C, O, OW, k, stride)
@@ -525,6 +536,14 @@ def test_winograd_rule():
                                                    attrs={"stride": (1, 1), "pad": (pad, pad)}), _vector_target(16))
 
     assert data(64, 64, 32, 8) == 2 and data(64, 64, 16, 16) == 0 and data(64, 32, 32, 32, pad=3) == 0
+
+    def dw(N, C, O, OW, stride=1):
+        t = _filter_template(C, O, OW, 3, stride, N)
+        t.attrs["pad"] = (1, 1)
+        return _winograd_filter_rule(t, _vector_target(16))
+
+    assert dw(64, 32, 64, 16) == 4 and dw(32, 64, 64, 8) == 2 and dw(64, 16, 32, 32) == 0
+    assert dw(64, 32, 32, 32, stride=2) == 0 and dw(16, 32, 32, 32) == 0
 
 
 def test_strided_data_gradients_onto_whole_vectors_of_channels_run_directly():

@@ -16,9 +16,9 @@ per-thread scratch space (`__scratch__`), and reused by every register tile.
               into dw at the end)
 
 Some shapes take other forms, each where it was measured faster (the rules are next to
-each form). A 3x3 stride-1 layer of 32 channels or more each way, forward and data
-gradient, by Winograd's minimal filtering, GEMMs over transformed tiles (_winograd;
-AVX-512 or AVX2).
+each form). A 3x3 stride-1 layer of 32 channels or more each way by Winograd's minimal
+filtering, GEMMs over transformed tiles (_winograd: forward and data gradient;
+_winograd_filter; AVX-512 or AVX2).
 Directly, with no im2col and no GEMM: the forward over vectors of 16 output
 channels (_direct_forward) or, for stride-1 layers whose rows fill the vectors, over
 rows of positions (_planes_forward), and the stride-1 data gradient the same way, as a
@@ -44,8 +44,9 @@ one thread's) or, for batches smaller than twice the thread count (the run's: th
 takes it at run time), output rows of the product; the filter gradient shares out rows
 of dw^T (channels x taps), each thread summing over every image. Each template's
 epilogue runs over exactly the share its thread computed, so no barrier separates them
--- except in the flat filter gradient, whose threads share out chunks of images and add
-up their sums after a barrier inside the template (barrier.team_barrier).
+-- except in the flat and the Winograd filter gradients, whose threads share out chunks
+of images and add up their sums after a barrier inside the template
+(barrier.team_barrier).
 """
 from __future__ import annotations
 
@@ -131,6 +132,7 @@ class _V:
             fn = ir.Function(b.module, ir.FunctionType(self.f.ty, [ir.VectorType(PTR, w), ir.VectorType(I1, w),
                                                                     self.f.ty]), name=name)
         return b.call(fn, [ptrs, mask, self.f.zero])
+
 
 def _rows_touched(GW: int, w: int) -> int:
     """The most grid rows a vector of w columns starting at a multiple of w can touch."""
@@ -568,8 +570,8 @@ def _direct_form(forms, mb, em, t: Template, tid, nthreads) -> bool:
     filter gradient take dilated kernels; others leave a dilated one to the packed GEMM,
     whose im2col reads each tap at its spaced offset."""
     for rule, emit in forms:
-        if _dilation(t) != (1, 1) and emit not in (_winograd_forward, _winograd_data, _planes_forward, _planes_data,
-                                                      _direct_filter_gradient):
+        if _dilation(t) != (1, 1) and emit not in (_winograd_forward, _winograd_data, _winograd_filter, _planes_forward,
+                                                      _planes_data, _direct_filter_gradient):
             continue
         param = rule(t, mb.target)
         if param:
@@ -1023,6 +1025,17 @@ def _sandwich(b, L, d, const) -> list:
     return [x for r in range(len(L)) for x in _combine(b, L, [col[r] for col in cols], const)]
 
 
+def _transform_tile(b, f: _Vec, L, src, steps: tuple[int, int], dst, dst_step: int, channels: int) -> None:
+    """L d L^T for the tile d at src (element (i, k) at src + i * steps[0] + k * steps[1],
+    channels-last), a vector of channels at a time: its element p at dst + p * dst_step."""
+    n = len(L[0])
+    const = lambda c: const_vector(F32, [float(c)] * f.w)  # noqa: E731
+    with for_range(b, 0, channels, "c", step=f.w) as c:
+        d = [[f.load(f.at(src, b.add(c, i64(i * steps[0] + k * steps[1])))) for k in range(n)] for i in range(n)]
+        for p, x in enumerate(_sandwich(b, L, d, const)):
+            f.store(x, f.at(dst, b.add(c, i64(p * dst_step))))
+
+
 def _winograd_forward(mb, em, t: Template, tid, nthreads, m: int) -> None:
     """conv2d, 3x3 stride 1 (see _winograd_rule), whole images per thread."""
     _winograd(mb, em, t, tid, nthreads, False, m)
@@ -1184,11 +1197,7 @@ def _winograd_image_fn(mb, geom: tuple, plan) -> ir.Function:
             with for_range(b, 0, count, "tl") as tl:  # the input transform
                 base = b.gep(xt, [b.mul(entry(at_table, b.add(t0, tl)), i64(C))], source_etype=F32)
                 to = b.gep(vp, [b.mul(tl, i64(C))], source_etype=F32)
-                with for_range(b, 0, C, "c", step=w) as c:
-                    d = [[f.load(f.at(base, b.add(c, i64((i * dy * Wp + k * dx) * C)))) for k in range(a)]
-                         for i in range(a)]
-                    for p, x in enumerate(_sandwich(b, BT, d, fconst)):
-                        f.store(x, f.at(to, b.add(c, i64(p * TP * C))))
+                _transform_tile(b, f, BT, base, (dy * Wp * C, dx * C), to, TP * C, C)
             with for_range(b, 0, a * a, "p") as p:  # the products
                 for jr in range(0, O, nr):
                     bp = b.gep(u, [b.add(b.mul(p, i64(C * On)), i64(jr * C))], source_etype=F32)
@@ -1221,6 +1230,176 @@ def _winograd_image_fn(mb, geom: tuple, plan) -> ir.Function:
 
 # --------------------------------------------------------------------------- backward data
 
+
+
+# The filter gradient by the same tiles: the forward's tile is A^T [U . V] A, linear in U =
+# G w G^T, so dw = G^T [sum over tiles (A g A^T) . V] G, with g's m x m tile under the
+# output tile and V the input's, transformed as in the forward. Per tile position p that
+# sum is a GEMM [O, tiles] x [tiles, C] whose depth is every tile of the images summed:
+# panels of tiles from one image or, where an image has fewer, from several. Threads
+# share out chunks of images fixed by the batch, as in the flat filter gradient: each
+# chunk's sums go through G^T . G into the thread's scratch, and after a barrier each
+# element of dw adds its chunks' in order, the same sums on any thread count. Of the GEMM
+# rate on Zen 5 (bench_conv.py, batch 64; the direct forms -> F(2x2) everywhere -> the
+# rule's tile): 32->32 on 32x32 89% -> 72% -> 190% (F(4x4)), 64->64 on 32x32 88% -> 121%
+# -> 199%, 32->64 on 16x16 96% -> 112% -> 150%, 128->128 on 16x16 84% -> 145% -> 168%,
+# 64->64 on 8x8 108% -> 116% (F(2x2)), 256->256 on 8x8 93% -> 131%; with AVX2 code
+# 74-97% -> 123-205%. Its error, relative to the RMS of dw, 1.2-1.7e-6 (the direct
+# forms' 0.3-0.8e-6).
+def _winograd_filter_rule(t: Template, target) -> int:
+    """As _winograd_forward_rule, for the filter gradient (x's channels in, g's out)."""
+    N, C = t.inputs[0].shape[:2]
+    _, O, OH, OW = t.inputs[1].shape
+    _, _, KH, KW = t.output.shape
+    return _winograd_rule(N, C, O, OH, OW, KH, KW, t.attrs["stride"], _dilation(t), target)
+
+
+def _winograd_filter(mb, em, t: Template, tid, nthreads, m: int) -> None:
+    """conv2d_bwd_filter, 3x3 stride 1, by F(m x m, 3 x 3) (see above)."""
+    b = em.b
+    xb, gb = t.inputs
+    N, C, H, W = xb.shape
+    _, O, OH, OW = gb.shape
+    ph, pw = t.attrs["pad"]
+    dy, dx = _dilation(t)
+    w = mb.target.vector_width
+    BT, G, AT = _WINO[m]
+    a2 = len(BT) ** 2
+    ys, xs = _winograd_tiles(OH, OW, dy, dx, m)
+    T = len(ys) * len(xs)
+    Hp = max(H + 2 * ph, max(ys) + (m + 1) * dy + 1)
+    Wp = max(W + 2 * pw, max(xs) + (m + 1) * dx + 1)
+    Hg, Wg = max(ys) + (m - 1) * dy + 1, max(xs) + (m - 1) * dx + 1  # g's tiles, zeros past OH x OW
+    plan = _plan(O, C, T, w)
+    per = _cdiv(N, min(N, _FLAT_CHUNKS))  # images per chunk
+    chunks = _cdiv(N, per)
+    TP = _winograd_panel(T, C, O, plan.mr, a2)
+    group = max(1, min(TP // T, per))  # images per panel where one image's tiles leave room
+    PT = group * T if T <= TP else TP  # tiles a panel holds
+    E = O * 9 * C  # one chunk's sums, [o][tap][c]
+    sizes = [Hp * Wp * C, Hg * Wg * O, a2 * PT * C, a2 * PT * O, a2 * O * C, C]
+    (Xt, Gc, V, Gp, Macc, row), before = _carve(b, _scratch_base(mb, em), sizes)
+    _scratch(mb, em, before + chunks * E)  # then its chunks' sums (maybe every chunk)
+    X, Gg, DW = em.pointers[xb.name], em.pointers[gb.name], em.pointers[t.output.name]
+    team = em.pointers["__team__"]
+    _zero(b, Xt, Hp * Wp * C)
+    _zero(b, Gc, Hg * Wg * O)
+    f = _Vec(b, w, fused=mb.target.has("fma"))
+    transform = _winograd_filter_tiles_fn(mb, (m, C, O, H, W, OH, OW, Hp, Wp, Hg, Wg, ph, pw, dy, dx, PT,
+                                               tuple(ys), tuple(xs)))
+    lay = _Layout(a_rs=1, a_cs=O, b_rs=C, ldc=C, a_packed=False, b_packed=False)
+    kern = _Kernels(mb, plan, lay)
+    mr, nr = kern.mr, kern.nr
+
+    def products(depth, first):
+        """Macc_p[o, c] (+)= sum over the panel's tiles of Gp_p[tile, o] * V_p[tile, c]."""
+        mode = _mode(b, first)
+        with for_range(b, 0, a2, "p") as p:
+            for jr in range(0, C, nr):
+                bp = b.gep(V, [b.add(b.mul(p, i64(PT * C)), i64(jr))], source_etype=F32)
+                with for_range(b, 0, O, "ir", step=mr) as ir_:
+                    ap = b.gep(Gp, [b.add(b.mul(p, i64(PT * O)), ir_)], source_etype=F32)
+                    cp = b.gep(Macc, [b.add(b.mul(p, i64(O * C)), b.add(b.mul(ir_, i64(C)), i64(jr)))],
+                               source_etype=F32)
+                    kern.tile(b, ap, bp, cp, depth, mode, b.sub(i64(O), ir_), i64(min(nr, C - jr)))
+
+    def image(n, t0, count, slot):
+        b.call(transform, [b.gep(X, [b.mul(n, i64(C * H * W))], source_etype=F32),
+                           b.gep(Gg, [b.mul(n, i64(O * OH * OW))], source_etype=F32), Xt, Gc, V, Gp,
+                           t0, count, slot])
+
+    # sums are written through the team's pointer, as the other threads read them (not
+    # through the noalias scratch argument)
+    def sums_of(u):
+        return b.gep(team_scratch(b, team, u), [i64(before * 4)], source_etype=I8)
+    k_lo, k_hi = split(b, chunks, tid, nthreads)
+    with for_range(b, k_lo, k_hi, "chunk") as k:
+        n0, n1 = b.mul(k, i64(per)), smin(b, b.mul(b.add(k, i64(1)), i64(per)), i64(N))
+        if T > TP:  # panels of one image's tiles
+            with for_range(b, n0, n1, "img") as n:
+                with for_range(b, 0, T, "t0", step=TP) as t0:
+                    count = smin(b, b.sub(i64(T), t0), i64(TP))
+                    image(n, t0, count, i64(0))
+                    products(count, b.and_(b.icmp_signed("==", n, n0), b.icmp_signed("==", t0, i64(0))))
+        else:  # panels of `group` images' tiles
+            with for_range(b, n0, n1, "g0", step=group) as g0:
+                images = smin(b, b.sub(n1, g0), i64(group))
+                with for_range(b, 0, images, "j") as j:
+                    image(b.add(g0, j), i64(0), i64(T), b.mul(j, i64(T)))
+                products(b.mul(images, i64(T)), b.icmp_signed("==", g0, n0))
+        # the chunk's dw^T: G^T Macc G, each o's rows of taps over vectors of c
+        sums = b.gep(sums_of(b.sext(tid, I64)), [b.mul(b.sub(k, k_lo), i64(E))], source_etype=F32)
+        GT = tuple(zip(*G))
+        const = lambda c: const_vector(F32, [float(c)] * w)  # noqa: E731
+        with for_range(b, 0, O, "o") as o:
+            with for_range(b, 0, C, "c", step=w) as c:
+                at = b.add(b.mul(o, i64(C)), c)
+                mp = [[f.load(f.at(Macc, b.add(at, i64((len(BT) * i + j) * O * C)))) for j in range(len(BT))]
+                      for i in range(len(BT))]
+                for tap, x in enumerate(_sandwich(b, GT, mp, const)):
+                    f.store(x, f.at(sums, b.add(b.mul(b.add(b.mul(o, i64(9)), i64(tap)), i64(C)), c)))
+    team_barrier(b, team, nthreads)
+    # each thread its share of dw's rows (o, tap): the sums over the chunks, in chunk order
+    # (thread u's chunks in u's scratch), then dw and the epilogue element by element
+    r_lo, r_hi = split(b, O * 9, tid, nthreads)
+    with for_range(b, r_lo, r_hi, "r") as r:
+        o, tap = b.udiv(r, i64(9)), b.urem(r, i64(9))
+        with for_range(b, 0, C, "c", step=w) as c:
+            def thread(u, total):
+                u_lo, u_hi = split(b, chunks, b.trunc(u, I32), nthreads)
+                theirs = sums_of(u)
+
+                def chunk(kk, total):
+                    at = b.add(b.mul(b.sub(kk, u_lo), i64(E)), b.add(b.mul(r, i64(C)), c))
+                    return [b.fadd(total[0], f.load(f.at(theirs, at)))]
+                return loop(b, u_lo, u_hi, total, chunk, name="k")
+            [total] = loop(b, i64(0), b.sext(nthreads, I64), [f.zero], thread, name="u")
+            f.store(total, f.at(row, c))
+        with for_range(b, 0, C, "c") as c:
+            x = b.load(gep(b, row, c, F32), typ=F32, align=4)
+            b.store(x, gep(b, DW, b.add(b.mul(b.add(b.mul(o, i64(C)), c), i64(9)), tap), F32), align=4)
+            if t.epilogue is not None:
+                _filter_epilogue(em, t, o, c, b.udiv(tap, i64(3)), b.urem(tap, i64(3)))
+    team_barrier(b, team, nthreads)  # no thread's scratch is reused while others read its sums
+
+
+def _winograd_filter_tiles_fn(mb, geom: tuple) -> ir.Function:
+    """`void tiles(x, g, xt, gc, v, gp, t0, count, slot)`: one image's tiles [t0, t0 +
+    count) of _winograd_filter into the panels v (the input's, as the forward's) and gp
+    (g's, A g A^T) from tile slot `slot` on, through the channels-last copies xt and gc
+    (made when t0 = 0; their borders stay zero)."""
+    m, C, O, H, W, OH, OW, Hp, Wp, Hg, Wg, ph, pw, dy, dx, PT, ys, xs = geom
+    BT, _, AT = _WINO[m]
+
+    def build():
+        w = mb.target.vector_width
+        tiles = [(y, x) for y in ys for x in xs]
+        fn = ir.Function(mb.module, ir.FunctionType(VOID, [PTR] * 6 + [I64] * 3), name=mb.fresh_name("winograd_dw"))
+        set_target(fn, mb.target, w)
+        fn.attributes.add("noinline")
+        x, g, xt, gc, vp, gp, t0, count, slot = fn.args
+        for arg in fn.args[:6]:
+            arg.add_attribute("noalias")
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        f = _Vec(b, w, fused=mb.target.has("fma"))
+        with b.if_then(b.icmp_signed("==", t0, i64(0))):
+            _to_channels_last(b, f, x, xt, C, H, W, Wp, ph, pw)
+            _to_channels_last(b, f, g, gc, O, OH, OW, Wg, 0, 0)
+        x_at = _i32_table(mb.module, "wat", [y * Wp + x for y, x in tiles])
+        g_at = _i32_table(mb.module, "wgat", [y * Wg + x for y, x in tiles])
+        A = tuple(zip(*AT))
+
+        def entry(table, i):
+            return b.zext(b.load(b.gep(table, [i64(0), i], source_etype=table.value_type), typ=I32, align=4), I64)
+        with for_range(b, 0, count, "tl") as tl:
+            t, s = b.add(t0, tl), b.add(slot, tl)
+            _transform_tile(b, f, BT, b.gep(xt, [b.mul(entry(x_at, t), i64(C))], source_etype=F32),
+                            (dy * Wp * C, dx * C), b.gep(vp, [b.mul(s, i64(C))], source_etype=F32), PT * C, C)
+            _transform_tile(b, f, A, b.gep(gc, [b.mul(entry(g_at, t), i64(O))], source_etype=F32),
+                            (dy * Wg * O, dx * O), b.gep(gp, [b.mul(s, i64(O))], source_etype=F32), PT * O, O)
+        b.ret_void()
+        return fn
+    return mb.helper(("winograd_dw", geom), build)
 
 def _phases(H, W, KH, KW, sy, sx, ph, pw, dy=1, dx=1):
     """Per output phase (ry, rx) of dx: its grid (GH, GW) and taps [(ky, kx, roff, coff)]."""
@@ -1674,7 +1853,8 @@ def _interleave(b, v: _V, by_phase, out, ldq, C, H, W, sy, sx, c_lo, c_hi):
 
 def conv2d_bwd_filter(mb, em, t: Template, tid, nthreads) -> None:
     """dw[o,c,ky,kx] = sum_{n,oy,ox} g[n,o,oy,ox] * x[n,c,oy*sy+ky*dy-ph, ox*sx+kx*dx-pw]."""
-    if _direct_form([(_flat_filter_taps, _flat_filter_gradient), (_vector_filter_tile, _vector_filter_gradient),
+    if _direct_form([(_winograd_filter_rule, _winograd_filter), (_flat_filter_taps, _flat_filter_gradient),
+                     (_vector_filter_tile, _vector_filter_gradient),
                      (_window_channels, _window_filter_gradient), (_direct_channels, _direct_filter_gradient)],
                     mb, em, t, tid, nthreads):
         return
