@@ -294,6 +294,11 @@ def _i32_table(module, prefix: str, values: list) -> ir.GlobalVariable:
     return table
 
 
+def _entry(b, table: ir.GlobalVariable, i) -> ir.Value:
+    """Element i of an _i32_table, as i64."""
+    return b.zext(b.load(b.gep(table, [i64(0), i], source_etype=table.value_type), typ=I32, align=4), I64)
+
+
 def _im2col_fn(mb, g: _Geom, row_stride: int) -> ir.Function:
     """`void pack(src, dst, i64 k_lo, k_hi, col0, ncols, nvp, panel)`: _pack_im2col as a
     function, built once per geometry and row stride and called for every K block
@@ -1189,13 +1194,10 @@ def _winograd_image_fn(mb, geom: tuple, plan) -> ir.Function:
         tx_table = _i32_table(mb.module, "wtx", [x for _, x in tiles])
         fconst = lambda c: const_vector(F32, [float(c)] * w)  # noqa: E731
 
-        def entry(table, t):
-            return b.zext(b.load(b.gep(table, [i64(0), t], source_etype=table.value_type), typ=I32, align=4), I64)
-
         with for_range(b, 0, T, "t0", step=TP) as t0:
             count = smin(b, b.sub(i64(T), t0), i64(TP))
             with for_range(b, 0, count, "tl") as tl:  # the input transform
-                base = b.gep(xt, [b.mul(entry(at_table, b.add(t0, tl)), i64(C))], source_etype=F32)
+                base = b.gep(xt, [b.mul(_entry(b, at_table, b.add(t0, tl)), i64(C))], source_etype=F32)
                 to = b.gep(vp, [b.mul(tl, i64(C))], source_etype=F32)
                 _transform_tile(b, f, BT, base, (dy * Wp * C, dx * C), to, TP * C, C)
             with for_range(b, 0, a * a, "p") as p:  # the products
@@ -1209,7 +1211,7 @@ def _winograd_image_fn(mb, geom: tuple, plan) -> ir.Function:
                                   i64(min(nr, O - jr)))
             with for_range(b, 0, count, "tl") as tl:  # the output transform
                 t = b.add(t0, tl)
-                ty, tx = entry(ty_table, t), entry(tx_table, t)
+                ty, tx = _entry(b, ty_table, t), _entry(b, tx_table, t)
                 at = b.gep(mp_, [b.mul(tl, i64(O))], source_etype=F32)
                 inside = [[b.and_(b.icmp_unsigned("<", b.add(ty, i64(r * dy)), i64(OH)),
                                   b.icmp_unsigned("<", b.add(tx, i64(c2 * dx)), i64(OW))) for c2 in range(m)]
@@ -1226,9 +1228,6 @@ def _winograd_image_fn(mb, geom: tuple, plan) -> ir.Function:
         b.ret_void()
         return fn
     return mb.helper(("winograd", geom), build)
-
-
-# --------------------------------------------------------------------------- backward data
 
 
 
@@ -1388,18 +1387,19 @@ def _winograd_filter_tiles_fn(mb, geom: tuple) -> ir.Function:
         x_at = _i32_table(mb.module, "wat", [y * Wp + x for y, x in tiles])
         g_at = _i32_table(mb.module, "wgat", [y * Wg + x for y, x in tiles])
         A = tuple(zip(*AT))
-
-        def entry(table, i):
-            return b.zext(b.load(b.gep(table, [i64(0), i], source_etype=table.value_type), typ=I32, align=4), I64)
         with for_range(b, 0, count, "tl") as tl:
             t, s = b.add(t0, tl), b.add(slot, tl)
-            _transform_tile(b, f, BT, b.gep(xt, [b.mul(entry(x_at, t), i64(C))], source_etype=F32),
+            _transform_tile(b, f, BT, b.gep(xt, [b.mul(_entry(b, x_at, t), i64(C))], source_etype=F32),
                             (dy * Wp * C, dx * C), b.gep(vp, [b.mul(s, i64(C))], source_etype=F32), PT * C, C)
-            _transform_tile(b, f, A, b.gep(gc, [b.mul(entry(g_at, t), i64(O))], source_etype=F32),
+            _transform_tile(b, f, A, b.gep(gc, [b.mul(_entry(b, g_at, t), i64(O))], source_etype=F32),
                             (dy * Wg * O, dx * O), b.gep(gp, [b.mul(s, i64(O))], source_etype=F32), PT * O, O)
         b.ret_void()
         return fn
     return mb.helper(("winograd_dw", geom), build)
+
+
+# --------------------------------------------------------------------------- backward data
+
 
 def _phases(H, W, KH, KW, sy, sx, ph, pw, dy=1, dx=1):
     """Per output phase (ry, rx) of dx: its grid (GH, GW) and taps [(ky, kx, roff, coff)]."""
