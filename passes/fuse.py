@@ -29,8 +29,9 @@ Rules, applied greedily from the results backwards (consumers before producers):
      kernel's loop (as many elements as the domain, or as a row of it) -- otherwise it
      would be recomputed per element, so it is stored instead;
   F3 when the users are in several kernels over the same domain that do not depend on
-     each other, those kernels merge (siblings); when they cannot, a broadcast or reshape
-     is recomputed in each (its users read its operand through the index map), and
+     each other, those kernels merge (siblings); when they cannot, a broadcast, reshape,
+     slice or pad is recomputed in each (its users read its operand through the index
+     map: a depthwise convolution's shifted taps are never stored), and
      another node joins the kernel that all the others read from, if there is one, and
      is stored from there for them (a batchnorm's normalized values, computed in the
      kernel of its statistics, instead of a kernel of their own);
@@ -114,9 +115,10 @@ CHEAP = {ops.ADD, ops.SUB, ops.MUL, ops.NEG, ops.MAX, ops.MIN, ops.ABS, ops.SIGN
          ops.PERMUTE, ops.SLICE}
 
 
-# movement ops that only transform the index: a value read through one from another
-# kernel's buffer costs nothing, where storing it would write (and reread) every element
-INDEX_MAPS = {ops.BROADCAST, ops.RESHAPE, ops.SLICE}
+# movement ops that only transform the index (a pad adds a bounds check): a value read
+# through one from another kernel's buffer costs nothing, where storing it would write
+# (and reread) every element
+INDEX_MAPS = {ops.BROADCAST, ops.RESHAPE, ops.SLICE, ops.PAD}
 
 
 def reduced_axes(node) -> tuple[int, ...]:

@@ -1078,6 +1078,48 @@ def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
     assert lanes(Store(y, i, e.index(e.div(i, 7), DType.f32))) == 1  # (left to scalar code)
 
 
+def test_loads_through_a_clamp_vectorize_and_read_the_clamped_elements():
+    """A padded axis's source index, clamp(i + d, lo, hi) (growing by 1 a lane inside
+    lo..hi), leaves no loop scalar (Emitter.lane_load): the lanes inside read a vector,
+    those outside the element at lo or at hi, in stores and in sums, over whole vectors
+    and a masked last one, past either end; numpy's results. Under a multiplication the
+    index stays scalar."""
+    import ctypes
+    from dlc.backends.llvm import jit
+    from dlc.backends.llvm.codegen import buffers_of
+    from dlc.backends.llvm.target import Target
+    from dlc.core.kernel import Buffer, Exprs, LoopNest, Store
+    from dlc.core.types import DType
+    target = Target.host(1)
+    if target.vector_width == 1:
+        pytest.skip("no vector unit on this machine")
+    rows, width, length = 3, 32, 40  # 40 lanes: whole vectors and a masked last one
+    f32 = DType.f32
+    x = Buffer("x", f32, (rows * width,), "arena")
+    out = Buffer("out", f32, (rows * length,), "arena")
+    sums = Buffer("sums", f32, (rows,), "arena")
+    e = Exprs()
+    r, i, j = e.var("r", rows), e.var("i", length), e.var("j", length)
+
+    def read(var, shift, lo, hi):
+        return e.load(x, e.add(e.mul(r, width), e.clamp(e.add(var, e.const(shift)), lo, hi)))
+    value = e.op("add", (read(i, -3, 0, width - 1), read(i, -20, 4, 12)), f32)
+    total = e.reduce("sum", (j,), read(j, -5, 0, width - 1), f32)
+    nest = LoopNest((r,), (i,), stores=[Store(out, e.ravel((r, i), (rows, length)), value)],
+                    row_stores=[Store(sums, r, total)])
+    fn, em = _pretuned_nest(nest, target)
+    assert em.scalar_loops == 0
+    assert em.store_lanes([Store(out, i, e.load(x, e.mul(e.clamp(i, 0, 15), 2)))], i, length) == 1
+    engine = jit.Engine(jit.compile_modules([fn.module], target, workers=1, pretuned=frozenset({0})).objects, target)
+    run = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int32, ctypes.c_int32)(engine.address("f"))
+    data = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
+    arrays = {"x": data, "out": np.full((rows, length), np.nan, np.float32), "sums": np.full(rows, np.nan, np.float32)}
+    run(*[arrays[buf.name].ctypes.data for buf in buffers_of(nest)], 0, 1)
+    at = np.arange(length)
+    np.testing.assert_array_equal(arrays["out"], data[:, np.clip(at - 3, 0, width - 1)] + data[:, np.clip(at - 20, 4, 12)])
+    np.testing.assert_allclose(arrays["sums"], data[:, np.clip(at - 5, 0, width - 1)].sum(axis=1), rtol=1e-5)
+
+
 def test_loop_invariant_values_are_computed_outside_the_loops_that_do_not_change_them():
     """Emitter.hoist_out_of: in a sum over (r, i) and a store loop over (r2, i2), a
     row's mask (r < n, as a padded batch's statistics have) is computed once per row,

@@ -1047,6 +1047,20 @@ def test_fuse_batchnorm_forward_is_one_kernel_and_stores_no_broadcast():
         assert k.kind == "reduce" and len(sums) >= 2, f"relu {n} is not in its batchnorm's kernel"
 
 
+def test_fuse_stores_no_shifted_copy_of_a_depthwise_layers_input():
+    """F3 on a depthwise convolution's taps (pads of its input, shifted, which the
+    forward and the filter gradient both read): no kernel stores one; each reads the
+    stored input through the pad, as through a broadcast."""
+    import example_models
+    from dlc.pipeline import lower
+    m = example_models.load(next(p for p in example_models.EXAMPLES if p.stem == "separable_digits"))
+    g = lower(m.compile_graph("train", m.train_config), 8)
+    plan = g.meta["fusion"]
+    pads = [n for n in g.ids() if g.node(n).op is ops.PAD]
+    assert len(pads) >= 16  # the taps of the two depthwise layers (the centre needs none)
+    assert [n for n in plan.materialized if g.node(n).op is ops.PAD] == []
+
+
 @pytest.mark.parametrize("build", [_chain, _softmax, _dense_relu, _two_matmuls, _sgd_updates, _mlp_like],
                          ids=["chain", "softmax", "dense_relu", "two_matmuls", "sgd_updates", "mlp_like"])
 def test_fuse_kernels_are_disjoint_and_cover_every_non_free_node(build):

@@ -155,6 +155,8 @@ def _floor_mod(b, x, c: int):
 
 
 def _clamp(em, e: Clamp):
+    if id(e) in em.clamp_values:  # (lane_load: the address with the clamp at one of its bounds)
+        return em.clamp_values[id(e)]
     v = em.ix(e.a)
     if e.a.lo < e.lo:
         v = smax(em.b, v, i64(e.lo))
@@ -302,6 +304,7 @@ class Emitter:
         self.lane_base = None
         self.lane_depth = 0
         self.lane_mask = None  # the lanes inside the loop, in a last partial vector
+        self.clamp_values: dict[int, ir.Value] = {}  # id(Clamp) -> its value, set by lane_load
         # LLVM's loop-invariant code motion done here (hoist_out_of), for the modules
         # compiled without it (jit.PRETUNED_PASSES); O3's own gives other code (a small
         # matmul of the MLP at batch 8 was compiled differently, its step 3-5% slower)
@@ -353,30 +356,61 @@ class Emitter:
 
     def lane_load(self, e: Load) -> ir.Value:
         """A vector load of W consecutive elements (the index grows by 1 a lane: checked
-        by _vectorizable), from where the first lane's index points."""
+        by _vectorizable), from where the first lane's index points. An index that grows
+        by 1 a lane through a clamp (a padded axis: clamp(x, lo, hi)) loads the lanes
+        inside lo..hi from there and gives the others the element at lo or at hi."""
         b, w = self.b.builder, self.b.w
         t = memory_type(e.buf.dtype)
-        vt, at = ir.VectorType(t, w), self._first_lane(e.buf, e.index)
-        if self.lane_mask is None:
+        vt = ir.VectorType(t, w)
+        var = min(self.lane_vars & self.free_vars.ix(e.index))  # (one: a body's loads use its own loop's)
+        clamp = None if affine_coef(e.index, var, self.free_vars) == 1 else clamped_lane(e.index, var, self.free_vars)
+        if clamp is None:
+            at, mask, other = self._first_lane(e.buf, e.index), self.lane_mask, None
+        else:
+            # the addresses with the clamp at its bounds (the index's arithmetic may
+            # assume it never wraps: these are in range), the first lane's from there
+            at_lo, at_hi = (self._first_lane(e.buf, e.index, {id(clamp): i64(end)}) for end in (clamp.lo, clamp.hi))
+            x0 = self._at_first_lane(lambda: self.ix(clamp.a))
+            at = b.gep(at_lo, [b.sub(x0, i64(clamp.lo))], source_etype=t)
+            x = b.add(splat(b, x0, w), const_vector(I64, range(w)))
+            mask = b.and_(b.icmp_signed(">=", x, splat(b, i64(clamp.lo), w)),
+                          b.icmp_signed("<=", x, splat(b, i64(clamp.hi), w)))
+            if self.lane_mask is not None:
+                mask = b.and_(mask, self.lane_mask)
+            lo, hi = (b.load(p, typ=t, align=byte_size(t)) for p in (at_lo, at_hi))
+            other = b.select(b.icmp_signed("<", x, splat(b, i64(clamp.lo), w)), splat(b, lo, w), splat(b, hi, w))
+        if mask is None:
             v = b.load(at, typ=vt, align=byte_size(t))
-        else:  # lanes past the loop's end read nothing (they may lie past the buffer's end)
+        else:  # masked-off lanes read nothing (they may lie past the buffer's ends)
             name = f"llvm.masked.load.v{w}{t.intrinsic_name}.p0"
-            fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(vt, [at.type, self.lane_mask.type, vt]),
+            fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(vt, [at.type, mask.type, vt]),
                                                            name)
-            v = b.call(fn, [at, self.lane_mask, const_vector(t, [0] * w if not isinstance(t, ir.FloatType) else [0.0] * w)])
+            zero = const_vector(t, [0] * w if not isinstance(t, ir.FloatType) else [0.0] * w)
+            v = b.call(fn, [at, mask, zero if other is None else other])
         return b.trunc(v, ir.VectorType(I1, w)) if e.buf.dtype == DType.bool else v
 
-    def _first_lane(self, buf, index: Ix) -> ir.Value:
-        """Inside a vectorized body: the address of buf[index] for the first lane."""
+    def _at_first_lane(self, compute):
+        """Inside a vectorized body: compute() for the first lane, as scalar code."""
         lanes = self.b
         saved, self.scopes = self.scopes, self.scopes[:self.lane_depth] + [{}]  # no vector values
         names = {name: self.vars[name] for name in self.lane_vars}
         self.vars.update({name: self.lane_base for name in self.lane_vars})
         self.b = lanes.builder
-        first = self.ix(index)
-        self.b, self.scopes = lanes, saved
-        self.vars.update(names)
-        return gep(lanes.builder, self.pointers[buf.name], first, memory_type(buf.dtype))
+        try:
+            return compute()
+        finally:
+            self.b, self.scopes = lanes, saved
+            self.vars.update(names)
+
+    def _first_lane(self, buf, index: Ix, clamps: dict | None = None) -> ir.Value:
+        """Inside a vectorized body: the address of buf[index] for the first lane (with
+        `clamps`, id(Clamp) -> the value to use for it)."""
+        self.clamp_values = clamps or {}
+        try:
+            first = self._at_first_lane(lambda: self.ix(index))
+        finally:
+            self.clamp_values = {}
+        return gep(self.b.builder, self.pointers[buf.name], first, memory_type(buf.dtype))
 
     def rand(self, e: Rand) -> ir.Value:
         b = self.b
@@ -556,15 +590,16 @@ class Emitter:
         """Whether `body` can be computed for W consecutive values of loop variable `inner`
         at once: no reduction over the variables `own` (one that is not, a softmax's max, is
         computed now, before the loop), every load depending on `inner` reads consecutive
-        elements (a gather costs more than it saves), and no integer division (a masked-off
-        lane might divide by zero)."""
+        elements, maybe through a clamp (lane_load; a gather costs more than it saves), and
+        no integer division (a masked-off lane might divide by zero)."""
         for x in walk_ex([body]):
             if isinstance(x, Reduce) and self._cached(id(x)) is None:
                 if self.free_vars(x) & own:
                     return False
                 self.value(x)  # computed once, before the loop
             if isinstance(x, Load) and inner in self.free_vars.ix(x.index) \
-                    and affine_coef(x.index, inner, self.free_vars) != 1:
+                    and affine_coef(x.index, inner, self.free_vars) != 1 \
+                    and clamped_lane(x.index, inner, self.free_vars) is None:
                 return False
             if isinstance(x, Op) and x.name == "div" and not x.dtype.is_float:
                 return False
@@ -701,6 +736,22 @@ def affine_coef(e: Ix, name: str, free) -> int | None:
     if isinstance(e, Mul):
         a = affine_coef(e.a, name, free)
         return None if a is None else a * e.c
+    return None
+
+
+def clamped_lane(e: Ix, name: str, free) -> Clamp | None:
+    """The clamp through which index e grows by 1 per step of loop variable `name`, if e
+    is a sum of terms free of it and one clamp(x, lo, hi) with x growing by 1 (a padded
+    axis's source index: a vector of lanes reads x's elements inside lo..hi in a row);
+    else None."""
+    if name not in free.ix(e):
+        return None
+    if isinstance(e, Clamp):
+        return e if affine_coef(e.a, name, free) == 1 else None
+    if isinstance(e, Add):
+        in_a, in_b = name in free.ix(e.a), name in free.ix(e.b)
+        if in_a != in_b:
+            return clamped_lane(e.a if in_a else e.b, name, free)
     return None
 
 
