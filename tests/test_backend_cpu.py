@@ -1045,7 +1045,8 @@ def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
     """Emitter.store_lanes: a loop of float stores to consecutive elements runs W lanes at
     a time, also where it updates a buffer in place; not where an iteration reads an
     element that another one stores (in order, x[i] = x[i - 1] + 1 reads the value just
-    stored), stores an integer, gathers, or uses a non-affine index of the loop's variable."""
+    stored), stores an integer, gathers, or uses a clamped index of the loop's variable as
+    a value (a divided one is computed as vectors)."""
     from llvmlite import ir
     from dlc.backends.llvm.emit import Emitter
     from dlc.backends.llvm.irutil import PTR, VOID, set_target
@@ -1075,7 +1076,8 @@ def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
     assert lanes(Store(k, i, e.lit(1, DType.i32))) == 1
     assert lanes(Store(y, i, e.load(x, e.mul(i, 2)))) == 1  # every other element
     assert lanes(Store(y, i, e.index(i, DType.f32))) == w
-    assert lanes(Store(y, i, e.index(e.div(i, 7), DType.f32))) == 1  # (left to scalar code)
+    assert lanes(Store(y, i, e.index(e.div(i, 7), DType.f32))) == w  # (lane indices computed as vectors)
+    assert lanes(Store(y, i, e.index(e.clamp(i, 0, 5), DType.f32))) == 1  # (left to scalar code)
 
 
 def test_loads_through_a_clamp_vectorize_and_read_the_clamped_elements():
@@ -1118,6 +1120,50 @@ def test_loads_through_a_clamp_vectorize_and_read_the_clamped_elements():
     at = np.arange(length)
     np.testing.assert_array_equal(arrays["out"], data[:, np.clip(at - 3, 0, width - 1)] + data[:, np.clip(at - 20, 4, 12)])
     np.testing.assert_allclose(arrays["sums"], data[:, np.clip(at - 5, 0, width - 1)].sum(axis=1), rtol=1e-5)
+
+
+def test_loads_through_a_division_vectorize_and_read_each_lanes_element():
+    """A strided layer's gradient reads element x // s for position x, maybe through a
+    clamp: with 16 lanes (AVX-512) the loop is vectorized (each element loaded once,
+    spread over its lanes, for either parity of the first lane; a mask from (x + 1) % 2),
+    over whole vectors and a masked last one; with 8 (AVX2) it stays scalar. numpy's
+    results either way."""
+    import ctypes
+    from dlc.backends.llvm import jit
+    from dlc.backends.llvm.codegen import buffers_of
+    from dlc.backends.llvm.target import Target
+    from dlc.core.kernel import Buffer, Exprs, LoopNest, Store
+    from dlc.core.types import DType
+    target = Target.host(1)
+    if target.vector_width == 1:
+        pytest.skip("no vector unit on this machine")
+    rows, width, length = 3, 32, 40
+    f32 = DType.f32
+    x = Buffer("x", f32, (rows * width,), "arena")
+    out = Buffer("out", f32, (rows * length,), "arena")
+    sums = Buffer("sums", f32, (rows,), "arena")
+    e = Exprs()
+    r, i, j = e.var("r", rows), e.var("i", length), e.var("j", length)
+
+    def read(at):
+        return e.load(x, e.add(e.mul(r, width), at))
+    odd = e.op("eq", (e.index(e.mod(e.add(i, e.const(1)), 2), DType.i32), e.lit(0, DType.i32)), DType.bool)
+    halves = e.op("select", (odd, read(e.div(e.add(i, e.const(1)), 2)), e.lit(0.0, f32)), f32)
+    thirds = read(e.clamp(e.add(e.div(e.add(i, e.const(2)), 3), e.const(-4)), 0, 7))
+    total = e.reduce("sum", (j,), read(e.div(j, 2)), f32)
+    nest = LoopNest((r,), (i,), stores=[Store(out, e.ravel((r, i), (rows, length)), e.op("add", (halves, thirds), f32))],
+                    row_stores=[Store(sums, r, total)])
+    fn, em = _pretuned_nest(nest, target)
+    assert (em.scalar_loops == 0) == (target.vector_width >= 16)
+    engine = jit.Engine(jit.compile_modules([fn.module], target, workers=1, pretuned=frozenset({0})).objects, target)
+    run = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int32, ctypes.c_int32)(engine.address("f"))
+    data = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
+    arrays = {"x": data, "out": np.full((rows, length), np.nan, np.float32), "sums": np.full(rows, np.nan, np.float32)}
+    run(*[arrays[buf.name].ctypes.data for buf in buffers_of(nest)], 0, 1)
+    at = np.arange(length)
+    want = np.where((at + 1) % 2 == 0, data[:, (at + 1) // 2], 0) + data[:, np.clip((at + 2) // 3 - 4, 0, 7)]
+    np.testing.assert_array_equal(arrays["out"], want)
+    np.testing.assert_allclose(arrays["sums"], data[:, at // 2].sum(axis=1), rtol=1e-5)
 
 
 def test_loop_invariant_values_are_computed_outside_the_loops_that_do_not_change_them():
