@@ -1078,56 +1078,15 @@ def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
     assert lanes(Store(y, i, e.index(i, DType.f32))) == w
     assert lanes(Store(y, i, e.index(e.div(i, 7), DType.f32))) == w  # (lane indices computed as vectors)
     assert lanes(Store(y, i, e.index(e.clamp(i, 0, 5), DType.f32))) == 1  # (left to scalar code)
+    assert lanes(Store(y, i, e.load(x, e.clamp(e.add(i, e.const(-2)), 0, 60)))) == w  # (a padded axis)
+    assert lanes(Store(y, i, e.load(x, e.mul(e.clamp(i, 0, 15), 2)))) == 1  # (every other element)
 
 
-def test_loads_through_a_clamp_vectorize_and_read_the_clamped_elements():
-    """A padded axis's source index, clamp(i + d, lo, hi) (growing by 1 a lane inside
-    lo..hi), leaves no loop scalar (Emitter.lane_load): the lanes inside read a vector,
-    those outside the element at lo or at hi, in stores and in sums, over whole vectors
-    and a masked last one, past either end; numpy's results. Under a multiplication the
-    index stays scalar."""
-    import ctypes
-    from dlc.backends.llvm import jit
-    from dlc.backends.llvm.codegen import buffers_of
-    from dlc.backends.llvm.target import Target
-    from dlc.core.kernel import Buffer, Exprs, LoopNest, Store
-    from dlc.core.types import DType
-    target = Target.host(1)
-    if target.vector_width == 1:
-        pytest.skip("no vector unit on this machine")
-    rows, width, length = 3, 32, 40  # 40 lanes: whole vectors and a masked last one
-    f32 = DType.f32
-    x = Buffer("x", f32, (rows * width,), "arena")
-    out = Buffer("out", f32, (rows * length,), "arena")
-    sums = Buffer("sums", f32, (rows,), "arena")
-    e = Exprs()
-    r, i, j = e.var("r", rows), e.var("i", length), e.var("j", length)
-
-    def read(var, shift, lo, hi):
-        return e.load(x, e.add(e.mul(r, width), e.clamp(e.add(var, e.const(shift)), lo, hi)))
-    value = e.op("add", (read(i, -3, 0, width - 1), read(i, -20, 4, 12)), f32)
-    total = e.reduce("sum", (j,), read(j, -5, 0, width - 1), f32)
-    nest = LoopNest((r,), (i,), stores=[Store(out, e.ravel((r, i), (rows, length)), value)],
-                    row_stores=[Store(sums, r, total)])
-    fn, em = _pretuned_nest(nest, target)
-    assert em.scalar_loops == 0
-    assert em.store_lanes([Store(out, i, e.load(x, e.mul(e.clamp(i, 0, 15), 2)))], i, length) == 1
-    engine = jit.Engine(jit.compile_modules([fn.module], target, workers=1, pretuned=frozenset({0})).objects, target)
-    run = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int32, ctypes.c_int32)(engine.address("f"))
-    data = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
-    arrays = {"x": data, "out": np.full((rows, length), np.nan, np.float32), "sums": np.full(rows, np.nan, np.float32)}
-    run(*[arrays[buf.name].ctypes.data for buf in buffers_of(nest)], 0, 1)
-    at = np.arange(length)
-    np.testing.assert_array_equal(arrays["out"], data[:, np.clip(at - 3, 0, width - 1)] + data[:, np.clip(at - 20, 4, 12)])
-    np.testing.assert_allclose(arrays["sums"], data[:, np.clip(at - 5, 0, width - 1)].sum(axis=1), rtol=1e-5)
-
-
-def test_loads_through_a_division_vectorize_and_read_each_lanes_element():
-    """A strided layer's gradient reads element x // s for position x, maybe through a
-    clamp: with 16 lanes (AVX-512) the loop is vectorized (each element loaded once,
-    spread over its lanes, for either parity of the first lane; a mask from (x + 1) % 2),
-    over whole vectors and a masked last one; with 8 (AVX2) it stays scalar. numpy's
-    results either way."""
+def _row_reads(make):
+    """A nest over 3 rows r of x (32 floats each): out[r, i] = value for i < 40 (whole
+    vectors and a masked last one) and sums[r] = the sum over j < 40 of `term`, where
+    (value, term) = make(e, read, i, j) and read(at) loads x[r, at]; built as a pretuned
+    module gets it and run on random x: (its emitter, x, out, sums)."""
     import ctypes
     from dlc.backends.llvm import jit
     from dlc.backends.llvm.codegen import buffers_of
@@ -1138,32 +1097,61 @@ def test_loads_through_a_division_vectorize_and_read_each_lanes_element():
     if target.vector_width == 1:
         pytest.skip("no vector unit on this machine")
     rows, width, length = 3, 32, 40
-    f32 = DType.f32
-    x = Buffer("x", f32, (rows * width,), "arena")
-    out = Buffer("out", f32, (rows * length,), "arena")
-    sums = Buffer("sums", f32, (rows,), "arena")
+    x = Buffer("x", DType.f32, (rows * width,), "arena")
+    out = Buffer("out", DType.f32, (rows * length,), "arena")
+    sums = Buffer("sums", DType.f32, (rows,), "arena")
     e = Exprs()
     r, i, j = e.var("r", rows), e.var("i", length), e.var("j", length)
-
-    def read(at):
-        return e.load(x, e.add(e.mul(r, width), at))
-    odd = e.op("eq", (e.index(e.mod(e.add(i, e.const(1)), 2), DType.i32), e.lit(0, DType.i32)), DType.bool)
-    halves = e.op("select", (odd, read(e.div(e.add(i, e.const(1)), 2)), e.lit(0.0, f32)), f32)
-    thirds = read(e.clamp(e.add(e.div(e.add(i, e.const(2)), 3), e.const(-4)), 0, 7))
-    total = e.reduce("sum", (j,), read(e.div(j, 2)), f32)
-    nest = LoopNest((r,), (i,), stores=[Store(out, e.ravel((r, i), (rows, length)), e.op("add", (halves, thirds), f32))],
-                    row_stores=[Store(sums, r, total)])
+    value, term = make(e, lambda at: e.load(x, e.add(e.mul(r, width), at)), i, j)
+    nest = LoopNest((r,), (i,), stores=[Store(out, e.ravel((r, i), (rows, length)), value)],
+                    row_stores=[Store(sums, r, e.reduce("sum", (j,), term, DType.f32))])
     fn, em = _pretuned_nest(nest, target)
-    assert (em.scalar_loops == 0) == (target.vector_width >= 16)
     engine = jit.Engine(jit.compile_modules([fn.module], target, workers=1, pretuned=frozenset({0})).objects, target)
     run = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int32, ctypes.c_int32)(engine.address("f"))
-    data = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
-    arrays = {"x": data, "out": np.full((rows, length), np.nan, np.float32), "sums": np.full(rows, np.nan, np.float32)}
+    arrays = {"x": np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32),
+              "out": np.full((rows, length), np.nan, np.float32), "sums": np.full(rows, np.nan, np.float32)}
     run(*[arrays[buf.name].ctypes.data for buf in buffers_of(nest)], 0, 1)
-    at = np.arange(length)
-    want = np.where((at + 1) % 2 == 0, data[:, (at + 1) // 2], 0) + data[:, np.clip((at + 2) // 3 - 4, 0, 7)]
-    np.testing.assert_array_equal(arrays["out"], want)
-    np.testing.assert_allclose(arrays["sums"], data[:, at // 2].sum(axis=1), rtol=1e-5)
+    return em, arrays["x"], arrays["out"], arrays["sums"]
+
+
+def test_loads_through_a_clamp_vectorize_and_read_the_clamped_elements():
+    """A padded axis's source index, clamp(i + d, lo, hi) (growing by 1 a lane inside
+    lo..hi), leaves no loop scalar (Emitter.lane_load): the lanes inside read a vector,
+    those outside the element at lo or at hi, in stores and in sums, over whole vectors
+    and a masked last one, past either end; numpy's results."""
+    from dlc.core.types import DType
+
+    def make(e, read, i, j):
+        def shifted(var, d, lo, hi):
+            return read(e.clamp(e.add(var, e.const(d)), lo, hi))
+        return e.op("add", (shifted(i, -3, 0, 31), shifted(i, -20, 4, 12)), DType.f32), shifted(j, -5, 0, 31)
+    em, x, out, sums = _row_reads(make)
+    assert em.scalar_loops == 0
+    at = np.arange(40)
+    np.testing.assert_array_equal(out, x[:, np.clip(at - 3, 0, 31)] + x[:, np.clip(at - 20, 4, 12)])
+    np.testing.assert_allclose(sums, x[:, np.clip(at - 5, 0, 31)].sum(axis=1), rtol=1e-5)
+
+
+def test_loads_through_a_division_vectorize_and_read_each_lanes_element():
+    """A strided layer's gradient reads element x // s for position x, maybe through a
+    clamp: with 16 lanes (AVX-512) the loop is vectorized (each element loaded once,
+    spread over its lanes, for either parity of the first lane; a mask from (x + 1) % 2),
+    over whole vectors and a masked last one; with 8 (AVX2) it stays scalar. numpy's
+    results either way."""
+    from dlc.backends.llvm.target import Target
+    from dlc.core.types import DType
+
+    def make(e, read, i, j):
+        odd = e.op("eq", (e.index(e.mod(e.add(i, e.const(1)), 2), DType.i32), e.lit(0, DType.i32)), DType.bool)
+        halves = e.op("select", (odd, read(e.div(e.add(i, e.const(1)), 2)), e.lit(0.0, DType.f32)), DType.f32)
+        thirds = read(e.clamp(e.add(e.div(e.add(i, e.const(2)), 3), e.const(-4)), 0, 7))
+        return e.op("add", (halves, thirds), DType.f32), read(e.div(j, 2))
+    em, x, out, sums = _row_reads(make)
+    assert (em.scalar_loops == 0) == (Target.host(1).vector_width >= 16)
+    at = np.arange(40)
+    want = np.where((at + 1) % 2 == 0, x[:, (at + 1) // 2], 0) + x[:, np.clip((at + 2) // 3 - 4, 0, 7)]
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_allclose(sums, x[:, at // 2].sum(axis=1), rtol=1e-5)
 
 
 def test_loop_invariant_values_are_computed_outside_the_loops_that_do_not_change_them():
