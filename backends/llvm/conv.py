@@ -1307,10 +1307,9 @@ def _winograd_filter(mb, em, t: Template, tid, nthreads, m: int) -> None:
                            b.gep(Gg, [b.mul(n, i64(O * OH * OW))], source_etype=F32), Xt, Gc, V, Gp,
                            t0, count, slot])
 
-    # sums are written through the team's pointer, as the other threads read them (not
-    # through the noalias scratch argument)
-    def sums_of(u):
-        return b.gep(team_scratch(b, team, u), [i64(before * 4)], source_etype=I8)
+    # the chunks' sums are written through the team's pointer, as the other threads read
+    # them (not through the noalias scratch argument)
+    mine = b.gep(team_scratch(b, team, b.sext(tid, I64)), [i64(before * 4)], source_etype=I8)
     k_lo, k_hi = split(b, chunks, tid, nthreads)
     with for_range(b, k_lo, k_hi, "chunk") as k:
         n0, n1 = b.mul(k, i64(per)), smin(b, b.mul(b.add(k, i64(1)), i64(per)), i64(N))
@@ -1327,7 +1326,7 @@ def _winograd_filter(mb, em, t: Template, tid, nthreads, m: int) -> None:
                     image(b.add(g0, j), i64(0), i64(T), b.mul(j, i64(T)))
                 products(b.mul(images, i64(T)), b.icmp_signed("==", g0, n0))
         # the chunk's dw^T: G^T Macc G, each o's rows of taps over vectors of c
-        sums = b.gep(sums_of(b.sext(tid, I64)), [b.mul(b.sub(k, k_lo), i64(E))], source_etype=F32)
+        sums = b.gep(mine, [b.mul(b.sub(k, k_lo), i64(E))], source_etype=F32)
         GT = tuple(zip(*G))
         const = lambda c: const_vector(F32, [float(c)] * w)  # noqa: E731
         with for_range(b, 0, O, "o") as o:
@@ -1344,15 +1343,8 @@ def _winograd_filter(mb, em, t: Template, tid, nthreads, m: int) -> None:
     with for_range(b, r_lo, r_hi, "r") as r:
         o, tap = b.udiv(r, i64(9)), b.urem(r, i64(9))
         with for_range(b, 0, C, "c", step=w) as c:
-            def thread(u, total):
-                u_lo, u_hi = split(b, chunks, b.trunc(u, I32), nthreads)
-                theirs = sums_of(u)
-
-                def chunk(kk, total):
-                    at = b.add(b.mul(b.sub(kk, u_lo), i64(E)), b.add(b.mul(r, i64(C)), c))
-                    return [b.fadd(total[0], f.load(f.at(theirs, at)))]
-                return loop(b, u_lo, u_hi, total, chunk, name="k")
-            [total] = loop(b, i64(0), b.sext(nthreads, I64), [f.zero], thread, name="u")
+            total = _sum_over_chunks(b, team, nthreads, chunks, before * 4, f.zero, lambda sums, k: f.load(
+                f.at(sums, b.add(b.mul(k, i64(E)), b.add(b.mul(r, i64(C)), c)))))
             f.store(total, f.at(row, c))
         with for_range(b, 0, C, "c") as c:
             x = b.load(gep(b, row, c, F32), typ=F32, align=4)
@@ -2612,21 +2604,27 @@ def _flat_filter_gradient(mb, em, t: Template, tid, nthreads, B: int) -> None:
     # (thread u's chunks in u's scratch), then the epilogue there
     e_lo, e_hi = split(b, E, tid, nthreads)
     with for_range(b, e_lo, e_hi, "e") as e:
-        def thread(u, total):
-            u_lo, u_hi = split(b, chunks, b.trunc(u, I32), nthreads)
-            theirs = b.gep(team_scratch(b, team, u), [i64(E * w * 4)], source_etype=I8)
-
-            def chunk(k, total):
-                at_k = b.add(b.mul(b.sub(k, u_lo), i64(E)), e)
-                return [b.fadd(total[0], b.load(gep(b, theirs, at_k, F32), typ=F32))]
-            return loop(b, u_lo, u_hi, total, chunk, name="k")
-        [total] = loop(b, i64(0), b.sext(nthreads, I64), [ir.Constant(F32, 0.0)], thread, name="u")
+        total = _sum_over_chunks(b, team, nthreads, chunks, E * w * 4, ir.Constant(F32, 0.0),
+                                 lambda sums, k: b.load(gep(b, sums, b.add(b.mul(k, i64(E)), e), F32), typ=F32))
         b.store(total, gep(b, DW, e, F32), align=4)
         if t.epilogue is not None:
             kx, rest = b.urem(e, i64(KW)), b.udiv(e, i64(KW))
             ky, rest = b.urem(rest, i64(KH)), b.udiv(rest, i64(KH))
             _filter_epilogue(em, t, b.udiv(rest, i64(C)), b.urem(rest, i64(C)), ky, kx)
     team_barrier(b, team, nthreads)  # no thread's scratch is reused while others read its sums
+
+
+def _sum_over_chunks(b, team, nthreads, chunks: int, offset: int, zero, load):
+    """A value's sum over the chunks of images in chunk order, the same on any thread
+    count: thread u's chunks (as split shares them out) keep their sums in u's scratch
+    from byte `offset` on, and load(sums, k) reads the k-th of a thread's chunks."""
+    def thread(u, total):
+        u_lo, u_hi = split(b, chunks, b.trunc(u, I32), nthreads)
+        theirs = b.gep(team_scratch(b, team, u), [i64(offset)], source_etype=I8)
+        return loop(b, u_lo, u_hi, total, lambda k, total: [b.fadd(total[0], load(theirs, b.sub(k, u_lo)))],
+                    name="k")
+    [total] = loop(b, i64(0), b.sext(nthreads, I64), [zero], thread, name="u")
+    return total
 
 
 def _pack_b_fn(mb, tb: bool):

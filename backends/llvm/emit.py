@@ -355,6 +355,11 @@ class Emitter:
         """values, each a vector where one is (in a vectorized body), else unchanged."""
         return self.b.wide(values) if isinstance(self.b, _Lanes) else values
 
+    def _live_lanes(self, w: int, live: int | None) -> None:
+        """The vector body's lanes inside the loop: all W, or the first `live` (a mask)."""
+        self.lane_live = w if live is None else live
+        self.lane_mask = None if live is None else const_vector(I1, [j < live for j in range(w)])
+
     def lane_load(self, e: Load) -> ir.Value:
         """A vector load of W consecutive elements (the index grows by 1 a lane: checked
         by _vectorizable), from where the first lane's index points. An index that grows
@@ -652,7 +657,7 @@ class Emitter:
                 if isinstance(x, Load) and x.buf.name in stored and x.index != stored[x.buf.name]:
                     return 1
                 if isinstance(x, Index) and affine_coef(x.ix, var.name, self.free_vars) is None \
-                        and not _divides_lane(x.ix, var.name, self.free_vars):
+                        and not _lanes_divide(x.ix, var.name, self.free_vars):
                     return 1  # (a clamped lane index: left to scalar code)
         return w
 
@@ -662,8 +667,7 @@ class Emitter:
         first `live` lanes are in the loop: the others load and store nothing)."""
         b = self.b
         self.lane_vars, self.lane_base, self.lane_depth = frozenset({var.name}), i, len(self.scopes)
-        self.lane_mask = None if live is None else const_vector(I1, [j < live for j in range(w)])
-        self.lane_live = w if live is None else live
+        self._live_lanes(w, live)
         self.vars[var.name] = b.add(splat(b, i, w), const_vector(I64, range(w)))
         self.push()
         self.b = _Lanes(b, w, self.licm)
@@ -689,8 +693,7 @@ class Emitter:
         b = self.b
         self.lane_vars = frozenset(loops[-1][-1].name for _, loops in together)
         self.lane_base, self.lane_depth = i, len(self.scopes)
-        self.lane_mask = None if live is None else const_vector(I1, [j < live for j in range(w)])
-        self.lane_live = w if live is None else live
+        self._live_lanes(w, live)
         lanes = b.add(splat(b, i, w), const_vector(I64, range(w)))
         for name in self.lane_vars:
             self.vars[name] = lanes
@@ -772,52 +775,50 @@ def affine_coef(e: Ix, name: str, free) -> int | None:
     return None
 
 
+def _lane_term(e: Ix, name: str, free) -> Ix | None:
+    """The one term of the sum e that holds loop variable `name`; None if none or several do."""
+    if name not in free.ix(e):
+        return None
+    while isinstance(e, Add):
+        in_a, in_b = name in free.ix(e.a), name in free.ix(e.b)
+        if in_a == in_b:
+            return None
+        e = e.a if in_a else e.b
+    return e
+
+
 def clamped_lane(e: Ix, name: str, free) -> Clamp | None:
     """The clamp through which index e grows by 1 per step of loop variable `name`, if e
     is a sum of terms free of it and one clamp(x, lo, hi) with x growing by 1 (a padded
     axis's source index: a vector of lanes reads x's elements inside lo..hi in a row);
     else None."""
-    if name not in free.ix(e):
-        return None
-    if isinstance(e, Clamp):
-        return e if affine_coef(e.a, name, free) == 1 else None
-    if isinstance(e, Add):
-        in_a, in_b = name in free.ix(e.a), name in free.ix(e.b)
-        if in_a != in_b:
-            return clamped_lane(e.a if in_a else e.b, name, free)
-    return None
+    t = _lane_term(e, name, free)
+    return t if isinstance(t, Clamp) and affine_coef(t.a, name, free) == 1 else None
 
 
 def divided_lane(e: Ix, name: str, free) -> tuple[Div, Clamp | None] | None:
     """(d, c) where index e is a sum of terms free of loop variable `name` and one that
     is d = x // s (x growing by 1 a step, s > 1: a strided layer's gradient reads
     element x // s for position x) or a clamp c of a sum of free terms and d; else None."""
-    def term(e):  # the one term of a sum that holds `name`
-        while isinstance(e, Add):
-            in_a, in_b = name in free.ix(e.a), name in free.ix(e.b)
-            if in_a == in_b:
-                return None
-            e = e.a if in_a else e.b
-        return e
-    t = term(e)
+    t = _lane_term(e, name, free)
     clamp = t if isinstance(t, Clamp) else None
-    d = term(t.a) if clamp is not None else t
+    d = _lane_term(t.a, name, free) if clamp is not None else t
     if isinstance(d, Div) and d.c > 1 and affine_coef(d.a, name, free) == 1:
         return d, clamp
     return None
 
 
-def _divides_lane(e: Ix, name: str, free) -> bool:
+def _lanes_divide(e: Ix, name: str, free) -> bool:
     """Whether loop variable `name` reaches index e only through divisions and moduli by
-    constants (of x growing by 1 a step): computed for W lanes as vectors."""
+    constants (of x growing by 1 a step): a lane index computed as vectors."""
     if name not in free.ix(e):
         return True
     if isinstance(e, (Div, Mod)):
         return affine_coef(e.a, name, free) == 1
     if isinstance(e, Add):
-        return _divides_lane(e.a, name, free) and _divides_lane(e.b, name, free)
+        return _lanes_divide(e.a, name, free) and _lanes_divide(e.b, name, free)
     if isinstance(e, (Mul, Clamp)):
-        return _divides_lane(e.a, name, free)
+        return _lanes_divide(e.a, name, free)
     return False
 
 
