@@ -1045,10 +1045,10 @@ def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
     """Emitter.store_lanes: a loop of float stores to consecutive elements runs W lanes at
     a time, also where it updates a buffer in place; not where an iteration reads an
     element that another one stores (in order, x[i] = x[i - 1] + 1 reads the value just
-    stored), stores an integer, gathers, or uses a clamped index of the loop's variable as
-    a value (a divided one is computed as vectors)."""
+    stored), stores an integer, gathers (a stride past MAX_STRIDE), or uses a clamped
+    index of the loop's variable as a value (a divided one is computed as vectors)."""
     from llvmlite import ir
-    from dlc.backends.llvm.emit import Emitter
+    from dlc.backends.llvm.emit import MAX_STRIDE, Emitter
     from dlc.backends.llvm.irutil import PTR, VOID, set_target
     from dlc.backends.llvm.target import Target
     from dlc.core.kernel import Buffer, Exprs, Store
@@ -1074,29 +1074,32 @@ def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
     assert lanes(Store(x, i, e.op("mul", (e.load(x, i), e.load(y, i)), DType.f32))) == w  # in place
     assert lanes(Store(x, shifted, e.op("add", (e.load(x, i), one), DType.f32))) == 1
     assert lanes(Store(k, i, e.lit(1, DType.i32))) == 1
-    assert lanes(Store(y, i, e.load(x, e.mul(i, 2)))) == 1  # every other element
+    assert lanes(Store(y, i, e.load(x, e.mul(i, 2)))) == w  # every other element (a stride)
+    assert lanes(Store(y, i, e.load(x, e.mul(i, MAX_STRIDE + 1)))) == 1
     assert lanes(Store(y, i, e.index(i, DType.f32))) == w
     assert lanes(Store(y, i, e.index(e.div(i, 7), DType.f32))) == w  # (lane indices computed as vectors)
     assert lanes(Store(y, i, e.index(e.clamp(i, 0, 5), DType.f32))) == 1  # (left to scalar code)
     assert lanes(Store(y, i, e.load(x, e.clamp(e.add(i, e.const(-2)), 0, 60)))) == w  # (a padded axis)
-    assert lanes(Store(y, i, e.load(x, e.mul(e.clamp(i, 0, 15), 2)))) == 1  # (every other element)
+    assert lanes(Store(y, i, e.load(x, e.mul(e.clamp(i, 0, 15), 2)))) == w  # (a strided layer's padding)
+    assert lanes(Store(k, i, e.load(k, e.mul(i, 2)))) == 1
 
 
-def _row_reads(make):
-    """A nest over 3 rows r of x (32 floats each): out[r, i] = value for i < 40 (whole
-    vectors and a masked last one) and sums[r] = the sum over j < 40 of `term`, where
-    (value, term) = make(e, read, i, j) and read(at) loads x[r, at]; built as a pretuned
-    module gets it and run on random x: (its emitter, x, out, sums)."""
+def _row_reads(make, width: int = 32, target=None, length: int = 40):
+    """A nest over 3 rows r of x (`width` floats each): out[r, i] = value for i < `length`
+    (whole vectors and a masked last one) and sums[r] = the sum over j < length of `term`,
+    where (value, term) = make(e, read, i, j) and read(at) loads x[r, at]; built as a
+    pretuned module gets it for `target` (the host's when None) and run on random x:
+    (its emitter, x, out, sums)."""
     import ctypes
     from dlc.backends.llvm import jit
     from dlc.backends.llvm.codegen import buffers_of
     from dlc.backends.llvm.target import Target
     from dlc.core.kernel import Buffer, Exprs, LoopNest, Store
     from dlc.core.types import DType
-    target = Target.host(1)
+    target = target or Target.host(1)
     if target.vector_width == 1:
         pytest.skip("no vector unit on this machine")
-    rows, width, length = 3, 32, 40
+    rows = 3
     x = Buffer("x", DType.f32, (rows * width,), "arena")
     out = Buffer("out", DType.f32, (rows * length,), "arena")
     sums = Buffer("sums", DType.f32, (rows,), "arena")
@@ -1152,6 +1155,39 @@ def test_loads_through_a_division_vectorize_and_read_each_lanes_element():
     want = np.where((at + 1) % 2 == 0, x[:, (at + 1) // 2], 0) + x[:, np.clip((at + 2) // 3 - 4, 0, 7)]
     np.testing.assert_array_equal(out, want)
     np.testing.assert_allclose(sums, x[:, at // 2].sum(axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [40, 35])
+@pytest.mark.parametrize("avx2", [False, True], ids=["host", "avx2"])
+def test_loads_with_a_stride_vectorize_and_read_every_sth_element(avx2, length):
+    """A stride-s layer reads element s*x + c for position x, maybe through a clamp (its
+    padded input: s*clamp(x, lo, hi) + c): the loop is vectorized (Emitter._strided_run:
+    the run of elements the lanes read loaded as vectors, every s-th element picked by a
+    shuffle), for s = 2, 3 and 4, over whole vectors and a last one with 8 or 3 lanes in
+    the loop (its run covered by loads that end at its last element, here the row's last
+    for 40), in stores and in sums; numpy's results, in the host's code and in AVX2 code."""
+    from dlc.backends.llvm.target import Target
+    from dlc.core.types import DType
+    target = Target.host(1)
+    if avx2:
+        if not target.has("avx512f"):
+            pytest.skip("the host's code is the AVX2 code")
+        target = target.without("avx512")
+
+    def make(e, read, i, j):
+        def plus(*xs):
+            return e.op("add", xs[:2], DType.f32) if len(xs) == 2 else plus(plus(*xs[:2]), *xs[2:])
+        evens = read(e.mul(i, 2))  # 0..78: the row's last element
+        thirds = read(e.add(e.mul(e.clamp(e.add(i, e.const(-3)), 0, 20), 3), e.const(1)))
+        fourths = read(e.mul(e.clamp(e.add(i, e.const(-20)), 2, 15), 4))
+        return plus(evens, thirds, fourths), e.op("mul", (read(e.mul(j, 2)), read(e.mul(e.clamp(e.add(
+            j, e.const(-5)), 0, 25), 3))), DType.f32)
+    em, x, out, sums = _row_reads(make, width=79, target=target, length=length)
+    assert em.scalar_loops == 0
+    at = np.arange(length)
+    want = x[:, 2 * at] + x[:, 3 * np.clip(at - 3, 0, 20) + 1] + x[:, 4 * np.clip(at - 20, 2, 15)]
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_allclose(sums, (x[:, 2 * at] * x[:, 3 * np.clip(at - 5, 0, 25)]).sum(axis=1), rtol=1e-5)
 
 
 def test_loop_invariant_values_are_computed_outside_the_loops_that_do_not_change_them():
