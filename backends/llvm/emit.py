@@ -416,46 +416,57 @@ class Emitter:
         """W elements s apart from the first lane's index (a stride-s layer reads every
         s-th element of its input's rows): the run of elements from there to the last
         live lane's, loaded as vectors, and every s-th picked by a shuffle. Without a
-        clamp the run is covered by whole vector loads, the last one ending at the run's
-        end (it may overlap the one before): nothing outside the run is read, so no load
-        needs a mask (on Zen 5 one whose masked-off lanes cross into the next cache line
-        made the MobileNet's last filter gradient 1.8x slower). Through `clamp` (the
-        index is s * clamp(x, lo, hi) plus terms free of the lane), s loads masked to the
-        elements of the lanes inside lo..hi, whose others get the element at lo or at hi
-        as in _run."""
+        clamp, by _covered's unmasked loads. Through `clamp` (the index is
+        s * clamp(x, lo, hi) plus terms free of the lane), s loads masked to the elements
+        of the lanes inside lo..hi, whose others get the element at lo or at hi as in
+        _run."""
         b, w = self.b.builder, self.b.w
         live = self.lane_live
         length = s * (live - 1) + 1  # the run: from the first live lane's element to the last's
+        picks = [s * j for j in range(live)]
         if clamp is None:
-            at = self._first_lane(e.buf, e.index)
-            width = w if length >= w else 1 << (length.bit_length() - 1)
-            starts = list(range(0, length - width + 1, width))
-            starts += [length - width] * (starts[-1] + width < length)
-        else:  # run element t belongs to a lane inside lo..hi where 0 <= t + s*rel <= s*(hi - lo)
-            at, rel, ends = self._clamp_ends(e, clamp, {}, s)
-            shift = splat(b, b.mul(rel, i32(s)), w)
-            width, starts = w, list(range(0, s * w, w))
-        vt = ir.VectorType(F32, width)
+            return self._covered(self._first_lane(e.buf, e.index), F32, length, picks)
+        at, rel, ends = self._clamp_ends(e, clamp, {}, s)
+        shift = splat(b, b.mul(rel, i32(s)), w)  # run element t is a lane's inside lo..hi where
+        limit = splat(b, i32(s * (clamp.hi - clamp.lo)), w)  # 0 <= t + s*rel <= s*(hi - lo)
         pieces = []
-        for start in starts:
-            mask = None
-            if clamp is not None:
-                run = const_vector(I32, range(start, start + w))
-                ok = b.icmp_unsigned("<=", b.add(run, shift), splat(b, i32(s * (clamp.hi - clamp.lo)), w))
-                mask = b.and_(const_vector(I1, [t < length for t in range(start, start + w)]), ok)
-            pieces.append(self._masked_load(gep(b, at, i64(start), F32), vt, mask))
-        # piece p holds elements starts[p] .. starts[p] + width - 1 of the run
-        where = [next(p * width + t - a for p, a in enumerate(starts) if a <= t < a + width)
-                 for t in (s * j if j < live else 0 for j in range(w))]
-        while len(pieces) > 1:  # one vector of the pieces in order (LLVM folds the shuffles)
-            pieces += [const_vector(F32, [0.0] * width)] * (len(pieces) % 2)
-            pieces = [b.shuffle_vector(x, y, const_vector(I32, range(2 * x.type.count)))
-                      for x, y in zip(pieces[::2], pieces[1::2])]
-        v = b.shuffle_vector(pieces[0], pieces[0], const_vector(I32, where))
-        if clamp is None:
-            return v
+        for start in range(0, s * w, w):
+            run = const_vector(I32, range(start, start + w))
+            mask = b.and_(const_vector(I1, [t < length for t in range(start, start + w)]),
+                          b.icmp_unsigned("<=", b.add(run, shift), limit))
+            pieces.append(self._masked_load(gep(b, at, i64(start), F32), ir.VectorType(F32, w), mask))
+        v = self._picked(pieces, list(range(0, s * w, w)), w, picks)
         inside, other = self._clamped_lanes(clamp, rel, ends)
         return b.select(inside, v, other)
+
+    def _covered(self, at, t, length: int, picks) -> ir.Value:
+        """A vector whose lane j holds at[picks[j]] (all below `length`; lanes past the
+        picks hold any of the elements), read by vector loads of at[0 .. length - 1] only:
+        as wide as fits, the last one ending at length - 1 (it may overlap the one
+        before), so none needs a mask. (On Zen 5 a masked load whose masked-off lanes
+        crossed into the next cache line made the MobileNet's last filter gradient 1.8x
+        slower than scalar code.)"""
+        b, w = self.b.builder, self.b.w
+        width = w if length >= w else 1 << (length.bit_length() - 1)
+        starts = list(range(0, length - width + 1, width))
+        starts += [length - width] * (starts[-1] + width < length)
+        pieces = [b.load(gep(b, at, i64(a), t), typ=ir.VectorType(t, width), align=byte_size(t)) for a in starts]
+        return self._picked(pieces, starts, width, picks)
+
+    def _picked(self, pieces: list, starts: list, width: int, picks) -> ir.Value:
+        """The W-lane vector of run elements `picks`, from vectors `pieces` of `width`
+        elements each, piece p holding elements starts[p] .. starts[p] + width - 1."""
+        b, w = self.b.builder, self.b.w
+        picks = list(picks)
+        where = [next(p * width + t - a for p, a in enumerate(starts) if a <= t < a + width)
+                 for t in picks + [0] * (w - len(picks))]
+        while len(pieces) > 1:  # one vector of the pieces in order (LLVM folds the shuffles)
+            pieces += [ir.Constant(pieces[0].type, ir.Undefined)] * (len(pieces) % 2)
+            pieces = [b.shuffle_vector(x, y, const_vector(I32, range(2 * x.type.count)))
+                      for x, y in zip(pieces[::2], pieces[1::2])]
+        if len(where) == width and where == list(range(width)):
+            return pieces[0]
+        return b.shuffle_vector(pieces[0], pieces[0], const_vector(I32, where))
 
     def _clamp_ends(self, e: Load, clamp: Clamp, subs: dict, s: int):
         """For a load through clamp(x, lo, hi) (times s): (the first lane's address were
