@@ -795,6 +795,13 @@ MATMUL = [
       id="nt-short-k"),
     P("matmul", [(5, 40), (6, 40)], np_matmul, attrs={"ta": False, "tb": True}, tol32=MATMUL_TOL,
       id="nt-long-k"),
+    # a short C times a transposed B (dot products in registers, a few rows of B at once):
+    # 8 rows (3 of B at once, 13 = 4 blocks and one row), a k of whole vectors; 2 rows and
+    # a k with a masked last vector
+    P("matmul", [(8, 64), (13, 64)], np_matmul, attrs={"ta": False, "tb": True}, tol32=MATMUL_TOL,
+      id="nt-dots"),
+    P("matmul", [(2, 37), (11, 37)], np_matmul, attrs={"ta": False, "tb": True}, tol32=MATMUL_TOL,
+      id="nt-dots-tail"),
     # stacks of products (attention's scores q @ k^T and weighted sums a @ v); one matrix alone
     P("batch_matmul", [(3, M, N), (3, N, 5)], np_batch_matmul, attrs={"ta": False, "tb": False},
       tol32=MATMUL_TOL, id="nn"),

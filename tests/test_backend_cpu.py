@@ -1084,6 +1084,38 @@ def test_stores_are_vectorized_only_where_no_lane_reads_another_lanes_store():
     assert lanes(Store(k, i, e.load(k, e.mul(i, 2)))) == 1
 
 
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 24])
+def test_hsums_gives_each_vectors_hsum_bit_for_bit(count):
+    """irutil.hsums (the lane sums of several vectors, halves of two vectors sharing an
+    add) returns for each vector exactly what hsum does, at the host's vector width and
+    at 8, on values whose sums depend on the order of the adds."""
+    import ctypes
+    from llvmlite import ir
+    from dlc.backends.llvm import jit
+    from dlc.backends.llvm.irutil import F32, PTR, VOID, gep, hsum, hsums, set_target
+    from dlc.backends.llvm.target import Target
+    target = Target.host(1)
+    for w in sorted({target.vector_width, 8}):
+        module = ir.Module(name="hsums")
+        module.triple = target.triple
+        fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * 3), name="f")
+        set_target(fn, target)
+        b = ir.IRBuilder(fn.append_basic_block())
+        vectors = [b.load(gep(b, fn.args[0], ir.Constant(ir.IntType(64), i * w), F32), typ=ir.VectorType(F32, w),
+                          align=4) for i in range(count)]
+        for out, sums in zip(fn.args[1:], (hsums(b, vectors), [hsum(b, v) for v in vectors])):
+            for i, x in enumerate(sums):
+                b.store(x, gep(b, out, ir.Constant(ir.IntType(64), i), F32))
+        b.ret_void()
+        engine = jit.Engine(jit.compile_modules([module], target, workers=1).objects, target)
+        x = (np.random.default_rng(count).standard_normal(count * w) * 10.0 ** (np.arange(count * w) % 7)).astype(np.float32)
+        got, want = np.full(count, np.nan, np.float32), np.full(count, np.nan, np.float32)
+        ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3)(engine.address("f"))(
+            x.ctypes.data, got.ctypes.data, want.ctypes.data)
+        assert got.tobytes() == want.tobytes()
+        np.testing.assert_allclose(got, x.reshape(count, w).sum(axis=1, dtype=np.float64), rtol=1e-5, atol=1e-2)
+
+
 def _row_reads(make, width: int = 32, target=None, length: int = 40):
     """A nest over 3 rows r of x (`width` floats each): out[r, i] = value for i < `length`
     (whole vectors and a masked last one) and sums[r] = the sum over j < length of `term`,

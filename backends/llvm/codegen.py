@@ -288,7 +288,7 @@ class ModuleBuilder:
         """The emptiest module so far of the part's pool (pretuned or not); for a matmul,
         one that already has a GEMM of its shape (the evaluation step's forward matmuls
         have the training step's shapes)."""
-        spec = _gemm_spec(part)
+        spec = _gemm_spec(part, self.target.vector_width)
         if spec is not None:
             for key in self.gemms:  # (module index, spec, register-tile epilogue key)
                 if key[1] == spec and key[0] not in self.closed:
@@ -481,16 +481,19 @@ def _pretuned(part) -> bool:
     return part.op in PRETUNED_TEMPLATES
 
 
-def _gemm_spec(part):
-    """The GemmSpec templates.matmul (or batch_matmul) emits a GEMM function for (None: no GEMM)."""
+def _gemm_spec(part, w: int):
+    """The GemmSpec templates.matmul (or batch_matmul) emits a GEMM function for at
+    vector width w (None: no GEMM)."""
     if not isinstance(part, Template) or part.op not in ("matmul", "batch_matmul"):
         return None
     from .gemm import GemmSpec
-    from .templates import uses_gemm
+    from .templates import uses_dots, uses_gemm
     a = part.inputs[0].shape
     m, n = part.output.shape[-2:]
     ta, tb = part.attrs.get("ta", False), part.attrs.get("tb", False)
     k = a[-2] if ta else a[-1]
+    if part.op == "matmul" and uses_dots(m, k, ta, tb, w):
+        return None
     return GemmSpec(m, n, k, ta=ta, tb=tb) if uses_gemm(m, n, k) else None
 
 

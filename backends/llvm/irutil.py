@@ -215,6 +215,35 @@ def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return b.extract_element(v, i32(0))
 
 
+def hsums(b: ir.IRBuilder, vectors: list) -> list:
+    """[hsum(b, v) for v in vectors], bit for bit (each vector's lanes added in hsum's
+    order), with fewer instructions: at each halving two vectors' halves share one add
+    (a transpose-and-add: lanes of several vectors' partial sums side by side)."""
+    w = vectors[0].type.count
+    zero = const_vector(F32, [0.0] * w)
+    # each entry: (vector, the owners of its groups of lanes, in order; None: padding)
+    level = [(v, [i]) for i, v in enumerate(vectors)]
+    while len(level[0][1]) < w:
+        if len(level) % 2:
+            level.append((zero, [None] * len(level[0][1])))
+        half = w // len(level[0][1]) // 2  # lanes in half a group
+        paired = []
+        for (x, xs), (y, ys) in zip(level[::2], level[1::2]):
+            groups = len(xs)
+            lower = [g * 2 * half + t for g in range(groups) for t in range(half)]
+            lo = [*lower, *(w + i for i in lower)]
+            hi = [i + half for i in lo]
+            paired.append((b.fadd(b.shuffle_vector(x, y, const_vector(I32, lo)),
+                                  b.shuffle_vector(x, y, const_vector(I32, hi))), xs + ys))
+        level = paired
+    sums = {}
+    for v, owners in level:
+        for lane, owner in enumerate(owners):
+            if owner is not None:
+                sums[owner] = b.extract_element(v, i32(lane))
+    return [sums[i] for i in range(len(vectors))]
+
+
 def gep(b: ir.IRBuilder, ptr, index, etype) -> ir.Value:
     return b.gep(ptr, [index], source_etype=etype)
 
