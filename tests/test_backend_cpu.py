@@ -233,15 +233,17 @@ def test_random_convolutions_match_the_reference(data):
     check_op_table(run_graph(merged, feeds), run_cpu(merged, feeds), tols)
 
 
-def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts, without=None) -> None:
+def _rows_match_on_path(monkeypatch, path: str, rows, salt: str, thread_counts, without=None, module=None) -> None:
     """The op table's `rows` match the reference on each thread count, bit for bit the
     same on each (what lets `--threads auto` change counts mid-run), and every row took
-    `path` (a function of backends/llvm/conv.py) on each (see run_cpu for `without`)."""
+    `path` (a function of `module`, backends/llvm/conv.py when None) on each (see run_cpu
+    for `without`)."""
     from dlc.backends.llvm import conv
+    module = module or conv
     _compiled_here(monkeypatch)
     taken = []
-    real = getattr(conv, path)
-    monkeypatch.setattr(conv, path, lambda *a: taken.append(1) or real(*a))
+    real = getattr(module, path)
+    monkeypatch.setattr(module, path, lambda *a: taken.append(1) or real(*a))
     merged, feeds, tols = op_table_graph(rows, salt=salt)
     expected = run_graph(merged, feeds)
     first = None
@@ -329,6 +331,21 @@ def test_winograd_takes_its_rows_in_avx2_code_too(monkeypatch, path):
     prefix = _AVX512_FORMS[path][0]
     rows = [c for c in ALL if c.id and c.id.startswith(prefix)]
     _rows_match_on_path(monkeypatch, path, rows, prefix, (2,), without="avx512")
+
+
+@pytest.mark.parametrize("avx2", [False, True], ids=["host", "avx2"])
+def test_a_short_c_times_a_transposed_b_takes_the_dot_products(monkeypatch, avx2):
+    """A small batch's data gradient (op-table rows nt-dots*: 8 rows of C, 13 rows of B in
+    blocks of 3; 2 rows and a masked last vector along k) runs
+    templates._dots_in_registers on 1, 2 and 3 threads, matches the reference and gives
+    the same bits on each; and in AVX2 code."""
+    from dlc.backends.llvm import templates
+    if avx2 and not CPU.target({}).has("avx512f"):
+        pytest.skip("the host's code is the AVX2 code")
+    rows = [c for c in ALL if c.id and c.id.startswith("nt-dots")]
+    assert len(rows) == 2
+    _rows_match_on_path(monkeypatch, "_dots_in_registers", rows, "nt-dots", (2,) if avx2 else (1, 2, 3),
+                        without="avx512" if avx2 else None, module=templates)
 
 
 def test_the_direct_filter_gradient_takes_the_layers_it_was_measured_faster_on():
