@@ -389,6 +389,17 @@ def test_the_launcher_names_every_rank_that_may_have_died_first(tmp_path):
     assert _who_ended([], watch) == f"rank 2 (pid {victim}) or rank 0 (pid {bystander}) ended first (0.25 s apart)"
     watch.ended, watch.ended_at = [[0, 1, 2]], [10.0]
     assert _who_ended([], watch) is None and _who_ended([], unwatched) is None
+    # ...but where rank 0's MPI library printed that it ended the job on a failed exchange
+    # (MPICH: "Abort(...) on node 0 (rank 0 in comm 496): Fatal error in ..."), the others
+    # are named as the ones that stopped answering (a loaded test run met all ending at once)
+    middle = sleepers[1].pid
+    assert _who_ended([], watch, [0]) == (
+        f"rank 1 (pid {middle}) or rank 2 (pid {victim}) stopped answering: the MPI library of rank 0 ended the "
+        "job when an exchange with them failed")
+    watch.ended = []
+    assert _who_ended([], watch, [0, 2]) == (
+        f"rank 1 (pid {middle}) stopped answering: the MPI library of rank 0 and rank 2 ended the job when an "
+        "exchange with it failed")
 
 
 @needs_mpi

@@ -455,6 +455,7 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
         except OSError as e:
             raise UsageError(f"cannot start {command[0]}: {e}") from None
         dead: list[tuple[str, str]] = []  # (pid, exit code) as mpiexec reports them
+        noticed: list[int] = []  # ranks whose MPI library ended the job on a failed exchange
 
         def stopped_by_a_rank() -> bool:  # a rank reported its error and ended the job (World.end)
             return any(Path(folder).glob("rank*.stopped"))
@@ -465,6 +466,9 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
                     continue  # MPICH's line for that ending: the rank's error said why
                 dst.buffer.write(raw)
                 dst.flush()
+                found = re.search(rb"\(rank (\d+) in comm \d+\): Fatal error", raw)  # MPICH's abort
+                if found:
+                    noticed.append(int(found.group(1)))
                 if b"RUNNING AT" in raw or b"EXIT CODE" in raw:  # mpiexec's report, on stdout
                     found = re.search(rb"PID (\d+) RUNNING AT", raw)
                     if found:
@@ -487,7 +491,7 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
         watch.stop.set()
         for t in threads:
             t.join()
-        who = _who_ended(dead, watch) if (dead or code != 0) and not stopped_by_a_rank() else None
+        who = _who_ended(dead, watch, noticed) if (dead or code != 0) and not stopped_by_a_rank() else None
         if who:
             sys.stderr.write(f"dlc: {who}; mpiexec stopped the other ranks\n")
     return code
@@ -498,16 +502,23 @@ def launch(ranks: int, argv: Sequence[str]) -> int:
 _END_WINDOW_S = 0.5
 
 
-def _who_ended(dead: list[tuple[str, str]], watch: "_EndWatch") -> str | None:
+def _who_ended(dead: list[tuple[str, str]], watch: "_EndWatch", noticed=()) -> str | None:
     """Which rank died and how, by mpiexec's report (`dead`: pids and exit codes); where
     `watch` saw another rank's process end first, that rank is named too. Without a report
     (another rank's MPI library noticed the death and aborted the job first), the ranks
-    `watch` saw end first or within _END_WINDOW_S of it; None if it saw nothing, or every
-    rank end at once."""
+    `watch` saw end first or within _END_WINDOW_S of it; where it saw nothing, or every
+    rank end at once, the ranks other than those whose MPI library ended the job on a
+    failed exchange (`noticed`); else None."""
     if not dead:
         first = watch.first_ended()
         if not first or len(first) == watch.size:
-            return None
+            others = [r for r in sorted(watch.pids) if r not in noticed] if noticed else []
+            if not others:
+                return None
+            names = " or ".join(f"rank {r} (pid {watch.pids[r]})" for r in others)
+            them = "it" if len(others) == 1 else "them"
+            which = " and ".join(f"rank {r}" for r in sorted(set(noticed)))
+            return f"{names} stopped answering: the MPI library of {which} ended the job when an exchange with {them} failed"
         # the rank that noticed the death may end before the dead one's process is gone
         # (a loaded test run met it): every rank that ended soon after the first is named
         near = [(at, ranks) for at, ranks in zip(watch.ended_at, watch.ended)
