@@ -369,8 +369,10 @@ class Emitter:
         by _vectorizable), from where the first lane's index points. An index that grows
         by 1 a lane through a clamp (a padded axis: clamp(x, lo, hi)) loads the lanes
         inside lo..hi from there and gives the others the element at lo or at hi; one
-        that grows through x // s (a strided layer's gradient) loads the elements its
-        lanes read once each and spreads them over the lanes."""
+        that grows by s a lane (a strided layer's input, maybe through a clamp) picks
+        every s-th element of the run its lanes read (_strided_run); one that grows
+        through x // s (a strided layer's gradient) loads the elements its lanes read
+        once each and spreads them over the lanes."""
         b, w = self.b.builder, self.b.w
         var = min(self.lane_vars & self.free_vars.ix(e.index))  # (one: a body's loads use its own loop's)
         if affine_coef(e.index, var, self.free_vars) == 1:
@@ -425,7 +427,7 @@ class Emitter:
         length = s * (live - 1) + 1  # the run: from the first live lane's element to the last's
         picks = [s * j for j in range(live)]
         if clamp is None:
-            return self._covered(self._first_lane(e.buf, e.index), F32, length, picks)
+            return self._covered(self._first_lane(e.buf, e.index), length, picks)
         at, rel, ends = self._clamp_ends(e, clamp, {}, s)
         shift = splat(b, b.mul(rel, i32(s)), w)  # run element t is a lane's inside lo..hi where
         limit = splat(b, i32(s * (clamp.hi - clamp.lo)), w)  # 0 <= t + s*rel <= s*(hi - lo)
@@ -439,8 +441,8 @@ class Emitter:
         inside, other = self._clamped_lanes(clamp, rel, ends)
         return b.select(inside, v, other)
 
-    def _covered(self, at, t, length: int, picks) -> ir.Value:
-        """A vector whose lane j holds at[picks[j]] (all below `length`; lanes past the
+    def _covered(self, at, length: int, picks) -> ir.Value:
+        """A vector whose lane j holds float at[picks[j]] (all below `length`; lanes past the
         picks hold any of the elements), read by vector loads of at[0 .. length - 1] only:
         as wide as fits, the last one ending at length - 1 (it may overlap the one
         before), so none needs a mask. (On Zen 5 a masked load whose masked-off lanes
@@ -450,7 +452,7 @@ class Emitter:
         width = w if length >= w else 1 << (length.bit_length() - 1)
         starts = list(range(0, length - width + 1, width))
         starts += [length - width] * (starts[-1] + width < length)
-        pieces = [b.load(gep(b, at, i64(a), t), typ=ir.VectorType(t, width), align=byte_size(t)) for a in starts]
+        pieces = [b.load(gep(b, at, i64(a), F32), typ=ir.VectorType(F32, width), align=4) for a in starts]
         return self._picked(pieces, starts, width, picks)
 
     def _picked(self, pieces: list, starts: list, width: int, picks) -> ir.Value:
@@ -464,8 +466,6 @@ class Emitter:
             pieces += [ir.Constant(pieces[0].type, ir.Undefined)] * (len(pieces) % 2)
             pieces = [b.shuffle_vector(x, y, const_vector(I32, range(2 * x.type.count)))
                       for x, y in zip(pieces[::2], pieces[1::2])]
-        if len(where) == width and where == list(range(width)):
-            return pieces[0]
         return b.shuffle_vector(pieces[0], pieces[0], const_vector(I32, where))
 
     def _clamp_ends(self, e: Load, clamp: Clamp, subs: dict, s: int):
@@ -705,8 +705,8 @@ class Emitter:
         """Whether `body` can be computed for W consecutive values of loop variable `inner`
         at once: no reduction over the variables `own` (one that is not, a softmax's max, is
         computed now, before the loop), every load depending on `inner` reads consecutive
-        elements, maybe through a clamp, or with 16 lanes (AVX-512) through x // s (lane_load;
-        a gather costs more than it saves), and no integer division (a masked-off lane
+        elements, maybe through a clamp, or float elements up to MAX_STRIDE apart, or with
+        16 lanes (AVX-512) through x // s (lane_load; a gather costs more than it saves), and no integer division (a masked-off lane
         might divide by zero). (Through x // s with AVX2's 8 lanes, the MobileNet's strided
         gradients ran 5-12% slower than scalar code; with 16, 2.5x faster.)"""
         spreads = _vector_width(self.b.function) >= 16

@@ -512,8 +512,8 @@ def _who_ended(dead: list[tuple[str, str]], watch: "_EndWatch", noticed=()) -> s
     if not dead:
         first = watch.first_ended()
         if not first or len(first) == watch.size:
-            others = [r for r in sorted(watch.pids) if r not in noticed] if noticed else []
-            if not others:
+            others = [r for r in sorted(watch.pids) if r not in noticed]
+            if not noticed or not others:
                 return None
             names = " or ".join(f"rank {r} (pid {watch.pids[r]})" for r in others)
             them = "it" if len(others) == 1 else "them"
