@@ -1212,9 +1212,10 @@ def test_loads_with_a_stride_vectorize_and_read_every_sth_element(avx2, length):
     """A stride-s layer reads element s*x + c for position x, maybe through a clamp (its
     padded input: s*clamp(x, lo, hi) + c): the loop is vectorized (Emitter._strided_run:
     the run of elements the lanes read loaded as vectors, every s-th element picked by a
-    shuffle), for s = 2, 3 and 4, over whole vectors and a last one with 8 or 3 lanes in
-    the loop (its run covered by loads that end at its last element, here the row's last
-    for 40), in stores and in sums; numpy's results, in the host's code and in AVX2 code."""
+    shuffle), for s = 2, 3 and 4, over whole vectors and a last one with some lanes in
+    the loop (with 16 lanes 8 or 3, with 8 none or 3; its run covered by loads that end at
+    its last element, for 40 the row's last), in stores and in sums; numpy's results, in
+    the host's code and in AVX2 code."""
     from dlc.backends.llvm.target import Target
     from dlc.core.types import DType
     target = Target.host(1)
