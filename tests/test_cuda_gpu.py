@@ -121,6 +121,9 @@ def test_replays_are_deterministic(tmp_path):
         m, _, cuda, _, state = _train_pair(path, tmp_path / str(len(runs)), profile=profile)
         rng = np.random.default_rng(3)
         outs = [np.asarray(cuda.run(_example_feeds(m, 16, rng))["loss"]) for _ in range(4)]
+        step = cuda.step_for(16)
+        assert profile or (step.use_graph and all(f.graph is not None for f in step.frames)), \
+            "the steps were not replayed as CUDA graphs"
         backends.sync_state(state)
         runs.append((outs, {k: v.copy() for k, v in state.items()}))
     for outs, state in runs[1:]:

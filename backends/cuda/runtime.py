@@ -32,6 +32,14 @@ from .render import VAR_ARG, Launch, LoopStep, launches_of, steps_from_json
 
 ALIGN = 64
 FRAMES = 2
+_HOST_TO_DEVICE, _DEVICE_TO_HOST, _DEVICE_TO_DEVICE = 1, 2, 3  # cudaMemcpyKind
+
+
+def _copy(dst: int, src: int, nbytes: int, kind: int, stream) -> None:
+    """cudaMemcpyAsync on `stream`. CuPy's MemoryPointer copies refuse host transfers while
+    the stream is capturing a graph; with pinned host buffers, as here, CUDA records them."""
+    from cupy.cuda import runtime
+    runtime.memcpyAsync(dst, src, nbytes, kind, stream.ptr)
 
 
 class DeviceState:
@@ -233,13 +241,13 @@ class CudaStep:
         stream = ds.stream
         for name, dev in self.inputs.items():
             host = frame.staging[name]
-            dev.data.copy_from_host_async(host.ctypes.data, host.nbytes, stream)
+            _copy(dev.data.ptr, host.ctypes.data, host.nbytes, _HOST_TO_DEVICE, stream)
         self._events = []
         self._enqueue_steps(self.steps, ds, timed, {})
         for name, (where, dtype, shape) in self.layout.outputs.items():
             host = frame.results[name]
-            src = self.arena.data + where if isinstance(where, int) else self._array(where, ds).data
-            src.copy_to_host_async(host.ctypes.data, host.nbytes, stream)
+            src = self._pointer(("arena", where) if isinstance(where, int) else ("array", where), ds)
+            _copy(host.ctypes.data, src, host.nbytes, _DEVICE_TO_HOST, stream)
 
     def _enqueue_steps(self, steps, ds: DeviceState, timed: bool, env: dict) -> None:
         """Kernels and copies in order; a loop's body once per value of its variable (a host
@@ -261,14 +269,14 @@ class CudaStep:
                     end.record(stream)
                     self._events.append((self._launch_index[id(s)], start, end))
             else:
-                self._pointer(s.dst, ds).copy_from_device_async(self._pointer(s.src, ds), s.nbytes, stream)
+                _copy(self._pointer(s.dst, ds), self._pointer(s.src, ds), s.nbytes, _DEVICE_TO_DEVICE, stream)
 
     def _array(self, name: str, ds: DeviceState):
         return self.inputs[name] if name in self.inputs else ds.arrays[name]
 
-    def _pointer(self, ref, ds: DeviceState):
+    def _pointer(self, ref, ds: DeviceState) -> int:
         kind, at = ref
-        return self.arena.data + at if kind == "arena" else self._array(at, ds).data
+        return self.arena.data.ptr + at if kind == "arena" else self._array(at, ds).data.ptr
 
     def _collect_times(self) -> None:
         import cupy

@@ -9,8 +9,10 @@ Device arrays are numpy arrays; pointers are addresses into them; kernels run th
 the host emulation (HostModule, built from the source passed to Module.load). Work on a
 stream runs at once, except while the stream captures: then it is recorded, and a graph
 launch runs the recording again. Everything is synchronous, so this tests what the
-runtime enqueues and in which order, not timing or overlap. It is strict where CuPy is:
-`ndarray.set` wants the exact shape, captured streams refuse synchronizing calls.
+runtime enqueues and in which order, not timing or overlap. It is strict where CuPy and
+CUDA are: `ndarray.set` wants the exact shape, captured streams refuse synchronizing calls
+and CuPy's own host transfers (MemoryPointer.copy_*_host_async), and `runtime.memcpyAsync`
+copies only within allocations, between pinned host memory and the device for its kind.
 """
 from __future__ import annotations
 
@@ -24,10 +26,17 @@ import numpy as np
 from . import HostModule
 
 
+_STREAMS: dict[int, "Stream"] = {}
+_DEVICE: list[np.ndarray] = []  # every allocation, to check raw copies against
+_PINNED: list[np.ndarray] = []
+
+
 class Stream:
     def __init__(self, non_blocking: bool = False):
         self.recording = None
         self.captures = 0
+        self.ptr = id(self)
+        _STREAMS[self.ptr] = self
 
     def do(self, fn) -> None:
         if self.recording is not None:
@@ -95,12 +104,30 @@ class MemoryPointer:
         assert 0 <= self.offset and self.offset + nbytes <= self.owner.nbytes, "copy outside the allocation"
 
     def copy_from_host_async(self, src: int, nbytes: int, stream=None) -> None:
+        _refuse_while_capturing(stream, "H2D")
         self._check(nbytes)
         stream.do(lambda: ctypes.memmove(self.ptr, src, nbytes))
 
     def copy_to_host_async(self, dst: int, nbytes: int, stream=None) -> None:
+        _refuse_while_capturing(stream, "D2H")
         self._check(nbytes)
         stream.do(lambda: ctypes.memmove(dst, self.ptr, nbytes))
+
+
+def _refuse_while_capturing(stream, what: str) -> None:
+    if stream is not None and stream.recording is not None:  # CuPy 14's own message
+        raise RuntimeError(f"the current stream is capturing, so {what} transfers are disallowed")
+
+
+def _inside(ptr: int, nbytes: int, allocations: list) -> bool:
+    return any(a.ctypes.data <= ptr and ptr + nbytes <= a.ctypes.data + a.nbytes for a in allocations)
+
+
+def memcpyAsync(dst: int, src: int, size: int, kind: int, stream: int) -> None:  # noqa: N802 - CuPy's name
+    """cupy.cuda.runtime.memcpyAsync: kind 1 host to device, 2 device to host, 3 device to device."""
+    dst_kind, src_kind = {1: (_DEVICE, _PINNED), 2: (_PINNED, _DEVICE), 3: (_DEVICE, _DEVICE)}[kind]
+    assert _inside(dst, size, dst_kind) and _inside(src, size, src_kind), "copy outside the allocations of its kind"
+    _STREAMS[stream].do(lambda: ctypes.memmove(dst, src, size))
 
     def copy_from_device_async(self, src: "MemoryPointer", nbytes: int, stream=None) -> None:
         self._check(nbytes)
@@ -111,6 +138,7 @@ class MemoryPointer:
 class ndarray:  # noqa: N801 - CuPy's name
     def __init__(self, shape, dtype):
         self.host = np.full(shape, 0xAB if np.dtype(dtype).kind in "iub" else np.nan, dtype=dtype)
+        _DEVICE.append(self.host)
 
     shape = property(lambda self: self.host.shape)
     dtype = property(lambda self: self.host.dtype)
@@ -166,7 +194,9 @@ class Module:
 
 
 def empty_pinned(shape, dtype=np.float32, order="C") -> np.ndarray:
-    return np.empty(shape, dtype=dtype, order=order)
+    a = np.empty(shape, dtype=dtype, order=order)
+    _PINNED.append(a)
+    return a
 
 
 @contextlib.contextmanager
@@ -179,6 +209,7 @@ def installed(monkeypatch):
     cuda.function, cuda.Stream, cuda.Event, cuda.get_elapsed_time = function, Stream, Event, get_elapsed_time
     runtime = types.ModuleType("cupy.cuda.runtime")
     runtime.memGetInfo = lambda: (16 << 30, 16 << 30)  # (free, total): a 16 GiB device
+    runtime.memcpyAsync = memcpyAsync
     cuda.runtime = runtime
     cupy.cuda, cupy.empty, cupy.zeros, cupy.ndarray = cuda, empty, zeros, ndarray
     cupyx = types.ModuleType("cupyx")
@@ -186,4 +217,8 @@ def installed(monkeypatch):
     for name, module in (("cupy", cupy), ("cupy.cuda", cuda), ("cupy.cuda.function", function),
                          ("cupy.cuda.runtime", runtime), ("cupyx", cupyx)):
         monkeypatch.setitem(sys.modules, name, module)
-    yield sys.modules[__name__]
+    try:
+        yield sys.modules[__name__]
+    finally:
+        for registry in (_STREAMS, _DEVICE, _PINNED):
+            registry.clear()
