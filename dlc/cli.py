@@ -456,12 +456,13 @@ def cmd_run(args) -> int:
             _output_path(path, flag)
     if not quiet:
         print(_header(model, cfg, args, world), file=sys.stderr)
+    options = _backend_options(args)  # once: --profile reads the session fit ran (the same options)
     try:
         history = model.fit(epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
                             target=args.target, quiet=quiet, log=args.log, csv=args.csv,
                             tensorboard=args.tensorboard, save=save, resume=args.resume,
                             keep_best=True if args.keep_best else None, world=world,
-                            check_numerics=True if args.check_numerics else None, **_backend_options(args))
+                            check_numerics=True if args.check_numerics else None, **options)
     except Interrupted as e:
         if lead:
             print(f"dlc: {e}", file=sys.stderr)
@@ -475,7 +476,7 @@ def cmd_run(args) -> int:
         last.update({k: v for k, v in best.items() if k.startswith(("train_", "val_"))})
     print(_final_line(model.name, last, sum(e["seconds"] for e in history.epochs), history))
     if args.profile:
-        session = model.session(model.train_config, args.target, world, **_backend_options(args))
+        session = model.session(model.train_config, args.target, world, **options)
         print(session.profile_report(), end="")
         if world is not None:
             print(f"rank 0 spent {world.comm_seconds:.3f} s in gradient exchanges")

@@ -294,6 +294,19 @@ def test_predict_says_logits_and_predict_proba_gives_probabilities():
 
 # --- 3. what the user sees -------------------------------------------------------------------------
 
+def test_run_profile_reports_the_steps_it_trained_with_or_without_verbose(tmp_path, capsys):
+    """--profile reads the training session's kernel times: --verbose (a print function
+    among the options) must not make it ask a fresh session, which has run no step."""
+    src = tmp_path / "m.dln"
+    src.write_text(IRIS % "")
+    for extra in ((), ("--verbose",)):
+        code, out, err = run(capsys, "run", src, "--epochs", "2", "--profile", *extra)
+        assert code == 0 and "no profile" not in out, out
+        steps = int(re.search(r"profile of (\d+) training steps", out).group(1))
+        assert steps >= 2 and re.search(r"m\.dln:\d+ +\d", out), out
+        assert err.count("dlc: target cpu") == len(extra), err  # the target line once with --verbose
+
+
 def test_compiling_line_comes_before_the_first_epoch(tmp_path, capsys):
     for expected in ("compiling… (", "compiling… (cached, "):
         iris().fit(epochs=1, quiet=False, cache_dir=str(tmp_path))
