@@ -151,6 +151,17 @@ def test_example_training_steps_emulated_match_reference(path):
         assert not loops
 
 
+def test_a_filter_gradient_split_over_k_matches_reference():
+    """At batch 16 LeNet-5's filter gradients sum over K = 16*OH*OW, too long for their few
+    blocks: the slices of K go to a workspace and split_sum adds them in order, then runs
+    the epilogue (the optimizer's update)."""
+    step = _emulate_training(EXAMPLES[0].parent / "lenet5.dln", 16)
+    names = [launch.kernel for launch in launches_of(step.steps)]
+    split = [n for n in names if n + "_part" in names]
+    assert split and all(names.index(n + "_part") + 1 == names.index(n) for n in split), names
+    assert "split_sum" in step.module.source
+
+
 def test_resnet_training_steps_emulated_at_batch_2():
     _emulate_training(EXAMPLES[0].parent / "resnet_bn.dln", 2)
 

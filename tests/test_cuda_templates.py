@@ -115,6 +115,51 @@ def _stacked_case(stacks, m, n, k, ta, tb, tile, tf32, launches):
 CASES += [_stacked_case(*c) for c in STACKED]
 
 
+# --- split K: slices into a workspace, then split_sum -------------------------------------------------
+
+def _split_case(tag: str, gemm, splits: int, shape_out: tuple, want_bound):
+    """gemm(name, splits, part) and its split_sum, launched in order on (inputs..., out, part)."""
+    name = f"split_{tag}"
+    part_kernel = gemm(f"{name}_part", splits, "P")
+    total = int(np.prod(shape_out))
+    finish = T.split_sum(name, total, splits, part="P", out="C")
+
+    def make():
+        inputs, want, bound = want_bound(_rng(name))
+        out = np.full(shape_out, np.nan, np.float32)
+        part = np.full(splits * total, np.nan, np.float32)
+        return [(*inputs, out, part), (part, out)], out, want, bound
+    return Case(name, [part_kernel, finish], make)
+
+
+def _split_matmul(m, n, k, splits):
+    def want_bound(rng):
+        a, b = _f32(rng, (m, k)), _f32(rng, (k, n))
+        return (a, b), ops.MATMUL.ref(*_f64(a, b)), 2 * k * U * ops.MATMUL.ref(*_f64(np.abs(a), np.abs(b)))
+    gemm = lambda name, splits, part: T.matmul(name, m, n, k, a="A", b="B", out="C", tile=T.TILE_16,
+                                               splits=splits, part=part)
+    return _split_case(f"mm_{m}x{n}x{k}_{splits}", gemm, splits, (m, n), want_bound)
+
+
+def _split_filter(nb, c, h, w, o, k, s, p, splits):
+    oh, ow = conv_out(h, k, s, p), conv_out(w, k, s, p)
+    attrs = dict(stride=(s, s), pad=(p, p), dilation=(1, 1), kernel=(k, k))
+
+    def want_bound(rng):
+        x, dy = _f32(rng, (nb, c, h, w)), _f32(rng, (nb, o, oh, ow))
+        ref = ops.CONV2D_BWD_FILTER.ref
+        return (x, dy), ref(*_f64(x, dy), **attrs), 2 * nb * oh * ow * U * ref(*_f64(np.abs(x), np.abs(dy)), **attrs)
+    gemm = lambda name, splits, part: T.conv2d_bwd_filter(name, (nb, c, h, w), (nb, o, oh, ow), k, s, p, x="A",
+                                                          dy="B", out="C", tile=T.TILE_16, splits=splits, part=part)
+    return _split_case(f"dw_{nb}x{c}x{h}x{w}_o{o}_k{k}s{s}p{p}_{splits}", gemm, splits, (o, c, k, k), want_bound)
+
+
+CASES += [_split_matmul(5, 7, 300, 4),             # 38 k steps: slices of 10, 10, 10, 8
+          _split_matmul(17, 3, 300, 3),            # slices of 13, 13, 12; rows past one tile
+          _split_filter(2, 3, 9, 8, 4, 3, 1, 1, 5),  # 18 k steps: four slices of 4, one of 2
+          _split_filter(3, 2, 9, 9, 3, 3, 2, 1, 2)]  # strided, padded; K = 75: 10 k steps, the last 3 deep
+
+
 # --- convolutions ----------------------------------------------------------------------------------
 
 CONVS = [  # N, C, H, W, O, kernel, stride, pad
@@ -375,6 +420,10 @@ COMPILE_ONLY += [
     T.scatter_add_index("big_scatter_index", 50000, 4096, idx="i", pos="p", perm="q"),
     T.scatter_add("big_scatter", 50000, 256, 4096, g="g", pos="p", perm="q", out="o"),
     T.colsum("big_colsum", 4096, 1000, x="x", out="o"),
+    # LeNet-5's first filter gradient at batch 64 as the backend splits it
+    T.conv2d_bwd_filter("big_dw_split", (64, 1, 28, 28), (64, 6, 28, 28), 5, 1, 2, x="x", dy="dy", out="dw",
+                        splits=T.split_k(6, 25, 64 * 28 * 28), part="P"),
+    T.split_sum("big_dw_split_sum", 150, T.split_k(6, 25, 64 * 28 * 28), part="P", out="dw"),
 ]
 
 ALL_KERNELS = [k for c in CASES for k in c.kernels]
@@ -474,6 +523,27 @@ def test_bad_tiles_and_shapes_are_refused():
         T.conv2d("k", (1, 1, 2, 2), (1, 1, 3, 3), 1, 0, x="x", w="w", out="y")
     with pytest.raises(ValueError, match="does not match"):
         T.conv2d_bwd_filter("k", (1, 1, 5, 5), (1, 1, 4, 4), 3, 1, 0, x="x", dy="dy", out="dw")
+    with pytest.raises(ValueError, match="workspace"):  # split K: slices need somewhere to go
+        T.matmul("k", 4, 4, 800, a="A", b="B", out="C", splits=4)
+    with pytest.raises(ValueError, match="empty slice"):  # 3 k steps cannot make 4 slices
+        T.matmul("k", 4, 4, 24, a="A", b="B", out="C", splits=4, part="P")
+    with pytest.raises(ValueError, match="SGEMM only"):
+        T.matmul("k", 4, 4, 800, a="A", b="B", out="C", tf32=True, splits=4, part="P")
+
+
+def test_split_k_fills_the_gpu_only_where_the_output_cannot():
+    """A filter gradient (small output, K = batch x pixels) is split into slices of at
+    least SPLIT_MIN_STEPS k steps, none empty, about SPLIT_BLOCKS blocks in all; a large
+    output or a short K is not split."""
+    for m, n, k in ((6, 25, 64 * 28 * 28), (16, 150, 64 * 10 * 10), (64, 32, 64 * 32 * 32)):
+        tile = T.pick_tile(m, n)
+        steps, blocks = -(-k // tile.bk), -(-m // tile.bm) * -(-n // tile.bn)
+        splits = T.split_k(m, n, k)
+        per = -(-steps // splits)
+        assert splits > 1 and per >= T.SPLIT_MIN_STEPS and -(-steps // per) == splits
+        assert splits * blocks <= T.SPLIT_BLOCKS + blocks
+    assert T.split_k(1024, 1024, 1 << 20) == 1           # enough blocks already
+    assert T.split_k(6, 25, 8 * (T.SPLIT_FROM_STEPS - 1)) == 1  # K too short to be worth a second launch
 
 
 def test_source_names_the_template_and_shapes():

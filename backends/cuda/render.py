@@ -518,12 +518,42 @@ def _shape2(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+def _gemm_mnk(t: Template) -> tuple[int, int, int]:
+    """The GEMM shape of a matmul or conv2d_bwd_filter part."""
+    A, B = t.inputs
+    if t.op == "matmul":
+        m, n = t.output.shape
+        return m, n, A.shape[0] if t.attrs.get("ta", False) else A.shape[1]
+    n, c, _, _ = A.shape  # conv2d_bwd_filter: x, dy
+    kh, kw = _shape2(t.attrs["kernel"])
+    return B.shape[1], c * kh * kw, n * B.shape[2] * B.shape[3]
+
+
+def _splits(t: Template) -> int:
+    """Slices of K for a GEMM whose output alone cannot fill the GPU (T.split_k); 1: none."""
+    return T.split_k(*_gemm_mnk(t)) if t.op in ("matmul", "conv2d_bwd_filter") else 1
+
+
+def _split(name, t, names, params, epilogue, gemm):
+    """A GEMM part as one kernel, or split: gemm(splits, part) sums slices of K into a
+    workspace, then split_sum adds them in order and runs the epilogue."""
+    splits = _splits(t)
+    if splits == 1:
+        return [gemm(name, 1, None)], []
+    m, n, _ = _gemm_mnk(t)
+    part = names.add_workspace(f"{name}_part", DType.f32, splits * m * n)
+    kernels = [gemm(f"{name}_part", splits, names.expr(part, True)),
+               T.split_sum(name, m * n, splits, part=names.expr(part, False), epilogue=epilogue, params=params)]
+    return kernels, [SAME_ARGS]
+
+
 def _gen_matmul(name, t, ref, params, epilogue, names):
     A, B = t.inputs
     ta, tb = t.attrs.get("ta", False), t.attrs.get("tb", False)
-    m, n = t.output.shape
-    k = A.shape[0] if ta else A.shape[1]
-    return [T.matmul(name, m, n, k, a=ref(A), b=ref(B), ta=ta, tb=tb, epilogue=epilogue, params=params)], []
+    m, n, k = _gemm_mnk(t)
+    return _split(name, t, names, params, epilogue, lambda kname, splits, part: T.matmul(
+        kname, m, n, k, a=ref(A), b=ref(B), ta=ta, tb=tb, epilogue=epilogue, params=params, splits=splits,
+        part=part))
 
 
 def _gen_batch_matmul(name, t, ref, params, epilogue, names):
@@ -555,9 +585,9 @@ def _gen_conv2d_bwd_data(name, t, ref, params, epilogue, names):
 
 def _gen_conv2d_bwd_filter(name, t, ref, params, epilogue, names):
     X, G = t.inputs
-    return [T.conv2d_bwd_filter(name, X.shape, G.shape, _shape2(t.attrs["kernel"]), _shape2(t.attrs["stride"]),
-                                _shape2(t.attrs["pad"]), _dilation(t), x=ref(X), dy=ref(G), epilogue=epilogue,
-                                params=params)], []
+    return _split(name, t, names, params, epilogue, lambda kname, splits, part: T.conv2d_bwd_filter(
+        kname, X.shape, G.shape, _shape2(t.attrs["kernel"]), _shape2(t.attrs["stride"]), _shape2(t.attrs["pad"]),
+        _dilation(t), x=ref(X), dy=ref(G), epilogue=epilogue, params=params, splits=splits, part=part))
 
 
 def _gen_pool2d(name, t, ref, params, epilogue, names):
@@ -611,16 +641,20 @@ GENERATORS = {
 }
 
 
+SAME_ARGS = "same"  # a generator's first kernel takes the template's parameters too
+
+
 def render_template(name: str, t: Template, names: Names, store_output: bool):
-    """[(CudaKernel, launch arguments)] for a template part (scatter_add: two kernels)."""
+    """[(CudaKernel, launch arguments)] for a template part (scatter_add, a split GEMM:
+    two kernels)."""
     used = buffers_of(t)
-    if any(b.kind == "arena" for b in used) or t.op == "scatter_add":
+    if any(b.kind == "arena" for b in used) or t.op == "scatter_add" or _splits(t) > 1:
         used = [Buffer("arena", DType.f32, (0,), "arena")] + [b for b in used if b.kind != "arena"]
     written = {t.output.name} | ({s.buf.name for s in t.epilogue.stores} if t.epilogue else set())
     params, args = names.params(used, written)
     kernels, extra_args = GENERATORS[t.op](name, t, lambda b: names.expr(b, False), params,
                                            _epilogue_hook(t, names, store_output), names)
-    return list(zip(kernels, extra_args + [args]))
+    return list(zip(kernels, [args if a == SAME_ARGS else a for a in extra_args] + [args]))
 
 
 # --- the program ------------------------------------------------------------------------------------------

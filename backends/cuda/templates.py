@@ -186,6 +186,23 @@ def pick_tile(m: int, n: int) -> Tile:
     return TILE_16 if max(m, n) <= 16 else TILE_32
 
 
+SPLIT_BLOCKS = 4 * SMS   # blocks a split GEMM aims for
+SPLIT_MIN_STEPS = 8      # k steps each slice keeps at least
+SPLIT_FROM_STEPS = 64    # a shorter K is not split: a second launch would cost about what it saves
+
+
+def split_k(m: int, n: int, k: int, tile: Tile | None = None) -> int:
+    """Slices of K for a GEMM whose output gives too few blocks to fill the GPU (a
+    filter gradient: [O] x [C*KH*KW] over N*OH*OW): each block sums one slice into a
+    workspace, and split_sum adds the slices in order. 1: no split."""
+    tile = tile or pick_tile(m, n)
+    blocks, steps = _blocks(m, tile.bm) * _blocks(n, tile.bn), _blocks(k, tile.bk)
+    if blocks >= SMS or steps < SPLIT_FROM_STEPS:
+        return 1
+    splits = max(1, min(_blocks(SPLIT_BLOCKS, blocks), steps // SPLIT_MIN_STEPS, MAX_STACK))
+    return _blocks(steps, _blocks(steps, splits))  # no empty slice
+
+
 @dataclass(frozen=True)
 class _Gemm:
     """What a GEMM-shaped template feeds the core."""
@@ -258,17 +275,35 @@ def _loaders(g: _Gemm, bm: int, bn: int, bk: int, threads: int, a_slot: str, b_s
 """
 
 
-def _sgemm(name: str, g: _Gemm, tile: Tile, signature: str, epilogue: Epilogue) -> CudaKernel:
+def _sgemm(name: str, g: _Gemm, tile: Tile, signature: str, epilogue: Epilogue,
+           splits: int = 1, part: str | None = None) -> CudaKernel:
     """Shared-memory SGEMM: double-buffered shared tiles (one barrier per k step, the next
     tiles prefetched into registers during the math), a tm x tn register tile per thread
     read with vector loads, rows and columns of a thread strided so that a warp's
-    shared-memory reads are conflict-free and its global stores coalesce."""
+    shared-memory reads are conflict-free and its global stores coalesce. With `splits`,
+    blockIdx.z is a slice of K and the block stores its sums at part[z][output index]
+    instead of running the epilogue (split_sum adds the slices)."""
     tile.check()
     bm, bn, bk, tm, tn, threads = tile.bm, tile.bn, tile.bk, tile.tm, tile.tn, tile.threads
     vm, vn = _vec(tm), _vec(tn)
     sm, sn = bm * vm // tm, bn * vn // tn  # stride between a thread's vector groups
     pad = 4  # keeps float4 alignment; breaks bank conflicts of transposed stores
     ksteps = _blocks(g.k, bk)
+    per = _blocks(ksteps, splits)
+    if splits > 1 and (g.stack != 1 or part is None or _blocks(ksteps, per) != splits):
+        raise ValueError(f"{g.what}: {splits} slices of {ksteps} k steps need one product, a workspace "
+                         f"and no empty slice")
+    if splits > 1:
+        binds = [*g.binds, f"float* __restrict__ part_ = ({part});"]
+        steps, start, k_at = "steps_", f"first_ * {bk}", f"(first_ + ks_ + 1) * {bk}"
+        first = (f"\n    const int first_ = blockIdx.z * {per}, steps_ = min({per}, {ksteps} - first_);"
+                 f"  // this block's slice of K")
+        finish = " " * 16 + f"part_[blockIdx.z * {g.m * g.n} + idx_] = acc_[mi_][nj_];"
+        grid_z, note = splits, f", {splits} slices of {per} (blockIdx.z)"
+    else:
+        binds, steps, start, k_at, first = g.binds, ksteps, "0", f"(ks_ + 1) * {bk}", ""
+        finish = " " * 16 + "float v_ = acc_[mi_][nj_];\n" + _emit(epilogue, "idx_", "v_", 16)
+        grid_z, note = g.stack, ""
     loaders = _loaders(g, bm, bn, bk, threads, "as_[buf_][kk_][rc_]", "bs_[buf_][kk_][rc_]")
 
     def frag(dst: str, count: int, v: int, stride: int, src: str, me: str) -> str:
@@ -287,16 +322,16 @@ def _sgemm(name: str, g: _Gemm, tile: Tile, signature: str, epilogue: Epilogue) 
     smem = 2 * bk * (bm + pad) * 4 + 2 * bk * (bn + pad) * 4
     source = f"""\
 {g.helpers}// dlc {g.what}
-// SGEMM tile {bm}x{bn}x{bk}, {tm}x{tn} per thread, {threads} threads, {ksteps} k steps
+// SGEMM tile {bm}x{bn}x{bk}, {tm}x{tn} per thread, {threads} threads, {ksteps} k steps{note}
 // (at least one block per SM: ptxas may then give a long fused epilogue registers rather
 // than spill it, which it did for a 2x2 tile at 40 registers)
 extern "C" __global__ void __launch_bounds__({threads}, 1) {name}({signature})
 {{
-{_binds(g.binds)}
+{_binds(binds)}
     __shared__ __align__(16) float as_[2][{bk}][{bm + pad}];
     __shared__ __align__(16) float bs_[2][{bk}][{bn + pad}];
     const int tid_ = threadIdx.x, tx_ = tid_ % {bn // tn}, ty_ = tid_ / {bn // tn};
-    const int m0_ = blockIdx.y * {bm}, n0_ = blockIdx.x * {bn};
+    const int m0_ = blockIdx.y * {bm}, n0_ = blockIdx.x * {bn};{first}
 {loaders}
     float acc_[{tm}][{tn}];
     #pragma unroll
@@ -304,13 +339,13 @@ extern "C" __global__ void __launch_bounds__({threads}, 1) {name}({signature})
         #pragma unroll
         for (int nj_ = 0; nj_ < {tn}; ++nj_) acc_[mi_][nj_] = 0.0f;
 
-    load_tile_(0);
+    load_tile_({start});
     store_tile_(0);
     __syncthreads();
     #pragma unroll 1
-    for (int ks_ = 0; ks_ < {ksteps}; ++ks_) {{
+    for (int ks_ = 0; ks_ < {steps}; ++ks_) {{
         const int cur_ = ks_ & 1;
-        if (ks_ + 1 < {ksteps}) load_tile_((ks_ + 1) * {bk});
+        if (ks_ + 1 < {steps}) load_tile_({k_at});
         #pragma unroll
         for (int kk_ = 0; kk_ < {bk}; ++kk_) {{
             float fa_[{tm}], fb_[{tn}];
@@ -321,7 +356,7 @@ extern "C" __global__ void __launch_bounds__({threads}, 1) {name}({signature})
                 #pragma unroll
                 for (int nj_ = 0; nj_ < {tn}; ++nj_) acc_[mi_][nj_] = fmaf(fa_[mi_], fb_[nj_], acc_[mi_][nj_]);
         }}
-        if (ks_ + 1 < {ksteps}) store_tile_(cur_ ^ 1);
+        if (ks_ + 1 < {steps}) store_tile_(cur_ ^ 1);
         __syncthreads();
     }}
 
@@ -333,14 +368,13 @@ extern "C" __global__ void __launch_bounds__({threads}, 1) {name}({signature})
             const int col_ = {col};
             if ({ok}) {{
                 const int idx_ = {g.out_index("row_", "col_")};
-                float v_ = acc_[mi_][nj_];
-{_emit(epilogue, "idx_", "v_", 16)}
+{finish}
             }}
         }}
     }}
 }}
 """
-    return CudaKernel(name, source, (_blocks(g.n, bn), _blocks(g.m, bm), g.stack), (threads, 1, 1), smem)
+    return CudaKernel(name, source, (_blocks(g.n, bn), _blocks(g.m, bm), grid_z), (threads, 1, 1), smem)
 
 
 TF32_HELPERS = r"""#ifndef DLC_TF32_HELPERS
@@ -454,13 +488,28 @@ def _binds(binds: Sequence[str]) -> str:
     return "\n".join(f"    {b}" for b in binds)
 
 
-def _gemm(name, g: _Gemm, tile, tf32: bool, signature: str, epilogue: Epilogue) -> CudaKernel:
+def _gemm(name, g: _Gemm, tile, tf32: bool, signature: str, epilogue: Epilogue,
+          splits: int = 1, part: str | None = None) -> CudaKernel:
     _check_sizes(g.what, g.m, g.n, g.k, g.m * g.n)
     if tile is not None and isinstance(tile, MmaTile) != tf32:
         raise ValueError(f"{g.what}: tf32={tf32} takes {'an MmaTile' if tf32 else 'a Tile'}, got {tile}")
+    if tf32 and splits > 1:
+        raise ValueError(f"{g.what}: K is split in the SGEMM only")
     if tf32:
         return _tf32_gemm(name, g, tile or MMA_64, signature, epilogue)
-    return _sgemm(name, g, tile or pick_tile(g.m, g.n), signature, epilogue)
+    return _sgemm(name, g, tile or pick_tile(g.m, g.n), signature, epilogue, splits, part)
+
+
+def split_sum(name: str, total: int, splits: int, *, part: str, out: str | None = None,
+              epilogue: Epilogue | None = None, params: Sequence[str] | None = None) -> CudaKernel:
+    """The second kernel of a split GEMM: out[i] = part[0][i] + part[1][i] + ... in slice
+    order (the same bits every run), then the epilogue."""
+    sig = _signature(params, [(part, "const float"), (out, "float")])
+    body = f"""\
+        float v_ = part_[idx_];
+        for (int z_ = 1; z_ < {splits}; ++z_) v_ += part_[z_ * {total} + idx_];"""
+    return _per_element(name, total, sig, [f"const float* __restrict__ part_ = ({part});"], body,
+                        _epilogue(epilogue, out), f"split_sum: {splits} slices of [{total}]")
 
 
 # --- matmul ------------------------------------------------------------------------------------------
@@ -468,11 +517,13 @@ def _gemm(name, g: _Gemm, tile, tf32: bool, signature: str, epilogue: Epilogue) 
 def matmul(name: str, m: int, n: int, k: int, *, a: str, b: str, out: str | None = None,
            ta: bool = False, tb: bool = False, epilogue: Epilogue | None = None,
            params: Sequence[str] | None = None, tile: Tile | MmaTile | None = None,
-           tf32: bool = False, stack: int = 1, first: int = 0) -> CudaKernel:
+           tf32: bool = False, stack: int = 1, first: int = 0, splits: int = 1,
+           part: str | None = None) -> CudaKernel:
     """C[m, n] = op(A) @ op(B): A is [m, k] ([k, m] when ta), B is [k, n] ([n, k] when tb).
     `tf32` uses tensor cores (inputs rounded to 10 mantissa bits; sm_80+). With `stack` > 1,
     products `first` .. `first + stack - 1` of stacks of matrices A, B and C side by side
-    (batch_matmul), each a z-slice of the grid (at most MAX_STACK)."""
+    (batch_matmul), each a z-slice of the grid (at most MAX_STACK). With `splits` > 1
+    (split_k), the slices of K go to `part` and split_sum finishes."""
     if not 0 < stack <= MAX_STACK:
         raise ValueError(f"matmul: {stack} products in one launch; a grid holds 1 .. {MAX_STACK}")
     _check_sizes("matmul", (first + stack) * m * k, (first + stack) * k * n, (first + stack) * m * n)
@@ -487,8 +538,8 @@ def matmul(name: str, m: int, n: int, k: int, *, a: str, b: str, out: str | None
               what=(f"matmul: C[{m}x{n}] = {'A^T' if ta else 'A'}[{m}x{k}] @ {'B^T' if tb else 'B'}[{k}x{n}]"
                     + (f", {stack} of them" if stack > 1 else "")),
               stack=stack)
-    sig = _signature(params, [(a, "const float"), (b, "const float"), (out, "float")])
-    return _gemm(name, g, tile, tf32, sig, _epilogue(epilogue, out))
+    sig = _signature(params, [(a, "const float"), (b, "const float"), (out, "float"), (part, "float")])
+    return _gemm(name, g, tile, tf32, sig, _epilogue(epilogue, out), splits, part)
 
 
 # --- convolutions as implicit GEMMs -----------------------------------------------------------------
@@ -638,9 +689,10 @@ __device__ __forceinline__ float {name}_dy(const float* __restrict__ dy, int oij
 def conv2d_bwd_filter(name: str, x_shape, dy_shape, kernel, stride=1, pad=0, dilation=1, *, x: str, dy: str,
                       out: str | None = None, epilogue: Epilogue | None = None,
                       params: Sequence[str] | None = None, tile: Tile | MmaTile | None = None,
-                      tf32: bool = False) -> CudaKernel:
+                      tf32: bool = False, splits: int = 1, part: str | None = None) -> CudaKernel:
     """dw[o,c,i,j] = sum_{n,oy,ox} dy[n,o,oy,ox] * x[n,c,oy*s+i*d-p,ox*s+j*d-p]: the GEMM
-    [O] x [C*KH*KW] over K = N*OH*OW."""
+    [O] x [C*KH*KW] over K = N*OH*OW, whose output is small beside K: with `splits` > 1
+    (split_k), the slices of K go to `part` and split_sum finishes."""
     kh, kw = _pair(kernel)
     o = dy_shape[1]
     s = _conv_shape(x_shape, (o, x_shape[1], kh, kw), stride, pad, dilation)
@@ -655,8 +707,8 @@ def conv2d_bwd_filter(name: str, x_shape, dy_shape, kernel, stride=1, pad=0, dil
               out_index=lambda r, c: f"({r}) * {cols} + ({c})",
               binds=[f"const float* __restrict__ x_ = ({x});", f"const float* __restrict__ dy_ = ({dy});"],
               helpers=_x_gather(f"{name}_x", s), what=f"conv2d_bwd_filter: {s.x} dy{s.y} {s.window} -> d{s.wt}")
-    sig = _signature(params, [(x, "const float"), (dy, "const float"), (out, "float")])
-    return _gemm(name, g, tile, tf32, sig, _epilogue(epilogue, out))
+    sig = _signature(params, [(x, "const float"), (dy, "const float"), (out, "float"), (part, "float")])
+    return _gemm(name, g, tile, tf32, sig, _epilogue(epilogue, out), splits, part)
 
 
 # --- elementwise-shaped templates: one thread per output element ----------------------------------
