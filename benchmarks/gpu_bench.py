@@ -5,6 +5,10 @@ graph) and cuBLAS, in one process.
     python benchmarks/gpu_bench.py --dry     # no GPU: compile every dlc step (NVRTC) and stop
     python benchmarks/gpu_bench.py --prepare # compile every dlc step into the compile cache
                                              # (DLC_CACHE_DIR), e.g. while other checks run
+    python benchmarks/gpu_bench.py --profile # where each workload's step spends its GPU time:
+                                             # the kernels one by one between CUDA events
+    python benchmarks/gpu_bench.py --tiles   # the SGEMM template at 4096^3 with each candidate
+                                             # tile (for pick_tile), against cuBLAS
 
 Workloads (models/*.dln, the same as run.py's CPU benchmark):
   mlp_b128, mlp_b1   MLP 784-512-256-10, SGD with momentum, batch 128 and 1
@@ -210,13 +214,71 @@ def prepare() -> int:
     return 0
 
 
+def profile(steps: int = 20) -> int:
+    """Each workload's kernels timed one by one (CUDA events, no graph): the top rows."""
+    for name, file, _, batch, _ in WORKLOADS:
+        m = dlc.load(HERE / "models" / file)
+        session = m.session(m.train_config, "cuda", profile=True)
+        x, y = _inputs(m, batch)
+        for _ in range(steps):
+            session.train_step(x, y, 0.01)
+        print(f"== {name}\n{session.profile_report(top=8)}", flush=True)
+    return 0
+
+
+TILE_CANDIDATES = {  # name -> templates.Tile(bm, bn, bk, tm, tn)
+    "128x128x8 (TILE_128)": (128, 128, 8, 8, 8),
+    "128x128x16": (128, 128, 16, 8, 8),
+    "256x128x8": (256, 128, 8, 8, 8),
+    "128x64x8": (128, 64, 8, 8, 4),
+    "64x64x8 (TILE_64)": (64, 64, 8, 4, 4),
+}
+
+
+def tiles(n: int = GEMM_N) -> int:
+    """The SGEMM template at n^3 with each candidate tile: TFLOP/s (CUDA events, the mean
+    of 10 launches after 3), checked against cuBLAS."""
+    import cupy
+    from dlc.backends.cuda import nvrtc, templates as T
+    arch = nvrtc.arch_for(int(cupy.cuda.Device().compute_capability))
+    a = cupy.random.random((n, n), dtype=cupy.float32)
+    b = cupy.random.random((n, n), dtype=cupy.float32)
+    want = cupy.matmul(a, b)
+    print(f"cuBLAS: {2 * n ** 3 / cublas_gemm_seconds(n) / 1e12:.1f} TFLOP/s")
+    for label, shape in TILE_CANDIDATES.items():
+        kernel = T.matmul("mm", n, n, n, a="A", b="B", out="C", tile=T.Tile(*shape))
+        module = cupy.cuda.function.Module()
+        module.load(nvrtc.compile_cuda(kernel.source, arch).binary)
+        fn, c = module.get_function("mm"), cupy.empty((n, n), cupy.float32)
+        launch = lambda: fn(kernel.grid, kernel.block, (a, b, c))  # noqa: E731
+        for _ in range(3):
+            launch()
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(10):
+            launch()
+        end.record()
+        end.synchronize()
+        seconds = cupy.cuda.get_elapsed_time(start, end) / 1e3 / 10
+        error = float(cupy.abs(c - want).max() / cupy.abs(want).max())
+        print(f"  {label:<22}{2 * n ** 3 / seconds / 1e12:6.1f} TFLOP/s  (max error {error:.1e} of the largest)",
+              flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "gpu_results.json"))
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     ap.add_argument("--dry", action="store_true", help="compile only (no GPU needed)")
     ap.add_argument("--prepare", action="store_true", help="fill the compile cache and stop")
+    ap.add_argument("--profile", action="store_true", help="each workload's kernel times, and stop")
+    ap.add_argument("--tiles", action="store_true", help="the SGEMM template's candidate tiles, and stop")
     args = ap.parse_args()
+    if args.profile:
+        return profile()
+    if args.tiles:
+        return tiles()
     if args.dry:
         return dry(tempfile.mkdtemp(prefix="dlc-gpu-bench-"))
     if args.prepare:

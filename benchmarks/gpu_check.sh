@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA backend's checks on a real GPU, prepared for the day one is lent: run it once,
-# from the repository root, on the device machine. Typically 3-5 minutes; every stage has
-# its own time limit, so it ends within 7 minutes whatever happens.
+# from the repository root, on the device machine. About 2 minutes on an H200 (1.6-1.9 in
+# the forty-fourth session); every stage has its own time limit, so it ends within 10
+# minutes whatever happens.
 #
 #   here, once (lark is the one package that machine lacks; its llvmlite is numba's, which
 #   may be older than the 0.48 the cpu target needs -- the tests import it -- so carry one:
@@ -18,12 +19,13 @@
 # first training steps on `--target cuda` against the reference interpreter, device
 # state, deterministic replays, deferred results, profiles; (2) `dlc run --target cuda`
 # with --verbose (registers and spills per kernel) and --profile; (3) the benchmark:
-# dlc vs PyTorch CUDA (eager, and CUDA graphs) on MLP 784-512-256-10 batch 128 and 1,
-# LeNet-5 batch 64, LSTM T=32 batch 32, and SGEMM 4096^2 vs cuBLAS (TF32 off). The
-# benchmark's steps are compiled in the background while the tests run.
+# dlc vs PyTorch CUDA (eager, and CUDA graphs) on gpu_bench.py's workloads (MLP, LeNet-5,
+# LSTM, transformer block, MobileNet) and SGEMM 4096^2 vs cuBLAS (TF32 off); (4) each
+# workload's kernels timed one by one; (5) the SGEMM template's candidate tiles at 4096^3.
+# The benchmark's steps are compiled in the background while the tests run.
 #
 # Results, under $OUT (or ./gpu-check-out): summary.txt, gpu_tests.log, gpu_tests.xml,
-# cli.log, prepare.log, bench.log, bench.json.
+# cli.log, prepare.log, bench.log, bench.json, profile.log, tiles.log.
 set -u
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
@@ -69,4 +71,10 @@ say "compiles for the benchmark: exit $?"
 timeout 140 python3 benchmarks/gpu_bench.py --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 say "benchmark: exit $?"
 cat "$OUT/bench.log" >> "$OUT/summary.txt"
+
+# --- 4. where the GPU time goes ----------------------------------------------------------------
+timeout 100 python3 benchmarks/gpu_bench.py --profile > "$OUT/profile.log" 2>&1
+say "profiles: exit $?"
+timeout 60 python3 benchmarks/gpu_bench.py --tiles > "$OUT/tiles.log" 2>&1
+say "SGEMM tiles: exit $? -- $(tr '\n' ' ' < "$OUT/tiles.log")"
 say "done"
