@@ -61,6 +61,7 @@ MATMULS = [  # m, n, k, ta, tb, tile
     (40, 70, 300, False, True, T.TILE_32),    # 38 k steps through the double buffer
     (70, 65, 19, True, False, T.TILE_64),
     (130, 129, 20, False, False, T.TILE_128),  # the big tile, ragged on both sides
+    (130, 70, 20, True, False, T.TILE_128x64),  # the large tile pick_tile takes (8x4 per thread)
     (8, 100, 12, True, True, None),            # the tile heuristic's choice
 ]
 MATMULS_TF32 = [
@@ -177,7 +178,7 @@ CONVS = [  # N, C, H, W, O, kernel, stride, pad
 
 def _conv_cases(nb, c, h, w, o, k, s, p, d=1, tile=T.TILE_16, tf32=False):
     oh, ow = conv_out(h, k, s, p, d), conv_out(w, k, s, p, d)
-    tile_tag = "_tf32" if tf32 else "_auto" if tile is None else "" if tile == T.TILE_16 else f"_t{tile.bm}"
+    tile_tag = "_tf32" if tf32 else "_auto" if tile is None else "" if tile == T.TILE_16 else f"_t{tile.bm}x{tile.bn}"
     tag = f"{nb}x{c}x{h}x{w}_o{o}_k{k}s{s}p{p}{f'd{d}' if d > 1 else ''}{tile_tag}"
     xs, ws, dys = (nb, c, h, w), (o, c, k, k), (nb, o, oh, ow)
     attrs = dict(stride=(s, s), pad=(p, p), dilation=(d, d))
@@ -220,6 +221,7 @@ for _c in CONVS:
     CASES += _conv_cases(*_c)
 CASES += _conv_cases(2, 3, 7, 6, 4, 3, 1, 1, tile=None)        # the heuristic's tile
 CASES += _conv_cases(2, 3, 9, 8, 20, 3, 2, 1, tile=T.TILE_128)  # the big tile
+CASES += _conv_cases(2, 3, 9, 8, 20, 3, 2, 1, tile=T.TILE_128x64)  # the large tile pick_tile takes
 CASES += _conv_cases(2, 3, 7, 6, 4, 3, 1, 1, tile=None, tf32=True)
 CASES += _conv_cases(1, 4, 9, 9, 5, 3, 2, 1, tile=None, tf32=True)
 
