@@ -15,7 +15,6 @@ import pytest
 
 import dlc
 from dlc import backends
-from dlc.backends.base import Compiled
 from dlc.backends.cuda.render import LoopStep, launches_per_step
 from dlc.pipeline import kernel_program, lower
 from dlc.program import make_program
@@ -34,10 +33,17 @@ def fake(monkeypatch):
         yield f
 
 
-def _step(graph, batch: int, profile: bool = False):
+def _step(graph, batch: int, profile: bool = False, units: int = 3):
+    """The step as the backend compiles it, in `units` translation units; each unit's
+    CUDA C source stands for its cubin (the fake's Module.load builds it for the host)."""
     from dlc.backends.cuda.runtime import CudaStep
-    source, layout = CUDA.render(kernel_program(lower(graph, batch), CUDA.templates), TARGET, profile)
-    return CudaStep(source.encode(), layout, TARGET)
+    parts, layout, _ = CUDA.render_units(kernel_program(lower(graph, batch), CUDA.templates), TARGET, profile, units)
+    assert len(parts) == units  # (every model here has more kernels)
+    return CudaStep([source.encode() for _, source in parts], layout, TARGET)
+
+
+def _calls(step) -> int:
+    return sum(module.calls for module in step.modules)
 
 
 def _model(name: str):
@@ -65,7 +71,7 @@ def test_replayed_steps_match_the_reference(fake, name):
         for k in want:
             np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-4, atol=1e-5, err_msg=f"step {i}: {k}")
     assert [f.graph.launches for f in step.frames] == [2, 1]  # captured once per frame, then replayed
-    assert step.module.calls == 2 * launches_per_step(step.steps)  # kernels enqueued only while capturing
+    assert _calls(step) == 2 * launches_per_step(step.steps)  # kernels enqueued only while capturing
     np.testing.assert_array_equal(state["out.w"], m.state["out.w"])  # still on the "device"
     sync_state(state)
     for k in ref_state:
@@ -77,7 +83,7 @@ def test_a_profiled_step_launches_kernel_by_kernel(fake):
     step = _step(graph, 3, profile=True)
     for _ in range(2):
         step.run({k: v.copy() for k, v in m.state.items()}, _example_feeds(m, 3, np.random.default_rng(0)))
-    assert all(f.graph is None for f in step.frames) and step.module.calls == 2 * len(step.launches)
+    assert all(f.graph is None for f in step.frames) and _calls(step) == 2 * len(step.launches)
     rows = step.profile_rows()
     assert len(rows) == len(step.launches) and all(sec == pytest.approx(2e-5) for _, _, sec in rows)
     assert rows[0][0] == "k0_conv" and rows[0][1] == ("lenet5.dln:5",)
@@ -93,7 +99,7 @@ def test_a_profiled_recurrent_step_sums_each_body_kernel_over_the_steps(fake):
     loops = [s for s in step.steps if isinstance(s, LoopStep)]
     in_loops = {id(launch) for lp in loops for launch in lp.steps}
     assert loops and all(lp.extent == 8 for lp in loops)
-    assert step.module.calls == 2 * launches_per_step(step.steps) > 2 * len(step.launches)
+    assert _calls(step) == 2 * launches_per_step(step.steps) > 2 * len(step.launches)
     rows = step.profile_rows()
     assert len(rows) == len(step.launches)
     for launch, (_, _, sec) in zip(step.launches, rows):
@@ -145,14 +151,14 @@ def test_a_replaced_host_array_is_uploaded(fake):
 
 
 def _cuda_from_source(monkeypatch):
-    """The cuda backend usable here: compiled to CUDA C source (run by the stand-in) instead of a cubin."""
+    """The cuda backend usable here: each translation unit compiled to its CUDA C source
+    (which the stand-in runs) instead of a cubin; two units a step."""
+    from dlc.backends import cuda as backend
+    from dlc.backends.cuda import nvrtc
     monkeypatch.setattr(CUDA, "unavailable", lambda: None)
     monkeypatch.setattr(CUDA, "target", lambda options: TARGET)
-
-    def compile_to_source(program, target, profile=False):
-        source, layout = CUDA.render(program, target, profile)
-        return Compiled([source.encode()], layout)
-    monkeypatch.setattr(CUDA, "compile", compile_to_source)
+    monkeypatch.setattr(backend, "_cores", lambda: 2)
+    monkeypatch.setattr(backend, "_compile", lambda source, arch: nvrtc.CudaModule(arch, source.encode(), b"", ""))
 
 
 def test_training_through_the_driver(fake, monkeypatch, tmp_path):

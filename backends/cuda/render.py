@@ -121,6 +121,19 @@ class Rendered:
     steps: list                     # Launch | Copy | LoopStep, in order
     workspace_bytes: int = 0        # scratch after the arena (template index lists)
     plans: dict = field(default_factory=dict)  # CUDA function -> how its nest maps to the grid
+    pieces: list = field(default_factory=list)  # (function, its text): the source after the prelude
+
+    def units(self, count: int) -> list[tuple[list[str], str]]:
+        """The module as up to `count` translation units of about equal size, each the
+        prelude and whole kernels ((functions, source) each): NVRTC compiles them side by
+        side. Every kernel is self-contained but for the prelude."""
+        bins: list[list] = [[0, [], []] for _ in range(max(1, min(count, len(self.pieces))))]
+        for name, text in sorted(self.pieces, key=lambda piece: -len(piece[1])):  # largest first
+            smallest = min(bins, key=lambda b: b[0])
+            smallest[0] += len(text)
+            smallest[1].append(name)
+            smallest[2].append(text)
+        return [(names, "\n".join([PRELUDE, *texts])) for _, names, texts in bins if names]
 
     @property
     def launches(self) -> list[Launch]:
@@ -713,7 +726,11 @@ def render_program(program: KernelProgram, prefix: str = "") -> Rendered:
     reads = {id(p): _reads(p) for parts in expanded.values() for p in parts}  # every part's, loop bodies' too
     final = {b.name for b in program.outputs.values()} | {src.name for src, _ in program.copies}
     final |= viewed_buffers(program.kernels)  # (a loop reads it, or writes it, a step at a time)
-    chunks, plans = [PRELUDE], {}
+    pieces, comments, plans = [], [], {}  # comments wait for the function they precede
+
+    def add(fn: str, text: str) -> None:
+        pieces.append((fn, "\n".join([*comments, text])))
+        comments.clear()
     merger = Merger(free)
 
     def render(entries: list) -> list:
@@ -736,7 +753,7 @@ def render_program(program: KernelProgram, prefix: str = "") -> Rendered:
         last_kernel = None
         for group in runs:
             if isinstance(group, Loop):
-                chunks.append(_loop_comment(group))
+                comments.append(_loop_comment(group))
                 last_kernel = None
                 body = render(group.body)
                 steps.append(LoopStep(group.name, group.var.name, group.var.extent, group.reverse, body))
@@ -744,7 +761,7 @@ def render_program(program: KernelProgram, prefix: str = "") -> Rendered:
             k, j, part = group[0]
             for member, _, _ in group:
                 if member is not last_kernel:
-                    chunks.append(_kernel_comment(member))
+                    comments.append(_kernel_comment(member))
                     last_kernel = member
             fn = re.sub(r"\W", "_", f"{prefix}{k.name}_{j}")
             if isinstance(part, LoopNest):
@@ -752,7 +769,7 @@ def render_program(program: KernelProgram, prefix: str = "") -> Rendered:
                 if plan.blocks == 0:
                     continue
                 what = f"part {j}" if len(group) == 1 else "parts " + ", ".join(f"{m[0].name}.{m[1]}" for m in group)
-                chunks.append(f"// {what}: {source[3:]}")
+                add(fn, f"// {what}: {source[3:]}")
                 owners = "+".join(dict.fromkeys(m[0].name for m in group))
                 steps.append(Launch(fn, owners, k.phase, (plan.blocks, 1, 1), (plan.threads, 1, 1), shared, args))
                 plans[fn] = plan.kind if len(group) == 1 else f"{plan.kind} ({len(group)} parts)"
@@ -761,7 +778,7 @@ def render_program(program: KernelProgram, prefix: str = "") -> Rendered:
                 store = out.kind != "arena" or out.name in final or any(
                     out.name in r for q, r in reads.items() if q != id(part))
                 for kern, args in render_template(fn, part, names, store):
-                    chunks.append(f"// part {j}: template {part.op}\n{kern.source}")
+                    add(kern.name, f"// part {j}: template {part.op}\n{kern.source}")
                     steps.append(Launch(kern.name, k.name, k.phase, kern.grid, kern.block, kern.shared_bytes, args))
                     plans[kern.name] = f"template {part.op}"
         return steps
@@ -769,7 +786,8 @@ def render_program(program: KernelProgram, prefix: str = "") -> Rendered:
     steps = render(program.kernels)
     for src, dst in program.copies:
         steps.append(Copy(_where(src), _where(dst), src.size * src.dtype.np.itemsize))
-    return Rendered("\n".join(chunks), steps, names.workspace_bytes, plans)
+    source = "\n".join([PRELUDE, *(text for _, text in pieces), *comments])
+    return Rendered(source, steps, names.workspace_bytes, plans, pieces)
 
 
 MERGE_CHECK_LIMIT = 1 << 20  # domains up to this many elements are checked element by element

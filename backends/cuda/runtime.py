@@ -160,18 +160,21 @@ class _Frame:
 
 
 class CudaStep:
-    """One loaded specialization: the module, the arena, device inputs, two frames."""
+    """One loaded specialization: the modules, the arena, device inputs, two frames."""
 
-    def __init__(self, binary: bytes, layout: StepLayout, target):
+    def __init__(self, binaries: list[bytes], layout: StepLayout, target):
         import cupy
         self.layout = layout
         self.calls = 0
-        self.module = cupy.cuda.function.Module()
-        self.module.load(binary)
+        self.modules = []
+        for binary in binaries:  # the translation units (layout.meta["units"] names their kernels)
+            self.modules.append(cupy.cuda.function.Module())
+            self.modules[-1].load(binary)
+        home = {kernel: i for i, kernels in enumerate(layout.meta.get("units", ())) for kernel in kernels}
         self.steps = steps_from_json(layout.meta["steps"])
         self.launches = launches_of(self.steps)
         self._launch_index = {id(s): i for i, s in enumerate(self.launches)}
-        self.functions = {s.kernel: self.module.get_function(s.kernel) for s in self.launches}
+        self.functions = {s.kernel: self.modules[home.get(s.kernel, 0)].get_function(s.kernel) for s in self.launches}
         self.profile = bool(layout.meta.get("profile"))
         size = -(-layout.arena_bytes // ALIGN) * ALIGN + layout.scratch_bytes
         self.arena = cupy.zeros(max(size, ALIGN), dtype=np.uint8)
