@@ -234,17 +234,13 @@ class Backend:
         returns the programs of the entries given as None. This default compiles each on
         its own (with no quick tier); each entry's layout records its blobs in
         `meta["blobs"]` ([first, end))."""
-        programs = made_programs(programs, make)
-        blobs, layouts, timings, notes = [], {}, {}, []
-        for name, program in programs.items():
-            c = self.compile(program, target, profile)
-            c.layout.meta = dict(c.layout.meta, blobs=[len(blobs), len(blobs) + len(c.blobs)])
-            blobs += c.blobs
-            layouts[name] = c.layout
+        compiled = {name: self.compile(program, target, profile)
+                     for name, program in made_programs(programs, make).items()}
+        timings: dict = {}
+        for c in compiled.values():
             for k, v in c.timings.items():
                 timings[k] = timings.get(k, 0.0) + v
-            notes += [f"{name}: {note}" for note in c.notes]
-        return Compiled(blobs, Entries(layouts), timings, notes)
+        return one_unit(compiled, timings)
 
     def load_entries(self, blobs: list[bytes], entries: Entries, target) -> dict:
         return {name: self.load(blobs[slice(*layout.meta["blobs"])], layout, target)
@@ -323,6 +319,18 @@ def host_memory_available() -> int | None:
     except (OSError, ValueError):
         pass
     return free
+
+
+def one_unit(compiled: dict, timings: dict) -> Compiled:
+    """Compiled programs ({entry: Compiled}) as one unit: their blobs in entry order, each
+    entry's layout recording its own in `meta["blobs"]` ([first, end))."""
+    blobs, layouts, notes = [], {}, []
+    for name, c in compiled.items():
+        c.layout.meta = dict(c.layout.meta, blobs=[len(blobs), len(blobs) + len(c.blobs)])
+        blobs += c.blobs
+        layouts[name] = c.layout
+        notes += [f"{name}: {note}" for note in c.notes]
+    return Compiled(blobs, Entries(layouts), timings, notes)
 
 
 def made_programs(programs: dict, make: Callable[[], dict] | None) -> dict:

@@ -162,6 +162,24 @@ def test_a_filter_gradient_split_over_k_matches_reference():
     assert "split_sum" in step.module.source
 
 
+def test_a_module_splits_into_balanced_translation_units():
+    """Each kernel in exactly one unit, every unit the prelude and whole kernels, no unit
+    larger than the smallest plus the largest kernel; no kernels: the prelude alone."""
+    from dlc.backends.cuda.emit import PRELUDE
+    from dlc.backends.cuda.render import Rendered, render_program
+    m = example_models.load(EXAMPLES[0].parent / "lenet5.dln")
+    rendered = render_program(_program(m.compile_graph("train", m.train_config), 5))
+    sizes = {name: len(text) for name, text in rendered.pieces}
+    for count in (1, 2, 5, 1000):
+        units = rendered.units(count)
+        assert len(units) == min(count, len(sizes))
+        assert sorted(n for names, _ in units for n in names) == sorted(sizes)
+        assert all(src.startswith(PRELUDE) and all(f" {n}(" in src for n in names) for names, src in units)
+        totals = [sum(sizes[n] for n in names) for names, _ in units]
+        assert max(totals) <= min(totals) + max(sizes.values())
+    assert Rendered("", []).units(4) == [([], PRELUDE)]
+
+
 def test_resnet_training_steps_emulated_at_batch_2():
     _emulate_training(EXAMPLES[0].parent / "resnet_bn.dln", 2)
 

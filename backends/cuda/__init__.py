@@ -75,15 +75,9 @@ class CudaBackend(Backend):
                         make=None) -> Compiled:
         """The programs' translation units compiled together (training and evaluation
         steps side by side); each entry's layout records its blobs in `meta["blobs"]`."""
-        from dlc.backends.base import Entries, made_programs
+        from dlc.backends.base import made_programs, one_unit
         compiled = self._compile(made_programs(programs, make), target, profile)
-        blobs, layouts, notes = [], {}, []
-        for name, c in compiled.items():
-            c.layout.meta = dict(c.layout.meta, blobs=[len(blobs), len(blobs) + len(c.blobs)])
-            blobs += c.blobs
-            layouts[name] = c.layout
-            notes += [f"{name}: {note}" for note in c.notes]
-        return Compiled(blobs, Entries(layouts), next(iter(compiled.values())).timings, notes)
+        return one_unit(compiled, next(iter(compiled.values())).timings)  # (one pool: its timings)
 
     def _compile(self, programs: dict, target, profile: bool) -> dict[str, Compiled]:
         """Each program rendered, its module cut into translation units, and every unit of

@@ -133,7 +133,8 @@ class Rendered:
             smallest[0] += len(text)
             smallest[1].append(name)
             smallest[2].append(text)
-        return [(names, "\n".join([PRELUDE, *texts])) for _, names, texts in bins if names]
+        units = [(names, "\n".join([PRELUDE, *texts])) for _, names, texts in bins if names]
+        return units or [([], PRELUDE)]  # a step with no kernels still loads a module
 
     @property
     def launches(self) -> list[Launch]:
