@@ -113,6 +113,11 @@ class MemoryPointer:
         self._check(nbytes)
         stream.do(lambda: ctypes.memmove(dst, self.ptr, nbytes))
 
+    def copy_from_device_async(self, src: "MemoryPointer", nbytes: int, stream=None) -> None:
+        self._check(nbytes)
+        src._check(nbytes)
+        stream.do(lambda: ctypes.memmove(self.ptr, src.ptr, nbytes))
+
 
 def _refuse_while_capturing(stream, what: str) -> None:
     if stream is not None and stream.recording is not None:  # CuPy 14's own message
@@ -128,11 +133,6 @@ def memcpyAsync(dst: int, src: int, size: int, kind: int, stream: int) -> None: 
     dst_kind, src_kind = {1: (_DEVICE, _PINNED), 2: (_PINNED, _DEVICE), 3: (_DEVICE, _DEVICE)}[kind]
     assert _inside(dst, size, dst_kind) and _inside(src, size, src_kind), "copy outside the allocations of its kind"
     _STREAMS[stream].do(lambda: ctypes.memmove(dst, src, size))
-
-    def copy_from_device_async(self, src: "MemoryPointer", nbytes: int, stream=None) -> None:
-        self._check(nbytes)
-        src._check(nbytes)
-        stream.do(lambda: ctypes.memmove(self.ptr, src.ptr, nbytes))
 
 
 class ndarray:  # noqa: N801 - CuPy's name
