@@ -170,19 +170,25 @@ def torch_step(kind: str, batch: int, graph: bool):
     return replay
 
 
+def event_seconds(launch, runs: int = 10) -> float:
+    """Seconds per call of launch() on the GPU: CUDA events around `runs` calls, after 3."""
+    import cupy
+    for _ in range(3):
+        launch()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(runs):
+        launch()
+    end.record()
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) / 1e3 / runs
+
+
 def cublas_gemm_seconds(n: int) -> float:
     import cupy
     a = cupy.random.random((n, n), dtype=cupy.float32)
     b = cupy.random.random((n, n), dtype=cupy.float32)
-    for _ in range(3):
-        cupy.matmul(a, b)
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record()
-    for _ in range(10):
-        cupy.matmul(a, b)
-    end.record()
-    end.synchronize()
-    return cupy.cuda.get_elapsed_time(start, end) / 1e3 / 10
+    return event_seconds(lambda: cupy.matmul(a, b))
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -250,16 +256,7 @@ def tiles(n: int = GEMM_N) -> int:
         module = cupy.cuda.function.Module()
         module.load(nvrtc.compile_cuda(kernel.source, arch).binary)
         fn, c = module.get_function("mm"), cupy.empty((n, n), cupy.float32)
-        launch = lambda: fn(kernel.grid, kernel.block, (a, b, c))  # noqa: E731
-        for _ in range(3):
-            launch()
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        for _ in range(10):
-            launch()
-        end.record()
-        end.synchronize()
-        seconds = cupy.cuda.get_elapsed_time(start, end) / 1e3 / 10
+        seconds = event_seconds(lambda: fn(kernel.grid, kernel.block, (a, b, c)))
         error = float(cupy.abs(c - want).max() / cupy.abs(want).max())
         print(f"  {label:<22}{2 * n ** 3 / seconds / 1e12:6.1f} TFLOP/s  (max error {error:.1e} of the largest)",
               flush=True)
