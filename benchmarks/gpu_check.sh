@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA backend's checks on a real GPU, prepared for the day one is lent: run it once,
-# from the repository root, on the device machine. About 2 minutes on an H200 (1.6-1.9 in
+# from the repository root, on the device machine. About 2 minutes on an H200 (1.2-1.9 in
 # the forty-fourth session); every stage has its own time limit, so it ends within 10
 # minutes whatever happens.
 #
